@@ -1,0 +1,253 @@
+"""What every allocator shares: its configuration, unit sizes, errors, usage and stats,
+and the `CacheAllocator` interface that the simulator and the engine program against.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+
+from avmp.models.geometry import ModelGeometry
+
+CHUNK_GRANULARITY_BYTES = 2 << 20  # CUDA VMM minimum granularity on current GPUs
+
+
+class PoolKind(str, Enum):
+    """The two pools of a hybrid cache."""
+
+    KV = "kv"
+    STATE = "state"
+
+    @property
+    def other(self) -> PoolKind:
+        return PoolKind.STATE if self is PoolKind.KV else PoolKind.KV
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How much memory the caches get and how it is cut.
+
+    Attributes:
+        budget_bytes: all cache memory (both pools), in bytes.
+        chunk_bytes: the unit of physical capacity that moves between pools.
+        block_size: tokens per KV page.
+        migration_batch_chunks: chunks migrated beyond the demand, so a run of
+            failures in one pool costs one migration instead of many.
+    """
+
+    budget_bytes: int
+    chunk_bytes: int = CHUNK_GRANULARITY_BYTES
+    block_size: int = 16
+    migration_batch_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes <= 0 or self.chunk_bytes % CHUNK_GRANULARITY_BYTES:
+            raise ValueError("chunk_bytes must be a positive multiple of 2 MiB (CUDA VMM granularity)")
+        if self.budget_bytes < self.chunk_bytes:
+            raise ValueError(
+                f"budget_bytes ({self.budget_bytes}) must hold at least one chunk ({self.chunk_bytes})"
+            )
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.migration_batch_chunks < 0:
+            raise ValueError("migration_batch_chunks must be >= 0")
+
+    @property
+    def num_chunks(self) -> int:
+        """Whole chunks in the budget; a remainder smaller than a chunk is never used."""
+        return self.budget_bytes // self.chunk_bytes
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Exact unit sizes of one model's two pools.
+
+    A page holds ``block_size`` tokens of K and V for every attention layer; a slot holds
+    one request's whole recurrent state. A model without attention has ``page_bytes == 0``
+    and never asks for pages.
+    """
+
+    page_bytes: int
+    slot_bytes: int
+    block_size: int
+    kv_bytes_per_token: int
+
+    @classmethod
+    def from_geometry(cls, geometry: ModelGeometry, block_size: int = 16) -> CacheSpec:
+        return cls(
+            page_bytes=block_size * geometry.kv_bytes_per_token,
+            slot_bytes=geometry.state_bytes_per_request,
+            block_size=block_size,
+            kv_bytes_per_token=geometry.kv_bytes_per_token,
+        )
+
+    def num_pages_for(self, num_tokens: int) -> int:
+        """Pages that ``num_tokens`` tokens occupy (0 for a model without attention)."""
+        if self.page_bytes == 0:
+            return 0
+        return -(-num_tokens // self.block_size)
+
+    def unit_bytes(self, pool: PoolKind) -> int:
+        return self.page_bytes if pool is PoolKind.KV else self.slot_bytes
+
+
+class AllocatorError(Exception):
+    """Misuse of an allocator (not running out of memory, which is a return value)."""
+
+
+class UnknownRequestError(AllocatorError, KeyError):
+    """A request id the allocator does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateRequestError(AllocatorError):
+    """A request id admitted while it is still live."""
+
+
+class DoubleFreeError(AllocatorError):
+    """A request freed twice."""
+
+
+class RequestTooLargeError(AllocatorError):
+    """A request that could not fit even in an empty memory."""
+
+
+@dataclass(frozen=True)
+class RequestBlocks:
+    """Where one request's cache lives right now: its slot and its pages in token order.
+
+    Indices are physical unit positions inside each pool; compaction may change them
+    (read `CacheAllocator.layout_epoch` to know when to refresh).
+    """
+
+    slot: int
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """A snapshot of how the budget is used.
+
+    ``*_capacity_bytes``: bytes backing each pool (mapped chunks for AVMP, the fixed
+    partition for the baselines). ``*_used_bytes``: bytes of units handed out, padding
+    included. ``*_needed_bytes``: the exact bytes the live requests need.
+    """
+
+    budget_bytes: int
+    kv_capacity_bytes: int
+    state_capacity_bytes: int
+    kv_used_bytes: int
+    state_used_bytes: int
+    kv_needed_bytes: int
+    state_needed_bytes: int
+    num_requests: int
+    num_pages_used: int
+    num_slots_used: int
+
+    @property
+    def used_bytes(self) -> int:
+        return self.kv_used_bytes + self.state_used_bytes
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.kv_needed_bytes + self.state_needed_bytes
+
+    @property
+    def unassigned_bytes(self) -> int:
+        return self.budget_bytes - self.kv_capacity_bytes - self.state_capacity_bytes
+
+
+@dataclass
+class AllocatorStats:
+    """Counters an allocator keeps over its lifetime (what the time model charges for)."""
+
+    num_admits: int = 0
+    num_grows: int = 0
+    num_frees: int = 0
+    num_failed_allocations: int = 0
+    num_migrations: int = 0
+    num_chunks_migrated: int = 0
+    num_compactions: int = 0
+    num_units_moved: int = 0
+    num_bytes_compacted: int = 0
+    chunks_migrated_to: dict[str, int] = field(default_factory=lambda: {"kv": 0, "state": 0})
+
+
+class CacheAllocator(ABC):
+    """The interface every layout implements: AVMP and the baselines alike.
+
+    Running out of memory is a return value (`None`); misuse raises an `AllocatorError`.
+    A failed call changes nothing. The same sequence of calls gives the same decisions.
+    """
+
+    name: str = "allocator"
+
+    def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
+        self.geometry = geometry
+        self.config = config
+        self.stats = AllocatorStats()
+
+    @abstractmethod
+    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+        """Give a new request its state slot and the pages for its first ``num_tokens``.
+
+        Returns:
+            Where the request's cache lives, or None if memory is short now.
+        Raises:
+            DuplicateRequestError: the id is live.
+            RequestTooLargeError: ``num_tokens`` could not fit even in an empty memory.
+        """
+
+    @abstractmethod
+    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        """Extend a live request by ``num_new_tokens`` tokens.
+
+        Returns:
+            Indices of the pages added (possibly none), or None if memory is short now.
+        Raises:
+            UnknownRequestError: the request is not live.
+            RequestTooLargeError: the grown request could not fit even in empty memory.
+        """
+
+    @abstractmethod
+    def free(self, request_id: int) -> None:
+        """Release every unit of a request.
+
+        Raises:
+            DoubleFreeError: the request was already freed.
+            UnknownRequestError: the request was never admitted.
+        """
+
+    @abstractmethod
+    def blocks(self, request_id: int) -> RequestBlocks:
+        """Where a live request's cache lives now (raises UnknownRequestError)."""
+
+    @abstractmethod
+    def num_tokens(self, request_id: int) -> int:
+        """Tokens a live request holds (raises UnknownRequestError)."""
+
+    @abstractmethod
+    def fits_alone(self, num_tokens: int) -> bool:
+        """Whether one request of ``num_tokens`` tokens fits in an empty memory."""
+
+    @abstractmethod
+    def usage(self) -> MemoryUsage:
+        """A snapshot of capacity and use."""
+
+    @abstractmethod
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any invariant is broken."""
+
+    @property
+    def layout_epoch(self) -> int:
+        """Bumped whenever live units move (compaction); block tables read before a
+        change of epoch are stale."""
+        return 0
+
+    @property
+    @abstractmethod
+    def request_ids(self) -> list[int]:
+        """Live requests, in admission order."""
