@@ -1,0 +1,202 @@
+"""Paired comparisons of AVMP with each baseline, and per-allocator aggregates.
+
+Statistic: the **geometric mean of per-pair ratios** AVMP / baseline. A pair is two
+cells that differ only in the allocator: same workload, model, budget, GPU profile and
+seed, hence the same trace. Per-pair ratios, not a ratio of means, because cells of one
+group differ in scale (a 12 GiB budget serves many times more requests/s than 1 GiB),
+and a ratio of means would be a ratio of the largest cells; the geometric mean because
+ratios multiply (2x and 0.5x average to 1x, not 1.25x).
+
+Confidence interval: `scipy.stats.bootstrap` with ``paired=True`` over the pairs of the
+group (each resample draws pairs with replacement), percentile method (robust with few
+pairs), 9,999 resamples, a fixed seed, so the same cells give the same interval. A group
+with a single pair has no interval (NaN). A pair where either side has zero throughput
+(nothing completed) has no finite ratio: it is left out and counted in
+``num_excluded``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+AVMP = "avmp"
+PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed")
+METRICS = ("request_throughput", "output_token_throughput")
+PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
+BOOTSTRAP_SEED = 20260522
+N_RESAMPLES = 9_999
+
+Cell = dict[str, Any]
+
+
+def load_cells(directory: str | Path) -> list[Cell]:
+    """Every finished cell of a sweep directory (``DIR/cells/*.json``), sorted by id."""
+    cells_dir = Path(directory) / "cells"
+    if not cells_dir.is_dir():
+        raise FileNotFoundError(f"no sweep results in {directory} (missing {cells_dir})")
+    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    if not cells:
+        raise ValueError(f"{cells_dir} holds no finished cells")
+    return cells
+
+
+def coord(cell: Cell, key: str) -> Any:
+    """A coordinate of a cell (allocator, workload, model, budget_bytes, profile, seed)."""
+    return cell["cell"][key]
+
+
+@dataclass(frozen=True)
+class RatioRow:
+    """AVMP over one baseline for one group of pairs: geometric-mean ratio and 95% CI."""
+
+    group: dict[str, Any]
+    baseline: str
+    metric: str
+    num_pairs: int
+    num_excluded: int
+    ratio: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _geo_mean_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.exp(np.mean(np.log(a) - np.log(b), axis=axis))
+
+
+def bootstrap_ratio(avmp: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """(ratio, ci_low, ci_high) of paired positive values; NaN CI with one pair."""
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(avmp, dtype=float), np.asarray(base, dtype=float)
+    ratio = float(_geo_mean_ratio(a, b))
+    if len(a) < 2:
+        return ratio, math.nan, math.nan
+    if np.allclose(np.log(a) - np.log(b), np.log(a[0]) - np.log(b[0]), rtol=0, atol=1e-12):
+        return ratio, ratio, ratio  # every pair has the same ratio: nothing to resample
+    result = bootstrap(
+        (a, b),
+        _geo_mean_ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=N_RESAMPLES,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return ratio, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _pairs(
+    cells: Iterable[Cell], baseline: str, metric: str, group_keys: Sequence[str]
+) -> dict[tuple[Any, ...], list[tuple[float, float]]]:
+    """Group -> [(avmp value, baseline value)], pairs in sorted pair-key order."""
+    by_key: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
+    for cell in cells:
+        pair_key = tuple(coord(cell, k) for k in PAIR_KEYS)
+        by_key[pair_key][coord(cell, "allocator")] = float(cell["result"][metric])
+    groups: dict[tuple[Any, ...], list[tuple[float, float]]] = defaultdict(list)
+    for pair_key in sorted(by_key, key=repr):
+        values = by_key[pair_key]
+        if AVMP in values and baseline in values:
+            named = dict(zip(PAIR_KEYS, pair_key, strict=True))
+            groups[tuple(named[k] for k in group_keys)].append((values[AVMP], values[baseline]))
+    return groups
+
+
+def paired_ratios(
+    cells: Sequence[Cell],
+    group_keys: Sequence[str] = ("workload",),
+    metric: str = "request_throughput",
+    baselines: Sequence[str] | None = None,
+) -> list[RatioRow]:
+    """AVMP / baseline for every group and baseline present in ``cells``."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    found = sorted({coord(c, "allocator") for c in cells} - {AVMP})
+    rows = []
+    for baseline in baselines or found:
+        for group, pairs in sorted(_pairs(cells, baseline, metric, group_keys).items(), key=repr):
+            finite = [(a, b) for a, b in pairs if a > 0 and b > 0]
+            named = dict(zip(group_keys, group, strict=True))
+            if not finite:
+                rows.append(
+                    RatioRow(named, baseline, metric, 0, len(pairs), math.nan, math.nan, math.nan)
+                )
+                continue
+            ratio, low, high = bootstrap_ratio([a for a, _ in finite], [b for _, b in finite])
+            rows.append(
+                RatioRow(
+                    named, baseline, metric, len(finite), len(pairs) - len(finite), ratio, low, high
+                )
+            )
+    return rows
+
+
+_MEAN_FIELDS = (
+    "request_throughput",
+    "output_token_throughput",
+    "num_completed",
+    "num_rejected",
+    "num_preemptions",
+    "num_oom_events",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "makespan_s",
+)
+
+
+def aggregate(
+    cells: Sequence[Cell], group_keys: Sequence[str] = ("workload", "allocator")
+) -> list[dict[str, Any]]:
+    """Per group: number of cells, sums of OOM events and preemptions, means of the
+    latency percentiles and throughputs, and mean seconds per phase."""
+    groups: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        groups[tuple(coord(cell, k) for k in group_keys)].append(cell)
+    rows = []
+    for key in sorted(groups, key=repr):
+        members = [c["result"] for c in groups[key]]
+        row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
+        row["num_cells"] = len(members)
+        row["total_oom_events"] = int(sum(r["num_oom_events"] for r in members))
+        row["total_preemptions"] = int(sum(r["num_preemptions"] for r in members))
+        for name in _MEAN_FIELDS:
+            row[f"mean_{name}"] = _nan_mean([r[name] for r in members])
+        row["mean_phase_s"] = {
+            p: _nan_mean([r["phase_s"].get(p, 0.0) for r in members]) for p in PHASES
+        }
+        rows.append(row)
+    return rows
+
+
+def oom_change(cells: Sequence[Cell], baseline: str) -> float:
+    """Relative change of total OOM events, AVMP vs ``baseline``, over pairs both ran
+    (-0.076 reads "7.6% fewer"); NaN when the baseline had none."""
+    by_key: dict[tuple[Any, ...], dict[str, int]] = defaultdict(dict)
+    for cell in cells:
+        by_key[tuple(coord(cell, k) for k in PAIR_KEYS)][coord(cell, "allocator")] = int(
+            cell["result"]["num_oom_events"]
+        )
+    both = [v for v in by_key.values() if AVMP in v and baseline in v]
+    base_total = sum(v[baseline] for v in both)
+    if base_total == 0:
+        return math.nan
+    return sum(v[AVMP] for v in both) / base_total - 1.0
+
+
+def _nan_mean(values: Sequence[float]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan

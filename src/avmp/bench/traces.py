@@ -1,0 +1,164 @@
+"""Trace files: JSONL, the Azure LLM inference trace CSV, and BurstGPT CSV.
+
+Every reader returns requests in arrival order with times in seconds from the first
+arrival. A malformed line, a missing column or an empty trace raises `TraceError`
+naming the file and the line, so a user can fix the file.
+
+Formats:
+- ``jsonl``: one object per line with ``arrival_s``, ``prompt_tokens``, ``output_tokens``
+  (blank lines skipped).
+- ``azure``: Azure LLM inference trace 2023/2024, header ``TIMESTAMP,ContextTokens,
+  GeneratedTokens``; TIMESTAMP is a datetime (``2023-11-16 18:15:46.6805900``; digits
+  beyond microseconds are dropped).
+- ``burstgpt``: BurstGPT, header ``Timestamp,Model,Request tokens,Response tokens,
+  Total tokens,Log Type``; Timestamp is seconds. Rows with 0 response tokens (failed
+  requests in the trace) are skipped, as no output can be replayed for them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from avmp.sim.request import RequestSpec
+
+FORMATS = ("jsonl", "azure", "burstgpt")
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read: the message names the file and line."""
+
+
+def _positive_int(value: object, what: str) -> int:
+    number = float(value)  # type: ignore[arg-type]
+    if number != int(number) or number < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(number)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, float, int, int]]:
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield (
+                    line_no,
+                    float(row["arrival_s"]),
+                    _positive_int(row["prompt_tokens"], "prompt_tokens"),
+                    _positive_int(row["output_tokens"], "output_tokens"),
+                )
+            except KeyError as error:
+                raise TraceError(f"{path}:{line_no}: missing field {error.args[0]!r}") from None
+            except (ValueError, TypeError) as error:
+                raise TraceError(f"{path}:{line_no}: {error}") from None
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _parse_datetime(text: str) -> float:
+    """Seconds since the epoch of an Azure TIMESTAMP (nanosecond digits truncated)."""
+    moment = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # naive: read as UTC, no DST jumps
+    return moment.timestamp()
+
+
+def _csv_rows(
+    path: Path, columns: tuple[str, str, str], parse_time: Callable[[str], float]
+) -> Iterator[tuple[int, float, int, int]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise TraceError(
+                f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})"
+            )
+        reader.fieldnames = header
+        for row in reader:
+            line_no = reader.line_num
+            try:
+                yield (
+                    line_no,
+                    parse_time(row[columns[0]]),
+                    _positive_int(row[columns[1]], columns[1]),
+                    _positive_int(row[columns[2]], columns[2]),
+                )
+            except (ValueError, TypeError, AttributeError) as error:
+                raise TraceError(f"{path}:{line_no}: {error}") from None
+
+
+def _rows(path: Path, fmt: str) -> Iterator[tuple[int, float, int, int]]:
+    if fmt == "jsonl":
+        return _jsonl_rows(path)
+    if fmt == "azure":
+        return _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), _parse_datetime)
+    return _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens"), float)
+
+
+def guess_format(path: Path) -> str:
+    """``jsonl`` for .jsonl/.json, else the CSV flavour named by the header."""
+    if path.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    with path.open() as handle:
+        header = handle.readline()
+    if "ContextTokens" in header:
+        return "azure"
+    if "Request tokens" in header:
+        return "burstgpt"
+    raise TraceError(f"{path}:1: cannot tell the trace format from its header; pass --format")
+
+
+def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
+    """Read a trace file into requests sorted by arrival, times from the first arrival.
+
+    Raises:
+        TraceError: unknown format, malformed line, missing column, or no requests.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such trace file: {path}")
+    fmt = fmt or guess_format(path)
+    if fmt not in FORMATS:
+        raise TraceError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
+    rows = []
+    for line_no, arrival, prompt, output in _rows(path, fmt):
+        if fmt == "burstgpt" and output == 0:
+            continue
+        if prompt < 1 or output < 1:
+            raise TraceError(f"{path}:{line_no}: prompt and output tokens must be >= 1")
+        rows.append((arrival, line_no, prompt, output))
+    if not rows:
+        raise TraceError(f"{path}: empty trace (no requests)")
+    rows.sort()
+    start = rows[0][0]
+    return [
+        RequestSpec(
+            request_id=i, arrival_s=arrival - start, prompt_tokens=prompt, output_tokens=output
+        )
+        for i, (arrival, _, prompt, output) in enumerate(rows)
+    ]
+
+
+def write_jsonl(requests: list[RequestSpec], path: str | Path) -> None:
+    """Write requests as a JSONL trace (the format `read_trace` reads back)."""
+    with Path(path).open("w") as handle:
+        for r in requests:
+            handle.write(
+                json.dumps(
+                    {
+                        "arrival_s": r.arrival_s,
+                        "prompt_tokens": r.prompt_tokens,
+                        "output_tokens": r.output_tokens,
+                    }
+                )
+                + "\n"
+            )
