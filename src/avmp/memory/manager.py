@@ -1,0 +1,307 @@
+"""The AVMP manager: two pools of exact unit sizes sharing one budget of physical chunks,
+which move between the pools only when an allocation fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+from avmp.memory.address_space import ChunkReserve
+from avmp.memory.backing.base import Backing
+from avmp.memory.migration import MemoryEvent, Migration, RoomPlan, plan_room
+from avmp.memory.pool import Pool
+from avmp.memory.spec import (
+    CacheAllocator,
+    CacheSpec,
+    DoubleFreeError,
+    DuplicateRequestError,
+    MemoryConfig,
+    MemoryUsage,
+    PoolKind,
+    RequestBlocks,
+    RequestTooLargeError,
+    UnknownRequestError,
+)
+from avmp.models.geometry import ModelGeometry
+
+
+class _Request:
+    """One live request's handle table: its slot and its pages in token order.
+
+    The engine's handles are ``request_id`` (the slot) and ``(request_id, i)`` (the i-th
+    page); they never change. Compaction rewrites the physical indices stored here.
+    """
+
+    __slots__ = ("slot", "pages", "num_tokens")
+
+    def __init__(self, slot: int, pages: list[int], num_tokens: int) -> None:
+        self.slot = slot
+        self.pages = pages
+        self.num_tokens = num_tokens
+
+
+class AvmpManager(CacheAllocator):
+    """Asymmetric Virtual Memory Paging over a KV pool of pages and a state pool of slots.
+
+    Every chunk starts in an unowned reserve. A pool that cannot satisfy an allocation
+    takes reserve chunks; once the reserve is empty it migrates whole free chunks from
+    the other pool's tail, compacting that tail first if its live units sit there. If
+    nothing covers the demand the call returns None and changes nothing.
+
+    Without a backing this is pure bookkeeping (the simulator's case); with one, every
+    chunk mapping and unit copy is carried out on it.
+
+    A model without recurrent layers gets slot ``-1``; one without attention, no pages.
+    """
+
+    name = "avmp"
+
+    def __init__(
+        self, geometry: ModelGeometry, config: MemoryConfig, backing: Backing | None = None
+    ) -> None:
+        super().__init__(geometry, config)
+        self.spec = CacheSpec.from_geometry(geometry, config.block_size)
+        self.backing = backing
+        self._reserve = ChunkReserve(config.num_chunks)
+        self._kv = Pool(PoolKind.KV, self.spec.page_bytes, config.chunk_bytes)
+        self._state = Pool(PoolKind.STATE, self.spec.slot_bytes, config.chunk_bytes)
+        self._pools = {PoolKind.KV: self._kv, PoolKind.STATE: self._state}
+        self._requests: dict[int, _Request] = {}
+        self._freed: set[int] = set()
+        self._num_live_tokens = 0
+        self._epoch = 0
+        self._slots_per_request = 1 if self.spec.slot_bytes else 0
+        self._block_size = config.block_size
+        self._has_pages = self.spec.page_bytes > 0
+        self._state_chunks_alone = self._state.chunks_for(self._slots_per_request)
+        self._debug = os.environ.get("AVMP_DEBUG") == "1"
+        self.events: list[MemoryEvent] = []
+        if backing is not None:
+            backing.attach(self.spec, config)
+
+    # -- the allocator interface ----------------------------------------------------
+
+    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+        if num_tokens <= 0:
+            raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+        if request_id in self._requests:
+            raise DuplicateRequestError(f"request {request_id} is already live")
+        num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
+        self._check_fits_alone(num_pages, num_tokens)
+        num_slots = self._slots_per_request
+        if (num_pages > self._kv.num_free or num_slots > self._state.num_free) and not (
+            self._make_room(num_pages, num_slots)
+        ):
+            return None
+        pages = self._kv.allocate(num_pages) if num_pages else []
+        slot = self._state.allocate_one() if num_slots else -1
+        self._requests[request_id] = _Request(slot, pages, num_tokens)
+        self._freed.discard(request_id)
+        self._num_live_tokens += num_tokens
+        self.stats.num_admits += 1
+        if self._debug:
+            self.check_integrity()
+        return RequestBlocks(slot, tuple(pages))
+
+    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        if num_new_tokens <= 0:
+            raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
+        request = self._live(request_id)
+        num_tokens = request.num_tokens + num_new_tokens
+        num_new_pages = 0
+        if self._has_pages:
+            num_new_pages = -(-num_tokens // self._block_size) - len(request.pages)
+            self._check_fits_alone(len(request.pages) + num_new_pages, num_tokens)
+        if num_new_pages > self._kv.num_free and not self._make_room(num_new_pages, 0):
+            return None
+        new_pages = self._kv.allocate(num_new_pages) if num_new_pages else []
+        request.pages.extend(new_pages)
+        request.num_tokens = num_tokens
+        self._num_live_tokens += num_new_tokens
+        self.stats.num_grows += 1
+        if self._debug:
+            self.check_integrity()
+        return new_pages
+
+    def free(self, request_id: int) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            if request_id in self._freed:
+                raise DoubleFreeError(f"request {request_id} was already freed")
+            raise UnknownRequestError(f"request {request_id} was never admitted")
+        self._kv.release(request.pages)
+        if request.slot >= 0:
+            self._state.release_one(request.slot)
+        self._freed.add(request_id)
+        self._num_live_tokens -= request.num_tokens
+        self.stats.num_frees += 1
+        if self._debug:
+            self.check_integrity()
+
+    def blocks(self, request_id: int) -> RequestBlocks:
+        request = self._live(request_id)
+        return RequestBlocks(request.slot, tuple(request.pages))
+
+    def num_tokens(self, request_id: int) -> int:
+        return self._live(request_id).num_tokens
+
+    def fits_alone(self, num_tokens: int) -> bool:
+        num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
+        kv_chunks = self._kv.chunks_for(num_pages)
+        return kv_chunks + self._state_chunks_alone <= self.config.num_chunks
+
+    def usage(self) -> MemoryUsage:
+        chunk_bytes = self.config.chunk_bytes
+        return MemoryUsage(
+            budget_bytes=self.config.budget_bytes,
+            kv_capacity_bytes=len(self._kv.chunks) * chunk_bytes,
+            state_capacity_bytes=len(self._state.chunks) * chunk_bytes,
+            kv_used_bytes=self._kv.num_used * self.spec.page_bytes,
+            state_used_bytes=self._state.num_used * self.spec.slot_bytes,
+            kv_needed_bytes=self._num_live_tokens * self.spec.kv_bytes_per_token,
+            state_needed_bytes=len(self._requests) * self._slots_per_request * self.spec.slot_bytes,
+            num_requests=len(self._requests),
+            num_pages_used=self._kv.num_used,
+            num_slots_used=self._state.num_used,
+        )
+
+    @property
+    def layout_epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def request_ids(self) -> list[int]:
+        return list(self._requests)
+
+    # -- what reports and GPU code read ---------------------------------------------
+
+    def pool_chunks(self, pool: PoolKind) -> list[int]:
+        """The physical chunks ``pool`` owns, in address order."""
+        return list(self._pools[pool].chunks)
+
+    def reserve_chunks(self) -> list[int]:
+        """Chunks no pool owns yet, lowest first."""
+        return self._reserve.chunk_ids
+
+    def num_units(self, pool: PoolKind) -> int:
+        """Units ``pool``'s chunks hold now."""
+        return self._pools[pool].num_units
+
+    def num_free_units(self, pool: PoolKind) -> int:
+        """Units of ``pool`` handed out to nobody."""
+        return self._pools[pool].num_free
+
+    # -- invariants -----------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        owned = self._reserve.chunk_ids + self._kv.chunks + self._state.chunks
+        assert sorted(owned) == list(range(self.config.num_chunks)), "chunks not conserved"
+        live_pages: list[int] = []
+        live_slots: list[int] = []
+        num_tokens = 0
+        for request_id, request in self._requests.items():
+            assert request_id not in self._freed, f"request {request_id} live and freed"
+            expected = -(-request.num_tokens // self._block_size) if self._has_pages else 0
+            assert len(request.pages) == expected, f"request {request_id}: page count"
+            live_pages.extend(request.pages)
+            if self._slots_per_request:
+                live_slots.append(request.slot)
+            else:
+                assert request.slot == -1, f"request {request_id}: slot without state"
+            num_tokens += request.num_tokens
+        assert num_tokens == self._num_live_tokens, "live token count"
+        self._kv.check_integrity(live_pages)
+        self._state.check_integrity(live_slots)
+
+    # -- finding room ---------------------------------------------------------------
+
+    def _live(self, request_id: int) -> _Request:
+        request = self._requests.get(request_id)
+        if request is None:
+            if request_id in self._freed:
+                raise UnknownRequestError(f"request {request_id} was freed")
+            raise UnknownRequestError(f"request {request_id} was never admitted")
+        return request
+
+    def _check_fits_alone(self, num_pages: int, num_tokens: int) -> None:
+        if self._kv.chunks_for(num_pages) + self._state_chunks_alone > self.config.num_chunks:
+            raise RequestTooLargeError(
+                f"a request of {num_tokens} tokens needs more than all "
+                f"{self.config.num_chunks} chunks of {self.config.chunk_bytes} bytes"
+            )
+
+    def _make_room(self, num_pages: int, num_slots: int) -> bool:
+        """Give the pools room for ``num_pages`` pages and ``num_slots`` slots, or
+        change nothing and count an OOM event."""
+        demand = {PoolKind.KV: num_pages, PoolKind.STATE: num_slots}
+        plan = plan_room(self._pools, demand, len(self._reserve),
+                         self.config.migration_batch_chunks)
+        if plan is None:
+            self.stats.num_failed_allocations += 1
+            return False
+        self._execute(plan)
+        return True
+
+    def _execute(self, plan: RoomPlan) -> None:
+        for kind in (PoolKind.STATE, PoolKind.KV):
+            if plan.reserve_for(kind):
+                self._take_reserve(kind, plan.reserve_for(kind))
+        if plan.migration is not None:
+            if plan.migration.moves:
+                self._compact(plan.migration.donor, plan.migration.moves)
+            self._migrate(plan.migration)
+
+    def _take_reserve(self, kind: PoolKind, num_chunks: int) -> None:
+        chunk_ids = self._reserve.take(num_chunks)
+        if self.backing is not None:
+            try:
+                self.backing.map_chunks(kind, chunk_ids)
+            except BaseException:
+                self._reserve.give_back(chunk_ids)
+                raise
+        self._pools[kind].add_chunks(chunk_ids)
+        self.events.append(MemoryEvent("reserve", kind, num_chunks, 0, 0))
+
+    def _compact(self, kind: PoolKind, moves: list[tuple[int, int]]) -> None:
+        """Copy live tail units down and point their handles at the copies."""
+        if self.backing is not None:
+            self.backing.copy_units(kind, moves)
+        destination = dict(moves)
+        if kind is PoolKind.KV:
+            for request in self._requests.values():
+                pages = request.pages
+                for i, page in enumerate(pages):
+                    if page in destination:
+                        pages[i] = destination[page]
+        else:
+            for request in self._requests.values():
+                request.slot = destination.get(request.slot, request.slot)
+        self._pools[kind].apply_moves(moves)
+        self._epoch += 1
+        num_bytes = len(moves) * self._pools[kind].unit_bytes
+        self.stats.num_compactions += 1
+        self.stats.num_units_moved += len(moves)
+        self.stats.num_bytes_compacted += num_bytes
+        self.events.append(MemoryEvent("compaction", kind, 0, len(moves), num_bytes))
+
+    def _migrate(self, migration: Migration) -> None:
+        donor = self._pools[migration.donor]
+        recipient = self._pools[migration.recipient]
+        expected = donor.chunks[len(donor.chunks) - migration.num_chunks:]
+        if self.backing is not None:
+            unmapped = self.backing.unmap_chunks(donor.kind, migration.num_chunks)
+            assert unmapped == expected, f"backing unmapped {unmapped}, expected {expected}"
+            try:
+                self.backing.map_chunks(recipient.kind, expected)
+            except BaseException:
+                self.backing.map_chunks(donor.kind, expected)  # undo: the donor keeps them
+                raise
+        donor.remove_tail_chunks(migration.num_chunks)
+        recipient.add_chunks(expected)
+        self.stats.num_migrations += 1
+        self.stats.num_chunks_migrated += migration.num_chunks
+        self.stats.chunks_migrated_to[recipient.kind.value] += migration.num_chunks
+        num_bytes = migration.num_chunks * self.config.chunk_bytes
+        self.events.append(
+            MemoryEvent("migration", recipient.kind, migration.num_chunks, 0, num_bytes)
+        )
