@@ -1,0 +1,13 @@
+"""Triton kernels (GPU) that read and write the AVMP pools through strided views.
+
+Decode and prefill attention over page-major KV, the Mamba2 one-step state update and
+the causal conv1d update over slot-major state. Each takes arbitrary strides and finds
+its pages or slots through index tensors on the device, so a step never synchronises
+with the host. Importing this package needs ``triton`` (the ``gpu`` extra).
+"""
+
+from __future__ import annotations
+
+from avmp.kernels.triton.decode_attention import decode_attention
+
+__all__ = ["decode_attention"]
