@@ -1,0 +1,372 @@
+"""Trace replay: run a trace through the scheduler and an allocator on a simulated clock.
+
+Requests join the waiting queue when the clock reaches their arrival (an idle simulator
+jumps to the next arrival). Each step, the scheduler plans a batch, the time model says
+how long it takes, and the allocator's counters say how much allocation, migration and
+compaction cost on top. The clock never reads the machine's time, so the same inputs
+give the same result; the real time spent in allocator calls is measured separately.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from avmp.memory.spec import CacheAllocator, MemoryUsage, RequestBlocks
+from avmp.models.geometry import ModelGeometry
+from avmp.sim.metrics import PHASES, RequestClock, SimResult, TimelineRecorder, percentile
+from avmp.sim.request import RequestSpec
+from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.sim.timing import (
+    DEFAULT_ALLOCATOR_CALLS_PATH,
+    VMM_MIGRATION_S_PER_CHUNK,
+    AllocatorCallCosts,
+    BatchShape,
+    MemoryMoveCosts,
+    RooflineModel,
+    StepTimeModel,
+    get_profile,
+    load_allocator_call_costs,
+    load_calibration,
+    without_recompute,
+)
+
+ProgressCallback = Callable[[int, int], None]
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How a trace is replayed.
+
+    Attributes:
+        profile: GPU profile name from `avmp.sim.timing.GPU_PROFILES`.
+        calibration: a step-time calibration JSON that replaces the roofline.
+        max_num_seqs: running requests at most.
+        max_num_batched_tokens: tokens per step at most (chunked prefill).
+        max_steps: a safety bound; exceeding it raises instead of stopping silently.
+        timeline_samples: timeline points kept, evenly spaced in steps (0: none).
+        migration_s_per_chunk: cost of moving one chunk between pools (PEERS.md, VMM).
+        compaction_bytes_per_s: copy rate of compaction; None: the profile's bandwidth / 2.
+        allocator_calls_path: the allocator-call benchmark's results, read for per-call
+            costs when the file exists (relative paths are from the repository root);
+            None: the documented constants of `AllocatorCallCosts`.
+        check_integrity: call ``allocator.check_integrity()`` after every step (tests).
+    """
+
+    profile: str = "h100"
+    calibration: str | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_steps: int = 10_000_000
+    timeline_samples: int = 200
+    migration_s_per_chunk: float = VMM_MIGRATION_S_PER_CHUNK
+    compaction_bytes_per_s: float | None = None
+    allocator_calls_path: str | None = str(DEFAULT_ALLOCATOR_CALLS_PATH)
+    check_integrity: bool = False
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.timeline_samples < 0:
+            raise ValueError(f"timeline_samples must be >= 0, got {self.timeline_samples}")
+        self.scheduler_config()  # validates the batching limits
+        self.move_costs()
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+    def move_costs(self) -> MemoryMoveCosts:
+        return MemoryMoveCosts(self.migration_s_per_chunk, self.compaction_bytes_per_s)
+
+    def call_costs(self, allocator_name: str) -> AllocatorCallCosts:
+        if self.allocator_calls_path is None:
+            return AllocatorCallCosts()
+        path = Path(self.allocator_calls_path)
+        return load_allocator_call_costs(
+            allocator_name, path if path.is_absolute() else _REPO_ROOT / path
+        )
+
+    def time_model(self, geometry: ModelGeometry) -> StepTimeModel:
+        """The calibrated model when a calibration is given, else the roofline."""
+        if self.calibration is None:
+            return RooflineModel(geometry, get_profile(self.profile))
+        model = load_calibration(self.calibration)
+        if model.model is not None and model.model != geometry.name:
+            raise ValueError(
+                f"{self.calibration}: calibrated for model {model.model!r}, not {geometry.name!r}"
+            )
+        return model
+
+
+class TimedAllocator(CacheAllocator):
+    """Forwards every call to an allocator and adds up the time spent in it.
+
+    Measured with ``perf_counter`` (a thread clock costs ten times more per call and
+    would slow the simulation down): in a single-threaded run it is the calls' CPU time
+    unless the OS deschedules the process.
+    """
+
+    def __init__(self, inner: CacheAllocator) -> None:
+        super().__init__(inner.geometry, inner.config)
+        self.inner = inner
+        self.name = inner.name
+        self.stats = inner.stats
+        self.elapsed_s = 0.0
+
+    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+        start = time.perf_counter()
+        try:
+            return self.inner.admit(request_id, num_tokens)
+        finally:
+            self.elapsed_s += time.perf_counter() - start
+
+    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        start = time.perf_counter()
+        try:
+            return self.inner.grow(request_id, num_new_tokens)
+        finally:
+            self.elapsed_s += time.perf_counter() - start
+
+    def free(self, request_id: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.inner.free(request_id)
+        finally:
+            self.elapsed_s += time.perf_counter() - start
+
+    def blocks(self, request_id: int) -> RequestBlocks:
+        return self.inner.blocks(request_id)
+
+    def num_tokens(self, request_id: int) -> int:
+        return self.inner.num_tokens(request_id)
+
+    def fits_alone(self, num_tokens: int) -> bool:
+        return self.inner.fits_alone(num_tokens)
+
+    def usage(self) -> MemoryUsage:
+        return self.inner.usage()
+
+    def check_integrity(self) -> None:
+        self.inner.check_integrity()
+
+    @property
+    def layout_epoch(self) -> int:
+        return self.inner.layout_epoch
+
+    @property
+    def request_ids(self) -> list[int]:
+        return self.inner.request_ids
+
+
+@dataclass
+class _Counters:
+    """The allocator counters that the time model charges for, at one instant."""
+
+    admits: int
+    grows: int
+    frees: int
+    failed: int
+    chunks_migrated: int
+    bytes_compacted: int
+
+    @classmethod
+    def read(cls, allocator: CacheAllocator) -> _Counters:
+        s = allocator.stats
+        return cls(
+            s.num_admits,
+            s.num_grows,
+            s.num_frees,
+            s.num_failed_allocations,
+            s.num_chunks_migrated,
+            s.num_bytes_compacted,
+        )
+
+
+def simulate(
+    requests: Sequence[RequestSpec],
+    allocator: CacheAllocator,
+    geometry: ModelGeometry,
+    config: SimConfig,
+    on_progress: ProgressCallback | None = None,
+) -> SimResult:
+    """Replay ``requests`` on ``allocator`` (fresh, holding no request) and report.
+
+    Args:
+        on_progress: called with (requests done, total) whenever a request finishes or is
+            rejected, for progress bars.
+    Raises:
+        ValueError: duplicate request ids, a used allocator, or a bad calibration.
+        RuntimeError: more than ``config.max_steps`` steps.
+    """
+    return _Simulation(requests, allocator, geometry, config, on_progress).run()
+
+
+class _Simulation:
+    """One replay: the clock, the scheduler and the recorders it fills."""
+
+    def __init__(
+        self,
+        requests: Sequence[RequestSpec],
+        allocator: CacheAllocator,
+        geometry: ModelGeometry,
+        config: SimConfig,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        if allocator.request_ids:
+            raise ValueError("simulate() needs an allocator that holds no request")
+        if len({r.request_id for r in requests}) != len(requests):
+            raise ValueError("request ids must be unique")
+        self.config = config
+        self.arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.allocator = allocator
+        self.timed = TimedAllocator(allocator)
+        self.scheduler = Scheduler(self.timed, config.scheduler_config())
+        self.model = config.time_model(geometry)
+        self.call_costs = config.call_costs(allocator.name)
+        self.compaction_rate = config.move_costs().compaction_rate(get_profile(config.profile))
+        self.on_progress = on_progress
+        self.clock = RequestClock()
+        self.timeline = TimelineRecorder(config.timeline_samples)
+        self.phase_s = dict.fromkeys(PHASES, 0.0)
+        self.now_s = self.arrivals[0].arrival_s if self.arrivals else 0.0
+        self.next_arrival = 0
+        self.num_steps = 0
+        self.num_done = 0
+        self.num_recompute_tokens = 0
+
+    def run(self) -> SimResult:
+        while self.next_arrival < len(self.arrivals) or self.scheduler.has_unfinished:
+            self._add_arrivals()
+            if not self.scheduler.has_unfinished:
+                self.now_s = max(self.now_s, self.arrivals[self.next_arrival].arrival_s)
+                continue
+            self._step()
+        self._report_progress(force=True)
+        return self._result()
+
+    def _add_arrivals(self) -> None:
+        while (
+            self.next_arrival < len(self.arrivals)
+            and self.arrivals[self.next_arrival].arrival_s <= self.now_s
+        ):
+            spec = self.arrivals[self.next_arrival]
+            self.clock.arrival_s[spec.request_id] = spec.arrival_s
+            self.clock.num_output[spec.request_id] = 0
+            self.scheduler.add_request(spec)
+            self.next_arrival += 1
+
+    def _step(self) -> None:
+        before = _Counters.read(self.allocator)
+        plan = self.scheduler.schedule()
+        if plan.is_empty and not plan.rejected:
+            self._raise_stalled()
+        compute_s, recompute_s = self._compute_seconds(plan)
+        outcome = self.scheduler.finish_step(plan)
+        self._charge(before, compute_s, recompute_s)
+        self.num_steps += 1
+        if self.num_steps > self.config.max_steps:
+            raise RuntimeError(f"simulation exceeded max_steps={self.config.max_steps}")
+        for request_id in outcome.emitted:
+            self.clock.num_output[request_id] += 1
+        self.clock.record_emitted(outcome.emitted, self.now_s)
+        self.clock.record_finished(outcome.finished, self.now_s)
+        self.num_done += len(outcome.finished) + len(plan.rejected)
+        if outcome.finished or plan.rejected:
+            self._report_progress()
+        if self.config.check_integrity:
+            self.allocator.check_integrity()
+        self._maybe_sample()
+
+    def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
+        """GPU seconds of the step, split into fresh work and recompute after preemption
+        (the recompute share is the step's cost minus that of its fresh tokens alone)."""
+        total_s = self.model.step_seconds(BatchShape.from_chunks(plan.chunks))
+        recompute_tokens = plan.num_recompute_tokens
+        if recompute_tokens == 0:
+            return total_s, 0.0
+        self.num_recompute_tokens += recompute_tokens
+        fresh_s = self.model.step_seconds(BatchShape.from_chunks(without_recompute(plan.chunks)))
+        return fresh_s, total_s - fresh_s
+
+    def _charge(self, before: _Counters, compute_s: float, recompute_s: float) -> None:
+        """Advance the clock by the step's phases, each from a deterministic model."""
+        after = _Counters.read(self.allocator)
+        costs = self.call_costs
+        allocation_us = (
+            (after.admits - before.admits) * costs.admit_us
+            + (after.grows - before.grows) * costs.grow_us
+            + (after.frees - before.frees) * costs.free_us
+            + (after.failed - before.failed) * costs.failed_us
+        )
+        phases = {
+            "compute": compute_s,
+            "recompute": recompute_s,
+            "allocation": allocation_us * 1e-6,
+            "migration": (after.chunks_migrated - before.chunks_migrated)
+            * self.config.migration_s_per_chunk,
+            "compaction": (after.bytes_compacted - before.bytes_compacted) / self.compaction_rate,
+        }
+        for phase, seconds in phases.items():
+            self.phase_s[phase] += seconds
+            self.now_s += seconds
+
+    def _raise_stalled(self) -> None:
+        raise RuntimeError(
+            f"scheduler stalled at step {self.num_steps}: {self.scheduler.num_waiting} waiting, "
+            f"{self.scheduler.num_running} running, nothing scheduled (allocator "
+            f"{self.allocator.name!r} refuses work that fits_alone() accepts?)"
+        )
+
+    def _maybe_sample(self) -> None:
+        if self.timeline.should_sample(self.num_steps - 1):
+            self.timeline.add(
+                self.now_s,
+                self.allocator.usage(),
+                self.scheduler.num_running,
+                self.scheduler.num_waiting,
+            )
+
+    def _report_progress(self, *, force: bool = False) -> None:
+        if self.on_progress is not None:
+            total = len(self.arrivals)
+            self.on_progress(total if force else self.num_done, total)
+
+    def _result(self) -> SimResult:
+        completed = len(self.clock.finish_s)
+        output_tokens = sum(self.clock.num_output[r] for r in self.clock.finish_s)
+        first_arrival = self.arrivals[0].arrival_s if self.arrivals else 0.0
+        last_finish = max(self.clock.finish_s.values(), default=first_arrival)
+        makespan_s = last_finish - first_arrival
+        ttfts, tpots = self.clock.ttfts(), self.clock.tpots()
+        rejections = [
+            {"request_id": r.request_id, "reason": r.reason} for r in self.scheduler.rejections
+        ]
+        return SimResult(
+            allocator=self.allocator.name,
+            num_requests=len(self.arrivals),
+            num_completed=completed,
+            num_rejected=len(rejections),
+            rejections=rejections,
+            makespan_s=makespan_s,
+            request_throughput=completed / makespan_s if makespan_s > 0 else 0.0,
+            output_token_throughput=output_tokens / makespan_s if makespan_s > 0 else 0.0,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_oom_events=self.scheduler.num_preemptions,
+            ttft_p50_s=percentile(ttfts, 50),
+            ttft_p99_s=percentile(ttfts, 99),
+            tpot_p50_s=percentile(tpots, 50),
+            tpot_p99_s=percentile(tpots, 99),
+            phase_s=dict(self.phase_s),
+            timeline=self.timeline.samples(),
+            allocator_stats=asdict(self.allocator.stats),
+            measured_allocator_cpu_s=self.timed.elapsed_s,
+            num_steps=self.num_steps,
+            num_output_tokens=output_tokens,
+            num_recompute_tokens=self.num_recompute_tokens,
+            time_model=type(self.model).__name__,
+        )
