@@ -1,0 +1,32 @@
+"""Model cache geometry: what each layer of a hybrid model caches, in bytes."""
+
+from __future__ import annotations
+
+from avmp.models.geometry import (
+    AttentionLayer,
+    CacheTensor,
+    ConvColumns,
+    LayerKind,
+    ModelGeometry,
+    RecurrentLayer,
+    dtype_bytes,
+)
+from avmp.models.hf import SUPPORTED_MODEL_TYPES, ConfigError, geometry_from_config, load_config
+from avmp.models.zoo import resolve_model, zoo_config, zoo_names
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionLayer",
+    "CacheTensor",
+    "ConfigError",
+    "ConvColumns",
+    "LayerKind",
+    "ModelGeometry",
+    "RecurrentLayer",
+    "dtype_bytes",
+    "geometry_from_config",
+    "load_config",
+    "resolve_model",
+    "zoo_config",
+    "zoo_names",
+]

@@ -1,0 +1,797 @@
+"""Hugging Face ``config.json`` -> `ModelGeometry`.
+
+One reader per ``model_type``. Key names and defaults follow transformers' configuration
+classes (a key absent from a config takes the default its transformers class would give
+it; a key with no sensible default is an error that names it), so a geometry read here
+matches what transformers and vLLM would allocate for the same checkpoint.
+
+Parameter counts are estimates from the config (linear layers, embeddings, experts;
+norms and biases are ignored): the step-time model needs weight bytes and active
+parameters, not an exact count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avmp.models.geometry import (
+    AttentionLayer,
+    CacheTensor,
+    ConvColumns,
+    LayerKind,
+    ModelGeometry,
+    RecurrentLayer,
+    dtype_bytes,
+)
+
+CONFIG_FILENAME = "config.json"
+_CONV_DTYPE = "bfloat16"
+_REQUIRED: Any = object()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read into a geometry; the message is one line."""
+
+
+class _Config:
+    """Typed, defaulting access to one config dict; errors name the key and the model."""
+
+    def __init__(self, raw: Mapping[str, Any], label: str) -> None:
+        self.raw = raw
+        self.label = label
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def value(self, key: str, default: Any = _REQUIRED) -> Any:
+        found = self.raw.get(key)
+        if found is not None:
+            return found
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.label}: missing key {key!r}")
+        return default
+
+    def dim(self, key: str, default: Any = _REQUIRED) -> int:
+        """A positive integer dimension."""
+        found = self.value(key, default)
+        if isinstance(found, bool) or not isinstance(found, int):
+            raise ConfigError(f"{self.label}: {key!r} must be an integer, got {found!r}")
+        if found <= 0:
+            raise ConfigError(f"{self.label}: {key!r} must be positive, got {found}")
+        return found
+
+    def count(self, key: str, default: Any = _REQUIRED) -> int:
+        """A non-negative integer (e.g. a number of experts, 0 meaning none)."""
+        found = self.value(key, default)
+        if isinstance(found, bool) or not isinstance(found, int) or found < 0:
+            raise ConfigError(
+                f"{self.label}: {key!r} must be a non-negative integer, got {found!r}"
+            )
+        return found
+
+    def flag(self, key: str, default: bool) -> bool:
+        found = self.value(key, default)
+        if not isinstance(found, bool):
+            raise ConfigError(f"{self.label}: {key!r} must be true or false, got {found!r}")
+        return found
+
+    def sequence(self, key: str, default: Any = _REQUIRED) -> list[Any]:
+        found = self.value(key, default)
+        if not isinstance(found, list):
+            raise ConfigError(f"{self.label}: {key!r} must be a list, got {found!r}")
+        return found
+
+    def fail(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.label}: {message}")
+
+
+@dataclass(frozen=True)
+class _Options:
+    ssm_dtype: str
+    conv_columns: ConvColumns
+    kv_dtype: str
+
+
+@dataclass
+class _Params:
+    """Running parameter totals: everything, and what one token actually uses."""
+
+    total: int = 0
+    active: int = 0
+
+    def add(self, total: int, active: int | None = None) -> None:
+        self.total += total
+        self.active += total if active is None else active
+
+
+@dataclass
+class _Build:
+    """What a family reader collects before it becomes a `ModelGeometry`."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    attention: list[AttentionLayer] = field(default_factory=list)
+    recurrent: list[RecurrentLayer] = field(default_factory=list)
+    params: _Params = field(default_factory=_Params)
+
+
+# ---------------------------------------------------------------- cache tensors
+
+
+def _mamba1(index: int, d_inner: int, d_state: int, d_conv: int, opt: _Options) -> RecurrentLayer:
+    conv = CacheTensor("conv", (d_inner, opt.conv_columns.columns(d_conv)), _CONV_DTYPE)
+    ssm = CacheTensor("ssm", (d_inner, d_state), opt.ssm_dtype)
+    return RecurrentLayer(index, LayerKind.MAMBA1, ssm=ssm, conv=conv)
+
+
+@dataclass(frozen=True)
+class _Mamba2Dims:
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    d_state: int
+    d_conv: int
+
+    @property
+    def d_inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return self.d_inner + 2 * self.num_groups * self.d_state
+
+
+def _mamba2(index: int, dims: _Mamba2Dims, opt: _Options) -> RecurrentLayer:
+    columns = opt.conv_columns.columns(dims.d_conv)
+    conv = CacheTensor("conv", (dims.conv_channels, columns), _CONV_DTYPE)
+    ssm = CacheTensor("ssm", (dims.num_heads, dims.head_dim, dims.d_state), opt.ssm_dtype)
+    return RecurrentLayer(index, LayerKind.MAMBA2, ssm=ssm, conv=conv)
+
+
+@dataclass(frozen=True)
+class _DeltaNetDims:
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    d_conv: int
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+def _deltanet(index: int, dims: _DeltaNetDims, opt: _Options) -> RecurrentLayer:
+    columns = opt.conv_columns.columns(dims.d_conv)
+    conv = CacheTensor("conv", (dims.conv_channels, columns), _CONV_DTYPE)
+    ssm = CacheTensor("ssm", (dims.value_heads, dims.key_dim, dims.value_dim), opt.ssm_dtype)
+    return RecurrentLayer(index, LayerKind.GATED_DELTANET, ssm=ssm, conv=conv)
+
+
+def _lightning(index: int, num_heads: int, head_dim: int, opt: _Options) -> RecurrentLayer:
+    ssm = CacheTensor("kv_state", (num_heads, head_dim, head_dim), opt.ssm_dtype)
+    return RecurrentLayer(index, LayerKind.LIGHTNING, ssm=ssm)
+
+
+# ---------------------------------------------------------------- parameter estimates
+
+
+def _attention_params(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """q, k, v and o projections (``num_heads * head_dim`` may differ from hidden)."""
+    return 2 * hidden * num_heads * head_dim + 2 * hidden * num_kv_heads * head_dim
+
+
+def _mlp_params(hidden: int, intermediate: int, *, gated: bool = True) -> int:
+    return (3 if gated else 2) * hidden * intermediate
+
+
+def _mamba1_params(hidden: int, d_inner: int, d_state: int, d_conv: int, dt_rank: int) -> int:
+    in_out = 3 * hidden * d_inner
+    x_proj = d_inner * (dt_rank + 2 * d_state)
+    return in_out + x_proj + dt_rank * d_inner + d_inner * (d_state + d_conv + 2)
+
+
+def _mamba2_params(hidden: int, dims: _Mamba2Dims) -> int:
+    in_proj = hidden * (dims.d_inner + dims.conv_channels + dims.num_heads)
+    conv = dims.conv_channels * dims.d_conv
+    return in_proj + conv + dims.d_inner * hidden + dims.d_inner + 3 * dims.num_heads
+
+
+def _embedding_params(vocab: int, hidden: int, tied: bool) -> int:
+    return vocab * hidden * (1 if tied else 2)
+
+
+def _add_moe(params: _Params, hidden: int, experts: int, top_k: int, expert_params: int) -> None:
+    """Routed experts plus the router; only ``top_k`` experts count as active."""
+    params.add(experts * expert_params + hidden * experts, top_k * expert_params + hidden * experts)
+
+
+# ---------------------------------------------------------------- shared readers
+
+
+def _layer_types(cfg: _Config, key: str) -> list[str]:
+    """A per-layer type list, legacy names mapped as transformers does."""
+    legacy = {"mamba": "linear_attention", "attention": "full_attention"}
+    types = cfg.sequence(key)
+    if not all(isinstance(t, str) for t in types):
+        raise cfg.fail(f"{key!r} must be a list of strings")
+    return [legacy.get(t, t) for t in types]
+
+
+def _mamba2_dims(cfg: _Config, d_inner: int) -> _Mamba2Dims:
+    """Mamba2 dims as Bamba, GraniteMoeHybrid and FalconH1 name them (``mamba_*``)."""
+    num_heads = cfg.dim("mamba_n_heads", 128)
+    head = cfg.value("mamba_d_head", "auto")
+    head_dim = d_inner // num_heads if head == "auto" else cfg.dim("mamba_d_head")
+    if head_dim <= 0 or head_dim * num_heads != d_inner:
+        raise cfg.fail(f"mamba heads x head dim ({num_heads} x {head_dim}) != inner size {d_inner}")
+    return _Mamba2Dims(
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_groups=cfg.dim("mamba_n_groups", 1),
+        d_state=cfg.dim("mamba_d_state", 256),
+        d_conv=cfg.dim("mamba_d_conv", 4),
+    )
+
+
+@dataclass(frozen=True)
+class _AttnDims:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _attn_dims(
+    cfg: _Config, hidden: int, *, heads_default: int, head_dim_default: int | None = None
+) -> _AttnDims:
+    """Attention dims; ``head_dim`` falls back to ``hidden / heads`` as in transformers
+    unless the family's config class has its own default."""
+    num_heads = cfg.dim("num_attention_heads", heads_default)
+    num_kv_heads = cfg.dim("num_key_value_heads", num_heads)
+    if cfg.has("head_dim") or head_dim_default is not None:
+        head_dim = cfg.dim("head_dim", head_dim_default)
+    else:
+        if hidden % num_heads:
+            raise cfg.fail(
+                f"hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}"
+            )
+        head_dim = hidden // num_heads
+    return _AttnDims(num_heads, num_kv_heads, head_dim)
+
+
+def _base(
+    cfg: _Config, family: str, *, layers_default: Any, hidden_default: Any, vocab_default: Any
+) -> _Build:
+    return _Build(
+        family=family,
+        num_layers=cfg.dim("num_hidden_layers", layers_default),
+        hidden_size=cfg.dim("hidden_size", hidden_default),
+        vocab_size=cfg.dim("vocab_size", vocab_default),
+    )
+
+
+def _add_attention(build: _Build, index: int, dims: _AttnDims, opt: _Options) -> None:
+    build.attention.append(AttentionLayer(index, dims.num_kv_heads, dims.head_dim, opt.kv_dtype))
+    build.params.add(
+        _attention_params(build.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+    )
+
+
+def _add_embeddings(build: _Build, cfg: _Config, tied_default: bool) -> None:
+    tied = cfg.flag("tie_word_embeddings", tied_default)
+    build.params.add(_embedding_params(build.vocab_size, build.hidden_size, tied))
+
+
+# ---------------------------------------------------------------- families
+
+
+def _jamba(cfg: _Config, opt: _Options) -> _Build:
+    """Jamba: Mamba1 mixers, attention every ``attn_layer_period``-th layer from an offset,
+    MoE MLP every ``expert_layer_period``-th layer from an offset."""
+    b = _base(cfg, "jamba", layers_default=32, hidden_default=4096, vocab_default=65536)
+    h = b.hidden_size
+    attn = _attn_dims(cfg, h, heads_default=32)
+    d_inner = cfg.dim("mamba_expand", 2) * h
+    d_state, d_conv = cfg.dim("mamba_d_state", 16), cfg.dim("mamba_d_conv", 4)
+    dt_rank_raw = cfg.value("mamba_dt_rank", "auto")
+    dt_rank = -(-h // 16) if dt_rank_raw == "auto" else cfg.dim("mamba_dt_rank")
+    attn_period, attn_offset = cfg.dim("attn_layer_period", 8), cfg.count("attn_layer_offset", 4)
+    exp_period, exp_offset = cfg.dim("expert_layer_period", 2), cfg.count("expert_layer_offset", 1)
+    experts, top_k = cfg.dim("num_experts", 16), cfg.dim("num_experts_per_tok", 2)
+    mlp = _mlp_params(h, cfg.dim("intermediate_size", 14336))
+    for i in range(b.num_layers):
+        if i % attn_period == attn_offset:
+            _add_attention(b, i, attn, opt)
+        else:
+            b.recurrent.append(_mamba1(i, d_inner, d_state, d_conv, opt))
+            b.params.add(_mamba1_params(h, d_inner, d_state, d_conv, dt_rank))
+        if experts > 1 and i % exp_period == exp_offset:
+            _add_moe(b.params, h, experts, top_k, mlp)
+        else:
+            b.params.add(mlp)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _bamba(cfg: _Config, opt: _Options) -> _Build:
+    """Bamba: Mamba2 everywhere except ``attn_layer_indices``; dense gated MLP."""
+    b = _base(cfg, "bamba", layers_default=32, hidden_default=4096, vocab_default=128000)
+    attn_indices = set(cfg.sequence("attn_layer_indices", []))
+    types = [
+        "full_attention" if i in attn_indices else "linear_attention" for i in range(b.num_layers)
+    ]
+    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
+    _hybrid_mamba2_layers(b, cfg, opt, types, lambda _: b.params.add(mlp), heads_default=32)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _granite_hybrid(cfg: _Config, opt: _Options) -> _Build:
+    """Granite-4.0-H: Mamba2 or attention per ``layer_types``; every layer has a shared
+    (always active) MLP and, when ``num_local_experts`` > 0, routed experts."""
+    b = _base(cfg, "granitemoehybrid", layers_default=32, hidden_default=4096, vocab_default=32000)
+    types = (
+        _layer_types(cfg, "layer_types")
+        if cfg.has("layer_types")
+        else ["linear_attention"] * b.num_layers
+    )
+    experts = cfg.count("num_local_experts", 8)
+    top_k = cfg.dim("num_experts_per_tok", 2) if experts else 0
+    expert = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 11008))
+    shared = _mlp_params(b.hidden_size, cfg.dim("shared_intermediate_size", 1024))
+
+    def add_mlp(_: int) -> None:
+        b.params.add(shared)
+        if experts:
+            _add_moe(b.params, b.hidden_size, experts, top_k, expert)
+
+    _hybrid_mamba2_layers(b, cfg, opt, types, add_mlp, heads_default=32)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _hybrid_mamba2_layers(
+    b: _Build,
+    cfg: _Config,
+    opt: _Options,
+    types: list[str],
+    add_mlp: Callable[[int], None],
+    *,
+    heads_default: int,
+) -> None:
+    """Bamba / Granite layout: each layer is attention or Mamba2, followed by an MLP."""
+    if len(types) != b.num_layers:
+        raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
+    attn = _attn_dims(cfg, b.hidden_size, heads_default=heads_default)
+    dims = _mamba2_dims(cfg, cfg.dim("mamba_expand", 2) * b.hidden_size)
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            _add_attention(b, i, attn, opt)
+        elif kind == "linear_attention":
+            b.recurrent.append(_mamba2(i, dims, opt))
+            b.params.add(_mamba2_params(b.hidden_size, dims))
+        else:
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+        add_mlp(i)
+
+
+_NEMOTRON_PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
+def _nemotron_types(cfg: _Config) -> list[str]:
+    if cfg.has("layers_block_type"):
+        return _layer_types(cfg, "layers_block_type")
+    pattern = cfg.value("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise cfg.fail(f"'hybrid_override_pattern' must be a non-empty string, got {pattern!r}")
+    unknown = sorted(set(pattern) - set(_NEMOTRON_PATTERN))
+    if unknown:
+        raise cfg.fail(f"'hybrid_override_pattern' has unknown symbols {unknown} (known: M * - E)")
+    return [_NEMOTRON_PATTERN[c] for c in pattern]
+
+
+def _nemotron_h(cfg: _Config, opt: _Options) -> _Build:
+    """Nemotron-H: one mixer per layer (Mamba2, attention, relu2 MLP or MoE) from the
+    ``hybrid_override_pattern`` string (or ``layers_block_type``)."""
+    types = _nemotron_types(cfg)
+    b = _Build(
+        "nemotron_h", len(types), cfg.dim("hidden_size", 4096), cfg.dim("vocab_size", 131072)
+    )
+    h = b.hidden_size
+    attn = _attn_dims(cfg, h, heads_default=32, head_dim_default=cfg.dim("attention_head_dim", 128))
+    # NemotronHConfig lets the legacy mamba_* spellings override the plain ones.
+    dims = _Mamba2Dims(
+        num_heads=cfg.dim("mamba_num_heads", 128),
+        head_dim=cfg.dim("mamba_head_dim", 64),
+        num_groups=cfg.dim("mamba_n_groups", cfg.dim("n_groups", 8)),
+        d_state=cfg.dim("ssm_state_size", 128),
+        d_conv=cfg.dim("mamba_d_conv", cfg.dim("conv_kernel", 4)),
+    )
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            _add_attention(b, i, attn, opt)
+        elif kind == "linear_attention":
+            b.recurrent.append(_mamba2(i, dims, opt))
+            b.params.add(_mamba2_params(h, dims))
+        elif kind == "mlp":
+            b.params.add(_mlp_params(h, cfg.dim("intermediate_size", 21504), gated=False))
+        elif kind == "moe":
+            _nemotron_moe(b, cfg)
+        else:
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _nemotron_moe(b: _Build, cfg: _Config) -> None:
+    h = b.hidden_size
+    expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 7688), gated=False)
+    experts, top_k = cfg.dim("n_routed_experts", 8), cfg.dim("num_experts_per_tok", 2)
+    _add_moe(b.params, h, experts, top_k, expert)
+    shared = cfg.count("n_shared_experts", 1)
+    b.params.add(
+        shared * _mlp_params(h, cfg.dim("moe_shared_expert_intermediate_size", 7688), gated=False)
+    )
+
+
+def _falcon_h1(cfg: _Config, opt: _Options) -> _Build:
+    """Falcon-H1: attention and Mamba2 side by side in every layer, then a gated MLP."""
+    b = _base(cfg, "falcon_h1", layers_default=32, hidden_default=4096, vocab_default=128000)
+    attn = _attn_dims(cfg, b.hidden_size, heads_default=32)
+    dims = _mamba2_dims(cfg, _falcon_d_ssm(cfg, b.hidden_size))
+    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
+    for i in range(b.num_layers):
+        _add_attention(b, i, attn, opt)
+        b.recurrent.append(_mamba2(i, dims, opt))
+        b.params.add(_mamba2_params(b.hidden_size, dims) + mlp)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _falcon_d_ssm(cfg: _Config, hidden: int) -> int:
+    """FalconH1Config defaults ``mamba_d_ssm`` to 1024; an explicit null means
+    ``mamba_expand * hidden_size``."""
+    if "mamba_d_ssm" in cfg.raw and cfg.raw["mamba_d_ssm"] is None:
+        return cfg.dim("mamba_expand", 2) * hidden
+    return cfg.dim("mamba_d_ssm", 1024)
+
+
+def _zamba2_types(cfg: _Config) -> list[str]:
+    if cfg.has("layers_block_type"):
+        return _layer_types(cfg, "layers_block_type")
+    five = ["linear_attention"] * 5 + ["hybrid"]
+    tail = ["linear_attention"] * 4 + ["hybrid"] + ["linear_attention"] * 3 + ["hybrid"]
+    return ["linear_attention"] + five * 7 + tail + ["linear_attention"] * 2
+
+
+def _zamba2(cfg: _Config, opt: _Options) -> _Build:
+    """Zamba2: Mamba2 in every layer; ``hybrid`` layers also call one of
+    ``num_mem_blocks`` shared transformer blocks whose attention input is the hidden
+    state concatenated with the embeddings (2x wide). Each invocation has its own KV."""
+    types = _zamba2_types(cfg)
+    b = _Build("zamba2", len(types), cfg.dim("hidden_size", 2560), cfg.dim("vocab_size", 32000))
+    if cfg.has("num_hidden_layers") and cfg.dim("num_hidden_layers") != b.num_layers:
+        raise cfg.fail(
+            f"{b.num_layers} layer types for num_hidden_layers {cfg.dim('num_hidden_layers')}"
+        )
+    h = b.hidden_size
+    heads = cfg.dim("num_attention_heads", 32)
+    attn = _AttnDims(heads, cfg.dim("num_key_value_heads", heads), 2 * h // heads)
+    if attn.head_dim * heads != 2 * h:
+        raise cfg.fail(f"2 x hidden_size {2 * h} is not a multiple of num_attention_heads {heads}")
+    mamba_heads = cfg.dim("n_mamba_heads", 8)
+    d_inner = cfg.dim("mamba_expand", 2) * h
+    dims = _Mamba2Dims(
+        mamba_heads,
+        d_inner // mamba_heads,
+        cfg.dim("mamba_ngroups", 1),
+        cfg.dim("mamba_d_state", 64),
+        cfg.dim("mamba_d_conv", 4),
+    )
+    for i, kind in enumerate(types):
+        if kind not in ("linear_attention", "hybrid"):
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+        b.recurrent.append(_mamba2(i, dims, opt))
+        b.params.add(_mamba2_params(h, dims))
+        if kind == "hybrid":
+            b.attention.append(AttentionLayer(i, attn.num_kv_heads, attn.head_dim, opt.kv_dtype))
+            b.params.add(h * h)  # the per-invocation linear back into the residual stream
+    _zamba2_shared_blocks(b, cfg, attn)
+    _add_embeddings(b, cfg, True)
+    return b
+
+
+def _zamba2_shared_blocks(b: _Build, cfg: _Config, attn: _AttnDims) -> None:
+    h = b.hidden_size
+    wide = 2 * h
+    attention = 3 * wide * attn.num_heads * attn.head_dim + attn.num_heads * attn.head_dim * h
+    mlp = _mlp_params(h, cfg.dim("intermediate_size", 4 * h))
+    b.params.add(cfg.dim("num_mem_blocks", 1) * (attention + mlp))
+
+
+def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
+    """Qwen3-Next: gated DeltaNet layers with full attention every
+    ``full_attention_interval``-th layer (or per ``layer_types``); MoE MLPs."""
+    b = _base(cfg, "qwen3_next", layers_default=48, hidden_default=2048, vocab_default=151936)
+    h = b.hidden_size
+    if cfg.has("layer_types"):
+        types = _layer_types(cfg, "layer_types")
+    else:
+        interval = cfg.dim("full_attention_interval", 4)
+        types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(b.num_layers)
+        ]
+    if len(types) != b.num_layers:
+        raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
+    attn = _attn_dims(cfg, h, heads_default=16)
+    dims = _DeltaNetDims(
+        key_heads=cfg.dim("linear_num_key_heads", 16),
+        value_heads=cfg.dim("linear_num_value_heads", 32),
+        key_dim=cfg.dim("linear_key_head_dim", 128),
+        value_dim=cfg.dim("linear_value_head_dim", 128),
+        d_conv=cfg.dim("linear_conv_kernel_dim", 4),
+    )
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            _add_attention(b, i, attn, opt)
+            b.params.add(h * attn.num_heads * attn.head_dim)  # output gate doubles q_proj
+        elif kind == "linear_attention":
+            b.recurrent.append(_deltanet(i, dims, opt))
+            b.params.add(_deltanet_params(h, dims))
+        else:
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+        _qwen3_next_mlp(b, cfg, i)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _deltanet_params(hidden: int, dims: _DeltaNetDims) -> int:
+    value_width = dims.value_heads * dims.value_dim
+    in_proj = hidden * (dims.conv_channels + value_width + 2 * dims.value_heads)
+    return in_proj + dims.conv_channels * dims.d_conv + value_width * hidden
+
+
+def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int) -> None:
+    h = b.hidden_size
+    experts = cfg.count("num_experts", 512)
+    step = cfg.dim("decoder_sparse_step", 1)
+    dense_layers = set(cfg.sequence("mlp_only_layers", []))
+    if experts == 0 or index in dense_layers or (index + 1) % step:
+        b.params.add(_mlp_params(h, cfg.dim("intermediate_size", 5632)))
+        return
+    expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 512))
+    _add_moe(b.params, h, experts, cfg.dim("num_experts_per_tok", 10), expert)
+    b.params.add(_mlp_params(h, cfg.dim("shared_expert_intermediate_size", 512)) + h)
+
+
+def _minimax_types(cfg: _Config, num_layers: int) -> list[str]:
+    if cfg.has("layer_types"):
+        return _layer_types(cfg, "layer_types")
+    if cfg.has("attn_type_list"):
+        codes = cfg.sequence("attn_type_list")
+        if any(c not in (0, 1) for c in codes):
+            raise cfg.fail("'attn_type_list' must hold 0 (lightning) or 1 (softmax attention)")
+        return ["full_attention" if c == 1 else "linear_attention" for c in codes]
+    return ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(num_layers)]
+
+
+def _minimax(cfg: _Config, opt: _Options) -> _Build:
+    """MiniMax-Text-01: lightning (linear) attention, whose per-request state is one
+    ``head_dim x head_dim`` matrix per head, with softmax attention on some layers; MoE."""
+    b = _base(cfg, "minimax", layers_default=32, hidden_default=4096, vocab_default=32000)
+    h = b.hidden_size
+    types = _minimax_types(cfg, b.num_layers)
+    if len(types) != b.num_layers:
+        raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
+    attn = _attn_dims(cfg, h, heads_default=32)
+    expert = _mlp_params(h, cfg.dim("intermediate_size", 14336))
+    experts, top_k = cfg.dim("num_local_experts", 8), cfg.dim("num_experts_per_tok", 2)
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            _add_attention(b, i, attn, opt)
+        elif kind == "linear_attention":
+            b.recurrent.append(_lightning(i, attn.num_heads, attn.head_dim, opt))
+            b.params.add(5 * h * attn.num_heads * attn.head_dim)  # qkv, gate, out
+        else:
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+        _add_moe(b.params, h, experts, top_k, expert)
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _mamba2_pure(cfg: _Config, opt: _Options) -> _Build:
+    """Pure Mamba2 (transformers ``Mamba2Config``)."""
+    b = _base(cfg, "mamba2", layers_default=64, hidden_default=4096, vocab_default=32768)
+    dims = _Mamba2Dims(
+        num_heads=cfg.dim("num_heads", 128),
+        head_dim=cfg.dim("head_dim", 64),
+        num_groups=cfg.dim("n_groups", 8),
+        d_state=cfg.dim("state_size", 128),
+        d_conv=cfg.dim("conv_kernel", 4),
+    )
+    for i in range(b.num_layers):
+        b.recurrent.append(_mamba2(i, dims, opt))
+        b.params.add(_mamba2_params(b.hidden_size, dims))
+    _add_embeddings(b, cfg, False)
+    return b
+
+
+def _mamba_ssm(cfg: _Config, opt: _Options) -> _Build:
+    """A ``mamba_ssm`` checkpoint config (``d_model``, ``n_layer``, ``ssm_cfg``), as the
+    state-spaces Mamba2 checkpoints ship it; optional attention at ``attn_layer_idx``."""
+    ssm_cfg = cfg.value("ssm_cfg", {})
+    if not isinstance(ssm_cfg, dict):
+        raise cfg.fail(f"'ssm_cfg' must be an object, got {ssm_cfg!r}")
+    ssm = _Config(ssm_cfg, f"{cfg.label} ssm_cfg")
+    if ssm.value("layer", "Mamba1") != "Mamba2":
+        raise cfg.fail("only Mamba2 mamba_ssm checkpoints are supported (ssm_cfg.layer)")
+    b = _Build("mamba2", cfg.dim("n_layer"), cfg.dim("d_model"), _padded_vocab(cfg))
+    d_inner = ssm.dim("expand", 2) * b.hidden_size
+    head_dim = ssm.dim("headdim", 64)
+    if d_inner % head_dim:
+        raise cfg.fail(f"inner size {d_inner} is not a multiple of ssm_cfg.headdim {head_dim}")
+    dims = _Mamba2Dims(
+        d_inner // head_dim,
+        head_dim,
+        ssm.dim("ngroups", 1),
+        ssm.dim("d_state", 128),
+        ssm.dim("d_conv", 4),
+    )
+    attn_layers = set(cfg.sequence("attn_layer_idx", []))
+    for i in range(b.num_layers):
+        if i in attn_layers:
+            _mamba_ssm_attention(b, cfg, i, opt)
+        else:
+            b.recurrent.append(_mamba2(i, dims, opt))
+            b.params.add(_mamba2_params(b.hidden_size, dims))
+        if cfg.count("d_intermediate", 0):
+            b.params.add(_mlp_params(b.hidden_size, cfg.count("d_intermediate")))
+    b.params.add(_embedding_params(b.vocab_size, b.hidden_size, cfg.flag("tie_embeddings", True)))
+    return b
+
+
+def _padded_vocab(cfg: _Config) -> int:
+    vocab, multiple = cfg.dim("vocab_size"), cfg.dim("pad_vocab_size_multiple", 8)
+    return -(-vocab // multiple) * multiple
+
+
+def _mamba_ssm_attention(b: _Build, cfg: _Config, index: int, opt: _Options) -> None:
+    attn_cfg = _Config(cfg.value("attn_cfg", {}), f"{cfg.label} attn_cfg")
+    heads = attn_cfg.dim("num_heads")
+    head_dim = attn_cfg.dim("head_dim", b.hidden_size // heads)
+    _add_attention(b, index, _AttnDims(heads, attn_cfg.dim("num_heads_kv", heads), head_dim), opt)
+
+
+_READERS: dict[str, Callable[[_Config, _Options], _Build]] = {
+    "bamba": _bamba,
+    "falcon_h1": _falcon_h1,
+    "granitemoehybrid": _granite_hybrid,
+    "jamba": _jamba,
+    "mamba2": _mamba2_pure,
+    "minimax": _minimax,
+    "minimax_text_01": _minimax,
+    "nemotron_h": _nemotron_h,
+    "qwen3_next": _qwen3_next,
+    "zamba2": _zamba2,
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_READERS))
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``config.json`` (or the one inside a checkpoint directory).
+
+    Raises:
+        ConfigError: no such file, or not a JSON object.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / CONFIG_FILENAME
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {file}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"malformed JSON in {file}: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"malformed config {file}: expected a JSON object")
+    return loaded
+
+
+def _model_type(cfg: _Config) -> str:
+    if not cfg.has("model_type") and cfg.has("ssm_cfg") and cfg.has("d_model"):
+        return "mamba_ssm"
+    model_type = cfg.value("model_type")
+    if model_type not in _READERS:
+        raise ConfigError(
+            f"{cfg.label}: unsupported model_type {model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return str(model_type)
+
+
+def _options(ssm_dtype: str, conv_columns: str | ConvColumns, kv_dtype: str) -> _Options:
+    for label, dtype in (("ssm_dtype", ssm_dtype), ("kv_dtype", kv_dtype)):
+        try:
+            dtype_bytes(dtype)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    try:
+        columns = ConvColumns(conv_columns)
+    except ValueError:
+        known = ", ".join(c.value for c in ConvColumns)
+        raise ConfigError(f"unknown conv_columns {conv_columns!r}; known: {known}") from None
+    return _Options(ssm_dtype=ssm_dtype, conv_columns=columns, kv_dtype=kv_dtype)
+
+
+def geometry_from_config(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    name: str | None = None,
+    ssm_dtype: str = "bfloat16",
+    conv_columns: str | ConvColumns = "vllm",
+    kv_dtype: str = "bfloat16",
+) -> ModelGeometry:
+    """Build a `ModelGeometry` from a Hugging Face config.
+
+    Args:
+        config: a config dict, a ``config.json`` path, or a checkpoint directory.
+        name: the geometry's name; defaults to the config's ``_name_or_path``, the
+            directory name, or the model type.
+        ssm_dtype: dtype of SSM / linear-attention state (``bfloat16`` or ``float32``).
+        conv_columns: ``vllm`` keeps ``d_conv - 1`` conv columns, ``transformers`` ``d_conv``.
+        kv_dtype: dtype of the attention KV cache.
+
+    Raises:
+        ConfigError: unreadable or malformed config, unsupported ``model_type``, a
+            missing key without a default, or a non-positive dimension.
+    """
+    opt = _options(ssm_dtype, conv_columns, kv_dtype)
+    if isinstance(config, Mapping):
+        raw, label = config, str(name or config.get("_name_or_path") or "config")
+    else:
+        raw = load_config(config)
+        label = name or _path_label(Path(config))
+    cfg = _Config(raw, label)
+    model_type = _model_type(cfg)
+    build = _mamba_ssm(cfg, opt) if model_type == "mamba_ssm" else _READERS[model_type](cfg, opt)
+    return _to_geometry(build, label, raw, opt)
+
+
+def _path_label(path: Path) -> str:
+    return path.name if path.is_dir() else (path.parent.name or path.name)
+
+
+def _to_geometry(build: _Build, name: str, raw: Mapping[str, Any], opt: _Options) -> ModelGeometry:
+    try:
+        return ModelGeometry(
+            name=name,
+            family=build.family,
+            num_layers=build.num_layers,
+            attention_layers=tuple(build.attention),
+            recurrent_layers=tuple(build.recurrent),
+            hidden_size=build.hidden_size,
+            vocab_size=build.vocab_size,
+            num_params=build.params.total,
+            num_active_params=build.params.active,
+            ssm_dtype=opt.ssm_dtype,
+            conv_columns=opt.conv_columns,
+            confirmed=bool(raw.get("_avmp_confirmed", True)),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None

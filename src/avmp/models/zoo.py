@@ -1,0 +1,80 @@
+"""The bundled zoo: published ``config.json`` files under short names.
+
+Each file in ``zoo/`` is a model's published config plus two keys of ours:
+``_avmp_confirmed`` (false where the figures are not confirmed from a first-party
+config) and ``_avmp_source`` (where the config comes from).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from avmp.models.geometry import ConvColumns, ModelGeometry
+from avmp.models.hf import ConfigError, geometry_from_config
+
+_ZOO_PACKAGE = "avmp.models"
+_ZOO_DIR = "zoo"
+
+
+@cache
+def _zoo_files() -> dict[str, str]:
+    """Short name -> file name, read once: the zoo ships inside the package."""
+    folder = resources.files(_ZOO_PACKAGE).joinpath(_ZOO_DIR)
+    return {
+        entry.name.removesuffix(".json"): entry.name
+        for entry in folder.iterdir()
+        if entry.name.endswith(".json")
+    }
+
+
+def zoo_names() -> list[str]:
+    """Short names of every bundled model, sorted."""
+    return sorted(_zoo_files())
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(f"unknown model {name!r}; known: {', '.join(zoo_names())}")
+
+
+def zoo_config(name: str) -> dict[str, Any]:
+    """A fresh copy of a bundled config (case-insensitive short name).
+
+    Raises:
+        ConfigError: no such zoo entry.
+    """
+    file_name = _zoo_files().get(name.lower())
+    if file_name is None:
+        raise _unknown(name)
+    text = resources.files(_ZOO_PACKAGE).joinpath(_ZOO_DIR, file_name).read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def resolve_model(
+    name_or_path: str,
+    *,
+    ssm_dtype: str = "bfloat16",
+    conv_columns: str | ConvColumns = "vllm",
+    kv_dtype: str = "bfloat16",
+) -> ModelGeometry:
+    """Geometry of a zoo model (short name, case-insensitive) or of a ``config.json``
+    path / checkpoint directory.
+
+    Raises:
+        ConfigError: neither a zoo name nor an existing path, or a bad config.
+    """
+    options: dict[str, Any] = {
+        "ssm_dtype": ssm_dtype,
+        "conv_columns": conv_columns,
+        "kv_dtype": kv_dtype,
+    }
+    if name_or_path.lower() in _zoo_files():
+        short = name_or_path.lower()
+        return geometry_from_config(zoo_config(short), name=short, **options)
+    if Path(name_or_path).exists():
+        return geometry_from_config(name_or_path, **options)
+    raise _unknown(name_or_path)
