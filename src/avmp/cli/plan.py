@@ -1,0 +1,177 @@
+"""``avmp plan``: how many requests of one shape each cache layout holds, and why.
+
+avmp plan jamba-1.5-mini --memory 12GiB --prompt 512 --output 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from avmp.cli import UserError
+from avmp.memory.planner import Plan, plan
+from avmp.memory.spec import MemoryConfig
+from avmp.models import resolve_model
+from avmp.units import format_bytes, parse_bytes
+
+SSM_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+COLUMNS = ("allocator", "requests", "vs oracle", "needed", "padding", "rounding", "unusable")
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="requests that fit at once per allocator, and the bytes each loses",
+        description=(
+            "Admit requests of PROMPT + OUTPUT tokens into each allocator until it is full; "
+            "print how many fit, their ratio to the oracle, and the bytes lost to padding, "
+            "rounding and unusable capacity."
+        ),
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help="zoo name (e.g. jamba-1.5-mini) or config.json path"
+    )
+    parser.add_argument("--memory", required=True, help="cache memory, e.g. 12GiB")
+    parser.add_argument("--prompt", default="512", help="prompt tokens per request (default 512)")
+    parser.add_argument("--output", default="256", help="output tokens per request (default 256)")
+    parser.add_argument("--ssm-dtype", default="bf16", help="SSM state dtype: bf16 or fp32")
+    parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
+    parser.add_argument("--state-fraction", default=None, help="static: share of memory for state")
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = plan_from_args(args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(render(result))
+    return 0
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """Validate every argument (each mistake is one clear line) and run the planner."""
+    memory = _size("--memory", args.memory)
+    chunk = _size("--chunk", args.chunk)
+    prompt = _tokens("--prompt", args.prompt, minimum=1)
+    output = _tokens("--output", args.output, minimum=0)
+    ssm_dtype = SSM_DTYPES.get(str(args.ssm_dtype).lower())
+    if ssm_dtype is None:
+        raise UserError(f"--ssm-dtype must be bf16 or fp32, got {args.ssm_dtype!r}")
+    options = {}
+    if args.state_fraction is not None:
+        options["static"] = {"state_fraction": _fraction(args.state_fraction)}
+    config = MemoryConfig(budget_bytes=memory, chunk_bytes=chunk)
+    geometry = resolve_model(args.model, ssm_dtype=ssm_dtype)
+    return plan(geometry, config, prompt, output, options=options)
+
+
+def _size(flag: str, text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise UserError(f"{flag}: {error}") from None
+
+
+def _tokens(flag: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{flag} must be a whole number of tokens, got {text!r}") from None
+    if value < minimum:
+        raise UserError(f"{flag} must be >= {minimum} tokens, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--state-fraction must be a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise UserError(f"--state-fraction must be in (0, 1), got {text}")
+    return value
+
+
+def render(result: Plan) -> str:
+    """The plan as aligned plain text: a header, one row per allocator, the explanation."""
+    return "\n".join([*_header(result), "", *_table(result), "", *_explain_unified(result)])
+
+
+def _header(result: Plan) -> list[str]:
+    kv = format_bytes(result.kv_bytes_per_token)
+    state = format_bytes(result.state_bytes_per_request)
+    block = result.vllm_block_size
+    break_even = result.break_even_tokens
+    lines = [
+        f"{result.model}: {format_bytes(result.budget_bytes)} of cache, requests of "
+        f"{result.prompt_tokens} + {result.output_tokens} = {result.request_tokens} tokens "
+        f"({format_bytes(result.request_bytes)} each, exact)",
+        f"KV {kv}/token, state {state}/request; break-even length "
+        + (
+            f"{break_even} tokens (KV = state)" if break_even is not None else "none (no attention)"
+        ),
+        "vLLM's block size: "
+        + (f"{block} tokens" if block is not None else "none (no attention layers)")
+        + f"; AVMP chunk {format_bytes(result.chunk_bytes)}, pages of {result.block_size} tokens",
+    ]
+    return lines
+
+
+def _table(result: Plan) -> list[str]:
+    rows = [list(COLUMNS)]
+    for a in result.allocators:
+        rows.append(
+            [
+                a.name,
+                str(a.num_requests),
+                f"{100 * a.ratio_to_oracle:.1f}%",
+                format_bytes(a.needed_bytes),
+                format_bytes(a.padding_bytes),
+                format_bytes(a.rounding_bytes),
+                format_bytes(a.unusable_bytes),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{name}: not built in this checkout" for name in result.missing]
+    return lines
+
+
+def _explain_unified(result: Plan) -> list[str]:
+    """A few lines on where the unified pool's bytes go, in bytes."""
+    if "unified" not in [a.name for a in result.allocators]:
+        return []
+    u, row, fb = result.unified, result.allocator("unified"), format_bytes
+    num_blocks = u.num_state_blocks_per_request + u.num_kv_blocks_per_request
+    lines = [f"Why unified loses {fb(row.lost_bytes)} (vLLM v1, prefix caching off):"]
+    if u.block_size is None:
+        lines.append(f"  no attention: a request holds one block of {u.group_size} layers' states.")
+    else:
+        pad = u.page_bytes - u.state_page_bytes
+        lines += [
+            f"  the attention block grows to {u.block_size} tokens so that one layer's page "
+            f"({fb(u.page_bytes)}) holds",
+            f"  one recurrent layer's state ({fb(u.state_page_bytes)}); each state page is "
+            f"padded by {fb(pad)} ({100 * pad / u.page_bytes:.1f}%).",
+        ]
+    lines += [
+        f"  a block is one page for each of {u.group_size} layers ({fb(u.block_bytes)}); "
+        f"a request holds {u.num_state_blocks_per_request} state",
+        f"  + {u.num_kv_blocks_per_request} KV blocks = {fb(num_blocks * u.block_bytes)} "
+        f"for {fb(result.request_bytes)} of data.",
+        f"  over {row.num_requests} requests: {fb(u.state_padding_bytes)} state padding, "
+        f"{fb(u.kv_padding_bytes)} in KV blocks beyond {result.block_size}-token pages,",
+        f"  {fb(row.unusable_bytes)} of free blocks too few for one more request, "
+        f"{fb(row.rounding_bytes)} of rounding.",
+    ]
+    return lines
