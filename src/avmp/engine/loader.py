@@ -1,0 +1,134 @@
+"""Load a Hugging Face checkpoint directory (config.json + safetensors, sharded or not)
+into one of the engine's own models.
+
+transformers is used only to parse ``config.json`` (AutoConfig knows each family's
+defaults and legacy field names); the weights go through ``safetensors`` straight into
+our modules, whose parameter names match transformers'. Anything missing or malformed
+raises one `CheckpointError` that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avmp.engine.models import model_class
+from avmp.engine.models.base import HybridModel
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what is missing."""
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_config(path: Path) -> Any:
+    """The transformers config of a checkpoint directory."""
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        json.loads((path / "config.json").read_text())
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: {error}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, checked to exist."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{index}: malformed index ({error})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: missing weight file(s) listed in {INDEX_NAME}: {_few(missing)}"
+            )
+        return [path / name for name in files]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(
+        f"{path}: missing weights (no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors)"
+    )
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from None
+    return tensors
+
+
+def load_weights(model: HybridModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy checkpoint tensors into the model, checking names and shapes."""
+    expected = dict(model.state_dict())
+    tied = set(model.tied_weights) if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [name for name in expected if name not in tensors and name not in tied]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {_few(missing)}")
+    unexpected = [name for name in tensors if name not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: tensors the {model.family} model does not have: {_few(unexpected)}"
+        )
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{where}: shape mismatch for {name}: checkpoint {tuple(value.shape)}, "
+                f"model {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights_if_needed()
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> HybridModel:
+    """Build our model for a checkpoint directory and load its weights.
+
+    Args:
+        dtype: compute dtype; defaults to the checkpoint's ``dtype`` / ``torch_dtype``.
+    Raises:
+        CheckpointError: missing config, weight files or tensors, or a shape mismatch.
+    """
+    path = Path(path)
+    config = read_config(path)
+    cls = model_class(config.model_type)
+    files = weight_files(path)
+    model = cls(config)
+    load_weights(model, read_tensors(files), path)
+    return model.to(device=device, dtype=dtype or config_dtype(config)).eval()
+
+
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint's config asks for (float32 when it names none)."""
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    if isinstance(name, torch.dtype):
+        return name
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(name), torch.float32
+    )

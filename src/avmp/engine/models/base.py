@@ -1,0 +1,102 @@
+"""What every hybrid model of the engine provides: a forward pass over a flat step,
+logits, and the cache geometry its layers need (so the allocator and the views agree
+with the model on every shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.layers import Mamba2Mixer, PagedAttention
+from avmp.models.geometry import (
+    AttentionLayer,
+    CacheTensor,
+    ConvColumns,
+    LayerKind,
+    ModelGeometry,
+    RecurrentLayer,
+)
+
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class HybridModel(nn.Module):
+    """Base of the engine's causal LMs.
+
+    Subclasses build their modules with transformers' names, then implement
+    `embed`, `decoder` and `head`. ``tied_weights`` maps a parameter that a checkpoint
+    may omit to the one it shares storage with.
+    """
+
+    family: str = ""
+    tied_weights: dict[str, str] = {}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` of the step's tokens (after the final norm)."""
+        raise TypeError(f"{type(self).__name__} must define forward")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, vocab]`` float32 logits of selected hidden states."""
+        raise TypeError(f"{type(self).__name__} must define logits")
+
+    def tie_weights_if_needed(self) -> None:
+        """Share parameters that the config ties (e.g. lm_head with the embeddings)."""
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return
+        params = dict(self.named_parameters())
+        for name, source in self.tied_weights.items():
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attr, params[source])
+
+    def geometry(
+        self,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype | None = None,
+        conv_columns: ConvColumns = ConvColumns.VLLM,
+    ) -> ModelGeometry:
+        """The cache geometry of this model's layers, as the allocator and the views see it."""
+        kv_name = TORCH_DTYPE_NAMES[dtype]
+        ssm_name = TORCH_DTYPE_NAMES[ssm_dtype or dtype]
+        attention = [
+            AttentionLayer(m.layer_index, m.num_kv_heads, m.head_dim, kv_name)
+            for m in self.modules()
+            if isinstance(m, PagedAttention)
+        ]
+        recurrent = [
+            recurrent_layer(m, kv_name, ssm_name, conv_columns)
+            for m in self.modules()
+            if hasattr(m, "ssm_shape")
+        ]
+        num_params = sum(p.numel() for p in self.parameters())
+        return ModelGeometry(
+            name=getattr(self.config, "name_or_path", "") or self.family,
+            family=self.family,
+            num_layers=int(self.config.num_hidden_layers),
+            attention_layers=tuple(sorted(attention, key=lambda a: a.layer_index)),
+            recurrent_layers=tuple(sorted(recurrent, key=lambda r: r.layer_index)),
+            hidden_size=int(self.config.hidden_size),
+            vocab_size=int(self.config.vocab_size),
+            num_params=num_params,
+            num_active_params=num_params,
+            weight_dtype=kv_name,
+            ssm_dtype=ssm_name,
+            conv_columns=conv_columns,
+        )
+
+
+def recurrent_layer(
+    mixer: Any, conv_dtype: str, ssm_dtype: str, conv_columns: ConvColumns
+) -> RecurrentLayer:
+    """The geometry entry of one recurrent mixer (``conv_dim``, ``d_conv``, ``ssm_shape``)."""
+    kind = LayerKind.MAMBA2 if isinstance(mixer, Mamba2Mixer) else LayerKind.MAMBA1
+    conv = CacheTensor("conv", (mixer.conv_dim, conv_columns.columns(mixer.d_conv)), conv_dtype)
+    return RecurrentLayer(
+        mixer.layer_index, kind, CacheTensor("ssm", mixer.ssm_shape, ssm_dtype), conv
+    )

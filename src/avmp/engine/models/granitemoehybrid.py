@@ -1,0 +1,185 @@
+"""GraniteMoeHybrid (Granite-4.0-H): Mamba2 and attention blocks, each followed by a
+shared MLP plus an optional top-k mixture of experts, with Granite's multipliers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import (
+    Mamba2Mixer,
+    PagedAttention,
+    RMSNorm,
+    Rotary,
+    activation,
+    rope_theta,
+    run_experts,
+)
+
+
+def mamba2_from_granite_style(config: Any, layer_index: int) -> Mamba2Mixer:
+    """A Mamba2 mixer from the ``mamba_*`` fields shared by Granite-H and Bamba configs."""
+    head_dim = int(config.mamba_d_head)
+    return Mamba2Mixer(
+        layer_index,
+        config.hidden_size,
+        num_heads=config.mamba_n_heads,
+        head_dim=head_dim,
+        n_groups=config.mamba_n_groups,
+        d_state=config.mamba_d_state,
+        d_conv=config.mamba_d_conv,
+        chunk_size=config.mamba_chunk_size,
+        eps=config.rms_norm_eps,
+        conv_bias=config.mamba_conv_bias,
+        proj_bias=config.mamba_proj_bias,
+        time_step_limit=tuple(config.time_step_limit or (0.0, float("inf"))),
+    )
+
+
+class GraniteSharedMLP(nn.Module):
+    """``output_linear(act(a) * b)`` with ``a, b`` the two halves of ``input_linear``."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.input_linear = nn.Linear(
+            config.hidden_size, 2 * config.shared_intermediate_size, bias=False
+        )
+        self.output_linear = nn.Linear(
+            config.shared_intermediate_size, config.hidden_size, bias=False
+        )
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(self.act(a) * b)
+
+
+class ExpertWeights(nn.Module):
+    """Stacked expert matrices ``[num_experts, out, in]`` under one ``weight``."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+
+class GraniteRouter(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.layer = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.layer(x).float()
+        top_logits, top_index = logits.topk(self.top_k, dim=-1)
+        return torch.softmax(top_logits, dim=-1).type_as(x), top_index
+
+
+class GraniteMoE(nn.Module):
+    """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        n, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = n
+        self.router = GraniteRouter(config)
+        self.input_linear = ExpertWeights(n, 2 * i, h)
+        self.output_linear = ExpertWeights(n, h, i)
+        self.act = activation(config.hidden_act)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(x, self.input_linear.weight[index]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act(gate) * up, self.output_linear.weight[index])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.router(x)
+        return run_experts(x, index, weights, self.expert, self.num_experts).to(x.dtype)
+
+
+class GraniteBlock(nn.Module):
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.block_sparse_moe = GraniteMoE(config) if config.num_local_experts > 0 else None
+        self.shared_mlp = GraniteSharedMLP(config)
+        self.residual_multiplier = config.residual_multiplier
+        self.mamba: Mamba2Mixer | None = None
+        self.self_attn: PagedAttention | None = None
+        if config.layer_types[layer_index] == "full_attention":
+            head_dim = (
+                getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads
+            )
+            self.self_attn = PagedAttention(
+                layer_index,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                head_dim,
+                scale=config.attention_multiplier,
+                bias=config.attention_bias,
+            )
+        else:
+            self.mamba = mamba2_from_granite_style(config, layer_index)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: CacheViews,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.mamba is not None:
+            h = self.mamba(h, batch, cache)
+        else:
+            assert self.self_attn is not None
+            h = self.self_attn(h, batch, cache, rope)
+        x = x + h * self.residual_multiplier
+        h = self.post_attention_layernorm(x)
+        ffn = self.shared_mlp(h)
+        if self.block_sparse_moe is not None:
+            ffn = self.block_sparse_moe(h) + ffn
+        return x + ffn * self.residual_multiplier
+
+
+class GraniteBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            GraniteBlock(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GraniteMoeHybridModel(HybridModel):
+    family = "granitemoehybrid"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.model = GraniteBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: Rotary | None = None
+        if config.position_embedding_type == "rope":
+            head_dim = (
+                getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads
+            )
+            self.rotary = Rotary(head_dim, rope_theta(config))
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        rope = None if self.rotary is None else self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache, rope)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (self.lm_head(hidden) / self.config.logits_scaling).float()

@@ -1,0 +1,297 @@
+"""Layers shared by the hybrid families: norms, rotary embeddings, paged attention,
+the Mamba2 mixer, MLPs and mixture-of-experts.
+
+Module and parameter names follow Hugging Face transformers so that a checkpoint written
+by ``save_pretrained`` loads with ``load_state_dict`` unchanged. Every layer works on the
+flat ``[T, hidden]`` token array of a step and reads/writes its cache through
+`CacheViews` (see ``avmp.engine.batch``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.kernels import reference as ref
+
+
+def activation(name: str) -> Any:
+    """The activation function transformers means by ``name``."""
+    table = {
+        "silu": F.silu,
+        "swish": F.silu,
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "relu2": lambda x: torch.square(F.relu(x)),
+    }
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {', '.join(table)}"
+        ) from None
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32. ``fp32_weight`` multiplies before the cast back
+    (Nemotron-H); the others cast first (Llama style)."""
+
+    def __init__(self, size: int, eps: float, fp32_weight: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+        self.fp32_weight = fp32_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.fp32_weight:
+            return (self.weight.float() * h).to(dtype)
+        return self.weight * h.to(dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Grouped RMS norm of ``x * silu(gate)``: the Mamba2 output norm."""
+
+    def __init__(self, size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        grouped = h.view(*h.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(
+            grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        )
+        return self.weight * grouped.view(h.shape).to(dtype)
+
+
+class Rotary:
+    """Rotary position embedding over the first ``rotary_dim`` channels of each head."""
+
+    def __init__(self, head_dim: int, theta: float, partial_factor: float = 1.0) -> None:
+        self.rotary_dim = int(head_dim * partial_factor)
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        self.inv_freq = 1.0 / (theta**exponents)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, rotary_dim]`` cos and sin for the given positions."""
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]``'s first ``cos.shape[-1]`` channels."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat((out, rest), dim=-1)
+
+
+def rope_theta(config: Any) -> float:
+    """The rope base of a transformers config (5.x keeps it in ``rope_parameters``)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+class PagedAttention(nn.Module):
+    """Grouped-query attention whose K/V live in the KV pool's pages."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        bias: bool = False,
+        out_bias: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(
+            num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: CacheViews,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.o_proj(self.attend(q, k, v, batch, cache).reshape(x.shape[0], -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, cache: CacheViews
+    ) -> torch.Tensor:
+        """Write the new K/V into their pages, then attend each sequence over its pages."""
+        k_cache, v_cache = cache.kv(self.layer_index)
+        ref.write_kv(k_cache, v_cache, k, v, batch.page_ids, batch.page_offsets)
+        out = torch.empty_like(q)
+        for seq in batch.sequences:
+            out[seq.tokens] = ref.paged_attention(
+                q[seq.tokens], k_cache, v_cache, seq.block_table, seq.num_context, self.scale
+            )
+        return out
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 (SSD) mixer: in_proj, causal conv, scan or step, gated norm, out_proj."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        n_groups: int,
+        d_state: int,
+        d_conv: int,
+        chunk_size: int,
+        eps: float,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        time_step_limit: tuple[float, float] = (0.0, float("inf")),
+        norm_group_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.head_dim, self.n_groups = num_heads, head_dim, n_groups
+        self.d_state, self.chunk_size, self.d_conv = d_state, chunk_size, d_conv
+        self.intermediate_size = num_heads * head_dim
+        self.conv_dim = self.intermediate_size + 2 * n_groups * d_state
+        self.time_step_limit = time_step_limit
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            d_conv,
+            groups=self.conv_dim,
+            padding=d_conv - 1,
+            bias=conv_bias,
+        )
+        self.in_proj = nn.Linear(
+            hidden_size, self.intermediate_size + self.conv_dim + num_heads, bias=proj_bias
+        )
+        self.dt_bias = nn.Parameter(torch.ones(num_heads))
+        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.D = nn.Parameter(torch.ones(num_heads))
+        group = norm_group_size or self.intermediate_size // n_groups
+        self.norm = RMSNormGated(self.intermediate_size, group, eps)
+        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=proj_bias)
+
+    @property
+    def ssm_shape(self) -> tuple[int, int, int]:
+        return (self.num_heads, self.head_dim, self.d_state)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        proj = self.in_proj(x)
+        gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        y = self.mix(xbc, dt, batch, cache)
+        return self.out_proj(self.norm(y, gate).to(x.dtype))
+
+    def mix(
+        self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: CacheViews
+    ) -> torch.Tensor:
+        """The recurrent core: per sequence, conv then scan (prefill) or step (decode)."""
+        conv_states, ssm_states = cache.state(self.layer_index)
+        out = xbc.new_empty(xbc.shape[0], self.intermediate_size)
+        for seq in batch.sequences:
+            conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
+            if seq.num_context == 0:
+                conv.zero_()
+                ssm.zero_()
+            out[seq.tokens] = self.mix_sequence(
+                xbc[seq.tokens], dt[seq.tokens], conv, ssm, seq.is_decode
+            )
+        return out
+
+    def mix_sequence(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        conv: torch.Tensor,
+        ssm: torch.Tensor,
+        decode: bool,
+    ) -> torch.Tensor:
+        n = xbc.shape[0]
+        weight = self.conv1d.weight.squeeze(1)
+        xbc = ref.causal_conv1d(xbc, conv, weight, self.conv1d.bias, "silu")
+        gn = self.n_groups * self.d_state
+        xs, B, C = xbc.split([self.intermediate_size, gn, gn], dim=-1)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
+        dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])
+        A = -torch.exp(self.A_log.float())
+        xs = xs.reshape(n, self.num_heads, self.head_dim)
+        B = B.reshape(n, self.n_groups, self.d_state)
+        C = C.reshape(n, self.n_groups, self.d_state)
+        if decode:
+            y = ref.mamba2_step(ssm.unsqueeze(0), xs, dt, A, B, C, self.D)
+        else:
+            y, final = ref.mamba2_chunk_scan(xs, dt, A, B, C, self.D, ssm, self.chunk_size)
+            ssm.copy_(final.to(ssm.dtype))
+        return y.reshape(n, self.intermediate_size).to(xbc.dtype)
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (Llama style, Bamba, Jamba, Falcon-H1)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    expert_fn: Any,
+    num_experts: int,
+) -> torch.Tensor:
+    """Route each token to its top-k experts and sum their weighted outputs.
+
+    ``expert_fn(expert, tokens)`` computes one expert on ``[n, hidden]`` inputs. Experts
+    run in index order and accumulate with ``index_add_`` as transformers does.
+    """
+    out = torch.zeros_like(x, dtype=top_k_weights.dtype)
+    for expert in range(num_experts):
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        y = expert_fn(expert, x[token_idx]) * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
