@@ -106,7 +106,7 @@ def _pairs(
         pair_key = tuple(coord(cell, k) for k in PAIR_KEYS)
         by_key[pair_key][coord(cell, "allocator")] = float(cell["result"][metric])
     groups: dict[tuple[Any, ...], list[tuple[float, float]]] = defaultdict(list)
-    for pair_key in sorted(by_key, key=repr):
+    for pair_key in sorted(by_key):
         values = by_key[pair_key]
         if AVMP in values and baseline in values:
             named = dict(zip(PAIR_KEYS, pair_key, strict=True))
@@ -126,7 +126,7 @@ def paired_ratios(
     found = sorted({coord(c, "allocator") for c in cells} - {AVMP})
     rows = []
     for baseline in baselines or found:
-        for group, pairs in sorted(_pairs(cells, baseline, metric, group_keys).items(), key=repr):
+        for group, pairs in sorted(_pairs(cells, baseline, metric, group_keys).items()):
             finite = [(a, b) for a, b in pairs if a > 0 and b > 0]
             named = dict(zip(group_keys, group, strict=True))
             if not finite:
@@ -167,7 +167,7 @@ def aggregate(
     for cell in cells:
         groups[tuple(coord(cell, k) for k in group_keys)].append(cell)
     rows = []
-    for key in sorted(groups, key=repr):
+    for key in sorted(groups):
         members = [c["result"] for c in groups[key]]
         row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
         row["num_cells"] = len(members)

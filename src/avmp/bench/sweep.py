@@ -1,0 +1,391 @@
+"""Sweeps: allocators x workloads x models x memory budgets x GPU profiles x seeds.
+
+Each cell runs the simulator once. Its raw result (``SimResult.to_dict()`` plus the
+cell's coordinates, settings and the trace's hash) is written as
+``DIR/cells/<cell-id>.json`` the moment it finishes, atomically (a temporary file
+renamed over the target), by the parent process only. So a sweep killed at any point
+leaves finished cells whole and at most some ``.tmp`` files, which the next run deletes;
+a rerun skips finished cells and never writes one twice.
+
+Traces are built once per (workload, seed) in the parent and handed to the workers, so
+every allocator, model, budget and profile of that pair replays the exact same requests
+(the cell records the trace's SHA-256 to prove it).
+
+Workers: local processes (`concurrent.futures.ProcessPoolExecutor`, spawned) by default,
+or a Ray cluster (``ray_address``; `ray` is an optional extra, imported only then).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from avmp.bench.workloads import PRESETS, make_workload
+from avmp.sim.request import RequestSpec
+from avmp.units import format_bytes
+
+ALLOCATORS = ("avmp", "unified", "static", "oracle")  # = avmp.memory.registry.ALLOCATOR_NAMES
+PROFILES = ("rtx3060", "a100", "h100", "h200")
+
+
+@dataclass(frozen=True, order=True)
+class CellSpec:
+    """The coordinates of one simulation: what runs, on what, with which trace seed."""
+
+    workload: str
+    model: str
+    budget_bytes: int
+    profile: str
+    seed: int
+    allocator: str
+
+    @property
+    def cell_id(self) -> str:
+        """A file-name-safe id, unique within a sweep, stable across runs."""
+        budget = format_bytes(self.budget_bytes).replace(" ", "").replace(".", "p")
+        parts = (self.workload, self.model, budget, self.profile, f"s{self.seed}", self.allocator)
+        raw = "__".join(parts)
+        return re.sub(r"[^A-Za-z0-9_.+-]", "-", raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cell_id": self.cell_id}
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """What a sweep covers, and the settings every cell shares.
+
+    Attributes:
+        num_requests: per-workload request counts overriding the presets' (name, n) pairs.
+        sharegpt_rules: ``paper`` or ``vllm`` (see `avmp.bench.sharegpt`).
+        calibration: a step-time calibration JSON passed to `SimConfig`.
+        max_num_seqs, max_num_batched_tokens: scheduler limits passed to `SimConfig`.
+    """
+
+    allocators: tuple[str, ...] = ALLOCATORS
+    workloads: tuple[str, ...] = tuple(PRESETS)
+    models: tuple[str, ...] = ("jamba-1.5-mini",)
+    budgets_bytes: tuple[int, ...] = (4 << 30,)
+    profiles: tuple[str, ...] = ("h100",)
+    seeds: tuple[int, ...] = (0,)
+    num_requests: tuple[tuple[str, int], ...] = ()
+    sharegpt_rules: str = "paper"
+    calibration: str | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        for label, values, known in (
+            ("allocator", self.allocators, ALLOCATORS),
+            ("workload", self.workloads, tuple(PRESETS)),
+            ("profile", self.profiles, PROFILES),
+        ):
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise ValueError(f"unknown {label} {unknown[0]!r}; known: {', '.join(known)}")
+        for label, values in (
+            ("models", self.models),
+            ("budgets", self.budgets_bytes),
+            ("seeds", self.seeds),
+            ("allocators", self.allocators),
+        ):
+            if not values:
+                raise ValueError(f"a sweep needs at least one of {label}")
+        if any(b <= 0 for b in self.budgets_bytes):
+            raise ValueError("memory budgets must be positive")
+        if "avmp" not in self.allocators:
+            raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
+
+    def requests_for(self, workload: str) -> int:
+        return dict(self.num_requests).get(workload, PRESETS[workload].num_requests)
+
+    def cells(self) -> list[CellSpec]:
+        """Every cell, grouped by trace (workload, seed), then model, budget, profile."""
+        return [
+            CellSpec(w, m, b, p, s, a)
+            for w in self.workloads
+            for s in self.seeds
+            for m in self.models
+            for b in self.budgets_bytes
+            for p in self.profiles
+            for a in self.allocators
+        ]
+
+    def settings_for(self, workload: str) -> dict[str, Any]:
+        """What, besides the coordinates, a cell's result depends on (checked on resume)."""
+        return {
+            "num_requests": self.requests_for(workload),
+            "sharegpt_rules": self.sharegpt_rules if workload == "sharegpt_replay" else None,
+            "calibration": _file_digest(self.calibration),
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
+
+
+def _file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def trace_digest(requests: Sequence[RequestSpec]) -> str:
+    """SHA-256 of a trace's contents: equal digests mean the same requests."""
+    text = "\n".join(
+        f"{r.request_id},{r.arrival_s!r},{r.prompt_tokens},{r.output_tokens}" for r in requests
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Everything a worker needs to run one cell (picklable)."""
+
+    cell: CellSpec
+    requests: tuple[RequestSpec, ...]
+    settings: dict[str, Any] = field(hash=False)
+    calibration: str | None = None
+
+
+def make_allocator(name: str, geometry: Any, budget_bytes: int) -> Any:
+    """A fresh allocator of the named layout over ``budget_bytes`` of cache memory, with
+    the default chunk (2 MiB) and page (16 tokens) sizes (`avmp.memory.registry`)."""
+    from avmp.memory.registry import make_allocator as build
+    from avmp.memory.spec import MemoryConfig
+
+    return build(name, geometry, MemoryConfig(budget_bytes=budget_bytes))
+
+
+@lru_cache(maxsize=16)
+def _geometry(model: str) -> Any:
+    from avmp.models.zoo import resolve_model
+
+    return resolve_model(model)
+
+
+def run_cell(task: CellTask) -> dict[str, Any]:
+    """Simulate one cell and return its raw record (runs in a worker)."""
+    from avmp.sim.simulator import SimConfig, simulate
+
+    cell, settings = task.cell, task.settings
+    geometry = _geometry(cell.model)
+    requests = list(task.requests)
+    allocator = make_allocator(cell.allocator, geometry, cell.budget_bytes)
+    config = SimConfig(
+        profile=cell.profile,
+        calibration=task.calibration,
+        max_num_seqs=settings["max_num_seqs"],
+        max_num_batched_tokens=settings["max_num_batched_tokens"],
+    )
+    result = simulate(requests, allocator, geometry, config)
+    return {
+        "cell": cell.to_dict(),
+        "settings": settings,
+        "trace": {"sha256": trace_digest(requests), "num_requests": len(requests)},
+        "result": result.to_dict(),
+    }
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON so that ``path`` is either absent or complete, never half written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultStore:
+    """The ``cells/`` folder of a sweep directory: which cells are done, and saving new ones."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.cells_dir = Path(directory) / "cells"
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        for stray in self.cells_dir.glob(".*.tmp"):
+            stray.unlink()  # left by a killed run: the cell was not finished
+
+    def path(self, cell: CellSpec) -> Path:
+        return self.cells_dir / f"{cell.cell_id}.json"
+
+    def is_done(self, cell: CellSpec, settings: dict[str, Any]) -> bool:
+        """Whether ``cell`` already has a result with these settings.
+
+        Raises:
+            ValueError: the saved result was made with other settings (mixing them would
+                make the report compare unlike cells).
+        """
+        path = self.path(cell)
+        if not path.exists():
+            return False
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            path.unlink()  # unreadable (e.g. written by hand): run it again
+            return False
+        if saved.get("settings") != settings:
+            raise ValueError(
+                f"{self.cells_dir.parent} holds cell {cell.cell_id} made with other settings "
+                f"({saved.get('settings')} vs {settings}); use another output directory"
+            )
+        return True
+
+    def save(self, record: dict[str, Any]) -> None:
+        write_atomic(self.cells_dir / f"{record['cell']['cell_id']}.json", record)
+
+
+def build_traces(
+    grid: SweepGrid, progress: bool = False
+) -> dict[tuple[str, int], tuple[RequestSpec, ...]]:
+    """One trace per (workload, seed), shared by every cell of that pair."""
+    traces = {}
+    for workload in grid.workloads:
+        for seed in grid.seeds:
+            if workload == "sharegpt_replay":
+                from avmp.bench.sharegpt import sample_lengths
+
+                sample_lengths(
+                    grid.requests_for(workload), seed, grid.sharegpt_rules, progress=progress
+                )  # warms the cache with a progress bar
+            requests = make_workload(
+                workload, seed, grid.requests_for(workload), sharegpt_rules=grid.sharegpt_rules
+            )
+            traces[(workload, seed)] = tuple(requests)
+    return traces
+
+
+def pending_tasks(grid: SweepGrid, store: ResultStore, progress: bool = False) -> list[CellTask]:
+    """Tasks of the cells not finished yet, in grid order."""
+    todo = [c for c in grid.cells() if not store.is_done(c, grid.settings_for(c.workload))]
+    if not todo:
+        return []
+    traces = build_traces(grid, progress)
+    return [
+        CellTask(c, traces[(c.workload, c.seed)], grid.settings_for(c.workload), grid.calibration)
+        for c in todo
+    ]
+
+
+def run_sweep(
+    grid: SweepGrid,
+    directory: str | Path,
+    workers: int = 2,
+    ray_address: str | None = None,
+    progress: bool = True,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of ``grid`` and save each as it finishes.
+
+    Returns:
+        The records of every cell of the grid (saved earlier or now), in grid order.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    store = ResultStore(directory)
+    tasks = pending_tasks(grid, store, progress)
+    total = len(grid.cells())
+
+    def save(record: dict[str, Any]) -> None:
+        store.save(record)
+        if on_result is not None:
+            on_result(record)
+
+    with _progress_bar(progress, total, total - len(tasks)) as advance:
+
+        def done(record: dict[str, Any]) -> None:
+            save(record)
+            advance()
+
+        if ray_address is not None:
+            _run_on_ray(tasks, ray_address, done)
+        elif workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                done(run_cell(task))
+        else:
+            _run_on_processes(tasks, workers, done)
+    return [json.loads(store.path(c).read_text()) for c in grid.cells()]
+
+
+def _run_on_processes(
+    tasks: Iterable[CellTask], workers: int, done: Callable[[dict[str, Any]], None]
+) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no fork of the progress thread
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending = {pool.submit(run_cell, t) for t in tasks}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done(future.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _run_on_ray(
+    tasks: Sequence[CellTask], address: str, done: Callable[[dict[str, Any]], None]
+) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray: pip install 'avmp[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    remote_cell = ray.remote(run_cell)
+    pending = {remote_cell.remote(t): t for t in tasks}
+    while pending:
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        for ref in finished:
+            done(ray.get(ref))
+            del pending[ref]
+
+
+class _progress_bar:  # noqa: N801 - used as a context manager, reads like a function
+    """A rich progress bar with ETA on stderr (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.enabled, self.total, self.completed = enabled, total, completed
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.bar.start()
+        task = self.bar.add_task("sweep", total=self.total, completed=self.completed)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()

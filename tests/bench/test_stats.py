@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import make_cell
+
+from avmp.bench.stats import aggregate, bootstrap_ratio, oom_change, paired_ratios
+
+
+def _cells(ratios: list[float]) -> list[dict]:
+    cells = []
+    for seed, ratio in enumerate(ratios):
+        cells.append(make_cell("avmp", seed=seed, request_throughput=2.0 * ratio))
+        cells.append(make_cell("static", seed=seed, request_throughput=2.0))
+    return cells
+
+
+def test_ratio_is_geometric_mean_of_pairs_with_ci_around_it() -> None:
+    rows = paired_ratios(_cells([1.5, 2.0, 2.5, 3.0]))
+    (row,) = rows
+    assert row.baseline == "static" and row.num_pairs == 4
+    assert row.ratio == pytest.approx(math.exp(sum(map(math.log, [1.5, 2, 2.5, 3])) / 4))
+    assert 1.5 <= row.ci_low < row.ratio < row.ci_high <= 3.0
+
+
+def test_bootstrap_is_deterministic_and_pairs_matter() -> None:
+    a, b = [10.0, 20.0, 30.0, 40.0], [5.0, 10.0, 15.0, 21.0]
+    assert bootstrap_ratio(a, b) == bootstrap_ratio(a, b)
+    ratio, low, high = bootstrap_ratio(a, b)
+    assert high - low < 0.1  # paired: the per-pair ratios barely differ
+    assert bootstrap_ratio([3.0], [1.5]) == (2.0, *bootstrap_ratio([3.0], [1.5])[1:])
+    assert math.isnan(bootstrap_ratio([3.0], [1.5])[1])
+    assert bootstrap_ratio([2.0, 4.0], [1.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_zero_throughput_pairs_are_excluded_and_counted() -> None:
+    cells = _cells([2.0, 2.0]) + [make_cell("avmp", seed=9, request_throughput=1.0),
+                                   make_cell("static", seed=9, request_throughput=0.0)]
+    (row,) = paired_ratios(cells)
+    assert (row.num_pairs, row.num_excluded, row.ratio) == (2, 1, pytest.approx(2.0))
+
+
+def test_groups_by_budget() -> None:
+    cells = _cells([2.0]) + [make_cell("avmp", budget_bytes=2, request_throughput=3.0),
+                             make_cell("static", budget_bytes=2, request_throughput=1.0)]
+    rows = paired_ratios(cells, ("workload", "budget_bytes"))
+    assert [(r.group["budget_bytes"], r.ratio) for r in rows] == [
+        (2, pytest.approx(3.0)), (1 << 30, pytest.approx(2.0))]
+
+
+def test_aggregate_and_oom_change() -> None:
+    cells = [make_cell("avmp", num_oom_events=9, num_preemptions=9),
+             make_cell("static", num_oom_events=10, num_preemptions=10),
+             make_cell("avmp", seed=1, num_oom_events=0, ttft_p99_s=1.5)]
+    rows = {r["allocator"]: r for r in aggregate(cells)}
+    assert rows["avmp"]["total_oom_events"] == 9 and rows["avmp"]["num_cells"] == 2
+    assert rows["avmp"]["mean_ttft_p99_s"] == pytest.approx(1.0)
+    assert rows["static"]["mean_phase_s"]["compute"] == 9.0
+    assert oom_change(cells, "static") == pytest.approx(-0.1)
+    assert math.isnan(oom_change(cells, "unified"))

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from avmp.bench.sweep import CellSpec, SweepGrid, run_sweep
+
+GRID = SweepGrid(
+    workloads=("uniform_short", "shift"), models=("jamba-1.5-mini",),
+    budgets_bytes=(1 << 30,), profiles=("h100",), seeds=(0, 1),
+    num_requests=(("uniform_short", 12), ("shift", 12)),
+)
+
+
+def _deterministic(record: dict[str, Any]) -> dict[str, Any]:
+    result = {k: v for k, v in record["result"].items() if not k.startswith("measured_")}
+    return {**record, "result": result}
+
+
+def _saved(directory: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: _deterministic(json.loads(p.read_text()))
+            for p in sorted((directory / "cells").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny grid run once, uninterrupted, in-process."""
+    directory = tmp_path_factory.mktemp("reference")
+    run_sweep(GRID, directory, workers=1, progress=False)
+    return directory
+
+
+def test_every_cell_saved_once_with_shared_traces(reference: Path) -> None:
+    saved = _saved(reference)
+    assert sorted(saved) == sorted(c.cell_id for c in GRID.cells())
+    assert len(saved) == 4 * 2 * 2
+    by_trace: dict[tuple[str, int], set[str]] = {}
+    for record in saved.values():
+        key = (record["cell"]["workload"], record["cell"]["seed"])
+        by_trace.setdefault(key, set()).add(record["trace"]["sha256"])
+        assert record["result"]["allocator"] == record["cell"]["allocator"]
+        assert record["trace"]["num_requests"] == 12
+    assert all(len(digests) == 1 for digests in by_trace.values())
+    assert len({d for ds in by_trace.values() for d in ds}) == 4
+
+
+def test_killed_sweep_resumes_to_the_same_results(reference: Path, tmp_path: Path) -> None:
+    subset = SweepGrid(**{**GRID.__dict__, "seeds": (1,), "allocators": ("avmp", "static")})
+    run_sweep(subset, tmp_path, workers=1, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
+    (tmp_path / "cells" / ".shift__x.json.abc.tmp").write_text('{"half": ')  # killed mid-write
+    ran: list[str] = []
+    run_sweep(GRID, tmp_path, workers=1, progress=False,
+              on_result=lambda r: ran.append(r["cell"]["cell_id"]))
+    assert len(ran) == len(GRID.cells()) - len(subset.cells())
+    assert not set(ran) & {n.removesuffix(".json") for n in first}
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")
+            if p.name in first} == first
+    assert not list((tmp_path / "cells").glob(".*"))
+    assert _saved(tmp_path) == _saved(reference)
+    ran.clear()
+    run_sweep(GRID, tmp_path, workers=1, progress=False, on_result=lambda r: ran.append(r))
+    assert ran == []
+
+
+def test_worker_processes_give_the_same_results(reference: Path, tmp_path: Path) -> None:
+    run_sweep(GRID, tmp_path, workers=2, progress=False)
+    assert _saved(tmp_path) == _saved(reference)
+
+
+def test_other_settings_in_the_same_directory_are_refused(reference: Path, tmp_path: Path) -> None:
+    small = SweepGrid(**{**GRID.__dict__, "workloads": ("uniform_short",), "seeds": (0,)})
+    run_sweep(small, tmp_path, workers=1, progress=False)
+    changed = SweepGrid(**{**small.__dict__, "num_requests": (("uniform_short", 13),)})
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(changed, tmp_path, workers=1, progress=False)
+
+
+def test_grid_validation() -> None:
+    with pytest.raises(ValueError, match="unknown allocator"):
+        SweepGrid(allocators=("avmp", "lru"))
+    with pytest.raises(ValueError, match="include the avmp"):
+        SweepGrid(allocators=("static",))
+    with pytest.raises(ValueError, match="unknown workload"):
+        SweepGrid(workloads=("nope",))
+    with pytest.raises(ValueError, match="at least one"):
+        SweepGrid(seeds=())
+    cell = CellSpec("shift", "a/b c", 3 << 29, "h100", 2, "avmp")
+    assert cell.cell_id == "shift__a-b-c__1p5GiB__h100__s2__avmp"
+
+
+def test_ray_without_ray_is_a_clear_error(tmp_path: Path) -> None:
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    small = SweepGrid(**{**GRID.__dict__, "workloads": ("uniform_short",), "seeds": (0,)})
+    with pytest.raises(ValueError, match="pip install"):
+        run_sweep(small, tmp_path, ray_address="auto", progress=False)

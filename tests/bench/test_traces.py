@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from avmp.bench.traces import TraceError, read_trace, write_jsonl
+from avmp.bench.workloads import make_workload
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    reqs = make_workload("uniform_short", 0, num_requests=10)
+    path = tmp_path / "t.jsonl"
+    write_jsonl(reqs, path)
+    assert read_trace(path) == reqs
+
+
+def test_jsonl_sorted_and_rebased(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"arrival_s": 5, "prompt_tokens": 3, "output_tokens": 2}\n\n'
+                    '{"arrival_s": 2.5, "prompt_tokens": 7, "output_tokens": 1}\n')
+    reqs = read_trace(path)
+    assert [(r.arrival_s, r.prompt_tokens) for r in reqs] == [(0.0, 7), (2.5, 3)]
+
+
+def test_azure_csv(tmp_path: Path) -> None:
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.6805900,4808,10\n"
+                    "2023-11-16 18:15:50.9951690,3180,8\n")
+    reqs = read_trace(path)
+    assert reqs[1].arrival_s == pytest.approx(4.314579, abs=1e-6)
+    assert (reqs[0].prompt_tokens, reqs[0].output_tokens) == (4808, 10)
+
+
+def test_burstgpt_csv_skips_failed_requests(tmp_path: Path) -> None:
+    path = tmp_path / "burst.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                    "5,ChatGPT,472,18,490,Conversation log\n"
+                    "45,ChatGPT,1087,0,1087,Conversation log\n"
+                    "118,GPT-4,417,276,693,Conversation log\n")
+    reqs = read_trace(path, "burstgpt")
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs] == [
+        (0.0, 472, 18), (113.0, 417, 276)]
+
+
+@pytest.mark.parametrize(("name", "text", "where"), [
+    ("bad.jsonl", '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\nnot json\n', ":2:"),
+    ("miss.jsonl", '{"arrival_s": 0, "prompt_tokens": 3}\n', ":1: missing field 'output_tokens'"),
+    ("neg.jsonl", '{"arrival_s": 0, "prompt_tokens": -3, "output_tokens": 2}\n', ":1:"),
+    ("zero.jsonl", '{"arrival_s": 0, "prompt_tokens": 0, "output_tokens": 2}\n', ":1:"),
+    ("empty.jsonl", "\n\n", "empty trace"),
+    ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,12,x\n", ":2:"),
+    ("date.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,12,3\n", ":2:"),
+    ("cols.csv", "Timestamp,Model,Request tokens\n1,a,2\n", "missing column"),
+])
+def test_malformed_traces_name_file_and_line(tmp_path: Path, name: str, text: str,
+                                             where: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    fmt = "burstgpt" if name == "cols.csv" else None
+    with pytest.raises(TraceError) as info:
+        read_trace(path, fmt)
+    assert str(path) in str(info.value) and where in str(info.value)
+
+
+def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_trace(tmp_path / "nope.jsonl")
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(TraceError, match="cannot tell the trace format"):
+        read_trace(path)
