@@ -1,0 +1,100 @@
+"""Bamba: Mamba2 blocks with a few attention blocks (partial rotary), each followed by a
+gated MLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.granitemoehybrid import mamba2_from_granite_style
+from avmp.engine.models.layers import (
+    GatedMLP,
+    Mamba2Mixer,
+    PagedAttention,
+    RMSNorm,
+    Rotary,
+    rope_theta,
+)
+
+
+def head_dim_of(config: Any) -> int:
+    """Attention head size: ``head_dim`` when the config sets it, else hidden / heads."""
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+
+
+class BambaBlock(nn.Module):
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps)
+        self.feed_forward = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias
+        )
+        self.mamba: Mamba2Mixer | None = None
+        self.self_attn: PagedAttention | None = None
+        if config.layers_block_type[layer_index] == "full_attention":
+            head_dim = head_dim_of(config)
+            self.self_attn = PagedAttention(
+                layer_index,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                head_dim,
+                scale=head_dim**-0.5,
+                bias=config.attention_bias,
+            )
+        else:
+            self.mamba = mamba2_from_granite_style(config, layer_index)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: CacheViews,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.mamba is not None:
+            h = self.mamba(h, batch, cache)
+        else:
+            assert self.self_attn is not None
+            h = self.self_attn(h, batch, cache, rope)
+        x = x + h
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class BambaBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BambaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BambaModel(HybridModel):
+    family = "bamba"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.model = BambaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache, rope)
+        return self.model.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,167 @@
+"""Nemotron-H: a pattern of single-mixer blocks (Mamba2, attention without rotary, a
+squared-ReLU MLP, or a sigmoid-routed MoE with a shared expert), each pre-normed and
+residual."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import (
+    Mamba2Mixer,
+    PagedAttention,
+    RMSNorm,
+    activation,
+    run_experts,
+)
+
+
+class NemotronMLP(nn.Module):
+    """``down(act(up(x)))``: no gate."""
+
+    def __init__(self, config: Any, intermediate_size: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = activation(config.mlp_hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class NemotronRouter(nn.Module):
+    """Sigmoid scores, group-limited top-k with a score-correction bias (DeepSeek-V3 style)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.top_k, self.num_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = nn.functional.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.n_group
+        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        mask = (
+            group_mask.unsqueeze(-1)
+            .expand(-1, self.n_group, per_group)
+            .reshape(-1, self.num_experts)
+        )
+        choice = choice.masked_fill(~mask.bool(), float("-inf"))
+        index = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, index)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, index
+
+
+class NemotronMoE(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if getattr(config, "moe_latent_size", None) is not None:
+            raise ValueError(
+                "Nemotron-H MoE with a latent projection is not supported by the engine"
+            )
+        self.gate = NemotronRouter(config)
+        self.experts = nn.ModuleList(
+            NemotronMLP(config, config.moe_intermediate_size)
+            for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = NemotronMLP(config, config.moe_shared_expert_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.gate(x)
+        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
+        return routed.to(x.dtype) + self.shared_experts(x)
+
+
+def build_mixer(config: Any, layer_index: int) -> nn.Module:
+    kind = config.layers_block_type[layer_index]
+    if kind == "linear_attention":
+        return Mamba2Mixer(
+            layer_index,
+            config.hidden_size,
+            num_heads=config.mamba_num_heads,
+            head_dim=config.mamba_head_dim,
+            n_groups=config.n_groups,
+            d_state=config.ssm_state_size,
+            d_conv=config.conv_kernel,
+            chunk_size=config.chunk_size,
+            eps=config.layer_norm_epsilon,
+            conv_bias=config.use_conv_bias,
+            proj_bias=config.use_bias,
+            time_step_limit=(config.time_step_min, float("inf")),
+        )
+    if kind == "full_attention":
+        head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        return PagedAttention(
+            layer_index,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            scale=head_dim**-0.5,
+        )
+    if kind == "mlp":
+        return NemotronMLP(config, config.intermediate_size)
+    if kind == "moe":
+        return NemotronMoE(config)
+    raise ValueError(f"unknown Nemotron-H block type {kind!r}")
+
+
+class NemotronBlock(nn.Module):
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
+        self.mixer = build_mixer(config, layer_index)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        h = self.norm(x)
+        if isinstance(self.mixer, Mamba2Mixer):
+            h = self.mixer(h, batch, cache)
+        elif isinstance(self.mixer, PagedAttention):
+            h = self.mixer(h, batch, cache, None)
+        else:
+            h = self.mixer(h)
+        return x + h
+
+
+class NemotronBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            NemotronBlock(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
+
+
+class NemotronHModel(HybridModel):
+    family = "nemotron_h"
+    tied_weights = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.backbone = NemotronBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        x = self.backbone.embeddings(input_ids)
+        for layer in self.backbone.layers:
+            x = layer(x, batch, cache)
+        return self.backbone.norm_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
