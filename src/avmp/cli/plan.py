@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "model", metavar="MODEL", help="zoo name (e.g. jamba-1.5-mini) or config.json path"
     )
-    parser.add_argument("--memory", required=True, help="cache memory, e.g. 12GiB")
+    parser.add_argument("--memory", default=None, help="cache memory, e.g. 12GiB (required)")
     parser.add_argument("--prompt", default="512", help="prompt tokens per request (default 512)")
     parser.add_argument("--output", default="256", help="output tokens per request (default 256)")
     parser.add_argument("--ssm-dtype", default="bf16", help="SSM state dtype: bf16 or fp32")
@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Validate every argument (each mistake is one clear line) and run the planner."""
+    if args.memory is None:
+        raise UserError("--memory is required, e.g. --memory 12GiB")
     memory = _size("--memory", args.memory)
     chunk = _size("--chunk", args.chunk)
     prompt = _tokens("--prompt", args.prompt, minimum=1)
@@ -63,7 +65,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     options = {}
     if args.state_fraction is not None:
         options["static"] = {"state_fraction": _fraction(args.state_fraction)}
-    config = MemoryConfig(budget_bytes=memory, chunk_bytes=chunk)
+    try:
+        config = MemoryConfig(budget_bytes=memory, chunk_bytes=chunk)
+    except ValueError as error:
+        raise UserError(f"--memory {args.memory} --chunk {args.chunk}: {error}") from None
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype)
     return plan(geometry, config, prompt, output, options=options)
 

@@ -27,6 +27,7 @@ from avmp.memory.baselines import OracleAllocator, StaticAllocator, UnifiedAlloc
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
 from avmp.memory.spec import CacheAllocator, MemoryConfig, RequestTooLargeError
 from avmp.models.geometry import ModelGeometry
+from avmp.units import format_bytes
 
 MAX_PLANNED_REQUESTS = 200_000  # beyond this the question is moot and the count slow
 
@@ -146,9 +147,10 @@ def plan(
     _check_lengths(prompt_tokens, output_tokens)
     num_tokens = prompt_tokens + output_tokens
     if geometry.request_bytes(num_tokens) > config.budget_bytes:
+        need, budget = geometry.request_bytes(num_tokens), config.budget_bytes
         raise ValueError(
-            f"one request of {num_tokens} tokens needs {geometry.request_bytes(num_tokens)} "
-            f"bytes, more than the whole budget ({config.budget_bytes} bytes)"
+            f"one request of {num_tokens} tokens needs {format_bytes(need)}, "
+            f"more than the whole budget ({format_bytes(budget)})"
         )
     wanted = tuple(names) if names is not None else available_allocator_names()
     chosen = [n for n in ALLOCATOR_NAMES if n in wanted or n == "oracle"]
