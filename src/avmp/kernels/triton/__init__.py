@@ -8,6 +8,9 @@ with the host. Importing this package needs ``triton`` (the ``gpu`` extra).
 
 from __future__ import annotations
 
+from avmp.kernels.triton.conv1d_update import conv1d_update
 from avmp.kernels.triton.decode_attention import decode_attention
+from avmp.kernels.triton.mamba2_state_update import mamba2_state_update
+from avmp.kernels.triton.prefill_attention import prefill_attention
 
-__all__ = ["decode_attention"]
+__all__ = ["conv1d_update", "decode_attention", "mamba2_state_update", "prefill_attention"]

@@ -82,6 +82,9 @@ def _mamba2_state_update_kernel(
                    mask=mask_n, other=0.0).to(tl.float32)  # [N]
 
     h = h * tl.exp(dt * a) + (dt * x)[:, None] * bvec[None, :]
+    # Threads holding replicated elements must all have read the old state before one
+    # of them overwrites it.
+    tl.debug_barrier()
     tl.store(state_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask_pn)
     y = tl.sum(h * cvec[None, :], axis=1)  # [P]
     if HAS_D:
