@@ -71,6 +71,7 @@ def test_jamba_unified_blocks_are_80_tokens() -> None:
     assert allocator.layout.state_page_bytes == 311_296
     assert allocator.group_size == 4
     assert allocator.num_blocks == (12 * GiB) // (4 * 327_680)
+    assert allocator.num_usable_blocks == allocator.num_blocks - 1  # block 0: vLLM's null block
     assert (allocator.layout.num_attention_groups, allocator.layout.num_state_groups) == (1, 7)
 
 
@@ -93,6 +94,7 @@ def test_request_holds_one_block_per_state_group_plus_token_blocks() -> None:
     assert added is not None and len(added) == 1
     assert allocator.blocks(1).pages == (*blocks.pages, *added)
     assert allocator.usage().num_pages_used == 3
+    assert 0 not in (*allocator.state_blocks(1), *allocator.blocks(1).pages)  # the null block
     allocator.check_integrity()
 
 
@@ -133,7 +135,7 @@ def test_unified_pure_recurrent_holds_one_block_of_all_layers() -> None:
     assert blocks is not None and blocks.pages == () and blocks.slot != NO_SLOT
     assert allocator.grow(0, 10_000) == []
     allocator.free(0)
-    assert fill(allocator, 1) == allocator.num_blocks
+    assert fill(allocator, 1) == allocator.num_blocks - 1 == allocator.num_usable_blocks
 
 
 def test_unified_pure_attention_keeps_config_block_size() -> None:

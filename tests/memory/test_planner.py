@@ -33,13 +33,13 @@ def test_unified_count_and_padding_follow_vllm_blocks(jamba_plan: Plan) -> None:
     assert jamba_plan.vllm_block_size == 80
     assert (unified.num_state_blocks_per_request, unified.num_kv_blocks_per_request) == (7, 10)
     row = jamba_plan.allocator("unified")
-    assert row.num_requests == unified.num_blocks // 17
+    assert row.num_requests == (unified.num_blocks - 1) // 17  # block 0 is the null block
     # each of 7 state blocks pads 4 layers' state pages by 327,680 - 311,296 bytes
     assert unified.state_padding_bytes == row.num_requests * 7 * 4 * (327_680 - 311_296)
     # 10 blocks of 80 tokens hold 800 token slots for 768 tokens (48 x 16 exactly)
     assert unified.kv_padding_bytes == row.num_requests * 32 * 16_384
     assert row.padding_bytes == unified.state_padding_bytes + unified.kv_padding_bytes
-    assert row.rounding_bytes == 12 * GiB - unified.num_blocks * unified.block_bytes
+    assert row.rounding_bytes == 12 * GiB - (unified.num_blocks - 1) * unified.block_bytes
 
 
 def test_static_loses_the_pool_it_cannot_use(jamba_plan: Plan) -> None:

@@ -34,6 +34,7 @@ from avmp.memory.spec import (
 from avmp.models.geometry import ModelGeometry
 
 NO_SLOT = -1
+NULL_BLOCK = 0  # vLLM's BlockPool keeps block 0 as a placeholder, never allocated
 VLLM_BLOCK_ALIGNMENT_TOKENS = 16  # vLLM rounds the hybrid attention block to this many tokens
 VLLM_GROUP_SIZE_SLACK = 1.25  # vLLM uses the larger layer count when within 25% of the smaller
 SGLANG_MAMBA_FULL_MEMORY_RATIO = 0.9  # SGLang's default --mamba-full-memory-ratio
@@ -186,6 +187,9 @@ def _vllm_group_size(layer_counts: list[int]) -> int:
 class UnifiedAllocator(_RequestTable):
     """vLLM v1's padded pool: ``num_blocks`` equal blocks shared by every group.
 
+    Block 0 is vLLM's null block (the placeholder its block tables point at) and is never
+    handed out, so ``num_usable_blocks = num_blocks - 1``.
+
     A request holds one block per recurrent group (its state) and
     ``ceil(tokens / block_size)`` blocks per attention group. A pure-recurrent model has
     one group of all its layers and one block per request; a pure-attention model has
@@ -209,10 +213,11 @@ class UnifiedAllocator(_RequestTable):
         self.group_size = self.layout.group_size
         self.block_bytes = self.layout.block_bytes
         self.num_blocks = config.budget_bytes // self.block_bytes
+        self.num_usable_blocks = max(0, self.num_blocks - 1)
         self._tokens_per_block = self.layout.block_size or 1
         self._attention_groups = self.layout.num_attention_groups
         self._state_groups = self.layout.num_state_groups
-        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._free = list(range(self.num_blocks - 1, NULL_BLOCK, -1))
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks one request of ``num_tokens`` tokens holds."""
@@ -220,7 +225,7 @@ class UnifiedAllocator(_RequestTable):
         return self._state_groups + pages
 
     def fits_alone(self, num_tokens: int) -> bool:
-        return self.num_blocks_for(num_tokens) <= self.num_blocks
+        return self.num_blocks_for(num_tokens) <= self.num_usable_blocks
 
     def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
         self._check_new(request_id, num_tokens)
@@ -286,7 +291,7 @@ class UnifiedAllocator(_RequestTable):
         num_state = sum(len(r.state_blocks) for r in self._live.values())
         num_pages = sum(len(r.pages) for r in self._live.values())
         tokens = sum(r.num_tokens for r in self._live.values())
-        pool_bytes = self.num_blocks * self.block_bytes
+        pool_bytes = self.num_usable_blocks * self.block_bytes
         state_used = num_state * self.block_bytes
         return MemoryUsage(
             budget_bytes=self.config.budget_bytes,
@@ -306,8 +311,9 @@ class UnifiedAllocator(_RequestTable):
         owned = [b for r in self._live.values() for b in (*r.state_blocks, *r.pages)]
         assert len(self._free) == len(set(self._free)), "a block is free twice"
         assert not set(owned) & set(self._free), "a block is both free and owned"
-        assert len(owned) + len(self._free) == self.num_blocks, "blocks are not conserved"
-        assert all(0 <= b < self.num_blocks for b in self._free), "a free block is out of range"
+        assert len(owned) + len(self._free) == self.num_usable_blocks, "blocks are not conserved"
+        in_range = all(NULL_BLOCK < b < self.num_blocks for b in self._free)
+        assert in_range, "a free block is out of range (or is the null block)"
         for request in self._live.values():
             assert len(request.state_blocks) == self._state_groups, "wrong number of state blocks"
             want = _ceil_div(request.num_tokens, self._tokens_per_block) * self._attention_groups

@@ -232,11 +232,12 @@ def _page_rounding_bytes(geometry: ModelGeometry, block_size: int, num_tokens: i
 
 
 def _never_usable_bytes(allocator: CacheAllocator) -> int:
-    """Budget that can never hold a unit, whatever the requests: below one block
-    (unified), the static pools' leftovers, nothing (oracle), below one chunk (AVMP)."""
+    """Budget that can never hold a unit, whatever the requests: below one block and
+    the null block (unified), the static pools' leftovers, nothing (oracle), below one
+    chunk (AVMP)."""
     config = allocator.config
     if isinstance(allocator, UnifiedAllocator):
-        return config.budget_bytes - allocator.num_blocks * allocator.block_bytes
+        return config.budget_bytes - allocator.num_usable_blocks * allocator.block_bytes
     if isinstance(allocator, StaticAllocator):
         return allocator.usage().unassigned_bytes
     if isinstance(allocator, OracleAllocator):
