@@ -1,0 +1,369 @@
+"""The inference engine: hybrid models on AVMP memory, driven by the shared scheduler.
+
+Per step (as in nano-vllm's ``LLMEngine.step``): the scheduler plans which requests
+compute how many tokens, asking the AVMP manager for every page and slot (which may
+migrate chunks between the pools or compact one); the engine reads each request's
+current blocks, the runner runs the model over the pools' views, the sampler picks the
+next tokens, and the scheduler records the step. A preempted request loses its cache
+and is recomputed from its prompt and the tokens it had already produced.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from avmp.engine.loader import load_model
+from avmp.engine.models.base import HybridModel
+from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
+from avmp.engine.sampling import SamplingParams, sample
+from avmp.engine.tokenizer import Tokenizer, load_tokenizer
+from avmp.memory.backing.device import TensorBacking
+from avmp.memory.backing.layout import CacheLayout
+from avmp.memory.backing.torch_buffer import TorchBufferBacking
+from avmp.memory.backing.views import build_views
+from avmp.memory.manager import AvmpManager
+from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, AllocatorStats, MemoryConfig, MemoryUsage
+from avmp.models.geometry import ConvColumns, ModelGeometry
+from avmp.sim.request import RequestSpec
+from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.units import parse_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine cuts memory and batches work.
+
+    Attributes:
+        memory_bytes: cache budget for both pools (weights not included).
+        block_size: tokens per KV page.
+        chunk_bytes: unit of capacity that migrates between the pools.
+        max_num_seqs: running requests at most.
+        max_num_batched_tokens: tokens per step at most (prefill is chunked under it).
+        migration_batch_chunks: extra chunks moved per migration.
+        ssm_dtype: dtype of the SSM state (None: the model's dtype).
+        conv_columns: conv-state columns kept per layer (``d_conv - 1`` by default).
+        check_integrity: run the allocator's invariant checks after every step.
+    """
+
+    memory_bytes: int
+    block_size: int = 16
+    chunk_bytes: int = CHUNK_GRANULARITY_BYTES
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    migration_batch_chunks: int = 0
+    ssm_dtype: str | None = None
+    conv_columns: ConvColumns = ConvColumns.VLLM
+    check_integrity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ssm_dtype is not None and self.ssm_dtype not in DTYPES:
+            raise ValueError(f"ssm_dtype must be one of {', '.join(DTYPES)}, got {self.ssm_dtype}")
+        MemoryConfig(self.memory_bytes, self.chunk_bytes, self.block_size)
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One prompt's result.
+
+    Attributes:
+        finish_reason: ``stop`` (end-of-sequence token), ``length`` (max_tokens reached)
+            or ``rejected`` (the request could never fit in memory; ``error`` says why).
+        num_preemptions: how often it was preempted and recomputed.
+    """
+
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    num_preemptions: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What one `generate` call did, for the CLI and the tests."""
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_recompute_tokens: int = 0
+    num_preemptions: int = 0
+    elapsed_s: float = 0.0
+    allocator: AllocatorStats = field(default_factory=AllocatorStats)
+    usage: MemoryUsage | None = None
+    peak_kv_capacity_bytes: int = 0
+    peak_state_capacity_bytes: int = 0
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def computed_tokens_per_s(self) -> float:
+        return self.num_computed_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class _Live:
+    """An in-flight prompt: its tokens so far and its sampling generator."""
+
+    __slots__ = ("index", "prompt", "tokens", "generator", "finish_reason", "error")
+
+    def __init__(self, index: int, prompt: list[int], generator: torch.Generator | None) -> None:
+        self.index = index
+        self.prompt = prompt
+        self.tokens = list(prompt)
+        self.generator = generator
+        self.finish_reason = ""
+        self.error: str | None = None
+
+
+class Engine:
+    """Runs one hybrid model with its caches in AVMP pools.
+
+    Args:
+        model: a checkpoint directory, or an already built `HybridModel`.
+        memory: cache budget, e.g. ``"12GiB"`` or a byte count.
+        backing: ``"torch"`` (one buffer on ``device``; also what None means) or an
+            unattached `TensorBacking` such as the CUDA VMM backing.
+        dtype: compute dtype name; None keeps the checkpoint's.
+        tokenizer: overrides the checkpoint's tokenizer.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | HybridModel,
+        memory: str | int = "12GiB",
+        backing: str | TensorBacking | None = "torch",
+        device: str = "cpu",
+        block_size: int = 16,
+        chunk_bytes: str | int = CHUNK_GRANULARITY_BYTES,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        dtype: str | None = None,
+        tokenizer: Tokenizer | None = None,
+        **config: object,
+    ) -> None:
+        self.config = EngineConfig(
+            memory_bytes=parse_bytes(memory),
+            block_size=block_size,
+            chunk_bytes=parse_bytes(chunk_bytes),
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            **config,  # type: ignore[arg-type]
+        )
+        self.device = torch.device(device)
+        self.model = self._load(model, dtype)
+        self.tokenizer = tokenizer
+        if tokenizer is None and not isinstance(model, HybridModel):
+            self.tokenizer = load_tokenizer(model)
+        self.geometry = self._geometry()
+        self.backing = self._backing(backing)
+        self.allocator = AvmpManager(self.geometry, self._memory_config(), self.backing)
+        layout = CacheLayout.from_geometry(self.geometry, block_size)
+        self.views = PoolViews(build_views(self.backing, layout))
+        self.runner = ModelRunner(self.model, self.views, block_size, self.device)
+        self.scheduler = Scheduler(
+            self.allocator, SchedulerConfig(max_num_seqs, max_num_batched_tokens)
+        )
+        self.stats = EngineStats()
+        self._next_request_id = 0
+
+    # -- construction ---------------------------------------------------------------
+
+    def _load(self, model: str | Path | HybridModel, dtype: str | None) -> HybridModel:
+        torch_dtype = None if dtype is None else DTYPES[dtype]
+        if isinstance(model, HybridModel):
+            return model.to(device=self.device, dtype=torch_dtype).eval()
+        return load_model(model, torch_dtype, str(self.device))
+
+    def _geometry(self) -> ModelGeometry:
+        dtype = next(self.model.parameters()).dtype
+        ssm = None if self.config.ssm_dtype is None else DTYPES[self.config.ssm_dtype]
+        geometry = self.model.geometry(dtype, ssm, self.config.conv_columns)
+        padding = CacheLayout.from_geometry(geometry, self.config.block_size).padding_bytes
+        if padding:
+            raise ValueError(
+                f"{geometry.name}: cache tensors are not 16-byte multiples "
+                f"({padding} bytes of padding per page + slot); the engine needs exact units"
+            )
+        return geometry
+
+    def _backing(self, backing: str | TensorBacking | None) -> TensorBacking:
+        if backing is None or backing == "torch":
+            return TorchBufferBacking(self.device)
+        if isinstance(backing, TensorBacking):
+            return backing
+        raise ValueError(f"backing must be 'torch' or a TensorBacking, got {backing!r}")
+
+    def _memory_config(self) -> MemoryConfig:
+        c = self.config
+        return MemoryConfig(c.memory_bytes, c.chunk_bytes, c.block_size, c.migration_batch_chunks)
+
+    # -- generation -----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        ignore_eos: bool = False,
+    ) -> list[GenerationOutput]:
+        """Generate up to ``max_tokens`` tokens for every prompt, batched continuously.
+
+        Returns:
+            One output per prompt, in prompt order.
+        Raises:
+            ValueError: an empty prompt, a token id outside the vocabulary, or text
+                prompts without a tokenizer.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        params = SamplingParams(temperature, top_p, seed)
+        token_prompts = [self._encode(prompt) for prompt in prompts]
+        live = self._submit(token_prompts, max_tokens, params)
+        self.stats = EngineStats(num_prompt_tokens=sum(len(p) for p in token_prompts))
+        start = time.perf_counter()
+        while self.scheduler.has_unfinished:
+            self._step(live, params, ignore_eos)
+        self.stats.elapsed_s = time.perf_counter() - start
+        self._finish_stats()
+        outputs = [
+            self._output(rid, live[rid]) for rid in sorted(live, key=lambda r: live[r].index)
+        ]
+        self.stats.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
+        return outputs
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.geometry.vocab_size
+        if not ids:
+            raise ValueError("a prompt must have at least one token")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        return ids
+
+    def _submit(
+        self, prompts: list[list[int]], max_tokens: int, params: SamplingParams
+    ) -> dict[int, _Live]:
+        live: dict[int, _Live] = {}
+        for index, prompt in enumerate(prompts):
+            request_id = self._next_request_id
+            self._next_request_id += 1
+            generator = None
+            if not params.is_greedy:
+                generator = torch.Generator(self.device).manual_seed(params.seed + index)
+            live[request_id] = _Live(index, prompt, generator)
+            spec = RequestSpec(request_id, 0.0, len(prompt), max_tokens)
+            rejection = self.scheduler.add_request(spec)
+            if rejection is not None:
+                live[request_id].finish_reason = "rejected"
+                live[request_id].error = rejection.reason
+        return live
+
+    def _step(self, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool) -> None:
+        plan = self.scheduler.schedule()
+        for rejection in plan.rejected:
+            live[rejection.request_id].finish_reason = "rejected"
+            live[rejection.request_id].error = rejection.reason
+        self.stats.num_preemptions += len(plan.preempted)
+        if plan.is_empty:
+            if self.scheduler.has_unfinished and not plan.rejected and not plan.preempted:
+                raise RuntimeError("the scheduler planned nothing while requests are waiting")
+            return
+        stopped = self._run_plan(plan, live, params, ignore_eos)
+        outcome = self.scheduler.finish_step(plan, stopped)
+        for request_id in outcome.finished:
+            request = live[request_id]
+            request.finish_reason = "stop" if request_id in stopped else "length"
+        self._track(plan)
+
+    def _run_plan(
+        self, plan: StepPlan, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool
+    ) -> list[int]:
+        """Run the model on the plan and append sampled tokens; return who hit EOS."""
+        work: list[SequenceWork] = []
+        sampling: list[int] = []
+        for chunk in plan.chunks:
+            request = live[chunk.request_id]
+            blocks = self.allocator.blocks(chunk.request_id)
+            end = chunk.start + chunk.num_tokens
+            samples = end == len(request.tokens)
+            work.append(
+                SequenceWork(
+                    request.tokens[chunk.start : end],
+                    chunk.start,
+                    self.views.slot_row(blocks.slot) if blocks.slot >= 0 else 0,
+                    self.views.page_rows(blocks.pages),
+                    samples,
+                )
+            )
+            if samples:
+                sampling.append(chunk.request_id)
+        logits = self.runner.execute(work)
+        generators = [live[r].generator for r in sampling]
+        next_tokens = sample(logits, params, generators).tolist() if sampling else []  # type: ignore[arg-type]
+        eos = self._eos_token_id()
+        stopped = []
+        for request_id, token in zip(sampling, next_tokens, strict=True):
+            live[request_id].tokens.append(int(token))
+            if not ignore_eos and eos is not None and token == eos:
+                stopped.append(request_id)
+        return stopped
+
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.model.config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return eos
+
+    def _track(self, plan: StepPlan) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += plan.num_tokens
+        self.stats.num_recompute_tokens += plan.num_recompute_tokens
+        usage = self.allocator.usage()
+        self.stats.peak_kv_capacity_bytes = max(
+            self.stats.peak_kv_capacity_bytes, usage.kv_capacity_bytes
+        )
+        self.stats.peak_state_capacity_bytes = max(
+            self.stats.peak_state_capacity_bytes, usage.state_capacity_bytes
+        )
+        if self.config.check_integrity:
+            self.allocator.check_integrity()
+
+    def _finish_stats(self) -> None:
+        stats = self.allocator.stats
+        self.stats.allocator = AllocatorStats(**vars(stats))
+        self.stats.allocator.chunks_migrated_to = dict(stats.chunks_migrated_to)
+        self.stats.usage = self.allocator.usage()
+
+    def _output(self, request_id: int, request: _Live) -> GenerationOutput:
+        generated = request.tokens[len(request.prompt) :]
+        text = None if self.tokenizer is None else self.tokenizer.decode(generated)
+        preemptions = self.scheduler.requests[request_id].num_preemptions
+        return GenerationOutput(
+            request.index,
+            request.prompt,
+            generated,
+            text,
+            request.finish_reason,
+            preemptions,
+            request.error,
+        )

@@ -1,0 +1,90 @@
+"""Runs the model on one step: flattens the scheduled chunks into a `StepBatch`, runs the
+forward pass over the cache views, and returns the logits of the sequences that sample.
+
+The runner knows rows, not allocator indices: the engine translates a request's slot and
+pages into view rows (`PoolViews.slot_row`) right after scheduling, when the allocator's
+indices are current (compaction happens only while the scheduler allocates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from avmp.engine.batch import StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.memory.backing.views import CacheViews as BackingViews
+
+
+class PoolViews:
+    """The engine's `CacheViews` over an AVMP backing's per-layer views."""
+
+    def __init__(self, views: BackingViews) -> None:
+        self.views = views
+
+    def kv(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.views.attention[layer_index]
+        return layer.k, layer.v
+
+    def state(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.views.recurrent[layer_index]
+        if layer.conv is None:
+            raise ValueError(f"layer {layer_index} has no conv state")
+        return layer.conv, layer.ssm
+
+    def slot_row(self, slot: int) -> int:
+        return self.views.slot_row(slot)
+
+    def page_rows(self, pages: tuple[int, ...]) -> list[int]:
+        return [self.views.page_row(page) for page in pages]
+
+
+@dataclass(frozen=True)
+class SequenceWork:
+    """One sequence's share of a step, in view rows.
+
+    Attributes:
+        token_ids: the new tokens to compute.
+        num_context: tokens already in the cache before them.
+        slot_row: the row of its state slot.
+        page_rows: the rows of its pages, in token order.
+        samples: whether the step ends at its last known token (so it samples one).
+    """
+
+    token_ids: list[int]
+    num_context: int
+    slot_row: int
+    page_rows: list[int]
+    samples: bool
+
+
+class ModelRunner:
+    """Executes steps of one model over one set of cache views."""
+
+    def __init__(
+        self, model: HybridModel, cache: PoolViews, block_size: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, work: list[SequenceWork]) -> torch.Tensor:
+        """Run one step. Returns ``[num_sampling, vocab]`` float32 logits, one row per
+        sequence with ``samples`` set, in ``work`` order."""
+        chunks = [(w.num_context, len(w.token_ids), w.slot_row, w.page_rows) for w in work]
+        batch = StepBatch.build(chunks, self.block_size, self.device)
+        flat = [token for w in work for token in w.token_ids]
+        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, batch, self.cache)  # [T, hidden]
+        last = [
+            seq.start + seq.num_tokens - 1
+            for seq, w in zip(batch.sequences, work, strict=True)
+            if w.samples
+        ]
+        if not last:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        index = torch.tensor(last, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden.index_select(0, index))

@@ -1,0 +1,66 @@
+"""Text in and out: a checkpoint's own tokenizer, or the Mistral tokenizer shipped inside
+mistral-common (for demos whose random-weight model has none); without either the
+engine works on token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+MISTRAL_TOKENIZER_FILE = "tokenizer.model.v1"  # 32,000-token SentencePiece, in mistral_common/data
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class Tokenizer(Protocol):
+    """What the engine needs from a tokenizer."""
+
+    vocab_size: int
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer through transformers' AutoTokenizer."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok: Any = AutoTokenizer.from_pretrained(str(path))
+        self.vocab_size = len(self._tok)
+        self.eos_token_id = self._tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._tok.decode(token_ids, skip_special_tokens=True))
+
+
+class MistralTokenizer:
+    """The SentencePiece tokenizer file that mistral-common ships (no download)."""
+
+    def __init__(self) -> None:
+        import mistral_common
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as _Mistral
+
+        path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
+        self._tok: Any = _Mistral.from_file(str(path)).instruct_tokenizer.tokenizer
+        self.vocab_size = int(self._tok.n_words)
+        self.eos_token_id = int(self._tok.eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, bos=True, eos=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._tok.decode(token_ids))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when its directory has no tokenizer files."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return HFTokenizer(path)
