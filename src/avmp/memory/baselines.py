@@ -197,7 +197,8 @@ class UnifiedAllocator(_RequestTable):
 
     `RequestBlocks.slot` is the request's first state block; `pages` lists its
     attention blocks group by group, each group in token order (one group in practice).
-    Free block ids are kept on a stack, lowest on top, so allocation is deterministic.
+    Free block ids are kept on a stack that starts lowest on top; freed blocks are pushed
+    back (LIFO), so the same calls always get the same blocks.
 
     Usage: the pool is shared, so ``state_capacity_bytes`` counts the blocks holding state
     now and ``kv_capacity_bytes`` the rest of the pool (free blocks go to either).
@@ -372,8 +373,8 @@ class StaticAllocator(_RequestTable):
     exact slots. A full state pool stops admission even when the KV pool is empty, and
     the other way round; nothing moves between them.
 
-    Free pages and slots are stacks with the lowest id on top, so allocation is
-    deterministic.
+    Free pages and slots are stacks that start lowest on top; freed units are pushed back
+    (LIFO), so the same calls always get the same units.
     """
 
     name = "static"
