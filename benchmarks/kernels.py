@@ -1,0 +1,263 @@
+"""Time each Triton kernel against the torch reference path on a CUDA GPU.
+
+Shapes are Nemotron-H-8B's (attention: 32 query heads, 8 KV heads, head_dim 128;
+Mamba2: 128 heads x 64, d_state 128, 8 groups, conv 10240 channels x d_conv 4), bf16
+activations and KV, fp32 SSM state, over page-/slot-major pools laid out as AVMP lays
+them out (a page holds all 4 attention layers' K and V; a slot holds several layers'
+states), so every view is strided. Each kernel is also checked against its baseline
+(relative error printed beside the time).
+
+Baselines: the engine's torch reference kernels (``avmp.kernels.reference``) called the
+way a torch engine step would call them (per request for attention and conv, batched
+for the Mamba2 step with a gather/scatter of the slots), and, for decode attention, a
+batched torch gather + SDPA. Times are medians of ``triton.testing.do_bench``; bytes
+are the fewest the kernel must move, so GB/s compares with the HBM copy bandwidth
+measured in the same run.
+
+    PYTHONPATH=src python3 benchmarks/kernels.py --out benchmarks/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from avmp.kernels import reference
+from avmp.kernels.triton import (
+    conv1d_update,
+    decode_attention,
+    mamba2_state_update,
+    prefill_attention,
+)
+
+DTYPE = torch.bfloat16
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, ATTN_LAYERS = 32, 8, 128, 16, 4
+SSM_HEADS, SSM_HEAD_DIM, D_STATE, GROUPS, D_CONV = 128, 64, 128, 8, 4
+CONV_CHANNELS = SSM_HEADS * SSM_HEAD_DIM + 2 * GROUPS * D_STATE
+# Input sets the in-place kernels rotate through, so repeats do not time the L2 cache.
+ROTATIONS = 8
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Row:
+    kernel: str
+    shape: str
+    triton_ms: float
+    baseline: str
+    baseline_ms: float
+    min_bytes: int
+    rel_error: float
+
+    @property
+    def triton_gbps(self) -> float:
+        return self.min_bytes / self.triton_ms / 1e6
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    """Median of CUDA-event-timed repeats after warm-up (ms)."""
+    return float(do_bench(fn, warmup=50, rep=200, return_mode="median"))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    return float((out64 - ref64).norm() / ref64.norm())
+
+
+def kv_pool(num_pages: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 1's K and V views over a page-major pool of ATTN_LAYERS layers."""
+    page = (ATTN_LAYERS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    pool = torch.randn((num_pages, *page), generator=gen, device=DEVICE, dtype=DTYPE)
+    return pool[:, 1, 0], pool[:, 1, 1]  # [P, bs, Hkv, D], page stride = whole page
+
+
+def paged_batch(batch: int, context: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    pages_per_req = math.ceil(context / BLOCK_SIZE)
+    num_pages = batch * pages_per_req
+    k, v = kv_pool(num_pages, gen)
+    perm = torch.randperm(num_pages, generator=gen, device=DEVICE).int()
+    return {"k": k, "v": v, "bt": perm.view(batch, pages_per_req),
+            "ctx": torch.full((batch,), context, dtype=torch.int32, device=DEVICE)}
+
+
+def torch_batched_decode(
+    q: torch.Tensor, case: dict[str, torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Plain batched torch: gather every request's pages, then one SDPA call."""
+    batch = q.shape[0]
+    k = case["k"][case["bt"].long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, T, D]
+    v = case["v"][case["bt"].long()].flatten(1, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.view(batch, HEADS, 1, HEAD_DIM), k, v, scale=scale, enable_gqa=True
+    )
+    return out.view(batch, HEADS, HEAD_DIM)
+
+
+def bench_decode(batch: int, context: int, gen: torch.Generator) -> list[Row]:
+    case = paged_batch(batch, context, gen)
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    scale = HEAD_DIM**-0.5
+    out = decode_attention(q, case["k"], case["v"], case["bt"], case["ctx"], scale)
+    batched = torch_batched_decode(q, case, scale)
+
+    def loop() -> list[torch.Tensor]:
+        return [reference.paged_attention(q[b : b + 1], case["k"], case["v"],
+                                          case["bt"][b].long(), context - 1, scale)
+                for b in range(batch)]
+
+    min_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * q.numel() * 2
+    shape = f"B={batch} ctx={context} Hq/Hkv={HEADS}/{KV_HEADS} D={HEAD_DIM} bs={BLOCK_SIZE}"
+    t_triton = median_ms(lambda: decode_attention(q, case["k"], case["v"], case["bt"],
+                                                  case["ctx"], scale))
+    return [
+        Row("decode_attention", shape, t_triton, "torch gather+SDPA (batched)",
+            median_ms(lambda: torch_batched_decode(q, case, scale)), min_bytes,
+            rel_error(out, batched)),
+        Row("decode_attention", shape, t_triton, "reference.paged_attention per request",
+            median_ms(loop), min_bytes, rel_error(out, torch.cat(loop()))),
+    ]
+
+
+def bench_prefill(batch: int, new: int, cached: int, gen: torch.Generator) -> Row:
+    case = paged_batch(batch, cached + new, gen)
+    q = torch.randn(batch * new, HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    qsl = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=DEVICE)
+    scale = HEAD_DIM**-0.5
+
+    def run() -> torch.Tensor:
+        return prefill_attention(q, case["k"], case["v"], case["bt"], qsl, case["ctx"], scale, new)
+
+    def loop() -> torch.Tensor:
+        return torch.cat([reference.paged_attention(q[b * new : (b + 1) * new], case["k"],
+                                                    case["v"], case["bt"][b].long(), cached,
+                                                    scale) for b in range(batch)])
+
+    min_bytes = batch * (cached + new) * KV_HEADS * HEAD_DIM * 4 + 2 * q.numel() * 2
+    shape = f"B={batch} new={new} cached={cached} Hq/Hkv={HEADS}/{KV_HEADS} D={HEAD_DIM}"
+    return Row("prefill_attention", shape, median_ms(run), "reference.paged_attention per request",
+               median_ms(loop), min_bytes, rel_error(run(), loop()))
+
+
+def mamba_inputs(batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE)
+
+    slots = ROTATIONS * batch
+    # A slot holds 3 layers' SSM states; this is the middle one's view.
+    pool = rand(slots, 3, SSM_HEADS, SSM_HEAD_DIM, D_STATE) * 0.1
+    return {
+        "state": pool[:, 1], "slot_sets": torch.randperm(slots, device=DEVICE, generator=gen)
+        .int().view(ROTATIONS, batch),
+        "x": rand(batch, SSM_HEADS, SSM_HEAD_DIM).to(DTYPE), "dt": rand(batch, SSM_HEADS).to(DTYPE),
+        "A": -torch.rand(SSM_HEADS, device=DEVICE, generator=gen) - 0.5,
+        "B": rand(batch, GROUPS, D_STATE).to(DTYPE), "C": rand(batch, GROUPS, D_STATE).to(DTYPE),
+        "D": rand(SSM_HEADS), "dt_bias": rand(SSM_HEADS) * 0.5,
+    }
+
+
+def bench_mamba2(batch: int, gen: torch.Generator) -> Row:
+    m = mamba_inputs(batch, gen)
+    sets = itertools.cycle(range(ROTATIONS))
+
+    def run(i: int | None = None) -> torch.Tensor:
+        slots = m["slot_sets"][next(sets) if i is None else i]
+        return mamba2_state_update(m["state"], slots, m["x"], m["dt"], m["A"], m["B"], m["C"],
+                                   D=m["D"], dt_bias=m["dt_bias"])
+
+    def torch_step(i: int | None = None) -> torch.Tensor:
+        slots = m["slot_sets"][next(sets) if i is None else i].long()
+        dt = F.softplus(m["dt"].float() + m["dt_bias"])
+        state = m["state"][slots]  # gather [b, H, P, N]
+        y = reference.mamba2_step(state, m["x"].float(), dt, m["A"], m["B"].float(),
+                                  m["C"].float(), m["D"])
+        m["state"][slots] = state  # scatter back
+        return y
+
+    saved = m["state"].clone()
+    ref = torch_step(0)
+    m["state"].copy_(saved)
+    err = rel_error(run(0), ref)
+    min_bytes = batch * SSM_HEADS * SSM_HEAD_DIM * D_STATE * 4 * 2
+    shape = f"B={batch} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS} fp32 state"
+    return Row("mamba2_state_update", shape, median_ms(run),
+               "reference.mamba2_step + slot gather/scatter", median_ms(torch_step), min_bytes, err)
+
+
+def bench_conv(batch: int, gen: torch.Generator) -> Row:
+    slots = ROTATIONS * batch
+    pool = torch.randn(slots, 3, CONV_CHANNELS, D_CONV - 1, generator=gen, device=DEVICE).to(DTYPE)
+    state = pool[:, 1]
+    slot_sets = torch.randperm(slots, device=DEVICE, generator=gen).int().view(ROTATIONS, batch)
+    x = torch.randn(batch, CONV_CHANNELS, generator=gen, device=DEVICE).to(DTYPE)
+    weight = torch.randn(CONV_CHANNELS, D_CONV, generator=gen, device=DEVICE).to(DTYPE)
+    bias = torch.randn(CONV_CHANNELS, generator=gen, device=DEVICE).to(DTYPE)
+    sets = itertools.cycle(range(ROTATIONS))
+
+    def run(i: int | None = None) -> torch.Tensor:
+        return conv1d_update(state, slot_sets[next(sets) if i is None else i], x, weight, bias)
+
+    def loop(i: int | None = None) -> torch.Tensor:
+        chosen = slot_sets[next(sets) if i is None else i].tolist()
+        return torch.cat([reference.causal_conv1d(x[b : b + 1], state[s], weight, bias)
+                          for b, s in enumerate(chosen)])
+
+    saved = state.clone()
+    ref = loop(0)
+    state.copy_(saved)
+    err = rel_error(run(0), ref)
+    min_bytes = batch * CONV_CHANNELS * ((D_CONV - 1) * 2 * 2 + 2 * 2)
+    shape = f"B={batch} C={CONV_CHANNELS} d_conv={D_CONV} bf16 state"
+    return Row("conv1d_update", shape, median_ms(run), "reference.causal_conv1d per request",
+               median_ms(loop), min_bytes, err)
+
+
+def copy_bandwidth_gbps() -> float:
+    """HBM ceiling: a 1 GiB device-to-device copy, bytes read plus written."""
+    src = torch.randn(1 << 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="raw JSON results file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    rows: list[Row] = []
+    for batch, context in ((1, 4096), (64, 1024), (64, 4096), (256, 1024)):
+        rows += bench_decode(batch, context, gen)
+    rows += [bench_prefill(4, 1024, 0, gen), bench_prefill(4, 512, 1536, gen)]
+    rows += [bench_mamba2(b, gen) for b in (1, 64, 256)]
+    rows += [bench_conv(b, gen) for b in (1, 64, 256)]
+    copy_gbps = copy_bandwidth_gbps()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "dtype": str(DTYPE), "copy_gbps": copy_gbps,
+              "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+
+
+def print_table(result: dict[str, object]) -> None:
+    print(f"device: {result['device']}  torch {result['torch']}  dtype {result['dtype']}  "
+          f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
+    print("| kernel | shape | Triton ms | GB/s | baseline | baseline ms | speed-up | rel err |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in result["rows"]:  # type: ignore[attr-defined]
+        print(f"| {r['kernel']} | {r['shape']} | {r['triton_ms']:.4f} | {r['triton_gbps']:.0f} | "
+              f"{r['baseline']} | {r['baseline_ms']:.3f} | "
+              f"{r['baseline_ms'] / r['triton_ms']:.1f}x | {r['rel_error']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
