@@ -1,0 +1,379 @@
+"""The report of a sweep: tables and figures drawn only from its saved cells.
+
+`write_report(DIR)` reads ``DIR/cells/*.json`` and writes ``DIR/report.md`` (figures as
+PNG files beside it) and a self-contained ``DIR/report.html`` (the same figures embedded
+as base64 PNG). Nothing is recomputed by simulation: a report of the same cells is the
+same report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avmp.bench.stats import (
+    AVMP,
+    PHASES,
+    Cell,
+    RatioRow,
+    aggregate,
+    coord,
+    load_cells,
+    oom_change,
+    paired_ratios,
+)
+from avmp.units import format_bytes
+
+Table = tuple[list[str], list[list[str]]]
+BASELINE_ORDER = ("unified", "static", "oracle")
+
+
+def _baseline_key(name: str) -> tuple[int, str]:
+    """Baselines in a fixed order (vLLM, SGLang, the bound), unknown ones last."""
+    order = BASELINE_ORDER.index(name) if name in BASELINE_ORDER else len(BASELINE_ORDER)
+    return order, name
+
+
+def _ratio_text(ratio: float, low: float, high: float) -> str:
+    if math.isnan(ratio):
+        return "n/a"
+    if math.isnan(low):
+        return f"{ratio:.2f}x"
+    return f"{ratio:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value * 100:+.1f}%"
+
+
+def _grid_values(cells: Sequence[Cell], key: str) -> list[Any]:
+    return sorted({coord(c, key) for c in cells}, key=lambda v: (str(type(v)), v))
+
+
+def headline_table(cells: Sequence[Cell]) -> Table:
+    """Per workload and baseline: AVMP's request and output-token throughput ratios with
+    95% CIs, the number of pairs, and the change in OOM events."""
+    requests = sorted(paired_ratios(cells, ("workload",), "request_throughput"),
+                      key=lambda r: (r.group["workload"], _baseline_key(r.baseline)))
+    tokens = {
+        (r.group["workload"], r.baseline): r
+        for r in paired_ratios(cells, ("workload",), "output_token_throughput")
+    }
+    headers = [
+        "workload",
+        "baseline",
+        "pairs",
+        "AVMP / baseline, requests/s [95% CI]",
+        "output tokens/s [95% CI]",
+        "OOM events vs baseline",
+    ]
+    rows = []
+    for row in requests:
+        workload = row.group["workload"]
+        tok = tokens[(workload, row.baseline)]
+        workload_cells = [c for c in cells if coord(c, "workload") == workload]
+        pairs = f"{row.num_pairs}" + (f" (+{row.num_excluded} zero)" if row.num_excluded else "")
+        rows.append(
+            [
+                workload,
+                row.baseline,
+                pairs,
+                _ratio_text(row.ratio, row.ci_low, row.ci_high),
+                _ratio_text(tok.ratio, tok.ci_low, tok.ci_high),
+                _pct(oom_change(workload_cells, row.baseline)),
+            ]
+        )
+    return headers, rows
+
+
+def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
+    """Request-throughput ratios per workload and budget (the figure's data)."""
+    rows = paired_ratios(cells, ("workload", "budget_bytes"), "request_throughput")
+    return sorted(rows, key=lambda r: (r.group["workload"], r.group["budget_bytes"],
+                                       _baseline_key(r.baseline)))
+
+
+def budget_table(cells: Sequence[Cell]) -> Table:
+    headers = ["workload", "budget", "baseline", "pairs", "AVMP / baseline [95% CI]"]
+    rows = [
+        [
+            r.group["workload"],
+            format_bytes(r.group["budget_bytes"]),
+            r.baseline,
+            str(r.num_pairs),
+            _ratio_text(r.ratio, r.ci_low, r.ci_high),
+        ]
+        for r in budget_rows(cells)
+    ]
+    return headers, rows
+
+
+def allocator_table(cells: Sequence[Cell]) -> Table:
+    """Per workload and allocator: completions, rejections, OOM events, latencies."""
+    headers = [
+        "workload",
+        "allocator",
+        "cells",
+        "req/s",
+        "completed",
+        "rejected",
+        "OOM events",
+        "preemptions",
+        "TTFT p50/p99 s",
+        "TPOT p50/p99 ms",
+    ]
+    rows = []
+    for a in aggregate(cells, ("workload", "allocator")):
+        rows.append(
+            [
+                a["workload"],
+                a["allocator"],
+                str(a["num_cells"]),
+                f"{a['mean_request_throughput']:.2f}",
+                f"{a['mean_num_completed']:.0f}",
+                f"{a['mean_num_rejected']:.0f}",
+                str(a["total_oom_events"]),
+                str(a["total_preemptions"]),
+                f"{a['mean_ttft_p50_s']:.2f} / {a['mean_ttft_p99_s']:.2f}",
+                f"{a['mean_tpot_p50_s'] * 1e3:.1f} / {a['mean_tpot_p99_s'] * 1e3:.1f}",
+            ]
+        )
+    return headers, rows
+
+
+def markdown_table(table: Table) -> str:
+    headers, rows = table
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(table: Table) -> str:
+    headers, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def conditions(cells: Sequence[Cell]) -> list[str]:
+    """What the cells cover and the settings they share, as bullet lines."""
+    settings = sorted({repr(sorted(c["settings"].items())) for c in cells})
+    return [
+        f"cells: {len(cells)}",
+        "allocators: " + ", ".join(map(str, _grid_values(cells, "allocator"))),
+        "workloads: " + ", ".join(map(str, _grid_values(cells, "workload"))),
+        "models: " + ", ".join(map(str, _grid_values(cells, "model"))),
+        "budgets: " + ", ".join(format_bytes(b) for b in _grid_values(cells, "budget_bytes")),
+        "GPU profiles (time model): " + ", ".join(map(str, _grid_values(cells, "profile"))),
+        "seeds: " + ", ".join(map(str, _grid_values(cells, "seed"))),
+        f"settings per workload: {'; '.join(settings)}",
+        "statistic: geometric mean of per-pair ratios AVMP / baseline (pair = same workload, "
+        "model, budget, profile, seed); 95% CI: paired bootstrap (scipy, percentile, "
+        "9,999 resamples, fixed seed)",
+    ]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    title: str
+    png: bytes
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def ratio_figure(cells: Sequence[Cell]) -> Figure | None:
+    """AVMP / baseline request throughput with 95% CI, per workload and budget."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in budget_rows(cells) if not math.isnan(r.ratio)]
+    if not rows:
+        return None
+    baselines = sorted({r.baseline for r in rows}, key=_baseline_key)
+    workloads = _grid_values(cells, "workload")
+    budgets = _grid_values(cells, "budget_bytes")
+    fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 4), squeeze=False)
+    width = 0.8 / max(len(budgets), 1)
+    for ax, baseline in zip(axes[0], baselines, strict=True):
+        for j, budget in enumerate(budgets):
+            xs, ys, lo, hi = [], [], [], []
+            for i, workload in enumerate(workloads):
+                match = [
+                    r
+                    for r in rows
+                    if r.baseline == baseline
+                    and r.group == {"workload": workload, "budget_bytes": budget}
+                ]
+                if match:
+                    r = match[0]
+                    xs.append(i + (j - (len(budgets) - 1) / 2) * width)
+                    ys.append(r.ratio)
+                    lo.append(r.ratio - (r.ci_low if not math.isnan(r.ci_low) else r.ratio))
+                    hi.append((r.ci_high if not math.isnan(r.ci_high) else r.ratio) - r.ratio)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=format_bytes(budget))
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
+        ax.set_title(f"AVMP / {baseline}")
+        ax.set_ylabel("request throughput ratio (95% CI)")
+        ax.legend(title="budget", fontsize=7)
+    fig.tight_layout()
+    return Figure("ratios", "AVMP over each baseline, per workload and budget", _png(fig))
+
+
+def _shift_cells(cells: Sequence[Cell]) -> tuple[Cell, Cell] | None:
+    """The AVMP and static cells of `shift` to draw: first model, profile and seed, at the
+    budget where static falls furthest behind AVMP (the case the figure is about)."""
+    shift = [c for c in cells if coord(c, "workload") == "shift"]
+    if not shift:
+        return None
+    fixed = {"model": _grid_values(shift, "model")[0],
+             "profile": _grid_values(shift, "profile")[0], "seed": _grid_values(shift, "seed")[0]}
+    found: dict[tuple[int, str], Cell] = {}
+    for c in shift:
+        if all(coord(c, k) == v for k, v in fixed.items()):
+            found[(coord(c, "budget_bytes"), coord(c, "allocator"))] = c
+    candidates = []
+    for budget in _grid_values(shift, "budget_bytes"):
+        pair = found.get((budget, AVMP)), found.get((budget, "static"))
+        if pair[0] is not None and pair[1] is not None:
+            gap = pair[0]["result"]["request_throughput"] - pair[1]["result"]["request_throughput"]
+            ratio = gap / max(pair[0]["result"]["request_throughput"], 1e-12)
+            candidates.append((-ratio, budget, pair))
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def shift_figure(cells: Sequence[Cell]) -> Figure | None:
+    """Pool capacities and use over time on `shift`: AVMP beside the static split."""
+    import matplotlib.pyplot as plt
+
+    pair = _shift_cells(cells)
+    if pair is None or not all(c["result"]["timeline"] for c in pair):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), squeeze=False, sharey=True)
+    for ax, cell in zip(axes[0], pair, strict=True):
+        points = cell["result"]["timeline"]
+        budget = cell["cell"]["budget_bytes"]
+        times = [p["t_s"] for p in points]
+        for key, label, style in (("state_capacity_bytes", "state pool", "-"),
+                                  ("kv_capacity_bytes", "KV pool", "-"),
+                                  ("state_used_bytes", "state in use", "--"),
+                                  ("kv_used_bytes", "KV in use", ":")):
+            ax.plot(times, [p[key] / budget for p in points], ls=style, label=label)
+        c = cell["cell"]
+        ax.set_title(f"{c['allocator']} on shift ({c['model']}, {format_bytes(budget)}, "
+                     f"{c['profile']}, seed {c['seed']})", fontsize=9)
+        ax.set_xlabel("simulated time (s)")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of the cache budget")
+    fig.tight_layout()
+    return Figure("shift_split", "Pool split over time on shift: AVMP vs the static split "
+                  "(at the budget where static falls furthest behind)", _png(fig))
+
+
+def phase_figure(cells: Sequence[Cell]) -> Figure | None:
+    """Mean simulated seconds per phase, stacked, per workload and allocator."""
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(cells, ("workload", "allocator"))
+    if not rows:
+        return None
+    labels = [f"{r['workload']}\n{r['allocator']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows)), 4))
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        values = [
+            r["mean_phase_s"][phase] if not math.isnan(r["mean_phase_s"][phase]) else 0.0
+            for r in rows
+        ]
+        ax.bar(range(len(rows)), values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("mean simulated seconds per cell")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return Figure("phases", "Where simulated time goes (mean per cell)", _png(fig))
+
+
+def figures(cells: Sequence[Cell]) -> list[Figure]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    drawn = (ratio_figure(cells), shift_figure(cells), phase_figure(cells))
+    return [f for f in drawn if f is not None]
+
+
+def write_report(directory: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ PNGs in ``figures/``) and ``report.html`` from saved cells."""
+    directory = Path(directory)
+    cells = load_cells(directory)
+    tables = [
+        ("Headline: AVMP over each baseline", headline_table(cells)),
+        ("Per memory budget", budget_table(cells)),
+        ("Per allocator", allocator_table(cells)),
+    ]
+    drawn = figures(cells)
+    (directory / "figures").mkdir(exist_ok=True)
+    for fig in drawn:
+        (directory / "figures" / f"{fig.name}.png").write_bytes(fig.png)
+    md_path, html_path = directory / "report.md", directory / "report.html"
+    md_path.write_text(_markdown(cells, tables, drawn))
+    html_path.write_text(_html(cells, tables, drawn))
+    return md_path, html_path
+
+
+def _markdown(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
+    parts = ["# avmp evaluation report", "", "## Conditions", ""]
+    parts += [f"- {line}" for line in conditions(cells)]
+    for title, table in tables:
+        parts += ["", f"## {title}", "", markdown_table(table)]
+    for fig in drawn:
+        parts += ["", f"## {fig.title}", "", f"![{fig.title}](figures/{fig.name}.png)"]
+    return "\n".join(parts) + "\n"
+
+
+def _html(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style>",
+        "<title>avmp evaluation report</title></head><body>",
+        "<h1>avmp evaluation report</h1><h2>Conditions</h2><ul>",
+    ]
+    parts += [f"<li>{html.escape(line)}</li>" for line in conditions(cells)]
+    parts.append("</ul>")
+    for title, table in tables:
+        parts += [f"<h2>{html.escape(title)}</h2>", html_table(table)]
+    for fig in drawn:
+        data = base64.b64encode(fig.png).decode()
+        parts += [
+            f"<h2>{html.escape(fig.title)}</h2>",
+            f"<img alt='{html.escape(fig.title)}' src='data:image/png;base64,{data}'>",
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

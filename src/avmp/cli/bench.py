@@ -1,0 +1,114 @@
+"""``avmp bench``: the whole evaluation (paper grid + `shift`), its table and report.
+
+Defaults (the "paper grid", widened as issue 3 asks): allocators avmp, unified, static
+and oracle; the four paper presets and `shift`; Jamba-1.5-Mini and two Mamba2 hybrids
+(Granite-4.0-H-Tiny, Nemotron-H-8B); budgets 1/4/8/12 GiB; seeds 0-2; RTX 3060 and H100
+time models. ``--quick`` runs a small grid (one model, two budgets, two seeds, short
+traces) as a smoke test of the whole path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from avmp.units import parse_bytes
+
+DEFAULT_MODELS = ("jamba-1.5-mini", "granite-4.0-h-tiny", "nemotron-h-8b")
+DEFAULT_BUDGETS = ("1GiB", "4GiB", "8GiB", "12GiB")
+DEFAULT_PROFILES = ("rtx3060", "h100")
+DEFAULT_SEEDS = 3
+QUICK_REQUESTS = 48
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return values
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the whole evaluation and write its report",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--out", default="avmp-results", help="results directory (resumable)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="local worker processes (default: 2)",
+    )
+    parser.add_argument("--ray", metavar="ADDRESS", help="run the cells on a Ray cluster")
+    parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
+    parser.add_argument("--models", type=_csv, help="comma-separated zoo models")
+    parser.add_argument("--budgets", type=_csv, help="comma-separated memory budgets, e.g. 4GiB")
+    parser.add_argument("--workloads", type=_csv, help="comma-separated workload presets")
+    parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def build_grid(args: argparse.Namespace) -> Any:
+    """The sweep grid the arguments ask for (defaults, or the quick grid)."""
+    from avmp.bench.sweep import SweepGrid
+    from avmp.bench.workloads import PRESETS
+
+    quick = bool(args.quick)
+    models = args.models or (DEFAULT_MODELS[:1] if quick else DEFAULT_MODELS)
+    budgets = args.budgets or (("1GiB", "8GiB") if quick else DEFAULT_BUDGETS)
+    profiles = args.profiles or (("h100",) if quick else DEFAULT_PROFILES)
+    num_seeds = args.seeds if args.seeds is not None else (2 if quick else DEFAULT_SEEDS)
+    if num_seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {num_seeds}")
+    workloads = args.workloads or tuple(PRESETS)
+    num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
+    if args.calibration is not None and not os.path.isfile(args.calibration):
+        raise FileNotFoundError(f"no such calibration file: {args.calibration}")
+    for model in models:
+        _check_model(model)
+    return SweepGrid(
+        workloads=tuple(workloads),
+        models=tuple(models),
+        budgets_bytes=tuple(parse_bytes(b) for b in budgets),
+        profiles=tuple(profiles),
+        seeds=tuple(range(num_seeds)),
+        num_requests=num_requests,
+        sharegpt_rules=args.sharegpt_rules,
+        calibration=args.calibration,
+    )
+
+
+def _check_model(name: str) -> None:
+    """Fail before any work on a model the zoo does not know (ConfigError, one line)."""
+    from avmp.models.zoo import resolve_model
+
+    resolve_model(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from avmp.bench.report import headline_table, markdown_table, write_report
+    from avmp.bench.stats import load_cells
+    from avmp.bench.sweep import run_sweep
+
+    grid = build_grid(args)
+    started = time.monotonic()
+    ran: list[str] = []
+    run_sweep(
+        grid, args.out, workers=args.workers, ray_address=args.ray,
+        progress=not args.no_progress, on_result=lambda r: ran.append(r["cell"]["cell_id"]),
+    )
+    elapsed = time.monotonic() - started
+    cells = load_cells(args.out)
+    md_path, html_path = write_report(args.out)
+    print(markdown_table(headline_table(cells)))
+    print(f"\n{len(grid.cells())} cells ({len(ran)} simulated now, {elapsed:.0f} s); "
+          f"report: {md_path}, {html_path}")
+    return 0

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from avmp.cli import main
+
+TINY = ["--models", "jamba-1.5-mini", "--budgets", "1GiB", "--seeds", "2",
+        "--workloads", "uniform_short,shift", "--workers", "1", "--no-progress"]
+
+
+def test_bench_runs_prints_table_and_writes_report(tmp_path: Path, capsys,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("avmp.cli.bench.QUICK_REQUESTS", 10)
+    out = tmp_path / "res"
+    assert main(["bench", "--quick", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "| shift | static | 2 |" in printed and "16 cells (16 simulated now" in printed
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    cells = list((out / "cells").glob("*.json"))
+    assert len(cells) == 16
+    assert json.loads(cells[0].read_text())["settings"]["num_requests"] == 10
+    # a second run resumes: nothing left to simulate, same table
+    assert main(["bench", "--quick", "--out", str(out), *TINY]) == 0
+    again = capsys.readouterr().out
+    assert again.splitlines()[:8] == printed.splitlines()[:8]
+    assert "16 cells (0 simulated now" in again
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budgets", "zero"], "bad size"),
+    (["--models", "no-such-model"], "unknown model"),
+    (["--calibration", "/no/such.json"], "no such calibration file"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--workloads", "nope"], "unknown workload"),
+    (["--profiles", "tpu"], "unknown profile"),
+])
+def test_bench_user_mistakes_are_one_line_exit_2(tmp_path: Path, capsys, args: list[str],
+                                                 message: str) -> None:
+    assert main(["bench", "--quick", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_ray_without_ray(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("numpy")
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    args = ["bench", "--quick", "--out", str(tmp_path), *TINY, "--ray", "auto",
+            "--workloads", "uniform_short", "--seeds", "1"]
+    assert main(args) == 2
+    assert "pip install 'avmp[ray]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_bench_finishes_within_a_minute(tmp_path: Path, capsys) -> None:
+    import time
+
+    started = time.monotonic()
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert time.monotonic() - started < 60
+    assert "sharegpt_replay" in capsys.readouterr().out

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from avmp.bench.traces import write_jsonl
+from avmp.bench.workloads import make_workload
+from avmp.cli import main
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    path = tmp_path / "trace.jsonl"
+    write_jsonl(make_workload("shift", 0, num_requests=12), path)
+    return path
+
+
+def test_replay_prints_one_row_per_allocator(trace: Path, capsys) -> None:
+    assert main(["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "12 requests" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "allocator" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["avmp", "unified", "static", "oracle"]
+    assert "| avmp | 12 | 0 |" in out and "1.00x" in out
+
+
+def test_replay_json_is_the_raw_results(trace: Path, capsys) -> None:
+    argv = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB", "--json",
+            "--allocators", "avmp,static", "--profile", "rtx3060"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["allocator"] for r in results] == ["avmp", "static"]
+    assert all(r["num_completed"] == 12 for r in results)
+
+
+@pytest.mark.parametrize(("text", "args", "message"), [
+    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n{"arrival_s": 1}\n', [],
+     "trace.jsonl:2: missing field"),
+    ("", [], "empty trace"),
+    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--memory", "lots"],
+     "bad size"),
+    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--model", "nope"],
+     "unknown model"),
+    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--allocators", "lru"],
+     "unknown allocator"),
+])
+def test_replay_user_mistakes(tmp_path: Path, capsys, text: str, args: list[str],
+                              message: str) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(text)
+    argv = ["replay", str(path), "--model", "jamba-1.5-mini", "--memory", "1GiB", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_replay_missing_trace(tmp_path: Path, capsys) -> None:
+    argv = ["replay", str(tmp_path / "no.jsonl"), "--model", "jamba-1.5-mini", "--memory", "1GiB"]
+    assert main(argv) == 2
+    assert "no such trace file" in capsys.readouterr().err
