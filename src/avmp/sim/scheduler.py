@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from avmp.memory.spec import CacheAllocator, RequestTooLargeError
 from avmp.sim.request import RequestSpec
@@ -68,38 +69,45 @@ class RequestStatus(StrEnum):
     REJECTED = "rejected"
 
 
-@dataclass(slots=True)
 class SchedRequest:
     """The scheduler's mutable view of one request.
 
-    ``num_computed`` counts tokens in the cache; ``num_computed_peak`` is the most it ever
-    held, so that tokens computed again after a preemption are known to be recompute.
+    ``num_tokens`` is the prompt plus the outputs sampled so far and ``num_computed`` the
+    tokens in the cache; ``num_computed_peak`` is the most the cache ever held, so tokens
+    computed again after a preemption are known to be recompute. Plain attributes, not
+    properties: the scheduler reads them for every running request at every step.
     """
 
-    spec: RequestSpec
-    status: RequestStatus = RequestStatus.WAITING
-    num_output: int = 0
-    num_computed: int = 0
-    num_computed_peak: int = 0
-    num_preemptions: int = 0
+    __slots__ = (
+        "spec",
+        "request_id",
+        "prompt_tokens",
+        "output_tokens",
+        "status",
+        "num_tokens",
+        "num_output",
+        "num_computed",
+        "num_computed_peak",
+        "num_preemptions",
+    )
 
-    @property
-    def request_id(self) -> int:
-        return self.spec.request_id
+    def __init__(self, spec: RequestSpec) -> None:
+        self.spec = spec
+        self.request_id = spec.request_id
+        self.prompt_tokens = spec.prompt_tokens
+        self.output_tokens = spec.output_tokens
+        self.status = RequestStatus.WAITING
+        self.num_tokens = spec.prompt_tokens
+        self.num_output = 0
+        self.num_computed = 0
+        self.num_computed_peak = 0
+        self.num_preemptions = 0
 
-    @property
-    def num_tokens(self) -> int:
-        """Prompt plus the output tokens sampled so far."""
-        return self.spec.prompt_tokens + self.num_output
 
-    @property
-    def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
     """Tokens ``[start, start + num_tokens)`` of one request, computed in this step.
+
+    A named tuple because one is built per running request per step.
 
     Attributes:
         num_recompute_tokens: how many of them had been computed before a preemption.
@@ -136,6 +144,7 @@ class StepPlan:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[int, ...]
     rejected: tuple[Rejection, ...]
+    num_recompute_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -144,10 +153,6 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def num_recompute_tokens(self) -> int:
-        return sum(c.num_recompute_tokens for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class _Budget:
     """Tokens and running slots left while one plan is built."""
 
     tokens: int
+    num_recompute_tokens: int = 0
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
@@ -238,32 +244,36 @@ class Scheduler:
         self._schedule_running(budget)
         if not budget.preempted:
             self._schedule_waiting(budget)
-        return StepPlan(tuple(budget.chunks), tuple(budget.preempted), tuple(budget.rejected))
+        return StepPlan(
+            tuple(budget.chunks),
+            tuple(budget.preempted),
+            tuple(budget.rejected),
+            budget.num_recompute_tokens,
+        )
 
     def _schedule_running(self, budget: _Budget) -> None:
         """Give each running request, in admission order, its next tokens under the budget;
         preempt from the back of the running list when memory is short."""
+        running, grow = self.running, self.allocator.grow
         index = 0
-        while index < len(self.running) and budget.tokens > 0:
-            request = self.running[index]
-            num_new = min(request.num_uncomputed, budget.tokens)
-            if self._grow_or_preempt(request, num_new, budget):
-                budget.chunks.append(self._chunk(request, num_new, is_new=False))
-                budget.tokens -= num_new
+        while index < len(running) and budget.tokens > 0:
+            request = running[index]
+            num_new = min(request.num_tokens - request.num_computed, budget.tokens)
+            try:
+                grown = grow(request.request_id, num_new) is not None
+            except RequestTooLargeError as error:
+                self._drop_running(request, budget, f"cannot grow: {error}")
+                continue
+            if grown or self._grow_or_preempt(request, num_new, budget):
+                self._add_chunk(request, num_new, budget, is_new=False)
                 index += 1
             # else: `request` itself was preempted or rejected and left `running`
 
     def _grow_or_preempt(self, request: SchedRequest, num_new: int, budget: _Budget) -> bool:
-        """Grow ``request`` by ``num_new`` tokens, preempting the latest admitted running
-        request until it fits. Returns False if ``request`` itself had to leave."""
+        """After ``request`` failed to grow by ``num_new`` tokens, preempt the latest
+        admitted running request and retry, until it fits. Returns False if ``request``
+        itself had to leave."""
         while True:
-            try:
-                pages = self.allocator.grow(request.request_id, num_new)
-            except RequestTooLargeError as error:
-                self._drop_running(request, budget, f"cannot grow: {error}")
-                return False
-            if pages is not None:
-                return True
             victim = self.running[-1]
             if victim is request and len(self.running) == 1:
                 self._drop_running(
@@ -273,13 +283,19 @@ class Scheduler:
             self._preempt(victim, budget)
             if victim is request:
                 return False
+            try:
+                if self.allocator.grow(request.request_id, num_new) is not None:
+                    return True
+            except RequestTooLargeError as error:
+                self._drop_running(request, budget, f"cannot grow: {error}")
+                return False
 
     def _schedule_waiting(self, budget: _Budget) -> None:
         """Admit waiting requests first-come first-served; stop at the first that does
         not fit (FCFS: no request overtakes the head of the queue)."""
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_uncomputed, budget.tokens)
+            num_new = min(request.num_tokens - request.num_computed, budget.tokens)
             admitted = self._admit(request, num_new, budget)
             if admitted is None:
                 continue  # rejected and dropped from the queue: try the next one
@@ -288,8 +304,7 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            budget.chunks.append(self._chunk(request, num_new, is_new=True))
-            budget.tokens -= num_new
+            self._add_chunk(request, num_new, budget, is_new=True)
 
     def _admit(self, request: SchedRequest, num_new: int, budget: _Budget) -> bool | None:
         """Ask for the request's slot and first chunk's pages.
@@ -313,11 +328,23 @@ class Scheduler:
         budget.rejected.append(self._reject(request, reason))
         return None
 
-    def _chunk(self, request: SchedRequest, num_new: int, *, is_new: bool) -> ScheduledChunk:
+    def _add_chunk(
+        self, request: SchedRequest, num_new: int, budget: _Budget, *, is_new: bool
+    ) -> None:
+        """Put the request's next ``num_new`` tokens into the plan and spend the budget."""
         start = request.num_computed
-        recompute = max(0, min(start + num_new, request.num_computed_peak) - start)
-        is_decode = num_new == 1 and start >= request.spec.prompt_tokens and recompute == 0
-        return ScheduledChunk(request.request_id, start, num_new, recompute, is_decode, is_new)
+        budget.tokens -= num_new
+        if start >= request.num_computed_peak:  # the common case: nothing to recompute
+            is_decode = num_new == 1 and start >= request.prompt_tokens
+            budget.chunks.append(
+                ScheduledChunk(request.request_id, start, num_new, 0, is_decode, is_new)
+            )
+            return
+        recompute = min(start + num_new, request.num_computed_peak) - start
+        budget.num_recompute_tokens += recompute
+        budget.chunks.append(
+            ScheduledChunk(request.request_id, start, num_new, recompute, False, is_new)
+        )
 
     # ---- preemption and rejection -------------------------------------------------------
 
@@ -358,17 +385,21 @@ class Scheduler:
         stop = set(stopped)
         emitted: list[int] = []
         finished: list[int] = []
+        requests = self.requests
         for chunk in plan.chunks:
-            request = self.requests[chunk.request_id]
+            request = requests[chunk.request_id]
             if request.status is not RequestStatus.RUNNING:
                 continue
-            request.num_computed += chunk.num_tokens
-            request.num_computed_peak = max(request.num_computed_peak, request.num_computed)
-            if request.num_computed < request.num_tokens:
-                continue
+            computed = request.num_computed + chunk.num_tokens
+            request.num_computed = computed
+            if computed > request.num_computed_peak:
+                request.num_computed_peak = computed
+            if computed < request.num_tokens:
+                continue  # a prefill chunk that did not reach the end: nothing sampled
             request.num_output += 1
+            request.num_tokens += 1
             emitted.append(request.request_id)
-            if request.num_output >= request.spec.output_tokens or request.request_id in stop:
+            if request.num_output >= request.output_tokens or request.request_id in stop:
                 finished.append(request.request_id)
         self._release(finished)
         return StepOutcome(tuple(emitted), tuple(finished))

@@ -120,24 +120,20 @@ class TimedAllocator(CacheAllocator):
 
     def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
         start = time.perf_counter()
-        try:
-            return self.inner.admit(request_id, num_tokens)
-        finally:
-            self.elapsed_s += time.perf_counter() - start
+        blocks = self.inner.admit(request_id, num_tokens)
+        self.elapsed_s += time.perf_counter() - start
+        return blocks
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         start = time.perf_counter()
-        try:
-            return self.inner.grow(request_id, num_new_tokens)
-        finally:
-            self.elapsed_s += time.perf_counter() - start
+        pages = self.inner.grow(request_id, num_new_tokens)
+        self.elapsed_s += time.perf_counter() - start
+        return pages
 
     def free(self, request_id: int) -> None:
         start = time.perf_counter()
-        try:
-            self.inner.free(request_id)
-        finally:
-            self.elapsed_s += time.perf_counter() - start
+        self.inner.free(request_id)
+        self.elapsed_s += time.perf_counter() - start
 
     def blocks(self, request_id: int) -> RequestBlocks:
         return self.inner.blocks(request_id)
@@ -163,28 +159,18 @@ class TimedAllocator(CacheAllocator):
         return self.inner.request_ids
 
 
-@dataclass
-class _Counters:
-    """The allocator counters that the time model charges for, at one instant."""
-
-    admits: int
-    grows: int
-    frees: int
-    failed: int
-    chunks_migrated: int
-    bytes_compacted: int
-
-    @classmethod
-    def read(cls, allocator: CacheAllocator) -> _Counters:
-        s = allocator.stats
-        return cls(
-            s.num_admits,
-            s.num_grows,
-            s.num_frees,
-            s.num_failed_allocations,
-            s.num_chunks_migrated,
-            s.num_bytes_compacted,
-        )
+def _read_counters(allocator: CacheAllocator) -> tuple[int, int, int, int, int, int]:
+    """The allocator counters that the time model charges for: admits, grows, frees,
+    failed allocations, chunks migrated, bytes compacted."""
+    s = allocator.stats
+    return (
+        s.num_admits,
+        s.num_grows,
+        s.num_frees,
+        s.num_failed_allocations,
+        s.num_chunks_migrated,
+        s.num_bytes_compacted,
+    )
 
 
 def simulate(
@@ -261,7 +247,7 @@ class _Simulation:
             self.next_arrival += 1
 
     def _step(self) -> None:
-        before = _Counters.read(self.allocator)
+        before = _read_counters(self.allocator)
         plan = self.scheduler.schedule()
         if plan.is_empty and not plan.rejected:
             self._raise_stalled()
@@ -293,26 +279,29 @@ class _Simulation:
         fresh_s = self.model.step_seconds(BatchShape.from_chunks(without_recompute(plan.chunks)))
         return fresh_s, total_s - fresh_s
 
-    def _charge(self, before: _Counters, compute_s: float, recompute_s: float) -> None:
+    def _charge(self, before: tuple[int, ...], compute_s: float, recompute_s: float) -> None:
         """Advance the clock by the step's phases, each from a deterministic model."""
-        after = _Counters.read(self.allocator)
+        phase_s = self.phase_s
+        phase_s["compute"] += compute_s
+        phase_s["recompute"] += recompute_s
+        self.now_s += compute_s + recompute_s
+        after = _read_counters(self.allocator)
+        if after == before:
+            return
         costs = self.call_costs
         allocation_us = (
-            (after.admits - before.admits) * costs.admit_us
-            + (after.grows - before.grows) * costs.grow_us
-            + (after.frees - before.frees) * costs.free_us
-            + (after.failed - before.failed) * costs.failed_us
+            (after[0] - before[0]) * costs.admit_us
+            + (after[1] - before[1]) * costs.grow_us
+            + (after[2] - before[2]) * costs.free_us
+            + (after[3] - before[3]) * costs.failed_us
         )
-        phases = {
-            "compute": compute_s,
-            "recompute": recompute_s,
+        moves = {
             "allocation": allocation_us * 1e-6,
-            "migration": (after.chunks_migrated - before.chunks_migrated)
-            * self.config.migration_s_per_chunk,
-            "compaction": (after.bytes_compacted - before.bytes_compacted) / self.compaction_rate,
+            "migration": (after[4] - before[4]) * self.config.migration_s_per_chunk,
+            "compaction": (after[5] - before[5]) / self.compaction_rate,
         }
-        for phase, seconds in phases.items():
-            self.phase_s[phase] += seconds
+        for phase, seconds in moves.items():
+            phase_s[phase] += seconds
             self.now_s += seconds
 
     def _raise_stalled(self) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -156,7 +156,7 @@ def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk
         fresh = chunk.num_tokens - chunk.num_recompute_tokens
         if fresh > 0:
             start = chunk.start + chunk.num_recompute_tokens
-            kept.append(replace(chunk, start=start, num_tokens=fresh, num_recompute_tokens=0))
+            kept.append(chunk._replace(start=start, num_tokens=fresh, num_recompute_tokens=0))
     return kept
 
 
@@ -310,7 +310,7 @@ def load_allocator_call_costs(
         return AllocatorCallCosts()
     try:
         entry = json.loads(path.read_text())["allocators"].get(allocator_name)
-    except (OSError, json.JSONDecodeError, KeyError, AttributeError) as error:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not an allocator-call benchmark result: {error}") from None
     if entry is None:
         return AllocatorCallCosts()

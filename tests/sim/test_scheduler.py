@@ -1,0 +1,235 @@
+"""Scheduler behaviour on hand-built traces, with the exact-bytes test allocator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
+
+from avmp.memory.spec import MemoryConfig, RequestBlocks
+from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+
+# tiny geometry: 2 KiB of KV per token, 16-token pages of 32 KiB, 512 KiB state slots
+PAGE = 32 * 1024
+SLOT = 512 * 1024
+
+
+def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
+    """Step until nothing is left, checking the allocator after every step."""
+    plans = []
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        scheduler.finish_step(plan)
+        scheduler.allocator.check_integrity()
+        plans.append(plan)
+        assert len(plans) < max_steps, "scheduler did not finish"
+    return plans
+
+
+def test_chunked_prefill_respects_the_token_budget() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig(max_num_batched_tokens=32))
+    scheduler.add_request(req(0, prompt=100, output=3))
+    plans = run_to_end(scheduler)
+    chunks = [(c.start, c.num_tokens, c.is_decode) for p in plans for c in p.chunks]
+    assert chunks == [
+        (0, 32, False),
+        (32, 32, False),
+        (64, 32, False),
+        (96, 4, False),
+        (100, 1, True),
+        (101, 1, True),
+    ]
+    assert scheduler.requests[0].status is RequestStatus.FINISHED
+    assert scheduler.allocator.request_ids == []
+
+
+def test_first_token_is_sampled_when_the_prompt_is_done() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig(max_num_batched_tokens=64))
+    scheduler.add_request(req(0, prompt=100, output=2))
+    first = scheduler.finish_step(scheduler.schedule())
+    second = scheduler.finish_step(scheduler.schedule())
+    third = scheduler.finish_step(scheduler.schedule())
+    assert (first.emitted, second.emitted, third.emitted) == ((), (0,), (0,))
+    assert third.finished == (0,)
+
+
+def test_budget_is_shared_running_first_then_waiting_in_arrival_order() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig(max_num_batched_tokens=50))
+    for i in range(3):
+        scheduler.add_request(req(i, prompt=30, output=5))
+    plan = scheduler.schedule()
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [(0, 30), (1, 20)]
+    scheduler.finish_step(plan)
+    plan = scheduler.schedule()
+    # request 0 decodes, request 1 finishes its prompt, request 2 starts with the rest
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [(0, 1), (1, 10), (2, 30)]
+
+
+@pytest.mark.parametrize("max_num_seqs, budget", [(1, 64), (3, 16), (8, 100), (64, 8192)])
+def test_limits_hold_on_a_random_trace(max_num_seqs: int, budget: int) -> None:
+    rng = random.Random(max_num_seqs)
+    scheduler = Scheduler(make_allocator(8), SchedulerConfig(max_num_seqs, budget))
+    specs = [req(i, rng.randint(1, 300), rng.randint(1, 40)) for i in range(40)]
+    for spec in specs:
+        scheduler.add_request(spec)
+    emitted = {spec.request_id: 0 for spec in specs}
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        assert plan.num_tokens <= budget
+        assert len(plan.chunks) <= max_num_seqs
+        assert scheduler.num_running <= max_num_seqs
+        assert len({c.request_id for c in plan.chunks}) == len(plan.chunks)
+        for request_id in scheduler.finish_step(plan).emitted:
+            emitted[request_id] += 1
+        scheduler.allocator.check_integrity()
+    assert emitted == {spec.request_id: spec.output_tokens for spec in specs}
+    assert all(r.status is RequestStatus.FINISHED for r in scheduler.requests.values())
+
+
+def test_fcfs_a_blocked_head_is_not_overtaken() -> None:
+    # 2 MiB: request 0 holds 1.5 MiB of KV + a slot; request 1 (long) cannot be admitted
+    # until 0 finishes, and request 2 (short, would fit) must wait behind it.
+    allocator = make_allocator(2)
+    scheduler = Scheduler(allocator, SchedulerConfig())
+    scheduler.add_request(req(0, prompt=700, output=4))
+    scheduler.add_request(req(1, prompt=700, output=4))
+    scheduler.add_request(req(2, prompt=10, output=4))
+    admitted: list[int] = []
+    for plan in run_to_end(scheduler):
+        admitted += [c.request_id for c in plan.chunks if c.is_new]
+    assert admitted == [0, 1, 2]
+
+
+def pages_for(tokens: int) -> int:
+    return -(-tokens // 16)
+
+
+def test_preemption_frees_the_last_admitted_and_requeues_it_at_the_front() -> None:
+    # room for 3 slots and 20 pages: three 64-token prompts (4 pages each) fit, growing
+    # all of them to 100+ tokens does not
+    budget = 3 * SLOT + 20 * PAGE
+    allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget, chunk_bytes=2 * MIB))
+    scheduler = Scheduler(allocator, SchedulerConfig())
+    for i in range(3):
+        scheduler.add_request(req(i, prompt=64, output=60))
+    scheduler.add_request(req(3, prompt=8, output=2))
+    preempted: list[int] = []
+    while not preempted:
+        plan = scheduler.schedule()
+        preempted = list(plan.preempted)
+        scheduler.finish_step(plan)
+    assert preempted == [2]
+    assert [r.request_id for r in scheduler.waiting][:2] == [2, 3]
+    assert 2 not in allocator.request_ids
+    assert scheduler.num_preemptions == 1
+    assert scheduler.requests[2].num_computed == 0
+
+
+def test_preempted_request_is_recomputed_and_completes() -> None:
+    budget = 3 * SLOT + 20 * PAGE
+    allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget, chunk_bytes=2 * MIB))
+    scheduler = Scheduler(allocator, SchedulerConfig())
+    for i in range(3):
+        scheduler.add_request(req(i, prompt=64, output=60))
+    emitted = dict.fromkeys(range(3), 0)
+    recompute_chunks = []
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        recompute_chunks += [c for c in plan.chunks if c.num_recompute_tokens]
+        assert plan.num_recompute_tokens == sum(c.num_recompute_tokens for c in plan.chunks)
+        for request_id in scheduler.finish_step(plan).emitted:
+            emitted[request_id] += 1
+        allocator.check_integrity()
+    assert scheduler.num_preemptions >= 1
+    assert recompute_chunks, "a preempted request must be recomputed"
+    first = recompute_chunks[0]
+    assert first.is_new and first.start == 0 and not first.is_decode
+    # it recomputes its prompt and the outputs it had sampled, then samples the next one
+    assert first.num_recompute_tokens > 64
+    assert emitted == dict.fromkeys(range(3), 60)
+
+
+def test_no_admission_in_a_step_that_preempted() -> None:
+    budget = 3 * SLOT + 20 * PAGE
+    allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget, chunk_bytes=2 * MIB))
+    scheduler = Scheduler(allocator, SchedulerConfig())
+    for i in range(3):
+        scheduler.add_request(req(i, prompt=64, output=60))
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        if plan.preempted:
+            assert not [c for c in plan.chunks if c.is_new]
+        scheduler.finish_step(plan)
+
+
+def test_request_larger_than_memory_is_rejected_with_a_reason() -> None:
+    scheduler = Scheduler(make_allocator(2), SchedulerConfig())
+    rejection = scheduler.add_request(req(0, prompt=5000, output=10))
+    scheduler.add_request(req(1, prompt=10, output=2))
+    assert rejection is not None and "do not fit even in an empty memory" in rejection.reason
+    plan = scheduler.schedule()
+    assert plan.rejected == (rejection,)
+    assert [c.request_id for c in plan.chunks] == [1]
+    run_to_end(scheduler)
+    assert scheduler.requests[0].status is RequestStatus.REJECTED
+    assert scheduler.requests[1].status is RequestStatus.FINISHED
+    assert scheduler.rejections == [rejection]
+
+
+class _LyingAllocator(ExactBytesAllocator):
+    """Claims that everything fits, then refuses admissions above 100 tokens."""
+
+    def fits_alone(self, num_tokens: int) -> bool:
+        return True
+
+    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+        if num_tokens > 100:
+            return None
+        return super().admit(request_id, num_tokens)
+
+
+def test_request_that_cannot_be_admitted_into_empty_memory_is_not_retried_forever() -> None:
+    scheduler = Scheduler(
+        _LyingAllocator(tiny_geometry(), MemoryConfig(4 * MIB)), SchedulerConfig()
+    )
+    scheduler.add_request(req(0, prompt=500, output=2))
+    scheduler.add_request(req(1, prompt=50, output=2))
+    plans = run_to_end(scheduler, max_steps=10)
+    assert [r.request_id for r in plans[0].rejected] == [0]
+    assert "empty memory" in plans[0].rejected[0].reason
+    assert scheduler.requests[1].status is RequestStatus.FINISHED
+
+
+def test_stopped_request_finishes_early_and_frees_memory() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig())
+    scheduler.add_request(req(0, prompt=10, output=50))
+    scheduler.add_request(req(1, prompt=10, output=50))
+    outcome = scheduler.finish_step(scheduler.schedule(), stopped=[1])
+    assert outcome.emitted == (0, 1) and outcome.finished == (1,)
+    assert scheduler.allocator.request_ids == [0]
+    assert [r.request_id for r in scheduler.running] == [0]
+
+
+def test_duplicate_request_id_is_an_error() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig())
+    scheduler.add_request(req(0, prompt=10, output=5))
+    with pytest.raises(ValueError, match="already added"):
+        scheduler.add_request(req(0, prompt=10, output=5))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_num_seqs": 0}, {"max_num_batched_tokens": 0}])
+def test_config_rejects_nonsense(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(**kwargs)
+
+
+def test_same_trace_gives_the_same_plans() -> None:
+    def plans() -> list[StepPlan]:
+        rng = random.Random(7)
+        scheduler = Scheduler(make_allocator(4), SchedulerConfig(16, 128))
+        for i in range(30):
+            scheduler.add_request(req(i, rng.randint(1, 400), rng.randint(1, 30)))
+        return run_to_end(scheduler)
+
+    assert plans() == plans()

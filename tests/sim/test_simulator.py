@@ -1,0 +1,243 @@
+"""`simulate()` end to end: clock, metrics, determinism, progress, and the real allocators."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
+
+from avmp.memory.spec import MemoryConfig
+from avmp.sim.metrics import PHASES, TimelineRecorder, percentile
+from avmp.sim.request import RequestSpec
+from avmp.sim.simulator import SimConfig, SimResult, simulate
+
+CONFIG = SimConfig(allocator_calls_path=None, check_integrity=True)
+
+
+def random_trace(
+    n: int, seed: int, rate: float = 50.0, max_prompt: int = 2000
+) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    t = 0.0
+    specs = []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        specs.append(req(i, rng.randint(1, max_prompt), rng.randint(1, 200), arrival_s=t))
+    return specs
+
+
+def run(specs: list[RequestSpec], budget_mib: int = 16, **config: object) -> SimResult:
+    options = {"allocator_calls_path": None, "check_integrity": True, **config}
+    return simulate(specs, make_allocator(budget_mib), tiny_geometry(), SimConfig(**options))
+
+
+def test_simple_trace_completes_and_phases_add_up_to_the_makespan() -> None:
+    result = run([req(i, 100 + 50 * i, 20) for i in range(10)])
+    assert result.num_completed == 10 and result.num_rejected == 0
+    assert result.num_output_tokens == 200
+    # all arrive at t=0: no idle time, so the clock is the sum of the phases
+    assert sum(result.phase_s.values()) == pytest.approx(result.makespan_s)
+    assert set(result.phase_s) == set(PHASES)
+    assert result.request_throughput == pytest.approx(10 / result.makespan_s)
+    assert result.output_token_throughput == pytest.approx(200 / result.makespan_s)
+    assert 0 < result.ttft_p50_s <= result.ttft_p99_s < result.makespan_s
+    assert 0 < result.tpot_p50_s <= result.tpot_p99_s
+    assert result.allocator == "exact-test" and result.allocator_stats["num_admits"] >= 10
+    assert result.phase_s["allocation"] > 0 and result.phase_s["recompute"] == 0
+
+
+def test_idle_time_jumps_to_the_next_arrival() -> None:
+    result = run([req(0, 50, 5, arrival_s=1.0), req(1, 50, 5, arrival_s=101.0)])
+    busy = sum(result.phase_s.values())
+    assert result.makespan_s == pytest.approx(100.0 + busy / 2, rel=1e-9)
+    # the second request found an idle server: same TTFT as the first
+    assert result.ttft_p99_s == pytest.approx(result.ttft_p50_s)
+    assert result.timeline[0]["t_s"] > 1.0
+
+
+def test_same_inputs_give_byte_identical_results() -> None:
+    specs = random_trace(150, seed=3)
+    first = json.dumps(run(specs, budget_mib=8).deterministic_dict(), sort_keys=True)
+    second = json.dumps(
+        run(list(reversed(specs)), budget_mib=8).deterministic_dict(), sort_keys=True
+    )
+    assert first == second
+    assert "measured_allocator_cpu_s" not in first
+    assert "num_preemptions" in first and json.loads(first)["num_preemptions"] > 0
+
+
+def test_to_dict_is_json_and_carries_the_measured_time() -> None:
+    result = run(random_trace(20, seed=1))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["measured_allocator_cpu_s"] > 0
+    assert set(data) - set(result.deterministic_dict()) == {"measured_allocator_cpu_s"}
+
+
+def test_preemptions_are_oom_events_and_their_recompute_is_charged() -> None:
+    result = run(random_trace(150, seed=3), budget_mib=8)
+    assert result.num_preemptions > 0
+    assert result.num_oom_events == result.num_preemptions
+    assert result.num_recompute_tokens > 0 and result.phase_s["recompute"] > 0
+    assert result.num_completed == 150
+
+
+def test_rejections_are_reported_with_reasons() -> None:
+    specs = [req(0, 10, 5), req(1, 100_000, 5), req(2, 10, 5)]
+    result = run(specs, budget_mib=4)
+    assert result.num_rejected == 1 and result.num_completed == 2
+    assert result.rejections[0]["request_id"] == 1
+    assert "empty memory" in result.rejections[0]["reason"]
+
+
+def test_progress_reaches_the_total_and_never_goes_back() -> None:
+    calls: list[tuple[int, int]] = []
+    specs = random_trace(40, seed=5) + [req(99, 100_000, 5, arrival_s=0.1)]
+    simulate(
+        specs,
+        make_allocator(8),
+        tiny_geometry(),
+        CONFIG,
+        on_progress=lambda d, t: calls.append((d, t)),
+    )
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1] == (41, 41)
+    assert all(t == 41 for _, t in calls)
+
+
+def test_timeline_is_bounded_ordered_and_within_capacity() -> None:
+    result = run(random_trace(100, seed=2), timeline_samples=25)
+    assert 20 <= len(result.timeline) <= 25
+    times = [p["t_s"] for p in result.timeline]
+    assert times == sorted(times)
+    for point in result.timeline:
+        assert point["kv_used_bytes"] <= point["kv_capacity_bytes"]
+        assert point["num_running"] <= 256
+    assert run(random_trace(10, seed=2), timeline_samples=0).timeline == []
+
+
+def test_timeline_recorder_keeps_even_spacing() -> None:
+    recorder = TimelineRecorder(target=4)
+    usage = make_allocator().usage()
+    sampled = []
+    for step in range(100):
+        if recorder.should_sample(step):
+            sampled.append(step)
+            recorder.add(float(step), usage, 0, 0)
+    points = [p["t_s"] for p in recorder.samples()]
+    assert len(points) == 4 and points[0] == 0.0
+    gaps = {b - a for a, b in zip(points, points[1:], strict=False)}
+    assert max(gaps) - min(gaps) <= recorder.stride
+
+
+def test_max_steps_is_an_error_not_a_silent_stop() -> None:
+    with pytest.raises(RuntimeError, match="max_steps=5"):
+        run([req(0, 10, 50)], max_steps=5)
+
+
+def test_used_allocator_and_duplicate_ids_are_refused() -> None:
+    allocator = make_allocator()
+    allocator.admit(7, 10)
+    with pytest.raises(ValueError, match="holds no request"):
+        simulate([req(0, 10, 5)], allocator, tiny_geometry(), CONFIG)
+    with pytest.raises(ValueError, match="unique"):
+        simulate([req(0, 10, 5), req(0, 20, 5)], make_allocator(), tiny_geometry(), CONFIG)
+
+
+def test_empty_trace_gives_an_empty_result() -> None:
+    result = run([])
+    assert result.num_requests == 0 and result.makespan_s == 0.0
+    assert result.request_throughput == 0.0 and math.isnan(result.ttft_p50_s)
+
+
+def test_calibrated_time_model_replaces_the_roofline(tmp_path: Path) -> None:
+    points = [
+        {
+            "num_prefill_tokens": p,
+            "num_decode_requests": d,
+            "num_context_tokens": c,
+            "step_s": 0.01 + 1e-6 * p + 1e-4 * d + 1e-9 * c,
+        }
+        for p in (0, 100, 1000)
+        for d in (0, 4, 32)
+        for c in (100, 10_000)
+    ]
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"gpu": "test", "model": "tiny-hybrid", "points": points}))
+    result = run([req(0, 10, 11)], calibration=str(path))
+    assert result.time_model == "CalibratedModel"
+    # prefill step then 10 decode steps, all about 10 ms
+    assert result.phase_s["compute"] == pytest.approx(11 * 0.01, rel=0.02)
+    path.write_text(json.dumps({"gpu": "test", "model": "other", "points": points}))
+    with pytest.raises(ValueError, match="not 'tiny-hybrid'"):
+        run([req(0, 10, 11)], calibration=str(path))
+
+
+def test_allocation_phase_follows_the_call_cost_file(tmp_path: Path) -> None:
+    path = tmp_path / "calls.json"
+    costs = {"admit_us": 100.0, "grow_us": 0.0, "free_us": 50.0, "failed_us": 0.0}
+    path.write_text(json.dumps({"allocators": {"exact-test": costs}}))
+    result = run([req(i, 10, 3) for i in range(4)], allocator_calls_path=str(path))
+    assert result.phase_s["allocation"] == pytest.approx(4 * 150e-6)
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_a_few_thousand_requests_simulate_quickly() -> None:
+    import time
+
+    specs = random_trace(2000, seed=11, rate=20.0, max_prompt=1000)
+    start = time.process_time()
+    result = simulate(
+        specs,
+        ExactBytesAllocator(tiny_geometry(), MemoryConfig(256 * MIB)),
+        tiny_geometry(),
+        SimConfig(allocator_calls_path=None),
+    )
+    elapsed = time.process_time() - start
+    assert result.num_completed == 2000
+    assert elapsed < 5.0, f"{elapsed:.2f} s of CPU for 2000 requests"
+
+
+HAVE_REGISTRY = importlib.util.find_spec("avmp.memory.registry") is not None
+
+
+@pytest.mark.skipif(not HAVE_REGISTRY, reason="avmp.memory.registry has not landed yet")
+@pytest.mark.parametrize("name", ["avmp", "unified", "static", "oracle"])
+def test_real_allocators_end_to_end(name: str) -> None:
+    from avmp.memory.registry import make_allocator as make_real
+    from avmp.models.zoo import resolve_model
+
+    geometry = resolve_model("jamba-1.5-mini")
+    rng = random.Random(0)
+    specs = [
+        req(
+            i,
+            rng.choice([rng.randint(64, 512), rng.randint(4000, 20000)]),
+            rng.randint(8, 64),
+            arrival_s=i * 0.01,
+        )
+        for i in range(120)
+    ]
+
+    def once() -> SimResult:
+        allocator = make_real(name, geometry, MemoryConfig(1 << 30))
+        return simulate(
+            specs, allocator, geometry, SimConfig(allocator_calls_path=None, check_integrity=True)
+        )
+
+    result = once()
+    assert result.num_completed + result.num_rejected == 120
+    assert result.num_completed > 0
+    assert result.allocator_stats["num_frees"] >= result.num_completed
+    expected_migration = result.allocator_stats["num_chunks_migrated"] * 68e-6
+    assert result.phase_s["migration"] == pytest.approx(expected_migration)
+    assert json.dumps(result.deterministic_dict()) == json.dumps(once().deterministic_dict())

@@ -1,0 +1,203 @@
+"""The step-time model: roofline sanity, calibration fit and cost loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_geometry
+
+from avmp.models.geometry import AttentionLayer, ModelGeometry
+from avmp.sim.scheduler import ScheduledChunk
+from avmp.sim.timing import (
+    GPU_PROFILES,
+    AllocatorCallCosts,
+    BatchShape,
+    MemoryMoveCosts,
+    RooflineModel,
+    fit_calibration,
+    get_profile,
+    load_allocator_call_costs,
+    load_calibration,
+    without_recompute,
+)
+
+
+def dense_8b(num_active_params: int = 8_000_000_000) -> ModelGeometry:
+    """An 8B model with Llama-3-8B's attention (32 layers, 8 KV heads of 128)."""
+    return ModelGeometry(
+        name="dense-8b",
+        family="test",
+        num_layers=32,
+        attention_layers=tuple(AttentionLayer(i, 8, 128) for i in range(32)),
+        recurrent_layers=(),
+        hidden_size=4096,
+        vocab_size=128_256,
+        num_params=8_000_000_000,
+        num_active_params=num_active_params,
+    )
+
+
+def decode_batch(num_requests: int, context: int) -> BatchShape:
+    return BatchShape.from_chunks(
+        [ScheduledChunk(i, context, 1, 0, True, False) for i in range(num_requests)]
+    )
+
+
+def test_profiles_have_datasheet_magnitudes() -> None:
+    assert set(GPU_PROFILES) == {"rtx3060", "a100", "h100", "h200"}
+    h100, h200 = get_profile("h100"), get_profile("h200")
+    assert h200.hbm_bytes_per_s > h100.hbm_bytes_per_s > get_profile("a100").hbm_bytes_per_s
+    assert get_profile("rtx3060").memory_bytes == 12 << 30
+    with pytest.raises(ValueError, match="known: rtx3060, a100, h100, h200"):
+        get_profile("tpu")
+
+
+def test_decode_of_an_8b_model_at_batch_1_is_memory_bound_on_h100() -> None:
+    model = RooflineModel(dense_8b(), get_profile("h100"))
+    shape = decode_batch(1, context=1000)
+    memory_s = model.step_bytes(shape) / model.profile.effective_bytes_per_s
+    compute_s = model.step_flops(shape) / model.profile.effective_flops_per_s
+    assert memory_s > 20 * compute_s
+    # 16 GB of weights at 80% of 3.35 TB/s: about 6 ms, plus the fixed overhead
+    assert model.step_seconds(shape) == pytest.approx(16e9 / 2.68e12 + 1e-3, rel=0.01)
+
+
+def test_large_prefill_is_compute_bound() -> None:
+    model = RooflineModel(dense_8b(), get_profile("h100"))
+    shape = BatchShape.from_chunks([ScheduledChunk(0, 0, 8192, 0, False, True)])
+    memory_s = model.step_bytes(shape) / model.profile.effective_bytes_per_s
+    compute_s = model.step_flops(shape) / model.profile.effective_flops_per_s
+    assert compute_s > memory_s
+
+
+@pytest.mark.parametrize("profile", sorted(GPU_PROFILES))
+def test_step_time_is_monotone_in_the_batch(profile: str) -> None:
+    model = RooflineModel(dense_8b(), get_profile(profile))
+    decode = [model.step_seconds(decode_batch(n, 2000)) for n in (1, 2, 8, 64, 256, 1024)]
+    context = [model.step_seconds(decode_batch(32, c)) for c in (10, 1000, 10_000, 100_000)]
+    prefill = [
+        model.step_seconds(BatchShape.from_chunks([ScheduledChunk(0, 0, n, 0, False, True)]))
+        for n in (1, 64, 512, 4096, 16384)
+    ]
+    for series in (decode, context, prefill):
+        assert series == sorted(series) and series[0] < series[-1]
+
+
+def test_faster_gpu_is_faster() -> None:
+    shape = decode_batch(16, 4000)
+    times = [RooflineModel(dense_8b(), get_profile(p)).step_seconds(shape) for p in GPU_PROFILES]
+    assert times == sorted(times, reverse=True)
+
+
+def test_moe_reads_active_weights_at_batch_1_and_nearly_all_at_large_batch() -> None:
+    model = RooflineModel(dense_8b(num_active_params=1_000_000_000), get_profile("h100"))
+    assert model.weight_bytes_read(1) == pytest.approx(2e9)
+    assert model.weight_bytes_read(64) > 0.99 * 16e9
+
+
+def test_state_traffic_is_counted_per_scheduled_request() -> None:
+    geometry = tiny_geometry()
+    model = RooflineModel(geometry, get_profile("h100"))
+    one, two = decode_batch(1, 100), decode_batch(2, 100)
+    extra = model.step_bytes(two) - model.step_bytes(one)
+    kv = (101 + 1) * geometry.kv_bytes_per_token
+    assert extra == pytest.approx(2 * geometry.state_bytes_per_request + kv)
+
+
+def test_batch_shape_counts_causal_attention_pairs() -> None:
+    shape = BatchShape.from_chunks(
+        [ScheduledChunk(0, 10, 4, 0, False, False), ScheduledChunk(1, 99, 1, 0, True, False)]
+    )
+    assert shape.num_prefill_tokens == 4 and shape.num_decode_requests == 1
+    assert shape.num_context_tokens == 14 + 100
+    assert shape.num_attention_pairs == (11 + 12 + 13 + 14) + 100
+    assert shape.num_requests == 2
+
+
+def test_without_recompute_keeps_only_fresh_tokens() -> None:
+    chunks = (
+        ScheduledChunk(0, 0, 100, 100, False, True),
+        ScheduledChunk(1, 0, 100, 60, False, True),
+        ScheduledChunk(2, 50, 1, 0, True, False),
+    )
+    fresh = without_recompute(chunks)
+    assert [(c.request_id, c.start, c.num_tokens) for c in fresh] == [(1, 60, 40), (2, 50, 1)]
+
+
+def synthetic_points(coefficients: tuple[float, float, float, float]) -> list[dict[str, float]]:
+    c0, c1, c2, c3 = coefficients
+    points = []
+    for prefill in (0, 256, 2048):
+        for decode in (0, 8, 64):
+            for context in (1000, 50_000):
+                step = c0 + c1 * prefill + c2 * decode + c3 * context
+                points.append(
+                    {
+                        "num_prefill_tokens": prefill,
+                        "num_decode_requests": decode,
+                        "num_context_tokens": context,
+                        "step_s": step,
+                    }
+                )
+    return points
+
+
+def test_calibration_recovers_the_coefficients(tmp_path: Path) -> None:
+    truth = (0.004, 2e-5, 1e-4, 3e-8)
+    path = tmp_path / "cal.json"
+    payload = {"gpu": "h100", "model": "m", "points": synthetic_points(truth)}
+    path.write_text(json.dumps(payload))
+    model = load_calibration(path)
+    assert model.coefficients == pytest.approx(truth, rel=1e-6, abs=1e-12)
+    assert model.gpu == "h100" and model.model == "m" and model.num_points == 18
+    shape = BatchShape(num_prefill_tokens=100, num_decode_requests=3, num_context_tokens=5000)
+    assert model.step_seconds(shape) == pytest.approx(0.004 + 2e-3 + 3e-4 + 1.5e-4)
+    assert model.step_seconds(BatchShape()) == 0.0
+
+
+def test_calibration_never_predicts_below_the_fastest_measured_step() -> None:
+    points = synthetic_points((-0.01, 1e-4, 1e-3, 1e-7))
+    points = [p for p in points if p["step_s"] > 0]
+    model = fit_calibration(points, "x", None)
+    tiny = BatchShape(num_decode_requests=1, num_context_tokens=1)
+    assert model.step_seconds(tiny) == min(p["step_s"] for p in points)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"points": []}, "at least 4 points"),
+        ({"nope": 1}, "points"),
+        ({"points": [{"num_prefill_tokens": 1}] * 4}, "bad or missing field"),
+        ({"points": synthetic_points((1, 0, 0, 0))[:1] * 5}, "do not vary enough"),
+    ],
+)
+def test_bad_calibration_files_name_the_file(tmp_path: Path, payload: object, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=message) as info:
+        load_calibration(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_allocator_call_costs_from_the_benchmark_file(tmp_path: Path) -> None:
+    assert load_allocator_call_costs("avmp", tmp_path / "absent.json") == AllocatorCallCosts()
+    path = tmp_path / "calls.json"
+    path.write_text(json.dumps({"allocators": {"avmp": {"admit_us": 7.5, "grow_us": 1.25}}}))
+    costs = load_allocator_call_costs("avmp", path)
+    assert (costs.admit_us, costs.grow_us) == (7.5, 1.25)
+    assert costs.free_us == AllocatorCallCosts().free_us and costs.source == str(path)
+    assert load_allocator_call_costs("static", path) == AllocatorCallCosts()
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="calls.json"):
+        load_allocator_call_costs("avmp", path)
+
+
+def test_compaction_runs_at_half_the_effective_bandwidth_unless_given() -> None:
+    h100 = get_profile("h100")
+    assert MemoryMoveCosts().compaction_rate(h100) == h100.effective_bytes_per_s / 2
+    assert MemoryMoveCosts(compaction_bytes_per_s=1e9).compaction_rate(h100) == 1e9
+    # PEERS.md: a 128 MiB device copy took ~0.1 ms on an H100
+    assert (128 << 20) / MemoryMoveCosts().compaction_rate(h100) == pytest.approx(1e-4, rel=0.2)
