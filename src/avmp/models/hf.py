@@ -249,12 +249,18 @@ class _AttnDims:
 
 
 def _attn_dims(
-    cfg: _Config, hidden: int, *, heads_default: int, head_dim_default: int | None = None
+    cfg: _Config,
+    hidden: int,
+    *,
+    heads_default: int,
+    kv_heads_default: int | None = None,
+    head_dim_default: int | None = None,
 ) -> _AttnDims:
-    """Attention dims; ``head_dim`` falls back to ``hidden / heads`` as in transformers
-    unless the family's config class has its own default."""
+    """Attention dims with the family's transformers defaults: KV heads default to the
+    query heads where the class default is None; ``head_dim`` falls back to
+    ``hidden / heads`` unless the class has its own default."""
     num_heads = cfg.dim("num_attention_heads", heads_default)
-    num_kv_heads = cfg.dim("num_key_value_heads", num_heads)
+    num_kv_heads = cfg.dim("num_key_value_heads", kv_heads_default or num_heads)
     if cfg.has("head_dim") or head_dim_default is not None:
         head_dim = cfg.dim("head_dim", head_dim_default)
     else:
@@ -297,7 +303,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
     MoE MLP every ``expert_layer_period``-th layer from an offset."""
     b = _base(cfg, "jamba", layers_default=32, hidden_default=4096, vocab_default=65536)
     h = b.hidden_size
-    attn = _attn_dims(cfg, h, heads_default=32)
+    attn = _attn_dims(cfg, h, heads_default=32, kv_heads_default=8)
     d_inner = cfg.dim("mamba_expand", 2) * h
     d_state, d_conv = cfg.dim("mamba_d_state", 16), cfg.dim("mamba_d_conv", 4)
     dt_rank_raw = cfg.value("mamba_dt_rank", "auto")
@@ -328,7 +334,7 @@ def _bamba(cfg: _Config, opt: _Options) -> _Build:
         "full_attention" if i in attn_indices else "linear_attention" for i in range(b.num_layers)
     ]
     mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
-    _hybrid_mamba2_layers(b, cfg, opt, types, lambda _: b.params.add(mlp), heads_default=32)
+    _hybrid_mamba2_layers(b, cfg, opt, types, lambda _: b.params.add(mlp), kv_heads_default=8)
     _add_embeddings(b, cfg, False)
     return b
 
@@ -352,7 +358,7 @@ def _granite_hybrid(cfg: _Config, opt: _Options) -> _Build:
         if experts:
             _add_moe(b.params, b.hidden_size, experts, top_k, expert)
 
-    _hybrid_mamba2_layers(b, cfg, opt, types, add_mlp, heads_default=32)
+    _hybrid_mamba2_layers(b, cfg, opt, types, add_mlp, kv_heads_default=None)
     _add_embeddings(b, cfg, False)
     return b
 
@@ -364,12 +370,12 @@ def _hybrid_mamba2_layers(
     types: list[str],
     add_mlp: Callable[[int], None],
     *,
-    heads_default: int,
+    kv_heads_default: int | None,
 ) -> None:
     """Bamba / Granite layout: each layer is attention or Mamba2, followed by an MLP."""
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, b.hidden_size, heads_default=heads_default)
+    attn = _attn_dims(cfg, b.hidden_size, heads_default=32, kv_heads_default=kv_heads_default)
     dims = _mamba2_dims(cfg, cfg.dim("mamba_expand", 2) * b.hidden_size)
     for i, kind in enumerate(types):
         if kind == "full_attention":
@@ -405,7 +411,13 @@ def _nemotron_h(cfg: _Config, opt: _Options) -> _Build:
         "nemotron_h", len(types), cfg.dim("hidden_size", 4096), cfg.dim("vocab_size", 131072)
     )
     h = b.hidden_size
-    attn = _attn_dims(cfg, h, heads_default=32, head_dim_default=cfg.dim("attention_head_dim", 128))
+    attn = _attn_dims(
+        cfg,
+        h,
+        heads_default=32,
+        kv_heads_default=8,
+        head_dim_default=cfg.dim("attention_head_dim", 128),
+    )
     # NemotronHConfig lets the legacy mamba_* spellings override the plain ones.
     dims = _Mamba2Dims(
         num_heads=cfg.dim("mamba_num_heads", 128),
@@ -444,7 +456,7 @@ def _nemotron_moe(b: _Build, cfg: _Config) -> None:
 def _falcon_h1(cfg: _Config, opt: _Options) -> _Build:
     """Falcon-H1: attention and Mamba2 side by side in every layer, then a gated MLP."""
     b = _base(cfg, "falcon_h1", layers_default=32, hidden_default=4096, vocab_default=128000)
-    attn = _attn_dims(cfg, b.hidden_size, heads_default=32)
+    attn = _attn_dims(cfg, b.hidden_size, heads_default=32, kv_heads_default=8)
     dims = _mamba2_dims(cfg, _falcon_d_ssm(cfg, b.hidden_size))
     mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
     for i in range(b.num_layers):
@@ -531,7 +543,7 @@ def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
         ]
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, h, heads_default=16)
+    attn = _attn_dims(cfg, h, heads_default=16, kv_heads_default=2, head_dim_default=256)
     dims = _DeltaNetDims(
         key_heads=cfg.dim("linear_num_key_heads", 16),
         value_heads=cfg.dim("linear_num_value_heads", 32),
@@ -591,7 +603,7 @@ def _minimax(cfg: _Config, opt: _Options) -> _Build:
     types = _minimax_types(cfg, b.num_layers)
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, h, heads_default=32)
+    attn = _attn_dims(cfg, h, heads_default=32, kv_heads_default=8)
     expert = _mlp_params(h, cfg.dim("intermediate_size", 14336))
     experts, top_k = cfg.dim("num_local_experts", 8), cfg.dim("num_experts_per_tok", 2)
     for i, kind in enumerate(types):
