@@ -295,3 +295,64 @@ def run_experts(
         y = expert_fn(expert, x[token_idx]) * top_k_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba1 selective-scan mixer with Jamba's RMS norms on dt, B and C."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        hidden_size: int,
+        intermediate_size: int,
+        d_state: int,
+        d_conv: int,
+        dt_rank: int,
+        eps: float,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.intermediate_size, self.d_state, self.d_conv = intermediate_size, d_state, d_conv
+        self.conv_dim, self.dt_rank = intermediate_size, dt_rank
+        i = intermediate_size
+        self.conv1d = nn.Conv1d(i, i, d_conv, groups=i, padding=d_conv - 1, bias=conv_bias)
+        self.in_proj = nn.Linear(hidden_size, 2 * i, bias=proj_bias)
+        self.x_proj = nn.Linear(i, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, i, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(i, d_state))
+        self.D = nn.Parameter(torch.ones(i))
+        self.out_proj = nn.Linear(i, hidden_size, bias=proj_bias)
+        self.dt_layernorm = RMSNorm(dt_rank, eps)
+        self.b_layernorm = RMSNorm(d_state, eps)
+        self.c_layernorm = RMSNorm(d_state, eps)
+
+    @property
+    def ssm_shape(self) -> tuple[int, int]:
+        return (self.intermediate_size, self.d_state)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        xs, gate = self.in_proj(x).chunk(2, dim=-1)
+        conv_states, ssm_states = cache.state(self.layer_index)
+        out = xs.new_empty(xs.shape)
+        for seq in batch.sequences:
+            conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
+            if seq.num_context == 0:
+                conv.zero_()
+                ssm.zero_()
+            out[seq.tokens] = self.mix_sequence(xs[seq.tokens], gate[seq.tokens], conv, ssm)
+        return self.out_proj(out.to(x.dtype))
+
+    def mix_sequence(
+        self, xs: torch.Tensor, gate: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
+    ) -> torch.Tensor:
+        weight = self.conv1d.weight.squeeze(1)
+        xs = ref.causal_conv1d(xs, conv, weight, self.conv1d.bias, "silu")  # [T, I]
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt = (self.dt_proj.weight @ dt.t()).t()  # [T, I], bias added after (as transformers)
+        dt = F.softplus(dt + self.dt_proj.bias.float())
+        A = -torch.exp(self.A_log.float())
+        y = ref.mamba1_scan(xs, dt, A, B, C, self.D, ssm)
+        return (y * F.silu(gate.float())).to(xs.dtype)

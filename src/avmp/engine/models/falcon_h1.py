@@ -1,0 +1,193 @@
+"""Falcon-H1: every block runs attention and a Mamba2 mixer side by side on the same
+normed input and adds their outputs, with muP multipliers throughout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import (
+    Mamba2Mixer,
+    PagedAttention,
+    RMSNorm,
+    Rotary,
+    activation,
+    apply_rotary,
+    rope_theta,
+)
+
+
+def mup_vector(config: Any, intermediate: int) -> torch.Tensor:
+    """Per-channel multipliers of the in_proj output (z, x, B, C, dt sections)."""
+    gs = config.mamba_n_groups * config.mamba_d_state
+    sizes = [intermediate, intermediate, gs, gs, config.mamba_n_heads]
+    parts = [torch.full((n,), float(m)) for n, m in zip(sizes, config.ssm_multipliers, strict=True)]
+    return torch.cat(parts)
+
+
+class FalconGatedNorm(nn.Module):
+    """Grouped RMS norm with the gate applied before or after it."""
+
+    def __init__(self, size: int, n_groups: int, eps: float, norm_before_gate: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.n_groups, self.eps, self.norm_before_gate = n_groups, eps, norm_before_gate
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if not self.norm_before_gate:
+            x = x * F.silu(gate.float())
+        h = x.float().view(x.shape[0], self.n_groups, -1)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = (self.weight.view(self.n_groups, -1) * h).view(x.shape)
+        if self.norm_before_gate:
+            h = h * F.silu(gate.float())
+        return h.to(dtype)
+
+
+class FalconMixer(Mamba2Mixer):
+    """Mamba2 with muP input/in_proj multipliers and an optional gated norm."""
+
+    def __init__(self, config: Any, layer_index: int) -> None:
+        intermediate = config.mamba_d_ssm or int(config.mamba_expand * config.hidden_size)
+        super().__init__(
+            layer_index,
+            config.hidden_size,
+            num_heads=config.mamba_n_heads,
+            head_dim=config.mamba_d_head,
+            n_groups=config.mamba_n_groups,
+            d_state=config.mamba_d_state,
+            d_conv=config.mamba_d_conv,
+            chunk_size=config.mamba_chunk_size,
+            eps=config.rms_norm_eps,
+            conv_bias=config.mamba_conv_bias,
+            proj_bias=config.mamba_proj_bias,
+            time_step_limit=tuple(config.time_step_limit or (0.0, float("inf"))),
+        )
+        if self.intermediate_size != intermediate:
+            raise ValueError("Falcon-H1: mamba_n_heads * mamba_d_head must equal mamba_d_ssm")
+        self.out_proj = nn.Linear(intermediate, config.hidden_size, bias=config.projectors_bias)
+        del self.norm
+        if config.mamba_rms_norm:
+            self.norm = FalconGatedNorm(
+                intermediate,
+                config.mamba_n_groups,
+                config.rms_norm_eps,
+                config.mamba_norm_before_gate,
+            )
+        self.ssm_in_multiplier = config.ssm_in_multiplier
+        self.register_buffer("mup_vector", mup_vector(config, intermediate), persistent=False)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        proj = self.in_proj(x * self.ssm_in_multiplier) * self.mup_vector
+        gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        y = self.mix(xbc, dt, batch, cache)
+        y = self.norm(y, gate) if hasattr(self, "norm") else y * F.silu(gate)
+        return self.out_proj(y.to(x.dtype))
+
+
+class FalconAttention(PagedAttention):
+    """Attention whose keys are scaled by ``key_multiplier`` before rotary."""
+
+    def __init__(self, config: Any, layer_index: int) -> None:
+        head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
+        super().__init__(
+            layer_index,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim,
+            scale=head_dim**-0.5,
+            bias=config.attention_bias,
+        )
+        self.key_multiplier = config.key_multiplier
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: CacheViews,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        assert rope is not None
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim) * self.key_multiplier
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.o_proj(self.attend(q, k, v, batch, cache).reshape(x.shape[0], -1))
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = activation(config.hidden_act)
+        self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up_proj(x) * self.act(self.gate_proj(x) * self.gate_multiplier)
+        return self.down_proj(y) * self.down_multiplier
+
+
+class FalconBlock(nn.Module):
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mamba = FalconMixer(config, layer_index)
+        self.self_attn = FalconAttention(config, layer_index)
+        self.feed_forward = FalconMLP(config)
+        self.attention_in_multiplier = config.attention_in_multiplier
+        self.ssm_out_multiplier = config.ssm_out_multiplier
+        self.attn_out_multiplier = config.attention_out_multiplier
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: CacheViews,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        ssm = self.mamba(h, batch, cache) * self.ssm_out_multiplier
+        attn = self.self_attn(h * self.attention_in_multiplier, batch, cache, rope)
+        x = x + (ssm + attn * self.attn_out_multiplier)
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class FalconBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class FalconH1Model(HybridModel):
+    family = "falcon_h1"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.model = FalconBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
+        self.rotary = Rotary(head_dim, rope_theta(config))
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache, rope)
+        return self.model.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (self.lm_head(hidden) * self.config.lm_head_multiplier).float()

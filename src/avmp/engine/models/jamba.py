@@ -1,0 +1,118 @@
+"""Jamba: Mamba1 blocks with attention every few layers (no positional embedding), and
+a softmax top-k mixture of experts on every other block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import GatedMLP, Mamba1Mixer, PagedAttention, RMSNorm, run_experts
+
+
+class JambaRouter(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(nn.functional.linear(x, self.weight), dim=-1, dtype=torch.float)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        return weights.to(x.dtype), index
+
+
+class JambaMoE(nn.Module):
+    """Top-k experts, each a gated MLP, in the checkpoint's per-expert layout."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.router = JambaRouter(config)
+        self.experts = nn.ModuleList(
+            GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+            for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.router(x)
+        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
+        return out.to(x.dtype)
+
+
+class JambaBlock(nn.Module):
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps)
+        self.feed_forward: nn.Module
+        if config.layers_num_experts[layer_index] > 1:
+            self.feed_forward = JambaMoE(config)
+        else:
+            self.feed_forward = GatedMLP(
+                config.hidden_size, config.intermediate_size, config.hidden_act
+            )
+        self.mamba: Mamba1Mixer | None = None
+        self.self_attn: PagedAttention | None = None
+        if config.layer_types[layer_index] == "full_attention":
+            head_dim = config.hidden_size // config.num_attention_heads
+            self.self_attn = PagedAttention(
+                layer_index,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                head_dim,
+                scale=head_dim**-0.5,
+            )
+        else:
+            self.mamba = Mamba1Mixer(
+                layer_index,
+                config.hidden_size,
+                intermediate_size=config.mamba_expand * config.hidden_size,
+                d_state=config.mamba_d_state,
+                d_conv=config.mamba_d_conv,
+                dt_rank=config.mamba_dt_rank,
+                eps=eps,
+                conv_bias=config.mamba_conv_bias,
+                proj_bias=config.mamba_proj_bias,
+            )
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.mamba is not None:
+            h = self.mamba(h, batch, cache)
+        else:
+            assert self.self_attn is not None
+            h = self.self_attn(h, batch, cache, None)
+        x = x + h
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class JambaBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(JambaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class JambaModel(HybridModel):
+    family = "jamba"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.model = JambaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache)
+        return self.model.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
