@@ -254,6 +254,7 @@ def test_inconsistent_layouts() -> None:
     )
     _raises(_config("jamba-v0.1", num_attention_heads=3), "not a multiple of num_attention_heads 3")
     _raises(_config("mamba2-2.7b", ssm_cfg={"layer": "Mamba1"}), "only Mamba2")
+    _raises(_config("mamba2-2.7b", ssm_cfg=[1]), "'ssm_cfg' must be an object")
 
 
 def test_bad_options() -> None:

@@ -124,6 +124,15 @@ _TINY: dict[str, dict[str, Any]] = {
         "shared_expert_intermediate_size": 16,
         "full_attention_interval": 2,
     },
+    "mamba2": {
+        "hidden_size": 32,
+        "num_heads": 8,
+        "head_dim": 8,
+        "state_size": 8,
+        "n_groups": 2,
+        "num_hidden_layers": 2,
+        "chunk_size": 8,
+    },
     "minimax": {
         "hidden_size": 32,
         "intermediate_size": 32,
@@ -149,6 +158,7 @@ _SSM_DTYPE_IN_TRANSFORMERS = {
     "zamba2": "float32",
     "qwen3_next": "float32",
     "minimax": "bfloat16",
+    "mamba2": "float32",
 }
 
 
@@ -159,7 +169,8 @@ def _run_tiny(model_type: str, config: dict[str, Any]) -> Any:
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.bfloat16).eval()
     with torch.no_grad():
         out = model(torch.randint(0, VOCAB, (BATCH, TOKENS)), use_cache=True)
-    return out.past_key_values
+    # Pure Mamba2 returns its cache as ``cache_params``.
+    return out.past_key_values if "past_key_values" in out else out.cache_params
 
 
 def _first(states: Any) -> Any:

@@ -639,10 +639,7 @@ def _mamba2_pure(cfg: _Config, opt: _Options) -> _Build:
 def _mamba_ssm(cfg: _Config, opt: _Options) -> _Build:
     """A ``mamba_ssm`` checkpoint config (``d_model``, ``n_layer``, ``ssm_cfg``), as the
     state-spaces Mamba2 checkpoints ship it; optional attention at ``attn_layer_idx``."""
-    ssm_cfg = cfg.value("ssm_cfg", {})
-    if not isinstance(ssm_cfg, dict):
-        raise cfg.fail(f"'ssm_cfg' must be an object, got {ssm_cfg!r}")
-    ssm = _Config(ssm_cfg, f"{cfg.label} ssm_cfg")
+    ssm = _sub_config(cfg, "ssm_cfg")
     if ssm.value("layer", "Mamba1") != "Mamba2":
         raise cfg.fail("only Mamba2 mamba_ssm checkpoints are supported (ssm_cfg.layer)")
     b = _Build("mamba2", cfg.dim("n_layer"), cfg.dim("d_model"), _padded_vocab(cfg))
@@ -675,8 +672,16 @@ def _padded_vocab(cfg: _Config) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def _sub_config(cfg: _Config, key: str) -> _Config:
+    """A nested object of a mamba_ssm config (``ssm_cfg``, ``attn_cfg``)."""
+    nested = cfg.value(key, {})
+    if not isinstance(nested, dict):
+        raise cfg.fail(f"{key!r} must be an object, got {nested!r}")
+    return _Config(nested, f"{cfg.label} {key}")
+
+
 def _mamba_ssm_attention(b: _Build, cfg: _Config, index: int, opt: _Options) -> None:
-    attn_cfg = _Config(cfg.value("attn_cfg", {}), f"{cfg.label} attn_cfg")
+    attn_cfg = _sub_config(cfg, "attn_cfg")
     heads = attn_cfg.dim("num_heads")
     head_dim = attn_cfg.dim("head_dim", b.hidden_size // heads)
     _add_attention(b, index, _AttnDims(heads, attn_cfg.dim("num_heads_kv", heads), head_dim), opt)
