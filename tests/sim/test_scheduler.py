@@ -6,6 +6,8 @@ import random
 
 import pytest
 from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from avmp.memory.spec import MemoryConfig, RequestBlocks
 from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
@@ -22,6 +24,7 @@ def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
         plan = scheduler.schedule()
         scheduler.finish_step(plan)
         scheduler.allocator.check_integrity()
+        scheduler.check_integrity()
         plans.append(plan)
         assert len(plans) < max_steps, "scheduler did not finish"
     return plans
@@ -83,6 +86,7 @@ def test_limits_hold_on_a_random_trace(max_num_seqs: int, budget: int) -> None:
         for request_id in scheduler.finish_step(plan).emitted:
             emitted[request_id] += 1
         scheduler.allocator.check_integrity()
+        scheduler.check_integrity()
     assert emitted == {spec.request_id: spec.output_tokens for spec in specs}
     assert all(r.status is RequestStatus.FINISHED for r in scheduler.requests.values())
 
@@ -141,6 +145,7 @@ def test_preempted_request_is_recomputed_and_completes() -> None:
         for request_id in scheduler.finish_step(plan).emitted:
             emitted[request_id] += 1
         allocator.check_integrity()
+        scheduler.check_integrity()
     assert scheduler.num_preemptions >= 1
     assert recompute_chunks, "a preempted request must be recomputed"
     first = recompute_chunks[0]
@@ -171,6 +176,7 @@ def test_request_larger_than_memory_is_rejected_with_a_reason() -> None:
     plan = scheduler.schedule()
     assert plan.rejected == (rejection,)
     assert [c.request_id for c in plan.chunks] == [1]
+    scheduler.finish_step(plan)
     run_to_end(scheduler)
     assert scheduler.requests[0].status is RequestStatus.REJECTED
     assert scheduler.requests[1].status is RequestStatus.FINISHED
@@ -211,6 +217,17 @@ def test_stopped_request_finishes_early_and_frees_memory() -> None:
     assert [r.request_id for r in scheduler.running] == [0]
 
 
+def test_plans_are_finished_once_and_in_order() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig())
+    scheduler.add_request(req(0, prompt=10, output=5))
+    plan = scheduler.schedule()
+    with pytest.raises(RuntimeError, match="before finish_step"):
+        scheduler.schedule()
+    scheduler.finish_step(plan)
+    with pytest.raises(RuntimeError, match="last schedule"):
+        scheduler.finish_step(plan)
+
+
 def test_duplicate_request_id_is_an_error() -> None:
     scheduler = Scheduler(make_allocator(), SchedulerConfig())
     scheduler.add_request(req(0, prompt=10, output=5))
@@ -233,3 +250,53 @@ def test_same_trace_gives_the_same_plans() -> None:
         return run_to_end(scheduler)
 
     assert plans() == plans()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 600), st.integers(1, 30)), min_size=1, max_size=25),
+    budget_pages=st.integers(0, 200),
+    max_num_seqs=st.integers(1, 8),
+    max_tokens=st.integers(1, 300),
+    stop_every=st.integers(0, 7),
+)
+def test_random_traces_keep_every_invariant_and_finish(
+    lengths: list[tuple[int, int]],
+    budget_pages: int,
+    max_num_seqs: int,
+    max_tokens: int,
+    stop_every: int,
+) -> None:
+    """Whatever the trace and limits: invariants hold after each step, each plan respects
+    the limits, and every request ends finished (all its tokens emitted, or stopped) or
+    rejected because it could not fit alone."""
+    budget = 2 * SLOT + budget_pages * PAGE + 2 * MIB
+    allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget))
+    scheduler = Scheduler(allocator, SchedulerConfig(max_num_seqs, max_tokens))
+    specs = [req(i, prompt, output) for i, (prompt, output) in enumerate(lengths)]
+    for spec in specs:
+        scheduler.add_request(spec)
+    emitted = dict.fromkeys(range(len(specs)), 0)
+    stopped: set[int] = set()
+    for step in range(100_000):
+        if not scheduler.has_unfinished:
+            break
+        plan = scheduler.schedule()
+        assert plan.num_tokens <= max_tokens and len(plan.chunks) <= max_num_seqs
+        stop = [c.request_id for c in plan.chunks if stop_every and c.request_id % stop_every == 1]
+        outcome = scheduler.finish_step(plan, stopped=stop[:1] if step % 5 == 0 else [])
+        stopped |= {r for r in outcome.finished if r in stop}
+        for request_id in outcome.emitted:
+            emitted[request_id] += 1
+        allocator.check_integrity()
+        scheduler.check_integrity()
+    assert not scheduler.has_unfinished
+    rejected = {r.request_id for r in scheduler.rejections}
+    for spec in specs:
+        request = scheduler.requests[spec.request_id]
+        if spec.request_id in rejected:
+            assert not allocator.fits_alone(spec.total_tokens)
+        elif spec.request_id not in stopped:
+            assert request.status is RequestStatus.FINISHED
+            assert emitted[spec.request_id] == spec.output_tokens
+    assert allocator.request_ids == []

@@ -241,3 +241,34 @@ def test_real_allocators_end_to_end(name: str) -> None:
     expected_migration = result.allocator_stats["num_chunks_migrated"] * 68e-6
     assert result.phase_s["migration"] == pytest.approx(expected_migration)
     assert json.dumps(result.deterministic_dict()) == json.dumps(once().deterministic_dict())
+
+
+_CHILD = """
+import json, random, sys
+sys.path.insert(0, {tests!r})
+from conftest import make_allocator, tiny_geometry
+from test_simulator import random_trace
+from avmp.sim.simulator import SimConfig, simulate
+result = simulate(random_trace(120, seed=4), make_allocator(8), tiny_geometry(),
+                  SimConfig(allocator_calls_path=None))
+print(json.dumps(result.deterministic_dict(), sort_keys=True))
+"""
+
+
+def test_results_do_not_depend_on_the_process_or_its_hash_seed() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = _CHILD.format(tests=str(Path(__file__).parent))
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["num_completed"] == 120

@@ -192,6 +192,7 @@ class Scheduler:
         self.rejections: list[Rejection] = []
         self.num_preemptions = 0
         self._pending_rejections: list[Rejection] = []
+        self._outstanding: StepPlan | None = None
 
     # ---- requests in --------------------------------------------------------------------
 
@@ -238,18 +239,22 @@ class Scheduler:
         As in vLLM V1, no waiting request is admitted in a step that preempted one, so a
         preempted request is not immediately re-admitted into the memory it just lost.
         """
+        if self._outstanding is not None:
+            raise RuntimeError("schedule() called again before finish_step() of the last plan")
         budget = _Budget(tokens=self.config.max_num_batched_tokens)
         budget.rejected.extend(self._pending_rejections)
         self._pending_rejections.clear()
         self._schedule_running(budget)
         if not budget.preempted:
             self._schedule_waiting(budget)
-        return StepPlan(
+        plan = StepPlan(
             tuple(budget.chunks),
             tuple(budget.preempted),
             tuple(budget.rejected),
             budget.num_recompute_tokens,
         )
+        self._outstanding = plan
+        return plan
 
     def _schedule_running(self, budget: _Budget) -> None:
         """Give each running request, in admission order, its next tokens under the budget;
@@ -376,12 +381,16 @@ class Scheduler:
         """Record that the plan's chunks were computed.
 
         Args:
-            plan: the plan returned by the last `schedule()`.
+            plan: the plan returned by the last `schedule()` (each plan is finished once,
+                before the next is made).
             stopped: requests the caller ends now although they have output tokens left
                 (the engine's end-of-sequence token); they finish like the others.
         Returns:
             The requests that sampled a token, and those that finished (their memory freed).
         """
+        if plan is not self._outstanding:
+            raise RuntimeError("finish_step() needs the plan of the last schedule() call")
+        self._outstanding = None
         stop = set(stopped)
         emitted: list[int] = []
         finished: list[int] = []
@@ -412,3 +421,33 @@ class Scheduler:
             self.allocator.free(request_id)
             self.requests[request_id].status = RequestStatus.FINISHED
         self.running = [r for r in self.running if r.request_id not in done]
+
+    # ---- invariants ---------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless the queues, the statuses and the allocator agree.
+
+        Call between steps (after `finish_step`): then every running request holds exactly
+        its computed tokens, and only running requests hold memory.
+        """
+        running_ids = [r.request_id for r in self.running]
+        assert len(self.running) <= self.config.max_num_seqs, "too many running requests"
+        assert sorted(running_ids) == sorted(self.allocator.request_ids), (
+            f"running {running_ids} vs live in the allocator {self.allocator.request_ids}"
+        )
+        for request in self.running:
+            assert request.status is RequestStatus.RUNNING, f"{request.request_id}: status"
+            held = self.allocator.num_tokens(request.request_id)
+            assert held == request.num_computed, (
+                f"request {request.request_id}: allocator holds {held} tokens, "
+                f"computed {request.num_computed}"
+            )
+            assert 0 < request.num_computed < request.num_tokens
+        for request in self.waiting:
+            assert request.status is RequestStatus.WAITING, f"{request.request_id}: status"
+            assert request.num_computed == 0, f"{request.request_id}: waiting with a cache"
+        queued = len(self.running) + len(self.waiting)
+        assert len(set(running_ids) | {r.request_id for r in self.waiting}) == queued
+        for request in self.requests.values():
+            assert request.num_output <= request.output_tokens
+            assert request.num_tokens == request.prompt_tokens + request.num_output

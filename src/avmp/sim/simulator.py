@@ -54,7 +54,8 @@ class SimConfig:
         allocator_calls_path: the allocator-call benchmark's results, read for per-call
             costs when the file exists (relative paths are from the repository root);
             None: the documented constants of `AllocatorCallCosts`.
-        check_integrity: call ``allocator.check_integrity()`` after every step (tests).
+        check_integrity: check the allocator's and the scheduler's invariants after every
+            step (tests; slow).
     """
 
     profile: str = "h100"
@@ -266,6 +267,7 @@ class _Simulation:
             self._report_progress()
         if self.config.check_integrity:
             self.allocator.check_integrity()
+            self.scheduler.check_integrity()
         self._maybe_sample()
 
     def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
