@@ -279,6 +279,14 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "absent"))
 
 
+def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"model_type": "nemotron_h"}))
+    _raises(path, f"^{path}: missing key 'hybrid_override_pattern'$")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "hidden_size": -4}))
+    _raises(tmp_path, f"^{tmp_path / 'config.json'}: 'hidden_size' must be positive, got -4$")
+
+
 def test_load_config_round_trip(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(zoo_config("jamba-v0.1")))
     assert load_config(tmp_path) == zoo_config("jamba-v0.1")

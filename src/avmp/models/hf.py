@@ -780,14 +780,18 @@ def geometry_from_config(
     """
     opt = _options(ssm_dtype, conv_columns, kv_dtype)
     if isinstance(config, Mapping):
-        raw, label = config, str(name or config.get("_name_or_path") or "config")
+        raw = config
+        label = geometry_name = str(name or config.get("_name_or_path") or "config")
     else:
         raw = load_config(config)
-        label = name or _path_label(Path(config))
+        path = Path(config)
+        # Errors name the file; the geometry is named after the checkpoint.
+        label = str(path / CONFIG_FILENAME if path.is_dir() else path)
+        geometry_name = name or _path_label(path)
     cfg = _Config(raw, label)
     model_type = _model_type(cfg)
     build = _mamba_ssm(cfg, opt) if model_type == "mamba_ssm" else _READERS[model_type](cfg, opt)
-    return _to_geometry(build, label, raw, opt)
+    return _to_geometry(build, geometry_name, raw, opt)
 
 
 def _path_label(path: Path) -> str:
