@@ -30,6 +30,8 @@ from avmp.models.geometry import (
 )
 
 CONFIG_FILENAME = "config.json"
+# Conv state lives in the activation dtype (bf16) in vLLM and transformers alike; only
+# the SSM / linear-attention state's dtype varies between engines, so only it is an option.
 _CONV_DTYPE = "bfloat16"
 _REQUIRED: Any = object()
 
