@@ -37,12 +37,15 @@ def parse_bytes(text: str | int) -> int:
     match = _SIZE.match(text.strip())
     if match is None:
         raise ValueError(
-            f"bad size {text!r}: write a positive number and a unit with no space, e.g. 12GiB, 512MiB"
+            f"bad size {text!r}: write a positive number and a unit with no space, "
+            "e.g. 12GiB, 512MiB"
         )
     number, unit = match.groups()
     factor = _UNITS.get(unit.upper())
     if factor is None:
-        raise ValueError(f"bad size {text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB)")
+        raise ValueError(
+            f"bad size {text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB)"
+        )
     value = int(float(number) * factor)
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from avmp.models.geometry import ModelGeometry
 
 CHUNK_GRANULARITY_BYTES = 2 << 20  # CUDA VMM minimum granularity on current GPUs
 
 
-class PoolKind(str, Enum):
+class PoolKind(StrEnum):
     """The two pools of a hybrid cache."""
 
     KV = "kv"
@@ -43,10 +43,13 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.chunk_bytes % CHUNK_GRANULARITY_BYTES:
-            raise ValueError("chunk_bytes must be a positive multiple of 2 MiB (CUDA VMM granularity)")
+            raise ValueError(
+                "chunk_bytes must be a positive multiple of 2 MiB (CUDA VMM granularity)"
+            )
         if self.budget_bytes < self.chunk_bytes:
             raise ValueError(
-                f"budget_bytes ({self.budget_bytes}) must hold at least one chunk ({self.chunk_bytes})"
+                f"budget_bytes ({self.budget_bytes}) must hold at least one chunk "
+                f"({self.chunk_bytes})"
             )
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -21,7 +21,7 @@ def dtype_bytes(dtype: str) -> int:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
 
 
-class LayerKind(str, Enum):
+class LayerKind(StrEnum):
     """What a cache-holding layer is."""
 
     ATTENTION = "attention"
@@ -31,7 +31,7 @@ class LayerKind(str, Enum):
     LIGHTNING = "lightning"
 
 
-class ConvColumns(str, Enum):
+class ConvColumns(StrEnum):
     """How many columns a conv state keeps: ``d_conv - 1`` (vLLM, mamba_ssm) or
     ``d_conv`` (Hugging Face transformers)."""
 
