@@ -179,9 +179,11 @@ def test_calibrated_time_model_replaces_the_roofline(tmp_path: Path) -> None:
 
 def test_allocation_phase_follows_the_call_cost_file(tmp_path: Path) -> None:
     path = tmp_path / "calls.json"
-    costs = {"admit_us": 100.0, "grow_us": 0.0, "free_us": 50.0, "failed_us": 0.0}
-    path.write_text(json.dumps({"allocators": {"exact-test": costs}}))
+    figures = {"admit_median_us": 100.0, "grow_median_us": 0.0, "free_median_us": 50.0}
+    path.write_text(json.dumps({"allocators": {"exact-test": {"median_of_repeats": figures}}}))
     result = run([req(i, 10, 3) for i in range(4)], allocator_calls_path=str(path))
+    # 4 admits and 4 frees; no grow is charged and no allocation failed
+    assert result.allocator_stats["num_failed_allocations"] == 0
     assert result.phase_s["allocation"] == pytest.approx(4 * 150e-6)
 
 

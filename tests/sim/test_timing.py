@@ -182,17 +182,27 @@ def test_bad_calibration_files_name_the_file(tmp_path: Path, payload: object, me
     assert "bad.json" in str(info.value)
 
 
+def calls_result(figures: dict[str, dict[str, float]]) -> str:
+    """A result file shaped like benchmarks/allocator_calls.py writes it."""
+    allocators = {name: {"median_of_repeats": f, "repeats": [f]} for name, f in figures.items()}
+    return json.dumps({"repeats": 1, "allocators": allocators})
+
+
 def test_allocator_call_costs_from_the_benchmark_file(tmp_path: Path) -> None:
     assert load_allocator_call_costs("avmp", tmp_path / "absent.json") == AllocatorCallCosts()
     path = tmp_path / "calls.json"
-    path.write_text(json.dumps({"allocators": {"avmp": {"admit_us": 7.5, "grow_us": 1.25}}}))
+    figures = {"admit_median_us": 7.5, "grow_median_us": 1.25, "free_median_us": float("nan")}
+    path.write_text(calls_result({"avmp": figures}))
     costs = load_allocator_call_costs("avmp", path)
     assert (costs.admit_us, costs.grow_us) == (7.5, 1.25)
-    assert costs.free_us == AllocatorCallCosts().free_us and costs.source == str(path)
-    assert load_allocator_call_costs("static", path) == AllocatorCallCosts()
-    path.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="calls.json"):
-        load_allocator_call_costs("avmp", path)
+    defaults = AllocatorCallCosts()
+    assert (costs.free_us, costs.failed_us) == (defaults.free_us, defaults.failed_us)
+    assert costs.source == str(path)
+    assert load_allocator_call_costs("static", path) == defaults
+    for bad in ("[1, 2]", calls_result({"avmp": {"grow_median_us": "fast"}})):  # type: ignore[dict-item]
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="calls.json"):
+            load_allocator_call_costs("avmp", path)
 
 
 def test_compaction_runs_at_half_the_effective_bandwidth_unless_given() -> None:

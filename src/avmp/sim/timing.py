@@ -21,9 +21,14 @@ Calibration file (JSON), written by a GPU benchmark of the engine::
       ]
     }
 
-Step time is then fitted by least squares on the features ``1, num_prefill_tokens,
-num_decode_requests, num_context_tokens`` (at least 4 points, of full rank), and never
-predicted below the fastest measured step.
+The features mean what `BatchShape` means by them: ``num_prefill_tokens`` counts the
+tokens of prefill chunks (recompute included), ``num_decode_requests`` the requests
+computing one decode token, and ``num_context_tokens`` the KV tokens attention reads,
+i.e. for every scheduled request the tokens in its cache once the step is done (a
+decode at position p counts p + 1, a chunk of n tokens starting at s counts s + n).
+Step time is fitted by least squares on ``1, num_prefill_tokens, num_decode_requests,
+num_context_tokens`` (at least 4 points, of full rank), and never predicted below the
+fastest measured step.
 """
 
 from __future__ import annotations
@@ -299,25 +304,41 @@ class AllocatorCallCosts:
 def load_allocator_call_costs(
     allocator_name: str, path: str | Path = DEFAULT_ALLOCATOR_CALLS_PATH
 ) -> AllocatorCallCosts:
-    """Per-call costs of ``allocator_name`` from the allocator-call benchmark's results.
+    """Per-call costs of ``allocator_name`` from the allocator-call benchmark's results
+    (``benchmarks/allocator_calls.py``).
 
-    Reads ``{"allocators": {NAME: {"admit_us": .., "grow_us": .., "free_us": ..,
-    "failed_us": ..}}}``; a missing file or allocator gives the documented defaults, a
-    missing field its default.
+    Reads ``{"allocators": {NAME: {"median_of_repeats": {"admit_median_us": ..,
+    "grow_median_us": .., "free_median_us": ..}}}}``. A missing file or allocator gives
+    the documented defaults; a missing or NaN figure, and the cost of a failed call (not
+    measured there), keep their defaults.
+
+    Raises:
+        ValueError: the file exists but is not such a result (names the file).
     """
     path = Path(path)
     if not path.is_file():
         return AllocatorCallCosts()
     try:
         entry = json.loads(path.read_text())["allocators"].get(allocator_name)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: not an allocator-call benchmark result: {error}") from None
-    if entry is None:
-        return AllocatorCallCosts()
-    defaults = AllocatorCallCosts()
-    fields = ("admit_us", "grow_us", "free_us", "failed_us")
-    values = {name: float(entry.get(name, getattr(defaults, name))) for name in fields}
-    return AllocatorCallCosts(**values, source=str(path))
+        figures = None if entry is None else entry["median_of_repeats"]
+        if figures is None:
+            return AllocatorCallCosts()
+        values = {f"{op}_us": _figure(figures, f"{op}_median_us", op) for op in _MEASURED_OPS}
+        return AllocatorCallCosts(**values, source=str(path))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path}: not an allocator-call benchmark result: {e}") from None
+
+
+_MEASURED_OPS = ("admit", "grow", "free")
+
+
+def _figure(figures: dict[str, object], key: str, op: str) -> float:
+    """One measured median, or the default of ``op`` when it is absent or NaN."""
+    value = figures.get(key)
+    if value is None:
+        return float(getattr(AllocatorCallCosts(), f"{op}_us"))
+    number = float(value)  # type: ignore[arg-type]
+    return number if math.isfinite(number) else float(getattr(AllocatorCallCosts(), f"{op}_us"))
 
 
 # PEERS.md, measured on an H100 with CUDA VMM: unmap + map + set access of one 2 MiB chunk.
