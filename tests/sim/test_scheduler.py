@@ -228,6 +228,14 @@ def test_plans_are_finished_once_and_in_order() -> None:
         scheduler.finish_step(plan)
 
 
+def test_an_empty_plan_needs_no_finishing() -> None:
+    scheduler = Scheduler(make_allocator(2), SchedulerConfig())
+    scheduler.add_request(req(0, prompt=100_000, output=5))  # rejected at once
+    first = scheduler.schedule()
+    assert first.is_empty and [r.request_id for r in first.rejected] == [0]
+    assert scheduler.schedule().is_empty  # no finish_step in between: allowed
+
+
 def test_duplicate_request_id_is_an_error() -> None:
     scheduler = Scheduler(make_allocator(), SchedulerConfig())
     scheduler.add_request(req(0, prompt=10, output=5))

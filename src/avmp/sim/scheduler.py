@@ -253,7 +253,7 @@ class Scheduler:
             tuple(budget.rejected),
             budget.num_recompute_tokens,
         )
-        self._outstanding = plan
+        self._outstanding = plan if plan.chunks else None  # an empty plan needs no finishing
         return plan
 
     def _schedule_running(self, budget: _Budget) -> None:
@@ -381,14 +381,14 @@ class Scheduler:
         """Record that the plan's chunks were computed.
 
         Args:
-            plan: the plan returned by the last `schedule()` (each plan is finished once,
-                before the next is made).
+            plan: the plan returned by the last `schedule()`; a plan with chunks is
+                finished once, before the next is made (an empty one may be skipped).
             stopped: requests the caller ends now although they have output tokens left
                 (the engine's end-of-sequence token); they finish like the others.
         Returns:
             The requests that sampled a token, and those that finished (their memory freed).
         """
-        if plan is not self._outstanding:
+        if plan is not self._outstanding and plan.chunks:
             raise RuntimeError("finish_step() needs the plan of the last schedule() call")
         self._outstanding = None
         stop = set(stopped)
