@@ -1,9 +1,10 @@
 """Triton kernels (GPU) that read and write the AVMP pools through strided views.
 
-Decode and prefill attention over page-major KV, the Mamba2 one-step state update and
-the causal conv1d update over slot-major state. Each takes arbitrary strides and finds
-its pages or slots through index tensors on the device, so a step never synchronises
-with the host. Importing this package needs ``triton`` (the ``gpu`` extra).
+Decode and prefill attention over page-major KV; the Mamba2 one-step state update, the
+Mamba2 prefill scan and the causal conv1d update over slot-major state. Each takes
+arbitrary strides and finds its pages or slots through index tensors on the device, so
+a step never synchronises with the host. Importing this package needs ``triton`` (the
+``gpu`` extra).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from __future__ import annotations
 from avmp.kernels.triton.conv1d_update import conv1d_update
 from avmp.kernels.triton.decode_attention import decode_attention
 from avmp.kernels.triton.mamba2_state_update import mamba2_state_update
+from avmp.kernels.triton.mamba2_varlen_scan import mamba2_varlen_scan
 from avmp.kernels.triton.prefill_attention import prefill_attention
 
-__all__ = ["conv1d_update", "decode_attention", "mamba2_state_update", "prefill_attention"]
+__all__ = [
+    "conv1d_update",
+    "decode_attention",
+    "mamba2_state_update",
+    "mamba2_varlen_scan",
+    "prefill_attention",
+]
