@@ -5,6 +5,7 @@ which move between the pools only when an allocation fails.
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 from avmp.memory.address_space import ChunkReserve
 from avmp.memory.backing.base import Backing
@@ -24,20 +25,25 @@ from avmp.memory.spec import (
 )
 from avmp.models.geometry import ModelGeometry
 
+_NO_PAGE = 1 << 62  # lowest_page of a request without pages: above every unit index
+
 
 class _Request:
     """One live request's handle table: its slot and its pages in token order.
 
     The engine's handles are ``request_id`` (the slot) and ``(request_id, i)`` (the i-th
     page); they never change. Compaction rewrites the physical indices stored here.
+    ``lowest_page`` is ``min(pages)`` kept up to date (a pool hands out ascending runs,
+    so each allocation's first page is its minimum), which makes `free` cheaper.
     """
 
-    __slots__ = ("slot", "pages", "num_tokens")
+    __slots__ = ("slot", "pages", "num_tokens", "lowest_page")
 
     def __init__(self, slot: int, pages: list[int], num_tokens: int) -> None:
         self.slot = slot
         self.pages = pages
         self.num_tokens = num_tokens
+        self.lowest_page = pages[0] if pages else _NO_PAGE
 
 
 class AvmpManager(CacheAllocator):
@@ -74,6 +80,11 @@ class AvmpManager(CacheAllocator):
         self._block_size = config.block_size
         self._has_pages = self.spec.page_bytes > 0
         self._state_chunks_alone = self._state.chunks_for(self._slots_per_request)
+        kv_chunks_alone = config.num_chunks - self._state_chunks_alone
+        # the most pages one request may hold in an otherwise empty memory (-1: nothing fits)
+        self._max_pages_alone = self._kv.units_for(kv_chunks_alone) if kv_chunks_alone >= 0 else -1
+        if not self._has_pages and kv_chunks_alone >= 0:
+            self._max_pages_alone = 0
         self._debug = os.environ.get("AVMP_DEBUG") == "1"
         self.events: list[MemoryEvent] = []
         if backing is not None:
@@ -87,7 +98,8 @@ class AvmpManager(CacheAllocator):
         if request_id in self._requests:
             raise DuplicateRequestError(f"request {request_id} is already live")
         num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
-        self._check_fits_alone(num_pages, num_tokens)
+        if num_pages > self._max_pages_alone:
+            self._raise_too_large(num_tokens)
         num_slots = self._slots_per_request
         if (num_pages > self._kv.num_free or num_slots > self._state.num_free) and not (
             self._make_room(num_pages, num_slots)
@@ -111,11 +123,16 @@ class AvmpManager(CacheAllocator):
         num_new_pages = 0
         if self._has_pages:
             num_new_pages = -(-num_tokens // self._block_size) - len(request.pages)
-            self._check_fits_alone(len(request.pages) + num_new_pages, num_tokens)
+            if len(request.pages) + num_new_pages > self._max_pages_alone:
+                self._raise_too_large(num_tokens)
         if num_new_pages > self._kv.num_free and not self._make_room(num_new_pages, 0):
             return None
-        new_pages = self._kv.allocate(num_new_pages) if num_new_pages else []
-        request.pages.extend(new_pages)
+        new_pages: list[int] = []
+        if num_new_pages:
+            new_pages = self._kv.allocate(num_new_pages)
+            request.pages.extend(new_pages)
+            if new_pages[0] < request.lowest_page:
+                request.lowest_page = new_pages[0]
         request.num_tokens = num_tokens
         self._num_live_tokens += num_new_tokens
         self.stats.num_grows += 1
@@ -129,7 +146,8 @@ class AvmpManager(CacheAllocator):
             if request_id in self._freed:
                 raise DoubleFreeError(f"request {request_id} was already freed")
             raise UnknownRequestError(f"request {request_id} was never admitted")
-        self._kv.release(request.pages)
+        if request.pages:
+            self._kv.release(request.pages, request.lowest_page)
         if request.slot >= 0:
             self._state.release_one(request.slot)
         self._freed.add(request_id)
@@ -147,8 +165,7 @@ class AvmpManager(CacheAllocator):
 
     def fits_alone(self, num_tokens: int) -> bool:
         num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
-        kv_chunks = self._kv.chunks_for(num_pages)
-        return kv_chunks + self._state_chunks_alone <= self.config.num_chunks
+        return num_pages <= self._max_pages_alone
 
     def usage(self) -> MemoryUsage:
         chunk_bytes = self.config.chunk_bytes
@@ -203,6 +220,7 @@ class AvmpManager(CacheAllocator):
             assert request_id not in self._freed, f"request {request_id} live and freed"
             expected = -(-request.num_tokens // self._block_size) if self._has_pages else 0
             assert len(request.pages) == expected, f"request {request_id}: page count"
+            assert request.lowest_page == min(request.pages, default=_NO_PAGE)
             live_pages.extend(request.pages)
             if self._slots_per_request:
                 live_slots.append(request.slot)
@@ -223,12 +241,11 @@ class AvmpManager(CacheAllocator):
             raise UnknownRequestError(f"request {request_id} was never admitted")
         return request
 
-    def _check_fits_alone(self, num_pages: int, num_tokens: int) -> None:
-        if self._kv.chunks_for(num_pages) + self._state_chunks_alone > self.config.num_chunks:
-            raise RequestTooLargeError(
-                f"a request of {num_tokens} tokens needs more than all "
-                f"{self.config.num_chunks} chunks of {self.config.chunk_bytes} bytes"
-            )
+    def _raise_too_large(self, num_tokens: int) -> NoReturn:
+        raise RequestTooLargeError(
+            f"a request of {num_tokens} tokens needs more than all "
+            f"{self.config.num_chunks} chunks of {self.config.chunk_bytes} bytes"
+        )
 
     def _make_room(self, num_pages: int, num_slots: int) -> bool:
         """Give the pools room for ``num_pages`` pages and ``num_slots`` slots, or
@@ -273,6 +290,8 @@ class AvmpManager(CacheAllocator):
                 for i, page in enumerate(pages):
                     if page in destination:
                         pages[i] = destination[page]
+                if pages:
+                    request.lowest_page = min(pages)
         else:
             for request in self._requests.values():
                 request.slot = destination.get(request.slot, request.slot)

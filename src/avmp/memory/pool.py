@@ -77,14 +77,12 @@ class Pool:
         self.num_free -= 1
         return unit
 
-    def release(self, units: list[int]) -> None:
-        """Mark live units free again."""
-        if not units:
-            return
+    def release(self, units: list[int], lowest: int) -> None:
+        """Mark live units free again; ``lowest`` is their minimum (the caller tracks it,
+        which is cheaper than ``min`` over a long list)."""
         free_map = self.free_map
         for unit in units:
             free_map[unit] = _FREE
-        lowest = min(units)
         if lowest < self.low:
             self.low = lowest
         self.num_free += len(units)
