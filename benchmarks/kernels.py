@@ -36,12 +36,14 @@ from avmp.kernels.triton import (
     conv1d_update,
     decode_attention,
     mamba2_state_update,
+    mamba2_varlen_scan,
     prefill_attention,
 )
 
 DTYPE = torch.bfloat16
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, ATTN_LAYERS = 32, 8, 128, 16, 4
 SSM_HEADS, SSM_HEAD_DIM, D_STATE, GROUPS, D_CONV = 128, 64, 128, 8, 4
+CHUNK_SIZE = 256
 CONV_CHANNELS = SSM_HEADS * SSM_HEAD_DIM + 2 * GROUPS * D_STATE
 # Input sets the in-place kernels rotate through, so repeats do not time the L2 cache.
 ROTATIONS = 8
@@ -147,26 +149,31 @@ def bench_prefill(batch: int, new: int, cached: int, gen: torch.Generator) -> Ro
                median_ms(loop), min_bytes, rel_error(run(), loop()))
 
 
-def mamba_inputs(batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def mamba_inputs(batch: int, gen: torch.Generator, rows_per_request: int = 1
+                 ) -> dict[str, torch.Tensor]:
+    """Slot-major SSM states for ``batch`` requests (several slot sets to rotate through
+    when one set would sit in L2) and ``batch * rows_per_request`` rows of inputs."""
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=DEVICE)
 
-    slots = ROTATIONS * batch
+    set_bytes = batch * SSM_HEADS * SSM_HEAD_DIM * D_STATE * 4
+    rotations = ROTATIONS if set_bytes < (256 << 20) else 2
+    rows = batch * rows_per_request
     # A slot holds 3 layers' SSM states; this is the middle one's view.
-    pool = rand(slots, 3, SSM_HEADS, SSM_HEAD_DIM, D_STATE) * 0.1
+    pool = rand(rotations * batch, 3, SSM_HEADS, SSM_HEAD_DIM, D_STATE) * 0.1
     return {
-        "state": pool[:, 1], "slot_sets": torch.randperm(slots, device=DEVICE, generator=gen)
-        .int().view(ROTATIONS, batch),
-        "x": rand(batch, SSM_HEADS, SSM_HEAD_DIM).to(DTYPE), "dt": rand(batch, SSM_HEADS).to(DTYPE),
+        "state": pool[:, 1], "slot_sets": torch.randperm(rotations * batch, device=DEVICE,
+                                                         generator=gen).int().view(-1, batch),
+        "x": rand(rows, SSM_HEADS, SSM_HEAD_DIM).to(DTYPE), "dt": rand(rows, SSM_HEADS).to(DTYPE),
         "A": -torch.rand(SSM_HEADS, device=DEVICE, generator=gen) - 0.5,
-        "B": rand(batch, GROUPS, D_STATE).to(DTYPE), "C": rand(batch, GROUPS, D_STATE).to(DTYPE),
+        "B": rand(rows, GROUPS, D_STATE).to(DTYPE), "C": rand(rows, GROUPS, D_STATE).to(DTYPE),
         "D": rand(SSM_HEADS), "dt_bias": rand(SSM_HEADS) * 0.5,
     }
 
 
 def bench_mamba2(batch: int, gen: torch.Generator) -> Row:
     m = mamba_inputs(batch, gen)
-    sets = itertools.cycle(range(ROTATIONS))
+    sets = itertools.cycle(range(m["slot_sets"].shape[0]))
 
     def run(i: int | None = None) -> torch.Tensor:
         slots = m["slot_sets"][next(sets) if i is None else i]
@@ -190,6 +197,41 @@ def bench_mamba2(batch: int, gen: torch.Generator) -> Row:
     shape = f"B={batch} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS} fp32 state"
     return Row("mamba2_state_update", shape, median_ms(run),
                "reference.mamba2_step + slot gather/scatter", median_ms(torch_step), min_bytes, err)
+
+
+def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> Row:
+    """Prefill scan of ``batch`` requests of ``tokens`` each, from their slots' states."""
+    from transformers.models.bamba.modeling_bamba import mamba2_chunk_scan
+
+    m = mamba_inputs(batch, gen, rows_per_request=tokens)
+    slots = m["slot_sets"][0, :batch]
+    qsl = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device=DEVICE)
+    saved = m["state"].clone()
+
+    def run() -> torch.Tensor:
+        return mamba2_varlen_scan(m["state"], slots, qsl, m["x"], m["dt"], m["A"], m["B"],
+                                  m["C"], D=m["D"], dt_bias=m["dt_bias"])
+
+    def torch_scan() -> torch.Tensor:
+        y, final = mamba2_chunk_scan(
+            m["x"].view(batch, tokens, SSM_HEADS, SSM_HEAD_DIM), m["dt"].view(batch, tokens, -1),
+            m["A"], m["B"].view(batch, tokens, GROUPS, D_STATE),
+            m["C"].view(batch, tokens, GROUPS, D_STATE), CHUNK_SIZE, D=m["D"],
+            dt_bias=m["dt_bias"], initial_states=m["state"][slots.long()], dt_softplus=True,
+            return_final_states=True,
+        )
+        m["state"][slots.long()] = final
+        return y.reshape(batch * tokens, SSM_HEADS, SSM_HEAD_DIM)
+
+    ref = torch_scan()
+    m["state"].copy_(saved)
+    err = rel_error(run(), ref)
+    per_token = SSM_HEADS * SSM_HEAD_DIM * 2 * 2 + 2 * GROUPS * D_STATE * 2 + SSM_HEADS * 2
+    min_bytes = batch * tokens * per_token + batch * SSM_HEADS * SSM_HEAD_DIM * D_STATE * 4 * 2
+    shape = f"B={batch} T={tokens} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS}"
+    return Row("mamba2_varlen_scan", shape, median_ms(run),
+               f"transformers mamba2_chunk_scan (torch, chunk {CHUNK_SIZE}) + slot gather/scatter",
+               median_ms(torch_scan), min_bytes, err)
 
 
 def bench_conv(batch: int, gen: torch.Generator) -> Row:
@@ -239,6 +281,7 @@ def main() -> None:
     rows += [bench_prefill(4, 1024, 0, gen), bench_prefill(4, 512, 1536, gen)]
     rows += [bench_mamba2(b, gen) for b in (1, 64, 256)]
     rows += [bench_conv(b, gen) for b in (1, 64, 256)]
+    rows += [bench_scan(1, 1024, gen), bench_scan(4, 1024, gen)]
     copy_gbps = copy_bandwidth_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,
