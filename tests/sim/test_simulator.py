@@ -94,6 +94,12 @@ def test_rejections_are_reported_with_reasons() -> None:
     assert "empty memory" in result.rejections[0]["reason"]
 
 
+def test_a_rejected_last_arrival_ends_the_run() -> None:
+    result = run([req(0, 10, 5), req(1, 100_000, 5, arrival_s=50.0)], budget_mib=4)
+    assert (result.num_completed, result.num_rejected) == (1, 1)
+    assert result.makespan_s < 1.0  # from the first arrival to the last completion
+
+
 def test_progress_reaches_the_total_and_never_goes_back() -> None:
     calls: list[tuple[int, int]] = []
     specs = random_trace(40, seed=5) + [req(99, 100_000, 5, arrival_s=0.1)]

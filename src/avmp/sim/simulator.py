@@ -229,10 +229,10 @@ class _Simulation:
     def run(self) -> SimResult:
         while self.next_arrival < len(self.arrivals) or self.scheduler.has_unfinished:
             self._add_arrivals()
-            if not self.scheduler.has_unfinished:
+            if self.scheduler.has_unfinished:
+                self._step()
+            elif self.next_arrival < len(self.arrivals):  # idle: jump to the next arrival
                 self.now_s = max(self.now_s, self.arrivals[self.next_arrival].arrival_s)
-                continue
-            self._step()
         self._report_progress(force=True)
         return self._result()
 
@@ -250,7 +250,7 @@ class _Simulation:
     def _step(self) -> None:
         before = _read_counters(self.allocator)
         plan = self.scheduler.schedule()
-        if plan.is_empty and not plan.rejected:
+        if plan.is_empty and not plan.rejected and not plan.preempted:
             self._raise_stalled()
         compute_s, recompute_s = self._compute_seconds(plan)
         outcome = self.scheduler.finish_step(plan)
