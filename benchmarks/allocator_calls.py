@@ -188,18 +188,20 @@ def run(trace: TraceConfig, names: list[str], repeats: int, warmup: int) -> dict
     config = MemoryConfig(parse_bytes(trace.memory))
     calls = record_calls(trace)
     counts = {op: sum(1 for c in calls if c[0] == i) for i, op in enumerate(OPS)}
-    results: dict[str, Any] = {}
-    for name in names:
-        per_repeat = []
-        for repeat in range(warmup + repeats):
+    per_repeat: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    # Round-robin over allocators, so a burst of load from other work on this shared
+    # machine hits every allocator alike instead of one of them.
+    for repeat in range(warmup + repeats):
+        for name in names:
             allocator = make_allocator(name, geometry, config)
             gc.collect()
             times, units = replay(allocator, calls)
             if repeat >= warmup:
-                per_repeat.append(summarize(times, units))
-        pooled = {k: statistics.median(r[k] for r in per_repeat) for k in per_repeat[0]}
-        results[name] = {"median_of_repeats": pooled, "repeats": per_repeat}
-        print(f"  {name}: done", file=sys.stderr)
+                per_repeat[name].append(summarize(times, units))
+    results: dict[str, Any] = {}
+    for name, figures in per_repeat.items():
+        pooled = {k: statistics.median(r[k] for r in figures) for k in figures[0]}
+        results[name] = {"median_of_repeats": pooled, "repeats": figures}
     return {
         "trace": {**trace.__dict__, "num_calls": counts},
         "unified_block_size": UnifiedAllocator(geometry, config).block_size,
@@ -256,7 +258,8 @@ def docs_section(data: dict[str, Any], command: str) -> str:
             + (" (avmp.memory edited since)" if machine["memory_tree_dirty"] else "")
             + ". The machine is shared with "
             "other work, so each allocator replays the sequence "
-            f"{data['warmup']} time(s) to warm up and {data['repeats']} times timed; figures "
+            f"{data['warmup']} times to warm up and {data['repeats']} times timed, the "
+            "allocators taking turns (round-robin) so that load bursts hit all alike; figures "
             "are the median over repeats of each repeat's median / p99.",
             "",
             f"Sequence: {trace['model']} at {trace['memory']}, {trace['num_requests']} requests "
