@@ -139,7 +139,8 @@ class Rejection:
 @dataclass(frozen=True)
 class StepPlan:
     """What one step does: the chunks to compute (running requests first, in admission
-    order, then newly admitted ones), and who was preempted or rejected while planning."""
+    order, then newly admitted ones), who was preempted or rejected while planning, and
+    how many of the chunks' tokens are recompute after a preemption."""
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[int, ...]
@@ -166,7 +167,7 @@ class StepOutcome:
 
 @dataclass
 class _Budget:
-    """Tokens and running slots left while one plan is built."""
+    """A plan being built: the tokens left in the step's budget and what was decided."""
 
     tokens: int
     num_recompute_tokens: int = 0
