@@ -180,10 +180,12 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "git_commit": commit,
         "memory_tree_dirty": bool(dirty),
+        "load_average_1min_at_start": os.getloadavg()[0],
     }
 
 
 def run(trace: TraceConfig, names: list[str], repeats: int, warmup: int) -> dict[str, Any]:
+    machine = machine_info()  # before the run: its load average is other work's
     geometry = resolve_model(trace.model)
     config = MemoryConfig(parse_bytes(trace.memory))
     calls = record_calls(trace)
@@ -209,7 +211,7 @@ def run(trace: TraceConfig, names: list[str], repeats: int, warmup: int) -> dict
         "warmup": warmup,
         "timer_overhead_ns": timer_overhead_ns(),
         "gc": "enabled, collected before each replay",
-        "machine": machine_info(),
+        "machine": machine,
         "allocators": results,
     }
 
@@ -256,8 +258,9 @@ def docs_section(data: dict[str, Any], command: str) -> str:
             f"{machine['cpu_model']}, {machine['platform']}, {machine['implementation']} "
             f"{machine['python']}, commit {machine['git_commit']}"
             + (" (avmp.memory edited since)" if machine["memory_tree_dirty"] else "")
-            + ". The machine is shared with "
-            "other work, so each allocator replays the sequence "
+            + f". The machine is shared with other work (1-minute load average "
+            f"{machine['load_average_1min_at_start']:.1f} on {machine['cpu_count']} cores at "
+            "the start), so each allocator replays the sequence "
             f"{data['warmup']} times to warm up and {data['repeats']} times timed, the "
             "allocators taking turns (round-robin) so that load bursts hit all alike; figures "
             "are the median over repeats of each repeat's median / p99.",
