@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from avmp.memory.spec import MemoryConfig
 from avmp.sim.metrics import PHASES, TimelineRecorder, percentile
@@ -280,3 +282,38 @@ def test_results_do_not_depend_on_the_process_or_its_hash_seed() -> None:
         for seed in ("1", "2")
     ]
     assert outputs[0] == outputs[1] and json.loads(outputs[0])["num_completed"] == 120
+
+
+@pytest.mark.skipif(not HAVE_REGISTRY, reason="avmp.memory.registry has not landed yet")
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 6000), st.integers(1, 40)), min_size=1, max_size=30),
+    budget_mib=st.integers(16, 400),
+    name=st.sampled_from(["avmp", "unified", "static", "oracle"]),
+    max_tokens=st.sampled_from([64, 512, 8192]),
+)
+def test_random_traces_on_real_allocators_keep_invariants(
+    lengths: list[tuple[int, int]], budget_mib: int, name: str, max_tokens: int
+) -> None:
+    """Small memories force preemptions, migrations and compactions; after every step the
+    allocator's and the scheduler's invariants hold, and every request completes or is
+    rejected because it could not fit alone."""
+    from avmp.memory.registry import make_allocator as make_real
+    from avmp.models.zoo import resolve_model
+
+    geometry = resolve_model("jamba-1.5-mini")
+    specs = [req(i, p, o, arrival_s=0.001 * i) for i, (p, o) in enumerate(lengths)]
+    allocator = make_real(name, geometry, MemoryConfig(budget_mib * MIB))
+    config = SimConfig(
+        allocator_calls_path=None, check_integrity=True, max_num_batched_tokens=max_tokens
+    )
+    result = simulate(specs, allocator, geometry, config)
+    assert result.num_completed + result.num_rejected == len(specs)
+    fits = make_real(name, geometry, MemoryConfig(budget_mib * MIB)).fits_alone
+    for rejection in result.rejections:
+        spec = specs[rejection["request_id"]]
+        assert not fits(spec.total_tokens), rejection
+    completed = [
+        s for s in specs if s.request_id not in {r["request_id"] for r in result.rejections}
+    ]
+    assert result.num_output_tokens == sum(s.output_tokens for s in completed)
