@@ -384,8 +384,9 @@ class Scheduler:
         Args:
             plan: the plan returned by the last `schedule()`; a plan with chunks is
                 finished once, before the next is made (an empty one may be skipped).
-            stopped: requests the caller ends now although they have output tokens left
-                (the engine's end-of-sequence token); they finish like the others.
+            stopped: requests whose token sampled in this step ends them although they
+                have output tokens left (the engine's end-of-sequence token); they finish
+                like the others. Ids that sampled nothing in this step are ignored.
         Returns:
             The requests that sampled a token, and those that finished (their memory freed).
         """
