@@ -57,7 +57,9 @@ class Backing(ABC):
         """Overwrite one unit (for tests and debugging)."""
 
     def close(self) -> None:
-        """Release everything the backing holds; idempotent."""
+        """Release everything the backing holds; idempotent. Backings that hold device
+        memory or driver handles extend this; the base only marks itself closed."""
+        self.closed = True
 
     def __enter__(self) -> Backing:
         return self
