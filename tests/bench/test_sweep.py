@@ -17,7 +17,8 @@ GRID = SweepGrid(
 
 def _deterministic(record: dict[str, Any]) -> dict[str, Any]:
     result = {k: v for k, v in record["result"].items() if not k.startswith("measured_")}
-    return {**record, "result": result}
+    assert record["cost"]["cpu_s"] >= 0
+    return {**{k: v for k, v in record.items() if k != "cost"}, "result": result}
 
 
 def _saved(directory: Path) -> dict[str, dict[str, Any]]:

@@ -59,8 +59,10 @@ def _grid_values(cells: Sequence[Cell], key: str) -> list[Any]:
 def headline_table(cells: Sequence[Cell]) -> Table:
     """Per workload and baseline: AVMP's request and output-token throughput ratios with
     95% CIs, the number of pairs, and the change in OOM events."""
-    requests = sorted(paired_ratios(cells, ("workload",), "request_throughput"),
-                      key=lambda r: (r.group["workload"], _baseline_key(r.baseline)))
+    requests = sorted(
+        paired_ratios(cells, ("workload",), "request_throughput"),
+        key=lambda r: (r.group["workload"], _baseline_key(r.baseline)),
+    )
     tokens = {
         (r.group["workload"], r.baseline): r
         for r in paired_ratios(cells, ("workload",), "output_token_throughput")
@@ -95,8 +97,10 @@ def headline_table(cells: Sequence[Cell]) -> Table:
 def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
     """Request-throughput ratios per workload and budget (the figure's data)."""
     rows = paired_ratios(cells, ("workload", "budget_bytes"), "request_throughput")
-    return sorted(rows, key=lambda r: (r.group["workload"], r.group["budget_bytes"],
-                                       _baseline_key(r.baseline)))
+    return sorted(
+        rows,
+        key=lambda r: (r.group["workload"], r.group["budget_bytes"], _baseline_key(r.baseline)),
+    )
 
 
 def budget_table(cells: Sequence[Cell]) -> Table:
@@ -165,7 +169,15 @@ def html_table(table: Table) -> str:
 
 def conditions(cells: Sequence[Cell]) -> list[str]:
     """What the cells cover and the settings they share, as bullet lines."""
-    settings = sorted({repr(sorted(c["settings"].items())) for c in cells})
+    sizes = sorted({(coord(c, "workload"), c["settings"]["num_requests"]) for c in cells})
+    shared = sorted(
+        {
+            (k, str(v))
+            for c in cells
+            for k, v in c["settings"].items()
+            if k != "num_requests" and v is not None
+        }
+    )
     return [
         f"cells: {len(cells)}",
         "allocators: " + ", ".join(map(str, _grid_values(cells, "allocator"))),
@@ -174,7 +186,8 @@ def conditions(cells: Sequence[Cell]) -> list[str]:
         "budgets: " + ", ".join(format_bytes(b) for b in _grid_values(cells, "budget_bytes")),
         "GPU profiles (time model): " + ", ".join(map(str, _grid_values(cells, "profile"))),
         "seeds: " + ", ".join(map(str, _grid_values(cells, "seed"))),
-        f"settings per workload: {'; '.join(settings)}",
+        "requests per trace: " + ", ".join(f"{w} {n}" for w, n in sizes),
+        "settings: " + ", ".join(f"{k} {v}" for k, v in shared),
         "statistic: geometric mean of per-pair ratios AVMP / baseline (pair = same workload, "
         "model, budget, profile, seed); 95% CI: paired bootstrap (scipy, percentile, "
         "9,999 resamples, fixed seed)",
@@ -246,8 +259,11 @@ def _shift_cells(cells: Sequence[Cell]) -> tuple[Cell, Cell] | None:
     shift = [c for c in cells if coord(c, "workload") == "shift"]
     if not shift:
         return None
-    fixed = {"model": _grid_values(shift, "model")[0],
-             "profile": _grid_values(shift, "profile")[0], "seed": _grid_values(shift, "seed")[0]}
+    fixed = {
+        "model": _grid_values(shift, "model")[0],
+        "profile": _grid_values(shift, "profile")[0],
+        "seed": _grid_values(shift, "seed")[0],
+    }
     found: dict[tuple[int, str], Cell] = {}
     for c in shift:
         if all(coord(c, k) == v for k, v in fixed.items()):
@@ -276,21 +292,30 @@ def shift_figure(cells: Sequence[Cell]) -> Figure | None:
         points = cell["result"]["timeline"]
         budget = cell["cell"]["budget_bytes"]
         times = [p["t_s"] for p in points]
-        for key, label, style in (("state_capacity_bytes", "state pool", "-"),
-                                  ("kv_capacity_bytes", "KV pool", "-"),
-                                  ("state_used_bytes", "state in use", "--"),
-                                  ("kv_used_bytes", "KV in use", ":")):
+        for key, label, style in (
+            ("state_capacity_bytes", "state pool", "-"),
+            ("kv_capacity_bytes", "KV pool", "-"),
+            ("state_used_bytes", "state in use", "--"),
+            ("kv_used_bytes", "KV in use", ":"),
+        ):
             ax.plot(times, [p[key] / budget for p in points], ls=style, label=label)
         c = cell["cell"]
-        ax.set_title(f"{c['allocator']} on shift ({c['model']}, {format_bytes(budget)}, "
-                     f"{c['profile']}, seed {c['seed']})", fontsize=9)
+        ax.set_title(
+            f"{c['allocator']} on shift ({c['model']}, {format_bytes(budget)}, "
+            f"{c['profile']}, seed {c['seed']})",
+            fontsize=9,
+        )
         ax.set_xlabel("simulated time (s)")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("fraction of the cache budget")
     fig.tight_layout()
-    return Figure("shift_split", "Pool split over time on shift: AVMP vs the static split "
-                  "(at the budget where static falls furthest behind)", _png(fig))
+    return Figure(
+        "shift_split",
+        "Pool split over time on shift: AVMP vs the static split "
+        "(at the budget where static falls furthest behind)",
+        _png(fig),
+    )
 
 
 def phase_figure(cells: Sequence[Cell]) -> Figure | None:

@@ -1,7 +1,8 @@
 """Sweeps: allocators x workloads x models x memory budgets x GPU profiles x seeds.
 
 Each cell runs the simulator once. Its raw result (``SimResult.to_dict()`` plus the
-cell's coordinates, settings and the trace's hash) is written as
+cell's coordinates, settings, the trace's hash, and the CPU and wall seconds the
+simulation took, under ``cost``, the only part that differs run to run) is written as
 ``DIR/cells/<cell-id>.json`` the moment it finishes, atomically (a temporary file
 renamed over the target), by the parent process only. So a sweep killed at any point
 leaves finished cells whole and at most some ``.tmp`` files, which the next run deletes;
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -184,12 +186,16 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
     )
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
     result = simulate(requests, allocator, geometry, config)
     return {
         "cell": cell.to_dict(),
         "settings": settings,
         "trace": {"sha256": trace_digest(requests), "num_requests": len(requests)},
         "result": result.to_dict(),
+        # How long the simulation itself took here (not deterministic; not a result).
+        "cost": {"cpu_s": round(time.process_time() - cpu_started, 3),
+                 "wall_s": round(time.perf_counter() - wall_started, 3)},
     }
 
 

@@ -93,6 +93,27 @@ def _check_model(name: str) -> None:
     resolve_model(name)
 
 
+def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_s: float) -> None:
+    """Append how this invocation ran to ``DIR/runs.jsonl`` (the conditions that
+    docs/BENCHMARKS.md states beside the table: machine, workers, wall time)."""
+    import json
+    import platform
+    import sys
+    from datetime import UTC, datetime
+
+    entry = {
+        "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": ["avmp", "bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])],
+        "quick": bool(args.quick), "workers": args.workers, "ray": args.ray,
+        "num_cells": len(grid.cells()), "num_simulated": num_simulated,
+        "elapsed_s": round(elapsed_s, 1), "cpu_count": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or '?'}",
+        "python": platform.python_version(),
+    }
+    with open(os.path.join(args.out, "runs.jsonl"), "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import headline_table, markdown_table, write_report
     from avmp.bench.stats import load_cells
@@ -106,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, on_result=lambda r: ran.append(r["cell"]["cell_id"]),
     )
     elapsed = time.monotonic() - started
+    record_run(args, grid, len(ran), elapsed)
     cells = load_cells(args.out)
     md_path, html_path = write_report(args.out)
     print(markdown_table(headline_table(cells)))

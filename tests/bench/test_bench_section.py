@@ -1,0 +1,43 @@
+"""benchmarks/bench_section.py: the docs section is regenerated from saved results only,
+and only between its markers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from avmp.bench.sweep import SweepGrid, run_sweep
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_section.py"
+
+
+def _load_script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_section", SCRIPT)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_section_replaces_only_its_part(tmp_path: Path) -> None:
+    script = _load_script()
+    results = tmp_path / "res"
+    grid = SweepGrid(workloads=("shift",), models=("jamba-1.5-mini",), budgets_bytes=(1 << 30,),
+                     seeds=(0, 1), num_requests=(("shift", 9),))
+    run_sweep(grid, results, workers=1, progress=False)
+    (results / "runs.jsonl").write_text(json.dumps({
+        "finished_utc": "2026-01-01T00:00:00+00:00", "argv": ["avmp", "bench"], "workers": 2,
+        "num_cells": 8, "num_simulated": 8, "elapsed_s": 1.0, "cpu_count": 2,
+        "machine": "Linux x86_64", "python": "3.11"}) + "\n")
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Someone else's section\n\nkeep me\n")
+    assert script.main([str(results), "--doc", str(doc)]) == 0
+    first = doc.read_text()
+    assert "keep me" in first and first.count(script.START) == 1
+    assert "| shift | static | 2 |" in first and "8 of 8 cells simulated" in first
+    assert "1.83x to 13.3x" in first
+    doc.write_text(first + "\n## A later section\n\nalso kept\n")
+    assert script.main([str(results), "--doc", str(doc)]) == 0
+    second = doc.read_text()
+    assert second.count(script.START) == 1 and "also kept" in second and "keep me" in second
+    assert second.replace("\n## A later section\n\nalso kept\n", "") == first
