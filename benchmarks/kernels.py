@@ -20,6 +20,8 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import itertools
 import json
 import math
@@ -48,6 +50,11 @@ CONV_CHANNELS = SSM_HEADS * SSM_HEAD_DIM + 2 * GROUPS * D_STATE
 # Input sets the in-place kernels rotate through, so repeats do not time the L2 cache.
 ROTATIONS = 8
 DEVICE = "cuda"
+DECODE_CASES = ((1, 4096), (64, 1024), (64, 4096), (256, 1024))  # (batch, context)
+VARIANT_CASES = ((1, 4096), (64, 4096))
+PREFILL_CASES = ((4, 1024, 0), (4, 512, 1536))  # (batch, new tokens, cached tokens)
+STEP_BATCHES = (1, 64, 256)
+SCAN_CASES = ((1, 1024), (4, 1024))  # (batch, tokens)
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,10 @@ def torch_batched_decode(
     batch = q.shape[0]
     k = case["k"][case["bt"].long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, T, D]
     v = case["v"][case["bt"].long()].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(k.shape[2], device=q.device)
+    mask = (positions[None, :] < case["ctx"][:, None])[:, None, None, :]  # [B, 1, 1, T]
     out = F.scaled_dot_product_attention(
-        q.view(batch, HEADS, 1, HEAD_DIM), k, v, scale=scale, enable_gqa=True
+        q.view(batch, HEADS, 1, HEAD_DIM), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )
     return out.view(batch, HEADS, HEAD_DIM)
 
@@ -127,6 +136,28 @@ def bench_decode(batch: int, context: int, gen: torch.Generator) -> list[Row]:
         Row("decode_attention", shape, t_triton, "reference.paged_attention per request",
             median_ms(loop), min_bytes, rel_error(out, torch.cat(loop()))),
     ]
+
+
+def decode_variants(gen: torch.Generator) -> list[dict[str, object]]:
+    """Tile and split choices of decode attention, the default timed twice (noise)."""
+    # The package re-exports the function under the module's name: fetch the module.
+    module = importlib.import_module("avmp.kernels.triton.decode_attention")
+    default_block_n = module.BLOCK_N
+    results: list[dict[str, object]] = []
+    for batch, context in VARIANT_CASES:
+        case = paged_batch(batch, context, gen)
+        q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+        min_bytes = batch * context * KV_HEADS * HEAD_DIM * 4
+        for block_n, splits in ((default_block_n, None), (default_block_n, None), (64, None),
+                                (default_block_n, 1), (default_block_n, 4), (default_block_n, 16)):
+            module.BLOCK_N = block_n
+            ms = median_ms(functools.partial(decode_attention, q, case["k"], case["v"],
+                                             case["bt"], case["ctx"], 0.1, num_splits=splits))
+            results.append({"shape": f"B={batch} ctx={context}", "block_n": block_n,
+                            "num_splits": splits or "auto", "ms": ms,
+                            "gbps": min_bytes / ms / 1e6})
+        module.BLOCK_N = default_block_n
+    return results
 
 
 def bench_prefill(batch: int, new: int, cached: int, gen: torch.Generator) -> Row:
@@ -199,10 +230,21 @@ def bench_mamba2(batch: int, gen: torch.Generator) -> Row:
                "reference.mamba2_step + slot gather/scatter", median_ms(torch_step), min_bytes, err)
 
 
-def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> Row:
-    """Prefill scan of ``batch`` requests of ``tokens`` each, from their slots' states."""
-    from transformers.models.bamba.modeling_bamba import mamba2_chunk_scan
+def chunked_scan_baseline() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """transformers' batched torch SSD scan (the path a torch engine runs for prefill)."""
+    try:
+        from transformers.models.bamba import modeling_bamba
+    except ImportError:
+        return None
+    return getattr(modeling_bamba, "mamba2_chunk_scan", None)
 
+
+def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> list[Row]:
+    """Prefill scan of ``batch`` requests of ``tokens`` each, from their slots' states."""
+    chunk_scan = chunked_scan_baseline()
+    if chunk_scan is None:
+        print("transformers has no mamba2_chunk_scan here: scan baseline skipped")
+        return []
     m = mamba_inputs(batch, gen, rows_per_request=tokens)
     slots = m["slot_sets"][0, :batch]
     qsl = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device=DEVICE)
@@ -213,7 +255,7 @@ def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> Row:
                                   m["C"], D=m["D"], dt_bias=m["dt_bias"])
 
     def torch_scan() -> torch.Tensor:
-        y, final = mamba2_chunk_scan(
+        y, final = chunk_scan(
             m["x"].view(batch, tokens, SSM_HEADS, SSM_HEAD_DIM), m["dt"].view(batch, tokens, -1),
             m["A"], m["B"].view(batch, tokens, GROUPS, D_STATE),
             m["C"].view(batch, tokens, GROUPS, D_STATE), CHUNK_SIZE, D=m["D"],
@@ -229,9 +271,9 @@ def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> Row:
     per_token = SSM_HEADS * SSM_HEAD_DIM * 2 * 2 + 2 * GROUPS * D_STATE * 2 + SSM_HEADS * 2
     min_bytes = batch * tokens * per_token + batch * SSM_HEADS * SSM_HEAD_DIM * D_STATE * 4 * 2
     shape = f"B={batch} T={tokens} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS}"
-    return Row("mamba2_varlen_scan", shape, median_ms(run),
-               f"transformers mamba2_chunk_scan (torch, chunk {CHUNK_SIZE}) + slot gather/scatter",
-               median_ms(torch_scan), min_bytes, err)
+    return [Row("mamba2_varlen_scan", shape, median_ms(run),
+                f"transformers mamba2_chunk_scan (torch, chunk {CHUNK_SIZE}) + slot gather/scatter",
+                median_ms(torch_scan), min_bytes, err)]
 
 
 def bench_conv(batch: int, gen: torch.Generator) -> Row:
@@ -276,16 +318,19 @@ def main() -> None:
     torch.manual_seed(0)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows: list[Row] = []
-    for batch, context in ((1, 4096), (64, 1024), (64, 4096), (256, 1024)):
+    for batch, context in DECODE_CASES:
         rows += bench_decode(batch, context, gen)
-    rows += [bench_prefill(4, 1024, 0, gen), bench_prefill(4, 512, 1536, gen)]
-    rows += [bench_mamba2(b, gen) for b in (1, 64, 256)]
-    rows += [bench_conv(b, gen) for b in (1, 64, 256)]
-    rows += [bench_scan(1, 1024, gen), bench_scan(4, 1024, gen)]
+    rows += [bench_prefill(batch, new, cached, gen) for batch, new, cached in PREFILL_CASES]
+    rows += [bench_mamba2(batch, gen) for batch in STEP_BATCHES]
+    rows += [bench_conv(batch, gen) for batch in STEP_BATCHES]
+    for batch, tokens in SCAN_CASES:
+        rows += bench_scan(batch, tokens, gen)
+    variants = decode_variants(gen)
     copy_gbps = copy_bandwidth_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,
-              "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows]}
+              "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows],
+              "decode_variants": variants}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_table(result)
@@ -300,6 +345,11 @@ def print_table(result: dict[str, object]) -> None:
         print(f"| {r['kernel']} | {r['shape']} | {r['triton_ms']:.4f} | {r['triton_gbps']:.0f} | "
               f"{r['baseline']} | {r['baseline_ms']:.3f} | "
               f"{r['baseline_ms'] / r['triton_ms']:.1f}x | {r['rel_error']:.1e} |")
+    print("\n| decode variant | BLOCK_N | splits | ms | GB/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for v in result["decode_variants"]:  # type: ignore[attr-defined]
+        print(f"| {v['shape']} | {v['block_n']} | {v['num_splits']} | {v['ms']:.4f} | "
+              f"{v['gbps']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def test_matches_transformers_chunked_scan() -> None:
     """Same function as the SSD chunked scan transformers runs for prefill (its torch
     fallback), with an initial state, several chunks, dt_bias, softplus and a dt clamp."""
     bamba = pytest.importorskip("transformers.models.bamba.modeling_bamba")
+    if not hasattr(bamba, "mamba2_chunk_scan"):
+        pytest.skip("this transformers version inlines its chunked scan")
     case = make_case(9, torch.float32, torch.float32, [11], 4, 8, 16, 2, 3)
     slot = int(case["slot_idx"][0])
     y_ref, h_ref = bamba.mamba2_chunk_scan(
