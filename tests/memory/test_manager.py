@@ -65,7 +65,8 @@ def test_first_admit_takes_the_fewest_reserve_chunks() -> None:
     assert m.pool_chunks(STATE) == [0, 1]  # a 3 MiB slot needs two chunks
     assert m.pool_chunks(KV) == [2]
     assert m.reserve_chunks() == [3, 4, 5]
-    assert m.events == [MemoryEvent("reserve", STATE, 2, 0, 0), MemoryEvent("reserve", KV, 1, 0, 0)]
+    assert m.events == [MemoryEvent("reserve", STATE, 2, 0, 4 * MiB),
+                        MemoryEvent("reserve", KV, 1, 0, 2 * MiB)]
     assert (m.num_units(KV), m.num_free_units(KV)) == (2, 1)
     assert (m.num_units(STATE), m.num_free_units(STATE)) == (1, 0)
     assert m.stats.num_migrations == 0
@@ -125,7 +126,7 @@ def test_compaction_of_the_state_tail_keeps_handles_and_bytes() -> None:
         assert m.pool_chunks(KV) == [2, 6, 7, 5]
         assert m.pool_chunks(STATE) == [0, 1, 3, 4]
         assert m.events[-3:] == [
-            MemoryEvent("reserve", KV, 1, 0, 0),
+            MemoryEvent("reserve", KV, 1, 0, 2 * MiB),
             MemoryEvent("compaction", STATE, 0, 1, 3 * MiB),
             MemoryEvent("migration", KV, 1, 0, 2 * MiB),
         ]

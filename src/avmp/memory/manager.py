@@ -277,7 +277,8 @@ class AvmpManager(CacheAllocator):
                 self._reserve.give_back(chunk_ids)
                 raise
         self._pools[kind].add_chunks(chunk_ids)
-        self.events.append(MemoryEvent("reserve", kind, num_chunks, 0, 0))
+        num_bytes = num_chunks * self.config.chunk_bytes
+        self.events.append(MemoryEvent("reserve", kind, num_chunks, 0, num_bytes))
 
     def _compact(self, kind: PoolKind, moves: list[tuple[int, int]]) -> None:
         """Copy live tail units down and point their handles at the copies."""

@@ -42,6 +42,9 @@ class MemoryEvent:
 
     ``kind`` is ``"reserve"`` (chunks taken from the unowned reserve), ``"compaction"``
     (live units copied inside ``pool``) or ``"migration"`` (chunks moved to ``pool``).
+    ``num_bytes`` is what a time model charges: bytes copied for a compaction, bytes
+    mapped (no copy) for a reserve take or a migration. Events are appended in order;
+    a caller attributes them to a call by comparing ``len(manager.events)`` around it.
     """
 
     kind: str
