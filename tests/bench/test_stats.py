@@ -5,7 +5,7 @@ import math
 import pytest
 from conftest import make_cell
 
-from avmp.bench.stats import aggregate, bootstrap_ratio, oom_change, paired_ratios
+from avmp.bench.stats import aggregate, bootstrap_ratio, cache_use, oom_change, paired_ratios
 
 
 def _cells(ratios: list[float]) -> list[dict]:
@@ -59,3 +59,11 @@ def test_aggregate_and_oom_change() -> None:
     assert rows["static"]["mean_phase_s"]["compute"] == 9.0
     assert oom_change(cells, "static") == pytest.approx(-0.1)
     assert math.isnan(oom_change(cells, "unified"))
+
+
+def test_cache_use_is_the_mean_share_of_the_budget() -> None:
+    points = [{"kv_used_bytes": kv, "state_used_bytes": st} for kv, st in ((2, 2), (4, 0))]
+    cell = make_cell("avmp", budget_bytes=8, timeline=points)
+    assert cache_use(cell) == pytest.approx(0.5)
+    assert math.isnan(cache_use(make_cell("avmp")))
+    assert aggregate([cell])[0]["mean_cache_use"] == pytest.approx(0.5)

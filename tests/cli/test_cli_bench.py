@@ -36,6 +36,7 @@ def test_bench_runs_prints_table_and_writes_report(tmp_path: Path, capsys,
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--workloads", "nope"], "unknown workload"),
     (["--profiles", "tpu"], "unknown profile"),
+    (["--arrival", "zipf:2"], "bad arrival"),
 ])
 def test_bench_user_mistakes_are_one_line_exit_2(tmp_path: Path, capsys, args: list[str],
                                                  message: str) -> None:
@@ -65,3 +66,17 @@ def test_quick_bench_finishes_within_a_minute(tmp_path: Path, capsys) -> None:
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     assert time.monotonic() - started < 60
     assert "sharegpt_replay" in capsys.readouterr().out
+
+
+def test_bench_arrival_override_changes_the_traces(tmp_path: Path, capsys) -> None:
+    args = ["bench", "--quick", "--workers", "1", "--no-progress", "--workloads", "uniform_short",
+            "--seeds", "1", "--budgets", "1GiB"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--arrival", "poisson:5"]) == 0
+    capsys.readouterr()
+    name = "uniform_short__jamba-1.5-mini__1p0GiB__h100__s0__avmp.json"
+    a = json.loads((tmp_path / "a" / "cells" / name).read_text())
+    b = json.loads((tmp_path / "b" / "cells" / name).read_text())
+    assert (a["settings"]["arrival"], b["settings"]["arrival"]) == (None, "poisson:5")
+    assert a["trace"]["sha256"] != b["trace"]["sha256"]
+    assert b["result"]["makespan_s"] > a["result"]["makespan_s"]  # 5 req/s, not 50

@@ -52,6 +52,10 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value * 100:+.1f}%"
 
 
+def _pct_plain(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value * 100:.0f}%"
+
+
 def _grid_values(cells: Sequence[Cell], key: str) -> list[Any]:
     return sorted({coord(c, key) for c in cells}, key=lambda v: (str(type(v)), v))
 
@@ -131,6 +135,7 @@ def allocator_table(cells: Sequence[Cell]) -> Table:
         "preemptions",
         "TTFT p50/p99 s",
         "TPOT p50/p99 ms",
+        "budget in use",
     ]
     rows = []
     for a in aggregate(cells, ("workload", "allocator")):
@@ -146,6 +151,7 @@ def allocator_table(cells: Sequence[Cell]) -> Table:
                 str(a["total_preemptions"]),
                 f"{a['mean_ttft_p50_s']:.2f} / {a['mean_ttft_p99_s']:.2f}",
                 f"{a['mean_tpot_p50_s'] * 1e3:.1f} / {a['mean_tpot_p99_s'] * 1e3:.1f}",
+                _pct_plain(a["mean_cache_use"]),
             ]
         )
     return headers, rows

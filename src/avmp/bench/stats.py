@@ -162,7 +162,8 @@ def aggregate(
     cells: Sequence[Cell], group_keys: Sequence[str] = ("workload", "allocator")
 ) -> list[dict[str, Any]]:
     """Per group: number of cells, sums of OOM events and preemptions, means of the
-    latency percentiles and throughputs, and mean seconds per phase."""
+    latency percentiles and throughputs, mean seconds per phase, and the mean share of
+    the budget in use over time (`cache_use`)."""
     groups: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
     for cell in cells:
         groups[tuple(coord(cell, k) for k in group_keys)].append(cell)
@@ -178,8 +179,19 @@ def aggregate(
         row["mean_phase_s"] = {
             p: _nan_mean([r["phase_s"].get(p, 0.0) for r in members]) for p in PHASES
         }
+        row["mean_cache_use"] = _nan_mean([cache_use(c) for c in groups[key]])
         rows.append(row)
     return rows
+
+
+def cache_use(cell: Cell) -> float:
+    """Mean fraction of the budget held by handed-out units (padding included) over the
+    cell's timeline; NaN without a timeline."""
+    points = cell["result"]["timeline"]
+    if not points:
+        return math.nan
+    budget = coord(cell, "budget_bytes")
+    return sum(p["kv_used_bytes"] + p["state_used_bytes"] for p in points) / (len(points) * budget)
 
 
 def oom_change(cells: Sequence[Cell], baseline: str) -> float:

@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from avmp.bench.workloads import PRESETS, make_workload
+from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
 from avmp.sim.request import RequestSpec
 from avmp.units import format_bytes
 
@@ -67,6 +67,8 @@ class SweepGrid:
 
     Attributes:
         num_requests: per-workload request counts overriding the presets' (name, n) pairs.
+        arrival: an arrival process for every workload instead of the presets' own
+            (``burst``, ``steps``, ``poisson:RATE``, ``gamma:RATE:CV``).
         sharegpt_rules: ``paper`` or ``vllm`` (see `avmp.bench.sharegpt`).
         calibration: a step-time calibration JSON passed to `SimConfig`.
         max_num_seqs, max_num_batched_tokens: scheduler limits passed to `SimConfig`.
@@ -79,6 +81,7 @@ class SweepGrid:
     profiles: tuple[str, ...] = ("h100",)
     seeds: tuple[int, ...] = (0,)
     num_requests: tuple[tuple[str, int], ...] = ()
+    arrival: str | None = None
     sharegpt_rules: str = "paper"
     calibration: str | None = None
     max_num_seqs: int = 256
@@ -103,6 +106,8 @@ class SweepGrid:
                 raise ValueError(f"a sweep needs at least one of {label}")
         if any(b <= 0 for b in self.budgets_bytes):
             raise ValueError("memory budgets must be positive")
+        if self.arrival is not None:
+            parse_arrival(self.arrival)  # fails here, before any work
         if "avmp" not in self.allocators:
             raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
 
@@ -125,6 +130,7 @@ class SweepGrid:
         """What, besides the coordinates, a cell's result depends on (checked on resume)."""
         return {
             "num_requests": self.requests_for(workload),
+            "arrival": self.arrival,
             "sharegpt_rules": self.sharegpt_rules if workload == "sharegpt_replay" else None,
             "calibration": _file_digest(self.calibration),
             "max_num_seqs": self.max_num_seqs,
@@ -204,7 +210,7 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
+            json.dump(payload, handle, sort_keys=True, separators=(",", ":"))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -264,8 +270,10 @@ def build_traces(
                 sample_lengths(
                     grid.requests_for(workload), seed, grid.sharegpt_rules, progress=progress
                 )  # warms the cache with a progress bar
+            arrival = parse_arrival(grid.arrival) if grid.arrival is not None else None
             requests = make_workload(
-                workload, seed, grid.requests_for(workload), sharegpt_rules=grid.sharegpt_rules
+                workload, seed, grid.requests_for(workload), arrival,
+                sharegpt_rules=grid.sharegpt_rules,
             )
             traces[(workload, seed)] = tuple(requests)
     return traces

@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
+    parser.add_argument("--arrival", metavar="PROCESS",
+                        help="arrivals for every workload instead of the presets' own: burst, "
+                        "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -82,6 +85,7 @@ def build_grid(args: argparse.Namespace) -> Any:
         seeds=tuple(range(num_seeds)),
         num_requests=num_requests,
         sharegpt_rules=args.sharegpt_rules,
+        arrival=args.arrival,
         calibration=args.calibration,
     )
 
