@@ -1,0 +1,105 @@
+"""Token identity under memory pressure: requests preempted and recomputed, and AVMP
+migrating chunks between the pools and compacting a pool's tail mid-run.
+
+The model is a Bamba whose per-request state (~271 KiB) and KV (8 KiB per token) are
+large against 2 MiB chunks, so a 6 MiB budget (3 chunks) runs out within a few hundred
+tokens and the pools must trade chunks as the prompt mix shifts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from conftest import DEVICES, TinyCheckpoint, random_prompts
+
+from avmp.engine.engine import Engine
+from avmp.models.geometry import ConvColumns
+
+MAX_TOKENS = 12
+HEAVY_BAMBA = dict(
+    hidden_size=256,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    attn_layer_indices=[1, 2, 3, 4],
+    mamba_n_heads=8,
+    mamba_d_head=64,
+    mamba_d_state=64,
+    mamba_n_groups=1,
+    mamba_chunk_size=32,
+)
+
+
+def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
+    engine = Engine(
+        checkpoint.path,
+        memory="6MiB",
+        device=device,
+        block_size=16,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        check_integrity=True,
+    )
+    prompts = random_prompts(lengths)
+    outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == checkpoint.reference(prompt, MAX_TOKENS)
+    return engine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_when_requests_are_preempted_and_recomputed(
+    device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    checkpoint = tiny_checkpoint("bamba", **HEAVY_BAMBA)
+    engine = run(checkpoint, [4] * 4 + [115] * 5 + [4] * 4, device)
+    assert engine.geometry.kv_bytes_per_token == 8192
+    assert engine.stats.num_preemptions > 0
+    assert engine.stats.num_recompute_tokens > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_when_avmp_migrates_and_compacts(
+    device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    checkpoint = tiny_checkpoint("bamba", **HEAVY_BAMBA)
+    engine = run(checkpoint, [4] * 8 + [120] * 4 + [4] * 8, device)
+    moved = engine.stats.allocator
+    assert moved.chunks_migrated_to["kv"] > 0 and moved.chunks_migrated_to["state"] > 0
+    assert moved.num_compactions > 0 and moved.num_units_moved > 0
+    usage = engine.stats.usage
+    assert usage is not None and usage.num_requests == 0
+    assert usage.kv_capacity_bytes + usage.state_capacity_bytes <= usage.budget_bytes
+
+
+def test_conv_state_with_d_conv_columns_and_fp32_ssm(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """transformers' layout (``d_conv`` columns) gives the same tokens as vLLM's."""
+    checkpoint = tiny_checkpoint("granitemoehybrid")
+    engine = Engine(
+        checkpoint.path,
+        memory="4MiB",
+        block_size=4,
+        max_num_batched_tokens=8,
+        conv_columns=ConvColumns.TRANSFORMERS,
+        ssm_dtype="float32",
+    )
+    layer = engine.geometry.recurrent_layers[0]
+    assert layer.conv is not None and layer.conv.shape[1] == 4
+    prompts = random_prompts([13, 5], seed=3)
+    for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=6), strict=True):
+        assert output.token_ids == checkpoint.reference(prompt, 6)
+
+
+def test_request_that_can_never_fit_is_rejected_with_a_reason(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """One 2 MiB chunk cannot hold a page and a slot at once: nothing can ever run."""
+    checkpoint = tiny_checkpoint("granitemoehybrid")
+    engine = Engine(checkpoint.path, memory="2MiB", block_size=4)
+    (output,) = engine.generate(random_prompts([5]), max_tokens=3)
+    assert output.finish_reason == "rejected"
+    assert output.token_ids == [] and output.error
