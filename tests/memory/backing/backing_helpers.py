@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
-import pytest
 import torch
 
 from avmp.memory.backing.device import TensorBacking
@@ -198,61 +198,95 @@ def small_config(num_chunks: int = 8) -> MemoryConfig:
     return MemoryConfig(budget_bytes=num_chunks * 2 * MIB)
 
 
-def manager_class() -> type:
-    """AvmpManager, or skip when the manager module is not there yet."""
-    module = pytest.importorskip("avmp.memory.manager")
-    return module.AvmpManager  # type: ignore[no-any-return]
+def gpu_geometry() -> ModelGeometry:
+    """Units that straddle chunks: 128 KiB pages, ~1.02 MiB slots (fp32 SSM, bf16 conv)."""
+    attention = tuple(AttentionLayer(i, num_kv_heads=8, head_dim=128) for i in (1, 3))
+    recurrent = tuple(
+        RecurrentLayer(
+            i,
+            LayerKind.MAMBA2,
+            ssm=CacheTensor("ssm", (16, 64, 128), "float32"),
+            conv=CacheTensor("conv", (2048, 3), "bfloat16"),
+        )
+        for i in (0, 2)
+    )
+    return ModelGeometry(
+        name="gpu-test-hybrid",
+        family="test",
+        num_layers=4,
+        attention_layers=attention,
+        recurrent_layers=recurrent,
+        hidden_size=1024,
+        vocab_size=32,
+        num_params=1000,
+        num_active_params=1000,
+        ssm_dtype="float32",
+    )
 
 
 @dataclass
 class ManagerDriver:
-    """Random admit / grow / free through AvmpManager, content checked through its blocks."""
+    """Random admit / grow / free through an AvmpManager over a device backing; every live
+    unit holds a pattern derived from (request, position), checked in one batch per pool."""
 
-    manager: object
+    manager: Any
     backing: TensorBacking
     rng: random.Random
+    max_admit_tokens: int = 200
+    max_grow_tokens: int = 64
     tags: dict[int, int] = field(default_factory=dict)  # request id -> tag
     next_id: int = 0
 
     def _expected(self, request_id: int, pool: PoolKind, position: int) -> torch.Tensor:
-        tag = self.tags[request_id] * 4096 + (0 if pool is PoolKind.STATE else position + 1)
+        tag = (self.tags[request_id] * 4099 + (0 if pool is PoolKind.STATE else position + 1))
         return pattern(tag % 1_000_003, self.backing.spec.unit_bytes(pool), self.backing.device)
 
-    def _fill(self, request_id: int, pages: list[int] | None = None) -> None:
-        blocks = self.manager.blocks(request_id)  # type: ignore[attr-defined]
-        table = self.backing.unit_table
-        if pages is None:
+    def _fill(self, request_id: int, new_pages: list[int] | None = None) -> None:
+        blocks = self.manager.blocks(request_id)
+        if new_pages is None:
             row = self.backing.row_of(PoolKind.STATE, blocks.slot)
-            table(PoolKind.STATE)[row] = self._expected(request_id, PoolKind.STATE, 0)
-            pages = list(blocks.pages)
-        for page in pages:
-            position = blocks.pages.index(page)
-            table(PoolKind.KV)[page] = self._expected(request_id, PoolKind.KV, position)
+            self.backing.unit_table(PoolKind.STATE)[row] = self._expected(
+                request_id, PoolKind.STATE, 0
+            )
+        num_new = len(blocks.pages) if new_pages is None else len(new_pages)
+        table = self.backing.unit_table(PoolKind.KV)
+        for position in range(len(blocks.pages) - num_new, len(blocks.pages)):
+            table[blocks.pages[position]] = self._expected(request_id, PoolKind.KV, position)
 
     def step(self) -> None:
-        live = self.manager.request_ids  # type: ignore[attr-defined]
+        live = self.manager.request_ids
         action = self.rng.random()
         if action < 0.4 or not live:
             request_id, self.next_id = self.next_id, self.next_id + 1
             self.tags[request_id] = request_id + 1
-            if self.manager.admit(request_id, self.rng.randint(1, 200)) is not None:  # type: ignore[attr-defined]
+            tokens = self.rng.randint(1, self.max_admit_tokens)
+            if self.manager.fits_alone(tokens) and self.manager.admit(request_id, tokens):
                 self._fill(request_id)
         elif action < 0.75:
             request_id = self.rng.choice(live)
-            added = self.manager.grow(request_id, self.rng.randint(1, 64))  # type: ignore[attr-defined]
-            if added:
-                self._fill(request_id, list(added))
+            tokens = self.rng.randint(1, self.max_grow_tokens)
+            if self.manager.fits_alone(self.manager.num_tokens(request_id) + tokens):
+                added = self.manager.grow(request_id, tokens)
+                if added:
+                    self._fill(request_id, list(added))
         else:
-            self.manager.free(self.rng.choice(live))  # type: ignore[attr-defined]
+            self.manager.free(self.rng.choice(live))
 
     def check(self) -> None:
-        self.manager.check_integrity()  # type: ignore[attr-defined]
-        for request_id in self.manager.request_ids:  # type: ignore[attr-defined]
-            blocks = self.manager.blocks(request_id)  # type: ignore[attr-defined]
-            row = self.backing.row_of(PoolKind.STATE, blocks.slot)
-            got = self.backing.unit_table(PoolKind.STATE)[row]
-            assert torch.equal(got, self._expected(request_id, PoolKind.STATE, 0)), request_id
-            for position, page in enumerate(blocks.pages):
-                got = self.backing.unit_table(PoolKind.KV)[page]
-                want = self._expected(request_id, PoolKind.KV, position)
-                assert torch.equal(got, want), (request_id, page)
+        self.manager.check_integrity()
+        for pool in PoolKind:
+            rows: list[int] = []
+            want: list[torch.Tensor] = []
+            for request_id in self.manager.request_ids:
+                blocks = self.manager.blocks(request_id)
+                if pool is PoolKind.STATE:
+                    rows.append(self.backing.row_of(pool, blocks.slot))
+                    want.append(self._expected(request_id, pool, 0))
+                else:
+                    rows.extend(blocks.pages)
+                    num_pages = len(blocks.pages)
+                    want.extend(self._expected(request_id, pool, i) for i in range(num_pages))
+            if rows:
+                index = torch.tensor(rows, device=self.backing.device)
+                got = self.backing.unit_table(pool).index_select(0, index)
+                assert torch.equal(got, torch.stack(want)), f"{pool.value} units lost bytes"

@@ -181,7 +181,10 @@ class CudaVmmBacking(TensorBacking):
             self._call("cuMemRelease", scratch)
 
     def close(self) -> None:
-        """Unmap every chunk, release every handle, free the reservation; idempotent."""
+        """Unmap every chunk, release every handle, free the reservation; idempotent.
+
+        Views built over this backing point at freed addresses afterwards: drop them.
+        """
         if self._closed or not self._reservation:
             self._closed = True
             return
