@@ -76,8 +76,17 @@ def test_other_settings_in_the_same_directory_are_refused(reference: Path, tmp_p
     small = SweepGrid(**{**GRID.__dict__, "workloads": ("uniform_short",), "seeds": (0,)})
     run_sweep(small, tmp_path, workers=1, progress=False)
     changed = SweepGrid(**{**small.__dict__, "num_requests": (("uniform_short", 13),)})
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="made with other num_requests"):
         run_sweep(changed, tmp_path, workers=1, progress=False)
+
+
+def test_results_of_other_simulator_code_are_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    small = SweepGrid(**{**GRID.__dict__, "workloads": ("uniform_short",), "seeds": (0,)})
+    run_sweep(small, tmp_path, workers=1, progress=False)
+    monkeypatch.setattr("avmp.bench.sweep.simulator_digest", lambda: "edited-simulator")
+    with pytest.raises(ValueError, match="made with other simulator"):
+        run_sweep(small, tmp_path, workers=1, progress=False)
 
 
 def test_grid_validation() -> None:

@@ -135,7 +135,34 @@ class SweepGrid:
             "calibration": _file_digest(self.calibration),
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
+            "simulator": simulator_digest(),
         }
+
+
+@lru_cache(maxsize=1)
+def simulator_digest() -> str:
+    """A hash of everything besides the grid that a cell's result depends on: the source
+    of `avmp.sim`, `avmp.memory` and `avmp.models` (zoo included) and the allocator-call
+    cost file the simulator reads by default. A resumed sweep made by other code would
+    mix unlike results, so `ResultStore.is_done` refuses it."""
+    import avmp
+    from avmp.sim.simulator import _REPO_ROOT, SimConfig
+
+    package = Path(avmp.__file__).parent
+    files = sorted(
+        f
+        for sub in ("sim", "memory", "models")
+        for f in (package / sub).rglob("*")
+        if f.suffix in (".py", ".json") and "__pycache__" not in f.parts
+    )
+    calls = SimConfig().allocator_calls_path
+    if calls is not None:
+        calls_path = Path(calls) if Path(calls).is_absolute() else _REPO_ROOT / calls
+        files += [calls_path] if calls_path.is_file() else []
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -200,8 +227,10 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         "trace": {"sha256": trace_digest(requests), "num_requests": len(requests)},
         "result": result.to_dict(),
         # How long the simulation itself took here (not deterministic; not a result).
-        "cost": {"cpu_s": round(time.process_time() - cpu_started, 3),
-                 "wall_s": round(time.perf_counter() - wall_started, 3)},
+        "cost": {
+            "cpu_s": round(time.process_time() - cpu_started, 3),
+            "wall_s": round(time.perf_counter() - wall_started, 3),
+        },
     }
 
 
@@ -246,10 +275,17 @@ class ResultStore:
         except ValueError:
             path.unlink()  # unreadable (e.g. written by hand): run it again
             return False
-        if saved.get("settings") != settings:
+        saved_settings = saved.get("settings") or {}
+        if saved_settings != settings:
+            differ = sorted(
+                k
+                for k in set(saved_settings) | set(settings)
+                if saved_settings.get(k) != settings.get(k)
+            )
             raise ValueError(
-                f"{self.cells_dir.parent} holds cell {cell.cell_id} made with other settings "
-                f"({saved.get('settings')} vs {settings}); use another output directory"
+                f"{self.cells_dir.parent} holds cell {cell.cell_id} made with other "
+                f"{', '.join(differ)} (simulator = the code of avmp.sim/memory/models); "
+                "use another output directory"
             )
         return True
 
@@ -272,7 +308,10 @@ def build_traces(
                 )  # warms the cache with a progress bar
             arrival = parse_arrival(grid.arrival) if grid.arrival is not None else None
             requests = make_workload(
-                workload, seed, grid.requests_for(workload), arrival,
+                workload,
+                seed,
+                grid.requests_for(workload),
+                arrival,
                 sharegpt_rules=grid.sharegpt_rules,
             )
             traces[(workload, seed)] = tuple(requests)
