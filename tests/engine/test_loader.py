@@ -1,0 +1,106 @@
+"""The checkpoint loader: sharded checkpoints load; a malformed or partial directory gets
+one error that names what is missing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyCheckpoint, granite_config, transformers
+from safetensors.torch import load_file, save_file
+
+from avmp.engine.loader import CheckpointError, load_model
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(granite_config())
+    model.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    return tmp_path
+
+
+def test_sharded_checkpoint_loads_every_tensor(sharded: Path) -> None:
+    model = load_model(sharded)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    params = model.state_dict()
+    for name, file in index["weight_map"].items():
+        assert torch.equal(params[name], load_file(str(sharded / file))[name])
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_model(tmp_path)
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_missing_weight_file_named(sharded: Path) -> None:
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (sharded / victim).unlink()
+    with pytest.raises(CheckpointError, match=f"missing weight file.*{victim}"):
+        load_model(sharded)
+
+
+def test_no_weights_at_all(sharded: Path) -> None:
+    for file in sharded.glob("*.safetensors*"):
+        file.unlink()
+    with pytest.raises(CheckpointError, match="missing weights"):
+        load_model(sharded)
+
+
+def test_missing_tensors_listed(
+    tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    source = tiny_checkpoint("granitemoehybrid").path
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["model.norm.weight"], tensors["model.layers.2.self_attn.q_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensors: .*q_proj.*model.norm.weight"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_named(
+    tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    source = tiny_checkpoint("granitemoehybrid").path
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.ones(7)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for model.norm.weight.*\(7,\)"):
+        load_model(tmp_path)
+
+
+def test_unsupported_family(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    config.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="not supported by the engine"):
+        load_model(tmp_path)
+
+
+def test_tied_embeddings_load_without_lm_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(granite_config(tie_word_embeddings=True))
+    hf.save_pretrained(str(tmp_path))
+    model = load_model(tmp_path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_malformed_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
