@@ -274,13 +274,13 @@ def _shift_cells(cells: Sequence[Cell]) -> tuple[Cell, Cell] | None:
     for c in shift:
         if all(coord(c, k) == v for k, v in fixed.items()):
             found[(coord(c, "budget_bytes"), coord(c, "allocator"))] = c
-    candidates = []
+    candidates: list[tuple[float, int, tuple[Cell, Cell]]] = []
     for budget in _grid_values(shift, "budget_bytes"):
-        pair = found.get((budget, AVMP)), found.get((budget, "static"))
-        if pair[0] is not None and pair[1] is not None:
-            gap = pair[0]["result"]["request_throughput"] - pair[1]["result"]["request_throughput"]
-            ratio = gap / max(pair[0]["result"]["request_throughput"], 1e-12)
-            candidates.append((-ratio, budget, pair))
+        avmp, static = found.get((budget, AVMP)), found.get((budget, "static"))
+        if avmp is not None and static is not None:
+            ahead = avmp["result"]["request_throughput"] - static["result"]["request_throughput"]
+            ratio = ahead / max(avmp["result"]["request_throughput"], 1e-12)
+            candidates.append((-ratio, budget, (avmp, static)))
     if not candidates:
         return None
     return min(candidates, key=lambda c: (c[0], c[1]))[2]

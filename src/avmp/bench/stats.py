@@ -71,7 +71,8 @@ class RatioRow:
 
 
 def _geo_mean_ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.exp(np.mean(np.log(a) - np.log(b), axis=axis))
+    ratios: np.ndarray = np.exp(np.mean(np.log(a) - np.log(b), axis=axis))
+    return ratios
 
 
 def bootstrap_ratio(avmp: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
@@ -191,7 +192,8 @@ def cache_use(cell: Cell) -> float:
     if not points:
         return math.nan
     budget = coord(cell, "budget_bytes")
-    return sum(p["kv_used_bytes"] + p["state_used_bytes"] for p in points) / (len(points) * budget)
+    used = sum(float(p["kv_used_bytes"] + p["state_used_bytes"]) for p in points)
+    return used / (len(points) * float(budget))
 
 
 def oom_change(cells: Sequence[Cell], baseline: str) -> float:

@@ -88,21 +88,23 @@ class SweepGrid:
     max_num_batched_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        for label, values, known in (
+        named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
             ("allocator", self.allocators, ALLOCATORS),
             ("workload", self.workloads, tuple(PRESETS)),
             ("profile", self.profiles, PROFILES),
-        ):
+        )
+        for label, values, known in named:
             unknown = [v for v in values if v not in known]
             if unknown:
                 raise ValueError(f"unknown {label} {unknown[0]!r}; known: {', '.join(known)}")
-        for label, values in (
-            ("models", self.models),
-            ("budgets", self.budgets_bytes),
-            ("seeds", self.seeds),
-            ("allocators", self.allocators),
-        ):
-            if not values:
+        sizes = {
+            "models": len(self.models),
+            "budgets": len(self.budgets_bytes),
+            "seeds": len(self.seeds),
+            "allocators": len(self.allocators),
+        }
+        for label, size in sizes.items():
+            if size == 0:
                 raise ValueError(f"a sweep needs at least one of {label}")
         if any(b <= 0 for b in self.budgets_bytes):
             raise ValueError("memory budgets must be positive")
