@@ -25,6 +25,7 @@ import importlib
 import itertools
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ class Row:
     baseline_ms: float
     min_bytes: int
     rel_error: float
+    # Wall time per call of back-to-back Triton calls, synchronised once at the end: the
+    # larger of host (Python + launch) and device time, what an eager step loop pays.
+    wall_us: float = 0.0
 
     @property
     def triton_gbps(self) -> float:
@@ -75,6 +79,27 @@ class Row:
 def median_ms(fn: Callable[[], object]) -> float:
     """Median of CUDA-event-timed repeats after warm-up (ms)."""
     return float(do_bench(fn, warmup=50, rep=200, return_mode="median"))
+
+
+def wall_us_per_call(fn: Callable[[], object], calls: int = 200) -> float:
+    """Back-to-back calls, one sync at the end: what an eager step loop pays per call."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Bring the clocks up before the first timing: bf16 matrix products for ~seconds."""
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,14 +152,15 @@ def bench_decode(batch: int, context: int, gen: torch.Generator) -> list[Row]:
 
     min_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * q.numel() * 2
     shape = f"B={batch} ctx={context} Hq/Hkv={HEADS}/{KV_HEADS} D={HEAD_DIM} bs={BLOCK_SIZE}"
-    t_triton = median_ms(lambda: decode_attention(q, case["k"], case["v"], case["bt"],
-                                                  case["ctx"], scale))
+    run = functools.partial(decode_attention, q, case["k"], case["v"], case["bt"],
+                            case["ctx"], scale)
+    t_triton, wall = median_ms(run), wall_us_per_call(run)
     return [
         Row("decode_attention", shape, t_triton, "torch gather+SDPA (batched)",
             median_ms(lambda: torch_batched_decode(q, case, scale)), min_bytes,
-            rel_error(out, batched)),
+            rel_error(out, batched), wall),
         Row("decode_attention", shape, t_triton, "reference.paged_attention per request",
-            median_ms(loop), min_bytes, rel_error(out, torch.cat(loop()))),
+            median_ms(loop), min_bytes, rel_error(out, torch.cat(loop())), wall),
     ]
 
 
@@ -177,7 +203,7 @@ def bench_prefill(batch: int, new: int, cached: int, gen: torch.Generator) -> Ro
     min_bytes = batch * (cached + new) * KV_HEADS * HEAD_DIM * 4 + 2 * q.numel() * 2
     shape = f"B={batch} new={new} cached={cached} Hq/Hkv={HEADS}/{KV_HEADS} D={HEAD_DIM}"
     return Row("prefill_attention", shape, median_ms(run), "reference.paged_attention per request",
-               median_ms(loop), min_bytes, rel_error(run(), loop()))
+               median_ms(loop), min_bytes, rel_error(run(), loop()), wall_us_per_call(run))
 
 
 def mamba_inputs(batch: int, gen: torch.Generator, rows_per_request: int = 1
@@ -227,7 +253,8 @@ def bench_mamba2(batch: int, gen: torch.Generator) -> Row:
     min_bytes = batch * SSM_HEADS * SSM_HEAD_DIM * D_STATE * 4 * 2
     shape = f"B={batch} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS} fp32 state"
     return Row("mamba2_state_update", shape, median_ms(run),
-               "reference.mamba2_step + slot gather/scatter", median_ms(torch_step), min_bytes, err)
+               "reference.mamba2_step + slot gather/scatter", median_ms(torch_step), min_bytes, err,
+               wall_us_per_call(run))
 
 
 def chunked_scan_baseline() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
@@ -273,7 +300,7 @@ def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> list[Row]:
     shape = f"B={batch} T={tokens} H={SSM_HEADS} P={SSM_HEAD_DIM} N={D_STATE} G={GROUPS}"
     return [Row("mamba2_varlen_scan", shape, median_ms(run),
                 f"transformers mamba2_chunk_scan (torch, chunk {CHUNK_SIZE}) + slot gather/scatter",
-                median_ms(torch_scan), min_bytes, err)]
+                median_ms(torch_scan), min_bytes, err, wall_us_per_call(run, calls=20))]
 
 
 def bench_conv(batch: int, gen: torch.Generator) -> Row:
@@ -301,7 +328,7 @@ def bench_conv(batch: int, gen: torch.Generator) -> Row:
     min_bytes = batch * CONV_CHANNELS * ((D_CONV - 1) * 2 * 2 + 2 * 2)
     shape = f"B={batch} C={CONV_CHANNELS} d_conv={D_CONV} bf16 state"
     return Row("conv1d_update", shape, median_ms(run), "reference.causal_conv1d per request",
-               median_ms(loop), min_bytes, err)
+               median_ms(loop), min_bytes, err, wall_us_per_call(run))
 
 
 def copy_bandwidth_gbps() -> float:
@@ -316,6 +343,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="raw JSON results file")
     args = parser.parse_args()
     torch.manual_seed(0)
+    warm_up_gpu()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows: list[Row] = []
     for batch, context in DECODE_CASES:
@@ -339,10 +367,12 @@ def main() -> None:
 def print_table(result: dict[str, object]) -> None:
     print(f"device: {result['device']}  torch {result['torch']}  dtype {result['dtype']}  "
           f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
-    print("| kernel | shape | Triton ms | GB/s | baseline | baseline ms | speed-up | rel err |")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| kernel | shape | Triton ms | GB/s | eager µs/call | baseline | baseline ms | "
+          "speed-up | rel err |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in result["rows"]:  # type: ignore[attr-defined]
         print(f"| {r['kernel']} | {r['shape']} | {r['triton_ms']:.4f} | {r['triton_gbps']:.0f} | "
+              f"{r['wall_us']:.0f} | "
               f"{r['baseline']} | {r['baseline_ms']:.3f} | "
               f"{r['baseline_ms'] / r['triton_ms']:.1f}x | {r['rel_error']:.1e} |")
     print("\n| decode variant | BLOCK_N | splits | ms | GB/s |")
