@@ -155,6 +155,21 @@ def reading_lines(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
+def model_lines(cells: Sequence[Cell]) -> list[str]:
+    """Each model's cache geometry, from the zoo (as `avmp plan` reads it)."""
+    from avmp.models.zoo import resolve_model
+
+    lines = []
+    for name in sorted({coord(c, "model") for c in cells}):
+        g = resolve_model(name)
+        lines.append(
+            f"- {name}: {g.num_attention_layers} attention + {g.num_recurrent_layers} recurrent "
+            f"layers, KV {format_bytes(g.kv_bytes_per_token)} per token, state "
+            f"{format_bytes(g.state_bytes_per_request)} per request (conv + SSM, bf16)"
+        )
+    return lines
+
+
 def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
     """How the results were produced: the run log and the simulation's own CPU time."""
     runs_path = directory / "runs.jsonl"
@@ -164,7 +179,8 @@ def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
         else []
     )
     cpu = sum(c.get("cost", {}).get("cpu_s", 0.0) for c in cells)
-    lines = [f"- simulation CPU time summed over cells: {cpu:.0f} s"]
+    timed = sum(1 for c in cells if "cost" in c)
+    lines = [f"- simulation CPU time summed over {timed} cells: {cpu:.0f} s"] if timed else []
     for run in runs:
         lines.append(
             f"- run finished {run['finished_utc']}: `{' '.join(run['argv'])}`, "
@@ -192,6 +208,7 @@ def section(directory: Path) -> str:
         f"- step time: {', '.join(time_models)} of `avmp.sim.timing` for each GPU profile "
         "(simulated seconds; allocator calls, migration and compaction charged by the "
         "simulator's cost model, never by this machine's clock)",
+        *model_lines(cells),
         *run_lines(directory, cells),
         "",
         "### AVMP over each baseline, per workload",
@@ -242,6 +259,11 @@ code measures"):
   chunks move between them, and tails are compacted when needed.
 - **State size.** The paper's state unit ignores conv state; we count every byte the
   kernels need (conv + SSM), from the models' published configs.
+- **Models.** The paper used two model specs of its own (`jamba_1_5_mini` without conv
+  state, and a synthetic `mamba2_1b3`); we use published configs from the zoo
+  (Jamba-1.5-Mini and Mamba2 hybrids with larger states: sizes under Conditions).
+- **Grid.** The paper ran 1/4/8 GiB pools and one GPU; we add 12 GiB (the RTX 3060's
+  whole memory), the `shift` workload, an H100 time model and the oracle.
 - **Baselines.** "unified" follows vLLM v1's rule (attention block enlarged until a page
   holds a state, state page padded up); "static" follows SGLang's default split
   (`--mamba-full-memory-ratio 0.9`); "oracle" admits whenever the exact bytes fit, with

@@ -34,10 +34,19 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="run the whole evaluation and write its report",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Run the whole evaluation: allocators avmp, unified, static and oracle on the "
+        "four paper workloads and shift, three hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
+        "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
+        "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes.",
     )
-    parser.add_argument("--out", default="avmp-results", help="results directory (resumable)")
-    parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
+    parser.add_argument(
+        "--out", default="avmp-results", help="results directory (default: avmp-results)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid: 1 model, 1 and 8 GiB, H100, 2 seeds, 48 requests per trace",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -52,9 +61,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
-    parser.add_argument("--arrival", metavar="PROCESS",
-                        help="arrivals for every workload instead of the presets' own: burst, "
-                        "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)")
+    parser.add_argument(
+        "--arrival",
+        metavar="PROCESS",
+        help="arrivals for every workload instead of the presets' own: burst, "
+        "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -108,9 +120,13 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
     entry = {
         "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": ["avmp", "bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])],
-        "quick": bool(args.quick), "workers": args.workers, "ray": args.ray,
-        "num_cells": len(grid.cells()), "num_simulated": num_simulated,
-        "elapsed_s": round(elapsed_s, 1), "cpu_count": os.cpu_count(),
+        "quick": bool(args.quick),
+        "workers": args.workers,
+        "ray": args.ray,
+        "num_cells": len(grid.cells()),
+        "num_simulated": num_simulated,
+        "elapsed_s": round(elapsed_s, 1),
+        "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or '?'}",
         "python": platform.python_version(),
     }
@@ -127,14 +143,20 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ran: list[str] = []
     run_sweep(
-        grid, args.out, workers=args.workers, ray_address=args.ray,
-        progress=not args.no_progress, on_result=lambda r: ran.append(r["cell"]["cell_id"]),
+        grid,
+        args.out,
+        workers=args.workers,
+        ray_address=args.ray,
+        progress=not args.no_progress,
+        on_result=lambda r: ran.append(r["cell"]["cell_id"]),
     )
     elapsed = time.monotonic() - started
     record_run(args, grid, len(ran), elapsed)
     cells = load_cells(args.out)
     md_path, html_path = write_report(args.out)
     print(markdown_table(headline_table(cells)))
-    print(f"\n{len(grid.cells())} cells ({len(ran)} simulated now, {elapsed:.0f} s); "
-          f"report: {md_path}, {html_path}")
+    print(
+        f"\n{len(grid.cells())} cells ({len(ran)} simulated now, {elapsed:.0f} s); "
+        f"report: {md_path}, {html_path}"
+    )
     return 0
