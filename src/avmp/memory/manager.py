@@ -5,6 +5,7 @@ which move between the pools only when an allocation fails.
 from __future__ import annotations
 
 import os
+from array import array
 from typing import NoReturn
 
 from avmp.memory.address_space import ChunkReserve
@@ -33,15 +34,18 @@ class _Request:
 
     The engine's handles are ``request_id`` (the slot) and ``(request_id, i)`` (the i-th
     page); they never change. Compaction rewrites the physical indices stored here.
+    ``packed_pages`` mirrors ``pages`` in an ``array('q')``, which `Pool.release_packed`
+    queues and numpy frees in one call;
     ``lowest_page`` is ``min(pages)`` kept up to date (a pool hands out ascending runs,
     so each allocation's first page is its minimum), which makes `free` cheaper.
     """
 
-    __slots__ = ("slot", "pages", "num_tokens", "lowest_page")
+    __slots__ = ("slot", "pages", "packed_pages", "num_tokens", "lowest_page")
 
     def __init__(self, slot: int, pages: list[int], num_tokens: int) -> None:
         self.slot = slot
         self.pages = pages
+        self.packed_pages = array("q", pages)  # the same pages, for a one-call free
         self.num_tokens = num_tokens
         self.lowest_page = pages[0] if pages else _NO_PAGE
 
@@ -131,6 +135,7 @@ class AvmpManager(CacheAllocator):
         if num_new_pages:
             new_pages = self._kv.allocate(num_new_pages)
             request.pages.extend(new_pages)
+            request.packed_pages.extend(new_pages)
             if new_pages[0] < request.lowest_page:
                 request.lowest_page = new_pages[0]
         request.num_tokens = num_tokens
@@ -147,7 +152,7 @@ class AvmpManager(CacheAllocator):
                 raise DoubleFreeError(f"request {request_id} was already freed")
             raise UnknownRequestError(f"request {request_id} was never admitted")
         if request.pages:
-            self._kv.release(request.pages, request.lowest_page)
+            self._kv.release_packed(request.packed_pages, request.lowest_page)
         if request.slot >= 0:
             self._state.release_one(request.slot)
         self._freed.add(request_id)
@@ -221,6 +226,7 @@ class AvmpManager(CacheAllocator):
             expected = -(-request.num_tokens // self._block_size) if self._has_pages else 0
             assert len(request.pages) == expected, f"request {request_id}: page count"
             assert request.lowest_page == min(request.pages, default=_NO_PAGE)
+            assert request.packed_pages.tolist() == request.pages, "packed pages differ"
             live_pages.extend(request.pages)
             if self._slots_per_request:
                 live_slots.append(request.slot)
@@ -250,8 +256,7 @@ class AvmpManager(CacheAllocator):
     def _make_room(self, num_pages: int, num_slots: int) -> bool:
         """Give the pools room for ``num_pages`` pages and ``num_slots`` slots, or
         change nothing and count an OOM event."""
-        demand = {PoolKind.KV: num_pages, PoolKind.STATE: num_slots}
-        plan = plan_room(self._pools, demand, len(self._reserve),
+        plan = plan_room(self._kv, self._state, num_pages, num_slots, len(self._reserve),
                          self.config.migration_batch_chunks)
         if plan is None:
             self.stats.num_failed_allocations += 1
@@ -260,9 +265,10 @@ class AvmpManager(CacheAllocator):
         return True
 
     def _execute(self, plan: RoomPlan) -> None:
-        for kind in (PoolKind.STATE, PoolKind.KV):
-            if plan.reserve_for(kind):
-                self._take_reserve(kind, plan.reserve_for(kind))
+        if plan.reserve_state:
+            self._take_reserve(PoolKind.STATE, plan.reserve_state)
+        if plan.reserve_kv:
+            self._take_reserve(PoolKind.KV, plan.reserve_kv)
         if plan.migration is not None:
             if plan.migration.moves:
                 self._compact(plan.migration.donor, plan.migration.moves)
@@ -293,6 +299,7 @@ class AvmpManager(CacheAllocator):
                         pages[i] = destination[page]
                 if pages:
                     request.lowest_page = min(pages)
+                    request.packed_pages = array("q", pages)
         else:
             for request in self._requests.values():
                 request.slot = destination.get(request.slot, request.slot)
