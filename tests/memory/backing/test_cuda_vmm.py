@@ -232,6 +232,8 @@ def test_budget_over_free_memory_is_refused_up_front() -> None:
 
 def test_driver_errors_name_the_call_and_the_error() -> None:
     backing = vmm_attached(2)
-    with pytest.raises(BackingError, match=r"cuMemUnmap failed: CUDA_ERROR_\w+"):
-        backing._call("cuMemUnmap", backing._reservation, 2 * MIB)  # nothing mapped there
+    prop = backing._allocation_prop()
+    prop.location.id = 4096  # no such device
+    with pytest.raises(BackingError, match=r"cuMemCreate failed: CUDA_ERROR_\w+"):
+        backing._call("cuMemCreate", 2 * MIB, prop, 0)
     backing.close()

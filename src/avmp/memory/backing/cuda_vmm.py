@@ -90,6 +90,7 @@ class CudaVmmBacking(TensorBacking):
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def _allocation_prop(self) -> Any:
+        """A fresh allocation-properties struct (pinned device memory on our device)."""
         drv = self._driver
         prop = drv.CUmemAllocationProp()
         prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
@@ -116,7 +117,7 @@ class CudaVmmBacking(TensorBacking):
 
     def _create_chunk(self) -> int:
         """One physical chunk (a seam for tests that inject a cuMemCreate failure)."""
-        handle = self._call("cuMemCreate", self.config.chunk_bytes, self._allocation_prop(), 0)
+        handle = self._call("cuMemCreate", self.config.chunk_bytes, self._prop, 0)
         return int(handle)
 
     def _map(self, address: int, handle: int) -> None:
@@ -126,13 +127,16 @@ class CudaVmmBacking(TensorBacking):
         self._call("cuMemUnmap", address, self.config.chunk_bytes)
 
     def _set_access(self, address: int, num_bytes: int) -> None:
-        self._call("cuMemSetAccess", address, num_bytes, [self._access_desc()], 1)
+        self._call("cuMemSetAccess", address, num_bytes, self._access, 1)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
     def attach(self, spec: CacheSpec, config: MemoryConfig) -> None:
         """Check the budget, reserve both ranges and wrap them as tensors."""
         super().attach(spec, config)
+        # built once: making these structs costs microseconds on every map otherwise
+        self._prop = self._allocation_prop()
+        self._access = [self._access_desc()]
         granularity = self.granularity_bytes()
         if config.chunk_bytes % granularity:
             raise BackingError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
+import numpy as np
 import torch
 
 from avmp.kernels.triton.compact import copy_rows
@@ -105,7 +106,7 @@ class TensorBacking(Backing):
         """Copy every (src, dst) unit with one batched device copy."""
         if not moves:
             return
-        pairs = torch.tensor(moves, dtype=torch.int64)  # [n, 2] on the host
+        pairs = torch.from_numpy(np.asarray(moves, dtype=np.int64))  # [n, 2] on the host
         low, high = int(pairs.min()), int(pairs.max())
         self._check_index(pool, low)
         self._check_index(pool, high)
