@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 
 from avmp.memory.address_space import (
@@ -136,3 +138,15 @@ def test_reserve_hands_out_lowest_chunks_first() -> None:
     assert reserve.chunk_ids == [1, 2, 3, 4]
     with pytest.raises(ValueError):
         reserve.take(5)
+
+
+def test_packed_releases_are_flushed_before_the_map_is_read() -> None:
+    pool = pool_with(10, [0])  # 10 units
+    pool.allocate(10)
+    pool.release_packed(array("q", [7, 2]), lowest=2)
+    pool.release_packed(array("q", [5]), lowest=5)
+    assert pool.num_free == 3 and pool.low == 2  # counted at once
+    assert pool.free_map[2] == 0  # written only on the next read
+    assert pool.allocate(2) == [2, 5]
+    assert pool.allocate_one() == 7
+    pool.check_integrity(list(range(10)))

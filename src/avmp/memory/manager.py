@@ -260,6 +260,8 @@ class AvmpManager(CacheAllocator):
                          self.config.migration_batch_chunks)
         if plan is None:
             self.stats.num_failed_allocations += 1
+            if self._debug:
+                self.check_integrity()
             return False
         self._execute(plan)
         return True
