@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from avmp.memory import AvmpManager
-from avmp.memory.backing import HostBacking
+from avmp.memory.backing import BackingError, HostBacking
 from avmp.memory.migration import MemoryEvent
 from avmp.memory.spec import (
     DoubleFreeError,
@@ -267,3 +267,45 @@ def test_registry_builds_the_manager() -> None:
 
     allocator = make_allocator("avmp", geometry(), MemoryConfig(budget_bytes=8 * MiB))
     assert isinstance(allocator, AvmpManager) and allocator.name == "avmp"
+
+
+class FailingMapBacking(HostBacking):
+    """A host backing whose ``fail_on``-th map call raises (a driver error)."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.num_maps = 0
+        self.fail_on = fail_on
+
+    def map_chunks(self, pool: PoolKind, chunk_ids: list[int]) -> None:
+        self.num_maps += 1
+        if self.num_maps == self.fail_on:
+            raise BackingError("injected map failure")
+        super().map_chunks(pool, chunk_ids)
+
+
+def test_a_failed_reserve_mapping_returns_the_chunks() -> None:
+    backing = FailingMapBacking(fail_on=2)  # the KV mapping of the first admit
+    m = manager(6, backing=backing)
+    with pytest.raises(BackingError):
+        m.admit(1, PAGE)
+    assert m.pool_chunks(STATE) == [0, 1] and m.pool_chunks(KV) == []
+    assert m.reserve_chunks() == [2, 3, 4, 5]
+    assert m.request_ids == []
+    m.check_integrity()
+    assert m.admit(1, PAGE) == RequestBlocks(slot=0, pages=(0,))
+    assert backing.mapped_chunks(KV) == m.pool_chunks(KV) == [2]
+
+
+def test_a_failed_migration_mapping_leaves_the_chunks_with_the_donor() -> None:
+    backing = FailingMapBacking(fail_on=3)  # state, KV, then the migration's mapping
+    m = manager(6, backing=backing)
+    m.admit(1, 8 * PAGE)
+    m.free(1)
+    m.admit(2, PAGE)
+    with pytest.raises(BackingError):
+        m.admit(3, PAGE)
+    assert m.pool_chunks(KV) == backing.mapped_chunks(KV) == [2, 3, 4, 5]
+    assert m.pool_chunks(STATE) == backing.mapped_chunks(STATE) == [0, 1]
+    assert m.request_ids == [2]
+    m.check_integrity()
