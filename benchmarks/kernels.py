@@ -340,8 +340,15 @@ def copy_bandwidth_gbps() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="raw JSON results file")
+    parser.add_argument("--out", type=Path, help="raw JSON results file to write")
+    parser.add_argument("--markdown", type=Path,
+                        help="print the docs table of a saved file ({'runs': [result, ...]})")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())["runs"]))
+        return
+    if args.out is None:
+        parser.error("--out is required to run the benchmark")
     torch.manual_seed(0)
     warm_up_gpu()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -380,6 +387,29 @@ def print_table(result: dict[str, object]) -> None:
     for v in result["decode_variants"]:  # type: ignore[attr-defined]
         print(f"| {v['shape']} | {v['block_n']} | {v['num_splits']} | {v['ms']:.4f} | "
               f"{v['gbps']:.0f} |")
+
+
+def markdown_table(runs: list[dict[str, object]]) -> str:
+    """The docs table: each kernel row with its Triton time in every run (spread), the
+    first run's bandwidth, eager wall time and baseline."""
+    first = runs[0]
+    lines = [
+        f"Device: {first['device']}, torch {first['torch']}, {first['dtype']} activations and "
+        f"KV, fp32 SSM state; HBM copy {first['copy_gbps']:.0f} GB/s (read + write) in the "
+        "same run.",
+        "",
+        "| kernel | shape | Triton ms (runs) | GB/s | eager µs/call | baseline | baseline ms "
+        "| speed-up | rel err |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for i, r in enumerate(first["rows"]):  # type: ignore[attr-defined]
+        times = " / ".join(f"{run['rows'][i]['triton_ms']:.3f}" for run in runs)  # type: ignore[index]
+        lines.append(
+            f"| {r['kernel']} | {r['shape']} | {times} | {r['triton_gbps']:.0f} | "
+            f"{r['wall_us']:.0f} | {r['baseline']} | {r['baseline_ms']:.3f} | "
+            f"{r['baseline_ms'] / r['triton_ms']:.1f}x | {r['rel_error']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
