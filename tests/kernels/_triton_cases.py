@@ -8,6 +8,7 @@ either, every test module skips, so CI (no GPU, no triton) skips them cleanly.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -23,7 +24,10 @@ def kernel_device() -> torch.device:
     decorates a kernel, its own standard library included.
     """
     interpret = os.environ.get("AVMP_TRITON_INTERPRET") == "1"
-    if interpret:
+    if interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            pytest.skip("triton was imported before interpreter mode was set: run with "
+                        "TRITON_INTERPRET=1 as well", allow_module_level=True)
         # Before triton's first import: it reads the flag as it decorates its own library.
         os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")
