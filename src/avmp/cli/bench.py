@@ -127,11 +127,25 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
         "num_simulated": num_simulated,
         "elapsed_s": round(elapsed_s, 1),
         "cpu_count": os.cpu_count(),
-        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or '?'}",
+        "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
         "python": platform.python_version(),
     }
     with open(os.path.join(args.out, "runs.jsonl"), "a") as handle:
         handle.write(json.dumps(entry) + "\n")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def run(args: argparse.Namespace) -> int:
