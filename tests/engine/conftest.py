@@ -23,6 +23,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def granite_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
         hidden_size=64,
         intermediate_size=32,
         shared_intermediate_size=48,
@@ -50,6 +51,7 @@ def granite_config(**overrides: Any) -> Any:
 def bamba_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,
@@ -69,6 +71,7 @@ def bamba_config(**overrides: Any) -> Any:
 def nemotron_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
         hidden_size=64,
         intermediate_size=96,
         layers_block_type=["linear_attention", "mlp", "full_attention", "moe"],
@@ -94,6 +97,7 @@ def nemotron_config(**overrides: Any) -> Any:
 def jamba_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=4,
@@ -117,6 +121,7 @@ def jamba_config(**overrides: Any) -> Any:
 def falcon_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -154,12 +159,32 @@ CONFIGS: dict[str, Callable[..., Any]] = {
 }
 
 
+@torch.no_grad()
+def make_recurrence_matter(model: Any) -> None:
+    """Move the parameters that default to constants away from them.
+
+    With transformers' initialisation (``A = -1 .. -heads``, ``dt_bias = 1``) a Mamba
+    state forgets within a few tokens, so a kernel that mishandled the state carried
+    across prefill chunks would still pass. Here states decay slowly (``|A| dt`` near
+    0.01), and norms, ``D`` and the expert-routing bias differ from their defaults.
+    """
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            param.copy_(torch.log(torch.rand_like(param) * 0.09 + 0.01))
+        elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
+            param.fill_(-2.0)
+        elif leaf == "D" or (leaf == "weight" and "norm" in name):
+            param.copy_(1.0 + 0.2 * torch.randn_like(param))
+
+
 class TinyCheckpoint:
     """A tiny random model saved to disk, plus greedy references from transformers."""
 
     def __init__(self, config: Any, path: Path, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+        make_recurrence_matter(self.hf)
         self.hf.save_pretrained(str(path))
         self.path = path
         self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}

@@ -29,6 +29,7 @@ HEAVY_BAMBA = dict(
     mamba_d_state=64,
     mamba_n_groups=1,
     mamba_chunk_size=32,
+    eos_token_id=None,  # every request runs to max_tokens: memory pressure is deterministic
 )
 
 
@@ -45,31 +46,27 @@ def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
     prompts = random_prompts(lengths)
     outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
     for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.finish_reason == "length"
         assert output.token_ids == checkpoint.reference(prompt, MAX_TOKENS)
     return engine
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_identical_when_requests_are_preempted_and_recomputed(
+def test_identical_through_preemption_migration_and_compaction(
     device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
-    checkpoint = tiny_checkpoint("bamba", **HEAVY_BAMBA)
-    engine = run(checkpoint, [4] * 4 + [115] * 5 + [4] * 4, device)
-    assert engine.geometry.kv_bytes_per_token == 8192
-    assert engine.stats.num_preemptions > 0
-    assert engine.stats.num_recompute_tokens > 0
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_identical_when_avmp_migrates_and_compacts(
-    device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
-) -> None:
+    """Short requests fill the state pool, long ones then need KV that only the state
+    pool can give (migration state -> KV, compacting its tail), the pools run out
+    (preemption, recompute), and the short ones at the end pull chunks back."""
     checkpoint = tiny_checkpoint("bamba", **HEAVY_BAMBA)
     engine = run(checkpoint, [4] * 8 + [120] * 4 + [4] * 8, device)
-    moved = engine.stats.allocator
+    assert engine.geometry.kv_bytes_per_token == 8192
+    stats = engine.stats
+    assert stats.num_preemptions > 0 and stats.num_recompute_tokens > 0
+    moved = stats.allocator
     assert moved.chunks_migrated_to["kv"] > 0 and moved.chunks_migrated_to["state"] > 0
     assert moved.num_compactions > 0 and moved.num_units_moved > 0
-    usage = engine.stats.usage
+    usage = stats.usage
     assert usage is not None and usage.num_requests == 0
     assert usage.kv_capacity_bytes + usage.state_capacity_bytes <= usage.budget_bytes
 

@@ -169,9 +169,8 @@ def mamba2_chunk_scan(
     decay_states = torch.exp(a_cumsum[:, :, -1:] - a_cumsum)  # [H, c, l]
     states = torch.einsum("clhn,clhp->chpn", B * decay_states.permute(1, 2, 0)[..., None], x)
     states = torch.cat([initial_state.float()[None], states], dim=0)  # [c + 1, H, P, N]
-    decay_chunk = torch.exp(_segment_sum(F.pad(a_cumsum[:, :, -1], (1, 0)))).permute(
-        1, 2, 0
-    )  # [z, c, H]
+    # [H, c + 1 (target), z (source)] -> [z, c + 1, H]
+    decay_chunk = torch.exp(_segment_sum(F.pad(a_cumsum[:, :, -1], (1, 0)))).permute(2, 1, 0)
     new_states = torch.einsum("zch,zhpn->chpn", decay_chunk, states)
     states, final_state = new_states[:-1], new_states[-1]
     y_off = (
