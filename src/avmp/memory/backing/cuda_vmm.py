@@ -200,6 +200,7 @@ class CudaVmmBacking(TensorBacking):
             for position in range(len(self._chunks[pool])):
                 self._unmap(self._chunk_address(pool, position))
             self._chunks[pool] = []
+        self._owned.clear()
         for handle in self._handles.values():
             self._call("cuMemRelease", handle)
         self._handles.clear()
@@ -251,7 +252,7 @@ class CudaVmmBacking(TensorBacking):
             self._undo_map(mapped, created)
             raise
         self.num_chunks_created += len(created)
-        self._chunks[pool].extend(chunk_ids)
+        self._record_mapped(pool, chunk_ids)
 
     def _undo_map(self, mapped: list[int], created: list[int]) -> None:
         for address in mapped:
@@ -274,5 +275,5 @@ class CudaVmmBacking(TensorBacking):
         # exactly the chunks that are still mapped
         for _ in released:
             self._unmap(self._chunk_address(pool, len(owned) - 1))
-            owned.pop()
+            self._record_unmapped(pool)
         return released

@@ -35,6 +35,7 @@ class TensorBacking(Backing):
         self.num_units_copied = 0
         self.num_bytes_compacted = 0  # bytes read + written by copy_units
         self._chunks: dict[PoolKind, list[int]] = {PoolKind.KV: [], PoolKind.STATE: []}
+        self._owned: set[int] = set()  # both pools' ids: checks stay O(ids asked), not O(budget)
 
     @abstractmethod
     def pool_bytes(self, pool: PoolKind) -> torch.Tensor:
@@ -52,11 +53,20 @@ class TensorBacking(Backing):
     chunk_ids = mapped_chunks
 
     def _check_map(self, chunk_ids: list[int]) -> None:
-        owned = set(self._chunks[PoolKind.KV]) | set(self._chunks[PoolKind.STATE])
-        if len(set(chunk_ids)) != len(chunk_ids) or owned.intersection(chunk_ids):
+        if len(set(chunk_ids)) != len(chunk_ids) or not self._owned.isdisjoint(chunk_ids):
             raise BackingError(f"chunks {chunk_ids} repeat or are already mapped")
         if any(not 0 <= c < self.config.num_chunks for c in chunk_ids):
             raise BackingError(f"chunk ids must lie in [0, {self.config.num_chunks})")
+
+    def _record_mapped(self, pool: PoolKind, chunk_ids: list[int]) -> None:
+        self._chunks[pool].extend(chunk_ids)
+        self._owned.update(chunk_ids)
+
+    def _record_unmapped(self, pool: PoolKind) -> int:
+        """Forget the pool's tail chunk; return its id."""
+        chunk_id = self._chunks[pool].pop()
+        self._owned.discard(chunk_id)
+        return chunk_id
 
     def _check_unmap(self, pool: PoolKind, num_chunks: int) -> None:
         owned = len(self._chunks[pool])

@@ -80,7 +80,7 @@ class TorchBufferBacking(TensorBacking):
             target = self._position(pool, start + offset)
             self._home[chunk_id] = target
             self._holder[target] = chunk_id
-        self._chunks[pool].extend(chunk_ids)
+        self._record_mapped(pool, chunk_ids)
 
     def _copy_chunks(self, moves: list[tuple[int, int]]) -> None:
         """Move whole chunks (src, dst) as one gather + scatter (safe for permutations)."""
@@ -93,15 +93,14 @@ class TorchBufferBacking(TensorBacking):
 
     def unmap_chunks(self, pool: PoolKind, num_chunks: int) -> list[int]:
         self._check_unmap(pool, num_chunks)
-        owned = self._chunks[pool]
         if num_chunks == 0:
             return []
-        released = owned[-num_chunks:]
-        del owned[-num_chunks:]
-        return released
+        released = [self._record_unmapped(pool) for _ in range(num_chunks)]
+        return released[::-1]
 
     def close(self) -> None:
         self._buffer = None
         self._chunks = {PoolKind.KV: [], PoolKind.STATE: []}
+        self._owned.clear()
         self._home.clear()
         self._holder.clear()
