@@ -155,6 +155,27 @@ def reading_lines(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
+def rejection_lines(cells: Sequence[Cell]) -> list[str]:
+    """Requests an allocator rejected (could never fit its layout): they shorten its
+    makespan, so its throughput counts fewer, and easier, requests."""
+    totals: dict[tuple[str, str, int], int] = {}
+    for c in cells:
+        num = int(c["result"]["num_rejected"])
+        if num:
+            key = (coord(c, "allocator"), coord(c, "workload"), coord(c, "budget_bytes"))
+            totals[key] = totals.get(key, 0) + num
+    if not totals:
+        return ["", "No allocator rejected a request (every request fit an empty memory)."]
+    parts = [f"{a} {n} on `{w}` at {format_bytes(b)}" for (a, w, b), n in sorted(totals.items())]
+    return [
+        "",
+        "Rejected requests (could not fit the layout even when empty; they are left out "
+        "of the rejecting allocator's makespan, which can flatter its throughput): "
+        + "; ".join(parts)
+        + ".",
+    ]
+
+
 def model_lines(cells: Sequence[Cell]) -> list[str]:
     """Each model's cache geometry, from the zoo (as `avmp plan` reads it)."""
     from avmp.models.zoo import resolve_model
@@ -253,6 +274,7 @@ def section(directory: Path) -> str:
         paper_table(cells),
         "",
         *reading_lines(cells),
+        *rejection_lines(cells),
         "",
         WHY_DIFFERENT,
         END,
