@@ -111,3 +111,36 @@ def test_ray_without_ray_is_a_clear_error(tmp_path: Path) -> None:
     small = SweepGrid(**{**GRID.__dict__, "workloads": ("uniform_short",), "seeds": (0,)})
     with pytest.raises(ValueError, match="pip install"):
         run_sweep(small, tmp_path, ray_address="auto", progress=False)
+
+
+def test_sigkilled_sweep_resumes_to_the_same_results(reference: Path, tmp_path: Path) -> None:
+    """A sweep process killed with SIGKILL mid-run (no cleanup at all) resumes to the
+    results of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from avmp.bench import sweep\n"
+        "real = sweep.run_cell\n"
+        "def slow(task):\n"
+        "    time.sleep(0.3)\n"
+        "    return real(task)\n"
+        "sweep.run_cell = slow\n"
+        f"grid = sweep.SweepGrid(**{GRID.__dict__!r})\n"
+        "sweep.run_sweep(grid, sys.argv[1], workers=1, progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    cells_dir = tmp_path / "cells"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(cells_dir.glob("*.json"))) < 3:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(list(cells_dir.glob("*.json")))
+    assert 3 <= done_before < len(GRID.cells())
+    run_sweep(GRID, tmp_path, workers=1, progress=False)
+    assert _saved(tmp_path) == _saved(reference)
