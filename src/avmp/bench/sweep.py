@@ -296,38 +296,32 @@ class ResultStore:
 
 
 def build_traces(
-    grid: SweepGrid, progress: bool = False
+    grid: SweepGrid, pairs: Iterable[tuple[str, int]], progress: bool = False
 ) -> dict[tuple[str, int], tuple[RequestSpec, ...]]:
-    """One trace per (workload, seed), shared by every cell of that pair."""
+    """One trace per (workload, seed) pair, shared by every cell of that pair."""
+    arrival = parse_arrival(grid.arrival) if grid.arrival is not None else None
     traces = {}
-    for workload in grid.workloads:
-        for seed in grid.seeds:
-            if workload == "sharegpt_replay":
-                from avmp.bench.sharegpt import sample_lengths
+    for workload, seed in sorted(set(pairs)):
+        num_requests = grid.requests_for(workload)
+        if workload == "sharegpt_replay":
+            from avmp.bench.sharegpt import sample_lengths
 
-                sample_lengths(
-                    grid.requests_for(workload), seed, grid.sharegpt_rules, progress=progress
-                )  # warms the cache with a progress bar
-            arrival = parse_arrival(grid.arrival) if grid.arrival is not None else None
-            requests = make_workload(
-                workload,
-                seed,
-                grid.requests_for(workload),
-                arrival,
-                sharegpt_rules=grid.sharegpt_rules,
-            )
-            traces[(workload, seed)] = tuple(requests)
+            # Tokenizes what the cache lacks, with a progress bar, before the sweep starts.
+            sample_lengths(num_requests, seed, grid.sharegpt_rules, progress=progress)
+        requests = make_workload(
+            workload, seed, num_requests, arrival, sharegpt_rules=grid.sharegpt_rules
+        )
+        traces[(workload, seed)] = tuple(requests)
     return traces
 
 
 def pending_tasks(grid: SweepGrid, store: ResultStore, progress: bool = False) -> list[CellTask]:
     """Tasks of the cells not finished yet, in grid order."""
-    todo = [c for c in grid.cells() if not store.is_done(c, grid.settings_for(c.workload))]
-    if not todo:
-        return []
-    traces = build_traces(grid, progress)
+    settings = {w: grid.settings_for(w) for w in grid.workloads}
+    todo = [c for c in grid.cells() if not store.is_done(c, settings[c.workload])]
+    traces = build_traces(grid, ((c.workload, c.seed) for c in todo), progress)
     return [
-        CellTask(c, traces[(c.workload, c.seed)], grid.settings_for(c.workload), grid.calibration)
+        CellTask(c, traces[(c.workload, c.seed)], settings[c.workload], grid.calibration)
         for c in todo
     ]
 
