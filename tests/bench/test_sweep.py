@@ -63,7 +63,7 @@ def test_killed_sweep_resumes_to_the_same_results(reference: Path, tmp_path: Pat
     assert not list((tmp_path / "cells").glob(".*"))
     assert _saved(tmp_path) == _saved(reference)
     ran.clear()
-    run_sweep(GRID, tmp_path, workers=1, progress=False, on_result=lambda r: ran.append(r))
+    assert run_sweep(GRID, tmp_path, workers=1, progress=False, on_result=ran.append) == 0
     assert ran == []
 
 

@@ -333,28 +333,26 @@ def run_sweep(
     ray_address: str | None = None,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+) -> int:
     """Run every unfinished cell of ``grid`` and save each as it finishes.
 
+    Args:
+        on_result: called with each new record once it is saved.
     Returns:
-        The records of every cell of the grid (saved earlier or now), in grid order.
+        How many cells were simulated now (the others were already saved).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     store = ResultStore(directory)
     tasks = pending_tasks(grid, store, progress)
     total = len(grid.cells())
-
-    def save(record: dict[str, Any]) -> None:
-        store.save(record)
-        if on_result is not None:
-            on_result(record)
-
     with _progress_bar(progress, total, total - len(tasks)) as advance:
 
         def done(record: dict[str, Any]) -> None:
-            save(record)
+            store.save(record)
             advance()
+            if on_result is not None:
+                on_result(record)
 
         if ray_address is not None:
             _run_on_ray(tasks, ray_address, done)
@@ -363,7 +361,7 @@ def run_sweep(
                 done(run_cell(task))
         else:
             _run_on_processes(tasks, workers, done)
-    return [json.loads(store.path(c).read_text()) for c in grid.cells()]
+    return len(tasks)
 
 
 def _run_on_processes(

@@ -155,22 +155,16 @@ def run(args: argparse.Namespace) -> int:
 
     grid = build_grid(args)
     started = time.monotonic()
-    ran: list[str] = []
-    run_sweep(
-        grid,
-        args.out,
-        workers=args.workers,
-        ray_address=args.ray,
-        progress=not args.no_progress,
-        on_result=lambda r: ran.append(r["cell"]["cell_id"]),
+    num_simulated = run_sweep(
+        grid, args.out, workers=args.workers, ray_address=args.ray, progress=not args.no_progress
     )
     elapsed = time.monotonic() - started
-    record_run(args, grid, len(ran), elapsed)
+    record_run(args, grid, num_simulated, elapsed)
     cells = load_cells(args.out)
     md_path, html_path = write_report(args.out)
     print(markdown_table(headline_table(cells)))
     print(
-        f"\n{len(grid.cells())} cells ({len(ran)} simulated now, {elapsed:.0f} s); "
+        f"\n{len(grid.cells())} cells ({num_simulated} simulated now, {elapsed:.0f} s); "
         f"report: {md_path}, {html_path}"
     )
     return 0
