@@ -10,6 +10,7 @@ and is recomputed from its prompt and the tokens it had already produced.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,11 +234,12 @@ class Engine:
         token_prompts = [self._encode(prompt) for prompt in prompts]
         live = self._submit(token_prompts, max_tokens, params)
         self.stats = EngineStats(num_prompt_tokens=sum(len(p) for p in token_prompts))
+        before = copy.deepcopy(self.allocator.stats)
         start = time.perf_counter()
         while self.scheduler.has_unfinished:
             self._step(live, params, ignore_eos)
         self.stats.elapsed_s = time.perf_counter() - start
-        self._finish_stats()
+        self._finish_stats(before)
         outputs = [
             self._output(rid, live[rid]) for rid in sorted(live, key=lambda r: live[r].index)
         ]
@@ -348,11 +350,24 @@ class Engine:
         if self.config.check_integrity:
             self.allocator.check_integrity()
 
-    def _finish_stats(self) -> None:
-        stats = self.allocator.stats
-        self.stats.allocator = AllocatorStats(**vars(stats))
-        self.stats.allocator.chunks_migrated_to = dict(stats.chunks_migrated_to)
+    def _finish_stats(self, before: AllocatorStats) -> None:
+        """What the allocator did during this call (its own counters are lifelong)."""
+        now = self.allocator.stats
+        delta = {
+            name: value - getattr(before, name)
+            for name, value in vars(now).items()
+            if isinstance(value, int)
+        }
+        moved = {
+            k: v - before.chunks_migrated_to.get(k, 0) for k, v in now.chunks_migrated_to.items()
+        }
+        self.stats.allocator = AllocatorStats(**delta, chunks_migrated_to=moved)
         self.stats.usage = self.allocator.usage()
+
+    def warmup(self) -> None:
+        """Run one short request through every code path once, so that the first timed
+        `generate` does not pay torch's one-time initialisation."""
+        self.generate([[1, 2, 3]], max_tokens=2, ignore_eos=True)
 
     def _output(self, request_id: int, request: _Live) -> GenerationOutput:
         generated = request.tokens[len(request.prompt) :]
