@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from avmp.bench.report import _baseline_key, conditions, headline_table, markdown_table
+from avmp.bench.report import baseline_key, conditions, headline_table, markdown_table
 from avmp.bench.stats import Cell, coord, load_cells, oom_change, paired_ratios
 from avmp.units import format_bytes
 
@@ -38,7 +38,7 @@ def _fmt(ratio: float, low: float = math.nan, high: float = math.nan) -> str:
 def budget_pivot(cells: Sequence[Cell]) -> str:
     """Workload x budget rows, one column per baseline: ratio [95% CI]."""
     rows = paired_ratios(cells, ("workload", "budget_bytes"))
-    baselines = sorted({r.baseline for r in rows}, key=_baseline_key)
+    baselines = sorted({r.baseline for r in rows}, key=baseline_key)
     table: dict[tuple[str, int], dict[str, str]] = {}
     for r in rows:
         key = (r.group["workload"], r.group["budget_bytes"])
@@ -55,7 +55,7 @@ def profile_table(cells: Sequence[Cell]) -> str:
     """Per GPU profile, pooled over workloads: AVMP over each baseline."""
     rows = sorted(
         paired_ratios(cells, ("profile",)),
-        key=lambda r: (r.group["profile"], _baseline_key(r.baseline)),
+        key=lambda r: (r.group["profile"], baseline_key(r.baseline)),
     )
     body = [
         [r.group["profile"], r.baseline, str(r.num_pairs), _fmt(r.ratio, r.ci_low, r.ci_high)]
@@ -135,7 +135,7 @@ def reading_lines(cells: Sequence[Cell]) -> list[str]:
     most over it."""
     lines = ["Reading (all workloads, models, budgets, time models and seeds pooled):", ""]
     by_workload = [r for r in paired_ratios(cells, ("workload",)) if not math.isnan(r.ratio)]
-    pooled = sorted(paired_ratios(cells, ()), key=lambda r: _baseline_key(r.baseline))
+    pooled = sorted(paired_ratios(cells, ()), key=lambda r: baseline_key(r.baseline))
     for row in pooled:
         best = max(
             (r for r in by_workload if r.baseline == row.baseline),

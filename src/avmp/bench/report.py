@@ -34,7 +34,7 @@ Table = tuple[list[str], list[list[str]]]
 BASELINE_ORDER = ("unified", "static", "oracle")
 
 
-def _baseline_key(name: str) -> tuple[int, str]:
+def baseline_key(name: str) -> tuple[int, str]:
     """Baselines in a fixed order (vLLM, SGLang, the bound), unknown ones last."""
     order = BASELINE_ORDER.index(name) if name in BASELINE_ORDER else len(BASELINE_ORDER)
     return order, name
@@ -65,7 +65,7 @@ def headline_table(cells: Sequence[Cell]) -> Table:
     95% CIs, the number of pairs, and the change in OOM events."""
     requests = sorted(
         paired_ratios(cells, ("workload",), "request_throughput"),
-        key=lambda r: (r.group["workload"], _baseline_key(r.baseline)),
+        key=lambda r: (r.group["workload"], baseline_key(r.baseline)),
     )
     tokens = {
         (r.group["workload"], r.baseline): r
@@ -103,7 +103,7 @@ def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
     rows = paired_ratios(cells, ("workload", "budget_bytes"), "request_throughput")
     return sorted(
         rows,
-        key=lambda r: (r.group["workload"], r.group["budget_bytes"], _baseline_key(r.baseline)),
+        key=lambda r: (r.group["workload"], r.group["budget_bytes"], baseline_key(r.baseline)),
     )
 
 
@@ -224,7 +224,7 @@ def ratio_figure(cells: Sequence[Cell]) -> Figure | None:
     rows = [r for r in budget_rows(cells) if not math.isnan(r.ratio)]
     if not rows:
         return None
-    baselines = sorted({r.baseline for r in rows}, key=_baseline_key)
+    baselines = sorted({r.baseline for r in rows}, key=baseline_key)
     workloads = _grid_values(cells, "workload")
     budgets = _grid_values(cells, "budget_bytes")
     fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 4), squeeze=False)
