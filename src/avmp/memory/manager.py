@@ -317,16 +317,20 @@ class AvmpManager(CacheAllocator):
         donor = self._pools[migration.donor]
         recipient = self._pools[migration.recipient]
         expected = donor.chunks[len(donor.chunks) - migration.num_chunks:]
+        # The donor's last chunk borders the recipient's tail (in one buffer the pools
+        # grow toward each other), so it becomes the recipient's first new chunk: a
+        # one-buffer backing then moves the boundary without copying a byte.
+        handed_over = expected[::-1]
         if self.backing is not None:
             unmapped = self.backing.unmap_chunks(donor.kind, migration.num_chunks)
             assert unmapped == expected, f"backing unmapped {unmapped}, expected {expected}"
             try:
-                self.backing.map_chunks(recipient.kind, expected)
+                self.backing.map_chunks(recipient.kind, handed_over)
             except BaseException:
                 self.backing.map_chunks(donor.kind, expected)  # undo: the donor keeps them
                 raise
         donor.remove_tail_chunks(migration.num_chunks)
-        recipient.add_chunks(expected)
+        recipient.add_chunks(handed_over)
         self.stats.num_migrations += 1
         self.stats.num_chunks_migrated += migration.num_chunks
         self.stats.chunks_migrated_to[recipient.kind.value] += migration.num_chunks
