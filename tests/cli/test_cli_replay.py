@@ -60,3 +60,21 @@ def test_replay_missing_trace(tmp_path: Path, capsys) -> None:
     argv = ["replay", str(tmp_path / "no.jsonl"), "--model", "jamba-1.5-mini", "--memory", "1GiB"]
     assert main(argv) == 2
     assert "no such trace file" in capsys.readouterr().err
+
+
+def test_replay_with_a_calibration_file(trace: Path, tmp_path: Path, capsys) -> None:
+    points = [{"num_prefill_tokens": p, "num_decode_requests": d, "num_context_tokens": c,
+               "step_s": 0.01 + 1e-5 * p + 1e-4 * d + 1e-7 * c}
+              for p, d, c in ((0, 1, 100), (512, 0, 0), (0, 8, 4000), (256, 4, 2000), (64, 2, 50))]
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"gpu": "h100", "points": points}))
+    base = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB", "--json",
+            "--allocators", "avmp"]
+    assert main(base) == 0
+    roofline = json.loads(capsys.readouterr().out)[0]
+    assert main([*base, "--calibration", str(calibration)]) == 0
+    calibrated = json.loads(capsys.readouterr().out)[0]
+    assert calibrated["time_model"] != roofline["time_model"]
+    assert calibrated["makespan_s"] != roofline["makespan_s"]
+    assert main([*base, "--calibration", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
