@@ -1,0 +1,82 @@
+"""Engine API: sampling, repeated calls, and the mistakes it rejects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import TinyCheckpoint, random_prompts
+
+from avmp.engine.engine import Engine
+from avmp.engine.sampling import SamplingParams, top_p_filter
+
+
+@pytest.fixture(scope="module")
+def engine_and_checkpoint(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> tuple[Engine, TinyCheckpoint]:
+    checkpoint = tiny_checkpoint("granitemoehybrid")
+    return Engine(checkpoint.path, memory="4MiB", block_size=4), checkpoint
+
+
+def test_repeated_generate_calls_reuse_the_memory(
+    engine_and_checkpoint: tuple[Engine, TinyCheckpoint],
+) -> None:
+    engine, checkpoint = engine_and_checkpoint
+    for seed in (7, 8):
+        prompts = random_prompts([5, 9], seed=seed)
+        for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=4), strict=True):
+            assert output.token_ids == checkpoint.reference(prompt, 4)
+        assert engine.allocator.usage().num_requests == 0
+        assert engine.stats.allocator.num_admits == 2  # this call only
+
+
+def test_sampling_is_seeded_per_request(
+    engine_and_checkpoint: tuple[Engine, TinyCheckpoint],
+) -> None:
+    engine, _ = engine_and_checkpoint
+    prompts = random_prompts([6], seed=11) * 2
+    first = [o.token_ids for o in engine.generate(prompts, 6, temperature=1.0, seed=5)]
+    again = [o.token_ids for o in engine.generate(prompts, 6, temperature=1.0, seed=5)]
+    other = [o.token_ids for o in engine.generate(prompts, 6, temperature=1.0, seed=6)]
+    assert first == again
+    assert first != other
+    assert first[0] != first[1]  # same prompt, own generator each
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = top_p_filter(probs, 0.75)
+    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "max_tokens", "message"),
+    [
+        ([[]], 4, "at least one token"),
+        ([[1, 500]], 4, r"token ids must lie in \[0, 128\)"),
+        (["text"], 4, "need a tokenizer"),
+        ([[1, 2]], 0, "max_tokens"),
+    ],
+)
+def test_mistakes_raise_value_error(
+    engine_and_checkpoint: tuple[Engine, TinyCheckpoint],
+    prompts: list[list[int]],
+    max_tokens: int,
+    message: str,
+) -> None:
+    engine, _ = engine_and_checkpoint
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompts, max_tokens=max_tokens)
+
+
+def test_bad_settings_raise_value_error(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> None:
+    path = tiny_checkpoint("granitemoehybrid").path
+    with pytest.raises(ValueError, match="multiple of 2 MiB"):
+        Engine(path, memory="8MiB", chunk_bytes="1MiB")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="backing"):
+        Engine(path, memory="8MiB", backing="host")
