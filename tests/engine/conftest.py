@@ -18,6 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# float32 on GPU must stay float32 (TF32 convolutions would change greedy tokens)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 
 def granite_config(**overrides: Any) -> Any:

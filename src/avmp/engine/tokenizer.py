@@ -30,7 +30,7 @@ class HFTokenizer:
 
         self._tok: Any = AutoTokenizer.from_pretrained(str(path))
         self.vocab_size = len(self._tok)
-        self.eos_token_id = self._tok.eos_token_id
+        self.eos_token_id: int | None = self._tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text))
@@ -49,7 +49,7 @@ class MistralTokenizer:
         path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
         self._tok: Any = _Mistral.from_file(str(path)).instruct_tokenizer.tokenizer
         self.vocab_size = int(self._tok.n_words)
-        self.eos_token_id = int(self._tok.eos_id)
+        self.eos_token_id: int | None = int(self._tok.eos_id)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, bos=True, eos=False))

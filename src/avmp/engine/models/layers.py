@@ -203,7 +203,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(num_heads))
         self.D = nn.Parameter(torch.ones(num_heads))
         group = norm_group_size or self.intermediate_size // n_groups
-        self.norm = RMSNormGated(self.intermediate_size, group, eps)
+        self.norm: nn.Module = RMSNormGated(self.intermediate_size, group, eps)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=proj_bias)
 
     @property

@@ -43,6 +43,7 @@ class NemotronRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        self.e_score_correction_bias: torch.Tensor
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
