@@ -231,15 +231,35 @@ def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
-def section(directory: Path) -> str:
+def vllm_sharegpt_lines(directory: Path | None) -> list[str]:
+    """The ShareGPT sweep with vLLM's rules (tokenized lengths), when it was run."""
+    if directory is None:
+        return []
     cells = load_cells(directory)
+    rules = sorted({str(c["settings"].get("sharegpt_rules")) for c in cells})
+    requests = sorted({c["settings"]["num_requests"] for c in cells})
+    return [
+        "### ShareGPT with vLLM `bench serve` rules (Mistral Tekken token counts)",
+        "",
+        f"Command: `avmp bench --workloads sharegpt_replay --sharegpt-rules vllm "
+        f"--out {directory.name}` ({len(cells)} cells, rules {', '.join(rules)}, "
+        f"{', '.join(map(str, requests))} requests per trace; the rest of the grid as above).",
+        "",
+        markdown_table(headline_table(cells)),
+        "",
+    ]
+
+
+def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
+    cells = load_cells(directory)
+    extra = "" if vllm_sharegpt is None else f" --sharegpt-vllm {vllm_sharegpt.name}"
     time_models = sorted({c["result"].get("time_model", "?") for c in cells})
     parts = [
         START,
         "## `avmp bench`: AVMP against the vLLM and SGLang layouts (simulated)",
         "",
-        f"Command: `avmp bench --out {directory.name}`, then "
-        f"`python benchmarks/bench_section.py {directory.name}` (writes this section).",
+        f"Command: `avmp bench --out {directory.name}`, then `python benchmarks/bench_section.py "
+        f"{directory.name}{extra}` (writes this section).",
         "",
         "### Conditions",
         "",
@@ -265,6 +285,7 @@ def section(directory: Path) -> str:
         "",
         profile_table(cells),
         "",
+        *vllm_sharegpt_lines(vllm_sharegpt),
         "### `shift`: AVMP against the oracle",
         "",
         *shift_oracle_lines(cells),
@@ -331,8 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="results directory of avmp bench")
     parser.add_argument("--doc", type=Path, default=Path("docs/BENCHMARKS.md"))
     parser.add_argument("--print", action="store_true", help="print instead of writing")
+    parser.add_argument(
+        "--sharegpt-vllm",
+        type=Path,
+        metavar="DIR",
+        help="results of `avmp bench --workloads sharegpt_replay "
+        "--sharegpt-rules vllm --out DIR`, shown as an extra table",
+    )
     args = parser.parse_args(argv)
-    text = section(args.directory)
+    text = section(args.directory, args.sharegpt_vllm)
     if args.print:
         print(text)
     else:

@@ -41,3 +41,6 @@ def test_section_replaces_only_its_part(tmp_path: Path) -> None:
     second = doc.read_text()
     assert second.count(script.START) == 1 and "also kept" in second and "keep me" in second
     assert second.replace("\n## A later section\n\nalso kept\n", "") == first
+    with_vllm = script.section(results, results)
+    assert "ShareGPT with vLLM `bench serve` rules" in with_vllm
+    assert "bench_section.py res --sharegpt-vllm res" in with_vllm
