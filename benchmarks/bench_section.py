@@ -242,7 +242,7 @@ def vllm_sharegpt_lines(directory: Path | None) -> list[str]:
         "### ShareGPT with vLLM `bench serve` rules (Mistral Tekken token counts)",
         "",
         f"Command: `avmp bench --workloads sharegpt_replay --sharegpt-rules vllm "
-        f"--out {directory.name}` ({len(cells)} cells, rules {', '.join(rules)}, "
+        f"--out {directory}` ({len(cells)} cells, rules {', '.join(rules)}, "
         f"{', '.join(map(str, requests))} requests per trace; the rest of the grid as above).",
         "",
         markdown_table(headline_table(cells)),
@@ -252,14 +252,14 @@ def vllm_sharegpt_lines(directory: Path | None) -> list[str]:
 
 def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
     cells = load_cells(directory)
-    extra = "" if vllm_sharegpt is None else f" --sharegpt-vllm {vllm_sharegpt.name}"
+    extra = "" if vllm_sharegpt is None else f" --sharegpt-vllm {vllm_sharegpt}"
     time_models = sorted({c["result"].get("time_model", "?") for c in cells})
     parts = [
         START,
         "## `avmp bench`: AVMP against the vLLM and SGLang layouts (simulated)",
         "",
-        f"Command: `avmp bench --out {directory.name}`, then `python benchmarks/bench_section.py "
-        f"{directory.name}{extra}` (writes this section).",
+        f"Command: `avmp bench --out {directory}`, then `python benchmarks/bench_section.py "
+        f"{directory}{extra}` (writes this section).",
         "",
         "### Conditions",
         "",

@@ -43,4 +43,4 @@ def test_section_replaces_only_its_part(tmp_path: Path) -> None:
     assert second.replace("\n## A later section\n\nalso kept\n", "") == first
     with_vllm = script.section(results, results)
     assert "ShareGPT with vLLM `bench serve` rules" in with_vllm
-    assert "bench_section.py res --sharegpt-vllm res" in with_vllm
+    assert f"bench_section.py {results} --sharegpt-vllm {results}" in with_vllm
