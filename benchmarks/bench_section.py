@@ -326,6 +326,11 @@ code measures"):
   (Jamba-1.5-Mini and Mamba2 hybrids with larger states: sizes under Conditions).
 - **Grid.** The paper ran 1/4/8 GiB pools and one GPU; we add 12 GiB (the RTX 3060's
   whole memory), the `shift` workload, an H100 time model and the oracle.
+- **Padding.** The paper's unified pool pads each state to a page (its claim: up to 7.3x
+  capacity wasted). vLLM v1 instead enlarges the attention block until a page holds a
+  state, so the state page is padded only slightly (0.1% to 6% in the logs PEERS.md
+  quotes) and the waste moves to each request's partly filled last KV block; our
+  "unified" baseline models vLLM's rule, not the paper's.
 - **Baselines.** "unified" follows vLLM v1's rule (attention block enlarged until a page
   holds a state, state page padded up); "static" follows SGLang's default split
   (`--mamba-full-memory-ratio 0.9`); "oracle" admits whenever the exact bytes fit, with
