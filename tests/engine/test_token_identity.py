@@ -3,6 +3,7 @@ random models of every family, on batches of mixed prompt lengths with chunked p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -42,15 +43,17 @@ def test_greedy_matches_transformers(
     assert engine.stats.allocator.num_admits == len(prompts)
 
 
+@pytest.mark.parametrize("batched_decode", [True, False])
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_logits_match_transformers_through_chunked_prefill_and_decode(
-    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
+    family: str, batched_decode: bool, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
     """Token identity on tiny random models can hide small errors; logits cannot.
 
     The prompt is prefilled in uneven chunks (the last one a single token, which takes
     the decode path) over a scattered page table, then compared position by position
-    with one full-sequence forward of transformers.
+    with one full-sequence forward of transformers. Without the batched decode group
+    (a batch built by another runner), layers take the decode token one by one.
     """
     checkpoint = tiny_checkpoint(family)
     model = load_model(checkpoint.path)
@@ -61,6 +64,8 @@ def test_logits_match_transformers_through_chunked_prefill_and_decode(
     with torch.inference_mode():
         for start, end in [(0, 9), (9, 10), (10, 22), (22, 23)]:
             batch = StepBatch.build([(start, end - start, 2, pages)], 4, torch.device("cpu"))
+            if not batched_decode:
+                batch = dataclasses.replace(batch, decode=None)
             hidden.append(model(torch.tensor(prompt[start:end]), batch, cache))
         ours = model.logits(torch.cat(hidden))
         theirs = checkpoint.hf(torch.tensor([prompt])).logits[0]

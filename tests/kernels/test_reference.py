@@ -121,3 +121,61 @@ def test_mamba1_scan_in_pieces_matches_one_pass(device: str) -> None:
     for t in range(length):
         h = torch.exp(A * dt[t, :, None]) * h + dt[t, :, None] * B[t] * x[t, :, None]
     torch.testing.assert_close(state, h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_decode_kernels_match_their_one_sequence_forms(device: str) -> None:
+    """Decode attention, conv step and Mamba1 step over a batch equal the per-sequence
+    kernels, whatever each sequence's length and slot."""
+    torch.manual_seed(0)
+    block, kv_heads, heads, dim = 4, 2, 4, 8
+    k_cache = strided_cache(12, block, kv_heads, dim, device)
+    v_cache = strided_cache(12, block, kv_heads, dim, device)
+    k_cache.normal_()
+    v_cache.normal_()
+    tables = [[3, 7, 1], [10], [0, 5]]
+    lengths = [11, 2, 8]
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], device=device)
+    query = torch.randn(3, heads, dim, device=device)
+    batched = ref.paged_decode_attention(
+        query, k_cache, v_cache, padded, torch.tensor(lengths, device=device), 0.4
+    )
+    for i, (table, length) in enumerate(zip(tables, lengths, strict=True)):
+        one = ref.paged_attention(
+            query[i : i + 1], k_cache, v_cache, torch.tensor(table, device=device), length - 1, 0.4
+        )
+        torch.testing.assert_close(batched[i : i + 1], one, rtol=1e-5, atol=1e-5)
+
+    channels, d_conv = 8, 4
+    states = torch.randn(5, channels, d_conv - 1, device=device)
+    weight, bias = (
+        torch.randn(channels, d_conv, device=device),
+        torch.randn(channels, device=device),
+    )
+    x = torch.randn(2, channels, device=device)
+    slots = torch.tensor([4, 1], device=device)
+    expected_states = states.clone()
+    expected = [
+        ref.causal_conv1d(x[i : i + 1], expected_states[s], weight, bias)
+        for i, s in enumerate([4, 1])
+    ]
+    out = ref.causal_conv1d_step(x, states, slots, weight, bias)
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states, expected_states)
+
+    inner, d_state = 6, 3
+    ssm = torch.randn(2, inner, d_state, device=device)
+    xs, dt = torch.randn(2, inner, device=device), torch.rand(2, inner, device=device)
+    A = -torch.rand(inner, d_state, device=device)
+    B, C = torch.randn(2, d_state, device=device), torch.randn(2, d_state, device=device)
+    D = torch.randn(inner, device=device)
+    one_by_one = ssm.clone()
+    expected_y = [
+        ref.mamba1_scan(
+            xs[i : i + 1], dt[i : i + 1], A, B[i : i + 1], C[i : i + 1], D, one_by_one[i]
+        )
+        for i in range(2)
+    ]
+    y = ref.mamba1_step(ssm, xs, dt, A, B, C, D)
+    torch.testing.assert_close(y, torch.cat(expected_y))
+    torch.testing.assert_close(ssm, one_by_one)

@@ -81,6 +81,38 @@ def paged_attention(
     return out[0].transpose(0, 1)
 
 
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    num_tokens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its pages, for a batch of sequences.
+
+    Args:
+        query: ``[N, heads, head_dim]``, the token at position ``num_tokens - 1``.
+        block_tables: ``[N, max_pages]`` page ids, padded with any valid page.
+        num_tokens: ``[N]`` tokens each sequence holds, the new one included.
+    Returns:
+        ``[N, heads, head_dim]``.
+    """
+    n, max_pages = block_tables.shape
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    keys = k_cache[block_tables].reshape(n, max_pages * block_size, kv_heads, head_dim)
+    values = v_cache[block_tables].reshape(n, max_pages * block_size, kv_heads, head_dim)
+    groups = query.shape[1] // kv_heads
+    keys = keys.to(query.dtype).repeat_interleave(groups, dim=2).transpose(1, 2)  # [N, H, Tk, D]
+    values = values.to(query.dtype).repeat_interleave(groups, dim=2).transpose(1, 2)
+    positions = torch.arange(max_pages * block_size, device=query.device)
+    mask = (positions[None, :] < num_tokens[:, None])[:, None, None, :]  # [N, 1, 1, Tk]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None], keys, values, attn_mask=mask, scale=scale
+    )
+    return out[:, :, 0]
+
+
 def causal_conv1d(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -113,6 +145,36 @@ def causal_conv1d(
     elif activation is not None:
         raise ValueError(f"unsupported conv activation {activation!r}")
     return out.t().to(x.dtype)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,
+    conv_states: torch.Tensor,
+    slots: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """One decode token per sequence through the causal conv, updating each slot's state.
+
+    Args:
+        x: ``[N, channels]``.
+        conv_states: ``[num_slots, channels, columns]`` view of the layer's states.
+        slots: ``[N]`` rows of ``conv_states``.
+    Returns:
+        ``[N, channels]``.
+    """
+    channels, d_conv = weight.shape
+    columns = conv_states.shape[2]
+    full = torch.cat([conv_states[slots].to(weight.dtype), x[:, :, None].to(weight.dtype)], dim=2)
+    window = full[:, :, columns + 1 - d_conv :]  # [N, C, d_conv]
+    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=channels)[:, :, 0]  # [N, C]
+    conv_states[slots] = full[:, :, 1:].to(conv_states.dtype)
+    if activation == "silu":
+        out = F.silu(out)
+    elif activation is not None:
+        raise ValueError(f"unsupported conv activation {activation!r}")
+    return out.to(x.dtype)
 
 
 def _segment_sum(x: torch.Tensor) -> torch.Tensor:
@@ -236,4 +298,28 @@ def mamba1_scan(
         outputs.append(h @ C[t].float())  # [I]
     state.copy_(h.to(state.dtype))
     y = torch.stack(outputs, dim=0)
+    return y + x.float() * D.float()[None, :]
+
+
+def mamba1_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """One Mamba1 decode step for a batch, updating ``state [N, d_inner, d_state]`` in place.
+
+    Args:
+        x, dt: ``[N, d_inner]`` (dt after softplus); B, C: ``[N, d_state]``.
+    Returns:
+        y ``[N, d_inner]`` (float32).
+    """
+    dA = torch.exp(A[None].float() * dt.float()[:, :, None])
+    dBx = dt.float()[:, :, None] * B.float()[:, None, :] * x.float()[:, :, None]
+    h = dA * state.float() + dBx
+    state.copy_(h.to(state.dtype))
+    y = (h @ C.float()[:, :, None])[:, :, 0]
     return y + x.float() * D.float()[None, :]

@@ -151,13 +151,24 @@ class PagedAttention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, cache: CacheViews
     ) -> torch.Tensor:
-        """Write the new K/V into their pages, then attend each sequence over its pages."""
+        """Write the new K/V into their pages, then attend each prefill chunk over its
+        pages and all decode tokens in one batched call."""
         k_cache, v_cache = cache.kv(self.layer_index)
         ref.write_kv(k_cache, v_cache, k, v, batch.page_ids, batch.page_offsets)
         out = torch.empty_like(q)
-        for seq in batch.sequences:
+        for seq in batch.per_sequence:
             out[seq.tokens] = ref.paged_attention(
                 q[seq.tokens], k_cache, v_cache, seq.block_table, seq.num_context, self.scale
+            )
+        decode = batch.decode
+        if decode is not None:
+            out[decode.token_index] = ref.paged_decode_attention(
+                q[decode.token_index],
+                k_cache,
+                v_cache,
+                decode.block_tables,
+                decode.num_tokens,
+                self.scale,
             )
         return out
 
@@ -219,44 +230,70 @@ class Mamba2Mixer(nn.Module):
     def mix(
         self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: CacheViews
     ) -> torch.Tensor:
-        """The recurrent core: per sequence, conv then scan (prefill) or step (decode)."""
+        """The recurrent core: conv then chunked scan per prefill chunk, and one batched
+        conv step and state step for all decode tokens."""
         conv_states, ssm_states = cache.state(self.layer_index)
         out = xbc.new_empty(xbc.shape[0], self.intermediate_size)
-        for seq in batch.sequences:
+        for seq in batch.per_sequence:
+            index = seq.tokens
+            if seq.is_decode:  # a batch built without a decode group
+                slot = torch.tensor([seq.slot], device=xbc.device)
+                out[index] = self.decode(xbc[index], dt[index], conv_states, ssm_states, slot)
+                continue
             conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
-            if seq.num_context == 0:
+            if seq.num_context == 0:  # a new or recomputed request: its slot holds stale bytes
                 conv.zero_()
                 ssm.zero_()
-            out[seq.tokens] = self.mix_sequence(
-                xbc[seq.tokens], dt[seq.tokens], conv, ssm, seq.is_decode
-            )
+            out[index] = self.prefill(xbc[index], dt[index], conv, ssm)
+        decode = batch.decode
+        if decode is not None:
+            index = decode.token_index
+            out[index] = self.decode(xbc[index], dt[index], conv_states, ssm_states, decode.slots)
         return out
 
-    def mix_sequence(
-        self,
-        xbc: torch.Tensor,
-        dt: torch.Tensor,
-        conv: torch.Tensor,
-        ssm: torch.Tensor,
-        decode: bool,
-    ) -> torch.Tensor:
+    def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Split the conv output into x, B, C per head and group; discretise dt."""
         n = xbc.shape[0]
-        weight = self.conv1d.weight.squeeze(1)
-        xbc = ref.causal_conv1d(xbc, conv, weight, self.conv1d.bias, "silu")
         gn = self.n_groups * self.d_state
         xs, B, C = xbc.split([self.intermediate_size, gn, gn], dim=-1)
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
         dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])
+        return (
+            xs.reshape(n, self.num_heads, self.head_dim),
+            dt,
+            B.reshape(n, self.n_groups, self.d_state),
+            C.reshape(n, self.n_groups, self.d_state),
+        )
+
+    def prefill(
+        self, xbc: torch.Tensor, dt: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
+    ) -> torch.Tensor:
+        """One sequence's chunk, continuing from (and updating) its conv and SSM state."""
+        weight = self.conv1d.weight.squeeze(1)
+        xbc = ref.causal_conv1d(xbc, conv, weight, self.conv1d.bias, "silu")
+        xs, dt, B, C = self.ssm_inputs(xbc, dt)
         A = -torch.exp(self.A_log.float())
-        xs = xs.reshape(n, self.num_heads, self.head_dim)
-        B = B.reshape(n, self.n_groups, self.d_state)
-        C = C.reshape(n, self.n_groups, self.d_state)
-        if decode:
-            y = ref.mamba2_step(ssm.unsqueeze(0), xs, dt, A, B, C, self.D)
-        else:
-            y, final = ref.mamba2_chunk_scan(xs, dt, A, B, C, self.D, ssm, self.chunk_size)
-            ssm.copy_(final.to(ssm.dtype))
-        return y.reshape(n, self.intermediate_size).to(xbc.dtype)
+        y, final = ref.mamba2_chunk_scan(xs, dt, A, B, C, self.D, ssm, self.chunk_size)
+        ssm.copy_(final.to(ssm.dtype))
+        return y.reshape(xbc.shape[0], self.intermediate_size).to(xbc.dtype)
+
+    def decode(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of N sequences: gather their states, step, scatter back."""
+        weight = self.conv1d.weight.squeeze(1)
+        xbc = ref.causal_conv1d_step(xbc, conv_states, slots, weight, self.conv1d.bias, "silu")
+        xs, dt, B, C = self.ssm_inputs(xbc, dt)
+        A = -torch.exp(self.A_log.float())
+        ssm = ssm_states[slots]  # [N, H, P, S], a copy
+        y = ref.mamba2_step(ssm, xs, dt, A, B, C, self.D)
+        ssm_states[slots] = ssm
+        return y.reshape(xbc.shape[0], self.intermediate_size).to(xbc.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -336,23 +373,52 @@ class Mamba1Mixer(nn.Module):
         xs, gate = self.in_proj(x).chunk(2, dim=-1)
         conv_states, ssm_states = cache.state(self.layer_index)
         out = xs.new_empty(xs.shape)
-        for seq in batch.sequences:
+        for seq in batch.per_sequence:
+            index = seq.tokens
+            if seq.is_decode:  # a batch built without a decode group
+                slot = torch.tensor([seq.slot], device=xs.device)
+                out[index] = self.decode(xs[index], gate[index], conv_states, ssm_states, slot)
+                continue
             conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
             if seq.num_context == 0:
                 conv.zero_()
                 ssm.zero_()
-            out[seq.tokens] = self.mix_sequence(xs[seq.tokens], gate[seq.tokens], conv, ssm)
+            out[index] = self.prefill(xs[index], gate[index], conv, ssm)
+        decode = batch.decode
+        if decode is not None:
+            index = decode.token_index
+            out[index] = self.decode(xs[index], gate[index], conv_states, ssm_states, decode.slots)
         return self.out_proj(out.to(x.dtype))
 
-    def mix_sequence(
-        self, xs: torch.Tensor, gate: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
-    ) -> torch.Tensor:
-        weight = self.conv1d.weight.squeeze(1)
-        xs = ref.causal_conv1d(xs, conv, weight, self.conv1d.bias, "silu")  # [T, I]
+    def ssm_inputs(self, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """dt (after softplus), A, B and C of the conv output ``xs [T, I]``."""
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = (self.dt_proj.weight @ dt.t()).t()  # [T, I], bias added after (as transformers)
         dt = F.softplus(dt + self.dt_proj.bias.float())
-        A = -torch.exp(self.A_log.float())
-        y = ref.mamba1_scan(xs, dt, A, B, C, self.D, ssm)
+        return dt, -torch.exp(self.A_log.float()), B, C
+
+    def prefill(
+        self, xs: torch.Tensor, gate: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor
+    ) -> torch.Tensor:
+        """One sequence's chunk, continuing from (and updating) its conv and SSM state."""
+        weight = self.conv1d.weight.squeeze(1)
+        xs = ref.causal_conv1d(xs, conv, weight, self.conv1d.bias, "silu")  # [T, I]
+        y = ref.mamba1_scan(xs, *self.ssm_inputs(xs), self.D, ssm)
+        return (y * F.silu(gate.float())).to(xs.dtype)
+
+    def decode(
+        self,
+        xs: torch.Tensor,
+        gate: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of N sequences: gather their states, step, scatter back."""
+        weight = self.conv1d.weight.squeeze(1)
+        xs = ref.causal_conv1d_step(xs, conv_states, slots, weight, self.conv1d.bias, "silu")
+        ssm = ssm_states[slots]  # [N, I, S], a copy
+        y = ref.mamba1_step(ssm, xs, *self.ssm_inputs(xs), self.D)
+        ssm_states[slots] = ssm
         return (y * F.silu(gate.float())).to(xs.dtype)
