@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument(
+        "--ssm-dtype", default=None, help="SSM state dtype (default: the model's dtype)"
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page (16)")
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="running requests at most")
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         dtype=args.dtype,
         tokenizer=tokenizer,
+        ssm_dtype=args.ssm_dtype,
     )
     engine.warmup()
     if engine.tokenizer is None:
@@ -90,8 +94,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.dtype not in (None, "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    for flag, dtype in (("--dtype", args.dtype), ("--ssm-dtype", args.ssm_dtype)):
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise UserError(f"{flag} must be float32, bfloat16 or float16, got {dtype!r}")
     for flag, value in (("--memory", args.memory), ("--chunk", args.chunk)):
         try:
             parse_bytes(value)
