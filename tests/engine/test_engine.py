@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import TinyCheckpoint, random_prompts
+from engine_helpers import TinyCheckpoint, random_prompts
 
 from avmp.engine.engine import Engine
 from avmp.engine.sampling import SamplingParams, top_p_filter

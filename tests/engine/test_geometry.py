@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import CONFIGS, TinyCheckpoint
+from engine_helpers import CONFIGS, TinyCheckpoint
 
 from avmp.engine.loader import load_model
 from avmp.engine.tiny import tiny_config, tiny_model

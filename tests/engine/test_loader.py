@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyCheckpoint, granite_config, transformers
+from engine_helpers import TinyCheckpoint, granite_config, transformers
 from safetensors.torch import load_file, save_file
 
 from avmp.engine.loader import CheckpointError, load_model

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from conftest import DEVICES, TinyCheckpoint, random_prompts
+from engine_helpers import DEVICES, TinyCheckpoint, random_prompts
 
 from avmp.engine.engine import Engine
 from avmp.models.geometry import ConvColumns

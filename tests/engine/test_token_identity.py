@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import CONFIGS, DEVICES, TinyCheckpoint, random_prompts
+from engine_helpers import CONFIGS, DEVICES, TinyCheckpoint, random_prompts
 
 from avmp.engine.batch import StepBatch
 from avmp.engine.cache import DenseCacheViews

@@ -1,0 +1,212 @@
+"""Helpers for the engine tests (imported by name; conftest.py only holds fixtures).
+
+Tiny random-weight models of every family the engine runs, written with
+``save_pretrained`` and compared against transformers' own greedy ``generate``.
+
+Multipliers and options are set away from their defaults so that a forward pass that
+ignored one would not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# float32 on GPU must stay float32 (TF32 convolutions would change greedy tokens)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def granite_config(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=32,
+        shared_intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["mamba", "mamba", "attention", "mamba"],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=2,
+        mamba_chunk_size=8,
+        position_embedding_type="rope",
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+        logits_scaling=1.5,
+    )
+    kwargs.update(overrides)
+    return transformers.GraniteMoeHybridConfig(**kwargs)
+
+
+def bamba_config(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=2,
+        mamba_chunk_size=8,
+    )
+    kwargs.update(overrides)
+    return transformers.BambaConfig(**kwargs)
+
+
+def nemotron_config(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "moe"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        ssm_state_size=16,
+        n_groups=2,
+        chunk_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=32,
+        n_group=1,
+        topk_group=1,
+    )
+    kwargs.update(overrides)
+    return transformers.NemotronHConfig(**kwargs)
+
+
+def jamba_config(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+    )
+    kwargs.update(overrides)
+    return transformers.JambaConfig(**kwargs)
+
+
+def falcon_config(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=2,
+        mamba_chunk_size=8,
+        mamba_d_ssm=128,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=False,
+        embedding_multiplier=1.5,
+        lm_head_multiplier=0.8,
+        key_multiplier=0.7,
+        attention_in_multiplier=1.2,
+        attention_out_multiplier=0.9,
+        ssm_in_multiplier=1.1,
+        ssm_out_multiplier=0.6,
+        ssm_multipliers=[1.0, 0.9, 1.1, 1.2, 0.8],
+        mlp_multipliers=[1.3, 0.7],
+    )
+    kwargs.update(overrides)
+    return transformers.FalconH1Config(**kwargs)
+
+
+CONFIGS: dict[str, Callable[..., Any]] = {
+    "granitemoehybrid": granite_config,
+    "bamba": bamba_config,
+    "nemotron_h": nemotron_config,
+    "jamba": jamba_config,
+    "falcon_h1": falcon_config,
+}
+
+
+@torch.no_grad()
+def make_recurrence_matter(model: Any) -> None:
+    """Move the parameters that default to constants away from them.
+
+    With transformers' initialisation (``A = -1 .. -heads``, ``dt_bias = 1``) a Mamba
+    state forgets within a few tokens, so a kernel that mishandled the state carried
+    across prefill chunks would still pass. Here states decay slowly (``|A| dt`` near
+    0.01), and norms, ``D`` and the expert-routing bias differ from their defaults.
+    """
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            param.copy_(torch.log(torch.rand_like(param) * 0.09 + 0.01))
+        elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
+            param.fill_(-2.0)
+        elif leaf == "D" or (leaf == "weight" and "norm" in name):
+            param.copy_(1.0 + 0.2 * torch.randn_like(param))
+
+
+class TinyCheckpoint:
+    """A tiny random model saved to disk, plus greedy references from transformers."""
+
+    def __init__(self, config: Any, path: Path, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+        make_recurrence_matter(self.hf)
+        self.hf.save_pretrained(str(path))
+        self.path = path
+        self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def reference(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """transformers' greedy continuation of ``prompt`` alone (batch 1, no padding)."""
+        key = (tuple(prompt), max_tokens)
+        if key not in self._cache:
+            with torch.no_grad():
+                out = self.hf.generate(
+                    torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False
+                )
+            self._cache[key] = out[0, len(prompt) :].tolist()
+        return self._cache[key]
+
+
+def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    """Prompts of the given lengths, avoiding the special ids 0-2 (pad, bos, eos)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
