@@ -1,7 +1,7 @@
 """Token identity under memory pressure: requests preempted and recomputed, and AVMP
 migrating chunks between the pools and compacting a pool's tail mid-run.
 
-The model is a Bamba whose per-request state (~271 KiB) and KV (8 KiB per token) are
+Each family's model has per-request state (~270-290 KiB) and KV (8 KiB per token)
 large against 2 MiB chunks, so a 6 MiB budget (3 chunks) runs out within a few hundred
 tokens and the pools must trade chunks as the prompt mix shifts.
 """
@@ -9,6 +9,7 @@ tokens and the pools must trade chunks as the prompt mix shifts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from engine_helpers import DEVICES, TinyCheckpoint, random_prompts
@@ -17,20 +18,39 @@ from avmp.engine.engine import Engine
 from avmp.models.geometry import ConvColumns
 
 MAX_TOKENS = 12
-HEAVY_BAMBA = dict(
-    hidden_size=256,
-    intermediate_size=128,
-    num_hidden_layers=6,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    attn_layer_indices=[1, 2, 3, 4],
-    mamba_n_heads=8,
-    mamba_d_head=64,
-    mamba_d_state=64,
-    mamba_n_groups=1,
-    mamba_chunk_size=32,
-    eos_token_id=None,  # every request runs to max_tokens: memory pressure is deterministic
-)
+# Every family sized alike: 8 KiB of KV per token, ~270-290 KiB of state per request.
+HEAVY: dict[str, dict[str, Any]] = {
+    "bamba": dict(
+        hidden_size=256, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2, attn_layer_indices=[1, 2, 3, 4], mamba_n_heads=8,
+        mamba_d_head=64, mamba_d_state=64, mamba_n_groups=1, mamba_chunk_size=32,
+    ),
+    "granitemoehybrid": dict(
+        hidden_size=256, intermediate_size=64, shared_intermediate_size=128,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=0,
+        num_hidden_layers=6,
+        layer_types=["mamba", "attention", "attention", "attention", "attention", "mamba"],
+        mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64, mamba_n_groups=1,
+        mamba_chunk_size=32,
+    ),
+    "nemotron_h": dict(
+        hidden_size=256, intermediate_size=128,
+        layers_block_type=["linear_attention", "full_attention", "full_attention", "mlp",
+                           "full_attention", "full_attention", "linear_attention"],
+        num_attention_heads=2, num_key_value_heads=2, head_dim=128, mamba_num_heads=8,
+        mamba_head_dim=64, ssm_state_size=64, n_groups=1, chunk_size=32,
+    ),
+    "falcon_h1": dict(
+        hidden_size=256, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=128, mamba_n_heads=8, mamba_d_head=32,
+        mamba_d_ssm=256, mamba_d_state=64, mamba_n_groups=1, mamba_chunk_size=32,
+    ),
+    "jamba": dict(
+        hidden_size=512, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=1, mamba_d_state=32, mamba_expand=2,
+        mamba_dt_rank=16,
+    ),
+}  # fmt: skip
 
 
 def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
@@ -52,13 +72,16 @@ def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", sorted(HEAVY))
 def test_identical_through_preemption_migration_and_compaction(
-    device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
+    family: str, device: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
     """Short requests fill the state pool, long ones then need KV that only the state
     pool can give (migration state -> KV, compacting its tail), the pools run out
     (preemption, recompute), and the short ones at the end pull chunks back."""
-    checkpoint = tiny_checkpoint("bamba", **HEAVY_BAMBA)
+    # no end-of-sequence token: every request runs to max_tokens, so the memory pressure
+    # (and which events happen) does not depend on what the random model writes
+    checkpoint = tiny_checkpoint(family, eos_token_id=None, **HEAVY[family])
     engine = run(checkpoint, [4] * 8 + [120] * 4 + [4] * 8, device)
     assert engine.geometry.kv_bytes_per_token == 8192
     stats = engine.stats
