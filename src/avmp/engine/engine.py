@@ -11,6 +11,7 @@ and is recomputed from its prompt and the tokens it had already produced.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,10 @@ class Engine:
             unattached `TensorBacking` such as the CUDA VMM backing.
         dtype: compute dtype name; None keeps the checkpoint's.
         tokenizer: overrides the checkpoint's tokenizer.
+        check_integrity: check the allocator's invariants after every step (also on
+            when ``AVMP_DEBUG=1``).
+
+    The remaining arguments are those of `EngineConfig`.
     """
 
     def __init__(
@@ -151,15 +156,23 @@ class Engine:
         max_num_batched_tokens: int = 1024,
         dtype: str | None = None,
         tokenizer: Tokenizer | None = None,
-        **config: object,
+        migration_batch_chunks: int = 0,
+        ssm_dtype: str | None = None,
+        conv_columns: ConvColumns = ConvColumns.VLLM,
+        check_integrity: bool = False,
     ) -> None:
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = EngineConfig(
             memory_bytes=parse_bytes(memory),
             block_size=block_size,
             chunk_bytes=parse_bytes(chunk_bytes),
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
-            **config,  # type: ignore[arg-type]
+            migration_batch_chunks=migration_batch_chunks,
+            ssm_dtype=ssm_dtype,
+            conv_columns=conv_columns,
+            check_integrity=check_integrity or os.environ.get("AVMP_DEBUG") == "1",
         )
         self.device = torch.device(device)
         self.model = self._load(model, dtype)
