@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TinyCheckpoint, random_prompts
+from engine_helpers import TinyCheckpoint, random_prompts, transformers
 
 from avmp.engine.engine import Engine
 from avmp.engine.sampling import SamplingParams, top_p_filter
@@ -80,3 +82,27 @@ def test_bad_settings_raise_value_error(tiny_checkpoint: Callable[..., TinyCheck
         SamplingParams(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="backing"):
         Engine(path, memory="8MiB", backing="host")
+
+
+def test_checkpoint_tokenizer_turns_text_into_text(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], tmp_path: Path
+) -> None:
+    """A tokenizer saved beside the weights is found and used both ways."""
+    tokenizers = pytest.importorskip("tokenizers")
+    source = tiny_checkpoint("bamba").path
+    for file in source.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(tmp_path))
+    engine = Engine(tmp_path, memory="4MiB", block_size=4)
+    assert engine.tokenizer is not None and engine.tokenizer.eos_token_id == 2
+    (output,) = engine.generate(["w5 w17 w99 w3"], max_tokens=5)
+    assert output.prompt_token_ids == [8, 20, 102, 6]
+    assert output.text == fast.decode(output.token_ids, skip_special_tokens=True)
+    assert output.token_ids == tiny_checkpoint("bamba").reference([8, 20, 102, 6], 5)
