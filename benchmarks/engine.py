@@ -1,0 +1,566 @@
+"""Engine throughput on a GPU against transformers' ``generate`` and the decode roofline,
+plus the step-time calibration file the simulator loads.
+
+Models: random bf16 weights with the geometry of a zoo config (vocabulary kept), built
+on the GPU. For each decode batch size the engine generates ``--decode-tokens`` tokens
+after prompts of ``--prompt-len`` random tokens, once to warm up (Triton compilation,
+CUDA graph capture) and once measured with per-step profiling: the runner synchronises
+at the end of each step and records its shape; a step's time is the wall time from its
+start to the next step's start, so it includes the scheduler, the allocator, sampling
+and the host sync, not only the GPU. transformers runs the same model (our weights
+loaded into its own module tree) and the same prompts through ``generate`` (greedy,
+``min_new_tokens = max_new_tokens``); its decode step is the difference of two runs of
+different lengths over the difference of their token counts.
+
+The decode roofline of a step: bytes it must move (every weight matrix once; the input
+embedding only for the batch's rows unless tied to the LM head; each request's KV
+context read and its new K/V written; each request's conv and SSM state read and
+written) over the device-to-device copy bandwidth measured in the same run (bytes read
+plus written).
+
+Usage (on the device machine)::
+
+    PYTHONPATH=src python3 benchmarks/engine.py --out $OUT/engine.json --calibration-dir $OUT
+    python3 benchmarks/engine.py --markdown benchmarks/results/engine_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avmp.engine.engine import Engine
+from avmp.engine.fast_runner import FastModelRunner, StepRecord, use_fast_runner
+from avmp.engine.models import model_class
+from avmp.engine.models.base import HybridModel
+from avmp.models.zoo import zoo_config
+from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
+
+DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
+DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
+# Extra cells with a longer prompt so decode requests and context tokens vary apart in
+# the calibration fit (with one prompt length they are nearly proportional).
+CALIBRATION_CELLS = ((16, 2048), (64, 2048))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--calibration-dir", type=Path, help="where calibration files go")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(DEFAULT_BATCHES))
+    parser.add_argument("--hf-batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--hf-decode-tokens", type=int, default=16)
+    parser.add_argument("--memory", default="24GiB", help="engine cache budget")
+    parser.add_argument("--max-batched-tokens", type=int, default=8192)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop adding cells after")
+    parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
+    return parser.parse_args(argv)
+
+
+# -- measurement helpers ----------------------------------------------------------------
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 31) -> float:
+    """Device-to-device copy rate, bytes read plus written per second (median of 10)."""
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * num_bytes / statistics.median(times[2:])
+
+
+def transformers_config(zoo_name: str) -> Any:
+    """The zoo config as a transformers config (full size, vocabulary kept)."""
+    from transformers import AutoConfig
+
+    raw = zoo_config(zoo_name)
+    kwargs = {k: v for k, v in raw.items() if not k.startswith("_") and k != "model_type"}
+    kwargs["dtype"] = "bfloat16"
+    return AutoConfig.for_model(raw["model_type"], **kwargs)
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random weights on the device as transformers initialises them: normal matrices,
+    unit norms, Mamba's ``A = 1..H`` (log), ``D = dt_bias = 1``, uniform conv taps."""
+    generator = torch.Generator(next(module.parameters()).device).manual_seed(seed)
+    for name, param in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            steps = torch.arange(1, param.shape[-1] + 1, device=param.device, dtype=torch.float32)
+            param.copy_(torch.log(steps).expand_as(param))
+        elif leaf in ("D", "dt_bias") or (leaf == "weight" and "norm" in name):
+            param.fill_(1.0)
+        elif leaf == "bias":
+            param.zero_()
+        elif "conv1d" in name:
+            bound = 1.0 / math.sqrt(param.shape[-1])
+            param.uniform_(-bound, bound, generator=generator)
+        else:
+            param.normal_(0.0, std, generator=generator)
+
+
+def build_model(config: Any, device: torch.device, seed: int = 0) -> HybridModel:
+    """Our model with random bf16 weights, built directly on the device."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = model_class(config.model_type)(config)
+    finally:
+        torch.set_default_dtype(default)
+    init_weights(model, seed)
+    model.tie_weights_if_needed()
+    return model.eval()
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab, size=(batch, length)).tolist()
+
+
+def step_periods(steps: list[StepRecord]) -> list[tuple[StepRecord, float]]:
+    """Each step with its period (start to the next step's start); the last is dropped."""
+    return [(a, b.started - a.started) for a, b in zip(steps, steps[1:], strict=False)]
+
+
+def is_decode(step: StepRecord) -> bool:
+    return step.num_prefill_tokens == 0 and step.num_decode_requests > 0
+
+
+def shape_of(step: StepRecord) -> BatchShape:
+    return BatchShape(
+        step.num_prefill_tokens,
+        step.num_decode_requests,
+        step.num_context_tokens,
+        step.num_attention_pairs,
+        step.num_requests,
+    )
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+def engine_cell(
+    engine: Engine, batch: int, prompt_len: int, decode_tokens: int, seed: int
+) -> dict[str, Any]:
+    """Warm up, then one profiled generate; decode and prefill figures of the run."""
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner)
+    vocab = engine.geometry.vocab_size
+    engine.generate(random_prompts(batch, prompt_len, vocab, seed + 1), 3, ignore_eos=True)
+    prompts = random_prompts(batch, prompt_len, vocab, seed)
+    runner.profile.enabled, runner.profile.steps = True, []
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, decode_tokens, ignore_eos=True)
+    wall = time.perf_counter() - start
+    runner.profile.enabled = False
+    steps = runner.profile.steps
+    assert all(len(o.token_ids) == decode_tokens for o in outputs), "a request stopped early"
+    timed = step_periods(steps)
+    timed = [(s, p) for s, p in timed if not s.captured]  # capture is one-off work
+    decode = [(s, p) for s, p in timed if is_decode(s) and s.num_decode_requests == batch]
+    prefill = [(s, p) for s, p in timed if s.num_prefill_tokens > 0]
+    decode_s = statistics.median(p for _, p in decode)
+    runner_s = statistics.median(s.seconds for s, _ in decode)
+    middle = sorted(decode, key=lambda sp: sp[0].num_context_tokens)[len(decode) // 2][0]
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "generate_wall_s": wall,
+        "decode_steps": len(decode),
+        "decode_step_s": decode_s,
+        "decode_runner_s": runner_s,
+        "decode_step_s_p10_p90": [
+            float(np.percentile([p for _, p in decode], 10)),
+            float(np.percentile([p for _, p in decode], 90)),
+        ],
+        "decode_tokens_per_s": batch / decode_s,
+        "decode_graph": all(s.graph for s, _ in decode),
+        "median_decode_context_tokens": middle.num_context_tokens,
+        "prefill_steps": len(prefill),
+        "prefill_tokens_per_s": (
+            sum(s.num_prefill_tokens for s, _ in prefill) / sum(p for _, p in prefill)
+            if prefill
+            else None
+        ),
+        "steps": [
+            [
+                s.num_prefill_tokens,
+                s.num_decode_requests,
+                s.num_context_tokens,
+                s.num_attention_pairs,
+                s.num_requests,
+                p,
+                s.seconds,
+                s.graph,
+            ]
+            for s, p in timed
+            if not s.captured
+        ],
+    }
+
+
+def decode_roofline(
+    engine: Engine, batch: int, context_tokens: int, bandwidth: float
+) -> dict[str, float]:
+    """Fewest bytes a decode step moves, and the step time and tokens/s they allow."""
+    geometry = engine.geometry
+    model = engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = _input_embedding(model)
+    head = getattr(model, "lm_head", None)
+    if embedding is not None and (head is None or head.weight is not embedding.weight):
+        row = embedding.weight[0].numel() * embedding.weight.element_size()
+        weight_bytes -= embedding.weight.numel() * embedding.weight.element_size()
+        weight_bytes += batch * row
+    kv = (context_tokens + batch) * geometry.kv_bytes_per_token
+    state = 2 * batch * geometry.state_bytes_per_request
+    total = weight_bytes + kv + state
+    step = total / bandwidth
+    return {
+        "weight_bytes": float(weight_bytes),
+        "kv_bytes": float(kv),
+        "state_bytes": float(state),
+        "bytes": float(total),
+        "step_s": step,
+        "tokens_per_s": batch / step,
+    }
+
+
+def _input_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            return module
+    return None
+
+
+# -- transformers ------------------------------------------------------------------------
+
+
+def hf_model(config: Any, ours: HybridModel, device: torch.device) -> Any:
+    """transformers' model of the same config holding our weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    theirs = set(hf.state_dict())
+    state = {}
+    for key, tensor in ours.state_dict().items():
+        if key not in theirs:  # checkpoint prefix vs module prefix (NemotronH: backbone/model)
+            key = next((k for k in theirs if k.split(".", 1)[1:] == key.split(".", 1)[1:]), key)
+        state[key] = tensor
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not line up: missing {missing[:5]}, extra {unexpected[:5]}")
+    return hf.eval()
+
+
+def _hf_generate_s(hf: Any, ids: torch.Tensor, new_tokens: int, pad: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def hf_cell(hf: Any, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    """transformers' generate: prefill time (1 new token) and decode step (difference)."""
+    ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed), device="cuda")
+    pad = int(hf.config.pad_token_id or 0)
+    try:
+        _hf_generate_s(hf, ids[:, :16], 2, pad)  # warm-up
+        t1 = _hf_generate_s(hf, ids, 1, pad)
+        t2 = _hf_generate_s(hf, ids, 1 + new_tokens, pad)
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return {"batch": batch, "prompt_len": prompt_len, "error": f"out of memory: {error}"[:200]}
+    step = (t2 - t1) / new_tokens
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "decode_tokens": new_tokens,
+        "generate_1_s": t1,
+        "generate_n_s": t2,
+        "decode_step_s": step,
+        "decode_tokens_per_s": batch / step,
+        "prefill_tokens_per_s": batch * prompt_len / t1,
+    }
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+
+def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
+    points = []
+    for cell in cells:
+        for prefill, decode, context, _pairs, _reqs, period, _runner, _graph in cell["steps"]:
+            points.append(
+                {
+                    "num_prefill_tokens": prefill,
+                    "num_decode_requests": decode,
+                    "num_context_tokens": context,
+                    "step_s": period,
+                }
+            )
+    return points
+
+
+def compare_sim(engine: Engine, cells: list[dict[str, Any]], gpu: str, model: str) -> list[dict]:
+    """Simulated (roofline, calibrated in-sample, calibrated leaving the cell out) against
+    measured median decode steps."""
+    roofline = RooflineModel(engine.geometry, get_profile("h100"))
+    everything = fit_calibration(calibration_points(cells), gpu, model)
+    rows = []
+    for index, cell in enumerate(cells):
+        others = cells[:index] + cells[index + 1 :]
+        held_out = fit_calibration(calibration_points(others), gpu, model)
+        decode = [s for s in cell["steps"] if s[0] == 0 and s[1] == cell["batch"]]
+        middle = sorted(decode, key=lambda s: s[2])[len(decode) // 2]
+        shape = BatchShape(middle[0], middle[1], middle[2], middle[3], middle[4])
+        measured = cell["decode_step_s"]
+        predicted = {
+            "roofline": roofline.step_seconds(shape),
+            "calibrated": everything.step_seconds(shape),
+            "calibrated_held_out": held_out.step_seconds(shape),
+        }
+        rows.append(
+            {
+                "batch": cell["batch"],
+                "prompt_len": cell["prompt_len"],
+                "measured_s": measured,
+                **{f"{k}_s": v for k, v in predicted.items()},
+                **{f"{k}_error": v / measured - 1 for k, v in predicted.items()},
+            }
+        )
+    return rows
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: float) -> dict:
+    device = torch.device("cuda")
+    config = transformers_config(name)
+    model = build_model(config, device)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = Engine(
+        model,
+        memory=args.memory,
+        device="cuda",
+        block_size=16,
+        max_num_seqs=max(args.batches),
+        max_num_batched_tokens=args.max_batched_tokens,
+    )
+    use_fast_runner(engine)
+    result: dict[str, Any] = {
+        "model": name,
+        "num_params": num_params,
+        "dtype": "bfloat16",
+        "ssm_dtype": engine.geometry.ssm_dtype,
+        "memory": args.memory,
+        "kv_bytes_per_token": engine.geometry.kv_bytes_per_token,
+        "state_bytes_per_request": engine.geometry.state_bytes_per_request,
+        "engine": [],
+        "calibration_cells": [],
+        "transformers": [],
+        "skipped": [],
+    }
+    print(f"== {name}: {num_params / 1e9:.2f} B parameters", flush=True)
+    for batch in args.batches:
+        if time.perf_counter() > deadline:
+            result["skipped"].append(f"engine batch {batch}: time budget")
+            continue
+        cell = engine_cell(engine, batch, args.prompt_len, args.decode_tokens, seed=batch)
+        cell["roofline"] = decode_roofline(
+            engine, batch, cell["median_decode_context_tokens"], bandwidth
+        )
+        cell["roofline_fraction"] = cell["decode_tokens_per_s"] / cell["roofline"]["tokens_per_s"]
+        result["engine"].append(cell)
+        print(_engine_line(cell), flush=True)
+    for batch, prompt_len in CALIBRATION_CELLS:
+        if time.perf_counter() > deadline or batch > max(args.batches):
+            result["skipped"].append(f"calibration cell {batch}x{prompt_len}: time budget")
+            continue
+        cell = engine_cell(engine, batch, prompt_len, args.decode_tokens // 2, seed=7 * batch)
+        result["calibration_cells"].append(cell)
+        print(_engine_line(cell), flush=True)
+    cells = result["engine"] + result["calibration_cells"]
+    gpu = torch.cuda.get_device_name(device)
+    if len(cells) >= 2:
+        result["sim_vs_measured"] = compare_sim(engine, cells, "h100", name)
+        if args.calibration_dir is not None:
+            path = args.calibration_dir / f"calibration_h100_{name}.json"
+            payload = {"gpu": gpu, "model": name, "points": calibration_points(cells)}
+            path.write_text(json.dumps(payload, indent=1))
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner)
+    result["graphs_captured"] = sorted(runner.graphs)
+    result["graph_error"] = runner.graph_error
+    del engine, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        hf = hf_model(config, model, device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        result["skipped"].append(f"transformers: {error}"[:300])
+        return result
+    for batch in args.hf_batches:
+        if time.perf_counter() > deadline:
+            result["skipped"].append(f"transformers batch {batch}: time budget")
+            continue
+        row = hf_cell(hf, batch, args.prompt_len, args.hf_decode_tokens, config.vocab_size, batch)
+        result["transformers"].append(row)
+        print("transformers", row, flush=True)
+        if "error" in row:
+            break
+    del hf, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def _engine_line(cell: dict[str, Any]) -> str:
+    roof = cell.get("roofline_fraction")
+    return (
+        f"engine B={cell['batch']} P={cell['prompt_len']}: "
+        f"decode {cell['decode_step_s'] * 1e3:.2f} ms/step "
+        f"({cell['decode_runner_s'] * 1e3:.2f} runner), "
+        f"{cell['decode_tokens_per_s']:.0f} tok/s"
+        + (f", {roof:.0%} of roofline" if roof is not None else "")
+        + f", prefill {cell['prefill_tokens_per_s'] or 0:.0f} tok/s, graph={cell['decode_graph']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    deadline = time.perf_counter() + args.budget_s
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    import transformers
+    import triton
+
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "copy_bytes_per_s": bandwidth,
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "models": [],
+    }
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    for name in args.models:
+        try:
+            results["models"].append(run_model(args, name, bandwidth, deadline))
+        except Exception as error:  # record it and go on with the next model
+            traceback.print_exc()
+            results.setdefault("errors", []).append(f"{name}: {error!r}"[:500])
+        if args.out is not None:
+            args.out.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}, Triton {results['triton']}, "
+        f"transformers {results['transformers']}; copy bandwidth "
+        f"{results['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write).",
+        "",
+    ]
+    for model in results["models"]:
+        hf = {row["batch"]: row for row in model["transformers"]}
+        lines += [
+            f"**{model['model']}** ({model['num_params'] / 1e9:.2f} B parameters, bf16 weights "
+            f"and KV, {model['ssm_dtype']} SSM state), prompts of {results['prompt_len']} "
+            f"tokens, {results['decode_tokens']} generated:",
+            "",
+            "| batch | engine ms/step | engine tok/s | roofline tok/s | % of roofline | "
+            "transformers ms/step | transformers tok/s | speed-up | engine prefill tok/s | "
+            "transformers prefill tok/s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for cell in model["engine"]:
+            row = hf.get(cell["batch"], {})
+            ok = "decode_step_s" in row
+            lines.append(
+                f"| {cell['batch']} | {cell['decode_step_s'] * 1e3:.2f} | "
+                f"{cell['decode_tokens_per_s']:.0f} | {cell['roofline']['tokens_per_s']:.0f} | "
+                f"{cell['roofline_fraction']:.0%} | "
+                + (
+                    f"{row['decode_step_s'] * 1e3:.1f} | {row['decode_tokens_per_s']:.0f} | "
+                    f"{cell['decode_tokens_per_s'] / row['decode_tokens_per_s']:.1f}x"
+                    if ok
+                    else (" | ".join([row.get("error", "not run")[:40], "", ""]))
+                )
+                + f" | {cell['prefill_tokens_per_s'] or 0:.0f} | "
+                + (f"{row['prefill_tokens_per_s']:.0f} |" if ok else " |")
+            )
+        if model.get("sim_vs_measured"):
+            lines += [
+                "",
+                "| batch | prompt | measured ms/step | roofline sim ms (err) | calibrated ms (err) "
+                "| calibrated, cell held out (err) |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for r in model["sim_vs_measured"]:
+                lines.append(
+                    f"| {r['batch']} | {r['prompt_len']} | {r['measured_s'] * 1e3:.2f} | "
+                    f"{r['roofline_s'] * 1e3:.2f} ({r['roofline_error']:+.0%}) | "
+                    f"{r['calibrated_s'] * 1e3:.2f} ({r['calibrated_error']:+.0%}) | "
+                    f"{r['calibrated_held_out_s'] * 1e3:.2f} "
+                    f"({r['calibrated_held_out_error']:+.0%}) |"
+                )
+        if model["skipped"]:
+            lines += ["", "Skipped: " + "; ".join(model["skipped"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

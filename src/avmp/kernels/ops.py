@@ -1,0 +1,177 @@
+"""Which kernels a layer runs on a device: the torch reference kernels, or the Triton
+kernels reading the AVMP views through device index tensors.
+
+The layers ask their step batch for a dispatcher (``batch.kernels``); a plain
+`StepBatch` has none and runs the reference kernels sequence by sequence, a
+``DeviceStepBatch`` built by the fast runner carries a `TritonOps`. `TritonOps` runs
+a whole step per launch:
+
+- attention: new K/V stored through the slot mapping (padding rows skipped), then decode
+  attention when every sequence computes one token after cached context, else the
+  ragged prefill kernel (which also serves decode rows mixed into a prefill step);
+- Mamba2 decode: the conv1d update and the one-step state update over the step's slots;
+- Mamba2 prefill (and mixed steps): the causal conv per sequence (torch reference: it
+  starts from and updates the slot's conv state) and the Triton varlen scan over all
+  sequences at once (39-71x the torch chunked scan on the H100, docs/BENCHMARKS.md).
+
+dt is discretised in torch exactly as the reference does (softplus of ``dt + dt_bias``
+in the activations' dtype, clamped to ``time_step_limit``), so both paths feed the same
+values to the scan.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from avmp.kernels import reference as ref
+
+if TYPE_CHECKING:
+    from avmp.engine.device_batch import DeviceStepBatch
+
+KERNEL_CHOICES = ("auto", "reference", "triton")
+
+
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (the ``gpu`` extra)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Resolve a kernel choice for a device.
+
+    ``auto`` picks Triton on CUDA when it is importable, the reference kernels
+    elsewhere; ``triton`` insists (on the CPU only under Triton's interpreter,
+    ``TRITON_INTERPRET=1``, which the tests use); ``reference`` never uses Triton.
+
+    Raises:
+        ValueError: an unknown choice, or ``triton`` where it cannot run.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if kernels == "reference":
+        return False
+    if kernels == "auto":
+        return device.type == "cuda" and triton_importable()
+    if not triton_importable():
+        raise ValueError("kernels='triton' needs the triton package (pip install avmp[gpu])")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"kernels='triton' runs on CUDA devices (got {device}); on the CPU only under "
+            "Triton's interpreter (TRITON_INTERPRET=1)"
+        )
+    return True
+
+
+def discretise_dt(mixer: Any, dt: torch.Tensor) -> torch.Tensor:
+    """``clamp(softplus(dt + dt_bias))`` as the reference Mamba2 mixer computes it."""
+    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
+    low, high = mixer.time_step_limit
+    return torch.clamp(dt, low, high)
+
+
+class TritonOps:
+    """The Triton path of the two cache-touching layers (see module doc)."""
+
+    def __init__(self) -> None:
+        from avmp.kernels import triton as kernels
+        from avmp.kernels.triton.kv_write import kv_write
+
+        self._k = kernels
+        self._kv_write = kv_write
+
+    def attend(
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: DeviceStepBatch,
+        cache: Any,
+    ) -> torch.Tensor:
+        """``[T, heads, head_dim]`` attention output of the step's tokens."""
+        k_cache, v_cache = cache.kv(layer.layer_index)
+        self._kv_write(k_cache, v_cache, k, v, batch.slot_mapping)
+        q = q.to(k_cache.dtype)
+        if batch.is_decode:
+            return self._k.decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, layer.scale
+            )
+        return self._k.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.query_start_loc,
+            batch.context_lens,
+            layer.scale,
+            batch.max_query_len,
+        )
+
+    def mamba2_mix(
+        self,
+        mixer: Any,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        batch: DeviceStepBatch,
+        cache: Any,
+    ) -> torch.Tensor:
+        """``[T, intermediate]`` output of the Mamba2 core (conv, then step or scan)."""
+        conv_states, ssm_states = cache.state(mixer.layer_index)
+        weight = mixer.conv1d.weight.squeeze(1)
+        if batch.is_decode:
+            xbc = self._k.conv1d_update(
+                conv_states, batch.slot_idx, xbc, weight, mixer.conv1d.bias, "silu"
+            )
+        else:
+            xbc = self._prefill_conv(mixer, xbc, weight, conv_states, batch)
+        n = xbc.shape[0]
+        gn = mixer.n_groups * mixer.d_state
+        xs, B, C = xbc.split([mixer.intermediate_size, gn, gn], dim=-1)
+        xs = xs.reshape(n, mixer.num_heads, mixer.head_dim)
+        B = B.reshape(n, mixer.n_groups, mixer.d_state)
+        C = C.reshape(n, mixer.n_groups, mixer.d_state)
+        dt = discretise_dt(mixer, dt)
+        A = -torch.exp(mixer.A_log.float())
+        if batch.is_decode:
+            y = self._k.mamba2_state_update(
+                ssm_states, batch.slot_idx, xs, dt, A, B, C, D=mixer.D, dt_softplus=False
+            )
+        else:
+            y = self._k.mamba2_varlen_scan(
+                ssm_states,
+                batch.slot_idx,
+                batch.query_start_loc,
+                xs,
+                dt,
+                A,
+                B,
+                C,
+                D=mixer.D,
+                has_initial_state=batch.has_initial_state,
+                dt_softplus=False,
+            )
+        return y.reshape(n, mixer.intermediate_size)
+
+    @staticmethod
+    def _prefill_conv(
+        mixer: Any,
+        xbc: torch.Tensor,
+        weight: torch.Tensor,
+        conv_states: torch.Tensor,
+        batch: DeviceStepBatch,
+    ) -> torch.Tensor:
+        """The causal conv of each sequence's new tokens from (and into) its conv slot."""
+        out = torch.empty_like(xbc)
+        for seq in batch.sequences:
+            conv = conv_states[seq.slot]
+            if seq.num_context == 0:
+                conv.zero_()
+            out[seq.tokens] = ref.causal_conv1d(
+                xbc[seq.tokens], conv, weight, mixer.conv1d.bias, "silu"
+            )
+        return out

@@ -1,0 +1,29 @@
+"""Packing a step's inputs into one array: real rows where the engine put them, padding
+rows that every Triton kernel skips (slot -1, context 0, no KV write)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from avmp.engine.device_batch import StepShape, pack_step, split_packed
+from avmp.engine.runner import SequenceWork
+
+
+def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
+    work = [
+        SequenceWork([7, 8, 9], 2, 5, [4, 1], True),  # positions 2..4 over pages 4, 1
+        SequenceWork([3], 6, 0, [2, 6], True),  # decode at position 6
+    ]
+    shape = StepShape(num_tokens=6, num_seqs=4, width=3, num_samples=4)
+    out = np.full(shape.total, 99, dtype=np.int64)
+    pack_step(work, 4, out, shape)
+    f = split_packed(out, shape)
+    assert f.input_ids.tolist() == [7, 8, 9, 3, 0, 0]
+    assert f.positions.tolist() == [2, 3, 4, 6, 0, 0]
+    assert f.slot_mapping.tolist() == [4 * 4 + 2, 4 * 4 + 3, 1 * 4 + 0, 6 * 4 + 2, -1, -1]
+    assert f.block_tables.tolist() == [[4, 1, 0], [2, 6, 0], [0, 0, 0], [0, 0, 0]]
+    assert f.context_lens.tolist() == [5, 7, 0, 0]
+    assert f.query_start_loc.tolist() == [0, 3, 4, 5, 6]
+    assert f.slot_idx.tolist() == [5, 0, -1, -1]
+    assert f.has_initial_state.tolist() == [1, 1, 0, 0]
+    assert f.sample_rows.tolist() == [2, 3, 4, 5]
