@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,15 +12,22 @@ from engine_helpers import CONFIGS, TinyCheckpoint
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyCheckpoint]:
-    """``tiny_checkpoint(family, **config_overrides)``, built once per session."""
+def tiny_checkpoint() -> Iterator[Callable[..., TinyCheckpoint]]:
+    """``tiny_checkpoint(family, **config_overrides)``, built once per session.
+
+    Checkpoints live in a private temporary directory, not pytest's numbered ones:
+    concurrent pytest sessions prune each other's old numbered directories, which
+    would delete a checkpoint that later tests still load.
+    """
     built: dict[tuple[str, tuple[tuple[str, Any], ...]], TinyCheckpoint] = {}
+    with tempfile.TemporaryDirectory(prefix="avmp-engine-tests-") as root:
 
-    def build(family: str, **overrides: Any) -> TinyCheckpoint:
-        key = (family, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
-        if key not in built:
-            path = tmp_path_factory.mktemp(family)
-            built[key] = TinyCheckpoint(CONFIGS[family](**overrides), path)
-        return built[key]
+        def build(family: str, **overrides: Any) -> TinyCheckpoint:
+            key = (family, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+            if key not in built:
+                path = Path(root) / f"{family}-{len(built)}"
+                path.mkdir()
+                built[key] = TinyCheckpoint(CONFIGS[family](**overrides), path)
+            return built[key]
 
-    return build
+        yield build
