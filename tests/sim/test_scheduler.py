@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sim_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 
 from avmp.memory.spec import MemoryConfig, RequestBlocks
 from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan

@@ -9,9 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sim_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 
 from avmp.memory.spec import MemoryConfig
 from avmp.sim.metrics import PHASES, TimelineRecorder, percentile
@@ -256,7 +256,7 @@ def test_real_allocators_end_to_end(name: str) -> None:
 _CHILD = """
 import json, random, sys
 sys.path.insert(0, {tests!r})
-from conftest import make_allocator, tiny_geometry
+from sim_helpers import make_allocator, tiny_geometry
 from test_simulator import random_trace
 from avmp.sim.simulator import SimConfig, simulate
 result = simulate(random_trace(120, seed=4), make_allocator(8), tiny_geometry(),

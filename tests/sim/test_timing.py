@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_geometry
+from sim_helpers import tiny_geometry
 
 from avmp.models.geometry import AttentionLayer, ModelGeometry
 from avmp.sim.scheduler import ScheduledChunk
