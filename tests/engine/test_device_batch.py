@@ -15,6 +15,7 @@ def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
         SequenceWork([3], 6, 0, [2, 6], True),  # decode at position 6
     ]
     shape = StepShape(num_tokens=6, num_seqs=4, width=3, num_samples=4)
+    assert shape.total == 3 * 6 + 4 * 3 + 6 * 4 + 1 + 4
     out = np.full(shape.total, 99, dtype=np.int64)
     pack_step(work, 4, out, shape)
     f = split_packed(out, shape)
@@ -27,3 +28,5 @@ def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
     assert f.slot_idx.tolist() == [5, 0, -1, -1]
     assert f.has_initial_state.tolist() == [1, 1, 0, 0]
     assert f.sample_rows.tolist() == [2, 3, 4, 5]
+    assert f.decode_rows.tolist() == [3, 0, 0, 0]  # the decode's token row, then unused
+    assert f.decode_slots.tolist() == [0, -1, -1, -1]

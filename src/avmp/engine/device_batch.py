@@ -33,7 +33,7 @@ class StepShape(NamedTuple):
     @property
     def total(self) -> int:
         t, b, w, s = self
-        return 3 * t + b * w + 4 * b + 1 + s
+        return 3 * t + b * w + 6 * b + 1 + s
 
 
 class PackedStep(NamedTuple):
@@ -47,13 +47,15 @@ class PackedStep(NamedTuple):
     query_start_loc: Any
     slot_idx: Any
     has_initial_state: Any
+    decode_rows: Any
+    decode_slots: Any
     sample_rows: Any
 
 
 def split_packed(buffer: Any, shape: StepShape) -> PackedStep:
     """Slice ``buffer`` (numpy array or tensor of ``shape.total`` int64) into its fields."""
     t, b, w, s = shape
-    sizes = (t, t, t, b * w, b, b + 1, b, b, s)
+    sizes = (t, t, t, b * w, b, b + 1, b, b, b, b, s)
     parts = []
     start = 0
     for size in sizes:
@@ -107,6 +109,12 @@ def pack_step(
     fields.slot_idx[b:] = -1
     fields.has_initial_state[:b] = context > 0
     fields.has_initial_state[b:] = 0
+    decoding = (lens == 1) & (context > 0)  # one token after cached context
+    num_decode = int(decoding.sum())
+    fields.decode_rows[:num_decode] = ends[decoding] - 1
+    fields.decode_rows[num_decode:] = 0
+    fields.decode_slots[:num_decode] = fields.slot_idx[:b][decoding]
+    fields.decode_slots[num_decode:] = -1
     # Padding sequences own one padding token each (while tokens remain), then none.
     qsl = fields.query_start_loc
     qsl[0] = 0
@@ -131,6 +139,9 @@ class DeviceStepBatch(StepBatch):
         query_start_loc: ``[B + 1]`` offsets of each sequence's tokens.
         slot_idx: ``[B]`` state slot rows (-1: padding).
         has_initial_state: ``[B]`` 1 where the sequence continues from its slot.
+        decode_rows, decode_slots: ``[num_decode]`` token rows and slots of the decode
+            sequences (one token after cached context), so a step mixing prefill chunks
+            and decodes runs the decodes' conv update in one launch.
         max_query_len: longest new-token run (host int, for the prefill launch grid).
         is_decode: every sequence computes one token after cached context.
         kernels: the dispatcher the layers call (see ``avmp.kernels.ops``).
@@ -142,6 +153,8 @@ class DeviceStepBatch(StepBatch):
     query_start_loc: torch.Tensor
     slot_idx: torch.Tensor
     has_initial_state: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_slots: torch.Tensor
     max_query_len: int
     is_decode: bool
     kernels: Any
@@ -164,6 +177,7 @@ def device_batch(
         chunks.append(SequenceChunk(start, n, seq.num_context, seq.slot_row, table))
         start += n
     slots = fields.slot_mapping
+    num_decode = sum(1 for s in sequences if len(s.token_ids) == 1 and s.num_context > 0)
     return DeviceStepBatch(
         sequences=tuple(chunks),
         positions=fields.positions,
@@ -175,6 +189,8 @@ def device_batch(
         query_start_loc=fields.query_start_loc,
         slot_idx=fields.slot_idx,
         has_initial_state=fields.has_initial_state,
+        decode_rows=fields.decode_rows[:num_decode],
+        decode_slots=fields.decode_slots[:num_decode],
         max_query_len=max((len(s.token_ids) for s in sequences), default=1),
         is_decode=is_decode,
         kernels=kernels,

@@ -37,7 +37,14 @@ from avmp.engine.device_batch import (
     split_packed,
 )
 from avmp.engine.models.base import HybridModel
-from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer, PagedAttention, Rotary
+from avmp.engine.models.layers import (
+    Mamba1Mixer,
+    Mamba2Mixer,
+    PagedAttention,
+    RMSNorm,
+    RMSNormGated,
+    Rotary,
+)
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.kernels.ops import TritonOps
 
@@ -143,6 +150,7 @@ class FastModelRunner(ModelRunner):
         graph_sizes: padded decode batch sizes to capture, ascending.
         pad_decode: without graphs, still pad decode steps to ``graph_sizes`` and run
             the padded pass eagerly (the tests check padding rows this way on the CPU).
+        fused_norms: replace the model's RMS norms by the fused Triton norm.
     """
 
     def __init__(
@@ -154,12 +162,14 @@ class FastModelRunner(ModelRunner):
         cuda_graphs: bool = True,
         graph_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
         pad_decode: bool = False,
+        fused_norms: bool = True,
     ) -> None:
         super().__init__(model, cache, block_size, device)
         self.kernels = TritonOps()
-        self.use_graphs = cuda_graphs and device.type == "cuda" and graph_safe(model)
+        safe = graph_safe(model)
+        self.use_graphs = cuda_graphs and device.type == "cuda" and safe
         self.graph_sizes = tuple(sorted(graph_sizes))
-        self.pad_decode = pad_decode
+        self.pad_decode = pad_decode and safe
         self.graph_error: str | None = None
         self._captured = False
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -170,6 +180,7 @@ class FastModelRunner(ModelRunner):
         self._copied: torch.cuda.Event | None = None
         _move_rotary(model, device)
         install_kernels(model, self.kernels)
+        self.fused_norms = install_fused_norms(model) if fused_norms else 0
 
     # -- host staging ---------------------------------------------------------------
 
@@ -323,3 +334,33 @@ def use_fast_runner(engine: Any, cuda_graphs: bool = True, pad_decode: bool = Fa
         cuda_graphs=cuda_graphs,
         pad_decode=pad_decode,
     )
+
+
+def install_fused_norms(model: HybridModel) -> int:
+    """Replace the forward of every plain `RMSNorm` and `RMSNormGated` of ``model`` by
+    the fused Triton norm (one launch instead of six to ten). Returns how many."""
+    from avmp.kernels.triton.rms_norm import rms_norm
+
+    count = 0
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.forward = _norm_for(module, rms_norm)  # type: ignore[method-assign]
+            count += 1
+        elif type(module) is RMSNormGated:
+            module.forward = _gated_norm_for(module, rms_norm)  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
+def _norm_for(norm: RMSNorm, rms_norm: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, norm.weight, norm.variance_epsilon, fp32_weight=norm.fp32_weight)
+
+    return forward
+
+
+def _gated_norm_for(norm: RMSNormGated, rms_norm: Any) -> Any:
+    def forward(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return rms_norm(x, norm.weight, norm.variance_epsilon, gate, norm.group_size)
+
+    return forward

@@ -1,18 +1,19 @@
 """Which kernels a layer runs on a device: the torch reference kernels, or the Triton
 kernels reading the AVMP views through device index tensors.
 
-The layers ask their step batch for a dispatcher (``batch.kernels``); a plain
-`StepBatch` has none and runs the reference kernels sequence by sequence, a
-``DeviceStepBatch`` built by the fast runner carries a `TritonOps`. `TritonOps` runs
-a whole step per launch:
+The fast runner (``avmp.engine.fast_runner``) binds each attention layer's ``attend``
+and each Mamba2 mixer's ``mix`` to a `TritonOps` for its ``DeviceStepBatch`` steps; a
+plain `StepBatch` still runs the layer's own reference code. `TritonOps` runs a whole
+step per launch:
 
 - attention: new K/V stored through the slot mapping (padding rows skipped), then decode
   attention when every sequence computes one token after cached context, else the
   ragged prefill kernel (which also serves decode rows mixed into a prefill step);
 - Mamba2 decode: the conv1d update and the one-step state update over the step's slots;
-- Mamba2 prefill (and mixed steps): the causal conv per sequence (torch reference: it
-  starts from and updates the slot's conv state) and the Triton varlen scan over all
-  sequences at once (39-71x the torch chunked scan on the H100, docs/BENCHMARKS.md).
+- Mamba2 prefill (and mixed steps): the conv update for the step's decode sequences in
+  one launch, the causal conv of each prefill chunk (torch reference: it starts from and
+  updates the slot's conv state), then the Triton varlen scan over all sequences at
+  once (39-71x the torch chunked scan on the H100, docs/BENCHMARKS.md).
 
 dt is discretised in torch exactly as the reference does (softplus of ``dt + dt_bias``
 in the activations' dtype, clamped to ``time_step_limit``), so both paths feed the same
@@ -157,17 +158,25 @@ class TritonOps:
             )
         return y.reshape(n, mixer.intermediate_size)
 
-    @staticmethod
     def _prefill_conv(
+        self,
         mixer: Any,
         xbc: torch.Tensor,
         weight: torch.Tensor,
         conv_states: torch.Tensor,
         batch: DeviceStepBatch,
     ) -> torch.Tensor:
-        """The causal conv of each sequence's new tokens from (and into) its conv slot."""
+        """The causal conv of each sequence's new tokens from (and into) its conv slot:
+        the decode sequences in one conv-update launch, the prefill chunks one by one."""
         out = torch.empty_like(xbc)
+        rows = batch.decode_rows
+        if rows.numel():
+            out[rows] = self._k.conv1d_update(
+                conv_states, batch.decode_slots, xbc[rows], weight, mixer.conv1d.bias, "silu"
+            )
         for seq in batch.sequences:
+            if seq.is_decode:
+                continue
             conv = conv_states[seq.slot]
             if seq.num_context == 0:
                 conv.zero_()

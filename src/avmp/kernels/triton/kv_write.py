@@ -25,14 +25,30 @@ from avmp.kernels.triton._common import (
 
 @triton.jit
 def _kv_write_kernel(
-    k_cache_ptr, v_cache_ptr, key_ptr, value_ptr, slot_ptr,
-    stride_kp, stride_kt, stride_kh, stride_kd,
-    stride_vp, stride_vt, stride_vh, stride_vd,
-    stride_keyt, stride_keyh, stride_keyd,
-    stride_valt, stride_valh, stride_vald,
+    k_cache_ptr,
+    v_cache_ptr,
+    key_ptr,
+    value_ptr,
+    slot_ptr,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_keyt,
+    stride_keyh,
+    stride_keyd,
+    stride_valt,
+    stride_valh,
+    stride_vald,
     block_size,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -43,20 +59,35 @@ def _kv_write_kernel(
     mask = (slot >= 0) & (offs_h < HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = t.to(tl.int64)
     key = tl.load(
-        key_ptr + row * stride_keyt + offs_h[:, None] * stride_keyh
-        + offs_d[None, :] * stride_keyd, mask=mask, other=0.0,
+        key_ptr + row * stride_keyt + offs_h[:, None] * stride_keyh + offs_d[None, :] * stride_keyd,
+        mask=mask,
+        other=0.0,
     )
     value = tl.load(
-        value_ptr + row * stride_valt + offs_h[:, None] * stride_valh
-        + offs_d[None, :] * stride_vald, mask=mask, other=0.0,
+        value_ptr
+        + row * stride_valt
+        + offs_h[:, None] * stride_valh
+        + offs_d[None, :] * stride_vald,
+        mask=mask,
+        other=0.0,
     )
     tl.store(
-        k_cache_ptr + page * stride_kp + in_page * stride_kt + offs_h[:, None] * stride_kh
-        + offs_d[None, :] * stride_kd, key.to(k_cache_ptr.dtype.element_ty), mask=mask,
+        k_cache_ptr
+        + page * stride_kp
+        + in_page * stride_kt
+        + offs_h[:, None] * stride_kh
+        + offs_d[None, :] * stride_kd,
+        key.to(k_cache_ptr.dtype.element_ty),
+        mask=mask,
     )
     tl.store(
-        v_cache_ptr + page * stride_vp + in_page * stride_vt + offs_h[:, None] * stride_vh
-        + offs_d[None, :] * stride_vd, value.to(v_cache_ptr.dtype.element_ty), mask=mask,
+        v_cache_ptr
+        + page * stride_vp
+        + in_page * stride_vt
+        + offs_h[:, None] * stride_vh
+        + offs_d[None, :] * stride_vd,
+        value.to(v_cache_ptr.dtype.element_ty),
+        mask=mask,
     )
 
 
@@ -88,9 +119,18 @@ def kv_write(
         return
     slot_mapping = slot_mapping.contiguous()  # one index per program, read at +t
     _kv_write_kernel[(tokens,)](
-        k_cache, v_cache, key, value, slot_mapping,
-        *k_cache.stride(), *v_cache.stride(), *key.stride(), *value.stride(),
+        k_cache,
+        v_cache,
+        key,
+        value,
+        slot_mapping,
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *key.stride(),
+        *value.stride(),
         k_cache.shape[1],
-        HEADS=heads, HEAD_DIM=head_dim,
-        BLOCK_H=next_power_of_2(heads), BLOCK_D=next_power_of_2(head_dim),
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=next_power_of_2(heads),
+        BLOCK_D=next_power_of_2(head_dim),
     )

@@ -1,0 +1,45 @@
+"""The fused Triton RMS norms compute what the engine's torch norm modules compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _triton_cases import kernel_device
+
+DEVICE = kernel_device()
+
+from avmp.engine.models.layers import RMSNorm, RMSNormGated  # noqa: E402
+from avmp.kernels.triton.rms_norm import rms_norm  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp32_weight", [False, True])
+def test_plain_norm_matches_module(dtype: torch.dtype, fp32_weight: bool) -> None:
+    norm = RMSNorm(96, 1e-5, fp32_weight).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96))
+    x = torch.randn(5, 96, device=DEVICE, dtype=dtype) * 3
+    expected = norm(x)
+    out = rms_norm(x, norm.weight, norm.variance_epsilon, fp32_weight=fp32_weight)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_grouped_norm_matches_module(dtype: torch.dtype) -> None:
+    norm = RMSNormGated(64, 16, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64))
+    wide = torch.randn(3, 100, device=DEVICE, dtype=dtype)
+    x, gate = wide[:, :64], wide[:, 36:]  # strided rows, as the mixer's split hands them
+    expected = norm(x, gate)
+    out = rms_norm(x, norm.weight, norm.variance_epsilon, gate, norm.group_size)
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_rejects_a_size_that_is_no_multiple_of_the_group() -> None:
+    x = torch.randn(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        rms_norm(x, torch.ones(10, device=DEVICE), 1e-6, group_size=4)
