@@ -44,3 +44,15 @@ def test_section_replaces_only_its_part(tmp_path: Path) -> None:
     with_vllm = script.section(results, results)
     assert "ShareGPT with vLLM `bench serve` rules" in with_vllm
     assert f"bench_section.py {results} --sharegpt-vllm {results}" in with_vllm
+
+
+def test_sections_others_put_inside_the_markers_are_kept(tmp_path: Path) -> None:
+    script = _load_script()
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# B\n\n{script.START}\n## GPU backing\n\ntheirs 1\n\n{script.HEADING}\n\n"
+                   f"old table\n\n## Later\n\ntheirs 2\n{script.END}\n\n## After\n")
+    script.replace_section(doc, f"{script.START}\n{script.HEADING}\n\nnew table\n{script.END}\n")
+    text = doc.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.index("theirs 1") < text.index(script.START) < text.index("new table")
+    assert text.index(script.END) < text.index("theirs 2") < text.index("## After")
