@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import make_cell
+from bench_helpers import make_cell
 
 from avmp.bench.report import headline_table, markdown_table, write_report
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import make_cell
+from bench_helpers import make_cell
 
 from avmp.bench.stats import aggregate, bootstrap_ratio, cache_use, oom_change, paired_ratios
 
