@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from avmp.engine.engine import Engine
-from avmp.engine.fast_runner import FastModelRunner, StepRecord, use_fast_runner
+from avmp.engine.fast_runner import FastModelRunner, StepRecord
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
 from avmp.models.zoo import zoo_config
@@ -384,8 +384,8 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
         block_size=16,
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.max_batched_tokens,
+        kernels="triton",
     )
-    use_fast_runner(engine)
     result: dict[str, Any] = {
         "model": name,
         "num_params": num_params,

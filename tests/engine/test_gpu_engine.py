@@ -46,6 +46,7 @@ from avmp.engine.engine import Engine  # noqa: E402
 from avmp.engine.fast_runner import FastModelRunner, graph_safe, use_fast_runner  # noqa: E402
 from avmp.engine.loader import load_model  # noqa: E402
 from avmp.engine.runner import SequenceWork  # noqa: E402
+from avmp.kernels.ops import use_triton  # noqa: E402
 
 MAX_TOKENS = 8
 
@@ -59,9 +60,9 @@ def _engine(checkpoint: TinyCheckpoint, **options: object) -> Engine:
         max_num_seqs=3,
         max_num_batched_tokens=12,  # chunked prefill, and steps mixing prefill and decode
         check_integrity=True,
+        kernels="triton",
         **options,
     )
-    use_fast_runner(engine)
     return engine
 
 
@@ -145,3 +146,10 @@ def test_logits_match_transformers_through_the_fast_runner(
     with torch.no_grad():
         theirs = checkpoint.hf(torch.tensor([prompt])).logits[0, [b - 1 for _, b in chunks]]
     torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_choice_is_validated() -> None:
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        use_triton("fast", DEVICE)
+    assert not use_triton("reference", DEVICE)
+    assert use_triton("auto", DEVICE) == (DEVICE.type == "cuda")

@@ -23,6 +23,7 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
+from avmp.kernels.ops import use_triton
 from avmp.memory.backing.device import TensorBacking
 from avmp.memory.backing.layout import CacheLayout
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
@@ -140,6 +141,9 @@ class Engine:
         tokenizer: overrides the checkpoint's tokenizer.
         check_integrity: check the allocator's invariants after every step (also on
             when ``AVMP_DEBUG=1``).
+        kernels: ``auto`` (Triton on CUDA when installed, else the torch reference),
+            ``reference`` or ``triton`` (see `avmp.kernels.ops.use_triton`).
+        cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs.
 
     The remaining arguments are those of `EngineConfig`.
     """
@@ -160,6 +164,8 @@ class Engine:
         ssm_dtype: str | None = None,
         conv_columns: ConvColumns = ConvColumns.VLLM,
         check_integrity: bool = False,
+        kernels: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -184,7 +190,7 @@ class Engine:
         self.allocator = AvmpManager(self.geometry, self._memory_config(), self.backing)
         layout = CacheLayout.from_geometry(self.geometry, block_size)
         self.views = PoolViews(build_views(self.backing, layout))
-        self.runner = ModelRunner(self.model, self.views, block_size, self.device)
+        self.runner = self._runner(kernels, cuda_graphs)
         self.scheduler = Scheduler(
             self.allocator, SchedulerConfig(max_num_seqs, max_num_batched_tokens)
         )
@@ -192,6 +198,18 @@ class Engine:
         self._next_request_id = 0
 
     # -- construction ---------------------------------------------------------------
+
+    def _runner(self, kernels: str, cuda_graphs: bool) -> ModelRunner:
+        """The reference runner, or the fast one (Triton kernels, one host-to-device copy
+        per step, decode graphs) where ``kernels`` resolves to Triton on this device."""
+        block_size = self.config.block_size
+        if not use_triton(kernels, self.device):
+            return ModelRunner(self.model, self.views, block_size, self.device)
+        from avmp.engine.fast_runner import FastModelRunner
+
+        return FastModelRunner(
+            self.model, self.views, block_size, self.device, cuda_graphs=cuda_graphs
+        )
 
     def _load(self, model: str | Path | HybridModel, dtype: str | None) -> HybridModel:
         torch_dtype = None if dtype is None else DTYPES[dtype]

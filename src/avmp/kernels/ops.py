@@ -84,6 +84,17 @@ class TritonOps:
 
         self._k = kernels
         self._kv_write = kv_write
+        self._decay: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def decay(self, mixer: Any) -> torch.Tensor:
+        """``A = -exp(A_log)`` in fp32, computed once per weight version (three
+        launches per layer and step saved; a reload of the weights recomputes it)."""
+        a_log = mixer.A_log
+        cached = self._decay.get(id(mixer))
+        if cached is None or cached[0] != a_log._version or cached[1] is not a_log:
+            cached = (a_log._version, a_log, -torch.exp(a_log.detach().float()))
+            self._decay[id(mixer)] = cached
+        return cached[2]
 
     def attend(
         self,
@@ -137,7 +148,7 @@ class TritonOps:
         B = B.reshape(n, mixer.n_groups, mixer.d_state)
         C = C.reshape(n, mixer.n_groups, mixer.d_state)
         dt = discretise_dt(mixer, dt)
-        A = -torch.exp(mixer.A_log.float())
+        A = self.decay(mixer)
         if batch.is_decode:
             y = self._k.mamba2_state_update(
                 ssm_states, batch.slot_idx, xs, dt, A, B, C, D=mixer.D, dt_softplus=False
