@@ -141,7 +141,8 @@ def test_logits_match_transformers_through_the_fast_runner(
     pages = [11, 3, 7, 0, 15, 9]
     chunks = [(0, 9), (9, 10), (10, 22), (22, 23)]
     ours = torch.cat(
-        [runner.execute([SequenceWork(prompt[a:b], a, 2, pages, True)]) for a, b in chunks]
+        # clone: a graph's logits live in its static output until its next replay
+        [runner.execute([SequenceWork(prompt[a:b], a, 2, pages, True)]).clone() for a, b in chunks]
     )
     with torch.no_grad():
         theirs = checkpoint.hf(torch.tensor([prompt])).logits[0, [b - 1 for _, b in chunks]]
