@@ -9,24 +9,21 @@ extra); the package itself imports without it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import importlib.util
 
-# Kernel name -> its module. Loaded on first use, so that `avmp.kernels.triton.compact`
-# (which falls back to torch) imports on machines without Triton.
-_KERNELS = {
-    "conv1d_update": "conv1d_update",
-    "decode_attention": "decode_attention",
-    "mamba2_state_update": "mamba2_state_update",
-    "mamba2_varlen_scan": "mamba2_varlen_scan",
-    "prefill_attention": "prefill_attention",
-}
+# Without Triton (CPU-only installs, CI) the kernels are absent but the package still
+# imports, so `avmp.kernels.triton.compact` can fall back to torch.
+if importlib.util.find_spec("triton") is not None:
+    from avmp.kernels.triton.conv1d_update import conv1d_update
+    from avmp.kernels.triton.decode_attention import decode_attention
+    from avmp.kernels.triton.mamba2_state_update import mamba2_state_update
+    from avmp.kernels.triton.mamba2_varlen_scan import mamba2_varlen_scan
+    from avmp.kernels.triton.prefill_attention import prefill_attention
 
-__all__ = sorted(_KERNELS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _KERNELS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__all__ = [
+    "conv1d_update",
+    "decode_attention",
+    "mamba2_state_update",
+    "mamba2_varlen_scan",
+    "prefill_attention",
+]
