@@ -179,3 +179,25 @@ def test_batched_decode_kernels_match_their_one_sequence_forms(device: str) -> N
     y = ref.mamba1_step(ssm, xs, dt, A, B, C, D)
     torch.testing.assert_close(y, torch.cat(expected_y))
     torch.testing.assert_close(ssm, one_by_one)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_ignores_nan_bytes_past_the_end(device: str) -> None:
+    """Unwritten page positions may hold any bytes (a migrated chunk brings the other
+    pool's): NaN there must not reach the output."""
+    torch.manual_seed(0)
+    k_cache = torch.randn(6, 4, 2, 8, device=device)
+    v_cache = torch.randn(6, 4, 2, 8, device=device)
+    clean_k, clean_v = k_cache.clone(), v_cache.clone()
+    tables = torch.tensor([[3, 1], [5, 0]], device=device)
+    num_tokens = torch.tensor([6, 2], device=device)
+    k_cache[1, 2:] = float("nan")  # sequence 0 holds 6 tokens: page 1 positions 2, 3 unused
+    v_cache[1, 2:] = float("nan")
+    k_cache[5, 2:] = float("nan")  # sequence 1 holds 2 tokens; page 0 unused entirely
+    v_cache[5, 2:] = float("nan")
+    v_cache[0] = float("nan")
+    query = torch.randn(2, 4, 8, device=device)
+    out = ref.paged_decode_attention(query, k_cache, v_cache, tables, num_tokens, 0.3)
+    expected = ref.paged_decode_attention(query, clean_k, clean_v, tables, num_tokens, 0.3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected)

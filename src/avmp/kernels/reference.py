@@ -102,11 +102,18 @@ def paged_decode_attention(
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     keys = k_cache[block_tables].reshape(n, max_pages * block_size, kv_heads, head_dim)
     values = v_cache[block_tables].reshape(n, max_pages * block_size, kv_heads, head_dim)
+    positions = torch.arange(max_pages * block_size, device=query.device)
+    valid = positions[None, :] < num_tokens[:, None]  # [N, Tk]
+    # Positions past a sequence's end hold whatever the pool held (after a migration,
+    # bytes of the other pool, possibly NaN patterns): zero them, since a masked-out
+    # value still meets its zero weight in probs @ V and 0 * NaN is NaN.
+    keep = valid[:, :, None, None]
+    keys = torch.where(keep, keys, torch.zeros((), dtype=keys.dtype, device=keys.device))
+    values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
     groups = query.shape[1] // kv_heads
     keys = keys.to(query.dtype).repeat_interleave(groups, dim=2).transpose(1, 2)  # [N, H, Tk, D]
     values = values.to(query.dtype).repeat_interleave(groups, dim=2).transpose(1, 2)
-    positions = torch.arange(max_pages * block_size, device=query.device)
-    mask = (positions[None, :] < num_tokens[:, None])[:, None, None, :]  # [N, 1, 1, Tk]
+    mask = valid[:, None, None, :]  # [N, 1, 1, Tk]
     out = F.scaled_dot_product_attention(
         query[:, :, None], keys, values, attn_mask=mask, scale=scale
     )
