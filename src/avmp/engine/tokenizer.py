@@ -43,8 +43,15 @@ class MistralTokenizer:
     """The SentencePiece tokenizer file that mistral-common ships (no download)."""
 
     def __init__(self) -> None:
-        import mistral_common
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as _Mistral
+        try:
+            import mistral_common
+            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as _Mistral
+        except ImportError as error:
+            raise ValueError(
+                f"the demo tokenizer needs mistral-common ({error}): "
+                "pip install 'mistral-common[sentencepiece]', or pass a checkpoint "
+                "directory with its own tokenizer"
+            ) from None
 
         path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
         self._tok: Any = _Mistral.from_file(str(path)).instruct_tokenizer.tokenizer
