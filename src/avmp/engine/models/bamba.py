@@ -13,7 +13,9 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.models.granitemoehybrid import mamba2_from_granite_style
 from avmp.engine.models.layers import (
     GatedMLP,
+    HybridBody,
     Mamba2Mixer,
+    MixerOrAttentionBlock,
     PagedAttention,
     RMSNorm,
     Rotary,
@@ -28,7 +30,7 @@ def head_dim_of(config: Any) -> int:
     )
 
 
-class BambaBlock(nn.Module):
+class BambaBlock(MixerOrAttentionBlock):
     def __init__(self, config: Any, layer_index: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -53,30 +55,6 @@ class BambaBlock(nn.Module):
         else:
             self.mamba = mamba2_from_granite_style(config, layer_index)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: StepBatch,
-        cache: CacheViews,
-        rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if self.mamba is not None:
-            h = self.mamba(h, batch, cache)
-        else:
-            assert self.self_attn is not None
-            h = self.self_attn(h, batch, cache, rope)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
-
-
-class BambaBody(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(BambaBlock(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
 
 class BambaModel(HybridModel):
     family = "bamba"
@@ -84,17 +62,11 @@ class BambaModel(HybridModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.model = BambaBody(config)
+        self.model = HybridBody(config, BambaBlock, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, batch, cache, rope)
-        return self.model.final_layernorm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        x = self.model.embed(input_ids)
+        return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))

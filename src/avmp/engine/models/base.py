@@ -26,13 +26,15 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch
 class HybridModel(nn.Module):
     """Base of the engine's causal LMs.
 
-    Subclasses build their modules with transformers' names, then implement
-    `embed`, `decoder` and `head`. ``tied_weights`` maps a parameter that a checkpoint
-    may omit to the one it shares storage with.
+    Subclasses build their modules with transformers' names (usually a
+    `~avmp.engine.models.layers.HybridBody` and an ``lm_head``), then implement
+    `forward`, and `logits` when their logits are scaled. ``tied_weights`` maps a
+    parameter that a checkpoint may omit to the one it shares storage with.
     """
 
     family: str = ""
     tied_weights: dict[str, str] = {}
+    lm_head: nn.Linear
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -43,8 +45,9 @@ class HybridModel(nn.Module):
         raise TypeError(f"{type(self).__name__} must define forward")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, vocab]`` float32 logits of selected hidden states."""
-        raise TypeError(f"{type(self).__name__} must define logits")
+        """``[N, vocab]`` float32 logits of selected hidden states; families that scale
+        their logits override this."""
+        return self.lm_head(hidden).float()
 
     def tie_weights_if_needed(self) -> None:
         """Share parameters that the config ties (e.g. lm_head with the embeddings)."""

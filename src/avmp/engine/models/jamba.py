@@ -10,7 +10,15 @@ from torch import nn
 
 from avmp.engine.batch import CacheViews, StepBatch
 from avmp.engine.models.base import HybridModel
-from avmp.engine.models.layers import GatedMLP, Mamba1Mixer, PagedAttention, RMSNorm, run_experts
+from avmp.engine.models.layers import (
+    GatedMLP,
+    HybridBody,
+    Mamba1Mixer,
+    MixerOrAttentionBlock,
+    PagedAttention,
+    RMSNorm,
+    run_experts,
+)
 
 
 class JambaRouter(nn.Module):
@@ -42,7 +50,7 @@ class JambaMoE(nn.Module):
         return out.to(x.dtype)
 
 
-class JambaBlock(nn.Module):
+class JambaBlock(MixerOrAttentionBlock):
     def __init__(self, config: Any, layer_index: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -80,24 +88,6 @@ class JambaBlock(nn.Module):
                 proj_bias=config.mamba_proj_bias,
             )
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if self.mamba is not None:
-            h = self.mamba(h, batch, cache)
-        else:
-            assert self.self_attn is not None
-            h = self.self_attn(h, batch, cache, None)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
-
-
-class JambaBody(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(JambaBlock(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
 
 class JambaModel(HybridModel):
     family = "jamba"
@@ -105,14 +95,9 @@ class JambaModel(HybridModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.model = JambaBody(config)
+        self.model = HybridBody(config, JambaBlock, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, batch, cache)
-        return self.model.final_layernorm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        # No positional embedding: attention gets no rotary.
+        return self.model.run(self.model.embed(input_ids), batch, cache, None)

@@ -422,3 +422,84 @@ class Mamba1Mixer(nn.Module):
         y = ref.mamba1_step(ssm, xs, *self.ssm_inputs(xs), self.D)
         ssm_states[slots] = ssm
         return (y * F.silu(gate.float())).to(xs.dtype)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def mix_or_attend(
+    mamba: nn.Module | None,
+    self_attn: nn.Module | None,
+    h: torch.Tensor,
+    batch: StepBatch,
+    cache: CacheViews,
+    rope: Rope,
+) -> torch.Tensor:
+    """The token mixer of a block that holds either a recurrent mixer or attention
+    (the other is None): recurrent mixers take no rotary, attention does."""
+    if mamba is not None:
+        out: torch.Tensor = mamba(h, batch, cache)
+        return out
+    assert self_attn is not None
+    out = self_attn(h, batch, cache, rope)
+    return out
+
+
+class MixerOrAttentionBlock(nn.Module):
+    """Pre-norm block ``x + mix(norm(x))`` then ``x + feed_forward(norm(x))``.
+
+    Subclasses build ``input_layernorm``, ``pre_ff_layernorm``, ``feed_forward`` and one
+    of ``mamba`` / ``self_attn`` under the checkpoint's names; the forward is shared.
+    """
+
+    input_layernorm: RMSNorm
+    pre_ff_layernorm: RMSNorm
+    feed_forward: nn.Module
+    mamba: nn.Module | None
+    self_attn: PagedAttention | None
+
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = x + mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope)
+        out: torch.Tensor = x + self.feed_forward(self.pre_ff_layernorm(x))
+        return out
+
+
+class HybridBody(nn.Module):
+    """Embeddings, the blocks and the final norm of a family.
+
+    The embedding and final norm are registered under the names the family's
+    checkpoints use (they differ: ``embed_tokens``/``embeddings``, ``final_layernorm``/
+    ``norm``/``norm_f``), so ``load_state_dict`` sees the transformers keys unchanged.
+    Every block is called as ``block(x, batch, cache, rope)``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        block: Any,
+        eps: float,
+        *,
+        embed_name: str = "embed_tokens",
+        norm_name: str = "final_layernorm",
+        fp32_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed_name, self.norm_name = embed_name, norm_name
+        setattr(self, embed_name, nn.Embedding(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
+        setattr(self, norm_name, RMSNorm(config.hidden_size, eps, fp32_weight=fp32_norm))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[T, hidden]``."""
+        out: torch.Tensor = getattr(self, self.embed_name)(input_ids)
+        return out
+
+    def run(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope) -> torch.Tensor:
+        """Every block in order, then the final norm."""
+        for layer in self.layers:
+            x = layer(x, batch, cache, rope)
+        out: torch.Tensor = getattr(self, self.norm_name)(x)
+        return out
