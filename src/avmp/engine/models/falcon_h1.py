@@ -12,6 +12,7 @@ from torch import nn
 from avmp.engine.batch import CacheViews, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
+    HybridBody,
     Mamba2Mixer,
     PagedAttention,
     RMSNorm,
@@ -163,31 +164,20 @@ class FalconBlock(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-class FalconBody(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
 class FalconH1Model(HybridModel):
     family = "falcon_h1"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.model = FalconBody(config)
+        self.model = HybridBody(config, FalconBlock, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
         self.rotary = Rotary(head_dim, rope_theta(config))
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
-        rope = self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, batch, cache, rope)
-        return self.model.final_layernorm(x)
+        x = self.model.embed(input_ids) * self.config.embedding_multiplier
+        return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.lm_head(hidden) * self.config.lm_head_multiplier).float()

@@ -11,11 +11,14 @@ from torch import nn
 from avmp.engine.batch import CacheViews, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
+    HybridBody,
     Mamba2Mixer,
     PagedAttention,
     RMSNorm,
+    Rope,
     Rotary,
     activation,
+    mix_or_attend,
     rope_theta,
     run_experts,
 )
@@ -132,14 +135,9 @@ class GraniteBlock(nn.Module):
         x: torch.Tensor,
         batch: StepBatch,
         cache: CacheViews,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: Rope,
     ) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if self.mamba is not None:
-            h = self.mamba(h, batch, cache)
-        else:
-            assert self.self_attn is not None
-            h = self.self_attn(h, batch, cache, rope)
+        h = mix_or_attend(self.mamba, self.self_attn, self.input_layernorm(x), batch, cache, rope)
         x = x + h * self.residual_multiplier
         h = self.post_attention_layernorm(x)
         ffn = self.shared_mlp(h)
@@ -148,23 +146,13 @@ class GraniteBlock(nn.Module):
         return x + ffn * self.residual_multiplier
 
 
-class GraniteBody(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            GraniteBlock(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
 class GraniteMoeHybridModel(HybridModel):
     family = "granitemoehybrid"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.model = GraniteBody(config)
+        self.model = HybridBody(config, GraniteBlock, config.rms_norm_eps, norm_name="norm")
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: Rotary | None = None
         if config.position_embedding_type == "rope":
@@ -175,11 +163,9 @@ class GraniteMoeHybridModel(HybridModel):
             self.rotary = Rotary(head_dim, rope_theta(config))
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        x = self.model.embed(input_ids) * self.config.embedding_multiplier
         rope = None if self.rotary is None else self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, batch, cache, rope)
-        return self.model.norm(x)
+        return self.model.run(x, batch, cache, rope)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.lm_head(hidden) / self.config.logits_scaling).float()

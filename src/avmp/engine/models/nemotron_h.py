@@ -12,9 +12,11 @@ from torch import nn
 from avmp.engine.batch import CacheViews, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
+    HybridBody,
     Mamba2Mixer,
     PagedAttention,
     RMSNorm,
+    Rope,
     activation,
     run_experts,
 )
@@ -128,25 +130,17 @@ class NemotronBlock(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
         self.mixer = build_mixer(config, layer_index)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope
+    ) -> torch.Tensor:
         h = self.norm(x)
         if isinstance(self.mixer, Mamba2Mixer):
             h = self.mixer(h, batch, cache)
         elif isinstance(self.mixer, PagedAttention):
-            h = self.mixer(h, batch, cache, None)
+            h = self.mixer(h, batch, cache, rope)
         else:
             h = self.mixer(h)
         return x + h
-
-
-class NemotronBody(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            NemotronBlock(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
 
 
 class NemotronHModel(HybridModel):
@@ -155,14 +149,16 @@ class NemotronHModel(HybridModel):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.backbone = NemotronBody(config)
+        self.backbone = HybridBody(
+            config,
+            NemotronBlock,
+            config.layer_norm_epsilon,
+            embed_name="embeddings",
+            norm_name="norm_f",
+            fp32_norm=True,
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
-        x = self.backbone.embeddings(input_ids)
-        for layer in self.backbone.layers:
-            x = layer(x, batch, cache)
-        return self.backbone.norm_f(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        # Attention without rotary: the blocks get no rope.
+        return self.backbone.run(self.backbone.embed(input_ids), batch, cache, None)
