@@ -11,6 +11,7 @@ from torch import nn
 
 from avmp.engine.batch import CacheViews, StepBatch
 from avmp.engine.models.base import HybridModel
+from avmp.engine.models.granitemoehybrid import mamba2_settings
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
@@ -56,20 +57,7 @@ class FalconMixer(Mamba2Mixer):
 
     def __init__(self, config: Any, layer_index: int) -> None:
         intermediate = config.mamba_d_ssm or int(config.mamba_expand * config.hidden_size)
-        super().__init__(
-            layer_index,
-            config.hidden_size,
-            num_heads=config.mamba_n_heads,
-            head_dim=config.mamba_d_head,
-            n_groups=config.mamba_n_groups,
-            d_state=config.mamba_d_state,
-            d_conv=config.mamba_d_conv,
-            chunk_size=config.mamba_chunk_size,
-            eps=config.rms_norm_eps,
-            conv_bias=config.mamba_conv_bias,
-            proj_bias=config.mamba_proj_bias,
-            time_step_limit=tuple(config.time_step_limit or (0.0, float("inf"))),
-        )
+        super().__init__(layer_index, config.hidden_size, **mamba2_settings(config))
         if self.intermediate_size != intermediate:
             raise ValueError("Falcon-H1: mamba_n_heads * mamba_d_head must equal mamba_d_ssm")
         self.out_proj = nn.Linear(intermediate, config.hidden_size, bias=config.projectors_bias)

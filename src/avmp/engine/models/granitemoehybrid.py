@@ -24,23 +24,26 @@ from avmp.engine.models.layers import (
 )
 
 
+def mamba2_settings(config: Any) -> dict[str, Any]:
+    """`Mamba2Mixer` keyword arguments from the ``mamba_*`` fields that Granite-H, Bamba
+    and Falcon-H1 configs share (one place, so the three read them alike)."""
+    return {
+        "num_heads": config.mamba_n_heads,
+        "head_dim": int(config.mamba_d_head),
+        "n_groups": config.mamba_n_groups,
+        "d_state": config.mamba_d_state,
+        "d_conv": config.mamba_d_conv,
+        "chunk_size": config.mamba_chunk_size,
+        "eps": config.rms_norm_eps,
+        "conv_bias": config.mamba_conv_bias,
+        "proj_bias": config.mamba_proj_bias,
+        "time_step_limit": tuple(config.time_step_limit or (0.0, float("inf"))),
+    }
+
+
 def mamba2_from_granite_style(config: Any, layer_index: int) -> Mamba2Mixer:
     """A Mamba2 mixer from the ``mamba_*`` fields shared by Granite-H and Bamba configs."""
-    head_dim = int(config.mamba_d_head)
-    return Mamba2Mixer(
-        layer_index,
-        config.hidden_size,
-        num_heads=config.mamba_n_heads,
-        head_dim=head_dim,
-        n_groups=config.mamba_n_groups,
-        d_state=config.mamba_d_state,
-        d_conv=config.mamba_d_conv,
-        chunk_size=config.mamba_chunk_size,
-        eps=config.rms_norm_eps,
-        conv_bias=config.mamba_conv_bias,
-        proj_bias=config.mamba_proj_bias,
-        time_step_limit=tuple(config.time_step_limit or (0.0, float("inf"))),
-    )
+    return Mamba2Mixer(layer_index, config.hidden_size, **mamba2_settings(config))
 
 
 class GraniteSharedMLP(nn.Module):
