@@ -18,6 +18,7 @@ Models without attention layers never ask for pages.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 from avmp.memory.spec import (
@@ -34,7 +35,7 @@ from avmp.memory.spec import (
 from avmp.models.geometry import ModelGeometry
 
 NO_SLOT = -1
-NULL_BLOCK = 0  # vLLM's BlockPool keeps block 0 as a placeholder, never allocated
+NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0 as its null block, never allocated
 VLLM_BLOCK_ALIGNMENT_TOKENS = 16  # vLLM rounds the hybrid attention block to this many tokens
 VLLM_GROUP_SIZE_SLACK = 1.25  # vLLM uses the larger layer count when within 25% of the smaller
 SGLANG_MAMBA_FULL_MEMORY_RATIO = 0.9  # SGLang's default --mamba-full-memory-ratio
@@ -123,6 +124,38 @@ class _RequestTable(CacheAllocator):
         assert len(owned) == len(set(owned)), "a unit is owned twice"
 
 
+class _PagedRequestTable(_RequestTable):
+    """A request table whose requests hold ``block_size``-token pages (static, oracle):
+    the grow logic is shared, each layout says how pages are taken."""
+
+    @abstractmethod
+    def _pages_for(self, num_tokens: int) -> int:
+        """Pages that ``num_tokens`` tokens need."""
+
+    @abstractmethod
+    def _take_grow_pages(self, num_pages: int) -> list[int] | None:
+        """Take ``num_pages`` pages for a grow, or None (nothing taken) if short."""
+
+    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        request = self._get(request_id)
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        new = request.num_tokens + num_new_tokens
+        num_pages = self._pages_for(new) - len(request.pages)
+        added: list[int] = []
+        if num_pages:
+            self._check_grow(request_id, new)
+            taken = self._take_grow_pages(num_pages)
+            if taken is None:
+                self.stats.num_failed_allocations += 1
+                return None
+            added = taken
+            request.pages += added
+        request.num_tokens = new
+        self.stats.num_grows += 1
+        return added
+
+
 # ----------------------------------------------------------------------------- unified
 
 
@@ -187,7 +220,7 @@ def _vllm_group_size(layer_counts: list[int]) -> int:
 class UnifiedAllocator(_RequestTable):
     """vLLM v1's padded pool: ``num_blocks`` equal blocks shared by every group.
 
-    Block 0 is vLLM's null block (the placeholder its block tables point at) and is never
+    Block 0 is vLLM's null block (the entry its block tables point at when empty) and is never
     handed out, so ``num_usable_blocks = num_blocks - 1``.
 
     A request holds one block per recurrent group (its state) and
@@ -368,7 +401,7 @@ def static_state_fraction(
     return ratio / (1.0 + ratio)
 
 
-class StaticAllocator(_RequestTable):
+class StaticAllocator(_PagedRequestTable):
     """SGLang's two pools, split once: exact pages of ``config.block_size`` tokens and
     exact slots. A full state pool stops admission even when the KV pool is empty, and
     the other way round; nothing moves between them.
@@ -421,26 +454,12 @@ class StaticAllocator(_RequestTable):
         self._admitted(request_id, _Request(num_tokens, slot, [], pages))
         return RequestBlocks(slot, tuple(pages))
 
-    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        request = self._get(request_id)
-        if num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        new = request.num_tokens + num_new_tokens
-        num_pages = self._pages_for(new) - len(request.pages)
-        if num_pages == 0:
-            request.num_tokens = new
-            self.stats.num_grows += 1
-            return []
-        self._check_grow(request_id, new)
+    def _take_grow_pages(self, num_pages: int) -> list[int] | None:
         free_pages = self._free_pages
         if num_pages > len(free_pages):
-            self.stats.num_failed_allocations += 1
             return None
         added = free_pages[-num_pages:][::-1]
         del free_pages[-num_pages:]
-        request.pages += added
-        request.num_tokens = new
-        self.stats.num_grows += 1
         return added
 
     def free(self, request_id: int) -> None:
@@ -494,7 +513,7 @@ def _check_stack(free: list[int], owned: list[int], num_units: int) -> None:
 # ------------------------------------------------------------------------------ oracle
 
 
-class OracleAllocator(_RequestTable):
+class OracleAllocator(_PagedRequestTable):
     """Exact bytes with free, instant migration: a request is admitted (or grown) while
     the exact bytes in use (whole slots plus pages of ``config.block_size`` tokens, no
     chunk rounding) fit the budget. No layout can hold more; it is the reference.
@@ -554,27 +573,12 @@ class OracleAllocator(_RequestTable):
         self._admitted(request_id, _Request(num_tokens, slot, [], pages))
         return RequestBlocks(slot, tuple(pages))
 
-    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        request = self._get(request_id)
-        if num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        new = request.num_tokens + num_new_tokens
-        num_pages = self._pages_for(new) - len(request.pages)
-        if num_pages == 0:
-            request.num_tokens = new
-            self.stats.num_grows += 1
-            return []
-        self._check_grow(request_id, new)
+    def _take_grow_pages(self, num_pages: int) -> list[int] | None:
         need = num_pages * self._page_bytes
         if self._used_bytes + need > self._budget:
-            self.stats.num_failed_allocations += 1
             return None
         self._used_bytes += need
-        added = self._take_pages(num_pages)
-        request.pages += added
-        request.num_tokens = new
-        self.stats.num_grows += 1
-        return added
+        return self._take_pages(num_pages)
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
