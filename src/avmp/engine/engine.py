@@ -26,16 +26,27 @@ from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.kernels.ops import use_triton
 from avmp.memory.backing.device import TensorBacking
 from avmp.memory.backing.layout import CacheLayout
+from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
 from avmp.memory.backing.views import build_views
 from avmp.memory.manager import AvmpManager
-from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, AllocatorStats, MemoryConfig, MemoryUsage
+from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
+from avmp.memory.spec import (
+    CHUNK_GRANULARITY_BYTES,
+    AllocatorStats,
+    CacheAllocator,
+    MemoryConfig,
+    MemoryUsage,
+)
 from avmp.models.geometry import ConvColumns, ModelGeometry
+from avmp.sim.metrics import TimelineRecorder
 from avmp.sim.request import RequestSpec
 from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
 from avmp.units import parse_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENGINE_ALLOCATORS = ("avmp", "static", "unified")
+TIMELINE_SAMPLES = 200
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ class EngineStats:
     usage: MemoryUsage | None = None
     peak_kv_capacity_bytes: int = 0
     peak_state_capacity_bytes: int = 0
+    timeline: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def generated_tokens_per_s(self) -> float:
@@ -144,6 +156,11 @@ class Engine:
         kernels: ``auto`` (Triton on CUDA when installed, else the torch reference),
             ``reference`` or ``triton`` (see `avmp.kernels.ops.use_triton`).
         cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs.
+        allocator: ``avmp`` (two pools, capacity migrates), ``static`` (SGLang's split,
+            fixed at start-up; on ``backing``) or ``unified`` (vLLM's padded block pool,
+            on one plain buffer; see `avmp.memory.placed`). All run the same kernels.
+        state_fraction: the static split's share of the budget for state (default:
+            SGLang's).
 
     The remaining arguments are those of `EngineConfig`.
     """
@@ -166,9 +183,15 @@ class Engine:
         check_integrity: bool = False,
         kernels: str = "auto",
         cuda_graphs: bool = True,
+        allocator: str = "avmp",
+        state_fraction: float | None = None,
     ) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if allocator not in ENGINE_ALLOCATORS:
+            raise ValueError(
+                f"allocator must be one of {', '.join(ENGINE_ALLOCATORS)}, got {allocator!r}"
+            )
         self.config = EngineConfig(
             memory_bytes=parse_bytes(memory),
             block_size=block_size,
@@ -186,9 +209,7 @@ class Engine:
         if tokenizer is None and not isinstance(model, HybridModel):
             self.tokenizer = load_tokenizer(model)
         self.geometry = self._geometry()
-        self.backing = self._backing(backing)
-        self.allocator = AvmpManager(self.geometry, self._memory_config(), self.backing)
-        layout = CacheLayout.from_geometry(self.geometry, block_size)
+        self.allocator, self.backing, layout = self._memory(allocator, backing, state_fraction)
         self.views = PoolViews(build_views(self.backing, layout))
         self.runner = self._runner(kernels, cuda_graphs)
         self.scheduler = Scheduler(
@@ -196,6 +217,8 @@ class Engine:
         )
         self.stats = EngineStats()
         self._next_request_id = 0
+        self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
+        self._start = 0.0
 
     # -- construction ---------------------------------------------------------------
 
@@ -236,6 +259,29 @@ class Engine:
             return backing
         raise ValueError(f"backing must be 'torch' or a TensorBacking, got {backing!r}")
 
+    def _memory(
+        self, allocator: str, backing: str | TensorBacking | None, state_fraction: float | None
+    ) -> tuple[CacheAllocator, TensorBacking, CacheLayout]:
+        """The allocator, the backing it drives and the byte layout the views read."""
+        config = self._memory_config()
+        if allocator == "unified":
+            if backing not in (None, "torch"):
+                raise ValueError("the unified layout runs on one plain buffer; leave backing unset")
+            unified = PlacedUnifiedAllocator(self.geometry, config)
+            shared = SharedBufferBacking(unified.num_blocks * unified.vllm.block_bytes, self.device)
+            shared.attach(unified.spec, config)
+            return unified, shared, unified.cache_layout()
+        if state_fraction is not None and allocator != "static":
+            raise ValueError("state_fraction applies to the static allocator only")
+        tensors = self._backing(backing)
+        manager: AvmpManager
+        if allocator == "static":
+            manager = StaticSplitManager(self.geometry, config, tensors,
+                                         state_fraction=state_fraction)
+        else:
+            manager = AvmpManager(self.geometry, config, tensors)
+        return manager, tensors, CacheLayout.from_geometry(self.geometry, config.block_size)
+
     def _memory_config(self) -> MemoryConfig:
         c = self.config
         return MemoryConfig(c.memory_bytes, c.chunk_bytes, c.block_size, c.migration_batch_chunks)
@@ -245,13 +291,14 @@ class Engine:
     def generate(
         self,
         prompts: list[str] | list[list[int]],
-        max_tokens: int = 16,
+        max_tokens: int | list[int] = 16,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
         ignore_eos: bool = False,
     ) -> list[GenerationOutput]:
-        """Generate up to ``max_tokens`` tokens for every prompt, batched continuously.
+        """Generate up to ``max_tokens`` tokens for every prompt (one limit for all, or
+        one per prompt), batched continuously.
 
         Returns:
             One output per prompt, in prompt order.
@@ -259,17 +306,22 @@ class Engine:
             ValueError: an empty prompt, a token id outside the vocabulary, or text
                 prompts without a tokenizer.
         """
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} max_tokens for {len(prompts)} prompts")
+        if any(limit < 1 for limit in limits):
+            raise ValueError(f"max_tokens must be >= 1, got {min(limits)}")
         params = SamplingParams(temperature, top_p, seed)
         token_prompts = [self._encode(prompt) for prompt in prompts]
-        live = self._submit(token_prompts, max_tokens, params)
+        live = self._submit(token_prompts, limits, params)
         self.stats = EngineStats(num_prompt_tokens=sum(len(p) for p in token_prompts))
         before = copy.deepcopy(self.allocator.stats)
-        start = time.perf_counter()
+        self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
+        self._start = time.perf_counter()
         while self.scheduler.has_unfinished:
             self._step(live, params, ignore_eos)
-        self.stats.elapsed_s = time.perf_counter() - start
+        self.stats.elapsed_s = time.perf_counter() - self._start
+        self.stats.timeline = self._timeline.samples()
         self._finish_stats(before)
         outputs = [
             self._output(rid, live[rid]) for rid in sorted(live, key=lambda r: live[r].index)
@@ -292,10 +344,10 @@ class Engine:
         return ids
 
     def _submit(
-        self, prompts: list[list[int]], max_tokens: int, params: SamplingParams
+        self, prompts: list[list[int]], limits: list[int], params: SamplingParams
     ) -> dict[int, _Live]:
         live: dict[int, _Live] = {}
-        for index, prompt in enumerate(prompts):
+        for index, (prompt, max_tokens) in enumerate(zip(prompts, limits, strict=True)):
             request_id = self._next_request_id
             self._next_request_id += 1
             generator = None
@@ -378,6 +430,10 @@ class Engine:
         self.stats.peak_state_capacity_bytes = max(
             self.stats.peak_state_capacity_bytes, usage.state_capacity_bytes
         )
+        if self._timeline.should_sample(self.stats.num_steps - 1):
+            now = time.perf_counter() - self._start
+            scheduler = self.scheduler
+            self._timeline.add(now, usage, scheduler.num_running, scheduler.num_waiting)
         if self.config.check_integrity:
             self.allocator.check_integrity()
 
