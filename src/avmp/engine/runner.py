@@ -15,12 +15,15 @@ import torch
 from avmp.engine.batch import StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.memory.backing.views import CacheViews as BackingViews
+from avmp.memory.spec import PoolKind
 
 
 class PoolViews:
     """The engine's `CacheViews` over an AVMP backing's per-layer views."""
 
     def __init__(self, views: BackingViews) -> None:
+        if views.backing.is_reversed(PoolKind.KV):
+            raise ValueError("a KV pool stored in reverse is not supported")
         self.views = views
 
     def kv(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +40,9 @@ class PoolViews:
         return self.views.slot_row(slot)
 
     def page_rows(self, pages: tuple[int, ...]) -> list[int]:
-        return [self.views.page_row(page) for page in pages]
+        """Rows of pages: the KV pool is never stored in reverse, so rows are the
+        indices (no per-page call: the engine asks for every request at every step)."""
+        return list(pages)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class StaticSplitManager(AvmpManager):
         self.state_fraction = static_state_fraction(
             geometry, state_fraction, mamba_full_memory_ratio
         )
-        num_state = int(config.num_chunks * self.state_fraction)
+        num_state = round(config.num_chunks * self.state_fraction)
         if num_state:
             self._take_reserve(PoolKind.STATE, num_state)
         if config.num_chunks - num_state:
@@ -87,14 +87,16 @@ class StaticSplitManager(AvmpManager):
 
 
 class _Placed:
-    """One live request of the unified pool: its state group and attention blocks."""
+    """One live request of the unified pool: its state group, its attention blocks and
+    their kernel pages (kept, since the engine reads them every step)."""
 
-    __slots__ = ("num_tokens", "group", "blocks")
+    __slots__ = ("num_tokens", "group", "blocks", "pages")
 
-    def __init__(self, num_tokens: int, group: int, blocks: list[int]) -> None:
+    def __init__(self, num_tokens: int, group: int, blocks: list[int], pages: list[int]) -> None:
         self.num_tokens = num_tokens
         self.group = group
         self.blocks = blocks
+        self.pages = pages
 
 
 class PlacedUnifiedAllocator(CacheAllocator):
@@ -265,7 +267,7 @@ class PlacedUnifiedAllocator(CacheAllocator):
             for block in range(group * self._run, (group + 1) * self._run):
                 self._mark(block, taken=True)
         blocks = [self._take_block() for _ in range(num_blocks)]
-        self._live[request_id] = _Placed(num_tokens, group, blocks)
+        self._live[request_id] = _Placed(num_tokens, group, blocks, self._kernel_pages(blocks))
         self._freed.discard(request_id)
         self.stats.num_admits += 1
         return self.blocks(request_id)
@@ -285,10 +287,12 @@ class PlacedUnifiedAllocator(CacheAllocator):
             self.stats.num_failed_allocations += 1
             return None
         added = [self._take_block() for _ in range(extra)]
+        pages = self._kernel_pages(added)
         request.blocks += added
+        request.pages += pages
         request.num_tokens = new_tokens
         self.stats.num_grows += 1
-        return self._kernel_pages(added)
+        return pages
 
     def free(self, request_id: int) -> None:
         request = self._live.pop(request_id, None)
@@ -316,7 +320,7 @@ class PlacedUnifiedAllocator(CacheAllocator):
 
     def blocks(self, request_id: int) -> RequestBlocks:
         request = self._get(request_id)
-        return RequestBlocks(request.group, tuple(self._kernel_pages(request.blocks)))
+        return RequestBlocks(request.group, tuple(request.pages))
 
     def num_tokens(self, request_id: int) -> int:
         return self._get(request_id).num_tokens
@@ -348,6 +352,7 @@ class PlacedUnifiedAllocator(CacheAllocator):
         owned: list[int] = []
         for request in self._live.values():
             assert len(request.blocks) == self._blocks_for(request.num_tokens), "block count"
+            assert request.pages == self._kernel_pages(request.blocks), "kernel pages drifted"
             owned += request.blocks
             if request.group != NO_SLOT:
                 owned += range(request.group * self._run, (request.group + 1) * self._run)
