@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sim_helpers import tiny_geometry
 
@@ -14,6 +15,7 @@ from avmp.sim.timing import (
     GPU_PROFILES,
     AllocatorCallCosts,
     BatchShape,
+    CalibratedModel,
     MemoryMoveCosts,
     RooflineModel,
     fit_calibration,
@@ -172,6 +174,10 @@ def test_calibration_never_predicts_below_the_fastest_measured_step() -> None:
         ({"nope": 1}, "points"),
         ({"points": [{"num_prefill_tokens": 1}] * 4}, "bad or missing field"),
         ({"points": synthetic_points((1, 0, 0, 0))[:1] * 5}, "do not vary enough"),
+        ({"points": [{**p, "step_s": 0.0} for p in synthetic_points((1, 0, 0, 0))]}, "> 0"),
+        ({"points": [{**p, "num_requests": 0} for p in synthetic_points((1, 0, 0, 0))]}, ">= 1"),
+        ({"points": [{**p, "num_requests": 1} for p in synthetic_points((1, 0, 0, 0))]}, ">= 1"),
+        ({"points": [{**p, "num_requests": "x"} for p in synthetic_points((1, 0, 0, 0))]}, "bad"),
     ],
 )
 def test_bad_calibration_files_name_the_file(tmp_path: Path, payload: object, message: str) -> None:
@@ -180,6 +186,155 @@ def test_bad_calibration_files_name_the_file(tmp_path: Path, payload: object, me
     with pytest.raises(ValueError, match=message) as info:
         load_calibration(path)
     assert "bad.json" in str(info.value)
+
+
+def decode_point(requests: int, mean_context: int, step_s: float) -> dict[str, float]:
+    return {
+        "num_prefill_tokens": 0,
+        "num_decode_requests": requests,
+        "num_context_tokens": requests * mean_context,
+        "num_requests": requests,
+        "step_s": step_s,
+    }
+
+
+def prefill_point(tokens: int, requests: int, step_s: float) -> dict[str, float]:
+    return {
+        "num_prefill_tokens": tokens,
+        "num_decode_requests": 0,
+        "num_context_tokens": tokens,
+        "num_requests": requests,
+        "step_s": step_s,
+    }
+
+
+FIVE = (0.004, 2e-6, 3e-5, 1e-8, 4e-7)  # intercept, prefill, decode, context, mean context
+
+
+def linear_step_s(shape: BatchShape, coefficients: tuple[float, ...] = FIVE) -> float:
+    c0, c_prefill, c_decode, c_context, c_mean = coefficients
+    mean = shape.num_context_tokens / shape.num_requests
+    return (
+        c0
+        + c_prefill * shape.num_prefill_tokens
+        + c_decode * shape.num_decode_requests
+        + c_context * shape.num_context_tokens
+        + c_mean * mean
+    )
+
+
+def test_calibration_with_request_counts_recovers_five_coefficients(tmp_path: Path) -> None:
+    shapes = [BatchShape(0, b, b * m, 0, b) for b in (1, 8, 64) for m in (512, 2048)]
+    shapes += [BatchShape(p, 0, p, 0, r) for p, r in ((512, 1), (4096, 2), (8192, 4))]
+    shapes += [BatchShape(256, 8, 8 * 1000 + 256, 0, 9)]
+    points = [
+        {
+            "num_prefill_tokens": s.num_prefill_tokens,
+            "num_decode_requests": s.num_decode_requests,
+            "num_context_tokens": s.num_context_tokens,
+            "num_requests": s.num_requests,
+            "step_s": linear_step_s(s),
+        }
+        for s in shapes
+    ]
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"gpu": "h100", "model": "m", "points": points}))
+    model = load_calibration(path)
+    assert model.features[-1] == "mean_context_tokens"
+    assert model.coefficients == pytest.approx(FIVE, rel=1e-6)
+    shape = BatchShape(0, 32, 32 * 700, 0, 32)
+    assert model.step_seconds(shape) == pytest.approx(linear_step_s(shape), rel=1e-9)
+    # a shape that does not count its requests: its decode requests + one prefilling
+    uncounted = BatchShape(num_prefill_tokens=100, num_decode_requests=3, num_context_tokens=5000)
+    counted = BatchShape(100, 3, 5000, 0, 4)
+    assert model.step_seconds(uncounted) == pytest.approx(linear_step_s(counted), rel=1e-9)
+
+
+def decode_truth(requests: int, mean_context: int) -> float:
+    return linear_step_s(BatchShape(0, requests, requests * mean_context, 0, requests))
+
+
+def test_relative_fit_keeps_many_short_decode_steps_close() -> None:
+    """Decode steps follow the five-feature model; a few long prefill steps grow with the
+    square of their length (attention), which no linear fit matches. A fit of absolute
+    error bends every coefficient towards the long steps; the relative fit does not."""
+    decode = [(b, m) for b in (1, 4, 16, 64, 128) for m in (256, 1024, 4096)]
+    points = [decode_point(b, m, decode_truth(b, m)) for b, m in decode for _ in range(4)]
+    for tokens, requests in ((2048, 1), (8192, 1), (8192, 4), (4096, 2)):
+        step_s = 0.004 + 2e-6 * tokens + 4e-10 * tokens * tokens / requests
+        points.append(prefill_point(tokens, requests, step_s))
+    model = fit_calibration(points, "x", None)
+    relative = [
+        model.step_seconds(BatchShape(0, b, b * m, 0, b)) / decode_truth(b, m) - 1
+        for b, m in decode
+    ]
+    assert max(abs(e) for e in relative) < 0.02
+    # the same points fitted by plain least squares miss decode steps by > 10%
+    matrix = np.array(
+        [
+            [
+                1.0,
+                p["num_prefill_tokens"],
+                p["num_decode_requests"],
+                p["num_context_tokens"],
+                p["num_context_tokens"] / p["num_requests"],
+            ]
+            for p in points
+        ]
+    )
+    plain = np.linalg.lstsq(matrix, np.array([p["step_s"] for p in points]), rcond=None)[0]
+    plain_relative = [plain @ [1, 0, b, b * m, m] / decode_truth(b, m) - 1 for b, m in decode]
+    assert max(abs(e) for e in plain_relative) > 0.10
+
+
+def test_calibration_without_request_counts_fits_four_features() -> None:
+    """Files written before ``num_requests`` was recorded, or mixing points with and
+    without it, fit the four-feature model."""
+    old = synthetic_points((0.004, 2e-5, 1e-4, 3e-8))
+    assert fit_calibration(old, "x", None).features == (
+        "num_prefill_tokens",
+        "num_decode_requests",
+        "num_context_tokens",
+    )
+    mixed = [{**p, "num_requests": max(1, p["num_decode_requests"])} for p in old[:9]] + old[9:]
+    model = fit_calibration(mixed, "x", None)
+    assert len(model.coefficients) == 4
+    assert model.coefficients == pytest.approx((0.004, 2e-5, 1e-4, 3e-8), rel=1e-6, abs=1e-12)
+
+
+def test_mean_context_that_does_not_vary_apart_falls_back_to_four_features() -> None:
+    # batch 1 only: context per request == context, so the fifth column repeats the fourth
+    points = [decode_point(1, m, 0.004 + 1e-7 * m) for m in (100, 200, 400, 800)]
+    points += [prefill_point(p, 1, 0.004 + 1e-6 * p + 1e-7 * p) for p in (256, 1024)]
+    model = fit_calibration(points, "x", None)
+    assert len(model.features) == 3
+    shape = BatchShape(0, 1, 300, 0, 1)
+    assert model.step_seconds(shape) == pytest.approx(0.004 + 3e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "benchmarks/results").glob("calibration_*.json"))
+)
+def test_committed_calibration_files_load(path: Path) -> None:
+    model = load_calibration(path)
+    assert model.num_points >= 4 and model.gpu
+    decode = BatchShape(0, 64, 64 * 600, 0, 64)
+    assert model.min_step_s <= model.step_seconds(decode) < 1.0
+
+
+def test_calibrated_model_checks_its_coefficients() -> None:
+    five = (
+        "num_prefill_tokens",
+        "num_decode_requests",
+        "num_context_tokens",
+        "mean_context_tokens",
+    )
+    with pytest.raises(ValueError, match="need 5 coefficients"):
+        CalibratedModel("x", None, (1.0, 2.0, 3.0, 4.0), 0.0, 4, five)
+    with pytest.raises(ValueError, match="unknown calibration features"):
+        CalibratedModel("x", None, (1.0, 2.0), 0.0, 4, ("a",))
+    with pytest.raises(ValueError, match="need 4 coefficients"):
+        CalibratedModel("x", None, (1.0, 2.0), 0.0, 4)
 
 
 def calls_result(figures: dict[str, dict[str, float]]) -> str:

@@ -16,19 +16,30 @@ Calibration file (JSON), written by a GPU benchmark of the engine::
       "model": "nemotron-h-8b",           # must match the geometry's name when present
       "points": [
         {"num_prefill_tokens": 512, "num_decode_requests": 0,
-         "num_context_tokens": 512, "step_s": 0.031},
+         "num_context_tokens": 512, "num_requests": 1, "step_s": 0.031},
         ...
       ]
     }
 
 The features mean what `BatchShape` means by them: ``num_prefill_tokens`` counts the
 tokens of prefill chunks (recompute included), ``num_decode_requests`` the requests
-computing one decode token, and ``num_context_tokens`` the KV tokens attention reads,
-i.e. for every scheduled request the tokens in its cache once the step is done (a
-decode at position p counts p + 1, a chunk of n tokens starting at s counts s + n).
-Step time is fitted by least squares on ``1, num_prefill_tokens, num_decode_requests,
-num_context_tokens`` (at least 4 points, of full rank), and never predicted below the
-fastest measured step.
+computing one decode token, ``num_context_tokens`` the KV tokens attention reads, i.e.
+for every scheduled request the tokens in its cache once the step is done (a decode at
+position p counts p + 1, a chunk of n tokens starting at s counts s + n), and
+``num_requests`` the scheduled requests.
+
+Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
+num_context_tokens / num_requests``. The last feature, the mean context per request,
+exists because a decode attention kernel scans one request's KV serially within a
+thread block: while the batch does not fill the GPU, a step's latency follows the
+longest per-request scan, not the total KV read, so 64 requests of 2,048 tokens cost
+less than four times 64 of 512. The fit minimises the *relative* error (least squares
+weighted by ``1 / step_s``): a plain fit lets the few long prefill steps dominate the
+squared error and misses the many short decode steps by tens of percent. Files written
+before ``num_requests`` was recorded still load: when any point lacks it, or when the
+mean context does not vary independently of the other features (e.g. only batch-1
+steps), the fit drops that feature and uses the first four. At least 4 points of full
+rank are needed; a step is never predicted below the fastest measured step.
 """
 
 from __future__ import annotations
@@ -208,61 +219,124 @@ class RooflineModel:
         return max(memory_s, compute_s) + self.profile.step_overhead_s
 
 
-_CALIBRATION_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
+_BASE_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
+MEAN_CONTEXT_FEATURE = "mean_context_tokens"
+_FULL_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE)
+
+
+def calibration_features(shape: BatchShape) -> tuple[float, float, float, float]:
+    """The fit's features of a step: prefill tokens, decode requests, context tokens and
+    context tokens per scheduled request.
+
+    A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
+    may) is taken as its decode requests plus one prefilling request when it has
+    prefill tokens: the fewest requests that can produce it.
+    """
+    requests = shape.num_requests or shape.num_decode_requests + (shape.num_prefill_tokens > 0)
+    mean_context = shape.num_context_tokens / requests if requests else 0.0
+    return (
+        float(shape.num_prefill_tokens),
+        float(shape.num_decode_requests),
+        float(shape.num_context_tokens),
+        mean_context,
+    )
 
 
 @dataclass(frozen=True)
 class CalibratedModel:
     """Step time fitted to measured engine steps (see module doc for the file format).
 
-    ``coefficients`` are (intercept, per prefill token, per decode request, per context
-    token), in seconds.
+    ``coefficients`` are the intercept then one per name in ``features``, in seconds per
+    unit: (intercept, per prefill token, per decode request, per context token[, per
+    token of mean context]). ``features`` is the four-term or the five-term set.
     """
 
     gpu: str
     model: str | None
-    coefficients: tuple[float, float, float, float]
+    coefficients: tuple[float, ...]
     min_step_s: float
     num_points: int
+    features: tuple[str, ...] = _BASE_FEATURES
+
+    def __post_init__(self) -> None:
+        if self.features not in (_BASE_FEATURES, _FULL_FEATURES):
+            raise ValueError(f"unknown calibration features {self.features}")
+        if len(self.coefficients) != 1 + len(self.features):
+            raise ValueError(
+                f"{len(self.features)} features need {1 + len(self.features)} coefficients, "
+                f"got {len(self.coefficients)}"
+            )
 
     def step_seconds(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
             return 0.0
-        c0, c_prefill, c_decode, c_context = self.coefficients
-        predicted = (
-            c0
-            + c_prefill * shape.num_prefill_tokens
-            + c_decode * shape.num_decode_requests
-            + c_context * shape.num_context_tokens
-        )
+        values = calibration_features(shape)[: len(self.features)]
+        intercept, *slopes = self.coefficients
+        predicted = intercept + sum(c * v for c, v in zip(slopes, values, strict=True))
         return max(predicted, self.min_step_s)
 
 
 def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None) -> CalibratedModel:
-    """Least-squares fit of measured steps (each a dict of the features and ``step_s``).
+    """Relative-error least-squares fit of measured steps (each a dict of the features,
+    optionally ``num_requests``, and ``step_s``); see the module doc for the features.
 
     Raises:
-        ValueError: fewer than 4 points, a missing or negative field, or features that do
-            not vary enough to determine every coefficient.
+        ValueError: fewer than 4 points, a missing or negative field, a ``step_s`` of 0,
+            a ``num_requests`` below 1 or below the point's decode requests, or features
+            that do not vary enough to determine every coefficient.
     """
     if len(points) < 4:
         raise ValueError(f"a calibration needs at least 4 points, got {len(points)}")
-    rows, targets = [], []
-    for index, point in enumerate(points):
-        try:
-            values = [float(point[name]) for name in (*_CALIBRATION_FEATURES, "step_s")]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
-        if any(v < 0 or not math.isfinite(v) for v in values):
-            raise ValueError(f"calibration point {index}: values must be finite and >= 0")
-        rows.append([1.0, *values[:3]])
-        targets.append(values[3])
-    matrix = np.array(rows)
-    if np.linalg.matrix_rank(matrix) < matrix.shape[1]:
+    parsed = [_calibration_point(index, point) for index, point in enumerate(points)]
+    targets = np.array([step_s for _, step_s in parsed])
+    base = np.array([[1.0, *features[:3]] for features, _ in parsed])  # [N, 4]
+    mean_context = [features[3] for features, _ in parsed if features[3] is not None]
+    if len(mean_context) == len(parsed):
+        fitted = _weighted_fit(np.column_stack([base, np.array(mean_context)]), targets)
+        if fitted is not None:
+            return CalibratedModel(
+                gpu, model, fitted, float(targets.min()), len(points), _FULL_FEATURES
+            )
+    fitted = _weighted_fit(base, targets)
+    if fitted is None:
         raise ValueError("calibration points do not vary enough to fit every coefficient")
-    solution = np.linalg.lstsq(matrix, np.array(targets), rcond=None)[0]
-    c0, c1, c2, c3 = (float(x) for x in solution)
-    return CalibratedModel(gpu, model, (c0, c1, c2, c3), min(targets), len(points))
+    return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points))
+
+
+def _calibration_point(
+    index: int, point: dict[str, float]
+) -> tuple[tuple[float, float, float, float | None], float]:
+    """One point's features (mean context None without ``num_requests``) and step time."""
+    try:
+        values = [float(point[name]) for name in (*_BASE_FEATURES, "step_s")]
+        requests = None if point.get("num_requests") is None else float(point["num_requests"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
+    if any(v < 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"calibration point {index}: values must be finite and >= 0")
+    prefill, decode, context, step_s = values
+    if step_s == 0:
+        raise ValueError(f"calibration point {index}: step_s must be > 0 (the fit is relative)")
+    if requests is None:
+        return (prefill, decode, context, None), step_s
+    if not math.isfinite(requests) or requests < max(1.0, decode):
+        raise ValueError(
+            f"calibration point {index}: num_requests must be >= 1 and >= num_decode_requests"
+        )
+    return (prefill, decode, context, context / requests), step_s
+
+
+def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] | None:
+    """Coefficients minimising the summed squared relative error, or None when the
+    columns of ``matrix`` [N, K] are not independent."""
+    weighted = matrix / targets[:, None]  # relative error: residual / step_s
+    scale = np.abs(weighted).max(axis=0)  # equilibrate columns (tokens vs intercept)
+    scale[scale == 0] = 1.0
+    scaled = weighted / scale
+    if np.linalg.matrix_rank(scaled) < matrix.shape[1]:
+        return None
+    solution = np.linalg.lstsq(scaled, np.ones(len(targets)), rcond=None)[0] / scale
+    return tuple(float(x) for x in solution)
 
 
 def load_calibration(path: str | Path) -> CalibratedModel:
