@@ -8,9 +8,21 @@ CUDA graph capture) and once measured with per-step profiling: the runner synchr
 at the end of each step and records its shape; a step's time is the wall time from its
 start to the next step's start, so it includes the scheduler, the allocator, sampling
 and the host sync, not only the GPU. transformers runs the same model (our weights
-loaded into its own module tree) and the same prompts through ``generate`` (greedy,
-``min_new_tokens = max_new_tokens``); its decode step is the difference of two runs of
-different lengths over the difference of their token counts.
+loaded into its own module tree) and the same prompts through one ``generate`` (greedy,
+``min_new_tokens = max_new_tokens``) with a logits processor that only synchronises and
+timestamps: its decode step is the median gap between two of its calls (one whole loop
+iteration), its prefill the time to the first call.
+
+Without ``mamba_ssm`` transformers runs Mamba2's chunked scan in torch (5.17), whose
+broadcast products hold batch x tokens x chunk size x heads x state floats and, whatever
+the chunk size, batch x tokens x heads x head dim x state floats: at the configs' chunk
+sizes a 32 x 512-token prefill asked for 64 GiB (Granite, chunk 256) and 128 GiB
+(Nemotron-H, chunk 128) on the H100. So its model is built with a smaller Mamba chunk
+size (``--hf-mamba-chunk-size``; the same outputs up to rounding, and decode, which is
+what is compared, never runs the chunked scan), and a prefill that still runs out of
+memory (the chunk-free term: 64 GiB for Nemotron-H at 32 x 512) is retried in pieces of
+half the prompt, a quarter, ... (``generate(prefill_chunk_size=...)``), down to 32
+tokens. Both are recorded. Our engine keeps the config's chunk size.
 
 The decode roofline of a step: bytes it must move (every weight matrix once; the input
 embedding only for the batch's rows unless tied to the LM head; each request's KV
@@ -27,6 +39,7 @@ Usage (on the device machine)::
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -50,9 +63,13 @@ from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_prof
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
-# Extra cells with a longer prompt so decode requests and context tokens vary apart in
-# the calibration fit (with one prompt length they are nearly proportional).
-CALIBRATION_CELLS = ((16, 2048), (64, 2048))
+# Extra cells with longer prompts so decode requests, context tokens and context per
+# request vary apart in the calibration fit (with one prompt length they are nearly
+# proportional), and so that each cell left out of the fit has neighbours on both axes.
+CALIBRATION_CELLS = ((16, 2048), (32, 1024), (64, 1024), (32, 2048), (64, 2048))
+# transformers' Mamba2 chunk size for the comparison (see the module doc).
+HF_MAMBA_CHUNK_SIZE = 32
+MIN_HF_PREFILL_PIECE = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,9 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--hf-decode-tokens", type=int, default=16)
+    parser.add_argument("--hf-mamba-chunk-size", type=int, default=HF_MAMBA_CHUNK_SIZE)
     parser.add_argument("--memory", default="24GiB", help="engine cache budget")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop adding cells after")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="stop adding cells after")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     return parser.parse_args(argv)
 
@@ -280,8 +298,66 @@ def hf_model(config: Any, ours: HybridModel, device: torch.device) -> Any:
     return hf.eval()
 
 
-def _hf_generate_s(hf: Any, ids: torch.Tensor, new_tokens: int, pad: int) -> float:
-    torch.cuda.synchronize()
+def with_mamba_chunk_size(config: Any, chunk_size: int) -> Any:
+    """A copy of ``config`` whose Mamba2 layers scan in chunks of ``chunk_size`` tokens.
+
+    The field is ``mamba_chunk_size`` in Granite-H, Bamba and Falcon-H1 configs and
+    ``chunk_size`` in Nemotron-H's (which accepts ``mamba_chunk_size`` only as a
+    constructor alias); every one of the two the config has is set.
+    """
+    names = [name for name in ("mamba_chunk_size", "chunk_size") if hasattr(config, name)]
+    if not names:
+        raise ValueError(f"{config.model_type}: no Mamba chunk size field in its config")
+    changed = copy.deepcopy(config)
+    for name in names:
+        setattr(changed, name, chunk_size)
+    return changed
+
+
+def mamba_chunk_sizes(model: torch.nn.Module) -> list[int]:
+    """Chunk sizes the model's Mamba mixers actually use (they read the config once)."""
+    return sorted(
+        {m.chunk_size for m in model.modules() if isinstance(getattr(m, "chunk_size", None), int)}
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _step_clock(device: torch.device) -> Any:
+    """A logits processor that leaves the scores alone and records when it is called:
+    once per generated token, after the forward that produced its logits."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            _synchronize(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()
+
+
+def _hf_generate_times(
+    hf: Any, ids: torch.Tensor, new_tokens: int, pad: int, prefill_piece: int | None
+) -> list[float]:
+    """One greedy generate: its start, then the time each token's logits were ready."""
+    from transformers import LogitsProcessorList
+
+    clock = _step_clock(ids.device)
+    extra = {} if prefill_piece is None else {"prefill_chunk_size": prefill_piece}
+    _synchronize(ids.device)
     start = time.perf_counter()
     out = hf.generate(
         ids,
@@ -290,34 +366,80 @@ def _hf_generate_s(hf: Any, ids: torch.Tensor, new_tokens: int, pad: int) -> flo
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=pad,
+        logits_processor=LogitsProcessorList([clock]),
+        **extra,
     )
-    torch.cuda.synchronize()
+    _synchronize(ids.device)
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return time.perf_counter() - start
+    assert len(clock.times) == new_tokens, "the step clock missed a step"
+    return [start, *clock.times]
+
+
+def prefill_pieces(prompt_len: int) -> list[int | None]:
+    """Prefill splits to try in turn: whole (None), then halves, quarters, ... >= 32."""
+    pieces: list[int | None] = [None]
+    piece = prompt_len // 2
+    while piece >= MIN_HF_PREFILL_PIECE:
+        pieces.append(piece)
+        piece //= 2
+    return pieces
 
 
 @torch.no_grad()
-def hf_cell(hf: Any, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
-    """transformers' generate: prefill time (1 new token) and decode step (difference)."""
-    ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed), device="cuda")
+def hf_cell(
+    hf: Any,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    vocab: int,
+    seed: int,
+    device: torch.device | str = "cuda",
+) -> dict[str, Any]:
+    """transformers' generate of ``1 + new_tokens`` tokens: prefill time and median
+    decode step, the prefill split into smaller pieces while it runs out of memory."""
+    device = torch.device(device)
+    ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed), device=device)
     pad = int(hf.config.pad_token_id or 0)
-    try:
-        _hf_generate_s(hf, ids[:, :16], 2, pad)  # warm-up
-        t1 = _hf_generate_s(hf, ids, 1, pad)
-        t2 = _hf_generate_s(hf, ids, 1 + new_tokens, pad)
-    except torch.OutOfMemoryError as error:
-        torch.cuda.empty_cache()
-        return {"batch": batch, "prompt_len": prompt_len, "error": f"out of memory: {error}"[:200]}
-    step = (t2 - t1) / new_tokens
+    failures: list[str] = []
+    for piece in prefill_pieces(prompt_len):
+        try:
+            _hf_generate_times(hf, ids[:, :16], 2, pad, None)  # warm-up
+            times = _hf_generate_times(hf, ids, 1 + new_tokens, pad, piece)
+        except torch.OutOfMemoryError as error:
+            failures.append(f"prefill piece {piece or prompt_len}: {error}"[:160])
+        else:
+            _free_memory(device)
+            return _hf_row(batch, prompt_len, new_tokens, piece, times, failures)
+        _free_memory(device)  # after the except block has dropped the traceback's tensors
+    return {"batch": batch, "prompt_len": prompt_len, "error": "out of memory: " + failures[-1]}
+
+
+def _hf_row(
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    piece: int | None,
+    times: list[float],
+    failures: list[str],
+) -> dict[str, Any]:
+    periods = np.diff(times[1:])  # one per decode step
+    step = float(np.median(periods))
+    prefill_s = times[1] - times[0]
     return {
         "batch": batch,
         "prompt_len": prompt_len,
         "decode_tokens": new_tokens,
-        "generate_1_s": t1,
-        "generate_n_s": t2,
+        "prefill_chunk_tokens": piece,
+        "out_of_memory_retries": failures,
+        "prefill_s": prefill_s,
+        "decode_steps": len(periods),
         "decode_step_s": step,
+        "decode_step_s_p10_p90": [
+            float(np.percentile(periods, 10)),
+            float(np.percentile(periods, 90)),
+        ],
         "decode_tokens_per_s": batch / step,
-        "prefill_tokens_per_s": batch * prompt_len / t1,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
     }
 
 
@@ -325,14 +447,16 @@ def hf_cell(hf: Any, batch: int, prompt_len: int, new_tokens: int, vocab: int, s
 
 
 def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every profiled step of the cells as a calibration point (avmp.sim.timing)."""
     points = []
     for cell in cells:
-        for prefill, decode, context, _pairs, _reqs, period, _runner, _graph in cell["steps"]:
+        for prefill, decode, context, _pairs, reqs, period, _runner, _graph in cell["steps"]:
             points.append(
                 {
                     "num_prefill_tokens": prefill,
                     "num_decode_requests": decode,
                     "num_context_tokens": context,
+                    "num_requests": reqs,
                     "step_s": period,
                 }
             )
@@ -373,6 +497,7 @@ def compare_sim(engine: Engine, cells: list[dict[str, Any]], gpu: str, model: st
 
 
 def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: float) -> dict:
+    """Every cell of one model: the engine's, the calibration's, then transformers'."""
     device = torch.device("cuda")
     config = transformers_config(name)
     model = build_model(config, device)
@@ -400,6 +525,45 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
         "skipped": [],
     }
     print(f"== {name}: {num_params / 1e9:.2f} B parameters", flush=True)
+    run_engine_cells(args, engine, bandwidth, deadline, result)
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner)
+    result["graphs_captured"] = sorted(runner.graphs)
+    result["graph_error"] = runner.graph_error
+    del engine, runner
+    _free_memory(device)
+    hf_config = with_mamba_chunk_size(config, args.hf_mamba_chunk_size)
+    try:
+        hf = hf_model(hf_config, model, device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        result["skipped"].append(f"transformers: {error}"[:300])
+        return result
+    del model  # hf holds its own copy of the weights; free ours for its prefill
+    _free_memory(device)
+    result["transformers_mamba_chunk_size"] = {
+        "config_default": _chunk_size_field(config),
+        "used": mamba_chunk_sizes(hf),
+    }
+    run_transformers_cells(args, hf, deadline, result)
+    del hf
+    _free_memory(device)
+    return result
+
+
+def _chunk_size_field(config: Any) -> int | None:
+    value = getattr(config, "mamba_chunk_size", None) or getattr(config, "chunk_size", None)
+    return None if value is None else int(value)
+
+
+def run_engine_cells(
+    args: argparse.Namespace,
+    engine: Engine,
+    bandwidth: float,
+    deadline: float,
+    result: dict[str, Any],
+) -> None:
+    """The decode-batch cells, the calibration cells, the simulator comparison and the
+    calibration file, into ``result``."""
     for batch in args.batches:
         if time.perf_counter() > deadline:
             result["skipped"].append(f"engine batch {batch}: time budget")
@@ -412,45 +576,43 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
         result["engine"].append(cell)
         print(_engine_line(cell), flush=True)
     for batch, prompt_len in CALIBRATION_CELLS:
-        if time.perf_counter() > deadline or batch > max(args.batches):
+        if batch > max(args.batches):
+            result["skipped"].append(f"calibration cell {batch}x{prompt_len}: above --batches")
+            continue
+        if time.perf_counter() > deadline:
             result["skipped"].append(f"calibration cell {batch}x{prompt_len}: time budget")
             continue
         cell = engine_cell(engine, batch, prompt_len, args.decode_tokens // 2, seed=7 * batch)
         result["calibration_cells"].append(cell)
         print(_engine_line(cell), flush=True)
     cells = result["engine"] + result["calibration_cells"]
-    gpu = torch.cuda.get_device_name(device)
+    name = result["model"]
     if len(cells) >= 2:
         result["sim_vs_measured"] = compare_sim(engine, cells, "h100", name)
+        result["calibration_features"] = list(
+            fit_calibration(calibration_points(cells), "h100", name).features
+        )
         if args.calibration_dir is not None:
             path = args.calibration_dir / f"calibration_h100_{name}.json"
+            gpu = torch.cuda.get_device_name()
             payload = {"gpu": gpu, "model": name, "points": calibration_points(cells)}
             path.write_text(json.dumps(payload, indent=1))
-    runner = engine.runner
-    assert isinstance(runner, FastModelRunner)
-    result["graphs_captured"] = sorted(runner.graphs)
-    result["graph_error"] = runner.graph_error
-    del engine, runner
-    gc.collect()
-    torch.cuda.empty_cache()
-    try:
-        hf = hf_model(config, model, device)
-    except (RuntimeError, ValueError, TypeError) as error:
-        result["skipped"].append(f"transformers: {error}"[:300])
-        return result
+
+
+def run_transformers_cells(
+    args: argparse.Namespace, hf: Any, deadline: float, result: dict[str, Any]
+) -> None:
+    """transformers' cells into ``result``, until one fails or the time budget ends."""
+    vocab = hf.config.vocab_size
     for batch in args.hf_batches:
         if time.perf_counter() > deadline:
             result["skipped"].append(f"transformers batch {batch}: time budget")
             continue
-        row = hf_cell(hf, batch, args.prompt_len, args.hf_decode_tokens, config.vocab_size, batch)
+        row = hf_cell(hf, batch, args.prompt_len, args.hf_decode_tokens, vocab, batch)
         result["transformers"].append(row)
         print("transformers", row, flush=True)
         if "error" in row:
             break
-    del hf, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
 
 
 def _engine_line(cell: dict[str, Any]) -> str:
@@ -507,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The docs tables of a results file (older files without the newer fields too)."""
     lines = [
         f"Device: {results['device']}, torch {results['torch']}, Triton {results['triton']}, "
         f"transformers {results['transformers']}; copy bandwidth "
@@ -514,52 +677,87 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for model in results["models"]:
-        hf = {row["batch"]: row for row in model["transformers"]}
-        lines += [
-            f"**{model['model']}** ({model['num_params'] / 1e9:.2f} B parameters, bf16 weights "
-            f"and KV, {model['ssm_dtype']} SSM state), prompts of {results['prompt_len']} "
-            f"tokens, {results['decode_tokens']} generated:",
-            "",
-            "| batch | engine ms/step | engine tok/s | roofline tok/s | % of roofline | "
-            "transformers ms/step | transformers tok/s | speed-up | engine prefill tok/s | "
-            "transformers prefill tok/s |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for cell in model["engine"]:
-            row = hf.get(cell["batch"], {})
-            ok = "decode_step_s" in row
-            lines.append(
-                f"| {cell['batch']} | {cell['decode_step_s'] * 1e3:.2f} | "
-                f"{cell['decode_tokens_per_s']:.0f} | {cell['roofline']['tokens_per_s']:.0f} | "
-                f"{cell['roofline_fraction']:.0%} | "
-                + (
-                    f"{row['decode_step_s'] * 1e3:.1f} | {row['decode_tokens_per_s']:.0f} | "
-                    f"{cell['decode_tokens_per_s'] / row['decode_tokens_per_s']:.1f}x"
-                    if ok
-                    else (" | ".join([row.get("error", "not run")[:40], "", ""]))
-                )
-                + f" | {cell['prefill_tokens_per_s'] or 0:.0f} | "
-                + (f"{row['prefill_tokens_per_s']:.0f} |" if ok else " |")
-            )
+        lines += _model_header(model, results)
+        lines += _throughput_table(model)
         if model.get("sim_vs_measured"):
-            lines += [
-                "",
-                "| batch | prompt | measured ms/step | roofline sim ms (err) | calibrated ms (err) "
-                "| calibrated, cell held out (err) |",
-                "| ---: | ---: | ---: | ---: | ---: | ---: |",
-            ]
-            for r in model["sim_vs_measured"]:
-                lines.append(
-                    f"| {r['batch']} | {r['prompt_len']} | {r['measured_s'] * 1e3:.2f} | "
-                    f"{r['roofline_s'] * 1e3:.2f} ({r['roofline_error']:+.0%}) | "
-                    f"{r['calibrated_s'] * 1e3:.2f} ({r['calibrated_error']:+.0%}) | "
-                    f"{r['calibrated_held_out_s'] * 1e3:.2f} "
-                    f"({r['calibrated_held_out_error']:+.0%}) |"
-                )
+            lines += _sim_table(model)
         if model["skipped"]:
             lines += ["", "Skipped: " + "; ".join(model["skipped"])]
         lines.append("")
     return "\n".join(lines)
+
+
+def _model_header(model: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**{model['model']}** ({model['num_params'] / 1e9:.2f} B parameters, bf16 weights "
+        f"and KV, {model['ssm_dtype']} SSM state), prompts of {results['prompt_len']} "
+        f"tokens, {results['decode_tokens']} generated:",
+        "",
+    ]
+    chunk = model.get("transformers_mamba_chunk_size")
+    if chunk is not None:
+        used = ", ".join(str(c) for c in chunk["used"])
+        lines += [
+            f"transformers runs its torch Mamba2 scan with chunk size {used} (config: "
+            f"{chunk['config_default']}; ours keeps the config's), so that its prefill fits "
+            "in memory; its decode step is the median step of one `generate`.",
+            "",
+        ]
+    return lines
+
+
+def _throughput_table(model: dict[str, Any]) -> list[str]:
+    hf = {row["batch"]: row for row in model["transformers"]}
+    lines = [
+        "| batch | engine ms/step | engine tok/s | roofline tok/s | % of roofline | "
+        "transformers ms/step | transformers tok/s | speed-up | engine prefill tok/s | "
+        "transformers prefill tok/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for cell in model["engine"]:
+        row = hf.get(cell["batch"], {})
+        ok = "decode_step_s" in row
+        lines.append(
+            f"| {cell['batch']} | {cell['decode_step_s'] * 1e3:.2f} | "
+            f"{cell['decode_tokens_per_s']:.0f} | {cell['roofline']['tokens_per_s']:.0f} | "
+            f"{cell['roofline_fraction']:.0%} | "
+            + (
+                f"{row['decode_step_s'] * 1e3:.1f} | {row['decode_tokens_per_s']:.0f} | "
+                f"{cell['decode_tokens_per_s'] / row['decode_tokens_per_s']:.1f}x"
+                if ok
+                else (" | ".join([row.get("error", "not run")[:40], "", ""]))
+            )
+            + f" | {cell['prefill_tokens_per_s'] or 0:.0f} | "
+            + (_hf_prefill(row) if ok else " |")
+        )
+    return lines
+
+
+def _hf_prefill(row: dict[str, Any]) -> str:
+    piece = row.get("prefill_chunk_tokens")
+    split = f" (in {piece}-token pieces)" if piece else ""
+    return f"{row['prefill_tokens_per_s']:.0f}{split} |"
+
+
+def _sim_table(model: dict[str, Any]) -> list[str]:
+    features = model.get("calibration_features")
+    lines = [""]
+    if features:
+        lines += [f"Calibrated on {', '.join(features)} (relative-error fit).", ""]
+    lines += [
+        "| batch | prompt | measured ms/step | roofline sim ms (err) | calibrated ms (err) "
+        "| calibrated, cell held out (err) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in model["sim_vs_measured"]:
+        lines.append(
+            f"| {r['batch']} | {r['prompt_len']} | {r['measured_s'] * 1e3:.2f} | "
+            f"{r['roofline_s'] * 1e3:.2f} ({r['roofline_error']:+.0%}) | "
+            f"{r['calibrated_s'] * 1e3:.2f} ({r['calibrated_error']:+.0%}) | "
+            f"{r['calibrated_held_out_s'] * 1e3:.2f} "
+            f"({r['calibrated_held_out_error']:+.0%}) |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
