@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     parser.add_argument("--calibration", type=Path, help="step-time calibration for the sim")
     parser.add_argument("--device", default="cuda", help="cpu: reference kernels (smoke test)")
+    parser.add_argument("--backing", default="vmm", choices=("vmm", "buffer"),
+                        help="AVMP's and static's memory: CUDA VMM, or one torch buffer")
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     parser.add_argument("--plot", type=Path, help="with --markdown: draw the pool split here")
@@ -96,7 +98,8 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
     from avmp.memory.backing.cuda_vmm import CudaVmmBacking
 
     on_gpu = args.device == "cuda"
-    backing = CudaVmmBacking() if on_gpu and allocator != "unified" else None
+    vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
+    backing = CudaVmmBacking() if vmm else None
     engine = Engine(
         model, memory=args.memory, backing=backing, device=args.device,
         kernels="triton" if on_gpu else "reference",
@@ -148,6 +151,13 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
             [s.num_requests for s in steps] or [t["num_running"] for t in stats.timeline]
         ),
         "timeline": stats.timeline,
+        # per profiled step: prefill tokens, decode requests, context tokens, requests,
+        # period (start to next start), runner seconds, graph replayed, graph captured
+        "steps": [
+            [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
+             s.num_requests, b.started - s.started, s.seconds, s.graph, s.captured]
+            for s, b in zip(steps, steps[1:], strict=False)
+        ],  # fmt: skip
     }
     engine.backing.close()
     del engine, runner
@@ -215,6 +225,7 @@ def run_replays(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "trace": str(args.trace),
         "memory": args.memory,
+        "backing": args.backing,
         "max_num_seqs": args.max_num_seqs,
         "max_batched_tokens": args.max_batched_tokens,
         "calibration": str(args.calibration),
