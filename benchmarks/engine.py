@@ -67,6 +67,7 @@ DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
 # request vary apart in the calibration fit (with one prompt length they are nearly
 # proportional), and so that each cell left out of the fit has neighbours on both axes.
 CALIBRATION_CELLS = ((16, 2048), (32, 1024), (64, 1024), (32, 2048), (64, 2048))
+MIXED_REQUESTS = 256  # requests of the mixed calibration cell
 # transformers' Mamba2 chunk size for the comparison (see the module doc).
 HF_MAMBA_CHUNK_SIZE = 32
 MIN_HF_PREFILL_PIECE = 32
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-decode-tokens", type=int, default=16)
     parser.add_argument("--hf-mamba-chunk-size", type=int, default=HF_MAMBA_CHUNK_SIZE)
     parser.add_argument("--memory", default="24GiB", help="engine cache budget")
+    parser.add_argument("--mixed-memory", default="3GiB",
+                        help="cache budget of the mixed calibration cell (memory-bound batch)")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop adding cells after")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
@@ -225,20 +228,51 @@ def engine_cell(
             if prefill
             else None
         ),
-        "steps": [
-            [
-                s.num_prefill_tokens,
-                s.num_decode_requests,
-                s.num_context_tokens,
-                s.num_attention_pairs,
-                s.num_requests,
-                p,
-                s.seconds,
-                s.graph,
-            ]
-            for s, p in timed
-            if not s.captured
-        ],
+        "steps": profiled_steps(runner),
+    }
+
+
+def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
+    """The runner's profiled steps as calibration rows (captures dropped: one-off work)."""
+    return [
+        [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
+         s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph]
+        for s, p in step_periods(runner.profile.steps)
+        if not s.captured
+    ]  # fmt: skip
+
+
+def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Serving-like steps: prompts of 64-512 tokens generating 16-192 tokens each, more
+    than ``--mixed-memory`` holds at once, so requests finish at different steps and the
+    waiting ones are admitted into running decode batches. Those mixed steps run eagerly
+    (only pure decode steps replay CUDA graphs); the calibration needs them."""
+    engine = Engine(model, memory=args.mixed_memory, device="cuda", max_num_seqs=128,
+                    max_num_batched_tokens=args.max_batched_tokens, kernels="triton")  # fmt: skip
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner)
+    rng = np.random.default_rng(seed)
+    vocab = engine.geometry.vocab_size
+    lengths = rng.integers(64, 513, size=MIXED_REQUESTS)
+    prompts = [rng.integers(3, vocab, size=int(n)).tolist() for n in lengths]
+    limits = rng.integers(16, 193, size=MIXED_REQUESTS).tolist()
+    engine.generate(prompts[:8], limits[:8], ignore_eos=True)  # warm-up
+    runner.profile.enabled, runner.profile.steps = True, []
+    start = time.perf_counter()
+    engine.generate(prompts, limits, ignore_eos=True)
+    wall = time.perf_counter() - start
+    runner.profile.enabled = False
+    steps = profiled_steps(runner)
+    engine.backing.close()
+    mixed = [row for row in steps if row[0] > 0 and row[1] > 0]
+    return {
+        "memory": args.mixed_memory,
+        "num_requests": MIXED_REQUESTS,
+        "generate_wall_s": wall,
+        "num_steps": len(steps),
+        "num_mixed_steps": len(mixed),
+        "mixed_step_s_median": statistics.median(row[5] for row in mixed) if mixed else None,
+        "steps": steps,
     }
 
 
@@ -463,14 +497,21 @@ def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
     return points
 
 
-def compare_sim(engine: Engine, cells: list[dict[str, Any]], gpu: str, model: str) -> list[dict]:
+def compare_sim(
+    engine: Engine,
+    cells: list[dict[str, Any]],
+    gpu: str,
+    model: str,
+    extra: list[dict[str, Any]] | None = None,
+) -> list[dict]:
     """Simulated (roofline, calibrated in-sample, calibrated leaving the cell out) against
-    measured median decode steps."""
+    measured median decode steps; ``extra`` cells (the mixed one) are fitted, not rows."""
+    extra = extra or []
     roofline = RooflineModel(engine.geometry, get_profile("h100"))
-    everything = fit_calibration(calibration_points(cells), gpu, model)
+    everything = fit_calibration(calibration_points(cells + extra), gpu, model)
     rows = []
     for index, cell in enumerate(cells):
-        others = cells[:index] + cells[index + 1 :]
+        others = cells[:index] + cells[index + 1 :] + extra
         held_out = fit_calibration(calibration_points(others), gpu, model)
         decode = [s for s in cell["steps"] if s[0] == 0 and s[1] == cell["batch"]]
         middle = sorted(decode, key=lambda s: s[2])[len(decode) // 2]
@@ -494,6 +535,26 @@ def compare_sim(engine: Engine, cells: list[dict[str, Any]], gpu: str, model: st
 
 
 # -- driver --------------------------------------------------------------------------------
+
+
+def compare_mixed(cells: list[dict[str, Any]], mixed: dict[str, Any], gpu: str, model: str) -> dict:
+    """The mixed cell's total step time, measured and predicted by the calibration with
+    it (in-sample) and without it (held out), over all its steps and its mixed ones."""
+    fits = {
+        "in_sample": fit_calibration(calibration_points([*cells, mixed]), gpu, model),
+        "held_out": fit_calibration(calibration_points(cells), gpu, model),
+    }
+    steps = mixed["steps"]
+    subsets = {"all": steps, "mixed": [row for row in steps if row[0] > 0 and row[1] > 0]}
+    summary: dict[str, Any] = {}
+    for subset, rows in subsets.items():
+        measured = sum(row[5] for row in rows)
+        summary[subset] = {"measured_s": measured, "num_steps": len(rows)}
+        for name, fit in fits.items():
+            predicted = sum(fit.step_seconds(BatchShape(*row[:5])) for row in rows)
+            summary[subset][f"{name}_s"] = predicted
+            summary[subset][f"{name}_error"] = predicted / measured - 1 if measured else None
+    return summary
 
 
 def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: float) -> dict:
@@ -585,17 +646,28 @@ def run_engine_cells(
         cell = engine_cell(engine, batch, prompt_len, args.decode_tokens // 2, seed=7 * batch)
         result["calibration_cells"].append(cell)
         print(_engine_line(cell), flush=True)
+    extra = []
+    if time.perf_counter() > deadline:
+        result["skipped"].append("mixed calibration cell: time budget")
+    else:
+        result["mixed_cell"] = mixed_cell(engine.model, args, seed=11)
+        extra.append(result["mixed_cell"])
+        print(f"mixed cell: {result['mixed_cell']['num_mixed_steps']} mixed steps, median "
+              f"{result['mixed_cell']['mixed_step_s_median']}", flush=True)  # fmt: skip
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     if len(cells) >= 2:
-        result["sim_vs_measured"] = compare_sim(engine, cells, "h100", name)
+        result["sim_vs_measured"] = compare_sim(engine, cells, "h100", name, extra)
+        if extra:
+            result["mixed_vs_predicted"] = compare_mixed(cells, extra[0], "h100", name)
         result["calibration_features"] = list(
-            fit_calibration(calibration_points(cells), "h100", name).features
+            fit_calibration(calibration_points(cells + extra), "h100", name).features
         )
         if args.calibration_dir is not None:
             path = args.calibration_dir / f"calibration_h100_{name}.json"
             gpu = torch.cuda.get_device_name()
-            payload = {"gpu": gpu, "model": name, "points": calibration_points(cells)}
+            points = calibration_points(cells + extra)
+            payload = {"gpu": gpu, "model": name, "points": points}
             path.write_text(json.dumps(payload, indent=1))
 
 
@@ -681,10 +753,33 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _throughput_table(model)
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
+        if model.get("mixed_vs_predicted"):
+            lines += _mixed_lines(model)
         if model["skipped"]:
             lines += ["", "Skipped: " + "; ".join(model["skipped"])]
         lines.append("")
     return "\n".join(lines)
+
+
+def _mixed_lines(model: dict[str, Any]) -> list[str]:
+    cell, summary = model["mixed_cell"], model["mixed_vs_predicted"]
+    lines = [
+        "",
+        f"Mixed cell ({cell['num_requests']} requests of 64-512 prompt and 16-192 output "
+        f"tokens, {cell['memory']} cache): {cell['num_steps']} steps, of which "
+        f"{cell['num_mixed_steps']} mix prefill into decode (eager; median "
+        f"{cell['mixed_step_s_median'] * 1e3:.1f} ms). Summed step time, measured and "
+        "calibrated (with this cell / without it):",
+        "",
+    ]
+    for subset in ("all", "mixed"):
+        row = summary[subset]
+        lines.append(
+            f"- {subset} steps ({row['num_steps']}): measured {row['measured_s']:.2f} s, "
+            f"calibrated {row['in_sample_s']:.2f} s ({row['in_sample_error']:+.0%}) / "
+            f"{row['held_out_s']:.2f} s ({row['held_out_error']:+.0%})"
+        )
+    return lines
 
 
 def _model_header(model: dict[str, Any], results: dict[str, Any]) -> list[str]:

@@ -208,11 +208,12 @@ def prefill_point(tokens: int, requests: int, step_s: float) -> dict[str, float]
     }
 
 
-FIVE = (0.004, 2e-6, 3e-5, 1e-8, 4e-7)  # intercept, prefill, decode, context, mean context
+# intercept, prefill, decode, context, mean context, eager step (has prefill)
+SIX = (0.004, 2e-6, 3e-5, 1e-8, 4e-7, 0.03)
 
 
-def linear_step_s(shape: BatchShape, coefficients: tuple[float, ...] = FIVE) -> float:
-    c0, c_prefill, c_decode, c_context, c_mean = coefficients
+def linear_step_s(shape: BatchShape, coefficients: tuple[float, ...] = SIX) -> float:
+    c0, c_prefill, c_decode, c_context, c_mean, c_eager = coefficients
     mean = shape.num_context_tokens / shape.num_requests
     return (
         c0
@@ -220,13 +221,14 @@ def linear_step_s(shape: BatchShape, coefficients: tuple[float, ...] = FIVE) -> 
         + c_decode * shape.num_decode_requests
         + c_context * shape.num_context_tokens
         + c_mean * mean
+        + c_eager * (shape.num_prefill_tokens > 0)
     )
 
 
-def test_calibration_with_request_counts_recovers_five_coefficients(tmp_path: Path) -> None:
+def test_calibration_with_request_counts_recovers_six_coefficients(tmp_path: Path) -> None:
     shapes = [BatchShape(0, b, b * m, 0, b) for b in (1, 8, 64) for m in (512, 2048)]
     shapes += [BatchShape(p, 0, p, 0, r) for p, r in ((512, 1), (4096, 2), (8192, 4))]
-    shapes += [BatchShape(256, 8, 8 * 1000 + 256, 0, 9)]
+    shapes += [BatchShape(256, 8, 8 * 1000 + 256, 0, 9), BatchShape(40, 60, 60 * 700, 0, 61)]
     points = [
         {
             "num_prefill_tokens": s.num_prefill_tokens,
@@ -240,8 +242,8 @@ def test_calibration_with_request_counts_recovers_five_coefficients(tmp_path: Pa
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"gpu": "h100", "model": "m", "points": points}))
     model = load_calibration(path)
-    assert model.features[-1] == "mean_context_tokens"
-    assert model.coefficients == pytest.approx(FIVE, rel=1e-6)
+    assert model.features[-2:] == ("mean_context_tokens", "has_prefill")
+    assert model.coefficients == pytest.approx(SIX, rel=1e-6)
     shape = BatchShape(0, 32, 32 * 700, 0, 32)
     assert model.step_seconds(shape) == pytest.approx(linear_step_s(shape), rel=1e-9)
     # a shape that does not count its requests: its decode requests + one prefilling
@@ -366,3 +368,24 @@ def test_compaction_runs_at_half_the_effective_bandwidth_unless_given() -> None:
     assert MemoryMoveCosts(compaction_bytes_per_s=1e9).compaction_rate(h100) == 1e9
     # PEERS.md: a 128 MiB device copy took ~0.1 ms on an H100
     assert (128 << 20) / MemoryMoveCosts().compaction_rate(h100) == pytest.approx(1e-4, rel=0.2)
+
+
+def test_points_that_all_have_prefill_drop_the_eager_feature() -> None:
+    """When every step has prefill tokens, ``has_prefill`` is the intercept again: the
+    fit keeps the five features it can determine."""
+    shapes = [BatchShape(p, b, b * m + p, 0, b + 1)
+              for p in (16, 300) for b in (1, 8, 64) for m in (512, 2048)]  # fmt: skip
+    points = [
+        {
+            "num_prefill_tokens": s.num_prefill_tokens,
+            "num_decode_requests": s.num_decode_requests,
+            "num_context_tokens": s.num_context_tokens,
+            "num_requests": s.num_requests,
+            "step_s": linear_step_s(s),
+        }
+        for s in shapes
+    ]
+    model = fit_calibration(points, "h100", None)
+    assert model.features[-1] == "mean_context_tokens"
+    shape = BatchShape(100, 32, 32 * 700 + 100, 0, 33)
+    assert model.step_seconds(shape) == pytest.approx(linear_step_s(shape), rel=1e-6)

@@ -29,17 +29,22 @@ position p counts p + 1, a chunk of n tokens starting at s counts s + n), and
 ``num_requests`` the scheduled requests.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
-num_context_tokens / num_requests``. The last feature, the mean context per request,
-exists because a decode attention kernel scans one request's KV serially within a
-thread block: while the batch does not fill the GPU, a step's latency follows the
-longest per-request scan, not the total KV read, so 64 requests of 2,048 tokens cost
-less than four times 64 of 512. The fit minimises the *relative* error (least squares
-weighted by ``1 / step_s``): a plain fit lets the few long prefill steps dominate the
-squared error and misses the many short decode steps by tens of percent. Files written
-before ``num_requests`` was recorded still load: when any point lacks it, or when the
-mean context does not vary independently of the other features (e.g. only batch-1
-steps), the fit drops that feature and uses the first four. At least 4 points of full
-rank are needed; a step is never predicted below the fastest measured step.
+num_context_tokens / num_requests, has_prefill``. ``has_prefill`` (1 when the step
+computes any prefill token) is the fixed cost of a step the engine runs eagerly: only
+pure decode steps replay CUDA graphs, so a step that mixes one short prefill chunk into
+a decode batch pays every kernel launch from Python (tens of milliseconds on an H100
+host, docs/BENCHMARKS.md). The mean context per request exists because a decode
+attention kernel scans one request's KV serially within a thread block: while the batch
+does not fill the GPU, a step's latency follows the longest per-request scan, not the
+total KV read, so 64 requests of 2,048 tokens cost less than four times 64 of 512. The
+fit minimises the *relative* error (least squares weighted by ``1 / step_s``): a plain
+fit lets the few long prefill steps dominate the squared error and misses the many short
+decode steps by tens of percent. Files written before ``num_requests`` was recorded
+still load: when any point lacks it, or when the mean context does not vary
+independently of the other features (e.g. only batch-1 steps), the fit drops that
+feature; when ``has_prefill`` cannot be told apart from the rest (no prefill steps,
+say), it drops that one too, down to the first four. At least 4 points of full rank are
+needed; a step is never predicted below the fastest measured step.
 """
 
 from __future__ import annotations
@@ -221,12 +226,16 @@ class RooflineModel:
 
 _BASE_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 MEAN_CONTEXT_FEATURE = "mean_context_tokens"
-_FULL_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE)
+EAGER_FEATURE = "has_prefill"
+_MEAN_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE)
+_FULL_FEATURES = (*_MEAN_FEATURES, EAGER_FEATURE)
+_FEATURE_SETS = (_FULL_FEATURES, _MEAN_FEATURES, _BASE_FEATURES)  # the fit's preference
 
 
-def calibration_features(shape: BatchShape) -> tuple[float, float, float, float]:
-    """The fit's features of a step: prefill tokens, decode requests, context tokens and
-    context tokens per scheduled request.
+def calibration_features(shape: BatchShape) -> tuple[float, float, float, float, float]:
+    """The fit's features of a step, in `_FULL_FEATURES` order: prefill tokens, decode
+    requests, context tokens, context tokens per scheduled request, and 1.0 when the step
+    has prefill tokens.
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
@@ -239,6 +248,7 @@ def calibration_features(shape: BatchShape) -> tuple[float, float, float, float]
         float(shape.num_decode_requests),
         float(shape.num_context_tokens),
         mean_context,
+        float(shape.num_prefill_tokens > 0),
     )
 
 
@@ -248,7 +258,8 @@ class CalibratedModel:
 
     ``coefficients`` are the intercept then one per name in ``features``, in seconds per
     unit: (intercept, per prefill token, per decode request, per context token[, per
-    token of mean context]). ``features`` is the four-term or the five-term set.
+    token of mean context[, per step with prefill]]). ``features`` is one of the three
+    sets of the module doc (four, five or six terms with the intercept).
     """
 
     gpu: str
@@ -259,7 +270,7 @@ class CalibratedModel:
     features: tuple[str, ...] = _BASE_FEATURES
 
     def __post_init__(self) -> None:
-        if self.features not in (_BASE_FEATURES, _FULL_FEATURES):
+        if self.features not in _FEATURE_SETS:
             raise ValueError(f"unknown calibration features {self.features}")
         if len(self.coefficients) != 1 + len(self.features):
             raise ValueError(
@@ -289,24 +300,23 @@ def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None)
         raise ValueError(f"a calibration needs at least 4 points, got {len(points)}")
     parsed = [_calibration_point(index, point) for index, point in enumerate(points)]
     targets = np.array([step_s for _, step_s in parsed])
-    base = np.array([[1.0, *features[:3]] for features, _ in parsed])  # [N, 4]
-    mean_context = [features[3] for features, _ in parsed if features[3] is not None]
-    if len(mean_context) == len(parsed):
-        fitted = _weighted_fit(np.column_stack([base, np.array(mean_context)]), targets)
+    has_requests = all(features[3] is not None for features, _ in parsed)
+    for names in _FEATURE_SETS:
+        if MEAN_CONTEXT_FEATURE in names and not has_requests:
+            continue
+        columns = [_FULL_FEATURES.index(name) for name in names]
+        matrix = np.array([[1.0, *(features[i] for i in columns)] for features, _ in parsed])
+        fitted = _weighted_fit(matrix, targets)
         if fitted is not None:
-            return CalibratedModel(
-                gpu, model, fitted, float(targets.min()), len(points), _FULL_FEATURES
-            )
-    fitted = _weighted_fit(base, targets)
-    if fitted is None:
-        raise ValueError("calibration points do not vary enough to fit every coefficient")
-    return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points))
+            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points), names)
+    raise ValueError("calibration points do not vary enough to fit every coefficient")
 
 
 def _calibration_point(
     index: int, point: dict[str, float]
-) -> tuple[tuple[float, float, float, float | None], float]:
-    """One point's features (mean context None without ``num_requests``) and step time."""
+) -> tuple[tuple[float, float, float, float | None, float], float]:
+    """One point's features in `_FULL_FEATURES` order (mean context None without
+    ``num_requests``) and its step time."""
     try:
         values = [float(point[name]) for name in (*_BASE_FEATURES, "step_s")]
         requests = None if point.get("num_requests") is None else float(point["num_requests"])
@@ -317,13 +327,14 @@ def _calibration_point(
     prefill, decode, context, step_s = values
     if step_s == 0:
         raise ValueError(f"calibration point {index}: step_s must be > 0 (the fit is relative)")
+    eager = float(prefill > 0)
     if requests is None:
-        return (prefill, decode, context, None), step_s
+        return (prefill, decode, context, None, eager), step_s
     if not math.isfinite(requests) or requests < max(1.0, decode):
         raise ValueError(
             f"calibration point {index}: num_requests must be >= 1 and >= num_decode_requests"
         )
-    return (prefill, decode, context, context / requests), step_s
+    return (prefill, decode, context, context / requests, eager), step_s
 
 
 def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] | None:
