@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--hf-decode-tokens", type=int, default=16)
+    parser.add_argument("--skip-calibration", action="store_true",
+                        help="only the --batches cells and transformers (a comparison rerun)")
     parser.add_argument("--hf-mamba-chunk-size", type=int, default=HF_MAMBA_CHUNK_SIZE)
     parser.add_argument("--memory", default="24GiB", help="engine cache budget")
     parser.add_argument("--mixed-memory", default="3GiB",
@@ -638,7 +640,7 @@ def run_engine_cells(
         cell["roofline_fraction"] = cell["decode_tokens_per_s"] / cell["roofline"]["tokens_per_s"]
         result["engine"].append(cell)
         print(_engine_line(cell), flush=True)
-    for batch, prompt_len in CALIBRATION_CELLS:
+    for batch, prompt_len in () if args.skip_calibration else CALIBRATION_CELLS:
         if batch > max(args.batches):
             result["skipped"].append(f"calibration cell {batch}x{prompt_len}: above --batches")
             continue
@@ -649,7 +651,9 @@ def run_engine_cells(
         result["calibration_cells"].append(cell)
         print(_engine_line(cell), flush=True)
     extra = []
-    if time.perf_counter() > deadline:
+    if args.skip_calibration:
+        result["skipped"].append("calibration and mixed cells: --skip-calibration")
+    elif time.perf_counter() > deadline:
         result["skipped"].append("mixed calibration cell: time budget")
     else:
         result["mixed_cell"] = mixed_cell(engine.model, args, seed=11)
