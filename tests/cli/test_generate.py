@@ -80,3 +80,24 @@ def test_text_prompt_without_tokenizer_and_broken_checkpoint(
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     assert main(["generate", str(tmp_path), "--prompt", "1 2"]) == 2
     assert "missing weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("allocator", ["static", "unified"])
+def test_baseline_layouts_give_the_same_tokens(
+    checkpoint: Path, allocator: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same greedy tokens on every layout (the layout only moves bytes)."""
+    argv = ["generate", str(checkpoint), "--prompt", "5 9 13", "--prompt", "7 7", "--max-tokens"]
+    assert main([*argv, "5", "--memory", "8MiB"]) == 0
+    avmp = capsys.readouterr().out
+    assert main([*argv, "5", "--memory", "8MiB", "--allocator", allocator]) == 0
+    other = capsys.readouterr().out
+    tokens = [line for line in avmp.splitlines() if "->" in line]
+    assert tokens == [line for line in other.splitlines() if "->" in line]
+    assert f"{allocator}: 0 failed allocations" in other
+
+
+def test_state_fraction_needs_the_static_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "granite-4.0-h-tiny", "--random-weights", "--scale", "tiny"]
+    assert main([*argv, "--prompt", "x", "--state-fraction", "0.3"]) == 2
+    assert "--allocator static" in capsys.readouterr().err

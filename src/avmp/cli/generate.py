@@ -40,6 +40,15 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page (16)")
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
+    parser.add_argument(
+        "--allocator", choices=("avmp", "static", "unified"), default="avmp",
+        help="cache layout: avmp (default), static (SGLang's fixed split) or unified "
+             "(vLLM's padded block pool); the same kernels run on each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-fraction", type=float, default=None,
+        help="with --allocator static: the state pool's share (default: SGLang's, ~0.47)",
+    )  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=64, help="running requests at most")
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most"
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tokenizer=tokenizer,
         ssm_dtype=args.ssm_dtype,
+        allocator=args.allocator,
+        state_fraction=args.state_fraction,
     )
     engine.warmup()
     if engine.tokenizer is None:
@@ -102,6 +113,10 @@ def _check(args: argparse.Namespace) -> None:
             parse_bytes(value)
         except ValueError as error:
             raise UserError(f"{flag}: {error}") from None
+    if args.state_fraction is not None and args.allocator != "static":
+        raise UserError("--state-fraction goes with --allocator static")
+    if args.state_fraction is not None and not 0 < args.state_fraction < 1:
+        raise UserError(f"--state-fraction must be in (0, 1), got {args.state_fraction}")
     if args.random_weights != (args.scale is not None):
         raise UserError("--random-weights and --scale tiny go together")
     if args.device.startswith("cuda"):
@@ -169,9 +184,17 @@ def render_stats(engine: Any) -> list[str]:
             f"of {fb(usage.budget_bytes)} (peak KV {fb(stats.peak_kv_capacity_bytes)}, "
             f"peak state {fb(stats.peak_state_capacity_bytes)})"
         )
-    lines.append(
-        f"AVMP: {moved.num_migrations} migrations ({moved.chunks_migrated_to['kv']} chunks to "
-        f"KV, {moved.chunks_migrated_to['state']} to state), {moved.num_compactions} "
-        f"compactions, {moved.num_failed_allocations} failed allocations"
-    )
+    name = engine.allocator.name
+    if name == "avmp":
+        lines.append(
+            f"AVMP: {moved.num_migrations} migrations ({moved.chunks_migrated_to['kv']} chunks "
+            f"to KV, {moved.chunks_migrated_to['state']} to state), {moved.num_compactions} "
+            f"compactions, {moved.num_failed_allocations} failed allocations"
+        )
+    else:
+        placement = getattr(engine.allocator, "num_placement_failures", None)
+        lines.append(
+            f"{name}: {moved.num_failed_allocations} failed allocations"
+            + (f" ({placement} for want of a whole state group)" if placement else "")
+        )
     return lines
