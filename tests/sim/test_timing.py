@@ -225,11 +225,9 @@ def linear_step_s(shape: BatchShape, coefficients: tuple[float, ...] = SIX) -> f
     )
 
 
-def test_calibration_with_request_counts_recovers_six_coefficients(tmp_path: Path) -> None:
-    shapes = [BatchShape(0, b, b * m, 0, b) for b in (1, 8, 64) for m in (512, 2048)]
-    shapes += [BatchShape(p, 0, p, 0, r) for p, r in ((512, 1), (4096, 2), (8192, 4))]
-    shapes += [BatchShape(256, 8, 8 * 1000 + 256, 0, 9), BatchShape(40, 60, 60 * 700, 0, 61)]
-    points = [
+def exact_points(shapes: list[BatchShape]) -> list[dict[str, float]]:
+    """Calibration points whose step times follow `linear_step_s` exactly."""
+    return [
         {
             "num_prefill_tokens": s.num_prefill_tokens,
             "num_decode_requests": s.num_decode_requests,
@@ -239,6 +237,13 @@ def test_calibration_with_request_counts_recovers_six_coefficients(tmp_path: Pat
         }
         for s in shapes
     ]
+
+
+def test_calibration_with_request_counts_recovers_six_coefficients(tmp_path: Path) -> None:
+    shapes = [BatchShape(0, b, b * m, 0, b) for b in (1, 8, 64) for m in (512, 2048)]
+    shapes += [BatchShape(p, 0, p, 0, r) for p, r in ((512, 1), (4096, 2), (8192, 4))]
+    shapes += [BatchShape(256, 8, 8 * 1000 + 256, 0, 9), BatchShape(40, 60, 60 * 700, 0, 61)]
+    points = exact_points(shapes)
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"gpu": "h100", "model": "m", "points": points}))
     model = load_calibration(path)
@@ -375,16 +380,7 @@ def test_points_that_all_have_prefill_drop_the_eager_feature() -> None:
     fit keeps the five features it can determine."""
     shapes = [BatchShape(p, b, b * m + p, 0, b + 1)
               for p in (16, 300) for b in (1, 8, 64) for m in (512, 2048)]  # fmt: skip
-    points = [
-        {
-            "num_prefill_tokens": s.num_prefill_tokens,
-            "num_decode_requests": s.num_decode_requests,
-            "num_context_tokens": s.num_context_tokens,
-            "num_requests": s.num_requests,
-            "step_s": linear_step_s(s),
-        }
-        for s in shapes
-    ]
+    points = exact_points(shapes)
     model = fit_calibration(points, "h100", None)
     assert model.features[-1] == "mean_context_tokens"
     shape = BatchShape(100, 32, 32 * 700 + 100, 0, 33)
