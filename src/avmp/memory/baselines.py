@@ -322,23 +322,7 @@ class UnifiedAllocator(_RequestTable):
         return tuple(self._get(request_id).state_blocks)
 
     def usage(self) -> MemoryUsage:
-        num_state = sum(len(r.state_blocks) for r in self._live.values())
-        num_pages = sum(len(r.pages) for r in self._live.values())
-        tokens = sum(r.num_tokens for r in self._live.values())
-        pool_bytes = self.num_usable_blocks * self.block_bytes
-        state_used = num_state * self.block_bytes
-        return MemoryUsage(
-            budget_bytes=self.config.budget_bytes,
-            kv_capacity_bytes=pool_bytes - state_used,
-            state_capacity_bytes=state_used,
-            kv_used_bytes=num_pages * self.block_bytes,
-            state_used_bytes=state_used,
-            kv_needed_bytes=tokens * self.geometry.kv_bytes_per_token,
-            state_needed_bytes=len(self._live) * self.geometry.state_bytes_per_request,
-            num_requests=len(self._live),
-            num_pages_used=num_pages,
-            num_slots_used=len(self._live) if self._state_groups else 0,
-        )
+        return unified_usage(self, self.num_usable_blocks, self.block_bytes)
 
     def check_integrity(self) -> None:
         self._check_requests()
@@ -352,6 +336,30 @@ class UnifiedAllocator(_RequestTable):
             assert len(request.state_blocks) == self._state_groups, "wrong number of state blocks"
             want = _ceil_div(request.num_tokens, self._tokens_per_block) * self._attention_groups
             assert len(request.pages) == want, "pages do not match the request's tokens"
+
+
+def unified_usage(table: _RequestTable, num_usable_blocks: int, block_bytes: int) -> MemoryUsage:
+    """Usage of a unified pool whose requests list their state blocks and attention
+    blocks: the pool is shared, so ``state_capacity_bytes`` counts the blocks holding
+    state now and ``kv_capacity_bytes`` the rest of the pool (free blocks go to either)."""
+    live = table._live.values()
+    num_state = sum(len(r.state_blocks) for r in live)
+    num_pages = sum(len(r.pages) for r in live)
+    tokens = sum(r.num_tokens for r in live)
+    state_used = num_state * block_bytes
+    has_state = bool(table.geometry.recurrent_layers)
+    return MemoryUsage(
+        budget_bytes=table.config.budget_bytes,
+        kv_capacity_bytes=num_usable_blocks * block_bytes - state_used,
+        state_capacity_bytes=state_used,
+        kv_used_bytes=num_pages * block_bytes,
+        state_used_bytes=state_used,
+        kv_needed_bytes=tokens * table.geometry.kv_bytes_per_token,
+        state_needed_bytes=len(live) * table.geometry.state_bytes_per_request,
+        num_requests=len(live),
+        num_pages_used=num_pages,
+        num_slots_used=len(live) if has_state else 0,
+    )
 
 
 def _group_major(blocks: list[int], num_groups: int) -> list[int]:

@@ -29,20 +29,17 @@ import heapq
 
 from avmp.memory.backing.base import Backing
 from avmp.memory.backing.layout import CacheLayout
-from avmp.memory.baselines import NO_SLOT, NULL_BLOCK, UnifiedLayout, static_state_fraction
-from avmp.memory.manager import AvmpManager
-from avmp.memory.spec import (
-    CacheAllocator,
-    CacheSpec,
-    DoubleFreeError,
-    DuplicateRequestError,
-    MemoryConfig,
-    MemoryUsage,
-    PoolKind,
-    RequestBlocks,
-    RequestTooLargeError,
-    UnknownRequestError,
+from avmp.memory.baselines import (
+    NO_SLOT,
+    NULL_BLOCK,
+    UnifiedLayout,
+    _Request,
+    _RequestTable,
+    static_state_fraction,
+    unified_usage,
 )
+from avmp.memory.manager import AvmpManager
+from avmp.memory.spec import CacheSpec, MemoryConfig, MemoryUsage, PoolKind, RequestBlocks
 from avmp.models.geometry import ModelGeometry
 
 
@@ -86,20 +83,20 @@ class StaticSplitManager(AvmpManager):
         return False
 
 
-class _Placed:
-    """One live request of the unified pool: its state group, its attention blocks and
-    their kernel pages (kept, since the engine reads them every step)."""
+class _Placed(_Request):
+    """One live request of the unified pool: ``slot`` is its state group,
+    ``state_blocks`` that group's blocks, ``pages`` its attention blocks, and
+    ``kernel_pages`` theirs (kept, since the engine reads them every step)."""
 
-    __slots__ = ("num_tokens", "group", "blocks", "pages")
+    __slots__ = ("kernel_pages",)
 
-    def __init__(self, num_tokens: int, group: int, blocks: list[int], pages: list[int]) -> None:
-        self.num_tokens = num_tokens
-        self.group = group
-        self.blocks = blocks
-        self.pages = pages
+    def __init__(self, num_tokens: int, group: int, state_blocks: list[int],
+                 blocks: list[int], kernel_pages: list[int]) -> None:  # fmt: skip
+        super().__init__(num_tokens, group, state_blocks, blocks)
+        self.kernel_pages = kernel_pages
 
 
-class PlacedUnifiedAllocator(CacheAllocator):
+class PlacedUnifiedAllocator(_RequestTable):
     """vLLM's padded block pool with a place for every byte (see the module doc).
 
     Units as the engine sees them: ``spec.page_bytes`` is one kernel page
@@ -143,8 +140,6 @@ class PlacedUnifiedAllocator(CacheAllocator):
         whole = [g for g in range(self.num_groups) if self._group_free[g] == self._run]
         self._whole_low = list(whole)
         self._whole_high = [-g for g in reversed(whole)]
-        self._live: dict[int, _Placed] = {}
-        self._freed: set[int] = set()
         self.num_placement_failures = 0
 
     def _check_geometry(self) -> int:
@@ -244,119 +239,77 @@ class PlacedUnifiedAllocator(CacheAllocator):
     # -- the allocator interface ----------------------------------------------------
 
     def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
-        if request_id in self._live:
-            raise DuplicateRequestError(f"request {request_id} is already live")
-        if num_tokens <= 0:
-            raise ValueError(f"num_tokens must be positive, got {num_tokens}")
-        if not self.fits_alone(num_tokens):
-            raise RequestTooLargeError(
-                f"request {request_id} of {num_tokens} tokens does not fit in an empty "
-                f"unified pool of {self.num_blocks} blocks"
-            )
+        self._check_new(request_id, num_tokens)
         num_blocks = self._blocks_for(num_tokens)
         if self._run + num_blocks > self._num_free:
             self.stats.num_failed_allocations += 1
             return None
-        group = NO_SLOT
+        group, run = NO_SLOT, []
         if self._run:
             group = self._pop_whole(self._whole_high, -1)
             if group < 0:
                 self.stats.num_failed_allocations += 1
                 self.num_placement_failures += 1
                 return None
-            for block in range(group * self._run, (group + 1) * self._run):
+            run = list(range(group * self._run, (group + 1) * self._run))
+            for block in run:
                 self._mark(block, taken=True)
         blocks = [self._take_block() for _ in range(num_blocks)]
-        self._live[request_id] = _Placed(num_tokens, group, blocks, self._kernel_pages(blocks))
-        self._freed.discard(request_id)
-        self.stats.num_admits += 1
+        request = _Placed(num_tokens, group, run, blocks, self._kernel_pages(blocks))
+        self._admitted(request_id, request)
         return self.blocks(request_id)
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        if num_new_tokens <= 0:
-            raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
-        request = self._get(request_id)
+        request = self._placed(request_id)
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         new_tokens = request.num_tokens + num_new_tokens
-        extra = self._blocks_for(new_tokens) - len(request.blocks)
-        if extra and not self.fits_alone(new_tokens):
-            raise RequestTooLargeError(
-                f"request {request_id} grown to {new_tokens} tokens does not fit in an empty "
-                f"unified pool of {self.num_blocks} blocks"
-            )
+        extra = self._blocks_for(new_tokens) - len(request.pages)
+        if extra:
+            self._check_grow(request_id, new_tokens)
         if extra > self._num_free:
             self.stats.num_failed_allocations += 1
             return None
         added = [self._take_block() for _ in range(extra)]
-        pages = self._kernel_pages(added)
-        request.blocks += added
-        request.pages += pages
+        kernel_pages = self._kernel_pages(added)
+        request.pages += added
+        request.kernel_pages += kernel_pages
         request.num_tokens = new_tokens
         self.stats.num_grows += 1
-        return pages
+        return kernel_pages
 
     def free(self, request_id: int) -> None:
-        request = self._live.pop(request_id, None)
-        if request is None:
-            if request_id in self._freed:
-                raise DoubleFreeError(f"request {request_id} was already freed")
-            raise UnknownRequestError(f"request {request_id} was never admitted")
-        for block in request.blocks:
+        request = self._pop_live(request_id)
+        for block in (*request.pages, *request.state_blocks):
             self._mark(block, taken=False)
-        if request.group != NO_SLOT:
-            for block in range(request.group * self._run, (request.group + 1) * self._run):
-                self._mark(block, taken=False)
-        self._freed.add(request_id)
-        self.stats.num_frees += 1
 
     def _kernel_pages(self, blocks: list[int]) -> list[int]:
         k = self._pages_per_block
         return [block * k + i for block in blocks for i in range(k)]
 
-    def _get(self, request_id: int) -> _Placed:
-        request = self._live.get(request_id)
-        if request is None:
-            raise UnknownRequestError(f"request {request_id} is not live")
+    def _placed(self, request_id: int) -> _Placed:
+        request = self._get(request_id)
+        assert isinstance(request, _Placed)
         return request
 
     def blocks(self, request_id: int) -> RequestBlocks:
-        request = self._get(request_id)
-        return RequestBlocks(request.group, tuple(request.pages))
-
-    def num_tokens(self, request_id: int) -> int:
-        return self._get(request_id).num_tokens
-
-    @property
-    def request_ids(self) -> list[int]:
-        return list(self._live)
+        request = self._placed(request_id)
+        return RequestBlocks(request.slot, tuple(request.kernel_pages))
 
     def usage(self) -> MemoryUsage:
-        """As `UnifiedAllocator.usage`: state capacity is the blocks holding state now."""
-        num_attention = sum(len(r.blocks) for r in self._live.values())
-        tokens = sum(r.num_tokens for r in self._live.values())
-        state_used = len(self._live) * self._run * self._block_bytes
-        pool_bytes = max(0, self.num_blocks - 1) * self._block_bytes
-        return MemoryUsage(
-            budget_bytes=self.config.budget_bytes,
-            kv_capacity_bytes=pool_bytes - state_used,
-            state_capacity_bytes=state_used,
-            kv_used_bytes=num_attention * self._block_bytes,
-            state_used_bytes=state_used,
-            kv_needed_bytes=tokens * self.geometry.kv_bytes_per_token,
-            state_needed_bytes=len(self._live) * self.geometry.state_bytes_per_request,
-            num_requests=len(self._live),
-            num_pages_used=num_attention,  # vLLM blocks, as UnifiedAllocator counts
-            num_slots_used=len(self._live) if self._run else 0,
-        )
+        """As `UnifiedAllocator.usage` (pages counted in vLLM blocks)."""
+        return unified_usage(self, max(0, self.num_blocks - 1), self._block_bytes)
 
     def check_integrity(self) -> None:
+        self._check_requests()  # no block owned twice, live and freed ids apart
         owned: list[int] = []
         for request in self._live.values():
-            assert len(request.blocks) == self._blocks_for(request.num_tokens), "block count"
-            assert request.pages == self._kernel_pages(request.blocks), "kernel pages drifted"
-            owned += request.blocks
-            if request.group != NO_SLOT:
-                owned += range(request.group * self._run, (request.group + 1) * self._run)
-        assert len(owned) == len(set(owned)), "a block is owned twice"
+            assert isinstance(request, _Placed)
+            assert len(request.pages) == self._blocks_for(request.num_tokens), "block count"
+            assert request.kernel_pages == self._kernel_pages(request.pages), "kernel pages"
+            run = range(request.slot * self._run, (request.slot + 1) * self._run)
+            assert request.state_blocks == (list(run) if request.slot != NO_SLOT else [])
+            owned += request.pages + request.state_blocks
         assert NULL_BLOCK not in owned or not self.num_blocks, "the null block is handed out"
         assert all(not self._is_free[b] for b in owned), "an owned block is marked free"
         assert self._num_free == sum(self._is_free), "free count drifted"
@@ -364,4 +317,3 @@ class PlacedUnifiedAllocator(CacheAllocator):
         for group, free in enumerate(self._group_free):
             blocks = range(group * self._run, (group + 1) * self._run)
             assert free == sum(self._is_free[b] for b in blocks), f"group {group} count"
-        assert not (self._freed & self._live.keys()), "a live request is marked freed"
