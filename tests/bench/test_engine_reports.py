@@ -1,0 +1,87 @@
+"""The engine benchmarks' CPU side: the replay of benchmarks/engine_replay.py runs every
+layout on a tiny model, and the docs tables of all three GPU benchmarks are rebuilt from
+the committed results (what docs/BENCHMARKS.md shows)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from avmp.engine.tiny import tiny_model  # noqa: E402
+from avmp.models.geometry import ConvColumns  # noqa: E402
+from avmp.models.zoo import zoo_config  # noqa: E402
+from avmp.sim.request import RequestSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load(name: str) -> ModuleType:
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def calibration(path: Path) -> Path:
+    """A step-time calibration without a model name (any geometry may load it)."""
+    points = [
+        {"num_prefill_tokens": p, "num_decode_requests": d, "num_context_tokens": c,
+         "num_requests": r, "step_s": 0.004 + 2e-5 * p + 3e-5 * d + 1e-8 * c}
+        for p, d, c, r in ((512, 0, 512, 1), (0, 8, 4000, 8), (0, 32, 9000, 32),
+                           (100, 4, 3000, 5), (2048, 0, 2048, 2), (0, 1, 700, 1))
+    ]  # fmt: skip
+    path.write_text(json.dumps({"gpu": "test", "points": points}))
+    return path
+
+
+def test_replay_runs_every_layout_and_the_simulator_agrees_on_decisions(tmp_path: Path) -> None:
+    replay = load("engine_replay")
+    model = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
+    trace = [RequestSpec(i, 0.0, 5 + 7 * i, 3 + i % 4) for i in range(8)]
+    argv = ["--device", "cpu", "--memory", "4MiB", "--max-num-seqs", "4"]
+    args = replay.parse_args([*argv, "--calibration", str(calibration(tmp_path / "c.json"))])
+    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
+    geometry = dataclasses.replace(geometry, name="tiny")
+    for allocator in ("avmp", "static", "unified"):
+        engine = replay.replay(args, model, allocator, trace)
+        sim = replay.simulate(args, geometry, allocator, trace)
+        assert engine["num_completed"] == len(trace) == sim["num_completed"]
+        assert engine["num_steps"] == sim["num_steps"]  # one scheduler, one allocator
+        assert engine["num_preemptions"] == sim["num_preemptions"]
+        assert engine["timeline"] and sim["timeline"]
+
+
+def test_replay_report_states_the_ratios_of_its_results(tmp_path: Path) -> None:
+    replay = load("engine_replay")
+    results = json.loads((RESULTS / "engine_replay_h100.json").read_text())
+    text = replay.markdown(results)
+    runs = {run["allocator"]: run for run in results["runs"]}
+    measured = (
+        runs["avmp"]["engine"]["request_throughput"]
+        / runs["static"]["engine"]["request_throughput"]
+    )
+    assert f"AVMP / static: {measured:.2f}x measured" in text
+    assert all(f"| {name} |" in text for name in runs)
+    replay.plot(results, tmp_path / "split.png")
+    assert (tmp_path / "split.png").stat().st_size > 10_000
+
+
+def test_engine_and_step_profile_tables_rebuild_from_committed_results() -> None:
+    engine = load("engine").markdown(json.loads((RESULTS / "engine_h100.json").read_text()))
+    assert engine.count("Mixed cell") == 2 and "has_prefill" in engine
+    profile = load("step_profile")
+    text = profile.markdown(json.loads((RESULTS / "step_profile_h100.json").read_text()))
+    assert "granite-4.0-h-micro" in text and "_mamba2_state_update_kernel" in text
