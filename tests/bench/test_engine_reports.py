@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -26,8 +25,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def load(name: str) -> ModuleType:
-    """A benchmark script as a module (benchmarks/ is not a package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    """A benchmark script as a module (benchmarks/ is not a package). benchmarks/ stays
+    off sys.path: its kernels.py would shadow the `kernels` package transformers probes."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
