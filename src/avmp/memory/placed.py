@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 
 from avmp.memory.backing.base import Backing
-from avmp.memory.backing.layout import CacheLayout
+from avmp.memory.backing.layout import CacheLayout, UnitLayout
 from avmp.memory.baselines import (
     NO_SLOT,
     NULL_BLOCK,
@@ -165,7 +165,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         if self._layout.slot.unit_bytes > self.spec.slot_bytes:
             raise ValueError("a state run is smaller than one slot")  # UnifiedLayout forbids it
         slot = self._layout.slot
-        padded = type(slot)(slot.tensors, self.spec.slot_bytes, slot.exact_bytes)
+        padded = UnitLayout(slot.tensors, self.spec.slot_bytes, slot.exact_bytes)
         return CacheLayout(self._layout.block_size, self._layout.alignment_bytes,
                            self._layout.page, padded)
 
