@@ -42,7 +42,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -58,6 +57,7 @@ from avmp.engine.engine import Engine
 from avmp.engine.fast_runner import FastModelRunner, StepRecord
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
+from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
 from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
 
@@ -124,27 +124,6 @@ def transformers_config(zoo_name: str) -> Any:
     return AutoConfig.for_model(raw["model_type"], **kwargs)
 
 
-@torch.no_grad()
-def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Random weights on the device as transformers initialises them: normal matrices,
-    unit norms, Mamba's ``A = 1..H`` (log), ``D = dt_bias = 1``, uniform conv taps."""
-    generator = torch.Generator(next(module.parameters()).device).manual_seed(seed)
-    for name, param in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "A_log":
-            steps = torch.arange(1, param.shape[-1] + 1, device=param.device, dtype=torch.float32)
-            param.copy_(torch.log(steps).expand_as(param))
-        elif leaf in ("D", "dt_bias") or (leaf == "weight" and "norm" in name):
-            param.fill_(1.0)
-        elif leaf == "bias":
-            param.zero_()
-        elif "conv1d" in name:
-            bound = 1.0 / math.sqrt(param.shape[-1])
-            param.uniform_(-bound, bound, generator=generator)
-        else:
-            param.normal_(0.0, std, generator=generator)
-
-
 def build_model(config: Any, device: torch.device, seed: int = 0) -> HybridModel:
     """Our model with random bf16 weights, built directly on the device."""
     default = torch.get_default_dtype()
@@ -154,8 +133,7 @@ def build_model(config: Any, device: torch.device, seed: int = 0) -> HybridModel
             model = model_class(config.model_type)(config)
     finally:
         torch.set_default_dtype(default)
-    init_weights(model, seed)
-    model.tie_weights_if_needed()
+    init_random_weights(model, seed)
     return model.eval()
 
 

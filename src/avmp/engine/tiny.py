@@ -92,12 +92,14 @@ def tiny_config(raw: dict[str, Any]) -> Any:
 @torch.no_grad()
 def init_random_weights(model: HybridModel, seed: int = 0, std: float = 0.02) -> None:
     """Initialise every parameter as transformers would (normal matrices, unit norms,
-    Mamba's ``A = -1 .. -n``, ``D = 1``, ``dt_bias = 1``), from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
+    Mamba's ``A = -1 .. -n``, ``D = 1``, ``dt_bias = 1``, uniform conv taps), in place
+    on the parameters' device from a seeded generator (benchmarks build billions of
+    parameters directly on the GPU this way)."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "A_log":
-            steps = torch.arange(1, param.shape[-1] + 1, dtype=torch.float32)
+            steps = torch.arange(1, param.shape[-1] + 1, device=param.device, dtype=torch.float32)
             param.copy_(torch.log(steps).expand_as(param))
         elif leaf in ("D", "dt_bias") or (leaf == "weight" and "norm" in name):
             param.fill_(1.0)
@@ -105,9 +107,9 @@ def init_random_weights(model: HybridModel, seed: int = 0, std: float = 0.02) ->
             param.zero_()
         elif "conv1d" in name:
             bound = 1.0 / math.sqrt(param.shape[-1])
-            param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+            param.uniform_(-bound, bound, generator=generator)
         else:
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.normal_(0.0, std, generator=generator)
     model.tie_weights_if_needed()
 
 

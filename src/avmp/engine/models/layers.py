@@ -232,24 +232,7 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         """The recurrent core: conv then chunked scan per prefill chunk, and one batched
         conv step and state step for all decode tokens."""
-        conv_states, ssm_states = cache.state(self.layer_index)
-        out = xbc.new_empty(xbc.shape[0], self.intermediate_size)
-        for seq in batch.per_sequence:
-            index = seq.tokens
-            if seq.is_decode:  # a batch built without a decode group
-                slot = torch.tensor([seq.slot], device=xbc.device)
-                out[index] = self.decode(xbc[index], dt[index], conv_states, ssm_states, slot)
-                continue
-            conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
-            if seq.num_context == 0:  # a new or recomputed request: its slot holds stale bytes
-                conv.zero_()
-                ssm.zero_()
-            out[index] = self.prefill(xbc[index], dt[index], conv, ssm)
-        decode = batch.decode
-        if decode is not None:
-            index = decode.token_index
-            out[index] = self.decode(xbc[index], dt[index], conv_states, ssm_states, decode.slots)
-        return out
+        return run_recurrent(self, xbc, dt, self.intermediate_size, batch, cache)
 
     def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split the conv output into x, B, C per head and group; discretise dt."""
@@ -294,6 +277,40 @@ class Mamba2Mixer(nn.Module):
         y = ref.mamba2_step(ssm, xs, dt, A, B, C, self.D)
         ssm_states[slots] = ssm
         return y.reshape(xbc.shape[0], self.intermediate_size).to(xbc.dtype)
+
+
+def run_recurrent(
+    mixer: Any,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    width: int,
+    batch: StepBatch,
+    cache: CacheViews,
+) -> torch.Tensor:
+    """A recurrent mixer's core over a step (reference path): each prefill chunk through
+    ``mixer.prefill`` from (and into) its slot, every decode token in one batched
+    ``mixer.decode``. ``first`` and ``second`` are the mixer's two per-token inputs
+    (Mamba2: conv input and dt; Mamba1: conv input and gate); returns ``[T, width]``."""
+    conv_states, ssm_states = cache.state(mixer.layer_index)
+    out = first.new_empty(first.shape[0], width)
+    for seq in batch.per_sequence:
+        index = seq.tokens
+        if seq.is_decode:  # a batch built without a decode group
+            slot = torch.tensor([seq.slot], device=first.device)
+            out[index] = mixer.decode(first[index], second[index], conv_states, ssm_states, slot)
+            continue
+        conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
+        if seq.num_context == 0:  # a new or recomputed request: its slot holds stale bytes
+            conv.zero_()
+            ssm.zero_()
+        out[index] = mixer.prefill(first[index], second[index], conv, ssm)
+    decode = batch.decode
+    if decode is not None:
+        index = decode.token_index
+        out[index] = mixer.decode(
+            first[index], second[index], conv_states, ssm_states, decode.slots
+        )
+    return out
 
 
 class GatedMLP(nn.Module):
@@ -371,23 +388,7 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
         xs, gate = self.in_proj(x).chunk(2, dim=-1)
-        conv_states, ssm_states = cache.state(self.layer_index)
-        out = xs.new_empty(xs.shape)
-        for seq in batch.per_sequence:
-            index = seq.tokens
-            if seq.is_decode:  # a batch built without a decode group
-                slot = torch.tensor([seq.slot], device=xs.device)
-                out[index] = self.decode(xs[index], gate[index], conv_states, ssm_states, slot)
-                continue
-            conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
-            if seq.num_context == 0:
-                conv.zero_()
-                ssm.zero_()
-            out[index] = self.prefill(xs[index], gate[index], conv, ssm)
-        decode = batch.decode
-        if decode is not None:
-            index = decode.token_index
-            out[index] = self.decode(xs[index], gate[index], conv_states, ssm_states, decode.slots)
+        out = run_recurrent(self, xs, gate, xs.shape[1], batch, cache)
         return self.out_proj(out.to(x.dtype))
 
     def ssm_inputs(self, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
