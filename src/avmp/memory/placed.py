@@ -25,8 +25,6 @@ enough free blocks (vLLM would admit) but no whole group fails and is counted in
 
 from __future__ import annotations
 
-import heapq
-
 from avmp.memory.backing.base import Backing
 from avmp.memory.backing.layout import CacheLayout, UnitLayout
 from avmp.memory.baselines import (
@@ -134,12 +132,15 @@ class PlacedUnifiedAllocator(_RequestTable):
         self._group_free = [self._run] * self.num_groups
         if self.num_groups:
             self._group_free[0] -= 1
-        # heaps whose entries may be stale (checked when popped): free blocks outside
-        # whole groups, and whole groups (lowest first, and highest first negated)
-        self._holes = [b for b in range(1, self.num_blocks) if not self._in_whole_group(b)]
-        whole = [g for g in range(self.num_groups) if self._group_free[g] == self._run]
-        self._whole_low = list(whole)
-        self._whole_high = [-g for g in reversed(whole)]
+        # byte maps searched with find/rfind at C speed: 1 marks a free block outside any
+        # wholly free group (a hole), and a wholly free group
+        self._whole = bytearray(
+            int(free == self._run) for free in self._group_free
+        )
+        self._holes = bytearray(
+            int(bool(self._is_free[b]) and not self._in_whole_group(b))
+            for b in range(self.num_blocks)
+        )
         self.num_placement_failures = 0
 
     def _check_geometry(self) -> int:
@@ -195,46 +196,35 @@ class PlacedUnifiedAllocator(_RequestTable):
     def _take_block(self) -> int:
         """The lowest hole, else the lowest block of the lowest whole group (the caller
         checked that a block is free)."""
-        holes = self._holes
-        while holes:
-            block = heapq.heappop(holes)
-            if self._is_free[block] and not self._in_whole_group(block):
-                self._mark(block, taken=True)
-                return block
-        group = self._pop_whole(self._whole_low, 1)
-        block = group * self._run
+        block = self._holes.find(1)
+        if block < 0:
+            block = self._whole.find(1) * self._run
         self._mark(block, taken=True)
         return block
 
-    def _pop_whole(self, heap: list[int], sign: int) -> int:
-        """Pop the first whole group of ``heap`` (ids stored times ``sign``), or -1."""
-        while heap:
-            group = sign * heapq.heappop(heap)
-            if self._group_free[group] == self._run:
-                return group
-        return -1
-
     def _mark(self, block: int, *, taken: bool) -> None:
-        """Flip one block, keeping the free counts and the heaps' candidates current."""
+        """Flip one block, keeping the free counts and both maps current."""
         self._is_free[block] = 0 if taken else 1
         self._num_free += -1 if taken else 1
         group = self._group_of(block)
         if group < 0:
-            if not taken:
-                heapq.heappush(self._holes, block)
+            self._holes[block] = 0 if taken else 1
             return
         run = self._run
-        was_whole = self._group_free[group] == run
-        self._group_free[group] += -1 if taken else 1
-        if taken and was_whole:  # a broken group's other blocks become holes
-            for other in range(group * run, (group + 1) * run):
-                if self._is_free[other]:
-                    heapq.heappush(self._holes, other)
-        elif not taken and self._group_free[group] == run:
-            heapq.heappush(self._whole_low, group)
-            heapq.heappush(self._whole_high, -group)
-        elif not taken:
-            heapq.heappush(self._holes, block)
+        blocks = slice(group * run, (group + 1) * run)
+        if taken:
+            self._holes[block] = 0
+            if self._group_free[group] == run:  # a broken group's free blocks become holes
+                self._whole[group] = 0
+                self._holes[blocks] = self._is_free[blocks]
+            self._group_free[group] -= 1
+        else:
+            self._group_free[group] += 1
+            if self._group_free[group] == run:
+                self._whole[group] = 1
+                self._holes[blocks] = bytes(run)
+            else:
+                self._holes[block] = 1
 
     # -- the allocator interface ----------------------------------------------------
 
@@ -246,7 +236,7 @@ class PlacedUnifiedAllocator(_RequestTable):
             return None
         group, run = NO_SLOT, []
         if self._run:
-            group = self._pop_whole(self._whole_high, -1)
+            group = self._whole.rfind(1)
             if group < 0:
                 self.stats.num_failed_allocations += 1
                 self.num_placement_failures += 1
@@ -317,3 +307,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         for group, free in enumerate(self._group_free):
             blocks = range(group * self._run, (group + 1) * self._run)
             assert free == sum(self._is_free[b] for b in blocks), f"group {group} count"
+            assert self._whole[group] == (free == self._run), f"group {group} whole flag"
+        for block in range(self.num_blocks):
+            hole = bool(self._is_free[block]) and not self._in_whole_group(block)
+            assert self._holes[block] == hole, f"block {block} hole flag"
