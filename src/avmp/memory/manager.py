@@ -83,8 +83,7 @@ class AvmpManager(CacheAllocator):
         self._slots_per_request = 1 if self.spec.slot_bytes else 0
         self._block_size = config.block_size
         self._has_pages = self.spec.page_bytes > 0
-        self._state_chunks_alone = self._state.chunks_for(self._slots_per_request)
-        kv_chunks_alone = config.num_chunks - self._state_chunks_alone
+        kv_chunks_alone = config.num_chunks - self._state.chunks_for(self._slots_per_request)
         # the most pages one request may hold in an otherwise empty memory (-1: nothing fits)
         self._max_pages_alone = self._kv.units_for(kv_chunks_alone) if kv_chunks_alone >= 0 else -1
         if not self._has_pages and kv_chunks_alone >= 0:

@@ -256,10 +256,10 @@ def calibration_features(shape: BatchShape) -> tuple[float, float, float, float,
 class CalibratedModel:
     """Step time fitted to measured engine steps (see module doc for the file format).
 
-    ``coefficients`` are the intercept then one per name in ``features``, in seconds per
-    unit: (intercept, per prefill token, per decode request, per context token[, per
-    token of mean context[, per step with prefill]]). ``features`` is one of the three
-    sets of the module doc (four, five or six terms with the intercept).
+    ``coefficients`` are the intercept then one per feature, in seconds per unit:
+    (intercept, per prefill token, per decode request, per context token[, per token of
+    mean context[, per step with prefill]]). Their number says which of the three sets of
+    the module doc (four, five or six terms with the intercept) the fit used.
     """
 
     gpu: str
@@ -267,16 +267,19 @@ class CalibratedModel:
     coefficients: tuple[float, ...]
     min_step_s: float
     num_points: int
-    features: tuple[str, ...] = _BASE_FEATURES
 
     def __post_init__(self) -> None:
-        if self.features not in _FEATURE_SETS:
-            raise ValueError(f"unknown calibration features {self.features}")
-        if len(self.coefficients) != 1 + len(self.features):
+        sizes = sorted(1 + len(names) for names in _FEATURE_SETS)
+        if len(self.coefficients) not in sizes:
             raise ValueError(
-                f"{len(self.features)} features need {1 + len(self.features)} coefficients, "
+                f"a calibration has {', '.join(map(str, sizes))} coefficients, "
                 f"got {len(self.coefficients)}"
             )
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The fitted features, in `_FULL_FEATURES` order (each set is a prefix of it)."""
+        return _FULL_FEATURES[: len(self.coefficients) - 1]
 
     def step_seconds(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
@@ -308,7 +311,7 @@ def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None)
         matrix = np.array([[1.0, *(features[i] for i in columns)] for features, _ in parsed])
         fitted = _weighted_fit(matrix, targets)
         if fitted is not None:
-            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points), names)
+            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points))
     raise ValueError("calibration points do not vary enough to fit every coefficient")
 
 

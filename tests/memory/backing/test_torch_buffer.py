@@ -69,7 +69,7 @@ def test_unmap_returns_tail_last_and_migration_tail_first_copies_nothing() -> No
     ids = backing.unmap_chunks(PoolKind.KV, 2)
     assert ids == [2, 3]
     backing.map_chunks(PoolKind.STATE, ids[::-1])
-    assert backing.chunk_ids(PoolKind.STATE) == [5, 4, 3, 2]
+    assert backing.mapped_chunks(PoolKind.STATE) == [5, 4, 3, 2]
     assert backing.num_migration_bytes_copied == 0
     assert torch.equal(backing.buffer[3 * 2 * 2**20 : 4 * 2 * 2**20], boundary)
 
@@ -100,7 +100,7 @@ def test_misuse_is_refused_and_changes_nothing() -> None:
         backing.read_unit(PoolKind.STATE, 0)
     with pytest.raises(BackingError, match="bytes"):
         backing.write_unit(PoolKind.KV, 0, b"short")
-    assert backing.chunk_ids(PoolKind.KV) == [0] and backing.chunk_ids(PoolKind.STATE) == []
+    assert backing.mapped_chunks(PoolKind.KV) == [0] and backing.mapped_chunks(PoolKind.STATE) == []
 
 
 def test_copy_units_moves_a_batch_and_counts_bytes() -> None:
@@ -171,7 +171,7 @@ class BufferMachine(RuleBasedStateMachine):
     @invariant()
     def contents_and_chunks_hold(self) -> None:
         self.driver.check()
-        kv, state = (self.driver.backing.chunk_ids(p) for p in PoolKind)
+        kv, state = (self.driver.backing.mapped_chunks(p) for p in PoolKind)
         assert len(set(kv) | set(state)) == len(kv) + len(state) <= self.driver.num_chunks
         assert self.driver.backing.num_migration_bytes_copied == 0
 

@@ -56,10 +56,9 @@ class Backing(ABC):
     def write_unit(self, pool: PoolKind, index: int, data: bytes) -> None:
         """Overwrite one unit (for tests and debugging)."""
 
+    @abstractmethod
     def close(self) -> None:
-        """Release everything the backing holds; idempotent. Backings that hold device
-        memory or driver handles extend this; the base only marks itself closed."""
-        self.closed = True
+        """Release everything the backing holds; idempotent."""
 
     def __enter__(self) -> Backing:
         return self

@@ -50,8 +50,6 @@ class TensorBacking(Backing):
         """Ids the pool owns, in its order (tail last)."""
         return list(self._chunks[pool])
 
-    chunk_ids = mapped_chunks
-
     def _check_map(self, chunk_ids: list[int]) -> None:
         if len(set(chunk_ids)) != len(chunk_ids) or not self._owned.isdisjoint(chunk_ids):
             raise BackingError(f"chunks {chunk_ids} repeat or are already mapped")

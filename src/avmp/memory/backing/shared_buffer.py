@@ -50,4 +50,3 @@ class SharedBufferBacking(TensorBacking):
 
     def close(self) -> None:
         self._buffer = None
-        super().close()

@@ -118,9 +118,6 @@ class CacheViews:
     def slot_row(self, slot: int) -> int:
         return self.backing.row_of(PoolKind.STATE, slot)
 
-    def page_row(self, page: int) -> int:
-        return self.backing.row_of(PoolKind.KV, page)
-
 
 def build_views(backing: TensorBacking, layout: CacheLayout) -> CacheViews:
     """Per-layer views over an attached backing (cheap: strided metadata, no copy)."""
