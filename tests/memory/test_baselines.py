@@ -316,8 +316,7 @@ def test_registry_passes_options_and_rejects_unknown_names() -> None:
         make_allocator("paged", small_hybrid(), MemoryConfig(2 * MiB))
 
 
-def test_registry_builds_avmp_lazily() -> None:
-    pytest.importorskip("avmp.memory.manager")
+def test_registry_builds_avmp() -> None:
     allocator = make_allocator("avmp", small_hybrid(), MemoryConfig(4 * MiB))
     assert allocator.name == "avmp"
     assert allocator.admit(0, 10) is not None

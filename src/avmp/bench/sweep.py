@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
+from avmp.memory.registry import ALLOCATOR_NAMES as ALLOCATORS
 from avmp.sim.request import RequestSpec
+from avmp.sim.timing import GPU_PROFILES
 from avmp.units import format_bytes
 
-ALLOCATORS = ("avmp", "unified", "static", "oracle")  # = avmp.memory.registry.ALLOCATOR_NAMES
-PROFILES = ("rtx3060", "a100", "h100", "h200")
+PROFILES = tuple(GPU_PROFILES)
 
 
 @dataclass(frozen=True, order=True)

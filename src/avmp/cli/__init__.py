@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"avmp.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"avmp.cli.{name}":
-                continue  # subcommand not built in this checkout
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(f"avmp.cli.{name}").add_parser(subparsers)
     return parser
 
 

@@ -18,7 +18,6 @@ The four add up to the budget. Pure bookkeeping: no torch.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -118,12 +117,6 @@ class Plan:
         return data
 
 
-def available_allocator_names() -> tuple[str, ...]:
-    """`ALLOCATOR_NAMES` whose code is in this checkout (the AVMP manager may not be)."""
-    has_manager = importlib.util.find_spec("avmp.memory.manager") is not None
-    return tuple(n for n in ALLOCATOR_NAMES if n != "avmp" or has_manager)
-
-
 def plan(
     geometry: ModelGeometry,
     config: MemoryConfig,
@@ -152,7 +145,7 @@ def plan(
             f"one request of {num_tokens} tokens needs {format_bytes(need)}, "
             f"more than the whole budget ({format_bytes(budget)})"
         )
-    wanted = tuple(names) if names is not None else available_allocator_names()
+    wanted = tuple(names) if names is not None else ALLOCATOR_NAMES
     chosen = [n for n in ALLOCATOR_NAMES if n in wanted or n == "oracle"]
     options = options or {}
     oracle_count = _fill(OracleAllocator(geometry, config), num_tokens)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from avmp.memory.baselines import OracleAllocator, StaticAllocator, UnifiedAllocator
+from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import CacheAllocator, MemoryConfig
 from avmp.models.geometry import ModelGeometry
 
 ALLOCATOR_NAMES = ("avmp", "unified", "static", "oracle")
 
-_BASELINES: dict[str, type[CacheAllocator]] = {
+_ALLOCATORS: dict[str, type[CacheAllocator]] = {
+    "avmp": AvmpManager,
     "unified": UnifiedAllocator,
     "static": StaticAllocator,
     "oracle": OracleAllocator,
@@ -30,13 +31,8 @@ def make_allocator(
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    if name == "avmp":
-        # Imported here so the baselines work in a checkout whose manager is being edited.
-        manager = importlib.import_module("avmp.memory.manager")
-        allocator: CacheAllocator = manager.AvmpManager(geometry, config, **options)
-        return allocator
     try:
-        cls = _BASELINES[name]
+        cls = _ALLOCATORS[name]
     except KeyError:
         raise ValueError(
             f"unknown allocator {name!r}; known: {', '.join(ALLOCATOR_NAMES)}"
