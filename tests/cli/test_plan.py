@@ -127,3 +127,11 @@ def test_installed_console_script_runs() -> None:
         check=False,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_unconfirmed_zoo_configs_carry_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--memory", "4GiB", "--prompt", "512", "--output", "128"]
+    assert main([*argv[:1], "granite-4.0-h-micro", *argv[1:]]) == 0
+    assert "not confirmed" in capsys.readouterr().err
+    assert main([*argv[:1], "jamba-1.5-mini", *argv[1:]]) == 0
+    assert "not confirmed" not in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from avmp.cli import UserError
@@ -44,6 +45,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = plan_from_args(args)
+    if not resolve_model(args.model).confirmed:
+        print(f"note: {args.model}'s zoo config rests on recalled values that were not "
+              "confirmed; check them against its published config.json", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -1,8 +1,11 @@
 """The bundled zoo: published ``config.json`` files under short names.
 
-Each file in ``zoo/`` is a model's published config plus two keys of ours:
-``_avmp_confirmed`` (false where the figures are not confirmed from a first-party
-config) and ``_avmp_source`` (where the config comes from).
+Each file in ``zoo/`` is a model's published config, written from recalled published
+values (nothing is downloaded), plus two keys of ours: ``_avmp_source`` (which config it
+stands for, and what its cache dimensions were checked against) and ``_avmp_confirmed``:
+true where the cache geometry was checked against an independent source (the model
+family's transformers defaults or documentation, or the project's reference notes),
+false where a figure rests on recall alone. `avmp plan` says so for the latter.
 """
 
 from __future__ import annotations
