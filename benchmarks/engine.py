@@ -151,16 +151,6 @@ def is_decode(step: StepRecord) -> bool:
     return step.num_prefill_tokens == 0 and step.num_decode_requests > 0
 
 
-def shape_of(step: StepRecord) -> BatchShape:
-    return BatchShape(
-        step.num_prefill_tokens,
-        step.num_decode_requests,
-        step.num_context_tokens,
-        step.num_attention_pairs,
-        step.num_requests,
-    )
-
-
 # -- the engine --------------------------------------------------------------------------
 
 
@@ -497,7 +487,7 @@ def compare_sim(
         held_out = fit_calibration(calibration_points(others), gpu, model)
         decode = [s for s in cell["steps"] if s[0] == 0 and s[1] == cell["batch"]]
         middle = sorted(decode, key=lambda s: s[2])[len(decode) // 2]
-        shape = BatchShape(middle[0], middle[1], middle[2], middle[3], middle[4])
+        shape = BatchShape(*middle[:5])
         measured = cell["decode_step_s"]
         predicted = {
             "roofline": roofline.step_seconds(shape),

@@ -105,10 +105,6 @@ def test_fcfs_a_blocked_head_is_not_overtaken() -> None:
     assert admitted == [0, 1, 2]
 
 
-def pages_for(tokens: int) -> int:
-    return -(-tokens // 16)
-
-
 def test_preemption_frees_the_last_admitted_and_requeues_it_at_the_front() -> None:
     # room for 3 slots and 20 pages: three 64-token prompts (4 pages each) fit, growing
     # all of them to 100+ tokens does not

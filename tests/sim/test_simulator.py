@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -217,10 +216,6 @@ def test_a_few_thousand_requests_simulate_quickly() -> None:
     assert elapsed < 5.0, f"{elapsed:.2f} s of CPU for 2000 requests"
 
 
-HAVE_REGISTRY = importlib.util.find_spec("avmp.memory.registry") is not None
-
-
-@pytest.mark.skipif(not HAVE_REGISTRY, reason="avmp.memory.registry has not landed yet")
 @pytest.mark.parametrize("name", ["avmp", "unified", "static", "oracle"])
 def test_real_allocators_end_to_end(name: str) -> None:
     from avmp.memory.registry import make_allocator as make_real
@@ -284,7 +279,6 @@ def test_results_do_not_depend_on_the_process_or_its_hash_seed() -> None:
     assert outputs[0] == outputs[1] and json.loads(outputs[0])["num_completed"] == 120
 
 
-@pytest.mark.skipif(not HAVE_REGISTRY, reason="avmp.memory.registry has not landed yet")
 @settings(max_examples=25, deadline=None)
 @given(
     lengths=st.lists(st.tuples(st.integers(1, 6000), st.integers(1, 40)), min_size=1, max_size=30),

@@ -5,18 +5,18 @@ units with patterns that depend on a tag, frees them, compacts a pool's live uni
 downward with one `copy_units` batch and migrates free tail chunks (tail first, the
 manager's rule), and checks after each step that every live unit still holds its pattern.
 
-`ManagerDriver` does the same end to end through `AvmpManager` when that module exists.
+`ManagerDriver` does the same end to end through `AvmpManager`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from avmp.memory.backing.device import TensorBacking
+from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import CacheSpec, MemoryConfig, PoolKind
 from avmp.models.geometry import (
     AttentionLayer,
@@ -229,7 +229,7 @@ class ManagerDriver:
     """Random admit / grow / free through an AvmpManager over a device backing; every live
     unit holds a pattern derived from (request, position), checked in one batch per pool."""
 
-    manager: Any
+    manager: AvmpManager
     backing: TensorBacking
     rng: random.Random
     max_admit_tokens: int = 200
