@@ -84,10 +84,9 @@ class AvmpManager(CacheAllocator):
         self._block_size = config.block_size
         self._has_pages = self.spec.page_bytes > 0
         kv_chunks_alone = config.num_chunks - self._state.chunks_for(self._slots_per_request)
-        # the most pages one request may hold in an otherwise empty memory (-1: nothing fits)
-        self._max_pages_alone = self._kv.units_for(kv_chunks_alone) if kv_chunks_alone >= 0 else -1
-        if not self._has_pages and kv_chunks_alone >= 0:
-            self._max_pages_alone = 0
+        self._max_pages_alone = self._pages_alone(
+            self._kv.units_for(kv_chunks_alone), kv_chunks_alone >= 0
+        )
         self._debug = os.environ.get("AVMP_DEBUG") == "1"
         self.events: list[MemoryEvent] = []
         if backing is not None:
@@ -245,6 +244,13 @@ class AvmpManager(CacheAllocator):
                 raise UnknownRequestError(f"request {request_id} was freed")
             raise UnknownRequestError(f"request {request_id} was never admitted")
         return request
+
+    def _pages_alone(self, kv_units: int, slot_fits: bool) -> int:
+        """The most pages one request may hold in an otherwise empty memory whose KV pool
+        could hold ``kv_units`` pages, or -1 when its slot cannot fit at all."""
+        if not slot_fits:
+            return -1
+        return kv_units if self._has_pages else 0
 
     def _raise_too_large(self, num_tokens: int) -> NoReturn:
         raise RequestTooLargeError(

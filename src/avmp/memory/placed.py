@@ -71,9 +71,7 @@ class StaticSplitManager(AvmpManager):
             self._take_reserve(PoolKind.KV, config.num_chunks - num_state)
         self.events.clear()  # the start-up split is not a run-time event
         has_slot = self._state.num_units >= self._slots_per_request
-        self._max_pages_alone = self._kv.num_units if has_slot else -1
-        if not self._has_pages and has_slot:
-            self._max_pages_alone = 0
+        self._max_pages_alone = self._pages_alone(self._kv.num_units, has_slot)
 
     def _make_room(self, num_pages: int, num_slots: int) -> bool:
         """Nothing to take: the split is fixed. Count the OOM event."""
@@ -118,6 +116,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         self._pages_per_block = self._check_geometry()
         self._run = self.vllm.num_state_groups  # blocks per request's state
         self.num_blocks = config.budget_bytes // self._block_bytes
+        self.num_usable_blocks = max(0, self.num_blocks - 1)  # block 0 is vLLM's null block
         self.num_groups = self.num_blocks // self._run if self._run else 0
         self.spec = CacheSpec(
             page_bytes=self._layout.page.unit_bytes,
@@ -128,7 +127,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         self._is_free = bytearray(b"\x01") * self.num_blocks
         if self.num_blocks:
             self._is_free[NULL_BLOCK] = 0  # vLLM's null block, never handed out
-        self._num_free = max(0, self.num_blocks - 1)
+        self._num_free = self.num_usable_blocks
         self._group_free = [self._run] * self.num_groups
         if self.num_groups:
             self._group_free[0] -= 1
@@ -180,7 +179,7 @@ class PlacedUnifiedAllocator(_RequestTable):
     def fits_alone(self, num_tokens: int) -> bool:
         need = self._run + self._blocks_for(num_tokens)
         has_group = not self._run or self.num_groups >= 2  # group 0 holds the null block
-        return need <= max(0, self.num_blocks - 1) and has_group
+        return need <= self.num_usable_blocks and has_group
 
     # -- block choice ---------------------------------------------------------------
 
@@ -288,7 +287,7 @@ class PlacedUnifiedAllocator(_RequestTable):
 
     def usage(self) -> MemoryUsage:
         """As `UnifiedAllocator.usage` (pages counted in vLLM blocks)."""
-        return unified_usage(self, max(0, self.num_blocks - 1), self._block_bytes)
+        return unified_usage(self, self.num_usable_blocks, self._block_bytes)
 
     def check_integrity(self) -> None:
         self._check_requests()  # no block owned twice, live and freed ids apart
@@ -303,7 +302,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         assert NULL_BLOCK not in owned or not self.num_blocks, "the null block is handed out"
         assert all(not self._is_free[b] for b in owned), "an owned block is marked free"
         assert self._num_free == sum(self._is_free), "free count drifted"
-        assert len(owned) + self._num_free == max(0, self.num_blocks - 1), "blocks not conserved"
+        assert len(owned) + self._num_free == self.num_usable_blocks, "blocks not conserved"
         for group, free in enumerate(self._group_free):
             blocks = range(group * self._run, (group + 1) * self._run)
             assert free == sum(self._is_free[b] for b in blocks), f"group {group} count"
