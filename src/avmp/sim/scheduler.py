@@ -260,16 +260,14 @@ class Scheduler:
     def _schedule_running(self, budget: _Budget) -> None:
         """Give each running request, in admission order, its next tokens under the budget;
         preempt from the back of the running list when memory is short."""
-        running, grow = self.running, self.allocator.grow
+        running = self.running
         index = 0
         while index < len(running) and budget.tokens > 0:
             request = running[index]
             num_new = min(request.num_tokens - request.num_computed, budget.tokens)
-            try:
-                grown = grow(request.request_id, num_new) is not None
-            except RequestTooLargeError as error:
-                self._drop_running(request, budget, f"cannot grow: {error}")
-                continue
+            grown = self._try_grow(request, num_new, budget)
+            if grown is None:
+                continue  # dropped
             if grown or self._grow_or_preempt(request, num_new, budget):
                 self._add_chunk(request, num_new, budget, is_new=False)
                 index += 1
@@ -289,12 +287,18 @@ class Scheduler:
             self._preempt(victim, budget)
             if victim is request:
                 return False
-            try:
-                if self.allocator.grow(request.request_id, num_new) is not None:
-                    return True
-            except RequestTooLargeError as error:
-                self._drop_running(request, budget, f"cannot grow: {error}")
-                return False
+            grown = self._try_grow(request, num_new, budget)
+            if grown is not False:
+                return bool(grown)
+
+    def _try_grow(self, request: SchedRequest, num_new: int, budget: _Budget) -> bool | None:
+        """Grow ``request`` by ``num_new`` tokens: True if it grew, False if memory is
+        short, None if it can never fit (it was dropped from `running`, with a reason)."""
+        try:
+            return self.allocator.grow(request.request_id, num_new) is not None
+        except RequestTooLargeError as error:
+            self._drop_running(request, budget, f"cannot grow: {error}")
+            return None
 
     def _schedule_waiting(self, budget: _Budget) -> None:
         """Admit waiting requests first-come first-served; stop at the first that does
