@@ -10,36 +10,20 @@ context 0) a replayed graph computes.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 
 import pytest
 import torch
 from engine_helpers import CONFIGS, TinyCheckpoint, random_prompts
 
+from triton_device import kernel_device
+
 pytestmark = pytest.mark.gpu
 
 
-def _device() -> torch.device:
-    interpret = os.environ.get("AVMP_TRITON_INTERPRET") == "1"
-    if interpret and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            pytest.skip(
-                "triton was imported before interpreter mode was set: run with "
-                "TRITON_INTERPRET=1 as well",
-                allow_module_level=True,
-            )
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
-    pytest.importorskip("triton")
-    if interpret:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA (or AVMP_TRITON_INTERPRET=1)", allow_module_level=True)
-    return torch.device("cuda")
 
 
-DEVICE = _device()
+DEVICE = kernel_device()
 
 from avmp.engine.cache import DenseCacheViews  # noqa: E402
 from avmp.engine.engine import Engine  # noqa: E402

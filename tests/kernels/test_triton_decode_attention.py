@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_cases import POISON, assert_close, kernel_device, strided_views
+from _triton_cases import POISON, assert_close, strided_views
+
+from triton_device import kernel_device
 
 DEVICE = kernel_device()
 

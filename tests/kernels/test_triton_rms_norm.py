@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_cases import kernel_device
+
+from triton_device import kernel_device
 
 DEVICE = kernel_device()
 

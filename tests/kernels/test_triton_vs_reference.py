@@ -5,7 +5,9 @@ switch between them: same conventions for positions, conv columns and dt."""
 from __future__ import annotations
 
 import torch
-from _triton_cases import assert_close, kernel_device, strided_views
+from _triton_cases import assert_close, strided_views
+
+from triton_device import kernel_device
 
 DEVICE = kernel_device()
 
