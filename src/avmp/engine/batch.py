@@ -16,8 +16,8 @@ import torch
 class CacheViews(Protocol):
     """Per-layer tensors over the two pools, indexed by page (KV) or slot (state).
 
-    Views are valid until the pools change shape or move (migration, compaction); the
-    runner asks for fresh ones every step.
+    Views are built once: they span each pool's whole range, so migration (chunks mapped
+    behind them) and compaction (units copied inside them) never invalidate them.
     """
 
     def kv(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from avmp.memory.backing.views import TORCH_DTYPES
 from avmp.models.geometry import ModelGeometry
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DenseCacheViews:

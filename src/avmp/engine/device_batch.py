@@ -3,8 +3,8 @@ once: token ids, positions, slot mapping, block tables, context lengths, query o
 state slots and which rows sample.
 
 `DeviceStepBatch` is a `StepBatch` whose per-sequence block tables are views into that
-one device copy (no per-sequence transfer) and which carries the kernel dispatcher the
-layers call (``batch.kernels``). Every index the Triton kernels read is a device tensor,
+one device copy (no per-sequence transfer); the Triton methods that `install_kernels`
+binds to the layers read its fields. Every index the Triton kernels read is a device tensor,
 so no layer synchronises with the host. Padding rows (CUDA graphs replay at a few fixed
 batch sizes) carry slot -1 and context 0: every kernel skips them.
 """
@@ -144,7 +144,6 @@ class DeviceStepBatch(StepBatch):
             and decodes runs the decodes' conv update in one launch.
         max_query_len: longest new-token run (host int, for the prefill launch grid).
         is_decode: every sequence computes one token after cached context.
-        kernels: the dispatcher the layers call (see ``avmp.kernels.ops``).
     """
 
     slot_mapping: torch.Tensor
@@ -157,14 +156,12 @@ class DeviceStepBatch(StepBatch):
     decode_slots: torch.Tensor
     max_query_len: int
     is_decode: bool
-    kernels: Any
 
 
 def device_batch(
     fields: PackedStep,
     sequences: list[SequenceWork],
     block_size: int,
-    kernels: Any,
     is_decode: bool,
 ) -> DeviceStepBatch:
     """Wrap device slices as a batch. Per-sequence chunks (for layers without a Triton
@@ -193,5 +190,4 @@ def device_batch(
         decode_slots=fields.decode_slots[:num_decode],
         max_query_len=max((len(s.token_ids) for s in sequences), default=1),
         is_decode=is_decode,
-        kernels=kernels,
     )

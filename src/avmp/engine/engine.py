@@ -28,7 +28,7 @@ from avmp.memory.backing.device import TensorBacking
 from avmp.memory.backing.layout import CacheLayout
 from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
-from avmp.memory.backing.views import build_views
+from avmp.memory.backing.views import TORCH_DTYPES, build_views
 from avmp.memory.manager import AvmpManager
 from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
 from avmp.memory.spec import (
@@ -44,7 +44,7 @@ from avmp.sim.request import RequestSpec
 from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
 from avmp.units import parse_bytes
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES
 ENGINE_ALLOCATORS = ("avmp", "static", "unified")
 TIMELINE_SAMPLES = 200
 
@@ -122,9 +122,6 @@ class EngineStats:
     def generated_tokens_per_s(self) -> float:
         return self.num_generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    @property
-    def computed_tokens_per_s(self) -> float:
-        return self.num_computed_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 class _Live:
@@ -219,6 +216,7 @@ class Engine:
         self._next_request_id = 0
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = 0.0
+        self._eos = self._eos_token_id()  # depends on the config and tokenizer only
 
     # -- construction ---------------------------------------------------------------
 
@@ -403,7 +401,7 @@ class Engine:
         logits = self.runner.execute(work)
         generators = [live[r].generator for r in sampling]
         next_tokens = sample(logits, params, generators).tolist() if sampling else []  # type: ignore[arg-type]
-        eos = self._eos_token_id()
+        eos = self._eos
         stopped = []
         for request_id, token in zip(sampling, next_tokens, strict=True):
             live[request_id].tokens.append(int(token))

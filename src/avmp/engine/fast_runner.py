@@ -180,7 +180,8 @@ class FastModelRunner(ModelRunner):
         self._copied: torch.cuda.Event | None = None
         _move_rotary(model, device)
         install_kernels(model, self.kernels)
-        self.fused_norms = install_fused_norms(model) if fused_norms else 0
+        if fused_norms:
+            install_fused_norms(model)
 
     # -- host staging ---------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class FastModelRunner(ModelRunner):
         width = max((len(w.page_rows) for w in work), default=1) or 1
         shape = StepShape(num_tokens, len(work), width, sum(w.samples for w in work))
         fields = split_packed(self._copy_to(self._stage(work, shape)), shape)
-        batch = device_batch(fields, work, self.block_size, self.kernels, is_decode)
+        batch = device_batch(fields, work, self.block_size, is_decode)
         hidden = self.model(fields.input_ids, batch, self.cache)
         if shape.num_samples == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
@@ -270,7 +271,7 @@ class FastModelRunner(ModelRunner):
     def _padded_forward(self, fields: PackedStep) -> torch.Tensor:
         """Logits of every row of a padded decode step. The batch names no sequences:
         every layer reads only the device tensors, as a replayed graph does."""
-        batch = device_batch(fields, [], self.block_size, self.kernels, is_decode=True)
+        batch = device_batch(fields, [], self.block_size, is_decode=True)
         hidden = self.model(fields.input_ids, batch, self.cache)
         return self.model.logits(hidden.index_select(0, fields.sample_rows))
 
@@ -307,17 +308,6 @@ class FastModelRunner(ModelRunner):
                 prefill, decode, context, pairs, len(work), started, seconds, graph, self._captured
             )
         )
-
-
-def runner_summary(runner: Any) -> dict[str, Any]:
-    """What a runner is doing, for benchmark records."""
-    if not isinstance(runner, FastModelRunner):
-        return {"kernels": "reference", "cuda_graphs": False}
-    return {
-        "kernels": "triton",
-        "cuda_graphs": runner.use_graphs,
-        "graphs_captured": sorted(runner.graphs),
-    }
 
 
 __all__ = ["DeviceStepBatch", "FastModelRunner", "RunnerProfile", "StepRecord", "graph_safe"]

@@ -17,6 +17,7 @@ import torch
 
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
+from avmp.memory.backing.views import TORCH_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -129,6 +130,4 @@ def config_dtype(config: Any) -> torch.dtype:
     name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     if isinstance(name, torch.dtype):
         return name
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        str(name), torch.float32
-    )
+    return TORCH_DTYPES.get(str(name), torch.float32)

@@ -17,7 +17,6 @@ from avmp.engine.models import model_class, supported_families
 from avmp.engine.models.base import HybridModel
 
 TINY_VOCAB = 32000
-SCALES = ("tiny",)
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64,

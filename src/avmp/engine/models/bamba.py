@@ -19,15 +19,9 @@ from avmp.engine.models.layers import (
     PagedAttention,
     RMSNorm,
     Rotary,
+    head_dim_of,
     rope_theta,
 )
-
-
-def head_dim_of(config: Any) -> int:
-    """Attention head size: ``head_dim`` when the config sets it, else hidden / heads."""
-    return int(
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    )
 
 
 class BambaBlock(MixerOrAttentionBlock):

@@ -20,6 +20,7 @@ from avmp.engine.models.layers import (
     Rotary,
     activation,
     apply_rotary,
+    head_dim_of,
     rope_theta,
 )
 
@@ -84,7 +85,7 @@ class FalconAttention(PagedAttention):
     """Attention whose keys are scaled by ``key_multiplier`` before rotary."""
 
     def __init__(self, config: Any, layer_index: int) -> None:
-        head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
+        head_dim = head_dim_of(config)
         super().__init__(
             layer_index,
             config.hidden_size,
@@ -160,7 +161,7 @@ class FalconH1Model(HybridModel):
         super().__init__(config)
         self.model = HybridBody(config, FalconBlock, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
+        head_dim = head_dim_of(config)
         self.rotary = Rotary(head_dim, rope_theta(config))
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:

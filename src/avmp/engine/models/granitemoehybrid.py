@@ -18,6 +18,7 @@ from avmp.engine.models.layers import (
     Rope,
     Rotary,
     activation,
+    head_dim_of,
     mix_or_attend,
     rope_theta,
     run_experts,
@@ -117,10 +118,7 @@ class GraniteBlock(nn.Module):
         self.mamba: Mamba2Mixer | None = None
         self.self_attn: PagedAttention | None = None
         if config.layer_types[layer_index] == "full_attention":
-            head_dim = (
-                getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads
-            )
+            head_dim = head_dim_of(config)
             self.self_attn = PagedAttention(
                 layer_index,
                 config.hidden_size,
@@ -159,10 +157,7 @@ class GraniteMoeHybridModel(HybridModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: Rotary | None = None
         if config.position_embedding_type == "rope":
-            head_dim = (
-                getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads
-            )
+            head_dim = head_dim_of(config)
             self.rotary = Rotary(head_dim, rope_theta(config))
 
     def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:

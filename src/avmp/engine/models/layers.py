@@ -36,6 +36,13 @@ def activation(name: str) -> Any:
         ) from None
 
 
+
+def head_dim_of(config: Any) -> int:
+    """Attention head size: ``head_dim`` when the config sets it, else hidden / heads."""
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+
 class RMSNorm(nn.Module):
     """RMS norm computed in float32. ``fp32_weight`` multiplies before the cast back
     (Nemotron-H); the others cast first (Llama style)."""

@@ -18,6 +18,7 @@ from avmp.engine.models.layers import (
     RMSNorm,
     Rope,
     activation,
+    head_dim_of,
     run_experts,
 )
 
@@ -106,9 +107,7 @@ def build_mixer(config: Any, layer_index: int) -> nn.Module:
             time_step_limit=(config.time_step_min, float("inf")),
         )
     if kind == "full_attention":
-        head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        head_dim = head_dim_of(config)
         return PagedAttention(
             layer_index,
             config.hidden_size,
