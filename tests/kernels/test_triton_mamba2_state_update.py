@@ -112,3 +112,28 @@ def test_negative_slot_rows_are_skipped() -> None:
     assert_close("y", out[rows], y_ref, torch.float32)
     kept = [s for s in range(4) if s not in per_row["slot_idx"].tolist()]
     assert torch.equal(case["state"][kept], before[kept])
+
+
+def test_dt_round_discretises_as_torch_does_in_bf16() -> None:
+    """``dt_round`` must give the values the reference mixer gets from torch ops on bf16
+    dt (bias cast, sum, softplus, clamp each rounded): fp32 everywhere else, so any
+    difference in dt shows. Large dt makes bf16 rounding visible (spacing ~0.03)."""
+    case = make_case(7, torch.float32, torch.float32, 4, 8, 16, 16, 2, 6)
+    dt = (case["dt"].abs() * 3 + 2).to(torch.bfloat16)  # [b, H] raw, 2..10
+    bias, limit = case["dt_bias"], (2.5, 9.0)
+    torch_dt = torch.clamp(F.softplus(dt + bias.to(dt.dtype)), *limit)  # bf16 ops
+    args = [case[k] for k in ("slot_idx", "x")]
+    rest = [case[k] for k in ("A", "B", "C")]
+
+    def step(dt_in: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        state = case["state"].clone()
+        y = mamba2_state_update(state, *args, dt_in, *rest, D=case["D"], **kwargs)
+        return y, state
+
+    y_ref, h_ref = step(torch_dt, dt_softplus=False)
+    fused = {"dt_bias": bias, "dt_softplus": True, "dt_limit": limit}
+    y, h = step(dt, **fused, dt_round=True)
+    y_fp32, _ = step(dt, **fused, dt_round=False)
+    assert (y - y_ref).abs().max() <= 1e-6 * y_ref.abs().max()
+    assert (h - h_ref).abs().max() <= 1e-6 * h_ref.abs().max()
+    assert (y_fp32 - y_ref).abs().max() > 1e-4 * y_ref.abs().max()  # rounding matters here

@@ -15,9 +15,10 @@ step per launch:
   updates the slot's conv state), then the Triton varlen scan over all sequences at
   once (39-71x the torch chunked scan on the H100, docs/BENCHMARKS.md).
 
-dt is discretised in torch exactly as the reference does (softplus of ``dt + dt_bias``
-in the activations' dtype, clamped to ``time_step_limit``), so both paths feed the same
-values to the scan.
+dt is discretised inside the Mamba2 kernels exactly as the reference does it in torch
+(softplus of ``dt + dt_bias`` in the activations' dtype, clamped to ``time_step_limit``,
+each step rounded to that dtype), so both paths feed the same values to the scan and a
+decode layer saves the four elementwise launches of doing it in torch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from avmp.kernels import reference as ref
 
@@ -66,13 +66,6 @@ def use_triton(kernels: str, device: torch.device) -> bool:
             "Triton's interpreter (TRITON_INTERPRET=1)"
         )
     return True
-
-
-def discretise_dt(mixer: Any, dt: torch.Tensor) -> torch.Tensor:
-    """``clamp(softplus(dt + dt_bias))`` as the reference Mamba2 mixer computes it."""
-    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
-    low, high = mixer.time_step_limit
-    return torch.clamp(dt, low, high)
 
 
 class TritonOps:
@@ -147,11 +140,15 @@ class TritonOps:
         xs = xs.reshape(n, mixer.num_heads, mixer.head_dim)
         B = B.reshape(n, mixer.n_groups, mixer.d_state)
         C = C.reshape(n, mixer.n_groups, mixer.d_state)
-        dt = discretise_dt(mixer, dt)
         A = self.decay(mixer)
+        # dt is discretised inside the kernel exactly as the reference does it in torch
+        dt_args = dict(
+            D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+            dt_limit=mixer.time_step_limit, dt_round=True,
+        )
         if batch.is_decode:
             y = self._k.mamba2_state_update(
-                ssm_states, batch.slot_idx, xs, dt, A, B, C, D=mixer.D, dt_softplus=False
+                ssm_states, batch.slot_idx, xs, dt, A, B, C, **dt_args
             )
         else:
             y = self._k.mamba2_varlen_scan(
@@ -163,9 +160,8 @@ class TritonOps:
                 A,
                 B,
                 C,
-                D=mixer.D,
                 has_initial_state=batch.has_initial_state,
-                dt_softplus=False,
+                **dt_args,
             )
         return y.reshape(n, mixer.intermediate_size)
 

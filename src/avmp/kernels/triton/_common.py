@@ -1,4 +1,5 @@
-"""Small host-side helpers shared by the Triton kernels: shape checks and block sizes.
+"""Helpers shared by the Triton kernels: host-side shape checks and block sizes, and the
+Mamba2 dt discretisation both Mamba2 kernels run on the device.
 
 Every kernel in this package takes its tensors with arbitrary strides (the AVMP pools
 hand out strided per-layer views), so these helpers check shapes and dtypes, never
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -55,3 +57,47 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     interpreter multiplies bf16 as raw integers, so only there bf16 dots go through fp32
     (on the GPU they stay bf16 on the tensor cores)."""
     return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+
+
+# torch.nn.functional.softplus's default threshold: above it softplus(x) == x.
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to the nearest ``DTYPE`` value (ties to even), kept in fp32.
+    bf16 is rounded on the bits: Triton 3.6's CPU interpreter truncates fp32 -> bf16
+    casts, the GPU rounds to nearest, and the tests run on both."""
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr: its == unwraps it)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def discretise_dt(
+    dt, dt_bias, dt_min, dt_max,
+    ROUND_TO: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    DT_ROUND: tl.constexpr,
+):
+    """``clamp(softplus(dt + dt_bias), dt_min, dt_max)`` of fp32 values (bias and softplus
+    optional). With ``DT_ROUND`` every intermediate is rounded to ``ROUND_TO`` (dt's
+    dtype), as torch computes it on tensors of that dtype: the bias cast to it, then the
+    sum, the softplus and the clamp each rounded. That is how the reference mixer
+    discretises dt, so the fused kernels see the very values it does."""
+    if HAS_DT_BIAS:
+        if DT_ROUND:
+            dt_bias = round_to(dt_bias, ROUND_TO)
+        dt += dt_bias
+        if DT_ROUND:
+            dt = round_to(dt, ROUND_TO)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
+        if DT_ROUND:
+            dt = round_to(dt, ROUND_TO)
+    dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    if DT_ROUND:
+        dt = round_to(dt, ROUND_TO)
+    return dt

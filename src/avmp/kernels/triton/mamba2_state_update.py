@@ -6,7 +6,7 @@ through a slot-index tensor on the device and updates it where it lies, in its o
 The arithmetic follows Mamba2 (mamba_ssm's ``selective_state_update``, transformers'
 torch fallback):
 
-    dt  = softplus(dt + dt_bias)            (each optional)
+    dt  = clamp(softplus(dt + dt_bias))     (bias, softplus optional)
     h   = h * exp(dt * A) + dt * B ⊗ x      (per head; B and C shared by a head group)
     y   = h · C + D * x                     (D optional)
     y  *= silu(z)                           (optional gating)
@@ -15,6 +15,8 @@ all in fp32; ``y`` is read from the fp32 state before it is rounded to the pool'
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -26,13 +28,12 @@ from avmp.kernels.triton._common import (
     check_dtype,
     check_same_device,
     check_shape,
+    discretise_dt,
     next_power_of_2,
     strides,
 )
 
 BLOCK_P = 16
-# torch.nn.functional.softplus's default threshold: above it softplus(x) == x.
-SOFTPLUS_THRESHOLD = 20.0
 
 
 @triton.jit
@@ -46,10 +47,11 @@ def _mamba2_state_update_kernel(
     stride_d, stride_dtbias,
     stride_zb, stride_zh, stride_zp,
     stride_ob, stride_oh, stride_op,
+    dt_min, dt_max,
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, THRESHOLD: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -70,11 +72,12 @@ def _mamba2_state_update_kernel(
     h = tl.load(state_ptrs, mask=mask_pn, other=0.0).to(tl.float32)  # [P, N]
     x = tl.load(x_ptr + b64 * stride_xb + head * stride_xh + offs_p * stride_xp,
                 mask=mask_p, other=0.0).to(tl.float32)  # [P]
-    dt = tl.load(dt_ptr + b64 * stride_dtb + head * stride_dth).to(tl.float32)
+    dt = tl.load(dt_ptr + b64 * stride_dtb + head * stride_dth)
+    dt_bias = 0.0
     if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + head * stride_dtbias).to(tl.float32)
-    if DT_SOFTPLUS:
-        dt = tl.where(dt <= THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
+        dt_bias = tl.load(dt_bias_ptr + head * stride_dtbias).to(tl.float32)
+    dt = discretise_dt(dt.to(tl.float32), dt_bias, dt_min, dt_max, dt_ptr.dtype.element_ty,
+                       HAS_DT_BIAS, DT_SOFTPLUS, DT_ROUND)
     a = tl.load(a_ptr + head * stride_a).to(tl.float32)
     bvec = tl.load(b_ptr + b64 * stride_bb + group * stride_bg + offs_n * stride_bn,
                    mask=mask_n, other=0.0).to(tl.float32)  # [N]
@@ -135,6 +138,8 @@ def mamba2_state_update(
     dt_bias: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (-math.inf, math.inf),
+    dt_round: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Mamba2 decode step for ``batch`` requests, updating their slots in place.
@@ -149,6 +154,9 @@ def mamba2_state_update(
         A: ``[heads]`` (negative; ``-exp(A_log)``); B, C: ``[batch, groups, d_state]``.
         D, dt_bias: optional ``[heads]``; z: optional ``[batch, heads, head_dim]`` gate.
         dt_softplus: apply softplus to ``dt (+ dt_bias)``.
+        dt_limit: clamp of the discretised dt (transformers' ``time_step_limit``).
+        dt_round: discretise dt as torch does in dt's dtype (each step rounded to it)
+            rather than in fp32 throughout.
         out: optional ``[batch, heads, head_dim]`` output, written in place.
 
     Returns:
@@ -169,10 +177,10 @@ def mamba2_state_update(
         x if D is None else D, x if dt_bias is None else dt_bias, x if z is None else z, out,
         *state.stride(), slot_idx.stride(0), *x.stride(), *dt.stride(), A.stride(0),
         *B.stride(), *C.stride(), *strides(D, 1), *strides(dt_bias, 1), *strides(z, 3),
-        *out.stride(),
+        *out.stride(), float(dt_limit[0]), float(dt_limit[1]),
         HEADS_PER_GROUP=heads // groups, HEAD_DIM=head_dim, D_STATE=d_state,
         BLOCK_P=BLOCK_P, BLOCK_N=next_power_of_2(d_state),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_Z=z is not None,
-        DT_SOFTPLUS=dt_softplus, THRESHOLD=SOFTPLUS_THRESHOLD,
+        DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round,
     )
     return out

@@ -29,12 +29,12 @@ from avmp.kernels.triton._common import (
     check_dtype,
     check_same_device,
     check_shape,
+    discretise_dt,
     next_power_of_2,
     strides,
 )
 
 BLOCK_P = 16
-SOFTPLUS_THRESHOLD = 20.0
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _mamba2_varlen_scan_kernel(
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_INIT_FLAGS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr, THRESHOLD: tl.constexpr,
+    HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -78,6 +78,7 @@ def _mamba2_varlen_scan_kernel(
     a = tl.load(a_ptr + head * stride_a).to(tl.float32)
     if HAS_D:
         d = tl.load(d_ptr + head * stride_d).to(tl.float32)
+    dt_bias = 0.0
     if HAS_DT_BIAS:
         dt_bias = tl.load(dt_bias_ptr + head * stride_dtbias).to(tl.float32)
 
@@ -85,11 +86,8 @@ def _mamba2_varlen_scan_kernel(
         x = tl.load(x_ptr + t * stride_xt + head * stride_xh + offs_p * stride_xp,
                     mask=mask_p, other=0.0).to(tl.float32)  # [P]
         dt = tl.load(dt_ptr + t * stride_dtt + head * stride_dth).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += dt_bias
-        if DT_SOFTPLUS:
-            dt = tl.where(dt <= THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+        dt = discretise_dt(dt, dt_bias, dt_min, dt_max, dt_ptr.dtype.element_ty,
+                           HAS_DT_BIAS, DT_SOFTPLUS, DT_ROUND)
         bvec = tl.load(b_ptr + t * stride_bt + group * stride_bg + offs_n * stride_bn,
                        mask=mask_n, other=0.0).to(tl.float32)  # [N]
         cvec = tl.load(c_ptr + t * stride_ct + group * stride_cg + offs_n * stride_cn,
@@ -155,6 +153,7 @@ def mamba2_varlen_scan(
     has_initial_state: torch.Tensor | None = None,
     dt_softplus: bool = True,
     dt_limit: tuple[float, float] = (0.0, math.inf),
+    dt_round: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scan each request's new tokens through its Mamba2 state, in place in its slot.
@@ -171,6 +170,8 @@ def mamba2_varlen_scan(
             ignores whatever the slot holds (a fresh request). None: every slot is read.
         dt_softplus: apply softplus to ``dt (+ dt_bias)``.
         dt_limit: clamp of the discretised dt (transformers' ``time_step_limit``).
+        dt_round: discretise dt as torch does in dt's dtype (each step rounded to it)
+            rather than in fp32 throughout.
         out: optional ``[T, heads, head_dim]`` output, written in place.
 
     Returns:
@@ -200,6 +201,6 @@ def mamba2_varlen_scan(
         BLOCK_P=BLOCK_P, BLOCK_N=next_power_of_2(d_state),
         HAS_INIT_FLAGS=has_initial_state is not None, HAS_D=D is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_Z=z is not None, DT_SOFTPLUS=dt_softplus,
-        THRESHOLD=SOFTPLUS_THRESHOLD,
+        DT_ROUND=dt_round,
     )
     return out
