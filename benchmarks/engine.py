@@ -163,7 +163,7 @@ def engine_cell(
     vocab = engine.geometry.vocab_size
     engine.generate(random_prompts(batch, prompt_len, vocab, seed + 1), 3, ignore_eos=True)
     prompts = random_prompts(batch, prompt_len, vocab, seed)
-    runner.profile.enabled, runner.profile.steps = True, []
+    runner.profile.start()
     start = time.perf_counter()
     outputs = engine.generate(prompts, decode_tokens, ignore_eos=True)
     wall = time.perf_counter() - start
@@ -229,7 +229,7 @@ def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[
     # warm-up: the same run once, since its ragged shapes need Triton variants (compiled
     # on first use, ~1 s each) that no earlier cell did
     engine.generate(prompts, limits, ignore_eos=True)
-    runner.profile.enabled, runner.profile.steps = True, []
+    runner.profile.start()
     start = time.perf_counter()
     engine.generate(prompts, limits, ignore_eos=True)
     wall = time.perf_counter() - start

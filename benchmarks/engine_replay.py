@@ -119,7 +119,7 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
     prompts = [rng.integers(3, vocab, size=r.prompt_tokens).tolist() for r in trace]
     limits = [r.output_tokens for r in trace]
     if profiled:
-        runner.profile.enabled, runner.profile.steps = True, []
+        runner.profile.start()
     outputs = engine.generate(prompts, max_tokens=limits, ignore_eos=True)
     steps = runner.profile.steps if profiled else []
     if profiled:

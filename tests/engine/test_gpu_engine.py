@@ -64,7 +64,7 @@ def test_greedy_matches_transformers_with_triton(
     checkpoint = tiny_checkpoint(family)
     engine = _engine(checkpoint)
     assert isinstance(engine.runner, FastModelRunner)
-    engine.runner.profile.enabled = True
+    engine.runner.profile.start()
     _assert_identical(engine, checkpoint, [3, 19, 1, 11, 26])
     steps = engine.runner.profile.steps
     assert any(s.num_decode_requests and s.num_prefill_tokens for s in steps), "no mixed step"
@@ -90,7 +90,7 @@ def test_padded_decode_steps_match_transformers(
     if DEVICE.type == "cpu":
         use_fast_runner(engine, pad_decode=True)
         runner = engine.runner
-    runner.profile.enabled = True
+    runner.profile.start()
     _assert_identical(engine, checkpoint, [5, 2, 9, 14, 3])
     steps = runner.profile.steps
     assert any(s.num_decode_requests == 3 and not s.num_prefill_tokens for s in steps)

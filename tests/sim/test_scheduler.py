@@ -213,6 +213,30 @@ def test_stopped_request_finishes_early_and_frees_memory() -> None:
     assert [r.request_id for r in scheduler.running] == [0]
 
 
+def test_stop_finishes_a_running_or_a_preempted_request() -> None:
+    budget = 3 * SLOT + 20 * PAGE
+    allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget, chunk_bytes=2 * MIB))
+    scheduler = Scheduler(allocator, SchedulerConfig())
+    for i in range(3):
+        scheduler.add_request(req(i, prompt=64, output=60))
+    plan = scheduler.schedule()
+    with pytest.raises(RuntimeError, match="outstanding"):
+        scheduler.stop(0)
+    scheduler.finish_step(plan)
+    while not plan.preempted:  # grow all three until 2 is preempted back to the queue
+        plan = scheduler.schedule()
+        scheduler.finish_step(plan)
+    assert scheduler.stop(0) and 0 not in allocator.request_ids
+    assert [r.request_id for r in scheduler.waiting] == [2]
+    assert scheduler.stop(2) and not scheduler.waiting
+    assert not scheduler.stop(2)  # finished already
+    assert [r.status for r in scheduler.requests.values()] == [
+        RequestStatus.FINISHED, RequestStatus.RUNNING, RequestStatus.FINISHED
+    ]
+    scheduler.check_integrity()
+    run_to_end(scheduler)
+
+
 def test_plans_are_finished_once_and_in_order() -> None:
     scheduler = Scheduler(make_allocator(), SchedulerConfig())
     scheduler.add_request(req(0, prompt=10, output=5))

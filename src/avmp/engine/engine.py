@@ -6,6 +6,14 @@ migrate chunks between the pools or compact one); the engine reads each request'
 current blocks, the runner runs the model over the pools' views, the sampler picks the
 next tokens, and the scheduler records the step. A preempted request loses its cache
 and is recomputed from its prompt and the tokens it had already produced.
+
+Steps overlap with the device (as vLLM's async scheduling and SGLang's overlap scheduler
+do): step N+1 is planned and launched while the device still computes step N, and N's
+tokens are read only then; a token of N that N+1 needs is read from the device there.
+The allocator's work for N+1 therefore costs no device time. It stays correct because
+every use of memory is ordered on the device's stream, and the one host-side operation
+that is not, unmapping a chunk that migrates, waits for the device first
+(`CudaVmmBacking.unmap_chunks`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
-from avmp.engine.sampling import SamplingParams, sample
+from avmp.engine.sampling import SampledTokens, SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.kernels.ops import use_triton
 from avmp.memory.backing.device import TensorBacking
@@ -41,7 +49,7 @@ from avmp.memory.spec import (
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sim.metrics import TimelineRecorder
 from avmp.sim.request import RequestSpec
-from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.units import parse_bytes
 
 DTYPES = TORCH_DTYPES
@@ -124,6 +132,21 @@ class EngineStats:
 
 
 
+_UNFINISHED = (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+class _Pending:
+    """A launched step whose sampled tokens the host has not read yet: the requests that
+    sampled, in row order, and their tokens."""
+
+    __slots__ = ("request_ids", "tokens", "index")
+
+    def __init__(self, request_ids: list[int], tokens: SampledTokens) -> None:
+        self.request_ids = request_ids
+        self.tokens = tokens
+        self.index = {request_id: i for i, request_id in enumerate(request_ids)}
+
+
 class _Live:
     """An in-flight prompt: its tokens so far and its sampling generator."""
 
@@ -158,6 +181,10 @@ class Engine:
             on one plain buffer; see `avmp.memory.placed`). All run the same kernels.
         state_fraction: the static split's share of the budget for state (default:
             SGLang's).
+        overlap: plan and launch each step before reading the previous step's tokens,
+            so the scheduler's and the allocator's work runs while the device computes
+            (a request that samples its end-of-sequence token then computes one more
+            token, dropped). Off: every step waits for its own tokens.
 
     The remaining arguments are those of `EngineConfig`.
     """
@@ -182,6 +209,7 @@ class Engine:
         cuda_graphs: bool = True,
         allocator: str = "avmp",
         state_fraction: float | None = None,
+        overlap: bool = True,
     ) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -217,6 +245,8 @@ class Engine:
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = 0.0
         self._eos = self._eos_token_id()  # depends on the config and tokenizer only
+        self.overlap = overlap
+        self._pending: _Pending | None = None
 
     # -- construction ---------------------------------------------------------------
 
@@ -316,8 +346,10 @@ class Engine:
         before = copy.deepcopy(self.allocator.stats)
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = time.perf_counter()
+        self._pending = None
         while self.scheduler.has_unfinished:
             self._step(live, params, ignore_eos)
+        self._settle(live, ignore_eos)  # the last step's tokens
         self.stats.elapsed_s = time.perf_counter() - self._start
         self.stats.timeline = self._timeline.samples()
         self._finish_stats(before)
@@ -360,36 +392,55 @@ class Engine:
         return live
 
     def _step(self, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool) -> None:
+        """Plan, launch and finish one step. With ``overlap`` the step is launched before
+        the previous step's tokens are read, so planning it (the allocator's work) ran
+        while the device computed the previous one; an end-of-sequence token is then
+        learned one step late (`_settle`)."""
         plan = self.scheduler.schedule()
         for rejection in plan.rejected:
             live[rejection.request_id].finish_reason = "rejected"
             live[rejection.request_id].error = rejection.reason
         self.stats.num_preemptions += len(plan.preempted)
         if plan.is_empty:
-            if self.scheduler.has_unfinished and not plan.rejected and not plan.preempted:
+            late = self._settle(live, ignore_eos)
+            stopped = [request_id for request_id in late if self.scheduler.stop(request_id)]
+            if self.scheduler.has_unfinished and not (plan.rejected or plan.preempted or stopped):
                 raise RuntimeError("the scheduler planned nothing while requests are waiting")
             return
-        stopped = self._run_plan(plan, live, params, ignore_eos)
-        outcome = self.scheduler.finish_step(plan, stopped)
+        launched = self._launch(plan, live, params)
+        pending = launched if self.overlap else None
+        if not self.overlap:  # read this step's tokens now
+            self._pending = launched
+        late = self._settle(live, ignore_eos)
+        outcome = self.scheduler.finish_step(plan, late)  # finishes those that sampled now
+        sampled = set(launched.request_ids)
+        for request_id in late:
+            if request_id not in sampled:  # not in this step: preempted meanwhile
+                self.scheduler.stop(request_id)
         for request_id in outcome.finished:
-            request = live[request_id]
-            request.finish_reason = "stop" if request_id in stopped else "length"
+            live[request_id].finish_reason = live[request_id].finish_reason or "length"
+        self._pending = pending
         self._track(plan)
 
-    def _run_plan(
-        self, plan: StepPlan, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool
-    ) -> list[int]:
-        """Run the model on the plan and append sampled tokens; return who hit EOS."""
+    def _launch(self, plan: StepPlan, live: dict[int, _Live], params: SamplingParams) -> _Pending:
+        """Run the model on the plan and sample, without waiting for the device. A token
+        the previous step sampled and the host has not read is passed as a placeholder
+        (`SequenceWork.token_ids`) and read on the device."""
+        carry = {} if self._pending is None else self._pending.index
         work: list[SequenceWork] = []
         sampling: list[int] = []
         for chunk in plan.chunks:
             request = live[chunk.request_id]
             blocks = self.allocator.blocks(chunk.request_id)
             end = chunk.start + chunk.num_tokens
-            samples = end == len(request.tokens)
+            known = len(request.tokens) + (chunk.request_id in carry)
+            tokens = request.tokens[chunk.start : end]
+            if end > len(request.tokens):  # its last token is still on the device
+                tokens.append(-1 - carry[chunk.request_id])
+            samples = end == known
             work.append(
                 SequenceWork(
-                    request.tokens[chunk.start : end],
+                    tokens,
                     chunk.start,
                     self.views.slot_row(blocks.slot) if blocks.slot >= 0 else 0,
                     self.views.page_rows(blocks.pages),
@@ -398,16 +449,31 @@ class Engine:
             )
             if samples:
                 sampling.append(chunk.request_id)
-        logits = self.runner.execute(work)
+        carried = None if self._pending is None else self._pending.tokens.device
+        logits = self.runner.execute(work, carried)
         generators = [live[r].generator for r in sampling]
-        next_tokens = sample(logits, params, generators).tolist() if sampling else []  # type: ignore[arg-type]
-        eos = self._eos
-        stopped = []
-        for request_id, token in zip(sampling, next_tokens, strict=True):
-            live[request_id].tokens.append(int(token))
-            if not ignore_eos and eos is not None and token == eos:
-                stopped.append(request_id)
-        return stopped
+        if not sampling:
+            return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
+        return _Pending(sampling, SampledTokens(sample(logits, params, generators)))  # type: ignore[arg-type]
+
+    def _settle(self, live: dict[int, _Live], ignore_eos: bool) -> list[int]:
+        """Read the last launched step's tokens (waiting for that step alone) and append
+        them. Returns the requests that sampled the end-of-sequence token and are still
+        unfinished in the scheduler; a token computed after one is dropped."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        late = []
+        for request_id, token in zip(pending.request_ids, pending.tokens.tolist(), strict=True):
+            request = live[request_id]
+            if request.finish_reason == "stop":
+                continue
+            request.tokens.append(token)
+            if not ignore_eos and self._eos is not None and token == self._eos:
+                request.finish_reason = "stop"
+                if self.scheduler.requests[request_id].status in _UNFINISHED:
+                    late.append(request_id)
+        return late
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.model.config, "eos_token_id", None)

@@ -45,12 +45,23 @@ class PoolViews:
         return list(pages)
 
 
+def fill_carried(input_ids: torch.Tensor, carried: torch.Tensor | None) -> None:
+    """Replace each placeholder id ``-1 - i`` of ``input_ids`` by ``carried[i]``, in place
+    and on the device: the engine launches a step before it has read the tokens of the
+    one before, whose sampled tokens ``carried`` still are."""
+    if carried is None or carried.numel() == 0:
+        return
+    index = (-1 - input_ids).clamp_(min=0)  # non-placeholders read carried[0], unused
+    torch.where(input_ids < 0, carried[index], input_ids, out=input_ids)
+
+
 @dataclass(frozen=True)
 class SequenceWork:
     """One sequence's share of a step, in view rows.
 
     Attributes:
-        token_ids: the new tokens to compute.
+        token_ids: the new tokens to compute (``-1 - i``: the previous step's i-th
+            sampled token, still on the device).
         num_context: tokens already in the cache before them.
         slot_row: the row of its state slot.
         page_rows: the rows of its pages, in token order.
@@ -76,13 +87,20 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, work: list[SequenceWork]) -> torch.Tensor:
+    def execute(
+        self, work: list[SequenceWork], carried: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run one step. Returns ``[num_sampling, vocab]`` float32 logits, one row per
-        sequence with ``samples`` set, in ``work`` order."""
+        sequence with ``samples`` set, in ``work`` order.
+
+        A token id ``-1 - i`` in ``work`` stands for ``carried[i]``: a token the previous
+        step sampled that the host has not read yet (see `fill_carried`).
+        """
         chunks = [(w.num_context, len(w.token_ids), w.slot_row, w.page_rows) for w in work]
         batch = StepBatch.build(chunks, self.block_size, self.device)
         flat = [token for w in work for token in w.token_ids]
         input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
+        fill_carried(input_ids, carried)
         hidden = self.model(input_ids, batch, self.cache)  # [T, hidden]
         last = [
             seq.start + seq.num_tokens - 1

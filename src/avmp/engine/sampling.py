@@ -57,3 +57,29 @@ def sample(
     probs = top_p_filter(torch.softmax(logits.float() / params.temperature, dim=-1), params.top_p)
     rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
     return torch.cat(rows)
+
+
+class SampledTokens:
+    """A step's sampled tokens on their way to the host.
+
+    The engine reads step N's tokens only after it has launched step N+1, so the device
+    never waits for the host: on CUDA the tokens are copied into pinned memory without
+    blocking and `tolist` waits for that copy alone. ``device`` keeps the tokens on the
+    device, where step N+1 reads them as its input ids.
+    """
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.device = tokens
+        self._event: torch.cuda.Event | None = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    def tolist(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [int(t) for t in self._host.tolist()]

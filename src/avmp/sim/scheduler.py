@@ -419,6 +419,26 @@ class Scheduler:
         self._release(finished)
         return StepOutcome(tuple(emitted), tuple(finished))
 
+    def stop(self, request_id: int) -> bool:
+        """Finish a request now, running or waiting, freeing its memory.
+
+        For a stop learned late: the engine reads step N's tokens while step N+1 runs, so
+        an end-of-sequence token sampled at N is seen after N+1 was planned, in which the
+        request may have been preempted back to the queue. Call between steps (no plan
+        outstanding). Returns whether the request was unfinished.
+        """
+        if self._outstanding is not None:
+            raise RuntimeError("stop() called while a plan is outstanding")
+        request = self.requests[request_id]
+        if request.status is RequestStatus.RUNNING:
+            self._release([request_id])
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED
+        else:
+            return False
+        return True
+
     def _release(self, finished: list[int]) -> None:
         if not finished:
             return
