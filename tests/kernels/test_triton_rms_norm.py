@@ -10,7 +10,7 @@ from triton_device import kernel_device
 DEVICE = kernel_device()
 
 from avmp.engine.models.layers import RMSNorm, RMSNormGated  # noqa: E402
-from avmp.kernels.triton.rms_norm import rms_norm  # noqa: E402
+from avmp.kernels.triton.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -38,6 +38,23 @@ def test_gated_grouped_norm_matches_module(dtype: torch.dtype) -> None:
     expected = norm(x, gate)
     out = rms_norm(x, norm.weight, norm.variance_epsilon, gate, norm.group_size)
     torch.testing.assert_close(out, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_add_norm_matches_the_sum_then_the_module(dtype: torch.dtype, scale: float | None) -> None:
+    norm = RMSNorm(96, 1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96))
+    x = torch.randn(5, 96, device=DEVICE, dtype=dtype) * 3
+    delta = torch.randn(5, 160, device=DEVICE, dtype=dtype)[:, 64:]  # strided rows
+    expected_sum = x + (delta if scale is None else delta * scale)
+    total, out = add_rms_norm(x, delta, norm.weight, norm.variance_epsilon, scale)
+    assert torch.equal(total, expected_sum)  # rounded as torch rounds, bit for bit
+    torch.testing.assert_close(out, norm(expected_sum), rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype])
+    with pytest.raises(ValueError, match="shape"):
+        add_rms_norm(x, delta[:, :8], norm.weight, 1e-5)
 
 
 def test_rejects_a_size_that_is_no_multiple_of_the_group() -> None:

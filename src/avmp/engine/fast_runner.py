@@ -5,7 +5,9 @@ Per step the runner packs every index the layers need (token ids, positions, slo
 mapping, block tables, context lengths, query offsets, state slots, sampled rows) into
 one pinned int64 array and copies it to the device once; the layers read views of that
 copy, so no layer synchronises with the host. The only sync of a step is the engine
-reading the sampled tokens.
+reading the sampled tokens, one step later (the engine overlaps steps): a token id the
+host does not know yet arrives as a placeholder and is read from the previous step's
+sampled tokens on the device (`fill_carried`), outside the graph, before it replays.
 
 Decode steps whose batch fits a captured size replay a CUDA graph: the batch is padded
 to the next of ``graph_sizes`` (padding rows have slot -1 and context 0, which every
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from avmp.engine.device_batch import (
     DeviceStepBatch,
@@ -36,6 +39,7 @@ from avmp.engine.device_batch import (
     pack_step,
     split_packed,
 )
+from avmp.engine.models import layers
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     Mamba1Mixer,
@@ -45,7 +49,7 @@ from avmp.engine.models.layers import (
     RMSNormGated,
     Rotary,
 )
-from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
+from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carried
 from avmp.kernels.ops import TritonOps
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -54,9 +58,11 @@ MIN_GRAPH_WIDTH = 16  # pages
 
 @dataclass
 class StepRecord:
-    """One profiled step: its shape (as the simulator's `BatchShape` counts it), when it
-    started (``time.perf_counter``) and the wall time of the runner's work, synchronised
-    at the end (``seconds``); ``captured`` marks a step that captured a CUDA graph."""
+    """One profiled step: its shape (as the simulator's `BatchShape` counts it), when the
+    host started it (``time.perf_counter``) and its ``seconds``: on CUDA the device time
+    from reaching the step to its last kernel (CUDA events, so profiling adds no sync and
+    steps still overlap), on the CPU the runner's wall time. ``captured`` marks a step
+    that captured a CUDA graph."""
 
     num_prefill_tokens: int
     num_decode_requests: int
@@ -71,10 +77,29 @@ class StepRecord:
 
 @dataclass
 class RunnerProfile:
-    """Per-step records, kept while ``enabled`` (benchmarks; off in normal runs)."""
+    """Per-step records, kept while ``enabled`` (benchmarks; off in normal runs). A
+    record's device time is read (waiting for its events) when `steps` is asked for."""
 
     enabled: bool = False
-    steps: list[StepRecord] = field(default_factory=list)
+    _steps: list[StepRecord] = field(default_factory=list)
+    _events: list[tuple[StepRecord, Any, Any]] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Forget earlier records and record from now on."""
+        self.enabled, self._steps, self._events = True, [], []
+
+    def add(self, record: StepRecord, events: tuple[Any, Any] | None) -> None:
+        self._steps.append(record)
+        if events is not None:
+            self._events.append((record, *events))
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        for record, begin, end in self._events:
+            end.synchronize()
+            record.seconds = begin.elapsed_time(end) / 1e3
+        self._events = []
+        return self._steps
 
 
 class _Graph:
@@ -150,7 +175,8 @@ class FastModelRunner(ModelRunner):
         graph_sizes: padded decode batch sizes to capture, ascending.
         pad_decode: without graphs, still pad decode steps to ``graph_sizes`` and run
             the padded pass eagerly (the tests check padding rows this way on the CPU).
-        fused_norms: replace the model's RMS norms by the fused Triton norm.
+        fused_ops: replace the model's RMS norms (with the residual addition before them)
+            and MLP activations by fused Triton kernels (`install_fused_ops`).
     """
 
     def __init__(
@@ -162,7 +188,7 @@ class FastModelRunner(ModelRunner):
         cuda_graphs: bool = True,
         graph_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
         pad_decode: bool = False,
-        fused_norms: bool = True,
+        fused_ops: bool = True,
     ) -> None:
         super().__init__(model, cache, block_size, device)
         self.kernels = TritonOps()
@@ -176,12 +202,14 @@ class FastModelRunner(ModelRunner):
         self.profile = RunnerProfile()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = device.type == "cuda"
-        self._staging = self._new_staging(1 << 12)
-        self._copied: torch.cuda.Event | None = None
+        # two staging buffers in turn: packing step N+1 never waits for step N's copy
+        self._staging = [self._new_staging(1 << 12) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         _move_rotary(model, device)
         install_kernels(model, self.kernels)
-        if fused_norms:
-            install_fused_norms(model)
+        if fused_ops:
+            install_fused_ops(model)
 
     # -- host staging ---------------------------------------------------------------
 
@@ -189,41 +217,70 @@ class FastModelRunner(ModelRunner):
         return torch.empty(size, dtype=torch.int64, pin_memory=self._pinned)
 
     def _stage(self, work: list[SequenceWork], shape: StepShape) -> torch.Tensor:
-        """Pack ``work`` padded to ``shape`` into the pinned staging buffer."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the last copy out of this buffer has finished
-        if self._staging.numel() < shape.total:
-            self._staging = self._new_staging(max(shape.total, 2 * self._staging.numel()))
-        host = self._staging[: shape.total]
+        """Pack ``work`` padded to ``shape`` into the next pinned staging buffer."""
+        self._turn ^= 1
+        turn = self._turn
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # the last copy out of this buffer has finished
+        if self._staging[turn].numel() < shape.total:
+            size = max(shape.total, 2 * self._staging[turn].numel())
+            self._staging[turn] = self._new_staging(size)
+        host = self._staging[turn][: shape.total]
         pack_step(work, self.block_size, host.numpy(), shape)
         return host
 
-    def _copy_to(self, host: torch.Tensor, dest: torch.Tensor | None = None) -> torch.Tensor:
-        """The step's one host-to-device copy (into ``dest`` if given)."""
+    def _copy_to(
+        self,
+        host: torch.Tensor,
+        shape: StepShape,
+        carried: torch.Tensor | None,
+        dest: torch.Tensor | None = None,
+    ) -> PackedStep:
+        """The step's one host-to-device copy (into ``dest`` if given), with the
+        placeholder token ids filled from ``carried`` on the device."""
         if dest is None:
             dest = host.to(self.device, non_blocking=self._pinned)
         else:
             dest.copy_(host, non_blocking=self._pinned)
         if self._pinned:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        return dest
+            event = self._copied[self._turn] or torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+        fields = split_packed(dest, shape)
+        fill_carried(fields.input_ids, carried)
+        return fields
 
     # -- execution --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, work: list[SequenceWork]) -> torch.Tensor:
-        start = time.perf_counter() if self.profile.enabled else 0.0
+    def execute(
+        self, work: list[SequenceWork], carried: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        profiling = self.profile.enabled
+        started = time.perf_counter() if profiling else 0.0
+        begin = self._event() if profiling else None
         is_decode = all(len(w.token_ids) == 1 and w.num_context > 0 for w in work)
         padded = is_decode and (self.use_graphs or self.pad_decode)
         size = self._graph_size(len(work)) if padded else None
         self._captured = False
-        logits = self._replay(work, size) if size is not None else self._eager(work, is_decode)
-        if self.profile.enabled:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._record(work, start, size is not None and self.use_graphs)
+        if size is not None:
+            logits = self._replay(work, size, carried)
+        else:
+            logits = self._eager(work, is_decode, carried)
+        if profiling:
+            end = self._event()
+            events = None if begin is None or end is None else (begin, end)
+            self._record(work, started, size is not None and self.use_graphs, events)
         return logits
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A timing event recorded now on the device's stream (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _graph_size(self, batch: int) -> int | None:
         for size in self.graph_sizes:
@@ -235,24 +292,28 @@ class FastModelRunner(ModelRunner):
         pages = max((len(w.page_rows) for w in work), default=1)
         return max(MIN_GRAPH_WIDTH, 1 << max(pages - 1, 0).bit_length())
 
-    def _eager(self, work: list[SequenceWork], is_decode: bool) -> torch.Tensor:
+    def _eager(
+        self, work: list[SequenceWork], is_decode: bool, carried: torch.Tensor | None
+    ) -> torch.Tensor:
         num_tokens = sum(len(w.token_ids) for w in work)
         width = max((len(w.page_rows) for w in work), default=1) or 1
         shape = StepShape(num_tokens, len(work), width, sum(w.samples for w in work))
-        fields = split_packed(self._copy_to(self._stage(work, shape)), shape)
+        fields = self._copy_to(self._stage(work, shape), shape, carried)
         batch = device_batch(fields, work, self.block_size, is_decode)
         hidden = self.model(fields.input_ids, batch, self.cache)
         if shape.num_samples == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.logits(hidden.index_select(0, fields.sample_rows))
 
-    def _replay(self, work: list[SequenceWork], size: int) -> torch.Tensor:
+    def _replay(
+        self, work: list[SequenceWork], size: int, carried: torch.Tensor | None
+    ) -> torch.Tensor:
         """A decode step padded to ``size`` rows: through its CUDA graph, or (graphs off,
         ``pad_decode`` on) the same padded forward pass run eagerly."""
         width = self._width(work)
         shape = StepShape(size, size, width, size)
         if not self.use_graphs:
-            fields = split_packed(self._copy_to(self._stage(work, shape)), shape)
+            fields = self._copy_to(self._stage(work, shape), shape, carried)
             return self._padded_forward(fields)[: len(work)]
         graph = self.graphs.get((size, width))
         if graph is None:
@@ -260,11 +321,11 @@ class FastModelRunner(ModelRunner):
                 graph = self._capture(shape)
             except RuntimeError as error:  # a layer that cannot be captured: run eagerly
                 self.use_graphs, self.graph_error = False, str(error)
-                fields = split_packed(self._copy_to(self._stage(work, shape)), shape)
+                fields = self._copy_to(self._stage(work, shape), shape, carried)
                 return self._padded_forward(fields)[: len(work)]
             self.graphs[(size, width)] = graph
             self._captured = True
-        self._copy_to(self._stage(work, shape), graph.inputs)
+        self._copy_to(self._stage(work, shape), shape, carried, graph.inputs)
         graph.graph.replay()
         return graph.logits[: len(work)]
 
@@ -279,8 +340,7 @@ class FastModelRunner(ModelRunner):
         """Capture one padded decode step (all rows padding while capturing, so the
         warm-up and capture runs touch no cache)."""
         inputs = torch.empty(shape.total, dtype=torch.int64, device=self.device)
-        self._copy_to(self._stage([], shape), inputs)
-        fields = split_packed(inputs, shape)
+        fields = self._copy_to(self._stage([], shape), shape, None, inputs)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -292,8 +352,10 @@ class FastModelRunner(ModelRunner):
             logits = self._padded_forward(fields)
         return _Graph(graph, inputs, logits)
 
-    def _record(self, work: list[SequenceWork], started: float, graph: bool) -> None:
-        seconds = time.perf_counter() - started
+    def _record(
+        self, work: list[SequenceWork], started: float, graph: bool, events: tuple[Any, Any] | None
+    ) -> None:
+        seconds = time.perf_counter() - started  # replaced by the events' time where given
         prefill = decode = context = pairs = 0
         for w in work:
             n, start = len(w.token_ids), w.num_context
@@ -303,11 +365,10 @@ class FastModelRunner(ModelRunner):
                 prefill += n
             context += start + n
             pairs += n * start + n * (n + 1) // 2
-        self.profile.steps.append(
-            StepRecord(
-                prefill, decode, context, pairs, len(work), started, seconds, graph, self._captured
-            )
+        record = StepRecord(
+            prefill, decode, context, pairs, len(work), started, seconds, graph, self._captured
         )
+        self.profile.add(record, events)
 
 
 __all__ = ["DeviceStepBatch", "FastModelRunner", "RunnerProfile", "StepRecord", "graph_safe"]
@@ -326,18 +387,35 @@ def use_fast_runner(engine: Any, cuda_graphs: bool = True, pad_decode: bool = Fa
     )
 
 
-def install_fused_norms(model: HybridModel) -> int:
-    """Replace the forward of every plain `RMSNorm` and `RMSNormGated` of ``model`` by
-    the fused Triton norm (one launch instead of six to ten). Returns how many."""
-    from avmp.kernels.triton.rms_norm import rms_norm
+def install_fused_ops(model: HybridModel) -> int:
+    """Replace, per module instance of ``model``, the elementwise chains a decode step
+    launches most by one Triton launch each; returns how many were replaced.
+
+    - every `RMSNorm` and `RMSNormGated` forward (six to ten launches each), and the
+      residual addition a norm follows (`RMSNorm.add_norm`, see `Residual`);
+    - ``act(gate) * up`` of gated MLPs whose activation is SiLU;
+    - the squared ReLU of Nemotron-H's MLP.
+
+    Each computes the values of the torch code it replaces (same roundings), so the
+    reference runner and this one agree. The replacement stays for the model's life.
+    """
+    from avmp.kernels.triton.activations import relu_squared, silu_mul
+    from avmp.kernels.triton.rms_norm import add_rms_norm, rms_norm
 
     count = 0
     for module in model.modules():
         if type(module) is RMSNorm:
             module.forward = _norm_for(module, rms_norm)  # type: ignore[method-assign]
+            module.add_norm = _add_norm_for(module, add_rms_norm)  # type: ignore[method-assign]
             count += 1
         elif type(module) is RMSNormGated:
             module.forward = _gated_norm_for(module, rms_norm)  # type: ignore[method-assign]
+            count += 1
+        elif hasattr(module, "glu") and getattr(module, "act", None) is F.silu:
+            module.glu = silu_mul
+            count += 1
+        elif getattr(module, "act", None) is layers.relu_squared:
+            module.act = relu_squared
             count += 1
     return count
 
@@ -347,6 +425,17 @@ def _norm_for(norm: RMSNorm, rms_norm: Any) -> Any:
         return rms_norm(x, norm.weight, norm.variance_epsilon, fp32_weight=norm.fp32_weight)
 
     return forward
+
+
+def _add_norm_for(norm: RMSNorm, add_rms_norm: Any) -> Any:
+    def add_norm(
+        x: torch.Tensor, delta: torch.Tensor, scale: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(  # type: ignore[no-any-return]
+            x, delta, norm.weight, norm.variance_epsilon, scale, fp32_weight=norm.fp32_weight
+        )
+
+    return add_norm
 
 
 def _gated_norm_for(norm: RMSNormGated, rms_norm: Any) -> Any:

@@ -16,6 +16,7 @@ from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
     PagedAttention,
+    Residual,
     RMSNorm,
     Rotary,
     activation,
@@ -141,16 +142,16 @@ class FalconBlock(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: Residual,
         batch: StepBatch,
         cache: CacheViews,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    ) -> None:
+        h = x.norm(self.input_layernorm)
         ssm = self.mamba(h, batch, cache) * self.ssm_out_multiplier
         attn = self.self_attn(h * self.attention_in_multiplier, batch, cache, rope)
-        x = x + (ssm + attn * self.attn_out_multiplier)
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
+        x.add(ssm + attn * self.attn_out_multiplier)
+        x.add(self.feed_forward(x.norm(self.pre_ff_layernorm)))
 
 
 class FalconH1Model(HybridModel):

@@ -14,6 +14,7 @@ from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
     PagedAttention,
+    Residual,
     RMSNorm,
     Rope,
     Rotary,
@@ -62,7 +63,12 @@ class GraniteSharedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.input_linear(x).chunk(2, dim=-1)
-        return self.output_linear(self.act(a) * b)
+        return self.output_linear(self.glu(a, b))
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` (one launch once fused)."""
+        out: torch.Tensor = self.act(gate) * up
+        return out
 
 
 class ExpertWeights(nn.Module):
@@ -131,20 +137,15 @@ class GraniteBlock(nn.Module):
         else:
             self.mamba = mamba2_from_granite_style(config, layer_index)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: StepBatch,
-        cache: CacheViews,
-        rope: Rope,
-    ) -> torch.Tensor:
-        h = mix_or_attend(self.mamba, self.self_attn, self.input_layernorm(x), batch, cache, rope)
-        x = x + h * self.residual_multiplier
-        h = self.post_attention_layernorm(x)
+    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+        h = x.norm(self.input_layernorm)
+        x.add(mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope),
+              self.residual_multiplier)
+        h = x.norm(self.post_attention_layernorm)
         ffn = self.shared_mlp(h)
         if self.block_sparse_moe is not None:
             ffn = self.block_sparse_moe(h) + ffn
-        return x + ffn * self.residual_multiplier
+        x.add(ffn, self.residual_multiplier)
 
 
 class GraniteMoeHybridModel(HybridModel):

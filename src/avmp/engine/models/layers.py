@@ -19,6 +19,10 @@ from avmp.engine.batch import CacheViews, StepBatch
 from avmp.kernels import reference as ref
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
 def activation(name: str) -> Any:
     """The activation function transformers means by ``name``."""
     table = {
@@ -26,7 +30,7 @@ def activation(name: str) -> Any:
         "swish": F.silu,
         "gelu": F.gelu,
         "relu": F.relu,
-        "relu2": lambda x: torch.square(F.relu(x)),
+        "relu2": relu_squared,
     }
     try:
         return table[name]
@@ -60,6 +64,52 @@ class RMSNorm(nn.Module):
         if self.fp32_weight:
             return (self.weight.float() * h).to(dtype)
         return self.weight * h.to(dtype)
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, scale: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = x + delta * scale`` and the norm of ``s`` (one launch once fused)."""
+        total = x + (delta if scale is None else delta * scale)
+        return total, self(total)
+
+
+class Residual:
+    """The residual stream through the blocks, its latest addition deferred.
+
+    A pre-norm block adds its output to the stream and the next block starts by
+    normalising the sum; deferring the addition to that norm lets the fused norm do both
+    in one launch (`RMSNorm.add_norm`), about one elementwise launch saved per layer and
+    residual. Unfused, the stream adds exactly as the blocks did (``x + delta * scale``).
+    """
+
+    __slots__ = ("x", "delta", "scale")
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.delta: torch.Tensor | None = None
+        self.scale: float | None = None
+
+    def add(self, delta: torch.Tensor, scale: float | None = None) -> None:
+        """Add ``delta * scale`` to the stream (when it is next read)."""
+        if self.delta is not None:
+            self.value()
+        self.delta, self.scale = delta, scale
+
+    def value(self) -> torch.Tensor:
+        """The stream with every addition made."""
+        if self.delta is not None:
+            delta = self.delta if self.scale is None else self.delta * self.scale
+            self.x, self.delta = self.x + delta, None
+        return self.x
+
+    def norm(self, norm: RMSNorm) -> torch.Tensor:
+        """``norm`` of the stream, the deferred addition made on the way."""
+        if self.delta is None:
+            out: torch.Tensor = norm(self.x)
+            return out
+        self.x, out = norm.add_norm(self.x, self.delta, self.scale)
+        self.delta = None
+        return out
 
 
 class RMSNormGated(nn.Module):
@@ -333,7 +383,12 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` (one launch once fused)."""
+        out: torch.Tensor = self.act(gate) * up
+        return out
 
 
 def run_experts(
@@ -466,13 +521,10 @@ class MixerOrAttentionBlock(nn.Module):
     mamba: nn.Module | None
     self_attn: PagedAttention | None
 
-    def forward(
-        self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope
-    ) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        x = x + mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope)
-        out: torch.Tensor = x + self.feed_forward(self.pre_ff_layernorm(x))
-        return out
+    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+        h = x.norm(self.input_layernorm)
+        x.add(mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope))
+        x.add(self.feed_forward(x.norm(self.pre_ff_layernorm)))
 
 
 class HybridBody(nn.Module):
@@ -481,7 +533,8 @@ class HybridBody(nn.Module):
     The embedding and final norm are registered under the names the family's
     checkpoints use (they differ: ``embed_tokens``/``embeddings``, ``final_layernorm``/
     ``norm``/``norm_f``), so ``load_state_dict`` sees the transformers keys unchanged.
-    Every block is called as ``block(x, batch, cache, rope)``.
+    Every block is called as ``block(x, batch, cache, rope)`` with ``x`` the `Residual`
+    stream, which it reads through its norms and adds its outputs to.
     """
 
     def __init__(
@@ -507,7 +560,7 @@ class HybridBody(nn.Module):
 
     def run(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope) -> torch.Tensor:
         """Every block in order, then the final norm."""
+        stream = Residual(x)
         for layer in self.layers:
-            x = layer(x, batch, cache, rope)
-        out: torch.Tensor = getattr(self, self.norm_name)(x)
-        return out
+            layer(stream, batch, cache, rope)
+        return stream.norm(getattr(self, self.norm_name))

@@ -15,6 +15,7 @@ from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
     PagedAttention,
+    Residual,
     RMSNorm,
     Rope,
     activation,
@@ -129,17 +130,15 @@ class NemotronBlock(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
         self.mixer = build_mixer(config, layer_index)
 
-    def forward(
-        self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope
-    ) -> torch.Tensor:
-        h = self.norm(x)
+    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+        h = x.norm(self.norm)
         if isinstance(self.mixer, Mamba2Mixer):
             h = self.mixer(h, batch, cache)
         elif isinstance(self.mixer, PagedAttention):
             h = self.mixer(h, batch, cache, rope)
         else:
             h = self.mixer(h)
-        return x + h
+        x.add(h)
 
 
 class NemotronHModel(HybridModel):
