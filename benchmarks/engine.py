@@ -175,7 +175,7 @@ def engine_cell(
     decode = [(s, p) for s, p in timed if is_decode(s) and s.num_decode_requests == batch]
     prefill = [(s, p) for s, p in timed if s.num_prefill_tokens > 0]
     decode_s = statistics.median(p for _, p in decode)
-    runner_s = statistics.median(s.seconds for s, _ in decode)
+    device_s = statistics.median(s.seconds for s, _ in decode)
     middle = sorted(decode, key=lambda sp: sp[0].num_context_tokens)[len(decode) // 2][0]
     return {
         "batch": batch,
@@ -184,7 +184,7 @@ def engine_cell(
         "generate_wall_s": wall,
         "decode_steps": len(decode),
         "decode_step_s": decode_s,
-        "decode_runner_s": runner_s,
+        "decode_device_s": device_s,
         "decode_step_s_p10_p90": [
             float(np.percentile([p for _, p in decode], 10)),
             float(np.percentile([p for _, p in decode], 90)),
@@ -628,6 +628,8 @@ def run_engine_cells(
         extra.append(result["mixed_cell"])
         print(f"mixed cell: {result['mixed_cell']['num_mixed_steps']} mixed steps, median "
               f"{result['mixed_cell']['mixed_step_s_median']}", flush=True)  # fmt: skip
+    if time.perf_counter() < deadline:
+        result["overlap"] = overlap_comparison(engine, args)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     if len(cells) >= 2:
@@ -643,6 +645,23 @@ def run_engine_cells(
             points = calibration_points(cells + extra)
             payload = {"gpu": gpu, "model": name, "points": points}
             path.write_text(json.dumps(payload, indent=1))
+
+
+def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    """The batch-64 decode cell (or the largest batch below) with steps waiting for
+    their own tokens, then overlapped, back to back."""
+    batch = max((b for b in args.batches if b <= 64), default=min(args.batches))
+    rows = {}
+    for overlap in (False, True):
+        engine.overlap = overlap
+        cell = engine_cell(engine, batch, args.prompt_len, args.decode_tokens, seed=batch)
+        rows["on" if overlap else "off"] = {
+            k: cell[k] for k in ("decode_step_s", "decode_device_s", "decode_tokens_per_s")
+        }
+    engine.overlap = True
+    off, on = rows["off"]["decode_step_s"], rows["on"]["decode_step_s"]
+    print(f"overlap at B={batch}: {off * 1e3:.2f} -> {on * 1e3:.2f} ms/step", flush=True)
+    return {"batch": batch, **rows, "speedup": off / on}
 
 
 def run_transformers_cells(
@@ -666,7 +685,7 @@ def _engine_line(cell: dict[str, Any]) -> str:
     return (
         f"engine B={cell['batch']} P={cell['prompt_len']}: "
         f"decode {cell['decode_step_s'] * 1e3:.2f} ms/step "
-        f"({cell['decode_runner_s'] * 1e3:.2f} runner), "
+        f"({cell['decode_device_s'] * 1e3:.2f} on the device), "
         f"{cell['decode_tokens_per_s']:.0f} tok/s"
         + (f", {roof:.0%} of roofline" if roof is not None else "")
         + f", prefill {cell['prefill_tokens_per_s'] or 0:.0f} tok/s, graph={cell['decode_graph']}"
@@ -725,6 +744,8 @@ def markdown(results: dict[str, Any]) -> str:
     for model in results["models"]:
         lines += _model_header(model, results)
         lines += _throughput_table(model)
+        if model.get("overlap"):
+            lines += _overlap_line(model["overlap"])
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):
@@ -754,6 +775,18 @@ def _mixed_lines(model: dict[str, Any]) -> list[str]:
             f"{row['held_out_s']:.2f} s ({row['held_out_error']:+.0%})"
         )
     return lines
+
+
+def _overlap_line(row: dict[str, Any]) -> list[str]:
+    off, on = row["off"], row["on"]
+    return [
+        "",
+        f"Overlapped steps at batch {row['batch']} (the next step planned while the device "
+        f"runs this one), back to back: {off['decode_step_s'] * 1e3:.2f} ms/step waiting "
+        f"for each step's tokens, {on['decode_step_s'] * 1e3:.2f} ms/step overlapped "
+        f"({row['speedup']:.2f}x); the device's own time per step "
+        f"{on['decode_device_s'] * 1e3:.2f} ms.",
+    ]
 
 
 def _model_header(model: dict[str, Any], results: dict[str, Any]) -> list[str]:
