@@ -75,7 +75,8 @@ def kernel_table(runner: Any, work: list[Any]) -> dict[str, Any]:
         for e in events
         if e.self_device_time_total > 0
     ][:TABLE_ROWS]
-    return {"gpu_ms": gpu_ms, "kernels": rows}
+    launches = sum(e.count for e in events if e.self_device_time_total > 0) // 3
+    return {"gpu_ms": gpu_ms, "launches": launches, "kernels": rows}
 
 
 def profile_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -142,8 +143,10 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for case in ("decode", "mixed"):
             table = m[case]
+            launches = f" in {table['launches']} launches" if "launches" in table else ""
             lines += [
-                f"GPU time of one eager {case} step: {table['gpu_ms']:.2f} ms; largest kernels:",
+                f"GPU time of one eager {case} step: {table['gpu_ms']:.2f} ms{launches}; "
+                "largest kernels:",
                 "",
                 "| kernel | ms per step | calls per step |",
                 "| --- | ---: | ---: |",
