@@ -4,8 +4,10 @@ rows that every Triton kernel skips (slot -1, context 0, no KV write)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from avmp.engine.device_batch import StepShape, pack_step, split_packed
+from avmp.engine.batch import StepBatch
+from avmp.engine.device_batch import StepShape, device_batch, pack_step, split_packed
 from avmp.engine.runner import SequenceWork
 
 
@@ -15,7 +17,7 @@ def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
         SequenceWork([3], 6, 0, [2, 6], True),  # decode at position 6
     ]
     shape = StepShape(num_tokens=6, num_seqs=4, width=3, num_samples=4)
-    assert shape.total == 3 * 6 + 4 * 3 + 6 * 4 + 1 + 4
+    assert shape.total == 3 * 6 + 4 * 3 + 7 * 4 + 1 + 4
     out = np.full(shape.total, 99, dtype=np.int64)
     pack_step(work, 4, out, shape)
     f = split_packed(out, shape)
@@ -30,3 +32,26 @@ def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
     assert f.sample_rows.tolist() == [2, 3, 4, 5]
     assert f.decode_rows.tolist() == [3, 0, 0, 0]  # the decode's token row, then unused
     assert f.decode_slots.tolist() == [0, -1, -1, -1]
+    assert f.decode_seqs.tolist() == [1, 0, 0, 0]
+
+
+def test_device_batch_groups_the_decodes_as_the_reference_batch_does() -> None:
+    """Layers without a Triton path (Mamba1) batch the decodes of a device step too."""
+    work = [
+        SequenceWork([5], 9, 3, [0, 2, 7], True),
+        SequenceWork([7, 8, 9], 2, 5, [4, 1], True),
+        SequenceWork([3], 6, 0, [2, 6], True),
+    ]
+    shape = StepShape(num_tokens=5, num_seqs=3, width=3, num_samples=3)
+    out = np.zeros(shape.total, dtype=np.int64)
+    pack_step(work, 4, out, shape)
+    fields = split_packed(torch.from_numpy(out), shape)
+    group = device_batch(fields, work, 4, is_decode=False).decode
+    chunks = [(w.num_context, len(w.token_ids), w.slot_row, w.page_rows) for w in work]
+    expected = StepBatch.build(chunks, 4, torch.device("cpu")).decode
+    assert group is not None and expected is not None
+    assert group.token_index.tolist() == expected.token_index.tolist() == [0, 4]
+    assert group.slots.tolist() == expected.slots.tolist() == [3, 0]
+    assert group.num_tokens.tolist() == expected.num_tokens.tolist() == [10, 7]
+    assert group.block_tables.tolist() == [[0, 2, 7], [2, 6, 0]]
+    assert device_batch(split_packed(torch.from_numpy(out), shape), [], 4, True).decode is None

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from avmp.engine.batch import SequenceChunk, StepBatch
+from avmp.engine.batch import DecodeGroup, SequenceChunk, StepBatch
 from avmp.engine.runner import SequenceWork
 
 
@@ -33,7 +33,7 @@ class StepShape(NamedTuple):
     @property
     def total(self) -> int:
         t, b, w, s = self
-        return 3 * t + b * w + 6 * b + 1 + s
+        return 3 * t + b * w + 7 * b + 1 + s
 
 
 class PackedStep(NamedTuple):
@@ -49,13 +49,14 @@ class PackedStep(NamedTuple):
     has_initial_state: Any
     decode_rows: Any
     decode_slots: Any
+    decode_seqs: Any
     sample_rows: Any
 
 
 def split_packed(buffer: Any, shape: StepShape) -> PackedStep:
     """Slice ``buffer`` (numpy array or tensor of ``shape.total`` int64) into its fields."""
     t, b, w, s = shape
-    sizes = (t, t, t, b * w, b, b + 1, b, b, b, b, s)
+    sizes = (t, t, t, b * w, b, b + 1, b, b, b, b, b, s)
     parts = []
     start = 0
     for size in sizes:
@@ -115,6 +116,8 @@ def pack_step(
     fields.decode_rows[num_decode:] = 0
     fields.decode_slots[:num_decode] = fields.slot_idx[:b][decoding]
     fields.decode_slots[num_decode:] = -1
+    fields.decode_seqs[:num_decode] = np.flatnonzero(decoding)
+    fields.decode_seqs[num_decode:] = 0
     # Padding sequences own one padding token each (while tokens remain), then none.
     qsl = fields.query_start_loc
     qsl[0] = 0
@@ -141,7 +144,9 @@ class DeviceStepBatch(StepBatch):
         has_initial_state: ``[B]`` 1 where the sequence continues from its slot.
         decode_rows, decode_slots: ``[num_decode]`` token rows and slots of the decode
             sequences (one token after cached context), so a step mixing prefill chunks
-            and decodes runs the decodes' conv update in one launch.
+            and decodes runs the decodes' conv update in one launch. The same sequences
+            also form the batch's `DecodeGroup`, for the layers that run the torch
+            reference (Mamba1: one batched decode call, not one per sequence).
         max_query_len: longest new-token run (host int, for the prefill launch grid).
         is_decode: every sequence computes one token after cached context.
     """
@@ -165,7 +170,9 @@ def device_batch(
     is_decode: bool,
 ) -> DeviceStepBatch:
     """Wrap device slices as a batch. Per-sequence chunks (for layers without a Triton
-    path) reuse the device block table rows; padding sequences get none."""
+    path) reuse the device block table rows; padding sequences get none, nor does the
+    decode group (built from ``sequences``, so a padded step, which names none, has no
+    group and no padding row can reach a reference state update)."""
     chunks = []
     start = 0
     for i, seq in enumerate(sequences):
@@ -175,8 +182,18 @@ def device_batch(
         start += n
     slots = fields.slot_mapping
     num_decode = sum(1 for s in sequences if len(s.token_ids) == 1 and s.num_context > 0)
+    decode = None
+    if num_decode:
+        picked = fields.decode_seqs[:num_decode]
+        decode = DecodeGroup(
+            token_index=fields.decode_rows[:num_decode],
+            slots=fields.decode_slots[:num_decode],
+            block_tables=fields.block_tables.index_select(0, picked),
+            num_tokens=fields.context_lens.index_select(0, picked),
+        )
     return DeviceStepBatch(
         sequences=tuple(chunks),
+        decode=decode,
         positions=fields.positions,
         page_ids=torch.div(slots, block_size, rounding_mode="floor"),
         page_offsets=torch.remainder(slots, block_size),
