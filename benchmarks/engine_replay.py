@@ -12,9 +12,9 @@ its output length (``ignore_eos``).
 Per layout the engine runs the whole trace with the Triton kernels and decode CUDA
 graphs, AVMP and static on the CUDA VMM backing (chunks mapped as the pools grow),
 unified on one plain buffer (as vLLM allocates it); a budget small enough that memory,
-not ``--max-num-seqs``, limits the batch. Steps are profiled (the runner syncs at each
-step's end, as in benchmarks/engine.py); steps that captured a CUDA graph are one-off
-work and reported apart. The layouts are replayed ``--rounds`` times in turn and the
+not ``--max-num-seqs``, limits the batch. Steps are profiled with CUDA events (no sync:
+steps still overlap, as in benchmarks/engine.py); steps that captured a CUDA graph are
+one-off work and reported apart. The layouts are replayed ``--rounds`` times in turn and the
 last round is reported: the first pays Triton's compilation of the kernel variants the
 trace's shapes need, which would otherwise fall on whichever layout runs first. The
 simulator replays the same trace with the same scheduler limits and allocator, its clock
