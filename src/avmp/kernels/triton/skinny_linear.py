@@ -1,0 +1,322 @@
+"""Weight-streaming GEMM for decode batches: ``x @ weight.T (+ bias)`` with ``x`` a few
+rows (``[M, K]``, M <= 256 tokens) and ``weight`` a large ``[N, K]`` matrix.
+
+Why it exists: at decode batch sizes a linear layer does ``M`` multiply-adds per weight
+element it reads, so its time is the weight's bytes over HBM bandwidth. On an H100 cuBLAS
+reaches 2.0-2.65 TB/s on the Nemotron-H-8B and Granite-4.0-H shapes at M = 64, against
+about 3.0 TB/s for a copy; a decode step is mostly such layers.
+
+How: each program owns ``block_n`` weight rows and ``block_m`` tokens and computes the
+transposed tile ``out.T[block_n, block_m] = W_tile @ x_tile.T``, so the weight rows fill
+the matrix unit's wide side (Hopper's wgmma takes 64 rows per warp group) and the few
+tokens its narrow side (16 and up). One ``block_m`` tile normally holds the whole batch
+(``block_m`` = next power of two >= M), so every weight byte is read once.
+
+Split-K: when ``N / block_n`` programs cannot fill the GPU, the K range is split into
+``split_k`` parts. Each part writes its fp32 partial tile to a workspace
+``[split_k, M, N]`` and a second small kernel sums the parts in a fixed order, adds the
+bias and casts: no atomics, so the same inputs always give the same bits.
+
+No host sync and no data-dependent allocation, so a call can be captured in a CUDA graph
+(the workspace is a plain ``torch.empty`` per call, served from the graph's pool).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from avmp.kernels.triton._common import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_same_device,
+    check_shape,
+    dot_precision,
+    next_power_of_2,
+    upcast_dot,
+)
+
+# Block sizes are tl.dot tile sides: powers of two, 16 at least (its smallest operand).
+MIN_BLOCK = 16
+MAX_BLOCK_M = 256  # a decode batch; larger M takes several M tiles (weights re-read)
+MAX_BLOCK_N = 256
+MAX_BLOCK_K = 512
+MAX_SPLIT_K = 64
+NUM_WARPS = (1, 2, 4, 8, 16)
+# Columns of out one program of the split-K reduction sums.
+REDUCE_BLOCK = 512
+
+# default_config's rules (see its docstring).
+TARGET_PROGRAMS_PER_SM = 2
+MIN_K_BLOCKS_PER_SPLIT = 4
+DEFAULT_MAX_SPLIT_K = 16
+PIPELINE_BUDGET_BYTES = 128 << 10  # one program's staged tiles; H100 has 227 KiB per SM
+MAX_DEFAULT_STAGES = 4
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tiling of one skinny_linear launch.
+
+    ``block_m`` x ``block_n`` is one program's output tile (tokens x weight rows),
+    ``block_k`` the K step of its loop, ``split_k`` how many parts K is split into
+    (1: no workspace, no second kernel). ``num_warps`` and ``num_stages`` go to Triton
+    (``num_stages``: tiles in flight in the software pipeline).
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self) -> None:
+        for name, limit in (("block_m", MAX_BLOCK_M), ("block_n", MAX_BLOCK_N),
+                            ("block_k", MAX_BLOCK_K)):
+            _check_block(name, getattr(self, name), limit)
+        if not _is_int(self.split_k) or not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"split_k must be an int in [1, {MAX_SPLIT_K}], got {self.split_k}")
+        if not _is_int(self.num_warps) or self.num_warps not in NUM_WARPS:
+            raise ValueError(f"num_warps must be one of {NUM_WARPS}, got {self.num_warps}")
+        if not _is_int(self.num_stages) or self.num_stages < 1:
+            raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages}")
+
+    def to_dict(self) -> dict[str, int]:
+        """The fields as JSON-ready ints (the benchmark saves its best configs so)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> SkinnyConfig:
+        """Inverse of ``to_dict``; unknown or missing keys raise TypeError."""
+        return cls(**fields)
+
+    def pipeline_bytes(self, element_size: int) -> int:
+        """Shared memory the staged weight and activation tiles take (Triton adds a
+        little for the epilogue): what bounds ``num_stages`` on a given GPU."""
+        return self.num_stages * (self.block_n + self.block_m) * self.block_k * element_size
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_block(name: str, value: int, limit: int) -> None:
+    if not _is_int(value) or value < MIN_BLOCK or value > limit or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{MIN_BLOCK}, {limit}], got {value}")
+
+
+def default_block_m(m: int) -> int:
+    """One M tile for the whole batch: the next power of two >= M (16 at least), capped
+    at 256 (beyond it the batch takes several tiles)."""
+    return min(next_power_of_2(m, MIN_BLOCK), MAX_BLOCK_M)
+
+
+def default_split_k(num_tiles: int, num_k_blocks: int, num_sms: int) -> int:
+    """The smallest power-of-two split giving ``TARGET_PROGRAMS_PER_SM`` programs per SM
+    (so the last partial wave and per-program start-up are hidden behind others), with
+    each part keeping ``MIN_K_BLOCKS_PER_SPLIT`` K steps at least so its pipeline fills."""
+    most = min(DEFAULT_MAX_SPLIT_K, max(1, num_k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+    split = 1
+    while num_tiles * split < TARGET_PROGRAMS_PER_SM * num_sms and split * 2 <= most:
+        split *= 2
+    return split
+
+
+def default_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyConfig:
+    """A config from simple rules, for shapes the benchmark has no measured entry for.
+
+    - ``block_m``: the whole batch in one tile (``default_block_m``).
+    - ``block_n`` = 64: the rows of one Hopper wgmma warp group; a 64 x 128 bf16 weight
+      tile is 16 KiB per stage.
+    - ``block_k``: 128 while the activation tile is small (block_m <= 64), else 64, so
+      a stage stays near 16-40 KiB; halved for fp32.
+    - ``num_stages``: as many stages as fit ``PIPELINE_BUDGET_BYTES`` (2 to 4): the
+      weight bytes in flight per program are what streams at HBM speed.
+    - ``num_warps``: 8 for output tiles of 128 x 64 and up, else 4.
+    - ``split_k``: when ``N / block_n`` tiles cannot fill ~2 programs per SM
+      (``default_split_k``), e.g. N = 4096 rows of a 21504-long K.
+    """
+    if min(m, n, k, num_sms, element_size) < 1:
+        raise ValueError(f"m, n, k, num_sms and element_size must be >= 1, got "
+                         f"{(m, n, k, num_sms, element_size)}")
+    block_m, block_n = default_block_m(m), 64
+    block_k = (128 if block_m <= 64 else 64) * 2 // max(2, element_size)
+    stage_bytes = (block_n + block_m) * block_k * element_size
+    num_stages = max(2, min(MAX_DEFAULT_STAGES, PIPELINE_BUDGET_BYTES // stage_bytes))
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    num_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split_k = default_split_k(num_tiles, triton.cdiv(k, block_k), num_sms)
+    return SkinnyConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the CPU, where Triton's
+    interpreter runs one program at a time (so the rules pick no split there)."""
+    if device.type != "cuda":
+        return 1
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+# M, split_k and blocks_per_split stay runtime values: Triton would otherwise compile a
+# kernel for each value equal to 1, and the benchmark sweeps them without recompiling.
+@triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
+def _skinny_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N, K, split_k, blocks_per_split,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past N or M wrap onto valid ones, so the loads need no mask along them (the
+    # stores are masked): full, vectorised weight loads on the hot path.
+    rows_w = (offs_n % N).to(tl.int64)
+    rows_x = (offs_m % M).to(tl.int64)
+    num_k_blocks = tl.cdiv(K, BLOCK_K)
+    kb_start = pid_k * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, num_k_blocks)
+    k_base = kb_start.to(tl.int64) * BLOCK_K
+    w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_base + offs_k)[None, :]  # [BN, BK]
+    x_ptrs = x_ptr + rows_x[:, None] * stride_xm + (k_base + offs_k)[None, :] * stride_xk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
+    for kb in range(kb_start, kb_end):
+        if EVEN_K:
+            w = tl.load(w_ptrs)  # [BN, BK]
+            x = tl.load(x_ptrs)  # [BM, BK]
+        else:
+            in_k = offs_k[None, :] < K - kb * BLOCK_K
+            w = tl.load(w_ptrs, mask=in_k, other=0.0)
+            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BN, BM]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if split_k == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows_w).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # this part's fp32 partial sums, workspace [split_k, M, N]
+        ws_rows = (pid_k * M + offs_m).to(tl.int64) * N
+        tl.store(ws_ptr + ws_rows[None, :] + offs_n[:, None], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _split_k_reduce_kernel(
+    ws_ptr, b_ptr, out_ptr, M, N, split_k, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_n < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for part in range(0, split_k):  # a fixed order: the sum's bits never change
+        ws_row = (part * M + row).to(tl.int64) * N
+        acc += tl.load(ws_ptr + ws_row + offs_n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + offs_n * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None
+) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    (m, k), n = x.shape, weight.shape[0]
+    check_dtype("x", x, FLOAT_DTYPES)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}] (x is [{m}, {k}]), got {tuple(weight.shape)}")
+    if k > 1 and weight.stride(1) != 1:
+        raise ValueError("weight must be contiguous along K (stride 1 in its last dimension)")
+    if bias is not None:
+        check_shape("bias", bias, (n,))
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if out is not None:
+        check_shape("out", out, (m, n))
+        if out.dtype != x.dtype:
+            raise ValueError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    check_same_device(x=x, weight=weight, bias=bias, out=out)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: SkinnyConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias)``, what ``torch.nn.functional.linear`` computes.
+
+    Args:
+        x: ``[M, K]`` activations (fp16, bf16 or fp32), any strides.
+        weight: ``[N, K]`` in x's dtype, contiguous along K (any row stride).
+        bias: optional ``[N]`` in x's dtype.
+        config: the tiling; ``default_config`` for this shape and device when None.
+        out: optional ``[M, N]`` output in x's dtype (any strides), written in place.
+
+    Returns:
+        ``out``, or a new ``[M, N]`` tensor in x's dtype; fp32 accumulation, and the
+        same bits for the same inputs and config whatever ``split_k``.
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not fit together.
+    """
+    _check_inputs(x, weight, bias, out)
+    (m, k), n = x.shape, weight.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # an empty sum: the bias alone
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    if config is None:
+        config = default_config(m, n, k, num_sms(x.device), x.element_size())
+    _launch(x, weight, bias, out, config)
+    return out
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor, config: SkinnyConfig) -> None:
+    (m, k), n = x.shape, weight.shape[0]
+    num_k_blocks = triton.cdiv(k, config.block_k)
+    blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
+    split_k = triton.cdiv(num_k_blocks, blocks_per_split)  # no part left without K
+    # With split_k == 1 the workspace is never touched: one element keeps a valid pointer.
+    ws_shape = (split_k, m, n) if split_k > 1 else (1,)
+    workspace = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
+    _skinny_kernel[grid](
+        x, weight, bias_arg, out, workspace, m, n, k, split_k, blocks_per_split,
+        x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_k > 1:
+        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+        )
