@@ -1,0 +1,174 @@
+"""skinny_linear against torch.nn.functional.linear: decode batch sizes, shapes that are
+not multiples of the blocks, split-K (deterministic), bias, strided views, the default
+config rules and input validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _triton_cases import assert_close
+
+from triton_device import kernel_device
+
+DEVICE = kernel_device()
+
+from avmp.kernels.triton.skinny_linear import (  # noqa: E402
+    PIPELINE_BUDGET_BYTES,
+    SkinnyConfig,
+    default_config,
+    num_sms,
+    skinny_linear,
+)
+
+SMALL = SkinnyConfig(block_m=16, block_n=16, block_k=32, split_k=1)
+
+
+def make_inputs(
+    m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b = (torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+               for shape in ((m, k), (n, k), (n,)))
+    return x, w, b
+
+
+CASES = [  # (M, N, K, config): N and K off the block multiples, M across tiles
+    (1, 50, 70, SMALL),
+    (7, 40, 96, dataclasses.replace(SMALL, split_k=2)),
+    (64, 48, 100, SkinnyConfig(block_m=64, block_n=32, block_k=16, split_k=3)),
+    (130, 33, 64, SkinnyConfig(block_m=64, block_n=16, block_k=32, split_k=1)),
+    (130, 24, 80, SkinnyConfig(block_m=256, block_n=16, block_k=16, split_k=4)),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "config"), CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_functional_linear(
+    m: int, n: int, k: int, config: SkinnyConfig, with_bias: bool
+) -> None:
+    x, w, b = make_inputs(m, n, k, torch.bfloat16)
+    bias = b if with_bias else None
+    out = skinny_linear(x, w, bias, config)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert_close("skinny_linear", out, F.linear(x, w, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_other_dtypes(dtype: torch.dtype, split_k: int) -> None:
+    x, w, b = make_inputs(5, 36, 72, dtype)
+    out = skinny_linear(x, w, b, dataclasses.replace(SMALL, split_k=split_k))
+    assert out.dtype == dtype
+    assert_close("skinny_linear", out, F.linear(x, w, b), dtype)
+
+
+def test_default_config_is_used_without_one() -> None:
+    x, w, b = make_inputs(3, 70, 48, torch.bfloat16)
+    assert_close("default", skinny_linear(x, w, b), F.linear(x, w, b), torch.bfloat16)
+
+
+def test_split_k_gives_the_same_bits_every_call() -> None:
+    x, w, b = make_inputs(9, 40, 200, torch.bfloat16, seed=1)
+    config = SkinnyConfig(block_m=16, block_n=16, block_k=32, split_k=4)
+    first, second = skinny_linear(x, w, b, config), skinny_linear(x, w, b, config)
+    assert torch.equal(first, second)
+    assert_close("split", first, skinny_linear(x, w, b, SMALL), torch.bfloat16)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_strided_x_and_out_written_in_place(split_k: int) -> None:
+    x, w, b = make_inputs(6, 24, 40, torch.float32)
+    x = x.T.contiguous().T  # [6, 40] with strides (1, 6): a transposed view
+    host = torch.full((6, 50), float("nan"), device=DEVICE)
+    out = host[:, 10:34]  # row stride 50: a column slice of a wider buffer
+    result = skinny_linear(x, w, b, dataclasses.replace(SMALL, split_k=split_k), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_close("strided", out, F.linear(x, w, b), torch.float32)
+    assert host[:, :10].isnan().all() and host[:, 34:].isnan().all()  # nothing else written
+
+
+def test_empty_dimensions() -> None:
+    x, w, b = make_inputs(4, 8, 0, torch.float32)
+    assert torch.equal(skinny_linear(x, w, b), b.expand(4, 8))
+    assert torch.equal(skinny_linear(x, w), torch.zeros(4, 8, device=DEVICE))
+    assert skinny_linear(x[:0], w).shape == (0, 8)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
+def test_split_k_captures_in_a_cuda_graph() -> None:
+    x, w, b = make_inputs(64, 1024, 4096, torch.bfloat16)
+    config = SkinnyConfig(block_m=64, block_n=64, block_k=128, split_k=4)
+    expected = skinny_linear(x, w, b, config)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = skinny_linear(x, w, b, config)
+    x.mul_(-1)  # the graph reads x again on replay
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, -expected)
+
+
+def _bad_inputs() -> list[tuple[str, dict[str, torch.Tensor | None]]]:
+    x, w, b = make_inputs(4, 8, 16, torch.float32)
+    return [
+        ("x must be", {"x": x[None]}),
+        ("x must be one of", {"x": x.long(), "weight": w.long()}),
+        ("weight must have x's dtype", {"weight": w.half()}),
+        (r"weight must be \[N, 16\]", {"weight": w[:, :8]}),
+        ("contiguous along K", {"weight": w.T.contiguous().T}),
+        ("bias must have shape", {"bias": b[:4]}),
+        ("bias must have x's dtype", {"bias": b.half()}),
+        ("out must have shape", {"out": torch.empty(8, 4, device=DEVICE)}),
+        ("out must have x's dtype", {"out": torch.empty(4, 8, device=DEVICE).half()}),
+    ]
+
+
+@pytest.mark.parametrize(("match", "override"), _bad_inputs(), ids=lambda v: str(v)[:24])
+def test_rejects_mismatched_inputs(match: str, override: dict[str, torch.Tensor | None]) -> None:
+    x, w, b = make_inputs(4, 8, 16, torch.float32)
+    kwargs: dict[str, torch.Tensor | None] = {"x": x, "weight": w, "bias": b, "out": None}
+    with pytest.raises(ValueError, match=match):
+        skinny_linear(**(kwargs | override))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", [
+    {"block_m": 8}, {"block_n": 48}, {"block_k": 1024}, {"block_m": 512}, {"split_k": 0},
+    {"num_warps": 3}, {"num_stages": 0}, {"block_n": True},
+])  # fmt: skip
+def test_config_rejects_invalid_fields(fields: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        SkinnyConfig(**fields)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = SkinnyConfig(32, 128, 64, 4, 8, 3)
+    assert SkinnyConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [
+    (1, 4096, 21504), (8, 1024, 4096), (64, 18560, 4096), (130, 4096, 8192),
+    (256, 131072, 4096), (300, 512, 2048), (1, 16, 16),
+])  # fmt: skip
+def test_default_config_rules(m: int, n: int, k: int) -> None:
+    sms = 132
+    config = default_config(m, n, k, sms)
+    assert config.block_m == min(256, max(16, 1 << (m - 1).bit_length()))
+    assert config.pipeline_bytes(2) <= PIPELINE_BUDGET_BYTES
+    tiles = -(-n // config.block_n) * -(-m // config.block_m)
+    programs = tiles * config.split_k
+    if config.split_k > 1:  # split only while the tiles alone are too few
+        assert tiles * config.split_k // 2 < 2 * sms
+        assert -(-k // config.block_k) // config.split_k >= 4  # each part keeps 4 K steps
+    else:
+        assert programs >= 2 * sms or -(-k // config.block_k) < 8
+
+
+def test_default_config_splits_narrow_outputs_only() -> None:
+    assert default_config(64, 4096, 21504, 132).split_k > 1  # 64 tiles on 132 SMs
+    assert default_config(64, 131072, 4096, 132).split_k == 1  # 2048 tiles
+    assert default_config(64, 4096, 21504, 1).split_k == 1  # one SM: nothing to fill
+    assert num_sms(torch.device("cpu")) == 1
