@@ -1,0 +1,547 @@
+"""Decode-batch linear layers on a CUDA GPU: cuBLAS (torch F.linear) against a sweep of
+skinny_linear configs, as achieved weight bandwidth.
+
+Shapes: every nn.Linear weight of Nemotron-H-8B and Granite-4.0-H-Micro, derived from
+their zoo configs (``model_linears``; a test checks them against the engine's modules),
+bf16, no bias, at M = 1, 8, 32, 64, 128, 256 tokens. Per (shape, M):
+
+1. cuBLAS (``F.linear``) and skinny_linear's ``default_config``;
+2. every candidate tile of the grid (``candidate_tiles``: block_n 16-128, block_k
+   64-256, 4 or 8 warps, 3-5 stages, pruned by shared memory, registers and the
+   activation re-reads), each at the split the default rules give it;
+3. the three fastest tiles again at every split_k in 1, 2, 4, 8.
+
+Every config is first checked against F.linear (relative error) and skipped, with its
+error recorded, when it is wrong or fails to compile or launch. Sweep timings are
+``triton.testing.do_bench`` medians with a short rep (the L2 cache is flushed before
+each call, as a decode step finds it: a model's weights never fit in L2). The reported
+figures time cuBLAS, the default and the best config again, replayed from CUDA graphs as
+the engine runs them, with a longer rep (a winner picked on short runs is biased
+fast). TB/s = weight bytes / time; the device-to-device copy bandwidth of the same run
+(bytes read + written) is the ceiling. The JSON keeps every timing and, under
+``table``, the best config per (N x K, M): what the engine loads.
+
+After ``--budget-s`` seconds the remaining cells time cuBLAS and the default config
+only (marked ``swept: false``); results are written after every cell.
+
+    PYTHONPATH=src python3 benchmarks/skinny_gemm.py \
+        --out benchmarks/results/skinny_gemm_h100.json
+    PYTHONPATH=src python3 benchmarks/skinny_gemm.py \
+        --markdown benchmarks/results/skinny_gemm_h100.json
+
+CPU check of the same code path (one tiny shape, Triton's interpreter, wall-clock times):
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/skinny_gemm.py --device cpu --quick \
+        --out /tmp/skinny_gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from avmp.kernels.triton.skinny_linear import (
+    SkinnyConfig,
+    default_block_m,
+    default_config,
+    default_split_k,
+    num_sms,
+    skinny_linear,
+)
+from avmp.models.zoo import zoo_config
+
+DTYPE = torch.bfloat16
+REL_TOLERANCE = 2e-2  # bf16 outputs: one rounding of each is ~4e-3 relative
+MODELS = ("nemotron-h-8b", "granite-4.0-h-micro")
+BATCHES = (1, 8, 32, 64, 128, 256)
+NUM_TOP_TILES = 3  # tiles whose every split is timed
+SWEEP_WARMUP_MS, SWEEP_REP_MS = 2, 10
+FINAL_WARMUP_MS, FINAL_REP_MS = 10, 100
+COPY_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values each config field is swept over (``block_m`` is the batch's own)."""
+
+    block_n: tuple[int, ...]
+    block_k: tuple[int, ...]
+    num_warps: tuple[int, ...]
+    num_stages: tuple[int, ...]
+    split_k: tuple[int, ...]
+
+
+FULL_GRID = Grid(block_n=(16, 32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8),
+                 num_stages=(3, 4, 5), split_k=(1, 2, 4, 8))
+# --quick: the interpreter ignores warps and stages; two tiles and two splits still
+# take every branch of the sweep.
+QUICK_GRID = Grid(block_n=(16, 32), block_k=(32,), num_warps=(4,), num_stages=(2,),
+                  split_k=(1, 2))
+QUICK_BATCHES = (1, 5)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One weight shape of a model and how many matrices of it a decode step reads."""
+
+    model: str
+    layer: str
+    n: int  # out features
+    k: int  # in features
+    count: int
+
+
+def nemotron_h_linears(name: str, cfg: dict[str, Any]) -> list[Linear]:
+    """Nemotron-H: the pattern's M (Mamba2), - (MLP, relu²) and * (attention) layers."""
+    pattern = cfg["hybrid_override_pattern"]
+    if set(pattern) - set("M-*"):
+        raise ValueError(f"{name}: layer kinds {set(pattern) - set('M-*')} not covered")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    d_inner = cfg["mamba_num_heads"] * cfg["mamba_head_dim"]
+    in_proj = 2 * d_inner + 2 * cfg["n_groups"] * cfg["ssm_state_size"] + cfg["mamba_num_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    mamba, mlp, attn = pattern.count("M"), pattern.count("-"), pattern.count("*")
+    return [
+        Linear(name, "mamba in_proj", in_proj, hidden, mamba),
+        Linear(name, "mamba out_proj", hidden, d_inner, mamba),
+        Linear(name, "mlp up", cfg["intermediate_size"], hidden, mlp),
+        Linear(name, "mlp down", hidden, cfg["intermediate_size"], mlp),
+        Linear(name, "attention q", heads * head_dim, hidden, attn),
+        Linear(name, "attention k, v", kv, hidden, 2 * attn),
+        Linear(name, "attention o", hidden, heads * head_dim, attn),
+        Linear(name, "lm_head", cfg["vocab_size"], hidden, 1),
+    ]
+
+
+def granite_h_linears(name: str, cfg: dict[str, Any]) -> list[Linear]:
+    """Granite-4.0-H: Mamba2 or attention layers, each followed by the shared MLP (gate
+    and up stacked in one input_linear)."""
+    if cfg.get("num_local_experts", 0):
+        raise ValueError(f"{name}: mixture-of-experts layers not covered")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = hidden // heads
+    d_inner = cfg["mamba_expand"] * hidden
+    groups_state = 2 * cfg["mamba_n_groups"] * cfg["mamba_d_state"]
+    in_proj = 2 * d_inner + groups_state + cfg["mamba_n_heads"]
+    mlp = cfg["shared_intermediate_size"]
+    layers = cfg["layer_types"]
+    mamba, attn = layers.count("mamba"), layers.count("attention")
+    return [
+        Linear(name, "mamba in_proj", in_proj, hidden, mamba),
+        Linear(name, "mamba out_proj", hidden, d_inner, mamba),
+        Linear(name, "shared_mlp input_linear", 2 * mlp, hidden, len(layers)),
+        Linear(name, "shared_mlp output_linear", hidden, mlp, len(layers)),
+        Linear(name, "attention q", heads * head_dim, hidden, attn),
+        Linear(name, "attention k, v", cfg["num_key_value_heads"] * head_dim, hidden, 2 * attn),
+        Linear(name, "attention o", hidden, heads * head_dim, attn),
+        Linear(name, "lm_head", cfg["vocab_size"], hidden, 1),
+    ]
+
+
+# --quick: a two-layer stand-in model, N and K off the block multiples.
+QUICK_LINEARS = [Linear("tiny", "up", 40, 96, 2), Linear("tiny", "down", 24, 40, 1)]
+
+LINEARS_BY_TYPE = {"nemotron_h": nemotron_h_linears, "granitemoehybrid": granite_h_linears}
+
+
+def model_linears(names: Iterable[str]) -> list[Linear]:
+    """Every weight shape of the named zoo models, from their configs."""
+    linears: list[Linear] = []
+    for name in names:
+        cfg = zoo_config(name)
+        linears += LINEARS_BY_TYPE[cfg["model_type"]](name, cfg)
+    return linears
+
+
+def unique_shapes(linears: list[Linear]) -> dict[tuple[int, int], list[str]]:
+    """(N, K) -> the layers of that shape, first seen first: each shape is timed once."""
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for lin in linears:
+        shapes.setdefault((lin.n, lin.k), []).append(f"{lin.model} {lin.layer}")
+    return shapes
+
+
+# -- candidate configs -------------------------------------------------------------------
+
+
+def is_candidate(block_m: int, block_n: int, num_warps: int) -> bool:
+    """Tiles worth timing: 8 warps only for outputs of 64 x 64 and up (smaller ones idle
+    them); 4 warps only up to 128 x 128 (beyond, the fp32 tile spills registers on
+    sm_90); block_m at most 4 x block_n (each program re-reads the whole activation
+    tile, which would then outweigh its weight rows)."""
+    tile = block_m * block_n
+    if (num_warps >= 8 and tile < 64 * 64) or (num_warps <= 4 and tile > 128 * 128):
+        return False
+    return block_m <= 4 * block_n
+
+
+def candidate_tiles(m: int, n: int, k: int, grid: Grid, sms: int, smem_bytes: int | None
+                    ) -> list[SkinnyConfig]:
+    """The grid's tiles for this batch (block_m its own), each at its default split,
+    leaving out those whose pipeline does not fit the GPU's shared memory."""
+    block_m = default_block_m(m)
+    tiles = []
+    for block_n, block_k, warps, stages in itertools.product(
+            grid.block_n, grid.block_k, grid.num_warps, grid.num_stages):
+        if not is_candidate(block_m, block_n, warps):
+            continue
+        split = default_split_k(triton.cdiv(n, block_n) * triton.cdiv(m, block_m),
+                                triton.cdiv(k, block_k), sms)
+        config = SkinnyConfig(block_m, block_n, block_k, split, warps, stages)
+        if smem_bytes is None or config.pipeline_bytes(DTYPE.itemsize) <= smem_bytes:
+            tiles.append(config)
+    return tiles
+
+
+def split_variants(tile: SkinnyConfig, k: int, grid: Grid) -> list[SkinnyConfig]:
+    """``tile`` at every split of the grid that leaves each part some K."""
+    k_blocks = triton.cdiv(k, tile.block_k)
+    return [dataclasses.replace(tile, split_k=s) for s in grid.split_k if s <= k_blocks]
+
+
+# -- timing ------------------------------------------------------------------------------
+
+
+Timer = Callable[[Callable[[], object]], float]
+
+
+def cuda_timer(warmup_ms: float, rep_ms: float, graphs: bool) -> Timer:
+    """Median ms of do_bench (L2 flushed before each call), of ``fn`` or of a CUDA graph
+    replaying it."""
+    def timer(fn: Callable[[], object]) -> float:
+        run = captured(fn) if graphs else fn
+        return float(do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return timer
+
+
+def captured(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph (its allocations in the graph's pool)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def wall_timer(calls: int = 3) -> Timer:
+    """CPU (--quick under the interpreter): median wall ms of a few calls after one."""
+    def timer(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    return timer
+
+
+def copy_tbps(device: torch.device, num_bytes: int, timer: Timer) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written, TB/s."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / timer(lambda: dst.copy_(src)) / 1e9
+
+
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Bring the clocks up before the first timing: bf16 matrix products for ~seconds."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+# -- one cell ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every cell shares: device, grid, timers and limits."""
+
+    device: torch.device
+    grid: Grid
+    sweep_timer: Timer
+    final_timer: Timer
+    sms: int
+    smem_bytes: int | None
+
+
+def try_config(bench: Bench, x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor,
+               config: SkinnyConfig) -> dict[str, Any]:
+    """Check one config against F.linear, then time it; a failure becomes its record."""
+    record: dict[str, Any] = {"config": config.to_dict()}
+    try:
+        err = rel_error(skinny_linear(x, weight, config=config), ref)
+        if not err <= REL_TOLERANCE:
+            return record | {"error": f"wrong result: relative error {err:.2e}"}
+        ms = bench.sweep_timer(lambda: skinny_linear(x, weight, config=config))
+    except Exception as exc:  # compile or launch failure (e.g. out of shared memory)
+        first_line = (str(exc).splitlines() or [""])[0]
+        return record | {"error": f"{type(exc).__name__}: {first_line[:200]}"}
+    return record | {"ms": ms, "rel_error": err}
+
+
+def sweep(bench: Bench, x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor,
+          default: SkinnyConfig) -> list[dict[str, Any]]:
+    """Every candidate tile at its default split, then the fastest tiles at each split."""
+    (m, k), n = x.shape, weight.shape[0]
+    trials = {default: try_config(bench, x, weight, ref, default)}
+    for tile in candidate_tiles(m, n, k, bench.grid, bench.sms, bench.smem_bytes):
+        if tile not in trials:
+            trials[tile] = try_config(bench, x, weight, ref, tile)
+    timed = sorted((t for t in trials.values() if "ms" in t), key=lambda t: t["ms"])
+    for best in timed[:NUM_TOP_TILES]:
+        for config in split_variants(SkinnyConfig.from_dict(best["config"]), k, bench.grid):
+            if config not in trials:
+                trials[config] = try_config(bench, x, weight, ref, config)
+    return list(trials.values())
+
+
+def bench_cell(bench: Bench, weight: torch.Tensor, m: int, layers: list[str], swept: bool,
+               gen: torch.Generator) -> dict[str, Any]:
+    """cuBLAS, the default config and (when ``swept``) the sweep at one (shape, M)."""
+    n, k = weight.shape
+    x = torch.randn(m, k, generator=gen, device=bench.device).to(DTYPE)
+    ref = F.linear(x, weight)
+    default = default_config(m, n, k, bench.sms, DTYPE.itemsize)
+    if swept:
+        trials = sweep(bench, x, weight, ref, default)
+    else:
+        trials = [try_config(bench, x, weight, ref, default)]
+    timed = [t for t in trials if "ms" in t]
+    cell: dict[str, Any] = {
+        "n": n, "k": k, "m": m, "layers": layers, "weight_bytes": weight.numel() * DTYPE.itemsize,
+        "swept": swept, "num_configs": len(trials), "num_failed": len(trials) - len(timed),
+        "cublas_ms": bench.final_timer(lambda: F.linear(x, weight)),
+        "default": default.to_dict(), "trials": trials,
+    }
+    if any(t["config"] == default.to_dict() for t in timed):
+        cell["default_ms"] = bench.final_timer(lambda: skinny_linear(x, weight, config=default))
+    if timed:
+        best = min(timed, key=lambda t: t["ms"])
+        config = SkinnyConfig.from_dict(best["config"])
+        cell |= {"best": best["config"], "best_rel_error": best["rel_error"],
+                 "best_ms": bench.final_timer(lambda: skinny_linear(x, weight, config=config))}
+    return cell | throughput(cell)
+
+
+def throughput(cell: dict[str, Any]) -> dict[str, float]:
+    """Weight TB/s of cuBLAS, the default and the best config; cuBLAS time / best time."""
+    out = {f"{key}_tbps": cell["weight_bytes"] / cell[f"{key}_ms"] / 1e9
+           for key in ("cublas", "default", "best") if f"{key}_ms" in cell}
+    if "best_ms" in cell:
+        out["speedup"] = cell["cublas_ms"] / cell["best_ms"]
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, help="raw JSON results file to write")
+    parser.add_argument("--markdown", type=Path, help="print the docs tables of a saved file")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu with --quick")
+    parser.add_argument("--quick", action="store_true",
+                        help="one tiny shape and a small grid (the CPU check of this script)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
+    parser.add_argument("--batches", nargs="+", type=int, help=f"M values (default {BATCHES})")
+    parser.add_argument("--list-linears", action="store_true",
+                        help="print the models' weight shapes as JSON and exit")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="after this many seconds, cells skip the sweep")
+    args = parser.parse_args(argv)
+    if args.markdown is None and args.out is None and not args.list_linears:
+        parser.error("--out is required to run the benchmark")
+    if args.device == "cpu" and not args.quick:
+        parser.error("the CPU runs only --quick (Triton's interpreter)")
+    return args
+
+
+def make_bench(args: argparse.Namespace) -> Bench:
+    device = torch.device(args.device)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if device.type != "cuda":
+        return Bench(device, grid, wall_timer(), wall_timer(), num_sms(device), None)
+    props = triton.runtime.driver.active.utils.get_device_properties(
+        device.index if device.index is not None else torch.cuda.current_device())
+    return Bench(device, grid, cuda_timer(SWEEP_WARMUP_MS, SWEEP_REP_MS, graphs=False),
+                 cuda_timer(FINAL_WARMUP_MS, FINAL_REP_MS, graphs=True), num_sms(device),
+                 int(props["max_shared_mem"]))
+
+
+def header(args: argparse.Namespace, bench: Bench, linears: list[Linear]) -> dict[str, Any]:
+    cuda = bench.device.type == "cuda"
+    copy_bytes = COPY_BYTES if cuda else 1 << 20
+    return {
+        "device": torch.cuda.get_device_name(bench.device) if cuda
+                   else f"CPU {platform.machine()} (Triton interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "dtype": str(DTYPE),
+        "quick": args.quick, "num_sms": bench.sms, "max_shared_mem": bench.smem_bytes,
+        "copy_tbps": copy_tbps(bench.device, copy_bytes, bench.final_timer),
+        "timing": ("do_bench median, L2 flushed; sweep eager, rep "
+                   f"{SWEEP_REP_MS} ms; reported CUDA graph replay, rep {FINAL_REP_MS} ms"
+                   if cuda else "CPU interpreter, median wall time of 3 calls"),
+        "grid": dataclasses.asdict(bench.grid),
+        "linears": [dataclasses.asdict(lin) for lin in linears],
+        "cells": [],
+    }
+
+
+def benchmarked(args: argparse.Namespace) -> tuple[list[Linear], tuple[int, ...]]:
+    """The weight shapes and batch sizes this run times."""
+    if args.quick:
+        return QUICK_LINEARS, tuple(args.batches or QUICK_BATCHES)
+    return model_linears(args.models), tuple(args.batches or BATCHES)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    bench = make_bench(args)
+    if bench.device.type == "cuda":
+        warm_up_gpu()
+    linears, batches = benchmarked(args)
+    result = header(args, bench, linears)
+    gen = torch.Generator(device=bench.device).manual_seed(0)
+    start = time.perf_counter()
+    print_header(result)
+    for (n, k), layers in unique_shapes(linears).items():
+        weight = (torch.randn(n, k, generator=gen, device=bench.device) * k**-0.5).to(DTYPE)
+        for m in batches:
+            swept = time.perf_counter() - start < args.budget_s
+            cell = bench_cell(bench, weight, m, layers, swept, gen)
+            result["cells"].append(cell)
+            print(table_row(cell), flush=True)
+            result["table"] = best_table(result["cells"])
+            write_json(args.out, result)
+        del weight
+    result["elapsed_s"] = time.perf_counter() - start
+    write_json(args.out, result)
+    print("\n".join(["", *step_summary(result)]))
+    print(f"\n{len(result['cells'])} cells in {result['elapsed_s']:.0f} s")
+    return result
+
+
+def best_table(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """``"NxK" -> "M" -> best config``: the lookup the engine loads (an M between two
+    measured ones takes the next larger one's entry)."""
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for cell in cells:
+        if "best" in cell:
+            table.setdefault(f"{cell['n']}x{cell['k']}", {})[str(cell["m"])] = cell["best"]
+    return table
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Written whole to a temporary file then renamed: a killed run leaves a valid file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+def config_label(config: dict[str, int]) -> str:
+    return (f"m{config['block_m']} n{config['block_n']} k{config['block_k']} "
+            f"s{config['split_k']} w{config['num_warps']} st{config['num_stages']}")
+
+
+def _fmt(cell: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".2f") -> str:
+    return format(cell[key] * scale, spec) if key in cell else "-"
+
+
+def table_row(cell: dict[str, Any]) -> str:
+    best = config_label(cell["best"]) if "best" in cell else "(none worked)"
+    return (f"| {cell['n']} x {cell['k']} | {cell['m']} | {_fmt(cell, 'cublas_ms', 1e3, '.1f')} | "
+            f"{_fmt(cell, 'cublas_tbps')} | {_fmt(cell, 'default_tbps')} | "
+            f"{_fmt(cell, 'best_ms', 1e3, '.1f')} | {_fmt(cell, 'best_tbps')} | "
+            f"{_fmt(cell, 'speedup')} | {best} | "
+            f"{cell['num_configs'] - cell['num_failed']}/{cell['num_configs']} |")
+
+
+TABLE_HEAD = [
+    "| N x K | M | cuBLAS µs | cuBLAS TB/s | default TB/s | Triton µs | Triton TB/s "
+    "| cuBLAS / Triton time | best config | configs ok |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+]
+
+
+def conditions(result: dict[str, Any]) -> str:
+    return (f"Device: {result['device']} ({result['num_sms']} SMs), torch {result['torch']}, "
+            f"Triton {result['triton']}, {result['dtype']} weights and activations, no bias; "
+            f"copy {result['copy_tbps']:.2f} TB/s (read + write) in the same run. Times: "
+            f"{result['timing']}. TB/s = weight bytes / time.")
+
+
+def print_header(result: dict[str, Any]) -> None:
+    print(conditions(result))
+    print("\n".join(TABLE_HEAD), flush=True)
+
+
+def step_summary(result: dict[str, Any]) -> list[str]:
+    """Per model and M: all its linear layers of one decode step, cuBLAS against the
+    best configs (each shape's time times its count); only where every shape has both."""
+    cells = {(c["n"], c["k"], c["m"]): c for c in result["cells"] if "best_ms" in c}
+    lines = ["| model | M | linears per step | cuBLAS ms | Triton ms | cuBLAS / Triton |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    models = dict.fromkeys(lin["model"] for lin in result["linears"])
+    batches = sorted({m for _, _, m in cells})
+    for model, m in itertools.product(models, batches):
+        lins = [lin for lin in result["linears"] if lin["model"] == model]
+        if not all((lin["n"], lin["k"], m) in cells for lin in lins):
+            continue
+        cublas = sum(lin["count"] * cells[lin["n"], lin["k"], m]["cublas_ms"] for lin in lins)
+        best = sum(lin["count"] * cells[lin["n"], lin["k"], m]["best_ms"] for lin in lins)
+        count = sum(lin["count"] for lin in lins)
+        lines.append(f"| {model} | {m} | {count} | {cublas:.3f} | {best:.3f} | "
+                     f"{cublas / best:.2f} |")
+    return lines if len(lines) > 2 else []
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The docs tables of a saved result: every cell, then whole decode steps."""
+    lines = [conditions(result), "", *TABLE_HEAD]
+    lines += [table_row(cell) for cell in result["cells"]]
+    summary = step_summary(result)
+    return "\n".join(lines + ([""] + summary if summary else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if args.list_linears:
+        print(json.dumps([dataclasses.asdict(lin) for lin in model_linears(args.models)]))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
