@@ -1,0 +1,273 @@
+"""Causal depthwise conv1d over the new tokens of a ragged batch (prefill chunks and
+decodes in one step), starting from and ending in each request's conv slot.
+
+Every sequence's window is its history (the last ``columns`` inputs kept in its slot,
+or zeros when ``has_initial_state`` is 0) followed by its new tokens; output row t is
+``act(bias + sum_k w[k] * window[t + k])`` over the last ``d_conv`` inputs up to t,
+accumulated in fp32, as `avmp.kernels.reference.causal_conv1d` computes it per
+sequence. Afterwards the slot holds the sequence's last ``columns`` inputs (history then
+new tokens), also when the sequence is shorter than ``columns``. A one-token sequence is
+exactly a `conv1d_update` step, so one launch serves a whole mixed step.
+
+A program owns one (sequence, channel block, token split). Split 0 computes the head,
+the first ``d_conv - 1`` rows, whose windows reach back into the slot's old history; the
+rest of the sequence is cut into ``BLOCK_T``-row tiles that splits ``s, s + splits, ...``
+share, each tap of a tile one shifted ``[BLOCK_T, BLOCK_C]`` load of x alone (a history
+load per tap as well would double the live pointers and spill on the H100). Split 0
+then writes the new history. So no program reads a slot another program writes, and
+split 0 reads all of its slot before its own barrier-guarded store. The grid depends on
+the batch size, the channels and the token count (shapes, never per-sequence lengths),
+so a step runs inside a CUDA graph capture without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from avmp.kernels.triton._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dtype,
+    check_same_device,
+    check_shape,
+    next_power_of_2,
+    round_to,
+    strides,
+)
+
+BLOCK_C = 64
+BLOCK_T = 32
+# Token splits spread one long prefill chunk over more programs: aim for about this many
+# programs in all (a few waves on an H100's 132 SMs), never more splits than tiles.
+TARGET_PROGRAMS = 4096
+MAX_SPLITS = 64
+FLAG_DTYPES = (torch.bool, torch.int8, torch.int32, torch.int64)
+
+
+@triton.jit
+def _conv_rows(
+    x_rows, state_row, out_rows, rows, length, has_init, offs_c, mask_c, w_ptr, bias_ptr,
+    stride_xt, stride_sw, stride_ot, stride_wc, stride_wk, stride_bias,
+    COLUMNS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HISTORY: tl.constexpr,
+):
+    """Output ``rows`` (``[BLOCK_R]`` positions in the sequence) of one channel block.
+    With HISTORY the taps before the sequence start read the slot's old history (zeros
+    for a fresh one); without, every tap must land on a new token (rows >= d_conv - 1)."""
+    mask_rows = rows < length
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_c * stride_bias, mask=mask_c, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    for k in tl.static_range(WIDTH):
+        # Tap k meets the input WIDTH - 1 - k positions back; negative: history column.
+        pos = rows - (WIDTH - 1 - k)  # [R]
+        w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=mask_c, other=0.0)
+        vals = tl.load(x_rows[None, :] + pos[:, None] * stride_xt,
+                       mask=(mask_rows & (pos >= 0))[:, None] & mask_c[None, :],
+                       other=0.0).to(tl.float32)  # [R, C]
+        if HISTORY:
+            old = tl.load(state_row[None, :] + (COLUMNS + pos)[:, None] * stride_sw,
+                          mask=(mask_rows & (pos < 0) & has_init)[:, None] & mask_c[None, :],
+                          other=0.0)
+            vals += old.to(tl.float32)  # exact: where one of the two loads, the other is 0
+        acc += w.to(tl.float32)[None, :] * vals
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_rows[None, :] + rows[:, None] * stride_ot, acc.to(out_rows.dtype.element_ty),
+             mask=mask_rows[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _write_history(
+    x_rows, state_row, length, has_init, mask_c, stride_xt, stride_sw,
+    COLUMNS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The slot's new history: column j holds the input at position length - COLUMNS + j,
+    a new token, or (sequences shorter than COLUMNS) an old history column, or zero
+    (fresh history)."""
+    cols = tl.arange(0, BLOCK_S)
+    pos = length - COLUMNS + cols  # [S]
+    mask_cols = cols < COLUMNS
+    new = tl.load(x_rows[:, None] + pos[None, :] * stride_xt,
+                  mask=mask_c[:, None] & (mask_cols & (pos >= 0))[None, :], other=0.0)
+    old = tl.load(state_row[:, None] + (COLUMNS + pos)[None, :] * stride_sw,
+                  mask=mask_c[:, None] & (mask_cols & (pos < 0) & has_init)[None, :], other=0.0)
+    state_dtype = state_row.dtype.element_ty
+    new = round_to(new.to(tl.float32), state_dtype).to(state_dtype)
+    hist = tl.where((pos >= 0)[None, :], new, old)  # [C, S]
+    # The store overwrites columns other threads of this program loaded (and replicated
+    # elements are loaded by several threads): let every load land first.
+    tl.debug_barrier()
+    tl.store(state_row[:, None] + cols[None, :] * stride_sw, hist,
+             mask=mask_c[:, None] & mask_cols[None, :])
+
+
+@triton.jit
+def _causal_conv1d_varlen_kernel(
+    x_ptr, state_ptr, qsl_ptr, slot_ptr, init_ptr, w_ptr, bias_ptr, out_ptr,
+    stride_xt, stride_xc, stride_ss, stride_sc, stride_sw,
+    stride_qsl, stride_slot, stride_init, stride_wc, stride_wk, stride_bias,
+    stride_ot, stride_oc,
+    CHANNELS: tl.constexpr, COLUMNS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c_block = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
+    if slot < 0:  # a padding sequence: touch nothing
+        return
+    start = tl.load(qsl_ptr + b * stride_qsl).to(tl.int64)
+    length = tl.load(qsl_ptr + (b + 1) * stride_qsl).to(tl.int64) - start
+    has_init = tl.load(init_ptr + b * stride_init) != 0
+    offs_c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CHANNELS
+    state_row = state_ptr + slot * stride_ss + offs_c * stride_sc  # [C]
+    x_rows = x_ptr + start * stride_xt + offs_c * stride_xc  # [C], the sequence's row 0
+    out_rows = out_ptr + start * stride_ot + offs_c * stride_oc
+    HEAD: tl.constexpr = WIDTH - 1  # rows whose window reaches into the history
+
+    if split == 0:
+        head = tl.arange(0, BLOCK_H)
+        _conv_rows(x_rows, state_row, out_rows, head, tl.minimum(length, HEAD), has_init,
+                   offs_c, mask_c, w_ptr, bias_ptr, stride_xt, stride_sw, stride_ot,
+                   stride_wc, stride_wk, stride_bias, COLUMNS, WIDTH, BLOCK_H, BLOCK_C,
+                   HAS_BIAS, SILU, True)
+    num_tiles = tl.cdiv(tl.maximum(length - HEAD, 0), BLOCK_T)
+    for tile in range(split, num_tiles, tl.num_programs(2)):
+        rows = HEAD + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        _conv_rows(x_rows, state_row, out_rows, rows, length, has_init, offs_c, mask_c,
+                   w_ptr, bias_ptr, stride_xt, stride_sw, stride_ot, stride_wc, stride_wk,
+                   stride_bias, COLUMNS, WIDTH, BLOCK_T, BLOCK_C, HAS_BIAS, SILU, False)
+    if split == 0:
+        _write_history(x_rows, state_row, length, has_init, mask_c, stride_xt, stride_sw,
+                       COLUMNS, BLOCK_S)
+
+
+def _check_inputs(
+    x: torch.Tensor, conv_state: torch.Tensor, query_start_loc: torch.Tensor,
+    slot_idx: torch.Tensor, has_initial_state: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    if x.dim() != 2 or conv_state.dim() != 3 or weight.dim() != 2 or slot_idx.dim() != 1:
+        raise ValueError("x must be [tokens, channels], conv_state [slots, channels, columns], "
+                         "weight [channels, d_conv], slot_idx [batch]")
+    channels, batch = x.shape[1], slot_idx.shape[0]
+    columns, width = conv_state.shape[2], weight.shape[1]
+    check_shape("conv_state", conv_state, (conv_state.shape[0], channels, columns))
+    check_shape("weight", weight, (channels, width))
+    check_shape("query_start_loc", query_start_loc, (batch + 1,))
+    check_shape("has_initial_state", has_initial_state, (batch,))
+    if bias is not None:
+        check_shape("bias", bias, (channels,))
+    if columns < width - 1:
+        raise ValueError(f"conv state keeps {columns} columns; d_conv {width} needs >= {width - 1}")
+    for name, t in (("x", x), ("conv_state", conv_state), ("weight", weight)):
+        check_dtype(name, t, FLOAT_DTYPES)
+    if bias is not None:
+        check_dtype("bias", bias, FLOAT_DTYPES)
+    check_dtype("slot_idx", slot_idx, INDEX_DTYPES)
+    check_dtype("query_start_loc", query_start_loc, INDEX_DTYPES)
+    check_dtype("has_initial_state", has_initial_state, FLAG_DTYPES)
+    check_same_device(x=x, conv_state=conv_state, query_start_loc=query_start_loc,
+                      slot_idx=slot_idx, has_initial_state=has_initial_state, weight=weight,
+                      bias=bias)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte spans of two tensors intersect (conservative for strided views)."""
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def token_splits(num_tokens: int, batch: int, channel_blocks: int) -> int:
+    """How many programs share one sequence's token tiles (same channel block): enough
+    that a lone long prefill chunk fills the GPU, one when many sequences already do.
+    From shapes only, so a captured graph replays with the grid it was captured with."""
+    tiles = triton.cdiv(max(num_tokens, 1), BLOCK_T)
+    wanted = triton.cdiv(TARGET_PROGRAMS, batch * channel_blocks)
+    return max(1, min(tiles, wanted, MAX_SPLITS))
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slot_idx: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    out: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """The causal conv of every sequence's new tokens, from and into its conv slot.
+
+    Args:
+        x: ``[T, channels]`` new inputs of all sequences, back to back (any strides: a
+            column slice of the in_proj output does).
+        conv_state: ``[num_slots, channels, columns]`` pool view (any strides),
+            ``columns >= d_conv - 1``; with ``columns == d_conv`` (transformers) the
+            oldest column is kept but never read.
+        query_start_loc: ``[batch + 1]`` offsets of each sequence's tokens in x; rows
+            from ``query_start_loc[batch]`` on are left untouched in ``out``.
+        slot_idx: ``[batch]`` slot per sequence; negative: a padding sequence (its slot,
+            if any, and its output rows untouched). Real entries must be distinct.
+        has_initial_state: ``[batch]`` (bool or int); 0: the sequence starts from a zero
+            history, ignoring what its slot holds (a new request; its slot is then
+            overwritten, with zeros where it has fewer than ``columns`` tokens).
+        weight: ``[channels, d_conv]``; bias: optional ``[channels]``.
+        activation: ``"silu"`` or None.
+        out: optional ``[T, channels]`` output, written in place; must not share memory
+            with x (programs read x rows that others write).
+        splits: programs per sequence along its tokens; None picks `token_splits`.
+
+    Returns:
+        ``out``, or a new tensor in x's dtype (its uncovered rows uninitialised).
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, too few state columns, an
+            unknown activation, ``out`` overlapping x, or ``splits < 1``.
+    """
+    _check_inputs(x, conv_state, query_start_loc, slot_idx, has_initial_state, weight, bias)
+    if activation not in ("silu", None):
+        raise ValueError(f"unsupported activation {activation!r}; use 'silu' or None")
+    if out is None:
+        out = torch.empty_like(x)
+    check_shape("out", out, tuple(x.shape))
+    check_same_device(x=x, out=out)
+    if _overlaps(out, x):
+        raise ValueError("out must not share memory with x")
+    (num_tokens, channels), batch = x.shape, slot_idx.shape[0]
+    channel_blocks = triton.cdiv(channels, BLOCK_C)
+    if splits is None:
+        splits = token_splits(num_tokens, batch, channel_blocks)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    if batch == 0 or channels == 0:
+        return out
+    if has_initial_state.dtype == torch.bool:
+        has_initial_state = has_initial_state.view(torch.int8)  # same bytes, loadable
+    columns, width = conv_state.shape[2], weight.shape[1]
+    _causal_conv1d_varlen_kernel[(batch, channel_blocks, splits)](
+        x, conv_state, query_start_loc, slot_idx, has_initial_state, weight,
+        x if bias is None else bias, out,
+        *x.stride(), *conv_state.stride(), query_start_loc.stride(0), slot_idx.stride(0),
+        has_initial_state.stride(0), *weight.stride(), *strides(bias, 1), *out.stride(),
+        CHANNELS=channels, COLUMNS=columns, WIDTH=width, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        BLOCK_H=next_power_of_2(width - 1), BLOCK_S=next_power_of_2(columns),
+        HAS_BIAS=bias is not None,
+        SILU=activation == "silu",
+    )
+    return out
