@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from avmp.kernels import reference as ref
-
 if TYPE_CHECKING:
     from avmp.engine.device_batch import DeviceStepBatch
 
@@ -173,21 +171,17 @@ class TritonOps:
         conv_states: torch.Tensor,
         batch: DeviceStepBatch,
     ) -> torch.Tensor:
-        """The causal conv of each sequence's new tokens from (and into) its conv slot:
-        the decode sequences in one conv-update launch, the prefill chunks one by one."""
-        out = torch.empty_like(xbc)
-        rows = batch.decode_rows
-        if rows.numel():
-            out[rows] = self._k.conv1d_update(
-                conv_states, batch.decode_slots, xbc[rows], weight, mixer.conv1d.bias, "silu"
-            )
-        for seq in batch.sequences:
-            if seq.is_decode:
-                continue
-            conv = conv_states[seq.slot]
-            if seq.num_context == 0:
-                conv.zero_()
-            out[seq.tokens] = ref.causal_conv1d(
-                xbc[seq.tokens], conv, weight, mixer.conv1d.bias, "silu"
-            )
-        return out
+        """The causal conv of every sequence's new tokens from (and into) its conv slot,
+        prefill chunks and decodes alike, in one launch that reads no host value (so a
+        mixed step can be captured); a fresh request (``has_initial_state`` 0) starts
+        from zeros whatever its slot holds."""
+        return self._k.causal_conv1d_varlen(
+            xbc,
+            conv_states,
+            batch.query_start_loc,
+            batch.slot_idx,
+            batch.has_initial_state,
+            weight,
+            mixer.conv1d.bias,
+            "silu",
+        )

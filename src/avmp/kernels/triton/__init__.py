@@ -1,10 +1,11 @@
 """Triton kernels (GPU) that read and write the AVMP pools through strided views.
 
 Decode and prefill attention over page-major KV; the Mamba2 one-step state update, the
-Mamba2 prefill scan and the causal conv1d update over slot-major state. Each takes
-arbitrary strides and finds its pages or slots through index tensors on the device, so
-a step never synchronises with the host. Using a kernel needs ``triton`` (the ``gpu``
-extra); the package itself imports without it.
+Mamba2 prefill scan, the causal conv1d update (decode) and the varlen causal conv1d
+(prefill and mixed steps) over slot-major state. Each takes arbitrary strides and finds
+its pages or slots through index tensors on the device, so a step never synchronises
+with the host. Using a kernel needs ``triton`` (the ``gpu`` extra); the package itself
+imports without it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 # Without Triton (CPU-only installs, CI) the kernels are absent but the package still
 # imports, so `avmp.kernels.triton.compact` can fall back to torch.
 if importlib.util.find_spec("triton") is not None:
+    from avmp.kernels.triton.causal_conv1d_varlen import causal_conv1d_varlen
     from avmp.kernels.triton.conv1d_update import conv1d_update
     from avmp.kernels.triton.decode_attention import decode_attention
     from avmp.kernels.triton.mamba2_state_update import mamba2_state_update
@@ -21,6 +23,7 @@ if importlib.util.find_spec("triton") is not None:
     from avmp.kernels.triton.prefill_attention import prefill_attention
 
 __all__ = [
+    "causal_conv1d_varlen",
     "conv1d_update",
     "decode_attention",
     "mamba2_state_update",
