@@ -13,7 +13,7 @@ A program owns one (sequence, channel block, token split). Split 0 computes the 
 the first ``d_conv - 1`` rows, whose windows reach back into the slot's old history; the
 rest of the sequence is cut into ``BLOCK_T``-row tiles that splits ``s, s + splits, ...``
 share, each tap of a tile one shifted ``[BLOCK_T, BLOCK_C]`` load of x alone (a history
-load per tap as well would double the live pointers and spill on the H100). Split 0
+load per tap as well doubles the live pointers: ptxas spills it for sm_90). Split 0
 then writes the new history. So no program reads a slot another program writes, and
 split 0 reads all of its slot before its own barrier-guarded store. The grid depends on
 the batch size, the channels and the token count (shapes, never per-sequence lengths),
@@ -40,7 +40,8 @@ from avmp.kernels.triton._common import (
 BLOCK_C = 64
 BLOCK_T = 32
 # Token splits spread one long prefill chunk over more programs: aim for about this many
-# programs in all (a few waves on an H100's 132 SMs), never more splits than tiles.
+# programs in all (several waves on an H100's 132 SMs; not tuned on a GPU yet), never
+# more splits than tiles.
 TARGET_PROGRAMS = 4096
 MAX_SPLITS = 64
 FLAG_DTYPES = (torch.bool, torch.int8, torch.int32, torch.int64)
