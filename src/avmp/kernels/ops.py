@@ -10,10 +10,10 @@ step per launch:
   attention when every sequence computes one token after cached context, else the
   ragged prefill kernel (which also serves decode rows mixed into a prefill step);
 - Mamba2 decode: the conv1d update and the one-step state update over the step's slots;
-- Mamba2 prefill (and mixed steps): the conv update for the step's decode sequences in
-  one launch, the causal conv of each prefill chunk (torch reference: it starts from and
-  updates the slot's conv state), then the Triton varlen scan over all sequences at
-  once (39-71x the torch chunked scan on the H100, docs/BENCHMARKS.md).
+- Mamba2 prefill (and mixed steps): one varlen causal conv launch over every sequence
+  (prefill chunks and decodes, from and into their conv slots), then the Triton varlen
+  scan over all sequences at once (39-71x the torch chunked scan on the H100,
+  docs/BENCHMARKS.md).
 
 dt is discretised inside the Mamba2 kernels exactly as the reference does it in torch
 (softplus of ``dt + dt_bias`` in the activations' dtype, clamped to ``time_step_limit``,
