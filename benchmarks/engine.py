@@ -453,17 +453,24 @@ def _hf_row(
 
 
 def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Every profiled step of the cells as a calibration point (avmp.sim.timing)."""
+    """Every profiled step of the cells as a calibration point (avmp.sim.timing).
+
+    A step's time is its device time (CUDA events: from the device reaching the step to
+    its last kernel, which covers the launches of an eager step that the device waits
+    for), not the host's period from one step start to the next: with overlapped steps
+    the host starts step N+1 while N runs and then waits for N's tokens, so a period
+    measures the step before it, and a decode step after a mixed one would carry the
+    mixed step's cost."""
     points = []
     for cell in cells:
-        for prefill, decode, context, _pairs, reqs, period, _runner, _graph in cell["steps"]:
+        for prefill, decode, context, _pairs, reqs, _period, device_s, _graph in cell["steps"]:
             points.append(
                 {
                     "num_prefill_tokens": prefill,
                     "num_decode_requests": decode,
                     "num_context_tokens": context,
                     "num_requests": reqs,
-                    "step_s": period,
+                    "step_s": device_s,
                 }
             )
     return points
