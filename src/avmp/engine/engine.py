@@ -424,7 +424,7 @@ class Engine:
 
     def _launch(self, plan: StepPlan, live: dict[int, _Live], params: SamplingParams) -> _Pending:
         """Run the model on the plan and sample, without waiting for the device. A token
-        the previous step sampled and the host has not read is passed as a placeholder
+        the previous step sampled and the host has not read is passed as a carried id
         (`SequenceWork.token_ids`) and read on the device."""
         carry = {} if self._pending is None else self._pending.index
         work: list[SequenceWork] = []

@@ -6,7 +6,7 @@ mapping, block tables, context lengths, query offsets, state slots, sampled rows
 one pinned int64 array and copies it to the device once; the layers read views of that
 copy, so no layer synchronises with the host. The only sync of a step is the engine
 reading the sampled tokens, one step later (the engine overlaps steps): a token id the
-host does not know yet arrives as a placeholder and is read from the previous step's
+host does not know yet arrives as a carried id (``-1 - i``) and is read from the previous step's
 sampled tokens on the device (`fill_carried`), outside the graph, before it replays.
 
 Decode steps whose batch fits a captured size replay a CUDA graph: the batch is padded
@@ -238,7 +238,7 @@ class FastModelRunner(ModelRunner):
         dest: torch.Tensor | None = None,
     ) -> PackedStep:
         """The step's one host-to-device copy (into ``dest`` if given), with the
-        placeholder token ids filled from ``carried`` on the device."""
+        carried token ids filled from ``carried`` on the device."""
         if dest is None:
             dest = host.to(self.device, non_blocking=self._pinned)
         else:

@@ -46,12 +46,12 @@ class PoolViews:
 
 
 def fill_carried(input_ids: torch.Tensor, carried: torch.Tensor | None) -> None:
-    """Replace each placeholder id ``-1 - i`` of ``input_ids`` by ``carried[i]``, in place
+    """Replace each carried id ``-1 - i`` of ``input_ids`` by ``carried[i]``, in place
     and on the device: the engine launches a step before it has read the tokens of the
     one before, whose sampled tokens ``carried`` still are."""
     if carried is None or carried.numel() == 0:
         return
-    index = (-1 - input_ids).clamp_(min=0)  # non-placeholders read carried[0], unused
+    index = (-1 - input_ids).clamp_(min=0)  # other ids read carried[0], unused
     torch.where(input_ids < 0, carried[index], input_ids, out=input_ids)
 
 

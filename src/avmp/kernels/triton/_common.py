@@ -41,6 +41,24 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
+def check_conv_geometry(
+    conv_state: torch.Tensor, channels: int, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """The conv kernels' shared checks: ``conv_state [slots, channels, columns]`` with
+    ``columns >= d_conv - 1``, ``weight [channels, d_conv]``, ``bias [channels]``, all
+    floating point."""
+    columns, width = conv_state.shape[2], weight.shape[1]
+    check_shape("conv_state", conv_state, (conv_state.shape[0], channels, columns))
+    check_shape("weight", weight, (channels, width))
+    if bias is not None:
+        check_shape("bias", bias, (channels,))
+        check_dtype("bias", bias, FLOAT_DTYPES)
+    if columns < width - 1:
+        raise ValueError(f"conv state keeps {columns} columns; d_conv {width} needs >= {width - 1}")
+    for name, t in (("conv_state", conv_state), ("weight", weight)):
+        check_dtype(name, t, FLOAT_DTYPES)
+
+
 def strides(tensor: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     """The strides of ``tensor`` in elements, or zeros for an absent optional tensor."""
     return (0,) * ndim if tensor is None else tuple(tensor.stride())

@@ -29,6 +29,7 @@ import triton.language as tl
 from avmp.kernels.triton._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_conv_geometry,
     check_dtype,
     check_same_device,
     check_shape,
@@ -158,19 +159,10 @@ def _check_inputs(
         raise ValueError("x must be [tokens, channels], conv_state [slots, channels, columns], "
                          "weight [channels, d_conv], slot_idx [batch]")
     channels, batch = x.shape[1], slot_idx.shape[0]
-    columns, width = conv_state.shape[2], weight.shape[1]
-    check_shape("conv_state", conv_state, (conv_state.shape[0], channels, columns))
-    check_shape("weight", weight, (channels, width))
+    check_conv_geometry(conv_state, channels, weight, bias)
     check_shape("query_start_loc", query_start_loc, (batch + 1,))
     check_shape("has_initial_state", has_initial_state, (batch,))
-    if bias is not None:
-        check_shape("bias", bias, (channels,))
-    if columns < width - 1:
-        raise ValueError(f"conv state keeps {columns} columns; d_conv {width} needs >= {width - 1}")
-    for name, t in (("x", x), ("conv_state", conv_state), ("weight", weight)):
-        check_dtype(name, t, FLOAT_DTYPES)
-    if bias is not None:
-        check_dtype("bias", bias, FLOAT_DTYPES)
+    check_dtype("x", x, FLOAT_DTYPES)
     check_dtype("slot_idx", slot_idx, INDEX_DTYPES)
     check_dtype("query_start_loc", query_start_loc, INDEX_DTYPES)
     check_dtype("has_initial_state", has_initial_state, FLAG_DTYPES)

@@ -20,6 +20,7 @@ import triton.language as tl
 from avmp.kernels.triton._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_conv_geometry,
     check_dtype,
     check_same_device,
     check_shape,
@@ -84,16 +85,9 @@ def _check_inputs(
         raise ValueError("conv_state must be [slots, channels, columns], x [batch, channels], "
                          "weight [channels, d_conv]")
     batch, channels = x.shape
-    columns, width = conv_state.shape[2], weight.shape[1]
-    check_shape("conv_state", conv_state, (conv_state.shape[0], channels, columns))
-    check_shape("weight", weight, (channels, width))
+    check_conv_geometry(conv_state, channels, weight, bias)
     check_shape("slot_idx", slot_idx, (batch,))
-    if bias is not None:
-        check_shape("bias", bias, (channels,))
-    if columns < width - 1:
-        raise ValueError(f"conv state keeps {columns} columns; d_conv {width} needs >= {width - 1}")
-    for name, t in (("conv_state", conv_state), ("x", x), ("weight", weight)):
-        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("x", x, FLOAT_DTYPES)
     check_dtype("slot_idx", slot_idx, INDEX_DTYPES)
     check_same_device(conv_state=conv_state, slot_idx=slot_idx, x=x, weight=weight, bias=bias)
 
