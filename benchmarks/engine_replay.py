@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def write_trace(path: Path, num_requests: int, seed: int) -> None:
     from avmp.bench.sharegpt import sample_lengths
     from avmp.bench.traces import write_jsonl
-    from avmp.sim.request import RequestSpec
+    from avmp.sched.request import RequestSpec
 
     prompts, outputs = sample_lengths(num_requests, seed, rules="vllm", progress=True)
     requests = [
@@ -146,7 +146,7 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
         "num_steps": stats.num_steps,
         "num_preemptions": stats.num_preemptions,
         "num_recompute_tokens": stats.num_recompute_tokens,
-        "num_failed_allocations": allocator_stats.num_failed_allocations,
+        "num_oom_events": allocator_stats.num_oom_events,
         "num_migrations": allocator_stats.num_migrations,
         "chunks_migrated_to": allocator_stats.chunks_migrated_to,
         "num_compactions": allocator_stats.num_compactions,
@@ -296,7 +296,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"cache budget {results['memory']}, at most "
         f"{results['max_num_seqs']} running, {results['max_batched_tokens']} tokens per step.",
         "",
-        "| layout | engine req/s | engine out tok/s | preemptions | failed allocations "
+        "| layout | engine req/s | engine out tok/s | preemptions | OOM events "
         "| migrations (chunks to KV / state) | max running | peak state GiB "
         "| sim req/s (error) | sim preemptions | graph capture s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -307,7 +307,7 @@ def markdown(results: dict[str, Any]) -> str:
         error = s["request_throughput"] / e["request_throughput"] - 1
         lines.append(
             f"| {name} | {e['request_throughput']:.2f} | {e['output_token_throughput']:.0f} | "
-            f"{e['num_preemptions']} | {e['num_failed_allocations']} | "
+            f"{e['num_preemptions']} | {e['num_oom_events']} | "
             f"{e['num_migrations']} ({moved.get('kv', 0)} / {moved.get('state', 0)}) | "
             f"{e['max_running']} | {e['peak_state_capacity_bytes'] / 2**30:.2f} | "
             f"{s['request_throughput']:.2f} ({error:+.0%}) | {s['num_preemptions']} | "

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from avmp.engine.tiny import tiny_model  # noqa: E402
 from avmp.models.geometry import ConvColumns  # noqa: E402
 from avmp.models.zoo import zoo_config  # noqa: E402
-from avmp.sim.request import RequestSpec  # noqa: E402
+from avmp.sched.request import RequestSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"

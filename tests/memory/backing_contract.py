@@ -124,7 +124,7 @@ def geometries(draw: st.DrawFn) -> ModelGeometry:
 def _snapshot(manager: AvmpManager) -> tuple[Any, ...]:
     """Everything a failed call must leave as it was."""
     return (
-        {rid: manager.blocks(rid) for rid in manager.request_ids},
+        {rid: manager.units(rid) for rid in manager.request_ids},
         manager.pool_chunks(PoolKind.KV),
         manager.pool_chunks(PoolKind.STATE),
         manager.reserve_chunks(),
@@ -316,7 +316,7 @@ class ManagerMachine(RuleBasedStateMachine):
         if self.backing is None:
             return
         for request_id, tags in self.tags.items():
-            blocks = self.manager.blocks(request_id)
+            blocks = self.manager.units(request_id)
             units = [(PoolKind.STATE, blocks.slot)] + [(PoolKind.KV, p) for p in blocks.pages]
             for (pool, index), tag in zip(units, tags, strict=True):
                 if tag:

@@ -54,7 +54,7 @@ def snapshot(allocator: CacheAllocator) -> tuple[object, ...]:
     return (
         allocator.usage(),
         ids,
-        [allocator.blocks(i) for i in ids],
+        [allocator.units(i) for i in ids],
         [allocator.num_tokens(i) for i in ids],
     )
 
@@ -92,9 +92,9 @@ def test_request_holds_one_block_per_state_group_plus_token_blocks() -> None:
     assert allocator.grow(1, 79) == []  # 160 tokens still fit two blocks
     added = allocator.grow(1, 1)
     assert added is not None and len(added) == 1
-    assert allocator.blocks(1).pages == (*blocks.pages, *added)
+    assert allocator.units(1).pages == (*blocks.pages, *added)
     assert allocator.usage().num_pages_used == 3
-    assert 0 not in (*allocator.state_blocks(1), *allocator.blocks(1).pages)  # the null block
+    assert 0 not in (*allocator.state_blocks(1), *allocator.units(1).pages)  # the null block
     allocator.check_integrity()
 
 
@@ -155,7 +155,7 @@ def test_unified_with_several_attention_groups_lists_pages_group_by_group() -> N
     assert blocks is not None and len(blocks.pages) == 4
     added = allocator.grow(0, 1)
     assert added is not None and len(added) == 4
-    pages = allocator.blocks(0).pages
+    pages = allocator.units(0).pages
     assert [pages[2 * g + 1] for g in range(4)] == added  # group g: [old_g, new_g]
     allocator.check_integrity()
 
@@ -249,7 +249,7 @@ def test_misuse_raises_clear_errors(cls: type[CacheAllocator]) -> None:
     with pytest.raises(UnknownRequestError):
         allocator.free(2)
     with pytest.raises(UnknownRequestError):
-        allocator.blocks(2)
+        allocator.units(2)
     allocator.free(1)
     with pytest.raises(DoubleFreeError):
         allocator.free(1)
@@ -285,7 +285,7 @@ def test_failed_calls_change_nothing(cls: type[CacheAllocator]) -> None:
     grow_result = allocator.grow(0, 2000 - 100)  # fits alone, not now
     assert grow_result is None
     assert snapshot(allocator) == before
-    assert allocator.stats.num_failed_allocations == 3  # the fill's last try, plus two
+    assert allocator.stats.num_oom_events == 3  # the fill's last try, plus two
     allocator.free(0)
     assert allocator.admit(count, 100) is not None
 

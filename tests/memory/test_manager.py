@@ -17,8 +17,8 @@ from avmp.memory.spec import (
     DuplicateRequestError,
     MemoryConfig,
     PoolKind,
-    RequestBlocks,
     RequestTooLargeError,
+    RequestUnits,
     UnknownRequestError,
 )
 from avmp.models.geometry import (
@@ -61,7 +61,7 @@ def fill(backing: HostBacking, pool: PoolKind, index: int, value: int, num_bytes
 
 def test_first_admit_takes_the_fewest_reserve_chunks() -> None:
     m = manager(6)
-    assert m.admit(1, PAGE) == RequestBlocks(slot=0, pages=(0,))
+    assert m.admit(1, PAGE) == RequestUnits(slot=0, pages=(0,))
     assert m.pool_chunks(STATE) == [0, 1]  # a 3 MiB slot needs two chunks
     assert m.pool_chunks(KV) == [2]
     assert m.reserve_chunks() == [3, 4, 5]
@@ -88,7 +88,7 @@ def test_migration_of_a_free_tail_chunk() -> None:
     m.admit(2, PAGE)  # page 0, slot 0: no capacity change
     assert len(m.events) == 2
     blocks = m.admit(3, PAGE)  # a second slot needs 6 MiB: one chunk from the KV tail
-    assert blocks == RequestBlocks(slot=1, pages=(1,))
+    assert blocks == RequestUnits(slot=1, pages=(1,))
     assert m.pool_chunks(KV) == [2, 3, 4]
     assert m.pool_chunks(STATE) == [0, 1, 5]
     assert m.events[-1] == MemoryEvent("migration", STATE, 1, 0, 2 * MiB)
@@ -117,12 +117,12 @@ def test_compaction_of_the_state_tail_keeps_handles_and_bytes() -> None:
         m.admit(2, PAGE)  # state takes chunk 3 for a second slot
         m.admit(3, PAGE)  # both short: state [4, 5], KV [6]; reserve [7]
         assert m.pool_chunks(STATE) == [0, 1, 3, 4, 5] and m.pool_chunks(KV) == [2, 6]
-        slot_bytes = fill(backing, STATE, m.blocks(3).slot, 0xA3, 3 * MiB)
-        page_bytes = fill(backing, KV, m.blocks(3).pages[0], 0xB3, MiB)
+        slot_bytes = fill(backing, STATE, m.units(3).slot, 0xA3, 3 * MiB)
+        page_bytes = fill(backing, KV, m.units(3).pages[0], 0xB3, MiB)
         m.free(1)  # slot 0 and page 0 free; request 3's slot 2 still straddles the tail
         new_pages = m.grow(3, 5 * PAGE)  # 5 more pages: 7 in all need 4 KV chunks
         assert new_pages == [0, 3, 4, 5, 6]
-        assert m.blocks(3) == RequestBlocks(slot=0, pages=(2, 0, 3, 4, 5, 6))
+        assert m.units(3) == RequestUnits(slot=0, pages=(2, 0, 3, 4, 5, 6))
         assert m.pool_chunks(KV) == [2, 6, 7, 5]
         assert m.pool_chunks(STATE) == [0, 1, 3, 4]
         assert m.events[-3:] == [
@@ -148,8 +148,8 @@ def test_compaction_of_the_kv_tail_rewrites_page_tables() -> None:
         m.free(1)
         m.admit(3, PAGE)  # slot 0, page 0
         blocks = m.admit(4, PAGE)  # a third slot: the KV tail holds page 4, so compact
-        assert blocks == RequestBlocks(slot=2, pages=(2,))
-        assert m.blocks(2).pages == (1,)
+        assert blocks == RequestUnits(slot=2, pages=(2,))
+        assert m.units(2).pages == (1,)
         assert m.pool_chunks(STATE) == [0, 3]
         assert backing.read_unit(KV, 1) == page_bytes
         assert [e.kind for e in m.events[-2:]] == ["compaction", "migration"]
@@ -161,13 +161,13 @@ def test_out_of_memory_is_none_and_changes_nothing() -> None:
     for request_id in (1, 2, 3):
         m.admit(request_id, PAGE)
     before = (m.pool_chunks(KV), m.pool_chunks(STATE), m.reserve_chunks(), m.usage(),
-              len(m.events), [m.blocks(r) for r in m.request_ids])
+              len(m.events), [m.units(r) for r in m.request_ids])
     assert m.admit(4, 8 * PAGE) is None  # needs 4 + 1 chunks, one is left
     assert m.grow(3, 8 * PAGE) is None
     after = (m.pool_chunks(KV), m.pool_chunks(STATE), m.reserve_chunks(), m.usage(),
-             len(m.events), [m.blocks(r) for r in m.request_ids])
+             len(m.events), [m.units(r) for r in m.request_ids])
     assert after == before
-    assert m.stats.num_failed_allocations == 2
+    assert m.stats.num_oom_events == 2
     assert m.request_ids == [1, 2, 3] and m.num_tokens(3) == PAGE
     m.check_integrity()
 
@@ -193,7 +193,7 @@ def test_misuse_raises() -> None:
         m.admit(2, 0)
     with pytest.raises(ValueError):
         m.grow(1, 0)
-    for call in (lambda: m.grow(9, 1), lambda: m.blocks(9), lambda: m.num_tokens(9),
+    for call in (lambda: m.grow(9, 1), lambda: m.units(9), lambda: m.num_tokens(9),
                  lambda: m.free(9)):
         with pytest.raises(UnknownRequestError):
             call()
@@ -212,7 +212,7 @@ def test_grow_adds_pages_only_at_page_boundaries() -> None:
     assert m.grow(1, 2) == []
     assert m.grow(1, 1) == [1]
     assert m.num_tokens(1) == PAGE + 1
-    assert m.blocks(1).pages == (0, 1)
+    assert m.units(1).pages == (0, 1)
 
 
 def test_usage_reports_capacity_use_and_need() -> None:
@@ -230,7 +230,7 @@ def test_usage_reports_capacity_use_and_need() -> None:
 def test_model_without_attention_holds_no_pages() -> None:
     config = MemoryConfig(budget_bytes=4 * MiB, block_size=PAGE)
     m = AvmpManager(geometry(attention=False), config)
-    assert m.admit(1, 10**6) == RequestBlocks(slot=0, pages=())
+    assert m.admit(1, 10**6) == RequestUnits(slot=0, pages=())
     assert m.grow(1, 10**6) == []
     assert m.pool_chunks(KV) == [] and m.num_units(KV) == 0
     assert m.usage().kv_needed_bytes == 0
@@ -240,8 +240,8 @@ def test_model_without_attention_holds_no_pages() -> None:
 def test_model_without_state_gets_no_slot() -> None:
     config = MemoryConfig(budget_bytes=2 * MiB, block_size=PAGE)
     m = AvmpManager(geometry(state=False), config)
-    assert m.admit(1, PAGE) == RequestBlocks(slot=-1, pages=(0,))
-    assert m.admit(2, PAGE) == RequestBlocks(slot=-1, pages=(1,))
+    assert m.admit(1, PAGE) == RequestUnits(slot=-1, pages=(0,))
+    assert m.admit(2, PAGE) == RequestUnits(slot=-1, pages=(1,))
     assert m.admit(3, 1) is None
     m.free(1)
     assert m.pool_chunks(STATE) == []
@@ -293,7 +293,7 @@ def test_a_failed_reserve_mapping_returns_the_chunks() -> None:
     assert m.reserve_chunks() == [2, 3, 4, 5]
     assert m.request_ids == []
     m.check_integrity()
-    assert m.admit(1, PAGE) == RequestBlocks(slot=0, pages=(0,))
+    assert m.admit(1, PAGE) == RequestUnits(slot=0, pages=(0,))
     assert backing.mapped_chunks(KV) == m.pool_chunks(KV) == [2]
 
 

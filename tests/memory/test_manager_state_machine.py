@@ -62,7 +62,7 @@ def replay(
         log.append((manager.pool_chunks(PoolKind.KV), manager.pool_chunks(PoolKind.STATE),
                     manager.layout_epoch))
     log.append(list(manager.events))
-    log.append({rid: manager.blocks(rid) for rid in manager.request_ids})
+    log.append({rid: manager.units(rid) for rid in manager.request_ids})
     return manager, log
 
 

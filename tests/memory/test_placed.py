@@ -30,7 +30,7 @@ def test_static_split_never_migrates_and_refuses_when_its_pool_is_full() -> None
         assert manager.admit(request_id, 1) is not None
     assert manager.num_free_units(PoolKind.KV) > 0
     assert manager.admit(slots, 1) is None  # KV is free, but the state pool is full
-    assert manager.stats.num_failed_allocations == 1
+    assert manager.stats.num_oom_events == 1
     assert manager.stats.num_migrations == 0 and manager.events == []
     manager.check_integrity()
 
@@ -83,7 +83,7 @@ def _byte_ranges(allocator: PlacedUnifiedAllocator) -> list[tuple[int, int]]:
     page, slot = allocator.spec.page_bytes, allocator.spec.slot_bytes
     ranges = []
     for request_id in allocator.request_ids:
-        blocks = allocator.blocks(request_id)
+        blocks = allocator.units(request_id)
         ranges += [(p * page, (p + 1) * page) for p in blocks.pages]
         if blocks.slot >= 0:
             ranges.append((blocks.slot * slot, (blocks.slot + 1) * slot))

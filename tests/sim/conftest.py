@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from sim_helpers import tiny_geometry
 
 from avmp.models.geometry import ModelGeometry
+from sched_helpers import tiny_geometry
 
 
 @pytest.fixture

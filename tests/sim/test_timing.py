@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sim_helpers import tiny_geometry
 
 from avmp.models.geometry import AttentionLayer, ModelGeometry
-from avmp.sim.scheduler import ScheduledChunk
+from avmp.sched.scheduler import ScheduledChunk
 from avmp.sim.timing import (
     GPU_PROFILES,
     AllocatorCallCosts,
@@ -24,6 +23,7 @@ from avmp.sim.timing import (
     load_calibration,
     without_recompute,
 )
+from sched_helpers import tiny_geometry
 
 
 def dense_8b(num_active_params: int = 8_000_000_000) -> ModelGeometry:

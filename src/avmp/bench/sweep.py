@@ -33,7 +33,7 @@ from typing import Any
 
 from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
 from avmp.memory.registry import ALLOCATOR_NAMES as ALLOCATORS
-from avmp.sim.request import RequestSpec
+from avmp.sched.request import RequestSpec
 from avmp.sim.timing import GPU_PROFILES
 from avmp.units import format_bytes
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from avmp.sim.request import RequestSpec
+from avmp.sched.request import RequestSpec
 
 FORMATS = ("jsonl", "azure", "burstgpt")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from avmp.sim.request import RequestSpec
+from avmp.sched.request import RequestSpec
 
 STEP_S = 0.020
 """Seconds of one "step" of the paper's arrival processes (see the module docstring)."""

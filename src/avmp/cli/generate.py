@@ -189,12 +189,12 @@ def render_stats(engine: Any) -> list[str]:
         lines.append(
             f"AVMP: {moved.num_migrations} migrations ({moved.chunks_migrated_to['kv']} chunks "
             f"to KV, {moved.chunks_migrated_to['state']} to state), {moved.num_compactions} "
-            f"compactions, {moved.num_failed_allocations} failed allocations"
+            f"compactions, {moved.num_oom_events} OOM events"
         )
     else:
         placement = getattr(engine.allocator, "num_placement_failures", None)
         lines.append(
-            f"{name}: {moved.num_failed_allocations} failed allocations"
+            f"{name}: {moved.num_oom_events} OOM events"
             + (f" ({placement} for want of a whole state group)" if placement else "")
         )
     return lines

@@ -47,9 +47,9 @@ from avmp.memory.spec import (
     MemoryUsage,
 )
 from avmp.models.geometry import ConvColumns, ModelGeometry
-from avmp.sim.metrics import TimelineRecorder
-from avmp.sim.request import RequestSpec
-from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.request import RequestSpec
+from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.timeline import TimelineRecorder
 from avmp.units import parse_bytes
 
 DTYPES = TORCH_DTYPES
@@ -431,7 +431,7 @@ class Engine:
         sampling: list[int] = []
         for chunk in plan.chunks:
             request = live[chunk.request_id]
-            blocks = self.allocator.blocks(chunk.request_id)
+            blocks = self.allocator.units(chunk.request_id)
             end = chunk.start + chunk.num_tokens
             known = len(request.tokens) + (chunk.request_id in carry)
             tokens = request.tokens[chunk.start : end]

@@ -12,7 +12,7 @@ All three are pure bookkeeping: unit ids, no bytes. They are called millions of 
 the simulator, so the hot paths (admit, grow, free) do one dict lookup and list slicing,
 and check every precondition before changing anything (a failed call changes nothing).
 
-Models without recurrent layers have no slot: `RequestBlocks.slot` is ``NO_SLOT`` (-1).
+Models without recurrent layers have no slot: `RequestUnits.slot` is ``NO_SLOT`` (-1).
 Models without attention layers never ask for pages.
 """
 
@@ -28,8 +28,8 @@ from avmp.memory.spec import (
     DuplicateRequestError,
     MemoryConfig,
     MemoryUsage,
-    RequestBlocks,
     RequestTooLargeError,
+    RequestUnits,
     UnknownRequestError,
 )
 from avmp.models.geometry import ModelGeometry
@@ -147,7 +147,7 @@ class _PagedRequestTable(_RequestTable):
             self._check_grow(request_id, new)
             taken = self._take_grow_pages(num_pages)
             if taken is None:
-                self.stats.num_failed_allocations += 1
+                self.stats.num_oom_events += 1
                 return None
             added = taken
             request.pages += added
@@ -228,7 +228,7 @@ class UnifiedAllocator(_RequestTable):
     one group of all its layers and one block per request; a pure-attention model has
     ``config.block_size``-token blocks.
 
-    `RequestBlocks.slot` is the request's first state block; `pages` lists its
+    `RequestUnits.slot` is the request's first state block; `pages` lists its
     attention blocks group by group, each group in token order (one group in practice).
     Free block ids are kept on a stack that starts lowest on top; freed blocks are pushed
     back (LIFO), so the same calls always get the same blocks.
@@ -261,14 +261,14 @@ class UnifiedAllocator(_RequestTable):
     def fits_alone(self, num_tokens: int) -> bool:
         return self.num_blocks_for(num_tokens) <= self.num_usable_blocks
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_state = self._state_groups
         num_pages = _ceil_div(num_tokens, self._tokens_per_block) * self._attention_groups
         free = self._free
         total = num_state + num_pages
         if total > len(free):
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         taken = free[-total:][::-1] if total else []
         if total:
@@ -278,7 +278,7 @@ class UnifiedAllocator(_RequestTable):
             pages = _group_major(pages, self._attention_groups)
         slot = state[0] if state else NO_SLOT
         self._admitted(request_id, _Request(num_tokens, slot, state, pages))
-        return RequestBlocks(slot, tuple(pages))
+        return RequestUnits(slot, tuple(pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         request = self._get(request_id)
@@ -294,7 +294,7 @@ class UnifiedAllocator(_RequestTable):
         self._check_grow(request_id, new)
         free = self._free
         if total > len(free):
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         added = free[-total:][::-1]
         del free[-total:]
@@ -313,9 +313,9 @@ class UnifiedAllocator(_RequestTable):
         self._free += request.pages
         self._free += request.state_blocks
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         request = self._get(request_id)
-        return RequestBlocks(request.slot, tuple(request.pages))
+        return RequestUnits(request.slot, tuple(request.pages))
 
     def state_blocks(self, request_id: int) -> tuple[int, ...]:
         """Every block holding a live request's state, one per recurrent group."""
@@ -448,19 +448,19 @@ class StaticAllocator(_PagedRequestTable):
     def fits_alone(self, num_tokens: int) -> bool:
         return self._pages_for(num_tokens) <= self.num_pages and self.num_slots >= self._needs_slot
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_pages = self._pages_for(num_tokens)
         free_pages, free_slots = self._free_pages, self._free_slots
         if num_pages > len(free_pages) or (self._needs_slot and not free_slots):
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         slot = free_slots.pop() if self._needs_slot else NO_SLOT
         pages = free_pages[-num_pages:][::-1] if num_pages else []
         if num_pages:
             del free_pages[-num_pages:]
         self._admitted(request_id, _Request(num_tokens, slot, [], pages))
-        return RequestBlocks(slot, tuple(pages))
+        return RequestUnits(slot, tuple(pages))
 
     def _take_grow_pages(self, num_pages: int) -> list[int] | None:
         free_pages = self._free_pages
@@ -476,9 +476,9 @@ class StaticAllocator(_PagedRequestTable):
         if request.slot != NO_SLOT:
             self._free_slots.append(request.slot)
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         request = self._get(request_id)
-        return RequestBlocks(request.slot, tuple(request.pages))
+        return RequestUnits(request.slot, tuple(request.pages))
 
     def usage(self) -> MemoryUsage:
         num_pages = sum(len(r.pages) for r in self._live.values())
@@ -563,12 +563,12 @@ class OracleAllocator(_PagedRequestTable):
             pages += range(start, self._num_page_ids)
         return pages
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_pages = self._pages_for(num_tokens)
         need = self._slot_bytes + num_pages * self._page_bytes
         if self._used_bytes + need > self._budget:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         self._used_bytes += need
         slot = NO_SLOT
@@ -579,7 +579,7 @@ class OracleAllocator(_PagedRequestTable):
                 slot, self._num_slot_ids = self._num_slot_ids, self._num_slot_ids + 1
         pages = self._take_pages(num_pages)
         self._admitted(request_id, _Request(num_tokens, slot, [], pages))
-        return RequestBlocks(slot, tuple(pages))
+        return RequestUnits(slot, tuple(pages))
 
     def _take_grow_pages(self, num_pages: int) -> list[int] | None:
         need = num_pages * self._page_bytes
@@ -596,9 +596,9 @@ class OracleAllocator(_PagedRequestTable):
             self._used_bytes -= self._slot_bytes
             self._free_slots.append(request.slot)
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         request = self._get(request_id)
-        return RequestBlocks(request.slot, tuple(request.pages))
+        return RequestUnits(request.slot, tuple(request.pages))
 
     def usage(self) -> MemoryUsage:
         """Capacity follows use exactly: each pool's capacity is what it uses, and the

@@ -20,8 +20,8 @@ from avmp.memory.spec import (
     MemoryConfig,
     MemoryUsage,
     PoolKind,
-    RequestBlocks,
     RequestTooLargeError,
+    RequestUnits,
     UnknownRequestError,
 )
 from avmp.models.geometry import ModelGeometry
@@ -94,7 +94,7 @@ class AvmpManager(CacheAllocator):
 
     # -- the allocator interface ----------------------------------------------------
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         if num_tokens <= 0:
             raise ValueError(f"num_tokens must be positive, got {num_tokens}")
         if request_id in self._requests:
@@ -115,7 +115,7 @@ class AvmpManager(CacheAllocator):
         self.stats.num_admits += 1
         if self._debug:
             self.check_integrity()
-        return RequestBlocks(slot, tuple(pages))
+        return RequestUnits(slot, tuple(pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         if num_new_tokens <= 0:
@@ -159,9 +159,9 @@ class AvmpManager(CacheAllocator):
         if self._debug:
             self.check_integrity()
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         request = self._live(request_id)
-        return RequestBlocks(request.slot, tuple(request.pages))
+        return RequestUnits(request.slot, tuple(request.pages))
 
     def num_tokens(self, request_id: int) -> int:
         return self._live(request_id).num_tokens
@@ -264,7 +264,7 @@ class AvmpManager(CacheAllocator):
         plan = plan_room(self._kv, self._state, num_pages, num_slots, len(self._reserve),
                          self.config.migration_batch_chunks)
         if plan is None:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             if self._debug:
                 self.check_integrity()
             return False

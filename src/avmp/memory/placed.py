@@ -37,7 +37,7 @@ from avmp.memory.baselines import (
     unified_usage,
 )
 from avmp.memory.manager import AvmpManager
-from avmp.memory.spec import CacheSpec, MemoryConfig, MemoryUsage, PoolKind, RequestBlocks
+from avmp.memory.spec import CacheSpec, MemoryConfig, MemoryUsage, PoolKind, RequestUnits
 from avmp.models.geometry import ModelGeometry
 
 
@@ -75,7 +75,7 @@ class StaticSplitManager(AvmpManager):
 
     def _make_room(self, num_pages: int, num_slots: int) -> bool:
         """Nothing to take: the split is fixed. Count the OOM event."""
-        self.stats.num_failed_allocations += 1
+        self.stats.num_oom_events += 1
         return False
 
 
@@ -227,17 +227,17 @@ class PlacedUnifiedAllocator(_RequestTable):
 
     # -- the allocator interface ----------------------------------------------------
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_blocks = self._blocks_for(num_tokens)
         if self._run + num_blocks > self._num_free:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         group, run = NO_SLOT, []
         if self._run:
             group = self._whole.rfind(1)
             if group < 0:
-                self.stats.num_failed_allocations += 1
+                self.stats.num_oom_events += 1
                 self.num_placement_failures += 1
                 return None
             run = list(range(group * self._run, (group + 1) * self._run))
@@ -246,7 +246,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         blocks = [self._take_block() for _ in range(num_blocks)]
         request = _Placed(num_tokens, group, run, blocks, self._kernel_pages(blocks))
         self._admitted(request_id, request)
-        return self.blocks(request_id)
+        return self.units(request_id)
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         request = self._placed(request_id)
@@ -257,7 +257,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         if extra:
             self._check_grow(request_id, new_tokens)
         if extra > self._num_free:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         added = [self._take_block() for _ in range(extra)]
         kernel_pages = self._kernel_pages(added)
@@ -281,9 +281,9 @@ class PlacedUnifiedAllocator(_RequestTable):
         assert isinstance(request, _Placed)
         return request
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         request = self._placed(request_id)
-        return RequestBlocks(request.slot, tuple(request.kernel_pages))
+        return RequestUnits(request.slot, tuple(request.kernel_pages))
 
     def usage(self) -> MemoryUsage:
         """As `UnifiedAllocator.usage` (pages counted in vLLM blocks)."""

@@ -119,7 +119,7 @@ class RequestTooLargeError(AllocatorError):
 
 
 @dataclass(frozen=True)
-class RequestBlocks:
+class RequestUnits:
     """Where one request's cache lives right now: its slot and its pages in token order.
 
     Indices are physical unit positions inside each pool; compaction may change them
@@ -170,7 +170,7 @@ class AllocatorStats:
     num_admits: int = 0
     num_grows: int = 0
     num_frees: int = 0
-    num_failed_allocations: int = 0
+    num_oom_events: int = 0
     num_migrations: int = 0
     num_chunks_migrated: int = 0
     num_compactions: int = 0
@@ -194,7 +194,7 @@ class CacheAllocator(ABC):
         self.stats = AllocatorStats()
 
     @abstractmethod
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         """Give a new request its state slot and the pages for its first ``num_tokens``.
 
         Returns:
@@ -225,7 +225,7 @@ class CacheAllocator(ABC):
         """
 
     @abstractmethod
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         """Where a live request's cache lives now (raises UnknownRequestError)."""
 
     @abstractmethod

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from avmp.memory.spec import CacheAllocator, MemoryUsage, RequestBlocks
+from avmp.memory.spec import CacheAllocator, MemoryUsage, RequestUnits
 from avmp.models.geometry import ModelGeometry
-from avmp.sim.metrics import PHASES, RequestClock, SimResult, TimelineRecorder, percentile
-from avmp.sim.request import RequestSpec
-from avmp.sim.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.request import RequestSpec
+from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.timeline import TimelineRecorder
+from avmp.sim.metrics import PHASES, RequestClock, SimResult, percentile
 from avmp.sim.timing import (
     DEFAULT_ALLOCATOR_CALLS_PATH,
     VMM_MIGRATION_S_PER_CHUNK,
@@ -119,7 +120,7 @@ class TimedAllocator(CacheAllocator):
         self.stats = inner.stats
         self.elapsed_s = 0.0
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         start = time.perf_counter()
         blocks = self.inner.admit(request_id, num_tokens)
         self.elapsed_s += time.perf_counter() - start
@@ -136,8 +137,8 @@ class TimedAllocator(CacheAllocator):
         self.inner.free(request_id)
         self.elapsed_s += time.perf_counter() - start
 
-    def blocks(self, request_id: int) -> RequestBlocks:
-        return self.inner.blocks(request_id)
+    def units(self, request_id: int) -> RequestUnits:
+        return self.inner.units(request_id)
 
     def num_tokens(self, request_id: int) -> int:
         return self.inner.num_tokens(request_id)
@@ -162,13 +163,13 @@ class TimedAllocator(CacheAllocator):
 
 def _read_counters(allocator: CacheAllocator) -> tuple[int, int, int, int, int, int]:
     """The allocator counters that the time model charges for: admits, grows, frees,
-    failed allocations, chunks migrated, bytes compacted."""
+    OOM events, chunks migrated, bytes compacted."""
     s = allocator.stats
     return (
         s.num_admits,
         s.num_grows,
         s.num_frees,
-        s.num_failed_allocations,
+        s.num_oom_events,
         s.num_chunks_migrated,
         s.num_bytes_compacted,
     )

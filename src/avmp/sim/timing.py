@@ -58,7 +58,7 @@ from typing import Protocol
 import numpy as np
 
 from avmp.models.geometry import ModelGeometry
-from avmp.sim.scheduler import ScheduledChunk
+from avmp.sched.scheduler import ScheduledChunk
 
 
 @dataclass(frozen=True)

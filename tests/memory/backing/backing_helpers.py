@@ -242,7 +242,7 @@ class ManagerDriver:
         return pattern(tag % 1_000_003, self.backing.spec.unit_bytes(pool), self.backing.device)
 
     def _fill(self, request_id: int, new_pages: list[int] | None = None) -> None:
-        blocks = self.manager.blocks(request_id)
+        blocks = self.manager.units(request_id)
         if new_pages is None:
             row = self.backing.row_of(PoolKind.STATE, blocks.slot)
             self.backing.unit_table(PoolKind.STATE)[row] = self._expected(
@@ -278,7 +278,7 @@ class ManagerDriver:
             rows: list[int] = []
             want: list[torch.Tensor] = []
             for request_id in self.manager.request_ids:
-                blocks = self.manager.blocks(request_id)
+                blocks = self.manager.units(request_id)
                 if pool is PoolKind.STATE:
                     rows.append(self.backing.row_of(pool, blocks.slot))
                     want.append(self._expected(request_id, pool, 0))

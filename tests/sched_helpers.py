@@ -1,5 +1,5 @@
-"""Test helpers of the simulator: a tiny geometry and an exact-bytes allocator that
-implements `CacheAllocator` simply enough to be obviously right."""
+"""Test helpers of the scheduler and the simulator: a tiny geometry and an exact-bytes
+allocator that implements `CacheAllocator` simply enough to be obviously right."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from avmp.memory.spec import (
     DuplicateRequestError,
     MemoryConfig,
     MemoryUsage,
-    RequestBlocks,
     RequestTooLargeError,
+    RequestUnits,
     UnknownRequestError,
 )
 from avmp.models.geometry import (
@@ -21,7 +21,7 @@ from avmp.models.geometry import (
     ModelGeometry,
     RecurrentLayer,
 )
-from avmp.sim.request import RequestSpec
+from avmp.sched.request import RequestSpec
 
 MIB = 1 << 20
 
@@ -58,7 +58,7 @@ class ExactBytesAllocator(CacheAllocator):
         super().__init__(geometry, config)
         self.spec = CacheSpec.from_geometry(geometry, config.block_size)
         self._tokens: dict[int, int] = {}
-        self._blocks: dict[int, RequestBlocks] = {}
+        self._blocks: dict[int, RequestUnits] = {}
         self._freed: set[int] = set()
         self._used_bytes = 0
         self._next_page = 0
@@ -79,7 +79,7 @@ class ExactBytesAllocator(CacheAllocator):
                 self._next_page += 1
         return pages
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         if request_id in self._tokens:
             raise DuplicateRequestError(f"request {request_id} is live")
         if not self.fits_alone(num_tokens):
@@ -87,7 +87,7 @@ class ExactBytesAllocator(CacheAllocator):
         need = self._bytes_for(num_tokens)
         self.stats.num_admits += 1
         if self._used_bytes + need > self.config.budget_bytes:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         self._freed.discard(request_id)
         slot = self._free_slots.pop() if self._free_slots else self._next_slot
@@ -95,7 +95,7 @@ class ExactBytesAllocator(CacheAllocator):
         pages = self._take_pages(self.spec.num_pages_for(num_tokens))
         self._used_bytes += need
         self._tokens[request_id] = num_tokens
-        self._blocks[request_id] = RequestBlocks(slot, tuple(pages))
+        self._blocks[request_id] = RequestUnits(slot, tuple(pages))
         return self._blocks[request_id]
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
@@ -106,11 +106,11 @@ class ExactBytesAllocator(CacheAllocator):
         extra = self._bytes_for(new) - self._bytes_for(old)
         self.stats.num_grows += 1
         if self._used_bytes + extra > self.config.budget_bytes:
-            self.stats.num_failed_allocations += 1
+            self.stats.num_oom_events += 1
             return None
         added = self._take_pages(self.spec.num_pages_for(new) - self.spec.num_pages_for(old))
         blocks = self._blocks[request_id]
-        self._blocks[request_id] = RequestBlocks(blocks.slot, blocks.pages + tuple(added))
+        self._blocks[request_id] = RequestUnits(blocks.slot, blocks.pages + tuple(added))
         self._used_bytes += extra
         self._tokens[request_id] = new
         return added
@@ -127,7 +127,7 @@ class ExactBytesAllocator(CacheAllocator):
         self._freed.add(request_id)
         self.stats.num_frees += 1
 
-    def blocks(self, request_id: int) -> RequestBlocks:
+    def units(self, request_id: int) -> RequestUnits:
         self.num_tokens(request_id)
         return self._blocks[request_id]
 

@@ -35,7 +35,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from avmp.memory.spec import CacheAllocator, RequestTooLargeError
-from avmp.sim.request import RequestSpec
+from avmp.sched.request import RequestSpec
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sim_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 
-from avmp.memory.spec import MemoryConfig, RequestBlocks
-from avmp.sim.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from avmp.memory.spec import MemoryConfig, RequestUnits
+from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from sched_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 
 # tiny geometry: 2 KiB of KV per token, 16-token pages of 32 KiB, 512 KiB state slots
 PAGE = 32 * 1024
@@ -185,7 +185,7 @@ class _LyingAllocator(ExactBytesAllocator):
     def fits_alone(self, num_tokens: int) -> bool:
         return True
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestBlocks | None:
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         if num_tokens > 100:
             return None
         return super().admit(request_id, num_tokens)
