@@ -1,6 +1,8 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from avmp.units import format_bytes, parse_bytes
+from avmp.units import ceil_div, format_bytes, parse_bytes, round_up
 
 
 @pytest.mark.parametrize(
@@ -30,3 +32,10 @@ def test_format_bytes_picks_a_binary_unit() -> None:
     assert format_bytes(8.3 * (1 << 20)) == "8.3 MiB"
     assert format_bytes(12 << 30) == "12.0 GiB"
     assert format_bytes(3 << 40) == "3.00 TiB"
+
+
+@given(st.integers(0, 10**12), st.integers(1, 10**6))
+def test_ceil_div_and_round_up_match_exact_rational_rounding(value: int, divisor: int) -> None:
+    quotient = ceil_div(value, divisor)
+    assert (quotient - 1) * divisor < value <= quotient * divisor or value == quotient == 0
+    assert round_up(value, divisor) == quotient * divisor

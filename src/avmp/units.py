@@ -60,3 +60,13 @@ def format_bytes(num_bytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.2f} TiB"
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded up, in integers (no float rounding)."""
+    return -(-numerator // denominator)
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``value``."""
+    return ceil_div(value, multiple) * multiple

@@ -7,6 +7,8 @@ may straddle chunk boundaries, so a chunk's size never has to divide a unit's si
 
 from __future__ import annotations
 
+from avmp.units import ceil_div
+
 
 def units_for_chunks(num_chunks: int, unit_bytes: int, chunk_bytes: int) -> int:
     """Whole units that ``num_chunks`` chunks hold (0 for a pool of empty units)."""
@@ -17,7 +19,7 @@ def units_for_chunks(num_chunks: int, unit_bytes: int, chunk_bytes: int) -> int:
 
 def chunks_for_units(num_units: int, unit_bytes: int, chunk_bytes: int) -> int:
     """The fewest chunks whose range holds units ``0 .. num_units - 1``."""
-    return -(-num_units * unit_bytes // chunk_bytes)
+    return ceil_div(num_units * unit_bytes, chunk_bytes)
 
 
 def unit_spans(index: int, unit_bytes: int, chunk_bytes: int) -> list[tuple[int, int, int]]:

@@ -33,16 +33,13 @@ from avmp.memory.spec import (
     UnknownRequestError,
 )
 from avmp.models.geometry import ModelGeometry
+from avmp.units import ceil_div
 
 NO_SLOT = -1
 NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0 as its null block, never allocated
 VLLM_BLOCK_ALIGNMENT_TOKENS = 16  # vLLM rounds the hybrid attention block to this many tokens
 VLLM_GROUP_SIZE_SLACK = 1.25  # vLLM uses the larger layer count when within 25% of the smaller
 SGLANG_MAMBA_FULL_MEMORY_RATIO = 0.9  # SGLang's default --mamba-full-memory-ratio
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class _Request:
@@ -195,7 +192,7 @@ class UnifiedLayout:
         block_size: int | None = None
         if kv_token_bytes:
             align = VLLM_BLOCK_ALIGNMENT_TOKENS
-            needed = align * _ceil_div(state_bytes, align * kv_token_bytes)
+            needed = align * ceil_div(state_bytes, align * kv_token_bytes)
             block_size = max(min_block_size, needed)
         page_bytes = max(state_bytes, (block_size or 0) * kv_token_bytes)
         num_attention, num_recurrent = geometry.num_attention_layers, geometry.num_recurrent_layers
@@ -205,8 +202,8 @@ class UnifiedLayout:
             page_bytes=page_bytes,
             state_page_bytes=state_bytes,
             group_size=group_size,
-            num_attention_groups=_ceil_div(num_attention, group_size),
-            num_state_groups=_ceil_div(num_recurrent, group_size),
+            num_attention_groups=ceil_div(num_attention, group_size),
+            num_state_groups=ceil_div(num_recurrent, group_size),
         )
 
 
@@ -255,7 +252,7 @@ class UnifiedAllocator(_RequestTable):
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks one request of ``num_tokens`` tokens holds."""
-        pages = _ceil_div(num_tokens, self._tokens_per_block) * self._attention_groups
+        pages = ceil_div(num_tokens, self._tokens_per_block) * self._attention_groups
         return self._state_groups + pages
 
     def fits_alone(self, num_tokens: int) -> bool:
@@ -264,7 +261,7 @@ class UnifiedAllocator(_RequestTable):
     def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_state = self._state_groups
-        num_pages = _ceil_div(num_tokens, self._tokens_per_block) * self._attention_groups
+        num_pages = ceil_div(num_tokens, self._tokens_per_block) * self._attention_groups
         free = self._free
         total = num_state + num_pages
         if total > len(free):
@@ -285,7 +282,7 @@ class UnifiedAllocator(_RequestTable):
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         old, new = request.num_tokens, request.num_tokens + num_new_tokens
-        per_group = _ceil_div(new, self._tokens_per_block) - _ceil_div(old, self._tokens_per_block)
+        per_group = ceil_div(new, self._tokens_per_block) - ceil_div(old, self._tokens_per_block)
         total = per_group * self._attention_groups
         if total == 0:
             request.num_tokens = new
@@ -334,7 +331,7 @@ class UnifiedAllocator(_RequestTable):
         assert in_range, "a free block is out of range (or is the null block)"
         for request in self._live.values():
             assert len(request.state_blocks) == self._state_groups, "wrong number of state blocks"
-            want = _ceil_div(request.num_tokens, self._tokens_per_block) * self._attention_groups
+            want = ceil_div(request.num_tokens, self._tokens_per_block) * self._attention_groups
             assert len(request.pages) == want, "pages do not match the request's tokens"
 
 
@@ -443,7 +440,7 @@ class StaticAllocator(_PagedRequestTable):
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
 
     def _pages_for(self, num_tokens: int) -> int:
-        return _ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
+        return ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
 
     def fits_alone(self, num_tokens: int) -> bool:
         return self._pages_for(num_tokens) <= self.num_pages and self.num_slots >= self._needs_slot
@@ -546,7 +543,7 @@ class OracleAllocator(_PagedRequestTable):
         self._num_slot_ids = 0
 
     def _pages_for(self, num_tokens: int) -> int:
-        return _ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
+        return ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
 
     def fits_alone(self, num_tokens: int) -> bool:
         return self._slot_bytes + self._pages_for(num_tokens) * self._page_bytes <= self._budget

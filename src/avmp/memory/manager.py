@@ -25,6 +25,7 @@ from avmp.memory.spec import (
     UnknownRequestError,
 )
 from avmp.models.geometry import ModelGeometry
+from avmp.units import ceil_div
 
 _NO_PAGE = 1 << 62  # lowest_page of a request without pages: above every unit index
 
@@ -99,7 +100,7 @@ class AvmpManager(CacheAllocator):
             raise ValueError(f"num_tokens must be positive, got {num_tokens}")
         if request_id in self._requests:
             raise DuplicateRequestError(f"request {request_id} is already live")
-        num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
+        num_pages = ceil_div(num_tokens, self._block_size) if self._has_pages else 0
         if num_pages > self._max_pages_alone:
             self._raise_too_large(num_tokens)
         num_slots = self._slots_per_request
@@ -124,7 +125,7 @@ class AvmpManager(CacheAllocator):
         num_tokens = request.num_tokens + num_new_tokens
         num_new_pages = 0
         if self._has_pages:
-            num_new_pages = -(-num_tokens // self._block_size) - len(request.pages)
+            num_new_pages = ceil_div(num_tokens, self._block_size) - len(request.pages)
             if len(request.pages) + num_new_pages > self._max_pages_alone:
                 self._raise_too_large(num_tokens)
         if num_new_pages > self._kv.num_free and not self._make_room(num_new_pages, 0):
@@ -167,7 +168,7 @@ class AvmpManager(CacheAllocator):
         return self._live(request_id).num_tokens
 
     def fits_alone(self, num_tokens: int) -> bool:
-        num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
+        num_pages = ceil_div(num_tokens, self._block_size) if self._has_pages else 0
         return num_pages <= self._max_pages_alone
 
     def usage(self) -> MemoryUsage:
@@ -221,7 +222,7 @@ class AvmpManager(CacheAllocator):
         num_tokens = 0
         for request_id, request in self._requests.items():
             assert request_id not in self._freed, f"request {request_id} live and freed"
-            expected = -(-request.num_tokens // self._block_size) if self._has_pages else 0
+            expected = ceil_div(request.num_tokens, self._block_size) if self._has_pages else 0
             assert len(request.pages) == expected, f"request {request_id}: page count"
             assert request.lowest_page == min(request.pages, default=_NO_PAGE)
             assert request.packed_pages.tolist() == request.pages, "packed pages differ"

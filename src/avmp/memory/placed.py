@@ -39,6 +39,7 @@ from avmp.memory.baselines import (
 from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import CacheSpec, MemoryConfig, MemoryUsage, PoolKind, RequestUnits
 from avmp.models.geometry import ModelGeometry
+from avmp.units import ceil_div
 
 
 class StaticSplitManager(AvmpManager):
@@ -174,7 +175,7 @@ class PlacedUnifiedAllocator(_RequestTable):
     def _blocks_for(self, num_tokens: int) -> int:
         if not self._pages_per_block:
             return 0
-        return -(-num_tokens // self._tokens_per_block)
+        return ceil_div(num_tokens, self._tokens_per_block)
 
     def fits_alone(self, num_tokens: int) -> bool:
         need = self._run + self._blocks_for(num_tokens)

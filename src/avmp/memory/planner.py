@@ -26,7 +26,7 @@ from avmp.memory.baselines import OracleAllocator, StaticAllocator, UnifiedAlloc
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
 from avmp.memory.spec import CacheAllocator, MemoryConfig, RequestTooLargeError
 from avmp.models.geometry import ModelGeometry
-from avmp.units import format_bytes
+from avmp.units import format_bytes, round_up
 
 MAX_PLANNED_REQUESTS = 200_000  # beyond this the question is moot and the count slow
 
@@ -220,7 +220,7 @@ def _measure(
 
 def _page_rounding_bytes(geometry: ModelGeometry, block_size: int, num_tokens: int) -> int:
     """KV bytes one request loses in its last, partly filled ``block_size``-token page."""
-    padded = -(-num_tokens // block_size) * block_size
+    padded = round_up(num_tokens, block_size)
     return (padded - num_tokens) * geometry.kv_bytes_per_token
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from avmp.models.geometry import ModelGeometry
+from avmp.units import ceil_div
 
 CHUNK_GRANULARITY_BYTES = 2 << 20  # CUDA VMM minimum granularity on current GPUs
 
@@ -89,7 +90,7 @@ class CacheSpec:
         """Pages that ``num_tokens`` tokens occupy (0 for a model without attention)."""
         if self.page_bytes == 0:
             return 0
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     def unit_bytes(self, pool: PoolKind) -> int:
         return self.page_bytes if pool is PoolKind.KV else self.slot_bytes

@@ -28,6 +28,7 @@ from avmp.models.geometry import (
     RecurrentLayer,
     dtype_bytes,
 )
+from avmp.units import ceil_div, round_up
 
 CONFIG_FILENAME = "config.json"
 # Conv state lives in the activation dtype (bf16) in vLLM and transformers alike; only
@@ -309,7 +310,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
     d_inner = cfg.dim("mamba_expand", 2) * h
     d_state, d_conv = cfg.dim("mamba_d_state", 16), cfg.dim("mamba_d_conv", 4)
     dt_rank_raw = cfg.value("mamba_dt_rank", "auto")
-    dt_rank = -(-h // 16) if dt_rank_raw == "auto" else cfg.dim("mamba_dt_rank")
+    dt_rank = ceil_div(h, 16) if dt_rank_raw == "auto" else cfg.dim("mamba_dt_rank")
     attn_period, attn_offset = cfg.dim("attn_layer_period", 8), cfg.count("attn_layer_offset", 4)
     exp_period, exp_offset = cfg.dim("expert_layer_period", 2), cfg.count("expert_layer_offset", 1)
     experts, top_k = cfg.dim("num_experts", 16), cfg.dim("num_experts_per_tok", 2)
@@ -671,7 +672,7 @@ def _mamba_ssm(cfg: _Config, opt: _Options) -> _Build:
 
 def _padded_vocab(cfg: _Config) -> int:
     vocab, multiple = cfg.dim("vocab_size"), cfg.dim("pad_vocab_size_multiple", 8)
-    return -(-vocab // multiple) * multiple
+    return round_up(vocab, multiple)
 
 
 def _sub_config(cfg: _Config, key: str) -> _Config:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from avmp.units import ceil_div
+
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _BLOCK_WORDS = 4096  # 16 KiB of a row per program: enough bytes in flight per SM
 _kernel: Any = None
@@ -62,7 +64,7 @@ def copy_rows_triton(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) 
         _kernel = _build_kernel()
     words = table.view(torch.int32)  # [num_units, unit_bytes / 4]
     row_words = words.shape[1]
-    grid = (src.numel(), -(-row_words // _BLOCK_WORDS))
+    grid = (src.numel(), ceil_div(row_words, _BLOCK_WORDS))
     _kernel[grid](words, src, dst, row_words, BLOCK=_BLOCK_WORDS, num_warps=8)
 
 

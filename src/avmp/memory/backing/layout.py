@@ -18,12 +18,9 @@ from dataclasses import dataclass
 
 from avmp.memory.spec import CacheSpec, PoolKind
 from avmp.models.geometry import ModelGeometry, dtype_bytes
+from avmp.units import round_up
 
 DEFAULT_ALIGNMENT_BYTES = 16
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -75,12 +72,12 @@ def _place(entries: list[_Entry], alignment: int) -> UnitLayout:
     for layer_index, position, name, shape, dtype in entries:
         align = max(alignment, dtype_bytes(dtype))
         widest = max(widest, align)
-        offset = _round_up(offset, align)
+        offset = round_up(offset, align)
         tensor = TensorPlacement(layer_index, position, name, shape, dtype, offset)
         placed.append(tensor)
         offset += tensor.num_bytes
         exact += tensor.num_bytes
-    unit_bytes = _round_up(offset, widest) if placed else 0
+    unit_bytes = round_up(offset, widest) if placed else 0
     return UnitLayout(tuple(placed), unit_bytes, exact)
 
 
