@@ -90,7 +90,7 @@ def replay(allocator: CacheAllocator, calls: list[Call]) -> tuple[list[list[int]
     clock = time.perf_counter_ns
     # A unified request holds one state block per recurrent group, not one slot.
     state_units = (
-        allocator.layout.num_state_groups if isinstance(allocator, UnifiedAllocator) else 1
+        allocator.vllm.num_state_groups if isinstance(allocator, UnifiedAllocator) else 1
     )
     admit, grow, free = allocator.admit, allocator.grow, allocator.free
     times: list[list[int]] = [[], [], []]

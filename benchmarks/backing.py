@@ -38,8 +38,8 @@ import torch
 from avmp.kernels.triton import compact
 from avmp.memory.backing.cuda_vmm import CudaVmmBacking
 from avmp.memory.backing.device import TensorBacking
-from avmp.memory.backing.layout import CacheLayout
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
+from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.backing.views import build_views
 from avmp.memory.spec import CacheSpec, MemoryConfig, PoolKind
 from avmp.models.geometry import (
@@ -205,14 +205,14 @@ def jamba_like() -> ModelGeometry:
 
 
 def bench_views() -> dict[str, Any]:
-    layout = CacheLayout.from_geometry(jamba_like())
+    cache_format = CacheFormat.from_geometry(jamba_like())
     with CudaVmmBacking(0) as backing:
-        backing.attach(layout.cache_spec(), MemoryConfig(budget_bytes=1024 * MIB))
-        us = median_us(lambda: build_views(backing, layout), repeats=20)
-        views = build_views(backing, layout)
+        backing.attach(cache_format.cache_spec(), MemoryConfig(budget_bytes=1024 * MIB))
+        us = median_us(lambda: build_views(backing, cache_format), repeats=20)
+        views = build_views(backing, cache_format)
         num_views = 2 * len(views.attention_layers) + 2 * len(views.recurrent_layers)
     return {"geometry": "jamba-like (4 attn + 28 mamba1)", "views": num_views, "us": us,
-            "padding_bytes": layout.padding_bytes}
+            "padding_bytes": cache_format.padding_bytes}
 
 
 def environment() -> dict[str, Any]:

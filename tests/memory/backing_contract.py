@@ -130,7 +130,7 @@ def _snapshot(manager: AvmpManager) -> tuple[Any, ...]:
         manager.reserve_chunks(),
         manager.num_free_units(PoolKind.KV),
         manager.num_free_units(PoolKind.STATE),
-        manager.layout_epoch,
+        manager.placement_epoch,
         len(manager.events),
         manager.usage(),
     )

@@ -21,7 +21,7 @@ from avmp.memory.baselines import (
     OracleAllocator,
     StaticAllocator,
     UnifiedAllocator,
-    UnifiedLayout,
+    VllmBlockGeometry,
     static_state_fraction,
 )
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
@@ -68,18 +68,18 @@ def test_jamba_unified_blocks_are_80_tokens() -> None:
     allocator = UnifiedAllocator(jamba_mini(), MemoryConfig(12 * GiB))
     assert allocator.block_size == 80
     assert allocator.page_bytes == 80 * 4096 == 327_680
-    assert allocator.layout.state_page_bytes == 311_296
+    assert allocator.vllm.state_page_bytes == 311_296
     assert allocator.group_size == 4
     assert allocator.num_blocks == (12 * GiB) // (4 * 327_680)
     assert allocator.num_usable_blocks == allocator.num_blocks - 1  # block 0: vLLM's null block
-    assert (allocator.layout.num_attention_groups, allocator.layout.num_state_groups) == (1, 7)
+    assert (allocator.vllm.num_attention_groups, allocator.vllm.num_state_groups) == (1, 7)
 
 
 def test_jamba_fp32_state_raises_block_to_144_tokens() -> None:
     # conv 49,152 B + SSM 8192 x 16 x 4 = 573,440 B -> 140 tokens -> 144.
-    layout = UnifiedLayout.from_geometry(jamba_mini("float32"))
-    assert layout.block_size == 144
-    assert layout.page_bytes == 144 * 4096
+    blocks = VllmBlockGeometry.from_geometry(jamba_mini("float32"))
+    assert blocks.block_size == 144
+    assert blocks.page_bytes == 144 * 4096
 
 
 def test_request_holds_one_block_per_state_group_plus_token_blocks() -> None:
@@ -99,30 +99,30 @@ def test_request_holds_one_block_per_state_group_plus_token_blocks() -> None:
 
 
 def test_unified_group_size_uses_larger_count_within_25_percent() -> None:
-    def layout_of(num_attention: int, num_recurrent: int) -> UnifiedLayout:
+    def geometry_of(num_attention: int, num_recurrent: int) -> VllmBlockGeometry:
         attention = [AttentionLayer(i, 2, 64) for i in range(num_attention)]
         recurrent = [mamba1_layer(50 + i, d_inner=256) for i in range(num_recurrent)]
-        return UnifiedLayout.from_geometry(hybrid("mix", attention, recurrent))
+        return VllmBlockGeometry.from_geometry(hybrid("mix", attention, recurrent))
 
-    layout = layout_of(8, 9)
-    assert layout.group_size == 9  # 9 < 8 * 1.25: one attention group with a padding layer
-    assert (layout.num_attention_groups, layout.num_state_groups) == (1, 1)
-    layout = layout_of(4, 5)
-    assert layout.group_size == 4  # 5 is not < 4 * 1.25
-    assert (layout.num_attention_groups, layout.num_state_groups) == (1, 2)
-    layout = UnifiedLayout.from_geometry(small_hybrid(num_attention=2, num_recurrent=6))
-    assert layout.group_size == 2
-    assert (layout.num_attention_groups, layout.num_state_groups) == (1, 3)
+    blocks = geometry_of(8, 9)
+    assert blocks.group_size == 9  # 9 < 8 * 1.25: one attention group with a padding layer
+    assert (blocks.num_attention_groups, blocks.num_state_groups) == (1, 1)
+    blocks = geometry_of(4, 5)
+    assert blocks.group_size == 4  # 5 is not < 4 * 1.25
+    assert (blocks.num_attention_groups, blocks.num_state_groups) == (1, 2)
+    blocks = VllmBlockGeometry.from_geometry(small_hybrid(num_attention=2, num_recurrent=6))
+    assert blocks.group_size == 2
+    assert (blocks.num_attention_groups, blocks.num_state_groups) == (1, 3)
 
 
 def test_unified_uses_largest_layer_when_shapes_differ() -> None:
     attention = [AttentionLayer(0, 2, 64), AttentionLayer(1, 4, 64)]  # 512 and 1,024 B/token
     recurrent = [mamba1_layer(2, d_inner=256), mamba1_layer(3, d_inner=512)]
-    layout = UnifiedLayout.from_geometry(hybrid("mixed", attention, recurrent))
+    blocks = VllmBlockGeometry.from_geometry(hybrid("mixed", attention, recurrent))
     largest_state = 512 * 3 * 2 + 512 * 16 * 2
-    assert layout.state_page_bytes == largest_state
-    assert layout.block_size == 16 * math.ceil(largest_state / (16 * 1024))
-    assert layout.page_bytes == layout.block_size * 1024 >= largest_state
+    assert blocks.state_page_bytes == largest_state
+    assert blocks.block_size == 16 * math.ceil(largest_state / (16 * 1024))
+    assert blocks.page_bytes == blocks.block_size * 1024 >= largest_state
 
 
 def test_unified_pure_recurrent_holds_one_block_of_all_layers() -> None:
@@ -149,7 +149,7 @@ def test_unified_with_several_attention_groups_lists_pages_group_by_group() -> N
     attention = [AttentionLayer(i, 2, 64) for i in range(4)]
     geometry = hybrid("4+1", attention, [mamba1_layer(9, d_inner=64)])
     allocator = UnifiedAllocator(geometry, MemoryConfig(64 * MiB))
-    assert allocator.layout.num_attention_groups == 4
+    assert allocator.vllm.num_attention_groups == 4
     tokens = allocator.block_size or 0
     blocks = allocator.admit(0, tokens)
     assert blocks is not None and len(blocks.pages) == 4

@@ -94,7 +94,7 @@ def test_migration_of_a_free_tail_chunk() -> None:
     assert m.events[-1] == MemoryEvent("migration", STATE, 1, 0, 2 * MiB)
     assert m.stats.num_migrations == 1 and m.stats.num_chunks_migrated == 1
     assert m.stats.chunks_migrated_to == {"kv": 0, "state": 1}
-    assert m.layout_epoch == 0 and m.stats.num_compactions == 0
+    assert m.placement_epoch == 0 and m.stats.num_compactions == 0
     m.check_integrity()
 
 
@@ -130,7 +130,7 @@ def test_compaction_of_the_state_tail_keeps_handles_and_bytes() -> None:
             MemoryEvent("compaction", STATE, 0, 1, 3 * MiB),
             MemoryEvent("migration", KV, 1, 0, 2 * MiB),
         ]
-        assert m.layout_epoch == 1
+        assert m.placement_epoch == 1
         assert (m.stats.num_compactions, m.stats.num_units_moved) == (1, 1)
         assert m.stats.num_bytes_compacted == 3 * MiB
         assert backing.read_unit(STATE, 0) == slot_bytes

@@ -60,7 +60,7 @@ def replay(
             log.append(("free", target))
         manager.check_integrity()
         log.append((manager.pool_chunks(PoolKind.KV), manager.pool_chunks(PoolKind.STATE),
-                    manager.layout_epoch))
+                    manager.placement_epoch))
     log.append(list(manager.events))
     log.append({rid: manager.units(rid) for rid in manager.request_ids})
     return manager, log

@@ -63,9 +63,9 @@ def test_unified_blocks_are_whole_kernel_pages_and_state_runs() -> None:
     geometry = jamba_mini()
     allocator = PlacedUnifiedAllocator(geometry, MemoryConfig(1024 * MiB))
     assert allocator.vllm.block_size == 80 and allocator.vllm.num_state_groups == 7
-    layout = allocator.cache_layout()
-    assert layout.page.unit_bytes * 5 == allocator.vllm.block_bytes == allocator.spec.page_bytes * 5
-    assert layout.slot.unit_bytes == 7 * allocator.vllm.block_bytes >= layout.slot.exact_bytes
+    fmt = allocator.cache_format()
+    assert fmt.page.unit_bytes * 5 == allocator.vllm.block_bytes == allocator.spec.page_bytes * 5
+    assert fmt.slot.unit_bytes == 7 * allocator.vllm.block_bytes >= fmt.slot.exact_bytes
     blocks = allocator.admit(0, 81)
     assert blocks is not None
     assert blocks.slot == allocator.num_groups - 1  # state runs are taken from the top

@@ -33,9 +33,9 @@ from avmp.engine.sampling import SampledTokens, SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.kernels.ops import use_triton
 from avmp.memory.backing.device import TensorBacking
-from avmp.memory.backing.layout import CacheLayout
 from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
+from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.backing.views import TORCH_DTYPES, build_views
 from avmp.memory.manager import AvmpManager
 from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
@@ -272,7 +272,7 @@ class Engine:
         dtype = next(self.model.parameters()).dtype
         ssm = None if self.config.ssm_dtype is None else DTYPES[self.config.ssm_dtype]
         geometry = self.model.geometry(dtype, ssm, self.config.conv_columns)
-        padding = CacheLayout.from_geometry(geometry, self.config.block_size).padding_bytes
+        padding = CacheFormat.from_geometry(geometry, self.config.block_size).padding_bytes
         if padding:
             raise ValueError(
                 f"{geometry.name}: cache tensors are not 16-byte multiples "
@@ -289,7 +289,7 @@ class Engine:
 
     def _memory(
         self, allocator: str, backing: str | TensorBacking | None, state_fraction: float | None
-    ) -> tuple[CacheAllocator, TensorBacking, CacheLayout]:
+    ) -> tuple[CacheAllocator, TensorBacking, CacheFormat]:
         """The allocator, the backing it drives and the byte layout the views read."""
         config = self._memory_config()
         if allocator == "unified":
@@ -298,7 +298,7 @@ class Engine:
             unified = PlacedUnifiedAllocator(self.geometry, config)
             shared = SharedBufferBacking(unified.num_blocks * unified.vllm.block_bytes, self.device)
             shared.attach(unified.spec, config)
-            return unified, shared, unified.cache_layout()
+            return unified, shared, unified.cache_format()
         if state_fraction is not None and allocator != "static":
             raise ValueError("state_fraction applies to the static allocator only")
         tensors = self._backing(backing)
@@ -308,7 +308,7 @@ class Engine:
                                          state_fraction=state_fraction)
         else:
             manager = AvmpManager(self.geometry, config, tensors)
-        return manager, tensors, CacheLayout.from_geometry(self.geometry, config.block_size)
+        return manager, tensors, CacheFormat.from_geometry(self.geometry, config.block_size)
 
     def _memory_config(self) -> MemoryConfig:
         c = self.config

@@ -157,7 +157,7 @@ class _PagedRequestTable(_RequestTable):
 
 
 @dataclass(frozen=True)
-class UnifiedLayout:
+class VllmBlockGeometry:
     """How vLLM v1 cuts one pool for a hybrid model (prefix caching off).
 
     Attributes:
@@ -182,7 +182,7 @@ class UnifiedLayout:
         return self.group_size * self.page_bytes
 
     @classmethod
-    def from_geometry(cls, geometry: ModelGeometry, min_block_size: int = 16) -> UnifiedLayout:
+    def from_geometry(cls, geometry: ModelGeometry, min_block_size: int = 16) -> VllmBlockGeometry:
         """vLLM's rule, per layer: the attention block is the smallest multiple of 16
         tokens (and at least ``min_block_size``) whose page holds the largest recurrent
         layer's state. Layers whose shapes differ are sized by the largest one, as one
@@ -238,16 +238,16 @@ class UnifiedAllocator(_RequestTable):
 
     def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
         super().__init__(geometry, config)
-        self.layout = UnifiedLayout.from_geometry(geometry, config.block_size)
-        self.block_size = self.layout.block_size
-        self.page_bytes = self.layout.page_bytes
-        self.group_size = self.layout.group_size
-        self.block_bytes = self.layout.block_bytes
+        self.vllm = VllmBlockGeometry.from_geometry(geometry, config.block_size)
+        self.block_size = self.vllm.block_size
+        self.page_bytes = self.vllm.page_bytes
+        self.group_size = self.vllm.group_size
+        self.block_bytes = self.vllm.block_bytes
         self.num_blocks = config.budget_bytes // self.block_bytes
         self.num_usable_blocks = max(0, self.num_blocks - 1)
-        self._tokens_per_block = self.layout.block_size or 1
-        self._attention_groups = self.layout.num_attention_groups
-        self._state_groups = self.layout.num_state_groups
+        self._tokens_per_block = self.vllm.block_size or 1
+        self._attention_groups = self.vllm.num_attention_groups
+        self._state_groups = self.vllm.num_state_groups
         self._free = list(range(self.num_blocks - 1, NULL_BLOCK, -1))
 
     def num_blocks_for(self, num_tokens: int) -> int:

@@ -187,7 +187,7 @@ class AvmpManager(CacheAllocator):
         )
 
     @property
-    def layout_epoch(self) -> int:
+    def placement_epoch(self) -> int:
         return self._epoch
 
     @property

@@ -8,7 +8,7 @@ unit's bytes are. Two layouts here carry the same decisions onto a backing:
   migration off: a short pool fails the allocation even when the other is empty. Pools
   hold whole chunks, so each may hold one unit less than `StaticAllocator`'s exact split.
 - `PlacedUnifiedAllocator` ("unified"): vLLM v1's one pool of equal blocks
-  (`UnifiedLayout`), in one buffer of ``num_blocks`` blocks. An attention block of ``B``
+  (`VllmBlockGeometry`), in one buffer of ``num_blocks`` blocks. An attention block of ``B``
   tokens is ``B / block_size`` consecutive kernel pages (vLLM's kernel-block split), so the
   attention kernels read it as ordinary pages; a request's state is one slot spanning its
   ``S`` state blocks.
@@ -26,11 +26,11 @@ enough free blocks (vLLM would admit) but no whole group fails and is counted in
 from __future__ import annotations
 
 from avmp.memory.backing.base import Backing
-from avmp.memory.backing.layout import CacheLayout, UnitLayout
+from avmp.memory.backing.unit_format import CacheFormat, UnitFormat
 from avmp.memory.baselines import (
     NO_SLOT,
     NULL_BLOCK,
-    UnifiedLayout,
+    VllmBlockGeometry,
     _Request,
     _RequestTable,
     static_state_fraction,
@@ -98,7 +98,7 @@ class PlacedUnifiedAllocator(_RequestTable):
 
     Units as the engine sees them: ``spec.page_bytes`` is one kernel page
     (``block_size`` tokens of every attention layer) and ``spec.slot_bytes`` one state run
-    (``S`` blocks); `cache_layout()` gives the matching byte layout. `blocks` lists kernel
+    (``S`` blocks); `cache_format()` gives the matching byte format. `blocks` lists kernel
     pages, ``k`` per attention block; the slot is the request's state group.
 
     Raises:
@@ -110,8 +110,8 @@ class PlacedUnifiedAllocator(_RequestTable):
 
     def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
         super().__init__(geometry, config)
-        self.vllm = UnifiedLayout.from_geometry(geometry, config.block_size)
-        self._layout = CacheLayout.from_geometry(geometry, config.block_size)
+        self.vllm = VllmBlockGeometry.from_geometry(geometry, config.block_size)
+        self._format = CacheFormat.from_geometry(geometry, config.block_size)
         self._block_bytes = self.vllm.block_bytes
         self._tokens_per_block = self.vllm.block_size or 1
         self._pages_per_block = self._check_geometry()
@@ -120,7 +120,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         self.num_usable_blocks = max(0, self.num_blocks - 1)  # block 0 is vLLM's null block
         self.num_groups = self.num_blocks // self._run if self._run else 0
         self.spec = CacheSpec(
-            page_bytes=self._layout.page.unit_bytes,
+            page_bytes=self._format.page.unit_bytes,
             slot_bytes=self._run * self._block_bytes,
             block_size=config.block_size,
             kv_bytes_per_token=geometry.kv_bytes_per_token,
@@ -153,7 +153,7 @@ class PlacedUnifiedAllocator(_RequestTable):
                 f"{self.vllm.num_attention_groups} vLLM groups; the placed unified layout "
                 "needs one"
             )
-        pages, rest = divmod(self._block_bytes, self._layout.page.unit_bytes)
+        pages, rest = divmod(self._block_bytes, self._format.page.unit_bytes)
         if rest or pages * self.config.block_size != self._tokens_per_block:
             raise ValueError(
                 f"{self.geometry.name}: a {self._tokens_per_block}-token attention block of "
@@ -161,14 +161,14 @@ class PlacedUnifiedAllocator(_RequestTable):
             )
         return pages
 
-    def cache_layout(self) -> CacheLayout:
-        """The engine's byte layout: kernel pages as usual, the slot padded to a run."""
-        if self._layout.slot.unit_bytes > self.spec.slot_bytes:
-            raise ValueError("a state run is smaller than one slot")  # UnifiedLayout forbids it
-        slot = self._layout.slot
-        padded = UnitLayout(slot.tensors, self.spec.slot_bytes, slot.exact_bytes)
-        return CacheLayout(self._layout.block_size, self._layout.alignment_bytes,
-                           self._layout.page, padded)
+    def cache_format(self) -> CacheFormat:
+        """The engine's byte format: kernel pages as usual, the slot padded to a run."""
+        if self._format.slot.unit_bytes > self.spec.slot_bytes:
+            raise ValueError("a state run is smaller than one slot")  # VllmBlockGeometry forbids it
+        slot = self._format.slot
+        padded = UnitFormat(slot.tensors, self.spec.slot_bytes, slot.exact_bytes)
+        return CacheFormat(self._format.block_size, self._format.alignment_bytes,
+                           self._format.page, padded)
 
     # -- sizes ----------------------------------------------------------------------
 

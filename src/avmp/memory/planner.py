@@ -243,19 +243,19 @@ def _unified_breakdown(
 ) -> UnifiedBreakdown:
     allocator = UnifiedAllocator(geometry, config)
     count = _fill(allocator, num_tokens)
-    layout = allocator.layout
-    state_blocks = layout.num_state_groups
+    vllm = allocator.vllm
+    state_blocks = vllm.num_state_groups
     kv_blocks = allocator.num_blocks_for(num_tokens) - state_blocks
     usage = allocator.usage()
     state_padding = usage.state_used_bytes - usage.state_needed_bytes
     page_rounding = count * _page_rounding_bytes(geometry, config.block_size, num_tokens)
     kv_padding = usage.kv_used_bytes - usage.kv_needed_bytes - page_rounding
     return UnifiedBreakdown(
-        block_size=layout.block_size,
-        page_bytes=layout.page_bytes,
-        state_page_bytes=layout.state_page_bytes,
-        group_size=layout.group_size,
-        block_bytes=layout.block_bytes,
+        block_size=vllm.block_size,
+        page_bytes=vllm.page_bytes,
+        state_page_bytes=vllm.state_page_bytes,
+        group_size=vllm.group_size,
+        block_bytes=vllm.block_bytes,
         num_blocks=allocator.num_blocks,
         num_state_blocks_per_request=state_blocks,
         num_kv_blocks_per_request=kv_blocks,

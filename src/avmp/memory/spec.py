@@ -124,7 +124,7 @@ class RequestUnits:
     """Where one request's cache lives right now: its slot and its pages in token order.
 
     Indices are physical unit positions inside each pool; compaction may change them
-    (read `CacheAllocator.layout_epoch` to know when to refresh).
+    (read `CacheAllocator.placement_epoch` to know when to refresh).
     """
 
     slot: int
@@ -246,7 +246,7 @@ class CacheAllocator(ABC):
         """Raise AssertionError if any invariant is broken."""
 
     @property
-    def layout_epoch(self) -> int:
+    def placement_epoch(self) -> int:
         """Bumped whenever live units move (compaction); block tables read before a
         change of epoch are stale."""
         return 0

@@ -153,8 +153,8 @@ class TimedAllocator(CacheAllocator):
         self.inner.check_integrity()
 
     @property
-    def layout_epoch(self) -> int:
-        return self.inner.layout_epoch
+    def placement_epoch(self) -> int:
+        return self.inner.placement_epoch
 
     @property
     def request_ids(self) -> list[int]:

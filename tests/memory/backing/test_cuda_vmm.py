@@ -31,8 +31,8 @@ from backing_helpers import (  # noqa: E402
 from avmp.kernels.triton.compact import copy_rows_torch, copy_rows_triton  # noqa: E402
 from avmp.memory.backing.base import BackingError  # noqa: E402
 from avmp.memory.backing.cuda_vmm import CudaVmmBacking  # noqa: E402
-from avmp.memory.backing.layout import CacheLayout  # noqa: E402
 from avmp.memory.backing.torch_buffer import TorchBufferBacking  # noqa: E402
+from avmp.memory.backing.unit_format import CacheFormat  # noqa: E402
 from avmp.memory.backing.views import build_views  # noqa: E402
 from avmp.memory.manager import AvmpManager  # noqa: E402
 from avmp.memory.spec import MemoryConfig, PoolKind  # noqa: E402
@@ -81,10 +81,10 @@ def test_migration_moves_handles_not_bytes() -> None:
 
 def test_views_survive_migration_and_compaction() -> None:
     geometry = gpu_geometry()
-    layout = CacheLayout.from_geometry(geometry)
+    cache_format = CacheFormat.from_geometry(geometry)
     with make_vmm() as backing:
-        backing.attach(layout.cache_spec(), MemoryConfig(budget_bytes=8 * 2 * MIB))
-        views = build_views(backing, layout)
+        backing.attach(cache_format.cache_spec(), MemoryConfig(budget_bytes=8 * 2 * MIB))
+        views = build_views(backing, cache_format)
         backing.map_chunks(PoolKind.KV, [0, 1, 2])
         backing.map_chunks(PoolKind.STATE, [7, 6, 5])
         slots = backing.num_mapped_units(PoolKind.STATE)
@@ -139,7 +139,7 @@ def test_manager_random_10000_steps_over_vmm() -> None:
         seen = (0, 0)
         for step in range(10_000):
             driver.step()
-            now = (manager.layout_epoch, manager.stats.num_migrations)
+            now = (manager.placement_epoch, manager.stats.num_migrations)
             if now != seen or step % 200 == 0:
                 driver.check()
                 seen = now

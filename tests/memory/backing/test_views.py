@@ -1,4 +1,4 @@
-"""CacheLayout offsets and per-layer views over the CPU buffer backing: shapes, dtypes,
+"""CacheFormat offsets and per-layer views over the CPU buffer backing: shapes, dtypes,
 alignment, and data written through views surviving migration and compaction."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from backing_helpers import tiny_geometry
 
-from avmp.memory.backing.layout import CacheLayout
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
+from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.backing.views import build_views
 from avmp.memory.spec import CacheSpec, MemoryConfig, PoolKind
 from avmp.models.geometry import (
@@ -22,17 +22,17 @@ from avmp.models.geometry import (
 MIB = 1 << 20
 
 
-def test_layout_of_a_hybrid_is_exact_and_aligned() -> None:
+def test_format_of_a_hybrid_is_exact_and_aligned() -> None:
     geometry = tiny_geometry()
-    layout = CacheLayout.from_geometry(geometry, block_size=16)
-    assert layout.padding_bytes == 0
-    assert layout.cache_spec() == CacheSpec.from_geometry(geometry, 16)
-    names = [(t.layer_index, t.name) for t in layout.page.tensors]
+    cache_format = CacheFormat.from_geometry(geometry, block_size=16)
+    assert cache_format.padding_bytes == 0
+    assert cache_format.cache_spec() == CacheSpec.from_geometry(geometry, 16)
+    names = [(t.layer_index, t.name) for t in cache_format.page.tensors]
     assert names == [(1, "k"), (1, "v"), (3, "k"), (3, "v")]
-    assert [(t.layer_index, t.name) for t in layout.slot.tensors] == [
+    assert [(t.layer_index, t.name) for t in cache_format.slot.tensors] == [
         (0, "conv"), (0, "ssm"), (2, "conv"), (2, "ssm"),
     ]
-    for unit in (layout.page, layout.slot):
+    for unit in (cache_format.page, cache_format.slot):
         ends = [t.offset_bytes + t.num_bytes for t in unit.tensors]
         assert all(t.offset_bytes % 16 == 0 for t in unit.tensors)
         following = unit.tensors[1:]
@@ -55,23 +55,23 @@ def odd_geometry() -> ModelGeometry:
 
 def test_padding_is_counted_and_a_mismatched_spec_is_refused() -> None:
     geometry = odd_geometry()
-    layout = CacheLayout.from_geometry(geometry)
-    conv, ssm = layout.slot.tensors
+    cache_format = CacheFormat.from_geometry(geometry)
+    conv, ssm = cache_format.slot.tensors
     assert (conv.offset_bytes, ssm.offset_bytes) == (0, 32)  # 30-byte conv padded to 32
-    assert layout.slot.exact_bytes == 42 and layout.slot.unit_bytes == 48
+    assert cache_format.slot.exact_bytes == 42 and cache_format.slot.unit_bytes == 48
     backing = TorchBufferBacking()
     backing.attach(CacheSpec.from_geometry(geometry), MemoryConfig(budget_bytes=2 * MIB))
     with pytest.raises(ValueError, match="cache_spec"):
-        build_views(backing, layout)
-    natural = CacheLayout.from_geometry(geometry, alignment_bytes=1)
+        build_views(backing, cache_format)
+    natural = CacheFormat.from_geometry(geometry, alignment_bytes=1)
     assert natural.slot.unit_bytes == 44  # only element alignment: fp32 after 30 bytes -> 32
 
 
 def attached_views(num_chunks: int = 4) -> tuple[TorchBufferBacking, object]:
-    layout = CacheLayout.from_geometry(tiny_geometry())
+    cache_format = CacheFormat.from_geometry(tiny_geometry())
     backing = TorchBufferBacking()
-    backing.attach(layout.cache_spec(), MemoryConfig(budget_bytes=num_chunks * 2 * MIB))
-    return backing, build_views(backing, layout)
+    backing.attach(cache_format.cache_spec(), MemoryConfig(budget_bytes=num_chunks * 2 * MIB))
+    return backing, build_views(backing, cache_format)
 
 
 def test_views_have_the_kernel_shapes_and_dtypes() -> None:

@@ -1,6 +1,6 @@
 """Both pools inside one torch buffer of the whole budget, growing toward each other.
 
-Layout (``N`` chunks of ``C`` bytes, unit sizes ``P`` for pages and ``S`` for slots)::
+Memory map (``N`` chunks of ``C`` bytes, unit sizes ``P`` for pages and ``S`` for slots)::
 
     buffer chunk:  0   1  ...  k-1 | free ... | N-m ... N-2  N-1
                    KV pool, grows up            state pool, grows down

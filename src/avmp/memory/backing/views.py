@@ -2,7 +2,7 @@
 
 Attention layer ``l``: ``k`` and ``v`` as ``[max_pages, block_size, kv_heads, head_dim]``,
 strided over the page-major KV pool (a page holds every attention layer's K and V for its
-tokens, see `CacheLayout`). Recurrent layer ``l``: ``conv`` and ``ssm`` as
+tokens, see `CacheFormat`). Recurrent layer ``l``: ``conv`` and ``ssm`` as
 ``[max_slots, *shape]`` in their own dtypes (bf16 conv beside fp32 SSM, say), strided over
 the slot-major state pool. Views span a pool's whole range (its capacity if it owned every
 chunk) and never change: migration maps chunks behind them and compaction moves units
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from avmp.memory.backing.device import TensorBacking
-from avmp.memory.backing.layout import CacheLayout, TensorPlacement
+from avmp.memory.backing.unit_format import CacheFormat, TensorPlacement
 from avmp.memory.spec import PoolKind
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -77,9 +77,9 @@ def _typed_view(
 
 
 class CacheViews:
-    """Every layer's views over one backing, built once from a `CacheLayout`."""
+    """Every layer's views over one backing, built once from a `CacheFormat`."""
 
-    def __init__(self, backing: TensorBacking, layout: CacheLayout) -> None:
+    def __init__(self, backing: TensorBacking, layout: CacheFormat) -> None:
         layout.check_spec(backing.spec)
         self.backing = backing
         self.layout = layout
@@ -119,6 +119,6 @@ class CacheViews:
         return self.backing.row_of(PoolKind.STATE, slot)
 
 
-def build_views(backing: TensorBacking, layout: CacheLayout) -> CacheViews:
+def build_views(backing: TensorBacking, layout: CacheFormat) -> CacheViews:
     """Per-layer views over an attached backing (cheap: strided metadata, no copy)."""
     return CacheViews(backing, layout)

@@ -1,4 +1,4 @@
-"""Where each layer's tensors sit inside a page and inside a slot: one layout that every
+"""Where each layer's tensors sit inside a page and inside a slot: one format that every
 device backing and every per-layer view shares, so kernels and the allocator agree on bytes.
 
 A page holds ``block_size`` tokens of K and V for every attention layer, layer after layer
@@ -49,7 +49,7 @@ class TensorPlacement:
 
 
 @dataclass(frozen=True)
-class UnitLayout:
+class UnitFormat:
     """The tensors of one unit kind (page or slot), in address order, and its padded size."""
 
     tensors: tuple[TensorPlacement, ...]
@@ -64,7 +64,7 @@ class UnitLayout:
 _Entry = tuple[int, int, str, tuple[int, ...], str]
 
 
-def _place(entries: list[_Entry], alignment: int) -> UnitLayout:
+def _place(entries: list[_Entry], alignment: int) -> UnitFormat:
     """Lay entries out in order, each at the next offset aligned for it."""
     placed: list[TensorPlacement] = []
     offset = exact = 0
@@ -78,12 +78,12 @@ def _place(entries: list[_Entry], alignment: int) -> UnitLayout:
         offset += tensor.num_bytes
         exact += tensor.num_bytes
     unit_bytes = round_up(offset, widest) if placed else 0
-    return UnitLayout(tuple(placed), unit_bytes, exact)
+    return UnitFormat(tuple(placed), unit_bytes, exact)
 
 
 @dataclass(frozen=True)
-class CacheLayout:
-    """Byte layout of a page (KV pool) and of a slot (state pool) for one model.
+class CacheFormat:
+    """Byte format of a page (KV pool) and of a slot (state pool) for one model.
 
     Attributes:
         block_size: tokens per page.
@@ -94,8 +94,8 @@ class CacheLayout:
 
     block_size: int
     alignment_bytes: int
-    page: UnitLayout
-    slot: UnitLayout
+    page: UnitFormat
+    slot: UnitFormat
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -109,7 +109,7 @@ class CacheLayout:
         geometry: ModelGeometry,
         block_size: int = 16,
         alignment_bytes: int = DEFAULT_ALIGNMENT_BYTES,
-    ) -> CacheLayout:
+    ) -> CacheFormat:
         """Lay out one model's page and slot."""
         page_entries: list[_Entry] = []
         for position, attention in enumerate(geometry.attention_layers):
@@ -130,7 +130,7 @@ class CacheLayout:
             slot=_place(slot_entries, alignment_bytes),
         )
 
-    def unit(self, pool: PoolKind) -> UnitLayout:
+    def unit(self, pool: PoolKind) -> UnitFormat:
         return self.page if pool is PoolKind.KV else self.slot
 
     @property
@@ -139,7 +139,7 @@ class CacheLayout:
         return self.page.padding_bytes + self.slot.padding_bytes
 
     def cache_spec(self) -> CacheSpec:
-        """The CacheSpec whose unit sizes match this layout (padding included)."""
+        """The CacheSpec whose unit sizes match this format (padding included)."""
         return CacheSpec(
             page_bytes=self.page.unit_bytes,
             slot_bytes=self.slot.unit_bytes,
@@ -148,16 +148,16 @@ class CacheLayout:
         )
 
     def check_spec(self, spec: CacheSpec) -> None:
-        """Raise ValueError unless ``spec``'s units hold this layout exactly.
+        """Raise ValueError unless ``spec``'s units hold this format exactly.
 
-        Views stride over units of the spec's size, so the spec must use the layout's
+        Views stride over units of the spec's size, so the spec must use the format's
         (possibly padded) sizes.
         """
         for pool in PoolKind:
             have, need = spec.unit_bytes(pool), self.unit(pool).unit_bytes
             if have != need:
                 raise ValueError(
-                    f"{pool.value} unit is {have} bytes but the layout needs {need} "
+                    f"{pool.value} unit is {have} bytes but the format needs {need} "
                     f"({self.unit(pool).padding_bytes} bytes of alignment padding); "
-                    "build the CacheSpec with CacheLayout.cache_spec()"
+                    "build the CacheSpec with CacheFormat.cache_spec()"
                 )
