@@ -76,7 +76,7 @@ def _typed_view(
     )
 
 
-class CacheViews:
+class BackingViews:
     """Every layer's views over one backing, built once from a `CacheFormat`."""
 
     def __init__(self, backing: TensorBacking, layout: CacheFormat) -> None:
@@ -119,6 +119,6 @@ class CacheViews:
         return self.backing.row_of(PoolKind.STATE, slot)
 
 
-def build_views(backing: TensorBacking, layout: CacheFormat) -> CacheViews:
+def build_views(backing: TensorBacking, layout: CacheFormat) -> BackingViews:
     """Per-layer views over an attached backing (cheap: strided metadata, no copy)."""
-    return CacheViews(backing, layout)
+    return BackingViews(backing, layout)
