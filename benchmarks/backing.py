@@ -17,15 +17,14 @@ Measures, on one CUDA GPU:
 4. Building all per-layer views for a Jamba-1.5-Mini-like geometry (4 attention + 28
    Mamba layers).
 
-Seeded; every time is the median of repeats after a warm-up. Raw JSON goes to --out.
+Seeded; every time is the median of repeats after a warm-up. Raw figures go to --out.
 
-    PYTHONPATH=src python3 benchmarks/backing.py --out benchmarks/results/backing.json
+    PYTHONPATH=src python3 -m benchmarks.backing --out $OUT/backing.json.gz
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -49,6 +48,7 @@ from avmp.models.geometry import (
     ModelGeometry,
     RecurrentLayer,
 )
+from benchmarks.common import RESULTS_DIR, copy_bytes_per_s, event_ms, write_result
 
 MIB = 1 << 20
 CHUNK = 2 * MIB
@@ -64,21 +64,6 @@ def median_us(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         run()
         times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
-def event_ms(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    """Median device time of ``run`` in milliseconds, CUDA events around each call."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -180,10 +165,9 @@ def bench_compaction(backing: TensorBacking, pool: PoolKind, move_bytes: int) ->
 
 def bench_device_copy(num_bytes: int) -> dict[str, Any]:
     """The ceiling: one device-to-device copy, bytes read + written."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=DEVICE).random_(0, 256)
-    dst = torch.empty_like(src)
-    ms = event_ms(lambda: dst.copy_(src), repeats=10)
-    return {"bytes_read_written": 2 * num_bytes, "ms": ms, "GB_per_s": 2 * num_bytes / ms / 1e6}
+    rate = copy_bytes_per_s(DEVICE, num_bytes)
+    return {"bytes_read_written": 2 * num_bytes, "ms": 2 * num_bytes / rate * 1e3,
+            "GB_per_s": rate / 1e9}
 
 
 def jamba_like() -> ModelGeometry:
@@ -311,13 +295,12 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backing.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "backing.json.gz")
     parser.add_argument("--budget-gib", type=int, default=4, help="budget of the shift runs")
     parser.add_argument("--compaction-gib", type=int, default=8, help="bytes moved per compaction")
     args = parser.parse_args()
     results = run(args.budget_gib, args.compaction_gib)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, results)
     print(table(results))
 
 

@@ -1,8 +1,8 @@
 """Regenerate the `avmp bench` section of docs/BENCHMARKS.md from a results directory.
 
     avmp bench --out avmp-results
-    python benchmarks/bench_section.py avmp-results            # rewrites the section
-    python benchmarks/bench_section.py avmp-results --print    # prints it instead
+    python -m benchmarks.bench_section avmp-results            # rewrites the section
+    python -m benchmarks.bench_section avmp-results --print    # prints it instead
 
 Only the text between the section's two marker comments is replaced (the file's other
 sections belong to other benchmarks); the section is appended when the markers are absent.
@@ -259,7 +259,7 @@ def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
         START,
         HEADING,
         "",
-        f"Command: `avmp bench --out {directory}`, then `python benchmarks/bench_section.py "
+        f"Command: `avmp bench --out {directory}`, then `python -m benchmarks.bench_section "
         f"{directory}{extra}` (writes this section).",
         "",
         "### Conditions",

@@ -32,8 +32,8 @@ plus written).
 
 Usage (on the device machine)::
 
-    PYTHONPATH=src python3 benchmarks/engine.py --out $OUT/engine.json --calibration-dir $OUT
-    python3 benchmarks/engine.py --markdown benchmarks/results/engine_h100.json
+    PYTHONPATH=src python3 -m benchmarks.engine --out $OUT/engine.json.gz --calibration-dir $OUT
+    python3 -m benchmarks.engine --markdown benchmarks/results/engine_h100.json.gz
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -60,6 +59,7 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
 from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
+from benchmarks.common import copy_bytes_per_s, read_result, write_result
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
@@ -75,7 +75,7 @@ MIN_HF_PREFILL_PIECE = 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--calibration-dir", type=Path, help="where calibration files go")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(DEFAULT_BATCHES))
@@ -96,22 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- measurement helpers ----------------------------------------------------------------
-
-
-def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 31) -> float:
-    """Device-to-device copy rate, bytes read plus written per second (median of 10)."""
-    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * num_bytes / statistics.median(times[2:])
 
 
 def transformers_config(zoo_name: str) -> Any:
@@ -651,7 +635,7 @@ def run_engine_cells(
             gpu = torch.cuda.get_device_name()
             points = calibration_points(cells + extra)
             payload = {"gpu": gpu, "model": name, "points": points}
-            path.write_text(json.dumps(payload, indent=1))
+            write_result(path, payload)  # plain JSON: `avmp bench --calibration` reads it
 
 
 def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
@@ -702,14 +686,14 @@ def _engine_line(cell: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(markdown(read_result(args.markdown)))
         return 0
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
     deadline = time.perf_counter() + args.budget_s
     device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bytes_per_s(device, 1 << 31)
     import transformers
     import triton
 
@@ -732,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             results.setdefault("errors", []).append(f"{name}: {error!r}"[:500])
         if args.out is not None:
-            args.out.write_text(json.dumps(results, indent=1))
+            write_result(args.out, results)
     print(markdown(results))
     return 0
 

@@ -22,10 +22,10 @@ from the step-time calibration of benchmarks/engine.py.
 
 Usage::
 
-    python benchmarks/engine_replay.py --write-trace benchmarks/traces/sharegpt_vllm_600.jsonl
-    PYTHONPATH=src python3 benchmarks/engine_replay.py \\
-        --trace benchmarks/traces/sharegpt_vllm_600.jsonl --out $OUT/engine_replay_h100.json
-    python benchmarks/engine_replay.py --markdown benchmarks/results/engine_replay_h100.json \\
+    python -m benchmarks.engine_replay --write-trace benchmarks/traces/sharegpt_vllm_600.jsonl
+    PYTHONPATH=src python3 -m benchmarks.engine_replay \\
+        --trace benchmarks/traces/sharegpt_vllm_600.jsonl --out $OUT/engine_replay_h100.json.gz
+    python -m benchmarks.engine_replay --markdown benchmarks/results/engine_replay_h100.json.gz \\
         --plot docs/figures/engine_replay_h100.png
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import platform
 import sys
 import time
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import RESULTS_DIR, read_result, repo_path, write_result
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cpu: reference kernels (smoke test)")
     parser.add_argument("--backing", default="vmm", choices=("vmm", "buffer"),
                         help="AVMP's and static's memory: CUDA VMM, or one torch buffer")
-    parser.add_argument("--out", type=Path, help="results JSON")
+    parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     parser.add_argument("--plot", type=Path, help="with --markdown: draw the pool split here")
     return parser.parse_args(argv)
@@ -224,13 +225,11 @@ def run_replays(args: argparse.Namespace) -> dict[str, Any]:
 
     from avmp.bench.traces import read_trace
     from avmp.models.geometry import ConvColumns
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from engine import build_model, transformers_config  # benchmarks/engine.py
+    from benchmarks.engine import build_model, transformers_config
 
     trace = read_trace(args.trace)
     if args.calibration is None:
-        args.calibration = Path(f"benchmarks/results/calibration_h100_{args.model}.json")
+        args.calibration = RESULTS_DIR / f"calibration_h100_{args.model}.json"
     on_gpu = args.device == "cuda"
     model = build_model(transformers_config(args.model), torch.device(args.device))
     results: dict[str, Any] = {
@@ -238,12 +237,12 @@ def run_replays(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "model": args.model,
-        "trace": str(args.trace),
+        "trace": repo_path(args.trace),
         "memory": args.memory,
         "backing": args.backing,
         "max_num_seqs": args.max_num_seqs,
         "max_batched_tokens": args.max_batched_tokens,
-        "calibration": str(args.calibration),
+        "calibration": repo_path(args.calibration),
         "prompt_tokens": sum(r.prompt_tokens for r in trace),
         "output_tokens": sum(r.output_tokens for r in trace),
         "runs": [],
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         write_trace(args.write_trace, args.num_requests, args.seed)
         return 0
     if args.markdown is not None:
-        results = json.loads(args.markdown.read_text())
+        results = read_result(args.markdown)
         print(markdown(results))
         if args.plot is not None:
             plot(results, args.plot)
@@ -388,10 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print("give --trace (replay on the GPU), --write-trace or --markdown", file=sys.stderr)
         return 2
     results = run_replays(args)
-    text = json.dumps(results, indent=1)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_result(args.out, results)
     print(markdown(results))
     return 0
 

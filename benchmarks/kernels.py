@@ -14,7 +14,7 @@ batched torch gather + SDPA. Times are medians of ``triton.testing.do_bench``; b
 are the fewest the kernel must move, so GB/s compares with the HBM copy bandwidth
 measured in the same run.
 
-    PYTHONPATH=src python3 benchmarks/kernels.py --out benchmarks/results/kernels.json
+    PYTHONPATH=src python3 -m benchmarks.kernels --out $OUT/kernels.json.gz
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import functools
 import importlib
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +40,13 @@ from avmp.kernels.triton import (
     mamba2_state_update,
     mamba2_varlen_scan,
     prefill_attention,
+)
+from benchmarks.common import (
+    copy_bytes_per_s,
+    read_result,
+    rel_error,
+    warm_up_gpu,
+    write_result,
 )
 
 DTYPE = torch.bfloat16
@@ -90,21 +96,6 @@ def wall_us_per_call(fn: Callable[[], object], calls: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
-
-
-def warm_up_gpu(seconds: float = 1.0) -> None:
-    """Bring the clocks up before the first timing: bf16 matrix products for ~seconds."""
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double(), ref.double()
-    return float((out64 - ref64).norm() / ref64.norm())
 
 
 def kv_pool(num_pages: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,21 +322,14 @@ def bench_conv(batch: int, gen: torch.Generator) -> Row:
                median_ms(loop), min_bytes, err, wall_us_per_call(run))
 
 
-def copy_bandwidth_gbps() -> float:
-    """HBM ceiling: a 1 GiB device-to-device copy, bytes read plus written."""
-    src = torch.randn(1 << 28, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="raw JSON results file to write")
+    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path,
                         help="print the docs table of a saved file ({'runs': [result, ...]})")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown_table(json.loads(args.markdown.read_text())["runs"]))
+        print(markdown_table(read_result(args.markdown)["runs"]))
         return
     if args.out is None:
         parser.error("--out is required to run the benchmark")
@@ -361,13 +345,12 @@ def main() -> None:
     for batch, tokens in SCAN_CASES:
         rows += bench_scan(batch, tokens, gen)
     variants = decode_variants(gen)
-    copy_gbps = copy_bandwidth_gbps()
+    copy_gbps = copy_bytes_per_s(DEVICE, 1 << 30, median_ms) / 1e9  # HBM ceiling, 1 GiB
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,
               "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows],
               "decode_variants": variants}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print_table(result)
 
 

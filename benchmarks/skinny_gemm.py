@@ -24,14 +24,14 @@ fast). TB/s = weight bytes / time; the device-to-device copy bandwidth of the sa
 After ``--budget-s`` seconds the remaining cells time cuBLAS and the default config
 only (marked ``swept: false``); results are written after every cell.
 
-    PYTHONPATH=src python3 benchmarks/skinny_gemm.py \
-        --out benchmarks/results/skinny_gemm_h100.json
-    PYTHONPATH=src python3 benchmarks/skinny_gemm.py \
-        --markdown benchmarks/results/skinny_gemm_h100.json
+    PYTHONPATH=src python3 -m benchmarks.skinny_gemm \
+        --out benchmarks/results/skinny_gemm_h100.json.gz
+    PYTHONPATH=src python3 -m benchmarks.skinny_gemm \
+        --markdown benchmarks/results/skinny_gemm_h100.json.gz
 
 CPU check of the same code path (one tiny shape, Triton's interpreter, wall-clock times):
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/skinny_gemm.py --device cpu --quick \
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 -m benchmarks.skinny_gemm --device cpu --quick \
         --out /tmp/skinny_gemm.json
 """
 
@@ -63,6 +63,14 @@ from avmp.kernels.triton.skinny_linear import (
     skinny_linear,
 )
 from avmp.models.zoo import zoo_config
+from benchmarks.common import (
+    Timer,
+    copy_bytes_per_s,
+    read_result,
+    rel_error,
+    warm_up_gpu,
+    write_result,
+)
 
 DTYPE = torch.bfloat16
 REL_TOLERANCE = 2e-2  # bf16 outputs: one rounding of each is ~4e-3 relative
@@ -217,9 +225,6 @@ def split_variants(tile: SkinnyConfig, k: int, grid: Grid) -> list[SkinnyConfig]
 # -- timing ------------------------------------------------------------------------------
 
 
-Timer = Callable[[Callable[[], object]], float]
-
-
 def cuda_timer(warmup_ms: float, rep_ms: float, graphs: bool) -> Timer:
     """Median ms of do_bench (L2 flushed before each call), of ``fn`` or of a CUDA graph
     replaying it."""
@@ -250,28 +255,6 @@ def wall_timer(calls: int = 3) -> Timer:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     return timer
-
-
-def copy_tbps(device: torch.device, num_bytes: int, timer: Timer) -> float:
-    """Device-to-device copy bandwidth, bytes read plus written, TB/s."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * num_bytes / timer(lambda: dst.copy_(src)) / 1e9
-
-
-def warm_up_gpu(seconds: float = 1.0) -> None:
-    """Bring the clocks up before the first timing: bf16 matrix products for ~seconds."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double(), ref.double()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 # -- one cell ----------------------------------------------------------------------------
@@ -372,7 +355,7 @@ def throughput(cell: dict[str, Any]) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, help="raw JSON results file to write")
+    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the docs tables of a saved file")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --quick")
     parser.add_argument("--quick", action="store_true",
@@ -411,7 +394,7 @@ def header(args: argparse.Namespace, bench: Bench, linears: list[Linear]) -> dic
                    else f"CPU {platform.machine()} (Triton interpreter)",
         "torch": torch.__version__, "triton": triton.__version__, "dtype": str(DTYPE),
         "quick": args.quick, "num_sms": bench.sms, "max_shared_mem": bench.smem_bytes,
-        "copy_tbps": copy_tbps(bench.device, copy_bytes, bench.sweep_timer),
+        "copy_tbps": copy_bytes_per_s(bench.device, copy_bytes, bench.sweep_timer) / 1e12,
         "timing": ("do_bench median, L2 flushed; sweep eager, rep "
                    f"{SWEEP_REP_MS} ms; reported CUDA graph replay, rep {FINAL_REP_MS} ms"
                    if cuda else "CPU interpreter, median wall time of 3 calls"),
@@ -446,10 +429,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["cells"].append(cell)
             print(table_row(cell), flush=True)
             result["table"] = best_table(result["cells"])
-            write_json(args.out, result)
+            write_result(args.out, result)
         del weight
     result["elapsed_s"] = time.perf_counter() - start
-    write_json(args.out, result)
+    write_result(args.out, result)
     print("\n".join(["", *step_summary(result)]))
     print(f"\n{len(result['cells'])} cells in {result['elapsed_s']:.0f} s")
     return result
@@ -463,14 +446,6 @@ def best_table(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int
         if "best" in cell:
             table.setdefault(f"{cell['n']}x{cell['k']}", {})[str(cell["m"])] = cell["best"]
     return table
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Written whole to a temporary file then renamed: a killed run leaves a valid file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -544,7 +519,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(markdown(read_result(args.markdown)))
         return 0
     if args.list_linears:
         print(json.dumps([dataclasses.asdict(lin) for lin in model_linears(args.models)]))

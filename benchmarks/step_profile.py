@@ -9,19 +9,20 @@ sampling). The kernel tables sum each kernel's GPU time over three eager runs of
 
 Usage (on the device machine)::
 
-    PYTHONPATH=src python3 benchmarks/step_profile.py --out $OUT/step_profile_h100.json
-    python3 benchmarks/step_profile.py --markdown benchmarks/results/step_profile_h100.json
+    PYTHONPATH=src python3 -m benchmarks.step_profile --out $OUT/step_profile_h100.json.gz
+    python3 -m benchmarks.step_profile --markdown benchmarks/results/step_profile_h100.json.gz
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import read_result, write_result
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 TABLE_ROWS = 10
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=512, help="cached tokens per decode")
     parser.add_argument("--prefill", type=int, default=300, help="tokens of the prefill chunk")
-    parser.add_argument("--out", type=Path, help="results JSON")
+    parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the docs tables of a results file")
     return parser.parse_args(argv)
 
@@ -82,11 +83,10 @@ def kernel_table(runner: Any, work: list[Any]) -> dict[str, Any]:
 def profile_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from avmp.engine.engine import Engine
     from avmp.engine.fast_runner import FastModelRunner
     from avmp.engine.runner import SequenceWork
-    from engine import build_model, transformers_config  # benchmarks/engine.py
+    from benchmarks.engine import build_model, transformers_config
 
     model = build_model(transformers_config(name), torch.device("cuda"))
     engine = Engine(model, memory="8GiB", device="cuda", kernels="triton", max_num_seqs=256,
@@ -162,7 +162,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(markdown(read_result(args.markdown)))
         return 0
     import torch
 
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": [profile_model(args, name) for name in args.models],
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        write_result(args.out, results)
     print(markdown(results))
     return 0
 

@@ -3,24 +3,14 @@ and only between its markers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from avmp.bench.sweep import SweepGrid, run_sweep
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_section.py"
-
-
-def _load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_section", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from benchmarks import bench_section as script
 
 
 def test_section_replaces_only_its_part(tmp_path: Path) -> None:
-    script = _load_script()
     results = tmp_path / "res"
     grid = SweepGrid(workloads=("shift",), models=("jamba-1.5-mini",), budgets_bytes=(1 << 30,),
                      seeds=(0, 1), num_requests=(("shift", 9),))
@@ -43,11 +33,10 @@ def test_section_replaces_only_its_part(tmp_path: Path) -> None:
     assert second.replace("\n## A later section\n\nalso kept\n", "") == first
     with_vllm = script.section(results, results)
     assert "ShareGPT with vLLM `bench serve` rules" in with_vllm
-    assert f"bench_section.py {results} --sharegpt-vllm {results}" in with_vllm
+    assert f"python -m benchmarks.bench_section {results} --sharegpt-vllm {results}" in with_vllm
 
 
 def test_sections_others_put_inside_the_markers_are_kept(tmp_path: Path) -> None:
-    script = _load_script()
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(f"# B\n\n{script.START}\n## GPU backing\n\ntheirs 1\n\n{script.HEADING}\n\n"
                    f"old table\n\n## Later\n\ntheirs 2\n{script.END}\n\n## After\n")

@@ -5,7 +5,7 @@ the committed results (what docs/BENCHMARKS.md shows)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -19,19 +19,12 @@ from avmp.engine.tiny import tiny_model  # noqa: E402
 from avmp.models.geometry import ConvColumns  # noqa: E402
 from avmp.models.zoo import zoo_config  # noqa: E402
 from avmp.sched.request import RequestSpec  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, read_result  # noqa: E402
 
 
 def load(name: str) -> ModuleType:
-    """A benchmark script as a module (benchmarks/ is not a package). benchmarks/ stays
-    off sys.path: its kernels.py would shadow the `kernels` package transformers probes."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark script ``benchmarks/<name>.py``."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def calibration(path: Path) -> Path:
@@ -65,7 +58,7 @@ def test_replay_runs_every_layout_and_the_simulator_agrees_on_decisions(tmp_path
 
 def test_replay_report_states_the_ratios_of_its_results(tmp_path: Path) -> None:
     replay = load("engine_replay")
-    results = json.loads((RESULTS / "engine_replay_h100.json").read_text())
+    results = read_result(RESULTS_DIR / "engine_replay_h100.json.gz")
     text = replay.markdown(results)
     runs = {run["allocator"]: run for run in results["runs"]}
     measured = (
@@ -81,14 +74,14 @@ def test_replay_report_states_the_ratios_of_its_results(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("script", "results"),
     [
-        ("engine", "engine_h100.json"),
-        ("step_profile", "step_profile_h100.json"),
-        ("engine_replay", "engine_replay_h100.json"),
+        ("engine", "engine_h100.json.gz"),
+        ("step_profile", "step_profile_h100.json.gz"),
+        ("engine_replay", "engine_replay_h100.json.gz"),
     ],
 )
 def test_docs_show_the_tables_the_committed_results_give(script: str, results: str) -> None:
     """Every line a GPU benchmark prints for its committed results is in the docs."""
-    text = load(script).markdown(json.loads((RESULTS / results).read_text()))
-    docs = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    text = load(script).markdown(read_result(RESULTS_DIR / results))
+    docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
     missing = [line for line in text.splitlines() if line.strip() and line not in docs]
     assert not missing, missing[:3]

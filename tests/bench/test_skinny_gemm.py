@@ -17,28 +17,29 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "skinny_gemm.py"
+from benchmarks.common import REPO_ROOT, read_result
 
 if importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None:
     pytest.skip("the benchmark needs torch and triton", allow_module_level=True)
 
 
 def run_script(*argv: str, interpret: bool = False) -> str:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+    """``python -m benchmarks.skinny_gemm ARGV`` from the repository root, as documented."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"),
                                                        os.environ.get("PYTHONPATH", "")])}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.skinny_gemm", *argv], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_quick_run_sweeps_checks_and_saves_the_best_configs(tmp_path: Path) -> None:
-    out = tmp_path / "skinny.json"
+    out = tmp_path / "skinny.json.gz"
     stdout = run_script("--device", "cpu", "--quick", "--out", str(out), interpret=True)
-    result = json.loads(out.read_text())
+    result = read_result(out)
     cells = result["cells"]
     assert [(c["n"], c["k"], c["m"]) for c in cells] == [
         (40, 96, 1), (40, 96, 5), (24, 40, 1), (24, 40, 5)]

@@ -1,0 +1,137 @@
+"""What the benchmark scripts share, each defined once: the one format their results are
+saved in, paths as results record them, GPU warm-up, CUDA-event timing, the
+device-to-device copy bandwidth that memory-bound figures are compared with, and the
+relative error a kernel is checked with.
+
+Results are compact JSON, gzip-compressed when the file name ends in ``.gz`` (the
+committed ones, under ``benchmarks/results/``). Files that the library itself reads
+(step-time calibrations for ``avmp bench --calibration``, the allocator-call costs the
+simulator loads) keep a plain ``.json`` name, which `write_result` writes uncompressed.
+
+torch is imported inside the GPU helpers only, so the report side of every script (tables
+drawn from saved results) and the tests that rebuild the docs from them run without a GPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import statistics
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+# Median milliseconds of one call of a function (CUDA events, do_bench, or wall time on CPU).
+Timer = Callable[[Callable[[], object]], float]
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def write_result(path: Path, result: Any) -> Path:
+    """Save ``result`` as compact JSON, gzip-compressed when ``path`` ends in ``.gz``.
+
+    Written whole to a temporary file then renamed, so a run killed mid-write leaves the
+    previous valid file; the gzip header carries no time stamp, so the same result gives
+    the same bytes (a rerun with unchanged figures is no diff).
+    """
+    data = (json.dumps(result, separators=(",", ":")) + "\n").encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def read_result(path: Path) -> Any:
+    """A result saved by `write_result` (gzip or not, whatever its name says), or an
+    older indented JSON file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not (gzip-compressed) JSON; the message names it.
+    """
+    data = Path(path).read_bytes()
+    try:
+        if data[:2] == _GZIP_MAGIC:
+            data = gzip.decompress(data)
+        return json.loads(data)
+    except (OSError, EOFError, zlib.error, ValueError) as error:  # ValueError: bad JSON/UTF-8
+        raise ValueError(f"{path}: not a benchmark result ({error})") from None
+
+
+def repo_path(path: Path | str) -> str:
+    """``path`` as a result records it: relative to the repository when inside it, else
+    its file name alone (an absolute path names one machine's directories, nothing a
+    reader elsewhere can open)."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO_ROOT):
+        return resolved.relative_to(REPO_ROOT).as_posix()
+    return resolved.name
+
+
+# -- GPU measurement -----------------------------------------------------------------------
+
+
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Bring the clocks up before the first timing: bf16 matrix products for ~seconds."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def event_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median device time of ``run`` in milliseconds, CUDA events around each call."""
+    import torch
+
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bytes_per_s(
+    device: torch.device | str, num_bytes: int, timer: Timer | None = None
+) -> float:
+    """Device-to-device copy bandwidth of one ``num_bytes`` buffer, bytes read plus
+    written per second: the ceiling a memory-bound kernel is compared with.
+
+    Args:
+        timer: median milliseconds of one copy; CUDA events (`event_ms`) by default, so
+            a run on the CPU passes its own (wall time).
+    """
+    import torch
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = (timer or event_ms)(lambda: dst.copy_(src))
+    return 2 * num_bytes / ms * 1e3
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    out64, ref64 = out.double(), ref.double()
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
