@@ -16,9 +16,13 @@ from typing import Any
 import pytest
 import torch
 
+from avmp.memory.backing.views import TORCH_DTYPES
+from avmp.models.geometry import ModelGeometry
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
+MiB = 1 << 20
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # float32 on GPU must stay float32 (TF32 convolutions would change greedy tokens)
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -210,3 +214,43 @@ def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     """Prompts of the given lengths, avoiding the special ids 0-2 (pad, bos, eos)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+class DenseLayerCaches:
+    """`LayerCaches` with every layer's own tensors and a fixed number of pages and
+    slots (no pools, no migration), so that the model and kernel tests can check
+    numerics against hand-built page tables: per-layer K/V ``[num_pages, block_size,
+    kv_heads, head_dim]`` and per-layer conv/SSM state ``[num_slots, ...]``."""
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        num_pages: int,
+        num_slots: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in geometry.attention_layers:
+            shape = (num_pages, block_size, layer.num_kv_heads, layer.head_dim)
+            dtype = TORCH_DTYPES[layer.dtype]
+            self._kv[layer.layer_index] = (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+        for rec in geometry.recurrent_layers:
+            assert rec.conv is not None, f"layer {rec.layer_index}: no conv state"
+            conv = torch.zeros(
+                (num_slots, *rec.conv.shape), dtype=TORCH_DTYPES[rec.conv.dtype], device=device
+            )
+            ssm = torch.zeros(
+                (num_slots, *rec.ssm.shape), dtype=TORCH_DTYPES[rec.ssm.dtype], device=device
+            )
+            self._state[rec.layer_index] = (conv, ssm)
+
+    def kv(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kv[layer_index]
+
+    def state(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._state[layer_index]

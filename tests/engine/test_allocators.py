@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from engine_helpers import DEVICES, TinyCheckpoint, random_prompts
-
-from avmp.engine.engine import Engine
 from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
+from engine_helpers import DEVICES, MiB, TinyCheckpoint, random_prompts
+
+from avmp.engine.engine import Engine, EngineConfig
 from avmp.memory.spec import PoolKind
 
 MAX_TOKENS = 12
@@ -26,15 +26,15 @@ LENGTHS = [4] * 6 + [150] * 3 + [4] * 6
 
 
 def run(checkpoint: TinyCheckpoint, allocator: str, device: str) -> Engine:
-    engine = Engine(
-        checkpoint.path,
-        memory="6MiB",
+    config = EngineConfig(
+        memory_bytes=6 * MiB,
         device=device,
         max_num_seqs=8,
         max_num_batched_tokens=64,
         check_integrity=True,
         allocator=allocator,
     )
+    engine = Engine(checkpoint.path, config)
     prompts = random_prompts(LENGTHS, seed=4)
     outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
     for prompt, output in zip(prompts, outputs, strict=True):
@@ -73,7 +73,7 @@ def test_unified_pool_gives_reference_tokens(
 
 
 def test_timeline_and_per_prompt_limits(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> None:
-    engine = Engine(tiny_checkpoint("granitemoehybrid", **GRANITE).path, memory="6MiB")
+    engine = Engine(tiny_checkpoint("granitemoehybrid", **GRANITE).path, EngineConfig(6 * MiB))
     outputs = engine.generate(random_prompts([5, 9, 7]), max_tokens=[2, 4, 3])
     assert [len(o.token_ids) for o in outputs] == [2, 4, 3]
     timeline = engine.stats.timeline
@@ -87,8 +87,10 @@ def test_bad_allocator_arguments_are_refused(
 ) -> None:
     path = tiny_checkpoint("granitemoehybrid", **GRANITE).path
     with pytest.raises(ValueError, match="allocator must be one of"):
-        Engine(path, memory="6MiB", allocator="paged")
+        EngineConfig(6 * MiB, allocator="paged")
     with pytest.raises(ValueError, match="static allocator only"):
-        Engine(path, memory="6MiB", state_fraction=0.3)
+        EngineConfig(6 * MiB, state_fraction=0.3)
+    with pytest.raises(ValueError, match="one plain buffer"):
+        EngineConfig(6 * MiB, device="cuda", allocator="unified", backing="cuda_vmm")
     with pytest.raises(ValueError, match="max_tokens"):
-        Engine(path, memory="6MiB").generate([[3, 4]], max_tokens=[1, 2])
+        Engine(path, EngineConfig(6 * MiB)).generate([[3, 4]], max_tokens=[1, 2])

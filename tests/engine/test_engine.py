@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TinyCheckpoint, random_prompts, transformers
+from engine_helpers import MiB, TinyCheckpoint, random_prompts, transformers
 
-from avmp.engine.engine import Engine
+from avmp.engine.engine import Engine, EngineConfig
 from avmp.engine.sampling import SamplingParams, top_p_filter
 
 
@@ -19,7 +19,7 @@ def engine_and_checkpoint(
     tiny_checkpoint: Callable[..., TinyCheckpoint],
 ) -> tuple[Engine, TinyCheckpoint]:
     checkpoint = tiny_checkpoint("granitemoehybrid")
-    return Engine(checkpoint.path, memory="4MiB", block_size=4), checkpoint
+    return Engine(checkpoint.path, EngineConfig(4 * MiB, block_size=4)), checkpoint
 
 
 def test_repeated_generate_calls_reuse_the_memory(
@@ -77,11 +77,32 @@ def test_mistakes_raise_value_error(
 def test_bad_settings_raise_value_error(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> None:
     path = tiny_checkpoint("granitemoehybrid").path
     with pytest.raises(ValueError, match="multiple of 2 MiB"):
-        Engine(path, memory="8MiB", chunk_bytes="1MiB")
+        EngineConfig(8 * MiB, chunk_bytes=1 * MiB)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="backing"):
-        Engine(path, memory="8MiB", backing="host")
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="backing must be one of"):
+        EngineConfig(8 * MiB, backing="host")
+    with pytest.raises(ValueError, match="device must be cpu, cuda"):
+        EngineConfig(8 * MiB, device="tpu")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        EngineConfig(8 * MiB, backing="cuda_vmm")
+    with pytest.raises(ValueError, match="cpu_threads"):
+        EngineConfig(8 * MiB, cpu_threads=0)
+    with pytest.raises(ValueError, match="is more than this host has"):
+        Engine(path, EngineConfig(1 << 50))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Engine(path, EngineConfig(8 * MiB, device="cuda"))
+
+
+def test_config_derives_the_memory_and_scheduler_configs_once() -> None:
+    config = EngineConfig(8 * MiB, block_size=4, max_num_seqs=3, migration_batch_chunks=1)
+    memory = config.memory_config()
+    assert (memory.budget_bytes, memory.block_size) == (8 * MiB, 4)
+    assert memory.migration_batch_chunks == 1
+    assert config.scheduler_config().max_num_seqs == 3
 
 
 def test_checkpoint_tokenizer_turns_text_into_text(
@@ -100,7 +121,7 @@ def test_checkpoint_tokenizer_turns_text_into_text(
         tokenizer_object=backend, eos_token="</s>", pad_token="<pad>"
     )
     fast.save_pretrained(str(tmp_path))
-    engine = Engine(tmp_path, memory="4MiB", block_size=4)
+    engine = Engine(tmp_path, EngineConfig(4 * MiB, block_size=4))
     assert engine.tokenizer is not None and engine.tokenizer.eos_token_id == 2
     (output,) = engine.generate(["w5 w17 w99 w3"], max_tokens=5)
     assert output.prompt_token_ids == [8, 20, 102, 6]

@@ -14,40 +14,36 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from engine_helpers import CONFIGS, TinyCheckpoint, random_prompts
+from engine_helpers import CONFIGS, DenseLayerCaches, MiB, TinyCheckpoint, random_prompts
 
 from triton_device import kernel_device
 
 pytestmark = pytest.mark.gpu
 
-
-
-
 DEVICE = kernel_device()
 
-from avmp.engine.cache import DenseCacheViews  # noqa: E402
-from avmp.engine.engine import Engine  # noqa: E402
-from avmp.engine.fast_runner import FastModelRunner, graph_safe, use_fast_runner  # noqa: E402
+from avmp.engine.engine import Engine, EngineConfig  # noqa: E402
+from avmp.engine.fast_runner import FastModelRunner  # noqa: E402
 from avmp.engine.loader import load_model  # noqa: E402
 from avmp.engine.runner import SequenceWork  # noqa: E402
-from avmp.kernels.ops import use_triton  # noqa: E402
+from avmp.engine.triton_ops import TritonOps  # noqa: E402
+from avmp.kernels.choice import use_triton  # noqa: E402
 
 MAX_TOKENS = 8
 
 
-def _engine(checkpoint: TinyCheckpoint, **options: object) -> Engine:
-    engine = Engine(
-        checkpoint.path,
-        memory="4MiB",
+def _engine(checkpoint: TinyCheckpoint, pad_decode: bool = False) -> Engine:
+    config = EngineConfig(
+        memory_bytes=4 * MiB,
         device=str(DEVICE),
         block_size=4,
         max_num_seqs=3,
         max_num_batched_tokens=12,  # chunked prefill, and steps mixing prefill and decode
         check_integrity=True,
         kernels="triton",
-        **options,
+        pad_decode=pad_decode,
     )
-    return engine
+    return Engine(checkpoint.path, config)
 
 
 def _assert_identical(engine: Engine, checkpoint: TinyCheckpoint, lengths: list[int]) -> None:
@@ -64,6 +60,7 @@ def test_greedy_matches_transformers_with_triton(
     checkpoint = tiny_checkpoint(family)
     engine = _engine(checkpoint)
     assert isinstance(engine.runner, FastModelRunner)
+    assert isinstance(engine.model.ops, TritonOps)
     engine.runner.profile.start()
     _assert_identical(engine, checkpoint, [3, 19, 1, 11, 26])
     steps = engine.runner.profile.steps
@@ -84,12 +81,10 @@ def test_padded_decode_steps_match_transformers(
             "layers_block_type": ["linear_attention", "mlp", "full_attention", "linear_attention"]
         }
     checkpoint = tiny_checkpoint(family, **overrides)
-    engine = _engine(checkpoint)
+    engine = _engine(checkpoint, pad_decode=DEVICE.type == "cpu")
     runner = engine.runner
-    assert isinstance(runner, FastModelRunner) and graph_safe(engine.model)
-    if DEVICE.type == "cpu":
-        use_fast_runner(engine, pad_decode=True)
-        runner = engine.runner
+    assert isinstance(runner, FastModelRunner) and engine.model.can_capture_decode()
+    assert runner.pad_decode == (DEVICE.type == "cpu")
     runner.profile.start()
     _assert_identical(engine, checkpoint, [5, 2, 9, 14, 3])
     steps = runner.profile.steps
@@ -111,16 +106,17 @@ def test_logits_match_transformers_through_the_fast_runner(
     checkpoint = tiny_checkpoint(family)
     model = load_model(checkpoint.path, torch.float32, str(DEVICE))
     (prompt,) = random_prompts([23], seed=5)
-    cache = DenseCacheViews(
+    cache = DenseLayerCaches(
         model.geometry(torch.float32), num_pages=16, num_slots=3, block_size=4, device=DEVICE
     )
+    model.use_ops(TritonOps())
     runner = FastModelRunner(
         model,
         cache,
         4,
         DEVICE,
         cuda_graphs=padded,
-        pad_decode=padded,  # type: ignore[arg-type]
+        pad_decode=padded,
     )
     pages = [11, 3, 7, 0, 15, 9]
     chunks = [(0, 9), (9, 10), (10, 22), (22, 23)]

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from engine_helpers import DEVICES, TinyCheckpoint, random_prompts
+from engine_helpers import DEVICES, MiB, TinyCheckpoint, random_prompts
 
-from avmp.engine.engine import Engine
+from avmp.engine.engine import Engine, EngineConfig
 from avmp.models.geometry import ConvColumns
 
 MAX_TOKENS = 12
@@ -54,15 +54,15 @@ HEAVY: dict[str, dict[str, Any]] = {
 
 
 def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
-    engine = Engine(
-        checkpoint.path,
-        memory="6MiB",
+    config = EngineConfig(
+        memory_bytes=6 * MiB,
         device=device,
         block_size=16,
         max_num_seqs=8,
         max_num_batched_tokens=64,
         check_integrity=True,
     )
+    engine = Engine(checkpoint.path, config)
     prompts = random_prompts(lengths)
     outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
     for prompt, output in zip(prompts, outputs, strict=True):
@@ -99,14 +99,14 @@ def test_conv_state_with_d_conv_columns_and_fp32_ssm(
 ) -> None:
     """transformers' layout (``d_conv`` columns) gives the same tokens as vLLM's."""
     checkpoint = tiny_checkpoint("granitemoehybrid")
-    engine = Engine(
-        checkpoint.path,
-        memory="4MiB",
+    config = EngineConfig(
+        memory_bytes=4 * MiB,
         block_size=4,
         max_num_batched_tokens=8,
         conv_columns=ConvColumns.TRANSFORMERS,
         ssm_dtype="float32",
     )
+    engine = Engine(checkpoint.path, config)
     layer = engine.geometry.recurrent_layers[0]
     assert layer.conv is not None and layer.conv.shape[1] == 4
     prompts = random_prompts([13, 5], seed=3)
@@ -119,7 +119,7 @@ def test_request_that_can_never_fit_is_rejected_with_a_reason(
 ) -> None:
     """One 2 MiB chunk cannot hold a page and a slot at once: nothing can ever run."""
     checkpoint = tiny_checkpoint("granitemoehybrid")
-    engine = Engine(checkpoint.path, memory="2MiB", block_size=4)
+    engine = Engine(checkpoint.path, EngineConfig(2 * MiB, block_size=4))
     (output,) = engine.generate(random_prompts([5]), max_tokens=3)
     assert output.finish_reason == "rejected"
     assert output.token_ids == [] and output.error

@@ -6,25 +6,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine_helpers import TinyCheckpoint, random_prompts
+from engine_helpers import MiB, TinyCheckpoint, random_prompts
 from test_memory_pressure import HEAVY, MAX_TOKENS
 
-from avmp.engine.engine import Engine, GenerationOutput
+from avmp.engine.engine import Engine, EngineConfig, GenerationOutput
 
 FAMILY = "granitemoehybrid"
 LENGTHS = [4] * 8 + [120] * 4 + [4] * 8  # fills the state pool, then the KV pool
 
 
 def generate(checkpoint: TinyCheckpoint, overlap: bool) -> tuple[Engine, list[GenerationOutput]]:
-    engine = Engine(
-        checkpoint.path,
-        memory="6MiB",
+    config = EngineConfig(
+        memory_bytes=6 * MiB,
         block_size=16,
         max_num_seqs=8,
         max_num_batched_tokens=64,
         check_integrity=True,
         overlap=overlap,
     )
+    engine = Engine(checkpoint.path, config)
     return engine, engine.generate(random_prompts(LENGTHS), max_tokens=MAX_TOKENS)
 
 

@@ -8,11 +8,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from engine_helpers import CONFIGS, DEVICES, TinyCheckpoint, random_prompts
+from engine_helpers import CONFIGS, DEVICES, DenseLayerCaches, MiB, TinyCheckpoint, random_prompts
 
 from avmp.engine.batch import StepBatch
-from avmp.engine.cache import DenseCacheViews
-from avmp.engine.engine import Engine
+from avmp.engine.engine import Engine, EngineConfig
 from avmp.engine.loader import load_model
 
 MAX_TOKENS = 8
@@ -25,15 +24,15 @@ def test_greedy_matches_transformers(
 ) -> None:
     checkpoint = tiny_checkpoint(family)
     prompts = random_prompts([3, 19, 1, 11, 26])
-    engine = Engine(
-        checkpoint.path,
-        memory="4MiB",
+    config = EngineConfig(
+        memory_bytes=4 * MiB,
         device=device,
         block_size=4,
         max_num_seqs=3,
         max_num_batched_tokens=12,  # prompts of 19 and 26 tokens prefill in chunks
         check_integrity=True,
     )
+    engine = Engine(checkpoint.path, config)
     outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output.prompt_token_ids == prompt
@@ -58,7 +57,7 @@ def test_logits_match_transformers_through_chunked_prefill_and_decode(
     checkpoint = tiny_checkpoint(family)
     model = load_model(checkpoint.path)
     (prompt,) = random_prompts([23], seed=5)
-    cache = DenseCacheViews(model.geometry(torch.float32), num_pages=16, num_slots=3, block_size=4)
+    cache = DenseLayerCaches(model.geometry(torch.float32), num_pages=16, num_slots=3, block_size=4)
     pages = [11, 3, 7, 0, 15, 9]
     hidden = []
     with torch.inference_mode():

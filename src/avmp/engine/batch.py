@@ -13,8 +13,9 @@ from typing import Protocol
 import torch
 
 
-class CacheViews(Protocol):
-    """Per-layer tensors over the two pools, indexed by page (KV) or slot (state).
+class LayerCaches(Protocol):
+    """What a layer reads its cache through: per-layer tensors over the two pools,
+    indexed by page row (KV) or slot row (state).
 
     Views are built once: they span each pool's whole range, so migration (chunks mapped
     behind them) and compaction (units copied inside them) never invalidate them.

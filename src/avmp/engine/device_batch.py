@@ -3,8 +3,8 @@ once: token ids, positions, slot mapping, block tables, context lengths, query o
 state slots and which rows sample.
 
 `DeviceStepBatch` is a `StepBatch` whose per-sequence block tables are views into that
-one device copy (no per-sequence transfer); the Triton methods that `install_kernels`
-binds to the layers read its fields. Every index the Triton kernels read is a device tensor,
+one device copy (no per-sequence transfer); `avmp.engine.triton_ops.TritonOps` reads
+its fields. Every index the Triton kernels read is a device tensor,
 so no layer synchronises with the host. Padding rows (CUDA graphs replay at a few fixed
 batch sizes) carry slot -1 and context 0: every kernel skips them.
 """

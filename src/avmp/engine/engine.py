@@ -19,6 +19,7 @@ that is not, unmapping a chunk that migrates, waits for the device first
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,17 +29,17 @@ import torch
 
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
+from avmp.engine.ops import REFERENCE_OPS
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import SampledTokens, SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
-from avmp.kernels.ops import use_triton
+from avmp.kernels.choice import KERNEL_CHOICES, use_triton
 from avmp.memory.backing.device import TensorBacking
 from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.backing.torch_buffer import TorchBufferBacking
 from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.backing.views import TORCH_DTYPES, build_views
-from avmp.memory.manager import AvmpManager
-from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
+from avmp.memory.registry import make_allocator
 from avmp.memory.spec import (
     CHUNK_GRANULARITY_BYTES,
     AllocatorStats,
@@ -46,23 +47,48 @@ from avmp.memory.spec import (
     MemoryConfig,
     MemoryUsage,
 )
+from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.timeline import TimelineRecorder
-from avmp.units import parse_bytes
+from avmp.units import format_bytes
 
 DTYPES = TORCH_DTYPES
 ENGINE_ALLOCATORS = ("avmp", "static", "unified")
+ENGINE_BACKINGS = ("torch", "cuda_vmm")
+ENGINE_DEVICES = ("cpu", "cuda")
 TIMELINE_SAMPLES = 200
+# One torch thread on the CPU: the engine's CPU steps are many small kernels, for which
+# more threads cost more in hand-offs than they save, and far more on a busy machine.
+DEFAULT_CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine cuts memory and batches work.
+    """Everything the engine is built from, besides the model and its tokenizer.
 
     Attributes:
         memory_bytes: cache budget for both pools (weights not included).
+        device: ``cpu`` or ``cuda`` (``cuda:N`` for one GPU of several).
+        dtype: compute dtype name; None keeps the checkpoint's.
+        kernels: ``auto`` (Triton on CUDA when installed, else the torch reference),
+            ``reference`` or ``triton`` (see `avmp.kernels.choice.use_triton`).
+        cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs.
+        pad_decode: with Triton and no graphs, still pad decode steps to the graph sizes
+            and run that padded pass eagerly (what a graph computes, checkable on the CPU).
+        allocator: ``avmp`` (two pools, capacity migrates), ``static`` (SGLang's split,
+            fixed at start-up) or ``unified`` (vLLM's padded block pool, on one plain
+            buffer; see `avmp.memory.placed`). All run the same kernels.
+        state_fraction: the static split's share of the budget for state (None: SGLang's).
+        backing: what holds the pools: ``torch`` (one buffer on ``device``) or
+            ``cuda_vmm`` (CUDA virtual memory, chunks mapped on demand).
+        overlap: plan and launch each step before reading the previous step's tokens,
+            so the scheduler's and the allocator's work runs while the device computes
+            (a request that samples its end-of-sequence token then computes one more
+            token, dropped). Off: every step waits for its own tokens.
+        cpu_threads: torch's intra-op threads when ``device`` is the CPU (a process-wide
+            setting, applied when the engine is built); None leaves torch's own.
         block_size: tokens per KV page.
         chunk_bytes: unit of capacity that migrates between the pools.
         max_num_seqs: running requests at most.
@@ -70,10 +96,21 @@ class EngineConfig:
         migration_batch_chunks: extra chunks moved per migration.
         ssm_dtype: dtype of the SSM state (None: the model's dtype).
         conv_columns: conv-state columns kept per layer (``d_conv - 1`` by default).
-        check_integrity: run the allocator's invariant checks after every step.
+        check_integrity: run the allocator's invariant checks after every step (also on
+            when ``AVMP_DEBUG=1``).
     """
 
-    memory_bytes: int
+    memory_bytes: int = 12 << 30
+    device: str = "cpu"
+    dtype: str | None = None
+    kernels: str = "auto"
+    cuda_graphs: bool = True
+    pad_decode: bool = False
+    allocator: str = "avmp"
+    state_fraction: float | None = None
+    backing: str = "torch"
+    overlap: bool = True
+    cpu_threads: int | None = DEFAULT_CPU_THREADS
     block_size: int = 16
     chunk_bytes: int = CHUNK_GRANULARITY_BYTES
     max_num_seqs: int = 64
@@ -84,10 +121,53 @@ class EngineConfig:
     check_integrity: bool = False
 
     def __post_init__(self) -> None:
-        if self.ssm_dtype is not None and self.ssm_dtype not in DTYPES:
-            raise ValueError(f"ssm_dtype must be one of {', '.join(DTYPES)}, got {self.ssm_dtype}")
-        MemoryConfig(self.memory_bytes, self.chunk_bytes, self.block_size)
-        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+        for name in ("dtype", "ssm_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        _check_choice("kernels", self.kernels, KERNEL_CHOICES)
+        _check_choice("allocator", self.allocator, ENGINE_ALLOCATORS)
+        _check_choice("backing", self.backing, ENGINE_BACKINGS)
+        self.torch_device()
+        if self.state_fraction is not None and self.allocator != "static":
+            raise ValueError("state_fraction applies to the static allocator only")
+        if self.backing != "torch" and self.allocator == "unified":
+            raise ValueError("the unified layout runs on one plain buffer; keep backing 'torch'")
+        if self.backing == "cuda_vmm" and self.torch_device().type != "cuda":
+            raise ValueError(f"backing 'cuda_vmm' needs a CUDA device, got {self.device!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        self.memory_config()
+        self.scheduler_config()
+
+    def torch_device(self) -> torch.device:
+        """The device as torch names it.
+
+        Raises:
+            ValueError: not a CPU or CUDA device name.
+        """
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ENGINE_DEVICES:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        return device
+
+    def memory_config(self) -> MemoryConfig:
+        """How the allocator cuts the budget."""
+        return MemoryConfig(
+            self.memory_bytes, self.chunk_bytes, self.block_size, self.migration_batch_chunks
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """How the scheduler batches requests."""
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -162,108 +242,75 @@ class _Live:
 
 
 class Engine:
-    """Runs one hybrid model with its caches in AVMP pools.
+    """Runs one hybrid model with its caches in AVMP pools (or a baseline's layout).
 
     Args:
         model: a checkpoint directory, or an already built `HybridModel`.
-        memory: cache budget, e.g. ``"12GiB"`` or a byte count.
-        backing: ``"torch"`` (one buffer on ``device``; also what None means) or an
-            unattached `TensorBacking` such as the CUDA VMM backing.
-        dtype: compute dtype name; None keeps the checkpoint's.
+        config: how to run it (default: `EngineConfig`'s defaults).
         tokenizer: overrides the checkpoint's tokenizer.
-        check_integrity: check the allocator's invariants after every step (also on
-            when ``AVMP_DEBUG=1``).
-        kernels: ``auto`` (Triton on CUDA when installed, else the torch reference),
-            ``reference`` or ``triton`` (see `avmp.kernels.ops.use_triton`).
-        cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs.
-        allocator: ``avmp`` (two pools, capacity migrates), ``static`` (SGLang's split,
-            fixed at start-up; on ``backing``) or ``unified`` (vLLM's padded block pool,
-            on one plain buffer; see `avmp.memory.placed`). All run the same kernels.
-        state_fraction: the static split's share of the budget for state (default:
-            SGLang's).
-        overlap: plan and launch each step before reading the previous step's tokens,
-            so the scheduler's and the allocator's work runs while the device computes
-            (a request that samples its end-of-sequence token then computes one more
-            token, dropped). Off: every step waits for its own tokens.
 
-    The remaining arguments are those of `EngineConfig`.
+    Raises:
+        ValueError: a device this machine lacks, a budget larger than the device or the
+            host holds, a checkpoint that cannot be loaded, or a model the engine
+            cannot cache exactly.
     """
 
     def __init__(
         self,
         model: str | Path | HybridModel,
-        memory: str | int = "12GiB",
-        backing: str | TensorBacking | None = "torch",
-        device: str = "cpu",
-        block_size: int = 16,
-        chunk_bytes: str | int = CHUNK_GRANULARITY_BYTES,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 1024,
-        dtype: str | None = None,
+        config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
-        migration_batch_chunks: int = 0,
-        ssm_dtype: str | None = None,
-        conv_columns: ConvColumns = ConvColumns.VLLM,
-        check_integrity: bool = False,
-        kernels: str = "auto",
-        cuda_graphs: bool = True,
-        allocator: str = "avmp",
-        state_fraction: float | None = None,
-        overlap: bool = True,
     ) -> None:
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if allocator not in ENGINE_ALLOCATORS:
-            raise ValueError(
-                f"allocator must be one of {', '.join(ENGINE_ALLOCATORS)}, got {allocator!r}"
-            )
-        self.config = EngineConfig(
-            memory_bytes=parse_bytes(memory),
-            block_size=block_size,
-            chunk_bytes=parse_bytes(chunk_bytes),
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            migration_batch_chunks=migration_batch_chunks,
-            ssm_dtype=ssm_dtype,
-            conv_columns=conv_columns,
-            check_integrity=check_integrity or os.environ.get("AVMP_DEBUG") == "1",
-        )
-        self.device = torch.device(device)
-        self.model = self._load(model, dtype)
+        config = config or EngineConfig()
+        if os.environ.get("AVMP_DEBUG") == "1":
+            config = dataclasses.replace(config, check_integrity=True)
+        self.config = config
+        self.device = config.torch_device()
+        _check_device(self.device, config.memory_bytes)
+        if self.device.type == "cpu" and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
+        self.model = self._load(model)
         self.tokenizer = tokenizer
         if tokenizer is None and not isinstance(model, HybridModel):
             self.tokenizer = load_tokenizer(model)
         self.geometry = self._geometry()
-        self.allocator, self.backing, layout = self._memory(allocator, backing, state_fraction)
-        self.views = PoolViews(build_views(self.backing, layout))
-        self.runner = self._runner(kernels, cuda_graphs)
-        self.scheduler = Scheduler(
-            self.allocator, SchedulerConfig(max_num_seqs, max_num_batched_tokens)
-        )
+        self.allocator, self.backing, cache_format = self._memory()
+        self.views = PoolViews(build_views(self.backing, cache_format))
+        self.runner = self._runner()
+        self.scheduler = Scheduler(self.allocator, config.scheduler_config())
         self.stats = EngineStats()
         self._next_request_id = 0
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = 0.0
         self._eos = self._eos_token_id()  # depends on the config and tokenizer only
-        self.overlap = overlap
+        self.overlap = config.overlap  # may be switched between `generate` calls
         self._pending: _Pending | None = None
 
     # -- construction ---------------------------------------------------------------
 
-    def _runner(self, kernels: str, cuda_graphs: bool) -> ModelRunner:
-        """The reference runner, or the fast one (Triton kernels, one host-to-device copy
-        per step, decode graphs) where ``kernels`` resolves to Triton on this device."""
-        block_size = self.config.block_size
-        if not use_triton(kernels, self.device):
-            return ModelRunner(self.model, self.views, block_size, self.device)
+    def _runner(self) -> ModelRunner:
+        """The reference runner, or (where ``kernels`` resolves to Triton on this device)
+        the fast one: one host-to-device copy per step, decode graphs, and the layers'
+        Triton kernels, given to the model here, once."""
+        c = self.config
+        if not use_triton(c.kernels, self.device):
+            self.model.use_ops(REFERENCE_OPS)
+            return ModelRunner(self.model, self.views, c.block_size, self.device)
         from avmp.engine.fast_runner import FastModelRunner
+        from avmp.engine.triton_ops import TritonOps
 
+        self.model.use_ops(TritonOps())
         return FastModelRunner(
-            self.model, self.views, block_size, self.device, cuda_graphs=cuda_graphs
+            self.model,
+            self.views,
+            c.block_size,
+            self.device,
+            cuda_graphs=c.cuda_graphs,
+            pad_decode=c.pad_decode,
         )
 
-    def _load(self, model: str | Path | HybridModel, dtype: str | None) -> HybridModel:
-        torch_dtype = None if dtype is None else DTYPES[dtype]
+    def _load(self, model: str | Path | HybridModel) -> HybridModel:
+        torch_dtype = None if self.config.dtype is None else DTYPES[self.config.dtype]
         if isinstance(model, HybridModel):
             return model.to(device=self.device, dtype=torch_dtype).eval()
         return load_model(model, torch_dtype, str(self.device))
@@ -280,39 +327,33 @@ class Engine:
             )
         return geometry
 
-    def _backing(self, backing: str | TensorBacking | None) -> TensorBacking:
-        if backing is None or backing == "torch":
-            return TorchBufferBacking(self.device)
-        if isinstance(backing, TensorBacking):
-            return backing
-        raise ValueError(f"backing must be 'torch' or a TensorBacking, got {backing!r}")
+    def _backing(self) -> TensorBacking:
+        # compaction's row copy: Triton's on CUDA (it falls back to torch's where Triton
+        # cannot run); elsewhere the backing's own torch copy
+        from avmp.kernels.triton.compact import copy_rows
 
-    def _memory(
-        self, allocator: str, backing: str | TensorBacking | None, state_fraction: float | None
-    ) -> tuple[CacheAllocator, TensorBacking, CacheFormat]:
-        """The allocator, the backing it drives and the byte layout the views read."""
+        copy = copy_rows if self.device.type == "cuda" else None
+        if self.config.backing == "cuda_vmm":
+            from avmp.memory.backing.cuda_vmm import CudaVmmBacking
+
+            return CudaVmmBacking(self.device.index or 0, copy_rows=copy)
+        return TorchBufferBacking(self.device, copy_rows=copy)
+
+    def _memory(self) -> tuple[CacheAllocator, TensorBacking, CacheFormat]:
+        """The allocator, the backing it drives and the byte format the views read."""
         config = self._memory_config()
-        if allocator == "unified":
-            if backing not in (None, "torch"):
-                raise ValueError("the unified layout runs on one plain buffer; leave backing unset")
-            unified = PlacedUnifiedAllocator(self.geometry, config)
-            shared = SharedBufferBacking(unified.num_blocks * unified.vllm.block_bytes, self.device)
-            shared.attach(unified.spec, config)
-            return unified, shared, unified.cache_format()
-        if state_fraction is not None and allocator != "static":
-            raise ValueError("state_fraction applies to the static allocator only")
-        tensors = self._backing(backing)
-        manager: AvmpManager
-        if allocator == "static":
-            manager = StaticSplitManager(self.geometry, config, tensors,
-                                         state_fraction=state_fraction)
+        name, state_fraction = self.config.allocator, self.config.state_fraction
+        options = {} if state_fraction is None else {"state_fraction": state_fraction}
+        backing: TensorBacking
+        if name == "unified":  # vLLM's pool is one plain buffer whatever the backing
+            backing = SharedBufferBacking(unified_buffer_bytes(self.geometry, config), self.device)
         else:
-            manager = AvmpManager(self.geometry, config, tensors)
-        return manager, tensors, CacheFormat.from_geometry(self.geometry, config.block_size)
+            backing = self._backing()
+        allocator = make_allocator(name, self.geometry, config, backing, **options)
+        return allocator, backing, allocator.cache_format()
 
     def _memory_config(self) -> MemoryConfig:
-        c = self.config
-        return MemoryConfig(c.memory_bytes, c.chunk_bytes, c.block_size, c.migration_batch_chunks)
+        return self.config.memory_config()
 
     # -- generation -----------------------------------------------------------------
 
@@ -533,3 +574,44 @@ class Engine:
             preemptions,
             request.error,
         )
+
+
+def _check_device(device: torch.device, memory_bytes: int) -> None:
+    """Refuse, before anything is allocated, a device this machine lacks or a cache
+    budget larger than it can hold (free memory of a CUDA device; the host's available
+    memory for the CPU).
+
+    Raises:
+        ValueError: with the device and the memory it has.
+    """
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available on this machine")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"device {device}: this machine has {count} GPU(s)")
+        free, _ = torch.cuda.mem_get_info(index)
+        where: int | None = free
+        holder = f"{device} has {format_bytes(free)} free"
+    else:
+        where = host_available_bytes()
+        holder = f"this host has {format_bytes(where or 0)} available"
+    if where is not None and memory_bytes > where:
+        raise ValueError(f"memory {format_bytes(memory_bytes)} is more than {holder}")
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can still give (Linux ``MemAvailable``; else its physical memory;
+    None where neither is known)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,5 +1,5 @@
-"""The engine's GPU step: one host-to-device copy per step, Triton kernels in every
-cache-touching layer, and CUDA graphs for decode batches.
+"""The engine's GPU step: one host-to-device copy per step, device-side step inputs for
+the layers' Triton kernels (`avmp.engine.triton_ops`), and CUDA graphs for decode batches.
 
 Per step the runner packs every index the layers need (token ids, positions, slot
 mapping, block tables, context lengths, query offsets, state slots, sampled rows) into
@@ -18,88 +18,30 @@ pool views never move (migration maps chunks behind them, compaction copies insi
 them), so a captured graph stays valid for the engine's life.
 
 Models whose layers fall back to per-sequence torch code (Mamba1, mixtures of experts,
-which route with data-dependent shapes) run eagerly: their Python loops read host
-integers that a graph would freeze.
+which route with data-dependent shapes) say so (`HybridModel.can_capture_decode`) and
+run eagerly: their Python loops read host integers that a graph would freeze. The
+runner does not choose the layers' kernels: the engine gives the model its `Ops` (the
+Triton ones with this runner) once, at construction.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 
 from avmp.engine.device_batch import (
-    DeviceStepBatch,
     PackedStep,
     StepShape,
     device_batch,
     pack_step,
     split_packed,
 )
-from avmp.engine.models import layers
 from avmp.engine.models.base import HybridModel
-from avmp.engine.models.layers import (
-    Mamba1Mixer,
-    Mamba2Mixer,
-    PagedAttention,
-    RMSNorm,
-    RMSNormGated,
-    Rotary,
-)
+from avmp.engine.models.layers import Rotary
+from avmp.engine.profile import RunnerProfile
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carried
-from avmp.kernels.ops import TritonOps
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_GRAPH_WIDTH = 16  # pages
-
-
-@dataclass
-class StepRecord:
-    """One profiled step: its shape (as the simulator's `BatchShape` counts it), when the
-    host started it (``time.perf_counter``) and its ``seconds``: on CUDA the device time
-    from reaching the step to its last kernel (CUDA events, so profiling adds no sync and
-    steps still overlap), on the CPU the runner's wall time. ``captured`` marks a step
-    that captured a CUDA graph."""
-
-    num_prefill_tokens: int
-    num_decode_requests: int
-    num_context_tokens: int
-    num_attention_pairs: int
-    num_requests: int
-    started: float
-    seconds: float
-    graph: bool
-    captured: bool = False
-
-
-@dataclass
-class RunnerProfile:
-    """Per-step records, kept while ``enabled`` (benchmarks; off in normal runs). A
-    record's device time is read (waiting for its events) when `steps` is asked for."""
-
-    enabled: bool = False
-    _steps: list[StepRecord] = field(default_factory=list)
-    _events: list[tuple[StepRecord, Any, Any]] = field(default_factory=list)
-
-    def start(self) -> None:
-        """Forget earlier records and record from now on."""
-        self.enabled, self._steps, self._events = True, [], []
-
-    def add(self, record: StepRecord, events: tuple[Any, Any] | None) -> None:
-        self._steps.append(record)
-        if events is not None:
-            self._events.append((record, *events))
-
-    @property
-    def steps(self) -> list[StepRecord]:
-        for record, begin, end in self._events:
-            end.synchronize()
-            record.seconds = begin.elapsed_time(end) / 1e3
-        self._events = []
-        return self._steps
 
 
 class _Graph:
@@ -111,17 +53,6 @@ class _Graph:
         self.logits = logits
 
 
-def graph_safe(model: HybridModel) -> bool:
-    """Whether every layer of ``model`` runs on device indices alone (no per-sequence
-    Python loop, no data-dependent expert routing), so a decode step can be captured."""
-    for module in model.modules():
-        if isinstance(module, Mamba1Mixer):
-            return False
-        if hasattr(module, "num_experts") or hasattr(module, "experts"):
-            return False
-    return True
-
-
 def _move_rotary(model: HybridModel, device: torch.device) -> None:
     """Rotary tables are plain attributes (not buffers): put them on the device once so
     a step copies nothing from the host (and a graph can capture the embedding)."""
@@ -131,52 +62,15 @@ def _move_rotary(model: HybridModel, device: torch.device) -> None:
                 value.inv_freq = value.inv_freq.to(device)
 
 
-def install_kernels(model: HybridModel, kernels: TritonOps) -> None:
-    """Route the model's attention and Mamba2 cores to ``kernels`` for device batches.
-
-    Binds, per layer instance, an ``attend``/``mix`` that takes the Triton path when the
-    step batch is a `DeviceStepBatch` and the layer's own (reference) method otherwise,
-    so the same model still runs under the reference runner.
-    """
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.attend = _attend_for(module, kernels)  # type: ignore[method-assign]
-        elif isinstance(module, Mamba2Mixer):
-            module.mix = _mix_for(module, kernels)  # type: ignore[method-assign]
-
-
-def _attend_for(layer: PagedAttention, kernels: TritonOps) -> Any:
-    reference = type(layer).attend
-
-    def attend(q: Any, k: Any, v: Any, batch: Any, cache: Any) -> torch.Tensor:
-        if isinstance(batch, DeviceStepBatch):
-            return kernels.attend(layer, q, k, v, batch, cache)
-        return reference(layer, q, k, v, batch, cache)
-
-    return attend
-
-
-def _mix_for(mixer: Mamba2Mixer, kernels: TritonOps) -> Any:
-    reference = type(mixer).mix
-
-    def mix(xbc: Any, dt: Any, batch: Any, cache: Any) -> torch.Tensor:
-        if isinstance(batch, DeviceStepBatch):
-            return kernels.mamba2_mix(mixer, xbc, dt, batch, cache)
-        return reference(mixer, xbc, dt, batch, cache)
-
-    return mix
-
-
 class FastModelRunner(ModelRunner):
-    """`ModelRunner` with device-side step inputs, Triton kernels and decode graphs.
+    """`ModelRunner` with device-side step inputs (`DeviceStepBatch`) and decode graphs.
 
     Args:
-        cuda_graphs: capture decode steps (CUDA devices, graph-safe models only).
+        cuda_graphs: capture decode steps (CUDA devices, models that
+            `~HybridModel.can_capture_decode` only).
         graph_sizes: padded decode batch sizes to capture, ascending.
         pad_decode: without graphs, still pad decode steps to ``graph_sizes`` and run
-            the padded pass eagerly (the tests check padding rows this way on the CPU).
-        fused_ops: replace the model's RMS norms (with the residual addition before them)
-            and MLP activations by fused Triton kernels (`install_fused_ops`).
+            the padded pass eagerly (what a graph computes, checkable on the CPU).
     """
 
     def __init__(
@@ -188,11 +82,9 @@ class FastModelRunner(ModelRunner):
         cuda_graphs: bool = True,
         graph_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
         pad_decode: bool = False,
-        fused_ops: bool = True,
     ) -> None:
         super().__init__(model, cache, block_size, device)
-        self.kernels = TritonOps()
-        safe = graph_safe(model)
+        safe = model.can_capture_decode()
         self.use_graphs = cuda_graphs and device.type == "cuda" and safe
         self.graph_sizes = tuple(sorted(graph_sizes))
         self.pad_decode = pad_decode and safe
@@ -207,9 +99,6 @@ class FastModelRunner(ModelRunner):
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         _move_rotary(model, device)
-        install_kernels(model, self.kernels)
-        if fused_ops:
-            install_fused_ops(model)
 
     # -- host staging ---------------------------------------------------------------
 
@@ -257,9 +146,7 @@ class FastModelRunner(ModelRunner):
     def execute(
         self, work: list[SequenceWork], carried: torch.Tensor | None = None
     ) -> torch.Tensor:
-        profiling = self.profile.enabled
-        started = time.perf_counter() if profiling else 0.0
-        begin = self._event() if profiling else None
+        mark = self.profile.begin(self.device) if self.profile.enabled else None
         is_decode = all(len(w.token_ids) == 1 and w.num_context > 0 for w in work)
         padded = is_decode and (self.use_graphs or self.pad_decode)
         size = self._graph_size(len(work)) if padded else None
@@ -268,19 +155,10 @@ class FastModelRunner(ModelRunner):
             logits = self._replay(work, size, carried)
         else:
             logits = self._eager(work, is_decode, carried)
-        if profiling:
-            end = self._event()
-            events = None if begin is None or end is None else (begin, end)
-            self._record(work, started, size is not None and self.use_graphs, events)
+        if mark is not None:
+            graph = size is not None and self.use_graphs
+            self.profile.end(mark, work, self.device, graph, self._captured)
         return logits
-
-    def _event(self) -> torch.cuda.Event | None:
-        """A timing event recorded now on the device's stream (None on the CPU)."""
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
 
     def _graph_size(self, batch: int) -> int | None:
         for size in self.graph_sizes:
@@ -351,95 +229,3 @@ class FastModelRunner(ModelRunner):
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._padded_forward(fields)
         return _Graph(graph, inputs, logits)
-
-    def _record(
-        self, work: list[SequenceWork], started: float, graph: bool, events: tuple[Any, Any] | None
-    ) -> None:
-        seconds = time.perf_counter() - started  # replaced by the events' time where given
-        prefill = decode = context = pairs = 0
-        for w in work:
-            n, start = len(w.token_ids), w.num_context
-            if n == 1 and start > 0:
-                decode += 1
-            else:
-                prefill += n
-            context += start + n
-            pairs += n * start + n * (n + 1) // 2
-        record = StepRecord(
-            prefill, decode, context, pairs, len(work), started, seconds, graph, self._captured
-        )
-        self.profile.add(record, events)
-
-
-__all__ = ["DeviceStepBatch", "FastModelRunner", "RunnerProfile", "StepRecord", "graph_safe"]
-
-
-def use_fast_runner(engine: Any, cuda_graphs: bool = True, pad_decode: bool = False) -> None:
-    """Give ``engine`` a `FastModelRunner` over its model and views (replacing the
-    reference runner); what ``Engine(kernels="triton")`` does at construction."""
-    engine.runner = FastModelRunner(
-        engine.model,
-        engine.views,
-        engine.config.block_size,
-        engine.device,
-        cuda_graphs=cuda_graphs,
-        pad_decode=pad_decode,
-    )
-
-
-def install_fused_ops(model: HybridModel) -> int:
-    """Replace, per module instance of ``model``, the elementwise chains a decode step
-    launches most by one Triton launch each; returns how many were replaced.
-
-    - every `RMSNorm` and `RMSNormGated` forward (six to ten launches each), and the
-      residual addition a norm follows (`RMSNorm.add_norm`, see `Residual`);
-    - ``act(gate) * up`` of gated MLPs whose activation is SiLU;
-    - the squared ReLU of Nemotron-H's MLP.
-
-    Each computes the values of the torch code it replaces (same roundings), so the
-    reference runner and this one agree. The replacement stays for the model's life.
-    """
-    from avmp.kernels.triton.activations import relu_squared, silu_mul
-    from avmp.kernels.triton.rms_norm import add_rms_norm, rms_norm
-
-    count = 0
-    for module in model.modules():
-        if type(module) is RMSNorm:
-            module.forward = _norm_for(module, rms_norm)  # type: ignore[method-assign]
-            module.add_norm = _add_norm_for(module, add_rms_norm)  # type: ignore[method-assign]
-            count += 1
-        elif type(module) is RMSNormGated:
-            module.forward = _gated_norm_for(module, rms_norm)  # type: ignore[method-assign]
-            count += 1
-        elif hasattr(module, "glu") and getattr(module, "act", None) is F.silu:
-            module.glu = silu_mul
-            count += 1
-        elif getattr(module, "act", None) is layers.relu_squared:
-            module.act = relu_squared
-            count += 1
-    return count
-
-
-def _norm_for(norm: RMSNorm, rms_norm: Any) -> Any:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, norm.weight, norm.variance_epsilon, fp32_weight=norm.fp32_weight)
-
-    return forward
-
-
-def _add_norm_for(norm: RMSNorm, add_rms_norm: Any) -> Any:
-    def add_norm(
-        x: torch.Tensor, delta: torch.Tensor, scale: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return add_rms_norm(  # type: ignore[no-any-return]
-            x, delta, norm.weight, norm.variance_epsilon, scale, fp32_weight=norm.fp32_weight
-        )
-
-    return add_norm
-
-
-def _gated_norm_for(norm: RMSNormGated, rms_norm: Any) -> Any:
-    def forward(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return rms_norm(x, norm.weight, norm.variance_epsilon, gate, norm.group_size)
-
-    return forward

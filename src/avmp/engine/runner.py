@@ -14,12 +14,12 @@ import torch
 
 from avmp.engine.batch import StepBatch
 from avmp.engine.models.base import HybridModel
-from avmp.memory.backing.views import CacheViews as BackingViews
+from avmp.memory.backing.views import BackingViews
 from avmp.memory.spec import PoolKind
 
 
 class PoolViews:
-    """The engine's `CacheViews` over an AVMP backing's per-layer views."""
+    """The engine's `LayerCaches` over an AVMP backing's per-layer views."""
 
     def __init__(self, views: BackingViews) -> None:
         if views.backing.is_reversed(PoolKind.KV):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.granitemoehybrid import mamba2_from_granite_style
 from avmp.engine.models.layers import (
@@ -61,6 +61,8 @@ class BambaModel(HybridModel):
         partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         x = self.model.embed(input_ids)
         return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
-from avmp.engine.models.layers import Mamba2Mixer, PagedAttention
+from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer, OpsLayer, PagedAttention
+from avmp.engine.ops import REFERENCE_OPS, Ops
 from avmp.models.geometry import (
     AttentionLayer,
     CacheTensor,
@@ -40,7 +41,9 @@ class HybridModel(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the step's tokens (after the final norm)."""
         raise TypeError(f"{type(self).__name__} must define forward")
 
@@ -48,6 +51,27 @@ class HybridModel(nn.Module):
         """``[N, vocab]`` float32 logits of selected hidden states; families that scale
         their logits override this."""
         return self.lm_head(hidden).float()
+
+    def can_capture_decode(self) -> bool:
+        """Whether a decode step runs on device indices alone (no per-sequence Python
+        loop, no data-dependent expert routing), so a CUDA graph can capture it.
+        Families with such layers override this."""
+        return True
+
+    def use_ops(self, ops: Ops) -> None:
+        """Run every layer's kernels through ``ops`` from now on (the engine calls this
+        once, at construction; a new model runs the reference)."""
+        for module in self.modules():
+            if isinstance(module, OpsLayer):
+                module.ops = ops
+
+    @property
+    def ops(self) -> Ops:
+        """The kernels this model's layers run."""
+        for module in self.modules():
+            if isinstance(module, OpsLayer):
+                return module.ops
+        return REFERENCE_OPS
 
     def tie_weights_if_needed(self) -> None:
         """Share parameters that the config ties (e.g. lm_head with the embeddings)."""
@@ -75,7 +99,7 @@ class HybridModel(nn.Module):
         recurrent = [
             recurrent_layer(m, kv_name, ssm_name, conv_columns)
             for m in self.modules()
-            if hasattr(m, "ssm_shape")
+            if isinstance(m, Mamba1Mixer | Mamba2Mixer)
         ]
         num_params = sum(p.numel() for p in self.parameters())
         return ModelGeometry(

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.granitemoehybrid import mamba2_settings
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
+    OpsLayer,
     PagedAttention,
     Residual,
     RMSNorm,
@@ -74,7 +75,7 @@ class FalconMixer(Mamba2Mixer):
         self.ssm_in_multiplier = config.ssm_in_multiplier
         self.register_buffer("mup_vector", mup_vector(config, intermediate), persistent=False)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         proj = self.in_proj(x * self.ssm_in_multiplier) * self.mup_vector
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache)
@@ -102,7 +103,7 @@ class FalconAttention(PagedAttention):
         self,
         x: torch.Tensor,
         batch: StepBatch,
-        cache: CacheViews,
+        cache: LayerCaches,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         assert rope is not None
@@ -113,7 +114,7 @@ class FalconAttention(PagedAttention):
         return self.o_proj(self.attend(q, k, v, batch, cache).reshape(x.shape[0], -1))
 
 
-class FalconMLP(nn.Module):
+class FalconMLP(OpsLayer):
     def __init__(self, config: Any) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -124,7 +125,9 @@ class FalconMLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.up_proj(x) * self.act(self.gate_proj(x) * self.gate_multiplier)
+        y = self.up_proj(x) * self.ops.activation(
+            self.act, self.gate_proj(x) * self.gate_multiplier
+        )
         return self.down_proj(y) * self.down_multiplier
 
 
@@ -144,7 +147,7 @@ class FalconBlock(nn.Module):
         self,
         x: Residual,
         batch: StepBatch,
-        cache: CacheViews,
+        cache: LayerCaches,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         h = x.norm(self.input_layernorm)
@@ -165,7 +168,9 @@ class FalconH1Model(HybridModel):
         head_dim = head_dim_of(config)
         self.rotary = Rotary(head_dim, rope_theta(config))
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         x = self.model.embed(input_ids) * self.config.embedding_multiplier
         return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))
 

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
+    OpsLayer,
     PagedAttention,
     Residual,
     RMSNorm,
@@ -48,7 +49,7 @@ def mamba2_from_granite_style(config: Any, layer_index: int) -> Mamba2Mixer:
     return Mamba2Mixer(layer_index, config.hidden_size, **mamba2_settings(config))
 
 
-class GraniteSharedMLP(nn.Module):
+class GraniteSharedMLP(OpsLayer):
     """``output_linear(act(a) * b)`` with ``a, b`` the two halves of ``input_linear``."""
 
     def __init__(self, config: Any) -> None:
@@ -66,9 +67,8 @@ class GraniteSharedMLP(nn.Module):
         return self.output_linear(self.glu(a, b))
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` (one launch once fused)."""
-        out: torch.Tensor = self.act(gate) * up
-        return out
+        """``act(gate) * up`` (one launch when fused)."""
+        return self.ops.glu(self.act, gate, up)
 
 
 class ExpertWeights(nn.Module):
@@ -91,7 +91,7 @@ class GraniteRouter(nn.Module):
         return torch.softmax(top_logits, dim=-1).type_as(x), top_index
 
 
-class GraniteMoE(nn.Module):
+class GraniteMoE(OpsLayer):
     """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked."""
 
     def __init__(self, config: Any) -> None:
@@ -105,7 +105,8 @@ class GraniteMoE(nn.Module):
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = nn.functional.linear(x, self.input_linear.weight[index]).chunk(2, dim=-1)
-        return nn.functional.linear(self.act(gate) * up, self.output_linear.weight[index])
+        hidden = self.ops.activation(self.act, gate) * up
+        return nn.functional.linear(hidden, self.output_linear.weight[index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.router(x)
@@ -137,10 +138,12 @@ class GraniteBlock(nn.Module):
         else:
             self.mamba = mamba2_from_granite_style(config, layer_index)
 
-    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+    def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.input_layernorm)
-        x.add(mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope),
-              self.residual_multiplier)
+        x.add(
+            mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope),
+            self.residual_multiplier,
+        )
         h = x.norm(self.post_attention_layernorm)
         ffn = self.shared_mlp(h)
         if self.block_sparse_moe is not None:
@@ -161,10 +164,16 @@ class GraniteMoeHybridModel(HybridModel):
             head_dim = head_dim_of(config)
             self.rotary = Rotary(head_dim, rope_theta(config))
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         x = self.model.embed(input_ids) * self.config.embedding_multiplier
         rope = None if self.rotary is None else self.rotary.cos_sin(batch.positions, x.dtype)
         return self.model.run(x, batch, cache, rope)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.lm_head(hidden) / self.config.logits_scaling).float()
+
+    def can_capture_decode(self) -> bool:
+        """Without experts: their routing has data-dependent shapes."""
+        return int(self.config.num_local_experts) == 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     GatedMLP,
@@ -98,6 +98,13 @@ class JambaModel(HybridModel):
         self.model = HybridBody(config, JambaBlock, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         # No positional embedding: attention gets no rotary.
         return self.model.run(self.model.embed(input_ids), batch, cache, None)
+
+    def can_capture_decode(self) -> bool:
+        """Never: Mamba1 layers step each sequence in a Python loop over host integers
+        (and the experts route with data-dependent shapes)."""
+        return False

@@ -4,7 +4,8 @@ the Mamba2 mixer, MLPs and mixture-of-experts.
 Module and parameter names follow Hugging Face transformers so that a checkpoint written
 by ``save_pretrained`` loads with ``load_state_dict`` unchanged. Every layer works on the
 flat ``[T, hidden]`` token array of a step and reads/writes its cache through
-`CacheViews` (see ``avmp.engine.batch``).
+`LayerCaches` (see ``avmp.engine.batch``). Layers with a kernel choice are `OpsLayer`s:
+they run their norms, activations, attention and Mamba2 core through ``self.ops``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared, run_recurrent
 from avmp.kernels import reference as ref
 
 
-def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    return torch.square(F.relu(x))
+class OpsLayer(nn.Module):
+    """A layer whose kernels come from ``ops``: the torch reference until
+    `HybridModel.use_ops` gives every layer of a model the same other `Ops`."""
+
+    ops: Ops = REFERENCE_OPS
 
 
-def activation(name: str) -> Any:
+def activation(name: str) -> Activation:
     """The activation function transformers means by ``name``."""
     table = {
         "silu": F.silu,
@@ -40,14 +45,14 @@ def activation(name: str) -> Any:
         ) from None
 
 
-
 def head_dim_of(config: Any) -> int:
     """Attention head size: ``head_dim`` when the config sets it, else hidden / heads."""
     return int(
         getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     )
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(OpsLayer):
     """RMS norm computed in float32. ``fp32_weight`` multiplies before the cast back
     (Nemotron-H); the others cast first (Llama style)."""
 
@@ -58,19 +63,15 @@ class RMSNorm(nn.Module):
         self.fp32_weight = fp32_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        if self.fp32_weight:
-            return (self.weight.float() * h).to(dtype)
-        return self.weight * h.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.variance_epsilon, self.fp32_weight)
 
     def add_norm(
         self, x: torch.Tensor, delta: torch.Tensor, scale: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s = x + delta * scale`` and the norm of ``s`` (one launch once fused)."""
-        total = x + (delta if scale is None else delta * scale)
-        return total, self(total)
+        """``s = x + delta * scale`` and the norm of ``s`` (one launch when fused)."""
+        return self.ops.add_rms_norm(
+            x, delta, scale, self.weight, self.variance_epsilon, self.fp32_weight
+        )
 
 
 class Residual:
@@ -112,7 +113,7 @@ class Residual:
         return out
 
 
-class RMSNormGated(nn.Module):
+class RMSNormGated(OpsLayer):
     """Grouped RMS norm of ``x * silu(gate)``: the Mamba2 output norm."""
 
     def __init__(self, size: int, group_size: int, eps: float) -> None:
@@ -122,15 +123,7 @@ class RMSNormGated(nn.Module):
         self.group_size = group_size
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        if gate is not None:
-            h = h * F.silu(gate.float())
-        grouped = h.view(*h.shape[:-1], -1, self.group_size)
-        grouped = grouped * torch.rsqrt(
-            grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
-        )
-        return self.weight * grouped.view(h.shape).to(dtype)
+        return self.ops.gated_rms_norm(x, gate, self.weight, self.variance_epsilon, self.group_size)
 
 
 class Rotary:
@@ -166,7 +159,7 @@ def rope_theta(config: Any) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(OpsLayer):
     """Grouped-query attention whose K/V live in the KV pool's pages."""
 
     def __init__(
@@ -195,7 +188,7 @@ class PagedAttention(nn.Module):
         self,
         x: torch.Tensor,
         batch: StepBatch,
-        cache: CacheViews,
+        cache: LayerCaches,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, H, D]
@@ -206,31 +199,19 @@ class PagedAttention(nn.Module):
         return self.o_proj(self.attend(q, k, v, batch, cache).reshape(x.shape[0], -1))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, cache: CacheViews
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: StepBatch,
+        cache: LayerCaches,
     ) -> torch.Tensor:
-        """Write the new K/V into their pages, then attend each prefill chunk over its
-        pages and all decode tokens in one batched call."""
+        """Write the new K/V into this layer's pages and attend: ``[T, heads, head_dim]``."""
         k_cache, v_cache = cache.kv(self.layer_index)
-        ref.write_kv(k_cache, v_cache, k, v, batch.page_ids, batch.page_offsets)
-        out = torch.empty_like(q)
-        for seq in batch.per_sequence:
-            out[seq.tokens] = ref.paged_attention(
-                q[seq.tokens], k_cache, v_cache, seq.block_table, seq.num_context, self.scale
-            )
-        decode = batch.decode
-        if decode is not None:
-            out[decode.token_index] = ref.paged_decode_attention(
-                q[decode.token_index],
-                k_cache,
-                v_cache,
-                decode.block_tables,
-                decode.num_tokens,
-                self.scale,
-            )
-        return out
+        return self.ops.attention(q, k, v, k_cache, v_cache, batch, self.scale)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(OpsLayer):
     """Mamba2 (SSD) mixer: in_proj, causal conv, scan or step, gated norm, out_proj."""
 
     def __init__(
@@ -278,18 +259,19 @@ class Mamba2Mixer(nn.Module):
     def ssm_shape(self) -> tuple[int, int, int]:
         return (self.num_heads, self.head_dim, self.d_state)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         proj = self.in_proj(x)
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache)
         return self.out_proj(self.norm(y, gate).to(x.dtype))
 
     def mix(
-        self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: CacheViews
+        self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: LayerCaches
     ) -> torch.Tensor:
         """The recurrent core: conv then chunked scan per prefill chunk, and one batched
-        conv step and state step for all decode tokens."""
-        return run_recurrent(self, xbc, dt, self.intermediate_size, batch, cache)
+        conv step and state step for all decode tokens (`Ops.mamba2_mix`)."""
+        conv_states, ssm_states = cache.state(self.layer_index)
+        return self.ops.mamba2_mix(self, xbc, dt, conv_states, ssm_states, batch)
 
     def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split the conv output into x, B, C per head and group; discretise dt."""
@@ -336,41 +318,7 @@ class Mamba2Mixer(nn.Module):
         return y.reshape(xbc.shape[0], self.intermediate_size).to(xbc.dtype)
 
 
-def run_recurrent(
-    mixer: Any,
-    first: torch.Tensor,
-    second: torch.Tensor,
-    width: int,
-    batch: StepBatch,
-    cache: CacheViews,
-) -> torch.Tensor:
-    """A recurrent mixer's core over a step (reference path): each prefill chunk through
-    ``mixer.prefill`` from (and into) its slot, every decode token in one batched
-    ``mixer.decode``. ``first`` and ``second`` are the mixer's two per-token inputs
-    (Mamba2: conv input and dt; Mamba1: conv input and gate); returns ``[T, width]``."""
-    conv_states, ssm_states = cache.state(mixer.layer_index)
-    out = first.new_empty(first.shape[0], width)
-    for seq in batch.per_sequence:
-        index = seq.tokens
-        if seq.is_decode:  # a batch built without a decode group
-            slot = torch.tensor([seq.slot], device=first.device)
-            out[index] = mixer.decode(first[index], second[index], conv_states, ssm_states, slot)
-            continue
-        conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
-        if seq.num_context == 0:  # a new or recomputed request: its slot holds stale bytes
-            conv.zero_()
-            ssm.zero_()
-        out[index] = mixer.prefill(first[index], second[index], conv, ssm)
-    decode = batch.decode
-    if decode is not None:
-        index = decode.token_index
-        out[index] = mixer.decode(
-            first[index], second[index], conv_states, ssm_states, decode.slots
-        )
-    return out
-
-
-class GatedMLP(nn.Module):
+class GatedMLP(OpsLayer):
     """``down(act(gate(x)) * up(x))`` (Llama style, Bamba, Jamba, Falcon-H1)."""
 
     def __init__(
@@ -386,9 +334,8 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` (one launch once fused)."""
-        out: torch.Tensor = self.act(gate) * up
-        return out
+        """``act(gate) * up`` (one launch when fused)."""
+        return self.ops.glu(self.act, gate, up)
 
 
 def run_experts(
@@ -448,9 +395,10 @@ class Mamba1Mixer(nn.Module):
     def ssm_shape(self) -> tuple[int, int]:
         return (self.intermediate_size, self.d_state)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         xs, gate = self.in_proj(x).chunk(2, dim=-1)
-        out = run_recurrent(self, xs, gate, xs.shape[1], batch, cache)
+        conv_states, ssm_states = cache.state(self.layer_index)
+        out = run_recurrent(self, xs, gate, xs.shape[1], batch, conv_states, ssm_states)
         return self.out_proj(out.to(x.dtype))
 
     def ssm_inputs(self, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -495,7 +443,7 @@ def mix_or_attend(
     self_attn: nn.Module | None,
     h: torch.Tensor,
     batch: StepBatch,
-    cache: CacheViews,
+    cache: LayerCaches,
     rope: Rope,
 ) -> torch.Tensor:
     """The token mixer of a block that holds either a recurrent mixer or attention
@@ -521,7 +469,7 @@ class MixerOrAttentionBlock(nn.Module):
     mamba: nn.Module | None
     self_attn: PagedAttention | None
 
-    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+    def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.input_layernorm)
         x.add(mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope))
         x.add(self.feed_forward(x.norm(self.pre_ff_layernorm)))
@@ -558,7 +506,9 @@ class HybridBody(nn.Module):
         out: torch.Tensor = getattr(self, self.embed_name)(input_ids)
         return out
 
-    def run(self, x: torch.Tensor, batch: StepBatch, cache: CacheViews, rope: Rope) -> torch.Tensor:
+    def run(
+        self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches, rope: Rope
+    ) -> torch.Tensor:
         """Every block in order, then the final norm."""
         stream = Residual(x)
         for layer in self.layers:

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from avmp.engine.batch import CacheViews, StepBatch
+from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
+    OpsLayer,
     PagedAttention,
     Residual,
     RMSNorm,
@@ -24,7 +25,7 @@ from avmp.engine.models.layers import (
 )
 
 
-class NemotronMLP(nn.Module):
+class NemotronMLP(OpsLayer):
     """``down(act(up(x)))``: no gate."""
 
     def __init__(self, config: Any, intermediate_size: int) -> None:
@@ -34,7 +35,7 @@ class NemotronMLP(nn.Module):
         self.act = activation(config.mlp_hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.ops.activation(self.act, self.up_proj(x)))
 
 
 class NemotronRouter(nn.Module):
@@ -130,7 +131,7 @@ class NemotronBlock(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
         self.mixer = build_mixer(config, layer_index)
 
-    def forward(self, x: Residual, batch: StepBatch, cache: CacheViews, rope: Rope) -> None:
+    def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.norm)
         if isinstance(self.mixer, Mamba2Mixer):
             h = self.mixer(h, batch, cache)
@@ -157,6 +158,12 @@ class NemotronHModel(HybridModel):
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: StepBatch, cache: CacheViews) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
         # Attention without rotary: the blocks get no rope.
         return self.backbone.run(self.backbone.embed(input_ids), batch, cache, None)
+
+    def can_capture_decode(self) -> bool:
+        """Without MoE blocks: their routing has data-dependent shapes."""
+        return "moe" not in self.config.layers_block_type

@@ -1,0 +1,169 @@
+"""The kernels a layer runs, chosen once per model: `Ops` is the torch reference, and
+`avmp.engine.triton_ops.TritonOps` overrides it with Triton kernels.
+
+Every layer that has a kernel choice holds one `Ops` as ``layer.ops`` (the reference
+until `HybridModel.use_ops` hands every layer another, which the engine does once, at
+construction) and calls it by name: ``self.ops.rms_norm(...)``. The ops take tensors
+and plain values, never the layer, except the Mamba2 core, which reads the mixer's
+weights and, on the reference path, its own prefill and decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from avmp.engine.batch import StepBatch
+from avmp.kernels import reference as ref
+
+if TYPE_CHECKING:
+    from avmp.engine.models.layers import Mamba2Mixer
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+class Ops:
+    """The torch reference kernels of the engine's layers: what the CPU runs, and what
+    every other implementation must compute."""
+
+    name = "reference"
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
+    ) -> torch.Tensor:
+        """RMS norm in float32; ``fp32_weight`` multiplies before the cast back
+        (Nemotron-H), else after it (Llama style)."""
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        if fp32_weight:
+            return (weight.float() * h).to(dtype)
+        return weight * h.to(dtype)
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        scale: float | None,
+        weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = x + delta * scale`` and the RMS norm of ``s``."""
+        total = x + (delta if scale is None else delta * scale)
+        return total, self.rms_norm(total, weight, eps, fp32_weight)
+
+    def gated_rms_norm(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        group_size: int,
+    ) -> torch.Tensor:
+        """Grouped RMS norm of ``x * silu(gate)`` (of ``x`` without a gate)."""
+        dtype = x.dtype
+        h = x.float()
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        grouped = h.view(*h.shape[:-1], -1, group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+        out: torch.Tensor = weight * grouped.view(h.shape).to(dtype)
+        return out
+
+    def activation(self, act: Activation, x: torch.Tensor) -> torch.Tensor:
+        """``act(x)``."""
+        return act(x)
+
+    def glu(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up``."""
+        return self.activation(act, gate) * up
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: StepBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write the new K/V ``[T, kv_heads, D]`` into their pages, then attend each
+        prefill chunk over its pages and all decode tokens in one batched call.
+        Returns ``[T, heads, D]``."""
+        ref.write_kv(k_cache, v_cache, k, v, batch.page_ids, batch.page_offsets)
+        out = torch.empty_like(q)
+        for seq in batch.per_sequence:
+            out[seq.tokens] = ref.paged_attention(
+                q[seq.tokens], k_cache, v_cache, seq.block_table, seq.num_context, scale
+            )
+        decode = batch.decode
+        if decode is not None:
+            out[decode.token_index] = ref.paged_decode_attention(
+                q[decode.token_index],
+                k_cache,
+                v_cache,
+                decode.block_tables,
+                decode.num_tokens,
+                scale,
+            )
+        return out
+
+    def mamba2_mix(
+        self,
+        mixer: Mamba2Mixer,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """The Mamba2 core: conv then chunked scan per prefill chunk, one batched conv
+        step and state step for all decode tokens. Returns ``[T, intermediate]``."""
+        width = mixer.intermediate_size
+        return run_recurrent(mixer, xbc, dt, width, batch, conv_states, ssm_states)
+
+
+REFERENCE_OPS = Ops()
+
+
+def run_recurrent(
+    mixer: Any,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    width: int,
+    batch: StepBatch,
+    conv_states: torch.Tensor,
+    ssm_states: torch.Tensor,
+) -> torch.Tensor:
+    """A recurrent mixer's core over a step (reference path): each prefill chunk through
+    ``mixer.prefill`` from (and into) its slot, every decode token in one batched
+    ``mixer.decode``. ``first`` and ``second`` are the mixer's two per-token inputs
+    (Mamba2: conv input and dt; Mamba1: conv input and gate); returns ``[T, width]``."""
+    out = first.new_empty(first.shape[0], width)
+    for seq in batch.per_sequence:
+        index = seq.tokens
+        if seq.is_decode:  # a batch built without a decode group
+            slot = torch.tensor([seq.slot], device=first.device)
+            out[index] = mixer.decode(first[index], second[index], conv_states, ssm_states, slot)
+            continue
+        conv, ssm = conv_states[seq.slot], ssm_states[seq.slot]
+        if seq.num_context == 0:  # a new or recomputed request: its slot holds stale bytes
+            conv.zero_()
+            ssm.zero_()
+        out[index] = mixer.prefill(first[index], second[index], conv, ssm)
+    decode = batch.decode
+    if decode is not None:
+        index = decode.token_index
+        out[index] = mixer.decode(
+            first[index], second[index], conv_states, ssm_states, decode.slots
+        )
+    return out

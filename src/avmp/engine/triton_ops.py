@@ -1,0 +1,199 @@
+"""The layers' Triton kernels: `TritonOps` overrides the reference `Ops` where a kernel
+computes the same values in fewer launches.
+
+- norms: every RMS norm (six to ten launches each in torch) in one launch, the residual
+  addition before a norm folded into it, Mamba2's gated grouped norm likewise;
+- activations: ``silu(gate) * up`` of gated MLPs, and the squared ReLU, one launch each;
+- attention over a `DeviceStepBatch`: new K/V stored through the slot mapping (padding
+  rows skipped), then decode attention when every sequence computes one token after
+  cached context, else the ragged prefill kernel (which also serves decode rows mixed
+  into a prefill step);
+- the Mamba2 core over a `DeviceStepBatch`: decode steps run the conv1d update and the
+  one-step state update over the step's slots; prefill and mixed steps one varlen causal
+  conv launch over every sequence (prefill chunks and decodes, from and into their conv
+  slots), then the varlen scan over all sequences at once.
+
+Each computes the values of the torch code it replaces (same roundings), so the
+reference runner and the fast one agree. dt is discretised inside the Mamba2 kernels
+exactly as the reference does it in torch (softplus of ``dt + dt_bias`` in the
+activations' dtype, clamped to ``time_step_limit``, each step rounded to that dtype).
+A plain `StepBatch` (built by the reference runner) carries no device indices: attention
+and the Mamba2 core then run the reference code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from avmp.engine.batch import StepBatch
+from avmp.engine.device_batch import DeviceStepBatch
+from avmp.engine.ops import Activation, Ops, relu_squared
+
+if TYPE_CHECKING:
+    from avmp.engine.models.layers import Mamba2Mixer
+
+
+class TritonOps(Ops):
+    """The Triton path of the layers' kernels (see the module doc). Needs ``triton``:
+    on CUDA, or on the CPU under its interpreter (``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from avmp.kernels import triton as kernels
+        from avmp.kernels.triton import activations, rms_norm
+        from avmp.kernels.triton.kv_write import kv_write
+
+        self._k = kernels
+        self._norm = rms_norm
+        self._act = activations
+        self._kv_write = kv_write
+        self._decay: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
+    ) -> torch.Tensor:
+        return self._norm.rms_norm(x, weight, eps, fp32_weight=fp32_weight)
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        scale: float | None,
+        weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._norm.add_rms_norm(x, delta, weight, eps, scale, fp32_weight=fp32_weight)
+
+    def gated_rms_norm(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        group_size: int,
+    ) -> torch.Tensor:
+        return self._norm.rms_norm(x, weight, eps, gate, group_size)
+
+    def activation(self, act: Activation, x: torch.Tensor) -> torch.Tensor:
+        if act is relu_squared:
+            return self._act.relu_squared(x)
+        return act(x)
+
+    def glu(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if act is F.silu:
+            return self._act.silu_mul(gate, up)
+        return self.activation(act, gate) * up
+
+    def decay(self, mixer: Mamba2Mixer) -> torch.Tensor:
+        """``A = -exp(A_log)`` in fp32, computed once per weight version (three
+        launches per layer and step saved; a reload of the weights recomputes it)."""
+        a_log = mixer.A_log
+        cached = self._decay.get(id(mixer))
+        if cached is None or cached[0] != a_log._version or cached[1] is not a_log:
+            cached = (a_log._version, a_log, -torch.exp(a_log.detach().float()))
+            self._decay[id(mixer)] = cached
+        return cached[2]
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: StepBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        if not isinstance(batch, DeviceStepBatch):
+            return super().attention(q, k, v, k_cache, v_cache, batch, scale)
+        self._kv_write(k_cache, v_cache, k, v, batch.slot_mapping)
+        q = q.to(k_cache.dtype)
+        if batch.is_decode:
+            return self._k.decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale
+            )
+        return self._k.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.query_start_loc,
+            batch.context_lens,
+            scale,
+            batch.max_query_len,
+        )
+
+    def mamba2_mix(
+        self,
+        mixer: Mamba2Mixer,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        if not isinstance(batch, DeviceStepBatch):
+            return super().mamba2_mix(mixer, xbc, dt, conv_states, ssm_states, batch)
+        weight = mixer.conv1d.weight.squeeze(1)
+        if batch.is_decode:
+            xbc = self._k.conv1d_update(
+                conv_states, batch.slot_idx, xbc, weight, mixer.conv1d.bias, "silu"
+            )
+        else:
+            xbc = self._prefill_conv(mixer, xbc, weight, conv_states, batch)
+        n = xbc.shape[0]
+        gn = mixer.n_groups * mixer.d_state
+        xs, B, C = xbc.split([mixer.intermediate_size, gn, gn], dim=-1)
+        xs = xs.reshape(n, mixer.num_heads, mixer.head_dim)
+        B = B.reshape(n, mixer.n_groups, mixer.d_state)
+        C = C.reshape(n, mixer.n_groups, mixer.d_state)
+        A = self.decay(mixer)
+        # dt is discretised inside the kernel exactly as the reference does it in torch
+        dt_args = dict(
+            D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+            dt_limit=mixer.time_step_limit, dt_round=True,
+        )  # fmt: skip
+        if batch.is_decode:
+            y = self._k.mamba2_state_update(ssm_states, batch.slot_idx, xs, dt, A, B, C, **dt_args)
+        else:
+            y = self._k.mamba2_varlen_scan(
+                ssm_states,
+                batch.slot_idx,
+                batch.query_start_loc,
+                xs,
+                dt,
+                A,
+                B,
+                C,
+                has_initial_state=batch.has_initial_state,
+                **dt_args,
+            )
+        return y.reshape(n, mixer.intermediate_size)
+
+    def _prefill_conv(
+        self,
+        mixer: Mamba2Mixer,
+        xbc: torch.Tensor,
+        weight: torch.Tensor,
+        conv_states: torch.Tensor,
+        batch: DeviceStepBatch,
+    ) -> torch.Tensor:
+        """The causal conv of every sequence's new tokens from (and into) its conv slot,
+        prefill chunks and decodes alike, in one launch that reads no host value (so a
+        mixed step can be captured); a fresh request (``has_initial_state`` 0) starts
+        from zeros whatever its slot holds."""
+        return self._k.causal_conv1d_varlen(
+            xbc,
+            conv_states,
+            batch.query_start_loc,
+            batch.slot_idx,
+            batch.has_initial_state,
+            weight,
+            mixer.conv1d.bias,
+            "silu",
+        )
