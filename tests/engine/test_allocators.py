@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from avmp.memory.placed import PlacedUnifiedAllocator, StaticSplitManager
+from avmp.memory.manager import AvmpManager
 from engine_helpers import DEVICES, MiB, TinyCheckpoint, random_prompts
 
 from avmp.engine.engine import Engine, EngineConfig
 from avmp.memory.spec import PoolKind
+from avmp.memory.unified import UnifiedAllocator
 
 MAX_TOKENS = 12
 # 2 attention and 4 Mamba2 layers: vLLM groups them by 2, so a request's state takes two
@@ -49,7 +50,7 @@ def test_static_split_gives_reference_tokens_without_migrating(
 ) -> None:
     engine = run(tiny_checkpoint("granitemoehybrid", **GRANITE), "static", device)
     manager = engine.allocator
-    assert isinstance(manager, StaticSplitManager)
+    assert isinstance(manager, AvmpManager) and manager.name == "static"
     slots = manager.num_units(PoolKind.STATE)  # 47% of 6 MiB: one chunk, three slots
     assert slots == 3 and manager.stats.num_oom_events > 0
     assert max(t["num_running"] for t in engine.stats.timeline) == slots  # KV was never short
@@ -65,7 +66,7 @@ def test_unified_pool_gives_reference_tokens(
 ) -> None:
     engine = run(tiny_checkpoint("granitemoehybrid", **GRANITE), "unified", device)
     unified = engine.allocator
-    assert isinstance(unified, PlacedUnifiedAllocator)
+    assert isinstance(unified, UnifiedAllocator)
     assert unified.vllm.block_size == 80 and unified.vllm.num_state_groups == 2
     assert engine.stats.num_preemptions > 0
     assert engine.stats.usage is not None and engine.stats.usage.num_requests == 0

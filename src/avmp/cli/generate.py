@@ -7,6 +7,7 @@ avmp generate granite-4.0-h-tiny --random-weights --scale tiny --prompt "Hello"
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ def add_parser(subparsers: Any) -> None:
         "--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most"
     )
     parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads with --device cpu (default 1: the tiny steps of a CPU run "
+             "are fastest on one thread, most of all on a busy machine)",
+    )  # fmt: skip
+    parser.add_argument(
         "--random-weights", action="store_true", help="build a random model from a zoo config"
     )
     parser.add_argument("--scale", choices=("tiny",), default=None, help="with --random-weights")
@@ -64,21 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from avmp.engine.engine import Engine
 
     _check(args)
+    config = engine_config(args)
     model, tokenizer = _model_and_tokenizer(args)
-    engine = Engine(
-        model,
-        memory=args.memory,
-        device=args.device,
-        block_size=args.block_size,
-        chunk_bytes=args.chunk,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        dtype=args.dtype,
-        tokenizer=tokenizer,
-        ssm_dtype=args.ssm_dtype,
-        allocator=args.allocator,
-        state_fraction=args.state_fraction,
-    )
+    engine = Engine(model, config, tokenizer)
     engine.warmup()
     if engine.tokenizer is None:
         prompts: list[Any] = [_token_ids(text) for text in args.prompt]
@@ -95,14 +89,35 @@ def run(args: argparse.Namespace) -> int:
             + ")"
         )
     print(*render_stats(engine), sep="\n")
+    if all(output.finish_reason == "rejected" for output in outputs):
+        raise UserError(f"every request was rejected: {outputs[0].error}")
     return 0
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The `EngineConfig` the options describe (validated: a bad value is a ValueError)."""
+    from avmp.engine.engine import DEFAULT_CPU_THREADS, EngineConfig
+
+    return EngineConfig(
+        memory_bytes=parse_bytes(args.memory),
+        device=args.device,
+        dtype=args.dtype,
+        allocator=args.allocator,
+        state_fraction=args.state_fraction,
+        cpu_threads=DEFAULT_CPU_THREADS if args.threads is None else args.threads,
+        block_size=args.block_size,
+        chunk_bytes=parse_bytes(args.chunk),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        ssm_dtype=args.ssm_dtype,
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     for flag, dtype in (("--dtype", args.dtype), ("--ssm-dtype", args.ssm_dtype)):
@@ -119,11 +134,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--state-fraction must be in (0, 1), got {args.state_fraction}")
     if args.random_weights != (args.scale is not None):
         raise UserError("--random-weights and --scale tiny go together")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
 
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:

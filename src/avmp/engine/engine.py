@@ -79,7 +79,7 @@ class EngineConfig:
             and run that padded pass eagerly (what a graph computes, checkable on the CPU).
         allocator: ``avmp`` (two pools, capacity migrates), ``static`` (SGLang's split,
             fixed at start-up) or ``unified`` (vLLM's padded block pool, on one plain
-            buffer; see `avmp.memory.placed`). All run the same kernels.
+            buffer; see `avmp.memory.registry`). All run the same kernels.
         state_fraction: the static split's share of the budget for state (None: SGLang's).
         backing: what holds the pools: ``torch`` (one buffer on ``device``) or
             ``cuda_vmm`` (CUDA virtual memory, chunks mapped on demand).

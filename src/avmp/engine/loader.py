@@ -43,8 +43,19 @@ def read_config(path: Path) -> Any:
     try:
         json.loads((path / "config.json").read_text())
         return AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{path / 'config.json'}: {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, *_config_errors()) as error:
+        reason = " ".join(str(error).split())  # transformers' messages span lines
+        raise CheckpointError(f"{path / 'config.json'}: {reason}") from None
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config its dataclass validation rejects (a
+    huggingface_hub type, absent from older versions)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -97,13 +108,27 @@ def load_weights(model: HybridModel, tensors: dict[str, torch.Tensor], where: Pa
             f"{where}: tensors the {model.family} model does not have: {_few(unexpected)}"
         )
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{where}: shape mismatch for {name}: checkpoint {tuple(value.shape)}, "
-                f"model {tuple(expected[name].shape)}"
-            )
+        check_tensor(name, value, expected[name], where)
     model.load_state_dict(tensors, strict=False)
     model.tie_weights_if_needed()
+
+
+def check_tensor(name: str, value: torch.Tensor, expected: torch.Tensor, where: Path) -> None:
+    """One checkpoint tensor against the model's: same shape, floating point where the
+    model's is (an integer tensor would be cast silently), and finite (NaN or infinite
+    weights would generate garbage without an error)."""
+    if tuple(value.shape) != tuple(expected.shape):
+        raise CheckpointError(
+            f"{where}: shape mismatch for {name}: checkpoint {tuple(value.shape)}, "
+            f"model {tuple(expected.shape)}"
+        )
+    if expected.is_floating_point() and not value.is_floating_point():
+        raise CheckpointError(
+            f"{where}: {name} holds {str(value.dtype).removeprefix('torch.')} values; "
+            "the model needs floating-point weights"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{where}: {name} holds NaN or infinite values")
 
 
 def load_model(
@@ -114,7 +139,8 @@ def load_model(
     Args:
         dtype: compute dtype; defaults to the checkpoint's ``dtype`` / ``torch_dtype``.
     Raises:
-        CheckpointError: missing config, weight files or tensors, or a shape mismatch.
+        CheckpointError: missing config, weight files or tensors, a shape mismatch, or
+            integer, NaN or infinite weights.
     """
     path = Path(path)
     config = read_config(path)
