@@ -53,9 +53,10 @@ import numpy as np
 import torch
 
 from avmp.engine.engine import Engine
-from avmp.engine.fast_runner import FastModelRunner, StepRecord
+from avmp.engine.fast_runner import FastModelRunner
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
+from avmp.engine.profile import StepRecord
 from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
 from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
