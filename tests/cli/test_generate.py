@@ -3,7 +3,9 @@ errors (exit 2) for user mistakes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +103,101 @@ def test_state_fraction_needs_the_static_layout(capsys: pytest.CaptureFixture[st
     argv = ["generate", "granite-4.0-h-tiny", "--random-weights", "--scale", "tiny"]
     assert main([*argv, "--prompt", "x", "--state-fraction", "0.3"]) == 2
     assert "--allocator static" in capsys.readouterr().err
+
+
+TINY = ["granite-4.0-h-tiny", "--random-weights", "--scale", "tiny", "--prompt", "x"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*TINY, "--temperature", "nan"], "--temperature must be a finite number"),
+        ([*TINY, "--temperature", "inf"], "--temperature must be a finite number"),
+        ([*TINY, "--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+        ([*TINY, "--memory", "500TiB"], "is more than this host has"),
+        ([*TINY, "--threads", "0"], "--threads must be >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_one_line_before_anything_runs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cuda_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", *TINY, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA is not available" in err and len(err.splitlines()) == 1
+
+
+def test_threads_sets_torch_threads(checkpoint: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        argv = ["generate", str(checkpoint), "--prompt", "5 9", "--max-tokens", "2"]
+        assert main([*argv, "--memory", "4MiB", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main([*argv, "--memory", "4MiB"]) == 0
+        assert torch.get_num_threads() == 1  # the default
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_request_rejected_exits_non_zero(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One 2 MiB chunk holds a page or a slot, never both: nothing can run."""
+    argv = ["generate", str(checkpoint), "--prompt", "5 9 13", "--memory", "2MiB"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "rejected" in captured.out
+    err = captured.err.strip()
+    assert "every request was rejected" in err and len(err.splitlines()) == 1
+
+
+def _copy(checkpoint: Path, where: Path) -> Path:
+    for file in checkpoint.iterdir():
+        (where / file.name).write_bytes(file.read_bytes())
+    return where
+
+
+def test_config_that_transformers_rejects_names_the_file(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _copy(checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["mamba_n_heads"] = 3  # must divide mamba_expand * hidden_size
+    (path / "config.json").write_text(json.dumps(config))
+    assert main(["generate", str(path), "--prompt", "1 2", "--memory", "4MiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path / 'config.json'}:" in err and "mamba_n_heads" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda t: t.fill_(float("nan")), "holds NaN or infinite values"),
+        (lambda t: t.to(torch.int32), "holds int32 values"),
+    ],
+)
+def test_nan_or_integer_weights_are_refused_at_load(
+    checkpoint: Path,
+    tmp_path: Path,
+    spoil: Any,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(checkpoint, tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.mamba.out_proj.weight"
+    tensors[name] = spoil(tensors[name].clone())
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["generate", str(path), "--prompt", "1 2", "--memory", "4MiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert name in err and message in err and len(err.splitlines()) == 1

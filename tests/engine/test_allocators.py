@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from avmp.memory.manager import AvmpManager
 from engine_helpers import DEVICES, MiB, TinyCheckpoint, random_prompts
 
 from avmp.engine.engine import Engine, EngineConfig
+from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import PoolKind
 from avmp.memory.unified import UnifiedAllocator
 

@@ -40,10 +40,11 @@ def read_config(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a checkpoint directory")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: missing config.json")
+    rejected = (ValueError, KeyError, TypeError, AttributeError, *_config_errors())
     try:
         json.loads((path / "config.json").read_text())
         return AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, TypeError, AttributeError, *_config_errors()) as error:
+    except rejected as error:
         reason = " ".join(str(error).split())  # transformers' messages span lines
         raise CheckpointError(f"{path / 'config.json'}: {reason}") from None
 

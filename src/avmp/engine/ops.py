@@ -162,8 +162,6 @@ def run_recurrent(
         out[index] = mixer.prefill(first[index], second[index], conv, ssm)
     decode = batch.decode
     if decode is not None:
-        index = decode.token_index
-        out[index] = mixer.decode(
-            first[index], second[index], conv_states, ssm_states, decode.slots
-        )
+        rows = decode.token_index
+        out[rows] = mixer.decode(first[rows], second[rows], conv_states, ssm_states, decode.slots)
     return out

@@ -30,7 +30,7 @@ class OpsLayer(nn.Module):
 
 def activation(name: str) -> Activation:
     """The activation function transformers means by ``name``."""
-    table = {
+    table: dict[str, Activation] = {
         "silu": F.silu,
         "swish": F.silu,
         "gelu": F.gelu,

@@ -1,0 +1,89 @@
+"""Kernels are chosen once, through the model's `Ops`: every layer with a kernel choice
+receives the same object, a new model runs the reference, families declare whether a
+decode step can be captured, and the kernels package knows nothing of the engine."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import CONFIGS, MiB
+
+import avmp.kernels
+from avmp.engine.engine import Engine, EngineConfig
+from avmp.engine.models import model_class
+from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import OpsLayer, RMSNorm
+from avmp.engine.ops import REFERENCE_OPS, Ops
+from avmp.engine.runner import ModelRunner
+
+
+def _model(family: str, **overrides: object) -> HybridModel:
+    config = CONFIGS[family](**overrides)
+    return model_class(config.model_type)(config)
+
+
+class _CountingOps(Ops):
+    """The reference kernels, counting the norms they compute."""
+
+    def __init__(self) -> None:
+        self.num_norms = 0
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
+    ) -> torch.Tensor:
+        self.num_norms += 1
+        return super().rms_norm(x, weight, eps, fp32_weight)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_use_ops_reaches_every_layer_with_a_kernel_choice(family: str) -> None:
+    model = _model(family)
+    layers = [m for m in model.modules() if isinstance(m, OpsLayer)]
+    assert layers and all(layer.ops is REFERENCE_OPS for layer in layers)
+    ops = _CountingOps()
+    model.use_ops(ops)
+    assert all(layer.ops is ops for layer in layers) and model.ops is ops
+    norm = next(m for m in model.modules() if type(m) is RMSNorm)
+    norm(torch.ones(2, norm.weight.shape[0]))
+    assert ops.num_norms == 1
+
+
+def test_engine_gives_the_reference_ops_to_the_reference_runner() -> None:
+    model = _model("bamba")
+    model.use_ops(_CountingOps())
+    engine = Engine(model, EngineConfig(4 * MiB, block_size=4, kernels="reference"))
+    assert type(engine.runner) is ModelRunner and engine.model.ops is REFERENCE_OPS
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "capturable"),
+    [
+        ("bamba", {}, True),
+        ("falcon_h1", {}, True),
+        ("granitemoehybrid", {}, False),  # experts
+        ("granitemoehybrid", {"num_local_experts": 0}, True),
+        ("nemotron_h", {}, False),  # a MoE block
+        ("nemotron_h", {"layers_block_type": ["linear_attention", "mlp", "full_attention"]},
+         True),
+        ("jamba", {}, False),  # Mamba1
+    ],
+)  # fmt: skip
+def test_families_declare_whether_decode_can_be_captured(
+    family: str, overrides: dict[str, object], capturable: bool
+) -> None:
+    assert _model(family, **overrides).can_capture_decode() == capturable
+
+
+def test_kernels_import_nothing_from_the_engine() -> None:
+    root = Path(avmp.kernels.__file__).parent
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.startswith("avmp.engine") for n in names), file
