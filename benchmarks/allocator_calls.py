@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avmp.memory.baselines import UnifiedAllocator
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
 from avmp.memory.spec import CacheAllocator, MemoryConfig
+from avmp.memory.unified import UnifiedAllocator
 from avmp.models import resolve_model
 from avmp.units import parse_bytes
 
@@ -88,10 +88,12 @@ def replay(allocator: CacheAllocator, calls: list[Call]) -> tuple[list[list[int]
         RuntimeError: an allocator ran short (the sequence would no longer be the same).
     """
     clock = time.perf_counter_ns
-    # A unified request holds one state block per recurrent group, not one slot.
-    state_units = (
-        allocator.vllm.num_state_groups if isinstance(allocator, UnifiedAllocator) else 1
-    )
+    # A unified request holds one state block per recurrent group, not one slot, and its
+    # pages come as kernel pages, several per block: units are counted in blocks.
+    state_units, pages_per_unit = 1, 1
+    if isinstance(allocator, UnifiedAllocator):
+        state_units = allocator.vllm.num_state_groups
+        pages_per_unit = (allocator.vllm.block_size or 1) // allocator.config.block_size or 1
     admit, grow, free = allocator.admit, allocator.grow, allocator.free
     times: list[list[int]] = [[], [], []]
     units: list[list[int]] = [[], []]
@@ -102,14 +104,15 @@ def replay(allocator: CacheAllocator, calls: list[Call]) -> tuple[list[list[int]
             times[0].append(clock() - start)
             if blocks is None:
                 raise RuntimeError(f"{allocator.name}: admit {request_id} ran short")
-            units[0].append(len(blocks.pages) + (state_units if blocks.slot >= 0 else 0))
+            num_pages = len(blocks.pages) // pages_per_unit
+            units[0].append(num_pages + (state_units if blocks.slot >= 0 else 0))
         elif op == 1:
             start = clock()
             added = grow(request_id, tokens)
             times[1].append(clock() - start)
             if added is None:
                 raise RuntimeError(f"{allocator.name}: grow {request_id} ran short")
-            units[1].append(len(added))
+            units[1].append(len(added) // pages_per_unit)
         else:
             start = clock()
             free(request_id)
@@ -206,7 +209,7 @@ def run(trace: TraceConfig, names: list[str], repeats: int, warmup: int) -> dict
         results[name] = {"median_of_repeats": pooled, "repeats": figures}
     return {
         "trace": {**trace.__dict__, "num_calls": counts},
-        "unified_block_size": UnifiedAllocator(geometry, config).block_size,
+        "unified_block_size": UnifiedAllocator(geometry, config).vllm.block_size,
         "repeats": repeats,
         "warmup": warmup,
         "timer_overhead_ns": timer_overhead_ns(),

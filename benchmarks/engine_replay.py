@@ -192,11 +192,10 @@ def warm_up(args: argparse.Namespace, model: Any) -> None:
 
 
 def simulate(
-    args: argparse.Namespace, geometry: Any, allocator: str, trace: list[Any], placed: bool = False
+    args: argparse.Namespace, geometry: Any, allocator: str, trace: list[Any]
 ) -> dict:
-    """The simulator's prediction for the same trace, limits, budget and layout (with
-    ``placed``, unified as the engine places it, deviation included)."""
-    from avmp.memory.placed import PlacedUnifiedAllocator
+    """The simulator's prediction for the same trace, limits, budget and layout (the
+    simulator's unified layout is the engine's, deviation included)."""
     from avmp.memory.registry import make_allocator
     from avmp.memory.spec import MemoryConfig
     from avmp.sim.simulator import SimConfig
@@ -208,11 +207,7 @@ def simulate(
         max_num_batched_tokens=args.max_batched_tokens,
     )  # fmt: skip
     memory = MemoryConfig(parse_bytes(args.memory))
-    layout = (
-        PlacedUnifiedAllocator(geometry, memory)
-        if placed
-        else make_allocator(allocator, geometry, memory)
-    )
+    layout = make_allocator(allocator, geometry, memory)
     result = run_sim(trace, layout, geometry, config)
     keys = ("makespan_s", "request_throughput", "output_token_throughput", "num_preemptions",
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",
@@ -259,8 +254,6 @@ def run_replays(args: argparse.Namespace) -> dict[str, Any]:
             engine_result = replay(args, model, allocator, trace)
             sim_result = simulate(args, geometry, allocator, trace)
             run = {"allocator": allocator, "engine": engine_result, "sim": sim_result}
-            if allocator == "unified":
-                run["sim_placed"] = simulate(args, geometry, allocator, trace, placed=True)
             runs.append(run)
             print(
                 f"round {round_index + 1}, {allocator}: engine "
@@ -327,7 +320,7 @@ def markdown(results: dict[str, Any]) -> str:
             "want of a whole state group although enough blocks were free (the placed "
             "layout's deviation from vLLM)"
         )
-        if "sim_placed" in unified:
+        if "sim_placed" in unified:  # results saved when the simulator's unified pool was exact
             placed = unified["sim_placed"]["request_throughput"]
             exact = unified["sim"]["request_throughput"]
             line += f"; simulated with it: {placed:.2f} req/s ({placed / exact - 1:+.1%})"

@@ -309,3 +309,21 @@ def test_a_failed_migration_mapping_leaves_the_chunks_with_the_donor() -> None:
     assert m.pool_chunks(STATE) == backing.mapped_chunks(STATE) == [0, 1]
     assert m.request_ids == [2]
     m.check_integrity()
+
+
+def test_a_huge_budget_costs_nothing_until_used() -> None:
+    """100 TiB is 52 million chunks: the reserve is a range, so building the manager and
+    admitting a request take no time and no memory proportional to the budget."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    m = AvmpManager(geometry(), MemoryConfig(budget_bytes=100 << 40))
+    assert m.admit(0, 100) is not None and m.grow(0, 1000) is not None
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert m.config.num_chunks == 100 << 19
+    assert m.usage().unassigned_bytes >= (100 << 40) - (16 << 20)  # nearly all in the reserve
+    assert peak < 1 << 20 and elapsed < 1.0

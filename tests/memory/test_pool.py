@@ -50,8 +50,8 @@ def test_lowest_free_unit_first() -> None:
     pool = pool_with(40, [7, 3])  # 5 units
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate_one() == 2
-    pool.release([0], lowest=0)
-    pool.release_one(2)
+    pool.release(array("q", [0]))
+    pool.release(array("q", [2]))
     assert pool.allocate(3) == [0, 2, 3]
     assert pool.num_free == 1
     pool.check_integrity([0, 1, 2, 3])
@@ -60,7 +60,7 @@ def test_lowest_free_unit_first() -> None:
 def test_allocate_takes_runs_across_holes() -> None:
     pool = pool_with(10, [0, 1])  # 20 units
     assert pool.allocate(20) == list(range(20))
-    pool.release([3, 4, 9, 15, 16, 17], lowest=3)
+    pool.release(array("q", [3, 4, 9, 15, 16, 17]))
     assert pool.allocate(4) == [3, 4, 9, 15]
     assert pool.allocate(2) == [16, 17]
     assert pool.num_free == 0
@@ -78,7 +78,7 @@ def test_add_chunks_frees_the_units_they_complete() -> None:
 def test_remove_tail_chunks_requires_a_free_tail() -> None:
     pool = pool_with(40, [0, 1, 2])  # 7 units
     pool.allocate(5)  # unit 4 spans bytes 160..200: the second chunk
-    pool.release_one(4)
+    pool.release(array("q", [4]))
     assert pool.free_tail_chunks() == 1  # chunk 2 holds units 5, 6 (both free)
     assert pool.remove_tail_chunks(1) == [2]
     assert pool.num_units == 5 and pool.num_free == 1
@@ -94,7 +94,7 @@ def test_shortfall_and_donatable_chunks() -> None:
     assert pool.chunks_short(3) == 1  # 6 units need 240 bytes: 3 chunks
     assert pool.chunks_short(5) == 2  # 8 units: 320 bytes
     assert pool.max_donatable(0) == 0  # 3 units need 120 bytes: 2 chunks
-    pool.release([1, 2], lowest=1)
+    pool.release(array("q", [1, 2]))
     assert pool.max_donatable(0) == 1
     assert pool.max_donatable(2) == 0
 
@@ -102,7 +102,7 @@ def test_shortfall_and_donatable_chunks() -> None:
 def test_plan_compaction_moves_tail_units_to_lowest_holes() -> None:
     pool = pool_with(25, [0, 1, 2])  # 12 units, 4 per chunk
     pool.allocate(12)
-    pool.release([0, 2, 5, 6, 7, 8, 11], lowest=0)  # live: 1, 3, 4, 9, 10
+    pool.release(array("q", [0, 2, 5, 6, 7, 8, 11]))  # live: 1, 3, 4, 9, 10
     assert pool.free_tail_chunks() == 0
     moves = pool.plan_compaction(keep_chunks=2)
     assert moves == [(9, 0), (10, 2)]
@@ -116,7 +116,7 @@ def test_plan_compaction_moves_tail_units_to_lowest_holes() -> None:
 def test_plan_compaction_refuses_when_the_kept_chunks_are_full() -> None:
     pool = pool_with(50, [0, 1])  # 4 units
     pool.allocate(4)
-    pool.release_one(3)
+    pool.release(array("q", [3]))
     with pytest.raises(AssertionError):
         pool.plan_compaction(keep_chunks=1)
 
@@ -140,13 +140,15 @@ def test_reserve_hands_out_lowest_chunks_first() -> None:
         reserve.take(5)
 
 
-def test_packed_releases_are_flushed_before_the_map_is_read() -> None:
+def test_releases_are_flushed_before_the_map_is_read() -> None:
     pool = pool_with(10, [0])  # 10 units
     pool.allocate(10)
-    pool.release_packed(array("q", [7, 2]), lowest=2)
-    pool.release_packed(array("q", [5]), lowest=5)
-    assert pool.num_free == 3 and pool.low == 2  # counted at once
-    assert pool.free_map[2] == 0  # written only on the next read
+    pool.release(array("q", [7, 2]))
+    pool.release(array("q", [5]))
+    assert pool.num_free == 3  # counted at once
+    assert pool.free_map[2] == 0 and pool.low == 10  # written only on the next read
+    pool.flush()
+    assert pool.low == 2
     assert pool.allocate(2) == [2, 5]
     assert pool.allocate_one() == 7
     pool.check_integrity(list(range(10)))

@@ -1,18 +1,20 @@
-"""Cache allocators for hybrid models: the AVMP manager and the baselines it is compared
-with, all behind `avmp.memory.spec.CacheAllocator`. No torch import here."""
+"""Cache allocators for hybrid models: one implementation per layout (AVMP, its static
+split, vLLM's unified pool, the oracle), all behind `avmp.memory.spec.CacheAllocator`
+and built by name with `make_allocator`. No torch import here."""
 
 from __future__ import annotations
 
-from avmp.memory.baselines import OracleAllocator, StaticAllocator, UnifiedAllocator
 from avmp.memory.manager import AvmpManager
 from avmp.memory.migration import MemoryEvent
+from avmp.memory.oracle import OracleAllocator
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
+from avmp.memory.unified import UnifiedAllocator
 
-__all__ = ["AvmpManager", "MemoryEvent"]
-__all__ += [
+__all__ = [
     "ALLOCATOR_NAMES",
+    "AvmpManager",
+    "MemoryEvent",
     "OracleAllocator",
-    "StaticAllocator",
     "UnifiedAllocator",
     "make_allocator",
 ]

@@ -42,34 +42,39 @@ def unit_spans(index: int, unit_bytes: int, chunk_bytes: int) -> list[tuple[int,
 
 
 class ChunkReserve:
-    """Physical chunks that no pool owns yet, lowest id first.
+    """Physical chunks that no pool owns yet: always the ids ``first .. num_chunks - 1``.
 
     Every chunk starts here; a pool that runs short takes from the front, so the same
-    call sequence maps the same chunk ids. Chunks never come back: a chunk leaves a pool
-    only by migrating straight to the other pool.
+    call sequence maps the same chunk ids. Chunks never come back (a chunk leaves a pool
+    only by migrating straight to the other pool) except those just taken whose mapping
+    failed, which go back to the front. So the reserve stays one range and is kept as
+    two integers: a budget of any size costs nothing until its chunks are used.
     """
 
-    __slots__ = ("_chunks",)
+    __slots__ = ("_first", "_end")
 
     def __init__(self, num_chunks: int) -> None:
-        self._chunks: list[int] = list(range(num_chunks))
+        self._first = 0
+        self._end = num_chunks
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return self._end - self._first
 
     def take(self, num_chunks: int) -> list[int]:
         """Remove and return the ``num_chunks`` lowest reserve chunks."""
-        if num_chunks > len(self._chunks):
-            raise ValueError(f"reserve holds {len(self._chunks)} chunks, asked for {num_chunks}")
-        taken = self._chunks[:num_chunks]
-        del self._chunks[:num_chunks]
+        if not 0 <= num_chunks <= len(self):
+            raise ValueError(f"reserve holds {len(self)} chunks, asked for {num_chunks}")
+        taken = list(range(self._first, self._first + num_chunks))
+        self._first += num_chunks
         return taken
 
     def give_back(self, chunk_ids: list[int]) -> None:
-        """Return chunks taken by `take` whose mapping then failed, keeping lowest first."""
-        self._chunks = sorted(self._chunks + chunk_ids)
+        """Return the chunks of the last `take`, whose mapping then failed."""
+        if chunk_ids != list(range(self._first - len(chunk_ids), self._first)):
+            raise ValueError(f"chunks {chunk_ids} are not the last ones taken")
+        self._first -= len(chunk_ids)
 
     @property
     def chunk_ids(self) -> list[int]:
-        """A copy of the reserve, lowest first."""
-        return list(self._chunks)
+        """The reserve's ids, lowest first (a new list: for checks and reports)."""
+        return list(range(self._first, self._end))

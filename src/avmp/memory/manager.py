@@ -12,22 +12,19 @@ from avmp.memory.address_space import ChunkReserve
 from avmp.memory.backing.base import Backing
 from avmp.memory.migration import MemoryEvent, Migration, RoomPlan, plan_room
 from avmp.memory.pool import Pool
+from avmp.memory.requests import RecentFrees, check_num_tokens, check_request_id
 from avmp.memory.spec import (
     CacheAllocator,
     CacheSpec,
-    DoubleFreeError,
     DuplicateRequestError,
     MemoryConfig,
     MemoryUsage,
     PoolKind,
     RequestTooLargeError,
     RequestUnits,
-    UnknownRequestError,
 )
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
-
-_NO_PAGE = 1 << 62  # lowest_page of a request without pages: above every unit index
 
 
 class _Request:
@@ -35,20 +32,15 @@ class _Request:
 
     The engine's handles are ``request_id`` (the slot) and ``(request_id, i)`` (the i-th
     page); they never change. Compaction rewrites the physical indices stored here.
-    ``packed_pages`` mirrors ``pages`` in an ``array('q')``, which `Pool.release_packed`
-    queues and numpy frees in one call;
-    ``lowest_page`` is ``min(pages)`` kept up to date (a pool hands out ascending runs,
-    so each allocation's first page is its minimum), which makes `free` cheaper.
     """
 
-    __slots__ = ("slot", "pages", "packed_pages", "num_tokens", "lowest_page")
+    __slots__ = ("slot", "pages", "num_tokens")
 
-    def __init__(self, slot: int, pages: list[int], num_tokens: int) -> None:
+    def __init__(self, slot: int, pages: array[int], num_tokens: int) -> None:
         self.slot = slot
+        # an array('q') rather than a list: `Pool.release` frees it with one numpy scatter
         self.pages = pages
-        self.packed_pages = array("q", pages)  # the same pages, for a one-call free
         self.num_tokens = num_tokens
-        self.lowest_page = pages[0] if pages else _NO_PAGE
 
 
 class AvmpManager(CacheAllocator):
@@ -63,13 +55,27 @@ class AvmpManager(CacheAllocator):
     chunk mapping and unit copy is carried out on it.
 
     A model without recurrent layers gets slot ``-1``; one without attention, no pages.
+
+    Args:
+        backing: where the bytes live; None for bookkeeping only.
+        fixed_state_fraction: None for AVMP. A fraction F gives SGLang's static split
+            instead ("static"): at start-up the state pool gets ``round(F * num_chunks)``
+            chunks and the KV pool the rest, and nothing moves afterwards, so a short pool
+            fails the allocation even when the other is empty.
     """
 
     name = "avmp"
 
     def __init__(
-        self, geometry: ModelGeometry, config: MemoryConfig, backing: Backing | None = None
+        self,
+        geometry: ModelGeometry,
+        config: MemoryConfig,
+        backing: Backing | None = None,
+        *,
+        fixed_state_fraction: float | None = None,
     ) -> None:
+        if fixed_state_fraction is not None and not 0.0 <= fixed_state_fraction <= 1.0:
+            raise ValueError(f"fixed_state_fraction must be in [0, 1], got {fixed_state_fraction}")
         super().__init__(geometry, config)
         self.spec = CacheSpec.from_geometry(geometry, config.block_size)
         self.backing = backing
@@ -78,7 +84,7 @@ class AvmpManager(CacheAllocator):
         self._state = Pool(PoolKind.STATE, self.spec.slot_bytes, config.chunk_bytes)
         self._pools = {PoolKind.KV: self._kv, PoolKind.STATE: self._state}
         self._requests: dict[int, _Request] = {}
-        self._freed: set[int] = set()
+        self._freed = RecentFrees()
         self._num_live_tokens = 0
         self._epoch = 0
         self._slots_per_request = 1 if self.spec.slot_bytes else 0
@@ -92,12 +98,28 @@ class AvmpManager(CacheAllocator):
         self.events: list[MemoryEvent] = []
         if backing is not None:
             backing.attach(self.spec, config)
+        self.fixed_state_fraction = fixed_state_fraction
+        if fixed_state_fraction is not None:
+            self._split_once(fixed_state_fraction)
+
+    def _split_once(self, state_fraction: float) -> None:
+        """Hand every chunk to the pools at start-up; from then on `_make_room` finds
+        nothing, as the reserve is empty and migration is off."""
+        self.name = "static"
+        num_state = round(self.config.num_chunks * state_fraction)
+        if num_state:
+            self._take_reserve(PoolKind.STATE, num_state)
+        if self.config.num_chunks - num_state:
+            self._take_reserve(PoolKind.KV, self.config.num_chunks - num_state)
+        self.events.clear()  # the start-up split is not a run-time event
+        has_slot = self._state.num_units >= self._slots_per_request
+        self._max_pages_alone = self._pages_alone(self._kv.num_units, has_slot)
 
     # -- the allocator interface ----------------------------------------------------
 
     def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
-        if num_tokens <= 0:
-            raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+        check_request_id(request_id)
+        check_num_tokens("num_tokens", num_tokens)
         if request_id in self._requests:
             raise DuplicateRequestError(f"request {request_id} is already live")
         num_pages = ceil_div(num_tokens, self._block_size) if self._has_pages else 0
@@ -110,7 +132,7 @@ class AvmpManager(CacheAllocator):
             return None
         pages = self._kv.allocate(num_pages) if num_pages else []
         slot = self._state.allocate_one() if num_slots else -1
-        self._requests[request_id] = _Request(slot, pages, num_tokens)
+        self._requests[request_id] = _Request(slot, array("q", pages), num_tokens)
         self._freed.discard(request_id)
         self._num_live_tokens += num_tokens
         self.stats.num_admits += 1
@@ -119,8 +141,7 @@ class AvmpManager(CacheAllocator):
         return RequestUnits(slot, tuple(pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        if num_new_tokens <= 0:
-            raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
+        check_num_tokens("num_new_tokens", num_new_tokens)
         request = self._live(request_id)
         num_tokens = request.num_tokens + num_new_tokens
         num_new_pages = 0
@@ -134,9 +155,6 @@ class AvmpManager(CacheAllocator):
         if num_new_pages:
             new_pages = self._kv.allocate(num_new_pages)
             request.pages.extend(new_pages)
-            request.packed_pages.extend(new_pages)
-            if new_pages[0] < request.lowest_page:
-                request.lowest_page = new_pages[0]
         request.num_tokens = num_tokens
         self._num_live_tokens += num_new_tokens
         self.stats.num_grows += 1
@@ -145,15 +163,14 @@ class AvmpManager(CacheAllocator):
         return new_pages
 
     def free(self, request_id: int) -> None:
+        check_request_id(request_id)  # before the lookup: 1.0 == 1 would find request 1
         request = self._requests.pop(request_id, None)
         if request is None:
-            if request_id in self._freed:
-                raise DoubleFreeError(f"request {request_id} was already freed")
-            raise UnknownRequestError(f"request {request_id} was never admitted")
+            raise self._freed.not_live(request_id, freeing=True)
         if request.pages:
-            self._kv.release_packed(request.packed_pages, request.lowest_page)
+            self._kv.release(request.pages)
         if request.slot >= 0:
-            self._state.release_one(request.slot)
+            self._state.release(array("q", (request.slot,)))
         self._freed.add(request_id)
         self._num_live_tokens -= request.num_tokens
         self.stats.num_frees += 1
@@ -224,8 +241,6 @@ class AvmpManager(CacheAllocator):
             assert request_id not in self._freed, f"request {request_id} live and freed"
             expected = ceil_div(request.num_tokens, self._block_size) if self._has_pages else 0
             assert len(request.pages) == expected, f"request {request_id}: page count"
-            assert request.lowest_page == min(request.pages, default=_NO_PAGE)
-            assert request.packed_pages.tolist() == request.pages, "packed pages differ"
             live_pages.extend(request.pages)
             if self._slots_per_request:
                 live_slots.append(request.slot)
@@ -239,11 +254,10 @@ class AvmpManager(CacheAllocator):
     # -- finding room ---------------------------------------------------------------
 
     def _live(self, request_id: int) -> _Request:
+        check_request_id(request_id)  # before the lookup: 1.0 == 1 would find request 1
         request = self._requests.get(request_id)
         if request is None:
-            if request_id in self._freed:
-                raise UnknownRequestError(f"request {request_id} was freed")
-            raise UnknownRequestError(f"request {request_id} was never admitted")
+            raise self._freed.not_live(request_id)
         return request
 
     def _pages_alone(self, kv_units: int, slot_fits: bool) -> int:
@@ -261,9 +275,11 @@ class AvmpManager(CacheAllocator):
 
     def _make_room(self, num_pages: int, num_slots: int) -> bool:
         """Give the pools room for ``num_pages`` pages and ``num_slots`` slots, or
-        change nothing and count an OOM event."""
-        plan = plan_room(self._kv, self._state, num_pages, num_slots, len(self._reserve),
-                         self.config.migration_batch_chunks)
+        change nothing and count an OOM event (always, under a fixed split)."""
+        plan = None
+        if self.fixed_state_fraction is None:
+            plan = plan_room(self._kv, self._state, num_pages, num_slots,
+                             len(self._reserve), self.config.migration_batch_chunks)
         if plan is None:
             self.stats.num_oom_events += 1
             if self._debug:
@@ -305,9 +321,6 @@ class AvmpManager(CacheAllocator):
                 for i, page in enumerate(pages):
                     if page in destination:
                         pages[i] = destination[page]
-                if pages:
-                    request.lowest_page = min(pages)
-                    request.packed_pages = array("q", pages)
         else:
             for request in self._requests.values():
                 request.slot = destination.get(request.slot, request.slot)

@@ -22,9 +22,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from avmp.memory.baselines import OracleAllocator, StaticAllocator, UnifiedAllocator
+from avmp.memory.manager import AvmpManager
+from avmp.memory.oracle import OracleAllocator
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
-from avmp.memory.spec import CacheAllocator, MemoryConfig, RequestTooLargeError
+from avmp.memory.spec import CacheAllocator, MemoryConfig, PoolKind, RequestTooLargeError
+from avmp.memory.unified import UnifiedAllocator
 from avmp.models.geometry import ModelGeometry
 from avmp.units import format_bytes, round_up
 
@@ -226,15 +228,18 @@ def _page_rounding_bytes(geometry: ModelGeometry, block_size: int, num_tokens: i
 
 def _never_usable_bytes(allocator: CacheAllocator) -> int:
     """Budget that can never hold a unit, whatever the requests: below one block and
-    the null block (unified), the static pools' leftovers, nothing (oracle), below one
-    chunk (AVMP)."""
+    the null block (unified), nothing (oracle), below one chunk (AVMP), and for the
+    static split also each pool's chunk bytes that form no whole unit."""
     config = allocator.config
     if isinstance(allocator, UnifiedAllocator):
         return config.budget_bytes - allocator.num_usable_blocks * allocator.block_bytes
-    if isinstance(allocator, StaticAllocator):
-        return allocator.usage().unassigned_bytes
     if isinstance(allocator, OracleAllocator):
         return 0
+    if isinstance(allocator, AvmpManager) and allocator.fixed_state_fraction is not None:
+        spec = allocator.spec
+        units = (allocator.num_units(PoolKind.KV) * spec.page_bytes
+                 + allocator.num_units(PoolKind.STATE) * spec.slot_bytes)
+        return config.budget_bytes - units
     return config.budget_bytes - config.num_chunks * config.chunk_bytes
 
 

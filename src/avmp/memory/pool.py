@@ -23,9 +23,8 @@ class Pool:
 
     Invariants (after `flush`): ``len(free_map) == units_for_chunks(len(chunks))``;
     ``free_map[i]`` is 1 iff unit ``i`` is free; ``num_free`` counts the ones; no unit
-    below ``low`` is free. Units released with `release_packed` wait in ``_pending``
-    until the next method that reads the map flushes them; ``num_free`` and ``low``
-    already count them.
+    below ``low`` is free. Released units wait in ``_pending`` until the next method
+    that reads the map or ``low`` flushes them; ``num_free`` already counts them.
     """
 
     __slots__ = (
@@ -38,7 +37,7 @@ class Pool:
         self.chunk_bytes = chunk_bytes
         self.chunks: list[int] = []  # owned physical chunk ids, in address order
         self.free_map = bytearray()
-        self._pending: list[array[int]] = []  # released by `release_packed`, not yet written
+        self._pending: list[array[int]] = []  # released, not yet written
         self.num_free = 0
         self.low = 0
 
@@ -93,46 +92,37 @@ class Pool:
         self.num_free -= 1
         return unit
 
-    def release(self, units: list[int], lowest: int) -> None:
-        """Mark live units free again; ``lowest`` is their minimum (the caller tracks it,
-        which is cheaper than ``min`` over a long list)."""
-        free_map = self.free_map
-        for unit in units:
-            free_map[unit] = 1  # _FREE; a literal is faster than a global in this loop
-        if lowest < self.low:
-            self.low = lowest
-        self.num_free += len(units)
+    def release(self, units: array[int]) -> None:
+        """Mark live units free again; ``units`` (an ``array('q')``) must not change
+        afterwards.
 
-    def release_packed(self, units: array[int], lowest: int) -> None:
-        """Release units packed in an ``array('q')`` that nobody changes afterwards.
-
-        They count as free at once (``num_free``, ``low``) but their bytes in the free
-        map are written by `flush`, before anything reads the map: one numpy scatter for
-        every request freed since the last allocation, instead of a Python store per
-        unit on cache-cold integers.
+        They count as free at once (``num_free``) but their bytes in the free map, and
+        the low mark, are written by `flush` before anything reads them: one numpy
+        scatter for every request freed since the last allocation, instead of a Python
+        store per unit on cache-cold integers.
         """
         self._pending.append(units)
-        if lowest < self.low:
-            self.low = lowest
         self.num_free += len(units)
 
-    def release_one(self, unit: int) -> None:
-        """Mark one live unit free again."""
-        self.free_map[unit] = _FREE
-        if unit < self.low:
-            self.low = unit
-        self.num_free += 1
-
     def flush(self) -> None:
-        """Write the units queued by `release_packed` into the free map."""
+        """Write the units queued by `release` into the free map and the low mark."""
         pending = self._pending
         if not pending:
             return
-        packed = pending[0] if len(pending) == 1 else b"".join(pending)
-        # a view held only here: a bytearray with a live export cannot be resized
-        view = np.frombuffer(self.free_map, dtype=np.uint8)
-        view[np.frombuffer(packed, dtype=np.int64)] = _FREE
-        del view
+        if len(pending) == 1 and len(pending[0]) == 1:
+            # one slot freed: a store and a compare cost less than numpy's call overhead
+            unit = pending[0][0]
+            self.free_map[unit] = _FREE
+            self.low = min(self.low, unit)
+        else:
+            packed = pending[0] if len(pending) == 1 else b"".join(pending)
+            units = np.frombuffer(packed, dtype=np.int64)
+            # a view held only here: a bytearray with a live export cannot be resized
+            view = np.frombuffer(self.free_map, dtype=np.uint8)
+            view[units] = _FREE
+            del view
+            if len(units):
+                self.low = min(self.low, int(units.min()))
         pending.clear()
 
     # -- capacity -------------------------------------------------------------------

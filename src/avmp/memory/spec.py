@@ -7,11 +7,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
 
+if TYPE_CHECKING:
+    from avmp.memory.backing.unit_format import CacheFormat
+
 CHUNK_GRANULARITY_BYTES = 2 << 20  # CUDA VMM minimum granularity on current GPUs
+NO_SLOT = -1  # `RequestUnits.slot` of a model without recurrent layers
 
 
 class PoolKind(StrEnum):
@@ -111,8 +116,9 @@ class DuplicateRequestError(AllocatorError):
     """A request id admitted while it is still live."""
 
 
-class DoubleFreeError(AllocatorError):
-    """A request freed twice."""
+class DoubleFreeError(UnknownRequestError):
+    """A request freed twice in a row: the id is not live, and was freed recently
+    enough to be remembered (see `avmp.memory.requests.RecentFrees`)."""
 
 
 class RequestTooLargeError(AllocatorError):
@@ -183,8 +189,10 @@ class AllocatorStats:
 class CacheAllocator(ABC):
     """The interface every layout implements: AVMP and the baselines alike.
 
-    Running out of memory is a return value (`None`); misuse raises an `AllocatorError`.
-    A failed call changes nothing. The same sequence of calls gives the same decisions.
+    Running out of memory is a return value (`None`); misuse raises an `AllocatorError`
+    (a wrong id or request size), a TypeError (an id or token count that is not an int)
+    or a ValueError (a token count below 1). A failed call changes nothing. The same
+    sequence of calls gives the same decisions.
     """
 
     name: str = "allocator"
@@ -201,6 +209,8 @@ class CacheAllocator(ABC):
         Returns:
             Where the request's cache lives, or None if memory is short now.
         Raises:
+            TypeError: the id or ``num_tokens`` is not an int.
+            ValueError: ``num_tokens`` < 1.
             DuplicateRequestError: the id is live.
             RequestTooLargeError: ``num_tokens`` could not fit even in an empty memory.
         """
@@ -212,6 +222,8 @@ class CacheAllocator(ABC):
         Returns:
             Indices of the pages added (possibly none), or None if memory is short now.
         Raises:
+            TypeError: the id or ``num_new_tokens`` is not an int.
+            ValueError: ``num_new_tokens`` < 1.
             UnknownRequestError: the request is not live.
             RequestTooLargeError: the grown request could not fit even in empty memory.
         """
@@ -221,8 +233,8 @@ class CacheAllocator(ABC):
         """Release every unit of a request.
 
         Raises:
-            DoubleFreeError: the request was already freed.
-            UnknownRequestError: the request was never admitted.
+            UnknownRequestError: the request is not live (never admitted, or freed:
+                a `DoubleFreeError` when the free was recent).
         """
 
     @abstractmethod
@@ -244,6 +256,14 @@ class CacheAllocator(ABC):
     @abstractmethod
     def check_integrity(self) -> None:
         """Raise AssertionError if any invariant is broken."""
+
+    def cache_format(self) -> CacheFormat:
+        """The byte format of this layout's page and slot, for a tensor backing's views
+        (pages of ``config.block_size`` tokens and exact slots unless a layout pads)."""
+        # imported here: unit_format imports this module for CacheSpec and PoolKind
+        from avmp.memory.backing.unit_format import CacheFormat
+
+        return CacheFormat.from_geometry(self.geometry, self.config.block_size)
 
     @property
     def placement_epoch(self) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from avmp.memory.backing.base import BackingError
-from avmp.memory.backing.device import TensorBacking
+from avmp.memory.backing.device import CopyRows, TensorBacking
 from avmp.memory.spec import CacheSpec, MemoryConfig, PoolKind
 
 
@@ -55,8 +55,8 @@ class _CudaArray:
 class CudaVmmBacking(TensorBacking):
     """KV and state pools over one reserved virtual range, chunks mapped on demand."""
 
-    def __init__(self, device: int = 0) -> None:
-        super().__init__()
+    def __init__(self, device: int = 0, copy_rows: CopyRows | None = None) -> None:
+        super().__init__(copy_rows)
         self._driver = _load_driver()
         if not torch.cuda.is_available():
             raise BackingError("CudaVmmBacking needs a CUDA device (torch sees none)")

@@ -7,18 +7,30 @@ Rows and unit indices: unit ``i`` of a pool is table row ``row_of(pool, i)``. Th
 except in the one-buffer backing's state pool, which grows down from the top of the buffer
 and so keeps unit 0 at the top (row ``max_units - 1``): torch has no negative strides.
 Kernels index views with rows (`rows_of`), never with raw unit indices.
+
+The batched row copy that compaction runs comes from above (the engine passes the Triton
+copy on CUDA): the backing imports no kernels, and without one it uses torch's.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from avmp.kernels.triton.compact import copy_rows
 from avmp.memory.backing.base import Backing, BackingError
 from avmp.memory.spec import PoolKind
+
+CopyRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``copy(table, src, dst)``: ``table[dst[i]] = table[src[i]]`` for every i, sources and
+destinations disjoint, ``table`` a pool's ``[num_units, unit_bytes]`` uint8 view."""
+
+
+def copy_rows_torch(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """One gather and one scatter on any device (through a temporary)."""
+    table.index_copy_(0, dst, table.index_select(0, src))  # [n, unit_bytes]
 
 
 class TensorBacking(Backing):
@@ -26,11 +38,15 @@ class TensorBacking(Backing):
 
     Misuse (a chunk mapped twice, an unmapped unit read) raises `BackingError` and
     changes nothing, like a driver failure.
+
+    Args:
+        copy_rows: the batched row copy compaction runs (`CopyRows`); None: torch's.
     """
 
     device: torch.device
 
-    def __init__(self) -> None:
+    def __init__(self, copy_rows: CopyRows | None = None) -> None:
+        self._copy_rows: CopyRows = copy_rows or copy_rows_torch
         self.num_compactions = 0
         self.num_units_copied = 0
         self.num_bytes_compacted = 0  # bytes read + written by copy_units
@@ -119,7 +135,7 @@ class TensorBacking(Backing):
         self._check_index(pool, low)
         self._check_index(pool, high)
         rows = self.rows_of(pool, pairs).to(self.device, non_blocking=True)
-        copy_rows(self.unit_table(pool), rows[:, 0].contiguous(), rows[:, 1].contiguous())
+        self._copy_rows(self.unit_table(pool), rows[:, 0].contiguous(), rows[:, 1].contiguous())
         self.num_compactions += 1
         self.num_units_copied += len(moves)
         self.num_bytes_compacted += 2 * len(moves) * self.spec.unit_bytes(pool)

@@ -2,8 +2,9 @@
 
 Nothing is mapped or migrated: the whole buffer is allocated at `attach` and both unit
 tables start at its first byte, the KV pool's with page-sized rows and the state pool's
-with slot-sized rows. The allocator that drives it (`PlacedUnifiedAllocator`) keeps pages
-and slots from overlapping; this backing only checks that an index lies in the buffer.
+with slot-sized rows. The allocator that drives it (`avmp.memory.unified.UnifiedAllocator`)
+keeps pages and slots from overlapping; this backing only checks that an index lies in the
+buffer.
 """
 
 from __future__ import annotations

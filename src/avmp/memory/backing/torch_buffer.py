@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import torch
 
-from avmp.memory.backing.device import TensorBacking
+from avmp.memory.backing.device import CopyRows, TensorBacking
 from avmp.memory.spec import CacheSpec, MemoryConfig, PoolKind
 
 
 class TorchBufferBacking(TensorBacking):
     """One uint8 buffer of ``num_chunks * chunk_bytes`` on any torch device."""
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        super().__init__()
+    def __init__(
+        self, device: str | torch.device = "cpu", copy_rows: CopyRows | None = None
+    ) -> None:
+        super().__init__(copy_rows)
         self.device = torch.device(device)
         self._buffer: torch.Tensor | None = None
         self._home: dict[int, int] = {}  # chunk id -> buffer chunk holding its bytes

@@ -1,17 +1,12 @@
-"""The baselines placed in real memory, so that the engine runs them with AVMP's kernels.
+"""The unified layout: vLLM v1's one pool of equal blocks (prefix caching off), with a
+place for every byte so that the engine runs it with AVMP's kernels.
 
-The allocators of baselines.py only count units; the engine needs to know where each
-unit's bytes are. Two layouts here carry the same decisions onto a backing:
-
-- `StaticSplitManager` ("static"): SGLang's split. The AVMP manager with both pools
-  sized once at start-up (the state pool gets ``static_state_fraction`` of the chunks) and
-  migration off: a short pool fails the allocation even when the other is empty. Pools
-  hold whole chunks, so each may hold one unit less than `StaticAllocator`'s exact split.
-- `PlacedUnifiedAllocator` ("unified"): vLLM v1's one pool of equal blocks
-  (`VllmBlockGeometry`), in one buffer of ``num_blocks`` blocks. An attention block of ``B``
-  tokens is ``B / block_size`` consecutive kernel pages (vLLM's kernel-block split), so the
-  attention kernels read it as ordinary pages; a request's state is one slot spanning its
-  ``S`` state blocks.
+The attention block is enlarged until one attention page holds one recurrent layer's
+state, and the state page is padded up to it (`VllmBlockGeometry`). The pool is
+``num_blocks`` blocks in one buffer. An attention block of ``B`` tokens is
+``B / block_size`` consecutive kernel pages (vLLM's kernel-block split), so the
+attention kernels read it as ordinary pages; a request's state is one slot spanning its
+``S`` state blocks. Without a backing this is bookkeeping only (the simulator's case).
 
 Deviation from vLLM: vLLM's ``S`` state blocks of a request may lie anywhere, since each
 group of recurrent layers indexes its own block; our kernels read one slot per request, so
@@ -25,62 +20,109 @@ enough free blocks (vLLM would admit) but no whole group fails and is counted in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from avmp.memory.backing.base import Backing
 from avmp.memory.backing.unit_format import CacheFormat, UnitFormat
-from avmp.memory.baselines import (
-    NO_SLOT,
-    NULL_BLOCK,
-    VllmBlockGeometry,
-    _Request,
-    _RequestTable,
-    static_state_fraction,
-    unified_usage,
-)
-from avmp.memory.manager import AvmpManager
-from avmp.memory.spec import CacheSpec, MemoryConfig, MemoryUsage, PoolKind, RequestUnits
+from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens
+from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
 
+NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0 as its null block, never allocated
+VLLM_BLOCK_ALIGNMENT_TOKENS = 16  # vLLM rounds the hybrid attention block to this many tokens
+VLLM_GROUP_SIZE_SLACK = 1.25  # vLLM uses the larger layer count when within 25% of the smaller
 
-class StaticSplitManager(AvmpManager):
-    """Two pools split once at start-up, nothing migrates (SGLang on our memory).
 
-    Args:
-        state_fraction, mamba_full_memory_ratio: the split, as for `StaticAllocator`
-            (default: SGLang's ratio 0.9, about 47% of the budget for state).
+@dataclass(frozen=True)
+class VllmBlockGeometry:
+    """How vLLM v1 cuts one pool for a hybrid model (prefix caching off).
+
+    Attributes:
+        block_size: tokens per attention page; None for a model without attention.
+        page_bytes: bytes of one page of one layer; state pages are padded up to it.
+        state_page_bytes: one recurrent layer's exact state (the largest layer's).
+        group_size: layers per group; a block holds one page for each layer of a group.
+        num_attention_groups: groups of attention layers; each holds its own pages.
+        num_state_groups: groups of recurrent layers; each holds one block per request.
     """
 
-    name = "static"
+    block_size: int | None
+    page_bytes: int
+    state_page_bytes: int
+    group_size: int
+    num_attention_groups: int
+    num_state_groups: int
 
-    def __init__(
-        self,
-        geometry: ModelGeometry,
-        config: MemoryConfig,
-        backing: Backing | None = None,
-        *,
-        state_fraction: float | None = None,
-        mamba_full_memory_ratio: float | None = None,
-    ) -> None:
-        super().__init__(geometry, config, backing)
-        self.state_fraction = static_state_fraction(
-            geometry, state_fraction, mamba_full_memory_ratio
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block id stands for: a page in each of the group's layers."""
+        return self.group_size * self.page_bytes
+
+    @classmethod
+    def from_geometry(cls, geometry: ModelGeometry, min_block_size: int = 16) -> VllmBlockGeometry:
+        """vLLM's rule, per layer: the attention block is the smallest multiple of 16
+        tokens (and at least ``min_block_size``) whose page holds the largest recurrent
+        layer's state. Layers whose shapes differ are sized by the largest one, as one
+        uniform page size must hold every layer."""
+        kv_token_bytes = max((a.kv_bytes_per_token for a in geometry.attention_layers), default=0)
+        state_bytes = max((r.state_bytes for r in geometry.recurrent_layers), default=0)
+        block_size: int | None = None
+        if kv_token_bytes:
+            align = VLLM_BLOCK_ALIGNMENT_TOKENS
+            needed = align * ceil_div(state_bytes, align * kv_token_bytes)
+            block_size = max(min_block_size, needed)
+        page_bytes = max(state_bytes, (block_size or 0) * kv_token_bytes)
+        num_attention, num_recurrent = geometry.num_attention_layers, geometry.num_recurrent_layers
+        group_size = _vllm_group_size([n for n in (num_attention, num_recurrent) if n])
+        return cls(
+            block_size=block_size,
+            page_bytes=page_bytes,
+            state_page_bytes=state_bytes,
+            group_size=group_size,
+            num_attention_groups=ceil_div(num_attention, group_size),
+            num_state_groups=ceil_div(num_recurrent, group_size),
         )
-        num_state = round(config.num_chunks * self.state_fraction)
-        if num_state:
-            self._take_reserve(PoolKind.STATE, num_state)
-        if config.num_chunks - num_state:
-            self._take_reserve(PoolKind.KV, config.num_chunks - num_state)
-        self.events.clear()  # the start-up split is not a run-time event
-        has_slot = self._state.num_units >= self._slots_per_request
-        self._max_pages_alone = self._pages_alone(self._kv.num_units, has_slot)
-
-    def _make_room(self, num_pages: int, num_slots: int) -> bool:
-        """Nothing to take: the split is fixed. Count the OOM event."""
-        self.stats.num_oom_events += 1
-        return False
 
 
-class _Placed(_Request):
+def _vllm_group_size(layer_counts: list[int]) -> int:
+    """vLLM's `_get_kv_cache_groups_uniform_page_size`: the smallest layer count, or the
+    largest when all counts are within 25% of each other (fewer padding layers)."""
+    smallest, largest = min(layer_counts), max(layer_counts)
+    return largest if largest < smallest * VLLM_GROUP_SIZE_SLACK else smallest
+
+
+def unified_buffer_bytes(geometry: ModelGeometry, config: MemoryConfig) -> int:
+    """Bytes of the one buffer that holds the unified pool: its whole blocks."""
+    block_bytes = VllmBlockGeometry.from_geometry(geometry, config.block_size).block_bytes
+    return config.budget_bytes // block_bytes * block_bytes
+
+
+def _unified_usage(table: RequestTable, num_usable_blocks: int, block_bytes: int) -> MemoryUsage:
+    """Usage of a unified pool whose requests list their state blocks and attention
+    blocks: the pool is shared, so ``state_capacity_bytes`` counts the blocks holding
+    state now and ``kv_capacity_bytes`` the rest of the pool (free blocks go to either)."""
+    live = table._live.values()
+    num_state = sum(len(r.state_blocks) for r in live)
+    num_pages = sum(len(r.pages) for r in live)
+    tokens = sum(r.num_tokens for r in live)
+    state_used = num_state * block_bytes
+    has_state = bool(table.geometry.recurrent_layers)
+    return MemoryUsage(
+        budget_bytes=table.config.budget_bytes,
+        kv_capacity_bytes=num_usable_blocks * block_bytes - state_used,
+        state_capacity_bytes=state_used,
+        kv_used_bytes=num_pages * block_bytes,
+        state_used_bytes=state_used,
+        kv_needed_bytes=tokens * table.geometry.kv_bytes_per_token,
+        state_needed_bytes=len(live) * table.geometry.state_bytes_per_request,
+        num_requests=len(live),
+        num_pages_used=num_pages,
+        num_slots_used=len(live) if has_state else 0,
+    )
+
+
+class _Placed(LiveRequest):
     """One live request of the unified pool: ``slot`` is its state group,
     ``state_blocks`` that group's blocks, ``pages`` its attention blocks, and
     ``kernel_pages`` theirs (kept, since the engine reads them every step)."""
@@ -93,8 +135,11 @@ class _Placed(_Request):
         self.kernel_pages = kernel_pages
 
 
-class PlacedUnifiedAllocator(_RequestTable):
+class UnifiedAllocator(RequestTable):
     """vLLM's padded block pool with a place for every byte (see the module doc).
+
+    Block 0 is vLLM's null block (the entry its block tables point at when empty) and is
+    never handed out, so ``num_usable_blocks = num_blocks - 1``.
 
     Units as the engine sees them: ``spec.page_bytes`` is one kernel page
     (``block_size`` tokens of every attention layer) and ``spec.slot_bytes`` one state run
@@ -108,7 +153,9 @@ class PlacedUnifiedAllocator(_RequestTable):
 
     name = "unified"
 
-    def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
+    def __init__(
+        self, geometry: ModelGeometry, config: MemoryConfig, backing: Backing | None = None
+    ) -> None:
         super().__init__(geometry, config)
         self.vllm = VllmBlockGeometry.from_geometry(geometry, config.block_size)
         self._format = CacheFormat.from_geometry(geometry, config.block_size)
@@ -116,7 +163,7 @@ class PlacedUnifiedAllocator(_RequestTable):
         self._tokens_per_block = self.vllm.block_size or 1
         self._pages_per_block = self._check_geometry()
         self._run = self.vllm.num_state_groups  # blocks per request's state
-        self.num_blocks = config.budget_bytes // self._block_bytes
+        self.num_blocks = unified_buffer_bytes(geometry, config) // self._block_bytes
         self.num_usable_blocks = max(0, self.num_blocks - 1)  # block 0 is vLLM's null block
         self.num_groups = self.num_blocks // self._run if self._run else 0
         self.spec = CacheSpec(
@@ -142,6 +189,9 @@ class PlacedUnifiedAllocator(_RequestTable):
             for b in range(self.num_blocks)
         )
         self.num_placement_failures = 0
+        self.backing = backing
+        if backing is not None:  # one buffer of `unified_buffer_bytes`, nothing mapped later
+            backing.attach(self.spec, config)
 
     def _check_geometry(self) -> int:
         """Kernel pages per attention block (0 without attention)."""
@@ -150,8 +200,8 @@ class PlacedUnifiedAllocator(_RequestTable):
         if self.vllm.num_attention_groups != 1:
             raise ValueError(
                 f"{self.geometry.name}: its attention layers form "
-                f"{self.vllm.num_attention_groups} vLLM groups; the placed unified layout "
-                "needs one"
+                f"{self.vllm.num_attention_groups} vLLM groups; the unified layout needs one "
+                "(its blocks are read as kernel pages)"
             )
         pages, rest = divmod(self._block_bytes, self._format.page.unit_bytes)
         if rest or pages * self.config.block_size != self._tokens_per_block:
@@ -160,6 +210,11 @@ class PlacedUnifiedAllocator(_RequestTable):
                 f"{self._block_bytes} bytes is not whole {self.config.block_size}-token pages"
             )
         return pages
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block: a page for each layer of a group."""
+        return self._block_bytes
 
     def cache_format(self) -> CacheFormat:
         """The engine's byte format: kernel pages as usual, the slot padded to a run."""
@@ -177,8 +232,13 @@ class PlacedUnifiedAllocator(_RequestTable):
             return 0
         return ceil_div(num_tokens, self._tokens_per_block)
 
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks one request of ``num_tokens`` tokens holds: its state run and its
+        attention blocks."""
+        return self._run + self._blocks_for(num_tokens)
+
     def fits_alone(self, num_tokens: int) -> bool:
-        need = self._run + self._blocks_for(num_tokens)
+        need = self.num_blocks_for(num_tokens)
         has_group = not self._run or self.num_groups >= 2  # group 0 holds the null block
         return need <= self.num_usable_blocks and has_group
 
@@ -250,9 +310,8 @@ class PlacedUnifiedAllocator(_RequestTable):
         return self.units(request_id)
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        check_num_tokens("num_new_tokens", num_new_tokens)
         request = self._placed(request_id)
-        if num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         new_tokens = request.num_tokens + num_new_tokens
         extra = self._blocks_for(new_tokens) - len(request.pages)
         if extra:
@@ -287,8 +346,9 @@ class PlacedUnifiedAllocator(_RequestTable):
         return RequestUnits(request.slot, tuple(request.kernel_pages))
 
     def usage(self) -> MemoryUsage:
-        """As `UnifiedAllocator.usage` (pages counted in vLLM blocks)."""
-        return unified_usage(self, self.num_usable_blocks, self._block_bytes)
+        """Pages counted in vLLM blocks; the pool is shared, so ``state_capacity_bytes``
+        counts the blocks holding state now and ``kv_capacity_bytes`` the rest."""
+        return _unified_usage(self, self.num_usable_blocks, self._block_bytes)
 
     def check_integrity(self) -> None:
         self._check_requests()  # no block owned twice, live and freed ids apart

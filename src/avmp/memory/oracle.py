@@ -1,0 +1,149 @@
+"""The oracle layout: the reference no real system can beat. Bookkeeping only."""
+
+from __future__ import annotations
+
+from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens
+from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
+from avmp.models.geometry import ModelGeometry
+from avmp.units import ceil_div
+
+
+class OracleAllocator(RequestTable):
+    """Exact bytes with free, instant migration: a request is admitted (or grown) while
+    the exact bytes in use (whole slots plus pages of ``config.block_size`` tokens, no
+    chunk rounding) fit the budget. No layout can hold more; it is the reference.
+
+    Unit ids are recycled lowest-freed-last (a stack) and new ids are minted in order;
+    they only exist so that the interface can name units.
+    """
+
+    name = "oracle"
+
+    def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
+        super().__init__(geometry, config)
+        self.spec = CacheSpec.from_geometry(geometry, config.block_size)
+        self._page_bytes = self.spec.page_bytes
+        self._slot_bytes = self.spec.slot_bytes
+        self._tokens_per_page = config.block_size if self._page_bytes else 0
+        self._budget = config.budget_bytes
+        self._used_bytes = 0
+        self._free_pages: list[int] = []
+        self._free_slots: list[int] = []
+        self._num_page_ids = 0
+        self._num_slot_ids = 0
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
+
+    def fits_alone(self, num_tokens: int) -> bool:
+        return self._slot_bytes + self._pages_for(num_tokens) * self._page_bytes <= self._budget
+
+    def _take_pages(self, num_pages: int) -> list[int]:
+        free = self._free_pages
+        reused = min(num_pages, len(free))
+        pages = free[-reused:][::-1] if reused else []
+        if reused:
+            del free[-reused:]
+        if num_pages > reused:
+            start = self._num_page_ids
+            self._num_page_ids = start + num_pages - reused
+            pages += range(start, self._num_page_ids)
+        return pages
+
+    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+        self._check_new(request_id, num_tokens)
+        num_pages = self._pages_for(num_tokens)
+        need = self._slot_bytes + num_pages * self._page_bytes
+        if self._used_bytes + need > self._budget:
+            self.stats.num_oom_events += 1
+            return None
+        self._used_bytes += need
+        slot = NO_SLOT
+        if self._slot_bytes:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            else:
+                slot, self._num_slot_ids = self._num_slot_ids, self._num_slot_ids + 1
+        pages = self._take_pages(num_pages)
+        self._admitted(request_id, LiveRequest(num_tokens, slot, [], pages))
+        return RequestUnits(slot, tuple(pages))
+
+    def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
+        check_num_tokens("num_new_tokens", num_new_tokens)
+        request = self._get(request_id)
+        new = request.num_tokens + num_new_tokens
+        num_pages = self._pages_for(new) - len(request.pages)
+        added: list[int] = []
+        if num_pages:
+            self._check_grow(request_id, new)
+            taken = self._take_bytes_for_pages(num_pages)
+            if taken is None:
+                self.stats.num_oom_events += 1
+                return None
+            added = taken
+            request.pages += added
+        request.num_tokens = new
+        self.stats.num_grows += 1
+        return added
+
+    def _take_bytes_for_pages(self, num_pages: int) -> list[int] | None:
+        """Take ``num_pages`` pages for a grow, or None (nothing taken) if short."""
+        need = num_pages * self._page_bytes
+        if self._used_bytes + need > self._budget:
+            return None
+        self._used_bytes += need
+        return self._take_pages(num_pages)
+
+    def free(self, request_id: int) -> None:
+        request = self._pop_live(request_id)
+        self._used_bytes -= len(request.pages) * self._page_bytes
+        self._free_pages += request.pages
+        if request.slot != NO_SLOT:
+            self._used_bytes -= self._slot_bytes
+            self._free_slots.append(request.slot)
+
+    def units(self, request_id: int) -> RequestUnits:
+        request = self._get(request_id)
+        return RequestUnits(request.slot, tuple(request.pages))
+
+    def usage(self) -> MemoryUsage:
+        """Capacity follows use exactly: each pool's capacity is what it uses, and the
+        free bytes stay unassigned, ready for either pool."""
+        num_pages = sum(len(r.pages) for r in self._live.values())
+        num_slots = sum(r.slot != NO_SLOT for r in self._live.values())
+        tokens = sum(r.num_tokens for r in self._live.values())
+        kv_used, state_used = num_pages * self._page_bytes, num_slots * self._slot_bytes
+        return MemoryUsage(
+            budget_bytes=self._budget,
+            kv_capacity_bytes=kv_used,
+            state_capacity_bytes=state_used,
+            kv_used_bytes=kv_used,
+            state_used_bytes=state_used,
+            kv_needed_bytes=tokens * self.geometry.kv_bytes_per_token,
+            state_needed_bytes=state_used,
+            num_requests=len(self._live),
+            num_pages_used=num_pages,
+            num_slots_used=num_slots,
+        )
+
+    def check_integrity(self) -> None:
+        self._check_requests()
+        pages = [p for r in self._live.values() for p in r.pages]
+        _check_stack(self._free_pages, pages, self._num_page_ids)
+        slots = [r.slot for r in self._live.values() if r.slot != NO_SLOT]
+        _check_stack(self._free_slots, slots, self._num_slot_ids)
+        used = len(pages) * self._page_bytes + len(slots) * self._slot_bytes
+        assert used == self._used_bytes, "byte count drifted"
+        assert used <= self._budget, "more bytes in use than the budget"
+        for request in self._live.values():
+            want = self._pages_for(request.num_tokens)
+            assert len(request.pages) == want, "pages do not match the request's tokens"
+
+
+def _check_stack(free: list[int], owned: list[int], num_units: int) -> None:
+    """Free and owned unit ids partition ``range(num_units)``."""
+    assert len(owned) == len(set(owned)), "a unit is owned twice"
+    assert len(free) == len(set(free)), "a unit is free twice"
+    assert not set(owned) & set(free), "a unit is both free and owned"
+    assert len(owned) + len(free) == num_units, "units are not conserved"
+    assert all(0 <= u < num_units for u in free), "a free unit is out of range"

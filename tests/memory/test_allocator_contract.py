@@ -1,0 +1,288 @@
+"""The contract every layout keeps, checked with the same calls on each: AVMP, its static
+split, vLLM's unified pool and the oracle, bookkeeping only and with a backing where one
+applies. `check_integrity` runs after every call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from hybrid_geometries import small_hybrid
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from avmp.memory.backing.host import HostBacking
+from avmp.memory.backing.shared_buffer import SharedBufferBacking
+from avmp.memory.registry import make_allocator
+from avmp.memory.requests import MAX_REMEMBERED_FREES
+from avmp.memory.spec import (
+    CacheAllocator,
+    DoubleFreeError,
+    DuplicateRequestError,
+    MemoryConfig,
+    RequestTooLargeError,
+    UnknownRequestError,
+)
+from avmp.memory.unified import unified_buffer_bytes
+from avmp.models.geometry import ModelGeometry
+
+MiB = 1 << 20
+Build = Callable[[ModelGeometry, MemoryConfig], CacheAllocator]
+
+
+def _plain(name: str) -> Build:
+    return lambda geometry, config: make_allocator(name, geometry, config)
+
+
+def _on_host(name: str) -> Build:
+    return lambda geometry, config: make_allocator(name, geometry, config, HostBacking())
+
+
+def _on_shared_buffer(geometry: ModelGeometry, config: MemoryConfig) -> CacheAllocator:
+    backing = SharedBufferBacking(unified_buffer_bytes(geometry, config))
+    return make_allocator("unified", geometry, config, backing)
+
+
+LAYOUTS: dict[str, Build] = {
+    "avmp": _plain("avmp"),
+    "avmp+host": _on_host("avmp"),
+    "static": _plain("static"),
+    "static+host": _on_host("static"),
+    "unified": _plain("unified"),
+    "unified+buffer": _on_shared_buffer,
+    "oracle": _plain("oracle"),
+}
+every_layout = pytest.mark.parametrize("layout", list(LAYOUTS))
+
+
+def build(layout: str, budget_mib: int = 4, geometry: ModelGeometry | None = None
+          ) -> CacheAllocator:  # fmt: skip
+    return LAYOUTS[layout](geometry or small_hybrid(), MemoryConfig(budget_mib * MiB))
+
+
+def snapshot(allocator: CacheAllocator) -> tuple[object, ...]:
+    ids = allocator.request_ids
+    return (
+        allocator.usage(),
+        ids,
+        [allocator.units(i) for i in ids],
+        [allocator.num_tokens(i) for i in ids],
+        allocator.stats.num_admits,
+        allocator.stats.num_grows,
+        allocator.stats.num_frees,
+    )
+
+
+def fill(allocator: CacheAllocator, num_tokens: int, first_id: int = 0) -> int:
+    count = 0
+    while allocator.admit(first_id + count, num_tokens) is not None:
+        count += 1
+        allocator.check_integrity()
+    return count
+
+
+@every_layout
+def test_admit_grow_free_round_trip(layout: str) -> None:
+    allocator = build(layout)
+    units = allocator.admit(7, 20)
+    allocator.check_integrity()
+    assert units is not None and allocator.units(7) == units
+    assert allocator.num_tokens(7) == 20 and allocator.request_ids == [7]
+    added = allocator.grow(7, 30)
+    allocator.check_integrity()
+    assert added is not None and allocator.units(7).pages == (*units.pages, *added)
+    assert allocator.num_tokens(7) == 50
+    allocator.free(7)
+    allocator.check_integrity()
+    assert allocator.request_ids == [] and allocator.usage().num_requests == 0
+    stats = allocator.stats
+    assert (stats.num_admits, stats.num_grows, stats.num_frees) == (1, 1, 1)
+
+
+@every_layout
+def test_misuse_raises_clear_errors_and_changes_nothing(layout: str) -> None:
+    allocator = build(layout)
+    allocator.admit(1, 10)
+    before = snapshot(allocator)
+    with pytest.raises(DuplicateRequestError):
+        allocator.admit(1, 10)
+    for call in (lambda: allocator.grow(2, 1), lambda: allocator.units(2),
+                 lambda: allocator.num_tokens(2)):  # fmt: skip
+        with pytest.raises(UnknownRequestError, match="not live"):
+            call()
+    with pytest.raises(UnknownRequestError, match="never admitted or already freed"):
+        allocator.free(2)
+    allocator.check_integrity()
+    assert snapshot(allocator) == before
+    allocator.free(1)
+    with pytest.raises(DoubleFreeError, match="already freed"):
+        allocator.free(1)
+    with pytest.raises(UnknownRequestError) as grown:
+        allocator.grow(1, 1)
+    assert not isinstance(grown.value, DoubleFreeError)  # a grow is not a free
+    assert allocator.admit(1, 10) is not None  # a preempted request may come back
+    allocator.free(1)
+    allocator.check_integrity()
+    assert allocator.request_ids == []
+
+
+@every_layout
+@pytest.mark.parametrize("tokens", [0, -3])
+def test_token_counts_below_one_are_refused_everywhere(layout: str, tokens: int) -> None:
+    allocator = build(layout)
+    allocator.admit(1, 10)
+    before = snapshot(allocator)
+    with pytest.raises(ValueError, match="num_tokens must be positive"):
+        allocator.admit(2, tokens)
+    with pytest.raises(ValueError, match="num_new_tokens must be positive"):
+        allocator.grow(1, tokens)
+    allocator.check_integrity()
+    assert snapshot(allocator) == before
+
+
+@every_layout
+@pytest.mark.parametrize("bad", [1.0, 2.5, True, "3", None])
+def test_ids_and_token_counts_must_be_ints(layout: str, bad: object) -> None:
+    allocator = build(layout)
+    allocator.admit(1, 10)
+    before = snapshot(allocator)
+    with pytest.raises(TypeError, match="request_id must be an int"):
+        allocator.admit(bad, 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        allocator.admit(2, bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="num_new_tokens must be an int"):
+        allocator.grow(1, bad)  # type: ignore[arg-type]
+    calls: list[Callable[[], object]] = [
+        lambda: allocator.free(bad),  # type: ignore[arg-type]
+        lambda: allocator.units(bad),  # type: ignore[arg-type]
+        lambda: allocator.num_tokens(bad),  # type: ignore[arg-type]
+        lambda: allocator.grow(bad, 1),  # type: ignore[arg-type]
+    ]
+    for call in calls:  # 1.0 == 1: a lookup before the check would reach request 1
+        with pytest.raises(TypeError, match="request_id must be an int"):
+            call()
+    allocator.check_integrity()
+    assert snapshot(allocator) == before
+
+
+@every_layout
+def test_requests_larger_than_memory_raise(layout: str) -> None:
+    allocator = build(layout, budget_mib=4)
+    too_many = 1_000_000
+    assert not allocator.fits_alone(too_many) and allocator.fits_alone(1)
+    with pytest.raises(RequestTooLargeError):
+        allocator.admit(1, too_many)
+    allocator.admit(1, 1)
+    before = snapshot(allocator)
+    with pytest.raises(RequestTooLargeError):
+        allocator.grow(1, too_many)
+    allocator.check_integrity()
+    assert snapshot(allocator) == before
+
+
+@every_layout
+def test_running_out_is_none_counted_and_changes_nothing(layout: str) -> None:
+    allocator = build(layout, budget_mib=4)
+    count = fill(allocator, 100)
+    assert count > 0 and allocator.stats.num_oom_events == 1  # the fill's last try
+    before = snapshot(allocator)
+    assert allocator.admit(count, 100) is None
+    assert allocator.fits_alone(2000)
+    assert allocator.grow(0, 2000 - 100) is None  # fits alone, not now
+    allocator.check_integrity()
+    assert snapshot(allocator) == before
+    assert allocator.stats.num_oom_events == 3
+    allocator.free(0)
+    assert allocator.admit(count, 100) is not None
+
+
+@every_layout
+def test_freeing_everything_restores_the_empty_state(layout: str) -> None:
+    allocator = build(layout, budget_mib=8)
+    count = fill(allocator, 300)
+    full = allocator.usage()
+    for request_id in range(count):
+        allocator.free(request_id)
+        allocator.check_integrity()
+    assert allocator.usage().num_requests == 0 and allocator.usage().used_bytes == 0
+    assert fill(allocator, 300, first_id=count) == count
+    assert allocator.usage() == full
+
+
+@every_layout
+def test_freed_ids_are_remembered_for_a_window_only(layout: str) -> None:
+    """A long-running server frees ids forever: only the recent ones are kept, so a free
+    long ago reads as 'not live' while a free just now is still a double free."""
+    allocator = build(layout)
+    for request_id in range(MAX_REMEMBERED_FREES + 10):
+        allocator.admit(request_id, 1)
+        allocator.free(request_id)
+    with pytest.raises(UnknownRequestError) as old:
+        allocator.free(0)
+    assert not isinstance(old.value, DoubleFreeError)
+    with pytest.raises(DoubleFreeError):
+        allocator.free(MAX_REMEMBERED_FREES + 9)
+    allocator.check_integrity()
+
+
+# ------------------------------------------------------------- random call sequences
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["admit", "grow", "free"]), st.integers(0, 11), st.integers(1, 600)),
+    max_size=60,
+)
+
+
+def _replay(allocator: CacheAllocator, ops: list[tuple[str, int, int]]) -> list[object]:
+    """Drive the allocator, checking invariants and a token model after every call."""
+    tokens: dict[int, int] = {}
+    decisions: list[object] = []
+    for op, request_id, amount in ops:
+        live = request_id in tokens
+        if op == "admit" and not live and allocator.fits_alone(amount):
+            result: object = allocator.admit(request_id, amount)
+            if result is not None:
+                tokens[request_id] = amount
+        elif op == "grow" and live and allocator.fits_alone(tokens[request_id] + amount):
+            result = allocator.grow(request_id, amount)
+            if result is not None:
+                tokens[request_id] += amount
+        elif op == "free" and live:
+            result = allocator.free(request_id)
+            del tokens[request_id]
+        else:
+            continue
+        decisions.append(result)
+        allocator.check_integrity()
+        assert sorted(allocator.request_ids) == sorted(tokens)
+        assert all(allocator.num_tokens(i) == n for i, n in tokens.items())
+        usage = allocator.usage()
+        assert usage.kv_used_bytes <= usage.kv_capacity_bytes
+        assert usage.state_used_bytes <= usage.state_capacity_bytes
+        assert usage.used_bytes >= usage.needed_bytes
+        assert usage.unassigned_bytes >= 0
+    return decisions
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=_OPS,
+    layout=st.sampled_from(list(LAYOUTS)),
+    num_attention=st.integers(0, 3),
+    num_recurrent=st.integers(0, 5),
+    budget_mib=st.integers(2, 6),
+)
+def test_random_sequences_keep_invariants_and_are_deterministic(
+    ops: list[tuple[str, int, int]],
+    layout: str,
+    num_attention: int,
+    num_recurrent: int,
+    budget_mib: int,
+) -> None:
+    if num_attention + num_recurrent == 0:
+        num_recurrent = 1
+    if layout.startswith("unified") and num_attention > num_recurrent:
+        num_recurrent = num_attention  # several vLLM attention groups: not placeable
+    geometry = small_hybrid(num_attention, num_recurrent, d_inner=512)
+    first = _replay(build(layout, budget_mib, geometry), ops)
+    assert _replay(build(layout, budget_mib, geometry), ops) == first

@@ -1,0 +1,107 @@
+"""The static layout: the AVMP manager with SGLang's split fixed at start-up
+(`fixed_state_fraction`), nothing migrating afterwards."""
+
+from __future__ import annotations
+
+import pytest
+from hybrid_geometries import jamba_mini, pure_attention, pure_recurrent, small_hybrid
+
+from avmp.memory.address_space import units_for_chunks
+from avmp.memory.backing.host import HostBacking
+from avmp.memory.manager import AvmpManager
+from avmp.memory.registry import make_allocator, static_state_fraction
+from avmp.memory.spec import CacheAllocator, MemoryConfig, PoolKind, RequestTooLargeError
+
+MiB = 1 << 20
+GiB = 1 << 30
+KV, STATE = PoolKind.KV, PoolKind.STATE
+
+
+def fill(allocator: CacheAllocator, num_tokens: int) -> int:
+    count = 0
+    while allocator.admit(count, num_tokens) is not None:
+        count += 1
+    allocator.check_integrity()
+    return count
+
+
+def static(geometry: object, budget: int, **options: float) -> AvmpManager:
+    allocator = make_allocator("static", geometry, MemoryConfig(budget), **options)  # type: ignore[arg-type]
+    assert isinstance(allocator, AvmpManager) and allocator.name == "static"
+    return allocator
+
+
+def test_static_split_follows_sglang_ratio_in_whole_chunks() -> None:
+    geometry = jamba_mini()
+    assert static_state_fraction(geometry) == pytest.approx(0.9 / 1.9)
+    assert static_state_fraction(geometry, mamba_full_memory_ratio=1.0) == 0.5
+    assert static_state_fraction(geometry, state_fraction=0.3) == 0.3
+    allocator = static(geometry, 12 * GiB)
+    chunks = 12 * GiB // (2 * MiB)
+    state_chunks = round(chunks * 0.9 / 1.9)
+    slot, page = geometry.state_bytes_per_request, 16 * geometry.kv_bytes_per_token
+    assert allocator.num_units(STATE) == units_for_chunks(state_chunks, slot, 2 * MiB)
+    assert allocator.num_units(KV) == units_for_chunks(chunks - state_chunks, page, 2 * MiB)
+    exact_slots = int(12 * GiB * 0.9 / 1.9) // slot  # SGLang's byte-exact split
+    assert exact_slots - 1 <= allocator.num_units(STATE) <= exact_slots + 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"state_fraction": 0.0},
+        {"state_fraction": 1.0},
+        {"mamba_full_memory_ratio": 0.0},
+        {"state_fraction": 0.5, "mamba_full_memory_ratio": 1.0},
+        {"ratio": 0.5},
+    ],
+)
+def test_static_rejects_bad_split(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        static(jamba_mini(), 1 * GiB, **options)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_manager_rejects_a_fixed_fraction_outside_0_1(fraction: float) -> None:
+    with pytest.raises(ValueError, match="fixed_state_fraction"):
+        AvmpManager(jamba_mini(), MemoryConfig(1 * GiB), fixed_state_fraction=fraction)
+
+
+def test_static_split_never_migrates_and_refuses_when_its_pool_is_full() -> None:
+    geometry = small_hybrid(2, 6, d_inner=512)
+    manager = AvmpManager(geometry, MemoryConfig(8 * MiB), HostBacking(), fixed_state_fraction=0.25)
+    assert manager.name == "static"
+    assert len(manager.pool_chunks(STATE)) == 1  # 25% of 4 chunks
+    assert len(manager.pool_chunks(KV)) == 3 and manager.reserve_chunks() == []
+    slots = manager.num_units(STATE)
+    for request_id in range(slots):
+        assert manager.admit(request_id, 1) is not None
+    assert manager.num_free_units(KV) > 0
+    assert manager.admit(slots, 1) is None  # KV is free, but the state pool is full
+    assert manager.stats.num_oom_events == 1
+    assert manager.stats.num_migrations == 0 and manager.events == []
+    manager.check_integrity()
+
+
+def test_static_full_kv_pool_stops_admission_while_slots_are_free() -> None:
+    allocator = static(jamba_mini(), 1 * GiB, state_fraction=0.9)
+    admitted = fill(allocator, 4096)
+    assert admitted == allocator.num_units(KV) // 256 < allocator.num_units(STATE)
+    assert allocator.usage().num_pages_used == admitted * 256
+
+
+def test_static_single_kind_models_give_the_whole_budget_to_it() -> None:
+    assert static_state_fraction(pure_recurrent()) == 1.0
+    assert static_state_fraction(pure_attention()) == 0.0
+    allocator = static(pure_recurrent(), 64 * MiB)
+    assert allocator.num_units(KV) == 0 and fill(allocator, 100) == allocator.num_units(STATE)
+    allocator = static(pure_attention(), 64 * MiB)
+    assert allocator.pool_chunks(STATE) == [] and fill(allocator, 16) == allocator.num_units(KV)
+
+
+def test_static_split_too_small_for_one_slot_rejects_everything() -> None:
+    manager = static(small_hybrid(2, 6, d_inner=512), 4 * MiB, state_fraction=0.01)
+    assert manager.num_units(STATE) == 0
+    assert not manager.fits_alone(1)
+    with pytest.raises(RequestTooLargeError):
+        manager.admit(0, 1)
