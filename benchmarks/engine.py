@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avmp.engine.engine import Engine
+from avmp.engine.engine import Engine, EngineConfig
 from avmp.engine.fast_runner import FastModelRunner
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
@@ -60,6 +60,7 @@ from avmp.engine.profile import StepRecord
 from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
 from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
+from avmp.units import parse_bytes
 from benchmarks.common import copy_bytes_per_s, read_result, write_result
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
@@ -202,8 +203,11 @@ def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[
     than ``--mixed-memory`` holds at once, so requests finish at different steps and the
     waiting ones are admitted into running decode batches. Those mixed steps run eagerly
     (only pure decode steps replay CUDA graphs); the calibration needs them."""
-    engine = Engine(model, memory=args.mixed_memory, device="cuda", max_num_seqs=128,
-                    max_num_batched_tokens=args.max_batched_tokens, kernels="triton")  # fmt: skip
+    config = EngineConfig(
+        parse_bytes(args.mixed_memory), device="cuda", kernels="triton", max_num_seqs=128,
+        max_num_batched_tokens=args.max_batched_tokens,
+    )  # fmt: skip
+    engine = Engine(model, config)
     runner = engine.runner
     assert isinstance(runner, FastModelRunner)
     rng = np.random.default_rng(seed)
@@ -527,15 +531,15 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
     config = transformers_config(name)
     model = build_model(config, device)
     num_params = sum(p.numel() for p in model.parameters())
-    engine = Engine(
-        model,
-        memory=args.memory,
+    config = EngineConfig(
+        memory_bytes=parse_bytes(args.memory),
         device="cuda",
+        kernels="triton",
         block_size=16,
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.max_batched_tokens,
-        kernels="triton",
     )
+    engine = Engine(model, config)
     result: dict[str, Any] = {
         "model": name,
         "num_params": num_params,

@@ -100,19 +100,19 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
     """The engine over the whole trace on one layout; its figures and pool timeline."""
     import torch
 
-    from avmp.engine.engine import Engine
+    from avmp.engine.engine import Engine, EngineConfig
     from avmp.engine.fast_runner import FastModelRunner
-    from avmp.memory.backing.cuda_vmm import CudaVmmBacking
+    from avmp.units import parse_bytes
 
     on_gpu = args.device == "cuda"
     vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
-    backing = CudaVmmBacking() if vmm else None
-    engine = Engine(
-        model, memory=args.memory, backing=backing, device=args.device,
-        kernels="triton" if on_gpu else "reference",
+    config = EngineConfig(
+        memory_bytes=parse_bytes(args.memory), device=args.device,
+        kernels="triton" if on_gpu else "reference", allocator=allocator,
+        backing="cuda_vmm" if vmm else "torch",
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-        allocator=allocator,
     )  # fmt: skip
+    engine = Engine(model, config)
     runner = engine.runner
     profiled = isinstance(runner, FastModelRunner)  # the reference runner (CPU) has no profile
     rng = np.random.default_rng(args.seed)
@@ -177,12 +177,13 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
 def warm_up(args: argparse.Namespace, model: Any) -> None:
     """Compile every kernel variant once (chunked prefill, decode, mixed steps), so
     that no layout's timed run pays Triton's compilation."""
-    from avmp.engine.engine import Engine
+    from avmp.engine.engine import Engine, EngineConfig
 
     on_gpu = args.device == "cuda"
-    engine = Engine(model, memory="1GiB", device=args.device,
-                    kernels="triton" if on_gpu else "reference", max_num_seqs=16,
-                    max_num_batched_tokens=args.max_batched_tokens)  # fmt: skip
+    config = EngineConfig(1 << 30, device=args.device,
+                          kernels="triton" if on_gpu else "reference", max_num_seqs=16,
+                          max_num_batched_tokens=args.max_batched_tokens)  # fmt: skip
+    engine = Engine(model, config)
     rng = np.random.default_rng(args.seed + 1)
     vocab = engine.geometry.vocab_size
     lengths = [7, 300, 40, 1500, 12, 700, 3, 90] * 2

@@ -83,14 +83,15 @@ def kernel_table(runner: Any, work: list[Any]) -> dict[str, Any]:
 def profile_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import torch
 
-    from avmp.engine.engine import Engine
+    from avmp.engine.engine import Engine, EngineConfig
     from avmp.engine.fast_runner import FastModelRunner
     from avmp.engine.runner import SequenceWork
     from benchmarks.engine import build_model, transformers_config
 
     model = build_model(transformers_config(name), torch.device("cuda"))
-    engine = Engine(model, memory="8GiB", device="cuda", kernels="triton", max_num_seqs=256,
-                    max_num_batched_tokens=8192)  # fmt: skip
+    config = EngineConfig(8 << 30, device="cuda", kernels="triton", max_num_seqs=256,
+                          max_num_batched_tokens=8192)  # fmt: skip
+    engine = Engine(model, config)
     engine.warmup()
 
     def placed(request_id: int, new_tokens: int, context: int) -> SequenceWork:
