@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from avmp.memory.backing.host import HostBacking
 from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.registry import make_allocator
-from avmp.memory.requests import MAX_REMEMBERED_FREES
+from avmp.memory.requests import MAX_REMEMBERED_FREES, RecentFrees
 from avmp.memory.spec import (
     CacheAllocator,
     DoubleFreeError,
@@ -286,3 +286,15 @@ def test_random_sequences_keep_invariants_and_are_deterministic(
     geometry = small_hybrid(num_attention, num_recurrent, d_inner=512)
     first = _replay(build(layout, budget_mib, geometry), ops)
     assert _replay(build(layout, budget_mib, geometry), ops) == first
+
+
+def test_recent_frees_stay_bounded_and_forget_the_oldest() -> None:
+    frees = RecentFrees(limit=3)
+    for request_id in range(10):
+        frees.add(request_id)
+    assert len(frees) == 3 and 6 not in frees and all(i in frees for i in (7, 8, 9))
+    frees.discard(8)  # admitted again
+    frees.add(10)
+    frees.add(8)  # freed again: the stale entry for 8 must not evict the new one
+    frees.add(11)
+    assert 8 in frees and 7 not in frees and len(frees) <= 3

@@ -5,6 +5,7 @@ that the list-based layouts (unified, oracle) share.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NoReturn
 
 from avmp.memory.spec import (
@@ -40,19 +41,23 @@ def check_num_tokens(what: str, num_tokens: object) -> None:
 
 
 class RecentFrees:
-    """The ids of the last `MAX_REMEMBERED_FREES` frees, oldest first.
+    """The ids of the last `MAX_REMEMBERED_FREES` frees.
 
     A long-running server frees millions of ids; remembering all of them would leak.
     A bounded window still names the common mistake (freeing twice in a row) as a
     `DoubleFreeError`; an id freed long ago is reported as not live, like one never seen.
-    A dict keeps insertion order, so the oldest entry is the first one.
+    ``_ids`` maps an id to the stamp of its latest free; ``_order`` lists ``(id, stamp)``
+    oldest first, so forgetting the oldest is O(1) and an entry whose id was admitted
+    again (or freed again later) is simply stale.
     """
 
-    __slots__ = ("_ids", "_limit")
+    __slots__ = ("_ids", "_order", "_limit", "_stamp")
 
     def __init__(self, limit: int = MAX_REMEMBERED_FREES) -> None:
-        self._ids: dict[int, None] = {}
+        self._ids: dict[int, int] = {}
+        self._order: deque[tuple[int, int]] = deque()
         self._limit = limit
+        self._stamp = 0
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -61,10 +66,14 @@ class RecentFrees:
         return request_id in self._ids
 
     def add(self, request_id: int) -> None:
-        ids = self._ids
-        ids[request_id] = None
-        if len(ids) > self._limit:
-            del ids[next(iter(ids))]
+        self._stamp += 1
+        self._ids[request_id] = self._stamp
+        order = self._order
+        order.append((request_id, self._stamp))
+        if len(order) > self._limit:
+            oldest, stamp = order.popleft()
+            if self._ids.get(oldest) == stamp:
+                del self._ids[oldest]
 
     def discard(self, request_id: int) -> None:
         """Forget an id that is admitted again (preemption by recompute re-admits it)."""

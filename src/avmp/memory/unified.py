@@ -253,38 +253,65 @@ class UnifiedAllocator(RequestTable):
         group = self._group_of(block)
         return group >= 0 and self._group_free[group] == self._run
 
-    def _take_block(self) -> int:
-        """The lowest hole, else the lowest block of the lowest whole group (the caller
-        checked that a block is free)."""
-        block = self._holes.find(1)
-        if block < 0:
-            block = self._whole.find(1) * self._run
-        self._mark(block, taken=True)
-        return block
+    def _take_blocks(self, num_blocks: int) -> list[int]:
+        """The lowest holes, breaking the lowest whole group only when no hole is left
+        (the caller checked that enough blocks are free). The maps are updated inline:
+        a Python call per block would double the cost of an admission."""
+        is_free, holes, whole, group_free, run = (
+            self._is_free, self._holes, self._whole, self._group_free, self._run
+        )
+        taken: list[int] = []
+        for _ in range(num_blocks):
+            block = holes.find(1)
+            if block < 0:  # break the lowest whole group: its free blocks become holes
+                group = whole.find(1)
+                whole[group] = 0
+                block = group * run
+                holes[block : block + run] = is_free[block : block + run]
+            is_free[block] = 0
+            holes[block] = 0
+            if run and block // run < len(group_free):
+                group_free[block // run] -= 1
+            taken.append(block)
+        self._num_free -= num_blocks
+        return taken
 
-    def _mark(self, block: int, *, taken: bool) -> None:
-        """Flip one block, keeping the free counts and both maps current."""
-        self._is_free[block] = 0 if taken else 1
-        self._num_free += -1 if taken else 1
-        group = self._group_of(block)
-        if group < 0:
-            self._holes[block] = 0 if taken else 1
-            return
+    def _release_blocks(self, blocks: list[int]) -> None:
+        """Free attention blocks; a group that becomes whole again loses its holes."""
+        is_free, holes, whole, group_free, run = (
+            self._is_free, self._holes, self._whole, self._group_free, self._run
+        )
+        num_groups = len(group_free)
+        for block in blocks:
+            is_free[block] = 1
+            group = block // run if run else num_groups
+            if group < num_groups:
+                group_free[group] += 1
+                if group_free[group] == run:
+                    whole[group] = 1
+                    holes[group * run : (group + 1) * run] = bytes(run)
+                    continue
+            holes[block] = 1
+        self._num_free += len(blocks)
+
+    def _take_run(self, group: int) -> list[int]:
+        """Take the wholly free ``group`` as one request's state run. A whole group has
+        no holes and a run fills its group, so a few slice stores keep every map current
+        (a loop over its blocks would cost a Python step each)."""
         run = self._run
-        blocks = slice(group * run, (group + 1) * run)
-        if taken:
-            self._holes[block] = 0
-            if self._group_free[group] == run:  # a broken group's free blocks become holes
-                self._whole[group] = 0
-                self._holes[blocks] = self._is_free[blocks]
-            self._group_free[group] -= 1
-        else:
-            self._group_free[group] += 1
-            if self._group_free[group] == run:
-                self._whole[group] = 1
-                self._holes[blocks] = bytes(run)
-            else:
-                self._holes[block] = 1
+        self._is_free[group * run : (group + 1) * run] = bytes(run)
+        self._whole[group] = 0
+        self._group_free[group] = 0
+        self._num_free -= run
+        return list(range(group * run, (group + 1) * run))
+
+    def _release_run(self, group: int) -> None:
+        """Give a state run back: its group is wholly free again, still without holes."""
+        run = self._run
+        self._is_free[group * run : (group + 1) * run] = b"\x01" * run
+        self._whole[group] = 1
+        self._group_free[group] = run
+        self._num_free += run
 
     # -- the allocator interface ----------------------------------------------------
 
@@ -301,10 +328,8 @@ class UnifiedAllocator(RequestTable):
                 self.stats.num_oom_events += 1
                 self.num_placement_failures += 1
                 return None
-            run = list(range(group * self._run, (group + 1) * self._run))
-            for block in run:
-                self._mark(block, taken=True)
-        blocks = [self._take_block() for _ in range(num_blocks)]
+            run = self._take_run(group)
+        blocks = self._take_blocks(num_blocks)
         request = _Placed(num_tokens, group, run, blocks, self._kernel_pages(blocks))
         self._admitted(request_id, request)
         return self.units(request_id)
@@ -319,7 +344,7 @@ class UnifiedAllocator(RequestTable):
         if extra > self._num_free:
             self.stats.num_oom_events += 1
             return None
-        added = [self._take_block() for _ in range(extra)]
+        added = self._take_blocks(extra)
         kernel_pages = self._kernel_pages(added)
         request.pages += added
         request.kernel_pages += kernel_pages
@@ -329,8 +354,9 @@ class UnifiedAllocator(RequestTable):
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
-        for block in (*request.pages, *request.state_blocks):
-            self._mark(block, taken=False)
+        self._release_blocks(request.pages)
+        if request.slot != NO_SLOT:
+            self._release_run(request.slot)
 
     def _kernel_pages(self, blocks: list[int]) -> list[int]:
         k = self._pages_per_block
