@@ -141,7 +141,8 @@ class AvmpManager(CacheAllocator):
         return RequestUnits(slot, tuple(pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        check_num_tokens("num_new_tokens", num_new_tokens)
+        if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
+            check_num_tokens("num_new_tokens", num_new_tokens)
         request = self._live(request_id)
         num_tokens = request.num_tokens + num_new_tokens
         num_new_pages = 0
@@ -254,7 +255,8 @@ class AvmpManager(CacheAllocator):
     # -- finding room ---------------------------------------------------------------
 
     def _live(self, request_id: int) -> _Request:
-        check_request_id(request_id)  # before the lookup: 1.0 == 1 would find request 1
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
         request = self._requests.get(request_id)
         if request is None:
             raise self._freed.not_live(request_id)

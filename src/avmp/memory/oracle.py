@@ -69,7 +69,8 @@ class OracleAllocator(RequestTable):
         return RequestUnits(slot, tuple(pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        check_num_tokens("num_new_tokens", num_new_tokens)
+        if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
+            check_num_tokens("num_new_tokens", num_new_tokens)
         request = self._get(request_id)
         new = request.num_tokens + num_new_tokens
         num_pages = self._pages_for(new) - len(request.pages)

@@ -127,7 +127,8 @@ class RequestTable(CacheAllocator):
             )
 
     def _get(self, request_id: int) -> LiveRequest:
-        check_request_id(request_id)  # before the lookup: 1.0 == 1 would find request 1
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
         request = self._live.get(request_id)
         if request is None:
             raise self._freed.not_live(request_id)

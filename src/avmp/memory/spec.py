@@ -141,8 +141,9 @@ class RequestUnits:
 class MemoryUsage:
     """A snapshot of how the budget is used.
 
-    ``*_capacity_bytes``: bytes backing each pool (mapped chunks for AVMP, the fixed
-    partition for the baselines). ``*_used_bytes``: bytes of units handed out, padding
+    ``*_capacity_bytes``: bytes backing each pool (the chunks each pool owns for AVMP and
+    its static split; for unified, the blocks holding state and the rest; for the
+    oracle, what is used). ``*_used_bytes``: bytes of units handed out, padding
     included. ``*_needed_bytes``: the exact bytes the live requests need.
     """
 

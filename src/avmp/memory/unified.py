@@ -335,7 +335,8 @@ class UnifiedAllocator(RequestTable):
         return self.units(request_id)
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
-        check_num_tokens("num_new_tokens", num_new_tokens)
+        if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
+            check_num_tokens("num_new_tokens", num_new_tokens)
         request = self._placed(request_id)
         new_tokens = request.num_tokens + num_new_tokens
         extra = self._blocks_for(new_tokens) - len(request.pages)
@@ -344,10 +345,12 @@ class UnifiedAllocator(RequestTable):
         if extra > self._num_free:
             self.stats.num_oom_events += 1
             return None
-        added = self._take_blocks(extra)
-        kernel_pages = self._kernel_pages(added)
-        request.pages += added
-        request.kernel_pages += kernel_pages
+        kernel_pages: list[int] = []
+        if extra:  # most grows (decode steps) stay inside the last block
+            added = self._take_blocks(extra)
+            kernel_pages = self._kernel_pages(added)
+            request.pages += added
+            request.kernel_pages += kernel_pages
         request.num_tokens = new_tokens
         self.stats.num_grows += 1
         return kernel_pages
