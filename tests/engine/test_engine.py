@@ -99,10 +99,11 @@ def test_bad_settings_raise_value_error(tiny_checkpoint: Callable[..., TinyCheck
 
 def test_config_derives_the_memory_and_scheduler_configs_once() -> None:
     config = EngineConfig(8 * MiB, block_size=4, max_num_seqs=3, migration_batch_chunks=1)
-    memory = config.memory_config()
+    memory = config.memory_config
     assert (memory.budget_bytes, memory.block_size) == (8 * MiB, 4)
     assert memory.migration_batch_chunks == 1
-    assert config.scheduler_config().max_num_seqs == 3
+    assert config.scheduler_config.max_num_seqs == 3
+    assert config.memory_config is memory  # derived once
 
 
 def test_checkpoint_tokenizer_turns_text_into_text(

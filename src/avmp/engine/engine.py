@@ -23,6 +23,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -137,8 +138,7 @@ class EngineConfig:
             raise ValueError(f"backing 'cuda_vmm' needs a CUDA device, got {self.device!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
-        self.memory_config()
-        self.scheduler_config()
+        _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
 
     def torch_device(self) -> torch.device:
         """The device as torch names it.
@@ -154,12 +154,14 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         return device
 
+    @cached_property
     def memory_config(self) -> MemoryConfig:
         """How the allocator cuts the budget."""
         return MemoryConfig(
             self.memory_bytes, self.chunk_bytes, self.block_size, self.migration_batch_chunks
         )
 
+    @cached_property
     def scheduler_config(self) -> SchedulerConfig:
         """How the scheduler batches requests."""
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
@@ -277,7 +279,7 @@ class Engine:
         self.allocator, self.backing, cache_format = self._memory()
         self.views = PoolViews(build_views(self.backing, cache_format))
         self.runner = self._runner()
-        self.scheduler = Scheduler(self.allocator, config.scheduler_config())
+        self.scheduler = Scheduler(self.allocator, config.scheduler_config)
         self.stats = EngineStats()
         self._next_request_id = 0
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
@@ -353,7 +355,7 @@ class Engine:
         return allocator, backing, allocator.cache_format()
 
     def _memory_config(self) -> MemoryConfig:
-        return self.config.memory_config()
+        return self.config.memory_config
 
     # -- generation -----------------------------------------------------------------
 
