@@ -118,8 +118,10 @@ class AvmpManager(CacheAllocator):
     # -- the allocator interface ----------------------------------------------------
 
     def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
-        check_request_id(request_id)
-        check_num_tokens("num_tokens", num_tokens)
+        if type(request_id) is not int:  # the checks are called only on misuse
+            check_request_id(request_id)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_num_tokens("num_tokens", num_tokens)
         if request_id in self._requests:
             raise DuplicateRequestError(f"request {request_id} is already live")
         num_pages = ceil_div(num_tokens, self._block_size) if self._has_pages else 0
@@ -164,7 +166,8 @@ class AvmpManager(CacheAllocator):
         return new_pages
 
     def free(self, request_id: int) -> None:
-        check_request_id(request_id)  # before the lookup: 1.0 == 1 would find request 1
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
         request = self._requests.pop(request_id, None)
         if request is None:
             raise self._freed.not_live(request_id, freeing=True)

@@ -116,8 +116,10 @@ class RequestTable(CacheAllocator):
         self._freed = RecentFrees()
 
     def _check_new(self, request_id: int, num_tokens: int) -> None:
-        check_request_id(request_id)
-        check_num_tokens("num_tokens", num_tokens)
+        if type(request_id) is not int:  # the checks are called only on misuse
+            check_request_id(request_id)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_num_tokens("num_tokens", num_tokens)
         if request_id in self._live:
             raise DuplicateRequestError(f"request {request_id} is already live")
         if not self.fits_alone(num_tokens):
@@ -143,7 +145,8 @@ class RequestTable(CacheAllocator):
             )
 
     def _pop_live(self, request_id: int) -> LiveRequest:
-        check_request_id(request_id)
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
         request = self._live.pop(request_id, None)
         if request is None:
             raise self._freed.not_live(request_id, freeing=True)
