@@ -155,21 +155,56 @@ def test_mamba_ssm_hybrid_attention_layers() -> None:
 # ------------------------------------------------------------------ defaults
 
 
-@pytest.mark.parametrize(
-    "model_type, zoo_name", [("jamba", "jamba-v0.1"), ("qwen3_next", "qwen3-next-80b-a3b")]
-)
-def test_missing_keys_take_transformers_defaults(model_type: str, zoo_name: str) -> None:
-    # JambaConfig and Qwen3NextConfig defaults are those models' geometry.
-    bare = geometry_from_config({"model_type": model_type})
+# Keys that state a family convention, absent from a config, take transformers' default.
+CONVENTION_KEYS = {
+    "jamba-v0.1": ["mamba_d_conv", "mamba_expand", "mamba_d_state", "num_key_value_heads",
+                   "attn_layer_period", "attn_layer_offset", "mamba_dt_rank"],
+    "qwen3-next-80b-a3b": ["linear_conv_kernel_dim", "head_dim", "num_key_value_heads",
+                           "full_attention_interval", "layer_types"],
+}
+
+
+@pytest.mark.parametrize("zoo_name", sorted(CONVENTION_KEYS))
+def test_missing_convention_keys_take_transformers_defaults(zoo_name: str) -> None:
+    # JambaConfig's and Qwen3NextConfig's conventions are those models' values.
+    bare = geometry_from_config(_config(zoo_name, **dict.fromkeys(CONVENTION_KEYS[zoo_name])))
     zoo = resolve_model(zoo_name)
     assert bare.attention_layers == zoo.attention_layers
     assert bare.recurrent_layers == zoo.recurrent_layers
 
 
+REQUIRED = ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+            "intermediate_size"]
+
+
+@pytest.mark.parametrize("key", REQUIRED)
+@pytest.mark.parametrize("zoo_name", ["jamba-1.5-mini", "bamba-9b", "granite-4.0-h-tiny",
+                                      "falcon-h1-7b", "minimax-text-01"])
+def test_missing_size_is_named_with_the_file_not_defaulted(
+    zoo_name: str, key: str, tmp_path: Path
+) -> None:
+    """A size the model is defined by is never filled in from some other checkpoint
+    (the error would then quote a number the user never wrote)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_config(zoo_name, **{key: None})))
+    _raises(path, f"^{path}: missing key '{key}'$")
+
+
+@pytest.mark.parametrize(
+    "zoo_name, key",
+    [("nemotron-h-8b", "hidden_size"), ("nemotron-h-8b", "num_attention_heads"),
+     ("zamba2-2.7b", "vocab_size"), ("zamba2-2.7b", "num_attention_heads"),
+     ("qwen3-next-80b-a3b", "num_hidden_layers"), ("mamba2-2.7b", "n_layer")],
+)
+def test_missing_size_in_other_families(zoo_name: str, key: str) -> None:
+    _raises(_config(zoo_name, **{key: None}), f"missing key '{key}'")
+
+
 def test_name_defaults() -> None:
-    assert geometry_from_config({"model_type": "jamba"}).name == "config"
-    assert geometry_from_config({"model_type": "jamba", "_name_or_path": "ai21/x"}).name == "ai21/x"
-    assert geometry_from_config({"model_type": "jamba"}, name="mine").name == "mine"
+    config = _config("jamba-v0.1", _name_or_path=None)
+    assert geometry_from_config(config).name == "config"
+    assert geometry_from_config({**config, "_name_or_path": "ai21/x"}).name == "ai21/x"
+    assert geometry_from_config(config, name="mine").name == "mine"
 
 
 # ------------------------------------------------------------------ conv columns and dtypes
@@ -252,9 +287,31 @@ def test_inconsistent_layouts() -> None:
         _config("bamba-9b", mamba_d_head=32),
         r"mamba heads x head dim \(128 x 32\) != inner size 8192",
     )
-    _raises(_config("jamba-v0.1", num_attention_heads=3), "not a multiple of num_attention_heads 3")
+    _raises(
+        _config("jamba-v0.1", num_attention_heads=3, num_key_value_heads=1),
+        "not a multiple of num_attention_heads 3",
+    )
     _raises(_config("mamba2-2.7b", ssm_cfg={"layer": "Mamba1"}), "only Mamba2")
     _raises(_config("mamba2-2.7b", ssm_cfg=[1]), "'ssm_cfg' must be an object")
+
+
+@pytest.mark.parametrize(
+    "zoo_name, heads, kv_heads",
+    [("jamba-1.5-mini", 12, 5), ("falcon-h1-7b", 12, 8), ("granite-4.0-h-tiny", 12, 5),
+     ("qwen3-next-80b-a3b", 16, 3), ("zamba2-2.7b", 32, 5)],
+)
+def test_query_heads_must_be_a_multiple_of_kv_heads(zoo_name: str, heads: int,
+                                                    kv_heads: int) -> None:
+    changes: dict[str, Any] = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    if zoo_name == "jamba-1.5-mini":
+        changes["hidden_size"] = 12 * 256  # divisible, so the heads rule is what fails
+    _raises(
+        _config(zoo_name, **changes),
+        f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
+    )
+    config = _config("mamba2-2.7b", attn_layer_idx=[1], attn_cfg={"num_heads": 12,
+                                                                  "num_heads_kv": 5})
+    _raises(config, "attn_cfg: num_heads 12 is not a multiple of num_heads_kv 5")
 
 
 def test_bad_options() -> None:
@@ -283,8 +340,14 @@ def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"model_type": "nemotron_h"}))
     _raises(path, f"^{path}: missing key 'hybrid_override_pattern'$")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "hidden_size": -4}))
+    (tmp_path / "config.json").write_text(json.dumps(_config("jamba-v0.1", hidden_size=-4)))
     _raises(tmp_path, f"^{tmp_path / 'config.json'}: 'hidden_size' must be positive, got -4$")
+
+
+def test_binary_config_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(bytes(range(128, 256)))
+    _raises(path, f"malformed config {path}: not UTF-8 text")
 
 
 def test_load_config_round_trip(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avmp.bench.files import naming
 from avmp.bench.stats import (
     AVMP,
     PHASES,
@@ -368,11 +369,16 @@ def write_report(directory: str | Path) -> tuple[Path, Path]:
     drawn = figures(cells)
     (directory / "figures").mkdir(exist_ok=True)
     for fig in drawn:
-        (directory / "figures" / f"{fig.name}.png").write_bytes(fig.png)
+        _write(directory / "figures" / f"{fig.name}.png", fig.png)
     md_path, html_path = directory / "report.md", directory / "report.html"
-    md_path.write_text(_markdown(cells, tables, drawn))
-    html_path.write_text(_html(cells, tables, drawn))
+    _write(md_path, _markdown(cells, tables, drawn).encode())
+    _write(html_path, _html(cells, tables, drawn).encode())
     return md_path, html_path
+
+
+def _write(path: Path, data: bytes) -> None:
+    with naming(path):
+        path.write_bytes(data)
 
 
 def _markdown(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:

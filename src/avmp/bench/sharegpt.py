@@ -31,12 +31,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from avmp.bench.files import write_atomic
 
 TOKENIZER_FILE = "tekken_240911.json"
 RULES = ("vllm", "paper")
@@ -163,10 +164,7 @@ class LengthCache:
             "first_is_human": self.first_is_human,
             "tokens": {str(k): v for k, v in self.tokens.items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".sharegpt-", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, payload)
 
 
 def _cache_key(limit: int | None) -> str:
@@ -186,8 +184,8 @@ def load_length_cache(limit: int | None = None) -> LengthCache:
                 return LengthCache(
                     key, data["words"], data["num_turns"], data["first_is_human"], tokens
                 )
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: rebuild it below
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable or foreign cache: rebuild it below
     convs = read_conversations(limit).turns
     cache = LengthCache(
         key=key,

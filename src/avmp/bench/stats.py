@@ -38,14 +38,90 @@ Cell = dict[str, Any]
 
 
 def load_cells(directory: str | Path) -> list[Cell]:
-    """Every finished cell of a sweep directory (``DIR/cells/*.json``), sorted by id."""
+    """Every finished cell of a sweep directory (``DIR/cells/*.json``), sorted by id.
+
+    Raises:
+        FileNotFoundError: no ``DIR/cells`` folder.
+        ValueError: no cells, or a file that is not a cell (naming it).
+    """
     cells_dir = Path(directory) / "cells"
     if not cells_dir.is_dir():
         raise FileNotFoundError(f"no sweep results in {directory} (missing {cells_dir})")
-    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    cells = [read_cell(p) for p in sorted(cells_dir.glob("*.json"))]
     if not cells:
         raise ValueError(f"{cells_dir} holds no finished cells")
     return cells
+
+
+def read_cell(path: Path) -> Cell:
+    """One saved cell, checked to have every field the report reads.
+
+    Raises:
+        ValueError: not UTF-8 JSON, or not shaped like a cell; the message names the file.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a sweep cell (not UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}: not a sweep cell (malformed JSON: {error.msg} at line {error.lineno})"
+        ) from None
+    problem = cell_problem(record)
+    if problem is not None:
+        raise ValueError(f"{path}: not a sweep cell ({problem})")
+    cell: Cell = record
+    return cell
+
+
+_COORDINATE_TYPES: dict[str, type] = {
+    "workload": str,
+    "model": str,
+    "budget_bytes": int,
+    "profile": str,
+    "seed": int,
+    "allocator": str,
+    "cell_id": str,
+}
+_TIMELINE_FIELDS = ("t_s", "kv_used_bytes", "state_used_bytes")
+
+
+def cell_problem(record: Any) -> str | None:
+    """What makes ``record`` unlike a cell that `avmp.bench.sweep.run_cell` writes, in
+    a few words; None when nothing does. The report reads exactly these fields, so a
+    hand-edited or foreign file is caught here, by name, not deep inside a table."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [k for k in ("cell", "settings", "result") if not isinstance(record.get(k), dict)]
+    if missing:
+        return f"no {missing[0]!r} object"
+    for key, kind in _COORDINATE_TYPES.items():
+        value = record["cell"].get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"cell.{key} is {value!r}, not {'a string' if kind is str else 'an integer'}"
+    if not _is_number(record["settings"].get("num_requests")):
+        return "settings.num_requests is not a number"
+    return _result_problem(record["result"])
+
+
+def _result_problem(result: dict[str, Any]) -> str | None:
+    for key in _MEAN_FIELDS:
+        if not _is_number(result.get(key)):
+            return f"result.{key} is {result.get(key)!r}, not a number"
+    phases = result.get("phase_s")
+    if not isinstance(phases, dict) or not all(_is_number(v) for v in phases.values()):
+        return "result.phase_s is not an object of seconds"
+    timeline = result.get("timeline")
+    if not isinstance(timeline, list) or not all(
+        isinstance(p, dict) and all(_is_number(p.get(k)) for k in _TIMELINE_FIELDS)
+        for p in timeline
+    ):
+        return "result.timeline is not a list of points"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def coord(cell: Cell, key: str) -> Any:

@@ -18,11 +18,11 @@ or a Ray cluster (``ray_address``; `ray` is an optional extra, imported only the
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
-import os
+import math
 import re
-import tempfile
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from avmp.bench.files import write_atomic
+from avmp.bench.stats import read_cell
 from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
 from avmp.memory.registry import ALLOCATOR_NAMES as ALLOCATORS
 from avmp.sched.request import RequestSpec
@@ -38,6 +40,9 @@ from avmp.sim.timing import GPU_PROFILES
 from avmp.units import format_bytes
 
 PROFILES = tuple(GPU_PROFILES)
+# More cells than any evaluation needs (the paper grid has 1,440); a larger grid is a
+# typo in a list or a seed count, and would take days.
+MAX_CELLS = 100_000
 
 
 @dataclass(frozen=True, order=True)
@@ -110,6 +115,9 @@ class SweepGrid:
                 raise ValueError(f"a sweep needs at least one of {label}")
         if any(b <= 0 for b in self.budgets_bytes):
             raise ValueError("memory budgets must be positive")
+        num_cells = math.prod([*sizes.values(), len(self.workloads), len(self.profiles)])
+        if num_cells > MAX_CELLS:
+            raise ValueError(f"a sweep of {num_cells:,} cells is more than {MAX_CELLS:,}")
         if self.arrival is not None:
             parse_arrival(self.arrival)  # fails here, before any work
         if "avmp" not in self.allocators:
@@ -248,26 +256,21 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON so that ``path`` is either absent or complete, never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, sort_keys=True, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ResultStore:
-    """The ``cells/`` folder of a sweep directory: which cells are done, and saving new ones."""
+    """The ``cells/`` folder of a sweep directory: which cells are done, and saving new ones.
+
+    Attributes:
+        unreadable: saved cell files found not to be cells (corrupt, hand-edited, or of
+            another cell); their cells count as not done, and a rerun overwrites them.
+    """
 
     def __init__(self, directory: str | Path) -> None:
-        self.cells_dir = Path(directory) / "cells"
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+        self.cells_dir = directory / "cells"
         self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self.unreadable: list[Path] = []
         for stray in self.cells_dir.glob(".*.tmp"):
             stray.unlink()  # left by a killed run: the cell was not finished
 
@@ -275,7 +278,8 @@ class ResultStore:
         return self.cells_dir / f"{cell.cell_id}.json"
 
     def is_done(self, cell: CellSpec, settings: dict[str, Any]) -> bool:
-        """Whether ``cell`` already has a result with these settings.
+        """Whether ``cell`` already has a result with these settings (a file that is not
+        a cell, or holds another cell, is not done: it goes into `unreadable`).
 
         Raises:
             ValueError: the saved result was made with other settings (mixing them would
@@ -285,11 +289,14 @@ class ResultStore:
         if not path.exists():
             return False
         try:
-            saved = json.loads(path.read_text())
+            saved = read_cell(path)
         except ValueError:
-            path.unlink()  # unreadable (e.g. written by hand): run it again
+            self.unreadable.append(path)
             return False
-        saved_settings = saved.get("settings") or {}
+        if saved["cell"]["cell_id"] != cell.cell_id:
+            self.unreadable.append(path)
+            return False
+        saved_settings = saved["settings"]
         if saved_settings != settings:
             differ = sorted(
                 k
@@ -305,6 +312,16 @@ class ResultStore:
 
     def save(self, record: dict[str, Any]) -> None:
         write_atomic(self.cells_dir / f"{record['cell']['cell_id']}.json", record)
+
+    def note_unreadable(self) -> None:
+        """Say once, on stderr, which saved cells will be run again and why."""
+        if self.unreadable:
+            first = self.unreadable[0]
+            print(
+                f"note: {len(self.unreadable)} saved cell file(s) in {self.cells_dir} are not "
+                f"valid cells (first: {first.name}); running those cells again",
+                file=sys.stderr,
+            )
 
 
 def build_traces(
@@ -357,6 +374,7 @@ def run_sweep(
         raise ValueError(f"workers must be >= 1, got {workers}")
     store = ResultStore(directory)
     tasks = pending_tasks(grid, store, progress)
+    store.note_unreadable()
     total = len(grid.cells())
     with _progress_bar(progress, total, total - len(tasks)) as advance:
 
@@ -399,18 +417,27 @@ def _run_on_processes(
 def _run_on_ray(
     tasks: Sequence[CellTask], address: str, done: Callable[[dict[str, Any]], None]
 ) -> None:
+    """Run the tasks on the Ray cluster at ``address`` (anything `ray.init` takes:
+    ``HOST:PORT`` of a head node, ``auto``, ``ray://HOST:PORT``), one remote call per
+    cell, saving each result in the order they finish; disconnects afterwards unless
+    the caller had connected already."""
     try:
         import ray
     except ImportError:
         raise ValueError("--ray needs Ray: pip install 'avmp[ray]'") from None
+    connected_here = not ray.is_initialized()
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    remote_cell = ray.remote(run_cell)
-    pending = {remote_cell.remote(t): t for t in tasks}
-    while pending:
-        finished, _ = ray.wait(list(pending), num_returns=1)
-        for ref in finished:
-            done(ray.get(ref))
-            del pending[ref]
+    try:
+        remote_cell = ray.remote(run_cell)
+        pending = {remote_cell.remote(t): t for t in tasks}
+        while pending:
+            finished, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished:
+                done(ray.get(ref))
+                del pending[ref]
+    finally:
+        if connected_here:
+            ray.shutdown()
 
 
 @contextmanager

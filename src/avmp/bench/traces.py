@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -33,29 +34,68 @@ class TraceError(ValueError):
     """A trace file that cannot be read: the message names the file and line."""
 
 
-def _positive_int(value: object, what: str) -> int:
-    number = float(value)  # type: ignore[arg-type]
-    if number != int(number) or number < 0:
-        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-    return int(number)
+def _tokens(value: object, what: str) -> int:
+    """A token count: a whole number >= 0, written as a number or as digits (JSON
+    ``true`` is not 1 token; ``Infinity`` and ``NaN`` are no count at all)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str | float) and not isinstance(value, bool):
+        number = _whole_number(value)
+    else:
+        number = None
+    if number is None or number < 0:
+        raise ValueError(f"{what} must be a whole number >= 0, got {value!r}")
+    return number
+
+
+def _whole_number(value: str | float) -> int | None:
+    """``value`` as an int if it is one exactly (``"12"``, ``12.0``), else None."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return int(number) if math.isfinite(number) and number == int(number) else None
+
+
+def _seconds(value: object, what: str = "arrival time") -> float:
+    """A finite time in seconds (a NaN arrival would stall the simulated clock)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return seconds
+
+
+_JSONL_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, float, int, int]]:
-    with path.open() as handle:
+    with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object with {', '.join(_JSONL_FIELDS)}")
                 yield (
                     line_no,
-                    float(row["arrival_s"]),
-                    _positive_int(row["prompt_tokens"], "prompt_tokens"),
-                    _positive_int(row["output_tokens"], "output_tokens"),
+                    _seconds(row["arrival_s"], "arrival_s"),
+                    _tokens(row["prompt_tokens"], "prompt_tokens"),
+                    _tokens(row["output_tokens"], "output_tokens"),
                 )
             except KeyError as error:
                 raise TraceError(f"{path}:{line_no}: missing field {error.args[0]!r}") from None
-            except (ValueError, TypeError) as error:
+            except ValueError as error:
                 raise TraceError(f"{path}:{line_no}: {error}") from None
 
 
@@ -73,7 +113,7 @@ def _parse_datetime(text: str) -> float:
 def _csv_rows(
     path: Path, columns: tuple[str, str, str], parse_time: Callable[[str], float]
 ) -> Iterator[tuple[int, float, int, int]]:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in columns if c not in header]
@@ -85,14 +125,26 @@ def _csv_rows(
         for row in reader:
             line_no = reader.line_num
             try:
+                time_text, prompt_text, output_text = (_cell(row, c) for c in columns)
                 yield (
                     line_no,
-                    parse_time(row[columns[0]]),
-                    _positive_int(row[columns[1]], columns[1]),
-                    _positive_int(row[columns[2]], columns[2]),
+                    parse_time(time_text),
+                    _tokens(prompt_text, columns[1]),
+                    _tokens(output_text, columns[2]),
                 )
-            except (ValueError, TypeError, AttributeError) as error:
+            except ValueError as error:
                 raise TraceError(f"{path}:{line_no}: {error}") from None
+
+
+def _cell(row: dict[str, str | None], column: str) -> str:
+    value = row.get(column)
+    if value is None or not value.strip():
+        raise ValueError(f"no value in column {column}")
+    return value
+
+
+def _burstgpt_time(text: str) -> float:
+    return _seconds(text, "Timestamp")
 
 
 def _rows(path: Path, fmt: str) -> Iterator[tuple[int, float, int, int]]:
@@ -100,14 +152,14 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[int, float, int, int]]:
         return _jsonl_rows(path)
     if fmt == "azure":
         return _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), _parse_datetime)
-    return _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens"), float)
+    return _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens"), _burstgpt_time)
 
 
 def guess_format(path: Path) -> str:
     """``jsonl`` for .jsonl/.json, else the CSV flavour named by the header."""
     if path.suffix in (".jsonl", ".json"):
         return "jsonl"
-    with path.open() as handle:
+    with path.open(encoding="utf-8") as handle:
         header = handle.readline()
     if "ContextTokens" in header:
         return "azure"
@@ -120,13 +172,37 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     """Read a trace file into requests sorted by arrival, times from the first arrival.
 
     Raises:
-        TraceError: unknown format, malformed line, missing column, or no requests.
+        TraceError: unknown format, not a UTF-8 text file, malformed line, missing
+            column, a non-finite time, or no requests.
         FileNotFoundError: no such file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path}: is a directory, not a trace file")
     if not path.is_file():
         raise FileNotFoundError(f"no such trace file: {path}")
-    fmt = fmt or guess_format(path)
+    try:
+        rows = _read_rows(path, fmt or guess_format(path))
+    except UnicodeDecodeError as error:
+        raise TraceError(
+            f"{path}: not a UTF-8 text file ({error.reason}); expected {', '.join(FORMATS)}"
+        ) from None
+    except csv.Error as error:
+        raise TraceError(f"{path}: unreadable CSV: {error}") from None
+    rows.sort()
+    start = rows[0][0]
+    if not math.isfinite(rows[-1][0] - start):
+        raise TraceError(f"{path}: arrival times span more seconds than a float holds")
+    return [
+        RequestSpec(
+            request_id=i, arrival_s=arrival - start, prompt_tokens=prompt, output_tokens=output
+        )
+        for i, (arrival, _, prompt, output) in enumerate(rows)
+    ]
+
+
+def _read_rows(path: Path, fmt: str) -> list[tuple[float, int, int, int]]:
+    """(arrival, line, prompt, output) of every request of the file, in file order."""
     if fmt not in FORMATS:
         raise TraceError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
     rows = []
@@ -138,14 +214,7 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
         rows.append((arrival, line_no, prompt, output))
     if not rows:
         raise TraceError(f"{path}: empty trace (no requests)")
-    rows.sort()
-    start = rows[0][0]
-    return [
-        RequestSpec(
-            request_id=i, arrival_s=arrival - start, prompt_tokens=prompt, output_tokens=output
-        )
-        for i, (arrival, _, prompt, output) in enumerate(rows)
-    ]
+    return rows
 
 
 def write_jsonl(requests: list[RequestSpec], path: str | Path) -> None:

@@ -15,6 +15,7 @@ which differ per allocator and would make the traces differ between allocators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,8 @@ STEP_S = 0.020
 """Seconds of one "step" of the paper's arrival processes (see the module docstring)."""
 
 ARRIVAL_KINDS = ("burst", "steps", "poisson", "gamma")
+MIN_RATE = 1e-6  # requests/s: one request in about 12 days
+MAX_CV = 100.0
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,14 @@ class ArrivalProcess:
             raise ValueError(
                 f"unknown arrival kind {self.kind!r}; known: {', '.join(ARRIVAL_KINDS)}"
             )
-        if not self.rate > 0 or not np.isfinite(self.rate):
-            raise ValueError(f"arrival rate must be a positive number, got {self.rate}")
-        if not self.cv > 0:
-            raise ValueError(f"arrival cv must be positive, got {self.cv}")
+        # Bounds keep every gap and arrival time finite (a rate of 1e-308 would give
+        # infinite gaps, a cv of 1e200 a gamma shape of 0).
+        if not MIN_RATE <= self.rate < math.inf:
+            raise ValueError(
+                f"arrival rate must be a number of requests/s >= {MIN_RATE}, got {self.rate}"
+            )
+        if not 0 < self.cv <= MAX_CV:
+            raise ValueError(f"arrival cv must be in (0, {MAX_CV}], got {self.cv}")
         if not self.step_s > 0:
             raise ValueError(f"step_s must be positive, got {self.step_s}")
 

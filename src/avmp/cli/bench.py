@@ -14,13 +14,14 @@ import os
 import time
 from typing import Any
 
-from avmp.units import parse_bytes
+from avmp.cli import UserError, parse_budget
 
 DEFAULT_MODELS = ("jamba-1.5-mini", "granite-4.0-h-tiny", "nemotron-h-8b")
 DEFAULT_BUDGETS = ("1GiB", "4GiB", "8GiB", "12GiB")
 DEFAULT_PROFILES = ("rtx3060", "h100")
 DEFAULT_SEEDS = 3
 QUICK_REQUESTS = 48
+MAX_SEEDS = 1000
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -81,8 +82,9 @@ def build_grid(args: argparse.Namespace) -> Any:
     budgets = args.budgets or (("1GiB", "8GiB") if quick else DEFAULT_BUDGETS)
     profiles = args.profiles or (("h100",) if quick else DEFAULT_PROFILES)
     num_seeds = args.seeds if args.seeds is not None else (2 if quick else DEFAULT_SEEDS)
-    if num_seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {num_seeds}")
+    if not 1 <= num_seeds <= MAX_SEEDS:
+        raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {num_seeds}")
+    _check_workers(args.workers)
     workloads = args.workloads or tuple(PRESETS)
     num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
     if args.calibration is not None and not os.path.isfile(args.calibration):
@@ -92,7 +94,7 @@ def build_grid(args: argparse.Namespace) -> Any:
     return SweepGrid(
         workloads=tuple(workloads),
         models=tuple(models),
-        budgets_bytes=tuple(parse_bytes(b) for b in budgets),
+        budgets_bytes=tuple(parse_budget("--budgets", b) for b in budgets),
         profiles=tuple(profiles),
         seeds=tuple(range(num_seeds)),
         num_requests=num_requests,
@@ -100,6 +102,14 @@ def build_grid(args: argparse.Namespace) -> Any:
         arrival=args.arrival,
         calibration=args.calibration,
     )
+
+
+def _check_workers(workers: int) -> None:
+    """Local worker processes: at least one, and not so many that spawning them (each
+    imports numpy and the simulator) swamps the machine."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= workers <= most:
+        raise UserError(f"--workers must be between 1 and {most} (4 per CPU), got {workers}")
 
 
 def _check_model(name: str) -> None:
@@ -117,6 +127,8 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
     import sys
     from datetime import UTC, datetime
 
+    from avmp.bench.files import naming
+
     entry = {
         "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": ["avmp", "bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])],
@@ -130,7 +142,8 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
         "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
         "python": platform.python_version(),
     }
-    with open(os.path.join(args.out, "runs.jsonl"), "a") as handle:
+    path = os.path.join(args.out, "runs.jsonl")
+    with naming(path), open(path, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
 
 

@@ -10,11 +10,11 @@ import json
 import sys
 from typing import Any
 
-from avmp.cli import UserError
-from avmp.memory.planner import Plan, plan
+from avmp.cli import UserError, parse_budget, parse_size
+from avmp.memory.planner import MAX_PLANNED_REQUESTS, Plan, plan
 from avmp.memory.spec import MemoryConfig
-from avmp.models import resolve_model
-from avmp.units import format_bytes, parse_bytes
+from avmp.models import ModelGeometry, resolve_model
+from avmp.units import format_bytes
 
 SSM_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 COLUMNS = ("allocator", "requests", "vs oracle", "needed", "padding", "rounding", "unusable")
@@ -59,8 +59,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     """Validate every argument (each mistake is one clear line) and run the planner."""
     if args.memory is None:
         raise UserError("--memory is required, e.g. --memory 12GiB")
-    memory = _size("--memory", args.memory)
-    chunk = _size("--chunk", args.chunk)
+    memory = parse_budget("--memory", args.memory)
+    chunk = parse_size("--chunk", args.chunk)
     prompt = _tokens("--prompt", args.prompt, minimum=1)
     output = _tokens("--output", args.output, minimum=0)
     ssm_dtype = SSM_DTYPES.get(str(args.ssm_dtype).lower())
@@ -74,14 +74,20 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     except ValueError as error:
         raise UserError(f"--memory {args.memory} --chunk {args.chunk}: {error}") from None
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype)
+    _check_count(geometry, memory, prompt + output)
     return plan(geometry, config, prompt, output, options=options)
 
 
-def _size(flag: str, text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError as error:
-        raise UserError(f"{flag}: {error}") from None
+def _check_count(geometry: ModelGeometry, memory: int, num_tokens: int) -> None:
+    """Refuse, before filling any allocator, a plan that would admit more requests than
+    the planner counts (it admits them one by one, so the cost grows with the count)."""
+    most = memory // geometry.request_bytes(num_tokens)
+    if most > MAX_PLANNED_REQUESTS:
+        raise UserError(
+            f"about {most:,} requests of {num_tokens} tokens would fit in "
+            f"{format_bytes(memory)}, more than the {MAX_PLANNED_REQUESTS:,} the planner "
+            "counts; plan with less memory or longer requests"
+        )
 
 
 def _tokens(flag: str, text: str, minimum: int) -> int:

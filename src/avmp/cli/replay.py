@@ -7,7 +7,8 @@ import json
 import math
 from typing import Any
 
-from avmp.units import format_bytes, parse_bytes
+from avmp.cli import UserError, parse_budget
+from avmp.units import format_bytes
 
 COLUMNS = (
     "allocator",
@@ -49,34 +50,50 @@ def add_parser(subparsers: Any) -> None:
 
 
 def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the trace once per allocator; returns each allocator's result dict."""
-    from avmp.bench.sweep import ALLOCATORS, make_allocator
+    """Run the trace once per allocator; returns each allocator's result dict.
+
+    Raises:
+        UserError: a bad argument, or a trace none of whose requests fits in the
+            budget with any allocator (every row would say 0 completed).
+    """
+    from avmp.bench.sweep import make_allocator
     from avmp.bench.traces import read_trace
-    from avmp.cli import UserError
     from avmp.models.zoo import resolve_model
     from avmp.sim.simulator import SimConfig, simulate
 
-    budget = parse_bytes(args.memory)
-    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    budget = parse_budget("--memory", args.memory)
+    allocators = _allocators(args.allocators)
+    if args.calibration is not None:
+        with open(args.calibration):
+            pass  # a missing file (or a directory) is a one-line error, before any work
+    geometry = resolve_model(args.model)
+    requests = read_trace(args.trace, args.format)
+    config = SimConfig(profile=args.profile, calibration=args.calibration)
+    results = [
+        simulate(requests, make_allocator(a, geometry, budget), geometry, config).to_dict()
+        for a in allocators
+    ]
+    if all(r["num_completed"] == 0 for r in results):
+        smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
+        raise UserError(
+            f"{args.trace}: no request fits in {format_bytes(budget)} with any allocator "
+            f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
+            "token counts"
+        )
+    return results
+
+
+def _allocators(text: str) -> list[str]:
+    from avmp.bench.sweep import ALLOCATORS
+
+    allocators = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in allocators if a not in ALLOCATORS]
     if unknown or not allocators:
         raise UserError(
             f"unknown allocator {unknown[0] if unknown else '(none)'!r}; "
             f"known: {', '.join(ALLOCATORS)}"
         )
-    if args.calibration is not None:
-        with open(args.calibration):
-            pass  # a missing file is a one-line error, before any work
-    try:
-        geometry = resolve_model(args.model)
-    except KeyError as error:
-        raise UserError(str(error).strip("'\"")) from None
-    requests = read_trace(args.trace, args.format)
-    config = SimConfig(profile=args.profile, calibration=args.calibration)
-    return [
-        simulate(requests, make_allocator(a, geometry, budget), geometry, config).to_dict()
-        for a in allocators
-    ]
+    return allocators
 
 
 def _row(result: dict[str, Any], reference: float) -> list[str]:
@@ -106,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     reference = avmp[0]["request_throughput"] if avmp else math.nan
     print(
         f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
-        f"{format_bytes(parse_bytes(args.memory))}, profile {args.profile}"
+        f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
     return 0

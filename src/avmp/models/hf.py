@@ -1,9 +1,18 @@
 """Hugging Face ``config.json`` -> `ModelGeometry`.
 
 One reader per ``model_type``. Key names and defaults follow transformers' configuration
-classes (a key absent from a config takes the default its transformers class would give
-it; a key with no sensible default is an error that names it), so a geometry read here
-matches what transformers and vLLM would allocate for the same checkpoint.
+classes, so a geometry read here matches what transformers and vLLM would allocate for
+the same checkpoint. Two kinds of key:
+
+- required: the sizes that say which model this is (layer count, hidden size,
+  vocabulary, attention heads, MLP width). transformers' defaults for these are one
+  checkpoint's values, and every saved config.json writes them, so a config without one
+  is truncated or hand-written: a default would describe another model, and a later
+  error would quote a number the user never wrote. A missing one is an error naming
+  the key and the file.
+- conventions of the family (conv width, expand factor, groups, state size, KV heads =
+  query heads, ``head_dim`` = hidden / heads, layer periods): absent, they take the
+  default their transformers class would give them.
 
 Parameter counts are estimates from the config (linear layers, embeddings, experts;
 norms and biases are ignored): the step-time model needs weight bytes and active
@@ -255,14 +264,13 @@ def _attn_dims(
     cfg: _Config,
     hidden: int,
     *,
-    heads_default: int,
     kv_heads_default: int | None = None,
     head_dim_default: int | None = None,
 ) -> _AttnDims:
-    """Attention dims with the family's transformers defaults: KV heads default to the
-    query heads where the class default is None; ``head_dim`` falls back to
-    ``hidden / heads`` unless the class has its own default."""
-    num_heads = cfg.dim("num_attention_heads", heads_default)
+    """Attention dims with the family's transformers defaults: the query heads are
+    required; KV heads default to the query heads where the class default is None;
+    ``head_dim`` falls back to ``hidden / heads`` unless the class has its own default."""
+    num_heads = cfg.dim("num_attention_heads")
     num_kv_heads = cfg.dim("num_key_value_heads", kv_heads_default or num_heads)
     if cfg.has("head_dim") or head_dim_default is not None:
         head_dim = cfg.dim("head_dim", head_dim_default)
@@ -272,17 +280,31 @@ def _attn_dims(
                 f"hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}"
             )
         head_dim = hidden // num_heads
-    return _AttnDims(num_heads, num_kv_heads, head_dim)
+    return _checked_attn(cfg, _AttnDims(num_heads, num_kv_heads, head_dim))
 
 
-def _base(
-    cfg: _Config, family: str, *, layers_default: Any, hidden_default: Any, vocab_default: Any
-) -> _Build:
+def _checked_attn(
+    cfg: _Config,
+    dims: _AttnDims,
+    keys: tuple[str, str] = ("num_attention_heads", "num_key_value_heads"),
+) -> _AttnDims:
+    """Grouped-query attention shares each KV head among an equal number of query heads
+    (every family here repeats KV heads ``heads / kv_heads`` times), so the query heads
+    must be a multiple of the KV heads."""
+    if dims.num_heads % dims.num_kv_heads:
+        raise cfg.fail(
+            f"{keys[0]} {dims.num_heads} is not a multiple of {keys[1]} {dims.num_kv_heads}"
+        )
+    return dims
+
+
+def _base(cfg: _Config, family: str) -> _Build:
+    """The required sizes every family reader starts from."""
     return _Build(
         family=family,
-        num_layers=cfg.dim("num_hidden_layers", layers_default),
-        hidden_size=cfg.dim("hidden_size", hidden_default),
-        vocab_size=cfg.dim("vocab_size", vocab_default),
+        num_layers=cfg.dim("num_hidden_layers"),
+        hidden_size=cfg.dim("hidden_size"),
+        vocab_size=cfg.dim("vocab_size"),
     )
 
 
@@ -304,9 +326,9 @@ def _add_embeddings(build: _Build, cfg: _Config, tied_default: bool) -> None:
 def _jamba(cfg: _Config, opt: _Options) -> _Build:
     """Jamba: Mamba1 mixers, attention every ``attn_layer_period``-th layer from an offset,
     MoE MLP every ``expert_layer_period``-th layer from an offset."""
-    b = _base(cfg, "jamba", layers_default=32, hidden_default=4096, vocab_default=65536)
+    b = _base(cfg, "jamba")
     h = b.hidden_size
-    attn = _attn_dims(cfg, h, heads_default=32, kv_heads_default=8)
+    attn = _attn_dims(cfg, h, kv_heads_default=8)
     d_inner = cfg.dim("mamba_expand", 2) * h
     d_state, d_conv = cfg.dim("mamba_d_state", 16), cfg.dim("mamba_d_conv", 4)
     dt_rank_raw = cfg.value("mamba_dt_rank", "auto")
@@ -314,7 +336,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
     attn_period, attn_offset = cfg.dim("attn_layer_period", 8), cfg.count("attn_layer_offset", 4)
     exp_period, exp_offset = cfg.dim("expert_layer_period", 2), cfg.count("expert_layer_offset", 1)
     experts, top_k = cfg.dim("num_experts", 16), cfg.dim("num_experts_per_tok", 2)
-    mlp = _mlp_params(h, cfg.dim("intermediate_size", 14336))
+    mlp = _mlp_params(h, cfg.dim("intermediate_size"))
     for i in range(b.num_layers):
         if i % attn_period == attn_offset:
             _add_attention(b, i, attn, opt)
@@ -331,12 +353,12 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
 
 def _bamba(cfg: _Config, opt: _Options) -> _Build:
     """Bamba: Mamba2 everywhere except ``attn_layer_indices``; dense gated MLP."""
-    b = _base(cfg, "bamba", layers_default=32, hidden_default=4096, vocab_default=128000)
+    b = _base(cfg, "bamba")
     attn_indices = set(cfg.sequence("attn_layer_indices", []))
     types = [
         "full_attention" if i in attn_indices else "linear_attention" for i in range(b.num_layers)
     ]
-    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
+    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
     _hybrid_mamba2_layers(b, cfg, opt, types, lambda _: b.params.add(mlp), kv_heads_default=8)
     _add_embeddings(b, cfg, False)
     return b
@@ -345,7 +367,7 @@ def _bamba(cfg: _Config, opt: _Options) -> _Build:
 def _granite_hybrid(cfg: _Config, opt: _Options) -> _Build:
     """Granite-4.0-H: Mamba2 or attention per ``layer_types``; every layer has a shared
     (always active) MLP and, when ``num_local_experts`` > 0, routed experts."""
-    b = _base(cfg, "granitemoehybrid", layers_default=32, hidden_default=4096, vocab_default=32000)
+    b = _base(cfg, "granitemoehybrid")
     types = (
         _layer_types(cfg, "layer_types")
         if cfg.has("layer_types")
@@ -353,7 +375,7 @@ def _granite_hybrid(cfg: _Config, opt: _Options) -> _Build:
     )
     experts = cfg.count("num_local_experts", 8)
     top_k = cfg.dim("num_experts_per_tok", 2) if experts else 0
-    expert = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 11008))
+    expert = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
     shared = _mlp_params(b.hidden_size, cfg.dim("shared_intermediate_size", 1024))
 
     def add_mlp(_: int) -> None:
@@ -378,7 +400,7 @@ def _hybrid_mamba2_layers(
     """Bamba / Granite layout: each layer is attention or Mamba2, followed by an MLP."""
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, b.hidden_size, heads_default=32, kv_heads_default=kv_heads_default)
+    attn = _attn_dims(cfg, b.hidden_size, kv_heads_default=kv_heads_default)
     dims = _mamba2_dims(cfg, cfg.dim("mamba_expand", 2) * b.hidden_size)
     for i, kind in enumerate(types):
         if kind == "full_attention":
@@ -410,16 +432,10 @@ def _nemotron_h(cfg: _Config, opt: _Options) -> _Build:
     """Nemotron-H: one mixer per layer (Mamba2, attention, relu2 MLP or MoE) from the
     ``hybrid_override_pattern`` string (or ``layers_block_type``)."""
     types = _nemotron_types(cfg)
-    b = _Build(
-        "nemotron_h", len(types), cfg.dim("hidden_size", 4096), cfg.dim("vocab_size", 131072)
-    )
+    b = _Build("nemotron_h", len(types), cfg.dim("hidden_size"), cfg.dim("vocab_size"))
     h = b.hidden_size
     attn = _attn_dims(
-        cfg,
-        h,
-        heads_default=32,
-        kv_heads_default=8,
-        head_dim_default=cfg.dim("attention_head_dim", 128),
+        cfg, h, kv_heads_default=8, head_dim_default=cfg.dim("attention_head_dim", 128)
     )
     # NemotronHConfig lets the legacy mamba_* spellings override the plain ones.
     dims = _Mamba2Dims(
@@ -436,7 +452,7 @@ def _nemotron_h(cfg: _Config, opt: _Options) -> _Build:
             b.recurrent.append(_mamba2(i, dims, opt))
             b.params.add(_mamba2_params(h, dims))
         elif kind == "mlp":
-            b.params.add(_mlp_params(h, cfg.dim("intermediate_size", 21504), gated=False))
+            b.params.add(_mlp_params(h, cfg.dim("intermediate_size"), gated=False))
         elif kind == "moe":
             _nemotron_moe(b, cfg)
         else:
@@ -458,10 +474,10 @@ def _nemotron_moe(b: _Build, cfg: _Config) -> None:
 
 def _falcon_h1(cfg: _Config, opt: _Options) -> _Build:
     """Falcon-H1: attention and Mamba2 side by side in every layer, then a gated MLP."""
-    b = _base(cfg, "falcon_h1", layers_default=32, hidden_default=4096, vocab_default=128000)
-    attn = _attn_dims(cfg, b.hidden_size, heads_default=32, kv_heads_default=8)
+    b = _base(cfg, "falcon_h1")
+    attn = _attn_dims(cfg, b.hidden_size, kv_heads_default=8)
     dims = _mamba2_dims(cfg, _falcon_d_ssm(cfg, b.hidden_size))
-    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size", 14336))
+    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
     for i in range(b.num_layers):
         _add_attention(b, i, attn, opt)
         b.recurrent.append(_mamba2(i, dims, opt))
@@ -491,16 +507,17 @@ def _zamba2(cfg: _Config, opt: _Options) -> _Build:
     ``num_mem_blocks`` shared transformer blocks whose attention input is the hidden
     state concatenated with the embeddings (2x wide). Each invocation has its own KV."""
     types = _zamba2_types(cfg)
-    b = _Build("zamba2", len(types), cfg.dim("hidden_size", 2560), cfg.dim("vocab_size", 32000))
+    b = _Build("zamba2", len(types), cfg.dim("hidden_size"), cfg.dim("vocab_size"))
     if cfg.has("num_hidden_layers") and cfg.dim("num_hidden_layers") != b.num_layers:
         raise cfg.fail(
             f"{b.num_layers} layer types for num_hidden_layers {cfg.dim('num_hidden_layers')}"
         )
     h = b.hidden_size
-    heads = cfg.dim("num_attention_heads", 32)
+    heads = cfg.dim("num_attention_heads")
     attn = _AttnDims(heads, cfg.dim("num_key_value_heads", heads), 2 * h // heads)
     if attn.head_dim * heads != 2 * h:
         raise cfg.fail(f"2 x hidden_size {2 * h} is not a multiple of num_attention_heads {heads}")
+    _checked_attn(cfg, attn)
     mamba_heads = cfg.dim("n_mamba_heads", 8)
     d_inner = cfg.dim("mamba_expand", 2) * h
     dims = _Mamba2Dims(
@@ -534,7 +551,7 @@ def _zamba2_shared_blocks(b: _Build, cfg: _Config, attn: _AttnDims) -> None:
 def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
     """Qwen3-Next: gated DeltaNet layers with full attention every
     ``full_attention_interval``-th layer (or per ``layer_types``); MoE MLPs."""
-    b = _base(cfg, "qwen3_next", layers_default=48, hidden_default=2048, vocab_default=151936)
+    b = _base(cfg, "qwen3_next")
     h = b.hidden_size
     if cfg.has("layer_types"):
         types = _layer_types(cfg, "layer_types")
@@ -546,7 +563,7 @@ def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
         ]
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, h, heads_default=16, kv_heads_default=2, head_dim_default=256)
+    attn = _attn_dims(cfg, h, kv_heads_default=2, head_dim_default=256)
     dims = _DeltaNetDims(
         key_heads=cfg.dim("linear_num_key_heads", 16),
         value_heads=cfg.dim("linear_num_value_heads", 32),
@@ -580,7 +597,7 @@ def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int) -> None:
     step = cfg.dim("decoder_sparse_step", 1)
     dense_layers = set(cfg.sequence("mlp_only_layers", []))
     if experts == 0 or index in dense_layers or (index + 1) % step:
-        b.params.add(_mlp_params(h, cfg.dim("intermediate_size", 5632)))
+        b.params.add(_mlp_params(h, cfg.dim("intermediate_size")))
         return
     expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 512))
     _add_moe(b.params, h, experts, cfg.dim("num_experts_per_tok", 10), expert)
@@ -601,13 +618,13 @@ def _minimax_types(cfg: _Config, num_layers: int) -> list[str]:
 def _minimax(cfg: _Config, opt: _Options) -> _Build:
     """MiniMax-Text-01: lightning (linear) attention, whose per-request state is one
     ``head_dim x head_dim`` matrix per head, with softmax attention on some layers; MoE."""
-    b = _base(cfg, "minimax", layers_default=32, hidden_default=4096, vocab_default=32000)
+    b = _base(cfg, "minimax")
     h = b.hidden_size
     types = _minimax_types(cfg, b.num_layers)
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, h, heads_default=32, kv_heads_default=8)
-    expert = _mlp_params(h, cfg.dim("intermediate_size", 14336))
+    attn = _attn_dims(cfg, h, kv_heads_default=8)
+    expert = _mlp_params(h, cfg.dim("intermediate_size"))
     experts, top_k = cfg.dim("num_local_experts", 8), cfg.dim("num_experts_per_tok", 2)
     for i, kind in enumerate(types):
         if kind == "full_attention":
@@ -624,7 +641,7 @@ def _minimax(cfg: _Config, opt: _Options) -> _Build:
 
 def _mamba2_pure(cfg: _Config, opt: _Options) -> _Build:
     """Pure Mamba2 (transformers ``Mamba2Config``)."""
-    b = _base(cfg, "mamba2", layers_default=64, hidden_default=4096, vocab_default=32768)
+    b = _base(cfg, "mamba2")
     dims = _Mamba2Dims(
         num_heads=cfg.dim("num_heads", 128),
         head_dim=cfg.dim("head_dim", 64),
@@ -687,7 +704,8 @@ def _mamba_ssm_attention(b: _Build, cfg: _Config, index: int, opt: _Options) -> 
     attn_cfg = _sub_config(cfg, "attn_cfg")
     heads = attn_cfg.dim("num_heads")
     head_dim = attn_cfg.dim("head_dim", b.hidden_size // heads)
-    _add_attention(b, index, _AttnDims(heads, attn_cfg.dim("num_heads_kv", heads), head_dim), opt)
+    dims = _AttnDims(heads, attn_cfg.dim("num_heads_kv", heads), head_dim)
+    _add_attention(b, index, _checked_attn(attn_cfg, dims, ("num_heads", "num_heads_kv")), opt)
 
 
 _READERS: dict[str, Callable[[_Config, _Options], _Build]] = {
@@ -724,6 +742,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"no config file at {file}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"malformed config {file}: not UTF-8 text") from None
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -9,6 +9,7 @@ give the same result; the real time spent in allocator calls is measured separat
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -188,10 +189,19 @@ def simulate(
         on_progress: called with (requests done, total) whenever a request finishes or is
             rejected, for progress bars.
     Raises:
-        ValueError: duplicate request ids, a used allocator, or a bad calibration.
+        ValueError: duplicate request ids, a non-finite arrival time, a used allocator,
+            a bad calibration, or a time model that gives a NaN or negative step.
         RuntimeError: more than ``config.max_steps`` steps.
     """
     return _Simulation(requests, allocator, geometry, config, on_progress).run()
+
+
+def _check_finite_arrivals(requests: Sequence[RequestSpec]) -> None:
+    """Refuse a NaN or infinite arrival: the clock could never reach it, so the event
+    loop would spin forever (NaN) or jump to infinity (inf)."""
+    for spec in requests:
+        if not math.isfinite(spec.arrival_s):
+            raise ValueError(f"request {spec.request_id}: arrival_s is {spec.arrival_s}")
 
 
 class _Simulation:
@@ -209,6 +219,7 @@ class _Simulation:
             raise ValueError("simulate() needs an allocator that holds no request")
         if len({r.request_id for r in requests}) != len(requests):
             raise ValueError("request ids must be unique")
+        _check_finite_arrivals(requests)
         self.config = config
         self.arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self.allocator = allocator
@@ -275,6 +286,11 @@ class _Simulation:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
         total_s = self.model.step_seconds(BatchShape.from_chunks(plan.chunks))
+        if not (math.isfinite(total_s) and total_s >= 0):
+            # A NaN step would freeze the clock (NaN compares false with every arrival).
+            raise ValueError(
+                f"the time model ({type(self.model).__name__}) gave a step of {total_s} s"
+            )
         recompute_tokens = plan.num_recompute_tokens
         if recompute_tokens == 0:
             return total_s, 0.0
