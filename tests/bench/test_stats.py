@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 from bench_helpers import make_cell
 
-from avmp.bench.stats import aggregate, bootstrap_ratio, cache_use, oom_change, paired_ratios
+from avmp.bench.stats import (
+    aggregate,
+    bootstrap_ratio,
+    cache_use,
+    cell_problem,
+    load_cells,
+    oom_change,
+    paired_ratios,
+)
 
 
 def _cells(ratios: list[float]) -> list[dict]:
@@ -67,3 +77,43 @@ def test_cache_use_is_the_mean_share_of_the_budget() -> None:
     assert cache_use(cell) == pytest.approx(0.5)
     assert math.isnan(cache_use(make_cell("avmp")))
     assert aggregate([cell])[0]["mean_cache_use"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"cell": ', "malformed JSON"),
+        ("[]", "not a JSON object"),
+        ("{}", "no 'cell' object"),
+        ('{"cell": {}, "settings": {}, "result": {}}', "cell.workload is None"),
+    ],
+)
+def test_a_file_that_is_not_a_cell_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "cells").mkdir()
+    good = tmp_path / "cells" / "a.json"
+    good.write_text(json.dumps(make_cell("avmp")))
+    bad = tmp_path / "cells" / "b.json"
+    bad.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_cells(tmp_path)
+    assert str(info.value).startswith(f"{bad}: not a sweep cell") and problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"request_throughput": "fast"}, "result.request_throughput is 'fast'"),
+        ({"num_oom_events": True}, "result.num_oom_events is True"),
+        ({"phase_s": []}, "result.phase_s"),
+        ({"timeline": [{"t_s": 0}]}, "result.timeline"),
+    ],
+)
+def test_cell_problem_names_the_first_wrong_field(change: dict[str, object],
+                                                 problem: str) -> None:
+    cell = make_cell("avmp")
+    assert cell_problem(cell) is None
+    cell["result"].update(change)
+    assert cell_problem(cell) is not None and problem in str(cell_problem(cell))
+    budget = make_cell("avmp")
+    budget["cell"]["budget_bytes"] = 1.5
+    assert cell_problem(budget) == "cell.budget_bytes is 1.5, not an integer"

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,3 +145,64 @@ def test_sigkilled_sweep_resumes_to_the_same_results(reference: Path, tmp_path: 
     assert 3 <= done_before < len(GRID.cells())
     run_sweep(GRID, tmp_path, workers=1, progress=False)
     assert _saved(tmp_path) == _saved(reference)
+
+
+
+def test_a_corrupt_or_foreign_cell_is_run_again_and_said_once(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_sweep(GRID, tmp_path, workers=1, progress=False)
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    cells[0].write_text('{"cell": ')  # truncated by hand
+    cells[1].write_text("[1, 2]")  # well-formed JSON of the wrong shape
+    cells[2].write_text(cells[3].read_text())  # another cell's record
+    capsys.readouterr()
+    ran: list[str] = []
+    run_sweep(GRID, tmp_path, workers=1, progress=False,
+              on_result=lambda r: ran.append(r["cell"]["cell_id"]))
+    assert sorted(ran) == sorted(p.stem for p in cells[:3])
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "3 saved cell file(s)" in err
+    assert _saved(tmp_path) == _saved(reference)
+
+
+def test_cell_files_take_the_umask_permissions(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: results in a shared folder stay readable by the group."""
+    small = SweepGrid(**{**GRID.__dict__, "workloads": ("shift",), "seeds": (0,),
+                         "allocators": ("avmp",)})
+    old = os.umask(0o022)
+    try:
+        run_sweep(small, tmp_path, workers=1, progress=False)
+    finally:
+        os.umask(old)
+    (cell,) = (tmp_path / "cells").glob("*.json")
+    assert stat.S_IMODE(cell.stat().st_mode) == 0o644
+
+
+def test_a_full_disk_names_the_cell_file_and_keeps_the_finished_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved: list[str] = []
+
+    def fsync(fd: int) -> None:
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append("x")
+
+    monkeypatch.setattr("avmp.bench.files.os.fsync", fsync)
+    with pytest.raises(OSError) as info:
+        run_sweep(GRID, tmp_path, workers=1, progress=False)
+    assert info.value.strerror == "No space left on device"
+    assert str(info.value.filename).startswith(str(tmp_path / "cells"))
+    assert str(info.value.filename).endswith(".json")
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    assert not list((tmp_path / "cells").glob(".*"))  # no temporary file left
+
+
+def test_out_naming_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "results"
+    target.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        run_sweep(GRID, target, workers=1, progress=False)
+    with pytest.raises(ValueError, match="more than 100,000"):
+        SweepGrid(seeds=tuple(range(30_000)))

@@ -71,3 +71,61 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
     path.write_text("a,b\n1,2\n")
     with pytest.raises(TraceError, match="cannot tell the trace format"):
         read_trace(path)
+
+
+OK = '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n'
+BURST = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+
+
+@pytest.mark.parametrize(("name", "text", "where"), [
+    ("nan.jsonl", OK + '{"arrival_s": NaN, "prompt_tokens": 3, "output_tokens": 2}\n',
+     ":2: arrival_s must be finite"),
+    ("inf.jsonl", OK + '{"arrival_s": Infinity, "prompt_tokens": 3, "output_tokens": 2}\n',
+     ":2: arrival_s must be finite"),
+    ("inftok.jsonl", '{"arrival_s": 0, "prompt_tokens": Infinity, "output_tokens": 2}\n',
+     ":1: prompt_tokens must be a whole number"),
+    ("bool.jsonl", '{"arrival_s": 0, "prompt_tokens": true, "output_tokens": 2}\n',
+     ":1: prompt_tokens must be a whole number >= 0, got True"),
+    ("frac.jsonl", '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2.5}\n',
+     ":1: output_tokens must be a whole number"),
+    ("booltime.jsonl", '{"arrival_s": false, "prompt_tokens": 3, "output_tokens": 2}\n',
+     ":1: arrival_s must be a number of seconds"),
+    ("list.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
+    ("null.jsonl", "null\n", ":1: expected a JSON object"),
+    ("span.jsonl", '{"arrival_s": 1e308, "prompt_tokens": 3, "output_tokens": 2}\n'
+     '{"arrival_s": -1e308, "prompt_tokens": 3, "output_tokens": 2}\n', "span more seconds"),
+    ("nan.csv", BURST + "nan,a,4,2,6,x\n", ":2: Timestamp must be finite"),
+    ("hole.csv", BURST + "5,a\n", ":2: no value in column Request tokens"),
+    ("nul.csv", BURST + "5,a,4\x00,2,6,x\n", ":2: Request tokens must be a whole number"),
+])
+def test_non_finite_and_mistyped_values_name_file_and_line(tmp_path: Path, name: str,
+                                                         text: str, where: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TraceError) as info:
+        read_trace(path, "burstgpt" if name.endswith(".csv") else None)
+    message = str(info.value)
+    assert message.startswith(str(path)) and where in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["junk.jsonl", "junk.csv"])
+def test_binary_junk_names_the_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x8a\xff" + bytes(range(128, 256)) * 3)
+    with pytest.raises(TraceError, match=f"^{path}: not a UTF-8 text file"):
+        read_trace(path)
+
+
+def test_a_directory_is_not_a_trace(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="is a directory"):
+        read_trace(tmp_path)
+
+
+def test_whole_numbers_written_as_digits_or_floats_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"arrival_s": "1.5", "prompt_tokens": "12", "output_tokens": 3.0}\n'
+                    '{"arrival_s": 0, "prompt_tokens": 12345678901234567890, '
+                    '"output_tokens": 1}\n')
+    reqs = read_trace(path)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs] == [
+        (0.0, 12345678901234567890, 1), (1.5, 12, 3)]

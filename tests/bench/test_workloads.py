@@ -83,3 +83,15 @@ def test_with_arrivals_keeps_lengths() -> None:
     burst = with_arrivals(reqs, ArrivalProcess("burst"), seed=0)
     assert [r.prompt_tokens for r in burst] == [r.prompt_tokens for r in reqs]
     assert all(r.arrival_s == 0 for r in burst)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("poisson:nan", "arrival rate"), ("poisson:1e-308", "arrival rate"),
+     ("gamma:1:inf", "arrival cv"), ("gamma:1:1e200", "arrival cv"), ("gamma:1:0", "arrival cv")],
+)
+def test_arrival_bounds_keep_every_time_finite(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_arrival(text)
+    times = ArrivalProcess("gamma", rate=1e-6, cv=100.0).times(64, np.random.default_rng(0))
+    assert np.isfinite(times).all()

@@ -313,3 +313,46 @@ def test_random_traces_on_real_allocators_keep_invariants(
         s for s in specs if s.request_id not in {r["request_id"] for r in result.rejections}
     ]
     assert result.num_output_tokens == sum(s.output_tokens for s in completed)
+
+
+# ---------------------------------------------------------------- non-finite times
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"arrival_s": math.nan}, "arrival_s must be finite"),
+        ({"arrival_s": math.inf}, "arrival_s must be finite"),
+        ({"arrival_s": -1.0}, "arrival_s must be finite and >= 0"),
+        ({"arrival_s": True}, "arrival_s must be a number"),
+        ({"prompt_tokens": True}, "prompt_tokens must be a whole number"),
+        ({"output_tokens": 2.5}, "output_tokens must be a whole number"),
+        ({"prompt_tokens": 0}, "prompt_tokens must be >= 1"),
+    ],
+)
+def test_request_spec_refuses_what_would_stall_or_mislead_the_simulator(
+    fields: dict[str, object], message: str
+) -> None:
+    values: dict[str, object] = {"request_id": 7, "arrival_s": 0.0, "prompt_tokens": 3,
+                                 "output_tokens": 2, **fields}
+    with pytest.raises(ValueError, match=f"request 7: {message}"):
+        RequestSpec(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arrival", [math.nan, math.inf])
+def test_simulator_refuses_a_non_finite_arrival(arrival: float) -> None:
+    """Defence in depth: a spec that skipped its own validation (NaN compares false with
+    every clock value, so the idle jump never reached it: the loop spun forever)."""
+    bad = req(1, 10, 5, arrival_s=1.0)
+    object.__setattr__(bad, "arrival_s", arrival)
+    with pytest.raises(ValueError, match=r"request 1: arrival_s is (nan|inf)"):
+        run([req(0, 10, 5), bad])
+
+
+@pytest.mark.parametrize("step_s", [math.nan, -1.0, math.inf])
+def test_simulator_refuses_a_time_model_step_that_is_not_a_duration(
+    step_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("avmp.sim.simulator.RooflineModel.step_seconds", lambda self, s: step_s)
+    with pytest.raises(ValueError, match="RooflineModel"):
+        run([req(0, 10, 5)])

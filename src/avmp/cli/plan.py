@@ -17,6 +17,9 @@ from avmp.models import ModelGeometry, resolve_model
 from avmp.units import format_bytes
 
 SSM_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+# Requests at once that plan counts at most: answers in seconds, and is far more than
+# any engine runs in one batch (vLLM's max_num_seqs defaults to 256 or 1,024).
+MAX_REQUESTS = min(20_000, MAX_PLANNED_REQUESTS)
 COLUMNS = ("allocator", "requests", "vs oracle", "needed", "padding", "rounding", "unusable")
 
 
@@ -79,14 +82,15 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 
 def _check_count(geometry: ModelGeometry, memory: int, num_tokens: int) -> None:
-    """Refuse, before filling any allocator, a plan that would admit more requests than
-    the planner counts (it admits them one by one, so the cost grows with the count)."""
+    """Refuse, before filling any allocator, a plan of more requests than `MAX_REQUESTS`:
+    the planner admits them one by one into every allocator, so its time grows with the
+    count (about 30 s for 50,000 on a loaded 2-core machine)."""
     most = memory // geometry.request_bytes(num_tokens)
-    if most > MAX_PLANNED_REQUESTS:
+    if most > MAX_REQUESTS:
         raise UserError(
             f"about {most:,} requests of {num_tokens} tokens would fit in "
-            f"{format_bytes(memory)}, more than the {MAX_PLANNED_REQUESTS:,} the planner "
-            "counts; plan with less memory or longer requests"
+            f"{format_bytes(memory)}, more than the {MAX_REQUESTS:,} that plan counts "
+            "(far beyond any engine's batch); plan with less memory or longer requests"
         )
 
 
