@@ -8,7 +8,7 @@ from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
 
 
-class OracleAllocator(RequestTable):
+class OracleAllocator(RequestTable[LiveRequest]):
     """Exact bytes with free, instant migration: a request is admitted (or grown) while
     the exact bytes in use (whole slots plus pages of ``config.block_size`` tokens, no
     chunk rounding) fit the budget. No layout can hold more; it is the reference.

@@ -6,7 +6,7 @@ that the list-based layouts (unified, oracle) share.
 from __future__ import annotations
 
 from collections import deque
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 from avmp.memory.spec import (
     CacheAllocator,
@@ -105,14 +105,18 @@ class LiveRequest:
         self.pages = pages
 
 
-class RequestTable(CacheAllocator):
+Live = TypeVar("Live", bound=LiveRequest)
+
+
+class RequestTable(CacheAllocator, Generic[Live]):
     """The request bookkeeping that the unified and oracle layouts share: live requests
     in admission order and the recent frees. A freed id may be admitted again
-    (preemption by recompute re-admits the same request)."""
+    (preemption by recompute re-admits the same request). Generic in the layout's
+    request record, so that a layout reads its own fields without a runtime check."""
 
     def __init__(self, geometry: ModelGeometry, config: MemoryConfig) -> None:
         super().__init__(geometry, config)
-        self._live: dict[int, LiveRequest] = {}
+        self._live: dict[int, Live] = {}
         self._freed = RecentFrees()
 
     def _check_new(self, request_id: int, num_tokens: int) -> None:
@@ -128,7 +132,7 @@ class RequestTable(CacheAllocator):
                 f"{self.name} cache of {self.config.budget_bytes} bytes"
             )
 
-    def _get(self, request_id: int) -> LiveRequest:
+    def _get(self, request_id: int) -> Live:
         if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
             check_request_id(request_id)
         request = self._live.get(request_id)
@@ -144,7 +148,7 @@ class RequestTable(CacheAllocator):
                 f"{self.name} cache of {self.config.budget_bytes} bytes"
             )
 
-    def _pop_live(self, request_id: int) -> LiveRequest:
+    def _pop_live(self, request_id: int) -> Live:
         if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
             check_request_id(request_id)
         request = self._live.pop(request_id, None)
@@ -154,7 +158,7 @@ class RequestTable(CacheAllocator):
         self.stats.num_frees += 1
         return request
 
-    def _admitted(self, request_id: int, request: LiveRequest) -> None:
+    def _admitted(self, request_id: int, request: Live) -> None:
         self._live[request_id] = request
         self._freed.discard(request_id)
         self.stats.num_admits += 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from avmp.memory.backing.base import Backing
 from avmp.memory.backing.unit_format import CacheFormat, UnitFormat
-from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens
+from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens, check_request_id
 from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
@@ -98,7 +98,9 @@ def unified_buffer_bytes(geometry: ModelGeometry, config: MemoryConfig) -> int:
     return config.budget_bytes // block_bytes * block_bytes
 
 
-def _unified_usage(table: RequestTable, num_usable_blocks: int, block_bytes: int) -> MemoryUsage:
+def _unified_usage(
+    table: RequestTable[_Placed], num_usable_blocks: int, block_bytes: int
+) -> MemoryUsage:
     """Usage of a unified pool whose requests list their state blocks and attention
     blocks: the pool is shared, so ``state_capacity_bytes`` counts the blocks holding
     state now and ``kv_capacity_bytes`` the rest of the pool (free blocks go to either)."""
@@ -131,11 +133,15 @@ class _Placed(LiveRequest):
 
     def __init__(self, num_tokens: int, group: int, state_blocks: list[int],
                  blocks: list[int], kernel_pages: list[int]) -> None:  # fmt: skip
-        super().__init__(num_tokens, group, state_blocks, blocks)
+        # the fields set here, not through super().__init__: one call less per admission
+        self.num_tokens = num_tokens
+        self.slot = group
+        self.state_blocks = state_blocks
+        self.pages = blocks
         self.kernel_pages = kernel_pages
 
 
-class UnifiedAllocator(RequestTable):
+class UnifiedAllocator(RequestTable[_Placed]):
     """vLLM's padded block pool with a place for every byte (see the module doc).
 
     Block 0 is vLLM's null block (the entry its block tables point at when empty) and is
@@ -166,6 +172,11 @@ class UnifiedAllocator(RequestTable):
         self.num_blocks = unified_buffer_bytes(geometry, config) // self._block_bytes
         self.num_usable_blocks = max(0, self.num_blocks - 1)  # block 0 is vLLM's null block
         self.num_groups = self.num_blocks // self._run if self._run else 0
+        has_group = not self._run or self.num_groups >= 2  # group 0 holds the null block
+        # attention blocks one request may hold alone (-1: not even its state run fits)
+        self._max_blocks_alone = self.num_usable_blocks - self._run if has_group else -1
+        self._run_taken = bytes(self._run)  # a run's map bytes, made once, not per call
+        self._run_free = b"\x01" * self._run
         self.spec = CacheSpec(
             page_bytes=self._format.page.unit_bytes,
             slot_bytes=self._run * self._block_bytes,
@@ -238,9 +249,9 @@ class UnifiedAllocator(RequestTable):
         return self._run + self._blocks_for(num_tokens)
 
     def fits_alone(self, num_tokens: int) -> bool:
-        need = self.num_blocks_for(num_tokens)
-        has_group = not self._run or self.num_groups >= 2  # group 0 holds the null block
-        return need <= self.num_usable_blocks and has_group
+        # `_blocks_for` inlined: every admission asks
+        blocks = -(-num_tokens // self._tokens_per_block) if self._pages_per_block else 0
+        return blocks <= self._max_blocks_alone
 
     # -- block choice ---------------------------------------------------------------
 
@@ -253,45 +264,63 @@ class UnifiedAllocator(RequestTable):
         group = self._group_of(block)
         return group >= 0 and self._group_free[group] == self._run
 
-    def _take_blocks(self, num_blocks: int) -> list[int]:
+    def _take_blocks(self, num_blocks: int) -> tuple[list[int], list[int]]:
         """The lowest holes, breaking the lowest whole group only when no hole is left
-        (the caller checked that enough blocks are free). The maps are updated inline:
-        a Python call per block would double the cost of an admission."""
+        (the caller checked that enough blocks are free); returns the blocks and their
+        kernel pages. The maps are updated inline: a Python call per block would double
+        the cost of an admission."""
         is_free, holes, whole, group_free, run = (
             self._is_free, self._holes, self._whole, self._group_free, self._run
         )
-        taken: list[int] = []
-        for _ in range(num_blocks):
-            block = holes.find(1)
+        k, num_groups = self._pages_per_block, len(group_free)
+        blocks: list[int] = []
+        pages: list[int] = []
+        remaining, block = num_blocks, 0
+        while remaining:  # one run of consecutive holes per turn
+            block = holes.find(1, block)  # no hole is left below the last run taken
             if block < 0:  # break the lowest whole group: its free blocks become holes
                 group = whole.find(1)
                 whole[group] = 0
                 block = group * run
                 holes[block : block + run] = is_free[block : block + run]
-            is_free[block] = 0
-            holes[block] = 0
-            if run and block // run < len(group_free):
-                group_free[block // run] -= 1
-            taken.append(block)
+            stop = holes.find(0, block, block + remaining)  # the run ends, or suffices
+            if stop < 0:
+                stop = block + remaining if block + remaining < len(holes) else len(holes)
+            # item stores, not slice stores: a slice store costs as much as five of them
+            for taken in range(block, stop):
+                is_free[taken] = 0
+                holes[taken] = 0
+                if run and taken // run < num_groups:  # blocks past the last group: none
+                    group_free[taken // run] -= 1
+            blocks += range(block, stop)
+            pages += range(block * k, stop * k)  # a block is k consecutive kernel pages
+            remaining -= stop - block
+            block = stop
         self._num_free -= num_blocks
-        return taken
+        return blocks, pages
 
     def _release_blocks(self, blocks: list[int]) -> None:
         """Free attention blocks; a group that becomes whole again loses its holes."""
         is_free, holes, whole, group_free, run = (
             self._is_free, self._holes, self._whole, self._group_free, self._run
         )
-        num_groups = len(group_free)
-        for block in blocks:
-            is_free[block] = 1
-            group = block // run if run else num_groups
-            if group < num_groups:
-                group_free[group] += 1
-                if group_free[group] == run:
-                    whole[group] = 1
-                    holes[group * run : (group + 1) * run] = bytes(run)
-                    continue
-            holes[block] = 1
+        if not run:  # no state groups: every free block is a hole
+            for block in blocks:
+                is_free[block] = 1
+                holes[block] = 1
+        else:
+            num_groups, no_holes = len(group_free), self._run_taken
+            for block in blocks:
+                is_free[block] = 1
+                group = block // run
+                if group < num_groups:
+                    free = group_free[group] + 1
+                    group_free[group] = free
+                    if free == run:
+                        whole[group] = 1
+                        holes[group * run : group * run + run] = no_holes
+                        continue
+                holes[block] = 1
         self._num_free += len(blocks)
 
     def _take_run(self, group: int) -> list[int]:
@@ -299,7 +328,7 @@ class UnifiedAllocator(RequestTable):
         no holes and a run fills its group, so a few slice stores keep every map current
         (a loop over its blocks would cost a Python step each)."""
         run = self._run
-        self._is_free[group * run : (group + 1) * run] = bytes(run)
+        self._is_free[group * run : (group + 1) * run] = self._run_taken
         self._whole[group] = 0
         self._group_free[group] = 0
         self._num_free -= run
@@ -308,7 +337,7 @@ class UnifiedAllocator(RequestTable):
     def _release_run(self, group: int) -> None:
         """Give a state run back: its group is wholly free again, still without holes."""
         run = self._run
-        self._is_free[group * run : (group + 1) * run] = b"\x01" * run
+        self._is_free[group * run : (group + 1) * run] = self._run_free
         self._whole[group] = 1
         self._group_free[group] = run
         self._num_free += run
@@ -317,7 +346,7 @@ class UnifiedAllocator(RequestTable):
 
     def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
-        num_blocks = self._blocks_for(num_tokens)
+        num_blocks = -(-num_tokens // self._tokens_per_block) if self._pages_per_block else 0
         if self._run + num_blocks > self._num_free:
             self.stats.num_oom_events += 1
             return None
@@ -329,28 +358,33 @@ class UnifiedAllocator(RequestTable):
                 self.num_placement_failures += 1
                 return None
             run = self._take_run(group)
-        blocks = self._take_blocks(num_blocks)
-        request = _Placed(num_tokens, group, run, blocks, self._kernel_pages(blocks))
-        self._admitted(request_id, request)
-        return self.units(request_id)
+        blocks, kernel_pages = self._take_blocks(num_blocks)
+        self._admitted(request_id, _Placed(num_tokens, group, run, blocks, kernel_pages))
+        return RequestUnits(group, tuple(kernel_pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
             check_num_tokens("num_new_tokens", num_new_tokens)
-        request = self._placed(request_id)
+        # `_get` and `_blocks_for` inlined: each call would add a fifth to a decode step
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
+        request = self._live.get(request_id)
+        if request is None:
+            raise self._freed.not_live(request_id)
         new_tokens = request.num_tokens + num_new_tokens
-        extra = self._blocks_for(new_tokens) - len(request.pages)
-        if extra:
-            self._check_grow(request_id, new_tokens)
+        blocks = -(-new_tokens // self._tokens_per_block) if self._pages_per_block else 0
+        extra = blocks - len(request.pages)
+        if not extra:  # most grows (decode steps) stay inside the last block
+            request.num_tokens = new_tokens
+            self.stats.num_grows += 1
+            return []
+        self._check_grow(request_id, new_tokens)
         if extra > self._num_free:
             self.stats.num_oom_events += 1
             return None
-        kernel_pages: list[int] = []
-        if extra:  # most grows (decode steps) stay inside the last block
-            added = self._take_blocks(extra)
-            kernel_pages = self._kernel_pages(added)
-            request.pages += added
-            request.kernel_pages += kernel_pages
+        added, kernel_pages = self._take_blocks(extra)
+        request.pages += added
+        request.kernel_pages += kernel_pages
         request.num_tokens = new_tokens
         self.stats.num_grows += 1
         return kernel_pages
@@ -365,13 +399,8 @@ class UnifiedAllocator(RequestTable):
         k = self._pages_per_block
         return [block * k + i for block in blocks for i in range(k)]
 
-    def _placed(self, request_id: int) -> _Placed:
-        request = self._get(request_id)
-        assert isinstance(request, _Placed)
-        return request
-
     def units(self, request_id: int) -> RequestUnits:
-        request = self._placed(request_id)
+        request = self._get(request_id)
         return RequestUnits(request.slot, tuple(request.kernel_pages))
 
     def usage(self) -> MemoryUsage:
@@ -383,7 +412,6 @@ class UnifiedAllocator(RequestTable):
         self._check_requests()  # no block owned twice, live and freed ids apart
         owned: list[int] = []
         for request in self._live.values():
-            assert isinstance(request, _Placed)
             assert len(request.pages) == self._blocks_for(request.num_tokens), "block count"
             assert request.kernel_pages == self._kernel_pages(request.pages), "kernel pages"
             run = range(request.slot * self._run, (request.slot + 1) * self._run)
