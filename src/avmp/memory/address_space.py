@@ -62,7 +62,7 @@ class ChunkReserve:
 
     def take(self, num_chunks: int) -> list[int]:
         """Remove and return the ``num_chunks`` lowest reserve chunks."""
-        if not 0 <= num_chunks <= len(self):
+        if not 0 <= num_chunks <= self._end - self._first:  # not len(self): a Python call
             raise ValueError(f"reserve holds {len(self)} chunks, asked for {num_chunks}")
         taken = list(range(self._first, self._first + num_chunks))
         self._first += num_chunks

@@ -181,7 +181,7 @@ class AvmpManager(CacheAllocator):
         if request.pages:
             self._kv.release(request.pages)
         if request.slot >= 0:
-            self._state.release(array("q", (request.slot,)))
+            self._state.release_one(request.slot)
         self._freed.add(request_id)
         self._num_live_tokens -= request.num_tokens
         self.stats.num_frees += 1

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens
+from avmp.memory.requests import (
+    LiveRequest,
+    RequestTable,
+    check_num_tokens,
+    check_request_id,
+)
 from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
@@ -71,9 +76,15 @@ class OracleAllocator(RequestTable[LiveRequest]):
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
             check_num_tokens("num_new_tokens", num_new_tokens)
-        request = self._get(request_id)
+        # `_get` and `_pages_for` inlined: each call would add a fifth to a decode step
+        if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
+            check_request_id(request_id)
+        request = self._live.get(request_id)
+        if request is None:
+            raise self._freed.not_live(request_id)
         new = request.num_tokens + num_new_tokens
-        num_pages = self._pages_for(new) - len(request.pages)
+        tokens_per_page = self._tokens_per_page
+        num_pages = (-(-new // tokens_per_page) if tokens_per_page else 0) - len(request.pages)
         added: list[int] = []
         if num_pages:
             self._check_grow(request_id, new)

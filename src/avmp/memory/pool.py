@@ -76,8 +76,12 @@ class Pool:
             stop = free_map.find(_USED, start, start + remaining)  # no further than needed
             if stop < 0:
                 stop = start + remaining
-            taken.extend(range(start, stop))
-            free_map[start:stop] = bytes(stop - start)
+            if stop - start == 1:  # a lone unit: an item store costs a tenth of a slice store
+                free_map[start] = _USED
+                taken.append(start)
+            else:
+                free_map[start:stop] = bytes(stop - start)
+                taken.extend(range(start, stop))
             remaining -= stop - start
             start = stop
         self.low = start
@@ -105,6 +109,14 @@ class Pool:
         """
         self._pending.append(units)
         self.num_free += len(units)
+
+    def release_one(self, unit: int) -> None:
+        """Mark one live unit free again, written at once: a request's slot is one unit,
+        and a store and a compare cost less than queueing it for `flush`."""
+        self.free_map[unit] = _FREE
+        if unit < self.low:
+            self.low = unit
+        self.num_free += 1
 
     def flush(self) -> None:
         """Write the units queued by `release` into the free map and the low mark."""
@@ -136,7 +148,10 @@ class Pool:
         """Chunks this pool lacks to hand out ``num_units`` more units (0 if none)."""
         if num_units <= self.num_free:
             return 0
-        return self.chunks_for(self.num_used + num_units) - len(self.chunks)
+        # `chunks_for` and `num_used` inlined (four calls deep): every allocation that
+        # finds its pool short asks both pools
+        needed_bytes = (len(self.free_map) - self.num_free + num_units) * self.unit_bytes
+        return -(-needed_bytes // self.chunk_bytes) - len(self.chunks)
 
     def max_donatable(self, num_pending: int) -> int:
         """Tail chunks this pool could give away (after compaction) and still hold its
@@ -151,10 +166,15 @@ class Pool:
 
     def add_chunks(self, chunk_ids: list[int]) -> None:
         """Append chunks at the tail; the units they complete become free."""
-        self.flush()
-        self.chunks.extend(chunk_ids)
-        added = self.units_for(len(self.chunks)) - len(self.free_map)
-        self._resize(len(self.free_map) + added)
+        if self._pending:
+            self.flush()
+        chunks = self.chunks
+        chunks.extend(chunk_ids)
+        # `units_for` and `_resize` inlined: a pool that grows takes chunks on most
+        # admissions while the reserve lasts
+        num_units = len(chunks) * self.chunk_bytes // self.unit_bytes if self.unit_bytes else 0
+        added = num_units - len(self.free_map)
+        self.free_map.extend(b"\x01" * added)
         self.num_free += added
 
     def remove_tail_chunks(self, num_chunks: int) -> list[int]:
