@@ -6,17 +6,18 @@ by one token, and frees the finished ones), then replayed against a fresh alloca
 each kind, with a warm-up replay and several timed repeats. Each call is timed alone with
 ``time.perf_counter_ns``; the timer's own cost is measured and reported, not subtracted.
 
-    python benchmarks/allocator_calls.py --repeats 15 --docs docs/BENCHMARKS.md
+    python -m benchmarks.allocator_calls --repeats 30 --warmup 3 --docs docs/BENCHMARKS.md
 
-Raw per-repeat figures go to benchmarks/results/allocator_calls.json; the table (and the
-docs section, with --docs) is drawn from that file. --from-json redraws without running.
+Raw per-repeat figures go to benchmarks/results/allocator_calls.json (written by
+`benchmarks.common.write_result` as plain JSON, since `avmp.sim.timing` reads the per-call
+medians from it); the table (and the docs section, with --docs) is drawn from that file.
+--from-json redraws without running.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
@@ -33,9 +34,10 @@ from avmp.memory.spec import CacheAllocator, MemoryConfig
 from avmp.memory.unified import UnifiedAllocator
 from avmp.models import resolve_model
 from avmp.units import parse_bytes
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, read_result, repo_path, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "allocator_calls.json"
+ROOT = REPO_ROOT
+DEFAULT_OUT = RESULTS_DIR / "allocator_calls.json"  # the name avmp.sim.timing reads
 SECTION = "## Allocator call cost"
 OPS = ("admit", "grow", "free")
 
@@ -247,6 +249,11 @@ def table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load_word(machine: dict[str, Any]) -> str:
+    """'loaded, ' when other work kept at least one core busy at the start."""
+    return "loaded, " if machine["load_average_1min_at_start"] >= 1.0 else ""
+
+
 def docs_section(data: dict[str, Any], command: str) -> str:
     trace, machine = data["trace"], data["machine"]
     calls = trace["num_calls"]
@@ -261,9 +268,9 @@ def docs_section(data: dict[str, Any], command: str) -> str:
             f"{machine['cpu_model']}, {machine['platform']}, {machine['implementation']} "
             f"{machine['python']}, commit {machine['git_commit']}"
             + (" (avmp.memory edited since)" if machine["memory_tree_dirty"] else "")
-            + f". The machine is shared with other work (1-minute load average "
-            f"{machine['load_average_1min_at_start']:.1f} on {machine['cpu_count']} cores at "
-            "the start), so each allocator replays the sequence "
+            + f". The machine is {_load_word(machine)}shared with other work (1-minute load "
+            f"average {machine['load_average_1min_at_start']:.1f} on {machine['cpu_count']} "
+            "cores at the start), so each allocator replays the sequence "
             f"{data['warmup']} times to warm up and {data['repeats']} times timed, the "
             "allocators taking turns (round-robin) so that load bursts hit all alike; figures "
             "are the median over repeats of each repeat's median / p99.",
@@ -315,18 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="rewrite this file's section")
     parser.add_argument("--from-json", action="store_true", help="redraw from --out, no run")
     args = parser.parse_args(argv)
-    command = "python benchmarks/allocator_calls.py " + " ".join(
+    command = "python -m benchmarks.allocator_calls " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--from-json"
     )
     if not args.from_json:
         names = [n.strip() for n in args.allocators.split(",") if n.strip()]
         data = run(TraceConfig(seed=args.seed), names, args.repeats, args.warmup)
         data["command"] = command.strip()
-        out = args.out.resolve()
-        data["raw_path"] = str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
-    data = json.loads(args.out.read_text())
+        data["raw_path"] = repo_path(args.out)
+        write_result(args.out, data)
+    data = read_result(args.out)
     print("\n".join(table(data)))
     if args.docs is not None:
         write_docs(args.docs, docs_section(data, data["command"]))
