@@ -152,3 +152,38 @@ def test_releases_are_flushed_before_the_map_is_read() -> None:
     assert pool.allocate(2) == [2, 5]
     assert pool.allocate_one() == 7
     pool.check_integrity(list(range(10)))
+
+
+def test_release_one_is_written_at_once_beside_queued_releases() -> None:
+    """A slot freed with release_one is free in the map at once; units queued before it
+    are written by the next read, and the low mark ends at the lowest of both."""
+    pool = pool_with(10, [0])  # 10 units
+    pool.allocate(10)
+    pool.release(array("q", [8, 3]))
+    pool.release_one(6)
+    assert pool.free_map[6] == 1 and pool.free_map[3] == 0 and pool.low == 6
+    assert pool.num_free == 3
+    pool.flush()
+    assert pool.low == 3
+    assert pool.allocate(3) == [3, 6, 8]
+    pool.release_one(9)
+    pool.release(array("q", [4]))  # above the mark: the mark stays at the slot's unit...
+    pool.release(array("q", [7]))  # ...until the queued ones are written, also above it
+    pool.flush()
+    assert pool.low == 4  # the lowest free unit, found in the map
+    pool.check_integrity([0, 1, 2, 3, 5, 6, 8])
+
+
+def test_flush_lowers_the_low_mark_only_to_a_released_unit_below_it() -> None:
+    pool = pool_with(10, [0])
+    pool.allocate(4)  # 0..3 taken, low mark 4
+    pool.release(array("q", [2, 3]))
+    pool.allocate(6)  # flushes first: 2 and 3 are free again, so they go first
+    assert pool.low == 8 and pool.num_free == 2
+    pool.release(array("q", [7, 5]))
+    pool.flush()
+    assert pool.low == 5
+    pool.release(array("q", [6]))  # above the mark: it stays
+    pool.flush()
+    assert pool.low == 5
+    pool.check_integrity([0, 1, 2, 3, 4])

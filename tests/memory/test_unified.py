@@ -223,3 +223,88 @@ def test_unified_placement_failure_is_counted() -> None:
     assert allocator.num_placement_failures == 1 and allocator.stats.num_oom_events == 2
     allocator.check_integrity()
     _check_bytes(allocator)
+
+
+class _PlacementRule:
+    """The module doc's placement rule, one block at a time and without any map: state
+    runs take the highest wholly free group; attention blocks take the lowest free block
+    outside a wholly free group, breaking the lowest whole group only when none is left.
+    Blocks past the last whole group belong to no group (they are always holes)."""
+
+    def __init__(self, allocator: UnifiedAllocator) -> None:
+        self.run, self.num_groups = allocator.vllm.num_state_groups, allocator.num_groups
+        self.free = set(range(1, allocator.num_blocks))  # block 0: vLLM's null block
+        self.pages_per_block = allocator.block_bytes // allocator.spec.page_bytes
+
+    def group(self, group: int) -> range:
+        return range(group * self.run, (group + 1) * self.run)
+
+    def whole(self, group: int) -> bool:
+        return all(b in self.free for b in self.group(group))
+
+    def take_run(self) -> int:
+        whole = [g for g in range(self.num_groups) if self.whole(g)]
+        if not whole:
+            return NO_SLOT
+        self.free -= set(self.group(whole[-1]))
+        return whole[-1]
+
+    def take_block(self) -> int:
+        holes = [b for b in sorted(self.free) if not self._in_whole(b)]
+        block = holes[0] if holes else min(self.group(next(
+            g for g in range(self.num_groups) if self.whole(g))))  # fmt: skip
+        self.free.remove(block)
+        return block
+
+    def _in_whole(self, block: int) -> bool:
+        group = block // self.run if self.run else -1
+        return 0 <= group < self.num_groups and self.whole(group)
+
+    def kernel_pages(self, blocks: list[int]) -> list[int]:
+        k = self.pages_per_block
+        return [b * k + i for b in blocks for i in range(k)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS, extra_recurrent=st.integers(0, 3), budget_mib=st.integers(2, 6))
+def test_unified_hands_out_blocks_by_its_placement_rule(
+    ops: list[tuple[str, int, int]], extra_recurrent: int, budget_mib: int
+) -> None:
+    """Every admission and grow gets exactly the blocks the rule names, in order (the
+    allocator takes runs of holes at once; the rule takes one block at a time), and a
+    refusal happens exactly when the rule finds no room."""
+    geometry = small_hybrid(1, 1 + extra_recurrent, d_inner=512)
+    allocator = UnifiedAllocator(geometry, MemoryConfig(budget_mib * MiB))
+    rule = _PlacementRule(allocator)
+    blocks: dict[int, list[int]] = {}  # request -> its attention blocks
+    runs: dict[int, int] = {}  # request -> its state group
+    tokens: dict[int, int] = {}
+    for op, request_id, amount in ops:
+        live = request_id in tokens
+        if op == "free":
+            if live:
+                allocator.free(request_id)
+                rule.free |= set(blocks.pop(request_id))
+                rule.free |= set(rule.group(runs.pop(request_id)))
+                del tokens[request_id]
+            continue
+        if (op == "admit") == live or not allocator.fits_alone(amount + tokens.get(request_id, 0)):
+            continue
+        new_tokens = amount + tokens.get(request_id, 0)
+        held = blocks.get(request_id, [])
+        extra = allocator.num_blocks_for(new_tokens) - rule.run - len(held)
+        state = rule.run if op == "admit" else 0
+        expected: tuple[int, list[int]] | None = None
+        has_group = op == "grow" or any(rule.whole(g) for g in range(rule.num_groups))
+        if extra + state <= len(rule.free) and has_group:  # else: short, or no whole group
+            run = rule.take_run() if op == "admit" else runs[request_id]
+            added = [rule.take_block() for _ in range(extra)]
+            expected = (run, rule.kernel_pages(added))
+            blocks[request_id], runs[request_id] = held + added, run
+            tokens[request_id] = new_tokens
+        if op == "admit":
+            got = allocator.admit(request_id, amount)
+            assert (got and (got.slot, list(got.pages))) == expected
+        else:
+            assert allocator.grow(request_id, amount) == (expected and expected[1])
+        allocator.check_integrity()
