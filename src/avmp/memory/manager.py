@@ -159,10 +159,10 @@ class AvmpManager(CacheAllocator):
             num_new_pages = -(-num_tokens // self._block_size) - num_held
             if num_new_pages and num_held + num_new_pages > self._max_pages_alone:
                 self._raise_too_large(num_tokens)
-        if num_new_pages > self._kv.num_free and not self._make_room(num_new_pages, 0):
-            return None
         new_pages: list[int] = []
-        if num_new_pages:
+        if num_new_pages:  # most grows (decode steps) stay inside the last page
+            if num_new_pages > self._kv.num_free and not self._make_room(num_new_pages, 0):
+                return None
             new_pages = self._kv.allocate(num_new_pages)
             request.pages.extend(new_pages)
         request.num_tokens = num_tokens

@@ -66,14 +66,15 @@ class RecentFrees:
         return request_id in self._ids
 
     def add(self, request_id: int) -> None:
-        self._stamp += 1
-        self._ids[request_id] = self._stamp
-        order = self._order
-        order.append((request_id, self._stamp))
+        # locals for the attributes read twice: every free calls this
+        ids, order = self._ids, self._order
+        stamp = self._stamp = self._stamp + 1
+        ids[request_id] = stamp
+        order.append((request_id, stamp))
         if len(order) > self._limit:
-            oldest, stamp = order.popleft()
-            if self._ids.get(oldest) == stamp:
-                del self._ids[oldest]
+            oldest, oldest_stamp = order.popleft()
+            if ids.get(oldest) == oldest_stamp:
+                del ids[oldest]
 
     def discard(self, request_id: int) -> None:
         """Forget an id that is admitted again (preemption by recompute re-admits it)."""
