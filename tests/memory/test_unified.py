@@ -17,7 +17,7 @@ from hybrid_geometries import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avmp.memory.spec import NO_SLOT, CacheAllocator, MemoryConfig
+from avmp.memory.spec import NO_SLOT, AllocatorStats, CacheAllocator, MemoryConfig
 from avmp.memory.unified import UnifiedAllocator, VllmBlockGeometry, unified_buffer_bytes
 from avmp.models.geometry import AttentionLayer
 
@@ -308,3 +308,26 @@ def test_unified_hands_out_blocks_by_its_placement_rule(
         else:
             assert allocator.grow(request_id, amount) == (expected and expected[1])
         allocator.check_integrity()
+
+
+def test_unified_past_the_id_cache_decides_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool too large to keep its ids as int objects slices a range instead: the
+    same calls get the same answers."""
+    geometry = small_hybrid(1, 2, d_inner=512)
+    calls = [("admit", 0, 150), ("admit", 1, 40), ("grow", 0, 200), ("free", 1, 0),
+             ("admit", 2, 300), ("grow", 2, 90), ("free", 0, 0), ("admit", 3, 700)]  # fmt: skip
+
+    def answers() -> tuple[list[object], type, AllocatorStats]:
+        allocator = UnifiedAllocator(geometry, MemoryConfig(6 * MiB))
+        out: list[object] = []
+        for op, request_id, amount in calls:
+            out.append(getattr(allocator, op)(request_id, *([amount] if amount else [])))
+            allocator.check_integrity()
+        return out, type(allocator._page_ids), allocator.stats
+
+    cached, cached_ids, cached_stats = answers()
+    monkeypatch.setattr("avmp.memory.unified.MAX_CACHED_IDS", 0)
+    ranged, ranged_ids, ranged_stats = answers()
+    assert cached_ids is list and ranged_ids is range
+    assert cached == ranged and cached_stats == ranged_stats
+    assert sum(1 for answer in cached if answer) >= 4, cached  # units were handed out
