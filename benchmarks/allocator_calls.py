@@ -305,7 +305,8 @@ def write_docs(path: Path, section: str) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
+        rest = text[nxt + 1 :] if nxt >= 0 else ""
+        text = text[:start] + section + ("\n" + rest if rest else "")  # a blank line between
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
