@@ -207,14 +207,16 @@ class UnifiedAllocator(RequestTable[_Placed]):
         if self.num_groups:
             self._group_free[0] -= 1
         # byte maps searched with find/rfind at C speed: 1 marks a free block outside any
-        # wholly free group (a hole), and a wholly free group
-        self._whole = bytearray(
-            int(free == self._run) for free in self._group_free
-        )
-        self._holes = bytearray(
-            int(bool(self._is_free[b]) and not self._in_whole_group(b))
-            for b in range(self.num_blocks)
-        )
+        # wholly free group (a hole), and a wholly free group. Built with slice stores, not
+        # a Python step per block: every group but the null block's starts whole.
+        self._whole = bytearray(b"\x01") * self.num_groups
+        first_whole = 0
+        if self.num_groups and self._group_free[0] != self._run:
+            self._whole[0] = 0
+            first_whole = 1
+        self._holes = bytearray(self._is_free)
+        start, stop = first_whole * self._run, self.num_groups * self._run
+        self._holes[start:stop] = bytes(stop - start)
         self.num_placement_failures = 0
         self.backing = backing
         if backing is not None:  # one buffer of `unified_buffer_bytes`, nothing mapped later
