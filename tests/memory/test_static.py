@@ -105,3 +105,63 @@ def test_static_split_too_small_for_one_slot_rejects_everything() -> None:
     assert not manager.fits_alone(1)
     with pytest.raises(RequestTooLargeError):
         manager.admit(0, 1)
+
+
+# -- SGLang's static split as it ships: padding slot, give-back, running cap ---------
+
+
+def test_padding_slot_is_held_and_never_handed_out() -> None:
+    geometry = small_hybrid()
+    plain, padded = static(geometry, 64 * MiB), static(geometry, 64 * MiB, padding_slot=True)
+    assert padded.num_units(STATE) == plain.num_units(STATE)
+    assert padded.num_free_units(STATE) == plain.num_free_units(STATE) - 1
+    num_padded = fill(padded, 1)
+    assert padded.padding_slot_id == 0
+    assert 0 not in {padded.units(i).slot for i in range(num_padded)}
+    assert num_padded == fill(plain, 1) - 1
+
+
+def test_give_back_moves_the_state_share_beyond_whole_slots_to_kv() -> None:
+    geometry = jamba_mini()
+    plain, given = static(geometry, 8 * GiB), static(geometry, 8 * GiB, give_back=True)
+    assert given.num_units(STATE) == plain.num_units(STATE)  # not one slot fewer
+    state_chunks = len(given.pool_chunks(STATE))
+    assert state_chunks == given._state.chunks_for(plain.num_units(STATE))
+    given_chunks = len(plain.pool_chunks(STATE)) - state_chunks
+    assert 0 < given_chunks * 2 * MiB < geometry.state_bytes_per_request
+    assert len(given.pool_chunks(KV)) == len(plain.pool_chunks(KV)) + given_chunks
+    assert given.num_units(KV) > plain.num_units(KV)
+
+
+def test_radix_cache_cap_runs_a_third_of_the_slots_and_waits_without_oom() -> None:
+    geometry = small_hybrid()
+    capped = static(geometry, 64 * MiB, radix_cache_cap=True, padding_slot=True)
+    assert capped.max_running == max(1, capped.num_free_units(STATE) // 3)
+    assert fill(capped, 1) == capped.max_running
+    assert capped.stats.num_oom_events == 0
+    capped.free(0)
+    assert capped.admit(10_000, 1) is not None
+
+
+def test_sglang_defaults_turn_on_padding_and_give_back() -> None:
+    allocator = static(jamba_mini(), 8 * GiB, sglang_defaults=True)
+    assert allocator.padding_slot_id == 0 and allocator.max_running is None
+    assert len(allocator.pool_chunks(STATE)) < len(static(jamba_mini(), 8 * GiB).pool_chunks(STATE))
+
+
+@pytest.mark.parametrize("option", ["padding_slot", "give_back", "radix_cache_cap"])
+def test_shipped_options_are_static_only_and_boolean(option: str) -> None:
+    with pytest.raises(ValueError, match="takes no options"):
+        make_allocator("avmp", small_hybrid(), MemoryConfig(8 * MiB), **{option: True})
+    with pytest.raises(ValueError, match="need fixed_state_fraction"):
+        AvmpManager(small_hybrid(), MemoryConfig(8 * MiB), **{option: True})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="True or False"):
+        make_allocator("static", small_hybrid(), MemoryConfig(8 * MiB), **{option: 1})
+
+
+def test_shipped_options_on_models_with_one_cache_kind() -> None:
+    attention = static(pure_attention(), 8 * MiB, sglang_defaults=True, radix_cache_cap=True)
+    assert attention.padding_slot_id == -1 and attention.max_running is None
+    assert fill(attention, 16) > 0
+    recurrent = static(pure_recurrent(), 64 * MiB, sglang_defaults=True)
+    assert recurrent.padding_slot_id == 0 and fill(recurrent, 1) == recurrent.num_units(STATE) - 1

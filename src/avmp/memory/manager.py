@@ -62,6 +62,15 @@ class AvmpManager(CacheAllocator):
             instead ("static"): at start-up the state pool gets ``round(F * num_chunks)``
             chunks and the KV pool the rest, and nothing moves afterwards, so a short pool
             fails the allocation even when the other is empty.
+        padding_slot: static only. Hold one state slot that no request ever gets, as
+            SGLang's MambaPool reserves slot 0 for padded batch entries.
+        give_back: static only. Keep only the chunks the state pool's whole slots need
+            and give the rest of the state share to the KV pool, as SGLang's
+            configurator returns the unused part of the state budget (what is left is
+            under one chunk).
+        radix_cache_cap: static only. Run at most a third of the usable slots at once
+            (at least one), the cap SGLang's scheduler applies with its radix cache on;
+            an admission over the cap waits (returns None) without an OOM event.
     """
 
     name = "avmp"
@@ -73,9 +82,17 @@ class AvmpManager(CacheAllocator):
         backing: Backing | None = None,
         *,
         fixed_state_fraction: float | None = None,
+        padding_slot: bool = False,
+        give_back: bool = False,
+        radix_cache_cap: bool = False,
     ) -> None:
         if fixed_state_fraction is not None and not 0.0 <= fixed_state_fraction <= 1.0:
             raise ValueError(f"fixed_state_fraction must be in [0, 1], got {fixed_state_fraction}")
+        if fixed_state_fraction is None and (padding_slot or give_back or radix_cache_cap):
+            raise ValueError(
+                "padding_slot, give_back and radix_cache_cap shape a fixed split: "
+                "they need fixed_state_fraction"
+            )
         super().__init__(geometry, config)
         self.spec = CacheSpec.from_geometry(geometry, config.block_size)
         self.backing = backing
@@ -99,20 +116,35 @@ class AvmpManager(CacheAllocator):
         if backing is not None:
             backing.attach(self.spec, config)
         self.fixed_state_fraction = fixed_state_fraction
+        self.padding_slot_id = -1  # the slot held back as SGLang's padding slot, if any
+        self.max_running: int | None = None  # SGLang's running cap, if any
         if fixed_state_fraction is not None:
-            self._split_once(fixed_state_fraction)
+            self._split_once(fixed_state_fraction, give_back)
+            self._hold_padding_slot(padding_slot)
+            if radix_cache_cap and self._slots_per_request:
+                self.max_running = max(1, self._state.num_free // 3)
 
-    def _split_once(self, state_fraction: float) -> None:
+    def _split_once(self, state_fraction: float, give_back: bool) -> None:
         """Hand every chunk to the pools at start-up; from then on `_make_room` finds
         nothing, as the reserve is empty and migration is off."""
         self.name = "static"
         num_state = round(self.config.num_chunks * state_fraction)
+        if give_back and self._slots_per_request:
+            num_state = self._state.chunks_for(self._state.units_for(num_state))
         if num_state:
             self._take_reserve(PoolKind.STATE, num_state)
         if self.config.num_chunks - num_state:
             self._take_reserve(PoolKind.KV, self.config.num_chunks - num_state)
         self.events.clear()  # the start-up split is not a run-time event
         has_slot = self._state.num_units >= self._slots_per_request
+        self._max_pages_alone = self._pages_alone(self._kv.num_units, has_slot)
+
+    def _hold_padding_slot(self, wanted: bool) -> None:
+        """Take the state pool's first slot for good (no request's, never freed)."""
+        if not (wanted and self._slots_per_request and self._state.num_free):
+            return
+        self.padding_slot_id = self._state.allocate_one()
+        has_slot = self._state.num_free >= self._slots_per_request
         self._max_pages_alone = self._pages_alone(self._kv.num_units, has_slot)
 
     # -- the allocator interface ----------------------------------------------------
@@ -124,6 +156,8 @@ class AvmpManager(CacheAllocator):
             check_num_tokens("num_tokens", num_tokens)
         if request_id in self._requests:
             raise DuplicateRequestError(f"request {request_id} is already live")
+        if self.max_running is not None and len(self._requests) >= self.max_running:
+            return None
         # -(-a // b) is ceil_div inlined: a call costs as much as the rest of a grow
         num_pages = -(-num_tokens // self._block_size) if self._has_pages else 0
         if num_pages > self._max_pages_alone:
@@ -246,7 +280,7 @@ class AvmpManager(CacheAllocator):
         owned = self._reserve.chunk_ids + self._kv.chunks + self._state.chunks
         assert sorted(owned) == list(range(self.config.num_chunks)), "chunks not conserved"
         live_pages: list[int] = []
-        live_slots: list[int] = []
+        live_slots: list[int] = [self.padding_slot_id] if self.padding_slot_id >= 0 else []
         num_tokens = 0
         for request_id, request in self._requests.items():
             assert request_id not in self._freed, f"request {request_id} live and freed"

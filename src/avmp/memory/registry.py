@@ -14,6 +14,9 @@ from avmp.models.geometry import ModelGeometry
 
 ALLOCATOR_NAMES = ("avmp", "unified", "static", "oracle")
 SGLANG_MAMBA_FULL_MEMORY_RATIO = 0.9  # SGLang's default --mamba-full-memory-ratio
+# SGLang's static split as it ships (sglang/srt/.../kv_cache_configurator.py, its
+# scheduler with the radix cache on): options of the static layout, each off by default.
+STATIC_SHIPPED_OPTIONS = ("padding_slot", "give_back", "radix_cache_cap")
 
 
 def make_allocator(
@@ -31,8 +34,13 @@ def make_allocator(
             ``oracle`` (exact bytes, bookkeeping only).
         backing: where the bytes live (None: bookkeeping only). The unified layout
             needs one buffer of `avmp.memory.unified.unified_buffer_bytes`.
-        options: ``state_fraction`` or ``mamba_full_memory_ratio`` for ``static``
-            (default: SGLang's ratio 0.9); no other layout takes options.
+        options: for ``static`` only: ``state_fraction`` or ``mamba_full_memory_ratio``
+            (default: SGLang's ratio 0.9), and SGLang's behaviour as it ships, each off
+            by default (the published figures were made without them): ``padding_slot``
+            (one state slot held back), ``give_back`` (the state share's unused whole
+            chunks go to the KV pool), ``radix_cache_cap`` (at most a third of the slots
+            running at once, SGLang's cap with its radix cache on); ``sglang_defaults``
+            turns on padding_slot and give_back together. No other layout takes options.
     Raises:
         ValueError: an unknown name (the message lists the known ones), an option the
             layout does not take, or a backing given to the oracle.
@@ -40,8 +48,9 @@ def make_allocator(
     if name not in ALLOCATOR_NAMES:
         raise ValueError(f"unknown allocator {name!r}; known: {', '.join(ALLOCATOR_NAMES)}")
     if name == "static":
-        fraction = static_state_fraction(geometry, **_split_options(options))
-        return AvmpManager(geometry, config, backing, fixed_state_fraction=fraction)
+        split, shipped = _split_options(options)
+        fraction = static_state_fraction(geometry, **split)
+        return AvmpManager(geometry, config, backing, fixed_state_fraction=fraction, **shipped)
     if options:
         raise ValueError(f"the {name} allocator takes no options, got {', '.join(options)}")
     if name == "avmp":
@@ -53,15 +62,27 @@ def make_allocator(
     return OracleAllocator(geometry, config)
 
 
-def _split_options(options: dict[str, Any]) -> dict[str, float | None]:
-    unknown = set(options) - {"state_fraction", "mamba_full_memory_ratio"}
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, bool]]:
+    """The static layout's options: its split, and which of SGLang's shipped behaviours
+    (`STATIC_SHIPPED_OPTIONS`) are on."""
+    unknown = set(options) - {"state_fraction", "mamba_full_memory_ratio", "sglang_defaults",
+                              *STATIC_SHIPPED_OPTIONS}
     if unknown:
         raise ValueError(
-            f"the static allocator takes state_fraction or mamba_full_memory_ratio, "
+            f"the static allocator takes state_fraction, mamba_full_memory_ratio, "
+            f"sglang_defaults, {', '.join(STATIC_SHIPPED_OPTIONS)}; "
             f"got {', '.join(sorted(unknown))}"
         )
-    return {"state_fraction": options.get("state_fraction"),
-            "mamba_full_memory_ratio": options.get("mamba_full_memory_ratio")}
+    for key in ("sglang_defaults", *STATIC_SHIPPED_OPTIONS):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"the static option {key} must be True or False, "
+                             f"got {options[key]!r}")
+    shipped = {key: bool(options.get(key, False)) for key in STATIC_SHIPPED_OPTIONS}
+    if options.get("sglang_defaults"):
+        shipped["padding_slot"] = shipped["give_back"] = True
+    split = {"state_fraction": options.get("state_fraction"),
+             "mamba_full_memory_ratio": options.get("mamba_full_memory_ratio")}
+    return split, shipped
 
 
 def static_state_fraction(
