@@ -29,6 +29,7 @@ from avmp.bench.stats import (
     oom_change,
     paired_ratios,
 )
+from avmp.sim.metrics import SloTargets
 from avmp.units import format_bytes
 
 Table = tuple[list[str], list[list[str]]]
@@ -61,42 +62,57 @@ def _grid_values(cells: Sequence[Cell], key: str) -> list[Any]:
     return sorted({coord(c, key) for c in cells}, key=lambda v: (str(type(v)), v))
 
 
-def headline_table(cells: Sequence[Cell]) -> Table:
-    """Per workload and baseline: AVMP's request and output-token throughput ratios with
-    95% CIs, the number of pairs, and the change in OOM events."""
+def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Table:
+    """Per workload and baseline: AVMP's ratios with 95% CIs of requests/s, of requests/s
+    over the requests every allocator completed, of goodput under ``slo`` and of output
+    tokens/s; the number of pairs, and the change in OOM events."""
     requests = sorted(
         paired_ratios(cells, ("workload",), "request_throughput"),
         key=lambda r: (r.group["workload"], baseline_key(r.baseline)),
     )
-    tokens = {
-        (r.group["workload"], r.baseline): r
-        for r in paired_ratios(cells, ("workload",), "output_token_throughput")
+    others = {
+        metric: {(r.group["workload"], r.baseline): r for r in rows}
+        for metric, rows in (
+            (m, paired_ratios(cells, ("workload",), m, slo=slo))
+            for m in ("common_request_throughput", "goodput", "output_token_throughput")
+        )
     }
     headers = [
         "workload",
         "baseline",
         "pairs",
         "AVMP / baseline, requests/s [95% CI]",
+        "requests all completed, req/s [95% CI]",
+        "goodput [95% CI]",
         "output tokens/s [95% CI]",
         "OOM events vs baseline",
     ]
     rows = []
     for row in requests:
         workload = row.group["workload"]
-        tok = tokens[(workload, row.baseline)]
         workload_cells = [c for c in cells if coord(c, "workload") == workload]
         pairs = f"{row.num_pairs}" + (f" (+{row.num_excluded} zero)" if row.num_excluded else "")
+        derived = [_row_text(others[m][(workload, row.baseline)]) for m in others]
         rows.append(
             [
                 workload,
                 row.baseline,
                 pairs,
                 _ratio_text(row.ratio, row.ci_low, row.ci_high),
-                _ratio_text(tok.ratio, tok.ci_low, tok.ci_high),
+                *derived,
                 _pct(oom_change(workload_cells, row.baseline)),
             ]
         )
     return headers, rows
+
+
+def _row_text(row: RatioRow) -> str:
+    """A ratio with its CI; pairs left out for lack of per-request data (cells saved
+    before it was recorded) are said, and a row of only such pairs reads n/a."""
+    text = _ratio_text(row.ratio, row.ci_low, row.ci_high)
+    if row.num_unavailable and row.num_pairs:
+        text += f" ({row.num_unavailable} pairs n/a)"
+    return text
 
 
 def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
@@ -123,13 +139,16 @@ def budget_table(cells: Sequence[Cell]) -> Table:
     return headers, rows
 
 
-def allocator_table(cells: Sequence[Cell]) -> Table:
-    """Per workload and allocator: completions, rejections, OOM events, latencies."""
+def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Table:
+    """Per workload and allocator: throughputs, completions, rejections, OOM events,
+    latencies."""
     headers = [
         "workload",
         "allocator",
         "cells",
         "req/s",
+        "req/s, requests all completed",
+        "goodput",
         "completed",
         "rejected",
         "OOM events",
@@ -139,13 +158,15 @@ def allocator_table(cells: Sequence[Cell]) -> Table:
         "budget in use",
     ]
     rows = []
-    for a in aggregate(cells, ("workload", "allocator")):
+    for a in aggregate(cells, ("workload", "allocator"), slo):
         rows.append(
             [
                 a["workload"],
                 a["allocator"],
                 str(a["num_cells"]),
                 f"{a['mean_request_throughput']:.2f}",
+                _number(a["mean_common_request_throughput"]),
+                _number(a["mean_goodput"]),
                 f"{a['mean_num_completed']:.0f}",
                 f"{a['mean_num_rejected']:.0f}",
                 str(a["total_oom_events"]),
@@ -156,6 +177,10 @@ def allocator_table(cells: Sequence[Cell]) -> Table:
             ]
         )
     return headers, rows
+
+
+def _number(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def markdown_table(table: Table) -> str:
@@ -174,8 +199,10 @@ def html_table(table: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def conditions(cells: Sequence[Cell]) -> list[str]:
+def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str]:
     """What the cells cover and the settings they share, as bullet lines."""
+    slo = slo or SloTargets()
+    without = sum(1 for c in cells if "completed_requests" not in c["result"])
     sizes = sorted({(coord(c, "workload"), c["settings"]["num_requests"]) for c in cells})
     shared = sorted(
         {
@@ -198,6 +225,14 @@ def conditions(cells: Sequence[Cell]) -> list[str]:
         "statistic: geometric mean of per-pair ratios AVMP / baseline (pair = same workload, "
         "model, budget, profile, seed); 95% CI: paired bootstrap (scipy, percentile, "
         "9,999 resamples, fixed seed)",
+        f"goodput: requests/s that met {slo.describe()} (as vllm bench serve --goodput "
+        "counts them); requests all completed: requests/s over the requests that every "
+        "allocator of the pair completed, until the last of them finished"
+        + (
+            f"; {without} cells saved without per-request data: their pairs are n/a there"
+            if without
+            else ""
+        ),
     ]
 
 
@@ -357,22 +392,27 @@ def figures(cells: Sequence[Cell]) -> list[Figure]:
     return [f for f in drawn if f is not None]
 
 
-def write_report(directory: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (+ PNGs in ``figures/``) and ``report.html`` from saved cells."""
+def write_report(directory: str | Path, slo: SloTargets | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ PNGs in ``figures/``) and ``report.html`` from saved cells.
+
+    Args:
+        slo: the latency objectives of goodput (default: `SloTargets()`).
+    """
     directory = Path(directory)
     cells = load_cells(directory)
     tables = [
-        ("Headline: AVMP over each baseline", headline_table(cells)),
+        ("Headline: AVMP over each baseline", headline_table(cells, slo)),
         ("Per memory budget", budget_table(cells)),
-        ("Per allocator", allocator_table(cells)),
+        ("Per allocator", allocator_table(cells, slo)),
     ]
     drawn = figures(cells)
+    lines = conditions(cells, slo)
     (directory / "figures").mkdir(exist_ok=True)
     for fig in drawn:
         _write(directory / "figures" / f"{fig.name}.png", fig.png)
     md_path, html_path = directory / "report.md", directory / "report.html"
-    _write(md_path, _markdown(cells, tables, drawn).encode())
-    _write(html_path, _html(cells, tables, drawn).encode())
+    _write(md_path, _markdown(lines, tables, drawn).encode())
+    _write(html_path, _html(lines, tables, drawn).encode())
     return md_path, html_path
 
 
@@ -381,9 +421,9 @@ def _write(path: Path, data: bytes) -> None:
         path.write_bytes(data)
 
 
-def _markdown(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
+def _markdown(lines: list[str], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
     parts = ["# avmp evaluation report", "", "## Conditions", ""]
-    parts += [f"- {line}" for line in conditions(cells)]
+    parts += [f"- {line}" for line in lines]
     for title, table in tables:
         parts += ["", f"## {title}", "", markdown_table(table)]
     for fig in drawn:
@@ -391,7 +431,7 @@ def _markdown(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: lis
     return "\n".join(parts) + "\n"
 
 
-def _html(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
+def _html(lines: list[str], tables: list[tuple[str, Table]], drawn: list[Figure]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse;font-size:13px}"
@@ -402,7 +442,7 @@ def _html(cells: Sequence[Cell], tables: list[tuple[str, Table]], drawn: list[Fi
         "<title>avmp evaluation report</title></head><body>",
         "<h1>avmp evaluation report</h1><h2>Conditions</h2><ul>",
     ]
-    parts += [f"<li>{html.escape(line)}</li>" for line in conditions(cells)]
+    parts += [f"<li>{html.escape(line)}</li>" for line in lines]
     parts.append("</ul>")
     for title, table in tables:
         parts += [f"<h2>{html.escape(title)}</h2>", html_table(table)]

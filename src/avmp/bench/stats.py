@@ -13,6 +13,13 @@ pairs), 9,999 resamples, a fixed seed, so the same cells give the same interval.
 with a single pair has no interval (NaN). A pair where either side has zero throughput
 (nothing completed) has no finite ratio: it is left out and counted in
 ``num_excluded``.
+
+Metrics: req/s and output tokens/s as saved; goodput under latency objectives
+(`avmp.sim.metrics.goodput`); and req/s over the requests every allocator of the pair's
+trace completed (`common_request_throughput`: the intersection of completed ids across
+the allocators run on the same workload, model, budget, profile and seed). The last two
+are computed from a cell's per-request columns; cells saved before those existed have
+none, so their pairs are left out and counted in ``num_unavailable``.
 """
 
 from __future__ import annotations
@@ -20,16 +27,25 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avmp.sim.metrics import (
+    REQUEST_COLUMNS,
+    SloTargets,
+    common_request_ids,
+    common_throughput,
+    goodput,
+)
+
 AVMP = "avmp"
 PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed")
-METRICS = ("request_throughput", "output_token_throughput")
+SAVED_METRICS = ("request_throughput", "output_token_throughput")
+METRICS = (*SAVED_METRICS, "goodput", "common_request_throughput")
 PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
 BOOTSTRAP_SEED = 20260522
 N_RESAMPLES = 9_999
@@ -117,6 +133,21 @@ def _result_problem(result: dict[str, Any]) -> str | None:
         for p in timeline
     ):
         return "result.timeline is not a list of points"
+    if "completed_requests" in result:
+        return _columns_problem(result["completed_requests"])
+    return None
+
+
+def _columns_problem(columns: Any) -> str | None:
+    """Per-request columns are optional (older cells lack them) but, when present, must
+    be lists of numbers of one length."""
+    if not isinstance(columns, dict) or not all(
+        isinstance(columns.get(k), list) for k in REQUEST_COLUMNS
+    ):
+        return "result.completed_requests is not an object of per-request lists"
+    lengths = {len(columns[k]) for k in REQUEST_COLUMNS}
+    if len(lengths) != 1 or not all(_is_number(v) for k in REQUEST_COLUMNS for v in columns[k]):
+        return "result.completed_requests has lists of other lengths or non-numbers"
     return None
 
 
@@ -141,6 +172,7 @@ class RatioRow:
     ratio: float
     ci_low: float
     ci_high: float
+    num_unavailable: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,15 +206,50 @@ def bootstrap_ratio(avmp: Sequence[float], base: Sequence[float]) -> tuple[float
     return ratio, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def _pairs(
-    cells: Iterable[Cell], baseline: str, metric: str, group_keys: Sequence[str]
-) -> dict[tuple[Any, ...], list[tuple[float, float]]]:
-    """Group -> [(avmp value, baseline value)], pairs in sorted pair-key order."""
-    by_key: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
+def metric_values(
+    cells: Sequence[Cell], metric: str, slo: SloTargets | None = None
+) -> list[float | None]:
+    """Each cell's value of ``metric`` (one of `METRICS`), None where the cell lacks
+    the per-request columns a derived metric needs.
+
+    Raises:
+        ValueError: an unknown metric.
+    """
+    if metric in SAVED_METRICS:
+        return [float(c["result"][metric]) for c in cells]
+    if metric == "goodput":
+        return [goodput(c["result"], slo or SloTargets()) for c in cells]
+    if metric == "common_request_throughput":
+        return _common_throughputs(cells)
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def _common_throughputs(cells: Sequence[Cell]) -> list[float | None]:
+    """req/s over the requests every allocator of a cell's pair key completed."""
+    by_key: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
     for cell in cells:
+        by_key[tuple(coord(cell, k) for k in PAIR_KEYS)].append(cell)
+    common = {key: common_request_ids(c["result"] for c in group) for key, group in by_key.items()}
+    values: list[float | None] = []
+    for cell in cells:
+        ids = common[tuple(coord(cell, k) for k in PAIR_KEYS)]
+        values.append(None if ids is None else common_throughput(cell["result"], ids))
+    return values
+
+
+def _pairs(
+    cells: Sequence[Cell],
+    baseline: str,
+    metric: str,
+    group_keys: Sequence[str],
+    slo: SloTargets | None,
+) -> dict[tuple[Any, ...], list[tuple[float | None, float | None]]]:
+    """Group -> [(avmp value, baseline value)], pairs in sorted pair-key order."""
+    by_key: dict[tuple[Any, ...], dict[str, float | None]] = defaultdict(dict)
+    for cell, value in zip(cells, metric_values(cells, metric, slo), strict=True):
         pair_key = tuple(coord(cell, k) for k in PAIR_KEYS)
-        by_key[pair_key][coord(cell, "allocator")] = float(cell["result"][metric])
-    groups: dict[tuple[Any, ...], list[tuple[float, float]]] = defaultdict(list)
+        by_key[pair_key][coord(cell, "allocator")] = value
+    groups: dict[tuple[Any, ...], list[tuple[float | None, float | None]]] = defaultdict(list)
     for pair_key in sorted(by_key):
         values = by_key[pair_key]
         if AVMP in values and baseline in values:
@@ -196,28 +263,38 @@ def paired_ratios(
     group_keys: Sequence[str] = ("workload",),
     metric: str = "request_throughput",
     baselines: Sequence[str] | None = None,
+    slo: SloTargets | None = None,
 ) -> list[RatioRow]:
-    """AVMP / baseline for every group and baseline present in ``cells``."""
+    """AVMP / baseline for every group and baseline present in ``cells``.
+
+    Args:
+        slo: the objectives of ``goodput`` (default: `SloTargets()`).
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     found = sorted({coord(c, "allocator") for c in cells} - {AVMP})
     rows = []
     for baseline in baselines or found:
-        for group, pairs in sorted(_pairs(cells, baseline, metric, group_keys).items()):
-            finite = [(a, b) for a, b in pairs if a > 0 and b > 0]
+        for group, pairs in sorted(_pairs(cells, baseline, metric, group_keys, slo).items()):
             named = dict(zip(group_keys, group, strict=True))
-            if not finite:
-                rows.append(
-                    RatioRow(named, baseline, metric, 0, len(pairs), math.nan, math.nan, math.nan)
-                )
-                continue
-            ratio, low, high = bootstrap_ratio([a for a, _ in finite], [b for _, b in finite])
-            rows.append(
-                RatioRow(
-                    named, baseline, metric, len(finite), len(pairs) - len(finite), ratio, low, high
-                )
-            )
+            rows.append(_ratio_row(named, baseline, metric, pairs))
     return rows
+
+
+def _ratio_row(
+    group: dict[str, Any],
+    baseline: str,
+    metric: str,
+    pairs: list[tuple[float | None, float | None]],
+) -> RatioRow:
+    known = [(a, b) for a, b in pairs if a is not None and b is not None]
+    finite = [(a, b) for a, b in known if a > 0 and b > 0]
+    excluded, unavailable = len(known) - len(finite), len(pairs) - len(known)
+    if not finite:
+        nan = math.nan
+        return RatioRow(group, baseline, metric, 0, excluded, nan, nan, nan, unavailable)
+    ratio, low, high = bootstrap_ratio([a for a, _ in finite], [b for _, b in finite])
+    return RatioRow(group, baseline, metric, len(finite), excluded, ratio, low, high, unavailable)
 
 
 _MEAN_FIELDS = (
@@ -236,12 +313,19 @@ _MEAN_FIELDS = (
 
 
 def aggregate(
-    cells: Sequence[Cell], group_keys: Sequence[str] = ("workload", "allocator")
+    cells: Sequence[Cell],
+    group_keys: Sequence[str] = ("workload", "allocator"),
+    slo: SloTargets | None = None,
 ) -> list[dict[str, Any]]:
     """Per group: number of cells, sums of OOM events and preemptions, means of the
-    latency percentiles and throughputs, mean seconds per phase, and the mean share of
-    the budget in use over time (`cache_use`)."""
+    latency percentiles and throughputs (goodput and req/s over the requests every
+    allocator completed included: NaN when no cell of the group has them), mean seconds
+    per phase, and the mean share of the budget in use over time (`cache_use`)."""
     groups: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
+    derived: dict[str, dict[int, float | None]] = {
+        name: {id(c): v for c, v in zip(cells, metric_values(cells, name, slo), strict=True)}
+        for name in ("goodput", "common_request_throughput")
+    }
     for cell in cells:
         groups[tuple(coord(cell, k) for k in group_keys)].append(cell)
     rows = []
@@ -253,6 +337,8 @@ def aggregate(
         row["total_preemptions"] = int(sum(r["num_preemptions"] for r in members))
         for name in _MEAN_FIELDS:
             row[f"mean_{name}"] = _nan_mean([r[name] for r in members])
+        for name, values in derived.items():
+            row[f"mean_{name}"] = _nan_mean([values[id(c)] for c in groups[key]])
         row["mean_phase_s"] = {
             p: _nan_mean([r["phase_s"].get(p, 0.0) for r in members]) for p in PHASES
         }
@@ -287,6 +373,6 @@ def oom_change(cells: Sequence[Cell], baseline: str) -> float:
     return sum(v[AVMP] for v in both) / base_total - 1.0
 
 
-def _nan_mean(values: Sequence[float]) -> float:
+def _nan_mean(values: Sequence[float | None]) -> float:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(finite) / len(finite) if finite else math.nan

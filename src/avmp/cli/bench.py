@@ -32,6 +32,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_parser(subparsers: Any) -> None:
+    from avmp.cli.replay import add_slo_arguments
+
     parser = subparsers.add_parser(
         "bench",
         help="run the whole evaluation and write its report",
@@ -69,6 +71,7 @@ def add_parser(subparsers: Any) -> None:
         "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -165,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import headline_table, markdown_table, write_report
     from avmp.bench.stats import load_cells
     from avmp.bench.sweep import run_sweep
+    from avmp.cli.replay import slo_targets
 
+    slo = slo_targets(args)  # a bad objective fails before any work
     grid = build_grid(args)
     started = time.monotonic()
     num_simulated = run_sweep(
@@ -174,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     record_run(args, grid, num_simulated, elapsed)
     cells = load_cells(args.out)
-    md_path, html_path = write_report(args.out)
-    print(markdown_table(headline_table(cells)))
+    md_path, html_path = write_report(args.out, slo)
+    print(markdown_table(headline_table(cells, slo)))
     print(
         f"\n{len(grid.cells())} cells ({num_simulated} simulated now, {elapsed:.0f} s); "
         f"report: {md_path}, {html_path}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
@@ -17,6 +16,9 @@ COLUMNS = (
     "req/s",
     "out tok/s",
     "vs avmp",
+    "req/s, all completed",
+    "vs avmp, all completed",
+    "goodput req/s",
     "OOM events",
     "TTFT p50/p99 s",
     "TPOT p50/p99 ms",
@@ -46,11 +48,43 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
 
+def add_slo_arguments(parser: Any) -> None:
+    """The latency objectives of goodput (shared with ``avmp bench``)."""
+    from avmp.sim.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_S
+
+    parser.add_argument(
+        "--slo-ttft-s",
+        type=float,
+        default=DEFAULT_SLO_TTFT_S,
+        metavar="S",
+        help="goodput counts requests whose first token came within S seconds "
+        f"(default: {DEFAULT_SLO_TTFT_S:g})",
+    )
+    parser.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=DEFAULT_SLO_TPOT_MS,
+        metavar="MS",
+        help="... and whose mean time per output token after the first was at most MS "
+        f"milliseconds (default: {DEFAULT_SLO_TPOT_MS:g}, i.e. 10 tokens/s)",
+    )
+
+
+def slo_targets(args: argparse.Namespace) -> Any:
+    """The objectives the options ask for (ValueError, one line, when not positive)."""
+    from avmp.sim.metrics import SloTargets
+
+    return SloTargets(ttft_s=args.slo_ttft_s, tpot_ms=args.slo_tpot_ms)
+
+
 def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the trace once per allocator; returns each allocator's result dict.
+    """Run the trace once per allocator; returns each allocator's result dict, with
+    ``goodput`` under the options' objectives and ``common_request_throughput`` (req/s
+    over the requests every allocator completed) added.
 
     Raises:
         UserError: a bad argument, or a trace none of whose requests fits in the
@@ -59,9 +93,11 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     from avmp.bench.sweep import make_allocator
     from avmp.bench.traces import read_trace
     from avmp.models.zoo import resolve_model
+    from avmp.sim.metrics import common_request_ids, common_throughput, goodput
     from avmp.sim.simulator import SimConfig, simulate
 
     budget = parse_budget("--memory", args.memory)
+    slo = slo_targets(args)
     allocators = _allocators(args.allocators)
     if args.calibration is not None:
         with open(args.calibration):
@@ -80,6 +116,10 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
             "token counts"
         )
+    common = common_request_ids(results) or set()
+    for result in results:
+        result["goodput"] = goodput(result, slo)
+        result["common_request_throughput"] = common_throughput(result, common)
     return results
 
 
@@ -96,15 +136,24 @@ def _allocators(text: str) -> list[str]:
     return allocators
 
 
-def _row(result: dict[str, Any], reference: float) -> list[str]:
-    ratio = result["request_throughput"] / reference if reference > 0 else math.nan
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference > 0 else "n/a"
+
+
+def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
+    def vs_avmp(key: str) -> str:
+        return "n/a" if reference is None else _ratio(result[key], reference[key])
+
     return [
         result["allocator"],
         str(result["num_completed"]),
         str(result["num_rejected"]),
         f"{result['request_throughput']:.3f}",
         f"{result['output_token_throughput']:.1f}",
-        "n/a" if math.isnan(ratio) else f"{ratio:.2f}x",
+        vs_avmp("request_throughput"),
+        f"{result['common_request_throughput']:.3f}",
+        vs_avmp("common_request_throughput"),
+        f"{result['goodput']:.3f}",
         str(result["num_oom_events"]),
         f"{result['ttft_p50_s']:.2f} / {result['ttft_p99_s']:.2f}",
         f"{result['tpot_p50_s'] * 1e3:.1f} / {result['tpot_p99_s'] * 1e3:.1f}",
@@ -114,16 +163,20 @@ def _row(result: dict[str, Any], reference: float) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import markdown_table
+    from avmp.sim.metrics import common_request_ids
 
     results = replay(args)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
         return 0
     avmp = [r for r in results if r["allocator"] == "avmp"]
-    reference = avmp[0]["request_throughput"] if avmp else math.nan
+    reference = avmp[0] if avmp else None
+    num_common = len(common_request_ids(results) or ())
     print(
         f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
-        f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
+        f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}; "
+        f"all completed: the {num_common} requests every allocator completed; "
+        f"goodput: {slo_targets(args).describe()}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
     return 0

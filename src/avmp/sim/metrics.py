@@ -3,17 +3,31 @@
 Every field of `SimResult.deterministic_dict()` comes from the simulated clock and the
 allocator's decisions, so the same inputs give byte-identical dictionaries; only the
 ``measured_*`` fields depend on the machine.
+
+Besides req/s, two metrics compare layouts on the same work: goodput (requests per
+second that met every latency objective, as ``vllm bench serve --goodput`` counts them)
+and throughput over the requests every layout completed. Both read a result's
+per-request columns (`SimResult.completed_requests`), so they can be computed again
+from a saved result for any objectives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
 MEASURED_PREFIX = "measured_"
+# Columns of `SimResult.completed_requests`, one entry per completed request, by id.
+REQUEST_COLUMNS = ("request_id", "finish_s", "ttft_s", "tpot_s")
+# Per-request times are saved to the microsecond: far below any objective, and it keeps
+# a saved cell small (about 30 bytes per request).
+_TIME_DIGITS = 6
+DEFAULT_SLO_TTFT_S = 2.0
+DEFAULT_SLO_TPOT_MS = 100.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,6 +68,7 @@ class SimResult:
     num_output_tokens: int = 0
     num_recompute_tokens: int = 0
     time_model: str = ""
+    completed_requests: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (NaN where a percentile had no values)."""
@@ -92,3 +107,98 @@ class RequestClock:
             for r in self.finish_s
             if self.num_output[r] > 1
         ]
+
+    def completed_columns(self) -> dict[str, list[Any]]:
+        """`REQUEST_COLUMNS` of the finished requests, by request id: finish time from the
+        first arrival (the origin of ``makespan_s``), TTFT, and TPOT (0 for a single
+        output token, as vLLM's goodput counts it)."""
+        ids = sorted(self.finish_s)
+        origin = min(self.arrival_s.values(), default=0.0)
+        return {
+            "request_id": ids,
+            "finish_s": [_rounded(self.finish_s[r] - origin) for r in ids],
+            "ttft_s": [_rounded(self.first_token_s[r] - self.arrival_s[r]) for r in ids],
+            "tpot_s": [_rounded(self._tpot(r)) for r in ids],
+        }
+
+    def _tpot(self, request_id: int) -> float:
+        num_output = self.num_output[request_id]
+        if num_output <= 1:
+            return 0.0
+        return (self.finish_s[request_id] - self.first_token_s[request_id]) / (num_output - 1)
+
+
+def _rounded(seconds: float) -> float:
+    return round(seconds, _TIME_DIGITS)
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    """Latency objectives a request must all meet to count towards goodput.
+
+    The defaults are interactive-chat objectives: a first token within 2 s, then at
+    least 10 tokens/s (100 ms per output token), faster than people read.
+    """
+
+    ttft_s: float = DEFAULT_SLO_TTFT_S
+    tpot_ms: float = DEFAULT_SLO_TPOT_MS
+
+    def __post_init__(self) -> None:
+        for name, value in (("TTFT", self.ttft_s), ("TPOT", self.tpot_ms)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"the {name} objective must be a positive number, got {value}")
+
+    def describe(self) -> str:
+        return f"TTFT <= {self.ttft_s:g} s and TPOT <= {self.tpot_ms:g} ms"
+
+
+def has_request_columns(result: Mapping[str, Any]) -> bool:
+    """Whether a result (a `SimResult.to_dict()`) carries per-request columns; results
+    saved before they existed do not, and their derived metrics are not available."""
+    columns = result.get("completed_requests")
+    return isinstance(columns, Mapping) and all(k in columns for k in REQUEST_COLUMNS)
+
+
+def goodput(result: Mapping[str, Any], slo: SloTargets) -> float | None:
+    """Requests per second (over the makespan, like ``request_throughput``) that met
+    every objective of ``slo``; None without per-request columns."""
+    if not has_request_columns(result):
+        return None
+    columns = result["completed_requests"]
+    tpot_limit_s = slo.tpot_ms * 1e-3
+    good = sum(
+        1
+        for ttft, tpot in zip(columns["ttft_s"], columns["tpot_s"], strict=True)
+        if ttft <= slo.ttft_s and tpot <= tpot_limit_s
+    )
+    makespan = float(result["makespan_s"])
+    return good / makespan if makespan > 0 else 0.0
+
+
+def common_request_ids(results: Iterable[Mapping[str, Any]]) -> set[int] | None:
+    """Ids every one of ``results`` (runs of one trace) completed; None when one of them
+    has no per-request columns."""
+    common: set[int] | None = None
+    for result in results:
+        if not has_request_columns(result):
+            return None
+        ids = set(result["completed_requests"]["request_id"])
+        common = ids if common is None else common & ids
+    return common if common is not None else set()
+
+
+def common_throughput(result: Mapping[str, Any], common: set[int]) -> float | None:
+    """Requests per second over ``common`` only: their number over the time from the
+    first arrival until the last of them finished (0 when ``common`` is empty); None
+    without per-request columns. The same set of requests in every layout, so the
+    ratio compares like with like when layouts reject different requests."""
+    if not has_request_columns(result):
+        return None
+    columns = result["completed_requests"]
+    finishes = [
+        f for r, f in zip(columns["request_id"], columns["finish_s"], strict=True) if r in common
+    ]
+    if len(finishes) != len(common):
+        raise ValueError("common_throughput: the result did not complete every common request")
+    span = max(finishes, default=0.0)
+    return len(finishes) / span if span > 0 else 0.0

@@ -377,4 +377,5 @@ class _Simulation:
             num_output_tokens=output_tokens,
             num_recompute_tokens=self.num_recompute_tokens,
             time_model=type(self.model).__name__,
+            completed_requests=self.clock.completed_columns(),
         )
