@@ -17,7 +17,7 @@ from avmp.bench.traces import write_jsonl
 from avmp.bench.workloads import make_workload
 from avmp.cli import MAX_BUDGET_BYTES, main
 
-REPLAY = ["--model", "jamba-1.5-mini", "--memory", "1GiB"]
+REPLAY = ["--model", "jamba-1.5-mini", "--memory", "1GiB", "--profile", "h200"]  # fits on 141 GB
 BENCH = ["--quick", "--models", "jamba-1.5-mini", "--budgets", "1GiB", "--seeds", "1",
          "--workloads", "shift", "--workers", "1", "--no-progress"]
 OK = '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n'
@@ -74,7 +74,7 @@ def test_replay_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str], args
     path = tmp_path / "trace.jsonl"
     write_jsonl(make_workload("shift", 0, num_requests=6), path)
     started = time.monotonic()
-    assert main(["replay", str(path), "--model", "jamba-1.5-mini", *args]) == 2
+    assert main(["replay", str(path), "--model", "jamba-1.5-mini", "--profile", "h200", *args]) == 2
     assert time.monotonic() - started < 30
     assert message in one_line_error(capsys, "replay")
 

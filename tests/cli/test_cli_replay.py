@@ -18,7 +18,7 @@ def trace(tmp_path: Path) -> Path:
 
 
 def test_replay_prints_one_row_per_allocator(trace: Path, capsys) -> None:
-    assert main(["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB"]) == 0
+    assert main(["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB"]) == 0
     out = capsys.readouterr().out
     assert "12 requests" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "allocator" not in line]
@@ -27,7 +27,7 @@ def test_replay_prints_one_row_per_allocator(trace: Path, capsys) -> None:
 
 
 def test_replay_json_is_the_raw_results(trace: Path, capsys) -> None:
-    argv = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB", "--json",
+    argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB", "--json",
             "--allocators", "avmp,static", "--profile", "rtx3060"]
     assert main(argv) == 0
     results = json.loads(capsys.readouterr().out)
@@ -50,14 +50,15 @@ def test_replay_user_mistakes(tmp_path: Path, capsys, text: str, args: list[str]
                               message: str) -> None:
     path = tmp_path / "trace.jsonl"
     path.write_text(text)
-    argv = ["replay", str(path), "--model", "jamba-1.5-mini", "--memory", "1GiB", *args]
+    argv = ["replay", str(path), "--model", "granite-4.0-h-micro", "--memory", "1GiB", *args]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
 def test_replay_missing_trace(tmp_path: Path, capsys) -> None:
-    argv = ["replay", str(tmp_path / "no.jsonl"), "--model", "jamba-1.5-mini", "--memory", "1GiB"]
+    argv = ["replay", str(tmp_path / "no.jsonl"), "--model", "granite-4.0-h-micro",
+            "--memory", "1GiB"]
     assert main(argv) == 2
     assert "no such trace file" in capsys.readouterr().err
 
@@ -68,7 +69,7 @@ def test_replay_with_a_calibration_file(trace: Path, tmp_path: Path, capsys) -> 
               for p, d, c in ((0, 1, 100), (512, 0, 0), (0, 8, 4000), (256, 4, 2000), (64, 2, 50))]
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"gpu": "h100", "points": points}))
-    base = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB", "--json",
+    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB", "--json",
             "--allocators", "avmp"]
     assert main(base) == 0
     roofline = json.loads(capsys.readouterr().out)[0]
@@ -78,3 +79,31 @@ def test_replay_with_a_calibration_file(trace: Path, tmp_path: Path, capsys) -> 
     assert calibrated["makespan_s"] != roofline["makespan_s"]
     assert main([*base, "--calibration", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_replay_refuses_a_run_the_gpu_profile_cannot_hold(trace: Path, capsys) -> None:
+    argv = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB"]
+    assert main(argv) == 2  # 96 GiB of bf16 weights on an 80 GB H100
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "jamba-1.5-mini cannot run on NVIDIA H100 80 GB SXM (h100): weights 96.1 GiB" in err
+    cache = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "12GiB",
+             "--profile", "rtx3060"]
+    assert main(cache) == 2  # a 12 GiB cache on a 12 GB card
+    assert "cache 12.0 GiB" in capsys.readouterr().err
+    assert main([*argv, "--ignore-feasibility", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+
+
+def test_replay_ssm_dtype_doubles_the_state(trace: Path, capsys) -> None:
+    base = ["replay", str(trace), "--model", "nemotron-h-8b", "--memory", "1GiB", "--json",
+            "--allocators", "avmp"]
+    runs = {}
+    for dtype in ("bf16", "fp32", "auto"):
+        assert main([*base, "--ssm-dtype", dtype]) == 0
+        result = json.loads(capsys.readouterr().out)[0]
+        result.pop("measured_allocator_cpu_s")  # this machine's wall clock, not a result
+        runs[dtype] = result
+    assert runs["auto"] == runs["fp32"] != runs["bf16"]  # Nemotron-H: fp32 in vLLM and SGLang
+    assert main([*base, "--ssm-dtype", "fp8"]) == 2
+    assert "--ssm-dtype must be one of auto, bf16, fp16, fp32, got 'fp8'" in capsys.readouterr().err

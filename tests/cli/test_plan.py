@@ -79,7 +79,7 @@ def test_plan_reads_a_config_json_path(tmp_path: Path, capsys: pytest.CaptureFix
         (["jamba-1.5-mini", "--memory", "12GiB", "--chunk", "3MiB"], "2 MiB"),
         (["jamba-1.5-mini", "--memory", "12GiB", "--prompt", "0"], "--prompt"),
         (["jamba-1.5-mini", "--memory", "12GiB", "--output", "x"], "--output"),
-        (["jamba-1.5-mini", "--memory", "12GiB", "--ssm-dtype", "fp8"], "bf16 or fp32"),
+        (["jamba-1.5-mini", "--memory", "12GiB", "--ssm-dtype", "fp8"], "auto, bf16, fp16, fp32"),
         (["jamba-1.5-mini", "--memory", "12GiB", "--state-fraction", "1"], "(0, 1)"),
         (["jamba-1.5-mini", "--memory", "64MiB", "--prompt", "100000"], "whole budget"),
     ],
@@ -135,3 +135,27 @@ def test_unconfirmed_zoo_configs_carry_a_note(capsys: pytest.CaptureFixture[str]
     assert "not confirmed" in capsys.readouterr().err
     assert main([*argv[:1], "jamba-1.5-mini", *argv[1:]]) == 0
     assert "not confirmed" not in capsys.readouterr().err
+
+
+def test_plan_with_vllms_fp32_state_gives_real_vllms_107_requests(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Real vLLM 0.33 fits 107 requests of 512 + 256 tokens of Nemotron-H-8B in 12 GiB
+    with its default fp32 SSM state (docs/reference PEERS.md, "Added 2026-12")."""
+    nemotron = ["plan", "nemotron-h-8b", "--memory", "12GiB", "--prompt", "512",
+                "--output", "256"]
+    for dtype in ("fp32", "auto"):  # auto: vLLM and SGLang keep Nemotron-H's state in fp32
+        data = run_json(capsys, *nemotron, "--ssm-dtype", dtype)
+        rows = {row["name"]: row for row in data["allocators"]}  # type: ignore[attr-defined]
+        assert rows["unified"]["num_requests"] == 107
+        assert data["vllm_block_size"] == 1040
+    bf16 = run_json(capsys, *nemotron)  # the default stays bf16
+    assert bf16["vllm_block_size"] == 528
+
+
+def test_plan_ssm_dtype_auto_is_bf16_for_jamba_and_fp16_as_large_as_bf16(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_json(capsys, *JAMBA, "--ssm-dtype", "auto") == run_json(capsys, *JAMBA)
+    fp16 = run_json(capsys, *JAMBA, "--ssm-dtype", "fp16")
+    assert fp16["state_bytes_per_request"] == run_json(capsys, *JAMBA)["state_bytes_per_request"]

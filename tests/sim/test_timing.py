@@ -379,3 +379,41 @@ def test_points_that_all_have_prefill_drop_the_eager_feature() -> None:
     assert model.features[-1] == "mean_context_tokens"
     shape = BatchShape(100, 32, 32 * 700 + 100, 0, 33)
     assert model.step_seconds(shape) == pytest.approx(linear_step_s(shape), rel=1e-6)
+
+
+# -- feasibility: weights + cache + activations against the profile's memory ---------
+
+
+def test_jamba_weights_do_not_fit_an_80gb_profile() -> None:
+    from avmp.models import resolve_model
+    from avmp.sim.timing import check_feasible, device_memory, get_profile
+
+    jamba = resolve_model("jamba-1.5-mini")
+    memory = device_memory(jamba, 1 << 30, get_profile("h100"))
+    assert memory.weight_bytes == jamba.num_params * 2 > 90 * (1 << 30)
+    assert not memory.fits
+    with pytest.raises(ValueError, match=r"weights 96\.1 GiB \+ cache 1\.0 GiB"):
+        check_feasible(jamba, 1 << 30, get_profile("h100"))
+    assert check_feasible(jamba, 1 << 30, get_profile("h200")).fits
+
+
+def test_a_12gib_cache_does_not_fit_the_12gb_rtx3060() -> None:
+    from avmp.models import resolve_model
+    from avmp.sim.timing import check_feasible, get_profile
+
+    micro = resolve_model("granite-4.0-h-micro")
+    with pytest.raises(ValueError, match=r"cannot run on NVIDIA GeForce RTX 3060 12 GB"):
+        check_feasible(micro, 12 << 30, get_profile("rtx3060"))
+    assert check_feasible(micro, 1 << 30, get_profile("rtx3060")).fits
+
+
+def test_activation_estimate_is_the_stated_rule() -> None:
+    from avmp.models import resolve_model
+    from avmp.sim.timing import ACTIVATION_COPIES, activation_bytes
+
+    g = resolve_model("nemotron-h-8b")
+    expected = 8192 * g.hidden_size * ACTIVATION_COPIES * 2 + 256 * g.vocab_size * 4
+    assert activation_bytes(g, 8192, 256) == expected
+    assert activation_bytes(g, 16, 256) == 16 * g.hidden_size * ACTIVATION_COPIES * 2 + (
+        16 * g.vocab_size * 4
+    )  # no more logits than tokens in the step

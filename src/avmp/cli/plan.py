@@ -11,12 +11,12 @@ import sys
 from typing import Any
 
 from avmp.cli import UserError, parse_budget, parse_size
+from avmp.cli.options import add_ssm_dtype_option, ssm_dtype_choice
 from avmp.memory.planner import MAX_PLANNED_REQUESTS, Plan, plan
 from avmp.memory.spec import MemoryConfig
 from avmp.models import ModelGeometry, resolve_model
 from avmp.units import format_bytes
 
-SSM_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 # Requests at once that plan counts at most: answers in seconds, and is far more than
 # any engine runs in one batch (vLLM's max_num_seqs defaults to 256 or 1,024).
 MAX_REQUESTS = min(20_000, MAX_PLANNED_REQUESTS)
@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--memory", default=None, help="cache memory, e.g. 12GiB (required)")
     parser.add_argument("--prompt", default="512", help="prompt tokens per request (default 512)")
     parser.add_argument("--output", default="256", help="output tokens per request (default 256)")
-    parser.add_argument("--ssm-dtype", default="bf16", help="SSM state dtype: bf16 or fp32")
+    add_ssm_dtype_option(parser)
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
     parser.add_argument("--state-fraction", default=None, help="static: share of memory for state")
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -66,9 +66,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     chunk = parse_size("--chunk", args.chunk)
     prompt = _tokens("--prompt", args.prompt, minimum=1)
     output = _tokens("--output", args.output, minimum=0)
-    ssm_dtype = SSM_DTYPES.get(str(args.ssm_dtype).lower())
-    if ssm_dtype is None:
-        raise UserError(f"--ssm-dtype must be bf16 or fp32, got {args.ssm_dtype!r}")
+    ssm_dtype = ssm_dtype_choice(args.ssm_dtype)
     options = {}
     if args.state_fraction is not None:
         options["static"] = {"state_fraction": _fraction(args.state_fraction)}

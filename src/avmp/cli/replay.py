@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
+from avmp.cli.options import add_feasibility_option, add_ssm_dtype_option, ssm_dtype_choice
 from avmp.units import format_bytes
 
 COLUMNS = (
@@ -48,6 +49,8 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    add_ssm_dtype_option(parser)
+    add_feasibility_option(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -95,6 +98,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
     from avmp.sim.simulator import SimConfig, simulate
+    from avmp.sim.timing import check_feasible, get_profile
 
     budget = parse_budget("--memory", args.memory)
     slo = slo_targets(args)
@@ -102,9 +106,12 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.calibration is not None:
         with open(args.calibration):
             pass  # a missing file (or a directory) is a one-line error, before any work
-    geometry = resolve_model(args.model)
-    requests = read_trace(args.trace, args.format)
+    geometry = resolve_model(args.model, ssm_dtype=ssm_dtype_choice(args.ssm_dtype))
     config = SimConfig(profile=args.profile, calibration=args.calibration)
+    if not args.ignore_feasibility:  # before reading the trace: the run could not exist
+        check_feasible(geometry, budget, get_profile(args.profile),
+                       config.max_num_batched_tokens, config.max_num_seqs)
+    requests = read_trace(args.trace, args.format)
     results = [
         simulate(requests, make_allocator(a, geometry, budget), geometry, config).to_dict()
         for a in allocators

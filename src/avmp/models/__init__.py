@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from avmp.models.dtypes import (
+    PEER_SSM_DTYPES,
+    SSM_DTYPE_CHOICES,
+    default_ssm_dtype,
+    ssm_dtype_name,
+)
 from avmp.models.geometry import (
     AttentionLayer,
     CacheTensor,
@@ -15,6 +21,8 @@ from avmp.models.hf import SUPPORTED_MODEL_TYPES, ConfigError, geometry_from_con
 from avmp.models.zoo import resolve_model, zoo_config, zoo_names
 
 __all__ = [
+    "PEER_SSM_DTYPES",
+    "SSM_DTYPE_CHOICES",
     "SUPPORTED_MODEL_TYPES",
     "AttentionLayer",
     "CacheTensor",
@@ -23,10 +31,12 @@ __all__ = [
     "LayerKind",
     "ModelGeometry",
     "RecurrentLayer",
+    "default_ssm_dtype",
     "dtype_bytes",
     "geometry_from_config",
     "load_config",
     "resolve_model",
+    "ssm_dtype_name",
     "zoo_config",
     "zoo_names",
 ]

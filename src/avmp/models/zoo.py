@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from avmp.models.dtypes import default_ssm_dtype, ssm_dtype_name
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.models.hf import ConfigError, geometry_from_config
 
@@ -67,14 +68,31 @@ def resolve_model(
     """Geometry of a zoo model (short name, case-insensitive) or of a ``config.json``
     path / checkpoint directory.
 
+    Args:
+        ssm_dtype: a dtype name, an alias (``bf16``, ``fp16``, ``fp32``) or ``auto``:
+            the family's default as vLLM and SGLang ship it (`default_ssm_dtype`).
+
     Raises:
-        ConfigError: neither a zoo name nor an existing path, or a bad config.
+        ConfigError: neither a zoo name nor an existing path, a bad config, or an
+            unknown SSM dtype.
     """
+    try:
+        dtype = ssm_dtype_name(ssm_dtype)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     options: dict[str, Any] = {
-        "ssm_dtype": ssm_dtype,
+        "ssm_dtype": dtype or "bfloat16",
         "conv_columns": conv_columns,
         "kv_dtype": kv_dtype,
     }
+    geometry = _read(name_or_path, options)
+    if dtype is None and default_ssm_dtype(geometry.family) != options["ssm_dtype"]:
+        options["ssm_dtype"] = default_ssm_dtype(geometry.family)
+        geometry = _read(name_or_path, options)  # the family is known only once read
+    return geometry
+
+
+def _read(name_or_path: str, options: dict[str, Any]) -> ModelGeometry:
     if name_or_path.lower() in _zoo_files():
         short = name_or_path.lower()
         return geometry_from_config(zoo_config(short), name=short, **options)

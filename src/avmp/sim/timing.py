@@ -133,6 +133,89 @@ def get_profile(name: str) -> GpuProfile:
         raise ValueError(f"unknown GPU profile {name!r}; known: {known}") from None
 
 
+# Activation estimate of one step, stated and simple (not measured): every token of the
+# step's batch keeps ACTIVATION_COPIES hidden-size bf16 vectors alive at the peak (the
+# residual stream, the norm's output, a layer's QKV / in-projection and its gated MLP's
+# two up-projections at about 4x hidden each, with slack), and every running request's
+# last token produces fp32 logits over the vocabulary for sampling.
+ACTIVATION_COPIES = 16
+ACTIVATION_BYTES = 2
+LOGIT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What one run needs on the GPU, against what the profile's GPU holds."""
+
+    weight_bytes: int
+    cache_bytes: int
+    activation_bytes: int
+    device_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.device_bytes
+
+
+def activation_bytes(
+    geometry: ModelGeometry, max_num_batched_tokens: int, max_num_seqs: int
+) -> int:
+    """The estimated peak activation memory of one step (see `ACTIVATION_COPIES`)."""
+    hidden = max_num_batched_tokens * geometry.hidden_size * ACTIVATION_COPIES * ACTIVATION_BYTES
+    logits = min(max_num_seqs, max_num_batched_tokens) * geometry.vocab_size * LOGIT_BYTES
+    return hidden + logits
+
+
+def device_memory(
+    geometry: ModelGeometry,
+    cache_bytes: int,
+    profile: GpuProfile,
+    max_num_batched_tokens: int = 8192,
+    max_num_seqs: int = 256,
+) -> DeviceMemory:
+    """Weights (every parameter, at the weights' dtype), the cache budget and the
+    activation estimate, beside the memory of ``profile``'s GPU."""
+    return DeviceMemory(
+        weight_bytes=geometry.weight_bytes,
+        cache_bytes=cache_bytes,
+        activation_bytes=activation_bytes(geometry, max_num_batched_tokens, max_num_seqs),
+        device_bytes=profile.memory_bytes,
+    )
+
+
+def check_feasible(
+    geometry: ModelGeometry,
+    cache_bytes: int,
+    profile: GpuProfile,
+    max_num_batched_tokens: int = 8192,
+    max_num_seqs: int = 256,
+) -> DeviceMemory:
+    """The run's memory, if the profile's GPU holds it.
+
+    Raises:
+        ValueError: weights + cache + activations exceed the GPU's memory (one line,
+            with each part, so the user sees what to shrink).
+    """
+    memory = device_memory(geometry, cache_bytes, profile, max_num_batched_tokens, max_num_seqs)
+    if not memory.fits:
+        raise ValueError(infeasible_message(geometry.name, profile, memory))
+    return memory
+
+
+def infeasible_message(model: str, profile: GpuProfile, memory: DeviceMemory) -> str:
+    gib = 1 << 30
+    return (
+        f"{model} cannot run on {profile.description} ({profile.name}): weights "
+        f"{memory.weight_bytes / gib:.1f} GiB + cache {memory.cache_bytes / gib:.1f} GiB + "
+        f"activations {memory.activation_bytes / gib:.1f} GiB = "
+        f"{memory.needed_bytes / gib:.1f} GiB > {memory.device_bytes / gib:.1f} GiB"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BatchShape:
     """What a step computes, in the quantities its cost depends on.

@@ -1,0 +1,46 @@
+"""Options that several subcommands share, defined once so they read and fail alike."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from avmp.cli import UserError
+from avmp.models.dtypes import SSM_DTYPE_CHOICES, ssm_dtype_name
+
+
+def add_ssm_dtype_option(parser: Any, default: str | None = "bf16") -> None:
+    """``--ssm-dtype {auto,bf16,fp16,fp32}``. The simulator's commands keep bf16 as their
+    default (the published figures were made with it); ``auto`` is opt-in."""
+    shown = "the model's dtype" if default is None else default
+    parser.add_argument(
+        "--ssm-dtype",
+        default=default,
+        metavar="{" + ",".join(SSM_DTYPE_CHOICES) + "}",
+        help=f"SSM state dtype (default: {shown}); auto = the model family's default as "
+        "vLLM and SGLang ship it (fp32 for Nemotron-H and the Mamba2 hybrids, "
+        "bf16 for Jamba; table in docs/design-memory.md)",
+    )
+
+
+def ssm_dtype_choice(choice: str) -> str:
+    """The ``ssm_dtype`` for `avmp.models.resolve_model`: a dtype name, or ``auto``.
+
+    Raises:
+        UserError: not one of the choices (one line).
+    """
+    try:
+        name = ssm_dtype_name(choice)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return "auto" if name is None else name
+
+
+def add_feasibility_option(parser: argparse.ArgumentParser) -> None:
+    """``--ignore-feasibility``: simulate even what the GPU profile could not hold."""
+    parser.add_argument(
+        "--ignore-feasibility",
+        action="store_true",
+        help="simulate even when weights + cache + activations exceed the GPU profile's "
+        "memory (default: refuse, one line)",
+    )
