@@ -8,6 +8,7 @@ from pathlib import Path
 from bench_helpers import make_cell
 
 from avmp.bench.report import headline_table, markdown_table, write_report
+from avmp.sim.metrics import SloTargets
 
 
 def _timeline(state_fraction: float, budget: int) -> list[dict]:
@@ -63,3 +64,35 @@ def test_headline_orders_baselines(tmp_path: Path) -> None:
                                              ["uniform_short", "unified"],
                                              ["uniform_short", "static"]]
     assert markdown_table(table).count("\n") == 5
+
+
+def _cell_with_requests(allocator: str, seed: int, finish: list[float]) -> dict:
+    ids = list(range(len(finish)))
+    columns = {"request_id": ids, "finish_s": finish, "ttft_s": [0.5] * len(ids),
+               "tpot_s": [0.02] * len(ids)}
+    return make_cell(allocator, seed=seed, request_throughput=len(ids) / max(finish),
+                     makespan_s=max(finish), completed_requests=columns)
+
+
+def test_headline_has_common_and_goodput_ratios_and_old_cells_read_n_a() -> None:
+    new = [c for seed in range(2) for c in (_cell_with_requests("avmp", seed, [1.0, 2.0]),
+                                            _cell_with_requests("unified", seed, [1.0, 4.0]))]
+    headers, rows = headline_table(new, SloTargets(ttft_s=1.0, tpot_ms=50.0))
+    assert headers[4:6] == ["requests all completed, req/s [95% CI]", "goodput [95% CI]"]
+    assert rows[0][4].startswith("2.00x") and rows[0][5].startswith("2.00x")
+    strict = headline_table(new, SloTargets(ttft_s=0.1))[1]
+    assert strict[0][5] == "n/a"  # nobody met a 0.1 s TTFT: zero goodput on both sides
+    old = [make_cell("avmp", seed=9, request_throughput=2.0), make_cell("unified", seed=9)]
+    mixed = headline_table(new + old)[1]
+    assert mixed[0][2] == "3" and mixed[0][4].endswith("(1 pair n/a)")
+    only_old = headline_table(old)[1]
+    assert only_old[0][4:6] == ["n/a", "n/a"] and only_old[0][3] == "2.00x"
+
+
+def test_report_states_the_objectives_and_old_cells(tmp_path: Path) -> None:
+    _write_cells(tmp_path)  # cells without per-request data, as saved before
+    md_path, _ = write_report(tmp_path, SloTargets(ttft_s=3.0, tpot_ms=80.0))
+    markdown = md_path.read_text()
+    assert "goodput: requests/s that met TTFT <= 3 s and TPOT <= 80 ms" in markdown
+    assert "18 cells saved without per-request data" in markdown
+    assert "| shift | static | 3 | 2.10x [" in markdown and "| n/a | n/a |" in markdown

@@ -16,6 +16,7 @@ from avmp.bench.stats import (
     oom_change,
     paired_ratios,
 )
+from avmp.sim.metrics import SloTargets
 
 
 def _cells(ratios: list[float]) -> list[dict]:
@@ -117,3 +118,69 @@ def test_cell_problem_names_the_first_wrong_field(change: dict[str, object],
     budget = make_cell("avmp")
     budget["cell"]["budget_bytes"] = 1.5
     assert cell_problem(budget) == "cell.budget_bytes is 1.5, not an integer"
+
+
+def _with_requests(allocator: str, seed: int, finish: dict[int, float],
+                   ttft: float = 0.5, tpot: float = 0.02) -> dict:
+    """A cell whose completed requests finish at the given times (makespan: the last)."""
+    ids = sorted(finish)
+    columns = {"request_id": ids, "finish_s": [finish[r] for r in ids],
+               "ttft_s": [ttft] * len(ids), "tpot_s": [tpot] * len(ids)}
+    makespan = max(finish.values())
+    return make_cell(allocator, seed=seed, request_throughput=len(ids) / makespan,
+                     makespan_s=makespan, completed_requests=columns)
+
+
+def test_common_throughput_compares_the_requests_both_completed() -> None:
+    # unified rejects request 3, which avmp serves last: on req/s unified looks faster,
+    # on the requests both completed avmp is (it finished them sooner)
+    cells = []
+    for seed in range(2):
+        cells.append(_with_requests("avmp", seed, {0: 1.0, 1: 2.0, 2: 3.0, 3: 8.0}))
+        cells.append(_with_requests("unified", seed, {0: 1.0, 1: 2.0, 2: 4.0}))
+    (by_rate,) = paired_ratios(cells)
+    assert by_rate.ratio == pytest.approx((4 / 8) / (3 / 4))
+    (common,) = paired_ratios(cells, metric="common_request_throughput")
+    assert (common.num_pairs, common.num_unavailable) == (2, 0)
+    assert common.ratio == pytest.approx((3 / 3) / (3 / 4))
+
+
+def test_goodput_ratio_uses_the_objectives_given() -> None:
+    cells = [_with_requests("avmp", 0, {0: 1.0, 1: 2.0}, ttft=0.5),
+             _with_requests("static", 0, {0: 1.0, 1: 2.0}, ttft=1.5)]
+    (strict,) = paired_ratios(cells, metric="goodput", slo=SloTargets(ttft_s=1.0))
+    assert (strict.num_pairs, strict.num_excluded) == (0, 1)  # static met none: zero
+    (loose,) = paired_ratios(cells, metric="goodput", slo=SloTargets(ttft_s=2.0))
+    assert loose.ratio == pytest.approx(1.0)
+    assert aggregate(cells, ("allocator",), SloTargets(ttft_s=1.0))[1]["mean_goodput"] == 0.0
+
+
+def test_cells_saved_before_per_request_data_are_not_available() -> None:
+    old = _cells([2.0, 2.0])  # no completed_requests, as saved before they existed
+    new = [_with_requests("avmp", 5, {0: 1.0}), _with_requests("static", 5, {0: 2.0})]
+    for metric in ("goodput", "common_request_throughput"):
+        (only_old,) = paired_ratios(old, metric=metric)
+        assert (only_old.num_pairs, only_old.num_unavailable) == (0, 2)
+        assert math.isnan(only_old.ratio)
+        (mixed,) = paired_ratios(old + new, metric=metric)
+        assert (mixed.num_pairs, mixed.num_unavailable) == (1, 2)
+    rows = aggregate(old)
+    assert math.isnan(rows[0]["mean_goodput"])
+    assert math.isnan(rows[0]["mean_common_request_throughput"])
+    assert rows[0]["mean_request_throughput"] == pytest.approx(4.0)
+
+
+def test_unknown_metric_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown metric 'latency'"):
+        paired_ratios(_cells([1.0]), metric="latency")
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [[], {"request_id": [0]}, {"request_id": [0, 1], "finish_s": [1.0], "ttft_s": [0.1],
+                                "tpot_s": [0.0]},
+     {"request_id": [0], "finish_s": ["1"], "ttft_s": [0.1], "tpot_s": [0.0]}],
+)
+def test_malformed_per_request_columns_are_named(columns: object) -> None:
+    cell = make_cell("avmp", completed_requests=columns)
+    assert "result.completed_requests" in str(cell_problem(cell))

@@ -356,3 +356,17 @@ def test_simulator_refuses_a_time_model_step_that_is_not_a_duration(
     monkeypatch.setattr("avmp.sim.simulator.RooflineModel.step_seconds", lambda self, s: step_s)
     with pytest.raises(ValueError, match="RooflineModel"):
         run([req(0, 10, 5)])
+
+
+def test_per_request_columns_agree_with_the_summary_metrics() -> None:
+    specs = random_trace(40, seed=3) + [req(99, 100_000, 5, arrival_s=0.5)]
+    result = run(specs, budget_mib=8)
+    columns = result.completed_requests
+    assert result.num_rejected == 1 and 99 not in columns["request_id"]
+    assert columns["request_id"] == sorted(columns["request_id"])
+    assert len(columns["request_id"]) == result.num_completed
+    assert max(columns["finish_s"]) == pytest.approx(result.makespan_s, abs=1e-4)
+    assert percentile(columns["ttft_s"], 50) == pytest.approx(result.ttft_p50_s, abs=1e-4)
+    multi_token = [t for t in columns["tpot_s"] if t > 0]  # one-token requests read 0
+    assert percentile(multi_token, 50) == pytest.approx(result.tpot_p50_s, abs=1e-6)
+    assert json.loads(json.dumps(result.to_dict()))["completed_requests"] == columns

@@ -111,7 +111,8 @@ def _row_text(row: RatioRow) -> str:
     before it was recorded) are said, and a row of only such pairs reads n/a."""
     text = _ratio_text(row.ratio, row.ci_low, row.ci_high)
     if row.num_unavailable and row.num_pairs:
-        text += f" ({row.num_unavailable} pairs n/a)"
+        plural = "s" if row.num_unavailable > 1 else ""
+        text += f" ({row.num_unavailable} pair{plural} n/a)"
     return text
 
 

@@ -23,9 +23,10 @@ PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
 MEASURED_PREFIX = "measured_"
 # Columns of `SimResult.completed_requests`, one entry per completed request, by id.
 REQUEST_COLUMNS = ("request_id", "finish_s", "ttft_s", "tpot_s")
-# Per-request times are saved to the microsecond: far below any objective, and it keeps
-# a saved cell small (about 30 bytes per request).
-_TIME_DIGITS = 6
+# Per-request times are saved to 0.1 ms (TPOT, tens of ms, to 1 us): far below any
+# objective, and a saved cell grows by about 27 bytes per request.
+_TIME_DIGITS = 4
+_TPOT_DIGITS = 6
 DEFAULT_SLO_TTFT_S = 2.0
 DEFAULT_SLO_TPOT_MS = 100.0
 
@@ -111,14 +112,14 @@ class RequestClock:
     def completed_columns(self) -> dict[str, list[Any]]:
         """`REQUEST_COLUMNS` of the finished requests, by request id: finish time from the
         first arrival (the origin of ``makespan_s``), TTFT, and TPOT (0 for a single
-        output token, as vLLM's goodput counts it)."""
+        output token, as vLLM's goodput counts it), rounded (see ``_TIME_DIGITS``)."""
         ids = sorted(self.finish_s)
         origin = min(self.arrival_s.values(), default=0.0)
         return {
             "request_id": ids,
             "finish_s": [_rounded(self.finish_s[r] - origin) for r in ids],
             "ttft_s": [_rounded(self.first_token_s[r] - self.arrival_s[r]) for r in ids],
-            "tpot_s": [_rounded(self._tpot(r)) for r in ids],
+            "tpot_s": [round(self._tpot(r), _TPOT_DIGITS) for r in ids],
         }
 
     def _tpot(self, request_id: int) -> float:
