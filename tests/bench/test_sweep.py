@@ -12,9 +12,10 @@ import pytest
 
 from avmp.bench.sweep import CellSpec, SweepGrid, run_sweep
 
+# Jamba-1.5-Mini on the H200 profile: its 96 GiB of weights would not fit an 80 GB H100.
 GRID = SweepGrid(
     workloads=("uniform_short", "shift"), models=("jamba-1.5-mini",),
-    budgets_bytes=(1 << 30,), profiles=("h100",), seeds=(0, 1),
+    budgets_bytes=(1 << 30,), profiles=("h200",), seeds=(0, 1),
     num_requests=(("uniform_short", 12), ("shift", 12)),
 )
 
@@ -206,3 +207,66 @@ def test_out_naming_a_file_is_a_clear_error(tmp_path: Path) -> None:
         run_sweep(GRID, target, workers=1, progress=False)
     with pytest.raises(ValueError, match="more than 100,000"):
         SweepGrid(seeds=tuple(range(30_000)))
+
+
+# -- feasibility, SSM dtype and the static layout's shipped options ------------------
+
+
+def test_infeasible_cells_are_skipped_and_listed() -> None:
+    grid = SweepGrid(
+        workloads=("shift",), models=("jamba-1.5-mini", "granite-4.0-h-micro"),
+        budgets_bytes=(1 << 30, 12 << 30), profiles=("rtx3060", "h100"), seeds=(0,),
+    )
+    skipped = {(m, b >> 30, p) for m, b, p, _ in grid.skipped_cells()}
+    assert skipped == {
+        ("jamba-1.5-mini", 1, "rtx3060"), ("jamba-1.5-mini", 12, "rtx3060"),
+        ("jamba-1.5-mini", 1, "h100"), ("jamba-1.5-mini", 12, "h100"),
+        ("granite-4.0-h-micro", 12, "rtx3060"),  # 5.9 GiB of weights + a 12 GiB cache
+    }
+    kept = {(c.model, c.budget_bytes >> 30, c.profile) for c in grid.cells()}
+    assert kept == {("granite-4.0-h-micro", 1, "rtx3060"), ("granite-4.0-h-micro", 1, "h100"),
+                    ("granite-4.0-h-micro", 12, "h100")}
+    assert "cannot run on" in grid.skipped_cells()[0][3]
+    every = SweepGrid(**{**_fields(grid), "ignore_feasibility": True})
+    assert every.skipped_cells() == [] and len(every.cells()) == 2 * 2 * 2 * 4
+
+
+def _fields(grid: SweepGrid) -> dict[str, Any]:
+    from dataclasses import fields
+
+    return {f.name: getattr(grid, f.name) for f in fields(grid)}
+
+
+def test_skipping_does_not_change_a_feasible_cells_figures(tmp_path: Path) -> None:
+    grid = SweepGrid(
+        workloads=("shift",), models=("granite-4.0-h-micro",), budgets_bytes=(1 << 30,),
+        profiles=("h100", "rtx3060"), seeds=(0,), num_requests=(("shift", 12),),
+    )
+    run_sweep(grid, tmp_path / "a", workers=1, progress=False)
+    run_sweep(SweepGrid(**{**_fields(grid), "ignore_feasibility": True}), tmp_path / "b",
+              workers=1, progress=False)
+    assert _saved(tmp_path / "a") == _saved(tmp_path / "b")
+
+
+def test_ssm_dtype_and_static_options_reach_the_cells(tmp_path: Path) -> None:
+    base = SweepGrid(
+        workloads=("shift",), models=("nemotron-h-8b",), budgets_bytes=(1 << 30,),
+        profiles=("h100",), seeds=(0,), num_requests=(("shift", 24),),
+        allocators=("avmp", "static"),
+    )
+    runs = {}
+    for label, change in (("base", {}), ("fp32", {"ssm_dtype": "float32"}),
+                          ("auto", {"ssm_dtype": "auto"}),
+                          ("capped", {"static_options": ("radix_cache_cap",)})):
+        run_sweep(SweepGrid(**{**_fields(base), **change}), tmp_path / label, workers=1,
+                  progress=False)
+        runs[label] = {k.rsplit("__", 1)[1]: v for k, v in _saved(tmp_path / label).items()}
+    assert runs["fp32"]["avmp"]["settings"]["ssm_dtype"] == "float32"
+    assert runs["fp32"]["avmp"]["result"] != runs["base"]["avmp"]["result"]
+    assert runs["auto"]["avmp"]["result"] == runs["fp32"]["avmp"]["result"]
+    assert runs["capped"]["avmp"]["result"] == runs["base"]["avmp"]["result"]
+    assert runs["capped"]["static"]["result"] != runs["base"]["static"]["result"]
+    with pytest.raises(ValueError, match="unknown static option 'nope'"):
+        SweepGrid(static_options=("nope",))
+    with pytest.raises(ValueError, match="--ssm-dtype must be one of"):
+        SweepGrid(ssm_dtype="int4")

@@ -74,9 +74,53 @@ def test_bench_arrival_override_changes_the_traces(tmp_path: Path, capsys) -> No
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b"), "--arrival", "poisson:5"]) == 0
     capsys.readouterr()
-    name = "uniform_short__jamba-1.5-mini__1p0GiB__h100__s0__avmp.json"
+    name = "uniform_short__jamba-1.5-mini__1p0GiB__h200__s0__avmp.json"
     a = json.loads((tmp_path / "a" / "cells" / name).read_text())
     b = json.loads((tmp_path / "b" / "cells" / name).read_text())
     assert (a["settings"]["arrival"], b["settings"]["arrival"]) == (None, "poisson:5")
     assert a["trace"]["sha256"] != b["trace"]["sha256"]
     assert b["result"]["makespan_s"] > a["result"]["makespan_s"]  # 5 req/s, not 50
+
+
+def test_bench_skips_infeasible_cells_and_says_so(tmp_path: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("avmp.cli.bench.QUICK_REQUESTS", 8)
+    args = ["bench", "--quick", "--out", str(tmp_path), "--models", "jamba-1.5-mini",
+            "--budgets", "1GiB", "--seeds", "1", "--workloads", "shift", "--workers", "1",
+            "--no-progress", "--profiles", "h100,h200"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "4 cells (4 simulated now" in printed
+    assert "skipped 4 infeasible cells (1 model/budget/profile combinations: " \
+           "jamba-1.5-mini 1.0 GiB h100)" in printed
+    run = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    assert run["skipped_infeasible"] == [
+        {"model": "jamba-1.5-mini", "budget_bytes": 1 << 30, "profile": "h100"}]
+    assert sorted(p.name.split("__")[3] for p in (tmp_path / "cells").glob("*.json")) == \
+        ["h200"] * 4
+
+
+def test_bench_of_only_infeasible_cells_is_one_line(tmp_path: Path, capsys) -> None:
+    args = ["bench", "--quick", "--out", str(tmp_path), *TINY, "--profiles", "h100"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "every cell is infeasible: jamba-1.5-mini cannot run on" in err
+    assert "--ignore-feasibility" in err
+
+
+def test_bench_options_reach_the_saved_settings(tmp_path: Path, capsys,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("avmp.cli.bench.QUICK_REQUESTS", 6)
+    args = ["bench", "--quick", "--out", str(tmp_path), "--models", "nemotron-h-8b",
+            "--budgets", "1GiB", "--seeds", "1", "--workloads", "shift", "--workers", "1",
+            "--no-progress", "--ssm-dtype", "auto", "--static-options", "padding_slot,give_back"]
+    assert main(args) == 0
+    capsys.readouterr()
+    settings = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())["settings"]
+    assert settings["ssm_dtype"] == "auto"
+    assert settings["static_options"] == ["padding_slot", "give_back"]
+    assert main([*args[:-2], "--static-options", "padding"]) == 2
+    assert "unknown static option 'padding'" in capsys.readouterr().err
+    assert main([*args[:-4], "--ssm-dtype", "fp64"]) == 2
+    assert "--ssm-dtype must be one of" in capsys.readouterr().err

@@ -35,8 +35,10 @@ from avmp.bench.files import write_atomic
 from avmp.bench.stats import read_cell
 from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
 from avmp.memory.registry import ALLOCATOR_NAMES as ALLOCATORS
+from avmp.memory.registry import STATIC_SHIPPED_OPTIONS
+from avmp.models.dtypes import ssm_dtype_name
 from avmp.sched.request import RequestSpec
-from avmp.sim.timing import GPU_PROFILES
+from avmp.sim.timing import GPU_PROFILES, device_memory, infeasible_message
 from avmp.units import format_bytes
 
 PROFILES = tuple(GPU_PROFILES)
@@ -79,6 +81,12 @@ class SweepGrid:
         sharegpt_rules: ``paper`` or ``vllm`` (see `avmp.bench.sharegpt`).
         calibration: a step-time calibration JSON passed to `SimConfig`.
         max_num_seqs, max_num_batched_tokens: scheduler limits passed to `SimConfig`.
+        ssm_dtype: the models' SSM-state dtype (a dtype name, or ``auto``: each family's
+            default as vLLM and SGLang ship it, `avmp.models.default_ssm_dtype`).
+        static_options: options of the static layout (`make_allocator`), e.g.
+            ``("padding_slot", "give_back")`` for SGLang's split as it ships.
+        ignore_feasibility: keep cells whose weights + cache + activations exceed the
+            GPU profile's memory (by default they are skipped: `skipped_cells`).
     """
 
     allocators: tuple[str, ...] = ALLOCATORS
@@ -93,6 +101,9 @@ class SweepGrid:
     calibration: str | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    ssm_dtype: str = "bfloat16"
+    static_options: tuple[str, ...] = ()
+    ignore_feasibility: bool = False
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -122,12 +133,23 @@ class SweepGrid:
             parse_arrival(self.arrival)  # fails here, before any work
         if "avmp" not in self.allocators:
             raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
+        if self.ssm_dtype != "auto":
+            ssm_dtype_name(self.ssm_dtype)
+        unknown_options = set(self.static_options) - set(STATIC_SHIPPED_OPTIONS)
+        if unknown_options:
+            raise ValueError(
+                f"unknown static option {sorted(unknown_options)[0]!r}; "
+                f"known: {', '.join(STATIC_SHIPPED_OPTIONS)}"
+            )
 
     def requests_for(self, workload: str) -> int:
         return dict(self.num_requests).get(workload, PRESETS[workload].num_requests)
 
     def cells(self) -> list[CellSpec]:
-        """Every cell, grouped by trace (workload, seed), then model, budget, profile."""
+        """Every cell that could run, grouped by trace (workload, seed), then model,
+        budget, profile; infeasible ones are left out (`skipped_cells`) unless
+        ``ignore_feasibility``."""
+        skipped = {(m, b, p) for m, b, p, _ in self.skipped_cells()}
         return [
             CellSpec(w, m, b, p, s, a)
             for w in self.workloads
@@ -135,8 +157,26 @@ class SweepGrid:
             for m in self.models
             for b in self.budgets_bytes
             for p in self.profiles
+            if (m, b, p) not in skipped
             for a in self.allocators
         ]
+
+    def skipped_cells(self) -> list[tuple[str, int, str, str]]:
+        """(model, budget, profile, reason) of each combination whose weights + cache +
+        activations exceed the profile's GPU memory (none with ``ignore_feasibility``)."""
+        if self.ignore_feasibility:
+            return []
+        skipped = []
+        for m in self.models:
+            geometry = _geometry(m, self.ssm_dtype)
+            for b in self.budgets_bytes:
+                for p in self.profiles:
+                    memory = device_memory(geometry, b, GPU_PROFILES[p],
+                                           self.max_num_batched_tokens, self.max_num_seqs)
+                    if not memory.fits:
+                        reason = infeasible_message(m, GPU_PROFILES[p], memory)
+                        skipped.append((m, b, p, reason))
+        return skipped
 
     def settings_for(self, workload: str) -> dict[str, Any]:
         """What, besides the coordinates, a cell's result depends on (checked on resume)."""
@@ -147,6 +187,8 @@ class SweepGrid:
             "calibration": _file_digest(self.calibration),
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
+            "ssm_dtype": self.ssm_dtype,
+            "static_options": list(self.static_options),
             "simulator": simulator_digest(),
         }
 
@@ -211,20 +253,24 @@ class CellTask:
     calibration: str | None = None
 
 
-def make_allocator(name: str, geometry: Any, budget_bytes: int) -> Any:
+def make_allocator(
+    name: str, geometry: Any, budget_bytes: int, static_options: Sequence[str] = ()
+) -> Any:
     """A fresh allocator of the named layout over ``budget_bytes`` of cache memory, with
-    the default chunk (2 MiB) and page (16 tokens) sizes (`avmp.memory.registry`)."""
+    the default chunk (2 MiB) and page (16 tokens) sizes (`avmp.memory.registry`);
+    ``static_options`` (names of SGLang's shipped behaviours) turn on for ``static``."""
     from avmp.memory.registry import make_allocator as build
     from avmp.memory.spec import MemoryConfig
 
-    return build(name, geometry, MemoryConfig(budget_bytes=budget_bytes))
+    options = {o: True for o in static_options} if name == "static" else {}
+    return build(name, geometry, MemoryConfig(budget_bytes=budget_bytes), **options)
 
 
 @lru_cache(maxsize=16)
-def _geometry(model: str) -> Any:
+def _geometry(model: str, ssm_dtype: str = "bfloat16") -> Any:
     from avmp.models.zoo import resolve_model
 
-    return resolve_model(model)
+    return resolve_model(model, ssm_dtype=ssm_dtype)
 
 
 def run_cell(task: CellTask) -> dict[str, Any]:
@@ -232,9 +278,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     from avmp.sim.simulator import SimConfig, simulate
 
     cell, settings = task.cell, task.settings
-    geometry = _geometry(cell.model)
+    geometry = _geometry(cell.model, settings["ssm_dtype"])
     requests = list(task.requests)
-    allocator = make_allocator(cell.allocator, geometry, cell.budget_bytes)
+    allocator = make_allocator(
+        cell.allocator, geometry, cell.budget_bytes, settings["static_options"]
+    )
     config = SimConfig(
         profile=cell.profile,
         calibration=task.calibration,

@@ -3,8 +3,14 @@
 Defaults (the "paper grid", widened as issue 3 asks): allocators avmp, unified, static
 and oracle; the four paper presets and `shift`; Jamba-1.5-Mini and two Mamba2 hybrids
 (Granite-4.0-H-Tiny, Nemotron-H-8B); budgets 1/4/8/12 GiB; seeds 0-2; RTX 3060 and H100
-time models. ``--quick`` runs a small grid (one model, two budgets, two seeds, short
-traces) as a smoke test of the whole path.
+time models. ``--quick`` runs a small grid (one model, two budgets, the H200 profile,
+two seeds, short traces) as a smoke test of the whole path.
+
+Cells whose weights + cache + activations exceed their GPU profile's memory are skipped
+and listed (`avmp.sim.timing.check_feasible`): in the default grid every RTX 3060 cell
+(none of the three models' weights fit in 12 GB) and Jamba-1.5-Mini on the H100 (96 GiB
+of bf16 weights). ``--ignore-feasibility`` simulates them anyway, as runs before the
+check did (the published figures' command says so).
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import time
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
+from avmp.cli.options import add_feasibility_option, add_ssm_dtype_option, ssm_dtype_choice
 
 DEFAULT_MODELS = ("jamba-1.5-mini", "granite-4.0-h-tiny", "nemotron-h-8b")
 DEFAULT_BUDGETS = ("1GiB", "4GiB", "8GiB", "12GiB")
 DEFAULT_PROFILES = ("rtx3060", "h100")
 DEFAULT_SEEDS = 3
 QUICK_REQUESTS = 48
+QUICK_PROFILES = ("h200",)  # Jamba-1.5-Mini's 96 GiB of weights fit in 141 GB, not in 80
 MAX_SEEDS = 1000
 
 
@@ -48,7 +56,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a small grid: 1 model, 1 and 8 GiB, H100, 2 seeds, 48 requests per trace",
+        help="a small grid: 1 model, 1 and 8 GiB, H200, 2 seeds, 48 requests per trace",
     )
     parser.add_argument(
         "--workers",
@@ -71,6 +79,16 @@ def add_parser(subparsers: Any) -> None:
         "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ssm_dtype_option(parser)
+    parser.add_argument(
+        "--static-options",
+        type=_csv,
+        default=(),
+        metavar="LIST",
+        help="SGLang's static split as it ships, comma-separated: padding_slot, give_back, "
+        "radix_cache_cap (default: none, as the published figures)",
+    )
+    add_feasibility_option(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -83,7 +101,7 @@ def build_grid(args: argparse.Namespace) -> Any:
     quick = bool(args.quick)
     models = args.models or (DEFAULT_MODELS[:1] if quick else DEFAULT_MODELS)
     budgets = args.budgets or (("1GiB", "8GiB") if quick else DEFAULT_BUDGETS)
-    profiles = args.profiles or (("h100",) if quick else DEFAULT_PROFILES)
+    profiles = args.profiles or (QUICK_PROFILES if quick else DEFAULT_PROFILES)
     num_seeds = args.seeds if args.seeds is not None else (2 if quick else DEFAULT_SEEDS)
     if not 1 <= num_seeds <= MAX_SEEDS:
         raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {num_seeds}")
@@ -104,6 +122,9 @@ def build_grid(args: argparse.Namespace) -> Any:
         sharegpt_rules=args.sharegpt_rules,
         arrival=args.arrival,
         calibration=args.calibration,
+        ssm_dtype=ssm_dtype_choice(args.ssm_dtype),
+        static_options=tuple(args.static_options),
+        ignore_feasibility=bool(args.ignore_feasibility),
     )
 
 
@@ -140,6 +161,9 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
         "ray": args.ray,
         "num_cells": len(grid.cells()),
         "num_simulated": num_simulated,
+        "skipped_infeasible": [
+            {"model": m, "budget_bytes": b, "profile": p} for m, b, p, _ in grid.skipped_cells()
+        ],
         "elapsed_s": round(elapsed_s, 1),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
@@ -172,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
 
     slo = slo_targets(args)  # a bad objective fails before any work
     grid = build_grid(args)
+    skipped = grid.skipped_cells()
+    if not grid.cells():
+        raise UserError(f"every cell is infeasible: {skipped[0][3]}; use a larger GPU profile, "
+                        "a smaller budget, or --ignore-feasibility")
     started = time.monotonic()
     num_simulated = run_sweep(
         grid, args.out, workers=args.workers, ray_address=args.ray, progress=not args.no_progress
@@ -185,4 +213,19 @@ def run(args: argparse.Namespace) -> int:
         f"\n{len(grid.cells())} cells ({num_simulated} simulated now, {elapsed:.0f} s); "
         f"report: {md_path}, {html_path}"
     )
+    if skipped:
+        print(_skipped_note(grid, skipped))
     return 0
+
+
+def _skipped_note(grid: Any, skipped: list[tuple[str, int, str, str]]) -> str:
+    """Which (model, budget, profile) cells were left out as infeasible, and why."""
+    from avmp.units import format_bytes
+
+    per_combination = len(grid.workloads) * len(grid.seeds) * len(grid.allocators)
+    names = ", ".join(f"{m} {format_bytes(b)} {p}" for m, b, p, _ in skipped)
+    return (
+        f"skipped {len(skipped) * per_combination} infeasible cells "
+        f"({len(skipped)} model/budget/profile combinations: {names}); e.g. {skipped[0][3]}; "
+        "--ignore-feasibility simulates them"
+    )
