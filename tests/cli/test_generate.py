@@ -201,3 +201,32 @@ def test_nan_or_integer_weights_are_refused_at_load(
     assert main(["generate", str(path), "--prompt", "1 2", "--memory", "4MiB"]) == 2
     err = capsys.readouterr().err.strip()
     assert name in err and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [(None, None), ("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"),
+     ("auto", "float32")],  # Bamba (Mamba2): SGLang keeps its state in fp32
+)
+def test_ssm_dtype_choices_reach_the_engine_config(
+    checkpoint: Path, choice: str | None, expected: str | None
+) -> None:
+    from avmp.cli import build_parser
+    from avmp.cli.generate import engine_config
+
+    argv = ["generate", str(checkpoint), "--prompt", "1 2"]
+    args = build_parser().parse_args([*argv, *(["--ssm-dtype", choice] if choice else [])])
+    assert engine_config(args).ssm_dtype == expected
+
+
+def test_ssm_dtype_auto_runs_and_a_bad_one_is_one_line(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", str(checkpoint), "--prompt", "1 2 3", "--max-tokens", "2",
+            "--memory", "8MiB"]
+    assert main([*argv, "--ssm-dtype", "auto"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--ssm-dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ssm-dtype must be one of auto, bf16, fp16, fp32, got 'int8'" in err
+    assert len(err.splitlines()) == 1

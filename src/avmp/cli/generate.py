@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from avmp.cli import UserError
+from avmp.cli.options import add_ssm_dtype_option, ssm_dtype_choice
 from avmp.units import format_bytes, parse_bytes
 
 
@@ -36,9 +37,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    parser.add_argument(
-        "--ssm-dtype", default=None, help="SSM state dtype (default: the model's dtype)"
-    )
+    add_ssm_dtype_option(parser, default=None)
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page (16)")
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
     parser.add_argument(
@@ -109,8 +108,21 @@ def engine_config(args: argparse.Namespace) -> Any:
         chunk_bytes=parse_bytes(args.chunk),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        ssm_dtype=args.ssm_dtype,
+        ssm_dtype=_ssm_dtype(args.model, args.ssm_dtype),
     )
+
+
+def _ssm_dtype(model: str, choice: str | None) -> str | None:
+    """The engine's SSM-state dtype: None (the model's), a named one, or for ``auto``
+    the family's default as vLLM and SGLang ship it (read from the model's config)."""
+    if choice is None:
+        return None
+    name = ssm_dtype_choice(choice)
+    if name != "auto":
+        return name
+    from avmp.models.zoo import resolve_model
+
+    return resolve_model(model, ssm_dtype="auto").ssm_dtype
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -120,9 +132,10 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    for flag, dtype in (("--dtype", args.dtype), ("--ssm-dtype", args.ssm_dtype)):
-        if dtype not in (None, "float32", "bfloat16", "float16"):
-            raise UserError(f"{flag} must be float32, bfloat16 or float16, got {dtype!r}")
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.ssm_dtype is not None:
+        ssm_dtype_choice(args.ssm_dtype)  # one line for a bad choice, before any work
     for flag, value in (("--memory", args.memory), ("--chunk", args.chunk)):
         try:
             parse_bytes(value)
