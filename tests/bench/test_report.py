@@ -81,7 +81,7 @@ def test_headline_has_common_and_goodput_ratios_and_old_cells_read_n_a() -> None
     assert headers[4:6] == ["requests all completed, req/s [95% CI]", "goodput [95% CI]"]
     assert rows[0][4].startswith("2.00x") and rows[0][5].startswith("2.00x")
     strict = headline_table(new, SloTargets(ttft_s=0.1))[1]
-    assert strict[0][5] == "n/a"  # nobody met a 0.1 s TTFT: zero goodput on both sides
+    assert strict[0][5] == "n/a (2 pairs zero)"  # nobody met a 0.1 s TTFT: zero goodput
     old = [make_cell("avmp", seed=9, request_throughput=2.0), make_cell("unified", seed=9)]
     mixed = headline_table(new + old)[1]
     assert mixed[0][2] == "3" and mixed[0][4].endswith("(1 pair n/a)")

@@ -107,13 +107,20 @@ def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tabl
 
 
 def _row_text(row: RatioRow) -> str:
-    """A ratio with its CI; pairs left out for lack of per-request data (cells saved
-    before it was recorded) are said, and a row of only such pairs reads n/a."""
+    """A ratio with its CI, saying which pairs were left out: with zero on a side (no
+    request met the objectives) or without per-request data (cells saved before it was
+    recorded); a row of only the latter reads plain n/a."""
     text = _ratio_text(row.ratio, row.ci_low, row.ci_high)
-    if row.num_unavailable and row.num_pairs:
-        plural = "s" if row.num_unavailable > 1 else ""
-        text += f" ({row.num_unavailable} pair{plural} n/a)"
-    return text
+    left_out = []
+    if row.num_excluded:
+        left_out.append(f"{_pairs_text(row.num_excluded)} zero")
+    if row.num_unavailable and (row.num_pairs or row.num_excluded):
+        left_out.append(f"{_pairs_text(row.num_unavailable)} n/a")
+    return f"{text} ({', '.join(left_out)})" if left_out else text
+
+
+def _pairs_text(count: int) -> str:
+    return f"{count} pair" + ("s" if count > 1 else "")
 
 
 def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
