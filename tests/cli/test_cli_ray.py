@@ -117,6 +117,7 @@ def test_bench_on_a_ray_cluster_saves_what_a_local_run_saves(ray_head: str,
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert runs[-1]["ray"] == ray_head
     grid = SweepGrid(workloads=("shift",), models=("jamba-1.5-mini",), budgets_bytes=(1 << 30,),
+                     profiles=("h200",),  # Jamba's 96 GiB of weights need 141 GB
                      seeds=(0,), num_requests=(("shift", 48),))
     run_sweep(grid, tmp_path / "local", workers=1, progress=False)
     assert _cells(out) == _cells(tmp_path / "local")

@@ -8,6 +8,7 @@ from avmp.cli import main
 
 def test_report_command_from_a_sweep(tmp_path: Path, capsys) -> None:
     grid = SweepGrid(workloads=("shift",), models=("jamba-1.5-mini",), budgets_bytes=(1 << 30,),
+                     profiles=("h200",),  # Jamba's 96 GiB of weights need 141 GB
                      seeds=(0, 1), num_requests=(("shift", 9),))
     run_sweep(grid, tmp_path, workers=1, progress=False)
     assert main(["report", str(tmp_path)]) == 0
