@@ -45,7 +45,11 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class SimResult:
-    """One simulation's outcome (the contract between `avmp.sim` and `avmp.bench`)."""
+    """One simulation's outcome (the contract between `avmp.sim` and `avmp.bench`).
+
+    ``completed_requests`` holds `REQUEST_COLUMNS` of every completed request, from
+    which goodput and throughput over the requests every layout completed are computed.
+    """
 
     allocator: str
     num_requests: int
@@ -150,6 +154,7 @@ class SloTargets:
                 raise ValueError(f"the {name} objective must be a positive number, got {value}")
 
     def describe(self) -> str:
+        """The objectives in words, for table headers and report conditions."""
         return f"TTFT <= {self.ttft_s:g} s and TPOT <= {self.tpot_ms:g} ms"
 
 
