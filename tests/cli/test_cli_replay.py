@@ -107,3 +107,16 @@ def test_replay_ssm_dtype_doubles_the_state(trace: Path, capsys) -> None:
     assert runs["auto"] == runs["fp32"] != runs["bf16"]  # Nemotron-H: fp32 in vLLM and SGLang
     assert main([*base, "--ssm-dtype", "fp8"]) == 2
     assert "--ssm-dtype must be one of auto, bf16, fp16, fp32, got 'fp8'" in capsys.readouterr().err
+
+
+def test_replay_static_options_change_only_the_static_row(trace: Path, capsys) -> None:
+    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "256MiB",
+            "--json", "--allocators", "avmp,static"]
+    runs = []
+    for extra in ([], ["--static-options", "radix_cache_cap"]):
+        assert main([*base, *extra]) == 0
+        results = json.loads(capsys.readouterr().out)
+        runs.append({r["allocator"]: {k: v for k, v in r.items() if not k.startswith("measured")}
+                     for r in results})
+    assert runs[0]["avmp"] == runs[1]["avmp"]
+    assert runs[0]["static"] != runs[1]["static"]

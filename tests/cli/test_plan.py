@@ -159,3 +159,21 @@ def test_plan_ssm_dtype_auto_is_bf16_for_jamba_and_fp16_as_large_as_bf16(
     assert run_json(capsys, *JAMBA, "--ssm-dtype", "auto") == run_json(capsys, *JAMBA)
     fp16 = run_json(capsys, *JAMBA, "--ssm-dtype", "fp16")
     assert fp16["state_bytes_per_request"] == run_json(capsys, *JAMBA)["state_bytes_per_request"]
+
+
+def test_plan_static_options_are_sglangs_shipped_split(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    jamba_8 = ["plan", "jamba-1.5-mini", "--memory", "8GiB", "--prompt", "512", "--output", "256"]
+
+    def static(data: dict[str, object]) -> dict[str, int]:
+        rows = {row["name"]: row for row in data["allocators"]}  # type: ignore[attr-defined]
+        return rows["static"]  # type: ignore[no-any-return]
+
+    plain = static(run_json(capsys, *jamba_8))
+    shipped = static(run_json(capsys, *jamba_8, "--static-options", "padding_slot,give_back"))
+    capped = static(run_json(capsys, *jamba_8, "--static-options", "radix_cache_cap"))
+    assert shipped["padding_bytes"] > plain["padding_bytes"] == 0  # the held slot
+    assert capped["num_requests"] < plain["num_requests"]  # a third of the slots
+    assert main([*jamba_8, "--static-options", "padding"]) == 2
+    assert "unknown static option 'padding'; known: padding_slot" in capsys.readouterr().err

@@ -21,7 +21,13 @@ import time
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
-from avmp.cli.options import add_feasibility_option, add_ssm_dtype_option, ssm_dtype_choice
+from avmp.cli.options import (
+    add_feasibility_option,
+    add_ssm_dtype_option,
+    add_static_options_option,
+    ssm_dtype_choice,
+    static_options,
+)
 
 DEFAULT_MODELS = ("jamba-1.5-mini", "granite-4.0-h-tiny", "nemotron-h-8b")
 DEFAULT_BUDGETS = ("1GiB", "4GiB", "8GiB", "12GiB")
@@ -80,14 +86,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ssm_dtype_option(parser)
-    parser.add_argument(
-        "--static-options",
-        type=_csv,
-        default=(),
-        metavar="LIST",
-        help="SGLang's static split as it ships, comma-separated: padding_slot, give_back, "
-        "radix_cache_cap (default: none, as the published figures)",
-    )
+    add_static_options_option(parser)
     add_feasibility_option(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
@@ -123,7 +122,7 @@ def build_grid(args: argparse.Namespace) -> Any:
         arrival=args.arrival,
         calibration=args.calibration,
         ssm_dtype=ssm_dtype_choice(args.ssm_dtype),
-        static_options=tuple(args.static_options),
+        static_options=static_options(args.static_options),
         ignore_feasibility=bool(args.ignore_feasibility),
     )
 

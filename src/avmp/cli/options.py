@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from avmp.cli import UserError
+from avmp.memory.registry import STATIC_SHIPPED_OPTIONS
 from avmp.models.dtypes import SSM_DTYPE_CHOICES, ssm_dtype_name
 
 
@@ -44,3 +45,29 @@ def add_feasibility_option(parser: argparse.ArgumentParser) -> None:
         help="simulate even when weights + cache + activations exceed the GPU profile's "
         "memory (default: refuse, one line)",
     )
+
+
+def add_static_options_option(parser: Any) -> None:
+    """``--static-options LIST``: SGLang's static split as it ships (off by default)."""
+    parser.add_argument(
+        "--static-options",
+        default="",
+        metavar="LIST",
+        help="the static layout as SGLang ships it, comma-separated: "
+        f"{', '.join(STATIC_SHIPPED_OPTIONS)} (default: none, as the published figures)",
+    )
+
+
+def static_options(text: str) -> tuple[str, ...]:
+    """The names in ``--static-options``.
+
+    Raises:
+        UserError: a name that is not one of `STATIC_SHIPPED_OPTIONS` (one line).
+    """
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in STATIC_SHIPPED_OPTIONS]
+    if unknown:
+        raise UserError(
+            f"unknown static option {unknown[0]!r}; known: {', '.join(STATIC_SHIPPED_OPTIONS)}"
+        )
+    return names

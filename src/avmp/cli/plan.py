@@ -11,7 +11,12 @@ import sys
 from typing import Any
 
 from avmp.cli import UserError, parse_budget, parse_size
-from avmp.cli.options import add_ssm_dtype_option, ssm_dtype_choice
+from avmp.cli.options import (
+    add_ssm_dtype_option,
+    add_static_options_option,
+    ssm_dtype_choice,
+    static_options,
+)
 from avmp.memory.planner import MAX_PLANNED_REQUESTS, Plan, plan
 from avmp.memory.spec import MemoryConfig
 from avmp.models import ModelGeometry, resolve_model
@@ -40,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--prompt", default="512", help="prompt tokens per request (default 512)")
     parser.add_argument("--output", default="256", help="output tokens per request (default 256)")
     add_ssm_dtype_option(parser)
+    add_static_options_option(parser)
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
     parser.add_argument("--state-fraction", default=None, help="static: share of memory for state")
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -67,9 +73,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     prompt = _tokens("--prompt", args.prompt, minimum=1)
     output = _tokens("--output", args.output, minimum=0)
     ssm_dtype = ssm_dtype_choice(args.ssm_dtype)
-    options = {}
+    static: dict[str, object] = {name: True for name in static_options(args.static_options)}
     if args.state_fraction is not None:
-        options["static"] = {"state_fraction": _fraction(args.state_fraction)}
+        static["state_fraction"] = _fraction(args.state_fraction)
+    options = {"static": static} if static else {}
     try:
         config = MemoryConfig(budget_bytes=memory, chunk_bytes=chunk)
     except ValueError as error:

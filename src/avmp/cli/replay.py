@@ -7,7 +7,13 @@ import json
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
-from avmp.cli.options import add_feasibility_option, add_ssm_dtype_option, ssm_dtype_choice
+from avmp.cli.options import (
+    add_feasibility_option,
+    add_ssm_dtype_option,
+    add_static_options_option,
+    ssm_dtype_choice,
+    static_options,
+)
 from avmp.units import format_bytes
 
 COLUMNS = (
@@ -50,6 +56,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     add_ssm_dtype_option(parser)
+    add_static_options_option(parser)
     add_feasibility_option(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
@@ -107,13 +114,14 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         with open(args.calibration):
             pass  # a missing file (or a directory) is a one-line error, before any work
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype_choice(args.ssm_dtype))
+    shipped = static_options(args.static_options)
     config = SimConfig(profile=args.profile, calibration=args.calibration)
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
         check_feasible(geometry, budget, get_profile(args.profile),
                        config.max_num_batched_tokens, config.max_num_seqs)
     requests = read_trace(args.trace, args.format)
     results = [
-        simulate(requests, make_allocator(a, geometry, budget), geometry, config).to_dict()
+        simulate(requests, make_allocator(a, geometry, budget, shipped), geometry, config).to_dict()
         for a in allocators
     ]
     if all(r["num_completed"] == 0 for r in results):
