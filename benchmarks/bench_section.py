@@ -1,6 +1,6 @@
 """Regenerate the `avmp bench` section of docs/BENCHMARKS.md from a results directory.
 
-    avmp bench --out avmp-results
+    avmp bench --ignore-feasibility --out avmp-results
     python -m benchmarks.bench_section avmp-results            # rewrites the section
     python -m benchmarks.bench_section avmp-results --print    # prints it instead
 
@@ -242,7 +242,8 @@ def vllm_sharegpt_lines(directory: Path | None) -> list[str]:
     return [
         "### ShareGPT with vLLM `bench serve` rules (Mistral Tekken token counts)",
         "",
-        f"Command: `avmp bench --workloads sharegpt_replay --sharegpt-rules vllm "
+        f"Command: `avmp bench --ignore-feasibility --workloads sharegpt_replay "
+        f"--sharegpt-rules vllm "
         f"--out {directory}` ({len(cells)} cells, rules {', '.join(rules)}, "
         f"{', '.join(map(str, requests))} requests per trace; the rest of the grid as above).",
         "",
@@ -259,7 +260,8 @@ def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
         START,
         HEADING,
         "",
-        f"Command: `avmp bench --out {directory}`, then `python -m benchmarks.bench_section "
+        f"Command: `avmp bench --ignore-feasibility --out {directory}` (the whole grid, "
+        f"infeasible\ncells included, as published), then `python -m benchmarks.bench_section "
         f"{directory}{extra}` (writes this section).",
         "",
         "### Conditions",
