@@ -69,3 +69,16 @@ def test_logits_match_transformers_through_chunked_prefill_and_decode(
         ours = model.logits(torch.cat(hidden))
         theirs = checkpoint.hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_falcon_without_its_mamba_norm_matches_transformers(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """The published Falcon-H1 configs set ``mamba_rms_norm`` false: the mixer gates
+    with silu alone and holds no norm weight."""
+    checkpoint = tiny_checkpoint("falcon_h1", mamba_rms_norm=False)
+    prompts = random_prompts([5, 17])
+    engine = Engine(checkpoint.path, EngineConfig(memory_bytes=4 * MiB, block_size=4))
+    outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == checkpoint.reference(prompt, MAX_TOKENS)

@@ -64,7 +64,9 @@ class FalconMixer(Mamba2Mixer):
         if self.intermediate_size != intermediate:
             raise ValueError("Falcon-H1: mamba_n_heads * mamba_d_head must equal mamba_d_ssm")
         self.out_proj = nn.Linear(intermediate, config.hidden_size, bias=config.projectors_bias)
-        del self.norm
+        # Falcon-H1's own gated norm (or none) in place of Mamba2Mixer's; the checkpoint
+        # names it ``norm`` too
+        self.norm: FalconGatedNorm | None = None  # type: ignore[assignment]
         if config.mamba_rms_norm:
             self.norm = FalconGatedNorm(
                 intermediate,
@@ -79,7 +81,7 @@ class FalconMixer(Mamba2Mixer):
         proj = self.in_proj(x * self.ssm_in_multiplier) * self.mup_vector
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache)
-        y = self.norm(y, gate) if hasattr(self, "norm") else y * F.silu(gate)
+        y = y * F.silu(gate) if self.norm is None else self.norm(y, gate)
         return self.out_proj(y.to(x.dtype))
 
 
