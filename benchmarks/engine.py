@@ -531,7 +531,7 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
     config = transformers_config(name)
     model = build_model(config, device)
     num_params = sum(p.numel() for p in model.parameters())
-    config = EngineConfig(
+    engine_config = EngineConfig(  # `config` stays the transformers config: hf uses it
         memory_bytes=parse_bytes(args.memory),
         device="cuda",
         kernels="triton",
@@ -539,7 +539,7 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=args.max_batched_tokens,
     )
-    engine = Engine(model, config)
+    engine = Engine(model, engine_config)
     result: dict[str, Any] = {
         "model": name,
         "num_params": num_params,

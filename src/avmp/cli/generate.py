@@ -66,10 +66,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avmp.engine.engine import Engine
+    from avmp.engine.engine import Engine, check_device_holds
 
     _check(args)
     config = engine_config(args)
+    check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, config, tokenizer)
     engine.warmup()

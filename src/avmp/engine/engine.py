@@ -268,7 +268,7 @@ class Engine:
             config = dataclasses.replace(config, check_integrity=True)
         self.config = config
         self.device = config.torch_device()
-        _check_device(self.device, config.memory_bytes)
+        check_device_holds(self.device, config.memory_bytes)
         if self.device.type == "cpu" and config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.model = self._load(model)
@@ -578,7 +578,7 @@ class Engine:
         )
 
 
-def _check_device(device: torch.device, memory_bytes: int) -> None:
+def check_device_holds(device: torch.device, memory_bytes: int) -> None:
     """Refuse, before anything is allocated, a device this machine lacks or a cache
     budget larger than it can hold (free memory of a CUDA device; the host's available
     memory for the CPU).
