@@ -1,7 +1,8 @@
-"""Hand-built geometries for the baseline and planner tests (no zoo needed)."""
+"""Hand-built geometries for the layout and planner tests (no zoo needed), and `fill`."""
 
 from __future__ import annotations
 
+from avmp.memory.spec import CacheAllocator
 from avmp.models.geometry import (
     AttentionLayer,
     CacheTensor,
@@ -58,3 +59,12 @@ def pure_recurrent(num_layers: int = 4, d_inner: int = 1024) -> ModelGeometry:
 
 def pure_attention(num_layers: int = 4) -> ModelGeometry:
     return hybrid("pure-attention", [AttentionLayer(i, 8, 128) for i in range(num_layers)], [])
+
+
+def fill(allocator: CacheAllocator, num_tokens: int) -> int:
+    """Admit requests of ``num_tokens`` until memory is short; return how many fit."""
+    count = 0
+    while allocator.admit(count, num_tokens) is not None:
+        count += 1
+    allocator.check_integrity()
+    return count

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from hybrid_geometries import jamba_mini, small_hybrid
+from hybrid_geometries import fill, jamba_mini, small_hybrid
 
 from avmp.memory.oracle import OracleAllocator
 from avmp.memory.registry import ALLOCATOR_NAMES, make_allocator
-from avmp.memory.spec import CacheAllocator, MemoryConfig
+from avmp.memory.spec import MemoryConfig
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-
-def fill(allocator: CacheAllocator, num_tokens: int) -> int:
-    count = 0
-    while allocator.admit(count, num_tokens) is not None:
-        count += 1
-    allocator.check_integrity()
-    return count
 
 
 def test_oracle_admits_exactly_what_the_bytes_allow() -> None:

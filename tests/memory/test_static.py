@@ -4,25 +4,18 @@
 from __future__ import annotations
 
 import pytest
-from hybrid_geometries import jamba_mini, pure_attention, pure_recurrent, small_hybrid
+from hybrid_geometries import fill, jamba_mini, pure_attention, pure_recurrent, small_hybrid
 
 from avmp.memory.address_space import units_for_chunks
 from avmp.memory.backing.host import HostBacking
 from avmp.memory.manager import AvmpManager
 from avmp.memory.registry import make_allocator, static_state_fraction
-from avmp.memory.spec import CacheAllocator, MemoryConfig, PoolKind, RequestTooLargeError
+from avmp.memory.spec import MemoryConfig, PoolKind, RequestTooLargeError
 
 MiB = 1 << 20
 GiB = 1 << 30
 KV, STATE = PoolKind.KV, PoolKind.STATE
 
-
-def fill(allocator: CacheAllocator, num_tokens: int) -> int:
-    count = 0
-    while allocator.admit(count, num_tokens) is not None:
-        count += 1
-    allocator.check_integrity()
-    return count
 
 
 def static(geometry: object, budget: int, **options: float) -> AvmpManager:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 from hybrid_geometries import (
+    fill,
     hybrid,
     jamba_mini,
     mamba1_layer,
@@ -17,21 +18,13 @@ from hybrid_geometries import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avmp.memory.spec import NO_SLOT, AllocatorStats, CacheAllocator, MemoryConfig
+from avmp.memory.spec import NO_SLOT, AllocatorStats, MemoryConfig
 from avmp.memory.unified import UnifiedAllocator, VllmBlockGeometry, unified_buffer_bytes
 from avmp.models.geometry import AttentionLayer
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-
-def fill(allocator: CacheAllocator, num_tokens: int) -> int:
-    """Admit requests of ``num_tokens`` until memory is short; return how many fit."""
-    count = 0
-    while allocator.admit(count, num_tokens) is not None:
-        count += 1
-    allocator.check_integrity()
-    return count
 
 
 # --------------------------------------------------------------- vLLM's block geometry
