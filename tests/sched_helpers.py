@@ -79,6 +79,10 @@ class ExactBytesAllocator(CacheAllocator):
                 self._next_page += 1
         return pages
 
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        needed = num_requests * self.spec.slot_bytes + num_kv_units * self.spec.page_bytes
+        return needed <= self.config.budget_bytes
+
     def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
         if request_id in self._tokens:
             raise DuplicateRequestError(f"request {request_id} is live")

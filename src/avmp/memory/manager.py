@@ -233,6 +233,16 @@ class AvmpManager(CacheAllocator):
         num_pages = ceil_div(num_tokens, self._block_size) if self._has_pages else 0
         return num_pages <= self._max_pages_alone
 
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        if self.max_running is not None and num_requests > self.max_running:
+            return False
+        num_slots = num_requests * self._slots_per_request
+        if self.fixed_state_fraction is not None:  # each pool keeps its start-up share
+            held = 1 if self.padding_slot_id >= 0 else 0
+            return num_slots + held <= self._state.num_units and num_kv_units <= self._kv.num_units
+        kv_chunks = self._kv.chunks_for(num_kv_units) if self._has_pages else 0
+        return self._state.chunks_for(num_slots) + kv_chunks <= self.config.num_chunks
+
     def usage(self) -> MemoryUsage:
         chunk_bytes = self.config.chunk_bytes
         return MemoryUsage(

@@ -43,6 +43,10 @@ class OracleAllocator(RequestTable[LiveRequest]):
     def fits_alone(self, num_tokens: int) -> bool:
         return self._slot_bytes + self._pages_for(num_tokens) * self._page_bytes <= self._budget
 
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        needed = num_requests * self._slot_bytes + num_kv_units * self._page_bytes
+        return needed <= self._budget
+
     def _take_pages(self, num_pages: int) -> list[int]:
         free = self._free_pages
         reused = min(num_pages, len(free))

@@ -250,6 +250,25 @@ class CacheAllocator(ABC):
     def fits_alone(self, num_tokens: int) -> bool:
         """Whether one request of ``num_tokens`` tokens fits in an empty memory."""
 
+    @property
+    def kv_unit_tokens(self) -> int:
+        """Tokens one KV unit of this layout holds (its page; vLLM's attention block for
+        the unified pool), 0 for a model without attention. With `could_hold`, what the
+        scheduler needs to reserve room for requests' growth before admitting more."""
+        return self.config.block_size if self.geometry.kv_bytes_per_token else 0
+
+    def kv_units_for(self, num_tokens: int) -> int:
+        """KV units that one request of ``num_tokens`` tokens holds."""
+        unit = self.kv_unit_tokens
+        return ceil_div(num_tokens, unit) if unit else 0
+
+    @abstractmethod
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        """Whether ``num_requests`` requests holding ``num_kv_units`` KV units between them
+        (see `kv_units_for`) would fit in this memory at once, wherever the requests are
+        now: capacity that may migrate counts, fragmentation that compaction removes does
+        not, and the layout's own limits (a fixed split, a running cap) apply."""
+
     @abstractmethod
     def usage(self) -> MemoryUsage:
         """A snapshot of capacity and use."""

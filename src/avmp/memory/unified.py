@@ -271,6 +271,17 @@ class UnifiedAllocator(RequestTable[_Placed]):
         blocks = -(-num_tokens // self._tokens_per_block) if self._pages_per_block else 0
         return blocks <= self._max_blocks_alone
 
+    @property
+    def kv_unit_tokens(self) -> int:
+        """vLLM's attention block: ``k`` kernel pages."""
+        return self._tokens_per_block if self._pages_per_block else 0
+
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        # every request's state run is a whole group; group 0 holds the null block
+        if self._run and num_requests > max(0, self.num_groups - 1):
+            return False
+        return num_requests * self._run + num_kv_units <= self.num_usable_blocks
+
     # -- block choice ---------------------------------------------------------------
 
     def _group_of(self, block: int) -> int:

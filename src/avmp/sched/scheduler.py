@@ -34,8 +34,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
-from avmp.memory.spec import CacheAllocator, RequestTooLargeError
+from avmp.memory.host_tier import HostTier
+from avmp.memory.spec import NO_SLOT, CacheAllocator, RequestTooLargeError, RequestUnits
+from avmp.sched.admission import GrowthEstimate
 from avmp.sched.request import RequestSpec
+from avmp.sched.swap import (
+    Admission,
+    PreemptionCosts,
+    PreemptionMode,
+    SwapCopy,
+    Swapper,
+)
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,33 @@ class SchedulerConfig:
         max_num_seqs: running requests at most (a request holds a state slot while running).
         max_num_batched_tokens: tokens computed per step at most, over all requests
             (prefill chunks and decode tokens alike).
+        preemption: how a preempted request gives its memory back (`PreemptionMode`).
+        admission: when a waiting request may start (`Admission`).
+        host_tier_bytes: bytes of the host tier that swapped-out requests go to.
+        costs: the rates the ``auto`` preemption rule compares (needed for ``auto``).
     """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    preemption: PreemptionMode = PreemptionMode.RECOMPUTE
+    admission: Admission = Admission.GREEDY
+    host_tier_bytes: int = 0
+    costs: PreemptionCosts | None = None
 
     def __post_init__(self) -> None:
+        for name, kind in (("preemption", PreemptionMode), ("admission", Admission)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                known = ", ".join(k.value for k in kind)
+                raise ValueError(f"{name} must be one of {known}, got {value!r}") from None
+        if self.host_tier_bytes < 0:
+            raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
+        if self.preemption is not PreemptionMode.RECOMPUTE and self.host_tier_bytes == 0:
+            raise ValueError(f"preemption {self.preemption.value!r} needs a host tier (0 bytes)")
+        if self.preemption is PreemptionMode.AUTO and self.costs is None:
+            raise ValueError("preemption 'auto' needs the costs it compares")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -89,6 +119,7 @@ class SchedRequest:
         "num_computed",
         "num_computed_peak",
         "num_preemptions",
+        "swapped",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -102,6 +133,7 @@ class SchedRequest:
         self.num_computed = 0
         self.num_computed_peak = 0
         self.num_preemptions = 0
+        self.swapped = False  # waiting with its cache in the host tier
 
 
 class ScheduledChunk(NamedTuple):
@@ -139,13 +171,23 @@ class Rejection:
 @dataclass(frozen=True)
 class StepPlan:
     """What one step does: the chunks to compute (running requests first, in admission
-    order, then newly admitted ones), who was preempted or rejected while planning, and
-    how many of the chunks' tokens are recompute after a preemption."""
+    order, then newly admitted ones), who was preempted or rejected while planning, how
+    many of the chunks' tokens are recompute after a preemption, and the copies to and
+    from the host tier that planning issued (swapped-out victims, resumed requests)."""
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[int, ...]
     rejected: tuple[Rejection, ...]
     num_recompute_tokens: int = 0
+    swapped_out: tuple[SwapCopy, ...] = ()
+    swapped_in: tuple[SwapCopy, ...] = ()
+
+    @property
+    def num_swap_bytes(self) -> int:
+        """Bytes copied between the device and the host tier for this step."""
+        return sum(c.num_bytes for c in self.swapped_out) + sum(
+            c.num_bytes for c in self.swapped_in
+        )
 
     @property
     def is_empty(self) -> bool:
@@ -174,24 +216,50 @@ class _Budget:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    swapped_out: list[SwapCopy] = field(default_factory=list)
+    swapped_in: list[SwapCopy] = field(default_factory=list)
 
 
 class Scheduler:
-    """Continuous batching with chunked prefill, FCFS admission and preemption by
-    recompute, over any `CacheAllocator`.
+    """Continuous batching with chunked prefill, FCFS admission and preemption, over any
+    `CacheAllocator`.
 
-    ``running`` keeps admission order, so its last element is the preemption victim;
-    ``waiting`` is FCFS with preempted requests put back at its front.
+    ``running`` keeps admission order; ``waiting`` is FCFS with preempted requests put
+    back at its front. Preemption (``config.preemption``): ``recompute`` and ``swap``
+    take the most recently admitted running request as the victim (vLLM's rule);
+    ``auto`` takes, among the requests not yet served in this step, the one whose loss
+    costs least (recompute or swap, whichever is cheaper for it), the latest admitted on
+    a tie. A swapped-out request keeps its computed tokens in the host tier and resumes
+    from them; when the tier is full it is recomputed instead.
+
+    Args:
+        swapper: carries out the host-tier copies (the engine); None to only count them
+            (the simulator).
     """
 
-    def __init__(self, allocator: CacheAllocator, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        allocator: CacheAllocator,
+        config: SchedulerConfig,
+        swapper: Swapper | None = None,
+    ) -> None:
         self.allocator = allocator
         self.config = config
+        self.swapper = swapper
         self.requests: dict[int, SchedRequest] = {}
         self.waiting: deque[SchedRequest] = deque()
         self.running: list[SchedRequest] = []
         self.rejections: list[Rejection] = []
         self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
+        self.host_tier = HostTier(config.host_tier_bytes)
+        self.growth = GrowthEstimate(config.admission)
+        self._page_unit_bytes = self._slot_unit_bytes = 0
+        if config.preemption is not PreemptionMode.RECOMPUTE:
+            cache_format = allocator.cache_format()
+            self._page_unit_bytes = cache_format.page.unit_bytes
+            self._slot_unit_bytes = cache_format.slot.unit_bytes
         self._pending_rejections: list[Rejection] = []
         self._outstanding: StepPlan | None = None
 
@@ -253,7 +321,10 @@ class Scheduler:
             tuple(budget.preempted),
             tuple(budget.rejected),
             budget.num_recompute_tokens,
+            tuple(budget.swapped_out),
+            tuple(budget.swapped_in),
         )
+        self.growth.after_step(bool(budget.preempted), self.running)
         self._outstanding = plan if plan.chunks else None  # an empty plan needs no finishing
         return plan
 
@@ -278,7 +349,7 @@ class Scheduler:
         admitted running request and retry, until it fits. Returns False if ``request``
         itself had to leave."""
         while True:
-            victim = self.running[-1]
+            victim = self._victim(request)
             if victim is request and len(self.running) == 1:
                 self._drop_running(
                     request, budget, "cannot grow even with no other request running"
@@ -290,6 +361,36 @@ class Scheduler:
             grown = self._try_grow(request, num_new, budget)
             if grown is not False:
                 return bool(grown)
+
+    def _victim(self, request: SchedRequest) -> SchedRequest:
+        """Whom to preempt so that ``request`` can grow: the latest admitted running
+        request, or under ``auto`` the cheapest loss among ``request`` and those admitted
+        after it (the ones before it already have their chunks in this step)."""
+        running = self.running
+        if self.config.preemption is not PreemptionMode.AUTO or running[-1] is request:
+            return running[-1]
+        start = running.index(request)
+        best, best_s = running[-1], self._loss_s(running[-1])
+        for candidate in reversed(running[start:-1]):  # latest first: ties keep the latest
+            loss_s = self._loss_s(candidate)
+            if loss_s < best_s:
+                best, best_s = candidate, loss_s
+        return best
+
+    def _loss_s(self, request: SchedRequest) -> float:
+        """Device time that preempting ``request`` costs: recompute or swap, the cheaper."""
+        costs = self.config.costs
+        assert costs is not None  # `auto` needs them (SchedulerConfig checks)
+        recompute_s = costs.recompute_s(request.num_computed)
+        num_bytes = self._swap_bytes(self.allocator.units(request.request_id))
+        if not self.host_tier.could_reserve(num_bytes):
+            return recompute_s
+        return min(recompute_s, costs.swap_s(num_bytes))
+
+    def _swap_bytes(self, units: RequestUnits) -> int:
+        """Bytes a request's units take in the host tier: its slot and its pages."""
+        slot_bytes = self._slot_unit_bytes if units.slot != NO_SLOT else 0
+        return slot_bytes + len(units.pages) * self._page_unit_bytes
 
     def _try_grow(self, request: SchedRequest, num_new: int, budget: _Budget) -> bool | None:
         """Grow ``request`` by ``num_new`` tokens: True if it grew, False if memory is
@@ -305,6 +406,8 @@ class Scheduler:
         not fit (FCFS: no request overtakes the head of the queue)."""
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self.growth.admits(self.allocator, self.running, request):
+                return
             num_new = min(request.num_tokens - request.num_computed, budget.tokens)
             admitted = self._admit(request, num_new, budget)
             if admitted is None:
@@ -324,13 +427,15 @@ class Scheduler:
             rejected: one that does not fit while no other request holds memory never will.
         """
         try:
-            blocks = self.allocator.admit(request.request_id, num_new)
+            blocks = self.allocator.admit(request.request_id, request.num_computed + num_new)
         except RequestTooLargeError as error:
             blocks = None
             reason = f"cannot be admitted: {error}"
         else:
             reason = "cannot be admitted even into an empty memory"
         if blocks is not None:
+            if request.swapped:
+                self._swap_in(request, blocks, budget)
             return True
         if self.running or self.allocator.request_ids:
             return False
@@ -359,15 +464,59 @@ class Scheduler:
     # ---- preemption and rejection -------------------------------------------------------
 
     def _preempt(self, victim: SchedRequest, budget: _Budget) -> None:
-        """Free all of ``victim``'s memory and put it at the front of the queue."""
+        """Free all of ``victim``'s memory, after copying it to the host tier when the
+        policy swaps it, and put it at the front of the queue."""
         self.running.remove(victim)  # the last element, or close to it
+        if not self._swap_out(victim, budget):
+            victim.num_computed = 0
         self.allocator.free(victim.request_id)
-        victim.num_computed = 0
         victim.num_preemptions += 1
         victim.status = RequestStatus.WAITING
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
         budget.preempted.append(victim.request_id)
+
+    def _swap_out(self, victim: SchedRequest, budget: _Budget) -> bool:
+        """Copy ``victim``'s units to the host tier if the policy says so and the tier
+        has room; returns whether it did (else the victim is recomputed)."""
+        mode = self.config.preemption
+        if mode is PreemptionMode.RECOMPUTE:
+            return False
+        units = self.allocator.units(victim.request_id)
+        num_bytes = self._swap_bytes(units)
+        if mode is PreemptionMode.AUTO:
+            costs = self.config.costs
+            assert costs is not None
+            if costs.recompute_s(victim.num_computed) <= costs.swap_s(num_bytes):
+                return False
+        extent = self.host_tier.reserve(victim.request_id, num_bytes)
+        if extent is None:
+            return False
+        if self.swapper is not None:
+            self.swapper.swap_out(victim.request_id, units, extent)
+        victim.swapped = True
+        self.num_swapped_out += 1
+        budget.swapped_out.append(SwapCopy(victim.request_id, victim.num_computed, num_bytes))
+        return True
+
+    def _swap_in(self, request: SchedRequest, units: RequestUnits, budget: _Budget) -> None:
+        """Copy a resumed request's saved units back and free its host extent."""
+        extent = self.host_tier.extent(request.request_id)
+        if self.swapper is not None:
+            self.swapper.swap_in(request.request_id, units, extent)
+        self.host_tier.release(request.request_id)
+        request.swapped = False
+        self.num_swapped_in += 1
+        budget.swapped_in.append(
+            SwapCopy(request.request_id, request.num_computed, extent.num_bytes)
+        )
+
+    def _drop_swapped(self, request: SchedRequest) -> None:
+        """Forget a waiting request's host copy (it finished or was rejected)."""
+        if request.swapped:
+            self.host_tier.release(request.request_id)
+            request.swapped = False
+            request.num_computed = 0
 
     def _drop_running(self, request: SchedRequest, budget: _Budget, reason: str) -> None:
         self.running.remove(request)
@@ -375,6 +524,7 @@ class Scheduler:
         budget.rejected.append(self._reject(request, reason))
 
     def _reject(self, request: SchedRequest, reason: str) -> Rejection:
+        self._drop_swapped(request)
         request.status = RequestStatus.REJECTED
         rejection = Rejection(request.request_id, reason)
         self.rejections.append(rejection)
@@ -434,7 +584,9 @@ class Scheduler:
             self._release([request_id])
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+            self._drop_swapped(request)
             request.status = RequestStatus.FINISHED
+            self.growth.observe_finish(request.num_output, request.output_tokens)
         else:
             return False
         return True
@@ -445,7 +597,9 @@ class Scheduler:
         done = set(finished)
         for request_id in finished:
             self.allocator.free(request_id)
-            self.requests[request_id].status = RequestStatus.FINISHED
+            request = self.requests[request_id]
+            request.status = RequestStatus.FINISHED
+            self.growth.observe_finish(request.num_output, request.output_tokens)
         self.running = [r for r in self.running if r.request_id not in done]
 
     # ---- invariants ---------------------------------------------------------------------
@@ -471,7 +625,14 @@ class Scheduler:
             assert 0 < request.num_computed < request.num_tokens
         for request in self.waiting:
             assert request.status is RequestStatus.WAITING, f"{request.request_id}: status"
-            assert request.num_computed == 0, f"{request.request_id}: waiting with a cache"
+            assert request.swapped == self.host_tier.holds(request.request_id)
+            if request.swapped:
+                assert 0 < request.num_computed < request.num_tokens
+            else:
+                assert request.num_computed == 0, f"{request.request_id}: waiting with a cache"
+        swapped = sorted(r.request_id for r in self.waiting if r.swapped)
+        assert swapped == sorted(self.host_tier.request_ids), "the host tier holds others"
+        self.host_tier.check_integrity()
         queued = len(self.running) + len(self.waiting)
         assert len(set(running_ids) | {r.request_id for r in self.waiting}) == queued
         for request in self.requests.values():
