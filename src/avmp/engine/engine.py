@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -53,6 +57,7 @@ from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.timeline import TimelineRecorder
+from avmp.sim.timing import ACTIVATION_COPIES, LOGIT_BYTES
 from avmp.units import format_bytes
 
 DTYPES = TORCH_DTYPES
@@ -172,6 +177,24 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _checked_arrivals(arrival_s: list[float] | None, num_prompts: int) -> list[float]:
+    """Per prompt, its arrival in seconds after the start (all 0 when None).
+
+    Raises:
+        ValueError: not one finite number >= 0 per prompt.
+    """
+    if arrival_s is None:
+        return [0.0] * num_prompts
+    if len(arrival_s) != num_prompts:
+        raise ValueError(f"{len(arrival_s)} arrival times for {num_prompts} prompts")
+    for index, value in enumerate(arrival_s):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError(f"arrival_s[{index}] must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"arrival_s[{index}] must be finite and >= 0, got {value!r}")
+    return [float(value) for value in arrival_s]
+
+
 @dataclass(frozen=True)
 class GenerationOutput:
     """One prompt's result.
@@ -180,6 +203,12 @@ class GenerationOutput:
         finish_reason: ``stop`` (end-of-sequence token), ``length`` (max_tokens reached)
             or ``rejected`` (the request could never fit in memory; ``error`` says why).
         num_preemptions: how often it was preempted and recomputed.
+        arrival_s: when the prompt arrived, in seconds after `Engine.generate` started
+            (its ``arrival_s``; 0 when every prompt is there from the start).
+        joined_s: when it joined the scheduler: at or after ``arrival_s``, since the
+            engine adds arrivals between steps (None: never added, not yet arrived).
+        first_token_s: when the host read its first generated token (None: none).
+        finish_s: when the host read its last generated token (None: none).
     """
 
     index: int
@@ -189,6 +218,25 @@ class GenerationOutput:
     finish_reason: str
     num_preemptions: int = 0
     error: str | None = None
+    arrival_s: float = 0.0
+    joined_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token, from the arrival (None without tokens)."""
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (0 for one token, as vLLM's
+        goodput counts it; None without tokens)."""
+        if self.first_token_s is None or self.finish_s is None:
+            return None
+        if len(self.token_ids) <= 1:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (len(self.token_ids) - 1)
 
 
 @dataclass
@@ -202,6 +250,7 @@ class EngineStats:
     num_recompute_tokens: int = 0
     num_preemptions: int = 0
     elapsed_s: float = 0.0
+    idle_s: float = 0.0  # slept waiting for the next arrival
     allocator: AllocatorStats = field(default_factory=AllocatorStats)
     usage: MemoryUsage | None = None
     peak_kv_capacity_bytes: int = 0
@@ -230,17 +279,34 @@ class _Pending:
 
 
 class _Live:
-    """An in-flight prompt: its tokens so far and its sampling generator."""
+    """An in-flight prompt: its tokens so far, its sampling generator, and when it
+    arrived, joined the scheduler and had its first and latest token read (seconds
+    after the call started)."""
 
-    __slots__ = ("index", "prompt", "tokens", "generator", "finish_reason", "error")
+    __slots__ = (
+        "index", "prompt", "tokens", "max_tokens", "generator", "finish_reason", "error",
+        "arrival_s", "joined_s", "first_token_s", "last_token_s",
+    )  # fmt: skip
 
-    def __init__(self, index: int, prompt: list[int], generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        max_tokens: int,
+        generator: torch.Generator | None,
+        arrival_s: float,
+    ) -> None:
         self.index = index
         self.prompt = prompt
         self.tokens = list(prompt)
+        self.max_tokens = max_tokens
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
+        self.arrival_s = arrival_s
+        self.joined_s: float | None = None
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
 
 
 class Engine:
@@ -253,8 +319,9 @@ class Engine:
 
     Raises:
         ValueError: a device this machine lacks, a budget larger than the device or the
-            host holds, a checkpoint that cannot be loaded, or a model the engine
-            cannot cache exactly.
+            host holds (checked before loading; once loaded, weights + budget + the
+            activation estimate, `activation_estimate_bytes`), a checkpoint that
+            cannot be loaded, or a model the engine cannot cache exactly.
     """
 
     def __init__(
@@ -276,6 +343,7 @@ class Engine:
         if tokenizer is None and not isinstance(model, HybridModel):
             self.tokenizer = load_tokenizer(model)
         self.geometry = self._geometry()
+        self._check_fits()
         self.allocator, self.backing, cache_format = self._memory()
         self.views = PoolViews(build_views(self.backing, cache_format))
         self.runner = self._runner()
@@ -329,6 +397,20 @@ class Engine:
             )
         return geometry
 
+    def _check_fits(self) -> None:
+        """Weights (loaded, on the device), the cache budget and the activation estimate
+        against the device's memory, before the cache is allocated."""
+        model = self.model
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        dtype_bytes = next(model.parameters()).element_size()
+        activations = activation_estimate_bytes(self.geometry, self.config, dtype_bytes)
+        if self.device.type == "cuda":  # torch's cached free blocks count as used there
+            torch.cuda.empty_cache()
+        check_device_holds(
+            self.device, self.config.memory_bytes, weight_bytes, activations, weights_loaded=True
+        )
+
     def _backing(self) -> TensorBacking:
         # compaction's row copy: Triton's on CUDA (it falls back to torch's where Triton
         # cannot run); elsewhere the backing's own torch copy
@@ -367,33 +449,41 @@ class Engine:
         top_p: float = 1.0,
         seed: int = 0,
         ignore_eos: bool = False,
+        arrival_s: list[float] | None = None,
     ) -> list[GenerationOutput]:
         """Generate up to ``max_tokens`` tokens for every prompt (one limit for all, or
         one per prompt), batched continuously.
 
+        Args:
+            arrival_s: replay a trace: per prompt, the seconds after this call starts at
+                which it arrives (in any order). A prompt joins the scheduler only once
+                the wall clock reaches its arrival; while none is unfinished the engine
+                sleeps until the next one. None: every prompt is there from the start.
         Returns:
-            One output per prompt, in prompt order.
+            One output per prompt, in prompt order, with its arrival, first-token and
+            finish times.
         Raises:
-            ValueError: an empty prompt, a token id outside the vocabulary, or text
-                prompts without a tokenizer.
+            ValueError: an empty prompt, a token id outside the vocabulary, text
+                prompts without a tokenizer, or arrival times that are not one finite
+                number >= 0 per prompt.
         """
         limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} max_tokens for {len(prompts)} prompts")
         if any(limit < 1 for limit in limits):
             raise ValueError(f"max_tokens must be >= 1, got {min(limits)}")
+        arrivals = _checked_arrivals(arrival_s, len(prompts))
         params = SamplingParams(temperature, top_p, seed)
         token_prompts = [self._encode(prompt) for prompt in prompts]
-        live = self._submit(token_prompts, limits, params)
+        live = self._live(token_prompts, limits, arrivals, params)
         self.stats = EngineStats(num_prompt_tokens=sum(len(p) for p in token_prompts))
         before = copy.deepcopy(self.allocator.stats)
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = time.perf_counter()
         self._pending = None
-        while self.scheduler.has_unfinished:
-            self._step(live, params, ignore_eos)
-        self._settle(live, ignore_eos)  # the last step's tokens
-        self.stats.elapsed_s = time.perf_counter() - self._start
+        arrival_order = deque(sorted(live, key=lambda r: (live[r].arrival_s, r)))
+        self._run(live, arrival_order, params, ignore_eos)
+        self.stats.elapsed_s = self._now()
         self.stats.timeline = self._timeline.samples()
         self._finish_stats(before)
         outputs = [
@@ -401,6 +491,32 @@ class Engine:
         ]
         self.stats.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
         return outputs
+
+    def _run(
+        self,
+        live: dict[int, _Live],
+        arrivals: deque[int],
+        params: SamplingParams,
+        ignore_eos: bool,
+    ) -> None:
+        """Step until every request has arrived and none is unfinished. Arrivals join
+        between steps; with nothing to run, the last step's tokens are read (they
+        finish requests) and the engine sleeps until the next arrival."""
+        while arrivals or self.scheduler.has_unfinished:
+            self._join_arrivals(live, arrivals)
+            if self.scheduler.has_unfinished:
+                self._step(live, params, ignore_eos)
+            elif arrivals:
+                self._settle(live, ignore_eos)
+                wait_s = live[arrivals[0]].arrival_s - self._now()
+                if wait_s > 0:
+                    time.sleep(wait_s)
+                    self.stats.idle_s += wait_s
+        self._settle(live, ignore_eos)  # the last step's tokens
+
+    def _now(self) -> float:
+        """Seconds since this `generate` call started."""
+        return time.perf_counter() - self._start
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -416,9 +532,14 @@ class Engine:
             raise ValueError(f"token ids must lie in [0, {vocab})")
         return ids
 
-    def _submit(
-        self, prompts: list[list[int]], limits: list[int], params: SamplingParams
+    def _live(
+        self,
+        prompts: list[list[int]],
+        limits: list[int],
+        arrivals: list[float],
+        params: SamplingParams,
     ) -> dict[int, _Live]:
+        """One in-flight record per prompt, by request id (ids in prompt order)."""
         live: dict[int, _Live] = {}
         for index, (prompt, max_tokens) in enumerate(zip(prompts, limits, strict=True)):
             request_id = self._next_request_id
@@ -426,13 +547,24 @@ class Engine:
             generator = None
             if not params.is_greedy:
                 generator = torch.Generator(self.device).manual_seed(params.seed + index)
-            live[request_id] = _Live(index, prompt, generator)
-            spec = RequestSpec(request_id, 0.0, len(prompt), max_tokens)
+            live[request_id] = _Live(index, prompt, max_tokens, generator, arrivals[index])
+        return live
+
+    def _join_arrivals(self, live: dict[int, _Live], arrivals: deque[int]) -> None:
+        """Add to the scheduler, in arrival order, every request whose arrival the
+        clock has reached (ids taken from the front of ``arrivals``)."""
+        now = self._now()
+        while arrivals and live[arrivals[0]].arrival_s <= now:
+            request_id = arrivals.popleft()
+            request = live[request_id]
+            request.joined_s = now
+            spec = RequestSpec(
+                request_id, request.arrival_s, len(request.prompt), request.max_tokens
+            )
             rejection = self.scheduler.add_request(spec)
             if rejection is not None:
-                live[request_id].finish_reason = "rejected"
-                live[request_id].error = rejection.reason
-        return live
+                request.finish_reason = "rejected"
+                request.error = rejection.reason
 
     def _step(self, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool) -> None:
         """Plan, launch and finish one step. With ``overlap`` the step is launched before
@@ -507,11 +639,16 @@ class Engine:
         if pending is None:
             return []
         late = []
-        for request_id, token in zip(pending.request_ids, pending.tokens.tolist(), strict=True):
+        tokens = pending.tokens.tolist()
+        now = self._now()
+        for request_id, token in zip(pending.request_ids, tokens, strict=True):
             request = live[request_id]
             if request.finish_reason == "stop":
                 continue
             request.tokens.append(token)
+            if request.first_token_s is None:
+                request.first_token_s = now
+            request.last_token_s = now
             if not ignore_eos and self._eos is not None and token == self._eos:
                 request.finish_reason = "stop"
                 if self.scheduler.requests[request_id].status in _UNFINISHED:
@@ -538,7 +675,7 @@ class Engine:
             self.stats.peak_state_capacity_bytes, usage.state_capacity_bytes
         )
         if self._timeline.should_sample(self.stats.num_steps - 1):
-            now = time.perf_counter() - self._start
+            now = self._now()
             scheduler = self.scheduler
             self._timeline.add(now, usage, scheduler.num_running, scheduler.num_waiting)
         if self.config.check_integrity:
@@ -575,32 +712,86 @@ class Engine:
             request.finish_reason,
             preemptions,
             request.error,
+            request.arrival_s,
+            request.joined_s,
+            request.first_token_s,
+            request.last_token_s,
         )
 
 
-def check_device_holds(device: torch.device, memory_bytes: int) -> None:
-    """Refuse, before anything is allocated, a device this machine lacks or a cache
-    budget larger than it can hold (free memory of a CUDA device; the host's available
-    memory for the CPU).
+def check_device_holds(
+    device: torch.device,
+    memory_bytes: int,
+    weight_bytes: int = 0,
+    activation_bytes: int = 0,
+    weights_loaded: bool = False,
+) -> None:
+    """Refuse, before the cache is allocated, a device this machine lacks or a run
+    larger than it can hold: the cache budget, plus the weights and the activation
+    estimate where given, against the free memory of a CUDA device (the host's
+    available memory for the CPU).
+
+    Args:
+        weights_loaded: the weights already sit on ``device``, so the free memory
+            measured now is what is left after them and they count as available.
+    Raises:
+        ValueError: one line with the device, each figure and the memory it has.
+    """
+    available, holder = _device_memory(device)
+    if available is None:
+        return
+    if weights_loaded:
+        available += weight_bytes
+    needed = memory_bytes + weight_bytes + activation_bytes
+    if needed <= available:
+        return
+    has = holder.format(format_bytes(available))
+    if not (weight_bytes or activation_bytes):
+        raise ValueError(f"memory {format_bytes(memory_bytes)} is more than {has}")
+    before = " before the weights" if weights_loaded else ""
+    raise ValueError(
+        f"weights {format_bytes(weight_bytes)} + cache {format_bytes(memory_bytes)} + "
+        f"activations {format_bytes(activation_bytes)} = {format_bytes(needed)} is more "
+        f"than {has}{before}"
+    )
+
+
+def _device_memory(device: torch.device) -> tuple[int | None, str]:
+    """The memory ``device`` can still give (None where unknown) and a sentence that
+    says who has it, with ``{}`` where the figure goes.
 
     Raises:
-        ValueError: with the device and the memory it has.
+        ValueError: a CUDA device this machine lacks.
     """
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device}: CUDA is not available on this machine")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise ValueError(f"device {device}: this machine has {count} GPU(s)")
-        free, _ = torch.cuda.mem_get_info(index)
-        where: int | None = free
-        holder = f"{device} has {format_bytes(free)} free"
-    else:
-        where = host_available_bytes()
-        holder = f"this host has {format_bytes(where or 0)} available"
-    if where is not None and memory_bytes > where:
-        raise ValueError(f"memory {format_bytes(memory_bytes)} is more than {holder}")
+    if device.type != "cuda":
+        return host_available_bytes(), "this host has {} available"
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device}: this machine has {count} GPU(s)")
+    free, _ = torch.cuda.mem_get_info(index)
+    return free, f"{device} has {{}} free"
+
+
+def activation_estimate_bytes(
+    geometry: ModelGeometry, config: EngineConfig, dtype_bytes: int
+) -> int:
+    """Peak activation memory of one step, estimated (not measured) by the simulator's
+    stated rule (`avmp.sim.timing.activation_bytes`) at the engine's compute dtype::
+
+        max_num_batched_tokens x hidden_size x ACTIVATION_COPIES (16) x dtype_bytes
+        + min(max_num_seqs, max_num_batched_tokens) x vocab_size x LOGIT_BYTES (4)
+
+    Every token of the largest step keeps 16 hidden-size vectors alive at the peak (the
+    residual stream, a norm's output, a layer's in-projection and a gated MLP's
+    up-projections, with slack); every sampling row keeps fp32 logits.
+    """
+    num_tokens = config.max_num_batched_tokens
+    hidden = num_tokens * geometry.hidden_size * ACTIVATION_COPIES * dtype_bytes
+    num_rows = min(config.max_num_seqs, num_tokens)
+    return hidden + num_rows * geometry.vocab_size * LOGIT_BYTES
 
 
 def host_available_bytes() -> int | None:
