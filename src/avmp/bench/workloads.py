@@ -1,4 +1,5 @@
-"""Synthetic workloads: the AVMP paper's presets, a mix-shift preset, and arrival processes.
+"""Synthetic workloads: the AVMP paper's presets, ours (a mix shift, long documents,
+bursts of long prompts, multi-turn conversations), and arrival processes.
 
 Every generator is a pure function of its arguments and an explicit seed (a numpy
 `Generator` made from it), so all allocators of one sweep cell replay the exact same
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,9 +28,39 @@ from avmp.sched.request import RequestSpec
 STEP_S = 0.020
 """Seconds of one "step" of the paper's arrival processes (see the module docstring)."""
 
-ARRIVAL_KINDS = ("burst", "steps", "poisson", "gamma")
+MAX_PROMPT_TOKENS = 32768
+"""The longest prompt of the long-document workloads and of a multi-turn history."""
+LONGDOC_SHARE = 0.3
+"""Share of documents in `longdoc_mix`."""
+LONGDOC_MIX_RATE = 8.0
+"""Requests/s of `longdoc_mix`: more than the simulator's H100 roofline serves on this
+mix for Nemotron-H-8B at any budget of `avmp bench`, or for the smaller hybrids at
+1 GiB, so a queue forms and memory, not arrivals, sets the pace; a real GPU serves
+less than that roofline, so the engine's replay is busy throughout too."""
+LONGDOC_BURST_SIZE = 32
+"""Requests per burst of `longdoc_burst`."""
+LONGDOC_BURST_RATE = 1.0 / STEP_S
+"""Requests/s within a burst of `longdoc_burst`: one per step, as the paper's steady
+presets, so a burst of 32 lands within about 0.6 s."""
+LONGDOC_BURST_GAP_S = 4.0
+"""Silence between bursts of `longdoc_burst`: shorter than a burst of long prompts takes
+to serve, so each burst arrives while the previous one still holds its pool."""
+MULTI_TURN_TURNS = (2, 8)
+"""Fewest and most turns of a `multi_turn` conversation."""
+MULTI_TURN_SESSION_RATE = 4.0
+"""Conversations started per second in `multi_turn`: with 5 turns on average, about 20
+requests/s once the first conversations reach their later turns."""
+THINK_TIME_S = 5.0
+"""Mean seconds a `multi_turn` user takes to write the next message."""
+PREFILL_TOKENS_PER_S = 20_000.0
+"""Prefill speed assumed by `service_estimate_s`: 2 x 10 G FLOPs per token of a ~10B
+model at 40% of an H100's 989 dense bf16 TFLOP/s."""
+
+ARRIVAL_KINDS = ("burst", "steps", "poisson", "gamma", "bursts")
 MIN_RATE = 1e-6  # requests/s: one request in about 12 days
 MAX_CV = 100.0
+MAX_BURST_SIZE = 1_000_000
+MAX_GAP_S = 86_400.0  # one day of silence between groups
 
 
 @dataclass(frozen=True)
@@ -37,18 +69,24 @@ class ArrivalProcess:
 
     Attributes:
         kind: ``burst`` (all at t = 0), ``steps`` (one every ``step_s``), ``poisson``
-            (exponential gaps at ``rate`` requests/s) or ``gamma`` (gamma gaps with mean
+            (exponential gaps at ``rate`` requests/s), ``gamma`` (gamma gaps with mean
             1/``rate`` and coefficient of variation ``cv``: cv > 1 is burstier than
-            Poisson, as in vLLM's ``--burstiness``).
-        rate: requests per second (poisson and gamma).
+            Poisson, as in vLLM's ``--burstiness``) or ``bursts`` (groups of
+            ``burst_size`` requests, Poisson at ``rate`` within a group, ``gap_s`` of
+            silence added before each group after the first: an on-off source).
+        rate: requests per second (poisson, gamma, and within a group of bursts).
         cv: coefficient of variation of the gaps (gamma only).
         step_s: the interval of one step (steps only).
+        burst_size: requests per group (bursts only).
+        gap_s: seconds of silence between groups (bursts only).
     """
 
     kind: str = "steps"
     rate: float = 1.0 / STEP_S
     cv: float = 1.0
     step_s: float = STEP_S
+    burst_size: int = 1
+    gap_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ARRIVAL_KINDS:
@@ -65,6 +103,17 @@ class ArrivalProcess:
             raise ValueError(f"arrival cv must be in (0, {MAX_CV}], got {self.cv}")
         if not self.step_s > 0:
             raise ValueError(f"step_s must be positive, got {self.step_s}")
+        if (
+            isinstance(self.burst_size, bool)
+            or not isinstance(self.burst_size, int)
+            or not (1 <= self.burst_size <= MAX_BURST_SIZE)
+        ):
+            raise ValueError(
+                f"burst size must be a whole number in [1, {MAX_BURST_SIZE}], "
+                f"got {self.burst_size!r}"
+            )
+        if not 0 <= self.gap_s <= MAX_GAP_S:
+            raise ValueError(f"burst gap must be in [0, {MAX_GAP_S}] s, got {self.gap_s}")
 
     def times(self, num_requests: int, rng: np.random.Generator) -> np.ndarray:
         """Arrival times in seconds, non-decreasing, the first at 0."""
@@ -72,24 +121,29 @@ class ArrivalProcess:
             return np.zeros(num_requests)
         if self.kind == "steps":
             return np.arange(num_requests, dtype=float) * self.step_s
-        if self.kind == "poisson":
+        if self.kind in ("poisson", "bursts"):
             gaps = rng.exponential(1.0 / self.rate, size=num_requests)
         else:
             shape = 1.0 / (self.cv * self.cv)
             gaps = rng.gamma(shape, 1.0 / (self.rate * shape), size=num_requests)
+        if self.kind == "bursts":
+            starts_group = np.arange(num_requests) % self.burst_size == 0
+            gaps[starts_group] += self.gap_s
         gaps[0] = 0.0
         return np.cumsum(gaps)
 
 
+ARRIVAL_FORMS = "burst, steps, poisson:RATE, gamma:RATE:CV or bursts:RATE:SIZE:GAP_S"
+
+
 def parse_arrival(text: str) -> ArrivalProcess:
-    """Parse ``burst``, ``steps``, ``poisson:RATE`` or ``gamma:RATE[:CV]`` (a CLI value)."""
+    """Parse ``burst``, ``steps``, ``poisson:RATE``, ``gamma:RATE[:CV]`` or
+    ``bursts:RATE:SIZE:GAP_S`` (a CLI value)."""
     kind, *params = text.strip().split(":")
     try:
         numbers = [float(p) for p in params]
     except ValueError:
-        raise ValueError(
-            f"bad arrival {text!r}: write burst, steps, poisson:RATE or gamma:RATE:CV"
-        ) from None
+        raise ValueError(f"bad arrival {text!r}: write {ARRIVAL_FORMS}") from None
     if kind in ("burst", "steps") and not numbers:
         return ArrivalProcess(kind=kind)
     if kind == "poisson" and len(numbers) == 1:
@@ -98,7 +152,12 @@ def parse_arrival(text: str) -> ArrivalProcess:
         return ArrivalProcess(
             kind=kind, rate=numbers[0], cv=numbers[1] if len(numbers) == 2 else 1.0
         )
-    raise ValueError(f"bad arrival {text!r}: write burst, steps, poisson:RATE or gamma:RATE:CV")
+    if kind == "bursts" and len(numbers) == 3:
+        rate, size, gap_s = numbers
+        if not size.is_integer():
+            raise ValueError(f"bad arrival {text!r}: the burst SIZE is a whole number")
+        return ArrivalProcess(kind=kind, rate=rate, burst_size=int(size), gap_s=gap_s)
+    raise ValueError(f"bad arrival {text!r}: write {ARRIVAL_FORMS}")
 
 
 def build_requests(
@@ -156,18 +215,143 @@ def shift_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
     return np.concatenate([p for p, _ in parts]), np.concatenate([o for _, o in parts])
 
 
+def _log_uniform(rng: np.random.Generator, low: int, high: int, n: int) -> np.ndarray:
+    """Integers in [low, high] whose logarithm is uniform: as many prompts of 2k-4k tokens
+    as of 16k-32k, where a uniform draw would make most of them longer than 8k."""
+    exponents = rng.uniform(math.log(low), math.log(high + 1), size=n)
+    return np.exp(exponents).astype(np.int64).clip(low, high)
+
+
+def longdoc_mix_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stationary mix: 30% documents, prompt log-uniform on [2048, 32768], output
+    U[128, 512]; 70% chat, prompt U[128, 1024], output U[64, 256].
+
+    Unlike `shift`, the mix does not move: both pools are contested at every moment,
+    the case a split chosen for the average mix should handle best.
+    """
+    is_doc = rng.random(n) < LONGDOC_SHARE
+    chat_prompts, chat_outputs = uniform_short_lengths(rng, n)
+    doc_prompts = _log_uniform(rng, 2048, MAX_PROMPT_TOKENS, n)
+    doc_outputs = _uniform(rng, 128, 512, n)
+    return np.where(is_doc, doc_prompts, chat_prompts), np.where(is_doc, doc_outputs, chat_outputs)
+
+
+def longdoc_burst_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of `LONGDOC_BURST_SIZE` requests that alternate, chat first: chat (prompt
+    U[128, 1024], output U[64, 256]), then long prompts (U[12288, 24576], output
+    U[128, 512]).
+
+    Timed by the preset's ``bursts`` arrivals, one group per burst: each burst needs
+    the pool that the burst before it left small (state slots for chat, KV pages for
+    long prompts) while that burst's requests still run.
+    """
+    is_long = (np.arange(n) // LONGDOC_BURST_SIZE) % 2 == 1
+    chat_prompts, chat_outputs = uniform_short_lengths(rng, n)
+    long_prompts, long_outputs = _uniform(rng, 12288, 24576, n), _uniform(rng, 128, 512, n)
+    return (
+        np.where(is_long, long_prompts, chat_prompts),
+        np.where(is_long, long_outputs, chat_outputs),
+    )
+
+
+def conversation_prompts(
+    messages: np.ndarray, outputs: np.ndarray, max_prompt_tokens: int = MAX_PROMPT_TOKENS
+) -> np.ndarray:
+    """Each turn's prompt: the whole history (earlier messages and outputs) plus its
+    own message, capped at ``max_prompt_tokens`` (a front end drops the oldest turns).
+
+    Args:
+        messages, outputs: [sessions, turns] new-message and output lengths.
+    Returns:
+        [sessions, turns] prompt lengths, non-decreasing along each row.
+    """
+    history: np.ndarray = messages.cumsum(axis=1) + outputs.cumsum(axis=1) - outputs
+    return history.clip(max=max_prompt_tokens)
+
+
+def service_estimate_s(prompts: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """A fixed guess of a turn's time in the server: its prompt at
+    `PREFILL_TOKENS_PER_S`, then one `STEP_S` decode step per output token.
+
+    Fixed, not the simulator's: the trace must be the same for every allocator, model
+    and GPU profile that replays it.
+    """
+    return prompts / PREFILL_TOKENS_PER_S + outputs * STEP_S
+
+
+class Turns(NamedTuple):
+    """The turns of a `multi_turn` trace, in arrival order: lengths, times, and which
+    conversation and turn of it each one is."""
+
+    prompts: np.ndarray
+    outputs: np.ndarray
+    arrival_s: np.ndarray
+    session: np.ndarray
+    turn: np.ndarray
+
+
+def multi_turn_trace(
+    rng: np.random.Generator, n: int, sessions: ArrivalProcess
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The preset's trace: prompts, outputs and arrival times of `multi_turn_turns`."""
+    turns = multi_turn_turns(rng, n, sessions)
+    return turns.prompts, turns.outputs, turns.arrival_s
+
+
+def multi_turn_turns(rng: np.random.Generator, n: int, sessions: ArrivalProcess) -> Turns:
+    """Conversations of U{2..8} turns: a new message U[32, 512], output lognormal(5, 0.8)
+    clipped to [32, 1024], each prompt the whole history (`conversation_prompts`).
+
+    Sessions start as ``sessions`` says; a later turn arrives the previous turn's
+    `service_estimate_s` plus an exponential think time (mean `THINK_TIME_S`) after
+    the previous turn's arrival. The first n turns by arrival time are kept, so every
+    conversation keeps a prefix of its turns. n conversations always suffice: a turn
+    of a later one arrives after the first turns of the n before it.
+    """
+    starts = sessions.times(n, rng)  # [n]
+    num_turns = _uniform(rng, *MULTI_TURN_TURNS, n)
+    shape = (n, MULTI_TURN_TURNS[1])
+    messages = _uniform(rng, 32, 512, n * shape[1]).reshape(shape)
+    outputs = _lognormal_clipped(rng, 5.0, 0.8, 32, 1024, n * shape[1]).reshape(shape)
+    think_s = rng.exponential(THINK_TIME_S, size=shape)
+    prompts = conversation_prompts(messages, outputs)
+    gaps_s = service_estimate_s(prompts, outputs) + think_s
+    offsets_s = np.cumsum(gaps_s, axis=1) - gaps_s  # turn k waits for turns 0..k-1
+    times = starts[:, None] + offsets_s
+    session, turn = np.indices(shape)
+    live = turn < num_turns[:, None]
+    # Row-major flattening and a stable sort: ties go to the earlier session, then turn.
+    first = np.argsort(times[live], kind="stable")[:n]
+    return Turns(*(a[live][first] for a in (prompts, outputs, times, session, turn)))
+
+
+LengthsFn = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+TraceFn = Callable[
+    [np.random.Generator, int, ArrivalProcess], tuple[np.ndarray, np.ndarray, np.ndarray]
+]
+
+
 @dataclass(frozen=True)
 class WorkloadPreset:
     """A named workload: its default size and arrivals, and how it draws lengths.
 
-    ``lengths`` is None for `sharegpt_replay`, whose lengths come from the dataset.
+    ``lengths`` draws lengths that ``arrival`` then times; it is None for
+    `sharegpt_replay`, whose lengths come from the dataset. ``trace`` replaces it where
+    arrival times depend on the lengths (`multi_turn`: a turn follows the previous one's
+    service): it draws lengths and times together, ``arrival`` timing what starts
+    independently (conversations).
     """
 
     name: str
     num_requests: int
     arrival: ArrivalProcess
-    lengths: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]] | None
+    lengths: LengthsFn | None
     description: str
+    trace: TraceFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and self.trace is not None:
+            raise ValueError(f"workload {self.name!r}: give lengths or trace, not both")
 
 
 PRESETS: dict[str, WorkloadPreset] = {
@@ -209,10 +393,42 @@ PRESETS: dict[str, WorkloadPreset] = {
             shift_lengths,
             "ours: chat U[128,1024] -> documents U[8k,32k] -> chat, thirds",
         ),
+        WorkloadPreset(
+            "longdoc_mix",
+            256,
+            ArrivalProcess("poisson", rate=LONGDOC_MIX_RATE),
+            longdoc_mix_lengths,
+            "ours: 256 req, 30% documents log-U[2k,32k] else chat U[128,1024], "
+            f"Poisson {LONGDOC_MIX_RATE:g} req/s",
+        ),
+        WorkloadPreset(
+            "longdoc_burst",
+            256,
+            ArrivalProcess(
+                "bursts",
+                rate=LONGDOC_BURST_RATE,
+                burst_size=LONGDOC_BURST_SIZE,
+                gap_s=LONGDOC_BURST_GAP_S,
+            ),
+            longdoc_burst_lengths,
+            f"ours: 256 req, bursts of {LONGDOC_BURST_SIZE} alternating chat U[128,1024] "
+            f"and U[12k,24k], {LONGDOC_BURST_GAP_S:g} s apart",
+        ),
+        WorkloadPreset(
+            "multi_turn",
+            1024,
+            ArrivalProcess("poisson", rate=MULTI_TURN_SESSION_RATE),
+            None,
+            "ours: 1024 turns of 2-8-turn conversations, prompt = history + U[32,512], "
+            f"{MULTI_TURN_SESSION_RATE:g} conversations/s",
+            trace=multi_turn_trace,
+        ),
     )
 }
 """The workloads `avmp bench` knows, by name. The paper's rules leave `sharegpt_replay`'s
-size and arrivals open; we use 512 requests arriving one per step."""
+size and arrivals open; we use 512 requests arriving one per step. `multi_turn` is
+longer than the others so that most of its turns are later turns: at 256 requests about
+two turns in five would be first turns, at 1024 about one in four."""
 
 
 def preset(name: str) -> WorkloadPreset:
@@ -236,7 +452,9 @@ def make_workload(
         name: a key of `PRESETS`.
         seed: seeds the lengths and (for random arrivals) the arrival times.
         num_requests: overrides the preset's size.
-        arrival: overrides the preset's arrival process.
+        arrival: overrides the preset's arrival process. A preset drawn with its
+            times (`multi_turn`) keeps its lengths and order and takes these times
+            instead, as every other preset does.
         sharegpt_rules: ``paper`` or ``vllm`` (only for `sharegpt_replay`).
     """
     spec = preset(name)
@@ -244,14 +462,18 @@ def make_workload(
     if n < 1:
         raise ValueError(f"num_requests must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
+    if spec.trace is not None:
+        prompts, outputs, times = spec.trace(rng, n, spec.arrival)
+        if arrival is not None:
+            times = arrival.times(n, rng)
+        return build_requests(prompts, outputs, times)
     if spec.lengths is None:
         from avmp.bench.sharegpt import sample_lengths
 
         prompts, outputs = sample_lengths(n, seed, rules=sharegpt_rules)
     else:
         prompts, outputs = spec.lengths(rng, n)
-    times = (arrival or spec.arrival).times(n, rng)
-    return build_requests(prompts, outputs, times)
+    return build_requests(prompts, outputs, (arrival or spec.arrival).times(n, rng))
 
 
 def with_arrivals(
