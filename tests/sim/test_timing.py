@@ -12,18 +12,23 @@ from avmp.models.geometry import AttentionLayer, ModelGeometry
 from avmp.sched.scheduler import ScheduledChunk
 from avmp.sim.timing import (
     GPU_PROFILES,
+    PCIE_COPY_EFFICIENCY,
     AllocatorCallCosts,
     BatchShape,
     CalibratedModel,
+    GpuProfile,
     MemoryMoveCosts,
     RooflineModel,
     fit_calibration,
     get_profile,
     load_allocator_call_costs,
     load_calibration,
+    pcie_x16_bytes_per_s,
     without_recompute,
 )
 from sched_helpers import tiny_geometry
+
+BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 
 
 def dense_8b(num_active_params: int = 8_000_000_000) -> ModelGeometry:
@@ -54,6 +59,29 @@ def test_profiles_have_datasheet_magnitudes() -> None:
     assert get_profile("rtx3060").memory_bytes == 12 << 30
     with pytest.raises(ValueError, match="known: rtx3060, a100, h100, h200"):
         get_profile("tpu")
+
+
+@pytest.mark.parametrize("name", sorted(GPU_PROFILES))
+def test_every_profile_has_a_host_link_slower_than_its_hbm(name: str) -> None:
+    profile = get_profile(name)
+    assert 0 < profile.host_link_bytes_per_s < profile.hbm_bytes_per_s / 10
+    # 1 GB one way: tens of milliseconds over PCIe, against well under one from HBM
+    assert 0.015 < profile.host_copy_seconds(10**9) < 0.05
+    assert profile.host_copy_seconds(0) == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        profile.host_copy_seconds(-1)
+
+
+def test_host_links_follow_the_pcie_generation_of_each_datasheet() -> None:
+    gen4, gen5 = pcie_x16_bytes_per_s(4), pcie_x16_bytes_per_s(5)
+    assert gen4 == pytest.approx(31.5e9, rel=1e-3) and gen5 == pytest.approx(63.0e9, rel=1e-3)
+    for name, theoretical in (("rtx3060", gen4), ("a100", gen4), ("h100", gen5), ("h200", gen5)):
+        link = get_profile(name).host_link_bytes_per_s
+        assert link == pytest.approx(theoretical * PCIE_COPY_EFFICIENCY)
+    with pytest.raises(ValueError, match="4 or 5"):
+        pcie_x16_bytes_per_s(3)
+    with pytest.raises(ValueError, match="must be positive"):
+        GpuProfile("x", "x", 1, 1e9, 1e12, 0.0)
 
 
 def test_decode_of_an_8b_model_at_batch_1_is_memory_bound_on_h100() -> None:
@@ -152,7 +180,9 @@ def test_calibration_recovers_the_coefficients(tmp_path: Path) -> None:
     payload = {"gpu": "h100", "model": "m", "points": synthetic_points(truth)}
     path.write_text(json.dumps(payload))
     model = load_calibration(path)
-    assert model.coefficients == pytest.approx(truth, rel=1e-6, abs=1e-12)
+    # no request counts or pairs: the base features and has_prefill (fitted as ~0 here)
+    assert model.features == (*BASE, "has_prefill")
+    assert model.coefficients == pytest.approx((*truth, 0.0), rel=1e-6, abs=1e-12)
     assert model.gpu == "h100" and model.model == "m" and model.num_points == 18
     shape = BatchShape(num_prefill_tokens=100, num_decode_requests=3, num_context_tokens=5000)
     assert model.step_seconds(shape) == pytest.approx(0.004 + 2e-3 + 3e-4 + 1.5e-4)
@@ -294,19 +324,16 @@ def test_relative_fit_keeps_many_short_decode_steps_close() -> None:
     assert max(abs(e) for e in plain_relative) > 0.10
 
 
-def test_calibration_without_request_counts_fits_four_features() -> None:
+def test_calibration_without_request_counts_fits_no_mean_context() -> None:
     """Files written before ``num_requests`` was recorded, or mixing points with and
-    without it, fit the four-feature model."""
+    without it, fit no mean context (has_prefill needs no request count)."""
     old = synthetic_points((0.004, 2e-5, 1e-4, 3e-8))
-    assert fit_calibration(old, "x", None).features == (
-        "num_prefill_tokens",
-        "num_decode_requests",
-        "num_context_tokens",
-    )
+    assert fit_calibration(old, "x", None).features == (*BASE, "has_prefill")
     mixed = [{**p, "num_requests": max(1, p["num_decode_requests"])} for p in old[:9]] + old[9:]
     model = fit_calibration(mixed, "x", None)
-    assert len(model.coefficients) == 4
-    assert model.coefficients == pytest.approx((0.004, 2e-5, 1e-4, 3e-8), rel=1e-6, abs=1e-12)
+    assert model.features == (*BASE, "has_prefill")
+    expected = (0.004, 2e-5, 1e-4, 3e-8, 0.0)
+    assert model.coefficients == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
 def test_mean_context_that_does_not_vary_apart_falls_back_to_four_features() -> None:
@@ -329,13 +356,18 @@ def test_committed_calibration_files_load(path: Path) -> None:
     assert model.min_step_s <= model.step_seconds(decode) < 1.0
 
 
-def test_calibrated_model_checks_its_coefficients() -> None:
-    with pytest.raises(ValueError, match="4, 5, 6 coefficients, got 2"):
+def test_calibrated_model_checks_its_features_and_coefficients() -> None:
+    with pytest.raises(ValueError, match="3 features has 4 coefficients, got 2"):
         CalibratedModel("x", None, (1.0, 2.0), 0.0, 4)
-    with pytest.raises(ValueError, match="got 7"):
-        CalibratedModel("x", None, (1.0,) * 7, 0.0, 4)
-    five = CalibratedModel("x", None, (1.0,) * 5, 0.0, 4)
-    assert five.features[-1] == "mean_context_tokens" and len(five.features) == 4
+    mean, eager = "mean_context_tokens", "has_prefill"
+    with pytest.raises(ValueError, match="5 features has 6 coefficients, got 7"):
+        CalibratedModel("x", None, (1.0,) * 7, 0.0, 4, (*BASE, mean, eager))
+    with pytest.raises(ValueError, match="must be in the order"):
+        CalibratedModel("x", None, (1.0,) * 6, 0.0, 4, (*BASE, eager, mean))
+    with pytest.raises(ValueError, match="some of num_prefill_attention_pairs"):
+        CalibratedModel("x", None, (1.0,) * 4, 0.0, 4, ("num_prefill_tokens", "a", "b"))
+    five = CalibratedModel("x", None, (1.0,) * 5, 0.0, 4, (*BASE, "mean_context_tokens"))
+    assert five.step_seconds(BatchShape(0, 2, 100, 0, 2)) == 1 + 2 + 100 + 50
 
 
 def calls_result(figures: dict[str, dict[str, float]]) -> str:

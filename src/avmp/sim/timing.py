@@ -6,7 +6,9 @@ so the same trace gives the same simulated seconds on any machine.
 
 Roofline. One step reads the weights it touches, the KV of every scheduled request's
 context, writes the new tokens' KV, and reads and writes each scheduled request's
-recurrent state; it spends ``2 x active params`` FLOPs per token plus attention FLOPs.
+recurrent state; it spends ``2 x active params`` FLOPs per token plus attention FLOPs:
+``4 x hidden size x attention layers`` (QK^T and PV) per causal (query, key) pair, the
+pairs counted exactly, so a chunk late in a long prompt pays for the whole prefix.
 The step takes ``max(bytes / (BW x eff_bw), FLOPs / (peak x eff_compute)) + overhead``.
 
 Calibration file (JSON), written by a GPU benchmark of the engine::
@@ -15,8 +17,8 @@ Calibration file (JSON), written by a GPU benchmark of the engine::
       "gpu": "h100",                      # free text, reported
       "model": "nemotron-h-8b",           # must match the geometry's name when present
       "points": [
-        {"num_prefill_tokens": 512, "num_decode_requests": 0,
-         "num_context_tokens": 512, "num_requests": 1, "step_s": 0.031},
+        {"num_prefill_tokens": 512, "num_decode_requests": 0, "num_context_tokens": 512,
+         "num_attention_pairs": 131328, "num_requests": 1, "step_s": 0.031},
         ...
       ]
     }
@@ -25,30 +27,47 @@ The features mean what `BatchShape` means by them: ``num_prefill_tokens`` counts
 tokens of prefill chunks (recompute included), ``num_decode_requests`` the requests
 computing one decode token, ``num_context_tokens`` the KV tokens attention reads, i.e.
 for every scheduled request the tokens in its cache once the step is done (a decode at
-position p counts p + 1, a chunk of n tokens starting at s counts s + n), and
-``num_requests`` the scheduled requests.
+position p counts p + 1, a chunk of n tokens starting at s counts s + n),
+``num_attention_pairs`` the causal pairs (a chunk counts ``n * s + n * (n + 1) / 2``),
+and ``num_requests`` the scheduled requests. Other fields are ignored.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
-num_context_tokens / num_requests, has_prefill``. ``has_prefill`` (1 when the step
-computes any prefill token) is the fixed cost of a step the engine runs eagerly: only
-pure decode steps replay CUDA graphs, so a step that mixes one short prefill chunk into
-a decode batch pays every kernel launch from Python (tens of milliseconds on an H100
-host, docs/BENCHMARKS.md). The mean context per request exists because a decode
-attention kernel scans one request's KV serially within a thread block: while the batch
-does not fill the GPU, a step's latency follows the longest per-request scan, not the
-total KV read, so 64 requests of 2,048 tokens cost less than four times 64 of 512. The
-fit minimises the *relative* error (least squares weighted by ``1 / step_s``): a plain
-fit lets the few long prefill steps dominate the squared error and misses the many short
-decode steps by tens of percent. Files written before ``num_requests`` was recorded
-still load: when any point lacks it, or when the mean context does not vary
-independently of the other features (e.g. only batch-1 steps), the fit drops that
-feature; when ``has_prefill`` cannot be told apart from the rest (no prefill steps,
-say), it drops that one too, down to the first four. At least 4 points of full rank are
-needed; a step is never predicted below the fastest measured step.
+num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs``.
+``has_prefill`` (1 when the step computes any prefill token) is the fixed cost of a step
+the engine runs eagerly: only pure decode steps replay CUDA graphs, so a step that mixes
+one short prefill chunk into a decode batch pays every kernel launch from Python. The
+mean context per request exists because a decode attention kernel scans one request's KV
+serially within a thread block: while the batch does not fill the GPU, a step's latency
+follows the longest per-request scan, not the total KV read, so 64 requests of 2,048
+tokens cost less than four times 64 of 512. ``num_prefill_attention_pairs`` (pairs minus
+context tokens: ``(n - 1) * (s + n / 2)`` per chunk, 0 for decodes) is a prefill chunk's
+attention, quadratic over a long prompt: the first three features see a chunk of 8,192
+tokens at position 32k as one at 0 plus 32k context tokens, priced at the decode rate.
+
+The time the device waits for the host is in ``step_s`` as the benchmark measures it
+(benchmarks/engine.py): the device time of the step (CUDA events recorded by the host
+before its first launch and after its last, so an eager step whose launches are slower
+than its kernels counts the device's waits between them) plus the device's idle time
+before the next step begins, reconstructed from the host's start times. ``has_prefill``
+then carries the host's cost of an eager step: its launches and the sampling, settling and
+planning after it that the overlap with the next step cannot hide. There is no separate
+host-time floor: step records hold no host time of their own on the GPU.
+
+The fit minimises the *relative* error (least squares weighted by ``1 / step_s``): a
+plain fit lets the few long prefill steps dominate the squared error and misses the many
+short decode steps by tens of percent. A file from before a field was recorded still
+loads: the fit uses mean context only when every point has ``num_requests``, prefill
+attention pairs only when every point has ``num_attention_pairs``, and it drops the
+optional features that the points cannot tell apart from the rest (the mean context of
+batch-1 steps, ``has_prefill`` when every step or none has prefill), ``has_prefill``
+first, then the mean context, then the prefill attention pairs. At least 4 points of full
+rank are needed; a step is never predicted below the fastest measured step.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -72,6 +91,9 @@ class GpuProfile:
             reaches; 0.8 is typical of well-tuned decode kernels.
         compute_efficiency: fraction of peak FLOP/s that large bf16 GEMMs reach in
             serving (model FLOP utilization); 0.6 is typical.
+        host_link_bytes_per_s: achievable copy bandwidth between pinned host memory and
+            the device, per direction (what a swap to the host tier moves at); see
+            `pcie_x16_bytes_per_s` for the figures.
         step_overhead_s: fixed cost of a step outside the kernels (scheduling, launches,
             sampling), an assumption of 1 ms with CUDA graphs.
     """
@@ -81,13 +103,14 @@ class GpuProfile:
     memory_bytes: int
     hbm_bytes_per_s: float
     bf16_flops_per_s: float
+    host_link_bytes_per_s: float
     bandwidth_efficiency: float = 0.8
     compute_efficiency: float = 0.6
     step_overhead_s: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.hbm_bytes_per_s <= 0 or self.bf16_flops_per_s <= 0:
-            raise ValueError(f"{self.name}: bandwidth and FLOP/s must be positive")
+        if min(self.hbm_bytes_per_s, self.bf16_flops_per_s, self.host_link_bytes_per_s) <= 0:
+            raise ValueError(f"{self.name}: bandwidths and FLOP/s must be positive")
         for value in (self.bandwidth_efficiency, self.compute_efficiency):
             if not 0 < value <= 1:
                 raise ValueError(f"{self.name}: efficiencies must be in (0, 1], got {value}")
@@ -102,8 +125,38 @@ class GpuProfile:
     def effective_flops_per_s(self) -> float:
         return self.bf16_flops_per_s * self.compute_efficiency
 
+    def host_copy_seconds(self, num_bytes: int) -> float:
+        """Seconds to copy ``num_bytes`` one way between pinned host memory and the
+        device, at `host_link_bytes_per_s` (one copy at a time per direction)."""
+        if num_bytes < 0:
+            raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
+        return num_bytes / self.host_link_bytes_per_s
+
 
 _GIB = 1 << 30
+
+# PCIe copy efficiency: an assumption, not a measurement of ours. A transaction layer
+# packet carries at most 256 payload bytes (the usual maximum payload size on these
+# hosts) behind about 24 bytes of header, sequence number and CRC, which caps payload at
+# ~91% of the line rate before flow-control and DMA overheads; pinned-memory
+# ``cudaMemcpy`` benchmarks (CUDA samples' bandwidthTest, nvbandwidth) are commonly
+# reported at 80-90% of the theoretical figure. We take the low end, 0.8.
+PCIE_COPY_EFFICIENCY = 0.8
+
+
+def pcie_x16_bytes_per_s(generation: int) -> float:
+    """Theoretical bytes per second of a PCIe x16 link, per direction (PCI-SIG base
+    specifications): 16 GT/s per lane for generation 4 and 32 GT/s for 5, 128b/130b
+    encoding, 16 lanes; 31.5 GB/s and 63.0 GB/s."""
+    transfers = {4: 16e9, 5: 32e9}
+    if generation not in transfers:
+        raise ValueError(f"PCIe generation must be 4 or 5, got {generation}")
+    return transfers[generation] * 16 * (128 / 130) / 8
+
+
+def _host_link(generation: int) -> float:
+    return pcie_x16_bytes_per_s(generation) * PCIE_COPY_EFFICIENCY
+
 
 # Sources, vendor datasheets:
 # - RTX 3060 12 GB: NVIDIA GeForce RTX 3060 specs (192-bit GDDR6 at 15 Gbps = 360 GB/s);
@@ -113,13 +166,19 @@ _GIB = 1 << 30
 # - H100 80 GB SXM: NVIDIA H100 datasheet, 3.35 TB/s HBM3, 989 TFLOP/s bf16 dense
 #   (the datasheet's 1,979 counts 2:4 sparsity).
 # - H200 SXM 141 GB: NVIDIA H200 datasheet, 4.8 TB/s HBM3e, 989 TFLOP/s bf16 dense.
+# Host link, the interface each datasheet or spec page names: RTX 3060 "PCI Express 4.0"
+# (x16 on the desktop card), A100 SXM "PCIe Gen4: 64 GB/s", H100 SXM and H200 SXM "PCIe
+# Gen5: 128 GB/s" (both directions together: x16); per direction times
+# PCIE_COPY_EFFICIENCY: 25.2 GB/s for PCIe 4.0, 50.4 GB/s for PCIe 5.0.
 GPU_PROFILES: dict[str, GpuProfile] = {
     p.name: p
     for p in (
-        GpuProfile("rtx3060", "NVIDIA GeForce RTX 3060 12 GB", 12 * _GIB, 360e9, 25.6e12),
-        GpuProfile("a100", "NVIDIA A100 80 GB SXM", 80 * _GIB, 2.039e12, 312e12),
-        GpuProfile("h100", "NVIDIA H100 80 GB SXM", 80 * _GIB, 3.35e12, 989e12),
-        GpuProfile("h200", "NVIDIA H200 141 GB SXM", 141 * _GIB, 4.8e12, 989e12),
+        GpuProfile(
+            "rtx3060", "NVIDIA GeForce RTX 3060 12 GB", 12 * _GIB, 360e9, 25.6e12, _host_link(4)
+        ),
+        GpuProfile("a100", "NVIDIA A100 80 GB SXM", 80 * _GIB, 2.039e12, 312e12, _host_link(4)),
+        GpuProfile("h100", "NVIDIA H100 80 GB SXM", 80 * _GIB, 3.35e12, 989e12, _host_link(5)),
+        GpuProfile("h200", "NVIDIA H200 141 GB SXM", 141 * _GIB, 4.8e12, 989e12, _host_link(5)),
     )
 }
 
@@ -238,6 +297,15 @@ class BatchShape:
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_requests
 
+    @property
+    def num_prefill_attention_pairs(self) -> int:
+        """Attention pairs beyond one per context token: over chunks of n tokens at
+        position s, ``(n - 1) * (s + n / 2)``, 0 for a decode. This is a prefill chunk's
+        quadratic attention work (about ``n * (s + n / 2)``), which grows with the
+        chunk's position in a long prompt where the context tokens grow only by n; a
+        profiled step's record gives it the same way (pairs minus context)."""
+        return self.num_attention_pairs - self.num_context_tokens
+
     @classmethod
     def from_chunks(cls, chunks: tuple[ScheduledChunk, ...] | list[ScheduledChunk]) -> BatchShape:
         prefill = decode = context = pairs = 0
@@ -310,19 +378,23 @@ class RooflineModel:
 _BASE_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 MEAN_CONTEXT_FEATURE = "mean_context_tokens"
 EAGER_FEATURE = "has_prefill"
-_MEAN_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE)
-_FULL_FEATURES = (*_MEAN_FEATURES, EAGER_FEATURE)
-_FEATURE_SETS = (_FULL_FEATURES, _MEAN_FEATURES, _BASE_FEATURES)  # the fit's preference
+PREFILL_ATTENTION_FEATURE = "num_prefill_attention_pairs"
+# Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
+_FULL_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE, EAGER_FEATURE, PREFILL_ATTENTION_FEATURE)
+# The optional features, the one a fit keeps longest first (see `_feature_sets`).
+_OPTIONAL_FEATURES = (PREFILL_ATTENTION_FEATURE, MEAN_CONTEXT_FEATURE, EAGER_FEATURE)
 
 
-def calibration_features(shape: BatchShape) -> tuple[float, float, float, float, float]:
+def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's features of a step, in `_FULL_FEATURES` order: prefill tokens, decode
-    requests, context tokens, context tokens per scheduled request, and 1.0 when the step
-    has prefill tokens.
+    requests, context tokens, context tokens per scheduled request, 1.0 when the step
+    has prefill tokens, and prefill attention pairs beyond the context
+    (`BatchShape.num_prefill_attention_pairs`).
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
-    prefill tokens: the fewest requests that can produce it.
+    prefill tokens: the fewest requests that can produce it. One that does not count its
+    attention pairs has no prefill attention pairs beyond its context (the fewest).
     """
     requests = shape.num_requests or shape.num_decode_requests + (shape.num_prefill_tokens > 0)
     mean_context = shape.num_context_tokens / requests if requests else 0.0
@@ -332,17 +404,23 @@ def calibration_features(shape: BatchShape) -> tuple[float, float, float, float,
         float(shape.num_context_tokens),
         mean_context,
         float(shape.num_prefill_tokens > 0),
+        float(max(0, shape.num_prefill_attention_pairs)),
     )
+
+
+@functools.cache
+def _columns(features: tuple[str, ...]) -> tuple[int, ...]:
+    """Where each of ``features`` sits in `_FULL_FEATURES`."""
+    return tuple(_FULL_FEATURES.index(name) for name in features)
 
 
 @dataclass(frozen=True)
 class CalibratedModel:
     """Step time fitted to measured engine steps (see module doc for the file format).
 
-    ``coefficients`` are the intercept then one per feature, in seconds per unit:
-    (intercept, per prefill token, per decode request, per context token[, per token of
-    mean context[, per step with prefill]]). Their number says which of the three sets of
-    the module doc (four, five or six terms with the intercept) the fit used.
+    ``coefficients`` are the intercept then one per name of ``features``, in seconds per
+    unit; ``features`` are the base three and the optional ones the fit could determine,
+    in `_FULL_FEATURES` order.
     """
 
     gpu: str
@@ -350,62 +428,99 @@ class CalibratedModel:
     coefficients: tuple[float, ...]
     min_step_s: float
     num_points: int
+    features: tuple[str, ...] = _BASE_FEATURES
 
     def __post_init__(self) -> None:
-        sizes = sorted(1 + len(names) for names in _FEATURE_SETS)
-        if len(self.coefficients) not in sizes:
+        if self.features[: len(_BASE_FEATURES)] != _BASE_FEATURES or any(
+            name not in _OPTIONAL_FEATURES for name in self.features[len(_BASE_FEATURES) :]
+        ):
             raise ValueError(
-                f"a calibration has {', '.join(map(str, sizes))} coefficients, "
-                f"got {len(self.coefficients)}"
+                f"calibration features must be {', '.join(_BASE_FEATURES)} and some of "
+                f"{', '.join(_OPTIONAL_FEATURES)}, got {', '.join(self.features)}"
             )
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """The fitted features, in `_FULL_FEATURES` order (each set is a prefix of it)."""
-        return _FULL_FEATURES[: len(self.coefficients) - 1]
+        if list(_columns(self.features)) != sorted(set(_columns(self.features))):
+            raise ValueError(f"calibration features must be in the order {_FULL_FEATURES}")
+        if len(self.coefficients) != 1 + len(self.features):
+            raise ValueError(
+                f"a calibration on {len(self.features)} features has "
+                f"{1 + len(self.features)} coefficients, got {len(self.coefficients)}"
+            )
 
     def step_seconds(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
             return 0.0
-        values = calibration_features(shape)[: len(self.features)]
+        values = calibration_features(shape)
         intercept, *slopes = self.coefficients
-        predicted = intercept + sum(c * v for c, v in zip(slopes, values, strict=True))
+        columns = _columns(self.features)
+        predicted = intercept + sum(c * values[i] for c, i in zip(slopes, columns, strict=True))
         return max(predicted, self.min_step_s)
 
 
+def prefill_s_per_token(model: StepTimeModel, chunk_tokens: int) -> float:
+    """Seconds per prompt token of a full prefill chunk: ``model``'s time for a step
+    holding one chunk of ``chunk_tokens`` tokens at position 0, over ``chunk_tokens``.
+
+    What recomputing a preempted request costs per token of its context when it is
+    prefilled again in chunks of that size (the swap-or-recompute rule weighs it against
+    `GpuProfile.host_copy_seconds`); with the chunk at 0 it leaves out the attention over
+    earlier chunks, which a long prompt pays on top.
+
+    Raises:
+        ValueError: ``chunk_tokens`` below 1.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk = ScheduledChunk(0, 0, chunk_tokens, 0, False, True)
+    return model.step_seconds(BatchShape.from_chunks([chunk])) / chunk_tokens
+
+
 def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None) -> CalibratedModel:
-    """Relative-error least-squares fit of measured steps (each a dict of the features,
-    optionally ``num_requests``, and ``step_s``); see the module doc for the features.
+    """Relative-error least-squares fit of measured steps (each a dict of the base
+    features, optionally ``num_requests`` and ``num_attention_pairs``, and ``step_s``);
+    see the module doc for the features and which of them a fit keeps.
 
     Raises:
         ValueError: fewer than 4 points, a missing or negative field, a ``step_s`` of 0,
-            a ``num_requests`` below 1 or below the point's decode requests, or features
-            that do not vary enough to determine every coefficient.
+            a ``num_requests`` below 1 or below the point's decode requests, a
+            ``num_attention_pairs`` below its context tokens, or features that do not
+            vary enough to determine every coefficient.
     """
     if len(points) < 4:
         raise ValueError(f"a calibration needs at least 4 points, got {len(points)}")
     parsed = [_calibration_point(index, point) for index, point in enumerate(points)]
     targets = np.array([step_s for _, step_s in parsed])
-    has_requests = all(features[3] is not None for features, _ in parsed)
-    for names in _FEATURE_SETS:
-        if MEAN_CONTEXT_FEATURE in names and not has_requests:
-            continue
-        columns = [_FULL_FEATURES.index(name) for name in names]
+    known = [all(f[i] is not None for f, _ in parsed) for i in range(len(_FULL_FEATURES))]
+    available = [name for name in _OPTIONAL_FEATURES if known[_FULL_FEATURES.index(name)]]
+    for names in _feature_sets(available):
+        columns = _columns(names)
         matrix = np.array([[1.0, *(features[i] for i in columns)] for features, _ in parsed])
         fitted = _weighted_fit(matrix, targets)
         if fitted is not None:
-            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points))
+            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points), names)
     raise ValueError("calibration points do not vary enough to fit every coefficient")
 
 
-def _calibration_point(
-    index: int, point: dict[str, float]
-) -> tuple[tuple[float, float, float, float | None, float], float]:
+def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
+    """The feature sets a fit tries, best first: the base features with as many of the
+    ``optional`` ones as possible, a set keeping the earlier ones of `_OPTIONAL_FEATURES`
+    before one of the same size that keeps later ones; each in `_FULL_FEATURES` order."""
+    sets = []
+    for size in range(len(optional), -1, -1):
+        for kept in itertools.combinations(optional, size):
+            sets.append(tuple(name for name in _FULL_FEATURES if name in _BASE_FEATURES + kept))
+    return sets
+
+
+def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float | None], float]:
     """One point's features in `_FULL_FEATURES` order (mean context None without
-    ``num_requests``) and its step time."""
+    ``num_requests``, prefill attention pairs None without ``num_attention_pairs``) and
+    its step time."""
     try:
         values = [float(point[name]) for name in (*_BASE_FEATURES, "step_s")]
-        requests = None if point.get("num_requests") is None else float(point["num_requests"])
+        requests, pairs = (
+            None if point.get(name) is None else float(point[name])
+            for name in ("num_requests", "num_attention_pairs")
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
     if any(v < 0 or not math.isfinite(v) for v in values):
@@ -413,14 +528,17 @@ def _calibration_point(
     prefill, decode, context, step_s = values
     if step_s == 0:
         raise ValueError(f"calibration point {index}: step_s must be > 0 (the fit is relative)")
-    eager = float(prefill > 0)
-    if requests is None:
-        return (prefill, decode, context, None, eager), step_s
-    if not math.isfinite(requests) or requests < max(1.0, decode):
+    if requests is not None and (not math.isfinite(requests) or requests < max(1.0, decode)):
         raise ValueError(
             f"calibration point {index}: num_requests must be >= 1 and >= num_decode_requests"
         )
-    return (prefill, decode, context, context / requests, eager), step_s
+    if pairs is not None and (not math.isfinite(pairs) or pairs < context):
+        raise ValueError(
+            f"calibration point {index}: num_attention_pairs must be >= num_context_tokens"
+        )
+    mean = None if requests is None else context / requests
+    extra_pairs = None if pairs is None else pairs - context
+    return [prefill, decode, context, mean, float(prefill > 0), extra_pairs], step_s
 
 
 def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] | None:
