@@ -59,7 +59,13 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.profile import StepRecord
 from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
-from avmp.sim.timing import BatchShape, RooflineModel, fit_calibration, get_profile
+from avmp.sim.timing import (
+    BatchShape,
+    CalibratedModel,
+    RooflineModel,
+    fit_calibration,
+    get_profile,
+)
 from avmp.units import parse_bytes
 from benchmarks.common import copy_bytes_per_s, read_result, write_result
 
@@ -70,6 +76,13 @@ DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
 # proportional), and so that each cell left out of the fit has neighbours on both axes.
 CALIBRATION_CELLS = ((16, 2048), (32, 1024), (64, 1024), (32, 2048), (64, 2048))
 MIXED_REQUESTS = 256  # requests of the mixed calibration cell
+# Long-context calibration cells: prompts of 4k to 34k tokens prefilled in chunks under a
+# step budget of 2,048 tokens (chunks starting at every 2k up to 32k) and of 8,192
+# (starting at 0, 8k, 16k, 24k, 32k and, once requests share a step, in between), then
+# decoded together over their long contexts. (budget, copies of the prompt lengths)
+LONG_PROMPT_TOKENS = (34816, 18432, 10240, 4096)
+LONG_CELLS = ((2048, 1), (8192, 4))
+LONG_DECODE_TOKENS = 32
 # transformers' Mamba2 chunk size for the comparison (see the module doc).
 HF_MAMBA_CHUNK_SIZE = 32
 MIN_HF_PREFILL_PIECE = 32
@@ -91,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", default="24GiB", help="engine cache budget")
     parser.add_argument("--mixed-memory", default="3GiB",
                         help="cache budget of the mixed calibration cell (memory-bound batch)")
+    parser.add_argument("--long-memory", default="8GiB",
+                        help="cache budget of the long-context calibration cells")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop adding cells after")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
@@ -156,6 +171,7 @@ def engine_cell(
     runner.profile.enabled = False
     steps = runner.profile.steps
     assert all(len(o.token_ids) == decode_tokens for o in outputs), "a request stopped early"
+    rows = profiled_steps(runner)
     timed = step_periods(steps)
     timed = [(s, p) for s, p in timed if not s.captured]  # capture is one-off work
     decode = [(s, p) for s, p in timed if is_decode(s) and s.num_decode_requests == batch]
@@ -184,18 +200,52 @@ def engine_cell(
             if prefill
             else None
         ),
-        "steps": profiled_steps(runner),
+        "steps": rows,
+        "device_busy_fraction": device_busy_fraction(rows),
     }
 
 
 def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
-    """The runner's profiled steps as calibration rows (captures dropped: one-off work)."""
+    """The runner's profiled steps as calibration rows (captures dropped: one-off work):
+    shape (5 fields), period, device time, graph, and the device's idle time after the
+    step (`device_idle_after`)."""
+    steps = runner.profile.steps
+    idle = device_idle_after(steps)
     return [
         [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
-         s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph]
-        for s, p in step_periods(runner.profile.steps)
+         s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph, idle_s]
+        for (s, p), idle_s in zip(step_periods(steps), idle, strict=False)
         if not s.captured
     ]  # fmt: skip
+
+
+def device_idle_after(steps: list[StepRecord]) -> list[float]:
+    """Per step, how long the device sat idle after it before the next step began: the
+    time it waited for the host, reconstructed from the host's start times.
+
+    A step's begin event is recorded by the host at ``started``; the device reaches it
+    then, or when it finishes the previous step if that is later, and finishes the step
+    ``seconds`` (its event time) after. So the next step begins at the later of its
+    ``started`` and this step's finish, and the difference is idle. Work queued between
+    two steps outside them (sampling, the token copy) counts as idle too, which is what
+    the step costs the timeline. The last step has nothing after it (0)."""
+    idle = []
+    finish: float | None = None
+    for step in steps:
+        if finish is not None:
+            idle.append(max(0.0, step.started - finish))
+            finish = max(step.started, finish) + step.seconds
+        else:
+            finish = step.started + step.seconds
+    return [*idle, 0.0] if steps else []
+
+
+def device_busy_fraction(rows: list[list[Any]]) -> float | None:
+    """The device's share of the profiled timeline: device time over device time plus
+    idle time waiting for the host (rows of `profiled_steps`)."""
+    busy = sum(row[6] for row in rows)
+    idle = sum(row[8] for row in rows)
+    return busy / (busy + idle) if busy + idle > 0 else None
 
 
 def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -233,6 +283,48 @@ def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[
         "num_steps": len(steps),
         "num_mixed_steps": len(mixed),
         "mixed_step_s_median": statistics.median(row[5] for row in mixed) if mixed else None,
+        "device_busy_fraction": device_busy_fraction(steps),
+        "steps": steps,
+    }
+
+
+def long_context_cell(
+    model: HybridModel, args: argparse.Namespace, chunk_tokens: int, copies: int, seed: int
+) -> dict[str, Any]:
+    """Long prompts (`LONG_PROMPT_TOKENS`, ``copies`` times) prefilled in chunks of at
+    most ``chunk_tokens`` tokens, then decoded together: prefill chunks late in a long
+    prompt, mixed steps with long-context decodes, and decode batches over long
+    contexts, which the short-prompt cells never reach."""
+    config = EngineConfig(
+        parse_bytes(args.long_memory), device="cuda", kernels="triton",
+        max_num_seqs=len(LONG_PROMPT_TOKENS) * copies, max_num_batched_tokens=chunk_tokens,
+    )  # fmt: skip
+    engine = Engine(model, config)
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner)
+    rng = np.random.default_rng(seed)
+    vocab = engine.geometry.vocab_size
+    lengths = LONG_PROMPT_TOKENS * copies
+    prompts = [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+    # warm-up on the two shorter prompts: chunked prefill over context and long decodes
+    engine.generate(prompts[2:4], 4, ignore_eos=True)
+    runner.profile.start()
+    start = time.perf_counter()
+    engine.generate(prompts, LONG_DECODE_TOKENS, ignore_eos=True)
+    wall = time.perf_counter() - start
+    runner.profile.enabled = False
+    steps = profiled_steps(runner)
+    engine.backing.close()
+    return {
+        "memory": args.long_memory,
+        "max_num_batched_tokens": chunk_tokens,
+        "prompt_tokens": list(lengths),
+        "decode_tokens": LONG_DECODE_TOKENS,
+        "generate_wall_s": wall,
+        "num_steps": len(steps),
+        "num_prefill_steps": sum(1 for row in steps if row[0] > 0),
+        "max_context_tokens": max((row[2] for row in steps), default=0),
+        "device_busy_fraction": device_busy_fraction(steps),
         "steps": steps,
     }
 
@@ -446,20 +538,26 @@ def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
 
     A step's time is its device time (CUDA events: from the device reaching the step to
     its last kernel, which covers the launches of an eager step that the device waits
-    for), not the host's period from one step start to the next: with overlapped steps
-    the host starts step N+1 while N runs and then waits for N's tokens, so a period
-    measures the step before it, and a decode step after a mixed one would carry the
-    mixed step's cost."""
+    for) plus the device's idle time after it until the next step begins
+    (`device_idle_after`: the host's sampling, settling and planning that the overlap
+    did not hide), so the points sum to the run's timeline. Not the host's period from
+    one step start to the next: with overlapped steps the host starts step N+1 while N
+    runs and then waits for N's tokens, so a period measures the step before it, and a
+    decode step after a mixed one would carry the mixed step's cost. ``device_s`` keeps
+    the device time alone (the fit ignores it)."""
     points = []
     for cell in cells:
-        for prefill, decode, context, _pairs, reqs, _period, device_s, _graph in cell["steps"]:
+        for row in cell["steps"]:
+            prefill, decode, context, pairs, reqs, _period, device_s, _graph, idle_s = row
             points.append(
                 {
                     "num_prefill_tokens": prefill,
                     "num_decode_requests": decode,
                     "num_context_tokens": context,
+                    "num_attention_pairs": pairs,
                     "num_requests": reqs,
-                    "step_s": device_s,
+                    "step_s": device_s + idle_s,
+                    "device_s": device_s,
                 }
             )
     return points
@@ -514,10 +612,46 @@ def compare_mixed(cells: list[dict[str, Any]], mixed: dict[str, Any], gpu: str, 
     }
     steps = mixed["steps"]
     subsets = {"all": steps, "mixed": [row for row in steps if row[0] > 0 and row[1] > 0]}
+    return summed_step_times(fits, subsets)
+
+
+def compare_long(
+    short: list[dict[str, Any]], long: list[dict[str, Any]], gpu: str, model: str
+) -> list[dict[str, Any]]:
+    """Each long-context cell's total step time, measured and predicted by the
+    calibration with every cell (in-sample), without this cell (held out), and from the
+    short-prompt cells alone (what a calibration without long prompts predicts), over
+    all its steps, its prefill steps and its pure decode steps."""
+    rows = []
+    for index, cell in enumerate(long):
+        others = short + long[:index] + long[index + 1 :]
+        fits = {
+            "in_sample": fit_calibration(calibration_points([*others, cell]), gpu, model),
+            "held_out": fit_calibration(calibration_points(others), gpu, model),
+            "short_only": fit_calibration(calibration_points(short), gpu, model),
+        }
+        steps = cell["steps"]
+        subsets = {
+            "all": steps,
+            "prefill": [row for row in steps if row[0] > 0],
+            "decode": [row for row in steps if row[0] == 0],
+        }
+        summary = summed_step_times(fits, subsets)
+        rows.append({"max_num_batched_tokens": cell["max_num_batched_tokens"], **summary})
+    return rows
+
+
+def summed_step_times(
+    fits: dict[str, CalibratedModel], subsets: dict[str, list[list[Any]]]
+) -> dict[str, Any]:
+    """Per subset of step rows: the measured summed step time (device time plus the idle
+    after each step, what the fit targets), the host's summed periods, and each fit's
+    prediction."""
     summary: dict[str, Any] = {}
     for subset, rows in subsets.items():
-        measured = sum(row[5] for row in rows)
-        summary[subset] = {"measured_s": measured, "num_steps": len(rows)}
+        measured = sum(row[6] + row[8] for row in rows)
+        periods = sum(row[5] for row in rows)
+        summary[subset] = {"measured_s": measured, "period_s": periods, "num_steps": len(rows)}
         for name, fit in fits.items():
             predicted = sum(fit.step_seconds(BatchShape(*row[:5])) for row in rows)
             summary[subset][f"{name}_s"] = predicted
@@ -550,6 +684,7 @@ def run_model(args: argparse.Namespace, name: str, bandwidth: float, deadline: f
         "state_bytes_per_request": engine.geometry.state_bytes_per_request,
         "engine": [],
         "calibration_cells": [],
+        "long_cells": [],
         "transformers": [],
         "skipped": [],
     }
@@ -616,7 +751,7 @@ def run_engine_cells(
         print(_engine_line(cell), flush=True)
     extra = []
     if args.skip_calibration:
-        result["skipped"].append("calibration and mixed cells: --skip-calibration")
+        result["skipped"].append("calibration, mixed and long cells: --skip-calibration")
     elif time.perf_counter() > deadline:
         result["skipped"].append("mixed calibration cell: time budget")
     else:
@@ -624,14 +759,22 @@ def run_engine_cells(
         extra.append(result["mixed_cell"])
         print(f"mixed cell: {result['mixed_cell']['num_mixed_steps']} mixed steps, median "
               f"{result['mixed_cell']['mixed_step_s_median']}", flush=True)  # fmt: skip
+    if not args.skip_calibration:
+        result["long_cells"] = long_cells(engine, args, deadline, result)
     if time.perf_counter() < deadline:
         result["overlap"] = overlap_comparison(engine, args)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     if len(cells) >= 2:
-        result["sim_vs_measured"] = compare_sim(engine, cells, "h100", name, extra)
+        result["sim_vs_measured"] = compare_sim(
+            engine, cells, "h100", name, extra + result["long_cells"]
+        )
         if extra:
             result["mixed_vs_predicted"] = compare_mixed(cells, extra[0], "h100", name)
+        if result["long_cells"]:
+            short = cells + extra
+            result["long_vs_predicted"] = compare_long(short, result["long_cells"], "h100", name)
+        extra += result["long_cells"]
         result["calibration_features"] = list(
             fit_calibration(calibration_points(cells + extra), "h100", name).features
         )
@@ -641,6 +784,23 @@ def run_engine_cells(
             points = calibration_points(cells + extra)
             payload = {"gpu": gpu, "model": name, "points": points}
             write_result(path, payload)  # plain JSON: `avmp bench --calibration` reads it
+
+
+def long_cells(
+    engine: Engine, args: argparse.Namespace, deadline: float, result: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The long-context cells (`LONG_CELLS`) that the time budget leaves room for."""
+    cells = []
+    for chunk_tokens, copies in LONG_CELLS:
+        if time.perf_counter() > deadline:
+            result["skipped"].append(f"long-context cell at {chunk_tokens} tokens: time budget")
+            continue
+        cell = long_context_cell(engine.model, args, chunk_tokens, copies, seed=13 + copies)
+        cells.append(cell)
+        print(f"long cell at {chunk_tokens} tokens/step: {cell['num_steps']} steps "
+              f"({cell['num_prefill_steps']} with prefill) in {cell['generate_wall_s']:.1f} s, "
+              f"device busy {cell['device_busy_fraction'] or 0:.0%}", flush=True)  # fmt: skip
+    return cells
 
 
 def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
@@ -746,6 +906,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):
             lines += _mixed_lines(model)
+        if model.get("long_vs_predicted"):
+            lines += _long_lines(model)
         if model["skipped"]:
             lines += ["", "Skipped: " + "; ".join(model["skipped"])]
         lines.append("")
@@ -770,6 +932,37 @@ def _mixed_lines(model: dict[str, Any]) -> list[str]:
             f"calibrated {row['in_sample_s']:.2f} s ({row['in_sample_error']:+.0%}) / "
             f"{row['held_out_s']:.2f} s ({row['held_out_error']:+.0%})"
         )
+    return lines
+
+
+def _long_lines(model: dict[str, Any]) -> list[str]:
+    lengths = ", ".join(str(n) for n in LONG_PROMPT_TOKENS)
+    lines = [
+        "",
+        f"Long-context cells (prompts of {lengths} tokens, {LONG_DECODE_TOKENS} generated "
+        "each). Summed step time (device time plus the idle after each step), measured and "
+        "calibrated (with every cell / this cell held out / short-prompt cells only):",
+        "",
+    ]
+    for cell, row in zip(model["long_cells"], model["long_vs_predicted"], strict=True):
+        busy = cell["device_busy_fraction"]
+        lines.append(
+            f"- {cell['max_num_batched_tokens']} tokens per step, "
+            f"{len(cell['prompt_tokens'])} requests, device busy "
+            f"{'n/a' if busy is None else f'{busy:.0%}'}:"
+        )
+        for subset in ("all", "prefill", "decode"):
+            r = row[subset]
+            if not r["num_steps"]:
+                continue
+            lines.append(
+                f"  - {subset} steps ({r['num_steps']}): measured {r['measured_s']:.2f} s "
+                f"(host periods {r['period_s']:.2f} s), calibrated "
+                + " / ".join(
+                    f"{r[f'{fit}_s']:.2f} s ({r[f'{fit}_error']:+.0%})"
+                    for fit in ("in_sample", "held_out", "short_only")
+                )
+            )
     return lines
 
 
