@@ -10,11 +10,23 @@ from hypothesis import strategies as st
 
 from avmp.memory.spec import MemoryConfig, RequestUnits
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.swap import PreemptionCosts
 from sched_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
 
 # tiny geometry: 2 KiB of KV per token, 16-token pages of 32 KiB, 512 KiB state slots
 PAGE = 32 * 1024
 SLOT = 512 * 1024
+
+
+# preemption and admission policies the random traces run under (a small host tier
+# so that it fills and swap falls back to recompute)
+POLICIES = [
+    {},
+    {"preemption": "swap", "host_tier_bytes": 3 * SLOT},
+    {"preemption": "auto", "host_tier_bytes": 64 * MIB, "costs": PreemptionCosts(1e-4, 1e9)},
+    {"admission": "reserve"},
+    {"admission": "sglang", "preemption": "swap", "host_tier_bytes": 64 * MIB},
+]
 
 
 def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
@@ -287,6 +299,7 @@ def test_same_trace_gives_the_same_plans() -> None:
     max_num_seqs=st.integers(1, 8),
     max_tokens=st.integers(1, 300),
     stop_every=st.integers(0, 7),
+    policy=st.sampled_from(POLICIES),
 )
 def test_random_traces_keep_every_invariant_and_finish(
     lengths: list[tuple[int, int]],
@@ -294,13 +307,14 @@ def test_random_traces_keep_every_invariant_and_finish(
     max_num_seqs: int,
     max_tokens: int,
     stop_every: int,
+    policy: dict[str, object],
 ) -> None:
-    """Whatever the trace and limits: invariants hold after each step, each plan respects
-    the limits, and every request ends finished (all its tokens emitted, or stopped) or
-    rejected because it could not fit alone."""
+    """Whatever the trace, limits and policy: invariants hold after each step, each plan
+    respects the limits, and every request ends finished (all its tokens emitted, or
+    stopped) or rejected because it could not fit alone."""
     budget = 2 * SLOT + budget_pages * PAGE + 2 * MIB
     allocator = ExactBytesAllocator(tiny_geometry(), MemoryConfig(budget))
-    scheduler = Scheduler(allocator, SchedulerConfig(max_num_seqs, max_tokens))
+    scheduler = Scheduler(allocator, SchedulerConfig(max_num_seqs, max_tokens, **policy))  # type: ignore[arg-type]
     specs = [req(i, prompt, output) for i, (prompt, output) in enumerate(lengths)]
     for spec in specs:
         scheduler.add_request(spec)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from avmp.sim.metrics import (
+    PHASES,
     REQUEST_COLUMNS,
     SloTargets,
     common_request_ids,
@@ -46,7 +47,6 @@ AVMP = "avmp"
 PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed")
 SAVED_METRICS = ("request_throughput", "output_token_throughput")
 METRICS = (*SAVED_METRICS, "goodput", "common_request_throughput")
-PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
 BOOTSTRAP_SEED = 20260522
 N_RESAMPLES = 9_999
 

@@ -44,6 +44,7 @@ from avmp.sched.swap import (
     PreemptionMode,
     SwapCopy,
     Swapper,
+    parse_choice,
 )
 
 
@@ -69,13 +70,11 @@ class SchedulerConfig:
     costs: PreemptionCosts | None = None
 
     def __post_init__(self) -> None:
-        for name, kind in (("preemption", PreemptionMode), ("admission", Admission)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                known = ", ".join(k.value for k in kind)
-                raise ValueError(f"{name} must be one of {known}, got {value!r}") from None
+        # names given as plain strings (from a CLI or a file) become members here
+        object.__setattr__(
+            self, "preemption", parse_choice(PreemptionMode, "preemption", self.preemption)
+        )
+        object.__setattr__(self, "admission", parse_choice(Admission, "admission", self.admission))
         if self.host_tier_bytes < 0:
             raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
         if self.preemption is not PreemptionMode.RECOMPUTE and self.host_tier_bytes == 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from avmp.memory.host_tier import HostExtent
 from avmp.memory.spec import RequestUnits
@@ -50,6 +50,18 @@ class Admission(StrEnum):
     GREEDY = "greedy"
     RESERVE = "reserve"
     SGLANG = "sglang"
+
+
+_Choice = TypeVar("_Choice", PreemptionMode, Admission)
+
+
+def parse_choice(kind: type[_Choice], name: str, value: str) -> _Choice:
+    """``value`` as a member of ``kind``; a ValueError naming ``name`` and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        known = ", ".join(member.value for member in kind)
+        raise ValueError(f"{name} must be one of {known}, got {value!r}") from None
 
 
 # SGLang's new-token-ratio schedule (python/sglang/global_config.py / environ defaults):

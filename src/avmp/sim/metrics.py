@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("compute", "allocation", "migration", "compaction", "recompute")
+PHASES = ("compute", "allocation", "migration", "compaction", "recompute", "swap")
 MEASURED_PREFIX = "measured_"
 # Columns of `SimResult.completed_requests`, one entry per completed request, by id.
 REQUEST_COLUMNS = ("request_id", "finish_s", "ttft_s", "tpot_s")
@@ -74,6 +74,10 @@ class SimResult:
     num_recompute_tokens: int = 0
     time_model: str = ""
     completed_requests: dict[str, list[Any]] = field(default_factory=dict)
+    num_swapped_out: int = 0
+    num_swapped_in: int = 0
+    num_swap_bytes: int = 0
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (NaN where a percentile had no values)."""

@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from avmp.memory.spec import CacheAllocator, MemoryUsage, RequestUnits
+from avmp.memory.backing.unit_format import CacheFormat
+from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, CacheAllocator, MemoryUsage, RequestUnits
 from avmp.models.geometry import ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode, parse_choice
 from avmp.sched.timeline import TimelineRecorder
 from avmp.sim.metrics import PHASES, RequestClock, SimResult, percentile
 from avmp.sim.timing import (
@@ -32,12 +35,16 @@ from avmp.sim.timing import (
     get_profile,
     load_allocator_call_costs,
     load_calibration,
+    prefill_s_per_token,
     without_recompute,
 )
 
 ProgressCallback = Callable[[int, int], None]
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
+# The default host tier, as a multiple of the cache budget: SGLang HiCache's default
+# `--hicache-ratio 2` (host memory twice the device cache).
+HOST_TIER_RATIO = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,11 @@ class SimConfig:
             None: the documented constants of `AllocatorCallCosts`.
         check_integrity: check the allocator's and the scheduler's invariants after every
             step (tests; slow).
+        preemption: ``recompute``, ``swap`` or ``auto`` (`avmp.sched.swap.PreemptionMode`);
+            ``auto`` weighs the time model's prefill speed against the profile's host link.
+        admission: ``greedy``, ``reserve`` or ``sglang`` (`avmp.sched.swap.Admission`).
+        host_tier_bytes: the host tier swapped-out requests go to; None: twice the cache
+            budget (SGLang HiCache's default ``--hicache-ratio 2``); 0: none (recompute).
     """
 
     profile: str = "h100"
@@ -70,6 +82,9 @@ class SimConfig:
     compaction_bytes_per_s: float | None = None
     allocator_calls_path: str | None = str(DEFAULT_ALLOCATOR_CALLS_PATH)
     check_integrity: bool = False
+    preemption: str = PreemptionMode.AUTO.value
+    admission: str = Admission.RESERVE.value
+    host_tier_bytes: int | None = None
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -77,11 +92,52 @@ class SimConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.timeline_samples < 0:
             raise ValueError(f"timeline_samples must be >= 0, got {self.timeline_samples}")
-        self.scheduler_config()  # validates the batching limits
+        if self.host_tier_bytes is not None and self.host_tier_bytes < 0:
+            raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
+        # validates the batching limits and the policy names
+        self.scheduler_config(CHUNK_GRANULARITY_BYTES, PreemptionCosts(1.0, 1.0))
         self.move_costs()
 
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+    def host_tier_for(self, budget_bytes: int) -> int:
+        """The host tier's bytes for a cache budget of ``budget_bytes``."""
+        if self.host_tier_bytes is None:
+            return HOST_TIER_RATIO * budget_bytes
+        return self.host_tier_bytes
+
+    def scheduler_config(
+        self, budget_bytes: int, costs: PreemptionCosts | None
+    ) -> SchedulerConfig:
+        """The scheduler's limits and policy for a cache budget of ``budget_bytes``."""
+        preemption = parse_choice(PreemptionMode, "preemption", self.preemption)
+        host_tier = self.host_tier_for(budget_bytes)
+        if host_tier == 0 and preemption is PreemptionMode.AUTO:
+            preemption = PreemptionMode.RECOMPUTE  # nowhere to swap to
+        if preemption is PreemptionMode.RECOMPUTE:
+            host_tier = 0
+        return SchedulerConfig(
+            self.max_num_seqs,
+            self.max_num_batched_tokens,
+            preemption=preemption,
+            admission=parse_choice(Admission, "admission", self.admission),
+            host_tier_bytes=host_tier,
+            costs=costs,
+        )
+
+    def preemption_costs(self, model: StepTimeModel) -> PreemptionCosts | None:
+        """The rates the ``auto`` rule compares (None for the other policies): the time
+        model's prefill speed on a full chunk and the profile's host link.
+
+        Raises:
+            ValueError: a time model whose prefill step is not a positive duration.
+        """
+        if self.preemption != PreemptionMode.AUTO:
+            return None
+        per_token = prefill_s_per_token(model, self.max_num_batched_tokens)
+        if not (math.isfinite(per_token) and per_token > 0):
+            raise ValueError(
+                f"the time model ({type(model).__name__}) gave a prefill of {per_token} s/token"
+            )
+        return PreemptionCosts(per_token, get_profile(self.profile).host_link_bytes_per_s)
 
     def move_costs(self) -> MemoryMoveCosts:
         return MemoryMoveCosts(self.migration_s_per_chunk, self.compaction_bytes_per_s)
@@ -149,6 +205,19 @@ class TimedAllocator(CacheAllocator):
 
     def usage(self) -> MemoryUsage:
         return self.inner.usage()
+
+    @property
+    def kv_unit_tokens(self) -> int:
+        return self.inner.kv_unit_tokens
+
+    def kv_units_for(self, num_tokens: int) -> int:
+        return self.inner.kv_units_for(num_tokens)
+
+    def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
+        return self.inner.could_hold(num_requests, num_kv_units)
+
+    def cache_format(self) -> CacheFormat:
+        return self.inner.cache_format()
 
     def check_integrity(self) -> None:
         self.inner.check_integrity()
@@ -224,8 +293,15 @@ class _Simulation:
         self.arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self.allocator = allocator
         self.timed = TimedAllocator(allocator)
-        self.scheduler = Scheduler(self.timed, config.scheduler_config())
         self.model = config.time_model(geometry)
+        self.scheduler = Scheduler(
+            self.timed,
+            config.scheduler_config(
+                allocator.config.budget_bytes, config.preemption_costs(self.model)
+            ),
+        )
+        self.host_link_bytes_per_s = get_profile(config.profile).host_link_bytes_per_s
+        self.num_swap_bytes = 0
         self.call_costs = config.call_costs(allocator.name)
         self.compaction_rate = config.move_costs().compaction_rate(get_profile(config.profile))
         self.on_progress = on_progress
@@ -267,6 +343,7 @@ class _Simulation:
         compute_s, recompute_s = self._compute_seconds(plan)
         outcome = self.scheduler.finish_step(plan)
         self._charge(before, compute_s, recompute_s)
+        self._charge_swaps(plan)
         self.num_steps += 1
         if self.num_steps > self.config.max_steps:
             raise RuntimeError(f"simulation exceeded max_steps={self.config.max_steps}")
@@ -323,6 +400,16 @@ class _Simulation:
             phase_s[phase] += seconds
             self.now_s += seconds
 
+    def _charge_swaps(self, plan: StepPlan) -> None:
+        """The step's copies to and from the host tier, at the profile's host link: the
+        engine orders them before the step's kernels, so they add to the step."""
+        num_bytes = plan.num_swap_bytes
+        if num_bytes:
+            self.num_swap_bytes += num_bytes
+            seconds = num_bytes / self.host_link_bytes_per_s
+            self.phase_s["swap"] += seconds
+            self.now_s += seconds
+
     def _raise_stalled(self) -> None:
         raise RuntimeError(
             f"scheduler stalled at step {self.num_steps}: {self.scheduler.num_waiting} waiting, "
@@ -364,7 +451,7 @@ class _Simulation:
             request_throughput=completed / makespan_s if makespan_s > 0 else 0.0,
             output_token_throughput=output_tokens / makespan_s if makespan_s > 0 else 0.0,
             num_preemptions=self.scheduler.num_preemptions,
-            num_oom_events=self.scheduler.num_preemptions,
+            num_oom_events=self.allocator.stats.num_oom_events,
             ttft_p50_s=percentile(ttfts, 50),
             ttft_p99_s=percentile(ttfts, 99),
             tpot_p50_s=percentile(tpots, 50),
@@ -378,4 +465,16 @@ class _Simulation:
             num_recompute_tokens=self.num_recompute_tokens,
             time_model=type(self.model).__name__,
             completed_requests=self.clock.completed_columns(),
+            num_swapped_out=self.scheduler.num_swapped_out,
+            num_swapped_in=self.scheduler.num_swapped_in,
+            num_swap_bytes=self.num_swap_bytes,
+            policy=self._policy(),
         )
+
+    def _policy(self) -> dict[str, Any]:
+        config = self.scheduler.config
+        return {
+            "preemption": config.preemption.value,
+            "admission": config.admission.value,
+            "host_tier_bytes": config.host_tier_bytes,
+        }
