@@ -44,7 +44,8 @@ LONGDOC_BURST_RATE = 1.0 / STEP_S
 presets, so a burst of 32 lands within about 0.6 s."""
 LONGDOC_BURST_GAP_S = 4.0
 """Silence between bursts of `longdoc_burst`: shorter than a burst of long prompts takes
-to serve, so each burst arrives while the previous one still holds its pool."""
+to serve (simulated H100, each model of `avmp bench`), so a chat burst arrives while long
+prompts still hold the KV pool."""
 MULTI_TURN_TURNS = (2, 8)
 """Fewest and most turns of a `multi_turn` conversation."""
 MULTI_TURN_SESSION_RATE = 4.0

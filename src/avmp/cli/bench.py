@@ -1,7 +1,8 @@
-"""``avmp bench``: the whole evaluation (paper grid + `shift`), its table and report.
+"""``avmp bench``: the whole evaluation (paper grid + our workloads), its table and report.
 
 Defaults (the "paper grid", widened as issue 3 asks): allocators avmp, unified, static
-and oracle; the four paper presets and `shift`; Jamba-1.5-Mini and two Mamba2 hybrids
+and oracle; the four paper presets and ours (`shift`, `longdoc_mix`, `longdoc_burst`,
+`multi_turn`: `avmp.bench.workloads`); Jamba-1.5-Mini and two Mamba2 hybrids
 (Granite-4.0-H-Tiny, Nemotron-H-8B); budgets 1/4/8/12 GiB; seeds 0-2; RTX 3060 and H100
 time models. ``--quick`` runs a small grid (one model, two budgets, the H200 profile,
 two seeds, short traces) as a smoke test of the whole path.
@@ -46,13 +47,15 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_parser(subparsers: Any) -> None:
+    from avmp.bench.workloads import ARRIVAL_FORMS, PRESETS
     from avmp.cli.replay import add_slo_arguments
 
     parser = subparsers.add_parser(
         "bench",
         help="run the whole evaluation and write its report",
         description="Run the whole evaluation: allocators avmp, unified, static and oracle on the "
-        "four paper workloads and shift, three hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
+        "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn), three "
+        "hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
         "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
         "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes.",
     )
@@ -74,15 +77,19 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument("--models", type=_csv, help="comma-separated zoo models")
     parser.add_argument("--budgets", type=_csv, help="comma-separated memory budgets, e.g. 4GiB")
-    parser.add_argument("--workloads", type=_csv, help="comma-separated workload presets")
+    parser.add_argument(
+        "--workloads",
+        type=_csv,
+        help=f"comma-separated workload presets (default: all of {', '.join(PRESETS)})",
+    )
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
     parser.add_argument(
         "--arrival",
         metavar="PROCESS",
-        help="arrivals for every workload instead of the presets' own: burst, "
-        "steps, poisson:RATE or gamma:RATE:CV (RATE in requests/s)",
+        help=f"arrivals for every workload instead of the presets' own: {ARRIVAL_FORMS} "
+        "(RATE in requests/s; a workload keeps its lengths)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ssm_dtype_option(parser)
