@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from avmp.memory.address_space import ChunkReserve
 from avmp.memory.backing.base import Backing
-from avmp.memory.migration import MemoryEvent, Migration, RoomPlan, plan_room
+from avmp.memory.migration import MemoryEvent, Migration, MigrationHistory, RoomPlan, plan_room
 from avmp.memory.pool import Pool
 from avmp.memory.requests import RecentFrees, check_num_tokens, check_request_id
 from avmp.memory.spec import (
@@ -50,6 +50,8 @@ class AvmpManager(CacheAllocator):
     takes reserve chunks; once the reserve is empty it migrates whole free chunks from
     the other pool's tail, compacting that tail first if its live units sit there. If
     nothing covers the demand the call returns None and changes nothing.
+    ``config.migration_policy`` sizes what a migration moves beyond the demand
+    (`avmp.memory.migration.MigrationHistory`); whether a call fits never depends on it.
 
     Without a backing this is pure bookkeeping (the simulator's case); with one, every
     chunk mapping and unit copy is carried out on it.
@@ -113,6 +115,7 @@ class AvmpManager(CacheAllocator):
         )
         self._debug = os.environ.get("AVMP_DEBUG") == "1"
         self.events: list[MemoryEvent] = []
+        self._history = MigrationHistory() if config.migration_policy == "streak" else None
         if backing is not None:
             backing.attach(self.spec, config)
         self.fixed_state_fraction = fixed_state_fraction
@@ -334,15 +337,32 @@ class AvmpManager(CacheAllocator):
         change nothing and count an OOM event (always, under a fixed split)."""
         plan = None
         if self.fixed_state_fraction is None:
+            now = self._num_calls()
             plan = plan_room(self._kv, self._state, num_pages, num_slots,
-                             len(self._reserve), self.config.migration_batch_chunks)
+                             len(self._reserve), self.config.migration_batch_chunks,
+                             self._extra_chunks(now))
         if plan is None:
             self.stats.num_oom_events += 1
             if self._debug:
                 self.check_integrity()
             return False
         self._execute(plan)
+        if plan.migration is not None and self._history is not None:
+            self._history.record(plan.migration.recipient, plan.migration.num_chunks, now)
         return True
+
+    def _num_calls(self) -> int:
+        """Allocator calls completed so far: the clock of the migration history (counted
+        in calls, not seconds, so that the same calls give the same decisions)."""
+        s = self.stats
+        return s.num_admits + s.num_grows + s.num_frees + s.num_oom_events
+
+    def _extra_chunks(self, now: int) -> tuple[int, int]:
+        """What a migration into KV, and into state, may move beyond the demand."""
+        if self._history is None:
+            return (0, 0)
+        return (self._history.extra_chunks(PoolKind.KV, now),
+                self._history.extra_chunks(PoolKind.STATE, now))
 
     def _execute(self, plan: RoomPlan) -> None:
         if plan.reserve_state:

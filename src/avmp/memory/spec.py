@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 CHUNK_GRANULARITY_BYTES = 2 << 20  # CUDA VMM minimum granularity on current GPUs
 NO_SLOT = -1  # `RequestUnits.slot` of a model without recurrent layers
+# AVMP's migration policies (`avmp.memory.migration`): "streak" sizes a migration's extra
+# chunks from the recipient's recent demand; "eager" is the policy before it, kept to
+# compare against (exactly the shortfall plus `migration_batch_chunks`, every time).
+MIGRATION_POLICIES = ("streak", "eager")
 
 
 class PoolKind(StrEnum):
@@ -40,12 +44,15 @@ class MemoryConfig:
         block_size: tokens per KV page.
         migration_batch_chunks: chunks migrated beyond the demand, so a run of
             failures in one pool costs one migration instead of many.
+        migration_policy: one of `MIGRATION_POLICIES`: how many free chunks beyond
+            the demand a migration moves (it never changes whether an allocation fits).
     """
 
     budget_bytes: int
     chunk_bytes: int = CHUNK_GRANULARITY_BYTES
     block_size: int = 16
     migration_batch_chunks: int = 0
+    migration_policy: str = "streak"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.chunk_bytes % CHUNK_GRANULARITY_BYTES:
@@ -61,6 +68,11 @@ class MemoryConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.migration_batch_chunks < 0:
             raise ValueError("migration_batch_chunks must be >= 0")
+        if self.migration_policy not in MIGRATION_POLICIES:
+            raise ValueError(
+                f"unknown migration_policy {self.migration_policy!r}; "
+                f"known: {', '.join(MIGRATION_POLICIES)}"
+            )
 
     @property
     def num_chunks(self) -> int:
