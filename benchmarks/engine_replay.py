@@ -1,13 +1,26 @@
-"""A ShareGPT sample replayed through the engine on real GPU memory, once per layout
-(AVMP, SGLang's static split, vLLM's unified pool; same model, same kernels), beside the
-simulator's prediction for the same trace.
+"""A trace replayed through the engine on real GPU memory, once per layout (AVMP,
+SGLang's static split, vLLM's unified pool; same model, same kernels), beside the
+simulator's prediction for the same trace and arrivals.
 
-The trace: ``--write-trace`` samples ``--num-requests`` ShareGPT conversations under vLLM's
-rules (real prompt and output lengths, Mistral's tokenizer), all arriving at t = 0 (an
-offline replay: the queue is full from the start, so memory decides the batch). It is
-written once here and committed, since the GPU machine has neither the dataset nor the
-tokenizer. Prompts are random token ids of those lengths; every request generates exactly
-its output length (``ignore_eos``).
+The trace: a file (``--trace``), or a workload preset built on the spot (``--workload
+longdoc_mix --num-requests N --seed S``, `avmp.bench.workloads.make_workload`), so the GPU
+machine needs no committed file. ``--write-trace`` samples ``--num-requests`` ShareGPT
+conversations under vLLM's rules (real prompt and output lengths, Mistral's tokenizer),
+all arriving at t = 0; it is written once here and committed, since the GPU machine has
+neither the dataset nor the tokenizer. Prompts are random token ids of those lengths;
+every request generates exactly its output length (``ignore_eos``).
+
+Arrivals (``--arrivals``): ``trace`` (the default) replays the trace's arrival times on
+both sides, the first at t = 0 (an online replay: the engine sleeps while nothing has
+arrived); ``zero`` puts every request at t = 0 (an offline replay: the queue is full from
+the start, so memory decides the batch). Per layout the report gives req/s, output tok/s,
+preemptions, TTFT and TPOT percentiles and goodput under the objectives of ``avmp
+replay`` (``--slo-ttft-s``, ``--slo-tpot-ms``). The engine's times are wall times of the
+host reading each token, graph captures included; its req/s and goodput are over the
+run's wall time less the graph captures. ``--unbounded`` adds one reference run of the
+same trace on AVMP with a budget that holds the ``--max-num-seqs`` largest requests at
+once (so no request is preempted), and the report gives each layout's throughput lost to
+preemption: 1 - its req/s / the reference's.
 
 Per layout the engine runs the whole trace with the Triton kernels and decode CUDA
 graphs, AVMP and static on the CUDA VMM backing (chunks mapped as the pools grow),
@@ -25,6 +38,8 @@ Usage::
     python -m benchmarks.engine_replay --write-trace benchmarks/traces/sharegpt_vllm_600.jsonl
     PYTHONPATH=src python3 -m benchmarks.engine_replay \\
         --trace benchmarks/traces/sharegpt_vllm_600.jsonl --out $OUT/engine_replay_h100.json.gz
+    PYTHONPATH=src python3 -m benchmarks.engine_replay --workload longdoc_mix \\
+        --num-requests 300 --unbounded --out $OUT/engine_replay_longdoc.json.gz
     python -m benchmarks.engine_replay --markdown benchmarks/results/engine_replay_h100.json.gz \\
         --plot docs/figures/engine_replay_h100.png
 """
@@ -42,18 +57,32 @@ from typing import Any
 
 import numpy as np
 
+from avmp.cli.replay import add_slo_arguments, slo_targets
+from avmp.sched.request import RequestSpec
+from avmp.sim.metrics import RequestClock, SloTargets, goodput, percentile
+from avmp.units import ceil_div, parse_bytes, round_up
 from benchmarks.common import RESULTS_DIR, read_result, repo_path, write_result
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
+ARRIVALS = ("trace", "zero")
+UNBOUNDED_ALLOCATOR = "avmp"
+WRITE_TRACE_REQUESTS = 600
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-trace", type=Path, help="sample ShareGPT into this JSONL trace")
-    parser.add_argument("--num-requests", type=int, default=600)
+    parser.add_argument("--num-requests", type=int,
+                        help=f"requests of --write-trace (default {WRITE_TRACE_REQUESTS}) "
+                             "or --workload (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", type=Path, help="JSONL trace to replay (on the GPU)")
+    parser.add_argument("--workload", help="replay this workload preset instead of a trace")
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="trace",
+                        help="trace: the trace's arrival times (online); zero: all at t = 0")
+    parser.add_argument("--unbounded", action="store_true",
+                        help="add a reference run with memory for every running request")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo geometry, random weights")
     parser.add_argument("--memory", default="3GiB", help="cache budget of each layout")
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -69,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     parser.add_argument("--plot", type=Path, help="with --markdown: draw the pool split here")
+    add_slo_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -93,21 +123,66 @@ def write_trace(path: Path, num_requests: int, seed: int) -> None:
     )
 
 
+def load_trace(args: argparse.Namespace) -> list[RequestSpec]:
+    """The requests to replay, timed as ``--arrivals`` says: the trace's arrivals moved
+    so that the first is at t = 0, or all at t = 0.
+
+    Raises:
+        ValueError: both or neither of --trace and --workload, an unknown workload, a
+            bad trace file (`avmp.bench.traces.TraceError` is a ValueError).
+        FileNotFoundError: no such trace file.
+    """
+    from avmp.bench.traces import read_trace
+    from avmp.bench.workloads import make_workload
+
+    if (args.trace is None) == (args.workload is None):
+        raise ValueError("give one trace source: --trace FILE or --workload NAME")
+    if args.workload is not None:
+        trace = make_workload(args.workload, args.seed, args.num_requests)
+    else:
+        trace = read_trace(args.trace)
+    first = min(r.arrival_s for r in trace)
+    timed = (0.0 if args.arrivals == "zero" else r.arrival_s - first for r in trace)
+    return [dataclasses.replace(r, arrival_s=t) for r, t in zip(trace, timed, strict=True)]
+
+
+def unbounded_memory_bytes(geometry: Any, trace: list[RequestSpec], max_num_seqs: int) -> int:
+    """A cache budget in which no request of ``trace`` is preempted: the
+    ``max_num_seqs`` largest requests whole at once (pages rounded up, one slot each),
+    plus one chunk per pool for rounding, in whole chunks."""
+    from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, MemoryConfig
+
+    block = MemoryConfig.block_size  # the engine's and the simulator's: both keep the default
+    sizes = sorted(
+        (ceil_div(r.total_tokens, block) * block * geometry.kv_bytes_per_token
+         + geometry.state_bytes_per_request for r in trace),
+        reverse=True,
+    )  # fmt: skip
+    chunk = CHUNK_GRANULARITY_BYTES
+    return round_up(sum(sizes[:max_num_seqs]) + 2 * chunk, chunk)
+
+
 # -- the replay (GPU) ------------------------------------------------------------------------
 
 
-def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any]) -> dict:
-    """The engine over the whole trace on one layout; its figures and pool timeline."""
+def replay(
+    args: argparse.Namespace,
+    model: Any,
+    allocator: str,
+    trace: list[RequestSpec],
+    memory_bytes: int | None = None,
+) -> dict:
+    """The engine over the whole trace, each request arriving at its ``arrival_s``, on
+    one layout (and ``--memory``, or ``memory_bytes``); its figures and pool timeline."""
     import torch
 
     from avmp.engine.engine import Engine, EngineConfig
     from avmp.engine.fast_runner import FastModelRunner
-    from avmp.units import parse_bytes
 
     on_gpu = args.device == "cuda"
     vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
     config = EngineConfig(
-        memory_bytes=parse_bytes(args.memory), device=args.device,
+        memory_bytes=memory_bytes or parse_bytes(args.memory), device=args.device,
         kernels="triton" if on_gpu else "reference", allocator=allocator,
         backing="cuda_vmm" if vmm else "torch",
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
@@ -121,7 +196,8 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
     limits = [r.output_tokens for r in trace]
     if profiled:
         runner.profile.start()
-    outputs = engine.generate(prompts, max_tokens=limits, ignore_eos=True)
+    arrivals = [r.arrival_s for r in trace]
+    outputs = engine.generate(prompts, max_tokens=limits, ignore_eos=True, arrival_s=arrivals)
     steps = runner.profile.steps if profiled else []
     if profiled:
         runner.profile.enabled = False
@@ -144,6 +220,7 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
         "timed_s": timed_s,
         "request_throughput": completed / timed_s,
         "output_token_throughput": stats.num_generated_tokens / timed_s,
+        "idle_s": stats.idle_s,
         "num_steps": stats.num_steps,
         "num_preemptions": stats.num_preemptions,
         "num_recompute_tokens": stats.num_recompute_tokens,
@@ -165,6 +242,7 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
              s.num_requests, b.started - s.started, s.seconds, s.graph, s.captured]
             for s, b in zip(steps, steps[1:], strict=False)
         ],  # fmt: skip
+        **engine_latencies(trace, outputs, timed_s, slo_targets(args)),
     }
     engine.backing.close()
     del engine, runner
@@ -174,12 +252,43 @@ def replay(args: argparse.Namespace, model: Any, allocator: str, trace: list[Any
     return result
 
 
+def engine_latencies(
+    trace: list[RequestSpec], outputs: list[Any], makespan_s: float, slo: SloTargets
+) -> dict[str, Any]:
+    """TTFT and TPOT percentiles, goodput under ``slo`` over ``makespan_s``, and the
+    per-request columns they come from, by the simulator's rules (`RequestClock`,
+    `goodput`), from the engine's per-request times."""
+    clock = RequestClock()
+    for spec, output in zip(trace, outputs, strict=True):
+        clock.arrival_s[spec.request_id] = output.arrival_s
+        if output.finish_reason == "rejected" or output.first_token_s is None:
+            continue
+        clock.first_token_s[spec.request_id] = output.first_token_s
+        clock.finish_s[spec.request_id] = output.finish_s
+        clock.num_output[spec.request_id] = len(output.token_ids)
+    columns = clock.completed_columns()
+    ttfts, tpots = clock.ttfts(), clock.tpots()
+    return {
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p99_s": percentile(tpots, 99),
+        "goodput": goodput({"completed_requests": columns, "makespan_s": makespan_s}, slo),
+        "completed_requests": columns,
+    }
+
+
 def warm_up(args: argparse.Namespace, model: Any) -> None:
     """Compile every kernel variant once (chunked prefill, decode, mixed steps), so
     that no layout's timed run pays Triton's compilation."""
     from avmp.engine.engine import Engine, EngineConfig
 
     on_gpu = args.device == "cuda"
+    if not on_gpu:  # the reference kernels compile nothing: torch's first call alone
+        engine = Engine(model, EngineConfig(64 << 20, device=args.device))
+        engine.warmup()
+        engine.backing.close()
+        return
     config = EngineConfig(1 << 30, device=args.device,
                           kernels="triton" if on_gpu else "reference", max_num_seqs=16,
                           max_num_batched_tokens=args.max_batched_tokens)  # fmt: skip
@@ -193,47 +302,79 @@ def warm_up(args: argparse.Namespace, model: Any) -> None:
 
 
 def simulate(
-    args: argparse.Namespace, geometry: Any, allocator: str, trace: list[Any]
+    args: argparse.Namespace,
+    geometry: Any,
+    allocator: str,
+    trace: list[RequestSpec],
+    memory_bytes: int | None = None,
 ) -> dict:
-    """The simulator's prediction for the same trace, limits, budget and layout (the
-    simulator's unified layout is the engine's, deviation included)."""
+    """The simulator's prediction for the same trace and arrivals, limits, budget and
+    layout (the simulator's unified layout is the engine's, deviation included)."""
     from avmp.memory.registry import make_allocator
     from avmp.memory.spec import MemoryConfig
     from avmp.sim.simulator import SimConfig
     from avmp.sim.simulator import simulate as run_sim
-    from avmp.units import parse_bytes
 
     config = SimConfig(
         profile="h100", calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
     )  # fmt: skip
-    memory = MemoryConfig(parse_bytes(args.memory))
+    memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
     layout = make_allocator(allocator, geometry, memory)
-    result = run_sim(trace, layout, geometry, config)
+    result = run_sim(trace, layout, geometry, config).to_dict()
     keys = ("makespan_s", "request_throughput", "output_token_throughput", "num_preemptions",
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",
-            "phase_s", "time_model")  # fmt: skip
-    return {key: getattr(result, key) for key in keys}
+            "phase_s", "time_model", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+            "completed_requests")  # fmt: skip
+    return {key: result[key] for key in keys} | {"goodput": goodput(result, slo_targets(args))}
 
 
-def run_replays(args: argparse.Namespace) -> dict[str, Any]:
+def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str, Any]:
+    """Every layout over ``trace`` (``--rounds`` times in turn, the last kept), engine
+    and simulator, then the unbounded reference run if asked for."""
     import torch
 
-    from avmp.bench.traces import read_trace
     from avmp.models.geometry import ConvColumns
     from benchmarks.engine import build_model, transformers_config
 
-    trace = read_trace(args.trace)
     if args.calibration is None:
         args.calibration = RESULTS_DIR / f"calibration_h100_{args.model}.json"
-    on_gpu = args.device == "cuda"
     model = build_model(transformers_config(args.model), torch.device(args.device))
-    results: dict[str, Any] = {
+    results = _conditions(args, trace)
+    # the geometry the engine sees (bf16 state, vLLM's conv columns), for the simulator
+    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
+    geometry = dataclasses.replace(geometry, name=args.model)  # the calibration's name
+    warm_up(args, model)
+    results["earlier_rounds"] = []
+    for round_index in range(args.rounds):
+        label = f"round {round_index + 1}"
+        runs = [_run(args, model, geometry, name, trace, label) for name in args.allocators]
+        if round_index + 1 < args.rounds:  # kept small: figures, no timelines or steps
+            results["earlier_rounds"].append([_summary(run["engine"]) for run in runs])
+        results["runs"] = runs
+    if args.unbounded:
+        memory_bytes = unbounded_memory_bytes(geometry, trace, args.max_num_seqs)
+        run = _run(args, model, geometry, UNBOUNDED_ALLOCATOR, trace, "unbounded", memory_bytes)
+        results["unbounded"] = run | {"memory_bytes": memory_bytes}
+    return results
+
+
+def _conditions(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str, Any]:
+    """What a result records about how it was made, beside its runs."""
+    import torch
+
+    on_gpu = args.device == "cuda"
+    source = {"workload": args.workload, "seed": args.seed} if args.workload else {}
+    return {
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "model": args.model,
-        "trace": repo_path(args.trace),
+        "trace": repo_path(args.trace) if args.trace is not None else None,
+        **source,
+        "arrivals": args.arrivals,
+        "arrival_span_s": max(r.arrival_s for r in trace),
+        "slo": {"ttft_s": args.slo_ttft_s, "tpot_ms": args.slo_tpot_ms},
         "memory": args.memory,
         "backing": args.backing,
         "max_num_seqs": args.max_num_seqs,
@@ -243,51 +384,46 @@ def run_replays(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens": sum(r.output_tokens for r in trace),
         "runs": [],
     }
-    # the geometry the engine sees (bf16 state, vLLM's conv columns), for the simulator
-    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
-    geometry = dataclasses.replace(geometry, name=args.model)  # the calibration's name
-    warm_up(args, model)
-    results["earlier_rounds"] = []
-    for round_index in range(args.rounds):
-        runs = []
-        for allocator in args.allocators:
-            start = time.perf_counter()
-            engine_result = replay(args, model, allocator, trace)
-            sim_result = simulate(args, geometry, allocator, trace)
-            run = {"allocator": allocator, "engine": engine_result, "sim": sim_result}
-            runs.append(run)
-            print(
-                f"round {round_index + 1}, {allocator}: engine "
-                f"{engine_result['request_throughput']:.2f} req/s "
-                f"({engine_result['num_preemptions']} preemptions, "
-                f"{engine_result['num_migrations']} migrations), sim "
-                f"{sim_result['request_throughput']:.2f} req/s; "
-                f"{time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
-        if round_index + 1 < args.rounds:  # kept small: figures, no timelines or steps
-            results["earlier_rounds"].append([_summary(run["engine"]) for run in runs])
-        results["runs"] = runs
-    return results
+
+
+def _run(
+    args: argparse.Namespace,
+    model: Any,
+    geometry: Any,
+    allocator: str,
+    trace: list[RequestSpec],
+    label: str,
+    memory_bytes: int | None = None,
+) -> dict[str, Any]:
+    """One layout on the engine and in the simulator, with a progress line."""
+    start = time.perf_counter()
+    engine_result = replay(args, model, allocator, trace, memory_bytes)
+    sim_result = simulate(args, geometry, allocator, trace, memory_bytes)
+    print(
+        f"{label}, {allocator}: engine {engine_result['request_throughput']:.2f} req/s "
+        f"({engine_result['num_preemptions']} preemptions, "
+        f"{engine_result['num_migrations']} migrations), sim "
+        f"{sim_result['request_throughput']:.2f} req/s; "
+        f"{time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    return {"allocator": allocator, "engine": engine_result, "sim": sim_result}
 
 
 def _summary(engine_result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in engine_result.items() if k not in ("timeline", "steps")}
+    dropped = ("timeline", "steps", "completed_requests")
+    return {k: v for k, v in engine_result.items() if k not in dropped}
 
 
 # -- reporting (anywhere) ------------------------------------------------------------------
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The docs' table of a results file: throughput and memory per layout, latency and
+    goodput where the results carry per-request times, and the ratios to AVMP."""
     runs = {run["allocator"]: run for run in results["runs"]}
-    num_requests = results["runs"][0]["engine"]["num_requests"]
     lines = [
-        f"Device: {results['device']}, torch {results['torch']}; model {results['model']} "
-        f"geometry (random bf16 weights); trace `{results['trace']}` "
-        f"({num_requests} requests, {results['prompt_tokens']} prompt and "
-        f"{results['output_tokens']} output tokens, all arriving at t = 0); "
-        f"cache budget {results['memory']}, at most "
-        f"{results['max_num_seqs']} running, {results['max_batched_tokens']} tokens per step.",
+        _conditions_line(results),
         "",
         "| layout | engine req/s | engine out tok/s | preemptions | OOM events "
         "| migrations (chunks to KV / state) | max running | peak state GiB "
@@ -306,14 +442,102 @@ def markdown(results: dict[str, Any]) -> str:
             f"{s['request_throughput']:.2f} ({error:+.0%}) | {s['num_preemptions']} | "
             f"{e['graph_capture_s']:.1f} |"
         )
+    if all("goodput" in run["engine"] for run in runs.values()):  # absent from older results
+        lines += ["", *_latency_table(results)]
     if "avmp" in runs:
         lines.append("")
-        for name in (n for n in runs if n != "avmp"):
-            measured, predicted = (
-                runs["avmp"][side]["request_throughput"] / runs[name][side]["request_throughput"]
-                for side in ("engine", "sim")
-            )
-            lines.append(f"- AVMP / {name}: {measured:.2f}x measured, {predicted:.2f}x simulated.")
+        lines += [_ratio_line(runs["avmp"], run) for name, run in runs.items() if name != "avmp"]
+    lines += _notes(results, runs)
+    return "\n".join(lines)
+
+
+def _conditions_line(results: dict[str, Any]) -> str:
+    if results.get("workload"):
+        source = f"workload `{results['workload']}` (seed {results['seed']})"
+    else:
+        source = f"trace `{results['trace']}`"
+    if results.get("arrivals", "zero") == "zero":  # older results replayed all at t = 0
+        arriving = "all arriving at t = 0"
+    else:
+        arriving = f"arriving at the trace's times over {results['arrival_span_s']:.1f} s"
+    return (
+        f"Device: {results['device']}, torch {results['torch']}; model {results['model']} "
+        f"geometry (random bf16 weights); {source} "
+        f"({results['runs'][0]['engine']['num_requests']} requests, {results['prompt_tokens']} "
+        f"prompt and {results['output_tokens']} output tokens, {arriving}); "
+        f"cache budget {results['memory']}, at most "
+        f"{results['max_num_seqs']} running, {results['max_batched_tokens']} tokens per step."
+    )
+
+
+def _latency_table(results: dict[str, Any]) -> list[str]:
+    """TTFT, TPOT and goodput per layout, engine and simulator, and the throughput lost
+    to preemption against the unbounded run where there is one."""
+    unbounded = results.get("unbounded")
+    rows = [*results["runs"], *([unbounded] if unbounded else [])]
+    lines = [
+        f"Goodput: requests per second that met {SloTargets(**results['slo']).describe()}; "
+        "times of the engine are wall times, graph captures included.",
+        "",
+        "| layout | TTFT p50 / p99 s | TPOT p50 / p99 ms | goodput req/s | sim TTFT p50 / p99 s "
+        "| sim TPOT p50 / p99 ms | sim goodput req/s | lost to preemption (engine / sim) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in rows:
+        e, s = run["engine"], run["sim"]
+        name = run["allocator"] if run is not unbounded else f"unbounded ({run['allocator']})"
+        lines.append(
+            f"| {name} | {_latencies(e)} | {e['goodput']:.2f} | {_latencies(s)} | "
+            f"{s['goodput']:.2f} | {_lost(run, unbounded)} |"
+        )
+    if unbounded:
+        lines.append(
+            f"\nUnbounded: {unbounded['memory_bytes'] / 2**30:.2f} GiB of cache (the "
+            f"{results['max_num_seqs']} largest requests at once), "
+            f"{unbounded['engine']['num_preemptions']} preemptions in the engine, "
+            f"{unbounded['sim']['num_preemptions']} simulated."
+        )
+    return lines
+
+
+def _latencies(side: dict[str, Any]) -> str:
+    return (
+        f"{side['ttft_p50_s']:.2f} / {side['ttft_p99_s']:.2f} | "
+        f"{side['tpot_p50_s'] * 1e3:.1f} / {side['tpot_p99_s'] * 1e3:.1f}"
+    )
+
+
+def _lost(run: dict[str, Any], unbounded: dict[str, Any] | None) -> str:
+    """1 - req/s / the unbounded run's req/s, engine / simulator ('-' without one)."""
+    if unbounded is None:
+        return "-"
+    lost = (
+        1 - run[side]["request_throughput"] / unbounded[side]["request_throughput"]
+        for side in ("engine", "sim")
+    )
+    return " / ".join(f"{value:.1%}" for value in lost)
+
+
+def _ratio_line(avmp: dict[str, Any], other: dict[str, Any]) -> str:
+    """AVMP's req/s over ``other``'s, measured and simulated, and goodput's where the
+    results have it."""
+    measured, predicted = (
+        avmp[side]["request_throughput"] / other[side]["request_throughput"]
+        for side in ("engine", "sim")
+    )
+    line = f"- AVMP / {other['allocator']}: {measured:.2f}x measured, {predicted:.2f}x simulated"
+    if "goodput" in avmp["engine"] and "goodput" in other["engine"]:
+        good = (_ratio(avmp[side]["goodput"], other[side]["goodput"]) for side in ("engine", "sim"))
+        line += "; goodput {} measured, {} simulated".format(*good)
+    return line + "."
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "n/a (zero goodput)"
+
+
+def _notes(results: dict[str, Any], runs: dict[str, Any]) -> list[str]:
+    lines = []
     unified = runs.get("unified")
     if unified is not None:
         line = (
@@ -331,7 +555,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{run['allocator']} {run['request_throughput']:.2f}" for run in earlier
         )
         lines.append(f"- round {index + 1} (compiling Triton variants), req/s: {figures}.")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -369,7 +593,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_trace is not None:
-        write_trace(args.write_trace, args.num_requests, args.seed)
+        write_trace(args.write_trace, args.num_requests or WRITE_TRACE_REQUESTS, args.seed)
         return 0
     if args.markdown is not None:
         results = read_result(args.markdown)
@@ -377,10 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot is not None:
             plot(results, args.plot)
         return 0
-    if args.trace is None:
-        print("give --trace (replay on the GPU), --write-trace or --markdown", file=sys.stderr)
+    try:  # the user's mistakes, one line each, before the GPU work starts
+        trace = load_trace(args)
+        slo_targets(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    results = run_replays(args)
+    results = run_replays(args, trace)
     if args.out is not None:
         write_result(args.out, results)
     print(markdown(results))

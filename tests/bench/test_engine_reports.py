@@ -1,5 +1,6 @@
 """The engine benchmarks' CPU side: the replay of benchmarks/engine_replay.py runs every
-layout on a tiny model, and the docs tables of all three GPU benchmarks are rebuilt from
+layout on a tiny model (all at t = 0, and at a trace's arrival times), its trace sources,
+options and report, and the docs tables of all three GPU benchmarks are rebuilt from
 the committed results (what docs/BENCHMARKS.md shows)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from avmp.engine.tiny import tiny_model  # noqa: E402
 from avmp.models.geometry import ConvColumns  # noqa: E402
 from avmp.models.zoo import zoo_config  # noqa: E402
 from avmp.sched.request import RequestSpec  # noqa: E402
+from avmp.sim.metrics import SloTargets, goodput  # noqa: E402
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, read_result  # noqa: E402
 
 
@@ -54,6 +56,111 @@ def test_replay_runs_every_layout_and_the_simulator_agrees_on_decisions(tmp_path
         assert engine["num_steps"] == sim["num_steps"]  # one scheduler, one allocator
         assert engine["num_preemptions"] == sim["num_preemptions"]
         assert engine["timeline"] and sim["timeline"]
+
+
+def test_replay_honours_arrivals_on_both_sides(tmp_path: Path) -> None:
+    """Requests 40 ms apart: on every layout the engine and the simulator complete them
+    all, none before its arrival, and report latency percentiles and goodput (objectives
+    every request meets here, however slow the machine: goodput is then req/s)."""
+    replay = load("engine_replay")
+    model = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
+    trace = [RequestSpec(i, 0.04 * i, 5 + 7 * i, 3 + i % 4) for i in range(8)]
+    argv = ["--device", "cpu", "--memory", "4MiB", "--max-num-seqs", "4", "--slo-ttft-s", "1e3"]
+    argv += ["--slo-tpot-ms", "1e6"]
+    args = replay.parse_args([*argv, "--calibration", str(calibration(tmp_path / "c.json"))])
+    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
+    for allocator in ("avmp", "static", "unified"):
+        engine = replay.replay(args, model, allocator, trace)
+        sim = replay.simulate(args, geometry, allocator, trace)
+        for side in (engine, sim):
+            columns = side["completed_requests"]
+            assert columns["request_id"] == list(range(len(trace)))
+            assert all(ttft >= 0 for ttft in columns["ttft_s"])
+            finishes = columns["finish_s"]
+            assert all(f >= r.arrival_s for f, r in zip(finishes, trace, strict=True))
+            assert 0 <= side["ttft_p50_s"] <= side["ttft_p99_s"]
+            assert side["goodput"] == pytest.approx(side["request_throughput"])
+            assert goodput(side | {"makespan_s": 1.0}, SloTargets(1e3, 1e-6)) == 0.0
+        assert engine["wall_s"] >= trace[-1].arrival_s  # the engine waited for the last one
+
+
+def write_trace(path: Path, arrivals: list[float]) -> Path:
+    from avmp.bench.traces import write_jsonl
+
+    write_jsonl([RequestSpec(i, t, 4 + 5 * i, 2 + i % 3) for i, t in enumerate(arrivals)], path)
+    return path
+
+
+def test_trace_sources_and_arrival_modes(tmp_path: Path) -> None:
+    from avmp.bench.workloads import make_workload
+
+    replay = load("engine_replay")
+    path = write_trace(tmp_path / "t.jsonl", [1.5, 1.75, 2.0])
+    online = replay.load_trace(replay.parse_args(["--trace", str(path)]))
+    assert [r.arrival_s for r in online] == [0.0, 0.25, 0.5]  # the first at t = 0
+    offline = replay.load_trace(replay.parse_args(["--trace", str(path), "--arrivals", "zero"]))
+    assert [r.arrival_s for r in offline] == [0.0] * 3
+    assert [r.prompt_tokens for r in offline] == [r.prompt_tokens for r in online]
+    args = replay.parse_args(["--workload", "shift", "--num-requests", "9", "--seed", "3"])
+    assert replay.load_trace(args) == make_workload("shift", 3, 9)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "give one trace source"),
+        (["--trace", "t.jsonl", "--workload", "shift"], "give one trace source"),
+        (["--workload", "nope"], "unknown workload 'nope'"),
+        (["--trace", "missing.jsonl"], "no such trace file"),
+        (["--workload", "shift", "--slo-ttft-s", "0"], "TTFT objective must be a positive"),
+    ],
+)
+def test_replay_mistakes_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert load("engine_replay").main(["--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_replay_main_on_the_cpu_reports_latency_goodput_and_the_unbounded_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CPU smoke path end to end: a trace with arrivals, every layout, the unbounded
+    reference, saved and drawn as the docs table."""
+    import benchmarks.engine
+
+    replay = load("engine_replay")
+    tiny = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
+    monkeypatch.setattr(benchmarks.engine, "build_model", lambda config, device: tiny)
+    monkeypatch.setattr(benchmarks.engine, "transformers_config", lambda name: None)
+    trace = write_trace(tmp_path / "t.jsonl", [0.02 * i for i in range(6)])
+    out = tmp_path / "r.json.gz"
+    argv = [
+        "--device", "cpu", "--trace", str(trace), "--memory", "4MiB", "--max-num-seqs", "4",
+        "--max-batched-tokens", "256", "--rounds", "1", "--unbounded", "--out", str(out),
+        "--calibration", str(calibration(tmp_path / "c.json")), "--slo-ttft-s", "1000",
+        "--slo-tpot-ms", "100000",  # met however slow this machine is
+    ]  # fmt: skip
+    assert replay.main(argv) == 0
+    results = read_result(out)
+    assert results["arrivals"] == "trace" and results["arrival_span_s"] == pytest.approx(0.1)
+    unbounded = results["unbounded"]
+    assert unbounded["engine"]["num_preemptions"] == 0 == unbounded["sim"]["num_preemptions"]
+    assert unbounded["memory_bytes"] % (2 << 20) == 0
+    text = capsys.readouterr().out
+    assert text.endswith(replay.markdown(results) + "\n")
+    assert "arriving at the trace's times over 0.1 s" in text
+    assert "TTFT <= 1000 s and TPOT <= 100000 ms" in text
+    runs = {run["allocator"]: run for run in results["runs"]}
+    for name, run in runs.items():
+        lost = 1 - run["engine"]["request_throughput"] / unbounded["engine"]["request_throughput"]
+        assert f"| {name} | " in text and f"| {lost:.1%} / " in text
+    good = runs["avmp"]["engine"]["goodput"] / runs["static"]["engine"]["goodput"]
+    assert "- AVMP / static: " in text and f"goodput {good:.2f}x measured" in text
+    assert "| unbounded (avmp) |" in text
+    runs["static"]["engine"]["goodput"] = 0.0  # no request met the objectives
+    assert "goodput n/a (zero goodput) measured" in replay.markdown(results)
 
 
 def test_replay_report_states_the_ratios_of_its_results(tmp_path: Path) -> None:
