@@ -116,6 +116,8 @@ TINY = ["granite-4.0-h-tiny", "--random-weights", "--scale", "tiny", "--prompt",
         ([*TINY, "--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
         ([*TINY, "--memory", "500TiB"], "is more than this host has"),
         ([*TINY, "--threads", "0"], "--threads must be >= 1"),
+        ([*TINY, "--host-tier", "500TiB"], "host tier 500.00 TiB is more than this host has"),
+        ([*TINY, "--host-tier", "lots"], "--host-tier:"),
     ],
 )  # fmt: skip
 def test_bad_settings_are_one_line_before_anything_runs(
@@ -230,3 +232,21 @@ def test_ssm_dtype_auto_runs_and_a_bad_one_is_one_line(
     err = capsys.readouterr().err.strip()
     assert "--ssm-dtype must be one of auto, bf16, fp16, fp32, got 'int8'" in err
     assert len(err.splitlines()) == 1
+
+
+def test_preemption_options_reach_the_engine_and_the_summary(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from avmp.cli import build_parser
+    from avmp.cli.generate import engine_config
+
+    argv = ["generate", str(checkpoint), "--prompt", "1 2 3", "--max-tokens", "2",
+            "--memory", "4MiB"]  # fmt: skip
+    options = ["--preemption", "swap", "--admission", "greedy", "--host-tier", "8MiB"]
+    config = engine_config(build_parser().parse_args([*argv, *options]))
+    assert (config.preemption, config.admission) == ("swap", "greedy")
+    assert config.host_tier_bytes == 8 << 20
+    assert main([*argv, *options]) == 0
+    out = capsys.readouterr().out
+    assert "preemption swap, admission greedy: 0 swapped out, 0 swapped in" in out
+    assert "host tier 8.0 MiB" in out

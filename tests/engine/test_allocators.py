@@ -27,7 +27,11 @@ LENGTHS = [4] * 6 + [150] * 3 + [4] * 6
 
 
 def run(checkpoint: TinyCheckpoint, allocator: str, device: str) -> Engine:
+    """Under memory pressure with vLLM v1's policies (greedy admission, recompute), which
+    preempt here, where growth-aware admission would not."""
     config = EngineConfig(
+        preemption="recompute",
+        admission="greedy",
         memory_bytes=6 * MiB,
         device=device,
         max_num_seqs=8,

@@ -80,10 +80,11 @@ def test_staggered_arrivals_under_memory_pressure_keep_greedy_tokens(
     tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool
 ) -> None:
     """Arrivals a few steps apart into a 6 MiB budget: requests join mid-run, are
-    preempted and recomputed; the tokens are those of the all-at-t=0 run."""
+    preempted and recomputed (vLLM v1's policies: growth-aware admission would not
+    preempt here); the tokens are those of the all-at-t=0 run."""
     config = EngineConfig(
         6 * MiB, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
-        check_integrity=True, overlap=overlap,
+        check_integrity=True, overlap=overlap, preemption="recompute", admission="greedy",
     )  # fmt: skip
     engine = Engine(tiny_checkpoint(FAMILY, **HEAVY[FAMILY]).path, config)
     prompts = random_prompts(LENGTHS)

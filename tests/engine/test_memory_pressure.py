@@ -53,7 +53,9 @@ HEAVY: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
+def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str, **options: Any) -> Engine:
+    """The pressure run; by default with vLLM v1's policies (greedy admission, recompute),
+    which preempt here, where growth-aware admission would not."""
     config = EngineConfig(
         memory_bytes=6 * MiB,
         device=device,
@@ -61,6 +63,7 @@ def run(checkpoint: TinyCheckpoint, lengths: list[int], device: str) -> Engine:
         max_num_seqs=8,
         max_num_batched_tokens=64,
         check_integrity=True,
+        **{"preemption": "recompute", "admission": "greedy", **options},
     )
     engine = Engine(checkpoint.path, config)
     prompts = random_prompts(lengths)

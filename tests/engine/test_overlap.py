@@ -23,6 +23,8 @@ def generate(checkpoint: TinyCheckpoint, overlap: bool) -> tuple[Engine, list[Ge
         max_num_batched_tokens=64,
         check_integrity=True,
         overlap=overlap,
+        preemption="recompute",  # vLLM v1's policies, which preempt here
+        admission="greedy",
     )
     engine = Engine(checkpoint.path, config)
     return engine, engine.generate(random_prompts(LENGTHS), max_tokens=MAX_TOKENS)

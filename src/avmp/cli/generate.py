@@ -54,6 +54,21 @@ def add_parser(subparsers: Any) -> None:
         "--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most"
     )
     parser.add_argument(
+        "--preemption", choices=("recompute", "swap", "auto"), default="auto",
+        help="how a preempted request gives its memory back: recompute, swap (copy to the "
+             "host tier) or auto (per request, the cheaper by measured rates; default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--admission", choices=("greedy", "reserve", "sglang"), default="reserve",
+        help="when a waiting request may start: greedy (vLLM), reserve (room for the "
+             "running requests' growth; default) or sglang (its decaying new-token ratio)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host-tier", default=None,
+        help="pinned host memory for swapped-out requests, e.g. 8GiB (default: twice "
+             "--memory, at most half the host's available memory)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads with --device cpu (default 1: the tiny steps of a CPU run "
              "are fastest on one thread, most of all on a busy machine)",
@@ -66,11 +81,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avmp.engine.engine import Engine, check_device_holds
+    from avmp.engine.engine import Engine, check_device_holds, resolve_host_tier_bytes
 
     _check(args)
     config = engine_config(args)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
+    resolve_host_tier_bytes(config)  # a host tier larger than the host: one line, too
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, config, tokenizer)
     engine.warmup()
@@ -110,6 +126,9 @@ def engine_config(args: argparse.Namespace) -> Any:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         ssm_dtype=_ssm_dtype(args.model, args.ssm_dtype),
+        preemption=args.preemption,
+        admission=args.admission,
+        host_tier_bytes=None if args.host_tier is None else parse_bytes(args.host_tier),
     )
 
 
@@ -137,7 +156,10 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     if args.ssm_dtype is not None:
         ssm_dtype_choice(args.ssm_dtype)  # one line for a bad choice, before any work
-    for flag, value in (("--memory", args.memory), ("--chunk", args.chunk)):
+    sizes = [("--memory", args.memory), ("--chunk", args.chunk), ("--host-tier", args.host_tier)]
+    for flag, value in sizes:
+        if value is None:
+            continue
         try:
             parse_bytes(value)
         except ValueError as error:
@@ -210,6 +232,7 @@ def render_stats(engine: Any) -> list[str]:
             f"of {fb(usage.budget_bytes)} (peak KV {fb(stats.peak_kv_capacity_bytes)}, "
             f"peak state {fb(stats.peak_state_capacity_bytes)})"
         )
+    lines.append(_host_tier_line(engine))
     name = engine.allocator.name
     if name == "avmp":
         lines.append(
@@ -224,3 +247,21 @@ def render_stats(engine: Any) -> list[str]:
             + (f" ({placement} for want of a whole state group)" if placement else "")
         )
     return lines
+
+
+def _host_tier_line(engine: Any) -> str:
+    """What the preemption policy did: swaps, bytes copied, and the rates it compared."""
+    stats, config = engine.stats, engine.scheduler.config
+    line = (
+        f"preemption {config.preemption.value}, admission {config.admission.value}: "
+        f"{stats.num_swapped_out} swapped out, {stats.num_swapped_in} swapped in, "
+        f"{format_bytes(stats.swapped_bytes)} copied, host tier "
+        f"{format_bytes(config.host_tier_bytes)}"
+    )
+    costs = engine.preemption_costs
+    if costs is not None:
+        line += (
+            f" (prefill {costs.prefill_s_per_token * 1e6:.1f} us/token, copies "
+            f"{format_bytes(int(costs.host_bytes_per_s))}/s)"
+        )
+    return line

@@ -4,8 +4,10 @@ Per step (as in nano-vllm's ``LLMEngine.step``): the scheduler plans which reque
 compute how many tokens, asking the AVMP manager for every page and slot (which may
 migrate chunks between the pools or compact one); the engine reads each request's
 current blocks, the runner runs the model over the pools' views, the sampler picks the
-next tokens, and the scheduler records the step. A preempted request loses its cache
-and is recomputed from its prompt and the tokens it had already produced.
+next tokens, and the scheduler records the step. A preempted request either has its
+units copied to the host tier and copied back when it resumes (`avmp.engine.host_tier`,
+ordered on a copy stream), or loses its cache and is recomputed from its prompt and the
+tokens it had already produced; ``preemption`` says which.
 
 Steps overlap with the device (as vLLM's async scheduling and SGLang's overlap scheduler
 do): step N+1 is planned and launched while the device still computes step N, and N's
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_prefill_s_per_token
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
 from avmp.engine.ops import REFERENCE_OPS
@@ -56,6 +59,7 @@ from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
+from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode
 from avmp.sched.timeline import TimelineRecorder
 from avmp.sim.timing import ACTIVATION_COPIES, LOGIT_BYTES
 from avmp.units import format_bytes
@@ -65,6 +69,14 @@ ENGINE_ALLOCATORS = ("avmp", "static", "unified")
 ENGINE_BACKINGS = ("torch", "cuda_vmm")
 ENGINE_DEVICES = ("cpu", "cuda")
 TIMELINE_SAMPLES = 200
+# SGLang HiCache's default host tier, --hicache-ratio 2: twice the device cache
+# (docs.sglang.io/advanced_features/hicache_best_practices.html), at most half the host's
+# available memory.
+HOST_TIER_RATIO = 2
+HOST_TIER_MAX_SHARE = 0.5
+# The prefill chunk timed for the auto rule's prefill speed, at most
+PREFILL_PROBE_TOKENS = 2048
+PROBE_REQUEST_ID = -1  # the timed chunk's request: prompts' ids count from 0
 # One torch thread on the CPU: the engine's CPU steps are many small kernels, for which
 # more threads cost more in hand-offs than they save, and far more on a busy machine.
 DEFAULT_CPU_THREADS = 1
@@ -104,6 +116,16 @@ class EngineConfig:
         conv_columns: conv-state columns kept per layer (``d_conv - 1`` by default).
         check_integrity: run the allocator's invariant checks after every step (also on
             when ``AVMP_DEBUG=1``).
+        preemption: how a preempted request gives its memory back: ``recompute``,
+            ``swap`` (to the host tier) or ``auto`` (per victim, the cheaper; see
+            `avmp.sched.swap.PreemptionMode`).
+        admission: when a waiting request may start: ``greedy``, ``reserve`` (its and
+            the running requests' growth must fit) or ``sglang`` (`Admission`).
+        host_tier_bytes: pinned host memory for swapped-out requests; None: twice
+            ``memory_bytes`` (SGLang HiCache's default ratio), at most half the host's
+            available memory (0 under ``recompute``, which needs none).
+        preemption_costs: the rates ``auto`` compares; None: measured when the engine is
+            built (a timed pinned copy and a timed prefill chunk).
     """
 
     memory_bytes: int = 12 << 30
@@ -125,6 +147,10 @@ class EngineConfig:
     ssm_dtype: str | None = None
     conv_columns: ConvColumns = ConvColumns.VLLM
     check_integrity: bool = False
+    preemption: PreemptionMode = PreemptionMode.AUTO
+    admission: Admission = Admission.RESERVE
+    host_tier_bytes: int | None = None
+    preemption_costs: PreemptionCosts | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "ssm_dtype"):
@@ -143,7 +169,21 @@ class EngineConfig:
             raise ValueError(f"backing 'cuda_vmm' needs a CUDA device, got {self.device!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        self._check_preemption()
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
+        object.__setattr__(self, "admission", self.scheduler_config.admission)
+
+    def _check_preemption(self) -> None:
+        try:
+            object.__setattr__(self, "preemption", PreemptionMode(self.preemption))
+        except ValueError:
+            known = ", ".join(mode.value for mode in PreemptionMode)
+            got = self.preemption
+            raise ValueError(f"preemption must be one of {known}, got {got!r}") from None
+        if self.host_tier_bytes is not None and self.host_tier_bytes < 0:
+            raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
+        if self.host_tier_bytes == 0 and self.preemption is not PreemptionMode.RECOMPUTE:
+            raise ValueError(f"preemption {self.preemption.value!r} needs a host tier (0 bytes)")
 
     def torch_device(self) -> torch.device:
         """The device as torch names it.
@@ -168,8 +208,23 @@ class EngineConfig:
 
     @cached_property
     def scheduler_config(self) -> SchedulerConfig:
-        """How the scheduler batches requests."""
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+        """How the scheduler batches and admits requests. Preemption is added by the
+        engine once the host tier and the costs are resolved (`scheduler_config_with`)."""
+        return SchedulerConfig(
+            self.max_num_seqs, self.max_num_batched_tokens, admission=self.admission
+        )
+
+    def scheduler_config_with(
+        self, host_tier_bytes: int, costs: PreemptionCosts | None
+    ) -> SchedulerConfig:
+        """The scheduler's config with this preemption policy, a host tier of
+        ``host_tier_bytes`` and ``costs`` (needed under ``auto``)."""
+        return dataclasses.replace(
+            self.scheduler_config,
+            preemption=self.preemption,
+            host_tier_bytes=host_tier_bytes,
+            costs=costs,
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -251,6 +306,9 @@ class EngineStats:
     num_preemptions: int = 0
     elapsed_s: float = 0.0
     idle_s: float = 0.0  # slept waiting for the next arrival
+    num_swapped_out: int = 0  # preempted requests copied to the host tier
+    num_swapped_in: int = 0  # resumed from it
+    swapped_bytes: int = 0  # copied between the device and the host tier, both ways
     allocator: AllocatorStats = field(default_factory=AllocatorStats)
     usage: MemoryUsage | None = None
     peak_kv_capacity_bytes: int = 0
@@ -320,7 +378,8 @@ class Engine:
     Raises:
         ValueError: a device this machine lacks, a budget larger than the device or the
             host holds (checked before loading; once loaded, weights + budget + the
-            activation estimate, `activation_estimate_bytes`), a checkpoint that
+            activation estimate, `activation_estimate_bytes`), a host tier larger than
+            the host's available memory (`resolve_host_tier_bytes`), a checkpoint that
             cannot be loaded, or a model the engine cannot cache exactly.
     """
 
@@ -336,6 +395,7 @@ class Engine:
         self.config = config
         self.device = config.torch_device()
         check_device_holds(self.device, config.memory_bytes)
+        self.host_tier_bytes = resolve_host_tier_bytes(config)
         if self.device.type == "cpu" and config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.model = self._load(model)
@@ -347,7 +407,9 @@ class Engine:
         self.allocator, self.backing, cache_format = self._memory()
         self.views = PoolViews(build_views(self.backing, cache_format))
         self.runner = self._runner()
-        self.scheduler = Scheduler(self.allocator, config.scheduler_config)
+        self.swapper = self._swapper(cache_format)
+        self.preemption_costs = config.preemption_costs or self._measure_costs()
+        self.scheduler = self._scheduler()
         self.stats = EngineStats()
         self._next_request_id = 0
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
@@ -378,6 +440,37 @@ class Engine:
             cuda_graphs=c.cuda_graphs,
             pad_decode=c.pad_decode,
         )
+
+    def _swapper(self, cache_format: CacheFormat) -> HostSwapper | None:
+        """The host tier's arena and copier, allocated once (none under recompute)."""
+        if not self.host_tier_bytes or self.config.preemption is PreemptionMode.RECOMPUTE:
+            return None
+        return HostSwapper(self.backing, cache_format, self.host_tier_bytes)
+
+    def _measure_costs(self) -> PreemptionCosts | None:
+        """The rates ``auto`` compares, measured here: the copy bandwidth of a pinned
+        copy and the prefill speed of one chunk of at most `PREFILL_PROBE_TOKENS`
+        tokens run through this engine's runner and memory. None unless ``auto``, or
+        when not even one token fits (no request can ever run, so none is preempted)."""
+        if self.config.preemption is not PreemptionMode.AUTO:
+            return None
+        num_tokens = min(self.config.max_num_batched_tokens, PREFILL_PROBE_TOKENS)
+        prefill_s = measure_prefill_s_per_token(
+            self.runner, self.views, self.allocator, PROBE_REQUEST_ID, num_tokens,
+            self.geometry.vocab_size,
+        )  # fmt: skip
+        if prefill_s is None:
+            return None
+        return PreemptionCosts(prefill_s, measure_copy_bandwidth(self.device))
+
+    def _scheduler(self) -> Scheduler:
+        """The scheduler with the resolved host tier and costs. Under ``auto`` without
+        costs (nothing fits, so nothing is ever preempted) it recomputes."""
+        config = self.config
+        if config.preemption is PreemptionMode.AUTO and self.preemption_costs is None:
+            config = dataclasses.replace(config, preemption=PreemptionMode.RECOMPUTE)
+        scheduler_config = config.scheduler_config_with(self.host_tier_bytes, self.preemption_costs)
+        return Scheduler(self.allocator, scheduler_config, self.swapper)
 
     def _load(self, model: str | Path | HybridModel) -> HybridModel:
         torch_dtype = None if self.config.dtype is None else DTYPES[self.config.dtype]
@@ -576,6 +669,9 @@ class Engine:
             live[rejection.request_id].finish_reason = "rejected"
             live[rejection.request_id].error = rejection.reason
         self.stats.num_preemptions += len(plan.preempted)
+        self.stats.num_swapped_out += len(plan.swapped_out)
+        self.stats.num_swapped_in += len(plan.swapped_in)
+        self.stats.swapped_bytes += plan.num_swap_bytes
         if plan.is_empty:
             late = self._settle(live, ignore_eos)
             stopped = [request_id for request_id in late if self.scheduler.stop(request_id)]
@@ -773,6 +869,31 @@ def _device_memory(device: torch.device) -> tuple[int | None, str]:
         raise ValueError(f"device {device}: this machine has {count} GPU(s)")
     free, _ = torch.cuda.mem_get_info(index)
     return free, f"{device} has {{}} free"
+
+
+def resolve_host_tier_bytes(config: EngineConfig) -> int:
+    """The host tier's size: as configured, or twice the cache budget (SGLang HiCache's
+    ``--hicache-ratio 2``) capped at half the host's available memory; 0 under
+    ``recompute`` unless a size is given.
+
+    Raises:
+        ValueError: a configured size larger than the host's available memory (one line
+            naming both).
+    """
+    available = host_available_bytes()
+    if config.host_tier_bytes is not None:
+        if available is not None and config.host_tier_bytes > available:
+            raise ValueError(
+                f"host tier {format_bytes(config.host_tier_bytes)} is more than this host "
+                f"has available ({format_bytes(available)})"
+            )
+        return config.host_tier_bytes
+    if config.preemption is PreemptionMode.RECOMPUTE:
+        return 0
+    wanted = HOST_TIER_RATIO * config.memory_bytes
+    if available is None:
+        return wanted
+    return min(wanted, int(available * HOST_TIER_MAX_SHARE))
 
 
 def activation_estimate_bytes(
