@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from avmp.bench.sweep import CellSpec, SweepGrid, run_sweep
+from avmp.bench.sweep import LAYOUTS, CellSpec, SweepGrid, run_sweep
 
 # Jamba-1.5-Mini on the H200 profile: its 96 GiB of weights would not fit an 80 GB H100.
 GRID = SweepGrid(
@@ -42,7 +42,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_cell_saved_once_with_shared_traces(reference: Path) -> None:
     saved = _saved(reference)
     assert sorted(saved) == sorted(c.cell_id for c in GRID.cells())
-    assert len(saved) == 4 * 2 * 2
+    assert len(saved) == len(LAYOUTS) * 2 * 2
     by_trace: dict[tuple[str, int], set[str]] = {}
     for record in saved.values():
         key = (record["cell"]["workload"], record["cell"]["seed"])
@@ -228,7 +228,7 @@ def test_infeasible_cells_are_skipped_and_listed() -> None:
                     ("granite-4.0-h-micro", 12, "h100")}
     assert "cannot run on" in grid.skipped_cells()[0][3]
     every = SweepGrid(**{**_fields(grid), "ignore_feasibility": True})
-    assert every.skipped_cells() == [] and len(every.cells()) == 2 * 2 * 2 * 4
+    assert every.skipped_cells() == [] and len(every.cells()) == 2 * 2 * 2 * len(LAYOUTS)
 
 
 def _fields(grid: SweepGrid) -> dict[str, Any]:

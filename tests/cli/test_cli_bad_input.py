@@ -196,7 +196,7 @@ def test_bench_on_a_full_disk_names_the_file_and_resumes(
     line = one_line_error(capsys, "bench")
     assert f"{tmp_path / 'cells'}" in line and line.endswith(".json: No space left on device")
     assert main(["bench", "--out", str(tmp_path), *BENCH]) == 0
-    assert "4 cells (4 simulated now" in capsys.readouterr().out
+    assert "6 cells (6 simulated now" in capsys.readouterr().out
 
 
 def test_bench_resumes_over_corrupt_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -209,7 +209,7 @@ def test_bench_resumes_over_corrupt_cells(tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     assert main(["bench", "--out", str(tmp_path), *BENCH]) == 0
     captured = capsys.readouterr()
-    assert "4 cells (2 simulated now" in captured.out
+    assert "6 cells (2 simulated now" in captured.out
     assert captured.err.count("not valid cells") == 1
 
 

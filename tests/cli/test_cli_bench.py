@@ -18,16 +18,16 @@ def test_bench_runs_prints_table_and_writes_report(tmp_path: Path, capsys,
     out = tmp_path / "res"
     assert main(["bench", "--quick", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "| shift | static | 2 |" in printed and "16 cells (16 simulated now" in printed
+    assert "| shift | static | 2 |" in printed and "24 cells (24 simulated now" in printed
     assert (out / "report.md").exists() and (out / "report.html").exists()
     cells = list((out / "cells").glob("*.json"))
-    assert len(cells) == 16
+    assert len(cells) == 24  # 2 workloads x 2 seeds x 6 layouts
     assert json.loads(cells[0].read_text())["settings"]["num_requests"] == 10
     # a second run resumes: nothing left to simulate, same table
     assert main(["bench", "--quick", "--out", str(out), *TINY]) == 0
     again = capsys.readouterr().out
     assert again.splitlines()[:8] == printed.splitlines()[:8]
-    assert "16 cells (0 simulated now" in again
+    assert "24 cells (0 simulated now" in again
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -90,14 +90,14 @@ def test_bench_skips_infeasible_cells_and_says_so(tmp_path: Path, capsys,
             "--no-progress", "--profiles", "h100,h200"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "4 cells (4 simulated now" in printed
-    assert "skipped 4 infeasible cells (1 model/budget/profile combinations: " \
+    assert "6 cells (6 simulated now" in printed
+    assert "skipped 6 infeasible cells (1 model/budget/profile combinations: " \
            "jamba-1.5-mini 1.0 GiB h100)" in printed
     run = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
     assert run["skipped_infeasible"] == [
         {"model": "jamba-1.5-mini", "budget_bytes": 1 << 30, "profile": "h100"}]
     assert sorted(p.name.split("__")[3] for p in (tmp_path / "cells").glob("*.json")) == \
-        ["h200"] * 4
+        ["h200"] * 6
 
 
 def test_bench_of_only_infeasible_cells_is_one_line(tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from avmp.bench.sweep import LAYOUTS
 from avmp.bench.traces import write_jsonl
 from avmp.bench.workloads import make_workload
 from avmp.cli import main
@@ -22,7 +23,7 @@ def test_replay_prints_one_row_per_allocator(trace: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "12 requests" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "allocator" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["avmp", "unified", "static", "oracle"]
+    assert [row.split("|")[1].strip() for row in rows] == list(LAYOUTS)
     assert "| avmp | 12 | 0 |" in out and "1.00x" in out
 
 
@@ -92,7 +93,7 @@ def test_replay_refuses_a_run_the_gpu_profile_cannot_hold(trace: Path, capsys) -
     assert main(cache) == 2  # a 12 GiB cache on a 12 GB card
     assert "cache 12.0 GiB" in capsys.readouterr().err
     assert main([*argv, "--ignore-feasibility", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert len(json.loads(capsys.readouterr().out)) == len(LAYOUTS)
 
 
 def test_replay_ssm_dtype_doubles_the_state(trace: Path, capsys) -> None:

@@ -47,6 +47,51 @@ PROFILES = tuple(GPU_PROFILES)
 MAX_CELLS = 100_000
 
 
+SHIPPED_SUFFIX = "-shipped"
+
+
+@dataclass(frozen=True)
+class ShippedPolicy:
+    """How a peer's layout runs as its project ships it (the other layouts all run our
+    policy: the sweep's preemption, admission and host tier, for a fair comparison).
+
+    Attributes:
+        preemption, admission: `SimConfig`'s policy names.
+        static_options: the static layout's shipped behaviours (`make_allocator`).
+    """
+
+    preemption: str
+    admission: str
+    static_options: tuple[str, ...] = ()
+
+
+SHIPPED_POLICIES = {
+    # vLLM v1: preemption by recompute only, admission while blocks are free
+    "unified": ShippedPolicy("recompute", "greedy"),
+    # SGLang: retraction by recompute, admission under its decaying new-token ratio, one
+    # padding slot held back and the unused state budget given to the KV pool (its radix
+    # cache's running cap is left out: the simulator models no prefix cache)
+    "static": ShippedPolicy("recompute", "sglang", ("padding_slot", "give_back")),
+}
+# every layout a sweep or a replay may name: the allocators, and the peers as shipped
+LAYOUTS = (*ALLOCATORS, *(f"{name}{SHIPPED_SUFFIX}" for name in SHIPPED_POLICIES))
+
+
+def layout_allocator(layout: str) -> str:
+    """The allocator a layout runs on (``unified-shipped`` runs ``unified``)."""
+    return layout.removesuffix(SHIPPED_SUFFIX)
+
+
+def layout_policy(layout: str, policy: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The `SimConfig` policy fields and the extra static options of ``layout``, given
+    the sweep's own ``policy`` (preemption, admission, host_tier_bytes)."""
+    shipped = SHIPPED_POLICIES.get(layout.removesuffix(SHIPPED_SUFFIX))
+    if not layout.endswith(SHIPPED_SUFFIX) or shipped is None:
+        return dict(policy), ()
+    fields = {"preemption": shipped.preemption, "admission": shipped.admission}
+    return {**policy, **fields, "host_tier_bytes": 0}, shipped.static_options
+
+
 @dataclass(frozen=True, order=True)
 class CellSpec:
     """The coordinates of one simulation: what runs, on what, with which trace seed."""
@@ -89,7 +134,7 @@ class SweepGrid:
             GPU profile's memory (by default they are skipped: `skipped_cells`).
     """
 
-    allocators: tuple[str, ...] = ALLOCATORS
+    allocators: tuple[str, ...] = LAYOUTS
     workloads: tuple[str, ...] = tuple(PRESETS)
     models: tuple[str, ...] = ("jamba-1.5-mini",)
     budgets_bytes: tuple[int, ...] = (4 << 30,)
@@ -104,10 +149,13 @@ class SweepGrid:
     ssm_dtype: str = "bfloat16"
     static_options: tuple[str, ...] = ()
     ignore_feasibility: bool = False
+    preemption: str = "auto"
+    admission: str = "reserve"
+    host_tier_bytes: int | None = None
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-            ("allocator", self.allocators, ALLOCATORS),
+            ("allocator", self.allocators, LAYOUTS),
             ("workload", self.workloads, tuple(PRESETS)),
             ("profile", self.profiles, PROFILES),
         )
@@ -135,12 +183,23 @@ class SweepGrid:
             raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
         if self.ssm_dtype != "auto":
             ssm_dtype_name(self.ssm_dtype)
+        from avmp.sim.simulator import SimConfig
+
+        SimConfig(**self.policy())  # a bad policy fails here, before any work
         unknown_options = set(self.static_options) - set(STATIC_SHIPPED_OPTIONS)
         if unknown_options:
             raise ValueError(
                 f"unknown static option {sorted(unknown_options)[0]!r}; "
                 f"known: {', '.join(STATIC_SHIPPED_OPTIONS)}"
             )
+
+    def policy(self) -> dict[str, Any]:
+        """The preemption policy every layout runs, except the peers as shipped."""
+        return {
+            "preemption": self.preemption,
+            "admission": self.admission,
+            "host_tier_bytes": self.host_tier_bytes,
+        }
 
     def requests_for(self, workload: str) -> int:
         return dict(self.num_requests).get(workload, PRESETS[workload].num_requests)
@@ -189,6 +248,7 @@ class SweepGrid:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "ssm_dtype": self.ssm_dtype,
             "static_options": list(self.static_options),
+            "policy": self.policy(),
             "simulator": simulator_digest(),
         }
 
@@ -262,6 +322,7 @@ def make_allocator(
     from avmp.memory.registry import make_allocator as build
     from avmp.memory.spec import MemoryConfig
 
+    name = layout_allocator(name)
     options = {o: True for o in static_options} if name == "static" else {}
     return build(name, geometry, MemoryConfig(budget_bytes=budget_bytes), **options)
 
@@ -280,14 +341,15 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     cell, settings = task.cell, task.settings
     geometry = _geometry(cell.model, settings["ssm_dtype"])
     requests = list(task.requests)
-    allocator = make_allocator(
-        cell.allocator, geometry, cell.budget_bytes, settings["static_options"]
-    )
+    policy, shipped_options = layout_policy(cell.allocator, settings["policy"])
+    static_options = tuple(dict.fromkeys((*settings["static_options"], *shipped_options)))
+    allocator = make_allocator(cell.allocator, geometry, cell.budget_bytes, static_options)
     config = SimConfig(
         profile=cell.profile,
         calibration=task.calibration,
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
+        **policy,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()
     result = simulate(requests, allocator, geometry, config)
@@ -295,7 +357,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         "cell": cell.to_dict(),
         "settings": settings,
         "trace": {"sha256": trace_digest(requests), "num_requests": len(requests)},
-        "result": result.to_dict(),
+        "result": {**result.to_dict(), "allocator": cell.allocator},
         # How long the simulation itself took here (not deterministic; not a result).
         "cost": {
             "cpu_s": round(time.process_time() - cpu_started, 3),

@@ -24,8 +24,10 @@ from typing import Any
 from avmp.cli import UserError, parse_budget
 from avmp.cli.options import (
     add_feasibility_option,
+    add_policy_options,
     add_ssm_dtype_option,
     add_static_options_option,
+    policy_options,
     ssm_dtype_choice,
     static_options,
 )
@@ -53,7 +55,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="run the whole evaluation and write its report",
-        description="Run the whole evaluation: allocators avmp, unified, static and oracle on the "
+        description="Run the whole evaluation: allocators avmp, unified, static and oracle under "
+        "one preemption policy (--preemption, --admission, --host-tier), and unified and "
+        "static as vLLM and SGLang ship them (unified-shipped, static-shipped), on the "
         "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn), three "
         "hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
         "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
@@ -95,6 +99,7 @@ def add_parser(subparsers: Any) -> None:
     add_ssm_dtype_option(parser)
     add_static_options_option(parser)
     add_feasibility_option(parser)
+    add_policy_options(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -131,6 +136,7 @@ def build_grid(args: argparse.Namespace) -> Any:
         ssm_dtype=ssm_dtype_choice(args.ssm_dtype),
         static_options=static_options(args.static_options),
         ignore_feasibility=bool(args.ignore_feasibility),
+        **policy_options(args),
     )
 
 
@@ -204,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
     grid = build_grid(args)
     skipped = grid.skipped_cells()
     if not grid.cells():
-        raise UserError(f"every cell is infeasible: {skipped[0][3]}; use a larger GPU profile, "
-                        "a smaller budget, or --ignore-feasibility")
+        raise UserError(
+            f"every cell is infeasible: {skipped[0][3]}; use a larger GPU profile, "
+            "a smaller budget, or --ignore-feasibility"
+        )
     started = time.monotonic()
     num_simulated = run_sweep(
         grid, args.out, workers=args.workers, ray_address=args.ray, progress=not args.no_progress

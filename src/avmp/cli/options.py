@@ -71,3 +71,42 @@ def static_options(text: str) -> tuple[str, ...]:
             f"unknown static option {unknown[0]!r}; known: {', '.join(STATIC_SHIPPED_OPTIONS)}"
         )
     return names
+
+
+def add_policy_options(parser: Any) -> None:
+    """``--preemption``, ``--admission`` and ``--host-tier``: the policy every layout
+    runs in the simulator (the ``*-shipped`` layouts keep their project's own)."""
+    parser.add_argument(
+        "--preemption",
+        choices=("auto", "swap", "recompute"),
+        default="auto",
+        help="how a preempted request gives its memory back: auto (per victim, swap to the "
+        "host tier or recompute, whichever costs less), swap, or recompute (vLLM v1's "
+        "only mode) (default: auto)",
+    )
+    parser.add_argument(
+        "--admission",
+        choices=("reserve", "greedy", "sglang"),
+        default="reserve",
+        help="when a waiting request may start: reserve (only if the running requests' "
+        "growth still fits beside it), greedy (whenever its first chunk fits: vLLM v1) or "
+        "sglang (SGLang's decaying new-token ratio) (default: reserve)",
+    )
+    parser.add_argument(
+        "--host-tier",
+        metavar="SIZE",
+        help="host memory for swapped-out requests, e.g. 64GiB; 0 for none "
+        "(default: twice the cache budget, SGLang HiCache's ratio)",
+    )
+
+
+def policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`SimConfig`'s policy fields from the options (UserError, one line, on a bad size)."""
+    from avmp.cli import parse_size
+
+    host_tier = None if args.host_tier is None else parse_size("--host-tier", args.host_tier)
+    return {
+        "preemption": args.preemption,
+        "admission": args.admission,
+        "host_tier_bytes": host_tier,
+    }

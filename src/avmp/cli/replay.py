@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 from avmp.cli import UserError, parse_budget
 from avmp.cli.options import (
     add_feasibility_option,
+    add_policy_options,
     add_ssm_dtype_option,
     add_static_options_option,
+    policy_options,
     ssm_dtype_choice,
     static_options,
 )
@@ -34,7 +37,7 @@ COLUMNS = (
 
 
 def add_parser(subparsers: Any) -> None:
-    from avmp.bench.sweep import ALLOCATORS, PROFILES
+    from avmp.bench.sweep import LAYOUTS, PROFILES
     from avmp.bench.traces import FORMATS
 
     parser = subparsers.add_parser(
@@ -50,14 +53,16 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--profile", choices=PROFILES, default="h100", help="GPU time model")
     parser.add_argument(
         "--allocators",
-        default=",".join(ALLOCATORS),
-        help="comma-separated allocators (default: all)",
+        default=",".join(LAYOUTS),
+        help="comma-separated allocators; unified-shipped and static-shipped run vLLM's "
+        "and SGLang's own preemption and admission (default: all)",
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     add_ssm_dtype_option(parser)
     add_static_options_option(parser)
     add_feasibility_option(parser)
+    add_policy_options(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -100,7 +105,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
-    from avmp.bench.sweep import make_allocator
+    from avmp.bench.sweep import layout_policy, make_allocator
     from avmp.bench.traces import read_trace
     from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
@@ -115,15 +120,26 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             pass  # a missing file (or a directory) is a one-line error, before any work
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype_choice(args.ssm_dtype))
     shipped = static_options(args.static_options)
-    config = SimConfig(profile=args.profile, calibration=args.calibration)
+    policy = policy_options(args)
+    config = SimConfig(profile=args.profile, calibration=args.calibration, **policy)
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
-        check_feasible(geometry, budget, get_profile(args.profile),
-                       config.max_num_batched_tokens, config.max_num_seqs)
+        check_feasible(
+            geometry,
+            budget,
+            get_profile(args.profile),
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+        )
     requests = read_trace(args.trace, args.format)
-    results = [
-        simulate(requests, make_allocator(a, geometry, budget, shipped), geometry, config).to_dict()
-        for a in allocators
-    ]
+    results = []
+    for layout in allocators:
+        layout_fields, layout_options = layout_policy(layout, policy)
+        options = tuple(dict.fromkeys((*shipped, *layout_options)))
+        allocator = make_allocator(layout, geometry, budget, options)
+        layout_config = dataclasses.replace(config, **layout_fields)
+        result = simulate(requests, allocator, geometry, layout_config).to_dict()
+        result["allocator"] = layout
+        results.append(result)
     if all(r["num_completed"] == 0 for r in results):
         smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
         raise UserError(
@@ -139,14 +155,14 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _allocators(text: str) -> list[str]:
-    from avmp.bench.sweep import ALLOCATORS
+    from avmp.bench.sweep import LAYOUTS
 
     allocators = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in allocators if a not in ALLOCATORS]
+    unknown = [a for a in allocators if a not in LAYOUTS]
     if unknown or not allocators:
         raise UserError(
             f"unknown allocator {unknown[0] if unknown else '(none)'!r}; "
-            f"known: {', '.join(ALLOCATORS)}"
+            f"known: {', '.join(LAYOUTS)}"
         )
     return allocators
 
