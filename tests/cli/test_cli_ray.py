@@ -113,7 +113,7 @@ def test_bench_on_a_ray_cluster_saves_what_a_local_run_saves(ray_head: str,
         env={**os.environ, **LOOPBACK_ONLY},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "4 cells (4 simulated now" in done.stdout
+    assert "6 cells (6 simulated now" in done.stdout
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert runs[-1]["ray"] == ray_head
     grid = SweepGrid(workloads=("shift",), models=("jamba-1.5-mini",), budgets_bytes=(1 << 30,),
