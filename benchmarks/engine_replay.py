@@ -295,9 +295,12 @@ def warm_up(args: argparse.Namespace, model: Any) -> None:
     engine = Engine(model, config)
     rng = np.random.default_rng(args.seed + 1)
     vocab = engine.geometry.vocab_size
-    lengths = [7, 300, 40, 1500, 12, 700, 3, 90] * 2
+    # short and long prompts: chunks that start past one step's token budget and
+    # attention over contexts of tens of thousands of tokens compile their own variants
+    lengths = [7, 300, 40, 1500, 12, 700, 3, 90] * 2 + [9000, 20000]
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in lengths]
-    engine.generate(prompts, max_tokens=[4, 9, 2, 5, 16, 3, 8, 6] * 2, ignore_eos=True)
+    outputs = [4, 9, 2, 5, 16, 3, 8, 6] * 2 + [3, 5]
+    engine.generate(prompts, max_tokens=outputs, ignore_eos=True)
     engine.backing.close()
 
 
