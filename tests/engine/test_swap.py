@@ -83,7 +83,20 @@ def test_swap_round_trip_is_byte_exact(
     config = EngineConfig(8 * MiB, block_size=4, preemption="swap", allocator=allocator)
     engine = Engine(checkpoint.path, config)
     assert engine.swapper is not None and engine.swapper.capacity_bytes == 16 * MiB
+    assert engine.swapper.allocated_bytes == 0  # host memory is taken when first used
     round_trip(engine)
+    assert 0 < engine.swapper.allocated_bytes <= 16 * MiB
+
+
+def test_an_extent_across_arena_segments_round_trips(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments far smaller than an extent: every copy is split, bytes still exact."""
+    monkeypatch.setattr("avmp.engine.host_tier.SEGMENT_BYTES", 12 * 1024)
+    checkpoint = tiny_checkpoint("granitemoehybrid")
+    engine = Engine(checkpoint.path, EngineConfig(8 * MiB, block_size=4, preemption="swap"))
+    round_trip(engine)
+    assert engine.swapper is not None and len(engine.swapper._segments) > 2
 
 
 def test_swap_in_refuses_too_few_pages(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> None:
@@ -181,7 +194,7 @@ def test_cuda_vmm_swap_round_trip_and_identity(
     config = EngineConfig(8 * MiB, device="cuda", backing="cuda_vmm", block_size=4,
                           preemption="swap")  # fmt: skip
     engine = Engine(checkpoint.path, config)
-    assert engine.swapper is not None and engine.swapper.arena.is_pinned()
+    assert engine.swapper is not None and engine.swapper.pinned
     round_trip(engine)
     heavy = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **HEAVY["granitemoehybrid"])
     engine = run(heavy, PRESSURE_LENGTHS, "cuda", preemption="swap", backing="cuda_vmm")
@@ -204,8 +217,9 @@ def test_copies_run_on_the_copy_stream(tiny_checkpoint: Callable[..., TinyCheckp
     fill_random(engine, units, seed=4)
     swapper.swap_out(0, units, extent)  # warm: kernels loaded, staging memory cached
     torch.cuda.synchronize()
-    expected = swapper.arena[extent.offset : extent.offset + num_bytes].clone()
-    swapper.arena[extent.offset : extent.offset + num_bytes].zero_()
+    expected = swapper.host_bytes(extent.offset, num_bytes)
+    for piece, _ in swapper._host_pieces(extent.offset, num_bytes):
+        piece.zero_()
     start = time.perf_counter()
     torch.cuda._sleep(1 << 30)  # about half a second of one SM's clock
     swapper.swap_out(0, units, extent)
@@ -214,4 +228,4 @@ def test_copies_run_on_the_copy_stream(tiny_checkpoint: Callable[..., TinyCheckp
     torch.cuda.synchronize()
     total_s = time.perf_counter() - start
     assert issued_s < total_s / 4, (issued_s, total_s)  # the host did not wait
-    assert torch.equal(swapper.arena[extent.offset : extent.offset + num_bytes], expected)
+    assert torch.equal(swapper.host_bytes(extent.offset, num_bytes), expected)

@@ -1,8 +1,12 @@
 """The engine's host tier: the bytes of swapped-out requests in one host arena, and the
 copies that move them between the arena and the pools (`avmp.sched.swap.Swapper`).
 
-The arena is allocated once, pinned when the device is CUDA (so copies are DMA and
-asynchronous), plain memory on the CPU. `avmp.memory.host_tier.HostTier` says which
+The arena is host memory, pinned when the device is CUDA (so copies are DMA and
+asynchronous), plain memory on the CPU. It is allocated in segments of
+`SEGMENT_BYTES`, each when an extent first reaches it: pinning costs about a second
+per few GiB, so a tier of twice a large cache budget pinned up front would slow every
+engine start, for swaps that growth-aware admission makes rare. An extent that straddles
+two segments is copied in two pieces. `avmp.memory.host_tier.HostTier` says which
 bytes of it belong to whom; this module only copies, at the offsets it is handed, in
 the order `avmp.sched.swap` fixes: the slot, then the pages in token order, each unit
 as the pools hold it (a row of the backing's unit table, padding included).
@@ -37,6 +41,7 @@ from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.host_tier import HostExtent
 from avmp.memory.spec import NO_SLOT, CacheAllocator, PoolKind, RequestUnits
 
+SEGMENT_BYTES = 512 << 20  # pinned when first used: about a tenth of a second each
 BANDWIDTH_PROBE_BYTES = 32 << 20  # large enough that a copy's fixed cost is noise
 BANDWIDTH_PROBE_REPEATS = 3
 
@@ -64,7 +69,9 @@ class HostSwapper:
         self.page_unit_bytes = cache_format.page.unit_bytes
         self.slot_unit_bytes = cache_format.slot.unit_bytes
         is_cuda = self.device.type == "cuda"
-        self.arena = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=is_cuda)
+        self._pinned = is_cuda
+        self._capacity_bytes = capacity_bytes
+        self._segments: list[torch.Tensor] = []  # the arena's first bytes, in order
         stream = torch.cuda.Stream(self.device) if is_cuda else None  # type: ignore[no-untyped-call]
         self.copy_stream = stream
         self.num_bytes_out = 0
@@ -72,13 +79,46 @@ class HostSwapper:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.arena.numel()
+        return self._capacity_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Host bytes allocated so far (whole segments, at most the capacity)."""
+        return sum(segment.numel() for segment in self._segments)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the arena is pinned (on CUDA) rather than plain host memory."""
+        return self._pinned
+
+    def host_bytes(self, offset: int, num_bytes: int) -> torch.Tensor:
+        """A copy of the arena's bytes ``[offset, offset + num_bytes)``, once the copies
+        issued so far are done (for checks and tests)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # type: ignore[no-untyped-call]
+        return torch.cat([piece for piece, _ in self._host_pieces(offset, num_bytes)])
+
+    def _host_pieces(self, offset: int, num_bytes: int) -> list[tuple[torch.Tensor, int]]:
+        """The arena's bytes ``[offset, offset + num_bytes)`` as (host slice, its start
+        within the extent) pieces, one per segment it touches, allocating segments up
+        to its end."""
+        end = offset + num_bytes
+        while self.allocated_bytes < end:
+            size = min(SEGMENT_BYTES, self._capacity_bytes - self.allocated_bytes)
+            self._segments.append(torch.empty(size, dtype=torch.uint8, pin_memory=self._pinned))
+        pieces = []
+        for index, segment in enumerate(self._segments):
+            seg_start = index * SEGMENT_BYTES
+            low, high = max(offset, seg_start), min(end, seg_start + segment.numel())
+            if low < high:
+                pieces.append((segment[low - seg_start : high - seg_start], low - offset))
+        return pieces
 
     def swap_out(self, request_id: int, units: RequestUnits, extent: HostExtent) -> None:
         """Copy ``units`` (slot first, then pages) into the arena at ``extent``."""
         has_slot = units.slot != NO_SLOT
         self._check_extent(extent, has_slot, len(units.pages))
-        host = self.arena[extent.offset : extent.offset + extent.num_bytes]
+        pieces = self._host_pieces(extent.offset, extent.num_bytes)
         with self._ordered():
             staging = torch.empty(extent.num_bytes, dtype=torch.uint8, device=self.device)
             slot_bytes, page_bytes = self._split(staging, has_slot, len(units.pages))
@@ -87,7 +127,8 @@ class HostSwapper:
             if units.pages:
                 table = self.backing.unit_table(PoolKind.KV)  # [max_pages, page_unit_bytes]
                 torch.index_select(table, 0, self._page_rows(units.pages), out=page_bytes)
-            host.copy_(staging, non_blocking=True)
+            for host, start in pieces:
+                host.copy_(staging[start : start + host.numel()], non_blocking=True)
         self.num_bytes_out += extent.num_bytes
 
     def swap_in(self, request_id: int, units: RequestUnits, extent: HostExtent) -> None:
@@ -103,10 +144,11 @@ class HostSwapper:
             raise ValueError(
                 f"request {request_id}: {num_saved} saved pages, {len(units.pages)} to fill"
             )
-        host = self.arena[extent.offset : extent.offset + extent.num_bytes]
+        pieces = self._host_pieces(extent.offset, extent.num_bytes)
         with self._ordered():
             staging = torch.empty(extent.num_bytes, dtype=torch.uint8, device=self.device)
-            staging.copy_(host, non_blocking=True)
+            for host, start in pieces:
+                staging[start : start + host.numel()].copy_(host, non_blocking=True)
             slot_bytes, page_bytes = self._split(staging, has_slot, num_saved)
             if has_slot:
                 self._slot_row(units.slot).copy_(slot_bytes)
