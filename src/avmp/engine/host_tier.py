@@ -95,7 +95,7 @@ class HostSwapper:
         """A copy of the arena's bytes ``[offset, offset + num_bytes)``, once the copies
         issued so far are done (for checks and tests)."""
         if self.copy_stream is not None:
-            self.copy_stream.synchronize()  # type: ignore[no-untyped-call]
+            self.copy_stream.synchronize()
         return torch.cat([piece for piece, _ in self._host_pieces(offset, num_bytes)])
 
     def _host_pieces(self, offset: int, num_bytes: int) -> list[tuple[torch.Tensor, int]]:
