@@ -71,6 +71,16 @@ def read_result(path: Path) -> Any:
         raise ValueError(f"{path}: not a benchmark result ({error})") from None
 
 
+def gpu_profile(device_name: str) -> str:
+    """The simulator's GPU profile (`avmp.sim.timing.GPU_PROFILES`) of a CUDA device
+    name, e.g. ``NVIDIA H200`` -> ``h200``; ``h100`` when the name is not one of them."""
+    name = device_name.upper()
+    for key, profile in (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("3060", "rtx3060")):
+        if key in name:
+            return profile
+    return "h100"
+
+
 def repo_path(path: Path | str) -> str:
     """``path`` as a result records it: relative to the repository when inside it, else
     its file name alone (an absolute path names one machine's directories, nothing a

@@ -67,7 +67,7 @@ from avmp.sim.timing import (
     get_profile,
 )
 from avmp.units import parse_bytes
-from benchmarks.common import copy_bytes_per_s, read_result, write_result
+from benchmarks.common import copy_bytes_per_s, gpu_profile, read_result, write_result
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
@@ -573,7 +573,7 @@ def compare_sim(
     """Simulated (roofline, calibrated in-sample, calibrated leaving the cell out) against
     measured median decode steps; ``extra`` cells (the mixed one) are fitted, not rows."""
     extra = extra or []
-    roofline = RooflineModel(engine.geometry, get_profile("h100"))
+    roofline = RooflineModel(engine.geometry, get_profile(gpu))
     everything = fit_calibration(calibration_points(cells + extra), gpu, model)
     rows = []
     for index, cell in enumerate(cells):
@@ -765,21 +765,22 @@ def run_engine_cells(
         result["overlap"] = overlap_comparison(engine, args)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
+    profile = gpu_profile(torch.cuda.get_device_name())  # the simulator's figures for it
     if len(cells) >= 2:
         result["sim_vs_measured"] = compare_sim(
-            engine, cells, "h100", name, extra + result["long_cells"]
+            engine, cells, profile, name, extra + result["long_cells"]
         )
         if extra:
-            result["mixed_vs_predicted"] = compare_mixed(cells, extra[0], "h100", name)
+            result["mixed_vs_predicted"] = compare_mixed(cells, extra[0], profile, name)
         if result["long_cells"]:
             short = cells + extra
-            result["long_vs_predicted"] = compare_long(short, result["long_cells"], "h100", name)
+            result["long_vs_predicted"] = compare_long(short, result["long_cells"], profile, name)
         extra += result["long_cells"]
         result["calibration_features"] = list(
-            fit_calibration(calibration_points(cells + extra), "h100", name).features
+            fit_calibration(calibration_points(cells + extra), profile, name).features
         )
         if args.calibration_dir is not None:
-            path = args.calibration_dir / f"calibration_h100_{name}.json"
+            path = args.calibration_dir / f"calibration_{profile}_{name}.json"
             gpu = torch.cuda.get_device_name()
             points = calibration_points(cells + extra)
             payload = {"gpu": gpu, "model": name, "points": points}

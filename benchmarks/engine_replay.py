@@ -61,7 +61,7 @@ from avmp.cli.replay import add_slo_arguments, slo_targets
 from avmp.sched.request import RequestSpec
 from avmp.sim.metrics import RequestClock, SloTargets, goodput, percentile
 from avmp.units import ceil_div, parse_bytes, round_up
-from benchmarks.common import RESULTS_DIR, read_result, repo_path, write_result
+from benchmarks.common import RESULTS_DIR, gpu_profile, read_result, repo_path, write_result
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
@@ -318,8 +318,13 @@ def simulate(
     from avmp.sim.simulator import SimConfig
     from avmp.sim.simulator import simulate as run_sim
 
+    profile = "h100"  # the roofline's figures only matter without a calibration
+    if args.device == "cuda":
+        import torch
+
+        profile = gpu_profile(torch.cuda.get_device_name())
     config = SimConfig(
-        profile="h100", calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
+        profile=profile, calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
