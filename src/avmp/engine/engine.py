@@ -405,6 +405,10 @@ class Engine:
         self.geometry = self._geometry()
         self._check_fits()
         self.allocator, self.backing, cache_format = self._memory()
+        if self.device.type == "cuda":  # compaction's copy, compiled before any timed step
+            from avmp.kernels.triton.compact import warm_up
+
+            warm_up(self.device, (cache_format.page.unit_bytes, cache_format.slot.unit_bytes))
         self.views = PoolViews(build_views(self.backing, cache_format))
         self.runner = self._runner()
         self.swapper = self._swapper(cache_format)

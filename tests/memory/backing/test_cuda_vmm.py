@@ -28,7 +28,11 @@ from backing_helpers import (  # noqa: E402
     small_config,
 )
 
-from avmp.kernels.triton.compact import copy_rows_torch, copy_rows_triton  # noqa: E402
+from avmp.kernels.triton.compact import (  # noqa: E402
+    copy_rows_torch,
+    copy_rows_triton,
+    warm_up,
+)
 from avmp.memory.backing.base import BackingError  # noqa: E402
 from avmp.memory.backing.cuda_vmm import CudaVmmBacking  # noqa: E402
 from avmp.memory.backing.torch_buffer import TorchBufferBacking  # noqa: E402
@@ -116,6 +120,26 @@ def test_triton_compaction_matches_torch() -> None:
     copy_rows_triton(table, src, dst)
     copy_rows_torch(reference, src, dst)
     torch.cuda.synchronize()
+    assert torch.equal(table, reference)
+
+
+def test_warm_up_compiles_the_copy_before_the_first_compaction() -> None:
+    """After warm_up for a row size, a copy of rows of that size launches without a
+    compilation (well under the tenth of a second that compiling costs) and is exact."""
+    import time
+
+    row_bytes = 4096 * 3 + 64
+    warm_up(CUDA, [row_bytes, 0])
+    table = torch.randint(0, 255, (64, row_bytes), dtype=torch.uint8, device=CUDA)
+    reference = table.clone()
+    src = torch.arange(0, 8, device=CUDA)
+    dst = torch.arange(32, 40, device=CUDA)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    copy_rows_triton(table, src, dst)
+    torch.cuda.synchronize()
+    assert time.perf_counter() - start < 0.1
+    copy_rows_torch(reference, src, dst)
     assert torch.equal(table, reference)
 
 

@@ -11,6 +11,7 @@ the same (through a temporary, so twice the traffic).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -81,3 +82,17 @@ def copy_rows(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None
         copy_rows_triton(table, src, dst)
     else:
         copy_rows_torch(table, src, dst)
+
+
+def warm_up(device: torch.device, row_bytes: Iterable[int]) -> None:
+    """Compile the Triton copy for rows of these sizes now, on a scratch table of two
+    rows: otherwise the first compaction of a run pays Triton's compilation (a second
+    or more per row size, measured on an H200) on the step that needed the room."""
+    for num_bytes in sorted(set(row_bytes)):
+        if num_bytes <= 0:
+            continue
+        table = torch.zeros(2, num_bytes, dtype=torch.uint8, device=device)
+        if not can_use_triton(table):
+            continue
+        src = torch.zeros(1, dtype=torch.int64, device=device)
+        copy_rows_triton(table, src, src + 1)
