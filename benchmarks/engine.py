@@ -207,16 +207,25 @@ def engine_cell(
 
 def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
     """The runner's profiled steps as calibration rows (captures dropped: one-off work):
-    shape (5 fields), period, device time, graph, and the device's idle time after the
-    step (`device_idle_after`)."""
+    shape (5 fields), period, device time, graph, the device's idle time after the step
+    (`device_idle_after`), and the longest prefill chunk (last: results from before it
+    have 9 fields, see `row_shape`)."""
     steps = runner.profile.steps
     idle = device_idle_after(steps)
     return [
         [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
-         s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph, idle_s]
+         s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph, idle_s,
+         s.longest_prefill_tokens]
         for (s, p), idle_s in zip(step_periods(steps), idle, strict=False)
         if not s.captured
     ]  # fmt: skip
+
+
+def row_shape(row: list[Any]) -> BatchShape:
+    """The shape of a `profiled_steps` row; a row from before the longest prefill chunk
+    was recorded has none (0: the time model takes the fewest it can be)."""
+    longest = row[9] if len(row) > 9 else 0
+    return BatchShape(*row[:5], longest_prefill_tokens=longest)
 
 
 def device_idle_after(steps: list[StepRecord]) -> list[float]:
@@ -544,22 +553,24 @@ def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
     one step start to the next: with overlapped steps the host starts step N+1 while N
     runs and then waits for N's tokens, so a period measures the step before it, and a
     decode step after a mixed one would carry the mixed step's cost. ``device_s`` keeps
-    the device time alone (the fit ignores it)."""
+    the device time alone (the fit ignores it). ``longest_prefill_tokens`` is written
+    when the rows record it (rows from before it have 9 fields)."""
     points = []
     for cell in cells:
         for row in cell["steps"]:
-            prefill, decode, context, pairs, reqs, _period, device_s, _graph, idle_s = row
-            points.append(
-                {
-                    "num_prefill_tokens": prefill,
-                    "num_decode_requests": decode,
-                    "num_context_tokens": context,
-                    "num_attention_pairs": pairs,
-                    "num_requests": reqs,
-                    "step_s": device_s + idle_s,
-                    "device_s": device_s,
-                }
-            )
+            prefill, decode, context, pairs, reqs, _period, device_s, _graph, idle_s = row[:9]
+            point = {
+                "num_prefill_tokens": prefill,
+                "num_decode_requests": decode,
+                "num_context_tokens": context,
+                "num_attention_pairs": pairs,
+                "num_requests": reqs,
+                "step_s": device_s + idle_s,
+                "device_s": device_s,
+            }
+            if len(row) > 9:
+                point["longest_prefill_tokens"] = row[9]
+            points.append(point)
     return points
 
 
@@ -581,7 +592,7 @@ def compare_sim(
         held_out = fit_calibration(calibration_points(others), gpu, model)
         decode = [s for s in cell["steps"] if s[0] == 0 and s[1] == cell["batch"]]
         middle = sorted(decode, key=lambda s: s[2])[len(decode) // 2]
-        shape = BatchShape(*middle[:5])
+        shape = row_shape(middle)
         measured = cell["decode_step_s"]
         predicted = {
             "roofline": roofline.step_seconds(shape),
@@ -653,7 +664,7 @@ def summed_step_times(
         periods = sum(row[5] for row in rows)
         summary[subset] = {"measured_s": measured, "period_s": periods, "num_steps": len(rows)}
         for name, fit in fits.items():
-            predicted = sum(fit.step_seconds(BatchShape(*row[:5])) for row in rows)
+            predicted = sum(fit.step_seconds(row_shape(row)) for row in rows)
             summary[subset][f"{name}_s"] = predicted
             summary[subset][f"{name}_error"] = predicted / measured - 1 if measured else None
     return summary

@@ -17,6 +17,7 @@ from benchmarks.engine import (
     compare_long,
     device_busy_fraction,
     device_idle_after,
+    row_shape,
 )
 
 
@@ -107,3 +108,31 @@ def test_long_cells_compared_in_sample_held_out_and_from_short_prompts() -> None
     lines = _long_lines({"long_cells": long, "long_vs_predicted": summary})
     assert any("2048 tokens per step" in line for line in lines)
     assert any("short-prompt cells only" in line for line in lines)
+
+
+def test_points_carry_the_longest_chunk_when_the_rows_have_it(tmp_path: Path) -> None:
+    """Rows now end with the longest prefill chunk: the points carry it and a fit of
+    steps splitting the same tokens over one or many chunks uses it; rows from before it
+    (9 fields) give points without it, and their shapes take the even split."""
+
+    def split_row(pieces: int, total: int) -> list[Any]:
+        size = total // pieces
+        pairs = pieces * size * (size + 1) // 2
+        seconds = step_s(total, 0, total, pairs) + 3e-5 * size
+        return [*row(total, 0, total, pairs, seconds, 0.0)[:4], pieces, seconds, seconds,
+                False, 0.0, size]  # fmt: skip
+
+    rows = [split_row(p, t) for p in (1, 2, 4, 16) for t in (2048, 8192)]
+    rows += [[*r, 0] for r in short_cells()[0]["steps"] if r[0] == 0]
+    points = calibration_points([{"steps": rows}])
+    assert [p["longest_prefill_tokens"] for p in points[:2]] == [2048, 8192]
+    path = write_result(tmp_path / "calibration.json", {"gpu": "g", "points": points})
+    model = load_calibration(path)
+    assert model.features[-1] == "longest_prefill_tokens"
+    for r in rows:
+        assert model.step_seconds(row_shape(r)) == pytest.approx(r[6], rel=1e-6)
+    old = [r[:9] for r in rows]
+    assert all("longest_prefill_tokens" not in p for p in calibration_points([{"steps": old}]))
+    assert row_shape(old[-3]) == row_shape(rows[-3])  # a decode: 0 either way
+    assert row_shape(old[0]).longest_prefill_tokens == 0
+    assert model.step_seconds(row_shape(old[6])) == pytest.approx(rows[6][6], rel=1e-6)

@@ -364,7 +364,7 @@ def test_calibrated_model_checks_its_features_and_coefficients() -> None:
         CalibratedModel("x", None, (1.0,) * 7, 0.0, 4, (*BASE, mean, eager))
     with pytest.raises(ValueError, match="must be in the order"):
         CalibratedModel("x", None, (1.0,) * 6, 0.0, 4, (*BASE, eager, mean))
-    with pytest.raises(ValueError, match="some of num_prefill_attention_pairs"):
+    with pytest.raises(ValueError, match="some of longest_prefill_tokens, num_prefill_attention"):
         CalibratedModel("x", None, (1.0,) * 4, 0.0, 4, ("num_prefill_tokens", "a", "b"))
     five = CalibratedModel("x", None, (1.0,) * 5, 0.0, 4, (*BASE, "mean_context_tokens"))
     assert five.step_seconds(BatchShape(0, 2, 100, 0, 2)) == 1 + 2 + 100 + 50

@@ -20,7 +20,9 @@ class StepRecord:
     and its ``seconds``: on CUDA the device time from reaching the step to its last
     kernel (CUDA events, so profiling adds no sync and steps still overlap), on the CPU
     the runner's wall time. ``graph`` marks a replayed CUDA graph, ``captured`` a step
-    that captured one."""
+    that captured one. ``longest_prefill_tokens`` is the most tokens one sequence
+    computes in the step's prefill work (0 for a pure decode step): a sequence's chunk
+    runs serially, so a prefill step's time follows it (see avmp.sim.timing)."""
 
     num_prefill_tokens: int
     num_decode_requests: int
@@ -31,6 +33,7 @@ class StepRecord:
     seconds: float
     graph: bool
     captured: bool = False
+    longest_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,21 @@ def step_record(
     work: list[SequenceWork], started: float, seconds: float, graph: bool, captured: bool
 ) -> StepRecord:
     """The shape of a step: prefill tokens, decode requests (one token after cached
-    context), context tokens once done, and query-key pairs its attention computes."""
-    prefill = decode = context = pairs = 0
+    context), context tokens once done, query-key pairs its attention computes, and the
+    longest prefill work of one sequence."""
+    prefill = decode = context = pairs = longest = 0
     for w in work:
         n, start = len(w.token_ids), w.num_context
         if n == 1 and start > 0:
             decode += 1
         else:
             prefill += n
+            longest = max(longest, n)
         context += start + n
         pairs += n * start + n * (n + 1) // 2
-    return StepRecord(prefill, decode, context, pairs, len(work), started, seconds, graph, captured)
+    return StepRecord(
+        prefill, decode, context, pairs, len(work), started, seconds, graph, captured, longest
+    )
 
 
 def _event(device: torch.device) -> torch.cuda.Event | None:

@@ -29,10 +29,13 @@ computing one decode token, ``num_context_tokens`` the KV tokens attention reads
 for every scheduled request the tokens in its cache once the step is done (a decode at
 position p counts p + 1, a chunk of n tokens starting at s counts s + n),
 ``num_attention_pairs`` the causal pairs (a chunk counts ``n * s + n * (n + 1) / 2``),
-and ``num_requests`` the scheduled requests. Other fields are ignored.
+``num_requests`` the scheduled requests, and ``longest_prefill_tokens`` the most tokens
+one request computes in the step's prefill chunks (0 for a pure decode step). Other
+fields are ignored.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
-num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs``.
+num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
+longest_prefill_tokens``.
 ``has_prefill`` (1 when the step computes any prefill token) is the fixed cost of a step
 the engine runs eagerly: only pure decode steps replay CUDA graphs, so a step that mixes
 one short prefill chunk into a decode batch pays every kernel launch from Python. The
@@ -43,6 +46,10 @@ tokens cost less than four times 64 of 512. ``num_prefill_attention_pairs`` (pai
 context tokens: ``(n - 1) * (s + n / 2)`` per chunk, 0 for decodes) is a prefill chunk's
 attention, quadratic over a long prompt: the first three features see a chunk of 8,192
 tokens at position 32k as one at 0 plus 32k context tokens, priced at the decode rate.
+``longest_prefill_tokens`` exists because the Mamba2 varlen scan (and likely the conv
+and attention kernels) runs one sequence's chunk serially: on an H200 a step of 8,192
+prefill tokens took ~430 ms as one request's chunk but ~160 ms as 16 chunks of 512, so a
+prefill step's time follows its longest chunk, which the token count cannot tell.
 
 The time the device waits for the host is in ``step_s`` as the benchmark measures it
 (benchmarks/engine.py): the device time of the step (CUDA events recorded by the host
@@ -57,10 +64,12 @@ The fit minimises the *relative* error (least squares weighted by ``1 / step_s``
 plain fit lets the few long prefill steps dominate the squared error and misses the many
 short decode steps by tens of percent. A file from before a field was recorded still
 loads: the fit uses mean context only when every point has ``num_requests``, prefill
-attention pairs only when every point has ``num_attention_pairs``, and it drops the
-optional features that the points cannot tell apart from the rest (the mean context of
-batch-1 steps, ``has_prefill`` when every step or none has prefill), ``has_prefill``
-first, then the mean context, then the prefill attention pairs. At least 4 points of full
+attention pairs only when every point has ``num_attention_pairs``, the longest chunk only
+when every point has ``longest_prefill_tokens``, and it drops the optional features that
+the points cannot tell apart from the rest (the mean context of batch-1 steps,
+``has_prefill`` when every step or none has prefill, the longest chunk when every prefill
+step holds one chunk), ``has_prefill`` first, then the mean context, then the prefill
+attention pairs, then the longest chunk. At least 4 points of full
 rank are needed; a step is never predicted below the fastest measured step.
 """
 
@@ -285,6 +294,8 @@ class BatchShape:
         num_context_tokens: tokens of KV read, summed over scheduled requests.
         num_attention_pairs: (query token, key token) pairs of causal attention.
         num_requests: scheduled requests (each reads and writes its recurrent state).
+        longest_prefill_tokens: the most tokens one request computes in the step's
+            prefill chunks (0 for a pure decode step): a sequence's chunk runs serially.
     """
 
     num_prefill_tokens: int = 0
@@ -292,6 +303,7 @@ class BatchShape:
     num_context_tokens: int = 0
     num_attention_pairs: int = 0
     num_requests: int = 0
+    longest_prefill_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -308,16 +320,17 @@ class BatchShape:
 
     @classmethod
     def from_chunks(cls, chunks: tuple[ScheduledChunk, ...] | list[ScheduledChunk]) -> BatchShape:
-        prefill = decode = context = pairs = 0
+        prefill = decode = context = pairs = longest = 0
         for chunk in chunks:
             n, start = chunk.num_tokens, chunk.start
             if chunk.is_decode:
                 decode += 1
             else:
                 prefill += n
+                longest = max(longest, n)
             context += start + n
             pairs += n * start + n * (n + 1) // 2
-        return cls(prefill, decode, context, pairs, len(chunks))
+        return cls(prefill, decode, context, pairs, len(chunks), longest)
 
 
 def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk]:
@@ -379,32 +392,51 @@ _BASE_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_toke
 MEAN_CONTEXT_FEATURE = "mean_context_tokens"
 EAGER_FEATURE = "has_prefill"
 PREFILL_ATTENTION_FEATURE = "num_prefill_attention_pairs"
+LONGEST_PREFILL_FEATURE = "longest_prefill_tokens"
 # Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
-_FULL_FEATURES = (*_BASE_FEATURES, MEAN_CONTEXT_FEATURE, EAGER_FEATURE, PREFILL_ATTENTION_FEATURE)
+_FULL_FEATURES = (
+    *_BASE_FEATURES,
+    MEAN_CONTEXT_FEATURE,
+    EAGER_FEATURE,
+    PREFILL_ATTENTION_FEATURE,
+    LONGEST_PREFILL_FEATURE,
+)
 # The optional features, the one a fit keeps longest first (see `_feature_sets`).
-_OPTIONAL_FEATURES = (PREFILL_ATTENTION_FEATURE, MEAN_CONTEXT_FEATURE, EAGER_FEATURE)
+_OPTIONAL_FEATURES = (
+    LONGEST_PREFILL_FEATURE,
+    PREFILL_ATTENTION_FEATURE,
+    MEAN_CONTEXT_FEATURE,
+    EAGER_FEATURE,
+)
 
 
 def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's features of a step, in `_FULL_FEATURES` order: prefill tokens, decode
     requests, context tokens, context tokens per scheduled request, 1.0 when the step
-    has prefill tokens, and prefill attention pairs beyond the context
-    (`BatchShape.num_prefill_attention_pairs`).
+    has prefill tokens, prefill attention pairs beyond the context
+    (`BatchShape.num_prefill_attention_pairs`) and the longest prefill chunk.
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
     prefill tokens: the fewest requests that can produce it. One that does not count its
-    attention pairs has no prefill attention pairs beyond its context (the fewest).
+    attention pairs has no prefill attention pairs beyond its context (the fewest). One
+    with prefill tokens but no longest chunk (0) is taken as its prefill tokens split
+    evenly over its prefilling requests: the shortest longest chunk that can produce it.
     """
-    requests = shape.num_requests or shape.num_decode_requests + (shape.num_prefill_tokens > 0)
+    prefill, decode = shape.num_prefill_tokens, shape.num_decode_requests
+    requests = shape.num_requests or decode + (prefill > 0)
     mean_context = shape.num_context_tokens / requests if requests else 0.0
+    longest = shape.longest_prefill_tokens
+    if prefill > 0 and longest == 0:
+        longest = -(-prefill // max(1, requests - decode))
     return (
-        float(shape.num_prefill_tokens),
-        float(shape.num_decode_requests),
+        float(prefill),
+        float(decode),
         float(shape.num_context_tokens),
         mean_context,
-        float(shape.num_prefill_tokens > 0),
+        float(prefill > 0),
         float(max(0, shape.num_prefill_attention_pairs)),
+        float(longest),
     )
 
 
@@ -476,14 +508,16 @@ def prefill_s_per_token(model: StepTimeModel, chunk_tokens: int) -> float:
 
 def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None) -> CalibratedModel:
     """Relative-error least-squares fit of measured steps (each a dict of the base
-    features, optionally ``num_requests`` and ``num_attention_pairs``, and ``step_s``);
-    see the module doc for the features and which of them a fit keeps.
+    features, optionally ``num_requests``, ``num_attention_pairs`` and
+    ``longest_prefill_tokens``, and ``step_s``); see the module doc for the features and
+    which of them a fit keeps.
 
     Raises:
         ValueError: fewer than 4 points, a missing or negative field, a ``step_s`` of 0,
             a ``num_requests`` below 1 or below the point's decode requests, a
-            ``num_attention_pairs`` below its context tokens, or features that do not
-            vary enough to determine every coefficient.
+            ``num_attention_pairs`` below its context tokens, a
+            ``longest_prefill_tokens`` above the prefill tokens or 0 beside some, or
+            features that do not vary enough to determine every coefficient.
     """
     if len(points) < 4:
         raise ValueError(f"a calibration needs at least 4 points, got {len(points)}")
@@ -513,13 +547,13 @@ def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
 
 def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float | None], float]:
     """One point's features in `_FULL_FEATURES` order (mean context None without
-    ``num_requests``, prefill attention pairs None without ``num_attention_pairs``) and
-    its step time."""
+    ``num_requests``, prefill attention pairs None without ``num_attention_pairs``, the
+    longest chunk None without ``longest_prefill_tokens``) and its step time."""
     try:
         values = [float(point[name]) for name in (*_BASE_FEATURES, "step_s")]
-        requests, pairs = (
+        requests, pairs, longest = (
             None if point.get(name) is None else float(point[name])
-            for name in ("num_requests", "num_attention_pairs")
+            for name in ("num_requests", "num_attention_pairs", LONGEST_PREFILL_FEATURE)
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
@@ -536,9 +570,16 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
         raise ValueError(
             f"calibration point {index}: num_attention_pairs must be >= num_context_tokens"
         )
+    if longest is not None and (
+        not math.isfinite(longest) or not 0 <= longest <= prefill or (longest > 0) != (prefill > 0)
+    ):
+        raise ValueError(
+            f"calibration point {index}: longest_prefill_tokens must be in [1, "
+            "num_prefill_tokens] when the step has prefill tokens, else 0"
+        )
     mean = None if requests is None else context / requests
     extra_pairs = None if pairs is None else pairs - context
-    return [prefill, decode, context, mean, float(prefill > 0), extra_pairs], step_s
+    return [prefill, decode, context, mean, float(prefill > 0), extra_pairs, longest], step_s
 
 
 def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] | None:
