@@ -126,7 +126,8 @@ def transformers_config(zoo_name: str) -> Any:
 
 
 def build_model(config: Any, device: torch.device, seed: int = 0) -> HybridModel:
-    """Our model with random bf16 weights, built directly on the device."""
+    """Our model with random bf16 weights, built directly on the device; on the meta
+    device its shapes alone, without weights (what its cache geometry needs)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -134,7 +135,8 @@ def build_model(config: Any, device: torch.device, seed: int = 0) -> HybridModel
             model = model_class(config.model_type)(config)
     finally:
         torch.set_default_dtype(default)
-    init_random_weights(model, seed)
+    if torch.device(device).type != "meta":
+        init_random_weights(model, seed)
     return model.eval()
 
 

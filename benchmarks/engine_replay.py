@@ -33,6 +33,13 @@ trace's shapes need, which would otherwise fall on whichever layout runs first. 
 simulator replays the same trace with the same scheduler limits and allocator, its clock
 from the step-time calibration of benchmarks/engine.py.
 
+``--resimulate CAL --markdown FILE`` reruns, on the CPU, the simulated column of a results
+file (every layout and the unbounded run) with the calibration CAL and prints the tables
+with the new figures (``--out NEW`` also saves them): the trace is rebuilt as the run built
+it, from the workload, seed, size and arrivals the file records, or from its trace file
+(``--trace`` where the recorded path is not here). A time model fixed after a GPU run is
+then checked against the engine without rerunning the GPU.
+
 Usage::
 
     python -m benchmarks.engine_replay --write-trace benchmarks/traces/sharegpt_vllm_600.jsonl
@@ -42,6 +49,8 @@ Usage::
         --num-requests 300 --unbounded --out $OUT/engine_replay_longdoc.json.gz
     python -m benchmarks.engine_replay --markdown benchmarks/results/engine_replay_h100.json.gz \\
         --plot docs/figures/engine_replay_h100.png
+    python -m benchmarks.engine_replay --markdown engine_replay_longdoc_h200.json.gz \\
+        --resimulate benchmarks/results/calibration_h200_granite-4.0-h-micro.json
 """
 
 from __future__ import annotations
@@ -61,7 +70,14 @@ from avmp.cli.replay import add_slo_arguments, slo_targets
 from avmp.sched.request import RequestSpec
 from avmp.sim.metrics import RequestClock, SloTargets, goodput, percentile
 from avmp.units import ceil_div, parse_bytes, round_up
-from benchmarks.common import RESULTS_DIR, gpu_profile, read_result, repo_path, write_result
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    gpu_profile,
+    read_result,
+    repo_path,
+    write_result,
+)
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
@@ -98,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     parser.add_argument("--plot", type=Path, help="with --markdown: draw the pool split here")
+    parser.add_argument("--resimulate", type=Path, metavar="CAL",
+                        help="with --markdown FILE: rerun FILE's simulated column with this "
+                             "calibration on the CPU (--out: save the new results)")
     add_slo_arguments(parser)
     return parser.parse_args(argv)
 
@@ -236,10 +255,12 @@ def replay(
         ),
         "timeline": stats.timeline,
         # per profiled step: prefill tokens, decode requests, context tokens, requests,
-        # period (start to next start), runner seconds, graph replayed, graph captured
+        # period (start to next start), runner seconds, graph replayed, graph captured,
+        # longest prefill chunk (absent from results before it)
         "steps": [
             [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
-             s.num_requests, b.started - s.started, s.seconds, s.graph, s.captured]
+             s.num_requests, b.started - s.started, s.seconds, s.graph, s.captured,
+             s.longest_prefill_tokens]
             for s, b in zip(steps, steps[1:], strict=False)
         ],  # fmt: skip
         **engine_latencies(trace, outputs, timed_s, slo_targets(args)),
@@ -304,25 +325,48 @@ def warm_up(args: argparse.Namespace, model: Any) -> None:
     engine.backing.close()
 
 
+def sim_profile(args: argparse.Namespace) -> str:
+    """The simulator's GPU profile: the CUDA device's, ``h100`` on the CPU (its figures
+    matter only without a calibration, and for the host link of swaps)."""
+    if args.device != "cuda":
+        return "h100"
+    import torch
+
+    return gpu_profile(torch.cuda.get_device_name())
+
+
+def sim_geometry(model_name: str, model: Any = None) -> Any:
+    """The geometry the engine sees (bf16 state, vLLM's conv columns), for the simulator,
+    named as the calibration names the model; of ``model``, or of the zoo model built on
+    the meta device (shapes, no weights) when none is given."""
+    import torch
+
+    from avmp.models.geometry import ConvColumns
+    from benchmarks.engine import build_model, transformers_config
+
+    if model is None:
+        model = build_model(transformers_config(model_name), torch.device("meta"))
+    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
+    return dataclasses.replace(geometry, name=model_name)
+
+
 def simulate(
     args: argparse.Namespace,
     geometry: Any,
     allocator: str,
     trace: list[RequestSpec],
     memory_bytes: int | None = None,
+    profile: str | None = None,
 ) -> dict:
     """The simulator's prediction for the same trace and arrivals, limits, budget and
-    layout (the simulator's unified layout is the engine's, deviation included)."""
+    layout (the simulator's unified layout is the engine's, deviation included), on
+    ``profile`` (default `sim_profile`)."""
     from avmp.memory.registry import make_allocator
     from avmp.memory.spec import MemoryConfig
     from avmp.sim.simulator import SimConfig
     from avmp.sim.simulator import simulate as run_sim
 
-    profile = "h100"  # the roofline's figures only matter without a calibration
-    if args.device == "cuda":
-        import torch
-
-        profile = gpu_profile(torch.cuda.get_device_name())
+    profile = profile or sim_profile(args)
     config = SimConfig(
         profile=profile, calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
@@ -342,16 +386,14 @@ def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
     and simulator, then the unbounded reference run if asked for."""
     import torch
 
-    from avmp.models.geometry import ConvColumns
     from benchmarks.engine import build_model, transformers_config
 
     if args.calibration is None:
         args.calibration = RESULTS_DIR / f"calibration_h100_{args.model}.json"
     model = build_model(transformers_config(args.model), torch.device(args.device))
     results = _conditions(args, trace)
-    # the geometry the engine sees (bf16 state, vLLM's conv columns), for the simulator
-    geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
-    geometry = dataclasses.replace(geometry, name=args.model)  # the calibration's name
+    geometry = sim_geometry(args.model, model)
+    results["sim_geometry"] = _geometry_figures(geometry)
     warm_up(args, model)
     results["earlier_rounds"] = []
     for round_index in range(args.rounds):
@@ -373,6 +415,7 @@ def _conditions(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
 
     on_gpu = args.device == "cuda"
     source = {"workload": args.workload, "seed": args.seed} if args.workload else {}
+    source["num_requests"] = len(trace)
     return {
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -388,6 +431,7 @@ def _conditions(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
         "max_num_seqs": args.max_num_seqs,
         "max_batched_tokens": args.max_batched_tokens,
         "calibration": repo_path(args.calibration),
+        "sim_profile": sim_profile(args),
         "prompt_tokens": sum(r.prompt_tokens for r in trace),
         "output_tokens": sum(r.output_tokens for r in trace),
         "runs": [],
@@ -418,6 +462,118 @@ def _run(
     return {"allocator": allocator, "engine": engine_result, "sim": sim_result}
 
 
+def _geometry_figures(geometry: Any) -> dict[str, int]:
+    """What a result records of the simulator's geometry, so that a resimulation can
+    check that it rebuilt the same one."""
+    return {
+        "kv_bytes_per_token": geometry.kv_bytes_per_token,
+        "state_bytes_per_request": geometry.state_bytes_per_request,
+        "num_params": geometry.num_params,
+    }
+
+
+# -- resimulation (CPU) --------------------------------------------------------------------
+
+
+def resimulate(results: dict[str, Any], calibration: Path, trace: Path | None) -> dict[str, Any]:
+    """``results`` with the simulated column of every layout and of the unbounded run
+    rerun with ``calibration``, over the trace the run replayed (rebuilt from what the
+    results record; ``trace`` replaces the recorded trace file).
+
+    Raises:
+        ValueError: a bad calibration, or a rebuilt trace or geometry that is not the
+            run's (the results do not record enough to rebuild them).
+        FileNotFoundError: the calibration or the trace file is missing.
+    """
+    from avmp.sim.timing import load_calibration
+
+    if not calibration.is_file():
+        raise FileNotFoundError(f"no such calibration file: {calibration}")
+    load_calibration(calibration)  # a bad file is one line here, not a traceback later
+    args = resimulation_args(results, calibration, trace)
+    requests = load_trace(args)
+    _check_trace(results, requests)
+    geometry = sim_geometry(results["model"])
+    recorded = results.get("sim_geometry")
+    if recorded is not None and recorded != _geometry_figures(geometry):
+        raise ValueError(
+            f"the geometry of {results['model']} rebuilt here ({_geometry_figures(geometry)}) "
+            f"is not the run's ({recorded})"
+        )
+    profile = results.get("sim_profile") or gpu_profile(results["device"])
+    resimulated = dict(results)
+    resimulated["runs"] = [
+        _resimulated_run(args, geometry, run, requests, profile) for run in results["runs"]
+    ]
+    if results.get("unbounded"):
+        unbounded = results["unbounded"]
+        resimulated["unbounded"] = _resimulated_run(
+            args, geometry, unbounded, requests, profile, unbounded["memory_bytes"]
+        )
+    resimulated["resimulated"] = {
+        "calibration": repo_path(calibration),
+        "run_calibration": results.get("calibration"),
+        "sim_profile": profile,
+    }
+    resimulated["calibration"] = repo_path(calibration)
+    return resimulated
+
+
+def resimulation_args(
+    results: dict[str, Any], calibration: Path, trace: Path | None
+) -> argparse.Namespace:
+    """The options the run was made with, as far as the simulator and the trace need
+    them, from what ``results`` records (older results: all arriving at t = 0, and as
+    many requests as the engine ran)."""
+    num_requests = results.get("num_requests", results["runs"][0]["engine"]["num_requests"])
+    if results.get("workload"):
+        source = ["--workload", results["workload"], "--seed", str(results["seed"]),
+                  "--num-requests", str(num_requests)]  # fmt: skip
+    else:
+        recorded = results.get("trace")
+        if trace is None and recorded is None:
+            raise ValueError("the results record no trace source: give --trace FILE")
+        source = ["--trace", str(trace or REPO_ROOT / recorded)]  # recorded repo-relative
+    slo = results.get("slo") or {}
+    argv = [
+        *source, "--arrivals", results.get("arrivals", "zero"), "--device", "cpu",
+        "--model", results["model"], "--memory", results["memory"],
+        "--max-num-seqs", str(results["max_num_seqs"]),
+        "--max-batched-tokens", str(results["max_batched_tokens"]),
+        "--calibration", str(calibration),
+        *(["--slo-ttft-s", str(slo["ttft_s"])] if slo.get("ttft_s") is not None else []),
+        *(["--slo-tpot-ms", str(slo["tpot_ms"])] if slo.get("tpot_ms") is not None else []),
+    ]  # fmt: skip
+    return parse_args(argv)
+
+
+def _check_trace(results: dict[str, Any], trace: list[RequestSpec]) -> None:
+    """Raise ValueError unless ``trace`` has the run's request count and token totals."""
+    rebuilt = (len(trace), sum(r.prompt_tokens for r in trace), sum(r.output_tokens for r in trace))
+    run = (results["runs"][0]["engine"]["num_requests"], results["prompt_tokens"],
+           results["output_tokens"])  # fmt: skip
+    if rebuilt != run:
+        raise ValueError(
+            f"the rebuilt trace ({rebuilt[0]} requests, {rebuilt[1]} prompt and {rebuilt[2]} "
+            f"output tokens) is not the run's ({run[0]}, {run[1]}, {run[2]})"
+        )
+
+
+def _resimulated_run(
+    args: argparse.Namespace,
+    geometry: Any,
+    run: dict[str, Any],
+    trace: list[RequestSpec],
+    profile: str,
+    memory_bytes: int | None = None,
+) -> dict[str, Any]:
+    """One run with its simulated column redone (its old ``sim_placed`` dropped: that
+    simulator is gone)."""
+    sim = simulate(args, geometry, run["allocator"], trace, memory_bytes, profile)
+    kept = {k: v for k, v in run.items() if k != "sim_placed"}
+    return kept | {"sim": sim}
+
+
 def _summary(engine_result: dict[str, Any]) -> dict[str, Any]:
     dropped = ("timeline", "steps", "completed_requests")
     return {k: v for k, v in engine_result.items() if k not in dropped}
@@ -432,6 +588,7 @@ def markdown(results: dict[str, Any]) -> str:
     runs = {run["allocator"]: run for run in results["runs"]}
     lines = [
         _conditions_line(results),
+        *_resimulated_lines(results),
         "",
         "| layout | engine req/s | engine out tok/s | preemptions | OOM events "
         "| migrations (chunks to KV / state) | max running | peak state GiB "
@@ -476,6 +633,19 @@ def _conditions_line(results: dict[str, Any]) -> str:
         f"cache budget {results['memory']}, at most "
         f"{results['max_num_seqs']} running, {results['max_batched_tokens']} tokens per step."
     )
+
+
+def _resimulated_lines(results: dict[str, Any]) -> list[str]:
+    """Which calibration the simulated columns used, when they were rerun after the run."""
+    again = results.get("resimulated")
+    if not again:
+        return []
+    return [
+        "",
+        f"Simulated columns rerun on the CPU with the calibration `{again['calibration']}` "
+        f"(GPU profile {again['sim_profile']}); the run's own simulation used "
+        f"`{again['run_calibration']}`.",
+    ]
 
 
 def _latency_table(results: dict[str, Any]) -> list[str]:
@@ -603,8 +773,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_trace is not None:
         write_trace(args.write_trace, args.num_requests or WRITE_TRACE_REQUESTS, args.seed)
         return 0
+    if args.resimulate is not None and args.markdown is None:
+        print("error: --resimulate needs the results file to rerun: --markdown FILE",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.markdown is not None:
-        results = read_result(args.markdown)
+        try:
+            results = read_result(args.markdown)
+            if args.resimulate is not None:
+                results = resimulate(results, args.resimulate, args.trace)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.resimulate is not None and args.out is not None:
+            write_result(args.out, results)
         print(markdown(results))
         if args.plot is not None:
             plot(results, args.plot)

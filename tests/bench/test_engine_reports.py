@@ -192,3 +192,107 @@ def test_docs_show_the_tables_the_committed_results_give(script: str, results: s
     docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
     missing = [line for line in text.splitlines() if line.strip() and line not in docs]
     assert not missing, missing[:3]
+
+
+def test_resimulate_reruns_the_simulated_column_of_a_cpu_smoke_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A results file of the CPU smoke path, resimulated: with the run's calibration the
+    simulated columns come back as they were (the trace, limits, geometry and profile are
+    rebuilt exactly); with a calibration 4x slower every simulated run takes longer while
+    the engine's figures stay; the tables say which calibration the sim used."""
+    import benchmarks.engine
+
+    replay = load("engine_replay")
+    tiny = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
+    monkeypatch.setattr(benchmarks.engine, "build_model", lambda config, device: tiny)
+    monkeypatch.setattr(benchmarks.engine, "transformers_config", lambda name: None)
+    trace = write_trace(tmp_path / "t.jsonl", [0.02 * i for i in range(6)])
+    run_cal = calibration(tmp_path / "c.json")
+    out = tmp_path / "r.json.gz"
+    argv = [
+        "--device", "cpu", "--trace", str(trace), "--memory", "4MiB", "--max-num-seqs", "4",
+        "--max-batched-tokens", "256", "--rounds", "1", "--unbounded", "--out", str(out),
+        "--calibration", str(run_cal), "--allocators", "avmp", "static",
+    ]  # fmt: skip
+    assert replay.main(argv) == 0
+    results = read_result(out)
+    assert results["num_requests"] == 6 and results["sim_profile"] == "h100"
+    again = replay.resimulate(results, run_cal, trace)
+    for old, new in zip([*results["runs"], results["unbounded"]],
+                        [*again["runs"], again["unbounded"]], strict=True):  # fmt: skip
+        assert new == old
+    slow = tmp_path / "slow.json"
+    points = json.loads(run_cal.read_text())["points"]
+    slow.write_text(json.dumps({"gpu": "test", "points": [
+        p | {"step_s": 4 * p["step_s"]} for p in points]}))  # fmt: skip
+    capsys.readouterr()
+    new_out = tmp_path / "resimulated.json.gz"
+    argv = ["--markdown", str(out), "--resimulate", str(slow), "--trace", str(trace)]
+    assert replay.main([*argv, "--out", str(new_out)]) == 0
+    text = capsys.readouterr().out
+    resimulated = read_result(new_out)
+    assert text == replay.markdown(resimulated) + "\n"
+    assert f"with the calibration `{slow.name}`" in text and f"used `{run_cal.name}`" in text
+    for old, new in zip([*results["runs"], results["unbounded"]],
+                        [*resimulated["runs"], resimulated["unbounded"]], strict=True):  # fmt: skip
+        assert new["engine"] == old["engine"]
+        assert new["sim"]["makespan_s"] > old["sim"]["makespan_s"]
+    assert "Simulated columns rerun" not in replay.markdown(results)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no such trace file"),  # the smoke trace was recorded by its name alone
+        (["--trace", "OTHER"], "is not the run's"),
+        (["--trace", "TRACE", "--resimulate", "missing.json"], "no such calibration file"),
+    ],
+)
+def test_resimulate_mistakes_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    replay = load("engine_replay")
+    trace = write_trace(tmp_path / "t.jsonl", [0.0, 0.1])
+    other = write_trace(tmp_path / "other.jsonl", [0.0, 0.1, 0.2])
+    results = {
+        "device": "cpu", "model": "tiny", "trace": "t.jsonl", "arrivals": "trace",
+        "memory": "4MiB", "max_num_seqs": 4, "max_batched_tokens": 256,
+        "slo": {"ttft_s": 2.0, "tpot_ms": 100.0}, "prompt_tokens": 4 + 9, "output_tokens": 5,
+        "runs": [{"allocator": "avmp", "engine": {"num_requests": 2}}],
+    }  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    cal = str(calibration(tmp_path / "c.json"))
+    named = {"TRACE": str(trace), "OTHER": str(other)}
+    argv = ["--markdown", str(path), "--resimulate", cal, *(named.get(a, a) for a in extra)]
+    assert replay.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_resimulate_needs_a_results_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load("engine_replay").main(["--resimulate", "c.json", "--out", "x.json"]) == 2
+    assert "--resimulate needs the results file" in capsys.readouterr().err
+
+
+def test_resimulation_rebuilds_a_workload_trace_from_its_record() -> None:
+    from avmp.bench.workloads import make_workload
+
+    replay = load("engine_replay")
+    results = {
+        "model": "m", "workload": "shift", "seed": 3, "arrivals": "trace", "memory": "1GiB",
+        "max_num_seqs": 8, "max_batched_tokens": 512, "slo": {"ttft_s": 2.0, "tpot_ms": 50.0},
+        "runs": [{"engine": {"num_requests": 9}}],  # an older file: no num_requests beside it
+    }  # fmt: skip
+    args = replay.resimulation_args(results, Path("cal.json"), None)
+    expected = make_workload("shift", 3, 9)
+    first = expected[0].arrival_s
+    assert replay.load_trace(args) == [
+        dataclasses.replace(r, arrival_s=r.arrival_s - first) for r in expected
+    ]
+    assert (args.memory, args.max_num_seqs, args.max_batched_tokens) == ("1GiB", 8, 512)
+    assert (args.slo_ttft_s, args.slo_tpot_ms, args.device) == (2.0, 50.0, "cpu")
+    del results["arrivals"]  # older results replayed every request at t = 0
+    assert all(r.arrival_s == 0 for r in replay.load_trace(replay.resimulation_args(
+        results, Path("cal.json"), None)))  # fmt: skip
