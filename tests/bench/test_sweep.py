@@ -270,3 +270,24 @@ def test_ssm_dtype_and_static_options_reach_the_cells(tmp_path: Path) -> None:
         SweepGrid(static_options=("nope",))
     with pytest.raises(ValueError, match="--ssm-dtype must be one of"):
         SweepGrid(ssm_dtype="int4")
+
+
+def test_the_simulator_digest_covers_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler change changes cells' results, so it must change the digest."""
+    import avmp.sched.scheduler
+    from avmp.bench import sweep
+
+    before = sweep.simulator_digest()
+    sweep.simulator_digest.cache_clear()
+    real = Path.read_bytes
+    target = Path(avmp.sched.scheduler.__file__)
+
+    def edited(path: Path) -> bytes:
+        data = real(path)
+        return data + b"# edited" if path == target else data
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    try:
+        assert sweep.simulator_digest() != before
+    finally:
+        sweep.simulator_digest.cache_clear()

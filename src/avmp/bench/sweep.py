@@ -256,11 +256,11 @@ class SweepGrid:
 @lru_cache(maxsize=1)
 def simulator_digest() -> str:
     """A hash of everything besides the grid that a cell's result depends on: the source
-    of `avmp.sim`, `avmp.memory` and `avmp.models` (zoo included), of the code that builds
-    the cells' traces (`avmp.bench` workloads, ShareGPT sampling, trace files), and the
-    allocator-call cost file the simulator reads by default. A resumed sweep made by other
-    code would mix unlike results, so `ResultStore.is_done` refuses it. The installed
-    ShareGPT data file counts too, by its fingerprint."""
+    of `avmp.sim`, `avmp.sched`, `avmp.memory` and `avmp.models` (zoo included), of the
+    code that builds the cells' traces (`avmp.bench` workloads, ShareGPT sampling, trace
+    files), and the allocator-call cost file the simulator reads by default. A resumed
+    sweep made by other code would mix unlike results, so `ResultStore.is_done` refuses
+    it. The installed ShareGPT data file counts too, by its fingerprint."""
     from importlib import metadata
 
     import avmp
@@ -270,7 +270,7 @@ def simulator_digest() -> str:
     package = Path(avmp.__file__).parent
     files = sorted(
         f
-        for sub in ("sim", "memory", "models")
+        for sub in ("sim", "sched", "memory", "models")
         for f in (package / sub).rglob("*")
         if f.suffix in (".py", ".json") and "__pycache__" not in f.parts
     )
