@@ -81,6 +81,8 @@ from benchmarks.common import (
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
+# vLLM's layout as it ships (recompute only, greedy admission; avmp.bench.sweep); opt-in
+LAYOUTS = (*ALLOCATORS, "unified-shipped")
 ARRIVALS = ("trace", "zero")
 UNBOUNDED_ALLOCATOR = "avmp"
 WRITE_TRACE_REQUESTS = 600
@@ -103,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", default="3GiB", help="cache budget of each layout")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
-    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=LAYOUTS,
+                        help="layouts to replay; unified-shipped is vLLM's pool with vLLM's "
+                             "own policy (recompute only, greedy admission)")
     parser.add_argument("--calibration", type=Path, help="step-time calibration for the sim")
     parser.add_argument("--rounds", type=int, default=2,
                         help="replays of every layout; the last is reported (the first "
@@ -184,6 +188,20 @@ def unbounded_memory_bytes(geometry: Any, trace: list[RequestSpec], max_num_seqs
 # -- the replay (GPU) ------------------------------------------------------------------------
 
 
+def layout_policy(layout: str) -> tuple[str, dict[str, Any]]:
+    """The allocator a layout runs on and the policy fields it overrides: a ``-shipped``
+    layout keeps its project's own preemption and admission (`avmp.bench.sweep`), the
+    others run the engine's and the simulator's defaults."""
+    from avmp.bench.sweep import layout_allocator
+    from avmp.bench.sweep import layout_policy as shipped_policy
+
+    if not layout.endswith("-shipped"):
+        return layout, {}
+    fields, _ = shipped_policy(layout, {})
+    policy = {key: fields[key] for key in ("preemption", "admission")}
+    return layout_allocator(layout), {**policy, "host_tier_bytes": 0}
+
+
 def replay(
     args: argparse.Namespace,
     model: Any,
@@ -199,12 +217,14 @@ def replay(
     from avmp.engine.fast_runner import FastModelRunner
 
     on_gpu = args.device == "cuda"
-    vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
+    base, policy = layout_policy(allocator)
+    vmm = on_gpu and args.backing == "vmm" and base != "unified"
     config = EngineConfig(
         memory_bytes=memory_bytes or parse_bytes(args.memory), device=args.device,
-        kernels="triton" if on_gpu else "reference", allocator=allocator,
+        kernels="triton" if on_gpu else "reference", allocator=base,
         backing="cuda_vmm" if vmm else "torch",
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+        **policy,
     )  # fmt: skip
     engine = Engine(model, config)
     runner = engine.runner
@@ -367,12 +387,13 @@ def simulate(
     from avmp.sim.simulator import simulate as run_sim
 
     profile = profile or sim_profile(args)
+    base, policy = layout_policy(allocator)
     config = SimConfig(
         profile=profile, calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_batched_tokens,
+        max_num_batched_tokens=args.max_batched_tokens, **policy,
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
-    layout = make_allocator(allocator, geometry, memory)
+    layout = make_allocator(base, geometry, memory)
     result = run_sim(trace, layout, geometry, config).to_dict()
     keys = ("makespan_s", "request_throughput", "output_token_throughput", "num_preemptions",
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",

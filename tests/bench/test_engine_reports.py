@@ -49,7 +49,7 @@ def test_replay_runs_every_layout_and_the_simulator_agrees_on_decisions(tmp_path
     args = replay.parse_args([*argv, "--calibration", str(calibration(tmp_path / "c.json"))])
     geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
     geometry = dataclasses.replace(geometry, name="tiny")
-    for allocator in ("avmp", "static", "unified"):
+    for allocator in ("avmp", "static", "unified", "unified-shipped"):
         engine = replay.replay(args, model, allocator, trace)
         sim = replay.simulate(args, geometry, allocator, trace)
         assert engine["num_completed"] == len(trace) == sim["num_completed"]
@@ -69,7 +69,7 @@ def test_replay_honours_arrivals_on_both_sides(tmp_path: Path) -> None:
     argv += ["--slo-tpot-ms", "1e6"]
     args = replay.parse_args([*argv, "--calibration", str(calibration(tmp_path / "c.json"))])
     geometry = model.geometry(next(model.parameters()).dtype, None, ConvColumns.VLLM)
-    for allocator in ("avmp", "static", "unified"):
+    for allocator in ("avmp", "static", "unified", "unified-shipped"):
         engine = replay.replay(args, model, allocator, trace)
         sim = replay.simulate(args, geometry, allocator, trace)
         for side in (engine, sim):
@@ -296,3 +296,11 @@ def test_resimulation_rebuilds_a_workload_trace_from_its_record() -> None:
     del results["arrivals"]  # older results replayed every request at t = 0
     assert all(r.arrival_s == 0 for r in replay.load_trace(replay.resimulation_args(
         results, Path("cal.json"), None)))  # fmt: skip
+
+
+def test_a_shipped_layout_runs_its_projects_policy() -> None:
+    replay = load("engine_replay")
+    assert replay.layout_policy("avmp") == ("avmp", {})
+    allocator, policy = replay.layout_policy("unified-shipped")
+    assert allocator == "unified"
+    assert policy == {"preemption": "recompute", "admission": "greedy", "host_tier_bytes": 0}
