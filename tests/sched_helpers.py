@@ -22,6 +22,7 @@ from avmp.models.geometry import (
     RecurrentLayer,
 )
 from avmp.sched.request import RequestSpec
+from avmp.sched.scheduler import Scheduler, StepPlan
 
 MIB = 1 << 20
 
@@ -182,3 +183,17 @@ def make_allocator(
 
 def req(request_id: int, prompt: int, output: int, arrival_s: float = 0.0) -> RequestSpec:
     return RequestSpec(request_id, arrival_s, prompt, output)
+
+
+def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
+    """Step until nothing is left, checking the allocator and the scheduler after every
+    step."""
+    plans = []
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        scheduler.finish_step(plan)
+        scheduler.allocator.check_integrity()
+        scheduler.check_integrity()
+        plans.append(plan)
+        assert len(plans) < max_steps, "scheduler did not finish"
+    return plans

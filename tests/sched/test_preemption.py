@@ -9,7 +9,7 @@ from avmp.memory.host_tier import HostExtent
 from avmp.memory.spec import MemoryConfig, RequestUnits
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode
-from sched_helpers import MIB, ExactBytesAllocator, req, tiny_geometry
+from sched_helpers import MIB, ExactBytesAllocator, req, run_to_end, tiny_geometry
 
 # tiny geometry: 2 KiB of KV per token, 16-token pages of 32 KiB, 512 KiB state slots
 PAGE = 32 * 1024
@@ -57,18 +57,6 @@ def step_until(scheduler: Scheduler, done: object) -> StepPlan:
         if done(plan):  # type: ignore[operator]
             return plan
     raise AssertionError("never happened")
-
-
-def run_to_end(scheduler: Scheduler) -> list[StepPlan]:
-    plans = []
-    while scheduler.has_unfinished:
-        plan = scheduler.schedule()
-        scheduler.finish_step(plan)
-        scheduler.allocator.check_integrity()
-        scheduler.check_integrity()
-        plans.append(plan)
-        assert len(plans) < 10_000
-    return plans
 
 
 def test_a_swapped_victim_keeps_its_tokens_and_resumes_without_recompute() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from avmp.memory.spec import MemoryConfig, RequestUnits
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.swap import PreemptionCosts
-from sched_helpers import MIB, ExactBytesAllocator, make_allocator, req, tiny_geometry
+from sched_helpers import MIB, ExactBytesAllocator, make_allocator, req, run_to_end, tiny_geometry
 
 # tiny geometry: 2 KiB of KV per token, 16-token pages of 32 KiB, 512 KiB state slots
 PAGE = 32 * 1024
@@ -27,19 +27,6 @@ POLICIES = [
     {"admission": "reserve"},
     {"admission": "sglang", "preemption": "swap", "host_tier_bytes": 64 * MIB},
 ]
-
-
-def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
-    """Step until nothing is left, checking the allocator after every step."""
-    plans = []
-    while scheduler.has_unfinished:
-        plan = scheduler.schedule()
-        scheduler.finish_step(plan)
-        scheduler.allocator.check_integrity()
-        scheduler.check_integrity()
-        plans.append(plan)
-        assert len(plans) < max_steps, "scheduler did not finish"
-    return plans
 
 
 def test_chunked_prefill_respects_the_token_budget() -> None:
