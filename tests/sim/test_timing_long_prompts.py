@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import timing_cases
+from timing_cases import chunk, decodes
 
 from avmp.models import resolve_model
 from avmp.sched.scheduler import ScheduledChunk
@@ -27,14 +29,6 @@ ALL = (*BASE, "mean_context_tokens", "has_prefill", "num_prefill_attention_pairs
 TRUTH = (0.004, 3e-5, 2e-5, 1e-8, 3e-7, 0.02, 1e-10)
 
 
-def chunk(request_id: int, start: int, num_tokens: int) -> ScheduledChunk:
-    return ScheduledChunk(request_id, start, num_tokens, 0, False, start == 0)
-
-
-def decodes(num_requests: int, context: int, first_id: int = 100) -> list[ScheduledChunk]:
-    return [ScheduledChunk(first_id + i, context, 1, 0, True, False) for i in range(num_requests)]
-
-
 def truth_step_s(shape: BatchShape) -> float:
     """`TRUTH` applied to a shape's features, written out (not through the module)."""
     c0, c_prefill, c_decode, c_context, c_mean, c_eager, c_pairs = TRUTH
@@ -47,6 +41,12 @@ def truth_step_s(shape: BatchShape) -> float:
         + c_mean * shape.num_context_tokens / shape.num_requests
         + c_eager * (shape.num_prefill_tokens > 0)
         + c_pairs * pairs
+    )
+
+
+def points_of(shapes: list[BatchShape], with_pairs: bool = True) -> list[dict[str, float]]:
+    return timing_cases.points_of(
+        shapes, truth_step_s, ("num_attention_pairs",) if with_pairs else ()
     )
 
 
@@ -64,22 +64,6 @@ def long_context_shapes() -> list[BatchShape]:
         for context in (512, 4096, 32768):
             steps.append(decodes(batch, context))
     return [BatchShape.from_chunks(step) for step in steps]
-
-
-def points_of(shapes: list[BatchShape], with_pairs: bool = True) -> list[dict[str, float]]:
-    points = []
-    for shape in shapes:
-        point = {
-            "num_prefill_tokens": shape.num_prefill_tokens,
-            "num_decode_requests": shape.num_decode_requests,
-            "num_context_tokens": shape.num_context_tokens,
-            "num_requests": shape.num_requests,
-            "step_s": truth_step_s(shape),
-        }
-        if with_pairs:
-            point["num_attention_pairs"] = shape.num_attention_pairs
-        points.append(point)
-    return points
 
 
 def test_prefill_attention_pairs_of_a_chunk() -> None:

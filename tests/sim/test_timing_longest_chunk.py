@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import timing_cases
+from timing_cases import chunk, decodes
 
 from avmp.sched.scheduler import ScheduledChunk
 from avmp.sim.timing import BatchShape, fit_calibration, load_calibration
@@ -25,14 +27,6 @@ WITH_LONGEST = (
 TRUTH = (0.004, 1.5e-5, 2e-5, 1e-8, 3e-7, 0.02, 1e-10, 3.3e-5)
 
 
-def chunk(request_id: int, start: int, num_tokens: int) -> ScheduledChunk:
-    return ScheduledChunk(request_id, start, num_tokens, 0, False, start == 0)
-
-
-def decodes(num_requests: int, context: int) -> list[ScheduledChunk]:
-    return [ScheduledChunk(100 + i, context, 1, 0, True, False) for i in range(num_requests)]
-
-
 def truth_step_s(shape: BatchShape) -> float:
     """`TRUTH` applied to a shape's features, written out (not through the module)."""
     c0, c_prefill, c_decode, c_context, c_mean, c_eager, c_pairs, c_longest = TRUTH
@@ -46,6 +40,11 @@ def truth_step_s(shape: BatchShape) -> float:
         + c_pairs * (shape.num_attention_pairs - shape.num_context_tokens)
         + c_longest * shape.longest_prefill_tokens
     )
+
+
+def points_of(shapes: list[BatchShape], with_longest: bool = True) -> list[dict[str, float]]:
+    extra = ("num_attention_pairs", "longest_prefill_tokens")
+    return timing_cases.points_of(shapes, truth_step_s, extra if with_longest else extra[:1])
 
 
 def served_shapes() -> list[BatchShape]:
@@ -65,23 +64,6 @@ def served_shapes() -> list[BatchShape]:
         for context in (512, 4096, 32768):
             steps.append(decodes(batch, context))
     return [BatchShape.from_chunks(step) for step in steps]
-
-
-def points_of(shapes: list[BatchShape], with_longest: bool = True) -> list[dict[str, float]]:
-    points = []
-    for shape in shapes:
-        point = {
-            "num_prefill_tokens": shape.num_prefill_tokens,
-            "num_decode_requests": shape.num_decode_requests,
-            "num_context_tokens": shape.num_context_tokens,
-            "num_attention_pairs": shape.num_attention_pairs,
-            "num_requests": shape.num_requests,
-            "step_s": truth_step_s(shape),
-        }
-        if with_longest:
-            point["longest_prefill_tokens"] = shape.longest_prefill_tokens
-        points.append(point)
-    return points
 
 
 def test_the_longest_chunk_of_a_step() -> None:

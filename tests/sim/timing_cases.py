@@ -1,0 +1,33 @@
+"""Steps and calibration points that the time-model tests share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from avmp.sched.scheduler import ScheduledChunk
+from avmp.sim.timing import BatchShape
+
+# what every calibration point records; the optional fields are added per test
+POINT_FIELDS = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens", "num_requests")
+
+
+def chunk(request_id: int, start: int, num_tokens: int) -> ScheduledChunk:
+    """A prefill chunk of ``num_tokens`` tokens from position ``start``."""
+    return ScheduledChunk(request_id, start, num_tokens, 0, False, start == 0)
+
+
+def decodes(num_requests: int, context: int, first_id: int = 100) -> list[ScheduledChunk]:
+    """``num_requests`` decode tokens, each at position ``context``."""
+    return [ScheduledChunk(first_id + i, context, 1, 0, True, False) for i in range(num_requests)]
+
+
+def points_of(
+    shapes: Iterable[BatchShape], step_s: Callable[[BatchShape], float], extra: Iterable[str] = ()
+) -> list[dict[str, float]]:
+    """Calibration points of ``shapes`` timed by ``step_s``, with the `POINT_FIELDS` and
+    the ``extra`` fields (BatchShape attribute names) recorded."""
+    fields = (*POINT_FIELDS, *extra)
+    return [
+        {**{name: getattr(shape, name) for name in fields}, "step_s": step_s(shape)}
+        for shape in shapes
+    ]
