@@ -18,6 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from avmp.bench.report import baseline_key, conditions, headline_table, markdown_table
 from avmp.bench.stats import Cell, coord, load_cells, oom_change, paired_ratios
@@ -252,6 +253,86 @@ def vllm_sharegpt_lines(directory: Path | None) -> list[str]:
     ]
 
 
+def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
+    """Per cell of the grid (workload, model, budget, time model; its seeds pooled): how
+    many cells have AVMP below 0.99x a baseline (geometric mean over the seeds), split by
+    whether the GPU profile could hold the run and whether both layouts completed the same
+    requests (when one rejects long prompts the other serves, req/s counts unlike work)."""
+    from avmp.bench.sweep import GPU_PROFILES, _geometry
+    from avmp.sim.timing import device_memory
+
+    by_cell: dict[tuple[Any, ...], dict[str, list[Cell]]] = {}
+    for cell in cells:
+        key = tuple(coord(cell, k) for k in ("workload", "model", "budget_bytes", "profile"))
+        by_cell.setdefault(key, {}).setdefault(coord(cell, "allocator"), []).append(cell)
+    feasible = {}
+    for key, layouts in by_cell.items():
+        _, model, budget, profile = key
+        settings = next(iter(layouts.values()))[0]["settings"]
+        geometry = _geometry(model, settings.get("ssm_dtype", "bfloat16"))
+        memory = device_memory(
+            geometry, budget, GPU_PROFILES[profile],
+            settings["max_num_batched_tokens"], settings["max_num_seqs"],
+        )  # fmt: skip
+        feasible[key] = memory.fits
+    rows = []
+    for baseline in sorted({coord(c, "allocator") for c in cells} - {"avmp"}):
+        counts = {"feasible": [0, 0, 0], "infeasible": [0, 0, 0]}  # cells, below, of them unlike
+        worst: tuple[float, tuple[Any, ...]] | None = None
+        for key, layouts in by_cell.items():
+            ratios, unlike = _cell_ratios(layouts.get("avmp", []), layouts.get(baseline, []))
+            if not ratios:
+                continue
+            mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            bucket = counts["feasible" if feasible[key] else "infeasible"]
+            bucket[0] += 1
+            if mean < 0.99:
+                bucket[1] += 1
+                bucket[2] += unlike
+            if not unlike and (worst is None or mean < worst[0]):
+                worst = (mean, key)
+        worst_text = "n/a" if worst is None else (
+            f"{worst[0]:.3f}x ({worst[1][0]}, {worst[1][1]}, "
+            f"{format_bytes(worst[1][2])}, {worst[1][3]})"
+        )
+        rows.append([
+            baseline,
+            f"{counts['feasible'][1]} of {counts['feasible'][0]} "
+            f"({counts['feasible'][2]} with unlike work)",
+            f"{counts['infeasible'][1]} of {counts['infeasible'][0]} "
+            f"({counts['infeasible'][2]} with unlike work)",
+            worst_text,
+        ])
+    header = ["baseline", "cells below 0.99x, feasible", "cells below 0.99x, infeasible",
+              "lowest cell where both completed the same requests"]  # fmt: skip
+    return [
+        "A cell is a workload, model, budget and time model, its 3 seeds pooled (geometric "
+        "mean of AVMP / baseline, requests/s). \"unlike work\": the two layouts completed "
+        "different requests in some seed (a layout that rejects long prompts the other "
+        "serves finishes sooner with less done). Feasible: the GPU profile holds weights, "
+        "cache and activations (what `avmp bench` runs without `--ignore-feasibility`).",
+        "",
+        markdown_table((header, rows)),
+    ]
+
+
+def _cell_ratios(avmp: list[Cell], baseline: list[Cell]) -> tuple[list[float], bool]:
+    """AVMP / baseline requests/s per seed, and whether any seed's completed sets differ."""
+    by_seed = {coord(c, "seed"): c for c in baseline}
+    ratios, unlike = [], False
+    for cell in avmp:
+        other = by_seed.get(coord(cell, "seed"))
+        if other is None:
+            continue
+        mine, theirs = cell["result"], other["result"]
+        if theirs["request_throughput"] > 0 and mine["request_throughput"] > 0:
+            ratios.append(mine["request_throughput"] / theirs["request_throughput"])
+        done = mine.get("completed_requests", {}).get("request_id", [])
+        other_done = theirs.get("completed_requests", {}).get("request_id", [])
+        unlike = unlike or set(done) != set(other_done)
+    return ratios, unlike
+
+
 def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
     cells = load_cells(directory)
     extra = "" if vllm_sharegpt is None else f" --sharegpt-vllm {vllm_sharegpt}"
@@ -279,6 +360,10 @@ def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
         "(pooled over models, budgets, time models and seeds)",
         "",
         markdown_table(headline_table(cells)),
+        "",
+        "### Per cell",
+        "",
+        *per_cell_lines(cells),
         "",
         "### Per memory budget (request throughput)",
         "",
