@@ -210,14 +210,14 @@ def engine_cell(
 def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
     """The runner's profiled steps as calibration rows (captures dropped: one-off work):
     shape (5 fields), period, device time, graph, the device's idle time after the step
-    (`device_idle_after`), and the longest prefill chunk (last: results from before it
-    have 9 fields, see `row_shape`)."""
+    (`device_idle_after`), the longest prefill chunk and the longest context of one
+    request (results from before those have 9 or 10 fields, see `row_shape`)."""
     steps = runner.profile.steps
     idle = device_idle_after(steps)
     return [
         [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
          s.num_attention_pairs, s.num_requests, p, s.seconds, s.graph, idle_s,
-         s.longest_prefill_tokens]
+         s.longest_prefill_tokens, s.longest_context_tokens]
         for (s, p), idle_s in zip(step_periods(steps), idle, strict=False)
         if not s.captured
     ]  # fmt: skip
@@ -225,9 +225,12 @@ def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
 
 def row_shape(row: list[Any]) -> BatchShape:
     """The shape of a `profiled_steps` row; a row from before the longest prefill chunk
-    was recorded has none (0: the time model takes the fewest it can be)."""
+    or the longest context was recorded has none (0: the time model takes the fewest
+    longest chunk it can be, and the mean context for the longest context)."""
     longest = row[9] if len(row) > 9 else 0
-    return BatchShape(*row[:5], longest_prefill_tokens=longest)
+    longest_context = row[10] if len(row) > 10 else 0
+    return BatchShape(*row[:5], longest_prefill_tokens=longest,
+                      longest_context_tokens=longest_context)  # fmt: skip
 
 
 def device_idle_after(steps: list[StepRecord]) -> list[float]:
@@ -555,8 +558,9 @@ def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
     one step start to the next: with overlapped steps the host starts step N+1 while N
     runs and then waits for N's tokens, so a period measures the step before it, and a
     decode step after a mixed one would carry the mixed step's cost. ``device_s`` keeps
-    the device time alone (the fit ignores it). ``longest_prefill_tokens`` is written
-    when the rows record it (rows from before it have 9 fields)."""
+    the device time alone (the fit ignores it). ``longest_prefill_tokens`` and
+    ``longest_context_tokens`` are written when the rows record them (rows from before
+    them have 9 or 10 fields)."""
     points = []
     for cell in cells:
         for row in cell["steps"]:
@@ -572,6 +576,8 @@ def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
             }
             if len(row) > 9:
                 point["longest_prefill_tokens"] = row[9]
+            if len(row) > 10:
+                point["longest_context_tokens"] = row[10]
             points.append(point)
     return points
 

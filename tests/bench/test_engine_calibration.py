@@ -136,3 +136,33 @@ def test_points_carry_the_longest_chunk_when_the_rows_have_it(tmp_path: Path) ->
     assert row_shape(old[-3]) == row_shape(rows[-3])  # a decode: 0 either way
     assert row_shape(old[0]).longest_prefill_tokens == 0
     assert model.step_seconds(row_shape(old[6])) == pytest.approx(rows[6][6], rel=1e-6)
+
+
+def test_points_carry_the_longest_context_when_the_rows_have_it(tmp_path: Path) -> None:
+    """Rows now end with the longest context of one request: the points carry it and a
+    fit of skewed decode batches (a few long requests beside short ones) uses it; rows
+    from before it (10 fields) give points without it, and shapes priced at their mean."""
+
+    def with_longest(r: list[Any], longest_context: int) -> list[Any]:
+        total = r[6] + r[8] + 8e-8 * longest_context
+        return [*r[:5], total, total, False, 0.0, r[0], longest_context]
+
+    def skewed_row(num_long: int, long_context: int, num_short: int) -> list[Any]:
+        batch, context = num_long + num_short, num_long * long_context + num_short * 600
+        return with_longest(row(0, batch, context, context, step_s(0, batch, context, context),
+                                0.0), long_context)  # fmt: skip
+
+    rows = [with_longest(r, max(r[0], 600 if r[1] and r[0] else r[2] // r[4]))
+            for r in short_cells()[0]["steps"]]  # fmt: skip
+    rows += [skewed_row(n, c, s) for n in (1, 4) for c in (10240, 34816) for s in (4, 32)]
+    points = calibration_points([{"steps": rows}])
+    assert points[-1]["longest_context_tokens"] == 34816
+    path = write_result(tmp_path / "calibration.json", {"gpu": "g", "points": points})
+    model = load_calibration(path)
+    assert model.features[-1] == "longest_context_tokens"
+    for r in rows:
+        assert model.step_seconds(row_shape(r)) == pytest.approx(r[6], rel=1e-6)
+    old = [r[:10] for r in rows]
+    assert all("longest_context_tokens" not in p for p in calibration_points([{"steps": old}]))
+    assert row_shape(old[-1]).longest_context_tokens == 0
+    assert model.step_seconds(row_shape(old[-1])) < 0.9 * rows[-1][6]  # priced at its mean

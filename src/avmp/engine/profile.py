@@ -22,7 +22,10 @@ class StepRecord:
     the runner's wall time. ``graph`` marks a replayed CUDA graph, ``captured`` a step
     that captured one. ``longest_prefill_tokens`` is the most tokens one sequence
     computes in the step's prefill work (0 for a pure decode step): a sequence's chunk
-    runs serially, so a prefill step's time follows it (see avmp.sim.timing)."""
+    runs serially, so a prefill step's time follows it (see avmp.sim.timing).
+    ``longest_context_tokens`` is the most context tokens of one sequence once the step
+    is done (decode or prefill): decode attention scans one sequence's KV serially, so a
+    decode step's time follows it beside the mean context."""
 
     num_prefill_tokens: int
     num_decode_requests: int
@@ -34,6 +37,7 @@ class StepRecord:
     graph: bool
     captured: bool = False
     longest_prefill_tokens: int = 0
+    longest_context_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,9 @@ def step_record(
     work: list[SequenceWork], started: float, seconds: float, graph: bool, captured: bool
 ) -> StepRecord:
     """The shape of a step: prefill tokens, decode requests (one token after cached
-    context), context tokens once done, query-key pairs its attention computes, and the
-    longest prefill work of one sequence."""
-    prefill = decode = context = pairs = longest = 0
+    context), context tokens once done, query-key pairs its attention computes, the
+    longest prefill work of one sequence and the longest context of one sequence."""
+    prefill = decode = context = pairs = longest = longest_context = 0
     for w in work:
         n, start = len(w.token_ids), w.num_context
         if n == 1 and start > 0:
@@ -101,10 +105,12 @@ def step_record(
             prefill += n
             longest = max(longest, n)
         context += start + n
+        longest_context = max(longest_context, start + n)
         pairs += n * start + n * (n + 1) // 2
     return StepRecord(
-        prefill, decode, context, pairs, len(work), started, seconds, graph, captured, longest
-    )
+        prefill, decode, context, pairs, len(work), started, seconds, graph, captured, longest,
+        longest_context,
+    )  # fmt: skip
 
 
 def _event(device: torch.device) -> torch.cuda.Event | None:

@@ -29,13 +29,14 @@ computing one decode token, ``num_context_tokens`` the KV tokens attention reads
 for every scheduled request the tokens in its cache once the step is done (a decode at
 position p counts p + 1, a chunk of n tokens starting at s counts s + n),
 ``num_attention_pairs`` the causal pairs (a chunk counts ``n * s + n * (n + 1) / 2``),
-``num_requests`` the scheduled requests, and ``longest_prefill_tokens`` the most tokens
-one request computes in the step's prefill chunks (0 for a pure decode step). Other
-fields are ignored.
+``num_requests`` the scheduled requests, ``longest_prefill_tokens`` the most tokens
+one request computes in the step's prefill chunks (0 for a pure decode step), and
+``longest_context_tokens`` the most context tokens of one scheduled request (``s + n``
+for a chunk of n tokens at s, decode or prefill). Other fields are ignored.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
-longest_prefill_tokens``.
+longest_prefill_tokens, longest_context_tokens``.
 ``has_prefill`` (1 when the step computes any prefill token) is the fixed cost of a step
 the engine runs eagerly: only pure decode steps replay CUDA graphs, so a step that mixes
 one short prefill chunk into a decode batch pays every kernel launch from Python. The
@@ -50,6 +51,13 @@ tokens at position 32k as one at 0 plus 32k context tokens, priced at the decode
 and attention kernels) runs one sequence's chunk serially: on an H200 a step of 8,192
 prefill tokens took ~430 ms as one request's chunk but ~160 ms as 16 chunks of 512, so a
 prefill step's time follows its longest chunk, which the token count cannot tell.
+``longest_context_tokens`` is the same effect in decode attention: the longest
+per-request KV scan. The mean context sees it only when contexts are even; on an H200 a
+long-document mix's decode batches (a few requests at 20k-35k tokens beside many short
+ones, ~5,000 per request on average) took 5.7-9.4 ms where the mean-context fit predicted
+3.6-5.4. It sits beside the mean context rather than replacing it: in batches of even
+contexts the two are equal (the fit cannot tell them apart there and keeps the older),
+and only skewed batches (the calibration's long-context cells) determine it.
 
 The time the device waits for the host is in ``step_s`` as the benchmark measures it
 (benchmarks/engine.py): the device time of the step (CUDA events recorded by the host
@@ -65,11 +73,13 @@ plain fit lets the few long prefill steps dominate the squared error and misses 
 short decode steps by tens of percent. A file from before a field was recorded still
 loads: the fit uses mean context only when every point has ``num_requests``, prefill
 attention pairs only when every point has ``num_attention_pairs``, the longest chunk only
-when every point has ``longest_prefill_tokens``, and it drops the optional features that
-the points cannot tell apart from the rest (the mean context of batch-1 steps,
-``has_prefill`` when every step or none has prefill, the longest chunk when every prefill
-step holds one chunk), ``has_prefill`` first, then the mean context, then the prefill
-attention pairs, then the longest chunk. At least 4 points of full
+when every point has ``longest_prefill_tokens``, the longest context only when every
+point has ``longest_context_tokens``, and it drops the optional features that the points
+cannot tell apart from the rest (the mean context of batch-1 steps, ``has_prefill`` when
+every step or none has prefill, the longest chunk when every prefill step holds one
+chunk, the longest context when every step's contexts are even), the longest context
+first, then ``has_prefill``, then the mean context, then the prefill attention pairs,
+then the longest chunk. At least 4 points of full
 rank are needed; a step is never predicted below the fastest measured step.
 """
 
@@ -296,6 +306,9 @@ class BatchShape:
         num_requests: scheduled requests (each reads and writes its recurrent state).
         longest_prefill_tokens: the most tokens one request computes in the step's
             prefill chunks (0 for a pure decode step): a sequence's chunk runs serially.
+        longest_context_tokens: the most context tokens of one scheduled request (its
+            tokens in the cache once the step is done): decode attention scans one
+            request's KV serially. 0 (not recorded) is priced as the mean context.
     """
 
     num_prefill_tokens: int = 0
@@ -304,6 +317,7 @@ class BatchShape:
     num_attention_pairs: int = 0
     num_requests: int = 0
     longest_prefill_tokens: int = 0
+    longest_context_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -320,7 +334,7 @@ class BatchShape:
 
     @classmethod
     def from_chunks(cls, chunks: tuple[ScheduledChunk, ...] | list[ScheduledChunk]) -> BatchShape:
-        prefill = decode = context = pairs = longest = 0
+        prefill = decode = context = pairs = longest = longest_context = 0
         for chunk in chunks:
             n, start = chunk.num_tokens, chunk.start
             if chunk.is_decode:
@@ -329,8 +343,9 @@ class BatchShape:
                 prefill += n
                 longest = max(longest, n)
             context += start + n
+            longest_context = max(longest_context, start + n)
             pairs += n * start + n * (n + 1) // 2
-        return cls(prefill, decode, context, pairs, len(chunks), longest)
+        return cls(prefill, decode, context, pairs, len(chunks), longest, longest_context)
 
 
 def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk]:
@@ -393,6 +408,8 @@ MEAN_CONTEXT_FEATURE = "mean_context_tokens"
 EAGER_FEATURE = "has_prefill"
 PREFILL_ATTENTION_FEATURE = "num_prefill_attention_pairs"
 LONGEST_PREFILL_FEATURE = "longest_prefill_tokens"
+LONGEST_CONTEXT_FEATURE = "longest_context_tokens"
+_LONGEST_FEATURES = (LONGEST_PREFILL_FEATURE, LONGEST_CONTEXT_FEATURE)
 # Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
 _FULL_FEATURES = (
     *_BASE_FEATURES,
@@ -400,6 +417,7 @@ _FULL_FEATURES = (
     EAGER_FEATURE,
     PREFILL_ATTENTION_FEATURE,
     LONGEST_PREFILL_FEATURE,
+    LONGEST_CONTEXT_FEATURE,
 )
 # The optional features, the one a fit keeps longest first (see `_feature_sets`).
 _OPTIONAL_FEATURES = (
@@ -407,6 +425,7 @@ _OPTIONAL_FEATURES = (
     PREFILL_ATTENTION_FEATURE,
     MEAN_CONTEXT_FEATURE,
     EAGER_FEATURE,
+    LONGEST_CONTEXT_FEATURE,
 )
 
 
@@ -414,7 +433,8 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     """The fit's features of a step, in `_FULL_FEATURES` order: prefill tokens, decode
     requests, context tokens, context tokens per scheduled request, 1.0 when the step
     has prefill tokens, prefill attention pairs beyond the context
-    (`BatchShape.num_prefill_attention_pairs`) and the longest prefill chunk.
+    (`BatchShape.num_prefill_attention_pairs`), the longest prefill chunk and the
+    longest context of one request.
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
@@ -422,6 +442,8 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     attention pairs has no prefill attention pairs beyond its context (the fewest). One
     with prefill tokens but no longest chunk (0) is taken as its prefill tokens split
     evenly over its prefilling requests: the shortest longest chunk that can produce it.
+    One without a longest context (0) is taken as its mean context (even contexts), so
+    rows from before the field keep their predictions.
     """
     prefill, decode = shape.num_prefill_tokens, shape.num_decode_requests
     requests = shape.num_requests or decode + (prefill > 0)
@@ -437,6 +459,7 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
         float(prefill > 0),
         float(max(0, shape.num_prefill_attention_pairs)),
         float(longest),
+        float(shape.longest_context_tokens or mean_context),
     )
 
 
@@ -508,15 +531,16 @@ def prefill_s_per_token(model: StepTimeModel, chunk_tokens: int) -> float:
 
 def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None) -> CalibratedModel:
     """Relative-error least-squares fit of measured steps (each a dict of the base
-    features, optionally ``num_requests``, ``num_attention_pairs`` and
-    ``longest_prefill_tokens``, and ``step_s``); see the module doc for the features and
-    which of them a fit keeps.
+    features, optionally ``num_requests``, ``num_attention_pairs``,
+    ``longest_prefill_tokens`` and ``longest_context_tokens``, and ``step_s``); see the
+    module doc for the features and which of them a fit keeps.
 
     Raises:
         ValueError: fewer than 4 points, a missing or negative field, a ``step_s`` of 0,
             a ``num_requests`` below 1 or below the point's decode requests, a
             ``num_attention_pairs`` below its context tokens, a
-            ``longest_prefill_tokens`` above the prefill tokens or 0 beside some, or
+            ``longest_prefill_tokens`` above the prefill tokens or 0 beside some, a
+            ``longest_context_tokens`` above the context tokens or below their mean, or
             features that do not vary enough to determine every coefficient.
     """
     if len(points) < 4:
@@ -548,12 +572,13 @@ def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
 def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float | None], float]:
     """One point's features in `_FULL_FEATURES` order (mean context None without
     ``num_requests``, prefill attention pairs None without ``num_attention_pairs``, the
-    longest chunk None without ``longest_prefill_tokens``) and its step time."""
+    longest chunk None without ``longest_prefill_tokens``, the longest context None without
+    ``longest_context_tokens``) and its step time."""
+    optional = ("num_requests", "num_attention_pairs", *_LONGEST_FEATURES)
     try:
         values = [float(point[name]) for name in (*_BASE_FEATURES, "step_s")]
-        requests, pairs, longest = (
-            None if point.get(name) is None else float(point[name])
-            for name in ("num_requests", "num_attention_pairs", LONGEST_PREFILL_FEATURE)
+        requests, pairs, longest, longest_context = (
+            None if point.get(name) is None else float(point[name]) for name in optional
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
@@ -577,9 +602,27 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
             f"calibration point {index}: longest_prefill_tokens must be in [1, "
             "num_prefill_tokens] when the step has prefill tokens, else 0"
         )
+    _check_longest_context(index, longest_context, context, requests)
     mean = None if requests is None else context / requests
     extra_pairs = None if pairs is None else pairs - context
-    return [prefill, decode, context, mean, float(prefill > 0), extra_pairs, longest], step_s
+    eager = float(prefill > 0)
+    return [prefill, decode, context, mean, eager, extra_pairs, longest, longest_context], step_s
+
+
+def _check_longest_context(
+    index: int, longest: float | None, context: float, requests: float | None
+) -> None:
+    """Refuse a longest context that no step can have: above the context tokens, below
+    their mean over the requests (when counted), or 0 beside some (a step's every request
+    holds at least one token once it is done)."""
+    if longest is None:
+        return
+    low = context / requests if requests is not None else min(context, 1.0)
+    if not math.isfinite(longest) or not low - 1e-9 <= longest <= context:
+        raise ValueError(
+            f"calibration point {index}: longest_context_tokens must be in [num_context_tokens"
+            " / num_requests, num_context_tokens]"
+        )
 
 
 def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] | None:
