@@ -121,4 +121,4 @@ def test_bench_on_a_ray_cluster_saves_what_a_local_run_saves(ray_head: str,
                      seeds=(0,), num_requests=(("shift", 48),))
     run_sweep(grid, tmp_path / "local", workers=1, progress=False)
     assert _cells(out) == _cells(tmp_path / "local")
-    assert len(_cells(out)) == 4
+    assert len(_cells(out)) == 6  # one per layout
