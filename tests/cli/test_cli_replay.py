@@ -121,3 +121,22 @@ def test_replay_static_options_change_only_the_static_row(trace: Path, capsys) -
                      for r in results})
     assert runs[0]["avmp"] == runs[1]["avmp"]
     assert runs[0]["static"] != runs[1]["static"]
+
+
+def test_replay_policy_options(trace: Path, capsys) -> None:
+    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
+            "--json", "--allocators", "avmp"]
+    assert main([*base, "--preemption", "recompute", "--admission", "greedy",
+                 "--host-tier", "0"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["policy"] == {"preemption": "recompute", "admission": "greedy",
+                                "host_tier_bytes": 0}
+    assert main([*base, "--host-tier", "8GiB"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["policy"] == {"preemption": "auto", "admission": "reserve",
+                                "host_tier_bytes": 8 << 30}
+    assert main([*base, "--preemption", "swap", "--host-tier", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a host tier" in err
+    assert main([*base, "--host-tier", "lots"]) == 2
+    assert "--host-tier: bad size 'lots'" in capsys.readouterr().err

@@ -104,7 +104,10 @@ def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     """`SimConfig`'s policy fields from the options (UserError, one line, on a bad size)."""
     from avmp.cli import parse_size
 
-    host_tier = None if args.host_tier is None else parse_size("--host-tier", args.host_tier)
+    host_tier = None
+    if args.host_tier is not None:
+        none = args.host_tier.strip() == "0"  # no host tier: every preemption recomputes
+        host_tier = 0 if none else parse_size("--host-tier", args.host_tier)
     return {
         "preemption": args.preemption,
         "admission": args.admission,
