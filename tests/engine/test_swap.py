@@ -15,7 +15,7 @@ from avmp.engine.engine import Engine, EngineConfig, resolve_host_tier_bytes
 from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth
 from avmp.memory.host_tier import HostTier
 from avmp.memory.spec import PoolKind, RequestUnits
-from avmp.sched.swap import PreemptionCosts
+from avmp.sched.swap import PreemptionCosts, PreemptionMode
 
 PRESSURE_LENGTHS = [4] * 8 + [120] * 4 + [4] * 8
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -161,6 +161,10 @@ def test_auto_measures_its_costs(tiny_checkpoint: Callable[..., TinyCheckpoint])
         assert output.token_ids == checkpoint.reference(prompt, 4)
     recompute = Engine(checkpoint.path, EngineConfig(8 * MiB, preemption="recompute"))
     assert recompute.preemption_costs is None and recompute.swapper is None
+    # `auto` without a host tier has nothing to weigh: it recomputes, measuring nothing
+    no_tier = Engine(checkpoint.path, EngineConfig(8 * MiB, host_tier_bytes=0))
+    assert no_tier.preemption_costs is None and no_tier.swapper is None
+    assert no_tier.scheduler.config.preemption is PreemptionMode.RECOMPUTE
 
 
 def test_host_tier_size_and_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from avmp.cli import UserError
-from avmp.cli.options import add_ssm_dtype_option, ssm_dtype_choice
+from avmp.cli.options import add_ssm_dtype_option, host_tier_bytes, ssm_dtype_choice
 from avmp.units import format_bytes, parse_bytes
 
 
@@ -65,8 +65,8 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--host-tier", default=None,
-        help="pinned host memory for swapped-out requests, e.g. 8GiB (default: twice "
-             "--memory, at most half the host's available memory)",
+        help="pinned host memory for swapped-out requests, e.g. 8GiB; 0 for none (default: "
+             "twice --memory, at most half the host's available memory)",
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
@@ -128,7 +128,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         ssm_dtype=_ssm_dtype(args.model, args.ssm_dtype),
         preemption=args.preemption,
         admission=args.admission,
-        host_tier_bytes=None if args.host_tier is None else parse_bytes(args.host_tier),
+        host_tier_bytes=host_tier_bytes(args.host_tier),
     )
 
 
@@ -156,7 +156,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     if args.ssm_dtype is not None:
         ssm_dtype_choice(args.ssm_dtype)  # one line for a bad choice, before any work
-    sizes = [("--memory", args.memory), ("--chunk", args.chunk), ("--host-tier", args.host_tier)]
+    host_tier_bytes(args.host_tier)  # "0" (none) or a size, else one line
+    sizes = [("--memory", args.memory), ("--chunk", args.chunk)]
     for flag, value in sizes:
         if value is None:
             continue

@@ -102,14 +102,18 @@ def add_policy_options(parser: Any) -> None:
 
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     """`SimConfig`'s policy fields from the options (UserError, one line, on a bad size)."""
-    from avmp.cli import parse_size
-
-    host_tier = None
-    if args.host_tier is not None:
-        none = args.host_tier.strip() == "0"  # no host tier: every preemption recomputes
-        host_tier = 0 if none else parse_size("--host-tier", args.host_tier)
     return {
         "preemption": args.preemption,
         "admission": args.admission,
-        "host_tier_bytes": host_tier,
+        "host_tier_bytes": host_tier_bytes(args.host_tier),
     }
+
+
+def host_tier_bytes(text: str | None) -> int | None:
+    """``--host-tier``: None when not given, 0 for ``0`` (no host tier: every preemption
+    recomputes), else a size (UserError, one line, when it is not one)."""
+    from avmp.cli import parse_size
+
+    if text is None:
+        return None
+    return 0 if text.strip() == "0" else parse_size("--host-tier", text)

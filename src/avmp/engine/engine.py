@@ -59,7 +59,7 @@ from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
-from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode
+from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode, parse_choice
 from avmp.sched.timeline import TimelineRecorder
 from avmp.sim.timing import ACTIVATION_COPIES, LOGIT_BYTES
 from avmp.units import format_bytes
@@ -174,16 +174,13 @@ class EngineConfig:
         object.__setattr__(self, "admission", self.scheduler_config.admission)
 
     def _check_preemption(self) -> None:
-        try:
-            object.__setattr__(self, "preemption", PreemptionMode(self.preemption))
-        except ValueError:
-            known = ", ".join(mode.value for mode in PreemptionMode)
-            got = self.preemption
-            raise ValueError(f"preemption must be one of {known}, got {got!r}") from None
+        object.__setattr__(
+            self, "preemption", parse_choice(PreemptionMode, "preemption", self.preemption)
+        )
         if self.host_tier_bytes is not None and self.host_tier_bytes < 0:
             raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
-        if self.host_tier_bytes == 0 and self.preemption is not PreemptionMode.RECOMPUTE:
-            raise ValueError(f"preemption {self.preemption.value!r} needs a host tier (0 bytes)")
+        if self.host_tier_bytes == 0 and self.preemption is PreemptionMode.SWAP:
+            raise ValueError("preemption 'swap' needs a host tier (0 bytes)")
 
     def torch_device(self) -> torch.device:
         """The device as torch names it.
@@ -218,10 +215,14 @@ class EngineConfig:
         self, host_tier_bytes: int, costs: PreemptionCosts | None
     ) -> SchedulerConfig:
         """The scheduler's config with this preemption policy, a host tier of
-        ``host_tier_bytes`` and ``costs`` (needed under ``auto``)."""
+        ``host_tier_bytes`` and ``costs`` (needed under ``auto``); ``auto`` without a
+        host tier recomputes (nowhere to swap to)."""
+        preemption = self.preemption
+        if preemption is PreemptionMode.AUTO and host_tier_bytes == 0:
+            preemption = PreemptionMode.RECOMPUTE
         return dataclasses.replace(
             self.scheduler_config,
-            preemption=self.preemption,
+            preemption=preemption,
             host_tier_bytes=host_tier_bytes,
             costs=costs,
         )
@@ -456,8 +457,8 @@ class Engine:
         copy and the prefill speed of one chunk of at most `PREFILL_PROBE_TOKENS`
         tokens run through this engine's runner and memory. None unless ``auto``, or
         when not even one token fits (no request can ever run, so none is preempted)."""
-        if self.config.preemption is not PreemptionMode.AUTO:
-            return None
+        if self.config.preemption is not PreemptionMode.AUTO or not self.host_tier_bytes:
+            return None  # nothing to compare: without a host tier `auto` recomputes
         num_tokens = min(self.config.max_num_batched_tokens, PREFILL_PROBE_TOKENS)
         prefill_s = measure_prefill_s_per_token(
             self.runner, self.views, self.allocator, PROBE_REQUEST_ID, num_tokens,
