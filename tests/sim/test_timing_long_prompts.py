@@ -31,17 +31,7 @@ TRUTH = (0.004, 3e-5, 2e-5, 1e-8, 3e-7, 0.02, 1e-10)
 
 def truth_step_s(shape: BatchShape) -> float:
     """`TRUTH` applied to a shape's features, written out (not through the module)."""
-    c0, c_prefill, c_decode, c_context, c_mean, c_eager, c_pairs = TRUTH
-    pairs = shape.num_attention_pairs - shape.num_context_tokens
-    return (
-        c0
-        + c_prefill * shape.num_prefill_tokens
-        + c_decode * shape.num_decode_requests
-        + c_context * shape.num_context_tokens
-        + c_mean * shape.num_context_tokens / shape.num_requests
-        + c_eager * (shape.num_prefill_tokens > 0)
-        + c_pairs * pairs
-    )
+    return timing_cases.formula_step_s(shape, TRUTH, ALL)
 
 
 def points_of(shapes: list[BatchShape], with_pairs: bool = True) -> list[dict[str, float]]:

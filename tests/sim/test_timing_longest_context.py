@@ -31,17 +31,7 @@ EXTRA = ("num_attention_pairs", "longest_context_tokens")
 
 def truth_step_s(shape: BatchShape) -> float:
     """`TRUTH` applied to a shape's features, written out (not through the module)."""
-    c0, c_prefill, c_decode, c_context, c_mean, c_eager, c_pairs, c_longest = TRUTH
-    return (
-        c0
-        + c_prefill * shape.num_prefill_tokens
-        + c_decode * shape.num_decode_requests
-        + c_context * shape.num_context_tokens
-        + c_mean * shape.num_context_tokens / shape.num_requests
-        + c_eager * (shape.num_prefill_tokens > 0)
-        + c_pairs * (shape.num_attention_pairs - shape.num_context_tokens)
-        + c_longest * shape.longest_context_tokens
-    )
+    return timing_cases.formula_step_s(shape, TRUTH, WITH_LONGEST_CONTEXT)
 
 
 def points_of(shapes: list[BatchShape], with_longest: bool = True) -> list[dict[str, float]]:

@@ -31,3 +31,28 @@ def points_of(
         {**{name: getattr(shape, name) for name in fields}, "step_s": step_s(shape)}
         for shape in shapes
     ]
+
+
+def written_out(shape: BatchShape) -> dict[str, float]:
+    """Every calibration feature of ``shape``, computed here from its fields (not through
+    `avmp.sim.timing`), so a test checks the module against an independent formula."""
+    return {
+        "num_prefill_tokens": shape.num_prefill_tokens,
+        "num_decode_requests": shape.num_decode_requests,
+        "num_context_tokens": shape.num_context_tokens,
+        "mean_context_tokens": shape.num_context_tokens / shape.num_requests,
+        "has_prefill": float(shape.num_prefill_tokens > 0),
+        "num_prefill_attention_pairs": shape.num_attention_pairs - shape.num_context_tokens,
+        "longest_prefill_tokens": shape.longest_prefill_tokens,
+        "longest_context_tokens": shape.longest_context_tokens,
+    }
+
+
+def formula_step_s(
+    shape: BatchShape, coefficients: tuple[float, ...], features: tuple[str, ...]
+) -> float:
+    """An intercept plus ``coefficients[1:]`` times the named features of ``shape``."""
+    values = written_out(shape)
+    return coefficients[0] + sum(
+        c * values[f] for c, f in zip(coefficients[1:], features, strict=True)
+    )
