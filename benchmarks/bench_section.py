@@ -258,23 +258,11 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
     many cells have AVMP below 0.99x a baseline (geometric mean over the seeds), split by
     whether the GPU profile could hold the run and whether both layouts completed the same
     requests (when one rejects long prompts the other serves, req/s counts unlike work)."""
-    from avmp.bench.sweep import GPU_PROFILES, _geometry
-    from avmp.sim.timing import device_memory
-
     by_cell: dict[tuple[Any, ...], dict[str, list[Cell]]] = {}
     for cell in cells:
         key = tuple(coord(cell, k) for k in ("workload", "model", "budget_bytes", "profile"))
         by_cell.setdefault(key, {}).setdefault(coord(cell, "allocator"), []).append(cell)
-    feasible = {}
-    for key, layouts in by_cell.items():
-        _, model, budget, profile = key
-        settings = next(iter(layouts.values()))[0]["settings"]
-        geometry = _geometry(model, settings.get("ssm_dtype", "bfloat16"))
-        memory = device_memory(
-            geometry, budget, GPU_PROFILES[profile],
-            settings["max_num_batched_tokens"], settings["max_num_seqs"],
-        )  # fmt: skip
-        feasible[key] = memory.fits
+    feasible = {key: _feasible(next(iter(layouts.values()))[0]) for key, layouts in by_cell.items()}
     rows = []
     for baseline in sorted({coord(c, "allocator") for c in cells} - {"avmp"}):
         counts = {"feasible": [0, 0, 0], "infeasible": [0, 0, 0]}  # cells, below, of them unlike
@@ -314,6 +302,56 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
         "",
         markdown_table((header, rows)),
     ]
+
+
+def budget_series_lines(cells: Sequence[Cell]) -> list[str]:
+    """Whether more memory ever means less throughput: per layout, the series (workload,
+    model, time model, seed) in which requests/s falls by more than 0.5% from one budget
+    to the next larger one while the same requests complete, and their preemptions."""
+    series: dict[tuple[Any, ...], dict[int, Cell]] = {}
+    for cell in cells:
+        key = tuple(coord(cell, k) for k in ("allocator", "workload", "model", "profile", "seed"))
+        series.setdefault(key, {})[coord(cell, "budget_bytes")] = cell
+    lines = []
+    for layout in sorted({key[0] for key in series}):
+        drops, total, where = 0, 0, set()
+        for key, by_budget in series.items():
+            if key[0] != layout:
+                continue
+            total += 1
+            budgets = sorted(by_budget)
+            for small, large in zip(budgets, budgets[1:], strict=False):
+                low, high = by_budget[small]["result"], by_budget[large]["result"]
+                same = set(low["completed_requests"].get("request_id", [])) == set(
+                    high["completed_requests"].get("request_id", [])
+                )
+                if same and high["request_throughput"] < 0.995 * low["request_throughput"]:
+                    drops += 1
+                    fits = _feasible(by_budget[large])
+                    where.add((key[1], key[2], key[3], high["num_preemptions"], fits))
+        places = "; ".join(
+            f"{w}, {m}, {p} ({n} preemptions at the larger budget, "
+            f"{'feasible' if fits else 'infeasible on that GPU'})"
+            for w, m, p, n, fits in sorted(where)
+        )
+        lines.append(
+            f"- {layout}: {drops} drops in {total} series" + (f": {places}" if places else "")
+        )
+    return lines
+
+
+def _feasible(cell: Cell) -> bool:
+    """Whether the cell's GPU profile holds its weights, cache and activations."""
+    from avmp.bench.sweep import GPU_PROFILES, _geometry
+    from avmp.sim.timing import device_memory
+
+    settings = cell["settings"]
+    geometry = _geometry(coord(cell, "model"), settings.get("ssm_dtype", "bfloat16"))
+    memory = device_memory(
+        geometry, coord(cell, "budget_bytes"), GPU_PROFILES[coord(cell, "profile")],
+        settings["max_num_batched_tokens"], settings["max_num_seqs"],
+    )  # fmt: skip
+    return memory.fits
 
 
 def _cell_ratios(avmp: list[Cell], baseline: list[Cell]) -> tuple[list[float], bool]:
@@ -364,6 +402,14 @@ def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
         "### Per cell",
         "",
         *per_cell_lines(cells),
+        "",
+        "### More memory, never less throughput?",
+        "",
+        "Series of one layout over the budgets (same workload, model, time model and seed) "
+        "in which requests/s falls by more than 0.5% from one budget to the next larger "
+        "one while the same requests complete:",
+        "",
+        *budget_series_lines(cells),
         "",
         "### Per memory budget (request throughput)",
         "",
