@@ -207,6 +207,19 @@ def engine_cell(
     }
 
 
+def profiled_generate(
+    engine: Engine, runner: FastModelRunner, prompts: list[list[int]], limits: Any
+) -> tuple[list[list[Any]], float]:
+    """One profiled `generate` (every request to its limit): its steps as calibration
+    rows (`profiled_steps`) and its wall seconds."""
+    runner.profile.start()
+    start = time.perf_counter()
+    engine.generate(prompts, limits, ignore_eos=True)
+    wall = time.perf_counter() - start
+    runner.profile.enabled = False
+    return profiled_steps(runner), wall
+
+
 def profiled_steps(runner: FastModelRunner) -> list[list[Any]]:
     """The runner's profiled steps as calibration rows (captures dropped: one-off work):
     shape (5 fields), period, device time, graph, the device's idle time after the step
@@ -282,12 +295,7 @@ def mixed_cell(model: HybridModel, args: argparse.Namespace, seed: int) -> dict[
     # warm-up: the same run once, since its ragged shapes need Triton variants (compiled
     # on first use, ~1 s each) that no earlier cell did
     engine.generate(prompts, limits, ignore_eos=True)
-    runner.profile.start()
-    start = time.perf_counter()
-    engine.generate(prompts, limits, ignore_eos=True)
-    wall = time.perf_counter() - start
-    runner.profile.enabled = False
-    steps = profiled_steps(runner)
+    steps, wall = profiled_generate(engine, runner, prompts, limits)
     engine.backing.close()
     mixed = [row for row in steps if row[0] > 0 and row[1] > 0]
     return {
@@ -322,12 +330,7 @@ def long_context_cell(
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in lengths]
     # warm-up on the two shorter prompts: chunked prefill over context and long decodes
     engine.generate(prompts[2:4], 4, ignore_eos=True)
-    runner.profile.start()
-    start = time.perf_counter()
-    engine.generate(prompts, LONG_DECODE_TOKENS, ignore_eos=True)
-    wall = time.perf_counter() - start
-    runner.profile.enabled = False
-    steps = profiled_steps(runner)
+    steps, wall = profiled_generate(engine, runner, prompts, LONG_DECODE_TOKENS)
     engine.backing.close()
     return {
         "memory": args.long_memory,
