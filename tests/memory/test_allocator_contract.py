@@ -298,3 +298,37 @@ def test_recent_frees_stay_bounded_and_forget_the_oldest() -> None:
     frees.add(8)  # freed again: the stale entry for 8 must not evict the new one
     frees.add(11)
     assert 8 in frees and 7 not in frees and len(frees) <= 3
+
+
+@every_layout
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 900), min_size=1, max_size=40))
+def test_could_hold_says_yes_only_when_the_requests_fit(layout: str, lengths: list[int]) -> None:
+    """`could_hold` is what admission reserves against: it says the requests fit together
+    exactly when admitting them one by one into an empty memory succeeds, and it never
+    says no about requests that are all live."""
+    allocator = build(layout, budget_mib=8)
+    units = sum(allocator.kv_units_for(n) for n in lengths)
+    says = allocator.could_hold(len(lengths), units)
+    admitted = 0
+    for request_id, num_tokens in enumerate(lengths):
+        try:
+            if allocator.admit(request_id, num_tokens) is None:
+                break
+        except RequestTooLargeError:
+            break
+        admitted += 1
+    allocator.check_integrity()
+    assert says == (admitted == len(lengths))
+    live = allocator.request_ids
+    held = sum(allocator.kv_units_for(allocator.num_tokens(r)) for r in live)
+    assert allocator.could_hold(len(live), held)
+
+
+@every_layout
+def test_kv_units_follow_the_layouts_unit(layout: str) -> None:
+    allocator = build(layout)
+    unit = allocator.kv_unit_tokens
+    assert unit >= allocator.config.block_size
+    assert allocator.kv_units_for(1) == 1 and allocator.kv_units_for(unit) == 1
+    assert allocator.kv_units_for(unit + 1) == 2
