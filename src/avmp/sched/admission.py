@@ -122,12 +122,22 @@ def _kv_units(num_tokens: int, num_requests: int, unit: int) -> int:
 def _staggered_peak_fits(
     allocator: CacheAllocator, now: list[int], growth: list[int], unit: int
 ) -> bool:
-    """Whether the cache fits at every point where it peaks (see the module doc)."""
+    """Whether the cache fits at every point where it peaks (see the module doc).
+
+    A peak held by more requests in more KV units than another covers it (`could_hold`
+    is monotone in both), so only the peaks that no later one covers are asked about.
+    """
     order = sorted(range(len(now)), key=growth.__getitem__, reverse=True)
+    peaks = []
     held = 0
     for k, index in enumerate(order, start=1):
         held += now[index]
-        tokens = held + k * growth[index]
-        if not allocator.could_hold(k, _kv_units(tokens, k, unit)):
-            return False
+        peaks.append(_kv_units(held + k * growth[index], k, unit))
+    most = -1
+    for k in range(len(peaks), 0, -1):
+        units = peaks[k - 1]
+        if units > most:
+            if not allocator.could_hold(k, units):
+                return False
+            most = units
     return True
