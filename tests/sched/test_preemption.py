@@ -65,7 +65,7 @@ def test_a_swapped_victim_keeps_its_tokens_and_resumes_without_recompute() -> No
     (victim,) = plan.preempted
     (copy,) = plan.swapped_out
     request = scheduler.requests[victim]
-    assert copy.request_id == victim and request.swapped
+    assert copy.request_id == victim and scheduler.host_tier.holds(victim)
     assert request.num_computed == copy.num_tokens > 0
     assert scheduler.waiting[0] is request and victim not in allocator.request_ids
     assert scheduler.host_tier.holds(victim)
@@ -153,7 +153,7 @@ def test_stopping_a_swapped_request_frees_its_host_extent() -> None:
     plan = step_until(scheduler, lambda p: p.preempted)
     (victim,) = plan.preempted
     assert scheduler.stop(victim)
-    assert scheduler.host_tier.used_bytes == 0 and not scheduler.requests[victim].swapped
+    assert scheduler.host_tier.used_bytes == 0 and not scheduler.host_tier.holds(victim)
     scheduler.check_integrity()
     run_to_end(scheduler)
 

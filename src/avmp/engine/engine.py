@@ -59,7 +59,13 @@ from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
-from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode, parse_choice
+from avmp.sched.swap import (
+    HOST_TIER_RATIO,
+    Admission,
+    PreemptionCosts,
+    PreemptionMode,
+    parse_choice,
+)
 from avmp.sched.timeline import TimelineRecorder
 from avmp.sim.timing import ACTIVATION_COPIES, LOGIT_BYTES
 from avmp.units import format_bytes
@@ -69,10 +75,8 @@ ENGINE_ALLOCATORS = ("avmp", "static", "unified")
 ENGINE_BACKINGS = ("torch", "cuda_vmm")
 ENGINE_DEVICES = ("cpu", "cuda")
 TIMELINE_SAMPLES = 200
-# SGLang HiCache's default host tier, --hicache-ratio 2: twice the device cache
-# (docs.sglang.io/advanced_features/hicache_best_practices.html), at most half the host's
-# available memory.
-HOST_TIER_RATIO = 2
+# the default host tier (`HOST_TIER_RATIO` x the budget) takes at most this share of the
+# host's available memory
 HOST_TIER_MAX_SHARE = 0.5
 # The prefill chunk timed for the auto rule's prefill speed, at most
 PREFILL_PROBE_TOKENS = 2048

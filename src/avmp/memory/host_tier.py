@@ -52,7 +52,6 @@ class HostTier:
         self._free_sizes: list[int] = [capacity_bytes] if capacity_bytes else []
         self._held: dict[int, HostExtent] = {}
         self.used_bytes = 0
-        self.peak_used_bytes = 0
 
     @property
     def free_bytes(self) -> int:
@@ -101,7 +100,6 @@ class HostTier:
         extent = HostExtent(offset, num_bytes)
         self._held[request_id] = extent
         self.used_bytes += need
-        self.peak_used_bytes = max(self.peak_used_bytes, self.used_bytes)
         return extent
 
     def release(self, request_id: int) -> HostExtent:

@@ -118,7 +118,6 @@ class SchedRequest:
         "num_computed",
         "num_computed_peak",
         "num_preemptions",
-        "swapped",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -132,7 +131,6 @@ class SchedRequest:
         self.num_computed = 0
         self.num_computed_peak = 0
         self.num_preemptions = 0
-        self.swapped = False  # waiting with its cache in the host tier
 
 
 class ScheduledChunk(NamedTuple):
@@ -433,7 +431,7 @@ class Scheduler:
         else:
             reason = "cannot be admitted even into an empty memory"
         if blocks is not None:
-            if request.swapped:
+            if self.host_tier.holds(request.request_id):  # resumes from its copy
                 self._swap_in(request, blocks, budget)
             return True
         if self.running or self.allocator.request_ids:
@@ -493,7 +491,6 @@ class Scheduler:
             return False
         if self.swapper is not None:
             self.swapper.swap_out(victim.request_id, units, extent)
-        victim.swapped = True
         self.num_swapped_out += 1
         budget.swapped_out.append(SwapCopy(victim.request_id, victim.num_computed, num_bytes))
         return True
@@ -504,7 +501,6 @@ class Scheduler:
         if self.swapper is not None:
             self.swapper.swap_in(request.request_id, units, extent)
         self.host_tier.release(request.request_id)
-        request.swapped = False
         self.num_swapped_in += 1
         budget.swapped_in.append(
             SwapCopy(request.request_id, request.num_computed, extent.num_bytes)
@@ -512,9 +508,8 @@ class Scheduler:
 
     def _drop_swapped(self, request: SchedRequest) -> None:
         """Forget a waiting request's host copy (it finished or was rejected)."""
-        if request.swapped:
+        if self.host_tier.holds(request.request_id):
             self.host_tier.release(request.request_id)
-            request.swapped = False
             request.num_computed = 0
 
     def _drop_running(self, request: SchedRequest, budget: _Budget, reason: str) -> None:
@@ -624,13 +619,12 @@ class Scheduler:
             assert 0 < request.num_computed < request.num_tokens
         for request in self.waiting:
             assert request.status is RequestStatus.WAITING, f"{request.request_id}: status"
-            assert request.swapped == self.host_tier.holds(request.request_id)
-            if request.swapped:
+            if self.host_tier.holds(request.request_id):  # swapped out, keeps its tokens
                 assert 0 < request.num_computed < request.num_tokens
             else:
                 assert request.num_computed == 0, f"{request.request_id}: waiting with a cache"
-        swapped = sorted(r.request_id for r in self.waiting if r.swapped)
-        assert swapped == sorted(self.host_tier.request_ids), "the host tier holds others"
+        waiting_ids = {r.request_id for r in self.waiting}
+        assert set(self.host_tier.request_ids) <= waiting_ids, "the host tier holds others"
         self.host_tier.check_integrity()
         queued = len(self.running) + len(self.waiting)
         assert len(set(running_ids) | {r.request_id for r in self.waiting}) == queued

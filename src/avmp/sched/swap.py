@@ -64,6 +64,11 @@ def parse_choice(kind: type[_Choice], name: str, value: str) -> _Choice:
         raise ValueError(f"{name} must be one of {known}, got {value!r}") from None
 
 
+# The default host tier, as a multiple of the cache budget: SGLang HiCache's default
+# `--hicache-ratio 2`, host memory twice the device cache
+# (docs.sglang.io/advanced_features/hicache_best_practices.html).
+HOST_TIER_RATIO = 2
+
 # SGLang's new-token-ratio schedule (python/sglang/global_config.py / environ defaults):
 # the ratio starts at 0.7, decays linearly to 0.7 x 0.14 over 600 steps without a
 # retraction, and after one is reset from what the running requests actually produced.

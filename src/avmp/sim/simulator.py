@@ -21,7 +21,13 @@ from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, CacheAllocator, MemoryUsag
 from avmp.models.geometry import ModelGeometry
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
-from avmp.sched.swap import Admission, PreemptionCosts, PreemptionMode, parse_choice
+from avmp.sched.swap import (
+    HOST_TIER_RATIO,
+    Admission,
+    PreemptionCosts,
+    PreemptionMode,
+    parse_choice,
+)
 from avmp.sched.timeline import TimelineRecorder
 from avmp.sim.metrics import PHASES, RequestClock, SimResult, percentile
 from avmp.sim.timing import (
@@ -42,9 +48,6 @@ from avmp.sim.timing import (
 ProgressCallback = Callable[[int, int], None]
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
-# The default host tier, as a multiple of the cache budget: SGLang HiCache's default
-# `--hicache-ratio 2` (host memory twice the device cache).
-HOST_TIER_RATIO = 2
 
 
 @dataclass(frozen=True)
@@ -209,9 +212,6 @@ class TimedAllocator(CacheAllocator):
     @property
     def kv_unit_tokens(self) -> int:
         return self.inner.kv_unit_tokens
-
-    def kv_units_for(self, num_tokens: int) -> int:
-        return self.inner.kv_units_for(num_tokens)
 
     def could_hold(self, num_requests: int, num_kv_units: int) -> bool:
         return self.inner.could_hold(num_requests, num_kv_units)
