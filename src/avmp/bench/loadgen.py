@@ -1,0 +1,607 @@
+"""A load generator for any OpenAI-compatible server (``avmp bench serve``).
+
+It speaks only the HTTP API (``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, streamed as server-sent events), so the same run measures
+avmp, vLLM or SGLang. Conventions follow vLLM's ``bench serve``, which users compare
+against: requests leave on a Poisson or gamma schedule (``burstiness`` k is the gamma
+shape, k = 1 is Poisson) or all at once, optionally under a concurrency cap; TTFT is
+the time to the first streamed chunk that carries text, ITL every later gap between
+such chunks, TPOT ``(e2e - ttft) / (output tokens - 1)``, and goodput the requests per
+second that meet every latency objective.
+
+Token counts come from the server's own ``usage`` (``stream_options.include_usage``);
+a server that sends none is counted one token per text chunk and the record says so.
+
+Prompts: ShareGPT conversations as text (turn 0; ``max_tokens`` = the tokens of turn 1
+under vLLM's rules, `avmp.bench.sharegpt`), or prompt/output lengths from a trace file
+or a workload preset, sent as token-id lists of exactly that length (ids drawn with the
+seed from ``PROMPT_TOKEN_IDS``, a range every real vocabulary has and that skips the
+low ids where tokenizers keep their special tokens). ``ignore_eos`` (a vLLM and SGLang
+extension) is sent by default so that every output is as long as the trace says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from avmp.bench.files import write_atomic
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+PROMPT_TOKEN_IDS = (100, 1000)
+"""Token ids of synthetic prompts: uniform on [100, 1000)."""
+DEFAULT_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
+GOODPUT_METRICS = ("ttft", "tpot", "e2e")
+MAX_ERRORS_KEPT = 5
+RESULT_SCHEMA = "avmp-bench-serve/1"
+METRICS = ("ttft", "tpot", "itl", "e2e")
+"""The latency distributions summarised and drawn, in milliseconds."""
+
+
+class BenchError(ValueError):
+    """The benchmark cannot measure this server (e.g. every warm-up request failed);
+    the message says what the server answered."""
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request to send: a text or token-id prompt and how many tokens to ask for.
+
+    ``prompt_tokens`` is the prompt's length as built (exact for token ids, counted with
+    the dataset's tokenizer for text); the server's own count replaces it when reported.
+    """
+
+    prompt: str | list[int]
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How one run loads the server.
+
+    Attributes:
+        base_url: ``http(s)://host[:port]`` (a trailing ``/v1`` is dropped).
+        model: the model name sent in every request.
+        endpoint: ``completions`` or ``chat``.
+        request_rate: requests/s of the arrival schedule; ``inf`` sends all at once.
+        burstiness: gamma shape k of the gaps (1: Poisson; < 1 burstier).
+        max_concurrency: requests in flight at most (None: no cap).
+        ignore_eos: send ``ignore_eos: true`` so outputs run to ``max_tokens``.
+        request_timeout_s: one request's bound, from sending to its last byte.
+        max_duration_s: the whole run's bound (None: none); what is unfinished then
+            is cancelled and counted failed.
+        seed: seeds the arrival schedule.
+        api_key: sent as ``Authorization: Bearer``.
+    """
+
+    base_url: str
+    model: str
+    endpoint: str = "completions"
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    ignore_eos: bool = True
+    request_timeout_s: float = 600.0
+    max_duration_s: float | None = None
+    seed: int = 0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_url", normalize_url(self.base_url))
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {self.endpoint!r}; known: {', '.join(ENDPOINTS)}")
+        if not self.request_rate > 0:
+            raise ValueError(
+                f"request rate must be > 0 requests/s (or inf), got {self.request_rate}"
+            )
+        if not 0 < self.burstiness < math.inf:
+            raise ValueError(f"burstiness must be a positive number, got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max concurrency must be >= 1, got {self.max_concurrency}")
+        if not 0 < self.request_timeout_s < math.inf:
+            raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
+        if self.max_duration_s is not None and not 0 < self.max_duration_s < math.inf:
+            raise ValueError(f"max duration must be positive, got {self.max_duration_s}")
+
+
+def normalize_url(url: str) -> str:
+    """The server's base URL without a trailing ``/`` or ``/v1``.
+
+    Raises:
+        ValueError: not an http(s) URL with a host.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad server URL {url!r}: expected http://HOST[:PORT]")
+    try:
+        parts.port  # noqa: B018 (a bad port raises here)
+    except ValueError:
+        raise ValueError(f"bad server URL {url!r}: the port is not a number in 0-65535") from None
+    base = url.strip().rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+# -- requests -----------------------------------------------------------------------
+
+
+def token_prompt(num_tokens: int, rng: np.random.Generator) -> list[int]:
+    """A prompt of exactly ``num_tokens`` token ids drawn from `PROMPT_TOKEN_IDS`."""
+    low, high = PROMPT_TOKEN_IDS
+    return rng.integers(low, high, size=num_tokens).tolist()
+
+
+def length_requests(
+    prompt_tokens: Sequence[int], output_tokens: Sequence[int], seed: int
+) -> list[BenchRequest]:
+    """Token-id requests of the given prompt and output lengths (a trace, a preset)."""
+    rng = np.random.default_rng(seed)
+    return [
+        BenchRequest(token_prompt(int(p), rng), int(p), int(o))
+        for p, o in zip(prompt_tokens, output_tokens, strict=True)
+    ]
+
+
+def trace_requests(
+    path: str | Path, num_prompts: int | None, seed: int, fmt: str | None = None
+) -> list[BenchRequest]:
+    """The first ``num_prompts`` requests of a trace file (all by default), by length;
+    the trace's arrival times are not used (the schedule comes from the rate)."""
+    from avmp.bench.traces import read_trace
+
+    specs = read_trace(path, fmt)[:num_prompts]
+    return length_requests([s.prompt_tokens for s in specs], [s.output_tokens for s in specs], seed)
+
+
+def preset_requests(name: str, num_prompts: int | None, seed: int) -> list[BenchRequest]:
+    """A workload preset's lengths (`avmp.bench.workloads.PRESETS`) as token-id requests."""
+    from avmp.bench.workloads import make_workload
+
+    specs = make_workload(name, seed, num_requests=num_prompts)
+    return length_requests([s.prompt_tokens for s in specs], [s.output_tokens for s in specs], seed)
+
+
+def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> list[BenchRequest]:
+    """ShareGPT under vLLM's rules: prompt = turn 0 as text, ``max_tokens`` = the tokens
+    of turn 1, the same conversations `sharegpt.sample_lengths` picks for this seed.
+
+    Args:
+        limit: read only the first ``limit`` conversations of the dataset (tests).
+    """
+    from avmp.bench import sharegpt
+
+    prompts, outputs = sharegpt.sample_lengths(num_prompts, seed, rules="vllm", limit=limit)
+    cache = sharegpt.load_length_cache(limit)
+    turns = sharegpt.read_conversations(limit).turns
+    order = np.random.default_rng(seed).permutation(len(cache.words))
+    wanted = list(zip(prompts.tolist(), outputs.tolist(), strict=True))
+    chosen: list[BenchRequest] = []
+    # sample_lengths keeps, in this order, every conversation whose lengths pass its
+    # filters, and the filters read only the lengths: so the k-th conversation in order
+    # with the k-th pair's lengths is the k-th one it kept.
+    for index in order:
+        i = int(index)
+        if len(chosen) == len(wanted):
+            break
+        if cache.num_turns[i] >= 2 and tuple(cache.tokens.get(i, ())) == wanted[len(chosen)]:
+            prompt_len, output_len = wanted[len(chosen)]
+            chosen.append(BenchRequest(turns[i][0][1], prompt_len, output_len))
+    return chosen
+
+
+# -- arrivals -----------------------------------------------------------------------
+
+
+def arrival_times(num_requests: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
+    """Send times in seconds from the start, the first at 0: gamma gaps with shape
+    ``burstiness`` and mean ``1 / rate`` (exponential at burstiness 1), or all zero
+    at an infinite rate."""
+    if math.isinf(rate):
+        return np.zeros(num_requests)
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), size=num_requests)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+# -- the client -----------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """What one request measured; times in seconds, ``start_s`` from the run's start.
+
+    ``chunk_s`` holds the arrival of every text chunk after the request was sent (so
+    TTFT is its first entry and ITL its gaps); ``usage_reported`` says whether the token
+    counts are the server's or counted from chunks.
+    """
+
+    index: int
+    prompt_tokens: int
+    max_tokens: int
+    start_s: float = 0.0
+    success: bool = False
+    error: str | None = None
+    latency_s: float | None = None
+    chunk_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    usage_reported: bool = False
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.chunk_s[0] if self.success and self.chunk_s else None
+
+    @property
+    def itl_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_s, self.chunk_s[1:], strict=False)]
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two)."""
+        ttft = self.ttft_s
+        if ttft is None or self.latency_s is None or self.output_tokens < 2:
+            return None
+        return (self.latency_s - ttft) / (self.output_tokens - 1)
+
+
+def request_payload(request: BenchRequest, config: LoadConfig) -> dict[str, Any]:
+    """The JSON body of one streamed request."""
+    payload: dict[str, Any] = {
+        "model": config.model,
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if config.endpoint == "chat":
+        payload["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        payload["prompt"] = request.prompt
+    if config.ignore_eos:
+        payload["ignore_eos"] = True
+    return payload
+
+
+def _headers(config: LoadConfig) -> dict[str, str]:
+    return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+
+def _chunk_text(choice: dict[str, Any]) -> str:
+    """The text a streamed choice carries (completions: ``text``; chat: the delta's
+    ``content`` or a reasoning model's ``reasoning_content``)."""
+    if "text" in choice:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+
+
+def _error_text(status: int, body: bytes) -> str:
+    """``HTTP 400: <OpenAI error message>``, or the body's start when it is not JSON."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", errors="replace").strip()[:200]
+    return f"HTTP {status}: {message}" if message else f"HTTP {status}"
+
+
+async def send_request(
+    client: Any, request: BenchRequest, record: RequestRecord, config: LoadConfig
+) -> None:
+    """Send one streamed request and fill ``record`` as its chunks arrive."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        async with client.stream(
+            "POST",
+            ENDPOINTS[config.endpoint],
+            json=request_payload(request, config),
+            headers=_headers(config),
+        ) as response:
+            if response.status_code != 200:
+                record.error = _error_text(response.status_code, await response.aread())
+                return
+            await _read_stream(response, record, started)
+    except httpx.TimeoutException:
+        record.error = f"timed out after {config.request_timeout_s:g} s"
+    except ValueError as error:  # an event that is not JSON
+        record.error = f"malformed stream event: {error}"
+    except httpx.HTTPError as error:
+        record.error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def _read_stream(response: Any, record: RequestRecord, started: float) -> None:
+    """Read SSE lines up to ``data: [DONE]``: note each text chunk's time, take the
+    usage when the server sends it, stop at an error event."""
+    chunks = 0
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, event names
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        if "error" in event:
+            record.error = f"stream error: {event['error'].get('message', event['error'])}"
+            return
+        now = time.perf_counter() - started
+        choices = event.get("choices") or []
+        if choices and _chunk_text(choices[0]):
+            record.chunk_s.append(now)
+            chunks += 1
+        if event.get("usage"):
+            record.output_tokens = int(event["usage"].get("completion_tokens", 0))
+            record.prompt_tokens = int(event["usage"].get("prompt_tokens", record.prompt_tokens))
+            record.usage_reported = True
+    record.latency_s = time.perf_counter() - started
+    if not record.usage_reported:
+        record.output_tokens = chunks
+    record.success = True
+
+
+def fetch_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The first model that ``GET /v1/models`` lists.
+
+    Raises:
+        ValueError: a bad URL.
+        ConnectionError: the server cannot be reached.
+        BenchError: it answers, but not with a model list.
+    """
+    import httpx
+
+    base_url = normalize_url(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise ConnectionError(f"cannot reach {base_url}: {error}") from None
+    if response.status_code != 200:
+        answer = _error_text(response.status_code, response.content)
+        raise BenchError(f"GET {base_url}/v1/models: {answer}")
+    try:
+        return str(response.json()["data"][0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"GET {base_url}/v1/models: no model listed") from None
+
+
+def _client(config: LoadConfig) -> Any:
+    import httpx
+
+    return httpx.AsyncClient(
+        base_url=config.base_url,
+        timeout=httpx.Timeout(config.request_timeout_s),
+        limits=httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=None),
+    )
+
+
+async def _run_async(
+    requests: Sequence[BenchRequest],
+    config: LoadConfig,
+    on_done: Callable[[], None],
+) -> tuple[list[RequestRecord], float]:
+    """Send ``requests`` on the schedule; returns their records and the run's duration
+    (first send to last completion, or to the ``max_duration_s`` bound)."""
+    times = arrival_times(len(requests), config.request_rate, config.burstiness, config.seed)
+    records = [RequestRecord(i, r.prompt_tokens, r.max_tokens) for i, r in enumerate(requests)]
+    limit = asyncio.Semaphore(config.max_concurrency or len(requests))
+    async with _client(config) as client:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + float(times[i]) - time.perf_counter()))
+            async with limit:
+                records[i].start_s = time.perf_counter() - start
+                await send_request(client, requests[i], records[i], config)
+            on_done()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(len(requests))]
+        _, pending = await asyncio.wait(tasks, timeout=config.max_duration_s)
+        duration = time.perf_counter() - start
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for record in records:
+        if not record.success and record.error is None:
+            record.error = f"unfinished at the {config.max_duration_s:g} s bound of the run"
+    return records, duration
+
+
+def run_load(
+    requests: Sequence[BenchRequest],
+    config: LoadConfig,
+    on_done: Callable[[], None] = lambda: None,
+) -> tuple[list[RequestRecord], float]:
+    """Load the server with ``requests`` (see `LoadConfig`); ``on_done`` is called as each
+    request ends (a progress bar). Returns every request's record and the duration.
+
+    Raises:
+        ValueError: no requests.
+    """
+    if not requests:
+        raise ValueError("no requests to send")
+    return asyncio.run(_run_async(requests, config, on_done))
+
+
+def warm_up(requests: Sequence[BenchRequest], config: LoadConfig) -> None:
+    """Send ``requests`` (all at once, under the concurrency cap) and drop their records.
+
+    Raises:
+        BenchError: every one failed (a wrong model name, a server that refuses the
+            payload): the run would measure nothing.
+    """
+    if not requests:
+        return
+    records, _ = run_load(requests, replace(config, request_rate=math.inf, max_duration_s=None))
+    if not any(r.success for r in records):
+        raise BenchError(f"every warm-up request failed; the first: {records[0].error}")
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goodput:
+    """Latency objectives of goodput in milliseconds (None: not an objective)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+    def met_by(self, record: RequestRecord) -> bool:
+        """Whether a successful request meets every objective (a request of one token
+        has no TPOT and meets that objective, as in vLLM)."""
+        ttft, tpot, e2e = record.ttft_s or 0.0, record.tpot_s or 0.0, record.latency_s or 0.0
+        checks = ((self.ttft_ms, ttft), (self.tpot_ms, tpot), (self.e2e_ms, e2e))
+        return record.success and all(s is None or value * 1e3 <= s for s, value in checks)
+
+
+def parse_goodput(items: Sequence[str]) -> Goodput:
+    """``ttft:MS``, ``tpot:MS``, ``e2e:MS`` (vLLM's ``e2el`` too), each at most once.
+
+    Raises:
+        ValueError: an unknown metric, a value that is not a positive number, a repeat.
+    """
+    values: dict[str, float] = {}
+    for item in items:
+        name, _, text = item.partition(":")
+        name = "e2e" if name.strip() == "e2el" else name.strip()
+        if name not in GOODPUT_METRICS or not text:
+            raise ValueError(f"bad goodput objective {item!r}: write ttft:MS tpot:MS e2e:MS")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value < math.inf:
+            raise ValueError(f"bad goodput objective {item!r}: MS must be a positive number")
+        if name in values:
+            raise ValueError(f"goodput objective {name} given twice")
+        values[name] = value
+    return Goodput(values.get("ttft"), values.get("tpot"), values.get("e2e"))
+
+
+def distribution(values_ms: Sequence[float], percentiles: Sequence[float]) -> dict[str, float]:
+    """Mean, median and the percentiles (``p50``, ``p99.9``) of ``values_ms`` (NaN when
+    there are none, so a table shows the gap rather than a zero)."""
+    data = np.asarray(values_ms, dtype=float)
+    stats = {"mean": float(data.mean()) if data.size else math.nan}
+    stats["median"] = float(np.median(data)) if data.size else math.nan
+    for p in percentiles:
+        stats[f"p{p:g}"] = float(np.percentile(data, p)) if data.size else math.nan
+    return stats
+
+
+def metric_values_ms(records: Sequence[RequestRecord], metric: str) -> list[float]:
+    """Every value of ``metric`` (one of `METRICS`) over the successful requests, in ms."""
+    ok = [r for r in records if r.success]
+    if metric == "ttft":
+        return [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
+    if metric == "tpot":
+        return [r.tpot_s * 1e3 for r in ok if r.tpot_s is not None]
+    if metric == "itl":
+        return [gap * 1e3 for r in ok for gap in r.itl_s]
+    if metric == "e2e":
+        return [r.latency_s * 1e3 for r in ok if r.latency_s is not None]
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def summarize(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    goodput: Goodput | None = None,
+) -> dict[str, Any]:
+    """One rate's figures: counts, throughputs per second of ``duration_s``, goodput
+    (None without objectives), the first distinct errors with their counts, and each
+    latency distribution in ms."""
+    ok = [r for r in records if r.success]
+    errors = Counter(r.error for r in records if not r.success)
+    per_s = 1.0 / duration_s if duration_s > 0 else math.nan
+    summary: dict[str, Any] = {
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "errors": [{"message": m, "count": c} for m, c in errors.most_common(MAX_ERRORS_KEPT)],
+        "duration_s": duration_s,
+        "input_tokens": sum(r.prompt_tokens for r in ok),
+        "output_tokens": sum(r.output_tokens for r in ok),
+        "request_throughput": len(ok) * per_s,
+        "input_token_throughput": sum(r.prompt_tokens for r in ok) * per_s,
+        "output_token_throughput": sum(r.output_tokens for r in ok) * per_s,
+        "goodput": sum(goodput.met_by(r) for r in ok) * per_s if goodput else None,
+        "usage_reported": all(r.usage_reported for r in ok),
+    }
+    for metric in METRICS:
+        summary[f"{metric}_ms"] = distribution(metric_values_ms(records, metric), percentiles)
+    return summary
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def rate_label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def rate_result(
+    config: LoadConfig,
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    percentiles: Sequence[float],
+    goodput: Goodput | None,
+) -> dict[str, Any]:
+    """One rate's entry of a saved result: its load, summary and raw records."""
+    return {
+        "request_rate": rate_label(config.request_rate),
+        "burstiness": config.burstiness,
+        "max_concurrency": config.max_concurrency,
+        "summary": summarize(records, duration_s, percentiles, goodput),
+        "requests": [asdict(r) for r in records],
+    }
+
+
+def save_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write a result atomically (`write_atomic`), NaN written as null."""
+    write_atomic(Path(path), _without_nan(result))
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """Read a saved result back.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, or not an ``avmp bench serve`` result.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 JSON file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA:
+        raise ValueError(f"{path}: not an avmp bench serve result (schema {RESULT_SCHEMA})")
+    return data
+
+
+def records_of(rate_entry: dict[str, Any]) -> list[RequestRecord]:
+    """The raw records of one rate of a loaded result."""
+    return [RequestRecord(**r) for r in rate_entry["requests"]]

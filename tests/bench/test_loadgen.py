@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_openai_server import MODEL, FakeBehaviour, fake_server
+
+from avmp.bench import loadgen
+from avmp.bench.loadgen import (
+    BenchError,
+    BenchRequest,
+    Goodput,
+    LoadConfig,
+    RequestRecord,
+    arrival_times,
+    parse_goodput,
+    run_load,
+    summarize,
+)
+
+
+def _requests(n: int, max_tokens: int = 10, prompt_tokens: int = 5) -> list[BenchRequest]:
+    return loadgen.length_requests([prompt_tokens] * n, [max_tokens] * n, seed=0)
+
+
+# -- arrival schedules ----------------------------------------------------------------
+
+
+def test_poisson_schedule_has_the_rate_and_exponential_gaps() -> None:
+    times = arrival_times(4000, rate=20.0, burstiness=1.0, seed=3)
+    gaps = np.diff(times)
+    assert times[0] == 0.0 and np.all(gaps >= 0)
+    assert abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 4  # mean within 4 standard errors
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.06  # exponential: cv 1
+
+
+@pytest.mark.parametrize("burstiness", [0.25, 4.0])
+def test_gamma_schedule_keeps_the_rate_with_cv_one_over_root_k(burstiness: float) -> None:
+    gaps = np.diff(arrival_times(8000, rate=10.0, burstiness=burstiness, seed=1))
+    assert gaps.mean() == pytest.approx(0.1, rel=0.08)
+    assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.08)
+
+
+def test_schedules_are_deterministic_by_seed_and_infinite_rate_is_one_burst() -> None:
+    first = arrival_times(50, 5.0, 1.0, seed=7)
+    assert np.array_equal(first, arrival_times(50, 5.0, 1.0, seed=7))
+    assert not np.array_equal(first, arrival_times(50, 5.0, 1.0, seed=8))
+    assert np.array_equal(arrival_times(5, math.inf, 1.0, seed=0), np.zeros(5))
+
+
+# -- requests -------------------------------------------------------------------------
+
+
+def test_length_requests_are_token_ids_of_exact_length_by_seed() -> None:
+    built = loadgen.length_requests([3, 40], [7, 9], seed=2)
+    assert [len(r.prompt) for r in built] == [3, 40]
+    assert [(r.prompt_tokens, r.max_tokens) for r in built] == [(3, 7), (40, 9)]
+    low, high = loadgen.PROMPT_TOKEN_IDS
+    assert all(low <= t < high for r in built for t in r.prompt)  # type: ignore[union-attr]
+    assert loadgen.length_requests([3, 40], [7, 9], seed=2) == built
+
+
+def test_trace_and_preset_requests(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    rows = [{"arrival_s": i, "prompt_tokens": 10 + i, "output_tokens": 3} for i in range(4)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = loadgen.trace_requests(trace, num_prompts=3, seed=0)
+    assert [len(r.prompt) for r in built] == [10, 11, 12]
+    preset = loadgen.preset_requests("uniform_short", num_prompts=5, seed=0)
+    assert len(preset) == 5 and all(128 <= r.prompt_tokens <= 1024 for r in preset)
+    assert all(len(r.prompt) == r.prompt_tokens for r in preset)
+
+
+def test_sharegpt_requests_are_the_conversations_of_the_sampled_lengths() -> None:
+    from avmp.bench import sharegpt
+
+    built = loadgen.sharegpt_requests(12, seed=0, limit=400)
+    prompts, outputs = sharegpt.sample_lengths(12, seed=0, rules="vllm", limit=400)
+    assert [r.prompt_tokens for r in built] == prompts.tolist()
+    assert [r.max_tokens for r in built] == outputs.tolist()
+    assert all(sharegpt.count_tokens(r.prompt) == r.prompt_tokens for r in built)  # type: ignore[arg-type]
+
+
+# -- against the fake server ----------------------------------------------------------
+
+
+def test_measured_latencies_match_the_fake_servers_timing() -> None:
+    behaviour = FakeBehaviour(first_token_s=0.1, token_gap_s=0.02)
+    with fake_server(behaviour) as (url, state):
+        config = LoadConfig(url, MODEL, max_concurrency=4)
+        records, duration = run_load(_requests(8), config)
+    summary = summarize(records, duration)
+    assert summary["completed"] == 8 and summary["failed"] == 0 and summary["usage_reported"]
+    assert summary["output_tokens"] == 80 and summary["input_tokens"] == 40
+    # sleeps only ever run long: lower bounds are exact, upper bounds leave room for a
+    # busy machine
+    assert 100 <= summary["ttft_ms"]["median"] < 180
+    assert 20 <= summary["itl_ms"]["median"] < 35
+    assert 20 <= summary["tpot_ms"]["median"] < 35
+    e2e = 100 + 9 * 20
+    assert e2e <= summary["e2e_ms"]["median"] < e2e + 120
+    assert len(loadgen.metric_values_ms(records, "itl")) == 8 * 9
+    # two waves of four under the cap
+    assert 2 * e2e / 1e3 <= duration < 2 * e2e / 1e3 + 0.4
+    assert summary["output_token_throughput"] == pytest.approx(80 / duration)
+    assert state.max_in_flight == 4
+    body = state.bodies[0]
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["model"] == MODEL and len(body["prompt"]) == 5
+
+
+def test_rate_spreads_requests_and_chat_endpoint_reads_deltas() -> None:
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.0)) as (url, state):
+        config = LoadConfig(url, MODEL, endpoint="chat", request_rate=20.0, ignore_eos=False)
+        records, duration = run_load(_requests(10, max_tokens=3), config)
+    starts = [r.start_s for r in records]
+    expected = arrival_times(10, 20.0, 1.0, seed=0)
+    assert np.all(np.array(starts) >= expected - 1e-3)
+    assert np.all(np.array(starts) < expected + 0.15)
+    assert all(r.success and r.output_tokens == 3 for r in records)
+    assert "messages" in state.bodies[0] and "ignore_eos" not in state.bodies[0]
+
+
+def test_without_usage_tokens_are_counted_from_chunks() -> None:
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.0, send_usage=False)) as (
+        url,
+        _,
+    ):
+        records, _ = run_load(_requests(3, max_tokens=6), LoadConfig(url, MODEL))
+    assert all(r.success and r.output_tokens == 6 and not r.usage_reported for r in records)
+    assert not summarize(records, 1.0)["usage_reported"]
+
+
+def test_failed_requests_are_counted_with_their_errors() -> None:
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.0, fail_every=3)) as (
+        url,
+        _,
+    ):
+        records, duration = run_load(_requests(9, max_tokens=2), LoadConfig(url, MODEL))
+    summary = summarize(records, duration)
+    assert summary["completed"] == 6 and summary["failed"] == 3
+    assert summary["errors"] == [{"message": "HTTP 500: fake failure", "count": 3}]
+
+
+def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
+    with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
+        timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))
+        bounded, duration = run_load(_requests(2), LoadConfig(url, MODEL, max_duration_s=0.3))
+    assert all(not r.success and r.error == "timed out after 0.2 s" for r in timed_out)
+    assert all(not r.success and "unfinished at the 0.3 s bound" in r.error for r in bounded)
+    assert duration < 1.0
+
+
+def test_unreachable_server_and_model_discovery() -> None:
+    with fake_server() as (url, _):
+        assert loadgen.fetch_model(url + "/v1/") == MODEL
+        with pytest.raises(BenchError, match="every warm-up request failed; the first: HTTP 404"):
+            loadgen.warm_up(_requests(1), LoadConfig(url + "/nowhere", MODEL))
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        loadgen.fetch_model(url)
+
+
+# -- arithmetic on hand-built records -------------------------------------------------
+
+
+def _record(ttft: float, latency: float, tokens: int, success: bool = True) -> RequestRecord:
+    gap = (latency - ttft) / max(tokens - 1, 1)
+    chunks = [ttft + i * gap for i in range(tokens)]
+    return RequestRecord(
+        0,
+        10,
+        tokens,
+        success=success,
+        latency_s=latency,
+        chunk_s=chunks,
+        output_tokens=tokens,
+        error=None if success else "x",
+    )
+
+
+def test_goodput_counts_requests_meeting_every_objective() -> None:
+    records = [
+        _record(0.1, 1.1, 11),  # ttft 100 ms, tpot 100 ms
+        _record(0.3, 0.8, 11),  # ttft 300 ms, tpot 50 ms
+        _record(0.1, 0.6, 11),  # ttft 100 ms, tpot 50 ms
+        _record(0.1, 0.1, 1),  # one token: no tpot, meets that objective
+        _record(0.01, 0.1, 5, success=False),
+    ]
+    goodput = parse_goodput(["ttft:200", "tpot:60"])
+    assert goodput == Goodput(ttft_ms=200, tpot_ms=60)
+    assert summarize(records, 2.0, goodput=goodput)["goodput"] == pytest.approx(2 / 2.0)
+    assert summarize(records, 2.0, goodput=parse_goodput(["e2e:700"]))["goodput"] == 1.0
+    assert summarize(records, 2.0)["goodput"] is None
+    assert records[0].tpot_s == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "items", [["ttft"], ["ttft:x"], ["ttft:-1"], ["speed:3"], ["ttft:1", "ttft:2"], ["tpot:inf"]]
+)
+def test_bad_goodput_objectives_are_refused(items: list[str]) -> None:
+    with pytest.raises(ValueError, match="goodput objective"):
+        parse_goodput(items)
+
+
+def test_percentiles_and_throughput_arithmetic() -> None:
+    records = [_record(t / 1e3, 1.0, 2) for t in range(1, 101)]
+    summary = summarize(records, 4.0, percentiles=(50, 99.9))
+    assert summary["ttft_ms"]["p50"] == pytest.approx(50.5)
+    assert summary["ttft_ms"]["p99.9"] == pytest.approx(np.percentile(np.arange(1, 101), 99.9))
+    assert summary["request_throughput"] == 25.0 and summary["input_token_throughput"] == 250.0
+    empty = summarize([_record(0.1, 0.2, 2, success=False)], 1.0)
+    assert empty["completed"] == 0 and math.isnan(empty["ttft_ms"]["mean"])
+
+
+def test_saved_result_round_trips(tmp_path: Path) -> None:
+    records = [_record(0.1, 0.5, 5), _record(0.2, 0.2, 1, success=False)]
+    config = LoadConfig("http://localhost:1", MODEL, request_rate=4.0)
+    entry = loadgen.rate_result(config, records, 2.0, (50, 99), Goodput(ttft_ms=150))
+    result = {"schema": loadgen.RESULT_SCHEMA, "results": [entry]}
+    path = tmp_path / "r.json"
+    loadgen.save_result(path, result)
+    loaded = loadgen.load_result(path)
+    again = loadgen.records_of(loaded["results"][0])
+    assert again == records
+    assert loaded["results"][0]["request_rate"] == "4"
+    resummarized = summarize(again, 2.0, (50, 99), Goodput(ttft_ms=150))
+    assert loaded["results"][0]["summary"]["ttft_ms"] == resummarized["ttft_ms"]
+    assert loaded["results"][0]["summary"]["goodput"] == 0.5
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an avmp bench serve result"):
+        loadgen.load_result(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"base_url": "localhost:8000"}, "bad server URL"),
+        ({"base_url": "http://h:99999"}, "port"),
+        ({"endpoint": "embeddings"}, "unknown endpoint"),
+        ({"request_rate": 0.0}, "request rate"),
+        ({"burstiness": -1.0}, "burstiness"),
+        ({"max_concurrency": 0}, "concurrency"),
+    ],
+)
+def test_load_config_refuses_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoadConfig(**{"base_url": "http://127.0.0.1:8000", "model": "m", **kwargs})
+
+
+def test_base_url_drops_v1() -> None:
+    assert LoadConfig("http://h:8/v1/", "m").base_url == "http://h:8"
