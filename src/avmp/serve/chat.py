@@ -1,0 +1,77 @@
+"""Chat messages to prompt token ids: the checkpoint's own chat template, or, for the
+demo models that use the Mistral tokenizer bundled in mistral-common, that library's own
+instruct encoding (``[INST] ... [/INST]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from avmp.engine.tokenizer import MISTRAL_TOKENIZER_FILE, TOKENIZER_FILES, MistralTokenizer
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+class ChatEncoder(Protocol):
+    def encode(self, messages: list[Message]) -> list[int]:
+        """The prompt's token ids, ending where the assistant's reply begins.
+
+        Raises:
+            ValueError: messages the template cannot render (one line).
+        """
+        ...
+
+
+class TemplateChat:
+    """A Hugging Face tokenizer's ``chat_template``, rendered with the generation prompt
+    and tokenized without adding special tokens again (the template writes them), as
+    vLLM does."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        try:
+            text = self._tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as error:  # jinja2 raises its own errors (raise_exception)
+            raise ValueError(f"the chat template cannot render these messages: {error}") from None
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+
+class MistralChat:
+    """mistral-common's instruct encoding for its bundled v1 tokenizer."""
+
+    def __init__(self) -> None:
+        import mistral_common
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as _Mistral
+
+        path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
+        self._tok: Any = _Mistral.from_file(str(path))
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            request = ChatCompletionRequest(messages=messages)  # type: ignore[arg-type]
+            return list(self._tok.encode_chat_completion(request).tokens)
+        except (MistralCommonException, ValueError) as error:
+            raise ValueError(f"mistral-common cannot encode these messages: {error}") from None
+
+
+def load_chat_encoder(model: str | Path | None, tokenizer: Any) -> ChatEncoder | None:
+    """The chat encoding for a model: its checkpoint tokenizer's chat template (None when
+    it has none), mistral-common's for the bundled demo tokenizer, else None."""
+    if isinstance(tokenizer, MistralTokenizer):
+        return MistralChat()
+    if model is None:
+        return None
+    path = Path(model)
+    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(path))
+    return TemplateChat(hf) if hf.chat_template else None

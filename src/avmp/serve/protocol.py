@@ -1,0 +1,238 @@
+"""The OpenAI request and response bodies that `avmp serve` speaks, as pydantic models.
+
+Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
+``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
+engine cannot honour are accepted at their neutral value and refused otherwise, naming
+the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
+accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI's documented default for /v1/completions when max_tokens is not given
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_N = 64  # choices per request at most (each is an engine request)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of chunks: not needed here
+
+
+class _Sampling(_Request):
+    """The fields both endpoints share."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 is off
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: a prompt is text, token ids, or a list of either
+    (a batch: one choice per prompt and per ``n``)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, one per batch entry."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+
+def unsupported_fields(request: _Sampling) -> str | None:
+    """The first field set to something the engine cannot do, or None.
+
+    Neutral values pass (``echo=false``, ``logprobs=0``/``false``, ``best_of`` equal to
+    ``n``, penalties of 0, an empty ``logit_bias`` or ``tools`` list, a ``text``
+    response format, ``tool_choice`` ``none``), since clients send them by default.
+    """
+    checks: list[tuple[str, bool]] = [
+        ("frequency_penalty", bool(request.frequency_penalty)),
+        ("presence_penalty", bool(request.presence_penalty)),
+        ("logit_bias", bool(request.logit_bias)),
+    ]
+    if isinstance(request, CompletionRequest):
+        checks += [
+            ("echo", request.echo),
+            ("logprobs", bool(request.logprobs)),
+            ("best_of", request.best_of not in (None, request.n)),
+            ("suffix", bool(request.suffix)),
+        ]
+    elif isinstance(request, ChatCompletionRequest):
+        checks += [
+            ("logprobs", bool(request.logprobs)),
+            ("top_logprobs", bool(request.top_logprobs)),
+            ("response_format", (request.response_format or {}).get("type", "text") != "text"),
+            ("tools", bool(request.tools)),
+            ("tool_choice", request.tool_choice not in (None, "none")),
+        ]
+    return next((name for name, bad in checks if bad), None)
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "avmp"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def new_id(prefix: str) -> str:
+    """A response id as OpenAI shapes them (``cmpl-...``, ``chatcmpl-...``)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
