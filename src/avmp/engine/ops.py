@@ -21,6 +21,7 @@ from avmp.kernels import reference as ref
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.qwen3_next import GatedDeltaNet
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -130,6 +131,21 @@ class Ops:
         step and state step for all decode tokens. Returns ``[T, intermediate]``."""
         width = mixer.intermediate_size
         return run_recurrent(mixer, xbc, dt, width, batch, conv_states, ssm_states)
+
+    def gated_delta_mix(
+        self,
+        mixer: GatedDeltaNet,
+        qkv: torch.Tensor,
+        ba: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """The Gated DeltaNet core: conv then the chunked delta rule per prefill chunk,
+        one batched conv step and rule step for all decode tokens. ``ba`` holds b then a
+        per token. Returns ``[T, Hv * dv]``."""
+        width = mixer.value_dim
+        return run_recurrent(mixer, qkv, ba, width, batch, conv_states, ssm_states)
 
 
 REFERENCE_OPS = Ops()

@@ -14,6 +14,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "nemotron_h": ("nemotron_h", "NemotronHModel"),
     "jamba": ("jamba", "JambaModel"),
     "falcon_h1": ("falcon_h1", "FalconH1Model"),
+    "qwen3_next": ("qwen3_next", "Qwen3NextModel"),
+    "qwen3_5": ("qwen3_next", "Qwen35Model"),
+    "qwen3_5_text": ("qwen3_next", "Qwen35Model"),
+    "qwen3_5_moe": ("qwen3_next", "Qwen35MoeModel"),
+    "qwen3_5_moe_text": ("qwen3_next", "Qwen35MoeModel"),
 }
 
 
