@@ -55,6 +55,15 @@ _FAMILY: dict[str, dict[str, Any]] = {
         "moe_latent_size": None,
     },
     "jamba": {"mamba_d_state": 8, "mamba_dt_rank": 8, "mamba_expand": 2},
+    "zamba2": {
+        "n_mamba_heads": 8,
+        "mamba_d_state": 16,
+        "mamba_ngroups": 1,
+        "mamba_expand": 2,
+        "chunk_size": 64,
+        "adapter_rank": 8,
+        "num_key_value_heads": 4,  # adapters on k/v need as many KV heads as heads
+    },
 }
 _EXPERT_KEYS = {
     "granitemoehybrid": "num_local_experts",
