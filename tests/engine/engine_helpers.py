@@ -159,12 +159,65 @@ def falcon_config(**overrides: Any) -> Any:
     return transformers.FalconH1Config(**kwargs)
 
 
+def _gated_deltanet_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next / Qwen3.5 text sizes: 2 key heads serving 4 value heads of another
+    width than the keys, attention at layer 1, partial rotary away from its default."""
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000.0,
+            "partial_rotary_factor": 0.5,
+        },
+    )
+    kwargs.update(overrides)
+    kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+    return kwargs
+
+
+_DELTANET_MOE: dict[str, Any] = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+)  # fmt: skip
+
+
+def qwen3_next_config(**overrides: Any) -> Any:
+    """Experts on every layer but layer 2 (a dense MLP), top-k weights not renormalised."""
+    extra = dict(_DELTANET_MOE, mlp_only_layers=[2], norm_topk_prob=False, **overrides)
+    return transformers.Qwen3NextConfig(**_gated_deltanet_kwargs(extra))
+
+
+def qwen3_5_config(**overrides: Any) -> Any:
+    """The Qwen3.5 dense text model (the multimodal wrapper is tested in test_qwen3_next)."""
+    return transformers.Qwen3_5TextConfig(**_gated_deltanet_kwargs(overrides))
+
+
+def qwen3_5_moe_config(**overrides: Any) -> Any:
+    kwargs = _gated_deltanet_kwargs({**_DELTANET_MOE, **overrides})
+    return transformers.Qwen3_5MoeTextConfig(**kwargs)
+
+
 CONFIGS: dict[str, Callable[..., Any]] = {
     "granitemoehybrid": granite_config,
     "bamba": bamba_config,
     "nemotron_h": nemotron_config,
     "jamba": jamba_config,
     "falcon_h1": falcon_config,
+    "qwen3_next": qwen3_next_config,
+    "qwen3_5": qwen3_5_config,
+    "qwen3_5_moe": qwen3_5_moe_config,
 }
 
 
