@@ -1,0 +1,546 @@
+"""Mamba2 prefill scan in its chunked, state-space-duality form (Mamba2 paper, arXiv
+2405.21060), over a ragged batch, starting from and ending in each request's slot.
+
+Each sequence's new tokens are cut into chunks of ``chunk_size`` that never straddle two
+sequences (300 tokens with chunk 256: chunks of 256 and 44). Within a chunk the scan is
+matrix products (tensor cores, fp32 accumulation); between chunks only the states pass
+along. Five launches:
+
+1. ``dt`` discretised and ``dA = dt * A`` summed cumulatively within each chunk
+   (``[heads, T]`` fp32 each);
+2. ``CB[t, g, j] = C[t] . B[start + j]`` for the tokens of each chunk, once per head group
+   (``[T, groups, chunk_size]`` fp32);
+3. each chunk's own end state ``sum_l decay(l -> end) * dt[l] * x[l] (x) B[l]``
+   (``[chunks, heads, head_dim, d_state]`` fp32);
+4. the state passing, sequential over a sequence's chunks and parallel over sequences,
+   heads and state elements: from the slot's state (zeros for a fresh request), each
+   chunk's entry is overwritten with the state the chunk starts from, and the sequence's
+   final state is written to its slot;
+5. the outputs: ``y[l] = exp(dA_cs[l]) C[l] . S_start + sum_{j<=l} CB[l, j]
+   exp(dA_cs[l] - dA_cs[j]) dt[j] x[j] + D x[l]``, gated by ``silu(z)``.
+
+``chunk_layout`` builds the chunk table on the device from the query offsets (no value is
+read back by the host), so a step computes it once and every layer reuses it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from avmp.kernels.triton._common import (
+    check_dtype,
+    check_shape,
+    discretise_dt,
+    dot_precision,
+    next_power_of_2,
+    strides,
+    upcast_dot,
+)
+from avmp.kernels.triton.mamba2_varlen_scan import _check_inputs
+
+# Tile sizes (tokens of a chunk, head_dim rows, d_state columns) on the GPU; small shapes
+# shrink them to the next power of two >= 16 (tl.dot's smallest tile).
+BLOCK_TOKENS = 64
+BLOCK_P = 64
+BLOCK_STATE = 64
+BLOCK_HEADS = 8
+BLOCK_FLAT = 1024  # state elements per program of the state passing
+
+
+class ChunkLayout(NamedTuple):
+    """Where each chunk of a step lies, on the device.
+
+    Attributes:
+        chunk_seq: ``[max_chunks]`` int32 sequence of each chunk; -1 past the last chunk.
+        chunk_start: ``[max_chunks]`` int32 first token of each chunk (any value where
+            ``chunk_seq`` is -1).
+        cu_chunks: ``[batch + 1]`` int32: sequence ``b`` owns chunks
+            ``cu_chunks[b] : cu_chunks[b + 1]``, consecutive and in token order.
+    """
+
+    chunk_seq: torch.Tensor
+    chunk_start: torch.Tensor
+    cu_chunks: torch.Tensor
+
+
+def max_chunks(num_tokens: int, num_seqs: int, chunk_size: int) -> int:
+    """An upper bound of the chunks of ``num_seqs`` sequences holding ``num_tokens``
+    tokens in all: each sequence adds at most one partial chunk."""
+    return triton.cdiv(num_tokens, chunk_size) + num_seqs
+
+
+def chunk_layout(
+    query_start_loc: torch.Tensor,
+    slot_idx: torch.Tensor,
+    chunk_size: int,
+    num_tokens: int,
+    num_chunks: int | None = None,
+) -> ChunkLayout:
+    """The chunk table of a ragged batch, computed on the device without a host read.
+
+    Sequences with a negative slot (padding, or rows another kernel serves) get no chunk.
+
+    Args:
+        query_start_loc: ``[batch + 1]`` token offsets of the sequences.
+        slot_idx: ``[batch]`` state slots (negative: no chunk).
+        chunk_size: tokens per chunk (the last chunk of a sequence may be shorter).
+        num_tokens: rows of the step's token tensors (padding included).
+        num_chunks: entries of the table; must bound the chunks of the sequences with a
+            slot (default: `max_chunks` of the whole batch).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch = slot_idx.shape[0]
+    if num_chunks is None:
+        num_chunks = max_chunks(num_tokens, batch, chunk_size)
+    device = query_start_loc.device
+    qsl = query_start_loc.long()
+    lens = qsl[1:] - qsl[:-1]
+    counts = torch.where(slot_idx >= 0, (lens + chunk_size - 1) // chunk_size, 0)
+    cu = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    torch.cumsum(counts, 0, out=cu[1:])
+    index = torch.arange(num_chunks, dtype=torch.long, device=device)
+    seq = torch.searchsorted(cu[1:], index, right=True)  # [num_chunks], batch past the end
+    owner = seq.clamp(max=max(batch - 1, 0))
+    start = qsl[owner] + (index - cu[owner]) * chunk_size if batch else index
+    chunk_seq = torch.where(seq < batch, seq, -1)
+    return ChunkLayout(chunk_seq.int(), start.int(), cu.int())
+
+
+@triton.jit
+def _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK: tl.constexpr):
+    """(sequence, first token, tokens) of ``chunk``; sequence -1 for an unused entry."""
+    seq = tl.load(chunk_seq_ptr + chunk)
+    start = tl.load(chunk_start_ptr + chunk).to(tl.int64)
+    seq_end = tl.load(qsl_ptr + tl.maximum(seq, 0) + 1).to(tl.int64)
+    return seq, start, tl.minimum(start + CHUNK, seq_end) - start
+
+
+@triton.jit
+def _dt_cumsum_kernel(
+    chunk_seq_ptr, chunk_start_ptr, qsl_ptr, dt_ptr, a_ptr, dt_bias_ptr, dt_out_ptr, dacs_ptr,
+    stride_dtt, stride_dth, stride_a, stride_dtbias, stride_wh,
+    dt_min, dt_max,
+    HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr,
+):
+    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr,
+                                       tl.program_id(0), CHUNK)
+    if seq < 0:
+        return
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_h = offs_h < HEADS
+    mask = mask_h[:, None] & (offs_l < length)[None, :]
+    tokens = start + offs_l
+    dt = tl.load(dt_ptr + tokens[None, :] * stride_dtt + offs_h[:, None] * stride_dth,
+                 mask=mask, other=0.0).to(tl.float32)  # [H, L]
+    dt_bias = tl.zeros((BLOCK_H, 1), dtype=tl.float32)
+    if HAS_DT_BIAS:
+        dt_bias += tl.load(dt_bias_ptr + offs_h * stride_dtbias, mask=mask_h,
+                           other=0.0).to(tl.float32)[:, None]
+    dt = discretise_dt(dt, dt_bias, dt_min, dt_max, dt_ptr.dtype.element_ty,
+                       HAS_DT_BIAS, DT_SOFTPLUS, DT_ROUND)
+    dt = tl.where(mask, dt, 0.0)
+    a = tl.load(a_ptr + offs_h * stride_a, mask=mask_h, other=0.0).to(tl.float32)
+    dacs = tl.cumsum(dt * a[:, None], axis=1)  # [H, L]
+    out = offs_h[:, None] * stride_wh + tokens[None, :]
+    tl.store(dt_out_ptr + out, dt, mask=mask)
+    tl.store(dacs_ptr + out, dacs, mask=mask)
+
+
+@triton.jit
+def _chunk_cb_kernel(
+    chunk_seq_ptr, chunk_start_ptr, qsl_ptr, b_ptr, c_ptr, cb_ptr,
+    stride_bt, stride_bg, stride_bn, stride_ct, stride_cg, stride_cn, stride_cbt, stride_cbg,
+    D_STATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_blocks: tl.constexpr = (CHUNK + BLOCK - 1) // BLOCK
+    block_m = tl.program_id(2) // num_blocks
+    block_n = tl.program_id(2) % num_blocks
+    if block_n > block_m:  # above the diagonal: never read
+        return
+    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr,
+                                       tl.program_id(0), CHUNK)
+    if (seq < 0) | (block_m * BLOCK >= length):
+        return
+    group = tl.program_id(1)
+    offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = block_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < length
+    mask_n = offs_n < length
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, D_STATE, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < D_STATE
+        c = tl.load(c_ptr + (start + offs_m)[:, None] * stride_ct + group * stride_cg
+                    + kk[None, :] * stride_cn, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        bt = tl.load(b_ptr + (start + offs_n)[None, :] * stride_bt + group * stride_bg
+                     + kk[:, None] * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            c = c.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc += tl.dot(c, bt, input_precision=PRECISION)  # [M, N]
+    tl.store(cb_ptr + (start + offs_m)[:, None] * stride_cbt + group * stride_cbg
+             + offs_n[None, :], acc, mask=mask_m[:, None] & (offs_n < CHUNK)[None, :])
+
+
+@triton.jit
+def _chunk_state_kernel(
+    chunk_seq_ptr, chunk_start_ptr, qsl_ptr, x_ptr, b_ptr, dt_w_ptr, dacs_ptr, states_ptr,
+    stride_xt, stride_xh, stride_xp, stride_bt, stride_bg, stride_bn, stride_wh,
+    stride_sc, stride_sh, stride_sp,
+    HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK)
+    if seq < 0:
+        return
+    head = tl.program_id(1)
+    group = head // HEADS_PER_GROUP
+    n_blocks: tl.constexpr = (D_STATE + BLOCK_N - 1) // BLOCK_N
+    offs_p = (tl.program_id(2) // n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (tl.program_id(2) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_p = offs_p < HEAD_DIM
+    mask_n = offs_n < D_STATE
+    dacs_row = dacs_ptr + head * stride_wh
+    dacs_end = tl.load(dacs_row + start + length - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, length, BLOCK_L):
+        tokens = start + l0 + offs_l
+        mask_l = l0 + offs_l < length
+        xt = tl.load(x_ptr + tokens[None, :] * stride_xt + head * stride_xh
+                     + offs_p[:, None] * stride_xp, mask=mask_p[:, None] & mask_l[None, :],
+                     other=0.0)  # [P, L]
+        b = tl.load(b_ptr + tokens[:, None] * stride_bt + group * stride_bg
+                    + offs_n[None, :] * stride_bn, mask=mask_l[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)  # [L, N]
+        dt = tl.load(dt_w_ptr + head * stride_wh + tokens, mask=mask_l, other=0.0)
+        dacs = tl.load(dacs_row + tokens, mask=mask_l, other=0.0)
+        # Masked on the exponent too: past the chunk's end it would grow without bound.
+        weight = tl.where(mask_l, dt * tl.exp(tl.where(mask_l, dacs_end - dacs, 0.0)), 0.0)
+        b = b * weight[:, None]
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        else:
+            b = b.to(xt.dtype)
+        acc += tl.dot(xt, b, input_precision=PRECISION)
+    tl.store(states_ptr + chunk * stride_sc + head * stride_sh + offs_p[:, None] * stride_sp
+             + offs_n[None, :], acc, mask=mask_p[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _state_passing_kernel(
+    state_ptr, slot_ptr, init_ptr, qsl_ptr, cu_ptr, chunk_start_ptr, dacs_ptr, states_ptr,
+    stride_ss, stride_sh, stride_sp, stride_sn, stride_slot, stride_init, stride_wh,
+    stride_cc, stride_ch,
+    HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_F: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
+    if slot < 0:  # padding, or a row another kernel serves: touch nothing
+        return
+    head = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)  # flat (p, n) of the state
+    mask = offs < HEAD_DIM * D_STATE
+    slot_ptrs = (state_ptr + slot * stride_ss + head * stride_sh
+                 + (offs // D_STATE) * stride_sp + (offs % D_STATE) * stride_sn)
+    s = tl.load(slot_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_INIT_FLAGS:
+        s = tl.where(tl.load(init_ptr + b * stride_init) != 0, s, 0.0)
+    seq_end = tl.load(qsl_ptr + b + 1).to(tl.int64)
+    # int64 bounds: the loop index addresses the chunk states (chunks x state elements).
+    for chunk in range(tl.load(cu_ptr + b).to(tl.int64), tl.load(cu_ptr + b + 1).to(tl.int64)):
+        last = tl.minimum(tl.load(chunk_start_ptr + chunk).to(tl.int64) + CHUNK, seq_end) - 1
+        ptrs = states_ptr + chunk * stride_cc + head * stride_ch + offs
+        own = tl.load(ptrs, mask=mask, other=0.0)
+        tl.debug_barrier()  # a replicated element is read by all its threads before the store
+        tl.store(ptrs, s, mask=mask)  # the state this chunk starts from
+        s = s * tl.exp(tl.load(dacs_ptr + head * stride_wh + last)) + own
+    tl.debug_barrier()
+    tl.store(slot_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    chunk_seq_ptr, chunk_start_ptr, qsl_ptr, x_ptr, z_ptr, c_ptr, cb_ptr, dt_w_ptr, dacs_ptr,
+    states_ptr, d_ptr, out_ptr,
+    stride_xt, stride_xh, stride_xp, stride_zt, stride_zh, stride_zp,
+    stride_ct, stride_cg, stride_cn, stride_cbt, stride_cbg, stride_wh,
+    stride_sc, stride_sh, stride_sp, stride_d, stride_ot, stride_oh, stride_op,
+    HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    m_blocks: tl.constexpr = (CHUNK + BLOCK_M - 1) // BLOCK_M
+    chunk = (tl.program_id(0) // m_blocks).to(tl.int64)
+    block_m = tl.program_id(0) % m_blocks
+    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK)
+    if (seq < 0) | (block_m * BLOCK_M >= length):
+        return
+    head = tl.program_id(1)
+    group = head // HEADS_PER_GROUP
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < length
+    mask_p = offs_p < HEAD_DIM
+    rows = start + offs_m
+    dacs_row = dacs_ptr + head * stride_wh
+    dacs_m = tl.load(dacs_row + rows, mask=mask_m, other=0.0)  # [M]
+
+    # The state the chunk starts from, seen through C and decayed to each row.
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, D_STATE, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < D_STATE
+        c = tl.load(c_ptr + rows[:, None] * stride_ct + group * stride_cg + kk[None, :] * stride_cn,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
+        s = tl.load(states_ptr + chunk * stride_sc + head * stride_sh + offs_p[None, :] * stride_sp
+                    + kk[:, None], mask=mask_k[:, None] & mask_p[None, :], other=0.0)  # [K, P]
+        if UPCAST:
+            c = c.to(tl.float32)
+        else:
+            s = s.to(c.dtype)
+        acc += tl.dot(c, s, input_precision=PRECISION)
+    acc *= tl.exp(dacs_m)[:, None]
+
+    # The chunk's own tokens up to each row: (CB masked by the decay segments) @ (dt x).
+    for j0 in range(0, tl.minimum((block_m + 1) * BLOCK_M, length), BLOCK_M):
+        cols = j0 + offs_j
+        mask_j = cols < length
+        causal = (cols[None, :] <= offs_m[:, None]) & mask_j[None, :] & mask_m[:, None]
+        cb = tl.load(cb_ptr + rows[:, None] * stride_cbt + group * stride_cbg + cols[None, :],
+                     mask=causal, other=0.0)  # [M, J]
+        dacs_j = tl.load(dacs_row + start + cols, mask=mask_j, other=0.0)
+        dt_j = tl.load(dt_w_ptr + head * stride_wh + start + cols, mask=mask_j, other=0.0)
+        decay = tl.exp(tl.where(causal, dacs_m[:, None] - dacs_j[None, :], 0.0))
+        weight = tl.where(causal, cb * decay * dt_j[None, :], 0.0)
+        xj = tl.load(x_ptr + (start + cols)[:, None] * stride_xt + head * stride_xh
+                     + offs_p[None, :] * stride_xp, mask=mask_j[:, None] & mask_p[None, :],
+                     other=0.0)  # [J, P]
+        if UPCAST:
+            xj = xj.to(tl.float32)
+        else:
+            weight = weight.to(xj.dtype)
+        acc += tl.dot(weight, xj, input_precision=PRECISION)
+
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    if HAS_D:
+        xm = tl.load(x_ptr + rows[:, None] * stride_xt + head * stride_xh
+                     + offs_p[None, :] * stride_xp, mask=mask_mp, other=0.0).to(tl.float32)
+        acc += xm * tl.load(d_ptr + head * stride_d).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + rows[:, None] * stride_zt + head * stride_zh
+                    + offs_p[None, :] * stride_zp, mask=mask_mp, other=0.0).to(tl.float32)
+        acc *= z * tl.sigmoid(z)
+    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_p[None, :] * stride_op,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+
+
+def _tile(size: int, cap: int) -> int:
+    """A tile of ``size`` elements: a power of two between 16 (tl.dot's minimum) and ``cap``."""
+    return min(next_power_of_2(size, 16), cap)
+
+
+def _check_layout(layout: ChunkLayout, batch: int) -> None:
+    check_shape("layout.chunk_start", layout.chunk_start, tuple(layout.chunk_seq.shape))
+    check_shape("layout.cu_chunks", layout.cu_chunks, (batch + 1,))
+    if layout.chunk_seq.dim() != 1:
+        raise ValueError("layout.chunk_seq must be one-dimensional")
+    for name, t in zip(ChunkLayout._fields, layout, strict=True):
+        check_dtype(f"layout.{name}", t, (torch.int32,))
+        if not t.is_contiguous():
+            raise ValueError(f"layout.{name} must be contiguous")
+
+
+def mamba2_chunk_scan(
+    state: torch.Tensor,
+    slot_idx: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    dt_round: bool = False,
+    out: torch.Tensor | None = None,
+    layout: ChunkLayout | None = None,
+) -> torch.Tensor:
+    """Scan each request's new tokens through its Mamba2 state in chunks, in place in
+    its slot: the same function as `mamba2_varlen_scan`, with the same arguments.
+
+    Args:
+        state: ``[num_slots, heads, head_dim, d_state]`` pool view (fp32, bf16 or fp16;
+            any strides): each request's initial state, overwritten with its final state.
+        slot_idx: ``[batch]`` slot per request (negative: left untouched, output rows
+            included).
+        query_start_loc: ``[batch + 1]`` offsets of each request's tokens in x.
+        x: ``[T, heads, head_dim]``; dt: ``[T, heads]`` raw; A: ``[heads]``;
+        B, C: ``[T, groups, d_state]`` in x's dtype; D, dt_bias: optional ``[heads]``;
+        z: optional ``[T, heads, head_dim]`` gate.
+        chunk_size: tokens per chunk (the model's ``chunk_size``).
+        has_initial_state: optional ``[batch]``; where 0 the scan starts from zeros.
+        dt_softplus, dt_limit, dt_round: dt's discretisation, as in `mamba2_varlen_scan`.
+        out: optional ``[T, heads, head_dim]`` output, written in place.
+        layout: the step's `chunk_layout` for this ``chunk_size`` (computed here, on the
+            device, when None).
+
+    Returns:
+        ``out``, or a new tensor in x's dtype.
+    """
+    optional = {"D": D, "dt_bias": dt_bias, "z": z, "has_initial_state": has_initial_state}
+    _check_inputs(state, slot_idx, query_start_loc, x, dt, A, B, C, optional)
+    for name, t in (("B", B), ("C", C)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if out is None:
+        out = torch.empty_like(x)
+    check_shape("out", out, tuple(x.shape))
+    batch, tokens = slot_idx.shape[0], x.shape[0]
+    if layout is None:
+        layout = chunk_layout(query_start_loc, slot_idx, chunk_size, tokens)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_layout(layout, batch)
+    if batch == 0 or tokens == 0 or layout.chunk_seq.shape[0] == 0:
+        return out
+    if has_initial_state is not None and has_initial_state.dtype == torch.bool:
+        has_initial_state = has_initial_state.view(torch.int8)  # same bytes, loadable
+    work = _scan_buffers(x, layout.chunk_seq.shape[0], B.shape[1], state.shape[3], chunk_size)
+    _launch_dt_cumsum(layout, query_start_loc, dt, A, dt_bias, work, chunk_size,
+                      dt_softplus, dt_limit, dt_round)
+    _launch_cb(layout, query_start_loc, B, C, work["cb"], chunk_size)
+    _launch_chunk_state(layout, query_start_loc, x, B, work, chunk_size)
+    _launch_state_passing(layout, state, slot_idx, has_initial_state, query_start_loc, work,
+                          chunk_size)
+    _launch_chunk_scan(layout, query_start_loc, x, z, C, D, work, out, chunk_size)
+    return out
+
+
+def _scan_buffers(
+    x: torch.Tensor, num_chunks: int, groups: int, d_state: int, chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """The fp32 intermediates: discretised dt and its chunk cumsum ``[heads, T]``, CB
+    ``[T, groups, chunk_size]`` and the chunk states ``[chunks, heads, head_dim, d_state]``
+    (bounded by the step's tokens and sequences, not by the prompts' lengths)."""
+    tokens, heads, head_dim = x.shape
+    f32 = {"dtype": torch.float32, "device": x.device}
+    return {
+        "dt": torch.empty(heads, tokens, **f32),
+        "dacs": torch.empty(heads, tokens, **f32),
+        "cb": torch.empty(tokens, groups, chunk_size, **f32),
+        "states": torch.empty(num_chunks, heads, head_dim, d_state, **f32),
+    }
+
+
+def _launch_dt_cumsum(
+    layout: ChunkLayout, qsl: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+    dt_bias: torch.Tensor | None, work: dict[str, torch.Tensor], chunk_size: int,
+    dt_softplus: bool, dt_limit: tuple[float, float], dt_round: bool,
+) -> None:
+    heads = dt.shape[1]
+    block_h = min(next_power_of_2(heads), BLOCK_HEADS)
+    grid = (layout.chunk_seq.shape[0], triton.cdiv(heads, block_h))
+    _dt_cumsum_kernel[grid](
+        layout.chunk_seq, layout.chunk_start, qsl, dt, A, dt if dt_bias is None else dt_bias,
+        work["dt"], work["dacs"], *dt.stride(), A.stride(0), *strides(dt_bias, 1),
+        work["dt"].stride(0), float(dt_limit[0]), float(dt_limit[1]),
+        HEADS=heads, CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_L=next_power_of_2(chunk_size),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round,
+    )
+
+
+def _launch_cb(
+    layout: ChunkLayout, qsl: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    cb: torch.Tensor, chunk_size: int,
+) -> None:
+    groups, d_state = B.shape[1], B.shape[2]
+    block = _tile(chunk_size, BLOCK_TOKENS)
+    grid = (layout.chunk_seq.shape[0], groups, triton.cdiv(chunk_size, block) ** 2)
+    _chunk_cb_kernel[grid](
+        layout.chunk_seq, layout.chunk_start, qsl, B, C, cb, *B.stride(), *C.stride(),
+        cb.stride(0), cb.stride(1),
+        D_STATE=d_state, CHUNK=chunk_size, BLOCK=block, BLOCK_K=_tile(d_state, BLOCK_STATE),
+        PRECISION=dot_precision(B.dtype), UPCAST=upcast_dot(B.dtype),
+    )
+
+
+def _launch_chunk_state(
+    layout: ChunkLayout, qsl: torch.Tensor, x: torch.Tensor, B: torch.Tensor,
+    work: dict[str, torch.Tensor], chunk_size: int,
+) -> None:
+    heads, head_dim = x.shape[1], x.shape[2]
+    groups, d_state = B.shape[1], B.shape[2]
+    block_p, block_n = _tile(head_dim, BLOCK_P), _tile(d_state, BLOCK_STATE)
+    states = work["states"]
+    grid = (layout.chunk_seq.shape[0], heads,
+            triton.cdiv(head_dim, block_p) * triton.cdiv(d_state, block_n))
+    _chunk_state_kernel[grid](
+        layout.chunk_seq, layout.chunk_start, qsl, x, B, work["dt"], work["dacs"], states,
+        *x.stride(), *B.stride(), work["dt"].stride(0), *states.stride()[:3],
+        HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_L=_tile(chunk_size, BLOCK_TOKENS),
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+    )
+
+
+def _launch_state_passing(
+    layout: ChunkLayout, state: torch.Tensor, slot_idx: torch.Tensor,
+    has_initial_state: torch.Tensor | None, qsl: torch.Tensor,
+    work: dict[str, torch.Tensor], chunk_size: int,
+) -> None:
+    heads, head_dim, d_state = state.shape[1:]
+    block = min(next_power_of_2(head_dim * d_state), BLOCK_FLAT)
+    states = work["states"]
+    grid = (slot_idx.shape[0], heads, triton.cdiv(head_dim * d_state, block))
+    _state_passing_kernel[grid](
+        state, slot_idx, slot_idx if has_initial_state is None else has_initial_state, qsl,
+        layout.cu_chunks, layout.chunk_start, work["dacs"], states,
+        *state.stride(), slot_idx.stride(0), *strides(has_initial_state, 1),
+        work["dacs"].stride(0), states.stride(0), states.stride(1),
+        HEAD_DIM=head_dim, D_STATE=d_state, CHUNK=chunk_size, BLOCK_F=block,
+        HAS_INIT_FLAGS=has_initial_state is not None,
+    )
+
+
+def _launch_chunk_scan(
+    layout: ChunkLayout, qsl: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None,
+    C: torch.Tensor, D: torch.Tensor | None, work: dict[str, torch.Tensor],
+    out: torch.Tensor, chunk_size: int,
+) -> None:
+    heads, head_dim = x.shape[1], x.shape[2]
+    groups, d_state = C.shape[1], C.shape[2]
+    block_m, block_p = _tile(chunk_size, BLOCK_TOKENS), _tile(head_dim, BLOCK_P)
+    states, cb = work["states"], work["cb"]
+    grid = (layout.chunk_seq.shape[0] * triton.cdiv(chunk_size, block_m), heads,
+            triton.cdiv(head_dim, block_p))
+    _chunk_scan_kernel[grid](
+        layout.chunk_seq, layout.chunk_start, qsl, x, x if z is None else z, C, cb,
+        work["dt"], work["dacs"], states, x if D is None else D, out,
+        *x.stride(), *strides(z, 3), *C.stride(), cb.stride(0), cb.stride(1),
+        work["dt"].stride(0), *states.stride()[:3], *strides(D, 1), *out.stride(),
+        HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_tile(d_state, BLOCK_STATE),
+        HAS_D=D is not None, HAS_Z=z is not None,
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+    )
