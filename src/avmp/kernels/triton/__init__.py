@@ -4,8 +4,8 @@ Decode and prefill attention over page-major KV; the Mamba2 one-step state updat
 Mamba2 prefill scans (sequential in time, and chunked in the SSD form), the causal conv1d
 update (decode) and the varlen causal conv1d (prefill and mixed steps) over slot-major
 state. Each takes arbitrary strides and finds its pages or slots through index tensors on
-the device, so a step never synchronises with the host. Using a kernel needs ``triton`` (the ``gpu`` extra); the package itself
-imports without it.
+the device, so a step never synchronises with the host. Using a kernel needs ``triton``
+(the ``gpu`` extra); the package itself imports without it.
 """
 
 from __future__ import annotations
