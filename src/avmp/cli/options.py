@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from avmp.cli import UserError
 from avmp.memory.registry import STATIC_SHIPPED_OPTIONS
 from avmp.models.dtypes import SSM_DTYPE_CHOICES, ssm_dtype_name
+from avmp.units import parse_bytes
 
 
 def add_ssm_dtype_option(parser: Any, default: str | None = "bf16") -> None:
@@ -117,3 +119,145 @@ def host_tier_bytes(text: str | None) -> int | None:
     if text is None:
         return None
     return 0 if text.strip() == "0" else parse_size("--host-tier", text)
+
+
+# -- the engine's options (avmp generate, avmp serve) ---------------------------------
+
+
+def add_engine_options(parser: Any) -> None:
+    """What the engine is built from: memory, device, layout, batch limits, policies,
+    and ``--random-weights --scale tiny`` for a zoo name."""
+    parser.add_argument("--memory", default="12GiB", help="cache memory, e.g. 12GiB (default)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    add_ssm_dtype_option(parser, default=None)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page (16)")
+    parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
+    parser.add_argument(
+        "--allocator", choices=("avmp", "static", "unified"), default="avmp",
+        help="cache layout: avmp (default), static (SGLang's fixed split) or unified "
+             "(vLLM's padded block pool); the same kernels run on each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-fraction", type=float, default=None,
+        help="with --allocator static: the state pool's share (default: SGLang's, ~0.47)",
+    )  # fmt: skip
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="running requests at most")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most"
+    )
+    parser.add_argument(
+        "--preemption", choices=("recompute", "swap", "auto"), default="auto",
+        help="how a preempted request gives its memory back: recompute, swap (copy to the "
+             "host tier) or auto (per request, the cheaper by measured rates; default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--admission", choices=("greedy", "reserve", "sglang"), default="reserve",
+        help="when a waiting request may start: greedy (vLLM), reserve (room for the "
+             "running requests' growth; default) or sglang (its decaying new-token ratio)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host-tier", default=None,
+        help="pinned host memory for swapped-out requests, e.g. 8GiB; 0 for none (default: "
+             "twice --memory, at most half the host's available memory)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads with --device cpu (default 1: the tiny steps of a CPU run "
+             "are fastest on one thread, most of all on a busy machine)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--random-weights", action="store_true", help="build a random model from a zoo config"
+    )
+    parser.add_argument("--scale", choices=("tiny",), default=None, help="with --random-weights")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """One line (UserError) for the first bad engine option, before any work."""
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.ssm_dtype is not None:
+        ssm_dtype_choice(args.ssm_dtype)  # one line for a bad choice, before any work
+    host_tier_bytes(args.host_tier)  # "0" (none) or a size, else one line
+    sizes = [("--memory", args.memory), ("--chunk", args.chunk)]
+    for flag, value in sizes:
+        if value is None:
+            continue
+        try:
+            parse_bytes(value)
+        except ValueError as error:
+            raise UserError(f"{flag}: {error}") from None
+    if args.state_fraction is not None and args.allocator != "static":
+        raise UserError("--state-fraction goes with --allocator static")
+    if args.state_fraction is not None and not 0 < args.state_fraction < 1:
+        raise UserError(f"--state-fraction must be in (0, 1), got {args.state_fraction}")
+    if args.random_weights != (args.scale is not None):
+        raise UserError("--random-weights and --scale tiny go together")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The `EngineConfig` the options describe (validated: a bad value is a ValueError)."""
+    from avmp.engine.engine import DEFAULT_CPU_THREADS, EngineConfig
+
+    return EngineConfig(
+        memory_bytes=parse_bytes(args.memory),
+        device=args.device,
+        dtype=args.dtype,
+        allocator=args.allocator,
+        state_fraction=args.state_fraction,
+        cpu_threads=DEFAULT_CPU_THREADS if args.threads is None else args.threads,
+        block_size=args.block_size,
+        chunk_bytes=parse_bytes(args.chunk),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        ssm_dtype=_ssm_dtype(args.model, args.ssm_dtype),
+        preemption=args.preemption,
+        admission=args.admission,
+        host_tier_bytes=host_tier_bytes(args.host_tier),
+    )
+
+
+def _ssm_dtype(model: str, choice: str | None) -> str | None:
+    """The engine's SSM-state dtype: None (the model's), a named one, or for ``auto``
+    the family's default as vLLM and SGLang ship it (read from the model's config)."""
+    if choice is None:
+        return None
+    name = ssm_dtype_choice(choice)
+    if name != "auto":
+        return name
+    from avmp.models.zoo import resolve_model
+
+    return resolve_model(model, ssm_dtype="auto").ssm_dtype
+
+
+def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[Any, Any]:
+    """The model (a path, or a tiny random model whose weights come from
+    ``weights_seed``) and a tokenizer for it, if any."""
+    from avmp.engine.tiny import TINY_VOCAB, tiny_model
+    from avmp.engine.tokenizer import MistralTokenizer, load_tokenizer
+    from avmp.models.zoo import zoo_config, zoo_names
+
+    path = Path(args.model)
+    if args.random_weights:
+        if args.model.lower() not in zoo_names():
+            raise UserError(f"--random-weights needs a zoo name; known: {', '.join(zoo_names())}")
+        model = tiny_model(zoo_config(args.model), seed=weights_seed)
+        return model, MistralTokenizer()
+    if not path.is_dir():
+        hint = " (add --random-weights --scale tiny)" if args.model.lower() in zoo_names() else ""
+        raise UserError(f"{args.model}: not a checkpoint directory{hint}")
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None and _vocab_size(path) >= TINY_VOCAB:
+        tokenizer = MistralTokenizer()
+    return path, tokenizer
+
+
+def _vocab_size(path: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((path / "config.json").read_text()).get("vocab_size", 0))
+    except (OSError, ValueError):
+        return 0  # the loader reports the broken config with a clear message
