@@ -12,6 +12,10 @@ and listed (`avmp.sim.timing.check_feasible`): in the default grid every RTX 306
 (none of the three models' weights fit in 12 GB) and Jamba-1.5-Mini on the H100 (96 GiB
 of bf16 weights). ``--ignore-feasibility`` simulates them anyway, as runs before the
 check did (the published figures' command says so).
+
+``avmp bench serve --url URL`` instead loads a running OpenAI-compatible server (avmp,
+vLLM, SGLang) and reports its latencies and throughput per request rate
+(`avmp.bench.loadgen`).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def add_parser(subparsers: Any) -> None:
         "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn), three "
         "hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
         "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
-        "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes.",
+        "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes. "
+        "`avmp bench serve --url URL` measures a running OpenAI-compatible server instead.",
     )
     parser.add_argument(
         "--out", default="avmp-results", help="results directory (default: avmp-results)"
@@ -102,6 +107,9 @@ def add_parser(subparsers: Any) -> None:
     add_policy_options(parser)
     add_slo_arguments(parser)
     parser.set_defaults(run=run)
+    # `avmp bench` alone runs the evaluation above; `avmp bench serve` loads a server
+    subcommands = parser.add_subparsers(dest="bench_command", metavar="{serve}", required=False)
+    add_serve_parser(subcommands)
 
 
 def build_grid(args: argparse.Namespace) -> Any:
@@ -243,3 +251,282 @@ def _skipped_note(grid: Any, skipped: list[tuple[str, int, str, str]]) -> str:
         f"({len(skipped)} model/budget/profile combinations: {names}); e.g. {skipped[0][3]}; "
         "--ignore-feasibility simulates them"
     )
+
+
+# -- avmp bench serve ------------------------------------------------------------------
+
+SERVE_DEFAULT_PROMPTS = 1000  # vLLM's bench serve default for ShareGPT
+
+
+def add_serve_parser(subcommands: Any) -> None:
+    from avmp.bench.loadgen import DEFAULT_PERCENTILES, ENDPOINTS
+    from avmp.bench.traces import FORMATS
+    from avmp.bench.workloads import PRESETS
+
+    parser = subcommands.add_parser(
+        "serve",
+        help="load an OpenAI-compatible server and measure its latencies",
+        description="Send streamed requests to an OpenAI-compatible server (avmp serve, vLLM, "
+        "SGLang) at one or more request rates and report TTFT, TPOT, ITL and end-to-end "
+        "latency percentiles, throughput and goodput per rate. Prompts: ShareGPT first turns "
+        "as text with the reply's length as max_tokens (default), or the lengths of a trace "
+        "file or a workload preset as token-id prompts of exactly that length.",
+    )
+    parser.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--endpoint",
+        choices=tuple(ENDPOINTS),
+        default="completions",
+        help="/v1/completions (default) or /v1/chat/completions",
+    )
+    parser.add_argument("--model", help="model name sent (default: the first of /v1/models)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $OPENAI_API_KEY)",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="FILE", help="prompt/output lengths of a trace file")
+    source.add_argument(
+        "--workload", choices=tuple(PRESETS), help="prompt/output lengths of a workload preset"
+    )
+    parser.add_argument("--trace-format", choices=FORMATS, help="trace format (default: guessed)")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        help=f"requests per rate (default: {SERVE_DEFAULT_PROMPTS} ShareGPT "
+        "conversations, a whole trace, a preset's size)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="requests and arrivals (default 0)")
+    parser.add_argument(
+        "--request-rate",
+        default="inf",
+        metavar="RATES",
+        help="comma-separated requests/s, one run each; inf sends all at once (default: inf)",
+    )
+    parser.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the gaps: 1 Poisson (default), < 1 burstier",
+    )
+    parser.add_argument("--max-concurrency", type=int, help="requests in flight at most")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="requests sent first and not counted (default 1)"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="one request's bound in seconds (default 600)",
+    )
+    parser.add_argument(
+        "--max-duration",
+        type=float,
+        metavar="S",
+        help="each rate's bound in seconds; unfinished requests count failed",
+    )
+    parser.add_argument(
+        "--percentiles",
+        default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
+        help="comma-separated latency percentiles (default: 50,90,95,99)",
+    )
+    parser.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="METRIC:MS",
+        help="objectives of goodput, e.g. ttft:500 tpot:50 (e2e:MS too)",
+    )
+    parser.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="do not send ignore_eos (outputs may end before max_tokens)",
+    )
+    parser.add_argument("--out", metavar="FILE.json", help="save every request's timings here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_serve)
+
+
+def parse_rates(text: str) -> list[float]:
+    """``1,4,16,inf`` as request rates (requests/s > 0, or inf)."""
+    import math
+
+    rates = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            rate = float(item)
+        except ValueError:
+            rate = math.nan
+        if not rate > 0:
+            raise UserError(f"--request-rate: {item!r} is not a rate > 0 or inf")
+        rates.append(rate)
+    return rates
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    """``50,90,99.9``: percentiles in (0, 100]."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"--percentiles: expected numbers such as 50,90,99, got {text!r}") from None
+    if not all(0 < p <= 100 for p in values):
+        raise UserError(f"--percentiles: each must be in (0, 100], got {text!r}")
+    return values
+
+
+def _check_serve_numbers(args: argparse.Namespace) -> None:
+    checks = (
+        (args.num_prompts is None or args.num_prompts >= 1, "--num-prompts", ">= 1"),
+        (args.warmup >= 0, "--warmup", ">= 0"),
+        (args.max_concurrency is None or args.max_concurrency >= 1, "--max-concurrency", ">= 1"),
+        (0 < args.request_timeout < float("inf"), "--request-timeout", "a positive number"),
+        (
+            args.max_duration is None or 0 < args.max_duration < float("inf"),
+            "--max-duration",
+            "a positive number",
+        ),
+        (0 < args.burstiness < float("inf"), "--burstiness", "a positive number"),
+    )
+    for good, flag, wanted in checks:
+        if not good:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise UserError(f"{flag} must be {wanted}, got {value}")
+
+
+def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
+    """The requests of one rate, and a name for where they come from."""
+    from avmp.bench import loadgen
+
+    if args.trace:
+        built = loadgen.trace_requests(args.trace, args.num_prompts, args.seed, args.trace_format)
+        source = f"trace {args.trace}"
+    elif args.workload:
+        built = loadgen.preset_requests(args.workload, args.num_prompts, args.seed)
+        source = f"workload {args.workload}"
+    else:
+        num = args.num_prompts or SERVE_DEFAULT_PROMPTS
+        built = loadgen.sharegpt_requests(num, args.seed)
+        source = "ShareGPT (vLLM rules)"
+    if args.endpoint == "chat" and not isinstance(built[0].prompt, str):
+        raise UserError("--endpoint chat needs text prompts: use ShareGPT (no --trace/--workload)")
+    return built, source
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import sys
+
+    from avmp.bench import loadgen
+
+    rates = parse_rates(args.request_rate)
+    percentiles = parse_percentiles(args.percentiles)
+    goodput = loadgen.parse_goodput(args.goodput) if args.goodput else None
+    _check_serve_numbers(args)
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise UserError("avmp bench serve needs httpx: pip install 'avmp[serve]'") from None
+    base_url = loadgen.normalize_url(args.url)
+    model = args.model or loadgen.fetch_model(base_url, args.api_key)
+    requests, source = serve_requests(args)
+    configs = [_load_config(args, base_url, model, rate) for rate in rates]
+    warmup = [requests[i % len(requests)] for i in range(args.warmup)]
+    loadgen.warm_up(warmup, configs[0])
+    entries = [_run_rate(requests, config, percentiles, goodput, args) for config in configs]
+    result = _serve_result(args, base_url, model, source, len(requests), percentiles, entries)
+    if args.out:
+        loadgen.save_result(args.out, result)
+    from avmp.bench.serve_report import print_tables
+
+    print_tables(result)
+    if args.out:
+        print(f"saved: {args.out} (avmp report {args.out} draws the latency distributions)")
+    if not any(entry["summary"]["completed"] for entry in entries):
+        print("avmp bench serve: no request completed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_config(args: argparse.Namespace, base_url: str, model: str, rate: float) -> Any:
+    from avmp.bench.loadgen import LoadConfig
+
+    return LoadConfig(
+        base_url=base_url,
+        model=model,
+        endpoint=args.endpoint,
+        request_rate=rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        ignore_eos=not args.no_ignore_eos,
+        request_timeout_s=args.request_timeout,
+        max_duration_s=args.max_duration,
+        seed=args.seed,
+        api_key=args.api_key,
+    )
+
+
+def _run_rate(
+    requests: list[Any],
+    config: Any,
+    percentiles: tuple[float, ...],
+    goodput: Any,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Load the server at one rate with a progress bar; that rate's result entry."""
+    from rich.progress import Progress
+
+    from avmp.bench.loadgen import rate_label, rate_result, run_load
+
+    with Progress(transient=True, disable=args.no_progress) as bar:
+        task = bar.add_task(f"rate {rate_label(config.request_rate)}", total=len(requests))
+        records, duration = run_load(requests, config, lambda: bar.advance(task))
+    return rate_result(config, records, duration, percentiles, goodput)
+
+
+def _serve_result(
+    args: argparse.Namespace,
+    base_url: str,
+    model: str,
+    source: str,
+    num_prompts: int,
+    percentiles: tuple[float, ...],
+    entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The saved result: how it was run (command, server, model, date) and each rate."""
+    import sys
+    from datetime import UTC, datetime
+
+    from avmp.bench.loadgen import RESULT_SCHEMA
+
+    argv = _redacted(sys.argv[1:]) if sys.argv[1:3] == ["bench", "serve"] else None
+    return {
+        "schema": RESULT_SCHEMA,
+        "argv": ["avmp", *argv] if argv else None,
+        "url": base_url,
+        "model": model,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "endpoint": args.endpoint,
+            "dataset": source,
+            "num_prompts": num_prompts,
+            "seed": args.seed,
+            "warmup": args.warmup,
+            "ignore_eos": not args.no_ignore_eos,
+            "request_timeout_s": args.request_timeout,
+            "max_duration_s": args.max_duration,
+            "percentiles": list(percentiles),
+            "goodput": args.goodput,
+        },
+        "results": entries,
+    }
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line with the API key's value hidden (results get shared)."""
+    out = list(argv)
+    for i, item in enumerate(out):
+        if item == "--api-key" and i + 1 < len(out):
+            out[i + 1] = "***"
+        elif item.startswith("--api-key="):
+            out[i] = "--api-key=***"
+    return out

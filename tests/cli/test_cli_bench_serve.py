@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from avmp.bench import loadgen
+from avmp.cli import build_parser, main
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from fake_openai_server import MODEL, FakeBehaviour, fake_server, free_port  # noqa: E402
+
+FAST = FakeBehaviour(first_token_s=0.005, token_gap_s=0.0005)
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    with fake_server(FAST) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AVMP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "avmp-cache"))
+
+
+def test_bench_alone_still_runs_the_evaluation_and_serve_is_a_subcommand() -> None:
+    from avmp.cli import bench
+
+    alone = build_parser().parse_args(["bench", "--quick", "--out", "x", "--seeds", "2"])
+    assert alone.run is bench.run and alone.bench_command is None and alone.seeds == 2
+    serve = build_parser().parse_args(["bench", "serve", "--url", "http://h:1"])
+    assert serve.run is bench.run_serve and serve.request_rate == "inf"
+
+
+def test_serve_bench_against_a_server_saves_every_rate(server, tmp_path: Path, capsys) -> None:
+    url, state = server
+    out = tmp_path / "serve.json"
+    args = [
+        "bench",
+        "serve",
+        "--url",
+        url,
+        "--workload",
+        "uniform_short",
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "40,inf",
+        "--max-concurrency",
+        "3",
+        "--warmup",
+        "2",
+        "--goodput",
+        "ttft:5000",
+        "tpot:1000",
+        "--percentiles",
+        "50,99",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    before = len(state.bodies)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "40/s cap 3" in printed and "inf cap 3" in printed and "TTFT" in printed
+    assert len(state.bodies) - before == 2 + 2 * 6  # warm-up, then each rate
+    result = json.loads(out.read_text())
+    assert result["model"] == MODEL and result["url"] == url
+    assert [e["request_rate"] for e in result["results"]] == ["40", "inf"]
+    for entry in result["results"]:
+        summary = entry["summary"]
+        assert summary["completed"] == 6 and summary["goodput"] > 0
+        assert set(summary["ttft_ms"]) == {"mean", "median", "p50", "p99"}
+        assert len(entry["requests"]) == 6
+        assert sum(r["max_tokens"] for r in entry["requests"]) == summary["output_tokens"]
+    assert result["settings"]["dataset"] == "workload uniform_short"
+
+
+def test_serve_bench_sharegpt_over_chat(server, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, state = server
+    monkeypatch.setattr(
+        loadgen, "sharegpt_requests", functools.partial(loadgen.sharegpt_requests, limit=400)
+    )
+    args = [
+        "bench",
+        "serve",
+        "--url",
+        url,
+        "--endpoint",
+        "chat",
+        "--num-prompts",
+        "3",
+        "--no-ignore-eos",
+        "--no-progress",
+        "--api-key",
+        "k",
+    ]
+    assert main(args) == 0
+    body = state.bodies[-1]
+    assert isinstance(body["messages"][0]["content"], str) and "ignore_eos" not in body
+
+
+def test_every_request_failing_is_reported_and_exits_1(capsys) -> None:
+    with fake_server(FakeBehaviour(fail_every=1)) as (url, _):
+        args = [
+            "bench",
+            "serve",
+            "--url",
+            url,
+            "--workload",
+            "uniform_short",
+            "--num-prompts",
+            "2",
+            "--warmup",
+            "0",
+            "--no-progress",
+        ]
+        assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "2 x HTTP 500: fake failure" in captured.out
+    assert "no request completed" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "localhost:8000"], "bad server URL"),
+        (["--url", f"http://127.0.0.1:{free_port()}"], "cannot reach"),
+        (["--goodput", "ttft=5"], "bad goodput objective"),
+        (["--goodput", "ttft:0"], "MS must be a positive number"),
+        (["--request-rate", "fast"], "--request-rate: 'fast' is not a rate"),
+        (["--request-rate", "-2"], "is not a rate > 0"),
+        (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+        (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+        (["--percentiles", "0,50"], "--percentiles"),
+        (["--burstiness", "0"], "--burstiness must be a positive number"),
+        (["--trace", "/no/such.jsonl"], "no such trace file"),
+        (["--endpoint", "chat", "--workload", "shift"], "--endpoint chat needs text prompts"),
+        (
+            ["--url", "{url}/nowhere", "--model", "m", "--workload", "shift"],
+            "every warm-up request failed",
+        ),
+        (["--url", "{url}/nowhere"], "/nowhere/v1/models: HTTP 404"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(server, capsys, args: list[str], message: str) -> None:
+    url, _ = server
+    args = [a.format(url=url) for a in args]
+    full = ["bench", "serve", "--url", url, "--num-prompts", "2", "--no-progress", *args]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
