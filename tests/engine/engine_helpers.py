@@ -159,6 +159,31 @@ def falcon_config(**overrides: Any) -> Any:
     return transformers.FalconH1Config(**kwargs)
 
 
+def zamba2_config(**overrides: Any) -> Any:
+    """Two shared blocks over three hybrid layers (block 0 used twice, with its own
+    adapters each time), rotary on, attention 2x wide."""
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+        num_attention_heads=4,
+        num_key_value_heads=4,  # transformers' k/v adapters need as many KV heads as heads
+        n_mamba_heads=8,
+        mamba_d_state=16,
+        mamba_ngroups=2,
+        chunk_size=8,
+        num_mem_blocks=2,
+        use_shared_attention_adapter=True,
+        adapter_rank=8,
+        use_mem_rope=True,
+    )
+    kwargs.update(overrides)
+    kwargs["num_hidden_layers"] = len(kwargs["layers_block_type"])
+    return transformers.Zamba2Config(**kwargs)
+
+
 def _gated_deltanet_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
     """Qwen3-Next / Qwen3.5 text sizes: 2 key heads serving 4 value heads of another
     width than the keys, attention at layer 1, partial rotary away from its default."""
@@ -218,6 +243,7 @@ CONFIGS: dict[str, Callable[..., Any]] = {
     "qwen3_next": qwen3_next_config,
     "qwen3_5": qwen3_5_config,
     "qwen3_5_moe": qwen3_5_moe_config,
+    "zamba2": zamba2_config,
 }
 
 
@@ -293,12 +319,12 @@ class DenseLayerCaches:
                 torch.zeros(shape, dtype=dtype, device=device),
             )
         for rec in geometry.recurrent_layers:
-            assert rec.conv is not None, f"layer {rec.layer_index}: no conv state"
-            conv = torch.zeros(
-                (num_slots, *rec.conv.shape), dtype=TORCH_DTYPES[rec.conv.dtype], device=device
-            )
-            ssm = torch.zeros(
-                (num_slots, *rec.ssm.shape), dtype=TORCH_DTYPES[rec.ssm.dtype], device=device
+            # a tensor the layer does not cache is empty, as the engine's views give it
+            conv, ssm = (
+                torch.zeros((num_slots, 0), device=device)
+                if t is None
+                else torch.zeros((num_slots, *t.shape), dtype=TORCH_DTYPES[t.dtype], device=device)
+                for t in (rec.conv, rec.ssm)
             )
             self._state[rec.layer_index] = (conv, ssm)
 

@@ -50,6 +50,22 @@ HEAVY: dict[str, dict[str, Any]] = {
         num_key_value_heads=4, num_experts=1, mamba_d_state=32, mamba_expand=2,
         mamba_dt_rank=16,
     ),
+    **{
+        family: dict(
+            hidden_size=256, intermediate_size=128, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=256, num_experts=experts,
+            layer_types=["linear_attention", "full_attention", "linear_attention",
+                         "full_attention", "linear_attention", "linear_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+            linear_value_head_dim=64,
+        )
+        for family, experts in (("qwen3_next", 0), ("qwen3_5", 0), ("qwen3_5_moe", 4))
+    },
+    "zamba2": dict(
+        hidden_size=256, intermediate_size=128, layers_block_type=["hybrid", "hybrid"],
+        num_attention_heads=2, num_key_value_heads=2, use_shared_attention_adapter=False,
+        n_mamba_heads=8, mamba_d_state=64, mamba_ngroups=1, chunk_size=32,
+    ),
 }  # fmt: skip
 
 
