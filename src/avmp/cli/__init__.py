@@ -20,7 +20,7 @@ from typing import NoReturn
 from avmp.units import format_bytes, parse_bytes
 
 # Subcommand modules, in the order `avmp --help` lists them.
-COMMANDS = ("plan", "bench", "replay", "report", "generate")
+COMMANDS = ("plan", "bench", "replay", "report", "generate", "serve")
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 # The largest cache budget the commands accept, more than any one accelerator holds
