@@ -31,10 +31,10 @@ class PoolViews:
         return layer.k, layer.v
 
     def state(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv and SSM state; the one a layer does not cache (lightning attention has no
+        conv, a short convolution no SSM state) is an empty ``[max_slots, 0]`` tensor."""
         layer = self.views.recurrent[layer_index]
-        if layer.conv is None:
-            raise ValueError(f"layer {layer_index} has no conv state")
-        return layer.conv, layer.ssm
+        return _or_empty(layer.conv, layer.ssm), _or_empty(layer.ssm, layer.conv)
 
     def slot_row(self, slot: int) -> int:
         return self.views.slot_row(slot)
@@ -43,6 +43,13 @@ class PoolViews:
         """Rows of pages: the KV pool is never stored in reverse, so rows are the
         indices (no per-page call: the engine asks for every request at every step)."""
         return list(pages)
+
+
+def _or_empty(tensor: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor:
+    if tensor is not None:
+        return tensor
+    assert other is not None  # a recurrent layer caches at least one tensor
+    return other.new_empty((other.shape[0], 0))
 
 
 def fill_carried(input_ids: torch.Tensor, carried: torch.Tensor | None) -> None:

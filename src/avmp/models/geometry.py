@@ -29,6 +29,7 @@ class LayerKind(StrEnum):
     MAMBA2 = "mamba2"
     GATED_DELTANET = "gated_deltanet"
     LIGHTNING = "lightning"
+    SHORT_CONV = "short_conv"
 
 
 class ConvColumns(StrEnum):
@@ -95,16 +96,21 @@ class AttentionLayer:
 @dataclass(frozen=True)
 class RecurrentLayer:
     """A recurrent layer's per-request state: a conv state (absent for lightning
-    attention) and an SSM / linear-attention state, each with its own dtype."""
+    attention) and an SSM / linear-attention state (absent for a short convolution,
+    LFM2's, whose whole state is its conv window), each with its own dtype."""
 
     layer_index: int
     kind: LayerKind
-    ssm: CacheTensor
+    ssm: CacheTensor | None
     conv: CacheTensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.ssm is None and self.conv is None:
+            raise ValueError(f"recurrent layer {self.layer_index} caches nothing")
 
     @property
     def tensors(self) -> tuple[CacheTensor, ...]:
-        return (self.ssm,) if self.conv is None else (self.conv, self.ssm)
+        return tuple(t for t in (self.conv, self.ssm) if t is not None)
 
     @property
     def conv_bytes(self) -> int:
@@ -112,7 +118,7 @@ class RecurrentLayer:
 
     @property
     def ssm_bytes(self) -> int:
-        return self.ssm.num_bytes
+        return 0 if self.ssm is None else self.ssm.num_bytes
 
     @property
     def state_bytes(self) -> int:

@@ -42,11 +42,11 @@ class AttentionViews:
 
 @dataclass(frozen=True)
 class RecurrentViews:
-    """One recurrent layer's state: ``conv`` (None for lightning attention) and ``ssm``,
-    each ``[max_slots, *shape]``."""
+    """One recurrent layer's state: ``conv`` (None for lightning attention) and ``ssm``
+    (None for a short convolution), each ``[max_slots, *shape]``."""
 
     layer_index: int
-    ssm: torch.Tensor
+    ssm: torch.Tensor | None
     conv: torch.Tensor | None
 
 
@@ -89,7 +89,8 @@ class BackingViews:
         for index, tensors in self._views(PoolKind.KV):
             self.attention_layers.append(AttentionViews(index, tensors["k"], tensors["v"]))
         for index, tensors in self._views(PoolKind.STATE):
-            self.recurrent_layers.append(RecurrentViews(index, tensors["ssm"], tensors.get("conv")))
+            state = RecurrentViews(index, tensors.get("ssm"), tensors.get("conv"))
+            self.recurrent_layers.append(state)
         self.attention = {views.layer_index: views for views in self.attention_layers}
         self.recurrent = {views.layer_index: views for views in self.recurrent_layers}
 
