@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -130,6 +130,10 @@ class EngineConfig:
             available memory (0 under ``recompute``, which needs none).
         preemption_costs: the rates ``auto`` compares; None: measured when the engine is
             built (a timed pinned copy and a timed prefill chunk).
+        max_model_len: prompt + max_tokens at most per request (vLLM's
+            ``--max-model-len``); longer ones are refused (`RequestTooLarge`) or, in
+            `Engine.generate`, rejected. None: only memory limits a request (none of
+            the families the engine runs has learned absolute positions).
     """
 
     memory_bytes: int = 12 << 30
@@ -155,6 +159,7 @@ class EngineConfig:
     admission: Admission = Admission.RESERVE
     host_tier_bytes: int | None = None
     preemption_costs: PreemptionCosts | None = None
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "ssm_dtype"):
@@ -173,6 +178,8 @@ class EngineConfig:
             raise ValueError(f"backing 'cuda_vmm' needs a CUDA device, got {self.device!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_preemption()
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
         object.__setattr__(self, "admission", self.scheduler_config.admission)
@@ -325,8 +332,111 @@ class EngineStats:
         return self.num_generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-
 _UNFINISHED = (RequestStatus.WAITING, RequestStatus.RUNNING)
+# finish reasons after which a token still on the device for the request is dropped
+_DROPS_LATE_TOKENS = ("stop", "abort")
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """One request's sampling and stopping (`Engine.add_request`).
+
+    Attributes:
+        max_tokens: tokens to generate at most (>= 1).
+        temperature: 0 means greedy (argmax).
+        top_p: nucleus sampling's mass, in (0, 1].
+        top_k: keep the ``top_k`` most likely tokens before top-p (0: off).
+        seed: the seed of the request's own generator, which makes its tokens the same
+            whatever shares the batch; None: the engine picks one (the request's id).
+        stop_token_ids: finish (reason ``stop``) after sampling one of these; the token
+            stays in the output, as OpenAI and vLLM do for ids.
+        ignore_eos: keep generating after the end-of-sequence token.
+    Raises:
+        ValueError: a bad value (one line naming it).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_whole(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a whole number >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        self.sampling(0)  # temperature, top_p and top_k are checked there
+        low, high = SEED_RANGE
+        if self.seed is not None and (not _is_whole(self.seed) or not low <= self.seed < high):
+            raise ValueError(f"seed must be a whole number in [-2**63, 2**64), got {self.seed!r}")
+        stop = self.stop_token_ids
+        if not isinstance(stop, (tuple, list)) or not all(_is_whole(t) and t >= 0 for t in stop):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {stop!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """These settings as the sampler takes them, with the generator's ``seed``."""
+        return SamplingParams(self.temperature, self.top_p, self.top_k, seed)
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one request produced since its last update (`Engine.step`).
+
+    Attributes:
+        new_token_ids: tokens read since the last update (may be empty, e.g. in the
+            final update of an abort).
+        finish_reason: None while running; ``stop`` (end-of-sequence or a stop id),
+            ``length``, ``abort`` or ``rejected`` (the scheduler could never fit it).
+        error: why it was rejected.
+        num_output_tokens: every token produced so far, ``new_token_ids`` included.
+    """
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    error: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class RequestTooLarge(ValueError):
+    """A prompt (+ max_tokens) that this engine can never hold: longer than its
+    ``max_model_len`` if one is set, or than its memory (the scheduler's own
+    can-ever-fit rule). Raised by `Engine.add_request` before anything is queued."""
+
+
+@dataclass
+class EngineTotals:
+    """One engine's counters since it was built (`EngineStats` covers one `generate`
+    call): what a server's metrics report."""
+
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_swapped_out: int = 0
+    num_swapped_in: int = 0
+    swapped_bytes: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_requests: int = 0  # joined the batch
+    num_aborted: int = 0
+    num_rejected: int = 0
 
 
 class _Pending:
@@ -342,13 +452,16 @@ class _Pending:
 
 
 class _Live:
-    """An in-flight prompt: its tokens so far, its sampling generator, and when it
-    arrived, joined the scheduler and had its first and latest token read (seconds
-    after the call started)."""
+    """An unfinished request, or a finished one whose final update is not out yet: its
+    tokens so far, its sampling settings and generator, the token ids that stop it, how
+    many output tokens its updates have carried, and when it arrived, joined the
+    scheduler and had its first and latest token read (seconds after the engine's
+    clock started: `Engine.generate` restarts it)."""
 
     __slots__ = (
-        "index", "prompt", "tokens", "max_tokens", "generator", "finish_reason", "error",
-        "arrival_s", "joined_s", "first_token_s", "last_token_s",
+        "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
+        "finish_reason", "error", "num_reported", "arrival_s", "joined_s", "first_token_s",
+        "last_token_s",
     )  # fmt: skip
 
     def __init__(
@@ -356,6 +469,8 @@ class _Live:
         index: int,
         prompt: list[int],
         max_tokens: int,
+        sampling: SamplingParams,
+        stop_ids: frozenset[int],
         generator: torch.Generator | None,
         arrival_s: float,
     ) -> None:
@@ -363,9 +478,12 @@ class _Live:
         self.prompt = prompt
         self.tokens = list(prompt)
         self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop_ids = stop_ids
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
+        self.num_reported = 0
         self.arrival_s = arrival_s
         self.joined_s: float | None = None
         self.first_token_s: float | None = None
@@ -420,9 +538,14 @@ class Engine:
         self.preemption_costs = config.preemption_costs or self._measure_costs()
         self.scheduler = self._scheduler()
         self.stats = EngineStats()
+        self.totals = EngineTotals()
         self._next_request_id = 0
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
-        self._start = 0.0
+        self._start = time.perf_counter()
+        self._requests: dict[int, _Live] = {}  # by id, until their final update is out
+        self._touched: dict[int, None] = {}  # ids with news since the last update, in order
+        self._aborts: list[int] = []  # ids to abort at the next step
+        self._closed = False
         self._eos = self._eos_token_id()  # depends on the config and tokenizer only
         self.overlap = config.overlap  # may be switched between `generate` calls
         self._pending: _Pending | None = None
@@ -541,6 +664,118 @@ class Engine:
     def _memory_config(self) -> MemoryConfig:
         return self.config.memory_config
 
+    # -- requests, one step at a time -----------------------------------------------
+    # Not thread-safe: one thread adds, aborts and steps (`avmp.engine.loop` is that
+    # thread for an asyncio server).
+
+    def add_request(self, prompt: str | list[int], options: RequestOptions) -> int:
+        """Queue one request; it joins the batch at the next `step`.
+
+        Returns:
+            The request's id, which its updates carry.
+        Raises:
+            ValueError: an empty prompt, a token id outside the vocabulary, or text
+                without a tokenizer.
+            RequestTooLarge: a request this engine can never hold
+                (`check_request_fits`); nothing is queued.
+            RuntimeError: the engine is closed.
+        """
+        self._check_open()
+        ids = self._encode(prompt)
+        self.check_request_fits(len(ids), options.max_tokens)
+        request_id = self._register(ids, options, None, self._now())
+        self._join(request_id, self._now())
+        return request_id
+
+    def check_request_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request that could never run: more tokens than ``max_model_len``
+        (where set), or than an empty memory holds (the scheduler's rejection rule).
+
+        Raises:
+            RequestTooLarge: one line with the sizes.
+        """
+        reason = self._length_limit_error(num_prompt_tokens, max_tokens)
+        total = num_prompt_tokens + max_tokens
+        if reason is None and not self.allocator.fits_alone(total):
+            budget = format_bytes(self.config.memory_bytes)
+            reason = (
+                f"prompt {num_prompt_tokens} + max_tokens {max_tokens} = {total} tokens "
+                f"do not fit even in an empty memory of {budget} ({self.config.allocator})"
+            )
+        if reason is not None:
+            raise RequestTooLarge(reason)
+
+    def _length_limit_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        limit = self.config.max_model_len
+        total = num_prompt_tokens + max_tokens
+        if limit is None or total <= limit:
+            return None
+        return (
+            f"prompt {num_prompt_tokens} + max_tokens {max_tokens} = {total} tokens is "
+            f"more than max_model_len {limit}"
+        )
+
+    def abort_request(self, request_id: int) -> None:
+        """Abort a request at the next `step`: its pages, slot and host-tier copy are
+        freed there, a token still on the device for it is dropped, and that step
+        returns its final update (reason ``abort``). Unknown or finished ids are
+        ignored; aborting twice is aborting once."""
+        self._aborts.append(request_id)
+
+    def step(self) -> list[RequestUpdate]:
+        """Apply the aborts, then run one scheduler step (plan, launch, and read the
+        previous step's tokens under ``overlap``); with nothing to plan, read the last
+        step's tokens.
+
+        Returns:
+            The updates of the requests whose tokens were read, or that finished, in
+            this call; each request's final update (``finished``) comes exactly once.
+        Raises:
+            RuntimeError: the engine is closed.
+        """
+        self._check_open()
+        self._apply_aborts()
+        if self.scheduler.has_unfinished:
+            self._step()
+        else:
+            self._settle()  # nothing to plan: the last step's tokens, if still unread
+        return self._updates()
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request still awaits its final update from `step`."""
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def close(self) -> None:
+        """Release the cache's memory: the pools, the decode graphs and the host tier
+        (the weights stay). The engine runs nothing afterwards; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending = None
+        self._requests.clear()
+        self._touched.clear()
+        self._aborts.clear()
+        self.scheduler.swapper = None
+        self.swapper = None
+        del self.runner, self.views  # they hold views of the pools, and the graphs
+        self.backing.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+
     # -- generation -----------------------------------------------------------------
 
     def generate(
@@ -554,37 +789,46 @@ class Engine:
         arrival_s: list[float] | None = None,
     ) -> list[GenerationOutput]:
         """Generate up to ``max_tokens`` tokens for every prompt (one limit for all, or
-        one per prompt), batched continuously.
+        one per prompt), batched continuously: `add_request` and `step` until done.
 
         Args:
+            seed: prompt ``i`` samples from a generator seeded ``seed + i``.
             arrival_s: replay a trace: per prompt, the seconds after this call starts at
                 which it arrives (in any order). A prompt joins the scheduler only once
                 the wall clock reaches its arrival; while none is unfinished the engine
                 sleeps until the next one. None: every prompt is there from the start.
         Returns:
             One output per prompt, in prompt order, with its arrival, first-token and
-            finish times.
+            finish times. A prompt that can never fit is ``rejected``, not raised.
         Raises:
             ValueError: an empty prompt, a token id outside the vocabulary, text
-                prompts without a tokenizer, or arrival times that are not one finite
-                number >= 0 per prompt.
+                prompts without a tokenizer, bad sampling settings, or arrival times
+                that are not one finite number >= 0 per prompt.
+            RuntimeError: requests added with `add_request` are unfinished.
         """
+        self._check_open()
+        if self.has_unfinished_requests:
+            raise RuntimeError("generate() needs an idle engine: added requests are unfinished")
         limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} max_tokens for {len(prompts)} prompts")
         if any(limit < 1 for limit in limits):
             raise ValueError(f"max_tokens must be >= 1, got {min(limits)}")
         arrivals = _checked_arrivals(arrival_s, len(prompts))
-        params = SamplingParams(temperature, top_p, seed)
+        options = [
+            RequestOptions(limit, temperature, top_p, seed=seed + index, ignore_eos=ignore_eos)
+            for index, limit in enumerate(limits)
+        ]
         token_prompts = [self._encode(prompt) for prompt in prompts]
-        live = self._live(token_prompts, limits, arrivals, params)
         self.stats = EngineStats(num_prompt_tokens=sum(len(p) for p in token_prompts))
         before = copy.deepcopy(self.allocator.stats)
         self._timeline = TimelineRecorder(TIMELINE_SAMPLES)
         self._start = time.perf_counter()
-        self._pending = None
-        arrival_order = deque(sorted(live, key=lambda r: (live[r].arrival_s, r)))
-        self._run(live, arrival_order, params, ignore_eos)
+        live = {}
+        for index, prompt in enumerate(token_prompts):
+            request_id = self._register(prompt, options[index], index, arrivals[index])
+            live[request_id] = self._requests[request_id]
+        self._run(live, deque(sorted(live, key=lambda r: (live[r].arrival_s, r))))
         self.stats.elapsed_s = self._now()
         self.stats.timeline = self._timeline.samples()
         self._finish_stats(before)
@@ -594,30 +838,27 @@ class Engine:
         self.stats.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
         return outputs
 
-    def _run(
-        self,
-        live: dict[int, _Live],
-        arrivals: deque[int],
-        params: SamplingParams,
-        ignore_eos: bool,
-    ) -> None:
+    def _run(self, live: dict[int, _Live], arrivals: deque[int]) -> None:
         """Step until every request has arrived and none is unfinished. Arrivals join
         between steps; with nothing to run, the last step's tokens are read (they
         finish requests) and the engine sleeps until the next arrival."""
         while arrivals or self.scheduler.has_unfinished:
             self._join_arrivals(live, arrivals)
             if self.scheduler.has_unfinished:
-                self._step(live, params, ignore_eos)
+                self.step()
             elif arrivals:
-                self._settle(live, ignore_eos)
+                self.step()  # reads the last step's tokens
                 wait_s = live[arrivals[0]].arrival_s - self._now()
                 if wait_s > 0:
                     time.sleep(wait_s)
                     self.stats.idle_s += wait_s
-        self._settle(live, ignore_eos)  # the last step's tokens
+        self.step()  # the last step's tokens
+        if self.has_unfinished_requests:
+            raise RuntimeError(f"requests {sorted(self._requests)} left without a final update")
 
     def _now(self) -> float:
-        """Seconds since this `generate` call started."""
+        """Seconds since the engine's clock started (its construction, or the start of
+        the current `generate` call)."""
         return time.perf_counter() - self._start
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
@@ -634,75 +875,120 @@ class Engine:
             raise ValueError(f"token ids must lie in [0, {vocab})")
         return ids
 
-    def _live(
-        self,
-        prompts: list[list[int]],
-        limits: list[int],
-        arrivals: list[float],
-        params: SamplingParams,
-    ) -> dict[int, _Live]:
-        """One in-flight record per prompt, by request id (ids in prompt order)."""
-        live: dict[int, _Live] = {}
-        for index, (prompt, max_tokens) in enumerate(zip(prompts, limits, strict=True)):
-            request_id = self._next_request_id
-            self._next_request_id += 1
-            generator = None
-            if not params.is_greedy:
-                generator = torch.Generator(self.device).manual_seed(params.seed + index)
-            live[request_id] = _Live(index, prompt, max_tokens, generator, arrivals[index])
-        return live
+    def _register(
+        self, prompt: list[int], options: RequestOptions, index: int | None, arrival_s: float
+    ) -> int:
+        """Record a request (not yet in the scheduler) under the next id; ``index``: its
+        place among `generate`'s prompts (None: its id)."""
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        seed = request_id if options.seed is None else options.seed
+        sampling = options.sampling(seed)
+        generator = None
+        if not sampling.is_greedy:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        stop_ids = set(options.stop_token_ids)
+        if not options.ignore_eos and self._eos is not None:
+            stop_ids.add(self._eos)
+        self._requests[request_id] = _Live(
+            request_id if index is None else index,
+            prompt,
+            options.max_tokens,
+            sampling,
+            frozenset(stop_ids),
+            generator,
+            arrival_s,
+        )
+        return request_id
 
     def _join_arrivals(self, live: dict[int, _Live], arrivals: deque[int]) -> None:
         """Add to the scheduler, in arrival order, every request whose arrival the
         clock has reached (ids taken from the front of ``arrivals``)."""
         now = self._now()
         while arrivals and live[arrivals[0]].arrival_s <= now:
-            request_id = arrivals.popleft()
-            request = live[request_id]
-            request.joined_s = now
+            self._join(arrivals.popleft(), now)
+
+    def _join(self, request_id: int, now: float) -> None:
+        """Hand a registered request to the scheduler, which queues or rejects it."""
+        request = self._requests[request_id]
+        request.joined_s = now
+        self.totals.num_requests += 1
+        self.totals.num_prompt_tokens += len(request.prompt)
+        reason = self._length_limit_error(len(request.prompt), request.max_tokens)
+        if reason is None:
             spec = RequestSpec(
                 request_id, request.arrival_s, len(request.prompt), request.max_tokens
             )
             rejection = self.scheduler.add_request(spec)
-            if rejection is not None:
-                request.finish_reason = "rejected"
-                request.error = rejection.reason
+            reason = None if rejection is None else rejection.reason
+        if reason is not None:
+            self._finish(request_id, "rejected", reason)
 
-    def _step(self, live: dict[int, _Live], params: SamplingParams, ignore_eos: bool) -> None:
+    def _finish(self, request_id: int, reason: str, error: str | None = None) -> None:
+        """Mark a request finished; its final update goes out once no token of it is
+        left on the device (`_updates`)."""
+        request = self._requests[request_id]
+        if reason == "rejected" and request.finish_reason != "rejected":
+            self.totals.num_rejected += 1
+        request.finish_reason = reason
+        request.error = error
+        self._touched[request_id] = None
+
+    def _apply_aborts(self) -> None:
+        """Stop every request aborted since the last step: the scheduler frees its
+        pages and slot (and its host-tier copy, if swapped out)."""
+        aborts, self._aborts = self._aborts, []
+        for request_id in aborts:
+            request = self._requests.get(request_id)
+            if request is None or request.finish_reason:
+                continue  # unknown, or finished already
+            scheduled = self.scheduler.requests.get(request_id)
+            if scheduled is not None and scheduled.status in _UNFINISHED:
+                self.scheduler.stop(request_id)
+            self._finish(request_id, "abort")
+            self.totals.num_aborted += 1
+
+    def _step(self) -> None:
         """Plan, launch and finish one step. With ``overlap`` the step is launched before
         the previous step's tokens are read, so planning it (the allocator's work) ran
         while the device computed the previous one; an end-of-sequence token is then
         learned one step late (`_settle`)."""
         plan = self.scheduler.schedule()
         for rejection in plan.rejected:
-            live[rejection.request_id].finish_reason = "rejected"
-            live[rejection.request_id].error = rejection.reason
-        self.stats.num_preemptions += len(plan.preempted)
-        self.stats.num_swapped_out += len(plan.swapped_out)
-        self.stats.num_swapped_in += len(plan.swapped_in)
-        self.stats.swapped_bytes += plan.num_swap_bytes
+            if rejection.request_id in self._requests:  # else: reported already
+                self._finish(rejection.request_id, "rejected", rejection.reason)
+        self._count(plan)
         if plan.is_empty:
-            late = self._settle(live, ignore_eos)
+            late = self._settle()
             stopped = [request_id for request_id in late if self.scheduler.stop(request_id)]
             if self.scheduler.has_unfinished and not (plan.rejected or plan.preempted or stopped):
                 raise RuntimeError("the scheduler planned nothing while requests are waiting")
             return
-        launched = self._launch(plan, live, params)
+        launched = self._launch(plan)
         pending = launched if self.overlap else None
         if not self.overlap:  # read this step's tokens now
             self._pending = launched
-        late = self._settle(live, ignore_eos)
+        late = self._settle()
         outcome = self.scheduler.finish_step(plan, late)  # finishes those that sampled now
         sampled = set(launched.request_ids)
         for request_id in late:
             if request_id not in sampled:  # not in this step: preempted meanwhile
                 self.scheduler.stop(request_id)
         for request_id in outcome.finished:
-            live[request_id].finish_reason = live[request_id].finish_reason or "length"
+            request = self._requests[request_id]
+            self._finish(request_id, request.finish_reason or "length", request.error)
         self._pending = pending
         self._track(plan)
 
-    def _launch(self, plan: StepPlan, live: dict[int, _Live], params: SamplingParams) -> _Pending:
+    def _count(self, plan: StepPlan) -> None:
+        """Add a plan's preemptions and swaps to this call's stats and the totals."""
+        for counters in (self.stats, self.totals):
+            counters.num_preemptions += len(plan.preempted)
+            counters.num_swapped_out += len(plan.swapped_out)
+            counters.num_swapped_in += len(plan.swapped_in)
+            counters.swapped_bytes += plan.num_swap_bytes
+
+    def _launch(self, plan: StepPlan) -> _Pending:
         """Run the model on the plan and sample, without waiting for the device. A token
         the previous step sampled and the host has not read is passed as a carried id
         (`SequenceWork.token_ids`) and read on the device."""
@@ -710,7 +996,7 @@ class Engine:
         work: list[SequenceWork] = []
         sampling: list[int] = []
         for chunk in plan.chunks:
-            request = live[chunk.request_id]
+            request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
             end = chunk.start + chunk.num_tokens
             known = len(request.tokens) + (chunk.request_id in carry)
@@ -731,15 +1017,17 @@ class Engine:
                 sampling.append(chunk.request_id)
         carried = None if self._pending is None else self._pending.tokens.device
         logits = self.runner.execute(work, carried)
-        generators = [live[r].generator for r in sampling]
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
-        return _Pending(sampling, SampledTokens(sample(logits, params, generators)))  # type: ignore[arg-type]
+        rows = [self._requests[request_id] for request_id in sampling]
+        sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        return _Pending(sampling, SampledTokens(sampled))
 
-    def _settle(self, live: dict[int, _Live], ignore_eos: bool) -> list[int]:
+    def _settle(self) -> list[int]:
         """Read the last launched step's tokens (waiting for that step alone) and append
-        them. Returns the requests that sampled the end-of-sequence token and are still
-        unfinished in the scheduler; a token computed after one is dropped."""
+        them. Returns the requests that sampled a stop token (end-of-sequence or a stop
+        id) and are still unfinished in the scheduler; a token computed after one, or
+        for an aborted request, is dropped."""
         pending, self._pending = self._pending, None
         if pending is None:
             return []
@@ -747,18 +1035,51 @@ class Engine:
         tokens = pending.tokens.tolist()
         now = self._now()
         for request_id, token in zip(pending.request_ids, tokens, strict=True):
-            request = live[request_id]
-            if request.finish_reason == "stop":
+            request = self._requests.get(request_id)
+            if request is None or request.finish_reason in _DROPS_LATE_TOKENS:
                 continue
             request.tokens.append(token)
+            self._touched[request_id] = None
+            self.totals.num_generated_tokens += 1
             if request.first_token_s is None:
                 request.first_token_s = now
             request.last_token_s = now
-            if not ignore_eos and self._eos is not None and token == self._eos:
+            if token in request.stop_ids:
                 request.finish_reason = "stop"
                 if self.scheduler.requests[request_id].status in _UNFINISHED:
                     late.append(request_id)
         return late
+
+    def _updates(self) -> list[RequestUpdate]:
+        """The updates of the requests touched since the last call. A finished request's
+        final update waits while a token of it is still on the device, unless that
+        token is to be dropped (stop, abort)."""
+        on_device = {} if self._pending is None else self._pending.index
+        updates = []
+        for request_id in self._touched:
+            request = self._requests[request_id]
+            reason = request.finish_reason
+            done = bool(reason) and (reason in _DROPS_LATE_TOKENS or request_id not in on_device)
+            num_prompt = len(request.prompt)
+            new = request.tokens[num_prompt + request.num_reported :]
+            if not new and not done:
+                continue
+            request.num_reported += len(new)
+            updates.append(
+                RequestUpdate(
+                    request_id,
+                    new,
+                    done,
+                    reason if done else None,
+                    request.error if done else None,
+                    num_prompt,
+                    len(request.tokens) - num_prompt,
+                )
+            )
+            if done:
+                del self._requests[request_id]
+        self._touched = {}
+        return updates
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.model.config, "eos_token_id", None)
@@ -770,6 +1091,7 @@ class Engine:
 
     def _track(self, plan: StepPlan) -> None:
         self.stats.num_steps += 1
+        self.totals.num_steps += 1
         self.stats.num_computed_tokens += plan.num_tokens
         self.stats.num_recompute_tokens += plan.num_recompute_tokens
         usage = self.allocator.usage()
@@ -808,7 +1130,8 @@ class Engine:
     def _output(self, request_id: int, request: _Live) -> GenerationOutput:
         generated = request.tokens[len(request.prompt) :]
         text = None if self.tokenizer is None else self.tokenizer.decode(generated)
-        preemptions = self.scheduler.requests[request_id].num_preemptions
+        scheduled = self.scheduler.requests.get(request_id)  # None: over max_model_len
+        preemptions = 0 if scheduled is None else scheduled.num_preemptions
         return GenerationOutput(
             request.index,
             request.prompt,

@@ -1,6 +1,8 @@
-"""Turning logits into next tokens: greedy, or temperature with nucleus (top-p) sampling.
+"""Turning logits into next tokens: greedy, or temperature with top-k and nucleus (top-p)
+sampling, each row of a batch with its own settings.
 
-Each request samples from its own seeded generator, so its tokens do not depend on what
+Each request samples from its own seeded generator and its row's probabilities are
+computed from its own logits and settings alone, so its tokens do not depend on what
 else shares the batch, nor on whether it was preempted and recomputed (tokens already
 sampled are kept, never drawn again).
 """
@@ -8,7 +10,9 @@ sampled are kept, never drawn again).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -20,11 +24,14 @@ class SamplingParams:
     Attributes:
         temperature: 0 means greedy (argmax).
         top_p: keep the smallest set of tokens whose probability reaches ``top_p``.
-        seed: base seed; request ``i`` samples from a generator seeded ``seed + i``.
+        top_k: keep the ``top_k`` most likely tokens before top-p (0: off).
+        seed: the generator's seed (`Engine.generate`: request ``i`` samples from a
+            generator seeded ``seed + i``).
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -32,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -49,15 +58,75 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities ``[N, V]`` of the sampled rows of ``logits [N, V]``, row ``i`` with
+    ``rows[i]``'s temperature, top-k and top-p, all rows at once on the device. A row
+    whose filters are off keeps its softmax untouched (not renormalised), so a row's
+    values never depend on the other rows' settings."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in rows], device=device)[:, None]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    vocab = probs.shape[-1]
+    cuts_k = [0 < p.top_k < vocab for p in rows]
+    cuts_p = [p.top_p < 1.0 for p in rows]
+    if not any(cuts_k) and not any(cuts_p):
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if any(cuts_k):
+        kept = [p.top_k if cut else vocab for p, cut in zip(rows, cuts_k, strict=True)]
+        top_k = torch.tensor(kept, device=device)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        sorted_probs = sorted_probs.masked_fill(ranks >= top_k[:, None], 0.0)
+        # top-p then reads the mass of the k kept tokens (vLLM's order: k, then p)
+        has_k = torch.tensor(cuts_k, device=device)[:, None]
+        renormed = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        sorted_probs = torch.where(has_k, renormed, sorted_probs)
+    if any(cuts_p):
+        top_p = torch.tensor([p.top_p for p in rows], device=device)[:, None]
+        has_p = torch.tensor(cuts_p, device=device)[:, None]
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+        sorted_probs = sorted_probs.masked_fill((before >= top_p) & has_p, 0.0)
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    changed = torch.tensor([k or p for k, p in zip(cuts_k, cuts_p, strict=True)], device=device)[
+        :, None
+    ]
+    return torch.where(changed, filtered / filtered.sum(dim=-1, keepdim=True), probs)
+
+
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
-    """Next token ``[N]`` per row of ``logits [N, V]``; row ``i`` draws from ``generators[i]``."""
-    if params.is_greedy:
+    """Next token ``[N]`` per row of ``logits [N, V]``.
+
+    Args:
+        params: one setting for every row, or one per row; greedy rows take the argmax.
+        generators: per row, the generator its draw uses (None for greedy rows).
+    """
+    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
+    if len(rows) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise ValueError(
+            f"{len(rows)} settings, {len(generators)} generators, {logits.shape[0]} rows"
+        )
+    sampled = [i for i, p in enumerate(rows) if not p.is_greedy]
+    if not sampled:
         return logits.argmax(dim=-1)
-    probs = top_p_filter(torch.softmax(logits.float() / params.temperature, dim=-1), params.top_p)
-    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
-    return torch.cat(rows)
+    everyone = len(sampled) == len(rows)
+    index = None if everyone else torch.tensor(sampled, device=logits.device)
+    subset = logits if index is None else logits.index_select(0, index)
+    probs = filtered_probs(subset, [rows[i] for i in sampled])
+    # one draw per row: each request's generator is its own (no batched multinomial
+    # takes a generator per row)
+    draws = torch.cat(
+        [
+            torch.multinomial(p, 1, generator=generators[i])
+            for p, i in zip(probs, sampled, strict=True)
+        ]
+    )
+    if index is None:
+        return draws
+    return logits.argmax(dim=-1).index_copy(0, index, draws)
 
 
 class SampledTokens:
