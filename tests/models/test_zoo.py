@@ -46,6 +46,8 @@ TABLE: dict[str, Row] = {
     "nemotron-h-56b": Row(118, 10, 54, 8, 128, 40_960, 438.3, 870.3, 11_221),
     "nemotron-nano-9b-v2": Row(56, 4, 27, 8, 128, 16_384, 69.4, 136.9, 4_442),
     "qwen3-next-80b-a3b": Row(48, 12, 36, 2, 256, 24_576, 37.7, 73.7, 1_608),
+    # not in MODELS.md: from MODELS.md's formulas on the zoo's (unconfirmed) config
+    "qwen3.5-4b": Row(32, 8, 24, 4, 256, 32_768, 25.1, 49.1, 804),
     "minimax-text-01": Row(80, 10, 70, 8, 128, 40_960, 140.0, 280.0, 3_584),
     "mamba2-2.7b": Row(64, 0, 64, None, None, 0, 82.0, 162.0, None),
 }
@@ -57,6 +59,7 @@ UNCONFIRMED = {
     "falcon-h1-1.5b",
     "granite-4.0-h-micro",
     "granite-4.0-h-small",
+    "qwen3.5-4b",
 }
 
 # Published sizes (billions of parameters: total, active or None for dense / not checked).
@@ -204,6 +207,7 @@ def test_every_supported_family_is_in_the_zoo() -> None:
         "granitemoehybrid",
         "nemotron_h",
         "qwen3_next",
+        "qwen3_5",
         "minimax",
         "mamba2",
     }

@@ -34,6 +34,10 @@ PEER_SSM_DTYPES: dict[str, tuple[str, str]] = {
     "zamba2": ("model", "float32"),
     "mamba2": ("model", "float32"),
     "qwen3_next": ("model", "float32"),
+    # Qwen3.5 / 3.6: the same Gated DeltaNet state as Qwen3-Next; taken to follow its
+    # peers' defaults (not read in their code for these families)
+    "qwen3_5": ("model", "float32"),
+    "qwen3_5_moe": ("model", "float32"),
     "jamba": ("model", "model"),
     "minimax": ("model", "model"),
 }

@@ -551,7 +551,52 @@ def _zamba2_shared_blocks(b: _Build, cfg: _Config, attn: _AttnDims) -> None:
 def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
     """Qwen3-Next: gated DeltaNet layers with full attention every
     ``full_attention_interval``-th layer (or per ``layer_types``); MoE MLPs."""
-    b = _base(cfg, "qwen3_next")
+    return _gated_deltanet_hybrid(cfg, opt, "qwen3_next", kv_heads=2, experts=512, top_k=10)
+
+
+def _qwen3_5(cfg: _Config, opt: _Options) -> _Build:
+    """Qwen3.5 / Qwen3.6 dense: Qwen3-Next's layers with a dense MLP (Qwen3_5TextConfig
+    has no experts; its KV heads default to 4). Reads the text model of a multimodal
+    checkpoint (``text_config``): the vision tower caches nothing per token."""
+    text = _text_config(cfg)
+    return _gated_deltanet_hybrid(text, opt, "qwen3_5", kv_heads=4, experts=0, top_k=0, top=cfg)
+
+
+def _qwen3_5_moe(cfg: _Config, opt: _Options) -> _Build:
+    """Qwen3.5 / Qwen3.6 MoE: Qwen3-Next's layers, experts in every layer (256, top 8 by
+    default, as Qwen3_5MoeTextConfig)."""
+    text = _text_config(cfg)
+    return _gated_deltanet_hybrid(
+        text, opt, "qwen3_5_moe", kv_heads=2, experts=256, top_k=8, top=cfg
+    )
+
+
+def _text_config(cfg: _Config) -> _Config:
+    """The text model of a multimodal wrapper config (``model_type`` qwen3_5 /
+    qwen3_5_moe), or the config itself for a text-only one (``*_text``)."""
+    if str(cfg.value("model_type", "")).endswith("_text"):
+        return cfg
+    if not cfg.has("text_config"):
+        raise cfg.fail("missing key 'text_config' (the text model of a multimodal checkpoint)")
+    return _sub_config(cfg, "text_config")
+
+
+def _gated_deltanet_hybrid(
+    cfg: _Config,
+    opt: _Options,
+    family: str,
+    *,
+    kv_heads: int,
+    experts: int,
+    top_k: int,
+    top: _Config | None = None,
+) -> _Build:
+    """Gated DeltaNet layers beside gated full attention (every
+    ``full_attention_interval``-th layer, or per ``layer_types``), each followed by a
+    dense MLP or experts; ``kv_heads``, ``experts`` and ``top_k`` are the family's
+    defaults. ``top`` is the wrapper config of a multimodal checkpoint, which may hold
+    ``tie_word_embeddings``."""
+    b = _base(cfg, family)
     h = b.hidden_size
     if cfg.has("layer_types"):
         types = _layer_types(cfg, "layer_types")
@@ -563,7 +608,7 @@ def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
         ]
     if len(types) != b.num_layers:
         raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
-    attn = _attn_dims(cfg, h, kv_heads_default=2, head_dim_default=256)
+    attn = _attn_dims(cfg, h, kv_heads_default=kv_heads, head_dim_default=256)
     dims = _DeltaNetDims(
         key_heads=cfg.dim("linear_num_key_heads", 16),
         value_heads=cfg.dim("linear_num_value_heads", 32),
@@ -571,6 +616,11 @@ def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
         value_dim=cfg.dim("linear_value_head_dim", 128),
         d_conv=cfg.dim("linear_conv_kernel_dim", 4),
     )
+    if dims.value_heads % dims.key_heads:
+        raise cfg.fail(
+            f"linear_num_value_heads {dims.value_heads} is not a multiple of "
+            f"linear_num_key_heads {dims.key_heads}"
+        )
     for i, kind in enumerate(types):
         if kind == "full_attention":
             _add_attention(b, i, attn, opt)
@@ -580,8 +630,8 @@ def _qwen3_next(cfg: _Config, opt: _Options) -> _Build:
             b.params.add(_deltanet_params(h, dims))
         else:
             raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
-        _qwen3_next_mlp(b, cfg, i)
-    _add_embeddings(b, cfg, False)
+        _qwen3_next_mlp(b, cfg, i, experts, top_k)
+    _add_embeddings(b, cfg, top is not None and top.flag("tie_word_embeddings", False))
     return b
 
 
@@ -591,16 +641,16 @@ def _deltanet_params(hidden: int, dims: _DeltaNetDims) -> int:
     return in_proj + dims.conv_channels * dims.d_conv + value_width * hidden
 
 
-def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int) -> None:
+def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int, experts: int, top_k: int) -> None:
     h = b.hidden_size
-    experts = cfg.count("num_experts", 512)
+    experts = cfg.count("num_experts", experts)
     step = cfg.dim("decoder_sparse_step", 1)
     dense_layers = set(cfg.sequence("mlp_only_layers", []))
     if experts == 0 or index in dense_layers or (index + 1) % step:
         b.params.add(_mlp_params(h, cfg.dim("intermediate_size")))
         return
     expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 512))
-    _add_moe(b.params, h, experts, cfg.dim("num_experts_per_tok", 10), expert)
+    _add_moe(b.params, h, experts, cfg.dim("num_experts_per_tok", top_k), expert)
     b.params.add(_mlp_params(h, cfg.dim("shared_expert_intermediate_size", 512)) + h)
 
 
@@ -718,6 +768,10 @@ _READERS: dict[str, Callable[[_Config, _Options], _Build]] = {
     "minimax_text_01": _minimax,
     "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next,
+    "qwen3_5": _qwen3_5,
+    "qwen3_5_text": _qwen3_5,
+    "qwen3_5_moe": _qwen3_5_moe,
+    "qwen3_5_moe_text": _qwen3_5_moe,
     "zamba2": _zamba2,
 }
 
