@@ -1,18 +1,21 @@
 """Running the app under uvicorn, and stopping it cleanly.
 
-On SIGTERM or SIGINT uvicorn stops accepting connections and lets the requests in
-flight finish for up to ``shutdown_timeout_s``; then it cancels them (which aborts their
-engine requests) and runs the app's lifespan shutdown, which stops the engine loop and
-releases its memory (`avmp.serve.app.create_app`).
+On SIGTERM or SIGINT uvicorn stops accepting connections and waits for those open. At
+the same moment the app drains its engine (`avmp.serve.app`): requests in flight may
+finish for ``shutdown_timeout_s``, then the engine aborts them, so each client still
+gets a whole answer (finish reason ``abort``) and its connection closes. uvicorn's own
+grace period, a little longer, only backs that up: past it, uvicorn cancels what is
+left. The app's lifespan shutdown then frees the engine's memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -40,18 +43,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(
-    app: Any, shutdown_timeout_s: float = 30.0, log_level: str = "info"
-) -> uvicorn.Server:
-    """A uvicorn server for ``app``, its graceful period ``shutdown_timeout_s``."""
+# uvicorn's grace period beyond the engine's: time for the aborted answers to be sent
+BACKSTOP_S = 5.0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining the engine while uvicorn waits for the connections."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        draining = asyncio.create_task(asyncio.to_thread(self._drain))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await draining
+
+
+def make_server(app: Any, shutdown_timeout_s: float, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for an app of `avmp.serve.app.create_app`."""
     config = uvicorn.Config(
         app,
         lifespan="on",
         log_level=log_level,
-        timeout_graceful_shutdown=math.ceil(shutdown_timeout_s),
+        timeout_graceful_shutdown=math.ceil(shutdown_timeout_s + BACKSTOP_S),
         access_log=log_level == "debug",
     )
-    return uvicorn.Server(config)
+    return _DrainingServer(config, lambda: app.state.drain_engine(False))
 
 
 def run(app: Any, sock: socket.socket, shutdown_timeout_s: float, log_level: str) -> None:

@@ -1,0 +1,255 @@
+"""Pieces of generated text into OpenAI responses: whole bodies, or server-sent events
+(``data: <json>`` per chunk, then ``data: [DONE]``) with one chunk per new piece of each
+choice, the choices of a request interleaved as they come."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from avmp.serve.errors import APIError, engine_error
+from avmp.serve.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+    new_id,
+    now_s,
+)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Piece:
+    """What one choice produced since its last piece."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+async def collect(stream: AsyncIterator[Piece]) -> Piece:
+    parts: list[str] = []
+    async with aclosing(stream) as pieces:  # type: ignore[type-var]
+        async for piece in pieces:
+            parts.append(piece.text)
+            last = piece
+    return Piece(
+        last.index,
+        "".join(parts),
+        last.finish_reason,
+        last.num_prompt_tokens,
+        last.num_output_tokens,
+    )
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or None (with ``work`` cancelled) if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():  # the client left, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has closed the connection (the body was read already,
+    so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def merge(
+    firsts: list[Piece], streams: list[AsyncIterator[Piece]]
+) -> AsyncIterator[Piece | Exception]:
+    """The first pieces, then every choice's later pieces as they come (each choice
+    pumped by its own task); an error of one choice comes through as a value. Closing
+    this generator cancels the pumps, which closes the choices (aborting them)."""
+    yield_queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[Piece]) -> None:
+        try:
+            async with aclosing(stream) as pieces:  # type: ignore[type-var]
+                async for piece in pieces:
+                    await yield_queue.put(piece)
+        except Exception as error:
+            await yield_queue.put(error)
+        finally:
+            yield_queue.put_nowait(None)
+
+    for piece in firsts:
+        yield piece
+    live = [s for s, first in zip(streams, firsts, strict=True) if first.finish_reason is None]
+    for s, first in zip(streams, firsts, strict=True):
+        if first.finish_reason is not None:
+            await s.aclose()  # type: ignore[attr-defined]
+    tasks = [asyncio.create_task(pump(s)) for s in live]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await yield_queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(pieces: list[Piece]) -> Usage:
+    """Prompt tokens counted once per prompt (the ``n`` choices of one prompt share
+    it, as OpenAI counts), completion tokens of every choice."""
+    prompts = {p.index: p.num_prompt_tokens for p in pieces}
+    prompt_tokens = sum(prompts.values())
+    completion = sum(p.num_output_tokens for p in pieces)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+    )
+
+
+def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
+    return CompletionResponse(
+        id=new_id("cmpl"),
+        created=now_s(),
+        model=model,
+        choices=[
+            CompletionChoice(index=p.index, text=p.text, finish_reason=p.finish_reason)
+            for p in pieces
+        ],
+        usage=_usage(pieces),
+    )
+
+
+def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=new_id("chatcmpl"),
+        created=now_s(),
+        model=model,
+        choices=[
+            ChatChoice(
+                index=p.index,
+                message=ChatResponseMessage(content=p.text),
+                finish_reason=p.finish_reason,
+            )
+            for p in pieces
+        ],
+        usage=_usage(pieces),
+    )
+
+
+def _sse(data: Any) -> str:
+    """One server-sent event as OpenAI writes them: ``data: <json>`` and a blank line."""
+    return f"data: {data.model_dump_json()}\n\n"
+
+
+class _StreamUsage:
+    """The last counts seen per choice, for the final usage chunk."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, Piece] = {}
+
+    def add(self, piece: Piece) -> None:
+        self.last[piece.index] = piece
+
+    def usage(self) -> Usage:
+        return _usage(list(self.last.values()))
+
+
+async def sse_completions(
+    model: str, pieces: AsyncIterator[Piece | Exception], include_usage: bool
+) -> AsyncIterator[str]:
+    rid, created, counts = new_id("cmpl"), now_s(), _StreamUsage()
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return _sse(
+            CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+        )
+
+    async for piece in _until_error(pieces):
+        if isinstance(piece, str):
+            yield piece
+            continue
+        counts.add(piece)
+        if piece.text or piece.finish_reason:
+            yield chunk(
+                [
+                    CompletionChoice(
+                        index=piece.index, text=piece.text, finish_reason=piece.finish_reason
+                    )
+                ]
+            )
+    if include_usage:
+        yield chunk([], counts.usage())
+    yield SSE_DONE
+
+
+async def sse_chat(
+    model: str, pieces: AsyncIterator[Piece | Exception], include_usage: bool
+) -> AsyncIterator[str]:
+    rid, created, counts = new_id("chatcmpl"), now_s(), _StreamUsage()
+    started: set[int] = set()
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return _sse(
+            ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
+        )
+
+    async for piece in _until_error(pieces):
+        if isinstance(piece, str):
+            yield piece
+            continue
+        counts.add(piece)
+        if piece.index not in started:  # OpenAI opens each choice with the role
+            started.add(piece.index)
+            delta = ChatDelta(role="assistant", content="")
+            yield chunk([ChatChunkChoice(index=piece.index, delta=delta)])
+        if piece.text or piece.finish_reason:
+            delta = ChatDelta(content=piece.text or None)
+            yield chunk(
+                [ChatChunkChoice(index=piece.index, delta=delta, finish_reason=piece.finish_reason)]
+            )
+    if include_usage:
+        yield chunk([], counts.usage())
+    yield SSE_DONE
+
+
+async def _until_error(
+    pieces: AsyncIterator[Piece | Exception],
+) -> AsyncIterator[Piece | str]:
+    """The pieces; an error stops the stream with one error event (its headers are
+    sent already, so the status cannot say it), as vLLM streams errors."""
+    async with aclosing(pieces) as items:  # type: ignore[type-var]
+        async for item in items:
+            if isinstance(item, Exception):
+                try:
+                    error = engine_error(item)
+                except Exception:
+                    error = APIError(500, f"internal error: {item}", "server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
+            yield item
