@@ -96,6 +96,26 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Multimodal wrappers (Qwen3.5) keep the text model under ``model.language_model.``
+# beside the vision tower (``model.visual.``); Qwen3-Next and Qwen3.5 checkpoints also
+# hold multi-token-prediction layers (``mtp.``). The engine runs the text model and its
+# next-token head only, so those are read and left out.
+_TEXT_MODEL_PREFIX = "model.language_model."
+_IGNORED_PREFIXES = ("model.visual.", "mtp.")
+
+
+def text_model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's text-model tensors under the names of a text-only model."""
+    kept: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if name.startswith(_IGNORED_PREFIXES):
+            continue
+        if name.startswith(_TEXT_MODEL_PREFIX):
+            name = "model." + name.removeprefix(_TEXT_MODEL_PREFIX)
+        kept[name] = value
+    return kept
+
+
 def load_weights(model: HybridModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
     """Copy checkpoint tensors into the model, checking names and shapes."""
     expected = dict(model.state_dict())
@@ -148,7 +168,7 @@ def load_model(
     cls = model_class(config.model_type)
     files = weight_files(path)
     model = cls(config)
-    load_weights(model, read_tensors(files), path)
+    load_weights(model, text_model_tensors(read_tensors(files)), path)
     return model.to(device=device, dtype=dtype or config_dtype(config)).eval()
 
 
