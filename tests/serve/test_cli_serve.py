@@ -1,0 +1,96 @@
+"""``avmp serve`` on the command line: bad options are one line and exit 2; SIGTERM
+lets a short request finish, ends a long one as ``abort``, and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from avmp.cli import main
+
+pytest.importorskip("fastapi")
+pytest.importorskip("mistral_common")
+
+ZOO = ["granite-4.0-h-tiny", "--random-weights", "--scale", "tiny"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "--port"),
+        (["--max-waiting", "0"], "--max-waiting"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--default-max-tokens", "0"], "--default-max-tokens"),
+        (["--api-key", ""], "--api-key"),
+        (["--memory", "lots"], "--memory"),
+        (["--max-model-len", "0"], "max_model_len"),
+    ],
+)
+def test_bad_options_are_one_line(capsys, args, message):
+    assert main(["serve", *ZOO, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_bad_model_and_a_port_in_use_are_one_line(capsys, tmp_path):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", *ZOO, "--port", port]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err
+
+
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    events = []
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                out.setdefault("first", time.monotonic())
+    out["events"] = events
+
+
+def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0():
+    command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
+               "serve", *ZOO, "--memory", "256MiB", "--port", "0", "--served-model-name",
+               "tiny", "--shutdown-timeout", "2", "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)  # fmt: skip
+    try:
+        banner = server.stdout.readline()  # printed once the server is about to listen
+        assert "avmp serve: tiny on http://127.0.0.1:" in banner, server.stderr.read()
+        url = banner.split(" on ")[1].split()[0]
+        short, long = {}, {}
+        threads = [threading.Thread(target=_stream, args=(url, n, out))
+                   for n, out in ((20, short), (20000, long))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while not ("first" in short and "first" in long) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0, server.stderr.read()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        server.kill()
+        server.communicate()
+    for out, reason in ((short, "length"), (long, "abort")):
+        assert out["events"][-1] == "[DONE]"
+        assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == reason

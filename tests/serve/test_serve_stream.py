@@ -1,0 +1,67 @@
+"""Clients that leave: a stream closed mid-way or a non-streamed request whose client
+hangs up is aborted, and its memory is back in the allocator at the next step."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from serve_helpers import MODEL_NAME, make_app, make_engine, serving, wait_until
+
+pytest.importorskip("fastapi")
+
+LONG = {"model": MODEL_NAME, "prompt": "w1 w2 w3", "max_tokens": 200, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    with serving(make_app(make_engine(checkpoints["chat"]))) as running:
+        yield running
+
+
+def _idle(server) -> bool:
+    snap = server.loop.snapshot()
+    usage = snap.usage
+    return (
+        snap.num_running == 0 and snap.num_waiting == 0 and usage.num_requests == 0
+        and usage.kv_used_bytes == 0 and usage.state_used_bytes == 0
+    )  # fmt: skip
+
+
+def test_a_stream_closed_mid_way_is_aborted_and_frees_its_memory(server):
+    streamed = {**LONG, "stream": True}
+    with server.client() as http, http.stream("POST", "/v1/completions", json=streamed) as response:
+        assert response.status_code == 200
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+            if len(events) == 3:
+                break
+        assert server.loop.snapshot().usage.num_requests == 1  # still running
+    # the connection is closed: the request is aborted at the next step
+    assert wait_until(lambda: _idle(server)), server.loop.snapshot()
+    assert all(e["choices"][0]["finish_reason"] is None for e in events)
+    with server.client() as http:  # and the server goes on
+        assert http.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_hangs_up_before_its_answer_is_aborted(server):
+    before = server.loop.snapshot().totals.num_generated_tokens
+    with server.client() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={**LONG, "max_tokens": 250}, timeout=0.5)
+    assert wait_until(lambda: _idle(server)), server.loop.snapshot()
+    generated = server.loop.snapshot().totals.num_generated_tokens - before
+    assert 0 < generated < 250  # it started, and did not run to its end
+
+
+def test_the_finish_chunk_and_done_end_every_stream(server):
+    with server.client() as http:
+        response = http.post("/v1/completions", json={**LONG, "max_tokens": 4, "stream": True})
+    lines = [line for line in response.text.split("\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert response.headers["content-type"].startswith("text/event-stream")
