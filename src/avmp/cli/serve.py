@@ -7,6 +7,7 @@ avmp serve granite-4.0-h-tiny --random-weights --scale tiny --device cpu --memor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -66,6 +67,13 @@ def add_parser(subparsers: Any) -> None:
         default=30.0,
         help="seconds requests in flight may take to finish after SIGTERM (30)",
     )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + max_tokens at most per request; longer ones get HTTP 400 "
+        "(default: what the memory can hold)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random weights' seed (0)")
     parser.add_argument(
         "--log-level",
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from avmp.serve.server import run as run_server
 
     serve_config = _check(args)
-    config = engine_config(args)
+    config = dataclasses.replace(engine_config(args), max_model_len=args.max_model_len)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)
     sock = bind(args.host, args.port)  # a port in use: one line, before the model loads
