@@ -252,3 +252,27 @@ def test_load_config_refuses_bad_values(kwargs: dict, message: str) -> None:
 
 def test_base_url_drops_v1() -> None:
     assert LoadConfig("http://h:8/v1/", "m").base_url == "http://h:8"
+
+
+def word_tokenizer(directory: Path) -> Path:
+    """A word-level tokenizer of 200 words (w0 .. w199) plus [UNK], saved to ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(200)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(directory)
+    return directory
+
+
+def test_text_prompts_have_the_lengths_under_the_tokenizer(tmp_path: Path) -> None:
+    tokenizer = loadgen.load_tokenizer(str(word_tokenizer(tmp_path / "tok")))
+    built = loadgen.length_requests([5, 30], [4, 2], seed=0, tokenizer=tokenizer)
+    assert all(isinstance(r.prompt, str) for r in built)
+    assert [r.prompt_tokens for r in built] == [5, 30]
+    assert [len(tokenizer.encode(r.prompt, add_special_tokens=False)) for r in built] == [5, 30]
+    ids = tokenizer.encode(built[1].prompt, add_special_tokens=False)
+    assert min(ids) >= 100 and max(ids) <= 200  # within this small vocabulary
+    with pytest.raises(OSError):
+        loadgen.load_tokenizer(str(tmp_path / "none"))

@@ -154,3 +154,34 @@ def test_bad_input_is_one_line_exit_2(server, capsys, args: list[str], message: 
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_trace_as_text_over_chat_with_a_tokenizer(server, tmp_path: Path, capsys) -> None:
+    from test_loadgen import word_tokenizer
+
+    url, state = server
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(
+        json.dumps({"arrival_s": i, "prompt_tokens": 4 + i, "output_tokens": 3}) + "\n"
+        for i in range(3)
+    ))  # fmt: skip
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--tokenizer", str(tokenizer),
+            "--endpoint", "chat", "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    contents = [b["messages"][0]["content"] for b in state.bodies[-3:]]
+    assert sorted(len(c.split()) for c in contents) == [4, 5, 6]  # sent all at once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tokenizer", "x"], "--tokenizer goes with --trace or --workload"),
+        (["--workload", "shift", "--tokenizer", "/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_bad_tokenizer_is_one_line(server, capsys, args: list[str], message: str) -> None:
+    url, _ = server
+    assert main(["bench", "serve", "--url", url, "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -16,7 +16,8 @@ Prompts: ShareGPT conversations as text (turn 0; ``max_tokens`` = the tokens of 
 under vLLM's rules, `avmp.bench.sharegpt`), or prompt/output lengths from a trace file
 or a workload preset, sent as token-id lists of exactly that length (ids drawn with the
 seed from ``PROMPT_TOKEN_IDS``, a range every real vocabulary has and that skips the
-low ids where tokenizers keep their special tokens). ``ignore_eos`` (a vLLM and SGLang
+low ids where tokenizers keep their special tokens), or, given the server's tokenizer,
+as text of that many tokens under it (`text_prompt`). ``ignore_eos`` (a vLLM and SGLang
 extension) is sent by default so that every output is as long as the trace says.
 """
 
@@ -135,40 +136,84 @@ def normalize_url(url: str) -> str:
 # -- requests -----------------------------------------------------------------------
 
 
-def token_prompt(num_tokens: int, rng: np.random.Generator) -> list[int]:
-    """A prompt of exactly ``num_tokens`` token ids drawn from `PROMPT_TOKEN_IDS`."""
+def token_prompt(
+    num_tokens: int, rng: np.random.Generator, vocab_size: int | None = None
+) -> list[int]:
+    """A prompt of exactly ``num_tokens`` token ids drawn from `PROMPT_TOKEN_IDS` (within
+    the first ``vocab_size`` ids when a smaller vocabulary is known)."""
     low, high = PROMPT_TOKEN_IDS
+    if vocab_size is not None and vocab_size < high:
+        low, high = min(low, vocab_size // 2), vocab_size
     return rng.integers(low, high, size=num_tokens).tolist()
 
 
+def text_prompt(num_tokens: int, rng: np.random.Generator, tokenizer: Any) -> tuple[str, int]:
+    """A text prompt of about ``num_tokens`` tokens under ``tokenizer`` (a transformers
+    tokenizer), and its exact length: random ids decoded, re-encoded, cut to
+    ``num_tokens`` and decoded again (as vLLM's random dataset does), since decoding
+    and encoding again need not give the same ids back."""
+    ids = token_prompt(num_tokens, rng, len(tokenizer))
+    text = tokenizer.decode(ids)
+    ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
+    text = tokenizer.decode(ids)
+    return text, len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def load_tokenizer(name: str) -> Any:
+    """A transformers tokenizer from a local directory or a Hugging Face model id.
+
+    Raises:
+        OSError: transformers cannot find or read it.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
 def length_requests(
-    prompt_tokens: Sequence[int], output_tokens: Sequence[int], seed: int
+    prompt_tokens: Sequence[int],
+    output_tokens: Sequence[int],
+    seed: int,
+    tokenizer: Any | None = None,
 ) -> list[BenchRequest]:
-    """Token-id requests of the given prompt and output lengths (a trace, a preset)."""
+    """Requests of the given prompt and output lengths (a trace, a preset): token-id
+    prompts of exactly that length, or text through ``tokenizer`` (`text_prompt`)."""
     rng = np.random.default_rng(seed)
-    return [
-        BenchRequest(token_prompt(int(p), rng), int(p), int(o))
-        for p, o in zip(prompt_tokens, output_tokens, strict=True)
-    ]
+    built = []
+    for p, o in zip(prompt_tokens, output_tokens, strict=True):
+        if tokenizer is None:
+            built.append(BenchRequest(token_prompt(int(p), rng), int(p), int(o)))
+        else:
+            text, length = text_prompt(int(p), rng, tokenizer)
+            built.append(BenchRequest(text, length, int(o)))
+    return built
 
 
 def trace_requests(
-    path: str | Path, num_prompts: int | None, seed: int, fmt: str | None = None
+    path: str | Path,
+    num_prompts: int | None,
+    seed: int,
+    fmt: str | None = None,
+    tokenizer: Any | None = None,
 ) -> list[BenchRequest]:
     """The first ``num_prompts`` requests of a trace file (all by default), by length;
     the trace's arrival times are not used (the schedule comes from the rate)."""
     from avmp.bench.traces import read_trace
 
     specs = read_trace(path, fmt)[:num_prompts]
-    return length_requests([s.prompt_tokens for s in specs], [s.output_tokens for s in specs], seed)
+    prompts, outputs = [s.prompt_tokens for s in specs], [s.output_tokens for s in specs]
+    return length_requests(prompts, outputs, seed, tokenizer)
 
 
-def preset_requests(name: str, num_prompts: int | None, seed: int) -> list[BenchRequest]:
-    """A workload preset's lengths (`avmp.bench.workloads.PRESETS`) as token-id requests."""
+def preset_requests(
+    name: str, num_prompts: int | None, seed: int, tokenizer: Any | None = None
+) -> list[BenchRequest]:
+    """A workload preset's lengths (`avmp.bench.workloads.PRESETS`) as requests."""
     from avmp.bench.workloads import make_workload
 
     specs = make_workload(name, seed, num_requests=num_prompts)
-    return length_requests([s.prompt_tokens for s in specs], [s.output_tokens for s in specs], seed)
+    prompts, outputs = [s.prompt_tokens for s in specs], [s.output_tokens for s in specs]
+    return length_requests(prompts, outputs, seed, tokenizer)
 
 
 def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> list[BenchRequest]:

@@ -292,6 +292,12 @@ def add_serve_parser(subcommands: Any) -> None:
     )
     parser.add_argument("--trace-format", choices=FORMATS, help="trace format (default: guessed)")
     parser.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_DIR",
+        help="with --trace or --workload: send text of each length under this tokenizer "
+        "(a transformers tokenizer directory or model id) instead of token ids",
+    )
+    parser.add_argument(
         "--num-prompts",
         type=int,
         help=f"requests per rate (default: {SERVE_DEFAULT_PROMPTS} ShareGPT "
@@ -398,18 +404,25 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
     """The requests of one rate, and a name for where they come from."""
     from avmp.bench import loadgen
 
+    if args.tokenizer and not (args.trace or args.workload):
+        raise UserError("--tokenizer goes with --trace or --workload (ShareGPT is text already)")
+    tokenizer = loadgen.load_tokenizer(args.tokenizer) if args.tokenizer else None
     if args.trace:
-        built = loadgen.trace_requests(args.trace, args.num_prompts, args.seed, args.trace_format)
+        built = loadgen.trace_requests(
+            args.trace, args.num_prompts, args.seed, args.trace_format, tokenizer
+        )
         source = f"trace {args.trace}"
     elif args.workload:
-        built = loadgen.preset_requests(args.workload, args.num_prompts, args.seed)
+        built = loadgen.preset_requests(args.workload, args.num_prompts, args.seed, tokenizer)
         source = f"workload {args.workload}"
     else:
         num = args.num_prompts or SERVE_DEFAULT_PROMPTS
         built = loadgen.sharegpt_requests(num, args.seed)
         source = "ShareGPT (vLLM rules)"
     if args.endpoint == "chat" and not isinstance(built[0].prompt, str):
-        raise UserError("--endpoint chat needs text prompts: use ShareGPT (no --trace/--workload)")
+        raise UserError(
+            "--endpoint chat needs text prompts: ShareGPT (no --trace/--workload) or --tokenizer"
+        )
     return built, source
 
 
