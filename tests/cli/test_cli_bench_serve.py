@@ -185,3 +185,37 @@ def test_bad_tokenizer_is_one_line(server, capsys, args: list[str], message: str
     assert main(["bench", "serve", "--url", url, "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_against_avmp_serve_with_a_tiny_model(tmp_path: Path, capsys) -> None:
+    """A dozen requests through the real server: every token asked for comes back and the
+    server's own usage counts them."""
+    import subprocess
+
+    pytest.importorskip("avmp.engine.loop")
+    from benchmarks.serve import stop, wait_healthy
+
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
+               "serve", "granite-4.0-h-micro", "--random-weights", "--scale", "tiny",
+               "--memory", "256MiB", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(
+        json.dumps({"arrival_s": 0, "prompt_tokens": 16 + i, "output_tokens": 8}) + "\n"
+        for i in range(12)
+    ))  # fmt: skip
+    out = tmp_path / "r.json"
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as server:
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", server, timeout_s=120)
+            args = ["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--trace", str(trace),
+                    "--request-rate", "50", "--max-concurrency", "6", "--request-timeout", "60",
+                    "--out", str(out), "--no-progress"]  # fmt: skip
+            assert main(args) == 0
+        finally:
+            assert stop(server) == 0
+    summary = json.loads(out.read_text())["results"][0]["summary"]
+    assert summary["completed"] == 12 and summary["failed"] == 0
+    assert summary["output_tokens"] == 96 and summary["usage_reported"]
+    assert summary["input_tokens"] == sum(16 + i for i in range(12))
