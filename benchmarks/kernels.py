@@ -7,6 +7,11 @@ them out (a page holds all 4 attention layers' K and V; a slot holds several lay
 states), so every view is strided. Each kernel is also checked against its baseline
 (relative error printed beside the time).
 
+The Mamba2 prefill scans also get a throughput section of their own on both hybrid
+geometries (Granite-4.0-H-Micro and Nemotron-H-8B): the chunked (SSD) scan beside the
+sequential varlen scan on the same step, as tokens/s, achieved FLOP/s against the H200's
+bf16 dense peak and bytes/s against its HBM bandwidth.
+
 Baselines: the engine's torch reference kernels (``avmp.kernels.reference``) called the
 way a torch engine step would call them (per request for attention and conv, batched
 for the Mamba2 step with a gather/scatter of the slots), and, for decode attention, a
@@ -37,10 +42,12 @@ from avmp.kernels import reference
 from avmp.kernels.triton import (
     conv1d_update,
     decode_attention,
+    mamba2_chunk_scan,
     mamba2_state_update,
     mamba2_varlen_scan,
     prefill_attention,
 )
+from avmp.kernels.triton.mamba2_chunk_scan import chunk_layout
 from benchmarks.common import (
     copy_bytes_per_s,
     read_result,
@@ -62,6 +69,27 @@ VARIANT_CASES = ((1, 4096), (64, 4096))
 PREFILL_CASES = ((4, 1024, 0), (4, 512, 1536))  # (batch, new tokens, cached tokens)
 STEP_BATCHES = (1, 64, 256)
 SCAN_CASES = ((1, 1024), (4, 1024))  # (batch, tokens)
+# The scan section: H200 ceilings (dense bf16 tensor cores, HBM3e) and the geometries.
+PEAK_BF16_TFLOPS = 989.0
+HBM_TBPS = 4.8
+SSD_CASES = ((1, 8192), (2, 4096), (8, 2048), (1, 16384))  # (sequences, tokens each)
+
+
+@dataclass(frozen=True)
+class ScanGeometry:
+    """A model's Mamba2 mixer, as the scan sees it."""
+
+    heads: int
+    head_dim: int
+    d_state: int
+    groups: int
+    chunk_size: int
+
+
+SCAN_GEOMETRIES = {
+    "granite-4.0-h-micro": ScanGeometry(64, 64, 128, 1, 256),
+    "nemotron-h-8b": ScanGeometry(SSM_HEADS, SSM_HEAD_DIM, D_STATE, GROUPS, 128),
+}
 
 
 @dataclass(frozen=True)
@@ -294,6 +322,58 @@ def bench_scan(batch: int, tokens: int, gen: torch.Generator) -> list[Row]:
                 median_ms(torch_scan), min_bytes, err, wall_us_per_call(run, calls=20))]
 
 
+def ssd_flops(geo: ScanGeometry, tokens: int) -> float:
+    """FLOPs of the chunked scan (a multiply-add counts 2), causal products at their mean
+    width (half a chunk): per token and head the chunk state and the state's
+    contribution (2 x 2 P N) and the intra-chunk output (2 x L/2 x P); per token and
+    group CB (2 x L/2 x N). The state passing's elementwise work is left out."""
+    p, n, chunk = geo.head_dim, geo.d_state, geo.chunk_size
+    return float(tokens * (geo.heads * (4 * p * n + chunk * p) + geo.groups * chunk * n))
+
+
+def scan_min_bytes(geo: ScanGeometry, batch: int, tokens: int) -> int:
+    """Bytes a scan must move: x, y (bf16), B and C, dt per token; each request's fp32
+    state read and written once."""
+    per_token = geo.heads * geo.head_dim * 2 * 2 + 2 * geo.groups * geo.d_state * 2 + geo.heads * 2
+    return tokens * per_token + batch * geo.heads * geo.head_dim * geo.d_state * 4 * 2
+
+
+def bench_ssd(name: str, geo: ScanGeometry, batch: int, tokens_each: int,
+              gen: torch.Generator) -> dict[str, object]:
+    """The chunked and the varlen scan over one prefill step of ``batch`` prompts of
+    ``tokens_each`` tokens, continuing from their slots (the chunk table precomputed, as
+    the engine builds it once per step)."""
+    tokens = batch * tokens_each
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE)
+
+    pool = rand(batch, 3, geo.heads, geo.head_dim, geo.d_state) * 0.1
+    state, saved = pool[:, 1], pool[:, 1].clone()
+    slots = torch.arange(batch, dtype=torch.int32, device=DEVICE)
+    qsl = torch.arange(0, tokens + 1, tokens_each, dtype=torch.int32, device=DEVICE)
+    args = (rand(tokens, geo.heads, geo.head_dim).to(DTYPE), rand(tokens, geo.heads).to(DTYPE),
+            -torch.rand(geo.heads, device=DEVICE, generator=gen) - 0.5,
+            rand(tokens, geo.groups, geo.d_state).to(DTYPE),
+            rand(tokens, geo.groups, geo.d_state).to(DTYPE))
+    kwargs = {"D": rand(geo.heads), "dt_bias": rand(geo.heads) * 0.5}
+    layout = chunk_layout(qsl, slots, geo.chunk_size, tokens)
+    chunked = functools.partial(mamba2_chunk_scan, state, slots, qsl, *args, geo.chunk_size,
+                                **kwargs, layout=layout)
+    varlen = functools.partial(mamba2_varlen_scan, state, slots, qsl, *args, **kwargs)
+    y_varlen, state_varlen = varlen(), state.clone()
+    state.copy_(saved)
+    err = max(rel_error(chunked(), y_varlen), rel_error(state, state_varlen))
+    chunked_ms, varlen_ms = median_ms(chunked), median_ms(varlen)
+    tflops = ssd_flops(geo, tokens) / chunked_ms / 1e9
+    gbps = scan_min_bytes(geo, batch, tokens) / chunked_ms / 1e6
+    return {"geometry": name, "shape": f"{batch} x {tokens_each} tokens, chunk {geo.chunk_size}",
+            "chunked_ms": chunked_ms, "varlen_ms": varlen_ms,
+            "tokens_per_s": tokens / chunked_ms * 1e3, "tflops": tflops,
+            "peak_share": tflops / PEAK_BF16_TFLOPS, "gbps": gbps,
+            "hbm_share": gbps / (HBM_TBPS * 1e3), "rel_error": err}
+
+
 def bench_conv(batch: int, gen: torch.Generator) -> Row:
     slots = ROTATIONS * batch
     pool = torch.randn(slots, 3, CONV_CHANNELS, D_CONV - 1, generator=gen, device=DEVICE).to(DTYPE)
@@ -345,11 +425,13 @@ def main() -> None:
     for batch, tokens in SCAN_CASES:
         rows += bench_scan(batch, tokens, gen)
     variants = decode_variants(gen)
+    scans = [bench_ssd(name, geo, batch, tokens, gen) for name, geo in SCAN_GEOMETRIES.items()
+             for batch, tokens in SSD_CASES]
     copy_gbps = copy_bytes_per_s(DEVICE, 1 << 30, median_ms) / 1e9  # HBM ceiling, 1 GiB
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,
               "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows],
-              "decode_variants": variants}
+              "decode_variants": variants, "scan_throughput": scans}
     write_result(args.out, result)
     print_table(result)
 
@@ -370,6 +452,26 @@ def print_table(result: dict[str, object]) -> None:
     for v in result["decode_variants"]:  # type: ignore[attr-defined]
         print(f"| {v['shape']} | {v['block_n']} | {v['num_splits']} | {v['ms']:.4f} | "
               f"{v['gbps']:.0f} |")
+    print()
+    print("\n".join(scan_table(result.get("scan_throughput", []))))  # type: ignore[arg-type]
+
+
+def scan_table(scans: list[dict[str, object]]) -> list[str]:
+    """The scan section: the chunked scan's throughput against the ceilings, and the
+    sequential varlen scan on the same step."""
+    lines = [
+        f"| Mamba2 scan | step | chunked ms | varlen ms | tokens/s | TFLOP/s (of "
+        f"{PEAK_BF16_TFLOPS:.0f}) | GB/s (of {HBM_TBPS * 1e3:.0f}) | speed-up | rel err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in scans:
+        lines.append(
+            f"| {s['geometry']} | {s['shape']} | {s['chunked_ms']:.3f} | {s['varlen_ms']:.3f} | "
+            f"{s['tokens_per_s']:,.0f} | {s['tflops']:.1f} ({s['peak_share']:.1%}) | "
+            f"{s['gbps']:.0f} ({s['hbm_share']:.1%}) | "
+            f"{s['varlen_ms'] / s['chunked_ms']:.1f}x | {s['rel_error']:.1e} |"  # type: ignore[operator]
+        )
+    return lines
 
 
 def markdown_table(runs: list[dict[str, object]]) -> str:
@@ -392,6 +494,8 @@ def markdown_table(runs: list[dict[str, object]]) -> str:
             f"{r['wall_us']:.0f} | {r['baseline']} | {r['baseline_ms']:.3f} | "
             f"{r['baseline_ms'] / r['triton_ms']:.1f}x | {r['rel_error']:.1e} |"
         )
+    if first.get("scan_throughput"):  # runs saved before the scan section have none
+        lines += ["", *scan_table(first["scan_throughput"])]  # type: ignore[arg-type]
     return "\n".join(lines)
 
 

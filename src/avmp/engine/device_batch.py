@@ -11,7 +11,7 @@ batch sizes) carry slot -1 and context 0: every kernel skips them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -149,6 +149,9 @@ class DeviceStepBatch(StepBatch):
             reference (Mamba1: one batched decode call, not one per sequence).
         max_query_len: longest new-token run (host int, for the prefill launch grid).
         is_decode: every sequence computes one token after cached context.
+        mamba2_scan_plans: per chunk size, how the Mamba2 prefill scan splits this step
+            (`TritonOps` fills it at the step's first Mamba2 layer, on the device, and
+            every later layer reuses it).
     """
 
     slot_mapping: torch.Tensor
@@ -161,6 +164,8 @@ class DeviceStepBatch(StepBatch):
     decode_slots: torch.Tensor
     max_query_len: int
     is_decode: bool
+    # Filled once per step by the first layer that needs it, not part of the batch's value.
+    mamba2_scan_plans: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def device_batch(
