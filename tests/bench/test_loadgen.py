@@ -150,6 +150,13 @@ def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))
         bounded, duration = run_load(_requests(2), LoadConfig(url, MODEL, max_duration_s=0.3))
     assert all(not r.success and r.error == "timed out after 0.2 s" for r in timed_out)
+    # chunks arrive well within httpx's read timeout, the whole request does not
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.05)) as (url, _):
+        slow, _ = run_load(
+            _requests(1, max_tokens=40), LoadConfig(url, MODEL, request_timeout_s=0.5)
+        )
+    assert not slow[0].success and slow[0].error == "timed out after 0.5 s"
+    assert 5 <= len(slow[0].chunk_s) <= 11
     assert all(not r.success and "unfinished at the 0.3 s bound" in r.error for r in bounded)
     assert duration < 1.0
 

@@ -347,17 +347,19 @@ async def send_request(
 
     started = time.perf_counter()
     try:
-        async with client.stream(
-            "POST",
-            ENDPOINTS[config.endpoint],
-            json=request_payload(request, config),
-            headers=_headers(config),
-        ) as response:
-            if response.status_code != 200:
-                record.error = _error_text(response.status_code, await response.aread())
-                return
-            await _read_stream(response, record, started)
-    except httpx.TimeoutException:
+        # httpx's timeout bounds each read; this one bounds the whole request
+        async with asyncio.timeout(config.request_timeout_s):
+            async with client.stream(
+                "POST",
+                ENDPOINTS[config.endpoint],
+                json=request_payload(request, config),
+                headers=_headers(config),
+            ) as response:
+                if response.status_code != 200:
+                    record.error = _error_text(response.status_code, await response.aread())
+                    return
+                await _read_stream(response, record, started)
+    except (TimeoutError, httpx.TimeoutException):
         record.error = f"timed out after {config.request_timeout_s:g} s"
     except ValueError as error:  # an event that is not JSON
         record.error = f"malformed stream event: {error}"
