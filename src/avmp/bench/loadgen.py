@@ -144,7 +144,7 @@ def token_prompt(
     low, high = PROMPT_TOKEN_IDS
     if vocab_size is not None and vocab_size < high:
         low, high = min(low, vocab_size // 2), vocab_size
-    return rng.integers(low, high, size=num_tokens).tolist()
+    return [int(t) for t in rng.integers(low, high, size=num_tokens)]
 
 
 def text_prompt(num_tokens: int, rng: np.random.Generator, tokenizer: Any) -> tuple[str, int]:
