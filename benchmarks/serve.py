@@ -43,7 +43,7 @@ from avmp.bench.serve_report import markdown_table
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 LAYOUTS = ("avmp", "static", "unified")
-DEFAULT_RATES = "4,16,inf"
+DEFAULT_RATES = "8,32,inf"
 STARTUP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 SMOKE = {
