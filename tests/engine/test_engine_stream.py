@@ -1,0 +1,389 @@
+"""The engine one step at a time: requests added, stepped and aborted between steps,
+each with its own sampling settings, reproducible from its seed whatever shares the
+batch; aborts give the memory back at the next step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from engine_helpers import MiB, TinyCheckpoint, random_prompts
+from test_memory_pressure import HEAVY, MAX_TOKENS
+
+from avmp.engine.engine import (
+    Engine,
+    EngineConfig,
+    RequestOptions,
+    RequestTooLarge,
+    RequestUpdate,
+)
+from avmp.engine.sampling import SamplingParams, filtered_probs
+
+FAMILY = "granitemoehybrid"
+PRESSURE_LENGTHS = [4] * 8 + [120] * 4 + [4] * 8  # as test_memory_pressure: preempts
+MAX_STEPS = 2000
+
+
+def light_engine(checkpoint: TinyCheckpoint, **options: Any) -> Engine:
+    config = EngineConfig(4 * MiB, block_size=4, preemption="recompute", **options)
+    return Engine(checkpoint.path, config)
+
+
+def pressure_engine(checkpoint: TinyCheckpoint, **options: Any) -> Engine:
+    """test_memory_pressure's run: vLLM's greedy admission in 6 MiB, which preempts."""
+    config = EngineConfig(
+        memory_bytes=6 * MiB,
+        block_size=16,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        check_integrity=True,
+        **{"preemption": "recompute", "admission": "greedy", **options},
+    )
+    return Engine(checkpoint.path, config)
+
+
+def drain(
+    engine: Engine, updates: dict[int, list[RequestUpdate]] | None = None
+) -> dict[int, list[RequestUpdate]]:
+    """Step until every request had its final update; per id, its updates (added to
+    ``updates``, those of earlier steps). Checks that nothing follows a final update and
+    that the counts add up."""
+    updates = {} if updates is None else updates
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished_requests:
+            break
+        record(updates, engine.step())
+        engine.scheduler.check_integrity()
+    else:
+        raise AssertionError(f"requests unfinished after {MAX_STEPS} steps")
+    for request_id, seen in updates.items():
+        assert seen[-1].finished and not any(u.finished for u in seen[:-1]), request_id
+        assert seen[-1].num_output_tokens == len(tokens_of(seen)), request_id
+    return updates
+
+
+def record(updates: dict[int, list[RequestUpdate]], new: list[RequestUpdate]) -> None:
+    for update in new:
+        seen = updates.setdefault(update.request_id, [])
+        assert not (seen and seen[-1].finished), f"{update.request_id}: after its final"
+        seen.append(update)
+
+
+def tokens_of(updates: list[RequestUpdate]) -> list[int]:
+    return [token for update in updates for token in update.new_token_ids]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> TinyCheckpoint:
+    return tiny_checkpoint(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def heavy(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> TinyCheckpoint:
+    """No end-of-sequence token: the memory pressure does not depend on the answers."""
+    return tiny_checkpoint(FAMILY, eos_token_id=None, **HEAVY[FAMILY])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_steps_give_the_outputs_of_generate(checkpoint: TinyCheckpoint, overlap: bool) -> None:
+    engine = light_engine(checkpoint, overlap=overlap)
+    prompts = random_prompts([5, 9, 3, 12], seed=4)
+    limits = [4, 6, 2, 5]
+    expected = engine.generate(prompts, max_tokens=limits)
+    ids = [
+        engine.add_request(prompt, RequestOptions(max_tokens=limit))
+        for prompt, limit in zip(prompts, limits, strict=True)
+    ]
+    assert engine.has_unfinished_requests and engine.num_waiting == 4
+    updates = drain(engine)
+    for request_id, output in zip(ids, expected, strict=True):
+        assert tokens_of(updates[request_id]) == output.token_ids
+        assert output.token_ids == checkpoint.reference(
+            output.prompt_token_ids, len(output.token_ids)
+        )
+        final = updates[request_id][-1]
+        assert final.finish_reason == output.finish_reason == "length"
+        assert final.num_prompt_tokens == len(output.prompt_token_ids)
+    assert engine.allocator.usage().num_requests == 0
+    assert engine.step() == [] and not engine.has_unfinished_requests
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_frees_a_running_request_at_the_next_step(
+    checkpoint: TinyCheckpoint, overlap: bool
+) -> None:
+    engine = light_engine(checkpoint, overlap=overlap, check_integrity=True)
+    ids = [engine.add_request(p, RequestOptions(max_tokens=20)) for p in random_prompts([6, 7, 8])]
+    updates: dict[int, list[RequestUpdate]] = {}
+    for _ in range(3):
+        record(updates, engine.step())
+    assert ids[1] in engine.allocator.request_ids and engine.num_running == 3
+    engine.abort_request(ids[1])
+    engine.abort_request(ids[1])  # twice is once
+    engine.abort_request(12345)  # unknown: ignored
+    stepped = engine.step()
+    record(updates, stepped)
+    final = [u for u in stepped if u.request_id == ids[1]]
+    assert len(final) == 1 and final[0].finished and final[0].finish_reason == "abort"
+    assert final[0].num_output_tokens == len(tokens_of(updates[ids[1]]))
+    assert ids[1] not in engine.allocator.request_ids
+    usage = engine.allocator.usage()
+    assert usage.num_requests == engine.num_running == 2
+    engine.allocator.check_integrity()
+    engine.scheduler.check_integrity()
+    drain(engine, updates)  # checks that nothing follows the abort's final update
+    for request_id in (ids[0], ids[2]):
+        assert updates[request_id][-1].finish_reason == "length"
+        assert updates[request_id][-1].num_output_tokens == 20
+    engine.abort_request(ids[0])  # finished: ignored
+    assert engine.step() == [] and engine.allocator.usage().num_requests == 0
+
+
+def test_abort_of_a_waiting_request_drops_it(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint, max_num_seqs=1)
+    first, second = (
+        engine.add_request(p, RequestOptions(max_tokens=4)) for p in random_prompts([5, 5])
+    )
+    updates: dict[int, list[RequestUpdate]] = {}
+    record(updates, engine.step())
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    engine.abort_request(second)
+    record(updates, engine.step())
+    assert updates[second] == [RequestUpdate(second, [], True, "abort", None, 5, 0)]
+    assert engine.num_waiting == 0
+    assert drain(engine, updates)[first][-1].finish_reason == "length"
+    assert engine.totals.num_aborted == 1
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_of_a_swapped_out_request_frees_its_host_copy(
+    heavy: TinyCheckpoint, overlap: bool
+) -> None:
+    engine = pressure_engine(heavy, preemption="swap", overlap=overlap)
+    options = RequestOptions(max_tokens=MAX_TOKENS)
+    ids = [engine.add_request(p, options) for p in random_prompts(PRESSURE_LENGTHS)]
+    host_tier = engine.scheduler.host_tier
+    updates: dict[int, list[RequestUpdate]] = {}
+    for _ in range(MAX_STEPS):
+        record(updates, engine.step())
+        if host_tier.request_ids:
+            break
+    victim = host_tier.request_ids[0]
+    assert victim in ids and victim not in engine.allocator.request_ids
+    used = host_tier.used_bytes
+    engine.abort_request(victim)
+    record(updates, engine.step())
+    assert updates[victim][-1].finish_reason == "abort"
+    assert not host_tier.holds(victim) and host_tier.used_bytes < used
+    assert victim not in engine.allocator.request_ids
+    engine.allocator.check_integrity()
+    engine.scheduler.check_integrity()
+    drain(engine, updates)
+    assert all(updates[r][-1].finish_reason == "length" for r in ids if r != victim)
+    assert host_tier.used_bytes == 0 and engine.allocator.usage().num_requests == 0
+
+
+SEEDED = RequestOptions(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, top_k=40, seed=1234)
+
+
+def test_a_seeded_request_samples_alike_alone_and_in_a_preempting_batch(
+    heavy: TinyCheckpoint,
+) -> None:
+    prompt = random_prompts([120], seed=9)[0]
+    alone = light_engine(heavy, check_integrity=True)
+    target = alone.add_request(prompt, SEEDED)
+    expected = tokens_of(drain(alone)[target])
+    assert len(expected) == MAX_TOKENS
+    engine = pressure_engine(heavy)
+    others = [  # every other request samples differently, or not at all
+        RequestOptions(MAX_TOKENS, temperature=0.7 * (i % 3), top_k=5 * (i % 4), seed=i)
+        for i in range(len(PRESSURE_LENGTHS))
+    ]
+    ids = []
+    for index, (other, options) in enumerate(
+        zip(random_prompts(PRESSURE_LENGTHS), others, strict=True)
+    ):
+        if index == 11:  # the last long prompt: preempted (twice) in this batch
+            target = engine.add_request(prompt, SEEDED)
+        ids.append(engine.add_request(other, options))
+    updates = drain(engine)
+    assert engine.totals.num_preemptions > 0
+    assert engine.scheduler.requests[target].num_preemptions > 0
+    assert tokens_of(updates[target]) == expected
+    reseeded = alone.add_request(prompt, RequestOptions(**{**vars(SEEDED), "seed": 4321}))
+    assert tokens_of(drain(alone)[reseeded]) != expected
+
+
+def test_without_a_seed_requests_draw_differently(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint)
+    prompt = random_prompts([6], seed=2)[0]
+    options = RequestOptions(max_tokens=8, temperature=1.0)
+    ids = [engine.add_request(prompt, options) for _ in range(2)]
+    updates = drain(engine)
+    assert tokens_of(updates[ids[0]]) != tokens_of(updates[ids[1]])
+
+
+def test_top_k_one_is_greedy(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint)
+    prompt = random_prompts([7], seed=5)[0]
+    hot = engine.add_request(prompt, RequestOptions(max_tokens=6, temperature=2.0, top_k=1, seed=1))
+    assert tokens_of(drain(engine)[hot]) == checkpoint.reference(prompt, 6)
+
+
+def test_rows_of_a_batch_filter_as_they_would_alone() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    rows = [
+        SamplingParams(1.0, top_k=5),
+        SamplingParams(0.7, top_p=0.8),
+        SamplingParams(1.3),
+        SamplingParams(0.9, top_p=0.6, top_k=9),
+    ]
+    batch = filtered_probs(logits, rows)
+    for index, row in enumerate(rows):
+        assert torch.equal(batch[index], filtered_probs(logits[index : index + 1], [row])[0])
+    assert int((batch[0] > 0).sum()) == 5
+    assert 1 <= int((batch[3] > 0).sum()) <= 9
+    assert torch.equal(batch[2], torch.softmax(logits[2] / 1.3, dim=-1))
+    torch.testing.assert_close(batch.sum(dim=-1), torch.ones(4))
+
+
+def test_top_k_comes_before_top_p() -> None:
+    """k = 3 keeps [.4, .3, .2], renormalised to [4/9, 3/9, 2/9]; top-p 0.5 then keeps
+    the first two (the mass above the third is 7/9), renormalised to [4/7, 3/7]."""
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    kept = filtered_probs(logits, [SamplingParams(1.0, top_p=0.5, top_k=3)])
+    torch.testing.assert_close(kept, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("top_k", [-1, 1.5, True])
+def test_top_k_must_be_a_whole_number(top_k: Any) -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(1.0, top_k=top_k)
+
+
+def first_new_token(tokens: list[int], start: int) -> int:
+    """The first index >= ``start`` whose token did not occur before it."""
+    return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_stop_id_finishes_the_request_with_it(checkpoint: TinyCheckpoint, overlap: bool) -> None:
+    engine = light_engine(checkpoint, overlap=overlap)
+    prompt = random_prompts([9], seed=6)[0]
+    reference = checkpoint.reference(prompt, 10)
+    cut = first_new_token(reference, 2)
+    stop = RequestOptions(max_tokens=10, stop_token_ids=(reference[cut], 127))
+    stopped, free = engine.add_request(prompt, stop), engine.add_request(prompt, RequestOptions(10))
+    updates = drain(engine)
+    assert tokens_of(updates[stopped]) == reference[: cut + 1]
+    assert updates[stopped][-1].finish_reason == "stop"
+    assert tokens_of(updates[free]) == reference
+    assert engine.allocator.usage().num_requests == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_end_of_sequence_stops_unless_ignored(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool
+) -> None:
+    prompt = random_prompts([9], seed=6)[0]
+    reference = tiny_checkpoint(FAMILY, eos_token_id=None).reference(prompt, 10)
+    cut = first_new_token(reference, 1)
+    same_weights = tiny_checkpoint(FAMILY, eos_token_id=reference[cut])
+    engine = light_engine(same_weights, overlap=overlap)
+    stops = engine.add_request(prompt, RequestOptions(10))
+    ignores = engine.add_request(prompt, RequestOptions(10, ignore_eos=True))
+    updates = drain(engine)
+    assert tokens_of(updates[stops]) == reference[: cut + 1]
+    assert updates[stops][-1].finish_reason == "stop"
+    assert tokens_of(updates[ignores]) == reference
+    assert updates[ignores][-1].finish_reason == "length"
+
+
+def test_a_request_that_can_never_fit_is_refused_before_queueing(
+    checkpoint: TinyCheckpoint,
+) -> None:
+    engine = light_engine(checkpoint)
+    with pytest.raises(RequestTooLarge, match="do not fit even in an empty memory"):
+        engine.add_request([5] * 100_000, RequestOptions(max_tokens=4))
+    assert not engine.has_unfinished_requests and engine.num_waiting == 0
+    limited = light_engine(checkpoint, max_model_len=10)
+    with pytest.raises(
+        RequestTooLarge, match="8 \\+ max_tokens 3 = 11 tokens is more than max_model_len 10"
+    ):
+        limited.add_request([5] * 8, RequestOptions(max_tokens=3))
+    fits = limited.add_request([5] * 7, RequestOptions(max_tokens=3))
+    assert drain(limited)[fits][-1].finish_reason == "length"
+    rejected, kept = limited.generate([[5] * 8, [5] * 4], max_tokens=3)
+    assert rejected.finish_reason == "rejected" and "max_model_len 10" in (rejected.error or "")
+    assert kept.finish_reason == "length" and len(kept.token_ids) == 3
+    assert limited.totals.num_rejected == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=2.5), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=2**64), "seed"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+        (dict(stop_token_ids=7), "stop_token_ids"),
+        (dict(ignore_eos="yes"), "ignore_eos"),
+    ],
+)
+def test_bad_options_raise_value_error(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RequestOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([], "at least one token"),
+        ([1, 500], r"token ids must lie in \[0, 128\)"),
+        ("hi", "tokenizer"),
+    ],
+)
+def test_bad_prompts_raise_value_error(
+    checkpoint: TinyCheckpoint, prompt: Any, message: str
+) -> None:
+    engine = light_engine(checkpoint)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, RequestOptions())
+    assert not engine.has_unfinished_requests
+
+
+def test_generate_waits_for_no_one_and_close_ends_the_engine(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint)
+    engine.add_request([4, 5, 6], RequestOptions(max_tokens=3))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate([[4, 5]], max_tokens=2)
+    engine.step()
+    engine.close()
+    engine.close()  # idempotent
+    assert not engine.has_unfinished_requests
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.step()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.add_request([4, 5, 6], RequestOptions())
+
+
+def test_totals_count_the_whole_life(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint)
+    outputs = engine.generate(random_prompts([4, 6]), max_tokens=3)
+    first_steps = engine.totals.num_steps
+    assert first_steps == engine.stats.num_steps > 0
+    added = engine.add_request([7, 8, 9], RequestOptions(max_tokens=5))
+    drain(engine)
+    totals = engine.totals
+    assert totals.num_requests == 3 and totals.num_prompt_tokens == 4 + 6 + 3
+    assert totals.num_generated_tokens == sum(len(o.token_ids) for o in outputs) + 5
+    assert totals.num_steps > first_steps and added == 2
