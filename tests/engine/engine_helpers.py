@@ -234,6 +234,28 @@ def qwen3_5_moe_config(**overrides: Any) -> Any:
     return transformers.Qwen3_5MoeTextConfig(**kwargs)
 
 
+def lfm2_config(**overrides: Any) -> Any:
+    """Short convolutions around one attention layer, conv bias on, the MLP width
+    adjusted as LFM2 does (a multiplier and a rounding away from their defaults)."""
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=96,
+        layer_types=["conv", "full_attention", "conv", "conv"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        conv_L_cache=3,
+        conv_bias=True,
+        block_multiple_of=16,
+        block_ffn_dim_multiplier=1.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    kwargs.update(overrides)
+    kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+    return transformers.Lfm2Config(**kwargs)
+
+
 CONFIGS: dict[str, Callable[..., Any]] = {
     "granitemoehybrid": granite_config,
     "bamba": bamba_config,
@@ -244,6 +266,7 @@ CONFIGS: dict[str, Callable[..., Any]] = {
     "qwen3_5": qwen3_5_config,
     "qwen3_5_moe": qwen3_5_moe_config,
     "zamba2": zamba2_config,
+    "lfm2": lfm2_config,
 }
 
 

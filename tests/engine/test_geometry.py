@@ -25,7 +25,8 @@ def shapes(geometry: ModelGeometry) -> list[tuple[object, ...]]:
         rows.append((a.layer_index, "attention", a.num_kv_heads, a.head_dim, a.dtype))
     for r in geometry.recurrent_layers:
         rows += [(r.layer_index, r.kind, t.name, t.shape) for t in r.tensors]
-        rows.append((r.layer_index, r.kind, "ssm dtype", r.ssm.dtype))
+        if r.ssm is not None:  # a short convolution caches its conv window only
+            rows.append((r.layer_index, r.kind, "ssm dtype", r.ssm.dtype))
     return rows
 
 

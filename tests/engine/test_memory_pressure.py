@@ -66,6 +66,13 @@ HEAVY: dict[str, dict[str, Any]] = {
         num_attention_heads=2, num_key_value_heads=2, use_shared_attention_adapter=False,
         n_mamba_heads=8, mamba_d_state=64, mamba_ngroups=1, chunk_size=32,
     ),
+    # a conv window of 32 columns (33 taps; LFM2 has 3) so the state weighs as much
+    "lfm2": dict(
+        hidden_size=256, intermediate_size=128, block_auto_adjust_ff_dim=False,
+        layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv", "conv",
+                     "full_attention", "conv", "conv", "full_attention", "conv", "conv"],
+        num_attention_heads=2, num_key_value_heads=2, conv_L_cache=33,
+    ),
 }  # fmt: skip
 
 

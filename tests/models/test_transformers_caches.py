@@ -20,6 +20,15 @@ BATCH, TOKENS = 2, 5
 VOCAB = 64
 
 _TINY: dict[str, dict[str, Any]] = {
+    "lfm2": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "layer_types": ["conv", "full_attention", "conv", "conv"],
+        "conv_L_cache": 3,
+    },
     "jamba": {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -158,6 +167,7 @@ _SSM_DTYPE_IN_TRANSFORMERS = {
     "zamba2": "float32",
     "qwen3_next": "float32",
     "minimax": "bfloat16",
+    "lfm2": "bfloat16",  # no SSM state: its short convolutions keep a conv window only
     "mamba2": "float32",
 }
 
@@ -203,7 +213,8 @@ def _dtype(name: str) -> Any:
 def _check(geometry: ModelGeometry, cache: Any) -> None:
     keys, convs, ssms = _cache_by_layer(cache)
     assert sorted(keys) == [layer.layer_index for layer in geometry.attention_layers]
-    assert sorted(ssms) == [layer.layer_index for layer in geometry.recurrent_layers]
+    expected_ssms = [r.layer_index for r in geometry.recurrent_layers if r.ssm is not None]
+    assert sorted(ssms) == expected_ssms
     expected_convs = [r.layer_index for r in geometry.recurrent_layers if r.conv is not None]
     assert sorted(convs) == expected_convs
     for attn in geometry.attention_layers:
@@ -211,8 +222,10 @@ def _check(geometry: ModelGeometry, cache: Any) -> None:
         assert tuple(k.shape) == (BATCH, attn.num_kv_heads, TOKENS, attn.head_dim)
         assert k.dtype == _dtype(attn.dtype)
     for rec in geometry.recurrent_layers:
-        ssm = ssms[rec.layer_index]
-        assert (tuple(ssm.shape), ssm.dtype) == ((BATCH, *rec.ssm.shape), _dtype(rec.ssm.dtype))
+        if rec.ssm is not None:
+            ssm = ssms[rec.layer_index]
+            expected = ((BATCH, *rec.ssm.shape), _dtype(rec.ssm.dtype))
+            assert (tuple(ssm.shape), ssm.dtype) == expected
         if rec.conv is not None:
             conv = convs[rec.layer_index]
             assert (tuple(conv.shape), conv.dtype) == (

@@ -49,6 +49,8 @@ TABLE: dict[str, Row] = {
     # not in MODELS.md: from MODELS.md's formulas on the zoo's (unconfirmed) config
     "qwen3.5-4b": Row(32, 8, 24, 4, 256, 32_768, 25.1, 49.1, 804),
     "minimax-text-01": Row(80, 10, 70, 8, 128, 40_960, 140.0, 280.0, 3_584),
+    # not in MODELS.md: the conv windows only (2 columns of 2,048 bf16 channels, 10 layers)
+    "lfm2-1.2b": Row(16, 6, 10, 8, 64, 12_288, 0.1, 0.1, 7),
     "mamba2-2.7b": Row(64, 0, 64, None, None, 0, 82.0, 162.0, None),
 }
 
@@ -60,6 +62,7 @@ UNCONFIRMED = {
     "granite-4.0-h-micro",
     "granite-4.0-h-small",
     "qwen3.5-4b",
+    "lfm2-1.2b",
 }
 
 # Published sizes (billions of parameters: total, active or None for dense / not checked).
@@ -82,6 +85,7 @@ PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "mamba2-2.7b": (2.7, None),
     "qwen3-next-80b-a3b": (80.0, None),
     "minimax-text-01": (456.0, 45.9),
+    "lfm2-1.2b": (1.2, None),
 }
 
 
@@ -210,6 +214,7 @@ def test_every_supported_family_is_in_the_zoo() -> None:
         "qwen3_5",
         "minimax",
         "mamba2",
+        "lfm2",
     }
 
 

@@ -21,6 +21,7 @@ from avmp.kernels import reference as ref
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.lfm2 import Lfm2ShortConv
     from avmp.engine.models.qwen3_next import GatedDeltaNet
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -146,6 +147,18 @@ class Ops:
         per token. Returns ``[T, Hv * dv]``."""
         width = mixer.value_dim
         return run_recurrent(mixer, qkv, ba, width, batch, conv_states, ssm_states)
+
+    def short_conv_mix(
+        self,
+        mixer: Lfm2ShortConv,
+        bx: torch.Tensor,
+        conv_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """LFM2's short convolution (no activation) of ``bx [T, hidden]``: per prefill
+        chunk from its conv slot, one batched step for all decode tokens."""
+        no_ssm = conv_states.new_empty((conv_states.shape[0], 0))
+        return run_recurrent(mixer, bx, bx, mixer.conv_dim, batch, conv_states, no_ssm)
 
 
 REFERENCE_OPS = Ops()

@@ -64,6 +64,7 @@ _FAMILY: dict[str, dict[str, Any]] = {
         "adapter_rank": 8,
         "num_key_value_heads": 4,  # adapters on k/v need as many KV heads as heads
     },
+    "lfm2": {"block_ff_dim": 128, "block_multiple_of": 16},
 }
 _EXPERT_KEYS = {
     "granitemoehybrid": "num_local_experts",

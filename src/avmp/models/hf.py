@@ -187,6 +187,12 @@ def _deltanet(index: int, dims: _DeltaNetDims, opt: _Options) -> RecurrentLayer:
     return RecurrentLayer(index, LayerKind.GATED_DELTANET, ssm=ssm, conv=conv)
 
 
+def _short_conv(index: int, channels: int, d_conv: int, opt: _Options) -> RecurrentLayer:
+    """LFM2's gated short convolution: its conv window is its whole state."""
+    conv = CacheTensor("conv", (channels, opt.conv_columns.columns(d_conv)), _CONV_DTYPE)
+    return RecurrentLayer(index, LayerKind.SHORT_CONV, ssm=None, conv=conv)
+
+
 def _lightning(index: int, num_heads: int, head_dim: int, opt: _Options) -> RecurrentLayer:
     ssm = CacheTensor("kv_state", (num_heads, head_dim, head_dim), opt.ssm_dtype)
     return RecurrentLayer(index, LayerKind.LIGHTNING, ssm=ssm)
@@ -689,6 +695,56 @@ def _minimax(cfg: _Config, opt: _Options) -> _Build:
     return b
 
 
+def _lfm2_types(cfg: _Config, num_layers: int) -> list[str]:
+    if cfg.has("layer_types"):
+        return _layer_types(cfg, "layer_types")
+    attention = set(cfg.sequence("full_attn_idxs", list(range(num_layers))))
+    return ["full_attention" if i in attention else "conv" for i in range(num_layers)]
+
+
+def _lfm2_mlp_width(cfg: _Config) -> int:
+    """The SwiGLU width LFM2 builds: ``intermediate_size`` (legacy ``block_ff_dim``),
+    with ``block_auto_adjust_ff_dim`` two thirds of it times the multiplier, rounded up
+    to ``block_multiple_of``."""
+    key = "block_ff_dim" if cfg.has("block_ff_dim") else "intermediate_size"
+    width = cfg.dim(key, 12288)
+    if not cfg.flag("block_auto_adjust_ff_dim", True):
+        return width
+    width = int(2 * width / 3)
+    multiplier = cfg.raw.get("block_ffn_dim_multiplier", 1.0)
+    if multiplier is None:  # transformers then neither scales nor rounds
+        return width
+    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+        raise cfg.fail(f"'block_ffn_dim_multiplier' must be a number, got {multiplier!r}")
+    return round_up(int(multiplier * width), cfg.dim("block_multiple_of", 256))
+
+
+def _lfm2(cfg: _Config, opt: _Options) -> _Build:
+    """LFM2: gated short convolutions (``conv_L_cache`` taps over ``hidden`` channels,
+    the conv window the only state) and grouped-query attention at ``full_attn_idxs``
+    (or per ``layer_types``); a SwiGLU MLP in every layer."""
+    b = _base(cfg, "lfm2")
+    h = b.hidden_size
+    types = _lfm2_types(cfg, b.num_layers)
+    if len(types) != b.num_layers:
+        raise cfg.fail(f"{len(types)} layer types for num_hidden_layers {b.num_layers}")
+    attn = _attn_dims(cfg, h, kv_heads_default=8)
+    d_conv = cfg.dim("conv_L_cache", 3)
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            _add_attention(b, i, attn, opt)
+        elif kind == "conv":
+            b.recurrent.append(_short_conv(i, h, d_conv, opt))
+            b.params.add(4 * h * h + h * d_conv)  # in_proj (B, C, x), out_proj, taps
+        else:
+            raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
+        b.params.add(_mlp_params(h, _lfm2_mlp_width(cfg)))
+    # legacy checkpoints name the tie ``tie_embedding``; it wins, as in transformers
+    tied = cfg.flag("tie_embedding", cfg.flag("tie_word_embeddings", True))
+    b.params.add(_embedding_params(b.vocab_size, h, tied))
+    return b
+
+
 def _mamba2_pure(cfg: _Config, opt: _Options) -> _Build:
     """Pure Mamba2 (transformers ``Mamba2Config``)."""
     b = _base(cfg, "mamba2")
@@ -763,6 +819,7 @@ _READERS: dict[str, Callable[[_Config, _Options], _Build]] = {
     "falcon_h1": _falcon_h1,
     "granitemoehybrid": _granite_hybrid,
     "jamba": _jamba,
+    "lfm2": _lfm2,
     "mamba2": _mamba2_pure,
     "minimax": _minimax,
     "minimax_text_01": _minimax,
