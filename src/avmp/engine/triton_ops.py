@@ -11,7 +11,8 @@ computes the same values in fewer launches.
 - the Mamba2 core over a `DeviceStepBatch`: decode steps run the conv1d update and the
   one-step state update over the step's slots; prefill and mixed steps one varlen causal
   conv launch over every sequence (prefill chunks and decodes, from and into their conv
-  slots), then the varlen scan over all sequences at once.
+  slots), then the chunked (SSD) scan over the sequences with prompt tokens and the
+  varlen scan over the decode rows, into one output.
 
 Each computes the values of the torch code it replaces (same roundings), so the
 reference runner and the fast one agree. dt is discretised inside the Mamba2 kernels
@@ -23,7 +24,7 @@ and the Mamba2 core then run the reference code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,18 @@ from avmp.engine.ops import Activation, Ops, relu_squared
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
+
+
+class Mamba2ScanPlan(NamedTuple):
+    """How a prefill or mixed step's Mamba2 scan is split, built once per step on the
+    device: ``prompt_slots`` (the step's slots, -1 on decode rows) and their chunk table
+    ``layout`` for the chunked scan; ``decode_slots`` (-1 except on decode rows) for the
+    varlen scan, None when the step has no decode row."""
+
+    layout: ChunkLayout
+    prompt_slots: torch.Tensor
+    decode_slots: torch.Tensor | None
 
 
 class TritonOps(Ops):
@@ -161,19 +174,59 @@ class TritonOps(Ops):
         if batch.is_decode:
             y = self._k.mamba2_state_update(ssm_states, batch.slot_idx, xs, dt, A, B, C, **dt_args)
         else:
-            y = self._k.mamba2_varlen_scan(
-                ssm_states,
-                batch.slot_idx,
-                batch.query_start_loc,
-                xs,
-                dt,
-                A,
-                B,
-                C,
-                has_initial_state=batch.has_initial_state,
-                **dt_args,
-            )
+            y = self._mamba2_prefill_scan(mixer, ssm_states, batch, (xs, dt, A, B, C), dt_args)
         return y.reshape(n, mixer.intermediate_size)
+
+    def _mamba2_prefill_scan(
+        self,
+        mixer: Mamba2Mixer,
+        ssm_states: torch.Tensor,
+        batch: DeviceStepBatch,
+        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        dt_args: dict[str, Any],
+    ) -> torch.Tensor:
+        """A prefill or mixed step's scan: the chunked (SSD) scan over the sequences with
+        prompt tokens, whose time goes to tensor-core products, and the varlen scan over
+        the decode rows (one token after cached context), which reads and writes each
+        slot once where a chunk of one token would also write and read back a chunk
+        state. Both write into one output; ``inputs`` is (x, dt, A, B, C)."""
+        plan = batch.mamba2_scan_plans.get(mixer.chunk_size)
+        if plan is None:
+            plan = self._mamba2_scan_plan(batch, inputs[0].shape[0], mixer.chunk_size)
+            batch.mamba2_scan_plans[mixer.chunk_size] = plan
+        qsl, init = batch.query_start_loc, batch.has_initial_state
+        out = torch.empty_like(inputs[0])
+        self._k.mamba2_chunk_scan(
+            ssm_states, plan.prompt_slots, qsl, *inputs, mixer.chunk_size,
+            has_initial_state=init, out=out, layout=plan.layout, **dt_args,
+        )  # fmt: skip
+        if plan.decode_slots is not None:
+            self._k.mamba2_varlen_scan(
+                ssm_states, plan.decode_slots, qsl, *inputs, has_initial_state=init, out=out,
+                **dt_args,
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def _mamba2_scan_plan(
+        batch: DeviceStepBatch, num_tokens: int, chunk_size: int
+    ) -> Mamba2ScanPlan:
+        """Split the step on the device (no host read, so a captured step can replay it):
+        decode rows are the sequences of one token that continue from their slot, as
+        `pack_step` marks them; the chunk table is sized by the prompts' tokens and
+        sequences alone (the host knows how many decode rows there are)."""
+        from avmp.kernels.triton.mamba2_chunk_scan import chunk_layout, max_chunks
+
+        num_decode = batch.decode_rows.shape[0]
+        slots, qsl = batch.slot_idx, batch.query_start_loc
+        decode_slots = None
+        if num_decode:
+            is_decode = (qsl[1:] - qsl[:-1] == 1) & (batch.has_initial_state != 0)
+            decode_slots = torch.where(is_decode, slots, -1)
+            slots = torch.where(is_decode, -1, slots)
+        bound = max_chunks(num_tokens - num_decode, slots.shape[0] - num_decode, chunk_size)
+        layout = chunk_layout(qsl, slots, chunk_size, num_tokens, num_chunks=bound)
+        return Mamba2ScanPlan(layout, slots, decode_slots)
 
     def _prefill_conv(
         self,
