@@ -35,6 +35,7 @@ from avmp.engine.ops import Activation, Ops, relu_squared
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.qwen3_next import GatedDeltaNet
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
 
 
@@ -250,3 +251,35 @@ class TritonOps(Ops):
             mixer.conv1d.bias,
             "silu",
         )
+
+    def gated_delta_mix(
+        self,
+        mixer: GatedDeltaNet,
+        qkv: torch.Tensor,
+        ba: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """The Gated DeltaNet core over a `DeviceStepBatch`: the conv1d update (decode)
+        or one varlen causal conv (prefill, mixed), then the gated delta rule from and
+        into every sequence's slot in one launch; g and beta as the reference computes
+        them, in torch."""
+        if not isinstance(batch, DeviceStepBatch):
+            return super().gated_delta_mix(mixer, qkv, ba, conv_states, ssm_states, batch)
+        from avmp.kernels.triton import gated_delta  # needs triton; loaded once, then cached
+
+        weight = mixer.conv1d.weight.squeeze(1)
+        if batch.is_decode:
+            qkv = self._k.conv1d_update(conv_states, batch.slot_idx, qkv, weight, None, "silu")
+        else:
+            qkv = self._prefill_conv(mixer, qkv, weight, conv_states, batch)
+        rule = mixer.rule_inputs(qkv, ba)
+        if batch.is_decode:
+            y = gated_delta.gated_delta_decode(ssm_states, batch.slot_idx, *rule)
+        else:
+            y = gated_delta.gated_delta_varlen(
+                ssm_states, batch.slot_idx, batch.query_start_loc, *rule,
+                has_initial_state=batch.has_initial_state,
+            )  # fmt: skip
+        return y.reshape(qkv.shape[0], mixer.value_dim).to(qkv.dtype)
