@@ -55,6 +55,18 @@ _FAMILY: dict[str, dict[str, Any]] = {
         "moe_latent_size": None,
     },
     "jamba": {"mamba_d_state": 8, "mamba_dt_rank": 8, "mamba_expand": 2},
+    **dict.fromkeys(
+        ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
+        {
+            "head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
     "zamba2": {
         "n_mamba_heads": 8,
         "mamba_d_state": 16,
@@ -70,6 +82,8 @@ _EXPERT_KEYS = {
     "granitemoehybrid": "num_local_experts",
     "jamba": "num_experts",
     "nemotron_h": "n_routed_experts",
+    "qwen3_next": "num_experts",
+    "qwen3_5_moe_text": "num_experts",
 }
 
 
@@ -81,6 +95,8 @@ def tiny_config(raw: dict[str, Any]) -> Any:
     """
     from transformers import AutoConfig
 
+    if isinstance(raw.get("text_config"), dict):  # a multimodal checkpoint: its text model
+        raw = {"model_type": f"{raw.get('model_type')}_text", **raw["text_config"]}
     model_type = raw.get("model_type")
     if model_type not in supported_families():
         raise ValueError(
