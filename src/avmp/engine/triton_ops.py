@@ -35,6 +35,7 @@ from avmp.engine.ops import Activation, Ops, relu_squared
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.lfm2 import Lfm2ShortConv
     from avmp.engine.models.qwen3_next import GatedDeltaNet
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
 
@@ -283,3 +284,28 @@ class TritonOps(Ops):
                 has_initial_state=batch.has_initial_state,
             )  # fmt: skip
         return y.reshape(qkv.shape[0], mixer.value_dim).to(qkv.dtype)
+
+    def short_conv_mix(
+        self,
+        mixer: Lfm2ShortConv,
+        bx: torch.Tensor,
+        conv_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """LFM2's short convolution on the Mamba conv kernels without activation: the
+        conv1d update on decode steps, else one varlen launch over every sequence."""
+        if not isinstance(batch, DeviceStepBatch):
+            return super().short_conv_mix(mixer, bx, conv_states, batch)
+        weight, bias = mixer.conv.weight.squeeze(1), mixer.conv.bias
+        if batch.is_decode:
+            return self._k.conv1d_update(conv_states, batch.slot_idx, bx, weight, bias, None)
+        return self._k.causal_conv1d_varlen(
+            bx,
+            conv_states,
+            batch.query_start_loc,
+            batch.slot_idx,
+            batch.has_initial_state,
+            weight,
+            bias,
+            None,
+        )
