@@ -154,7 +154,7 @@ def test_a_full_queue_is_429_with_retry_after(guarded):
         for thread in threads:
             thread.join(60)
         statuses = sorted(a.status_code for a in answers)
-        assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, statuses
         full = next(a for a in answers if a.status_code == 429)
         _assert_error(full, 429, code="rate_limit_exceeded")
         assert int(full.headers["retry-after"]) >= 1

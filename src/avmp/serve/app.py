@@ -160,9 +160,9 @@ class _Server:
             if self._is_drained:
                 return
             self._is_drained = True
-            self.loop.shutdown(
-                abort_running=abort_running, timeout_s=self.config.shutdown_timeout_s
-            )
+            dead = not self.loop.snapshot().healthy  # nothing left would ever finish
+            timeout_s = self.config.shutdown_timeout_s
+            self.loop.shutdown(abort_running=abort_running or dead, timeout_s=timeout_s)
 
     # -- endpoints ------------------------------------------------------------------
 

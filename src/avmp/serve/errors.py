@@ -5,15 +5,16 @@ unknown model 404, a full queue 429 with Retry-After, an engine that stopped 503
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from avmp.engine.loop import EngineClosed, EngineDead, QueueFull
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from avmp.engine.engine import RequestTooLarge
+from avmp.engine.loop import EngineClosed, EngineDead, QueueFull
 from avmp.serve.metrics import ServerMetrics
 from avmp.serve.protocol import ErrorBody, ErrorResponse
 
@@ -62,6 +63,9 @@ def add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+\[.*)$")
+
+
 def validation_error(error: RequestValidationError) -> APIError:
     """The first thing wrong with a request body, as one 400 naming the field."""
     first = error.errors()[0] if error.errors() else {}
@@ -69,7 +73,7 @@ def validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # a union's failed branch shows as a type name in the path (prompt.list[int].0)
-    param = ".".join(p for p in loc if not p.startswith(("list[", "str", "int"))) or None
+    param = ".".join(p for p in loc if not _UNION_BRANCH.match(p)) or None
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unknown field {param!r}", param=param)
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
