@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +135,7 @@ class EngineLoop:
 
     async def generate(
         self, prompt: str | list[int], options: RequestOptions
-    ) -> AsyncIterator[RequestUpdate]:
+    ) -> AsyncGenerator[RequestUpdate, None]:
         """Add a request and yield its updates as the engine reads its tokens, the last
         one ``finished``. Stopping early (``aclose()``, a cancelled task: a client that
         went away) aborts the request; its memory is freed at the next step.

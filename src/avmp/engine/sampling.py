@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any
 
 import torch
 
@@ -58,13 +59,23 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+def _per_row(values: list[Any], device: torch.device) -> torch.Tensor:
+    """A small host list as a ``[N, 1]`` tensor on ``device``. On CUDA through pinned
+    memory without blocking: a plain copy would wait for the device, and the engine
+    samples while the previous step may still run there."""
+    host = torch.tensor(values)[:, None]
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities ``[N, V]`` of the sampled rows of ``logits [N, V]``, row ``i`` with
     ``rows[i]``'s temperature, top-k and top-p, all rows at once on the device. A row
     whose filters are off keeps its softmax untouched (not renormalised), so a row's
     values never depend on the other rows' settings."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in rows], device=device)[:, None]
+    temperature = _per_row([p.temperature for p in rows], device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     vocab = probs.shape[-1]
     cuts_k = [0 < p.top_k < vocab for p in rows]
@@ -74,22 +85,19 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torc
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     if any(cuts_k):
         kept = [p.top_k if cut else vocab for p, cut in zip(rows, cuts_k, strict=True)]
-        top_k = torch.tensor(kept, device=device)
         ranks = torch.arange(vocab, device=device)[None, :]
-        sorted_probs = sorted_probs.masked_fill(ranks >= top_k[:, None], 0.0)
+        sorted_probs = sorted_probs.masked_fill(ranks >= _per_row(kept, device), 0.0)
         # top-p then reads the mass of the k kept tokens (vLLM's order: k, then p)
-        has_k = torch.tensor(cuts_k, device=device)[:, None]
+        has_k = _per_row(cuts_k, device)
         renormed = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         sorted_probs = torch.where(has_k, renormed, sorted_probs)
     if any(cuts_p):
-        top_p = torch.tensor([p.top_p for p in rows], device=device)[:, None]
-        has_p = torch.tensor(cuts_p, device=device)[:, None]
+        top_p = _per_row([p.top_p for p in rows], device)
+        has_p = _per_row(cuts_p, device)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
         sorted_probs = sorted_probs.masked_fill((before >= top_p) & has_p, 0.0)
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    changed = torch.tensor([k or p for k, p in zip(cuts_k, cuts_p, strict=True)], device=device)[
-        :, None
-    ]
+    changed = _per_row([k or p for k, p in zip(cuts_k, cuts_p, strict=True)], device)
     return torch.where(changed, filtered / filtered.sum(dim=-1, keepdim=True), probs)
 
 
@@ -113,7 +121,7 @@ def sample(
     if not sampled:
         return logits.argmax(dim=-1)
     everyone = len(sampled) == len(rows)
-    index = None if everyone else torch.tensor(sampled, device=logits.device)
+    index = None if everyone else _per_row(sampled, logits.device)[:, 0]
     subset = logits if index is None else logits.index_select(0, index)
     probs = filtered_probs(subset, [rows[i] for i in sampled])
     # one draw per row: each request's generator is its own (no batched multinomial
@@ -144,7 +152,7 @@ class SampledTokens:
         if tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._event.record()
         else:
             self._host = tokens
