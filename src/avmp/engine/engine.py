@@ -16,6 +16,11 @@ The allocator's work for N+1 therefore costs no device time. It stays correct be
 every use of memory is ordered on the device's stream, and the one host-side operation
 that is not, unmapping a chunk that migrates, waits for the device first
 (`CudaVmmBacking.unmap_chunks`).
+
+Requests come in two ways over the same step loop: `Engine.add_request` /
+`Engine.step` / `Engine.abort_request`, one step at a time with an update per request
+(what `avmp.engine.loop` drives for a server), and `Engine.generate`, a batch in and its
+outputs out, built on those three calls.
 """
 
 from __future__ import annotations
