@@ -256,6 +256,33 @@ def lfm2_config(**overrides: Any) -> Any:
     return transformers.Lfm2Config(**kwargs)
 
 
+def minimax_config(**overrides: Any) -> Any:
+    """Lightning layers around one softmax-attention layer, blocks of 8 tokens (so a
+    prefill chunk spans several), residual factors away from 1."""
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        initializer_range=0.1,  # large enough that every layer moves the logits
+        hidden_size=64,
+        intermediate_size=32,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        block_size=8,
+        full_attn_alpha_factor=1.2,
+        full_attn_beta_factor=0.9,
+        linear_attn_alpha_factor=0.8,
+        linear_attn_beta_factor=1.1,
+        mlp_alpha_factor=1.3,
+        mlp_beta_factor=0.7,
+    )
+    kwargs.update(overrides)
+    kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+    return transformers.MiniMaxConfig(**kwargs)
+
+
 CONFIGS: dict[str, Callable[..., Any]] = {
     "granitemoehybrid": granite_config,
     "bamba": bamba_config,
@@ -267,6 +294,7 @@ CONFIGS: dict[str, Callable[..., Any]] = {
     "qwen3_5_moe": qwen3_5_moe_config,
     "zamba2": zamba2_config,
     "lfm2": lfm2_config,
+    "minimax": minimax_config,
 }
 
 

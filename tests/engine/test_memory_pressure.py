@@ -73,6 +73,13 @@ HEAVY: dict[str, dict[str, Any]] = {
                      "full_attention", "conv", "conv", "full_attention", "conv", "conv"],
         num_attention_heads=2, num_key_value_heads=2, conv_L_cache=33,
     ),
+    "minimax": dict(
+        hidden_size=256, intermediate_size=64, num_local_experts=1, num_experts_per_tok=1,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention",
+                     "linear_attention", "full_attention", "linear_attention", "full_attention",
+                     "linear_attention"],
+        num_attention_heads=4, num_key_value_heads=4, head_dim=64, block_size=16,
+    ),
 }  # fmt: skip
 
 

@@ -118,6 +118,8 @@ def text_model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_weights(model: HybridModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
     """Copy checkpoint tensors into the model, checking names and shapes."""
+    computed = set(model.computed_buffers)
+    tensors = {n: t for n, t in tensors.items() if n.rpartition(".")[2] not in computed}
     expected = dict(model.state_dict())
     tied = set(model.tied_weights) if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [name for name in expected if name not in tensors and name not in tied]

@@ -22,6 +22,7 @@ from avmp.kernels import reference as ref
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba2Mixer
     from avmp.engine.models.lfm2 import Lfm2ShortConv
+    from avmp.engine.models.minimax import LightningAttention
     from avmp.engine.models.qwen3_next import GatedDeltaNet
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -159,6 +160,20 @@ class Ops:
         chunk from its conv slot, one batched step for all decode tokens."""
         no_ssm = conv_states.new_empty((conv_states.shape[0], 0))
         return run_recurrent(mixer, bx, bx, mixer.conv_dim, batch, conv_states, no_ssm)
+
+    def lightning_mix(
+        self,
+        mixer: LightningAttention,
+        qkv: torch.Tensor,
+        states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """MiniMax's lightning attention of ``qkv [T, 3 * H * D]`` (each head's q, k, v
+        side by side): blockwise per prefill chunk from its state, one recurrent step
+        for all decode tokens. Returns ``[T, H * D]``."""
+        no_conv = states.new_empty((states.shape[0], 0))
+        width = mixer.num_heads * mixer.head_dim
+        return run_recurrent(mixer, qkv, qkv, width, batch, no_conv, states)
 
 
 REFERENCE_OPS = Ops()

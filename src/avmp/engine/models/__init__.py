@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen3_5_moe_text": ("qwen3_next", "Qwen35MoeModel"),
     "zamba2": ("zamba2", "Zamba2Model"),
     "lfm2": ("lfm2", "Lfm2Model"),
+    "minimax": ("minimax", "MiniMaxModel"),
 }
 
 

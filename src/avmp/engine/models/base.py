@@ -35,6 +35,8 @@ class HybridModel(nn.Module):
 
     family: str = ""
     tied_weights: dict[str, str] = {}
+    # buffers a checkpoint may hold but the model computes from its config (dropped on load)
+    computed_buffers: tuple[str, ...] = ()
     lm_head: nn.Linear
 
     def __init__(self, config: Any) -> None:

@@ -1,0 +1,225 @@
+"""MiniMax-Text-01: lightning (linear) attention on most layers, softmax attention on
+the others, a top-k mixture of experts in every layer.
+
+The blocks are post-norm style: the stream is normalised first, and that normalised
+value is the residual (``norm(x) * alpha + f(norm(x)) * beta``), for attention and MoE
+alike. A lightning layer's per-request state is one ``[head_dim, head_dim]`` matrix per
+head and no conv (see `avmp.kernels.lightning`), so its slot entry holds that matrix
+alone (`LayerKind.LIGHTNING`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.models.base import TORCH_DTYPE_NAMES, HybridModel
+from avmp.engine.models.layers import (
+    GatedMLP,
+    OpsLayer,
+    PagedAttention,
+    RMSNorm,
+    Rope,
+    Rotary,
+    activation,
+    head_dim_of,
+    rope_theta,
+    run_experts,
+)
+from avmp.kernels import lightning
+from avmp.models.geometry import CacheTensor, ConvColumns, LayerKind, ModelGeometry, RecurrentLayer
+
+
+class LightningAttention(OpsLayer):
+    """``out_proj(sigmoid(output_gate(x)) * norm(lightning(act(qkv_proj(x)))))``."""
+
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.head_dim = config.num_attention_heads, head_dim_of(config)
+        self.block_size = config.block_size
+        width = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * width, bias=False)
+        self.output_gate = nn.Linear(config.hidden_size, width, bias=False)
+        self.out_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.norm = RMSNorm(width, 1e-6)  # transformers gives this norm its default eps
+        self.act = activation(config.hidden_act)
+        slope = lightning.slope_rates(self.num_heads, layer_index, config.num_hidden_layers)
+        self.slope_rate: torch.Tensor
+        self.register_buffer("slope_rate", slope, persistent=False)
+
+    @property
+    def ssm_shape(self) -> tuple[int, int, int]:
+        return (self.num_heads, self.head_dim, self.head_dim)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
+        qkv = self.ops.activation(self.act, self.qkv_proj(x))
+        _, states = cache.state(self.layer_index)
+        y = self.ops.lightning_mix(self, qkv, states, batch)  # [T, H * D]
+        y = self.norm(y)
+        return self.out_proj(torch.sigmoid(self.output_gate(x)) * y)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[T, H, D]`` (each head's q, k and v lie side by side)."""
+        q, k, v = qkv.view(-1, self.num_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        return q, k, v
+
+    def prefill(
+        self, qkv: torch.Tensor, _: torch.Tensor, __: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
+        """One sequence's chunk from (and into) its state (`run_recurrent`'s step)."""
+        q, k, v = self.split(qkv)
+        y = lightning.lightning_prefill(q, k, v, self.slope_rate, state, self.block_size)
+        return y.reshape(qkv.shape[0], -1)
+
+    def decode(
+        self,
+        qkv: torch.Tensor,
+        _: torch.Tensor,
+        __: torch.Tensor,
+        states: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of N sequences."""
+        q, k, v = self.split(qkv)
+        y = lightning.lightning_step(states, slots, q, k, v, self.slope_rate)
+        return y.reshape(qkv.shape[0], -1)
+
+
+class MiniMaxExpert(GatedMLP):
+    """``w2(act(w1(x)) * w3(x))``: a gated MLP under the checkpoints' expert names."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.w1, self.w3, self.w2 = self.gate_proj, self.up_proj, self.down_proj
+        del self.gate_proj, self.up_proj, self.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.w2(self.glu(self.w1(x), self.w3(x)))
+        return out
+
+
+class MiniMaxMoE(nn.Module):
+    """Softmax router, top-k renormalised, experts summed in index order."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(MiniMaxExpert(config) for _ in range(config.num_local_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
+        return out.to(x.dtype)
+
+
+class MiniMaxBlock(nn.Module):
+    """``h = norm(x); x = h * a + mix(h) * b`` then the same with the MoE."""
+
+    def __init__(self, config: Any, layer_index: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.block_sparse_moe = MiniMaxMoE(config)
+        self.mlp_factors = (config.mlp_alpha_factor, config.mlp_beta_factor)
+        kind = config.layer_types[layer_index]
+        self.self_attn: LightningAttention | PagedAttention
+        if kind == "linear_attention":
+            self.self_attn = LightningAttention(config, layer_index)
+            self.attn_factors = (config.linear_attn_alpha_factor, config.linear_attn_beta_factor)
+        elif kind == "full_attention":
+            head_dim = head_dim_of(config)
+            self.self_attn = PagedAttention(
+                layer_index,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                head_dim,
+                scale=head_dim**-0.5,
+            )
+            self.attn_factors = (config.full_attn_alpha_factor, config.full_attn_beta_factor)
+        else:
+            raise ValueError(f"unknown MiniMax layer type {kind!r} at layer {layer_index}")
+
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches, rope: Rope
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if isinstance(self.self_attn, LightningAttention):
+            mixed = self.self_attn(h, batch, cache)
+        else:
+            mixed = self.self_attn(h, batch, cache, rope)
+        alpha, beta = self.attn_factors
+        h = self.post_attention_layernorm(h * alpha + mixed * beta)
+        alpha, beta = self.mlp_factors
+        out: torch.Tensor = h * alpha + self.block_sparse_moe(h) * beta
+        return out
+
+
+class MiniMaxBody(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MiniMaxBlock(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MiniMaxModel(HybridModel):
+    family = "minimax"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers saves the lightning layers' decay tables; they follow from the config
+    computed_buffers = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        params = getattr(config, "rope_parameters", None) or {}
+        if params.get("rope_type") not in (None, "default"):
+            raise ValueError(f"MiniMax with rope type {params['rope_type']!r} is not supported")
+        self.model = MiniMaxBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        partial = params.get("partial_rotary_factor", 1.0)
+        self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
+
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache, rope)
+        out: torch.Tensor = self.model.norm(x)
+        return out
+
+    def can_capture_decode(self) -> bool:
+        """No: expert routing has data-dependent shapes."""
+        return False
+
+    def geometry(
+        self,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype | None = None,
+        conv_columns: ConvColumns = ConvColumns.VLLM,
+    ) -> ModelGeometry:
+        """Softmax attention as every family's; each lightning layer one matrix state
+        per head in the state dtype, and no conv."""
+        geometry = super().geometry(dtype, ssm_dtype, conv_columns)
+        state_name = TORCH_DTYPE_NAMES[ssm_dtype or dtype]
+        recurrent = tuple(
+            RecurrentLayer(
+                m.layer_index, LayerKind.LIGHTNING, CacheTensor("kv_state", m.ssm_shape, state_name)
+            )
+            for m in self.modules()
+            if isinstance(m, LightningAttention)
+        )
+        return dataclasses.replace(geometry, recurrent_layers=recurrent)
