@@ -34,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from avmp.bench.stats import load_cells
     from avmp.cli.replay import slo_targets
 
-    if Path(args.directory).is_file():
-        return _serve_report(Path(args.directory))
+    path = Path(args.directory)
+    if path.is_file() and path.suffix == ".json":  # other paths: a sweep, as before
+        return _serve_report(path)
     slo = slo_targets(args)  # a bad objective fails before any work
     md_path, html_path = write_report(args.directory, slo)
     print(markdown_table(headline_table(load_cells(args.directory), slo)))
