@@ -54,7 +54,7 @@ def test_a_bad_model_and_a_port_in_use_are_one_line(capsys, tmp_path):
 
 
 def _stream(url: str, max_tokens: int, out: dict) -> None:
-    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": max_tokens,
+    body = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": max_tokens,
             "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
     events = []
     with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as response:
@@ -65,10 +65,11 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
     out["events"] = events
 
 
-def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0():
+def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0(checkpoints):
     command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
-               "serve", *ZOO, "--memory", "256MiB", "--port", "0", "--served-model-name",
-               "tiny", "--shutdown-timeout", "4", "--log-level", "warning"]  # fmt: skip
+               "serve", str(checkpoints["chat"]), "--memory", "64MiB", "--port", "0",
+               "--served-model-name", "tiny", "--shutdown-timeout", "4",
+               "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)  # fmt: skip
@@ -78,7 +79,7 @@ def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0():
         url = banner.split(" on ")[1].split()[0]
         short, long = {}, {}
         threads = [threading.Thread(target=_stream, args=(url, n, out))
-                   for n, out in ((4, short), (20000, long))]  # fmt: skip
+                   for n, out in ((4, short), (100000, long))]  # fmt: skip
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60

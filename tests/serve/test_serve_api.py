@@ -197,3 +197,27 @@ def _samples(text: str) -> dict[str, float]:
         for sample in family.samples
         if not sample.labels
     }
+
+
+@pytest.mark.gpu
+def test_on_cuda_concurrent_streams_equal_engine_generate(checkpoints):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    engine = make_engine(checkpoints["chat"], device="cuda")  # Triton kernels, overlap, graphs
+    reference = engine.generate(PROMPTS, max_tokens=MAX_TOKENS)
+    with serving(make_app(engine)) as server:
+
+        async def one(client, prompt: str) -> str:
+            stream = await client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                stream=True,
+            )  # fmt: skip
+            return "".join([chunk.choices[0].text async for chunk in stream])
+
+        async def all_of_them() -> list[str]:
+            async with server.async_openai() as client:
+                return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+
+        assert asyncio.run(all_of_them()) == [r.text for r in reference]
+        assert wait_until(lambda: server.loop.snapshot().usage.num_requests == 0)

@@ -196,9 +196,10 @@ class _Server:
 
     async def health(self) -> Response:
         snap = self.loop.snapshot()
-        if snap.healthy:
+        if snap.healthy and snap.accepting:
             return Response(status_code=200)
-        return JSONResponse({"status": "unhealthy", "error": snap.error}, status_code=503)
+        error = snap.error if not snap.healthy else "shutting down"
+        return JSONResponse({"status": "unhealthy", "error": error}, status_code=503)
 
     async def prometheus(self) -> Response:
         data = await asyncio.to_thread(generate_latest, self.metrics.registry)

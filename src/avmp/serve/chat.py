@@ -55,7 +55,7 @@ class MistralChat:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
-            request = ChatCompletionRequest(messages=messages)  # type: ignore[arg-type]
+            request = ChatCompletionRequest(messages=messages)  # type: ignore[type-var]
             return list(self._tok.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValueError) as error:
             raise ValueError(f"mistral-common cannot encode these messages: {error}") from None
