@@ -264,8 +264,10 @@ class TritonOps(Ops):
     ) -> torch.Tensor:
         """The Gated DeltaNet core over a `DeviceStepBatch`: the conv1d update (decode)
         or one varlen causal conv (prefill, mixed), then the gated delta rule from and
-        into every sequence's slot in one launch; g and beta as the reference computes
-        them, in torch."""
+        into every sequence's slot; g and beta as the reference computes them, in torch.
+        Decode steps run the one-token kernel; prefill and mixed steps the chunked form
+        over the sequences with prompt tokens and the one-token-per-row kernel over the
+        decode rows (see `_gated_delta_prefill`)."""
         if not isinstance(batch, DeviceStepBatch):
             return super().gated_delta_mix(mixer, qkv, ba, conv_states, ssm_states, batch)
         from avmp.kernels.triton import gated_delta  # needs triton; loaded once, then cached
@@ -279,11 +281,35 @@ class TritonOps(Ops):
         if batch.is_decode:
             y = gated_delta.gated_delta_decode(ssm_states, batch.slot_idx, *rule)
         else:
-            y = gated_delta.gated_delta_varlen(
-                ssm_states, batch.slot_idx, batch.query_start_loc, *rule,
-                has_initial_state=batch.has_initial_state,
-            )  # fmt: skip
+            y = self._gated_delta_prefill(ssm_states, batch, rule)
         return y.reshape(qkv.shape[0], mixer.value_dim).to(qkv.dtype)
+
+    def _gated_delta_prefill(
+        self, ssm_states: torch.Tensor, batch: DeviceStepBatch, rule: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """A prefill or mixed step's delta rule, split as the Mamba2 scan is (the same
+        per-step plan, built once for the chunk size and shared by every layer): the
+        chunked form over the sequences with prompt tokens, whose time goes to
+        tensor-core products, and the sequential kernel over the decode rows, which
+        reads and writes each slot once where a chunk of one token would also write and
+        read back a chunk start state. ``rule`` is (q, k, v, g, beta)."""
+        from avmp.kernels.triton import gated_delta
+
+        chunk = gated_delta.CHUNK_SIZE
+        plan = batch.mamba2_scan_plans.get(chunk)
+        if plan is None:
+            plan = self._mamba2_scan_plan(batch, rule[0].shape[0], chunk)
+            batch.mamba2_scan_plans[chunk] = plan
+        qsl, init = batch.query_start_loc, batch.has_initial_state
+        out = gated_delta.gated_delta_chunked(
+            ssm_states, plan.prompt_slots, qsl, *rule, has_initial_state=init,
+            layout=plan.layout, chunk_size=chunk,
+        )  # fmt: skip
+        if plan.decode_slots is not None:
+            gated_delta.gated_delta_varlen(
+                ssm_states, plan.decode_slots, qsl, *rule, has_initial_state=init, out=out
+            )
+        return out
 
     def short_conv_mix(
         self,
