@@ -58,7 +58,7 @@ def test_checkpoint_without_tokenizer_takes_token_ids(
         (["granite-4.0-h-tiny", "--prompt", "x"], "add --random-weights --scale tiny"),
         (["no-such-model", "--random-weights", "--scale", "tiny", "--prompt", "x"], "zoo name"),
         (["granite-4.0-h-tiny", "--random-weights", "--prompt", "x"], "go together"),
-        (["qwen3-next-80b-a3b", "--random-weights", "--scale", "tiny", "--prompt", "x"],
+        (["mamba2-2.7b", "--random-weights", "--scale", "tiny", "--prompt", "x"],
          "no engine implementation"),
         (["granite-4.0-h-tiny", "--random-weights", "--scale", "tiny", "--prompt", "x",
           "--memory", "12 GiB"], "--memory"),
