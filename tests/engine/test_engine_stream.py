@@ -23,6 +23,17 @@ from avmp.engine.engine import (
 from avmp.engine.sampling import SamplingParams, filtered_probs
 
 FAMILY = "granitemoehybrid"
+# the CUDA cases run the Triton kernels, overlapped, with decode graphs
+ON_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 PRESSURE_LENGTHS = [4] * 8 + [120] * 4 + [4] * 8  # as test_memory_pressure: preempts
 MAX_STEPS = 2000
 
@@ -111,11 +122,12 @@ def test_steps_give_the_outputs_of_generate(checkpoint: TinyCheckpoint, overlap:
     assert engine.step() == [] and not engine.has_unfinished_requests
 
 
+@pytest.mark.parametrize("device", ON_DEVICES)
 @pytest.mark.parametrize("overlap", [False, True])
 def test_abort_frees_a_running_request_at_the_next_step(
-    checkpoint: TinyCheckpoint, overlap: bool
+    checkpoint: TinyCheckpoint, overlap: bool, device: str
 ) -> None:
-    engine = light_engine(checkpoint, overlap=overlap, check_integrity=True)
+    engine = light_engine(checkpoint, overlap=overlap, check_integrity=True, device=device)
     ids = [engine.add_request(p, RequestOptions(max_tokens=20)) for p in random_prompts([6, 7, 8])]
     updates: dict[int, list[RequestUpdate]] = {}
     for _ in range(3):
@@ -189,15 +201,16 @@ def test_abort_of_a_swapped_out_request_frees_its_host_copy(
 SEEDED = RequestOptions(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, top_k=40, seed=1234)
 
 
+@pytest.mark.parametrize("device", ON_DEVICES)
 def test_a_seeded_request_samples_alike_alone_and_in_a_preempting_batch(
-    heavy: TinyCheckpoint,
+    heavy: TinyCheckpoint, device: str
 ) -> None:
     prompt = random_prompts([120], seed=9)[0]
-    alone = light_engine(heavy, check_integrity=True)
+    alone = light_engine(heavy, check_integrity=True, device=device)
     target = alone.add_request(prompt, SEEDED)
     expected = tokens_of(drain(alone)[target])
     assert len(expected) == MAX_TOKENS
-    engine = pressure_engine(heavy)
+    engine = pressure_engine(heavy, device=device)
     others = [  # every other request samples differently, or not at all
         RequestOptions(MAX_TOKENS, temperature=0.7 * (i % 3), top_k=5 * (i % 4), seed=i)
         for i in range(len(PRESSURE_LENGTHS))
