@@ -40,6 +40,8 @@ PEER_SSM_DTYPES: dict[str, tuple[str, str]] = {
     "qwen3_5_moe": ("model", "float32"),
     "jamba": ("model", "model"),
     "minimax": ("model", "model"),
+    # no SSM state at all: its short convolutions keep a conv window in the model's dtype
+    "lfm2": ("model", "model"),
 }
 MODEL_DTYPE = "bfloat16"  # every zoo checkpoint ships bf16 weights
 
