@@ -40,6 +40,7 @@ from typing import Any
 
 from avmp.bench import loadgen
 from avmp.bench.serve_report import markdown_table
+from benchmarks.common import repo_path
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 LAYOUTS = ("avmp", "static", "unified")
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-prompts", type=int, default=100, help="ShareGPT requests per rate")
+    parser.add_argument(
+        "--trace", type=Path,
+        help="take the requests' lengths from this trace file instead (token-id prompts of "
+             "exactly those lengths, e.g. benchmarks/traces/sharegpt_vllm_600.jsonl, ShareGPT "
+             "under vLLM's rules; no dataset package needed)",
+    )  # fmt: skip
     parser.add_argument("--rates", default=DEFAULT_RATES, help="requests/s, light to saturated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-output-tokens", type=int, help="clip max_tokens (smoke runs)")
@@ -92,11 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def benchmark_requests(args: argparse.Namespace) -> list[loadgen.BenchRequest]:
-    """ShareGPT under vLLM's rules; ``--max-prompt-tokens`` keeps the first shorter ones
-    (from a larger sample), ``--max-output-tokens`` clips the outputs (smoke runs)."""
+    """ShareGPT under vLLM's rules (or ``--trace``'s lengths); ``--max-prompt-tokens``
+    keeps the first shorter ones (from a larger sample), ``--max-output-tokens`` clips the
+    outputs (smoke runs)."""
     wanted = args.num_prompts
     sample = wanted if args.max_prompt_tokens is None else 20 * wanted
-    built = loadgen.sharegpt_requests(sample, args.seed)
+    if args.trace is not None:
+        built = loadgen.trace_requests(args.trace, sample, args.seed)
+    else:
+        built = loadgen.sharegpt_requests(sample, args.seed)
     if args.max_prompt_tokens is not None:
         built = [r for r in built if r.prompt_tokens <= args.max_prompt_tokens]
     if args.max_output_tokens is not None:
@@ -340,8 +351,13 @@ def _rate_order(label: str) -> float:
 def markdown(result: dict[str, Any]) -> str:
     runs = result["runs"]
     settings = result["settings"]
+    source = (
+        "ShareGPT requests per rate (vLLM rules"
+        if not settings.get("trace")
+        else f"requests per rate (lengths of {settings['trace']}, token-id prompts"
+    )
     lines = [
-        f"{settings['num_prompts']} ShareGPT requests per rate (vLLM rules, seed "
+        f"{settings['num_prompts']} {source}, seed "
         f"{settings['seed']}), {settings['scale']} random weights on {settings['device']}, "
         f"cache {settings['memory']}, at most {settings['max_num_seqs']} running",
         "",
@@ -387,7 +403,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("models", "layouts", "scale", "device", "memory", "max_num_seqs",
             "max_num_batched_tokens", "num_prompts", "rates", "seed", "max_output_tokens",
             "max_prompt_tokens", "rate_bound_s")  # fmt: skip
-    return {key: getattr(args, key) for key in keys} | {"cpu_count": os.cpu_count()}
+    trace = None if args.trace is None else repo_path(args.trace)
+    return {key: getattr(args, key) for key in keys} | {
+        "cpu_count": os.cpu_count(),
+        "trace": trace,
+    }
 
 
 if __name__ == "__main__":
