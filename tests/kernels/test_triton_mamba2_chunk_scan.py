@@ -94,7 +94,8 @@ def test_chunk_scan_matches_varlen_kernel_with_torch_rounding(dtype: torch.dtype
     theirs = mamba2_varlen_scan(states, case["slot_idx"], offsets(lens), *args, **kwargs)
     ours = mamba2_chunk_scan(case["state"], case["slot_idx"], offsets(lens), *args, 16, **kwargs)
     assert_close("y vs varlen", ours, theirs.float(), dtype)
-    assert_close("state vs varlen", case["state"], states, torch.float32)
+    # the fp32 state from bf16 inputs: bf16's tolerance, as in the reference test above
+    assert_close("state vs varlen", case["state"], states, dtype)
 
 
 def test_prompt_split_across_calls_continues_from_the_slot() -> None:
