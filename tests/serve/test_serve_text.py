@@ -99,3 +99,12 @@ def test_sent_text_is_a_prefix_without_stops_cut_right_before_one(parts, stops):
         assert any(whole[len(sent) :].startswith(stop) for stop in stops)
     else:
         assert sent == whole
+
+
+def test_ids_past_the_tokenizers_vocabulary_decode_to_nothing(mistral):
+    # a model may have more embedding rows than its tokenizer has tokens (a padded or a
+    # larger random vocabulary) and sample one: the text skips it, the stream goes on
+    ids = mistral.encode("Hello world")[1:]
+    beyond = [mistral.vocab_size, mistral.vocab_size + 70_000]
+    assert mistral.decode(ids[:1] + beyond + ids[1:]) == mistral.decode(ids)
+    assert "".join(_pieces(mistral, ids[:1] + beyond + ids[1:], 1)) == mistral.decode(ids)

@@ -36,7 +36,8 @@ class HFTokenizer:
         return list(self._tok.encode(text))
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self._tok.decode(token_ids, skip_special_tokens=True))
+        ids = in_vocabulary(token_ids, self.vocab_size)
+        return str(self._tok.decode(ids, skip_special_tokens=True))
 
 
 class MistralTokenizer:
@@ -62,7 +63,15 @@ class MistralTokenizer:
         return list(self._tok.encode(text, bos=True, eos=False))
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self._tok.decode(token_ids))
+        return str(self._tok.decode(in_vocabulary(token_ids, self.vocab_size)))
+
+
+def in_vocabulary(token_ids: list[int], vocab_size: int) -> list[int]:
+    """The ids that the tokenizer knows. A model's embedding may have more rows than its
+    tokenizer has tokens (vocabularies padded to a multiple of 64 or 128; a demo tokenizer
+    beside a random model with a larger vocabulary), and it may sample one of them: such
+    a token has no text, so it decodes to nothing rather than failing the request."""
+    return [t for t in token_ids if 0 <= t < vocab_size]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
