@@ -4,6 +4,7 @@ batch; aborts give the memory back at the next step."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -400,3 +401,29 @@ def test_totals_count_the_whole_life(checkpoint: TinyCheckpoint) -> None:
     assert totals.num_requests == 3 and totals.num_prompt_tokens == 4 + 6 + 3
     assert totals.num_generated_tokens == sum(len(o.token_ids) for o in outputs) + 5
     assert totals.num_steps > first_steps and added == 2
+
+
+def test_warmup_leaves_the_totals_and_memory_as_they_were(checkpoint: TinyCheckpoint) -> None:
+    engine = light_engine(checkpoint)
+    before = dataclasses.asdict(engine.totals)
+    engine.warmup()
+    assert dataclasses.asdict(engine.totals) == before
+    assert engine.allocator.usage().num_requests == 0
+    engine.allocator.check_integrity()
+
+
+def test_the_cuda_warmup_runs_a_prompt_longer_than_a_step_beside_short_ones(
+    checkpoint: TinyCheckpoint,
+) -> None:
+    # what `warmup` runs on CUDA (the shapes that compile Triton variants): checked here
+    # on the CPU, where it runs only a short request
+    engine = light_engine(checkpoint, max_num_batched_tokens=64)
+    prompts = engine._warmup_prompts()
+    lengths = [len(p) for p in prompts]
+    assert lengths[:3] == [5, 16, 33] and lengths[3] > 64
+    assert all(0 <= t < engine.geometry.vocab_size for p in prompts for t in p)
+    outputs = engine.generate(prompts, max_tokens=8, ignore_eos=True)
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    small = light_engine(checkpoint, max_num_batched_tokens=1 << 16)  # 4 MiB: halves it
+    long_tokens = len(small._warmup_prompts()[3])
+    assert small.allocator.fits_alone(long_tokens + 8) and long_tokens < (1 << 16) + 17
