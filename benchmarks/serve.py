@@ -40,7 +40,7 @@ from typing import Any
 
 from avmp.bench import loadgen
 from avmp.bench.serve_report import markdown_table
-from benchmarks.common import repo_path
+from benchmarks.common import read_result, repo_path, write_result
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 LAYOUTS = ("avmp", "static", "unified")
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if argv[:1] == ["--worker"]:
         return _worker_args(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="results file (JSON)")
+    parser.add_argument("--out", type=Path, help="results file (JSON; .json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the tables of a results file")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(markdown(read_result(args.markdown)))
         return 0
     requests = benchmark_requests(args)
     started = time.monotonic()
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"settings": _settings(args), "runs": runs, "skipped": skipped,
               "elapsed_s": time.monotonic() - started}  # fmt: skip
     if args.out:
-        loadgen.save_result(args.out, result)
+        write_result(args.out, result)  # .json.gz: compressed
     print(markdown(result))
     return 0 if all("error" not in run for run in runs) else 1
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -283,3 +284,22 @@ def test_text_prompts_have_the_lengths_under_the_tokenizer(tmp_path: Path) -> No
     assert min(ids) >= 100 and max(ids) <= 200  # within this small vocabulary
     with pytest.raises(OSError):
         loadgen.load_tokenizer(str(tmp_path / "none"))
+
+
+def test_sse_lines_split_at_the_specs_line_ends_only() -> None:
+    # U+2028, U+0085 and U+001C inside an event are text, not line ends (str.splitlines
+    # and httpx's aiter_lines would cut the event there); a CR LF may straddle two reads
+    from avmp.bench.loadgen import sse_lines
+
+    async def collect(parts: list[bytes]) -> list[str]:
+        async def chunks():
+            for part in parts:
+                yield part
+
+        return [line async for line in sse_lines(chunks())]
+
+    stream = 'data: {"t":"a\u2028b\x85c\x1cd"}\r\n\r\ndata: [DONE]\n\n'.encode()
+    expected = ['data: {"t":"a\u2028b\x85c\x1cd"}', "", "data: [DONE]", ""]
+    for cut in range(1, len(stream)):
+        assert asyncio.run(collect([stream[:cut], stream[cut:]])) == expected
+    assert asyncio.run(collect([b"a\rb\r", b"\nc"])) == ["a", "b", "c"]

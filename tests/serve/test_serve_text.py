@@ -108,3 +108,21 @@ def test_ids_past_the_tokenizers_vocabulary_decode_to_nothing(mistral):
     beyond = [mistral.vocab_size, mistral.vocab_size + 70_000]
     assert mistral.decode(ids[:1] + beyond + ids[1:]) == mistral.decode(ids)
     assert "".join(_pieces(mistral, ids[:1] + beyond + ids[1:], 1)) == mistral.decode(ids)
+
+
+def test_a_streamed_event_is_one_ascii_line_whatever_the_text():
+    # a client that splits the stream with str.splitlines must still read whole events
+    import json
+
+    from pydantic import BaseModel
+
+    from avmp.serve.responses import _sse
+
+    class Piece(BaseModel):
+        text: str
+
+    text = "a\u2028b\u2029c\x85d\x1ce é🙂\n"
+    event = _sse(Piece(text=text))
+    assert event.isascii() and event.endswith("\n\n")
+    assert len(event.rstrip("\n").splitlines()) == 1
+    assert json.loads(event.removeprefix("data: "))["text"] == text

@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -367,11 +368,28 @@ async def send_request(
         record.error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an event stream as the SSE specification ends them (CR LF, LF or CR
+    as bytes), decoded after splitting. Not ``str.splitlines``, which httpx's
+    ``aiter_lines`` follows and which also breaks at U+2028, U+0085 and U+001C-U+001E:
+    a server that writes such a character raw inside its JSON (pydantic's
+    ``model_dump_json`` does; random weights sample them) would be read as a truncated
+    event."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = re.split(rb"\r\n|\n|\r(?!$)", pending)
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 async def _read_stream(response: Any, record: RequestRecord, started: float) -> None:
     """Read SSE lines up to ``data: [DONE]``: note each text chunk's time, take the
     usage when the server sends it, stop at an error event."""
     chunks = 0
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response.aiter_bytes()):
         if not line.startswith("data:"):
             continue  # blank separators, comments, event names
         data = line[len("data:") :].strip()
