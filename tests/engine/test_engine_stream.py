@@ -225,7 +225,7 @@ def test_a_seeded_request_samples_alike_alone_and_in_a_preempting_batch(
         ids.append(engine.add_request(other, options))
     updates = drain(engine)
     assert engine.totals.num_preemptions > 0
-    assert engine.scheduler.requests[target].num_preemptions > 0
+    assert updates[target][-1].num_preemptions > 0
     assert tokens_of(updates[target]) == expected
     reseeded = alone.add_request(prompt, RequestOptions(**{**vars(SEEDED), "seed": 4321}))
     assert tokens_of(drain(alone)[reseeded]) != expected
@@ -427,3 +427,18 @@ def test_the_cuda_warmup_runs_a_prompt_longer_than_a_step_beside_short_ones(
     small = light_engine(checkpoint, max_num_batched_tokens=1 << 16)  # 4 MiB: halves it
     long_tokens = len(small._warmup_prompts()[3])
     assert small.allocator.fits_alone(long_tokens + 8) and long_tokens < (1 << 16) + 17
+
+
+def test_the_scheduler_forgets_requests_once_their_final_update_is_out(
+    heavy: TinyCheckpoint,
+) -> None:
+    # a server runs for days: no record may stay per request served; generate still
+    # reports each request's preemptions
+    engine = pressure_engine(heavy)
+    outputs = engine.generate(random_prompts(PRESSURE_LENGTHS, seed=5), MAX_TOKENS)
+    assert not engine.scheduler.requests
+    assert sum(o.num_preemptions for o in outputs) == engine.stats.num_preemptions > 0
+    request_id = engine.add_request([5, 6, 7], RequestOptions(max_tokens=3))
+    engine.abort_request(engine.add_request([5, 6], RequestOptions(max_tokens=3)))
+    drain(engine)
+    assert not engine.scheduler.requests and request_id not in engine.scheduler.requests

@@ -329,3 +329,20 @@ def test_random_traces_keep_every_invariant_and_finish(
             assert request.status is RequestStatus.FINISHED
             assert emitted[spec.request_id] == spec.output_tokens
     assert allocator.request_ids == []
+
+
+def test_forget_drops_finished_records_only() -> None:
+    scheduler = Scheduler(make_allocator(), SchedulerConfig(max_num_batched_tokens=64))
+    scheduler.add_request(req(0, prompt=10, output=1))
+    scheduler.add_request(req(1, prompt=10, output=50))
+    scheduler.finish_step(scheduler.schedule())  # request 0 finishes, 1 runs on
+    with pytest.raises(ValueError, match="request 1 is running"):
+        scheduler.forget(1)
+    scheduler.forget(0)
+    scheduler.forget(0)  # gone already: ignored
+    scheduler.forget(99)  # never known: ignored
+    assert list(scheduler.requests) == [1]
+    run_to_end(scheduler)
+    scheduler.forget(1)
+    assert not scheduler.requests
+    scheduler.check_integrity()

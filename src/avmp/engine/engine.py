@@ -410,6 +410,7 @@ class RequestUpdate:
             ``length``, ``abort`` or ``rejected`` (the scheduler could never fit it).
         error: why it was rejected.
         num_output_tokens: every token produced so far, ``new_token_ids`` included.
+        num_preemptions: how often the request was preempted so far.
     """
 
     request_id: int
@@ -419,6 +420,7 @@ class RequestUpdate:
     error: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    num_preemptions: int = 0
 
 
 class RequestTooLarge(ValueError):
@@ -550,6 +552,9 @@ class Engine:
         self._requests: dict[int, _Live] = {}  # by id, until their final update is out
         self._touched: dict[int, None] = {}  # ids with news since the last update, in order
         self._aborts: list[int] = []  # ids to abort at the next step
+        # during `generate`: each finished request's preemptions, by id (the scheduler
+        # forgets a request once its final update is out)
+        self._generating: dict[int, int] | None = None
         self._closed = False
         self._eos = self._eos_token_id()  # depends on the config and tokenizer only
         self.overlap = config.overlap  # may be switched between `generate` calls
@@ -833,13 +838,17 @@ class Engine:
         for index, prompt in enumerate(token_prompts):
             request_id = self._register(prompt, options[index], index, arrivals[index])
             live[request_id] = self._requests[request_id]
-        self._run(live, deque(sorted(live, key=lambda r: (live[r].arrival_s, r))))
-        self.stats.elapsed_s = self._now()
+        self._generating = {}
+        try:
+            self._run(live, deque(sorted(live, key=lambda r: (live[r].arrival_s, r))))
+            self.stats.elapsed_s = self._now()
+            outputs = [
+                self._output(rid, live[rid]) for rid in sorted(live, key=lambda r: live[r].index)
+            ]
+        finally:
+            self._generating = None
         self.stats.timeline = self._timeline.samples()
         self._finish_stats(before)
-        outputs = [
-            self._output(rid, live[rid]) for rid in sorted(live, key=lambda r: live[r].index)
-        ]
         self.stats.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
         return outputs
 
@@ -1070,6 +1079,7 @@ class Engine:
             if not new and not done:
                 continue
             request.num_reported += len(new)
+            scheduled = self.scheduler.requests.get(request_id)
             updates.append(
                 RequestUpdate(
                     request_id,
@@ -1079,12 +1089,24 @@ class Engine:
                     request.error if done else None,
                     num_prompt,
                     len(request.tokens) - num_prompt,
+                    0 if scheduled is None else scheduled.num_preemptions,
                 )
             )
             if done:
                 del self._requests[request_id]
+                self._forget(request_id)
         self._touched = {}
         return updates
+
+    def _forget(self, request_id: int) -> None:
+        """Drop the scheduler's record of a request whose final update is out, keeping
+        what `generate` reports of it (its preemptions) while a `generate` call runs."""
+        scheduled = self.scheduler.requests.get(request_id)
+        if scheduled is None:
+            return
+        if self._generating is not None:
+            self._generating[request_id] = scheduled.num_preemptions
+        self.scheduler.forget(request_id)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.model.config, "eos_token_id", None)
@@ -1157,8 +1179,8 @@ class Engine:
     def _output(self, request_id: int, request: _Live) -> GenerationOutput:
         generated = request.tokens[len(request.prompt) :]
         text = None if self.tokenizer is None else self.tokenizer.decode(generated)
-        scheduled = self.scheduler.requests.get(request_id)  # None: over max_model_len
-        preemptions = 0 if scheduled is None else scheduled.num_preemptions
+        # absent: never scheduled (over max_model_len)
+        preemptions = (self._generating or {}).get(request_id, 0)
         return GenerationOutput(
             request.index,
             request.prompt,

@@ -585,6 +585,21 @@ class Scheduler:
             return False
         return True
 
+    def forget(self, request_id: int) -> None:
+        """Drop the record of a finished or rejected request (unknown ids are ignored).
+        A server runs for days: without this it would keep one record per request it ever
+        served.
+
+        Raises:
+            ValueError: the request is still waiting or running.
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if request.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+            raise ValueError(f"request {request_id} is {request.status}, not finished")
+        del self.requests[request_id]
+
     def _release(self, finished: list[int]) -> None:
         if not finished:
             return
