@@ -20,7 +20,7 @@ from avmp.engine.batch import StepBatch
 from avmp.kernels import reference as ref
 
 if TYPE_CHECKING:
-    from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer
     from avmp.engine.models.lfm2 import Lfm2ShortConv
     from avmp.engine.models.minimax import LightningAttention
     from avmp.engine.models.qwen3_next import GatedDeltaNet
@@ -133,6 +133,21 @@ class Ops:
         step and state step for all decode tokens. Returns ``[T, intermediate]``."""
         width = mixer.intermediate_size
         return run_recurrent(mixer, xbc, dt, width, batch, conv_states, ssm_states)
+
+    def mamba1_mix(
+        self,
+        mixer: Mamba1Mixer,
+        xs: torch.Tensor,
+        gate: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """The Mamba1 (Jamba) core of ``xs [T, I]`` gated by ``silu(gate)``: conv then
+        selective scan per prefill chunk, one batched conv step and state step for all
+        decode tokens. Returns ``[T, I]`` in xs's dtype."""
+        width = mixer.intermediate_size
+        return run_recurrent(mixer, xs, gate, width, batch, conv_states, ssm_states)
 
     def gated_delta_mix(
         self,

@@ -12,7 +12,9 @@ computes the same values in fewer launches.
   one-step state update over the step's slots; prefill and mixed steps one varlen causal
   conv launch over every sequence (prefill chunks and decodes, from and into their conv
   slots), then the chunked (SSD) scan over the sequences with prompt tokens and the
-  varlen scan over the decode rows, into one output.
+  varlen scan over the decode rows, into one output;
+- the Mamba1 (Jamba) core likewise: the conv kernels, then the one-token update on
+  decode steps and one varlen selective scan over every sequence otherwise.
 
 Each computes the values of the torch code it replaces (same roundings), so the
 reference runner and the fast one agree. dt is discretised inside the Mamba2 kernels
@@ -34,7 +36,7 @@ from avmp.engine.device_batch import DeviceStepBatch
 from avmp.engine.ops import Activation, Ops, relu_squared
 
 if TYPE_CHECKING:
-    from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer
     from avmp.engine.models.lfm2 import Lfm2ShortConv
     from avmp.engine.models.qwen3_next import GatedDeltaNet
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
@@ -252,6 +254,43 @@ class TritonOps(Ops):
             mixer.conv1d.bias,
             "silu",
         )
+
+    def mamba1_mix(
+        self,
+        mixer: Mamba1Mixer,
+        xs: torch.Tensor,
+        gate: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """The Mamba1 (Jamba) core over a `DeviceStepBatch`: the conv1d update (decode)
+        or one varlen causal conv (prefill, mixed), Jamba's dt/B/C norms and dt
+        projection in torch, then the selective scan from and into every sequence's
+        slot with dt's bias, softplus, D and the ``silu(gate)`` gate inside the kernel.
+        Decode steps run the one-token update over the step's slots (no host read, so
+        a graph can capture it); prefill and mixed steps one varlen scan over every
+        sequence, decode rows included."""
+        if not isinstance(batch, DeviceStepBatch):
+            return super().mamba1_mix(mixer, xs, gate, conv_states, ssm_states, batch)
+        from avmp.kernels.triton import mamba1  # needs triton; loaded once, then cached
+
+        weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
+        if batch.is_decode:
+            xs = self._k.conv1d_update(conv_states, batch.slot_idx, xs, weight, bias, "silu")
+        else:
+            xs = self._prefill_conv(mixer, xs, weight, conv_states, batch)
+        dt, B, C = mixer.normed_projections(xs)
+        dt = F.linear(dt, mixer.dt_proj.weight)  # [T, I] rows, as the kernel reads them
+        A, D, dt_bias = self.decay(mixer), mixer.D, mixer.dt_proj.bias
+        if batch.is_decode:
+            return mamba1.mamba1_state_update(
+                ssm_states, batch.slot_idx, xs, dt, A, B, C, D, dt_bias, gate
+            )
+        return mamba1.mamba1_varlen_scan(
+            ssm_states, batch.slot_idx, batch.query_start_loc, xs, dt, A, B, C, D, dt_bias,
+            gate, has_initial_state=batch.has_initial_state,
+        )  # fmt: skip
 
     def gated_delta_mix(
         self,

@@ -105,6 +105,6 @@ class JambaModel(HybridModel):
         return self.model.run(self.model.embed(input_ids), batch, cache, None)
 
     def can_capture_decode(self) -> bool:
-        """Never: Mamba1 layers step each sequence in a Python loop over host integers
-        (and the experts route with data-dependent shapes)."""
-        return False
+        """Without expert layers: their routing has data-dependent shapes (the Mamba1
+        decode step runs on device indices alone, `TritonOps.mamba1_mix`)."""
+        return all(int(n) <= 1 for n in self.config.layers_num_experts)

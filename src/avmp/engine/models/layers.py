@@ -5,7 +5,7 @@ Module and parameter names follow Hugging Face transformers so that a checkpoint
 by ``save_pretrained`` loads with ``load_state_dict`` unchanged. Every layer works on the
 flat ``[T, hidden]`` token array of a step and reads/writes its cache through
 `LayerCaches` (see ``avmp.engine.batch``). Layers with a kernel choice are `OpsLayer`s:
-they run their norms, activations, attention and Mamba2 core through ``self.ops``.
+they run their norms, activations, attention and Mamba1/Mamba2 cores through ``self.ops``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
-from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared, run_recurrent
+from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared
 from avmp.kernels import reference as ref
 
 
@@ -360,7 +360,7 @@ def run_experts(
     return out
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(OpsLayer):
     """Mamba1 selective-scan mixer with Jamba's RMS norms on dt, B and C."""
 
     def __init__(
@@ -398,13 +398,18 @@ class Mamba1Mixer(nn.Module):
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         xs, gate = self.in_proj(x).chunk(2, dim=-1)
         conv_states, ssm_states = cache.state(self.layer_index)
-        out = run_recurrent(self, xs, gate, xs.shape[1], batch, conv_states, ssm_states)
+        out = self.ops.mamba1_mix(self, xs, gate, conv_states, ssm_states, batch)
         return self.out_proj(out.to(x.dtype))
+
+    def normed_projections(self, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """dt (before the dt projection), B and C of the conv output ``xs [T, I]``,
+        each through its RMS norm."""
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
 
     def ssm_inputs(self, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """dt (after softplus), A, B and C of the conv output ``xs [T, I]``."""
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt, B, C = self.normed_projections(xs)
         dt = (self.dt_proj.weight @ dt.t()).t()  # [T, I], bias added after (as transformers)
         dt = F.softplus(dt + self.dt_proj.bias.float())
         return dt, -torch.exp(self.A_log.float()), B, C
