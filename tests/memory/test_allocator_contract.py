@@ -16,6 +16,7 @@ from avmp.memory.backing.shared_buffer import SharedBufferBacking
 from avmp.memory.registry import make_allocator
 from avmp.memory.requests import MAX_REMEMBERED_FREES, RecentFrees
 from avmp.memory.spec import (
+    AllocatorError,
     CacheAllocator,
     DoubleFreeError,
     DuplicateRequestError,
@@ -225,22 +226,159 @@ def test_freed_ids_are_remembered_for_a_window_only(layout: str) -> None:
     allocator.check_integrity()
 
 
+# ------------------------------------------------------------- the prefix cache's units
+
+
+def _kernel_pages_per_unit(allocator: CacheAllocator) -> int:
+    return allocator.kv_unit_tokens // allocator.config.block_size
+
+
+@every_layout
+def test_cached_units_outlive_their_request_and_are_shared(layout: str) -> None:
+    allocator = build(layout, budget_mib=8)
+    unit = allocator.kv_unit_tokens
+    allocator.admit(1, 2 * unit + 5)
+    k = _kernel_pages_per_unit(allocator)
+    first_two = allocator.units(1).pages[: 2 * k]
+    keys = [allocator.cache_kv_unit(1, 0), allocator.cache_kv_unit(1, 1)]
+    allocator.check_integrity()
+    assert allocator.cached_keys() == keys and allocator.usage().kv_cached_bytes == 0
+    allocator.free(1)
+    allocator.check_integrity()
+    held = allocator.usage()
+    assert held.num_requests == 0 and held.kv_cached_bytes > 0 and held.kv_needed_bytes == 0
+    assert [allocator.cached_unit(key) for key in keys] == [p // k for p in first_two[::k]]
+    for request_id in (2, 3):  # two requests share the cached units read-only
+        units = allocator.admit(request_id, 2 * unit + 1, cached=keys)
+        allocator.check_integrity()
+        assert units is not None and units.pages[: 2 * k] == first_two
+        assert len(set(units.pages)) == len(units.pages)
+    assert allocator.usage().kv_cached_bytes == 0  # live requests hold them now
+    assert allocator.units(2).pages[2 * k :] != allocator.units(3).pages[2 * k :]
+    for key in keys:
+        allocator.release_cached(key)
+        allocator.check_integrity()
+    assert allocator.units(2).pages[: 2 * k] == first_two  # still held by the requests
+    allocator.free(2)
+    allocator.free(3)
+    allocator.check_integrity()
+    usage = allocator.usage()
+    assert usage.used_bytes == 0 and usage.num_pages_used == 0 and allocator.cached_keys() == []
+
+
+@every_layout
+def test_checkpoints_are_slots_only_the_cache_holds(layout: str) -> None:
+    allocator = build(layout, budget_mib=8)
+    allocator.admit(1, 10)
+    key = allocator.cache_checkpoint()
+    assert key is not None
+    allocator.check_integrity()
+    usage = allocator.usage()
+    assert usage.state_cached_bytes == allocator.cache_format().slot.unit_bytes
+    assert allocator.cached_unit(key) != allocator.units(1).slot
+    allocator.release_cached(key)
+    allocator.check_integrity()
+    assert allocator.usage().state_cached_bytes == 0
+    keys = []
+    while (key := allocator.cache_checkpoint()) is not None:  # running out is None
+        keys.append(key)
+        allocator.check_integrity()
+    assert keys and allocator.admit(2, 10) is None
+    allocator.release_cached(keys[0])
+    assert allocator.admit(2, 10) is not None
+    allocator.check_integrity()
+
+
+@every_layout
+def test_cache_misuse_raises_and_changes_nothing(layout: str) -> None:
+    allocator = build(layout, budget_mib=8)
+    unit = allocator.kv_unit_tokens
+    allocator.admit(1, unit + 3)
+    page_key = allocator.cache_kv_unit(1, 0)
+    checkpoint = allocator.cache_checkpoint()
+    assert checkpoint is not None
+    before = (snapshot(allocator), allocator.cached_keys())
+    for call in (
+        lambda: allocator.cache_kv_unit(1, 1),  # a partial unit
+        lambda: allocator.cache_kv_unit(1, -1),
+        lambda: allocator.release_cached(99),
+        lambda: allocator.cached_unit(99),
+        lambda: allocator.admit(2, unit, cached=[checkpoint]),
+        lambda: allocator.admit(2, unit - 1, cached=[page_key]),  # more than its tokens
+    ):
+        with pytest.raises(AllocatorError):
+            call()
+    with pytest.raises(UnknownRequestError):
+        allocator.cache_kv_unit(5, 0)
+    allocator.check_integrity()
+    assert (snapshot(allocator), allocator.cached_keys()) == before
+    allocator.release_cached(page_key)
+    with pytest.raises(AllocatorError):
+        allocator.release_cached(page_key)  # released twice
+
+
+def test_a_model_without_state_has_no_checkpoints() -> None:
+    for layout in ("avmp", "static", "unified", "oracle"):
+        allocator = build(layout, geometry=small_hybrid(2, 0))
+        with pytest.raises(AllocatorError, match="no recurrent state"):
+            allocator.cache_checkpoint()
+
+
 # ------------------------------------------------------------- random call sequences
 
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["admit", "grow", "free"]), st.integers(0, 11), st.integers(1, 600)),
+    st.tuples(
+        st.sampled_from(["admit", "grow", "free", "cache", "checkpoint", "release", "adopt"]),
+        st.integers(0, 11),
+        st.integers(1, 600),
+    ),
     max_size=60,
 )
+
+
+def _cache_op(allocator: CacheAllocator, op: str, request_id: int, amount: int,
+              tokens: dict[int, int], keys: dict[int, bool]) -> tuple[bool, object]:  # fmt: skip
+    """The prefix cache's calls of `_replay` (``keys``: held key -> is a checkpoint):
+    whether the op applied, and its result."""
+    unit = allocator.kv_unit_tokens
+    kv_keys = [k for k, is_checkpoint in keys.items() if not is_checkpoint]
+    if op == "cache" and request_id in tokens and unit and tokens[request_id] >= unit:
+        key = allocator.cache_kv_unit(request_id, amount % (tokens[request_id] // unit))
+        keys[key] = False
+        return True, key
+    if op == "checkpoint" and allocator.geometry.recurrent_layers:
+        key = allocator.cache_checkpoint()
+        if key is not None:
+            keys[key] = True
+        return True, key
+    if op == "release" and keys:
+        key = list(keys)[amount % len(keys)]
+        del keys[key]
+        return True, allocator.release_cached(key)
+    adopted = kv_keys[: 1 + amount % 4]
+    if op == "adopt" and request_id not in tokens and adopted:
+        num_tokens = len(adopted) * unit + amount % unit + 1
+        if allocator.fits_alone(num_tokens):
+            result = allocator.admit(request_id, num_tokens, cached=adopted)
+            if result is not None:
+                tokens[request_id] = num_tokens
+            return True, result
+    return False, None
 
 
 def _replay(allocator: CacheAllocator, ops: list[tuple[str, int, int]]) -> list[object]:
     """Drive the allocator, checking invariants and a token model after every call."""
     tokens: dict[int, int] = {}
+    keys: dict[int, bool] = {}
     decisions: list[object] = []
     for op, request_id, amount in ops:
         live = request_id in tokens
-        if op == "admit" and not live and allocator.fits_alone(amount):
-            result: object = allocator.admit(request_id, amount)
+        if op in ("cache", "checkpoint", "release", "adopt"):
+            applied, result = _cache_op(allocator, op, request_id, amount, tokens, keys)
+            if not applied:
+                continue
+        elif op == "admit" and not live and allocator.fits_alone(amount):
+            result = allocator.admit(request_id, amount)
             if result is not None:
                 tokens[request_id] = amount
         elif op == "grow" and live and allocator.fits_alone(tokens[request_id] + amount):
@@ -256,15 +394,18 @@ def _replay(allocator: CacheAllocator, ops: list[tuple[str, int, int]]) -> list[
         allocator.check_integrity()
         assert sorted(allocator.request_ids) == sorted(tokens)
         assert all(allocator.num_tokens(i) == n for i, n in tokens.items())
+        assert allocator.cached_keys() == sorted(keys)
         usage = allocator.usage()
         assert usage.kv_used_bytes <= usage.kv_capacity_bytes
         assert usage.state_used_bytes <= usage.state_capacity_bytes
         assert usage.used_bytes >= usage.needed_bytes
         assert usage.unassigned_bytes >= 0
+        assert usage.kv_cached_bytes <= usage.kv_used_bytes
+        assert usage.state_cached_bytes <= usage.state_used_bytes
     return decisions
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     ops=_OPS,
     layout=st.sampled_from(list(LAYOUTS)),

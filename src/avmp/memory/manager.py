@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Sequence
 from typing import NoReturn
 
 from avmp.memory.address_space import ChunkReserve
 from avmp.memory.backing.base import Backing
+from avmp.memory.cached import CachedUnits
 from avmp.memory.migration import MemoryEvent, Migration, MigrationHistory, RoomPlan, plan_room
 from avmp.memory.pool import Pool
 from avmp.memory.requests import RecentFrees, check_num_tokens, check_request_id
 from avmp.memory.spec import (
+    AllocatorError,
     CacheAllocator,
     CacheSpec,
     DuplicateRequestError,
@@ -34,13 +37,14 @@ class _Request:
     page); they never change. Compaction rewrites the physical indices stored here.
     """
 
-    __slots__ = ("slot", "pages", "num_tokens")
+    __slots__ = ("slot", "pages", "num_tokens", "num_adopted")
 
-    def __init__(self, slot: int, pages: array[int], num_tokens: int) -> None:
+    def __init__(self, slot: int, pages: array[int], num_tokens: int, num_adopted: int) -> None:
         self.slot = slot
         # an array('q') rather than a list: `Pool.release` frees it with one numpy scatter
         self.pages = pages
         self.num_tokens = num_tokens
+        self.num_adopted = num_adopted  # leading pages adopted from the prefix cache
 
 
 class AvmpManager(CacheAllocator):
@@ -105,6 +109,8 @@ class AvmpManager(CacheAllocator):
         self._requests: dict[int, _Request] = {}
         self._freed = RecentFrees()
         self._num_live_tokens = 0
+        self._num_adopted_pages = 0
+        self._cached = CachedUnits()
         self._epoch = 0
         self._slots_per_request = 1 if self.spec.slot_bytes else 0
         self._block_size = config.block_size
@@ -152,7 +158,9 @@ class AvmpManager(CacheAllocator):
 
     # -- the allocator interface ----------------------------------------------------
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+    def admit(
+        self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
+    ) -> RequestUnits | None:
         if type(request_id) is not int:  # the checks are called only on misuse
             check_request_id(request_id)
         if type(num_tokens) is not int or num_tokens <= 0:
@@ -166,13 +174,18 @@ class AvmpManager(CacheAllocator):
         if num_pages > self._max_pages_alone:
             self._raise_too_large(num_tokens)
         num_slots = self._slots_per_request
-        if (num_pages > self._kv.num_free or num_slots > self._state.num_free) and not (
-            self._make_room(num_pages, num_slots)
+        adopted = self._adoptable(cached, num_tokens) if cached else []
+        num_fresh = num_pages - len(adopted)
+        if (num_fresh > self._kv.num_free or num_slots > self._state.num_free) and not (
+            self._make_room(num_fresh, num_slots)
         ):
             return None
-        pages = self._kv.allocate(num_pages) if num_pages else []
+        pages = adopted + (self._kv.allocate(num_fresh) if num_fresh else [])
         slot = self._state.allocate_one() if num_slots else -1
-        self._requests[request_id] = _Request(slot, array("q", pages), num_tokens)
+        if adopted:
+            self._cached.adopt(adopted)
+            self._num_adopted_pages += len(adopted)
+        self._requests[request_id] = _Request(slot, array("q", pages), num_tokens, len(adopted))
         self._freed.discard(request_id)
         self._num_live_tokens += num_tokens
         self.stats.num_admits += 1
@@ -216,7 +229,13 @@ class AvmpManager(CacheAllocator):
         if request is None:
             raise self._freed.not_live(request_id, freeing=True)
         if request.pages:
-            self._kv.release(request.pages)
+            if self._cached.refs:  # pages the prefix cache or another request also holds
+                freed = array("q", self._cached.freed_of(request.pages))
+                self._num_adopted_pages -= request.num_adopted
+                if freed:
+                    self._kv.release(freed)
+            else:
+                self._kv.release(request.pages)
         if request.slot >= 0:
             self._state.release_one(request.slot)
         self._freed.add(request_id)
@@ -228,6 +247,44 @@ class AvmpManager(CacheAllocator):
     def units(self, request_id: int) -> RequestUnits:
         request = self._live(request_id)
         return RequestUnits(request.slot, tuple(request.pages))
+
+    def cache_kv_unit(self, request_id: int, index: int) -> int:
+        request = self._live(request_id)
+        if type(index) is not int or not 0 <= index < request.num_tokens // self._block_size:
+            raise AllocatorError(
+                f"request {request_id} holds no full page {index!r} "
+                f"({request.num_tokens} tokens)"
+            )
+        return self._cached.hold_kv(request.pages[index])
+
+    def cache_checkpoint(self) -> int | None:
+        if not self._slots_per_request:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        if not self._state.num_free and not self._make_room(0, 1):
+            return None
+        return self._cached.hold_slot(self._state.allocate_one())
+
+    def release_cached(self, key: int) -> None:
+        pool, unit, freed = self._cached.release(key)
+        if freed:
+            if pool is PoolKind.KV:
+                self._kv.release(array("q", [unit]))
+            else:
+                self._state.release_one(unit)
+
+    def cached_unit(self, key: int) -> int:
+        return self._cached.lookup(key)[1]
+
+    def cached_keys(self) -> list[int]:
+        return self._cached.keys()
+
+    def _adoptable(self, keys: Sequence[int], num_tokens: int) -> list[int]:
+        """The pages behind ``keys``, checked to be full pages of a ``num_tokens`` prefix."""
+        if len(keys) * self._block_size > num_tokens:
+            raise AllocatorError(
+                f"{len(keys)} cached pages hold more than the request's {num_tokens} tokens"
+            )
+        return self._cached.kv_units(keys)
 
     def num_tokens(self, request_id: int) -> int:
         return self._live(request_id).num_tokens
@@ -254,11 +311,14 @@ class AvmpManager(CacheAllocator):
             state_capacity_bytes=len(self._state.chunks) * chunk_bytes,
             kv_used_bytes=self._kv.num_used * self.spec.page_bytes,
             state_used_bytes=self._state.num_used * self.spec.slot_bytes,
-            kv_needed_bytes=self._num_live_tokens * self.spec.kv_bytes_per_token,
+            kv_needed_bytes=(self._num_live_tokens - self._num_adopted_pages * self._block_size)
+            * self.spec.kv_bytes_per_token,
             state_needed_bytes=len(self._requests) * self._slots_per_request * self.spec.slot_bytes,
             num_requests=len(self._requests),
             num_pages_used=self._kv.num_used,
             num_slots_used=self._state.num_used,
+            kv_cached_bytes=self._cached.num_cache_only(PoolKind.KV) * self.spec.page_bytes,
+            state_cached_bytes=self._cached.num_cache_only(PoolKind.STATE) * self.spec.slot_bytes,
         )
 
     @property
@@ -292,20 +352,23 @@ class AvmpManager(CacheAllocator):
     def check_integrity(self) -> None:
         owned = self._reserve.chunk_ids + self._kv.chunks + self._state.chunks
         assert sorted(owned) == list(range(self.config.num_chunks)), "chunks not conserved"
-        live_pages: list[int] = []
         live_slots: list[int] = [self.padding_slot_id] if self.padding_slot_id >= 0 else []
-        num_tokens = 0
+        live_slots += self._cached.held(PoolKind.STATE)
+        num_tokens = num_adopted = 0
         for request_id, request in self._requests.items():
             assert request_id not in self._freed, f"request {request_id} live and freed"
             expected = ceil_div(request.num_tokens, self._block_size) if self._has_pages else 0
             assert len(request.pages) == expected, f"request {request_id}: page count"
-            live_pages.extend(request.pages)
+            assert request.num_adopted * self._block_size <= request.num_tokens
+            num_adopted += request.num_adopted
             if self._slots_per_request:
                 live_slots.append(request.slot)
             else:
                 assert request.slot == -1, f"request {request_id}: slot without state"
             num_tokens += request.num_tokens
         assert num_tokens == self._num_live_tokens, "live token count"
+        assert num_adopted == self._num_adopted_pages, "adopted page count"
+        live_pages = self._cached.check(r.pages for r in self._requests.values())
         self._kv.check_integrity(live_pages)
         self._state.check_integrity(live_slots)
 
@@ -400,6 +463,8 @@ class AvmpManager(CacheAllocator):
         else:
             for request in self._requests.values():
                 request.slot = destination.get(request.slot, request.slot)
+        if self._cached.units or self._cached.refs:
+            self._cached.remap(kind, destination)
         self._pools[kind].apply_moves(moves)
         self._epoch += 1
         num_bytes = len(moves) * self._pools[kind].unit_bytes

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from avmp.memory.cached import CachedUnits
 from avmp.memory.requests import (
     LiveRequest,
     RequestTable,
     check_num_tokens,
     check_request_id,
 )
-from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
+from avmp.memory.spec import (
+    NO_SLOT,
+    AllocatorError,
+    CacheSpec,
+    MemoryConfig,
+    MemoryUsage,
+    PoolKind,
+    RequestUnits,
+)
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
 
 
-class OracleAllocator(RequestTable[LiveRequest]):
+class _Held(LiveRequest):
+    """A live request of the oracle and how many of its leading pages it adopted from
+    the prefix cache."""
+
+    __slots__ = ("num_adopted",)
+
+    def __init__(self, num_tokens: int, slot: int, pages: list[int], num_adopted: int) -> None:
+        super().__init__(num_tokens, slot, [], pages)
+        self.num_adopted = num_adopted
+
+
+class OracleAllocator(RequestTable[_Held]):
     """Exact bytes with free, instant migration: a request is admitted (or grown) while
     the exact bytes in use (whole slots plus pages of ``config.block_size`` tokens, no
     chunk rounding) fit the budget. No layout can hold more; it is the reference.
@@ -36,6 +58,7 @@ class OracleAllocator(RequestTable[LiveRequest]):
         self._free_slots: list[int] = []
         self._num_page_ids = 0
         self._num_slot_ids = 0
+        self._cached = CachedUnits()
 
     def _pages_for(self, num_tokens: int) -> int:
         return ceil_div(num_tokens, self._tokens_per_page) if self._tokens_per_page else 0
@@ -59,23 +82,37 @@ class OracleAllocator(RequestTable[LiveRequest]):
             pages += range(start, self._num_page_ids)
         return pages
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+    def admit(
+        self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
+    ) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_pages = self._pages_for(num_tokens)
+        adopted: list[int] = []
+        if cached:
+            if len(cached) * self._tokens_per_page > num_tokens or not self._tokens_per_page:
+                raise AllocatorError(
+                    f"{len(cached)} cached pages hold more than the request's {num_tokens} tokens"
+                )
+            adopted = self._cached.kv_units(cached)
+            num_pages -= len(adopted)
         need = self._slot_bytes + num_pages * self._page_bytes
         if self._used_bytes + need > self._budget:
             self.stats.num_oom_events += 1
             return None
         self._used_bytes += need
-        slot = NO_SLOT
-        if self._slot_bytes:
-            if self._free_slots:
-                slot = self._free_slots.pop()
-            else:
-                slot, self._num_slot_ids = self._num_slot_ids, self._num_slot_ids + 1
+        slot = self._take_slot() if self._slot_bytes else NO_SLOT
         pages = self._take_pages(num_pages)
-        self._admitted(request_id, LiveRequest(num_tokens, slot, [], pages))
+        if adopted:
+            self._cached.adopt(adopted)
+            pages = adopted + pages
+        self._admitted(request_id, _Held(num_tokens, slot, pages, len(adopted)))
         return RequestUnits(slot, tuple(pages))
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        slot, self._num_slot_ids = self._num_slot_ids, self._num_slot_ids + 1
+        return slot
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         if type(num_new_tokens) is not int or num_new_tokens <= 0:  # the call only on misuse
@@ -112,8 +149,9 @@ class OracleAllocator(RequestTable[LiveRequest]):
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
-        self._used_bytes -= len(request.pages) * self._page_bytes
-        self._free_pages += request.pages
+        pages = self._cached.freed_of(request.pages) if self._cached.refs else request.pages
+        self._used_bytes -= len(pages) * self._page_bytes
+        self._free_pages += pages
         if request.slot != NO_SLOT:
             self._used_bytes -= self._slot_bytes
             self._free_slots.append(request.slot)
@@ -122,13 +160,51 @@ class OracleAllocator(RequestTable[LiveRequest]):
         request = self._get(request_id)
         return RequestUnits(request.slot, tuple(request.pages))
 
+    def cache_kv_unit(self, request_id: int, index: int) -> int:
+        request = self._get(request_id)
+        full = request.num_tokens // self._tokens_per_page if self._tokens_per_page else 0
+        if type(index) is not int or not 0 <= index < full:
+            raise AllocatorError(
+                f"request {request_id} holds no full page {index!r} ({request.num_tokens} tokens)"
+            )
+        return self._cached.hold_kv(request.pages[index])
+
+    def cache_checkpoint(self) -> int | None:
+        if not self._slot_bytes:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        if self._used_bytes + self._slot_bytes > self._budget:
+            self.stats.num_oom_events += 1
+            return None
+        self._used_bytes += self._slot_bytes
+        return self._cached.hold_slot(self._take_slot())
+
+    def release_cached(self, key: int) -> None:
+        pool, unit, freed = self._cached.release(key)
+        if pool is PoolKind.STATE:
+            self._used_bytes -= self._slot_bytes
+            self._free_slots.append(unit)
+        elif freed:
+            self._used_bytes -= self._page_bytes
+            self._free_pages.append(unit)
+
+    def cached_unit(self, key: int) -> int:
+        return self._cached.lookup(key)[1]
+
+    def cached_keys(self) -> list[int]:
+        return self._cached.keys()
+
     def usage(self) -> MemoryUsage:
         """Capacity follows use exactly: each pool's capacity is what it uses, and the
         free bytes stay unassigned, ready for either pool."""
         num_pages = sum(len(r.pages) for r in self._live.values())
+        if self._cached.refs or self._cached.units:  # shared pages count once
+            num_pages = len(self._cached.check(r.pages for r in self._live.values()))
         num_slots = sum(r.slot != NO_SLOT for r in self._live.values())
-        tokens = sum(r.num_tokens for r in self._live.values())
-        kv_used, state_used = num_pages * self._page_bytes, num_slots * self._slot_bytes
+        num_checkpoints = len(self._cached.held(PoolKind.STATE))
+        per_page = self._tokens_per_page
+        tokens = sum(r.num_tokens - r.num_adopted * per_page for r in self._live.values())
+        kv_used = num_pages * self._page_bytes
+        state_used = (num_slots + num_checkpoints) * self._slot_bytes
         return MemoryUsage(
             budget_bytes=self._budget,
             kv_capacity_bytes=kv_used,
@@ -136,17 +212,20 @@ class OracleAllocator(RequestTable[LiveRequest]):
             kv_used_bytes=kv_used,
             state_used_bytes=state_used,
             kv_needed_bytes=tokens * self.geometry.kv_bytes_per_token,
-            state_needed_bytes=state_used,
+            state_needed_bytes=num_slots * self._slot_bytes,
             num_requests=len(self._live),
             num_pages_used=num_pages,
             num_slots_used=num_slots,
+            kv_cached_bytes=self._cached.num_cache_only(PoolKind.KV) * self._page_bytes,
+            state_cached_bytes=num_checkpoints * self._slot_bytes,
         )
 
     def check_integrity(self) -> None:
-        self._check_requests()
-        pages = [p for r in self._live.values() for p in r.pages]
+        assert not any(r in self._freed for r in self._live), "a live request is marked freed"
+        pages = self._cached.check(r.pages for r in self._live.values())
         _check_stack(self._free_pages, pages, self._num_page_ids)
         slots = [r.slot for r in self._live.values() if r.slot != NO_SLOT]
+        slots += self._cached.held(PoolKind.STATE)
         _check_stack(self._free_slots, slots, self._num_slot_ids)
         used = len(pages) * self._page_bytes + len(slots) * self._slot_bytes
         assert used == self._used_bytes, "byte count drifted"
@@ -154,6 +233,7 @@ class OracleAllocator(RequestTable[LiveRequest]):
         for request in self._live.values():
             want = self._pages_for(request.num_tokens)
             assert len(request.pages) == want, "pages do not match the request's tokens"
+            assert request.num_adopted * self._tokens_per_page <= request.num_tokens
 
 
 def _check_stack(free: list[int], owned: list[int], num_units: int) -> None:

@@ -5,6 +5,7 @@ and the `CacheAllocator` interface that the simulator and the engine program aga
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -156,7 +157,10 @@ class MemoryUsage:
     ``*_capacity_bytes``: bytes backing each pool (the chunks each pool owns for AVMP and
     its static split; for unified, the blocks holding state and the rest; for the
     oracle, what is used). ``*_used_bytes``: bytes of units handed out, padding
-    included. ``*_needed_bytes``: the exact bytes the live requests need.
+    included. ``*_needed_bytes``: the exact bytes the live requests need (a KV unit
+    that a request adopted from the prefix cache counts for its first holder only).
+    ``*_cached_bytes``: units that only the prefix cache holds (KV units no live request
+    holds, checkpoint slots): reclaimable by evicting them, counted in ``*_used_bytes``.
     """
 
     budget_bytes: int
@@ -169,6 +173,8 @@ class MemoryUsage:
     num_requests: int
     num_pages_used: int
     num_slots_used: int
+    kv_cached_bytes: int = 0
+    state_cached_bytes: int = 0
 
     @property
     def used_bytes(self) -> int:
@@ -216,8 +222,14 @@ class CacheAllocator(ABC):
         self.stats = AllocatorStats()
 
     @abstractmethod
-    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+    def admit(
+        self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
+    ) -> RequestUnits | None:
         """Give a new request its state slot and the pages for its first ``num_tokens``.
+
+        ``cached``: keys of KV units the prefix cache holds (`cache_kv_unit`), which
+        become the request's first units, shared read-only; the rest are new. Their
+        tokens count in ``num_tokens``.
 
         Returns:
             Where the request's cache lives, or None if memory is short now.
@@ -226,6 +238,8 @@ class CacheAllocator(ABC):
             ValueError: ``num_tokens`` < 1.
             DuplicateRequestError: the id is live.
             RequestTooLargeError: ``num_tokens`` could not fit even in an empty memory.
+            AllocatorError: a cached key not held, on a checkpoint, or more cached units
+                than ``num_tokens`` fill.
         """
 
     @abstractmethod
@@ -249,6 +263,51 @@ class CacheAllocator(ABC):
             UnknownRequestError: the request is not live (never admitted, or freed:
                 a `DoubleFreeError` when the free was recent).
         """
+
+    # -- the prefix cache's units (`avmp.memory.cached`) -----------------------------
+    # Every layout of `avmp.memory.registry` implements these; the defaults refuse, for
+    # stand-ins (tests, wrappers) that never cache.
+
+    def cache_kv_unit(self, request_id: int, index: int) -> int:
+        """Let the prefix cache hold a live request's ``index``-th KV unit (of
+        `kv_unit_tokens` tokens, which the request must hold in full): one more holder,
+        so the unit outlives the request until the cache releases it.
+
+        Returns:
+            The key, stable across compaction.
+        Raises:
+            UnknownRequestError: the request is not live.
+            AllocatorError: ``index`` is not one of the request's full KV units.
+        """
+        raise AllocatorError(f"the {self.name} allocator keeps no prefix cache")
+
+    def cache_checkpoint(self) -> int | None:
+        """A new state slot that only the prefix cache holds, for a checkpoint (an exact
+        slot in AVMP and static, a padded state run in unified: vLLM's cost).
+
+        Returns:
+            Its key, or None if memory is short now (counted as an OOM event).
+        Raises:
+            AllocatorError: the model has no recurrent state.
+        """
+        raise AllocatorError(f"the {self.name} allocator keeps no prefix cache")
+
+    def release_cached(self, key: int) -> None:
+        """Drop the cache's hold on ``key``; its unit is freed once nobody holds it.
+
+        Raises:
+            AllocatorError: the key is not held.
+        """
+        raise AllocatorError(f"cache key {key} is not held")
+
+    def cached_unit(self, key: int) -> int:
+        """Where a cached unit lives now: a KV unit index (`units` lists kernel pages of
+        it for the unified layout) or a checkpoint's slot."""
+        raise AllocatorError(f"cache key {key} is not held")
+
+    def cached_keys(self) -> list[int]:
+        """Every key the prefix cache holds, oldest first."""
+        return []
 
     @abstractmethod
     def units(self, request_id: int) -> RequestUnits:

@@ -25,8 +25,17 @@ from dataclasses import dataclass
 
 from avmp.memory.backing.base import Backing
 from avmp.memory.backing.unit_format import CacheFormat, UnitFormat
+from avmp.memory.cached import CachedUnits
 from avmp.memory.requests import LiveRequest, RequestTable, check_num_tokens, check_request_id
-from avmp.memory.spec import NO_SLOT, CacheSpec, MemoryConfig, MemoryUsage, RequestUnits
+from avmp.memory.spec import (
+    NO_SLOT,
+    AllocatorError,
+    CacheSpec,
+    MemoryConfig,
+    MemoryUsage,
+    PoolKind,
+    RequestUnits,
+)
 from avmp.models.geometry import ModelGeometry
 from avmp.units import ceil_div
 
@@ -101,15 +110,18 @@ def unified_buffer_bytes(geometry: ModelGeometry, config: MemoryConfig) -> int:
 
 
 def _unified_usage(
-    table: RequestTable[_Placed], num_usable_blocks: int, block_bytes: int
+    table: UnifiedAllocator, num_usable_blocks: int, block_bytes: int
 ) -> MemoryUsage:
     """Usage of a unified pool whose requests list their state blocks and attention
     blocks: the pool is shared, so ``state_capacity_bytes`` counts the blocks holding
-    state now and ``kv_capacity_bytes`` the rest of the pool (free blocks go to either)."""
+    state now (checkpoints' runs included) and ``kv_capacity_bytes`` the rest of the pool
+    (free blocks go to either). A block shared through the prefix cache counts once."""
     live = table._live.values()
-    num_state = sum(len(r.state_blocks) for r in live)
-    num_pages = sum(len(r.pages) for r in live)
-    tokens = sum(r.num_tokens for r in live)
+    cached = table._cached
+    num_checkpoint_blocks = len(cached.held(PoolKind.STATE)) * table._run
+    num_state = sum(len(r.state_blocks) for r in live) + num_checkpoint_blocks
+    num_pages = num_usable_blocks - table._num_free - num_state
+    tokens = sum(r.num_tokens - r.num_adopted * table._tokens_per_block for r in live)
     state_used = num_state * block_bytes
     has_state = bool(table.geometry.recurrent_layers)
     return MemoryUsage(
@@ -123,6 +135,8 @@ def _unified_usage(
         num_requests=len(live),
         num_pages_used=num_pages,
         num_slots_used=len(live) if has_state else 0,
+        kv_cached_bytes=cached.num_cache_only(PoolKind.KV) * block_bytes,
+        state_cached_bytes=num_checkpoint_blocks * block_bytes,
     )
 
 
@@ -143,16 +157,17 @@ class _Placed(LiveRequest):
     ``state_blocks`` that group's blocks, ``pages`` its attention blocks, and
     ``kernel_pages`` theirs (kept, since the engine reads them every step)."""
 
-    __slots__ = ("kernel_pages",)
+    __slots__ = ("kernel_pages", "num_adopted")
 
     def __init__(self, num_tokens: int, group: int, state_blocks: list[int],
-                 blocks: list[int], kernel_pages: list[int]) -> None:  # fmt: skip
+                 blocks: list[int], kernel_pages: list[int], num_adopted: int) -> None:  # fmt: skip
         # the fields set here, not through super().__init__: one call less per admission
         self.num_tokens = num_tokens
         self.slot = group
         self.state_blocks = state_blocks
         self.pages = blocks
         self.kernel_pages = kernel_pages
+        self.num_adopted = num_adopted  # leading blocks adopted from the prefix cache
 
 
 class UnifiedAllocator(RequestTable[_Placed]):
@@ -218,6 +233,7 @@ class UnifiedAllocator(RequestTable[_Placed]):
         start, stop = first_whole * self._run, self.num_groups * self._run
         self._holes[start:stop] = bytes(stop - start)
         self.num_placement_failures = 0
+        self._cached = CachedUnits()
         self.backing = backing
         if backing is not None:  # one buffer of `unified_buffer_bytes`, nothing mapped later
             backing.attach(self.spec, config)
@@ -374,9 +390,19 @@ class UnifiedAllocator(RequestTable[_Placed]):
 
     # -- the allocator interface ----------------------------------------------------
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+    def admit(
+        self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
+    ) -> RequestUnits | None:
         self._check_new(request_id, num_tokens)
         num_blocks = -(-num_tokens // self._tokens_per_block) if self._pages_per_block else 0
+        adopted: list[int] = []
+        if cached:
+            if len(cached) * self._tokens_per_block > num_tokens or not self._pages_per_block:
+                raise AllocatorError(
+                    f"{len(cached)} cached blocks hold more than the request's {num_tokens} tokens"
+                )
+            adopted = self._cached.kv_units(cached)
+            num_blocks -= len(adopted)
         if self._run + num_blocks > self._num_free:
             self.stats.num_oom_events += 1
             return None
@@ -389,7 +415,12 @@ class UnifiedAllocator(RequestTable[_Placed]):
                 return None
             run = self._take_run(group)
         blocks, kernel_pages = self._take_blocks(num_blocks)
-        self._admitted(request_id, _Placed(num_tokens, group, run, blocks, kernel_pages))
+        if adopted:
+            self._cached.adopt(adopted)
+            blocks = adopted + blocks
+            kernel_pages = self._kernel_pages(adopted) + kernel_pages
+        placed = _Placed(num_tokens, group, run, blocks, kernel_pages, len(adopted))
+        self._admitted(request_id, placed)
         return RequestUnits(group, tuple(kernel_pages))
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
@@ -421,9 +452,45 @@ class UnifiedAllocator(RequestTable[_Placed]):
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
-        self._release_blocks(request.pages)
+        if self._cached.refs:  # blocks the prefix cache or another request also holds
+            self._release_blocks(self._cached.freed_of(request.pages))
+        else:
+            self._release_blocks(request.pages)
         if request.slot != NO_SLOT:
             self._release_run(request.slot)
+
+    def cache_kv_unit(self, request_id: int, index: int) -> int:
+        request = self._get(request_id)
+        if type(index) is not int or not 0 <= index < request.num_tokens // self._tokens_per_block:
+            raise AllocatorError(
+                f"request {request_id} holds no full block {index!r} ({request.num_tokens} tokens)"
+            )
+        return self._cached.hold_kv(request.pages[index])
+
+    def cache_checkpoint(self) -> int | None:
+        """A checkpoint is a whole state run here: ``S`` blocks padded to the attention
+        block, as vLLM keeps a cached state in a block of the one pool."""
+        if not self._run:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        group = self._whole.rfind(1)
+        if group < 0:
+            self.stats.num_oom_events += 1
+            return None
+        self._take_run(group)
+        return self._cached.hold_slot(group)
+
+    def release_cached(self, key: int) -> None:
+        pool, unit, freed = self._cached.release(key)
+        if pool is PoolKind.STATE:
+            self._release_run(unit)
+        elif freed:
+            self._release_blocks([unit])
+
+    def cached_unit(self, key: int) -> int:
+        return self._cached.lookup(key)[1]
+
+    def cached_keys(self) -> list[int]:
+        return self._cached.keys()
 
     def _kernel_pages(self, blocks: list[int]) -> list[int]:
         k = self._pages_per_block
@@ -439,14 +506,18 @@ class UnifiedAllocator(RequestTable[_Placed]):
         return _unified_usage(self, self.num_usable_blocks, self._block_bytes)
 
     def check_integrity(self) -> None:
-        self._check_requests()  # no block owned twice, live and freed ids apart
-        owned: list[int] = []
+        assert not any(r in self._freed for r in self._live), "a live request is marked freed"
+        owned = self._cached.check(r.pages for r in self._live.values())
+        for group in self._cached.held(PoolKind.STATE):
+            owned += range(group * self._run, (group + 1) * self._run)
         for request in self._live.values():
             assert len(request.pages) == self._blocks_for(request.num_tokens), "block count"
             assert request.kernel_pages == self._kernel_pages(request.pages), "kernel pages"
+            assert request.num_adopted * self._tokens_per_block <= request.num_tokens
             run = range(request.slot * self._run, (request.slot + 1) * self._run)
             assert request.state_blocks == (list(run) if request.slot != NO_SLOT else [])
-            owned += request.pages + request.state_blocks
+            owned += request.state_blocks
+        assert len(owned) == len(set(owned)), "a block is owned twice"
         assert NULL_BLOCK not in owned or not self.num_blocks, "the null block is handed out"
         assert all(not self._is_free[b] for b in owned), "an owned block is marked free"
         assert self._num_free == sum(self._is_free), "free count drifted"

@@ -180,11 +180,28 @@ class TimedAllocator(CacheAllocator):
         self.stats = inner.stats
         self.elapsed_s = 0.0
 
-    def admit(self, request_id: int, num_tokens: int) -> RequestUnits | None:
+    def admit(
+        self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
+    ) -> RequestUnits | None:
         start = time.perf_counter()
-        blocks = self.inner.admit(request_id, num_tokens)
+        blocks = self.inner.admit(request_id, num_tokens, cached)
         self.elapsed_s += time.perf_counter() - start
         return blocks
+
+    def cache_kv_unit(self, request_id: int, index: int) -> int:
+        return self.inner.cache_kv_unit(request_id, index)
+
+    def cache_checkpoint(self) -> int | None:
+        return self.inner.cache_checkpoint()
+
+    def release_cached(self, key: int) -> None:
+        self.inner.release_cached(key)
+
+    def cached_unit(self, key: int) -> int:
+        return self.inner.cached_unit(key)
+
+    def cached_keys(self) -> list[int]:
+        return self.inner.cached_keys()
 
     def grow(self, request_id: int, num_new_tokens: int) -> list[int] | None:
         start = time.perf_counter()

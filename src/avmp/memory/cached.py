@@ -1,0 +1,138 @@
+"""Units the prefix cache holds: KV units shared read-only between requests and the
+cache, and checkpoint slots that only the cache holds. Every layout keeps one
+`CachedUnits` beside its request table, so that sharing works the same way in each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from avmp.memory.spec import AllocatorError, PoolKind
+
+
+class CachedUnits:
+    """The prefix cache's holdings, by key, and the holder count of every shared KV unit.
+
+    A key is minted per holding and never reused, so it stays valid while the unit
+    behind it moves (compaction rewrites ``units``, never the key). ``refs`` maps a KV
+    unit that the cache holds to its number of holders (live requests whose page list
+    names it, plus cache keys on it); a unit not in ``refs`` has exactly one holder, its
+    request, so a layout without prefix caching pays one empty-dict test per free.
+    A checkpoint slot has one holder, its key, and is never in ``refs``.
+    """
+
+    __slots__ = ("units", "refs", "_next_key")
+
+    def __init__(self) -> None:
+        self.units: dict[int, tuple[PoolKind, int]] = {}
+        self.refs: dict[int, int] = {}
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def _mint(self, pool: PoolKind, unit: int) -> int:
+        key = self._next_key
+        self._next_key += 1
+        self.units[key] = (pool, unit)
+        return key
+
+    def hold_kv(self, unit: int) -> int:
+        """A new key on a KV unit that a live request holds (one more holder)."""
+        self.refs[unit] = self.refs.get(unit, 1) + 1
+        return self._mint(PoolKind.KV, unit)
+
+    def hold_slot(self, slot: int) -> int:
+        """A new key on a checkpoint slot that was just allocated for the cache."""
+        return self._mint(PoolKind.STATE, slot)
+
+    def kv_units(self, keys: Sequence[int]) -> list[int]:
+        """The KV units behind ``keys``, for a request that adopts them.
+
+        Raises:
+            AllocatorError: a key the cache does not hold, or one on a checkpoint.
+        """
+        units = []
+        for key in keys:
+            pool, unit = self.lookup(key)
+            if pool is not PoolKind.KV:
+                raise AllocatorError(f"cache key {key} holds a checkpoint, not a KV unit")
+            units.append(unit)
+        return units
+
+    def adopt(self, units: Iterable[int]) -> None:
+        """One more holder (the adopting request) on each unit."""
+        refs = self.refs
+        for unit in units:
+            refs[unit] += 1
+
+    def lookup(self, key: int) -> tuple[PoolKind, int]:
+        if type(key) is not int:
+            raise TypeError(f"cache key must be an int, got {key!r} ({type(key).__name__})")
+        held = self.units.get(key)
+        if held is None:
+            raise AllocatorError(f"cache key {key} is not held")
+        return held
+
+    def release(self, key: int) -> tuple[PoolKind, int, bool]:
+        """Drop a key: its pool, its unit, and whether that unit is now free."""
+        pool, unit = self.lookup(key)
+        del self.units[key]
+        if pool is PoolKind.STATE:
+            return pool, unit, True
+        return pool, unit, self.drop_holder(unit)
+
+    def drop_holder(self, unit: int) -> bool:
+        """One holder less on a KV unit; returns whether nobody holds it any more."""
+        count = self.refs.get(unit)
+        if count is None:
+            return True
+        if count == 1:
+            del self.refs[unit]
+            return True
+        self.refs[unit] = count - 1
+        return False
+
+    def freed_of(self, units: Iterable[int]) -> list[int]:
+        """Of a freed request's KV units, those that nobody else holds."""
+        return [unit for unit in units if self.drop_holder(unit)]
+
+    def remap(self, pool: PoolKind, destination: dict[int, int]) -> None:
+        """Compaction moved units of ``pool``: point keys and holder counts at the copies."""
+        for key, (held_pool, unit) in self.units.items():
+            if held_pool is pool and unit in destination:
+                self.units[key] = (pool, destination[unit])
+        if pool is PoolKind.KV and self.refs:
+            self.refs = {destination.get(u, u): n for u, n in self.refs.items()}
+
+    def held(self, pool: PoolKind) -> list[int]:
+        """Units of ``pool`` behind the cache's keys (a KV unit once per key)."""
+        return [unit for held_pool, unit in self.units.values() if held_pool is pool]
+
+    def keys(self) -> list[int]:
+        return list(self.units)
+
+    def num_cache_only(self, pool: PoolKind) -> int:
+        """Units of ``pool`` that only the cache holds: what evicting it all would free."""
+        if pool is PoolKind.STATE:
+            return len(self.held(pool))
+        counts: dict[int, int] = {}
+        for unit in self.held(PoolKind.KV):
+            counts[unit] = counts.get(unit, 0) + 1
+        return sum(1 for unit, n in counts.items() if self.refs.get(unit) == n)
+
+    def check(self, request_units: Iterable[Sequence[int]]) -> list[int]:
+        """Assert that the holder counts match the requests' KV units and the keys, and
+        return every KV unit in use once (requests' and cache-only ones)."""
+        holders: dict[int, int] = {}
+        for units in request_units:
+            for unit in units:
+                holders[unit] = holders.get(unit, 0) + 1
+        for unit in self.held(PoolKind.KV):
+            holders[unit] = holders.get(unit, 0) + 1
+        for unit, count in holders.items():
+            assert self.refs.get(unit, 1) == count, f"KV unit {unit}: {count} holders"
+        assert set(self.refs) <= set(holders), "a holder count on a unit nobody holds"
+        slots = self.held(PoolKind.STATE)
+        assert len(slots) == len(set(slots)), "a checkpoint slot held twice"
+        return list(holders)
