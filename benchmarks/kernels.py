@@ -12,6 +12,11 @@ geometries (Granite-4.0-H-Micro and Nemotron-H-8B): the chunked (SSD) scan besid
 sequential varlen scan on the same step, as tokens/s, achieved FLOP/s against the H200's
 bf16 dense peak and bytes/s against its HBM bandwidth.
 
+Mamba1 (Jamba-1.5-Mini's mixer: d_inner 8192, d_state 16; dt_rank 256 lives in the dt
+projection, before the kernels) has a section of its own: the decode update and the
+varlen prefill scan against the reference path (softplus, slot gather, sequential torch
+scan or step, scatter, gate), with tokens/s for prefill.
+
 Baselines: the engine's torch reference kernels (``avmp.kernels.reference``) called the
 way a torch engine step would call them (per request for attention and conv, batched
 for the Mamba2 step with a gather/scatter of the slots), and, for decode attention, a
@@ -42,6 +47,8 @@ from avmp.kernels import reference
 from avmp.kernels.triton import (
     conv1d_update,
     decode_attention,
+    mamba1_state_update,
+    mamba1_varlen_scan,
     mamba2_chunk_scan,
     mamba2_state_update,
     mamba2_varlen_scan,
@@ -73,6 +80,9 @@ SCAN_CASES = ((1, 1024), (4, 1024))  # (batch, tokens)
 PEAK_BF16_TFLOPS = 989.0
 HBM_TBPS = 4.8
 SSD_CASES = ((1, 8192), (2, 4096), (8, 2048), (1, 16384))  # (sequences, tokens each)
+# Jamba-1.5-Mini's Mamba1 mixer (hidden 4096, expand 2): channels and state per channel.
+MAMBA1_D_INNER, MAMBA1_D_STATE = 8192, 16
+MAMBA1_SCAN_CASES = ((1, 2048), (4, 1024), (16, 128))  # (sequences, tokens each)
 
 
 @dataclass(frozen=True)
@@ -374,6 +384,99 @@ def bench_ssd(name: str, geo: ScanGeometry, batch: int, tokens_each: int,
             "hbm_share": gbps / (HBM_TBPS * 1e3), "rel_error": err}
 
 
+def mamba1_inputs(batch: int, rows: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Jamba-1.5-Mini's Mamba1 inputs: fp32 states of ``batch`` requests in slot sets to
+    rotate through (the middle layer's view of three per slot), ``rows`` bf16 tokens."""
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE)
+
+    i, n = MAMBA1_D_INNER, MAMBA1_D_STATE
+    rotations = ROTATIONS if batch * i * n * 4 < (256 << 20) else 2
+    pool = rand(rotations * batch, 3, i, n) * 0.1
+    return {
+        "state": pool[:, 1], "slot_sets": torch.randperm(rotations * batch, device=DEVICE,
+                                                         generator=gen).int().view(-1, batch),
+        "x": rand(rows, i).to(DTYPE), "dt": rand(rows, i).to(DTYPE),
+        "A": -torch.rand(i, n, device=DEVICE, generator=gen) - 0.5,
+        "B": rand(rows, n).to(DTYPE), "C": rand(rows, n).to(DTYPE), "D": rand(i),
+        "dt_bias": rand(i) * 0.5 - 2.0, "z": rand(rows, i).to(DTYPE),
+    }
+
+
+def mamba1_torch_path(m: dict[str, torch.Tensor], slots: torch.Tensor, lens: list[int]
+                      ) -> torch.Tensor:
+    """The reference path of `Ops.mamba1_mix` after the conv: dt's bias and softplus,
+    each sequence's scan from its slot (one batched step when every sequence has one
+    token, with a gather and a scatter of the slots), then the gate."""
+    dt = F.softplus(m["dt"].float() + m["dt_bias"])
+    inputs = (m["x"], dt, m["A"])
+    if all(n == 1 for n in lens):
+        state = m["state"][slots.long()]
+        y = reference.mamba1_step(state, *inputs, m["B"], m["C"], m["D"])
+        m["state"][slots.long()] = state
+    else:
+        parts, start = [], 0
+        for slot, n in zip(slots.tolist(), lens, strict=True):
+            rows = slice(start, start + n)
+            parts.append(reference.mamba1_scan(m["x"][rows], dt[rows], m["A"], m["B"][rows],
+                                               m["C"][rows], m["D"], m["state"][slot]))
+            start += n
+        y = torch.cat(parts)
+    return (y * F.silu(m["z"].float())).to(DTYPE)
+
+
+def bench_mamba1(batch: int, tokens_each: int, gen: torch.Generator) -> Row:
+    """Jamba's Mamba1 core after the conv: the decode update (``tokens_each`` 1) or the
+    varlen prefill scan of ``batch`` sequences, against `mamba1_torch_path`."""
+    tokens = batch * tokens_each
+    m = mamba1_inputs(batch, tokens, gen)
+    sets = itertools.cycle(range(m["slot_sets"].shape[0]))
+    qsl = torch.arange(0, tokens + 1, tokens_each, dtype=torch.int32, device=DEVICE)
+    decode = tokens_each == 1
+    args = (m["x"], m["dt"], m["A"], m["B"], m["C"], m["D"], m["dt_bias"], m["z"])
+
+    def run(i: int | None = None) -> torch.Tensor:
+        slots = m["slot_sets"][next(sets) if i is None else i]
+        if decode:
+            return mamba1_state_update(m["state"], slots, *args)
+        return mamba1_varlen_scan(m["state"], slots, qsl, *args)
+
+    def torch_path(i: int | None = None) -> torch.Tensor:
+        slots = m["slot_sets"][next(sets) if i is None else i]
+        return mamba1_torch_path(m, slots, [tokens_each] * batch)
+
+    saved = m["state"].clone()
+    ref = torch_path(0)
+    m["state"].copy_(saved)
+    err = rel_error(run(0), ref)
+    i, n = MAMBA1_D_INNER, MAMBA1_D_STATE
+    min_bytes = tokens * (4 * i * 2 + 2 * n * 2) + batch * i * n * 4 * 2  # x dt z y, B C; state
+    shape = f"B={batch} T={tokens_each} d_inner={i} d_state={n} fp32 state"
+    baseline = ("reference.mamba1_step + slot gather/scatter" if decode
+                else "reference.mamba1_scan per request")
+    calls = 200 if decode else 20
+    return Row("mamba1_state_update" if decode else "mamba1_varlen_scan", shape,
+               median_ms(run), baseline, median_ms(torch_path), min_bytes, err,
+               wall_us_per_call(run, calls=calls))
+
+
+def mamba1_table(rows: list[dict[str, object]]) -> list[str]:
+    """The Mamba1 section: each kernel beside the reference path, prefill in tokens/s."""
+    lines = ["| Mamba1 kernel | shape | Triton ms | GB/s | tokens/s | baseline | baseline ms "
+             "| speed-up | rel err |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        batch, tokens = (int(p.split("=")[1]) for p in str(r["shape"]).split()[:2])
+        ms = float(r["triton_ms"])  # type: ignore[arg-type]
+        lines.append(
+            f"| {r['kernel']} | {r['shape']} | {ms:.4f} | {r['triton_gbps']:.0f} | "
+            f"{batch * tokens / ms * 1e3:,.0f} | {r['baseline']} | {r['baseline_ms']:.3f} | "
+            f"{float(r['baseline_ms']) / ms:.1f}x | {r['rel_error']:.1e} |"  # type: ignore[arg-type]
+        )
+    return lines
+
+
 def bench_conv(batch: int, gen: torch.Generator) -> Row:
     slots = ROTATIONS * batch
     pool = torch.randn(slots, 3, CONV_CHANNELS, D_CONV - 1, generator=gen, device=DEVICE).to(DTYPE)
@@ -427,11 +530,14 @@ def main() -> None:
     variants = decode_variants(gen)
     scans = [bench_ssd(name, geo, batch, tokens, gen) for name, geo in SCAN_GEOMETRIES.items()
              for batch, tokens in SSD_CASES]
+    mamba1 = [bench_mamba1(batch, 1, gen) for batch in STEP_BATCHES]
+    mamba1 += [bench_mamba1(batch, tokens, gen) for batch, tokens in MAMBA1_SCAN_CASES]
     copy_gbps = copy_bytes_per_s(DEVICE, 1 << 30, median_ms) / 1e9  # HBM ceiling, 1 GiB
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,
               "rows": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in rows],
-              "decode_variants": variants, "scan_throughput": scans}
+              "decode_variants": variants, "scan_throughput": scans,
+              "mamba1": [asdict(r) | {"triton_gbps": r.triton_gbps} for r in mamba1]}
     write_result(args.out, result)
     print_table(result)
 
@@ -454,6 +560,9 @@ def print_table(result: dict[str, object]) -> None:
               f"{v['gbps']:.0f} |")
     print()
     print("\n".join(scan_table(result.get("scan_throughput", []))))  # type: ignore[arg-type]
+    if result.get("mamba1"):
+        print()
+        print("\n".join(mamba1_table(result["mamba1"])))  # type: ignore[arg-type]
 
 
 def scan_table(scans: list[dict[str, object]]) -> list[str]:
@@ -496,6 +605,8 @@ def markdown_table(runs: list[dict[str, object]]) -> str:
         )
     if first.get("scan_throughput"):  # runs saved before the scan section have none
         lines += ["", *scan_table(first["scan_throughput"])]  # type: ignore[arg-type]
+    if first.get("mamba1"):  # runs saved before the Mamba1 section have none
+        lines += ["", *mamba1_table(first["mamba1"])]  # type: ignore[arg-type]
     return "\n".join(lines)
 
 
