@@ -37,6 +37,7 @@ from typing import NamedTuple
 from avmp.memory.host_tier import HostTier
 from avmp.memory.spec import NO_SLOT, CacheAllocator, RequestTooLargeError, RequestUnits
 from avmp.sched.admission import GrowthEstimate
+from avmp.sched.prefix import PrefixCache, PrefixCacheConfig, build_prefix_cache
 from avmp.sched.request import RequestSpec
 from avmp.sched.swap import (
     Admission,
@@ -60,6 +61,8 @@ class SchedulerConfig:
         admission: when a waiting request may start (`Admission`).
         host_tier_bytes: bytes of the host tier that swapped-out requests go to.
         costs: the rates the ``auto`` preemption rule compares (needed for ``auto``).
+        prefix_cache: how cached prefixes are kept and reused (`avmp.sched.prefix`);
+            None: no prefix caching.
     """
 
     max_num_seqs: int = 256
@@ -68,6 +71,7 @@ class SchedulerConfig:
     admission: Admission = Admission.GREEDY
     host_tier_bytes: int = 0
     costs: PreemptionCosts | None = None
+    prefix_cache: PrefixCacheConfig | None = None
 
     def __post_init__(self) -> None:
         # names given as plain strings (from a CLI or a file) become members here
@@ -259,6 +263,9 @@ class Scheduler:
             self._slot_unit_bytes = cache_format.slot.unit_bytes
         self._pending_rejections: list[Rejection] = []
         self._outstanding: StepPlan | None = None
+        self.prefix: PrefixCache | None = None
+        if config.prefix_cache is not None:
+            self.prefix = build_prefix_cache(allocator, config.prefix_cache)
 
     # ---- requests in --------------------------------------------------------------------
 
@@ -333,6 +340,8 @@ class Scheduler:
         while index < len(running) and budget.tokens > 0:
             request = running[index]
             num_new = min(request.num_tokens - request.num_computed, budget.tokens)
+            if self.prefix is not None:  # a prefill chunk ends where a checkpoint is due
+                num_new = self.prefix.chunk_limit(request.request_id, request.num_computed, num_new)
             grown = self._try_grow(request, num_new, budget)
             if grown is None:
                 continue  # dropped
@@ -393,7 +402,10 @@ class Scheduler:
         """Grow ``request`` by ``num_new`` tokens: True if it grew, False if memory is
         short, None if it can never fit (it was dropped from `running`, with a reason)."""
         try:
-            return self.allocator.grow(request.request_id, num_new) is not None
+            grown = self.allocator.grow(request.request_id, num_new) is not None
+            while not grown and self.prefix is not None and self.prefix.reclaim():
+                grown = self.allocator.grow(request.request_id, num_new) is not None
+            return grown
         except RequestTooLargeError as error:
             self._drop_running(request, budget, f"cannot grow: {error}")
             return None
@@ -405,8 +417,17 @@ class Scheduler:
             request = self.waiting[0]
             if not self.growth.admits(self.allocator, self.running, request):
                 return
+            cached = self._match_prefix(request)
             num_new = min(request.num_tokens - request.num_computed, budget.tokens)
-            admitted = self._admit(request, num_new, budget)
+            if self.prefix is not None:
+                num_new = self.prefix.chunk_limit(request.request_id, request.num_computed, num_new)
+            admitted = self._admit(request, num_new, budget, cached)
+            if cached is not None and admitted:
+                self._count_prefix_hit(request)
+            elif cached is not None:
+                assert self.prefix is not None
+                self.prefix.not_admitted(request.request_id)
+                request.num_computed = 0
             if admitted is None:
                 continue  # rejected and dropped from the queue: try the next one
             if not admitted:
@@ -416,15 +437,43 @@ class Scheduler:
             self.running.append(request)
             self._add_chunk(request, num_new, budget, is_new=True)
 
-    def _admit(self, request: SchedRequest, num_new: int, budget: _Budget) -> bool | None:
-        """Ask for the request's slot and first chunk's pages.
+    def _match_prefix(self, request: SchedRequest) -> list[int] | None:
+        """Match a request that starts from scratch against the prefix cache: it starts
+        after its hit. Returns the cached page keys it adopts (None: no prefix cache, or
+        a swapped-out request that resumes its own copy)."""
+        if self.prefix is None or request.num_computed:
+            return None
+        spec = request.spec
+        hit_tokens, keys = self.prefix.match(
+            request.request_id, request.prompt_tokens, spec.content(), spec.total_tokens
+        )
+        request.num_computed = hit_tokens
+        request.num_computed_peak = max(request.num_computed_peak, hit_tokens)
+        return keys
+
+    def _count_prefix_hit(self, request: SchedRequest) -> None:
+        if request.num_preemptions == 0 and self.prefix is not None:  # first admission only
+            self.prefix.admitted(request.request_id, request.prompt_tokens,
+                                 request.num_computed, request.spec.content())  # fmt: skip
+
+    def _admit(
+        self, request: SchedRequest, num_new: int, budget: _Budget, cached: list[int] | None = None
+    ) -> bool | None:
+        """Ask for the request's slot and first chunk's pages (after the cached pages it
+        adopts, if any); evict cached units before giving up.
 
         Returns:
             True if admitted, False if memory is short now, None if the request was
             rejected: one that does not fit while no other request holds memory never will.
         """
+        num_tokens = request.num_computed + num_new
         try:
-            blocks = self.allocator.admit(request.request_id, request.num_computed + num_new)
+            if cached:
+                blocks = self.allocator.admit(request.request_id, num_tokens, cached)
+            else:
+                blocks = self.allocator.admit(request.request_id, num_tokens)
+            while blocks is None and self.prefix is not None and self.prefix.reclaim():
+                blocks = self.allocator.admit(request.request_id, num_tokens, cached or ())
         except RequestTooLargeError as error:
             blocks = None
             reason = f"cannot be admitted: {error}"
@@ -464,6 +513,8 @@ class Scheduler:
         """Free all of ``victim``'s memory, after copying it to the host tier when the
         policy swaps it, and put it at the front of the queue."""
         self.running.remove(victim)  # the last element, or close to it
+        if self.prefix is not None:
+            self.prefix.forget(victim.request_id)
         if not self._swap_out(victim, budget):
             victim.num_computed = 0
         self.allocator.free(victim.request_id)
@@ -514,6 +565,8 @@ class Scheduler:
 
     def _drop_running(self, request: SchedRequest, budget: _Budget, reason: str) -> None:
         self.running.remove(request)
+        if self.prefix is not None:
+            self.prefix.forget(request.request_id)
         self.allocator.free(request.request_id)
         budget.rejected.append(self._reject(request, reason))
 
@@ -553,6 +606,8 @@ class Scheduler:
             request.num_computed = computed
             if computed > request.num_computed_peak:
                 request.num_computed_peak = computed
+            if self.prefix is not None:  # before a finished request's memory goes
+                self.prefix.computed(request.request_id, computed)
             if computed < request.num_tokens:
                 continue  # a prefill chunk that did not reach the end: nothing sampled
             request.num_output += 1
@@ -605,6 +660,8 @@ class Scheduler:
             return
         done = set(finished)
         for request_id in finished:
+            if self.prefix is not None:
+                self.prefix.forget(request_id)
             self.allocator.free(request_id)
             request = self.requests[request_id]
             request.status = RequestStatus.FINISHED
@@ -640,6 +697,8 @@ class Scheduler:
                 assert request.num_computed == 0, f"{request.request_id}: waiting with a cache"
         waiting_ids = {r.request_id for r in self.waiting}
         assert set(self.host_tier.request_ids) <= waiting_ids, "the host tier holds others"
+        if self.prefix is not None:
+            self.prefix.check_integrity()
         self.host_tier.check_integrity()
         queued = len(self.running) + len(self.waiting)
         assert len(set(running_ids) | {r.request_id for r in self.waiting}) == queued

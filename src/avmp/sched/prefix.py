@@ -1,0 +1,616 @@
+"""Prefix caching for hybrid models: one radix tree over KV pages with state checkpoints
+at chosen nodes, where to take checkpoints, and what to evict.
+
+A node is one KV unit of the allocator (`CacheAllocator.kv_unit_tokens` tokens: a 16-token
+page for AVMP, vLLM's block for the unified layout) and is keyed by that unit's content.
+A recurrent layer resumes only from a checkpoint taken exactly at a node's end, so a hit
+is the deepest matched node that has a checkpoint (any matched node for a model without
+recurrent state). The allocator owns the units (`avmp.memory.cached`); the tree holds
+their keys, and a lock count per node, so that nothing a live request uses is evicted.
+
+Placement policies (`CHECKPOINT_POLICIES`), all on this one tree and budget:
+
+- ``avmp`` (Marconi, arXiv 2411.19379): at the end of each prompt and of each output, and
+  at the branch point where a request's prompt leaves the tree's pages (taken during
+  that request's prefill: the scheduler ends a chunk there).
+- ``vllm-align``: vLLM v1's ``mamba_cache_mode="align"``: a state only at positions that
+  are multiples of vLLM's hybrid attention block and end a step (the prompt's aligned
+  end, whole blocks reached in decode).
+- ``sglang``: SGLang's hybrid radix cache: every ``max(64, page)`` tokens of a prompt and
+  every 256 tokens of decode.
+
+Eviction (`EVICTION_POLICIES`): ``flops`` scores a candidate as Marconi does, recency plus
+the FLOPs a hit on it saves per byte it holds (both scaled to [0, 1] over the
+candidates); ``lru`` by recency alone. A candidate is a leaf edge (a leaf and its chain
+of single-child ancestors without checkpoint) or a checkpoint of an inner node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from avmp.memory.spec import CacheAllocator
+from avmp.models.geometry import ModelGeometry
+
+PREFIX_CACHE_CHOICES = ("off", "avmp", "vllm-align", "sglang")
+CHECKPOINT_POLICIES = PREFIX_CACHE_CHOICES[1:]
+EVICTION_POLICIES = ("flops", "lru")
+SGLANG_PREFILL_INTERVAL_TOKENS = 64  # SGLang checkpoints every max(64, page) prompt tokens
+SGLANG_DECODE_INTERVAL_TOKENS = 256  # ... and every 256 decoded tokens
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """How the prefix cache places checkpoints and evicts.
+
+    Attributes:
+        policy: one of `CHECKPOINT_POLICIES`.
+        eviction: one of `EVICTION_POLICIES`.
+        align_tokens: ``vllm-align`` only: vLLM's hybrid attention block in tokens
+            (`avmp.memory.unified.VllmBlockGeometry`), a multiple of the tree's unit.
+        flops_weight: Marconi's alpha: the weight of FLOPs per byte against recency.
+    """
+
+    policy: str = "avmp"
+    eviction: str = "flops"
+    align_tokens: int = 0
+    flops_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in CHECKPOINT_POLICIES:
+            raise ValueError(
+                f"unknown prefix cache policy {self.policy!r}; known: "
+                f"{', '.join(CHECKPOINT_POLICIES)}"
+            )
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(
+                f"unknown eviction {self.eviction!r}; known: {', '.join(EVICTION_POLICIES)}"
+            )
+        if self.policy == "vllm-align" and self.align_tokens <= 0:
+            raise ValueError("the vllm-align policy needs vLLM's block size (align_tokens)")
+        if self.flops_weight < 0:
+            raise ValueError(f"flops_weight must be >= 0, got {self.flops_weight}")
+
+
+def prefill_flops(geometry: ModelGeometry, num_tokens: int) -> float:
+    """FLOPs of prefilling ``num_tokens`` tokens from nothing: the active weights once per
+    token and causal attention's pairs (what a hit of that length saves)."""
+    pairs = num_tokens * (num_tokens + 1) / 2
+    attention = 4 * geometry.hidden_size * geometry.num_attention_layers * pairs
+    return 2.0 * geometry.num_active_params * num_tokens + attention
+
+
+class PrefixNode:
+    """One KV unit of cached content: its key in the allocator, the checkpoint taken at
+    its end (if any), and how many live requests use it or a descendant (``num_locks``).
+    ``depth`` counts units from the root (the root is depth 0 and holds nothing)."""
+
+    __slots__ = ("content", "parent", "children", "depth", "page_key", "checkpoint_key",
+                 "last_use", "num_locks")  # fmt: skip
+
+    def __init__(self, content: Hashable, parent: PrefixNode | None, depth: int) -> None:
+        self.content = content
+        self.parent = parent
+        self.children: dict[Hashable, PrefixNode] = {}
+        self.depth = depth
+        self.page_key: int | None = None  # None for the root, or a model without attention
+        self.checkpoint_key: int | None = None
+        self.last_use = 0
+        self.num_locks = 0
+
+    def path(self) -> list[PrefixNode]:
+        """The nodes from the root's child down to this one."""
+        nodes: list[PrefixNode] = []
+        node: PrefixNode | None = self
+        while node is not None and node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """What the tree holds of a prompt: ``node`` is the deepest usable hit (the root for
+    none) and ``num_matched`` the units whose pages the tree holds along the prompt
+    (``>= node.depth``); a request that goes on past them leaves the tree there."""
+
+    node: PrefixNode
+    num_matched: int
+
+    @property
+    def num_hit_units(self) -> int:
+        return self.node.depth
+
+
+class PrefixTree:
+    """The radix tree of cached prefixes over one allocator (see the module doc).
+
+    Args:
+        allocator: owns every cached unit; the tree holds keys to them.
+        unit_tokens: tokens per node (the allocator's KV unit, or ``block_size`` for a
+            model without attention).
+        has_state: whether a hit needs a checkpoint (a model with recurrent layers).
+        flops_of: FLOPs of prefilling that many tokens (`prefill_flops`).
+        unit_bytes: bytes of one node's page, and of one checkpoint.
+    """
+
+    def __init__(
+        self,
+        allocator: CacheAllocator,
+        config: PrefixCacheConfig,
+        unit_tokens: int,
+        has_state: bool,
+        flops_of: Callable[[int], float],
+        page_bytes: int,
+        checkpoint_bytes: int,
+    ) -> None:
+        self.allocator = allocator
+        self.config = config
+        self.unit_tokens = unit_tokens
+        self.has_state = has_state
+        self.has_pages = allocator.kv_unit_tokens > 0
+        self.flops_of = flops_of
+        self.page_bytes = page_bytes
+        self.checkpoint_bytes = checkpoint_bytes
+        self.root = PrefixNode(None, None, 0)
+        self.pinned: dict[int, int] = {}  # id(node) -> hits whose copy is still to come
+        self.clock = 0
+        self.num_nodes = 0
+        self.num_checkpoints = 0
+        self.num_evicted_pages = 0
+        self.num_evicted_checkpoints = 0
+
+    # ---- matching -----------------------------------------------------------------------
+
+    def match(self, contents: Sequence[Hashable]) -> PrefixMatch:
+        """The deepest hit along ``contents`` (one entry per whole unit the request may
+        take from the cache), and how far the tree's pages follow it."""
+        node, hit = self.root, self.root
+        for content in contents:
+            child = node.children.get(content)
+            if child is None:
+                break
+            node = child
+            if child.checkpoint_key is not None or not self.has_state:
+                hit = child
+        return PrefixMatch(hit, node.depth)
+
+    def touch(self, node: PrefixNode) -> None:
+        """Mark ``node`` and its ancestors used now."""
+        self.clock += 1
+        for step in node.path():
+            step.last_use = self.clock
+
+    def lock(self, node: PrefixNode) -> None:
+        """A live request uses ``node``'s path: nothing on it may be evicted."""
+        for step in node.path():
+            step.num_locks += 1
+
+    def unlock(self, node: PrefixNode) -> None:
+        for step in node.path():
+            assert step.num_locks > 0, "unlocked more often than locked"
+            step.num_locks -= 1
+
+    def page_keys(self, node: PrefixNode) -> list[int]:
+        """The allocator's keys of the pages from the root down to ``node``."""
+        if not self.has_pages:
+            return []
+        return [step.page_key for step in node.path() if step.page_key is not None]
+
+    # ---- inserting ----------------------------------------------------------------------
+
+    def insert(self, request_id: int, contents: Sequence[Hashable], locked: PrefixNode,
+               ) -> PrefixNode:  # fmt: skip
+        """Add the path of a live request's first ``len(contents)`` whole units, holding
+        the request's own pages where the tree has none, and move the request's lock
+        from ``locked`` (a node on this path) to the path's end.
+
+        Returns:
+            The path's last node (locked for the request).
+        """
+        node = self.root
+        for index, content in enumerate(contents):
+            child = node.children.get(content)
+            if child is None:
+                child = PrefixNode(content, node, node.depth + 1)
+                if self.has_pages:
+                    child.page_key = self.allocator.cache_kv_unit(request_id, index)
+                node.children[content] = child
+                self.num_nodes += 1
+            node = child
+        self.lock(node)
+        self.unlock(locked)
+        self.touch(node)
+        return node
+
+    def attach_checkpoint(self, node: PrefixNode, key: int) -> bool:
+        """Give ``node`` the checkpoint ``key``; returns False (and the caller releases
+        the key) when it already has one."""
+        if node.checkpoint_key is not None:
+            return False
+        node.checkpoint_key = key
+        self.num_checkpoints += 1
+        return True
+
+    # ---- eviction -----------------------------------------------------------------------
+
+    def evict_one(self) -> bool:
+        """Evict the least valuable unlocked candidate; False when nothing can go."""
+        candidates = self._candidates()
+        if not candidates:
+            return False
+        victim, whole_edge = min(candidates, key=self._scorer(candidates))
+        if whole_edge:
+            self._evict_edge(victim)
+        else:
+            self._drop_checkpoint(victim)
+        return True
+
+    def pin(self, node: PrefixNode) -> None:
+        """Keep ``node``'s checkpoint until a hit has copied it (`unpin`)."""
+        self.pinned[id(node)] = self.pinned.get(id(node), 0) + 1
+
+    def unpin(self, node: PrefixNode) -> None:
+        count = self.pinned.pop(id(node))
+        if count > 1:
+            self.pinned[id(node)] = count - 1
+
+    def _candidates(self) -> list[tuple[PrefixNode, bool]]:
+        """Unlocked leaves (as whole edges), and checkpoints of every other node but the
+        pinned: a live request holds its path's pages, not the checkpoints on it, which
+        only the cache holds."""
+        found: list[tuple[PrefixNode, bool]] = []
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.num_locks:
+                if node.checkpoint_key is not None and id(node) not in self.pinned:
+                    found.append((node, False))
+                stack.extend(node.children.values())  # a locked node's subtree may be free
+                continue
+            if not node.children:
+                found.append((node, True))
+                continue
+            if node.checkpoint_key is not None:
+                found.append((node, False))
+            stack.extend(node.children.values())
+        return found
+
+    def _edge(self, leaf: PrefixNode) -> list[PrefixNode]:
+        """``leaf`` and its single-child, checkpoint-free, unlocked ancestors."""
+        nodes = [leaf]
+        parent = leaf.parent
+        while (parent is not None and parent.parent is not None and len(parent.children) == 1
+               and parent.checkpoint_key is None and not parent.num_locks):  # fmt: skip
+            nodes.append(parent)
+            parent = parent.parent
+        return nodes
+
+    def _value_per_byte(self, node: PrefixNode, whole_edge: bool) -> float:
+        """FLOPs a hit on this candidate saves per byte that evicting it frees."""
+        tokens = node.depth * self.unit_tokens
+        if not whole_edge:
+            return self.flops_of(tokens) / max(1, self.checkpoint_bytes)
+        edge = self._edge(node)
+        num_bytes = len(edge) * self.page_bytes
+        if node.checkpoint_key is not None:
+            num_bytes += self.checkpoint_bytes
+        if self.has_state and node.checkpoint_key is None:
+            return 0.0  # pages without a checkpoint below them resume nothing
+        start = (node.depth - len(edge)) * self.unit_tokens
+        saved = self.flops_of(tokens)
+        if not self.has_state:  # the edge's own pages save only their tokens
+            saved -= self.flops_of(start)
+        return saved / max(1, num_bytes)
+
+    def _scorer(self, candidates: list[tuple[PrefixNode, bool]]
+                ) -> Callable[[tuple[PrefixNode, bool]], tuple[float, int]]:  # fmt: skip
+        """Lowest first: recency alone (``lru``), or Marconi's recency plus weighted FLOPs
+        per byte, each scaled to [0, 1] over the candidates; ties go to the older."""
+        if self.config.eviction == "lru":
+            return lambda c: (float(c[0].last_use), c[0].depth)
+        uses = [c[0].last_use for c in candidates]
+        values = {id(c[0]): self._value_per_byte(*c) for c in candidates}
+        low_use, span_use = min(uses), max(1, max(uses) - min(uses))
+        low_value = min(values.values())
+        span_value = max(values.values()) - low_value or 1.0
+        weight = self.config.flops_weight
+
+        def score(c: tuple[PrefixNode, bool]) -> tuple[float, int]:
+            recency = (c[0].last_use - low_use) / span_use
+            return recency + weight * (values[id(c[0])] - low_value) / span_value, c[0].last_use
+
+        return score
+
+    def _evict_edge(self, leaf: PrefixNode) -> None:
+        for node in self._edge(leaf):
+            if node.checkpoint_key is not None:
+                self._drop_checkpoint(node)
+            if node.page_key is not None:
+                self.allocator.release_cached(node.page_key)
+                self.num_evicted_pages += 1
+            assert node.parent is not None
+            del node.parent.children[node.content]
+            self.num_nodes -= 1
+
+    def _drop_checkpoint(self, node: PrefixNode) -> None:
+        assert node.checkpoint_key is not None
+        self.allocator.release_cached(node.checkpoint_key)
+        node.checkpoint_key = None
+        self.num_checkpoints -= 1
+        self.num_evicted_checkpoints += 1
+
+    # ---- invariants ---------------------------------------------------------------------
+
+    def check_integrity(self, num_live_locks: int | None = None) -> None:
+        """Raise AssertionError unless the tree and the allocator's keys agree.
+
+        Args:
+            num_live_locks: the paths live requests hold below the root, if known: the
+                root's children's locks must add up to it.
+        """
+        keys: list[int] = []
+        checkpoints = nodes = 0
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            child_locks = 0
+            for content, child in node.children.items():
+                assert child.content == content and child.parent is node, "tree links"
+                assert child.depth == node.depth + 1, "depth"
+                assert (child.page_key is not None) == self.has_pages, "a node without its page"
+                child_locks += child.num_locks
+                stack.append(child)
+            if node is not self.root:
+                nodes += 1
+                assert node.num_locks >= child_locks, "a child locked more than its parent"
+                keys += [k for k in (node.page_key, node.checkpoint_key) if k is not None]
+                checkpoints += node.checkpoint_key is not None
+            elif num_live_locks is not None:
+                assert child_locks == num_live_locks, "locks do not match the live requests"
+        assert sorted(keys) == self.allocator.cached_keys(), "tree keys vs the allocator's"
+        assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
+
+
+def unit_contents(segments: Sequence[tuple[Hashable, int]], num_units: int, unit_tokens: int,
+                  ) -> list[Hashable]:  # fmt: skip
+    """What each of the first ``num_units`` whole units of a token stream holds: the
+    pieces ``(content id, offset, tokens)`` that make it up, so that two streams agree on
+    a unit exactly when they agree on its tokens."""
+    contents: list[Hashable] = []
+    pieces: list[tuple[Hashable, int, int]] = []
+    room = unit_tokens
+    for content_id, length in segments:
+        offset = 0
+        while offset < length and len(contents) < num_units:
+            take = min(room, length - offset)
+            pieces.append((content_id, offset, take))
+            offset += take
+            room -= take
+            if not room:
+                contents.append(tuple(pieces))
+                pieces, room = [], unit_tokens
+        if len(contents) >= num_units:
+            break
+    return contents
+
+
+class _Tracked:
+    """A live request's place in the prefix cache: its stream's unit contents, the node
+    it holds locked, and the token positions at which it still takes a checkpoint."""
+
+    __slots__ = ("contents", "node", "targets", "pinned")
+
+    def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int]) -> None:
+        self.contents = contents
+        self.node = node
+        self.targets = targets
+        self.pinned: PrefixNode | None = None  # the hit, until its checkpoint is copied
+
+
+@dataclass
+class PrefixStats:
+    """What the prefix cache did: tokens taken from it, the ideal (every token of a prompt
+    that an earlier request's prompt or output already held, in whole units), and the
+    checkpoints it took and held."""
+
+    num_hit_tokens: int = 0
+    num_ideal_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_hits: int = 0
+    num_checkpoints_taken: int = 0
+    num_checkpoints_refused: int = 0
+    peak_checkpoint_bytes: int = 0
+    peak_cached_pages: int = 0
+
+    @property
+    def hit_rate_vs_ideal(self) -> float:
+        return self.num_hit_tokens / self.num_ideal_tokens if self.num_ideal_tokens else 1.0
+
+
+class PrefixCache:
+    """The scheduler's side of prefix caching: matching a request at admission, where
+    its prefill must stop for a checkpoint, taking checkpoints, and evicting when memory
+    is short. One `PrefixTree` holds what is cached.
+    """
+
+    def __init__(self, tree: PrefixTree) -> None:
+        self.tree = tree
+        self.stats = PrefixStats()
+        self._tracked: dict[int, _Tracked] = {}
+        self._ideal: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # a trie of contents
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def match(self, request_id: int, prompt_tokens: int, content: list[tuple[Hashable, int]],
+              total_tokens: int) -> tuple[int, list[int]]:  # fmt: skip
+        """Match a request being admitted from scratch; it holds its hit locked.
+
+        Returns:
+            The tokens it takes from the cache, and the cached page keys to adopt.
+        """
+        tree, unit = self.tree, self.tree.unit_tokens
+        contents = unit_contents(content, total_tokens // unit, unit)
+        reusable = contents[: (prompt_tokens - 1) // unit]  # the last prompt token is computed
+        found = tree.match(reusable)
+        hit = found.node
+        tree.lock(hit)
+        if hit.depth:
+            tree.touch(hit)
+        targets = self._targets(prompt_tokens, total_tokens, found)
+        tracked = self._tracked[request_id] = _Tracked(contents, hit, targets)
+        if hit.depth and tree.has_state:
+            tree.pin(hit)
+            tracked.pinned = hit
+        return hit.depth * unit, tree.page_keys(hit)
+
+    def admitted(self, request_id: int, prompt_tokens: int, hit_tokens: int,
+                 content: list[tuple[Hashable, int]]) -> None:  # fmt: skip
+        """Count a first admission's hit against the ideal."""
+        unit = self.tree.unit_tokens
+        stats = self.stats
+        stats.num_prompt_tokens += prompt_tokens
+        stats.num_hit_tokens += hit_tokens
+        stats.num_hits += hit_tokens > 0
+        contents = self._tracked[request_id].contents
+        ideal = self._ideal_match(contents[: (prompt_tokens - 1) // unit])
+        stats.num_ideal_tokens += max(ideal * unit, hit_tokens)
+        self._ideal_insert(contents[: prompt_tokens // unit])
+
+    def not_admitted(self, request_id: int) -> None:
+        """The admission failed: let go of the hit."""
+        self.forget(request_id)
+
+    def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch) -> list[int]:
+        """Token positions where this request takes a checkpoint (or, without state,
+        inserts its path), past its hit, by the policy."""
+        unit = self.tree.unit_tokens
+        last = total_tokens - 1  # the last output token is never fed back
+        policy = self.tree.config.policy
+        targets: set[int] = set()
+        if policy == "avmp":
+            targets = {prompt_tokens // unit * unit, last // unit * unit}
+            if found.num_matched > found.node.depth:  # the prompt leaves the tree here
+                targets.add(found.num_matched * unit)
+        elif policy == "vllm-align":
+            align = self.tree.config.align_tokens
+            targets = {prompt_tokens // align * align}
+            targets.update(range((prompt_tokens // align + 1) * align, last + 1, align))
+        else:
+            step = max(SGLANG_PREFILL_INTERVAL_TOKENS, unit) // unit * unit
+            targets = set(range(step, prompt_tokens + 1, step))
+            decode = -(-SGLANG_DECODE_INTERVAL_TOKENS // unit) * unit
+            targets.update(range((prompt_tokens // decode + 1) * decode, last + 1, decode))
+        hit = found.node.depth * unit
+        return sorted(t for t in targets if hit < t <= last and t % unit == 0)
+
+    # ---- during the request's life ------------------------------------------------------
+
+    def chunk_limit(self, request_id: int, start: int, num_new: int) -> int:
+        """``num_new`` cut so that the chunk ends at the next checkpoint position."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return num_new
+        for target in tracked.targets:
+            if target > start:
+                return min(num_new, target - start)
+        return num_new
+
+    def computed(self, request_id: int, num_computed: int) -> None:
+        """The request's cache now holds ``num_computed`` tokens: take the checkpoint due
+        there, if any (its state is exactly at that position now)."""
+        tracked = self._tracked.get(request_id)
+        if tracked is not None and tracked.pinned is not None:  # the step copied it
+            self.tree.unpin(tracked.pinned)
+            tracked.pinned = None
+        if tracked is None or not tracked.targets or tracked.targets[0] > num_computed:
+            return
+        while tracked.targets and tracked.targets[0] < num_computed:
+            tracked.targets.pop(0)  # passed without stopping (a preempted swap resumed)
+        if not tracked.targets or tracked.targets[0] != num_computed:
+            return
+        tracked.targets.pop(0)
+        self._take(request_id, tracked, num_computed // self.tree.unit_tokens)
+
+    def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
+        tree = self.tree
+        node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
+        tracked.node = node
+        self._ideal_insert(tracked.contents[:num_units])
+        if tree.has_state and node.checkpoint_key is None:
+            key = self._new_checkpoint()
+            if key is None:
+                self.stats.num_checkpoints_refused += 1
+            else:
+                tree.attach_checkpoint(node, key)
+                self.stats.num_checkpoints_taken += 1
+        held = tree.num_checkpoints * tree.checkpoint_bytes
+        self.stats.peak_checkpoint_bytes = max(self.stats.peak_checkpoint_bytes, held)
+        self.stats.peak_cached_pages = max(self.stats.peak_cached_pages, tree.num_nodes)
+
+    def _new_checkpoint(self) -> int | None:
+        """A checkpoint slot, evicting less valuable cached units if memory is short."""
+        allocator = self.tree.allocator
+        key = allocator.cache_checkpoint()
+        while key is None and self.tree.evict_one():
+            key = allocator.cache_checkpoint()
+        return key
+
+    def forget(self, request_id: int) -> None:
+        """The request left memory (finished, preempted, dropped): unlock its path."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None:
+            self.tree.unlock(tracked.node)
+            if tracked.pinned is not None:
+                self.tree.unpin(tracked.pinned)
+
+    def reclaim(self) -> bool:
+        """Evict one cached unit for an allocation that failed; False when none is left."""
+        return self.tree.evict_one()
+
+    def check_integrity(self) -> None:
+        held = sum(1 for tracked in self._tracked.values() if tracked.node.depth)
+        self.tree.check_integrity(num_live_locks=held)
+
+    # ---- the ideal: an unbounded trie of every unit seen -------------------------------
+
+    def _ideal_match(self, contents: list[Hashable]) -> int:
+        level = self._ideal
+        for depth, content in enumerate(contents):
+            if content not in level:
+                return depth
+            level = level[content]
+        return len(contents)
+
+    def _ideal_insert(self, contents: list[Hashable]) -> None:
+        level = self._ideal
+        for content in contents:
+            level = level.setdefault(content, {})
+
+
+def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig) -> PrefixCache:
+    """The prefix cache over ``allocator``, sized from its model and layout.
+
+    Raises:
+        ValueError: the budget cannot hold one checkpoint beside one request's slot.
+    """
+    geometry = allocator.geometry
+    unit = allocator.kv_unit_tokens or allocator.config.block_size
+    has_state = bool(geometry.recurrent_layers)
+    cache_format = allocator.cache_format()
+    page_bytes = cache_format.page.unit_bytes * (unit // allocator.config.block_size)
+    checkpoint_bytes = cache_format.slot.unit_bytes if has_state else 0
+    if has_state and not allocator.could_hold(2, 0):
+        raise ValueError(
+            f"prefix caching needs room for a checkpoint beside a request's state: "
+            f"{geometry.name}'s slot of {checkpoint_bytes} bytes fits fewer than twice in "
+            f"{allocator.config.budget_bytes} bytes"
+        )
+    if config.policy == "vllm-align" and config.align_tokens % unit:
+        raise ValueError(f"align_tokens {config.align_tokens} is not whole {unit}-token units")
+    tree = PrefixTree(
+        allocator, config, unit, has_state,
+        lambda n: prefill_flops(geometry, n), page_bytes, checkpoint_bytes,
+    )  # fmt: skip
+    return PrefixCache(tree)
