@@ -14,8 +14,9 @@ bf16 dense peak and bytes/s against its HBM bandwidth.
 
 Mamba1 (Jamba-1.5-Mini's mixer: d_inner 8192, d_state 16; dt_rank 256 lives in the dt
 projection, before the kernels) has a section of its own: the decode update and the
-varlen prefill scan against the reference path (softplus, slot gather, sequential torch
-scan or step, scatter, gate), with tokens/s for prefill.
+varlen prefill scan (in its default token blocks, and one token after another) against
+the reference path (softplus, slot gather, sequential torch scan or step, scatter,
+gate), with tokens/s for prefill.
 
 Baselines: the engine's torch reference kernels (``avmp.kernels.reference``) called the
 way a torch engine step would call them (per request for attention and conv, batched
@@ -54,6 +55,7 @@ from avmp.kernels.triton import (
     mamba2_varlen_scan,
     prefill_attention,
 )
+from avmp.kernels.triton.mamba1 import scan_block_t
 from avmp.kernels.triton.mamba2_chunk_scan import chunk_layout
 from benchmarks.common import (
     copy_bytes_per_s,
@@ -426,9 +428,11 @@ def mamba1_torch_path(m: dict[str, torch.Tensor], slots: torch.Tensor, lens: lis
     return (y * F.silu(m["z"].float())).to(DTYPE)
 
 
-def bench_mamba1(batch: int, tokens_each: int, gen: torch.Generator) -> Row:
+def bench_mamba1(batch: int, tokens_each: int, gen: torch.Generator,
+                 block_t: int | None = None) -> Row:
     """Jamba's Mamba1 core after the conv: the decode update (``tokens_each`` 1) or the
-    varlen prefill scan of ``batch`` sequences, against `mamba1_torch_path`."""
+    varlen prefill scan of ``batch`` sequences in blocks of ``block_t`` tokens (None:
+    the kernel's default), against `mamba1_torch_path`."""
     tokens = batch * tokens_each
     m = mamba1_inputs(batch, tokens, gen)
     sets = itertools.cycle(range(m["slot_sets"].shape[0]))
@@ -440,7 +444,7 @@ def bench_mamba1(batch: int, tokens_each: int, gen: torch.Generator) -> Row:
         slots = m["slot_sets"][next(sets) if i is None else i]
         if decode:
             return mamba1_state_update(m["state"], slots, *args)
-        return mamba1_varlen_scan(m["state"], slots, qsl, *args)
+        return mamba1_varlen_scan(m["state"], slots, qsl, *args, block_t=block_t)
 
     def torch_path(i: int | None = None) -> torch.Tensor:
         slots = m["slot_sets"][next(sets) if i is None else i]
@@ -453,6 +457,8 @@ def bench_mamba1(batch: int, tokens_each: int, gen: torch.Generator) -> Row:
     i, n = MAMBA1_D_INNER, MAMBA1_D_STATE
     min_bytes = tokens * (4 * i * 2 + 2 * n * 2) + batch * i * n * 4 * 2  # x dt z y, B C; state
     shape = f"B={batch} T={tokens_each} d_inner={i} d_state={n} fp32 state"
+    if not decode:
+        shape += f" block_t={block_t or scan_block_t(n)}"
     baseline = ("reference.mamba1_step + slot gather/scatter" if decode
                 else "reference.mamba1_scan per request")
     calls = 200 if decode else 20
@@ -531,7 +537,8 @@ def main() -> None:
     scans = [bench_ssd(name, geo, batch, tokens, gen) for name, geo in SCAN_GEOMETRIES.items()
              for batch, tokens in SSD_CASES]
     mamba1 = [bench_mamba1(batch, 1, gen) for batch in STEP_BATCHES]
-    mamba1 += [bench_mamba1(batch, tokens, gen) for batch, tokens in MAMBA1_SCAN_CASES]
+    mamba1 += [bench_mamba1(batch, tokens, gen, block_t)
+               for batch, tokens in MAMBA1_SCAN_CASES for block_t in (None, 1)]
     copy_gbps = copy_bytes_per_s(DEVICE, 1 << 30, median_ms) / 1e9  # HBM ceiling, 1 GiB
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": str(DTYPE), "copy_gbps": copy_gbps,

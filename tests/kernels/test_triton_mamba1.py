@@ -72,7 +72,7 @@ def offsets(lens: list[int]) -> torch.Tensor:
 
 def scan(
     case: dict[str, torch.Tensor], slots: list[int], lens: list[int], fresh: list[bool] | None,
-    rows: slice | None = None, out: torch.Tensor | None = None,
+    rows: slice | None = None, out: torch.Tensor | None = None, block_t: int | None = None,
 ) -> torch.Tensor:
     """`mamba1_varlen_scan` of the case's tokens ``rows`` (all by default)."""
     rows = rows or slice(0, case["x"].shape[0])
@@ -82,6 +82,7 @@ def scan(
         case["state"], torch.tensor(slots, dtype=torch.int32, device=DEVICE), offsets(lens),
         per_token["x"], per_token["dt"], case["A"], per_token["B"], per_token["C"],
         case["D"], case["dt_bias"], per_token["z"], has_initial_state=flags, out=out,
+        block_t=block_t,
     )
 
 
@@ -108,6 +109,19 @@ def test_varlen_scan_matches_reference(
     assert_close("final state", case["state"][slots], h_ref, state_dtype)
     kept = [s for s in range(NUM_SLOTS) if s not in slots]
     assert torch.equal(case["state"][kept], before[kept])
+
+
+@pytest.mark.parametrize("block_t", [1, 4, None])
+def test_token_blocks_match_reference(block_t: int | None) -> None:
+    """One token after another, blocks of 4 and the default block (16 for d_state 16):
+    sequences shorter than a block, of exactly one block, and over several blocks with
+    a partial last one."""
+    lens, slots, fresh = [37, 3, 16, 1], [1, 5, 0, 3], [True, False, False, False]
+    case = make_case(8, sum(lens), 24, 16, torch.float32, torch.float32)
+    y_ref, h_ref = reference(case, slots, lens, fresh)
+    out = scan(case, slots, lens, fresh, block_t=block_t)
+    assert_close("y", out, y_ref, torch.float32)
+    assert_close("final state", case["state"][slots], h_ref, torch.float32)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
@@ -236,6 +250,9 @@ def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="query_start_loc"):
         mamba1_varlen_scan(case["state"], slots, offsets([4]), case["x"], case["dt"],
                            case["A"], case["B"], case["C"])
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        mamba1_varlen_scan(case["state"], slots[:1], offsets([4]), case["x"], case["dt"],
+                           case["A"], case["B"], case["C"], block_t=3)
     with pytest.raises(ValueError, match="A must have shape"):
         mamba1_state_update(case["state"], torch.arange(4, device=DEVICE), case["x"],
                             case["dt"], case["A"].t(), case["B"], case["C"])

@@ -4,12 +4,19 @@ the one-token decode update and the varlen prefill scan over a step's sequences.
 A Mamba1 state is ``[d_inner, d_state]`` per request, every channel with its own dt and
 its own row of A, while B and C are shared by all channels of a token. Each program owns
 one (request, block of ``BLOCK_D`` channels), keeps its ``[BLOCK_D, d_state]`` tile of the
-state in registers and walks the request's tokens in order: one read of the slot at the
-start (zeros for a fresh request), one write at the end, per token only that token's x,
-dt, z, B and C. Per token and channel, in fp32:
+state in registers and walks the request's tokens in blocks of ``BLOCK_T``: one read of
+the slot at the start (zeros for a fresh request), one write at the end, and per block
+that block's x, dt, z, B and C, loaded at once. Per token and channel, in fp32:
 
     dt = softplus(dt + dt_bias)                      (bias, softplus optional)
     h  = exp(dt * A) * h + dt * x * B ;  y = h · C + D * x ;  y *= silu(z)
+
+Every token is an affine map of the state, ``h -> decay h + inject``; within a block an
+associative scan composes each token's map with those before it (in parallel over the
+block's tokens, as mamba_ssm's CUDA ``selective_scan`` does within a thread block), so
+the state after every token of the block comes from the block's start state in one
+step, and only blocks follow one another. Decode takes one token per row (``BLOCK_T``
+1, no scan).
 
 which is `avmp.kernels.reference.mamba1_scan` / `mamba1_step` followed by the mixer's
 gate, and transformers' Jamba ``mamba_selective_scan`` with ``delta_softplus``: dt is
@@ -36,10 +43,25 @@ from avmp.kernels.triton._common import (
     strides,
 )
 
-# Channels per program. Prefill walks tokens one after another, so the parallelism is
-# requests x channel blocks: a small block keeps a single long prompt on many SMs.
-SCAN_BLOCK_D = 32
+# Channels per program. Decode takes one token per row; prefill scans blocks of tokens,
+# its [tokens, channels, d_state] tiles kept near TILE elements (registers), with small
+# channel blocks so that a single long prompt still spreads over many SMs.
 DECODE_BLOCK_D = 64
+SCAN_BLOCK_D = 16
+SCAN_BLOCK_T = 16
+TILE = 4096
+
+
+def scan_block_t(d_state: int) -> int:
+    """Tokens per block of the prefill scan: up to `SCAN_BLOCK_T`, fewer for a large
+    ``d_state`` so the tile stays near `TILE` elements."""
+    return max(1, min(SCAN_BLOCK_T, TILE // (SCAN_BLOCK_D * next_power_of_2(d_state))))
+
+
+@triton.jit
+def _compose(decay_1, inject_1, decay_2, inject_2):
+    """Two affine state maps ``h -> decay h + inject``, the first applied first."""
+    return decay_1 * decay_2, decay_2 * inject_1 + inject_2
 
 
 @triton.jit
@@ -56,7 +78,8 @@ def _mamba1_scan_kernel(
     stride_zt, stride_zd,
     stride_ot, stride_od,
     D_INNER: tl.constexpr, D_STATE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr,
     HAS_INIT_FLAGS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
 ):
@@ -90,29 +113,41 @@ def _mamba1_scan_kernel(
         dt_bias = tl.load(dt_bias_ptr + offs_d * stride_dtbias, mask=mask_d,
                           other=0.0).to(tl.float32)
 
-    for t in range(start, end):
-        x = tl.load(x_ptr + t * stride_xt + offs_d * stride_xd, mask=mask_d,
-                    other=0.0).to(tl.float32)  # [D]
-        dt = tl.load(dt_ptr + t * stride_dtt + offs_d * stride_dtd, mask=mask_d,
-                     other=0.0).to(tl.float32)  # [D]
+    offs_t = tl.arange(0, BLOCK_T)
+    for t0 in range(start, end, BLOCK_T):
+        rows = t0 + offs_t  # [T]
+        mask_t = rows < end
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                    mask=mask_td, other=0.0).to(tl.float32)  # [T, D]
+        dt = tl.load(dt_ptr + rows[:, None] * stride_dtt + offs_d[None, :] * stride_dtd,
+                     mask=mask_td, other=0.0).to(tl.float32)  # [T, D]
         if HAS_DT_BIAS:
-            dt += dt_bias
+            dt += dt_bias[None, :]
         if DT_SOFTPLUS:  # torch's softplus: the identity above its threshold
             dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
-        bvec = tl.load(b_ptr + t * stride_bt + offs_n * stride_bn, mask=mask_n,
-                       other=0.0).to(tl.float32)  # [N]
-        cvec = tl.load(c_ptr + t * stride_ct + offs_n * stride_cn, mask=mask_n,
-                       other=0.0).to(tl.float32)  # [N]
-        h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bvec[None, :]
-        y = tl.sum(h * cvec[None, :], axis=1)  # [D]
+        dt = tl.where(mask_td, dt, 0.0)  # rows past the sequence: decay 1, input 0
+        bmat = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n[None, :] * stride_bn,
+                       mask=mask_tn, other=0.0).to(tl.float32)  # [T, N]
+        cmat = tl.load(c_ptr + rows[:, None] * stride_ct + offs_n[None, :] * stride_cn,
+                       mask=mask_tn, other=0.0).to(tl.float32)  # [T, N]
+        decay = tl.exp(dt[:, :, None] * a[None, :, :])  # [T, D, N]
+        inject = (dt * x)[:, :, None] * bmat[:, None, :]  # [T, D, N]
+        if BLOCK_T > 1:  # each row composed with every row before it in the block
+            decay, inject = tl.associative_scan((decay, inject), 0, _compose)
+        states = decay * h[None, :, :] + inject  # [T, D, N]: the state after each row
+        y = tl.sum(states * cmat[:, None, :], axis=2)  # [T, D]
         if HAS_D:
-            y += x * d_skip
+            y += x * d_skip[None, :]
         if HAS_Z:
-            z = tl.load(z_ptr + t * stride_zt + offs_d * stride_zd, mask=mask_d,
-                        other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows[:, None] * stride_zt + offs_d[None, :] * stride_zd,
+                        mask=mask_td, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + t * stride_ot + offs_d * stride_od,
-                 y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 y.to(out_ptr.dtype.element_ty), mask=mask_td)
+        # the last row holds the state after the block (padded rows leave it unchanged)
+        h = tl.sum(tl.where((offs_t == BLOCK_T - 1)[:, None, None], states, 0.0), axis=0)
 
     # Replicated elements: every thread must have read the old state before a store.
     tl.debug_barrier()
@@ -149,7 +184,7 @@ def _launch(
     state: torch.Tensor, slot_idx: torch.Tensor, query_start_loc: torch.Tensor | None,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     optional: dict[str, torch.Tensor | None], dt_softplus: bool, out: torch.Tensor,
-    block_d: int,
+    block_t: int, block_d: int,
 ) -> None:
     D, dt_bias, z = optional["D"], optional["dt_bias"], optional["z"]
     init = optional.get("has_initial_state")
@@ -165,7 +200,8 @@ def _launch(
         *state.stride(), slot_idx.stride(0), *strides(init, 1), *x.stride(), *dt.stride(),
         *A.stride(), *B.stride(), *C.stride(), *strides(D, 1), *strides(dt_bias, 1),
         *strides(z, 2), *out.stride(),
-        D_INNER=d_inner, D_STATE=d_state, BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state),
+        D_INNER=d_inner, D_STATE=d_state, BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_N=next_power_of_2(d_state),
         DECODE=query_start_loc is None, HAS_INIT_FLAGS=init is not None, HAS_D=D is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_Z=z is not None, DT_SOFTPLUS=dt_softplus,
     )
@@ -212,7 +248,7 @@ def mamba1_state_update(
         out = torch.empty_like(x)
     check_shape("out", out, tuple(x.shape))
     if x.shape[0]:
-        _launch(state, slot_idx, None, x, dt, A, B, C, optional, dt_softplus, out,
+        _launch(state, slot_idx, None, x, dt, A, B, C, optional, dt_softplus, out, 1,
                 DECODE_BLOCK_D)
     return out
 
@@ -232,6 +268,7 @@ def mamba1_varlen_scan(
     has_initial_state: torch.Tensor | None = None,
     dt_softplus: bool = True,
     out: torch.Tensor | None = None,
+    block_t: int | None = None,
 ) -> torch.Tensor:
     """Scan each request's new tokens through its Mamba1 state, in place in its slot.
 
@@ -252,6 +289,8 @@ def mamba1_varlen_scan(
             ignores whatever the slot holds (a fresh request). None: every slot is read.
         dt_softplus: apply softplus to ``dt (+ dt_bias)``.
         out: optional ``[T, d_inner]`` output, written in place.
+        block_t: tokens per block (a power of two; 1: one token after another); None
+            picks `scan_block_t`.
 
     Returns:
         ``out``, or a new tensor in x's dtype.
@@ -265,6 +304,9 @@ def mamba1_varlen_scan(
         out = torch.empty_like(x)
     check_shape("out", out, tuple(x.shape))
     if slot_idx.shape[0]:
+        block_t = scan_block_t(A.shape[1]) if block_t is None else block_t
+        if block_t < 1 or block_t & (block_t - 1):
+            raise ValueError(f"block_t must be a power of two, got {block_t}")
         _launch(state, slot_idx, query_start_loc, x, dt, A, B, C, optional, dt_softplus, out,
-                SCAN_BLOCK_D)
+                block_t, SCAN_BLOCK_D if block_t > 1 else DECODE_BLOCK_D)
     return out
