@@ -398,14 +398,18 @@ def unit_contents(segments: Sequence[tuple[Hashable, int]], num_units: int, unit
 
 class _Tracked:
     """A live request's place in the prefix cache: its stream's unit contents, the node
-    it holds locked, and the token positions at which it still takes a checkpoint."""
+    it holds locked, the token positions at which it still takes a checkpoint (lowest
+    first), and those of them where a step must end (``cuts``; the others are read from
+    the prefill kernel's chunk states as it passes them, as SGLang does)."""
 
-    __slots__ = ("contents", "node", "targets", "pinned")
+    __slots__ = ("contents", "node", "targets", "cuts", "pinned")
 
-    def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int]) -> None:
+    def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int],
+                 cuts: set[int]) -> None:  # fmt: skip
         self.contents = contents
         self.node = node
         self.targets = targets
+        self.cuts = cuts
         self.pinned: PrefixNode | None = None  # the hit, until its checkpoint is copied
 
 
@@ -426,6 +430,7 @@ class PrefixStats:
 
     @property
     def hit_rate_vs_ideal(self) -> float:
+        """Tokens hit over the ideal's (1.0 when nothing was reusable)."""
         return self.num_hit_tokens / self.num_ideal_tokens if self.num_ideal_tokens else 1.0
 
 
@@ -458,86 +463,101 @@ class PrefixCache:
         tree.lock(hit)
         if hit.depth:
             tree.touch(hit)
-        targets = self._targets(prompt_tokens, total_tokens, found)
-        tracked = self._tracked[request_id] = _Tracked(contents, hit, targets)
+        targets, cuts = self._targets(prompt_tokens, total_tokens, found)
+        tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
         if hit.depth and tree.has_state:
             tree.pin(hit)
             tracked.pinned = hit
         return hit.depth * unit, tree.page_keys(hit)
 
-    def admitted(self, request_id: int, prompt_tokens: int, hit_tokens: int,
-                 content: list[tuple[Hashable, int]]) -> None:  # fmt: skip
-        """Count a first admission's hit against the ideal."""
-        unit = self.tree.unit_tokens
+    def admitted(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count a first admission's hit (the ideal was counted at its arrival)."""
         stats = self.stats
         stats.num_prompt_tokens += prompt_tokens
         stats.num_hit_tokens += hit_tokens
         stats.num_hits += hit_tokens > 0
-        contents = self._tracked[request_id].contents
-        ideal = self._ideal_match(contents[: (prompt_tokens - 1) // unit])
-        stats.num_ideal_tokens += max(ideal * unit, hit_tokens)
-        self._ideal_insert(contents[: prompt_tokens // unit])
+
+    def arrived(self, prompt_tokens: int, content: list[tuple[Hashable, int]],
+                total_tokens: int) -> None:  # fmt: skip
+        """Count what an arriving request could reuse at best: the whole units of its
+        prompt (all but the last token) that any request arrived before it holds in its
+        prompt or output, as an unbounded cache with a checkpoint at every unit would;
+        then add its stream. A function of the trace alone, the same for every policy."""
+        unit = self.tree.unit_tokens
+        contents = unit_contents(content, (total_tokens - 1) // unit, unit)
+        reusable = self._ideal_match(contents[: (prompt_tokens - 1) // unit])
+        self.stats.num_ideal_tokens += reusable * unit
+        self._ideal_insert(contents)
 
     def not_admitted(self, request_id: int) -> None:
         """The admission failed: let go of the hit."""
         self.forget(request_id)
 
-    def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch) -> list[int]:
-        """Token positions where this request takes a checkpoint (or, without state,
-        inserts its path), past its hit, by the policy."""
+    def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch
+                 ) -> tuple[list[int], set[int]]:  # fmt: skip
+        """Token positions past the hit where this request takes a checkpoint (or,
+        without state, inserts its path), by the policy, and those where a step ends.
+
+        ``avmp`` takes the output's end (the next turn's prompt holds this whole stream)
+        and the branch point; not the prompt's own end, which would cost every request
+        a step before its first token while the output's end serves the next turn.
+        ``vllm-align`` ends its prefill steps at aligned positions (align mode);
+        ``sglang``'s prompt checkpoints come from the chunked scan, without a cut."""
         unit = self.tree.unit_tokens
         last = total_tokens - 1  # the last output token is never fed back
         policy = self.tree.config.policy
-        targets: set[int] = set()
         if policy == "avmp":
-            targets = {prompt_tokens // unit * unit, last // unit * unit}
+            targets = {last // unit * unit}
             if found.num_matched > found.node.depth:  # the prompt leaves the tree here
                 targets.add(found.num_matched * unit)
+            cuts = set(targets)
         elif policy == "vllm-align":
             align = self.tree.config.align_tokens
             targets = {prompt_tokens // align * align}
             targets.update(range((prompt_tokens // align + 1) * align, last + 1, align))
+            cuts = set(targets)
         else:
             step = max(SGLANG_PREFILL_INTERVAL_TOKENS, unit) // unit * unit
             targets = set(range(step, prompt_tokens + 1, step))
             decode = -(-SGLANG_DECODE_INTERVAL_TOKENS // unit) * unit
             targets.update(range((prompt_tokens // decode + 1) * decode, last + 1, decode))
+            cuts = set()
         hit = found.node.depth * unit
-        return sorted(t for t in targets if hit < t <= last and t % unit == 0)
+        kept = sorted(t for t in targets if hit < t <= last and t % unit == 0)
+        return kept, (cuts & set(kept)) if self.tree.has_state else set()
 
     # ---- during the request's life ------------------------------------------------------
 
     def chunk_limit(self, request_id: int, start: int, num_new: int) -> int:
         """``num_new`` cut so that the chunk ends at the next checkpoint position."""
         tracked = self._tracked.get(request_id)
-        if tracked is None:
+        if tracked is None or not tracked.cuts:
             return num_new
         for target in tracked.targets:
-            if target > start:
+            if target > start and target in tracked.cuts:
                 return min(num_new, target - start)
         return num_new
 
     def computed(self, request_id: int, num_computed: int) -> None:
-        """The request's cache now holds ``num_computed`` tokens: take the checkpoint due
-        there, if any (its state is exactly at that position now)."""
+        """The request's cache now holds ``num_computed`` tokens: take the checkpoints
+        due up to there (a cut one only exactly there: a swapped-out request resumed
+        past it has no state at it)."""
         tracked = self._tracked.get(request_id)
         if tracked is not None and tracked.pinned is not None:  # the step copied it
             self.tree.unpin(tracked.pinned)
             tracked.pinned = None
-        if tracked is None or not tracked.targets or tracked.targets[0] > num_computed:
+        if tracked is None:
             return
-        while tracked.targets and tracked.targets[0] < num_computed:
-            tracked.targets.pop(0)  # passed without stopping (a preempted swap resumed)
-        if not tracked.targets or tracked.targets[0] != num_computed:
-            return
-        tracked.targets.pop(0)
-        self._take(request_id, tracked, num_computed // self.tree.unit_tokens)
+        targets = tracked.targets
+        while targets and targets[0] <= num_computed:
+            target = targets.pop(0)
+            if target == num_computed or target not in tracked.cuts:
+                self._take(request_id, tracked, target // self.tree.unit_tokens)
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
         tree = self.tree
         node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
         tracked.node = node
-        self._ideal_insert(tracked.contents[:num_units])
         if tree.has_state and node.checkpoint_key is None:
             key = self._new_checkpoint()
             if key is None:

@@ -289,6 +289,8 @@ class Scheduler:
             )
             self._pending_rejections.append(rejection)
             return rejection
+        if self.prefix is not None:
+            self.prefix.arrived(spec.prompt_tokens, spec.content(), spec.total_tokens)
         self.waiting.append(request)
         return None
 
@@ -453,8 +455,7 @@ class Scheduler:
 
     def _count_prefix_hit(self, request: SchedRequest) -> None:
         if request.num_preemptions == 0 and self.prefix is not None:  # first admission only
-            self.prefix.admitted(request.request_id, request.prompt_tokens,
-                                 request.num_computed, request.spec.content())  # fmt: skip
+            self.prefix.admitted(request.prompt_tokens, request.num_computed)
 
     def _admit(
         self, request: SchedRequest, num_new: int, budget: _Budget, cached: list[int] | None = None

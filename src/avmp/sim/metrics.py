@@ -49,6 +49,8 @@ class SimResult:
 
     ``completed_requests`` holds `REQUEST_COLUMNS` of every completed request, from
     which goodput and throughput over the requests every layout completed are computed.
+    ``prefix``: what prefix caching did (`avmp.sim.simulator.prefix_report`), empty
+    when it was off.
     """
 
     allocator: str
@@ -78,10 +80,15 @@ class SimResult:
     num_swapped_in: int = 0
     num_swap_bytes: int = 0
     policy: dict[str, Any] = field(default_factory=dict)
+    prefix: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-able (NaN where a percentile had no values)."""
-        return dataclasses.asdict(self)
+        """Every field, JSON-able (NaN where a percentile had no values); ``prefix`` only
+        when prefix caching was on, so that results without it read as before."""
+        fields = dataclasses.asdict(self)
+        if not fields["prefix"]:
+            del fields["prefix"]
+        return fields
 
     def deterministic_dict(self) -> dict[str, Any]:
         """`to_dict()` without the machine-dependent ``measured_*`` fields."""

@@ -12,13 +12,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, CacheAllocator, MemoryUsage, RequestUnits
+from avmp.memory.unified import VllmBlockGeometry
 from avmp.models.geometry import ModelGeometry
+from avmp.sched.prefix import (
+    EVICTION_POLICIES,
+    PREFIX_CACHE_CHOICES,
+    PrefixCache,
+    PrefixCacheConfig,
+)
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.swap import (
@@ -73,6 +80,9 @@ class SimConfig:
         admission: ``greedy``, ``reserve`` or ``sglang`` (`avmp.sched.swap.Admission`).
         host_tier_bytes: the host tier swapped-out requests go to; None: twice the cache
             budget (SGLang HiCache's default ``--hicache-ratio 2``); 0: none (recompute).
+        prefix_cache: one of `avmp.sched.prefix.PREFIX_CACHE_CHOICES`: ``off``, or the
+            checkpoint placement policy of the prefix cache.
+        prefix_eviction: one of `avmp.sched.prefix.EVICTION_POLICIES`.
     """
 
     profile: str = "h100"
@@ -88,9 +98,21 @@ class SimConfig:
     preemption: str = PreemptionMode.AUTO.value
     admission: str = Admission.RESERVE.value
     host_tier_bytes: int | None = None
+    prefix_cache: str = "off"
+    prefix_eviction: str = "flops"
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
+        if self.prefix_cache not in PREFIX_CACHE_CHOICES:
+            raise ValueError(
+                f"unknown prefix cache {self.prefix_cache!r}; known: "
+                f"{', '.join(PREFIX_CACHE_CHOICES)}"
+            )
+        if self.prefix_eviction not in EVICTION_POLICIES:
+            raise ValueError(
+                f"unknown prefix eviction {self.prefix_eviction!r}; known: "
+                f"{', '.join(EVICTION_POLICIES)}"
+            )
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.timeline_samples < 0:
@@ -125,6 +147,17 @@ class SimConfig:
             host_tier_bytes=host_tier,
             costs=costs,
         )
+
+    def prefix_cache_config(self, geometry: ModelGeometry, block_size: int
+                            ) -> PrefixCacheConfig | None:  # fmt: skip
+        """The prefix cache's policy (None when off); ``vllm-align`` takes vLLM's hybrid
+        attention block of this model from the unified layout."""
+        if self.prefix_cache == "off":
+            return None
+        align = 0
+        if self.prefix_cache == "vllm-align":
+            align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
+        return PrefixCacheConfig(self.prefix_cache, self.prefix_eviction, align)
 
     def preemption_costs(self, model: StepTimeModel) -> PreemptionCosts | None:
         """The rates the ``auto`` rule compares (None for the other policies): the time
@@ -184,7 +217,10 @@ class TimedAllocator(CacheAllocator):
         self, request_id: int, num_tokens: int, cached: Sequence[int] = ()
     ) -> RequestUnits | None:
         start = time.perf_counter()
-        blocks = self.inner.admit(request_id, num_tokens, cached)
+        if cached:
+            blocks = self.inner.admit(request_id, num_tokens, cached)
+        else:  # stand-ins without a prefix cache take two arguments
+            blocks = self.inner.admit(request_id, num_tokens)
         self.elapsed_s += time.perf_counter() - start
         return blocks
 
@@ -262,6 +298,30 @@ def _read_counters(allocator: CacheAllocator) -> tuple[int, int, int, int, int, 
     )
 
 
+def prefix_report(prefix: PrefixCache | None) -> dict[str, Any]:
+    """What the prefix cache did in a run (empty without one): tokens hit and the ideal
+    (every reusable token reused), their ratio, checkpoints taken, refused, held at the
+    peak (and their bytes), evictions."""
+    if prefix is None:
+        return {}
+    stats, tree = prefix.stats, prefix.tree
+    return {
+        "policy": tree.config.policy,
+        "eviction": tree.config.eviction,
+        "num_hit_tokens": stats.num_hit_tokens,
+        "num_ideal_tokens": stats.num_ideal_tokens,
+        "num_prompt_tokens": stats.num_prompt_tokens,
+        "hit_rate_vs_ideal": stats.hit_rate_vs_ideal,
+        "num_hits": stats.num_hits,
+        "num_checkpoints_taken": stats.num_checkpoints_taken,
+        "num_checkpoints_refused": stats.num_checkpoints_refused,
+        "peak_checkpoint_bytes": stats.peak_checkpoint_bytes,
+        "num_evicted_pages": tree.num_evicted_pages,
+        "num_evicted_checkpoints": tree.num_evicted_checkpoints,
+        "unit_tokens": tree.unit_tokens,
+    }
+
+
 def simulate(
     requests: Sequence[RequestSpec],
     allocator: CacheAllocator,
@@ -311,12 +371,13 @@ class _Simulation:
         self.allocator = allocator
         self.timed = TimedAllocator(allocator)
         self.model = config.time_model(geometry)
-        self.scheduler = Scheduler(
-            self.timed,
-            config.scheduler_config(
-                allocator.config.budget_bytes, config.preemption_costs(self.model)
-            ),
+        scheduler_config = config.scheduler_config(
+            allocator.config.budget_bytes, config.preemption_costs(self.model)
         )
+        prefix = config.prefix_cache_config(geometry, allocator.config.block_size)
+        if prefix is not None:
+            scheduler_config = replace(scheduler_config, prefix_cache=prefix)
+        self.scheduler = Scheduler(self.timed, scheduler_config)
         self.host_link_bytes_per_s = get_profile(config.profile).host_link_bytes_per_s
         self.num_swap_bytes = 0
         self.call_costs = config.call_costs(allocator.name)
@@ -486,6 +547,7 @@ class _Simulation:
             num_swapped_in=self.scheduler.num_swapped_in,
             num_swap_bytes=self.num_swap_bytes,
             policy=self._policy(),
+            prefix=prefix_report(self.scheduler.prefix),
         )
 
     def _policy(self) -> dict[str, Any]:
