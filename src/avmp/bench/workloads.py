@@ -483,3 +483,142 @@ def with_arrivals(
     """The same requests re-timed by another arrival process (lengths unchanged)."""
     times = arrival.times(len(requests), np.random.default_rng(seed))
     return [replace(r, arrival_s=float(t)) for r, t in zip(requests, times, strict=True)]
+
+
+# ---- workloads with shared content, for prefix caching ------------------------------
+#
+# Their requests carry `RequestSpec.segments`: which content their prompts share. They
+# are kept apart from `PRESETS`, so that `avmp bench`'s default grid and its figures do
+# not change; `benchmarks/prefix.py` runs them.
+
+AGENT_SYSTEM_TOKENS = 6000
+"""An agent's system prompt and tool definitions, shared by every session."""
+AGENT_TURNS = (8, 24)
+"""Fewest and most turns (tool calls) of an `agent_loop` session."""
+AGENT_SESSION_RATE = 1.0
+"""Agent sessions started per second."""
+FEW_SHOT_TEMPLATES = 4
+"""Few-shot templates of `few_shot`, each a shared prefix of examples."""
+FEW_SHOT_RATE = 20.0
+"""Requests/s of `few_shot` and `shared_shift`."""
+SHARED_SHIFT_TOKENS = (1500, 700, 100)
+"""vllm-project/vllm#45238's shape: 1,500 shared + 700 unique tokens, and the same
+requests with the shared part 100 tokens longer (the unique part as much shorter)."""
+
+
+def multi_turn_prefix_requests(rng: np.random.Generator, n: int) -> list[RequestSpec]:
+    """`multi_turn`'s conversations (its lengths, turns and times), each turn's prompt
+    the whole history as segments: earlier messages and outputs, then its own message.
+    A history cut at `MAX_PROMPT_TOKENS` (the front end dropped its oldest turns) shares
+    nothing with the turns before."""
+    turns = multi_turn_turns(rng, n, preset("multi_turn").arrival)
+    history: dict[int, list[tuple[object, int]]] = {}
+    requests = []
+    for i in np.argsort(turns.session * 1000 + turns.turn, kind="stable"):
+        session, turn = int(turns.session[i]), int(turns.turn[i])
+        prompt, output = int(turns.prompts[i]), int(turns.outputs[i])
+        past = history.setdefault(session, [])
+        message = prompt - sum(length for _, length in past)
+        segments = [*past, (("message", session, turn), message)]
+        if message < 1:  # capped: the oldest turns were dropped
+            segments = [(("capped", session, turn), prompt)]
+        output_id = ("output", session, turn)
+        requests.append(RequestSpec(int(i), float(turns.arrival_s[i]), prompt, output,
+                                    tuple(segments), output_id))  # fmt: skip
+        past[:] = [*segments, (output_id, output)] if message >= 1 else []
+    return sorted(requests, key=lambda r: r.request_id)
+
+
+def agent_loop_requests(rng: np.random.Generator, n: int) -> list[RequestSpec]:
+    """Agent sessions behind one shared system prompt and tools (`AGENT_SYSTEM_TOKENS`):
+    U{8..24} turns each, a tool result U[50, 400] per turn, a short action U[16, 160] as
+    output, each prompt the session's whole history; the next turn arrives the turn's
+    `service_estimate_s` plus an exponential 0.5 s of tool time later."""
+    starts = ArrivalProcess("poisson", rate=AGENT_SESSION_RATE).times(n, rng)
+    records = []
+    for session in range(n):
+        past: list[tuple[object, int]] = [("agent-system", AGENT_SYSTEM_TOKENS)]
+        now = float(starts[session])
+        for turn in range(int(_uniform(rng, *AGENT_TURNS, 1)[0])):
+            result = ("tool-result", session, turn)
+            past.append((result, int(_uniform(rng, 50, 400, 1)[0])))
+            prompt = sum(length for _, length in past)
+            output = int(_uniform(rng, 16, 160, 1)[0])
+            action = ("action", session, turn)
+            records.append((now, prompt, output, tuple(past), action))
+            past.append((action, output))
+            now += float(service_estimate_s(np.array(prompt), np.array(output)))
+            now += float(rng.exponential(0.5))
+    return _first_by_arrival(records, n)
+
+
+def few_shot_requests(rng: np.random.Generator, n: int) -> list[RequestSpec]:
+    """Few-shot prompts: one of `FEW_SHOT_TEMPLATES` templates (its examples, U[1000,
+    3000] tokens, shared by every request that picks it) and a question U[20, 300];
+    output U[8, 128]; Poisson `FEW_SHOT_RATE` requests/s."""
+    template_tokens = _uniform(rng, 1000, 3000, FEW_SHOT_TEMPLATES)
+    picks = rng.integers(0, FEW_SHOT_TEMPLATES, size=n)
+    questions, outputs = _uniform(rng, 20, 300, n), _uniform(rng, 8, 128, n)
+    times = ArrivalProcess("poisson", rate=FEW_SHOT_RATE).times(n, rng)
+    requests = []
+    for i in range(n):
+        template = int(picks[i])
+        segments = ((("examples", template), int(template_tokens[template])),
+                    (("question", i), int(questions[i])))  # fmt: skip
+        prompt = sum(length for _, length in segments)
+        requests.append(RequestSpec(i, float(times[i]), prompt, int(outputs[i]), segments))
+    return requests
+
+
+def shared_shift_requests(rng: np.random.Generator, n: int) -> list[RequestSpec]:
+    """vllm#45238's shape: every prompt 2,200 tokens, the first 1,500 shared and 700
+    unique; every other request shares 1,600 and keeps 600 unique (the 100-token shift
+    that moved vLLM's one kept state into the shared part). Output U[32, 128]; Poisson
+    `FEW_SHOT_RATE` requests/s."""
+    shared, unique, shift = SHARED_SHIFT_TOKENS
+    times = ArrivalProcess("poisson", rate=FEW_SHOT_RATE).times(n, rng)
+    outputs = _uniform(rng, 32, 128, n)
+    requests = []
+    for i in range(n):
+        extra = shift if i % 2 else 0
+        segments = (("document", shared + extra), (("unique", i), unique - extra))
+        requests.append(RequestSpec(i, float(times[i]), shared + unique, int(outputs[i]),
+                                    segments))  # fmt: skip
+    return requests
+
+
+def _first_by_arrival(records: list[tuple[float, int, int, tuple[tuple[object, int], ...],
+                                          object]], n: int) -> list[RequestSpec]:  # fmt: skip
+    """The first ``n`` records by arrival time, as requests with ids in arrival order."""
+    records.sort(key=lambda record: record[0])
+    return [RequestSpec(i, t, prompt, output, segments, output_id)
+            for i, (t, prompt, output, segments, output_id) in enumerate(records[:n])]  # fmt: skip
+
+
+PrefixTraceFn = Callable[[np.random.Generator, int], list[RequestSpec]]
+PREFIX_PRESETS: dict[str, tuple[int, PrefixTraceFn, str]] = {
+    "multi_turn_prefix": (1024, multi_turn_prefix_requests,
+                          "multi_turn's conversations, each prompt the whole history"),
+    "agent_loop": (512, agent_loop_requests,
+                   f"agent sessions: {AGENT_SYSTEM_TOKENS}-token shared system prompt + "
+                   "tools, 8-24 short turns each"),
+    "few_shot": (512, few_shot_requests,
+                 f"{FEW_SHOT_TEMPLATES} few-shot templates U[1000,3000] + a question U[20,300]"),
+    "shared_shift": (256, shared_shift_requests,
+                     "vllm#45238: 1,500 shared + 700 unique tokens, half shifted by 100"),
+}  # fmt: skip
+"""Workloads with shared content, by name: default size, generator, description."""
+
+
+def make_prefix_workload(name: str, seed: int, num_requests: int | None = None
+                         ) -> list[RequestSpec]:  # fmt: skip
+    """Generate a `PREFIX_PRESETS` trace (ValueError for an unknown name or a size < 1)."""
+    if name not in PREFIX_PRESETS:
+        raise ValueError(
+            f"unknown prefix workload {name!r}; known: {', '.join(PREFIX_PRESETS)}"
+        )
+    default, generate, _ = PREFIX_PRESETS[name]
+    n = default if num_requests is None else num_requests
+    if n < 1:
+        raise ValueError(f"num_requests must be >= 1, got {n}")
+    return generate(np.random.default_rng(seed), n)
