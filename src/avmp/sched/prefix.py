@@ -27,6 +27,7 @@ of single-child ancestors without checkpoint) or a checkpoint of an inner node.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,14 @@ class PrefixCacheConfig:
             raise ValueError("the vllm-align policy needs vLLM's block size (align_tokens)")
         if self.flops_weight < 0:
             raise ValueError(f"flops_weight must be >= 0, got {self.flops_weight}")
+
+
+def _no_score(candidate: tuple[PrefixNode, bool]) -> tuple[float, int]:
+    raise AssertionError("no ranking yet")
+
+
+def _negated(score: tuple[float, int]) -> tuple[float, int]:
+    return -score[0], -score[1]
 
 
 def prefill_flops(geometry: ModelGeometry, num_tokens: int) -> float:
@@ -155,6 +164,10 @@ class PrefixTree:
         self.checkpoint_bytes = checkpoint_bytes
         self.root = PrefixNode(None, None, 0)
         self.pinned: dict[int, int] = {}  # id(node) -> hits whose copy is still to come
+        self._version = 0
+        self._ranked_at = -1
+        self._ranking: list[tuple[PrefixNode, bool]] | None = None
+        self._score: Callable[[tuple[PrefixNode, bool]], tuple[float, int]] = _no_score
         self.clock = 0
         self.num_nodes = 0
         self.num_checkpoints = 0
@@ -179,6 +192,7 @@ class PrefixTree:
     def touch(self, node: PrefixNode) -> None:
         """Mark ``node`` and its ancestors used now."""
         self.clock += 1
+        self._changed()
         for step in node.path():
             step.last_use = self.clock
 
@@ -186,11 +200,13 @@ class PrefixTree:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
         for step in node.path():
             step.num_locks += 1
+        self._changed()
 
     def unlock(self, node: PrefixNode) -> None:
         for step in node.path():
             assert step.num_locks > 0, "unlocked more often than locked"
             step.num_locks -= 1
+        self._changed()
 
     def page_keys(self, node: PrefixNode) -> list[int]:
         """The allocator's keys of the pages from the root down to ``node``."""
@@ -231,30 +247,65 @@ class PrefixTree:
             return False
         node.checkpoint_key = key
         self.num_checkpoints += 1
+        self._changed()
         return True
 
     # ---- eviction -----------------------------------------------------------------------
 
     def evict_one(self) -> bool:
-        """Evict the least valuable unlocked candidate; False when nothing can go."""
-        candidates = self._candidates()
-        if not candidates:
-            return False
-        victim, whole_edge = min(candidates, key=self._scorer(candidates))
+        """Evict the least valuable unlocked candidate; False when nothing can go.
+
+        A run of evictions with nothing else changing the tree in between (one failed
+        allocation's) ranks the candidates once: walking the tree per eviction cost
+        minutes on traces whose trees hold thousands of pages. A parent that an
+        eviction leaves a leaf joins the ranking, scored on the same scale.
+        """
+        if self._ranking is None or self._ranked_at != self._version:
+            candidates = self._candidates()
+            if not candidates:
+                return False
+            self._score = self._scorer(candidates)
+            self._ranking = sorted(candidates, key=self._score, reverse=True)
+            self._ranked_at = self._version
+        while self._ranking:
+            victim, whole_edge = self._ranking.pop()
+            if self._still_candidate(victim, whole_edge):
+                break
+        else:  # every ranked candidate went earlier in the run: rank what is left
+            self._ranking = None
+            return self.evict_one()
         if whole_edge:
-            self._evict_edge(victim)
+            parent = self._evict_edge(victim)
+            if parent is not None and not parent.children and not parent.num_locks:
+                bisect.insort(self._ranking, (parent, True), key=lambda c: _negated(self._score(c)))
         else:
             self._drop_checkpoint(victim)
         return True
 
+    def _still_candidate(self, node: PrefixNode, whole_edge: bool) -> bool:
+        """Whether a ranked candidate can still go (a ranking is made before the
+        evictions of its run, which may have removed it)."""
+        parent = node.parent
+        if parent is None or parent.children.get(node.content) is not node:
+            return False
+        if whole_edge:
+            return not node.children and not node.num_locks
+        return node.checkpoint_key is not None and id(node) not in self.pinned
+
+    def _changed(self) -> None:
+        """Anything but an eviction changed the tree: the next eviction ranks anew."""
+        self._version += 1
+
     def pin(self, node: PrefixNode) -> None:
         """Keep ``node``'s checkpoint until a hit has copied it (`unpin`)."""
         self.pinned[id(node)] = self.pinned.get(id(node), 0) + 1
+        self._changed()
 
     def unpin(self, node: PrefixNode) -> None:
         count = self.pinned.pop(id(node))
         if count > 1:
             self.pinned[id(node)] = count - 1
+        self._changed()
 
     def _candidates(self) -> list[tuple[PrefixNode, bool]]:
         """Unlocked leaves (as whole edges), and checkpoints of every other node but the
@@ -323,8 +374,10 @@ class PrefixTree:
 
         return score
 
-    def _evict_edge(self, leaf: PrefixNode) -> None:
-        for node in self._edge(leaf):
+    def _evict_edge(self, leaf: PrefixNode) -> PrefixNode | None:
+        """Evict a leaf's edge; returns the node the edge hung from (None: the root)."""
+        edge = self._edge(leaf)
+        for node in edge:
             if node.checkpoint_key is not None:
                 self._drop_checkpoint(node)
             if node.page_key is not None:
@@ -333,6 +386,8 @@ class PrefixTree:
             assert node.parent is not None
             del node.parent.children[node.content]
             self.num_nodes -= 1
+        top = edge[-1].parent
+        return None if top is None or top is self.root else top
 
     def _drop_checkpoint(self, node: PrefixNode) -> None:
         assert node.checkpoint_key is not None

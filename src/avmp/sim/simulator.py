@@ -82,7 +82,9 @@ class SimConfig:
             budget (SGLang HiCache's default ``--hicache-ratio 2``); 0: none (recompute).
         prefix_cache: one of `avmp.sched.prefix.PREFIX_CACHE_CHOICES`: ``off``, or the
             checkpoint placement policy of the prefix cache.
-        prefix_eviction: one of `avmp.sched.prefix.EVICTION_POLICIES`.
+        prefix_eviction: one of `avmp.sched.prefix.EVICTION_POLICIES`; None: the
+            policy's own (``flops`` for ``avmp``, ``lru`` for the peers' rules, as vLLM
+            and SGLang evict).
     """
 
     profile: str = "h100"
@@ -99,7 +101,7 @@ class SimConfig:
     admission: str = Admission.RESERVE.value
     host_tier_bytes: int | None = None
     prefix_cache: str = "off"
-    prefix_eviction: str = "flops"
+    prefix_eviction: str | None = None
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -108,7 +110,7 @@ class SimConfig:
                 f"unknown prefix cache {self.prefix_cache!r}; known: "
                 f"{', '.join(PREFIX_CACHE_CHOICES)}"
             )
-        if self.prefix_eviction not in EVICTION_POLICIES:
+        if self.prefix_eviction is not None and self.prefix_eviction not in EVICTION_POLICIES:
             raise ValueError(
                 f"unknown prefix eviction {self.prefix_eviction!r}; known: "
                 f"{', '.join(EVICTION_POLICIES)}"
@@ -157,7 +159,10 @@ class SimConfig:
         align = 0
         if self.prefix_cache == "vllm-align":
             align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
-        return PrefixCacheConfig(self.prefix_cache, self.prefix_eviction, align)
+        eviction = self.prefix_eviction
+        if eviction is None:
+            eviction = "flops" if self.prefix_cache == "avmp" else "lru"
+        return PrefixCacheConfig(self.prefix_cache, eviction, align)
 
     def preemption_costs(self, model: StepTimeModel) -> PreemptionCosts | None:
         """The rates the ``auto`` rule compares (None for the other policies): the time
