@@ -65,7 +65,24 @@ def add_parser(subparsers: Any) -> None:
     add_feasibility_option(parser)
     add_policy_options(parser)
     add_slo_arguments(parser)
+    add_prefix_cache_option(parser)
     parser.set_defaults(run=run)
+
+
+def add_prefix_cache_option(parser: Any) -> None:
+    """``--prefix-cache``: off (default, results as before) or a checkpoint placement
+    policy of the prefix cache (`avmp.sched.prefix`)."""
+    from avmp.sched.prefix import PREFIX_CACHE_CHOICES
+
+    parser.add_argument(
+        "--prefix-cache",
+        choices=PREFIX_CACHE_CHOICES,
+        default="off",
+        help="prefix caching: avmp (checkpoints at output ends and branch points, evicted "
+        "by FLOPs saved per byte), vllm-align (vLLM's block-aligned states) or sglang "
+        "(SGLang's every 64/256 tokens); requests share prefixes only where the trace "
+        "names their content (default: off)",
+    )
 
 
 def add_slo_arguments(parser: Any) -> None:
@@ -122,7 +139,12 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype_choice(args.ssm_dtype))
     shipped = static_options(args.static_options)
     policy = policy_options(args)
-    config = SimConfig(profile=args.profile, calibration=args.calibration, **policy)
+    config = SimConfig(
+        profile=args.profile,
+        calibration=args.calibration,
+        prefix_cache=args.prefix_cache,
+        **policy,
+    )
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
         check_feasible(
             geometry,
@@ -212,4 +234,26 @@ def run(args: argparse.Namespace) -> int:
         f"goodput: {slo_targets(args).describe()}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
+    if args.prefix_cache != "off":
+        print(prefix_summary(results))
     return 0
+
+
+def prefix_summary(results: list[dict[str, Any]]) -> str:
+    """One line per allocator of what the prefix cache did (shared with ``avmp bench``)."""
+    lines = []
+    for result in results:
+        prefix = result.get("prefix") or {}
+        if not prefix:
+            continue
+        lines.append(
+            f"{result['allocator']}: prefix cache {prefix['policy']} "
+            f"({prefix['eviction']} eviction): {prefix['num_hit_tokens']} of "
+            f"{prefix['num_ideal_tokens']} reusable prompt tokens hit "
+            f"({prefix['hit_rate_vs_ideal']:.1%} of the ideal), "
+            f"{prefix['num_checkpoints_taken']} checkpoints taken, peak "
+            f"{format_bytes(prefix['peak_checkpoint_bytes'])}, evicted "
+            f"{prefix['num_evicted_checkpoints']} checkpoints and "
+            f"{prefix['num_evicted_pages']} pages"
+        )
+    return "\n".join(lines)

@@ -457,7 +457,7 @@ class _Tracked:
     first), and those of them where a step must end (``cuts``; the others are read from
     the prefill kernel's chunk states as it passes them, as SGLang does)."""
 
-    __slots__ = ("contents", "node", "targets", "cuts", "pinned")
+    __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending")
 
     def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -466,6 +466,8 @@ class _Tracked:
         self.targets = targets
         self.cuts = cuts
         self.pinned: PrefixNode | None = None  # the hit, until its checkpoint is copied
+        self.last = 0  # the position of the request's final state (its stream's end)
+        self.pending = False  # the final state's checkpoint waits for the request's free
 
 
 @dataclass
@@ -520,6 +522,7 @@ class PrefixCache:
             tree.touch(hit)
         targets, cuts = self._targets(prompt_tokens, total_tokens, found)
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
+        tracked.last = total_tokens - 1
         if hit.depth and tree.has_state:
             tree.pin(hit)
             tracked.pinned = hit
@@ -610,9 +613,20 @@ class PrefixCache:
                 self._take(request_id, tracked, target // self.tree.unit_tokens)
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
+        """Insert the request's path up to ``num_units`` and checkpoint its end; at the
+        request's final state, the checkpoint waits until the request is freed
+        (`forget`), so that it takes the slot the request gives back instead of making
+        room for one more (a migration, or an eviction) while both are held."""
         tree = self.tree
         node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
         tracked.node = node
+        if num_units * tree.unit_tokens >= tracked.last // tree.unit_tokens * tree.unit_tokens:
+            tracked.pending = tree.has_state and node.checkpoint_key is None
+            return
+        self._checkpoint(node)
+
+    def _checkpoint(self, node: PrefixNode) -> None:
+        tree = self.tree
         if tree.has_state and node.checkpoint_key is None:
             key = self._new_checkpoint()
             if key is None:
@@ -633,9 +647,12 @@ class PrefixCache:
         return key
 
     def forget(self, request_id: int) -> None:
-        """The request left memory (finished, preempted, dropped): unlock its path."""
+        """The request left memory (finished, preempted, dropped; call after its free):
+        take its final checkpoint if one waits, and unlock its path."""
         tracked = self._tracked.pop(request_id, None)
         if tracked is not None:
+            if tracked.pending:
+                self._checkpoint(tracked.node)
             self.tree.unlock(tracked.node)
             if tracked.pinned is not None:
                 self.tree.unpin(tracked.pinned)

@@ -661,9 +661,9 @@ class Scheduler:
             return
         done = set(finished)
         for request_id in finished:
-            if self.prefix is not None:
-                self.prefix.forget(request_id)
             self.allocator.free(request_id)
+            if self.prefix is not None:  # after the free: its final checkpoint takes the slot
+                self.prefix.forget(request_id)
             request = self.requests[request_id]
             request.status = RequestStatus.FINISHED
             self.growth.observe_finish(request.num_output, request.output_tokens)
