@@ -457,7 +457,8 @@ class _Tracked:
     first), and those of them where a step must end (``cuts``; the others are read from
     the prefill kernel's chunk states as it passes them, as SGLang does)."""
 
-    __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending")
+    __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
+                 "pages_only")  # fmt: skip
 
     def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -468,6 +469,7 @@ class _Tracked:
         self.pinned: PrefixNode | None = None  # the hit, until its checkpoint is copied
         self.last = 0  # the position of the request's final state (its stream's end)
         self.pending = False  # the final state's checkpoint waits for the request's free
+        self.pages_only: set[int] = set()  # targets that insert pages, no checkpoint
 
 
 @dataclass
@@ -523,6 +525,11 @@ class PrefixCache:
         targets, cuts = self._targets(prompt_tokens, total_tokens, found)
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
         tracked.last = total_tokens - 1
+        if tree.config.policy == "avmp":  # show the prompt's pages to requests to come
+            end = prompt_tokens // unit * unit
+            if hit.depth * unit < end and end not in targets:
+                tracked.pages_only.add(end)
+                bisect.insort(targets, end)
         if hit.depth and tree.has_state:
             tree.pin(hit)
             tracked.pinned = hit
@@ -558,7 +565,9 @@ class PrefixCache:
 
         ``avmp`` takes the output's end (the next turn's prompt holds this whole stream)
         and the branch point; not the prompt's own end, which would cost every request
-        a step before its first token while the output's end serves the next turn.
+        a step before its first token while the output's end serves the next turn (its
+        pages go into the tree there, without a checkpoint, so that a request arriving
+        meanwhile finds its branch point: `match`).
         ``vllm-align`` ends its prefill steps at aligned positions (align mode);
         ``sglang``'s prompt checkpoints come from the chunked scan, without a cut."""
         unit = self.tree.unit_tokens
@@ -609,7 +618,11 @@ class PrefixCache:
         targets = tracked.targets
         while targets and targets[0] <= num_computed:
             target = targets.pop(0)
-            if target == num_computed or target not in tracked.cuts:
+            if target in tracked.pages_only:
+                tracked.node = self.tree.insert(
+                    request_id, tracked.contents[: target // self.tree.unit_tokens], tracked.node
+                )
+            elif target == num_computed or target not in tracked.cuts:
                 self._take(request_id, tracked, target // self.tree.unit_tokens)
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
