@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_cases import POISON, assert_close, strided_views
+from _triton_cases import POISON, TOLERANCE, assert_close, strided_views
 
 from triton_device import kernel_device
 
@@ -108,7 +108,10 @@ def test_chunked_matches_the_reference(
     gated_delta_chunked(case["state"], index(slots), index(offsets(lens)), *rule(case),
                         has_initial_state=flags, out=out, chunk_size=chunk)  # fmt: skip
     assert_close("o", out, expected, dtype)
-    assert_close("final states", case["state"][slots], expected_states[slots], state_dtype)
+    # an fp32 state built from bf16 inputs holds their rounding (the tensor-core operands
+    # are bf16 on the GPU: 3.0e-3 measured on an H200), so the coarser tolerance
+    coarser = max(state_dtype, dtype, key=lambda d: TOLERANCE[d])
+    assert_close("final states", case["state"][slots], expected_states[slots], coarser)
     kept = [s for s in range(NUM_SLOTS) if s not in slots]
     assert torch.equal(case["state"][kept], before[kept])
 
