@@ -31,7 +31,7 @@ import bisect
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from avmp.memory.spec import CacheAllocator
+from avmp.memory.spec import CacheAllocator, PoolKind
 from avmp.models.geometry import ModelGeometry
 
 PREFIX_CACHE_CHOICES = ("off", "avmp", "vllm-align", "sglang")
@@ -252,8 +252,13 @@ class PrefixTree:
 
     # ---- eviction -----------------------------------------------------------------------
 
-    def evict_one(self) -> bool:
+    def evict_one(self, pool: PoolKind | None = None) -> bool:
         """Evict the least valuable unlocked candidate; False when nothing can go.
+
+        Args:
+            pool: the pool an allocation found short: the least valuable candidate
+                that frees a unit of it goes first (evicting in the other pool would
+                free room only through a migration, and compaction), else any.
 
         A run of evictions with nothing else changing the tree in between (one failed
         allocation's) ranks the candidates once: walking the tree per eviction cost
@@ -267,13 +272,11 @@ class PrefixTree:
             self._score = self._scorer(candidates)
             self._ranking = sorted(candidates, key=self._score, reverse=True)
             self._ranked_at = self._version
-        while self._ranking:
-            victim, whole_edge = self._ranking.pop()
-            if self._still_candidate(victim, whole_edge):
-                break
-        else:  # every ranked candidate went earlier in the run: rank what is left
+        picked = self._pick(pool)
+        if picked is None:  # every ranked candidate went earlier in the run: rank anew
             self._ranking = None
-            return self.evict_one()
+            return self.evict_one(pool)
+        victim, whole_edge = picked
         if whole_edge:
             parent = self._evict_edge(victim)
             if parent is not None and not parent.children and not parent.num_locks:
@@ -281,6 +284,28 @@ class PrefixTree:
         else:
             self._drop_checkpoint(victim)
         return True
+
+    def _pick(self, pool: PoolKind | None) -> tuple[PrefixNode, bool] | None:
+        """Take the next victim off the ranking (lowest last): the least valuable that
+        frees a unit of ``pool`` if one does, else the least valuable."""
+        ranking = self._ranking
+        assert ranking is not None
+        while ranking and not self._still_candidate(*ranking[-1]):
+            ranking.pop()
+        if not ranking:
+            return None
+        if pool is not None and not self._frees(ranking[-1], pool):
+            for index in range(len(ranking) - 2, -1, -1):
+                candidate = ranking[index]
+                if self._frees(candidate, pool) and self._still_candidate(*candidate):
+                    return ranking.pop(index)
+        return ranking.pop()
+
+    def _frees(self, candidate: tuple[PrefixNode, bool], pool: PoolKind) -> bool:
+        node, whole_edge = candidate
+        if pool is PoolKind.KV:
+            return whole_edge and self.has_pages
+        return node.checkpoint_key is not None
 
     def _still_candidate(self, node: PrefixNode, whole_edge: bool) -> bool:
         """Whether a ranked candidate can still go (a ranking is made before the
@@ -458,7 +483,7 @@ class _Tracked:
     the prefill kernel's chunk states as it passes them, as SGLang does)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only")  # fmt: skip
+                 "pages_only", "ideal_level", "ideal_units")  # fmt: skip
 
     def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -470,6 +495,8 @@ class _Tracked:
         self.last = 0  # the position of the request's final state (its stream's end)
         self.pending = False  # the final state's checkpoint waits for the request's free
         self.pages_only: set[int] = set()  # targets that insert pages, no checkpoint
+        self.ideal_level: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # trie level
+        self.ideal_units = 0  # units of the stream in the ideal's trie
 
 
 @dataclass
@@ -525,6 +552,7 @@ class PrefixCache:
         targets, cuts = self._targets(prompt_tokens, total_tokens, found)
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
         tracked.last = total_tokens - 1
+        tracked.ideal_level = self._ideal
         if tree.config.policy == "avmp":  # show the prompt's pages to requests to come
             end = prompt_tokens // unit * unit
             if hit.depth * unit < end and end not in targets:
@@ -535,24 +563,19 @@ class PrefixCache:
             tracked.pinned = hit
         return hit.depth * unit, tree.page_keys(hit)
 
-    def admitted(self, prompt_tokens: int, hit_tokens: int) -> None:
-        """Count a first admission's hit (the ideal was counted at its arrival)."""
+    def admitted(self, request_id: int, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count a first admission's hit, and the ideal's: the whole units of its prompt
+        (all but the last token) that any request has computed by now, as a cache of
+        unbounded memory with a checkpoint at every unit would reuse."""
         stats = self.stats
         stats.num_prompt_tokens += prompt_tokens
         stats.num_hit_tokens += hit_tokens
         stats.num_hits += hit_tokens > 0
-
-    def arrived(self, prompt_tokens: int, content: list[tuple[Hashable, int]],
-                total_tokens: int) -> None:  # fmt: skip
-        """Count what an arriving request could reuse at best: the whole units of its
-        prompt (all but the last token) that any request arrived before it holds in its
-        prompt or output, as an unbounded cache with a checkpoint at every unit would;
-        then add its stream. A function of the trace alone, the same for every policy."""
         unit = self.tree.unit_tokens
-        contents = unit_contents(content, (total_tokens - 1) // unit, unit)
-        reusable = self._ideal_match(contents[: (prompt_tokens - 1) // unit])
-        self.stats.num_ideal_tokens += reusable * unit
-        self._ideal_insert(contents)
+        contents = self._tracked[request_id].contents[: (prompt_tokens - 1) // unit]
+        ideal = self._ideal_match(contents) * unit
+        assert ideal >= hit_tokens, "a hit the ideal does not count"
+        stats.num_ideal_tokens += ideal
 
     def not_admitted(self, request_id: int) -> None:
         """The admission failed: let go of the hit."""
@@ -615,6 +638,7 @@ class PrefixCache:
             tracked.pinned = None
         if tracked is None:
             return
+        self._ideal_extend(tracked, num_computed // self.tree.unit_tokens)
         targets = tracked.targets
         while targets and targets[0] <= num_computed:
             target = targets.pop(0)
@@ -655,7 +679,7 @@ class PrefixCache:
         """A checkpoint slot, evicting less valuable cached units if memory is short."""
         allocator = self.tree.allocator
         key = allocator.cache_checkpoint()
-        while key is None and self.tree.evict_one():
+        while key is None and self.tree.evict_one(PoolKind.STATE):
             key = allocator.cache_checkpoint()
         return key
 
@@ -670,9 +694,10 @@ class PrefixCache:
             if tracked.pinned is not None:
                 self.tree.unpin(tracked.pinned)
 
-    def reclaim(self) -> bool:
-        """Evict one cached unit for an allocation that failed; False when none is left."""
-        return self.tree.evict_one()
+    def reclaim(self, pool: PoolKind | None = None) -> bool:
+        """Evict one cached unit for an allocation that failed (short in ``pool``, if
+        known); False when none is left."""
+        return self.tree.evict_one(pool)
 
     def check_integrity(self) -> None:
         held = sum(1 for tracked in self._tracked.values() if tracked.node.depth)
@@ -688,10 +713,13 @@ class PrefixCache:
             level = level[content]
         return len(contents)
 
-    def _ideal_insert(self, contents: list[Hashable]) -> None:
-        level = self._ideal
-        for content in contents:
+    def _ideal_extend(self, tracked: _Tracked, num_units: int) -> None:
+        """Add a request's computed units to the trie, from where it last stopped."""
+        level = tracked.ideal_level
+        for content in tracked.contents[tracked.ideal_units : num_units]:
             level = level.setdefault(content, {})
+        tracked.ideal_level = level
+        tracked.ideal_units = max(tracked.ideal_units, min(num_units, len(tracked.contents)))
 
 
 def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig) -> PrefixCache:

@@ -35,7 +35,13 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from avmp.memory.host_tier import HostTier
-from avmp.memory.spec import NO_SLOT, CacheAllocator, RequestTooLargeError, RequestUnits
+from avmp.memory.spec import (
+    NO_SLOT,
+    CacheAllocator,
+    PoolKind,
+    RequestTooLargeError,
+    RequestUnits,
+)
 from avmp.sched.admission import GrowthEstimate
 from avmp.sched.prefix import PrefixCache, PrefixCacheConfig, build_prefix_cache
 from avmp.sched.request import RequestSpec
@@ -289,8 +295,6 @@ class Scheduler:
             )
             self._pending_rejections.append(rejection)
             return rejection
-        if self.prefix is not None:
-            self.prefix.arrived(spec.prompt_tokens, spec.content(), spec.total_tokens)
         self.waiting.append(request)
         return None
 
@@ -405,7 +409,7 @@ class Scheduler:
         short, None if it can never fit (it was dropped from `running`, with a reason)."""
         try:
             grown = self.allocator.grow(request.request_id, num_new) is not None
-            while not grown and self.prefix is not None and self.prefix.reclaim():
+            while not grown and self.prefix is not None and self.prefix.reclaim(PoolKind.KV):
                 grown = self.allocator.grow(request.request_id, num_new) is not None
             return grown
         except RequestTooLargeError as error:
@@ -453,9 +457,15 @@ class Scheduler:
         request.num_computed_peak = max(request.num_computed_peak, hit_tokens)
         return keys
 
+    def _short_pool_on_admission(self) -> PoolKind:
+        """The pool an admission that failed most likely found short: the state pool
+        while cached checkpoints hold slots (a request needs one), else the KV pool."""
+        usage = self.allocator.usage()
+        return PoolKind.STATE if usage.state_cached_bytes else PoolKind.KV
+
     def _count_prefix_hit(self, request: SchedRequest) -> None:
         if request.num_preemptions == 0 and self.prefix is not None:  # first admission only
-            self.prefix.admitted(request.prompt_tokens, request.num_computed)
+            self.prefix.admitted(request.request_id, request.prompt_tokens, request.num_computed)
 
     def _admit(
         self, request: SchedRequest, num_new: int, budget: _Budget, cached: list[int] | None = None
@@ -473,7 +483,9 @@ class Scheduler:
                 blocks = self.allocator.admit(request.request_id, num_tokens, cached)
             else:
                 blocks = self.allocator.admit(request.request_id, num_tokens)
-            while blocks is None and self.prefix is not None and self.prefix.reclaim():
+            while blocks is None and self.prefix is not None and self.prefix.reclaim(
+                self._short_pool_on_admission()
+            ):
                 blocks = self.allocator.admit(request.request_id, num_tokens, cached or ())
         except RequestTooLargeError as error:
             blocks = None
