@@ -3,6 +3,8 @@ against the ideal, and with the cache off nothing changes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from avmp.memory.registry import make_allocator
@@ -77,3 +79,18 @@ def test_unknown_prefix_cache_names_are_refused() -> None:
         SimConfig(prefix_cache="lru")
     with pytest.raises(ValueError, match="unknown prefix eviction"):
         SimConfig(prefix_eviction="random")
+
+
+@pytest.mark.parametrize("layout", ["avmp", "unified", "oracle"])
+def test_models_with_one_kind_of_cache(layout: str) -> None:
+    """Without attention a hit is a checkpoint alone; without recurrent layers it needs
+    no checkpoint, and none is taken."""
+    specs = _conversations(3, 3)
+    recurrent_only = resolve_model("mamba2-2.7b")
+    attention_only = dataclasses.replace(tiny_geometry(), recurrent_layers=(), name="attn")
+    for geometry, checkpoints in ((recurrent_only, True), (attention_only, False)):
+        allocator = make_allocator(layout, geometry, MemoryConfig(1 << 32))
+        config = SimConfig(allocator_calls_path=None, check_integrity=True, prefix_cache="avmp")
+        report = simulate(specs, allocator, geometry, config).prefix
+        assert report["num_hit_tokens"] > 0
+        assert (report["num_checkpoints_taken"] > 0) == checkpoints
