@@ -290,6 +290,26 @@ def test_checkpoints_are_slots_only_the_cache_holds(layout: str) -> None:
 
 
 @every_layout
+def test_a_freed_requests_slot_can_stay_as_a_checkpoint(layout: str) -> None:
+    allocator = build(layout, budget_mib=8)
+    unit = allocator.kv_unit_tokens
+    allocator.admit(1, unit + 5)
+    slot, page_key = allocator.units(1).slot, allocator.cache_kv_unit(1, 0)
+    key = allocator.free_keeping_slot(1)
+    allocator.check_integrity()
+    assert allocator.request_ids == [] and allocator.cached_unit(key) == slot
+    usage = allocator.usage()
+    assert usage.num_requests == 0 and usage.state_needed_bytes == 0
+    assert usage.state_cached_bytes == allocator.cache_format().slot.unit_bytes
+    with pytest.raises(DoubleFreeError):
+        allocator.free(1)
+    for held in (key, page_key):
+        allocator.release_cached(held)
+    allocator.check_integrity()
+    assert allocator.usage().used_bytes == 0 and allocator.stats.num_frees == 1
+
+
+@every_layout
 def test_cache_misuse_raises_and_changes_nothing(layout: str) -> None:
     allocator = build(layout, budget_mib=8)
     unit = allocator.kv_unit_tokens
@@ -322,13 +342,19 @@ def test_a_model_without_state_has_no_checkpoints() -> None:
         allocator = build(layout, geometry=small_hybrid(2, 0))
         with pytest.raises(AllocatorError, match="no recurrent state"):
             allocator.cache_checkpoint()
+        allocator.admit(1, 10)
+        with pytest.raises(AllocatorError, match="no recurrent state"):
+            allocator.free_keeping_slot(1)
+        assert allocator.request_ids == [1]
 
 
 # ------------------------------------------------------------- random call sequences
 
 _OPS = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "grow", "free", "cache", "checkpoint", "release", "adopt"]),
+        st.sampled_from(
+            ["admit", "grow", "free", "cache", "checkpoint", "release", "adopt", "keep"]
+        ),
         st.integers(0, 11),
         st.integers(1, 600),
     ),
@@ -350,6 +376,11 @@ def _cache_op(allocator: CacheAllocator, op: str, request_id: int, amount: int,
         key = allocator.cache_checkpoint()
         if key is not None:
             keys[key] = True
+        return True, key
+    if op == "keep" and request_id in tokens and allocator.geometry.recurrent_layers:
+        key = allocator.free_keeping_slot(request_id)
+        del tokens[request_id]
+        keys[key] = True
         return True, key
     if op == "release" and keys:
         key = list(keys)[amount % len(keys)]
@@ -373,7 +404,7 @@ def _replay(allocator: CacheAllocator, ops: list[tuple[str, int, int]]) -> list[
     decisions: list[object] = []
     for op, request_id, amount in ops:
         live = request_id in tokens
-        if op in ("cache", "checkpoint", "release", "adopt"):
+        if op in ("cache", "checkpoint", "release", "adopt", "keep"):
             applied, result = _cache_op(allocator, op, request_id, amount, tokens, keys)
             if not applied:
                 continue

@@ -132,3 +132,63 @@ def test_a_budget_without_room_for_a_checkpoint_is_refused() -> None:
     allocator = make_allocator("avmp", geometry, MemoryConfig(2 * MIB))
     with pytest.raises(ValueError, match="prefix caching needs room for a checkpoint"):
         Scheduler(allocator, SchedulerConfig(prefix_cache=PrefixCacheConfig("avmp")))
+
+
+class _States:
+    """What each slot holds, as the engine's slots would: the request's stream up to
+    its computed tokens after every step, moved by the prefix cache's copies."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.slots: dict[int, tuple[object, ...]] = {}
+        self.num_copies = 0
+
+    def copy(self, src: int, dst: int) -> None:
+        self.slots[dst] = self.slots[src]
+        self.num_copies += 1
+
+    def stream(self, request_id: int, num_tokens: int) -> tuple[object, ...]:
+        spec = self.scheduler.requests[request_id].spec
+        tokens = [(c, i) for c, n in spec.content() for i in range(n)]
+        return tuple(tokens[:num_tokens])
+
+    def run(self, plan: StepPlan) -> None:
+        """The step computes its chunks: each slot moves on to its chunk's end."""
+        for chunk in plan.chunks:
+            slot = self.scheduler.allocator.units(chunk.request_id).slot
+            self.slots[slot] = self.stream(chunk.request_id, chunk.context_tokens)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("policy", ["avmp", "vllm-align", "sglang"])
+def test_a_hit_resumes_from_the_state_of_exactly_its_prefix(layout: str, policy: str) -> None:
+    """With a copier standing in for the engine's slot copies: every hit's slot holds,
+    before its first chunk, the state of exactly the tokens it skips, and every
+    checkpoint the state at its node's end."""
+    scheduler = _scheduler(layout, policy)
+    states = _States(scheduler)
+    scheduler = Scheduler(scheduler.allocator, scheduler.config, slot_copier=states.copy)
+    states.scheduler = scheduler
+    specs = _turns(3) + [RequestSpec(10 + i, 0.0, 700, 40, (("system", 600), (("q", i), 100)))
+                         for i in range(3)]  # fmt: skip
+    prefix = scheduler.prefix
+    assert prefix is not None
+    num_hits = 0
+    for spec in specs:
+        scheduler.add_request(spec)
+        while scheduler.has_unfinished:
+            plan = scheduler.schedule()
+            for copy in plan.restored:  # the state the first chunk starts from
+                slot = scheduler.allocator.units(copy.request_id).slot
+                start = next(c.start for c in plan.chunks if c.request_id == copy.request_id)
+                assert states.slots[slot] == states.stream(copy.request_id, start)
+                num_hits += 1
+            states.run(plan)
+            outcome = scheduler.finish_step(plan)
+            for taken in outcome.checkpointed:
+                checkpoint = scheduler.allocator.cached_unit(taken.key)
+                held = states.slots[checkpoint]
+                assert len(held) % prefix.tree.unit_tokens == 0
+                assert held == states.stream(taken.request_id, len(held))
+            scheduler.check_integrity()
+    assert num_hits >= 2 and states.num_copies >= num_hits

@@ -223,6 +223,16 @@ class AvmpManager(CacheAllocator):
         return new_pages
 
     def free(self, request_id: int) -> None:
+        self._free(request_id, keep_slot=False)
+
+    def free_keeping_slot(self, request_id: int) -> int:
+        if not self._slots_per_request:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        slot = self._free(request_id, keep_slot=True)
+        return self._cached.hold_slot(slot)
+
+    def _free(self, request_id: int, keep_slot: bool) -> int:
+        """Free a request's units (its slot too unless ``keep_slot``); returns its slot."""
         if type(request_id) is not int:  # before the lookup: 1.0 == 1 would find request 1
             check_request_id(request_id)
         request = self._requests.pop(request_id, None)
@@ -236,13 +246,14 @@ class AvmpManager(CacheAllocator):
                     self._kv.release(freed)
             else:
                 self._kv.release(request.pages)
-        if request.slot >= 0:
+        if request.slot >= 0 and not keep_slot:
             self._state.release_one(request.slot)
         self._freed.add(request_id)
         self._num_live_tokens -= request.num_tokens
         self.stats.num_frees += 1
         if self._debug:
             self.check_integrity()
+        return request.slot
 
     def units(self, request_id: int) -> RequestUnits:
         request = self._live(request_id)

@@ -149,12 +149,22 @@ class OracleAllocator(RequestTable[_Held]):
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
-        pages = self._cached.freed_of(request.pages) if self._cached.refs else request.pages
-        self._used_bytes -= len(pages) * self._page_bytes
-        self._free_pages += pages
+        self._release_pages(request)
         if request.slot != NO_SLOT:
             self._used_bytes -= self._slot_bytes
             self._free_slots.append(request.slot)
+
+    def free_keeping_slot(self, request_id: int) -> int:
+        if not self._slot_bytes:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        request = self._pop_live(request_id)
+        self._release_pages(request)
+        return self._cached.hold_slot(request.slot)  # its bytes stay in use, the cache's now
+
+    def _release_pages(self, request: _Held) -> None:
+        pages = self._cached.freed_of(request.pages) if self._cached.refs else request.pages
+        self._used_bytes -= len(pages) * self._page_bytes
+        self._free_pages += pages
 
     def units(self, request_id: int) -> RequestUnits:
         request = self._get(request_id)

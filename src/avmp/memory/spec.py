@@ -292,6 +292,18 @@ class CacheAllocator(ABC):
         """
         raise AllocatorError(f"the {self.name} allocator keeps no prefix cache")
 
+    def free_keeping_slot(self, request_id: int) -> int:
+        """Free a live request like `free`, except its slot, which becomes a checkpoint
+        only the prefix cache holds: the request's final state, kept without a copy.
+
+        Returns:
+            The checkpoint's key.
+        Raises:
+            UnknownRequestError: the request is not live.
+            AllocatorError: the model has no recurrent state.
+        """
+        raise AllocatorError(f"the {self.name} allocator keeps no prefix cache")
+
     def release_cached(self, key: int) -> None:
         """Drop the cache's hold on ``key``; its unit is freed once nobody holds it.
 

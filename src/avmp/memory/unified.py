@@ -452,12 +452,22 @@ class UnifiedAllocator(RequestTable[_Placed]):
 
     def free(self, request_id: int) -> None:
         request = self._pop_live(request_id)
+        self._release_request_blocks(request)
+        if request.slot != NO_SLOT:
+            self._release_run(request.slot)
+
+    def free_keeping_slot(self, request_id: int) -> int:
+        if not self._run:
+            raise AllocatorError(f"{self.geometry.name} has no recurrent state to checkpoint")
+        request = self._pop_live(request_id)
+        self._release_request_blocks(request)
+        return self._cached.hold_slot(request.slot)  # its state run stays taken
+
+    def _release_request_blocks(self, request: _Placed) -> None:
         if self._cached.refs:  # blocks the prefix cache or another request also holds
             self._release_blocks(self._cached.freed_of(request.pages))
         else:
             self._release_blocks(request.pages)
-        if request.slot != NO_SLOT:
-            self._release_run(request.slot)
 
     def cache_kv_unit(self, request_id: int, index: int) -> int:
         request = self._get(request_id)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from avmp.memory.spec import CacheAllocator, PoolKind
 from avmp.models.geometry import ModelGeometry
@@ -116,6 +117,22 @@ class PrefixNode:
             nodes.append(node)
             node = node.parent
         return nodes[::-1]
+
+
+SlotCopier = Callable[[int, int], None]
+"""Copies one slot's state into another, ``(src, dst)`` (the engine's device copy),
+called at once, so that a later compaction moves the copied bytes."""
+
+
+class CheckpointCopy(NamedTuple):
+    """A state copy between a request's slot and a checkpoint (the cache's key on a
+    slot). In a plan: a hit, the checkpoint copied into the request's slot. In an
+    outcome: a checkpoint taken from the request's slot (``kept``: its own slot, kept at
+    its end, no copy)."""
+
+    request_id: int
+    key: int
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -526,10 +543,12 @@ class PrefixCache:
     is short. One `PrefixTree` holds what is cached.
     """
 
-    def __init__(self, tree: PrefixTree) -> None:
+    def __init__(self, tree: PrefixTree, copier: SlotCopier | None = None) -> None:
         self.tree = tree
+        self.copier = copier
         self.stats = PrefixStats()
         self._tracked: dict[int, _Tracked] = {}
+        self._taken: list[CheckpointCopy] = []
         self._ideal: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # a trie of contents
 
     # ---- admission ----------------------------------------------------------------------
@@ -550,6 +569,10 @@ class PrefixCache:
         if hit.depth:
             tree.touch(hit)
         targets, cuts = self._targets(prompt_tokens, total_tokens, found)
+        if self.copier is not None and tree.has_state:
+            # a copier reads a slot, which holds the state at a step's end only: every
+            # checkpoint ends a step (the engine's scans expose no chunk states)
+            cuts = set(targets)
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
         tracked.last = total_tokens - 1
         tracked.ideal_level = self._ideal
@@ -650,27 +673,41 @@ class PrefixCache:
                 self._take(request_id, tracked, target // self.tree.unit_tokens)
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
-        """Insert the request's path up to ``num_units`` and checkpoint its end; at the
-        request's final state, the checkpoint waits until the request is freed
-        (`forget`), so that it takes the slot the request gives back instead of making
-        room for one more (a migration, or an eviction) while both are held."""
+        """Insert the request's path up to ``num_units`` and checkpoint its end. When
+        that end is the request's final state (its stream ends on a unit boundary), the
+        checkpoint waits for the request's end (`free`), which keeps its own slot: no
+        copy, and no room made for one more slot. Otherwise the state is copied now: the
+        slot moves on past the unit boundary."""
         tree = self.tree
         node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
         tracked.node = node
-        if num_units * tree.unit_tokens >= tracked.last // tree.unit_tokens * tree.unit_tokens:
+        if num_units * tree.unit_tokens == tracked.last:  # its final state: kept at its end
             tracked.pending = tree.has_state and node.checkpoint_key is None
             return
-        self._checkpoint(node)
+        self._checkpoint(request_id, node)
 
-    def _checkpoint(self, node: PrefixNode) -> None:
+    def _checkpoint(self, request_id: int, node: PrefixNode) -> None:
+        """Copy a live request's state into a new checkpoint at ``node``."""
         tree = self.tree
         if tree.has_state and node.checkpoint_key is None:
             key = self._new_checkpoint()
             if key is None:
                 self.stats.num_checkpoints_refused += 1
             else:
-                tree.attach_checkpoint(node, key)
-                self.stats.num_checkpoints_taken += 1
+                if self.copier is not None:  # read after the allocation: it may compact
+                    allocator = tree.allocator
+                    self.copier(allocator.units(request_id).slot, allocator.cached_unit(key))
+                self._attach(request_id, node, key, kept=False)
+
+    def _attach(self, request_id: int, node: PrefixNode, key: int, kept: bool) -> None:
+        tree = self.tree
+        tree.attach_checkpoint(node, key)
+        self.stats.num_checkpoints_taken += 1
+        self._taken.append(CheckpointCopy(request_id, key, kept))
+        self._note_peaks()
+
+    def _note_peaks(self) -> None:
+        tree = self.tree
         held = tree.num_checkpoints * tree.checkpoint_bytes
         self.stats.peak_checkpoint_bytes = max(self.stats.peak_checkpoint_bytes, held)
         self.stats.peak_cached_pages = max(self.stats.peak_cached_pages, tree.num_nodes)
@@ -683,16 +720,42 @@ class PrefixCache:
             key = allocator.cache_checkpoint()
         return key
 
+    def free(self, request_id: int) -> None:
+        """Free a finished request; its slot becomes the checkpoint of its final state
+        when one is due there (`CacheAllocator.free_keeping_slot`)."""
+        tracked = self._tracked.get(request_id)
+        node = tracked.node if tracked is not None and tracked.pending else None
+        if node is None or node.checkpoint_key is not None:
+            self.tree.allocator.free(request_id)
+        else:
+            key = self.tree.allocator.free_keeping_slot(request_id)
+            self._attach(request_id, node, key, kept=True)
+            self._note_peaks()
+        self.forget(request_id)
+
     def forget(self, request_id: int) -> None:
-        """The request left memory (finished, preempted, dropped; call after its free):
-        take its final checkpoint if one waits, and unlock its path."""
+        """The request left memory (finished, preempted, dropped; call after its
+        free): unlock its path."""
         tracked = self._tracked.pop(request_id, None)
         if tracked is not None:
-            if tracked.pending:
-                self._checkpoint(tracked.node)
             self.tree.unlock(tracked.node)
             if tracked.pinned is not None:
                 self.tree.unpin(tracked.pinned)
+
+    def restore(self, request_id: int) -> CheckpointCopy | None:
+        """Copy a just-admitted request's hit into its slot (None: no checkpoint)."""
+        hit = self._tracked[request_id].pinned
+        if hit is None or hit.checkpoint_key is None:
+            return None
+        if self.copier is not None:
+            allocator = self.tree.allocator
+            self.copier(allocator.cached_unit(hit.checkpoint_key), allocator.units(request_id).slot)
+        return CheckpointCopy(request_id, hit.checkpoint_key)
+
+    def drain_taken(self) -> tuple[CheckpointCopy, ...]:
+        """The checkpoints taken since the last call, oldest first."""
+        taken, self._taken = tuple(self._taken), []
+        return taken
 
     def reclaim(self, pool: PoolKind | None = None) -> bool:
         """Evict one cached unit for an allocation that failed (short in ``pool``, if
@@ -722,8 +785,10 @@ class PrefixCache:
         tracked.ideal_units = max(tracked.ideal_units, min(num_units, len(tracked.contents)))
 
 
-def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig) -> PrefixCache:
-    """The prefix cache over ``allocator``, sized from its model and layout.
+def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig,
+                       copier: SlotCopier | None = None) -> PrefixCache:  # fmt: skip
+    """The prefix cache over ``allocator``, sized from its model and layout; ``copier``
+    carries out its slot copies (the engine), None to only count them (the simulator).
 
     Raises:
         ValueError: the budget cannot hold one checkpoint beside one request's slot.
@@ -746,4 +811,4 @@ def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig) -> 
         allocator, config, unit, has_state,
         lambda n: prefill_flops(geometry, n), page_bytes, checkpoint_bytes,
     )  # fmt: skip
-    return PrefixCache(tree)
+    return PrefixCache(tree, copier)

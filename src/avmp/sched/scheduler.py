@@ -43,7 +43,13 @@ from avmp.memory.spec import (
     RequestUnits,
 )
 from avmp.sched.admission import GrowthEstimate
-from avmp.sched.prefix import PrefixCache, PrefixCacheConfig, build_prefix_cache
+from avmp.sched.prefix import (
+    CheckpointCopy,
+    PrefixCache,
+    PrefixCacheConfig,
+    SlotCopier,
+    build_prefix_cache,
+)
 from avmp.sched.request import RequestSpec
 from avmp.sched.swap import (
     Admission,
@@ -180,7 +186,8 @@ class StepPlan:
     """What one step does: the chunks to compute (running requests first, in admission
     order, then newly admitted ones), who was preempted or rejected while planning, how
     many of the chunks' tokens are recompute after a preemption, and the copies to and
-    from the host tier that planning issued (swapped-out victims, resumed requests)."""
+    from the host tier that planning issued (swapped-out victims, resumed requests), and
+    the checkpoints that prefix-cache hits copy into their requests' slots first."""
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[int, ...]
@@ -188,6 +195,7 @@ class StepPlan:
     num_recompute_tokens: int = 0
     swapped_out: tuple[SwapCopy, ...] = ()
     swapped_in: tuple[SwapCopy, ...] = ()
+    restored: tuple[CheckpointCopy, ...] = ()
 
     @property
     def num_swap_bytes(self) -> int:
@@ -207,11 +215,13 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What a step produced: requests that sampled a token (in plan order) and those that
-    finished."""
+    """What a step produced: requests that sampled a token (in plan order), those that
+    finished, and the checkpoints the prefix cache took (each slot's state to copy
+    before the next step writes it)."""
 
     emitted: tuple[int, ...]
     finished: tuple[int, ...]
+    checkpointed: tuple[CheckpointCopy, ...] = ()
 
 
 @dataclass
@@ -225,6 +235,7 @@ class _Budget:
     rejected: list[Rejection] = field(default_factory=list)
     swapped_out: list[SwapCopy] = field(default_factory=list)
     swapped_in: list[SwapCopy] = field(default_factory=list)
+    restored: list[CheckpointCopy] = field(default_factory=list)
 
 
 class Scheduler:
@@ -242,6 +253,8 @@ class Scheduler:
     Args:
         swapper: carries out the host-tier copies (the engine); None to only count them
             (the simulator).
+        slot_copier: carries out the prefix cache's slot copies (hits, checkpoints), at
+            once; None to only count them.
     """
 
     def __init__(
@@ -249,6 +262,7 @@ class Scheduler:
         allocator: CacheAllocator,
         config: SchedulerConfig,
         swapper: Swapper | None = None,
+        slot_copier: SlotCopier | None = None,
     ) -> None:
         self.allocator = allocator
         self.config = config
@@ -271,7 +285,7 @@ class Scheduler:
         self._outstanding: StepPlan | None = None
         self.prefix: PrefixCache | None = None
         if config.prefix_cache is not None:
-            self.prefix = build_prefix_cache(allocator, config.prefix_cache)
+            self.prefix = build_prefix_cache(allocator, config.prefix_cache, slot_copier)
 
     # ---- requests in --------------------------------------------------------------------
 
@@ -333,6 +347,7 @@ class Scheduler:
             budget.num_recompute_tokens,
             tuple(budget.swapped_out),
             tuple(budget.swapped_in),
+            tuple(budget.restored),
         )
         self.growth.after_step(bool(budget.preempted), self.running)
         self._outstanding = plan if plan.chunks else None  # an empty plan needs no finishing
@@ -429,7 +444,7 @@ class Scheduler:
                 num_new = self.prefix.chunk_limit(request.request_id, request.num_computed, num_new)
             admitted = self._admit(request, num_new, budget, cached)
             if cached is not None and admitted:
-                self._count_prefix_hit(request)
+                self._count_prefix_hit(request, budget)
             elif cached is not None:
                 assert self.prefix is not None
                 self.prefix.not_admitted(request.request_id)
@@ -463,9 +478,13 @@ class Scheduler:
         usage = self.allocator.usage()
         return PoolKind.STATE if usage.state_cached_bytes else PoolKind.KV
 
-    def _count_prefix_hit(self, request: SchedRequest) -> None:
-        if request.num_preemptions == 0 and self.prefix is not None:  # first admission only
+    def _count_prefix_hit(self, request: SchedRequest, budget: _Budget) -> None:
+        assert self.prefix is not None
+        if request.num_preemptions == 0:  # first admission only
             self.prefix.admitted(request.request_id, request.prompt_tokens, request.num_computed)
+        copy = self.prefix.restore(request.request_id)
+        if copy is not None:
+            budget.restored.append(copy)
 
     def _admit(
         self, request: SchedRequest, num_new: int, budget: _Budget, cached: list[int] | None = None
@@ -629,7 +648,8 @@ class Scheduler:
             if request.num_output >= request.output_tokens or request.request_id in stop:
                 finished.append(request.request_id)
         self._release(finished)
-        return StepOutcome(tuple(emitted), tuple(finished))
+        taken = self.prefix.drain_taken() if self.prefix is not None else ()
+        return StepOutcome(tuple(emitted), tuple(finished), taken)
 
     def stop(self, request_id: int) -> bool:
         """Finish a request now, running or waiting, freeing its memory.
@@ -673,9 +693,10 @@ class Scheduler:
             return
         done = set(finished)
         for request_id in finished:
-            self.allocator.free(request_id)
-            if self.prefix is not None:  # after the free: its final checkpoint takes the slot
-                self.prefix.forget(request_id)
+            if self.prefix is not None:  # its slot may become its final checkpoint
+                self.prefix.free(request_id)
+            else:
+                self.allocator.free(request_id)
             request = self.requests[request_id]
             request.status = RequestStatus.FINISHED
             self.growth.observe_finish(request.num_output, request.output_tokens)

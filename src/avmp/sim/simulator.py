@@ -235,6 +235,12 @@ class TimedAllocator(CacheAllocator):
     def cache_checkpoint(self) -> int | None:
         return self.inner.cache_checkpoint()
 
+    def free_keeping_slot(self, request_id: int) -> int:
+        start = time.perf_counter()
+        key = self.inner.free_keeping_slot(request_id)
+        self.elapsed_s += time.perf_counter() - start
+        return key
+
     def release_cached(self, key: int) -> None:
         self.inner.release_cached(key)
 
