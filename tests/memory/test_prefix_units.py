@@ -77,3 +77,24 @@ def test_compaction_moves_a_checkpoint_and_its_key_follows() -> None:
         assert m.cached_unit(key) == 0 and backing.read_unit(STATE, 0) == data
         assert m.usage().state_cached_bytes == MiB
         m.check_integrity()
+
+
+def test_an_admission_that_compacts_adopts_the_moved_page() -> None:
+    """Making room for the new request's slot compacts the KV tail that holds the cached
+    page it adopts: the request gets the page where it lives after the move."""
+    with HostBacking() as backing:
+        m = _manager(4, backing)
+        m.admit(1, 4 * PAGE)  # state [0]: slots 0, 1; KV [1, 2]: pages 0-3
+        m.admit(2, PAGE)  # slot 1, page 4 in chunk 3
+        key = m.cache_kv_unit(2, 0)
+        data = bytes([0xE4]) * MiB
+        backing.write_unit(KV, 4, data)
+        m.free(2)
+        m.admit(5, PAGE)  # slot 1, page 5
+        m.free(1)
+        m.admit(3, PAGE)  # slot 0, page 0: both slots taken
+        units = m.admit(6, 2 * PAGE, cached=[key])  # a slot: KV's tail chunk must go
+        assert units is not None and m.stats.num_compactions == 1
+        assert units.pages[0] == m.cached_unit(key) == 1
+        assert backing.read_unit(KV, 1) == data
+        m.check_integrity()

@@ -180,6 +180,8 @@ class AvmpManager(CacheAllocator):
             self._make_room(num_fresh, num_slots)
         ):
             return None
+        if adopted:  # read again: making room may have compacted the pages it adopts
+            adopted = self._cached.kv_units(cached)
         pages = adopted + (self._kv.allocate(num_fresh) if num_fresh else [])
         slot = self._state.allocate_one() if num_slots else -1
         if adopted:
