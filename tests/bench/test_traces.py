@@ -129,3 +129,42 @@ def test_whole_numbers_written_as_digits_or_floats_are_read(tmp_path: Path) -> N
     reqs = read_trace(path)
     assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs] == [
         (0.0, 12345678901234567890, 1), (1.5, 12, 3)]
+
+
+def test_jsonl_segments_round_trip_and_are_optional(tmp_path: Path) -> None:
+    path = tmp_path / "shared.jsonl"
+    path.write_text(
+        '{"arrival_s": 0, "prompt_tokens": 30, "output_tokens": 4, '
+        '"segments": [["system", 20], ["q0", 10]], "output_segment": "a0"}\n'
+        '{"arrival_s": 1, "prompt_tokens": 44, "output_tokens": 4, '
+        '"segments": [["system", 20], ["q0", 10], ["a0", 4], [7, 10]]}\n'
+        '{"arrival_s": 2, "prompt_tokens": 5, "output_tokens": 1}\n'
+    )
+    first, second, plain = read_trace(path)
+    assert first.segments == (("system", 20), ("q0", 10)) and first.output_segment == "a0"
+    assert second.segments[-1] == (7, 10) and second.output_segment is None
+    assert plain.segments == () and plain.output_segment is None
+    again = tmp_path / "again.jsonl"
+    write_jsonl([first, second, plain], again)
+    assert read_trace(again) == [first, second, plain]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('"segments": [["s", 20]]', "segments hold 20 tokens, the prompt 30"),
+        ('"segments": [["s", 0], ["t", 30]]', "segment lengths must be >= 1"),
+        ('"segments": [[true, 30]]', "a content id is a string or an integer"),
+        ('"segments": [["s", 30, 1]]', r"each piece is \[content id, tokens\]"),
+        ('"segments": "s"', "a list of"),
+        ('"segments": [["s", 30]], "output_segment": [1]', "output_segment: a content id"),
+    ],
+)
+def test_bad_segments_name_the_file_and_line(tmp_path: Path, row: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 1}\n'
+        f'{{"arrival_s": 1, "prompt_tokens": 30, "output_tokens": 1, {row}}}\n'
+    )
+    with pytest.raises(TraceError, match=rf"bad.jsonl:2: .*{message}"):
+        read_trace(path)

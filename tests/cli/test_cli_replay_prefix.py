@@ -42,3 +42,25 @@ def test_a_budget_without_room_for_a_checkpoint_is_one_line(
     assert main(["replay", str(trace), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prefix caching needs room for a checkpoint" in err[0]
+
+
+def test_a_trace_that_names_its_shared_content_gets_hits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # JSONL lines may say what their prompts are made of ("segments"): 20 questions after
+    # one 2,000-token system prompt share it, and the cache takes it from the first
+    path = tmp_path / "shared.jsonl"
+    path.write_text(
+        "".join(
+            f'{{"arrival_s": {i}, "prompt_tokens": 2100, "output_tokens": 20, '
+            f'"segments": [["system", 2000], ["q{i}", 100]]}}\n'
+            for i in range(20)
+        )
+    )
+    args = ["replay", str(path), *ARGS, "--memory", "4GiB", "--prefix-cache", "avmp"]
+    assert main(args) == 0
+    summary = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("avmp: prefix")
+    )
+    hit, reusable = (int(n) for n in summary.split(": ", 2)[2].split(" reusable")[0].split(" of "))
+    assert reusable == 19 * 2000 and hit >= 0.9 * reusable

@@ -6,7 +6,11 @@ naming the file and the line, so a user can fix the file.
 
 Formats:
 - ``jsonl``: one object per line with ``arrival_s``, ``prompt_tokens``, ``output_tokens``
-  (blank lines skipped).
+  (blank lines skipped), and optionally what the prompt is made of, for prefix caching:
+  ``segments``, a list of ``[content id, tokens]`` pairs in order that sum to
+  ``prompt_tokens`` (the same id, a string or an integer, means the same tokens: a
+  system prompt, a conversation's history), and ``output_segment``, the id under which
+  a later prompt names this request's output (`avmp.sched.request.RequestSpec`).
 - ``azure``: Azure LLM inference trace 2023/2024, header ``TIMESTAMP,ContextTokens,
   GeneratedTokens``; TIMESTAMP is a datetime (``2023-11-16 18:15:46.6805900``; digits
   beyond microseconds are dropped).
@@ -193,12 +197,59 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     start = rows[0][0]
     if not math.isfinite(rows[-1][0] - start):
         raise TraceError(f"{path}: arrival times span more seconds than a float holds")
-    return [
-        RequestSpec(
-            request_id=i, arrival_s=arrival - start, prompt_tokens=prompt, output_tokens=output
-        )
-        for i, (arrival, _, prompt, output) in enumerate(rows)
-    ]
+    content = _jsonl_content(path) if (fmt or guess_format(path)) == "jsonl" else {}
+    requests = []
+    for i, (arrival, line_no, prompt, output) in enumerate(rows):
+        segments, output_segment = content.get(line_no, ((), None))
+        try:
+            requests.append(
+                RequestSpec(i, arrival - start, prompt, output, segments, output_segment)
+            )
+        except ValueError as error:
+            raise TraceError(f"{path}:{line_no}: {error}") from None
+    return requests
+
+
+_CONTENT_ID = (str, int)
+
+
+def _content_id(value: object, field: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, _CONTENT_ID):
+        raise ValueError(f"{field}: a content id is a string or an integer, got {value!r}")
+    return value
+
+
+def _jsonl_content(path: Path) -> dict[int, tuple[tuple[tuple[str | int, int], ...], object]]:
+    """By line: the ``segments`` and ``output_segment`` of the lines that give them."""
+    content: dict[int, tuple[tuple[tuple[str | int, int], ...], object]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)  # valid: `_jsonl_rows` read it first
+            if "segments" not in row and "output_segment" not in row:
+                continue
+            try:
+                content[line_no] = (_segments(row.get("segments", [])), _output_id(row))
+            except ValueError as error:
+                raise TraceError(f"{path}:{line_no}: {error}") from None
+    return content
+
+
+def _segments(value: object) -> tuple[tuple[str | int, int], ...]:
+    if not isinstance(value, list):
+        raise ValueError("segments: a list of [content id, tokens] pairs")
+    pieces = []
+    for piece in value:
+        if not isinstance(piece, list) or len(piece) != 2:
+            raise ValueError(f"segments: each piece is [content id, tokens], got {piece!r}")
+        pieces.append((_content_id(piece[0], "segments"), _tokens(piece[1], "segments")))
+    return tuple(pieces)
+
+
+def _output_id(row: dict[str, object]) -> str | int | None:
+    value = row.get("output_segment")
+    return None if value is None else _content_id(value, "output_segment")
 
 
 def _read_rows(path: Path, fmt: str) -> list[tuple[float, int, int, int]]:
@@ -221,13 +272,19 @@ def write_jsonl(requests: list[RequestSpec], path: str | Path) -> None:
     """Write requests as a JSONL trace (the format `read_trace` reads back)."""
     with Path(path).open("w") as handle:
         for r in requests:
-            handle.write(
-                json.dumps(
-                    {
-                        "arrival_s": r.arrival_s,
-                        "prompt_tokens": r.prompt_tokens,
-                        "output_tokens": r.output_tokens,
-                    }
-                )
-                + "\n"
-            )
+            handle.write(json.dumps(_jsonl_row(r)) + "\n")
+
+
+def _jsonl_row(r: RequestSpec) -> dict[str, object]:
+    """A request as a JSONL line; its content only when it has one (ids that JSON can
+    carry: strings or integers)."""
+    row: dict[str, object] = {
+        "arrival_s": r.arrival_s,
+        "prompt_tokens": r.prompt_tokens,
+        "output_tokens": r.output_tokens,
+    }
+    if r.segments and all(isinstance(i, _CONTENT_ID) for i, _ in r.segments):
+        row["segments"] = [[i, n] for i, n in r.segments]
+    if isinstance(r.output_segment, _CONTENT_ID):
+        row["output_segment"] = r.output_segment
+    return row
