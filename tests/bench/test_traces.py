@@ -168,3 +168,22 @@ def test_bad_segments_name_the_file_and_line(tmp_path: Path, row: str, message: 
     )
     with pytest.raises(TraceError, match=rf"bad.jsonl:2: .*{message}"):
         read_trace(path)
+
+
+def test_a_prefix_workload_keeps_what_it_shares_through_a_file(tmp_path: Path) -> None:
+    # the workloads name content by tuples; a file holds their JSON text, one per id
+    from avmp.bench.workloads import make_prefix_workload
+
+    requests = make_prefix_workload("multi_turn_prefix", 0, num_requests=24)
+    path = tmp_path / "prefix.jsonl"
+    write_jsonl(requests, path)
+    back = read_trace(path)
+
+    def sharing(specs: list) -> list:
+        names: dict = {}
+        return [
+            [(names.setdefault(i, len(names)), n) for i, n in spec.content()] for spec in specs
+        ]
+
+    assert any(r.segments for r in requests)
+    assert sharing(back) == sharing(requests)

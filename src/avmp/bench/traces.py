@@ -276,15 +276,22 @@ def write_jsonl(requests: list[RequestSpec], path: str | Path) -> None:
 
 
 def _jsonl_row(r: RequestSpec) -> dict[str, object]:
-    """A request as a JSONL line; its content only when it has one (ids that JSON can
-    carry: strings or integers)."""
+    """A request as a JSONL line, with its content when it has any."""
     row: dict[str, object] = {
         "arrival_s": r.arrival_s,
         "prompt_tokens": r.prompt_tokens,
         "output_tokens": r.output_tokens,
     }
-    if r.segments and all(isinstance(i, _CONTENT_ID) for i, _ in r.segments):
-        row["segments"] = [[i, n] for i, n in r.segments]
-    if isinstance(r.output_segment, _CONTENT_ID):
-        row["output_segment"] = r.output_segment
+    if r.segments:
+        row["segments"] = [[_json_id(i), n] for i, n in r.segments]
+    if r.output_segment is not None:
+        row["output_segment"] = _json_id(r.output_segment)
     return row
+
+
+def _json_id(value: object) -> str | int:
+    """A content id as a file holds it: strings and integers as they are, anything else
+    (the workloads' tuples) as its JSON text, the same text for the same id."""
+    if isinstance(value, _CONTENT_ID) and not isinstance(value, bool):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
