@@ -165,7 +165,7 @@ def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
 def _sse(data: Any) -> str:
     """One server-sent event as OpenAI writes them: ``data: <json>`` and a blank line.
 
-    The JSON is ASCII (non-ASCII text as ``\\uXXXX`` escapes): a client that splits the
+    The JSON is ASCII (non-ASCII text as ``\\u2028``-style escapes): a client that splits the
     stream with ``str.splitlines`` (httpx's ``aiter_lines`` does) also breaks lines at
     U+2028, U+2029 and U+0085, which generated text may hold, and would read half an
     event."""
