@@ -14,6 +14,7 @@ from avmp.models.geometry import (
     ConvColumns,
     LayerKind,
     ModelGeometry,
+    ParallelDims,
     RecurrentLayer,
     dtype_bytes,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ConvColumns",
     "LayerKind",
     "ModelGeometry",
+    "ParallelDims",
     "RecurrentLayer",
     "default_ssm_dtype",
     "dtype_bytes",

@@ -126,12 +126,35 @@ class RecurrentLayer:
 
 
 @dataclass(frozen=True)
+class ParallelDims:
+    """The sizes beyond the caches that tensor parallelism splits across ranks, so that
+    a split can be checked (and weights per rank counted) from the geometry alone.
+
+    Attributes:
+        num_attention_heads: query heads of each attention layer (0 without attention).
+        mlp_widths: intermediate widths of the dense MLPs and shared experts, each split
+            column-wise across ranks.
+        num_experts: routed experts of each MoE layer (0 without experts); whole experts
+            are split across ranks.
+    """
+
+    num_attention_heads: int = 0
+    mlp_widths: tuple[int, ...] = ()
+    num_experts: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.num_attention_heads, self.num_experts, *self.mlp_widths) < 0:
+            raise ValueError(f"parallel dims must be >= 0, got {self}")
+
+
+@dataclass(frozen=True)
 class ModelGeometry:
     """The cache geometry of one model, plus the few dimensions a time model needs.
 
     ``num_layers`` counts decoder blocks; one block may hold both an attention and a
     recurrent cache (Falcon-H1) and Zamba2's shared attention blocks count once per
-    invocation in ``attention_layers``.
+    invocation in ``attention_layers``. ``parallel_dims`` holds what tensor parallelism
+    splits beside the caches (None where the geometry was not read from a config).
     """
 
     name: str
@@ -147,6 +170,7 @@ class ModelGeometry:
     ssm_dtype: str = "bfloat16"
     conv_columns: ConvColumns = ConvColumns.VLLM
     confirmed: bool = True
+    parallel_dims: ParallelDims | None = None
 
     def __post_init__(self) -> None:
         if not self.attention_layers and not self.recurrent_layers:
