@@ -174,3 +174,23 @@ def test_zoo_models_with_enough_kv_heads_split_their_units_exactly(
     sharded = min(num_ranks, kv_heads)  # below that, KV heads are replicated
     assert rank.kv_bytes_per_token * sharded == geometry.kv_bytes_per_token
     assert rank.weight_bytes < geometry.weight_bytes
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"),
+    [
+        ("nemotron-h-47b", ParallelDims(64, (30_720,), 0)),
+        ("jamba-1.5-mini", ParallelDims(32, (14_336,), 16)),
+        ("qwen3-next-80b-a3b", ParallelDims(16, (512,), 512)),
+        ("mamba2-2.7b", ParallelDims(0, (), 0)),
+    ],
+)
+def test_configs_record_what_ranks_split(name: str, dims: ParallelDims) -> None:
+    assert resolve_model(name).parallel_dims == dims
+
+
+def test_a_zoo_model_whose_query_heads_do_not_split_is_refused() -> None:
+    geometry = resolve_model("falcon-h1-7b")  # 12 query heads, 2 KV heads
+    assert rank_geometry(geometry, 4).attention_layers[0].num_kv_heads == 1
+    with pytest.raises(ValueError, match=r"falcon-h1-7b on 8 GPUs: attention heads \(12\)"):
+        rank_geometry(geometry, 8)

@@ -34,6 +34,7 @@ from avmp.models.geometry import (
     ConvColumns,
     LayerKind,
     ModelGeometry,
+    ParallelDims,
     RecurrentLayer,
     dtype_bytes,
 )
@@ -132,6 +133,15 @@ class _Build:
     attention: list[AttentionLayer] = field(default_factory=list)
     recurrent: list[RecurrentLayer] = field(default_factory=list)
     params: _Params = field(default_factory=_Params)
+    # what tensor parallelism splits beside the caches (`ParallelDims`)
+    num_attention_heads: int = 0
+    mlp_widths: set[int] = field(default_factory=set)
+    num_experts: int = 0
+
+    def dense_width(self, width: int) -> int:
+        """Record a dense MLP's (or shared expert's) width, which ranks split; returns it."""
+        self.mlp_widths.add(width)
+        return width
 
 
 # ---------------------------------------------------------------- cache tensors
@@ -226,9 +236,11 @@ def _embedding_params(vocab: int, hidden: int, tied: bool) -> int:
     return vocab * hidden * (1 if tied else 2)
 
 
-def _add_moe(params: _Params, hidden: int, experts: int, top_k: int, expert_params: int) -> None:
+def _add_moe(b: _Build, hidden: int, experts: int, top_k: int, expert_params: int) -> None:
     """Routed experts plus the router; only ``top_k`` experts count as active."""
-    params.add(experts * expert_params + hidden * experts, top_k * expert_params + hidden * experts)
+    b.num_experts = max(b.num_experts, experts)
+    router = hidden * experts
+    b.params.add(experts * expert_params + router, top_k * expert_params + router)
 
 
 # ---------------------------------------------------------------- shared readers
@@ -316,6 +328,7 @@ def _base(cfg: _Config, family: str) -> _Build:
 
 def _add_attention(build: _Build, index: int, dims: _AttnDims, opt: _Options) -> None:
     build.attention.append(AttentionLayer(index, dims.num_kv_heads, dims.head_dim, opt.kv_dtype))
+    build.num_attention_heads = dims.num_heads
     build.params.add(
         _attention_params(build.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim)
     )
@@ -342,7 +355,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
     attn_period, attn_offset = cfg.dim("attn_layer_period", 8), cfg.count("attn_layer_offset", 4)
     exp_period, exp_offset = cfg.dim("expert_layer_period", 2), cfg.count("expert_layer_offset", 1)
     experts, top_k = cfg.dim("num_experts", 16), cfg.dim("num_experts_per_tok", 2)
-    mlp = _mlp_params(h, cfg.dim("intermediate_size"))
+    mlp = _mlp_params(h, b.dense_width(cfg.dim("intermediate_size")))
     for i in range(b.num_layers):
         if i % attn_period == attn_offset:
             _add_attention(b, i, attn, opt)
@@ -350,7 +363,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
             b.recurrent.append(_mamba1(i, d_inner, d_state, d_conv, opt))
             b.params.add(_mamba1_params(h, d_inner, d_state, d_conv, dt_rank))
         if experts > 1 and i % exp_period == exp_offset:
-            _add_moe(b.params, h, experts, top_k, mlp)
+            _add_moe(b, h, experts, top_k, mlp)
         else:
             b.params.add(mlp)
     _add_embeddings(b, cfg, False)
@@ -364,7 +377,7 @@ def _bamba(cfg: _Config, opt: _Options) -> _Build:
     types = [
         "full_attention" if i in attn_indices else "linear_attention" for i in range(b.num_layers)
     ]
-    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
+    mlp = _mlp_params(b.hidden_size, b.dense_width(cfg.dim("intermediate_size")))
     _hybrid_mamba2_layers(b, cfg, opt, types, lambda _: b.params.add(mlp), kv_heads_default=8)
     _add_embeddings(b, cfg, False)
     return b
@@ -382,12 +395,12 @@ def _granite_hybrid(cfg: _Config, opt: _Options) -> _Build:
     experts = cfg.count("num_local_experts", 8)
     top_k = cfg.dim("num_experts_per_tok", 2) if experts else 0
     expert = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
-    shared = _mlp_params(b.hidden_size, cfg.dim("shared_intermediate_size", 1024))
+    shared = _mlp_params(b.hidden_size, b.dense_width(cfg.dim("shared_intermediate_size", 1024)))
 
     def add_mlp(_: int) -> None:
         b.params.add(shared)
         if experts:
-            _add_moe(b.params, b.hidden_size, experts, top_k, expert)
+            _add_moe(b, b.hidden_size, experts, top_k, expert)
 
     _hybrid_mamba2_layers(b, cfg, opt, types, add_mlp, kv_heads_default=None)
     _add_embeddings(b, cfg, False)
@@ -458,7 +471,7 @@ def _nemotron_h(cfg: _Config, opt: _Options) -> _Build:
             b.recurrent.append(_mamba2(i, dims, opt))
             b.params.add(_mamba2_params(h, dims))
         elif kind == "mlp":
-            b.params.add(_mlp_params(h, cfg.dim("intermediate_size"), gated=False))
+            b.params.add(_mlp_params(h, b.dense_width(cfg.dim("intermediate_size")), gated=False))
         elif kind == "moe":
             _nemotron_moe(b, cfg)
         else:
@@ -471,11 +484,12 @@ def _nemotron_moe(b: _Build, cfg: _Config) -> None:
     h = b.hidden_size
     expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 7688), gated=False)
     experts, top_k = cfg.dim("n_routed_experts", 8), cfg.dim("num_experts_per_tok", 2)
-    _add_moe(b.params, h, experts, top_k, expert)
+    _add_moe(b, h, experts, top_k, expert)
     shared = cfg.count("n_shared_experts", 1)
-    b.params.add(
-        shared * _mlp_params(h, cfg.dim("moe_shared_expert_intermediate_size", 7688), gated=False)
-    )
+    width = cfg.dim("moe_shared_expert_intermediate_size", 7688)
+    if shared:
+        b.dense_width(width)
+    b.params.add(shared * _mlp_params(h, width, gated=False))
 
 
 def _falcon_h1(cfg: _Config, opt: _Options) -> _Build:
@@ -483,7 +497,7 @@ def _falcon_h1(cfg: _Config, opt: _Options) -> _Build:
     b = _base(cfg, "falcon_h1")
     attn = _attn_dims(cfg, b.hidden_size, kv_heads_default=8)
     dims = _mamba2_dims(cfg, _falcon_d_ssm(cfg, b.hidden_size))
-    mlp = _mlp_params(b.hidden_size, cfg.dim("intermediate_size"))
+    mlp = _mlp_params(b.hidden_size, b.dense_width(cfg.dim("intermediate_size")))
     for i in range(b.num_layers):
         _add_attention(b, i, attn, opt)
         b.recurrent.append(_mamba2(i, dims, opt))
@@ -540,6 +554,7 @@ def _zamba2(cfg: _Config, opt: _Options) -> _Build:
         b.params.add(_mamba2_params(h, dims))
         if kind == "hybrid":
             b.attention.append(AttentionLayer(i, attn.num_kv_heads, attn.head_dim, opt.kv_dtype))
+            b.num_attention_heads = attn.num_heads
             b.params.add(h * h)  # the per-invocation linear back into the residual stream
     _zamba2_shared_blocks(b, cfg, attn)
     _add_embeddings(b, cfg, True)
@@ -550,7 +565,7 @@ def _zamba2_shared_blocks(b: _Build, cfg: _Config, attn: _AttnDims) -> None:
     h = b.hidden_size
     wide = 2 * h
     attention = 3 * wide * attn.num_heads * attn.head_dim + attn.num_heads * attn.head_dim * h
-    mlp = _mlp_params(h, cfg.dim("intermediate_size", 4 * h))
+    mlp = _mlp_params(h, b.dense_width(cfg.dim("intermediate_size", 4 * h)))
     b.params.add(cfg.dim("num_mem_blocks", 1) * (attention + mlp))
 
 
@@ -653,11 +668,12 @@ def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int, experts: int, top_k: in
     step = cfg.dim("decoder_sparse_step", 1)
     dense_layers = set(cfg.sequence("mlp_only_layers", []))
     if experts == 0 or index in dense_layers or (index + 1) % step:
-        b.params.add(_mlp_params(h, cfg.dim("intermediate_size")))
+        b.params.add(_mlp_params(h, b.dense_width(cfg.dim("intermediate_size"))))
         return
     expert = _mlp_params(h, cfg.dim("moe_intermediate_size", 512))
-    _add_moe(b.params, h, experts, cfg.dim("num_experts_per_tok", top_k), expert)
-    b.params.add(_mlp_params(h, cfg.dim("shared_expert_intermediate_size", 512)) + h)
+    _add_moe(b, h, experts, cfg.dim("num_experts_per_tok", top_k), expert)
+    shared = b.dense_width(cfg.dim("shared_expert_intermediate_size", 512))
+    b.params.add(_mlp_params(h, shared) + h)
 
 
 def _minimax_types(cfg: _Config, num_layers: int) -> list[str]:
@@ -690,7 +706,7 @@ def _minimax(cfg: _Config, opt: _Options) -> _Build:
             b.params.add(5 * h * attn.num_heads * attn.head_dim)  # qkv, gate, out
         else:
             raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
-        _add_moe(b.params, h, experts, top_k, expert)
+        _add_moe(b, h, experts, top_k, expert)
     _add_embeddings(b, cfg, False)
     return b
 
@@ -738,7 +754,7 @@ def _lfm2(cfg: _Config, opt: _Options) -> _Build:
             b.params.add(4 * h * h + h * d_conv)  # in_proj (B, C, x), out_proj, taps
         else:
             raise cfg.fail(f"unknown layer type {kind!r} at layer {i}")
-        b.params.add(_mlp_params(h, _lfm2_mlp_width(cfg)))
+        b.params.add(_mlp_params(h, b.dense_width(_lfm2_mlp_width(cfg))))
     # legacy checkpoints name the tie ``tie_embedding``; it wins, as in transformers
     tied = cfg.flag("tie_embedding", cfg.flag("tie_word_embeddings", True))
     b.params.add(_embedding_params(b.vocab_size, h, tied))
@@ -788,7 +804,7 @@ def _mamba_ssm(cfg: _Config, opt: _Options) -> _Build:
             b.recurrent.append(_mamba2(i, dims, opt))
             b.params.add(_mamba2_params(b.hidden_size, dims))
         if cfg.count("d_intermediate", 0):
-            b.params.add(_mlp_params(b.hidden_size, cfg.count("d_intermediate")))
+            b.params.add(_mlp_params(b.hidden_size, b.dense_width(cfg.count("d_intermediate"))))
     b.params.add(_embedding_params(b.vocab_size, b.hidden_size, cfg.flag("tie_embeddings", True)))
     return b
 
@@ -947,6 +963,9 @@ def _to_geometry(build: _Build, name: str, raw: Mapping[str, Any], opt: _Options
             ssm_dtype=opt.ssm_dtype,
             conv_columns=opt.conv_columns,
             confirmed=bool(raw.get("_avmp_confirmed", True)),
+            parallel_dims=ParallelDims(
+                build.num_attention_heads, tuple(sorted(build.mlp_widths)), build.num_experts
+            ),
         )
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
