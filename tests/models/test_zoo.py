@@ -32,6 +32,8 @@ class Row(NamedTuple):
 TABLE: dict[str, Row] = {
     "jamba-v0.1": Row(32, 4, 28, 8, 128, 16_384, 8.3, 15.3, 532),
     "jamba-1.5-mini": Row(32, 4, 28, 8, 128, 16_384, 8.3, 15.3, 532),
+    # not in MODELS.md: MODELS.md's formulas on the zoo's config (Jamba-1.5 paper's figures)
+    "jamba-1.5-large": Row(72, 9, 63, 8, 128, 36_864, 37.4, 68.9, 1_064),
     "zamba2-2.7b": Row(54, 9, 54, 32, 160, 184_320, 35.4, 69.1, 201),
     "falcon-h1-0.5b": Row(36, 36, 36, 2, 64, 18_432, 13.9, 27.4, 789),
     "falcon-h1-1.5b": Row(24, 24, 24, 2, 128, 24_576, 36.5, 72.5, 1_557),
@@ -68,6 +70,7 @@ UNCONFIRMED = {
 # Published sizes (billions of parameters: total, active or None for dense / not checked).
 PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "jamba-1.5-mini": (52.0, 12.0),
+    "jamba-1.5-large": (398.0, 94.0),
     "jamba-v0.1": (52.0, 12.0),
     "granite-4.0-h-micro": (3.0, None),
     "granite-4.0-h-tiny": (7.0, None),
