@@ -194,3 +194,12 @@ def test_a_zoo_model_whose_query_heads_do_not_split_is_refused() -> None:
     assert rank_geometry(geometry, 4).attention_layers[0].num_kv_heads == 1
     with pytest.raises(ValueError, match=r"falcon-h1-7b on 8 GPUs: attention heads \(12\)"):
         rank_geometry(geometry, 8)
+
+
+def test_a_rank_geometry_says_it_is_one_share_and_is_not_split_again() -> None:
+    geometry = _hybrid(kv_heads=8, groups=8)
+    assert geometry.num_ranks == 1
+    rank = rank_geometry(geometry, 2)
+    assert rank.num_ranks == 2
+    with pytest.raises(ValueError, match="already one of 2 ranks' shares"):
+        rank_geometry(rank, 2)

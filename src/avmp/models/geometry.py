@@ -154,7 +154,9 @@ class ModelGeometry:
     ``num_layers`` counts decoder blocks; one block may hold both an attention and a
     recurrent cache (Falcon-H1) and Zamba2's shared attention blocks count once per
     invocation in ``attention_layers``. ``parallel_dims`` holds what tensor parallelism
-    splits beside the caches (None where the geometry was not read from a config).
+    splits beside the caches (None where the geometry was not read from a config);
+    ``num_ranks`` above 1 marks one rank's share of a model split over that many GPUs
+    (`avmp.models.tensor_parallel.rank_geometry`): its units are the rank's shards.
     """
 
     name: str
@@ -171,11 +173,14 @@ class ModelGeometry:
     conv_columns: ConvColumns = ConvColumns.VLLM
     confirmed: bool = True
     parallel_dims: ParallelDims | None = None
+    num_ranks: int = 1
 
     def __post_init__(self) -> None:
         if not self.attention_layers and not self.recurrent_layers:
             raise ValueError(f"{self.name}: a model needs at least one cache-holding layer")
         dtype_bytes(self.weight_dtype)
+        if self.num_ranks < 1:
+            raise ValueError(f"{self.name}: num_ranks must be >= 1, got {self.num_ranks}")
 
     @property
     def num_attention_layers(self) -> int:

@@ -202,13 +202,16 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
     The parameter counts stay estimates, as the geometry's own: ``num_params / N`` plus
     what replication adds (KV projections of replicated KV heads, the B and C
     projections of replicated Mamba2 groups); norms, routers and vocabulary padding are
-    left out. ``hidden_size`` and ``vocab_size`` stay the model's.
+    left out. ``hidden_size`` and ``vocab_size`` stay the model's; ``num_ranks`` says
+    that it is one rank's share (so a time model adds the all-reduces between ranks).
 
     Raises:
         ValueError: a figure of the model does not split over ``num_ranks`` ranks (the
-            message names the model and the figure).
+            message names the model and the figure), or ``geometry`` is a rank's already.
     """
     check_num_ranks(num_ranks)
+    if geometry.num_ranks != 1:
+        raise ValueError(f"{geometry.name} is already one of {geometry.num_ranks} ranks' shares")
     if num_ranks == 1:
         return geometry
     try:
@@ -224,6 +227,7 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
         recurrent_layers=recurrent,
         num_params=_ceil(Fraction(geometry.num_params, num_ranks) + extra),
         num_active_params=_ceil(Fraction(geometry.num_active_params, num_ranks) + extra),
+        num_ranks=num_ranks,
     )
 
 
