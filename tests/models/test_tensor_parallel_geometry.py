@@ -179,10 +179,11 @@ def test_zoo_models_with_enough_kv_heads_split_their_units_exactly(
 @pytest.mark.parametrize(
     ("name", "dims"),
     [
-        ("nemotron-h-47b", ParallelDims(64, (30_720,), 0)),
+        ("nemotron-h-47b", ParallelDims(64, (30_720,), 0, 8)),
         ("jamba-1.5-mini", ParallelDims(32, (14_336,), 16)),
         ("qwen3-next-80b-a3b", ParallelDims(16, (512,), 512)),
-        ("mamba2-2.7b", ParallelDims(0, (), 0)),
+        ("mamba2-2.7b", ParallelDims(0, (), 0, 1)),
+        ("bamba-9b", ParallelDims(32, (14_336,), 0, 1)),
     ],
 )
 def test_configs_record_what_ranks_split(name: str, dims: ParallelDims) -> None:
@@ -203,3 +204,8 @@ def test_a_rank_geometry_says_it_is_one_share_and_is_not_split_again() -> None:
     assert rank.num_ranks == 2
     with pytest.raises(ValueError, match="already one of 2 ranks' shares"):
         rank_geometry(rank, 2)
+
+
+def test_a_hand_built_geometry_split_gets_its_mamba2_groups_from_its_layers() -> None:
+    rank = rank_geometry(_hybrid(kv_heads=8, groups=2), 4)
+    assert rank.parallel_dims == ParallelDims(num_mamba2_groups=2)

@@ -136,14 +136,18 @@ class ParallelDims:
             column-wise across ranks.
         num_experts: routed experts of each MoE layer (0 without experts); whole experts
             are split across ranks.
+        num_mamba2_groups: groups of the Mamba2 layers (0 without Mamba2): fewer groups
+            than ranks are replicated, and each gated-norm group then spans ranks.
     """
 
     num_attention_heads: int = 0
     mlp_widths: tuple[int, ...] = ()
     num_experts: int = 0
+    num_mamba2_groups: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.num_attention_heads, self.num_experts, *self.mlp_widths) < 0:
+        counts = (self.num_attention_heads, self.num_experts, self.num_mamba2_groups)
+        if min(*counts, *self.mlp_widths) < 0:
             raise ValueError(f"parallel dims must be >= 0, got {self}")
 
 

@@ -38,6 +38,7 @@ from avmp.models.geometry import (
     RecurrentLayer,
     dtype_bytes,
 )
+from avmp.models.tensor_parallel import layer_mamba2_groups
 from avmp.units import ceil_div, round_up
 
 CONFIG_FILENAME = "config.json"
@@ -964,7 +965,10 @@ def _to_geometry(build: _Build, name: str, raw: Mapping[str, Any], opt: _Options
             conv_columns=opt.conv_columns,
             confirmed=bool(raw.get("_avmp_confirmed", True)),
             parallel_dims=ParallelDims(
-                build.num_attention_heads, tuple(sorted(build.mlp_widths)), build.num_experts
+                build.num_attention_heads,
+                tuple(sorted(build.mlp_widths)),
+                build.num_experts,
+                max(map(layer_mamba2_groups, build.recurrent), default=0),
             ),
         )
     except ValueError as exc:

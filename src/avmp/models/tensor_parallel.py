@@ -214,8 +214,9 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
         raise ValueError(f"{geometry.name} is already one of {geometry.num_ranks} ranks' shares")
     if num_ranks == 1:
         return geometry
+    dims = geometry.parallel_dims or ParallelDims(num_mamba2_groups=mamba2_groups(geometry))
     try:
-        _check_parallel_dims(geometry.parallel_dims, num_ranks)
+        _check_parallel_dims(dims, num_ranks)
         attention = tuple(_rank_attention(layer, num_ranks) for layer in geometry.attention_layers)
         recurrent = tuple(_rank_recurrent(layer, num_ranks) for layer in geometry.recurrent_layers)
     except ValueError as error:
@@ -227,6 +228,7 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
         recurrent_layers=recurrent,
         num_params=_ceil(Fraction(geometry.num_params, num_ranks) + extra),
         num_active_params=_ceil(Fraction(geometry.num_active_params, num_ranks) + extra),
+        parallel_dims=dims,
         num_ranks=num_ranks,
     )
 
@@ -273,11 +275,26 @@ def _rank_recurrent(layer: RecurrentLayer, num_ranks: int) -> RecurrentLayer:
     raise ValueError(f"no tensor-parallel rule for {layer.kind} layers")
 
 
-def _mamba2_split(layer: RecurrentLayer, num_ranks: int) -> Mamba2Split:
-    """The split of a Mamba2 layer, its groups read back from the conv channels
-    (``heads x head_dim + 2 x groups x d_state``)."""
+def mamba2_groups(geometry: ModelGeometry) -> int:
+    """Groups of the model's Mamba2 layers (the most of any layer; 0 without Mamba2)."""
+    return max(map(layer_mamba2_groups, geometry.recurrent_layers), default=0)
+
+
+def layer_mamba2_groups(layer: RecurrentLayer) -> int:
+    """A Mamba2 layer's groups (0 for any other layer)."""
+    return _mamba2_dims(layer)[2] if layer.kind is LayerKind.MAMBA2 else 0
+
+
+def _mamba2_dims(layer: RecurrentLayer) -> tuple[int, int, int, int]:
+    """Heads, head dim, d_state and groups of a Mamba2 layer, its groups read back from
+    the conv channels (``heads x head_dim + 2 x groups x d_state``)."""
     num_heads, head_dim, d_state = _shape(_ssm(layer), 3, layer)
     num_groups = (_conv(layer).shape[0] - num_heads * head_dim) // (2 * d_state)
+    return num_heads, head_dim, num_groups, d_state
+
+
+def _mamba2_split(layer: RecurrentLayer, num_ranks: int) -> Mamba2Split:
+    num_heads, head_dim, num_groups, d_state = _mamba2_dims(layer)
     return split_mamba2(num_heads, num_groups, head_dim, d_state, num_ranks)
 
 
