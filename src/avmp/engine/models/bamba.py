@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.base import HybridModel
@@ -22,16 +21,18 @@ from avmp.engine.models.layers import (
     head_dim_of,
     rope_theta,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import lm_head
 
 
 class BambaBlock(MixerOrAttentionBlock):
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps)
         self.feed_forward = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, tp
         )
         self.mamba: Mamba2Mixer | None = None
         self.self_attn: PagedAttention | None = None
@@ -45,19 +46,20 @@ class BambaBlock(MixerOrAttentionBlock):
                 head_dim,
                 scale=head_dim**-0.5,
                 bias=config.attention_bias,
+                tp=tp,
             )
         else:
-            self.mamba = mamba2_from_granite_style(config, layer_index)
+            self.mamba = mamba2_from_granite_style(config, layer_index, tp)
 
 
 class BambaModel(HybridModel):
     family = "bamba"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = HybridBody(config, BambaBlock, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = HybridBody(config, BambaBlock, config.rms_norm_eps, tp=tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
 

@@ -12,6 +12,8 @@ from torch import nn
 from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer, OpsLayer, PagedAttention
 from avmp.engine.ops import REFERENCE_OPS, Ops
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.shards import load_full_state
 from avmp.models.geometry import (
     AttentionLayer,
     CacheTensor,
@@ -31,6 +33,10 @@ class HybridModel(nn.Module):
     `~avmp.engine.models.layers.HybridBody` and an ``lm_head``), then implement
     `forward`, and `logits` when their logits are scaled. ``tied_weights`` maps a
     parameter that a checkpoint may omit to the one it shares storage with.
+
+    Built with a `TensorParallel` of several ranks, a model holds this rank's shard of
+    every layer (its sizes, and so its cache geometry, are the rank's) and its forward
+    pass all-reduces where a layer's partial sums meet; every rank runs the same step.
     """
 
     family: str = ""
@@ -39,9 +45,21 @@ class HybridModel(nn.Module):
     computed_buffers: tuple[str, ...] = ()
     lm_head: nn.Linear
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
+
+    @torch.no_grad()
+    def sharded(self, tp: TensorParallel) -> HybridModel:
+        """This full model's shard for ``tp``'s rank, on its device and in its dtype
+        (every rank builds the same full model, e.g. from one seed, then slices it)."""
+        weight = next(self.parameters())
+        shard = type(self)(self.config, tp).to(device=weight.device, dtype=weight.dtype)
+        load_full_state(shard, self.state_dict())
+        shard.tie_weights_if_needed()
+        shard.use_ops(self.ops)
+        return shard.train(self.training)
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches
@@ -117,6 +135,7 @@ class HybridModel(nn.Module):
             weight_dtype=kv_name,
             ssm_dtype=ssm_name,
             conv_columns=conv_columns,
+            num_ranks=self.tp.size,
         )
 
 

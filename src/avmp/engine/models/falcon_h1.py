@@ -24,7 +24,11 @@ from avmp.engine.models.layers import (
     apply_rotary,
     head_dim_of,
     rope_theta,
+    shard_param,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import NormSpan, column_linear, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 
 
 def mup_vector(config: Any, intermediate: int) -> torch.Tensor:
@@ -36,46 +40,69 @@ def mup_vector(config: Any, intermediate: int) -> torch.Tensor:
 
 
 class FalconGatedNorm(nn.Module):
-    """Grouped RMS norm with the gate applied before or after it."""
+    """Grouped RMS norm with the gate applied before or after it. With a ``span`` this
+    rank holds part of one group, and the group's sum of squares is all-reduced."""
 
-    def __init__(self, size: int, n_groups: int, eps: float, norm_before_gate: bool) -> None:
+    def __init__(
+        self,
+        size: int,
+        n_groups: int,
+        eps: float,
+        norm_before_gate: bool,
+        span: NormSpan | None = None,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.n_groups, self.eps, self.norm_before_gate = n_groups, eps, norm_before_gate
+        self.span = span
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if not self.norm_before_gate:
             x = x * F.silu(gate.float())
-        h = x.float().view(x.shape[0], self.n_groups, -1)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = (self.weight.view(self.n_groups, -1) * h).view(x.shape)
+        if self.span is None:
+            h = x.float().view(x.shape[0], self.n_groups, -1)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = (self.weight.view(self.n_groups, -1) * h).view(x.shape)
+        else:
+            h = self.weight * self.span.rms_norm(x, self.eps)
         if self.norm_before_gate:
             h = h * F.silu(gate.float())
         return h.to(dtype)
 
 
 class FalconMixer(Mamba2Mixer):
-    """Mamba2 with muP input/in_proj multipliers and an optional gated norm."""
+    """Mamba2 with muP input/in_proj multipliers and an optional gated norm. Under
+    tensor parallelism its output is a partial sum, which the block adds to the
+    attention's before one all-reduce."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         intermediate = config.mamba_d_ssm or int(config.mamba_expand * config.hidden_size)
-        super().__init__(layer_index, config.hidden_size, **mamba2_settings(config))
-        if self.intermediate_size != intermediate:
+        super().__init__(layer_index, config.hidden_size, **mamba2_settings(config), tp=tp,
+                         reduce=False)  # fmt: skip
+        if self.channel_rows.full != intermediate:
             raise ValueError("Falcon-H1: mamba_n_heads * mamba_d_head must equal mamba_d_ssm")
-        self.out_proj = nn.Linear(intermediate, config.hidden_size, bias=config.projectors_bias)
+        self.out_proj = row_linear(self.channel_rows, config.hidden_size,
+                                   config.projectors_bias, tp, reduce=False)  # fmt: skip
         # Falcon-H1's own gated norm (or none) in place of Mamba2Mixer's; the checkpoint
         # names it ``norm`` too
         self.norm: FalconGatedNorm | None = None  # type: ignore[assignment]
         if config.mamba_rms_norm:
+            group = intermediate // config.mamba_n_groups
+            first_channel = self.channel_rows.ranges[0][0]
             self.norm = FalconGatedNorm(
-                intermediate,
-                config.mamba_n_groups,
+                self.intermediate_size,
+                self.n_groups,
                 config.rms_norm_eps,
                 config.mamba_norm_before_gate,
+                NormSpan.of(tp, first_channel, intermediate, group),
             )
+            shard_param(self.norm.weight, self.channel_rows, tp)
         self.ssm_in_multiplier = config.ssm_in_multiplier
-        self.register_buffer("mup_vector", mup_vector(config, intermediate), persistent=False)
+        mup = mup_vector(config, intermediate)
+        if not tp.is_single:
+            mup = mup[self.in_proj_rows.index()]
+        self.register_buffer("mup_vector", mup, persistent=False)
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         proj = self.in_proj(x * self.ssm_in_multiplier) * self.mup_vector
@@ -86,9 +113,10 @@ class FalconMixer(Mamba2Mixer):
 
 
 class FalconAttention(PagedAttention):
-    """Attention whose keys are scaled by ``key_multiplier`` before rotary."""
+    """Attention whose keys are scaled by ``key_multiplier`` before rotary; under tensor
+    parallelism its output is a partial sum (the block reduces it with the mixer's)."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         head_dim = head_dim_of(config)
         super().__init__(
             layer_index,
@@ -98,6 +126,8 @@ class FalconAttention(PagedAttention):
             head_dim,
             scale=head_dim**-0.5,
             bias=config.attention_bias,
+            tp=tp,
+            reduce=False,
         )
         self.key_multiplier = config.key_multiplier
 
@@ -117,12 +147,13 @@ class FalconAttention(PagedAttention):
 
 
 class FalconMLP(OpsLayer):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        rows = Rows.units(*tp.split(i, "MLP width"), 1, i)
+        self.gate_proj = column_linear(h, rows, bias, tp)
+        self.up_proj = column_linear(h, rows, bias, tp)
+        self.down_proj = row_linear(rows, h, bias, tp)
         self.act = activation(config.hidden_act)
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
@@ -134,13 +165,17 @@ class FalconMLP(OpsLayer):
 
 
 class FalconBlock(nn.Module):
-    def __init__(self, config: Any, layer_index: int) -> None:
+    """Attention and Mamba2 side by side on one normed input; under tensor parallelism
+    their partial sums are added before one all-reduce."""
+
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mamba = FalconMixer(config, layer_index)
-        self.self_attn = FalconAttention(config, layer_index)
-        self.feed_forward = FalconMLP(config)
+        self.mamba = FalconMixer(config, layer_index, tp)
+        self.self_attn = FalconAttention(config, layer_index, tp)
+        self.feed_forward = FalconMLP(config, tp)
+        self.tp = tp
         self.attention_in_multiplier = config.attention_in_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
         self.attn_out_multiplier = config.attention_out_multiplier
@@ -155,7 +190,7 @@ class FalconBlock(nn.Module):
         h = x.norm(self.input_layernorm)
         ssm = self.mamba(h, batch, cache) * self.ssm_out_multiplier
         attn = self.self_attn(h * self.attention_in_multiplier, batch, cache, rope)
-        x.add(ssm + attn * self.attn_out_multiplier)
+        x.add(self.tp.all_reduce(ssm + attn * self.attn_out_multiplier))
         x.add(self.feed_forward(x.norm(self.pre_ff_layernorm)))
 
 
@@ -163,10 +198,10 @@ class FalconH1Model(HybridModel):
     family = "falcon_h1"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = HybridBody(config, FalconBlock, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = HybridBody(config, FalconBlock, config.rms_norm_eps, tp=tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         head_dim = head_dim_of(config)
         self.rotary = Rotary(head_dim, rope_theta(config))
 

@@ -24,7 +24,11 @@ from avmp.engine.models.layers import (
     mix_or_attend,
     rope_theta,
     run_experts,
+    shard_param,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import column_linear, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 
 
 def mamba2_settings(config: Any) -> dict[str, Any]:
@@ -44,22 +48,26 @@ def mamba2_settings(config: Any) -> dict[str, Any]:
     }
 
 
-def mamba2_from_granite_style(config: Any, layer_index: int) -> Mamba2Mixer:
+def mamba2_from_granite_style(
+    config: Any, layer_index: int, tp: TensorParallel = SINGLE
+) -> Mamba2Mixer:
     """A Mamba2 mixer from the ``mamba_*`` fields shared by Granite-H and Bamba configs."""
-    return Mamba2Mixer(layer_index, config.hidden_size, **mamba2_settings(config))
+    return Mamba2Mixer(layer_index, config.hidden_size, **mamba2_settings(config), tp=tp)
 
 
 class GraniteSharedMLP(OpsLayer):
-    """``output_linear(act(a) * b)`` with ``a, b`` the two halves of ``input_linear``."""
+    """``output_linear(act(a) * b)`` with ``a, b`` the two halves of ``input_linear``;
+    under tensor parallelism each half column-parallel, ``output_linear`` row-parallel
+    (its partial sum reduced by the block, with the experts')."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE, reduce: bool = True) -> None:
         super().__init__()
-        self.input_linear = nn.Linear(
-            config.hidden_size, 2 * config.shared_intermediate_size, bias=False
+        width = config.shared_intermediate_size
+        rows = Rows.units(*tp.split(width, "shared MLP width"), 1, width)
+        self.input_linear = column_linear(
+            config.hidden_size, Rows.sections([rows, rows]), False, tp
         )
-        self.output_linear = nn.Linear(
-            config.shared_intermediate_size, config.hidden_size, bias=False
-        )
+        self.output_linear = row_linear(rows, config.hidden_size, False, tp, reduce)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,15 +100,20 @@ class GraniteRouter(nn.Module):
 
 
 class GraniteMoE(OpsLayer):
-    """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked."""
+    """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked.
+    Under tensor parallelism a rank holds a consecutive share of the experts (the
+    stacks' first dimension) and returns its part of the sum."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         n, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.num_experts = n
+        self.first_expert, self.num_experts = tp.split(n, "experts")
+        experts = Rows.units(self.first_expert, self.num_experts, 1, n)
         self.router = GraniteRouter(config)
-        self.input_linear = ExpertWeights(n, 2 * i, h)
-        self.output_linear = ExpertWeights(n, h, i)
+        self.input_linear = ExpertWeights(self.num_experts, 2 * i, h)
+        self.output_linear = ExpertWeights(self.num_experts, h, i)
+        shard_param(self.input_linear.weight, experts, tp)
+        shard_param(self.output_linear.weight, experts, tp)
         self.act = activation(config.hidden_act)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -110,17 +123,23 @@ class GraniteMoE(OpsLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.router(x)
-        return run_experts(x, index, weights, self.expert, self.num_experts).to(x.dtype)
+        out = run_experts(x, index, weights, self.expert, self.num_experts, self.first_expert)
+        return out.to(x.dtype)
 
 
 class GraniteBlock(nn.Module):
-    def __init__(self, config: Any, layer_index: int) -> None:
+    """Token mixer then shared MLP plus experts, each added with the residual
+    multiplier; under tensor parallelism the MLP's and the experts' partial sums are
+    added before one all-reduce."""
+
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.block_sparse_moe = GraniteMoE(config) if config.num_local_experts > 0 else None
-        self.shared_mlp = GraniteSharedMLP(config)
+        self.block_sparse_moe = GraniteMoE(config, tp) if config.num_local_experts > 0 else None
+        self.shared_mlp = GraniteSharedMLP(config, tp, reduce=False)
+        self.tp = tp
         self.residual_multiplier = config.residual_multiplier
         self.mamba: Mamba2Mixer | None = None
         self.self_attn: PagedAttention | None = None
@@ -134,9 +153,10 @@ class GraniteBlock(nn.Module):
                 head_dim,
                 scale=config.attention_multiplier,
                 bias=config.attention_bias,
+                tp=tp,
             )
         else:
-            self.mamba = mamba2_from_granite_style(config, layer_index)
+            self.mamba = mamba2_from_granite_style(config, layer_index, tp)
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.input_layernorm)
@@ -148,17 +168,18 @@ class GraniteBlock(nn.Module):
         ffn = self.shared_mlp(h)
         if self.block_sparse_moe is not None:
             ffn = self.block_sparse_moe(h) + ffn
-        x.add(ffn, self.residual_multiplier)
+        x.add(self.tp.all_reduce(ffn), self.residual_multiplier)
 
 
 class GraniteMoeHybridModel(HybridModel):
     family = "granitemoehybrid"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = HybridBody(config, GraniteBlock, config.rms_norm_eps, norm_name="norm")
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = HybridBody(config, GraniteBlock, config.rms_norm_eps, norm_name="norm",
+                                tp=tp)  # fmt: skip
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         self.rotary: Rotary | None = None
         if config.position_embedding_type == "rope":
             head_dim = head_dim_of(config)

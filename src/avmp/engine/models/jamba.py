@@ -17,8 +17,11 @@ from avmp.engine.models.layers import (
     MixerOrAttentionBlock,
     PagedAttention,
     RMSNorm,
+    local_experts,
     run_experts,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import lm_head
 
 
 class JambaRouter(nn.Module):
@@ -34,34 +37,38 @@ class JambaRouter(nn.Module):
 
 
 class JambaMoE(nn.Module):
-    """Top-k experts, each a gated MLP, in the checkpoint's per-expert layout."""
+    """Top-k experts, each a gated MLP, in the checkpoint's per-expert layout; under
+    tensor parallelism each rank runs its share of the experts and one all-reduce
+    adds the shares."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.router = JambaRouter(config)
-        self.experts = nn.ModuleList(
-            GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-            for _ in range(config.num_experts)
+        h, i, act = config.hidden_size, config.intermediate_size, config.hidden_act
+        self.experts, self.first_expert = local_experts(
+            lambda: GatedMLP(h, i, act), config.num_experts, tp
         )
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.router(x)
-        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
-        return out.to(x.dtype)
+        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
+                          self.first_expert)  # fmt: skip
+        return self.tp.all_reduce(out.to(x.dtype))
 
 
 class JambaBlock(MixerOrAttentionBlock):
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps)
         self.feed_forward: nn.Module
         if config.layers_num_experts[layer_index] > 1:
-            self.feed_forward = JambaMoE(config)
+            self.feed_forward = JambaMoE(config, tp)
         else:
             self.feed_forward = GatedMLP(
-                config.hidden_size, config.intermediate_size, config.hidden_act
+                config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp
             )
         self.mamba: Mamba1Mixer | None = None
         self.self_attn: PagedAttention | None = None
@@ -74,6 +81,7 @@ class JambaBlock(MixerOrAttentionBlock):
                 config.num_key_value_heads,
                 head_dim,
                 scale=head_dim**-0.5,
+                tp=tp,
             )
         else:
             self.mamba = Mamba1Mixer(
@@ -86,6 +94,7 @@ class JambaBlock(MixerOrAttentionBlock):
                 eps=eps,
                 conv_bias=config.mamba_conv_bias,
                 proj_bias=config.mamba_proj_bias,
+                tp=tp,
             )
 
 
@@ -93,10 +102,10 @@ class JambaModel(HybridModel):
     family = "jamba"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = HybridBody(config, JambaBlock, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = HybridBody(config, JambaBlock, config.rms_norm_eps, tp=tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches

@@ -18,6 +18,9 @@ from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, row_linear
+from avmp.engine.parallel.shards import Rows, set_shard
 from avmp.kernels import reference as ref
 
 
@@ -43,6 +46,24 @@ def activation(name: str) -> Activation:
         raise ValueError(
             f"unsupported activation {name!r}; supported: {', '.join(table)}"
         ) from None
+
+
+def shard_param(param: nn.Parameter, rows: Rows, tp: TensorParallel) -> nn.Parameter:
+    """``param`` (this rank's rows, along its first dimension), its shard recorded
+    when there are several ranks."""
+    if not tp.is_single:
+        set_shard(param, 0, rows)
+    return param
+
+
+def depthwise_conv(channels: Rows, d_conv: int, bias: bool, tp: TensorParallel) -> nn.Conv1d:
+    """The causal depthwise conv of a recurrent mixer over this rank's ``channels``."""
+    width = channels.size
+    conv = nn.Conv1d(width, width, d_conv, groups=width, padding=d_conv - 1, bias=bias)
+    shard_param(conv.weight, channels, tp)
+    if conv.bias is not None:
+        shard_param(conv.bias, channels, tp)
+    return conv
 
 
 def head_dim_of(config: Any) -> int:
@@ -114,16 +135,25 @@ class Residual:
 
 
 class RMSNormGated(OpsLayer):
-    """Grouped RMS norm of ``x * silu(gate)``: the Mamba2 output norm."""
+    """Grouped RMS norm of ``x * silu(gate)``: the Mamba2 output norm. With a ``span``
+    this rank holds part of one group, and the group's sum of squares is all-reduced."""
 
-    def __init__(self, size: int, group_size: int, eps: float) -> None:
+    def __init__(
+        self, size: int, group_size: int, eps: float, span: NormSpan | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.variance_epsilon = eps
         self.group_size = group_size
+        self.span = span
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return self.ops.gated_rms_norm(x, gate, self.weight, self.variance_epsilon, self.group_size)
+        if self.span is None:
+            return self.ops.gated_rms_norm(
+                x, gate, self.weight, self.variance_epsilon, self.group_size
+            )
+        h = x.float() if gate is None else x.float() * F.silu(gate.float())
+        return self.weight * self.span.rms_norm(h, self.variance_epsilon).to(x.dtype)
 
 
 class Rotary:
@@ -160,7 +190,12 @@ def rope_theta(config: Any) -> float:
 
 
 class PagedAttention(OpsLayer):
-    """Grouped-query attention whose K/V live in the KV pool's pages."""
+    """Grouped-query attention whose K/V live in the KV pool's pages.
+
+    Under tensor parallelism each rank holds ``heads / size`` query heads and the KV
+    heads they read: ``kv_heads / size`` of them, or the one they share when there are
+    fewer KV heads than ranks (replicated, as vLLM does); ``o_proj`` is row-parallel.
+    """
 
     def __init__(
         self,
@@ -172,17 +207,22 @@ class PagedAttention(OpsLayer):
         scale: float,
         bias: bool = False,
         out_bias: bool | None = None,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.first_head, local_heads = tp.split(num_heads, "attention heads")
+        first_kv, local_kv = tp.split_or_replicate(num_kv_heads, "KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = local_heads, local_kv, head_dim
         self.scale = scale
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(
-            num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias
-        )
+        q_rows = Rows.units(self.first_head, local_heads, head_dim, num_heads)
+        kv_rows = Rows.units(first_kv, local_kv, head_dim, num_kv_heads)
+        self.q_proj = column_linear(hidden_size, q_rows, bias, tp)
+        self.k_proj = column_linear(hidden_size, kv_rows, bias, tp)
+        self.v_proj = column_linear(hidden_size, kv_rows, bias, tp)
+        out_bias = bias if out_bias is None else out_bias
+        self.o_proj = row_linear(q_rows, hidden_size, out_bias, tp, reduce)
 
     def forward(
         self,
@@ -212,7 +252,14 @@ class PagedAttention(OpsLayer):
 
 
 class Mamba2Mixer(OpsLayer):
-    """Mamba2 (SSD) mixer: in_proj, causal conv, scan or step, gated norm, out_proj."""
+    """Mamba2 (SSD) mixer: in_proj, causal conv, scan or step, gated norm, out_proj.
+
+    Under tensor parallelism each rank holds ``heads / size`` heads and the groups they
+    read (``groups / size`` of them, or the one they share when there are fewer groups
+    than ranks, as vLLM's ``MambaMixer2``): ``in_proj`` and the conv are sliced section
+    by section (z, x, B, C, dt), ``out_proj`` is row-parallel, and the gated norm
+    all-reduces its sums of squares when a norm group spans ranks.
+    """
 
     def __init__(
         self,
@@ -229,31 +276,34 @@ class Mamba2Mixer(OpsLayer):
         proj_bias: bool = False,
         time_step_limit: tuple[float, float] = (0.0, float("inf")),
         norm_group_size: int | None = None,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.head_dim, self.n_groups = num_heads, head_dim, n_groups
+        first_head, local_heads = tp.split(num_heads, "Mamba2 heads")
+        first_group, local_groups = tp.split_or_replicate(n_groups, "Mamba2 groups")
+        self.num_heads, self.head_dim, self.n_groups = local_heads, head_dim, local_groups
         self.d_state, self.chunk_size, self.d_conv = d_state, chunk_size, d_conv
-        self.intermediate_size = num_heads * head_dim
-        self.conv_dim = self.intermediate_size + 2 * n_groups * d_state
+        self.intermediate_size = local_heads * head_dim
+        self.conv_dim = self.intermediate_size + 2 * local_groups * d_state
         self.time_step_limit = time_step_limit
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            d_conv,
-            groups=self.conv_dim,
-            padding=d_conv - 1,
-            bias=conv_bias,
-        )
-        self.in_proj = nn.Linear(
-            hidden_size, self.intermediate_size + self.conv_dim + num_heads, bias=proj_bias
-        )
-        self.dt_bias = nn.Parameter(torch.ones(num_heads))
-        self.A_log = nn.Parameter(torch.zeros(num_heads))
-        self.D = nn.Parameter(torch.ones(num_heads))
-        group = norm_group_size or self.intermediate_size // n_groups
-        self.norm: nn.Module = RMSNormGated(self.intermediate_size, group, eps)
-        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=proj_bias)
+        inner = Rows.units(first_head, local_heads, head_dim, num_heads)  # z, x, the norm
+        groups = Rows.units(first_group, local_groups, d_state, n_groups)  # B, C
+        heads = Rows.units(first_head, local_heads, 1, num_heads)  # dt, A, D
+        self.channel_rows = inner
+        self.in_proj_rows = Rows.sections([inner, inner, groups, groups, heads])
+        self.conv1d = depthwise_conv(Rows.sections([inner, groups, groups]), d_conv,
+                                     conv_bias, tp)  # fmt: skip
+        self.in_proj = column_linear(hidden_size, self.in_proj_rows, proj_bias, tp)
+        self.dt_bias = shard_param(nn.Parameter(torch.ones(local_heads)), heads, tp)
+        self.A_log = shard_param(nn.Parameter(torch.zeros(local_heads)), heads, tp)
+        self.D = shard_param(nn.Parameter(torch.ones(local_heads)), heads, tp)
+        group = norm_group_size or inner.full // n_groups
+        span = NormSpan.of(tp, first_head * head_dim, inner.full, group)
+        self.norm: nn.Module = RMSNormGated(self.intermediate_size, group, eps, span)
+        shard_param(self.norm.weight, inner, tp)
+        self.out_proj = row_linear(inner, hidden_size, proj_bias, tp, reduce)
 
     @property
     def ssm_shape(self) -> tuple[int, int, int]:
@@ -319,15 +369,23 @@ class Mamba2Mixer(OpsLayer):
 
 
 class GatedMLP(OpsLayer):
-    """``down(act(gate(x)) * up(x))`` (Llama style, Bamba, Jamba, Falcon-H1)."""
+    """``down(act(gate(x)) * up(x))`` (Llama style, Bamba, Jamba, Falcon-H1); under
+    tensor parallelism gate and up are column-parallel, down row-parallel."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str,
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
     ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        rows = Rows.units(*tp.split(intermediate_size, "MLP width"), 1, intermediate_size)
+        self.gate_proj = column_linear(hidden_size, rows, bias, tp)
+        self.up_proj = column_linear(hidden_size, rows, bias, tp)
+        self.down_proj = row_linear(rows, hidden_size, bias, tp, reduce)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,15 +402,18 @@ def run_experts(
     top_k_weights: torch.Tensor,
     expert_fn: Any,
     num_experts: int,
+    first_expert: int = 0,
 ) -> torch.Tensor:
     """Route each token to its top-k experts and sum their weighted outputs.
 
-    ``expert_fn(expert, tokens)`` computes one expert on ``[n, hidden]`` inputs. Experts
-    run in index order and accumulate with ``index_add_`` as transformers does.
+    ``expert_fn(expert, tokens)`` computes local expert ``expert`` (global index
+    ``first_expert + expert``: a rank holds ``num_experts`` of them) on ``[n, hidden]``
+    inputs. Experts run in index order and accumulate with ``index_add_`` as
+    transformers does; under tensor parallelism the sum is this rank's part.
     """
     out = torch.zeros_like(x, dtype=top_k_weights.dtype)
     for expert in range(num_experts):
-        token_idx, k_pos = torch.where(top_k_index == expert)
+        token_idx, k_pos = torch.where(top_k_index == first_expert + expert)
         if token_idx.numel() == 0:
             continue
         y = expert_fn(expert, x[token_idx]) * top_k_weights[token_idx, k_pos, None]
@@ -360,8 +421,47 @@ def run_experts(
     return out
 
 
+class ExpertSlice(nn.Module):
+    """A rank's consecutive experts, registered under their global indices (the
+    checkpoint's ``experts.{i}`` names) and indexed by local position."""
+
+    def __init__(self, experts: list[nn.Module], first_expert: int) -> None:
+        super().__init__()
+        self.first_expert = first_expert
+        for offset, expert in enumerate(experts):
+            self.add_module(str(first_expert + offset), expert)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        module: nn.Module = getattr(self, str(self.first_expert + index))
+        return module
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def local_experts(
+    build: Any, num_experts: int, tp: TensorParallel
+) -> tuple[nn.ModuleList | ExpertSlice, int]:
+    """This rank's experts (``build()`` makes one) and the global index of the first.
+
+    Experts are split whole across ranks (expert parallelism inside the tensor-parallel
+    group), not each one's width: see docs/design-tp.md. One rank gets a plain
+    ``nn.ModuleList`` of them all.
+    """
+    if tp.is_single:
+        return nn.ModuleList(build() for _ in range(num_experts)), 0
+    first, count = tp.split(num_experts, "experts")
+    return ExpertSlice([build() for _ in range(count)], first), first
+
+
 class Mamba1Mixer(OpsLayer):
-    """Mamba1 selective-scan mixer with Jamba's RMS norms on dt, B and C."""
+    """Mamba1 selective-scan mixer with Jamba's RMS norms on dt, B and C.
+
+    Under tensor parallelism each rank holds ``intermediate / size`` channels: in_proj,
+    the conv, dt_proj, A and D are sliced by channel; ``x_proj`` reads channels, so its
+    (small) output is all-reduced before the norms (vLLM's extra all-reduce for Jamba);
+    ``out_proj`` is row-parallel.
+    """
 
     def __init__(
         self,
@@ -374,19 +474,24 @@ class Mamba1Mixer(OpsLayer):
         eps: float,
         conv_bias: bool = True,
         proj_bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.intermediate_size, self.d_state, self.d_conv = intermediate_size, d_state, d_conv
-        self.conv_dim, self.dt_rank = intermediate_size, dt_rank
-        i = intermediate_size
-        self.conv1d = nn.Conv1d(i, i, d_conv, groups=i, padding=d_conv - 1, bias=conv_bias)
-        self.in_proj = nn.Linear(hidden_size, 2 * i, bias=proj_bias)
-        self.x_proj = nn.Linear(i, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, i, bias=True)
-        self.A_log = nn.Parameter(torch.zeros(i, d_state))
-        self.D = nn.Parameter(torch.ones(i))
-        self.out_proj = nn.Linear(i, hidden_size, bias=proj_bias)
+        channels = Rows.units(*tp.split(intermediate_size, "Mamba1 channels"), 1,
+                              intermediate_size)  # fmt: skip
+        i = channels.size
+        self.intermediate_size, self.d_state, self.d_conv = i, d_state, d_conv
+        self.conv_dim, self.dt_rank = i, dt_rank
+        self.conv1d = depthwise_conv(channels, d_conv, conv_bias, tp)
+        self.in_proj = column_linear(hidden_size, Rows.sections([channels, channels]),
+                                     proj_bias, tp)  # fmt: skip
+        self.x_proj = row_linear(channels, dt_rank + 2 * d_state, False, tp)
+        self.dt_proj = column_linear(dt_rank, channels, True, tp)
+        self.A_log = shard_param(nn.Parameter(torch.zeros(i, d_state)), channels, tp)
+        self.D = shard_param(nn.Parameter(torch.ones(i)), channels, tp)
+        self.out_proj = row_linear(channels, hidden_size, proj_bias, tp, reduce)
         self.dt_layernorm = RMSNorm(dt_rank, eps)
         self.b_layernorm = RMSNorm(d_state, eps)
         self.c_layernorm = RMSNorm(d_state, eps)
@@ -486,8 +591,9 @@ class HybridBody(nn.Module):
     The embedding and final norm are registered under the names the family's
     checkpoints use (they differ: ``embed_tokens``/``embeddings``, ``final_layernorm``/
     ``norm``/``norm_f``), so ``load_state_dict`` sees the transformers keys unchanged.
-    Every block is called as ``block(x, batch, cache, rope)`` with ``x`` the `Residual`
-    stream, which it reads through its norms and adds its outputs to.
+    Every block is built as ``block(config, layer_index, tp)`` and called as
+    ``block(x, batch, cache, rope)`` with ``x`` the `Residual` stream, which it reads
+    through its norms and adds its outputs to.
     """
 
     def __init__(
@@ -499,11 +605,12 @@ class HybridBody(nn.Module):
         embed_name: str = "embed_tokens",
         norm_name: str = "final_layernorm",
         fp32_norm: bool = False,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.embed_name, self.norm_name = embed_name, norm_name
-        setattr(self, embed_name, nn.Embedding(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
+        setattr(self, embed_name, embedding(config.vocab_size, config.hidden_size, tp))
+        self.layers = nn.ModuleList(block(config, i, tp) for i in range(config.num_hidden_layers))
         setattr(self, norm_name, RMSNorm(config.hidden_size, eps, fp32_weight=fp32_norm))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,13 @@ from avmp.engine.models.layers import (
     Rope,
     Rotary,
     apply_rotary,
+    depthwise_conv,
     head_dim_of,
     rope_theta,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import column_linear, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 from avmp.kernels import reference as ref
 from avmp.models.geometry import (
     CacheTensor,
@@ -41,15 +45,18 @@ from avmp.models.geometry import (
 
 
 class Lfm2ShortConv(OpsLayer):
-    """``out_proj(C * conv(B * x))``, the conv continuing from the request's slot."""
+    """``out_proj(C * conv(B * x))``, the conv continuing from the request's slot.
+    Under tensor parallelism each rank holds ``hidden / size`` channels of B, C, x and
+    the conv; ``out_proj`` is row-parallel."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         h, taps, bias = config.hidden_size, config.conv_L_cache, config.conv_bias
-        self.layer_index, self.conv_dim, self.d_conv = layer_index, h, taps
-        self.conv = nn.Conv1d(h, h, taps, groups=h, bias=bias, padding=taps - 1)
-        self.in_proj = nn.Linear(h, 3 * h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        channels = Rows.units(*tp.split(h, "short conv channels"), 1, h)
+        self.layer_index, self.conv_dim, self.d_conv = layer_index, channels.size, taps
+        self.conv = depthwise_conv(channels, taps, bias, tp)
+        self.in_proj = column_linear(h, Rows.sections([channels] * 3), bias, tp)
+        self.out_proj = row_linear(channels, h, bias, tp)
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
         b, c, xs = self.in_proj(x).chunk(3, dim=-1)
@@ -80,7 +87,7 @@ class Lfm2Attention(PagedAttention):
     """Grouped-query attention with per-head RMS norms on q and k before the rotary;
     the output projection is named ``out_proj``."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         head_dim = head_dim_of(config)
         super().__init__(
             layer_index,
@@ -89,6 +96,7 @@ class Lfm2Attention(PagedAttention):
             config.num_key_value_heads,
             head_dim,
             scale=head_dim**-0.5,
+            tp=tp,
         )
         self.out_proj = self.o_proj
         del self.o_proj
@@ -126,8 +134,8 @@ def lfm2_mlp_width(config: Any) -> int:
 class Lfm2MLP(GatedMLP):
     """``w2(silu(w1(x)) * w3(x))``: a gated MLP under LFM2's names."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config.hidden_size, lfm2_mlp_width(config), "silu")
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config.hidden_size, lfm2_mlp_width(config), "silu", tp=tp)
         self.w1, self.w3, self.w2 = self.gate_proj, self.up_proj, self.down_proj
         del self.gate_proj, self.up_proj, self.down_proj
 
@@ -139,18 +147,18 @@ class Lfm2MLP(GatedMLP):
 class Lfm2Block(nn.Module):
     """``x + op(operator_norm(x))`` then ``x + feed_forward(ffn_norm(x))``."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.feed_forward = Lfm2MLP(config)
+        self.feed_forward = Lfm2MLP(config, tp)
         kind = config.layer_types[layer_index]
         self.conv: Lfm2ShortConv | None = None
         self.self_attn: Lfm2Attention | None = None
         if kind == "conv":
-            self.conv = Lfm2ShortConv(config, layer_index)
+            self.conv = Lfm2ShortConv(config, layer_index, tp)
         elif kind == "full_attention":
-            self.self_attn = Lfm2Attention(config, layer_index)
+            self.self_attn = Lfm2Attention(config, layer_index, tp)
         else:
             raise ValueError(f"unknown LFM2 layer type {kind!r} at layer {layer_index}")
 
@@ -168,14 +176,15 @@ class Lfm2Model(HybridModel):
     family = "lfm2"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
         if rope_type not in (None, "default"):
             raise ValueError(f"LFM2 with rope type {rope_type!r} is not supported")
         # the final norm is named embedding_norm in LFM2 checkpoints
-        self.model = HybridBody(config, Lfm2Block, config.norm_eps, norm_name="embedding_norm")
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = HybridBody(config, Lfm2Block, config.norm_eps, norm_name="embedding_norm",
+                                tp=tp)  # fmt: skip
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         self.rotary = Rotary(head_dim_of(config), rope_theta(config))
 
     def forward(

@@ -28,30 +28,46 @@ from avmp.engine.models.layers import (
     Rotary,
     activation,
     head_dim_of,
+    local_experts,
     rope_theta,
     run_experts,
+    shard_param,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 from avmp.kernels import lightning
 from avmp.models.geometry import CacheTensor, ConvColumns, LayerKind, ModelGeometry, RecurrentLayer
 
 
 class LightningAttention(OpsLayer):
-    """``out_proj(sigmoid(output_gate(x)) * norm(lightning(act(qkv_proj(x)))))``."""
+    """``out_proj(sigmoid(output_gate(x)) * norm(lightning(act(qkv_proj(x)))))``.
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    Under tensor parallelism each rank holds ``heads / size`` heads (their q, k, v, gate
+    rows, decay rates and states); the norm spans every head, so its sum of squares is
+    all-reduced, and ``out_proj`` is row-parallel.
+    """
+
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.head_dim = config.num_attention_heads, head_dim_of(config)
+        heads, self.head_dim = config.num_attention_heads, head_dim_of(config)
+        first, self.num_heads = tp.split(heads, "lightning heads")
         self.block_size = config.block_size
         width = self.num_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * width, bias=False)
-        self.output_gate = nn.Linear(config.hidden_size, width, bias=False)
-        self.out_proj = nn.Linear(width, config.hidden_size, bias=False)
+        rows = Rows.units(first, self.num_heads, self.head_dim, heads)
+        self.qkv_proj = column_linear(config.hidden_size,
+                                      Rows.units(first, self.num_heads, 3 * self.head_dim, heads),
+                                      False, tp)  # fmt: skip
+        self.output_gate = column_linear(config.hidden_size, rows, False, tp)
+        self.out_proj = row_linear(rows, config.hidden_size, False, tp)
         self.norm = RMSNorm(width, 1e-6)  # transformers gives this norm its default eps
+        self.norm_span = NormSpan.of(tp, first * self.head_dim, rows.full, rows.full)
+        shard_param(self.norm.weight, rows, tp)
         self.act = activation(config.hidden_act)
-        slope = lightning.slope_rates(self.num_heads, layer_index, config.num_hidden_layers)
+        slope = lightning.slope_rates(heads, layer_index, config.num_hidden_layers)
         self.slope_rate: torch.Tensor
-        self.register_buffer("slope_rate", slope, persistent=False)
+        self.register_buffer("slope_rate", slope[first : first + self.num_heads], persistent=False)
 
     @property
     def ssm_shape(self) -> tuple[int, int, int]:
@@ -61,7 +77,11 @@ class LightningAttention(OpsLayer):
         qkv = self.ops.activation(self.act, self.qkv_proj(x))
         _, states = cache.state(self.layer_index)
         y = self.ops.lightning_mix(self, qkv, states, batch)  # [T, H * D]
-        y = self.norm(y)
+        if self.norm_span is None:
+            y = self.norm(y)
+        else:
+            normed = self.norm_span.rms_norm(y, self.norm.variance_epsilon)
+            y = self.norm.weight * normed.to(y.dtype)
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * y)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,36 +125,41 @@ class MiniMaxExpert(GatedMLP):
 
 
 class MiniMaxMoE(nn.Module):
-    """Softmax router, top-k renormalised, experts summed in index order."""
+    """Softmax router, top-k renormalised, experts summed in index order; under tensor
+    parallelism each rank runs its share of the experts and one all-reduce adds them."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = nn.ModuleList(MiniMaxExpert(config) for _ in range(config.num_local_experts))
+        self.experts, self.first_expert = local_experts(
+            lambda: MiniMaxExpert(config), config.num_local_experts, tp
+        )
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
-        return out.to(x.dtype)
+        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
+                          self.first_expert)  # fmt: skip
+        return self.tp.all_reduce(out.to(x.dtype))
 
 
 class MiniMaxBlock(nn.Module):
     """``h = norm(x); x = h * a + mix(h) * b`` then the same with the MoE."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.block_sparse_moe = MiniMaxMoE(config)
+        self.block_sparse_moe = MiniMaxMoE(config, tp)
         self.mlp_factors = (config.mlp_alpha_factor, config.mlp_beta_factor)
         kind = config.layer_types[layer_index]
         self.self_attn: LightningAttention | PagedAttention
         if kind == "linear_attention":
-            self.self_attn = LightningAttention(config, layer_index)
+            self.self_attn = LightningAttention(config, layer_index, tp)
             self.attn_factors = (config.linear_attn_alpha_factor, config.linear_attn_beta_factor)
         elif kind == "full_attention":
             head_dim = head_dim_of(config)
@@ -145,6 +170,7 @@ class MiniMaxBlock(nn.Module):
                 config.num_key_value_heads,
                 head_dim,
                 scale=head_dim**-0.5,
+                tp=tp,
             )
             self.attn_factors = (config.full_attn_alpha_factor, config.full_attn_beta_factor)
         else:
@@ -166,11 +192,11 @@ class MiniMaxBlock(nn.Module):
 
 
 class MiniMaxBody(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            MiniMaxBlock(config, i) for i in range(config.num_hidden_layers)
+            MiniMaxBlock(config, i, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -181,13 +207,13 @@ class MiniMaxModel(HybridModel):
     # transformers saves the lightning layers' decay tables; they follow from the config
     computed_buffers = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
         params = getattr(config, "rope_parameters", None) or {}
         if params.get("rope_type") not in (None, "default"):
             raise ValueError(f"MiniMax with rope type {params['rope_type']!r} is not supported")
-        self.model = MiniMaxBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = MiniMaxBody(config, tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         partial = params.get("partial_rotary_factor", 1.0)
         self.rotary = Rotary(head_dim_of(config), rope_theta(config), partial)
 

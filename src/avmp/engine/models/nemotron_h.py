@@ -21,17 +21,29 @@ from avmp.engine.models.layers import (
     Rope,
     activation,
     head_dim_of,
+    local_experts,
     run_experts,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import column_linear, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 
 
 class NemotronMLP(OpsLayer):
-    """``down(act(up(x)))``: no gate."""
+    """``down(act(up(x)))``: no gate; under tensor parallelism up is column-parallel,
+    down row-parallel."""
 
-    def __init__(self, config: Any, intermediate_size: int) -> None:
+    def __init__(
+        self,
+        config: Any,
+        intermediate_size: int,
+        tp: TensorParallel = SINGLE,
+        reduce: bool = True,
+    ) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        rows = Rows.units(*tp.split(intermediate_size, "MLP width"), 1, intermediate_size)
+        self.up_proj = column_linear(config.hidden_size, rows, config.mlp_bias, tp)
+        self.down_proj = row_linear(rows, config.hidden_size, config.mlp_bias, tp, reduce)
         self.act = activation(config.mlp_hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,26 +84,35 @@ class NemotronRouter(nn.Module):
 
 
 class NemotronMoE(nn.Module):
-    def __init__(self, config: Any) -> None:
+    """Routed experts plus a shared expert; under tensor parallelism each rank runs its
+    share of the experts and its columns of the shared one, and one all-reduce adds
+    both."""
+
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         if getattr(config, "moe_latent_size", None) is not None:
             raise ValueError(
                 "Nemotron-H MoE with a latent projection is not supported by the engine"
             )
         self.gate = NemotronRouter(config)
-        self.experts = nn.ModuleList(
-            NemotronMLP(config, config.moe_intermediate_size)
-            for _ in range(config.n_routed_experts)
+        self.experts, self.first_expert = local_experts(
+            lambda: NemotronMLP(config, config.moe_intermediate_size),
+            config.n_routed_experts,
+            tp,
         )
-        self.shared_experts = NemotronMLP(config, config.moe_shared_expert_intermediate_size)
+        self.shared_experts = NemotronMLP(
+            config, config.moe_shared_expert_intermediate_size, tp, reduce=False
+        )
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x)
-        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
-        return routed.to(x.dtype) + self.shared_experts(x)
+        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
+                             self.first_expert)  # fmt: skip
+        return self.tp.all_reduce(routed.to(x.dtype) + self.shared_experts(x))
 
 
-def build_mixer(config: Any, layer_index: int) -> nn.Module:
+def build_mixer(config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> nn.Module:
     kind = config.layers_block_type[layer_index]
     if kind == "linear_attention":
         return Mamba2Mixer(
@@ -107,6 +128,7 @@ def build_mixer(config: Any, layer_index: int) -> nn.Module:
             conv_bias=config.use_conv_bias,
             proj_bias=config.use_bias,
             time_step_limit=(config.time_step_min, float("inf")),
+            tp=tp,
         )
     if kind == "full_attention":
         head_dim = head_dim_of(config)
@@ -117,19 +139,20 @@ def build_mixer(config: Any, layer_index: int) -> nn.Module:
             config.num_key_value_heads,
             head_dim,
             scale=head_dim**-0.5,
+            tp=tp,
         )
     if kind == "mlp":
-        return NemotronMLP(config, config.intermediate_size)
+        return NemotronMLP(config, config.intermediate_size, tp)
     if kind == "moe":
-        return NemotronMoE(config)
+        return NemotronMoE(config, tp)
     raise ValueError(f"unknown Nemotron-H block type {kind!r}")
 
 
 class NemotronBlock(nn.Module):
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
-        self.mixer = build_mixer(config, layer_index)
+        self.mixer = build_mixer(config, layer_index, tp)
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.norm)
@@ -146,8 +169,8 @@ class NemotronHModel(HybridModel):
     family = "nemotron_h"
     tied_weights = {"lm_head.weight": "backbone.embeddings.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
         self.backbone = HybridBody(
             config,
             NemotronBlock,
@@ -155,8 +178,9 @@ class NemotronHModel(HybridModel):
             embed_name="embeddings",
             norm_name="norm_f",
             fp32_norm=True,
+            tp=tp,
         )
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, cache: LayerCaches

@@ -32,9 +32,15 @@ from avmp.engine.models.layers import (
     Rope,
     Rotary,
     apply_rotary,
+    depthwise_conv,
+    local_experts,
     rope_theta,
     run_experts,
+    shard_param,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import column_linear, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 from avmp.kernels import deltanet
 from avmp.kernels import reference as ref
 from avmp.models.geometry import (
@@ -107,40 +113,80 @@ class GatedDeltaNet(OpsLayer):
     delta rule from and into the request's slot, a gated per-head norm, out_proj.
 
     Its slot holds the conv state ``[2 Hk dk + Hv dv, columns]`` and the recurrent
-    state ``[Hv, dk, dv]``.
+    state ``[Hv, dk, dv]``. Under tensor parallelism each rank holds ``Hk / size`` key
+    heads and the ``Hv / size`` value heads they serve (both must divide, as in vLLM and
+    `avmp.models.tensor_parallel`); the norm is per head, ``out_proj`` row-parallel.
     """
 
-    def __init__(self, config: Any, layer_index: int, fused_projections: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        layer_index: int,
+        fused_projections: bool,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_k_heads = config.linear_num_key_heads
-        self.num_v_heads = config.linear_num_value_heads
+        num_k_heads, num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
         self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
-        if self.num_v_heads % self.num_k_heads:
+        if num_v_heads % num_k_heads:
             raise ValueError(
-                f"linear_num_value_heads {self.num_v_heads} is not a multiple of "
-                f"linear_num_key_heads {self.num_k_heads}"
+                f"linear_num_value_heads {num_v_heads} is not a multiple of "
+                f"linear_num_key_heads {num_k_heads}"
             )
+        first_k, self.num_k_heads = tp.split(num_k_heads, "gated DeltaNet key heads")
+        first_v, self.num_v_heads = tp.split(num_v_heads, "DeltaNet value heads")
         self.key_dim = self.num_k_heads * self.head_k_dim
         self.value_dim = self.num_v_heads * self.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.d_conv = config.linear_conv_kernel_dim
         self.fused_projections = fused_projections
         hidden = config.hidden_size
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, bias=False,
-                                groups=self.conv_dim, padding=self.d_conv - 1)  # fmt: skip
+        keys = Rows.units(first_k, self.num_k_heads, self.head_k_dim, num_k_heads)
+        values = Rows.units(first_v, self.num_v_heads, self.head_v_dim, num_v_heads)
+        v_heads = Rows.units(first_v, self.num_v_heads, 1, num_v_heads)
+        self.conv1d = depthwise_conv(Rows.sections([keys, keys, values]), self.d_conv, False, tp)
         if fused_projections:
-            self.in_proj_qkvz = nn.Linear(hidden, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-            self.in_proj_ba = nn.Linear(hidden, 2 * self.num_v_heads, bias=False)
+            qkvz, ba = self._fused_rows(config, first_k, first_v)
+            self.in_proj_qkvz = column_linear(hidden, qkvz, False, tp)
+            self.in_proj_ba = column_linear(hidden, ba, False, tp)
         else:
-            self.in_proj_qkv = nn.Linear(hidden, self.conv_dim, bias=False)
-            self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
-            self.in_proj_b = nn.Linear(hidden, self.num_v_heads, bias=False)
-            self.in_proj_a = nn.Linear(hidden, self.num_v_heads, bias=False)
-        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
-        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+            self.in_proj_qkv = column_linear(hidden, Rows.sections([keys, keys, values]), False, tp)
+            self.in_proj_z = column_linear(hidden, values, False, tp)
+            self.in_proj_b = column_linear(hidden, v_heads, False, tp)
+            self.in_proj_a = column_linear(hidden, v_heads, False, tp)
+        self.dt_bias = shard_param(nn.Parameter(torch.ones(self.num_v_heads)), v_heads, tp)
+        self.A_log = shard_param(nn.Parameter(torch.zeros(self.num_v_heads)), v_heads, tp)
         self.norm = GatedHeadNorm(self.head_v_dim, config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+        self.out_proj = row_linear(values, hidden, False, tp)
+
+    def _fused_rows(self, config: Any, first_k: int, first_v: int) -> tuple[Rows, Rows]:
+        """This rank's rows of Qwen3-Next's fused projections, which interleave per key
+        head ``[q, k, v (Hv/Hk heads), z (Hv/Hk heads)]`` and ``[b, a]`` (Hv/Hk each):
+        per local key head, its q and k and the local value heads' v, z, b and a, so
+        the local tensors interleave the same way at local sizes."""
+        dk, dv = self.head_k_dim, self.head_v_dim
+        group = config.linear_num_value_heads // config.linear_num_key_heads
+        block = 2 * dk + 2 * group * dv
+        qkvz: list[tuple[int, int]] = []
+        ba: list[tuple[int, int]] = []
+        local_group = self.num_v_heads // self.num_k_heads
+        for key_head in range(first_k, first_k + self.num_k_heads):
+            # the local value heads this key head serves, as offsets inside its group
+            first = max(first_v, key_head * group) - key_head * group
+            v_start = key_head * block + 2 * dk
+            qkvz.append((key_head * block, v_start))  # q and k
+            qkvz.append((v_start + first * dv, v_start + (first + local_group) * dv))  # v
+            z_start = v_start + group * dv
+            qkvz.append((z_start + first * dv, z_start + (first + local_group) * dv))  # z
+            b_start = key_head * 2 * group
+            ba.append((b_start + first, b_start + first + local_group))
+            ba.append((b_start + group + first, b_start + group + first + local_group))
+        num_k = config.linear_num_key_heads
+        return (
+            Rows(tuple(qkvz), num_k * block, self.num_k_heads * (2 * dk + 2 * local_group * dv)),
+            Rows(tuple(ba), num_k * 2 * group, 2 * self.num_v_heads),
+        )
 
     @property
     def ssm_shape(self) -> tuple[int, int, int]:
@@ -216,13 +262,15 @@ class GatedAttention(PagedAttention):
     """Attention whose query projection also yields a per-channel output gate
     (``o_proj(attn * sigmoid(gate))``), with per-head q/k norms before the rotary."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         head_dim = int(config.head_dim)
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         super().__init__(layer_index, config.hidden_size, heads, kv_heads, head_dim,
-                         scale=head_dim**-0.5, bias=config.attention_bias)  # fmt: skip
+                         scale=head_dim**-0.5, bias=config.attention_bias, tp=tp)  # fmt: skip
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, 2 * heads * head_dim, bias=bias)
+        # each head's query and gate side by side
+        q_rows = Rows.units(self.first_head, self.num_heads, 2 * head_dim, heads)
+        self.q_proj = column_linear(config.hidden_size, q_rows, bias, tp)
         self.q_norm = OffsetRMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = OffsetRMSNorm(head_dim, config.rms_norm_eps)
 
@@ -260,23 +308,28 @@ class TopKRouter(nn.Module):
 
 class SparseMoe(nn.Module):
     """Routed experts (per-expert checkpoint layout) plus a shared expert scaled by
-    ``sigmoid(shared_expert_gate(x))``."""
+    ``sigmoid(shared_expert_gate(x))``; under tensor parallelism each rank runs its
+    share of the experts and its columns of the shared one, and one all-reduce adds
+    both."""
 
-    def __init__(self, config: Any, normalise: bool) -> None:
+    def __init__(self, config: Any, normalise: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         h, act = config.hidden_size, config.hidden_act
         self.gate = TopKRouter(config, normalise)
-        self.experts = nn.ModuleList(
-            GatedMLP(h, config.moe_intermediate_size, act) for _ in range(config.num_experts)
+        self.experts, self.first_expert = local_experts(
+            lambda: GatedMLP(h, config.moe_intermediate_size, act), config.num_experts, tp
         )
-        self.shared_expert = GatedMLP(h, config.shared_expert_intermediate_size, act)
+        self.shared_expert = GatedMLP(h, config.shared_expert_intermediate_size, act, tp=tp,
+                                      reduce=False)  # fmt: skip
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x)
-        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts))
+        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
+                             self.first_expert)  # fmt: skip
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed.to(x.dtype) + shared
+        return self.tp.all_reduce(routed.to(x.dtype) + shared)
 
 
 def is_sparse_layer(config: Any, layer_index: int) -> bool:
@@ -292,7 +345,15 @@ def is_sparse_layer(config: Any, layer_index: int) -> bool:
 class QwenHybridBlock(nn.Module):
     """Pre-norm block: DeltaNet or gated attention, then the MLP or the experts."""
 
-    def __init__(self, config: Any, layer_index: int, *, fused: bool, normalise: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        layer_index: int,
+        *,
+        fused: bool,
+        normalise: bool,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = OffsetRMSNorm(config.hidden_size, eps)
@@ -301,16 +362,17 @@ class QwenHybridBlock(nn.Module):
         self.self_attn: GatedAttention | None = None
         kind = config.layer_types[layer_index]
         if kind == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config, layer_index, fused)
+            self.linear_attn = GatedDeltaNet(config, layer_index, fused, tp)
         elif kind == "full_attention":
-            self.self_attn = GatedAttention(config, layer_index)
+            self.self_attn = GatedAttention(config, layer_index, tp)
         else:
             raise ValueError(f"unknown layer type {kind!r} at layer {layer_index}")
         self.mlp: nn.Module
         if is_sparse_layer(config, layer_index):
-            self.mlp = SparseMoe(config, normalise)
+            self.mlp = SparseMoe(config, normalise, tp)
         else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                                tp=tp)  # fmt: skip
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.norm(self.input_layernorm)
@@ -330,17 +392,18 @@ class Qwen3NextModel(HybridModel):
     fused_projections = True
     always_normalise = False  # Qwen3.5-MoE renormalises whatever the config says
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         text = text_config(config)
-        super().__init__(text)
+        super().__init__(text, tp)
         normalise = self.always_normalise or bool(getattr(text, "norm_topk_prob", True))
 
-        def block(cfg: Any, i: int) -> QwenHybridBlock:
-            return QwenHybridBlock(cfg, i, fused=self.fused_projections, normalise=normalise)
+        def block(cfg: Any, i: int, tp: TensorParallel) -> QwenHybridBlock:
+            return QwenHybridBlock(cfg, i, fused=self.fused_projections, normalise=normalise,
+                                   tp=tp)  # fmt: skip
 
-        self.model = HybridBody(text, block, text.rms_norm_eps, norm_name="norm")
+        self.model = HybridBody(text, block, text.rms_norm_eps, norm_name="norm", tp=tp)
         self.model.norm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = lm_head(text.hidden_size, text.vocab_size, tp)
         params = getattr(text, "rope_parameters", None) or {}
         partial = float(params.get("partial_rotary_factor", 0.25))
         self.rotary = Rotary(int(text.head_dim), rope_theta(text), partial)
@@ -388,6 +451,7 @@ class Qwen3NextModel(HybridModel):
             weight_dtype=kv_name,
             ssm_dtype=ssm_name,
             conv_columns=conv_columns,
+            num_ranks=self.tp.size,
         )
 
 

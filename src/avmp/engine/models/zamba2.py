@@ -32,17 +32,25 @@ from avmp.engine.models.layers import (
     apply_rotary,
     rope_theta,
 )
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.layers import column_linear, embedding, lm_head, row_linear
+from avmp.engine.parallel.shards import Rows
 from avmp.models.geometry import AttentionLayer, ConvColumns, ModelGeometry
 
 
-def _adapters(config: Any, block_id: int, width_in: int, width_out: int) -> nn.ModuleList:
+def _adapters(
+    config: Any, block_id: int, width_in: int, rows_out: Rows, tp: TensorParallel
+) -> nn.ModuleList:
     """One low-rank adapter per hybrid layer, real only where this block is the one used
     (transformers' layout, so checkpoint indices match); identities elsewhere are never
-    called."""
+    called. Under tensor parallelism the down projection is replicated and the up
+    projection holds the rows of the output it adds to (``rows_out``)."""
     num_uses = len(config.hybrid_layer_ids)
     rank = config.adapter_rank
     return nn.ModuleList(
-        nn.Sequential(nn.Linear(width_in, rank, bias=False), nn.Linear(rank, width_out, bias=False))
+        nn.Sequential(
+            nn.Linear(width_in, rank, bias=False), column_linear(rank, rows_out, False, tp)
+        )
         if use % config.num_mem_blocks == block_id
         else nn.Identity()
         for use in range(num_uses)
@@ -51,27 +59,32 @@ def _adapters(config: Any, block_id: int, width_in: int, width_out: int) -> nn.M
 
 class Zamba2SharedAttention(OpsLayer):
     """Attention over ``2 * hidden`` inputs, heads of ``2 * hidden / heads`` channels,
-    scaled by ``(head_dim / 2) ** -0.5``; optional per-use adapters on q, k and v."""
+    scaled by ``(head_dim / 2) ** -0.5``; optional per-use adapters on q, k and v.
+    Sharded by heads as `PagedAttention`."""
 
-    def __init__(self, config: Any, block_id: int) -> None:
+    def __init__(self, config: Any, block_id: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         wide = 2 * config.hidden_size
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = wide // self.num_heads
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = wide // heads
         self.scale = (self.head_dim / 2) ** -0.5
-        self.q_proj = nn.Linear(wide, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(wide, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(wide, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        first, self.num_heads = tp.split(heads, "attention heads")
+        first_kv, self.num_kv_heads = tp.split_or_replicate(kv_heads, "KV heads")
+        q_rows = Rows.units(first, self.num_heads, self.head_dim, heads)
+        kv_rows = Rows.units(first_kv, self.num_kv_heads, self.head_dim, kv_heads)
+        self.q_proj = column_linear(wide, q_rows, False, tp)
+        self.k_proj = column_linear(wide, kv_rows, False, tp)
+        self.v_proj = column_linear(wide, kv_rows, False, tp)
+        self.o_proj = row_linear(q_rows, config.hidden_size, False, tp)
         self.has_adapters = bool(config.use_shared_attention_adapter)
-        if self.has_adapters and self.num_kv_heads != self.num_heads:
+        if self.has_adapters and kv_heads != heads:
             # transformers' k and v adapters are 2 * hidden wide, as wide as k and v
             # only without grouped-query attention
             raise ValueError("Zamba2 attention adapters need num_key_value_heads == heads")
         if self.has_adapters:
-            self.linear_q_adapter_list = _adapters(config, block_id, wide, wide)
-            self.linear_k_adapter_list = _adapters(config, block_id, wide, wide)
-            self.linear_v_adapter_list = _adapters(config, block_id, wide, wide)
+            self.linear_q_adapter_list = _adapters(config, block_id, wide, q_rows, tp)
+            self.linear_k_adapter_list = _adapters(config, block_id, wide, kv_rows, tp)
+            self.linear_v_adapter_list = _adapters(config, block_id, wide, kv_rows, tp)
 
     def forward(
         self,
@@ -101,12 +114,14 @@ class Zamba2SharedMLP(OpsLayer):
     """``down(act(gate) * up)`` with ``gate, up`` from ``gate_up_proj`` plus the use's
     adapter."""
 
-    def __init__(self, config: Any, block_id: int) -> None:
+    def __init__(self, config: Any, block_id: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        h, inner = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(h, 2 * inner, bias=config.add_bias_linear)
-        self.down_proj = nn.Linear(inner, h, bias=config.add_bias_linear)
-        self.gate_up_proj_adapter_list = _adapters(config, block_id, h, 2 * inner)
+        h, inner, bias = config.hidden_size, config.intermediate_size, config.add_bias_linear
+        rows = Rows.units(*tp.split(inner, "MLP width"), 1, inner)
+        gate_up = Rows.sections([rows, rows])
+        self.gate_up_proj = column_linear(h, gate_up, bias, tp)
+        self.down_proj = row_linear(rows, h, bias, tp)
+        self.gate_up_proj_adapter_list = _adapters(config, block_id, h, gate_up, tp)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor, use: int) -> torch.Tensor:
@@ -119,11 +134,11 @@ class Zamba2SharedBlock(nn.Module):
     """``mlp(norm(attention(norm(concat(hidden, embeddings)))))``: no residual inside;
     the hybrid layer adds the result to the Mamba2 input."""
 
-    def __init__(self, config: Any, block_id: int) -> None:
+    def __init__(self, config: Any, block_id: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = Zamba2SharedAttention(config, block_id)
-        self.feed_forward = Zamba2SharedMLP(config, block_id)
+        self.self_attn = Zamba2SharedAttention(config, block_id, tp)
+        self.feed_forward = Zamba2SharedMLP(config, block_id, tp)
         self.input_layernorm = RMSNorm(2 * config.hidden_size, eps)
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps)
 
@@ -143,7 +158,7 @@ class Zamba2SharedBlock(nn.Module):
         return out
 
 
-def zamba2_mixer(config: Any, layer_index: int) -> Mamba2Mixer:
+def zamba2_mixer(config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> Mamba2Mixer:
     """Zamba2's Mamba2 mixer: conv bias always, gated norm eps 1e-5 over
     ``intermediate / groups`` channels, dt clamped below at ``time_step_min``."""
     d_inner = int(config.mamba_expand * config.hidden_size)
@@ -160,16 +175,17 @@ def zamba2_mixer(config: Any, layer_index: int) -> Mamba2Mixer:
         conv_bias=True,
         proj_bias=config.add_bias_linear,
         time_step_limit=(config.time_step_min, float("inf")),
+        tp=tp,
     )
 
 
 class Zamba2MambaLayer(nn.Module):
     """``x + mamba(norm(x + extra))``: the residual skips the shared block's output."""
 
-    def __init__(self, config: Any, layer_index: int) -> None:
+    def __init__(self, config: Any, layer_index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mamba = zamba2_mixer(config, layer_index)
+        self.mamba = zamba2_mixer(config, layer_index, tp)
 
     def forward(
         self,
@@ -184,10 +200,18 @@ class Zamba2MambaLayer(nn.Module):
 
 
 class Zamba2HybridLayer(nn.Module):
-    """A shared block's use (``use``-th hybrid layer), its linear, then the Mamba2 layer."""
+    """A shared block's use (``use``-th hybrid layer), its linear, then the Mamba2 layer.
+    Under tensor parallelism the linear is replicated (it reads the reduced output of
+    the shared block)."""
 
     def __init__(
-        self, config: Any, layer_index: int, use: int, block: Zamba2SharedBlock, owner: bool
+        self,
+        config: Any,
+        layer_index: int,
+        use: int,
+        block: Zamba2SharedBlock,
+        owner: bool,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.layer_index, self.use = layer_index, use
@@ -195,7 +219,7 @@ class Zamba2HybridLayer(nn.Module):
             self.shared_transformer = block
         self._borrowed = (block,)  # a tuple: not registered, so not saved twice
         self.linear = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.mamba_decoder = Zamba2MambaLayer(config, layer_index)
+        self.mamba_decoder = Zamba2MambaLayer(config, layer_index, tp)
 
     def forward(
         self,
@@ -214,19 +238,19 @@ class Zamba2HybridLayer(nn.Module):
 class Zamba2Body(nn.Module):
     """Embeddings, the layers (shared blocks assigned round-robin) and the final norm."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        blocks = [Zamba2SharedBlock(config, b) for b in range(config.num_mem_blocks)]
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, tp)
+        blocks = [Zamba2SharedBlock(config, b, tp) for b in range(config.num_mem_blocks)]
         layers: list[nn.Module] = []
         for i, kind in enumerate(config.layers_block_type):
             if kind == "hybrid":
                 use = config.hybrid_layer_ids.index(i)
                 block_id = use % config.num_mem_blocks
                 owner = use < config.num_mem_blocks
-                layers.append(Zamba2HybridLayer(config, i, use, blocks[block_id], owner))
+                layers.append(Zamba2HybridLayer(config, i, use, blocks[block_id], owner, tp))
             elif kind in ("linear_attention", "mamba"):
-                layers.append(Zamba2MambaLayer(config, i))
+                layers.append(Zamba2MambaLayer(config, i, tp))
             else:
                 raise ValueError(f"unknown Zamba2 layer type {kind!r} at layer {i}")
         self.layers = nn.ModuleList(layers)
@@ -250,10 +274,10 @@ class Zamba2Model(HybridModel):
     family = "zamba2"
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.model = Zamba2Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = Zamba2Body(config, tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         self.rotary: Rotary | None = None
         if config.use_mem_rope:
             rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
