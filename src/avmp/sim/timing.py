@@ -10,6 +10,10 @@ recurrent state; it spends ``2 x active params`` FLOPs per token plus attention 
 ``4 x hidden size x attention layers`` (QK^T and PV) per causal (query, key) pair, the
 pairs counted exactly, so a chunk late in a long prompt pays for the whole prefix.
 The step takes ``max(bytes / (BW x eff_bw), FLOPs / (peak x eff_compute)) + overhead``.
+On one rank of a model split over N GPUs (a geometry from
+`avmp.models.tensor_parallel.rank_geometry`) the bytes and FLOPs are the rank's and the
+step adds its all-reduces between ranks: a ring's ``2 (N - 1) / N x bytes / bandwidth +
+2 (N - 1) x latency`` for each (`Interconnect`, `all_reduce_bytes_per_token`).
 
 Calibration file (JSON), written by a GPU benchmark of the engine::
 
@@ -95,8 +99,58 @@ from typing import Protocol
 
 import numpy as np
 
-from avmp.models.geometry import ModelGeometry
+from avmp.models.geometry import LayerKind, ModelGeometry, dtype_bytes
 from avmp.sched.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """The GPU-to-GPU link that tensor parallelism's collectives cross.
+
+    Attributes:
+        bytes_per_s: what a ring collective achieves on one direction of a GPU's link
+            (NCCL's bus bandwidth), not the datasheet's bidirectional total.
+        latency_s_per_step: the fixed cost of one step of a ring (a send to the next
+            rank and its arrival), paid ``2 (N - 1)`` times by an all-reduce.
+    """
+
+    name: str
+    description: str
+    bytes_per_s: float
+    latency_s_per_step: float
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_s <= 0 or self.latency_s_per_step < 0:
+            raise ValueError(f"{self.name}: bandwidth must be positive and latency >= 0")
+
+    def all_reduce_seconds(self, num_bytes: float, num_ranks: int) -> float:
+        """A ring all-reduce of ``num_bytes`` on each of ``num_ranks`` ranks: a
+        reduce-scatter and an all-gather, ``2 (N - 1)`` steps each moving ``1 / N`` of
+        the bytes: ``2 (N - 1) / N x bytes / bandwidth + 2 (N - 1) x latency``."""
+        steps = 2 * (num_ranks - 1)
+        return steps * (num_bytes / num_ranks / self.bytes_per_s + self.latency_s_per_step)
+
+    def all_gather_seconds(self, num_bytes: float, num_ranks: int) -> float:
+        """A ring all-gather that leaves ``num_bytes`` in all on every rank (each holds
+        ``1 / N`` of them before): ``N - 1`` steps of ``1 / N`` of the bytes."""
+        steps = num_ranks - 1
+        return steps * (num_bytes / num_ranks / self.bytes_per_s + self.latency_s_per_step)
+
+
+# NVLink 4 (H100 SXM and H200 SXM, one host of 8 through NVSwitch). Sources:
+# - bandwidth: NVIDIA's H100 and H200 datasheets give "NVLink: 900 GB/s", both directions
+#   together (450 GB/s each way). On the wire NCCL gets about 80% of a direction's line
+#   rate: "450GB/s is the line rate. With the protocol overhead (~20%) NCCL can get an
+#   effective NVLink bandwidth of 370GB/s ... when running with NCCL_ALGO=RING"
+#   (NCCL maintainer, github.com/NVIDIA/nccl-tests/issues/212); ring all-reduce bus
+#   bandwidth of 365-370 GB/s from 2 to 8 H100 SXM is reported in
+#   github.com/NVIDIA/nccl/issues/1455. We take 370 GB/s.
+# - latency: a small all-reduce on 2 H100s of an HGX node took about 6 us (NCCL 2.20.5,
+#   CUDA graphs; github.com/NVIDIA/nccl/issues/1259). A ring all-reduce on 2 ranks has
+#   2 steps, so 3 us per step. Charging every step of a larger ring as much overstates
+#   small all-reduces on 4 and 8 ranks (NCCL then picks tree or NVLink SHARP
+#   algorithms whose latency grows more slowly): the term is an upper bound there.
+NVLINK4 = Interconnect("nvlink4", "NVLink 4 through NVSwitch (900 GB/s bidirectional)", 370e9, 3e-6)
 
 
 @dataclass(frozen=True)
@@ -115,6 +169,8 @@ class GpuProfile:
             `pcie_x16_bytes_per_s` for the figures.
         step_overhead_s: fixed cost of a step outside the kernels (scheduling, launches,
             sampling), an assumption of 1 ms with CUDA graphs.
+        interconnect: the link between the GPUs of one host, which tensor parallelism
+            needs (None where no figures are given: such a profile runs one GPU).
     """
 
     name: str
@@ -126,6 +182,7 @@ class GpuProfile:
     bandwidth_efficiency: float = 0.8
     compute_efficiency: float = 0.6
     step_overhead_s: float = 1e-3
+    interconnect: Interconnect | None = None
 
     def __post_init__(self) -> None:
         if min(self.hbm_bytes_per_s, self.bf16_flops_per_s, self.host_link_bytes_per_s) <= 0:
@@ -196,8 +253,24 @@ GPU_PROFILES: dict[str, GpuProfile] = {
             "rtx3060", "NVIDIA GeForce RTX 3060 12 GB", 12 * _GIB, 360e9, 25.6e12, _host_link(4)
         ),
         GpuProfile("a100", "NVIDIA A100 80 GB SXM", 80 * _GIB, 2.039e12, 312e12, _host_link(4)),
-        GpuProfile("h100", "NVIDIA H100 80 GB SXM", 80 * _GIB, 3.35e12, 989e12, _host_link(5)),
-        GpuProfile("h200", "NVIDIA H200 141 GB SXM", 141 * _GIB, 4.8e12, 989e12, _host_link(5)),
+        GpuProfile(
+            "h100",
+            "NVIDIA H100 80 GB SXM",
+            80 * _GIB,
+            3.35e12,
+            989e12,
+            _host_link(5),
+            interconnect=NVLINK4,
+        ),
+        GpuProfile(
+            "h200",
+            "NVIDIA H200 141 GB SXM",
+            141 * _GIB,
+            4.8e12,
+            989e12,
+            _host_link(5),
+            interconnect=NVLINK4,
+        ),
     )
 }
 
@@ -367,17 +440,45 @@ class StepTimeModel(Protocol):
 
 
 class RooflineModel:
-    """Roofline step time from a model's geometry and a GPU profile (see module doc)."""
+    """Roofline step time from a model's geometry and a GPU profile (see module doc).
+
+    Given one rank's geometry (`avmp.models.tensor_parallel.rank_geometry`), the bytes
+    and FLOPs are that rank's (its weights, its shard of every unit, ``1 / N`` of the
+    attention), and the step adds the collectives between the ranks
+    (`communication_seconds`), which it does not overlap with the kernels.
+    """
 
     def __init__(self, geometry: ModelGeometry, profile: GpuProfile) -> None:
         self.geometry = geometry
         self.profile = profile
+        self.num_ranks = geometry.num_ranks
         self._kv_bytes_per_token = geometry.kv_bytes_per_token
         self._state_io_bytes = 2 * geometry.state_bytes_per_request  # read + write
         self._active_fraction = min(1.0, geometry.num_active_params / geometry.num_params)
         self._attention_flops_per_pair = (
-            4 * geometry.hidden_size * geometry.num_attention_layers  # QK^T and PV
+            4 * geometry.hidden_size * geometry.num_attention_layers / self.num_ranks
+        )  # QK^T and PV, of the rank's query heads
+        self._link = _interconnect(profile, self.num_ranks)
+        widths = all_reduce_bytes_per_token(geometry)
+        self._all_reduce_bytes_per_token = sum(widths)
+        self._num_all_reduces = len(widths)
+        self._logit_bytes = geometry.vocab_size * dtype_bytes(geometry.weight_dtype)
+
+    def communication_seconds(self, shape: BatchShape) -> float:
+        """The step's collectives between ranks (0 on one GPU): a ring all-reduce for
+        each of `all_reduce_bytes_per_token`, over the step's tokens, and the all-gather
+        of the vocabulary-parallel logits of each scheduled request."""
+        if self._link is None or shape.num_tokens == 0:
+            return 0.0
+        link, ranks = self._link, self.num_ranks
+        steps = 2 * (ranks - 1)
+        reduce_bytes = shape.num_tokens * self._all_reduce_bytes_per_token
+        all_reduces = steps * (
+            reduce_bytes / ranks / link.bytes_per_s
+            + self._num_all_reduces * link.latency_s_per_step
         )
+        requests = shape.num_requests or shape.num_decode_requests + (shape.num_prefill_tokens > 0)
+        return all_reduces + link.all_gather_seconds(requests * self._logit_bytes, ranks)
 
     def weight_bytes_read(self, num_tokens: int) -> float:
         """Weight bytes a step of ``num_tokens`` tokens reads: all of a dense model; for a
@@ -400,7 +501,66 @@ class RooflineModel:
             return 0.0
         memory_s = self.step_bytes(shape) / self.profile.effective_bytes_per_s
         compute_s = self.step_flops(shape) / self.profile.effective_flops_per_s
-        return max(memory_s, compute_s) + self.profile.step_overhead_s
+        kernels_s = max(memory_s, compute_s)
+        return kernels_s + self.communication_seconds(shape) + self.profile.step_overhead_s
+
+
+def _interconnect(profile: GpuProfile, num_ranks: int) -> Interconnect | None:
+    """The profile's GPU link when the model is split (None on one GPU).
+
+    Raises:
+        ValueError: a split model on a profile without link figures.
+    """
+    if num_ranks == 1:
+        return None
+    if profile.interconnect is None:
+        with_link = ", ".join(name for name, p in GPU_PROFILES.items() if p.interconnect)
+        raise ValueError(
+            f"GPU profile {profile.name} has no GPU-to-GPU link figures for tensor parallel "
+            f"over {num_ranks} GPUs; profiles with them: {with_link}"
+        )
+    return profile.interconnect
+
+
+def all_reduce_bytes_per_token(geometry: ModelGeometry) -> tuple[int, ...]:
+    """Bytes per token of each all-reduce of one forward pass of a model split over
+    ``geometry.num_ranks`` ranks (empty on one GPU), in the activations' dtype.
+
+    One hidden-size all-reduce after each row-parallel output, as vLLM's layers place
+    them: the vocabulary-parallel embedding, every attention layer's and recurrent
+    mixer's output projection, every MLP or MoE layer (Nemotron-H's MLP layers stand
+    alone, Zamba2's sit in its shared blocks, pure Mamba2 mostly has none); one more per Mamba1
+    layer at ``x_proj`` (``dt_rank + 2 x d_state`` wide, ``dt_rank`` taken as JambaConfig's
+    ``hidden / 16``); and, where Mamba2 groups are fewer than the ranks, one fp32 sum of
+    squares per token for each gated norm whose group spans ranks.
+    """
+    if geometry.num_ranks == 1:
+        return ()
+    act = dtype_bytes(geometry.weight_dtype)
+    mixers = geometry.num_attention_layers + geometry.num_recurrent_layers
+    widths = [geometry.hidden_size * act] * (1 + mixers + _num_mlp_layers(geometry))
+    groups = geometry.parallel_dims.num_mamba2_groups if geometry.parallel_dims else 0
+    for layer in geometry.recurrent_layers:
+        if layer.kind is LayerKind.MAMBA1 and layer.ssm is not None:
+            dt_rank = -(-geometry.hidden_size // 16)
+            widths.append((dt_rank + 2 * layer.ssm.shape[-1]) * act)
+        elif layer.kind is LayerKind.MAMBA2 and 0 < groups < geometry.num_ranks:
+            widths.append(4)
+    return tuple(widths)
+
+
+def _num_mlp_layers(geometry: ModelGeometry) -> int:
+    """MLP or MoE layers of one forward pass (see `all_reduce_bytes_per_token`)."""
+    if geometry.family == "nemotron_h":
+        mixers = {layer.layer_index for layer in geometry.attention_layers}
+        mixers |= {layer.layer_index for layer in geometry.recurrent_layers}
+        return geometry.num_layers - len(mixers)
+    if geometry.family == "zamba2":
+        return geometry.num_attention_layers
+    if geometry.family == "mamba2":  # an MLP only where the checkpoint has d_intermediate
+        dims = geometry.parallel_dims
+        return geometry.num_layers if dims is not None and dims.mlp_widths else 0
+    return geometry.num_layers
 
 
 _BASE_FEATURES = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
