@@ -1,6 +1,11 @@
 """``avmp plan``: how many requests of one shape each cache layout holds, and why.
 
 avmp plan jamba-1.5-mini --memory 12GiB --prompt 512 --output 256
+avmp plan nemotron-h-47b --memory 64GiB --tensor-parallel 4
+
+With ``--tensor-parallel N`` (or ``--profile``) the model is split over N GPUs of one
+host: every unit holds one rank's shard, ``--memory`` is each GPU's cache, and the plan
+adds what each GPU holds (weights, cache, activations) against the profile's GPU.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from avmp.cli import UserError, parse_budget, parse_size
@@ -20,12 +26,15 @@ from avmp.cli.options import (
 from avmp.memory.planner import MAX_PLANNED_REQUESTS, Plan, plan
 from avmp.memory.spec import MemoryConfig
 from avmp.models import ModelGeometry, resolve_model
+from avmp.models.tensor_parallel import MAX_TENSOR_PARALLEL, rank_geometry
+from avmp.sim.timing import DeviceMemory, GpuProfile, device_memory, get_profile
 from avmp.units import format_bytes
 
 # Requests at once that plan counts at most: answers in seconds, and is far more than
 # any engine runs in one batch (vLLM's max_num_seqs defaults to 256 or 1,024).
 MAX_REQUESTS = min(20_000, MAX_PLANNED_REQUESTS)
 COLUMNS = ("allocator", "requests", "vs oracle", "needed", "padding", "rounding", "unusable")
+DEFAULT_PROFILE = "h200"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -48,24 +57,72 @@ def add_parser(subparsers: Any) -> None:
     add_static_options_option(parser)
     parser.add_argument("--chunk", default="2MiB", help="AVMP chunk size (multiple of 2MiB)")
     parser.add_argument("--state-fraction", default=None, help="static: share of memory for state")
+    parser.add_argument(
+        "--tensor-parallel",
+        default=None,
+        metavar="N",
+        help=f"split the model over N GPUs of one host (1-{MAX_TENSOR_PARALLEL}): units hold "
+        "one rank's shard, --memory is each GPU's cache, and each GPU's weights, cache and "
+        "activations are checked against --profile",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help=f"GPU of the per-GPU check (default {DEFAULT_PROFILE}; implies the check, "
+        "with --tensor-parallel 1 unless given)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = plan_from_args(args)
+    result, per_gpu = plan_from_args(args)
     if not resolve_model(args.model).confirmed:
-        print(f"note: {args.model}'s zoo config rests on recalled values that were not "
-              "confirmed; check them against its published config.json", file=sys.stderr)
+        print(
+            f"note: {args.model}'s zoo config rests on recalled values that were not "
+            "confirmed; check them against its published config.json",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        if per_gpu is not None:
+            data["tensor_parallel"] = per_gpu.to_dict()
+        print(json.dumps(data, indent=2))
     else:
-        print(render(result))
+        print(render(result, per_gpu))
     return 0
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """Validate every argument (each mistake is one clear line) and run the planner."""
+@dataclass(frozen=True)
+class PerGpu:
+    """What each of ``num_gpus`` GPUs holds when the model is split over them (each
+    rank's weights, its shard of the cache, the activation estimate), against the
+    memory of ``profile``'s GPU."""
+
+    num_gpus: int
+    profile: GpuProfile
+    memory: DeviceMemory
+
+    @property
+    def room_for_cache_bytes(self) -> int:
+        """The most cache one GPU holds beside its weights and activations."""
+        used = self.memory.weight_bytes + self.memory.activation_bytes
+        return max(0, self.memory.device_bytes - used)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_gpus": self.num_gpus,
+            "profile": self.profile.name,
+            **asdict(self.memory),
+            "needed_bytes": self.memory.needed_bytes,
+            "room_for_cache_bytes": self.room_for_cache_bytes,
+        }
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[Plan, PerGpu | None]:
+    """Validate every argument (each mistake is one clear line) and run the planner;
+    with ``--tensor-parallel`` or ``--profile``, on one rank's geometry, after checking
+    that each GPU holds its share."""
     if args.memory is None:
         raise UserError("--memory is required, e.g. --memory 12GiB")
     memory = parse_budget("--memory", args.memory)
@@ -73,6 +130,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     prompt = _tokens("--prompt", args.prompt, minimum=1)
     output = _tokens("--output", args.output, minimum=0)
     ssm_dtype = ssm_dtype_choice(args.ssm_dtype)
+    split = _split_from_args(args)
     static: dict[str, object] = {name: True for name in static_options(args.static_options)}
     if args.state_fraction is not None:
         static["state_fraction"] = _fraction(args.state_fraction)
@@ -82,8 +140,76 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     except ValueError as error:
         raise UserError(f"--memory {args.memory} --chunk {args.chunk}: {error}") from None
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype)
+    per_gpu = None
+    if split is not None:
+        per_gpu = _per_gpu(geometry, memory, *split)
+        geometry = rank_geometry(geometry, split[0])
     _check_count(geometry, memory, prompt + output)
-    return plan(geometry, config, prompt, output, options=options)
+    return plan(geometry, config, prompt, output, options=options), per_gpu
+
+
+def _split_from_args(args: argparse.Namespace) -> tuple[int, GpuProfile] | None:
+    """``(N, profile)`` when ``--tensor-parallel`` or ``--profile`` asks for the per-GPU
+    plan, else None (one cache budget, as without them)."""
+    if args.tensor_parallel is None and args.profile is None:
+        return None
+    num_gpus = 1 if args.tensor_parallel is None else _num_gpus(args.tensor_parallel)
+    return num_gpus, get_profile(args.profile or DEFAULT_PROFILE)
+
+
+def _num_gpus(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--tensor-parallel must be a whole number of GPUs, got {text!r}") from None
+    if not 1 <= value <= MAX_TENSOR_PARALLEL:
+        raise UserError(
+            f"--tensor-parallel must be in 1..{MAX_TENSOR_PARALLEL} (the GPUs of one host), "
+            f"got {value}"
+        )
+    return value
+
+
+def _per_gpu(
+    geometry: ModelGeometry, cache_bytes: int, num_gpus: int, profile: GpuProfile
+) -> PerGpu:
+    """What each of ``num_gpus`` GPUs holds, if its GPU holds it.
+
+    Raises:
+        ValueError: a figure of the model does not split over ``num_gpus`` GPUs.
+        UserError: one rank's weights, cache and activations exceed the GPU (one line
+            with each part, and what would fit).
+    """
+    memory = device_memory(rank_geometry(geometry, num_gpus), cache_bytes, profile)
+    if memory.fits:
+        return PerGpu(num_gpus, profile, memory)
+    gib = 1 << 30
+    parts = (
+        f"per GPU weights {memory.weight_bytes / gib:.1f} GiB + cache "
+        f"{memory.cache_bytes / gib:.1f} GiB + activations {memory.activation_bytes / gib:.1f} "
+        f"GiB = {memory.needed_bytes / gib:.1f} GiB > {memory.device_bytes / gib:.1f} GiB"
+    )
+    raise UserError(
+        f"{geometry.name} on {num_gpus} x {profile.name}: {parts}; "
+        + _what_fits(geometry, cache_bytes, num_gpus, profile)
+    )
+
+
+def _what_fits(
+    geometry: ModelGeometry, cache_bytes: int, num_gpus: int, profile: GpuProfile
+) -> str:
+    """The fewest GPUs (more than ``num_gpus``) that hold the model with this cache, or
+    less cache when the weights already fit."""
+    memory = device_memory(rank_geometry(geometry, num_gpus), 0, profile)
+    if memory.fits:
+        return f"give at most {format_bytes(memory.device_bytes - memory.needed_bytes)} of --memory"
+    for more in range(num_gpus + 1, MAX_TENSOR_PARALLEL + 1):
+        try:
+            if device_memory(rank_geometry(geometry, more), cache_bytes, profile).fits:
+                return f"--tensor-parallel {more} holds it"
+        except ValueError:  # the model does not split over that many GPUs
+            continue
+    return f"no split over at most {MAX_TENSOR_PARALLEL} GPUs holds it"
 
 
 def _check_count(geometry: ModelGeometry, memory: int, num_tokens: int) -> None:
@@ -119,9 +245,23 @@ def _fraction(text: str) -> float:
     return value
 
 
-def render(result: Plan) -> str:
-    """The plan as aligned plain text: a header, one row per allocator, the explanation."""
-    return "\n".join([*_header(result), "", *_table(result), "", *_explain_unified(result)])
+def render(result: Plan, per_gpu: PerGpu | None = None) -> str:
+    """The plan as aligned plain text: a header (and each GPU's memory when the model is
+    split), one row per allocator, the explanation."""
+    gpus = [] if per_gpu is None else _per_gpu_lines(per_gpu)
+    return "\n".join([*_header(result), *gpus, "", *_table(result), "", *_explain_unified(result)])
+
+
+def _per_gpu_lines(per_gpu: PerGpu) -> list[str]:
+    m, fb = per_gpu.memory, format_bytes
+    n = per_gpu.num_gpus
+    share = "the whole model" if n == 1 else f"1/{n} of every unit (the sizes above are one GPU's)"
+    return [
+        f"{n} x {per_gpu.profile.description} ({per_gpu.profile.name}), each holding {share}:",
+        f"  per GPU: weights {fb(m.weight_bytes)} + cache {fb(m.cache_bytes)} + activations "
+        f"{fb(m.activation_bytes)} = {fb(m.needed_bytes)} of {fb(m.device_bytes)} "
+        f"(room for {fb(per_gpu.room_for_cache_bytes)} of cache)",
+    ]
 
 
 def _header(result: Plan) -> list[str]:
