@@ -3,7 +3,10 @@
 `write_report(DIR)` reads ``DIR/cells/*.json`` and writes ``DIR/report.md`` (figures as
 PNG files beside it) and a self-contained ``DIR/report.html`` (the same figures embedded
 as base64 PNG). Nothing is recomputed by simulation: a report of the same cells is the
-same report.
+same report. Cells with a prefix cache are compared only with cells of the same prefix
+cache (the tables gain a ``prefix cache`` column then), and get a table of their own:
+hits against the ideal, TTFT beside the same cells without the cache, checkpoint bytes
+and evictions.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from avmp.units import format_bytes
 
 Table = tuple[list[str], list[list[str]]]
 BASELINE_ORDER = ("unified", "static", "oracle")
+PREFIX_OFF = "off"
+GIB = 1 << 30
 
 
 def baseline_key(name: str) -> tuple[int, str]:
@@ -62,23 +67,48 @@ def _grid_values(cells: Sequence[Cell], key: str) -> list[Any]:
     return sorted({coord(c, key) for c in cells}, key=lambda v: (str(type(v)), v))
 
 
+def has_prefix_cache(cells: Sequence[Cell]) -> bool:
+    """Whether any cell ran with a prefix cache (the tables then split by it)."""
+    return any(coord(c, "prefix_cache") != PREFIX_OFF for c in cells)
+
+
+def _by_workload(cells: Sequence[Cell]) -> tuple[str, ...]:
+    """The keys a per-workload table groups by: the workload, and the prefix cache when
+    some cell has one (pairs never mix prefix caches: `avmp.bench.stats.PAIR_KEYS`)."""
+    return ("workload", "prefix_cache") if has_prefix_cache(cells) else ("workload",)
+
+
+def _group_text(group: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    return [str(group[k]) for k in keys]
+
+
+def _group_headers(keys: Sequence[str]) -> list[str]:
+    return [k.replace("_", " ") for k in keys]
+
+
 def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Table:
-    """Per workload and baseline: AVMP's ratios with 95% CIs of requests/s, of requests/s
-    over the requests every allocator completed, of goodput under ``slo`` and of output
-    tokens/s; the number of pairs, and the change in OOM events."""
+    """Per workload (and prefix cache, if any) and baseline: AVMP's ratios with 95% CIs of
+    requests/s, of requests/s over the requests every allocator completed, of goodput
+    under ``slo`` and of output tokens/s; the number of pairs, and the change in OOM
+    events."""
+    keys = _by_workload(cells)
+
+    def group_of(row: RatioRow) -> tuple[Any, ...]:
+        return tuple(row.group[k] for k in keys)
+
     requests = sorted(
-        paired_ratios(cells, ("workload",), "request_throughput"),
-        key=lambda r: (r.group["workload"], baseline_key(r.baseline)),
+        paired_ratios(cells, keys, "request_throughput"),
+        key=lambda r: (group_of(r), baseline_key(r.baseline)),
     )
     others = {
-        metric: {(r.group["workload"], r.baseline): r for r in rows}
+        metric: {(group_of(r), r.baseline): r for r in rows}
         for metric, rows in (
-            (m, paired_ratios(cells, ("workload",), m, slo=slo))
+            (m, paired_ratios(cells, keys, m, slo=slo))
             for m in ("common_request_throughput", "goodput", "output_token_throughput")
         )
     }
     headers = [
-        "workload",
+        *_group_headers(keys),
         "baseline",
         "pairs",
         "AVMP / baseline, requests/s [95% CI]",
@@ -89,18 +119,17 @@ def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tabl
     ]
     rows = []
     for row in requests:
-        workload = row.group["workload"]
-        workload_cells = [c for c in cells if coord(c, "workload") == workload]
+        group_cells = [c for c in cells if all(coord(c, k) == row.group[k] for k in keys)]
         pairs = f"{row.num_pairs}" + (f" (+{row.num_excluded} zero)" if row.num_excluded else "")
-        derived = [_row_text(others[m][(workload, row.baseline)]) for m in others]
+        derived = [_row_text(others[m][(group_of(row), row.baseline)]) for m in others]
         rows.append(
             [
-                workload,
+                *_group_text(row.group, keys),
                 row.baseline,
                 pairs,
                 _ratio_text(row.ratio, row.ci_low, row.ci_high),
                 *derived,
-                _pct(oom_change(workload_cells, row.baseline)),
+                _pct(oom_change(group_cells, row.baseline)),
             ]
         )
     return headers, rows
@@ -124,19 +153,19 @@ def _pairs_text(count: int) -> str:
 
 
 def budget_rows(cells: Sequence[Cell]) -> list[RatioRow]:
-    """Request-throughput ratios per workload and budget (the figure's data)."""
-    rows = paired_ratios(cells, ("workload", "budget_bytes"), "request_throughput")
-    return sorted(
-        rows,
-        key=lambda r: (r.group["workload"], r.group["budget_bytes"], baseline_key(r.baseline)),
-    )
+    """Request-throughput ratios per workload (and prefix cache, if any) and budget (the
+    figure's data)."""
+    keys = (*_by_workload(cells), "budget_bytes")
+    rows = paired_ratios(cells, keys, "request_throughput")
+    return sorted(rows, key=lambda r: (*(r.group[k] for k in keys), baseline_key(r.baseline)))
 
 
 def budget_table(cells: Sequence[Cell]) -> Table:
-    headers = ["workload", "budget", "baseline", "pairs", "AVMP / baseline [95% CI]"]
+    keys = _by_workload(cells)
+    headers = [*_group_headers(keys), "budget", "baseline", "pairs", "AVMP / baseline [95% CI]"]
     rows = [
         [
-            r.group["workload"],
+            *_group_text(r.group, keys),
             format_bytes(r.group["budget_bytes"]),
             r.baseline,
             str(r.num_pairs),
@@ -148,10 +177,11 @@ def budget_table(cells: Sequence[Cell]) -> Table:
 
 
 def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Table:
-    """Per workload and allocator: throughputs, completions, rejections, OOM events,
-    latencies."""
+    """Per workload (and prefix cache, if any) and allocator: throughputs, completions,
+    rejections, OOM events, latencies."""
+    keys = _by_workload(cells)
     headers = [
-        "workload",
+        *_group_headers(keys),
         "allocator",
         "cells",
         "req/s",
@@ -166,10 +196,10 @@ def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tab
         "budget in use",
     ]
     rows = []
-    for a in aggregate(cells, ("workload", "allocator"), slo):
+    for a in aggregate(cells, (*keys, "allocator"), slo):
         rows.append(
             [
-                a["workload"],
+                *_group_text(a, keys),
                 a["allocator"],
                 str(a["num_cells"]),
                 f"{a['mean_request_throughput']:.2f}",
@@ -189,6 +219,59 @@ def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tab
 
 def _number(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+PREFIX_KEYS = ("workload", "prefix_cache", "allocator")
+
+
+def prefix_table(cells: Sequence[Cell]) -> Table:
+    """Per workload, prefix cache and allocator, over the cells with a prefix cache: the
+    prompt tokens hit over the ideal's (every reusable token reused), summed over the
+    cells; mean TTFT p50/p99 with the cache and, beside it, of the same cells without it
+    where the grid has them; mean peak bytes of checkpoints held; mean evictions."""
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
+    for cell in cells:
+        if coord(cell, "prefix_cache") != PREFIX_OFF and cell["result"].get("prefix"):
+            groups.setdefault(tuple(coord(cell, k) for k in PREFIX_KEYS), []).append(cell)
+    headers = ["workload", "prefix cache", "allocator", "cells", "hit / ideal tokens",
+               "TTFT p50/p99 s", "without cache", "checkpoints taken", "peak checkpoint GiB",
+               "evicted checkpoints / pages"]  # fmt: skip
+    rows = []
+    for key in sorted(groups):
+        members = groups[key]
+        prefix = [c["result"]["prefix"] for c in members]
+        hits, ideal = (sum(p[k] for p in prefix) for k in ("num_hit_tokens", "num_ideal_tokens"))
+        rows.append([
+            *map(str, key), str(len(members)),
+            f"{hits:,} / {ideal:,} ({hits / ideal:.0%})" if ideal else f"{hits:,} / 0",
+            _ttft_text(members), _ttft_text(_without_cache(cells, members)),
+            f"{_mean(p['num_checkpoints_taken'] for p in prefix):.0f}",
+            f"{_mean(p['peak_checkpoint_bytes'] for p in prefix) / GIB:.2f}",
+            f"{_mean(p['num_evicted_checkpoints'] for p in prefix):.0f} / "
+            f"{_mean(p['num_evicted_pages'] for p in prefix):.0f}",
+        ])  # fmt: skip
+    return headers, rows
+
+
+def _without_cache(cells: Sequence[Cell], members: Sequence[Cell]) -> list[Cell]:
+    """The cells that differ from ``members`` only in having no prefix cache."""
+    keys = ("workload", "model", "budget_bytes", "profile", "seed", "allocator")
+    wanted = {tuple(coord(c, k) for k in keys) for c in members}
+    return [c for c in cells if coord(c, "prefix_cache") == PREFIX_OFF
+            and tuple(coord(c, k) for k in keys) in wanted]  # fmt: skip
+
+
+def _ttft_text(cells: Sequence[Cell]) -> str:
+    if not cells:
+        return "n/a"
+    p50 = _mean(c["result"]["ttft_p50_s"] for c in cells)
+    p99 = _mean(c["result"]["ttft_p99_s"] for c in cells)
+    return f"{p50:.3f} / {p99:.3f}"
+
+
+def _mean(values: Any) -> float:
+    items = [float(v) for v in values]
+    return sum(items) / len(items)
 
 
 def markdown_table(table: Table) -> str:
@@ -228,11 +311,16 @@ def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str
         "budgets: " + ", ".join(format_bytes(b) for b in _grid_values(cells, "budget_bytes")),
         "GPU profiles (time model): " + ", ".join(map(str, _grid_values(cells, "profile"))),
         "seeds: " + ", ".join(map(str, _grid_values(cells, "seed"))),
+        *(
+            ["prefix caches: " + ", ".join(map(str, _grid_values(cells, "prefix_cache")))]
+            if has_prefix_cache(cells)
+            else []
+        ),
         "requests per trace: " + ", ".join(f"{w} {n}" for w, n in sizes),
         "settings: " + ", ".join(f"{k} {v}" for k, v in shared),
         "statistic: geometric mean of per-pair ratios AVMP / baseline (pair = same workload, "
-        "model, budget, profile, seed); 95% CI: paired bootstrap (scipy, percentile, "
-        "9,999 resamples, fixed seed)",
+        "model, budget, profile, seed, prefix cache); 95% CI: paired bootstrap (scipy, "
+        "percentile, 9,999 resamples, fixed seed)",
         f"goodput: requests/s that met {slo.describe()} (as vllm bench serve --goodput "
         "counts them); requests all completed: requests/s over the requests that every "
         "allocator of the pair completed, until the last of them finished"
@@ -393,9 +481,13 @@ def phase_figure(cells: Sequence[Cell]) -> Figure | None:
 
 
 def figures(cells: Sequence[Cell]) -> list[Figure]:
+    """The figures, drawn from the cells of one prefix cache setting (off where the
+    grid has it): a figure keyed by workload and allocator would mix them."""
     import matplotlib
 
     matplotlib.use("Agg")
+    settings = sorted({coord(c, "prefix_cache") for c in cells}, key=lambda v: v != PREFIX_OFF)
+    cells = [c for c in cells if coord(c, "prefix_cache") == settings[0]] if settings else []
     drawn = (ratio_figure(cells), shift_figure(cells), phase_figure(cells))
     return [f for f in drawn if f is not None]
 
@@ -413,6 +505,8 @@ def write_report(directory: str | Path, slo: SloTargets | None = None) -> tuple[
         ("Per memory budget", budget_table(cells)),
         ("Per allocator", allocator_table(cells, slo)),
     ]
+    if has_prefix_cache(cells):
+        tables.append(("Prefix caching", prefix_table(cells)))
     drawn = figures(cells)
     lines = conditions(cells, slo)
     (directory / "figures").mkdir(exist_ok=True)

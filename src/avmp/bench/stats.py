@@ -1,11 +1,11 @@
 """Paired comparisons of AVMP with each baseline, and per-allocator aggregates.
 
 Statistic: the **geometric mean of per-pair ratios** AVMP / baseline. A pair is two
-cells that differ only in the allocator: same workload, model, budget, GPU profile and
-seed, hence the same trace. Per-pair ratios, not a ratio of means, because cells of one
-group differ in scale (a 12 GiB budget serves many times more requests/s than 1 GiB),
-and a ratio of means would be a ratio of the largest cells; the geometric mean because
-ratios multiply (2x and 0.5x average to 1x, not 1.25x).
+cells that differ only in the allocator: same workload, model, budget, GPU profile,
+seed and prefix cache, hence the same trace. Per-pair ratios, not a ratio of means,
+because cells of one group differ in scale (a 12 GiB budget serves many times more
+requests/s than 1 GiB), and a ratio of means would be a ratio of the largest cells; the
+geometric mean because ratios multiply (2x and 0.5x average to 1x, not 1.25x).
 
 Confidence interval: `scipy.stats.bootstrap` with ``paired=True`` over the pairs of the
 group (each resample draws pairs with replacement), percentile method (robust with few
@@ -44,7 +44,10 @@ from avmp.sim.metrics import (
 )
 
 AVMP = "avmp"
-PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed")
+PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed", "prefix_cache")
+OPTIONAL_COORDINATES = {"prefix_cache": "off"}
+"""Coordinates a saved cell may lack, and what they are then: a cell without prefix
+cache does not name one (as cells saved before the axis existed)."""
 SAVED_METRICS = ("request_throughput", "output_token_throughput")
 METRICS = (*SAVED_METRICS, "goodput", "common_request_throughput")
 BOOTSTRAP_SEED = 20260522
@@ -98,6 +101,7 @@ _COORDINATE_TYPES: dict[str, type] = {
     "seed": int,
     "allocator": str,
     "cell_id": str,
+    "prefix_cache": str,
 }
 _TIMELINE_FIELDS = ("t_s", "kv_used_bytes", "state_used_bytes")
 
@@ -112,7 +116,7 @@ def cell_problem(record: Any) -> str | None:
     if missing:
         return f"no {missing[0]!r} object"
     for key, kind in _COORDINATE_TYPES.items():
-        value = record["cell"].get(key)
+        value = record["cell"].get(key, OPTIONAL_COORDINATES.get(key))
         if isinstance(value, bool) or not isinstance(value, kind):
             return f"cell.{key} is {value!r}, not {'a string' if kind is str else 'an integer'}"
     if not _is_number(record["settings"].get("num_requests")):
@@ -156,8 +160,12 @@ def _is_number(value: Any) -> bool:
 
 
 def coord(cell: Cell, key: str) -> Any:
-    """A coordinate of a cell (allocator, workload, model, budget_bytes, profile, seed)."""
-    return cell["cell"][key]
+    """A coordinate of a cell (allocator, workload, model, budget_bytes, profile, seed,
+    prefix_cache)."""
+    coordinates = cell["cell"]
+    if key in coordinates:
+        return coordinates[key]
+    return OPTIONAL_COORDINATES[key]
 
 
 @dataclass(frozen=True)

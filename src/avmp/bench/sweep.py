@@ -12,6 +12,12 @@ Traces are built once per (workload, seed) in the parent and handed to the worke
 every allocator, model, budget and profile of that pair replays the exact same requests
 (the cell records the trace's SHA-256 to prove it).
 
+Prefix caching (``prefix_caches``) is one more axis: ``off`` (the default) or a checkpoint
+placement policy of `avmp.sched.prefix`. A cell with the cache off has the id, the saved
+coordinates and the settings it had before the axis existed, so earlier results stay
+valid; a cell with it on carries the policy in its id and coordinates. The prefix
+workloads (`avmp.bench.workloads.PREFIX_PRESETS`) name what their prompts share.
+
 Workers: local processes (`concurrent.futures.ProcessPoolExecutor`, spawned) by default,
 or a Ray cluster (``ray_address``; `ray` is an optional extra, imported only then).
 """
@@ -33,15 +39,24 @@ from typing import Any
 
 from avmp.bench.files import write_atomic
 from avmp.bench.stats import read_cell
-from avmp.bench.workloads import PRESETS, make_workload, parse_arrival
+from avmp.bench.workloads import (
+    PREFIX_PRESETS,
+    PRESETS,
+    make_prefix_workload,
+    make_workload,
+    parse_arrival,
+)
 from avmp.memory.registry import ALLOCATOR_NAMES as ALLOCATORS
 from avmp.memory.registry import STATIC_SHIPPED_OPTIONS
 from avmp.models.dtypes import ssm_dtype_name
+from avmp.sched.prefix import PREFIX_CACHE_CHOICES
 from avmp.sched.request import RequestSpec
 from avmp.sim.timing import GPU_PROFILES, device_memory, infeasible_message
 from avmp.units import format_bytes
 
 PROFILES = tuple(GPU_PROFILES)
+WORKLOADS = (*PRESETS, *PREFIX_PRESETS)  # every workload a sweep may name
+PREFIX_OFF = "off"
 # More cells than any evaluation needs (the paper grid has 1,440); a larger grid is a
 # typo in a list or a seed count, and would take days.
 MAX_CELLS = 100_000
@@ -94,7 +109,8 @@ def layout_policy(layout: str, policy: dict[str, Any]) -> tuple[dict[str, Any], 
 
 @dataclass(frozen=True, order=True)
 class CellSpec:
-    """The coordinates of one simulation: what runs, on what, with which trace seed."""
+    """The coordinates of one simulation: what runs, on what, with which trace seed,
+    and with which prefix cache (``off``: none)."""
 
     workload: str
     model: str
@@ -102,17 +118,26 @@ class CellSpec:
     profile: str
     seed: int
     allocator: str
+    prefix_cache: str = PREFIX_OFF
 
     @property
     def cell_id(self) -> str:
-        """A file-name-safe id, unique within a sweep, stable across runs."""
+        """A file-name-safe id, unique within a sweep, stable across runs (a cell
+        without prefix cache keeps the id it had before the axis existed)."""
         budget = format_bytes(self.budget_bytes).replace(" ", "").replace(".", "p")
         parts = (self.workload, self.model, budget, self.profile, f"s{self.seed}", self.allocator)
+        if self.prefix_cache != PREFIX_OFF:
+            parts += (f"prefix-{self.prefix_cache}",)
         raw = "__".join(parts)
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", raw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cell_id": self.cell_id}
+        """The saved coordinates (``prefix_cache`` only when on, as cells saved before
+        the axis existed read)."""
+        coordinates = asdict(self)
+        if self.prefix_cache == PREFIX_OFF:
+            del coordinates["prefix_cache"]
+        return {**coordinates, "cell_id": self.cell_id}
 
 
 @dataclass(frozen=True)
@@ -132,6 +157,10 @@ class SweepGrid:
             ``("padding_slot", "give_back")`` for SGLang's split as it ships.
         ignore_feasibility: keep cells whose weights + cache + activations exceed the
             GPU profile's memory (by default they are skipped: `skipped_cells`).
+        prefix_caches: ``off`` and/or checkpoint placement policies of the prefix cache
+            (`avmp.sched.prefix.PREFIX_CACHE_CHOICES`), each one more cell per
+            combination; requests share prefixes where their workload names its content
+            (`PREFIX_PRESETS`).
     """
 
     allocators: tuple[str, ...] = LAYOUTS
@@ -152,12 +181,14 @@ class SweepGrid:
     preemption: str = "auto"
     admission: str = "reserve"
     host_tier_bytes: int | None = None
+    prefix_caches: tuple[str, ...] = (PREFIX_OFF,)
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
             ("allocator", self.allocators, LAYOUTS),
-            ("workload", self.workloads, tuple(PRESETS)),
+            ("workload", self.workloads, WORKLOADS),
             ("profile", self.profiles, PROFILES),
+            ("prefix cache", self.prefix_caches, PREFIX_CACHE_CHOICES),
         )
         for label, values, known in named:
             unknown = [v for v in values if v not in known]
@@ -168,6 +199,7 @@ class SweepGrid:
             "budgets": len(self.budgets_bytes),
             "seeds": len(self.seeds),
             "allocators": len(self.allocators),
+            "prefix caches": len(self.prefix_caches),
         }
         for label, size in sizes.items():
             if size == 0:
@@ -179,6 +211,12 @@ class SweepGrid:
             raise ValueError(f"a sweep of {num_cells:,} cells is more than {MAX_CELLS:,}")
         if self.arrival is not None:
             parse_arrival(self.arrival)  # fails here, before any work
+            timed = [w for w in self.workloads if w in PREFIX_PRESETS]
+            if timed:
+                raise ValueError(
+                    f"--arrival cannot re-time {timed[0]}: a prefix workload times its "
+                    "turns after the turns before them"
+                )
         if "avmp" not in self.allocators:
             raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
         if self.ssm_dtype != "auto":
@@ -192,6 +230,8 @@ class SweepGrid:
                 f"unknown static option {sorted(unknown_options)[0]!r}; "
                 f"known: {', '.join(STATIC_SHIPPED_OPTIONS)}"
             )
+        if any(c != PREFIX_OFF for c in self.prefix_caches):
+            self.check_prefix_caches()
 
     def policy(self) -> dict[str, Any]:
         """The preemption policy every layout runs, except the peers as shipped."""
@@ -202,7 +242,9 @@ class SweepGrid:
         }
 
     def requests_for(self, workload: str) -> int:
-        return dict(self.num_requests).get(workload, PRESETS[workload].num_requests)
+        default = (PREFIX_PRESETS[workload][0] if workload in PREFIX_PRESETS
+                   else PRESETS[workload].num_requests)  # fmt: skip
+        return dict(self.num_requests).get(workload, default)
 
     def cells(self) -> list[CellSpec]:
         """Every cell that could run, grouped by trace (workload, seed), then model,
@@ -210,15 +252,43 @@ class SweepGrid:
         ``ignore_feasibility``."""
         skipped = {(m, b, p) for m, b, p, _ in self.skipped_cells()}
         return [
-            CellSpec(w, m, b, p, s, a)
+            CellSpec(w, m, b, p, s, a, c)
             for w in self.workloads
             for s in self.seeds
             for m in self.models
             for b in self.budgets_bytes
             for p in self.profiles
             if (m, b, p) not in skipped
+            for c in self.prefix_caches
             for a in self.allocators
         ]
+
+    def check_prefix_caches(self) -> None:
+        """Refuse, before any work, a prefix cache that some model, budget and layout of
+        the grid cannot hold (no room for a checkpoint beside a request's state).
+
+        Raises:
+            ValueError: naming the model, budget and layout.
+        """
+        from avmp.sched.prefix import build_prefix_cache
+        from avmp.sim.simulator import SimConfig
+
+        for policy in (c for c in self.prefix_caches if c != PREFIX_OFF):
+            config = SimConfig(prefix_cache=policy)
+            for model in self.models:
+                geometry = _geometry(model, self.ssm_dtype)
+                for budget in self.budgets_bytes:
+                    for layout in self.allocators:
+                        allocator = make_allocator(layout, geometry, budget, self.static_options)
+                        cache = config.prefix_cache_config(geometry, allocator.config.block_size)
+                        assert cache is not None
+                        try:
+                            build_prefix_cache(allocator, cache)
+                        except ValueError as error:
+                            raise ValueError(
+                                f"--prefix-cache {policy} on {model}, "
+                                f"{format_bytes(budget)}, {layout}: {error}"
+                            ) from None
 
     def skipped_cells(self) -> list[tuple[str, int, str, str]]:
         """(model, budget, profile, reason) of each combination whose weights + cache +
@@ -296,11 +366,19 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def trace_digest(requests: Sequence[RequestSpec]) -> str:
-    """SHA-256 of a trace's contents: equal digests mean the same requests."""
-    text = "\n".join(
-        f"{r.request_id},{r.arrival_s!r},{r.prompt_tokens},{r.output_tokens}" for r in requests
-    )
+    """SHA-256 of a trace's contents: equal digests mean the same requests. What a
+    request shares (its segments) counts where it names any, so a trace without shared
+    content keeps the digest it had before segments existed."""
+    text = "\n".join(_request_line(r) for r in requests)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _request_line(request: RequestSpec) -> str:
+    line = f"{request.request_id},{request.arrival_s!r},{request.prompt_tokens},"
+    line += str(request.output_tokens)
+    if request.segments or request.output_segment is not None:
+        line += f",{request.segments!r},{request.output_segment!r}"
+    return line
 
 
 @dataclass(frozen=True)
@@ -349,6 +427,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         calibration=task.calibration,
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
+        prefix_cache=cell.prefix_cache,
         **policy,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()
@@ -447,9 +526,12 @@ def build_traces(
 
             # Tokenizes what the cache lacks, with a progress bar, before the sweep starts.
             sample_lengths(num_requests, seed, grid.sharegpt_rules, progress=progress)
-        requests = make_workload(
-            workload, seed, num_requests, arrival, sharegpt_rules=grid.sharegpt_rules
-        )
+        if workload in PREFIX_PRESETS:
+            requests = make_prefix_workload(workload, seed, num_requests)
+        else:
+            requests = make_workload(
+                workload, seed, num_requests, arrival, sharegpt_rules=grid.sharegpt_rules
+            )
         traces[(workload, seed)] = tuple(requests)
     return traces
 

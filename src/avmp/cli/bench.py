@@ -13,6 +13,12 @@ and listed (`avmp.sim.timing.check_feasible`): in the default grid every RTX 306
 of bf16 weights). ``--ignore-feasibility`` simulates them anyway, as runs before the
 check did (the published figures' command says so).
 
+``--prefix-cache`` adds prefix caching as one more axis of the grid (``off`` and/or the
+placement policies ``avmp``, ``vllm-align``, ``sglang``, comma-separated); with it on,
+the default workloads include the prefix workloads (`PREFIX_PRESETS`: multi-turn
+conversations, agent loops, few-shot prompts, vllm#45238's shape), whose prompts name
+what they share, and the report adds a table of hits against the ideal.
+
 ``avmp bench serve --url URL`` instead loads a running OpenAI-compatible server (avmp,
 vLLM, SGLang) and reports its latencies and throughput per request rate
 (`avmp.bench.loadgen`).
@@ -53,8 +59,9 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_parser(subparsers: Any) -> None:
-    from avmp.bench.workloads import ARRIVAL_FORMS, PRESETS
+    from avmp.bench.workloads import ARRIVAL_FORMS, PREFIX_PRESETS, PRESETS
     from avmp.cli.replay import add_slo_arguments
+    from avmp.sched.prefix import PREFIX_CACHE_CHOICES
 
     parser = subparsers.add_parser(
         "bench",
@@ -89,7 +96,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--workloads",
         type=_csv,
-        help=f"comma-separated workload presets (default: all of {', '.join(PRESETS)})",
+        help=f"comma-separated workload presets (default: all of {', '.join(PRESETS)}; "
+        f"with --prefix-cache on, also the prefix workloads {', '.join(PREFIX_PRESETS)})",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        type=_csv,
+        default=("off",),
+        metavar="POLICIES",
+        help="comma-separated prefix caches, one grid axis: off (default), avmp "
+        "(checkpoints at output ends and branch points), vllm-align (vLLM's block-aligned "
+        "states), sglang (every 64/256 tokens); any of "
+        f"{', '.join(PREFIX_CACHE_CHOICES)}",
     )
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -115,7 +133,6 @@ def add_parser(subparsers: Any) -> None:
 def build_grid(args: argparse.Namespace) -> Any:
     """The sweep grid the arguments ask for (defaults, or the quick grid)."""
     from avmp.bench.sweep import SweepGrid
-    from avmp.bench.workloads import PRESETS
 
     quick = bool(args.quick)
     models = args.models or (DEFAULT_MODELS[:1] if quick else DEFAULT_MODELS)
@@ -125,7 +142,8 @@ def build_grid(args: argparse.Namespace) -> Any:
     if not 1 <= num_seeds <= MAX_SEEDS:
         raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {num_seeds}")
     _check_workers(args.workers)
-    workloads = args.workloads or tuple(PRESETS)
+    prefix_caches = _prefix_caches(args.prefix_cache)
+    workloads = args.workloads or _default_workloads(prefix_caches)
     num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
     if args.calibration is not None and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration file: {args.calibration}")
@@ -144,8 +162,31 @@ def build_grid(args: argparse.Namespace) -> Any:
         ssm_dtype=ssm_dtype_choice(args.ssm_dtype),
         static_options=static_options(args.static_options),
         ignore_feasibility=bool(args.ignore_feasibility),
+        prefix_caches=prefix_caches,
         **policy_options(args),
     )
+
+
+def _prefix_caches(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--prefix-cache``'s policies, each known and named once."""
+    from avmp.sched.prefix import PREFIX_CACHE_CHOICES
+
+    unknown = [v for v in values if v not in PREFIX_CACHE_CHOICES]
+    if unknown:
+        raise UserError(
+            f"--prefix-cache: unknown {unknown[0]!r}; known: {', '.join(PREFIX_CACHE_CHOICES)}"
+        )
+    return tuple(dict.fromkeys(values))
+
+
+def _default_workloads(prefix_caches: tuple[str, ...]) -> tuple[str, ...]:
+    """Every preset; with a prefix cache on, the prefix workloads too (the presets
+    name no shared content, so a cache finds nothing in them)."""
+    from avmp.bench.workloads import PREFIX_PRESETS, PRESETS
+
+    if any(c != "off" for c in prefix_caches):
+        return (*PRESETS, *PREFIX_PRESETS)
+    return tuple(PRESETS)
 
 
 def _check_workers(workers: int) -> None:
@@ -209,7 +250,13 @@ def _cpu_model() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avmp.bench.report import headline_table, markdown_table, write_report
+    from avmp.bench.report import (
+        has_prefix_cache,
+        headline_table,
+        markdown_table,
+        prefix_table,
+        write_report,
+    )
     from avmp.bench.stats import load_cells
     from avmp.bench.sweep import run_sweep
     from avmp.cli.replay import slo_targets
@@ -231,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
     cells = load_cells(args.out)
     md_path, html_path = write_report(args.out, slo)
     print(markdown_table(headline_table(cells, slo)))
+    if has_prefix_cache(cells):
+        print("\nprefix caching:\n" + markdown_table(prefix_table(cells)))
     print(
         f"\n{len(grid.cells())} cells ({num_simulated} simulated now, {elapsed:.0f} s); "
         f"report: {md_path}, {html_path}"
@@ -244,7 +293,8 @@ def _skipped_note(grid: Any, skipped: list[tuple[str, int, str, str]]) -> str:
     """Which (model, budget, profile) cells were left out as infeasible, and why."""
     from avmp.units import format_bytes
 
-    per_combination = len(grid.workloads) * len(grid.seeds) * len(grid.allocators)
+    per_combination = (len(grid.workloads) * len(grid.seeds) * len(grid.allocators)
+                       * len(grid.prefix_caches))  # fmt: skip
     names = ", ".join(f"{m} {format_bytes(b)} {p}" for m, b, p, _ in skipped)
     return (
         f"skipped {len(skipped) * per_combination} infeasible cells "
