@@ -153,11 +153,16 @@ def _split_from_args(args: argparse.Namespace) -> tuple[int, GpuProfile] | None:
     plan, else None (one cache budget, as without them)."""
     if args.tensor_parallel is None and args.profile is None:
         return None
-    num_gpus = 1 if args.tensor_parallel is None else _num_gpus(args.tensor_parallel)
+    num_gpus = 1 if args.tensor_parallel is None else num_gpus_choice(args.tensor_parallel)
     return num_gpus, get_profile(args.profile or DEFAULT_PROFILE)
 
 
-def _num_gpus(text: str) -> int:
+def num_gpus_choice(text: str) -> int:
+    """The ``--tensor-parallel`` value: a whole number of GPUs in 1..8.
+
+    Raises:
+        UserError: anything else (one line).
+    """
     try:
         value = int(text)
     except ValueError:

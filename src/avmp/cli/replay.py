@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from avmp.cli import UserError, parse_budget
 from avmp.cli.options import (
@@ -18,6 +18,9 @@ from avmp.cli.options import (
     static_options,
 )
 from avmp.units import format_bytes
+
+if TYPE_CHECKING:
+    from avmp.models.geometry import ModelGeometry
 
 COLUMNS = (
     "allocator",
@@ -59,6 +62,14 @@ def add_parser(subparsers: Any) -> None:
         "and SGLang's own preemption and admission (default: all)",
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
+    parser.add_argument(
+        "--tensor-parallel",
+        default=None,
+        metavar="N",
+        help="split the model over N GPUs of one host (1-8): every allocator holds one "
+        "rank's units in --memory (each GPU's cache), the roofline adds the all-reduces "
+        "over the profile's NVLink",
+    )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     add_ssm_dtype_option(parser)
     add_static_options_option(parser)
@@ -137,6 +148,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         with open(args.calibration):
             pass  # a missing file (or a directory) is a one-line error, before any work
     geometry = resolve_model(args.model, ssm_dtype=ssm_dtype_choice(args.ssm_dtype))
+    if args.tensor_parallel is not None:
+        geometry = _rank_geometry(geometry, args.tensor_parallel, args.calibration)
     shipped = static_options(args.static_options)
     policy = policy_options(args)
     config = SimConfig(
@@ -175,6 +188,19 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         result["goodput"] = goodput(result, slo)
         result["common_request_throughput"] = common_throughput(result, common)
     return results
+
+
+def _rank_geometry(
+    geometry: ModelGeometry, tensor_parallel: str, calibration: str | None
+) -> ModelGeometry:
+    """One rank's geometry over ``--tensor-parallel`` GPUs (the pools of every rank are
+    alike, so one rank's allocator stands for all)."""
+    from avmp.cli.plan import num_gpus_choice
+    from avmp.models.tensor_parallel import rank_geometry
+
+    if calibration is not None:
+        raise UserError("--tensor-parallel needs the roofline: a calibration is of one GPU")
+    return rank_geometry(geometry, num_gpus_choice(tensor_parallel))
 
 
 def _allocators(text: str) -> list[str]:
@@ -229,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
     num_common = len(common_request_ids(results) or ())
     print(
         f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
-        f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}; "
+        f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
+        f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}; "
         f"all completed: the {num_common} requests every allocator completed; "
         f"goodput: {slo_targets(args).describe()}"
     )
