@@ -43,6 +43,13 @@ from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_p
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
 from avmp.engine.ops import REFERENCE_OPS
+from avmp.engine.prefix_cache import (
+    PrefixCounts,
+    StateSlotCopier,
+    check_prefix_choice,
+    clear_prefix_cache,
+    resolve_prefix_cache,
+)
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import SampledTokens, SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
@@ -62,6 +69,7 @@ from avmp.memory.spec import (
 )
 from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
+from avmp.sched.prefix import PrefixCacheConfig
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.swap import (
@@ -139,6 +147,11 @@ class EngineConfig:
             ``--max-model-len``); longer ones are refused (`RequestTooLarge`) or, in
             `Engine.generate`, rejected. None: only memory limits a request (none of
             the families the engine runs has learned absolute positions).
+        prefix_cache: reuse cached prefixes (`avmp.sched.prefix`): KV pages keyed by
+            their token ids and state checkpoints copied between slots
+            (`avmp.engine.prefix_cache`). A `PrefixCacheConfig`, or a name of
+            `PREFIX_CACHE_CHOICES` resolved for the model when the engine is built;
+            None or ``off``: no caching, nothing changes.
     """
 
     memory_bytes: int = 12 << 30
@@ -165,6 +178,7 @@ class EngineConfig:
     host_tier_bytes: int | None = None
     preemption_costs: PreemptionCosts | None = None
     max_model_len: int | None = None
+    prefix_cache: PrefixCacheConfig | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "ssm_dtype"):
@@ -186,6 +200,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_preemption()
+        self._check_prefix_cache()
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
         object.__setattr__(self, "admission", self.scheduler_config.admission)
 
@@ -197,6 +212,15 @@ class EngineConfig:
             raise ValueError(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
         if self.host_tier_bytes == 0 and self.preemption is PreemptionMode.SWAP:
             raise ValueError("preemption 'swap' needs a host tier (0 bytes)")
+
+    def _check_prefix_cache(self) -> None:
+        choice = self.prefix_cache
+        if isinstance(choice, str):
+            check_prefix_choice(choice)
+            if choice == "off":
+                object.__setattr__(self, "prefix_cache", None)
+        elif choice is not None and not isinstance(choice, PrefixCacheConfig):
+            check_prefix_choice(choice)  # raises: neither a name nor a config
 
     def torch_device(self) -> torch.device:
         """The device as torch names it.
@@ -331,6 +355,7 @@ class EngineStats:
     peak_kv_capacity_bytes: int = 0
     peak_state_capacity_bytes: int = 0
     timeline: list[dict[str, float]] = field(default_factory=list)
+    prefix: PrefixCounts = field(default_factory=PrefixCounts)  # this call's; zero when off
 
     @property
     def generated_tokens_per_s(self) -> float:
@@ -444,6 +469,7 @@ class EngineTotals:
     num_requests: int = 0  # joined the batch
     num_aborted: int = 0
     num_rejected: int = 0
+    prefix: PrefixCounts = field(default_factory=PrefixCounts)  # zero without a prefix cache
 
 
 class _Pending:
@@ -543,7 +569,12 @@ class Engine:
         self.runner = self._runner()
         self.swapper = self._swapper(cache_format)
         self.preemption_costs = config.preemption_costs or self._measure_costs()
+        self.prefix_cache = resolve_prefix_cache(
+            config.prefix_cache, self.geometry, config.block_size
+        )
+        self.slot_copier = StateSlotCopier(self.backing)
         self.scheduler = self._scheduler()
+        self._prefix_seen = PrefixCounts()  # the prefix cache's counts at the last step
         self.stats = EngineStats()
         self.totals = EngineTotals()
         self._next_request_id = 0
@@ -612,7 +643,16 @@ class Engine:
         if config.preemption is PreemptionMode.AUTO and self.preemption_costs is None:
             config = dataclasses.replace(config, preemption=PreemptionMode.RECOMPUTE)
         scheduler_config = config.scheduler_config_with(self.host_tier_bytes, self.preemption_costs)
-        return Scheduler(self.allocator, scheduler_config, self.swapper)
+        if self.prefix_cache is None:
+            return Scheduler(self.allocator, scheduler_config, self.swapper)
+        scheduler_config = dataclasses.replace(scheduler_config, prefix_cache=self.prefix_cache)
+        return Scheduler(
+            self.allocator, scheduler_config, self.swapper, self.slot_copier, self._token_ids
+        )
+
+    def _token_ids(self, request_id: int) -> list[int]:
+        """A request's tokens read so far (the prefix cache keys its units by them)."""
+        return self._requests[request_id].tokens
 
     def _load(self, model: str | Path | HybridModel) -> HybridModel:
         torch_dtype = None if self.config.dtype is None else DTYPES[self.config.dtype]
@@ -1128,12 +1168,35 @@ class Engine:
         self.stats.peak_state_capacity_bytes = max(
             self.stats.peak_state_capacity_bytes, usage.state_capacity_bytes
         )
+        self._count_prefix()
         if self._timeline.should_sample(self.stats.num_steps - 1):
             now = self._now()
             scheduler = self.scheduler
             self._timeline.add(now, usage, scheduler.num_running, scheduler.num_waiting)
         if self.config.check_integrity:
             self.allocator.check_integrity()
+
+    def _count_prefix(self) -> None:
+        """Add what the prefix cache did in this step to this call's stats and the totals."""
+        if self.scheduler.prefix is None:
+            return
+        now = PrefixCounts.of(self.scheduler.prefix)
+        growth = now.since(self._prefix_seen)
+        self._prefix_seen = now
+        self.stats.prefix = self.stats.prefix.plus(growth)
+        self.totals.prefix = self.totals.prefix.plus(growth)
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached page and checkpoint that no running request uses (as
+        vLLM's ``reset_prefix_cache``: a benchmark's runs start alike). Returns how many
+        units went; 0 without a prefix cache."""
+        prefix = self.scheduler.prefix
+        if prefix is None:
+            return 0
+        num_evicted = clear_prefix_cache(prefix)
+        self._prefix_seen = PrefixCounts.of(prefix)  # evictions asked for: not counted
+        self.totals.prefix = self.totals.prefix.held_as(self._prefix_seen)
+        return num_evicted
 
     def _finish_stats(self, before: AllocatorStats) -> None:
         """What the allocator did during this call (its own counters are lifelong)."""
@@ -1165,6 +1228,7 @@ class Engine:
         self.generate([[1, 2, 3]], max_tokens=2, ignore_eos=True)
         if self.device.type == "cuda":
             self.generate(self._warmup_prompts(), max_tokens=8, ignore_eos=True)
+        self.reset_prefix_cache()  # the warm-up prompts are no one's prefix
         self.totals = totals
 
     def _warmup_prompts(self) -> list[list[int]]:

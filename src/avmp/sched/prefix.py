@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from avmp.memory.spec import CacheAllocator, PoolKind
 from avmp.models.geometry import ModelGeometry
@@ -122,6 +122,49 @@ class PrefixNode:
 SlotCopier = Callable[[int, int], None]
 """Copies one slot's state into another, ``(src, dst)`` (the engine's device copy),
 called at once, so that a later compaction moves the copied bytes."""
+
+TokenSource = Callable[[int], Sequence[int]]
+"""A request's token ids known so far, by its id: its prompt, then the outputs the host
+has read (the engine's own list, which grows as tokens are read)."""
+
+
+class TokenUnits(Sequence[Hashable]):
+    """A request's units keyed by their exact token ids (the engine's keys, where the
+    simulator's are content segments), so that two requests share a unit exactly when
+    they share its tokens. Read from a list that grows as sampled tokens are read: an
+    output unit is keyed once its tokens are known, which under the engine's overlap is a
+    step after they were sampled, and always by the time a step that computed them is
+    finished (its inputs were read before). Keys are built once, on first use.
+    """
+
+    __slots__ = ("tokens", "unit_tokens", "num_units", "_keys")
+
+    def __init__(self, tokens: Sequence[int], unit_tokens: int, num_units: int) -> None:
+        self.tokens = tokens
+        self.unit_tokens = unit_tokens
+        self.num_units = num_units
+        self._keys: list[Hashable] = []
+
+    def __len__(self) -> int:
+        return self.num_units
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self._key(i) for i in range(*index.indices(self.num_units))]
+        if not -self.num_units <= index < self.num_units:
+            raise IndexError(f"unit {index} of {self.num_units}")
+        return self._key(index % self.num_units)
+
+    def _key(self, index: int) -> Hashable:
+        keys, unit = self._keys, self.unit_tokens
+        while len(keys) <= index:
+            end = (len(keys) + 1) * unit
+            if end > len(self.tokens):
+                raise RuntimeError(
+                    f"unit {len(keys)} needs {end} tokens; {len(self.tokens)} are known"
+                )
+            keys.append(tuple(self.tokens[end - unit : end]))
+        return keys[index]
 
 
 class CheckpointCopy(NamedTuple):
@@ -502,7 +545,7 @@ class _Tracked:
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
                  "pages_only", "ideal_level", "ideal_units")  # fmt: skip
 
-    def __init__(self, contents: list[Hashable], node: PrefixNode, targets: list[int],
+    def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
         self.contents = contents
         self.node = node
@@ -541,11 +584,19 @@ class PrefixCache:
     """The scheduler's side of prefix caching: matching a request at admission, where
     its prefill must stop for a checkpoint, taking checkpoints, and evicting when memory
     is short. One `PrefixTree` holds what is cached.
+
+    Args:
+        copier: carries out the slot copies (the engine); None to only count them.
+        tokens: the requests' token ids (the engine): units are keyed by them
+            (`TokenUnits`), not by the specs' content segments, and the ideal is not
+            kept (a server's trie of every unit it ever saw would grow without end).
     """
 
-    def __init__(self, tree: PrefixTree, copier: SlotCopier | None = None) -> None:
+    def __init__(self, tree: PrefixTree, copier: SlotCopier | None = None,
+                 tokens: TokenSource | None = None) -> None:  # fmt: skip
         self.tree = tree
         self.copier = copier
+        self.tokens = tokens
         self.stats = PrefixStats()
         self._tracked: dict[int, _Tracked] = {}
         self._taken: list[CheckpointCopy] = []
@@ -561,7 +612,11 @@ class PrefixCache:
             The tokens it takes from the cache, and the cached page keys to adopt.
         """
         tree, unit = self.tree, self.tree.unit_tokens
-        contents = unit_contents(content, total_tokens // unit, unit)
+        contents: Sequence[Hashable]
+        if self.tokens is not None:
+            contents = TokenUnits(self.tokens(request_id), unit, total_tokens // unit)
+        else:
+            contents = unit_contents(content, total_tokens // unit, unit)
         reusable = contents[: (prompt_tokens - 1) // unit]  # the last prompt token is computed
         found = tree.match(reusable)
         hit = found.node
@@ -594,6 +649,8 @@ class PrefixCache:
         stats.num_prompt_tokens += prompt_tokens
         stats.num_hit_tokens += hit_tokens
         stats.num_hits += hit_tokens > 0
+        if self.tokens is not None:
+            return  # no ideal kept (see the class doc)
         unit = self.tree.unit_tokens
         contents = self._tracked[request_id].contents[: (prompt_tokens - 1) // unit]
         ideal = self._ideal_match(contents) * unit
@@ -661,7 +718,8 @@ class PrefixCache:
             tracked.pinned = None
         if tracked is None:
             return
-        self._ideal_extend(tracked, num_computed // self.tree.unit_tokens)
+        if self.tokens is None:
+            self._ideal_extend(tracked, num_computed // self.tree.unit_tokens)
         targets = tracked.targets
         while targets and targets[0] <= num_computed:
             target = targets.pop(0)
@@ -768,7 +826,7 @@ class PrefixCache:
 
     # ---- the ideal: an unbounded trie of every unit seen -------------------------------
 
-    def _ideal_match(self, contents: list[Hashable]) -> int:
+    def _ideal_match(self, contents: Sequence[Hashable]) -> int:
         level = self._ideal
         for depth, content in enumerate(contents):
             if content not in level:
@@ -786,9 +844,11 @@ class PrefixCache:
 
 
 def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig,
-                       copier: SlotCopier | None = None) -> PrefixCache:  # fmt: skip
+                       copier: SlotCopier | None = None, tokens: TokenSource | None = None,
+                       ) -> PrefixCache:  # fmt: skip
     """The prefix cache over ``allocator``, sized from its model and layout; ``copier``
-    carries out its slot copies (the engine), None to only count them (the simulator).
+    carries out its slot copies and ``tokens`` gives the requests' token ids (the
+    engine), None to only count copies and key units by content segments (the simulator).
 
     Raises:
         ValueError: the budget cannot hold one checkpoint beside one request's slot.
@@ -811,4 +871,4 @@ def build_prefix_cache(allocator: CacheAllocator, config: PrefixCacheConfig,
         allocator, config, unit, has_state,
         lambda n: prefill_flops(geometry, n), page_bytes, checkpoint_bytes,
     )  # fmt: skip
-    return PrefixCache(tree, copier)
+    return PrefixCache(tree, copier, tokens)

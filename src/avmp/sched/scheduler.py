@@ -48,6 +48,7 @@ from avmp.sched.prefix import (
     PrefixCache,
     PrefixCacheConfig,
     SlotCopier,
+    TokenSource,
     build_prefix_cache,
 )
 from avmp.sched.request import RequestSpec
@@ -255,6 +256,9 @@ class Scheduler:
             (the simulator).
         slot_copier: carries out the prefix cache's slot copies (hits, checkpoints), at
             once; None to only count them.
+        token_source: the requests' token ids, by id (the engine): the prefix cache keys
+            units by them (`avmp.sched.prefix.TokenUnits`); None: by the specs' content
+            segments (the simulator).
     """
 
     def __init__(
@@ -263,6 +267,7 @@ class Scheduler:
         config: SchedulerConfig,
         swapper: Swapper | None = None,
         slot_copier: SlotCopier | None = None,
+        token_source: TokenSource | None = None,
     ) -> None:
         self.allocator = allocator
         self.config = config
@@ -285,7 +290,9 @@ class Scheduler:
         self._outstanding: StepPlan | None = None
         self.prefix: PrefixCache | None = None
         if config.prefix_cache is not None:
-            self.prefix = build_prefix_cache(allocator, config.prefix_cache, slot_copier)
+            self.prefix = build_prefix_cache(
+                allocator, config.prefix_cache, slot_copier, token_source
+            )
 
     # ---- requests in --------------------------------------------------------------------
 

@@ -1,0 +1,166 @@
+"""The engine's side of prefix caching (`avmp.sched.prefix` decides; this carries out).
+
+Two pieces: the slot copier that takes and restores checkpoints on the device, and the
+policy given by name resolved for one model (``vllm-align`` needs this model's vLLM
+block). Units are keyed by token ids through the scheduler's ``token_source``; the
+engine passes its own token lists (`avmp.engine.engine.Engine`).
+
+Ordering: every copy is issued on the device's current stream, the stream every step
+runs on. The scheduler restores a hit while it plans the step that reads it, so the copy
+is queued before that step's kernels; it takes a checkpoint while it finishes the step
+that produced the state (after the step was launched, before the next is planned), so
+the copy is queued after that step's kernels and before any later write to the slot.
+Overlap changes when the host learns tokens, not the order of work on the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from avmp.memory.backing.device import TensorBacking
+from avmp.memory.spec import PoolKind
+from avmp.memory.unified import VllmBlockGeometry
+from avmp.models.geometry import ModelGeometry
+from avmp.sched.prefix import PREFIX_CACHE_CHOICES, PrefixCache, PrefixCacheConfig
+
+
+class StateSlotCopier:
+    """Copies one state slot's bytes into another (`avmp.sched.prefix.SlotCopier`): the
+    whole slot, every recurrent layer's conv and SSM state, since a recurrent layer
+    resumes from all of it. One device copy per call, queued on the current stream,
+    with no wait for the host; not counted as compaction (the backing's own
+    ``copy_units`` is)."""
+
+    def __init__(self, backing: TensorBacking) -> None:
+        self.backing = backing
+        self.num_copies = 0
+        self.num_bytes = 0
+
+    def __call__(self, src: int, dst: int) -> None:
+        backing = self.backing
+        table = backing.unit_table(PoolKind.STATE)  # [max_slots, slot_unit_bytes] uint8
+        row = table[backing.row_of(PoolKind.STATE, dst)]
+        row.copy_(table[backing.row_of(PoolKind.STATE, src)], non_blocking=True)
+        self.num_copies += 1
+        self.num_bytes += row.numel()
+
+
+def resolve_prefix_cache(
+    choice: PrefixCacheConfig | str | None, geometry: ModelGeometry, block_size: int
+) -> PrefixCacheConfig | None:
+    """The prefix cache's config for this model: None for ``off``; a policy name gets
+    its eviction (Marconi's FLOPs per byte for ``avmp``, LRU for the peers' rules, as
+    they ship) and, for ``vllm-align``, vLLM's hybrid attention block of this model, as
+    the simulator resolves it (`avmp.sim.simulator.SimConfig.prefix_cache_config`).
+
+    Raises:
+        ValueError: a name that is not one of `PREFIX_CACHE_CHOICES`.
+    """
+    if choice is None or isinstance(choice, PrefixCacheConfig):
+        return choice
+    check_prefix_choice(choice)
+    if choice == "off":
+        return None
+    align = 0
+    if choice == "vllm-align":
+        align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
+    return PrefixCacheConfig(choice, "flops" if choice == "avmp" else "lru", align)
+
+
+def check_prefix_choice(choice: object) -> None:
+    """Raises ValueError (one line) unless ``choice`` names a prefix cache setting."""
+    if choice not in PREFIX_CACHE_CHOICES:
+        raise ValueError(
+            f"prefix_cache must be one of {', '.join(PREFIX_CACHE_CHOICES)} or a "
+            f"PrefixCacheConfig, got {choice!r}"
+        )
+
+
+@dataclass(frozen=True)
+class PrefixCounts:
+    """What a prefix cache has done since it was built, and what it holds now.
+
+    Attributes:
+        num_queried_tokens: prompt tokens of requests matched at their first admission.
+        num_hit_tokens: of those, the tokens taken from the cache (not computed).
+        num_hits: first admissions that took at least one token from the cache.
+        num_checkpoints_taken: checkpoints taken (copies, and final states kept).
+        num_evicted_pages: cached KV units evicted.
+        num_evicted_checkpoints: checkpoints evicted.
+        num_checkpoints: checkpoints held now.
+        checkpoint_bytes: their bytes (a slot each; a padded state run in unified).
+        num_pages: KV units the tree holds now (shared with live requests or not).
+    """
+
+    num_queried_tokens: int = 0
+    num_hit_tokens: int = 0
+    num_hits: int = 0
+    num_checkpoints_taken: int = 0
+    num_evicted_pages: int = 0
+    num_evicted_checkpoints: int = 0
+    num_checkpoints: int = 0
+    checkpoint_bytes: int = 0
+    num_pages: int = 0
+
+    @classmethod
+    def of(cls, prefix: PrefixCache | None) -> PrefixCounts:
+        """The counts of ``prefix`` now (all zero without a prefix cache)."""
+        if prefix is None:
+            return cls()
+        stats, tree = prefix.stats, prefix.tree
+        return cls(
+            stats.num_prompt_tokens,
+            stats.num_hit_tokens,
+            stats.num_hits,
+            stats.num_checkpoints_taken,
+            tree.num_evicted_pages,
+            tree.num_evicted_checkpoints,
+            tree.num_checkpoints,
+            tree.num_checkpoints * tree.checkpoint_bytes,
+            tree.num_nodes if tree.has_pages else 0,
+        )
+
+    def since(self, before: PrefixCounts) -> PrefixCounts:
+        """The counters' growth since ``before``; what is held is as now."""
+        return PrefixCounts(
+            self.num_queried_tokens - before.num_queried_tokens,
+            self.num_hit_tokens - before.num_hit_tokens,
+            self.num_hits - before.num_hits,
+            self.num_checkpoints_taken - before.num_checkpoints_taken,
+            self.num_evicted_pages - before.num_evicted_pages,
+            self.num_evicted_checkpoints - before.num_evicted_checkpoints,
+            self.num_checkpoints,
+            self.checkpoint_bytes,
+            self.num_pages,
+        )
+
+    def plus(self, growth: PrefixCounts) -> PrefixCounts:
+        """These counters plus ``growth``'s; what is held is ``growth``'s."""
+        return PrefixCounts(
+            self.num_queried_tokens + growth.num_queried_tokens,
+            self.num_hit_tokens + growth.num_hit_tokens,
+            self.num_hits + growth.num_hits,
+            self.num_checkpoints_taken + growth.num_checkpoints_taken,
+            self.num_evicted_pages + growth.num_evicted_pages,
+            self.num_evicted_checkpoints + growth.num_evicted_checkpoints,
+            growth.num_checkpoints,
+            growth.checkpoint_bytes,
+            growth.num_pages,
+        )
+
+    def held_as(self, now: PrefixCounts) -> PrefixCounts:
+        """These counters, with what ``now`` holds."""
+        return self.plus(now.since(now))
+
+    @property
+    def hit_rate(self) -> float:
+        """Hit tokens over queried prompt tokens (0 before any query)."""
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+
+def clear_prefix_cache(prefix: PrefixCache) -> int:
+    """Evict every cached unit that no live request uses; returns how many went."""
+    num_evicted = 0
+    while prefix.reclaim():
+        num_evicted += 1
+    return num_evicted
