@@ -5,11 +5,16 @@ transformers is used only to parse ``config.json`` (AutoConfig knows each family
 defaults and legacy field names); the weights go through ``safetensors`` straight into
 our modules, whose parameter names match transformers'. Anything missing or malformed
 raises one `CheckpointError` that names what is wrong.
+
+Under tensor parallelism each rank reads only its shard of every tensor (safetensors'
+lazy slices, range by range, as each parameter's `Shard` says), so no rank ever holds
+the whole model.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,9 @@ import torch
 
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
+from avmp.engine.models.layers import ExpertSlice
+from avmp.engine.parallel.group import SINGLE, TensorParallel
+from avmp.engine.parallel.shards import Shard, model_shards
 from avmp.memory.backing.views import TORCH_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,6 +104,66 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_tensor_shards(model: HybridModel, files: list[Path]) -> dict[str, torch.Tensor]:
+    """The text-model tensors of the files that ``model`` (one rank's) holds, under the
+    names `text_model_tensors` gives them, each sliced to the rank's `Shard` as it is
+    read; a tensor without a shard is read whole (it is replicated), the experts of
+    other ranks not at all."""
+    from safetensors import safe_open
+
+    shards = model_shards(model)
+    elsewhere = other_ranks_experts(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for stored in reader.keys():  # noqa: SIM118 (a safetensors reader: not iterable)
+                    name = text_model_name(stored)
+                    if name is None or elsewhere(name):
+                        continue
+                    shard = shards.get(name)
+                    tensors[name] = (
+                        reader.get_tensor(stored)
+                        if shard is None
+                        else _read_shard(reader.get_slice(stored), shard, name, file)
+                    )
+        except CheckpointError:
+            raise
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from None
+    return tensors
+
+
+def other_ranks_experts(model: HybridModel) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor belongs to an expert another rank holds."""
+    slices = [
+        (f"{name}.", module)
+        for name, module in model.named_modules()
+        if isinstance(module, ExpertSlice)
+    ]
+
+    def elsewhere(name: str) -> bool:
+        for prefix, experts in slices:
+            if name.startswith(prefix):
+                index = name.removeprefix(prefix).split(".", 1)[0]
+                return index.isdigit() and experts.is_elsewhere(int(index))
+        return False
+
+    return elsewhere
+
+
+def _read_shard(tensor_slice: Any, shard: Shard, name: str, file: Path) -> torch.Tensor:
+    """One tensor's shard, its full shape checked first (a mismatched tensor would
+    slice without error)."""
+    shape = tuple(tensor_slice.get_shape())
+    if len(shape) <= shard.dim or shape[shard.dim] != shard.rows.full:
+        raise CheckpointError(
+            f"{file}: shape mismatch for {name}: checkpoint {shape}, the model's full "
+            f"tensor has {shard.rows.full} along dimension {shard.dim}"
+        )
+    return shard.take(tensor_slice)
+
+
 # Multimodal wrappers (Qwen3.5) keep the text model under ``model.language_model.``
 # beside the vision tower (``model.visual.``); Qwen3-Next and Qwen3.5 checkpoints also
 # hold multi-token-prediction layers (``mtp.``). The engine runs the text model and its
@@ -107,13 +175,20 @@ _IGNORED_PREFIXES = ("model.visual.", "mtp.")
 def text_model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint's text-model tensors under the names of a text-only model."""
     kept: dict[str, torch.Tensor] = {}
-    for name, value in tensors.items():
-        if name.startswith(_IGNORED_PREFIXES):
-            continue
-        if name.startswith(_TEXT_MODEL_PREFIX):
-            name = "model." + name.removeprefix(_TEXT_MODEL_PREFIX)
-        kept[name] = value
+    for stored, value in tensors.items():
+        name = text_model_name(stored)
+        if name is not None:
+            kept[name] = value
     return kept
+
+
+def text_model_name(stored: str) -> str | None:
+    """A checkpoint tensor's name in the text-only model (None: not part of it)."""
+    if stored.startswith(_IGNORED_PREFIXES):
+        return None
+    if stored.startswith(_TEXT_MODEL_PREFIX):
+        return "model." + stored.removeprefix(_TEXT_MODEL_PREFIX)
+    return stored
 
 
 def load_weights(model: HybridModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -155,22 +230,32 @@ def check_tensor(name: str, value: torch.Tensor, expected: torch.Tensor, where: 
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    tp: TensorParallel = SINGLE,
 ) -> HybridModel:
     """Build our model for a checkpoint directory and load its weights.
 
     Args:
         dtype: compute dtype; defaults to the checkpoint's ``dtype`` / ``torch_dtype``.
+        tp: the rank to load for: its shard of every layer, read shard by shard.
     Raises:
         CheckpointError: missing config, weight files or tensors, a shape mismatch, or
             integer, NaN or infinite weights.
+        ValueError: the model does not split over ``tp.size`` ranks (the message names
+            the figure that does not divide).
     """
     path = Path(path)
     config = read_config(path)
     cls = model_class(config.model_type)
     files = weight_files(path)
-    model = cls(config)
-    load_weights(model, text_model_tensors(read_tensors(files)), path)
+    model = cls(config, tp)
+    if tp.is_single:
+        tensors = text_model_tensors(read_tensors(files))
+    else:
+        tensors = read_tensor_shards(model, files)
+    load_weights(model, tensors, path)
     return model.to(device=device, dtype=dtype or config_dtype(config)).eval()
 
 

@@ -422,14 +422,20 @@ def run_experts(
 
 
 class ExpertSlice(nn.Module):
-    """A rank's consecutive experts, registered under their global indices (the
-    checkpoint's ``experts.{i}`` names) and indexed by local position."""
+    """A rank's consecutive experts out of ``num_experts``, registered under their
+    global indices (the checkpoint's ``experts.{i}`` names) and indexed by local
+    position."""
 
-    def __init__(self, experts: list[nn.Module], first_expert: int) -> None:
+    def __init__(self, experts: list[nn.Module], first_expert: int, num_experts: int) -> None:
         super().__init__()
-        self.first_expert = first_expert
+        self.first_expert, self.num_experts = first_expert, num_experts
         for offset, expert in enumerate(experts):
             self.add_module(str(first_expert + offset), expert)
+
+    def is_elsewhere(self, index: int) -> bool:
+        """Whether expert ``index`` is one of the model's, held by another rank."""
+        local = range(self.first_expert, self.first_expert + len(self))
+        return 0 <= index < self.num_experts and index not in local
 
     def __getitem__(self, index: int) -> nn.Module:
         module: nn.Module = getattr(self, str(self.first_expert + index))
@@ -451,7 +457,7 @@ def local_experts(
     if tp.is_single:
         return nn.ModuleList(build() for _ in range(num_experts)), 0
     first, count = tp.split(num_experts, "experts")
-    return ExpertSlice([build() for _ in range(count)], first), first
+    return ExpertSlice([build() for _ in range(count)], first, num_experts), first
 
 
 class Mamba1Mixer(OpsLayer):
