@@ -501,8 +501,10 @@ class RooflineModel:
             return 0.0
         memory_s = self.step_bytes(shape) / self.profile.effective_bytes_per_s
         compute_s = self.step_flops(shape) / self.profile.effective_flops_per_s
-        kernels_s = max(memory_s, compute_s)
-        return kernels_s + self.communication_seconds(shape) + self.profile.step_overhead_s
+        step_s = max(memory_s, compute_s) + self.profile.step_overhead_s
+        if self._link is not None:  # one GPU: no call per step
+            step_s += self.communication_seconds(shape)
+        return step_s
 
 
 def _interconnect(profile: GpuProfile, num_ranks: int) -> Interconnect | None:
