@@ -250,12 +250,15 @@ def test_bad_prefix_cache_settings_are_one_line(
         EngineConfig(prefix_cache="lru")
     with pytest.raises(ValueError, match="prefix_cache must be one of"):
         EngineConfig(prefix_cache=3)  # type: ignore[arg-type]
-    # a state of 1 MiB and more: one 2 MiB chunk holds a request's slot, not a checkpoint
+    # a state slot of just over 1 MiB: 4 MiB (2 chunks) holds a request's slot and a page,
+    # not a checkpoint beside them
     overrides = {**HEAVY_GRANITE, "mamba_d_state": 256}
     checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **overrides)
-    Engine(checkpoint.path, _config(memory_bytes=2 * MiB))  # runs without the cache
-    with pytest.raises(ValueError, match="room for a checkpoint") as error:
-        Engine(checkpoint.path, _config(memory_bytes=2 * MiB, prefix_cache="avmp"))
+    engine = Engine(checkpoint.path, _config(memory_bytes=4 * MiB, block_size=16))
+    (output,) = engine.generate(random_prompts([5]), max_tokens=2)
+    assert output.finish_reason == "length"  # without the cache it runs
+    with pytest.raises(ValueError, match="room for a checkpoint beside a request") as error:
+        Engine(checkpoint.path, _config(memory_bytes=4 * MiB, block_size=16, prefix_cache="avmp"))
     assert "\n" not in str(error.value)
 
 

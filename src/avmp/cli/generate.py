@@ -7,6 +7,7 @@ avmp generate granite-4.0-h-tiny --random-weights --scale tiny --prompt "Hello"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Any
 
@@ -39,14 +40,36 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     add_engine_options(parser)
+    add_prefix_cache_option(parser)
     parser.set_defaults(run=run)
+
+
+def add_prefix_cache_option(parser: Any) -> None:
+    """``--prefix-cache``: the engine's prefix caching (`EngineConfig.prefix_cache`), off
+    by default (shared by ``avmp generate`` and ``avmp serve``)."""
+    from avmp.sched.prefix import PREFIX_CACHE_CHOICES
+
+    parser.add_argument(
+        "--prefix-cache",
+        choices=PREFIX_CACHE_CHOICES,
+        default="off",
+        help="reuse cached prompt prefixes: KV pages matched by token ids, recurrent state "
+        "resumed from checkpoints placed by avmp (output ends and branch points), "
+        "vllm-align (vLLM's block-aligned states) or sglang (every 64 prompt and 256 "
+        "decoded tokens); off (default) computes every prompt",
+    )
+
+
+def prefixed_engine_config(args: argparse.Namespace) -> Any:
+    """`engine_config` with the ``--prefix-cache`` choice."""
+    return dataclasses.replace(engine_config(args), prefix_cache=args.prefix_cache)
 
 
 def run(args: argparse.Namespace) -> int:
     from avmp.engine.engine import Engine, check_device_holds, resolve_host_tier_bytes
 
     _check(args)
-    config = engine_config(args)
+    config = prefixed_engine_config(args)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)  # a host tier larger than the host: one line, too
     model, tokenizer = model_and_tokenizer(args, weights_seed=args.seed)
@@ -111,6 +134,8 @@ def render_stats(engine: Any) -> list[str]:
             f"peak state {fb(stats.peak_state_capacity_bytes)})"
         )
     lines.append(_host_tier_line(engine))
+    if engine.prefix_cache is not None:
+        lines.append(prefix_cache_line(engine))
     name = engine.allocator.name
     if name == "avmp":
         lines.append(
@@ -125,6 +150,18 @@ def render_stats(engine: Any) -> list[str]:
             + (f" ({placement} for want of a whole state group)" if placement else "")
         )
     return lines
+
+
+def prefix_cache_line(engine: Any) -> str:
+    """What the prefix cache did in the last run, and holds at its end."""
+    prefix, config = engine.stats.prefix, engine.prefix_cache
+    return (
+        f"prefix cache {config.policy} ({config.eviction} eviction): "
+        f"{prefix.num_hit_tokens} of {prefix.num_queried_tokens} prompt tokens from the "
+        f"cache ({prefix.hit_rate:.1%}), {prefix.num_checkpoints_taken} checkpoints taken, "
+        f"{prefix.num_checkpoints} held ({format_bytes(prefix.checkpoint_bytes)}), evicted "
+        f"{prefix.num_evicted_checkpoints} checkpoints and {prefix.num_evicted_pages} pages"
+    )
 
 
 def _host_tier_line(engine: Any) -> str:

@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from avmp.cli import UserError
-from avmp.cli.options import (
-    add_engine_options,
-    check_engine_options,
-    engine_config,
-    model_and_tokenizer,
-)
+from avmp.cli.generate import add_prefix_cache_option, prefixed_engine_config
+from avmp.cli.options import add_engine_options, check_engine_options, model_and_tokenizer
 
 API_KEY_VARIABLE = "AVMP_API_KEY"
 
@@ -32,7 +28,8 @@ def add_parser(subparsers: Any) -> None:
             "Serve MODEL, a Hugging Face checkpoint directory or a zoo name with "
             "--random-weights --scale tiny, over HTTP: POST /v1/completions and "
             "/v1/chat/completions (streamed or not), GET /v1/models, /health and /metrics "
-            "(Prometheus: requests, both pools' bytes, migrations, preemptions, latencies). "
+            "(Prometheus: requests, both pools' bytes, migrations, preemptions, prefix-cache "
+            "hits and checkpoints, latencies). "
             "SIGTERM or Ctrl-C lets requests in flight finish for --shutdown-timeout "
             "seconds, then aborts them and frees the memory."
         ),
@@ -82,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
         help="uvicorn's log level (info; debug adds the access log)",
     )
     add_engine_options(parser)
+    add_prefix_cache_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from avmp.serve.server import run as run_server
 
     serve_config = _check(args)
-    config = dataclasses.replace(engine_config(args), max_model_len=args.max_model_len)
+    config = dataclasses.replace(prefixed_engine_config(args), max_model_len=args.max_model_len)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)
     sock = bind(args.host, args.port)  # a port in use: one line, before the model loads

@@ -47,6 +47,7 @@ from avmp.engine.prefix_cache import (
     PrefixCounts,
     StateSlotCopier,
     check_prefix_choice,
+    check_room_for_checkpoint,
     clear_prefix_cache,
     resolve_prefix_cache,
 )
@@ -645,6 +646,7 @@ class Engine:
         scheduler_config = config.scheduler_config_with(self.host_tier_bytes, self.preemption_costs)
         if self.prefix_cache is None:
             return Scheduler(self.allocator, scheduler_config, self.swapper)
+        check_room_for_checkpoint(self.allocator)
         scheduler_config = dataclasses.replace(scheduler_config, prefix_cache=self.prefix_cache)
         return Scheduler(
             self.allocator, scheduler_config, self.swapper, self.slot_copier, self._token_ids

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from avmp.memory.backing.device import TensorBacking
-from avmp.memory.spec import PoolKind
+from avmp.memory.spec import CacheAllocator, PoolKind
 from avmp.memory.unified import VllmBlockGeometry
 from avmp.models.geometry import ModelGeometry
 from avmp.sched.prefix import PREFIX_CACHE_CHOICES, PrefixCache, PrefixCacheConfig
+from avmp.units import format_bytes
 
 
 class StateSlotCopier:
@@ -65,6 +66,29 @@ def resolve_prefix_cache(
     if choice == "vllm-align":
         align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
     return PrefixCacheConfig(choice, "flops" if choice == "avmp" else "lru", align)
+
+
+def check_room_for_checkpoint(allocator: CacheAllocator) -> None:
+    """Refuse a prefix cache that could never keep a checkpoint: a memory that holds a
+    request (its slot and a page) but not a checkpoint's slot beside it, so that every
+    checkpoint would be refused or would evict itself (a model without recurrent state
+    needs none).
+
+    Raises:
+        ValueError: one line with the slot's size and the budget.
+    """
+    geometry = allocator.geometry
+    if not geometry.recurrent_layers or not allocator.could_hold(1, 1):
+        return  # no state to checkpoint; or no request fits at all, cache or not
+    if allocator.could_hold(2, 1):
+        return
+    slot_bytes = allocator.cache_format().slot.unit_bytes
+    raise ValueError(
+        f"prefix caching needs room for a checkpoint beside a request: {geometry.name}'s "
+        f"state slot of {format_bytes(slot_bytes)} fits once beside a page in "
+        f"{format_bytes(allocator.config.budget_bytes)} ({allocator.name} layout), not "
+        "twice; give more memory or turn the prefix cache off"
+    )
 
 
 def check_prefix_choice(choice: object) -> None:

@@ -2,9 +2,10 @@
 
 Two kinds: what the engine loop knows (requests running and waiting, how each pool's
 bytes are used, what the allocator and the scheduler did: migrations, chunks moved each
-way, compactions, preemptions, swaps), read from one `EngineLoop.snapshot` per scrape so
-that the figures of one scrape agree with each other; and latencies the server measures
-as it streams (time to first token, between tokens, end to end), as histograms.
+way, compactions, preemptions, swaps, prefix-cache hits and checkpoints), read from one
+`EngineLoop.snapshot` per scrape so that the figures of one scrape agree with each
+other; and latencies the server measures as it streams (time to first token, between
+tokens, end to end), as histograms.
 
 Each app has its own registry, so several servers (or tests) in one process never share
 a counter.
@@ -64,6 +65,7 @@ class EngineCollector(Collector):
         yield from _memory(snap.usage)
         yield from _allocator(snap.allocator)
         yield from _totals(snap.totals)
+        yield from _prefix_cache(snap.totals.prefix)
 
 
 def _memory(usage: Any) -> Iterator[Metric]:
@@ -112,6 +114,47 @@ def _totals(totals: Any) -> Iterator[Metric]:
         "avmp_prompt_tokens", "prompt tokens of requests added", totals.num_prompt_tokens
     )
     yield _counter("avmp_generation_tokens", "tokens generated", totals.num_generated_tokens)
+
+
+def _prefix_cache(prefix: Any) -> Iterator[Metric]:
+    """What the prefix cache did and holds (`avmp.engine.prefix_cache.PrefixCounts`;
+    zeros while it is off). The queried and hit tokens are vLLM's two prefix-cache
+    counters (``prefix_cache_queries``, ``prefix_cache_hits``), so a hit rate over any
+    window is the ratio of their increases."""
+    yield _counter(
+        "avmp_prefix_cache_queried_tokens",
+        "prompt tokens matched against the prefix cache (first admissions)",
+        prefix.num_queried_tokens,
+    )
+    yield _counter(
+        "avmp_prefix_cache_hit_tokens",
+        "prompt tokens taken from the prefix cache instead of computed",
+        prefix.num_hit_tokens,
+    )
+    yield _counter(
+        "avmp_prefix_cache_checkpoints_taken",
+        "state checkpoints taken (slot copies, and final states kept in place)",
+        prefix.num_checkpoints_taken,
+    )
+    evicted = CounterMetricFamily(
+        "avmp_prefix_cache_evictions", "cached units evicted, by kind", labels=["unit"]
+    )
+    evicted.add_metric(["page"], prefix.num_evicted_pages)
+    evicted.add_metric(["checkpoint"], prefix.num_evicted_checkpoints)
+    yield evicted
+    yield _gauge(
+        "avmp_prefix_cache_checkpoints", "state checkpoints the cache holds", prefix.num_checkpoints
+    )
+    yield _gauge(
+        "avmp_prefix_cache_checkpoint_bytes",
+        "bytes of the state checkpoints the cache holds",
+        prefix.checkpoint_bytes,
+    )
+    yield _gauge(
+        "avmp_prefix_cache_pages",
+        "KV pages in the prefix tree (shared or cache-only)",
+        prefix.num_pages,
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
