@@ -14,15 +14,20 @@ Placement policies (`CHECKPOINT_POLICIES`), all on this one tree and budget:
   at the branch point where a request's prompt leaves the tree's pages (taken during
   that request's prefill: the scheduler ends a chunk there).
 - ``vllm-align``: vLLM v1's ``mamba_cache_mode="align"``: a state only at positions that
-  are multiples of vLLM's hybrid attention block and end a step (the prompt's aligned
-  end, whole blocks reached in decode).
+  are multiples of vLLM's hybrid attention block and end a step: prefill chunks are cut
+  to whole blocks, the prompt's last aligned position ends one, and so does the
+  aligned end of the prompt's KV hit when it passes the state hit by a block or more
+  (vLLM's Marconi-style junction, vllm-project/vllm#37898); whole blocks reached in
+  decode.
 - ``sglang``: SGLang's hybrid radix cache: every ``max(64, page)`` tokens of a prompt and
   every 256 tokens of decode.
 
 Eviction (`EVICTION_POLICIES`): ``flops`` scores a candidate as Marconi does, recency plus
 the FLOPs a hit on it saves per byte it holds (both scaled to [0, 1] over the
 candidates); ``lru`` by recency alone. A candidate is a leaf edge (a leaf and its chain
-of single-child ancestors without checkpoint) or a checkpoint of an inner node.
+of single-child ancestors without checkpoint) or a checkpoint of an inner node. A
+checkpoint with a deeper one below it on a path without branches saves ``flops``
+nothing: every request seen so far that passed it went on to the deeper one.
 """
 
 from __future__ import annotations
@@ -427,6 +432,8 @@ class PrefixTree:
         """FLOPs a hit on this candidate saves per byte that evicting it frees."""
         tokens = node.depth * self.unit_tokens
         if not whole_edge:
+            if _is_dominated(node):
+                return 0.0  # no branch below it yet: a hit would take the deeper one
             return self.flops_of(tokens) / max(1, self.checkpoint_bytes)
         edge = self._edge(node)
         num_bytes = len(edge) * self.page_bytes
@@ -513,6 +520,15 @@ class PrefixTree:
         assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
 
 
+def _is_dominated(node: PrefixNode) -> bool:
+    """Whether the path below ``node`` runs without a branch to a deeper checkpoint."""
+    while len(node.children) == 1:
+        (node,) = node.children.values()
+        if node.checkpoint_key is not None:
+            return True
+    return False
+
+
 def unit_contents(segments: Sequence[tuple[Hashable, int]], num_units: int, unit_tokens: int,
                   ) -> list[Hashable]:  # fmt: skip
     """What each of the first ``num_units`` whole units of a token stream holds: the
@@ -539,11 +555,12 @@ def unit_contents(segments: Sequence[tuple[Hashable, int]], num_units: int, unit
 class _Tracked:
     """A live request's place in the prefix cache: its stream's unit contents, the node
     it holds locked, the token positions at which it still takes a checkpoint (lowest
-    first), and those of them where a step must end (``cuts``; the others are read from
-    the prefill kernel's chunk states as it passes them, as SGLang does)."""
+    first), those of them taken only where a step ends exactly (``cuts``; the others are
+    read from the prefill kernel's chunk states as it passes them, as SGLang does), and
+    the positions where the scheduler ends a prefill chunk (``stops``)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only", "ideal_level", "ideal_units")  # fmt: skip
+                 "pages_only", "ideal_level", "ideal_units", "stops", "align")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -557,6 +574,8 @@ class _Tracked:
         self.pages_only: set[int] = set()  # targets that insert pages, no checkpoint
         self.ideal_level: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # trie level
         self.ideal_units = 0  # units of the stream in the ideal's trie
+        self.stops: set[int] = cuts
+        self.align = 0  # ``vllm-align``: prefill chunks end on whole blocks of this size
 
 
 @dataclass
@@ -623,15 +642,21 @@ class PrefixCache:
         tree.lock(hit)
         if hit.depth:
             tree.touch(hit)
-        targets, cuts = self._targets(prompt_tokens, total_tokens, found)
+        targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found)
+        policy = tree.config.policy
         if self.copier is not None and tree.has_state:
             # a copier reads a slot, which holds the state at a step's end only: every
-            # checkpoint ends a step (the engine's scans expose no chunk states)
+            # checkpoint ends a step (the engine's scans expose no chunk states);
+            # vllm-align's prefill chunks end on its blocks anyway (`chunk_limit`)
             cuts = set(targets)
+            stops = stops if policy == "vllm-align" else cuts
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
+        tracked.stops = stops
+        if policy == "vllm-align" and tree.has_state:
+            tracked.align = tree.config.align_tokens
         tracked.last = total_tokens - 1
         tracked.ideal_level = self._ideal
-        if tree.config.policy == "avmp":  # show the prompt's pages to requests to come
+        if policy in ("avmp", "vllm-align"):  # the prompt's pages, for requests to come
             end = prompt_tokens // unit * unit
             if hit.depth * unit < end and end not in targets:
                 tracked.pages_only.add(end)
@@ -662,50 +687,67 @@ class PrefixCache:
         self.forget(request_id)
 
     def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch
-                 ) -> tuple[list[int], set[int]]:  # fmt: skip
+                 ) -> tuple[list[int], set[int], set[int]]:  # fmt: skip
         """Token positions past the hit where this request takes a checkpoint (or,
-        without state, inserts its path), by the policy, and those where a step ends.
+        without state, inserts its path), by the policy; those taken only where a step
+        ends exactly; and those where the scheduler ends a prefill chunk.
 
         ``avmp`` takes the output's end (the next turn's prompt holds this whole stream)
         and the branch point; not the prompt's own end, which would cost every request
         a step before its first token while the output's end serves the next turn (its
         pages go into the tree there, without a checkpoint, so that a request arriving
         meanwhile finds its branch point: `match`).
-        ``vllm-align`` ends its prefill steps at aligned positions (align mode);
+        ``vllm-align`` keeps a state wherever a step ends on a block (its prefill chunks
+        are cut to whole blocks: `chunk_limit`), and ends one at the prompt's last block
+        and at the junction: the aligned end of the pages the tree holds along the
+        prompt, when it passes the hit by a block or more (vLLM's
+        ``num_uncached_common_prefix_tokens``, vllm-project/vllm#37898).
         ``sglang``'s prompt checkpoints come from the chunked scan, without a cut."""
         unit = self.tree.unit_tokens
         last = total_tokens - 1  # the last output token is never fed back
         policy = self.tree.config.policy
+        hit = found.node.depth * unit
         if policy == "avmp":
             targets = {last // unit * unit}
             if found.num_matched > found.node.depth:  # the prompt leaves the tree here
                 targets.add(found.num_matched * unit)
-            cuts = set(targets)
+            cuts = stops = set(targets)
         elif policy == "vllm-align":
             align = self.tree.config.align_tokens
-            targets = {prompt_tokens // align * align}
-            targets.update(range((prompt_tokens // align + 1) * align, last + 1, align))
+            targets = set(range(align, last + 1, align))
             cuts = set(targets)
+            stops = {prompt_tokens // align * align}
+            junction = found.num_matched * unit // align * align
+            if junction - hit >= align:
+                stops.add(junction)
         else:
             step = max(SGLANG_PREFILL_INTERVAL_TOKENS, unit) // unit * unit
             targets = set(range(step, prompt_tokens + 1, step))
             decode = -(-SGLANG_DECODE_INTERVAL_TOKENS // unit) * unit
             targets.update(range((prompt_tokens // decode + 1) * decode, last + 1, decode))
-            cuts = set()
-        hit = found.node.depth * unit
+            cuts = stops = set()
         kept = sorted(t for t in targets if hit < t <= last and t % unit == 0)
-        return kept, (cuts & set(kept)) if self.tree.has_state else set()
+        if not self.tree.has_state:
+            return kept, set(), set()
+        return kept, cuts & set(kept), stops & set(kept)
 
     # ---- during the request's life ------------------------------------------------------
 
     def chunk_limit(self, request_id: int, start: int, num_new: int) -> int:
-        """``num_new`` cut so that the chunk ends at the next checkpoint position."""
+        """``num_new`` cut so that the chunk ends at the next position where a step must
+        end; under ``vllm-align``, a chunk short of it ends on a whole block (vLLM's
+        ``_mamba_block_aligned_split``) unless that would leave it empty."""
         tracked = self._tracked.get(request_id)
-        if tracked is None or not tracked.cuts:
+        if tracked is None or not tracked.stops:
             return num_new
         for target in tracked.targets:
-            if target > start and target in tracked.cuts:
-                return min(num_new, target - start)
+            if target > start and target in tracked.stops:
+                if start + num_new >= target:
+                    return target - start
+                if tracked.align:
+                    aligned = (start + num_new) // tracked.align * tracked.align
+                    return aligned - start if aligned > start else num_new
+                return num_new
         return num_new
 
     def computed(self, request_id: int, num_computed: int) -> None:

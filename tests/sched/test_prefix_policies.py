@@ -1,0 +1,122 @@
+"""The placement and eviction rules of the prefix cache, each against its reason:
+vLLM's align mode as it ships (whole-block prefill chunks, its Marconi-style junction),
+and a checkpoint that a deeper one on an unbranched path makes worthless goes first."""
+
+from __future__ import annotations
+
+from avmp.memory.registry import make_allocator
+from avmp.memory.spec import MemoryConfig, PoolKind
+from avmp.sched.prefix import PrefixCacheConfig, PrefixNode, PrefixTree, build_prefix_cache
+from avmp.sched.request import RequestSpec
+from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
+from sched_helpers import run_to_end, tiny_geometry
+
+MIB = 1 << 20
+ALIGN = 64
+
+
+def _vllm(max_batched: int = 256) -> Scheduler:
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(64 * MIB))
+    prefix = PrefixCacheConfig("vllm-align", "lru", align_tokens=ALIGN)
+    config = SchedulerConfig(max_num_batched_tokens=max_batched, prefix_cache=prefix)
+    return Scheduler(allocator, config)
+
+
+def _chunk_ends(plans: list[StepPlan], request_id: int) -> list[int]:
+    return [c.start + c.num_tokens for p in plans for c in p.chunks if c.request_id == request_id]
+
+
+def _one_by_one(scheduler: Scheduler, specs: list[RequestSpec]) -> list[StepPlan]:
+    plans: list[StepPlan] = []
+    for spec in specs:
+        scheduler.add_request(spec)
+        plans += run_to_end(scheduler)
+    return plans
+
+
+def test_vllm_align_cuts_prefill_chunks_to_whole_blocks() -> None:
+    """A 600-token prompt under a 150-token step budget: vLLM rounds each chunk down to
+    whole blocks (128 tokens), ends one at the prompt's last block (576), then prefills
+    the tail; each block-aligned chunk end keeps a state."""
+    scheduler = _vllm(max_batched=150)
+    plans = _one_by_one(scheduler, [RequestSpec(0, 0.0, 600, 3)])
+    assert _chunk_ends(plans, 0)[:6] == [128, 256, 384, 512, 576, 600]
+    again = RequestSpec(1, 0.0, 600, 3, ((("prompt", 0), 600),))  # the same prompt
+    assert _first_starts(_one_by_one(scheduler, [again]))[1] == 576
+
+
+def _first_starts(plans: list[StepPlan]) -> dict[int, int]:
+    starts: dict[int, int] = {}
+    for plan in plans:
+        for chunk in plan.chunks:
+            starts.setdefault(chunk.request_id, chunk.start)
+    return starts
+
+
+def test_vllm_align_takes_the_junction_as_vllm_37898_does() -> None:
+    """vllm#45238's shape: 150 shared tokens, then a unique part; the prompt's last
+    block falls in the unique part, so the first request keeps no state in the shared
+    part. The second sees the first's KV pages along 144 tokens (whole pages) and ends a
+    chunk at their last whole block (128): the third resumes there."""
+    scheduler = _vllm()
+    specs = [RequestSpec(i, 0.0, 250, 3, (("doc", 150), (("unique", i), 100)))
+             for i in range(3)]  # fmt: skip
+    plans = _one_by_one(scheduler, specs)
+    assert 128 not in _chunk_ends(plans, 0) and 128 in _chunk_ends(plans, 1)
+    assert _first_starts(plans) == {0: 0, 1: 0, 2: 128}
+
+
+def test_vllm_align_takes_no_junction_short_of_a_block() -> None:
+    scheduler = _vllm()
+    specs = [RequestSpec(i, 0.0, 250, 3, (("doc", 60), (("unique", i), 190)))
+             for i in range(3)]  # fmt: skip
+    assert set(_first_starts(_one_by_one(scheduler, specs)).values()) == {0}
+
+
+def _chain(tree: PrefixTree, allocator: object, request_id: int, depth: int,
+           checkpoints: tuple[int, ...]) -> PrefixNode:  # fmt: skip
+    """Insert ``depth`` units of a live request's stream, checkpoints at the given
+    depths, and let the request go (its pages stay in the tree)."""
+    admitted = allocator.admit(request_id, depth * 16)  # type: ignore[attr-defined]
+    assert admitted is not None
+    node = tree.root
+    tree.lock(node)
+    for d in range(1, depth + 1):
+        node = tree.insert(request_id, [("stream", request_id, i) for i in range(d)], node)
+        if d in checkpoints:
+            key = allocator.cache_checkpoint()  # type: ignore[attr-defined]
+            assert key is not None and tree.attach_checkpoint(node, key)
+    tree.unlock(node)
+    allocator.free(request_id)  # type: ignore[attr-defined]
+    return node
+
+
+def test_a_checkpoint_without_a_branch_below_before_a_deeper_one_saves_nothing() -> None:
+    """A stream with checkpoints at depths 4 and 8 and nothing branching between: every
+    request that passed depth 4 went on to depth 8, so by FLOPs per byte the depth-4
+    checkpoint is worth nothing (and goes before checkpoints that save work). A second
+    stream leaving the path at depth 6 makes it a hit again for what branches there."""
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(64 * MIB))
+    tree = build_prefix_cache(allocator, PrefixCacheConfig("avmp", "flops")).tree
+    deep = _chain(tree, allocator, 1, 8, (4, 8))
+    inner = deep.path()[3]
+    leaf_of_two = _chain(tree, allocator, 2, 2, (2,))  # another stream, shallow
+    assert tree._value_per_byte(inner, whole_edge=False) == 0.0
+    assert tree._value_per_byte(leaf_of_two, whole_edge=True) > 0.0
+    assert tree.evict_one(PoolKind.STATE) and inner.checkpoint_key is None
+    key = allocator.cache_checkpoint()
+    assert key is not None and tree.attach_checkpoint(inner, key)
+    _branch(tree, allocator, 3)
+    assert tree._value_per_byte(inner, whole_edge=False) > 0.0
+    tree.check_integrity()
+
+
+def _branch(tree: PrefixTree, allocator: object, request_id: int) -> None:
+    """A stream that follows the first 6 units of stream 1's path and then leaves it,
+    without checkpoint."""
+    contents = [("stream", 1, i) for i in range(6)] + [("other", request_id)]
+    assert allocator.admit(request_id, len(contents) * 16) is not None  # type: ignore[attr-defined]
+    tree.lock(tree.root)
+    node = tree.insert(request_id, contents, tree.root)
+    tree.unlock(node)
+    allocator.free(request_id)  # type: ignore[attr-defined]
