@@ -50,7 +50,9 @@ class SimResult:
     ``completed_requests`` holds `REQUEST_COLUMNS` of every completed request, from
     which goodput and throughput over the requests every layout completed are computed.
     ``prefix``: what prefix caching did (`avmp.sim.simulator.prefix_report`), empty
-    when it was off.
+    when it was off. ``held_arrivals``: requests whose prompt holds an earlier request's
+    output and that arrived before that output was finished, so were sent at its end
+    (``num_requests``, ``total_s`` of delay); empty when none was.
     """
 
     allocator: str
@@ -81,13 +83,16 @@ class SimResult:
     num_swap_bytes: int = 0
     policy: dict[str, Any] = field(default_factory=dict)
     prefix: dict[str, Any] = field(default_factory=dict)
+    held_arrivals: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (NaN where a percentile had no values); ``prefix`` only
-        when prefix caching was on, so that results without it read as before."""
+        when prefix caching was on and ``held_arrivals`` only when a request was held, so
+        that results without them read as before."""
         fields = dataclasses.asdict(self)
-        if not fields["prefix"]:
-            del fields["prefix"]
+        for name in ("prefix", "held_arrivals"):
+            if not fields[name]:
+                del fields[name]
         return fields
 
     def deterministic_dict(self) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """Trace replay: run a trace through the scheduler and an allocator on a simulated clock.
 
 Requests join the waiting queue when the clock reaches their arrival (an idle simulator
-jumps to the next arrival). Each step, the scheduler plans a batch, the time model says
+jumps to the next arrival). A request whose prompt holds an earlier request's output (a
+conversation's next turn: its segments name that request's ``output_segment``) joins no
+earlier than that output's last token, as a client sends the next turn only once it has
+the answer: a trace times turns by a fixed guess of the service time, which a slower
+model or a longer queue overruns. Each step, the scheduler plans a batch, the time model says
 how long it takes, and the allocator's counters say how much allocation, migration and
 compaction cost on top. The clock never reads the machine's time, so the same inputs
 give the same result; the real time spent in allocator calls is measured separately.
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -353,6 +357,21 @@ def simulate(
     return _Simulation(requests, allocator, geometry, config, on_progress).run()
 
 
+def _output_parents(arrivals: Sequence[RequestSpec]) -> dict[int, list[int]]:
+    """For each request whose prompt names an earlier arrival's output, those earlier
+    requests (in arrival order). A later arrival's output is no parent: a trace that
+    names it is taken as it is, which also rules out cycles."""
+    producer: dict[Hashable, int] = {}
+    parents: dict[int, list[int]] = {}
+    for spec in arrivals:
+        named = [producer[c] for c, _ in spec.segments if c in producer]
+        if named:
+            parents[spec.request_id] = list(dict.fromkeys(named))
+        if spec.output_segment is not None:
+            producer.setdefault(spec.output_segment, spec.request_id)
+    return parents
+
+
 def _check_finite_arrivals(requests: Sequence[RequestSpec]) -> None:
     """Refuse a NaN or infinite arrival: the clock could never reach it, so the event
     loop would spin forever (NaN) or jump to infinity (inf)."""
@@ -379,6 +398,12 @@ class _Simulation:
         _check_finite_arrivals(requests)
         self.config = config
         self.arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.parents = _output_parents(self.arrivals)
+        self.held: dict[int, list[RequestSpec]] = {}  # unfinished parent -> requests held
+        self.ready: list[RequestSpec] = []  # held requests whose parents have all ended
+        self.ended: set[int] = set()  # rejected requests (finished ones: `clock.finish_s`)
+        self.num_held_s = 0.0
+        self.num_held = 0
         self.allocator = allocator
         self.timed = TimedAllocator(allocator)
         self.model = config.time_model(geometry)
@@ -404,25 +429,59 @@ class _Simulation:
         self.num_recompute_tokens = 0
 
     def run(self) -> SimResult:
-        while self.next_arrival < len(self.arrivals) or self.scheduler.has_unfinished:
+        while (self.next_arrival < len(self.arrivals) or self.ready
+               or self.scheduler.has_unfinished):  # fmt: skip
             self._add_arrivals()
             if self.scheduler.has_unfinished:
                 self._step()
             elif self.next_arrival < len(self.arrivals):  # idle: jump to the next arrival
                 self.now_s = max(self.now_s, self.arrivals[self.next_arrival].arrival_s)
+        assert not self.held, "a held request outlived its parents"
         self._report_progress(force=True)
         return self._result()
 
     def _add_arrivals(self) -> None:
+        """Queue the requests that arrived by now, and those released by their parents'
+        end; hold an arrival whose parent's output is not finished yet."""
+        ready, self.ready = self.ready, []
+        for spec in ready:
+            self._queue(spec, self.now_s)
         while (
             self.next_arrival < len(self.arrivals)
             and self.arrivals[self.next_arrival].arrival_s <= self.now_s
         ):
             spec = self.arrivals[self.next_arrival]
-            self.clock.arrival_s[spec.request_id] = spec.arrival_s
-            self.clock.num_output[spec.request_id] = 0
-            self.scheduler.add_request(spec)
             self.next_arrival += 1
+            waiting_for = [p for p in self.parents.get(spec.request_id, ()) if self._is_live(p)]
+            if waiting_for:
+                self.held.setdefault(waiting_for[-1], []).append(spec)
+            else:
+                self._queue(spec, spec.arrival_s)
+
+    def _is_live(self, request_id: int) -> bool:
+        """Whether a request has arrived (or been held) and not ended yet."""
+        return (request_id not in self.clock.finish_s
+                and request_id not in self.ended)  # fmt: skip
+
+    def _queue(self, spec: RequestSpec, arrival_s: float) -> None:
+        if arrival_s > spec.arrival_s:
+            self.num_held += 1
+            self.num_held_s += arrival_s - spec.arrival_s
+        self.clock.arrival_s[spec.request_id] = arrival_s
+        self.clock.num_output[spec.request_id] = 0
+        self.scheduler.add_request(spec)
+
+    def _release(self, ended: Sequence[int]) -> None:
+        """Requests ``ended`` (finished or rejected): release what they held, or hold it
+        on another parent not ended yet."""
+        for request_id in ended:
+            self.ended.add(request_id)
+            for spec in self.held.pop(request_id, ()):
+                waiting_for = [p for p in self.parents[spec.request_id] if self._is_live(p)]
+                if waiting_for:
+                    self.held.setdefault(waiting_for[-1], []).append(spec)
+                else:
+                    self.ready.append(spec)
 
     def _step(self) -> None:
         before = _read_counters(self.allocator)
@@ -441,6 +500,8 @@ class _Simulation:
         self.clock.record_emitted(outcome.emitted, self.now_s)
         self.clock.record_finished(outcome.finished, self.now_s)
         self.num_done += len(outcome.finished) + len(plan.rejected)
+        if self.held:
+            self._release([*outcome.finished, *(r.request_id for r in plan.rejected)])
         if outcome.finished or plan.rejected:
             self._report_progress()
         if self.config.check_integrity:
@@ -559,6 +620,9 @@ class _Simulation:
             num_swap_bytes=self.num_swap_bytes,
             policy=self._policy(),
             prefix=prefix_report(self.scheduler.prefix),
+            held_arrivals=(
+                {"num_requests": self.num_held, "total_s": self.num_held_s} if self.num_held else {}
+            ),
         )
 
     def _policy(self) -> dict[str, Any]:
