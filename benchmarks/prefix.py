@@ -124,6 +124,29 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def bars(result: dict[str, Any]) -> str:
+    """The issue's simulator bars, counted over the cells: hits >= 90% of the ideal,
+    >= 2x vLLM align's and >= SGLang's rule's (cells with reuse), and req/s with the
+    cache never below req/s without it (cells without reuse)."""
+    reuse = [c for c in result["cells"] if c["avmp"]["prefix"]["num_ideal_tokens"]]
+    hits = [{p: c[p]["prefix"]["num_hit_tokens"] for p in POLICIES[1:]} for c in reuse]
+    counts = {
+        ">= 90% of the ideal": sum(_rate(c, "avmp") >= 0.9 for c in reuse),
+        ">= 2x vllm-align's hits": sum(h["avmp"] >= 2 * h["vllm-align"] for h in hits),
+        ">= sglang's hits": sum(h["avmp"] >= h["sglang"] for h in hits),
+    }
+    lines = [f"{name}: {n} of {len(reuse)} cells with reuse" for name, n in counts.items()]
+    plain = [c for c in result["cells"] if not c["avmp"]["prefix"]["num_ideal_tokens"]]
+    slower = [c for c in plain
+              if c["avmp"]["request_throughput"] < c["off"]["request_throughput"]]  # fmt: skip
+    lines.append(f"req/s with the cache below without it: {len(slower)} of {len(plain)} cells "
+                 "without reuse" + "".join(
+                     f"; {c['workload']} {c['model']} {c['budget']} "
+                     f"{c['off']['request_throughput']:.4f} -> "
+                     f"{c['avmp']['request_throughput']:.4f}" for c in slower))  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -135,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="print the table of a saved result")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        print(table(read_result(args.from_json)))
+        saved = read_result(args.from_json)
+        print(table(saved) + "\n\n" + bars(saved))
         return 0
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     result = run(split(args.models), split(args.budgets), split(args.workloads),
                  args.requests, args.seed)  # fmt: skip
     write_result(args.out, result)
-    print(table(result))
+    print(table(result) + "\n\n" + bars(result))
     return 0
 
 

@@ -263,7 +263,22 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
     if args.prefix_cache != "off":
         print(prefix_summary(results))
+    held = held_summary(results)
+    if held:
+        print(held)
     return 0
+
+
+def held_summary(results: list[dict[str, Any]]) -> str:
+    """One line per allocator that held turns until the answer they hold had ended
+    (`avmp.sim.simulator`); empty when none did."""
+    return "\n".join(
+        f"{r['allocator']}: {r['held_arrivals']['num_requests']} requests naming an earlier "
+        f"output arrived before it ended and were sent at its end "
+        f"({r['held_arrivals']['total_s']:.1f} s of delay in all)"
+        for r in results
+        if r.get("held_arrivals")
+    )
 
 
 def prefix_summary(results: list[dict[str, Any]]) -> str:
