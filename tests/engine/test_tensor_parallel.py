@@ -86,10 +86,13 @@ def test_four_ranks_match_one(family: str, four_ranks: list[dict[str, Any]]) -> 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_gpus_match_one_over_nccl(family: str) -> None:
-    """The same on two GPUs over NCCL (fp32, TF32 off; GPU kernels sum in another
-    order than the CPU's, hence the looser bound)."""
-    ranks = run_ranks(run_families, 2, [family], "cuda")
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_two_gpus_match_one_over_nccl(family: str, kernels: str) -> None:
+    """The same on two GPUs over NCCL, with the reference kernels and with the fast
+    runner's Triton kernels and CUDA graphs (all-reduces captured) against one GPU's
+    same path (fp32, TF32 off; sums in another order than one rank's, hence the
+    looser bound)."""
+    ranks = run_ranks(run_families, 2, [family], "cuda", kernels)
     _check_against_one_rank(ranks, family, 2, tolerance=1e-3)
 
 
