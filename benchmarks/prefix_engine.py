@@ -1,0 +1,460 @@
+"""Prefix caching through the engine: the prefix workloads (`PREFIX_PRESETS`) as token ids,
+with and without the cache, on each layout (AVMP, SGLang's static split, vLLM's unified
+pool; same model, same kernels).
+
+A workload names what its prompts share (content segments: a system prompt, a
+conversation's earlier messages and answers). Here each segment becomes token ids: a
+message or system prompt gets random ids once, and an answer is the tokens the engine
+generated for it. So a turn can only start once the turn whose answer it repeats has
+finished, as a user sends the next message after reading the answer: a request is
+submitted at its arrival (the workload's, scaled by ``--arrival-scale``) or when the
+answers it contains are known, whichever is later, and its TTFT counts from there.
+Every request generates exactly its output length (``ignore_eos``), so the histories
+have the workload's lengths.
+
+Per run: TTFT p50/p99, requests/s (completed over the time from the first submission to
+the last token), output tokens/s, prompt tokens taken from the cache over those queried,
+and over the ideal (the prompt tokens, in whole 16-token pages, that an earlier
+submitted request's prompt or answer already held, with every checkpoint kept), the
+tokens computed, checkpoints, evictions, preemptions; per layout the ratios of the cached
+run to the uncached one, and how many outputs were token-identical (greedy).
+
+Granite-4.0-H-Micro's geometry with random bf16 weights (as benchmarks/engine_replay.py
+builds it), the Triton kernels and decode graphs, AVMP and static on CUDA VMM. One
+warm-up compiles the kernel variants first. ``--smoke`` runs a tiny model of the same
+structure on the CPU (reference kernels, lengths / 16, a few requests) in seconds.
+
+Usage::
+
+    PYTHONPATH=src python3 -m benchmarks.prefix_engine --out $OUT/prefix_engine_h200.json.gz
+    python -m benchmarks.prefix_engine --markdown benchmarks/results/prefix_engine_h200.json.gz
+    python -m benchmarks.prefix_engine --smoke --out /tmp/prefix_engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import sys
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avmp.sched.request import RequestSpec
+from avmp.sim.metrics import percentile
+from avmp.units import parse_bytes
+from benchmarks.common import read_result, write_result
+
+DEFAULT_MODEL = "granite-4.0-h-micro"
+ALLOCATORS = ("avmp", "static", "unified")
+WORKLOADS = ("multi_turn_prefix", "agent_loop")
+# bounded so that 2 workloads x 3 layouts x 2 runs finish in < 240 s on one H200
+DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40}
+IDEAL_UNIT_TOKENS = 16  # the ideal counts whole pages of this many tokens, in every layout
+SMOKE = {
+    "device": "cpu",
+    "memory": "64MiB",
+    "max_num_seqs": 8,
+    "max_batched_tokens": 256,
+    "length_divisor": 16,
+    "arrival_scale": 0.02,
+    "num_requests": 6,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        help="requests per workload (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_REQUESTS.items())
+        + ")",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--arrival-scale",
+        type=float,
+        default=0.5,
+        help="multiply the workload's arrival times (0.5: twice as dense)",
+    )
+    parser.add_argument(
+        "--length-divisor",
+        type=int,
+        default=1,
+        help="divide every segment's and output's length (smoke runs)",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo geometry, random weights")
+    parser.add_argument(
+        "--policy",
+        default="avmp",
+        choices=("avmp", "vllm-align", "sglang"),
+        help="the prefix cache's placement policy in the cached runs",
+    )
+    parser.add_argument("--memory", default="8GiB", help="cache budget of each layout")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-batched-tokens", type=int, default=8192)
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
+    parser.add_argument("--device", default="cuda", help="cpu: reference kernels")
+    parser.add_argument(
+        "--backing",
+        default="vmm",
+        choices=("vmm", "buffer"),
+        help="AVMP's and static's memory: CUDA VMM, or one torch buffer",
+    )
+    parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
+    parser.add_argument("--markdown", type=Path, help="print the tables of a results file")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny model on the CPU, lengths / 16, 6 requests a workload",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    return args
+
+
+# -- the workload as token ids --------------------------------------------------------------
+
+
+def workload_specs(args: argparse.Namespace, name: str) -> list[RequestSpec]:
+    """The preset's requests, arrivals scaled and lengths divided as asked."""
+    from avmp.bench.workloads import make_prefix_workload
+
+    n = args.num_requests or DEFAULT_REQUESTS[name]
+    specs = make_prefix_workload(name, args.seed, n)
+    divisor = args.length_divisor
+    if divisor == 1 and args.arrival_scale == 1:
+        return specs
+    return [_scaled(spec, args.arrival_scale, divisor) for spec in specs]
+
+
+def _scaled(spec: RequestSpec, arrival_scale: float, divisor: int) -> RequestSpec:
+    segments = tuple((content, max(1, length // divisor)) for content, length in spec.segments)
+    prompt = sum(length for _, length in segments) or max(1, spec.prompt_tokens // divisor)
+    return RequestSpec(
+        spec.request_id, spec.arrival_s * arrival_scale, prompt,
+        max(1, spec.output_tokens // divisor), segments, spec.output_segment,
+    )  # fmt: skip
+
+
+class TokenBook:
+    """Token ids of every content segment: random ids for a message the first time it is
+    named, the engine's tokens for an answer once its request finished."""
+
+    def __init__(self, specs: list[RequestSpec], vocab: int, seed: int) -> None:
+        self.answers = {s.output_segment for s in specs if s.output_segment is not None}
+        self.tokens: dict[Hashable, list[int]] = {}
+        self._rng = np.random.default_rng(seed)
+        self._vocab = vocab
+
+    def ready(self, spec: RequestSpec) -> bool:
+        """Whether every answer the prompt repeats is known."""
+        return all(c in self.tokens or c not in self.answers for c, _ in spec.segments)
+
+    def prompt(self, spec: RequestSpec) -> list[int]:
+        if not spec.segments:
+            return self._random(spec.prompt_tokens)
+        ids: list[int] = []
+        for content, length in spec.segments:
+            if content not in self.tokens:
+                self.tokens[content] = self._random(length)
+            ids += self.tokens[content][:length]
+        return ids
+
+    def answered(self, spec: RequestSpec, tokens: list[int]) -> None:
+        """Record an answer; one cut short (a rejected request) is padded at random."""
+        if spec.output_segment is not None:
+            missing = spec.output_tokens - len(tokens)
+            self.tokens[spec.output_segment] = tokens + self._random(max(0, missing))
+
+    def _random(self, n: int) -> list[int]:
+        return self._rng.integers(3, self._vocab, size=n).tolist()
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+def drive(engine: Any, specs: list[RequestSpec], seed: int) -> dict[str, Any]:
+    """Submit each request at its arrival once the answers it repeats are known, step the
+    engine until all finished; per request its prompt, tokens and times."""
+    from avmp.engine.engine import RequestOptions
+
+    book = TokenBook(specs, engine.geometry.vocab_size, seed)
+    pending = sorted(specs, key=lambda s: (s.arrival_s, s.request_id))
+    live: dict[int, dict[str, Any]] = {}
+    done: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    while pending or live:
+        now = time.perf_counter() - start
+        for spec in [s for s in pending if s.arrival_s <= now and book.ready(s)]:
+            pending.remove(spec)
+            prompt = book.prompt(spec)
+            options = RequestOptions(max_tokens=spec.output_tokens, ignore_eos=True)
+            request_id = engine.add_request(prompt, options)
+            live[request_id] = {"spec": spec, "prompt": prompt, "tokens": [], "submitted_s": now,
+                                "first_token_s": None, "finish_reason": None}  # fmt: skip
+        if not live:  # nothing runs: wait for the next arrival
+            time.sleep(max(0.0, min(s.arrival_s for s in pending) - now))
+            continue
+        for update in engine.step():
+            request = live[update.request_id]
+            if update.new_token_ids and request["first_token_s"] is None:
+                request["first_token_s"] = time.perf_counter() - start
+            request["tokens"] += update.new_token_ids
+            if update.finished:
+                request["finish_s"] = time.perf_counter() - start
+                request["finish_reason"] = update.finish_reason
+                book.answered(request["spec"], request["tokens"])
+                done.append(live.pop(update.request_id))
+    return {"requests": sorted(done, key=lambda r: r["spec"].request_id)}
+
+
+def run_one(
+    args: argparse.Namespace, model: Any, allocator: str, prefix: str, specs: list[RequestSpec]
+) -> dict[str, Any]:
+    """One layout, with the prefix cache ``prefix`` (``off``: none), over the workload."""
+    from avmp.engine.engine import Engine, EngineConfig
+
+    on_gpu = args.device == "cuda"
+    vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
+    config = EngineConfig(
+        memory_bytes=parse_bytes(args.memory), device=args.device,
+        kernels="triton" if on_gpu else "reference", allocator=allocator,
+        backing="cuda_vmm" if vmm else "torch", max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens, prefix_cache=prefix,
+    )  # fmt: skip
+    engine = Engine(model, config)
+    engine.warmup()
+    computed_before = engine.stats.num_computed_tokens  # `warmup`'s last call's
+    run = drive(engine, specs, args.seed)
+    result = summarize(run["requests"], engine)
+    result["num_computed_tokens"] = engine.stats.num_computed_tokens - computed_before
+    result |= {"allocator": allocator, "prefix_cache": prefix}
+    engine.close()
+    del engine
+    gc.collect()
+    return result
+
+
+def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
+    """A run's figures from its requests and the engine's lifetime counters."""
+    completed = [r for r in requests if r["finish_reason"] == "length"]
+    ttfts = [r["first_token_s"] - r["submitted_s"] for r in completed]
+    first = min((r["submitted_s"] for r in requests), default=0.0)
+    span_s = max((r["finish_s"] for r in completed), default=first) - first
+    totals = engine.totals
+    prefix = totals.prefix
+    return {
+        "num_requests": len(requests),
+        "num_completed": len(completed),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "span_s": span_s,
+        "request_throughput": len(completed) / span_s if span_s > 0 else 0.0,
+        "output_token_throughput": sum(len(r["tokens"]) for r in completed) / span_s
+        if span_s > 0
+        else 0.0,
+        "num_prompt_tokens": sum(len(r["prompt"]) for r in requests),
+        "num_preemptions": totals.num_preemptions,
+        "reusable_tokens": reusable_tokens(requests),
+        "prefix": {
+            "num_queried_tokens": prefix.num_queried_tokens,
+            "num_hit_tokens": prefix.num_hit_tokens,
+            "num_hits": prefix.num_hits,
+            "num_checkpoints_taken": prefix.num_checkpoints_taken,
+            "num_evicted_pages": prefix.num_evicted_pages,
+            "num_evicted_checkpoints": prefix.num_evicted_checkpoints,
+            "checkpoint_bytes_at_end": prefix.checkpoint_bytes,
+        },
+        "ttft_s": ttfts,
+        "outputs": [r["tokens"] for r in requests],
+    }
+
+
+def reusable_tokens(requests: list[dict[str, Any]]) -> int:
+    """The ideal's hit tokens: per request, in submission order, the whole pages of its
+    prompt (all but its last token) that an earlier submitted request's prompt and
+    answer begin with (a cache that kept every page and a checkpoint at each)."""
+    unit = IDEAL_UNIT_TOKENS
+    trie: dict[tuple[int, ...], dict] = {}  # type: ignore[type-arg]
+    total = 0
+    for request in sorted(requests, key=lambda r: (r["submitted_s"], r["spec"].request_id)):
+        prompt = request["prompt"]
+        level, matched = trie, 0
+        for page in range((len(prompt) - 1) // unit):
+            key = tuple(prompt[page * unit : (page + 1) * unit])
+            if key not in level:
+                break
+            level, matched = level[key], matched + 1
+        total += matched * unit
+        stream = prompt + request["tokens"]
+        level = trie
+        for page in range(len(stream) // unit):
+            level = level.setdefault(tuple(stream[page * unit : (page + 1) * unit]), {})
+    return total
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+
+
+def build(args: argparse.Namespace) -> Any:
+    """The model: Granite-4.0-H-Micro at full size (random bf16 weights) on the GPU, its
+    tiny version on the CPU."""
+    import torch
+
+    if args.device != "cuda":
+        from avmp.engine.tiny import tiny_model
+        from avmp.models.zoo import zoo_config
+
+        return tiny_model(zoo_config(args.model), seed=args.seed)
+    from benchmarks.engine import build_model, transformers_config
+
+    return build_model(transformers_config(args.model), torch.device(args.device))
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every workload on every layout, without and then with the cache."""
+    import torch
+
+    model = build(args)
+    if args.device == "cuda":
+        from benchmarks.engine_replay import warm_up
+
+        warm_up(argparse.Namespace(device=args.device, seed=args.seed,
+                                   max_batched_tokens=args.max_batched_tokens), model)  # fmt: skip
+    results = conditions(args)
+    for name in args.workloads:
+        specs = workload_specs(args, name)
+        for allocator in args.allocators:
+            for prefix in ("off", args.policy):
+                start = time.perf_counter()
+                run = run_one(args, model, allocator, prefix, specs) | {"workload": name}
+                results["runs"].append(run)
+                print(f"{name}, {allocator}, prefix cache {prefix}: TTFT p50 "
+                      f"{run['ttft_p50_s'] * 1e3:.1f} ms, {run['request_throughput']:.2f} req/s, "
+                      f"{run['prefix']['num_hit_tokens']} hit tokens; "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def conditions(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    on_gpu = args.device == "cuda"
+    return {
+        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": args.model if on_gpu else f"{args.model} (tiny)",
+        "seed": args.seed,
+        "num_requests": {w: args.num_requests or DEFAULT_REQUESTS[w] for w in args.workloads},
+        "arrival_scale": args.arrival_scale,
+        "length_divisor": args.length_divisor,
+        "policy": args.policy,
+        "memory": args.memory,
+        "backing": args.backing if on_gpu else "torch",
+        "max_num_seqs": args.max_num_seqs,
+        "max_batched_tokens": args.max_batched_tokens,
+        "runs": [],
+    }
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Per workload, one row per layout and cache setting, then the ratios per layout."""
+    c = results
+    lines = [
+        f"{c['model']} on {c['device']}, {c['memory']} cache, max_num_seqs {c['max_num_seqs']}, "
+        f"{c['max_batched_tokens']} batched tokens, arrivals x{c['arrival_scale']}, seed "
+        f"{c['seed']}, policy {c['policy']}",
+    ]
+    for workload in dict.fromkeys(run["workload"] for run in c["runs"]):
+        runs = [run for run in c["runs"] if run["workload"] == workload]
+        lines += ["", f"**{workload}** ({runs[0]['num_requests']} requests)", ""]
+        lines += [
+            "| layout | prefix cache | TTFT p50 | TTFT p99 | req/s | output tok/s | hit / "
+            "queried | hit / ideal | computed tokens | checkpoints taken | evictions "
+            "(pages, ckpts) | preemptions |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [_row(run) for run in runs]
+        lines += ["", "| layout | TTFT p50 off / on | TTFT p99 off / on | req/s on / off | "
+                      "identical outputs |", "|---|---|---|---|---|"]  # fmt: skip
+        for allocator in dict.fromkeys(run["allocator"] for run in runs):
+            pair = [run for run in runs if run["allocator"] == allocator]
+            off = next((r for r in pair if r["prefix_cache"] == "off"), None)
+            on = next((r for r in pair if r["prefix_cache"] != "off"), None)
+            if off is not None and on is not None:
+                lines.append(_ratio_row(allocator, off, on))
+    return "\n".join(lines)
+
+
+def _row(run: dict[str, Any]) -> str:
+    prefix = run["prefix"]
+    queried, hit = prefix["num_queried_tokens"], prefix["num_hit_tokens"]
+    reusable = run["reusable_tokens"]
+    return (
+        f"| {run['allocator']} | {run['prefix_cache']} | {run['ttft_p50_s'] * 1e3:.1f} ms | "
+        f"{run['ttft_p99_s'] * 1e3:.1f} ms | {run['request_throughput']:.2f} | "
+        f"{run['output_token_throughput']:.0f} | "
+        + (f"{hit / queried:.1%} | " if queried else "- | ")
+        + (f"{hit / reusable:.1%} | " if reusable and run["prefix_cache"] != "off" else "- | ")
+        + f"{run['num_computed_tokens']} | {prefix['num_checkpoints_taken']} | "
+        f"{prefix['num_evicted_pages']}, {prefix['num_evicted_checkpoints']} | "
+        f"{run['num_preemptions']} |"
+    )
+
+
+def _ratio_row(allocator: str, off: dict[str, Any], on: dict[str, Any]) -> str:
+    same = sum(a == b for a, b in zip(off["outputs"], on["outputs"], strict=True))
+    return (
+        f"| {allocator} | {_ratio(off['ttft_p50_s'], on['ttft_p50_s'])} | "
+        f"{_ratio(off['ttft_p99_s'], on['ttft_p99_s'])} | "
+        f"{_ratio(on['request_throughput'], off['request_throughput'])} | "
+        f"{same} of {len(on['outputs'])} |"
+    )
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.markdown is not None:
+        try:
+            results = read_result(args.markdown)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(markdown(results))
+        return 0
+    try:  # the user's mistakes, one line each, before the GPU work starts
+        parse_bytes(args.memory)
+        if args.arrival_scale < 0 or args.length_divisor < 1:
+            raise ValueError("--arrival-scale must be >= 0 and --length-divisor >= 1")
+        for name in args.workloads:
+            workload_specs(args, name)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = run_all(args)
+    if args.out is not None:
+        write_result(args.out, results)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
