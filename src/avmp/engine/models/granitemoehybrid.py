@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.experts import RoutedExperts, grouped_experts, run_experts
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
@@ -23,7 +24,6 @@ from avmp.engine.models.layers import (
     head_dim_of,
     mix_or_attend,
     rope_theta,
-    run_experts,
     shard_param,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -99,10 +99,11 @@ class GraniteRouter(nn.Module):
         return torch.softmax(top_logits, dim=-1).type_as(x), top_index
 
 
-class GraniteMoE(OpsLayer):
-    """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked.
-    Under tensor parallelism a rank holds a consecutive share of the experts (the
-    stacks' first dimension) and returns its part of the sum."""
+class GraniteMoE(OpsLayer, RoutedExperts):
+    """Top-k experts in the checkpoint layout: ``input_linear`` holds gate and up, stacked
+    (so the grouped path of `avmp.engine.experts` runs on them as they are). Under
+    tensor parallelism a rank holds a consecutive share of the experts (the stacks'
+    first dimension) and returns its part of the sum."""
 
     def __init__(self, config: Any, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
@@ -117,13 +118,21 @@ class GraniteMoE(OpsLayer):
         self.act = activation(config.hidden_act)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = nn.functional.linear(x, self.input_linear.weight[index]).chunk(2, dim=-1)
-        hidden = self.ops.activation(self.act, gate) * up
+        hidden = self.hidden(nn.functional.linear(x, self.input_linear.weight[index]))
         return nn.functional.linear(hidden, self.output_linear.weight[index])
+
+    def hidden(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.ops.activation(self.act, gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.router(x)
-        out = run_experts(x, index, weights, self.expert, self.num_experts, self.first_expert)
+        up, down = self.input_linear.weight, self.output_linear.weight
+        if self.takes_grouped_path(x, up, down):
+            out = grouped_experts(x, index, weights, up, down, self.hidden, self.first_expert)
+        else:
+            out = run_experts(x, index, weights, self.expert, self.num_experts,
+                              self.first_expert)  # fmt: skip
         return out.to(x.dtype)
 
 

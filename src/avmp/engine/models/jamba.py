@@ -18,7 +18,6 @@ from avmp.engine.models.layers import (
     PagedAttention,
     RMSNorm,
     local_experts,
-    run_experts,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import lm_head
@@ -52,8 +51,7 @@ class JambaMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.router(x)
-        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
-                          self.first_expert)  # fmt: skip
+        out = self.experts(x, index, weights)
         return self.tp.all_reduce(out.to(x.dtype))
 
 

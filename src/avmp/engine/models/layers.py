@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.experts import GATED_MLP, ExpertLayout, ExpertSlice
 from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, row_linear
@@ -396,68 +397,17 @@ class GatedMLP(OpsLayer):
         return self.ops.glu(self.act, gate, up)
 
 
-def run_experts(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    expert_fn: Any,
-    num_experts: int,
-    first_expert: int = 0,
-) -> torch.Tensor:
-    """Route each token to its top-k experts and sum their weighted outputs.
-
-    ``expert_fn(expert, tokens)`` computes local expert ``expert`` (global index
-    ``first_expert + expert``: a rank holds ``num_experts`` of them) on ``[n, hidden]``
-    inputs. Experts run in index order and accumulate with ``index_add_`` as
-    transformers does; under tensor parallelism the sum is this rank's part.
-    """
-    out = torch.zeros_like(x, dtype=top_k_weights.dtype)
-    for expert in range(num_experts):
-        token_idx, k_pos = torch.where(top_k_index == first_expert + expert)
-        if token_idx.numel() == 0:
-            continue
-        y = expert_fn(expert, x[token_idx]) * top_k_weights[token_idx, k_pos, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
-
-
-class ExpertSlice(nn.Module):
-    """A rank's consecutive experts out of ``num_experts``, registered under their
-    global indices (the checkpoint's ``experts.{i}`` names) and indexed by local
-    position."""
-
-    def __init__(self, experts: list[nn.Module], first_expert: int, num_experts: int) -> None:
-        super().__init__()
-        self.first_expert, self.num_experts = first_expert, num_experts
-        for offset, expert in enumerate(experts):
-            self.add_module(str(first_expert + offset), expert)
-
-    def is_elsewhere(self, index: int) -> bool:
-        """Whether expert ``index`` is one of the model's, held by another rank."""
-        local = range(self.first_expert, self.first_expert + len(self))
-        return 0 <= index < self.num_experts and index not in local
-
-    def __getitem__(self, index: int) -> nn.Module:
-        module: nn.Module = getattr(self, str(self.first_expert + index))
-        return module
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-
 def local_experts(
-    build: Any, num_experts: int, tp: TensorParallel
-) -> tuple[nn.ModuleList | ExpertSlice, int]:
-    """This rank's experts (``build()`` makes one) and the global index of the first.
+    build: Any, num_experts: int, tp: TensorParallel, layout: ExpertLayout = GATED_MLP
+) -> tuple[ExpertSlice, int]:
+    """This rank's experts (``build()`` makes one; ``layout`` names the linears stacked
+    for the grouped path, see `avmp.engine.experts`) and the global index of the first.
 
     Experts are split whole across ranks (expert parallelism inside the tensor-parallel
-    group), not each one's width: see docs/design-tp.md. One rank gets a plain
-    ``nn.ModuleList`` of them all.
+    group), not each one's width: see docs/design-tp.md. One rank holds them all.
     """
-    if tp.is_single:
-        return nn.ModuleList(build() for _ in range(num_experts)), 0
-    first, count = tp.split(num_experts, "experts")
-    return ExpertSlice([build() for _ in range(count)], first, num_experts), first
+    first, count = (0, num_experts) if tp.is_single else tp.split(num_experts, "experts")
+    return ExpertSlice(build, first, count, num_experts, layout), first
 
 
 class Mamba1Mixer(OpsLayer):

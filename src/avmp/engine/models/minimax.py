@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.experts import ExpertLayout, gated_hidden
 from avmp.engine.models.base import TORCH_DTYPE_NAMES, HybridModel
 from avmp.engine.models.layers import (
     GatedMLP,
@@ -30,7 +31,6 @@ from avmp.engine.models.layers import (
     head_dim_of,
     local_experts,
     rope_theta,
-    run_experts,
     shard_param,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -124,6 +124,10 @@ class MiniMaxExpert(GatedMLP):
         return out
 
 
+# the stacked layout of MiniMaxExpert (avmp.engine.experts): w1 (gate) and w3 (up) stack
+MINIMAX_EXPERT = ExpertLayout(("w1", "w3"), "w2", gated_hidden)
+
+
 class MiniMaxMoE(nn.Module):
     """Softmax router, top-k renormalised, experts summed in index order; under tensor
     parallelism each rank runs its share of the experts and one all-reduce adds them."""
@@ -133,7 +137,7 @@ class MiniMaxMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts, self.first_expert = local_experts(
-            lambda: MiniMaxExpert(config), config.num_local_experts, tp
+            lambda: MiniMaxExpert(config), config.num_local_experts, tp, MINIMAX_EXPERT
         )
         self.tp = tp
 
@@ -141,8 +145,7 @@ class MiniMaxMoE(nn.Module):
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
-                          self.first_expert)  # fmt: skip
+        out = self.experts(x, index, weights)
         return self.tp.all_reduce(out.to(x.dtype))
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
+from avmp.engine.experts import ExpertLayout, activation_hidden
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
@@ -22,7 +23,6 @@ from avmp.engine.models.layers import (
     activation,
     head_dim_of,
     local_experts,
-    run_experts,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import column_linear, lm_head, row_linear
@@ -99,6 +99,7 @@ class NemotronMoE(nn.Module):
             lambda: NemotronMLP(config, config.moe_intermediate_size),
             config.n_routed_experts,
             tp,
+            ExpertLayout(("up_proj",), "down_proj", activation_hidden),
         )
         self.shared_experts = NemotronMLP(
             config, config.moe_shared_expert_intermediate_size, tp, reduce=False
@@ -107,8 +108,7 @@ class NemotronMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x)
-        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
-                             self.first_expert)  # fmt: skip
+        routed = self.experts(x, index, weights)
         return self.tp.all_reduce(routed.to(x.dtype) + self.shared_experts(x))
 
 

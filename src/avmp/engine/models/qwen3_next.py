@@ -35,7 +35,6 @@ from avmp.engine.models.layers import (
     depthwise_conv,
     local_experts,
     rope_theta,
-    run_experts,
     shard_param,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -326,8 +325,7 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.gate(x)
-        routed = run_experts(x, index, weights, lambda e, t: self.experts[e](t), len(self.experts),
-                             self.first_expert)  # fmt: skip
+        routed = self.experts(x, index, weights)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(routed.to(x.dtype) + shared)
 
@@ -415,8 +413,11 @@ class Qwen3NextModel(HybridModel):
         return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))
 
     def can_capture_decode(self) -> bool:
-        """Not with experts: their routing has data-dependent shapes."""
-        return not any(isinstance(m, SparseMoe) for m in self.modules())
+        """With experts only where they take the grouped path on its fast kernel (bf16
+        on an H100/H200-class GPU): every shape then follows from the batch size, where
+        the loop's routing has data-dependent shapes (`avmp.engine.experts`)."""
+        moe = [m for m in self.modules() if isinstance(m, SparseMoe)]
+        return all(m.experts.is_capturable() for m in moe)
 
     def geometry(
         self,
