@@ -22,7 +22,8 @@ run to the uncached one, and how many outputs were token-identical (greedy).
 Granite-4.0-H-Micro's geometry with random bf16 weights (as benchmarks/engine_replay.py
 builds it), the Triton kernels and decode graphs, AVMP and static on CUDA VMM. One
 warm-up compiles the kernel variants first. ``--smoke`` runs a tiny model of the same
-structure on the CPU (reference kernels, lengths / 16, a few requests) in seconds.
+structure on the CPU (its first layers, reference kernels, lengths / 16, a few requests)
+in seconds.
 
 Usage::
 
@@ -54,6 +55,7 @@ ALLOCATORS = ("avmp", "static", "unified")
 WORKLOADS = ("multi_turn_prefix", "agent_loop")
 # bounded so that 2 workloads x 3 layouts x 2 runs finish in < 240 s on one H200
 DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40}
+CPU_LAYERS = 6  # Granite-4.0-H's first six: five Mamba2 layers and one attention layer
 IDEAL_UNIT_TOKENS = 16  # the ideal counts whole pages of this many tokens, in every layout
 SMOKE = {
     "device": "cpu",
@@ -62,7 +64,7 @@ SMOKE = {
     "max_batched_tokens": 256,
     "length_divisor": 16,
     "arrival_scale": 0.02,
-    "num_requests": 6,
+    "num_requests": 5,
 }
 
 
@@ -112,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny model on the CPU, lengths / 16, 6 requests a workload",
+        help="a tiny model on the CPU, lengths / 16, 5 requests a workload",
     )
     args = parser.parse_args(argv)  # fmt: skip
     if args.smoke:
@@ -306,15 +308,19 @@ def reusable_tokens(requests: list[dict[str, Any]]) -> int:
 
 
 def build(args: argparse.Namespace) -> Any:
-    """The model: Granite-4.0-H-Micro at full size (random bf16 weights) on the GPU, its
-    tiny version on the CPU."""
+    """The model: Granite-4.0-H-Micro at full size (random bf16 weights) on the GPU; on
+    the CPU its tiny version, cut to the pattern's first `CPU_LAYERS` layers."""
     import torch
 
     if args.device != "cuda":
         from avmp.engine.tiny import tiny_model
         from avmp.models.zoo import zoo_config
 
-        return tiny_model(zoo_config(args.model), seed=args.seed)
+        raw = dict(zoo_config(args.model))
+        if isinstance(raw.get("layer_types"), list):
+            raw["layer_types"] = raw["layer_types"][:CPU_LAYERS]
+            raw["num_hidden_layers"] = len(raw["layer_types"])
+        return tiny_model(raw, seed=args.seed)
     from benchmarks.engine import build_model, transformers_config
 
     return build_model(transformers_config(args.model), torch.device(args.device))
@@ -354,7 +360,7 @@ def conditions(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "model": args.model if on_gpu else f"{args.model} (tiny)",
+        "model": args.model if on_gpu else f"{args.model} (tiny, {CPU_LAYERS} layers)",
         "seed": args.seed,
         "num_requests": {w: args.num_requests or DEFAULT_REQUESTS[w] for w in args.workloads},
         "arrival_scale": args.arrival_scale,
