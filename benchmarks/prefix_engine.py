@@ -204,7 +204,9 @@ def drive(engine: Any, specs: list[RequestSpec], seed: int) -> dict[str, Any]:
             live[request_id] = {"spec": spec, "prompt": prompt, "tokens": [], "submitted_s": now,
                                 "first_token_s": None, "finish_reason": None}  # fmt: skip
         if not live:  # nothing runs: wait for the next arrival
-            time.sleep(max(0.0, min(s.arrival_s for s in pending) - now))
+            if not any(book.ready(s) for s in pending):
+                raise RuntimeError("requests wait for answers that no request will give")
+            time.sleep(max(0.0, min(s.arrival_s for s in pending if book.ready(s)) - now))
             continue
         for update in engine.step():
             request = live[update.request_id]
