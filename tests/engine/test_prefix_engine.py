@@ -303,3 +303,19 @@ def test_multi_turn_on_cuda_with_triton_overlap_and_graphs(
         for prompt, output in zip(turn_prompts, turn_outputs, strict=True):
             assert output == checkpoint.reference(prompt, MAX_TOKENS)
     assert computed_on[2] < computed_off[2] and engine.totals.prefix.num_hits > 0
+
+
+def test_token_units_are_keyed_by_exact_ids_as_tokens_become_known() -> None:
+    """The engine's keys: a unit is the tuple of its token ids, built once its tokens
+    are known (the list grows as the host reads sampled tokens)."""
+    from avmp.sched.prefix import TokenUnits
+
+    tokens = [5, 6, 7, 8, 9]
+    units = TokenUnits(tokens, unit_tokens=2, num_units=4)
+    assert len(units) == 4 and units[:2] == [(5, 6), (7, 8)]
+    with pytest.raises(RuntimeError, match="unit 2 needs 6 tokens; 5 are known"):
+        units[2]
+    tokens.append(10)  # a sampled token read
+    assert units[2] == (9, 10) and units[-2] == (9, 10)
+    with pytest.raises(IndexError):
+        units[4]
