@@ -125,7 +125,9 @@ class CellSpec:
         """A file-name-safe id, unique within a sweep, stable across runs (a cell
         without prefix cache keeps the id it had before the axis existed)."""
         budget = format_bytes(self.budget_bytes).replace(" ", "").replace(".", "p")
-        parts = (self.workload, self.model, budget, self.profile, f"s{self.seed}", self.allocator)
+        parts: tuple[str, ...] = (
+            self.workload, self.model, budget, self.profile, f"s{self.seed}", self.allocator
+        )
         if self.prefix_cache != PREFIX_OFF:
             parts += (f"prefix-{self.prefix_cache}",)
         raw = "__".join(parts)
