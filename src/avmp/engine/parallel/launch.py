@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import start_processes
 
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.models.tensor_parallel import check_num_ranks
@@ -111,8 +111,10 @@ def run_ranks(
         return [fn(SINGLE, *args)]
     init_method = f"tcp://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="avmp-tp-") as out:
-        mp.start_processes(_rank_main, args=(size, device, init_method, threads, out, fn, args),
-                           nprocs=size, join=True, start_method="spawn")  # fmt: skip
+        rank_args = (size, device, init_method, threads, out, fn, args)
+        start_processes(  # type: ignore[no-untyped-call]
+            _rank_main, args=rank_args, nprocs=size, join=True, start_method="spawn"
+        )
         return [torch.load(Path(out) / f"{rank}.pt", weights_only=False) for rank in range(size)]
 
 
