@@ -6,6 +6,7 @@ stacks through ``.to()`` and loading, and splits across tensor-parallel ranks.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +435,18 @@ def test_qwen3_moe_decode_graphs_equal_the_padded_eager_pass(
         if graphs:
             assert any(s.graph for s in engine.runner.profile.steps)
     assert outputs[0] == outputs[1]
+
+
+def test_the_benchmark_smoke_run_writes_a_result_and_its_table(tmp_path: Path) -> None:
+    from benchmarks import moe
+    from benchmarks.common import read_result
+
+    out = tmp_path / "moe.json"
+    assert moe.main(["--smoke", "--repeats", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert [(p["phase"], [c["path"] for c in p["cells"]]) for p in result["phases"]] == [
+        ("decode", ["loop", "grouped"]),
+        ("prefill", ["loop", "grouped"]),
+    ]
+    assert all(c["rel_error"] < 1e-5 for p in result["phases"] for c in p["cells"])
+    assert "| prefill | 70 | grouped |" in moe.markdown(result)
