@@ -135,7 +135,7 @@ def can_group(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
     return aligned and up.shape[-1] % elements == 0 and down.shape[-1] % elements == 0
 
 
-def gated_hidden(expert: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def gated_hidden(expert: Any, h: torch.Tensor) -> torch.Tensor:
     """``act(gate) * up`` through the expert's own ``glu`` (its kernels), ``h`` holding
     the gate columns then the up columns."""
     gate, up = h.chunk(2, dim=-1)
@@ -143,7 +143,7 @@ def gated_hidden(expert: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def activation_hidden(expert: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def activation_hidden(expert: Any, h: torch.Tensor) -> torch.Tensor:
     """``act(up)`` through the expert's ops (experts without a gate: Nemotron-H)."""
     out: torch.Tensor = expert.ops.activation(expert.act, h)
     return out
@@ -249,7 +249,7 @@ class ExpertSlice(RoutedExperts):
         up, down = self._linears(expert)
         covered = {id(p) for linear in (*up, down) for p in linear.parameters()}
         stray = [n for n, p in expert.named_parameters() if id(p) not in covered]
-        if stray or list(expert.buffers()):
+        if stray or next(expert.buffers(), None) is not None:
             raise TypeError(f"{type(expert).__name__}: parameters outside the layout {stray}")
         dtype = down.weight.dtype
         width = sum(linear.out_features for linear in up)
@@ -294,7 +294,7 @@ class ExpertSlice(RoutedExperts):
         with torch.no_grad():
             self.stacks = {name: fn(stack) for name, stack in self.stacks.items()}
         self._bind()
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         self._bind()  # in case ``fn`` made new tensors even of converted ones
         return self
 
