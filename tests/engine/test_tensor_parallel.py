@@ -24,6 +24,7 @@ from avmp.engine.parallel import (
     Shard,
     TensorParallel,
     check_world_size,
+    from_environment,
     model_shards,
     run_ranks,
     shard_of,
@@ -127,6 +128,20 @@ def test_bad_world_sizes_are_refused(size: int, device: str, message: str) -> No
         pytest.skip("this machine has the devices")
     with pytest.raises(ValueError, match=message):
         check_world_size(size, device)
+
+
+def test_torchrun_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="not launched by torchrun: RANK, WORLD_SIZE"):
+        from_environment("cpu")
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert from_environment("cpu") is SINGLE  # one rank: no group is made
+    monkeypatch.setenv("WORLD_SIZE", "9")
+    with pytest.raises(ValueError, match="must be in 1..8"):
+        from_environment("cpu")
 
 
 def test_rank_outside_its_group_is_refused() -> None:
