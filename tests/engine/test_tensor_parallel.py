@@ -130,6 +130,12 @@ def test_bad_world_sizes_are_refused(size: int, device: str, message: str) -> No
         check_world_size(size, device)
 
 
+def test_a_shard_is_not_sharded_again() -> None:
+    shard = full_model("lfm2", "cpu").sharded(TensorParallel(1, 2))
+    with pytest.raises(ValueError, match="lfm2: already one of 2 ranks' shards"):
+        shard.sharded(TensorParallel(0, 2))
+
+
 def test_torchrun_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

@@ -53,7 +53,14 @@ class HybridModel(nn.Module):
     @torch.no_grad()
     def sharded(self, tp: TensorParallel) -> HybridModel:
         """This full model's shard for ``tp``'s rank, on its device and in its dtype
-        (every rank builds the same full model, e.g. from one seed, then slices it)."""
+        (every rank builds the same full model, e.g. from one seed, then slices it).
+
+        Raises:
+            ValueError: this model is a shard already, or does not split over
+                ``tp.size`` ranks (the message names the figure).
+        """
+        if not self.tp.is_single:
+            raise ValueError(f"{self.family}: already one of {self.tp.size} ranks' shards")
         weight = next(self.parameters())
         shard = type(self)(self.config, tp).to(device=weight.device, dtype=weight.dtype)
         load_full_state(shard, self.state_dict())
