@@ -43,6 +43,8 @@ from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_p
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
 from avmp.engine.ops import REFERENCE_OPS
+from avmp.engine.parallel.group import TensorParallel
+from avmp.engine.parallel.launch import check_world_size
 from avmp.engine.prefix_cache import (
     PrefixCounts,
     StateSlotCopier,
@@ -54,6 +56,14 @@ from avmp.engine.prefix_cache import (
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import SampledTokens, SamplingParams, sample
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
+from avmp.engine.tp_step import (
+    FollowerFailed,
+    Leader,
+    Replica,
+    ShardBuilder,
+    build_shard,
+    rank_device,
+)
 from avmp.kernels.choice import KERNEL_CHOICES, use_triton
 from avmp.memory.backing.device import TensorBacking
 from avmp.memory.backing.shared_buffer import SharedBufferBacking
@@ -153,6 +163,10 @@ class EngineConfig:
             (`avmp.engine.prefix_cache`). A `PrefixCacheConfig`, or a name of
             `PREFIX_CACHE_CHOICES` resolved for the model when the engine is built;
             None or ``off``: no caching, nothing changes.
+        tensor_parallel: ranks the model is split over (1..8; on CUDA one GPU each,
+            ``cuda:0`` .. ``cuda:N-1``). Above 1 the engine starts ranks 1..N-1 itself
+            (or joins torchrun's group) and plans every step on rank 0
+            (`avmp.engine.tp_step`); the budget and the host tier are each rank's.
     """
 
     memory_bytes: int = 12 << 30
@@ -180,6 +194,7 @@ class EngineConfig:
     preemption_costs: PreemptionCosts | None = None
     max_model_len: int | None = None
     prefix_cache: PrefixCacheConfig | str | None = None
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         for name in ("dtype", "ssm_dtype"):
@@ -202,6 +217,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_preemption()
         self._check_prefix_cache()
+        self._check_tensor_parallel()
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
         object.__setattr__(self, "admission", self.scheduler_config.admission)
 
@@ -222,6 +238,19 @@ class EngineConfig:
                 object.__setattr__(self, "prefix_cache", None)
         elif choice is not None and not isinstance(choice, PrefixCacheConfig):
             check_prefix_choice(choice)  # raises: neither a name nor a config
+
+    def _check_tensor_parallel(self) -> None:
+        size = self.tensor_parallel
+        if not _is_whole(size):
+            raise ValueError(f"tensor_parallel must be a whole number, got {size!r}")
+        if size == 1:
+            return
+        check_world_size(size, self.device)  # 1..8, and no more than the CUDA devices
+        if self.torch_device().index is not None:
+            raise ValueError(
+                f"tensor_parallel {size} puts rank r on cuda:r; give device 'cuda', "
+                f"not {self.device!r}"
+            )
 
     def torch_device(self) -> torch.device:
         """The device as torch names it.
@@ -542,7 +571,7 @@ class Engine:
 
     def __init__(
         self,
-        model: str | Path | HybridModel,
+        model: str | Path | HybridModel | ShardBuilder,
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
@@ -555,26 +584,17 @@ class Engine:
         self.host_tier_bytes = resolve_host_tier_bytes(config)
         if self.device.type == "cpu" and config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
-        self.model = self._load(model)
-        self.tokenizer = tokenizer
-        if tokenizer is None and not isinstance(model, HybridModel):
-            self.tokenizer = load_tokenizer(model)
-        self.geometry = self._geometry()
-        self._check_fits()
-        self.allocator, self.backing, cache_format = self._memory()
-        if self.device.type == "cuda":  # compaction's copy, compiled before any timed step
-            from avmp.kernels.triton.compact import warm_up
-
-            warm_up(self.device, (cache_format.page.unit_bytes, cache_format.slot.unit_bytes))
-        self.views = PoolViews(build_views(self.backing, cache_format))
-        self.runner = self._runner()
-        self.swapper = self._swapper(cache_format)
-        self.preemption_costs = config.preemption_costs or self._measure_costs()
-        self.prefix_cache = resolve_prefix_cache(
-            config.prefix_cache, self.geometry, config.block_size
-        )
-        self.slot_copier = StateSlotCopier(self.backing)
-        self.scheduler = self._scheduler()
+        # rank 0 of several (`avmp.engine.tp_step`); None: one rank, no broadcast anywhere
+        self._leader: Leader | None = None
+        if config.tensor_parallel > 1:
+            self._leader = Leader.start(model, config, self.host_tier_bytes)
+            self.device = rank_device(config, self._leader.tp)
+        try:
+            self._build(model, tokenizer)
+        except BaseException:
+            if self._leader is not None:
+                self._leader.stop()
+            raise
         self._prefix_seen = PrefixCounts()  # the prefix cache's counts at the last step
         self.stats = EngineStats()
         self.totals = EngineTotals()
@@ -594,32 +614,48 @@ class Engine:
 
     # -- construction ---------------------------------------------------------------
 
+    def _build(
+        self, model: str | Path | HybridModel | ShardBuilder, tokenizer: Tokenizer | None
+    ) -> None:
+        """Load the model, build the memory and the runner, and the scheduler over them.
+        On rank 0 of several: the byte operations are logged for the followers from the
+        allocator's first call on, and the followers are waited for before any run."""
+        config, leader = self.config, self._leader
+        self.model = self._load(model)
+        self.tokenizer = tokenizer
+        if tokenizer is None and isinstance(model, (str, Path)):
+            self.tokenizer = load_tokenizer(model)
+        self.geometry = self._geometry()
+        self._check_fits()
+        self.allocator, self.backing, cache_format = self._memory()
+        if leader is not None:
+            leader.log.watch_backing(self.backing)
+        warm_up_compaction(self.device, cache_format)
+        self.views = PoolViews(build_views(self.backing, cache_format))
+        self.runner = self._runner()
+        self.swapper = self._swapper(cache_format)
+        if leader is not None:
+            leader.wait_ready()
+        self.preemption_costs = config.preemption_costs or self._measure_costs()
+        self.prefix_cache = resolve_prefix_cache(
+            config.prefix_cache, self.geometry, config.block_size
+        )
+        self.slot_copier = StateSlotCopier(self.backing)
+        self.scheduler = self._scheduler()
+
     def _runner(self) -> ModelRunner:
         """The reference runner, or (where ``kernels`` resolves to Triton on this device)
         the fast one: one host-to-device copy per step, decode graphs, and the layers'
         Triton kernels, given to the model here, once."""
-        c = self.config
-        if not use_triton(c.kernels, self.device):
-            self.model.use_ops(REFERENCE_OPS)
-            return ModelRunner(self.model, self.views, c.block_size, self.device)
-        from avmp.engine.fast_runner import FastModelRunner
-        from avmp.engine.triton_ops import TritonOps
-
-        self.model.use_ops(TritonOps())
-        return FastModelRunner(
-            self.model,
-            self.views,
-            c.block_size,
-            self.device,
-            cuda_graphs=c.cuda_graphs,
-            pad_decode=c.pad_decode,
-        )
+        return build_runner(self.model, self.views, self.config, self.device)
 
     def _swapper(self, cache_format: CacheFormat) -> HostSwapper | None:
-        """The host tier's arena and copier, allocated once (none under recompute)."""
-        if not self.host_tier_bytes or self.config.preemption is PreemptionMode.RECOMPUTE:
-            return None
-        return HostSwapper(self.backing, cache_format, self.host_tier_bytes)
+        """The host tier's arena and copier, allocated once (none under recompute);
+        logged on rank 0 of several."""
+        swapper = build_swapper(self.config, self.backing, cache_format, self.host_tier_bytes)
+        if swapper is None or self._leader is None:
+            return swapper
+        return self._leader.log.swapper(swapper)  # type: ignore[return-value]
 
     def _measure_costs(self) -> PreemptionCosts | None:
         """The rates ``auto`` compares, measured here: the copy bandwidth of a pinned
@@ -629,8 +665,9 @@ class Engine:
         if self.config.preemption is not PreemptionMode.AUTO or not self.host_tier_bytes:
             return None  # nothing to compare: without a host tier `auto` recomputes
         num_tokens = min(self.config.max_num_batched_tokens, PREFILL_PROBE_TOKENS)
+        runner = self.runner if self._leader is None else self._leader.probe_runner(self.runner)
         prefill_s = measure_prefill_s_per_token(
-            self.runner, self.views, self.allocator, PROBE_REQUEST_ID, num_tokens,
+            runner, self.views, self.allocator, PROBE_REQUEST_ID, num_tokens,
             self.geometry.vocab_size,
         )  # fmt: skip
         if prefill_s is None:
@@ -648,73 +685,36 @@ class Engine:
             return Scheduler(self.allocator, scheduler_config, self.swapper)
         check_room_for_checkpoint(self.allocator)
         scheduler_config = dataclasses.replace(scheduler_config, prefix_cache=self.prefix_cache)
-        return Scheduler(
-            self.allocator, scheduler_config, self.swapper, self.slot_copier, self._token_ids
-        )
+        copier = self.slot_copier
+        if self._leader is not None:
+            copier = self._leader.log.slot_copier(copier)  # type: ignore[assignment]
+        return Scheduler(self.allocator, scheduler_config, self.swapper, copier, self._token_ids)
 
     def _token_ids(self, request_id: int) -> list[int]:
         """A request's tokens read so far (the prefix cache keys its units by them)."""
         return self._requests[request_id].tokens
 
-    def _load(self, model: str | Path | HybridModel) -> HybridModel:
+    def _load(self, model: str | Path | HybridModel | ShardBuilder) -> HybridModel:
+        if self._leader is not None:  # rank 0's shard
+            return build_shard(model, self.config, self._leader.tp, self.device)
         torch_dtype = None if self.config.dtype is None else DTYPES[self.config.dtype]
         if isinstance(model, HybridModel):
             return model.to(device=self.device, dtype=torch_dtype).eval()
+        if not isinstance(model, (str, Path)):  # a ShardBuilder: one rank's, the whole
+            return build_shard(model, self.config, TensorParallel(), self.device)
         return load_model(model, torch_dtype, str(self.device))
 
     def _geometry(self) -> ModelGeometry:
-        dtype = next(self.model.parameters()).dtype
-        ssm = None if self.config.ssm_dtype is None else DTYPES[self.config.ssm_dtype]
-        geometry = self.model.geometry(dtype, ssm, self.config.conv_columns)
-        padding = CacheFormat.from_geometry(geometry, self.config.block_size).padding_bytes
-        if padding:
-            raise ValueError(
-                f"{geometry.name}: cache tensors are not 16-byte multiples "
-                f"({padding} bytes of padding per page + slot); the engine needs exact units"
-            )
-        return geometry
+        return model_geometry(self.model, self.config)
 
     def _check_fits(self) -> None:
         """Weights (loaded, on the device), the cache budget and the activation estimate
         against the device's memory, before the cache is allocated."""
-        model = self.model
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        dtype_bytes = next(model.parameters()).element_size()
-        activations = activation_estimate_bytes(self.geometry, self.config, dtype_bytes)
-        if self.device.type == "cuda":  # torch's cached free blocks count as used there
-            torch.cuda.empty_cache()
-        check_device_holds(
-            self.device, self.config.memory_bytes, weight_bytes, activations, weights_loaded=True
-        )
-
-    def _backing(self) -> TensorBacking:
-        # compaction's row copy: Triton's on CUDA (it falls back to torch's where Triton
-        # cannot run); elsewhere the backing's own torch copy
-        from avmp.kernels.triton.compact import copy_rows
-
-        copy = copy_rows if self.device.type == "cuda" else None
-        if self.config.backing == "cuda_vmm":
-            from avmp.memory.backing.cuda_vmm import CudaVmmBacking
-
-            return CudaVmmBacking(self.device.index or 0, copy_rows=copy)
-        return TorchBufferBacking(self.device, copy_rows=copy)
+        check_fits(self.model, self.geometry, self.config, self.device)
 
     def _memory(self) -> tuple[CacheAllocator, TensorBacking, CacheFormat]:
         """The allocator, the backing it drives and the byte format the views read."""
-        config = self._memory_config()
-        name, state_fraction = self.config.allocator, self.config.state_fraction
-        options = {} if state_fraction is None else {"state_fraction": state_fraction}
-        backing: TensorBacking
-        if name == "unified":  # vLLM's pool is one plain buffer whatever the backing
-            backing = SharedBufferBacking(unified_buffer_bytes(self.geometry, config), self.device)
-        else:
-            backing = self._backing()
-        allocator = make_allocator(name, self.geometry, config, backing, **options)
-        return allocator, backing, allocator.cache_format()
-
-    def _memory_config(self) -> MemoryConfig:
-        return self.config.memory_config
+        return build_memory(self.config, self.geometry, self.device)
 
     # -- requests, one step at a time -----------------------------------------------
     # Not thread-safe: one thread adds, aborts and steps (`avmp.engine.loop` is that
@@ -823,10 +823,14 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+        if self._leader is not None:  # the followers release theirs and exit
+            self._leader.stop()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the engine is closed")
+        if self._leader is not None and self._leader.stopped:  # a follower failed
+            raise FollowerFailed("the tensor-parallel group has stopped; build a new engine")
 
     # -- generation -----------------------------------------------------------------
 
@@ -1072,11 +1076,16 @@ class Engine:
             if samples:
                 sampling.append(chunk.request_id)
         carried = None if self._pending is None else self._pending.tokens.device
-        logits = self.runner.execute(work, carried)
+        if self._leader is None:
+            logits = self.runner.execute(work, carried)
+        else:  # every rank runs the step: the plan goes out first
+            logits = self._leader.execute(self.runner, work, carried, bool(sampling))
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        if self._leader is not None:  # the followers' carried tokens of the next step
+            self._leader.share_sampled(sampled)
         return _Pending(sampling, SampledTokens(sampled))
 
     def _settle(self) -> list[int]:
@@ -1260,6 +1269,135 @@ class Engine:
             request.first_token_s,
             request.last_token_s,
         )
+
+
+def model_geometry(model: HybridModel, config: EngineConfig) -> ModelGeometry:
+    """The cache geometry of ``model`` (a rank's shard: the rank's units) under
+    ``config``'s state dtype and conv columns.
+
+    Raises:
+        ValueError: units that are not 16-byte multiples (the engine needs exact ones).
+    """
+    dtype = next(model.parameters()).dtype
+    ssm = None if config.ssm_dtype is None else DTYPES[config.ssm_dtype]
+    geometry = model.geometry(dtype, ssm, config.conv_columns)
+    padding = CacheFormat.from_geometry(geometry, config.block_size).padding_bytes
+    if padding:
+        raise ValueError(
+            f"{geometry.name}: cache tensors are not 16-byte multiples "
+            f"({padding} bytes of padding per page + slot); the engine needs exact units"
+        )
+    return geometry
+
+
+def check_fits(
+    model: HybridModel, geometry: ModelGeometry, config: EngineConfig, device: torch.device
+) -> None:
+    """Weights (loaded, on ``device``), the cache budget and the activation estimate
+    against the device's memory, before the cache is allocated (`check_device_holds`)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    dtype_bytes = next(model.parameters()).element_size()
+    activations = activation_estimate_bytes(geometry, config, dtype_bytes)
+    if device.type == "cuda":  # torch's cached free blocks count as used there
+        torch.cuda.empty_cache()
+    check_device_holds(device, config.memory_bytes, weight_bytes, activations, weights_loaded=True)
+
+
+def build_backing(config: EngineConfig, device: torch.device) -> TensorBacking:
+    """An empty backing of ``config``'s kind on ``device``."""
+    # compaction's row copy: Triton's on CUDA (it falls back to torch's where Triton
+    # cannot run); elsewhere the backing's own torch copy
+    from avmp.kernels.triton.compact import copy_rows
+
+    copy = copy_rows if device.type == "cuda" else None
+    if config.backing == "cuda_vmm":
+        from avmp.memory.backing.cuda_vmm import CudaVmmBacking
+
+        return CudaVmmBacking(device.index or 0, copy_rows=copy)
+    return TorchBufferBacking(device, copy_rows=copy)
+
+
+def build_memory(
+    config: EngineConfig, geometry: ModelGeometry, device: torch.device
+) -> tuple[CacheAllocator, TensorBacking, CacheFormat]:
+    """The allocator, the backing it drives and the byte format the views read. Built
+    alike from the same geometry and budget, two ranks' backings hold the same chunks
+    in the same pools."""
+    memory = config.memory_config
+    name, state_fraction = config.allocator, config.state_fraction
+    options = {} if state_fraction is None else {"state_fraction": state_fraction}
+    backing: TensorBacking
+    if name == "unified":  # vLLM's pool is one plain buffer whatever the backing
+        backing = SharedBufferBacking(unified_buffer_bytes(geometry, memory), device)
+    else:
+        backing = build_backing(config, device)
+    allocator = make_allocator(name, geometry, memory, backing, **options)
+    return allocator, backing, allocator.cache_format()
+
+
+def warm_up_compaction(device: torch.device, cache_format: CacheFormat) -> None:
+    """Compile compaction's copy on CUDA before any timed step (nothing on the CPU)."""
+    if device.type == "cuda":
+        from avmp.kernels.triton.compact import warm_up
+
+        warm_up(device, (cache_format.page.unit_bytes, cache_format.slot.unit_bytes))
+
+
+def build_runner(
+    model: HybridModel, views: PoolViews, config: EngineConfig, device: torch.device
+) -> ModelRunner:
+    """The reference runner, or (where ``kernels`` resolves to Triton on this device)
+    the fast one: one host-to-device copy per step, decode graphs, and the layers'
+    Triton kernels, given to the model here, once."""
+    if not use_triton(config.kernels, device):
+        model.use_ops(REFERENCE_OPS)
+        return ModelRunner(model, views, config.block_size, device)
+    from avmp.engine.fast_runner import FastModelRunner
+    from avmp.engine.triton_ops import TritonOps
+
+    model.use_ops(TritonOps())
+    return FastModelRunner(
+        model,
+        views,
+        config.block_size,
+        device,
+        cuda_graphs=config.cuda_graphs,
+        pad_decode=config.pad_decode,
+    )
+
+
+def build_swapper(
+    config: EngineConfig, backing: TensorBacking, cache_format: CacheFormat, host_tier_bytes: int
+) -> HostSwapper | None:
+    """The host tier's arena and copier, allocated once (none under recompute)."""
+    if not host_tier_bytes or config.preemption is PreemptionMode.RECOMPUTE:
+        return None
+    return HostSwapper(backing, cache_format, host_tier_bytes)
+
+
+def build_follower(
+    model: str | Path | HybridModel | ShardBuilder,
+    config: EngineConfig,
+    host_tier_bytes: int,
+    tp: TensorParallel,
+) -> tuple[Replica, ModelRunner]:
+    """What a follower rank holds, built as `Engine` builds rank 0's: its shard of the
+    model, pools of the same layout (an allocator is built to attach and map the
+    backing as rank 0's was, then dropped: rank 0's plans every later change), its
+    host tier and runner."""
+    device = rank_device(config, tp)
+    if device.type == "cpu" and config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
+    shard = build_shard(model, config, tp, device)
+    geometry = model_geometry(shard, config)
+    check_fits(shard, geometry, config, device)
+    _, backing, cache_format = build_memory(config, geometry, device)
+    warm_up_compaction(device, cache_format)
+    views = PoolViews(build_views(backing, cache_format))
+    runner = build_runner(shard, views, config, device)
+    swapper = build_swapper(config, backing, cache_format, host_tier_bytes)
+    return Replica(backing, swapper, StateSlotCopier(backing)), runner
 
 
 def check_device_holds(

@@ -196,9 +196,12 @@ class FastModelRunner(ModelRunner):
         graph = self.graphs.get((size, width))
         if graph is None:
             try:
-                graph = self._capture(shape)
-            except RuntimeError as error:  # a layer that cannot be captured: run eagerly
-                self.use_graphs, self.graph_error = False, str(error)
+                graph, error = self._capture(shape), None
+            except RuntimeError as raised:  # a layer that cannot be captured: run eagerly
+                graph, error = None, str(raised)
+            error = self._agreed_capture_error(error)
+            if graph is None or error is not None:
+                self.use_graphs, self.graph_error = False, error
                 fields = self._copy_to(self._stage(work, shape), shape, carried)
                 return self._padded_forward(fields)[: len(work)]
             self.graphs[(size, width)] = graph
@@ -206,6 +209,19 @@ class FastModelRunner(ModelRunner):
         self._copy_to(self._stage(work, shape), shape, carried, graph.inputs)
         graph.graph.replay()
         return graph.logits[: len(work)]
+
+    def _agreed_capture_error(self, error: str | None) -> str | None:
+        """On several ranks, whether any rank's capture failed (one all-reduce of the
+        flags): then every rank runs eagerly, since a rank replaying a graph would wait
+        in its all-reduces for a rank that runs none. One rank: ``error`` itself."""
+        tp = self.model.tp
+        if tp.is_single:
+            return error
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+        tp.all_reduce(failed)
+        if error is None and int(failed.item()):
+            return "decode graph capture failed on another tensor-parallel rank"
+        return error
 
     def _padded_forward(self, fields: PackedStep) -> torch.Tensor:
         """Logits of every row of a padded decode step. The batch names no sequences:
