@@ -10,6 +10,8 @@ each asserts several things.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 from engine_helpers import MiB, TinyCheckpoint, random_prompts
 from test_memory_pressure import HEAVY
 
+from avmp.cli import main
 from avmp.engine.engine import Engine, EngineConfig, build_memory
 from avmp.engine.prefix_cache import StateSlotCopier
 from avmp.engine.runner import SequenceWork
@@ -148,6 +151,49 @@ def test_a_dead_follower_is_one_error_on_rank_0(
     with pytest.raises(FollowerFailed, match="stopped"):  # no later step waits either
         engine.step()
     engine.close()
+
+
+GENERATE = ["generate", "granite-4.0-h-tiny", "--random-weights", "--scale", "tiny",
+            "--prompt", "Hello", "--prompt", "Two prompts", "--max-tokens", "5",
+            "--memory", "16MiB"]  # fmt: skip
+
+
+def _answers(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.lstrip().startswith("->")]
+
+
+def test_avmp_generate_on_two_ranks_writes_what_one_writes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("mistral_common")  # the demo's tokenizer
+    assert main(GENERATE) == 0
+    one = capsys.readouterr().out
+    assert main([*GENERATE, "--tensor-parallel", "2"]) == 0
+    two = capsys.readouterr().out
+    assert len(_answers(two)) == 2 and _answers(two) == _answers(one)
+    assert "on 2 ranks (cpu is rank 0)" in two
+
+
+@pytest.mark.parametrize("size", ["0", "9"])
+def test_avmp_generate_refuses_a_bad_size_in_one_line(
+    size: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*GENERATE, "--tensor-parallel", size]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tensor parallel" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None or shutil.which("avmp") is None,
+                    reason="needs the torchrun and avmp scripts")  # fmt: skip
+def test_avmp_generate_under_torchrun() -> None:
+    pytest.importorskip("mistral_common")
+    argv = [shutil.which("torchrun"), "--nproc-per-node", "2", shutil.which("avmp"),
+            *GENERATE, "--tensor-parallel", "2"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(_answers(done.stdout)) == 2  # rank 0 alone prints
+    assert "on 2 ranks" in done.stdout
 
 
 @pytest.mark.parametrize(

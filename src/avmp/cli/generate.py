@@ -2,6 +2,7 @@
 
 avmp generate ./granite-checkpoint --prompt "Hello" --max-tokens 32 --memory 4GiB
 avmp generate granite-4.0-h-tiny --random-weights --scale tiny --prompt "Hello"
+avmp generate granite-4.0-h-tiny --random-weights --scale tiny --prompt "Hi" --tensor-parallel 2
 """
 
 from __future__ import annotations
@@ -41,7 +42,22 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     add_engine_options(parser)
     add_prefix_cache_option(parser)
+    add_tensor_parallel_option(parser)
     parser.set_defaults(run=run)
+
+
+def add_tensor_parallel_option(parser: Any) -> None:
+    """``--tensor-parallel N`` (`EngineConfig.tensor_parallel`; shared by ``avmp
+    generate`` and ``avmp serve``)."""
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks (1..8; CUDA: GPUs 0..N-1, CPU: gloo processes); "
+        "the engine starts them, or joins torchrun's (torchrun --nproc-per-node N); "
+        "--memory is each rank's cache (1)",
+    )
 
 
 def add_prefix_cache_option(parser: Any) -> None:
@@ -61,8 +77,24 @@ def add_prefix_cache_option(parser: Any) -> None:
 
 
 def prefixed_engine_config(args: argparse.Namespace) -> Any:
-    """`engine_config` with the ``--prefix-cache`` choice."""
-    return dataclasses.replace(engine_config(args), prefix_cache=args.prefix_cache)
+    """`engine_config` with the ``--prefix-cache`` choice and ``--tensor-parallel``
+    (where the command has it)."""
+    return dataclasses.replace(
+        engine_config(args),
+        prefix_cache=args.prefix_cache,
+        tensor_parallel=getattr(args, "tensor_parallel", 1),
+    )
+
+
+def follows_under_torchrun(model: Any, config: Any) -> bool:
+    """On ranks 1..N-1 of a torchrun group: follow rank 0's engine until it closes,
+    and say so (the command then prints nothing); False elsewhere."""
+    from avmp.engine.tp_step import is_torchrun_follower, run_torchrun_follower
+
+    if not is_torchrun_follower(config.tensor_parallel):
+        return False
+    run_torchrun_follower(model, config)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +105,16 @@ def run(args: argparse.Namespace) -> int:
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)  # a host tier larger than the host: one line, too
     model, tokenizer = model_and_tokenizer(args, weights_seed=args.seed)
+    if follows_under_torchrun(model, config):
+        return 0
     engine = Engine(model, config, tokenizer)
+    try:
+        return _generate(args, engine)
+    finally:
+        engine.close()  # on several ranks: the followers stop
+
+
+def _generate(args: argparse.Namespace, engine: Any) -> int:
     engine.warmup()
     if engine.tokenizer is None:
         prompts: list[Any] = [_token_ids(text) for text in args.prompt]
@@ -124,7 +165,7 @@ def render_stats(engine: Any) -> list[str]:
         f"{stats.num_generated_tokens} tokens generated in {stats.elapsed_s:.2f} s: "
         f"{stats.generated_tokens_per_s:.1f} tokens/s "
         f"({stats.num_computed_tokens} tokens computed, {stats.num_steps} steps, "
-        f"{stats.num_preemptions} preemptions) on {engine.device}, after one warm-up request",
+        f"{stats.num_preemptions} preemptions) on {_where(engine)}, after one warm-up request",
     ]
     if usage is not None:
         lines.append(
@@ -150,6 +191,11 @@ def render_stats(engine: Any) -> list[str]:
             + (f" ({placement} for want of a whole state group)" if placement else "")
         )
     return lines
+
+
+def _where(engine: Any) -> str:
+    size = engine.config.tensor_parallel
+    return str(engine.device) if size == 1 else f"{size} ranks ({engine.device} is rank 0)"
 
 
 def prefix_cache_line(engine: Any) -> str:

@@ -2,6 +2,7 @@
 
 avmp serve ./granite-checkpoint --memory 8GiB --port 8000
 avmp serve granite-4.0-h-tiny --random-weights --scale tiny --device cpu --memory 1GiB
+avmp serve ./nemotron-h-47b --device cuda --tensor-parallel 4 --memory 80GiB
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from avmp.cli import UserError
-from avmp.cli.generate import add_prefix_cache_option, prefixed_engine_config
+from avmp.cli.generate import (
+    add_prefix_cache_option,
+    add_tensor_parallel_option,
+    follows_under_torchrun,
+    prefixed_engine_config,
+)
 from avmp.cli.options import add_engine_options, check_engine_options, model_and_tokenizer
 
 API_KEY_VARIABLE = "AVMP_API_KEY"
@@ -80,12 +86,14 @@ def add_parser(subparsers: Any) -> None:
     )
     add_engine_options(parser)
     add_prefix_cache_option(parser)
+    add_tensor_parallel_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from avmp.engine.engine import Engine, check_device_holds, resolve_host_tier_bytes
     from avmp.engine.loop import EngineLoop
+    from avmp.engine.tp_step import is_torchrun_follower
     from avmp.serve.app import create_app
     from avmp.serve.chat import load_chat_encoder
     from avmp.serve.server import bind
@@ -95,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(prefixed_engine_config(args), max_model_len=args.max_model_len)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)
+    if is_torchrun_follower(config.tensor_parallel):  # the server runs on rank 0 alone
+        follows_under_torchrun(model_and_tokenizer(args, weights_seed=args.seed)[0], config)
+        return 0
     sock = bind(args.host, args.port)  # a port in use: one line, before the model loads
     model, tokenizer = model_and_tokenizer(args, weights_seed=args.seed)
     engine = Engine(model, config, tokenizer)
