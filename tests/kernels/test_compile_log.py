@@ -1,0 +1,59 @@
+"""CompileLog sees a Triton kernel compile once per specialisation (under the
+interpreter on the CPU no kernel compiles, so this runs where Triton compiles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from avmp.kernels.compile_log import CompileLog  # noqa: E402
+
+
+class _Fn:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_summary_counts_each_kernel_slowest_first() -> None:
+    """The hooks as Triton calls them (keywords), two kernels, three compilations."""
+    log = CompileLog()
+    for name, spec in (("a", "a(n: i32)"), ("b", "b(n: i32:16)"), ("a", "a(n: i32:16)")):
+        assert log._before(repr=spec, key=None) is False  # Triton must go on compiling
+        log._after(repr=spec, fn=_Fn(name), key=None)
+    assert [c.kernel for c in log.compilations] == ["a", "b", "a"]
+    assert all(c.seconds >= 0 for c in log.compilations)
+    lines = log.summary().splitlines()
+    assert lines[0].startswith("Triton compilations: 3")
+    assert {line.split()[-1]: int(line.split()[2]) for line in lines[1:]} == {"a": 2, "b": 1}
+    assert log.details().count("\n") == 2 and "b(n: i32:16)" in log.details()
+
+
+def test_install_restores_the_hooks_it_replaced() -> None:
+    from triton import knobs
+
+    before = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    with CompileLog() as log:
+        assert knobs.runtime.jit_cache_hook == log._before
+        with pytest.raises(RuntimeError, match="installed already"):
+            log.install()
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_integer_argument_compiles_once_per_class() -> None:
+    @triton.jit
+    def _fill(out_ptr, n, BLOCK: tl.constexpr):  # noqa: N803
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, n, mask=offs < n)
+
+    out = torch.zeros(64, dtype=torch.int32, device="cuda")
+    with CompileLog() as log:
+        for n in (3, 5, 16, 32, 1):  # 'other' twice, 'multiple of 16' twice, 'one'
+            _fill[(1,)](out, n, BLOCK=64)
+    torch.cuda.synchronize()
+    assert [c.kernel.split(".")[-1] for c in log.compilations] == ["_fill"] * 3
+    assert "_fill" in log.summary()
