@@ -353,6 +353,34 @@ class ShardBuilder(Protocol):
     def __call__(self, tp: TensorParallel, device: torch.device) -> HybridModel: ...
 
 
+@dataclass(frozen=True)
+class RandomWeights:
+    """A `ShardBuilder` of random weights: the rank's shard of a transformers
+    ``config``, built directly on the device in ``dtype`` and filled from ``seed``
+    (`avmp.engine.tiny.init_random_weights`). Every rank's shard has the same shapes,
+    so every rank draws the same bits: the full model they stand for repeats one shard,
+    which changes no step's cost (for speed figures, not for text)."""
+
+    config: Any
+    seed: int = 0
+    dtype: str = "bfloat16"
+
+    def __call__(self, tp: TensorParallel, device: torch.device) -> HybridModel:
+        from avmp.engine.engine import DTYPES
+        from avmp.engine.models import model_class
+        from avmp.engine.tiny import init_random_weights
+
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[self.dtype])
+        try:
+            with torch.device(device):
+                model = model_class(self.config.model_type)(self.config, tp)
+        finally:
+            torch.set_default_dtype(default)
+        init_random_weights(model, self.seed)
+        return model.eval()
+
+
 def build_shard(
     model: Any, config: EngineConfig, tp: TensorParallel, device: torch.device
 ) -> HybridModel:
