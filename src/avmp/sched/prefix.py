@@ -28,6 +28,15 @@ candidates); ``lru`` by recency alone. A candidate is a leaf edge (a leaf and it
 of single-child ancestors without checkpoint) or a checkpoint of an inner node. A
 checkpoint with a deeper one below it on a path without branches saves ``flops``
 nothing: every request seen so far that passed it went on to the deeper one.
+
+Room (`ROOM_RULES`): on AVMP's pools an allocation whose pool is short takes chunks from
+the other pool (a migration, often with a compaction) before it fails. When the short
+pool holds cached units, ``reuse`` asks first whether the cache has paid for such moves
+lately (`ReuseLedger`: the prefill time its hits saved against the time the migrations
+it made necessary cost, both over the last admissions); while it has not, the short
+pool's cached units are evicted before anything migrates, and a checkpoint that would
+need a migration is not taken. ``migrate`` always lets capacity move first, ``evict``
+always evicts first.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import CacheAllocator, PoolKind
 from avmp.models.geometry import ModelGeometry
 
@@ -45,6 +55,14 @@ CHECKPOINT_POLICIES = PREFIX_CACHE_CHOICES[1:]
 EVICTION_POLICIES = ("flops", "lru")
 SGLANG_PREFILL_INTERVAL_TOKENS = 64  # SGLang checkpoints every max(64, page) prompt tokens
 SGLANG_DECODE_INTERVAL_TOKENS = 256  # ... and every 256 decoded tokens
+ROOM_RULES = ("reuse", "migrate", "evict")
+# What the ``reuse`` rule converts saved FLOPs and moved capacity into seconds with, by
+# default: an H200 (dense bf16 peak, half its HBM bandwidth for a copy that reads and
+# writes each byte: avmp.sim.timing's profile) and CUDA VMM's remap of one chunk between
+# pools (68 us, reference/PEERS.md; the simulator's VMM_MIGRATION_S_PER_CHUNK).
+DEVICE_FLOPS_PER_S = 989e12
+COMPACTION_BYTES_PER_S = 4.8e12 / 2
+MIGRATION_S_PER_CHUNK = 68e-6
 
 
 @dataclass(frozen=True)
@@ -57,12 +75,25 @@ class PrefixCacheConfig:
         align_tokens: ``vllm-align`` only: vLLM's hybrid attention block in tokens
             (`avmp.memory.unified.VllmBlockGeometry`), a multiple of the tree's unit.
         flops_weight: Marconi's alpha: the weight of FLOPs per byte against recency.
+        room: one of `ROOM_RULES`: whether an allocation that would migrate chunks
+            evicts the short pool's cached units first; None: ``reuse`` for ``avmp``,
+            ``migrate`` for the peers' policies (neither peer moves capacity).
+        device_flops_per_s: ``reuse``: the device's compute, to price saved FLOPs.
+        migration_s_per_chunk: ``reuse``: what moving one chunk between pools costs.
+        compaction_bytes_per_s: ``reuse``: the copy rate of a compaction.
+        reuse_half_life: ``reuse``: admissions over which what was observed halves
+            (the default: one full batch at the scheduler's default limit).
     """
 
     policy: str = "avmp"
     eviction: str = "flops"
     align_tokens: int = 0
     flops_weight: float = 1.0
+    room: str | None = None
+    device_flops_per_s: float = DEVICE_FLOPS_PER_S
+    migration_s_per_chunk: float = MIGRATION_S_PER_CHUNK
+    compaction_bytes_per_s: float = COMPACTION_BYTES_PER_S
+    reuse_half_life: int = 256
 
     def __post_init__(self) -> None:
         if self.policy not in CHECKPOINT_POLICIES:
@@ -78,6 +109,15 @@ class PrefixCacheConfig:
             raise ValueError("the vllm-align policy needs vLLM's block size (align_tokens)")
         if self.flops_weight < 0:
             raise ValueError(f"flops_weight must be >= 0, got {self.flops_weight}")
+        if self.room is None:
+            object.__setattr__(self, "room", "reuse" if self.policy == "avmp" else "migrate")
+        if self.room not in ROOM_RULES:
+            raise ValueError(f"unknown room rule {self.room!r}; known: {', '.join(ROOM_RULES)}")
+        for name in ("device_flops_per_s", "migration_s_per_chunk", "compaction_bytes_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.reuse_half_life < 1:
+            raise ValueError(f"reuse_half_life must be >= 1, got {self.reuse_half_life}")
 
 
 def _no_score(candidate: tuple[PrefixNode, bool]) -> tuple[float, int]:
@@ -94,6 +134,71 @@ def prefill_flops(geometry: ModelGeometry, num_tokens: int) -> float:
     pairs = num_tokens * (num_tokens + 1) / 2
     attention = 4 * geometry.hidden_size * geometry.num_attention_layers * pairs
     return 2.0 * geometry.num_active_params * num_tokens + attention
+
+
+def chunks_to_migrate(allocator: CacheAllocator, num_pages: int, num_slots: int
+                      ) -> tuple[PoolKind, int] | None:  # fmt: skip
+    """The pool that allocating ``num_pages`` pages and ``num_slots`` slots would find
+    short, and the chunks it would take from the other pool; None when it needs no
+    migration (it fits, the reserve covers it, both pools are short and only the reserve
+    can help, or the layout's pools never move). Read from the AVMP manager's public
+    counters, as `avmp.memory.migration.plan_room` decides."""
+    while not isinstance(allocator, AvmpManager) and hasattr(allocator, "inner"):
+        allocator = allocator.inner  # a wrapper that forwards (the simulator's timer)
+    if not isinstance(allocator, AvmpManager) or allocator.fixed_state_fraction is not None:
+        return None
+    short = [(pool, _chunks_short(allocator, pool, n))
+             for pool, n in ((PoolKind.KV, num_pages), (PoolKind.STATE, num_slots))]  # fmt: skip
+    short = [(pool, chunks) for pool, chunks in short if chunks]
+    if len(short) != 1:
+        return None
+    pool, needed = short[0]
+    reserve = len(allocator.reserve_chunks())
+    return (pool, needed - reserve) if needed > reserve else None
+
+
+def _chunks_short(allocator: AvmpManager, pool: PoolKind, num_units: int) -> int:
+    """Chunks ``pool`` lacks to hand out ``num_units`` more units (`Pool.chunks_short`)."""
+    free = allocator.num_free_units(pool)
+    if num_units <= free:
+        return 0
+    unit_bytes = allocator.spec.page_bytes if pool is PoolKind.KV else allocator.spec.slot_bytes
+    used = allocator.num_units(pool) - free
+    needed = -(-(used + num_units) * unit_bytes // allocator.config.chunk_bytes)
+    return needed - len(allocator.pool_chunks(pool))
+
+
+class ReuseLedger:
+    """Whether the prefix cache has lately paid for the capacity it makes move.
+
+    Saved: the prefill time its hits spared (`prefill_flops` of each hit at the device's
+    rate). Spent: the time of each migration (and its compaction) that an allocation
+    needs while the short pool holds cached units, whether the migration then ran or the
+    cached units were evicted instead: that is the demand the cache's hold on memory
+    creates. Both decay by half every ``reuse_half_life`` admissions, so the rule follows
+    what the workload does now. The cache pays while saved exceeds spent: a cache nobody
+    hits saves nothing and yields at once; a hit of a few hundred tokens pays for
+    hundreds of chunk moves.
+    """
+
+    __slots__ = ("saved_s", "spent_s", "_decay", "_seconds_per_flop")
+
+    def __init__(self, config: PrefixCacheConfig) -> None:
+        self.saved_s = 0.0
+        self.spent_s = 0.0
+        self._decay = 0.5 ** (1.0 / config.reuse_half_life)
+        self._seconds_per_flop = 1.0 / config.device_flops_per_s
+
+    def admitted(self, saved_flops: float) -> None:
+        """A request was admitted from scratch; its hit (if any) saved ``saved_flops``."""
+        self.saved_s = self.saved_s * self._decay + saved_flops * self._seconds_per_flop
+        self.spent_s *= self._decay
+
+    def pays_for(self, move_s: float) -> bool:
+        """Count a migration of ``move_s`` seconds that cached units call for; whether
+        the cache's recent savings cover what such moves have cost it."""
+        self.spent_s += move_s
+        return self.saved_s > self.spent_s
 
 
 class PrefixNode:
@@ -317,13 +422,15 @@ class PrefixTree:
 
     # ---- eviction -----------------------------------------------------------------------
 
-    def evict_one(self, pool: PoolKind | None = None) -> bool:
+    def evict_one(self, pool: PoolKind | None = None, strict: bool = False) -> bool:
         """Evict the least valuable unlocked candidate; False when nothing can go.
 
         Args:
             pool: the pool an allocation found short: the least valuable candidate
                 that frees a unit of it goes first (evicting in the other pool would
                 free room only through a migration, and compaction), else any.
+            strict: only a candidate that frees a unit of ``pool``: False when none
+                can go (room made without moving capacity).
 
         A run of evictions with nothing else changing the tree in between (one failed
         allocation's) ranks the candidates once: walking the tree per eviction cost
@@ -337,10 +444,13 @@ class PrefixTree:
             self._score = self._scorer(candidates)
             self._ranking = sorted(candidates, key=self._score, reverse=True)
             self._ranked_at = self._version
-        picked = self._pick(pool)
+        picked = self._pick(pool, strict)
         if picked is None:  # every ranked candidate went earlier in the run: rank anew
             self._ranking = None
-            return self.evict_one(pool)
+            return self.evict_one(pool, strict)
+        if picked is _NONE_FREES:
+            return False
+        assert isinstance(picked, tuple)
         victim, whole_edge = picked
         if whole_edge:
             parent = self._evict_edge(victim)
@@ -350,9 +460,11 @@ class PrefixTree:
             self._drop_checkpoint(victim)
         return True
 
-    def _pick(self, pool: PoolKind | None) -> tuple[PrefixNode, bool] | None:
+    def _pick(self, pool: PoolKind | None, strict: bool = False
+              ) -> tuple[PrefixNode, bool] | object | None:  # fmt: skip
         """Take the next victim off the ranking (lowest last): the least valuable that
-        frees a unit of ``pool`` if one does, else the least valuable."""
+        frees a unit of ``pool`` if one does, else the least valuable (``strict``:
+        `_NONE_FREES`). None: no ranked candidate is left."""
         ranking = self._ranking
         assert ranking is not None
         while ranking and not self._still_candidate(*ranking[-1]):
@@ -364,6 +476,8 @@ class PrefixTree:
                 candidate = ranking[index]
                 if self._frees(candidate, pool) and self._still_candidate(*candidate):
                     return ranking.pop(index)
+            if strict:
+                return _NONE_FREES
         return ranking.pop()
 
     def _frees(self, candidate: tuple[PrefixNode, bool], pool: PoolKind) -> bool:
@@ -520,6 +634,9 @@ class PrefixTree:
         assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
 
 
+_NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees the pool
+
+
 def _is_dominated(node: PrefixNode) -> bool:
     """Whether the path below ``node`` runs without a branch to a deeper checkpoint."""
     while len(node.children) == 1:
@@ -560,7 +677,8 @@ class _Tracked:
     the positions where the scheduler ends a prefill chunk (``stops``)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only", "ideal_level", "ideal_units", "stops", "align")  # fmt: skip
+                 "pages_only", "ideal_level", "ideal_units", "stops", "align",
+                 "matched")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -576,6 +694,7 @@ class _Tracked:
         self.ideal_units = 0  # units of the stream in the ideal's trie
         self.stops: set[int] = cuts
         self.align = 0  # ``vllm-align``: prefill chunks end on whole blocks of this size
+        self.matched = 0  # prompt tokens whose pages the tree held at admission
 
 
 @dataclass
@@ -592,6 +711,9 @@ class PrefixStats:
     num_checkpoints_refused: int = 0
     peak_checkpoint_bytes: int = 0
     peak_cached_pages: int = 0
+    num_moves_paid: int = 0  # migrations let run while the short pool held cached units
+    num_moves_declined: int = 0  # ... where its cached units were evicted first
+    num_units_yielded: int = 0  # cached units evicted so that capacity need not move
 
     @property
     def hit_rate_vs_ideal(self) -> float:
@@ -617,6 +739,7 @@ class PrefixCache:
         self.copier = copier
         self.tokens = tokens
         self.stats = PrefixStats()
+        self.ledger = ReuseLedger(tree.config)
         self._tracked: dict[int, _Tracked] = {}
         self._taken: list[CheckpointCopy] = []
         self._ideal: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # a trie of contents
@@ -651,6 +774,7 @@ class PrefixCache:
             cuts = set(targets)
             stops = stops if policy == "vllm-align" else cuts
         tracked = self._tracked[request_id] = _Tracked(contents, hit, targets, cuts)
+        tracked.matched = found.num_matched * unit
         tracked.stops = stops
         if policy == "vllm-align" and tree.has_state:
             tracked.align = tree.config.align_tokens
@@ -813,8 +937,12 @@ class PrefixCache:
         self.stats.peak_cached_pages = max(self.stats.peak_cached_pages, tree.num_nodes)
 
     def _new_checkpoint(self) -> int | None:
-        """A checkpoint slot, evicting less valuable cached units if memory is short."""
+        """A checkpoint slot, evicting less valuable cached units if memory is short;
+        None where the slot would move capacity that the cache's reuse does not pay for
+        (`make_room`)."""
         allocator = self.tree.allocator
+        if not self.make_room(0, 1):
+            return None
         key = allocator.cache_checkpoint()
         while key is None and self.tree.evict_one(PoolKind.STATE):
             key = allocator.cache_checkpoint()
@@ -856,6 +984,59 @@ class PrefixCache:
         """The checkpoints taken since the last call, oldest first."""
         taken, self._taken = tuple(self._taken), []
         return taken
+
+    def served(self, request_id: int) -> None:
+        """A request was admitted from scratch (every admission counts, a miss too: the
+        ledger's clock). Its reuse is the prefix the tree held of its prompt, hit or not:
+        pages matched past the hit are a prefix shared but its checkpoint gone (evicted,
+        maybe to spare a migration), which a cache that kept its units would have hit;
+        counting only hits, a cache that yields would never see the reuse it lost."""
+        tracked = self._tracked[request_id]
+        reused = max(tracked.matched, tracked.node.depth * self.tree.unit_tokens)
+        self.ledger.admitted(self.tree.flops_of(reused) if reused else 0.0)
+
+    def make_room(self, num_pages: int, num_slots: int) -> bool:
+        """Before allocating ``num_pages`` pages and ``num_slots`` slots: if that would
+        migrate chunks while the short pool holds cached units, evict those first unless
+        the room rule lets capacity move (``reuse``: `ReuseLedger.pays_for`).
+
+        Returns:
+            False when the cache's units were evicted first and the allocation would
+            still move capacity: a checkpoint is then not taken (a live request's
+            allocation goes ahead regardless).
+        """
+        config = self.tree.config
+        if config.room == "migrate":
+            return True
+        allocator = self.tree.allocator
+        move = chunks_to_migrate(allocator, num_pages, num_slots)
+        if move is None or not self._holds(move[0]):
+            return True
+        pool, num_chunks = move
+        if config.room == "reuse" and self.ledger.pays_for(self._move_s(num_chunks)):
+            self.stats.num_moves_paid += 1
+            return True
+        self.stats.num_moves_declined += 1
+        while self.tree.evict_one(pool, strict=True):
+            self.stats.num_units_yielded += 1
+            if chunks_to_migrate(allocator, num_pages, num_slots) is None:
+                return True
+        return False
+
+    def _holds(self, pool: PoolKind) -> bool:
+        """Whether the tree holds units of ``pool`` (evictable or not)."""
+        tree = self.tree
+        if pool is PoolKind.KV:
+            return tree.has_pages and tree.num_nodes > 0
+        return tree.num_checkpoints > 0
+
+    def _move_s(self, num_chunks: int) -> float:
+        """What migrating ``num_chunks`` chunks costs: the remaps, and the compaction the
+        allocator's migrations have needed per chunk so far."""
+        config, stats = self.tree.config, self.tree.allocator.stats
+        compacted = stats.num_bytes_compacted / max(1, stats.num_chunks_migrated)
+        per_chunk = config.migration_s_per_chunk + compacted / config.compaction_bytes_per_s
+        return num_chunks * per_chunk
 
     def reclaim(self, pool: PoolKind | None = None) -> bool:
         """Evict one cached unit for an allocation that failed (short in ``pool``, if

@@ -430,6 +430,12 @@ class Scheduler:
         """Grow ``request`` by ``num_new`` tokens: True if it grew, False if memory is
         short, None if it can never fit (it was dropped from `running`, with a reason)."""
         try:
+            if self.prefix is not None:  # cached pages may yield before capacity moves
+                held = request.num_computed
+                allocator = self.allocator
+                num_pages = allocator.kv_units_for(held + num_new) - allocator.kv_units_for(held)
+                if num_pages:
+                    self.prefix.make_room(num_pages, 0)
             grown = self.allocator.grow(request.request_id, num_new) is not None
             while not grown and self.prefix is not None and self.prefix.reclaim(PoolKind.KV):
                 grown = self.allocator.grow(request.request_id, num_new) is not None
@@ -489,6 +495,7 @@ class Scheduler:
         assert self.prefix is not None
         if request.num_preemptions == 0:  # first admission only
             self.prefix.admitted(request.request_id, request.prompt_tokens, request.num_computed)
+        self.prefix.served(request.request_id)
         copy = self.prefix.restore(request.request_id)
         if copy is not None:
             budget.restored.append(copy)
@@ -505,6 +512,9 @@ class Scheduler:
         """
         num_tokens = request.num_computed + num_new
         try:
+            if self.prefix is not None:  # cached units may yield before capacity moves
+                num_pages = self.allocator.kv_units_for(num_tokens) - len(cached or ())
+                self.prefix.make_room(num_pages, int(self.prefix.tree.has_state))
             if cached:
                 blocks = self.allocator.admit(request.request_id, num_tokens, cached)
             else:
