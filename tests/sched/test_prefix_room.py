@@ -15,8 +15,8 @@ from avmp.sched.prefix import (
     PrefixCache,
     PrefixCacheConfig,
     ReuseLedger,
-    chunks_to_migrate,
     prefill_flops,
+    room_shortfall,
 )
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig
@@ -156,26 +156,37 @@ def _fill_state_pool(allocator: CacheAllocator) -> None:
     assert allocator.admit(0, 4096) is not None
     allocator.free(0)
     request_id = 1
-    while chunks_to_migrate(allocator, 0, 1) is None:
+    while room_shortfall(allocator, 0, 1) is None:
         assert allocator.admit(request_id, 16) is not None
         request_id += 1
 
 
-def test_chunks_to_migrate_reads_what_the_allocator_would_do() -> None:
+def test_room_shortfall_reads_what_the_allocator_would_do() -> None:
     allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(32 * MIB))
-    assert chunks_to_migrate(allocator, 1, 1) is None  # the reserve covers it
+    assert room_shortfall(allocator, 1, 1) is None  # the reserve covers it
     _fill_state_pool(allocator)
-    pool, num_chunks = chunks_to_migrate(allocator, 0, 1) or (None, 0)
-    assert pool is PoolKind.STATE and num_chunks >= 1
+    short = room_shortfall(allocator, 0, 1)
+    assert short is not None and short.pool is PoolKind.STATE and short.migrates
     before = allocator.stats.num_chunks_migrated
     assert allocator.cache_checkpoint() is not None
-    assert allocator.stats.num_chunks_migrated - before >= num_chunks
+    assert allocator.stats.num_chunks_migrated - before >= short.num_chunks >= 1
+
+
+def test_two_short_pools_beyond_the_reserve_are_a_failure_not_a_migration() -> None:
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(32 * MIB))
+    _fill_state_pool(allocator)
+    free_pages = allocator.num_free_units(PoolKind.KV)  # type: ignore[attr-defined]
+    short = room_shortfall(allocator, free_pages + 64, 1)
+    assert short is not None and not short.migrates and short.pool is PoolKind.KV
+    failed = allocator.stats.num_oom_events
+    assert allocator.admit(999, 16 * (free_pages + 64)) is None
+    assert allocator.stats.num_oom_events == failed + 1
 
 
 @pytest.mark.parametrize("layout", ["static", "unified", "oracle"])
 def test_layouts_whose_pools_never_move_migrate_nothing(layout: str) -> None:
     allocator = make_allocator(layout, tiny_geometry(), MemoryConfig(24 * MIB))
-    assert chunks_to_migrate(allocator, 10_000, 10_000) is None
+    assert room_shortfall(allocator, 10_000, 10_000) is None
 
 
 def test_room_rule_defaults_and_bad_values() -> None:

@@ -136,12 +136,22 @@ def prefill_flops(geometry: ModelGeometry, num_tokens: int) -> float:
     return 2.0 * geometry.num_active_params * num_tokens + attention
 
 
-def chunks_to_migrate(allocator: CacheAllocator, num_pages: int, num_slots: int
-                      ) -> tuple[PoolKind, int] | None:  # fmt: skip
-    """The pool that allocating ``num_pages`` pages and ``num_slots`` slots would find
-    short, and the chunks it would take from the other pool; None when it needs no
-    migration (it fits, the reserve covers it, both pools are short and only the reserve
-    can help, or the layout's pools never move). Read from the AVMP manager's public
+class Shortfall(NamedTuple):
+    """What an allocation lacks on AVMP's pools: the pool to free units of, the chunks
+    the allocator would move into it from the other pool (``migrates``), or, when both
+    pools are short beyond the reserve, the larger shortfall (the allocation then fails:
+    no migration can serve two short pools)."""
+
+    pool: PoolKind
+    num_chunks: int
+    migrates: bool
+
+
+def room_shortfall(allocator: CacheAllocator, num_pages: int, num_slots: int
+                   ) -> Shortfall | None:  # fmt: skip
+    """What allocating ``num_pages`` pages and ``num_slots`` slots would lack; None when
+    it needs neither a migration nor more than the reserve (it fits, or the reserve
+    covers it) or the layout's pools never move. Read from the AVMP manager's public
     counters, as `avmp.memory.migration.plan_room` decides."""
     while not isinstance(allocator, AvmpManager) and hasattr(allocator, "inner"):
         allocator = allocator.inner  # a wrapper that forwards (the simulator's timer)
@@ -150,11 +160,16 @@ def chunks_to_migrate(allocator: CacheAllocator, num_pages: int, num_slots: int
     short = [(pool, _chunks_short(allocator, pool, n))
              for pool, n in ((PoolKind.KV, num_pages), (PoolKind.STATE, num_slots))]  # fmt: skip
     short = [(pool, chunks) for pool, chunks in short if chunks]
-    if len(short) != 1:
+    reserve = len(allocator.reserve_chunks())
+    if len(short) == 2:
+        if short[0][1] + short[1][1] <= reserve:
+            return None
+        pool, needed = max(short, key=lambda s: s[1])
+        return Shortfall(pool, needed, migrates=False)
+    if not short or short[0][1] <= reserve:
         return None
     pool, needed = short[0]
-    reserve = len(allocator.reserve_chunks())
-    return (pool, needed - reserve) if needed > reserve else None
+    return Shortfall(pool, needed - reserve, migrates=True)
 
 
 def _chunks_short(allocator: AvmpManager, pool: PoolKind, num_units: int) -> int:
@@ -1000,6 +1015,10 @@ class PrefixCache:
         migrate chunks while the short pool holds cached units, evict those first unless
         the room rule lets capacity move (``reuse``: `ReuseLedger.pays_for`).
 
+        An allocation that would fail outright (both pools short beyond the reserve)
+        evicts the short pools' cached units first under either rule but ``migrate``:
+        the failed call would evict them anyway (`reclaim`).
+
         Returns:
             False when the cache's units were evicted first and the allocation would
             still move capacity: a checkpoint is then not taken (a live request's
@@ -1008,20 +1027,24 @@ class PrefixCache:
         config = self.tree.config
         if config.room == "migrate":
             return True
-        allocator = self.tree.allocator
-        move = chunks_to_migrate(allocator, num_pages, num_slots)
-        if move is None or not self._holds(move[0]):
-            return True
-        pool, num_chunks = move
-        if config.room == "reuse" and self.ledger.pays_for(self._move_s(num_chunks)):
-            self.stats.num_moves_paid += 1
-            return True
-        self.stats.num_moves_declined += 1
-        while self.tree.evict_one(pool, strict=True):
-            self.stats.num_units_yielded += 1
-            if chunks_to_migrate(allocator, num_pages, num_slots) is None:
+        allocator, declined = self.tree.allocator, False
+        while True:
+            short = room_shortfall(allocator, num_pages, num_slots)
+            if short is None:
                 return True
-        return False
+            if short.migrates and not declined:
+                if not self._holds(short.pool):
+                    return True
+                if config.room == "reuse" and self.ledger.pays_for(self._move_s(short.num_chunks)):
+                    self.stats.num_moves_paid += 1
+                    return True
+                self.stats.num_moves_declined += 1
+                declined = True
+            # (a shortfall no migration serves fails the allocation, and cached units go
+            # anyway: they go before the failed call)
+            if not self.tree.evict_one(short.pool, strict=True):
+                return not short.migrates
+            self.stats.num_units_yielded += 1
 
     def _holds(self, pool: PoolKind) -> bool:
         """Whether the tree holds units of ``pool`` (evictable or not)."""
