@@ -4,10 +4,17 @@ rows that every Triton kernel skips (slot -1, context 0, no KV write)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from avmp.engine.batch import StepBatch
-from avmp.engine.device_batch import StepShape, device_batch, pack_step, split_packed
+from avmp.engine.device_batch import (
+    PackedStep,
+    StepShape,
+    device_batch,
+    pack_step,
+    split_packed,
+)
 from avmp.engine.runner import SequenceWork
 
 
@@ -17,7 +24,8 @@ def test_pack_step_pads_with_rows_every_kernel_skips() -> None:
         SequenceWork([3], 6, 0, [2, 6], True),  # decode at position 6
     ]
     shape = StepShape(num_tokens=6, num_seqs=4, width=3, num_samples=4)
-    assert shape.total == 3 * 6 + 4 * 3 + 7 * 4 + 1 + 4
+    # each field rounded up to two int64 (16 bytes): query_start_loc's 5 and nothing else
+    assert shape.total == 3 * 6 + 4 * 3 + 7 * 4 + 1 + 4 + 1
     out = np.full(shape.total, 99, dtype=np.int64)
     pack_step(work, 4, out, shape)
     f = split_packed(out, shape)
@@ -55,3 +63,17 @@ def test_device_batch_groups_the_decodes_as_the_reference_batch_does() -> None:
     assert group.num_tokens.tolist() == expected.num_tokens.tolist() == [10, 7]
     assert group.block_tables.tolist() == [[0, 2, 7], [2, 6, 0]]
     assert device_batch(split_packed(torch.from_numpy(out), shape), [], 4, True).decode is None
+
+
+@pytest.mark.parametrize(
+    "shape", [StepShape(1, 1, 1, 1), StepShape(5, 3, 3, 3), StepShape(17, 9, 5, 2)]
+)
+def test_every_field_starts_16_bytes_aligned(shape: StepShape) -> None:
+    """Triton compiles a kernel once per pointer alignment class: a field whose offset
+    followed the step's sizes would recompile the kernels reading it mid-run."""
+    base = torch.zeros(shape.total, dtype=torch.int64)
+    assert base.data_ptr() % 16 == 0
+    for name, part in zip(PackedStep._fields, split_packed(base, shape), strict=True):
+        assert part.data_ptr() % 16 == 0, name
+    sizes = [part.numel() for part in split_packed(base, shape)]
+    assert sizes == list(shape.field_sizes())

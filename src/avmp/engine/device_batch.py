@@ -20,6 +20,14 @@ import torch
 
 from avmp.engine.batch import DecodeGroup, SequenceChunk, StepBatch
 from avmp.engine.runner import SequenceWork
+from avmp.units import round_up
+
+# Every field of a packed step starts at a multiple of 16 bytes (two int64 elements):
+# Triton compiles a kernel once per pointer alignment class (16-byte aligned or not), so
+# with fields packed end to end, a step whose sizes moved a field into the other class
+# made the kernels reading it (slots, query offsets, block tables, context lengths)
+# compile again, mid-run.
+FIELD_ALIGN = 2
 
 
 class StepShape(NamedTuple):
@@ -30,10 +38,15 @@ class StepShape(NamedTuple):
     width: int
     num_samples: int
 
+    def field_sizes(self) -> tuple[int, ...]:
+        """Elements of each field of `PackedStep`, in order."""
+        t, b, w, s = self
+        return (t, t, t, b * w, b, b + 1, b, b, b, b, b, s)
+
     @property
     def total(self) -> int:
-        t, b, w, s = self
-        return 3 * t + b * w + 7 * b + 1 + s
+        """Elements of the packed buffer: every field rounded up to `FIELD_ALIGN`."""
+        return sum(round_up(size, FIELD_ALIGN) for size in self.field_sizes())
 
 
 class PackedStep(NamedTuple):
@@ -55,14 +68,12 @@ class PackedStep(NamedTuple):
 
 def split_packed(buffer: Any, shape: StepShape) -> PackedStep:
     """Slice ``buffer`` (numpy array or tensor of ``shape.total`` int64) into its fields."""
-    t, b, w, s = shape
-    sizes = (t, t, t, b * w, b, b + 1, b, b, b, b, b, s)
     parts = []
     start = 0
-    for size in sizes:
+    for size in shape.field_sizes():
         parts.append(buffer[start : start + size])
-        start += size
-    parts[3] = parts[3].reshape(b, w)
+        start += round_up(size, FIELD_ALIGN)
+    parts[3] = parts[3].reshape(shape.num_seqs, shape.width)
     return PackedStep(*parts)
 
 

@@ -21,6 +21,17 @@ def next_power_of_2(n: int, minimum: int = 1) -> int:
     return max(int(triton.next_power_of_2(max(n, 1))), minimum)
 
 
+def per_token_rows(
+    rows: int, tokens: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An uninitialised ``[rows, tokens]`` scratch tensor whose row stride is ``tokens``
+    rounded up to 16. Triton compiles a kernel once per integer argument class (1, a
+    multiple of 16, other): a row stride equal to the step's token count would compile
+    the kernels that read the tensor again whenever a step's count changed class."""
+    padded = -(-max(tokens, 1) // 16) * 16
+    return torch.empty(rows, padded, dtype=dtype, device=device)[:, :tokens]
+
+
 def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     """Raise ValueError unless ``tensor`` has exactly ``shape``."""
     if tuple(tensor.shape) != shape:

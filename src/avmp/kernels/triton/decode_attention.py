@@ -36,7 +36,9 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
 
 
-@triton.jit
+# the block table's row stride is the step's widest table, which changes from step to
+# step: specialised, it would compile this kernel again for each class it falls in
+@triton.jit(do_not_specialize=["stride_btb"])
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qd,

@@ -48,6 +48,7 @@ from avmp.kernels.triton._common import (
     check_shape,
     dot_precision,
     next_power_of_2,
+    per_token_rows,
     strides,
     upcast_dot,
 )
@@ -484,7 +485,7 @@ def _delta_buffers(v: torch.Tensor, dk: int, num_chunks: int) -> dict[str, torch
     tokens, heads, dv = v.shape
     f32 = {"dtype": torch.float32, "device": v.device}
     return {
-        "c": torch.empty(heads, tokens, **f32),
+        "c": per_token_rows(heads, tokens, **f32),
         "w": torch.empty(tokens, heads, dk, **f32),
         "u": torch.empty(tokens, heads, dv, **f32),
         "starts": torch.empty(num_chunks, heads, dk, dv, **f32),

@@ -38,6 +38,7 @@ from avmp.kernels.triton._common import (
     discretise_dt,
     dot_precision,
     next_power_of_2,
+    per_token_rows,
     strides,
     upcast_dot,
 )
@@ -446,8 +447,8 @@ def _scan_buffers(
     tokens, heads, head_dim = x.shape
     f32 = {"dtype": torch.float32, "device": x.device}
     return {
-        "dt": torch.empty(heads, tokens, **f32),
-        "dacs": torch.empty(heads, tokens, **f32),
+        "dt": per_token_rows(heads, tokens, **f32),
+        "dacs": per_token_rows(heads, tokens, **f32),
         "cb": torch.empty(tokens, groups, chunk_size, **f32),
         "states": torch.empty(num_chunks, heads, head_dim, d_state, **f32),
     }

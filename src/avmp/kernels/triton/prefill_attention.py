@@ -29,7 +29,9 @@ BLOCK_M = 64
 BLOCK_N = 32
 
 
-@triton.jit
+# the block table's row stride is the step's widest table, which changes from step to
+# step: specialised, it would compile this kernel again for each class it falls in
+@triton.jit(do_not_specialize=["stride_btb"])
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr,
     stride_qt, stride_qh, stride_qd,
