@@ -57,3 +57,43 @@ def test_an_integer_argument_compiles_once_per_class() -> None:
     torch.cuda.synchronize()
     assert [c.kernel.split(".")[-1] for c in log.compilations] == ["_fill"] * 3
     assert "_fill" in log.summary()
+
+
+def test_specialisation_classes_follow_tritons_rules() -> None:
+    from avmp.kernels.compile_log import specialisation_class as cls
+
+    assert cls(1) != cls(2) == cls(3) != cls(32) == cls(48)
+    assert cls(2**40)[2] == 64 and cls(7)[2] == 32
+    assert cls(True) == ("const", True) and cls(None) == ("const", None)
+    base = torch.zeros(8, dtype=torch.int64)
+    assert cls(base[0:]) == cls(base[2:]) != cls(base[1:])  # 16-byte aligned or not
+    assert cls(base.float()) != cls(base)
+
+
+class _Param:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Kernel:
+    """What the census reads of an interpreted kernel: its function and parameters."""
+
+    def __init__(self) -> None:
+        def kernel() -> None: ...
+
+        self.fn = kernel
+        self.params = [_Param("x_ptr"), _Param("n"), _Param("stride")]
+
+
+def test_census_names_the_arguments_that_changed_class() -> None:
+    from avmp.kernels.compile_log import SpecialisationCensus
+
+    census, kernel = SpecialisationCensus(), _Kernel()
+    buffer = torch.zeros(64, dtype=torch.int64)
+    for offset, n in ((0, 5), (2, 7), (1, 5), (0, 32)):  # aligned, aligned, not, aligned
+        census.record(kernel, (buffer[offset:], n, 16), {"BLOCK": 64, "grid": (1,)})
+    name = next(iter(census.keys))
+    assert census.calls[name] == 4
+    assert len(census.keys[name]) == 3  # (aligned, other) twice, then two new keys
+    assert census.varying(name) == ["x_ptr", "n"]
+    assert "3 keys" in census.summary() and "varying: x_ptr, n" in census.summary()
