@@ -120,7 +120,9 @@ class SpecialisationCensus:
     """Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU), count per kernel the
     distinct specialisation keys its launches carry: how many times a GPU would compile
     it for the same work. Nothing compiles on the CPU, so this finds a kernel compiled
-    again mid-run without a GPU (an argument that changes class from step to step)."""
+    again mid-run without a GPU (an argument that changes class from step to step). The
+    interpreter drops ``do_not_specialize``: an argument listed there still shows as
+    varying here, though a GPU compiles it once."""
 
     def __init__(self) -> None:
         self.keys: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
