@@ -26,7 +26,7 @@ _PER_TEST: list[tuple[str, int, float]] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     if _INTERPRETED:
-        _CENSUS.__enter__()
+        _CENSUS.install()
     else:
         _LOG.install()
 
@@ -45,7 +45,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     if _INTERPRETED:
         write(_CENSUS.summary())
-        _CENSUS.__exit__()
+        _CENSUS.uninstall()
         return
     write(_LOG.summary())
     for nodeid, count, seconds in sorted(_PER_TEST, key=lambda t: -t[2])[:15]:

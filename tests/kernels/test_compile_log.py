@@ -97,3 +97,16 @@ def test_census_names_the_arguments_that_changed_class() -> None:
     assert len(census.keys[name]) == 3  # (aligned, other) twice, then two new keys
     assert census.varying(name) == ["x_ptr", "n"]
     assert "3 keys" in census.summary() and "varying: x_ptr, n" in census.summary()
+
+
+def test_census_restores_the_interpreter_it_wrapped() -> None:
+    from triton.runtime import interpreter
+
+    from avmp.kernels.compile_log import SpecialisationCensus
+
+    before = interpreter.InterpretedFunction.run
+    with SpecialisationCensus() as census:
+        assert interpreter.InterpretedFunction.run is not before
+        with pytest.raises(RuntimeError, match="installed already"):
+            census.install()
+    assert interpreter.InterpretedFunction.run is before

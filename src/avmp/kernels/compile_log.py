@@ -131,6 +131,13 @@ class SpecialisationCensus:
         self._original: Any = None
 
     def __enter__(self) -> SpecialisationCensus:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def install(self) -> None:
         from triton.runtime import interpreter
 
         if self._original is not None:
@@ -143,11 +150,12 @@ class SpecialisationCensus:
             return original(fn, *args, **kwargs)
 
         interpreter.InterpretedFunction.run = run
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def uninstall(self) -> None:
         from triton.runtime import interpreter
 
+        if self._original is None:
+            return
         interpreter.InterpretedFunction.run = self._original
         self._original = None
 
