@@ -53,7 +53,8 @@ from benchmarks.common import read_result, write_result
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
 WORKLOADS = ("multi_turn_prefix", "agent_loop")
-# bounded so that 2 workloads x 3 layouts x 2 runs finish in < 240 s on one H200
+# bounded so that 2 workloads x 3 layouts x 2 runs might finish in < 240 s on one H200
+# (an estimate: the benchmark has not run on a GPU yet)
 DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40}
 CPU_LAYERS = 6  # Granite-4.0-H's first six: five Mamba2 layers and one attention layer
 IDEAL_UNIT_TOKENS = 16  # the ideal counts whole pages of this many tokens, in every layout

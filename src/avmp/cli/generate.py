@@ -77,12 +77,9 @@ def add_prefix_cache_option(parser: Any) -> None:
 
 
 def prefixed_engine_config(args: argparse.Namespace) -> Any:
-    """`engine_config` with the ``--prefix-cache`` choice and ``--tensor-parallel``
-    (where the command has it)."""
+    """`engine_config` with the ``--prefix-cache`` choice and ``--tensor-parallel``."""
     return dataclasses.replace(
-        engine_config(args),
-        prefix_cache=args.prefix_cache,
-        tensor_parallel=getattr(args, "tensor_parallel", 1),
+        engine_config(args), prefix_cache=args.prefix_cache, tensor_parallel=args.tensor_parallel
     )
 
 

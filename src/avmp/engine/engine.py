@@ -232,12 +232,11 @@ class EngineConfig:
 
     def _check_prefix_cache(self) -> None:
         choice = self.prefix_cache
-        if isinstance(choice, str):
-            check_prefix_choice(choice)
-            if choice == "off":
-                object.__setattr__(self, "prefix_cache", None)
-        elif choice is not None and not isinstance(choice, PrefixCacheConfig):
-            check_prefix_choice(choice)  # raises: neither a name nor a config
+        if choice is None or isinstance(choice, PrefixCacheConfig):
+            return
+        check_prefix_choice(choice)  # a name, or raises
+        if choice == "off":
+            object.__setattr__(self, "prefix_cache", None)
 
     def _check_tensor_parallel(self) -> None:
         size = self.tensor_parallel

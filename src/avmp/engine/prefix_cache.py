@@ -15,7 +15,7 @@ Overlap changes when the host learns tokens, not the order of work on the stream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from avmp.memory.backing.device import TensorBacking
 from avmp.memory.spec import CacheAllocator, PoolKind
@@ -174,7 +174,12 @@ class PrefixCounts:
 
     def held_as(self, now: PrefixCounts) -> PrefixCounts:
         """These counters, with what ``now`` holds."""
-        return self.plus(now.since(now))
+        return replace(
+            self,
+            num_checkpoints=now.num_checkpoints,
+            checkpoint_bytes=now.checkpoint_bytes,
+            num_pages=now.num_pages,
+        )
 
     @property
     def hit_rate(self) -> float:
