@@ -312,10 +312,6 @@ class PrefixMatch:
     node: PrefixNode
     num_matched: int
 
-    @property
-    def num_hit_units(self) -> int:
-        return self.node.depth
-
 
 class PrefixTree:
     """The radix tree of cached prefixes over one allocator (see the module doc).
@@ -326,7 +322,8 @@ class PrefixTree:
             model without attention).
         has_state: whether a hit needs a checkpoint (a model with recurrent layers).
         flops_of: FLOPs of prefilling that many tokens (`prefill_flops`).
-        unit_bytes: bytes of one node's page, and of one checkpoint.
+        page_bytes: bytes of one node's page.
+        checkpoint_bytes: bytes of one checkpoint (0 for a model without state).
     """
 
     def __init__(
@@ -973,7 +970,6 @@ class PrefixCache:
         else:
             key = self.tree.allocator.free_keeping_slot(request_id)
             self._attach(request_id, node, key, kept=True)
-            self._note_peaks()
         self.forget(request_id)
 
     def forget(self, request_id: int) -> None:

@@ -452,11 +452,15 @@ class _Simulation:
         ):
             spec = self.arrivals[self.next_arrival]
             self.next_arrival += 1
-            waiting_for = [p for p in self.parents.get(spec.request_id, ()) if self._is_live(p)]
-            if waiting_for:
-                self.held.setdefault(waiting_for[-1], []).append(spec)
-            else:
+            if not self._hold(spec):
                 self._queue(spec, spec.arrival_s)
+
+    def _hold(self, spec: RequestSpec) -> bool:
+        """Hold ``spec`` on its latest parent still live; False when none is."""
+        waiting_for = [p for p in self.parents.get(spec.request_id, ()) if self._is_live(p)]
+        if waiting_for:
+            self.held.setdefault(waiting_for[-1], []).append(spec)
+        return bool(waiting_for)
 
     def _is_live(self, request_id: int) -> bool:
         """Whether a request has arrived (or been held) and not ended yet."""
@@ -477,10 +481,7 @@ class _Simulation:
         for request_id in ended:
             self.ended.add(request_id)
             for spec in self.held.pop(request_id, ()):
-                waiting_for = [p for p in self.parents[spec.request_id] if self._is_live(p)]
-                if waiting_for:
-                    self.held.setdefault(waiting_for[-1], []).append(spec)
-                else:
+                if not self._hold(spec):
                     self.ready.append(spec)
 
     def _step(self) -> None:

@@ -123,12 +123,13 @@ class Interconnect:
         if self.bytes_per_s <= 0 or self.latency_s_per_step < 0:
             raise ValueError(f"{self.name}: bandwidth must be positive and latency >= 0")
 
-    def all_reduce_seconds(self, num_bytes: float, num_ranks: int) -> float:
-        """A ring all-reduce of ``num_bytes`` on each of ``num_ranks`` ranks: a
-        reduce-scatter and an all-gather, ``2 (N - 1)`` steps each moving ``1 / N`` of
-        the bytes: ``2 (N - 1) / N x bytes / bandwidth + 2 (N - 1) x latency``."""
+    def all_reduce_seconds(self, num_bytes: float, num_ranks: int, count: int = 1) -> float:
+        """``count`` ring all-reduces of ``num_bytes`` in all on each of ``num_ranks``
+        ranks: each a reduce-scatter and an all-gather, ``2 (N - 1)`` steps each moving
+        ``1 / N`` of its bytes: ``2 (N - 1) / N x bytes / bandwidth + 2 (N - 1) x count x
+        latency``."""
         steps = 2 * (num_ranks - 1)
-        return steps * (num_bytes / num_ranks / self.bytes_per_s + self.latency_s_per_step)
+        return steps * (num_bytes / num_ranks / self.bytes_per_s + count * self.latency_s_per_step)
 
     def all_gather_seconds(self, num_bytes: float, num_ranks: int) -> float:
         """A ring all-gather that leaves ``num_bytes`` in all on every rank (each holds
@@ -471,12 +472,8 @@ class RooflineModel:
         if self._link is None or shape.num_tokens == 0:
             return 0.0
         link, ranks = self._link, self.num_ranks
-        steps = 2 * (ranks - 1)
         reduce_bytes = shape.num_tokens * self._all_reduce_bytes_per_token
-        all_reduces = steps * (
-            reduce_bytes / ranks / link.bytes_per_s
-            + self._num_all_reduces * link.latency_s_per_step
-        )
+        all_reduces = link.all_reduce_seconds(reduce_bytes, ranks, self._num_all_reduces)
         requests = shape.num_requests or shape.num_decode_requests + (shape.num_prefill_tokens > 0)
         return all_reduces + link.all_gather_seconds(requests * self._logit_bytes, ranks)
 
