@@ -18,12 +18,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from avmp.bench.files import naming
 from avmp.bench.stats import (
     AVMP,
     PHASES,
+    PREFIX_OFF,
     Cell,
     RatioRow,
     aggregate,
@@ -37,8 +39,6 @@ from avmp.units import format_bytes
 
 Table = tuple[list[str], list[list[str]]]
 BASELINE_ORDER = ("unified", "static", "oracle")
-PREFIX_OFF = "off"
-GIB = 1 << 30
 
 
 def baseline_key(name: str) -> tuple[int, str]:
@@ -245,10 +245,10 @@ def prefix_table(cells: Sequence[Cell]) -> Table:
             *map(str, key), str(len(members)),
             f"{hits:,} / {ideal:,} ({hits / ideal:.0%})" if ideal else f"{hits:,} / 0",
             _ttft_text(members), _ttft_text(_without_cache(cells, members)),
-            f"{_mean(p['num_checkpoints_taken'] for p in prefix):.0f}",
-            f"{_mean(p['peak_checkpoint_bytes'] for p in prefix) / GIB:.2f}",
-            f"{_mean(p['num_evicted_checkpoints'] for p in prefix):.0f} / "
-            f"{_mean(p['num_evicted_pages'] for p in prefix):.0f}",
+            f"{fmean(p['num_checkpoints_taken'] for p in prefix):.0f}",
+            f"{fmean(p['peak_checkpoint_bytes'] for p in prefix) / (1 << 30):.2f}",
+            f"{fmean(p['num_evicted_checkpoints'] for p in prefix):.0f} / "
+            f"{fmean(p['num_evicted_pages'] for p in prefix):.0f}",
         ])  # fmt: skip
     return headers, rows
 
@@ -264,14 +264,9 @@ def _without_cache(cells: Sequence[Cell], members: Sequence[Cell]) -> list[Cell]
 def _ttft_text(cells: Sequence[Cell]) -> str:
     if not cells:
         return "n/a"
-    p50 = _mean(c["result"]["ttft_p50_s"] for c in cells)
-    p99 = _mean(c["result"]["ttft_p99_s"] for c in cells)
+    p50 = fmean(c["result"]["ttft_p50_s"] for c in cells)
+    p99 = fmean(c["result"]["ttft_p99_s"] for c in cells)
     return f"{p50:.3f} / {p99:.3f}"
-
-
-def _mean(values: Any) -> float:
-    items = [float(v) for v in values]
-    return sum(items) / len(items)
 
 
 def markdown_table(table: Table) -> str:

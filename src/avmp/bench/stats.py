@@ -45,7 +45,8 @@ from avmp.sim.metrics import (
 
 AVMP = "avmp"
 PAIR_KEYS = ("workload", "model", "budget_bytes", "profile", "seed", "prefix_cache")
-OPTIONAL_COORDINATES = {"prefix_cache": "off"}
+PREFIX_OFF = "off"  # the prefix_cache coordinate of a cell without prefix cache
+OPTIONAL_COORDINATES = {"prefix_cache": PREFIX_OFF}
 """Coordinates a saved cell may lack, and what they are then: a cell without prefix
 cache does not name one (as cells saved before the axis existed)."""
 SAVED_METRICS = ("request_throughput", "output_token_throughput")

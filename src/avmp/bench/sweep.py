@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from avmp.bench.files import write_atomic
-from avmp.bench.stats import read_cell
+from avmp.bench.stats import PREFIX_OFF, read_cell
 from avmp.bench.workloads import (
     PREFIX_PRESETS,
     PRESETS,
@@ -56,7 +56,6 @@ from avmp.units import format_bytes
 
 PROFILES = tuple(GPU_PROFILES)
 WORKLOADS = (*PRESETS, *PREFIX_PRESETS)  # every workload a sweep may name
-PREFIX_OFF = "off"
 # More cells than any evaluation needs (the paper grid has 1,440); a larger grid is a
 # typo in a list or a seed count, and would take days.
 MAX_CELLS = 100_000
