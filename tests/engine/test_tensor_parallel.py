@@ -24,7 +24,6 @@ from avmp.engine.parallel import (
     Shard,
     TensorParallel,
     check_world_size,
-    from_environment,
     model_shards,
     run_ranks,
     shard_of,
@@ -137,17 +136,15 @@ def test_a_shard_is_not_sharded_again() -> None:
 
 
 def test_torchrun_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match="not launched by torchrun: RANK, WORLD_SIZE"):
-        from_environment("cpu")
-    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert from_environment("cpu") is SINGLE  # one rank: no group is made
-    monkeypatch.setenv("WORLD_SIZE", "9")
-    with pytest.raises(ValueError, match="must be in 1..8"):
-        from_environment("cpu")
+    from avmp.engine.tp_step import is_torchrun_follower, torchrun_rank
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torchrun_rank(2) is None and not is_torchrun_follower(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert torchrun_rank(2) == 1 and is_torchrun_follower(2)
+    with pytest.raises(ValueError, match="--tensor-parallel 4 under torchrun with 2 processes"):
+        torchrun_rank(4)
 
 
 def test_rank_outside_its_group_is_refused() -> None:
@@ -170,7 +167,7 @@ def test_split_or_replicate_follows_vllm() -> None:
     assert [TensorParallel(r, 4).split_or_replicate(2, "KV heads") for r in range(4)] == [
         (0, 1), (0, 1), (1, 1), (1, 1),
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="must divide KV heads \\(3\\) or be a multiple"):
+    with pytest.raises(ValueError, match=r"KV heads \(3\) neither split evenly over 2 ranks"):
         TensorParallel(0, 2).split_or_replicate(3, "KV heads")
 
 

@@ -17,8 +17,6 @@ from avmp.models.tensor_parallel import (
     check_num_ranks,
     experts_per_rank,
     rank_geometry,
-    rank_weight_bytes,
-    split_attention,
     split_deltanet,
     split_heads,
     split_mamba2,
@@ -56,7 +54,7 @@ def test_num_ranks_out_of_range_is_refused(bad: object) -> None:
 
 def test_heads_are_sharded_where_the_ranks_divide_them() -> None:
     split = split_heads(8, 4, "KV heads")
-    assert (split.per_rank, split.num_replicas, split.is_replicated) == (2, 1, False)
+    assert (split.per_rank, split.num_replicas) == (2, 1)
     assert [split.first(r) for r in range(4)] == [0, 2, 4, 6]
 
 
@@ -75,21 +73,14 @@ def test_heads_that_neither_divide_nor_are_divided_are_refused(total: int, ranks
         split_heads(total, ranks, "KV heads")
 
 
-def test_attention_query_heads_must_divide() -> None:
-    split = split_attention(32, 8, 4)
-    assert (split.query_heads.per_rank, split.kv_heads.per_rank) == (8, 2)
-    with pytest.raises(ValueError, match=r"attention heads \(12\)"):
-        split_attention(12, 4, 8)
-
-
 def test_mamba2_groups_sharded_or_replicated() -> None:
     sharded = split_mamba2(num_heads=256, num_groups=8, head_dim=64, d_state=256, num_ranks=4)
     assert (sharded.heads.per_rank, sharded.groups.per_rank) == (64, 2)
-    assert sharded.norm_ranks_per_group == 1
+    assert sharded.groups.num_replicas == 1
     assert sharded.conv_channels_per_rank == 64 * 64 + 2 * 2 * 256
     one_group = split_mamba2(num_heads=16, num_groups=1, head_dim=32, d_state=64, num_ranks=4)
     assert (one_group.heads.per_rank, one_group.groups.per_rank) == (4, 1)
-    assert one_group.norm_ranks_per_group == 4  # the norm's one group spans every rank
+    assert one_group.groups.num_replicas == 4  # the norm's one group spans every rank
     assert one_group.conv_channels_per_rank == 4 * 32 + 2 * 64
     with pytest.raises(ValueError, match=r"Mamba2 heads \(20\)"):
         split_mamba2(num_heads=20, num_groups=1, head_dim=64, d_state=128, num_ranks=8)
@@ -136,7 +127,7 @@ def test_replicated_kv_heads_and_groups_make_units_and_weights_larger_than_a_sha
     # and the B and C projections of the one group (2 x 1024 x 64) against a quarter
     extra = (2 * 1024 * 64 - 2 * 1024 * 64 * 2 // 4) + (2 * 1024 * 64 - 2 * 1024 * 64 // 4)
     assert rank.num_params == 80_000_000 // 4 + extra
-    assert rank_weight_bytes(geometry, 4) == 2 * (80_000_000 // 4 + extra)
+    assert rank.weight_bytes == 2 * (80_000_000 // 4 + extra)
 
 
 def test_parallel_dims_that_do_not_divide_name_the_model_and_figure() -> None:

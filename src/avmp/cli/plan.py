@@ -205,9 +205,11 @@ def _what_fits(
 ) -> str:
     """The fewest GPUs (more than ``num_gpus``) that hold the model with this cache, or
     less cache when the weights already fit."""
-    memory = device_memory(rank_geometry(geometry, num_gpus), 0, profile)
-    if memory.fits:
-        return f"give at most {format_bytes(memory.device_bytes - memory.needed_bytes)} of --memory"
+    weights_only = PerGpu(
+        num_gpus, profile, device_memory(rank_geometry(geometry, num_gpus), 0, profile)
+    )
+    if weights_only.memory.fits:
+        return f"give at most {format_bytes(weights_only.room_for_cache_bytes)} of --memory"
     for more in range(num_gpus + 1, MAX_TENSOR_PARALLEL + 1):
         try:
             if device_memory(rank_geometry(geometry, more), cache_bytes, profile).fits:

@@ -67,10 +67,6 @@ class HeadSplit:
     per_rank: int
     num_replicas: int
 
-    @property
-    def is_replicated(self) -> bool:
-        return self.num_replicas > 1
-
     def first(self, rank: int) -> int:
         """Index of the first head ``rank`` holds (its heads are consecutive)."""
         if not 0 <= rank < self.num_ranks:
@@ -109,29 +105,9 @@ def split_heads(total: int, num_ranks: int, what: str) -> HeadSplit:
 
 
 @dataclass(frozen=True)
-class AttentionSplit:
-    """One attention layer over the ranks: query heads sharded, KV heads sharded or
-    replicated."""
-
-    query_heads: HeadSplit
-    kv_heads: HeadSplit
-
-
-def split_attention(num_heads: int, num_kv_heads: int, num_ranks: int) -> AttentionSplit:
-    """vLLM's ``QKVParallelLinear`` split (query heads must divide by ``num_ranks``)."""
-    return AttentionSplit(
-        HeadSplit(num_heads, num_ranks, shard(num_heads, num_ranks, "attention heads"), 1),
-        split_heads(num_kv_heads, num_ranks, "KV heads"),
-    )
-
-
-@dataclass(frozen=True)
 class Mamba2Split:
-    """One Mamba2 layer over the ranks: heads sharded; groups sharded or replicated.
-
-    ``norm_ranks_per_group`` ranks share one gated-norm group (the norm's group is one
-    SSM group's heads): above 1 the norm's sum of squares is all-reduced over them.
-    """
+    """One Mamba2 layer over the ranks: heads sharded; groups sharded or replicated
+    (a replicated group's gated norm then spans its ``groups.num_replicas`` ranks)."""
 
     heads: HeadSplit
     groups: HeadSplit
@@ -141,10 +117,6 @@ class Mamba2Split:
     @property
     def conv_channels_per_rank(self) -> int:
         return self.heads.per_rank * self.head_dim + 2 * self.groups.per_rank * self.d_state
-
-    @property
-    def norm_ranks_per_group(self) -> int:
-        return self.groups.num_replicas
 
 
 def split_mamba2(
@@ -231,11 +203,6 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
         parallel_dims=dims,
         num_ranks=num_ranks,
     )
-
-
-def rank_weight_bytes(geometry: ModelGeometry, num_ranks: int) -> int:
-    """Weight bytes one of ``num_ranks`` ranks stores (see `rank_geometry`)."""
-    return rank_geometry(geometry, num_ranks).weight_bytes
 
 
 def _ceil(value: Fraction) -> int:

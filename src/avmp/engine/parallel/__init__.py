@@ -9,7 +9,6 @@ from __future__ import annotations
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.launch import (
     check_world_size,
-    from_environment,
     init_group,
     run_ranks,
     shut_down,
@@ -22,7 +21,6 @@ __all__ = [
     "Shard",
     "TensorParallel",
     "check_world_size",
-    "from_environment",
     "init_group",
     "load_full_state",
     "model_shards",

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from avmp.models.tensor_parallel import split_heads
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -73,18 +75,14 @@ class TensorParallel:
         """This rank's first index and count of units that split evenly when there are
         at least as many as ranks, and are each held by ``size / num`` ranks (the one
         unit their heads use) when there are fewer: vLLM's rule for KV heads
-        (``QKVParallelLinear``) and Mamba2 groups (``MambaMixer2``).
+        (``QKVParallelLinear``) and Mamba2 groups (``MambaMixer2``), as
+        `avmp.models.tensor_parallel.split_heads` states it for the plan.
 
         Raises:
             ValueError: neither ``num`` nor the size divides the other.
         """
-        if num % self.size == 0:
-            return self.split(num, what)
-        if self.size % num == 0:
-            return self.rank // (self.size // num), 1
-        raise ValueError(
-            f"tensor parallel size {self.size} must divide {what} ({num}) or be a multiple of it"
-        )
+        heads = split_heads(num, self.size, what)
+        return heads.first(self.rank), heads.per_rank
 
 
 SINGLE = TensorParallel()

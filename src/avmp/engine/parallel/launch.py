@@ -1,9 +1,9 @@
 """Starting and stopping a tensor-parallel group: NCCL on GPUs, gloo on CPU, ranks
-spawned here (`run_ranks`) or by ``torchrun`` (`from_environment`)."""
+spawned here (`run_ranks`); the engine's own groups, torchrun's included, are joined by
+`avmp.engine.tp_step.join_groups`."""
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from collections.abc import Callable
@@ -16,8 +16,6 @@ from torch.multiprocessing.spawn import start_processes
 
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.models.tensor_parallel import check_num_ranks
-
-_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def backend_for(device: str) -> str:
@@ -53,27 +51,6 @@ def init_group(rank: int, size: int, device: str, init_method: str) -> TensorPar
         torch.cuda.set_device(rank)
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
                             world_size=size)  # fmt: skip
-    return TensorParallel(rank, size, dist.group.WORLD)
-
-
-def from_environment(device: str) -> TensorParallel:
-    """Join the group that ``torchrun`` describes in the environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; ``LOCAL_RANK`` picks the GPU).
-
-    Raises:
-        ValueError: the environment lacks one of those variables.
-    """
-    missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
-    if missing:
-        raise ValueError(f"not launched by torchrun: {', '.join(missing)} unset")
-    size = int(os.environ["WORLD_SIZE"])
-    check_world_size(size, device)
-    if size == 1:
-        return SINGLE
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend_for(device), init_method="env://")
     return TensorParallel(rank, size, dist.group.WORLD)
 
 

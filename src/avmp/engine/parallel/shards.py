@@ -90,17 +90,6 @@ class Shard:
             out = torch.cat([out, out.new_zeros(pad_shape)], dim=self.dim)
         return out
 
-    def local_shape(self, full_shape: Sequence[int]) -> tuple[int, ...]:
-        """The parameter's shape on this rank, given the full tensor's."""
-        if full_shape[self.dim] != self.rows.full:
-            raise ValueError(
-                f"a full tensor of {full_shape[self.dim]} along dim {self.dim}; the shard "
-                f"expects {self.rows.full}"
-            )
-        shape = list(full_shape)
-        shape[self.dim] = self.rows.size
-        return tuple(shape)
-
 
 def set_shard(tensor: torch.Tensor, dim: int, rows: Rows) -> None:
     """Record which part of the full tensor ``tensor`` (a parameter) holds on this
