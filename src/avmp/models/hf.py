@@ -38,7 +38,7 @@ from avmp.models.geometry import (
     RecurrentLayer,
     dtype_bytes,
 )
-from avmp.models.tensor_parallel import layer_mamba2_groups
+from avmp.models.tensor_parallel import mamba2_groups
 from avmp.units import ceil_div, round_up
 
 CONFIG_FILENAME = "config.json"
@@ -968,7 +968,7 @@ def _to_geometry(build: _Build, name: str, raw: Mapping[str, Any], opt: _Options
                 build.num_attention_heads,
                 tuple(sorted(build.mlp_widths)),
                 build.num_experts,
-                max(map(layer_mamba2_groups, build.recurrent), default=0),
+                mamba2_groups(build.recurrent),
             ),
         )
     except ValueError as exc:

@@ -30,6 +30,7 @@ identical in layout. Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -186,7 +187,9 @@ def rank_geometry(geometry: ModelGeometry, num_ranks: int) -> ModelGeometry:
         raise ValueError(f"{geometry.name} is already one of {geometry.num_ranks} ranks' shares")
     if num_ranks == 1:
         return geometry
-    dims = geometry.parallel_dims or ParallelDims(num_mamba2_groups=mamba2_groups(geometry))
+    dims = geometry.parallel_dims or ParallelDims(
+        num_mamba2_groups=mamba2_groups(geometry.recurrent_layers)
+    )
     try:
         _check_parallel_dims(dims, num_ranks)
         attention = tuple(_rank_attention(layer, num_ranks) for layer in geometry.attention_layers)
@@ -242,9 +245,9 @@ def _rank_recurrent(layer: RecurrentLayer, num_ranks: int) -> RecurrentLayer:
     raise ValueError(f"no tensor-parallel rule for {layer.kind} layers")
 
 
-def mamba2_groups(geometry: ModelGeometry) -> int:
-    """Groups of the model's Mamba2 layers (the most of any layer; 0 without Mamba2)."""
-    return max(map(layer_mamba2_groups, geometry.recurrent_layers), default=0)
+def mamba2_groups(layers: Iterable[RecurrentLayer]) -> int:
+    """Groups of the Mamba2 layers among ``layers`` (the most of any; 0 without Mamba2)."""
+    return max(map(layer_mamba2_groups, layers), default=0)
 
 
 def layer_mamba2_groups(layer: RecurrentLayer) -> int:
