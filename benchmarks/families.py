@@ -71,6 +71,7 @@ from avmp.models.zoo import zoo_config
 from avmp.sim.timing import get_profile
 from benchmarks.common import copy_bytes_per_s, gpu_profile, read_result, write_result
 from benchmarks.engine import build_model, decode_roofline, engine_cell, hf_cell, random_prompts
+from benchmarks.moe import wall_ms
 from benchmarks.prefill import attention_flops_per_pair, cache_budget, causal_pairs
 
 
@@ -401,12 +402,6 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device("cpu")
 
 
-def _wall_ms(run: Any) -> float:
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1e3
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown is not None:
@@ -420,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     peak = get_profile(gpu_profile(name)).bf16_flops_per_s if cuda else None
     bandwidth = copy_bytes_per_s(device, (1 << 31) if cuda else (1 << 24),
-                                 None if cuda else _wall_ms)  # fmt: skip
+                                 None if cuda else wall_ms)  # fmt: skip
     results: dict[str, Any] = {
         "device": name,
         "smoke": args.smoke,

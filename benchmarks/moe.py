@@ -97,7 +97,7 @@ def build_experts(layer: Layer, device: torch.device, dtype: torch.dtype, seed: 
     """The layer's experts in the engine's stacked container, random weights (std 0.02)."""
     torch.manual_seed(seed)
     with torch.device(device):
-        experts, _ = local_experts(
+        experts = local_experts(
             lambda: GatedMLP(layer.hidden, layer.width, "silu"), layer.experts, SINGLE
         )
     experts.to(dtype)

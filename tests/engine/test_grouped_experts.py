@@ -171,7 +171,7 @@ UNGATED = ExpertLayout(("up_proj",), "down_proj", activation_hidden)
 
 
 def _gated(num_experts: int, tp: TensorParallel = SINGLE) -> ExpertSlice:
-    experts, _ = local_experts(lambda: GatedMLP(HIDDEN, INTER, "silu"), num_experts, tp)
+    experts = local_experts(lambda: GatedMLP(HIDDEN, INTER, "silu"), num_experts, tp)
     return experts
 
 
@@ -253,7 +253,7 @@ def test_the_container_runs_either_path_alike(tokens: int, rank: int) -> None:
 
 def test_biased_ungated_experts_run_either_path_alike() -> None:
     torch.manual_seed(0)
-    experts, _ = local_experts(_BiasedExpert, 6, SINGLE, UNGATED)
+    experts = local_experts(_BiasedExpert, 6, SINGLE, UNGATED)
     assert set(experts.stacks) == {"up", "down", "up_bias", "down_bias"}
     with torch.no_grad():
         for p in experts.parameters():
@@ -359,7 +359,7 @@ def on_grouped_gpu(test: Callable[..., None]) -> Callable[..., None]:
 def _gpu_experts(num_experts: int, tp: TensorParallel = SINGLE) -> ExpertSlice:
     torch.manual_seed(0)
     with torch.device("cuda"):
-        experts, _ = local_experts(lambda: GatedMLP(256, 128, "silu"), num_experts, tp)
+        experts = local_experts(lambda: GatedMLP(256, 128, "silu"), num_experts, tp)
     return experts.to(torch.bfloat16)
 
 

@@ -44,9 +44,7 @@ class JambaMoE(nn.Module):
         super().__init__()
         self.router = JambaRouter(config)
         h, i, act = config.hidden_size, config.intermediate_size, config.hidden_act
-        self.experts, self.first_expert = local_experts(
-            lambda: GatedMLP(h, i, act), config.num_experts, tp
-        )
+        self.experts = local_experts(lambda: GatedMLP(h, i, act), config.num_experts, tp)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -399,15 +399,16 @@ class GatedMLP(OpsLayer):
 
 def local_experts(
     build: Any, num_experts: int, tp: TensorParallel, layout: ExpertLayout = GATED_MLP
-) -> tuple[ExpertSlice, int]:
+) -> ExpertSlice:
     """This rank's experts (``build()`` makes one; ``layout`` names the linears stacked
-    for the grouped path, see `avmp.engine.experts`) and the global index of the first.
+    for the grouped path, see `avmp.engine.experts`); the global index of the first is
+    their ``first_expert``.
 
     Experts are split whole across ranks (expert parallelism inside the tensor-parallel
     group), not each one's width: see docs/design-tp.md. One rank holds them all.
     """
-    first, count = (0, num_experts) if tp.is_single else tp.split(num_experts, "experts")
-    return ExpertSlice(build, first, count, num_experts, layout), first
+    first, count = tp.split(num_experts, "experts")
+    return ExpertSlice(build, first, count, num_experts, layout)
 
 
 class Mamba1Mixer(OpsLayer):

@@ -136,7 +136,7 @@ class MiniMaxMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts, self.first_expert = local_experts(
+        self.experts = local_experts(
             lambda: MiniMaxExpert(config), config.num_local_experts, tp, MINIMAX_EXPERT
         )
         self.tp = tp

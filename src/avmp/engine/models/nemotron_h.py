@@ -95,7 +95,7 @@ class NemotronMoE(nn.Module):
                 "Nemotron-H MoE with a latent projection is not supported by the engine"
             )
         self.gate = NemotronRouter(config)
-        self.experts, self.first_expert = local_experts(
+        self.experts = local_experts(
             lambda: NemotronMLP(config, config.moe_intermediate_size),
             config.n_routed_experts,
             tp,

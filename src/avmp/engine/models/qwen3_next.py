@@ -315,7 +315,7 @@ class SparseMoe(nn.Module):
         super().__init__()
         h, act = config.hidden_size, config.hidden_act
         self.gate = TopKRouter(config, normalise)
-        self.experts, self.first_expert = local_experts(
+        self.experts = local_experts(
             lambda: GatedMLP(h, config.moe_intermediate_size, act), config.num_experts, tp
         )
         self.shared_expert = GatedMLP(h, config.shared_expert_intermediate_size, act, tp=tp,
