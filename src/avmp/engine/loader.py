@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from avmp.engine.experts import ExpertSlice
 from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
-from avmp.engine.models.layers import ExpertSlice
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.shards import Shard, model_shards
 from avmp.memory.backing.views import TORCH_DTYPES
