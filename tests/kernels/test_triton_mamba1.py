@@ -199,7 +199,10 @@ def test_state_update_matches_reference_step(
 
 def test_state_update_equals_one_token_scans() -> None:
     """The decode update and the varlen scan over one-token sequences are one function,
-    without the optional D, bias and gate too."""
+    without the optional D, bias and gate too. Equal to fp32 rounding, not bit for bit:
+    on an H200 the two kernels compile the same sums into different instruction sequences
+    (fused multiply-adds, the scan's block composition) and differed by 4e-7 in outputs
+    of order 0.1; Triton's interpreter (numpy) gives identical bits."""
     case = make_case(5, 3, 40, 16, torch.float32, torch.float32)
     slots = torch.tensor([5, 1, 2], device=DEVICE)
     start = case["state"].clone()
@@ -209,8 +212,8 @@ def test_state_update_equals_one_token_scans() -> None:
     case["state"].copy_(start)
     y_scan = mamba1_varlen_scan(case["state"], slots, offsets([1, 1, 1]), *inputs,
                                 dt_softplus=False)
-    torch.testing.assert_close(y_scan, y_step, rtol=0, atol=0)
-    torch.testing.assert_close(case["state"], h_step, rtol=0, atol=0)
+    torch.testing.assert_close(y_scan, y_step, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(case["state"], h_step, rtol=1e-5, atol=1e-6)
 
 
 def test_matches_transformers_jamba_scan() -> None:
