@@ -9,6 +9,14 @@ so a token sees itself with weight 1 and a token ``d`` positions back with
 block by block (the lightning-attention algorithm: a decayed causal product inside a
 block, the carried state for everything before it), starting from and ending in the
 request's state; decode takes one recurrent step per sequence.
+
+A slot stores each head's ``S`` transposed, ``S^T [v dim, k dim]``: that is the Mamba2
+recurrence with ``dt = 1``, ``A = -s_h``, ``B = k``, ``C = q``, ``x = v`` (one group per
+head), whose state Mamba2 keeps as ``[heads, head_dim (x), d_state (B)]``, so the
+Mamba2 Triton kernels run lightning layers on the slot as it lies
+(`avmp.engine.triton_lightning`). transformers keeps ``S`` itself; only the engine's
+slots hold the transpose, and both dimensions are ``head_dim``, so the geometry is the
+same.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ def lightning_prefill(
     Args:
         q, k, v: ``[T, H, D]``.
         slope: ``[H]`` decay rates.
-        state: ``[H, D, D]`` view into the request's slot (updated in place).
+        state: ``[H, D, D]`` view into the request's slot, ``S^T`` (updated in place).
         block_size: tokens per block of the blockwise algorithm.
     Returns:
         ``[T, H, D]``.
@@ -46,7 +54,7 @@ def lightning_prefill(
     dtype = v.dtype
     q, k, v = (t.transpose(0, 1).to(dtype) for t in (q, k, v))  # [H, T, D]
     s = slope.to(dtype)[:, None, None]  # [H, 1, 1]
-    carried = state.to(dtype)
+    carried = state.transpose(-1, -2).to(dtype)  # [H, D (k), D (v)]
     out = []
     for start in range(0, q.shape[1], block_size):
         qb, kb, vb = (t[:, start : start + block_size] for t in (q, k, v))
@@ -59,7 +67,7 @@ def lightning_prefill(
         out.append(intra + inter)
         key_decay = torch.exp(-s * (n - steps))  # [H, n, 1]
         carried = carried * torch.exp(-s * n) + (kb * key_decay).transpose(-1, -2) @ vb
-    state.copy_(carried.to(state.dtype))
+    state.copy_(carried.transpose(-1, -2).to(state.dtype))
     return torch.cat(out, dim=1).transpose(0, 1)  # [T, H, D]
 
 
@@ -74,7 +82,7 @@ def lightning_step(
     """One token for each of N sequences: gather their states, step, scatter back.
 
     Args:
-        states: ``[num_slots, H, D, D]`` view of the layer's states.
+        states: ``[num_slots, H, D, D]`` view of the layer's states (``S^T`` each).
         slots: ``[N]`` rows of ``states``.
         q, k, v: ``[N, H, D]``.
         slope: ``[H]``.
@@ -82,10 +90,10 @@ def lightning_step(
         ``[N, H, D]``.
     """
     dtype = v.dtype
-    state = states[slots].to(dtype)  # [N, H, D, D], a copy
+    state = states[slots].transpose(-1, -2).to(dtype)  # [N, H, D (k), D (v)], a copy
     ratio = torch.exp(-slope.to(dtype))[None, :, None, None]
     state = ratio * state + k.to(dtype)[..., :, None] @ v.to(dtype)[..., None, :]
-    states[slots] = state.to(states.dtype)
+    states[slots] = state.transpose(-1, -2).to(states.dtype)
     return (q.to(dtype)[..., None, :] @ state)[..., 0, :]
 
 
@@ -106,7 +114,7 @@ def lightning_varlen(
 
     Args:
         q, k, v: ``[T, H, D]``, the sequences' tokens back to back.
-        states: ``[num_slots, H, D, D]``.
+        states: ``[num_slots, H, D, D]`` (``S^T`` each).
         slots: ``[B]`` each sequence's row of ``states``.
         query_start_loc: ``[B + 1]`` token offsets of the sequences.
         has_initial_state: ``[B]`` bool.
