@@ -11,7 +11,11 @@ from triton_device import kernel_device
 
 DEVICE = kernel_device()
 
-from avmp.kernels.triton.prefill_attention import prefill_attention  # noqa: E402
+from avmp.kernels.triton.prefill_attention import (  # noqa: E402
+    BLOCK_M,
+    attention_tiles,
+    prefill_attention,
+)
 
 
 def reference_prefill(
@@ -63,6 +67,7 @@ def make_case(
             torch.tensor(ctx, dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize(
     "dtype,q_lens,cached,num_heads,num_kv_heads,head_dim,block_size",
     [
@@ -74,14 +79,16 @@ def make_case(
 )
 def test_prefill_matches_reference(
     dtype: torch.dtype, q_lens: list[int], cached: list[int], num_heads: int,
-    num_kv_heads: int, head_dim: int, block_size: int,
+    num_kv_heads: int, head_dim: int, block_size: int, tiled: bool,
 ) -> None:
     q, k_cache, v_cache, bt, qsl, ctx = make_case(
         11, dtype, q_lens, cached, num_heads, num_kv_heads, head_dim, block_size
     )
     scale = head_dim**-0.5
     out = torch.full(tuple(q.shape), POISON, dtype=dtype, device=DEVICE)
-    prefill_attention(q, k_cache, v_cache, bt, qsl, ctx, scale, max(q_lens), out=out)
+    tiles = attention_tiles(qsl, q.shape[0]) if tiled else None
+    prefill_attention(q, k_cache, v_cache, bt, qsl, ctx, scale, max(q_lens), out=out,
+                      tiles=tiles)  # fmt: skip
     ref = reference_prefill(q, k_cache, v_cache, bt, qsl, ctx, scale)
     assert_close("prefill", out, ref, dtype)
 
@@ -91,5 +98,34 @@ def test_rows_outside_the_queries_stay_untouched() -> None:
     out = torch.full((q.shape[0] + 2, 2, 16), POISON, device=DEVICE)
     prefill_attention(q, k_cache, v_cache, bt, qsl, ctx, 0.25, 4, out=out[:-2])
     assert torch.isnan(out[-2:]).all()
+    ref = reference_prefill(q, k_cache, v_cache, bt, qsl, ctx, 0.25)
+    assert_close("prefill", out[:-2], ref, torch.float32)
+
+
+def test_the_tile_table_covers_every_query_block_once() -> None:
+    """One tile per block of queries of each request, padding requests (context 0)
+    included; the table's length follows from the token and request counts alone."""
+    qsl = torch.tensor([0, 1, 1 + 2 * BLOCK_M + 3, 2 * BLOCK_M + 5, 2 * BLOCK_M + 5])
+    tiles = attention_tiles(qsl.to(DEVICE), 4 * BLOCK_M)
+    assert tiles.chunk_seq.shape[0] == 4 + 4  # cdiv(tokens, BLOCK_M) + requests
+    assert tiles.chunk_seq.tolist() == [0, 1, 1, 1, 2, -1, -1, -1]
+    starts = tiles.chunk_start.tolist()[:5]
+    assert starts == [0, 1, 1 + BLOCK_M, 1 + 2 * BLOCK_M, 2 * BLOCK_M + 4]
+
+
+def test_padding_requests_store_zeros_through_the_tiles() -> None:
+    """A CUDA-graph step pads with requests of context 0 and one token each: the tiled
+    launch gives their rows zeros (finite, whatever the output held) and leaves the
+    real rows as the unpadded launch computes them."""
+    q, k_cache, v_cache, bt, qsl, ctx = make_case(7, torch.float32, [5, 9], [3, 0], 2, 1, 16, 4)
+    padded_q = torch.cat([q, torch.randn(2, 2, 16, device=DEVICE)])
+    padded_bt = torch.cat([bt, torch.zeros_like(bt[:2])])
+    padded_qsl = torch.cat([qsl, qsl[-1:] + torch.tensor([1, 2], device=DEVICE, dtype=qsl.dtype)])
+    padded_ctx = torch.cat([ctx, torch.zeros_like(ctx[:2])])
+    out = torch.full(tuple(padded_q.shape), POISON, device=DEVICE)
+    tiles = attention_tiles(padded_qsl, padded_q.shape[0])
+    prefill_attention(padded_q, k_cache, v_cache, padded_bt, padded_qsl, padded_ctx, 0.25,
+                      0, out=out, tiles=tiles)  # fmt: skip
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
     ref = reference_prefill(q, k_cache, v_cache, bt, qsl, ctx, 0.25)
     assert_close("prefill", out[:-2], ref, torch.float32)

@@ -5,6 +5,13 @@ request's queries (packed one after another, ``query_start_loc`` marking the sta
 attend to every cached key of that request up to their own position, earlier chunks of
 a chunked prefill included. Keys are gathered token by token through the block table,
 so any ``block_size`` works and no page has to be copied out of the pool.
+
+The launch grid is either ``max_query_len`` blocks of queries per request (a host bound;
+programs past a request's queries exit at once) or a device-side tile table
+(`attention_tiles`, one entry per block of ``BLOCK_M`` queries of one request), whose
+length follows from the step's token and request counts alone: a CUDA graph of a padded
+prefill or mixed step replays it whatever its requests' lengths, and its grid grows with
+the tokens, not with requests x tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from avmp.kernels.triton._common import (
     next_power_of_2,
     upcast_dot,
 )
+from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout, chunk_layout, max_chunks
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64
@@ -33,7 +41,7 @@ BLOCK_N = 32
 # step: specialised, it would compile this kernel again for each class it falls in
 @triton.jit(do_not_specialize=["stride_btb"])
 def _prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr, tile_seq_ptr, tile_start_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_vp, stride_vt, stride_vh, stride_vd,
@@ -42,11 +50,19 @@ def _prefill_attention_kernel(
     scale_log2, block_size,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILED: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    b = tl.program_id(1)
-    head = tl.program_id(2)
+    if TILED:  # program (tile, head): the tile names its request and first query
+        tile = tl.program_id(0)
+        b = tl.load(tile_seq_ptr + tile)
+        if b < 0:  # past the step's last tile
+            return
+        m_block = (tl.load(tile_start_ptr + tile) - tl.load(qsl_ptr + b)) // BLOCK_M
+        head = tl.program_id(1)
+    else:  # program (query block, request, head)
+        m_block = tl.program_id(0)
+        b = tl.program_id(1)
+        head = tl.program_id(2)
     kv_head = head // GROUP
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -147,6 +163,7 @@ def prefill_attention(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    tiles: ChunkLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch of new tokens over their paged KV.
 
@@ -162,7 +179,10 @@ def prefill_attention(
         scale: softmax scale.
         max_query_len: an upper bound of ``q_len`` over the batch (host-side, so the
             launch needs no sync); programs past a request's queries exit at once.
+            Ignored when ``tiles`` is given.
         out: optional ``[T, Hq, D]`` output, written in place.
+        tiles: the step's `attention_tiles`: one program per tile and head, so the
+            grid follows from the table's length alone.
 
     Returns:
         ``out``, or a new tensor in q's dtype. fp32 accumulation.
@@ -172,15 +192,38 @@ def prefill_attention(
         out = torch.empty_like(q)
     check_shape("out", out, tuple(q.shape))
     batch, num_heads, head_dim = context_lens.shape[0], q.shape[1], q.shape[2]
-    if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
+    if tiles is not None:
+        grid: tuple[int, ...] = (tiles.chunk_seq.shape[0], num_heads)
+        tile_seq, tile_start = tiles.chunk_seq, tiles.chunk_start
+    else:
+        grid = (triton.cdiv(max_query_len, BLOCK_M), batch, num_heads)
+        tile_seq = tile_start = query_start_loc  # not read
+    if batch == 0 or grid[0] <= 0 or q.shape[0] == 0:
         return out
-    grid = (triton.cdiv(max_query_len, BLOCK_M), batch, num_heads)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        tile_seq, tile_start,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
         *out.stride(), scale * LOG2E, k_cache.shape[1],
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim, 16), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        TILED=tiles is not None,
     )
     return out
+
+
+def attention_tiles(query_start_loc: torch.Tensor, num_tokens: int) -> ChunkLayout:
+    """The tile table of a ragged step, on the device (no host read): one entry per
+    block of ``BLOCK_M`` queries of one request, every request's (padding ones', with
+    context 0, too: they store zeros), then -1 entries up to the bound that the step's
+    ``num_tokens`` rows and requests set.
+
+    Args:
+        query_start_loc: ``[batch + 1]`` offsets of each request's queries.
+        num_tokens: rows of the step's query tensor (padding included).
+    """
+    batch = query_start_loc.shape[0] - 1
+    every = torch.zeros(batch, dtype=torch.long, device=query_start_loc.device)
+    bound = max_chunks(num_tokens, batch, BLOCK_M)
+    return chunk_layout(query_start_loc, every, BLOCK_M, num_tokens, num_chunks=bound)
