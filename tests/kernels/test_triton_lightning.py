@@ -14,7 +14,6 @@ and 2e-2 covers the bf16 tensor-core operands on the GPU and a bf16 state's roun
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -179,7 +178,7 @@ def test_a_captured_decode_step_replays_with_new_slots_and_inputs() -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (compile) outside the capture
-        lightning_mix(mixer, qkv, ours.clone(), batch)
+        lightning_mix(mixer, qkv, ours, batch)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -187,10 +186,9 @@ def test_a_captured_decode_step_replays_with_new_slots_and_inputs() -> None:
     fresh = make_step([Seq(4, 9, 1), Seq(2, 1, 1), Seq(5, 30, 1)], 4)
     for name in ("slot_idx", "has_initial_state", "query_start_loc", "context_lens"):
         getattr(batch, name).copy_(getattr(fresh, name))
-    ours.copy_(theirs)  # the capture ran the step once: start both from the same pool
+    ours.copy_(theirs)  # the warm-up ran a step: start both from the same pool
     qkv.copy_(random_qkv(4, torch.float32, seed=6))
     graph.replay()
     expected = REFERENCE_OPS.lightning_mix(mixer, qkv, theirs, fresh)
     assert_close("output", out[:3], expected[:3], torch.float32)
     assert_close("states", ours, theirs, torch.float32)
-    assert math.isfinite(float(out[:3].abs().sum()))
