@@ -36,18 +36,29 @@ lately (`ReuseLedger`: the prefill time its hits saved against the time the migr
 it made necessary cost, both over the last admissions); while it has not, the short
 pool's cached units are evicted before anything migrates, and a checkpoint that would
 need a migration is not taken. ``migrate`` always lets capacity move first, ``evict``
-always evicts first.
+always evicts first. The rates that turn FLOPs, chunk moves and copied bytes into
+seconds come from the run's device (`DeviceRates`: the simulator's GPU profile and time
+model, the engine's measured prefill and copy speeds).
+
+Second level (`HostLevel`, ``PrefixCacheConfig.host_level``): a checkpoint evicted from
+the device goes to the host tier when restoring it later would cost less than
+recomputing its prefix and the tier has room (lower-valued host checkpoints give way,
+ranked as the device level ranks); its pages stay in the tree, so a later hit copies the
+state back over the host link instead of recomputing the prefix. Swapped-out requests
+come first: the tier drops cached checkpoints to make room for them.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
 
+from avmp.memory.host_tier import HostExtent, HostTier
 from avmp.memory.manager import AvmpManager
 from avmp.memory.spec import CacheAllocator, PoolKind
+from avmp.memory.unified import VllmBlockGeometry
 from avmp.models.geometry import ModelGeometry
 
 PREFIX_CACHE_CHOICES = ("off", "avmp", "vllm-align", "sglang")
@@ -56,13 +67,43 @@ EVICTION_POLICIES = ("flops", "lru")
 SGLANG_PREFILL_INTERVAL_TOKENS = 64  # SGLang checkpoints every max(64, page) prompt tokens
 SGLANG_DECODE_INTERVAL_TOKENS = 256  # ... and every 256 decoded tokens
 ROOM_RULES = ("reuse", "migrate", "evict")
-# What the ``reuse`` rule converts saved FLOPs and moved capacity into seconds with, by
-# default: an H200 (dense bf16 peak, half its HBM bandwidth for a copy that reads and
-# writes each byte: avmp.sim.timing's profile) and CUDA VMM's remap of one chunk between
-# pools (68 us, reference/PEERS.md; the simulator's VMM_MIGRATION_S_PER_CHUNK).
+# The rates of a config built without a device (`DeviceRates` replaces them where the run
+# knows its device): an H200's (dense bf16 peak, half its HBM bandwidth for a copy that
+# reads and writes each byte, its PCIe 5.0 x16 host link at 80%: avmp.sim.timing's
+# profile) and CUDA VMM's remap of one chunk between pools (68 us, reference/PEERS.md;
+# the simulator's VMM_MIGRATION_S_PER_CHUNK).
 DEVICE_FLOPS_PER_S = 989e12
 COMPACTION_BYTES_PER_S = 4.8e12 / 2
 MIGRATION_S_PER_CHUNK = 68e-6
+HOST_BYTES_PER_S = 50.4e9
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """The device's speeds that the prefix cache's rules price time with.
+
+    Attributes:
+        flops_per_s: FLOPs per second a prefill achieves (what a hit's saved FLOPs cost).
+        migration_s_per_chunk: moving one chunk between pools.
+        compaction_bytes_per_s: the copy rate of a compaction.
+        host_bytes_per_s: one direction of the host link (a checkpoint to or from the
+            host tier).
+    """
+
+    flops_per_s: float = DEVICE_FLOPS_PER_S
+    migration_s_per_chunk: float = MIGRATION_S_PER_CHUNK
+    compaction_bytes_per_s: float = COMPACTION_BYTES_PER_S
+    host_bytes_per_s: float = HOST_BYTES_PER_S
+
+    def __post_init__(self) -> None:
+        for name in ("flops_per_s", "compaction_bytes_per_s", "host_bytes_per_s"):
+            value = getattr(self, name)
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"{name} must be a positive finite rate, got {value}")
+        if not self.migration_s_per_chunk >= 0:
+            raise ValueError(
+                f"migration_s_per_chunk must be >= 0, got {self.migration_s_per_chunk}"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,6 +124,10 @@ class PrefixCacheConfig:
         compaction_bytes_per_s: ``reuse``: the copy rate of a compaction.
         reuse_half_life: ``reuse``: admissions over which what was observed halves
             (the default: one full batch at the scheduler's default limit).
+        host_bytes_per_s: the host link, one direction: what moving a checkpoint to or
+            from the host tier costs (``host_level``).
+        host_level: keep checkpoints evicted from the device in the host tier, as a
+            second level (`HostLevel`).
     """
 
     policy: str = "avmp"
@@ -94,6 +139,8 @@ class PrefixCacheConfig:
     migration_s_per_chunk: float = MIGRATION_S_PER_CHUNK
     compaction_bytes_per_s: float = COMPACTION_BYTES_PER_S
     reuse_half_life: int = 256
+    host_bytes_per_s: float = HOST_BYTES_PER_S
+    host_level: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in CHECKPOINT_POLICIES:
@@ -113,11 +160,54 @@ class PrefixCacheConfig:
             object.__setattr__(self, "room", "reuse" if self.policy == "avmp" else "migrate")
         if self.room not in ROOM_RULES:
             raise ValueError(f"unknown room rule {self.room!r}; known: {', '.join(ROOM_RULES)}")
-        for name in ("device_flops_per_s", "migration_s_per_chunk", "compaction_bytes_per_s"):
+        for name in ("device_flops_per_s", "migration_s_per_chunk", "compaction_bytes_per_s",
+                     "host_bytes_per_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.reuse_half_life < 1:
             raise ValueError(f"reuse_half_life must be >= 1, got {self.reuse_half_life}")
+
+    @property
+    def rates(self) -> DeviceRates:
+        return DeviceRates(self.device_flops_per_s, self.migration_s_per_chunk,
+                           self.compaction_bytes_per_s, self.host_bytes_per_s)  # fmt: skip
+
+    def with_rates(self, rates: DeviceRates) -> PrefixCacheConfig:
+        """This config priced at ``rates`` (a run's own device)."""
+        return replace(
+            self,
+            device_flops_per_s=rates.flops_per_s,
+            migration_s_per_chunk=rates.migration_s_per_chunk,
+            compaction_bytes_per_s=rates.compaction_bytes_per_s,
+            host_bytes_per_s=rates.host_bytes_per_s,
+        )
+
+
+def prefix_cache_config(choice: str, geometry: ModelGeometry, block_size: int,
+                        eviction: str | None = None, rates: DeviceRates | None = None,
+                        host_level: bool = False) -> PrefixCacheConfig | None:  # fmt: skip
+    """The prefix cache a policy name asks for, for one model (the simulator's and the
+    engine's one resolution): None for ``off``; ``vllm-align`` takes vLLM's hybrid
+    attention block of this model (`VllmBlockGeometry`); the eviction, when not given,
+    is the policy's own (Marconi's FLOPs per byte for ``avmp``, LRU for the peers'
+    rules, as they ship); ``rates``: the run's device (None: `DeviceRates`' defaults).
+
+    Raises:
+        ValueError: a name that is not one of `PREFIX_CACHE_CHOICES`, or a bad eviction.
+    """
+    if choice not in PREFIX_CACHE_CHOICES:
+        raise ValueError(
+            f"unknown prefix cache {choice!r}; known: {', '.join(PREFIX_CACHE_CHOICES)}"
+        )
+    if choice == "off":
+        return None
+    align = 0
+    if choice == "vllm-align":
+        align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
+    if eviction is None:
+        eviction = "flops" if choice == "avmp" else "lru"
+    config = PrefixCacheConfig(choice, eviction, align, host_level=host_level)
+    return config if rates is None else config.with_rates(rates)
 
 
 def _no_score(candidate: tuple[PrefixNode, bool]) -> tuple[float, int]:
@@ -218,11 +308,12 @@ class ReuseLedger:
 
 class PrefixNode:
     """One KV unit of cached content: its key in the allocator, the checkpoint taken at
-    its end (if any), and how many live requests use it or a descendant (``num_locks``).
-    ``depth`` counts units from the root (the root is depth 0 and holds nothing)."""
+    its end (if any) on the device or (``host_key``) in the host tier, and how many live
+    requests use it or a descendant (``num_locks``). ``depth`` counts units from the root
+    (the root is depth 0 and holds nothing)."""
 
     __slots__ = ("content", "parent", "children", "depth", "page_key", "checkpoint_key",
-                 "last_use", "num_locks")  # fmt: skip
+                 "last_use", "num_locks", "host_key")  # fmt: skip
 
     def __init__(self, content: Hashable, parent: PrefixNode | None, depth: int) -> None:
         self.content = content
@@ -233,6 +324,7 @@ class PrefixNode:
         self.checkpoint_key: int | None = None
         self.last_use = 0
         self.num_locks = 0
+        self.host_key: int | None = None  # its checkpoint in the host tier (`HostLevel`)
 
     def path(self) -> list[PrefixNode]:
         """The nodes from the root's child down to this one."""
@@ -294,13 +386,15 @@ class TokenUnits(Sequence[Hashable]):
 
 class CheckpointCopy(NamedTuple):
     """A state copy between a request's slot and a checkpoint (the cache's key on a
-    slot). In a plan: a hit, the checkpoint copied into the request's slot. In an
-    outcome: a checkpoint taken from the request's slot (``kept``: its own slot, kept at
-    its end, no copy)."""
+    slot). In a plan: a hit, the checkpoint copied into the request's slot
+    (``from_host``: from the host level; ``key`` is then its host key). In an outcome: a
+    checkpoint taken from the request's slot (``kept``: its own slot, kept at its end,
+    no copy)."""
 
     request_id: int
     key: int
     kept: bool = False
+    from_host: bool = False
 
 
 @dataclass(frozen=True)
@@ -355,6 +449,7 @@ class PrefixTree:
         self.num_checkpoints = 0
         self.num_evicted_pages = 0
         self.num_evicted_checkpoints = 0
+        self.host: HostLevel | None = None  # the second level, once given a host tier
 
     # ---- matching -----------------------------------------------------------------------
 
@@ -362,6 +457,7 @@ class PrefixTree:
         """The deepest hit along ``contents`` (one entry per whole unit the request may
         take from the cache), and how far the tree's pages follow it."""
         node, hit = self.root, self.root
+        on_host: PrefixNode | None = None
         for content in contents:
             child = node.children.get(content)
             if child is None:
@@ -369,6 +465,12 @@ class PrefixTree:
             node = child
             if child.checkpoint_key is not None or not self.has_state:
                 hit = child
+            elif child.host_key is not None:
+                on_host = child
+        if on_host is not None and on_host.depth > hit.depth:
+            assert self.host is not None
+            if self.host.pays(on_host, hit.depth):  # copying it in beats computing the rest
+                hit = on_host
         return PrefixMatch(hit, node.depth)
 
     def touch(self, node: PrefixNode) -> None:
@@ -429,6 +531,9 @@ class PrefixTree:
             return False
         node.checkpoint_key = key
         self.num_checkpoints += 1
+        if node.host_key is not None and id(node) not in self.pinned:
+            assert self.host is not None
+            self.host.drop(node)  # the device's copy serves its hits now
         self._changed()
         return True
 
@@ -464,7 +569,9 @@ class PrefixTree:
             return False
         assert isinstance(picked, tuple)
         victim, whole_edge = picked
-        if whole_edge:
+        if whole_edge and self._moved_to_host(victim, pool):
+            self._drop_checkpoint(victim, keep=False)  # its pages stay for its hits
+        elif whole_edge:
             parent = self._evict_edge(victim)
             if parent is not None and not parent.children and not parent.num_locks:
                 bisect.insort(self._ranking, (parent, True), key=lambda c: _negated(self._score(c)))
@@ -491,6 +598,14 @@ class PrefixTree:
             if strict:
                 return _NONE_FREES
         return ranking.pop()
+
+    def _moved_to_host(self, leaf: PrefixNode, pool: PoolKind | None) -> bool:
+        """Whether evicting a leaf's edge for ``pool`` moves only its checkpoint, to the
+        host level (pages are kilobytes where a checkpoint is megabytes, and a hit needs
+        both): when the state pool is short, or no pool is named, and the host level
+        takes the checkpoint (copied out here)."""
+        return (self.host is not None and leaf.checkpoint_key is not None
+                and pool is not PoolKind.KV and self.host.keep(leaf))  # fmt: skip
 
     def _frees(self, candidate: tuple[PrefixNode, bool], pool: PoolKind) -> bool:
         node, whole_edge = candidate
@@ -521,6 +636,9 @@ class PrefixTree:
         count = self.pinned.pop(id(node))
         if count > 1:
             self.pinned[id(node)] = count - 1
+        elif node.checkpoint_key is not None and node.host_key is not None:
+            assert self.host is not None
+            self.host.drop(node)  # a device checkpoint came while a hit read the host's
         self._changed()
 
     def _candidates(self) -> list[tuple[PrefixNode, bool]]:
@@ -549,7 +667,8 @@ class PrefixTree:
         nodes = [leaf]
         parent = leaf.parent
         while (parent is not None and parent.parent is not None and len(parent.children) == 1
-               and parent.checkpoint_key is None and not parent.num_locks):  # fmt: skip
+               and parent.checkpoint_key is None and parent.host_key is None
+               and not parent.num_locks):  # fmt: skip
             nodes.append(parent)
             parent = parent.parent
         return nodes
@@ -565,7 +684,7 @@ class PrefixTree:
         num_bytes = len(edge) * self.page_bytes
         if node.checkpoint_key is not None:
             num_bytes += self.checkpoint_bytes
-        if self.has_state and node.checkpoint_key is None:
+        if self.has_state and node.checkpoint_key is None and node.host_key is None:
             return 0.0  # pages without a checkpoint below them resume nothing
         start = (node.depth - len(edge)) * self.unit_tokens
         saved = self.flops_of(tokens)
@@ -588,7 +707,10 @@ class PrefixTree:
 
         def score(c: tuple[PrefixNode, bool]) -> tuple[float, int]:
             recency = (c[0].last_use - low_use) / span_use
-            return recency + weight * (values[id(c[0])] - low_value) / span_value, c[0].last_use
+            value = values.get(id(c[0]))
+            if value is None:  # a parent that an eviction left a leaf, unranked before
+                value = values[id(c[0])] = self._value_per_byte(*c)
+            return recency + weight * (value - low_value) / span_value, c[0].last_use
 
         return score
 
@@ -597,7 +719,10 @@ class PrefixTree:
         edge = self._edge(leaf)
         for node in edge:
             if node.checkpoint_key is not None:
-                self._drop_checkpoint(node)
+                self._drop_checkpoint(node, keep=False)  # its pages go: nothing to resume
+            if node.host_key is not None:
+                assert self.host is not None
+                self.host.drop(node)
             if node.page_key is not None:
                 self.allocator.release_cached(node.page_key)
                 self.num_evicted_pages += 1
@@ -607,8 +732,12 @@ class PrefixTree:
         top = edge[-1].parent
         return None if top is None or top is self.root else top
 
-    def _drop_checkpoint(self, node: PrefixNode) -> None:
+    def _drop_checkpoint(self, node: PrefixNode, keep: bool = True) -> None:
+        """Evict ``node``'s checkpoint from the device; ``keep``: into the host level
+        when it takes it (copied out before the slot is released)."""
         assert node.checkpoint_key is not None
+        if keep and self.host is not None:
+            self.host.keep(node)
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
         self.num_checkpoints -= 1
@@ -640,20 +769,192 @@ class PrefixTree:
                 assert node.num_locks >= child_locks, "a child locked more than its parent"
                 keys += [k for k in (node.page_key, node.checkpoint_key) if k is not None]
                 checkpoints += node.checkpoint_key is not None
+                assert node.host_key is None or (
+                    self.host is not None and self.host.nodes.get(node.host_key) is node
+                ), "a host checkpoint its level does not hold"
             elif num_live_locks is not None:
                 assert child_locks == num_live_locks, "locks do not match the live requests"
         assert sorted(keys) == self.allocator.cached_keys(), "tree keys vs the allocator's"
         assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
+        if self.host is not None:
+            self.host.check_integrity()
+
+
+class HostCheckpointCopier(Protocol):
+    """Carries out the host level's copies (the engine's pinned host arena); the
+    simulator has none and charges the bytes at its host link. Called while the
+    scheduler plans or finishes a step, in the order of `avmp.sched.swap.Swapper`'s
+    copies: after the device work already issued that wrote the slot, before any
+    device work issued after the call."""
+
+    def to_host(self, slot: int, extent: HostExtent) -> None:
+        """Copy checkpoint slot ``slot`` (the state pool's unit) into ``extent``."""
+
+    def from_host(self, extent: HostExtent, slot: int) -> None:
+        """Copy ``extent`` back into the state pool's unit ``slot``."""
+
+
+@dataclass
+class HostLevelStats:
+    """What the second level did: checkpoints kept (copied out), refused (not worth a
+    copy, or no room among less valuable ones), dropped (for a better one, for a
+    swapped-out request, or with their pages), hits served from it and their bytes."""
+
+    num_kept: int = 0
+    num_refused: int = 0
+    num_dropped: int = 0
+    num_restored: int = 0
+    num_hit_tokens: int = 0
+    num_bytes_out: int = 0
+    num_bytes_in: int = 0
+    peak_checkpoints: int = 0
+
+
+class HostLevel:
+    """Checkpoints evicted from the device, kept in the host tier (`HostTier`'s cached
+    extents) as a second level of the tree: each is one node's state; the node keeps
+    its pages on the device, so a hit on it copies the state back into the request's
+    slot over the host link instead of computing its prefix again.
+
+    A checkpoint is kept when restoring it costs less than computing its prefix from
+    nothing (the FLOPs of ``depth`` units at the device's rate against its bytes over
+    the host link) and no deeper checkpoint on a path without branches serves its hits;
+    when the tier is full, host checkpoints worth less give way, ranked as the device
+    level ranks (`PrefixCacheConfig.eviction`). ``nodes`` maps host keys (minted here,
+    never reused) to their nodes.
+    """
+
+    def __init__(self, tree: PrefixTree, tier: HostTier,
+                 copier: HostCheckpointCopier | None = None) -> None:  # fmt: skip
+        self.tree = tree
+        self.tier = tier
+        self.copier = copier
+        self.nodes: dict[int, PrefixNode] = {}
+        self.stats = HostLevelStats()
+        rates = tree.config.rates
+        self._copy_s = tree.checkpoint_bytes / rates.host_bytes_per_s
+        self._s_per_flop = 1.0 / rates.flops_per_s
+        self._next_key = 0
+        tier.reclaim_cached = self.reclaim  # a swapped-out request comes first
+
+    def pays(self, node: PrefixNode, from_depth: int) -> bool:
+        """Whether copying ``node``'s state in beats computing its tokens past
+        ``from_depth`` units (where the request would start otherwise)."""
+        unit, flops_of = self.tree.unit_tokens, self.tree.flops_of
+        saved = flops_of(node.depth * unit) - flops_of(from_depth * unit)
+        return saved * self._s_per_flop > self._copy_s
+
+    def keep(self, node: PrefixNode) -> bool:
+        """Copy ``node``'s device checkpoint into the tier if it is worth its copy and
+        room can be made; returns whether it was kept."""
+        tree = self.tree
+        assert node.checkpoint_key is not None and node.host_key is None
+        num_bytes = tree.checkpoint_bytes
+        if _is_dominated(node, on_host=True) or not self.pays(node, 0):
+            self.stats.num_refused += 1
+            return False
+        while not self.tier.could_reserve_cached(num_bytes):
+            victim = self._least_valuable(node)
+            if victim is None:
+                self.stats.num_refused += 1
+                return False
+            self.drop(victim)
+        key, self._next_key = self._next_key, self._next_key + 1
+        extent = self.tier.reserve_cached(key, num_bytes)
+        assert extent is not None
+        if self.copier is not None:
+            self.copier.to_host(tree.allocator.cached_unit(node.checkpoint_key), extent)
+        node.host_key = key
+        self.nodes[key] = node
+        stats = self.stats
+        stats.num_kept += 1
+        stats.num_bytes_out += num_bytes
+        stats.peak_checkpoints = max(stats.peak_checkpoints, len(self.nodes))
+        return True
+
+    def restore(self, node: PrefixNode, slot: int) -> None:
+        """Copy ``node``'s host checkpoint into the state pool's unit ``slot`` (a hit)."""
+        assert node.host_key is not None
+        if self.copier is not None:
+            self.copier.from_host(self.tier.cached_extent(node.host_key), slot)
+        self.stats.num_restored += 1
+        self.stats.num_hit_tokens += node.depth * self.tree.unit_tokens
+        self.stats.num_bytes_in += self.tree.checkpoint_bytes
+
+    def drop(self, node: PrefixNode) -> None:
+        """Forget ``node``'s host checkpoint and give its extent back."""
+        assert node.host_key is not None
+        self.tier.release_cached(node.host_key)
+        del self.nodes[node.host_key]
+        node.host_key = None
+        self.stats.num_dropped += 1
+
+    def reclaim(self) -> bool:
+        """Drop the least valuable host checkpoint that no hit waits on (the tier makes
+        room for a swapped-out request); False when none can go."""
+        victim = self._least_valuable(None)
+        if victim is None:
+            return False
+        self.drop(victim)
+        self.tree._changed()  # the victim's pages lost their value
+        return True
+
+    def _least_valuable(self, newcomer: PrefixNode | None) -> PrefixNode | None:
+        """The host checkpoint to drop for ``newcomer`` (None: for a request): the
+        lowest ranked that no hit waits on, and only below ``newcomer``'s rank."""
+        pinned = self.tree.pinned
+        held = [n for n in self.nodes.values() if id(n) not in pinned]
+        if not held:
+            return None
+        ranked = held if newcomer is None else [*held, newcomer]
+        score = self._scorer(ranked)
+        victim = min(held, key=score)
+        if newcomer is not None and score(victim) >= score(newcomer):
+            return None
+        return victim
+
+    def _scorer(self, nodes: list[PrefixNode]) -> Callable[[PrefixNode], tuple[float, int]]:
+        """As the device level ranks: recency (``lru``), or recency plus weighted FLOPs
+        saved per byte, each scaled to [0, 1] over ``nodes`` (every host checkpoint
+        takes the same bytes, so per byte is per checkpoint)."""
+        if self.tree.config.eviction == "lru":
+            return lambda n: (float(n.last_use), n.depth)
+        tree = self.tree
+        values = {id(n): tree.flops_of(n.depth * tree.unit_tokens) for n in nodes}
+        uses = [n.last_use for n in nodes]
+        low_use, span_use = min(uses), max(1, max(uses) - min(uses))
+        low_value = min(values.values())
+        span_value = max(values.values()) - low_value or 1.0
+        weight = tree.config.flops_weight
+
+        def score(n: PrefixNode) -> tuple[float, int]:
+            recency = (n.last_use - low_use) / span_use
+            return recency + weight * (values[id(n)] - low_value) / span_value, n.last_use
+
+        return score
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless the level's keys, its nodes and the tier agree."""
+        assert sorted(self.nodes) == self.tier.cached_keys, "host keys vs the tier's"
+        for key, node in self.nodes.items():
+            assert node.host_key == key, "a node that lost its host key"
+            assert node.parent is not None and node.parent.children.get(node.content) is node, (
+                "a host checkpoint of a node no longer in the tree"
+            )
+            assert node.checkpoint_key is None or id(node) in self.tree.pinned, (
+                "a checkpoint on both levels"
+            )
 
 
 _NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees the pool
 
 
-def _is_dominated(node: PrefixNode) -> bool:
-    """Whether the path below ``node`` runs without a branch to a deeper checkpoint."""
+def _is_dominated(node: PrefixNode, on_host: bool = False) -> bool:
+    """Whether the path below ``node`` runs without a branch to a deeper checkpoint
+    (``on_host``: on the device or in the host tier)."""
     while len(node.children) == 1:
         (node,) = node.children.values()
-        if node.checkpoint_key is not None:
+        if node.checkpoint_key is not None or (on_host and node.host_key is not None):
             return True
     return False
 
@@ -984,12 +1285,27 @@ class PrefixCache:
     def restore(self, request_id: int) -> CheckpointCopy | None:
         """Copy a just-admitted request's hit into its slot (None: no checkpoint)."""
         hit = self._tracked[request_id].pinned
-        if hit is None or hit.checkpoint_key is None:
+        if hit is None:
             return None
+        allocator = self.tree.allocator
+        if hit.checkpoint_key is None:
+            assert hit.host_key is not None and self.tree.host is not None, "a pinned hit lost"
+            self.tree.host.restore(hit, allocator.units(request_id).slot)
+            return CheckpointCopy(request_id, hit.host_key, from_host=True)
         if self.copier is not None:
-            allocator = self.tree.allocator
             self.copier(allocator.cached_unit(hit.checkpoint_key), allocator.units(request_id).slot)
         return CheckpointCopy(request_id, hit.checkpoint_key)
+
+    def use_host_tier(self, tier: HostTier, copier: HostCheckpointCopier | None = None
+                      ) -> bool:  # fmt: skip
+        """Keep evicted checkpoints in ``tier`` as a second level (`HostLevel`) when the
+        config asks for it (``host_level``) and the model has state; returns whether it
+        does. ``copier`` carries out the copies (the engine; None: only count them)."""
+        tree = self.tree
+        if not tree.config.host_level or not tree.has_state or tree.host is not None:
+            return tree.host is not None
+        tree.host = HostLevel(tree, tier, copier)
+        return True
 
     def drain_taken(self) -> tuple[CheckpointCopy, ...]:
         """The checkpoints taken since the last call, oldest first."""

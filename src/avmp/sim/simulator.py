@@ -22,13 +22,15 @@ from typing import Any
 
 from avmp.memory.backing.unit_format import CacheFormat
 from avmp.memory.spec import CHUNK_GRANULARITY_BYTES, CacheAllocator, MemoryUsage, RequestUnits
-from avmp.memory.unified import VllmBlockGeometry
 from avmp.models.geometry import ModelGeometry
 from avmp.sched.prefix import (
     EVICTION_POLICIES,
     PREFIX_CACHE_CHOICES,
+    DeviceRates,
     PrefixCache,
     PrefixCacheConfig,
+    prefill_flops,
+    prefix_cache_config,
 )
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -89,6 +91,10 @@ class SimConfig:
         prefix_eviction: one of `avmp.sched.prefix.EVICTION_POLICIES`; None: the
             policy's own (``flops`` for ``avmp``, ``lru`` for the peers' rules, as vLLM
             and SGLang evict).
+        prefix_host_level: keep checkpoints the prefix cache evicts in the host tier (a
+            second level, `avmp.sched.prefix.HostLevel`; copies charged at the profile's
+            host link). Needs a host tier (``host_tier_bytes`` not 0, preemption not
+            ``recompute``).
     """
 
     profile: str = "h100"
@@ -106,6 +112,7 @@ class SimConfig:
     host_tier_bytes: int | None = None
     prefix_cache: str = "off"
     prefix_eviction: str | None = None
+    prefix_host_level: bool = False
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -154,19 +161,39 @@ class SimConfig:
             costs=costs,
         )
 
-    def prefix_cache_config(self, geometry: ModelGeometry, block_size: int
-                            ) -> PrefixCacheConfig | None:  # fmt: skip
-        """The prefix cache's policy (None when off); ``vllm-align`` takes vLLM's hybrid
-        attention block of this model from the unified layout."""
+    def prefix_cache_config(
+        self, geometry: ModelGeometry, block_size: int, model: StepTimeModel | None = None
+    ) -> PrefixCacheConfig | None:
+        """The prefix cache's policy (None when off; `avmp.sched.prefix.prefix_cache_config`
+        resolves it), priced at this run's rates (`prefix_rates`; ``model``: the run's
+        time model, None: `time_model`'s)."""
         if self.prefix_cache == "off":
             return None
-        align = 0
-        if self.prefix_cache == "vllm-align":
-            align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
-        eviction = self.prefix_eviction
-        if eviction is None:
-            eviction = "flops" if self.prefix_cache == "avmp" else "lru"
-        return PrefixCacheConfig(self.prefix_cache, eviction, align)
+        rates = self.prefix_rates(geometry, model or self.time_model(geometry))
+        return prefix_cache_config(self.prefix_cache, geometry, block_size,
+                                   self.prefix_eviction, rates, self.prefix_host_level)  # fmt: skip
+
+    def prefix_rates(self, geometry: ModelGeometry, model: StepTimeModel) -> DeviceRates:
+        """What this run charges, as the prefix cache's rules price time: the FLOP rate
+        that ``model`` gives a full prefill chunk of this model, the migration and
+        compaction costs the clock charges, and the profile's host link.
+
+        Raises:
+            ValueError: a time model whose prefill step is not a positive duration.
+        """
+        profile = get_profile(self.profile)
+        chunk = self.max_num_batched_tokens
+        per_token = prefill_s_per_token(model, chunk)
+        if not (math.isfinite(per_token) and per_token > 0):
+            raise ValueError(
+                f"the time model ({type(model).__name__}) gave a prefill of {per_token} s/token"
+            )
+        return DeviceRates(
+            flops_per_s=prefill_flops(geometry, chunk) / (chunk * per_token),
+            migration_s_per_chunk=self.migration_s_per_chunk,
+            compaction_bytes_per_s=self.move_costs().compaction_rate(profile),
+            host_bytes_per_s=profile.host_link_bytes_per_s,
+        )
 
     def preemption_costs(self, model: StepTimeModel) -> PreemptionCosts | None:
         """The rates the ``auto`` rule compares (None for the other policies): the time
@@ -313,6 +340,12 @@ def _read_counters(allocator: CacheAllocator) -> tuple[int, int, int, int, int, 
     )
 
 
+def _host_level_bytes(prefix: PrefixCache | None) -> int:
+    """Bytes the prefix cache's host level has copied so far, both ways."""
+    host = None if prefix is None else prefix.tree.host
+    return 0 if host is None else host.stats.num_bytes_out + host.stats.num_bytes_in
+
+
 def prefix_report(prefix: PrefixCache | None) -> dict[str, Any]:
     """What the prefix cache did in a run (empty without one): tokens hit and the ideal
     (every reusable token reused), their ratio, checkpoints taken, refused, held at the
@@ -334,6 +367,7 @@ def prefix_report(prefix: PrefixCache | None) -> dict[str, Any]:
         "num_evicted_pages": tree.num_evicted_pages,
         "num_evicted_checkpoints": tree.num_evicted_checkpoints,
         "unit_tokens": tree.unit_tokens,
+        **({"host_level": asdict(tree.host.stats)} if tree.host is not None else {}),
     }
 
 
@@ -410,10 +444,12 @@ class _Simulation:
         scheduler_config = config.scheduler_config(
             allocator.config.budget_bytes, config.preemption_costs(self.model)
         )
-        prefix = config.prefix_cache_config(geometry, allocator.config.block_size)
+        prefix = config.prefix_cache_config(geometry, allocator.config.block_size, self.model)
         if prefix is not None:
             scheduler_config = replace(scheduler_config, prefix_cache=prefix)
         self.scheduler = Scheduler(self.timed, scheduler_config)
+        if self.scheduler.prefix is not None:  # evicted checkpoints go to the host tier
+            self.scheduler.prefix.use_host_tier(self.scheduler.host_tier)
         self.host_link_bytes_per_s = get_profile(config.profile).host_link_bytes_per_s
         self.num_swap_bytes = 0
         self.call_costs = config.call_costs(allocator.name)
@@ -490,9 +526,10 @@ class _Simulation:
         if plan.is_empty and not plan.rejected and not plan.preempted:
             self._raise_stalled()
         compute_s, recompute_s = self._compute_seconds(plan)
+        host_before = _host_level_bytes(self.scheduler.prefix)
         outcome = self.scheduler.finish_step(plan)
         self._charge(before, compute_s, recompute_s)
-        self._charge_swaps(plan)
+        self._charge_swaps(plan, _host_level_bytes(self.scheduler.prefix) - host_before)
         self.num_steps += 1
         if self.num_steps > self.config.max_steps:
             raise RuntimeError(f"simulation exceeded max_steps={self.config.max_steps}")
@@ -551,10 +588,12 @@ class _Simulation:
             phase_s[phase] += seconds
             self.now_s += seconds
 
-    def _charge_swaps(self, plan: StepPlan) -> None:
-        """The step's copies to and from the host tier, at the profile's host link: the
-        engine orders them before the step's kernels, so they add to the step."""
-        num_bytes = plan.num_swap_bytes
+    def _charge_swaps(self, plan: StepPlan, num_checkpoint_bytes: int = 0) -> None:
+        """The step's copies to and from the host tier, at the profile's host link:
+        swapped requests, and the prefix cache's checkpoints (``num_checkpoint_bytes``,
+        kept or restored while the step was planned and finished); the engine orders
+        them before the step's kernels or after them, so they add to the step."""
+        num_bytes = plan.num_swap_bytes + num_checkpoint_bytes
         if num_bytes:
             self.num_swap_bytes += num_bytes
             seconds = num_bytes / self.host_link_bytes_per_s
