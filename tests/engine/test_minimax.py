@@ -1,6 +1,8 @@
 """MiniMax-Text-01 in the engine: lightning layers whose slot entry is one matrix per
 head and no conv, beyond the families' common tests (token identity, logits, geometry
-and memory pressure run MiniMax through ``CONFIGS`` and ``HEAVY``)."""
+and memory pressure run MiniMax through ``CONFIGS`` and ``HEAVY``); when decode can be
+captured; token identity with the lightning layers on the Triton kernels (CUDA, or the
+CPU with ``AVMP_TRITON_INTERPRET=1``: else that test skips)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from engine_helpers import MiB, TinyCheckpoint, random_prompts
+from engine_helpers import CONFIGS, MiB, TinyCheckpoint, random_prompts
 
+from avmp.engine.batch import StepBatch
 from avmp.engine.engine import Engine, EngineConfig
+from avmp.engine.experts import ExpertSlice
 from avmp.engine.loader import CheckpointError, load_model, read_tensors, weight_files
 from avmp.engine.models.minimax import LightningAttention, MiniMaxModel
+from avmp.engine.ops import REFERENCE_OPS, Ops
 from avmp.models.geometry import LayerKind
+from triton_device import kernel_device
 
 
 def test_decay_tables_in_the_checkpoint_are_recomputed(
@@ -73,3 +79,64 @@ def test_lightning_state_is_one_matrix_per_head(
         prompts = random_prompts([7, 20, 1])
         for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=6), strict=True):
             assert output.token_ids == checkpoint.reference(prompt, 6)
+
+
+class _DeviceLightningOps(Ops):
+    """Reference kernels whose lightning core is replaced, as `TritonOps`'s is."""
+
+    def lightning_mix(
+        self, mixer: LightningAttention, qkv: torch.Tensor, states: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        return super().lightning_mix(mixer, qkv, states, batch)
+
+
+@pytest.mark.parametrize(
+    ("ops", "grouped_experts", "capturable"),
+    [
+        (REFERENCE_OPS, True, False),  # the reference builds its decode batch per step
+        (_DeviceLightningOps(), False, False),  # the experts' loop routes per token
+        (_DeviceLightningOps(), True, True),
+    ],
+)
+def test_decode_is_captured_with_lightning_on_device_and_grouped_experts(
+    ops: Ops, grouped_experts: bool, capturable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MiniMaxModel(CONFIGS["minimax"]())
+    # the grouped path's fast kernel needs bf16 on an sm90 GPU: stand in for it here
+    monkeypatch.setattr(ExpertSlice, "is_capturable", lambda self: grouped_experts)
+    model.use_ops(ops)
+    assert model.can_capture_decode() == capturable
+
+
+@pytest.mark.gpu
+def test_greedy_matches_transformers_through_the_triton_lightning_path(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine with Triton kernels, its lightning layers through
+    `avmp.engine.triton_lightning` (prefill chunks of one prompt over several steps,
+    steps mixing prefill and decode, decode steps) gives transformers' greedy tokens."""
+    device = kernel_device()
+    from avmp.engine import triton_lightning
+    from avmp.engine.device_batch import DeviceStepBatch
+    from avmp.engine.triton_ops import TritonOps
+
+    steps: list[tuple[bool, bool]] = []  # (device batch, decode step) of each call
+
+    def lightning_mix(
+        self: TritonOps, mixer: LightningAttention, qkv: torch.Tensor, states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:  # fmt: skip
+        steps.append((isinstance(batch, DeviceStepBatch), getattr(batch, "is_decode", False)))
+        return triton_lightning.lightning_mix(mixer, qkv, states, batch)
+
+    monkeypatch.setattr(TritonOps, "lightning_mix", lightning_mix)
+    checkpoint = tiny_checkpoint("minimax")
+    config = EngineConfig(memory_bytes=4 * MiB, device=str(device), block_size=4,
+                          max_num_seqs=3, max_num_batched_tokens=12, check_integrity=True,
+                          kernels="triton")  # fmt: skip
+    engine = Engine(checkpoint.path, config)
+    prompts = random_prompts([3, 19, 1, 11, 26])
+    for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=8), strict=True):
+        assert output.token_ids == checkpoint.reference(prompt, 8)
+    assert steps and all(on_device for on_device, _ in steps)
+    assert any(decode for _, decode in steps) and not all(decode for _, decode in steps)

@@ -54,7 +54,10 @@ def lightning_mix(
     if not isinstance(batch, DeviceStepBatch):
         return REFERENCE_OPS.lightning_mix(mixer, qkv, states, batch)
     inputs = scan_inputs(mixer, qkv)
-    out = qkv.new_empty(inputs[0].shape)  # [T, H, D], contiguous where v is a strided view
+    # [T, H, D], contiguous (v is a strided view). Zeros: no kernel writes a padding
+    # row, and uninitialised NaN there would spread through layers that mix rows (the
+    # experts' routing); a memset is small beside the states the kernels read.
+    out = qkv.new_zeros(inputs[0].shape)
     if batch.is_decode:
         mamba2_state_update(states, batch.slot_idx, *inputs, dt_softplus=False, out=out)
     else:

@@ -5,7 +5,8 @@ The blocks are post-norm style: the stream is normalised first, and that normali
 value is the residual (``norm(x) * alpha + f(norm(x)) * beta``), for attention and MoE
 alike. A lightning layer's per-request state is one ``[head_dim, head_dim]`` matrix per
 head and no conv (see `avmp.kernels.lightning`), so its slot entry holds that matrix
-alone (`LayerKind.LIGHTNING`).
+alone (`LayerKind.LIGHTNING`), transposed, as the Mamba2 kernels that run it on the GPU
+read a state (`avmp.engine.triton_lightning`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from avmp.engine.models.layers import (
     rope_theta,
     shard_param,
 )
+from avmp.engine.ops import Ops
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, lm_head, row_linear
 from avmp.engine.parallel.shards import Rows
@@ -231,8 +233,15 @@ class MiniMaxModel(HybridModel):
         return out
 
     def can_capture_decode(self) -> bool:
-        """No: expert routing has data-dependent shapes."""
-        return False
+        """Where every shape of a decode step follows from the batch size: the lightning
+        layers' ops replace the reference core, whose decode batch is built per step
+        (`TritonOps` runs it on device indices, `avmp.engine.triton_lightning`), and
+        the experts take the grouped path on its fast kernel (bf16 on an H100/H200-class
+        GPU), where the loop's routing has data-dependent shapes (`avmp.engine.experts`)."""
+        lightning = [m for m in self.modules() if isinstance(m, LightningAttention)]
+        moe = [m for m in self.modules() if isinstance(m, MiniMaxMoE)]
+        on_device = all(type(m.ops).lightning_mix is not Ops.lightning_mix for m in lightning)
+        return on_device and all(m.experts.is_capturable() for m in moe)
 
     def geometry(
         self,
