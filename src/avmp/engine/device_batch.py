@@ -7,6 +7,10 @@ one device copy (no per-sequence transfer); `avmp.engine.triton_ops.TritonOps` r
 its fields. Every index the Triton kernels read is a device tensor,
 so no layer synchronises with the host. Padding rows (CUDA graphs replay at a few fixed
 batch sizes) carry slot -1 and context 0: every kernel skips them.
+
+A padded step (`device_batch` with ``padded``, what a CUDA graph captures) names no
+sequences: the layers read the device arrays alone, at their padded sizes, so one
+captured step replays any batch that fits its bucket.
 """
 
 from __future__ import annotations
@@ -157,12 +161,21 @@ class DeviceStepBatch(StepBatch):
             sequences (one token after cached context), so a step mixing prefill chunks
             and decodes runs the decodes' conv update in one launch. The same sequences
             also form the batch's `DecodeGroup`, for the layers that run the torch
-            reference (Mamba1: one batched decode call, not one per sequence).
-        max_query_len: longest new-token run (host int, for the prefill launch grid).
+            reference (Mamba1: one batched decode call, not one per sequence). In a
+            padded step, the whole padded arrays (``[B]``, unused entries 0 and -1): the
+            host does not tell a graph how many decodes it replays.
+        max_query_len: longest new-token run (host int, for the prefill launch grid); in
+            a padded step the step's rows, a bound that depends on its bucket alone.
         is_decode: every sequence computes one token after cached context.
+        padded: the step names no sequences and is padded to a bucket (a CUDA graph's
+            step, or the same pass run eagerly): kernels that skip rows leave zeros
+            there, never uninitialised memory, since a padded step's rows past its
+            sequences, and those of padding sequences, are read by later layers.
         mamba2_scan_plans: per chunk size, how the Mamba2 prefill scan splits this step
             (`TritonOps` fills it at the step's first Mamba2 layer, on the device, and
             every later layer reuses it).
+        attention_tiles: the prefill attention's tile table of this step, keyed by its
+            query block size (filled at the first attention layer, then reused).
     """
 
     slot_mapping: torch.Tensor
@@ -175,8 +188,10 @@ class DeviceStepBatch(StepBatch):
     decode_slots: torch.Tensor
     max_query_len: int
     is_decode: bool
+    padded: bool = False
     # Filled once per step by the first layer that needs it, not part of the batch's value.
     mamba2_scan_plans: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    attention_tiles: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def device_batch(
@@ -184,11 +199,18 @@ def device_batch(
     sequences: list[SequenceWork],
     block_size: int,
     is_decode: bool,
+    padded: bool = False,
 ) -> DeviceStepBatch:
     """Wrap device slices as a batch. Per-sequence chunks (for layers without a Triton
     path) reuse the device block table rows; padding sequences get none, nor does the
     decode group (built from ``sequences``, so a padded step, which names none, has no
-    group and no padding row can reach a reference state update)."""
+    group and no padding row can reach a reference state update).
+
+    A ``padded`` step (``sequences`` empty) keeps the decode arrays at their padded
+    size and bounds its query runs by its rows, so nothing in it depends on host
+    values that differ between steps of one bucket."""
+    if padded and sequences:
+        raise ValueError("a padded step names no sequences: its layers read device arrays")
     chunks = []
     start = 0
     for i, seq in enumerate(sequences):
@@ -197,9 +219,13 @@ def device_batch(
         chunks.append(SequenceChunk(start, n, seq.num_context, seq.slot_row, table))
         start += n
     slots = fields.slot_mapping
-    num_decode = sum(1 for s in sequences if len(s.token_ids) == 1 and s.num_context > 0)
+    if padded:
+        num_decode, longest = fields.decode_rows.shape[0], fields.input_ids.shape[0]
+    else:
+        num_decode = sum(1 for s in sequences if len(s.token_ids) == 1 and s.num_context > 0)
+        longest = max((len(s.token_ids) for s in sequences), default=1)
     decode = None
-    if num_decode:
+    if num_decode and not padded:
         picked = fields.decode_seqs[:num_decode]
         decode = DecodeGroup(
             token_index=fields.decode_rows[:num_decode],
@@ -221,6 +247,7 @@ def device_batch(
         has_initial_state=fields.has_initial_state,
         decode_rows=fields.decode_rows[:num_decode],
         decode_slots=fields.decode_slots[:num_decode],
-        max_query_len=max((len(s.token_ids) for s in sequences), default=1),
+        max_query_len=longest,
         is_decode=is_decode,
+        padded=padded,
     )

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from avmp.engine.fast_runner import DEFAULT_MAX_MIXED_GRAPHS
 from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_prefill_s_per_token
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
@@ -120,9 +121,17 @@ class EngineConfig:
         dtype: compute dtype name; None keeps the checkpoint's.
         kernels: ``auto`` (Triton on CUDA when installed, else the torch reference),
             ``reference`` or ``triton`` (see `avmp.kernels.choice.use_triton`).
-        cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs.
+        cuda_graphs: with Triton on CUDA, replay decode steps as CUDA graphs (and, with
+            ``mixed_graphs``, prefill and mixed steps).
         pad_decode: with Triton and no graphs, still pad decode steps to the graph sizes
             and run that padded pass eagerly (what a graph computes, checkable on the CPU).
+        mixed_graphs: with ``cuda_graphs``, also replay prefill and mixed steps (prefill
+            chunks beside decodes) as CUDA graphs, padded to token and sequence buckets
+            (`avmp.engine.fast_runner`), for the models whose prefill path allows it.
+        max_mixed_graphs: prefill and mixed graphs captured at most (each bucket met
+            first captures one; past the cap, new buckets run eagerly).
+        pad_mixed: with Triton and no graphs, still pad prefill and mixed steps to their
+            buckets and run that padded pass eagerly (as ``pad_decode``).
         allocator: ``avmp`` (two pools, capacity migrates), ``static`` (SGLang's split,
             fixed at start-up) or ``unified`` (vLLM's padded block pool, on one plain
             buffer; see `avmp.memory.registry`). All run the same kernels.
@@ -175,6 +184,9 @@ class EngineConfig:
     kernels: str = "auto"
     cuda_graphs: bool = True
     pad_decode: bool = False
+    mixed_graphs: bool = True
+    max_mixed_graphs: int = DEFAULT_MAX_MIXED_GRAPHS
+    pad_mixed: bool = False
     allocator: str = "avmp"
     state_fraction: float | None = None
     backing: str = "torch"
@@ -215,6 +227,8 @@ class EngineConfig:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_mixed_graphs < 0:
+            raise ValueError(f"max_mixed_graphs must be >= 0, got {self.max_mixed_graphs}")
         self._check_preemption()
         self._check_prefix_cache()
         self._check_tensor_parallel()
@@ -1363,6 +1377,10 @@ def build_runner(
         device,
         cuda_graphs=config.cuda_graphs,
         pad_decode=config.pad_decode,
+        mixed_graphs=config.mixed_graphs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_mixed_graphs=config.max_mixed_graphs,
+        pad_mixed=config.pad_mixed,
     )
 
 

@@ -1,5 +1,6 @@
 """The engine's GPU step: one host-to-device copy per step, device-side step inputs for
-the layers' Triton kernels (`avmp.engine.triton_ops`), and CUDA graphs for decode batches.
+the layers' Triton kernels (`avmp.engine.triton_ops`), and CUDA graphs for decode steps
+and for prefill and mixed (prefill chunks beside decodes) steps.
 
 Per step the runner packs every index the layers need (token ids, positions, slot
 mapping, block tables, context lengths, query offsets, state slots, sampled rows) into
@@ -17,14 +18,28 @@ size and block-table width (a power of two of pages) and captured on first use. 
 pool views never move (migration maps chunks behind them, compaction copies inside
 them), so a captured graph stays valid for the engine's life.
 
-Models whose layers fall back to per-sequence torch code (Mamba1, mixtures of experts,
-which route with data-dependent shapes) say so (`HybridModel.can_capture_decode`) and
-run eagerly: their Python loops read host integers that a graph would freeze. The
-runner does not choose the layers' kernels: the engine gives the model its `Ops` (the
-Triton ones with this runner) once, at construction.
+Prefill and mixed steps pad likewise, to a `StepShape` bucket: tokens to the next of
+`token_buckets` (powers of two from 16, then the engine's tokens per step), sequences
+and sampled rows to the next decode graph size, the block table to the decode graphs'
+width. Padding sequences own one padding token each (slot -1, context 0), rows past
+them none; the layers read no host value that differs within a bucket (tile tables and
+scan plans are built on the device) and start their outputs as zeros, so padding rows
+stay finite. At most ``max_mixed_graphs`` such graphs are captured (they share the
+decode graphs' memory pool); other buckets, and steps larger than every bucket, run
+eagerly.
+
+Models whose layers fall back to per-sequence torch code (mixtures of experts that
+route with data-dependent shapes, layers without a Triton path) say so
+(`HybridModel.can_capture_decode`, `HybridModel.can_capture_mixed`) and run eagerly:
+their Python loops read host integers that a graph would freeze. A capture that raises
+turns that kind of graph off for good. The runner does not choose the layers' kernels:
+the engine gives the model its `Ops` (the Triton ones with this runner) once, at
+construction.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -42,10 +57,37 @@ from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carrie
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_GRAPH_WIDTH = 16  # pages
+MIN_TOKEN_BUCKET = 16
+# A mixed graph holds no memory of its own beyond the shared pool, but each capture
+# costs a forward pass or three; past this many buckets, steps run eagerly.
+DEFAULT_MAX_MIXED_GRAPHS = 64
+
+
+def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """Padded token counts of prefill and mixed steps: powers of two from
+    `MIN_TOKEN_BUCKET` below ``max_num_batched_tokens``, then that figure itself (the
+    scheduler's full step, which long prompts fill, pads by nothing)."""
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    sizes = []
+    size = MIN_TOKEN_BUCKET
+    while size < max_num_batched_tokens:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_num_batched_tokens)
+
+
+def bucket(value: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest of ascending ``sizes`` that holds ``value`` (None: none does)."""
+    for size in sizes:
+        if size >= value:
+            return size
+    return None
 
 
 class _Graph:
-    """One captured decode forward pass and its static input/output buffers."""
+    """One captured forward pass (decode, or prefill and mixed) and its static
+    input/output buffers."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: torch.Tensor, logits: torch.Tensor):
         self.graph = graph
@@ -63,14 +105,22 @@ def _move_rotary(model: HybridModel, device: torch.device) -> None:
 
 
 class FastModelRunner(ModelRunner):
-    """`ModelRunner` with device-side step inputs (`DeviceStepBatch`) and decode graphs.
+    """`ModelRunner` with device-side step inputs (`DeviceStepBatch`) and CUDA graphs.
 
     Args:
         cuda_graphs: capture decode steps (CUDA devices, models that
-            `~HybridModel.can_capture_decode` only).
-        graph_sizes: padded decode batch sizes to capture, ascending.
+            `~HybridModel.can_capture_decode` only), and with ``mixed_graphs`` prefill
+            and mixed steps (models that `~HybridModel.can_capture_mixed`).
+        graph_sizes: padded decode batch sizes to capture, ascending; also the padded
+            sequence counts of prefill and mixed steps.
         pad_decode: without graphs, still pad decode steps to ``graph_sizes`` and run
             the padded pass eagerly (what a graph computes, checkable on the CPU).
+        mixed_graphs: capture prefill and mixed steps too (with ``cuda_graphs``).
+        max_num_batched_tokens: the engine's tokens per step, the largest token bucket
+            (`token_buckets`).
+        max_mixed_graphs: prefill and mixed graphs captured at most.
+        pad_mixed: without graphs, still pad prefill and mixed steps to their buckets
+            and run the padded pass eagerly (as ``pad_decode``).
     """
 
     def __init__(
@@ -82,17 +132,31 @@ class FastModelRunner(ModelRunner):
         cuda_graphs: bool = True,
         graph_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
         pad_decode: bool = False,
+        mixed_graphs: bool = True,
+        max_num_batched_tokens: int = 1024,
+        max_mixed_graphs: int = DEFAULT_MAX_MIXED_GRAPHS,
+        pad_mixed: bool = False,
     ) -> None:
         super().__init__(model, cache, block_size, device)
-        safe = model.can_capture_decode()
-        self.use_graphs = cuda_graphs and device.type == "cuda" and safe
+        if max_mixed_graphs < 0:
+            raise ValueError(f"max_mixed_graphs must be >= 0, got {max_mixed_graphs}")
+        safe, mixed_safe = model.can_capture_decode(), model.can_capture_mixed()
+        on_cuda = cuda_graphs and device.type == "cuda"
+        self.use_graphs = on_cuda and safe
+        self.use_mixed_graphs = on_cuda and mixed_graphs and mixed_safe and max_mixed_graphs > 0
         self.graph_sizes = tuple(sorted(graph_sizes))
+        self.token_sizes = token_buckets(max_num_batched_tokens)
+        self.max_mixed_graphs = max_mixed_graphs
         self.pad_decode = pad_decode and safe
+        self.pad_mixed = pad_mixed and mixed_safe
         self.graph_error: str | None = None
+        self.mixed_graph_error: str | None = None
         self._captured = False
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.mixed_graphs: dict[StepShape, _Graph] = {}
         self.profile = RunnerProfile()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        graphs_on = self.use_graphs or self.use_mixed_graphs
+        self._pool = torch.cuda.graph_pool_handle() if graphs_on else None
         self._pinned = device.type == "cuda"
         # two staging buffers in turn: packing step N+1 never waits for step N's copy
         self._staging = [self._new_staging(1 << 12) for _ in range(2)]
@@ -148,23 +212,38 @@ class FastModelRunner(ModelRunner):
     ) -> torch.Tensor:
         mark = self.profile.begin(self.device) if self.profile.enabled else None
         is_decode = all(len(w.token_ids) == 1 and w.num_context > 0 for w in work)
-        padded = is_decode and (self.use_graphs or self.pad_decode)
-        size = self._graph_size(len(work)) if padded else None
+        shape = self.padded_shape(work, is_decode)
         self._captured = False
-        if size is not None:
-            logits = self._replay(work, size, carried)
+        graph = False
+        if shape is not None:
+            logits, graph = self._run_padded(work, shape, is_decode, carried)
         else:
             logits = self._eager(work, is_decode, carried)
         if mark is not None:
-            graph = size is not None and self.use_graphs
-            self.profile.end(mark, work, self.device, graph, self._captured)
+            padded = 0 if shape is None else shape.num_tokens
+            self.profile.end(mark, work, self.device, graph, self._captured, padded)
         return logits
 
-    def _graph_size(self, batch: int) -> int | None:
-        for size in self.graph_sizes:
-            if size >= batch:
-                return size
-        return None
+    def padded_shape(self, work: list[SequenceWork], is_decode: bool) -> StepShape | None:
+        """The bucket ``work`` pads to, or None where it runs unpadded and eagerly:
+        padding off for its kind, a step larger than every bucket, or (graphs on) a
+        new prefill or mixed bucket past ``max_mixed_graphs``."""
+        if is_decode:
+            size = bucket(len(work), self.graph_sizes)
+            if size is None or not (self.use_graphs or self.pad_decode):
+                return None
+            return StepShape(size, size, self._width(work), size)
+        if not (self.use_mixed_graphs or self.pad_mixed):
+            return None
+        tokens = bucket(sum(len(w.token_ids) for w in work), self.token_sizes)
+        seqs = bucket(len(work), self.graph_sizes)
+        if tokens is None or seqs is None:
+            return None
+        shape = StepShape(tokens, seqs, self._width(work), seqs)
+        full = len(self.mixed_graphs) >= self.max_mixed_graphs
+        if self.use_mixed_graphs and full and shape not in self.mixed_graphs:
+            return None
+        return shape
 
     def _width(self, work: list[SequenceWork]) -> int:
         pages = max((len(w.page_rows) for w in work), default=1)
@@ -183,34 +262,70 @@ class FastModelRunner(ModelRunner):
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.logits(hidden.index_select(0, fields.sample_rows))
 
-    def _replay(
-        self, work: list[SequenceWork], size: int, carried: torch.Tensor | None
-    ) -> torch.Tensor:
-        """A decode step padded to ``size`` rows: through its CUDA graph, or (graphs off,
-        ``pad_decode`` on) the same padded forward pass run eagerly."""
-        width = self._width(work)
-        shape = StepShape(size, size, width, size)
-        if not self.use_graphs:
-            fields = self._copy_to(self._stage(work, shape), shape, carried)
-            return self._padded_forward(fields)[: len(work)]
-        graph = self.graphs.get((size, width))
+    def _run_padded(
+        self,
+        work: list[SequenceWork],
+        shape: StepShape,
+        is_decode: bool,
+        carried: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """A step padded to ``shape``: through its CUDA graph (captured on first use),
+        or (graphs off for its kind) the same padded forward pass run eagerly. Returns
+        the sampled rows' logits and whether a graph replayed."""
+        num_samples = sum(w.samples for w in work)
+        graph = self._graph_for(shape, is_decode)
         if graph is None:
-            try:
-                graph, error = self._capture(shape), None
-            except RuntimeError as raised:  # a layer that cannot be captured: run eagerly
-                graph, error = None, str(raised)
-            error = self._agreed_capture_error(error)
-            if graph is None or error is not None:
-                self.use_graphs, self.graph_error = False, error
-                fields = self._copy_to(self._stage(work, shape), shape, carried)
-                return self._padded_forward(fields)[: len(work)]
-            self.graphs[(size, width)] = graph
-            self._captured = True
+            fields = self._copy_to(self._stage(work, shape), shape, carried)
+            return self._padded_forward(fields, is_decode)[:num_samples], False
         self._copy_to(self._stage(work, shape), shape, carried, graph.inputs)
         graph.graph.replay()
-        return graph.logits[: len(work)]
+        return graph.logits[:num_samples], True
 
-    def _agreed_capture_error(self, error: str | None) -> str | None:
+    def _graph_for(self, shape: StepShape, is_decode: bool) -> _Graph | None:
+        """The captured graph of ``shape``, captured now if new; None while graphs of
+        its kind are off (or once a capture failed, which turns them off for good)."""
+        if is_decode:
+            graphs: dict[Any, _Graph] = self.graphs
+            key: Any = (shape.num_seqs, shape.width)
+            if not self.use_graphs:
+                return None
+        else:
+            graphs, key = self.mixed_graphs, shape
+            if not self.use_mixed_graphs:
+                return None
+        graph = graphs.get(key)
+        if graph is not None:
+            return graph
+        try:
+            graph, error = self._capture(shape, is_decode), None
+        except RuntimeError as raised:  # a layer that cannot be captured: run eagerly
+            graph, error = None, str(raised)
+        error = self._agreed_capture_error(error, "decode" if is_decode else "mixed")
+        if graph is None or error is not None:
+            if is_decode:
+                self.use_graphs, self.graph_error = False, error
+            else:
+                self.use_mixed_graphs, self.mixed_graph_error = False, error
+            return None
+        graphs[key] = graph
+        self._captured = True
+        return graph
+
+    def capture_mixed(self, shapes: list[StepShape]) -> int:
+        """Capture the prefill and mixed graphs of ``shapes`` ahead of use (the engine's
+        warm-up: captures in a timed run are one-off work the run pays), up to
+        ``max_mixed_graphs`` in all. Returns how many were captured now."""
+        captured = 0
+        for shape in shapes:
+            full = len(self.mixed_graphs) >= self.max_mixed_graphs
+            if not self.use_mixed_graphs or full:
+                break
+            if shape not in self.mixed_graphs and self._graph_for(shape, False) is not None:
+                captured += 1
+        self._captured = False
+        return captured
+
+    def _agreed_capture_error(self, error: str | None, kind: str = "decode") -> str | None:
         """On several ranks, whether any rank's capture failed (one all-reduce of the
         flags): then every rank runs eagerly, since a rank replaying a graph would wait
         in its all-reduces for a rank that runs none. One rank: ``error`` itself."""
@@ -220,28 +335,28 @@ class FastModelRunner(ModelRunner):
         failed = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
         tp.all_reduce(failed)
         if error is None and int(failed.item()):
-            return "decode graph capture failed on another tensor-parallel rank"
+            return f"{kind} graph capture failed on another tensor-parallel rank"
         return error
 
-    def _padded_forward(self, fields: PackedStep) -> torch.Tensor:
-        """Logits of every row of a padded decode step. The batch names no sequences:
+    def _padded_forward(self, fields: PackedStep, is_decode: bool) -> torch.Tensor:
+        """Logits of every sampled row of a padded step. The batch names no sequences:
         every layer reads only the device tensors, as a replayed graph does."""
-        batch = device_batch(fields, [], self.block_size, is_decode=True)
+        batch = device_batch(fields, [], self.block_size, is_decode, padded=True)
         hidden = self.model(fields.input_ids, batch, self.cache)
         return self.model.logits(hidden.index_select(0, fields.sample_rows))
 
-    def _capture(self, shape: StepShape) -> _Graph:
-        """Capture one padded decode step (all rows padding while capturing, so the
-        warm-up and capture runs touch no cache)."""
+    def _capture(self, shape: StepShape, is_decode: bool) -> _Graph:
+        """Capture one padded step (all rows padding while capturing, so the warm-up
+        and capture runs touch no cache)."""
         inputs = torch.empty(shape.total, dtype=torch.int64, device=self.device)
         fields = self._copy_to(self._stage([], shape), shape, None, inputs)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile the Triton kernels, create cuBLAS handles
-                self._padded_forward(fields)
+                self._padded_forward(fields, is_decode)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._padded_forward(fields)
+            logits = self._padded_forward(fields, is_decode)
         return _Graph(graph, inputs, logits)

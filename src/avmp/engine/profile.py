@@ -25,7 +25,9 @@ class StepRecord:
     runs serially, so a prefill step's time follows it (see avmp.sim.timing).
     ``longest_context_tokens`` is the most context tokens of one sequence once the step
     is done (decode or prefill): decode attention scans one sequence's KV serially, so a
-    decode step's time follows it beside the mean context."""
+    decode step's time follows it beside the mean context. ``num_padded_tokens`` is the
+    rows a padded step ran (a CUDA graph's bucket, padding included; 0: unpadded), so
+    the cost of padding shows beside the step's own tokens."""
 
     num_prefill_tokens: int
     num_decode_requests: int
@@ -38,6 +40,7 @@ class StepRecord:
     captured: bool = False
     longest_prefill_tokens: int = 0
     longest_context_tokens: int = 0
+    num_padded_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class StepMark:
 @dataclass
 class RunnerProfile:
     """Per-step records, kept while ``enabled``. A record's device time is read
-    (waiting for its events) when `steps` is asked for."""
+    (waiting for its events) when `steps` is asked for. A step that captured a CUDA
+    graph (decode, prefill or mixed) is marked ``captured``: its time is one-off."""
 
     enabled: bool = False
     _steps: list[StepRecord] = field(default_factory=list)
@@ -72,11 +76,14 @@ class RunnerProfile:
         device: torch.device,
         graph: bool,
         captured: bool,
+        num_padded_tokens: int = 0,
     ) -> None:
-        """Record the step begun at ``mark`` (``work``: its sequences)."""
+        """Record the step begun at ``mark`` (``work``: its sequences; a padded step's
+        rows ``num_padded_tokens``)."""
         end = _event(device)
         seconds = time.perf_counter() - mark.started  # replaced by the events' time on CUDA
         record = step_record(work, mark.started, seconds, graph, captured)
+        record.num_padded_tokens = num_padded_tokens
         self._steps.append(record)
         if mark.event is not None and end is not None:
             self._events.append((record, mark.event, end))

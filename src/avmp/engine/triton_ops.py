@@ -6,8 +6,8 @@ computes the same values in fewer launches.
 - activations: ``silu(gate) * up`` of gated MLPs, and the squared ReLU, one launch each;
 - attention over a `DeviceStepBatch`: new K/V stored through the slot mapping (padding
   rows skipped), then decode attention when every sequence computes one token after
-  cached context, else the ragged prefill kernel (which also serves decode rows mixed
-  into a prefill step);
+  cached context, else the ragged prefill kernel over the step's tile table (which also
+  serves decode rows mixed into a prefill step);
 - the Mamba2 core over a `DeviceStepBatch`: decode steps run the conv1d update and the
   one-step state update over the step's slots; prefill and mixed steps one varlen causal
   conv launch over every sequence (prefill chunks and decodes, from and into their conv
@@ -22,6 +22,11 @@ exactly as the reference does it in torch (softplus of ``dt + dt_bias`` in the
 activations' dtype, clamped to ``time_step_limit``, each step rounded to that dtype).
 A plain `StepBatch` (built by the reference runner) carries no device indices: attention
 and the Mamba2 core then run the reference code.
+
+Prefill and mixed steps read no host value that differs between steps of one padded
+bucket (tile tables and scan plans are built on the device, sized by the step's rows and
+sequences), so a CUDA graph can capture them; in a padded step every mixer's output
+starts as zeros, so rows that no kernel writes (padding) hold no uninitialised memory.
 """
 
 from __future__ import annotations
@@ -134,6 +139,12 @@ class TritonOps(Ops):
             return self._k.decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale
             )
+        from avmp.kernels.triton.prefill_attention import BLOCK_M, attention_tiles
+
+        tiles = batch.attention_tiles.get(BLOCK_M)
+        if tiles is None:
+            tiles = attention_tiles(batch.query_start_loc, q.shape[0])
+            batch.attention_tiles[BLOCK_M] = tiles
         return self._k.prefill_attention(
             q,
             k_cache,
@@ -143,6 +154,8 @@ class TritonOps(Ops):
             batch.context_lens,
             scale,
             batch.max_query_len,
+            out=_output_like(q, batch),
+            tiles=tiles,
         )
 
     def mamba2_mix(
@@ -199,7 +212,7 @@ class TritonOps(Ops):
             plan = self._mamba2_scan_plan(batch, inputs[0].shape[0], mixer.chunk_size)
             batch.mamba2_scan_plans[mixer.chunk_size] = plan
         qsl, init = batch.query_start_loc, batch.has_initial_state
-        out = torch.empty_like(inputs[0])
+        out = _output_like(inputs[0], batch)
         self._k.mamba2_chunk_scan(
             ssm_states, plan.prompt_slots, qsl, *inputs, mixer.chunk_size,
             has_initial_state=init, out=out, layout=plan.layout, **dt_args,
@@ -218,13 +231,15 @@ class TritonOps(Ops):
         """Split the step on the device (no host read, so a captured step can replay it):
         decode rows are the sequences of one token that continue from their slot, as
         `pack_step` marks them; the chunk table is sized by the prompts' tokens and
-        sequences alone (the host knows how many decode rows there are)."""
+        sequences alone (the host knows how many decode rows there are). A padded step
+        does not say how many: its table is sized by all its rows and sequences, and
+        its decode rows' varlen scan always runs (over no row, if there are none)."""
         from avmp.kernels.triton.mamba2_chunk_scan import chunk_layout, max_chunks
 
-        num_decode = batch.decode_rows.shape[0]
+        num_decode = 0 if batch.padded else batch.decode_rows.shape[0]
         slots, qsl = batch.slot_idx, batch.query_start_loc
         decode_slots = None
-        if num_decode:
+        if num_decode or batch.padded:
             is_decode = (qsl[1:] - qsl[:-1] == 1) & (batch.has_initial_state != 0)
             decode_slots = torch.where(is_decode, slots, -1)
             slots = torch.where(is_decode, -1, slots)
@@ -289,7 +304,7 @@ class TritonOps(Ops):
             )
         return mamba1.mamba1_varlen_scan(
             ssm_states, batch.slot_idx, batch.query_start_loc, xs, dt, A, B, C, D, dt_bias,
-            gate, has_initial_state=batch.has_initial_state,
+            gate, has_initial_state=batch.has_initial_state, out=_output_like(xs, batch),
         )  # fmt: skip
 
     def gated_delta_mix(
@@ -340,8 +355,12 @@ class TritonOps(Ops):
             plan = self._mamba2_scan_plan(batch, rule[0].shape[0], chunk)
             batch.mamba2_scan_plans[chunk] = plan
         qsl, init = batch.query_start_loc, batch.has_initial_state
+        v = rule[2]
+        out = None
+        if batch.padded:  # float32, as the kernel's own output
+            out = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         out = gated_delta.gated_delta_chunked(
-            ssm_states, plan.prompt_slots, qsl, *rule, has_initial_state=init,
+            ssm_states, plan.prompt_slots, qsl, *rule, has_initial_state=init, out=out,
             layout=plan.layout, chunk_size=chunk,
         )  # fmt: skip
         if plan.decode_slots is not None:
@@ -373,4 +392,12 @@ class TritonOps(Ops):
             weight,
             bias,
             None,
+            out=_output_like(bx, batch),
         )
+
+
+def _output_like(x: torch.Tensor, batch: DeviceStepBatch) -> torch.Tensor:
+    """A mixer's output buffer: zeros in a padded step, whose padding rows no kernel
+    writes (uninitialised, they could hold NaN or Inf that a later layer shared across
+    rows, such as expert routing, would spread), else left uninitialised."""
+    return torch.zeros_like(x) if batch.padded else torch.empty_like(x)

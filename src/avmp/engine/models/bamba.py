@@ -68,3 +68,7 @@ class BambaModel(HybridModel):
     ) -> torch.Tensor:
         x = self.model.embed(input_ids)
         return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))
+
+    def can_capture_mixed(self) -> bool:
+        """Yes: its Mamba2 and attention layers' prefill paths read device arrays alone."""
+        return True

@@ -85,6 +85,14 @@ class HybridModel(nn.Module):
         Families with such layers override this."""
         return True
 
+    def can_capture_mixed(self) -> bool:
+        """Whether a prefill or mixed step runs on device indices alone with the Triton
+        kernels (no per-sequence Python loop, no data-dependent shape, no host value
+        that differs between steps padded to one bucket), so a CUDA graph can capture
+        it. No by default: a family says yes once every layer's prefill path is
+        checked (`avmp.engine.fast_runner`)."""
+        return False
+
     def use_ops(self, ops: Ops) -> None:
         """Run every layer's kernels through ``ops`` from now on (the engine calls this
         once, at construction; a new model runs the reference)."""

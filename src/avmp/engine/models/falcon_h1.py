@@ -213,3 +213,7 @@ class FalconH1Model(HybridModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.lm_head(hidden) * self.config.lm_head_multiplier).float()
+
+    def can_capture_mixed(self) -> bool:
+        """Yes: its Mamba2 and attention layers' prefill paths read device arrays alone."""
+        return True

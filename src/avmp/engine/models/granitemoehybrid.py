@@ -207,3 +207,8 @@ class GraniteMoeHybridModel(HybridModel):
     def can_capture_decode(self) -> bool:
         """Without experts: their routing has data-dependent shapes."""
         return int(self.config.num_local_experts) == 0
+
+    def can_capture_mixed(self) -> bool:
+        """As decode: its Mamba2 and attention prefill paths read device arrays alone;
+        expert routing has data-dependent shapes."""
+        return self.can_capture_decode()

@@ -113,3 +113,8 @@ class JambaModel(HybridModel):
         """Without expert layers: their routing has data-dependent shapes (the Mamba1
         decode step runs on device indices alone, `TritonOps.mamba1_mix`)."""
         return all(int(n) <= 1 for n in self.config.layers_num_experts)
+
+    def can_capture_mixed(self) -> bool:
+        """As decode: the Mamba1 prefill path (varlen conv, one varlen selective scan
+        over every sequence) and attention read device arrays alone."""
+        return self.can_capture_decode()

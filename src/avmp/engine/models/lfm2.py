@@ -193,6 +193,11 @@ class Lfm2Model(HybridModel):
         x = self.model.embed(input_ids)
         return self.model.run(x, batch, cache, self.rotary.cos_sin(batch.positions, x.dtype))
 
+    def can_capture_mixed(self) -> bool:
+        """Yes: its short convolutions (one varlen conv launch) and attention layers'
+        prefill paths read device arrays alone."""
+        return True
+
     def geometry(
         self,
         dtype: torch.dtype,

@@ -191,3 +191,8 @@ class NemotronHModel(HybridModel):
     def can_capture_decode(self) -> bool:
         """Without MoE blocks: their routing has data-dependent shapes."""
         return "moe" not in self.config.layers_block_type
+
+    def can_capture_mixed(self) -> bool:
+        """As decode: its Mamba2, attention and MLP prefill paths read device arrays
+        alone; MoE routing has data-dependent shapes."""
+        return self.can_capture_decode()

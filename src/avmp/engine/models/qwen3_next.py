@@ -419,6 +419,12 @@ class Qwen3NextModel(HybridModel):
         moe = [m for m in self.modules() if isinstance(m, SparseMoe)]
         return all(m.experts.is_capturable() for m in moe)
 
+    def can_capture_mixed(self) -> bool:
+        """As decode: the gated delta rule's prefill path (chunked and one-token kernels
+        split on the device) and gated attention read device arrays alone; experts only
+        on the grouped path."""
+        return self.can_capture_decode()
+
     def geometry(
         self,
         dtype: torch.dtype,

@@ -294,6 +294,11 @@ class Zamba2Model(HybridModel):
             rope = self.rotary.cos_sin(batch.positions, self.lm_head.weight.dtype)
         return self.model.run(input_ids, batch, cache, rope)
 
+    def can_capture_mixed(self) -> bool:
+        """Yes: its Mamba2 layers and shared attention blocks' prefill paths read device
+        arrays alone."""
+        return True
+
     def geometry(
         self,
         dtype: torch.dtype,
