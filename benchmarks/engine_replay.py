@@ -516,12 +516,7 @@ def resimulate(results: dict[str, Any], calibration: Path, trace: Path | None) -
     requests = load_trace(args)
     _check_trace(results, requests)
     geometry = sim_geometry(results["model"])
-    recorded = results.get("sim_geometry")
-    if recorded is not None and recorded != _geometry_figures(geometry):
-        raise ValueError(
-            f"the geometry of {results['model']} rebuilt here ({_geometry_figures(geometry)}) "
-            f"is not the run's ({recorded})"
-        )
+    _check_geometry(results, geometry)
     profile = results.get("sim_profile") or gpu_profile(results["device"])
     resimulated = dict(results)
     resimulated["runs"] = [
@@ -539,6 +534,25 @@ def resimulate(results: dict[str, Any], calibration: Path, trace: Path | None) -
     }
     resimulated["calibration"] = repo_path(calibration)
     return resimulated
+
+
+def _check_geometry(results: dict[str, Any], geometry: Any) -> None:
+    """Raise ValueError unless the rebuilt geometry has the run's unit sizes (what the
+    allocators and a calibrated clock read; the parameter count only prices the
+    roofline, which a resimulation does not use, and its counting of tied embeddings
+    has changed since some runs)."""
+    recorded = results.get("sim_geometry")
+    rebuilt = _geometry_figures(geometry)
+    if recorded is None:
+        return
+    if any(recorded[key] != rebuilt[key] for key in _UNIT_FIGURES):
+        raise ValueError(
+            f"the geometry of {results['model']} rebuilt here ({rebuilt}) is not the run's "
+            f"({recorded})"
+        )
+
+
+_UNIT_FIGURES = ("kv_bytes_per_token", "state_bytes_per_request")
 
 
 def resimulation_args(

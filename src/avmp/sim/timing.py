@@ -383,6 +383,9 @@ class BatchShape:
         longest_context_tokens: the most context tokens of one scheduled request (its
             tokens in the cache once the step is done): decode attention scans one
             request's KV serially. 0 (not recorded) is priced as the mean context.
+        num_graph_rows: the rows of the CUDA graph a pure decode step replays (its
+            decode requests padded to a captured batch size, `decode_graph_rows`); 0 for
+            a step that runs eagerly (any prefill, or a batch above every graph size).
     """
 
     num_prefill_tokens: int = 0
@@ -392,6 +395,7 @@ class BatchShape:
     num_requests: int = 0
     longest_prefill_tokens: int = 0
     longest_context_tokens: int = 0
+    num_graph_rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -419,7 +423,41 @@ class BatchShape:
             context += start + n
             longest_context = max(longest_context, start + n)
             pairs += n * start + n * (n + 1) // 2
-        return cls(prefill, decode, context, pairs, len(chunks), longest, longest_context)
+        graph_rows = decode_graph_rows(decode) if prefill == 0 else 0
+        return cls(
+            prefill, decode, context, pairs, len(chunks), longest, longest_context, graph_rows
+        )
+
+
+# The engine's captured decode batch sizes (avmp.engine.fast_runner.DEFAULT_GRAPH_SIZES;
+# the simulator cannot import the engine, a test checks that the two agree).
+DECODE_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+# The engine's decode graphs are also keyed by their block table's width: a power of two
+# of pages, at least this many (avmp.engine.fast_runner.MIN_GRAPH_WIDTH), of the engine's
+# page size (avmp.memory.spec.MemoryConfig.block_size).
+GRAPH_MIN_WIDTH_PAGES = 16
+GRAPH_PAGE_TOKENS = 16
+
+
+def graph_width_tokens(longest_context_tokens: int) -> int:
+    """The tokens of block table a decode graph is captured with for a batch whose
+    longest context is ``longest_context_tokens``: its pages rounded up to a power of
+    two, at least `GRAPH_MIN_WIDTH_PAGES`."""
+    pages = -(-max(0, longest_context_tokens) // GRAPH_PAGE_TOKENS)
+    width = max(GRAPH_MIN_WIDTH_PAGES, 1 << max(pages - 1, 0).bit_length())
+    return width * GRAPH_PAGE_TOKENS
+
+
+def decode_graph_rows(num_decode_requests: int) -> int:
+    """The rows of the decode graph that a pure decode step of ``num_decode_requests``
+    requests replays: the smallest captured size that holds them (the engine pads the
+    batch with rows every kernel skips, but a padded row still costs its share of the
+    graph's GEMMs and launches), 0 when none does (the step runs eagerly) or for none."""
+    if num_decode_requests <= 0:
+        return 0
+    return next((size for size in DECODE_GRAPH_SIZES if size >= num_decode_requests), 0)
 
 
 def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk]:
@@ -568,6 +606,9 @@ EAGER_FEATURE = "has_prefill"
 PREFILL_ATTENTION_FEATURE = "num_prefill_attention_pairs"
 LONGEST_PREFILL_FEATURE = "longest_prefill_tokens"
 LONGEST_CONTEXT_FEATURE = "longest_context_tokens"
+EAGER_DECODE_FEATURE = "eager_decode_requests"
+GRAPH_ROWS_FEATURE = "graph_decode_rows"
+GRAPH_WIDTH_FEATURE = "graph_row_width_tokens"
 _LONGEST_FEATURES = (LONGEST_PREFILL_FEATURE, LONGEST_CONTEXT_FEATURE)
 # Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
 _FULL_FEATURES = (
@@ -577,6 +618,9 @@ _FULL_FEATURES = (
     PREFILL_ATTENTION_FEATURE,
     LONGEST_PREFILL_FEATURE,
     LONGEST_CONTEXT_FEATURE,
+    EAGER_DECODE_FEATURE,
+    GRAPH_ROWS_FEATURE,
+    GRAPH_WIDTH_FEATURE,
 )
 # The optional features, the one a fit keeps longest first (see `_feature_sets`).
 _OPTIONAL_FEATURES = (
@@ -585,6 +629,9 @@ _OPTIONAL_FEATURES = (
     MEAN_CONTEXT_FEATURE,
     EAGER_FEATURE,
     LONGEST_CONTEXT_FEATURE,
+    EAGER_DECODE_FEATURE,
+    GRAPH_ROWS_FEATURE,
+    GRAPH_WIDTH_FEATURE,
 )
 
 
@@ -593,7 +640,9 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     requests, context tokens, context tokens per scheduled request, 1.0 when the step
     has prefill tokens, prefill attention pairs beyond the context
     (`BatchShape.num_prefill_attention_pairs`), the longest prefill chunk and the
-    longest context of one request.
+    longest context of one request, the decode requests of a step that runs eagerly
+    (no graph: ``num_graph_rows`` 0), the rows of the decode graph a step replays and
+    those rows times the graph's block-table width in tokens (`graph_width_tokens`).
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
@@ -602,7 +651,8 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     with prefill tokens but no longest chunk (0) is taken as its prefill tokens split
     evenly over its prefilling requests: the shortest longest chunk that can produce it.
     One without a longest context (0) is taken as its mean context (even contexts), so
-    rows from before the field keep their predictions.
+    rows from before the field keep their predictions. One without graph rows runs its
+    decode requests eagerly.
     """
     prefill, decode = shape.num_prefill_tokens, shape.num_decode_requests
     requests = shape.num_requests or decode + (prefill > 0)
@@ -619,6 +669,9 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
         float(max(0, shape.num_prefill_attention_pairs)),
         float(longest),
         float(shape.longest_context_tokens or mean_context),
+        float(decode if shape.num_graph_rows == 0 else 0),
+        float(shape.num_graph_rows),
+        float(shape.num_graph_rows * graph_width_tokens(shape.longest_context_tokens)),
     )
 
 
@@ -713,8 +766,35 @@ def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None)
         matrix = np.array([[1.0, *(features[i] for i in columns)] for features, _ in parsed])
         fitted = _weighted_fit(matrix, targets)
         if fitted is not None:
+            fitted = _reweighted_fit(matrix, targets, fitted)
             return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points), names)
     raise ValueError("calibration points do not vary enough to fit every coefficient")
+
+
+REWEIGHTING_ROUNDS = 10
+
+
+def _reweighted_fit(
+    matrix: np.ndarray, targets: np.ndarray, coefficients: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Refit with each point's residual relative to its *predicted* time (iteratively
+    reweighted least squares, `REWEIGHTING_ROUNDS` rounds from ``coefficients``).
+
+    Weighting by the measured time instead biases the fit low where steps of one shape
+    are timed noisily: a step timed short weighs more than one timed long, so the fit
+    follows the short ones. Engine replays time their steps so (overlapped steps, the
+    host racing one ahead), and the bias summed over a replay of an H200 was 5-13% of
+    its time; weighted by the prediction, a step's weight does not depend on its noise.
+    """
+    floor = float(targets.min())
+    solution = np.array(coefficients)
+    for _ in range(REWEIGHTING_ROUNDS):
+        predicted = np.maximum(matrix @ solution, floor)
+        weighted = matrix / predicted[:, None]
+        scale = np.abs(weighted).max(axis=0)
+        scale[scale == 0] = 1.0
+        solution = np.linalg.lstsq(weighted / scale, targets / predicted, rcond=None)[0] / scale
+    return tuple(float(x) for x in solution)
 
 
 def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
@@ -765,7 +845,37 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
     mean = None if requests is None else context / requests
     extra_pairs = None if pairs is None else pairs - context
     eager = float(prefill > 0)
-    return [prefill, decode, context, mean, eager, extra_pairs, longest, longest_context], step_s
+    eager_decode, graph_rows = _graph_features(index, point.get("graph"), prefill, decode)
+    row_width = None
+    if graph_rows is not None and longest_context is not None:
+        row_width = graph_rows * graph_width_tokens(int(longest_context))
+    return [
+        prefill, decode, context, mean, eager, extra_pairs, longest, longest_context,
+        eager_decode, graph_rows, row_width,
+    ], step_s  # fmt: skip
+
+
+def _graph_features(
+    index: int, graph: object, prefill: float, decode: float
+) -> tuple[float | None, float | None]:
+    """A point's eager decode requests and decode graph rows from its ``graph`` field
+    (whether the step replayed a decode graph; both None when not recorded).
+
+    Raises:
+        ValueError: a graph step with prefill tokens, or with no decode request or more
+            than a graph holds.
+    """
+    if graph is None:
+        return None, None
+    if not graph:
+        return decode, 0.0
+    rows = decode_graph_rows(int(decode)) if decode == int(decode) else 0
+    if prefill > 0 or rows == 0:
+        raise ValueError(
+            f"calibration point {index}: a graph step has no prefill tokens and 1 to "
+            f"{DECODE_GRAPH_SIZES[-1]} decode requests"
+        )
+    return 0.0, float(rows)
 
 
 def _check_longest_context(

@@ -1,0 +1,343 @@
+"""The simulator's step-time calibration from engine runs' own steps, and how well it
+predicts runs it was not fitted on.
+
+Calibrate: every profiled step of the given engine replays (``benchmarks/engine_replay.py``
+results: every layout and the unbounded run) becomes a calibration point
+(`avmp.sim.timing.fit_calibration`), optionally beside the points of an existing
+calibration file (``--cells``: the cells of ``benchmarks/engine.py``)::
+
+    python -m benchmarks.calibrate REPLAY.json.gz [REPLAY ...] --out CAL.json
+
+A point's time is what the simulator's clock must advance by for that step: the step's
+device time (CUDA events) plus the time the device then sat idle until the next step
+began (waiting for the host), reconstructed from the host's start times as
+benchmarks/engine.py does (`device_idle_after`); over a replay they add up to its
+timeline. Steps that captured a CUDA graph are dropped (one-off work, reported apart by
+the replay). A row records whether its step replayed a decode graph, which the fit uses
+(`avmp.sim.timing`: eager decode requests, graph rows); rows from before a field was
+recorded (attention pairs) load without it.
+
+Agreement: with two or more replays, each is resimulated (``engine_replay --resimulate``)
+with a calibration fitted on its own steps (in-sample) and with one fitted on the other
+replays' steps alone (held-out), and a table gives per run the measured and simulated
+req/s, preemptions and steps::
+
+    python -m benchmarks.calibrate --agreement A.json.gz B.json.gz --out agreement.json
+    python -m benchmarks.calibrate --markdown agreement.json
+
+The calibrations it fits are written to ``--calibration-dir`` (default: a temporary one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import read_result, repo_path, write_result
+
+# Fields of an engine replay's step row, in order (benchmarks/engine_replay.py `replay`);
+# rows stop after the longest context (index 9) before attention pairs were recorded.
+PREFILL, DECODE, CONTEXT, REQUESTS, PERIOD, DEVICE, GRAPH, CAPTURED = range(8)
+LONGEST_PREFILL, LONGEST_CONTEXT, ATTENTION_PAIRS = 8, 9, 10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("replays", nargs="*", type=Path, help="engine_replay results files")
+    parser.add_argument(
+        "--out", type=Path, help="calibration JSON to write; with --agreement: its results"
+    )
+    parser.add_argument(
+        "--cells", type=Path, help="also fit the points of this calibration file (engine.py cells)"
+    )
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="resimulate each replay in-sample and held-out, print the table",
+    )
+    parser.add_argument(
+        "--calibration-dir", type=Path, help="with --agreement: keep the fitted calibrations here"
+    )
+    parser.add_argument("--markdown", type=Path, help="print the table of agreement results")
+    return parser.parse_args(argv)
+
+
+# -- points ---------------------------------------------------------------------------------
+
+
+def run_points(steps: list[list[Any]]) -> list[dict[str, float]]:
+    """One replay run's step rows as calibration points, captures dropped (see the
+    module doc for the time each point gets)."""
+    from avmp.engine.profile import StepRecord
+    from benchmarks.engine import device_idle_after
+
+    starts = [0.0, *accumulate(row[PERIOD] for row in steps)]
+    records = [
+        StepRecord(row[PREFILL], row[DECODE], row[CONTEXT], 0, row[REQUESTS], started,
+                   row[DEVICE], bool(row[GRAPH]), bool(row[CAPTURED]))
+        for row, started in zip(steps, starts, strict=False)
+    ]  # fmt: skip
+    idle = device_idle_after(records)
+    return [
+        _point(row, device_s + idle_s)
+        for row, device_s, idle_s in zip(steps, (r.seconds for r in records), idle, strict=True)
+        if not row[CAPTURED]
+    ]
+
+
+def _point(row: list[Any], step_s: float) -> dict[str, float]:
+    point = {
+        "num_prefill_tokens": row[PREFILL],
+        "num_decode_requests": row[DECODE],
+        "num_context_tokens": row[CONTEXT],
+        "num_requests": row[REQUESTS],
+        "step_s": step_s,
+        "device_s": row[DEVICE],
+        "graph": int(bool(row[GRAPH])),
+    }
+    optional = {LONGEST_PREFILL: "longest_prefill_tokens",
+                LONGEST_CONTEXT: "longest_context_tokens",
+                ATTENTION_PAIRS: "num_attention_pairs"}  # fmt: skip
+    point.update({name: row[index] for index, name in optional.items() if len(row) > index})
+    return point
+
+
+def replay_points(results: dict[str, Any]) -> list[dict[str, float]]:
+    """The points of every run of an engine replay's results (each layout, then the
+    unbounded run).
+
+    Raises:
+        ValueError: results without step rows (a run on the CPU, or not a replay).
+    """
+    runs = [*results.get("runs", []), *([results["unbounded"]] if results.get("unbounded") else [])]
+    points = [p for run in runs for p in run_points(run["engine"].get("steps", []))]
+    if not points:
+        raise ValueError("the results hold no profiled engine steps (a GPU replay has them)")
+    return points
+
+
+def read_replay(path: Path) -> dict[str, Any]:
+    """An engine replay's results (raises FileNotFoundError or ValueError, one line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such results file: {path}")
+    try:
+        results = read_result(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a results file: {error}") from None
+    if not isinstance(results, dict) or "runs" not in results or "model" not in results:
+        raise ValueError(f"{path}: not an engine_replay results file")
+    return results
+
+
+def calibration(
+    replays: list[tuple[Path, dict[str, Any]]], cells: Path | None = None
+) -> dict[str, Any]:
+    """A calibration file's contents from the replays' steps (and the points of the
+    ``cells`` calibration file), checked to fit.
+
+    Raises:
+        ValueError: replays of different models or GPUs, a cells file of another model,
+            or points that do not fit (`avmp.sim.timing.fit_calibration`).
+    """
+    from avmp.sim.timing import fit_calibration
+
+    models = {results["model"] for _, results in replays}
+    gpus = {results["device"] for _, results in replays}
+    if len(models) != 1 or len(gpus) != 1:
+        raise ValueError(f"replays of one model on one GPU, got {sorted(models)} on {sorted(gpus)}")
+    points = [p for _, results in replays for p in replay_points(results)]
+    sources = [repo_path(path) for path, _ in replays]
+    if cells is not None:
+        points += _cell_points(cells, models)
+        sources.append(repo_path(cells))
+    (model,), (gpu,) = models, gpus
+    fit_calibration(points, gpu, model)  # a set that cannot fit is one line here
+    return {"gpu": gpu, "model": model, "sources": sources, "points": points}
+
+
+def _cell_points(path: Path, models: set[str]) -> list[dict[str, float]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such calibration file: {path}")
+    try:
+        data = json.loads(path.read_text())
+        points, model = list(data["points"]), data.get("model")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a calibration file: {error}") from None
+    if model is not None and model not in models:
+        raise ValueError(f"{path}: calibrated for {model!r}, the replays ran {sorted(models)}")
+    return [point if "graph" in point else _with_graph(point) for point in points]
+
+
+def _with_graph(point: dict[str, float]) -> dict[str, float]:
+    """A cell's point, which does not record whether its step replayed a decode graph,
+    marked as the engine runs it: a pure decode step of at most the largest graph size
+    replays a graph (benchmarks/engine.py drops the steps that captured one), any other
+    runs eagerly. True of the models that capture decode graphs, which calibrations
+    are made of (Granite-4.0-H, Nemotron-H)."""
+    from avmp.sim.timing import decode_graph_rows
+
+    rows = decode_graph_rows(int(point["num_decode_requests"]))
+    return point | {"graph": int(point["num_prefill_tokens"] == 0 and rows > 0)}
+
+
+# -- agreement ------------------------------------------------------------------------------
+
+
+def agreement(
+    replays: list[tuple[Path, dict[str, Any]]], calibration_dir: Path, cells: Path | None = None
+) -> dict[str, Any]:
+    """Each replay resimulated with a calibration of its own steps (in-sample) and with
+    one of the others' steps (held-out); per run the measured and simulated figures.
+
+    Raises:
+        ValueError: fewer than two replays, or what `calibration` and
+            `benchmarks.engine_replay.resimulate` raise.
+    """
+    if len(replays) < 2:
+        raise ValueError("--agreement needs two or more replays (one to fit, one to check)")
+    calibration_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (path, results) in enumerate(replays):
+        others = replays[:index] + replays[index + 1 :]
+        for fit, fitted_on in (("in-sample", [(path, results)]), ("held-out", others)):
+            name = "+".join(_label(p) for p, _ in fitted_on)
+            cal_path = calibration_dir / f"calibration_{name}.json"
+            cal_path.write_text(json.dumps(calibration(fitted_on, cells)))
+            rows += _agreement_rows(path, results, cal_path, fit, name)
+    return {"replays": [repo_path(p) for p, _ in replays],
+            "cells": repo_path(cells) if cells else None, "rows": rows}  # fmt: skip
+
+
+def _label(path: Path) -> str:
+    return path.name.split(".")[0]
+
+
+def _agreement_rows(
+    path: Path, results: dict[str, Any], cal_path: Path, fit: str, fitted_on: str
+) -> list[dict[str, Any]]:
+    from benchmarks.engine_replay import resimulate
+
+    again = resimulate(results, cal_path, None)
+    runs = [*again["runs"], *([again["unbounded"]] if again.get("unbounded") else [])]
+    return [
+        {
+            "replay": _label(path),
+            "layout": run["allocator"] if run is not again.get("unbounded") else "unbounded",
+            "fit": fit,
+            "fitted_on": fitted_on,
+            **{f"engine_{k}": run["engine"][k] for k in _FIGURES},
+            **{f"sim_{k}": run["sim"][k] for k in _FIGURES},
+            **priced_steps(run_points(run["engine"]["steps"]), cal_path),
+        }
+        for run in runs
+    ]
+
+
+_FIGURES = ("request_throughput", "num_preemptions", "num_steps")
+
+
+def point_shape(point: dict[str, float]) -> Any:
+    """The `BatchShape` of a calibration point from a replay (what the simulator would
+    price for that step)."""
+    from avmp.sim.timing import BatchShape, decode_graph_rows
+
+    decode = int(point["num_decode_requests"])
+    return BatchShape(
+        int(point["num_prefill_tokens"]), decode, int(point["num_context_tokens"]),
+        int(point.get("num_attention_pairs", 0)), int(point["num_requests"]),
+        int(point.get("longest_prefill_tokens", 0)), int(point.get("longest_context_tokens", 0)),
+        decode_graph_rows(decode) if point.get("graph") else 0,
+    )  # fmt: skip
+
+
+def priced_steps(points: list[dict[str, float]], cal_path: Path) -> dict[str, float]:
+    """The replay's own steps priced by a calibration against their measured time, for
+    the graph steps and the eager ones: the time model's error with the schedule held
+    fixed (seconds, summed)."""
+    from avmp.sim.timing import load_calibration
+
+    model = load_calibration(cal_path)
+    sums = dict.fromkeys(("graph_s", "graph_predicted_s", "eager_s", "eager_predicted_s"), 0.0)
+    for point in points:
+        kind = "graph" if point.get("graph") else "eager"
+        sums[f"{kind}_s"] += point["step_s"]
+        sums[f"{kind}_predicted_s"] += model.step_seconds(point_shape(point))
+    return sums
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The agreement table: per replay, layout and fit, req/s, preemptions and steps,
+    measured and simulated."""
+    cells = f" and the cells of `{result['cells']}`" if result.get("cells") else ""
+    lines = [
+        f"Simulator against engine, calibrations fitted on replays' own steps{cells}: "
+        "in-sample on the replay itself, held-out on the other replays alone.",
+        "",
+        "| replay | layout | fit (on) | engine req/s | sim req/s (error) | engine preemptions "
+        "| sim preemptions | engine steps | sim steps | engine's steps priced: graph / eager |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        measured, simulated = row["engine_request_throughput"], row["sim_request_throughput"]
+        lines.append(
+            f"| {row['replay']} | {row['layout']} | {row['fit']} ({row['fitted_on']}) | "
+            f"{measured:.2f} | {simulated:.2f} ({simulated / measured - 1:+.1%}) | "
+            f"{row['engine_num_preemptions']} | {row['sim_num_preemptions']} | "
+            f"{row['engine_num_steps']} | {row['sim_num_steps']} | {_priced(row)} |"
+        )
+    lines += [
+        "",
+        "Engine's steps priced: the replay's own step shapes priced by the calibration, "
+        "against their measured time (device time plus the device's wait for the host), "
+        "summed over the graph steps and the eager ones: the time model's error with the "
+        "schedule held fixed.",
+    ]
+    return "\n".join(lines)
+
+
+def _priced(row: dict[str, Any]) -> str:
+    errors = (
+        f"{row[f'{kind}_predicted_s']:.1f} s of {row[f'{kind}_s']:.1f} "
+        f"({row[f'{kind}_predicted_s'] / row[f'{kind}_s'] - 1:+.0%})"
+        if row[f"{kind}_s"]
+        else "-"
+        for kind in ("graph", "eager")
+    )
+    return " / ".join(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.markdown is not None:
+            print(markdown(read_result(args.markdown)))
+            return 0
+        if not args.replays:
+            raise ValueError("give engine_replay results files to fit (or --markdown FILE)")
+        replays = [(path, read_replay(path)) for path in args.replays]
+        if args.agreement:
+            with tempfile.TemporaryDirectory() as scratch:
+                result = agreement(replays, args.calibration_dir or Path(scratch), args.cells)
+            if args.out is not None:
+                write_result(args.out, result)
+            print(markdown(result))
+            return 0
+        if args.out is None:
+            raise ValueError("give --out CAL.json (the calibration to write)")
+        payload = calibration(replays, args.cells)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload))
+        print(f"{args.out}: {len(payload['points'])} points from {', '.join(payload['sources'])}")
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
