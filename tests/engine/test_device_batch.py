@@ -77,3 +77,27 @@ def test_every_field_starts_16_bytes_aligned(shape: StepShape) -> None:
         assert part.data_ptr() % 16 == 0, name
     sizes = [part.numel() for part in split_packed(base, shape)]
     assert sizes == list(shape.field_sizes())
+
+
+def test_a_padded_mixed_step_keeps_its_padded_arrays() -> None:
+    """What a CUDA graph of a mixed step reads: two real sequences (a prefill chunk and a
+    decode) padded to 16 rows and 4 sequences. Padding sequences own one padding token
+    each, the rows past them none; the decode arrays keep all 4 entries (the graph does
+    not know how many decodes it replays) and the query bound is the step's rows."""
+    work = [SequenceWork([7, 8, 9], 2, 5, [4, 1], True), SequenceWork([3], 6, 0, [2, 6], True)]
+    shape = StepShape(num_tokens=16, num_seqs=4, width=16, num_samples=4)
+    out = np.full(shape.total, 99, dtype=np.int64)
+    pack_step(work, 4, out, shape)
+    fields = split_packed(torch.from_numpy(out), shape)
+    assert fields.query_start_loc.tolist() == [0, 3, 4, 5, 6]  # rows 6..15: no sequence
+    assert fields.slot_mapping[4:].eq(-1).all() and fields.input_ids[4:].eq(0).all()
+    assert fields.sample_rows.tolist() == [2, 3, 4, 5]
+    batch = device_batch(fields, [], 4, is_decode=False, padded=True)
+    assert batch.padded and batch.sequences == () and batch.decode is None
+    assert batch.max_query_len == 16
+    assert batch.decode_rows.tolist() == [3, 0, 0, 0]
+    assert batch.decode_slots.tolist() == [0, -1, -1, -1]
+    eager = device_batch(fields, work, 4, is_decode=False)
+    assert not eager.padded and eager.max_query_len == 3 and eager.decode_rows.tolist() == [3]
+    with pytest.raises(ValueError, match="a padded step names no sequences"):
+        device_batch(fields, work, 4, is_decode=False, padded=True)

@@ -25,6 +25,7 @@ try:
 except pytest.skip.Exception:  # no CUDA, no interpreter: the bucket tests still run
     DEVICE = None
 
+from avmp.engine.device_batch import StepShape  # noqa: E402
 from avmp.engine.engine import Engine, EngineConfig  # noqa: E402
 from avmp.engine.fast_runner import (  # noqa: E402
     FastModelRunner,
@@ -113,6 +114,8 @@ def test_models_whose_prefill_path_reads_host_values_stay_eager(
     dense_checkpoint = tiny_checkpoint("granitemoehybrid", num_local_experts=0)
     dense = _runner(dense_checkpoint, cuda_graphs=False, pad_mixed=True)
     assert dense.model.can_capture_mixed() and dense.pad_mixed
+    minimax = load_model(tiny_checkpoint("minimax").path, torch.float32, "cpu")
+    assert not minimax.can_capture_mixed()  # the default: a family not checked
 
 
 @pytest.mark.parametrize("family", sorted(CAPTURABLE))
@@ -121,8 +124,6 @@ def test_families_whose_prefill_path_reads_device_arrays_alone_say_so(
 ) -> None:
     model = load_model(tiny_checkpoint(family, **CAPTURABLE[family]).path, torch.float32, "cpu")
     assert model.can_capture_mixed()
-    minimax = load_model(tiny_checkpoint("minimax").path, torch.float32, "cpu")
-    assert not minimax.can_capture_mixed()  # the default: not checked, so not captured
 
 
 def test_the_graph_cap_is_validated() -> None:
@@ -286,3 +287,41 @@ def test_moe_mixed_graphs_equal_the_padded_eager_pass(
         if graphs:
             assert any(s.graph for s in _padded_mixed_steps(engine))
     assert outputs[0] == outputs[1]
+
+
+def test_common_shapes_start_with_the_full_step_then_the_largest_batches(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    runner = _runner(tiny_checkpoint("bamba"), cuda_graphs=False, max_num_batched_tokens=64)
+    shapes = runner.common_mixed_shapes(max_num_seqs=6, context_tokens=100)  # 25 pages
+    assert {s.width for s in shapes} == {32}
+    assert [tuple(s[:2]) for s in shapes] == [
+        (64, 1),
+        *[(t, 8) for t in (16, 32, 64)],
+        *[(t, 4) for t in (16, 32, 64)],
+        *[(t, 2) for t in (16, 32, 64)],
+        (16, 1), (32, 1),
+    ]  # fmt: skip
+    assert all(s.num_samples == s.num_seqs for s in shapes)
+
+
+def test_a_step_replays_the_narrowest_captured_graph_wide_enough(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """Captured widths 32 and 128 of one bucket: a step needing 16 or 32 pages replays
+    the 32-wide graph, one needing 64 the 128-wide one, one needing 256 a new graph;
+    once the cap is reached, a bucket with no graph wide enough runs eagerly."""
+    runner = _runner(tiny_checkpoint("bamba"), cuda_graphs=False, max_num_batched_tokens=64,
+                     max_mixed_graphs=3)  # fmt: skip
+    runner.use_mixed_graphs = True  # as on CUDA; no step runs here
+    for width in (32, 128):
+        runner.mixed_graphs[StepShape(32, 2, width, 2)] = None  # type: ignore[assignment]
+
+    def width_of(pages: int) -> int | None:
+        shape = runner.padded_shape(_work([(20, 0), (1, 9)], pages), is_decode=False)
+        return None if shape is None else shape.width
+
+    assert [width_of(p) for p in (10, 32, 33, 200)] == [32, 32, 128, 256]
+    runner.mixed_graphs[StepShape(16, 1, 16, 1)] = None  # type: ignore[assignment]
+    assert width_of(200) is None  # the cap: 3 graphs
+    assert width_of(100) == 128

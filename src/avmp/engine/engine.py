@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from avmp.engine.fast_runner import DEFAULT_MAX_MIXED_GRAPHS
+from avmp.engine.fast_runner import DEFAULT_MAX_MIXED_GRAPHS, FastModelRunner
 from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_prefill_s_per_token
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
@@ -1246,14 +1246,32 @@ class Engine:
         3.5 s instead of 0.2 s, and the first mixed step 1.2 s. So a prompt longer than one
         step (a full step, then a chunk that attends to its cached context) runs beside
         short requests that decode meanwhile (mixed steps), then decodes alone. The
-        lifetime totals are left as they were.
+        lifetime totals are left as they were. Then, with prefill and mixed graphs on,
+        the buckets a workload meets most are captured (`_capture_common_mixed`).
         """
         totals = copy.deepcopy(self.totals)
         self.generate([[1, 2, 3]], max_tokens=2, ignore_eos=True)
         if self.device.type == "cuda":
             self.generate(self._warmup_prompts(), max_tokens=8, ignore_eos=True)
+            self._capture_common_mixed()
         self.reset_prefix_cache()  # the warm-up prompts are no one's prefix
         self.totals = totals
+
+    def _capture_common_mixed(self) -> None:
+        """Capture up to half of ``max_mixed_graphs`` prefill and mixed graphs before
+        any request (a server's steps do not pay their captures; the other half is
+        left for buckets met later), with block tables for ``max_model_len`` tokens or
+        four full steps. One rank only: on several, every capture must happen in the
+        same step on every rank, which the steps themselves arrange."""
+        runner = self.runner
+        if self._leader is not None or not isinstance(runner, FastModelRunner):
+            return
+        if not runner.use_mixed_graphs:
+            return
+        config = self.config
+        context = config.max_model_len or 4 * config.max_num_batched_tokens
+        shapes = runner.common_mixed_shapes(config.max_num_seqs, context)
+        runner.capture_mixed(shapes[: runner.max_mixed_graphs // 2])
 
     def _warmup_prompts(self) -> list[list[int]]:
         """Three short prompts (ragged lengths) and one longer than a step, as long as the
@@ -1366,7 +1384,6 @@ def build_runner(
     if not use_triton(config.kernels, device):
         model.use_ops(REFERENCE_OPS)
         return ModelRunner(model, views, config.block_size, device)
-    from avmp.engine.fast_runner import FastModelRunner
     from avmp.engine.triton_ops import TritonOps
 
     model.use_ops(TritonOps())

@@ -227,7 +227,10 @@ class FastModelRunner(ModelRunner):
     def padded_shape(self, work: list[SequenceWork], is_decode: bool) -> StepShape | None:
         """The bucket ``work`` pads to, or None where it runs unpadded and eagerly:
         padding off for its kind, a step larger than every bucket, or (graphs on) a
-        new prefill or mixed bucket past ``max_mixed_graphs``."""
+        new prefill or mixed bucket past ``max_mixed_graphs``. A prefill or mixed step
+        replays the narrowest captured graph of its tokens and sequences whose block
+        table is at least as wide as it needs (a wider table only adds zero columns
+        that no kernel reads), so block-table widths multiply the graphs little."""
         if is_decode:
             size = bucket(len(work), self.graph_sizes)
             if size is None or not (self.use_graphs or self.pad_decode):
@@ -240,10 +243,36 @@ class FastModelRunner(ModelRunner):
         if tokens is None or seqs is None:
             return None
         shape = StepShape(tokens, seqs, self._width(work), seqs)
-        full = len(self.mixed_graphs) >= self.max_mixed_graphs
-        if self.use_mixed_graphs and full and shape not in self.mixed_graphs:
+        if not self.use_mixed_graphs:
+            return shape
+        widths = [
+            key.width
+            for key in self.mixed_graphs
+            if key[:2] == shape[:2] and key.width >= shape.width
+        ]
+        if widths:
+            return shape._replace(width=min(widths))
+        if len(self.mixed_graphs) >= self.max_mixed_graphs:
             return None
         return shape
+
+    def common_mixed_shapes(self, max_num_seqs: int, context_tokens: int) -> list[StepShape]:
+        """The prefill and mixed buckets a serving workload meets most, in the order the
+        warm-up captures them: the full prefill step of one sequence, then for the
+        largest sequence buckets first (many decodes beside a prompt's chunk, a loaded
+        server's step) every token bucket that holds more tokens than sequences. All
+        with block tables wide enough for ``context_tokens`` per sequence."""
+        pages = -(-context_tokens // self.block_size)
+        width = max(MIN_GRAPH_WIDTH, 1 << max(pages - 1, 0).bit_length())
+        most = bucket(max_num_seqs, self.graph_sizes) or self.graph_sizes[-1]
+        full = StepShape(self.token_sizes[-1], 1, width, 1)
+        shapes = [full]
+        for seqs in sorted((b for b in self.graph_sizes if b <= most), reverse=True):
+            for tokens in self.token_sizes:
+                shape = StepShape(tokens, seqs, width, seqs)
+                if tokens > seqs and shape != full:
+                    shapes.append(shape)
+        return shapes
 
     def _width(self, work: list[SequenceWork]) -> int:
         pages = max((len(w.page_rows) for w in work), default=1)
