@@ -7,6 +7,7 @@ CPU with ``AVMP_TRITON_INTERPRET=1``: else that test skips)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -108,6 +109,33 @@ def test_decode_is_captured_with_lightning_on_device_and_grouped_experts(
     assert model.can_capture_decode() == capturable
 
 
+def _lightning_through_triton(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """Route `TritonOps.lightning_mix` through `avmp.engine.triton_lightning` (what the
+    engine's wiring does) and record (device batch, decode step) of every call."""
+    from avmp.engine import triton_lightning
+    from avmp.engine.device_batch import DeviceStepBatch
+    from avmp.engine.triton_ops import TritonOps
+
+    calls: list[tuple[bool, bool]] = []
+
+    def lightning_mix(
+        self: TritonOps, mixer: LightningAttention, qkv: torch.Tensor, states: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:  # fmt: skip
+        calls.append((isinstance(batch, DeviceStepBatch), getattr(batch, "is_decode", False)))
+        return triton_lightning.lightning_mix(mixer, qkv, states, batch)
+
+    monkeypatch.setattr(TritonOps, "lightning_mix", lightning_mix)
+    return calls
+
+
+def _triton_engine(checkpoint: TinyCheckpoint, device: torch.device, **options: Any) -> Engine:
+    config = EngineConfig(memory_bytes=4 * MiB, device=str(device), block_size=4,
+                          max_num_seqs=3, max_num_batched_tokens=12, check_integrity=True,
+                          kernels="triton", **options)  # fmt: skip
+    return Engine(checkpoint.path, config)
+
+
 @pytest.mark.gpu
 def test_greedy_matches_transformers_through_the_triton_lightning_path(
     tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
@@ -116,27 +144,32 @@ def test_greedy_matches_transformers_through_the_triton_lightning_path(
     `avmp.engine.triton_lightning` (prefill chunks of one prompt over several steps,
     steps mixing prefill and decode, decode steps) gives transformers' greedy tokens."""
     device = kernel_device()
-    from avmp.engine import triton_lightning
-    from avmp.engine.device_batch import DeviceStepBatch
-    from avmp.engine.triton_ops import TritonOps
-
-    steps: list[tuple[bool, bool]] = []  # (device batch, decode step) of each call
-
-    def lightning_mix(
-        self: TritonOps, mixer: LightningAttention, qkv: torch.Tensor, states: torch.Tensor,
-        batch: StepBatch,
-    ) -> torch.Tensor:  # fmt: skip
-        steps.append((isinstance(batch, DeviceStepBatch), getattr(batch, "is_decode", False)))
-        return triton_lightning.lightning_mix(mixer, qkv, states, batch)
-
-    monkeypatch.setattr(TritonOps, "lightning_mix", lightning_mix)
+    calls = _lightning_through_triton(monkeypatch)
     checkpoint = tiny_checkpoint("minimax")
-    config = EngineConfig(memory_bytes=4 * MiB, device=str(device), block_size=4,
-                          max_num_seqs=3, max_num_batched_tokens=12, check_integrity=True,
-                          kernels="triton")  # fmt: skip
-    engine = Engine(checkpoint.path, config)
+    engine = _triton_engine(checkpoint, device)
     prompts = random_prompts([3, 19, 1, 11, 26])
     for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=8), strict=True):
         assert output.token_ids == checkpoint.reference(prompt, 8)
-    assert steps and all(on_device for on_device, _ in steps)
-    assert any(decode for _, decode in steps) and not all(decode for _, decode in steps)
+    assert calls and all(on_device for on_device, _ in calls)
+    assert any(decode for _, decode in calls) and not all(decode for _, decode in calls)
+
+
+@pytest.mark.gpu
+def test_bf16_decode_steps_replay_in_cuda_graphs(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In bf16 on an H100/H200-class GPU (the experts' grouped path) the whole decode step
+    is on the device: captured in CUDA graphs, it gives the eager engine's tokens."""
+    if kernel_device().type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    _lightning_through_triton(monkeypatch)
+    checkpoint = tiny_checkpoint("minimax")
+    prompts = random_prompts([5, 2, 9, 14, 3])
+    graphed = _triton_engine(checkpoint, torch.device("cuda"), dtype="bfloat16")
+    assert graphed.model.can_capture_decode(), "needs bf16 grouped experts (sm90 or sm100)"
+    graphed.runner.profile.start()
+    ours = graphed.generate(prompts, max_tokens=8)
+    assert any(s.graph for s in graphed.runner.profile.steps)
+    eager = _triton_engine(checkpoint, torch.device("cuda"), dtype="bfloat16", cuda_graphs=False)
+    theirs = eager.generate(prompts, max_tokens=8)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
