@@ -522,11 +522,11 @@ class _Simulation:
 
     def _step(self) -> None:
         before = _read_counters(self.allocator)
+        host_before = _host_level_bytes(self.scheduler.prefix)
         plan = self.scheduler.schedule()
         if plan.is_empty and not plan.rejected and not plan.preempted:
             self._raise_stalled()
         compute_s, recompute_s = self._compute_seconds(plan)
-        host_before = _host_level_bytes(self.scheduler.prefix)
         outcome = self.scheduler.finish_step(plan)
         self._charge(before, compute_s, recompute_s)
         self._charge_swaps(plan, _host_level_bytes(self.scheduler.prefix) - host_before)
@@ -593,9 +593,9 @@ class _Simulation:
         swapped requests, and the prefix cache's checkpoints (``num_checkpoint_bytes``,
         kept or restored while the step was planned and finished); the engine orders
         them before the step's kernels or after them, so they add to the step."""
+        self.num_swap_bytes += plan.num_swap_bytes  # requests' (checkpoints': their report)
         num_bytes = plan.num_swap_bytes + num_checkpoint_bytes
         if num_bytes:
-            self.num_swap_bytes += num_bytes
             seconds = num_bytes / self.host_link_bytes_per_s
             self.phase_s["swap"] += seconds
             self.now_s += seconds
