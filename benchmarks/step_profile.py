@@ -1,6 +1,7 @@
 """Where one engine step's time goes on a GPU: a decode batch replayed as a CUDA graph or
-run eagerly, a prefill chunk, and the two mixed in one (eager) step, with the kernels'
-GPU time from ``torch.profiler``.
+run eagerly, a prefill chunk, and the two mixed in one step (eagerly, and replayed as a
+CUDA graph padded to its token and sequence buckets), with the kernels' GPU time from
+``torch.profiler``.
 
 The requests are placed with the engine's own allocator (their caches hold whatever bytes
 were there: the timing does not depend on them); each case is run three times to warm up
@@ -106,18 +107,30 @@ def profile_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     graphs = engine.runner
     eager = FastModelRunner(engine.model, engine.views, engine.config.block_size,
                             engine.device, cuda_graphs=False)  # fmt: skip
+    assert isinstance(graphs, FastModelRunner)
+    mixed = decode + prefill
     timings = {
         "decode_graph_ms": median_ms(graphs, decode),
         "decode_eager_ms": median_ms(eager, decode),
         "prefill_eager_ms": median_ms(eager, prefill),
-        "mixed_eager_ms": median_ms(eager, decode + prefill),
+        "mixed_eager_ms": median_ms(eager, mixed),
+        # graphs that cannot be captured (the model, or a failed capture) run eagerly
+        "prefill_graph_ms": median_ms(graphs, prefill),
+        "mixed_graph_ms": median_ms(graphs, mixed),
     }
     timings["split_ms"] = timings["decode_graph_ms"] + timings["prefill_eager_ms"]
+    timings["split_graph_ms"] = timings["decode_graph_ms"] + timings["prefill_graph_ms"]
+    shape = graphs.padded_shape(mixed, is_decode=False)
+    prefill_shape = graphs.padded_shape(prefill, is_decode=False)
     result = {
         "model": name,
         "decode_batch": args.decode_batch,
         "context": args.context,
         "prefill": args.prefill,
+        "mixed_graph": shape is not None and shape in graphs.mixed_graphs,
+        "prefill_graph": prefill_shape is not None and prefill_shape in graphs.mixed_graphs,
+        "mixed_bucket": None if shape is None else list(shape),
+        "mixed_graph_error": graphs.mixed_graph_error,
         **timings,
         "decode": kernel_table(eager, decode),
         "mixed": kernel_table(eager, decode + prefill),
@@ -140,8 +153,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"| prefill chunk alone, eager | {m['prefill_eager_ms']:.2f} |",
             f"| decode batch + prefill chunk in one step, eager | {m['mixed_eager_ms']:.2f} |",
             f"| the two apart (graph + eager) | {m['split_ms']:.2f} |",
-            "",
         ]
+        if "mixed_graph_ms" in m:  # results from before mixed graphs lack these rows
+            how = "CUDA graph" if m["mixed_graph"] else "eager (no graph)"
+            alone = "CUDA graph" if m["prefill_graph"] else "eager (no graph)"
+            bucket = m["mixed_bucket"]
+            padded = f", padded to {bucket[0]} tokens, {bucket[1]} rows" if bucket else ""
+            lines += [
+                f"| prefill chunk alone, {alone} | {m['prefill_graph_ms']:.2f} |",
+                f"| decode batch + prefill chunk in one step, {how}{padded} "
+                f"| {m['mixed_graph_ms']:.2f} |",
+                f"| the two apart (decode graph + prefill {alone}) | {m['split_graph_ms']:.2f} |",
+            ]
+        lines.append("")
         for case in ("decode", "mixed"):
             table = m[case]
             launches = f" in {table['launches']} launches" if "launches" in table else ""

@@ -1260,16 +1260,19 @@ class Engine:
     def _capture_common_mixed(self) -> None:
         """Capture up to half of ``max_mixed_graphs`` prefill and mixed graphs before
         any request (a server's steps do not pay their captures; the other half is
-        left for buckets met later), with block tables for ``max_model_len`` tokens or
-        four full steps. One rank only: on several, every capture must happen in the
-        same step on every rank, which the steps themselves arrange."""
+        left for buckets met later), with block tables for a step's worth of context
+        per sequence (``max_model_len`` if shorter): a step needing a wider table
+        captures its own, which then serves every narrower one, while a wider table
+        for all would cost every step its packing. One rank only: on several, every
+        capture must happen in the same step on every rank, which the steps arrange."""
         runner = self.runner
         if self._leader is not None or not isinstance(runner, FastModelRunner):
             return
         if not runner.use_mixed_graphs:
             return
         config = self.config
-        context = config.max_model_len or 4 * config.max_num_batched_tokens
+        context = min(config.max_model_len or config.max_num_batched_tokens,
+                      config.max_num_batched_tokens)  # fmt: skip
         shapes = runner.common_mixed_shapes(config.max_num_seqs, context)
         runner.capture_mixed(shapes[: runner.max_mixed_graphs // 2])
 
