@@ -16,6 +16,15 @@ TTFT p50/p99 and req/s with and without the cache, and the peak bytes of checkpo
     python -m benchmarks.prefix --from-json benchmarks/results/prefix.json.gz
 
 Raw figures go to benchmarks/results/prefix.json.gz; the table is drawn from them.
+
+``--host-level`` measures the host tier as a second level for evicted checkpoints
+instead: ``avmp`` without and with it (``avmp+host``, `SimConfig.prefix_host_level`;
+the host tier is the simulator's default, twice the budget) at small budgets, where the
+device level evicts checkpoints that later turns need. Raw figures go to
+benchmarks/results/prefix_host.json.gz.
+
+    python -m benchmarks.prefix --host-level    # ~1-2 min on one CPU core
+    python -m benchmarks.prefix --host-level --from-json benchmarks/results/prefix_host.json.gz
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ from avmp.units import parse_bytes
 from benchmarks.common import RESULTS_DIR, read_result, write_result
 
 DEFAULT_OUT = RESULTS_DIR / "prefix.json.gz"
+HOST_OUT = RESULTS_DIR / "prefix_host.json.gz"
+HOST_BUDGETS = ("2GiB", "4GiB")
+HOST_POLICIES = ("avmp", "avmp+host")
 MODELS = ("nemotron-h-8b", "granite-4.0-h-tiny", "jamba-1.5-mini")
 WORKLOADS = (*PREFIX_PRESETS, "sharegpt")
 BUDGETS = ("8GiB", "32GiB")
@@ -51,17 +63,20 @@ def trace(workload: str, seed: int, num_requests: int) -> list[RequestSpec]:
     return make_prefix_workload(workload, seed, num_requests)
 
 
-def run_cell(workload: str, model: str, budget: str, requests: list[RequestSpec]
-             ) -> dict[str, Any]:  # fmt: skip
-    """Every policy on one trace, model and budget."""
+def run_cell(workload: str, model: str, budget: str, requests: list[RequestSpec],
+             policies: tuple[str, ...] = POLICIES) -> dict[str, Any]:  # fmt: skip
+    """Every policy on one trace, model and budget (``-lru``: LRU eviction; ``+host``:
+    the host tier as a second level)."""
     geometry = resolve_model(model)
     cell: dict[str, Any] = {"workload": workload, "model": model, "budget": budget}
-    for policy in POLICIES:
-        name, eviction = (policy.removesuffix("-lru"), "lru") if policy.endswith("-lru") else (
-            policy, None)  # fmt: skip
+    for policy in policies:
+        host_level = policy.endswith("+host")
+        name = policy.removesuffix("+host")
+        name, eviction = (name.removesuffix("-lru"), "lru") if name.endswith("-lru") else (
+            name, None)  # fmt: skip
         allocator = make_allocator("avmp", geometry, MemoryConfig(parse_bytes(budget)))
         config = SimConfig(profile=PROFILE, prefix_cache=name, prefix_eviction=eviction,
-                           timeline_samples=0)  # fmt: skip
+                           prefix_host_level=host_level, timeline_samples=0)  # fmt: skip
         result = simulate(requests, allocator, geometry, config)
         cell[policy] = {
             "num_completed": result.num_completed,
@@ -70,23 +85,25 @@ def run_cell(workload: str, model: str, budget: str, requests: list[RequestSpec]
             "request_throughput": result.request_throughput,
             "num_preemptions": result.num_preemptions,
             "prefix": result.prefix,
+            "swap_s": result.phase_s["swap"],
         }
     return cell
 
 
 def run(models: tuple[str, ...], budgets: tuple[str, ...], workloads: tuple[str, ...],
-        num_requests: int, seed: int) -> dict[str, Any]:  # fmt: skip
+        num_requests: int, seed: int, policies: tuple[str, ...] = POLICIES
+        ) -> dict[str, Any]:  # fmt: skip
     cells = []
     started = time.perf_counter()
     for workload in workloads:
         requests = trace(workload, seed, num_requests)
         for model, budget in itertools.product(models, budgets):
-            cells.append(run_cell(workload, model, budget, requests))
+            cells.append(run_cell(workload, model, budget, requests, policies))
             print(f"  {workload} {model} {budget}: {time.perf_counter() - started:.0f} s",
                   file=sys.stderr)  # fmt: skip
     return {
         "settings": {"profile": PROFILE, "num_requests": num_requests, "seed": seed,
-                     "allocator": "avmp", "policies": list(POLICIES)},
+                     "allocator": "avmp", "policies": list(policies)},
         "cells": cells,
     }  # fmt: skip
 
@@ -124,6 +141,32 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def host_table(result: dict[str, Any]) -> str:
+    """``avmp`` without and with the host level, per cell: hits against the ideal, TTFT
+    p50/p99, req/s, and what the host level did (checkpoints kept and restored, the
+    seconds its copies and requests' swaps took at the host link)."""
+    header = ["workload", "model", "budget", "hit/ideal avmp / +host", "TTFT p50 ms",
+              "TTFT p99 ms", "req/s", "ckpts kept / restored / dropped",
+              "host copy s"]  # fmt: skip
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cell in result["cells"]:
+        off, on = cell["avmp"], cell["avmp+host"]
+        host = on["prefix"].get("host_level", {})
+        ideal = off["prefix"]["num_ideal_tokens"]
+        hits = (f"{_rate(cell, 'avmp'):.1%} / {_rate(cell, 'avmp+host'):.1%}" if ideal
+                else "-")  # fmt: skip
+        rows.append("| " + " | ".join([
+            cell["workload"], cell["model"], cell["budget"], hits,
+            f"{off['ttft_p50_s'] * 1e3:.1f} / {on['ttft_p50_s'] * 1e3:.1f}",
+            f"{off['ttft_p99_s'] * 1e3:.1f} / {on['ttft_p99_s'] * 1e3:.1f}",
+            f"{off['request_throughput']:.3f} / {on['request_throughput']:.3f}",
+            f"{host.get('num_kept', 0)} / {host.get('num_restored', 0)} / "
+            f"{host.get('num_dropped', 0)}",
+            f"{on['swap_s']:.3f}",
+        ]) + " |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def bars(result: dict[str, Any]) -> str:
     """The issue's simulator bars, counted over the cells: hits >= 90% of the ideal,
     >= 2x vLLM align's and >= SGLang's rule's (cells with reuse), and req/s with the
@@ -150,23 +193,36 @@ def bars(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--budgets", default=",".join(BUDGETS))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--budgets", help=f"default {','.join(BUDGETS)} "
+                        f"({','.join(HOST_BUDGETS)} with --host-level)")  # fmt: skip
+    parser.add_argument("--workloads", help=f"default {','.join(WORKLOADS)} (the prefix "
+                        "presets with --host-level)")  # fmt: skip
     parser.add_argument("--requests", type=int, default=NUM_REQUESTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, help=f"default {DEFAULT_OUT} ({HOST_OUT} with "
+                        "--host-level)")  # fmt: skip
     parser.add_argument("--from-json", type=Path, help="print the table of a saved result")
+    parser.add_argument("--host-level", action="store_true",
+                        help="avmp without and with the host tier as a second level")  # fmt: skip
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved = read_result(args.from_json)
-        print(table(saved) + "\n\n" + bars(saved))
+        print(_show(read_result(args.from_json), args.host_level))
         return 0
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
-    result = run(split(args.models), split(args.budgets), split(args.workloads),
-                 args.requests, args.seed)  # fmt: skip
-    write_result(args.out, result)
-    print(table(result) + "\n\n" + bars(result))
+    host = args.host_level
+    budgets = split(args.budgets) if args.budgets else (HOST_BUDGETS if host else BUDGETS)
+    # ShareGPT first turns evict nothing that anyone reuses: the presets only
+    default_workloads = tuple(PREFIX_PRESETS) if host else WORKLOADS
+    workloads = split(args.workloads) if args.workloads else default_workloads
+    result = run(split(args.models), budgets, workloads, args.requests, args.seed,
+                 HOST_POLICIES if host else POLICIES)  # fmt: skip
+    write_result(args.out or (HOST_OUT if host else DEFAULT_OUT), result)
+    print(_show(result, host))
     return 0
+
+
+def _show(result: dict[str, Any], host_level: bool) -> str:
+    return host_table(result) if host_level else table(result) + "\n\n" + bars(result)
 
 
 if __name__ == "__main__":
