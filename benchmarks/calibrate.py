@@ -41,9 +41,9 @@ from typing import Any
 from benchmarks.common import read_result, repo_path, write_result
 
 # Fields of an engine replay's step row, in order (benchmarks/engine_replay.py `replay`);
-# rows stop after the longest context (index 9) before attention pairs were recorded.
+# older rows stop earlier (after the graph flags, or after the longest context).
 PREFILL, DECODE, CONTEXT, REQUESTS, PERIOD, DEVICE, GRAPH, CAPTURED = range(8)
-LONGEST_PREFILL, LONGEST_CONTEXT, ATTENTION_PAIRS = 8, 9, 10
+LONGEST_PREFILL, LONGEST_CONTEXT, ATTENTION_PAIRS, PADDED_TOKENS = 8, 9, 10, 11
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +102,8 @@ def _point(row: list[Any], step_s: float) -> dict[str, float]:
     }
     optional = {LONGEST_PREFILL: "longest_prefill_tokens",
                 LONGEST_CONTEXT: "longest_context_tokens",
-                ATTENTION_PAIRS: "num_attention_pairs"}  # fmt: skip
+                ATTENTION_PAIRS: "num_attention_pairs",
+                PADDED_TOKENS: "num_padded_tokens"}  # fmt: skip
     point.update({name: row[index] for index, name in optional.items() if len(row) > index})
     return point
 

@@ -276,12 +276,14 @@ def replay(
         "timeline": stats.timeline,
         # per profiled step: prefill tokens, decode requests, context tokens, requests,
         # period (start to next start), runner seconds, graph replayed, graph captured,
-        # longest prefill chunk, longest context of one request (absent from results
-        # before them)
+        # longest prefill chunk, longest context of one request, attention pairs, rows
+        # a padded step ran (absent from results before them; benchmarks/calibrate.py
+        # reads them)
         "steps": [
             [s.num_prefill_tokens, s.num_decode_requests, s.num_context_tokens,
              s.num_requests, b.started - s.started, s.seconds, s.graph, s.captured,
-             s.longest_prefill_tokens, s.longest_context_tokens]
+             s.longest_prefill_tokens, s.longest_context_tokens, s.num_attention_pairs,
+             s.num_padded_tokens]
             for s, b in zip(steps, steps[1:], strict=False)
         ],  # fmt: skip
         **engine_latencies(trace, outputs, timed_s, slo_targets(args)),

@@ -36,11 +36,15 @@ position p counts p + 1, a chunk of n tokens starting at s counts s + n),
 ``num_requests`` the scheduled requests, ``longest_prefill_tokens`` the most tokens
 one request computes in the step's prefill chunks (0 for a pure decode step), and
 ``longest_context_tokens`` the most context tokens of one scheduled request (``s + n``
-for a chunk of n tokens at s, decode or prefill). Other fields are ignored.
+for a chunk of n tokens at s, decode or prefill), ``graph`` 1 when the step replayed a
+CUDA graph and 0 when it ran eagerly, and ``num_padded_tokens`` the rows a graph ran,
+padding included (a decode graph without it ran `decode_graph_rows`). Other fields are
+ignored.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
-longest_prefill_tokens, longest_context_tokens``.
+longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_decode_rows,
+graph_row_width_tokens``.
 ``has_prefill`` (1 when the step computes any prefill token) is the fixed cost of a step
 the engine runs eagerly: only pure decode steps replay CUDA graphs, so a step that mixes
 one short prefill chunk into a decode batch pays every kernel launch from Python. The
@@ -63,8 +67,24 @@ ones, ~5,000 per request on average) took 5.7-9.4 ms where the mean-context fit 
 contexts the two are equal (the fit cannot tell them apart there and keeps the older),
 and only skewed batches (the calibration's long-context cells) determine it.
 
-The time the device waits for the host is in ``step_s`` as the benchmark measures it
-(benchmarks/engine.py): the device time of the step (CUDA events recorded by the host
+The last three tell a step that replays a CUDA graph from one that runs eagerly, which
+the step's shape alone cannot: the engine replays graphs of pure decode steps padded to a
+captured batch size (`DECODE_GRAPH_SIZES`), and `BatchShape.from_chunks` marks them so.
+``eager_decode_requests`` (the decode requests of a step without a graph) prices decode
+rows that launch their kernels from Python: on an H200 (Granite-4.0-H-Micro geometry,
+replays of ShareGPT and of a long-document mix) a step mixing a few hundred prefill
+tokens with 12-18 decode rows took 35-45 ms and one with 25-40 rows 70-80 ms, where a
+graph of the same rows took 5-10 ms. ``graph_decode_rows`` (the graph's rows, padding
+included) and ``graph_row_width_tokens`` (those rows times the graph's block-table width
+in tokens, `graph_width_tokens`) price what a graph runs rather than what it needs: in
+the long-document replay a decode graph of 33 rows (padded to 64) at contexts up to 31k
+tokens took 9.4 ms and one of 32 rows at the same contexts 6.8 ms, while 64-row graphs
+of ShareGPT's 1-2k-token contexts took about 5 ms; without the width term a fit on the
+long-document steps priced ShareGPT's graph steps 60-90% too high, with it within 6%.
+
+The time the device waits for the host is in ``step_s`` as the benchmarks measure it
+(benchmarks/engine.py from its cells, benchmarks/calibrate.py from engine replays' step
+rows): the device time of the step (CUDA events recorded by the host
 before its first launch and after its last, so an eager step whose launches are slower
 than its kernels counts the device's waits between them) plus the device's idle time
 before the next step begins, reconstructed from the host's start times. ``has_prefill``
@@ -72,19 +92,24 @@ then carries the host's cost of an eager step: its launches and the sampling, se
 planning after it that the overlap with the next step cannot hide. There is no separate
 host-time floor: step records hold no host time of their own on the GPU.
 
-The fit minimises the *relative* error (least squares weighted by ``1 / step_s``): a
-plain fit lets the few long prefill steps dominate the squared error and misses the many
-short decode steps by tens of percent. A file from before a field was recorded still
-loads: the fit uses mean context only when every point has ``num_requests``, prefill
-attention pairs only when every point has ``num_attention_pairs``, the longest chunk only
-when every point has ``longest_prefill_tokens``, the longest context only when every
-point has ``longest_context_tokens``, and it drops the optional features that the points
-cannot tell apart from the rest (the mean context of batch-1 steps, ``has_prefill`` when
-every step or none has prefill, the longest chunk when every prefill step holds one
-chunk, the longest context when every step's contexts are even), the longest context
-first, then ``has_prefill``, then the mean context, then the prefill attention pairs,
-then the longest chunk. At least 4 points of full
-rank are needed; a step is never predicted below the fastest measured step.
+The fit minimises the *relative* error: a plain fit lets the few long prefill steps
+dominate the squared error and misses the many short decode steps by tens of percent.
+Relative to the *predicted* time (least squares weighted by ``1 / step_s`` first, then
+reweighted by the prediction, `_reweighted_fit`), since weighting by the measured time
+biases the fit low when steps of one shape are timed noisily (see there). A file from
+before a field was recorded still loads: the fit uses mean context only when every point
+has ``num_requests``, prefill attention pairs only when every point has
+``num_attention_pairs``, the longest chunk only when every point has
+``longest_prefill_tokens``, the longest context only when every point has
+``longest_context_tokens``, the graph features only when every point has ``graph`` (and
+the width term only beside the longest context), and it drops the optional features that
+the points cannot tell apart from the rest (the mean context of batch-1 steps,
+``has_prefill`` when every step or none has prefill, the longest chunk when every prefill
+step holds one chunk, the longest context when every step's contexts are even, the graph
+features when no step or every step ran a graph), the graph width first, then the graph
+rows, the eager decode requests, the longest context, ``has_prefill``, the mean context,
+the prefill attention pairs, and the longest chunk last. At least 4 points of full rank
+are needed; a step is never predicted below the fastest measured step.
 """
 
 from __future__ import annotations
@@ -383,9 +408,9 @@ class BatchShape:
         longest_context_tokens: the most context tokens of one scheduled request (its
             tokens in the cache once the step is done): decode attention scans one
             request's KV serially. 0 (not recorded) is priced as the mean context.
-        num_graph_rows: the rows of the CUDA graph a pure decode step replays (its
-            decode requests padded to a captured batch size, `decode_graph_rows`); 0 for
-            a step that runs eagerly (any prefill, or a batch above every graph size).
+        num_graph_rows: the rows of the CUDA graph the step replays, padding included
+            (`from_chunks`: a pure decode step's requests padded to a captured batch
+            size, `decode_graph_rows`); 0 for a step that runs eagerly.
     """
 
     num_prefill_tokens: int = 0
@@ -783,8 +808,10 @@ def _reweighted_fit(
     Weighting by the measured time instead biases the fit low where steps of one shape
     are timed noisily: a step timed short weighs more than one timed long, so the fit
     follows the short ones. Engine replays time their steps so (overlapped steps, the
-    host racing one ahead), and the bias summed over a replay of an H200 was 5-13% of
-    its time; weighted by the prediction, a step's weight does not depend on its noise.
+    host racing one ahead): fitted on all of an H200 replay's steps and summed over each
+    of its runs, the steps came out 1.5-14.5% below their measured time weighted by the
+    measurement, and between -7% and +5% weighted by the prediction, whose weights do
+    not depend on a step's noise.
     """
     floor = float(targets.min())
     solution = np.array(coefficients)
@@ -845,7 +872,7 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
     mean = None if requests is None else context / requests
     extra_pairs = None if pairs is None else pairs - context
     eager = float(prefill > 0)
-    eager_decode, graph_rows = _graph_features(index, point.get("graph"), prefill, decode)
+    eager_decode, graph_rows = _graph_features(index, point, prefill, decode)
     row_width = None
     if graph_rows is not None and longest_context is not None:
         row_width = graph_rows * graph_width_tokens(int(longest_context))
@@ -856,26 +883,32 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
 
 
 def _graph_features(
-    index: int, graph: object, prefill: float, decode: float
+    index: int, point: dict[str, float], prefill: float, decode: float
 ) -> tuple[float | None, float | None]:
-    """A point's eager decode requests and decode graph rows from its ``graph`` field
-    (whether the step replayed a decode graph; both None when not recorded).
+    """A point's eager decode requests and graph rows from its ``graph`` field (whether
+    the step replayed a CUDA graph) and ``num_padded_tokens`` (the rows the graph ran,
+    padding included); both None when ``graph`` is not recorded. A decode graph that
+    does not record its rows ran `decode_graph_rows` of them.
 
     Raises:
-        ValueError: a graph step with prefill tokens, or with no decode request or more
-            than a graph holds.
+        ValueError: a graph step with fewer rows than tokens, or a graph step with
+            prefill tokens that does not record its rows.
     """
+    graph = point.get("graph")
     if graph is None:
         return None, None
     if not graph:
         return decode, 0.0
-    rows = decode_graph_rows(int(decode)) if decode == int(decode) else 0
-    if prefill > 0 or rows == 0:
+    padded = float(point.get("num_padded_tokens") or 0)
+    if padded == 0 and prefill == 0 and decode == int(decode):
+        padded = float(decode_graph_rows(int(decode)))
+    if not math.isfinite(padded) or padded == 0 or padded < prefill + decode:
         raise ValueError(
-            f"calibration point {index}: a graph step has no prefill tokens and 1 to "
-            f"{DECODE_GRAPH_SIZES[-1]} decode requests"
+            f"calibration point {index}: a graph step runs at least its tokens as rows "
+            "(num_padded_tokens; a decode graph at most "
+            f"{DECODE_GRAPH_SIZES[-1]} requests when it does not record them)"
         )
-    return 0.0, float(rows)
+    return 0.0, padded
 
 
 def _check_longest_context(
