@@ -154,6 +154,9 @@ class FastModelRunner(ModelRunner):
         self._captured = False
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.mixed_graphs: dict[StepShape, _Graph] = {}
+        # The logits of every prefill and mixed graph, rows [:B] for a graph of B rows:
+        # one buffer, not one per graph (256 rows of a 100k vocabulary are 100 MiB).
+        self._mixed_logits: torch.Tensor | None = None
         self.profile = RunnerProfile()
         graphs_on = self.use_graphs or self.use_mixed_graphs
         self._pool = torch.cuda.graph_pool_handle() if graphs_on else None
@@ -383,9 +386,21 @@ class FastModelRunner(ModelRunner):
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile the Triton kernels, create cuBLAS handles
-                self._padded_forward(fields, is_decode)
+                logits = self._padded_forward(fields, is_decode)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        shared = None if is_decode else self._shared_logits(logits)[: shape.num_samples]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._padded_forward(fields, is_decode)
+            if shared is not None:  # the graph's own logits return to the pool
+                logits = shared.copy_(logits)
         return _Graph(graph, inputs, logits)
+
+    def _shared_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The prefill and mixed graphs' one logits buffer, made at the first capture.
+        Sharing is safe: the engine samples a step's logits (on the stream) before it
+        launches the next step, which is the only thing that overwrites them."""
+        if self._mixed_logits is None:
+            rows = max(self.graph_sizes[-1], logits.shape[0])
+            self._mixed_logits = logits.new_empty((rows, logits.shape[1]))
+        return self._mixed_logits
