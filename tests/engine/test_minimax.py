@@ -16,6 +16,7 @@ from engine_helpers import CONFIGS, MiB, TinyCheckpoint, random_prompts
 from avmp.engine.batch import StepBatch
 from avmp.engine.engine import Engine, EngineConfig
 from avmp.engine.experts import ExpertSlice
+from avmp.engine.fast_runner import FastModelRunner
 from avmp.engine.loader import CheckpointError, load_model, read_tensors, weight_files
 from avmp.engine.models.minimax import LightningAttention, MiniMaxModel
 from avmp.engine.ops import REFERENCE_OPS, Ops
@@ -152,6 +153,33 @@ def test_greedy_matches_transformers_through_the_triton_lightning_path(
         assert output.token_ids == checkpoint.reference(prompt, 8)
     assert calls and all(on_device for on_device, _ in calls)
     assert any(decode for _, decode in calls) and not all(decode for _, decode in calls)
+
+
+@pytest.mark.gpu
+def test_padded_steps_through_the_triton_lightning_path(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode, prefill and mixed steps padded to the graphs' buckets (naming no
+    sequences: the lightning layers read the device arrays alone, padding rows slot -1),
+    run eagerly here, give transformers' tokens. The runner pads only for a model whose
+    steps can be captured, so this run lets it: the experts' loop is eager here anyway."""
+    device = kernel_device()
+    calls = _lightning_through_triton(monkeypatch)
+    monkeypatch.setattr(ExpertSlice, "is_capturable", lambda self: True)
+    monkeypatch.setattr(MiniMaxModel, "can_capture_mixed", lambda self: True)
+    checkpoint = tiny_checkpoint("minimax")
+    engine = _triton_engine(checkpoint, device, cuda_graphs=False, pad_decode=True,
+                            pad_mixed=True)  # fmt: skip
+    runner = engine.runner
+    assert isinstance(runner, FastModelRunner) and runner.pad_decode and runner.pad_mixed
+    runner.profile.start()
+    prompts = random_prompts([5, 2, 9, 14, 3])
+    for prompt, output in zip(prompts, engine.generate(prompts, max_tokens=8), strict=True):
+        assert output.token_ids == checkpoint.reference(prompt, 8)
+    padded = [s for s in runner.profile.steps if s.num_padded_tokens]
+    assert any(s.num_prefill_tokens and s.num_decode_requests for s in padded), "no mixed step"
+    assert any(s.num_decode_requests == 3 and not s.num_prefill_tokens for s in padded)
+    assert calls and all(on_device for on_device, _ in calls)
 
 
 @pytest.mark.gpu
