@@ -1,0 +1,175 @@
+"""benchmarks/calibrate.py: engine replays' step rows as calibration points (the time
+the simulator's clock must advance by, captures dropped, older rows), the calibration it
+writes, the in-sample / held-out agreement table, and its mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from avmp.bench.traces import write_jsonl  # noqa: E402
+from avmp.engine.tiny import tiny_model  # noqa: E402
+from avmp.models.zoo import zoo_config  # noqa: E402
+from avmp.sched.request import RequestSpec  # noqa: E402
+from avmp.sim.timing import GRAPH_ROWS_FEATURE, decode_graph_rows, load_calibration  # noqa: E402
+from benchmarks import calibrate  # noqa: E402
+from benchmarks.common import read_result, write_result  # noqa: E402
+
+
+def row(prefill: int, decode: int, period: float, device: float, **flags: Any) -> list[Any]:
+    """An engine replay's step row (the longest context of the newest rows and before)."""
+    requests = decode + (prefill > 0)
+    per_request = flags.get("context", 500)
+    graph = prefill == 0 and not flags.get("eager", False)
+    return [prefill, decode, per_request * decode + prefill, requests, period, device, graph,
+            flags.get("captured", False), prefill,
+            max(prefill, per_request if decode else 0)]  # fmt: skip
+
+
+def test_a_points_time_is_the_device_time_and_the_wait_after_it() -> None:
+    """Host starts at 0, 10, 12, 30 ms: the first step's device time of 4 ms is followed
+    by 6 ms of idle device; the second (8 ms) runs past the third's start, so no idle;
+    the capture is dropped; the points add up to the timeline."""
+    steps = [
+        row(0, 8, 0.010, 0.004),
+        row(100, 8, 0.002, 0.008),
+        row(0, 9, 0.018, 0.020, captured=True),
+        row(0, 9, 0.005, 0.003),
+    ]
+    points = calibrate.run_points(steps)
+    assert [p["step_s"] for p in points] == pytest.approx([0.010, 0.008, 0.003])
+    assert [p["device_s"] for p in points] == [0.004, 0.008, 0.003]
+    assert [p["graph"] for p in points] == [1, 0, 1]
+    assert points[1]["longest_prefill_tokens"] == 100
+    # the capture: 20 ms from 18 ms (the second step's end) to 38, so 0 idle after it
+    assert sum(p["step_s"] for p in points) + 0.020 == pytest.approx(0.041)
+
+
+def test_rows_of_any_age_give_the_fields_they_record() -> None:
+    old = row(0, 8, 0.01, 0.01)[:8]
+    new = [*row(0, 8, 0.01, 0.01), 4500, 8]
+    older, newer = calibrate.run_points([old, old]), calibrate.run_points([new, new])
+    assert "longest_context_tokens" not in older[0] and "num_attention_pairs" not in older[0]
+    assert newer[0]["num_attention_pairs"] == 4500 and newer[0]["num_padded_tokens"] == 8
+
+
+def steps_of(scale: float) -> list[list[Any]]:
+    """A run's rows timed by a linear truth (graph steps by their padded rows, eager
+    decode rows dearer), the host waiting for each step so that a period is its time."""
+    rows = []
+    for decode in (1, 3, 8, 20, 33, 60):
+        for prefill in (0, 64, 700, 3000):
+            graph_rows = decode_graph_rows(decode) if prefill == 0 else 0
+            eager = decode if prefill else 0
+            step_s = scale * (0.003 + 2e-5 * prefill + 1e-5 * decode + 2e-5 * graph_rows
+                              + 1e-4 * eager + 0.01 * (prefill > 0))  # fmt: skip
+            rows.append(row(prefill, decode, step_s, step_s, context=200 + 100 * (len(rows) % 5)))
+    return rows
+
+
+def results(model: str, trace: Path, scale: float, engine_rps: float) -> dict[str, Any]:
+    """A replay's results as benchmarks/engine_replay.py writes them, for the tiny
+    model on the CPU, with made-up engine figures and step rows."""
+    engine = {"num_requests": 6, "request_throughput": engine_rps, "num_preemptions": 0,
+              "num_steps": 24, "steps": steps_of(scale)}  # fmt: skip
+    return {
+        "device": "test gpu", "model": model, "trace": str(trace), "arrivals": "trace",
+        "memory": "4MiB", "max_num_seqs": 4, "max_batched_tokens": 256, "sim_profile": "h100",
+        "slo": {"ttft_s": 2.0, "tpot_ms": 100.0}, "prompt_tokens": 6 * 20, "output_tokens": 6 * 4,
+        "runs": [{"allocator": name, "engine": engine, "sim": {}} for name in ("avmp", "static")],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Two replays of one trace on the tiny model, the second timed twice as slow."""
+    import benchmarks.engine
+
+    tiny = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
+    monkeypatch.setattr(benchmarks.engine, "build_model", lambda config, device: tiny)
+    monkeypatch.setattr(benchmarks.engine, "transformers_config", lambda name: None)
+    trace = tmp_path / "t.jsonl"
+    write_jsonl([RequestSpec(i, 0.01 * i, 20, 4) for i in range(6)], trace)
+    paths = []
+    for name, scale in (("fast", 1.0), ("slow", 2.0)):
+        paths.append(tmp_path / f"{name}.json.gz")
+        write_result(paths[-1], results("tiny", trace, scale, 5.0))
+    return paths
+
+
+def test_a_calibration_from_replays_loads_and_fits_graph_rows(
+    replays: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "cal.json"
+    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny" and len(data["points"]) == 2 * 24  # two runs
+    model = load_calibration(out)
+    assert GRAPH_ROWS_FEATURE in model.features
+    shape = calibrate.point_shape(data["points"][0])
+    assert model.step_seconds(shape) == pytest.approx(data["points"][0]["step_s"], rel=1e-6)
+
+
+def test_agreement_fits_in_sample_and_held_out(
+    replays: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each replay against a fit of its own steps and one of the other's alone: the
+    slow replay's own fit prices its steps exactly, the fast one's at half; the
+    simulated figures come from the simulator, the engine's from the results."""
+    cal_dir, out = tmp_path / "cals", tmp_path / "agreement.json"
+    argv = ["--agreement", *map(str, replays), "--calibration-dir", str(cal_dir)]
+    assert calibrate.main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = read_result(out)
+    assert text == calibrate.markdown(result) + "\n"
+    rows = {(r["replay"], r["layout"], r["fit"]): r for r in result["rows"]}
+    assert len(rows) == 2 * 2 * 2
+    own = rows[("slow", "avmp", "in-sample")]
+    other = rows[("slow", "avmp", "held-out")]
+    assert (own["fitted_on"], other["fitted_on"]) == ("slow", "fast")
+    assert own["eager_predicted_s"] == pytest.approx(own["eager_s"], rel=1e-6)
+    assert other["eager_predicted_s"] == pytest.approx(own["eager_s"] / 2, rel=1e-6)
+    assert other["graph_predicted_s"] == pytest.approx(own["graph_s"] / 2, rel=1e-6)
+    assert own["engine_request_throughput"] == 5.0
+    assert own["sim_request_throughput"] < other["sim_request_throughput"]  # a slower clock
+    sources = json.loads((cal_dir / "calibration_fast.json").read_text())["sources"]
+    assert sources == [replays[0].name]  # repo_path of a file outside the repository
+    assert "| slow | avmp | held-out (fast) | 5.00 |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.json.gz", "--out", "c.json"], "no such results file"),
+        (["REPLAY"], "give --out"),
+        ([], "give engine_replay results files"),
+        (["--agreement", "REPLAY"], "two or more replays"),
+        (["REPLAY", "OTHER_MODEL", "--out", "c.json"], "replays of one model"),
+        (["REPLAY", "--cells", "missing.json", "--out", "c.json"], "no such calibration"),
+        (["NOT_A_REPLAY", "--out", "c.json"], "not an engine_replay results file"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    replay, other = tmp_path / "r.json", tmp_path / "o.json"
+    write_result(replay, results("tiny", tmp_path / "t.jsonl", 1.0, 5.0))
+    write_result(other, results("other", tmp_path / "t.jsonl", 1.0, 5.0))
+    not_a_replay = tmp_path / "n.json"
+    not_a_replay.write_text("[1, 2]")
+    named = {"REPLAY": replay, "OTHER_MODEL": other, "NOT_A_REPLAY": not_a_replay}
+    assert calibrate.main([str(named.get(a, a)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_replays_without_profiled_steps_are_refused() -> None:
+    empty = {"runs": [{"engine": {"steps": []}}], "model": "m"}
+    with pytest.raises(ValueError, match="no profiled engine steps"):
+        calibrate.replay_points(empty)
