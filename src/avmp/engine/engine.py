@@ -47,11 +47,13 @@ from avmp.engine.ops import REFERENCE_OPS
 from avmp.engine.parallel.group import TensorParallel
 from avmp.engine.parallel.launch import check_world_size
 from avmp.engine.prefix_cache import (
+    HostCheckpointCopies,
     PrefixCounts,
     StateSlotCopier,
     check_prefix_choice,
     check_room_for_checkpoint,
     clear_prefix_cache,
+    device_rates,
     resolve_prefix_cache,
 )
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
@@ -81,7 +83,7 @@ from avmp.memory.spec import (
 )
 from avmp.memory.unified import unified_buffer_bytes
 from avmp.models.geometry import ConvColumns, ModelGeometry
-from avmp.sched.prefix import PrefixCacheConfig
+from avmp.sched.prefix import DeviceRates, PrefixCacheConfig
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import RequestStatus, Scheduler, SchedulerConfig, StepPlan
 from avmp.sched.swap import (
@@ -651,7 +653,7 @@ class Engine:
             leader.wait_ready()
         self.preemption_costs = config.preemption_costs or self._measure_costs()
         self.prefix_cache = resolve_prefix_cache(
-            config.prefix_cache, self.geometry, config.block_size
+            config.prefix_cache, self.geometry, config.block_size, self._prefix_rates()
         )
         self.slot_copier = StateSlotCopier(self.backing)
         self.scheduler = self._scheduler()
@@ -677,6 +679,11 @@ class Engine:
         when not even one token fits (no request can ever run, so none is preempted)."""
         if self.config.preemption is not PreemptionMode.AUTO or not self.host_tier_bytes:
             return None  # nothing to compare: without a host tier `auto` recomputes
+        return self._probe_costs()
+
+    def _probe_costs(self) -> PreemptionCosts | None:
+        """The prefill speed and host copy bandwidth measured here (`_measure_costs`);
+        None when not even one token fits."""
         num_tokens = min(self.config.max_num_batched_tokens, PREFILL_PROBE_TOKENS)
         runner = self.runner if self._leader is None else self._leader.probe_runner(self.runner)
         prefill_s = measure_prefill_s_per_token(
@@ -686,6 +693,19 @@ class Engine:
         if prefill_s is None:
             return None
         return PreemptionCosts(prefill_s, measure_copy_bandwidth(self.device))
+
+    def _prefix_rates(self) -> DeviceRates | None:
+        """The prefix cache's rules priced at this device (`device_rates`): the speeds
+        ``auto`` measured, else measured here. None where no policy name is resolved (no
+        cache, or a `PrefixCacheConfig` given whole) or not even one token fits."""
+        choice = self.config.prefix_cache
+        if choice is None or isinstance(choice, PrefixCacheConfig):
+            return None
+        costs = self.preemption_costs or self._probe_costs()
+        if costs is None:
+            return None
+        chunk = min(self.config.max_num_batched_tokens, PREFILL_PROBE_TOKENS)
+        return device_rates(self.geometry, costs, chunk, self.device)
 
     def _scheduler(self) -> Scheduler:
         """The scheduler with the resolved host tier and costs. Under ``auto`` without
@@ -701,7 +721,12 @@ class Engine:
         copier = self.slot_copier
         if self._leader is not None:
             copier = self._leader.log.slot_copier(copier)  # type: ignore[assignment]
-        return Scheduler(self.allocator, scheduler_config, self.swapper, copier, self._token_ids)
+        scheduler = Scheduler(
+            self.allocator, scheduler_config, self.swapper, copier, self._token_ids
+        )
+        if self.swapper is not None and scheduler.prefix is not None:  # host level, if asked
+            scheduler.prefix.use_host_tier(scheduler.host_tier, HostCheckpointCopies(self.swapper))
+        return scheduler
 
     def _token_ids(self, request_id: int) -> list[int]:
         """A request's tokens read so far (the prefix cache keys its units by them)."""

@@ -1,8 +1,10 @@
 """The engine's side of prefix caching (`avmp.sched.prefix` decides; this carries out).
 
-Two pieces: the slot copier that takes and restores checkpoints on the device, and the
-policy given by name resolved for one model (``vllm-align`` needs this model's vLLM
-block). Units are keyed by token ids through the scheduler's ``token_source``; the
+The slot copier that takes and restores checkpoints on the device; the copies of the
+host level (checkpoints evicted to the host tier and restored from it, through the
+swapper's arena and copy stream); the policy given by name resolved for one model
+(``vllm-align`` needs this model's vLLM block) and priced at this device's measured
+speeds. Units are keyed by token ids through the scheduler's ``token_source``; the
 engine passes its own token lists (`avmp.engine.engine.Engine`).
 
 Ordering: every copy is issued on the device's current stream, the stream every step
@@ -15,14 +17,29 @@ Overlap changes when the host learns tokens, not the order of work on the stream
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
+import torch
+
+from avmp.engine.host_tier import HostSwapper, synchronize
 from avmp.memory.backing.device import TensorBacking
-from avmp.memory.spec import CacheAllocator, PoolKind
-from avmp.memory.unified import VllmBlockGeometry
+from avmp.memory.host_tier import HostExtent
+from avmp.memory.spec import CacheAllocator, PoolKind, RequestUnits
 from avmp.models.geometry import ModelGeometry
-from avmp.sched.prefix import PREFIX_CACHE_CHOICES, PrefixCache, PrefixCacheConfig
+from avmp.sched.prefix import (
+    PREFIX_CACHE_CHOICES,
+    DeviceRates,
+    PrefixCache,
+    PrefixCacheConfig,
+    prefill_flops,
+    prefix_cache_config,
+)
+from avmp.sched.swap import PreemptionCosts
 from avmp.units import format_bytes
+
+COPY_PROBE_BYTES = 32 << 20  # a device copy long enough that launch cost is noise
+COPY_PROBE_REPEATS = 3
 
 
 class StateSlotCopier:
@@ -46,13 +63,31 @@ class StateSlotCopier:
         self.num_bytes += row.numel()
 
 
+class HostCheckpointCopies:
+    """The host level's copies (`avmp.sched.prefix.HostCheckpointCopier`) through the
+    engine's host tier: a checkpoint is a slot-only swap, so it takes the swapper's
+    arena (at the extent the scheduler's `HostTier` handed out) and its copy stream,
+    ordered after the device work issued so far and before any issued later."""
+
+    def __init__(self, swapper: HostSwapper) -> None:
+        self.swapper = swapper
+
+    def to_host(self, slot: int, extent: HostExtent) -> None:
+        self.swapper.swap_out(-1, RequestUnits(slot, ()), extent)
+
+    def from_host(self, extent: HostExtent, slot: int) -> None:
+        self.swapper.swap_in(-1, RequestUnits(slot, ()), extent)
+
+
 def resolve_prefix_cache(
-    choice: PrefixCacheConfig | str | None, geometry: ModelGeometry, block_size: int
+    choice: PrefixCacheConfig | str | None,
+    geometry: ModelGeometry,
+    block_size: int,
+    rates: DeviceRates | None = None,
 ) -> PrefixCacheConfig | None:
-    """The prefix cache's config for this model: None for ``off``; a policy name gets
-    its eviction (Marconi's FLOPs per byte for ``avmp``, LRU for the peers' rules, as
-    they ship) and, for ``vllm-align``, vLLM's hybrid attention block of this model, as
-    the simulator resolves it (`avmp.sim.simulator.SimConfig.prefix_cache_config`).
+    """The prefix cache's config for this model: a config is taken as given; a name is
+    resolved as the simulator resolves it (`avmp.sched.prefix.prefix_cache_config`),
+    priced at ``rates`` (this device's, `device_rates`; None: the defaults).
 
     Raises:
         ValueError: a name that is not one of `PREFIX_CACHE_CHOICES`.
@@ -60,12 +95,36 @@ def resolve_prefix_cache(
     if choice is None or isinstance(choice, PrefixCacheConfig):
         return choice
     check_prefix_choice(choice)
-    if choice == "off":
-        return None
-    align = 0
-    if choice == "vllm-align":
-        align = VllmBlockGeometry.from_geometry(geometry, block_size).block_size or block_size
-    return PrefixCacheConfig(choice, "flops" if choice == "avmp" else "lru", align)
+    return prefix_cache_config(choice, geometry, block_size, rates=rates)
+
+
+def device_rates(geometry: ModelGeometry, costs: PreemptionCosts, chunk_tokens: int,
+                 device: torch.device) -> DeviceRates:  # fmt: skip
+    """The prefix cache's rates on this engine's device: the FLOP rate of the measured
+    prefill (``costs.prefill_s_per_token`` over a chunk of ``chunk_tokens``), the
+    measured host link, and a device-to-device copy for compaction (measured here);
+    a chunk's remap keeps the default (CUDA VMM's 68 us; the torch backing moves the
+    pools' boundary without a copy)."""
+    flops = prefill_flops(geometry, chunk_tokens) / (chunk_tokens * costs.prefill_s_per_token)
+    return DeviceRates(
+        flops_per_s=flops,
+        compaction_bytes_per_s=measure_device_copy_rate(device),
+        host_bytes_per_s=costs.host_bytes_per_s,
+    )
+
+
+def measure_device_copy_rate(device: torch.device, num_bytes: int = COPY_PROBE_BYTES) -> float:
+    """Bytes per second that one copy within ``device``'s memory moves (what a
+    compaction's copies run at), timed after one untimed copy."""
+    src = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(COPY_PROBE_REPEATS):
+        dst.copy_(src)
+    synchronize(device)
+    return COPY_PROBE_REPEATS * num_bytes / max(time.perf_counter() - start, 1e-9)
 
 
 def check_room_for_checkpoint(allocator: CacheAllocator) -> None:

@@ -1,0 +1,121 @@
+"""The prefix cache's host level in the engine (checkpoints evicted to the host tier,
+restored on a hit: outputs token-identical, bytes exact), and the cache's rules priced
+at the engine's own device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from engine_helpers import MiB, TinyCheckpoint, random_prompts
+from test_prefix_engine import HEAVY_GRANITE
+
+from avmp.engine.engine import Engine, EngineConfig
+from avmp.engine.prefix_cache import HostCheckpointCopies
+from avmp.memory.spec import PoolKind
+from avmp.sched.prefix import PrefixCacheConfig, ReuseLedger, prefill_flops
+from avmp.sched.swap import PreemptionCosts
+
+# priced as a slow device: on the tiny model a hit must save more than a checkpoint's
+# copy over the host link costs, or the host level keeps nothing
+HOST_LEVEL = PrefixCacheConfig("avmp", host_level=True, device_flops_per_s=1e9)
+
+
+def _config(**options: Any) -> EngineConfig:
+    defaults: dict[str, Any] = dict(
+        memory_bytes=4 * MiB, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
+        admission="greedy", check_integrity=True, preemption="swap",
+    )  # fmt: skip
+    return EngineConfig(**{**defaults, **options})
+
+
+def _conversations(engine: Engine, num_turns: int = 3) -> list[list[list[int]]]:
+    """Six conversations run turn by turn; each turn's outputs."""
+    prompts = random_prompts([40, 70, 20, 90, 33, 50], seed=3)
+    outputs_by_turn = []
+    for turn in range(num_turns):
+        outputs = engine.generate(prompts, max_tokens=12)
+        outputs_by_turn.append([output.token_ids for output in outputs])
+        users = random_prompts([15, 13, 18, 9, 20, 14], seed=10 + turn)
+        prompts = [p + o.token_ids + u for p, o, u in zip(prompts, outputs, users, strict=True)]
+    return outputs_by_turn
+
+
+def test_hits_restored_from_the_host_tier_are_token_identical(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """At 4 MiB the device level evicts checkpoints that the next turns need; the host
+    level keeps them in the swapper's arena and copies them back, and the outputs stay
+    those of the run without any cache."""
+    checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **HEAVY_GRANITE)
+    off = _conversations(Engine(checkpoint.path, _config()))
+    engine = Engine(checkpoint.path, _config(prefix_cache=HOST_LEVEL))
+    assert _conversations(engine) == off
+    prefix = engine.scheduler.prefix
+    assert prefix is not None and prefix.tree.host is not None
+    host = prefix.tree.host.stats
+    assert host.num_kept > 0 and host.num_restored > 0
+    assert engine.totals.prefix.num_evicted_checkpoints > 0
+    assert engine.swapper is not None
+    assert engine.swapper.num_bytes_in >= host.num_bytes_in  # its copies went through it
+
+
+def test_a_host_checkpoint_round_trips_byte_exact(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """A slot's bytes copied to a host extent and back into another slot are the same
+    bytes, through the swapper's arena."""
+    checkpoint = tiny_checkpoint("jamba", eos_token_id=None)
+    engine = Engine(checkpoint.path, _config(memory_bytes=8 * MiB, prefix_cache=HOST_LEVEL))
+    swapper = engine.swapper
+    assert swapper is not None
+    allocator, backing = engine.allocator, engine.backing
+    src, dst = (allocator.admit(900 + i, 1) for i in range(2))
+    assert src is not None and dst is not None
+    table = backing.unit_table(PoolKind.STATE)  # [units, slot_unit_bytes] uint8
+    source = table[backing.row_of(PoolKind.STATE, src.slot)]
+    source.copy_(torch.randint(0, 256, source.shape, dtype=torch.uint8))
+    slot_bytes = source.numel()
+    extent = engine.scheduler.host_tier.reserve_cached(0, slot_bytes)
+    assert extent is not None
+    copies = HostCheckpointCopies(swapper)
+    copies.to_host(src.slot, extent)
+    assert torch.equal(swapper.host_bytes(extent.offset, slot_bytes), source)
+    copies.from_host(extent, dst.slot)
+    assert torch.equal(table[backing.row_of(PoolKind.STATE, dst.slot)], source)
+
+
+def test_the_rules_are_priced_at_the_engine_s_device(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """A policy name is priced at the prefill speed and host link the engine measured
+    (here: given), so a slower device pays for a move that a faster one does not; a
+    config given whole keeps its rates."""
+    checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None)
+    configs = {}
+    for name, costs in (
+        ("fast", PreemptionCosts(1e-9, 5e10)),
+        ("slow", PreemptionCosts(1e-6, 1e9)),
+    ):
+        options = dict(prefix_cache="avmp", preemption="auto", preemption_costs=costs)
+        engine = Engine(checkpoint.path, _config(memory_bytes=8 * MiB, **options))
+        cache = engine.prefix_cache
+        assert cache is not None
+        chunk = engine.config.max_num_batched_tokens
+        flops = prefill_flops(engine.geometry, chunk) / (chunk * costs.prefill_s_per_token)
+        assert cache.device_flops_per_s == flops
+        assert cache.host_bytes_per_s == costs.host_bytes_per_s
+        assert cache.compaction_bytes_per_s > 0  # measured on this device
+        configs[name] = cache
+    saved = prefill_flops(engine.geometry, 64)
+    move_s = (saved / configs["fast"].device_flops_per_s * saved
+              / configs["slow"].device_flops_per_s) ** 0.5  # fmt: skip
+    decisions = {}
+    for name, cache in configs.items():
+        ledger = ReuseLedger(cache)
+        ledger.admitted(saved)
+        decisions[name] = ledger.pays_for(move_s)
+    assert decisions == {"fast": False, "slow": True}
+    given = Engine(checkpoint.path, _config(memory_bytes=8 * MiB, prefix_cache=HOST_LEVEL))
+    assert given.prefix_cache is HOST_LEVEL
