@@ -223,20 +223,40 @@ def _agreement_rows(
 ) -> list[dict[str, Any]]:
     from benchmarks.engine_replay import resimulate
 
-    again = resimulate(results, cal_path, None)
-    runs = [*again["runs"], *([again["unbounded"]] if again.get("unbounded") else [])]
-    return [
-        {
+    shapes: dict[str, list[Any]] = {}
+    again = resimulate(results, cal_path, None, shapes)
+    unbounded = again.get("unbounded")
+    runs = [*again["runs"], *([unbounded] if unbounded else [])]
+    rows = []
+    for run in runs:
+        layout = run["allocator"] if run is not unbounded else "unbounded"
+        steps = run["engine"]["steps"]
+        rows.append({
             "replay": _label(path),
-            "layout": run["allocator"] if run is not again.get("unbounded") else "unbounded",
+            "layout": layout,
             "fit": fit,
             "fitted_on": fitted_on,
             **{f"engine_{k}": run["engine"][k] for k in _FIGURES},
             **{f"sim_{k}": run["sim"][k] for k in _FIGURES},
-            **priced_steps(run_points(run["engine"]["steps"]), cal_path),
-        }
-        for run in runs
-    ]
+            "num_alike_steps": alike_steps(steps, shapes[layout]),
+            "num_recorded_steps": len(steps),
+            **priced_steps(run_points(steps), cal_path),
+        })  # fmt: skip
+    return rows
+
+
+def alike_steps(steps: list[list[Any]], shapes: list[Any]) -> int:
+    """How many of the engine's steps, from the first, the simulator ran alike: the same
+    prefill tokens, decode requests, context tokens and requests. Where arrivals are
+    honoured the two part at the first arrival that falls in a different step."""
+    alike = 0
+    for row, shape in zip(steps, shapes, strict=False):
+        simulated = (shape.num_prefill_tokens, shape.num_decode_requests,
+                     shape.num_context_tokens, shape.num_requests)  # fmt: skip
+        if tuple(row[PREFILL : REQUESTS + 1]) != simulated:
+            break
+        alike += 1
+    return alike
 
 
 _FIGURES = ("request_throughput", "num_preemptions", "num_steps")
@@ -280,7 +300,8 @@ def markdown(result: dict[str, Any]) -> str:
         "in-sample on the replay itself, held-out on the other replays alone.",
         "",
         "| replay | layout | fit (on) | engine req/s | sim req/s (error) | engine preemptions "
-        "| sim preemptions | engine steps | sim steps | engine's steps priced: graph / eager |",
+        "| sim preemptions | engine steps | sim steps (alike) "
+        "| engine's steps priced: graph / eager |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
@@ -289,9 +310,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['replay']} | {row['layout']} | {row['fit']} ({row['fitted_on']}) | "
             f"{measured:.2f} | {simulated:.2f} ({simulated / measured - 1:+.1%}) | "
             f"{row['engine_num_preemptions']} | {row['sim_num_preemptions']} | "
-            f"{row['engine_num_steps']} | {row['sim_num_steps']} | {_priced(row)} |"
+            f"{row['engine_num_steps']} | {row['sim_num_steps']} ({_alike(row)}) | "
+            f"{_priced(row)} |"
         )
     lines += [
+        "",
+        "Alike: the engine's recorded steps (all but its last) that the simulator ran with "
+        "the same prefill tokens, decode requests, context tokens and requests, from the "
+        "first step on.",
         "",
         "Engine's steps priced: the replay's own step shapes priced by the calibration, "
         "against their measured time (device time plus the device's wait for the host), "
@@ -299,6 +325,11 @@ def markdown(result: dict[str, Any]) -> str:
         "schedule held fixed.",
     ]
     return "\n".join(lines)
+
+
+def _alike(row: dict[str, Any]) -> str:
+    alike, recorded = row["num_alike_steps"], row["num_recorded_steps"]
+    return "all" if alike == recorded else f"first {alike} of {recorded}"
 
 
 def _priced(row: dict[str, Any]) -> str:

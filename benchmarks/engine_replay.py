@@ -380,10 +380,12 @@ def simulate(
     trace: list[RequestSpec],
     memory_bytes: int | None = None,
     profile: str | None = None,
+    shapes: list[Any] | None = None,
 ) -> dict:
     """The simulator's prediction for the same trace and arrivals, limits, budget and
     layout (the simulator's unified layout is the engine's, deviation included), on
-    ``profile`` (default `sim_profile`)."""
+    ``profile`` (default `sim_profile`); each step's `BatchShape` appended to ``shapes``
+    when given."""
     from avmp.memory.registry import make_allocator
     from avmp.memory.spec import MemoryConfig
     from avmp.sim.simulator import SimConfig
@@ -397,7 +399,8 @@ def simulate(
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
     layout = make_allocator(base, geometry, memory)
-    result = run_sim(trace, layout, geometry, config).to_dict()
+    on_step = None if shapes is None else (lambda shape, _seconds: shapes.append(shape))
+    result = run_sim(trace, layout, geometry, config, on_step=on_step).to_dict()
     keys = ("makespan_s", "request_throughput", "output_token_throughput", "num_preemptions",
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",
             "phase_s", "time_model", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
@@ -499,10 +502,16 @@ def _geometry_figures(geometry: Any) -> dict[str, int]:
 # -- resimulation (CPU) --------------------------------------------------------------------
 
 
-def resimulate(results: dict[str, Any], calibration: Path, trace: Path | None) -> dict[str, Any]:
+def resimulate(
+    results: dict[str, Any],
+    calibration: Path,
+    trace: Path | None,
+    shapes: dict[str, list[Any]] | None = None,
+) -> dict[str, Any]:
     """``results`` with the simulated column of every layout and of the unbounded run
     rerun with ``calibration``, over the trace the run replayed (rebuilt from what the
-    results record; ``trace`` replaces the recorded trace file).
+    results record; ``trace`` replaces the recorded trace file). With ``shapes``, each
+    run's simulated step shapes go to ``shapes[layout]`` (``shapes["unbounded"]``).
 
     Raises:
         ValueError: a bad calibration, or a rebuilt trace or geometry that is not the
@@ -521,14 +530,18 @@ def resimulate(results: dict[str, Any], calibration: Path, trace: Path | None) -
     _check_geometry(results, geometry)
     profile = results.get("sim_profile") or gpu_profile(results["device"])
     resimulated = dict(results)
+    shapes = {} if shapes is None else shapes
     resimulated["runs"] = [
-        _resimulated_run(args, geometry, run, requests, profile) for run in results["runs"]
-    ]
+        _resimulated_run(args, geometry, run, requests, profile,
+                         shapes=shapes.setdefault(run["allocator"], []))
+        for run in results["runs"]
+    ]  # fmt: skip
     if results.get("unbounded"):
         unbounded = results["unbounded"]
         resimulated["unbounded"] = _resimulated_run(
-            args, geometry, unbounded, requests, profile, unbounded["memory_bytes"]
-        )
+            args, geometry, unbounded, requests, profile, unbounded["memory_bytes"],
+            shapes.setdefault("unbounded", []),
+        )  # fmt: skip
     resimulated["resimulated"] = {
         "calibration": repo_path(calibration),
         "run_calibration": results.get("calibration"),
@@ -604,10 +617,11 @@ def _resimulated_run(
     trace: list[RequestSpec],
     profile: str,
     memory_bytes: int | None = None,
+    shapes: list[Any] | None = None,
 ) -> dict[str, Any]:
     """One run with its simulated column redone (its old ``sim_placed`` dropped: that
     simulator is gone)."""
-    sim = simulate(args, geometry, run["allocator"], trace, memory_bytes, profile)
+    sim = simulate(args, geometry, run["allocator"], trace, memory_bytes, profile, shapes)
     kept = {k: v for k, v in run.items() if k != "sim_placed"}
     return kept | {"sim": sim}
 

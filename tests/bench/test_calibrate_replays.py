@@ -137,6 +137,9 @@ def test_agreement_fits_in_sample_and_held_out(
     assert other["eager_predicted_s"] == pytest.approx(own["eager_s"] / 2, rel=1e-6)
     assert other["graph_predicted_s"] == pytest.approx(own["graph_s"] / 2, rel=1e-6)
     assert own["engine_request_throughput"] == 5.0
+    # one arrival every 10 ms: the fast fit's clock and the engine's rows (whose shapes
+    # are made up) part at once; the numbers say so rather than hide it
+    assert 0 <= own["num_alike_steps"] < own["num_recorded_steps"] == 24
     assert own["sim_request_throughput"] < other["sim_request_throughput"]  # a slower clock
     sources = json.loads((cal_dir / "calibration_fast.json").read_text())["sources"]
     assert sources == [replays[0].name]  # repo_path of a file outside the repository
@@ -167,6 +170,17 @@ def test_mistakes_are_one_line_and_exit_2(
     assert calibrate.main([str(named.get(a, a)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_steps_alike_count_from_the_first_until_the_two_part() -> None:
+    from avmp.sim.timing import BatchShape
+
+    steps = [row(0, 8, 0.01, 0.01), row(100, 8, 0.01, 0.01), row(0, 9, 0.01, 0.01)]
+    same = [BatchShape(r[0], r[1], r[2], 0, r[3]) for r in steps]
+    assert calibrate.alike_steps(steps, same) == 3
+    assert calibrate.alike_steps(steps, same[:2]) == 2  # the simulator ran fewer
+    parted = [same[0], BatchShape(100, 8, steps[1][2], 0, 8), same[2]]  # one request less
+    assert calibrate.alike_steps(steps, parted) == 1
 
 
 def test_replays_without_profiled_steps_are_refused() -> None:

@@ -59,6 +59,9 @@ from avmp.sim.timing import (
 )
 
 ProgressCallback = Callable[[int, int], None]
+# Called once per step with the shape the time model priced and its seconds (recompute
+# included), so that a benchmark can set the simulated steps beside an engine's.
+StepCallback = Callable[[BatchShape, float], None]
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -377,18 +380,20 @@ def simulate(
     geometry: ModelGeometry,
     config: SimConfig,
     on_progress: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> SimResult:
     """Replay ``requests`` on ``allocator`` (fresh, holding no request) and report.
 
     Args:
         on_progress: called with (requests done, total) whenever a request finishes or is
             rejected, for progress bars.
+        on_step: called with each step's shape and compute seconds (`StepCallback`).
     Raises:
         ValueError: duplicate request ids, a non-finite arrival time, a used allocator,
             a bad calibration, or a time model that gives a NaN or negative step.
         RuntimeError: more than ``config.max_steps`` steps.
     """
-    return _Simulation(requests, allocator, geometry, config, on_progress).run()
+    return _Simulation(requests, allocator, geometry, config, on_progress, on_step).run()
 
 
 def _output_parents(arrivals: Sequence[RequestSpec]) -> dict[int, list[int]]:
@@ -424,6 +429,7 @@ class _Simulation:
         geometry: ModelGeometry,
         config: SimConfig,
         on_progress: ProgressCallback | None,
+        on_step: StepCallback | None = None,
     ) -> None:
         if allocator.request_ids:
             raise ValueError("simulate() needs an allocator that holds no request")
@@ -455,6 +461,7 @@ class _Simulation:
         self.call_costs = config.call_costs(allocator.name)
         self.compaction_rate = config.move_costs().compaction_rate(get_profile(config.profile))
         self.on_progress = on_progress
+        self.on_step = on_step
         self.clock = RequestClock()
         self.timeline = TimelineRecorder(config.timeline_samples)
         self.phase_s = dict.fromkeys(PHASES, 0.0)
@@ -550,12 +557,15 @@ class _Simulation:
     def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
-        total_s = self.model.step_seconds(BatchShape.from_chunks(plan.chunks))
+        shape = BatchShape.from_chunks(plan.chunks)
+        total_s = self.model.step_seconds(shape)
         if not (math.isfinite(total_s) and total_s >= 0):
             # A NaN step would freeze the clock (NaN compares false with every arrival).
             raise ValueError(
                 f"the time model ({type(self.model).__name__}) gave a step of {total_s} s"
             )
+        if self.on_step is not None:
+            self.on_step(shape, total_s)
         recompute_tokens = plan.num_recompute_tokens
         if recompute_tokens == 0:
             return total_s, 0.0
