@@ -187,3 +187,15 @@ def test_replays_without_profiled_steps_are_refused() -> None:
     empty = {"runs": [{"engine": {"steps": []}}], "model": "m"}
     with pytest.raises(ValueError, match="no profiled engine steps"):
         calibrate.replay_points(empty)
+
+
+def test_docs_show_the_agreement_the_committed_results_give() -> None:
+    """docs/BENCHMARKS.md's held-out table is the one the committed agreement prints, and
+    that agreement is of the committed replays."""
+    from benchmarks.common import REPO_ROOT, RESULTS_DIR
+
+    result = read_result(RESULTS_DIR / "calibration_agreement_h200_s6.json.gz")
+    assert all((REPO_ROOT / path).is_file() for path in result["replays"])
+    docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
+    missing = [line for line in calibrate.markdown(result).splitlines() if line not in docs]
+    assert not missing, missing[:3]
