@@ -104,7 +104,7 @@ def test_the_host_level_restores_what_the_device_level_evicted() -> None:
     host = with_host["host_level"]
     assert host["num_restored"] > 0 and host["num_kept"] >= host["num_restored"] // 2
     assert with_host["num_hit_tokens"] > without["num_hit_tokens"]
-    assert with_host["num_hit_tokens"] - without["num_hit_tokens"] <= host["num_hit_tokens"]
+    assert 0 < host["num_hit_tokens"] <= with_host["num_hit_tokens"]
     assert p50_on < p50_off and p99_on < p99_off
     link = get_profile("h200").host_link_bytes_per_s
     copied = host["num_bytes_out"] + host["num_bytes_in"]

@@ -682,7 +682,9 @@ class PrefixTree:
             return self.flops_of(tokens) / max(1, self.checkpoint_bytes)
         edge = self._edge(node)
         num_bytes = len(edge) * self.page_bytes
-        if node.checkpoint_key is not None:
+        if node.checkpoint_key is not None or node.host_key is not None:
+            # a host checkpoint's pages count its bytes too, as on the device: on their
+            # kilobytes alone they would outrank every device checkpoint
             num_bytes += self.checkpoint_bytes
         if self.has_state and node.checkpoint_key is None and node.host_key is None:
             return 0.0  # pages without a checkpoint below them resume nothing
@@ -797,11 +799,13 @@ class HostCheckpointCopier(Protocol):
 @dataclass
 class HostLevelStats:
     """What the second level did: checkpoints kept (copied out), refused (not worth a
-    copy, or no room among less valuable ones), dropped (for a better one, for a
-    swapped-out request, or with their pages), hits served from it and their bytes."""
+    copy, or no room among less valuable ones), declined (its copies out have not paid
+    lately), dropped (for a better one, for a swapped-out request, or with their pages),
+    hits served from it and their bytes."""
 
     num_kept: int = 0
     num_refused: int = 0
+    num_declined: int = 0  # worth a copy, but the level's copies have not paid lately
     num_dropped: int = 0
     num_restored: int = 0
     num_hit_tokens: int = 0
@@ -820,7 +824,12 @@ class HostLevel:
     nothing (the FLOPs of ``depth`` units at the device's rate against its bytes over
     the host link) and no deeper checkpoint on a path without branches serves its hits;
     when the tier is full, host checkpoints worth less give way, ranked as the device
-    level ranks (`PrefixCacheConfig.eviction`). ``nodes`` maps host keys (minted here,
+    level ranks (`PrefixCacheConfig.eviction`). And only while the level pays for its
+    copies: the prefill time its hits saved (less their copies in) against the time its
+    copies out took, both halving every ``reuse_half_life`` evictions it sees, after a
+    first fill of the tier on credit (a workload whose evicted checkpoints nobody
+    resumes, such as few-shot prompts' output ends, stops paying for copies and for the
+    pages those checkpoints keep on the device). ``nodes`` maps host keys (minted here,
     never reused) to their nodes.
     """
 
@@ -835,6 +844,10 @@ class HostLevel:
         self._copy_s = tree.checkpoint_bytes / rates.host_bytes_per_s
         self._s_per_flop = 1.0 / rates.flops_per_s
         self._next_key = 0
+        self._decay = 0.5 ** (1.0 / tree.config.reuse_half_life)
+        # the credit: copies that fill the tier once, before any hit has paid for them
+        self.saved_s = tier.capacity_bytes // max(1, tree.checkpoint_bytes) * self._copy_s
+        self.spent_s = 0.0
         tier.reclaim_cached = self.reclaim  # a swapped-out request comes first
 
     def pays(self, node: PrefixNode, from_depth: int) -> bool:
@@ -853,6 +866,11 @@ class HostLevel:
         if _is_dominated(node, on_host=True) or not self.pays(node, 0):
             self.stats.num_refused += 1
             return False
+        self.saved_s *= self._decay
+        self.spent_s *= self._decay
+        if self.spent_s + self._copy_s > self.saved_s:
+            self.stats.num_declined += 1
+            return False
         while not self.tier.could_reserve_cached(num_bytes):
             victim = self._least_valuable(node)
             if victim is None:
@@ -866,6 +884,7 @@ class HostLevel:
             self.copier.to_host(tree.allocator.cached_unit(node.checkpoint_key), extent)
         node.host_key = key
         self.nodes[key] = node
+        self.spent_s += self._copy_s
         stats = self.stats
         stats.num_kept += 1
         stats.num_bytes_out += num_bytes
@@ -877,8 +896,10 @@ class HostLevel:
         assert node.host_key is not None
         if self.copier is not None:
             self.copier.from_host(self.tier.cached_extent(node.host_key), slot)
+        tokens = node.depth * self.tree.unit_tokens
+        self.saved_s += self.tree.flops_of(tokens) * self._s_per_flop - self._copy_s
         self.stats.num_restored += 1
-        self.stats.num_hit_tokens += node.depth * self.tree.unit_tokens
+        self.stats.num_hit_tokens += tokens
         self.stats.num_bytes_in += self.tree.checkpoint_bytes
 
     def drop(self, node: PrefixNode) -> None:
