@@ -271,12 +271,13 @@ def _grouped_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _grouped_gpu(), reason="grouped experts need an H100/H200/B200")
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "granitemoehybrid"])
 def test_moe_mixed_graphs_equal_the_padded_eager_pass(
-    tiny_checkpoint: Callable[..., TinyCheckpoint],
+    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
     """bf16 experts on the grouped path: routing sorts every row of the step, padding
     rows (zeros) included; the graphs give the padded eager pass's tokens."""
-    checkpoint = tiny_checkpoint("qwen3_5_moe")
+    checkpoint = tiny_checkpoint(family)
     outputs = []
     for graphs in (True, False):
         config = _config(padded=True, dtype="bfloat16", cuda_graphs=graphs,

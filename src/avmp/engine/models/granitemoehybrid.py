@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
-from avmp.engine.experts import RoutedExperts, grouped_experts, run_experts
+from avmp.engine.experts import RoutedExperts, can_group, grouped_experts, run_experts
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
@@ -205,10 +205,17 @@ class GraniteMoeHybridModel(HybridModel):
         return (self.lm_head(hidden) / self.config.logits_scaling).float()
 
     def can_capture_decode(self) -> bool:
-        """Without experts: their routing has data-dependent shapes."""
-        return int(self.config.num_local_experts) == 0
+        """Without experts, or with experts only where they take the grouped path on
+        its fast kernel (bf16 on an H100/H200-class GPU): every shape then follows from
+        the batch size, where the loop's routing has data-dependent shapes."""
+        moe = [m for m in self.modules() if isinstance(m, GraniteMoE)]
+        return all(
+            m.grouped is not False
+            and can_group(m.input_linear.weight, m.input_linear.weight, m.output_linear.weight)
+            for m in moe
+        )
 
     def can_capture_mixed(self) -> bool:
-        """As decode: its Mamba2 and attention prefill paths read device arrays alone;
-        expert routing has data-dependent shapes."""
+        """As decode: its Mamba2 and attention prefill paths read device arrays alone
+        (and its experts' grouped path, where they take it, every row of the step)."""
         return self.can_capture_decode()
