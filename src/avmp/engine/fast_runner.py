@@ -343,6 +343,7 @@ class FastModelRunner(ModelRunner):
         self._captured = True
         return graph
 
+    @torch.inference_mode()
     def capture_mixed(self, shapes: list[StepShape]) -> int:
         """Capture the prefill and mixed graphs of ``shapes`` ahead of use (the engine's
         warm-up: captures in a timed run are one-off work the run pays), up to
