@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 from engine_helpers import MiB, TinyCheckpoint, random_prompts
 from test_prefix_engine import HEAVY_GRANITE
@@ -42,15 +43,16 @@ def _conversations(engine: Engine, num_turns: int = 3) -> list[list[list[int]]]:
     return outputs_by_turn
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 def test_hits_restored_from_the_host_tier_are_token_identical(
-    tiny_checkpoint: Callable[..., TinyCheckpoint],
+    overlap: bool, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
     """At 4 MiB the device level evicts checkpoints that the next turns need; the host
     level keeps them in the swapper's arena and copies them back, and the outputs stay
     those of the run without any cache."""
     checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **HEAVY_GRANITE)
-    off = _conversations(Engine(checkpoint.path, _config()))
-    engine = Engine(checkpoint.path, _config(prefix_cache=HOST_LEVEL))
+    off = _conversations(Engine(checkpoint.path, _config(overlap=overlap)))
+    engine = Engine(checkpoint.path, _config(prefix_cache=HOST_LEVEL, overlap=overlap))
     assert _conversations(engine) == off
     prefix = engine.scheduler.prefix
     assert prefix is not None and prefix.tree.host is not None
@@ -119,3 +121,24 @@ def test_the_rules_are_priced_at_the_engine_s_device(
     assert decisions == {"fast": False, "slow": True}
     given = Engine(checkpoint.path, _config(memory_bytes=8 * MiB, prefix_cache=HOST_LEVEL))
     assert given.prefix_cache is HOST_LEVEL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_level_on_cuda_is_token_identical(
+    overlap: bool, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    """On the GPU: Triton kernels, decode graphs, a pinned arena and the swapper's copy
+    stream; checkpoints copied out at eviction and back at a hit are ordered between the
+    steps that write and read them, and the outputs stay those without a cache."""
+    checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **HEAVY_GRANITE)
+    options: dict[str, Any] = dict(device="cuda", kernels="triton", overlap=overlap,
+                                   cuda_graphs=True)  # fmt: skip
+    off = _conversations(Engine(checkpoint.path, _config(**options)))
+    engine = Engine(checkpoint.path, _config(prefix_cache=HOST_LEVEL, **options))
+    assert _conversations(engine) == off
+    prefix = engine.scheduler.prefix
+    assert prefix is not None and prefix.tree.host is not None
+    assert prefix.tree.host.stats.num_restored > 0
+    assert engine.swapper is not None and engine.swapper.pinned
