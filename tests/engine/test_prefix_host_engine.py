@@ -142,3 +142,9 @@ def test_host_level_on_cuda_is_token_identical(
     assert prefix is not None and prefix.tree.host is not None
     assert prefix.tree.host.stats.num_restored > 0
     assert engine.swapper is not None and engine.swapper.pinned
+
+
+def test_a_host_level_without_a_host_tier_is_refused() -> None:
+    for options in ({"preemption": "recompute"}, {"host_tier_bytes": 0, "preemption": "auto"}):
+        with pytest.raises(ValueError, match="host level keeps checkpoints in the host tier"):
+            EngineConfig(prefix_cache=HOST_LEVEL, **options)  # type: ignore[arg-type]

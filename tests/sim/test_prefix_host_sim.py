@@ -110,3 +110,13 @@ def test_the_host_level_restores_what_the_device_level_evicted() -> None:
     copied = host["num_bytes_out"] + host["num_bytes_in"]
     assert math.isclose(swap_on, (copied + swapped) / link)  # requests' swaps and these
     assert math.isclose(swap_off, swapped_off / link)
+
+
+def test_a_host_level_without_a_host_tier_is_one_line() -> None:
+    geometry = resolve_model("granite-4.0-h-tiny")
+    specs = make_prefix_workload("multi_turn_prefix", 0, 4)
+    for options in ({"preemption": "recompute"}, {"host_tier_bytes": 0}):
+        allocator = make_allocator("avmp", geometry, MemoryConfig(8 * GIB))
+        config = SimConfig(prefix_cache="avmp", prefix_host_level=True, **options)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="host level keeps checkpoints in the host tier"):
+            simulate(specs, allocator, geometry, config)

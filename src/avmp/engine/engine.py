@@ -248,6 +248,12 @@ class EngineConfig:
 
     def _check_prefix_cache(self) -> None:
         choice = self.prefix_cache
+        no_tier = self.preemption is PreemptionMode.RECOMPUTE or self.host_tier_bytes == 0
+        if isinstance(choice, PrefixCacheConfig) and choice.host_level and no_tier:
+            raise ValueError(
+                "the prefix cache's host level keeps checkpoints in the host tier; "
+                "preemption 'recompute' or host_tier_bytes 0 leave none"
+            )
         if choice is None or isinstance(choice, PrefixCacheConfig):
             return
         check_prefix_choice(choice)  # a name, or raises

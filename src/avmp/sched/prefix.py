@@ -1321,8 +1321,17 @@ class PrefixCache:
                       ) -> bool:  # fmt: skip
         """Keep evicted checkpoints in ``tier`` as a second level (`HostLevel`) when the
         config asks for it (``host_level``) and the model has state; returns whether it
-        does. ``copier`` carries out the copies (the engine; None: only count them)."""
+        does. ``copier`` carries out the copies (the engine; None: only count them).
+
+        Raises:
+            ValueError: the config asks for the host level and ``tier`` has no bytes.
+        """
         tree = self.tree
+        if tree.config.host_level and not tier.capacity_bytes:
+            raise ValueError(
+                "the prefix cache's host level keeps checkpoints in the host tier, which "
+                "has 0 bytes (preemption 'recompute' or a host tier of 0 leave none)"
+            )
         if not tree.config.host_level or not tree.has_state or tree.host is not None:
             return tree.host is not None
         tree.host = HostLevel(tree, tier, copier)
