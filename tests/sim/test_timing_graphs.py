@@ -5,6 +5,8 @@ predicted time."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,63 @@ def test_a_fit_of_noisy_steps_is_not_biased_low(monkeypatch: pytest.MonkeyPatch)
     assert fitted_total() == pytest.approx(measured, rel=0.03)
     monkeypatch.setattr(timing, "REWEIGHTING_ROUNDS", 0)
     assert fitted_total() < 0.93 * measured
+
+
+def test_mixed_graph_buckets_are_the_engines() -> None:
+    pytest.importorskip("torch")
+    from avmp.engine.fast_runner import (
+        DEFAULT_MAX_MIXED_GRAPHS,
+        MIN_TOKEN_BUCKET,
+        bucket,
+        token_buckets,
+    )
+
+    assert timing.MAX_MIXED_GRAPHS == DEFAULT_MAX_MIXED_GRAPHS
+    assert timing.MIN_MIXED_GRAPH_TOKENS == MIN_TOKEN_BUCKET
+    for budget in (256, 1000, 8192):
+        for tokens in range(1, budget + 40, 7):
+            expected = bucket(tokens, token_buckets(budget)) or 0
+            assert timing.mixed_graph_tokens(tokens, budget) == expected
+
+
+def mixed(requests: int, prompt: int, context: int = 500) -> BatchShape:
+    chunks = [decode(i, context) for i in range(requests - 1)]
+    return BatchShape.from_chunks([*chunks, ScheduledChunk(999, 0, prompt, 0, False, True)])
+
+
+def test_the_graph_rule_pads_mixed_steps_and_caps_their_graphs() -> None:
+    off = timing.GraphRule(8192, mixed=False)
+    assert off.shape(mixed(4, 100)) == mixed(4, 100)  # an engine without mixed graphs
+    rule = timing.GraphRule(8192, mixed=True, max_mixed_graphs=2)
+    assert rule.shape(mixed(4, 100)).num_graph_rows == 128  # 103 tokens -> 128
+    assert rule.shape(mixed(3, 7000, 20_000)).num_graph_rows == 8192  # the budget
+    assert len(rule.captured) == 2
+    assert rule.shape(mixed(9, 100)).num_graph_rows == 0  # a third bucket: eager
+    assert rule.shape(mixed(4, 110)).num_graph_rows == 128  # a captured bucket replays
+    # a narrower block table replays the wider graph of its buckets; a wider one cannot
+    assert rule.shape(mixed(3, 6000, 600)).num_graph_rows == 8192
+    assert rule.shape(mixed(4, 100, 9000)).num_graph_rows == 0
+    decode_step = BatchShape.from_chunks([decode(i, 500) for i in range(5)])
+    assert rule.shape(decode_step) == decode_step  # decode graphs: from_chunks's
+    what_if = timing.GraphRule(8192, mixed=True)
+    assert what_if.shape(mixed(4, 100), record=False).num_graph_rows == 128
+    assert not what_if.captured
+
+
+def test_a_fit_learns_whether_the_engine_captured_mixed_steps() -> None:
+    steps = shapes()
+    eager_only = [point(s, truth(s)) for s in steps]
+    assert not fit_calibration(eager_only, "test", None).mixed_graphs
+    rule = timing.GraphRule(8192, mixed=True)
+    graphed = [rule.shape(s) for s in steps]
+    points = [point(s, truth(s)) | {"num_padded_tokens": s.num_graph_rows} for s in graphed]
+    model = fit_calibration(points, "test", None)
+    assert model.mixed_graphs
+    # a mixed graph pays no eager step's fixed cost; the same step run eagerly does
+    step = next(s for s in graphed if s.num_prefill_tokens and s.num_graph_rows)
+    assert calibration_has_prefill(step) == 0.0
+    assert calibration_has_prefill(dataclasses.replace(step, num_graph_rows=0)) == 1.0
+
+
+def calibration_has_prefill(shape: BatchShape) -> float:
+    return timing.calibration_features(shape)[timing._FULL_FEATURES.index(timing.EAGER_FEATURE)]

@@ -48,6 +48,8 @@ from avmp.sim.timing import (
     VMM_MIGRATION_S_PER_CHUNK,
     AllocatorCallCosts,
     BatchShape,
+    CalibratedModel,
+    GraphRule,
     MemoryMoveCosts,
     RooflineModel,
     StepTimeModel,
@@ -447,6 +449,8 @@ class _Simulation:
         self.allocator = allocator
         self.timed = TimedAllocator(allocator)
         self.model = config.time_model(geometry)
+        mixed = isinstance(self.model, CalibratedModel) and self.model.mixed_graphs
+        self.graphs = GraphRule(config.max_num_batched_tokens, mixed)
         scheduler_config = config.scheduler_config(
             allocator.config.budget_bytes, config.preemption_costs(self.model)
         )
@@ -557,7 +561,7 @@ class _Simulation:
     def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
-        shape = BatchShape.from_chunks(plan.chunks)
+        shape = self.graphs.shape(BatchShape.from_chunks(plan.chunks))
         total_s = self.model.step_seconds(shape)
         if not (math.isfinite(total_s) and total_s >= 0):
             # A NaN step would freeze the clock (NaN compares false with every arrival).
@@ -570,7 +574,8 @@ class _Simulation:
         if recompute_tokens == 0:
             return total_s, 0.0
         self.num_recompute_tokens += recompute_tokens
-        fresh_s = self.model.step_seconds(BatchShape.from_chunks(without_recompute(plan.chunks)))
+        fresh = BatchShape.from_chunks(without_recompute(plan.chunks))
+        fresh_s = self.model.step_seconds(self.graphs.shape(fresh, record=False))
         return fresh_s, total_s - fresh_s
 
     def _charge(self, before: tuple[int, ...], compute_s: float, recompute_s: float) -> None:

@@ -45,9 +45,11 @@ Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
 longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_decode_rows,
 graph_row_width_tokens``.
-``has_prefill`` (1 when the step computes any prefill token) is the fixed cost of a step
-the engine runs eagerly: only pure decode steps replay CUDA graphs, so a step that mixes
-one short prefill chunk into a decode batch pays every kernel launch from Python. The
+``has_prefill`` (1 when the step computes any prefill token and runs eagerly, not in a
+graph) is the fixed cost of a step the engine runs eagerly: before 238ae36 only pure
+decode steps replayed CUDA graphs, so a step that mixed one short prefill chunk into a
+decode batch paid every kernel launch from Python (prefill and mixed steps may now
+replay graphs too, `GraphRule`; a point without the ``graph`` field is eager). The
 mean context per request exists because a decode attention kernel scans one request's KV
 serially within a thread block: while the batch does not fill the GPU, a step's latency
 follows the longest per-request scan, not the total KV read, so 64 requests of 2,048
@@ -118,7 +120,7 @@ import functools
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -485,6 +487,68 @@ def decode_graph_rows(num_decode_requests: int) -> int:
     return next((size for size in DECODE_GRAPH_SIZES if size >= num_decode_requests), 0)
 
 
+# The engine's prefill and mixed graphs (avmp.engine.fast_runner: `token_buckets`,
+# DEFAULT_MAX_MIXED_GRAPHS): a step's tokens padded to a power of two from this many
+# below its token budget, or to the budget itself; at most so many graphs captured.
+MIN_MIXED_GRAPH_TOKENS = 16
+MAX_MIXED_GRAPHS = 64
+
+
+def mixed_graph_tokens(num_tokens: int, max_num_batched_tokens: int) -> int:
+    """The padded tokens of a prefill or mixed step's graph: the smallest power of two
+    from `MIN_MIXED_GRAPH_TOKENS` that holds ``num_tokens`` while below the budget,
+    else the budget; 0 for a step above the budget."""
+    if num_tokens > max_num_batched_tokens:
+        return 0
+    size = MIN_MIXED_GRAPH_TOKENS
+    while size < max_num_batched_tokens and size < num_tokens:
+        size *= 2
+    return min(size, max_num_batched_tokens)
+
+
+class GraphRule:
+    """Which steps of one run the engine replays as CUDA graphs, and on how many rows,
+    as `avmp.engine.fast_runner.FastModelRunner.padded_shape` decides it: every pure
+    decode step of at most the largest graph size (`BatchShape.from_chunks` marks them);
+    with ``mixed`` (an engine that captures prefill and mixed steps, as the measured one
+    did: `CalibratedModel.mixed_graphs`) a prefill or mixed step padded to its token
+    and sequence buckets, replaying the narrowest captured graph of those buckets whose
+    block table is wide enough, or capturing one while fewer than ``max_mixed_graphs``
+    are, else running eagerly. It keeps the run's captured buckets: one per run.
+
+    The engine's warm-up captures common buckets before any request; a replay builds
+    its engines without it, and so does this rule (nothing captured at the start).
+    """
+
+    def __init__(
+        self, max_num_batched_tokens: int, mixed: bool, max_mixed_graphs: int = MAX_MIXED_GRAPHS
+    ) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.mixed = mixed
+        self.max_mixed_graphs = max_mixed_graphs
+        self.captured: set[tuple[int, int, int]] = set()  # tokens, sequences, width
+
+    def shape(self, shape: BatchShape, record: bool = True) -> BatchShape:
+        """``shape`` with the graph rows the engine runs it on (``record``: a step the
+        run takes, whose new bucket is captured; False: a what-if, nothing captured)."""
+        if not self.mixed or shape.num_prefill_tokens == 0 or shape.num_graph_rows:
+            return shape
+        tokens = mixed_graph_tokens(shape.num_tokens, self.max_num_batched_tokens)
+        requests = decode_graph_rows(shape.num_requests or 1)
+        if not tokens or not requests:
+            return shape
+        width = graph_width_tokens(shape.longest_context_tokens)
+        wide_enough = any(
+            key[:2] == (tokens, requests) and key[2] >= width for key in self.captured
+        )
+        if not wide_enough:
+            if len(self.captured) >= self.max_mixed_graphs:
+                return shape
+            if record:
+                self.captured.add((tokens, requests, width))
+        return replace(shape, num_graph_rows=tokens)
+
+
 def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk]:
     """The step's chunks with their recomputed prefix removed: what the step would have
     computed had no request been preempted (its cost difference is the recompute time)."""
@@ -690,7 +754,7 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
         float(decode),
         float(shape.num_context_tokens),
         mean_context,
-        float(prefill > 0),
+        float(prefill > 0 and shape.num_graph_rows == 0),
         float(max(0, shape.num_prefill_attention_pairs)),
         float(longest),
         float(shape.longest_context_tokens or mean_context),
@@ -698,6 +762,9 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
         float(shape.num_graph_rows),
         float(shape.num_graph_rows * graph_width_tokens(shape.longest_context_tokens)),
     )
+
+
+_ROWS_COLUMN = _FULL_FEATURES.index(GRAPH_ROWS_FEATURE)
 
 
 @functools.cache
@@ -712,7 +779,9 @@ class CalibratedModel:
 
     ``coefficients`` are the intercept then one per name of ``features``, in seconds per
     unit; ``features`` are the base three and the optional ones the fit could determine,
-    in `_FULL_FEATURES` order.
+    in `_FULL_FEATURES` order. ``mixed_graphs``: some measured prefill or mixed step
+    replayed a graph, so the engine measured captures them (the simulator then marks
+    such steps with a `GraphRule`).
     """
 
     gpu: str
@@ -721,6 +790,7 @@ class CalibratedModel:
     min_step_s: float
     num_points: int
     features: tuple[str, ...] = _BASE_FEATURES
+    mixed_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.features[: len(_BASE_FEATURES)] != _BASE_FEATURES or any(
@@ -792,7 +862,10 @@ def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None)
         fitted = _weighted_fit(matrix, targets)
         if fitted is not None:
             fitted = _reweighted_fit(matrix, targets, fitted)
-            return CalibratedModel(gpu, model, fitted, float(targets.min()), len(points), names)
+            return CalibratedModel(
+                gpu, model, fitted, float(targets.min()), len(points), names,
+                any(_is_mixed_graph(features) for features, _ in parsed),
+            )  # fmt: skip
     raise ValueError("calibration points do not vary enough to fit every coefficient")
 
 
@@ -822,6 +895,12 @@ def _reweighted_fit(
         scale[scale == 0] = 1.0
         solution = np.linalg.lstsq(weighted / scale, targets / predicted, rcond=None)[0] / scale
     return tuple(float(x) for x in solution)
+
+
+def _is_mixed_graph(features: list[float | None]) -> bool:
+    """Whether a parsed point is a prefill or mixed step that replayed a graph."""
+    prefill, rows = features[0] or 0.0, features[_ROWS_COLUMN] or 0.0
+    return prefill > 0 and rows > 0
 
 
 def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
@@ -871,8 +950,8 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
     _check_longest_context(index, longest_context, context, requests)
     mean = None if requests is None else context / requests
     extra_pairs = None if pairs is None else pairs - context
-    eager = float(prefill > 0)
     eager_decode, graph_rows = _graph_features(index, point, prefill, decode)
+    eager = float(prefill > 0 and not graph_rows)
     row_width = None
     if graph_rows is not None and longest_context is not None:
         row_width = graph_rows * graph_width_tokens(int(longest_context))
