@@ -43,7 +43,7 @@ ignored.
 
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
-longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_decode_rows,
+longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_rows,
 graph_row_width_tokens``.
 ``has_prefill`` (1 when the step computes any prefill token and runs eagerly, not in a
 graph) is the fixed cost of a step the engine runs eagerly: before 238ae36 only pure
@@ -71,14 +71,17 @@ and only skewed batches (the calibration's long-context cells) determine it.
 
 The last three tell a step that replays a CUDA graph from one that runs eagerly, which
 the step's shape alone cannot: the engine replays graphs of pure decode steps padded to a
-captured batch size (`DECODE_GRAPH_SIZES`), and `BatchShape.from_chunks` marks them so.
+captured batch size (`DECODE_GRAPH_SIZES`), which `BatchShape.from_chunks` marks, and
+since 238ae36 of prefill and mixed steps padded to token buckets, which the simulator
+marks with a `GraphRule` when the calibration's points show them (`mixed_graphs`).
 ``eager_decode_requests`` (the decode requests of a step without a graph) prices decode
 rows that launch their kernels from Python: on an H200 (Granite-4.0-H-Micro geometry,
 replays of ShareGPT and of a long-document mix) a step mixing a few hundred prefill
 tokens with 12-18 decode rows took 35-45 ms and one with 25-40 rows 70-80 ms, where a
-graph of the same rows took 5-10 ms. ``graph_decode_rows`` (the graph's rows, padding
-included) and ``graph_row_width_tokens`` (those rows times the graph's block-table width
-in tokens, `graph_width_tokens`) price what a graph runs rather than what it needs: in
+graph of the same rows took 5-10 ms. ``graph_rows`` (the graph's rows, padding
+included: a decode graph's requests, a mixed graph's tokens) and
+``graph_row_width_tokens`` (those rows times the graph's block-table width in tokens,
+`graph_width_tokens`) price what a graph runs rather than what it needs: in
 the long-document replay a decode graph of 33 rows (padded to 64) at contexts up to 31k
 tokens took 9.4 ms and one of 32 rows at the same contexts 6.8 ms, while 64-row graphs
 of ShareGPT's 1-2k-token contexts took about 5 ms; without the width term a fit on the
@@ -696,7 +699,7 @@ PREFILL_ATTENTION_FEATURE = "num_prefill_attention_pairs"
 LONGEST_PREFILL_FEATURE = "longest_prefill_tokens"
 LONGEST_CONTEXT_FEATURE = "longest_context_tokens"
 EAGER_DECODE_FEATURE = "eager_decode_requests"
-GRAPH_ROWS_FEATURE = "graph_decode_rows"
+GRAPH_ROWS_FEATURE = "graph_rows"
 GRAPH_WIDTH_FEATURE = "graph_row_width_tokens"
 _LONGEST_FEATURES = (LONGEST_PREFILL_FEATURE, LONGEST_CONTEXT_FEATURE)
 # Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
