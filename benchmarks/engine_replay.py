@@ -229,6 +229,7 @@ def replay(
     engine = Engine(model, config)
     runner = engine.runner
     profiled = isinstance(runner, FastModelRunner)  # the reference runner (CPU) has no profile
+    captured_before = capture_common_mixed(engine) if profiled else []
     rng = np.random.default_rng(args.seed)
     vocab = engine.geometry.vocab_size
     prompts = [rng.integers(3, vocab, size=r.prompt_tokens).tolist() for r in trace]
@@ -274,6 +275,7 @@ def replay(
             [s.num_requests for s in steps] or [t["num_running"] for t in stats.timeline]
         ),
         "timeline": stats.timeline,
+        "mixed_graphs_captured_before": captured_before,
         # per profiled step: prefill tokens, decode requests, context tokens, requests,
         # period (start to next start), runner seconds, graph replayed, graph captured,
         # longest prefill chunk, longest context of one request, attention pairs, rows
@@ -294,6 +296,25 @@ def replay(
     if on_gpu:
         torch.cuda.empty_cache()
     return result
+
+
+def capture_common_mixed(engine: Any) -> list[list[int]]:
+    """Capture, before the timed run, the prefill and mixed graphs that `Engine.warmup`
+    captures (the buckets a workload meets most, up to half of ``max_mixed_graphs``,
+    with block tables for a step's worth of context), without the warm-up's prompts,
+    which would move AVMP's pool split before the run. Without it every bucket is
+    captured mid-run, where the captures shift the engine's steps against the trace's
+    arrivals. Returns the captured buckets as the simulator's `GraphRule` keys: tokens,
+    sequences, block-table width in tokens (none where mixed graphs are off)."""
+    runner, config = engine.runner, engine.config
+    if not runner.use_mixed_graphs:
+        return []
+    context = min(config.max_model_len or config.max_num_batched_tokens,
+                  config.max_num_batched_tokens)  # fmt: skip
+    shapes = runner.common_mixed_shapes(config.max_num_seqs, context)
+    runner.capture_mixed(shapes[: runner.max_mixed_graphs // 2])
+    block = config.block_size
+    return [[key.num_tokens, key.num_seqs, key.width * block] for key in runner.mixed_graphs]
 
 
 def engine_latencies(
@@ -381,11 +402,14 @@ def simulate(
     memory_bytes: int | None = None,
     profile: str | None = None,
     shapes: list[Any] | None = None,
+    captured_mixed_graphs: list[list[int]] | None = None,
 ) -> dict:
     """The simulator's prediction for the same trace and arrivals, limits, budget and
     layout (the simulator's unified layout is the engine's, deviation included), on
     ``profile`` (default `sim_profile`); each step's `BatchShape` appended to ``shapes``
-    when given."""
+    when given. ``captured_mixed_graphs``: the engine run's prefill and mixed graphs
+    captured before it (`capture_common_mixed`), which the simulator's graph rule starts
+    from."""
     from avmp.memory.registry import make_allocator
     from avmp.memory.spec import MemoryConfig
     from avmp.sim.simulator import SimConfig
@@ -396,6 +420,7 @@ def simulate(
     config = SimConfig(
         profile=profile, calibration=str(args.calibration), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens, **policy,
+        captured_mixed_graphs=tuple(tuple(key) for key in captured_mixed_graphs or ()),
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
     layout = make_allocator(base, geometry, memory)
@@ -477,7 +502,9 @@ def _run(
     """One layout on the engine and in the simulator, with a progress line."""
     start = time.perf_counter()
     engine_result = replay(args, model, allocator, trace, memory_bytes)
-    sim_result = simulate(args, geometry, allocator, trace, memory_bytes)
+    captured = engine_result["mixed_graphs_captured_before"]
+    sim_result = simulate(args, geometry, allocator, trace, memory_bytes,
+                          captured_mixed_graphs=captured)  # fmt: skip
     print(
         f"{label}, {allocator}: engine {engine_result['request_throughput']:.2f} req/s "
         f"({engine_result['num_preemptions']} preemptions, "
@@ -621,7 +648,8 @@ def _resimulated_run(
 ) -> dict[str, Any]:
     """One run with its simulated column redone (its old ``sim_placed`` dropped: that
     simulator is gone)."""
-    sim = simulate(args, geometry, run["allocator"], trace, memory_bytes, profile, shapes)
+    captured = run["engine"].get("mixed_graphs_captured_before")  # absent from older runs
+    sim = simulate(args, geometry, run["allocator"], trace, memory_bytes, profile, shapes, captured)
     kept = {k: v for k, v in run.items() if k != "sim_placed"}
     return kept | {"sim": sim}
 

@@ -199,3 +199,30 @@ def test_docs_show_the_agreement_the_committed_results_give() -> None:
     docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
     missing = [line for line in calibrate.markdown(result).splitlines() if line not in docs]
     assert not missing, missing[:3]
+
+
+def test_a_replay_captures_the_warm_ups_mixed_graphs_before_its_run() -> None:
+    """The buckets `Engine.warmup` would capture (half of the cap, a step's worth of
+    context), captured without its prompts and reported as the simulator's keys."""
+    from types import SimpleNamespace
+
+    from avmp.engine.device_batch import StepShape
+    from benchmarks.engine_replay import capture_common_mixed
+
+    asked: list[tuple[int, int]] = []
+    shapes = [StepShape(t, s, 512, s) for t, s in ((256, 128), (8192, 1), (64, 32), (32, 1))]
+
+    def common(max_num_seqs: int, context: int) -> list[StepShape]:
+        asked.append((max_num_seqs, context))
+        return shapes
+
+    runner = SimpleNamespace(use_mixed_graphs=True, max_mixed_graphs=6, mixed_graphs={},
+                             common_mixed_shapes=common)  # fmt: skip
+    runner.capture_mixed = lambda chosen: runner.mixed_graphs.update(dict.fromkeys(chosen))
+    config = SimpleNamespace(max_model_len=None, max_num_batched_tokens=8192,
+                             max_num_seqs=128, block_size=16)  # fmt: skip
+    engine = SimpleNamespace(runner=runner, config=config)
+    assert capture_common_mixed(engine) == [[256, 128, 8192], [8192, 1, 8192], [64, 32, 8192]]
+    assert asked == [(128, 8192)]
+    runner.use_mixed_graphs = False
+    assert capture_common_mixed(engine) == []

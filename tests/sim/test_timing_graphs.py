@@ -218,3 +218,9 @@ def test_a_fit_learns_whether_the_engine_captured_mixed_steps() -> None:
 
 def calibration_has_prefill(shape: BatchShape) -> float:
     return timing.calibration_features(shape)[timing._FULL_FEATURES.index(timing.EAGER_FEATURE)]
+
+
+def test_the_graph_rule_starts_from_the_graphs_captured_before_the_run() -> None:
+    rule = timing.GraphRule(8192, mixed=True, max_mixed_graphs=1, captured=((128, 4, 512),))
+    assert rule.shape(mixed(4, 100)).num_graph_rows == 128  # replays the warm-up's graph
+    assert rule.shape(mixed(9, 100)).num_graph_rows == 0  # the one graph allowed is taken

@@ -100,6 +100,9 @@ class SimConfig:
             second level, `avmp.sched.prefix.HostLevel`; copies charged at the profile's
             host link). Needs a host tier (``host_tier_bytes`` not 0, preemption not
             ``recompute``).
+        captured_mixed_graphs: the engine's prefill and mixed graph buckets captured
+            before the run, (tokens, sequences, block-table width in tokens) each
+            (`avmp.sim.timing.GraphRule`; with a calibration that shows mixed graphs).
     """
 
     profile: str = "h100"
@@ -118,6 +121,7 @@ class SimConfig:
     prefix_cache: str = "off"
     prefix_eviction: str | None = None
     prefix_host_level: bool = False
+    captured_mixed_graphs: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -450,7 +454,9 @@ class _Simulation:
         self.timed = TimedAllocator(allocator)
         self.model = config.time_model(geometry)
         mixed = isinstance(self.model, CalibratedModel) and self.model.mixed_graphs
-        self.graphs = GraphRule(config.max_num_batched_tokens, mixed)
+        self.graphs = GraphRule(
+            config.max_num_batched_tokens, mixed, captured=config.captured_mixed_graphs
+        )
         scheduler_config = config.scheduler_config(
             allocator.config.budget_bytes, config.preemption_costs(self.model)
         )

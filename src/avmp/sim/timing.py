@@ -519,17 +519,21 @@ class GraphRule:
     block table is wide enough, or capturing one while fewer than ``max_mixed_graphs``
     are, else running eagerly. It keeps the run's captured buckets: one per run.
 
-    The engine's warm-up captures common buckets before any request; a replay builds
-    its engines without it, and so does this rule (nothing captured at the start).
+    ``captured``: the (tokens, sequences, block-table width in tokens) buckets captured
+    before the run (the engine's warm-up captures common ones; nothing by default).
     """
 
     def __init__(
-        self, max_num_batched_tokens: int, mixed: bool, max_mixed_graphs: int = MAX_MIXED_GRAPHS
+        self,
+        max_num_batched_tokens: int,
+        mixed: bool,
+        max_mixed_graphs: int = MAX_MIXED_GRAPHS,
+        captured: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.mixed = mixed
         self.max_mixed_graphs = max_mixed_graphs
-        self.captured: set[tuple[int, int, int]] = set()  # tokens, sequences, width
+        self.captured: set[tuple[int, int, int]] = set(captured)
 
     def shape(self, shape: BatchShape, record: bool = True) -> BatchShape:
         """``shape`` with the graph rows the engine runs it on (``record``: a step the
