@@ -464,6 +464,12 @@ class BatchShape:
 DECODE_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+# decode_graph_rows of every batch up to the largest graph, looked up once per step
+_GRAPH_ROWS = [0] + [
+    next(size for size in DECODE_GRAPH_SIZES if size >= n)
+    for n in range(1, DECODE_GRAPH_SIZES[-1] + 1)
+]
+
 # The engine's decode graphs are also keyed by their block table's width: a power of two
 # of pages, at least this many (avmp.engine.fast_runner.MIN_GRAPH_WIDTH), of the engine's
 # page size (avmp.memory.spec.MemoryConfig.block_size).
@@ -485,9 +491,9 @@ def decode_graph_rows(num_decode_requests: int) -> int:
     requests replays: the smallest captured size that holds them (the engine pads the
     batch with rows every kernel skips, but a padded row still costs its share of the
     graph's GEMMs and launches), 0 when none does (the step runs eagerly) or for none."""
-    if num_decode_requests <= 0:
+    if not 0 < num_decode_requests < len(_GRAPH_ROWS):
         return 0
-    return next((size for size in DECODE_GRAPH_SIZES if size >= num_decode_requests), 0)
+    return _GRAPH_ROWS[num_decode_requests]
 
 
 # The engine's prefill and mixed graphs (avmp.engine.fast_runner: `token_buckets`,
