@@ -29,9 +29,12 @@ not ``--max-num-seqs``, limits the batch. Steps are profiled with CUDA events (n
 steps still overlap, as in benchmarks/engine.py); steps that captured a CUDA graph are
 one-off work and reported apart. The layouts are replayed ``--rounds`` times in turn and the
 last round is reported: the first pays Triton's compilation of the kernel variants the
-trace's shapes need, which would otherwise fall on whichever layout runs first. The
-simulator replays the same trace with the same scheduler limits and allocator, its clock
-from the step-time calibration of benchmarks/engine.py.
+trace's shapes need, which would otherwise fall on whichever layout runs first. Before
+each timed run the engine captures the prefill and mixed graphs its warm-up would
+(`capture_common_mixed`). The simulator replays the same trace with the same scheduler
+limits and allocator, its clock from a step-time calibration (``--calibration``; default
+the committed one of the device and model: benchmarks/engine.py's cells, or a fit of
+replays' own steps by benchmarks/calibrate.py).
 
 ``--resimulate CAL --markdown FILE`` reruns, on the CPU, the simulated column of a results
 file (every layout and the unbounded run) with the calibration CAL and prints the tables
@@ -441,7 +444,7 @@ def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
     from benchmarks.engine import build_model, transformers_config
 
     if args.calibration is None:
-        args.calibration = RESULTS_DIR / f"calibration_h100_{args.model}.json"
+        args.calibration = default_calibration(sim_profile(args), args.model)
     model = build_model(transformers_config(args.model), torch.device(args.device))
     results = _conditions(args, trace)
     geometry = sim_geometry(args.model, model)
@@ -459,6 +462,13 @@ def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
         run = _run(args, model, geometry, UNBOUNDED_ALLOCATOR, trace, "unbounded", memory_bytes)
         results["unbounded"] = run | {"memory_bytes": memory_bytes}
     return results
+
+
+def default_calibration(profile: str, model: str) -> Path:
+    """The committed calibration of ``model`` on the device's profile, or on the H100
+    where the device has none (the only one before the H200's)."""
+    own = RESULTS_DIR / f"calibration_{profile}_{model}.json"
+    return own if own.is_file() else RESULTS_DIR / f"calibration_h100_{model}.json"
 
 
 def _conditions(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str, Any]:

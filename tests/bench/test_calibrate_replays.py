@@ -226,3 +226,14 @@ def test_a_replay_captures_the_warm_ups_mixed_graphs_before_its_run() -> None:
     assert asked == [(128, 8192)]
     runner.use_mixed_graphs = False
     assert capture_common_mixed(engine) == []
+
+
+def test_a_replay_simulates_with_its_devices_calibration_where_there_is_one() -> None:
+    from benchmarks.engine_replay import default_calibration
+
+    assert default_calibration("h200", "granite-4.0-h-micro").name == (
+        "calibration_h200_granite-4.0-h-micro.json"
+    )
+    assert default_calibration("h200", "nemotron-h-8b").name == (
+        "calibration_h100_nemotron-h-8b.json"
+    )  # no H200 calibration of it
