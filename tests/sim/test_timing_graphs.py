@@ -224,3 +224,33 @@ def test_the_graph_rule_starts_from_the_graphs_captured_before_the_run() -> None
     rule = timing.GraphRule(8192, mixed=True, max_mixed_graphs=1, captured=((128, 4, 512),))
     assert rule.shape(mixed(4, 100)).num_graph_rows == 128  # replays the warm-up's graph
     assert rule.shape(mixed(9, 100)).num_graph_rows == 0  # the one graph allowed is taken
+
+
+def graphed_truth(shape: BatchShape) -> float:
+    """A step time where a prefill or mixed step pays the eager fixed cost and eager
+    decode rows only when it runs eagerly, and its padded tokens when it replays a graph."""
+    prefill, rows = shape.num_prefill_tokens, shape.num_graph_rows
+    eager = prefill > 0 and rows == 0
+    decode_rows = rows if prefill == 0 else 0
+    width = decode_rows * graph_width_tokens(shape.longest_context_tokens)
+    return (
+        0.002 + 2e-5 * prefill + 1e-5 * shape.num_decode_requests
+        + 1e-9 * shape.num_context_tokens + 0.01 * eager
+        + 1e-4 * shape.num_decode_requests * (rows == 0)
+        + 2e-5 * decode_rows + 3e-9 * width + 4e-6 * (rows if prefill else 0)
+    )  # fmt: skip
+
+
+def test_a_fit_prices_mixed_graphs_by_their_padded_tokens() -> None:
+    """Some mixed steps replay graphs (the first buckets met), the rest run eagerly: the
+    fit tells them apart and prices both exactly."""
+    rule = timing.GraphRule(8192, mixed=True, max_mixed_graphs=4)
+    steps = [rule.shape(s) for s in shapes()]
+    kinds = {(s.num_prefill_tokens > 0, s.num_graph_rows > 0) for s in steps}
+    assert kinds == {(False, True), (True, True), (True, False)}
+    points = [point(s, graphed_truth(s)) | {"num_padded_tokens": s.num_graph_rows}
+              for s in steps]  # fmt: skip
+    model = fit_calibration(points, "test", None)
+    assert timing.MIXED_GRAPH_FEATURE in model.features and model.mixed_graphs
+    for shape in steps:
+        assert model.step_seconds(shape) == pytest.approx(graphed_truth(shape), rel=1e-6)

@@ -44,7 +44,7 @@ ignored.
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
 longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_rows,
-graph_row_width_tokens``.
+graph_row_width_tokens, mixed_graph_tokens``.
 ``has_prefill`` (1 when the step computes any prefill token and runs eagerly, not in a
 graph) is the fixed cost of a step the engine runs eagerly: before 238ae36 only pure
 decode steps replayed CUDA graphs, so a step that mixed one short prefill chunk into a
@@ -69,7 +69,7 @@ ones, ~5,000 per request on average) took 5.7-9.4 ms where the mean-context fit 
 contexts the two are equal (the fit cannot tell them apart there and keeps the older),
 and only skewed batches (the calibration's long-context cells) determine it.
 
-The last three tell a step that replays a CUDA graph from one that runs eagerly, which
+The last four tell a step that replays a CUDA graph from one that runs eagerly, which
 the step's shape alone cannot: the engine replays graphs of pure decode steps padded to a
 captured batch size (`DECODE_GRAPH_SIZES`), which `BatchShape.from_chunks` marks, and
 since 238ae36 of prefill and mixed steps padded to token buckets, which the simulator
@@ -78,14 +78,16 @@ marks with a `GraphRule` when the calibration's points show them (`mixed_graphs`
 rows that launch their kernels from Python: on an H200 (Granite-4.0-H-Micro geometry,
 replays of ShareGPT and of a long-document mix) a step mixing a few hundred prefill
 tokens with 12-18 decode rows took 35-45 ms and one with 25-40 rows 70-80 ms, where a
-graph of the same rows took 5-10 ms. ``graph_rows`` (the graph's rows, padding
-included: a decode graph's requests, a mixed graph's tokens) and
-``graph_row_width_tokens`` (those rows times the graph's block-table width in tokens,
-`graph_width_tokens`) price what a graph runs rather than what it needs: in
+graph of the same rows took 5-10 ms. ``graph_rows`` (a decode graph's rows, padding
+included) and ``graph_row_width_tokens`` (those rows times the graph's block-table width
+in tokens, `graph_width_tokens`) price what a graph runs rather than what it needs: in
 the long-document replay a decode graph of 33 rows (padded to 64) at contexts up to 31k
 tokens took 9.4 ms and one of 32 rows at the same contexts 6.8 ms, while 64-row graphs
 of ShareGPT's 1-2k-token contexts took about 5 ms; without the width term a fit on the
 long-document steps priced ShareGPT's graph steps 60-90% too high, with it within 6%.
+``mixed_graph_tokens`` (a prefill or mixed graph's tokens, padding included) is apart
+from the decode graphs' rows: a padded token of a mixed step's GEMMs is not a padded
+decode request's row, and no GPU run has measured either against the other yet.
 
 The time the device waits for the host is in ``step_s`` as the benchmarks measure it
 (benchmarks/engine.py from its cells, benchmarks/calibrate.py from engine replays' step
@@ -111,10 +113,11 @@ the width term only beside the longest context), and it drops the optional featu
 the points cannot tell apart from the rest (the mean context of batch-1 steps,
 ``has_prefill`` when every step or none has prefill, the longest chunk when every prefill
 step holds one chunk, the longest context when every step's contexts are even, the graph
-features when no step or every step ran a graph), the graph width first, then the graph
-rows, the eager decode requests, the longest context, ``has_prefill``, the mean context,
-the prefill attention pairs, and the longest chunk last. At least 4 points of full rank
-are needed; a step is never predicted below the fastest measured step.
+features when no step or every step ran a graph), the mixed graphs' tokens first, then
+the graph width, the graph rows, the eager decode requests, the longest context,
+``has_prefill``, the mean context, the prefill attention pairs, and the longest chunk
+last. At least 4 points of full rank are needed; a step is never predicted below the
+fastest measured step.
 """
 
 from __future__ import annotations
@@ -711,6 +714,7 @@ LONGEST_CONTEXT_FEATURE = "longest_context_tokens"
 EAGER_DECODE_FEATURE = "eager_decode_requests"
 GRAPH_ROWS_FEATURE = "graph_rows"
 GRAPH_WIDTH_FEATURE = "graph_row_width_tokens"
+MIXED_GRAPH_FEATURE = "mixed_graph_tokens"
 _LONGEST_FEATURES = (LONGEST_PREFILL_FEATURE, LONGEST_CONTEXT_FEATURE)
 # Every feature in coefficient order; a fit uses the base ones and a subset of the rest.
 _FULL_FEATURES = (
@@ -723,6 +727,7 @@ _FULL_FEATURES = (
     EAGER_DECODE_FEATURE,
     GRAPH_ROWS_FEATURE,
     GRAPH_WIDTH_FEATURE,
+    MIXED_GRAPH_FEATURE,
 )
 # The optional features, the one a fit keeps longest first (see `_feature_sets`).
 _OPTIONAL_FEATURES = (
@@ -734,6 +739,7 @@ _OPTIONAL_FEATURES = (
     EAGER_DECODE_FEATURE,
     GRAPH_ROWS_FEATURE,
     GRAPH_WIDTH_FEATURE,
+    MIXED_GRAPH_FEATURE,
 )
 
 
@@ -743,8 +749,9 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     has prefill tokens, prefill attention pairs beyond the context
     (`BatchShape.num_prefill_attention_pairs`), the longest prefill chunk and the
     longest context of one request, the decode requests of a step that runs eagerly
-    (no graph: ``num_graph_rows`` 0), the rows of the decode graph a step replays and
-    those rows times the graph's block-table width in tokens (`graph_width_tokens`).
+    (no graph: ``num_graph_rows`` 0), the rows of the decode graph a step replays,
+    those rows times the graph's block-table width in tokens (`graph_width_tokens`), and
+    the tokens of the prefill or mixed graph a step replays.
 
     A shape that does not count its requests (``num_requests`` 0, as hand-built shapes
     may) is taken as its decode requests plus one prefilling request when it has
@@ -757,6 +764,7 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
     decode requests eagerly.
     """
     prefill, decode = shape.num_prefill_tokens, shape.num_decode_requests
+    decode_rows = shape.num_graph_rows if prefill == 0 else 0  # else a mixed graph's tokens
     requests = shape.num_requests or decode + (prefill > 0)
     mean_context = shape.num_context_tokens / requests if requests else 0.0
     longest = shape.longest_prefill_tokens
@@ -772,12 +780,13 @@ def calibration_features(shape: BatchShape) -> tuple[float, ...]:
         float(longest),
         float(shape.longest_context_tokens or mean_context),
         float(decode if shape.num_graph_rows == 0 else 0),
-        float(shape.num_graph_rows),
-        float(shape.num_graph_rows * graph_width_tokens(shape.longest_context_tokens)),
+        float(decode_rows),
+        float(decode_rows * graph_width_tokens(shape.longest_context_tokens)),
+        float(shape.num_graph_rows - decode_rows),
     )
 
 
-_ROWS_COLUMN = _FULL_FEATURES.index(GRAPH_ROWS_FEATURE)
+_MIXED_COLUMN = _FULL_FEATURES.index(MIXED_GRAPH_FEATURE)
 
 
 @functools.cache
@@ -912,8 +921,7 @@ def _reweighted_fit(
 
 def _is_mixed_graph(features: list[float | None]) -> bool:
     """Whether a parsed point is a prefill or mixed step that replayed a graph."""
-    prefill, rows = features[0] or 0.0, features[_ROWS_COLUMN] or 0.0
-    return prefill > 0 and rows > 0
+    return (features[_MIXED_COLUMN] or 0.0) > 0
 
 
 def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
@@ -965,12 +973,14 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
     extra_pairs = None if pairs is None else pairs - context
     eager_decode, graph_rows = _graph_features(index, point, prefill, decode)
     eager = float(prefill > 0 and not graph_rows)
-    row_width = None
-    if graph_rows is not None and longest_context is not None:
-        row_width = graph_rows * graph_width_tokens(int(longest_context))
+    decode_rows = mixed_rows = row_width = None
+    if graph_rows is not None:  # a decode graph's rows, or a mixed graph's tokens
+        decode_rows, mixed_rows = (0.0, graph_rows) if prefill > 0 else (graph_rows, 0.0)
+        if longest_context is not None:
+            row_width = decode_rows * graph_width_tokens(int(longest_context))
     return [
         prefill, decode, context, mean, eager, extra_pairs, longest, longest_context,
-        eager_decode, graph_rows, row_width,
+        eager_decode, decode_rows, row_width, mixed_rows,
     ], step_s  # fmt: skip
 
 
