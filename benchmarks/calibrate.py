@@ -264,15 +264,19 @@ _FIGURES = ("request_throughput", "num_preemptions", "num_steps")
 
 def point_shape(point: dict[str, float]) -> Any:
     """The `BatchShape` of a calibration point from a replay (what the simulator would
-    price for that step)."""
+    price for that step): a graph step runs its recorded rows (padding included), or a
+    decode graph's rows where a row from before them does not record them."""
     from avmp.sim.timing import BatchShape, decode_graph_rows
 
     decode = int(point["num_decode_requests"])
+    rows = 0
+    if point.get("graph"):
+        rows = int(point.get("num_padded_tokens") or 0) or decode_graph_rows(decode)
     return BatchShape(
         int(point["num_prefill_tokens"]), decode, int(point["num_context_tokens"]),
         int(point.get("num_attention_pairs", 0)), int(point["num_requests"]),
         int(point.get("longest_prefill_tokens", 0)), int(point.get("longest_context_tokens", 0)),
-        decode_graph_rows(decode) if point.get("graph") else 0,
+        rows,
     )  # fmt: skip
 
 

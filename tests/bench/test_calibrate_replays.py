@@ -237,3 +237,18 @@ def test_a_replay_simulates_with_its_devices_calibration_where_there_is_one() ->
     assert default_calibration("h200", "nemotron-h-8b").name == (
         "calibration_h100_nemotron-h-8b.json"
     )  # no H200 calibration of it
+
+
+def test_a_mixed_graph_row_is_priced_on_its_padded_tokens() -> None:
+    """A row of a prefill step that replayed a graph (the newest rows record its padded
+    tokens) becomes a graph point, and its shape runs those rows."""
+    mixed = [*row(100, 8, 0.01, 0.01), 4000, 128]
+    mixed[GRAPH_COLUMN] = True
+    (point,) = calibrate.run_points([mixed, row(0, 8, 0.01, 0.01)])[:1]
+    assert point["graph"] == 1 and point["num_padded_tokens"] == 128
+    assert calibrate.point_shape(point).num_graph_rows == 128
+    decode = calibrate.run_points([row(0, 20, 0.01, 0.01), row(0, 8, 0.01, 0.01)])[0]
+    assert calibrate.point_shape(decode).num_graph_rows == 32  # an older row: no padding
+
+
+GRAPH_COLUMN = calibrate.GRAPH
