@@ -179,7 +179,8 @@ def _with_graph(point: dict[str, float]) -> dict[str, float]:
     marked as the engine runs it: a pure decode step of at most the largest graph size
     replays a graph (benchmarks/engine.py drops the steps that captured one), any other
     runs eagerly. True of the models that capture decode graphs, which calibrations
-    are made of (Granite-4.0-H, Nemotron-H)."""
+    are made of (Granite-4.0-H, Nemotron-H), in cells measured before prefill and mixed
+    steps could replay graphs (238ae36); later cells need the flag in their points."""
     from avmp.sim.timing import decode_graph_rows
 
     rows = decode_graph_rows(int(point["num_decode_requests"]))
