@@ -215,10 +215,10 @@ def test_padded_mixed_steps_through_preemption_migration_and_compaction(
                      admission="greedy")  # fmt: skip
     engine = Engine(checkpoint.path, config)
     engine.runner.profile.start()  # type: ignore[attr-defined]
-    prompts = random_prompts([4] * 6 + [100] * 3 + [4] * 6)
-    outputs = engine.generate(prompts, max_tokens=MAX_TOKENS)
+    prompts = random_prompts([4] * 8 + [120] * 4 + [4] * 8)
+    outputs = engine.generate(prompts, max_tokens=12)
     for prompt, output in zip(prompts, outputs, strict=True):
-        assert output.token_ids == checkpoint.reference(prompt, MAX_TOKENS)
+        assert output.token_ids == checkpoint.reference(prompt, 12)
     stats = engine.stats
     assert stats.num_preemptions > 0
     moved = stats.allocator
