@@ -115,7 +115,7 @@ def test_models_whose_prefill_path_reads_host_values_stay_eager(
     dense = _runner(dense_checkpoint, cuda_graphs=False, pad_mixed=True)
     assert dense.model.can_capture_mixed() and dense.pad_mixed
     minimax = load_model(tiny_checkpoint("minimax").path, torch.float32, "cpu")
-    assert not minimax.can_capture_mixed()  # the default: a family not checked
+    assert not minimax.can_capture_mixed()  # reference lightning core, looped experts
 
 
 @pytest.mark.parametrize("family", sorted(CAPTURABLE))

@@ -43,6 +43,7 @@ from avmp.engine.ops import Activation, Ops, relu_squared
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer
     from avmp.engine.models.lfm2 import Lfm2ShortConv
+    from avmp.engine.models.minimax import LightningAttention
     from avmp.engine.models.qwen3_next import GatedDeltaNet
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
 
@@ -306,6 +307,14 @@ class TritonOps(Ops):
             ssm_states, batch.slot_idx, batch.query_start_loc, xs, dt, A, B, C, D, dt_bias,
             gate, has_initial_state=batch.has_initial_state, out=_output_like(xs, batch),
         )  # fmt: skip
+
+    def lightning_mix(
+        self, mixer: LightningAttention, qkv: torch.Tensor, states: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """MiniMax's lightning core on the Mamba2 kernels (`avmp.engine.triton_lightning`)."""
+        from avmp.engine import triton_lightning  # it imports this module: load on first use
+
+        return triton_lightning.lightning_mix(mixer, qkv, states, batch)
 
     def gated_delta_mix(
         self,

@@ -243,6 +243,12 @@ class MiniMaxModel(HybridModel):
         on_device = all(type(m.ops).lightning_mix is not Ops.lightning_mix for m in lightning)
         return on_device and all(m.experts.is_capturable() for m in moe)
 
+    def can_capture_mixed(self) -> bool:
+        """Prefill and mixed steps read no host value where decode steps do not: the
+        lightning layers' prefill runs the chunked and varlen scans over device tables
+        (`avmp.engine.triton_lightning`), attention and the grouped experts as decode."""
+        return self.can_capture_decode()
+
     def geometry(
         self,
         dtype: torch.dtype,
