@@ -21,12 +21,21 @@ along. Five launches:
 
 ``chunk_layout`` builds the chunk table on the device from the query offsets (no value is
 read back by the host), so a step computes it once and every layer reuses it.
+
+Each kernel's tile sizes, warps and pipeline stages are a value, `ScanTiles`; without one
+the scan takes the entry of the tuned table shipped in ``tuned/`` for its GPU and shape
+(written by ``benchmarks/scan_tune.py``), or the defaults.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import triton
@@ -44,13 +53,269 @@ from avmp.kernels.triton._common import (
 )
 from avmp.kernels.triton.mamba2_varlen_scan import _check_inputs
 
-# Tile sizes (tokens of a chunk, head_dim rows, d_state columns) on the GPU; small shapes
-# shrink them to the next power of two >= 16 (tl.dot's smallest tile).
-BLOCK_TOKENS = 64
-BLOCK_P = 64
-BLOCK_STATE = 64
-BLOCK_HEADS = 8
-BLOCK_FLAT = 1024  # state elements per program of the state passing
+# Launch options the kernels accept: tl.dot needs 16 or more along each side of a tile, and
+# one program has at most 16 warps here (512 threads) so a tile's registers spread wide.
+DOT_TILE_RANGE = (16, 256)
+NUM_WARPS = (1, 2, 4, 8, 16)
+MAX_STAGES = 8
+# The tuned table, inside this package; see `tuned_tiles`.
+TUNED_TABLE = ("tuned", "mamba2_chunk_scan.json")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class KernelTiles:
+    """The launch options of one of the scan's kernels: its tile sizes (the subclass's
+    ``block_*`` fields, powers of two within ``BLOCK_RANGES``), warps per program and
+    ``num_stages`` (how many loads Triton's software pipeline keeps in flight in the
+    kernel's loops). Triton's own defaults (4 warps, 3 stages) unless tuned.
+
+    A tile size is a cap: a smaller shape shrinks it to its next power of two (16 or more
+    for the tiles of a matrix product), so one configuration serves every model."""
+
+    num_warps: int = 4
+    num_stages: int = 3
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {}
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        if not _is_int(self.num_warps) or self.num_warps not in NUM_WARPS:
+            raise ValueError(f"{kind}.num_warps must be one of {NUM_WARPS}, got {self.num_warps!r}")
+        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= MAX_STAGES:
+            raise ValueError(
+                f"{kind}.num_stages must be an int in [1, {MAX_STAGES}], got {self.num_stages!r}")
+        for name, (low, high) in self.BLOCK_RANGES.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value & (value - 1) or not low <= value <= high:
+                raise ValueError(f"{kind}.{name} must be a power of two in [{low}, {high}], "
+                                 f"got {value!r}")
+
+    def label(self) -> str:
+        """Short form for tables: ``tokens64 state64 w4 s3``."""
+        blocks = " ".join(f"{name.removeprefix('block_')}{getattr(self, name)}"
+                          for name in self.BLOCK_RANGES)
+        return f"{blocks} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class DtCumsumTiles(KernelTiles):
+    """dt's discretisation and cumulative sum: heads per program (a chunk's tokens are
+    one tile, the chunk size rounded up to a power of two)."""
+
+    block_heads: int = 8
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {"block_heads": (1, 64)}
+
+
+@dataclass(frozen=True)
+class CbTiles(KernelTiles):
+    """``C . B`` within each chunk: a ``block_tokens`` square of it per program, summed
+    over d_state in steps of ``block_state``."""
+
+    block_tokens: int = 64
+    block_state: int = 64
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {
+        "block_tokens": DOT_TILE_RANGE, "block_state": DOT_TILE_RANGE}
+
+
+@dataclass(frozen=True)
+class ChunkStateTiles(KernelTiles):
+    """Each chunk's own end state: a ``block_p x block_state`` tile of it per program,
+    summed over the chunk's tokens in steps of ``block_tokens``."""
+
+    block_p: int = 64
+    block_state: int = 64
+    block_tokens: int = 64
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {
+        "block_p": DOT_TILE_RANGE, "block_state": DOT_TILE_RANGE,
+        "block_tokens": DOT_TILE_RANGE}
+
+
+@dataclass(frozen=True)
+class StatePassingTiles(KernelTiles):
+    """The state passing: ``block_flat`` elements of a head's state per program."""
+
+    block_flat: int = 1024
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {"block_flat": (32, 8192)}
+
+
+@dataclass(frozen=True)
+class ChunkScanTiles(KernelTiles):
+    """The outputs: ``block_tokens`` rows x ``block_p`` columns per program (the rows'
+    own chunk is walked in steps of ``block_tokens`` too), d_state in steps of
+    ``block_state``."""
+
+    block_tokens: int = 64
+    block_p: int = 64
+    block_state: int = 64
+    BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {
+        "block_tokens": DOT_TILE_RANGE, "block_p": DOT_TILE_RANGE,
+        "block_state": DOT_TILE_RANGE}
+
+
+@dataclass(frozen=True)
+class ScanTiles:
+    """The launch configuration of the scan's five kernels, one field per kernel in
+    launch order (`SCAN_KERNELS`). The defaults are the untuned ones: 64-token tiles,
+    64 x 64 state tiles, 4 warps and 3 stages everywhere."""
+
+    dt_cumsum: DtCumsumTiles = field(default_factory=DtCumsumTiles)
+    cb: CbTiles = field(default_factory=CbTiles)
+    chunk_state: ChunkStateTiles = field(default_factory=ChunkStateTiles)
+    state_passing: StatePassingTiles = field(default_factory=StatePassingTiles)
+    chunk_scan: ChunkScanTiles = field(default_factory=ChunkScanTiles)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is not KERNEL_TILES[f.name]:
+                raise TypeError(f"ScanTiles.{f.name} must be a {KERNEL_TILES[f.name].__name__}, "
+                                f"got {type(value).__name__}")
+
+    def with_kernel(self, kernel: str, tiles: KernelTiles) -> ScanTiles:
+        """A copy with ``kernel``'s launch options replaced by ``tiles``."""
+        if kernel not in KERNEL_TILES:
+            raise ValueError(f"unknown scan kernel {kernel!r}; known: {', '.join(SCAN_KERNELS)}")
+        return replace(self, **{kernel: tiles})
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        """JSON-ready: ``{kernel: {field: value}}`` (the tuned table stores it so)."""
+        return {f.name: asdict(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScanTiles:
+        """Inverse of `to_dict`; a kernel left out keeps its defaults.
+
+        Raises:
+            ValueError: not a mapping, an unknown kernel or field, or an invalid value.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"tiles must be a mapping of kernel -> fields, got {data!r}")
+        unknown = set(data) - set(KERNEL_TILES)
+        if unknown:
+            raise ValueError(f"unknown scan kernels {sorted(unknown)}; known: {SCAN_KERNELS}")
+        kernels = {}
+        for name, values in data.items():
+            if not isinstance(values, Mapping):
+                raise ValueError(f"tiles of {name} must be a mapping, got {values!r}")
+            try:
+                kernels[name] = KERNEL_TILES[name](**values)
+            except TypeError as error:  # an unknown field name
+                raise ValueError(f"tiles of {name}: {error}") from None
+        return cls(**kernels)
+
+
+KERNEL_TILES: dict[str, type[KernelTiles]] = {
+    "dt_cumsum": DtCumsumTiles,
+    "cb": CbTiles,
+    "chunk_state": ChunkStateTiles,
+    "state_passing": StatePassingTiles,
+    "chunk_scan": ChunkScanTiles,
+}
+SCAN_KERNELS = tuple(KERNEL_TILES)
+
+
+class TunedKey(NamedTuple):
+    """What a tuned table entry is for: a GPU (its name as `gpu_key` normalises it) and
+    the scan's shape and dtype."""
+
+    gpu: str
+    chunk_size: int
+    head_dim: int
+    d_state: int
+    dtype: str
+
+
+def gpu_key(name: str) -> str:
+    """A CUDA device name as the tuned table matches it: case and spacing ignored, the
+    rest exact (an ``NVIDIA H200 NVL`` is not an ``NVIDIA H200``: other clocks, other
+    power limit)."""
+    return " ".join(name.split()).casefold()
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, as the tuned table names dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
+_ENTRY_INTS = ("chunk_size", "head_dim", "d_state")
+
+
+def parse_tuned_table(data: Any, source: str) -> dict[TunedKey, ScanTiles]:
+    """The entries of a tuned table (``{"entries": [{gpu, command, chunk_size, head_dim,
+    d_state, dtype, tiles, ...}]}``), by key; other fields of an entry are notes.
+
+    Raises:
+        ValueError: a malformed table or entry, or one key twice; the message names
+            ``source`` and the entry.
+    """
+    entries = data.get("entries") if isinstance(data, Mapping) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: a tuned table is an object with an 'entries' list")
+    table: dict[TunedKey, ScanTiles] = {}
+    for index, entry in enumerate(entries):
+        where = f"{source}: entry {index}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} is not an object")
+        for name in ("gpu", "command", "dtype"):
+            if not isinstance(entry.get(name), str) or not entry[name].strip():
+                raise ValueError(f"{where}: '{name}' must be a non-empty string")
+        for name in _ENTRY_INTS:
+            if not _is_int(entry.get(name)) or entry[name] < 1:
+                raise ValueError(f"{where}: '{name}' must be a positive int")
+        try:
+            tiles = ScanTiles.from_dict(entry.get("tiles"))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        key = TunedKey(gpu_key(entry["gpu"]), *(entry[n] for n in _ENTRY_INTS), entry["dtype"])
+        if key in table:
+            raise ValueError(f"{where}: a second entry for {key}")
+        table[key] = tiles
+    return table
+
+
+@functools.cache
+def packaged_tuned_table() -> dict[TunedKey, ScanTiles]:
+    """The tuned table shipped in this package, read once (empty when the file is absent).
+
+    Raises:
+        ValueError: the file is not a valid tuned table.
+    """
+    path = resources.files(__package__).joinpath(*TUNED_TABLE)
+    if not path.is_file():
+        return {}
+    source = "/".join(("avmp/kernels/triton", *TUNED_TABLE))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{source}: not JSON ({error})") from None
+    return parse_tuned_table(data, source)
+
+
+def tuned_tiles(
+    chunk_size: int, head_dim: int, d_state: int, dtype: torch.dtype | str,
+    gpu_name: str | None, table: Mapping[TunedKey, ScanTiles] | None = None,
+) -> ScanTiles:
+    """The tiles ``table`` (the packaged one by default) holds for this shape on the GPU
+    named ``gpu_name``; the defaults for a GPU or shape not in it, or off the GPU
+    (``gpu_name`` None)."""
+    if gpu_name is None:
+        return ScanTiles()
+    table = packaged_tuned_table() if table is None else table
+    key = TunedKey(gpu_key(gpu_name), chunk_size, head_dim, d_state, dtype_name(dtype))
+    return table.get(key, ScanTiles())
+
+
+@functools.lru_cache(maxsize=256)
+def _device_tiles(
+    device: torch.device, chunk_size: int, head_dim: int, d_state: int, dtype: torch.dtype
+) -> ScanTiles:
+    """`tuned_tiles` for a tensor's device, cached: the engine calls the scan once per
+    layer and step, and a device name is a driver call."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return tuned_tiles(chunk_size, head_dim, d_state, dtype, gpu)
 
 
 class ChunkLayout(NamedTuple):
@@ -386,6 +651,7 @@ def mamba2_chunk_scan(
     dt_round: bool = False,
     out: torch.Tensor | None = None,
     layout: ChunkLayout | None = None,
+    tiles: ScanTiles | None = None,
 ) -> torch.Tensor:
     """Scan each request's new tokens through its Mamba2 state in chunks, in place in
     its slot: the same function as `mamba2_varlen_scan`, with the same arguments.
@@ -405,9 +671,50 @@ def mamba2_chunk_scan(
         out: optional ``[T, heads, head_dim]`` output, written in place.
         layout: the step's `chunk_layout` for this ``chunk_size`` (computed here, on the
             device, when None).
+        tiles: the kernels' launch configuration; None: the packaged tuned table's for
+            this shape on this GPU (`tuned_tiles`), else the defaults.
 
     Returns:
         ``out``, or a new tensor in x's dtype.
+    """
+    launches, out = chunk_scan_launches(
+        state, slot_idx, query_start_loc, x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+        z=z, has_initial_state=has_initial_state, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        dt_round=dt_round, out=out, layout=layout, tiles=tiles,
+    )  # fmt: skip
+    for launch in launches.values():
+        launch()
+    return out
+
+
+def chunk_scan_launches(
+    state: torch.Tensor,
+    slot_idx: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    dt_round: bool = False,
+    out: torch.Tensor | None = None,
+    layout: ChunkLayout | None = None,
+    tiles: ScanTiles | None = None,
+) -> tuple[dict[str, Callable[[], None]], torch.Tensor]:
+    """`mamba2_chunk_scan`'s five kernel launches, checked and bound to their buffers but
+    not run, so that one kernel can be timed alone (the tiles sweep does): each reads
+    what the launches before it wrote. Arguments as `mamba2_chunk_scan`.
+
+    Returns:
+        The launches by kernel (`SCAN_KERNELS`, in launch order; none when there is
+        nothing to scan) and the output they write.
     """
     optional = {"D": D, "dt_bias": dt_bias, "z": z, "has_initial_state": has_initial_state}
     _check_inputs(state, slot_idx, query_start_loc, x, dt, A, B, C, optional)
@@ -423,19 +730,28 @@ def mamba2_chunk_scan(
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_layout(layout, batch)
+    if tiles is None:
+        tiles = _device_tiles(x.device, chunk_size, x.shape[2], state.shape[3], x.dtype)
+    elif not isinstance(tiles, ScanTiles):
+        raise TypeError(f"tiles must be a ScanTiles, got {type(tiles).__name__}")
     if batch == 0 or tokens == 0 or layout.chunk_seq.shape[0] == 0:
-        return out
+        return {}, out
     if has_initial_state is not None and has_initial_state.dtype == torch.bool:
         has_initial_state = has_initial_state.view(torch.int8)  # same bytes, loadable
     work = _scan_buffers(x, layout.chunk_seq.shape[0], B.shape[1], state.shape[3], chunk_size)
-    _launch_dt_cumsum(layout, query_start_loc, dt, A, dt_bias, work, chunk_size,
-                      dt_softplus, dt_limit, dt_round)
-    _launch_cb(layout, query_start_loc, B, C, work["cb"], chunk_size)
-    _launch_chunk_state(layout, query_start_loc, x, B, work, chunk_size)
-    _launch_state_passing(layout, state, slot_idx, has_initial_state, query_start_loc, work,
-                          chunk_size)
-    _launch_chunk_scan(layout, query_start_loc, x, z, C, D, work, out, chunk_size)
-    return out
+    qsl, part = query_start_loc, functools.partial
+    launches = {
+        "dt_cumsum": part(_launch_dt_cumsum, layout, qsl, dt, A, dt_bias, work, chunk_size,
+                          dt_softplus, dt_limit, dt_round, tiles.dt_cumsum),
+        "cb": part(_launch_cb, layout, qsl, B, C, work["cb"], chunk_size, tiles.cb),
+        "chunk_state": part(_launch_chunk_state, layout, qsl, x, B, work, chunk_size,
+                            tiles.chunk_state),
+        "state_passing": part(_launch_state_passing, layout, state, slot_idx,
+                              has_initial_state, qsl, work, chunk_size, tiles.state_passing),
+        "chunk_scan": part(_launch_chunk_scan, layout, qsl, x, z, C, D, work, out, chunk_size,
+                           tiles.chunk_scan),
+    }
+    return launches, out
 
 
 def _scan_buffers(
@@ -454,13 +770,17 @@ def _scan_buffers(
     }
 
 
+def _options(tiles: KernelTiles) -> dict[str, int]:
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+
+
 def _launch_dt_cumsum(
     layout: ChunkLayout, qsl: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
     dt_bias: torch.Tensor | None, work: dict[str, torch.Tensor], chunk_size: int,
-    dt_softplus: bool, dt_limit: tuple[float, float], dt_round: bool,
+    dt_softplus: bool, dt_limit: tuple[float, float], dt_round: bool, tiles: DtCumsumTiles,
 ) -> None:
     heads = dt.shape[1]
-    block_h = min(next_power_of_2(heads), BLOCK_HEADS)
+    block_h = min(next_power_of_2(heads), tiles.block_heads)
     grid = (layout.chunk_seq.shape[0], triton.cdiv(heads, block_h))
     _dt_cumsum_kernel[grid](
         layout.chunk_seq, layout.chunk_start, qsl, dt, A, dt if dt_bias is None else dt_bias,
@@ -468,31 +788,33 @@ def _launch_dt_cumsum(
         work["dt"].stride(0), float(dt_limit[0]), float(dt_limit[1]),
         HEADS=heads, CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_L=next_power_of_2(chunk_size),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round,
+        **_options(tiles),
     )
 
 
 def _launch_cb(
     layout: ChunkLayout, qsl: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    cb: torch.Tensor, chunk_size: int,
+    cb: torch.Tensor, chunk_size: int, tiles: CbTiles,
 ) -> None:
     groups, d_state = B.shape[1], B.shape[2]
-    block = _tile(chunk_size, BLOCK_TOKENS)
+    block = _tile(chunk_size, tiles.block_tokens)
     grid = (layout.chunk_seq.shape[0], groups, triton.cdiv(chunk_size, block) ** 2)
     _chunk_cb_kernel[grid](
         layout.chunk_seq, layout.chunk_start, qsl, B, C, cb, *B.stride(), *C.stride(),
         cb.stride(0), cb.stride(1),
-        D_STATE=d_state, CHUNK=chunk_size, BLOCK=block, BLOCK_K=_tile(d_state, BLOCK_STATE),
-        PRECISION=dot_precision(B.dtype), UPCAST=upcast_dot(B.dtype),
+        D_STATE=d_state, CHUNK=chunk_size, BLOCK=block,
+        BLOCK_K=_tile(d_state, tiles.block_state),
+        PRECISION=dot_precision(B.dtype), UPCAST=upcast_dot(B.dtype), **_options(tiles),
     )
 
 
 def _launch_chunk_state(
     layout: ChunkLayout, qsl: torch.Tensor, x: torch.Tensor, B: torch.Tensor,
-    work: dict[str, torch.Tensor], chunk_size: int,
+    work: dict[str, torch.Tensor], chunk_size: int, tiles: ChunkStateTiles,
 ) -> None:
     heads, head_dim = x.shape[1], x.shape[2]
     groups, d_state = B.shape[1], B.shape[2]
-    block_p, block_n = _tile(head_dim, BLOCK_P), _tile(d_state, BLOCK_STATE)
+    block_p, block_n = _tile(head_dim, tiles.block_p), _tile(d_state, tiles.block_state)
     states = work["states"]
     grid = (layout.chunk_seq.shape[0], heads,
             triton.cdiv(head_dim, block_p) * triton.cdiv(d_state, block_n))
@@ -500,18 +822,18 @@ def _launch_chunk_state(
         layout.chunk_seq, layout.chunk_start, qsl, x, B, work["dt"], work["dacs"], states,
         *x.stride(), *B.stride(), work["dt"].stride(0), *states.stride()[:3],
         HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
-        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_L=_tile(chunk_size, BLOCK_TOKENS),
-        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_L=_tile(chunk_size, tiles.block_tokens),
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype), **_options(tiles),
     )
 
 
 def _launch_state_passing(
     layout: ChunkLayout, state: torch.Tensor, slot_idx: torch.Tensor,
     has_initial_state: torch.Tensor | None, qsl: torch.Tensor,
-    work: dict[str, torch.Tensor], chunk_size: int,
+    work: dict[str, torch.Tensor], chunk_size: int, tiles: StatePassingTiles,
 ) -> None:
     heads, head_dim, d_state = state.shape[1:]
-    block = min(next_power_of_2(head_dim * d_state), BLOCK_FLAT)
+    block = min(next_power_of_2(head_dim * d_state), tiles.block_flat)
     states = work["states"]
     grid = (slot_idx.shape[0], heads, triton.cdiv(head_dim * d_state, block))
     _state_passing_kernel[grid](
@@ -520,18 +842,18 @@ def _launch_state_passing(
         *state.stride(), slot_idx.stride(0), *strides(has_initial_state, 1),
         work["dacs"].stride(0), states.stride(0), states.stride(1),
         HEAD_DIM=head_dim, D_STATE=d_state, CHUNK=chunk_size, BLOCK_F=block,
-        HAS_INIT_FLAGS=has_initial_state is not None,
+        HAS_INIT_FLAGS=has_initial_state is not None, **_options(tiles),
     )
 
 
 def _launch_chunk_scan(
     layout: ChunkLayout, qsl: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None,
     C: torch.Tensor, D: torch.Tensor | None, work: dict[str, torch.Tensor],
-    out: torch.Tensor, chunk_size: int,
+    out: torch.Tensor, chunk_size: int, tiles: ChunkScanTiles,
 ) -> None:
     heads, head_dim = x.shape[1], x.shape[2]
     groups, d_state = C.shape[1], C.shape[2]
-    block_m, block_p = _tile(chunk_size, BLOCK_TOKENS), _tile(head_dim, BLOCK_P)
+    block_m, block_p = _tile(chunk_size, tiles.block_tokens), _tile(head_dim, tiles.block_p)
     states, cb = work["states"], work["cb"]
     grid = (layout.chunk_seq.shape[0] * triton.cdiv(chunk_size, block_m), heads,
             triton.cdiv(head_dim, block_p))
@@ -541,7 +863,7 @@ def _launch_chunk_scan(
         *x.stride(), *strides(z, 3), *C.stride(), cb.stride(0), cb.stride(1),
         work["dt"].stride(0), *states.stride()[:3], *strides(D, 1), *out.stride(),
         HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_tile(d_state, BLOCK_STATE),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_tile(d_state, tiles.block_state),
         HAS_D=D is not None, HAS_Z=z is not None,
-        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype), **_options(tiles),
     )
