@@ -148,3 +148,59 @@ def test_a_host_level_without_a_host_tier_is_refused() -> None:
     for options in ({"preemption": "recompute"}, {"host_tier_bytes": 0, "preemption": "auto"}):
         with pytest.raises(ValueError, match="host level keeps checkpoints in the host tier"):
             EngineConfig(prefix_cache=HOST_LEVEL, **options)  # type: ignore[arg-type]
+
+
+def test_the_host_level_asked_by_name_is_priced_here_and_counted(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """``prefix_host_level`` with a policy name (what ``--prefix-host-level`` passes):
+    the config resolved for this device keeps ``host_level``, hits come back from the
+    host tier token-identical, and `PrefixCounts` adds up what the level did, per call
+    and over the engine's life."""
+    checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=None, **HEAVY_GRANITE)
+    slow = PreemptionCosts(prefill_s_per_token=1e-5, host_bytes_per_s=1e9)
+    off = _conversations(Engine(checkpoint.path, _config()))
+    engine = Engine(checkpoint.path, _config(prefix_cache="avmp", prefix_host_level=True,
+                                             preemption_costs=slow))  # fmt: skip
+    cache = engine.prefix_cache
+    assert cache is not None and cache.host_level and cache.host_bytes_per_s == 1e9
+    calls = []
+    prompts = random_prompts([40, 70, 20, 90, 33, 50], seed=3)
+    for turn in range(3):  # as _conversations, keeping each call's counts
+        outputs = engine.generate(prompts, max_tokens=12)
+        calls.append(engine.stats.prefix)
+        assert [o.token_ids for o in outputs] == off[turn]
+        users = random_prompts([15, 13, 18, 9, 20, 14], seed=10 + turn)
+        prompts = [p + o.token_ids + u for p, o, u in zip(prompts, outputs, users, strict=True)]
+    prefix = engine.scheduler.prefix
+    assert prefix is not None and prefix.tree.host is not None
+    host, totals = prefix.tree.host.stats, engine.totals.prefix
+    assert host.num_kept > 0 and host.num_restored > 0
+    slot_bytes = engine.allocator.cache_format().slot.unit_bytes
+    assert (totals.num_host_stored, totals.num_host_hits, totals.num_host_evicted) == (
+        host.num_kept,
+        host.num_restored,
+        host.num_dropped,
+    )  # the warm-up's are not counted, and this engine had none
+    assert totals.num_host_hit_tokens == host.num_hit_tokens
+    assert totals.host_bytes_out == host.num_kept * slot_bytes == host.num_bytes_out
+    assert totals.host_bytes_in == host.num_restored * slot_bytes
+    assert totals.num_host_checkpoints == len(prefix.tree.host.nodes)
+    assert totals.host_checkpoint_bytes == totals.num_host_checkpoints * slot_bytes
+    assert sum(c.num_host_hits for c in calls) == totals.num_host_hits
+    assert sum(c.num_host_stored for c in calls) == totals.num_host_stored
+    assert calls[-1].num_host_checkpoints == totals.num_host_checkpoints  # held: as now
+
+
+def test_the_host_level_flag_needs_a_named_cache_and_a_host_tier() -> None:
+    with pytest.raises(ValueError, match="needs a prefix cache named by policy"):
+        EngineConfig(prefix_host_level=True)
+    with pytest.raises(ValueError, match="needs a prefix cache named by policy"):
+        EngineConfig(prefix_cache="off", prefix_host_level=True)
+    with pytest.raises(ValueError, match="PrefixCacheConfig says host_level itself"):
+        EngineConfig(prefix_cache=HOST_LEVEL, prefix_host_level=True)
+    for options in ({"preemption": "recompute"}, {"host_tier_bytes": 0, "preemption": "auto"}):
+        with pytest.raises(ValueError, match="host level keeps checkpoints in the host tier"):
+            EngineConfig(prefix_cache="avmp", prefix_host_level=True,
+                         **options)  # type: ignore[arg-type]  # fmt: skip
+    assert EngineConfig(prefix_cache="avmp", prefix_host_level=True).prefix_host_level

@@ -106,6 +106,14 @@ def layout_policy(layout: str, policy: dict[str, Any]) -> tuple[dict[str, Any], 
     return {**policy, **fields, "host_tier_bytes": 0}, shipped.static_options
 
 
+def has_host_tier(layout_fields: dict[str, Any]) -> bool:
+    """Whether a layout's policy fields (`layout_policy`) keep a host tier: the prefix
+    cache's host level runs only there (the peers as shipped recompute, without one)."""
+    return bool(
+        layout_fields["preemption"] != "recompute" and layout_fields["host_tier_bytes"] != 0
+    )
+
+
 @dataclass(frozen=True, order=True)
 class CellSpec:
     """The coordinates of one simulation: what runs, on what, with which trace seed,
@@ -162,6 +170,10 @@ class SweepGrid:
             (`avmp.sched.prefix.PREFIX_CACHE_CHOICES`), each one more cell per
             combination; requests share prefixes where their workload names its content
             (`PREFIX_PRESETS`).
+        prefix_host_level: the prefix caches keep the checkpoints they evict in the host
+            tier (`SimConfig.prefix_host_level`), in every layout that has one (not the
+            peers as shipped); recorded in the cells' settings only when on, so earlier
+            results stay valid.
     """
 
     allocators: tuple[str, ...] = LAYOUTS
@@ -183,6 +195,7 @@ class SweepGrid:
     admission: str = "reserve"
     host_tier_bytes: int | None = None
     prefix_caches: tuple[str, ...] = (PREFIX_OFF,)
+    prefix_host_level: bool = False
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -233,6 +246,8 @@ class SweepGrid:
             )
         if any(c != PREFIX_OFF for c in self.prefix_caches):
             self.check_prefix_caches()
+        if self.prefix_host_level:
+            self.check_prefix_host_level()
 
     def policy(self) -> dict[str, Any]:
         """The preemption policy every layout runs, except the peers as shipped."""
@@ -291,6 +306,21 @@ class SweepGrid:
                                 f"{format_bytes(budget)}, {layout}: {error}"
                             ) from None
 
+    def check_prefix_host_level(self) -> None:
+        """Refuse a host level that no cell could run: no prefix cache on, or a policy
+        without a host tier.
+
+        Raises:
+            ValueError: one line saying which.
+        """
+        if all(c == PREFIX_OFF for c in self.prefix_caches):
+            raise ValueError("the prefix host level needs a prefix cache on (prefix_caches)")
+        if not has_host_tier(self.policy()):
+            raise ValueError(
+                "the prefix host level keeps checkpoints in the host tier; preemption "
+                "'recompute' or host_tier_bytes 0 leave none"
+            )
+
     def skipped_cells(self) -> list[tuple[str, int, str, str]]:
         """(model, budget, profile, reason) of each combination whose weights + cache +
         activations exceed the profile's GPU memory (none with ``ignore_feasibility``)."""
@@ -321,6 +351,7 @@ class SweepGrid:
             "static_options": list(self.static_options),
             "policy": self.policy(),
             "simulator": simulator_digest(),
+            **({"prefix_host_level": True} if self.prefix_host_level else {}),
         }
 
 
@@ -429,6 +460,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
         prefix_cache=cell.prefix_cache,
+        prefix_host_level=settings.get("prefix_host_level", False) and has_host_tier(policy),
         **policy,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()

@@ -109,6 +109,14 @@ def add_parser(subparsers: Any) -> None:
         "states), sglang (every 64/256 tokens); any of "
         f"{', '.join(PREFIX_CACHE_CHOICES)}",
     )
+    parser.add_argument(
+        "--prefix-host-level",
+        action="store_true",
+        help="the prefix caches keep the checkpoints they evict in the host tier "
+        "(--host-tier) as a second level, in every layout with a host tier (the peers as "
+        "shipped have none); needs --prefix-cache and the host tier (not --preemption "
+        "recompute, not --host-tier 0); recorded in the cells' settings",
+    )
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
@@ -143,6 +151,8 @@ def build_grid(args: argparse.Namespace) -> Any:
         raise UserError(f"--seeds must be between 1 and {MAX_SEEDS}, got {num_seeds}")
     _check_workers(args.workers)
     prefix_caches = _prefix_caches(args.prefix_cache)
+    if args.prefix_host_level:
+        _check_prefix_host_level(prefix_caches, args)
     workloads = args.workloads or _default_workloads(prefix_caches)
     num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
     if args.calibration is not None and not os.path.isfile(args.calibration):
@@ -163,6 +173,7 @@ def build_grid(args: argparse.Namespace) -> Any:
         static_options=static_options(args.static_options),
         ignore_feasibility=bool(args.ignore_feasibility),
         prefix_caches=prefix_caches,
+        prefix_host_level=bool(args.prefix_host_level),
         **policy_options(args),
     )
 
@@ -177,6 +188,16 @@ def _prefix_caches(values: tuple[str, ...]) -> tuple[str, ...]:
             f"--prefix-cache: unknown {unknown[0]!r}; known: {', '.join(PREFIX_CACHE_CHOICES)}"
         )
     return tuple(dict.fromkeys(values))
+
+
+def _check_prefix_host_level(prefix_caches: tuple[str, ...], args: argparse.Namespace) -> None:
+    """``--prefix-host-level`` with a cache on and a host tier, else one line naming
+    the options (`avmp.cli.generate.check_prefix_host_level`)."""
+    from avmp.cli.generate import check_prefix_host_level
+
+    on = [c for c in prefix_caches if c != "off"]
+    policy = policy_options(args)
+    check_prefix_host_level(on[0] if on else "off", policy["preemption"], policy["host_tier_bytes"])
 
 
 def _default_workloads(prefix_caches: tuple[str, ...]) -> tuple[str, ...]:

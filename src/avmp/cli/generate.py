@@ -74,13 +74,57 @@ def add_prefix_cache_option(parser: Any) -> None:
         "vllm-align (vLLM's block-aligned states) or sglang (every 64 prompt and 256 "
         "decoded tokens); off (default) computes every prompt",
     )
+    parser.add_argument(
+        "--prefix-host-level",
+        action="store_true",
+        help="with --prefix-cache: keep the checkpoints the prefix cache evicts in the host "
+        "tier (pinned host memory, --host-tier) as a second level, so that a later hit "
+        "copies the state back instead of computing its prefix again; needs the host tier "
+        "(not --preemption recompute, not --host-tier 0)",
+    )
 
 
 def prefixed_engine_config(args: argparse.Namespace) -> Any:
-    """`engine_config` with the ``--prefix-cache`` choice and ``--tensor-parallel``."""
+    """`engine_config` with the ``--prefix-cache`` choice, ``--prefix-host-level`` and
+    ``--tensor-parallel``.
+
+    Raises:
+        UserError: ``--prefix-host-level`` without a prefix cache or without a host tier.
+    """
+    config = engine_config(args)
+    if args.prefix_host_level:
+        check_prefix_host_level(args.prefix_cache, config.preemption.value, config.host_tier_bytes)
     return dataclasses.replace(
-        engine_config(args), prefix_cache=args.prefix_cache, tensor_parallel=args.tensor_parallel
+        config,
+        prefix_cache=args.prefix_cache,
+        prefix_host_level=args.prefix_host_level,
+        tensor_parallel=args.tensor_parallel,
     )
+
+
+def check_prefix_host_level(prefix_cache: str, preemption: str, host_tier_bytes: int | None
+                            ) -> None:  # fmt: skip
+    """Refuse ``--prefix-host-level`` where it could keep nothing, naming the options
+    (shared with ``avmp replay`` and ``avmp bench``).
+
+    Raises:
+        UserError: no prefix cache, or no host tier (``recompute``, or a tier of 0).
+    """
+    if prefix_cache == "off":
+        raise UserError(
+            "--prefix-host-level keeps the checkpoints the prefix cache evicts: it needs "
+            "--prefix-cache (avmp, vllm-align or sglang)"
+        )
+    if preemption == "recompute":
+        raise UserError(
+            "--prefix-host-level keeps evicted checkpoints in the host tier, which "
+            "--preemption recompute leaves out: use --preemption auto or swap"
+        )
+    if host_tier_bytes == 0:
+        raise UserError(
+            "--prefix-host-level keeps evicted checkpoints in the host tier, which "
+            "--host-tier 0 leaves out: give the tier a size, or leave --host-tier out"
+        )
 
 
 def follows_under_torchrun(model: Any, config: Any) -> bool:
@@ -204,6 +248,17 @@ def prefix_cache_line(engine: Any) -> str:
         f"cache ({prefix.hit_rate:.1%}), {prefix.num_checkpoints_taken} checkpoints taken, "
         f"{prefix.num_checkpoints} held ({format_bytes(prefix.checkpoint_bytes)}), evicted "
         f"{prefix.num_evicted_checkpoints} checkpoints and {prefix.num_evicted_pages} pages"
+        + (_host_level_part(prefix) if config.host_level else "")
+    )
+
+
+def _host_level_part(prefix: Any) -> str:
+    """What the prefix cache's host level did in the last run, and holds at its end."""
+    return (
+        f"; host level: {prefix.num_host_stored} checkpoints copied out, "
+        f"{prefix.num_host_hits} hits copied in ({prefix.num_host_hit_tokens} tokens), "
+        f"{prefix.num_host_evicted} dropped, {prefix.num_host_checkpoints} held "
+        f"({format_bytes(prefix.host_checkpoint_bytes)})"
     )
 
 

@@ -94,6 +94,14 @@ def add_prefix_cache_option(parser: Any) -> None:
         "(SGLang's every 64/256 tokens); requests share prefixes only where the trace "
         "names their content (default: off)",
     )
+    parser.add_argument(
+        "--prefix-host-level",
+        action="store_true",
+        help="with --prefix-cache: keep the checkpoints the prefix cache evicts in the host "
+        "tier (--host-tier) as a second level, copies charged at the profile's host link; "
+        "needs the host tier (not --preemption recompute, not --host-tier 0); the peers as "
+        "shipped (unified-shipped, static-shipped) have no host tier and run without it",
+    )
 
 
 def add_slo_arguments(parser: Any) -> None:
@@ -134,8 +142,9 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
-    from avmp.bench.sweep import layout_policy, make_allocator
+    from avmp.bench.sweep import has_host_tier, layout_policy, make_allocator
     from avmp.bench.traces import read_trace
+    from avmp.cli.generate import check_prefix_host_level
     from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
     from avmp.sim.simulator import SimConfig, simulate
@@ -152,6 +161,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         geometry = _rank_geometry(geometry, args.tensor_parallel, args.calibration)
     shipped = static_options(args.static_options)
     policy = policy_options(args)
+    if args.prefix_host_level:
+        check_prefix_host_level(args.prefix_cache, policy["preemption"], policy["host_tier_bytes"])
     config = SimConfig(
         profile=args.profile,
         calibration=args.calibration,
@@ -172,7 +183,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         layout_fields, layout_options = layout_policy(layout, policy)
         options = tuple(dict.fromkeys((*shipped, *layout_options)))
         allocator = make_allocator(layout, geometry, budget, options)
-        layout_config = dataclasses.replace(config, **layout_fields)
+        host_level = args.prefix_host_level and has_host_tier(layout_fields)
+        layout_config = dataclasses.replace(config, **layout_fields, prefix_host_level=host_level)
         result = simulate(requests, allocator, geometry, layout_config).to_dict()
         result["allocator"] = layout
         results.append(result)
@@ -296,6 +308,19 @@ def prefix_summary(results: list[dict[str, Any]]) -> str:
             f"{prefix['num_checkpoints_taken']} checkpoints taken, peak "
             f"{format_bytes(prefix['peak_checkpoint_bytes'])}, evicted "
             f"{prefix['num_evicted_checkpoints']} checkpoints and "
-            f"{prefix['num_evicted_pages']} pages"
+            f"{prefix['num_evicted_pages']} pages" + _host_level_summary(prefix)
         )
     return "\n".join(lines)
+
+
+def _host_level_summary(prefix: dict[str, Any]) -> str:
+    """What the prefix cache's host level did (empty where it did not run)."""
+    host = prefix.get("host_level")
+    if not host:
+        return ""
+    return (
+        f"; host level: {host['num_kept']} checkpoints kept ("
+        f"{format_bytes(host['num_bytes_out'])} copied out), {host['num_restored']} hits "
+        f"restored ({host['num_hit_tokens']} tokens, {format_bytes(host['num_bytes_in'])} "
+        f"copied in), {host['num_dropped']} dropped"
+    )

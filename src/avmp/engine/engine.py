@@ -174,6 +174,10 @@ class EngineConfig:
             (`avmp.engine.prefix_cache`). A `PrefixCacheConfig`, or a name of
             `PREFIX_CACHE_CHOICES` resolved for the model when the engine is built;
             None or ``off``: no caching, nothing changes.
+        prefix_host_level: with a prefix cache named by policy, keep the checkpoints it
+            evicts in the host tier as a second level (`avmp.sched.prefix.HostLevel`,
+            ``PrefixCacheConfig.host_level``); needs a host tier (not ``recompute``,
+            ``host_tier_bytes`` not 0).
         tensor_parallel: ranks the model is split over (1..8; on CUDA one GPU each,
             ``cuda:0`` .. ``cuda:N-1``). Above 1 the engine starts ranks 1..N-1 itself
             (or joins torchrun's group) and plans every step on rank 0
@@ -208,6 +212,7 @@ class EngineConfig:
     preemption_costs: PreemptionCosts | None = None
     max_model_len: int | None = None
     prefix_cache: PrefixCacheConfig | str | None = None
+    prefix_host_level: bool = False
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -248,17 +253,26 @@ class EngineConfig:
 
     def _check_prefix_cache(self) -> None:
         choice = self.prefix_cache
+        if choice is not None and not isinstance(choice, PrefixCacheConfig):
+            check_prefix_choice(choice)  # a name, or raises
+            if choice == "off":
+                choice = None
+                object.__setattr__(self, "prefix_cache", None)
+        if self.prefix_host_level and not isinstance(choice, str):
+            raise ValueError(
+                "prefix_host_level keeps the prefix cache's evicted checkpoints in the host "
+                "tier: it needs a prefix cache named by policy"
+                + ("" if choice is None else " (a PrefixCacheConfig says host_level itself)")
+            )
+        host_level = self.prefix_host_level or (
+            isinstance(choice, PrefixCacheConfig) and choice.host_level
+        )
         no_tier = self.preemption is PreemptionMode.RECOMPUTE or self.host_tier_bytes == 0
-        if isinstance(choice, PrefixCacheConfig) and choice.host_level and no_tier:
+        if host_level and no_tier:
             raise ValueError(
                 "the prefix cache's host level keeps checkpoints in the host tier; "
                 "preemption 'recompute' or host_tier_bytes 0 leave none"
             )
-        if choice is None or isinstance(choice, PrefixCacheConfig):
-            return
-        check_prefix_choice(choice)  # a name, or raises
-        if choice == "off":
-            object.__setattr__(self, "prefix_cache", None)
 
     def _check_tensor_parallel(self) -> None:
         size = self.tensor_parallel
@@ -659,8 +673,9 @@ class Engine:
             leader.wait_ready()
         self.preemption_costs = config.preemption_costs or self._measure_costs()
         self.prefix_cache = resolve_prefix_cache(
-            config.prefix_cache, self.geometry, config.block_size, self._prefix_rates()
-        )
+            config.prefix_cache, self.geometry, config.block_size, self._prefix_rates(),
+            host_level=config.prefix_host_level,
+        )  # fmt: skip
         self.slot_copier = StateSlotCopier(self.backing)
         self.scheduler = self._scheduler()
 

@@ -18,7 +18,7 @@ Overlap changes when the host learns tokens, not the order of work on the stream
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -84,10 +84,12 @@ def resolve_prefix_cache(
     geometry: ModelGeometry,
     block_size: int,
     rates: DeviceRates | None = None,
+    host_level: bool = False,
 ) -> PrefixCacheConfig | None:
     """The prefix cache's config for this model: a config is taken as given; a name is
     resolved as the simulator resolves it (`avmp.sched.prefix.prefix_cache_config`),
-    priced at ``rates`` (this device's, `device_rates`; None: the defaults).
+    priced at ``rates`` (this device's, `device_rates`; None: the defaults), with the
+    host tier as its second level when ``host_level`` (`EngineConfig.prefix_host_level`).
 
     Raises:
         ValueError: a name that is not one of `PREFIX_CACHE_CHOICES`.
@@ -95,7 +97,7 @@ def resolve_prefix_cache(
     if choice is None or isinstance(choice, PrefixCacheConfig):
         return choice
     check_prefix_choice(choice)
-    return prefix_cache_config(choice, geometry, block_size, rates=rates)
+    return prefix_cache_config(choice, geometry, block_size, rates=rates, host_level=host_level)
 
 
 def device_rates(geometry: ModelGeometry, costs: PreemptionCosts, chunk_tokens: int,
@@ -169,10 +171,20 @@ class PrefixCounts:
         num_hits: first admissions that took at least one token from the cache.
         num_checkpoints_taken: checkpoints taken (copies, and final states kept).
         num_evicted_pages: cached KV units evicted.
-        num_evicted_checkpoints: checkpoints evicted.
-        num_checkpoints: checkpoints held now.
+        num_evicted_checkpoints: checkpoints evicted from the device (some of them kept
+            in the host level).
+        num_checkpoints: checkpoints held now on the device.
         checkpoint_bytes: their bytes (a slot each; a padded state run in unified).
         num_pages: KV units the tree holds now (shared with live requests or not).
+        num_host_stored: checkpoints copied out to the host level (`HostLevel`).
+        num_host_hits: hits whose checkpoint was copied in from the host level.
+        num_host_hit_tokens: the prompt tokens those hits took from the cache.
+        host_bytes_out: bytes copied to the host level.
+        host_bytes_in: bytes copied back from it.
+        num_host_evicted: host checkpoints dropped (for a better one, for a swapped-out
+            request, or with their pages).
+        num_host_checkpoints: checkpoints held now in the host level.
+        host_checkpoint_bytes: their bytes in the host tier.
     """
 
     num_queried_tokens: int = 0
@@ -184,66 +196,82 @@ class PrefixCounts:
     num_checkpoints: int = 0
     checkpoint_bytes: int = 0
     num_pages: int = 0
+    num_host_stored: int = 0
+    num_host_hits: int = 0
+    num_host_hit_tokens: int = 0
+    host_bytes_out: int = 0
+    host_bytes_in: int = 0
+    num_host_evicted: int = 0
+    num_host_checkpoints: int = 0
+    host_checkpoint_bytes: int = 0
 
     @classmethod
     def of(cls, prefix: PrefixCache | None) -> PrefixCounts:
-        """The counts of ``prefix`` now (all zero without a prefix cache)."""
+        """The counts of ``prefix`` now (all zero without a prefix cache; the host
+        level's zero without one)."""
         if prefix is None:
             return cls()
         stats, tree = prefix.stats, prefix.tree
-        return cls(
-            stats.num_prompt_tokens,
-            stats.num_hit_tokens,
-            stats.num_hits,
-            stats.num_checkpoints_taken,
-            tree.num_evicted_pages,
-            tree.num_evicted_checkpoints,
-            tree.num_checkpoints,
-            tree.num_checkpoints * tree.checkpoint_bytes,
-            tree.num_nodes if tree.has_pages else 0,
+        counts = cls(
+            num_queried_tokens=stats.num_prompt_tokens,
+            num_hit_tokens=stats.num_hit_tokens,
+            num_hits=stats.num_hits,
+            num_checkpoints_taken=stats.num_checkpoints_taken,
+            num_evicted_pages=tree.num_evicted_pages,
+            num_evicted_checkpoints=tree.num_evicted_checkpoints,
+            num_checkpoints=tree.num_checkpoints,
+            checkpoint_bytes=tree.num_checkpoints * tree.checkpoint_bytes,
+            num_pages=tree.num_nodes if tree.has_pages else 0,
+        )
+        host = tree.host
+        if host is None:
+            return counts
+        return replace(
+            counts,
+            num_host_stored=host.stats.num_kept,
+            num_host_hits=host.stats.num_restored,
+            num_host_hit_tokens=host.stats.num_hit_tokens,
+            host_bytes_out=host.stats.num_bytes_out,
+            host_bytes_in=host.stats.num_bytes_in,
+            num_host_evicted=host.stats.num_dropped,
+            num_host_checkpoints=len(host.nodes),
+            host_checkpoint_bytes=len(host.nodes) * tree.checkpoint_bytes,
         )
 
     def since(self, before: PrefixCounts) -> PrefixCounts:
         """The counters' growth since ``before``; what is held is as now."""
-        return PrefixCounts(
-            self.num_queried_tokens - before.num_queried_tokens,
-            self.num_hit_tokens - before.num_hit_tokens,
-            self.num_hits - before.num_hits,
-            self.num_checkpoints_taken - before.num_checkpoints_taken,
-            self.num_evicted_pages - before.num_evicted_pages,
-            self.num_evicted_checkpoints - before.num_evicted_checkpoints,
-            self.num_checkpoints,
-            self.checkpoint_bytes,
-            self.num_pages,
-        )
+        return self._combine(before, -1)
 
     def plus(self, growth: PrefixCounts) -> PrefixCounts:
         """These counters plus ``growth``'s; what is held is ``growth``'s."""
-        return PrefixCounts(
-            self.num_queried_tokens + growth.num_queried_tokens,
-            self.num_hit_tokens + growth.num_hit_tokens,
-            self.num_hits + growth.num_hits,
-            self.num_checkpoints_taken + growth.num_checkpoints_taken,
-            self.num_evicted_pages + growth.num_evicted_pages,
-            self.num_evicted_checkpoints + growth.num_evicted_checkpoints,
-            growth.num_checkpoints,
-            growth.checkpoint_bytes,
-            growth.num_pages,
-        )
+        return growth._combine(self, 1)
 
     def held_as(self, now: PrefixCounts) -> PrefixCounts:
         """These counters, with what ``now`` holds."""
+        return replace(self, **{name: getattr(now, name) for name in HELD_COUNTS})
+
+    def _combine(self, other: PrefixCounts, sign: int) -> PrefixCounts:
+        """Counters: these plus ``sign`` times ``other``'s; what is held: these."""
         return replace(
             self,
-            num_checkpoints=now.num_checkpoints,
-            checkpoint_bytes=now.checkpoint_bytes,
-            num_pages=now.num_pages,
+            **{
+                f.name: getattr(self, f.name) + sign * getattr(other, f.name)
+                for f in fields(self)
+                if f.name not in HELD_COUNTS
+            },
         )
 
     @property
     def hit_rate(self) -> float:
         """Hit tokens over queried prompt tokens (0 before any query)."""
         return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+
+# `PrefixCounts` fields that say what the cache holds now (gauges), not what it did
+HELD_COUNTS = frozenset(
+    ("num_checkpoints", "checkpoint_bytes", "num_pages", "num_host_checkpoints",
+     "host_checkpoint_bytes")
+)  # fmt: skip
 
 
 def clear_prefix_cache(prefix: PrefixCache) -> int:
