@@ -2,9 +2,9 @@
 
 Two kinds: what the engine loop knows (requests running and waiting, how each pool's
 bytes are used, what the allocator and the scheduler did: migrations, chunks moved each
-way, compactions, preemptions, swaps, prefix-cache hits and checkpoints), read from one
-`EngineLoop.snapshot` per scrape so that the figures of one scrape agree with each
-other; and latencies the server measures as it streams (time to first token, between
+way, compactions, preemptions, swaps, prefix-cache hits and checkpoints, on the device
+and in the host level), read from one `EngineLoop.snapshot` per scrape so that the
+figures of one scrape agree with each other; and latencies the server measures as it streams (time to first token, between
 tokens, end to end), as histograms.
 
 Each app has its own registry, so several servers (or tests) in one process never share
@@ -154,6 +154,58 @@ def _prefix_cache(prefix: Any) -> Iterator[Metric]:
         "avmp_prefix_cache_pages",
         "KV pages in the prefix tree (shared or cache-only)",
         prefix.num_pages,
+    )
+    yield from _prefix_host_level(prefix)
+
+
+def _prefix_host_level(prefix: Any) -> Iterator[Metric]:
+    """The prefix cache's second level: checkpoints the device evicted, kept in the host
+    tier (`avmp.sched.prefix.HostLevel`; zeros while it is off). A host hit is counted
+    in ``avmp_prefix_cache_hit_tokens_total`` too; these say which hits came from the
+    host and what their copies moved."""
+    yield _gauge(
+        "avmp_prefix_cache_host_checkpoints",
+        "state checkpoints the prefix cache keeps in the host tier",
+        prefix.num_host_checkpoints,
+    )
+    yield _gauge(
+        "avmp_prefix_cache_host_checkpoint_bytes",
+        "bytes of the state checkpoints the prefix cache keeps in the host tier",
+        prefix.host_checkpoint_bytes,
+    )
+    yield _counter(
+        "avmp_prefix_cache_host_hits",
+        "prefix-cache hits whose checkpoint was copied in from the host tier",
+        prefix.num_host_hits,
+    )
+    yield _counter(
+        "avmp_prefix_cache_host_hit_tokens",
+        "prompt tokens of the hits served from the host tier",
+        prefix.num_host_hit_tokens,
+    )
+    copies = CounterMetricFamily(
+        "avmp_prefix_cache_host_copies",
+        "checkpoint copies between the device and the host tier, by direction",
+        labels=["direction"],
+    )
+    copied = CounterMetricFamily(
+        "avmp_prefix_cache_host_copied_bytes",
+        "bytes of checkpoint copies between the device and the host tier, by direction",
+        labels=["direction"],
+    )
+    for direction, num_copies, num_bytes in (
+        ("out", prefix.num_host_stored, prefix.host_bytes_out),
+        ("in", prefix.num_host_hits, prefix.host_bytes_in),
+    ):
+        copies.add_metric([direction], num_copies)
+        copied.add_metric([direction], num_bytes)
+    yield copies
+    yield copied
+    yield _counter(
+        "avmp_prefix_cache_host_evictions",
+        "checkpoints dropped from the host tier (for better ones, for swapped-out "
+        "requests, or with their pages)",
+        prefix.num_host_evicted,
     )
 
 
