@@ -1,0 +1,612 @@
+"""Tune the chunked Mamba2 scan's launch tiles (`ScanTiles`) on a CUDA GPU, kernel by kernel.
+
+Geometries: Granite-4.0-H-Micro and Nemotron-H-8B, read from their zoo configs (chunk
+size, heads, head_dim, d_state, groups); bf16 activations, the family's SSM-state dtype,
+called as the engine calls the scan (D, dt_bias, rounded dt, states continuing from their
+slots, the chunk table built once). Steps of 8,192 tokens: one prompt of 8,192 and eight
+of 1,024.
+
+Per geometry, each of the five kernels is swept alone (the others keep their defaults),
+costliest first, over a bounded grid in two phases: (1) its tile sizes, each from
+{32, 64, 128} where it divides the dimension (chunk, head_dim, d_state) and fits in it,
+at the default 4 warps and 3 stages (heads per program from {4, 8, 16} for the dt cumsum,
+state elements from {256 ... 2048} for the state passing); (2) warps {4, 8} x stages
+{1, 2, 3} around phase 1's fastest. A candidate whose staged operands cannot fit in the
+GPU's shared memory is pruned before it compiles; one that fails to compile or launch is
+recorded and skipped; one whose whole-scan output or final state differs from the
+default configuration's by more than `MATCH_TOLERANCE` (relative) is rejected. Times:
+the kernel's launch alone (the launches before it have run once), CUDA events, median
+after warm-up, summed over both steps. Per kernel the fastest candidate wins; then the
+whole scan runs with the default and the tuned tiles side by side.
+
+After ``--budget-s`` seconds of sweeping, the candidates left are skipped (counted in the
+results) and those kernels keep their best so far.
+
+    PYTHONPATH=src python3 -m benchmarks.scan_tune --out $OUT/scan_tune_h200.json.gz \\
+        --write-table $OUT/mamba2_chunk_scan.json
+    python3 -m benchmarks.scan_tune --markdown benchmarks/results/scan_tune_h200.json.gz
+
+``--write-table PATH`` writes the package's tuned table (src/avmp/kernels/triton/tuned/
+mamba2_chunk_scan.json) with this GPU's entries for the swept shapes replaced by this
+run's: copy it over the packaged file to ship it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from avmp.kernels.triton.mamba2_chunk_scan import (
+    KERNEL_TILES,
+    SCAN_KERNELS,
+    TUNED_TABLE,
+    KernelTiles,
+    ScanTiles,
+    chunk_layout,
+    chunk_scan_launches,
+    dtype_name,
+    gpu_key,
+    mamba2_chunk_scan,
+    parse_tuned_table,
+)
+from avmp.models.dtypes import default_ssm_dtype
+from avmp.models.zoo import zoo_config
+from benchmarks.common import Timer, event_ms, read_result, rel_error, repo_path, write_result
+from benchmarks.kernels import ScanGeometry
+
+MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
+STEPS = ((1, 8192), (8, 1024))  # (prompts, tokens each): 8,192 tokens per step
+DTYPE = torch.bfloat16
+# Candidates whose outputs differ more than this from the default tiles' are rejected: the
+# same products summed in another order differ by the bf16 output's rounding (~4e-3 per
+# element), a wrong tiling by O(1).
+MATCH_TOLERANCE = 1e-2
+SWEEP_TIMING = {"warmup": 3, "repeats": 10}
+FINAL_TIMING = {"warmup": 10, "repeats": 50}
+# Zoo keys of the Mamba2 mixer per model_type: chunk size, heads, head_dim, d_state, groups.
+MIXER_KEYS = {
+    "granitemoehybrid": ("mamba_chunk_size", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
+                         "mamba_n_groups"),
+    "nemotron_h": ("chunk_size", "mamba_num_heads", "mamba_head_dim", "ssm_state_size",
+                   "n_groups"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The candidate values the sweep draws from (a tile size is kept where it divides
+    the dimension it tiles and is no larger)."""
+
+    tile_sizes: tuple[int, ...] = (32, 64, 128)
+    head_blocks: tuple[int, ...] = (4, 8, 16)
+    flat_blocks: tuple[int, ...] = (256, 512, 1024, 2048)
+    warps: tuple[int, ...] = (4, 8)
+    stages: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate of one kernel: its time per step (None when it did not run) or why
+    it was dropped (``error``: pruned, failed to compile or launch, or a mismatch)."""
+
+    kernel: str
+    tiles: KernelTiles
+    ms: tuple[float, ...] | None = None
+    rel_error: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.ms is not None
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms) if self.ms is not None else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "tiles": dataclasses.asdict(self.tiles),
+                "label": self.tiles.label(), "ms": None if self.ms is None else list(self.ms),
+                "rel_error": self.rel_error, "error": self.error}
+
+
+# -- geometries --------------------------------------------------------------------------
+
+
+def scan_geometry(model: str) -> ScanGeometry:
+    """The Mamba2 mixer of a zoo model, as the scan sees it.
+
+    Raises:
+        ValueError: the model has no Mamba2 mixer this script knows the keys of.
+    """
+    cfg = zoo_config(model)
+    keys = MIXER_KEYS.get(cfg.get("model_type", ""))
+    if keys is None:
+        raise ValueError(f"{model}: no Mamba2 mixer keys known for model_type "
+                         f"{cfg.get('model_type')!r} (known: {', '.join(MIXER_KEYS)})")
+    chunk, heads, head_dim, d_state, groups = (int(cfg[k]) for k in keys)
+    return ScanGeometry(heads, head_dim, d_state, groups, chunk)
+
+
+# -- candidates (pure) -----------------------------------------------------------------------
+
+
+def fitting(size: int, choices: Sequence[int]) -> tuple[int, ...]:
+    """The choices that divide ``size`` and are no larger than it."""
+    return tuple(c for c in choices if c <= size and size % c == 0)
+
+
+def tile_axes(kernel: str, geo: ScanGeometry, grid: Grid) -> dict[str, tuple[int, ...]]:
+    """Phase 1's values of each tile size of ``kernel``: an empty axis (a dimension below
+    every choice) keeps the default, which the launch shrinks to the dimension."""
+    dims = {"block_tokens": geo.chunk_size, "block_p": geo.head_dim, "block_state": geo.d_state}
+    default = KERNEL_TILES[kernel]()
+    axes = {}
+    for name in default.BLOCK_RANGES:
+        if name == "block_heads":
+            values = tuple(b for b in grid.head_blocks if b <= geo.heads)
+        elif name == "block_flat":
+            values = fitting(geo.head_dim * geo.d_state, grid.flat_blocks)
+        else:
+            values = fitting(dims[name], grid.tile_sizes)
+        axes[name] = values or (getattr(default, name),)
+    return axes
+
+
+def phase_one(kernel: str, geo: ScanGeometry, grid: Grid) -> list[KernelTiles]:
+    """Every combination of ``kernel``'s tile sizes at the default warps and stages, the
+    default configuration first (so that it is timed even when its sizes are off-grid)."""
+    default = KERNEL_TILES[kernel]()
+    axes = tile_axes(kernel, geo, grid)
+    combos = (dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values()))
+    candidates = [default, *(dataclasses.replace(default, **combo) for combo in combos)]
+    return list(dict.fromkeys(candidates))
+
+
+def phase_two(kernel: str, best: KernelTiles, grid: Grid) -> list[KernelTiles]:
+    """Warps x stages around phase 1's fastest tiles, itself left out (already timed).
+    The dt cumsum has no loop to pipeline: only its warps vary."""
+    stages = (best.num_stages,) if kernel == "dt_cumsum" else grid.stages
+    variants = (dataclasses.replace(best, num_warps=w, num_stages=s)
+                for w in grid.warps for s in stages)
+    return [v for v in dict.fromkeys(variants) if v != best]
+
+
+def _shrunk(tile: int, size: int) -> int:
+    """The tile a launch uses for a dimension of ``size``: as `mamba2_chunk_scan` shrinks
+    it (the next power of two >= 16, capped by ``tile``)."""
+    return min(max(triton.next_power_of_2(size), 16), tile)
+
+
+def smem_lower_bound(kernel: str, tiles: KernelTiles, geo: ScanGeometry) -> int:
+    """The fewest bytes of shared memory the kernel's staged dot operands take (bf16
+    activations, fp32 CB and chunk states), at least ``num_stages - 1`` copies of its
+    largest loop's: above the GPU's limit it cannot run. 0 for the kernels without
+    matrix products."""
+    t = dataclasses.asdict(tiles)
+    tok = _shrunk(t.get("block_tokens", 0), geo.chunk_size)
+    p = _shrunk(t.get("block_p", 0), geo.head_dim)
+    n = _shrunk(t.get("block_state", 0), geo.d_state)
+    if kernel == "cb":
+        per_stage = 2 * tok * n * 2
+    elif kernel == "chunk_state":
+        per_stage = (p * tok + tok * n) * 2
+    elif kernel == "chunk_scan":
+        per_stage = max(tok * n * 2 + n * p * 4, tok * tok * 4 + tok * p * 2)
+    else:
+        return 0
+    return max(1, tiles.num_stages - 1) * per_stage
+
+
+def pick_fastest(trials: Sequence[Trial]) -> Trial | None:
+    """The trial with the least time over all steps (the earliest of equals: the
+    default comes first); None when none ran."""
+    ran = [t for t in trials if t.ok]
+    return min(ran, key=lambda t: t.total_ms) if ran else None
+
+
+# -- running candidates ------------------------------------------------------------------------
+
+
+class StepCase:
+    """One step's scan inputs on the device, the default configuration's outputs, and
+    the runs the sweep makes of them."""
+
+    def __init__(self, geo: ScanGeometry, batch: int, tokens_each: int, state_dtype: torch.dtype,
+                 device: torch.device, gen: torch.Generator) -> None:
+        self.label = f"{batch} x {tokens_each}"
+        tokens = batch * tokens_each
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, device=device)
+
+        # a slot-major pool: each request's state is a strided view, as AVMP lays it out
+        pool = (rand(batch, 3, geo.heads, geo.head_dim, geo.d_state) * 0.1).to(state_dtype)
+        self.state = pool[:, 1]
+        self.saved = self.state.clone()
+        self.slots = torch.arange(batch, dtype=torch.int32, device=device)
+        self.qsl = torch.arange(0, tokens + 1, tokens_each, dtype=torch.int32, device=device)
+        self.args = (rand(tokens, geo.heads, geo.head_dim).to(DTYPE),
+                     rand(tokens, geo.heads).to(DTYPE),
+                     -torch.rand(geo.heads, device=device, generator=gen) - 0.5,
+                     rand(tokens, geo.groups, geo.d_state).to(DTYPE),
+                     rand(tokens, geo.groups, geo.d_state).to(DTYPE))  # fmt: skip
+        self.kwargs = {"D": rand(geo.heads), "dt_bias": rand(geo.heads) * 0.5,
+                       "has_initial_state": torch.ones(batch, dtype=torch.bool, device=device),
+                       "dt_round": True}  # fmt: skip
+        self.chunk_size = geo.chunk_size
+        self.layout = chunk_layout(self.qsl, self.slots, geo.chunk_size, tokens)
+        self.reference = self.run(ScanTiles())
+
+    def scan(self, tiles: ScanTiles) -> torch.Tensor:
+        """The whole scan, continuing from the states as they are."""
+        return mamba2_chunk_scan(self.state, self.slots, self.qsl, *self.args, self.chunk_size,
+                                 **self.kwargs, layout=self.layout, tiles=tiles)
+
+    def run(self, tiles: ScanTiles) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, final states) of the whole scan from the saved states."""
+        self.state.copy_(self.saved)
+        out = self.scan(tiles)
+        return out, self.state.clone()
+
+    def mismatch(self, tiles: ScanTiles) -> float:
+        """Relative error of a run against the default tiles' (the larger of output's and
+        final states')."""
+        out, final = self.run(tiles)
+        return max(rel_error(out, self.reference[0]), rel_error(final, self.reference[1]))
+
+    def launch(self, tiles: ScanTiles, kernel: str) -> Callable[[], None]:
+        """``kernel``'s launch alone, after one run of the launches before it. The state
+        passing updates the states in place, so repeats of it time changed values:
+        the same work (the values do not steer the kernel)."""
+        self.state.copy_(self.saved)
+        launches, _ = chunk_scan_launches(self.state, self.slots, self.qsl, *self.args,
+                                          self.chunk_size, **self.kwargs, layout=self.layout,
+                                          tiles=tiles)
+        for name in SCAN_KERNELS[: SCAN_KERNELS.index(kernel)]:
+            launches[name]()
+        return launches[kernel]
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line (Triton's compile errors span pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    return text[:300]
+
+
+def try_candidate(kernel: str, tiles: KernelTiles, cases: Sequence[StepCase], timer: Timer,
+                  geo: ScanGeometry, smem_limit: int) -> Trial:
+    """Check, then time, one candidate on every step; never raises for a candidate that
+    cannot compile, cannot launch or gives another result."""
+    need = smem_lower_bound(kernel, tiles, geo)
+    if need > smem_limit:
+        return Trial(kernel, tiles, error=f"pruned: needs >= {need} B of shared memory, "
+                                          f"the GPU has {smem_limit}")
+    config = ScanTiles().with_kernel(kernel, tiles)
+    times, worst = [], 0.0
+    try:
+        for case in cases:
+            err = case.mismatch(config)
+            worst = max(worst, err)
+            if not err <= MATCH_TOLERANCE:  # NaN too
+                return Trial(kernel, tiles, rel_error=err,
+                             error=f"mismatch on {case.label}: rel error {err:.2e}")
+            times.append(timer(case.launch(config, kernel)))
+    except Exception as error:  # a compile or launch failure: record it, go on
+        return Trial(kernel, tiles, error=one_line(error))
+    return Trial(kernel, tiles, ms=tuple(times), rel_error=worst)
+
+
+def sweep_kernel(kernel: str, geo: ScanGeometry, grid: Grid,
+                 attempt: Callable[[KernelTiles], Trial],
+                 out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
+    """Both phases of one kernel's sweep. Returns its trials and how many candidates the
+    budget left untried."""
+    trials: list[Trial] = []
+    first = phase_one(kernel, geo, grid)
+    skipped = 0
+    for tiles in first:
+        if out_of_time() and trials:
+            skipped += 1
+            continue
+        trials.append(attempt(tiles))
+    best = pick_fastest(trials)
+    second = phase_two(kernel, best.tiles if best else first[0], grid)
+    for tiles in second:
+        if out_of_time():
+            skipped += 1
+            continue
+        trials.append(attempt(tiles))
+    return trials, skipped
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def cuda_timer(warmup: int, repeats: int) -> Timer:
+    def timer(fn: Callable[[], object]) -> float:
+        return event_ms(fn, repeats=repeats, warmup=warmup)
+
+    return timer
+
+
+def kernel_order(cases: Sequence[StepCase], timer: Timer) -> list[str]:
+    """The kernels by their default time, costliest first: the budget goes to them."""
+    totals = {k: sum(timer(c.launch(ScanTiles(), k)) for c in cases) for k in SCAN_KERNELS}
+    return sorted(SCAN_KERNELS, key=lambda k: -totals[k])
+
+
+def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], grid: Grid,
+                  timer: Timer, smem_limit: int, deadline: float,
+                  advance: Callable[[int], None]) -> dict[str, Any]:
+    """Sweep every kernel of one geometry; returns its trials and tuned tiles."""
+    trials: list[Trial] = []
+    tuned, skipped = ScanTiles(), 0
+
+    def attempt(tiles: KernelTiles) -> Trial:
+        trial = try_candidate(kernel, tiles, cases, timer, geo, smem_limit)
+        advance(1)
+        return trial
+
+    for kernel in kernel_order(cases, timer):
+        kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
+                                           lambda: time.perf_counter() > deadline)
+        advance(left)
+        best = pick_fastest(kernel_trials)
+        if best is not None:
+            tuned = tuned.with_kernel(kernel, best.tiles)
+        trials += kernel_trials
+        skipped += left
+    return {"trials": [t.to_dict() for t in trials], "skipped": skipped,
+            "tuned": tuned.to_dict()}
+
+
+def compare(cases: Sequence[StepCase], tuned: ScanTiles, timer: Timer) -> dict[str, Any]:
+    """Default against tuned tiles: each kernel alone and the whole scan, per step."""
+    default = ScanTiles()
+    kernels = [{"kernel": k, "default": getattr(default, k).label(),
+                "tuned": getattr(tuned, k).label(),
+                "default_ms": [timer(c.launch(default, k)) for c in cases],
+                "tuned_ms": [timer(c.launch(tuned, k)) for c in cases]} for k in SCAN_KERNELS]
+    whole = []
+    for case in cases:
+        err = case.mismatch(tuned)
+        default_ms = timer(lambda c=case: c.scan(default))
+        tuned_ms = timer(lambda c=case: c.scan(tuned))
+        whole.append({"step": case.label, "default_ms": default_ms, "tuned_ms": tuned_ms,
+                      "speedup": default_ms / tuned_ms, "rel_error": err})
+    return {"kernels": kernels, "whole": whole}
+
+
+def grid_size(geo: ScanGeometry, grid: Grid) -> int:
+    """Candidates of a geometry's sweep (phase 2 counted at its largest)."""
+    return sum(len(phase_one(k, geo, grid))
+               + len(grid.warps) * (1 if k == "dt_cumsum" else len(grid.stages)) - 1
+               for k in SCAN_KERNELS)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one geometry's sweep is for: a model's Mamba2 mixer and its SSM-state dtype."""
+
+    model: str
+    geometry: ScanGeometry
+    state_dtype: torch.dtype
+
+
+def zoo_target(model: str) -> Target:
+    """A zoo model's target: its geometry and its family's default SSM-state dtype."""
+    family = zoo_config(model)["model_type"]
+    return Target(model, scan_geometry(model), getattr(torch, default_ssm_dtype(family)))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the sweep runs: where, on which steps, for how long, timed how (``timers``:
+    the sweep's and the final comparison's), and the GPU's shared memory per program."""
+
+    device: torch.device
+    steps: tuple[tuple[int, int], ...]
+    budget_s: float
+    timers: tuple[Timer, Timer]
+    smem_limit: int
+    grid: Grid = Grid()
+
+
+def sweep_target(target: Target, setup: Setup, deadline: float,
+                 advance: Callable[[int], None]) -> dict[str, Any]:
+    """One geometry: its sweep, then default against tuned tiles."""
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    geo = target.geometry
+    cases = [StepCase(geo, b, n, target.state_dtype, setup.device, gen) for b, n in setup.steps]
+    swept = tune_geometry(geo, cases, setup.grid, setup.timers[0], setup.smem_limit, deadline,
+                          advance)
+    tuned = ScanTiles.from_dict(swept["tuned"])
+    return {"model": target.model, "geometry": dataclasses.asdict(geo),
+            "dtype": dtype_name(DTYPE), "state_dtype": dtype_name(target.state_dtype),
+            "steps": [c.label for c in cases], **swept, **compare(cases, tuned, setup.timers[1])}
+
+
+def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[str, Any]:
+    """The sweep over every target, with a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    start = time.perf_counter()
+    results = []
+    with Progress(console=Console(stderr=True)) as progress:
+        for index, target in enumerate(targets):
+            # each geometry's share of the budget, plus what the ones before it left
+            deadline = start + setup.budget_s * (index + 1) / len(targets)
+            task = progress.add_task(target.model, total=grid_size(target.geometry, setup.grid))
+            results.append(sweep_target(target, setup, deadline,
+                                        lambda n, t=task: progress.advance(t, n)))
+    return {"device": device_name(setup.device), "torch": torch.__version__,
+            "triton": triton.__version__, "command": command(argv),
+            "match_tolerance": MATCH_TOLERANCE, "sweep_timing": SWEEP_TIMING,
+            "final_timing": FINAL_TIMING, "budget_s": setup.budget_s,
+            "elapsed_s": time.perf_counter() - start, "shared_memory_bytes": setup.smem_limit,
+            "geometries": results}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def command(argv: Sequence[str]) -> str:
+    """The command as a result records it: paths relative to the repository, or their
+    file names (`repo_path`)."""
+    shown = [repo_path(a) if prev in ("--out", "--write-table") else a
+             for prev, a in zip(["", *argv], argv, strict=False)]
+    return "PYTHONPATH=src python3 -m benchmarks.scan_tune " + shlex.join(shown)
+
+
+# -- the tuned table ---------------------------------------------------------------------------
+
+
+def packaged_entries() -> list[dict[str, Any]]:
+    """The entries of the tuned table in the package, as written (notes included)."""
+    path = resources.files("avmp.kernels.triton").joinpath(*TUNED_TABLE)
+    return list(json.loads(path.read_text(encoding="utf-8"))["entries"]) if path.is_file() else []
+
+
+def table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One tuned-table entry per swept geometry of a result."""
+    entries = []
+    for g in result["geometries"]:
+        geo = g["geometry"]
+        entries.append({
+            "gpu": result["device"], "chunk_size": geo["chunk_size"],
+            "head_dim": geo["head_dim"], "d_state": geo["d_state"], "dtype": g["dtype"],
+            "tiles": g["tuned"], "command": result["command"], "model": g["model"],
+            "speedup": {w["step"]: round(w["speedup"], 3) for w in g["whole"]},
+        })  # fmt: skip
+    return entries
+
+
+def merged_table(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, Any]:
+    """``existing`` entries with those of the same GPU and shape replaced by ``new``.
+
+    Raises:
+        ValueError: two new entries for one key (two geometries with the same chunk size,
+            head_dim, d_state and dtype), or a malformed entry.
+    """
+    def key(e: dict[str, Any]) -> tuple[Any, ...]:
+        return (gpu_key(e["gpu"]), e["chunk_size"], e["head_dim"], e["d_state"], e["dtype"])
+
+    parse_tuned_table({"entries": new}, "this run")  # raises on a key twice
+    replaced = {key(e) for e in new}
+    table = {"about": ("Launch tiles of the chunked Mamba2 scan per GPU name and (chunk_size, "
+                       "head_dim, d_state, dtype), written by benchmarks/scan_tune.py; a GPU or "
+                       "shape not listed gets the defaults."),
+             "entries": [e for e in existing if key(e) not in replaced] + new}  # fmt: skip
+    parse_tuned_table(table, "the merged table")
+    return table
+
+
+def write_table(path: Path, result: dict[str, Any]) -> None:
+    table = merged_table(packaged_entries(), table_entries(result))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of a saved result: per kernel before / after, then the whole scan."""
+    lines = [f"{result['device']}, torch {result['torch']}, Triton {result['triton']}; "
+             f"{result['elapsed_s']:.0f} s; times: CUDA events, median of "
+             f"{result['final_timing']['repeats']} after {result['final_timing']['warmup']} "
+             "warm-up calls.", ""]
+    steps = result["geometries"][0]["steps"] if result["geometries"] else []
+    lines.append("| model geometry | kernel | default tiles | tuned tiles | "
+                 + " | ".join(f"{s} ms before / after" for s in steps)
+                 + " | candidates ok / tried |")
+    lines.append("|---|---|---|---|" + "---:|" * len(steps) + "---:|")
+    for g in result["geometries"]:
+        for k in g["kernels"]:
+            tried = [t for t in g["trials"] if t["kernel"] == k["kernel"]]
+            ok = sum(t["error"] is None for t in tried)
+            times = " | ".join(f"{a:.3f} / {b:.3f}"
+                               for a, b in zip(k["default_ms"], k["tuned_ms"], strict=True))
+            lines.append(f"| {g['model']} | {k['kernel']} | {k['default']} | {k['tuned']} | "
+                         f"{times} | {ok} / {len(tried)} |")
+    lines += ["", "| model geometry | step | whole scan default ms | tuned ms | speed-up | "
+              "rel err vs default | candidates skipped (budget) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for g in result["geometries"]:
+        for w in g["whole"]:
+            lines.append(f"| {g['model']} | {w['step']} | {w['default_ms']:.3f} | "
+                         f"{w['tuned_ms']:.3f} | {w['speedup']:.2f}x | {w['rel_error']:.1e} | "
+                         f"{g['skipped']} |")
+    return "\n".join(lines)
+
+
+def parse_steps(text: str) -> tuple[int, int]:
+    batch, _, each = text.partition("x")
+    try:
+        step = int(batch), int(each)
+    except ValueError:
+        step = (0, 0)
+    if min(step) < 1:
+        raise argparse.ArgumentTypeError(f"a step is PROMPTSxTOKENS (positive), got {text!r}")
+    return step
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
+    parser.add_argument("--write-table", type=Path, metavar="PATH",
+                        help="write the tuned table (the package's, with this run's entries)")
+    parser.add_argument("--markdown", type=Path, help="print the tables of a saved result")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
+    parser.add_argument("--steps", nargs="+", type=parse_steps, default=list(STEPS),
+                        metavar="PROMPTSxTOKENS", help="steps to time (default 1x8192 8x1024)")
+    parser.add_argument("--budget-s", type=float, default=110.0,
+                        help="seconds of sweeping before the candidates left are skipped")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        if args.markdown is not None:
+            print(markdown(read_result(args.markdown)))
+            return 0
+        if args.out is None:
+            raise ValueError("--out is required to run the sweep")
+        targets = [zoo_target(model) for model in args.models]  # unknown models fail first
+        if not torch.cuda.is_available():
+            raise ValueError("needs a CUDA GPU (none is visible)")
+        device = torch.device("cuda")
+        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        setup = Setup(device, tuple(args.steps), args.budget_s,
+                      (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING)), smem)
+        result = run(targets, setup, argv)
+        write_result(args.out, result)
+        if args.write_table is not None:
+            write_table(args.write_table, result)
+    except (ValueError, OSError) as error:  # a user mistake or a missing GPU: one line
+        print(f"scan_tune: {error}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
