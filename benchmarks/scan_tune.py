@@ -456,6 +456,7 @@ def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[st
                                         lambda n, t=task: progress.advance(t, n)))
     return {"device": device_name(setup.device), "torch": torch.__version__,
             "triton": triton.__version__, "command": command(argv),
+            "timer": "CUDA events" if setup.device.type == "cuda" else "wall clock",
             "match_tolerance": MATCH_TOLERANCE, "sweep_timing": SWEEP_TIMING,
             "final_timing": FINAL_TIMING, "budget_s": setup.budget_s,
             "elapsed_s": time.perf_counter() - start, "shared_memory_bytes": setup.smem_limit,
@@ -529,7 +530,7 @@ def write_table(path: Path, result: dict[str, Any]) -> None:
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a saved result: per kernel before / after, then the whole scan."""
     lines = [f"{result['device']}, torch {result['torch']}, Triton {result['triton']}; "
-             f"{result['elapsed_s']:.0f} s; times: CUDA events, median of "
+             f"{result['elapsed_s']:.0f} s; times: {result['timer']}, median of "
              f"{result['final_timing']['repeats']} after {result['final_timing']['warmup']} "
              "warm-up calls.", ""]
     steps = result["geometries"][0]["steps"] if result["geometries"] else []
