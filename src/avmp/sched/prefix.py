@@ -734,6 +734,15 @@ class PrefixTree:
         top = edge[-1].parent
         return None if top is None or top is self.root else top
 
+    def release_checkpoint(self, node: PrefixNode) -> None:
+        """Give ``node``'s checkpoint back, not as an eviction: a deeper one of the same
+        request serves its hits (`PrefixCache._release_stop_checkpoint`)."""
+        assert node.checkpoint_key is not None
+        self.allocator.release_cached(node.checkpoint_key)
+        node.checkpoint_key = None
+        self.num_checkpoints -= 1
+        self._changed()
+
     def _drop_checkpoint(self, node: PrefixNode, keep: bool = True) -> None:
         """Evict ``node``'s checkpoint from the device; ``keep``: into the host level
         when it takes it (copied out before the slot is released)."""
@@ -1012,7 +1021,7 @@ class _Tracked:
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
                  "pages_only", "ideal_level", "ideal_units", "stops", "align",
-                 "matched")  # fmt: skip
+                 "matched", "stop_from", "stop_until", "stop_node")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
@@ -1029,6 +1038,9 @@ class _Tracked:
         self.stops: set[int] = cuts
         self.align = 0  # ``vllm-align``: prefill chunks end on whole blocks of this size
         self.matched = 0  # prompt tokens whose pages the tree held at admission
+        # stop checkpoints (`PrefixCache.computed`): at whole units in [from, until)
+        self.stop_from = self.stop_until = 0
+        self.stop_node: PrefixNode | None = None  # the latest one, while it stands
 
 
 @dataclass
@@ -1048,6 +1060,8 @@ class PrefixStats:
     num_moves_paid: int = 0  # migrations let run while the short pool held cached units
     num_moves_declined: int = 0  # ... where its cached units were evicted first
     num_units_yielded: int = 0  # cached units evicted so that capacity need not move
+    num_stop_checkpoints: int = 0  # taken at output pages in case the request stops there
+    num_stop_checkpoints_released: int = 0  # ... and released for a deeper one of its own
 
     @property
     def hit_rate_vs_ideal(self) -> float:
@@ -1113,6 +1127,9 @@ class PrefixCache:
         if policy == "vllm-align" and tree.has_state:
             tracked.align = tree.config.align_tokens
         tracked.last = total_tokens - 1
+        if self.tokens is not None and policy == "avmp" and tree.has_state:
+            tracked.stop_from = max(prompt_tokens, hit.depth * unit + 1)
+            tracked.stop_until = tracked.last // unit * unit  # the output's planned end
         tracked.ideal_level = self._ideal
         if policy in ("avmp", "vllm-align"):  # the prompt's pages, for requests to come
             end = prompt_tokens // unit * unit
@@ -1229,6 +1246,53 @@ class PrefixCache:
                 )
             elif target == num_computed or target not in tracked.cuts:
                 self._take(request_id, tracked, target // self.tree.unit_tokens)
+        unit = self.tree.unit_tokens
+        if tracked.stop_from <= num_computed < tracked.stop_until and not num_computed % unit:
+            self._stop_checkpoint(request_id, tracked, num_computed // unit)
+        elif tracked.stop_node is not None and tracked.node.checkpoint_key is not None:
+            self._release_stop_checkpoint(tracked)  # the output's end has its own
+
+    def _stop_checkpoint(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
+        """Checkpoint a decoding request's state at the whole unit it just completed, in
+        case it stops on its end-of-sequence token before this next unit ends: ``avmp``
+        places a checkpoint at the output's end, planned at the last whole unit of
+        prompt + ``max_tokens``, which a request that stops early never reaches, and its
+        state at the stop is rarely on a unit boundary. Only for the engine (a trace's
+        requests run to their length) and only in free memory: no eviction, no migration
+        (`room_shortfall`), so it never displaces what the cache or a request holds. The
+        request's previous one is released: this one serves every hit it would."""
+        tree = self.tree
+        if room_shortfall(tree.allocator, 0, 1) is not None:
+            return
+        node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
+        tracked.node = node
+        if node.checkpoint_key is not None:  # another request's: it serves these hits
+            self._release_stop_checkpoint(tracked)
+            return
+        key = tree.allocator.cache_checkpoint()
+        if key is None:
+            return
+        if self.copier is not None:
+            self.copier(tree.allocator.units(request_id).slot, tree.allocator.cached_unit(key))
+        self._attach(request_id, node, key, kept=False)
+        self.stats.num_stop_checkpoints += 1
+        self._release_stop_checkpoint(tracked)
+        tracked.stop_node = node
+
+    def _release_stop_checkpoint(self, tracked: _Tracked) -> None:
+        """Release the request's latest stop checkpoint when a deeper checkpoint on its
+        own path, with no branch in between, serves every hit it would (unless a hit
+        is about to read it)."""
+        previous = tracked.stop_node
+        if previous is None or previous is tracked.node:
+            return  # none, or still the request's deepest
+        tracked.stop_node = None
+        if previous.checkpoint_key is None:
+            return  # evicted meanwhile
+        if id(previous) in self.tree.pinned or not _is_dominated(previous):
+            return
+        self.tree.release_checkpoint(previous)
+        self.stats.num_stop_checkpoints_released += 1
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
         """Insert the request's path up to ``num_units`` and checkpoint its end. When
@@ -1292,6 +1356,8 @@ class PrefixCache:
         else:
             key = self.tree.allocator.free_keeping_slot(request_id)
             self._attach(request_id, node, key, kept=True)
+        if tracked is not None and tracked.stop_node is not None:
+            self._release_stop_checkpoint(tracked)  # where the output's end has its own
         self.forget(request_id)
 
     def forget(self, request_id: int) -> None:
