@@ -232,3 +232,29 @@ def test_launches_in_order_are_the_scan() -> None:
     with pytest.raises(TypeError, match="tiles must be a ScanTiles, got dict"):
         chunk_scan_launches(state, case["slot_idx"], offsets(LENS), case["x"], case["dt"],
                             case["A"], case["B"], case["C"], CHUNK, tiles=MIXED.to_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the tuned table is per GPU")
+def test_shipped_entries_for_this_gpu_give_the_reference_result() -> None:
+    """Every tuned entry for this GPU, taken by the scan itself (``tiles=None``), on its
+    shape: two prompts of a chunk and a half, one continuing, one fresh."""
+    gpu = gpu_key(torch.cuda.get_device_name(DEVICE))
+    entries = [key for key in packaged_tuned_table() if key.gpu == gpu]
+    if not entries:
+        pytest.skip(f"the tuned table has no entry for {gpu}")
+    for key in entries:
+        dtype = getattr(torch, key.dtype)
+        lens = [key.chunk_size * 3 // 2, key.chunk_size + 1]
+        case = make_case(3, torch.float32, dtype, lens, 8, key.head_dim, key.d_state, 2, 4)
+        assert _device_tiles(DEVICE, key.chunk_size, key.head_dim, key.d_state, dtype) == \
+            packaged_tuned_table()[key]
+        y_ref, h_ref = reference_scan(case, lens, [False, True], "D,dt_bias", (0.0, math.inf))
+        out = torch.full(tuple(case["x"].shape), POISON, dtype=dtype, device=DEVICE)
+        mamba2_chunk_scan(case["state"], case["slot_idx"], offsets(lens), case["x"],
+                          case["dt"], case["A"], case["B"], case["C"], key.chunk_size,
+                          D=case["D"], dt_bias=case["dt_bias"],
+                          has_initial_state=torch.tensor([True, False], device=DEVICE),
+                          out=out)
+        assert_close(f"y {key}", out, y_ref, dtype)
+        assert_close(f"state {key}", case["state"][case["slot_idx"].long()], h_ref, dtype)
