@@ -18,6 +18,8 @@ placement policies ``avmp``, ``vllm-align``, ``sglang``, comma-separated); with 
 the default workloads include the prefix workloads (`PREFIX_PRESETS`: multi-turn
 conversations, agent loops, few-shot prompts, vllm#45238's shape), whose prompts name
 what they share, and the report adds a table of hits against the ideal.
+``--prefix-host-level`` keeps the checkpoints the caches evict in the host tier, in
+every layout with one (recorded in the cells' settings).
 
 ``avmp bench serve --url URL`` instead loads a running OpenAI-compatible server (avmp,
 vLLM, SGLang) and reports its latencies and throughput per request rate

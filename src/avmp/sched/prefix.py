@@ -12,7 +12,10 @@ Placement policies (`CHECKPOINT_POLICIES`), all on this one tree and budget:
 
 - ``avmp`` (Marconi, arXiv 2411.19379): at the end of each prompt and of each output, and
   at the branch point where a request's prompt leaves the tree's pages (taken during
-  that request's prefill: the scheduler ends a chunk there).
+  that request's prefill: the scheduler ends a chunk there). In the engine, where a
+  request may stop on its end-of-sequence token before the output's planned end, a
+  decoding request also keeps a checkpoint at the last whole unit it completed, in
+  free memory only (stop checkpoints: `PrefixCache.computed`).
 - ``vllm-align``: vLLM v1's ``mamba_cache_mode="align"``: a state only at positions that
   are multiples of vLLM's hybrid attention block and end a step: prefill chunks are cut
   to whole blocks, the prompt's last aligned position ends one, and so does the
