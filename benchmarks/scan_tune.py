@@ -595,7 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise ValueError("needs a CUDA GPU (none is visible)")
         device = torch.device("cuda")
-        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        props = torch.cuda.get_device_properties(device)
+        # the most one program may opt in to (227 KiB on an H100 or H200); ROCm lacks it
+        smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
         setup = Setup(device, tuple(args.steps), args.budget_s,
                       (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING)), smem)
         result = run(targets, setup, argv)
