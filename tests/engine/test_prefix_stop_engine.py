@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from engine_helpers import MiB, TinyCheckpoint, random_prompts
 
 from avmp.engine.engine import Engine, EngineConfig
@@ -28,11 +29,12 @@ def _config(**options: Any) -> EngineConfig:
     return EngineConfig(**{**defaults, **options})
 
 
-def _eos_it_produces(tiny_checkpoint: Callable[..., TinyCheckpoint]) -> int:
+def _eos_it_produces(tiny_checkpoint: Callable[..., TinyCheckpoint], **options: Any) -> int:
     """A token the model (weights seeded alike whatever its eos) emits early in most
     first turns: with it as end-of-sequence, most answers stop before ``MAX_TOKENS``."""
     plain = tiny_checkpoint("granitemoehybrid", eos_token_id=None)
-    outputs = Engine(plain.path, _config()).generate(random_prompts(FIRST, seed=3), MAX_TOKENS)
+    engine = Engine(plain.path, _config(**options))
+    outputs = engine.generate(random_prompts(FIRST, seed=3), MAX_TOKENS)
     seen = Counter(t for o in outputs for t in set(o.token_ids[1 : MAX_TOKENS // 2]))
     return seen.most_common(1)[0][0]
 
@@ -65,10 +67,26 @@ def _conversations(engine: Engine) -> tuple[list[list[list[int]]], list[int], li
 def test_a_turn_after_a_stop_resumes_after_the_answer(
     overlap: bool, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
-    eos = _eos_it_produces(tiny_checkpoint)
+    _check_stops(tiny_checkpoint, overlap=overlap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_checkpoints_on_cuda(
+    overlap: bool, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    """On the GPU: Triton kernels, decode graphs; each stop checkpoint's copy is queued
+    after the decode step that wrote the state and before the next one."""
+    _check_stops(tiny_checkpoint, device="cuda", kernels="triton", cuda_graphs=True,
+                 overlap=overlap)  # fmt: skip
+
+
+def _check_stops(tiny_checkpoint: Callable[..., TinyCheckpoint], **options: Any) -> None:
+    eos = _eos_it_produces(tiny_checkpoint, **options)
     checkpoint = tiny_checkpoint("granitemoehybrid", eos_token_id=eos)
-    off, _, _ = _conversations(Engine(checkpoint.path, _config(overlap=overlap)))
-    engine = Engine(checkpoint.path, _config(overlap=overlap, prefix_cache="avmp"))
+    off, _, _ = _conversations(Engine(checkpoint.path, _config(**options)))
+    engine = Engine(checkpoint.path, _config(prefix_cache="avmp", **options))
     on, hits, bounds = _conversations(engine)
     assert on == off
     stops = [sum(o[-1] == eos and len(o) < MAX_TOKENS for o in turn) for turn in off]
