@@ -219,7 +219,7 @@ def fake_result(device: str = "NVIDIA H200") -> dict[str, Any]:
         })  # fmt: skip
     return {"device": device, "torch": "2.x", "triton": "3.6.0",
             "command": "PYTHONPATH=src python3 -m benchmarks.scan_tune --out r.json.gz",
-            "timer": "CUDA events", "final_timing": scan_tune.FINAL_TIMING, "elapsed_s": 93.0,
+            "timing": scan_tune.TIMING, "elapsed_s": 93.0,
             "geometries": geometries}
 
 
@@ -251,8 +251,9 @@ def test_table_entries_replace_this_gpus_and_keep_the_rest(tmp_path: Path) -> No
 
 def test_markdown_tables_come_from_the_result() -> None:
     text = scan_tune.markdown(fake_result())
-    assert ("NVIDIA H200, torch 2.x, Triton 3.6.0; 93 s; times: CUDA events, median of 50 "
-            "after 10 warm-up calls.") in text
+    assert ("NVIDIA H200, torch 2.x, Triton 3.6.0; 93 s; times: CUDA events around 4 "
+            "back-to-back calls, median of 30 after 12 warm-up calls (the sweep: median of "
+            "10).") in text
     assert ("| granite-4.0-h-micro | chunk_scan | tokens64 p64 state64 w4 s3 | "
             "tokens128 p64 state64 w8 s3 | 0.200 / 0.100 | 0.300 / 0.300 | 1 / 2 |") in text
     assert "| nemotron-h-8b | 8 x 1024 | 1.000 | 0.909 | 1.10x | 2.0e-03 | 0 |" in text
@@ -295,10 +296,11 @@ def test_a_small_sweep_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     target = scan_tune.Target("tiny", geo, torch.float32)
     grid = Grid(tile_sizes=(16,), head_blocks=(4,), flat_blocks=(256,), warps=(4, 8),
                 stages=(1,))
-    setup = scan_tune.Setup(DEVICE, ((2, 24),), 600.0, (wall_timer, wall_timer), 1 << 30, grid)
+    setup = scan_tune.Setup(DEVICE, ((2, 24),), 600.0, (wall_timer, wall_timer),
+                            "wall clock, one call", 1 << 30, grid)
     result = scan_tune.run([target], setup, ["--out", "x.json.gz"])
     g = result["geometries"][0]
-    assert result["device"] == "cpu" and result["timer"] == "wall clock"
+    assert result["device"] == "cpu" and result["timing"] == "wall clock, one call"
     assert g["steps"] == ["2 x 24"] and g["skipped"] == 0
     assert {t["kernel"] for t in g["trials"]} == set(SCAN_KERNELS)
     assert all(t["error"] is None and t["rel_error"] <= scan_tune.MATCH_TOLERANCE
