@@ -20,8 +20,9 @@ the kernel's launch alone (the launches before it have run once), CUDA events ar
 kernel the fastest candidate wins; then the whole scan runs with the default and the tuned
 tiles side by side.
 
-After ``--budget-s`` seconds of sweeping, the candidates left are skipped (counted in the
-results) and those kernels keep their best so far.
+After ``--budget-s`` seconds of sweeping (shared evenly by the geometries, what one leaves
+passing to the next), the candidates left are skipped (counted in the results) and those
+kernels keep their best so far.
 
     PYTHONPATH=src python3 -m benchmarks.scan_tune --out $OUT/scan_tune_h200.json.gz \\
         --write-table $OUT/mamba2_chunk_scan.json
@@ -363,22 +364,41 @@ def kernel_order(cases: Sequence[StepCase], timer: Timer) -> list[str]:
     return sorted(SCAN_KERNELS, key=lambda k: -totals[k])
 
 
+class SweepProgress:
+    """One geometry's progress bar (rich), and a line per kernel once it is swept."""
+
+    def __init__(self, progress: Any, model: str, total: int) -> None:
+        self.progress, self.model = progress, model
+        self.task = progress.add_task(model, total=total)
+
+    def advance(self, candidates: int) -> None:
+        self.progress.advance(self.task, candidates)
+
+    def kernel_done(self, kernel: str, trials: Sequence[Trial], skipped: int) -> None:
+        best = pick_fastest(trials)
+        found = f"{best.tiles.label()}, {best.total_ms:.3f} ms" if best else "nothing ran"
+        self.progress.console.print(
+            f"{self.model} {kernel}: {found} ({sum(t.ok for t in trials)} of {len(trials)} "
+            f"candidates ran, {skipped} left untried)", soft_wrap=True)
+
+
 def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], grid: Grid,
                   timer: Timer, smem_limit: int, deadline: float,
-                  advance: Callable[[int], None]) -> dict[str, Any]:
+                  report: SweepProgress) -> dict[str, Any]:
     """Sweep every kernel of one geometry; returns its trials and tuned tiles."""
     trials: list[Trial] = []
     tuned, skipped = ScanTiles(), 0
 
     def attempt(tiles: KernelTiles) -> Trial:
         trial = try_candidate(kernel, tiles, cases, timer, geo, smem_limit)
-        advance(1)
+        report.advance(1)
         return trial
 
     for kernel in kernel_order(cases, timer):
         kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
                                            lambda: time.perf_counter() > deadline)
-        advance(left)
+        report.advance(left)
+        report.kernel_done(kernel, kernel_trials, left)
         best = pick_fastest(kernel_trials)
         if best is not None:
             tuned = tuned.with_kernel(kernel, best.tiles)
@@ -443,13 +463,13 @@ class Setup:
 
 
 def sweep_target(target: Target, setup: Setup, deadline: float,
-                 advance: Callable[[int], None]) -> dict[str, Any]:
+                 report: SweepProgress) -> dict[str, Any]:
     """One geometry: its sweep, then default against tuned tiles."""
     gen = torch.Generator(device=setup.device).manual_seed(0)
     geo = target.geometry
     cases = [StepCase(geo, b, n, target.state_dtype, setup.device, gen) for b, n in setup.steps]
     swept = tune_geometry(geo, cases, setup.grid, setup.timers[0], setup.smem_limit, deadline,
-                          advance)
+                          report)
     tuned = ScanTiles.from_dict(swept["tuned"])
     return {"model": target.model, "geometry": dataclasses.asdict(geo),
             "dtype": dtype_name(DTYPE), "state_dtype": dtype_name(target.state_dtype),
@@ -467,9 +487,9 @@ def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[st
         for index, target in enumerate(targets):
             # each geometry's share of the budget, plus what the ones before it left
             deadline = start + setup.budget_s * (index + 1) / len(targets)
-            task = progress.add_task(target.model, total=grid_size(target.geometry, setup.grid))
-            results.append(sweep_target(target, setup, deadline,
-                                        lambda n, t=task: progress.advance(t, n)))
+            report = SweepProgress(progress, target.model,
+                                   grid_size(target.geometry, setup.grid))
+            results.append(sweep_target(target, setup, deadline, report))
     return {"device": device_name(setup.device), "torch": torch.__version__,
             "triton": triton.__version__, "command": command(argv),
             "timing": setup.timing, "match_tolerance": MATCH_TOLERANCE,
