@@ -53,8 +53,9 @@ from avmp.kernels.triton._common import (
 )
 from avmp.kernels.triton.mamba2_varlen_scan import _check_inputs
 
-# Launch options the kernels accept: tl.dot needs 16 or more along each side of a tile, and
-# one program has at most 16 warps here (512 threads) so a tile's registers spread wide.
+# Launch options the kernels accept: tl.dot needs 16 or more along each side of a tile;
+# 256 is a whole chunk of the largest chunk size in the zoo; Triton takes warps in powers
+# of two, 16 (512 threads) at most here.
 DOT_TILE_RANGE = (16, 256)
 NUM_WARPS = (1, 2, 4, 8, 16)
 MAX_STAGES = 8
