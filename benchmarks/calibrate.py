@@ -31,6 +31,7 @@ The calibrations it fits are written to ``--calibration-dir`` (default: a tempor
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import tempfile
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --out CAL.json (the calibration to write)")
         payload = calibration(replays, args.cells)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload))
+        text = json.dumps(payload).encode()
+        args.out.write_bytes(gzip.compress(text, mtime=0) if args.out.suffix == ".gz" else text)
         print(f"{args.out}: {len(payload['points'])} points from {', '.join(payload['sources'])}")
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

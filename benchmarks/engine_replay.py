@@ -465,10 +465,12 @@ def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str,
 
 
 def default_calibration(profile: str, model: str) -> Path:
-    """The committed calibration of ``model`` on the device's profile, or on the H100
-    where the device has none (the only one before the H200's)."""
-    own = RESULTS_DIR / f"calibration_{profile}_{model}.json"
-    return own if own.is_file() else RESULTS_DIR / f"calibration_h100_{model}.json"
+    """The committed calibration of ``model`` on the device's profile (compressed or
+    not), or on the H100 where the device has none (the only one before the H200's)."""
+    for name in (f"calibration_{profile}_{model}.json.gz", f"calibration_{profile}_{model}.json"):
+        if (RESULTS_DIR / name).is_file():
+            return RESULTS_DIR / name
+    return RESULTS_DIR / f"calibration_h100_{model}.json"
 
 
 def _conditions(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str, Any]:

@@ -232,11 +232,23 @@ def test_a_replay_simulates_with_its_devices_calibration_where_there_is_one() ->
     from benchmarks.engine_replay import default_calibration
 
     assert default_calibration("h200", "granite-4.0-h-micro").name == (
-        "calibration_h200_granite-4.0-h-micro.json"
-    )
+        "calibration_h200_granite-4.0-h-micro.json.gz"
+    )  # the replays' fit, compressed, before the older engine cells beside it
     assert default_calibration("h200", "nemotron-h-8b").name == (
         "calibration_h100_nemotron-h-8b.json"
     )  # no H200 calibration of it
+
+
+def test_a_compressed_calibration_is_written_and_read_back(
+    replays: list[Path], tmp_path: Path
+) -> None:
+    """``--out CAL.json.gz`` writes gzip (a replay fit holds ~16k points, ~5 MB of JSON),
+    which `load_calibration` reads as it reads plain JSON: same fit."""
+    plain, packed = tmp_path / "cal.json", tmp_path / "cal.json.gz"
+    for out in (plain, packed):
+        assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    assert packed.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
+    assert load_calibration(packed).coefficients == load_calibration(plain).coefficients
 
 
 def test_a_mixed_graph_row_is_priced_on_its_padded_tokens() -> None:

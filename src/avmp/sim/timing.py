@@ -123,6 +123,7 @@ fastest measured step.
 from __future__ import annotations
 
 import functools
+import gzip
 import itertools
 import json
 import math
@@ -1043,12 +1044,14 @@ def _weighted_fit(matrix: np.ndarray, targets: np.ndarray) -> tuple[float, ...] 
 
 
 def load_calibration(path: str | Path) -> CalibratedModel:
-    """Read and fit a calibration JSON file (raises ValueError naming the file)."""
+    """Read and fit a calibration JSON file, gzip-compressed where its name ends in
+    ``.gz`` (raises ValueError naming the file)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
         return fit_calibration(list(data["points"]), str(data.get("gpu", "")), data.get("model"))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid step-time calibration: {error}") from None
 
 
