@@ -504,16 +504,22 @@ class PrefixTree:
     # ---- inserting ----------------------------------------------------------------------
 
     def insert(self, request_id: int, contents: Sequence[Hashable], locked: PrefixNode,
-               ) -> PrefixNode:  # fmt: skip
-        """Add the path of a live request's first ``len(contents)`` whole units, holding
-        the request's own pages where the tree has none, and move the request's lock
-        from ``locked`` (a node on this path) to the path's end.
+               num_units: int | None = None) -> PrefixNode:  # fmt: skip
+        """Add the path of a live request's first ``num_units`` whole units of
+        ``contents`` (None: all), holding the request's own pages where the tree has
+        none, and move the request's lock from ``locked`` (a node on this path) to the
+        path's end. The walk starts at ``locked``: the lock keeps the path above it in
+        the tree, and a decoding request inserts a unit at a time (stop checkpoints),
+        which from the root would cost its whole depth each time.
 
         Returns:
             The path's last node (locked for the request).
         """
-        node = self.root
-        for index, content in enumerate(contents):
+        end = len(contents) if num_units is None else num_units
+        assert locked.depth <= end, "the locked node lies below the path's end"
+        node = locked
+        for index in range(locked.depth, end):
+            content = contents[index]
             child = node.children.get(content)
             if child is None:
                 child = PrefixNode(content, node, node.depth + 1)
@@ -1245,7 +1251,7 @@ class PrefixCache:
             target = targets.pop(0)
             if target in tracked.pages_only:
                 tracked.node = self.tree.insert(
-                    request_id, tracked.contents[: target // self.tree.unit_tokens], tracked.node
+                    request_id, tracked.contents, tracked.node, target // self.tree.unit_tokens
                 )
             elif target == num_computed or target not in tracked.cuts:
                 self._take(request_id, tracked, target // self.tree.unit_tokens)
@@ -1267,7 +1273,7 @@ class PrefixCache:
         tree = self.tree
         if room_shortfall(tree.allocator, 0, 1) is not None:
             return
-        node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
+        node = tree.insert(request_id, tracked.contents, tracked.node, num_units)
         tracked.node = node
         if node.checkpoint_key is not None:  # another request's: it serves these hits
             self._release_stop_checkpoint(tracked)
@@ -1304,7 +1310,7 @@ class PrefixCache:
         copy, and no room made for one more slot. Otherwise the state is copied now: the
         slot moves on past the unit boundary."""
         tree = self.tree
-        node = tree.insert(request_id, tracked.contents[:num_units], tracked.node)
+        node = tree.insert(request_id, tracked.contents, tracked.node, num_units)
         tracked.node = node
         if num_units * tree.unit_tokens == tracked.last:  # its final state: kept at its end
             tracked.pending = tree.has_state and node.checkpoint_key is None
