@@ -4,8 +4,8 @@ Two kinds: what the engine loop knows (requests running and waiting, how each po
 bytes are used, what the allocator and the scheduler did: migrations, chunks moved each
 way, compactions, preemptions, swaps, prefix-cache hits and checkpoints, on the device
 and in the host level), read from one `EngineLoop.snapshot` per scrape so that the
-figures of one scrape agree with each other; and latencies the server measures as it streams (time to first token, between
-tokens, end to end), as histograms.
+figures of one scrape agree with each other; and latencies the server measures as it
+streams (time to first token, between tokens, end to end), as histograms.
 
 Each app has its own registry, so several servers (or tests) in one process never share
 a counter.
