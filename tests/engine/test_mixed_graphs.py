@@ -59,9 +59,16 @@ CAPTURABLE: dict[str, dict[str, Any]] = {
 # -- buckets --------------------------------------------------------------------------
 
 
-def test_token_buckets_are_powers_of_two_then_the_step_size() -> None:
+def test_token_buckets_are_powers_of_two_then_quarters_then_the_step_size() -> None:
     assert token_buckets(1024) == (16, 32, 64, 128, 256, 512, 1024)
-    assert token_buckets(3000) == (16, 32, 64, 128, 256, 512, 1024, 2048, 3000)
+    assert token_buckets(3000) == (
+        16, 32, 64, 128, 256, 512, 1024, 1280, 1536, 1792, 2048, 2560, 3000
+    )  # fmt: skip
+    sizes = token_buckets(8192)
+    assert sizes[-9:] == (2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
+    # a large step pads by at most a quarter of itself
+    for tokens in range(1025, 8193, 97):
+        assert bucket(tokens, sizes) <= 1.25 * tokens  # type: ignore[operator]
     assert token_buckets(12) == (12,)
     assert token_buckets(16) == (16,)
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
@@ -307,6 +314,22 @@ def test_common_shapes_start_with_the_full_step_then_the_largest_batches(
         (16, 1), (32, 1),
     ]  # fmt: skip
     assert all(s.num_samples == s.num_seqs for s in shapes)
+
+
+def test_common_shapes_put_the_fine_buckets_of_large_steps_after_the_coarse_ones(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """A warm-up that captures only the first shapes keeps the coarse coverage of every
+    batch bucket; the quarter-doubling buckets above 1,024 tokens come after them."""
+    runner = _runner(tiny_checkpoint("bamba"), cuda_graphs=False, max_num_batched_tokens=3000)
+    shapes = runner.common_mixed_shapes(max_num_seqs=2, context_tokens=100)
+    tokens = [s.num_tokens for s in shapes]
+    assert shapes[0][:2] == (3000, 1)
+    first_fine = tokens.index(1280)
+    assert all(t & (t - 1) == 0 or t == 3000 for t in tokens[:first_fine])
+    assert sorted(set(tokens[first_fine:])) == [1280, 1536, 1792, 2560]
+    assert {s.num_seqs for s in shapes[1:first_fine]} == {1, 2}
+    assert len(shapes) == len(set(shapes))
 
 
 def test_a_step_replays_the_narrowest_captured_graph_wide_enough(

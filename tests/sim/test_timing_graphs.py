@@ -164,6 +164,7 @@ def test_mixed_graph_buckets_are_the_engines() -> None:
     pytest.importorskip("torch")
     from avmp.engine.fast_runner import (
         DEFAULT_MAX_MIXED_GRAPHS,
+        FINE_TOKEN_BUCKETS_FROM,
         MIN_TOKEN_BUCKET,
         bucket,
         token_buckets,
@@ -171,7 +172,8 @@ def test_mixed_graph_buckets_are_the_engines() -> None:
 
     assert timing.MAX_MIXED_GRAPHS == DEFAULT_MAX_MIXED_GRAPHS
     assert timing.MIN_MIXED_GRAPH_TOKENS == MIN_TOKEN_BUCKET
-    for budget in (256, 1000, 8192):
+    assert timing.FINE_MIXED_GRAPH_TOKENS_FROM == FINE_TOKEN_BUCKETS_FROM
+    for budget in (256, 1000, 3000, 8192, 16384):
         for tokens in range(1, budget + 40, 7):
             expected = bucket(tokens, token_buckets(budget)) or 0
             assert timing.mixed_graph_tokens(tokens, budget) == expected
@@ -187,12 +189,12 @@ def test_the_graph_rule_pads_mixed_steps_and_caps_their_graphs() -> None:
     assert off.shape(mixed(4, 100)) == mixed(4, 100)  # an engine without mixed graphs
     rule = timing.GraphRule(8192, mixed=True, max_mixed_graphs=2)
     assert rule.shape(mixed(4, 100)).num_graph_rows == 128  # 103 tokens -> 128
-    assert rule.shape(mixed(3, 7000, 20_000)).num_graph_rows == 8192  # the budget
+    assert rule.shape(mixed(3, 7000, 20_000)).num_graph_rows == 7168  # a quarter step
     assert len(rule.captured) == 2
     assert rule.shape(mixed(9, 100)).num_graph_rows == 0  # a third bucket: eager
     assert rule.shape(mixed(4, 110)).num_graph_rows == 128  # a captured bucket replays
     # a narrower block table replays the wider graph of its buckets; a wider one cannot
-    assert rule.shape(mixed(3, 6000, 600)).num_graph_rows == 8192
+    assert rule.shape(mixed(3, 7100, 600)).num_graph_rows == 7168
     assert rule.shape(mixed(4, 100, 9000)).num_graph_rows == 0
     decode_step = BatchShape.from_chunks([decode(i, 500) for i in range(5)])
     assert rule.shape(decode_step) == decode_step  # decode graphs: from_chunks's

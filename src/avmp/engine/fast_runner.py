@@ -19,7 +19,8 @@ pool views never move (migration maps chunks behind them, compaction copies insi
 them), so a captured graph stays valid for the engine's life.
 
 Prefill and mixed steps pad likewise, to a `StepShape` bucket: tokens to the next of
-`token_buckets` (powers of two from 16, then the engine's tokens per step), sequences
+`token_buckets` (powers of two from 16 to 1,024, then four sizes per doubling, so a
+large step pads by at most a quarter, and the engine's tokens per step), sequences
 and sampled rows to the next decode graph size, the block table to the decode graphs'
 width. Padding sequences own one padding token each (slot -1, context 0), rows past
 them none; the layers read no host value that differs within a bucket (tile tables and
@@ -58,23 +59,38 @@ from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carrie
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_GRAPH_WIDTH = 16  # pages
 MIN_TOKEN_BUCKET = 16
+# From here up, token buckets come four to a doubling (1,280, 1,536, 1,792, 2,048, ...):
+# a step this large is compute-bound, so its padding costs in proportion (a 4,238-token
+# mixed step padded to 8,192 ran 1.24x its parts on an H200), while below it padding is
+# near free (the weights' read dominates) and fewer graphs are captured.
+FINE_TOKEN_BUCKETS_FROM = 1024
 # A mixed graph holds no memory of its own beyond the shared pool, but each capture
 # costs a forward pass or three; past this many buckets, steps run eagerly.
 DEFAULT_MAX_MIXED_GRAPHS = 64
 
 
 def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Padded token counts of prefill and mixed steps: powers of two from
-    `MIN_TOKEN_BUCKET` below ``max_num_batched_tokens``, then that figure itself (the
-    scheduler's full step, which long prompts fill, pads by nothing)."""
+    """Padded token counts of prefill and mixed steps below ``max_num_batched_tokens``:
+    powers of two from `MIN_TOKEN_BUCKET` to `FINE_TOKEN_BUCKETS_FROM`, then four
+    evenly spaced sizes per doubling; then that figure itself (the scheduler's full
+    step, which long prompts fill, pads by nothing)."""
     if max_num_batched_tokens < 1:
         raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
     sizes = []
     size = MIN_TOKEN_BUCKET
     while size < max_num_batched_tokens:
         sizes.append(size)
-        size *= 2
+        size = next_token_bucket(size)
     return (*sizes, max_num_batched_tokens)
+
+
+def next_token_bucket(size: int) -> int:
+    """The token bucket after ``size`` (one of them): double below
+    `FINE_TOKEN_BUCKETS_FROM`, from there a quarter of the doubling it lies in."""
+    if size < FINE_TOKEN_BUCKETS_FROM:
+        return size * 2
+    octave = 1 << (size.bit_length() - 1)  # the power of two at or below size
+    return size + octave // 4
 
 
 def bucket(value: int, sizes: tuple[int, ...]) -> int | None:
@@ -263,19 +279,23 @@ class FastModelRunner(ModelRunner):
         """The prefill and mixed buckets a serving workload meets most, in the order the
         warm-up captures them: the full prefill step of one sequence, then for the
         largest sequence buckets first (many decodes beside a prompt's chunk, a loaded
-        server's step) every token bucket that holds more tokens than sequences. All
-        with block tables wide enough for ``context_tokens`` per sequence."""
+        server's step) every power-of-two token bucket that holds more tokens than
+        sequences, and after all of those the finer buckets of large steps in the same
+        order (a warm-up that captures only some keeps the coarse coverage). All with
+        block tables wide enough for ``context_tokens`` per sequence."""
         pages = -(-context_tokens // self.block_size)
         width = max(MIN_GRAPH_WIDTH, 1 << max(pages - 1, 0).bit_length())
         most = bucket(max_num_seqs, self.graph_sizes) or self.graph_sizes[-1]
         full = StepShape(self.token_sizes[-1], 1, width, 1)
-        shapes = [full]
+        coarse: list[StepShape] = []
+        fine: list[StepShape] = []
         for seqs in sorted((b for b in self.graph_sizes if b <= most), reverse=True):
             for tokens in self.token_sizes:
                 shape = StepShape(tokens, seqs, width, seqs)
                 if tokens > seqs and shape != full:
-                    shapes.append(shape)
-        return shapes
+                    power_of_two = tokens & (tokens - 1) == 0 or tokens == self.token_sizes[-1]
+                    (coarse if power_of_two else fine).append(shape)
+        return [full, *coarse, *fine]
 
     def _width(self, work: list[SequenceWork]) -> int:
         pages = max((len(w.page_rows) for w in work), default=1)

@@ -501,21 +501,26 @@ def decode_graph_rows(num_decode_requests: int) -> int:
 
 
 # The engine's prefill and mixed graphs (avmp.engine.fast_runner: `token_buckets`,
-# DEFAULT_MAX_MIXED_GRAPHS): a step's tokens padded to a power of two from this many
-# below its token budget, or to the budget itself; at most so many graphs captured.
+# DEFAULT_MAX_MIXED_GRAPHS): a step's tokens padded to a power of two from this many up
+# to FINE_MIXED_GRAPH_TOKENS_FROM, then to one of four sizes per doubling, below its
+# token budget, or to the budget itself; at most so many graphs captured.
 MIN_MIXED_GRAPH_TOKENS = 16
+FINE_MIXED_GRAPH_TOKENS_FROM = 1024
 MAX_MIXED_GRAPHS = 64
 
 
 def mixed_graph_tokens(num_tokens: int, max_num_batched_tokens: int) -> int:
-    """The padded tokens of a prefill or mixed step's graph: the smallest power of two
-    from `MIN_MIXED_GRAPH_TOKENS` that holds ``num_tokens`` while below the budget,
-    else the budget; 0 for a step above the budget."""
+    """The padded tokens of a prefill or mixed step's graph: the smallest bucket (as
+    above) that holds ``num_tokens`` while below the budget, else the budget; 0 for a
+    step above the budget."""
     if num_tokens > max_num_batched_tokens:
         return 0
     size = MIN_MIXED_GRAPH_TOKENS
     while size < max_num_batched_tokens and size < num_tokens:
-        size *= 2
+        if size < FINE_MIXED_GRAPH_TOKENS_FROM:
+            size *= 2
+        else:
+            size += (1 << (size.bit_length() - 1)) // 4
     return min(size, max_num_batched_tokens)
 
 
