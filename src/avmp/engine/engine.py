@@ -745,9 +745,16 @@ class Engine:
         scheduler = Scheduler(
             self.allocator, scheduler_config, self.swapper, copier, self._token_ids
         )
+        if scheduler.prefix is not None:
+            scheduler.prefix.may_stop = self._may_stop
         if self.swapper is not None and scheduler.prefix is not None:  # host level, if asked
             scheduler.prefix.use_host_tier(scheduler.host_tier, HostCheckpointCopies(self.swapper))
         return scheduler
+
+    def _may_stop(self, request_id: int) -> bool:
+        """Whether a request can finish before its max_tokens (a stop token it may
+        sample): the prefix cache takes stop checkpoints only for those."""
+        return bool(self._requests[request_id].stop_ids)
 
     def _token_ids(self, request_id: int) -> list[int]:
         """A request's tokens read so far (the prefix cache keys its units by them)."""

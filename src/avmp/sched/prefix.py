@@ -1095,6 +1095,10 @@ class PrefixCache:
         self.tree = tree
         self.copier = copier
         self.tokens = tokens
+        # whether a request may stop before its max_tokens (the engine sets it: one with
+        # ignore_eos and no stop tokens cannot); None: any may. Stop checkpoints are
+        # taken only for requests that may.
+        self.may_stop: Callable[[int], bool] | None = None
         self.stats = PrefixStats()
         self.ledger = ReuseLedger(tree.config)
         self._tracked: dict[int, _Tracked] = {}
@@ -1136,7 +1140,8 @@ class PrefixCache:
         if policy == "vllm-align" and tree.has_state:
             tracked.align = tree.config.align_tokens
         tracked.last = total_tokens - 1
-        if self.tokens is not None and policy == "avmp" and tree.has_state:
+        may_stop = self.may_stop is None or self.may_stop(request_id)
+        if self.tokens is not None and policy == "avmp" and tree.has_state and may_stop:
             tracked.stop_from = max(prompt_tokens, hit.depth * unit + 1)
             tracked.stop_until = tracked.last // unit * unit  # the output's planned end
         tracked.ideal_level = self._ideal
