@@ -249,14 +249,20 @@ def test_mixed_graphs_are_bounded_and_their_captures_counted(
         runner = engine.runner
         assert isinstance(runner, FastModelRunner)
         assert 0 < len(runner.mixed_graphs) <= cap
-        steps = runner.profile.steps
         # a step that captured is marked, decode graphs' and mixed graphs' alike; no step
         # captures twice (on an H200 the records held one capture fewer than the graphs
         # twice: a bound, not an equality, until that is understood)
-        captures = [s for s in steps if s.captured]
+        captures = [s for s in runner.profile.steps if s.captured]
         assert 0 < len(captures) <= len(runner.mixed_graphs) + len(runner.graphs)
+        # the same prompts again meet the same buckets: the captured ones replay (in the
+        # first run each bucket may come up once only, as on an H200), the rest stay eager
+        graphs_before = dict(runner.mixed_graphs)
+        assert _generate(engine, lengths) == expected
+        steps = runner.profile.steps
         assert any(s.graph and s.num_prefill_tokens and not s.captured for s in steps)
+        assert all(runner.mixed_graphs[k] is g for k, g in graphs_before.items())
         if cap == 2:
+            assert runner.mixed_graphs.keys() == graphs_before.keys()
             assert any(s.num_prefill_tokens and not s.num_padded_tokens for s in steps)
 
 
