@@ -53,6 +53,9 @@ class SimResult:
     when it was off. ``held_arrivals``: requests whose prompt holds an earlier request's
     output and that arrived before that output was finished, so were sent at its end
     (``num_requests``, ``total_s`` of delay); empty when none was.
+    ``num_graph_captures`` and ``graph_capture_s``: the CUDA graphs the run captured
+    mid-run and the seconds the calibration charged for them (as an engine replay reports
+    its own; 0 where the time model knows no graphs, the roofline).
     """
 
     allocator: str
@@ -84,15 +87,20 @@ class SimResult:
     policy: dict[str, Any] = field(default_factory=dict)
     prefix: dict[str, Any] = field(default_factory=dict)
     held_arrivals: dict[str, Any] = field(default_factory=dict)
+    num_graph_captures: int = 0
+    graph_capture_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (NaN where a percentile had no values); ``prefix`` only
-        when prefix caching was on and ``held_arrivals`` only when a request was held, so
-        that results without them read as before."""
+        when prefix caching was on, ``held_arrivals`` only when a request was held and
+        the graph captures only when the run captured one, so that results without them
+        read as before."""
         fields = dataclasses.asdict(self)
         for name in ("prefix", "held_arrivals"):
             if not fields[name]:
                 del fields[name]
+        if not self.num_graph_captures:
+            del fields["num_graph_captures"], fields["graph_capture_s"]
         return fields
 
     def deterministic_dict(self) -> dict[str, Any]:

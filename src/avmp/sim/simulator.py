@@ -457,6 +457,8 @@ class _Simulation:
         self.graphs = GraphRule(
             config.max_num_batched_tokens, mixed, captured=config.captured_mixed_graphs
         )
+        self.num_graph_captures = 0  # graphs captured mid-run, with a calibrated model
+        self.graph_capture_s = 0.0
         scheduler_config = config.scheduler_config(
             allocator.config.budget_bytes, config.preemption_costs(self.model)
         )
@@ -567,7 +569,9 @@ class _Simulation:
     def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
-        shape = self.graphs.shape(BatchShape.from_chunks(plan.chunks))
+        shape, captured = self.graphs.take(BatchShape.from_chunks(plan.chunks))
+        if captured is not None and isinstance(self.model, CalibratedModel):
+            self._charge_capture(self.model.capture_seconds(captured))
         total_s = self.model.step_seconds(shape)
         if not (math.isfinite(total_s) and total_s >= 0):
             # A NaN step would freeze the clock (NaN compares false with every arrival).
@@ -583,6 +587,14 @@ class _Simulation:
         fresh = BatchShape.from_chunks(without_recompute(plan.chunks))
         fresh_s = self.model.step_seconds(self.graphs.shape(fresh, record=False))
         return fresh_s, total_s - fresh_s
+
+    def _charge_capture(self, seconds: float) -> None:
+        """A CUDA graph captured in this step: the engine captures it before the step's
+        kernels run, so the step's tokens come that much later. Not a phase of
+        ``phase_s``: the engine reports its captures apart too (``graph_capture_s``)."""
+        self.num_graph_captures += 1
+        self.graph_capture_s += seconds
+        self.now_s += seconds
 
     def _charge(self, before: tuple[int, ...], compute_s: float, recompute_s: float) -> None:
         """Advance the clock by the step's phases, each from a deterministic model."""
@@ -684,6 +696,8 @@ class _Simulation:
             held_arrivals=(
                 {"num_requests": self.num_held, "total_s": self.num_held_s} if self.num_held else {}
             ),
+            num_graph_captures=self.num_graph_captures,
+            graph_capture_s=self.graph_capture_s,
         )
 
     def _policy(self) -> dict[str, Any]:

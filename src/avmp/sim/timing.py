@@ -41,6 +41,17 @@ CUDA graph and 0 when it ran eagerly, and ``num_padded_tokens`` the rows a graph
 padding included (a decode graph without it ran `decode_graph_rows`). Other fields are
 ignored.
 
+Optionally the file says what capturing a CUDA graph mid-run costs, as the engine measured
+it (benchmarks/calibrate.py, from replays' steps that captured one)::
+
+      "graph_captures": {"decode": {"median_s": 0.07, "count": 39},
+                         "mixed": {"median_s": 0.31, "count": 66}}
+
+``median_s`` is the seconds a capture adds to the step that makes it, for a new decode
+graph and for a new prefill or mixed graph; the simulator charges it whenever its
+`GraphRule` meets a graph the run has not captured (`CalibratedModel.capture_seconds`).
+Without the field (files from before it) captures cost nothing.
+
 Step time is fitted on ``1, num_prefill_tokens, num_decode_requests, num_context_tokens,
 num_context_tokens / num_requests, has_prefill, num_prefill_attention_pairs,
 longest_prefill_tokens, longest_context_tokens, eager_decode_requests, graph_rows,
@@ -524,6 +535,15 @@ def mixed_graph_tokens(num_tokens: int, max_num_batched_tokens: int) -> int:
     return min(size, max_num_batched_tokens)
 
 
+# What a step captured (`GraphRule.take`): a decode graph, or a prefill or mixed graph.
+DECODE_CAPTURE = "decode"
+MIXED_CAPTURE = "mixed"
+CAPTURE_KINDS = (DECODE_CAPTURE, MIXED_CAPTURE)
+# A graph a step would capture: its kind and key (a decode graph's rows and width in
+# tokens; a mixed graph's tokens, sequences and width in tokens).
+_NewGraph = tuple[str, tuple[int, ...]]
+
+
 class GraphRule:
     """Which steps of one run the engine replays as CUDA graphs, and on how many rows,
     as `avmp.engine.fast_runner.FastModelRunner.padded_shape` decides it: every pure
@@ -536,6 +556,10 @@ class GraphRule:
 
     ``captured``: the (tokens, sequences, block-table width in tokens) buckets captured
     before the run (the engine's warm-up captures common ones; nothing by default).
+    ``captured_decode``: the decode graphs' (rows, block-table width in tokens) keys, as
+    the engine keys them (`FastModelRunner._graph_for`: one graph per batch size and
+    width, captured on first use); none before the run, as an engine replay builds a
+    fresh engine per run.
     """
 
     def __init__(
@@ -549,26 +573,48 @@ class GraphRule:
         self.mixed = mixed
         self.max_mixed_graphs = max_mixed_graphs
         self.captured: set[tuple[int, int, int]] = set(captured)
+        self.captured_decode: set[tuple[int, int]] = set()
 
     def shape(self, shape: BatchShape, record: bool = True) -> BatchShape:
         """``shape`` with the graph rows the engine runs it on (``record``: a step the
         run takes, whose new bucket is captured; False: a what-if, nothing captured)."""
+        return self.take(shape)[0] if record else self._padded(shape)[0]
+
+    def take(self, shape: BatchShape) -> tuple[BatchShape, str | None]:
+        """A step the run takes: ``shape`` with the graph rows the engine runs it on, and
+        the kind of graph it captures first (`DECODE_CAPTURE`, `MIXED_CAPTURE`; None
+        where it replays one captured before or runs eagerly), which is then kept."""
+        padded, new = self._padded(shape)
+        if new is None:
+            return padded, None
+        kind, key = new
+        if kind == DECODE_CAPTURE:
+            self.captured_decode.add((key[0], key[1]))
+        else:
+            self.captured.add((key[0], key[1], key[2]))
+        return padded, kind
+
+    def _padded(self, shape: BatchShape) -> tuple[BatchShape, _NewGraph | None]:
+        """``shape`` as the engine runs it, and the graph it would capture for it (None
+        where it needs none new); nothing recorded."""
+        if shape.num_graph_rows and shape.num_prefill_tokens == 0:  # a decode graph
+            width = graph_width_tokens(shape.longest_context_tokens)
+            if (shape.num_graph_rows, width) in self.captured_decode:
+                return shape, None
+            return shape, (DECODE_CAPTURE, (shape.num_graph_rows, width))
         if not self.mixed or shape.num_prefill_tokens == 0 or shape.num_graph_rows:
-            return shape
+            return shape, None
         tokens = mixed_graph_tokens(shape.num_tokens, self.max_num_batched_tokens)
         requests = decode_graph_rows(shape.num_requests or 1)
         if not tokens or not requests:
-            return shape
+            return shape, None
         width = graph_width_tokens(shape.longest_context_tokens)
-        wide_enough = any(
-            key[:2] == (tokens, requests) and key[2] >= width for key in self.captured
-        )
-        if not wide_enough:
-            if len(self.captured) >= self.max_mixed_graphs:
-                return shape
-            if record:
-                self.captured.add((tokens, requests, width))
-        return replace(shape, num_graph_rows=tokens)
+        padded = replace(shape, num_graph_rows=tokens)
+        if any(key[:2] == (tokens, requests) and key[2] >= width for key in self.captured):
+            return padded, None
+        if len(self.captured) >= self.max_mixed_graphs:
+            return shape, None
+        return padded, (MIXED_CAPTURE, (tokens, requests, width))
 
 
 def without_recompute(chunks: tuple[ScheduledChunk, ...]) -> list[ScheduledChunk]:
@@ -809,7 +855,10 @@ class CalibratedModel:
     unit; ``features`` are the base three and the optional ones the fit could determine,
     in `_FULL_FEATURES` order. ``mixed_graphs``: some measured prefill or mixed step
     replayed a graph, so the engine measured captures them (the simulator then marks
-    such steps with a `GraphRule`).
+    such steps with a `GraphRule`). ``decode_capture_s`` and ``mixed_capture_s``: what
+    capturing a new decode graph, and a new prefill or mixed graph, costs a run on top
+    of the step that captures it (the calibration file's ``graph_captures``; 0 for files
+    without them).
     """
 
     gpu: str
@@ -819,8 +868,13 @@ class CalibratedModel:
     num_points: int
     features: tuple[str, ...] = _BASE_FEATURES
     mixed_graphs: bool = False
+    decode_capture_s: float = 0.0
+    mixed_capture_s: float = 0.0
 
     def __post_init__(self) -> None:
+        for cost in (self.decode_capture_s, self.mixed_capture_s):
+            if not (math.isfinite(cost) and cost >= 0):
+                raise ValueError(f"a graph capture's cost must be finite and >= 0, got {cost}")
         if self.features[: len(_BASE_FEATURES)] != _BASE_FEATURES or any(
             name not in _OPTIONAL_FEATURES for name in self.features[len(_BASE_FEATURES) :]
         ):
@@ -844,6 +898,12 @@ class CalibratedModel:
         columns = _columns(self.features)
         predicted = intercept + sum(c * values[i] for c, i in zip(slopes, columns, strict=True))
         return max(predicted, self.min_step_s)
+
+    def capture_seconds(self, kind: str) -> float:
+        """What capturing a new graph of ``kind`` (`CAPTURE_KINDS`) adds to its step."""
+        if kind not in CAPTURE_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; known: {', '.join(CAPTURE_KINDS)}")
+        return self.decode_capture_s if kind == DECODE_CAPTURE else self.mixed_capture_s
 
 
 def prefill_s_per_token(model: StepTimeModel, chunk_tokens: int) -> float:
@@ -1055,9 +1115,36 @@ def load_calibration(path: str | Path) -> CalibratedModel:
     try:
         raw = path.read_bytes()
         data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
-        return fit_calibration(list(data["points"]), str(data.get("gpu", "")), data.get("model"))
+        model = fit_calibration(list(data["points"]), str(data.get("gpu", "")), data.get("model"))
+        return replace(model, **capture_costs(data.get("graph_captures")))
     except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid step-time calibration: {error}") from None
+
+
+def capture_costs(graph_captures: object) -> dict[str, float]:
+    """`CalibratedModel`'s capture costs from a calibration file's ``graph_captures``
+    (``{"decode": {"median_s": S, "count": N}, "mixed": {...}}``, either kind optional;
+    None, as in files from before it: no cost).
+
+    Raises:
+        ValueError: not such a mapping, or a kind with a negative, non-finite or missing
+            ``median_s`` or a ``count`` below 1.
+    """
+    if graph_captures is None:
+        return {}
+    if not isinstance(graph_captures, dict) or set(graph_captures) - set(CAPTURE_KINDS):
+        raise ValueError(f"graph_captures must map some of {', '.join(CAPTURE_KINDS)} to costs")
+    costs = {}
+    for kind, entry in graph_captures.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"graph_captures[{kind!r}] must be {{'median_s': .., 'count': ..}}")
+        seconds, count = float(entry["median_s"]), int(entry["count"])
+        if not (math.isfinite(seconds) and seconds >= 0) or count < 1:
+            raise ValueError(
+                f"graph_captures[{kind!r}]: median_s must be finite and >= 0 and count >= 1"
+            )
+        costs[f"{kind}_capture_s"] = seconds
+    return costs
 
 
 # ---- allocator, migration and compaction costs ----------------------------------------------
