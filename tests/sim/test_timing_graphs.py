@@ -256,3 +256,40 @@ def test_a_fit_prices_mixed_graphs_by_their_padded_tokens() -> None:
     assert timing.MIXED_GRAPH_FEATURE in model.features and model.mixed_graphs
     for shape in steps:
         assert model.step_seconds(shape) == pytest.approx(graphed_truth(shape), rel=1e-6)
+
+
+def test_the_graph_rule_says_which_graph_a_step_captures_and_only_the_first_time() -> None:
+    """Decode graphs are the engine's per (rows, block-table width); mixed graphs per
+    bucket, a narrower block table replaying a wider graph; the warm-up's cost nothing."""
+    rule = timing.GraphRule(8192, mixed=True, captured=((128, 4, 512),))
+    five = BatchShape.from_chunks([decode(i, 500) for i in range(5)])  # 8 rows, 512 wide
+    assert rule.take(five) == (five, timing.DECODE_CAPTURE)
+    assert rule.take(five) == (five, None)
+    six = BatchShape.from_chunks([decode(i, 500) for i in range(6)])  # the same graph
+    assert rule.take(six)[1] is None
+    wider = BatchShape.from_chunks([decode(i, 600) for i in range(5)])  # 1,024 wide
+    assert rule.take(wider)[1] == timing.DECODE_CAPTURE
+    assert rule.captured_decode == {(8, 512), (8, 1024)}
+    assert rule.take(mixed(4, 100))[1] is None  # the warm-up's graph
+    assert rule.take(mixed(4, 100, 900)) == (
+        dataclasses.replace(mixed(4, 100, 900), num_graph_rows=128), timing.MIXED_CAPTURE
+    )  # fmt: skip
+    assert rule.take(mixed(4, 100, 300))[1] is None  # replays the wider one
+    eager = timing.GraphRule(8192, mixed=False)
+    assert eager.take(mixed(4, 100)) == (mixed(4, 100), None)
+    what_if = timing.GraphRule(8192, mixed=True)
+    assert what_if.shape(five, record=False) == five and not what_if.captured_decode
+    assert what_if.take(five)[1] == timing.DECODE_CAPTURE  # the what-if recorded nothing
+
+
+def test_a_calibrated_model_knows_what_a_capture_costs() -> None:
+    steps = shapes()
+    model = fit_calibration([point(s, truth(s)) for s in steps], "test", None)
+    assert model.capture_seconds("decode") == model.capture_seconds("mixed") == 0.0
+    costly = dataclasses.replace(model, decode_capture_s=0.07, mixed_capture_s=0.2)
+    assert (costly.capture_seconds("decode"), costly.capture_seconds("mixed")) == (0.07, 0.2)
+    with pytest.raises(ValueError, match="unknown graph kind"):
+        costly.capture_seconds("prefill")
+    for bad in (-0.01, float("inf")):
+        with pytest.raises(ValueError, match="graph capture's cost"):
+            dataclasses.replace(model, mixed_capture_s=bad)
