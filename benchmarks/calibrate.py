@@ -12,8 +12,15 @@ A point's time is what the simulator's clock must advance by for that step: the 
 device time (CUDA events) plus the time the device then sat idle until the next step
 began (waiting for the host), reconstructed from the host's start times as
 benchmarks/engine.py does (`device_idle_after`); over a replay they add up to its
-timeline. Steps that captured a CUDA graph are dropped (one-off work, reported apart by
-the replay). A row records whether its step replayed a decode graph, which the fit uses
+timeline. Steps that captured a CUDA graph are not points (one-off work, reported apart
+by the replay): they give the calibration's ``graph_captures`` (`avmp.sim.timing`), the
+median cost of capturing a decode graph and a prefill or mixed graph, with their counts.
+A capture's cost is its step's time as above (the device time, whose events span the
+capture's own passes, plus the wait after it) less the fitted model's price of the same
+step replayed (`capture_costs`), clamped at 0: the step ran its batch as well as the
+capture, and the simulator prices that batch itself. The row's period (host start to the
+next start) is not used: the host runs a step ahead, so a period also holds part of a
+neighbouring step. A row records whether its step replayed a decode graph, which the fit uses
 (`avmp.sim.timing`: eager decode requests, graph rows); rows from before a field was
 recorded (attention pairs) load without it.
 
@@ -38,6 +45,8 @@ import tempfile
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks.common import read_result, repo_path, write_result
 
@@ -71,9 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- points ---------------------------------------------------------------------------------
 
 
-def run_points(steps: list[list[Any]]) -> list[dict[str, float]]:
+def run_points(steps: list[list[Any]], captured: bool = False) -> list[dict[str, float]]:
     """One replay run's step rows as calibration points, captures dropped (see the
-    module doc for the time each point gets)."""
+    module doc for the time each point gets); ``captured``: the steps that captured a
+    graph instead, timed the same way."""
     from avmp.engine.profile import StepRecord
     from benchmarks.engine import device_idle_after
 
@@ -87,7 +97,7 @@ def run_points(steps: list[list[Any]]) -> list[dict[str, float]]:
     return [
         _point(row, device_s + idle_s)
         for row, device_s, idle_s in zip(steps, (r.seconds for r in records), idle, strict=True)
-        if not row[CAPTURED]
+        if bool(row[CAPTURED]) == captured
     ]
 
 
@@ -109,18 +119,37 @@ def _point(row: list[Any], step_s: float) -> dict[str, float]:
     return point
 
 
-def replay_points(results: dict[str, Any]) -> list[dict[str, float]]:
+def replay_points(results: dict[str, Any], captured: bool = False) -> list[dict[str, float]]:
     """The points of every run of an engine replay's results (each layout, then the
-    unbounded run).
+    unbounded run); ``captured``: its steps that captured a graph instead (maybe none).
 
     Raises:
         ValueError: results without step rows (a run on the CPU, or not a replay).
     """
     runs = [*results.get("runs", []), *([results["unbounded"]] if results.get("unbounded") else [])]
-    points = [p for run in runs for p in run_points(run["engine"].get("steps", []))]
-    if not points:
+    points = [p for run in runs for p in run_points(run["engine"].get("steps", []), captured)]
+    if not points and not captured:
         raise ValueError("the results hold no profiled engine steps (a GPU replay has them)")
     return points
+
+
+def capture_costs(captures: list[dict[str, float]], model: Any) -> dict[str, dict[str, Any]]:
+    """The calibration's ``graph_captures`` from the steps that captured a graph, timed
+    as points: per kind (a pure decode step captured a decode graph, any other a prefill
+    or mixed graph) the median of each step's time less ``model``'s price of the same
+    step replayed (at least 0), and how many there were; kinds without a capture left out.
+    """
+    from avmp.sim.timing import DECODE_CAPTURE, MIXED_CAPTURE
+
+    costs: dict[str, list[float]] = {DECODE_CAPTURE: [], MIXED_CAPTURE: []}
+    for point in captures:
+        kind = MIXED_CAPTURE if point["num_prefill_tokens"] else DECODE_CAPTURE
+        costs[kind].append(max(0.0, point["step_s"] - model.step_seconds(point_shape(point))))
+    return {
+        kind: {"median_s": float(np.median(seconds)), "count": len(seconds)}
+        for kind, seconds in costs.items()
+        if seconds
+    }
 
 
 def read_replay(path: Path) -> dict[str, Any]:
@@ -140,7 +169,8 @@ def calibration(
     replays: list[tuple[Path, dict[str, Any]]], cells: Path | None = None
 ) -> dict[str, Any]:
     """A calibration file's contents from the replays' steps (and the points of the
-    ``cells`` calibration file), checked to fit.
+    ``cells`` calibration file), checked to fit, with what the replays' graph captures
+    cost (`capture_costs`, priced by that fit).
 
     Raises:
         ValueError: replays of different models or GPUs, a cells file of another model,
@@ -158,8 +188,12 @@ def calibration(
         points += _cell_points(cells, models)
         sources.append(repo_path(cells))
     (model,), (gpu,) = models, gpus
-    fit_calibration(points, gpu, model)  # a set that cannot fit is one line here
-    return {"gpu": gpu, "model": model, "sources": sources, "points": points}
+    fitted = fit_calibration(points, gpu, model)  # a set that cannot fit is one line here
+    captures = [p for _, results in replays for p in replay_points(results, captured=True)]
+    graph_captures = capture_costs(captures, fitted)
+    return {"gpu": gpu, "model": model, "sources": sources,
+            **({"graph_captures": graph_captures} if graph_captures else {}),
+            "points": points}  # fmt: skip
 
 
 def _cell_points(path: Path, models: set[str]) -> list[dict[str, float]]:
@@ -372,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(payload).encode()
         args.out.write_bytes(gzip.compress(text, mtime=0) if args.out.suffix == ".gz" else text)
         print(f"{args.out}: {len(payload['points'])} points from {', '.join(payload['sources'])}")
+        for kind, cost in payload.get("graph_captures", {}).items():
+            median_ms = cost["median_s"] * 1e3
+            print(f"  {kind} graph captures: {cost['count']}, median {median_ms:.1f} ms")
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

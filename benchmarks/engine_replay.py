@@ -433,7 +433,12 @@ def simulate(
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",
             "phase_s", "time_model", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "completed_requests")  # fmt: skip
-    return {key: result[key] for key in keys} | {"goodput": goodput(result, slo_targets(args))}
+    captures = {key: result.get(key, 0) for key in ("num_graph_captures", "graph_capture_s")}
+    return (
+        {key: result[key] for key in keys}
+        | captures
+        | {"goodput": goodput(result, slo_targets(args))}
+    )
 
 
 def run_replays(args: argparse.Namespace, trace: list[RequestSpec]) -> dict[str, Any]:
@@ -678,13 +683,16 @@ def markdown(results: dict[str, Any]) -> str:
     """The docs' table of a results file: throughput and memory per layout, latency and
     goodput where the results carry per-request times, and the ratios to AVMP."""
     runs = {run["allocator"]: run for run in results["runs"]}
+    # results whose simulator counted captures show its count beside the engine's
+    sim_captures = all("num_graph_captures" in run["sim"] for run in runs.values())
+    captures_header = "graph captures engine / sim (s)" if sim_captures else "graph capture s"
     lines = [
         _conditions_line(results),
         *_resimulated_lines(results),
         "",
         "| layout | engine req/s | engine out tok/s | preemptions | OOM events "
         "| migrations (chunks to KV / state) | max running | peak state GiB "
-        "| sim req/s (error) | sim preemptions | graph capture s |",
+        f"| sim req/s (error) | sim preemptions | {captures_header} |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, run in runs.items():
@@ -697,7 +705,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{e['num_migrations']} ({moved.get('kv', 0)} / {moved.get('state', 0)}) | "
             f"{e['max_running']} | {e['peak_state_capacity_bytes'] / 2**30:.2f} | "
             f"{s['request_throughput']:.2f} ({error:+.0%}) | {s['num_preemptions']} | "
-            f"{e['graph_capture_s']:.1f} |"
+            f"{_captures(e, s) if sim_captures else format(e['graph_capture_s'], '.1f')} |"
         )
     if all("goodput" in run["engine"] for run in runs.values()):  # absent from older results
         lines += ["", *_latency_table(results)]
@@ -706,6 +714,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [_ratio_line(runs["avmp"], run) for name, run in runs.items() if name != "avmp"]
     lines += _notes(results, runs)
     return "\n".join(lines)
+
+
+def _captures(engine: dict[str, Any], sim: dict[str, Any]) -> str:
+    """Graphs captured mid-run, engine / simulator, and the seconds they took."""
+    return (
+        f"{engine['num_graph_captures']} / {sim['num_graph_captures']} "
+        f"({engine['graph_capture_s']:.1f} / {sim['graph_capture_s']:.1f})"
+    )
 
 
 def _conditions_line(results: dict[str, Any]) -> str:

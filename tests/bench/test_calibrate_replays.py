@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -264,3 +265,47 @@ def test_a_mixed_graph_row_is_priced_on_its_padded_tokens() -> None:
 
 
 GRAPH_COLUMN = calibrate.GRAPH
+
+
+def test_a_calibration_records_what_the_replays_captures_cost(
+    replays: list[Path], tmp_path: Path
+) -> None:
+    """Captured rows are no points: per kind, the median of their time less the fit's
+    price of the same step replayed, and how many; a calibration without captured rows
+    has no ``graph_captures`` (loads with no capture cost)."""
+    results = read_result(replays[0])
+    steps = results["runs"][0]["engine"]["steps"]
+    # three decode captures and one mixed, the host waiting for each (period = device)
+    extra = {(0, 3): 0.05, (0, 20): 0.07, (0, 60): 0.11, (64, 8): 0.2}
+    for (prefill, decode), seconds in extra.items():
+        twin = next(r for r in steps if (r[0], r[1]) == (prefill, decode))
+        captured = list(twin)
+        captured[4] = captured[5] = twin[5] + seconds
+        captured[calibrate.CAPTURED] = True
+        steps.insert(steps.index(twin), captured)
+    write_result(replays[0], results)
+    out = tmp_path / "cal.json"
+    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["points"]) == 2 * 24  # the captured rows are not points
+    costs = data["graph_captures"]
+    assert costs["decode"]["count"] == 3 and costs["mixed"]["count"] == 1
+    assert costs["decode"]["median_s"] == pytest.approx(0.07, rel=1e-4)
+    assert costs["mixed"]["median_s"] == pytest.approx(0.2, rel=1e-4)
+    model = load_calibration(out)
+    assert (model.decode_capture_s, model.mixed_capture_s) == (
+        costs["decode"]["median_s"], costs["mixed"]["median_s"]
+    )  # fmt: skip
+    plain = tmp_path / "plain.json"
+    assert calibrate.main([str(replays[1]), "--out", str(plain)]) == 0
+    assert "graph_captures" not in json.loads(plain.read_text())
+    assert load_calibration(plain).decode_capture_s == 0.0
+
+
+def test_a_capture_priced_below_its_replay_costs_nothing() -> None:
+    """A captured step timed shorter than the fit's price of the step (timing noise)
+    is a capture of 0 s, not a negative one."""
+    points = calibrate.run_points([row(0, 8, 0.010, 0.004)] * 4)
+    model = SimpleNamespace(step_seconds=lambda shape: 0.02)
+    costs = calibrate.capture_costs(points, model)
+    assert costs == {"decode": {"median_s": 0.0, "count": 4}}
