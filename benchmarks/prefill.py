@@ -14,11 +14,16 @@ builds them) the engine, with its Triton kernels, runs:
   multiply-add for the readout; plus the causal conv, 2 x channels x width). Divided by
   the time, then by the GPU's dense bf16 peak (the simulator's profile of that GPU, a
   datasheet figure): the share of peak.
-- **a mixed step**: ``--mixed-decodes`` short requests, and one long prompt queued behind
-  them whose chunks then share steps with their decodes; the median mixed step (prefill
-  chunk + those decodes) against the median decode step of the same batch alone plus the
-  prefill chunk's time alone (the same prompt run by itself, per token), as the issue's
-  "at most 1.2x" asks.
+- **mixed steps, step for step**: ``--mixed-decodes`` short requests (512-token
+  prompts) are prefilled and decoding; then one long prompt arrives, and its chunks share
+  steps with their decodes. The scheduler serves the running decodes first, so each mixed
+  step gives the prompt ``step - decodes`` tokens until its tail. The same prompt then
+  runs alone on an engine whose step budget is that chunk, so its steps compute the same
+  chunks at the same contexts (both runs' chunk lists are recorded and any chunk without
+  its twin is listed as a mismatch). Per mixed step: its time against the median
+  decode-only step of the same batch plus the alone step of the same chunk, the issue's
+  "a mixed step costs at most 1.2x its decode part plus its prefill part run alone";
+  every step, the largest ratio and the ratio weighted by the steps' prompt tokens.
 - **a long prompt** (``--long-tokens``, 128k by default) in chunks of ``--long-step``
   tokens on a cache budget just big enough for it: its time to first token (after a
   prompt as long has compiled and captured what it needs; that first one's beside), and the peak
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +49,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from avmp.engine.engine import Engine, EngineConfig
+from avmp.engine.engine import Engine, EngineConfig, RequestOptions
 from avmp.engine.fast_runner import FastModelRunner
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import Mamba2Mixer, PagedAttention
+from avmp.engine.profile import StepRecord
 from avmp.sim.timing import get_profile
 from avmp.units import format_bytes
 from benchmarks.common import gpu_profile, read_result, write_result
-from benchmarks.engine import build_model, profiled_generate, random_prompts, transformers_config
+from benchmarks.engine import build_model, random_prompts, transformers_config
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 # (prompts, tokens each, step budget): the issue's table
@@ -59,6 +66,8 @@ LONG_TOKENS = 131072
 MIXED_DECODES = 64
 MIXED_PROMPT_TOKENS = 16384
 MIXED_STEP_TOKENS = 8192
+MIXED_SHORT_TOKENS = 512  # prompt of each decoding request
+MIXED_DECODE_LIMIT = 64  # tokens each decoding request generates
 CACHE_HEADROOM = 1.25  # cache budget over what the cell's requests need at their peak
 
 
@@ -173,49 +182,155 @@ def prefill_cell(
     }
 
 
-def mixed_cell(model: HybridModel, geometry: Any, decodes: int) -> dict[str, Any]:
-    """A long prompt alone, then the same prompt queued behind ``decodes`` short ones: once
-    the short prompts are prefilled, the long one's chunks share steps with their decodes
-    (first come, first served), and they keep decoding after it."""
-    vocab = geometry.vocab_size
-    decode_limit = 64
-    budget = cache_budget(geometry, decodes, 512 + decode_limit) + cache_budget(
-        geometry, 1, MIXED_PROMPT_TOKENS + decode_limit
-    )
-    engine = engine_for(model, budget, MIXED_STEP_TOKENS, decodes + 1)
+def alone_step_tokens(step_tokens: int, decodes: int) -> int:
+    """The chunk of a long prompt in a step shared with ``decodes`` running decodes: the
+    scheduler serves running requests first (one token each) and the prompt gets what
+    is left of the step's budget."""
+    chunk = step_tokens - decodes
+    if chunk < 1:
+        raise ValueError(
+            f"a step of {step_tokens} tokens leaves no room for a prompt beside {decodes} decodes"
+        )
+    return chunk
+
+
+def prompt_chunks(steps: Sequence[StepRecord]) -> list[dict[str, Any]]:
+    """The steps that computed prompt tokens, in order, each with the context the prompt
+    had before it. Every prompt token in ``steps`` must be the one long prompt's (the
+    runs here record from its arrival, when nothing else is prefilling), so the context
+    is the prompt tokens of the steps before."""
+    chunks, context = [], 0
+    for step in steps:
+        if step.num_prefill_tokens == 0:
+            continue
+        chunks.append({
+            "prefill_tokens": step.num_prefill_tokens,
+            "context_tokens": context,
+            "decodes": step.num_decode_requests,
+            "seconds": step.seconds,
+            "graph": step.graph,
+            "captured": step.captured,
+        })  # fmt: skip
+        context += step.num_prefill_tokens
+    return chunks
+
+
+def compare_steps(
+    mixed: list[dict[str, Any]], alone: list[dict[str, Any]], decode_s: float, decodes: int
+) -> dict[str, Any]:
+    """Each mixed step against its parts: ``decode_s`` (the decode batch alone) plus the
+    alone step that computed the same chunk at the same context. A mixed step without
+    such a twin, with another number of decodes, or whose time includes a graph capture
+    (its own or its twin's) is left out of the ratios and listed in ``mismatches``."""
+    twins = {(c["context_tokens"], c["prefill_tokens"]): c for c in alone}
+    rows, mismatches = [], []
+    mixed_chunks = [[c["context_tokens"], c["prefill_tokens"]] for c in mixed]
+    alone_chunks = [[c["context_tokens"], c["prefill_tokens"]] for c in alone]
+    if mixed_chunks != alone_chunks:
+        mismatches.append(
+            f"chunks (context, tokens) differ: mixed {mixed_chunks}, alone {alone_chunks}"
+        )
+    for c in mixed:
+        where = f"{c['prefill_tokens']} prompt tokens after {c['context_tokens']}"
+        twin = twins.get((c["context_tokens"], c["prefill_tokens"]))
+        if twin is None:
+            mismatches.append(f"mixed step of {where}: no alone step of that chunk")
+        elif c["decodes"] != decodes:
+            mismatches.append(f"mixed step of {where}: {c['decodes']} decodes, not {decodes}")
+        elif c["captured"] or twin["captured"]:
+            mismatches.append(f"mixed step of {where}: a graph capture is in its time")
+        else:
+            parts = decode_s + twin["seconds"]
+            rows.append({
+                "prefill_tokens": c["prefill_tokens"],
+                "context_tokens": c["context_tokens"],
+                "step_s": c["seconds"],
+                "decode_part_s": decode_s,
+                "prefill_part_s": twin["seconds"],
+                "ratio": c["seconds"] / parts,
+                "graph": c["graph"],
+                "prefill_part_graph": twin["graph"],
+            })  # fmt: skip
+    tokens = sum(r["prefill_tokens"] for r in rows)
+    return {
+        "mixed_chunks": mixed_chunks,
+        "alone_chunks": alone_chunks,
+        "steps": rows,
+        "max_ratio": max((r["ratio"] for r in rows), default=None),
+        "token_weighted_ratio": (
+            sum(r["ratio"] * r["prefill_tokens"] for r in rows) / tokens if tokens else None
+        ),
+        "mismatches": mismatches,
+    }
+
+
+def profiled_steps_of(engine: Engine, run: Any) -> list[StepRecord]:
+    """The runner's records of the steps ``run()`` makes (captures included, marked)."""
     runner = engine.runner
     assert isinstance(runner, FastModelRunner)
-    short = random_prompts(decodes, 512, vocab, 3)
-    long = random_prompts(1, MIXED_PROMPT_TOKENS, vocab, 4)
-    # warm-up: the same runs once (the mixed steps' shapes compile Triton variants that
-    # nothing else needs, about a second each)
-    engine.generate(long, 1, ignore_eos=True)
-    engine.generate(short + long, decode_limit, ignore_eos=True)
-    alone, _ = profiled_generate(engine, runner, long, 1)
-    prefill_alone = [row for row in alone if row[0] > 0]
-    s_per_token = sum(row[6] for row in prefill_alone) / sum(row[0] for row in prefill_alone)
-    rows, _ = profiled_generate(engine, runner, short + long, decode_limit)
+    runner.profile.start()
+    run()
+    runner.profile.enabled = False
+    return runner.profile.steps
+
+
+def run_alone(engine: Engine, prompt: list[int]) -> list[StepRecord]:
+    """The prompt by itself, one token generated: its steps."""
+    return profiled_steps_of(engine, lambda: engine.generate([prompt], 1, ignore_eos=True))
+
+
+def run_mixed(engine: Engine, short: list[list[int]], prompt: list[int]) -> list[StepRecord]:
+    """The short prompts until every one has its first token (so all are decoding), then
+    ``prompt`` (one token generated) beside them until everything is done: the steps
+    from the prompt's arrival on, its chunks' mixed steps and then decode-only ones."""
+    options = RequestOptions(max_tokens=MIXED_DECODE_LIMIT, ignore_eos=True)
+    prefilling = {engine.add_request(p, options) for p in short}
+    while prefilling:
+        for update in engine.step():
+            if update.num_output_tokens > 0 or update.finished:
+                prefilling.discard(update.request_id)
+
+    def rest() -> None:
+        engine.add_request(prompt, RequestOptions(max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished_requests:
+            engine.step()
+
+    return profiled_steps_of(engine, rest)
+
+
+def mixed_cell(model: HybridModel, geometry: Any, decodes: int) -> dict[str, Any]:
+    """The long prompt alone in chunks of ``step - decodes`` tokens, then the same prompt
+    arriving while ``decodes`` short requests decode under a step of ``step`` tokens;
+    each run once untimed first (the mixed steps' shapes compile Triton variants and
+    capture graphs that nothing else needs, about a second each)."""
+    vocab = geometry.vocab_size
+    step = MIXED_STEP_TOKENS
+    chunk = alone_step_tokens(step, decodes)
+    short = random_prompts(decodes, MIXED_SHORT_TOKENS, vocab, 3)
+    (long,) = random_prompts(1, MIXED_PROMPT_TOKENS, vocab, 4)
+    alone_engine = engine_for(model, cache_budget(geometry, 1, MIXED_PROMPT_TOKENS), chunk, 1)
+    run_alone(alone_engine, long)
+    alone = prompt_chunks(run_alone(alone_engine, long))
+    alone_engine.backing.close()
+    budget = cache_budget(
+        geometry, decodes, MIXED_SHORT_TOKENS + MIXED_DECODE_LIMIT
+    ) + cache_budget(geometry, 1, MIXED_PROMPT_TOKENS)
+    engine = engine_for(model, budget, step, decodes + 1)
+    run_mixed(engine, short, long)
+    steps = run_mixed(engine, short, long)
     engine.backing.close()
-    decode = [row[6] for row in rows if row[0] == 0 and row[1] >= decodes]
-    mixed = [row for row in rows if row[0] > 0 and row[1] >= decodes]
-    if not decode or not mixed:
-        return {"decodes": decodes, "error": "no decode-only or no mixed step was recorded"}
+    decode = [
+        s.seconds
+        for s in steps
+        if s.num_prefill_tokens == 0 and s.num_decode_requests == decodes and not s.captured
+    ]
+    head = {"decodes": decodes, "prompt_tokens": MIXED_PROMPT_TOKENS, "step_tokens": step,
+            "alone_step_tokens": chunk}  # fmt: skip
+    if not decode:
+        return {**head, "error": "no decode-only step of the whole batch was recorded"}
     decode_s = statistics.median(decode)
-    mixed_s = statistics.median(row[6] for row in mixed)
-    chunk = statistics.median(row[0] for row in mixed)
-    alone_s = decode_s + chunk * s_per_token
-    return {
-        "decodes": decodes,
-        "prompt_tokens": MIXED_PROMPT_TOKENS,
-        "step_tokens": MIXED_STEP_TOKENS,
-        "decode_step_s": decode_s,
-        "prefill_s_per_token": s_per_token,
-        "mixed_prefill_tokens_median": chunk,
-        "mixed_step_s": mixed_s,
-        "num_mixed_steps": len(mixed),
-        "mixed_graph": all(row[7] for row in mixed),
-        "ratio_to_parts": mixed_s / alone_s,
-    }
+    comparison = compare_steps(prompt_chunks(steps), alone, decode_s, decodes)
+    return {**head, "decode_alone_s": decode_s, "num_decode_steps": len(decode), **comparison}
 
 
 def long_cell(model: HybridModel, geometry: Any, tokens: int, step: int) -> dict[str, Any]:
@@ -309,19 +424,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{c['flops_per_s'] / 1e12:.0f} | {100 * c['share_of_peak']:.1f}% | {split} |"
             )
     mixed = [(m["model"], m["mixed"]) for m in result["models"] if "mixed" in m]
-    if mixed:
-        lines += ["", "| model geometry | decodes | decode step ms | prefill chunk tokens | "
-                  "mixed step ms | mixed / (decode + chunk alone) | mixed steps in graphs |",
-                  "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-        for name, m in mixed:
-            if "error" in m:
-                lines.append(f"| {name} | {m['decodes']} | {m['error']} | | | | |")
-                continue
-            lines.append(
-                f"| {name} | {m['decodes']} | {1e3 * m['decode_step_s']:.2f} | "
-                f"{m['mixed_prefill_tokens_median']:,.0f} | {1e3 * m['mixed_step_s']:.2f} | "
-                f"{m['ratio_to_parts']:.2f}x | {m['mixed_graph']} |"
-            )
+    if any("steps" in m for _, m in mixed):
+        lines += mixed_markdown([(name, m) for name, m in mixed if "steps" in m])
+    if any("steps" not in m for _, m in mixed):  # results from before step-for-step pairs
+        lines += median_mixed_markdown([(name, m) for name, m in mixed if "steps" not in m])
     longs = [(m["model"], m["weight_bytes"], m["long"]) for m in result["models"] if "long" in m]
     if longs:
         lines += ["", "| model geometry | prompt tokens, step | time to first token s "
@@ -338,6 +444,58 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{format_bytes(c['peak_allocated_bytes'])} |"
             )
     return "\n".join(lines)
+
+
+def mixed_markdown(mixed: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Every mixed step against its decode part plus the alone step of the same chunk;
+    then per model the largest and the token-weighted ratio, and any mismatch."""
+    lines = ["", "| model geometry | decodes | prompt tokens | context before | mixed step ms | "
+             "decode alone ms | same chunk alone ms | mixed / (decode + chunk alone) | "
+             "graph: mixed / alone |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, m in mixed:
+        for r in m["steps"]:
+            lines.append(
+                f"| {name} | {m['decodes']} | {r['prefill_tokens']:,} | "
+                f"{r['context_tokens']:,} | {1e3 * r['step_s']:.2f} | "
+                f"{1e3 * r['decode_part_s']:.2f} | {1e3 * r['prefill_part_s']:.2f} | "
+                f"{r['ratio']:.2f}x | {r['graph']} / {r['prefill_part_graph']} |"
+            )
+    lines += ["", "| model geometry | prompt tokens, step (alone) | mixed steps compared | "
+              "largest ratio | token-weighted ratio |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    notes = []
+    for name, m in mixed:
+        shape = f"{m['prompt_tokens']:,}, {m['step_tokens']:,} ({m['alone_step_tokens']:,})"
+        if "error" in m:
+            lines.append(f"| {name} | {shape} | {m['error']} | | |")
+            continue
+        worst, weighted = m["max_ratio"], m["token_weighted_ratio"]
+        lines.append(
+            f"| {name} | {shape} | {len(m['steps'])} | "
+            f"{'n/a' if worst is None else f'{worst:.2f}x'} | "
+            f"{'n/a' if weighted is None else f'{weighted:.2f}x'} |"
+        )
+        notes += [f"- {name}: {text}" for text in m["mismatches"]]
+    return lines + ([""] + notes if notes else [])
+
+
+def median_mixed_markdown(mixed: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The table of results from before step-for-step pairs: the median mixed step
+    against the median decode step plus the chunk priced per token from the prompt's
+    own run (full steps), which mixes steps of different sizes."""
+    lines = ["", "| model geometry | decodes | decode step ms | prefill chunk tokens | "
+             "mixed step ms | mixed / (decode + chunk alone) | mixed steps in graphs |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, m in mixed:
+        if "error" in m:
+            lines.append(f"| {name} | {m['decodes']} | {m['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {m['decodes']} | {1e3 * m['decode_step_s']:.2f} | "
+            f"{m['mixed_prefill_tokens_median']:,.0f} | {1e3 * m['mixed_step_s']:.2f} | "
+            f"{m['ratio_to_parts']:.2f}x | {m['mixed_graph']} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
