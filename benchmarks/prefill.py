@@ -327,7 +327,7 @@ def mixed_cell(model: HybridModel, geometry: Any, decodes: int) -> dict[str, Any
     head = {"decodes": decodes, "prompt_tokens": MIXED_PROMPT_TOKENS, "step_tokens": step,
             "alone_step_tokens": chunk}  # fmt: skip
     if not decode:
-        return {**head, "error": "no decode-only step of the whole batch was recorded"}
+        return {**head, "steps": [], "error": "no decode-only step of the whole batch was recorded"}
     decode_s = statistics.median(decode)
     comparison = compare_steps(prompt_chunks(steps), alone, decode_s, decodes)
     return {**head, "decode_alone_s": decode_s, "num_decode_steps": len(decode), **comparison}
