@@ -309,3 +309,36 @@ def test_a_capture_priced_below_its_replay_costs_nothing() -> None:
     model = SimpleNamespace(step_seconds=lambda shape: 0.02)
     costs = calibrate.capture_costs(points, model)
     assert costs == {"decode": {"median_s": 0.0, "count": 4}}
+
+
+def test_a_replays_table_sets_the_simulators_captures_beside_the_engines() -> None:
+    """Results whose simulated column counted graph captures show both counts and
+    seconds; older ones keep the engine's capture seconds alone, as the docs show them."""
+    from benchmarks import engine_replay
+    from benchmarks.common import RESULTS_DIR
+
+    results = read_result(RESULTS_DIR / "engine_replay_h100.json.gz")
+    assert "| graph capture s |" in engine_replay.markdown(results)
+    for index, run in enumerate(results["runs"]):
+        run["engine"] |= {"num_graph_captures": 11, "graph_capture_s": 1.04}
+        run["sim"] |= {"num_graph_captures": 16 + index, "graph_capture_s": 1.94}
+    text = engine_replay.markdown(results)
+    assert "| graph captures engine / sim (s) |" in text
+    assert "| 11 / 16 (1.0 / 1.9) |" in text and "| 11 / 17 (1.0 / 1.9) |" in text
+
+
+def test_simulated_rates_leave_out_the_captures_as_the_engines_do() -> None:
+    """The engine's req/s is over its wall time less its graph captures: the simulated
+    one over its makespan less the captures it charged (unchanged where it charged none)."""
+    from benchmarks.engine_replay import _less_captures, _rates_less_captures
+
+    result = {"makespan_s": 10.0, "num_completed": 30, "num_output_tokens": 900,
+              "request_throughput": 3.0, "output_token_throughput": 90.0,
+              "graph_capture_s": 2.0}  # fmt: skip
+    assert _rates_less_captures(result) == {
+        "timed_s": 8.0, "request_throughput": 30 / 8.0, "output_token_throughput": 900 / 8.0
+    }  # fmt: skip
+    assert _less_captures(result)["makespan_s"] == 8.0
+    free = result | {"graph_capture_s": 0.0}
+    assert _rates_less_captures(free) == {"timed_s": 10.0}
+    assert _less_captures(free) is free
