@@ -127,19 +127,16 @@ def kernel_difference(
     """The kernels of a mixed step beside those of its prefill chunk alone (`kernel_times`
     of each): per kernel ms in both and the difference, the ``rows`` largest differences
     (what the decodes add, or a kernel that got slower) first, then the totals."""
-    names = set(mixed) | set(alone)
-    table = [
-        {
-            "kernel": name[:80],
-            "mixed_ms": mixed.get(name, [0.0, 0])[0],
-            "alone_ms": alone.get(name, [0.0, 0])[0],
-            "mixed_calls": mixed.get(name, [0.0, 0])[1],
-            "alone_calls": alone.get(name, [0.0, 0])[1],
-        }
-        for name in names
-    ]
-    for row in table:
-        row["difference_ms"] = row["mixed_ms"] - row["alone_ms"]
+    none = [0.0, 0.0]
+    table: list[dict[str, Any]] = []
+    for name in set(mixed) | set(alone):
+        (mixed_ms, mixed_calls), (alone_ms, alone_calls) = (
+            mixed.get(name, none),
+            alone.get(name, none),
+        )
+        table.append({"kernel": name[:80], "mixed_ms": mixed_ms, "alone_ms": alone_ms,
+                      "difference_ms": mixed_ms - alone_ms, "mixed_calls": mixed_calls,
+                      "alone_calls": alone_calls})  # fmt: skip
     table.sort(key=lambda r: (-abs(r["difference_ms"]), r["kernel"]))
     mixed_ms = sum(v[0] for v in mixed.values())
     alone_ms = sum(v[0] for v in alone.values())
