@@ -569,9 +569,11 @@ class _Simulation:
     def _compute_seconds(self, plan: StepPlan) -> tuple[float, float]:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
-        shape, captured = self.graphs.take(BatchShape.from_chunks(plan.chunks))
-        if captured is not None and isinstance(self.model, CalibratedModel):
-            self._charge_capture(self.model.capture_seconds(captured))
+        shape = BatchShape.from_chunks(plan.chunks)
+        if isinstance(self.model, CalibratedModel):  # the roofline knows no graphs
+            shape, captured = self.graphs.take(shape)
+            if captured is not None:
+                self._charge_capture(self.model.capture_seconds(captured))
         total_s = self.model.step_seconds(shape)
         if not (math.isfinite(total_s) and total_s >= 0):
             # A NaN step would freeze the clock (NaN compares false with every arrival).

@@ -1116,25 +1116,27 @@ def load_calibration(path: str | Path) -> CalibratedModel:
         raw = path.read_bytes()
         data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
         model = fit_calibration(list(data["points"]), str(data.get("gpu", "")), data.get("model"))
-        return replace(model, **capture_costs(data.get("graph_captures")))
+        decode_s, mixed_s = capture_costs(data.get("graph_captures"))
+        return replace(model, decode_capture_s=decode_s, mixed_capture_s=mixed_s)
     except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid step-time calibration: {error}") from None
 
 
-def capture_costs(graph_captures: object) -> dict[str, float]:
-    """`CalibratedModel`'s capture costs from a calibration file's ``graph_captures``
-    (``{"decode": {"median_s": S, "count": N}, "mixed": {...}}``, either kind optional;
-    None, as in files from before it: no cost).
+def capture_costs(graph_captures: object) -> tuple[float, float]:
+    """`CalibratedModel`'s capture costs, decode and mixed, from a calibration file's
+    ``graph_captures`` (``{"decode": {"median_s": S, "count": N}, "mixed": {...}}``,
+    either kind optional, costing 0 when absent; None, as in files from before it: no
+    cost).
 
     Raises:
         ValueError: not such a mapping, or a kind with a negative, non-finite or missing
             ``median_s`` or a ``count`` below 1.
     """
     if graph_captures is None:
-        return {}
+        return 0.0, 0.0
     if not isinstance(graph_captures, dict) or set(graph_captures) - set(CAPTURE_KINDS):
         raise ValueError(f"graph_captures must map some of {', '.join(CAPTURE_KINDS)} to costs")
-    costs = {}
+    costs = dict.fromkeys(CAPTURE_KINDS, 0.0)
     for kind, entry in graph_captures.items():
         if not isinstance(entry, dict):
             raise ValueError(f"graph_captures[{kind!r}] must be {{'median_s': .., 'count': ..}}")
@@ -1143,8 +1145,8 @@ def capture_costs(graph_captures: object) -> dict[str, float]:
             raise ValueError(
                 f"graph_captures[{kind!r}]: median_s must be finite and >= 0 and count >= 1"
             )
-        costs[f"{kind}_capture_s"] = seconds
-    return costs
+        costs[kind] = seconds
+    return costs[DECODE_CAPTURE], costs[MIXED_CAPTURE]
 
 
 # ---- allocator, migration and compaction costs ----------------------------------------------
