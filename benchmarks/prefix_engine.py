@@ -4,7 +4,8 @@ pool; same model, same kernels).
 
 A workload names what its prompts share (content segments: a system prompt, a
 conversation's earlier messages and answers). Here each segment becomes token ids: a
-message or system prompt gets random ids once, and an answer is the tokens the engine
+message or system prompt gets random ids of its own (seeded by the segment, so the same
+in every run), and an answer is the tokens the engine
 generated for it. So a turn can only start once the turn whose answer it repeats has
 finished, as a user sends the next message after reading the answer: a request is
 submitted at its arrival (the workload's, scaled by ``--arrival-scale``) or when the
@@ -17,17 +18,29 @@ the last token), output tokens/s, prompt tokens taken from the cache over those 
 and over the ideal (the prompt tokens, in whole 16-token pages, that an earlier
 submitted request's prompt or answer already held, with every checkpoint kept), the
 tokens computed, checkpoints, evictions, preemptions; per layout the ratios of the cached
-run to the uncached one, and how many outputs were token-identical (greedy).
+run to the uncached one, and how many outputs were token-identical (greedy). TTFT is also
+split by whether a request could hit: whether an earlier submitted request's prompt and
+answer begin with at least one whole page of its prompt (its ideal > 0), counted from
+the run's own token ids, not from the cache's counters.
 
-Granite-4.0-H-Micro's geometry with random bf16 weights (as benchmarks/engine_replay.py
-builds it), the Triton kernels and decode graphs, AVMP and static on CUDA VMM. One
-warm-up compiles the kernel variants first. ``--smoke`` runs a tiny model of the same
-structure on the CPU (its first layers, reference kernels, lengths / 16, a few requests)
-in seconds.
+``--identity`` answers one question only: does the cache change greedy tokens? A short
+run (float32 by default) per layout, without and then with the cache, the cached run
+given exactly the uncached run's prompts (its messages and its answers, still each turn
+after the one it repeats); per layout how many outputs are identical and, for each one
+that is not, its first differing position and the top-2 logit gap there of a fresh
+prefill (no cache, no graphs) of the prompt and the tokens both runs agree on.
+
+Granite-4.0-H-Micro's geometry with random weights (as benchmarks/engine_replay.py builds
+it; bf16 unless ``--dtype`` says otherwise), the Triton kernels and decode graphs, AVMP and
+static on CUDA VMM. One warm-up compiles the kernel variants first. ``--smoke`` runs a
+tiny model of the same structure on the CPU (its first layers, reference kernels, lengths
+/ 16, a few requests) in seconds.
 
 Usage::
 
     PYTHONPATH=src python3 -m benchmarks.prefix_engine --out $OUT/prefix_engine_h200.json.gz
+    PYTHONPATH=src python3 -m benchmarks.prefix_engine --identity \\
+        --out $OUT/prefix_identity_h200.json.gz
     python -m benchmarks.prefix_engine --markdown benchmarks/results/prefix_engine_h200.json.gz
     python -m benchmarks.prefix_engine --smoke --out /tmp/prefix_engine.json
 """
@@ -36,9 +49,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
 import sys
 import time
+import zlib
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -56,6 +71,9 @@ WORKLOADS = ("multi_turn_prefix", "agent_loop")
 # bounded so that 2 workloads x 3 layouts x 2 runs might finish in < 240 s on one H200
 # (an estimate: the benchmark has not run on a GPU yet)
 DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40}
+IDENTITY_REQUESTS = {"multi_turn_prefix": 48, "agent_loop": 20}  # --identity: a short run
+DTYPES = ("bfloat16", "float32")
+IDENTITY_DTYPE = "float32"  # the dtype the CPU tests show token identity in
 CPU_LAYERS = 6  # Granite-4.0-H's first six: five Mamba2 layers and one attention layer
 IDEAL_UNIT_TOKENS = 16  # the ideal counts whole pages of this many tokens, in every layout
 SMOKE = {
@@ -80,6 +98,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ")",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        help=f"the model's dtype, one of {', '.join(DTYPES)} (default: the model's own, bf16 "
+        f"on the GPU; {IDENTITY_DTYPE} with --identity)",
+    )
+    parser.add_argument(
+        "--identity",
+        action="store_true",
+        help="only whether the cache changes greedy tokens: a short run per layout, "
+        "without and with the cache on the same prompts",
+    )
     parser.add_argument(
         "--arrival-scale",
         type=float,
@@ -131,12 +160,16 @@ def workload_specs(args: argparse.Namespace, name: str) -> list[RequestSpec]:
     """The preset's requests, arrivals scaled and lengths divided as asked."""
     from avmp.bench.workloads import make_prefix_workload
 
-    n = args.num_requests or DEFAULT_REQUESTS[name]
+    n = args.num_requests or default_requests(args)[name]
     specs = make_prefix_workload(name, args.seed, n)
     divisor = args.length_divisor
     if divisor == 1 and args.arrival_scale == 1:
         return specs
     return [_scaled(spec, args.arrival_scale, divisor) for spec in specs]
+
+
+def default_requests(args: argparse.Namespace) -> dict[str, int]:
+    return IDENTITY_REQUESTS if args.identity else DEFAULT_REQUESTS
 
 
 def _scaled(spec: RequestSpec, arrival_scale: float, divisor: int) -> RequestSpec:
@@ -149,13 +182,23 @@ def _scaled(spec: RequestSpec, arrival_scale: float, divisor: int) -> RequestSpe
 
 
 class TokenBook:
-    """Token ids of every content segment: random ids for a message the first time it is
-    named, the engine's tokens for an answer once its request finished."""
+    """Token ids of every content segment: a message's random ids drawn from its own
+    seeded generator (so a message reads the same in every run, whatever order the
+    requests were submitted in), the engine's tokens for an answer once its request
+    finished. Replaying a run, ``given`` holds that run's ids of every segment; a prompt
+    reads them, yet a turn still waits for this run's answer to the turn it repeats."""
 
-    def __init__(self, specs: list[RequestSpec], vocab: int, seed: int) -> None:
+    def __init__(
+        self,
+        specs: list[RequestSpec],
+        vocab: int,
+        seed: int,
+        given: dict[Hashable, list[int]] | None = None,
+    ) -> None:
         self.answers = {s.output_segment for s in specs if s.output_segment is not None}
         self.tokens: dict[Hashable, list[int]] = {}
-        self._rng = np.random.default_rng(seed)
+        self._given = given or {}
+        self._seed = seed
         self._vocab = vocab
 
     def ready(self, spec: RequestSpec) -> bool:
@@ -164,33 +207,41 @@ class TokenBook:
 
     def prompt(self, spec: RequestSpec) -> list[int]:
         if not spec.segments:
-            return self._random(spec.prompt_tokens)
+            return self._random(("prompt", spec.request_id), spec.prompt_tokens)
         ids: list[int] = []
         for content, length in spec.segments:
             if content not in self.tokens:
-                self.tokens[content] = self._random(length)
-            ids += self.tokens[content][:length]
+                self.tokens[content] = self._random(content, length)
+            ids += self._given.get(content, self.tokens[content])[:length]
         return ids
 
     def answered(self, spec: RequestSpec, tokens: list[int]) -> None:
         """Record an answer; one cut short (a rejected request) is padded at random."""
         if spec.output_segment is not None:
             missing = spec.output_tokens - len(tokens)
-            self.tokens[spec.output_segment] = tokens + self._random(max(0, missing))
+            padding = self._random(spec.output_segment, max(0, missing))
+            self.tokens[spec.output_segment] = tokens + padding
 
-    def _random(self, n: int) -> list[int]:
-        return self._rng.integers(3, self._vocab, size=n).tolist()
+    def _random(self, content: Hashable, n: int) -> list[int]:
+        key = zlib.crc32(repr(content).encode())
+        return np.random.default_rng([self._seed, key]).integers(3, self._vocab, n).tolist()
 
 
 # -- one run -------------------------------------------------------------------------------
 
 
-def drive(engine: Any, specs: list[RequestSpec], seed: int) -> dict[str, Any]:
+def drive(
+    engine: Any,
+    specs: list[RequestSpec],
+    seed: int,
+    given: dict[Hashable, list[int]] | None = None,
+) -> dict[str, Any]:
     """Submit each request at its arrival once the answers it repeats are known, step the
-    engine until all finished; per request its prompt, tokens and times."""
+    engine until all finished; per request its prompt, tokens and times, and the ids of
+    every segment (``given``: another run's, to replay its prompts)."""
     from avmp.engine.engine import RequestOptions
 
-    book = TokenBook(specs, engine.geometry.vocab_size, seed)
+    book = TokenBook(specs, engine.geometry.vocab_size, seed, given)
     pending = sorted(specs, key=lambda s: (s.arrival_s, s.request_id))
     live: dict[int, dict[str, Any]] = {}
     done: list[dict[str, Any]] = []
@@ -219,40 +270,55 @@ def drive(engine: Any, specs: list[RequestSpec], seed: int) -> dict[str, Any]:
                 request["finish_reason"] = update.finish_reason
                 book.answered(request["spec"], request["tokens"])
                 done.append(live.pop(update.request_id))
-    return {"requests": sorted(done, key=lambda r: r["spec"].request_id)}
+    return {"requests": sorted(done, key=lambda r: r["spec"].request_id), "tokens": book.tokens}
 
 
-def run_one(
-    args: argparse.Namespace, model: Any, allocator: str, prefix: str, specs: list[RequestSpec]
-) -> dict[str, Any]:
-    """One layout, with the prefix cache ``prefix`` (``off``: none), over the workload."""
-    from avmp.engine.engine import Engine, EngineConfig
+def engine_config(args: argparse.Namespace, allocator: str, prefix: str, **overrides: Any) -> Any:
+    """The engine's configuration for one layout and cache setting."""
+    from avmp.engine.engine import EngineConfig
 
     on_gpu = args.device == "cuda"
     vmm = on_gpu and args.backing == "vmm" and allocator != "unified"
-    config = EngineConfig(
-        memory_bytes=parse_bytes(args.memory), device=args.device,
+    return EngineConfig(
+        memory_bytes=parse_bytes(args.memory), device=args.device, dtype=args.dtype,
         kernels="triton" if on_gpu else "reference", allocator=allocator,
         backing="cuda_vmm" if vmm else "torch", max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_batched_tokens, prefix_cache=prefix,
+        max_num_batched_tokens=args.max_batched_tokens, prefix_cache=prefix, **overrides,
     )  # fmt: skip
-    engine = Engine(model, config)
+
+
+def run_one(
+    args: argparse.Namespace,
+    model: Any,
+    allocator: str,
+    prefix: str,
+    specs: list[RequestSpec],
+    given: dict[Hashable, list[int]] | None = None,
+) -> tuple[dict[str, Any], dict[Hashable, list[int]]]:
+    """One layout, with the prefix cache ``prefix`` (``off``: none), over the workload
+    (its segments' ids ``given``, or drawn afresh). Returns the run's figures and the ids
+    of its segments."""
+    from avmp.engine.engine import Engine
+
+    engine = Engine(model, engine_config(args, allocator, prefix))
     engine.warmup()
     computed_before = engine.stats.num_computed_tokens  # `warmup`'s last call's
-    run = drive(engine, specs, args.seed)
+    run = drive(engine, specs, args.seed, given)
     result = summarize(run["requests"], engine)
     result["num_computed_tokens"] = engine.stats.num_computed_tokens - computed_before
     result |= {"allocator": allocator, "prefix_cache": prefix}
     engine.close()
     del engine
     gc.collect()
-    return result
+    return result, run["tokens"]
 
 
 def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
     """A run's figures from its requests and the engine's lifetime counters."""
     completed = [r for r in requests if r["finish_reason"] == "length"]
     ttfts = [r["first_token_s"] - r["submitted_s"] for r in completed]
+    ideal = ideal_hit_tokens(requests)
+    could_hit = [ideal[r["spec"].request_id] > 0 for r in completed]
     first = min((r["submitted_s"] for r in requests), default=0.0)
     span_s = max((r["finish_s"] for r in completed), default=first) - first
     totals = engine.totals
@@ -269,7 +335,7 @@ def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
         else 0.0,
         "num_prompt_tokens": sum(len(r["prompt"]) for r in requests),
         "num_preemptions": totals.num_preemptions,
-        "reusable_tokens": reusable_tokens(requests),
+        "reusable_tokens": sum(ideal.values()),
         "prefix": {
             "num_queried_tokens": prefix.num_queried_tokens,
             "num_hit_tokens": prefix.num_hit_tokens,
@@ -280,17 +346,33 @@ def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
             "checkpoint_bytes_at_end": prefix.checkpoint_bytes,
         },
         "ttft_s": ttfts,
+        "could_hit": could_hit,  # per completed request, beside ttft_s
+        "ttft_could_hit": ttft_split(ttfts, could_hit, True),
+        "ttft_rest": ttft_split(ttfts, could_hit, False),
         "outputs": [r["tokens"] for r in requests],
+        "prompt_crc32": [zlib.crc32(np.asarray(r["prompt"], np.int64).tobytes()) for r in requests],
     }
 
 
+def ttft_split(ttfts: list[float], could_hit: list[bool], side: bool) -> dict[str, Any]:
+    """TTFT p50/p99 of the requests whose ``could_hit`` is ``side`` (NaN: none)."""
+    chosen = [t for t, hit in zip(ttfts, could_hit, strict=True) if hit == side]
+    return {"num_requests": len(chosen), "p50_s": percentile(chosen, 50),
+            "p99_s": percentile(chosen, 99)}  # fmt: skip
+
+
 def reusable_tokens(requests: list[dict[str, Any]]) -> int:
-    """The ideal's hit tokens: per request, in submission order, the whole pages of its
-    prompt (all but its last token) that an earlier submitted request's prompt and
-    answer begin with (a cache that kept every page and a checkpoint at each)."""
+    """The ideal's hit tokens over all requests (`ideal_hit_tokens`)."""
+    return sum(ideal_hit_tokens(requests).values())
+
+
+def ideal_hit_tokens(requests: list[dict[str, Any]]) -> dict[int, int]:
+    """The ideal's hit tokens per request id: in submission order, the whole pages of a
+    request's prompt (all but its last token) that an earlier submitted request's prompt
+    and answer begin with (a cache that kept every page and a checkpoint at each)."""
     unit = IDEAL_UNIT_TOKENS
     trie: dict[tuple[int, ...], dict] = {}  # type: ignore[type-arg]
-    total = 0
+    hits: dict[int, int] = {}
     for request in sorted(requests, key=lambda r: (r["submitted_s"], r["spec"].request_id)):
         prompt = request["prompt"]
         level, matched = trie, 0
@@ -299,12 +381,12 @@ def reusable_tokens(requests: list[dict[str, Any]]) -> int:
             if key not in level:
                 break
             level, matched = level[key], matched + 1
-        total += matched * unit
+        hits[request["spec"].request_id] = matched * unit
         stream = prompt + request["tokens"]
         level = trie
         for page in range(len(stream) // unit):
             level = level.setdefault(tuple(stream[page * unit : (page + 1) * unit]), {})
-    return total
+    return hits
 
 
 # -- the whole benchmark ---------------------------------------------------------------------
@@ -323,10 +405,26 @@ def build(args: argparse.Namespace) -> Any:
         if isinstance(raw.get("layer_types"), list):
             raw["layer_types"] = raw["layer_types"][:CPU_LAYERS]
             raw["num_hidden_layers"] = len(raw["layer_types"])
-        return tiny_model(raw, seed=args.seed)
-    from benchmarks.engine import build_model, transformers_config
+        model = tiny_model(raw, seed=args.seed)
+    else:
+        from benchmarks.engine import build_model, transformers_config
 
-    return build_model(transformers_config(args.model), torch.device(args.device))
+        model = build_model(transformers_config(args.model), torch.device(args.device))
+    return model if args.dtype is None else model.to(getattr(torch, args.dtype))
+
+
+def model_dtype(model: Any) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def warm_up(args: argparse.Namespace, model: Any) -> None:
+    """Compile the Triton kernels' variants before the first timed run (on the GPU)."""
+    if args.device == "cuda":
+        from benchmarks.engine_replay import warm_up as compile_kernels
+
+        options = argparse.Namespace(device=args.device, seed=args.seed,
+                                     max_batched_tokens=args.max_batched_tokens)  # fmt: skip
+        compile_kernels(options, model)
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,18 +432,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     model = build(args)
-    if args.device == "cuda":
-        from benchmarks.engine_replay import warm_up
-
-        warm_up(argparse.Namespace(device=args.device, seed=args.seed,
-                                   max_batched_tokens=args.max_batched_tokens), model)  # fmt: skip
-    results = conditions(args)
+    warm_up(args, model)
+    results = conditions(args) | {"dtype": model_dtype(model)}
     for name in args.workloads:
         specs = workload_specs(args, name)
         for allocator in args.allocators:
             for prefix in ("off", args.policy):
                 start = time.perf_counter()
-                run = run_one(args, model, allocator, prefix, specs) | {"workload": name}
+                run = run_one(args, model, allocator, prefix, specs)[0] | {"workload": name}
                 results["runs"].append(run)
                 print(f"{name}, {allocator}, prefix cache {prefix}: TTFT p50 "
                       f"{run['ttft_p50_s'] * 1e3:.1f} ms, {run['request_throughput']:.2f} req/s, "
@@ -354,6 +448,109 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """Every workload on every layout without the cache, then with it on the uncached
+    run's prompts; per layout which outputs differ, where, and by how much there."""
+    import torch
+
+    model = build(args)
+    warm_up(args, model)
+    results = conditions(args) | {"mode": "identity", "dtype": model_dtype(model), "identity": []}
+    for name in args.workloads:
+        specs = sorted(workload_specs(args, name), key=lambda s: s.request_id)
+        for allocator in args.allocators:
+            off, tokens = run_one(args, model, allocator, "off", specs)
+            on, _ = run_one(args, model, allocator, args.policy, specs, given=tokens)
+            results["runs"] += [off | {"workload": name}, on | {"workload": name}]
+            report = identity_report(off, on, [s.request_id for s in specs])
+            book = TokenBook(specs, vocab_size(model), args.seed, given=tokens)
+            cases = [book.prompt(specs[d["index"]]) + off["outputs"][d["index"]][: d["position"]]
+                     for d in report["differing"]]  # fmt: skip
+            for case, probe in zip(report["differing"], top2_gaps(args, model, cases), strict=True):
+                case |= probe
+            results["identity"].append({"workload": name, "allocator": allocator} | report)
+            hits = on["prefix"]["num_hit_tokens"]
+            print(f"{name}, {allocator}: {report['num_identical']} of {report['num_requests']} "
+                  f"outputs identical, {hits} hit tokens", flush=True)  # fmt: skip
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.config.vocab_size)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (one ending early counts), or None."""
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return position
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def identity_report(
+    off: dict[str, Any], on: dict[str, Any], request_ids: list[int]
+) -> dict[str, Any]:
+    """How many outputs of the cached run ``on`` equal the uncached run's ``off``, how many
+    prompts were the same (a replay's must all be), and per differing request (index in
+    request id order) its first differing position and the two runs' tokens there."""
+    differing = []
+    for index, (a, b) in enumerate(zip(off["outputs"], on["outputs"], strict=True)):
+        position = first_difference(a, b)
+        if position is not None:
+            differing.append({
+                "index": index, "request_id": request_ids[index], "position": position,
+                "off_token": a[position] if position < len(a) else None,
+                "on_token": b[position] if position < len(b) else None,
+            })  # fmt: skip
+    same = sum(x == y for x, y in zip(off["prompt_crc32"], on["prompt_crc32"], strict=True))
+    num = len(off["outputs"])
+    return {"num_requests": num, "num_identical": num - len(differing), "num_same_prompt": same,
+            "differing": differing}  # fmt: skip
+
+
+def top2_gaps(args: argparse.Namespace, model: Any, cases: list[list[int]]) -> list[dict[str, Any]]:
+    """Per token list, a fresh prefill's (no cache, no graphs, one request at a time) top
+    logit minus its second at the list's last position, and its greedy token there
+    (``top2_gap`` None where the captured logits do not give the sampled token)."""
+    if not cases:
+        return []
+    import torch
+
+    from avmp.engine.engine import Engine
+
+    engine = Engine(model, engine_config(args, "avmp", "off", cuda_graphs=False, overlap=False))
+    last: list[torch.Tensor] = []  # the last token's hidden state of each forward pass
+    handle = engine.model.register_forward_hook(lambda _m, _i, out: last.append(out[-1:]))
+    probes = []
+    try:
+        for tokens in cases:
+            last.clear()
+            sampled = _greedy_token(engine, tokens)
+            with torch.inference_mode():
+                top = engine.model.logits(last[-1]).topk(2, dim=-1)
+            values, indices = top.values[0].tolist(), top.indices[0].tolist()
+            gap = values[0] - values[1] if sampled == indices[0] else None
+            probes.append({"top2_gap": gap, "fresh_token": sampled})
+    finally:
+        handle.remove()
+        engine.close()
+    return probes
+
+
+def _greedy_token(engine: Any, tokens: list[int]) -> int:
+    """The one greedy token ``engine`` generates after ``tokens``, run alone."""
+    from avmp.engine.engine import RequestOptions
+
+    engine.add_request(tokens, RequestOptions(max_tokens=1, ignore_eos=True))
+    sampled: list[int] = []
+    while engine.has_unfinished_requests():
+        for update in engine.step():
+            sampled += update.new_token_ids
+    return sampled[0]
 
 
 def conditions(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,7 +562,7 @@ def conditions(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "model": args.model if on_gpu else f"{args.model} (tiny, {CPU_LAYERS} layers)",
         "seed": args.seed,
-        "num_requests": {w: args.num_requests or DEFAULT_REQUESTS[w] for w in args.workloads},
+        "num_requests": {w: args.num_requests or default_requests(args)[w] for w in args.workloads},
         "arrival_scale": args.arrival_scale,
         "length_divisor": args.length_divisor,
         "policy": args.policy,
@@ -381,16 +578,21 @@ def conditions(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """Per workload, one row per layout and cache setting, then the ratios per layout."""
+    """Per workload, one row per layout and cache setting, then the ratios per layout and
+    TTFT split by whether a request could hit; for an ``--identity`` run, the outputs'
+    identity per layout instead."""
     c = results
+    dtype = f", {c['dtype']} weights" if "dtype" in c else ""
     lines = [
-        f"{c['model']} on {c['device']}, {c['memory']} cache, max_num_seqs {c['max_num_seqs']}, "
-        f"{c['max_batched_tokens']} batched tokens, arrivals x{c['arrival_scale']}, seed "
-        f"{c['seed']}, policy {c['policy']}",
+        f"{c['model']} on {c['device']}{dtype}, {c['memory']} cache, max_num_seqs "
+        f"{c['max_num_seqs']}, {c['max_batched_tokens']} batched tokens, arrivals "
+        f"x{c['arrival_scale']}, seed {c['seed']}, policy {c['policy']}",
     ]
+    if c.get("mode") == "identity":
+        return "\n".join(lines + identity_tables(c))
     for workload in dict.fromkeys(run["workload"] for run in c["runs"]):
         runs = [run for run in c["runs"] if run["workload"] == workload]
-        lines += ["", f"**{workload}** ({runs[0]['num_requests']} requests)", ""]
+        lines += ["", f"**{workload}** ({runs[0]['num_requests']} requests{dtype})", ""]
         lines += [
             "| layout | prefix cache | TTFT p50 | TTFT p99 | req/s | output tok/s | hit / "
             "queried | hit / ideal | computed tokens | checkpoints taken | evictions "
@@ -400,13 +602,84 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [_row(run) for run in runs]
         lines += ["", "| layout | TTFT p50 off / on | TTFT p99 off / on | req/s on / off | "
                       "identical outputs |", "|---|---|---|---|---|"]  # fmt: skip
-        for allocator in dict.fromkeys(run["allocator"] for run in runs):
-            pair = [run for run in runs if run["allocator"] == allocator]
-            off = next((r for r in pair if r["prefix_cache"] == "off"), None)
-            on = next((r for r in pair if r["prefix_cache"] != "off"), None)
-            if off is not None and on is not None:
-                lines.append(_ratio_row(allocator, off, on))
+        lines += [_ratio_row(allocator, off, on) for allocator, off, on in _pairs(runs)]
+        lines += _split_table(runs)
     return "\n".join(lines)
+
+
+def _pairs(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Per layout, its uncached and cached runs (layouts missing either left out)."""
+    pairs = []
+    for allocator in dict.fromkeys(run["allocator"] for run in runs):
+        pair = [run for run in runs if run["allocator"] == allocator]
+        off = next((r for r in pair if r["prefix_cache"] == "off"), None)
+        on = next((r for r in pair if r["prefix_cache"] != "off"), None)
+        if off is not None and on is not None:
+            pairs.append((allocator, off, on))
+    return pairs
+
+
+def _split_table(runs: list[dict[str, Any]]) -> list[str]:
+    """TTFT of the requests that could hit (the ideal > 0) and of the rest, per layout;
+    nothing for results written before the split."""
+    pairs = [p for p in _pairs(runs) if "ttft_could_hit" in p[1] and "ttft_could_hit" in p[2]]
+    if not pairs:
+        return []
+    lines = ["", "TTFT of the requests that could hit (an earlier request's prompt and answer "
+             "began with a whole page of theirs, from the token ids) and of the rest, off / on:",
+             "", "| layout | could hit (off, on) | TTFT p50 | TTFT p99 | rest (off, on) | "
+             "TTFT p50 | TTFT p99 |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for allocator, off, on in pairs:
+        cells = [allocator]
+        for key in ("ttft_could_hit", "ttft_rest"):
+            a, b = off[key], on[key]
+            cells += [f"{a['num_requests']}, {b['num_requests']}",
+                      _off_on(a["p50_s"], b["p50_s"]), _off_on(a["p99_s"], b["p99_s"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _off_on(off_s: float, on_s: float) -> str:
+    if math.isnan(off_s) or math.isnan(on_s):
+        return "-"
+    return f"{off_s * 1e3:.1f} / {on_s * 1e3:.1f} ms ({_ratio(off_s, on_s)})"
+
+
+def identity_tables(results: dict[str, Any]) -> list[str]:
+    """Per workload and layout: identical outputs of the cached run on the uncached run's
+    prompts, and where the others first differ."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in results["identity"]):
+        reports = [r for r in results["identity"] if r["workload"] == workload]
+        runs = [r for r in results["runs"] if r["workload"] == workload]
+        lines += ["", f"**{workload}** ({reports[0]['num_requests']} requests, "
+                  f"{results.get('dtype', 'dtype not recorded')}): greedy outputs with the cache "
+                  "against without, on the same prompts", "",
+                  "| layout | identical outputs | same prompts | hit / ideal | first difference: "
+                  "request, position (top-2 logit gap of a fresh prefill there) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for report in reports:
+            on = next(r for r in runs if r["allocator"] == report["allocator"]
+                      and r["prefix_cache"] != "off")  # fmt: skip
+            hit, ideal = on["prefix"]["num_hit_tokens"], on["reusable_tokens"]
+            lines.append(
+                f"| {report['allocator']} | {report['num_identical']} of {report['num_requests']} "
+                f"| {report['num_same_prompt']} | {f'{hit / ideal:.1%}' if ideal else '-'} | "
+                f"{_differences(report['differing'])} |"
+            )
+    return lines
+
+
+def _differences(differing: list[dict[str, Any]], shown: int = 8) -> str:
+    if not differing:
+        return "-"
+    cells = []
+    for d in differing[:shown]:
+        gap = d.get("top2_gap")
+        cells.append(f"{d['request_id']}: {d['position']} ("
+                     + ("gap not measured" if gap is None else f"gap {gap:.3g}") + ")")  # fmt: skip
+    more = len(differing) - shown
+    return "; ".join(cells) + (f"; {more} more" if more > 0 else "")
 
 
 def _row(run: dict[str, Any]) -> str:
@@ -427,16 +700,32 @@ def _row(run: dict[str, Any]) -> str:
 
 def _ratio_row(allocator: str, off: dict[str, Any], on: dict[str, Any]) -> str:
     same = sum(a == b for a, b in zip(off["outputs"], on["outputs"], strict=True))
+    prompts = ""
+    if "prompt_crc32" in off and "prompt_crc32" in on:  # absent from older results
+        num = sum(a == b for a, b in zip(off["prompt_crc32"], on["prompt_crc32"], strict=True))
+        prompts = f" ({num} with the same prompt)"
     return (
         f"| {allocator} | {_ratio(off['ttft_p50_s'], on['ttft_p50_s'])} | "
         f"{_ratio(off['ttft_p99_s'], on['ttft_p99_s'])} | "
         f"{_ratio(on['request_throughput'], off['request_throughput'])} | "
-        f"{same} of {len(on['outputs'])} |"
+        f"{same} of {len(on['outputs'])}{prompts} |"
     )
 
 
 def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator > 0 else "-"
+
+
+def resolved_dtype(dtype: str | None, identity: bool) -> str | None:
+    """The model's dtype: the one asked for, else float32 for ``--identity`` and the
+    model's own (None) for the timing run.
+
+    Raises:
+        ValueError: a dtype not in `DTYPES`.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype or (IDENTITY_DTYPE if identity else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,12 +742,13 @@ def main(argv: list[str] | None = None) -> int:
         parse_bytes(args.memory)
         if args.arrival_scale < 0 or args.length_divisor < 1:
             raise ValueError("--arrival-scale must be >= 0 and --length-divisor >= 1")
+        args.dtype = resolved_dtype(args.dtype, args.identity)
         for name in args.workloads:
             workload_specs(args, name)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results = run_all(args)
+    results = run_identity(args) if args.identity else run_all(args)
     if args.out is not None:
         write_result(args.out, results)
     print(markdown(results))
