@@ -547,7 +547,7 @@ def _greedy_token(engine: Any, tokens: list[int]) -> int:
 
     engine.add_request(tokens, RequestOptions(max_tokens=1, ignore_eos=True))
     sampled: list[int] = []
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests:
         for update in engine.step():
             sampled += update.new_token_ids
     return sampled[0]
