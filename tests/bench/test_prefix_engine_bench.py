@@ -61,8 +61,14 @@ def test_smoke_run_compares_with_and_without_the_cache(tmp_path: Path, capsys) -
         assert saved == on["prefix"]["num_hit_tokens"] <= on["reusable_tokens"]
     agent = [r for r in runs if r["workload"] == "agent_loop" and r["prefix_cache"] == "avmp"]
     assert all(r["prefix"]["num_hit_tokens"] > 0 for r in agent)
-    assert "**agent_loop** (5 requests)" in printed and "| avmp | avmp |" in printed
-    assert "5 of 5 |" in printed
+    for run in runs:  # every completed request is on one side of the could-hit split
+        split = run["ttft_could_hit"]["num_requests"] + run["ttft_rest"]["num_requests"]
+        assert split == len(run["could_hit"]) == len(run["ttft_s"]) == run["num_completed"]
+    assert all(r["ttft_could_hit"]["num_requests"] >= 1 for r in agent)
+    assert result["dtype"] == "float32"  # the tiny CPU model's own
+    assert "**agent_loop** (5 requests, float32 weights)" in printed
+    assert "| avmp | avmp |" in printed
+    assert "5 of 5 (5 with the same prompt) |" in printed
     assert prefix_engine.main(["--markdown", str(out)]) == 0  # the tables from the file alone
     tables = capsys.readouterr().out.strip()
     assert tables.startswith("granite-4.0-h-micro (tiny") and printed.rstrip().endswith(tables)
