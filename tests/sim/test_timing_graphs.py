@@ -1,7 +1,7 @@
 """The time model's CUDA-graph features: which steps replay a graph and on how many rows
-(the engine's rule, mirrored), how a fit prices graph rows, their block-table width and
-eager decode rows, which points may carry them, and the fit's weighting by the
-predicted time."""
+(the engine's rule, `avmp.sched.graph_buckets`), how a fit prices graph rows, their
+block-table width and eager decode rows, which points may carry them, and the fit's
+weighting by the predicted time."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from avmp.sched.graph_buckets import DECODE_GRAPH_SIZES, bucket
 from avmp.sched.scheduler import ScheduledChunk
 from avmp.sim import timing
 from avmp.sim.timing import (
@@ -26,16 +27,13 @@ GRAPH_FEATURES = (EAGER_DECODE_FEATURE, GRAPH_ROWS_FEATURE, GRAPH_WIDTH_FEATURE)
 
 
 def test_the_graph_rule_is_the_engines() -> None:
-    """Graph sizes, minimum width and page size as the engine captures its graphs."""
-    pytest.importorskip("torch")
-    from avmp.engine.fast_runner import DEFAULT_GRAPH_SIZES, MIN_GRAPH_WIDTH, bucket
+    """Graph sizes and widths come from `avmp.sched.graph_buckets`, which the engine
+    captures by; the page size is the engine's."""
     from avmp.memory.spec import MemoryConfig
 
-    assert timing.DECODE_GRAPH_SIZES == DEFAULT_GRAPH_SIZES
-    assert timing.GRAPH_MIN_WIDTH_PAGES == MIN_GRAPH_WIDTH
     assert MemoryConfig.block_size == timing.GRAPH_PAGE_TOKENS
     for requests in range(1, 300):
-        assert decode_graph_rows(requests) == (bucket(requests, DEFAULT_GRAPH_SIZES) or 0)
+        assert decode_graph_rows(requests) == (bucket(requests, DECODE_GRAPH_SIZES) or 0)
 
 
 def test_graph_rows_and_width() -> None:
@@ -160,23 +158,13 @@ def test_a_fit_of_noisy_steps_is_not_biased_low(monkeypatch: pytest.MonkeyPatch)
     assert fitted_total() < 0.93 * measured
 
 
-def test_mixed_graph_buckets_are_the_engines() -> None:
-    pytest.importorskip("torch")
-    from avmp.engine.fast_runner import (
-        DEFAULT_MAX_MIXED_GRAPHS,
-        FINE_TOKEN_BUCKETS_FROM,
-        MIN_TOKEN_BUCKET,
-        bucket,
-        token_buckets,
-    )
-
-    assert timing.MAX_MIXED_GRAPHS == DEFAULT_MAX_MIXED_GRAPHS
-    assert timing.MIN_MIXED_GRAPH_TOKENS == MIN_TOKEN_BUCKET
-    assert timing.FINE_MIXED_GRAPH_TOKENS_FROM == FINE_TOKEN_BUCKETS_FROM
-    for budget in (256, 1000, 3000, 8192, 16384):
-        for tokens in range(1, budget + 40, 7):
-            expected = bucket(tokens, token_buckets(budget)) or 0
-            assert timing.mixed_graph_tokens(tokens, budget) == expected
+def test_mixed_graph_tokens_pad_to_the_token_buckets() -> None:
+    assert timing.mixed_graph_tokens(5, 8192) == 16
+    assert timing.mixed_graph_tokens(300, 8192) == 512
+    assert timing.mixed_graph_tokens(4238, 8192) == 5120  # a quarter step above 1,024
+    assert timing.mixed_graph_tokens(8000, 8192) == 8192
+    assert timing.mixed_graph_tokens(8193, 8192) == 0  # above the budget: eager
+    assert timing.mixed_graph_tokens(100, 100) == 100 and timing.mixed_graph_tokens(7, 12) == 12
 
 
 def mixed(requests: int, prompt: int, context: int = 500) -> BatchShape:

@@ -55,50 +55,9 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import Rotary
 from avmp.engine.profile import RunnerProfile
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carried
-
-DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MIN_GRAPH_WIDTH = 16  # pages
-MIN_TOKEN_BUCKET = 16
-# From here up, token buckets come four to a doubling (1,280, 1,536, 1,792, 2,048, ...):
-# a step this large is compute-bound, so its padding costs in proportion (a 4,238-token
-# mixed step padded to 8,192 ran 1.24x its parts on an H200), while below it padding is
-# near free (the weights' read dominates) and fewer graphs are captured.
-FINE_TOKEN_BUCKETS_FROM = 1024
-# A mixed graph holds no memory of its own beyond the shared pool, but each capture
-# costs a forward pass or three; past this many buckets, steps run eagerly.
-DEFAULT_MAX_MIXED_GRAPHS = 64
-
-
-def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Padded token counts of prefill and mixed steps below ``max_num_batched_tokens``:
-    powers of two from `MIN_TOKEN_BUCKET` to `FINE_TOKEN_BUCKETS_FROM`, then four
-    evenly spaced sizes per doubling; then that figure itself (the scheduler's full
-    step, which long prompts fill, pads by nothing)."""
-    if max_num_batched_tokens < 1:
-        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-    sizes = []
-    size = MIN_TOKEN_BUCKET
-    while size < max_num_batched_tokens:
-        sizes.append(size)
-        size = next_token_bucket(size)
-    return (*sizes, max_num_batched_tokens)
-
-
-def next_token_bucket(size: int) -> int:
-    """The token bucket after ``size`` (one of them): double below
-    `FINE_TOKEN_BUCKETS_FROM`, from there a quarter of the doubling it lies in."""
-    if size < FINE_TOKEN_BUCKETS_FROM:
-        return size * 2
-    octave = 1 << (size.bit_length() - 1)  # the power of two at or below size
-    return size + octave // 4
-
-
-def bucket(value: int, sizes: tuple[int, ...]) -> int | None:
-    """The smallest of ascending ``sizes`` that holds ``value`` (None: none does)."""
-    for size in sizes:
-        if size >= value:
-            return size
-    return None
+from avmp.sched.graph_buckets import DECODE_GRAPH_SIZES as DEFAULT_GRAPH_SIZES
+from avmp.sched.graph_buckets import MAX_MIXED_GRAPHS as DEFAULT_MAX_MIXED_GRAPHS
+from avmp.sched.graph_buckets import bucket, graph_width, token_buckets
 
 
 class _Graph:
@@ -283,8 +242,7 @@ class FastModelRunner(ModelRunner):
         sequences, and after all of those the finer buckets of large steps in the same
         order (a warm-up that captures only some keeps the coarse coverage). All with
         block tables wide enough for ``context_tokens`` per sequence."""
-        pages = -(-context_tokens // self.block_size)
-        width = max(MIN_GRAPH_WIDTH, 1 << max(pages - 1, 0).bit_length())
+        width = graph_width(-(-context_tokens // self.block_size))
         most = bucket(max_num_seqs, self.graph_sizes) or self.graph_sizes[-1]
         full = StepShape(self.token_sizes[-1], 1, width, 1)
         coarse: list[StepShape] = []
@@ -298,8 +256,7 @@ class FastModelRunner(ModelRunner):
         return [full, *coarse, *fine]
 
     def _width(self, work: list[SequenceWork]) -> int:
-        pages = max((len(w.page_rows) for w in work), default=1)
-        return max(MIN_GRAPH_WIDTH, 1 << max(pages - 1, 0).bit_length())
+        return graph_width(max((len(w.page_rows) for w in work), default=1))
 
     def _eager(
         self, work: list[SequenceWork], is_decode: bool, carried: torch.Tensor | None

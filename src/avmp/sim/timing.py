@@ -145,6 +145,13 @@ from typing import Protocol
 import numpy as np
 
 from avmp.models.geometry import LayerKind, ModelGeometry, dtype_bytes
+from avmp.sched.graph_buckets import (
+    DECODE_GRAPH_SIZES,
+    MAX_MIXED_GRAPHS,
+    bucket,
+    graph_width,
+    token_buckets,
+)
 from avmp.sched.scheduler import ScheduledChunk
 
 
@@ -474,31 +481,21 @@ class BatchShape:
         )
 
 
-# The engine's captured decode batch sizes (avmp.engine.fast_runner.DEFAULT_GRAPH_SIZES;
-# the simulator cannot import the engine, a test checks that the two agree).
-DECODE_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
 # decode_graph_rows of every batch up to the largest graph, looked up once per step
 _GRAPH_ROWS = [0] + [
     next(size for size in DECODE_GRAPH_SIZES if size >= n)
     for n in range(1, DECODE_GRAPH_SIZES[-1] + 1)
 ]
 
-# The engine's decode graphs are also keyed by their block table's width: a power of two
-# of pages, at least this many (avmp.engine.fast_runner.MIN_GRAPH_WIDTH), of the engine's
-# page size (avmp.memory.spec.MemoryConfig.block_size).
-GRAPH_MIN_WIDTH_PAGES = 16
+# The engine's graphs are also keyed by their block table's width (`graph_width`), in
+# pages of the engine's page size (avmp.memory.spec.MemoryConfig.block_size).
 GRAPH_PAGE_TOKENS = 16
 
 
 def graph_width_tokens(longest_context_tokens: int) -> int:
     """The tokens of block table a decode graph is captured with for a batch whose
-    longest context is ``longest_context_tokens``: its pages rounded up to a power of
-    two, at least `GRAPH_MIN_WIDTH_PAGES`."""
-    pages = -(-max(0, longest_context_tokens) // GRAPH_PAGE_TOKENS)
-    width = max(GRAPH_MIN_WIDTH_PAGES, 1 << max(pages - 1, 0).bit_length())
-    return width * GRAPH_PAGE_TOKENS
+    longest context is ``longest_context_tokens`` (`graph_width` of its pages)."""
+    return graph_width(-(-max(0, longest_context_tokens) // GRAPH_PAGE_TOKENS)) * GRAPH_PAGE_TOKENS
 
 
 def decode_graph_rows(num_decode_requests: int) -> int:
@@ -511,28 +508,15 @@ def decode_graph_rows(num_decode_requests: int) -> int:
     return _GRAPH_ROWS[num_decode_requests]
 
 
-# The engine's prefill and mixed graphs (avmp.engine.fast_runner: `token_buckets`,
-# DEFAULT_MAX_MIXED_GRAPHS): a step's tokens padded to a power of two from this many up
-# to FINE_MIXED_GRAPH_TOKENS_FROM, then to one of four sizes per doubling, below its
-# token budget, or to the budget itself; at most so many graphs captured.
-MIN_MIXED_GRAPH_TOKENS = 16
-FINE_MIXED_GRAPH_TOKENS_FROM = 1024
-MAX_MIXED_GRAPHS = 64
+@functools.lru_cache(maxsize=16)
+def _token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+    return token_buckets(max_num_batched_tokens)
 
 
 def mixed_graph_tokens(num_tokens: int, max_num_batched_tokens: int) -> int:
-    """The padded tokens of a prefill or mixed step's graph: the smallest bucket (as
-    above) that holds ``num_tokens`` while below the budget, else the budget; 0 for a
-    step above the budget."""
-    if num_tokens > max_num_batched_tokens:
-        return 0
-    size = MIN_MIXED_GRAPH_TOKENS
-    while size < max_num_batched_tokens and size < num_tokens:
-        if size < FINE_MIXED_GRAPH_TOKENS_FROM:
-            size *= 2
-        else:
-            size += (1 << (size.bit_length() - 1)) // 4
-    return min(size, max_num_batched_tokens)
+    """The padded tokens of a prefill or mixed step's graph: its token bucket
+    (`token_buckets` of the step budget); 0 for a step above the budget."""
+    return bucket(num_tokens, _token_buckets(max_num_batched_tokens)) or 0
 
 
 # What a step captured (`GraphRule.take`): a decode graph, or a prefill or mixed graph.
