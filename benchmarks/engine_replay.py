@@ -66,6 +66,8 @@ import gc
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,10 @@ LAYOUTS = (*ALLOCATORS, "unified-shipped")
 ARRIVALS = ("trace", "zero")
 UNBOUNDED_ALLOCATOR = "avmp"
 WRITE_TRACE_REQUESTS = 600
+# the request the done-when of issue 12 weighs capacity by: `avmp plan`'s default shape
+PLAN_PROMPT_TOKENS, PLAN_OUTPUT_TOKENS = 512, 256
+PLAN_LAYOUTS = ("avmp", "unified", "static")
+MIN_GAIN_OVER_STATIC = 1.3  # issue 12: AVMP >= 1.3x static
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,7 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unbounded", action="store_true",
                         help="add a reference run with memory for every running request")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo geometry, random weights")
-    parser.add_argument("--memory", default="3GiB", help="cache budget of each layout")
+    parser.add_argument("--memory", nargs="+", default=["3GiB"], metavar="SIZE",
+                        help="cache budget of each layout; with --simulate-only several, "
+                             "one row each")
+    parser.add_argument("--simulate-only", action="store_true",
+                        help="CPU: simulate every layout at each --memory budget beside "
+                             f"`avmp plan`'s capacity for {PLAN_PROMPT_TOKENS} + "
+                             f"{PLAN_OUTPUT_TOKENS}-token requests (no engine, no GPU)")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=LAYOUTS,
@@ -127,7 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --markdown FILE: rerun FILE's simulated column with this "
                              "calibration on the CPU (--out: save the new results)")
     add_slo_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # a GPU run replays one budget (--memory); a simulated sweep every one of them
+    args.memory_budgets, args.memory = args.memory, args.memory[0]
+    return args
 
 
 # -- the trace (CPU, where the dataset is) -------------------------------------------------
@@ -585,12 +600,15 @@ def resimulate(
     run's simulated step shapes go to ``shapes[layout]`` (``shapes["unbounded"]``).
 
     Raises:
-        ValueError: a bad calibration, or a rebuilt trace or geometry that is not the
-            run's (the results do not record enough to rebuild them).
+        ValueError: a bad calibration, a rebuilt trace or geometry that is not the
+            run's (the results do not record enough to rebuild them), or a budget sweep.
         FileNotFoundError: the calibration or the trace file is missing.
     """
     from avmp.sim.timing import load_calibration
 
+    if results.get("kind") == SWEEP_KIND:
+        raise ValueError("a budget sweep has no engine runs to resimulate: rerun it with "
+                         "--simulate-only and the new --calibration")  # fmt: skip
     if not calibration.is_file():
         raise FileNotFoundError(f"no such calibration file: {calibration}")
     load_calibration(calibration)  # a bad file is one line here, not a traceback later
@@ -703,12 +721,255 @@ def _summary(engine_result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in engine_result.items() if k not in dropped}
 
 
+# -- the budget sweep (CPU) ----------------------------------------------------------------
+
+SWEEP_KIND = "sim_budgets"
+
+
+def memory_budgets(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Each ``--memory`` budget as given and in bytes.
+
+    Raises:
+        ValueError: a budget that is not a size (one line naming it).
+    """
+    budgets = []
+    for text in args.memory_budgets:
+        try:
+            budgets.append((text, parse_bytes(text)))
+        except ValueError as error:
+            raise ValueError(f"--memory: {error}") from None
+    return budgets
+
+
+def calibration_profile(calibration: Path) -> str:
+    """The GPU profile of the device a calibration was measured on (its host link
+    prices the swaps; ``h100`` for a device that has none).
+
+    Raises:
+        ValueError: not a step-time calibration, or no such file.
+    """
+    from avmp.sim.timing import load_calibration
+
+    return gpu_profile(load_calibration(calibration).gpu)
+
+
+def plan_capacity(geometry: Any, budget_bytes: int) -> dict[str, int]:
+    """How many requests of `PLAN_PROMPT_TOKENS` + `PLAN_OUTPUT_TOKENS` tokens AVMP,
+    unified and static hold at once in ``budget_bytes``, as `avmp plan` counts them
+    (the oracle too): none where one such request exceeds the budget."""
+    from avmp.memory.planner import plan
+    from avmp.memory.spec import MemoryConfig
+
+    if geometry.request_bytes(PLAN_PROMPT_TOKENS + PLAN_OUTPUT_TOKENS) > budget_bytes:
+        return dict.fromkeys((*PLAN_LAYOUTS, "oracle"), 0)
+    planned = plan(geometry, MemoryConfig(budget_bytes), PLAN_PROMPT_TOKENS, PLAN_OUTPUT_TOKENS,
+                   names=PLAN_LAYOUTS)  # fmt: skip
+    return {a.name: a.num_requests for a in planned.allocators}
+
+
+def simulate_budgets(
+    args: argparse.Namespace,
+    trace: list[RequestSpec],
+    budgets: list[tuple[str, int]],
+    profile: str,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every ``--allocators`` layout simulated over ``trace`` at each budget (and the
+    unbounded run once, if asked: its budget does not depend on them), beside each
+    budget's `plan_capacity`. No engine runs, so no graph is captured before the run:
+    the simulator charges each one where it is first met, and its rates are over the
+    makespan less those captures, as in a GPU run."""
+    geometry = sim_geometry(args.model)
+    results = _sweep_conditions(args, trace, profile) | {
+        "sim_geometry": _geometry_figures(geometry), "budgets": [],
+    }  # fmt: skip
+    layouts = list(dict.fromkeys(args.allocators))
+    with _sweep_progress(progress, len(budgets) * len(layouts) + args.unbounded) as advance:
+        for text, budget_bytes in budgets:
+            sims = {}
+            for layout in layouts:
+                advance(f"{text} {layout}")
+                sims[layout] = _sim_figures(
+                    simulate(args, geometry, layout, trace, budget_bytes, profile)
+                )
+            results["budgets"].append({
+                "memory": text, "memory_bytes": budget_bytes,
+                "plan": plan_capacity(geometry, budget_bytes), "sim": sims,
+            })  # fmt: skip
+        if args.unbounded:
+            advance("unbounded")
+            memory_bytes = unbounded_memory_bytes(geometry, trace, args.max_num_seqs)
+            sim = simulate(args, geometry, UNBOUNDED_ALLOCATOR, trace, memory_bytes, profile)
+            results["unbounded"] = {
+                "allocator": UNBOUNDED_ALLOCATOR, "memory_bytes": memory_bytes,
+                "sim": _sim_figures(sim),
+            }  # fmt: skip
+        advance(None)
+    return results
+
+
+@contextmanager
+def _sweep_progress(enabled: bool, total: int) -> Iterator[Callable[[str | None], None]]:
+    """A rich progress bar on stderr (gone when done) over the sweep's simulations;
+    yields the function that starts the next one under a label (None: all done)."""
+    if not enabled:
+        yield lambda label: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("simulating", total=total)
+        started = [False]
+
+        def advance(label: str | None) -> None:
+            bar.update(task, advance=1 if started[0] else 0, description=label or "done")
+            started[0] = True
+
+        yield advance
+
+
+def _sim_figures(sim: dict[str, Any]) -> dict[str, Any]:
+    """A simulated run's figures without its per-step timeline and per-request columns
+    (a sweep's results stay small)."""
+    return {k: v for k, v in sim.items() if k not in ("timeline", "completed_requests")}
+
+
+def _sweep_conditions(
+    args: argparse.Namespace, trace: list[RequestSpec], profile: str
+) -> dict[str, Any]:
+    """What a sweep's results record about how they were made."""
+    source = {"workload": args.workload, "seed": args.seed} if args.workload else {}
+    return {
+        "kind": SWEEP_KIND,
+        "model": args.model,
+        "trace": repo_path(args.trace) if args.trace is not None else None,
+        **source,
+        "num_requests": len(trace),
+        "arrivals": args.arrivals,
+        "arrival_span_s": max(r.arrival_s for r in trace),
+        "slo": {"ttft_s": args.slo_ttft_s, "tpot_ms": args.slo_tpot_ms},
+        "layouts": list(dict.fromkeys(args.allocators)),
+        "max_num_seqs": args.max_num_seqs,
+        "max_batched_tokens": args.max_batched_tokens,
+        "calibration": repo_path(args.calibration),
+        "sim_profile": profile,
+        "plan_request": {"prompt_tokens": PLAN_PROMPT_TOKENS, "output_tokens": PLAN_OUTPUT_TOKENS},
+        "prompt_tokens": sum(r.prompt_tokens for r in trace),
+        "output_tokens": sum(r.output_tokens for r in trace),
+    }
+
+
+def budget_ratios(row: dict[str, Any]) -> dict[str, float | None]:
+    """AVMP's simulated req/s over each other layout's at one budget of a sweep (None
+    where AVMP or that layout was not simulated, or completed nothing)."""
+    sims = row["sim"]
+    avmp = sims.get("avmp")
+    ratios: dict[str, float | None] = {}
+    for layout in ("unified", "static", "unified-shipped"):
+        other = sims.get(layout)
+        usable = avmp is not None and other is not None and other["request_throughput"] > 0
+        ratios[layout] = (
+            avmp["request_throughput"] / other["request_throughput"] if usable else None
+        )
+    return ratios
+
+
+def capacity_gain(row: dict[str, Any]) -> float | None:
+    """AVMP's capacity over unified's at one budget of a sweep, less one (`avmp plan`'s
+    counts); None where unified holds no such request."""
+    counts = row["plan"]
+    return counts["avmp"] / counts["unified"] - 1 if counts["unified"] else None
+
+
+def budget_criteria(row: dict[str, Any]) -> dict[str, bool | None]:
+    """Issue 12's engine criteria, here on the simulated figures at one budget: AVMP at
+    least unified, at least `MIN_GAIN_OVER_STATIC` x static, and a gain over unified of
+    at least half the capacity gain (None where a figure is missing)."""
+    ratios, gain = budget_ratios(row), capacity_gain(row)
+    over_unified, over_static = ratios["unified"], ratios["static"]
+    return {
+        "at_least_unified": None if over_unified is None else over_unified >= 1.0,
+        "at_least_static": None if over_static is None else over_static >= MIN_GAIN_OVER_STATIC,
+        "half_capacity_gain": (
+            None if over_unified is None or gain is None else over_unified - 1 >= gain / 2
+        ),
+    }
+
+
+def budget_markdown(results: dict[str, Any]) -> str:
+    """The table of a budget sweep: one row per budget, simulated req/s per layout,
+    AVMP's ratios, `avmp plan`'s capacity and whether each criterion holds."""
+    layouts = results["layouts"]
+    request = results["plan_request"]
+    shape = f"{request['prompt_tokens']} + {request['output_tokens']}"
+    lines = [
+        _sweep_conditions_line(results),
+        "",
+        "| budget | " + " | ".join(f"{name} req/s" for name in layouts)
+        + " | AVMP / unified | AVMP / static | AVMP / unified-shipped "
+        f"| plan ({shape} tokens) AVMP / unified / static | half capacity gain "
+        f"| >= 1.00x unified | >= {MIN_GAIN_OVER_STATIC}x static | gain >= half capacity gain |",
+        "| --- | " + " | ".join("---:" for _ in layouts) + " | ---: | ---: | ---: | ---: | ---: "
+        "| :---: | :---: | :---: |",
+    ]
+    lines += [_budget_line(layouts, row) for row in results["budgets"]]
+    unbounded = results.get("unbounded")
+    if unbounded:
+        lines.append(
+            f"\nUnbounded ({unbounded['allocator']}, {unbounded['memory_bytes'] / 2**30:.2f} GiB: "
+            f"the {results['max_num_seqs']} largest requests at once): "
+            f"{unbounded['sim']['request_throughput']:.2f} req/s simulated, "
+            f"{unbounded['sim']['num_preemptions']} preemptions."
+        )
+    return "\n".join(lines)
+
+
+def _budget_line(layouts: list[str], row: dict[str, Any]) -> str:
+    ratios, gain, criteria = budget_ratios(row), capacity_gain(row), budget_criteria(row)
+    counts = row["plan"]
+    cells = [
+        row["memory"],
+        *(f"{row['sim'][name]['request_throughput']:.2f}" for name in layouts),
+        *(f"{value:.3f}x" if value is not None else "-" for value in ratios.values()),
+        f"{counts['avmp']} / {counts['unified']} / {counts['static']}",
+        f"{gain / 2:.1%}" if gain is not None else "-",
+        *({True: "yes", False: "no", None: "-"}[held] for held in criteria.values()),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _sweep_conditions_line(results: dict[str, Any]) -> str:
+    if results.get("workload"):
+        source = f"workload `{results['workload']}` (seed {results['seed']})"
+    else:
+        source = f"trace `{results['trace']}`"
+    if results["arrivals"] == "zero":
+        arriving = "all arriving at t = 0"
+    elif results["arrival_span_s"] == 0:
+        arriving = "all arriving at t = 0, as the trace says"
+    else:
+        arriving = f"arriving at the trace's times over {results['arrival_span_s']:.1f} s"
+    return (
+        f"Simulated on the CPU with the calibration `{results['calibration']}` (GPU profile "
+        f"{results['sim_profile']}); model {results['model']} geometry; {source} "
+        f"({results['num_requests']} requests, {results['prompt_tokens']} prompt and "
+        f"{results['output_tokens']} output tokens, {arriving}); at most "
+        f"{results['max_num_seqs']} running, {results['max_batched_tokens']} tokens per step. "
+        "Capacity: requests that fit at once as `avmp plan` counts them; half capacity gain: "
+        "half of AVMP's over unified's, the least gain in req/s issue 12 asks for."
+    )
+
+
 # -- reporting (anywhere) ------------------------------------------------------------------
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The docs' table of a results file: throughput and memory per layout, latency and
-    goodput where the results carry per-request times, and the ratios to AVMP."""
+    goodput where the results carry per-request times, and the ratios to AVMP; or a
+    budget sweep's table (`budget_markdown`)."""
+    if results.get("kind") == SWEEP_KIND:
+        return budget_markdown(results)
     runs = {run["allocator"]: run for run in results["runs"]}
     # results whose simulator counted captures show its count beside the engine's
     sim_captures = all("num_graph_captures" in run["sim"] for run in runs.values())
@@ -908,10 +1169,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_trace is not None:
         write_trace(args.write_trace, args.num_requests or WRITE_TRACE_REQUESTS, args.seed)
         return 0
-    if args.resimulate is not None and args.markdown is None:
-        print("error: --resimulate needs the results file to rerun: --markdown FILE",
-              file=sys.stderr)  # fmt: skip
+    mistake = _option_mistake(args)
+    if mistake is not None:
+        print(f"error: {mistake}", file=sys.stderr)
         return 2
+    if args.simulate_only:
+        return simulate_only(args)
     if args.markdown is not None:
         try:
             results = read_result(args.markdown)
@@ -923,16 +1186,54 @@ def main(argv: list[str] | None = None) -> int:
         if args.resimulate is not None and args.out is not None:
             write_result(args.out, results)
         print(markdown(results))
+        if args.plot is not None and results.get("kind") == SWEEP_KIND:
+            print("error: --plot draws a GPU run's pools; a budget sweep has no timelines",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         if args.plot is not None:
             plot(results, args.plot)
         return 0
     try:  # the user's mistakes, one line each, before the GPU work starts
+        memory_budgets(args)
         trace = load_trace(args)
         slo_targets(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = run_replays(args, trace)
+    if args.out is not None:
+        write_result(args.out, results)
+    print(markdown(results))
+    return 0
+
+
+def _option_mistake(args: argparse.Namespace) -> str | None:
+    """The line that explains options that do not go together, or None."""
+    if len(args.memory_budgets) > 1 and not args.simulate_only:
+        return ("several --memory budgets need --simulate-only (a GPU run replays one "
+                "budget: run it once per budget)")  # fmt: skip
+    if args.simulate_only and (args.markdown is not None or args.resimulate is not None):
+        return ("--simulate-only runs a sweep; --markdown FILE prints a saved one (and "
+                "--resimulate reruns a GPU run's): give one")  # fmt: skip
+    if args.resimulate is not None and args.markdown is None:
+        return "--resimulate needs the results file to rerun: --markdown FILE"
+    return None
+
+
+def simulate_only(args: argparse.Namespace) -> int:
+    """``--simulate-only``: the budget sweep on the CPU, saved (``--out``) and printed;
+    the user's mistakes are one line each, before any simulation."""
+    try:
+        budgets = memory_budgets(args)
+        trace = load_trace(args)
+        slo_targets(args)
+        if args.calibration is None:
+            args.calibration = default_calibration(sim_profile(args), args.model)
+        profile = calibration_profile(args.calibration)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = simulate_budgets(args, trace, budgets, profile, progress=sys.stderr.isatty())
     if args.out is not None:
         write_result(args.out, results)
     print(markdown(results))
