@@ -45,6 +45,15 @@ it, from the workload, seed, size and arrivals the file records, or from its tra
 (``--trace`` where the recorded path is not here). A time model fixed after a GPU run is
 then checked against the engine without rerunning the GPU.
 
+``--simulate-only`` (CPU, no engine): every ``--allocators`` layout simulated over the
+trace at each budget of ``--memory`` (several allowed here, one per GPU run), one table
+row per budget: simulated req/s per layout, AVMP's ratios to the others, the requests of
+512 + 256 tokens that AVMP, unified and static hold at once as `avmp plan` counts them
+(`avmp.memory.planner.plan`), and whether issue 12's engine criteria hold in simulation
+(AVMP >= 1.00x unified and >= 1.3x static, its gain over unified at least half the
+capacity gain). It picks the budgets a GPU run should measure; ``--out`` saves the sweep
+and ``--markdown`` prints it again.
+
 Usage::
 
     python -m benchmarks.engine_replay --write-trace benchmarks/traces/sharegpt_vllm_600.jsonl
@@ -56,6 +65,9 @@ Usage::
         --plot docs/figures/engine_replay_h100.png
     python -m benchmarks.engine_replay --markdown engine_replay_longdoc_h200.json.gz \\
         --resimulate benchmarks/results/calibration_h200_granite-4.0-h-micro.json
+    python -m benchmarks.engine_replay --simulate-only --trace \\
+        benchmarks/traces/sharegpt_vllm_600.jsonl --memory 1GiB 1.5GiB 2GiB 3GiB \\
+        --calibration benchmarks/results/calibration_h200_granite-4.0-h-micro.json.gz
 """
 
 from __future__ import annotations
@@ -941,7 +953,7 @@ def _budget_line(layouts: list[str], row: dict[str, Any]) -> str:
 
 def _sweep_conditions_line(results: dict[str, Any]) -> str:
     if results.get("workload"):
-        source = f"workload `{results['workload']}` (seed {results['seed']})"
+        source = f"workload `{results['workload']}`, seed {results['seed']}"
     else:
         source = f"trace `{results['trace']}`"
     if results["arrivals"] == "zero":

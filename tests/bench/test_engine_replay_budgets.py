@@ -19,7 +19,7 @@ from avmp.bench.traces import write_jsonl  # noqa: E402
 from avmp.cli import main as avmp_main  # noqa: E402
 from avmp.sched.request import RequestSpec  # noqa: E402
 from benchmarks import engine_replay as replay  # noqa: E402
-from benchmarks.common import read_result, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, read_result, write_result  # noqa: E402
 
 LAYOUTS = ["avmp", "static", "unified", "unified-shipped"]
 BUDGETS = ["160MiB", "320MiB"]  # Granite-4.0-H-Micro: a few 37 MiB states each
@@ -168,3 +168,15 @@ def test_one_budget_keeps_a_gpu_run_as_it_was() -> None:
     args = replay.parse_args(["--workload", "shift", "--memory", "1.5GiB"])
     assert args.memory == "1.5GiB" and args.memory_budgets == ["1.5GiB"]
     assert replay.parse_args([]).memory == "3GiB"
+
+
+@pytest.mark.parametrize("name", ["sharegpt", "longdoc"])
+def test_committed_sweeps_print_one_row_per_budget(name: str) -> None:
+    """The committed H200 sweeps still read, on today's geometry, and print their rows."""
+    results = read_result(RESULTS_DIR / f"engine_replay_{name}_h200_sim_budgets.json.gz")
+    geometry = replay.sim_geometry(results["model"])
+    assert results["sim_geometry"]["kv_bytes_per_token"] == geometry.kv_bytes_per_token
+    text = replay.markdown(results)
+    for row in results["budgets"]:
+        ratio = replay.budget_ratios(row)["static"]
+        assert f"| {row['memory']} | " in text and f"| {ratio:.3f}x |" in text
