@@ -139,6 +139,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("vmm", "buffer"),
         help="AVMP's and static's memory: CUDA VMM, or one torch buffer",
     )
+    parser.add_argument(
+        "--warm-pass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay each run's workload once untimed on its engine before the timed "
+        "replay, so that the CUDA graphs and kernel variants it needs are made outside "
+        "the timed one (default: on; not in --identity)",
+    )
     parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path, help="print the tables of a results file")
     parser.add_argument(
@@ -238,13 +246,20 @@ def drive(
 ) -> dict[str, Any]:
     """Submit each request at its arrival once the answers it repeats are known, step the
     engine until all finished; per request its prompt, tokens and times, and the ids of
-    every segment (``given``: another run's, to replay its prompts)."""
+    every segment (``given``: another run's, to replay its prompts).
+
+    Also the CUDA graphs the steps captured (`num_graphs`): a capture blocks the host for
+    the step that makes it (0.18 s median for a mixed graph on an H200, the calibration's
+    ``graph_captures``), so every request still waiting for its first token then waits that
+    much longer; per request ``captures_waited`` counts the captures it waited through,
+    and the run the captures and the wall seconds of the steps that made them."""
     from avmp.engine.engine import RequestOptions
 
     book = TokenBook(specs, engine.geometry.vocab_size, seed, given)
     pending = sorted(specs, key=lambda s: (s.arrival_s, s.request_id))
     live: dict[int, dict[str, Any]] = {}
     done: list[dict[str, Any]] = []
+    captures = {"num_graph_captures": 0, "capture_step_s": 0.0}
     start = time.perf_counter()
     while pending or live:
         now = time.perf_counter() - start
@@ -254,13 +269,23 @@ def drive(
             options = RequestOptions(max_tokens=spec.output_tokens, ignore_eos=True)
             request_id = engine.add_request(prompt, options)
             live[request_id] = {"spec": spec, "prompt": prompt, "tokens": [], "submitted_s": now,
-                                "first_token_s": None, "finish_reason": None}  # fmt: skip
+                                "first_token_s": None, "finish_reason": None,
+                                "captures_waited": 0}  # fmt: skip
         if not live:  # nothing runs: wait for the next arrival
             if not any(book.ready(s) for s in pending):
                 raise RuntimeError("requests wait for answers that no request will give")
             time.sleep(max(0.0, min(s.arrival_s for s in pending if book.ready(s)) - now))
             continue
-        for update in engine.step():
+        waiting = [r for r in live.values() if r["first_token_s"] is None]
+        graphs_before, step_start = num_graphs(engine), time.perf_counter()
+        updates = engine.step()
+        captured = num_graphs(engine) - graphs_before
+        if captured:
+            captures["num_graph_captures"] += captured
+            captures["capture_step_s"] += time.perf_counter() - step_start
+            for request in waiting:
+                request["captures_waited"] += captured
+        for update in updates:
             request = live[update.request_id]
             if update.new_token_ids and request["first_token_s"] is None:
                 request["first_token_s"] = time.perf_counter() - start
@@ -270,7 +295,15 @@ def drive(
                 request["finish_reason"] = update.finish_reason
                 book.answered(request["spec"], request["tokens"])
                 done.append(live.pop(update.request_id))
-    return {"requests": sorted(done, key=lambda r: r["spec"].request_id), "tokens": book.tokens}
+    return {"requests": sorted(done, key=lambda r: r["spec"].request_id), "tokens": book.tokens,
+            **captures}  # fmt: skip
+
+
+def num_graphs(engine: Any) -> int:
+    """The CUDA graphs (decode, prefill and mixed) the engine's runner holds: captured
+    once per new bucket, never dropped (0 for a runner without graphs: the CPU's)."""
+    runner = engine.runner
+    return len(getattr(runner, "graphs", ())) + len(getattr(runner, "mixed_graphs", ()))
 
 
 def engine_config(args: argparse.Namespace, allocator: str, prefix: str, **overrides: Any) -> Any:
@@ -294,35 +327,57 @@ def run_one(
     prefix: str,
     specs: list[RequestSpec],
     given: dict[Hashable, list[int]] | None = None,
+    warm_pass: bool = False,
 ) -> tuple[dict[str, Any], dict[Hashable, list[int]]]:
     """One layout, with the prefix cache ``prefix`` (``off``: none), over the workload
     (its segments' ids ``given``, or drawn afresh). Returns the run's figures and the ids
-    of its segments."""
+    of its segments.
+
+    ``warm_pass``: replay the workload once untimed on the same engine first, then empty
+    its prefix cache (`Engine.reset_prefix_cache`) and time the second replay, whose
+    figures alone are reported. The first meets the step shapes the second will (nearly
+    all), so the CUDA graphs and kernel variants the run needs beyond the engine's warm-up
+    are made before the timed one: a short run otherwise pays one-off captures in the
+    TTFT of whichever requests they land on (`drive`)."""
     from avmp.engine.engine import Engine
 
     engine = Engine(model, engine_config(args, allocator, prefix))
     engine.warmup()
-    computed_before = engine.stats.num_computed_tokens  # `warmup`'s last call's
+    if warm_pass:
+        drive(engine, specs, args.seed, given)
+        engine.reset_prefix_cache()
+    computed_before = engine.stats.num_computed_tokens  # `warmup`'s last call's, or the pass's
+    totals_before = (engine.totals.prefix, engine.totals.num_preemptions)
     run = drive(engine, specs, args.seed, given)
-    result = summarize(run["requests"], engine)
+    result = summarize(run["requests"], engine, totals_before)
     result["num_computed_tokens"] = engine.stats.num_computed_tokens - computed_before
-    result |= {"allocator": allocator, "prefix_cache": prefix}
+    result["num_graph_captures"] = run["num_graph_captures"]
+    result["capture_step_s"] = run["capture_step_s"]
+    result |= {"allocator": allocator, "prefix_cache": prefix, "warm_pass": warm_pass}
     engine.close()
     del engine
     gc.collect()
     return result, run["tokens"]
 
 
-def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
-    """A run's figures from its requests and the engine's lifetime counters."""
+def summarize(
+    requests: list[dict[str, Any]],
+    engine: Any,
+    before: tuple[Any, int] | None = None,
+) -> dict[str, Any]:
+    """A run's figures from its requests and the engine's counters since ``before`` (the
+    totals' prefix counts and preemptions when the run began; None: the engine's life)."""
     completed = [r for r in requests if r["finish_reason"] == "length"]
     ttfts = [r["first_token_s"] - r["submitted_s"] for r in completed]
     ideal = ideal_hit_tokens(requests)
     could_hit = [ideal[r["spec"].request_id] > 0 for r in completed]
+    waited = [r.get("captures_waited", 0) for r in completed]
     first = min((r["submitted_s"] for r in requests), default=0.0)
     span_s = max((r["finish_s"] for r in completed), default=first) - first
     totals = engine.totals
-    prefix = totals.prefix
+    prefix, preemptions = totals.prefix, totals.num_preemptions
+    if before is not None:
+        prefix, preemptions = prefix.since(before[0]), preemptions - before[1]
     return {
         "num_requests": len(requests),
         "num_completed": len(completed),
@@ -334,7 +389,7 @@ def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
         if span_s > 0
         else 0.0,
         "num_prompt_tokens": sum(len(r["prompt"]) for r in requests),
-        "num_preemptions": totals.num_preemptions,
+        "num_preemptions": preemptions,
         "reusable_tokens": sum(ideal.values()),
         "prefix": {
             "num_queried_tokens": prefix.num_queried_tokens,
@@ -347,8 +402,10 @@ def summarize(requests: list[dict[str, Any]], engine: Any) -> dict[str, Any]:
         },
         "ttft_s": ttfts,
         "could_hit": could_hit,  # per completed request, beside ttft_s
+        "captures_waited": waited,  # likewise: graph captures it waited through (`drive`)
         "ttft_could_hit": ttft_split(ttfts, could_hit, True),
         "ttft_rest": ttft_split(ttfts, could_hit, False),
+        "ttft_no_capture": ttft_split(ttfts, [w == 0 for w in waited], True),
         "outputs": [r["tokens"] for r in requests],
         "prompt_crc32": [zlib.crc32(np.asarray(r["prompt"], np.int64).tobytes()) for r in requests],
     }
@@ -439,11 +496,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for allocator in args.allocators:
             for prefix in ("off", args.policy):
                 start = time.perf_counter()
-                run = run_one(args, model, allocator, prefix, specs)[0] | {"workload": name}
+                run = run_one(args, model, allocator, prefix, specs,
+                              warm_pass=args.warm_pass)[0] | {"workload": name}  # fmt: skip
                 results["runs"].append(run)
                 print(f"{name}, {allocator}, prefix cache {prefix}: TTFT p50 "
                       f"{run['ttft_p50_s'] * 1e3:.1f} ms, {run['request_throughput']:.2f} req/s, "
-                      f"{run['prefix']['num_hit_tokens']} hit tokens; "
+                      f"{run['prefix']['num_hit_tokens']} hit tokens, "
+                      f"{run['num_graph_captures']} graph captures; "
                       f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -570,6 +629,7 @@ def conditions(args: argparse.Namespace) -> dict[str, Any]:
         "backing": args.backing if on_gpu else "torch",
         "max_num_seqs": args.max_num_seqs,
         "max_batched_tokens": args.max_batched_tokens,
+        "warm_pass": args.warm_pass and not args.identity,
         "runs": [],
     }
 
@@ -586,7 +646,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"{c['model']} on {c['device']}{dtype}, {c['memory']} cache, max_num_seqs "
         f"{c['max_num_seqs']}, {c['max_batched_tokens']} batched tokens, arrivals "
-        f"x{c['arrival_scale']}, seed {c['seed']}, policy {c['policy']}",
+        f"x{c['arrival_scale']}, seed {c['seed']}, policy {c['policy']}"
+        + (", each run timed on its second replay (warm pass)" if c.get("warm_pass") else ""),
     ]
     if c.get("mode") == "identity":
         return "\n".join(lines + identity_tables(c))
@@ -604,6 +665,7 @@ def markdown(results: dict[str, Any]) -> str:
                       "identical outputs |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [_ratio_row(allocator, off, on) for allocator, off, on in _pairs(runs)]
         lines += _split_table(runs)
+        lines += _capture_table(runs)
     return "\n".join(lines)
 
 
@@ -636,6 +698,29 @@ def _split_table(runs: list[dict[str, Any]]) -> list[str]:
             cells += [f"{a['num_requests']}, {b['num_requests']}",
                       _off_on(a["p50_s"], b["p50_s"]), _off_on(a["p99_s"], b["p99_s"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _capture_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Per layout, off / on: the CUDA graphs the timed run captured, the wall seconds of
+    the steps that captured them, the requests whose wait for a first token held one,
+    and the TTFT of the others; nothing for results written before captures were
+    counted."""
+    pairs = [p for p in _pairs(runs) if "captures_waited" in p[1] and "captures_waited" in p[2]]
+    if not pairs:
+        return []
+    lines = ["", "Graph captures in the timed run (each blocks the step that makes it) and the "
+             "TTFT of the requests that waited through none, off / on:", "",
+             "| layout | captures | seconds of capturing steps | requests that waited on one | "
+             "TTFT p50 without | TTFT p99 without |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for allocator, off, on in pairs:
+        held = [sum(w > 0 for w in run["captures_waited"]) for run in (off, on)]
+        a, b = off["ttft_no_capture"], on["ttft_no_capture"]
+        lines.append(
+            f"| {allocator} | {off['num_graph_captures']}, {on['num_graph_captures']} | "
+            f"{off['capture_step_s']:.2f}, {on['capture_step_s']:.2f} | {held[0]}, {held[1]} | "
+            f"{_off_on(a['p50_s'], b['p50_s'])} | {_off_on(a['p99_s'], b['p99_s'])} |"
+        )
     return lines
 
 
