@@ -23,6 +23,15 @@ split by whether a request could hit: whether an earlier submitted request's pro
 answer begin with at least one whole page of its prompt (its ideal > 0), counted from
 the run's own token ids, not from the cache's counters.
 
+Each run is timed on its second replay (``--warm-pass``, the default): the first, on the
+same engine, makes the CUDA graphs and kernel variants its steps need beyond the
+engine's warm-up, and the prefix cache is emptied between the two. A graph captured in
+a timed replay blocks the step that makes it (0.18 s per mixed graph on an H200): the
+runs count those captures and, per request, the ones its wait for a first token held,
+and report the TTFT of the requests that waited on none (session 7's run, without the
+warm pass, put agent_loop's TTFT p50 with the cache on the unified layout at 120 ms,
+most of it such captures by the simulator's account: docs/design-prefix.md).
+
 ``--identity`` answers one question only: does the cache change greedy tokens? A short
 run (float32 by default) per layout, without and then with the cache, the cached run
 given exactly the uncached run's prompts (its messages and its answers, still each turn
@@ -39,6 +48,8 @@ tiny model of the same structure on the CPU (its first layers, reference kernels
 Usage::
 
     PYTHONPATH=src python3 -m benchmarks.prefix_engine --out $OUT/prefix_engine_h200.json.gz
+    PYTHONPATH=src python3 -m benchmarks.prefix_engine --workloads multi_turn_prefix \
+        --num-requests 384 --allocators avmp --out $OUT/prefix_engine_mt384_h200.json.gz
     PYTHONPATH=src python3 -m benchmarks.prefix_engine --identity \\
         --out $OUT/prefix_identity_h200.json.gz
     python -m benchmarks.prefix_engine --markdown benchmarks/results/prefix_engine_h200.json.gz
