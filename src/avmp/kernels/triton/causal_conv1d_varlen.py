@@ -9,18 +9,32 @@ sequence. Afterwards the slot holds the sequence's last ``columns`` inputs (hist
 new tokens), also when the sequence is shorter than ``columns``. A one-token sequence is
 exactly a `conv1d_update` step, so one launch serves a whole mixed step.
 
-A program owns one (sequence, channel block, token split). Split 0 computes the head,
-the first ``d_conv - 1`` rows, whose windows reach back into the slot's old history; the
-rest of the sequence is cut into ``BLOCK_T``-row tiles that splits ``s, s + splits, ...``
-share, each tap of a tile one shifted ``[BLOCK_T, BLOCK_C]`` load of x alone (a history
-load per tap as well doubles the live pointers: ptxas spills it for sm_90). Split 0
-then writes the new history. So no program reads a slot another program writes, and
-split 0 reads all of its slot before its own barrier-guarded store. The grid depends on
-the batch size, the channels and the token count (shapes, never per-sequence lengths),
-so a step runs inside a CUDA graph capture without a host sync.
+The work is cut by tokens, not by sequences. `conv_tiles` builds the step's tile table
+on the device with the chunked scan's `chunk_layout` (``BLOCK_T``-token chunks): one
+entry per ``BLOCK_T`` new tokens of one sequence, sequences with a negative slot
+(padding) getting none, then -1 entries up to the `max_chunks` bound that the step's
+token and sequence counts set. A program owns one (entry, channel block), so the grid
+follows from shapes alone (a step runs inside a CUDA graph capture without a host
+sync), a long prefill chunk spreads over as many programs as it has tiles whatever
+else the step holds, and a decode costs one small program per channel block. (A grid
+over sequences, with programs splitting a sequence's tiles by a count derived from the
+batch size, gave every padded sequence a program and left a long chunk's tiles serial
+in one program once a graph's bucket held many sequences.) A step builds the table
+once and every layer reuses it (the engine keeps it in its batch's ``conv_tiles``).
+
+The program of a sequence's first tile also computes the head, the first
+``d_conv - 1`` rows, whose windows reach back into the slot's old history, and then
+writes the new history: it is the only program that reads or writes the slot, and it
+reads all of it before its own barrier-guarded store, so no program reads a slot
+another program writes. Every other row is computed by its tile's program, each tap one
+shifted ``[BLOCK_T, BLOCK_C]`` load of x alone (a history load per tap as well doubles
+the live pointers: ptxas spills it for sm_90). A sequence with no new tokens has no
+tile: its slot is left as it is.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,28 +51,26 @@ from avmp.kernels.triton._common import (
     round_to,
     strides,
 )
+from avmp.kernels.triton.mamba2_chunk_scan import chunk_layout, max_chunks
 
 BLOCK_C = 64
+# Tokens per tile: one program's rows (of one channel block), and the tile table's unit.
 BLOCK_T = 32
-# Token splits spread one long prefill chunk over more programs: aim for about this many
-# programs in all (several waves on an H100's 132 SMs; not tuned on a GPU yet), never
-# more splits than tiles.
-TARGET_PROGRAMS = 4096
-MAX_SPLITS = 64
 FLAG_DTYPES = (torch.bool, torch.int8, torch.int32, torch.int64)
 
 
 @triton.jit
 def _conv_rows(
-    x_rows, state_row, out_rows, rows, length, has_init, offs_c, mask_c, w_ptr, bias_ptr,
+    x_rows, state_row, out_rows, rows, lo, hi, has_init, offs_c, mask_c, w_ptr, bias_ptr,
     stride_xt, stride_sw, stride_ot, stride_wc, stride_wk, stride_bias,
     COLUMNS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HISTORY: tl.constexpr,
 ):
-    """Output ``rows`` (``[BLOCK_R]`` positions in the sequence) of one channel block.
-    With HISTORY the taps before the sequence start read the slot's old history (zeros
-    for a fresh one); without, every tap must land on a new token (rows >= d_conv - 1)."""
-    mask_rows = rows < length
+    """Output the ``rows`` (``[BLOCK_R]`` positions in the sequence) in ``[lo, hi)`` of
+    one channel block. With HISTORY the taps before the sequence start read the slot's
+    old history (zeros for a fresh one); without, every tap must land on a new token
+    (``lo >= d_conv - 1``)."""
+    mask_rows = (rows >= lo) & (rows < hi)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_c * stride_bias, mask=mask_c, other=0.0)
@@ -109,22 +121,27 @@ def _write_history(
 
 @triton.jit
 def _causal_conv1d_varlen_kernel(
-    x_ptr, state_ptr, qsl_ptr, slot_ptr, init_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, state_ptr, qsl_ptr, slot_ptr, init_ptr, tile_seq_ptr, tile_start_ptr, w_ptr,
+    bias_ptr, out_ptr,
     stride_xt, stride_xc, stride_ss, stride_sc, stride_sw,
-    stride_qsl, stride_slot, stride_init, stride_wc, stride_wk, stride_bias,
-    stride_ot, stride_oc,
+    stride_qsl, stride_slot, stride_init, stride_tseq, stride_tstart,
+    stride_wc, stride_wk, stride_bias, stride_ot, stride_oc,
     CHANNELS: tl.constexpr, COLUMNS: tl.constexpr, WIDTH: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    CHANNEL_BLOCKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c_block = tl.program_id(1)
-    split = tl.program_id(2)
+    # Channel blocks vary fastest: programs that run together cover whole rows of x.
+    entry = tl.program_id(0) // CHANNEL_BLOCKS
+    c_block = tl.program_id(0) % CHANNEL_BLOCKS
+    b = tl.load(tile_seq_ptr + entry * stride_tseq)
+    if b < 0:  # past the step's tiles
+        return
     slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
-    if slot < 0:  # a padding sequence: touch nothing
+    if slot < 0:  # a padding sequence (the table gives it no tile): touch nothing
         return
     start = tl.load(qsl_ptr + b * stride_qsl).to(tl.int64)
     length = tl.load(qsl_ptr + (b + 1) * stride_qsl).to(tl.int64) - start
+    first = tl.load(tile_start_ptr + entry * stride_tstart).to(tl.int64) - start  # tile row 0
     has_init = tl.load(init_ptr + b * stride_init) != 0
     offs_c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CHANNELS
@@ -133,21 +150,55 @@ def _causal_conv1d_varlen_kernel(
     out_rows = out_ptr + start * stride_ot + offs_c * stride_oc
     HEAD: tl.constexpr = WIDTH - 1  # rows whose window reaches into the history
 
-    if split == 0:
+    if first == 0:
         head = tl.arange(0, BLOCK_H)
-        _conv_rows(x_rows, state_row, out_rows, head, tl.minimum(length, HEAD), has_init,
+        _conv_rows(x_rows, state_row, out_rows, head, 0, tl.minimum(length, HEAD), has_init,
                    offs_c, mask_c, w_ptr, bias_ptr, stride_xt, stride_sw, stride_ot,
                    stride_wc, stride_wk, stride_bias, COLUMNS, WIDTH, BLOCK_H, BLOCK_C,
                    HAS_BIAS, SILU, True)
-    num_tiles = tl.cdiv(tl.maximum(length - HEAD, 0), BLOCK_T)
-    for tile in range(split, num_tiles, tl.num_programs(2)):
-        rows = HEAD + tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        _conv_rows(x_rows, state_row, out_rows, rows, length, has_init, offs_c, mask_c,
+    lo = tl.maximum(first, HEAD)
+    hi = tl.minimum(first + BLOCK_T, length)
+    if lo < hi:
+        rows = first + tl.arange(0, BLOCK_T)
+        _conv_rows(x_rows, state_row, out_rows, rows, lo, hi, has_init, offs_c, mask_c,
                    w_ptr, bias_ptr, stride_xt, stride_sw, stride_ot, stride_wc, stride_wk,
                    stride_bias, COLUMNS, WIDTH, BLOCK_T, BLOCK_C, HAS_BIAS, SILU, False)
-    if split == 0:
+    if first == 0:
         _write_history(x_rows, state_row, length, has_init, mask_c, stride_xt, stride_sw,
                        COLUMNS, BLOCK_S)
+
+
+class ConvTileTable(NamedTuple):
+    """A step's tile table on the device (`conv_tiles`).
+
+    Attributes:
+        tile_seq: ``[max_tiles]`` int32 sequence of each tile; -1 past the last tile.
+        tile_start: ``[max_tiles]`` int32 first token row of each tile.
+        block_t: tokens per tile (host-side); the launch checks it is its own ``BLOCK_T``.
+    """
+
+    tile_seq: torch.Tensor
+    tile_start: torch.Tensor
+    block_t: int
+
+
+def conv_tiles(
+    query_start_loc: torch.Tensor, slot_idx: torch.Tensor, num_tokens: int
+) -> ConvTileTable:
+    """The conv's tile table of a ragged step, on the device (no host read): one entry
+    per ``BLOCK_T`` new tokens of each sequence with a slot, in token order, then -1
+    entries up to the bound that ``num_tokens`` and the batch size set, so its length
+    (the launch grid) depends on those two shapes alone.
+
+    Args:
+        query_start_loc: ``[batch + 1]`` offsets of each sequence's tokens.
+        slot_idx: ``[batch]`` conv slots (negative: padding, no tile).
+        num_tokens: rows of the step's token tensors (padding included): at least
+            ``query_start_loc[batch]``.
+    """
+    bound = max_chunks(num_tokens, slot_idx.shape[0], BLOCK_T)
+    layout = chunk_layout(query_start_loc, slot_idx, BLOCK_T, num_tokens, num_chunks=bound)
+    return ConvTileTable(layout.chunk_seq, layout.chunk_start, BLOCK_T)
 
 
 def _check_inputs(
@@ -171,6 +222,18 @@ def _check_inputs(
                       bias=bias)
 
 
+def _check_tiles(tiles: ConvTileTable, x: torch.Tensor) -> None:
+    if tiles.block_t != BLOCK_T:
+        raise ValueError(f"the tile table has {tiles.block_t}-token tiles; this kernel's "
+                         f"are {BLOCK_T}: build it with conv_tiles")
+    if tiles.tile_seq.dim() != 1:
+        raise ValueError("tiles.tile_seq must be one-dimensional")
+    check_shape("tiles.tile_start", tiles.tile_start, tuple(tiles.tile_seq.shape))
+    check_dtype("tiles.tile_seq", tiles.tile_seq, INDEX_DTYPES)
+    check_dtype("tiles.tile_start", tiles.tile_start, INDEX_DTYPES)
+    check_same_device(x=x, tile_seq=tiles.tile_seq, tile_start=tiles.tile_start)
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the byte spans of two tensors intersect (conservative for strided views)."""
     def span(t: torch.Tensor) -> tuple[int, int]:
@@ -181,15 +244,6 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
-
-
-def token_splits(num_tokens: int, batch: int, channel_blocks: int) -> int:
-    """How many programs share one sequence's token tiles (same channel block): enough
-    that a lone long prefill chunk fills the GPU, one when many sequences already do.
-    From shapes only, so a captured graph replays with the grid it was captured with."""
-    tiles = triton.cdiv(max(num_tokens, 1), BLOCK_T)
-    wanted = triton.cdiv(TARGET_PROGRAMS, batch * channel_blocks)
-    return max(1, min(tiles, wanted, MAX_SPLITS))
 
 
 def causal_conv1d_varlen(
@@ -203,7 +257,7 @@ def causal_conv1d_varlen(
     activation: str | None = "silu",
     out: torch.Tensor | None = None,
     *,
-    splits: int | None = None,
+    tiles: ConvTileTable | None = None,
 ) -> torch.Tensor:
     """The causal conv of every sequence's new tokens, from and into its conv slot.
 
@@ -224,14 +278,17 @@ def causal_conv1d_varlen(
         activation: ``"silu"`` or None.
         out: optional ``[T, channels]`` output, written in place; must not share memory
             with x (programs read x rows that others write).
-        splits: programs per sequence along its tokens; None picks `token_splits`.
+        tiles: the step's `conv_tiles` (built for these ``query_start_loc`` and
+            ``slot_idx``, with at least x's rows as its token count), so that every
+            layer of a step reuses one table; None builds it here.
 
     Returns:
         ``out``, or a new tensor in x's dtype (its uncovered rows uninitialised).
 
     Raises:
         ValueError: mismatched shapes, dtypes or devices, too few state columns, an
-            unknown activation, ``out`` overlapping x, or ``splits < 1``.
+            unknown activation, ``out`` overlapping x, or a tile table of another tile
+            size or device.
     """
     _check_inputs(x, conv_state, query_start_loc, slot_idx, has_initial_state, weight, bias)
     if activation not in ("silu", None):
@@ -242,23 +299,28 @@ def causal_conv1d_varlen(
     check_same_device(x=x, out=out)
     if _overlaps(out, x):
         raise ValueError("out must not share memory with x")
+    if tiles is not None:
+        _check_tiles(tiles, x)
     (num_tokens, channels), batch = x.shape, slot_idx.shape[0]
-    channel_blocks = triton.cdiv(channels, BLOCK_C)
-    if splits is None:
-        splits = token_splits(num_tokens, batch, channel_blocks)
-    if splits < 1:
-        raise ValueError(f"splits must be >= 1, got {splits}")
     if batch == 0 or channels == 0:
+        return out
+    if tiles is None:
+        tiles = conv_tiles(query_start_loc, slot_idx, num_tokens)
+    channel_blocks = triton.cdiv(channels, BLOCK_C)
+    grid = tiles.tile_seq.shape[0] * channel_blocks
+    if grid == 0:
         return out
     if has_initial_state.dtype == torch.bool:
         has_initial_state = has_initial_state.view(torch.int8)  # same bytes, loadable
     columns, width = conv_state.shape[2], weight.shape[1]
-    _causal_conv1d_varlen_kernel[(batch, channel_blocks, splits)](
-        x, conv_state, query_start_loc, slot_idx, has_initial_state, weight,
-        x if bias is None else bias, out,
+    _causal_conv1d_varlen_kernel[(grid,)](
+        x, conv_state, query_start_loc, slot_idx, has_initial_state, tiles.tile_seq,
+        tiles.tile_start, weight, x if bias is None else bias, out,
         *x.stride(), *conv_state.stride(), query_start_loc.stride(0), slot_idx.stride(0),
-        has_initial_state.stride(0), *weight.stride(), *strides(bias, 1), *out.stride(),
-        CHANNELS=channels, COLUMNS=columns, WIDTH=width, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        has_initial_state.stride(0), tiles.tile_seq.stride(0), tiles.tile_start.stride(0),
+        *weight.stride(), *strides(bias, 1), *out.stride(),
+        CHANNELS=channels, COLUMNS=columns, WIDTH=width, CHANNEL_BLOCKS=channel_blocks,
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
         BLOCK_H=next_power_of_2(width - 1), BLOCK_S=next_power_of_2(columns),
         HAS_BIAS=bias is not None,
         SILU=activation == "silu",
