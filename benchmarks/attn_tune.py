@@ -1,0 +1,550 @@
+"""Tune the prefill attention kernel's launch tiles (`AttentionTiles`) on a CUDA GPU.
+
+Geometries: Granite-4.0-H-Micro and Nemotron-H-8B, read from their zoo configs (query
+heads, KV heads, head_dim); bf16 queries and a page-major pool of 16-token pages in
+shuffled order, launched as the engine launches it (through the device tile table).
+Three steps: (i) one prompt of 8,192 new tokens, nothing cached; (ii) 8,192 new tokens
+after 24,576 cached (a chunk of a 32k prompt); (iii) eight prompts of 1,024.
+
+Per geometry the sweep runs in two phases: (1) block_m {64, 128} x block_n {32, 64, 128}
+x warps {4, 8} at 2 stages (the defaults first); (2) stages {1, 2, 3, 4} x warps {4, 8}
+around phase 1's fastest. A candidate whose staged K and V tiles cannot fit in the GPU's
+shared memory is pruned before it compiles; one that fails to compile or launch is
+recorded and skipped; one whose output differs from the default tiles' by more than
+`MATCH_TOLERANCE` (relative) is rejected. A candidate's score is its time relative to
+the defaults', averaged over the steps (each step weighs the same); the lowest wins.
+Times: CUDA events around each call, the median after warm-up. After ``--budget-s``
+seconds of sweeping (shared evenly by the geometries, what one leaves passing to the
+next) the candidates left are skipped and counted.
+
+FLOPs are the causal ones: ``4 * heads * head_dim * pairs`` with the (query, key) pairs
+counted exactly (``new * cached + new * (new + 1) / 2`` per prompt), shown as a share of
+the 989 TFLOP/s bf16 dense peak of an H100 / H200 SXM.
+
+    PYTHONPATH=src python3 -m benchmarks.attn_tune --budget-s 120 \\
+        --out $OUT/attn_tune_h200.json.gz --write-table $OUT/prefill_attention.json
+    python3 -m benchmarks.attn_tune --markdown $OUT/attn_tune_h200.json.gz
+    TRITON_INTERPRET=1 python3 -m benchmarks.attn_tune --smoke --out /tmp/attn_smoke.json.gz
+
+``--write-table PATH`` writes the package's tuned table (src/avmp/kernels/triton/tuned/
+prefill_attention.json) with this GPU's entries for the swept shapes replaced by this
+run's: copy it over the packaged file to ship it. ``--smoke`` runs the same sweep on the
+CPU under Triton's interpreter with tiny shapes and wall-clock times (a check of the
+code path, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from avmp.kernels.triton.mamba2_chunk_scan import dtype_name, gpu_key
+from avmp.kernels.triton.prefill_attention import (
+    TUNED_TABLE,
+    AttentionTiles,
+    attention_tiles,
+    parse_tuned_table,
+    prefill_attention,
+    query_block,
+)
+from avmp.models.hf import geometry_from_config
+from avmp.models.zoo import zoo_config
+from benchmarks.common import (
+    Timer,
+    event_ms,
+    read_result,
+    rel_error,
+    repo_path,
+    warm_up_gpu,
+    write_result,
+)
+
+MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
+# (prompts, new tokens each, cached tokens each)
+STEPS = ((1, 8192, 0), (1, 8192, 24576), (8, 1024, 0))
+PAGE = 16
+DTYPE = torch.bfloat16
+PEAK_TFLOPS = 989.0  # bf16 dense tensor-core peak of an H100 / H200 SXM
+# Candidates whose outputs differ more than this from the default tiles' are rejected: the
+# same products summed in another order differ by about the bf16 output's rounding
+# (~4e-3 per element), a wrong tiling by O(1).
+MATCH_TOLERANCE = 1e-2
+SWEEP_TIMING = {"warmup": 3, "repeats": 7}
+FINAL_TIMING = {"warmup": 10, "repeats": 25}
+TIMING = (f"CUDA events around each call, median of {FINAL_TIMING['repeats']} after "
+          f"{FINAL_TIMING['warmup']} warm-up calls (the sweep: median of "
+          f"{SWEEP_TIMING['repeats']} after {SWEEP_TIMING['warmup']})")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """An attention layer as the kernel sees it."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The candidate values the sweep draws from."""
+
+    block_m: tuple[int, ...] = (64, 128)
+    block_n: tuple[int, ...] = (32, 64, 128)
+    warps: tuple[int, ...] = (4, 8)
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    phase_one_stages: int = 2
+
+
+# The --smoke run: a geometry and steps the interpreter runs in seconds, a grid of four.
+SMOKE_GEOMETRY = Geometry(4, 2, 32)
+SMOKE_STEPS = ((1, 24, 0), (1, 20, 40), (2, 12, 0))
+SMOKE_GRID = Grid(block_m=(16, 32), block_n=(16, 32), warps=(4,), stages=(2,))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate: its time per step (None when it did not run) and relative score,
+    or why it was dropped (``error``: pruned, failed to compile or launch, a mismatch)."""
+
+    tiles: AttentionTiles
+    ms: tuple[float, ...] | None = None
+    score: float | None = None
+    rel_error: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.score is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tiles": self.tiles.to_dict(), "label": self.tiles.label(),
+                "ms": None if self.ms is None else list(self.ms), "score": self.score,
+                "rel_error": self.rel_error, "error": self.error}
+
+
+# -- geometry and FLOPs (pure) ----------------------------------------------------------------
+
+
+def attention_geometry(model: str) -> Geometry:
+    """The attention layers of a zoo model: query heads from its config, KV heads and
+    head_dim as `geometry_from_config` reads them.
+
+    Raises:
+        ValueError: the model has no attention layer, or no ``num_attention_heads``.
+    """
+    cfg = zoo_config(model)
+    layers = geometry_from_config(cfg).attention_layers
+    heads = cfg.get("num_attention_heads")
+    if not layers or not isinstance(heads, int):
+        raise ValueError(f"{model}: no attention layers with num_attention_heads to tune")
+    return Geometry(heads, layers[0].num_kv_heads, layers[0].head_dim)
+
+
+def causal_pairs(batch: int, new: int, cached: int) -> int:
+    """(query, key) pairs a causal step computes: each new token sees the cache and the
+    new tokens up to itself."""
+    return batch * (new * cached + new * (new + 1) // 2)
+
+
+def causal_flops(geo: Geometry, batch: int, new: int, cached: int) -> int:
+    """Two matrix products (scores, then values) of 2 FLOPs per multiply-add."""
+    return 4 * geo.heads * geo.head_dim * causal_pairs(batch, new, cached)
+
+
+def tflops(flops: int, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def step_label(step: tuple[int, int, int]) -> str:
+    batch, new, cached = step
+    return f"{batch} x {new}" + (f" after {cached}" if cached else "")
+
+
+# -- candidates (pure) ------------------------------------------------------------------------
+
+
+def phase_one(grid: Grid) -> list[AttentionTiles]:
+    """Tile sizes x warps at the grid's phase-one stages, the defaults first (timed
+    even when off the grid)."""
+    combos = itertools.product(grid.block_m, grid.block_n, grid.warps)
+    candidates = [AttentionTiles(), *(AttentionTiles(block_m=m, block_n=n, num_warps=w,
+                                                     num_stages=grid.phase_one_stages)
+                                      for m, n, w in combos)]
+    return list(dict.fromkeys(candidates))
+
+
+def phase_two(best: AttentionTiles, grid: Grid) -> list[AttentionTiles]:
+    """Warps x stages around phase 1's fastest, itself left out (already timed)."""
+    variants = (dataclasses.replace(best, num_warps=w, num_stages=s)
+                for w in grid.warps for s in grid.stages)
+    return [v for v in dict.fromkeys(variants) if v != best]
+
+
+def smem_lower_bound(tiles: AttentionTiles, geo: Geometry, itemsize: int = 2) -> int:
+    """The fewest bytes of shared memory the launch takes: the pipeline keeps
+    ``num_stages - 1`` K and V tiles in flight (one without pipelining), beside the
+    query tile. Above the GPU's limit it cannot run."""
+    d = triton.next_power_of_2(geo.head_dim)
+    kv = 2 * tiles.block_n * d * itemsize
+    return tiles.block_m * d * itemsize + max(1, tiles.num_stages - 1) * kv
+
+
+def pick_fastest(trials: Sequence[Trial]) -> Trial | None:
+    """The trial of the lowest score (the earliest of equals: the defaults come first);
+    None when none ran."""
+    ran = [t for t in trials if t.ok]
+    return min(ran, key=lambda t: t.score or 0.0) if ran else None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line (Triton's compile errors span pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+# -- running candidates ------------------------------------------------------------------------
+
+
+class StepCase:
+    """One step's inputs on the device, the default tiles' output, and the runs."""
+
+    def __init__(self, geo: Geometry, step: tuple[int, int, int], device: torch.device,
+                 gen: torch.Generator) -> None:
+        batch, new, cached = step
+        self.label, self.flops = step_label(step), causal_flops(geo, batch, new, cached)
+        self.group = geo.group
+        pages_each = -(-(cached + new) // PAGE)
+        num_pages = batch * pages_each
+        pool = torch.randn(num_pages, 2, PAGE, geo.kv_heads, geo.head_dim, generator=gen,
+                           device=device).to(DTYPE)  # K and V of a page side by side
+        self.k, self.v = pool[:, 0], pool[:, 1]
+        order = torch.randperm(num_pages, generator=gen, device=device)
+        self.bt = order.int().view(batch, pages_each)
+        self.q = torch.randn(batch * new, geo.heads, geo.head_dim, generator=gen,
+                             device=device).to(DTYPE)
+        self.qsl = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=device)
+        self.ctx = torch.full((batch,), cached + new, dtype=torch.int32, device=device)
+        self.new, self.scale = new, geo.head_dim**-0.5
+        self.out = torch.empty_like(self.q)
+        self._tables: dict[int, Any] = {}
+        self.reference = self.run(AttentionTiles()).clone()
+
+    def run(self, tiles: AttentionTiles) -> torch.Tensor:
+        """One launch as the engine makes it: through the tile table of its query block."""
+        block = query_block(tiles, self.group)
+        if block not in self._tables:
+            self._tables[block] = attention_tiles(self.qsl, self.q.shape[0], block)
+        return prefill_attention(self.q, self.k, self.v, self.bt, self.qsl, self.ctx,
+                                 self.scale, self.new, out=self.out, tiles=self._tables[block],
+                                 config=tiles)  # fmt: skip
+
+    def mismatch(self, tiles: AttentionTiles) -> float:
+        return rel_error(self.run(tiles), self.reference)
+
+
+def try_candidate(tiles: AttentionTiles, cases: Sequence[StepCase], timer: Timer,
+                  baseline: Sequence[float], geo: Geometry, smem_limit: int) -> Trial:
+    """Check, then time, one candidate on every step; never raises for a candidate that
+    cannot compile, cannot launch or gives another result."""
+    need = smem_lower_bound(tiles, geo)
+    if need > smem_limit:
+        return Trial(tiles, error=f"pruned: needs >= {need} B of shared memory, "
+                                  f"the GPU has {smem_limit}")
+    times, worst = [], 0.0
+    try:
+        for case in cases:
+            err = case.mismatch(tiles)
+            worst = max(worst, err)
+            if not err <= MATCH_TOLERANCE:  # NaN too
+                return Trial(tiles, rel_error=err,
+                             error=f"mismatch on {case.label}: rel error {err:.2e}")
+            times.append(timer(lambda c=case: c.run(tiles)))
+    except Exception as error:  # a compile or launch failure: record it, go on
+        return Trial(tiles, error=one_line(error))
+    score = statistics.fmean(t / b for t, b in zip(times, baseline, strict=True))
+    return Trial(tiles, ms=tuple(times), score=score, rel_error=worst)
+
+
+def sweep(grid: Grid, attempt: Callable[[AttentionTiles], Trial],
+          out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
+    """Both phases; returns the trials and how many candidates the budget left untried
+    (the defaults always run: they are the baseline)."""
+    trials: list[Trial] = []
+    skipped = 0
+    first = phase_one(grid)
+    for tiles in first:
+        if out_of_time() and trials:
+            skipped += 1
+            continue
+        trials.append(attempt(tiles))
+    best = pick_fastest(trials)
+    for tiles in phase_two(best.tiles if best else first[0], grid):
+        if out_of_time():
+            skipped += 1
+            continue
+        trials.append(attempt(tiles))
+    return trials, skipped
+
+
+def cuda_timer(warmup: int, repeats: int) -> Timer:
+    """Median milliseconds of one call, CUDA events around each."""
+    return lambda fn: event_ms(fn, repeats=repeats, warmup=warmup)
+
+
+def wall_timer(warmup: int, repeats: int) -> Timer:
+    """Median wall-clock milliseconds of one call (the --smoke run on the CPU)."""
+
+    def timer(fn: Callable[[], object]) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return timer
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the sweep runs: where, on which steps and grid, for how long, timed how
+    (the sweep's and the final comparison's timers; ``timing`` says how), and the GPU's
+    shared memory per program."""
+
+    device: torch.device
+    steps: tuple[tuple[int, int, int], ...]
+    budget_s: float
+    timers: tuple[Timer, Timer]
+    timing: str
+    smem_limit: int
+    grid: Grid = Grid()
+
+
+def step_report(case: StepCase, default_ms: float, tuned_ms: float, err: float) -> dict[str, Any]:
+    before, after = tflops(case.flops, default_ms), tflops(case.flops, tuned_ms)
+    return {"step": case.label, "flops": case.flops, "default_ms": default_ms,
+            "tuned_ms": tuned_ms, "default_tflops": before, "tuned_tflops": after,
+            "default_peak_share": before / PEAK_TFLOPS, "tuned_peak_share": after / PEAK_TFLOPS,
+            "speedup": default_ms / tuned_ms, "rel_error": err}
+
+
+def sweep_geometry(model: str, geo: Geometry, setup: Setup, deadline: float,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """One geometry: the sweep, then the defaults against the tuned tiles."""
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    cases = [StepCase(geo, step, setup.device, gen) for step in setup.steps]
+    sweep_timer, final_timer = setup.timers
+    default = AttentionTiles()
+    baseline = [sweep_timer(lambda c=c: c.run(default)) for c in cases]
+
+    def attempt(tiles: AttentionTiles) -> Trial:
+        trial = try_candidate(tiles, cases, sweep_timer, baseline, geo, setup.smem_limit)
+        progress(f"{model} {tiles.label()}: " + (f"score {trial.score:.3f}" if trial.ok
+                                                  else str(trial.error)))
+        return trial
+
+    trials, skipped = sweep(setup.grid, attempt, lambda: time.perf_counter() > deadline)
+    best = pick_fastest(trials)
+    tuned = best.tiles if best else default
+    steps = []
+    for case in cases:
+        err = case.mismatch(tuned)
+        default_ms = final_timer(lambda c=case: c.run(default))
+        tuned_ms = final_timer(lambda c=case: c.run(tuned))
+        steps.append(step_report(case, default_ms, tuned_ms, err))
+    return {"model": model, "geometry": dataclasses.asdict(geo), "group": geo.group,
+            "dtype": dtype_name(DTYPE), "page": PAGE, "default": default.to_dict(),
+            "tuned": tuned.to_dict(), "tuned_label": tuned.label(),
+            "default_label": default.label(), "trials": [t.to_dict() for t in trials],
+            "skipped": skipped, "steps": steps}
+
+
+def run(targets: Sequence[tuple[str, Geometry]], setup: Setup, argv: Sequence[str]
+        ) -> dict[str, Any]:
+    """The sweep over every geometry, one line per candidate on stderr."""
+    start = time.perf_counter()
+    results = []
+    for index, (model, geo) in enumerate(targets):
+        # each geometry's share of the budget, plus what the ones before it left
+        deadline = start + setup.budget_s * (index + 1) / len(targets)
+        results.append(sweep_geometry(model, geo, setup, deadline,
+                                      lambda line: print(line, file=sys.stderr, flush=True)))
+    return {"device": device_name(setup.device), "torch": torch.__version__,
+            "triton": triton.__version__, "command": command(argv), "timing": setup.timing,
+            "match_tolerance": MATCH_TOLERANCE, "peak_tflops": PEAK_TFLOPS,
+            "budget_s": setup.budget_s, "elapsed_s": time.perf_counter() - start,
+            "shared_memory_bytes": setup.smem_limit, "geometries": results}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def command(argv: Sequence[str]) -> str:
+    """The command as a result records it: paths relative to the repository, or their
+    file names (`repo_path`)."""
+    shown = [repo_path(a) if prev in ("--out", "--write-table") else a
+             for prev, a in zip(["", *argv], argv, strict=False)]
+    return "PYTHONPATH=src python3 -m benchmarks.attn_tune " + shlex.join(shown)
+
+
+# -- the tuned table ---------------------------------------------------------------------------
+
+
+ABOUT = ("Launch tiles of the prefill attention kernel per GPU name and (head_dim, GQA group, "
+         "dtype), written by benchmarks/attn_tune.py; a GPU or shape not listed gets the "
+         "defaults.")
+
+
+def packaged_entries() -> list[dict[str, Any]]:
+    """The entries of the tuned table in the package, as written (notes included)."""
+    path = resources.files("avmp.kernels.triton").joinpath(*TUNED_TABLE)
+    return list(json.loads(path.read_text(encoding="utf-8"))["entries"]) if path.is_file() else []
+
+
+def table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One tuned-table entry per swept geometry of a result."""
+    return [{"gpu": result["device"], "head_dim": g["geometry"]["head_dim"],
+             "group": g["group"], "dtype": g["dtype"], "tiles": g["tuned"],
+             "command": result["command"], "model": g["model"],
+             "speedup": {s["step"]: round(s["speedup"], 3) for s in g["steps"]}}
+            for g in result["geometries"]]  # fmt: skip
+
+
+def merged_table(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, Any]:
+    """``existing`` entries with those of the same GPU and shape replaced by ``new``.
+
+    Raises:
+        ValueError: two new entries for one key, or a malformed entry.
+    """
+    def key(e: dict[str, Any]) -> tuple[Any, ...]:
+        return (gpu_key(e["gpu"]), e["head_dim"], e["group"], e["dtype"])
+
+    parse_tuned_table({"entries": new}, "this run")  # raises on a key twice
+    replaced = {key(e) for e in new}
+    table = {"about": ABOUT, "entries": [e for e in existing if key(e) not in replaced] + new}
+    parse_tuned_table(table, "the merged table")
+    return table
+
+
+def write_table(path: Path, result: dict[str, Any]) -> None:
+    table = merged_table(packaged_entries(), table_entries(result))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table of a saved result: per geometry and step, defaults against tuned tiles."""
+    peak = result["peak_tflops"]
+    lines = [f"{result['device']}, torch {result['torch']}, Triton {result['triton']}; "
+             f"{result['elapsed_s']:.0f} s; times: {result['timing']}; share of "
+             f"{peak:.0f} TFLOP/s (causal FLOPs).", "",
+             "| model geometry | step | default tiles | ms | TFLOP/s | share | tuned tiles | "
+             "ms | TFLOP/s | share | speed-up | rel err vs default | candidates ok / tried "
+             "(skipped) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for g in result["geometries"]:
+        geo = g["geometry"]
+        name = f"{g['model']} ({geo['heads']}/{geo['kv_heads']} heads, D={geo['head_dim']})"
+        ok = sum(t["error"] is None for t in g["trials"])
+        for s in g["steps"]:
+            lines.append(
+                f"| {name} | {s['step']} | {g['default_label']} | {s['default_ms']:.3f} | "
+                f"{s['default_tflops']:.0f} | {s['default_peak_share']:.1%} | "
+                f"{g['tuned_label']} | {s['tuned_ms']:.3f} | {s['tuned_tflops']:.0f} | "
+                f"{s['tuned_peak_share']:.1%} | {s['speedup']:.2f}x | {s['rel_error']:.1e} | "
+                f"{ok} / {len(g['trials'])} ({g['skipped']}) |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
+    parser.add_argument("--write-table", type=Path, metavar="PATH",
+                        help="write the tuned table (the package's, with this run's entries)")
+    parser.add_argument("--markdown", type=Path, help="print the table of a saved result")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
+    parser.add_argument("--budget-s", type=float, default=120.0,
+                        help="seconds of sweeping before the candidates left are skipped")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET=1 (a code-path check)")
+    return parser.parse_args(argv)
+
+
+def setup_for(args: argparse.Namespace) -> tuple[list[tuple[str, Geometry]], Setup]:
+    """What to sweep and how, from the arguments.
+
+    Raises:
+        ValueError: an unknown model, a budget <= 0, no CUDA GPU (or, with ``--smoke``,
+            not under Triton's interpreter).
+    """
+    if not args.budget_s > 0:
+        raise ValueError(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.smoke:
+        if not triton.knobs.runtime.interpret:
+            raise ValueError("--smoke runs under Triton's interpreter: set TRITON_INTERPRET=1")
+        timers = (wall_timer(0, 1), wall_timer(0, 1))
+        return [("smoke", SMOKE_GEOMETRY)], Setup(
+            torch.device("cpu"), SMOKE_STEPS, args.budget_s, timers,
+            "wall clock under Triton's interpreter, one call (not a measurement)",
+            1 << 30, SMOKE_GRID)
+    targets = [(model, attention_geometry(model)) for model in args.models]
+    if not torch.cuda.is_available():
+        raise ValueError("needs a CUDA GPU (none is visible)")
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    # the most one program may opt in to (227 KiB on an H100 or H200); ROCm lacks it
+    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    timers = (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING))
+    return targets, Setup(device, STEPS, args.budget_s, timers, TIMING, smem)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        if args.markdown is not None:
+            print(markdown(read_result(args.markdown)))
+            return 0
+        if args.out is None:
+            raise ValueError("--out is required to run the sweep")
+        targets, setup = setup_for(args)
+        if setup.device.type == "cuda":
+            warm_up_gpu()  # clocks up before the first timing
+        result = run(targets, setup, argv)
+        write_result(args.out, result)
+        if args.write_table is not None:
+            write_table(args.write_table, result)
+    except (ValueError, OSError) as error:  # a user mistake or a missing GPU: one line
+        print(f"attn_tune: {error}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
