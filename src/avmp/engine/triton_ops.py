@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from avmp.engine.models.lfm2 import Lfm2ShortConv
     from avmp.engine.models.minimax import LightningAttention
     from avmp.engine.models.qwen3_next import GatedDeltaNet
+    from avmp.kernels.triton.causal_conv1d_varlen import ConvTileTable
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
 
 
@@ -140,12 +141,19 @@ class TritonOps(Ops):
             return self._k.decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale
             )
-        from avmp.kernels.triton.prefill_attention import BLOCK_M, attention_tiles
+        from avmp.kernels.triton.prefill_attention import (
+            attention_tiles,
+            launch_tiles,
+            query_block,
+        )
 
-        tiles = batch.attention_tiles.get(BLOCK_M)
+        # the tile table must cut the queries as the launch does: by its query block
+        config = launch_tiles(q, k_cache)
+        block = query_block(config, q.shape[1] // k_cache.shape[2])
+        tiles = batch.attention_tiles.get(block)
         if tiles is None:
-            tiles = attention_tiles(batch.query_start_loc, q.shape[0])
-            batch.attention_tiles[BLOCK_M] = tiles
+            tiles = attention_tiles(batch.query_start_loc, q.shape[0], block)
+            batch.attention_tiles[block] = tiles
         return self._k.prefill_attention(
             q,
             k_cache,
@@ -157,6 +165,7 @@ class TritonOps(Ops):
             batch.max_query_len,
             out=_output_like(q, batch),
             tiles=tiles,
+            config=config,
         )
 
     def mamba2_mix(
@@ -269,6 +278,7 @@ class TritonOps(Ops):
             weight,
             mixer.conv1d.bias,
             "silu",
+            tiles=_conv_tiles(batch, xbc.shape[0]),
         )
 
     def mamba1_mix(
@@ -402,7 +412,22 @@ class TritonOps(Ops):
             bias,
             None,
             out=_output_like(bx, batch),
+            tiles=_conv_tiles(batch, bx.shape[0]),
         )
+
+
+def _conv_tiles(batch: DeviceStepBatch, num_tokens: int) -> ConvTileTable:
+    """The step's tile table of the varlen causal conv, built on the device at its first
+    conv layer (no host read, so a captured step rebuilds it on replay) and reused by
+    every later one: the work is cut into tiles of tokens, so a long prefill chunk
+    among many decodes spreads over as many programs as it has tiles."""
+    from avmp.kernels.triton.causal_conv1d_varlen import BLOCK_T, conv_tiles
+
+    tiles = batch.conv_tiles.get(BLOCK_T)
+    if tiles is None:
+        tiles = conv_tiles(batch.query_start_loc, batch.slot_idx, num_tokens)
+        batch.conv_tiles[BLOCK_T] = tiles
+    return tiles
 
 
 def _output_like(x: torch.Tensor, batch: DeviceStepBatch) -> torch.Tensor:

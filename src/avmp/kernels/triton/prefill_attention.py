@@ -259,8 +259,12 @@ def _attend(
             visible = mask_t[None, :] & (offs_t[None, :] <= query_pos[:, None])
             scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1) * scale_log2)
-        # a row that has seen no key yet keeps -inf: exp2 of (-inf - 0) is 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:  # noqa: SIM108 (a constexpr branch: one of them is compiled)
+            # Every row sees key full_end, so m_new is finite from the first masked tile
+            # on; kept safe anyway: a row of -inf would give exp2(-inf - -inf) = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every row sees every key of the tile: m_new is finite
+            m_safe = m_new
         p = tl.exp2(scores * scale_log2 - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
