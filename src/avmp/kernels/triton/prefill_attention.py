@@ -217,14 +217,15 @@ def _load_kv(ptrs, mask_t, mask_d, ROWS_MASKED: tl.constexpr, EVEN_D: tl.constex
     """A ``[N, D]`` tile of gathered key (or value) rows, masked only where it must be."""
     if ROWS_MASKED:
         if EVEN_D:
-            return tl.load(ptrs, mask=mask_t[:, None], other=0.0)
+            tile = tl.load(ptrs, mask=mask_t[:, None], other=0.0)
         else:
-            return tl.load(ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
     else:
-        if EVEN_D:
-            return tl.load(ptrs)
+        if EVEN_D:  # noqa: SIM108 (constexpr branches: one of them is compiled)
+            tile = tl.load(ptrs)
         else:
-            return tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
