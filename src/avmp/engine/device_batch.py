@@ -176,6 +176,9 @@ class DeviceStepBatch(StepBatch):
             every later layer reuses it).
         attention_tiles: the prefill attention's tile table of this step, keyed by its
             query block size (filled at the first attention layer, then reused).
+        conv_tiles: the varlen causal conv's tile table of this step, keyed by its
+            tile size (filled at the first conv layer of a prefill or mixed step, then
+            reused).
     """
 
     slot_mapping: torch.Tensor
@@ -192,6 +195,7 @@ class DeviceStepBatch(StepBatch):
     # Filled once per step by the first layer that needs it, not part of the batch's value.
     mamba2_scan_plans: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
     attention_tiles: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    conv_tiles: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def device_batch(
