@@ -18,6 +18,7 @@ DEVICE = kernel_device()
 
 from avmp.kernels.triton.prefill_attention import (  # noqa: E402
     AttentionTiles,
+    packaged_tuned_table,
     parse_tuned_table,
     tuned_attention_tiles,
 )
@@ -135,6 +136,13 @@ def test_the_written_table_is_what_the_kernel_reads() -> None:
     assert tuned_attention_tiles(128, 4, torch.bfloat16, None, parsed) == AttentionTiles()
     with pytest.raises(ValueError, match="a second entry"):
         attn_tune.merged_table([], new + new)
+
+
+def test_the_packaged_table_is_valid() -> None:
+    """The shipped table (none until a GPU run writes one) parses (a malformed one
+    raises), and its entries name dtypes the kernel takes."""
+    for key in packaged_tuned_table():
+        assert key.dtype in ("bfloat16", "float16", "float32"), key
 
 
 @pytest.mark.parametrize("entry,message", [

@@ -192,9 +192,14 @@ def test_padding_requests_store_zeros_through_the_tiles() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: sizes too large to interpret")
 @pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("config", [None, LARGE, AttentionTiles(block_m=128, block_n=128,
+                                                                num_warps=8, num_stages=2)],
+                         ids=["this-gpu", "128x64", "128x128"])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_long_contexts_on_the_gpu(head_dim: int, tiled: bool) -> None:
+def test_long_contexts_on_the_gpu(head_dim: int, config: AttentionTiles | None,
+                                  tiled: bool) -> None:
     """The shapes the tuned table is for (32 query heads, 8 KV heads, bf16) with this
-    GPU's tiles: a chunk after a long cached context beside a fresh prompt."""
+    GPU's tiles (the tuned table's, or the defaults) and large tuner candidates: a chunk
+    after a long cached context beside a fresh prompt."""
     case = make_case(13, torch.bfloat16, [1000, 333], [3000, 0], 32, 8, head_dim, 16)
-    run_and_check(case, 1000, tiled, None)
+    run_and_check(case, 1000, tiled, config)
