@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import triton
 
-from avmp.kernels.triton.mamba2_chunk_scan import dtype_name, gpu_key
+from avmp.kernels.triton._common import dtype_name, gpu_key
 from avmp.kernels.triton.prefill_attention import (
     TUNED_TABLE,
     AttentionTiles,

@@ -1,5 +1,6 @@
-"""Helpers shared by the Triton kernels: host-side shape checks and block sizes, and the
-Mamba2 dt discretisation both Mamba2 kernels run on the device.
+"""Helpers shared by the Triton kernels: host-side shape checks and block sizes, the
+reading of tuned launch tables, and the Mamba2 dt discretisation both Mamba2 kernels run
+on the device.
 
 Every kernel in this package takes its tensors with arbitrary strides (the AVMP pools
 hand out strided per-layer views), so these helpers check shapes and dtypes, never
@@ -7,6 +8,11 @@ contiguity.
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any, TypeVar
 
 import torch
 import triton
@@ -86,6 +92,90 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     interpreter multiplies bf16 as raw integers, so only there bf16 dots go through fp32
     (on the GPU they stay bf16 on the tensor cores)."""
     return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+
+
+# -- tuned launch tables ------------------------------------------------------------------
+# A kernel whose launch options are tuned per GPU ships a JSON table in ``tuned/``:
+# ``{"about": ..., "entries": [{gpu, command, dtype, <the kernel's int key fields>, tiles,
+# notes...}]}``, written by its benchmarks/*_tune.py. The Mamba2 chunked scan and the
+# prefill attention read theirs through these helpers.
+
+Key = TypeVar("Key")
+Tiles = TypeVar("Tiles")
+
+
+def gpu_key(name: str) -> str:
+    """A CUDA device name as the tuned tables match it: case and spacing ignored, the
+    rest exact (an ``NVIDIA H200 NVL`` is not an ``NVIDIA H200``: other clocks, other
+    power limit)."""
+    return " ".join(name.split()).casefold()
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, as the tuned tables name dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def parse_tuned_entries(
+    data: Any, source: str, int_fields: tuple[str, ...],
+    parse_tiles: Callable[[Any], Tiles], make_key: Callable[[Mapping[str, Any]], Key],
+) -> dict[Key, Tiles]:
+    """The entries of a tuned table by key: each entry's ``gpu``, ``command`` and
+    ``dtype`` non-empty strings, its ``int_fields`` positive ints, its ``tiles`` as
+    ``parse_tiles`` reads them (raising ValueError), its key as ``make_key`` builds it;
+    other fields of an entry are notes.
+
+    Raises:
+        ValueError: a malformed table or entry, or one key twice; the message names
+            ``source`` and the entry.
+    """
+    entries = data.get("entries") if isinstance(data, Mapping) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: a tuned table is an object with an 'entries' list")
+    table: dict[Key, Tiles] = {}
+    for index, entry in enumerate(entries):
+        where = f"{source}: entry {index}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} is not an object")
+        for name in ("gpu", "command", "dtype"):
+            if not isinstance(entry.get(name), str) or not entry[name].strip():
+                raise ValueError(f"{where}: '{name}' must be a non-empty string")
+        for name in int_fields:
+            if not _is_positive_int(entry.get(name)):
+                raise ValueError(f"{where}: '{name}' must be a positive int")
+        try:
+            tiles = parse_tiles(entry.get("tiles"))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        key = make_key(entry)
+        if key in table:
+            raise ValueError(f"{where}: a second entry for {key}")
+        table[key] = tiles
+    return table
+
+
+def read_packaged_table(
+    parts: tuple[str, ...], parse: Callable[[Any, str], dict[Key, Tiles]]
+) -> dict[Key, Tiles]:
+    """The tuned table at ``parts`` inside this package, parsed (empty when the file is
+    absent).
+
+    Raises:
+        ValueError: the file is not JSON, or ``parse`` refuses it.
+    """
+    path = resources.files(__package__).joinpath(*parts)
+    if not path.is_file():
+        return {}
+    source = "/".join(("avmp/kernels/triton", *parts))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{source}: not JSON ({error})") from None
+    return parse(data, source)
 
 
 # torch.nn.functional.softplus's default threshold: above it softplus(x) == x.

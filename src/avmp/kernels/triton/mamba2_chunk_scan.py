@@ -30,11 +30,9 @@ the scan takes the entry of the tuned table shipped in ``tuned/`` for its GPU an
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import resources
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -46,8 +44,12 @@ from avmp.kernels.triton._common import (
     check_shape,
     discretise_dt,
     dot_precision,
+    dtype_name,
+    gpu_key,
     next_power_of_2,
+    parse_tuned_entries,
     per_token_rows,
+    read_packaged_table,
     strides,
     upcast_dot,
 )
@@ -229,18 +231,6 @@ class TunedKey(NamedTuple):
     dtype: str
 
 
-def gpu_key(name: str) -> str:
-    """A CUDA device name as the tuned table matches it: case and spacing ignored, the
-    rest exact (an ``NVIDIA H200 NVL`` is not an ``NVIDIA H200``: other clocks, other
-    power limit)."""
-    return " ".join(name.split()).casefold()
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """``torch.bfloat16`` -> ``bfloat16``, as the tuned table names dtypes."""
-    return str(dtype).removeprefix("torch.")
-
-
 _ENTRY_INTS = ("chunk_size", "head_dim", "d_state")
 
 
@@ -252,29 +242,10 @@ def parse_tuned_table(data: Any, source: str) -> dict[TunedKey, ScanTiles]:
         ValueError: a malformed table or entry, or one key twice; the message names
             ``source`` and the entry.
     """
-    entries = data.get("entries") if isinstance(data, Mapping) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{source}: a tuned table is an object with an 'entries' list")
-    table: dict[TunedKey, ScanTiles] = {}
-    for index, entry in enumerate(entries):
-        where = f"{source}: entry {index}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} is not an object")
-        for name in ("gpu", "command", "dtype"):
-            if not isinstance(entry.get(name), str) or not entry[name].strip():
-                raise ValueError(f"{where}: '{name}' must be a non-empty string")
-        for name in _ENTRY_INTS:
-            if not _is_int(entry.get(name)) or entry[name] < 1:
-                raise ValueError(f"{where}: '{name}' must be a positive int")
-        try:
-            tiles = ScanTiles.from_dict(entry.get("tiles"))
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        key = TunedKey(gpu_key(entry["gpu"]), *(entry[n] for n in _ENTRY_INTS), entry["dtype"])
-        if key in table:
-            raise ValueError(f"{where}: a second entry for {key}")
-        table[key] = tiles
-    return table
+    return parse_tuned_entries(
+        data, source, _ENTRY_INTS, ScanTiles.from_dict,
+        lambda e: TunedKey(gpu_key(e["gpu"]), *(e[n] for n in _ENTRY_INTS), e["dtype"]),
+    )
 
 
 @functools.cache
@@ -284,15 +255,7 @@ def packaged_tuned_table() -> dict[TunedKey, ScanTiles]:
     Raises:
         ValueError: the file is not a valid tuned table.
     """
-    path = resources.files(__package__).joinpath(*TUNED_TABLE)
-    if not path.is_file():
-        return {}
-    source = "/".join(("avmp/kernels/triton", *TUNED_TABLE))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{source}: not JSON ({error})") from None
-    return parse_tuned_table(data, source)
+    return read_packaged_table(TUNED_TABLE, parse_tuned_table)
 
 
 def tuned_tiles(

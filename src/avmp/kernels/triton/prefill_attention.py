@@ -37,10 +37,8 @@ query block the launch uses (`query_block`); the launch checks it.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from importlib import resources
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -54,15 +52,17 @@ from avmp.kernels.triton._common import (
     check_same_device,
     check_shape,
     dot_precision,
+    dtype_name,
+    gpu_key,
     next_power_of_2,
+    parse_tuned_entries,
+    read_packaged_table,
     upcast_dot,
 )
 from avmp.kernels.triton.mamba2_chunk_scan import (
     DOT_TILE_RANGE,
     KernelTiles,
     chunk_layout,
-    dtype_name,
-    gpu_key,
     max_chunks,
 )
 
@@ -131,38 +131,17 @@ _ENTRY_INTS = ("head_dim", "group")
 
 def parse_tuned_table(data: Any, source: str) -> dict[TunedKey, AttentionTiles]:
     """The entries of a tuned table (``{"entries": [{gpu, command, head_dim, group,
-    dtype, tiles, ...}]}``), by key; other fields of an entry are notes. The format of
-    the Mamba2 scan's table (`mamba2_chunk_scan.parse_tuned_table`), with this kernel's
-    key.
+    dtype, tiles, ...}]}``), by key; other fields of an entry are notes. The Mamba2
+    scan's table format (`_common.parse_tuned_entries`), with this kernel's key.
 
     Raises:
         ValueError: a malformed table or entry, or one key twice; the message names
             ``source`` and the entry.
     """
-    entries = data.get("entries") if isinstance(data, Mapping) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{source}: a tuned table is an object with an 'entries' list")
-    table: dict[TunedKey, AttentionTiles] = {}
-    for index, entry in enumerate(entries):
-        where = f"{source}: entry {index}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} is not an object")
-        for name in ("gpu", "command", "dtype"):
-            if not isinstance(entry.get(name), str) or not entry[name].strip():
-                raise ValueError(f"{where}: '{name}' must be a non-empty string")
-        for name in _ENTRY_INTS:
-            value = entry.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}: '{name}' must be a positive int")
-        try:
-            tiles = AttentionTiles.from_dict(entry.get("tiles"))
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        key = TunedKey(gpu_key(entry["gpu"]), entry["head_dim"], entry["group"], entry["dtype"])
-        if key in table:
-            raise ValueError(f"{where}: a second entry for {key}")
-        table[key] = tiles
-    return table
+    return parse_tuned_entries(
+        data, source, _ENTRY_INTS, AttentionTiles.from_dict,
+        lambda e: TunedKey(gpu_key(e["gpu"]), e["head_dim"], e["group"], e["dtype"]),
+    )
 
 
 @functools.cache
@@ -172,15 +151,7 @@ def packaged_tuned_table() -> dict[TunedKey, AttentionTiles]:
     Raises:
         ValueError: the file is not a valid tuned table.
     """
-    path = resources.files(__package__).joinpath(*TUNED_TABLE)
-    if not path.is_file():
-        return {}
-    source = "/".join(("avmp/kernels/triton", *TUNED_TABLE))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{source}: not JSON ({error})") from None
-    return parse_tuned_table(data, source)
+    return read_packaged_table(TUNED_TABLE, parse_tuned_table)
 
 
 def tuned_attention_tiles(
