@@ -16,9 +16,11 @@ softmax (fp32 running max, sum and accumulator), and:
 - splits the key loop: the key tiles that every row of the tile sees in full run
   without the causal mask and without bounds checks; only the last one or two (the
   diagonal) are masked;
-- starts the longest tiles first: the query-block axis is the slowest of the grid and
-  walked backwards, so the tiles with the most keys are in the first wave and the short
-  ones fill the tail.
+- starts the longest tiles first: the query-block axis (the tile table's, in the tiled
+  launch) is the grid's slowest and walked backwards, so a request's tiles with the
+  most keys are launched before its short ones, which fill the tail (in the host-grid
+  launch, across requests too; the tile table runs request after request, the last
+  first).
 
 Tile sizes, warps and pipeline stages are a value, `AttentionTiles`; without one the
 kernel takes the entry of the tuned table shipped in ``tuned/prefill_attention.json``
