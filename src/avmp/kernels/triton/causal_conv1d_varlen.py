@@ -273,14 +273,16 @@ def causal_conv1d_varlen(
             if any, and its output rows untouched). Real entries must be distinct.
         has_initial_state: ``[batch]`` (bool or int); 0: the sequence starts from a zero
             history, ignoring what its slot holds (a new request; its slot is then
-            overwritten, with zeros where it has fewer than ``columns`` tokens).
+            overwritten, with zeros where it has fewer than ``columns`` tokens; a
+            sequence with no new tokens has no tile and keeps its slot as it is).
         weight: ``[channels, d_conv]``; bias: optional ``[channels]``.
         activation: ``"silu"`` or None.
         out: optional ``[T, channels]`` output, written in place; must not share memory
             with x (programs read x rows that others write).
         tiles: the step's `conv_tiles` (built for these ``query_start_loc`` and
-            ``slot_idx``, with at least x's rows as its token count), so that every
-            layer of a step reuses one table; None builds it here.
+            ``slot_idx``, with at least x's rows as its token count: a shorter table
+            leaves the tiles past its end uncomputed), so that every layer of a step
+            reuses one table; None builds it here.
 
     Returns:
         ``out``, or a new tensor in x's dtype (its uncovered rows uninitialised).
