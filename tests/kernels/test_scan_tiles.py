@@ -52,7 +52,7 @@ MIXED = ScanTiles(
     DtCumsumTiles(num_warps=8, block_heads=2),
     CbTiles(num_warps=8, num_stages=2, block_tokens=32, block_state=16),
     ChunkStateTiles(num_warps=8, num_stages=1, block_p=32, block_state=16, block_tokens=32),
-    StatePassingTiles(num_warps=8, num_stages=2, block_flat=256),
+    StatePassingTiles(num_warps=8, num_stages=2, block_flat=256, prefetch=1),
     ChunkScanTiles(num_warps=8, num_stages=2, block_tokens=16, block_p=32, block_state=32),
 )
 LARGE = ScanTiles(
@@ -73,6 +73,7 @@ def test_defaults_are_the_untuned_launches() -> None:
     assert tiles.chunk_scan == ChunkScanTiles(num_warps=4, num_stages=3, block_tokens=64,
                                               block_p=64, block_state=64)
     assert tiles.dt_cumsum.block_heads == 8 and tiles.state_passing.block_flat == 1024
+    assert tiles.state_passing.label() == "flat1024 ahead2 w4 s3"
     assert {getattr(tiles, k).num_warps for k in SCAN_KERNELS} == {4}
     assert tiles.chunk_scan.label() == "tokens64 p64 state64 w4 s3"
 
@@ -88,6 +89,9 @@ def test_defaults_are_the_untuned_launches() -> None:
         (lambda: DtCumsumTiles(block_heads=128), r"block_heads must be a power of two in \[1,"),
         (lambda: StatePassingTiles(block_flat=16), r"block_flat must be a power of two in \[32,"),
         (lambda: StatePassingTiles(num_warps=3), "num_warps must be one of"),
+        (lambda: StatePassingTiles(prefetch=3),
+         r"StatePassingTiles.prefetch must be one of \(1, 2\), got 3"),
+        (lambda: StatePassingTiles(prefetch=True), "prefetch must be one of"),
         (lambda: CbTiles(num_warps=32), "num_warps must be one of"),
         (lambda: ChunkScanTiles(num_stages=0), r"num_stages must be an int in \[1, 8\]"),
         (lambda: ChunkScanTiles(num_stages=2.0), "num_stages must be an int"),

@@ -25,6 +25,8 @@ from triton_device import kernel_device
 DEVICE = kernel_device()
 
 from avmp.kernels.triton.mamba2_chunk_scan import (  # noqa: E402
+    ScanTiles,
+    StatePassingTiles,
     chunk_layout,
     mamba2_chunk_scan,
     max_chunks,
@@ -78,6 +80,32 @@ def test_chunk_scan_matches_sequential_reference(
     assert_close("final state", case["state"][slots], h_ref, coarser)
     kept = [s for s in range(NUM_SLOTS) if s not in slots.tolist()]
     assert torch.equal(case["state"][kept], before[kept])
+
+
+@pytest.mark.parametrize("prefetch", StatePassingTiles.PREFETCH)
+@pytest.mark.parametrize("block_flat", [32, 256], ids=["flat32", "flat256"])
+def test_many_chunks_per_sequence_each_with_its_own_decay(prefetch: int, block_flat: int) -> None:
+    """The state passing's loop over long runs of chunks (24, 9 and 1; odd and even counts
+    for the 2-deep prefetch), state blocks of a quarter or all of a head's state. dt is
+    small and spread (softplus of N(-3.5, 0.7)), so that each 4-token chunk keeps 74-95%
+    of its state, each chunk by another factor, and 3-6% of the slot's state is left
+    after 24 chunks: a decay taken from the wrong chunk, or a state passed one chunk too
+    far, shows in every later output."""
+    lens, chunk = [4 * 23 + 1, 4 * 9, 2], 4
+    case = make_case(13, torch.float32, torch.float32, lens, 2, 8, 16, 1, NUM_SLOTS)
+    gen = torch.Generator().manual_seed(14)
+    case["dt"] = (torch.randn(tuple(case["dt"].shape), generator=gen) * 0.7 - 3.5).to(DEVICE)
+    fresh = [False, True, False]
+    y_ref, h_ref = reference_scan(case, lens, fresh, "D", (0.0, math.inf))
+    tiles = ScanTiles(state_passing=StatePassingTiles(num_warps=1, block_flat=block_flat,
+                                                      prefetch=prefetch))
+    out = torch.full(tuple(case["x"].shape), POISON, device=DEVICE)
+    mamba2_chunk_scan(case["state"], case["slot_idx"], offsets(lens), case["x"], case["dt"],
+                      case["A"], case["B"], case["C"], chunk, D=case["D"],
+                      has_initial_state=torch.tensor([not f for f in fresh], device=DEVICE),
+                      out=out, tiles=tiles)
+    assert_close("y", out, y_ref, torch.float32)
+    assert_close("final state", case["state"][case["slot_idx"].long()], h_ref, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

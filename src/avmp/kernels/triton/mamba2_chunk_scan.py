@@ -7,7 +7,7 @@ matrix products (tensor cores, fp32 accumulation); between chunks only the state
 along. Five launches:
 
 1. ``dt`` discretised and ``dA = dt * A`` summed cumulatively within each chunk
-   (``[heads, T]`` fp32 each);
+   (``[heads, T]`` fp32 each), and each chunk's decay ``exp(sum dA)`` (``[heads, chunks]``);
 2. ``CB[t, g, j] = C[t] . B[start + j]`` for the tokens of each chunk, once per head group
    (``[T, groups, chunk_size]`` fp32);
 3. each chunk's own end state ``sum_l decay(l -> end) * dt[l] * x[l] (x) B[l]``
@@ -15,7 +15,8 @@ along. Five launches:
 4. the state passing, sequential over a sequence's chunks and parallel over sequences,
    heads and state elements: from the slot's state (zeros for a fresh request), each
    chunk's entry is overwritten with the state the chunk starts from, and the sequence's
-   final state is written to its slot;
+   final state is written to its slot. Its loads depend on no earlier load (the decays
+   are launch 1's), so each is issued a chunk or two before it is needed;
 5. the outputs: ``y[l] = exp(dA_cs[l]) C[l] . S_start + sum_{j<=l} CB[l, j]
    exp(dA_cs[l] - dA_cs[j]) dt[j] x[j] + D x[l]``, gated by ``silu(z)``.
 
@@ -138,10 +139,26 @@ class ChunkStateTiles(KernelTiles):
 
 @dataclass(frozen=True)
 class StatePassingTiles(KernelTiles):
-    """The state passing: ``block_flat`` elements of a head's state per program."""
+    """The state passing: ``block_flat`` elements of a head's state per program, each
+    chunk's own state and decay read ``prefetch`` chunks ahead of their use (1 or 2:
+    how many chunks' loads are in flight while the program waits for one; 2 unless
+    tuned, the loop then unrolled twice)."""
 
     block_flat: int = 1024
+    prefetch: int = 2
     BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {"block_flat": (32, 8192)}
+    PREFETCH: ClassVar[tuple[int, ...]] = (1, 2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_int(self.prefetch) or self.prefetch not in self.PREFETCH:
+            raise ValueError(f"StatePassingTiles.prefetch must be one of {self.PREFETCH}, "
+                             f"got {self.prefetch!r}")
+
+    def label(self) -> str:
+        """``flat1024 ahead2 w4 s3``."""
+        return (f"flat{self.block_flat} ahead{self.prefetch} w{self.num_warps} "
+                f"s{self.num_stages}")
 
 
 @dataclass(frozen=True)
@@ -162,7 +179,8 @@ class ChunkScanTiles(KernelTiles):
 class ScanTiles:
     """The launch configuration of the scan's five kernels, one field per kernel in
     launch order (`SCAN_KERNELS`). The defaults are the untuned ones: 64-token tiles,
-    64 x 64 state tiles, 4 warps and 3 stages everywhere."""
+    64 x 64 state tiles, the state passing reading two chunks ahead, 4 warps and 3 stages
+    everywhere."""
 
     dt_cumsum: DtCumsumTiles = field(default_factory=DtCumsumTiles)
     cb: CbTiles = field(default_factory=CbTiles)
@@ -354,13 +372,13 @@ def _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK: tl.cons
 @triton.jit
 def _dt_cumsum_kernel(
     chunk_seq_ptr, chunk_start_ptr, qsl_ptr, dt_ptr, a_ptr, dt_bias_ptr, dt_out_ptr, dacs_ptr,
-    stride_dtt, stride_dth, stride_a, stride_dtbias, stride_wh,
+    decay_ptr, stride_dtt, stride_dth, stride_a, stride_dtbias, stride_wh, stride_dh,
     dt_min, dt_max,
     HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr,
 ):
-    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr,
-                                       tl.program_id(0), CHUNK)
+    chunk = tl.program_id(0)
+    seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK)
     if seq < 0:
         return
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -382,6 +400,10 @@ def _dt_cumsum_kernel(
     out = offs_h[:, None] * stride_wh + tokens[None, :]
     tl.store(dt_out_ptr + out, dt, mask=mask)
     tl.store(dacs_ptr + out, dacs, mask=mask)
+    # The chunk's whole decay, for the state passing: the cumsum at its last token, picked
+    # out exactly (a sum of it and zeros).
+    dacs_last = tl.sum(tl.where((offs_l == length - 1)[None, :], dacs, 0.0), axis=1)  # [H]
+    tl.store(decay_ptr + offs_h * stride_dh + chunk, tl.exp(dacs_last), mask=mask_h)
 
 
 @triton.jit
@@ -470,12 +492,39 @@ def _chunk_state_kernel(
 
 
 @triton.jit
+def _chunk_own_state(states_row, decay_row, chunk, end, offs, mask, stride_cc):
+    """``chunk``'s own end state (its ``offs`` elements) and decay; zeros and 1 at or
+    past ``end``, where nothing is read."""
+    inside = chunk < end
+    own = tl.load(states_row + chunk * stride_cc + offs, mask=mask & inside, other=0.0)
+    return own, tl.load(decay_row + chunk, mask=inside, other=1.0)
+
+
+@triton.jit
+def _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs, mask, stride_cc,
+                AHEAD: tl.constexpr):
+    """Store the state ``chunk`` starts from (``s``) in its entry, pass ``s`` through the
+    chunk, then read the chunk ``AHEAD`` on into the registers ``own`` and ``decay`` held.
+    At or past ``end`` it stores nothing and leaves ``s`` as it is (times 1, plus 0)."""
+    # Every thread's read of the entry (issued before, `own`) comes before any thread's
+    # store to it: an element replicated over threads is read by each of them.
+    tl.debug_barrier()
+    tl.store(states_row + chunk * stride_cc + offs, s, mask=mask & (chunk < end))
+    s = s * decay + own
+    # Read after `own` is consumed, so the load can reuse its registers: a load into other
+    # registers would be copied back at the loop's end, a copy that waits for the load.
+    own, decay = _chunk_own_state(states_row, decay_row, chunk + AHEAD, end, offs, mask,
+                                  stride_cc)
+    return s, own, decay
+
+
+@triton.jit
 def _state_passing_kernel(
-    state_ptr, slot_ptr, init_ptr, qsl_ptr, cu_ptr, chunk_start_ptr, dacs_ptr, states_ptr,
-    stride_ss, stride_sh, stride_sp, stride_sn, stride_slot, stride_init, stride_wh,
+    state_ptr, slot_ptr, init_ptr, cu_ptr, decay_ptr, states_ptr,
+    stride_ss, stride_sh, stride_sp, stride_sn, stride_slot, stride_init, stride_dh,
     stride_cc, stride_ch,
-    HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_F: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
 ):
     b = tl.program_id(0)
     slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
@@ -486,18 +535,27 @@ def _state_passing_kernel(
     mask = offs < HEAD_DIM * D_STATE
     slot_ptrs = (state_ptr + slot * stride_ss + head * stride_sh
                  + (offs // D_STATE) * stride_sp + (offs % D_STATE) * stride_sn)
+    # int64: the chunk index addresses the chunk states (chunks x state elements).
+    first = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    states_row = states_ptr + head * stride_ch
+    decay_row = decay_ptr + head * stride_dh
+    # No load in the loop depends on another: each chunk's reads are issued PREFETCH
+    # chunks before they are used (the loop unrolled PREFETCH times), so that many are in
+    # flight at once.
     s = tl.load(slot_ptrs, mask=mask, other=0.0).to(tl.float32)
+    own, decay = _chunk_own_state(states_row, decay_row, first, end, offs, mask, stride_cc)
+    if PREFETCH == 2:
+        own_odd, decay_odd = _chunk_own_state(states_row, decay_row, first + 1, end, offs,
+                                              mask, stride_cc)
     if HAS_INIT_FLAGS:
         s = tl.where(tl.load(init_ptr + b * stride_init) != 0, s, 0.0)
-    seq_end = tl.load(qsl_ptr + b + 1).to(tl.int64)
-    # int64 bounds: the loop index addresses the chunk states (chunks x state elements).
-    for chunk in range(tl.load(cu_ptr + b).to(tl.int64), tl.load(cu_ptr + b + 1).to(tl.int64)):
-        last = tl.minimum(tl.load(chunk_start_ptr + chunk).to(tl.int64) + CHUNK, seq_end) - 1
-        ptrs = states_ptr + chunk * stride_cc + head * stride_ch + offs
-        own = tl.load(ptrs, mask=mask, other=0.0)
-        tl.debug_barrier()  # a replicated element is read by all its threads before the store
-        tl.store(ptrs, s, mask=mask)  # the state this chunk starts from
-        s = s * tl.exp(tl.load(dacs_ptr + head * stride_wh + last)) + own
+    for chunk in range(first, end, PREFETCH):
+        s, own, decay = _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs,
+                                    mask, stride_cc, PREFETCH)
+        if PREFETCH == 2:
+            s, own_odd, decay_odd = _pass_chunk(s, own_odd, decay_odd, states_row, decay_row,
+                                                chunk + 1, end, offs, mask, stride_cc, 2)
     tl.debug_barrier()
     tl.store(slot_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
 
@@ -711,7 +769,7 @@ def chunk_scan_launches(
         "chunk_state": part(_launch_chunk_state, layout, qsl, x, B, work, chunk_size,
                             tiles.chunk_state),
         "state_passing": part(_launch_state_passing, layout, state, slot_idx,
-                              has_initial_state, qsl, work, chunk_size, tiles.state_passing),
+                              has_initial_state, work, tiles.state_passing),
         "chunk_scan": part(_launch_chunk_scan, layout, qsl, x, z, C, D, work, out, chunk_size,
                            tiles.chunk_scan),
     }
@@ -721,14 +779,16 @@ def chunk_scan_launches(
 def _scan_buffers(
     x: torch.Tensor, num_chunks: int, groups: int, d_state: int, chunk_size: int
 ) -> dict[str, torch.Tensor]:
-    """The fp32 intermediates: discretised dt and its chunk cumsum ``[heads, T]``, CB
-    ``[T, groups, chunk_size]`` and the chunk states ``[chunks, heads, head_dim, d_state]``
-    (bounded by the step's tokens and sequences, not by the prompts' lengths)."""
+    """The fp32 intermediates: discretised dt and its chunk cumsum ``[heads, T]``, each
+    chunk's decay ``exp(sum dA)`` ``[heads, chunks]``, CB ``[T, groups, chunk_size]`` and
+    the chunk states ``[chunks, heads, head_dim, d_state]`` (all bounded by the step's
+    tokens and sequences, not by the prompts' lengths)."""
     tokens, heads, head_dim = x.shape
     f32 = {"dtype": torch.float32, "device": x.device}
     return {
         "dt": per_token_rows(heads, tokens, **f32),
         "dacs": per_token_rows(heads, tokens, **f32),
+        "chunk_decay": per_token_rows(heads, num_chunks, **f32),
         "cb": torch.empty(tokens, groups, chunk_size, **f32),
         "states": torch.empty(num_chunks, heads, head_dim, d_state, **f32),
     }
@@ -748,8 +808,9 @@ def _launch_dt_cumsum(
     grid = (layout.chunk_seq.shape[0], triton.cdiv(heads, block_h))
     _dt_cumsum_kernel[grid](
         layout.chunk_seq, layout.chunk_start, qsl, dt, A, dt if dt_bias is None else dt_bias,
-        work["dt"], work["dacs"], *dt.stride(), A.stride(0), *strides(dt_bias, 1),
-        work["dt"].stride(0), float(dt_limit[0]), float(dt_limit[1]),
+        work["dt"], work["dacs"], work["chunk_decay"], *dt.stride(), A.stride(0),
+        *strides(dt_bias, 1), work["dt"].stride(0), work["chunk_decay"].stride(0),
+        float(dt_limit[0]), float(dt_limit[1]),
         HEADS=heads, CHUNK=chunk_size, BLOCK_H=block_h, BLOCK_L=next_power_of_2(chunk_size),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round,
         **_options(tiles),
@@ -793,19 +854,19 @@ def _launch_chunk_state(
 
 def _launch_state_passing(
     layout: ChunkLayout, state: torch.Tensor, slot_idx: torch.Tensor,
-    has_initial_state: torch.Tensor | None, qsl: torch.Tensor,
-    work: dict[str, torch.Tensor], chunk_size: int, tiles: StatePassingTiles,
+    has_initial_state: torch.Tensor | None, work: dict[str, torch.Tensor],
+    tiles: StatePassingTiles,
 ) -> None:
     heads, head_dim, d_state = state.shape[1:]
     block = min(next_power_of_2(head_dim * d_state), tiles.block_flat)
-    states = work["states"]
+    states, decay = work["states"], work["chunk_decay"]
     grid = (slot_idx.shape[0], heads, triton.cdiv(head_dim * d_state, block))
     _state_passing_kernel[grid](
-        state, slot_idx, slot_idx if has_initial_state is None else has_initial_state, qsl,
-        layout.cu_chunks, layout.chunk_start, work["dacs"], states,
+        state, slot_idx, slot_idx if has_initial_state is None else has_initial_state,
+        layout.cu_chunks, decay, states,
         *state.stride(), slot_idx.stride(0), *strides(has_initial_state, 1),
-        work["dacs"].stride(0), states.stride(0), states.stride(1),
-        HEAD_DIM=head_dim, D_STATE=d_state, CHUNK=chunk_size, BLOCK_F=block,
+        decay.stride(0), states.stride(0), states.stride(1),
+        HEAD_DIM=head_dim, D_STATE=d_state, BLOCK_F=block, PREFETCH=tiles.prefetch,
         HAS_INIT_FLAGS=has_initial_state is not None, **_options(tiles),
     )
 
