@@ -6,15 +6,18 @@ called as the engine calls the scan (D, dt_bias, rounded dt, states continuing f
 slots, the chunk table built once). Steps of 8,192 tokens: one prompt of 8,192 and eight
 of 1,024.
 
-Per geometry, each of the five kernels is swept alone (the others keep their defaults),
-costliest first, over a bounded grid in two phases: (1) its tile sizes, each from
-{32, 64, 128} where it divides the dimension (chunk, head_dim, d_state) and fits in it,
-at the default 4 warps and 3 stages (heads per program from {4, 8, 16} for the dt cumsum,
-state elements from {256 ... 2048} for the state passing); (2) warps {4, 8} x stages
-{1, 2, 3} around phase 1's fastest. A candidate whose staged operands cannot fit in the
-GPU's shared memory is pruned before it compiles; one that fails to compile or launch is
-recorded and skipped; one whose whole-scan output or final state differs from the
-default configuration's by more than `MATCH_TOLERANCE` (relative) is rejected. Times:
+Per geometry, each of the five kernels (or those of ``--kernels``) is swept alone (the
+others keep their defaults), costliest first, over a bounded grid in two phases: (1) its
+tile sizes, each from {32, 64, 128} where it divides the dimension (chunk, head_dim,
+d_state) and fits in it, at the default 4 warps and 3 stages (heads per program from
+{4, 8, 16} for the dt cumsum; state elements from {128 ... 4096} x prefetch depth {1, 2}
+for the state passing); (2) warps {4, 8} x stages {1, 2, 3} around phase 1's fastest
+(warps alone for the dt cumsum, and {2, 4, 8} alone for the state passing: Triton
+pipelines neither's loop, so stages change nothing). A candidate whose staged operands
+cannot fit in the GPU's shared memory is pruned before it compiles; one that fails to
+compile or launch is recorded and skipped; one whose whole-scan output or final state
+differs from the default configuration's by more than `MATCH_TOLERANCE` (relative) is
+rejected. Times:
 the kernel's launch alone (the launches before it have run once), CUDA events around
 `CALLS_PER_EVENT` back-to-back calls, median after warm-up, summed over both steps. Per
 kernel the fastest candidate wins; then the whole scan runs with the default and the tuned
@@ -30,7 +33,14 @@ kernels keep their best so far.
 
 ``--write-table PATH`` writes the package's tuned table (src/avmp/kernels/triton/tuned/
 mamba2_chunk_scan.json) with this GPU's entries for the swept shapes replaced by this
-run's: copy it over the packaged file to ship it.
+run's: copy it over the packaged file to ship it (a sweep of all five kernels only).
+
+One kernel alone, then its candidates one row each; and the code path on the CPU::
+
+    PYTHONPATH=src python3 -m benchmarks.scan_tune --kernels state_passing \\
+        --out $OUT/scan_tune_state_passing_h200.json.gz
+    python3 -m benchmarks.scan_tune --markdown FILE --trials state_passing
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 -m benchmarks.scan_tune --smoke --out /tmp/s.json.gz
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from avmp.kernels.triton.mamba2_chunk_scan import (
     TUNED_TABLE,
     KernelTiles,
     ScanTiles,
+    StatePassingTiles,
     chunk_layout,
     chunk_scan_launches,
     dtype_name,
@@ -78,6 +89,8 @@ from benchmarks.common import (
 from benchmarks.kernels import ScanGeometry
 
 MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
+# The kernels with no loop that Triton software-pipelines: num_stages changes nothing.
+UNPIPELINED = ("dt_cumsum", "state_passing")
 STEPS = ((1, 8192), (8, 1024))  # (prompts, tokens each): 8,192 tokens per step
 DTYPE = torch.bfloat16
 # Candidates whose outputs differ more than this from the default tiles' are rejected: the
@@ -106,9 +119,18 @@ class Grid:
 
     tile_sizes: tuple[int, ...] = (32, 64, 128)
     head_blocks: tuple[int, ...] = (4, 8, 16)
-    flat_blocks: tuple[int, ...] = (256, 512, 1024, 2048)
+    flat_blocks: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    prefetch: tuple[int, ...] = StatePassingTiles.PREFETCH
     warps: tuple[int, ...] = (4, 8)
+    passing_warps: tuple[int, ...] = (2, 4, 8)  # the state passing's: no matrix product
     stages: tuple[int, ...] = (1, 2, 3)
+
+
+# The --smoke run: a shape the interpreter runs in seconds, with sequences of 1 to 5 chunks.
+SMOKE_GEOMETRY = ScanGeometry(heads=4, head_dim=32, d_state=32, groups=2, chunk_size=16)
+SMOKE_STEPS = ((1, 80), (2, 24))
+SMOKE_GRID = Grid(tile_sizes=(16,), head_blocks=(4,), flat_blocks=(256, 1024), warps=(4,),
+                  passing_warps=(2, 4), stages=(1,))
 
 
 @dataclass(frozen=True)
@@ -163,8 +185,9 @@ def fitting(size: int, choices: Sequence[int]) -> tuple[int, ...]:
 
 
 def tile_axes(kernel: str, geo: ScanGeometry, grid: Grid) -> dict[str, tuple[int, ...]]:
-    """Phase 1's values of each tile size of ``kernel``: an empty axis (a dimension below
-    every choice) keeps the default, which the launch shrinks to the dimension."""
+    """Phase 1's values of each tile size of ``kernel`` (and the state passing's prefetch
+    depth): an empty axis (a dimension below every choice) keeps the default, which the
+    launch shrinks to the dimension."""
     dims = {"block_tokens": geo.chunk_size, "block_p": geo.head_dim, "block_state": geo.d_state}
     default = KERNEL_TILES[kernel]()
     axes = {}
@@ -176,6 +199,8 @@ def tile_axes(kernel: str, geo: ScanGeometry, grid: Grid) -> dict[str, tuple[int
         else:
             values = fitting(dims[name], grid.tile_sizes)
         axes[name] = values or (getattr(default, name),)
+    if kernel == "state_passing":
+        axes["prefetch"] = grid.prefetch
     return axes
 
 
@@ -191,10 +216,12 @@ def phase_one(kernel: str, geo: ScanGeometry, grid: Grid) -> list[KernelTiles]:
 
 def phase_two(kernel: str, best: KernelTiles, grid: Grid) -> list[KernelTiles]:
     """Warps x stages around phase 1's fastest tiles, itself left out (already timed).
-    The dt cumsum has no loop to pipeline: only its warps vary."""
-    stages = (best.num_stages,) if kernel == "dt_cumsum" else grid.stages
+    The dt cumsum has no loop to pipeline, the state passing none that Triton pipelines
+    (its code is the same at 1 and 3 stages): only their warps vary."""
+    warps = grid.passing_warps if kernel == "state_passing" else grid.warps
+    stages = (best.num_stages,) if kernel in UNPIPELINED else grid.stages
     variants = (dataclasses.replace(best, num_warps=w, num_stages=s)
-                for w in grid.warps for s in stages)
+                for w in warps for s in stages)
     return [v for v in dict.fromkeys(variants) if v != best]
 
 
@@ -366,10 +393,11 @@ def cuda_timer(warmup: int, repeats: int, calls: int = CALLS_PER_EVENT) -> Timer
     return timer
 
 
-def kernel_order(cases: Sequence[StepCase], timer: Timer) -> list[str]:
-    """The kernels by their default time, costliest first: the budget goes to them."""
-    totals = {k: sum(timer(c.launch(ScanTiles(), k)) for c in cases) for k in SCAN_KERNELS}
-    return sorted(SCAN_KERNELS, key=lambda k: -totals[k])
+def kernel_order(cases: Sequence[StepCase], timer: Timer,
+                 kernels: Sequence[str] = SCAN_KERNELS) -> list[str]:
+    """``kernels`` by their default time, costliest first: the budget goes to them."""
+    totals = {k: sum(timer(c.launch(ScanTiles(), k)) for c in cases) for k in kernels}
+    return sorted(kernels, key=lambda k: -totals[k])
 
 
 class SweepProgress:
@@ -390,19 +418,20 @@ class SweepProgress:
             f"candidates ran, {skipped} left untried)", soft_wrap=True)
 
 
-def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], grid: Grid,
-                  timer: Timer, smem_limit: int, deadline: float,
-                  report: SweepProgress) -> dict[str, Any]:
-    """Sweep every kernel of one geometry; returns its trials and tuned tiles."""
+def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], setup: Setup,
+                  deadline: float, report: SweepProgress) -> dict[str, Any]:
+    """Sweep the kernels of one geometry (``setup.kernels``); returns the trials and tuned
+    tiles (the defaults for a kernel not swept)."""
+    grid, timer = setup.grid, setup.timers[0]
     trials: list[Trial] = []
     tuned, skipped = ScanTiles(), 0
 
     def attempt(tiles: KernelTiles) -> Trial:
-        trial = try_candidate(kernel, tiles, cases, timer, geo, smem_limit)
+        trial = try_candidate(kernel, tiles, cases, timer, geo, setup.smem_limit)
         report.advance(1)
         return trial
 
-    for kernel in kernel_order(cases, timer):
+    for kernel in kernel_order(cases, timer, setup.kernels):
         kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
                                            lambda: time.perf_counter() > deadline)
         report.advance(left)
@@ -433,11 +462,11 @@ def compare(cases: Sequence[StepCase], tuned: ScanTiles, timer: Timer) -> dict[s
     return {"kernels": kernels, "whole": whole}
 
 
-def grid_size(geo: ScanGeometry, grid: Grid) -> int:
-    """Candidates of a geometry's sweep (phase 2 counted at its largest)."""
-    return sum(len(phase_one(k, geo, grid))
-               + len(grid.warps) * (1 if k == "dt_cumsum" else len(grid.stages)) - 1
-               for k in SCAN_KERNELS)
+def grid_size(geo: ScanGeometry, grid: Grid, kernels: Sequence[str] = SCAN_KERNELS) -> int:
+    """Candidates of a geometry's sweep of ``kernels`` (phase 2 counted around the
+    defaults)."""
+    return sum(len(phase_one(k, geo, grid)) + len(phase_two(k, KERNEL_TILES[k](), grid))
+               for k in kernels)
 
 
 @dataclass(frozen=True)
@@ -458,8 +487,8 @@ def zoo_target(model: str) -> Target:
 @dataclass(frozen=True)
 class Setup:
     """How the sweep runs: where, on which steps, for how long, timed how (``timers``:
-    the sweep's and the final comparison's; ``timing`` says how, for the report), and
-    the GPU's shared memory per program."""
+    the sweep's and the final comparison's; ``timing`` says how, for the report), the
+    GPU's shared memory per program, and which kernels it sweeps."""
 
     device: torch.device
     steps: tuple[tuple[int, int], ...]
@@ -468,6 +497,7 @@ class Setup:
     timing: str
     smem_limit: int
     grid: Grid = Grid()
+    kernels: tuple[str, ...] = SCAN_KERNELS
 
 
 def sweep_target(target: Target, setup: Setup, deadline: float,
@@ -476,12 +506,12 @@ def sweep_target(target: Target, setup: Setup, deadline: float,
     gen = torch.Generator(device=setup.device).manual_seed(0)
     geo = target.geometry
     cases = [StepCase(geo, b, n, target.state_dtype, setup.device, gen) for b, n in setup.steps]
-    swept = tune_geometry(geo, cases, setup.grid, setup.timers[0], setup.smem_limit, deadline,
-                          report)
+    swept = tune_geometry(geo, cases, setup, deadline, report)
     tuned = ScanTiles.from_dict(swept["tuned"])
     return {"model": target.model, "geometry": dataclasses.asdict(geo),
             "dtype": dtype_name(DTYPE), "state_dtype": dtype_name(target.state_dtype),
-            "steps": [c.label for c in cases], **swept, **compare(cases, tuned, setup.timers[1])}
+            "steps": [c.label for c in cases], "swept": list(setup.kernels), **swept,
+            **compare(cases, tuned, setup.timers[1])}
 
 
 def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[str, Any]:
@@ -496,7 +526,7 @@ def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[st
             # each geometry's share of the budget, plus what the ones before it left
             deadline = start + setup.budget_s * (index + 1) / len(targets)
             report = SweepProgress(progress, target.model,
-                                   grid_size(target.geometry, setup.grid))
+                                   grid_size(target.geometry, setup.grid, setup.kernels))
             results.append(sweep_target(target, setup, deadline, report))
     return {"device": device_name(setup.device), "torch": torch.__version__,
             "triton": triton.__version__, "command": command(argv),
@@ -598,6 +628,23 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def trials_markdown(result: dict[str, Any], kernel: str) -> str:
+    """One kernel's candidates in a saved result, as swept: each one's time per step, or
+    why it was dropped."""
+    steps = result["geometries"][0]["steps"] if result["geometries"] else []
+    lines = [f"| model geometry | {kernel} tiles | " + " | ".join(f"{s} ms" for s in steps)
+             + " | rel err vs default | dropped |",
+             "|---|---|" + "---:|" * len(steps) + "---:|---|"]
+    for g in result["geometries"]:
+        for t in (t for t in g["trials"] if t["kernel"] == kernel):
+            times = t["ms"] or [None] * len(steps)
+            shown = " | ".join("-" if ms is None else f"{ms:.3f}" for ms in times)
+            err = "-" if t["rel_error"] is None else f"{t['rel_error']:.1e}"
+            lines.append(f"| {g['model']} | {t['label']} | {shown} | {err} | "
+                         f"{t['error'] or ''} |")
+    return "\n".join(lines)
+
+
 def parse_steps(text: str) -> tuple[int, int]:
     batch, _, each = text.partition("x")
     try:
@@ -620,7 +667,50 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         metavar="PROMPTSxTOKENS", help="steps to time (default 1x8192 8x1024)")
     parser.add_argument("--budget-s", type=float, default=100.0,
                         help="seconds of sweeping before the candidates left are skipped")
+    parser.add_argument("--kernels", nargs="+", choices=SCAN_KERNELS, default=list(SCAN_KERNELS),
+                        metavar="KERNEL",
+                        help="the kernels to sweep (the others keep their defaults)")
+    parser.add_argument("--trials", choices=SCAN_KERNELS, metavar="KERNEL",
+                        help="with --markdown: that kernel's candidates, one row each")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny shape on the CPU under TRITON_INTERPRET=1 (a code-path check)")
     return parser.parse_args(argv)
+
+
+def wall_timer(fn: Callable[[], object]) -> float:
+    """Wall-clock milliseconds of one call (the --smoke run)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def setup_for(args: argparse.Namespace) -> tuple[list[Target], Setup]:
+    """What to sweep and how, from the arguments.
+
+    Raises:
+        ValueError: an unknown model, ``--write-table`` for a sweep of some kernels only,
+            no CUDA GPU (or, with ``--smoke``, not under Triton's interpreter).
+    """
+    kernels = tuple(k for k in SCAN_KERNELS if k in args.kernels)
+    if args.write_table is not None and kernels != SCAN_KERNELS:
+        raise ValueError("--write-table needs a sweep of every kernel (drop --kernels)")
+    if args.smoke:
+        if not triton.knobs.runtime.interpret:
+            raise ValueError("--smoke runs under Triton's interpreter: set TRITON_INTERPRET=1")
+        return [Target("smoke", SMOKE_GEOMETRY, torch.float32)], Setup(
+            torch.device("cpu"), SMOKE_STEPS, args.budget_s, (wall_timer, wall_timer),
+            "wall clock under Triton's interpreter, one call (not a measurement)", 1 << 30,
+            SMOKE_GRID, kernels)
+    targets = [zoo_target(model) for model in args.models]  # unknown models fail first
+    if not torch.cuda.is_available():
+        raise ValueError("needs a CUDA GPU (none is visible)")
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    # the most one program may opt in to (227 KiB on an H100 or H200); ROCm lacks it
+    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    timers = (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING))
+    return targets, Setup(device, tuple(args.steps), args.budget_s, timers, TIMING, smem,
+                          kernels=kernels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -628,20 +718,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.markdown is not None:
-            print(markdown(read_result(args.markdown)))
+            saved = read_result(args.markdown)
+            print(markdown(saved) if args.trials is None else trials_markdown(saved, args.trials))
             return 0
         if args.out is None:
             raise ValueError("--out is required to run the sweep")
-        targets = [zoo_target(model) for model in args.models]  # unknown models fail first
-        if not torch.cuda.is_available():
-            raise ValueError("needs a CUDA GPU (none is visible)")
-        device = torch.device("cuda")
-        props = torch.cuda.get_device_properties(device)
-        # the most one program may opt in to (227 KiB on an H100 or H200); ROCm lacks it
-        smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
-        setup = Setup(device, tuple(args.steps), args.budget_s,
-                      (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING)), TIMING, smem)
-        warm_up_gpu()  # clocks up before the first timing
+        targets, setup = setup_for(args)
+        if setup.device.type == "cuda":
+            warm_up_gpu()  # clocks up before the first timing
         result = run(targets, setup, argv)
         write_result(args.out, result)
         if args.write_table is not None:

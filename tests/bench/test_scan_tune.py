@@ -35,6 +35,7 @@ from avmp.kernels.triton.mamba2_chunk_scan import (  # noqa: E402
     tuned_tiles,
 )
 from benchmarks import scan_tune  # noqa: E402
+from benchmarks.common import read_result  # noqa: E402
 from benchmarks.kernels import SCAN_GEOMETRIES, ScanGeometry  # noqa: E402
 from benchmarks.scan_tune import Grid, Trial  # noqa: E402
 
@@ -60,7 +61,8 @@ def test_tile_axes_keep_sizes_that_divide_and_fit() -> None:
     assert axes["dt_cumsum"] == {"block_heads": (4, 8, 16)}
     assert axes["cb"] == {"block_tokens": (32, 64, 128), "block_state": (32, 64, 128)}
     assert axes["chunk_state"]["block_p"] == (32, 64)  # head_dim 64: 128 does not fit
-    assert axes["state_passing"] == {"block_flat": (256, 512, 1024, 2048)}
+    assert axes["state_passing"] == {"block_flat": (128, 256, 512, 1024, 2048, 4096),
+                                     "prefetch": (1, 2)}
     tiny = ScanGeometry(heads=2, head_dim=16, d_state=16, groups=1, chunk_size=8)
     # below every choice: the default, which the launch shrinks to the dimension
     assert scan_tune.tile_axes("chunk_scan", tiny, GRID) == {
@@ -85,9 +87,12 @@ def test_phase_two_varies_warps_and_stages_around_the_best() -> None:
     assert {(c.block_tokens, c.block_state) for c in cands} == {(128, 32)}
     assert {(c.num_warps, c.num_stages) for c in cands} == {
         (4, 1), (4, 2), (8, 1), (8, 2), (8, 3)}
-    # the dt cumsum has no loop to pipeline
+    # the dt cumsum has no loop to pipeline, the state passing none Triton pipelines
     assert scan_tune.phase_two("dt_cumsum", DtCumsumTiles(), GRID) == [
         DtCumsumTiles(num_warps=8)]
+    passing = StatePassingTiles(block_flat=256, prefetch=1)
+    assert scan_tune.phase_two("state_passing", passing, GRID) == [
+        dataclasses.replace(passing, num_warps=w) for w in (2, 8)]
 
 
 def test_shared_memory_bound() -> None:
@@ -194,8 +199,12 @@ def test_sweep_kernel_stops_at_the_budget_but_times_the_default() -> None:
     trials, skipped = scan_tune.sweep_kernel("cb", GRANITE, GRID, attempt, lambda: True)
     assert [t.tiles for t in trials] == [CbTiles()]
     assert skipped == 3 * 3 - 1 + 5
+    # phase 2: 2 x 3 - 1 for each kernel with matrix products, 2 - 1 warps for the dt
+    # cumsum, 3 - 1 for the state passing
     assert scan_tune.grid_size(GRANITE, GRID) == sum(
-        len(scan_tune.phase_one(k, GRANITE, GRID)) for k in SCAN_KERNELS) + 4 * 5 + 1
+        len(scan_tune.phase_one(k, GRANITE, GRID)) for k in SCAN_KERNELS) + 3 * 5 + 1 + 2
+    assert len(scan_tune.phase_one("state_passing", GRANITE, GRID)) == 1 + 6 * 2 - 1
+    assert scan_tune.grid_size(GRANITE, GRID, ["state_passing"]) == 12 + 2
 
 
 # -- the tuned table and the report ------------------------------------------------------------
@@ -313,3 +322,50 @@ def test_a_small_sweep_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert [k["kernel"] for k in g["kernels"]] == list(SCAN_KERNELS)
     assert g["whole"][0]["rel_error"] <= scan_tune.MATCH_TOLERANCE
     assert "| tiny | 2 x 24 |" in scan_tune.markdown(result)
+
+
+def test_trials_table_lists_one_kernels_candidates() -> None:
+    result = fake_result()
+    passing = StatePassingTiles(prefetch=1)
+    result["geometries"][0]["trials"] = [
+        Trial("state_passing", passing, ms=(0.05, 0.04), rel_error=0.0).to_dict(),
+        Trial("state_passing", StatePassingTiles(block_flat=128), error="mismatch").to_dict(),
+        Trial("cb", CbTiles(), ms=(1.0, 1.0)).to_dict()]
+    text = scan_tune.trials_markdown(result, "state_passing")
+    assert text.splitlines()[0] == ("| model geometry | state_passing tiles | 1 x 8192 ms | "
+                                    "8 x 1024 ms | rel err vs default | dropped |")
+    assert "| granite-4.0-h-micro | flat1024 ahead1 w4 s3 | 0.050 | 0.040 | 0.0e+00 |  |" in text
+    assert "| granite-4.0-h-micro | flat128 ahead2 w4 s3 | - | - | - | mismatch |" in text
+    assert "tokens64" not in text and len(text.splitlines()) == 4
+
+
+def test_a_sweep_of_some_kernels_writes_no_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["--kernels", "state_passing", "--out", str(tmp_path / "r.json.gz"),
+            "--write-table", str(tmp_path / "t.json")]
+    assert scan_tune.main(argv) == 2
+    assert capsys.readouterr().err == ("scan_tune: --write-table needs a sweep of every kernel "
+                                       "(drop --kernels)\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="--smoke runs under the interpreter")
+def test_smoke_sweeps_the_state_passing_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "smoke.json.gz"
+    assert scan_tune.main(["--smoke", "--kernels", "state_passing", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| smoke | state_passing | flat1024 ahead2 w4 s3 |" in printed
+    result = read_result(out)
+    g = result["geometries"][0]
+    assert g["swept"] == ["state_passing"] and g["steps"] == ["1 x 80", "2 x 24"]
+    assert {t["kernel"] for t in g["trials"]} == {"state_passing"}
+    labels = [t["label"] for t in g["trials"]]
+    assert labels[0] == "flat1024 ahead2 w4 s3" and len(labels) == 4 + 1
+    assert {"flat256 ahead1 w4 s3", "flat1024 ahead1 w4 s3"} <= set(labels)
+    assert all(t["error"] is None for t in g["trials"])
+    assert g["tuned"]["chunk_scan"] == dataclasses.asdict(ChunkScanTiles())  # not swept
+    assert scan_tune.main(["--markdown", str(out), "--trials", "state_passing"]) == 0
+    assert capsys.readouterr().out.count("| smoke | flat") == 5
