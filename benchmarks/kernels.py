@@ -515,10 +515,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
     parser.add_argument("--markdown", type=Path,
-                        help="print the docs table of a saved file ({'runs': [result, ...]})")
+                        help="print the docs table of a saved file (one run's, as --out "
+                        "writes it, or {'runs': [result, ...]})")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown_table(read_result(args.markdown)["runs"]))
+        saved = read_result(args.markdown)
+        print(markdown_table(saved["runs"] if "runs" in saved else [saved]))
         return
     if args.out is None:
         parser.error("--out is required to run the benchmark")
