@@ -106,6 +106,19 @@ def warm_up_gpu(seconds: float = 1.0) -> None:
         torch.cuda.synchronize()
 
 
+def tuning_device() -> tuple[Any, int]:
+    """The CUDA device a launch-tile sweep runs on and the most shared memory one program
+    may opt in to (227 KiB on an H100 or H200; ROCm lacks the opt-in figure, so the plain
+    per-block one); a ValueError when no CUDA GPU is visible."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("needs a CUDA GPU (none is visible)")
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    return device, getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
 def event_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
     """Median device time of ``run`` in milliseconds, CUDA events around each call."""
     import torch

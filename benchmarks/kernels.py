@@ -520,7 +520,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.markdown:
         saved = read_result(args.markdown)
-        print(markdown_table(saved["runs"] if "runs" in saved else [saved]))
+        print(markdown_table(saved.get("runs", [saved])))
         return
     if args.out is None:
         parser.error("--out is required to run the benchmark")

@@ -83,6 +83,7 @@ from benchmarks.common import (
     read_result,
     rel_error,
     repo_path,
+    tuning_device,
     warm_up_gpu,
     write_result,
 )
@@ -702,12 +703,7 @@ def setup_for(args: argparse.Namespace) -> tuple[list[Target], Setup]:
             "wall clock under Triton's interpreter, one call (not a measurement)", 1 << 30,
             SMOKE_GRID, kernels)
     targets = [zoo_target(model) for model in args.models]  # unknown models fail first
-    if not torch.cuda.is_available():
-        raise ValueError("needs a CUDA GPU (none is visible)")
-    device = torch.device("cuda")
-    props = torch.cuda.get_device_properties(device)
-    # the most one program may opt in to (227 KiB on an H100 or H200); ROCm lacks it
-    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    device, smem = tuning_device()
     timers = (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING))
     return targets, Setup(device, tuple(args.steps), args.budget_s, timers, TIMING, smem,
                           kernels=kernels)
