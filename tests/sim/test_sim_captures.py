@@ -215,8 +215,9 @@ def test_committed_calibrations_without_capture_costs_give_the_figures_of_before
     name: str, tmp_path: Path
 ) -> None:
     """The H100 cells' calibration (no graph fields at all) and the H200 replays' fit
-    with its capture costs taken out: the figures of before, to the last digit, though
-    the run counts its captures; with the costs the same run takes longer."""
+    with its capture costs taken out: the figures of before (the same steps, times to
+    rounding), though the run counts its captures; with the costs the same run takes
+    longer."""
     path = RESULTS / name
     raw = path.read_bytes()
     data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
@@ -224,7 +225,10 @@ def test_committed_calibrations_without_capture_costs_give_the_figures_of_before
     stripped = tmp_path / "stripped.json"
     stripped.write_text(json.dumps(data))
     result = simulate_small(stripped)
-    assert (result.makespan_s, result.num_steps, result.ttft_p99_s) == BEFORE[name]
+    makespan, steps, ttft_p99 = BEFORE[name]
+    assert result.num_steps == steps
+    # To rounding: the last digits move with the numeric libraries' summation order.
+    assert (result.makespan_s, result.ttft_p99_s) == pytest.approx((makespan, ttft_p99), rel=1e-12)
     assert result.num_graph_captures > 0 and result.graph_capture_s == 0.0
     if costs is not None:
         charged = simulate_small(path)
