@@ -38,21 +38,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 import triton
 
-from avmp.kernels.triton._common import dtype_name, gpu_key
+from avmp.kernels.triton._common import dtype_name
 from avmp.kernels.triton.prefill_attention import (
     TUNED_TABLE,
     AttentionTiles,
@@ -63,16 +59,9 @@ from avmp.kernels.triton.prefill_attention import (
 )
 from avmp.models.hf import geometry_from_config
 from avmp.models.zoo import zoo_config
-from benchmarks.common import (
-    Timer,
-    event_ms,
-    read_result,
-    rel_error,
-    repo_path,
-    tuning_device,
-    warm_up_gpu,
-    write_result,
-)
+from benchmarks import tuning
+from benchmarks.common import Timer, rel_error
+from benchmarks.tuning import Rig, pick_fastest
 
 MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 # (prompts, new tokens each, cached tokens each)
@@ -135,6 +124,11 @@ class Trial:
     @property
     def ok(self) -> bool:
         return self.error is None and self.score is not None
+
+    @property
+    def cost(self) -> float:
+        """What `pick_fastest` ranks by: the score."""
+        return self.score if self.score is not None else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
         return {"tiles": self.tiles.to_dict(), "label": self.tiles.label(),
@@ -209,19 +203,6 @@ def smem_lower_bound(tiles: AttentionTiles, geo: Geometry, itemsize: int = 2) ->
     return tiles.block_m * d * itemsize + max(1, tiles.num_stages - 1) * kv
 
 
-def pick_fastest(trials: Sequence[Trial]) -> Trial | None:
-    """The trial of the lowest score (the earliest of equals: the defaults come first);
-    None when none ran."""
-    ran = [t for t in trials if t.ok]
-    return min(ran, key=lambda t: t.score or 0.0) if ran else None
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line (Triton's compile errors span pages)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
-
-
 # -- running candidates ------------------------------------------------------------------------
 
 
@@ -280,7 +261,7 @@ def try_candidate(tiles: AttentionTiles, cases: Sequence[StepCase], timer: Timer
                              error=f"mismatch on {case.label}: rel error {err:.2e}")
             times.append(timer(lambda c=case: c.run(tiles)))
     except Exception as error:  # a compile or launch failure: record it, go on
-        return Trial(tiles, error=one_line(error))
+        return Trial(tiles, error=tuning.one_line(error))
     score = statistics.fmean(t / b for t, b in zip(times, baseline, strict=True))
     return Trial(tiles, ms=tuple(times), score=score, rel_error=worst)
 
@@ -289,56 +270,18 @@ def sweep(grid: Grid, attempt: Callable[[AttentionTiles], Trial],
           out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
     """Both phases; returns the trials and how many candidates the budget left untried
     (the defaults always run: they are the baseline)."""
-    trials: list[Trial] = []
-    skipped = 0
-    first = phase_one(grid)
-    for tiles in first:
-        if out_of_time() and trials:
-            skipped += 1
-            continue
-        trials.append(attempt(tiles))
-    best = pick_fastest(trials)
-    for tiles in phase_two(best.tiles if best else first[0], grid):
-        if out_of_time():
-            skipped += 1
-            continue
-        trials.append(attempt(tiles))
-    return trials, skipped
-
-
-def cuda_timer(warmup: int, repeats: int) -> Timer:
-    """Median milliseconds of one call, CUDA events around each."""
-    return lambda fn: event_ms(fn, repeats=repeats, warmup=warmup)
-
-
-def wall_timer(warmup: int, repeats: int) -> Timer:
-    """Median wall-clock milliseconds of one call (the --smoke run on the CPU)."""
-
-    def timer(fn: Callable[[], object]) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return timer
+    return tuning.sweep_phases(phase_one(grid), lambda best: phase_two(best, grid), attempt,
+                               out_of_time)
 
 
 @dataclass(frozen=True)
 class Setup:
-    """How the sweep runs: where, on which steps and grid, for how long, timed how
-    (the sweep's and the final comparison's timers; ``timing`` says how), and the GPU's
-    shared memory per program."""
+    """How the sweep runs: where and timed how (`Rig`), on which steps and grid, and
+    for how long."""
 
-    device: torch.device
+    rig: Rig
     steps: tuple[tuple[int, int, int], ...]
     budget_s: float
-    timers: tuple[Timer, Timer]
-    timing: str
-    smem_limit: int
     grid: Grid = Grid()
 
 
@@ -353,19 +296,20 @@ def step_report(case: StepCase, default_ms: float, tuned_ms: float, err: float) 
 def sweep_geometry(model: str, geo: Geometry, setup: Setup, deadline: float,
                    progress: Callable[[str], None]) -> dict[str, Any]:
     """One geometry: the sweep, then the defaults against the tuned tiles."""
-    gen = torch.Generator(device=setup.device).manual_seed(0)
-    cases = [StepCase(geo, step, setup.device, gen) for step in setup.steps]
-    sweep_timer, final_timer = setup.timers
+    device = setup.rig.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = [StepCase(geo, step, device, gen) for step in setup.steps]
+    sweep_timer, final_timer = setup.rig.timers
     default = AttentionTiles()
     baseline = [sweep_timer(lambda c=c: c.run(default)) for c in cases]
 
     def attempt(tiles: AttentionTiles) -> Trial:
-        trial = try_candidate(tiles, cases, sweep_timer, baseline, geo, setup.smem_limit)
+        trial = try_candidate(tiles, cases, sweep_timer, baseline, geo, setup.rig.smem_limit)
         progress(f"{model} {tiles.label()}: " + (f"score {trial.score:.3f}" if trial.ok
                                                   else str(trial.error)))
         return trial
 
-    trials, skipped = sweep(setup.grid, attempt, lambda: time.perf_counter() > deadline)
+    trials, skipped = sweep(setup.grid, attempt, tuning.out_of_time(deadline))
     best = pick_fastest(trials)
     tuned = best.tiles if best else default
     steps = []
@@ -387,27 +331,11 @@ def run(targets: Sequence[tuple[str, Geometry]], setup: Setup, argv: Sequence[st
     start = time.perf_counter()
     results = []
     for index, (model, geo) in enumerate(targets):
-        # each geometry's share of the budget, plus what the ones before it left
-        deadline = start + setup.budget_s * (index + 1) / len(targets)
+        deadline = tuning.deadline(start, setup.budget_s, index, len(targets))
         results.append(sweep_geometry(model, geo, setup, deadline,
                                       lambda line: print(line, file=sys.stderr, flush=True)))
-    return {"device": device_name(setup.device), "torch": torch.__version__,
-            "triton": triton.__version__, "command": command(argv), "timing": setup.timing,
-            "match_tolerance": MATCH_TOLERANCE, "peak_tflops": PEAK_TFLOPS,
-            "budget_s": setup.budget_s, "elapsed_s": time.perf_counter() - start,
-            "shared_memory_bytes": setup.smem_limit, "geometries": results}
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def command(argv: Sequence[str]) -> str:
-    """The command as a result records it: paths relative to the repository, or their
-    file names (`repo_path`)."""
-    shown = [repo_path(a) if prev in ("--out", "--write-table") else a
-             for prev, a in zip(["", *argv], argv, strict=False)]
-    return "PYTHONPATH=src python3 -m benchmarks.attn_tune " + shlex.join(shown)
+    return tuning.sweep_result("attn_tune", setup, argv, MATCH_TOLERANCE, start, results,
+                               {"peak_tflops": PEAK_TFLOPS})
 
 
 # -- the tuned table ---------------------------------------------------------------------------
@@ -416,43 +344,8 @@ def command(argv: Sequence[str]) -> str:
 ABOUT = ("Launch tiles of the prefill attention kernel per GPU name and (head_dim, GQA group, "
          "dtype), written by benchmarks/attn_tune.py; a GPU or shape not listed gets the "
          "defaults.")
-
-
-def packaged_entries() -> list[dict[str, Any]]:
-    """The entries of the tuned table in the package, as written (notes included)."""
-    path = resources.files("avmp.kernels.triton").joinpath(*TUNED_TABLE)
-    return list(json.loads(path.read_text(encoding="utf-8"))["entries"]) if path.is_file() else []
-
-
-def table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One tuned-table entry per swept geometry of a result."""
-    return [{"gpu": result["device"], "head_dim": g["geometry"]["head_dim"],
-             "group": g["group"], "dtype": g["dtype"], "tiles": g["tuned"],
-             "command": result["command"], "model": g["model"],
-             "speedup": {s["step"]: round(s["speedup"], 3) for s in g["steps"]}}
-            for g in result["geometries"]]  # fmt: skip
-
-
-def merged_table(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, Any]:
-    """``existing`` entries with those of the same GPU and shape replaced by ``new``.
-
-    Raises:
-        ValueError: two new entries for one key, or a malformed entry.
-    """
-    def key(e: dict[str, Any]) -> tuple[Any, ...]:
-        return (gpu_key(e["gpu"]), e["head_dim"], e["group"], e["dtype"])
-
-    parse_tuned_table({"entries": new}, "this run")  # raises on a key twice
-    replaced = {key(e) for e in new}
-    table = {"about": ABOUT, "entries": [e for e in existing if key(e) not in replaced] + new}
-    parse_tuned_table(table, "the merged table")
-    return table
-
-
-def write_table(path: Path, result: dict[str, Any]) -> None:
-    table = merged_table(packaged_entries(), table_entries(result))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+TABLE = tuning.TunedTableFile(TUNED_TABLE, ABOUT, ("head_dim", "group", "dtype"), "steps",
+                              parse_tuned_table)
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -483,16 +376,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
-    parser.add_argument("--write-table", type=Path, metavar="PATH",
-                        help="write the tuned table (the package's, with this run's entries)")
-    parser.add_argument("--markdown", type=Path, help="print the table of a saved result")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
-    parser.add_argument("--budget-s", type=float, default=120.0,
-                        help="seconds of sweeping before the candidates left are skipped")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU under TRITON_INTERPRET=1 (a code-path check)")
+    parser = tuning.tuner_parser(
+        (__doc__ or "").splitlines()[0], models=MODELS, budget_s=120.0,
+        markdown_help="print the table of a saved result",
+        smoke_help="tiny shapes on the CPU under TRITON_INTERPRET=1 (a code-path check)")
     return parser.parse_args(argv)
 
 
@@ -506,40 +393,18 @@ def setup_for(args: argparse.Namespace) -> tuple[list[tuple[str, Geometry]], Set
     if not args.budget_s > 0:
         raise ValueError(f"--budget-s must be > 0, got {args.budget_s}")
     if args.smoke:
-        if not triton.knobs.runtime.interpret:
-            raise ValueError("--smoke runs under Triton's interpreter: set TRITON_INTERPRET=1")
-        timers = (wall_timer(0, 1), wall_timer(0, 1))
-        return [("smoke", SMOKE_GEOMETRY)], Setup(
-            torch.device("cpu"), SMOKE_STEPS, args.budget_s, timers,
-            "wall clock under Triton's interpreter, one call (not a measurement)",
-            1 << 30, SMOKE_GRID)
+        return [("smoke", SMOKE_GEOMETRY)], Setup(tuning.smoke_rig(), SMOKE_STEPS,
+                                                  args.budget_s, SMOKE_GRID)
     targets = [(model, attention_geometry(model)) for model in args.models]
-    device, smem = tuning_device()
-    timers = (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING))
-    return targets, Setup(device, STEPS, args.budget_s, timers, TIMING, smem)
+    rig = tuning.gpu_rig(SWEEP_TIMING, FINAL_TIMING, TIMING)
+    return targets, Setup(rig, STEPS, args.budget_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        if args.markdown is not None:
-            print(markdown(read_result(args.markdown)))
-            return 0
-        if args.out is None:
-            raise ValueError("--out is required to run the sweep")
-        targets, setup = setup_for(args)
-        if setup.device.type == "cuda":
-            warm_up_gpu()  # clocks up before the first timing
-        result = run(targets, setup, argv)
-        write_result(args.out, result)
-        if args.write_table is not None:
-            write_table(args.write_table, result)
-    except (ValueError, OSError) as error:  # a user mistake or a missing GPU: one line
-        print(f"attn_tune: {error}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+    return tuning.tuner_main("attn_tune", args, tuning.TunerSteps(
+        markdown, markdown, lambda: setup_for(args), lambda t, s: run(t, s, argv), TABLE.write))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ from avmp.models.geometry import (
     ModelGeometry,
     RecurrentLayer,
 )
-from benchmarks.common import RESULTS_DIR, copy_bytes_per_s, event_ms, write_result
+from benchmarks.common import RESULTS_DIR, copy_bytes_per_s, event_ms, wall_ms, write_result
 
 MIB = 1 << 20
 CHUNK = 2 * MIB
@@ -57,14 +56,7 @@ DEVICE = torch.device("cuda", 0)
 
 def median_us(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
     """Median wall time of ``run`` in microseconds (``run`` synchronizes itself)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+    return wall_ms(run, repeats, warmup) * 1e3
 
 
 def shift_spec() -> CacheSpec:

@@ -1,5 +1,5 @@
 """What the benchmark scripts share, each defined once: the one format their results are
-saved in, paths as results record them, GPU warm-up, CUDA-event timing, the
+saved in, paths as results record them, GPU warm-up, CUDA-event and wall-clock timing, the
 device-to-device copy bandwidth that memory-bound figures are compared with, and the
 relative error a kernel is checked with.
 
@@ -134,6 +134,23 @@ def event_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> f
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def wall_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``run`` in milliseconds (the CPU's timer)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def wall_timer(warmup: int, repeats: int) -> Timer:
+    """`wall_ms` as a `Timer`: the timer of a run on the CPU (under Triton's interpreter)."""
+    return lambda fn: wall_ms(fn, repeats=repeats, warmup=warmup)
 
 
 def copy_bytes_per_s(

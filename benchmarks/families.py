@@ -69,9 +69,14 @@ from avmp.engine.models.qwen3_next import GatedDeltaNet, SparseMoe
 from avmp.engine.tiny import tiny_config
 from avmp.models.zoo import zoo_config
 from avmp.sim.timing import get_profile
-from benchmarks.common import copy_bytes_per_s, gpu_profile, read_result, write_result
+from benchmarks.common import (
+    copy_bytes_per_s,
+    gpu_profile,
+    read_result,
+    wall_ms,
+    write_result,
+)
 from benchmarks.engine import build_model, decode_roofline, engine_cell, hf_cell, random_prompts
-from benchmarks.moe import wall_ms
 from benchmarks.prefill import attention_flops_per_pair, cache_budget, causal_pairs
 
 

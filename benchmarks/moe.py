@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +43,14 @@ import torch
 from avmp.engine.experts import ExpertSlice, can_group, set_grouped
 from avmp.engine.models.layers import GatedMLP, local_experts
 from avmp.engine.parallel.group import SINGLE
-from benchmarks.common import copy_bytes_per_s, event_ms, read_result, rel_error, write_result
+from benchmarks.common import (
+    copy_bytes_per_s,
+    event_ms,
+    read_result,
+    rel_error,
+    wall_ms,
+    write_result,
+)
 
 
 @dataclass(frozen=True)
@@ -118,18 +123,6 @@ def routing(
     weights, index = probs.topk(layer.top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return x.to(dtype), index, weights.to(dtype)
-
-
-def wall_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``run`` in milliseconds (the CPU's timer)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def graph_runner(experts: ExpertSlice, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:

@@ -48,14 +48,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,23 +67,15 @@ from avmp.kernels.triton.mamba2_chunk_scan import (
     chunk_layout,
     chunk_scan_launches,
     dtype_name,
-    gpu_key,
     mamba2_chunk_scan,
     parse_tuned_table,
 )
 from avmp.models.dtypes import default_ssm_dtype
 from avmp.models.zoo import zoo_config
-from benchmarks.common import (
-    Timer,
-    event_ms,
-    read_result,
-    rel_error,
-    repo_path,
-    tuning_device,
-    warm_up_gpu,
-    write_result,
-)
+from benchmarks import tuning
+from benchmarks.common import Timer, rel_error
 from benchmarks.kernels import ScanGeometry
+from benchmarks.tuning import Rig, pick_fastest
 
 MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 # The kernels with no loop that Triton software-pipelines: num_stages changes nothing.
@@ -100,6 +88,8 @@ DTYPE = torch.bfloat16
 MATCH_TOLERANCE = 1e-2
 SWEEP_TIMING = {"warmup": 4, "repeats": 10}
 FINAL_TIMING = {"warmup": 12, "repeats": 30}
+# The dt cumsum and the state passing take microseconds, less than their launch from Python:
+# timed back-to-back, the calls after the first hide that cost, as they do in a step.
 CALLS_PER_EVENT = 4
 TIMING = (f"CUDA events around {CALLS_PER_EVENT} back-to-back calls, median of "
           f"{FINAL_TIMING['repeats']} after {FINAL_TIMING['warmup']} warm-up calls "
@@ -152,6 +142,11 @@ class Trial:
     @property
     def total_ms(self) -> float:
         return sum(self.ms) if self.ms is not None else float("inf")
+
+    @property
+    def cost(self) -> float:
+        """What `pick_fastest` ranks by: the time over all steps."""
+        return self.total_ms
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "tiles": dataclasses.asdict(self.tiles),
@@ -252,13 +247,6 @@ def smem_lower_bound(kernel: str, tiles: KernelTiles, geo: ScanGeometry) -> int:
     return max(1, tiles.num_stages - 1) * per_stage
 
 
-def pick_fastest(trials: Sequence[Trial]) -> Trial | None:
-    """The trial with the least time over all steps (the earliest of equals: the
-    default comes first); None when none ran."""
-    ran = [t for t in trials if t.ok]
-    return min(ran, key=lambda t: t.total_ms) if ran else None
-
-
 # -- running candidates ------------------------------------------------------------------------
 
 
@@ -322,13 +310,6 @@ class StepCase:
         return launches[kernel]
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as one short line (Triton's compile errors span pages)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = f"{type(error).__name__}: {lines[-1] if lines else ''}"
-    return text[:300]
-
-
 def try_candidate(kernel: str, tiles: KernelTiles, cases: Sequence[StepCase], timer: Timer,
                   geo: ScanGeometry, smem_limit: int) -> Trial:
     """Check, then time, one candidate on every step; never raises for a candidate that
@@ -348,7 +329,7 @@ def try_candidate(kernel: str, tiles: KernelTiles, cases: Sequence[StepCase], ti
                              error=f"mismatch on {case.label}: rel error {err:.2e}")
             times.append(timer(case.launch(config, kernel)))
     except Exception as error:  # a compile or launch failure: record it, go on
-        return Trial(kernel, tiles, error=one_line(error))
+        return Trial(kernel, tiles, error=tuning.one_line(error))
     return Trial(kernel, tiles, ms=tuple(times), rel_error=worst)
 
 
@@ -357,41 +338,11 @@ def sweep_kernel(kernel: str, geo: ScanGeometry, grid: Grid,
                  out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
     """Both phases of one kernel's sweep. Returns its trials and how many candidates the
     budget left untried."""
-    trials: list[Trial] = []
-    first = phase_one(kernel, geo, grid)
-    skipped = 0
-    for tiles in first:
-        if out_of_time() and trials:
-            skipped += 1
-            continue
-        trials.append(attempt(tiles))
-    best = pick_fastest(trials)
-    second = phase_two(kernel, best.tiles if best else first[0], grid)
-    for tiles in second:
-        if out_of_time():
-            skipped += 1
-            continue
-        trials.append(attempt(tiles))
-    return trials, skipped
+    return tuning.sweep_phases(phase_one(kernel, geo, grid),
+                               lambda best: phase_two(kernel, best, grid), attempt, out_of_time)
 
 
 # -- the run -----------------------------------------------------------------------------------
-
-
-def cuda_timer(warmup: int, repeats: int, calls: int = CALLS_PER_EVENT) -> Timer:
-    """Median milliseconds of one call: CUDA events around ``calls`` back-to-back calls,
-    ``repeats`` times after ``warmup`` calls. A small kernel (the dt cumsum, the state
-    passing: microseconds) takes less time than its launch from Python; queued behind one
-    another, the calls after the first hide that cost, as they do in a step."""
-
-    def timer(fn: Callable[[], object]) -> float:
-        def batch() -> None:
-            for _ in range(calls):
-                fn()
-
-        return event_ms(batch, repeats=repeats, warmup=max(1, warmup // calls)) / calls
-
-    return timer
 
 
 def kernel_order(cases: Sequence[StepCase], timer: Timer,
@@ -423,18 +374,17 @@ def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], setup: Setup,
                   deadline: float, report: SweepProgress) -> dict[str, Any]:
     """Sweep the kernels of one geometry (``setup.kernels``); returns the trials and tuned
     tiles (the defaults for a kernel not swept)."""
-    grid, timer = setup.grid, setup.timers[0]
+    grid, timer = setup.grid, setup.rig.timers[0]
     trials: list[Trial] = []
     tuned, skipped = ScanTiles(), 0
 
     def attempt(tiles: KernelTiles) -> Trial:
-        trial = try_candidate(kernel, tiles, cases, timer, geo, setup.smem_limit)
+        trial = try_candidate(kernel, tiles, cases, timer, geo, setup.rig.smem_limit)
         report.advance(1)
         return trial
 
     for kernel in kernel_order(cases, timer, setup.kernels):
-        kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
-                                           lambda: time.perf_counter() > deadline)
+        kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt, tuning.out_of_time(deadline))
         report.advance(left)
         report.kernel_done(kernel, kernel_trials, left)
         best = pick_fastest(kernel_trials)
@@ -487,16 +437,12 @@ def zoo_target(model: str) -> Target:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the sweep runs: where, on which steps, for how long, timed how (``timers``:
-    the sweep's and the final comparison's; ``timing`` says how, for the report), the
-    GPU's shared memory per program, and which kernels it sweeps."""
+    """How the sweep runs: where and timed how (`Rig`), on which steps, for how long,
+    and which kernels it sweeps."""
 
-    device: torch.device
+    rig: Rig
     steps: tuple[tuple[int, int], ...]
     budget_s: float
-    timers: tuple[Timer, Timer]
-    timing: str
-    smem_limit: int
     grid: Grid = Grid()
     kernels: tuple[str, ...] = SCAN_KERNELS
 
@@ -504,15 +450,16 @@ class Setup:
 def sweep_target(target: Target, setup: Setup, deadline: float,
                  report: SweepProgress) -> dict[str, Any]:
     """One geometry: its sweep, then default against tuned tiles."""
-    gen = torch.Generator(device=setup.device).manual_seed(0)
+    device = setup.rig.device
+    gen = torch.Generator(device=device).manual_seed(0)
     geo = target.geometry
-    cases = [StepCase(geo, b, n, target.state_dtype, setup.device, gen) for b, n in setup.steps]
+    cases = [StepCase(geo, b, n, target.state_dtype, device, gen) for b, n in setup.steps]
     swept = tune_geometry(geo, cases, setup, deadline, report)
     tuned = ScanTiles.from_dict(swept["tuned"])
     return {"model": target.model, "geometry": dataclasses.asdict(geo),
             "dtype": dtype_name(DTYPE), "state_dtype": dtype_name(target.state_dtype),
             "steps": [c.label for c in cases], "swept": list(setup.kernels), **swept,
-            **compare(cases, tuned, setup.timers[1])}
+            **compare(cases, tuned, setup.rig.timers[1])}
 
 
 def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[str, Any]:
@@ -524,78 +471,22 @@ def run(targets: Sequence[Target], setup: Setup, argv: Sequence[str]) -> dict[st
     results = []
     with Progress(console=Console(stderr=True)) as progress:
         for index, target in enumerate(targets):
-            # each geometry's share of the budget, plus what the ones before it left
-            deadline = start + setup.budget_s * (index + 1) / len(targets)
+            deadline = tuning.deadline(start, setup.budget_s, index, len(targets))
             report = SweepProgress(progress, target.model,
                                    grid_size(target.geometry, setup.grid, setup.kernels))
             results.append(sweep_target(target, setup, deadline, report))
-    return {"device": device_name(setup.device), "torch": torch.__version__,
-            "triton": triton.__version__, "command": command(argv),
-            "timing": setup.timing, "match_tolerance": MATCH_TOLERANCE,
-            "budget_s": setup.budget_s,
-            "elapsed_s": time.perf_counter() - start, "shared_memory_bytes": setup.smem_limit,
-            "geometries": results}
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def command(argv: Sequence[str]) -> str:
-    """The command as a result records it: paths relative to the repository, or their
-    file names (`repo_path`)."""
-    shown = [repo_path(a) if prev in ("--out", "--write-table") else a
-             for prev, a in zip(["", *argv], argv, strict=False)]
-    return "PYTHONPATH=src python3 -m benchmarks.scan_tune " + shlex.join(shown)
+    return tuning.sweep_result("scan_tune", setup, argv, MATCH_TOLERANCE, start, results)
 
 
 # -- the tuned table ---------------------------------------------------------------------------
 
 
-def packaged_entries() -> list[dict[str, Any]]:
-    """The entries of the tuned table in the package, as written (notes included)."""
-    path = resources.files("avmp.kernels.triton").joinpath(*TUNED_TABLE)
-    return list(json.loads(path.read_text(encoding="utf-8"))["entries"]) if path.is_file() else []
-
-
-def table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One tuned-table entry per swept geometry of a result."""
-    entries = []
-    for g in result["geometries"]:
-        geo = g["geometry"]
-        entries.append({
-            "gpu": result["device"], "chunk_size": geo["chunk_size"],
-            "head_dim": geo["head_dim"], "d_state": geo["d_state"], "dtype": g["dtype"],
-            "tiles": g["tuned"], "command": result["command"], "model": g["model"],
-            "speedup": {w["step"]: round(w["speedup"], 3) for w in g["whole"]},
-        })  # fmt: skip
-    return entries
-
-
-def merged_table(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, Any]:
-    """``existing`` entries with those of the same GPU and shape replaced by ``new``.
-
-    Raises:
-        ValueError: two new entries for one key (two geometries with the same chunk size,
-            head_dim, d_state and dtype), or a malformed entry.
-    """
-    def key(e: dict[str, Any]) -> tuple[Any, ...]:
-        return (gpu_key(e["gpu"]), e["chunk_size"], e["head_dim"], e["d_state"], e["dtype"])
-
-    parse_tuned_table({"entries": new}, "this run")  # raises on a key twice
-    replaced = {key(e) for e in new}
-    table = {"about": ("Launch tiles of the chunked Mamba2 scan per GPU name and (chunk_size, "
-                       "head_dim, d_state, dtype), written by benchmarks/scan_tune.py; a GPU or "
-                       "shape not listed gets the defaults."),
-             "entries": [e for e in existing if key(e) not in replaced] + new}  # fmt: skip
-    parse_tuned_table(table, "the merged table")
-    return table
-
-
-def write_table(path: Path, result: dict[str, Any]) -> None:
-    table = merged_table(packaged_entries(), table_entries(result))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+ABOUT = ("Launch tiles of the chunked Mamba2 scan per GPU name and (chunk_size, head_dim, "
+         "d_state, dtype), written by benchmarks/scan_tune.py; a GPU or shape not listed gets "
+         "the defaults.")
+# keyed by (chunk_size, head_dim, d_state, dtype); each entry's speed-ups are the whole scan's
+TABLE = tuning.TunedTableFile(TUNED_TABLE, ABOUT, ("chunk_size", "head_dim", "d_state", "dtype"),
+                              "whole", parse_tuned_table)
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -658,31 +549,18 @@ def parse_steps(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, help="results file to write (.json.gz: compressed)")
-    parser.add_argument("--write-table", type=Path, metavar="PATH",
-                        help="write the tuned table (the package's, with this run's entries)")
-    parser.add_argument("--markdown", type=Path, help="print the tables of a saved result")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
+    parser = tuning.tuner_parser(
+        (__doc__ or "").splitlines()[0], models=MODELS, budget_s=100.0,
+        markdown_help="print the tables of a saved result",
+        smoke_help="a tiny shape on the CPU under TRITON_INTERPRET=1 (a code-path check)")
     parser.add_argument("--steps", nargs="+", type=parse_steps, default=list(STEPS),
                         metavar="PROMPTSxTOKENS", help="steps to time (default 1x8192 8x1024)")
-    parser.add_argument("--budget-s", type=float, default=100.0,
-                        help="seconds of sweeping before the candidates left are skipped")
     parser.add_argument("--kernels", nargs="+", choices=SCAN_KERNELS, default=list(SCAN_KERNELS),
                         metavar="KERNEL",
                         help="the kernels to sweep (the others keep their defaults)")
     parser.add_argument("--trials", choices=SCAN_KERNELS, metavar="KERNEL",
                         help="with --markdown: that kernel's candidates, one row each")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny shape on the CPU under TRITON_INTERPRET=1 (a code-path check)")
     return parser.parse_args(argv)
-
-
-def wall_timer(fn: Callable[[], object]) -> float:
-    """Wall-clock milliseconds of one call (the --smoke run)."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def setup_for(args: argparse.Namespace) -> tuple[list[Target], Setup]:
@@ -696,41 +574,22 @@ def setup_for(args: argparse.Namespace) -> tuple[list[Target], Setup]:
     if args.write_table is not None and kernels != SCAN_KERNELS:
         raise ValueError("--write-table needs a sweep of every kernel (drop --kernels)")
     if args.smoke:
-        if not triton.knobs.runtime.interpret:
-            raise ValueError("--smoke runs under Triton's interpreter: set TRITON_INTERPRET=1")
         return [Target("smoke", SMOKE_GEOMETRY, torch.float32)], Setup(
-            torch.device("cpu"), SMOKE_STEPS, args.budget_s, (wall_timer, wall_timer),
-            "wall clock under Triton's interpreter, one call (not a measurement)", 1 << 30,
-            SMOKE_GRID, kernels)
+            tuning.smoke_rig(), SMOKE_STEPS, args.budget_s, SMOKE_GRID, kernels)
     targets = [zoo_target(model) for model in args.models]  # unknown models fail first
-    device, smem = tuning_device()
-    timers = (cuda_timer(**SWEEP_TIMING), cuda_timer(**FINAL_TIMING))
-    return targets, Setup(device, tuple(args.steps), args.budget_s, timers, TIMING, smem,
-                          kernels=kernels)
+    rig = tuning.gpu_rig(SWEEP_TIMING, FINAL_TIMING, TIMING, CALLS_PER_EVENT)
+    return targets, Setup(rig, tuple(args.steps), args.budget_s, kernels=kernels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        if args.markdown is not None:
-            saved = read_result(args.markdown)
-            print(markdown(saved) if args.trials is None else trials_markdown(saved, args.trials))
-            return 0
-        if args.out is None:
-            raise ValueError("--out is required to run the sweep")
-        targets, setup = setup_for(args)
-        if setup.device.type == "cuda":
-            warm_up_gpu()  # clocks up before the first timing
-        result = run(targets, setup, argv)
-        write_result(args.out, result)
-        if args.write_table is not None:
-            write_table(args.write_table, result)
-    except (ValueError, OSError) as error:  # a user mistake or a missing GPU: one line
-        print(f"scan_tune: {error}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+
+    def saved(result: dict[str, Any]) -> str:
+        return markdown(result) if args.trials is None else trials_markdown(result, args.trials)
+
+    return tuning.tuner_main("scan_tune", args, tuning.TunerSteps(
+        saved, markdown, lambda: setup_for(args), lambda t, s: run(t, s, argv), TABLE.write))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import dataclasses
 import itertools
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from benchmarks.common import (
     copy_bytes_per_s,
     read_result,
     rel_error,
+    wall_timer,
     warm_up_gpu,
     write_result,
 )
@@ -244,19 +244,6 @@ def captured(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def wall_timer(calls: int = 3) -> Timer:
-    """CPU (--quick under the interpreter): median wall ms of a few calls after one."""
-    def timer(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    return timer
-
-
 # -- one cell ----------------------------------------------------------------------------
 
 
@@ -378,7 +365,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
     device = torch.device(args.device)
     grid = QUICK_GRID if args.quick else FULL_GRID
     if device.type != "cuda":
-        return Bench(device, grid, wall_timer(), wall_timer(), num_sms(device), None)
+        # CPU (--quick under the interpreter): the median of three calls after one
+        return Bench(device, grid, wall_timer(1, 3), wall_timer(1, 3), num_sms(device), None)
     props = triton.runtime.driver.active.utils.get_device_properties(
         device.index if device.index is not None else torch.cuda.current_device())
     return Bench(device, grid, cuda_timer(SWEEP_WARMUP_MS, SWEEP_REP_MS, graphs=False),

@@ -34,7 +34,7 @@ from avmp.kernels.triton.mamba2_chunk_scan import (  # noqa: E402
     parse_tuned_table,
     tuned_tiles,
 )
-from benchmarks import scan_tune  # noqa: E402
+from benchmarks import scan_tune, tuning  # noqa: E402
 from benchmarks.common import read_result  # noqa: E402
 from benchmarks.kernels import SCAN_GEOMETRIES, ScanGeometry  # noqa: E402
 from benchmarks.scan_tune import Grid, Trial  # noqa: E402
@@ -233,14 +233,14 @@ def fake_result(device: str = "NVIDIA H200") -> dict[str, Any]:
 
 
 def test_table_entries_replace_this_gpus_and_keep_the_rest(tmp_path: Path) -> None:
-    new = scan_tune.table_entries(fake_result())
+    new = scan_tune.TABLE.entries(fake_result())
     assert [(e["chunk_size"], e["gpu"]) for e in new] == [(256, "NVIDIA H200"),
                                                           (128, "NVIDIA H200")]
     assert new[0]["speedup"] == {"1 x 8192": 1.25, "8 x 1024": 1.25}
     assert new[0]["command"].startswith("PYTHONPATH=src python3 -m benchmarks.scan_tune")
     older = [dict(new[0], gpu="nvidia h200", tiles={}),  # replaced
              dict(new[0], gpu="NVIDIA H100 80GB HBM3", tiles={})]  # kept
-    table = scan_tune.merged_table(older, new)
+    table = scan_tune.TABLE.merged(older, new)
     assert [e["gpu"] for e in table["entries"]] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200",
                                                     "NVIDIA H200"]
     parsed = parse_tuned_table(table, "t")
@@ -249,12 +249,12 @@ def test_table_entries_replace_this_gpus_and_keep_the_rest(tmp_path: Path) -> No
     assert tuned_tiles(256, 64, 128, torch.bfloat16, "NVIDIA H100 80GB HBM3",
                        parsed) == ScanTiles()
     with pytest.raises(ValueError, match="a second entry"):
-        scan_tune.merged_table([], new + new[:1])
+        scan_tune.TABLE.merged([], new + new[:1])
 
     path = tmp_path / "tuned.json"
-    scan_tune.write_table(path, fake_result())
+    scan_tune.TABLE.write(path, fake_result())
     written = json.loads(path.read_text())
-    expected = scan_tune.merged_table(scan_tune.packaged_entries(), new)
+    expected = scan_tune.TABLE.merged(scan_tune.TABLE.packaged_entries(), new)
     assert written == expected and parse_tuned_table(written, str(path))
 
 
@@ -271,8 +271,9 @@ def test_markdown_tables_come_from_the_result() -> None:
 def test_command_records_paths_without_machine_directories() -> None:
     argv = ["--out", "/tmp/abc/out.json.gz", "--write-table", "/tmp/abc/t.json", "--budget-s",
             "90"]
-    assert scan_tune.command(argv) == ("PYTHONPATH=src python3 -m benchmarks.scan_tune "
-                                       "--out out.json.gz --write-table t.json --budget-s 90")
+    assert tuning.command("scan_tune", argv) == (
+        "PYTHONPATH=src python3 -m benchmarks.scan_tune --out out.json.gz --write-table t.json "
+        "--budget-s 90")
 
 
 def test_without_cuda_it_exits_2_with_one_line(
@@ -305,8 +306,8 @@ def test_a_small_sweep_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     target = scan_tune.Target("tiny", geo, torch.float32)
     grid = Grid(tile_sizes=(16,), head_blocks=(4,), flat_blocks=(256,), warps=(4, 8),
                 stages=(1,))
-    setup = scan_tune.Setup(DEVICE, ((2, 24),), 600.0, (wall_timer, wall_timer),
-                            "wall clock, one call", 1 << 30, grid)
+    rig = tuning.Rig(DEVICE, (wall_timer, wall_timer), "wall clock, one call", 1 << 30)
+    setup = scan_tune.Setup(rig, ((2, 24),), 600.0, grid)
     result = scan_tune.run([target], setup, ["--out", "x.json.gz"])
     g = result["geometries"][0]
     assert result["device"] == "cpu" and result["timing"] == "wall clock, one call"

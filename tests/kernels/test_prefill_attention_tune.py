@@ -124,10 +124,10 @@ def fake_result(device: str, tiles: AttentionTiles, head_dim: int = 128) -> dict
 
 def test_the_written_table_is_what_the_kernel_reads() -> None:
     tuned = AttentionTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    old = attn_tune.table_entries(fake_result("NVIDIA H100 80GB HBM3", AttentionTiles()))
-    keep = attn_tune.table_entries(fake_result("NVIDIA H200", AttentionTiles(), head_dim=64))
-    new = attn_tune.table_entries(fake_result("NVIDIA  H100 80GB HBM3", tuned))
-    table = attn_tune.merged_table(old + keep, new)
+    old = attn_tune.TABLE.entries(fake_result("NVIDIA H100 80GB HBM3", AttentionTiles()))
+    keep = attn_tune.TABLE.entries(fake_result("NVIDIA H200", AttentionTiles(), head_dim=64))
+    new = attn_tune.TABLE.entries(fake_result("NVIDIA  H100 80GB HBM3", tuned))
+    table = attn_tune.TABLE.merged(old + keep, new)
     assert len(table["entries"]) == 2 and table["entries"][-1]["tiles"] == tuned.to_dict()
     parsed = parse_tuned_table(json.loads(json.dumps(table)), "t")
     assert tuned_attention_tiles(128, 4, torch.bfloat16, "nvidia h100 80gb hbm3", parsed) == tuned
@@ -135,7 +135,7 @@ def test_the_written_table_is_what_the_kernel_reads() -> None:
         AttentionTiles())
     assert tuned_attention_tiles(128, 4, torch.bfloat16, None, parsed) == AttentionTiles()
     with pytest.raises(ValueError, match="a second entry"):
-        attn_tune.merged_table([], new + new)
+        attn_tune.TABLE.merged([], new + new)
 
 
 def test_the_packaged_table_is_valid() -> None:
