@@ -9,7 +9,9 @@ of 1,024.
 Per geometry, each of the five kernels (or those of ``--kernels``) is swept alone (the
 others keep their defaults), costliest first, over a bounded grid in two phases: (1) its
 tile sizes, each from {32, 64, 128} where it divides the dimension (chunk, head_dim,
-d_state) and fits in it, at the default 4 warps and 3 stages (heads per program from
+d_state; the chunk scan's rows and its walk over their chunk both take the chunk's) and
+fits in it, at the default 4 warps and 3 stages, beside the tiles the packaged table
+holds for this GPU (timed whatever the budget, so a sweep cut short keeps them) (heads per program from
 {4, 8, 16} for the dt cumsum; state elements from {128 ... 4096} x prefetch depth {1, 2}
 for the state passing); (2) warps {4, 8} x stages {1, 2, 3} around phase 1's fastest
 (warps alone for the dt cumsum, and {2, 4, 8} alone for the state passing: Triton
@@ -69,6 +71,7 @@ from avmp.kernels.triton.mamba2_chunk_scan import (
     dtype_name,
     mamba2_chunk_scan,
     parse_tuned_table,
+    tuned_tiles,
 )
 from avmp.models.dtypes import default_ssm_dtype
 from avmp.models.zoo import zoo_config
@@ -184,7 +187,8 @@ def tile_axes(kernel: str, geo: ScanGeometry, grid: Grid) -> dict[str, tuple[int
     """Phase 1's values of each tile size of ``kernel`` (and the state passing's prefetch
     depth): an empty axis (a dimension below every choice) keeps the default, which the
     launch shrinks to the dimension."""
-    dims = {"block_tokens": geo.chunk_size, "block_p": geo.head_dim, "block_state": geo.d_state}
+    dims = {"block_tokens": geo.chunk_size, "block_p": geo.head_dim, "block_state": geo.d_state,
+            "block_j": geo.chunk_size}
     default = KERNEL_TILES[kernel]()
     axes = {}
     for name in default.BLOCK_RANGES:
@@ -200,13 +204,16 @@ def tile_axes(kernel: str, geo: ScanGeometry, grid: Grid) -> dict[str, tuple[int
     return axes
 
 
-def phase_one(kernel: str, geo: ScanGeometry, grid: Grid) -> list[KernelTiles]:
+def phase_one(kernel: str, geo: ScanGeometry, grid: Grid,
+              shipped: KernelTiles | None = None) -> list[KernelTiles]:
     """Every combination of ``kernel``'s tile sizes at the default warps and stages, the
-    default configuration first (so that it is timed even when its sizes are off-grid)."""
+    default configuration first (so that it is timed even when its sizes are off-grid),
+    then the ``shipped`` tiles (the packaged table's for this GPU, when it has them)."""
     default = KERNEL_TILES[kernel]()
     axes = tile_axes(kernel, geo, grid)
     combos = (dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values()))
-    candidates = [default, *(dataclasses.replace(default, **combo) for combo in combos)]
+    candidates = [default, *([shipped] if shipped is not None else []),
+                  *(dataclasses.replace(default, **combo) for combo in combos)]
     return list(dict.fromkeys(candidates))
 
 
@@ -236,12 +243,13 @@ def smem_lower_bound(kernel: str, tiles: KernelTiles, geo: ScanGeometry) -> int:
     tok = _shrunk(t.get("block_tokens", 0), geo.chunk_size)
     p = _shrunk(t.get("block_p", 0), geo.head_dim)
     n = _shrunk(t.get("block_state", 0), geo.d_state)
+    j = _shrunk(t.get("block_j", 0), geo.chunk_size)
     if kernel == "cb":
         per_stage = 2 * tok * n * 2
     elif kernel == "chunk_state":
         per_stage = (p * tok + tok * n) * 2
     elif kernel == "chunk_scan":
-        per_stage = max(tok * n * 2 + n * p * 4, tok * tok * 4 + tok * p * 2)
+        per_stage = max(tok * n * 2 + n * p * 4, tok * j * 4 + j * p * 2)
     else:
         return 0
     return max(1, tiles.num_stages - 1) * per_stage
@@ -334,12 +342,15 @@ def try_candidate(kernel: str, tiles: KernelTiles, cases: Sequence[StepCase], ti
 
 
 def sweep_kernel(kernel: str, geo: ScanGeometry, grid: Grid,
-                 attempt: Callable[[KernelTiles], Trial],
-                 out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
+                 attempt: Callable[[KernelTiles], Trial], out_of_time: Callable[[], bool],
+                 shipped: KernelTiles | None = None) -> tuple[list[Trial], int]:
     """Both phases of one kernel's sweep. Returns its trials and how many candidates the
-    budget left untried."""
-    return tuning.sweep_phases(phase_one(kernel, geo, grid),
-                               lambda best: phase_two(kernel, best, grid), attempt, out_of_time)
+    budget left untried. The default and the ``shipped`` tiles run whatever the budget:
+    a sweep cut short keeps what the packaged table had."""
+    first = phase_one(kernel, geo, grid, shipped)
+    always = 2 if shipped is not None and shipped != first[0] else 1
+    return tuning.sweep_phases(first, lambda best: phase_two(kernel, best, grid), attempt,
+                               out_of_time, always)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -383,8 +394,12 @@ def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], setup: Setup,
         report.advance(1)
         return trial
 
+    device = setup.rig.device
+    shipped = tuned_tiles(geo.chunk_size, geo.head_dim, geo.d_state, DTYPE,
+                          torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     for kernel in kernel_order(cases, timer, setup.kernels):
-        kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt, tuning.out_of_time(deadline))
+        kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
+                                           tuning.out_of_time(deadline), getattr(shipped, kernel))
         report.advance(left)
         report.kernel_done(kernel, kernel_trials, left)
         best = pick_fastest(kernel_trials)

@@ -133,14 +133,15 @@ def pick_fastest(trials: Sequence[Trial]) -> Trial | None:
 
 def sweep_phases(first: Sequence[Tiles], around: Callable[[Tiles], Sequence[Tiles]],
                  attempt: Callable[[Tiles], Trial],
-                 out_of_time: Callable[[], bool]) -> tuple[list[Trial], int]:
+                 out_of_time: Callable[[], bool], always: int = 1) -> tuple[list[Trial], int]:
     """Phase 1's candidates ``first`` (the defaults first), then phase 2's, ``around``
     phase 1's fastest. Returns the trials and how many candidates the budget left
-    untried (the first always runs: it is the baseline)."""
+    untried (the first ``always`` run whatever the budget: the baseline, and the tiles
+    shipped before, which a sweep cut short must not lose)."""
     trials: list[Trial] = []
     skipped = 0
     for tiles in first:
-        if out_of_time() and trials:
+        if out_of_time() and len(trials) >= always:
             skipped += 1
             continue
         trials.append(attempt(tiles))

@@ -66,14 +66,14 @@ def test_tile_axes_keep_sizes_that_divide_and_fit() -> None:
     tiny = ScanGeometry(heads=2, head_dim=16, d_state=16, groups=1, chunk_size=8)
     # below every choice: the default, which the launch shrinks to the dimension
     assert scan_tune.tile_axes("chunk_scan", tiny, GRID) == {
-        "block_tokens": (64,), "block_p": (64,), "block_state": (64,)}
+        "block_tokens": (64,), "block_p": (64,), "block_state": (64,), "block_j": (64,)}
     assert scan_tune.tile_axes("dt_cumsum", tiny, GRID) == {"block_heads": (8,)}
 
 
 def test_phase_one_is_every_tile_combination_with_the_default_first() -> None:
     cands = scan_tune.phase_one("chunk_scan", GRANITE, GRID)
     assert cands[0] == ChunkScanTiles()
-    assert len(cands) == len(set(cands)) == 3 * 2 * 3
+    assert len(cands) == len(set(cands)) == 3 * 2 * 3 * 3
     assert {(c.num_warps, c.num_stages) for c in cands} == {(4, 3)}
     off_grid = Grid(tile_sizes=(32,))  # the default's 64 is not in it: timed anyway
     cands = scan_tune.phase_one("cb", GRANITE, off_grid)
@@ -96,11 +96,15 @@ def test_phase_two_varies_warps_and_stages_around_the_best() -> None:
 
 
 def test_shared_memory_bound() -> None:
-    tiles = ChunkScanTiles(block_tokens=128, block_p=64, block_state=128)
+    tiles = ChunkScanTiles(block_tokens=128, block_p=64, block_state=128, block_j=128)
     per_stage = max(128 * 128 * 2 + 128 * 64 * 4, 128 * 128 * 4 + 128 * 64 * 2)
     assert scan_tune.smem_lower_bound("chunk_scan", tiles, GRANITE) == 2 * per_stage
     one = dataclasses.replace(tiles, num_stages=1)
     assert scan_tune.smem_lower_bound("chunk_scan", one, GRANITE) == per_stage
+    # the sources' loop stages a [rows, j] CB tile and a [j, p] x tile
+    wide = dataclasses.replace(tiles, block_tokens=32, block_state=32, block_j=256)
+    per_stage = max(32 * 32 * 2 + 32 * 64 * 4, 32 * 256 * 4 + 256 * 64 * 2)
+    assert scan_tune.smem_lower_bound("chunk_scan", wide, GRANITE) == 2 * per_stage
     # tiles shrink to the shape: a 16-token chunk takes 16-row tiles whatever the cap
     small = ScanGeometry(heads=2, head_dim=16, d_state=16, groups=1, chunk_size=16)
     assert scan_tune.smem_lower_bound("cb", CbTiles(num_stages=2), small) == 2 * 16 * 16 * 2
@@ -199,6 +203,16 @@ def test_sweep_kernel_stops_at_the_budget_but_times_the_default() -> None:
     trials, skipped = scan_tune.sweep_kernel("cb", GRANITE, GRID, attempt, lambda: True)
     assert [t.tiles for t in trials] == [CbTiles()]
     assert skipped == 3 * 3 - 1 + 5
+    # the packaged table's tiles run too, second, whatever the budget (off the grid too)
+    shipped = CbTiles(block_tokens=16, num_warps=8)
+    assert scan_tune.phase_one("cb", GRANITE, GRID, shipped)[:2] == [CbTiles(), shipped]
+    trials, skipped = scan_tune.sweep_kernel("cb", GRANITE, GRID, attempt, lambda: True,
+                                             shipped)
+    assert [t.tiles for t in trials] == [CbTiles(), shipped]
+    assert skipped == 3 * 3 - 1 + 5
+    # shipped tiles that are the defaults add nothing
+    trials, _ = scan_tune.sweep_kernel("cb", GRANITE, GRID, attempt, lambda: True, CbTiles())
+    assert [t.tiles for t in trials] == [CbTiles()]
     # phase 2: 2 x 3 - 1 for each kernel with matrix products, 2 - 1 warps for the dt
     # cumsum, 3 - 1 for the state passing
     assert scan_tune.grid_size(GRANITE, GRID) == sum(
@@ -263,8 +277,8 @@ def test_markdown_tables_come_from_the_result() -> None:
     assert ("NVIDIA H200, torch 2.x, Triton 3.6.0; 93 s; times: CUDA events around 4 "
             "back-to-back calls, median of 30 after 12 warm-up calls (the sweep: median of "
             "10).") in text
-    assert ("| granite-4.0-h-micro | chunk_scan | tokens64 p64 state64 w4 s3 | "
-            "tokens128 p64 state64 w8 s3 | 0.200 / 0.100 | 0.300 / 0.300 | 1 / 2 |") in text
+    assert ("| granite-4.0-h-micro | chunk_scan | tokens64 p64 state64 j64 w4 s3 | "
+            "tokens128 p64 state64 j64 w8 s3 | 0.200 / 0.100 | 0.300 / 0.300 | 1 / 2 |") in text
     assert "| nemotron-h-8b | 8 x 1024 | 1.000 | 0.909 | 1.10x | 2.0e-03 | 0 |" in text
 
 

@@ -46,21 +46,23 @@ SMALL = ScanTiles(
     CbTiles(num_warps=2, num_stages=1, block_tokens=16, block_state=16),
     ChunkStateTiles(num_warps=2, num_stages=2, block_p=16, block_state=16, block_tokens=16),
     StatePassingTiles(num_warps=2, num_stages=1, block_flat=64),
-    ChunkScanTiles(num_warps=2, num_stages=1, block_tokens=16, block_p=16, block_state=16),
+    ChunkScanTiles(num_warps=2, num_stages=1, block_tokens=16, block_p=16, block_state=16,
+                   block_j=16),
 )
 MIXED = ScanTiles(
     DtCumsumTiles(num_warps=8, block_heads=2),
     CbTiles(num_warps=8, num_stages=2, block_tokens=32, block_state=16),
     ChunkStateTiles(num_warps=8, num_stages=1, block_p=32, block_state=16, block_tokens=32),
     StatePassingTiles(num_warps=8, num_stages=2, block_flat=256, prefetch=1),
-    ChunkScanTiles(num_warps=8, num_stages=2, block_tokens=16, block_p=32, block_state=32),
+    ChunkScanTiles(num_warps=8, num_stages=2, block_tokens=16, block_p=32, block_state=32,
+                   block_j=32),  # source blocks wider than the row blocks
 )
 LARGE = ScanTiles(
     DtCumsumTiles(block_heads=64),
     CbTiles(num_stages=4, block_tokens=128, block_state=128),
     ChunkStateTiles(block_p=128, block_state=256, block_tokens=128),
     StatePassingTiles(num_warps=16, block_flat=8192),
-    ChunkScanTiles(num_warps=16, block_tokens=256, block_p=128, block_state=128),
+    ChunkScanTiles(num_warps=16, block_tokens=256, block_p=128, block_state=128, block_j=16),
 )
 
 
@@ -71,11 +73,11 @@ def test_defaults_are_the_untuned_launches() -> None:
     tiles = ScanTiles()
     assert SCAN_KERNELS == ("dt_cumsum", "cb", "chunk_state", "state_passing", "chunk_scan")
     assert tiles.chunk_scan == ChunkScanTiles(num_warps=4, num_stages=3, block_tokens=64,
-                                              block_p=64, block_state=64)
+                                              block_p=64, block_state=64, block_j=64)
     assert tiles.dt_cumsum.block_heads == 8 and tiles.state_passing.block_flat == 1024
     assert tiles.state_passing.label() == "flat1024 ahead2 w4 s3"
     assert {getattr(tiles, k).num_warps for k in SCAN_KERNELS} == {4}
-    assert tiles.chunk_scan.label() == "tokens64 p64 state64 w4 s3"
+    assert tiles.chunk_scan.label() == "tokens64 p64 state64 j64 w4 s3"
 
 
 @pytest.mark.parametrize(

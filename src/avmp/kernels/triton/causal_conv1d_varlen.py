@@ -83,10 +83,12 @@ def _conv_rows(
                        mask=(mask_rows & (pos >= 0))[:, None] & mask_c[None, :],
                        other=0.0).to(tl.float32)  # [R, C]
         if HISTORY:
+            # the fresh-history flag selects after the load, not in its mask: a mask that
+            # mixes a scalar into a broadcast vector is refused by newer interpreters
             old = tl.load(state_row[None, :] + (COLUMNS + pos)[:, None] * stride_sw,
-                          mask=(mask_rows & (pos < 0) & has_init)[:, None] & mask_c[None, :],
-                          other=0.0)
-            vals += old.to(tl.float32)  # exact: where one of the two loads, the other is 0
+                          mask=(mask_rows & (pos < 0))[:, None] & mask_c[None, :], other=0.0)
+            old = tl.where(has_init, old.to(tl.float32), 0.0)
+            vals += old  # exact: where one of the two loads, the other is 0
         acc += w.to(tl.float32)[None, :] * vals
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -108,7 +110,8 @@ def _write_history(
     new = tl.load(x_rows[:, None] + pos[None, :] * stride_xt,
                   mask=mask_c[:, None] & (mask_cols & (pos >= 0))[None, :], other=0.0)
     old = tl.load(state_row[:, None] + (COLUMNS + pos)[None, :] * stride_sw,
-                  mask=mask_c[:, None] & (mask_cols & (pos < 0) & has_init)[None, :], other=0.0)
+                  mask=mask_c[:, None] & (mask_cols & (pos < 0))[None, :], other=0.0)
+    old = tl.where(has_init, old, tl.zeros_like(old))  # (a fresh history: see _conv_rows)
     state_dtype = state_row.dtype.element_ty
     new = round_to(new.to(tl.float32), state_dtype).to(state_dtype)
     hist = tl.where((pos >= 0)[None, :], new, old)  # [C, S]

@@ -163,16 +163,16 @@ class StatePassingTiles(KernelTiles):
 
 @dataclass(frozen=True)
 class ChunkScanTiles(KernelTiles):
-    """The outputs: ``block_tokens`` rows x ``block_p`` columns per program (the rows'
-    own chunk is walked in steps of ``block_tokens`` too), d_state in steps of
-    ``block_state``."""
+    """The outputs: ``block_tokens`` rows x ``block_p`` columns per program, d_state in
+    steps of ``block_state``, the rows' own chunk walked in steps of ``block_j`` tokens."""
 
     block_tokens: int = 64
     block_p: int = 64
     block_state: int = 64
+    block_j: int = 64
     BLOCK_RANGES: ClassVar[dict[str, tuple[int, int]]] = {
         "block_tokens": DOT_TILE_RANGE, "block_p": DOT_TILE_RANGE,
-        "block_state": DOT_TILE_RANGE}
+        "block_state": DOT_TILE_RANGE, "block_j": DOT_TILE_RANGE}
 
 
 @dataclass(frozen=True)
@@ -495,9 +495,13 @@ def _chunk_state_kernel(
 def _chunk_own_state(states_row, decay_row, chunk, end, offs, mask, stride_cc):
     """``chunk``'s own end state (its ``offs`` elements) and decay; zeros and 1 at or
     past ``end``, where nothing is read."""
+    # Past the end it reads the last chunk (a valid row) and selects after the load: a
+    # mask mixing the scalar flag into the vector is refused by newer interpreters.
     inside = chunk < end
-    own = tl.load(states_row + chunk * stride_cc + offs, mask=mask & inside, other=0.0)
-    return own, tl.load(decay_row + chunk, mask=inside, other=1.0)
+    row = tl.maximum(tl.minimum(chunk, end - 1), 0)
+    own = tl.load(states_row + row * stride_cc + offs, mask=mask, other=0.0)
+    decay = tl.load(decay_row + row)
+    return tl.where(inside, own, 0.0), tl.where(inside, decay, 1.0)
 
 
 @triton.jit
@@ -509,7 +513,8 @@ def _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs, mask, st
     # Every thread's read of the entry (issued before, `own`) comes before any thread's
     # store to it: an element replicated over threads is read by each of them.
     tl.debug_barrier()
-    tl.store(states_row + chunk * stride_cc + offs, s, mask=mask & (chunk < end))
+    if chunk < end:  # a branch, not a mask mixing the scalar in: see `_chunk_own_state`
+        tl.store(states_row + chunk * stride_cc + offs, s, mask=mask)
     s = s * decay + own
     # Read after `own` is consumed, so the load can reuse its registers: a load into other
     # registers would be copied back at the loop's end, a copy that waits for the load.
@@ -561,6 +566,50 @@ def _state_passing_kernel(
 
 
 @triton.jit
+def _scan_sources(
+    acc, dacs_m, offs_m, rows_ld, lo, hi, start, head, group, cb_ptr, dacs_row, dt_row, x_ptr,
+    stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp, offs_p, mask_p,
+    BLOCK_J: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``acc += (CB masked by the decay segments) @ (dt x)`` over the chunk's tokens
+    ``[lo, hi)`` in steps of ``BLOCK_J``. ``MASKED``: the diagonal blocks, with the causal
+    mask and the ``hi`` bound; otherwise every row follows every token of every block
+    (``hi - lo`` a multiple of ``BLOCK_J``, all before the block's first row), and
+    nothing is masked but a ragged head_dim."""
+    offs_j = tl.arange(0, BLOCK_J)
+    cb_rows = cb_ptr + rows_ld[:, None] * stride_cbt + group * stride_cbg
+    for j0 in range(lo, hi, BLOCK_J):
+        cols = j0 + offs_j
+        x_ptrs = (x_ptr + (start + cols)[:, None] * stride_xt + head * stride_xh
+                  + offs_p[None, :] * stride_xp)
+        if MASKED:
+            mask_j = cols < hi
+            causal = (cols[None, :] <= offs_m[:, None]) & mask_j[None, :]
+            cb = tl.load(cb_rows + cols[None, :], mask=causal, other=0.0)  # [M, J]
+            dacs_j = tl.load(dacs_row + start + cols, mask=mask_j, other=0.0)
+            dt_j = tl.load(dt_row + start + cols, mask=mask_j, other=0.0)
+            decay = tl.exp(tl.where(causal, dacs_m[:, None] - dacs_j[None, :], 0.0))
+            weight = tl.where(causal, cb * decay * dt_j[None, :], 0.0)
+            xj = tl.load(x_ptrs, mask=mask_j[:, None] & mask_p[None, :], other=0.0)  # [J, P]
+        else:
+            cb = tl.load(cb_rows + cols[None, :])
+            dacs_j = tl.load(dacs_row + start + cols)
+            dt_j = tl.load(dt_row + start + cols)
+            weight = cb * tl.exp(dacs_m[:, None] - dacs_j[None, :]) * dt_j[None, :]
+            if EVEN_P:  # noqa: SIM108 (constexpr branches: one of them is compiled)
+                xj = tl.load(x_ptrs)
+            else:
+                xj = tl.load(x_ptrs, mask=mask_p[None, :], other=0.0)
+        if UPCAST:
+            xj = xj.to(tl.float32)
+        else:
+            weight = weight.to(xj.dtype)
+        acc += tl.dot(weight, xj, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _chunk_scan_kernel(
     chunk_seq_ptr, chunk_start_ptr, qsl_ptr, x_ptr, z_ptr, c_ptr, cb_ptr, dt_w_ptr, dacs_ptr,
     states_ptr, d_ptr, out_ptr,
@@ -569,35 +618,46 @@ def _chunk_scan_kernel(
     stride_sc, stride_sh, stride_sp, stride_d, stride_ot, stride_oh, stride_op,
     HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_J: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     m_blocks: tl.constexpr = (CHUNK + BLOCK_M - 1) // BLOCK_M
+    EVEN_P: tl.constexpr = HEAD_DIM % BLOCK_P == 0
+    EVEN_K: tl.constexpr = D_STATE % BLOCK_K == 0
     chunk = (tl.program_id(0) // m_blocks).to(tl.int64)
     block_m = tl.program_id(0) % m_blocks
     seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK)
-    if (seq < 0) | (block_m * BLOCK_M >= length):
+    m0 = block_m * BLOCK_M
+    if (seq < 0) | (m0 >= length):
         return
     head = tl.program_id(1)
     group = head // HEADS_PER_GROUP
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_j = tl.arange(0, BLOCK_M)
     mask_m = offs_m < length
     mask_p = offs_p < HEAD_DIM
     rows = start + offs_m
+    # Rows past the chunk's end read its last row's inputs (never stored): no row mask.
+    rows_ld = start + tl.minimum(offs_m, length - 1)
     dacs_row = dacs_ptr + head * stride_wh
-    dacs_m = tl.load(dacs_row + rows, mask=mask_m, other=0.0)  # [M]
+    dacs_m = tl.load(dacs_row + rows_ld)  # [M]
 
     # The state the chunk starts from, seen through C and decayed to each row.
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, D_STATE, BLOCK_K):
         kk = k0 + offs_k
-        mask_k = kk < D_STATE
-        c = tl.load(c_ptr + rows[:, None] * stride_ct + group * stride_cg + kk[None, :] * stride_cn,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
-        s = tl.load(states_ptr + chunk * stride_sc + head * stride_sh + offs_p[None, :] * stride_sp
-                    + kk[:, None], mask=mask_k[:, None] & mask_p[None, :], other=0.0)  # [K, P]
+        c_ptrs = c_ptr + rows_ld[:, None] * stride_ct + group * stride_cg + kk[None, :] * stride_cn
+        s_ptrs = (states_ptr + chunk * stride_sc + head * stride_sh + offs_p[None, :] * stride_sp
+                  + kk[:, None])
+        if EVEN_K:  # noqa: SIM108 (constexpr branches: one of them is compiled)
+            c = tl.load(c_ptrs)  # [M, K]
+        else:
+            c = tl.load(c_ptrs, mask=(kk < D_STATE)[None, :], other=0.0)
+        if EVEN_K & EVEN_P:
+            s = tl.load(s_ptrs)  # [K, P]
+        else:
+            s = tl.load(s_ptrs, mask=(kk < D_STATE)[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
             c = c.to(tl.float32)
         else:
@@ -605,25 +665,21 @@ def _chunk_scan_kernel(
         acc += tl.dot(c, s, input_precision=PRECISION)
     acc *= tl.exp(dacs_m)[:, None]
 
-    # The chunk's own tokens up to each row: (CB masked by the decay segments) @ (dt x).
-    for j0 in range(0, tl.minimum((block_m + 1) * BLOCK_M, length), BLOCK_M):
-        cols = j0 + offs_j
-        mask_j = cols < length
-        causal = (cols[None, :] <= offs_m[:, None]) & mask_j[None, :] & mask_m[:, None]
-        cb = tl.load(cb_ptr + rows[:, None] * stride_cbt + group * stride_cbg + cols[None, :],
-                     mask=causal, other=0.0)  # [M, J]
-        dacs_j = tl.load(dacs_row + start + cols, mask=mask_j, other=0.0)
-        dt_j = tl.load(dt_w_ptr + head * stride_wh + start + cols, mask=mask_j, other=0.0)
-        decay = tl.exp(tl.where(causal, dacs_m[:, None] - dacs_j[None, :], 0.0))
-        weight = tl.where(causal, cb * decay * dt_j[None, :], 0.0)
-        xj = tl.load(x_ptr + (start + cols)[:, None] * stride_xt + head * stride_xh
-                     + offs_p[None, :] * stride_xp, mask=mask_j[:, None] & mask_p[None, :],
-                     other=0.0)  # [J, P]
-        if UPCAST:
-            xj = xj.to(tl.float32)
-        else:
-            weight = weight.to(xj.dtype)
-        acc += tl.dot(weight, xj, input_precision=PRECISION)
+    # The chunk's own tokens up to each row: whole blocks before the first row unmasked,
+    # then the diagonal ones.
+    full_end = m0 // BLOCK_J * BLOCK_J
+    m_end = tl.minimum(m0 + BLOCK_M, length)
+    dt_row = dt_w_ptr + head * stride_wh
+    acc = _scan_sources(
+        acc, dacs_m, offs_m, rows_ld, 0, full_end, start, head, group, cb_ptr, dacs_row, dt_row,
+        x_ptr, stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp, offs_p,
+        mask_p, BLOCK_J, False, EVEN_P, PRECISION, UPCAST,
+    )
+    acc = _scan_sources(
+        acc, dacs_m, offs_m, rows_ld, full_end, m_end, start, head, group, cb_ptr, dacs_row,
+        dt_row, x_ptr, stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp,
+        offs_p, mask_p, BLOCK_J, True, EVEN_P, PRECISION, UPCAST,
+    )
 
     mask_mp = mask_m[:, None] & mask_p[None, :]
     if HAS_D:
@@ -889,6 +945,6 @@ def _launch_chunk_scan(
         work["dt"].stride(0), *states.stride()[:3], *strides(D, 1), *out.stride(),
         HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_tile(d_state, tiles.block_state),
-        HAS_D=D is not None, HAS_Z=z is not None,
+        BLOCK_J=_tile(chunk_size, tiles.block_j), HAS_D=D is not None, HAS_Z=z is not None,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype), **_options(tiles),
     )
