@@ -10,14 +10,14 @@ Per geometry, each of the five kernels (or those of ``--kernels``) is swept alon
 others keep their defaults), costliest first, over a bounded grid in two phases: (1) its
 tile sizes, each from {32, 64, 128} where it divides the dimension (chunk, head_dim,
 d_state; the chunk scan's rows and its walk over their chunk both take the chunk's) and
-fits in it, at the default 4 warps and 3 stages, beside the tiles the packaged table
-holds for this GPU (timed whatever the budget, so a sweep cut short keeps them) (heads per program from
-{4, 8, 16} for the dt cumsum; state elements from {128 ... 4096} x prefetch depth {1, 2}
-for the state passing); (2) warps {4, 8} x stages {1, 2, 3} around phase 1's fastest
-(warps alone for the dt cumsum, and {2, 4, 8} alone for the state passing: Triton
-pipelines neither's loop, so stages change nothing). A candidate whose staged operands
-cannot fit in the GPU's shared memory is pruned before it compiles; one that fails to
-compile or launch is recorded and skipped; one whose whole-scan output or final state
+fits in it (heads per program from {4, 8, 16} for the dt cumsum; state elements from
+{128 ... 4096} x prefetch depth {1, 2} for the state passing), at the default 4 warps and
+3 stages, beside the tiles the packaged table holds for this GPU (timed whatever the
+budget, so a sweep cut short keeps them); (2) warps {4, 8} x stages {1, 2, 3} around
+phase 1's fastest (warps alone for the dt cumsum, and {2, 4, 8} alone for the state
+passing: Triton pipelines neither's loop, so stages change nothing). A candidate whose
+staged operands cannot fit in the GPU's shared memory is pruned before it compiles; one
+that fails to compile or launch is recorded and skipped; one whose whole-scan output or final state
 differs from the default configuration's by more than `MATCH_TOLERANCE` (relative) is
 rejected. Times:
 the kernel's launch alone (the launches before it have run once), CUDA events around
