@@ -11,6 +11,7 @@ arrays alone, as a replayed graph does.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -332,3 +333,31 @@ def test_a_step_replays_the_narrowest_captured_graph_wide_enough(
     runner.mixed_graphs[StepShape(16, 1, 16, 1)] = None  # type: ignore[assignment]
     assert width_of(200) is None  # the cap: 3 graphs
     assert width_of(100) == 128
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_second_engine_on_the_same_model_leaves_the_first_engines_graphs_working(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """A second engine on the same model gives it new ops; the first engine's graphs
+    read tensors its own ops made (Mamba2's ``A = -exp(A_log)``), which the swap once
+    freed, and after the second engine's captures the first engine's next replay was an
+    illegal memory access (benchmarks/engine.py on an H200, its calibration engines
+    beside the main one). The tensor now lives on the layer, shared."""
+    assert DEVICE is not None
+    checkpoint = tiny_checkpoint("granitemoehybrid", num_local_experts=0)
+    model = load_model(checkpoint.path, torch.float32, str(DEVICE))
+    lengths = [3, 19, 1, 11, 30, 7, 2]
+    first = Engine(model, _config(padded=True))
+    expected = _generate(first, lengths)
+    second = Engine(model, _config(padded=True, max_num_seqs=3))
+    assert _generate(second, lengths) == expected
+    runners = [first.runner, second.runner]
+    assert all(isinstance(r, FastModelRunner) and r.mixed_graphs for r in runners)
+    second.backing.close()
+    del second, runners
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert _generate(first, lengths) == expected
+    torch.cuda.synchronize()

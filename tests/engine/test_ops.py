@@ -87,3 +87,39 @@ def test_kernels_import_nothing_from_the_engine() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.startswith("avmp.engine") for n in names), file
+
+
+def test_a_runner_takes_its_ops_back_after_another_engine_replaced_them() -> None:
+    """Each engine gives the shared model its own ops; a runner built before gives the
+    model its own again when it runs a step, so an engine never runs another's kernels
+    (a graph captured through its ops reads what its ops hold)."""
+    model = _model("bamba")
+    mine, theirs = _CountingOps(), _CountingOps()
+    model.use_ops(mine)
+    runner = ModelRunner(model, None, 4, torch.device("cpu"))  # type: ignore[arg-type]
+    assert runner.ops is mine
+    model.use_ops(theirs)
+    runner.own_ops()
+    assert model.ops is mine and all(
+        m.ops is mine for m in model.modules() if isinstance(m, OpsLayer))
+
+
+def test_mamba2_decay_lives_on_the_layer_and_updates_in_place() -> None:
+    """``A = -exp(A_log)`` is one tensor per layer whichever `TritonOps` asks (each
+    engine makes its own), computed again in place when A_log changes, so CUDA graphs
+    captured with it stay valid and read the new values."""
+    pytest.importorskip("triton")
+    from avmp.engine.models.layers import Mamba2Mixer
+    from avmp.engine.triton_ops import TritonOps
+
+    model = _model("bamba")
+    mixer = next(m for m in model.modules() if isinstance(m, Mamba2Mixer))
+    first = TritonOps().decay(mixer)
+    assert torch.equal(first, -torch.exp(mixer.A_log.detach().float()))
+    assert TritonOps().decay(mixer) is first  # another engine's ops: the same tensor
+    with torch.no_grad():
+        mixer.A_log.add_(1.0)  # a weight reload bumps the version
+    again = TritonOps().decay(mixer)
+    assert again is first and torch.equal(again, -torch.exp(mixer.A_log.detach().float()))
+    mixer.A_log = torch.nn.Parameter(torch.zeros(mixer.A_log.shape[0] + 1))  # new shape
+    assert torch.equal(TritonOps().decay(mixer), -torch.ones(mixer.A_log.shape[0]))

@@ -188,6 +188,7 @@ class FastModelRunner(ModelRunner):
     def execute(
         self, work: list[SequenceWork], carried: torch.Tensor | None = None
     ) -> torch.Tensor:
+        self.own_ops()
         mark = self.profile.begin(self.device) if self.profile.enabled else None
         is_decode = all(len(w.token_ids) == 1 and w.num_context > 0 for w in work)
         shape = self.padded_shape(work, is_decode)

@@ -92,6 +92,13 @@ class ModelRunner:
         self.cache = cache
         self.block_size = block_size
         self.device = device
+        self.ops = model.ops  # what the engine gave the model for this runner
+
+    def own_ops(self) -> None:
+        """Give the model this runner's kernels again if another engine on the same
+        model gave it its own since (each engine sets the model's ops when built)."""
+        if self.model.ops is not self.ops:
+            self.model.use_ops(self.ops)
 
     @torch.inference_mode()
     def execute(
@@ -103,6 +110,7 @@ class ModelRunner:
         A token id ``-1 - i`` in ``work`` stands for ``carried[i]``: a token the previous
         step sampled that the host has not read yet (see `fill_carried`).
         """
+        self.own_ops()
         chunks = [(w.num_context, len(w.token_ids), w.slot_row, w.page_rows) for w in work]
         batch = StepBatch.build(chunks, self.block_size, self.device)
         flat = [token for w in work for token in w.token_ids]

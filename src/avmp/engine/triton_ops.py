@@ -60,6 +60,11 @@ class Mamba2ScanPlan(NamedTuple):
     decode_slots: torch.Tensor | None
 
 
+# The attribute of a Mamba2 mixer holding its ``A = -exp(A_log)`` (`TritonOps.decay`):
+# (A_log parameter, its version, A).
+DECAY_ATTRIBUTE = "_triton_decay"
+
+
 class TritonOps(Ops):
     """The Triton path of the layers' kernels (see the module doc). Needs ``triton``:
     on CUDA, or on the CPU under its interpreter (``TRITON_INTERPRET=1``)."""
@@ -75,7 +80,6 @@ class TritonOps(Ops):
         self._norm = rms_norm
         self._act = activations
         self._kv_write = kv_write
-        self._decay: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
@@ -115,13 +119,26 @@ class TritonOps(Ops):
 
     def decay(self, mixer: Mamba2Mixer) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32, computed once per weight version (three
-        launches per layer and step saved; a reload of the weights recomputes it)."""
+        launches per layer and step saved) and kept on the mixer, not here.
+
+        Each engine gives the model a new `TritonOps`, and CUDA graphs captured through
+        the old one read its tensors: kept here, a second engine on the same model freed
+        them, its next capture returned the memory to the driver, and the first engine's
+        next replay was an illegal memory access (benchmarks/engine.py on an H200). On
+        the mixer every engine shares one tensor, and a new weight version is written
+        into it in place, so the graphs captured with it read the new values.
+        """
         a_log = mixer.A_log
-        cached = self._decay.get(id(mixer))
-        if cached is None or cached[0] != a_log._version or cached[1] is not a_log:
-            cached = (a_log._version, a_log, -torch.exp(a_log.detach().float()))
-            self._decay[id(mixer)] = cached
-        return cached[2]
+        cached = getattr(mixer, DECAY_ATTRIBUTE, None)
+        if cached is not None and cached[0] is a_log and cached[1] == a_log._version:
+            return cached[2]
+        value = -torch.exp(a_log.detach().float())
+        if cached is not None:
+            old = cached[2]
+            if old.shape == value.shape and old.device == value.device:
+                value = old.copy_(value)
+        setattr(mixer, DECAY_ATTRIBUTE, (a_log, a_log._version, value))
+        return value
 
     def attention(
         self,
