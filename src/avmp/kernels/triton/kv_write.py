@@ -52,11 +52,13 @@ def _kv_write_kernel(
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # a padding row: nothing to write (a return, not a mask mixing the scalar in)
+        return
     page = slot // block_size
     in_page = slot % block_size
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (slot >= 0) & (offs_h < HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = (offs_h < HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = t.to(tl.int64)
     key = tl.load(
         key_ptr + row * stride_keyt + offs_h[:, None] * stride_keyh + offs_d[None, :] * stride_keyd,
