@@ -35,7 +35,8 @@ kernels keep their best so far.
 
 ``--write-table PATH`` writes the package's tuned table (src/avmp/kernels/triton/tuned/
 mamba2_chunk_scan.json) with this GPU's entries for the swept shapes replaced by this
-run's: copy it over the packaged file to ship it (a sweep of all five kernels only).
+run's: copy it over the packaged file to ship it (with ``--kernels``, the kernels not
+swept keep the tiles the packaged table had).
 
 One kernel alone, then its candidates one row each; and the code path on the CPU::
 
@@ -384,19 +385,20 @@ class SweepProgress:
 def tune_geometry(geo: ScanGeometry, cases: Sequence[StepCase], setup: Setup,
                   deadline: float, report: SweepProgress) -> dict[str, Any]:
     """Sweep the kernels of one geometry (``setup.kernels``); returns the trials and tuned
-    tiles (the defaults for a kernel not swept)."""
+    tiles (for a kernel not swept, or none of whose candidates ran, the packaged table's
+    for this GPU, or the defaults)."""
     grid, timer = setup.grid, setup.rig.timers[0]
     trials: list[Trial] = []
-    tuned, skipped = ScanTiles(), 0
+    device = setup.rig.device
+    shipped = tuned_tiles(geo.chunk_size, geo.head_dim, geo.d_state, DTYPE,
+                          torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    tuned, skipped = shipped, 0
 
     def attempt(tiles: KernelTiles) -> Trial:
         trial = try_candidate(kernel, tiles, cases, timer, geo, setup.rig.smem_limit)
         report.advance(1)
         return trial
 
-    device = setup.rig.device
-    shipped = tuned_tiles(geo.chunk_size, geo.head_dim, geo.d_state, DTYPE,
-                          torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     for kernel in kernel_order(cases, timer, setup.kernels):
         kernel_trials, left = sweep_kernel(kernel, geo, grid, attempt,
                                            tuning.out_of_time(deadline), getattr(shipped, kernel))
@@ -582,12 +584,10 @@ def setup_for(args: argparse.Namespace) -> tuple[list[Target], Setup]:
     """What to sweep and how, from the arguments.
 
     Raises:
-        ValueError: an unknown model, ``--write-table`` for a sweep of some kernels only,
-            no CUDA GPU (or, with ``--smoke``, not under Triton's interpreter).
+        ValueError: an unknown model, no CUDA GPU (or, with ``--smoke``, not under
+            Triton's interpreter).
     """
     kernels = tuple(k for k in SCAN_KERNELS if k in args.kernels)
-    if args.write_table is not None and kernels != SCAN_KERNELS:
-        raise ValueError("--write-table needs a sweep of every kernel (drop --kernels)")
     if args.smoke:
         return [Target("smoke", SMOKE_GEOMETRY, torch.float32)], Setup(
             tuning.smoke_rig(), SMOKE_STEPS, args.budget_s, SMOKE_GRID, kernels)
