@@ -28,6 +28,7 @@ def test_section_replaces_only_its_part(tmp_path: Path) -> None:
     assert "| shift | static | 2 |" in first and "8 of 8 cells simulated" in first
     # one cell per baseline, feasible on the H200 profile
     assert "| unified | 0 of 1 (0 with unlike work) | 0 of 0 (0 with unlike work) |" in first
+    assert "| 0 of 1 | " in first  # like work, seed by seed
     assert "1.83x to 13.3x" in first
     doc.write_text(first + "\n## A later section\n\nalso kept\n")
     assert script.main([str(results), "--doc", str(doc)]) == 0
