@@ -142,14 +142,17 @@ def test_an_impossible_longest_context_is_refused(requests: int | None, longest:
 
 
 def test_committed_calibrations_fit_without_the_feature() -> None:
-    """The committed calibration files, from before the field, load with the features
-    they had and none of the new one."""
+    """The committed calibration files from before the field load with the features they
+    had and none of the new one; those written since fit with it."""
     results = Path(__file__).parents[2] / "benchmarks" / "results"
     paths = sorted(results.glob("calibration_*.json"))
-    assert paths
+    with_field = []
     for path in paths:
         points = json.loads(path.read_text())["points"]
-        assert all("longest_context_tokens" not in point for point in points)
+        has_field = all("longest_context_tokens" in point for point in points)
+        assert has_field or all("longest_context_tokens" not in point for point in points)
         model = load_calibration(path)
-        assert "longest_context_tokens" not in model.features
+        assert ("longest_context_tokens" in model.features) == has_field
         assert model.num_points == len(points)
+        with_field.append(has_field)
+    assert False in with_field and True in with_field  # files of both kinds are committed
