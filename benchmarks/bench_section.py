@@ -296,7 +296,7 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
             if feasible[key] and like_ratios:
                 like.append((_geomean(like_ratios), min(like_ratios), key))
         below = [row for row in like if row[1] < 0.99]
-        lowest = min(like, default=None)
+        lowest = min(like, key=lambda row: row[1], default=None)  # by its lowest seed
         rows.append([
             baseline,
             f"{counts['feasible'][1]} of {counts['feasible'][0]} "
@@ -306,12 +306,12 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
             "n/a" if worst is None else f"{worst[0]:.3f}x ({_cell_name(worst[1])})",
             f"{len(below)} of {len(like)}",
             "n/a" if lowest is None else
-            f"{lowest[0]:.3f}x, seeds from {lowest[1]:.3f}x ({_cell_name(lowest[2])})",
+            f"{lowest[1]:.3f}x, cell {lowest[0]:.3f}x ({_cell_name(lowest[2])})",
         ])  # fmt: skip
     header = ["baseline", "cells below 0.99x, feasible", "cells below 0.99x, infeasible",
               "lowest cell where both completed the same requests",
               "feasible cells with a seed below 0.99x, like work",
-              "lowest feasible cell, like work"]  # fmt: skip
+              "lowest seed of a feasible cell, like work (its cell's mean)"]  # fmt: skip
     return [
         "A cell is a workload, model, budget and time model, its 3 seeds pooled (geometric "
         "mean of AVMP / baseline, requests/s). \"unlike work\": the two layouts completed "
