@@ -218,6 +218,17 @@ def sharegpt_lines(cells: Sequence[Cell]) -> list[str]:
     ]
 
 
+def _shown_argv(argv: Sequence[str], directory: Path) -> list[str]:
+    """A run's command line with its results directory written as this section names it
+    (``--out /some/machine/path`` becomes the directory given here): no machine paths in
+    the docs."""
+    shown = list(argv)
+    for i, arg in enumerate(shown[:-1]):
+        if arg == "--out" and Path(shown[i + 1]).name == directory.name:
+            shown[i + 1] = str(directory)
+    return shown
+
+
 def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
     """How the results were produced: the run log and the simulation's own CPU time."""
     runs_path = directory / "runs.jsonl"
@@ -230,8 +241,9 @@ def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
     timed = sum(1 for c in cells if "cost" in c)
     lines = [f"- simulation CPU time summed over {timed} cells: {cpu:.0f} s"] if timed else []
     for run in runs:
+        command = " ".join(_shown_argv(run["argv"], directory))
         lines.append(
-            f"- run finished {run['finished_utc']}: `{' '.join(run['argv'])}`, "
+            f"- run finished {run['finished_utc']}: `{command}`, "
             f"{run['num_simulated']} of {run['num_cells']} cells simulated in "
             f"{run['elapsed_s']:.0f} s wall, "
             f"{run['workers']} worker processes, {run['cpu_count']} CPU cores ({run['machine']}, "
