@@ -1,4 +1,4 @@
-"""Trace files: JSONL, the Azure LLM inference trace CSV, and BurstGPT CSV.
+"""Trace files: JSONL, the Azure LLM inference trace CSV, BurstGPT CSV, and Mooncake.
 
 Every reader returns requests in arrival order with times in seconds from the first
 arrival. A malformed line, a missing column or an empty trace raises `TraceError`
@@ -17,6 +17,17 @@ Formats:
 - ``burstgpt``: BurstGPT, header ``Timestamp,Model,Request tokens,Response tokens,
   Total tokens,Log Type``; Timestamp is seconds. Rows with 0 response tokens (failed
   requests in the trace) are skipped, as no output can be replayed for them.
+- ``mooncake``: the Mooncake (Kimi, FAST'25) traces, also read by SGLang's and vLLM's
+  benchmarks: one object per line with ``timestamp`` (milliseconds), ``input_length``,
+  ``output_length`` and optionally ``hash_ids``, one id per `MOONCAKE_BLOCK_TOKENS`-token
+  block of the prompt, the last block the remainder; ids are chained hashes, so the same
+  id at the same place means the same tokens and the same prefix. Each id becomes a
+  segment: a whole block under the id itself, a partial last block under ``(id, tokens)``,
+  so one content id never names two lengths and a partial block shares only with the
+  same partial block. A list longer than the prompt needs is cut to the blocks the prompt
+  has (each id names its prefix, so the first ones still hold); one too short to cover
+  the prompt is followed by a segment of this line's own, ``("unhashed", line)``, that
+  shares nothing. No ``hash_ids`` (or an empty list): no segments.
 """
 
 from __future__ import annotations
@@ -25,13 +36,16 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from avmp.sched.request import RequestSpec
+from avmp.sched.request import RequestSpec, Segment
 
-FORMATS = ("jsonl", "azure", "burstgpt")
+FORMATS = ("jsonl", "azure", "burstgpt", "mooncake")
+
+MOONCAKE_BLOCK_TOKENS = 512
+"""Prompt tokens per Mooncake hash id (the traces' block size)."""
 
 
 class TraceError(ValueError):
@@ -41,6 +55,7 @@ class TraceError(ValueError):
 def _tokens(value: object, what: str) -> int:
     """A token count: a whole number >= 0, written as a number or as digits (JSON
     ``true`` is not 1 token; ``Infinity`` and ``NaN`` are no count at all)."""
+    number: int | None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str | float) and not isinstance(value, bool):
@@ -66,23 +81,38 @@ def _whole_number(value: str | float) -> int | None:
     return int(number) if math.isfinite(number) and number == int(number) else None
 
 
-def _seconds(value: object, what: str = "arrival time") -> float:
-    """A finite time in seconds (a NaN arrival would stall the simulated clock)."""
+def _seconds(value: object, what: str = "arrival time", unit: str = "seconds") -> float:
+    """A finite time in ``unit`` (a NaN arrival would stall the simulated clock)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{what} must be a number of seconds, got {value!r}")
+        raise ValueError(f"{what} must be a number of {unit}, got {value!r}")
     try:
         seconds = float(value)
     except (ValueError, OverflowError):
-        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
+        raise ValueError(f"{what} must be a number of {unit}, got {value!r}") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{what} must be finite, got {value!r}")
     return seconds
 
 
 _JSONL_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens")
+_MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, float, int, int]]:
+def _arrival_s(value: object) -> float:
+    return _seconds(value, "arrival_s")
+
+
+def _mooncake_time(value: object) -> float:
+    """A Mooncake ``timestamp``, milliseconds from the trace's start, in seconds."""
+    milliseconds = _seconds(value, "timestamp", "milliseconds")
+    if milliseconds < 0:
+        raise ValueError(f"timestamp must be >= 0 milliseconds, got {value!r}")
+    return milliseconds / 1000
+
+
+def _jsonl_rows(
+    path: Path, fields: tuple[str, str, str], parse_time: Callable[[object], float]
+) -> Iterator[tuple[int, float, int, int]]:
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -90,12 +120,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, float, int, int]]:
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object with {', '.join(_JSONL_FIELDS)}")
+                    raise ValueError(f"expected a JSON object with {', '.join(fields)}")
                 yield (
                     line_no,
-                    _seconds(row["arrival_s"], "arrival_s"),
-                    _tokens(row["prompt_tokens"], "prompt_tokens"),
-                    _tokens(row["output_tokens"], "output_tokens"),
+                    parse_time(row[fields[0]]),
+                    _tokens(row[fields[1]], fields[1]),
+                    _tokens(row[fields[2]], fields[2]),
                 )
             except KeyError as error:
                 raise TraceError(f"{path}:{line_no}: missing field {error.args[0]!r}") from None
@@ -153,14 +183,20 @@ def _burstgpt_time(text: str) -> float:
 
 def _rows(path: Path, fmt: str) -> Iterator[tuple[int, float, int, int]]:
     if fmt == "jsonl":
-        return _jsonl_rows(path)
+        return _jsonl_rows(path, _JSONL_FIELDS, _arrival_s)
+    if fmt == "mooncake":
+        return _jsonl_rows(path, _MOONCAKE_FIELDS, _mooncake_time)
     if fmt == "azure":
         return _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), _parse_datetime)
     return _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens"), _burstgpt_time)
 
 
 def guess_format(path: Path) -> str:
-    """``jsonl`` for .jsonl/.json, else the CSV flavour named by the header."""
+    """``mooncake`` when the first non-blank line is a JSON object with ``input_length``
+    and ``output_length`` (and no ``prompt_tokens``), else ``jsonl`` for .jsonl/.json,
+    else the CSV flavour named by the header."""
+    if _is_mooncake_line(_first_non_blank_line(path)):
+        return "mooncake"
     if path.suffix in (".jsonl", ".json"):
         return "jsonl"
     with path.open(encoding="utf-8") as handle:
@@ -170,6 +206,24 @@ def guess_format(path: Path) -> str:
     if "Request tokens" in header:
         return "burstgpt"
     raise TraceError(f"{path}:1: cannot tell the trace format from its header; pass --format")
+
+
+def _first_non_blank_line(path: Path) -> str:
+    with path.open(encoding="utf-8") as handle:
+        return next((line for line in handle if line.strip()), "")
+
+
+def _is_mooncake_line(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return (
+        isinstance(row, dict)
+        and "input_length" in row
+        and "output_length" in row
+        and "prompt_tokens" not in row
+    )
 
 
 def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
@@ -186,7 +240,8 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     if not path.is_file():
         raise FileNotFoundError(f"no such trace file: {path}")
     try:
-        rows = _read_rows(path, fmt or guess_format(path))
+        fmt = fmt or guess_format(path)
+        rows = _read_rows(path, fmt)
     except UnicodeDecodeError as error:
         raise TraceError(
             f"{path}: not a UTF-8 text file ({error.reason}); expected {', '.join(FORMATS)}"
@@ -197,7 +252,7 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     start = rows[0][0]
     if not math.isfinite(rows[-1][0] - start):
         raise TraceError(f"{path}: arrival times span more seconds than a float holds")
-    content = _jsonl_content(path) if (fmt or guess_format(path)) == "jsonl" else {}
+    content = _content(path, fmt)
     requests = []
     for i, (arrival, line_no, prompt, output) in enumerate(rows):
         segments, output_segment = content.get(line_no, ((), None))
@@ -212,6 +267,18 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
 
 _CONTENT_ID = (str, int)
 
+_Content = tuple[tuple[Segment, ...], Hashable | None]
+"""A line's ``segments`` and ``output_segment``."""
+
+
+def _content(path: Path, fmt: str) -> dict[int, _Content]:
+    """By line: what the prompts of a file that names them are made of (none for CSV)."""
+    if fmt == "jsonl":
+        return _jsonl_content(path)
+    if fmt == "mooncake":
+        return _mooncake_content(path)
+    return {}
+
 
 def _content_id(value: object, field: str) -> str | int:
     if isinstance(value, bool) or not isinstance(value, _CONTENT_ID):
@@ -219,27 +286,71 @@ def _content_id(value: object, field: str) -> str | int:
     return value
 
 
-def _jsonl_content(path: Path) -> dict[int, tuple[tuple[tuple[str | int, int], ...], object]]:
-    """By line: the ``segments`` and ``output_segment`` of the lines that give them."""
-    content: dict[int, tuple[tuple[tuple[str | int, int], ...], object]] = {}
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    """Each non-blank line of a file `_jsonl_rows` has read, as its object."""
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)  # valid: `_jsonl_rows` read it first
-            if "segments" not in row and "output_segment" not in row:
-                continue
-            try:
-                content[line_no] = (_segments(row.get("segments", [])), _output_id(row))
-            except ValueError as error:
-                raise TraceError(f"{path}:{line_no}: {error}") from None
+            if line.strip():
+                yield line_no, json.loads(line)
+
+
+def _jsonl_content(path: Path) -> dict[int, _Content]:
+    """By line: the ``segments`` and ``output_segment`` of the lines that give them."""
+    content: dict[int, _Content] = {}
+    for line_no, row in _json_objects(path):
+        if "segments" not in row and "output_segment" not in row:
+            continue
+        try:
+            content[line_no] = (_segments(row.get("segments", [])), _output_id(row))
+        except ValueError as error:
+            raise TraceError(f"{path}:{line_no}: {error}") from None
     return content
 
 
-def _segments(value: object) -> tuple[tuple[str | int, int], ...]:
+def _mooncake_content(path: Path) -> dict[int, _Content]:
+    """By line: the segments of the lines with hash ids."""
+    content: dict[int, _Content] = {}
+    for line_no, row in _json_objects(path):
+        try:
+            prompt = _tokens(row["input_length"], "input_length")
+            segments = _block_segments(row.get("hash_ids"), prompt, line_no)
+        except ValueError as error:
+            raise TraceError(f"{path}:{line_no}: {error}") from None
+        if segments:
+            content[line_no] = (segments, None)
+    return content
+
+
+def _block_segments(hash_ids: object, prompt_tokens: int, line_no: int) -> tuple[Segment, ...]:
+    """A Mooncake prompt as segments, one per hash id, by the rule in the module
+    docstring: whole blocks by their id, a partial last block by ``(id, tokens)``, ids
+    past the prompt's end dropped, tokens past the ids' end this line's own."""
+    if hash_ids is None:
+        return ()
+    if not isinstance(hash_ids, list):
+        raise ValueError(f"hash_ids: a list of integers, got {hash_ids!r}")
+    block = MOONCAKE_BLOCK_TOKENS
+    ids = [_hash_id(value) for value in hash_ids][: -(-prompt_tokens // block)]
+    segments: list[Segment] = []
+    for index, hash_id in enumerate(ids):
+        tokens = min(block, prompt_tokens - index * block)
+        segments.append((hash_id if tokens == block else (hash_id, tokens), tokens))
+    unhashed = prompt_tokens - block * len(ids)
+    if ids and unhashed > 0:
+        segments.append((("unhashed", line_no), unhashed))
+    return tuple(segments)
+
+
+def _hash_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"hash_ids: each id is an integer, got {value!r}")
+    return value
+
+
+def _segments(value: object) -> tuple[Segment, ...]:
     if not isinstance(value, list):
         raise ValueError("segments: a list of [content id, tokens] pairs")
-    pieces = []
+    pieces: list[Segment] = []
     for piece in value:
         if not isinstance(piece, list) or len(piece) != 2:
             raise ValueError(f"segments: each piece is [content id, tokens], got {piece!r}")

@@ -47,8 +47,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "replay",
         help="replay a trace file with every allocator",
-        description="Replay one trace (JSONL, Azure LLM inference CSV or BurstGPT CSV) "
-        "through the simulator with each allocator, on the same requests.",
+        description="Replay one trace (JSONL, Azure LLM inference CSV, BurstGPT CSV or "
+        "Mooncake JSONL) through the simulator with each allocator, on the same requests.",
     )
     parser.add_argument("trace", metavar="TRACE", help="trace file")
     parser.add_argument("--model", required=True, help="zoo model name")
