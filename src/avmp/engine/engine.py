@@ -14,7 +14,8 @@ do): step N+1 is planned and launched while the device still computes step N, an
 tokens are read only then; a token of N that N+1 needs is read from the device there.
 The allocator's work for N+1 therefore costs no device time. It stays correct because
 every use of memory is ordered on the device's stream, and the one host-side operation
-that is not, unmapping a chunk that migrates, waits for the device first
+that is not, unmapping a chunk that migrates, is deferred until an event recorded behind
+the queued work has completed, without the host waiting for it
 (`CudaVmmBacking.unmap_chunks`).
 
 Requests come in two ways over the same step loop: `Engine.add_request` /

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,57 @@ def test_migration_moves_handles_not_bytes() -> None:
         state = backing.pool_bytes(PoolKind.STATE)
         assert torch.equal(state[2 * 2 * MIB : 4 * 2 * MIB], tail)  # same bytes, new address
         assert backing.num_chunks_created == created  # no new physical memory
+
+
+def busy_device(seconds: float = 0.2) -> None:
+    """Queue a kernel that keeps the device busy for about ``seconds`` (its spin loop's
+    cycles per second measured first)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_s = 10_000_000 / (start.elapsed_time(end) / 1e3)
+    torch.cuda._sleep(int(seconds * cycles_per_s))
+
+
+def test_unmap_does_not_wait_for_the_device_and_the_recipient_reads_the_queued_writes() -> None:
+    with vmm_attached(6) as backing:
+        backing.map_chunks(PoolKind.KV, [0, 1, 2, 3])
+        kv = backing.pool_bytes(PoolKind.KV)
+        torch.cuda.synchronize()
+        busy_device(0.3)
+        tail = pattern(12, 2 * 2 * MIB, CUDA)
+        kv[2 * 2 * MIB : 4 * 2 * MIB] = tail  # queued behind the busy kernel
+        start = time.perf_counter()
+        ids = backing.unmap_chunks(PoolKind.KV, 2)
+        backing.map_chunks(PoolKind.STATE, ids)  # the same chunks at a second address
+        waited = time.perf_counter() - start
+        assert waited < 0.1, f"the host waited {waited:.3f} s for the device"
+        assert backing.num_deferred_unmaps == 2  # the KV addresses are still mapped
+        state = backing.pool_bytes(PoolKind.STATE)
+        torch.cuda.synchronize()
+        backing.map_chunks(PoolKind.KV, [4])  # any later map or unmap reaps what completed
+        assert backing.num_deferred_unmaps == 0
+        assert torch.equal(state[: 2 * 2 * MIB], tail)  # written before the move, read after
+
+
+def test_a_pool_that_shrinks_and_grows_back_before_the_device_catches_up() -> None:
+    with vmm_attached(6) as backing:
+        backing.map_chunks(PoolKind.KV, [0, 1, 2])
+        kv = backing.pool_bytes(PoolKind.KV)
+        torch.cuda.synchronize()
+        busy_device(0.2)
+        ids = backing.unmap_chunks(PoolKind.KV, 1)
+        assert backing.num_deferred_unmaps == 1
+        backing.map_chunks(PoolKind.KV, [5])  # the same address: waits, unmaps, maps
+        assert backing.num_deferred_unmaps == 0
+        data = pattern(13, 2 * MIB, CUDA)
+        kv[2 * 2 * MIB : 3 * 2 * MIB] = data
+        torch.cuda.synchronize()
+        assert torch.equal(kv[2 * 2 * MIB : 3 * 2 * MIB], data)
+        backing.map_chunks(PoolKind.STATE, ids)
+        assert backing.num_chunks_created == 4
 
 
 def test_views_survive_migration_and_compaction() -> None:

@@ -14,13 +14,23 @@ contiguous). A physical chunk is made with ``cuMemCreate`` the first time its id
 donor's tail chunks and maps the same handles at the recipient's tail: the bytes stay in
 place physically. Driver calls use PyTorch's primary context (made current by touching
 torch.cuda first). Every driver error raises `BackingError` naming the call and the error.
+
+Unmapping is the one driver operation that the device's stream does not order: work
+already queued (the step in flight, a compaction reading the donor's tail) may still
+touch the donor's addresses. Instead of waiting for the device, the donor's addresses
+stay mapped until an event recorded behind that work has completed (`DeferredUnmaps`);
+the recipient maps the same physical chunk at its own addresses at once (a chunk may be
+mapped at two addresses), and whatever it writes there is queued behind the event. So a
+migration never stalls the host while a step runs: the engine keeps planning the next
+step during the current one (docs/design-engine.md, overlap).
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -52,6 +62,68 @@ class _CudaArray:
         }
 
 
+class _Event(Protocol):
+    """What `DeferredUnmaps` needs of a ``torch.cuda.Event``."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
+class DeferredUnmaps:
+    """Chunk addresses waiting to be unmapped until the device has finished the work queued
+    before their event.
+
+    Events complete in the order they were recorded on one stream, so `reap` stops at the
+    first that has not. An address mapped again (a pool that shrank and grows back before
+    the device caught up) is first waited for and unmapped (`settle`).
+    """
+
+    def __init__(self, unmap: Callable[[int], None]) -> None:
+        self._unmap = unmap
+        self._pending: list[tuple[int, _Event]] = []  # in the order they were retired
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, address: object) -> bool:
+        return any(pending == address for pending, _ in self._pending)
+
+    def add(self, addresses: list[int], event: _Event) -> None:
+        """Unmap ``addresses`` once ``event`` has completed."""
+        self._pending.extend((address, event) for address in addresses)
+
+    def reap(self) -> int:
+        """Unmap every address whose event has completed, without waiting; how many."""
+        done = 0
+        while done < len(self._pending) and self._pending[done][1].query():
+            done += 1
+        self._unmap_first(done)
+        return done
+
+    def settle(self, address: int) -> None:
+        """Wait for ``address``'s event if it is pending, then unmap it (and every address
+        retired before it, whose events have completed by then)."""
+        for index, (pending, event) in enumerate(self._pending):
+            if pending == address:
+                event.synchronize()
+                self._unmap_first(index + 1)
+                return
+
+    def settle_all(self) -> None:
+        """Wait for every pending event and unmap every address."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self._unmap_first(len(self._pending))
+
+    def _unmap_first(self, count: int) -> None:
+        # one at a time, dropping each once unmapped: if a driver call fails, what is
+        # left pending is exactly what is still mapped
+        for _ in range(count):
+            self._unmap(self._pending[0][0])
+            self._pending.pop(0)
+
+
 class CudaVmmBacking(TensorBacking):
     """KV and state pools over one reserved virtual range, chunks mapped on demand."""
 
@@ -69,6 +141,7 @@ class CudaVmmBacking(TensorBacking):
         self._tensors: dict[PoolKind, torch.Tensor] = {}
         self._closed = False
         self.num_chunks_created = 0
+        self._retired = DeferredUnmaps(self._unmap)
 
     # ----- driver plumbing -------------------------------------------------------------
 
@@ -195,6 +268,7 @@ class CudaVmmBacking(TensorBacking):
         self._closed = True
         atexit.unregister(self.close)
         torch.cuda.synchronize(self.device)
+        self._retired.settle_all()
         self._tensors.clear()
         for pool in PoolKind:
             for position in range(len(self._chunks[pool])):
@@ -235,6 +309,7 @@ class CudaVmmBacking(TensorBacking):
         self._check_map(chunk_ids)
         if not chunk_ids:
             return
+        self._retired.reap()
         start = len(self._chunks[pool])
         created: list[int] = []
         mapped: list[int] = []
@@ -244,6 +319,7 @@ class CudaVmmBacking(TensorBacking):
                     self._handles[chunk_id] = self._create_chunk()
                     created.append(chunk_id)
                 address = self._chunk_address(pool, start + offset)
+                self._retired.settle(address)  # still mapped from before a shrink
                 self._map(address, self._handles[chunk_id])
                 mapped.append(address)
             new_bytes = len(chunk_ids) * self.config.chunk_bytes
@@ -261,19 +337,29 @@ class CudaVmmBacking(TensorBacking):
             self._call("cuMemRelease", self._handles.pop(chunk_id))
 
     def unmap_chunks(self, pool: PoolKind, num_chunks: int) -> list[int]:
-        """Unmap the pool's last chunks; their handles (and bytes) are kept for reuse.
+        """Take the pool's last chunks away; their handles (and bytes) are kept for reuse
+        and may be mapped elsewhere at once.
 
-        Waits for the device first: a compaction that just read these chunks may still run.
+        Their addresses are unmapped later, once the device has finished the work queued
+        so far (a step in flight, a compaction that just read these chunks): an event is
+        recorded on the current stream, and the host does not wait for it.
         """
         self._check_unmap(pool, num_chunks)
         owned = self._chunks[pool]
         if num_chunks == 0:
             return []
-        torch.cuda.synchronize(self.device)
+        self._retired.reap()
         released = owned[-num_chunks:]
-        # tail first, popping as we go: if a driver call fails the pool still owns
-        # exactly the chunks that are still mapped
-        for _ in released:
-            self._unmap(self._chunk_address(pool, len(owned) - 1))
+        addresses = []
+        for _ in released:  # tail first
+            addresses.append(self._chunk_address(pool, len(owned) - 1))
             self._record_unmapped(pool)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self.device))
+        self._retired.add(addresses, event)
         return released
+
+    @property
+    def num_deferred_unmaps(self) -> int:
+        """Chunk addresses unmapped from a pool but still mapped until the device catches up."""
+        return len(self._retired)
