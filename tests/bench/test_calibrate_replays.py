@@ -342,3 +342,7 @@ def test_simulated_rates_leave_out_the_captures_as_the_engines_do() -> None:
     free = result | {"graph_capture_s": 0.0}
     assert _rates_less_captures(free) == {"timed_s": 10.0}
     assert _less_captures(free) is free
+    # the steps that captured leave the span too, whole (the engine times them so)
+    whole = result | {"captured_steps_s": 1.5}
+    assert _rates_less_captures(whole)["timed_s"] == 6.5
+    assert _less_captures(whole)["makespan_s"] == 6.5

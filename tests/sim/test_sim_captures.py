@@ -130,6 +130,35 @@ def test_each_new_graph_is_charged_once_in_the_step_that_captures_it(
     )  # fmt: skip
 
 
+def test_the_steps_that_capture_are_timed_apart_as_the_engine_times_them(
+    geometry: ModelGeometry, tmp_path: Path
+) -> None:
+    """The engine leaves a capturing step out of its timed span whole, capture and run
+    (benchmarks/engine_replay.py); the simulator reports those steps' compute seconds
+    apart (``captured_steps_s``), charged or not: here the prefill step and the first
+    decode step at each block-table width, priced by the calibration."""
+    specs = [RequestSpec(0, 0.0, 100, 300)]
+    calibration = write_calibration(tmp_path / "cal.json", CAPTURES)
+    allocator = make_allocator("avmp", geometry, MemoryConfig(64 * MIB))
+    config = SimConfig(allocator_calls_path=None, max_num_batched_tokens=256,
+                       calibration=str(calibration))  # fmt: skip
+    priced: list[tuple[BatchShape, float]] = []
+    result = simulate(specs, allocator, geometry, config,
+                      on_step=lambda shape, seconds: priced.append((shape, seconds)))  # fmt: skip
+    first_of_width: dict[int, float] = {}
+    for shape, seconds in priced[1:]:
+        first_of_width.setdefault(graph_width_tokens(shape.longest_context_tokens), seconds)
+    expected = priced[0][1] + sum(first_of_width.values())
+    assert result.num_graph_captures == 1 + len(first_of_width) == 3
+    assert result.captured_steps_s == pytest.approx(expected)
+    assert 0 < result.captured_steps_s < result.phase_s["compute"]
+    assert result.to_dict()["captured_steps_s"] == pytest.approx(expected)
+    free, _ = run(geometry, specs, write_calibration(tmp_path / "free.json", None))
+    assert free.captured_steps_s == pytest.approx(expected)  # the steps, not the charge
+    roofline, _ = run(geometry, specs, None)
+    assert roofline.captured_steps_s == 0.0 and "captured_steps_s" not in roofline.to_dict()
+
+
 def test_a_busy_run_is_charged_per_new_bucket_never_per_step(
     geometry: ModelGeometry, tmp_path: Path
 ) -> None:

@@ -55,7 +55,9 @@ class SimResult:
     (``num_requests``, ``total_s`` of delay); empty when none was.
     ``num_graph_captures`` and ``graph_capture_s``: the CUDA graphs the run captured
     mid-run and the seconds the calibration charged for them (as an engine replay reports
-    its own; 0 where the time model knows no graphs, the roofline).
+    its own; 0 where the time model knows no graphs, the roofline); ``captured_steps_s``:
+    the compute seconds of the steps that captured them (an engine replay times such a
+    step whole, its capture and its run, and leaves it out of its timed span).
     """
 
     allocator: str
@@ -89,6 +91,7 @@ class SimResult:
     held_arrivals: dict[str, Any] = field(default_factory=dict)
     num_graph_captures: int = 0
     graph_capture_s: float = 0.0
+    captured_steps_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (NaN where a percentile had no values); ``prefix`` only
@@ -100,7 +103,7 @@ class SimResult:
             if not fields[name]:
                 del fields[name]
         if not self.num_graph_captures:
-            del fields["num_graph_captures"], fields["graph_capture_s"]
+            del fields["num_graph_captures"], fields["graph_capture_s"], fields["captured_steps_s"]
         return fields
 
     def deterministic_dict(self) -> dict[str, Any]:

@@ -459,6 +459,7 @@ class _Simulation:
         )
         self.num_graph_captures = 0  # graphs captured mid-run, with a calibrated model
         self.graph_capture_s = 0.0
+        self.captured_steps_s = 0.0  # the time of the steps that captured them
         scheduler_config = config.scheduler_config(
             allocator.config.budget_bytes, config.preemption_costs(self.model)
         )
@@ -570,6 +571,7 @@ class _Simulation:
         """GPU seconds of the step, split into fresh work and recompute after preemption
         (the recompute share is the step's cost minus that of its fresh tokens alone)."""
         shape = BatchShape.from_chunks(plan.chunks)
+        captured = None
         if isinstance(self.model, CalibratedModel):  # the roofline knows no graphs
             shape, captured = self.graphs.take(shape)
             if captured is not None:
@@ -580,6 +582,8 @@ class _Simulation:
             raise ValueError(
                 f"the time model ({type(self.model).__name__}) gave a step of {total_s} s"
             )
+        if captured is not None:  # the engine times this step with its capture
+            self.captured_steps_s += total_s
         if self.on_step is not None:
             self.on_step(shape, total_s)
         recompute_tokens = plan.num_recompute_tokens
@@ -700,6 +704,7 @@ class _Simulation:
             ),
             num_graph_captures=self.num_graph_captures,
             graph_capture_s=self.graph_capture_s,
+            captured_steps_s=self.captured_steps_s,
         )
 
     def _policy(self) -> dict[str, Any]:
