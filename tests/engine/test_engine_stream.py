@@ -21,7 +21,7 @@ from avmp.engine.engine import (
     RequestTooLarge,
     RequestUpdate,
 )
-from avmp.engine.sampling import SamplingParams, filtered_probs
+from avmp.engine.sampling import SamplingParams, filtered_probs, without_stops
 
 FAMILY = "granitemoehybrid"
 # the CUDA cases run the Triton kernels, overlapped, with decode graphs
@@ -316,6 +316,43 @@ def test_end_of_sequence_stops_unless_ignored(
     assert updates[ignores][-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_min_tokens_holds_back_stop_ids_and_end_of_sequence(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool
+) -> None:
+    """Greedy: where the reference would sample the stop id (or end of sequence) before
+    ``min_tokens``, the next best token comes instead; the tokens before it are the
+    reference's, and no stop token appears before ``min_tokens``."""
+    prompt = random_prompts([9], seed=6)[0]
+    reference = tiny_checkpoint(FAMILY, eos_token_id=None).reference(prompt, 10)
+    cut = first_new_token(reference, 2)
+    stop_id = reference[cut]
+    same_weights = tiny_checkpoint(FAMILY, eos_token_id=stop_id)
+    engine = light_engine(same_weights, overlap=overlap)
+    held = RequestOptions(10, min_tokens=cut + 2)
+    by_id = RequestOptions(10, stop_token_ids=(stop_id,), ignore_eos=True, min_tokens=cut + 2)
+    requests = [engine.add_request(prompt, held), engine.add_request(prompt, by_id)]
+    plain = engine.add_request(prompt, RequestOptions(10))
+    updates = drain(engine)
+    assert tokens_of(updates[plain]) == reference[: cut + 1]
+    for request in requests:
+        tokens = tokens_of(updates[request])
+        assert len(tokens) >= cut + 2 and tokens[:cut] == reference[:cut]
+        assert stop_id not in tokens[: cut + 2]
+        assert updates[request][-1].finish_reason in ("stop", "length")
+        if updates[request][-1].finish_reason == "stop":
+            assert tokens[-1] == stop_id
+
+
+def test_without_stops_masks_a_copy_and_skips_ids_past_the_vocabulary() -> None:
+    logits = torch.arange(12, dtype=torch.float32).view(3, 4)
+    masked = without_stops(logits, [(0, frozenset({1, 3})), (2, frozenset({0, 9}))])
+    assert torch.equal(logits, torch.arange(12, dtype=torch.float32).view(3, 4))
+    inf = float("-inf")
+    assert masked.tolist() == [[0.0, inf, 2.0, inf], [4.0, 5.0, 6.0, 7.0], [inf, 9.0, 10.0, 11.0]]
+    assert without_stops(logits, [(1, frozenset({7}))]) is logits
+
+
 def test_a_request_that_can_never_fit_is_refused_before_queueing(
     checkpoint: TinyCheckpoint,
 ) -> None:
@@ -351,6 +388,9 @@ def test_a_request_that_can_never_fit_is_refused_before_queueing(
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
         (dict(stop_token_ids=7), "stop_token_ids"),
         (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(max_tokens=4, min_tokens=5), "min_tokens"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=1.5), "min_tokens"),
     ],
 )
 def test_bad_options_raise_value_error(options: dict[str, Any], message: str) -> None:

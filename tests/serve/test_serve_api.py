@@ -147,6 +147,47 @@ def test_a_stop_token_id_ends_the_text_after_it(served):
     assert answer.usage.completion_tokens == end
 
 
+def test_min_tokens_keeps_stop_strings_and_ids_from_ending_it_early(served):
+    """vLLM's min_tokens: a stop string or stop id met before that many tokens does not
+    end the answer (the id cannot even be sampled there); more than max_tokens is a 400."""
+    server, reference = served
+    client = server.openai()
+    i = _long(reference)
+    text, ids = reference[i].text, reference[i].token_ids
+    unique = next(j for j in range(3) if text.split().count(text.split()[j]) == 1)
+    kept = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
+        stop=[text.split()[unique]], extra_body={"min_tokens": 4},
+    )  # fmt: skip
+    assert kept.choices[0].text == text and kept.usage.completion_tokens == len(ids)
+    held = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"stop_token_ids": [ids[2]], "min_tokens": 5},
+    )  # fmt: skip
+    assert held.usage.completion_tokens >= 5
+    assert held.choices[0].text.split()[:2] == text.split()[:2]
+    assert words([ids[2]]).strip() not in held.choices[0].text.split()[:5]
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPTS[i], max_tokens=3,
+                                  extra_body={"min_tokens": 4})  # fmt: skip
+
+
+def test_the_developer_role_is_the_system_role(served):
+    server, _ = served
+    client = server.openai()
+
+    def answer(role: str) -> str:
+        messages = [{"role": role, "content": "w1 w2"}, {"role": "user", "content": "w5 w6"}]
+        reply = client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    assert answer("developer") == answer("system")
+
+
 def test_32_concurrent_streams_each_equal_engine_generate(served):
     server, reference = served
 

@@ -58,7 +58,7 @@ from avmp.engine.prefix_cache import (
     resolve_prefix_cache,
 )
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
-from avmp.engine.sampling import SampledTokens, SamplingParams, sample
+from avmp.engine.sampling import SampledTokens, SamplingParams, sample, without_stops
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.engine.tp_step import (
     FollowerFailed,
@@ -456,6 +456,8 @@ class RequestOptions:
         stop_token_ids: finish (reason ``stop``) after sampling one of these; the token
             stays in the output, as OpenAI and vLLM do for ids.
         ignore_eos: keep generating after the end-of-sequence token.
+        min_tokens: tokens to generate before the end-of-sequence token or a stop id may
+            be sampled (vLLM's ``min_tokens``: their logits are masked until then).
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -467,6 +469,7 @@ class RequestOptions:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -484,6 +487,9 @@ class RequestOptions:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not _is_whole(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be a whole number in [0, max_tokens = "
+                             f"{self.max_tokens}], got {self.min_tokens!r}")  # fmt: skip
 
     def sampling(self, seed: int) -> SamplingParams:
         """These settings as the sampler takes them, with the generator's ``seed``."""
@@ -559,8 +565,8 @@ class _Live:
 
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
-        "finish_reason", "error", "num_reported", "arrival_s", "joined_s", "first_token_s",
-        "last_token_s",
+        "min_tokens", "finish_reason", "error", "num_reported", "arrival_s", "joined_s",
+        "first_token_s", "last_token_s",
     )  # fmt: skip
 
     def __init__(
@@ -572,6 +578,7 @@ class _Live:
         stop_ids: frozenset[int],
         generator: torch.Generator | None,
         arrival_s: float,
+        min_tokens: int = 0,
     ) -> None:
         self.index = index
         self.prompt = prompt
@@ -579,6 +586,7 @@ class _Live:
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop_ids = stop_ids
+        self.min_tokens = min_tokens
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -1025,6 +1033,7 @@ class Engine:
             frozenset(stop_ids),
             generator,
             arrival_s,
+            options.min_tokens,
         )
         return request_id
 
@@ -1122,6 +1131,7 @@ class Engine:
         carry = {} if self._pending is None else self._pending.index
         work: list[SequenceWork] = []
         sampling: list[int] = []
+        held_back: list[tuple[int, frozenset[int]]] = []  # rows whose stop ids are masked
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
@@ -1142,6 +1152,9 @@ class Engine:
             )
             if samples:
                 sampling.append(chunk.request_id)
+                # the sampled token is output number known - len(prompt), counting from 0
+                if request.stop_ids and known - len(request.prompt) < request.min_tokens:
+                    held_back.append((len(sampling) - 1, request.stop_ids))
         carried = None if self._pending is None else self._pending.tokens.device
         if self._leader is None:
             logits = self.runner.execute(work, carried)
@@ -1150,6 +1163,8 @@ class Engine:
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
+        if held_back:
+            logits = without_stops(logits, held_back)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if self._leader is not None:  # the followers' carried tokens of the next step
             self._leader.share_sampled(sampled)

@@ -10,7 +10,7 @@ sampled are kept, never drawn again).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
@@ -99,6 +99,21 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torc
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     changed = _per_row([k or p for k, p in zip(cuts_k, cuts_p, strict=True)], device)
     return torch.where(changed, filtered / filtered.sum(dim=-1, keepdim=True), probs)
+
+
+def without_stops(logits: torch.Tensor, rows: Sequence[tuple[int, Iterable[int]]]) -> torch.Tensor:
+    """``logits [N, V]`` with each given row's token ids masked to -inf (a request that
+    has not reached its ``min_tokens``: its end-of-sequence and stop ids cannot be
+    sampled yet). A copy: the runner's logits may be a CUDA graph's output buffer. Ids
+    beyond the vocabulary are skipped."""
+    vocab = logits.shape[-1]
+    pairs = [(row, token) for row, tokens in rows for token in tokens if 0 <= token < vocab]
+    if not pairs:
+        return logits
+    index = torch.tensor(pairs, dtype=torch.long).to(logits.device, non_blocking=True)
+    masked = logits.clone()
+    masked[index[:, 0], index[:, 1]] = float("-inf")
+    return masked
 
 
 def sample(

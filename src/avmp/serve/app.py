@@ -182,7 +182,9 @@ class _Server:
                 "this model's tokenizer has no chat template: use /v1/completions with a prompt",
                 param="messages",
             )
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # OpenAI's "developer" role is what the system role was; templates know the latter
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]  # fmt: skip
         try:
             prompt = self.chat.encode(messages)
         except ValueError as error:
@@ -249,6 +251,7 @@ class _Server:
                 seed=None if body.seed is None else body.seed + choice,
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
+                min_tokens=body.min_tokens,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -306,7 +309,8 @@ class _Server:
             async for update in updates:
                 self._observe_tokens(timing, len(update.new_token_ids))
                 new = text.add(update.new_token_ids) + (text.flush() if update.finished else "")
-                piece = cut.add(new)
+                # before min_tokens no stop string ends the request (as vLLM)
+                piece = cut.add(new, match=update.num_output_tokens >= options.min_tokens)
                 reason = "stop" if piece.stopped else update.finish_reason
                 if reason == "rejected":
                     raise Rejected(update.error or "the request can never fit in memory")

@@ -4,7 +4,9 @@ Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
 ``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
 engine cannot honour are accepted at their neutral value and refused otherwise, naming
 the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
-accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``.
+accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens`` (no
+end-of-sequence, stop id or stop string before that many tokens; load generators such as
+genai-perf send it with ``ignore_eos``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

@@ -86,12 +86,16 @@ class StopStrings:
         self._sent = 0
         self.stopped = False
 
-    def add(self, text: str) -> TextPiece:
+    def add(self, text: str, match: bool = True) -> TextPiece:
         """Append ``text``; the part that can be sent, cut at a stop string if one
-        now appears (after which everything more is ignored)."""
+        now appears (after which everything more is ignored). ``match=False``: no stop
+        string may end it yet (``min_tokens``), everything is sent, and later matches
+        are looked for in the text after it."""
         if self.stopped:
             return TextPiece("", True)
         self._text += text
+        if not match:
+            return self._send(len(self._text), stopped=False)
         cut = self._first_match(self._sent)  # what was sent held no match, nor began one
         if cut is not None:
             self.stopped = True
