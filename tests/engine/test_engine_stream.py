@@ -316,9 +316,10 @@ def test_end_of_sequence_stops_unless_ignored(
     assert updates[ignores][-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("device", ON_DEVICES)
 @pytest.mark.parametrize("overlap", [False, True])
 def test_min_tokens_holds_back_stop_ids_and_end_of_sequence(
-    tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool
+    tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool, device: str
 ) -> None:
     """Greedy: where the reference would sample the stop id (or end of sequence) before
     ``min_tokens``, the next best token comes instead; the tokens before it are the
@@ -328,7 +329,7 @@ def test_min_tokens_holds_back_stop_ids_and_end_of_sequence(
     cut = first_new_token(reference, 2)
     stop_id = reference[cut]
     same_weights = tiny_checkpoint(FAMILY, eos_token_id=stop_id)
-    engine = light_engine(same_weights, overlap=overlap)
+    engine = light_engine(same_weights, overlap=overlap, device=device)
     held = RequestOptions(10, min_tokens=cut + 2)
     by_id = RequestOptions(10, stop_token_ids=(stop_id,), ignore_eos=True, min_tokens=cut + 2)
     requests = [engine.add_request(prompt, held), engine.add_request(prompt, by_id)]
