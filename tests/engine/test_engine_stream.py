@@ -345,6 +345,42 @@ def test_min_tokens_holds_back_stop_ids_and_end_of_sequence(
             assert tokens[-1] == stop_id
 
 
+@pytest.mark.parametrize("device", ON_DEVICES)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logprobs_come_with_each_token_from_the_raw_distribution(
+    tiny_checkpoint: Callable[..., TinyCheckpoint], overlap: bool, device: str
+) -> None:
+    """Greedy: each token is its position's most likely, with that log-probability; the
+    top k are sorted and are log-probabilities; one per token in every update; none
+    without asking. Under min_tokens' mask the top still shows the stop id (the raw
+    distribution) where the sampled token is the next best."""
+    prompt = random_prompts([9], seed=6)[0]
+    reference = tiny_checkpoint(FAMILY, eos_token_id=None).reference(prompt, 10)
+    cut = first_new_token(reference, 2)
+    engine = light_engine(tiny_checkpoint(FAMILY, eos_token_id=reference[cut]),
+                          overlap=overlap, device=device)  # fmt: skip
+    asked = engine.add_request(prompt, RequestOptions(10, logprobs=3))
+    held = engine.add_request(prompt, RequestOptions(10, logprobs=0, min_tokens=cut + 2))
+    plain = engine.add_request(prompt, RequestOptions(10))
+    updates = drain(engine)
+    for update in updates[asked] + updates[held]:
+        assert update.new_logprobs is not None
+        assert len(update.new_logprobs) == len(update.new_token_ids)
+    assert all(u.new_logprobs is None for u in updates[plain])
+    tokens = tokens_of(updates[asked])
+    logprobs = [lp for u in updates[asked] for lp in u.new_logprobs or []]
+    assert tokens == reference[: cut + 1] and len(logprobs) == len(tokens)
+    for token, lp in zip(tokens, logprobs, strict=True):
+        assert len(lp.top) == 3 and lp.top[0][0] == token
+        assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob <= 0.0
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    held_lps = [lp for u in updates[held] for lp in u.new_logprobs or []]
+    assert all(lp.top == () for lp in held_lps)
+    assert held_lps[cut].logprob < logprobs[cut].logprob  # not the argmax: that was masked
+    with pytest.raises(ValueError, match="logprobs"):
+        RequestOptions(4, logprobs=21)
+
+
 def test_without_stops_masks_a_copy_and_skips_ids_past_the_vocabulary() -> None:
     logits = torch.arange(12, dtype=torch.float32).view(3, 4)
     masked = without_stops(logits, [(0, frozenset({1, 3})), (2, frozenset({0, 9}))])

@@ -46,7 +46,7 @@ BAD_BODIES = [
     pytest.param({**GOOD, "max_tokens": 0}, 400, "max_tokens", None, id="max-tokens"),
     pytest.param({**GOOD, "n": 0}, 400, "n", None, id="n"),
     pytest.param({**GOOD, "stream": "often"}, 400, "stream", None, id="stream-type"),
-    pytest.param({**GOOD, "logprobs": 2}, 400, "logprobs", None, id="logprobs"),
+    pytest.param({**GOOD, "logprobs": 21}, 400, "logprobs", None, id="logprobs"),
     pytest.param({**GOOD, "echo": True}, 400, "echo", None, id="echo"),
     pytest.param({**GOOD, "best_of": 3}, 400, "best_of", None, id="best-of"),
     pytest.param({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", None, id="penalty"),
@@ -103,7 +103,8 @@ def test_bad_chat_bodies(server):
             ({**chat, "messages": []}, "messages"),
             ({**chat, "messages": [{"role": "robot", "content": "w1"}]}, None),
             ({**chat, "tools": [{"type": "function"}]}, "tools"),
-            ({**chat, "logprobs": True}, "logprobs"),
+            ({**chat, "top_logprobs": 2}, "top_logprobs"),
+            ({**chat, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
             ({**chat, "max_completion_tokens": 0}, "max_completion_tokens"),
         ]:
             _assert_error(http.post("/v1/chat/completions", json=body), 400, param)

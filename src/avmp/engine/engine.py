@@ -58,7 +58,15 @@ from avmp.engine.prefix_cache import (
     resolve_prefix_cache,
 )
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
-from avmp.engine.sampling import SampledTokens, SamplingParams, sample, without_stops
+from avmp.engine.sampling import (
+    MAX_LOGPROBS,
+    SampledLogprobs,
+    SampledTokens,
+    SamplingParams,
+    TokenLogprobs,
+    sample,
+    without_stops,
+)
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.engine.tp_step import (
     FollowerFailed,
@@ -458,6 +466,9 @@ class RequestOptions:
         ignore_eos: keep generating after the end-of-sequence token.
         min_tokens: tokens to generate before the end-of-sequence token or a stop id may
             be sampled (vLLM's ``min_tokens``: their logits are masked until then).
+        logprobs: None, or report each output token's log-probability and those of the
+            ``logprobs`` most likely tokens there (0 to `MAX_LOGPROBS`;
+            `RequestUpdate.new_logprobs`).
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -470,6 +481,7 @@ class RequestOptions:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -490,6 +502,11 @@ class RequestOptions:
         if not _is_whole(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be a whole number in [0, max_tokens = "
                              f"{self.max_tokens}], got {self.min_tokens!r}")  # fmt: skip
+        if self.logprobs is not None and (
+            not _is_whole(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(f"logprobs must be None or a whole number in [0, {MAX_LOGPROBS}], "
+                             f"got {self.logprobs!r}")  # fmt: skip
 
     def sampling(self, seed: int) -> SamplingParams:
         """These settings as the sampler takes them, with the generator's ``seed``."""
@@ -508,6 +525,8 @@ class RequestUpdate:
         error: why it was rejected.
         num_output_tokens: every token produced so far, ``new_token_ids`` included.
         num_preemptions: how often the request was preempted so far.
+        new_logprobs: one per new token when the request asked for them
+            (`RequestOptions.logprobs`), else None.
     """
 
     request_id: int
@@ -518,6 +537,7 @@ class RequestUpdate:
     num_prompt_tokens: int
     num_output_tokens: int
     num_preemptions: int = 0
+    new_logprobs: list[TokenLogprobs] | None = None
 
 
 class RequestTooLarge(ValueError):
@@ -548,12 +568,20 @@ class _Pending:
     """A launched step whose sampled tokens the host has not read yet: the requests that
     sampled, in row order, and their tokens."""
 
-    __slots__ = ("request_ids", "tokens", "index")
+    __slots__ = ("request_ids", "tokens", "index", "logprobs", "logprob_ids")
 
-    def __init__(self, request_ids: list[int], tokens: SampledTokens) -> None:
+    def __init__(
+        self,
+        request_ids: list[int],
+        tokens: SampledTokens,
+        logprobs: SampledLogprobs | None = None,
+        logprob_ids: list[int] | None = None,
+    ) -> None:
         self.request_ids = request_ids
         self.tokens = tokens
         self.index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self.logprobs = logprobs  # of the requests in ``logprob_ids``, in that order
+        self.logprob_ids = logprob_ids or []
 
 
 class _Live:
@@ -565,8 +593,8 @@ class _Live:
 
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
-        "min_tokens", "finish_reason", "error", "num_reported", "arrival_s", "joined_s",
-        "first_token_s", "last_token_s",
+        "min_tokens", "logprobs_k", "logprobs", "finish_reason", "error", "num_reported",
+        "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
     def __init__(
@@ -579,6 +607,7 @@ class _Live:
         generator: torch.Generator | None,
         arrival_s: float,
         min_tokens: int = 0,
+        logprobs_k: int | None = None,
     ) -> None:
         self.index = index
         self.prompt = prompt
@@ -587,6 +616,8 @@ class _Live:
         self.sampling = sampling
         self.stop_ids = stop_ids
         self.min_tokens = min_tokens
+        self.logprobs_k = logprobs_k
+        self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -1034,6 +1065,7 @@ class Engine:
             generator,
             arrival_s,
             options.min_tokens,
+            options.logprobs,
         )
         return request_id
 
@@ -1163,12 +1195,18 @@ class Engine:
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
+        raw = logits
         if held_back:
             logits = without_stops(logits, held_back)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if self._leader is not None:  # the followers' carried tokens of the next step
             self._leader.share_sampled(sampled)
-        return _Pending(sampling, SampledTokens(sampled))
+        asked = [(i, k) for i, r in enumerate(rows) if (k := r.logprobs_k) is not None]
+        if not asked:
+            return _Pending(sampling, SampledTokens(sampled))
+        logprobs = SampledLogprobs(raw, sampled, asked)
+        ids = [sampling[i] for i, _ in asked]
+        return _Pending(sampling, SampledTokens(sampled), logprobs, ids)
 
     def _settle(self) -> list[int]:
         """Read the last launched step's tokens (waiting for that step alone) and append
@@ -1180,12 +1218,17 @@ class Engine:
             return []
         late = []
         tokens = pending.tokens.tolist()
+        logprobs = {} if pending.logprobs is None else dict(
+            zip(pending.logprob_ids, pending.logprobs.tolist(), strict=True)
+        )  # fmt: skip
         now = self._now()
         for request_id, token in zip(pending.request_ids, tokens, strict=True):
             request = self._requests.get(request_id)
             if request is None or request.finish_reason in _DROPS_LATE_TOKENS:
                 continue
             request.tokens.append(token)
+            if request_id in logprobs:
+                request.logprobs.append(logprobs[request_id])
             self._touched[request_id] = None
             self.totals.num_generated_tokens += 1
             if request.first_token_s is None:
@@ -1211,6 +1254,7 @@ class Engine:
             new = request.tokens[num_prompt + request.num_reported :]
             if not new and not done:
                 continue
+            reported = request.num_reported
             request.num_reported += len(new)
             scheduled = self.scheduler.requests.get(request_id)
             updates.append(
@@ -1223,6 +1267,8 @@ class Engine:
                     num_prompt,
                     len(request.tokens) - num_prompt,
                     0 if scheduled is None else scheduled.num_preemptions,
+                    None if request.logprobs_k is None
+                    else request.logprobs[reported : reported + len(new)],
                 )
             )
             if done:

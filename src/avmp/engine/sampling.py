@@ -152,6 +152,28 @@ def sample(
     return logits.argmax(dim=-1).index_copy(0, index, draws)
 
 
+class _HostCopy:
+    """Tensors copied to the host without blocking: on CUDA into pinned memory behind an
+    event, which `read` waits for alone (on the CPU the tensors themselves)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensors and tensors[0].is_cuda:
+            self._host = tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in tensors
+            )
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+        else:
+            self._host = tensors
+
+    def read(self) -> tuple[torch.Tensor, ...]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
 class SampledTokens:
     """A step's sampled tokens on their way to the host.
 
@@ -163,16 +185,50 @@ class SampledTokens:
 
     def __init__(self, tokens: torch.Tensor) -> None:
         self.device = tokens
-        self._event: torch.cuda.Event | None = None
-        if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._event.record()
-        else:
-            self._host = tokens
+        self._copy = _HostCopy(tokens)
 
     def tolist(self) -> list[int]:
-        if self._event is not None:
-            self._event.synchronize()
-        return [int(t) for t in self._host.tolist()]
+        return [int(t) for t in self._copy.read()[0].tolist()]
+
+
+MAX_LOGPROBS = 20  # most likely tokens a request may ask for per position (vLLM's default)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the ``k`` most likely tokens' (id,
+    log-probability), most likely first, under the model's own distribution (the raw
+    logits' log-softmax, before temperature, top-k/top-p and ``min_tokens``' mask: what
+    vLLM reports by default)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class SampledLogprobs:
+    """The log-probabilities of some rows' sampled tokens, and of their top ``k``, on their
+    way to the host like `SampledTokens`.
+
+    Args:
+        logits: the step's raw logits ``[N, V]``.
+        tokens: the tokens sampled from them ``[N]``.
+        rows: per request that asked, its row and its ``k`` (0: the sampled token alone).
+    """
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor,
+                 rows: Sequence[tuple[int, int]]) -> None:  # fmt: skip
+        self._ks = [k for _, k in rows]
+        index = torch.tensor([row for row, _ in rows], dtype=torch.long).to(logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+        top, ids = logprobs.topk(min(max(self._ks), logprobs.shape[-1]), dim=-1)  # k = 0: empty
+        self._copy = _HostCopy(chosen, top, ids)
+
+    def tolist(self) -> list[TokenLogprobs]:
+        """One per row given, in its order."""
+        chosen, top, ids = (t.tolist() for t in self._copy.read())
+        out = []
+        for logprob, values, tokens, k in zip(chosen, top, ids, self._ks, strict=True):
+            pairs = zip((int(t) for t in tokens[:k]), (float(v) for v in values[:k]), strict=True)
+            out.append(TokenLogprobs(float(logprob), tuple(pairs)))
+        return out

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from avmp.engine.engine import RequestOptions
+from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder
 from avmp.serve.errors import APIError, Rejected, add_error_handlers, engine_error
 from avmp.serve.metrics import ServerMetrics
@@ -46,10 +47,12 @@ from avmp.serve.protocol import (
     ModelCard,
     ModelList,
     now_s,
+    top_logprobs,
     unsupported_fields,
 )
 from avmp.serve.responses import (
     Piece,
+    TokenLogprob,
     chat_response,
     collect,
     completion_response,
@@ -243,6 +246,10 @@ class _Server:
     def _options(self, body: Any, max_tokens: int, choice: int) -> RequestOptions:
         """The engine options of one choice: choice j of ``n`` gets ``seed + j``."""
         try:
+            logprobs = top_logprobs(body)
+        except ValueError as error:
+            raise APIError(400, str(error), param="top_logprobs") from None
+        try:
             return RequestOptions(
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -252,6 +259,7 @@ class _Server:
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
                 min_tokens=body.min_tokens,
+                logprobs=logprobs,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -305,6 +313,7 @@ class _Server:
         text = IncrementalDetokenizer(self.tokenizer)
         cut = StopStrings(stops)
         timing = _Timing(arrival_s)
+        offset = 0  # where the next token's text starts among this choice's token texts
         async with aclosing(self.loop.generate(prompt, options)) as updates:
             async for update in updates:
                 self._observe_tokens(timing, len(update.new_token_ids))
@@ -316,17 +325,36 @@ class _Server:
                     raise Rejected(update.error or "the request can never fit in memory")
                 done = piece.stopped or update.finished
                 tail = cut.finish() if done and not piece.stopped else ""
+                logprobs = None
+                if update.new_logprobs is not None:
+                    logprobs, offset = self._logprobs(
+                        update.new_token_ids, update.new_logprobs, offset
+                    )
                 yield Piece(
                     index,
                     piece.text + tail,
                     reason if done else None,
                     update.num_prompt_tokens,
                     update.num_output_tokens,
+                    logprobs,
                 )
                 if done:
                     self._observe_end(timing, str(reason))
                     return
         raise RuntimeError("the engine ended a request without finishing it")
+
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int
+    ) -> tuple[list[TokenLogprob], int]:
+        """The tokens' log-probabilities with their texts (each token decoded alone, as
+        vLLM shows them) and text offsets from ``offset``; the offset after them."""
+        entries = []
+        for token, lp in zip(token_ids, logprobs, strict=True):
+            text = self.tokenizer.decode([token])
+            top = tuple((self.tokenizer.decode([t]), v) for t, v in lp.top)
+            entries.append(TokenLogprob(text, lp.logprob, top, offset))
+            offset += len(text)
+        return entries, offset
 
     def _observe_tokens(self, timing: _Timing, num_tokens: int) -> None:
         if num_tokens == 0:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avmp.engine.sampling import MAX_LOGPROBS
+
 # OpenAI's documented default for /v1/completions when max_tokens is not given
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_N = 64  # choices per request at most (each is an engine request)
@@ -64,7 +66,7 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -102,7 +104,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -112,12 +114,31 @@ class ChatCompletionRequest(_Sampling):
     service_tier: str | None = None
 
 
+def top_logprobs(request: _Sampling) -> int | None:
+    """How many most likely tokens to report per output token: None for no log-probabilities
+    at all, 0 for the sampled token's alone (completions' ``logprobs``; chat's ``logprobs``
+    with ``top_logprobs``).
+
+    Raises:
+        ValueError: chat's ``top_logprobs`` without ``logprobs: true`` (as OpenAI).
+    """
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if isinstance(request, ChatCompletionRequest):
+        if not request.logprobs:
+            if request.top_logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return None
+        return request.top_logprobs or 0
+    return None
+
+
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``logprobs=0``/``false``, ``best_of`` equal to
-    ``n``, penalties of 0, an empty ``logit_bias`` or ``tools`` list, a ``text``
-    response format, ``tool_choice`` ``none``), since clients send them by default.
+    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, penalties of 0, an
+    empty ``logit_bias`` or ``tools`` list, a ``text`` response format, ``tool_choice``
+    ``none``), since clients send them by default.
     """
     checks: list[tuple[str, bool]] = [
         ("frequency_penalty", bool(request.frequency_penalty)),
@@ -127,14 +148,11 @@ def unsupported_fields(request: _Sampling) -> str | None:
     if isinstance(request, CompletionRequest):
         checks += [
             ("echo", request.echo),
-            ("logprobs", bool(request.logprobs)),
             ("best_of", request.best_of not in (None, request.n)),
             ("suffix", bool(request.suffix)),
         ]
     elif isinstance(request, ChatCompletionRequest):
         checks += [
-            ("logprobs", bool(request.logprobs)),
-            ("top_logprobs", bool(request.top_logprobs)),
             ("response_format", (request.response_format or {}).get("type", "text") != "text"),
             ("tools", bool(request.tools)),
             ("tool_choice", request.tool_choice not in (None, "none")),
@@ -151,10 +169,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: per token its text, log-probability, the most
+    likely tokens there (text -> log-probability) and where its text starts in the
+    choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -172,10 +201,24 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -196,7 +239,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -21,8 +21,12 @@ from avmp.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     Usage,
     new_id,
@@ -32,22 +36,43 @@ from avmp.serve.protocol import (
 SSE_DONE = "data: [DONE]\n\n"
 
 
+# a log-probability JSON can carry: vLLM writes -9999.0 for -inf too
+LOWEST_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability as a response shows it: the token's text,
+    where that text starts in the choice's token texts (``offset``), and the most likely
+    tokens there (text, log-probability)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+    offset: int
+
+
 @dataclass
 class Piece:
-    """What one choice produced since its last piece."""
+    """What one choice produced since its last piece; ``logprobs``: one per token of the
+    piece when the request asked for them."""
 
     index: int
     text: str
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 async def collect(stream: AsyncIterator[Piece]) -> Piece:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None
     async with aclosing(stream) as pieces:  # type: ignore[type-var]
         async for piece in pieces:
             parts.append(piece.text)
+            if piece.logprobs is not None:
+                logprobs = (logprobs or []) + piece.logprobs
             last = piece
     return Piece(
         last.index,
@@ -55,6 +80,40 @@ async def collect(stream: AsyncIterator[Piece]) -> Piece:
         last.finish_reason,
         last.num_prompt_tokens,
         last.num_output_tokens,
+        logprobs,
+    )
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+    if entries is None:
+        return None
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[finite(e.logprob) for e in entries],
+        top_logprobs=[{text: finite(v) for text, v in e.top} for e in entries],
+        text_offset=[e.offset for e in entries],
+    )
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if entries is None:
+        return None
+
+    def one(text: str, logprob: float) -> ChatTopLogprob:
+        return ChatTopLogprob(token=text, logprob=finite(logprob), bytes=list(text.encode()))
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **one(e.token, e.logprob).model_dump(),
+                top_logprobs=[one(text, v) for text, v in e.top],
+            )
+            for e in entries
+        ]
     )
 
 
@@ -138,7 +197,12 @@ def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
         created=now_s(),
         model=model,
         choices=[
-            CompletionChoice(index=p.index, text=p.text, finish_reason=p.finish_reason)
+            CompletionChoice(
+                index=p.index,
+                text=p.text,
+                logprobs=completion_logprobs(p.logprobs),
+                finish_reason=p.finish_reason,
+            )
             for p in pieces
         ],
         usage=_usage(pieces),
@@ -154,6 +218,7 @@ def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
             ChatChoice(
                 index=p.index,
                 message=ChatResponseMessage(content=p.text),
+                logprobs=chat_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
             )
             for p in pieces
@@ -201,11 +266,14 @@ async def sse_completions(
             yield piece
             continue
         counts.add(piece)
-        if piece.text or piece.finish_reason:
+        if piece.text or piece.finish_reason or piece.logprobs:
             yield chunk(
                 [
                     CompletionChoice(
-                        index=piece.index, text=piece.text, finish_reason=piece.finish_reason
+                        index=piece.index,
+                        text=piece.text,
+                        logprobs=completion_logprobs(piece.logprobs),
+                        finish_reason=piece.finish_reason,
                     )
                 ]
             )
@@ -234,10 +302,18 @@ async def sse_chat(
             started.add(piece.index)
             delta = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=piece.index, delta=delta)])
-        if piece.text or piece.finish_reason:
+        if piece.text or piece.finish_reason or piece.logprobs:
             delta = ChatDelta(content=piece.text or None)
+            logprobs = chat_logprobs(piece.logprobs)
             yield chunk(
-                [ChatChunkChoice(index=piece.index, delta=delta, finish_reason=piece.finish_reason)]
+                [
+                    ChatChunkChoice(
+                        index=piece.index,
+                        delta=delta,
+                        logprobs=logprobs,
+                        finish_reason=piece.finish_reason,
+                    )
+                ]
             )
     if include_usage:
         yield chunk([], counts.usage())

@@ -1,0 +1,95 @@
+"""Log-probabilities through `avmp serve` and the official openai client: completions'
+``logprobs: k`` (OpenAI's legacy shape) and chat's ``logprobs`` / ``top_logprobs``,
+streamed and not; greedy tokens are their positions' most likely ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from serve_helpers import MODEL_NAME, make_app, make_engine, serving
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+PROMPT = "w3 w9 w27 w81"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints):
+    engine = make_engine(checkpoints["chat"])
+    app = make_app(engine, model_path=checkpoints["chat"])
+    with serving(app) as server:
+        yield server
+
+
+def test_completions_report_each_tokens_logprob_and_its_top_k(served):
+    client = served.openai()
+    answer = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                       temperature=0, logprobs=3)  # fmt: skip
+    (choice,) = answer.choices
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == answer.usage.completion_tokens
+    assert len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0.0 and 1 <= len(top) <= 3
+        assert max(top, key=top.get) == token and math.isclose(top[token], logprob, rel_tol=1e-5)
+    offsets = [0] + [sum(len(t) for t in lp.tokens[: i + 1]) for i in range(len(lp.tokens) - 1)]
+    assert lp.text_offset == offsets
+    streamed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                         temperature=0, logprobs=3, stream=True)  # fmt: skip
+    tokens, logprobs = [], []
+    for chunk in streamed:
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+    assert tokens == lp.tokens and logprobs == pytest.approx(lp.token_logprobs)
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_with_and_without_top_logprobs(served):
+    client = served.openai()
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    answer = client.chat.completions.create(model=MODEL_NAME, messages=messages,
+                                            max_tokens=MAX_TOKENS, temperature=0,
+                                            logprobs=True, top_logprobs=2)  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob <= 0.0
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    alone = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True
+    )
+    assert [e.token for e in alone.choices[0].logprobs.content] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in alone.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages,
+                                            max_tokens=MAX_TOKENS, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True)  # fmt: skip
+    streamed = [e.token for chunk in stream for c in chunk.choices
+                if c.logprobs is not None for e in c.logprobs.content]  # fmt: skip
+    assert streamed == [e.token for e in content]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "message"),
+    [
+        ("chat", {"top_logprobs": 2}, "top_logprobs needs logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("completions", {"logprobs": 21}, "logprobs"),
+        ("completions", {"logprobs": -1}, "logprobs"),
+    ],
+)
+def test_bad_logprobs_are_400s_naming_the_field(served, endpoint, fields, message):
+    client = served.openai()
+    with pytest.raises(openai.BadRequestError, match=message):
+        if endpoint == "chat":
+            client.chat.completions.create(model=MODEL_NAME, max_tokens=2,
+                                           messages=[{"role": "user", "content": "w1"}],
+                                           **fields)  # fmt: skip
+        else:
+            client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, **fields)
