@@ -21,7 +21,7 @@ from avmp.engine.engine import (
     RequestTooLarge,
     RequestUpdate,
 )
-from avmp.engine.sampling import SamplingParams, filtered_probs, without_stops
+from avmp.engine.sampling import SamplingParams, filtered_probs, steered_logits
 
 FAMILY = "granitemoehybrid"
 # the CUDA cases run the Triton kernels, overlapped, with decode graphs
@@ -381,13 +381,34 @@ def test_logprobs_come_with_each_token_from_the_raw_distribution(
         RequestOptions(4, logprobs=21)
 
 
-def test_without_stops_masks_a_copy_and_skips_ids_past_the_vocabulary() -> None:
+def test_steered_logits_add_to_a_copy_and_skip_ids_past_the_vocabulary() -> None:
     logits = torch.arange(12, dtype=torch.float32).view(3, 4)
-    masked = without_stops(logits, [(0, frozenset({1, 3})), (2, frozenset({0, 9}))])
-    assert torch.equal(logits, torch.arange(12, dtype=torch.float32).view(3, 4))
     inf = float("-inf")
-    assert masked.tolist() == [[0.0, inf, 2.0, inf], [4.0, 5.0, 6.0, 7.0], [inf, 9.0, 10.0, 11.0]]
-    assert without_stops(logits, [(1, frozenset({7}))]) is logits
+    rows = [(0, [(1, inf), (3, inf)]), (2, [(0, inf), (9, 5.0), (3, 2.5)])]
+    steered = steered_logits(logits, rows)
+    assert torch.equal(logits, torch.arange(12, dtype=torch.float32).view(3, 4))
+    assert steered.tolist() == [[0.0, inf, 2.0, inf], [4.0, 5.0, 6.0, 7.0], [inf, 9.0, 10.0, 13.5]]
+    assert steered_logits(logits, [(1, [(7, 1.0)])]) is logits
+    both = steered_logits(logits, [(1, [(2, -1.0), (2, inf)])])  # a bias on a masked id
+    assert both[1].tolist() == [4.0, 5.0, inf, 7.0]
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_logit_bias_steers_greedy_tokens(checkpoint: TinyCheckpoint, device: str) -> None:
+    engine = light_engine(checkpoint, device=device)
+    prompt = random_prompts([9], seed=6)[0]
+    reference = checkpoint.reference(prompt, 6)
+    push = RequestOptions(6, logit_bias=((77, 100.0),), ignore_eos=True)
+    ban = RequestOptions(6, logit_bias=((reference[0], -100),), logprobs=1)
+    pushed, banned = engine.add_request(prompt, push), engine.add_request(prompt, ban)
+    updates = drain(engine)
+    assert tokens_of(updates[pushed]) == [77] * 6
+    tokens = tokens_of(updates[banned])
+    assert tokens[0] != reference[0]
+    assert updates[banned][0].new_logprobs[0].top[0][0] == reference[0]  # reported: the model's
+    for bad in [((-1, 1.0),), ((3, 101.0),), ((3, math.nan),), (3, 1.0)]:
+        with pytest.raises(ValueError, match="logit_bias"):
+            RequestOptions(4, logit_bias=bad)
 
 
 def test_a_request_that_can_never_fit_is_refused_before_queueing(

@@ -1,13 +1,16 @@
 """Log-probabilities through `avmp serve` and the official openai client: completions'
 ``logprobs: k`` (OpenAI's legacy shape) and chat's ``logprobs`` / ``top_logprobs``,
-streamed and not; greedy tokens are their positions' most likely ones."""
+streamed and not; greedy tokens are their positions' most likely ones. And
+``logit_bias``, which steers the tokens but not the reported log-probabilities."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-from serve_helpers import MODEL_NAME, make_app, make_engine, serving
+from serve_helpers import MODEL_NAME, WORDS, make_app, make_engine, serving
+
+WORD_IDS = {word: i for i, word in enumerate(WORDS)}
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -93,3 +96,25 @@ def test_bad_logprobs_are_400s_naming_the_field(served, endpoint, fields, messag
                                            **fields)  # fmt: skip
         else:
             client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, **fields)
+
+
+def test_logit_bias_steers_tokens_and_bad_keys_are_400s(served):
+    client = served.openai()
+    first = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1,
+                                       temperature=0, logprobs=1)  # fmt: skip
+    token = first.choices[0].logprobs.tokens[0]
+    banned = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1,
+        logit_bias={str(WORD_IDS[token]): -100},
+    )  # fmt: skip
+    assert banned.choices[0].text.strip() != token
+    assert list(banned.choices[0].logprobs.top_logprobs[0]) == [token]  # the model's own
+    pushed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
+                                       temperature=0, logit_bias={"50": 100},
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert pushed.choices[0].text.split() == [WORDS[50]] * 4
+    for bias, message in [({"w3": 1}, "token ids"), ({"50": 300}, "logit_bias"),
+                          ({"999999": 1}, "logit_bias")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      logit_bias=bias)  # fmt: skip

@@ -65,7 +65,7 @@ from avmp.engine.sampling import (
     SamplingParams,
     TokenLogprobs,
     sample,
-    without_stops,
+    steered_logits,
 )
 from avmp.engine.tokenizer import Tokenizer, load_tokenizer
 from avmp.engine.tp_step import (
@@ -469,6 +469,9 @@ class RequestOptions:
         logprobs: None, or report each output token's log-probability and those of the
             ``logprobs`` most likely tokens there (0 to `MAX_LOGPROBS`;
             `RequestUpdate.new_logprobs`).
+        logit_bias: (token id, amount) pairs added to the logits before sampling (OpenAI's
+            ``logit_bias``, amounts in [-100, 100]); the reported log-probabilities stay
+            the model's.
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -482,6 +485,7 @@ class RequestOptions:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -507,6 +511,15 @@ class RequestOptions:
         ):
             raise ValueError(f"logprobs must be None or a whole number in [0, {MAX_LOGPROBS}], "
                              f"got {self.logprobs!r}")  # fmt: skip
+        bias = self.logit_bias
+        if not isinstance(bias, (tuple, list)) or not all(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_whole(pair[0])
+            and pair[0] >= 0 and _is_number(pair[1]) and -100 <= pair[1] <= 100
+            for pair in bias
+        ):  # fmt: skip
+            raise ValueError(f"logit_bias must be (token id >= 0, amount in [-100, 100]) pairs, "
+                             f"got {bias!r}")  # fmt: skip
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(a)) for t, a in bias))
 
     def sampling(self, seed: int) -> SamplingParams:
         """These settings as the sampler takes them, with the generator's ``seed``."""
@@ -593,7 +606,8 @@ class _Live:
 
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
-        "min_tokens", "logprobs_k", "logprobs", "finish_reason", "error", "num_reported",
+        "min_tokens", "logprobs_k", "logprobs", "logit_bias", "finish_reason", "error",
+        "num_reported",
         "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
@@ -608,6 +622,7 @@ class _Live:
         arrival_s: float,
         min_tokens: int = 0,
         logprobs_k: int | None = None,
+        logit_bias: tuple[tuple[int, float], ...] = (),
     ) -> None:
         self.index = index
         self.prompt = prompt
@@ -618,6 +633,7 @@ class _Live:
         self.min_tokens = min_tokens
         self.logprobs_k = logprobs_k
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
+        self.logit_bias = logit_bias
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -832,14 +848,17 @@ class Engine:
         Returns:
             The request's id, which its updates carry.
         Raises:
-            ValueError: an empty prompt, a token id outside the vocabulary, or text
-                without a tokenizer.
+            ValueError: an empty prompt, a token id outside the vocabulary (in the prompt
+                or in ``logit_bias``), or text without a tokenizer.
             RequestTooLarge: a request this engine can never hold
                 (`check_request_fits`); nothing is queued.
             RuntimeError: the engine is closed.
         """
         self._check_open()
         ids = self._encode(prompt)
+        vocab = self.geometry.vocab_size
+        if any(token >= vocab for token, _ in options.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
         self.check_request_fits(len(ids), options.max_tokens)
         request_id = self._register(ids, options, None, self._now())
         self._join(request_id, self._now())
@@ -1066,6 +1085,7 @@ class Engine:
             arrival_s,
             options.min_tokens,
             options.logprobs,
+            options.logit_bias,
         )
         return request_id
 
@@ -1163,7 +1183,7 @@ class Engine:
         carry = {} if self._pending is None else self._pending.index
         work: list[SequenceWork] = []
         sampling: list[int] = []
-        held_back: list[tuple[int, frozenset[int]]] = []  # rows whose stop ids are masked
+        steer: list[tuple[int, list[tuple[int, float]]]] = []  # logit_bias, min_tokens masks
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
@@ -1185,8 +1205,11 @@ class Engine:
             if samples:
                 sampling.append(chunk.request_id)
                 # the sampled token is output number known - len(prompt), counting from 0
+                pairs = list(request.logit_bias)
                 if request.stop_ids and known - len(request.prompt) < request.min_tokens:
-                    held_back.append((len(sampling) - 1, request.stop_ids))
+                    pairs += [(token, -math.inf) for token in request.stop_ids]
+                if pairs:
+                    steer.append((len(sampling) - 1, pairs))
         carried = None if self._pending is None else self._pending.tokens.device
         if self._leader is None:
             logits = self.runner.execute(work, carried)
@@ -1196,8 +1219,8 @@ class Engine:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
         raw = logits
-        if held_back:
-            logits = without_stops(logits, held_back)
+        if steer:
+            logits = steered_logits(logits, steer)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if self._leader is not None:  # the followers' carried tokens of the next step
             self._leader.share_sampled(sampled)

@@ -101,19 +101,22 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torc
     return torch.where(changed, filtered / filtered.sum(dim=-1, keepdim=True), probs)
 
 
-def without_stops(logits: torch.Tensor, rows: Sequence[tuple[int, Iterable[int]]]) -> torch.Tensor:
-    """``logits [N, V]`` with each given row's token ids masked to -inf (a request that
-    has not reached its ``min_tokens``: its end-of-sequence and stop ids cannot be
-    sampled yet). A copy: the runner's logits may be a CUDA graph's output buffer. Ids
-    beyond the vocabulary are skipped."""
+def steered_logits(
+    logits: torch.Tensor, rows: Sequence[tuple[int, Iterable[tuple[int, float]]]]
+) -> torch.Tensor:
+    """``logits [N, V]`` with (token id, amount) added to the given rows: a request's
+    ``logit_bias``, and -inf for the end-of-sequence and stop ids of one that has not
+    reached its ``min_tokens``. A copy: the runner's logits may be a CUDA graph's output
+    buffer. Ids beyond the vocabulary are skipped."""
     vocab = logits.shape[-1]
-    pairs = [(row, token) for row, tokens in rows for token in tokens if 0 <= token < vocab]
-    if not pairs:
+    found = [(row, token, float(amount)) for row, pairs in rows for token, amount in pairs
+             if 0 <= token < vocab]  # fmt: skip
+    if not found:
         return logits
-    index = torch.tensor(pairs, dtype=torch.long).to(logits.device, non_blocking=True)
-    masked = logits.clone()
-    masked[index[:, 0], index[:, 1]] = float("-inf")
-    return masked
+    index = torch.tensor([(r, t) for r, t, _ in found], dtype=torch.long)
+    amounts = torch.tensor([a for _, _, a in found], dtype=logits.dtype)
+    index, amounts = index.to(logits.device), amounts.to(logits.device)
+    return logits.index_put((index[:, 0], index[:, 1]), amounts, accumulate=True)
 
 
 def sample(

@@ -46,6 +46,7 @@ from avmp.serve.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    logit_bias,
     now_s,
     top_logprobs,
     unsupported_fields,
@@ -250,6 +251,10 @@ class _Server:
         except ValueError as error:
             raise APIError(400, str(error), param="top_logprobs") from None
         try:
+            bias = logit_bias(body)
+        except ValueError as error:
+            raise APIError(400, str(error), param="logit_bias") from None
+        try:
             return RequestOptions(
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -260,6 +265,7 @@ class _Server:
                 ignore_eos=body.ignore_eos,
                 min_tokens=body.min_tokens,
                 logprobs=logprobs,
+                logit_bias=bias,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None

@@ -114,6 +114,20 @@ class ChatCompletionRequest(_Sampling):
     service_tier: str | None = None
 
 
+def logit_bias(request: _Sampling) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token ids written as strings) as (id, amount) pairs.
+
+    Raises:
+        ValueError: a key that is not a token id (the amounts are checked by the engine).
+    """
+    pairs = []
+    for key, amount in (request.logit_bias or {}).items():
+        if not key.strip().isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        pairs.append((int(key), amount))
+    return tuple(pairs)
+
+
 def top_logprobs(request: _Sampling) -> int | None:
     """How many most likely tokens to report per output token: None for no log-probabilities
     at all, 0 for the sampled token's alone (completions' ``logprobs``; chat's ``logprobs``
@@ -137,13 +151,12 @@ def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
     Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, penalties of 0, an
-    empty ``logit_bias`` or ``tools`` list, a ``text`` response format, ``tool_choice``
-    ``none``), since clients send them by default.
+    empty ``tools`` list, a ``text`` response format, ``tool_choice`` ``none``), since
+    clients send them by default.
     """
     checks: list[tuple[str, bool]] = [
         ("frequency_penalty", bool(request.frequency_penalty)),
         ("presence_penalty", bool(request.presence_penalty)),
-        ("logit_bias", bool(request.logit_bias)),
     ]
     if isinstance(request, CompletionRequest):
         checks += [
