@@ -21,7 +21,13 @@ from avmp.engine.engine import (
     RequestTooLarge,
     RequestUpdate,
 )
-from avmp.engine.sampling import SamplingParams, filtered_probs, steered_logits
+from avmp.engine.sampling import (
+    PenaltyRow,
+    SamplingParams,
+    filtered_probs,
+    penalized_logits,
+    steered_logits,
+)
 
 FAMILY = "granitemoehybrid"
 # the CUDA cases run the Triton kernels, overlapped, with decode graphs
@@ -391,6 +397,50 @@ def test_steered_logits_add_to_a_copy_and_skip_ids_past_the_vocabulary() -> None
     assert steered_logits(logits, [(1, [(7, 1.0)])]) is logits
     both = steered_logits(logits, [(1, [(2, -1.0), (2, inf)])])  # a bias on a masked id
     assert both[1].tolist() == [4.0, 5.0, inf, 7.0]
+
+
+def test_penalized_logits_follow_vllms_order_and_count_the_carried_token() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0], [4.0, -2.0, 0.0, 1.0]])
+    carried = torch.tensor([9, 3, 1])  # the previous step's tokens; row 2's last is index 2
+    rows = [
+        PenaltyRow(0, frequency=0.5, presence=0.25, repetition=1.0, output=[3, 3, 2],
+                   prompt=[0], carried=None),
+        PenaltyRow(2, frequency=0.0, presence=1.0, repetition=2.0, output=[0],
+                   prompt=[3], carried=2),
+    ]  # fmt: skip
+    out = penalized_logits(logits, rows, carried)
+    assert out[0].tolist() == pytest.approx([2.0, -1.0, 0.5 - 0.5 - 0.25, 3.0 - 1.0 - 0.25])
+    assert out[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # no penalty row
+    # seen: 0 (output), 1 (carried), 3 (prompt); presence on outputs 0 and 1 only
+    assert out[2].tolist() == pytest.approx([4.0 / 2 - 1.0, -2.0 * 2 - 1.0, 0.0, 1.0 / 2])
+    assert logits[0, 3] == 3.0  # a copy
+    assert penalized_logits(logits, [], carried) is logits
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_penalties_give_the_same_tokens_with_and_without_overlap(
+    checkpoint: TinyCheckpoint, device: str
+) -> None:
+    """With overlap a request's last token is still on the device when the next is
+    sampled; the penalties count it there: the tokens equal a run without overlap."""
+    prompt = random_prompts([9], seed=6)[0]
+    options = [RequestOptions(12, frequency_penalty=1.5, presence_penalty=0.5, ignore_eos=True),
+               RequestOptions(12, repetition_penalty=1.8, ignore_eos=True),
+               RequestOptions(12, ignore_eos=True)]  # fmt: skip
+    runs = []
+    for overlap in (False, True):
+        engine = light_engine(checkpoint, overlap=overlap, device=device)
+        ids = [engine.add_request(prompt, o) for o in options]
+        updates = drain(engine)
+        runs.append([tokens_of(updates[i]) for i in ids])
+    assert runs[0] == runs[1]
+    plain = runs[0][2]
+    if len(set(plain)) < len(plain):  # greedy repeats a token: the penalties change that
+        assert runs[0][0] != plain and runs[0][1] != plain
+    for bad in [dict(frequency_penalty=2.5), dict(presence_penalty=math.nan),
+                dict(repetition_penalty=0.0), dict(repetition_penalty=math.inf)]:  # fmt: skip
+        with pytest.raises(ValueError, match="penalty"):
+            RequestOptions(4, **bad)
 
 
 @pytest.mark.parametrize("device", ON_DEVICES)

@@ -49,7 +49,9 @@ BAD_BODIES = [
     pytest.param({**GOOD, "logprobs": 21}, 400, "logprobs", None, id="logprobs"),
     pytest.param({**GOOD, "echo": True}, 400, "echo", None, id="echo"),
     pytest.param({**GOOD, "best_of": 3}, 400, "best_of", None, id="best-of"),
-    pytest.param({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", None, id="penalty"),
+    pytest.param({**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty", None, id="penalty"),
+    pytest.param({**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty", None,
+                 id="repetition-penalty"),  # fmt: skip
     pytest.param(
         {**GOOD, "stream_options": {"include_usage": True}},
         400,

@@ -118,3 +118,25 @@ def test_logit_bias_steers_tokens_and_bad_keys_are_400s(served):
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
                                       logit_bias=bias)  # fmt: skip
+
+
+def test_penalties_change_repeating_greedy_answers_and_stay_reproducible(served):
+    client = served.openai()
+
+    def answer(**fields) -> str:
+        reply = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16,
+                                          temperature=0, extra_body={"ignore_eos": True},
+                                          **fields)  # fmt: skip
+        return reply.choices[0].text
+
+    plain = answer()
+    penalized = answer(frequency_penalty=2.0, presence_penalty=2.0)
+    assert answer(frequency_penalty=2.0, presence_penalty=2.0) == penalized
+    if len(set(plain.split())) < len(plain.split()):  # greedy repeats a word
+        assert penalized != plain
+        assert len(set(penalized.split())) > len(set(plain.split()))
+    repeated = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+        extra_body={"repetition_penalty": 1.3},
+    )  # fmt: skip
+    assert repeated.choices[0].finish_reason in ("stop", "length")

@@ -60,10 +60,12 @@ from avmp.engine.prefix_cache import (
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import (
     MAX_LOGPROBS,
+    PenaltyRow,
     SampledLogprobs,
     SampledTokens,
     SamplingParams,
     TokenLogprobs,
+    penalized_logits,
     sample,
     steered_logits,
 )
@@ -472,6 +474,10 @@ class RequestOptions:
         logit_bias: (token id, amount) pairs added to the logits before sampling (OpenAI's
             ``logit_bias``, amounts in [-100, 100]); the reported log-probabilities stay
             the model's.
+        frequency_penalty, presence_penalty: OpenAI's, in [-2, 2]: subtracted from a
+            token's logit per time it occurs in the output, and once if it does.
+        repetition_penalty: vLLM's, > 0 (1: off): a logit of a token seen in the prompt
+            or the output is divided by it when positive, multiplied when negative.
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -486,6 +492,9 @@ class RequestOptions:
     min_tokens: int = 0
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -520,6 +529,19 @@ class RequestOptions:
             raise ValueError(f"logit_bias must be (token id >= 0, amount in [-100, 100]) pairs, "
                              f"got {bias!r}")  # fmt: skip
         object.__setattr__(self, "logit_bias", tuple((int(t), float(a)) for t, a in bias))
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        value = self.repetition_penalty
+        if not _is_number(value) or not 0.0 < value < math.inf:
+            raise ValueError(f"repetition_penalty must be a number > 0, got {value!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on."""
+        return bool(self.frequency_penalty or self.presence_penalty
+                    or self.repetition_penalty != 1.0)  # fmt: skip
 
     def sampling(self, seed: int) -> SamplingParams:
         """These settings as the sampler takes them, with the generator's ``seed``."""
@@ -606,8 +628,8 @@ class _Live:
 
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
-        "min_tokens", "logprobs_k", "logprobs", "logit_bias", "finish_reason", "error",
-        "num_reported",
+        "min_tokens", "logprobs_k", "logprobs", "logit_bias", "penalties", "finish_reason",
+        "error", "num_reported",
         "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
@@ -623,6 +645,7 @@ class _Live:
         min_tokens: int = 0,
         logprobs_k: int | None = None,
         logit_bias: tuple[tuple[int, float], ...] = (),
+        penalties: tuple[float, float, float] | None = None,
     ) -> None:
         self.index = index
         self.prompt = prompt
@@ -634,6 +657,7 @@ class _Live:
         self.logprobs_k = logprobs_k
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
         self.logit_bias = logit_bias
+        self.penalties = penalties  # frequency, presence, repetition; None: all off
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -1086,6 +1110,8 @@ class Engine:
             options.min_tokens,
             options.logprobs,
             options.logit_bias,
+            (options.frequency_penalty, options.presence_penalty, options.repetition_penalty)
+            if options.penalized else None,
         )
         return request_id
 
@@ -1184,6 +1210,7 @@ class Engine:
         work: list[SequenceWork] = []
         sampling: list[int] = []
         steer: list[tuple[int, list[tuple[int, float]]]] = []  # logit_bias, min_tokens masks
+        penalized: list[PenaltyRow] = []
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
@@ -1210,6 +1237,12 @@ class Engine:
                     pairs += [(token, -math.inf) for token in request.stop_ids]
                 if pairs:
                     steer.append((len(sampling) - 1, pairs))
+                if request.penalties is not None:
+                    penalized.append(PenaltyRow(
+                        len(sampling) - 1, *request.penalties,
+                        output=request.tokens[len(request.prompt) :], prompt=request.prompt,
+                        carried=carry.get(chunk.request_id),
+                    ))  # fmt: skip
         carried = None if self._pending is None else self._pending.tokens.device
         if self._leader is None:
             logits = self.runner.execute(work, carried)
@@ -1219,6 +1252,8 @@ class Engine:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
         raw = logits
+        if penalized:
+            logits = penalized_logits(logits, penalized, carried)
         if steer:
             logits = steered_logits(logits, steer)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])

@@ -119,6 +119,63 @@ def steered_logits(
     return logits.index_put((index[:, 0], index[:, 1]), amounts, accumulate=True)
 
 
+@dataclass(frozen=True)
+class PenaltyRow:
+    """One sampled row's penalties (OpenAI's ``frequency_penalty`` and
+    ``presence_penalty``, vLLM's ``repetition_penalty``) and the tokens they look at:
+    the output tokens the host has read, the one still on the device (``carried``: its
+    index in the previous step's sampled tokens, or None) and, for the repetition
+    penalty, the prompt."""
+
+    row: int
+    frequency: float
+    presence: float
+    repetition: float
+    output: Sequence[int]
+    prompt: Sequence[int]
+    carried: int | None
+
+
+def penalized_logits(
+    logits: torch.Tensor, rows: Sequence[PenaltyRow], carried: torch.Tensor | None
+) -> torch.Tensor:
+    """``logits [N, V]`` with the rows' penalties applied, as vLLM applies them: the
+    repetition penalty divides a positive logit (multiplies a negative one) of every
+    token seen in the prompt or the output, then each output token's count times the
+    frequency penalty and, once seen, the presence penalty are subtracted. A copy.
+
+    ``carried``: the previous step's sampled tokens on the device (the rows' last output
+    token where the host has not read it yet), so the device never waits for the host.
+    """
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32)
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for j, row in enumerate(rows):
+        if row.output:
+            counts[j].index_put_((torch.tensor(row.output, dtype=torch.long),),
+                                 torch.ones(len(row.output)), accumulate=True)  # fmt: skip
+        if row.prompt and row.repetition != 1.0:
+            seen[j, torch.tensor(row.prompt, dtype=torch.long)] = True
+    counts, seen = counts.to(device), seen.to(device)
+    late = [(j, row.carried) for j, row in enumerate(rows) if row.carried is not None]
+    if late and carried is not None:
+        which = torch.tensor([j for j, _ in late], dtype=torch.long).to(device)
+        tokens = carried.index_select(0, torch.tensor([c for _, c in late]).to(device))
+        counts.index_put_((which, tokens), torch.ones(len(late), device=device), accumulate=True)
+    index = torch.tensor([row.row for row in rows], dtype=torch.long).to(device)
+    selected = logits.index_select(0, index).float()
+    repetition = torch.tensor([row.repetition for row in rows]).to(device)[:, None]
+    used = seen | (counts > 0)
+    scaled = torch.where(selected > 0, selected / repetition, selected * repetition)
+    selected = torch.where(used, scaled, selected)
+    frequency = torch.tensor([row.frequency for row in rows]).to(device)[:, None]
+    presence = torch.tensor([row.presence for row in rows]).to(device)[:, None]
+    selected = selected - frequency * counts - presence * (counts > 0).float()
+    return logits.index_copy(0, index, selected.to(logits.dtype))
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams | Sequence[SamplingParams],

@@ -266,6 +266,9 @@ class _Server:
                 min_tokens=body.min_tokens,
                 logprobs=logprobs,
                 logit_bias=bias,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None

@@ -4,7 +4,8 @@ Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
 ``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
 engine cannot honour are accepted at their neutral value and refused otherwise, naming
 the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
-accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens`` (no
+accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
+``min_tokens`` (no
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
 genai-perf send it with ``ignore_eos``).
 """
@@ -49,8 +50,9 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -150,14 +152,11 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, penalties of 0, an
-    empty ``tools`` list, a ``text`` response format, ``tool_choice`` ``none``), since
-    clients send them by default.
+    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, an empty ``tools``
+    list, a ``text`` response format, ``tool_choice`` ``none``), since clients send them
+    by default.
     """
-    checks: list[tuple[str, bool]] = [
-        ("frequency_penalty", bool(request.frequency_penalty)),
-        ("presence_penalty", bool(request.presence_penalty)),
-    ]
+    checks: list[tuple[str, bool]] = []
     if isinstance(request, CompletionRequest):
         checks += [
             ("echo", request.echo),
