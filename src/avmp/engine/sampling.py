@@ -150,15 +150,14 @@ def penalized_logits(
     if not rows:
         return logits
     device, vocab = logits.device, logits.shape[-1]
-    counts = torch.zeros(len(rows), vocab, dtype=torch.float32)
-    seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
-    for j, row in enumerate(rows):
-        if row.output:
-            counts[j].index_put_((torch.tensor(row.output, dtype=torch.long),),
-                                 torch.ones(len(row.output)), accumulate=True)  # fmt: skip
-        if row.prompt and row.repetition != 1.0:
-            seen[j, torch.tensor(row.prompt, dtype=torch.long)] = True
-    counts, seen = counts.to(device), seen.to(device)
+    # built on the device from (row, token) pairs: only the pairs cross the bus
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    output = _pairs([(j, row.output) for j, row in enumerate(rows)], device)
+    counts.index_put_(output, torch.ones(len(output[0]), device=device), accumulate=True)
+    prompt = _pairs([(j, row.prompt) for j, row in enumerate(rows) if row.repetition != 1.0],
+                    device)  # fmt: skip
+    seen[prompt] = True
     late = [(j, row.carried) for j, row in enumerate(rows) if row.carried is not None]
     if late and carried is not None:
         which = torch.tensor([j for j, _ in late], dtype=torch.long).to(device)
@@ -174,6 +173,16 @@ def penalized_logits(
     presence = torch.tensor([row.presence for row in rows]).to(device)[:, None]
     selected = selected - frequency * counts - presence * (counts > 0).float()
     return logits.index_copy(0, index, selected.to(logits.dtype))
+
+
+def _pairs(
+    rows: Sequence[tuple[int, Sequence[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, token ids) of every token of every row, on ``device``."""
+    which = [j for j, tokens in rows for _ in tokens]
+    tokens = [t for _, ts in rows for t in ts]
+    pairs = torch.tensor([which, tokens], dtype=torch.long).view(2, -1).to(device)
+    return pairs[0], pairs[1]
 
 
 def sample(
