@@ -140,3 +140,23 @@ def test_penalties_change_repeating_greedy_answers_and_stay_reproducible(served)
         extra_body={"repetition_penalty": 1.3},
     )  # fmt: skip
     assert repeated.choices[0].finish_reason in ("stop", "length")
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(served):
+    """vLLM's stream option, which load generators use to count tokens as they come."""
+    client = served.openai()
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    completion = [c.usage.completion_tokens for c in chunks]
+    assert completion == sorted(completion) and completion[-1] == 6
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 0
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "w1"}], max_tokens=3,
+        stream=True, stream_options={"continuous_usage_stats": True},
+    )  # fmt: skip
+    assert all(c.usage is not None for c in chat)

@@ -297,9 +297,11 @@ class _Server:
         ]
         if body.stream:
             firsts = await self._first_pieces(streams)
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            options = body.stream_options
+            include_usage = options is not None and options.include_usage
+            continuous = options is not None and options.continuous_usage_stats
             events = sse_chat if chat else sse_completions
-            sse = events(body.model, merge(firsts, streams), include_usage)
+            sse = events(body.model, merge(firsts, streams), include_usage, continuous)
             return StreamingResponse(sse, media_type="text/event-stream")
         pieces = await unless_disconnected(request, self._collect_all(streams))
         if pieces is None:

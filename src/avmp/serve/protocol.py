@@ -32,6 +32,7 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of chunks: not needed here
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class _Sampling(_Request):

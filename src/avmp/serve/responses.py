@@ -252,11 +252,19 @@ class _StreamUsage:
 
 
 async def sse_completions(
-    model: str, pieces: AsyncIterator[Piece | Exception], include_usage: bool
+    model: str,
+    pieces: AsyncIterator[Piece | Exception],
+    include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
+    """Completion chunks; ``include_usage``: a last chunk with the usage and no choices;
+    ``continuous_usage`` (vLLM's ``continuous_usage_stats``): the usage so far in every
+    chunk too."""
     rid, created, counts = new_id("cmpl"), now_s(), _StreamUsage()
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        if continuous_usage and usage is None:
+            usage = counts.usage()
         return _sse(
             CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
@@ -283,12 +291,18 @@ async def sse_completions(
 
 
 async def sse_chat(
-    model: str, pieces: AsyncIterator[Piece | Exception], include_usage: bool
+    model: str,
+    pieces: AsyncIterator[Piece | Exception],
+    include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
+    """Chat chunks, the usage as `sse_completions` gives it."""
     rid, created, counts = new_id("chatcmpl"), now_s(), _StreamUsage()
     started: set[int] = set()
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        if continuous_usage and usage is None:
+            usage = counts.usage()
         return _sse(
             ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
