@@ -278,6 +278,19 @@ def test_top_k_comes_before_top_p() -> None:
     torch.testing.assert_close(kept, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
 
 
+def test_min_p_keeps_tokens_near_the_most_likely_before_top_k() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]).log()
+    kept = filtered_probs(logits, [SamplingParams(1.0, min_p=0.4), SamplingParams(1.0)])
+    torch.testing.assert_close(kept[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    torch.testing.assert_close(kept[1], torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    both = filtered_probs(logits[:1], [SamplingParams(1.0, top_k=1, min_p=0.2)])
+    torch.testing.assert_close(both[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(1.0, min_p=1.5)
+    with pytest.raises(ValueError, match="min_p"):
+        RequestOptions(4, min_p=-0.1)
+
+
 @pytest.mark.parametrize("top_k", [-1, 1.5, True])
 def test_top_k_must_be_a_whole_number(top_k: Any) -> None:
     with pytest.raises(ValueError, match="top_k"):

@@ -160,3 +160,13 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(served):
         stream=True, stream_options={"continuous_usage_stats": True},
     )  # fmt: skip
     assert all(c.usage is not None for c in chat)
+
+
+def test_min_p_is_taken_and_checked(served):
+    client = served.openai()
+    reply = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, seed=1,
+                                      temperature=1.0, extra_body={"min_p": 0.5})  # fmt: skip
+    assert reply.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
+                                  extra_body={"min_p": 1.5})  # fmt: skip

@@ -461,6 +461,8 @@ class RequestOptions:
         temperature: 0 means greedy (argmax).
         top_p: nucleus sampling's mass, in (0, 1].
         top_k: keep the ``top_k`` most likely tokens before top-p (0: off).
+        min_p: keep the tokens at least ``min_p`` times as likely as the most likely one
+            (0: off; vLLM's).
         seed: the seed of the request's own generator, which makes its tokens the same
             whatever shares the batch; None: the engine picks one (the request's id).
         stop_token_ids: finish (reason ``stop``) after sampling one of these; the token
@@ -495,11 +497,12 @@ class RequestOptions:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a whole number >= 1, got {self.max_tokens!r}")
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "min_p"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         self.sampling(0)  # temperature, top_p and top_k are checked there
@@ -545,7 +548,7 @@ class RequestOptions:
 
     def sampling(self, seed: int) -> SamplingParams:
         """These settings as the sampler takes them, with the generator's ``seed``."""
-        return SamplingParams(self.temperature, self.top_p, self.top_k, seed)
+        return SamplingParams(self.temperature, self.top_p, self.top_k, seed, self.min_p)
 
 
 @dataclass(frozen=True)

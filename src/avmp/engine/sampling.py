@@ -26,6 +26,8 @@ class SamplingParams:
         temperature: 0 means greedy (argmax).
         top_p: keep the smallest set of tokens whose probability reaches ``top_p``.
         top_k: keep the ``top_k`` most likely tokens before top-p (0: off).
+        min_p: keep the tokens at least ``min_p`` times as likely as the most likely one
+            (0: off), before top-k and top-p, as vLLM orders them.
         seed: the generator's seed (`Engine.generate`: request ``i`` samples from a
             generator seeded ``seed + i``).
     """
@@ -34,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -42,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
             raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p}")
 
     @property
     def is_greedy(self) -> bool:
@@ -71,12 +76,17 @@ def _per_row(values: list[Any], device: torch.device) -> torch.Tensor:
 
 def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities ``[N, V]`` of the sampled rows of ``logits [N, V]``, row ``i`` with
-    ``rows[i]``'s temperature, top-k and top-p, all rows at once on the device. A row
+    ``rows[i]``'s temperature, min-p, top-k and top-p, all rows at once on the device. A row
     whose filters are off keeps its softmax untouched (not renormalised), so a row's
     values never depend on the other rows' settings."""
     device = logits.device
     temperature = _per_row([p.temperature for p in rows], device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    cuts_min = [p.min_p > 0.0 for p in rows]
+    if any(cuts_min):
+        floor = _per_row([p.min_p for p in rows], device) * probs.amax(dim=-1, keepdim=True)
+        kept = probs.masked_fill(probs < floor, 0.0)
+        probs = torch.where(_per_row(cuts_min, device), kept / kept.sum(-1, keepdim=True), probs)
     vocab = probs.shape[-1]
     cuts_k = [0 < p.top_k < vocab for p in rows]
     cuts_p = [p.top_p < 1.0 for p in rows]

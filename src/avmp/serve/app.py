@@ -260,6 +260,7 @@ class _Server:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=max(0, body.top_k or 0),
+                min_p=body.min_p or 0.0,
                 seed=None if body.seed is None else body.seed + choice,
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,

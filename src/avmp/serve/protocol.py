@@ -4,7 +4,7 @@ Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
 ``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
 engine cannot honour are accepted at their neutral value and refused otherwise, naming
 the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
-accepted too: ``top_k``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
+accepted too: ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
 ``min_tokens`` (no
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
 genai-perf send it with ``ignore_eos``).
@@ -45,6 +45,7 @@ class _Sampling(_Request):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 is off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
