@@ -22,10 +22,9 @@ from avmp.engine.engine import (
     RequestUpdate,
 )
 from avmp.engine.sampling import (
-    PenaltyRow,
+    PenaltyCounts,
     SamplingParams,
     filtered_probs,
-    penalized_logits,
     steered_logits,
 )
 
@@ -412,22 +411,28 @@ def test_steered_logits_add_to_a_copy_and_skip_ids_past_the_vocabulary() -> None
     assert both[1].tolist() == [4.0, 5.0, inf, 7.0]
 
 
-def test_penalized_logits_follow_vllms_order_and_count_the_carried_token() -> None:
+def test_penalty_counts_follow_vllms_order_and_count_on_the_device() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0], [4.0, -2.0, 0.0, 1.0]])
-    carried = torch.tensor([9, 3, 1])  # the previous step's tokens; row 2's last is index 2
-    rows = [
-        PenaltyRow(0, frequency=0.5, presence=0.25, repetition=1.0, output=[3, 3, 2],
-                   prompt=[0], carried=None),
-        PenaltyRow(2, frequency=0.0, presence=1.0, repetition=2.0, output=[0],
-                   prompt=[3], carried=2),
-    ]  # fmt: skip
-    out = penalized_logits(logits, rows, carried)
+    counts = PenaltyCounts(4, torch.device("cpu"))
+    counts.add(10, prompt=[0])
+    counts.add(20, prompt=[3])
+    counts.count([(0, 10), (2, 20)], torch.tensor([3, 9, 0]))  # sampled: 3 for 10, 0 for 20
+    counts.count([(0, 10), (1, 20)], torch.tensor([3, 1, 2]))  # 3 again for 10, 1 for 20
+    counts.count([(0, 10)], torch.tensor([2]))
+    rows = [(0, 10, (0.5, 0.25, 1.0)), (2, 20, (0.0, 1.0, 2.0))]
+    out = counts.apply(logits, rows)
     assert out[0].tolist() == pytest.approx([2.0, -1.0, 0.5 - 0.5 - 0.25, 3.0 - 1.0 - 0.25])
     assert out[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # no penalty row
-    # seen: 0 (output), 1 (carried), 3 (prompt); presence on outputs 0 and 1 only
+    # request 20: seen 0 and 1 (output) and 3 (prompt); presence on its outputs alone
     assert out[2].tolist() == pytest.approx([4.0 / 2 - 1.0, -2.0 * 2 - 1.0, 0.0, 1.0 / 2])
-    assert logits[0, 3] == 3.0  # a copy
-    assert penalized_logits(logits, [], carried) is logits
+    assert logits[0, 3] == 3.0 and counts.apply(logits, []) is logits  # copies
+    counts.remove(10)
+    counts.add(30, prompt=[])  # reuses request 10's row, cleared
+    assert 10 not in counts and 30 in counts and len(counts) == 2
+    assert counts.apply(logits, [(0, 30, (1.0, 1.0, 1.5))])[0].tolist() == logits[0].tolist()
+    for i in range(40, 50):  # the table grows
+        counts.add(i, prompt=[1])
+    assert counts.apply(logits, [(1, 45, (0.0, 0.0, 2.0))])[1].tolist() == [1.0, 0.5, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("device", ON_DEVICES)

@@ -60,12 +60,11 @@ from avmp.engine.prefix_cache import (
 from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import (
     MAX_LOGPROBS,
-    PenaltyRow,
+    PenaltyCounts,
     SampledLogprobs,
     SampledTokens,
     SamplingParams,
     TokenLogprobs,
-    penalized_logits,
     sample,
     steered_logits,
 )
@@ -744,6 +743,8 @@ class Engine:
         if tokenizer is None and isinstance(model, (str, Path)):
             self.tokenizer = load_tokenizer(model)
         self.geometry = self._geometry()
+        # the output-token counts of the requests with penalties, on the device
+        self._penalties = PenaltyCounts(self.geometry.vocab_size, self.device)
         self._check_fits()
         self.allocator, self.backing, cache_format = self._memory()
         if leader is not None:
@@ -966,6 +967,7 @@ class Engine:
         self._closed = True
         self._pending = None
         self._requests.clear()
+        self._penalties = PenaltyCounts(self.geometry.vocab_size, self.device)
         self._touched.clear()
         self._aborts.clear()
         self.scheduler.swapper = None
@@ -1116,6 +1118,8 @@ class Engine:
             (options.frequency_penalty, options.presence_penalty, options.repetition_penalty)
             if options.penalized else None,
         )
+        if options.penalized:
+            self._penalties.add(request_id, prompt)
         return request_id
 
     def _join_arrivals(self, live: dict[int, _Live], arrivals: deque[int]) -> None:
@@ -1213,7 +1217,7 @@ class Engine:
         work: list[SequenceWork] = []
         sampling: list[int] = []
         steer: list[tuple[int, list[tuple[int, float]]]] = []  # logit_bias, min_tokens masks
-        penalized: list[PenaltyRow] = []
+        penalized: list[tuple[int, int, tuple[float, float, float]]] = []
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
@@ -1241,11 +1245,7 @@ class Engine:
                 if pairs:
                     steer.append((len(sampling) - 1, pairs))
                 if request.penalties is not None:
-                    penalized.append(PenaltyRow(
-                        len(sampling) - 1, *request.penalties,
-                        output=request.tokens[len(request.prompt) :], prompt=request.prompt,
-                        carried=carry.get(chunk.request_id),
-                    ))  # fmt: skip
+                    penalized.append((len(sampling) - 1, chunk.request_id, request.penalties))
         carried = None if self._pending is None else self._pending.tokens.device
         if self._leader is None:
             logits = self.runner.execute(work, carried)
@@ -1256,10 +1256,12 @@ class Engine:
         rows = [self._requests[request_id] for request_id in sampling]
         raw = logits
         if penalized:
-            logits = penalized_logits(logits, penalized, carried)
+            logits = self._penalties.apply(logits, penalized)
         if steer:
             logits = steered_logits(logits, steer)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        if penalized:  # counted on the device: the next step's penalties see this token
+            self._penalties.count([(row, request_id) for row, request_id, _ in penalized], sampled)
         if self._leader is not None:  # the followers' carried tokens of the next step
             self._leader.share_sampled(sampled)
         asked = [(i, k) for i, r in enumerate(rows) if (k := r.logprobs_k) is not None]
@@ -1334,6 +1336,7 @@ class Engine:
             )
             if done:
                 del self._requests[request_id]
+                self._penalties.remove(request_id)
                 self._forget(request_id)
         self._touched = {}
         return updates

@@ -129,70 +129,86 @@ def steered_logits(
     return logits.index_put((index[:, 0], index[:, 1]), amounts, accumulate=True)
 
 
-@dataclass(frozen=True)
-class PenaltyRow:
-    """One sampled row's penalties (OpenAI's ``frequency_penalty`` and
-    ``presence_penalty``, vLLM's ``repetition_penalty``) and the tokens they look at:
-    the output tokens the host has read, the one still on the device (``carried``: its
-    index in the previous step's sampled tokens, or None) and, for the repetition
-    penalty, the prompt."""
-
-    row: int
-    frequency: float
-    presence: float
-    repetition: float
-    output: Sequence[int]
-    prompt: Sequence[int]
-    carried: int | None
-
-
-def penalized_logits(
-    logits: torch.Tensor, rows: Sequence[PenaltyRow], carried: torch.Tensor | None
-) -> torch.Tensor:
-    """``logits [N, V]`` with the rows' penalties applied, as vLLM applies them: the
-    repetition penalty divides a positive logit (multiplies a negative one) of every
-    token seen in the prompt or the output, then each output token's count times the
-    frequency penalty and, once seen, the presence penalty are subtracted. A copy.
-
-    ``carried``: the previous step's sampled tokens on the device (the rows' last output
-    token where the host has not read it yet), so the device never waits for the host.
+class PenaltyCounts:
+    """The device-side state of the requests with penalties (OpenAI's
+    ``frequency_penalty`` and ``presence_penalty``, vLLM's ``repetition_penalty``): per
+    request a row of its output tokens' counts and a row marking its prompt's tokens, in
+    one table that grows as requests join. The counts are updated on the device from the
+    sampled tokens themselves, so the host never reads a token to count it and no token
+    is counted late (the engine samples step N+1 before it reads step N's tokens).
     """
-    if not rows:
-        return logits
-    device, vocab = logits.device, logits.shape[-1]
-    # built on the device from (row, token) pairs: only the pairs cross the bus
-    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-    output = _pairs([(j, row.output) for j, row in enumerate(rows)], device)
-    counts.index_put_(output, torch.ones(len(output[0]), device=device), accumulate=True)
-    prompt = _pairs([(j, row.prompt) for j, row in enumerate(rows) if row.repetition != 1.0],
-                    device)  # fmt: skip
-    seen[prompt] = True
-    late = [(j, row.carried) for j, row in enumerate(rows) if row.carried is not None]
-    if late and carried is not None:
-        which = torch.tensor([j for j, _ in late], dtype=torch.long).to(device)
-        tokens = carried.index_select(0, torch.tensor([c for _, c in late]).to(device))
-        counts.index_put_((which, tokens), torch.ones(len(late), device=device), accumulate=True)
-    index = torch.tensor([row.row for row in rows], dtype=torch.long).to(device)
-    selected = logits.index_select(0, index).float()
-    repetition = torch.tensor([row.repetition for row in rows]).to(device)[:, None]
-    used = seen | (counts > 0)
-    scaled = torch.where(selected > 0, selected / repetition, selected * repetition)
-    selected = torch.where(used, scaled, selected)
-    frequency = torch.tensor([row.frequency for row in rows]).to(device)[:, None]
-    presence = torch.tensor([row.presence for row in rows]).to(device)[:, None]
-    selected = selected - frequency * counts - presence * (counts > 0).float()
-    return logits.index_copy(0, index, selected.to(logits.dtype))
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+        self._counts = torch.zeros(0, vocab, dtype=torch.float32, device=device)
+        self._prompt = torch.zeros(0, vocab, dtype=torch.bool, device=device)
+        self._rows: dict[int, int] = {}  # request id -> its row
+        self._free: list[int] = []
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, request_id: int, prompt: Sequence[int]) -> None:
+        """Give a request a row: no output yet, its prompt's tokens marked."""
+        if not self._free:
+            grown = max(4, 2 * len(self._counts))
+            self._free = list(range(grown - 1, len(self._counts) - 1, -1))
+            self._counts = _grown(self._counts, grown)
+            self._prompt = _grown(self._prompt, grown)
+        row = self._free.pop()
+        self._rows[request_id] = row
+        ids = torch.tensor([t for t in prompt if 0 <= t < self.vocab], dtype=torch.long)
+        self._prompt[row, ids.to(self.device)] = True
+
+    def remove(self, request_id: int) -> None:
+        """Free a request's row (nothing if it has none)."""
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._counts[row].zero_()
+            self._prompt[row].zero_()
+            self._free.append(row)
+
+    def apply(
+        self, logits: torch.Tensor, rows: Sequence[tuple[int, int, tuple[float, float, float]]]
+    ) -> torch.Tensor:
+        """``logits [N, V]`` with each (logits row, request id, (frequency, presence,
+        repetition)) penalised as vLLM does it: the repetition penalty divides a positive
+        logit (multiplies a negative one) of every token in the prompt or the output,
+        then each output token's count times the frequency penalty and, once it occurs,
+        the presence penalty are subtracted. A copy."""
+        if not rows:
+            return logits
+        device = logits.device
+        index = torch.tensor([r for r, _, _ in rows], dtype=torch.long).to(device)
+        table = torch.tensor([self._rows[q] for _, q, _ in rows], dtype=torch.long).to(device)
+        factors = torch.tensor([f for _, _, f in rows], dtype=torch.float32).to(device)
+        counts = self._counts.index_select(0, table)
+        occurred = counts > 0
+        selected = logits.index_select(0, index).float()
+        repetition = factors[:, 2:3]
+        scaled = torch.where(selected > 0, selected / repetition, selected * repetition)
+        selected = torch.where(occurred | self._prompt.index_select(0, table), scaled, selected)
+        selected = selected - factors[:, 0:1] * counts - factors[:, 1:2] * occurred.float()
+        return logits.index_copy(0, index, selected.to(logits.dtype))
+
+    def count(self, rows: Sequence[tuple[int, int]], sampled: torch.Tensor) -> None:
+        """Count the tokens just sampled: (row of ``sampled``, request id) pairs."""
+        if not rows:
+            return
+        device = sampled.device
+        which = torch.tensor([self._rows[q] for _, q in rows], dtype=torch.long).to(device)
+        tokens = sampled.index_select(0, torch.tensor([r for r, _ in rows]).to(device))
+        ones = torch.ones(len(rows), dtype=torch.float32, device=device)
+        self._counts.index_put_((which, tokens), ones, accumulate=True)
 
 
-def _pairs(
-    rows: Sequence[tuple[int, Sequence[int]]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row indices, token ids) of every token of every row, on ``device``."""
-    which = [j for j, tokens in rows for _ in tokens]
-    tokens = [t for _, ts in rows for t in ts]
-    pairs = torch.tensor([which, tokens], dtype=torch.long).view(2, -1).to(device)
-    return pairs[0], pairs[1]
+def _grown(table: torch.Tensor, rows: int) -> torch.Tensor:
+    grown = torch.zeros(rows, table.shape[1], dtype=table.dtype, device=table.device)
+    grown[: len(table)] = table
+    return grown
 
 
 def sample(
