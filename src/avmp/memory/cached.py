@@ -19,14 +19,25 @@ class CachedUnits:
     names it, plus cache keys on it); a unit not in ``refs`` has exactly one holder, its
     request, so a layout without prefix caching pays one empty-dict test per free.
     A checkpoint slot has one holder, its key, and is never in ``refs``.
+
+    How many units only the cache holds (`num_cache_only`, read at every step by the
+    layouts' usage) is kept up to date as holders come and go, not counted over the
+    holdings: a KV unit is the cache's alone when its holders are all cache keys.
     """
 
-    __slots__ = ("units", "refs", "_next_key")
+    __slots__ = ("units", "refs", "_next_key", "_keys_on", "_num_slots", "_num_kv_only")
 
     def __init__(self) -> None:
         self.units: dict[int, tuple[PoolKind, int]] = {}
         self.refs: dict[int, int] = {}
         self._next_key = 0
+        self._keys_on: dict[int, int] = {}  # KV unit -> cache keys on it
+        self._num_slots = 0  # checkpoint slots held
+        self._num_kv_only = 0  # KV units whose every holder is a cache key
+
+    def _only(self, unit: int) -> bool:
+        count = self.refs.get(unit)
+        return count is not None and count == self._keys_on.get(unit, 0)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -39,11 +50,15 @@ class CachedUnits:
 
     def hold_kv(self, unit: int) -> int:
         """A new key on a KV unit that a live request holds (one more holder)."""
+        was = self._only(unit)
         self.refs[unit] = self.refs.get(unit, 1) + 1
+        self._keys_on[unit] = self._keys_on.get(unit, 0) + 1
+        self._num_kv_only += self._only(unit) - was
         return self._mint(PoolKind.KV, unit)
 
     def hold_slot(self, slot: int) -> int:
         """A new key on a checkpoint slot that was just allocated for the cache."""
+        self._num_slots += 1
         return self._mint(PoolKind.STATE, slot)
 
     def kv_units(self, keys: Sequence[int]) -> list[int]:
@@ -64,7 +79,9 @@ class CachedUnits:
         """One more holder (the adopting request) on each unit."""
         refs = self.refs
         for unit in units:
+            was = self._only(unit)
             refs[unit] += 1
+            self._num_kv_only -= was  # a request holds it now
 
     def lookup(self, key: int) -> tuple[PoolKind, int]:
         if type(key) is not int:
@@ -79,11 +96,28 @@ class CachedUnits:
         pool, unit = self.lookup(key)
         del self.units[key]
         if pool is PoolKind.STATE:
+            self._num_slots -= 1
             return pool, unit, True
-        return pool, unit, self.drop_holder(unit)
+        was = self._only(unit)
+        keys = self._keys_on[unit] - 1
+        if keys:
+            self._keys_on[unit] = keys
+        else:
+            del self._keys_on[unit]
+        free = self._drop(unit)
+        self._num_kv_only += self._only(unit) - was
+        return pool, unit, free
 
     def drop_holder(self, unit: int) -> bool:
         """One holder less on a KV unit; returns whether nobody holds it any more."""
+        if unit not in self.refs:
+            return True
+        was = self._only(unit)
+        free = self._drop(unit)
+        self._num_kv_only += self._only(unit) - was
+        return free
+
+    def _drop(self, unit: int) -> bool:
         count = self.refs.get(unit)
         if count is None:
             return True
@@ -104,6 +138,8 @@ class CachedUnits:
                 self.units[key] = (pool, destination[unit])
         if pool is PoolKind.KV and self.refs:
             self.refs = {destination.get(u, u): n for u, n in self.refs.items()}
+        if pool is PoolKind.KV and self._keys_on:
+            self._keys_on = {destination.get(u, u): n for u, n in self._keys_on.items()}
 
     def held(self, pool: PoolKind) -> list[int]:
         """Units of ``pool`` behind the cache's keys (a KV unit once per key)."""
@@ -114,12 +150,7 @@ class CachedUnits:
 
     def num_cache_only(self, pool: PoolKind) -> int:
         """Units of ``pool`` that only the cache holds: what evicting it all would free."""
-        if pool is PoolKind.STATE:
-            return len(self.held(pool))
-        counts: dict[int, int] = {}
-        for unit in self.held(PoolKind.KV):
-            counts[unit] = counts.get(unit, 0) + 1
-        return sum(1 for unit, n in counts.items() if self.refs.get(unit) == n)
+        return self._num_slots if pool is PoolKind.STATE else self._num_kv_only
 
     def check(self, request_units: Iterable[Sequence[int]]) -> list[int]:
         """Assert that the holder counts match the requests' KV units and the keys, and
@@ -135,4 +166,10 @@ class CachedUnits:
         assert set(self.refs) <= set(holders), "a holder count on a unit nobody holds"
         slots = self.held(PoolKind.STATE)
         assert len(slots) == len(set(slots)), "a checkpoint slot held twice"
+        keys_on: dict[int, int] = {}
+        for unit in self.held(PoolKind.KV):
+            keys_on[unit] = keys_on.get(unit, 0) + 1
+        assert keys_on == self._keys_on, "cache keys per KV unit out of date"
+        only = sum(1 for unit, n in keys_on.items() if self.refs.get(unit) == n)
+        assert (self._num_kv_only, self._num_slots) == (only, len(slots)), "cache-only counts"
         return list(holders)
