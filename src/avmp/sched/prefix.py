@@ -443,6 +443,9 @@ class PrefixTree:
         self.checkpoint_bytes = checkpoint_bytes
         self.root = PrefixNode(None, None, 0)
         self.pinned: dict[int, int] = {}  # id(node) -> hits whose copy is still to come
+        # the eviction candidates, kept as the tree changes (`_refresh`): id(node) ->
+        # (node, whether its whole edge goes)
+        self._candidate_set: dict[int, tuple[PrefixNode, bool]] = {}
         self._version = 0
         self._ranked_at = -1
         self._ranking: list[tuple[PrefixNode, bool]] | None = None
@@ -487,12 +490,14 @@ class PrefixTree:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
         for step in node.path():
             step.num_locks += 1
+            self._refresh(step)
         self._changed()
 
     def unlock(self, node: PrefixNode) -> None:
         for step in node.path():
             assert step.num_locks > 0, "unlocked more often than locked"
             step.num_locks -= 1
+            self._refresh(step)
         self._changed()
 
     def page_keys(self, node: PrefixNode) -> list[int]:
@@ -540,6 +545,7 @@ class PrefixTree:
             return False
         node.checkpoint_key = key
         self.num_checkpoints += 1
+        self._refresh(node)
         if node.host_key is not None and id(node) not in self.pinned:
             assert self.host is not None
             self.host.drop(node)  # the device's copy serves its hits now
@@ -639,6 +645,7 @@ class PrefixTree:
     def pin(self, node: PrefixNode) -> None:
         """Keep ``node``'s checkpoint until a hit has copied it (`unpin`)."""
         self.pinned[id(node)] = self.pinned.get(id(node), 0) + 1
+        self._refresh(node)
         self._changed()
 
     def unpin(self, node: PrefixNode) -> None:
@@ -648,12 +655,37 @@ class PrefixTree:
         elif node.checkpoint_key is not None and node.host_key is not None:
             assert self.host is not None
             self.host.drop(node)  # a device checkpoint came while a hit read the host's
+        self._refresh(node)
         self._changed()
 
     def _candidates(self) -> list[tuple[PrefixNode, bool]]:
         """Unlocked leaves (as whole edges), and checkpoints of every other node but the
         pinned: a live request holds its path's pages, not the checkpoints on it, which
-        only the cache holds."""
+        only the cache holds. Kept as the tree changes (`_refresh`): a walk over the
+        whole tree per ranking cost most of a long trace's replay."""
+        return list(self._candidate_set.values())
+
+    def _refresh(self, node: PrefixNode) -> None:
+        """Put ``node`` in or out of the candidates after a change of its locks, children,
+        checkpoint or pin."""
+        if node is self.root:
+            return
+        key = id(node)
+        if node.num_locks:
+            whole: bool | None = None
+            if node.checkpoint_key is not None and key not in self.pinned:
+                whole = False
+        elif not node.children:
+            whole = True
+        else:
+            whole = False if node.checkpoint_key is not None else None
+        if whole is None:
+            self._candidate_set.pop(key, None)
+        else:
+            self._candidate_set[key] = (node, whole)
+
+    def _walked_candidates(self) -> list[tuple[PrefixNode, bool]]:
+        """The candidates found by walking the whole tree (`check_integrity` compares)."""
         found: list[tuple[PrefixNode, bool]] = []
         stack = list(self.root.children.values())
         while stack:
@@ -739,8 +771,11 @@ class PrefixTree:
                 self.num_evicted_pages += 1
             assert node.parent is not None
             del node.parent.children[node.content]
+            self._candidate_set.pop(id(node), None)
             self.num_nodes -= 1
         top = edge[-1].parent
+        if top is not None:
+            self._refresh(top)
         return None if top is None or top is self.root else top
 
     def release_checkpoint(self, node: PrefixNode) -> None:
@@ -750,6 +785,7 @@ class PrefixTree:
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
         self.num_checkpoints -= 1
+        self._refresh(node)
         self._changed()
 
     def _drop_checkpoint(self, node: PrefixNode, keep: bool = True) -> None:
@@ -762,6 +798,7 @@ class PrefixTree:
         node.checkpoint_key = None
         self.num_checkpoints -= 1
         self.num_evicted_checkpoints += 1
+        self._refresh(node)
 
     # ---- invariants ---------------------------------------------------------------------
 
@@ -796,6 +833,8 @@ class PrefixTree:
                 assert child_locks == num_live_locks, "locks do not match the live requests"
         assert sorted(keys) == self.allocator.cached_keys(), "tree keys vs the allocator's"
         assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
+        walked = {id(n): (n, whole) for n, whole in self._walked_candidates()}
+        assert walked == self._candidate_set, "eviction candidates out of date"
         if self.host is not None:
             self.host.check_integrity()
 
