@@ -25,7 +25,8 @@ class CachedUnits:
     holdings: a KV unit is the cache's alone when its holders are all cache keys.
     """
 
-    __slots__ = ("units", "refs", "_next_key", "_keys_on", "_num_slots", "_num_kv_only")
+    __slots__ = ("units", "refs", "_next_key", "_keys_on", "_num_slots", "_num_kv_only",
+                 "_keys_of")
 
     def __init__(self) -> None:
         self.units: dict[int, tuple[PoolKind, int]] = {}
@@ -34,6 +35,7 @@ class CachedUnits:
         self._keys_on: dict[int, int] = {}  # KV unit -> cache keys on it
         self._num_slots = 0  # checkpoint slots held
         self._num_kv_only = 0  # KV units whose every holder is a cache key
+        self._keys_of: dict[tuple[PoolKind, int], list[int]] = {}  # unit -> keys on it
 
     def _only(self, unit: int) -> bool:
         count = self.refs.get(unit)
@@ -46,6 +48,7 @@ class CachedUnits:
         key = self._next_key
         self._next_key += 1
         self.units[key] = (pool, unit)
+        self._keys_of.setdefault((pool, unit), []).append(key)
         return key
 
     def hold_kv(self, unit: int) -> int:
@@ -95,6 +98,10 @@ class CachedUnits:
         """Drop a key: its pool, its unit, and whether that unit is now free."""
         pool, unit = self.lookup(key)
         del self.units[key]
+        on_unit = self._keys_of[pool, unit]
+        on_unit.remove(key)
+        if not on_unit:
+            del self._keys_of[pool, unit]
         if pool is PoolKind.STATE:
             self._num_slots -= 1
             return pool, unit, True
@@ -132,14 +139,22 @@ class CachedUnits:
         return [unit for unit in units if self.drop_holder(unit)]
 
     def remap(self, pool: PoolKind, destination: dict[int, int]) -> None:
-        """Compaction moved units of ``pool``: point keys and holder counts at the copies."""
-        for key, (held_pool, unit) in self.units.items():
-            if held_pool is pool and unit in destination:
-                self.units[key] = (pool, destination[unit])
-        if pool is PoolKind.KV and self.refs:
-            self.refs = {destination.get(u, u): n for u, n in self.refs.items()}
-        if pool is PoolKind.KV and self._keys_on:
-            self._keys_on = {destination.get(u, u): n for u, n in self._keys_on.items()}
+        """Compaction moved units of ``pool``: point keys and holder counts at the copies
+        (the moved units' alone: every source is read before any copy is written, as a
+        unit may be both)."""
+        keys_of = self._keys_of
+        moved_keys = [(dst, keys_of.pop((pool, src)))
+                      for src, dst in destination.items() if (pool, src) in keys_of]  # fmt: skip
+        for dst, keys in moved_keys:
+            self._keys_of[pool, dst] = keys
+            for key in keys:
+                self.units[key] = (pool, dst)
+        if pool is not PoolKind.KV:
+            return
+        for table in (self.refs, self._keys_on):
+            moved = [(dst, table.pop(src)) for src, dst in destination.items() if src in table]
+            for dst, count in moved:
+                table[dst] = count
 
     def held(self, pool: PoolKind) -> list[int]:
         """Units of ``pool`` behind the cache's keys (a KV unit once per key)."""
@@ -170,6 +185,11 @@ class CachedUnits:
         for unit in self.held(PoolKind.KV):
             keys_on[unit] = keys_on.get(unit, 0) + 1
         assert keys_on == self._keys_on, "cache keys per KV unit out of date"
+        keys_of: dict[tuple[PoolKind, int], list[int]] = {}
+        for key, held in self.units.items():
+            keys_of.setdefault(held, []).append(key)
+        mine = {unit: sorted(keys) for unit, keys in self._keys_of.items()}
+        assert {u: sorted(k) for u, k in keys_of.items()} == mine, "keys per unit out of date"
         only = sum(1 for unit, n in keys_on.items() if self.refs.get(unit) == n)
         assert (self._num_kv_only, self._num_slots) == (only, len(slots)), "cache-only counts"
         return list(holders)

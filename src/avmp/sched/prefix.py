@@ -721,14 +721,14 @@ class PrefixTree:
             if _is_dominated(node):
                 return 0.0  # no branch below it yet: a hit would take the deeper one
             return self.flops_of(tokens) / max(1, self.checkpoint_bytes)
+        if self.has_state and node.checkpoint_key is None and node.host_key is None:
+            return 0.0  # pages without a checkpoint below them resume nothing
         edge = self._edge(node)
         num_bytes = len(edge) * self.page_bytes
         if node.checkpoint_key is not None or node.host_key is not None:
             # a host checkpoint's pages count its bytes too, as on the device: on their
             # kilobytes alone they would outrank every device checkpoint
             num_bytes += self.checkpoint_bytes
-        if self.has_state and node.checkpoint_key is None and node.host_key is None:
-            return 0.0  # pages without a checkpoint below them resume nothing
         start = (node.depth - len(edge)) * self.unit_tokens
         saved = self.flops_of(tokens)
         if not self.has_state:  # the edge's own pages save only their tokens
