@@ -22,9 +22,10 @@ from engine_helpers import MiB, TinyCheckpoint, random_prompts
 from test_memory_pressure import HEAVY
 
 from avmp.cli import main
-from avmp.engine.engine import Engine, EngineConfig, build_memory
+from avmp.engine.engine import Engine, EngineConfig, RequestOptions, build_memory
 from avmp.engine.prefix_cache import StateSlotCopier
 from avmp.engine.runner import SequenceWork
+from avmp.engine.sampling import TokenLogprobs
 from avmp.engine.tp_step import (
     ByteOpLog,
     FollowerFailed,
@@ -130,8 +131,31 @@ def test_gated_deltanet_with_the_prefix_cache_matches_one_rank(
         assert two.slot_copier.num_copies == one.slot_copier.num_copies > 0
         geometry = rank_geometry(one.geometry, 2)
         assert two.geometry.state_bytes_per_request == geometry.state_bytes_per_request
+        # rank 0 samples: penalties, logit_bias, min_tokens and log-probabilities there
+        steered = RequestOptions(8, frequency_penalty=1.0, repetition_penalty=1.5, logprobs=2,
+                                 min_tokens=3, logit_bias=((5, 2.0),))  # fmt: skip
+        mine = _one_request(two, prompts[0], steered)
+        theirs = _one_request(one, prompts[0], steered)
+        assert mine[0] == theirs[0] and len(mine[0]) == 8
+        assert [lp.top[0][0] for lp in mine[1]] == [lp.top[0][0] for lp in theirs[1]]
+        assert [lp.logprob for lp in mine[1]] == pytest.approx([lp.logprob for lp in theirs[1]],
+                                                               rel=1e-4, abs=1e-5)  # fmt: skip
     finally:
         two.close()
+
+
+def _one_request(engine: Engine, prompt: list[int], options: RequestOptions
+                 ) -> tuple[list[int], list[TokenLogprobs]]:  # fmt: skip
+    """One request's tokens and log-probabilities, stepped to its end."""
+    request_id = engine.add_request(prompt, options)
+    tokens: list[int] = []
+    logprobs: list[TokenLogprobs] = []
+    while engine.has_unfinished_requests:
+        for update in engine.step():
+            if update.request_id == request_id:
+                tokens += update.new_token_ids
+                logprobs += update.new_logprobs or []
+    return tokens, logprobs
 
 
 def test_a_dead_follower_is_one_error_on_rank_0(
