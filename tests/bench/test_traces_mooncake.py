@@ -223,3 +223,10 @@ def test_replay_with_the_prefix_cache_hits_on_shared_hash_ids(
     assert result["num_completed"] == 8
     assert result["prefix"]["num_ideal_tokens"] == 7 * 4 * BLOCK
     assert result["prefix"]["num_hit_tokens"] > 0
+
+
+def test_a_line_without_output_is_skipped_as_burstgpts_are(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(_line(0, 600, 0, [1, 2]) + _line(5, 600, 3, [1, 2]))
+    (request,) = read_trace(path)
+    assert (request.arrival_s, request.prompt_tokens, request.output_tokens) == (0.0, 600, 3)

@@ -27,7 +27,8 @@ Formats:
   same partial block. A list longer than the prompt needs is cut to the blocks the prompt
   has (each id names its prefix, so the first ones still hold); one too short to cover
   the prompt is followed by a segment of this line's own, ``("unhashed", line)``, that
-  shares nothing. No ``hash_ids`` (or an empty list): no segments.
+  shares nothing. No ``hash_ids`` (or an empty list): no segments. Lines with 0 output
+  tokens are skipped, as BurstGPT's.
 """
 
 from __future__ import annotations
@@ -369,8 +370,8 @@ def _read_rows(path: Path, fmt: str) -> list[tuple[float, int, int, int]]:
         raise TraceError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
     rows = []
     for line_no, arrival, prompt, output in _rows(path, fmt):
-        if fmt == "burstgpt" and output == 0:
-            continue
+        if fmt in ("burstgpt", "mooncake") and output == 0:
+            continue  # nothing to replay: a failed or cancelled request in the trace
         if prompt < 1 or output < 1:
             raise TraceError(f"{path}:{line_no}: prompt and output tokens must be >= 1")
         rows.append((arrival, line_no, prompt, output))
