@@ -187,3 +187,11 @@ def test_a_prefix_workload_keeps_what_it_shares_through_a_file(tmp_path: Path) -
 
     assert any(r.segments for r in requests)
     assert sharing(back) == sharing(requests)
+
+
+def test_azure_rows_without_output_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.0,12,0\n2023-11-16 18:15:47.5,20,4\n")  # fmt: skip
+    (request,) = read_trace(path)
+    assert (request.arrival_s, request.prompt_tokens, request.output_tokens) == (0.0, 20, 4)

@@ -13,7 +13,8 @@ Formats:
   a later prompt names this request's output (`avmp.sched.request.RequestSpec`).
 - ``azure``: Azure LLM inference trace 2023/2024, header ``TIMESTAMP,ContextTokens,
   GeneratedTokens``; TIMESTAMP is a datetime (``2023-11-16 18:15:46.6805900``; digits
-  beyond microseconds are dropped).
+  beyond microseconds are dropped). Rows with 0 generated tokens are skipped, as
+  BurstGPT's.
 - ``burstgpt``: BurstGPT, header ``Timestamp,Model,Request tokens,Response tokens,
   Total tokens,Log Type``; Timestamp is seconds. Rows with 0 response tokens (failed
   requests in the trace) are skipped, as no output can be replayed for them.
@@ -370,7 +371,7 @@ def _read_rows(path: Path, fmt: str) -> list[tuple[float, int, int, int]]:
         raise TraceError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
     rows = []
     for line_no, arrival, prompt, output in _rows(path, fmt):
-        if fmt in ("burstgpt", "mooncake") and output == 0:
+        if fmt != "jsonl" and output == 0:
             continue  # nothing to replay: a failed or cancelled request in the trace
         if prompt < 1 or output < 1:
             raise TraceError(f"{path}:{line_no}: prompt and output tokens must be >= 1")
