@@ -27,6 +27,40 @@ def test_replay_prints_one_row_per_allocator(trace: Path, capsys) -> None:
     assert "| avmp | 12 | 0 |" in out and "1.00x" in out
 
 
+def test_the_progress_bar_shows_on_a_terminal_only(
+    trace: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One bar per allocator, requests finished of the trace's, on a terminal's stderr;
+    nothing on a pipe or with --no-progress, and the table the same either way."""
+    from avmp.cli import replay as replay_cli
+
+    argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
+            "--allocators", "avmp,static"]  # fmt: skip
+    assert main(argv) == 0
+    piped = capsys.readouterr()
+    assert piped.err == ""
+    seen: list[tuple[str, float, float]] = []
+    real = replay_cli.replay_progress
+
+    def watched(disabled: bool):
+        bar = real(disabled)
+        update = bar.update
+
+        def record(task, **fields):
+            seen.append((bar.tasks[task].description, fields["completed"], fields["total"]))
+            update(task, **fields)
+
+        bar.update = record
+        return bar
+
+    monkeypatch.setattr(replay_cli, "replay_progress", watched)
+    assert main([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().out == piped.out
+    assert {d for d, _, _ in seen} == {"avmp", "static"}
+    assert all(total == 12 for _, _, total in seen)
+    assert [c for d, c, _ in seen if d == "avmp"][-1] == 12  # ends full
+
+
 def test_replay_json_is_the_raw_results(trace: Path, capsys) -> None:
     argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB", "--json",
             "--allocators", "avmp,static", "--profile", "rtx3060"]

@@ -71,6 +71,11 @@ def add_parser(subparsers: Any) -> None:
         "over the profile's NVLink",
     )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (shown on a terminal's stderr, one per allocator)",
+    )
     add_ssm_dtype_option(parser)
     add_static_options_option(parser)
     add_feasibility_option(parser)
@@ -179,15 +184,24 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     requests = read_trace(args.trace, args.format)
     results = []
-    for layout in allocators:
-        layout_fields, layout_options = layout_policy(layout, policy)
-        options = tuple(dict.fromkeys((*shipped, *layout_options)))
-        allocator = make_allocator(layout, geometry, budget, options)
-        host_level = args.prefix_host_level and has_host_tier(layout_fields)
-        layout_config = dataclasses.replace(config, **layout_fields, prefix_host_level=host_level)
-        result = simulate(requests, allocator, geometry, layout_config).to_dict()
-        result["allocator"] = layout
-        results.append(result)
+    with replay_progress(getattr(args, "no_progress", False)) as bar:
+        for layout in allocators:
+            layout_fields, layout_options = layout_policy(layout, policy)
+            options = tuple(dict.fromkeys((*shipped, *layout_options)))
+            allocator = make_allocator(layout, geometry, budget, options)
+            host_level = args.prefix_host_level and has_host_tier(layout_fields)
+            layout_config = dataclasses.replace(
+                config, **layout_fields, prefix_host_level=host_level
+            )
+            task = bar.add_task(layout, total=len(requests))
+            result = simulate(
+                requests, allocator, geometry, layout_config,
+                on_progress=lambda done, total, task=task: bar.update(
+                    task, completed=done, total=total
+                ),
+            ).to_dict()  # fmt: skip
+            result["allocator"] = layout
+            results.append(result)
     if all(r["num_completed"] == 0 for r in results):
         smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
         raise UserError(
@@ -200,6 +214,29 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         result["goodput"] = goodput(result, slo)
         result["common_request_throughput"] = common_throughput(result, common)
     return results
+
+
+def replay_progress(disabled: bool) -> Any:
+    """A bar per allocator (requests finished of the trace's) on stderr, gone once the
+    table is printed; off when stderr is not a terminal (a log or a pipe) or asked."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=disabled or not sys.stderr.isatty(),
+    )  # fmt: skip
 
 
 def _rank_geometry(
