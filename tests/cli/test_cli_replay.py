@@ -174,3 +174,41 @@ def test_replay_policy_options(trace: Path, capsys) -> None:
     assert len(err.splitlines()) == 1 and "needs a host tier" in err
     assert main([*base, "--host-tier", "lots"]) == 2
     assert "--host-tier: bad size 'lots'" in capsys.readouterr().err
+
+
+def test_workers_replay_the_allocators_at_once_with_the_same_results(
+    trace: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 2 runs the allocators in spawned processes: the same JSON as one at a
+    time; where processes cannot start, the replays run in this process; a small trace
+    runs here by default; a bad count is one line."""
+    from avmp.cli import replay as replay_cli
+
+    argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
+            "--allocators", "avmp,static,unified", "--json"]  # fmt: skip
+    def results() -> list[dict]:  # less the measured CPU time, which no two runs share
+        return [{k: v for k, v in r.items() if not k.startswith("measured_")}
+                for r in json.loads(capsys.readouterr().out)]  # fmt: skip
+
+    assert main([*argv, "--workers", "1"]) == 0
+    alone = results()
+    assert main([*argv, "--workers", "2"]) == 0
+    assert results() == alone
+
+    def no_processes(*_args, **_kwargs):
+        raise OSError("no /dev/shm here")
+
+    monkeypatch.setattr(replay_cli, "_replay_on_processes", no_processes)
+    assert main([*argv, "--workers", "3"]) == 0
+    assert results() == alone
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("a 12-request trace started processes")
+
+    monkeypatch.setattr(replay_cli, "_replay_on_processes", must_not_run)
+    assert main(argv) == 0  # 12 requests: below PARALLEL_FROM, one at a time
+    assert results() == alone
+    for bad in ("0", "two"):
+        assert main([*argv, "--workers", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--workers must be a whole number >= 1" in err[0]

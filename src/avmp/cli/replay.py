@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 from avmp.cli import UserError, parse_budget
@@ -71,6 +74,14 @@ def add_parser(subparsers: Any) -> None:
         "over the profile's NVLink",
     )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument(
+        "--workers",
+        default=None,
+        metavar="N",
+        help="allocators replayed at once, in processes (default: one per allocator up to "
+        "the CPUs, for traces of 2,000 requests or more; else 1); the results do not "
+        "depend on it",
+    )
     parser.add_argument(
         "--no-progress",
         action="store_true",
@@ -147,12 +158,12 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
-    from avmp.bench.sweep import has_host_tier, layout_policy, make_allocator
+    from avmp.bench.sweep import has_host_tier, layout_policy
     from avmp.bench.traces import read_trace
     from avmp.cli.generate import check_prefix_host_level
     from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
-    from avmp.sim.simulator import SimConfig, simulate
+    from avmp.sim.simulator import SimConfig
     from avmp.sim.timing import check_feasible, get_profile
 
     budget = parse_budget("--memory", args.memory)
@@ -182,26 +193,24 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
+    workers = _workers(getattr(args, "workers", None), len(allocators))
     requests = read_trace(args.trace, args.format)
-    results = []
+    tasks = []
+    for layout in allocators:
+        layout_fields, layout_options = layout_policy(layout, policy)
+        options = tuple(dict.fromkeys((*shipped, *layout_options)))
+        host_level = args.prefix_host_level and has_host_tier(layout_fields)
+        layout_config = dataclasses.replace(config, **layout_fields, prefix_host_level=host_level)
+        tasks.append(ReplayTask(layout, options, layout_config))
+    if workers is None:
+        workers = min(len(tasks), os.cpu_count() or 1) if len(requests) >= PARALLEL_FROM else 1
     with replay_progress(getattr(args, "no_progress", False)) as bar:
-        for layout in allocators:
-            layout_fields, layout_options = layout_policy(layout, policy)
-            options = tuple(dict.fromkeys((*shipped, *layout_options)))
-            allocator = make_allocator(layout, geometry, budget, options)
-            host_level = args.prefix_host_level and has_host_tier(layout_fields)
-            layout_config = dataclasses.replace(
-                config, **layout_fields, prefix_host_level=host_level
-            )
-            task = bar.add_task(layout, total=len(requests))
-            result = simulate(
-                requests, allocator, geometry, layout_config,
-                on_progress=lambda done, total, task=task: bar.update(
-                    task, completed=done, total=total
-                ),
-            ).to_dict()  # fmt: skip
-            result["allocator"] = layout
-            results.append(result)
+        bars = {t.layout: bar.add_task(t.layout, total=len(requests)) for t in tasks}
+
+        def progress(layout: str, done: int, total: int) -> None:
+            bar.update(bars[layout], completed=done, total=total)
+
+        results = run_replays(tasks, requests, geometry, budget, workers, progress)
     if all(r["num_completed"] == 0 for r in results):
         smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
         raise UserError(
@@ -214,6 +223,120 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         result["goodput"] = goodput(result, slo)
         result["common_request_throughput"] = common_throughput(result, common)
     return results
+
+
+PARALLEL_FROM = 2000  # requests from which the allocators run at once by default
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayTask:
+    """One allocator's replay: its layout, the layout options and its simulator config."""
+
+    layout: str
+    options: tuple[str, ...]
+    config: Any  # SimConfig
+
+
+def _workers(text: str | None, num_tasks: int) -> int | None:
+    if text is None:
+        return None
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise UserError(f"--workers must be a whole number >= 1, got {text!r}")
+    return min(workers, num_tasks)
+
+
+def run_replays(
+    tasks: list[ReplayTask],
+    requests: list[Any],
+    geometry: Any,
+    budget: int,
+    workers: int,
+    progress: Callable[[str, int, int], None],
+) -> list[dict[str, Any]]:
+    """Each task's result, in the tasks' order: one at a time, or ``workers`` at once in
+    spawned processes (the same results; progress comes back through a queue). Where
+    processes cannot start, the replays run here one at a time."""
+    if workers > 1:
+        try:
+            return _replay_on_processes(tasks, requests, geometry, budget, workers, progress)
+        except (OSError, BrokenProcessPool):
+            pass  # no processes here (a sandbox, no /dev/shm): one at a time below
+    return [_replay_one(t, requests, geometry, budget, progress) for t in tasks]
+
+
+def _replay_one(
+    task: ReplayTask,
+    requests: list[Any],
+    geometry: Any,
+    budget: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, Any]:
+    from avmp.bench.sweep import make_allocator
+    from avmp.sim.simulator import simulate
+
+    allocator = make_allocator(task.layout, geometry, budget, task.options)
+    on_progress = None
+    if progress is not None:
+        def on_progress(done: int, total: int) -> None:
+            progress(task.layout, done, total)
+    result = simulate(requests, allocator, geometry, task.config, on_progress=on_progress)
+    return result.to_dict() | {"allocator": task.layout}
+
+
+class _QueuedProgress:
+    """A worker's progress, put on a queue at most every 1% of the trace (and at its end)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.sent: dict[str, int] = {}
+
+    def __call__(self, layout: str, done: int, total: int) -> None:
+        if done == total or done - self.sent.get(layout, 0) >= max(1, total // 100):
+            self.sent[layout] = done
+            self.queue.put((layout, done, total))
+
+
+def _replay_in_worker(task: ReplayTask, requests: list[Any], geometry: Any, budget: int,
+                      queue: Any) -> dict[str, Any]:  # fmt: skip
+    return _replay_one(task, requests, geometry, budget, _QueuedProgress(queue))
+
+
+def _replay_on_processes(
+    tasks: list[ReplayTask],
+    requests: list[Any],
+    geometry: Any,
+    budget: int,
+    workers: int,
+    progress: Callable[[str, int, int], None],
+) -> list[dict[str, Any]]:
+    import multiprocessing
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no fork of the progress thread
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        updates = manager.Queue()
+        futures = {pool.submit(_replay_in_worker, t, requests, geometry, budget, updates): t
+                   for t in tasks}  # fmt: skip
+        pending = set(futures)
+        try:
+            while pending:
+                _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        progress(*updates.get_nowait())
+                    except queues.Empty:
+                        break
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        by_layout = {futures[f].layout: f.result() for f in futures}
+    return [by_layout[t.layout] for t in tasks]
 
 
 def replay_progress(disabled: bool) -> Any:
