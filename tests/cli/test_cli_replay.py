@@ -195,10 +195,11 @@ def test_workers_replay_the_allocators_at_once_with_the_same_results(
     assert main([*argv, "--workers", "2"]) == 0
     assert results() == alone
 
-    def no_processes(*_args, **_kwargs):
-        raise OSError("no /dev/shm here")
+    class NoProcesses:
+        def Manager(self):  # noqa: N802 (multiprocessing's name)
+            raise OSError("no /dev/shm here")
 
-    monkeypatch.setattr(replay_cli, "_replay_on_processes", no_processes)
+    monkeypatch.setattr("multiprocessing.get_context", lambda _method: NoProcesses())
     assert main([*argv, "--workers", "3"]) == 0
     assert results() == alone
 

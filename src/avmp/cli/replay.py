@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 from avmp.cli import UserError, parse_budget
@@ -261,10 +260,9 @@ def run_replays(
     spawned processes (the same results; progress comes back through a queue). Where
     processes cannot start, the replays run here one at a time."""
     if workers > 1:
-        try:
-            return _replay_on_processes(tasks, requests, geometry, budget, workers, progress)
-        except (OSError, BrokenProcessPool):
-            pass  # no processes here (a sandbox, no /dev/shm): one at a time below
+        results = _replay_on_processes(tasks, requests, geometry, budget, workers, progress)
+        if results is not None:
+            return results
     return [_replay_one(t, requests, geometry, budget, progress) for t in tasks]
 
 
@@ -312,13 +310,19 @@ def _replay_on_processes(
     budget: int,
     workers: int,
     progress: Callable[[str, int, int], None],
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any]] | None:
+    """The results, or None where processes cannot start (a sandbox without them, no
+    /dev/shm). A worker that dies mid-run is an error, not a reason to start over."""
     import multiprocessing
     import queue as queues
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # no fork of the progress thread
-    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+    try:
+        manager = context.Manager()  # starts a process: where none can, nothing does
+    except (OSError, NotImplementedError):
+        return None
+    with manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
         updates = manager.Queue()
         futures = {pool.submit(_replay_in_worker, t, requests, geometry, budget, updates): t
                    for t in tasks}  # fmt: skip
