@@ -209,7 +209,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         def progress(layout: str, done: int, total: int) -> None:
             bar.update(bars[layout], completed=done, total=total)
 
-        results = run_replays(tasks, requests, geometry, budget, workers, progress)
+        results = run_replays(tasks, ReplayInputs(requests, geometry, budget), workers, progress)
     if all(r["num_completed"] == 0 for r in results):
         smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
         raise UserError(
@@ -236,6 +236,15 @@ class ReplayTask:
     config: Any  # SimConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplayInputs:
+    """What every allocator's replay shares: the trace's requests, the model, the budget."""
+
+    requests: list[Any]
+    geometry: Any
+    budget: int
+
+
 def _workers(text: str | None, num_tasks: int) -> int | None:
     if text is None:
         return None
@@ -250,9 +259,7 @@ def _workers(text: str | None, num_tasks: int) -> int | None:
 
 def run_replays(
     tasks: list[ReplayTask],
-    requests: list[Any],
-    geometry: Any,
-    budget: int,
+    inputs: ReplayInputs,
     workers: int,
     progress: Callable[[str, int, int], None],
 ) -> list[dict[str, Any]]:
@@ -260,28 +267,25 @@ def run_replays(
     spawned processes (the same results; progress comes back through a queue). Where
     processes cannot start, the replays run here one at a time."""
     if workers > 1:
-        results = _replay_on_processes(tasks, requests, geometry, budget, workers, progress)
+        results = _replay_on_processes(tasks, inputs, workers, progress)
         if results is not None:
             return results
-    return [_replay_one(t, requests, geometry, budget, progress) for t in tasks]
+    return [_replay_one(t, inputs, progress) for t in tasks]
 
 
 def _replay_one(
-    task: ReplayTask,
-    requests: list[Any],
-    geometry: Any,
-    budget: int,
-    progress: Callable[[str, int, int], None] | None,
+    task: ReplayTask, inputs: ReplayInputs, progress: Callable[[str, int, int], None] | None
 ) -> dict[str, Any]:
     from avmp.bench.sweep import make_allocator
     from avmp.sim.simulator import simulate
 
-    allocator = make_allocator(task.layout, geometry, budget, task.options)
+    geometry = inputs.geometry
+    allocator = make_allocator(task.layout, geometry, inputs.budget, task.options)
     on_progress = None
     if progress is not None:
         def on_progress(done: int, total: int) -> None:
             progress(task.layout, done, total)
-    result = simulate(requests, allocator, geometry, task.config, on_progress=on_progress)
+    result = simulate(inputs.requests, allocator, geometry, task.config, on_progress=on_progress)
     return result.to_dict() | {"allocator": task.layout}
 
 
@@ -298,16 +302,13 @@ class _QueuedProgress:
             self.queue.put((layout, done, total))
 
 
-def _replay_in_worker(task: ReplayTask, requests: list[Any], geometry: Any, budget: int,
-                      queue: Any) -> dict[str, Any]:  # fmt: skip
-    return _replay_one(task, requests, geometry, budget, _QueuedProgress(queue))
+def _replay_in_worker(task: ReplayTask, inputs: ReplayInputs, queue: Any) -> dict[str, Any]:
+    return _replay_one(task, inputs, _QueuedProgress(queue))
 
 
 def _replay_on_processes(
     tasks: list[ReplayTask],
-    requests: list[Any],
-    geometry: Any,
-    budget: int,
+    inputs: ReplayInputs,
     workers: int,
     progress: Callable[[str, int, int], None],
 ) -> list[dict[str, Any]] | None:
@@ -324,8 +325,7 @@ def _replay_on_processes(
         return None
     with manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
         updates = manager.Queue()
-        futures = {pool.submit(_replay_in_worker, t, requests, geometry, budget, updates): t
-                   for t in tasks}  # fmt: skip
+        futures = {pool.submit(_replay_in_worker, t, inputs, updates): t for t in tasks}
         pending = set(futures)
         try:
             while pending:
@@ -348,21 +348,13 @@ def replay_progress(disabled: bool) -> Any:
     table is printed; off when stderr is not a terminal (a log or a pipe) or asked."""
     import sys
 
+    from rich import progress as bars
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        disable=disabled or not sys.stderr.isatty(),
+    return bars.Progress(
+        bars.TextColumn("{task.description:>16}"), bars.BarColumn(), bars.MofNCompleteColumn(),
+        bars.TimeElapsedColumn(), bars.TimeRemainingColumn(), console=Console(stderr=True),
+        transient=True, disable=disabled or not sys.stderr.isatty(),
     )  # fmt: skip
 
 
