@@ -321,7 +321,7 @@ def _replay_on_processes(
     context = multiprocessing.get_context("spawn")  # no fork of the progress thread
     try:
         manager = context.Manager()  # starts a process: where none can, nothing does
-    except (OSError, NotImplementedError):
+    except (OSError, ImportError):  # no process, or no working semaphores (sem_open)
         return None
     with manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
         updates = manager.Queue()

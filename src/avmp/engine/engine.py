@@ -1239,10 +1239,11 @@ class Engine:
             if samples:
                 sampling.append(chunk.request_id)
                 # the sampled token is output number known - len(prompt), counting from 0
-                pairs = list(request.logit_bias)
-                if request.stop_ids and known - len(request.prompt) < request.min_tokens:
-                    pairs += [(token, -math.inf) for token in request.stop_ids]
-                if pairs:
+                held = bool(request.stop_ids) and known - len(request.prompt) < request.min_tokens
+                if request.logit_bias or held:  # most requests build nothing here
+                    pairs = list(request.logit_bias)
+                    if held:
+                        pairs += [(token, -math.inf) for token in request.stop_ids]
                     steer.append((len(sampling) - 1, pairs))
                 if request.penalties is not None:
                     penalized.append((len(sampling) - 1, chunk.request_id, request.penalties))
