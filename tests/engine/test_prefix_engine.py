@@ -17,7 +17,7 @@ import pytest
 import torch
 from engine_helpers import MiB, TinyCheckpoint, random_prompts
 
-from avmp.engine.engine import Engine, EngineConfig
+from avmp.engine.engine import Engine, EngineConfig, RequestOptions
 from avmp.engine.prefix_cache import StateSlotCopier, resolve_prefix_cache
 from avmp.memory.spec import PoolKind
 from avmp.sched.prefix import PrefixCacheConfig
@@ -319,3 +319,48 @@ def test_token_units_are_keyed_by_exact_ids_as_tokens_become_known() -> None:
     assert units[2] == (9, 10) and units[-2] == (9, 10)
     with pytest.raises(IndexError):
         units[4]
+
+
+def _one_at_a_time(engine: Engine, prompts: list[list[int]], boundary: int) -> list[list[int]]:
+    """Each prompt alone (the next submitted once the last finished), with
+    ``prefix_boundary``; their greedy outputs."""
+    outputs = []
+    for prompt in prompts:
+        options = RequestOptions(max_tokens=MAX_TOKENS, prefix_boundary=boundary)
+        request_id = engine.add_request(prompt, options)
+        tokens: list[int] = []
+        for _ in range(100):
+            if not engine.has_unfinished_requests:
+                break
+            tokens += [t for u in engine.step() if u.request_id == request_id
+                       for t in u.new_token_ids]  # fmt: skip
+        else:
+            raise AssertionError("a request unfinished after 100 steps")
+        outputs.append(tokens)
+    return outputs
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid", "jamba"])
+def test_a_system_prompt_boundary_is_resumed_by_the_second_request(
+    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    """Requests one after another, a 42-token system prompt before their own tokens:
+    with the boundary given, the first keeps a checkpoint at the system prompt's last
+    whole page (40) and every later one resumes there; without it the second finds
+    only the branch point (it takes the checkpoint there, for the third). Outputs are
+    the same either way, and as without the cache."""
+    checkpoint = tiny_checkpoint(family, eos_token_id=None)
+    (system,) = random_prompts([42], seed=7)
+    prompts = [system + user for user in random_prompts([5, 9, 6], seed=8)]
+    runs = {}
+    for cache, boundary in (("off", 0), ("avmp", 0), ("avmp", 42)):
+        engine = Engine(checkpoint.path, _config(prefix_cache=cache))
+        runs[cache, boundary] = _one_at_a_time(engine, prompts, boundary), engine.stats.prefix
+    assert runs["avmp", 0][0] == runs["avmp", 42][0] == runs["off", 0][0]
+    assert runs["avmp", 0][1].num_hit_tokens == 40  # the third request only
+    assert runs["avmp", 42][1].num_hit_tokens == 80  # the second and the third
+
+
+def test_a_bad_prefix_boundary_is_one_line() -> None:
+    with pytest.raises(ValueError, match="prefix_boundary must be a whole number >= 0"):
+        RequestOptions(prefix_boundary=-1)

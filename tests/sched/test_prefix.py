@@ -89,15 +89,17 @@ def test_without_the_cache_every_turn_starts_from_nothing() -> None:
 
 
 def test_a_branch_point_gets_a_checkpoint_during_the_later_prefill() -> None:
-    """Two prompts share a system prompt: the second leaves the first's pages at the
-    system prompt's last whole page, takes a checkpoint there (its prefill chunk ends
-    there), and a third resumes from it."""
+    """Two prompts share a system prompt and a context: the second leaves the first's
+    pages at the context's last whole page, takes a checkpoint there (its prefill chunk
+    ends there), and a third resumes from it. (The first keeps the system prompt's end,
+    48, its first segment's: the second resumes there.)"""
     scheduler = _scheduler("avmp", "avmp")
-    specs = [RequestSpec(i, 0.0, 140, 5, (("sys", 100), (("q", i), 40))) for i in range(3)]
+    specs = [RequestSpec(i, 0.0, 140, 5, (("sys", 60), ("ctx", 40), (("q", i), 40)))
+             for i in range(3)]  # fmt: skip
     plans = _run_turns(scheduler, specs)
     ends = [c.start + c.num_tokens for p in plans for c in p.chunks if c.request_id == 1]
     assert 96 in ends  # the junction, page-aligned: 100 // 16 * 16
-    assert _first_chunk_starts(plans) == {0: 0, 1: 0, 2: 96}
+    assert _first_chunk_starts(plans) == {0: 0, 1: 48, 2: 96}
 
 
 @pytest.mark.parametrize("policy", ["vllm-align", "sglang"])

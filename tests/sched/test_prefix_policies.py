@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from avmp.memory.registry import make_allocator
 from avmp.memory.spec import MemoryConfig, PoolKind
-from avmp.sched.prefix import PrefixCacheConfig, PrefixNode, PrefixTree, build_prefix_cache
+from avmp.sched.prefix import (
+    PrefixCacheConfig,
+    PrefixNode,
+    PrefixTree,
+    build_prefix_cache,
+    segment_boundaries,
+)
 from avmp.sched.request import RequestSpec
 from avmp.sched.scheduler import Scheduler, SchedulerConfig, StepPlan
 from sched_helpers import run_to_end, tiny_geometry
@@ -120,3 +126,51 @@ def _branch(tree: PrefixTree, allocator: object, request_id: int) -> None:
     node = tree.insert(request_id, contents, tree.root)
     tree.unlock(node)
     allocator.free(request_id)  # type: ignore[attr-defined]
+
+
+def _avmp(budget: int = 64 * MIB) -> Scheduler:
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(budget))
+    config = SchedulerConfig(prefix_cache=PrefixCacheConfig("avmp", "flops"))
+    return Scheduler(allocator, config)
+
+
+def _few_shot(request_id: int, template: int = 150) -> RequestSpec:
+    return RequestSpec(request_id, 0.0, template + 60, 3,
+                       (("template", template), (("question", request_id), 60)))  # fmt: skip
+
+
+def test_avmp_checkpoints_a_first_segment_end_before_any_request_shares_it() -> None:
+    """A few-shot template of 150 tokens and a question: the first request ends a
+    chunk at the template's last whole page (144) and keeps a checkpoint there, so the
+    second resumes from it (without the rule the second found only a branch point,
+    which it checkpointed for the third)."""
+    scheduler = _avmp()
+    plans = _one_by_one(scheduler, [_few_shot(0), _few_shot(1)])
+    assert 144 in _chunk_ends(plans, 0)
+    assert _first_starts(plans) == {0: 0, 1: 144}
+    assert scheduler.prefix is not None
+    scheduler.prefix.check_integrity()
+
+
+def test_the_first_segment_end_rule_ignores_prompts_of_one_segment_and_short_heads() -> None:
+    assert segment_boundaries((("a", 300),), 300, 16) == set()
+    assert segment_boundaries((("a", 10), ("b", 300)), 310, 16) == set()  # no whole page
+    assert segment_boundaries((("a", 300), ("b", 1)), 301, 16) == set()  # the prompt's end
+    assert segment_boundaries((("a", 100), ("b", 100), ("c", 100)), 300, 16) == {96}
+
+
+def test_a_speculative_checkpoint_evicts_nothing() -> None:
+    """Idle slots all held by earlier requests' checkpoints: the template's end, which no
+    request has asked for yet, is not kept (it would evict a cached checkpoint or move
+    capacity), and the second request finds the template only as a branch point."""
+    scheduler = _avmp(budget=6 * MIB)
+    for i in range(7):  # each leaves its output's end checkpointed
+        scheduler.add_request(RequestSpec(100 + i, 0.0, 40, 9))
+        run_to_end(scheduler)
+    assert scheduler.prefix is not None
+    stats = scheduler.prefix.stats
+    assert scheduler.prefix.tree.num_checkpoints == 7 and stats.num_checkpoints_refused == 0
+    plans = _one_by_one(scheduler, [_few_shot(0), _few_shot(1)])
+    assert stats.num_checkpoints_refused == 1
+    assert _first_starts(plans) == {0: 0, 1: 0}
+    scheduler.prefix.check_integrity()

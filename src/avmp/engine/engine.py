@@ -479,6 +479,11 @@ class RequestOptions:
             token's logit per time it occurs in the output, and once if it does.
         repetition_penalty: vLLM's, > 0 (1: off): a logit of a token seen in the prompt
             or the output is divided by it when positive, multiplied when negative.
+        prefix_boundary: prompt tokens that other requests are likely to share (a chat's
+            leading system messages: `avmp.serve.chat.system_prompt_end`); the ``avmp``
+            prefix cache keeps a checkpoint there when memory is idle
+            (`avmp.sched.prefix.segment_boundaries`). 0: none; a boundary at or past the
+            prompt's end is ignored. Outputs do not depend on it.
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -497,6 +502,7 @@ class RequestOptions:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0
+    prefix_boundary: int = 0
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -538,6 +544,10 @@ class RequestOptions:
         value = self.repetition_penalty
         if not _is_number(value) or not 0.0 < value < math.inf:
             raise ValueError(f"repetition_penalty must be a number > 0, got {value!r}")
+        if not _is_whole(self.prefix_boundary) or self.prefix_boundary < 0:
+            raise ValueError(
+                f"prefix_boundary must be a whole number >= 0, got {self.prefix_boundary!r}"
+            )
 
     @property
     def penalized(self) -> bool:
@@ -631,7 +641,7 @@ class _Live:
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
         "min_tokens", "logprobs_k", "logprobs", "logit_bias", "penalties", "finish_reason",
-        "error", "num_reported",
+        "error", "num_reported", "prefix_boundary",
         "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
@@ -660,6 +670,7 @@ class _Live:
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
         self.logit_bias = logit_bias
         self.penalties = penalties  # frequency, presence, repetition; None: all off
+        self.prefix_boundary = 0  # `RequestOptions.prefix_boundary`
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -1118,6 +1129,7 @@ class Engine:
             (options.frequency_penalty, options.presence_penalty, options.repetition_penalty)
             if options.penalized else None,
         )
+        self._requests[request_id].prefix_boundary = options.prefix_boundary
         if options.penalized:
             self._penalties.add(request_id, prompt)
         return request_id
@@ -1137,8 +1149,13 @@ class Engine:
         self.totals.num_prompt_tokens += len(request.prompt)
         reason = self._length_limit_error(len(request.prompt), request.max_tokens)
         if reason is None:
+            num_prompt, boundary = len(request.prompt), request.prefix_boundary
+            segments = ()
+            if 0 < boundary < num_prompt:  # the prefix cache keys units by token ids
+                segments = ((("head", request_id), boundary),
+                            (("rest", request_id), num_prompt - boundary))  # fmt: skip
             spec = RequestSpec(
-                request_id, request.arrival_s, len(request.prompt), request.max_tokens
+                request_id, request.arrival_s, num_prompt, request.max_tokens, segments
             )
             rejection = self.scheduler.add_request(spec)
             reason = None if rejection is None else rejection.reason

@@ -54,6 +54,7 @@ come first: the tier drops cached checkpoints to make room for them.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
@@ -240,20 +241,29 @@ class Shortfall(NamedTuple):
     migrates: bool
 
 
+def moving_pools(allocator: CacheAllocator) -> AvmpManager | None:
+    """The AVMP manager behind ``allocator`` (through wrappers that forward, like the
+    simulator's timer) when its pools move; None for a fixed layout."""
+    while not isinstance(allocator, AvmpManager) and hasattr(allocator, "inner"):
+        allocator = allocator.inner
+    if not isinstance(allocator, AvmpManager) or allocator.fixed_state_fraction is not None:
+        return None
+    return allocator
+
+
 def room_shortfall(allocator: CacheAllocator, num_pages: int, num_slots: int
                    ) -> Shortfall | None:  # fmt: skip
     """What allocating ``num_pages`` pages and ``num_slots`` slots would lack; None when
     it needs neither a migration nor more than the reserve (it fits, or the reserve
     covers it) or the layout's pools never move. Read from the AVMP manager's public
     counters, as `avmp.memory.migration.plan_room` decides."""
-    while not isinstance(allocator, AvmpManager) and hasattr(allocator, "inner"):
-        allocator = allocator.inner  # a wrapper that forwards (the simulator's timer)
-    if not isinstance(allocator, AvmpManager) or allocator.fixed_state_fraction is not None:
+    manager = moving_pools(allocator)
+    if manager is None:
         return None
-    short = [(pool, _chunks_short(allocator, pool, n))
+    short = [(pool, _chunks_short(manager, pool, n))
              for pool, n in ((PoolKind.KV, num_pages), (PoolKind.STATE, num_slots))]  # fmt: skip
     short = [(pool, chunks) for pool, chunks in short if chunks]
-    reserve = len(allocator.reserve_chunks())
+    reserve = len(manager.reserve_chunks())
     if len(short) == 2:
         if short[0][1] + short[1][1] <= reserve:
             return None
@@ -316,7 +326,7 @@ class PrefixNode:
     (the root is depth 0 and holds nothing)."""
 
     __slots__ = ("content", "parent", "children", "depth", "page_key", "checkpoint_key",
-                 "last_use", "num_locks", "host_key")  # fmt: skip
+                 "last_use", "num_locks", "host_key", "speculative")  # fmt: skip
 
     def __init__(self, content: Hashable, parent: PrefixNode | None, depth: int) -> None:
         self.content = content
@@ -328,6 +338,9 @@ class PrefixNode:
         self.last_use = 0
         self.num_locks = 0
         self.host_key: int | None = None  # its checkpoint in the host tier (`HostLevel`)
+        # its checkpoint was taken before any request asked for it (a segment's end,
+        # `segment_boundaries`) and no request has resumed from it yet: evicted first
+        self.speculative = False
 
     def path(self) -> list[PrefixNode]:
         """The nodes from the root's child down to this one."""
@@ -740,7 +753,7 @@ class PrefixTree:
         """Lowest first: recency alone (``lru``), or Marconi's recency plus weighted FLOPs
         per byte, each scaled to [0, 1] over the candidates; ties go to the older."""
         if self.config.eviction == "lru":
-            return lambda c: (float(c[0].last_use), c[0].depth)
+            return lambda c: (_UNPROVEN if _unproven(c) else float(c[0].last_use), c[0].depth)
         uses = [c[0].last_use for c in candidates]
         values = {id(c[0]): self._value_per_byte(*c) for c in candidates}
         low_use, span_use = min(uses), max(1, max(uses) - min(uses))
@@ -750,6 +763,8 @@ class PrefixTree:
 
         def score(c: tuple[PrefixNode, bool]) -> tuple[float, int]:
             recency = (c[0].last_use - low_use) / span_use
+            if _unproven(c):
+                return _UNPROVEN, c[0].last_use
             value = values.get(id(c[0]))
             if value is None:  # a parent that an eviction left a leaf, unranked before
                 value = values[id(c[0])] = self._value_per_byte(*c)
@@ -796,6 +811,7 @@ class PrefixTree:
             self.host.keep(node)
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
+        node.speculative = False
         self.num_checkpoints -= 1
         self.num_evicted_checkpoints += 1
         self._refresh(node)
@@ -1027,6 +1043,17 @@ class HostLevel:
 _NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees the pool
 
 
+_UNPROVEN = -math.inf
+"""The eviction score of a speculative checkpoint no request has resumed from: first."""
+
+
+def _unproven(candidate: tuple[PrefixNode, bool]) -> bool:
+    """Whether evicting ``candidate`` drops a speculative checkpoint no request has used
+    (`PrefixNode.speculative`)."""
+    node = candidate[0]
+    return node.speculative and node.checkpoint_key is not None
+
+
 def _is_dominated(node: PrefixNode, on_host: bool = False) -> bool:
     """Whether the path below ``node`` runs without a branch to a deeper checkpoint
     (``on_host``: on the device or in the host tier)."""
@@ -1060,6 +1087,21 @@ def unit_contents(segments: Sequence[tuple[Hashable, int]], num_units: int, unit
     return contents
 
 
+def segment_boundaries(content: Sequence[tuple[Hashable, int]], prompt_tokens: int,
+                       unit_tokens: int) -> set[int]:  # fmt: skip
+    """Where ``avmp`` checkpoints a prompt of several segments besides its branch point:
+    the end of its first segment (a system prompt, a few-shot template), at the whole
+    unit at or below it, if that lies below the prompt's last whole unit (a prompt's
+    own end is not kept: `PrefixCache._targets`). One only, whatever the segments: a
+    trace's segments may be fixed-size blocks (Mooncake's 512-token hashes), not
+    messages; and the start of a conversation's new message is the previous turn's
+    output end, checkpointed already."""
+    if not content:
+        return set()
+    end = content[0][1] // unit_tokens * unit_tokens
+    return {end} if 0 < end < (prompt_tokens - 1) // unit_tokens * unit_tokens else set()
+
+
 class _Tracked:
     """A live request's place in the prefix cache: its stream's unit contents, the node
     it holds locked, the token positions at which it still takes a checkpoint (lowest
@@ -1068,7 +1110,7 @@ class _Tracked:
     the positions where the scheduler ends a prefill chunk (``stops``)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only", "ideal_level", "ideal_units", "stops", "align",
+                 "pages_only", "speculative", "ideal_level", "ideal_units", "stops", "align",
                  "matched", "stop_from", "stop_until", "stop_node")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
@@ -1081,6 +1123,7 @@ class _Tracked:
         self.last = 0  # the position of the request's final state (its stream's end)
         self.pending = False  # the final state's checkpoint waits for the request's free
         self.pages_only: set[int] = set()  # targets that insert pages, no checkpoint
+        self.speculative: set[int] = set()  # targets kept only in memory left idle
         self.ideal_level: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # trie level
         self.ideal_units = 0  # units of the stream in the ideal's trie
         self.stops: set[int] = cuts
@@ -1165,7 +1208,8 @@ class PrefixCache:
         tree.lock(hit)
         if hit.depth:
             tree.touch(hit)
-        targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found)
+            hit.speculative = False  # proven: a request resumes from it
+        targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found, content)
         policy = tree.config.policy
         if self.copier is not None and tree.has_state:
             # a copier reads a slot, which holds the state at a step's end only: every
@@ -1184,6 +1228,9 @@ class PrefixCache:
             tracked.stop_from = max(prompt_tokens, hit.depth * unit + 1)
             tracked.stop_until = tracked.last // unit * unit  # the output's planned end
         tracked.ideal_level = self._ideal
+        if policy == "avmp" and tree.has_state:
+            tracked.speculative = segment_boundaries(content, prompt_tokens, unit) - {
+                tracked.last // unit * unit, found.num_matched * unit}
         if policy in ("avmp", "vllm-align"):  # the prompt's pages, for requests to come
             end = prompt_tokens // unit * unit
             if hit.depth * unit < end and end not in targets:
@@ -1214,7 +1261,8 @@ class PrefixCache:
         """The admission failed: let go of the hit."""
         self.forget(request_id)
 
-    def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch
+    def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch,
+                 content: Sequence[tuple[Hashable, int]] = ()
                  ) -> tuple[list[int], set[int], set[int]]:  # fmt: skip
         """Token positions past the hit where this request takes a checkpoint (or,
         without state, inserts its path), by the policy; those taken only where a step
@@ -1224,7 +1272,10 @@ class PrefixCache:
         and the branch point; not the prompt's own end, which would cost every request
         a step before its first token while the output's end serves the next turn (its
         pages go into the tree there, without a checkpoint, so that a request arriving
-        meanwhile finds its branch point: `match`).
+        meanwhile finds its branch point: `match`). A prompt of several segments
+        (``content``: messages) also keeps the end of its first (`segment_boundaries`):
+        a system prompt or a few-shot template is then checkpointed by the first request
+        that computes it, where a branch point is found only by the second.
         ``vllm-align`` keeps a state wherever a step ends on a block (its prefill chunks
         are cut to whole blocks: `chunk_limit`), and ends one at the prompt's last block
         and at the junction: the aligned end of the pages the tree holds along the
@@ -1239,6 +1290,7 @@ class PrefixCache:
             targets = {last // unit * unit}
             if found.num_matched > found.node.depth:  # the prompt leaves the tree here
                 targets.add(found.num_matched * unit)
+            targets.update(segment_boundaries(content, prompt_tokens, unit))
             cuts = stops = set(targets)
         elif policy == "vllm-align":
             align = self.tree.config.align_tokens
@@ -1268,6 +1320,7 @@ class PrefixCache:
         tracked = self._tracked.get(request_id)
         if tracked is None or not tracked.stops:
             return num_new
+        self._drop_speculative(tracked, start)
         for target in tracked.targets:
             if target > start and target in tracked.stops:
                 if start + num_new >= target:
@@ -1277,6 +1330,19 @@ class PrefixCache:
                     return aligned - start if aligned > start else num_new
                 return num_new
         return num_new
+
+    def _drop_speculative(self, tracked: _Tracked, start: int) -> None:
+        """Give up a speculative target that the next chunk would stop at while memory
+        has no idle room for its checkpoint: no step is cut for a checkpoint that would
+        be refused."""
+        for target in tracked.targets:
+            if target in tracked.stops and target > start:
+                if target in tracked.speculative and not self._idle_room():
+                    tracked.targets.remove(target)
+                    tracked.speculative.discard(target)
+                    tracked.stops.discard(target)
+                    tracked.cuts.discard(target)
+                return
 
     def computed(self, request_id: int, num_computed: int) -> None:
         """The request's cache now holds ``num_computed`` tokens: take the checkpoints
@@ -1298,7 +1364,8 @@ class PrefixCache:
                     request_id, tracked.contents, tracked.node, target // self.tree.unit_tokens
                 )
             elif target == num_computed or target not in tracked.cuts:
-                self._take(request_id, tracked, target // self.tree.unit_tokens)
+                self._take(request_id, tracked, target // self.tree.unit_tokens,
+                           speculative=target in tracked.speculative)  # fmt: skip
         unit = self.tree.unit_tokens
         if tracked.stop_from <= num_computed < tracked.stop_until and not num_computed % unit:
             self._stop_checkpoint(request_id, tracked, num_computed // unit)
@@ -1347,25 +1414,29 @@ class PrefixCache:
         self.tree.release_checkpoint(previous)
         self.stats.num_stop_checkpoints_released += 1
 
-    def _take(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
+    def _take(self, request_id: int, tracked: _Tracked, num_units: int,
+              speculative: bool = False) -> None:  # fmt: skip
         """Insert the request's path up to ``num_units`` and checkpoint its end. When
         that end is the request's final state (its stream ends on a unit boundary), the
         checkpoint waits for the request's end (`free`), which keeps its own slot: no
         copy, and no room made for one more slot. Otherwise the state is copied now: the
-        slot moves on past the unit boundary."""
+        slot moves on past the unit boundary. A ``speculative`` checkpoint (a segment
+        boundary that no other request has reached yet) is taken only in memory left
+        idle: it evicts nothing and moves no capacity."""
         tree = self.tree
         node = tree.insert(request_id, tracked.contents, tracked.node, num_units)
         tracked.node = node
         if num_units * tree.unit_tokens == tracked.last:  # its final state: kept at its end
             tracked.pending = tree.has_state and node.checkpoint_key is None
             return
-        self._checkpoint(request_id, node)
+        self._checkpoint(request_id, node, speculative)
 
-    def _checkpoint(self, request_id: int, node: PrefixNode) -> None:
+    def _checkpoint(self, request_id: int, node: PrefixNode, speculative: bool = False
+                    ) -> None:  # fmt: skip
         """Copy a live request's state into a new checkpoint at ``node``."""
         tree = self.tree
         if tree.has_state and node.checkpoint_key is None:
-            key = self._new_checkpoint()
+            key = self._idle_checkpoint() if speculative else self._new_checkpoint()
             if key is None:
                 self.stats.num_checkpoints_refused += 1
             else:
@@ -1373,6 +1444,7 @@ class PrefixCache:
                     allocator = tree.allocator
                     self.copier(allocator.units(request_id).slot, allocator.cached_unit(key))
                 self._attach(request_id, node, key, kept=False)
+                node.speculative = speculative
 
     def _attach(self, request_id: int, node: PrefixNode, key: int, kept: bool) -> None:
         tree = self.tree
@@ -1398,6 +1470,21 @@ class PrefixCache:
         while key is None and self.tree.evict_one(PoolKind.STATE):
             key = allocator.cache_checkpoint()
         return key
+
+    def _idle_checkpoint(self) -> int | None:
+        """A checkpoint slot from memory left idle (no eviction, no migration past the
+        reserve); None when there is none."""
+        return self.tree.allocator.cache_checkpoint() if self._idle_room() else None
+
+    def _idle_room(self) -> bool:
+        """Whether one more checkpoint fits without evicting or moving capacity past
+        the reserve: AVMP's free chunks and slots (`room_shortfall`), a fixed layout's
+        free state capacity."""
+        allocator = self.tree.allocator
+        if moving_pools(allocator) is not None:
+            return room_shortfall(allocator, 0, 1) is None
+        usage = allocator.usage()
+        return usage.state_capacity_bytes - usage.state_used_bytes >= self.tree.checkpoint_bytes
 
     def free(self, request_id: int) -> None:
         """Free a finished request; its slot becomes the checkpoint of its final state

@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from avmp.engine.engine import RequestOptions
 from avmp.engine.sampling import TokenLogprobs
-from avmp.serve.chat import ChatEncoder
+from avmp.serve.chat import ChatEncoder, system_prompt_end
 from avmp.serve.errors import APIError, Rejected, add_error_handlers, engine_error
 from avmp.serve.metrics import ServerMetrics
 from avmp.serve.protocol import (
@@ -193,8 +193,9 @@ class _Server:
             prompt = self.chat.encode(messages)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
+        boundary = system_prompt_end(self.chat, messages, prompt)
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        return await self._respond(body, request, [prompt], limit, chat=True)
+        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary)
 
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
@@ -244,8 +245,10 @@ class _Server:
                 code="invalid_api_key",
             )
 
-    def _options(self, body: Any, max_tokens: int, choice: int) -> RequestOptions:
-        """The engine options of one choice: choice j of ``n`` gets ``seed + j``."""
+    def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0
+                 ) -> RequestOptions:  # fmt: skip
+        """The engine options of one choice: choice j of ``n`` gets ``seed + j``;
+        ``boundary``: where a chat's system prompt ends (`system_prompt_end`)."""
         try:
             logprobs = top_logprobs(body)
         except ValueError as error:
@@ -270,6 +273,7 @@ class _Server:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 presence_penalty=body.presence_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0,
+                prefix_boundary=boundary,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -283,13 +287,14 @@ class _Server:
         prompts: list[Any],
         max_tokens: int,
         chat: bool,
+        boundary: int = 0,
     ) -> Response:
         arrival_s = time.perf_counter()
         streams = [
             self._choice(
                 i * body.n + j,
                 prompt,
-                self._options(body, max_tokens, j),
+                self._options(body, max_tokens, j, boundary),
                 body.stop_strings(),
                 arrival_s,
             )

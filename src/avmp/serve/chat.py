@@ -61,6 +61,33 @@ class MistralChat:
             raise ValueError(f"mistral-common cannot encode these messages: {error}") from None
 
 
+def system_prompt_end(encoder: ChatEncoder, messages: list[Message], prompt: list[int]) -> int:
+    """Prompt tokens that the chat's leading system messages fill, as requests with the
+    same system prompt share them (`RequestOptions.prefix_boundary`): where the prompt
+    stops agreeing with the encoding of the system messages and a stand-in first message,
+    whichever stand-in of two agrees less (the first message's own text could begin with
+    one). 0 when the chat starts with no system message, holds nothing else, or the
+    template places the system prompt later (some put it in the last user message)."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    if lead == 0 or lead == len(messages):
+        return 0
+    end = len(prompt)
+    for stand_in in ("A", "B"):
+        try:
+            other = encoder.encode([*messages[:lead], {**messages[lead], "content": stand_in}])
+        except ValueError:
+            return 0
+        same = 0
+        for ours, theirs in zip(prompt, other, strict=False):
+            if ours != theirs:
+                break
+            same += 1
+        end = min(end, same)
+    return end
+
+
 def load_chat_encoder(model: str | Path | None, tokenizer: Any) -> ChatEncoder | None:
     """The chat encoding for a model: its checkpoint tokenizer's chat template (None when
     it has none), mistral-common's for the bundled demo tokenizer, else None."""
