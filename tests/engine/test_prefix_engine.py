@@ -136,8 +136,9 @@ def test_shared_system_prompt_is_identical_and_hits(
     )
     assert on == off
     prefix = engine.stats.prefix
-    # the checkpoint at the branch point, the system prompt's end (10 whole pages)
-    assert prefix.num_hits >= 4 and prefix.num_hit_tokens == 40 * prefix.num_hits
+    # the checkpoint at the branch point, the system prompt's end (10 whole pages), or
+    # one a prefill chunk left inside it (Jamba's small state: every few pages)
+    assert prefix.num_hits >= 4 and 40 * 4 <= prefix.num_hit_tokens <= 40 * prefix.num_hits
     saved = engine_off.stats.num_computed_tokens - engine.stats.num_computed_tokens
     assert saved == prefix.num_hit_tokens
 
@@ -354,7 +355,8 @@ def test_a_system_prompt_boundary_is_resumed_by_the_second_request(
     prompts = [system + user for user in random_prompts([5, 9, 6], seed=8)]
     runs = {}
     for cache, boundary in (("off", 0), ("avmp", 0), ("avmp", 42)):
-        engine = Engine(checkpoint.path, _config(prefix_cache=cache))
+        # each prompt in one chunk: no chunk end inside the system prompt keeps a state
+        engine = Engine(checkpoint.path, _config(prefix_cache=cache, max_num_batched_tokens=64))
         runs[cache, boundary] = _one_at_a_time(engine, prompts, boundary), engine.stats.prefix
     assert runs["avmp", 0][0] == runs["avmp", 42][0] == runs["off", 0][0]
     assert runs["avmp", 0][1].num_hit_tokens == 40  # the third request only

@@ -174,3 +174,22 @@ def test_a_speculative_checkpoint_evicts_nothing() -> None:
     assert stats.num_checkpoints_refused == 1
     assert _first_starts(plans) == {0: 0, 1: 0}
     scheduler.prefix.check_integrity()
+
+
+def test_avmp_keeps_prefill_chunk_ends_on_whole_pages_for_later_requests() -> None:
+    """A 600-token prompt under a 100-token step budget: its chunks end on whole pages
+    (96, 192, ...), and where a chunk ends at least a checkpoint's worth of pages (256
+    tokens here) past the last checkpoint its state is kept, speculatively: a later
+    prompt sharing only the first 300 tokens resumes at 288 (the branch point alone
+    would have served only a third request)."""
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(64 * MIB))
+    prefix = PrefixCacheConfig("avmp", "flops")
+    scheduler = Scheduler(allocator, SchedulerConfig(max_num_batched_tokens=100,
+                                                     prefix_cache=prefix))  # fmt: skip
+    specs = [RequestSpec(i, 0.0, 600, 3, (("a", 10), ("doc", 290), (("own", i), 300)))
+             for i in range(2)]  # fmt: skip
+    plans = _one_by_one(scheduler, specs)
+    assert _chunk_ends(plans, 0)[:6] == [96, 192, 288, 384, 480, 576]
+    assert _first_starts(plans) == {0: 0, 1: 288}
+    assert scheduler.prefix is not None
+    scheduler.prefix.check_integrity()

@@ -1110,7 +1110,7 @@ class _Tracked:
     the positions where the scheduler ends a prefill chunk (``stops``)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only", "speculative", "ideal_level", "ideal_units", "stops", "align",
+                 "pages_only", "speculative", "prompt", "spec_from", "ideal_level", "ideal_units", "stops", "align",
                  "matched", "stop_from", "stop_until", "stop_node")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
@@ -1124,6 +1124,8 @@ class _Tracked:
         self.pending = False  # the final state's checkpoint waits for the request's free
         self.pages_only: set[int] = set()  # targets that insert pages, no checkpoint
         self.speculative: set[int] = set()  # targets kept only in memory left idle
+        self.prompt = 0  # the prompt's tokens
+        self.spec_from = 0  # a prefill chunk's end past this keeps a speculative checkpoint
         self.ideal_level: dict[Hashable, dict] = {}  # type: ignore[type-arg]  # trie level
         self.ideal_units = 0  # units of the stream in the ideal's trie
         self.stops: set[int] = cuts
@@ -1228,9 +1230,12 @@ class PrefixCache:
             tracked.stop_from = max(prompt_tokens, hit.depth * unit + 1)
             tracked.stop_until = tracked.last // unit * unit  # the output's planned end
         tracked.ideal_level = self._ideal
+        tracked.prompt = prompt_tokens
         if policy == "avmp" and tree.has_state:
             tracked.speculative = segment_boundaries(content, prompt_tokens, unit) - {
                 tracked.last // unit * unit, found.num_matched * unit}
+            if tree.has_pages:
+                tracked.spec_from = hit.depth * unit + self._chunk_end_gap()
         if policy in ("avmp", "vllm-align"):  # the prompt's pages, for requests to come
             end = prompt_tokens // unit * unit
             if hit.depth * unit < end and end not in targets:
@@ -1316,19 +1321,27 @@ class PrefixCache:
     def chunk_limit(self, request_id: int, start: int, num_new: int) -> int:
         """``num_new`` cut so that the chunk ends at the next position where a step must
         end; under ``vllm-align``, a chunk short of it ends on a whole block (vLLM's
-        ``_mamba_block_aligned_split``) unless that would leave it empty."""
+        ``_mamba_block_aligned_split``) unless that would leave it empty; under ``avmp``,
+        a prefill chunk short of the prompt's end ends on a whole unit (at most a unit's
+        tokens of the step's budget given up), where its state can be kept
+        (`_chunk_end_checkpoint`)."""
         tracked = self._tracked.get(request_id)
-        if tracked is None or not tracked.stops:
+        if tracked is None:
             return num_new
-        self._drop_speculative(tracked, start)
-        for target in tracked.targets:
-            if target > start and target in tracked.stops:
-                if start + num_new >= target:
-                    return target - start
-                if tracked.align:
-                    aligned = (start + num_new) // tracked.align * tracked.align
-                    return aligned - start if aligned > start else num_new
-                return num_new
+        if tracked.stops:
+            self._drop_speculative(tracked, start)
+            for target in tracked.targets:
+                if target > start and target in tracked.stops:
+                    if start + num_new >= target:
+                        return target - start
+                    if tracked.align:
+                        aligned = (start + num_new) // tracked.align * tracked.align
+                        return aligned - start if aligned > start else num_new
+                    break
+        end = start + num_new
+        if tracked.spec_from and end < tracked.prompt:
+            aligned = end // self.tree.unit_tokens * self.tree.unit_tokens
+            return aligned - start if aligned > start else num_new
         return num_new
 
     def _drop_speculative(self, tracked: _Tracked, start: int) -> None:
@@ -1367,10 +1380,33 @@ class PrefixCache:
                 self._take(request_id, tracked, target // self.tree.unit_tokens,
                            speculative=target in tracked.speculative)  # fmt: skip
         unit = self.tree.unit_tokens
+        if tracked.spec_from and tracked.spec_from <= num_computed < tracked.prompt and not (
+                num_computed % unit):  # fmt: skip
+            self._chunk_end_checkpoint(request_id, tracked, num_computed)
         if tracked.stop_from <= num_computed < tracked.stop_until and not num_computed % unit:
             self._stop_checkpoint(request_id, tracked, num_computed // unit)
         elif tracked.stop_node is not None and tracked.node.checkpoint_key is not None:
             self._release_stop_checkpoint(tracked)  # the output's end has its own
+
+    def _chunk_end_gap(self) -> int:
+        """Prefill tokens between speculative checkpoints at chunk ends: those whose KV
+        pages weigh one checkpoint, in whole units (Nemotron-H-8B: 3,168; Jamba-1.5-Mini:
+        544), so that the checkpoints a long prompt leaves never hold more bytes than its
+        pages."""
+        tree = self.tree
+        units = -(-tree.checkpoint_bytes // max(1, tree.page_bytes))
+        return max(1, units) * tree.unit_tokens
+
+    def _chunk_end_checkpoint(self, request_id: int, tracked: _Tracked, position: int) -> None:
+        """A prefill chunk ended on a unit at least `_chunk_end_gap` past the request's
+        last checkpoint: the state there is in its slot already (no step is cut), so
+        keep it speculatively, as vLLM's align mode keeps its chunk ends, for requests
+        that share this prompt's first ``position`` tokens (a document, a long
+        history whose last part differs, a prompt sent again)."""
+        node = tracked.node
+        if node.depth * self.tree.unit_tokens != position or node.checkpoint_key is None:
+            self._take(request_id, tracked, position // self.tree.unit_tokens, speculative=True)
+        tracked.spec_from = position + self._chunk_end_gap()
 
     def _stop_checkpoint(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
         """Checkpoint a decoding request's state at the whole unit it just completed, in
