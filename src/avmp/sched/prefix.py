@@ -1110,8 +1110,9 @@ class _Tracked:
     the positions where the scheduler ends a prefill chunk (``stops``)."""
 
     __slots__ = ("contents", "node", "targets", "cuts", "pinned", "last", "pending",
-                 "pages_only", "speculative", "prompt", "spec_from", "ideal_level", "ideal_units", "stops", "align",
-                 "matched", "stop_from", "stop_until", "stop_node")  # fmt: skip
+                 "pages_only", "speculative", "prompt", "spec_from", "ideal_level",
+                 "ideal_units", "stops", "align", "matched", "stop_from", "stop_until",
+                 "stop_node")  # fmt: skip
 
     def __init__(self, contents: Sequence[Hashable], node: PrefixNode, targets: list[int],
                  cuts: set[int]) -> None:  # fmt: skip
