@@ -7,6 +7,7 @@ from __future__ import annotations
 from avmp.memory.registry import make_allocator
 from avmp.memory.spec import MemoryConfig, PoolKind
 from avmp.sched.prefix import (
+    DEMOTE_AFTER,
     PrefixCacheConfig,
     PrefixNode,
     PrefixTree,
@@ -193,3 +194,29 @@ def test_avmp_keeps_prefill_chunk_ends_on_whole_pages_for_later_requests() -> No
     assert _first_starts(plans) == {0: 0, 1: 288}
     assert scheduler.prefix is not None
     scheduler.prefix.check_integrity()
+
+
+def test_a_placement_rule_that_is_never_reused_is_demoted() -> None:
+    """Checkpoints of a rule requests hardly resume from (answers' ends on a trace whose
+    next prompts do not repeat the answers) go before those of a rule that pays, once
+    both rules have taken `DEMOTE_AFTER` checkpoints; a checkpoint resumed from is
+    proven whatever its rule."""
+    for proven in (False, True):
+        allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(64 * MIB))
+        tree = build_prefix_cache(allocator, PrefixCacheConfig("avmp", "flops")).tree
+        shallow = _chain(tree, allocator, 2, 2, ())
+        deep = _chain(tree, allocator, 1, 8, ())  # worth more by FLOPs per byte, newer
+        for node, kind in ((deep, "output"), (shallow, "branch")):
+            key = allocator.cache_checkpoint()
+            assert key is not None and tree.attach_checkpoint(node, key, kind)
+        assert tree.demoted() == frozenset()  # too few taken to judge
+        tree.kinds_taken.update(output=DEMOTE_AFTER, branch=DEMOTE_AFTER)
+        tree.kinds_reused.update(output=3, branch=40)
+        assert tree.demoted() == {"output"}
+        if proven:
+            tree.reused(deep)
+            assert deep.kind is None and tree.kinds_reused["output"] == 4
+        assert tree.evict_one(PoolKind.STATE)
+        assert (deep.checkpoint_key is None) is not proven
+        assert (shallow.checkpoint_key is None) is proven
+        tree.check_integrity()

@@ -68,6 +68,13 @@ from avmp.models.geometry import ModelGeometry
 PREFIX_CACHE_CHOICES = ("off", "avmp", "vllm-align", "sglang")
 CHECKPOINT_POLICIES = PREFIX_CACHE_CHOICES[1:]
 EVICTION_POLICIES = ("flops", "lru")
+CHECKPOINT_KINDS = ("output", "branch", "segment", "chunk", "stop")
+"""The rules by which ``avmp`` places a checkpoint: an output's end, a branch point, a
+prompt's first segment end, a prefill chunk's end, a decoding request's last whole unit
+(`PrefixCache._stop_checkpoint`). The last three are speculative or free-memory only."""
+DEMOTE_AFTER = 64
+"""Checkpoints of a rule taken before its reuse rate can demote it (`PrefixTree.demoted`)."""
+SPECULATIVE_KINDS = frozenset({"segment", "chunk"})
 SGLANG_PREFILL_INTERVAL_TOKENS = 64  # SGLang checkpoints every max(64, page) prompt tokens
 SGLANG_DECODE_INTERVAL_TOKENS = 256  # ... and every 256 decoded tokens
 ROOM_RULES = ("reuse", "migrate", "evict")
@@ -326,7 +333,7 @@ class PrefixNode:
     (the root is depth 0 and holds nothing)."""
 
     __slots__ = ("content", "parent", "children", "depth", "page_key", "checkpoint_key",
-                 "last_use", "num_locks", "host_key", "speculative")  # fmt: skip
+                 "last_use", "num_locks", "host_key", "speculative", "kind")  # fmt: skip
 
     def __init__(self, content: Hashable, parent: PrefixNode | None, depth: int) -> None:
         self.content = content
@@ -341,6 +348,9 @@ class PrefixNode:
         # its checkpoint was taken before any request asked for it (a segment's end,
         # `segment_boundaries`) and no request has resumed from it yet: evicted first
         self.speculative = False
+        # which rule placed its checkpoint (`CHECKPOINT_KINDS`), until a request resumes
+        # from it (then None): what `PrefixTree.demoted` learns each rule's reuse from
+        self.kind: str | None = None
 
     def path(self) -> list[PrefixNode]:
         """The nodes from the root's child down to this one."""
@@ -469,6 +479,9 @@ class PrefixTree:
         self.num_evicted_pages = 0
         self.num_evicted_checkpoints = 0
         self.host: HostLevel | None = None  # the second level, once given a host tier
+        # per placement rule (``avmp``): checkpoints taken, and those a request resumed from
+        self.kinds_taken: dict[str, int] = dict.fromkeys(CHECKPOINT_KINDS, 0)
+        self.kinds_reused: dict[str, int] = dict.fromkeys(CHECKPOINT_KINDS, 0)
 
     # ---- matching -----------------------------------------------------------------------
 
@@ -498,6 +511,28 @@ class PrefixTree:
         self._changed()
         for step in node.path():
             step.last_use = self.clock
+
+    def reused(self, node: PrefixNode) -> None:
+        """A request resumes from ``node``'s checkpoint: it is proven (no longer
+        speculative), and its placement rule counts one reuse."""
+        node.speculative = False
+        if node.kind is not None:
+            self.kinds_reused[node.kind] += 1
+            node.kind = None
+        self._changed()
+
+    def demoted(self) -> frozenset[str]:
+        """Placement rules whose checkpoints requests hardly resume from: of at least
+        `DEMOTE_AFTER` taken, reused at under a tenth of the rate of the best-reused rule
+        (a trace whose next turns do not repeat the answers, as Mooncake's hashed blocks:
+        the answers' ends are never hit there). Their unproven checkpoints are evicted
+        first, as speculative ones are, so that the rules that pay keep the room."""
+        rates = {kind: self.kinds_reused[kind] / taken
+                 for kind, taken in self.kinds_taken.items() if taken >= DEMOTE_AFTER}  # fmt: skip
+        if not rates:
+            return frozenset()
+        best = max(rates.values())
+        return frozenset(kind for kind, rate in rates.items() if rate * 10 < best)
 
     def lock(self, node: PrefixNode) -> None:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
@@ -551,12 +586,16 @@ class PrefixTree:
         self.touch(node)
         return node
 
-    def attach_checkpoint(self, node: PrefixNode, key: int) -> bool:
-        """Give ``node`` the checkpoint ``key``; returns False (and the caller releases
-        the key) when it already has one."""
+    def attach_checkpoint(self, node: PrefixNode, key: int, kind: str | None = None) -> bool:
+        """Give ``node`` the checkpoint ``key``, placed by the rule ``kind`` (one of
+        `CHECKPOINT_KINDS`; None: not counted); returns False (and the caller releases the
+        key) when it already has one."""
         if node.checkpoint_key is not None:
             return False
         node.checkpoint_key = key
+        if kind is not None:
+            node.kind = kind
+            self.kinds_taken[kind] += 1
         self.num_checkpoints += 1
         self._refresh(node)
         if node.host_key is not None and id(node) not in self.pinned:
@@ -752,8 +791,14 @@ class PrefixTree:
                 ) -> Callable[[tuple[PrefixNode, bool]], tuple[float, int]]:  # fmt: skip
         """Lowest first: recency alone (``lru``), or Marconi's recency plus weighted FLOPs
         per byte, each scaled to [0, 1] over the candidates; ties go to the older."""
+        demoted = self.demoted()
+
+        def unproven(c: tuple[PrefixNode, bool]) -> bool:
+            node = c[0]
+            return node.checkpoint_key is not None and (node.speculative or node.kind in demoted)
+
         if self.config.eviction == "lru":
-            return lambda c: (_UNPROVEN if _unproven(c) else float(c[0].last_use), c[0].depth)
+            return lambda c: (_UNPROVEN if unproven(c) else float(c[0].last_use), c[0].depth)
         uses = [c[0].last_use for c in candidates]
         values = {id(c[0]): self._value_per_byte(*c) for c in candidates}
         low_use, span_use = min(uses), max(1, max(uses) - min(uses))
@@ -763,7 +808,7 @@ class PrefixTree:
 
         def score(c: tuple[PrefixNode, bool]) -> tuple[float, int]:
             recency = (c[0].last_use - low_use) / span_use
-            if _unproven(c):
+            if unproven(c):
                 return _UNPROVEN, c[0].last_use
             value = values.get(id(c[0]))
             if value is None:  # a parent that an eviction left a leaf, unranked before
@@ -812,6 +857,7 @@ class PrefixTree:
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
         node.speculative = False
+        node.kind = None
         self.num_checkpoints -= 1
         self.num_evicted_checkpoints += 1
         self._refresh(node)
@@ -1044,14 +1090,8 @@ _NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees th
 
 
 _UNPROVEN = -math.inf
-"""The eviction score of a speculative checkpoint no request has resumed from: first."""
-
-
-def _unproven(candidate: tuple[PrefixNode, bool]) -> bool:
-    """Whether evicting ``candidate`` drops a speculative checkpoint no request has used
-    (`PrefixNode.speculative`)."""
-    node = candidate[0]
-    return node.speculative and node.checkpoint_key is not None
+"""The eviction score of a speculative checkpoint no request has resumed from, or one of
+a demoted rule (`PrefixTree.demoted`): first."""
 
 
 def _is_dominated(node: PrefixNode, on_host: bool = False) -> bool:
@@ -1211,7 +1251,7 @@ class PrefixCache:
         tree.lock(hit)
         if hit.depth:
             tree.touch(hit)
-            hit.speculative = False  # proven: a request resumes from it
+            tree.reused(hit)
         targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found, content)
         policy = tree.config.policy
         if self.copier is not None and tree.has_state:
@@ -1379,7 +1419,7 @@ class PrefixCache:
                 )
             elif target == num_computed or target not in tracked.cuts:
                 self._take(request_id, tracked, target // self.tree.unit_tokens,
-                           speculative=target in tracked.speculative)  # fmt: skip
+                           self._kind(tracked, target))  # fmt: skip
         unit = self.tree.unit_tokens
         if tracked.spec_from and tracked.spec_from <= num_computed < tracked.prompt and not (
                 num_computed % unit):  # fmt: skip
@@ -1388,6 +1428,17 @@ class PrefixCache:
             self._stop_checkpoint(request_id, tracked, num_computed // unit)
         elif tracked.stop_node is not None and tracked.node.checkpoint_key is not None:
             self._release_stop_checkpoint(tracked)  # the output's end has its own
+
+    def _kind(self, tracked: _Tracked, target: int) -> str | None:
+        """The rule that placed ``target`` (`CHECKPOINT_KINDS`; None for the peers'
+        policies, whose eviction learns nothing)."""
+        if self.tree.config.policy != "avmp":
+            return None
+        if target in tracked.speculative:
+            return "segment"
+        if target == tracked.matched:
+            return "branch"
+        return "output"
 
     def _chunk_end_gap(self) -> int:
         """Prefill tokens between speculative checkpoints at chunk ends: those whose KV
@@ -1406,7 +1457,7 @@ class PrefixCache:
         history whose last part differs, a prompt sent again)."""
         node = tracked.node
         if node.depth * self.tree.unit_tokens != position or node.checkpoint_key is None:
-            self._take(request_id, tracked, position // self.tree.unit_tokens, speculative=True)
+            self._take(request_id, tracked, position // self.tree.unit_tokens, "chunk")
         tracked.spec_from = position + self._chunk_end_gap()
 
     def _stop_checkpoint(self, request_id: int, tracked: _Tracked, num_units: int) -> None:
@@ -1431,7 +1482,7 @@ class PrefixCache:
             return
         if self.copier is not None:
             self.copier(tree.allocator.units(request_id).slot, tree.allocator.cached_unit(key))
-        self._attach(request_id, node, key, kept=False)
+        self._attach(request_id, node, key, kept=False, kind="stop")
         self.stats.num_stop_checkpoints += 1
         self._release_stop_checkpoint(tracked)
         tracked.stop_node = node
@@ -1452,27 +1503,28 @@ class PrefixCache:
         self.stats.num_stop_checkpoints_released += 1
 
     def _take(self, request_id: int, tracked: _Tracked, num_units: int,
-              speculative: bool = False) -> None:  # fmt: skip
+              kind: str | None = None) -> None:  # fmt: skip
         """Insert the request's path up to ``num_units`` and checkpoint its end. When
         that end is the request's final state (its stream ends on a unit boundary), the
         checkpoint waits for the request's end (`free`), which keeps its own slot: no
         copy, and no room made for one more slot. Otherwise the state is copied now: the
-        slot moves on past the unit boundary. A ``speculative`` checkpoint (a segment
-        boundary that no other request has reached yet) is taken only in memory left
-        idle: it evicts nothing and moves no capacity."""
+        slot moves on past the unit boundary. A speculative checkpoint (``kind`` in
+        `SPECULATIVE_KINDS`: a place no other request has asked for yet) is taken only
+        in memory left idle: it evicts nothing and moves no capacity."""
         tree = self.tree
         node = tree.insert(request_id, tracked.contents, tracked.node, num_units)
         tracked.node = node
         if num_units * tree.unit_tokens == tracked.last:  # its final state: kept at its end
             tracked.pending = tree.has_state and node.checkpoint_key is None
             return
-        self._checkpoint(request_id, node, speculative)
+        self._checkpoint(request_id, node, kind)
 
-    def _checkpoint(self, request_id: int, node: PrefixNode, speculative: bool = False
+    def _checkpoint(self, request_id: int, node: PrefixNode, kind: str | None = None
                     ) -> None:  # fmt: skip
         """Copy a live request's state into a new checkpoint at ``node``."""
         tree = self.tree
         if tree.has_state and node.checkpoint_key is None:
+            speculative = kind in SPECULATIVE_KINDS
             key = self._idle_checkpoint() if speculative else self._new_checkpoint()
             if key is None:
                 self.stats.num_checkpoints_refused += 1
@@ -1480,12 +1532,13 @@ class PrefixCache:
                 if self.copier is not None:  # read after the allocation: it may compact
                     allocator = tree.allocator
                     self.copier(allocator.units(request_id).slot, allocator.cached_unit(key))
-                self._attach(request_id, node, key, kept=False)
+                self._attach(request_id, node, key, kept=False, kind=kind)
                 node.speculative = speculative
 
-    def _attach(self, request_id: int, node: PrefixNode, key: int, kept: bool) -> None:
+    def _attach(self, request_id: int, node: PrefixNode, key: int, kept: bool,
+                kind: str | None = None) -> None:  # fmt: skip
         tree = self.tree
-        tree.attach_checkpoint(node, key)
+        tree.attach_checkpoint(node, key, kind)
         self.stats.num_checkpoints_taken += 1
         self._taken.append(CheckpointCopy(request_id, key, kept))
         self._note_peaks()
@@ -1532,7 +1585,8 @@ class PrefixCache:
             self.tree.allocator.free(request_id)
         else:
             key = self.tree.allocator.free_keeping_slot(request_id)
-            self._attach(request_id, node, key, kept=True)
+            kind = "output" if self.tree.config.policy == "avmp" else None
+            self._attach(request_id, node, key, kept=True, kind=kind)
         if tracked is not None and tracked.stop_node is not None:
             self._release_stop_checkpoint(tracked)  # where the output's end has its own
         self.forget(request_id)
