@@ -220,3 +220,18 @@ def test_a_placement_rule_that_is_never_reused_is_demoted() -> None:
         assert (deep.checkpoint_key is None) is not proven
         assert (shallow.checkpoint_key is None) is proven
         tree.check_integrity()
+
+
+def test_a_speculative_rule_that_pays_is_promoted() -> None:
+    """Chunk ends resumed from half as often as the best rule's checkpoints, or more:
+    taken like the others (they may evict), not only into idle memory; a rule that is
+    not speculative is never 'promoted', and nothing is before any reuse."""
+    allocator = make_allocator("avmp", tiny_geometry(), MemoryConfig(64 * MIB))
+    cache = build_prefix_cache(allocator, PrefixCacheConfig("avmp", "flops"))
+    tree = cache.tree
+    tree.kinds_taken.update(output=DEMOTE_AFTER, chunk=DEMOTE_AFTER, segment=DEMOTE_AFTER)
+    assert tree.promoted() == frozenset() and cache._speculative("chunk")
+    tree.kinds_reused.update(output=40, chunk=20, segment=19)
+    assert tree.promoted() == {"chunk"}
+    assert not cache._speculative("chunk") and cache._speculative("segment")
+    assert not cache._speculative("output")

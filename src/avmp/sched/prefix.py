@@ -534,6 +534,20 @@ class PrefixTree:
         best = max(rates.values())
         return frozenset(kind for kind, rate in rates.items() if rate * 10 < best)
 
+    def promoted(self) -> frozenset[str]:
+        """Speculative rules (`SPECULATIVE_KINDS`) whose checkpoints requests resume from
+        at least half as often as from the best rule's, of at least `DEMOTE_AFTER`
+        taken: their checkpoints are then taken as the others are, evicting less
+        valuable cached units, not only into idle memory (a trace whose shared
+        documents and histories are found at chunk ends, as Mooncake's)."""
+        rates = {kind: self.kinds_reused[kind] / taken
+                 for kind, taken in self.kinds_taken.items() if taken >= DEMOTE_AFTER}  # fmt: skip
+        if not rates:
+            return frozenset()
+        best = max(rates.values())
+        return frozenset(kind for kind, rate in rates.items()
+                         if kind in SPECULATIVE_KINDS and rate * 2 >= best > 0)  # fmt: skip
+
     def lock(self, node: PrefixNode) -> None:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
         for step in node.path():
@@ -1391,7 +1405,8 @@ class PrefixCache:
         be refused."""
         for target in tracked.targets:
             if target in tracked.stops and target > start:
-                if target in tracked.speculative and not self._idle_room():
+                if (target in tracked.speculative and self._speculative("segment")
+                        and not self._idle_room()):  # fmt: skip
                     tracked.targets.remove(target)
                     tracked.speculative.discard(target)
                     tracked.stops.discard(target)
@@ -1524,7 +1539,7 @@ class PrefixCache:
         """Copy a live request's state into a new checkpoint at ``node``."""
         tree = self.tree
         if tree.has_state and node.checkpoint_key is None:
-            speculative = kind in SPECULATIVE_KINDS
+            speculative = self._speculative(kind)
             key = self._idle_checkpoint() if speculative else self._new_checkpoint()
             if key is None:
                 self.stats.num_checkpoints_refused += 1
@@ -1534,6 +1549,11 @@ class PrefixCache:
                     self.copier(allocator.units(request_id).slot, allocator.cached_unit(key))
                 self._attach(request_id, node, key, kept=False, kind=kind)
                 node.speculative = speculative
+
+    def _speculative(self, kind: str | None) -> bool:
+        """Whether a checkpoint of rule ``kind`` is taken only into idle memory and
+        evicted first until used: a speculative rule's, unless its reuse promoted it."""
+        return kind in SPECULATIVE_KINDS and kind not in self.tree.promoted()
 
     def _attach(self, request_id: int, node: PrefixNode, key: int, kept: bool,
                 kind: str | None = None) -> None:  # fmt: skip
