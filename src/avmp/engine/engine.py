@@ -958,6 +958,13 @@ class Engine:
         return self._updates()
 
     @property
+    def uses_prefix_boundaries(self) -> bool:
+        """Whether `RequestOptions.prefix_boundary` places anything: the ``avmp`` prefix
+        cache is on (the peers' rules take no boundary)."""
+        prefix = self.scheduler.prefix
+        return prefix is not None and prefix.tree.config.policy == "avmp"
+
+    @property
     def has_unfinished_requests(self) -> bool:
         """Whether a request still awaits its final update from `step`."""
         return bool(self._requests)

@@ -151,6 +151,9 @@ class _Server:
         self.tokenizer = tokenizer
         self.config = config
         self.chat = chat
+        # a chat's system-prompt end is worth two more encodings only to the avmp cache
+        engine = getattr(loop, "engine", None)
+        self.boundaries = bool(getattr(engine, "uses_prefix_boundaries", False))
         self.metrics = ServerMetrics(loop.snapshot)
         self.created = now_s()
         self._drained = threading.Lock()
@@ -193,7 +196,7 @@ class _Server:
             prompt = self.chat.encode(messages)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
-        boundary = system_prompt_end(self.chat, messages, prompt)
+        boundary = system_prompt_end(self.chat, messages, prompt) if self.boundaries else 0
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
         return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary)
 
