@@ -94,3 +94,20 @@ def test_models_with_one_kind_of_cache(layout: str) -> None:
         report = simulate(specs, allocator, geometry, config).prefix
         assert report["num_hit_tokens"] > 0
         assert (report["num_checkpoints_taken"] > 0) == checkpoints
+
+
+def test_the_report_counts_avmp_rules_and_replay_prints_them() -> None:
+    """Conversations behind a system prompt: `avmp`'s report says how many checkpoints
+    each placement rule took and how many requests resumed from them (the answers' ends
+    are what the next turns resume from); the peers' policies have no rules to report."""
+    from avmp.cli.replay import prefix_summary
+
+    specs = _conversations(4, 3)
+    report = _run(specs, "avmp").prefix
+    rules = report["rules"]
+    assert rules["output"]["taken"] >= 8 and rules["output"]["reused"] >= 8
+    assert sum(r["reused"] for r in rules.values()) <= report["num_hits"]
+    assert report["demoted"] == [] and report["promoted"] == []
+    line = prefix_summary([{"allocator": "avmp", "prefix": report}])
+    assert "; rules (checkpoints taken/resumed from): output " in line
+    assert "rules" not in _run(specs, "sglang").prefix

@@ -104,9 +104,11 @@ def add_prefix_cache_option(parser: Any) -> None:
         "--prefix-cache",
         choices=PREFIX_CACHE_CHOICES,
         default="off",
-        help="prefix caching: avmp (checkpoints at output ends and branch points, evicted "
-        "by FLOPs saved per byte), vllm-align (vLLM's block-aligned states) or sglang "
-        "(SGLang's every 64/256 tokens); requests share prefixes only where the trace "
+        help="prefix caching: avmp (checkpoints at output ends and branch points, a "
+        "prompt's first segment end and prefill chunk ends in idle memory, evicted by FLOPs "
+        "saved per byte and by how often each rule is resumed from), vllm-align (vLLM's "
+        "block-aligned states) or sglang (SGLang's every 64/256 tokens); requests share "
+        "prefixes only where the trace "
         "names their content (default: off)",
     )
     parser.add_argument(
@@ -465,8 +467,22 @@ def prefix_summary(results: list[dict[str, Any]]) -> str:
             f"{format_bytes(prefix['peak_checkpoint_bytes'])}, evicted "
             f"{prefix['num_evicted_checkpoints']} checkpoints and "
             f"{prefix['num_evicted_pages']} pages" + _host_level_summary(prefix)
+            + _rules_summary(prefix)
         )
     return "\n".join(lines)
+
+
+def _rules_summary(prefix: dict[str, Any]) -> str:
+    """avmp's placement rules: checkpoints taken / resumed from, and those its learning
+    demoted or promoted (empty for the peers' policies)."""
+    rules = prefix.get("rules")
+    if not rules:
+        return ""
+    text = ", ".join(f"{kind} {r['taken']}/{r['reused']}" for kind, r in rules.items())
+    for change in ("demoted", "promoted"):
+        if prefix.get(change):
+            text += f"; {change} {', '.join(prefix[change])}"
+    return f"; rules (checkpoints taken/resumed from): {text}"
 
 
 def _host_level_summary(prefix: dict[str, Any]) -> str:

@@ -377,7 +377,18 @@ def prefix_report(prefix: PrefixCache | None) -> dict[str, Any]:
         "num_evicted_checkpoints": tree.num_evicted_checkpoints,
         "unit_tokens": tree.unit_tokens,
         **({"host_level": asdict(tree.host.stats)} if tree.host is not None else {}),
+        **_rules_report(tree),
     }
+
+
+def _rules_report(tree: Any) -> dict[str, Any]:
+    """``avmp``'s placement rules: checkpoints each took and those requests resumed
+    from, and the rules demoted or promoted at the end (`PrefixTree.demoted`)."""
+    taken = {kind: n for kind, n in tree.kinds_taken.items() if n}
+    if not taken:
+        return {}
+    rules = {kind: {"taken": n, "reused": tree.kinds_reused[kind]} for kind, n in taken.items()}
+    return {"rules": rules, "demoted": sorted(tree.demoted()), "promoted": sorted(tree.promoted())}
 
 
 def simulate(
