@@ -527,11 +527,7 @@ class PrefixTree:
         (a trace whose next turns do not repeat the answers, as Mooncake's hashed blocks:
         the answers' ends are never hit there). Their unproven checkpoints are evicted
         first, as speculative ones are, so that the rules that pay keep the room."""
-        rates = {kind: self.kinds_reused[kind] / taken
-                 for kind, taken in self.kinds_taken.items() if taken >= DEMOTE_AFTER}  # fmt: skip
-        if not rates:
-            return frozenset()
-        best = max(rates.values())
+        rates, best = self._rule_rates()
         return frozenset(kind for kind, rate in rates.items() if rate * 10 < best)
 
     def promoted(self) -> frozenset[str]:
@@ -540,13 +536,16 @@ class PrefixTree:
         taken: their checkpoints are then taken as the others are, evicting less
         valuable cached units, not only into idle memory (a trace whose shared
         documents and histories are found at chunk ends, as Mooncake's)."""
-        rates = {kind: self.kinds_reused[kind] / taken
-                 for kind, taken in self.kinds_taken.items() if taken >= DEMOTE_AFTER}  # fmt: skip
-        if not rates:
-            return frozenset()
-        best = max(rates.values())
+        rates, best = self._rule_rates()
         return frozenset(kind for kind, rate in rates.items()
                          if kind in SPECULATIVE_KINDS and rate * 2 >= best > 0)  # fmt: skip
+
+    def _rule_rates(self) -> tuple[dict[str, float], float]:
+        """Each rule's reuse rate (resumed from / taken), of the rules with at least
+        `DEMOTE_AFTER` taken, and the best of them (0 when none)."""
+        rates = {kind: self.kinds_reused[kind] / taken
+                 for kind, taken in self.kinds_taken.items() if taken >= DEMOTE_AFTER}  # fmt: skip
+        return rates, max(rates.values(), default=0.0)
 
     def lock(self, node: PrefixNode) -> None:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
