@@ -73,7 +73,8 @@ CHECKPOINT_KINDS = ("output", "branch", "segment", "chunk", "stop")
 prompt's first segment end, a prefill chunk's end, a decoding request's last whole unit
 (`PrefixCache._stop_checkpoint`). The last three are speculative or free-memory only."""
 DEMOTE_AFTER = 64
-"""Checkpoints of a rule taken before its reuse rate can demote it (`PrefixTree.demoted`)."""
+"""Checkpoints of a rule taken before its reuse rate can demote or promote it
+(`PrefixTree.demoted`, `PrefixTree.promoted`)."""
 SPECULATIVE_KINDS = frozenset({"segment", "chunk"})
 SGLANG_PREFILL_INTERVAL_TOKENS = 64  # SGLang checkpoints every max(64, page) prompt tokens
 SGLANG_DECODE_INTERVAL_TOKENS = 256  # ... and every 256 decoded tokens
@@ -345,8 +346,8 @@ class PrefixNode:
         self.last_use = 0
         self.num_locks = 0
         self.host_key: int | None = None  # its checkpoint in the host tier (`HostLevel`)
-        # its checkpoint was taken before any request asked for it (a segment's end,
-        # `segment_boundaries`) and no request has resumed from it yet: evicted first
+        # its checkpoint was taken before any request asked for it (a first segment's or
+        # a prefill chunk's end) and no request has resumed from it yet: evicted first
         self.speculative = False
         # which rule placed its checkpoint (`CHECKPOINT_KINDS`), until a request resumes
         # from it (then None): what `PrefixTree.demoted` learns each rule's reuse from
@@ -1265,8 +1266,12 @@ class PrefixCache:
         if hit.depth:
             tree.touch(hit)
             tree.reused(hit)
-        targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found, content)
         policy = tree.config.policy
+        # a prompt's first segment end (``avmp``): speculative unless another rule's too
+        boundaries: set[int] = set()
+        if policy == "avmp":
+            boundaries = segment_boundaries(content, prompt_tokens, unit)
+        targets, cuts, stops = self._targets(prompt_tokens, total_tokens, found, boundaries)
         if self.copier is not None and tree.has_state:
             # a copier reads a slot, which holds the state at a step's end only: every
             # checkpoint ends a step (the engine's scans expose no chunk states);
@@ -1286,8 +1291,8 @@ class PrefixCache:
         tracked.ideal_level = self._ideal
         tracked.prompt = prompt_tokens
         if policy == "avmp" and tree.has_state:
-            tracked.speculative = segment_boundaries(content, prompt_tokens, unit) - {
-                tracked.last // unit * unit, found.num_matched * unit}
+            tracked.speculative = boundaries - {tracked.last // unit * unit,
+                                                found.num_matched * unit}  # fmt: skip
             if tree.has_pages:
                 tracked.spec_from = hit.depth * unit + self._chunk_end_gap()
         if policy in ("avmp", "vllm-align"):  # the prompt's pages, for requests to come
@@ -1321,7 +1326,7 @@ class PrefixCache:
         self.forget(request_id)
 
     def _targets(self, prompt_tokens: int, total_tokens: int, found: PrefixMatch,
-                 content: Sequence[tuple[Hashable, int]] = ()
+                 boundaries: set[int] | None = None
                  ) -> tuple[list[int], set[int], set[int]]:  # fmt: skip
         """Token positions past the hit where this request takes a checkpoint (or,
         without state, inserts its path), by the policy; those taken only where a step
@@ -1331,8 +1336,8 @@ class PrefixCache:
         and the branch point; not the prompt's own end, which would cost every request
         a step before its first token while the output's end serves the next turn (its
         pages go into the tree there, without a checkpoint, so that a request arriving
-        meanwhile finds its branch point: `match`). A prompt of several segments
-        (``content``: messages) also keeps the end of its first (`segment_boundaries`):
+        meanwhile finds its branch point: `match`). A prompt of several segments also
+        keeps the end of its first (``boundaries``: `segment_boundaries`):
         a system prompt or a few-shot template is then checkpointed by the first request
         that computes it, where a branch point is found only by the second.
         ``vllm-align`` keeps a state wherever a step ends on a block (its prefill chunks
@@ -1349,7 +1354,7 @@ class PrefixCache:
             targets = {last // unit * unit}
             if found.num_matched > found.node.depth:  # the prompt leaves the tree here
                 targets.add(found.num_matched * unit)
-            targets.update(segment_boundaries(content, prompt_tokens, unit))
+            targets.update(boundaries or ())
             cuts = stops = set(targets)
         elif policy == "vllm-align":
             align = self.tree.config.align_tokens
