@@ -237,14 +237,23 @@ def run_lines(directory: Path, cells: Sequence[Cell]) -> list[str]:
         if runs_path.exists()
         else []
     )
-    cpu = sum(c.get("cost", {}).get("cpu_s", 0.0) for c in cells)
-    timed = sum(1 for c in cells if "cost" in c)
-    lines = [f"- simulation CPU time summed over {timed} cells: {cpu:.0f} s"] if timed else []
+    records = [*cells, *(c["same_work"] for c in cells if "same_work" in c)]
+    cpu = sum(c.get("cost", {}).get("cpu_s", 0.0) for c in records)
+    timed = sum(1 for c in records if "cost" in c)
+    reruns = len(records) - len(cells)
+    of_which = f" ({reruns} of them reruns on like work)" if reruns else ""
+    lines = [f"- simulation CPU time summed over {timed} cells{of_which}: {cpu:.0f} s"]
+    lines = lines if timed else []
     for run in runs:
         command = " ".join(_shown_argv(run["argv"], directory))
+        done = (
+            f"{run['num_simulated']} simulations now (grid of {run['num_cells']} cells, and "
+            f"{run['num_reruns']} reruns on like work)"
+            if run.get("num_reruns")
+            else f"{run['num_simulated']} of {run['num_cells']} cells simulated"
+        )
         lines.append(
-            f"- run finished {run['finished_utc']}: `{command}`, "
-            f"{run['num_simulated']} of {run['num_cells']} cells simulated in "
+            f"- run finished {run['finished_utc']}: `{command}`, {done} in "
             f"{run['elapsed_s']:.0f} s wall, "
             f"{run['workers']} worker processes, {run['cpu_count']} CPU cores ({run['machine']}, "
             f"Python {run['python']})"
@@ -278,7 +287,8 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
     whether the GPU profile could hold the run and whether both layouts completed the same
     requests (when one rejects long prompts the other serves, req/s counts unlike work);
     then the feasible cells on like work alone (requests/s over the requests every layout
-    completed), seed by seed."""
+    completed), seed by seed, and on the same requests rerun (each layout replayed on only
+    those requests: `avmp.bench.stats`, same work)."""
     by_cell: dict[tuple[Any, ...], dict[str, list[Cell]]] = {}
     for cell in cells:
         key = tuple(coord(cell, k) for k in ("workload", "model", "budget_bytes", "profile"))
@@ -286,11 +296,14 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
     feasible = {key: _feasible(next(iter(layouts.values()))[0]) for key, layouts in by_cell.items()}
     common = {id(c): v for c, v in
               zip(cells, metric_values(cells, "common_request_throughput"), strict=True)}
+    same = {id(c): v for c, v in
+            zip(cells, metric_values(cells, "same_work_request_throughput"), strict=True)}
     rows = []
     for baseline in sorted({coord(c, "allocator") for c in cells} - {"avmp"}):
         counts = {"feasible": [0, 0, 0], "infeasible": [0, 0, 0]}  # cells, below, of them unlike
         worst: tuple[float, tuple[Any, ...]] | None = None
         like: list[tuple[float, float, tuple[Any, ...]]] = []  # (mean, lowest seed, cell)
+        rerun: list[tuple[float, float, tuple[Any, ...]]] = []  # the same, same work rerun
         for key, layouts in by_cell.items():
             mine, theirs = layouts.get("avmp", []), layouts.get(baseline, [])
             ratios, unlike = _cell_ratios(mine, theirs)
@@ -307,8 +320,13 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
             like_ratios = _like_work_ratios(mine, theirs, common)
             if feasible[key] and like_ratios:
                 like.append((_geomean(like_ratios), min(like_ratios), key))
+            rerun_ratios = _like_work_ratios(mine, theirs, same)
+            if feasible[key] and rerun_ratios:
+                rerun.append((_geomean(rerun_ratios), min(rerun_ratios), key))
         below = [row for row in like if row[1] < 0.99]
         lowest = min(like, key=lambda row: row[1], default=None)  # by its lowest seed
+        rerun_below = [row for row in rerun if row[0] < 0.99]
+        rerun_lowest = min(rerun, key=lambda row: row[0], default=None)
         rows.append([
             baseline,
             f"{counts['feasible'][1]} of {counts['feasible'][0]} "
@@ -319,11 +337,16 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
             f"{len(below)} of {len(like)}",
             "n/a" if lowest is None else
             f"{lowest[1]:.3f}x, cell {lowest[0]:.3f}x ({_cell_name(lowest[2])})",
+            f"{len(rerun_below)} of {len(rerun)}",
+            "n/a" if rerun_lowest is None else
+            f"{rerun_lowest[0]:.3f}x ({_cell_name(rerun_lowest[2])})",
         ])  # fmt: skip
     header = ["baseline", "cells below 0.99x, feasible", "cells below 0.99x, infeasible",
               "lowest cell where both completed the same requests",
               "feasible cells with a seed below 0.99x, like work",
-              "lowest seed of a feasible cell, like work (its cell's mean)"]  # fmt: skip
+              "lowest seed of a feasible cell, like work (its cell's mean)",
+              "feasible cells below 0.99x, same requests rerun",
+              "lowest feasible cell, same requests rerun"]  # fmt: skip
     return [
         "A cell is a workload, model, budget and time model, its 3 seeds pooled (geometric "
         "mean of AVMP / baseline, requests/s). \"unlike work\": the two layouts completed "
@@ -331,7 +354,10 @@ def per_cell_lines(cells: Sequence[Cell]) -> list[str]:
         "serves finishes sooner with less done). Feasible: the GPU profile holds weights, "
         "cache and activations (what `avmp bench` runs without `--ignore-feasibility`). "
         "\"like work\": requests/s over the requests every layout of the seed completed "
-        "(the headline table's \"requests all completed\"), each seed's ratio on its own.",
+        "(the headline table's \"requests all completed\"), each seed's ratio on its own. "
+        "\"same requests rerun\": where the layouts of a seed completed different requests, "
+        "each replayed on only the requests all of them completed, from the same arrivals "
+        "(the headline table's \"same requests rerun\"); a cell's seeds pooled.",
         "",
         markdown_table((header, rows)),
     ]

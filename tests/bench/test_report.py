@@ -78,15 +78,18 @@ def test_headline_has_common_and_goodput_ratios_and_old_cells_read_n_a() -> None
     new = [c for seed in range(2) for c in (_cell_with_requests("avmp", seed, [1.0, 2.0]),
                                             _cell_with_requests("unified", seed, [1.0, 4.0]))]
     headers, rows = headline_table(new, SloTargets(ttft_s=1.0, tpot_ms=50.0))
-    assert headers[4:6] == ["requests all completed, req/s [95% CI]", "goodput [95% CI]"]
-    assert rows[0][4].startswith("2.00x") and rows[0][5].startswith("2.00x")
+    assert headers[4:7] == ["requests all completed, req/s [95% CI]",
+                            "same requests rerun, req/s [95% CI]", "goodput [95% CI]"]
+    # both completed the same requests: the same-work figure is the cells' own req/s
+    assert rows[0][4].startswith("2.00x") and rows[0][6].startswith("2.00x")
+    assert rows[0][5] == rows[0][3]
     strict = headline_table(new, SloTargets(ttft_s=0.1))[1]
-    assert strict[0][5] == "n/a (2 pairs zero)"  # nobody met a 0.1 s TTFT: zero goodput
+    assert strict[0][6] == "n/a (2 pairs zero)"  # nobody met a 0.1 s TTFT: zero goodput
     old = [make_cell("avmp", seed=9, request_throughput=2.0), make_cell("unified", seed=9)]
     mixed = headline_table(new + old)[1]
     assert mixed[0][2] == "3" and mixed[0][4].endswith("(1 pair n/a)")
     only_old = headline_table(old)[1]
-    assert only_old[0][4:6] == ["n/a", "n/a"] and only_old[0][3] == "2.00x"
+    assert only_old[0][4:7] == ["n/a", "n/a", "n/a"] and only_old[0][3] == "2.00x"
 
 
 def test_report_states_the_objectives_and_old_cells(tmp_path: Path) -> None:

@@ -291,3 +291,43 @@ def test_the_simulator_digest_covers_the_scheduler(monkeypatch: pytest.MonkeyPat
         assert sweep.simulator_digest() != before
     finally:
         sweep.simulator_digest.cache_clear()
+
+
+def test_layouts_that_complete_different_requests_are_rerun_on_the_common_ones(
+    tmp_path: Path,
+) -> None:
+    """Static's split cannot hold mixed_long's longest prompts at 1 GiB and rejects them;
+    each layout is then replayed on only the requests every layout completed, and the
+    report's same-work figure reads those reruns."""
+    from avmp.bench.stats import load_cells, metric_values
+
+    grid = SweepGrid(
+        workloads=("mixed_long",), models=("nemotron-h-8b",), budgets_bytes=(1 << 30,),
+        profiles=("h100",), seeds=(0,), allocators=("avmp", "static", "unified"),
+        num_requests=(("mixed_long", 24),),
+    )  # fmt: skip
+    assert run_sweep(grid, tmp_path, workers=1, progress=False) == 6
+    saved = _saved(tmp_path)
+    originals = {c.allocator: saved[c.cell_id] for c in grid.cells()}
+    done = {a: set(r["result"]["completed_requests"]["request_id"]) for a, r in originals.items()}
+    common = set.intersection(*done.values())
+    assert done["static"] == common and done["avmp"] != common  # static rejected some
+    for cell in grid.cells():
+        rerun = saved[f"{cell.cell_id}__same-work"]
+        assert rerun["cell"]["same_work"] is True
+        assert rerun["trace"]["num_requests"] == len(common)
+        assert set(rerun["result"]["completed_requests"]["request_id"]) == common
+        assert rerun["settings"] == originals[cell.allocator]["settings"]
+    assert run_sweep(grid, tmp_path, workers=1, progress=False) == 0  # resumes: nothing new
+    cells = load_cells(tmp_path)
+    assert sorted(c["cell"]["cell_id"] for c in cells) == sorted(c.cell_id for c in grid.cells())
+    same = metric_values(cells, "same_work_request_throughput")
+    for cell, value in zip(cells, same, strict=True):
+        assert value == pytest.approx(cell["same_work"]["result"]["request_throughput"])
+    # on the same work AVMP is not slower than the split that rejected the long prompts
+    by_layout = {c["cell"]["allocator"]: v for c, v in zip(cells, same, strict=True)}
+    assert by_layout["avmp"] >= by_layout["static"]
+
+
+def test_layouts_that_complete_the_same_requests_are_not_rerun(reference: Path) -> None:
+    assert not [name for name in _saved(reference) if name.endswith("same-work")]

@@ -104,7 +104,8 @@ def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tabl
         metric: {(group_of(r), r.baseline): r for r in rows}
         for metric, rows in (
             (m, paired_ratios(cells, keys, m, slo=slo))
-            for m in ("common_request_throughput", "goodput", "output_token_throughput")
+            for m in ("common_request_throughput", "same_work_request_throughput", "goodput",
+                      "output_token_throughput")  # fmt: skip
         )
     }
     headers = [
@@ -113,6 +114,7 @@ def headline_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tabl
         "pairs",
         "AVMP / baseline, requests/s [95% CI]",
         "requests all completed, req/s [95% CI]",
+        "same requests rerun, req/s [95% CI]",
         "goodput [95% CI]",
         "output tokens/s [95% CI]",
         "OOM events vs baseline",
@@ -186,6 +188,7 @@ def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tab
         "cells",
         "req/s",
         "req/s, requests all completed",
+        "req/s, same requests rerun",
         "goodput",
         "completed",
         "rejected",
@@ -204,6 +207,7 @@ def allocator_table(cells: Sequence[Cell], slo: SloTargets | None = None) -> Tab
                 str(a["num_cells"]),
                 f"{a['mean_request_throughput']:.2f}",
                 _number(a["mean_common_request_throughput"]),
+                _number(a["mean_same_work_request_throughput"]),
                 _number(a["mean_goodput"]),
                 f"{a['mean_num_completed']:.0f}",
                 f"{a['mean_num_rejected']:.0f}",
@@ -318,7 +322,10 @@ def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str
         "percentile, 9,999 resamples, fixed seed)",
         f"goodput: requests/s that met {slo.describe()} (as vllm bench serve --goodput "
         "counts them); requests all completed: requests/s over the requests that every "
-        "allocator of the pair completed, until the last of them finished"
+        "allocator of the pair completed, until the last of them finished; same requests "
+        "rerun: where the layouts of a pair completed different requests, each replayed "
+        "on only the requests all of them completed, from the same arrivals (elsewhere "
+        "its own requests/s)"
         + (
             f"; {without} cells saved without per-request data: their pairs are n/a there"
             if without

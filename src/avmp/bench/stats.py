@@ -20,6 +20,14 @@ trace completed (`common_request_throughput`: the intersection of completed ids 
 the allocators run on the same workload, model, budget, profile and seed). The last two
 are computed from a cell's per-request columns; cells saved before those existed have
 none, so their pairs are left out and counted in ``num_unavailable``.
+
+Same work (`same_work_request_throughput`): where the layouts of a pair key completed
+different requests, the sweep replays each layout on only the requests every one of them
+completed (`avmp.bench.sweep.same_work_tasks`); the metric is that rerun's req/s, and a
+cell's own req/s where every layout completed the same requests. Unlike the "requests all
+completed" figure, which times those requests inside a run that also served the others,
+it compares the same work from the same arrivals. `load_cells` attaches each rerun to the
+cell it repeats (``cell["same_work"]``), so every other table sees the grid's cells only.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ OPTIONAL_COORDINATES = {"prefix_cache": PREFIX_OFF}
 """Coordinates a saved cell may lack, and what they are then: a cell without prefix
 cache does not name one (as cells saved before the axis existed)."""
 SAVED_METRICS = ("request_throughput", "output_token_throughput")
-METRICS = (*SAVED_METRICS, "goodput", "common_request_throughput")
+METRICS = (*SAVED_METRICS, "goodput", "common_request_throughput",
+           "same_work_request_throughput")  # fmt: skip
 BOOTSTRAP_SEED = 20260522
 N_RESAMPLES = 9_999
 
@@ -58,7 +67,9 @@ Cell = dict[str, Any]
 
 
 def load_cells(directory: str | Path) -> list[Cell]:
-    """Every finished cell of a sweep directory (``DIR/cells/*.json``), sorted by id.
+    """Every finished cell of a sweep directory (``DIR/cells/*.json``), sorted by id;
+    a rerun on like work is not a cell of its own but the ``same_work`` record of the
+    cell it repeats.
 
     Raises:
         FileNotFoundError: no ``DIR/cells`` folder.
@@ -67,10 +78,20 @@ def load_cells(directory: str | Path) -> list[Cell]:
     cells_dir = Path(directory) / "cells"
     if not cells_dir.is_dir():
         raise FileNotFoundError(f"no sweep results in {directory} (missing {cells_dir})")
-    cells = [read_cell(p) for p in sorted(cells_dir.glob("*.json"))]
+    records = [read_cell(p) for p in sorted(cells_dir.glob("*.json"))]
+    cells = [r for r in records if not r["cell"].get("same_work")]
     if not cells:
         raise ValueError(f"{cells_dir} holds no finished cells")
+    reruns = {_rerun_key(r): r for r in records if r["cell"].get("same_work")}
+    for cell in cells:
+        rerun = reruns.get(_rerun_key(cell))
+        if rerun is not None:
+            cell["same_work"] = rerun
     return cells
+
+
+def _rerun_key(cell: Cell) -> tuple[Any, ...]:
+    return tuple(coord(cell, k) for k in (*PAIR_KEYS, "allocator"))
 
 
 def read_cell(path: Path) -> Cell:
@@ -230,6 +251,8 @@ def metric_values(
         return [goodput(c["result"], slo or SloTargets()) for c in cells]
     if metric == "common_request_throughput":
         return _common_throughputs(cells)
+    if metric == "same_work_request_throughput":
+        return _same_work_throughputs(cells)
     raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
 
 
@@ -244,6 +267,48 @@ def _common_throughputs(cells: Sequence[Cell]) -> list[float | None]:
         ids = common[tuple(coord(cell, k) for k in PAIR_KEYS)]
         values.append(None if ids is None else common_throughput(cell["result"], ids))
     return values
+
+
+def _same_work_throughputs(cells: Sequence[Cell]) -> list[float | None]:
+    """req/s on the requests every allocator of a cell's pair key completed, from the
+    same arrivals: the cell's own where they all completed the same requests, its rerun
+    where not (over the requests every rerun completed, should they differ again); None
+    where the pair key's cells lack per-request columns or some of its reruns."""
+    by_key: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        by_key[tuple(coord(cell, k) for k in PAIR_KEYS)].append(cell)
+    values: dict[int, float | None] = {}
+    for group in by_key.values():
+        results = [c["result"] for c in group]
+        if not _same_completed(results) and all("same_work" in c for c in group):
+            results = [c["same_work"]["result"] for c in group]
+        if _same_completed(results):
+            values.update(
+                (id(c), float(r["request_throughput"]))
+                for c, r in zip(group, results, strict=True)
+            )
+        elif results[0] is group[0]["result"]:
+            values.update((id(c), None) for c in group)  # unlike work, not rerun
+        else:
+            common = common_request_ids(results)
+            values.update(
+                (id(c), None if common is None else common_throughput(r, common))
+                for c, r in zip(group, results, strict=True)
+            )
+    return [values[id(c)] for c in cells]
+
+
+def _same_completed(results: Sequence[dict[str, Any]]) -> bool:
+    """Whether every result has per-request columns and completed the same requests."""
+    completed = [_completed(r) for r in results]
+    return completed[0] is not None and all(ids == completed[0] for ids in completed)
+
+
+def _completed(result: dict[str, Any]) -> frozenset[int] | None:
+    columns = result.get("completed_requests")
+    if not isinstance(columns, dict) or "request_id" not in columns:
+        return None
+    return frozenset(columns["request_id"])
 
 
 def _pairs(
@@ -333,7 +398,7 @@ def aggregate(
     groups: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
     derived: dict[str, dict[int, float | None]] = {
         name: {id(c): v for c, v in zip(cells, metric_values(cells, name, slo), strict=True)}
-        for name in ("goodput", "common_request_throughput")
+        for name in ("goodput", "common_request_throughput", "same_work_request_throughput")
     }
     for cell in cells:
         groups[tuple(coord(cell, k) for k in group_keys)].append(cell)

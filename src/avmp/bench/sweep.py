@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ class CellSpec:
     seed: int
     allocator: str
     prefix_cache: str = PREFIX_OFF
+    same_work: bool = False
 
     @property
     def cell_id(self) -> str:
@@ -137,15 +138,19 @@ class CellSpec:
         )
         if self.prefix_cache != PREFIX_OFF:
             parts += (f"prefix-{self.prefix_cache}",)
+        if self.same_work:
+            parts += ("same-work",)
         raw = "__".join(parts)
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", raw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved coordinates (``prefix_cache`` only when on, as cells saved before
-        the axis existed read)."""
+        """The saved coordinates (``prefix_cache`` only when on, ``same_work`` only on a
+        rerun, as cells saved before either existed read)."""
         coordinates = asdict(self)
         if self.prefix_cache == PREFIX_OFF:
             del coordinates["prefix_cache"]
+        if not self.same_work:
+            del coordinates["same_work"]
         return {**coordinates, "cell_id": self.cell_id}
 
 
@@ -580,6 +585,58 @@ def pending_tasks(grid: SweepGrid, store: ResultStore, progress: bool = False) -
     ]
 
 
+def same_work_tasks(grid: SweepGrid, store: ResultStore) -> tuple[list[CellTask], int]:
+    """Reruns on like work: for each pair key (every coordinate but the layout) whose
+    layouts completed different requests (one rejected prompts that another served), one
+    cell per layout replaying only the requests every layout completed, so that their
+    requests/s compare the same work done from the same arrivals. Returns the tasks not
+    saved yet and how many such cells the grid has in all. Keys whose cells are not all
+    saved, or lack per-request columns, get none."""
+    settings = {w: grid.settings_for(w) for w in grid.workloads}
+    groups: dict[tuple[Any, ...], list[CellSpec]] = {}
+    for cell in grid.cells():
+        key = (cell.workload, cell.model, cell.budget_bytes, cell.profile, cell.seed,
+               cell.prefix_cache)  # fmt: skip
+        groups.setdefault(key, []).append(cell)
+    wanted: list[tuple[CellSpec, frozenset[int]]] = []
+    for members in groups.values():
+        completed = [_completed_ids(store, cell) for cell in members]
+        if len(members) < 2 or any(ids is None for ids in completed):
+            continue
+        sets = [ids for ids in completed if ids is not None]
+        common = frozenset.intersection(*sets)
+        if common and any(ids != common for ids in sets):
+            wanted += [(replace(cell, same_work=True), common) for cell in members]
+    todo = [(c, ids) for c, ids in wanted if not store.is_done(c, settings[c.workload])]
+    traces = build_traces(grid, ((c.workload, c.seed) for c, _ in todo))
+    tasks = [
+        CellTask(
+            c,
+            tuple(r for r in traces[(c.workload, c.seed)] if r.request_id in ids),
+            settings[c.workload],
+            grid.calibration,
+        )
+        for c, ids in todo
+    ]
+    return tasks, len(wanted)
+
+
+def _completed_ids(store: ResultStore, cell: CellSpec) -> frozenset[int] | None:
+    """The request ids a saved cell completed; None when it is not saved or has no
+    per-request columns."""
+    path = store.path(cell)
+    if not path.exists():
+        return None
+    try:
+        result = read_cell(path)["result"]
+    except ValueError:
+        return None
+    columns = result.get("completed_requests")
+    if not isinstance(columns, dict) or "request_id" not in columns:
+        return None
+    return frozenset(int(i) for i in columns["request_id"])
+
+
 def run_sweep(
     grid: SweepGrid,
     directory: str | Path,
@@ -588,12 +645,14 @@ def run_sweep(
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Run every unfinished cell of ``grid`` and save each as it finishes.
+    """Run every unfinished cell of ``grid`` and save each as it finishes, then the
+    reruns on like work that its results call for (`same_work_tasks`).
 
     Args:
         on_result: called with each new record once it is saved.
     Returns:
-        How many cells were simulated now (the others were already saved).
+        How many cells were simulated now (the others were already saved), reruns
+        included.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -601,7 +660,28 @@ def run_sweep(
     tasks = pending_tasks(grid, store, progress)
     store.note_unreadable()
     total = len(grid.cells())
-    with _progress_bar(progress, total, total - len(tasks)) as advance:
+    simulated = _run_tasks(tasks, store, total, "sweep", workers, ray_address, progress,
+                           on_result)  # fmt: skip
+    reruns, total = same_work_tasks(grid, store)
+    simulated += _run_tasks(reruns, store, total, "same work", workers, ray_address, progress,
+                            on_result)  # fmt: skip
+    return simulated
+
+
+def _run_tasks(
+    tasks: list[CellTask],
+    store: ResultStore,
+    total: int,
+    label: str,
+    workers: int,
+    ray_address: str | None,
+    progress: bool,
+    on_result: Callable[[dict[str, Any]], None] | None,
+) -> int:
+    """Run ``tasks`` (of ``total`` cells, the rest saved) and save each as it finishes."""
+    if not tasks:
+        return 0
+    with _progress_bar(progress, total, total - len(tasks), label) as advance:
 
         def done(record: dict[str, Any]) -> None:
             store.save(record)
@@ -666,7 +746,9 @@ def _run_on_ray(
 
 
 @contextmanager
-def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callable[[], None]]:
+def _progress_bar(
+    enabled: bool, total: int, completed: int, label: str = "sweep"
+) -> Iterator[Callable[[], None]]:
     """A rich progress bar with ETA on stderr; yields the function that advances it
     (a no-op when disabled)."""
     if not enabled:
@@ -683,7 +765,7 @@ def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callabl
     )
 
     columns = (
-        TextColumn("sweep"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

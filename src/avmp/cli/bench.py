@@ -227,7 +227,9 @@ def _check_model(name: str) -> None:
     resolve_model(name)
 
 
-def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_s: float) -> None:
+def record_run(
+    args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_s: float, num_reruns: int = 0
+) -> None:
     """Append how this invocation ran to ``DIR/runs.jsonl`` (the conditions that
     docs/BENCHMARKS.md states beside the table: machine, workers, wall time)."""
     import json
@@ -245,6 +247,7 @@ def record_run(args: argparse.Namespace, grid: Any, num_simulated: int, elapsed_
         "ray": args.ray,
         "num_cells": len(grid.cells()),
         "num_simulated": num_simulated,
+        "num_reruns": num_reruns,
         "skipped_infeasible": [
             {"model": m, "budget_bytes": b, "profile": p} for m, b, p, _ in grid.skipped_cells()
         ],
@@ -297,15 +300,17 @@ def run(args: argparse.Namespace) -> int:
         grid, args.out, workers=args.workers, ray_address=args.ray, progress=not args.no_progress
     )
     elapsed = time.monotonic() - started
-    record_run(args, grid, num_simulated, elapsed)
     cells = load_cells(args.out)
+    reruns = sum("same_work" in c for c in cells)
+    record_run(args, grid, num_simulated, elapsed, reruns)
     md_path, html_path = write_report(args.out, slo)
     print(markdown_table(headline_table(cells, slo)))
     if has_prefix_cache(cells):
         print("\nprefix caching:\n" + markdown_table(prefix_table(cells)))
+    rerun_text = f" and {reruns} reruns on the requests every layout completed" if reruns else ""
     print(
-        f"\n{len(grid.cells())} cells ({num_simulated} simulated now, {elapsed:.0f} s); "
-        f"report: {md_path}, {html_path}"
+        f"\n{len(grid.cells())} cells{rerun_text} ({num_simulated} simulated now, "
+        f"{elapsed:.0f} s); report: {md_path}, {html_path}"
     )
     if skipped:
         print(_skipped_note(grid, skipped))
