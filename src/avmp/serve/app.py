@@ -189,9 +189,12 @@ class _Server:
                 "this model's tokenizer has no chat template: use /v1/completions with a prompt",
                 param="messages",
             )
-        # OpenAI's "developer" role is what the system role was; templates know the latter
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]  # fmt: skip
+        for i, message in enumerate(body.messages):
+            part = message.non_text_part()
+            if part is not None:
+                why = f"messages[{i}] has a content part of type {part!r}, but this model takes"
+                raise APIError(400, why + " text only", param=f"messages.{i}.content")
+        messages = [message.rendered(i) for i, message in enumerate(body.messages)]
         try:
             prompt = self.chat.encode(messages)
         except ValueError as error:

@@ -9,7 +9,9 @@ from typing import Any, Protocol
 
 from avmp.engine.tokenizer import MISTRAL_TOKENIZER_FILE, TOKENIZER_FILES, MistralTokenizer
 
-Message = dict[str, str]  # {"role": ..., "content": ...}
+# {"role", "content"} and, where given, "name", "tool_calls", "tool_call_id",
+# "reasoning_content" (`avmp.serve.protocol.ChatMessage.rendered`)
+Message = dict[str, Any]
 
 
 class ChatEncoder(Protocol):
@@ -40,6 +42,12 @@ class TemplateChat:
         return list(self._tok.encode(text, add_special_tokens=False))
 
 
+NO_MISTRAL_TOOLS = (
+    "the demo tokenizer's chat encoding (mistral-common's v1 instruct format) has no tools "
+    "or tool messages: serve a checkpoint whose chat template renders them"
+)
+
+
 class MistralChat:
     """mistral-common's instruct encoding for its bundled v1 tokenizer."""
 
@@ -54,8 +62,12 @@ class MistralChat:
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        if any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            raise ValueError(NO_MISTRAL_TOOLS)
+        # its messages take no names; the v1 format would not write them anyway
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
-            request = ChatCompletionRequest(messages=messages)  # type: ignore[type-var]
+            request = ChatCompletionRequest(messages=plain)  # type: ignore[type-var]
             return list(self._tok.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValueError) as error:
             raise ValueError(f"mistral-common cannot encode these messages: {error}") from None

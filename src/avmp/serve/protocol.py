@@ -12,11 +12,12 @@ genai-perf send it with ``ignore_eos``).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from avmp.engine.sampling import MAX_LOGPROBS
 
@@ -84,22 +85,106 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-class ContentPart(_Request):
-    type: Literal["text"]
-    text: str
+TEXT_PARTS = ("text", "refusal")  # content part types whose text a template renders
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: ``text``, or an assistant's ``refusal``. Parts of
+    the other types OpenAI defines (``image_url``, ``input_audio``, ``file``) are read far
+    enough to name them in the 400 that refuses them (`ChatMessage.non_text_part`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _text_parts_are_exact(self) -> ContentPart:
+        if self.type in TEXT_PARTS:
+            if getattr(self, self.type) is None:
+                raise ValueError(f"a {self.type!r} content part needs its {self.type!r} field")
+            if self.model_extra:
+                raise ValueError(f"unknown field {next(iter(self.model_extra))!r} in a "
+                                 f"{self.type!r} content part")  # fmt: skip
+        return self
+
+    def rendered(self) -> str:
+        return (self.text if self.type == "text" else self.refusal) or ""
+
+
+class FunctionCall(_Request):
+    """A call the assistant made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None  # left in by clients that rebuild a call from stream deltas
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """A message as OpenAI clients send them, agents' tool turns included: an assistant
+    message with ``tool_calls`` (its content may be null), a ``tool`` message answering
+    one by ``tool_call_id``, and the deprecated ``function`` role and ``function_call``
+    (read as a tool answer and a tool call)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None  # vLLM's: a reasoning model's thinking, sent back
+    annotations: list[dict[str, Any]] | None = None  # OpenAI's URL citations: no effect
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.rendered() for part in self.content)
+
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text, or None."""
+        parts = self.content if isinstance(self.content, list) else []
+        return next((part.type for part in parts if part.type not in TEXT_PARTS), None)
+
+    def rendered(self, index: int) -> dict[str, Any]:
+        """This message as a chat template reads it (``index``: its place, which names a
+        deprecated ``function_call``'s id): OpenAI's ``developer`` role as ``system`` and
+        ``function`` as ``tool``, tool calls with their arguments parsed into objects
+        (most templates write them with ``tojson``, as vLLM passes them), absent fields
+        left out."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        calls = list(self.tool_calls or ())
+        if self.function_call is not None:
+            calls.append(ToolCall(id=f"call_{index}", function=self.function_call))
+        if calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {
+                    "name": call.function.name, "arguments": _arguments(call.function.arguments)
+                }}
+                for call in calls
+            ]  # fmt: skip
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as an object when they are a JSON object, else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ChatCompletionRequest(_Sampling):
