@@ -29,8 +29,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # an agent's template: the tools' names, tool calls (name and the argument "x") and the
-# ids of tool answers, all in words of the vocabulary so a prompt spells them
+# ids of tool answers, all in words of the vocabulary so a prompt spells them; and the
+# template variables vLLM's fields set (w50 for enable_thinking, reasoning_effort, documents)
 AGENT_TEMPLATE = (
+    "{% if enable_thinking %}w50 {% endif %}{% if reasoning_effort %}{{ reasoning_effort }} "
+    "{% endif %}{% for d in documents or [] %}{{ d.text }} {% endfor %}"
     "{% if tools %}<|system|> {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
     "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} "
     "{% for c in m.tool_calls or [] %}<tool_call> {{ c.function.name }} "

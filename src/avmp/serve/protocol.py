@@ -3,12 +3,16 @@
 Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
 ``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
 engine cannot honour are accepted at their neutral value and refused otherwise, naming
-the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
-accepted too: ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
-``min_tokens`` (no
+the field (`unsupported_fields`); metadata (``user``, ``metadata``, ``store``,
+``prompt_cache_key``, ``safety_identifier``) is accepted and has no effect. vLLM's
+extensions are accepted on the same terms: honoured are ``top_k``, ``min_p``,
+``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``, ``min_tokens`` (no
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
-genai-perf send it with ``ignore_eos``).
-"""
+genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
+``spaces_between_special_tokens``, ``include_stop_str_in_output``,
+``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, and the chat
+template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
+``continue_final_message``, ``add_special_tokens``, ``documents``)."""
 
 from __future__ import annotations
 
@@ -58,6 +62,17 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    request_id: str | None = Field(None, min_length=1)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    priority: int = 0
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -201,6 +216,45 @@ class ChatCompletionRequest(_Sampling):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # vLLM's chat-template extensions
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, Any]] | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The variables the chat template gets besides the messages, tools and
+        documents: ``chat_template_kwargs`` (Qwen's ``enable_thinking``) and
+        ``reasoning_effort`` (as vLLM passes it; templates ignore variables they do not
+        use).
+
+        Raises:
+            ValueError: a kwarg that would override what the server renders.
+        """
+        kwargs = dict(self.chat_template_kwargs or {})
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if taken:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(taken)}")
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
+
+
+# what apply_chat_template takes itself, or the request's own fields set
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+     "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+     "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"}
+)  # fmt: skip
 
 
 def logit_bias(request: _Sampling) -> tuple[tuple[int, float], ...]:
@@ -240,10 +294,18 @@ def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
     Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, an empty ``tools``
-    list, a ``text`` response format, ``tool_choice`` ``none``), since clients send them
-    by default.
+    list, a ``text`` response format, ``tool_choice`` ``none``, vLLM's ``priority`` 0,
+    ``use_beam_search`` false, ``length_penalty`` 1, ``modalities`` ``["text"]``,
+    ``verbosity`` ``medium``), since clients send them by default. ``prediction`` passes
+    whatever it holds: a predicted output only speeds decoding up, it never changes it.
     """
-    checks: list[tuple[str, bool]] = []
+    checks: list[tuple[str, bool]] = [
+        ("priority", request.priority != 0),  # the scheduler serves first come first
+        ("use_beam_search", request.use_beam_search),
+        ("length_penalty", request.length_penalty != 1.0),  # beam search's alone
+        # a mask of all the other tokens per step: the logit-bias path is per token
+        ("allowed_token_ids", request.allowed_token_ids is not None),
+    ]
     if isinstance(request, CompletionRequest):
         checks += [
             ("echo", request.echo),
@@ -255,6 +317,10 @@ def unsupported_fields(request: _Sampling) -> str | None:
             ("response_format", (request.response_format or {}).get("type", "text") != "text"),
             ("tools", bool(request.tools)),
             ("tool_choice", request.tool_choice not in (None, "none")),
+            ("modalities", request.modalities not in (None, ["text"])),
+            ("verbosity", request.verbosity not in (None, "medium")),
+            ("audio", request.audio is not None),
+            ("web_search_options", request.web_search_options is not None),
         ]
     return next((name for name, bad in checks if bad), None)
 
@@ -374,9 +440,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def new_id(prefix: str) -> str:
-    """A response id as OpenAI shapes them (``cmpl-...``, ``chatcmpl-...``)."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None) -> str:
+    """A response id as OpenAI shapes them (``cmpl-...``, ``chatcmpl-...``): after the
+    prefix the client's ``request_id`` where it gave one (as vLLM), else a random one."""
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
 
 
 def now_s() -> int:

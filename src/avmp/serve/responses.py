@@ -29,7 +29,6 @@ from avmp.serve.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     Usage,
-    new_id,
     now_s,
 )
 
@@ -191,9 +190,9 @@ def _usage(pieces: list[Piece]) -> Usage:
     )
 
 
-def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
+def completion_response(rid: str, model: str, pieces: list[Piece]) -> CompletionResponse:
     return CompletionResponse(
-        id=new_id("cmpl"),
+        id=rid,
         created=now_s(),
         model=model,
         choices=[
@@ -209,9 +208,9 @@ def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
     )
 
 
-def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
+def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionResponse:
     return ChatCompletionResponse(
-        id=new_id("chatcmpl"),
+        id=rid,
         created=now_s(),
         model=model,
         choices=[
@@ -252,15 +251,16 @@ class _StreamUsage:
 
 
 async def sse_completions(
+    rid: str,
     model: str,
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """Completion chunks; ``include_usage``: a last chunk with the usage and no choices;
-    ``continuous_usage`` (vLLM's ``continuous_usage_stats``): the usage so far in every
-    chunk too."""
-    rid, created, counts = new_id("cmpl"), now_s(), _StreamUsage()
+    """Completion chunks of the response ``rid``; ``include_usage``: a last chunk with the
+    usage and no choices; ``continuous_usage`` (vLLM's ``continuous_usage_stats``): the
+    usage so far in every chunk too."""
+    created, counts = now_s(), _StreamUsage()
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         if continuous_usage and usage is None:
@@ -291,13 +291,14 @@ async def sse_completions(
 
 
 async def sse_chat(
+    rid: str,
     model: str,
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """Chat chunks, the usage as `sse_completions` gives it."""
-    rid, created, counts = new_id("chatcmpl"), now_s(), _StreamUsage()
+    created, counts = now_s(), _StreamUsage()
     started: set[int] = set()
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
