@@ -15,7 +15,7 @@ from serve_helpers import (
     write_checkpoint,
 )
 
-from avmp.serve.chat import MistralChat, TemplateChat, system_prompt_end
+from avmp.serve.chat import MistralChat, Rendering, TemplateChat, system_prompt_end
 from avmp.serve.protocol import ChatMessage
 
 pytest.importorskip("fastapi")
@@ -74,6 +74,9 @@ def test_the_demo_encoding_refuses_tool_turns_clearly() -> None:
     assert chat.encode(_rendered(AGENT_CHAT[1:2]))  # a user's name is dropped, not an error
     with pytest.raises(ValueError, match="no tools"):
         chat.encode(_rendered(AGENT_CHAT[1:4]))
+    tools = [{"type": "function", "function": {"name": "w42"}}]
+    with pytest.raises(ValueError, match="no tools"):
+        chat.encode(_rendered(AGENT_CHAT[1:2]), Rendering(tools=tools))
 
 
 @pytest.fixture(scope="module")

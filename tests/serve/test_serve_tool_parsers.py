@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avmp.serve.tools import SYNTAXES, ToolCall, ToolCallReader, read_all, tool_syntax
+from avmp.serve.tools import SYNTAXES, ParsedCall, ToolCallReader, read_all, tool_syntax
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}
 TIME = {"name": "get_time", "arguments": {}}
@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-def _named(calls: list[ToolCall]) -> list[dict]:
+def _named(calls: list[ParsedCall]) -> list[dict]:
     return [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]
 
 
@@ -94,7 +94,7 @@ def _streamed(family: str, text: str, cuts: list[int]) -> tuple[str, list[dict]]
     out = [x for a, b in zip(bounds, bounds[1:], strict=False) for x in reader.add(text[a:b])]
     out += reader.finish()
     content = "".join(x for x in out if isinstance(x, str))
-    return content, _named([x for x in out if isinstance(x, ToolCall)])
+    return content, _named([x for x in out if isinstance(x, ParsedCall)])
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -59,11 +59,13 @@ from avmp.serve.responses import (
     collect,
     completion_response,
     merge,
+    read_tool_calls,
     sse_chat,
     sse_completions,
     unless_disconnected,
 )
 from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
+from avmp.serve.tools import ToolSyntax, tool_syntax
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,15 @@ class ServeConfig:
             context's room; completions keep OpenAI's 16).
         shutdown_timeout_s: how long requests in flight may take to finish once a
             shutdown begins; then they are aborted.
+        tool_call_parser: how replies to requests with tools are read for tool calls
+            (`avmp.serve.tools.tool_syntax`: ``auto`` guesses from the chat template).
     """
 
     model_name: str
     api_key: str | None = None
     default_max_tokens: int = 256
     shutdown_timeout_s: float = 30.0
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -93,6 +98,7 @@ class ServeConfig:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if not math.isfinite(self.shutdown_timeout_s) or self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown timeout must be >= 0 s, got {self.shutdown_timeout_s}")
+        tool_syntax(self.tool_call_parser, "")  # a known name
 
 
 BAN = -100.0  # OpenAI's logit bias that bans a token
@@ -167,6 +173,7 @@ class _Server:
         self.tokenizer = tokenizer
         self.config = config
         self.chat = chat
+        self.tool_syntax = tool_syntax(config.tool_call_parser, chat.template if chat else "")
         # a chat's system-prompt end is worth two more encodings only to the avmp cache
         engine = getattr(loop, "engine", None)
         self.boundaries = bool(getattr(engine, "uses_prefix_boundaries", False))
@@ -214,6 +221,10 @@ class _Server:
             if part is not None:
                 why = f"messages[{i}] has a content part of type {part!r}, but this model takes"
                 raise APIError(400, why + " text only", param=f"messages.{i}.content")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice 'required' or a named function needs guided "
+                           "decoding to guarantee a call, which avmp serve does not have: "
+                           "use 'auto'", param="tool_choice")  # fmt: skip
         messages = [message.rendered(i) for i, message in enumerate(body.messages)]
         rendering = self._rendering(body)
         try:
@@ -227,7 +238,9 @@ class _Server:
             dropped = max(0, len(prompt) - body.truncate_prompt_tokens)
             prompt, boundary = prompt[dropped:], max(0, boundary - dropped)
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary)
+        syntax = self.tool_syntax if body.reads_tool_calls() else None
+        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
+                                   tools=syntax)  # fmt: skip
 
     @staticmethod
     def _rendering(body: ChatCompletionRequest) -> Rendering:
@@ -238,7 +251,7 @@ class _Server:
             raise APIError(400, str(error), param="chat_template_kwargs") from None
         try:
             return Rendering(
-                tools=None,
+                tools=body.template_tools(),
                 documents=body.documents,
                 add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
@@ -354,13 +367,17 @@ class _Server:
         max_tokens: int,
         chat: bool,
         boundary: int = 0,
+        tools: ToolSyntax | None = None,
     ) -> Response:
+        """``tools``: the syntax the choices' text is read for tool calls in, if any."""
         arrival_s = time.perf_counter()
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
         text = _TextOptions(
             tuple(body.stop_strings()),
             body.include_stop_str_in_output,
-            body.skip_special_tokens,
+            # a family's tool tags may be special tokens (vLLM's Hermes and Jamba parsers
+            # keep them for the same reason)
+            body.skip_special_tokens and tools is None,
             body.spaces_between_special_tokens,
         )
         streams = [
@@ -374,6 +391,9 @@ class _Server:
             for i, prompt in enumerate(prompts)
             for j in range(body.n)
         ]
+        if tools is not None:
+            single = body.parallel_tool_calls is False
+            streams = [read_tool_calls(stream, tools, single) for stream in streams]
         if body.stream:
             firsts = await self._first_pieces(streams)
             options = body.stream_options

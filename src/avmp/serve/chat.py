@@ -38,6 +38,12 @@ class Rendering:
 
 
 class ChatEncoder(Protocol):
+    @property
+    def template(self) -> str:
+        """The chat template's text ("" where there is none), which says how the model
+        writes tool calls (`avmp.serve.tools.tool_syntax`)."""
+        ...
+
     def encode(self, messages: list[Message], rendering: Rendering = Rendering()) -> list[int]:
         """The prompt's token ids, ending where the assistant's reply begins (or, with
         ``continue_final_message``, where the last message's text ends).
@@ -93,6 +99,7 @@ class MistralChat:
 
         path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
         self._tok: Any = _Mistral.from_file(str(path))
+        self.template = ""  # its format is code, and has no tools
 
     def encode(self, messages: list[Message], rendering: Rendering = Rendering()) -> list[int]:
         """As `ChatEncoder.encode`; the template variables (``rendering.kwargs``) are

@@ -202,6 +202,20 @@ def _arguments(text: str) -> Any:
     return value if isinstance(value, dict) else text
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    """A tool the model may call: a function, described for the chat template."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
@@ -210,8 +224,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -230,6 +244,15 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[dict[str, Any]] | None = None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template reads them (OpenAI's shape), or None."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def reads_tool_calls(self) -> bool:
+        """Whether the reply is read for tool calls: tools given and the model left to
+        choose (``tool_choice`` absent or ``auto``)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def template_kwargs(self) -> dict[str, Any]:
         """The variables the chat template gets besides the messages, tools and
@@ -293,8 +316,8 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, an empty ``tools``
-    list, a ``text`` response format, ``tool_choice`` ``none``, vLLM's ``priority`` 0,
+    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, a ``text`` response
+    format, vLLM's ``priority`` 0,
     ``use_beam_search`` false, ``length_penalty`` 1, ``modalities`` ``["text"]``,
     ``verbosity`` ``medium``), since clients send them by default. ``prediction`` passes
     whatever it holds: a predicted output only speeds decoding up, it never changes it.
@@ -315,8 +338,6 @@ def unsupported_fields(request: _Sampling) -> str | None:
     elif isinstance(request, ChatCompletionRequest):
         checks += [
             ("response_format", (request.response_format or {}).get("type", "text") != "text"),
-            ("tools", bool(request.tools)),
-            ("tool_choice", request.tool_choice not in (None, "none")),
             ("modalities", request.modalities not in (None, ["text"])),
             ("verbosity", request.verbosity not in (None, "medium")),
             ("audio", request.audio is not None),
@@ -361,9 +382,24 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallOut(BaseModel):
+    """A call the model made, as a response gives it (`avmp.serve.tools`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCallOut):
+    """A call in a streamed chunk, whole: ``index`` counts the choice's calls."""
+
+    index: int
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatTopLogprob(BaseModel):
@@ -399,6 +435,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

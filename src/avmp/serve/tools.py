@@ -61,7 +61,7 @@ def tool_syntax(parser: str, template: str) -> ToolSyntax | None:
 
 
 @dataclass(frozen=True)
-class ToolCall:
+class ParsedCall:
     """One call the model made: an id of OpenAI's shape, the function's name and its
     arguments as JSON text."""
 
@@ -70,12 +70,12 @@ class ToolCall:
     arguments: str
 
 
-def _new_call(name: str, arguments: Any) -> ToolCall:
+def _new_call(name: str, arguments: Any) -> ParsedCall:
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, text)
+    return ParsedCall(f"call_{uuid.uuid4().hex[:24]}", name, text)
 
 
-def parse_calls(syntax: ToolSyntax, body: str) -> list[ToolCall] | None:
+def parse_calls(syntax: ToolSyntax, body: str) -> list[ParsedCall] | None:
     """The calls in one tag's body, or None when it is not what ``syntax`` writes (not
     JSON, a call without a string ``name``, arguments that are not an object or text)."""
     try:
@@ -99,7 +99,7 @@ class ToolCallReader:
     """One choice's text split into content and tool calls as it streams.
 
     ``add`` and ``finish`` return what can be given out now, in order: pieces of content
-    (str) and calls (`ToolCall`).
+    (str) and calls (`ParsedCall`).
     """
 
     def __init__(self, syntax: ToolSyntax) -> None:
@@ -108,9 +108,9 @@ class ToolCallReader:
         self._text = ""  # not given out yet: a tail outside a tag, or an open tag's text
         self._inside = False
 
-    def add(self, text: str) -> list[str | ToolCall]:
+    def add(self, text: str) -> list[str | ParsedCall]:
         self._text += text
-        out: list[str | ToolCall] = []
+        out: list[str | ParsedCall] = []
         while True:
             if not self._inside:
                 start = self._text.find(self.syntax.open)
@@ -128,10 +128,10 @@ class ToolCallReader:
             self._close(out, self._text[:end])
             self._text, self._inside = self._text[end:], False
 
-    def finish(self) -> list[str | ToolCall]:
+    def finish(self) -> list[str | ParsedCall]:
         """What is left once the text has ended: an unclosed tag is read as if closed
         there (models sometimes end on the call), a held tail is content."""
-        out: list[str | ToolCall] = []
+        out: list[str | ParsedCall] = []
         if self._inside:
             self._close(out, self._text, closed=False)
         else:
@@ -139,7 +139,7 @@ class ToolCallReader:
         self._text, self._inside = "", False
         return out
 
-    def _close(self, out: list[str | ToolCall], tag: str, closed: bool = True) -> None:
+    def _close(self, out: list[str | ParsedCall], tag: str, closed: bool = True) -> None:
         end = len(tag) - (len(self.syntax.close) if closed else 0)
         body = tag[len(self.syntax.open) : end]
         calls = parse_calls(self.syntax, body)
@@ -150,7 +150,7 @@ class ToolCallReader:
         self.num_calls += len(calls)
 
     @staticmethod
-    def _emit(out: list[str | ToolCall], text: str) -> None:
+    def _emit(out: list[str | ParsedCall], text: str) -> None:
         if text:
             out.append(text)
 
@@ -163,9 +163,9 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-def read_all(syntax: ToolSyntax, text: str) -> tuple[str, list[ToolCall]]:
+def read_all(syntax: ToolSyntax, text: str) -> tuple[str, list[ParsedCall]]:
     """A whole text's content (the text outside the calls' tags) and calls."""
     reader = ToolCallReader(syntax)
     out = reader.add(text) + reader.finish()
     content = "".join(x for x in out if isinstance(x, str))
-    return content, [x for x in out if isinstance(x, ToolCall)]
+    return content, [x for x in out if isinstance(x, ParsedCall)]
