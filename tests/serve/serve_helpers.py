@@ -28,14 +28,28 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# an agent's template: the tools' names, tool calls (name and the argument "x") and the
+# ids of tool answers, all in words of the vocabulary so a prompt spells them; and the
+# template variables vLLM's fields set (w50 for enable_thinking, reasoning_effort, documents)
+AGENT_TEMPLATE = (
+    "{% if enable_thinking %}w50 {% endif %}{% if reasoning_effort %}{{ reasoning_effort }} "
+    "{% endif %}{% for d in documents or [] %}{{ d.text }} {% endfor %}"
+    "{% if tools %}<|system|> {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} "
+    "{% for c in m.tool_calls or [] %}<tool_call> {{ c.function.name }} "
+    "{{ c.function.arguments.x }} </tool_call> {% endfor %}"
+    "{% if m.tool_call_id %}{{ m.tool_call_id }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 MODEL_NAME = "tiny-granite"
 MAX_MODEL_LEN = 256
 TIMEOUT_S = 60.0  # no request of these tests comes near it
 
 
-def write_checkpoint(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+def write_checkpoint(path: Path, chat_template: bool | str = True, seed: int = 0) -> Path:
     """A tiny Granite-4.0-H-style hybrid (3 Mamba2 layers, 1 attention layer) with a
-    word-level tokenizer of its 128 tokens, saved to ``path``."""
+    word-level tokenizer of its 128 tokens, saved to ``path``; ``chat_template``: True for
+    `CHAT_TEMPLATE`, False for none, or the template itself."""
     import torch
 
     config = transformers.GraniteMoeHybridConfig(
@@ -60,11 +74,13 @@ def write_checkpoint(path: Path, chat_template: bool = True, seed: int = 0) -> P
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(str(path))
-    _tokenizer(chat_template).save_pretrained(str(path))
+    word_tokenizer(chat_template).save_pretrained(str(path))
     return path
 
 
-def _tokenizer(chat_template: bool) -> Any:
+def word_tokenizer(chat_template: bool | str) -> Any:
+    """The checkpoints' word-level Hugging Face tokenizer (``chat_template`` as for
+    `write_checkpoint`)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -76,7 +92,7 @@ def _tokenizer(chat_template: bool) -> Any:
         pad_token="<pad>",
     )  # fmt: skip
     if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = CHAT_TEMPLATE if chat_template is True else chat_template
     return fast
 
 

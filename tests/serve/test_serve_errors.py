@@ -104,7 +104,8 @@ def test_bad_chat_bodies(server):
         for body, param in [
             ({**chat, "messages": []}, "messages"),
             ({**chat, "messages": [{"role": "robot", "content": "w1"}]}, None),
-            ({**chat, "tools": [{"type": "function"}]}, "tools"),
+            ({**chat, "tools": [{"type": "function"}]}, "tools.0.function"),
+            ({**chat, "tools": [], "tool_choice": "required"}, None),
             ({**chat, "top_logprobs": 2}, "top_logprobs"),
             ({**chat, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
             ({**chat, "max_completion_tokens": 0}, "max_completion_tokens"),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import MAX_MODEL_LEN, MODEL_NAME, VOCAB, WORDS, _tokenizer, make_app, serving
+from serve_helpers import MAX_MODEL_LEN, MODEL_NAME, VOCAB, WORDS, make_app, serving, word_tokenizer
 from test_serve_prefix_metrics import _samples
 
 from avmp.sched.swap import PreemptionCosts
@@ -43,7 +43,7 @@ def heavy_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("heavy-state")
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(str(path))
-    _tokenizer(chat_template=False).save_pretrained(str(path))
+    word_tokenizer(chat_template=False).save_pretrained(str(path))
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from serve_helpers import MODEL_NAME, make_app, make_engine, serving
 
-from avmp.serve.chat import Message, system_prompt_end
+from avmp.serve.chat import Message, Rendering, system_prompt_end
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -26,7 +26,7 @@ class _Words:
         self.system_last = system_last
         self.vocab: dict[str, int] = {}
 
-    def encode(self, messages: list[Message]) -> list[int]:
+    def encode(self, messages: list[Message], rendering: Rendering | None = None) -> list[int]:
         system = [w for m in messages if m["role"] == "system" for w in m["content"].split()]
         rest = [m for m in messages if m["role"] != "system"]
         if not rest:

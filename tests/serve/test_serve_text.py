@@ -126,3 +126,22 @@ def test_a_streamed_event_is_one_ascii_line_whatever_the_text():
     assert event.isascii() and event.endswith("\n\n")
     assert len(event.rstrip("\n").splitlines()) == 1
     assert json.loads(event.removeprefix("data: "))["text"] == text
+
+
+@given(st.text("abEND", max_size=30), st.integers(1, 5))
+def test_a_stop_string_kept_in_the_output_ends_the_text(text, step):
+    stops = StopStrings(["END", "bb"], include=True)  # neither can overlap the other
+    sent = "".join(stops.add(text[i : i + step]).text for i in range(0, len(text), step))
+    sent += stops.finish()
+    found = [(text.find(s), len(s)) for s in ("END", "bb") if s in text]
+    if not found:
+        assert sent == text and not stops.stopped
+    else:  # up to the end of the first match, and nothing after
+        begin, size = min(found)
+        assert sent == text[: begin + size] and stops.stopped
+
+
+def test_mistral_decodes_special_tokens_when_asked(mistral):
+    ids = [mistral.encode("Hello there")[0], *mistral.encode("Hello there")[1:], 2]
+    assert mistral.decode(ids) == "Hello there"
+    assert mistral.decode(ids, skip_special_tokens=False) == "<s>Hello there</s>"

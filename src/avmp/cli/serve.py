@@ -22,6 +22,7 @@ from avmp.cli.generate import (
     prefixed_engine_config,
 )
 from avmp.cli.options import add_engine_options, check_engine_options, model_and_tokenizer
+from avmp.serve.tools import TOOL_CALL_PARSERS
 
 API_KEY_VARIABLE = "AVMP_API_KEY"
 
@@ -76,6 +77,15 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="prompt + max_tokens at most per request; longer ones get HTTP 400 "
         "(default: what the memory can hold)",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default="auto",
+        help="how a chat reply to a request with tools is read for tool calls: hermes "
+        "(<tool_call>{...}</tool_call>: Qwen3, Granite-4.0, Falcon-H1), nemotron "
+        "(<TOOLCALL>[...]</TOOLCALL>: Nemotron-H), jamba (<tool_calls>[...]</tool_calls>), "
+        "none (the text as it is); auto: the one whose tag the chat template writes (auto)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the random weights' seed (0)")
     parser.add_argument(
@@ -151,6 +161,7 @@ def _check(args: argparse.Namespace) -> Any:
             api_key=api_key or None,  # an empty variable is no key
             default_max_tokens=args.default_max_tokens,
             shutdown_timeout_s=args.shutdown_timeout,
+            tool_call_parser=args.tool_call_parser,
         )
     except ValueError as error:
         raise UserError(f"{error}") from None

@@ -17,9 +17,19 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_token_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: list[int]) -> str: ...
+    def decode(
+        self,
+        token_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """The text of ``token_ids``; special tokens (end of sequence, chat markers) are
+        left out unless ``skip_special_tokens`` is False; ``spaces_between_special_tokens``
+        as Hugging Face's slow tokenizers take it (fast ones and mistral-common's write
+        no spaces either way)."""
+        ...
 
 
 class HFTokenizer:
@@ -32,12 +42,20 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         self.eos_token_id: int | None = self._tok.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(
+        self,
+        token_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
         ids = in_vocabulary(token_ids, self.vocab_size)
-        return str(self._tok.decode(ids, skip_special_tokens=True))
+        if spaces_between_special_tokens:  # the default; fast tokenizers take no such option
+            return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens,
+                                    spaces_between_special_tokens=False))  # fmt: skip
 
 
 class MistralTokenizer:
@@ -59,11 +77,30 @@ class MistralTokenizer:
         self.vocab_size = int(self._tok.n_words)
         self.eos_token_id: int | None = int(self._tok.eos_id)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, bos=True, eos=False))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, bos=add_special_tokens, eos=False))
 
-    def decode(self, token_ids: list[int]) -> str:
-        return str(self._tok.decode(in_vocabulary(token_ids, self.vocab_size)))
+    def decode(
+        self,
+        token_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        ids = in_vocabulary(token_ids, self.vocab_size)
+        if skip_special_tokens:
+            return str(self._tok.decode(ids))
+        # mistral-common's own policy for keeping them writes raw pieces ("▁Hello"): each
+        # run of ordinary tokens is decoded, the special ones are written as they are named
+        text, run = [], []
+        for token in [*ids, None]:
+            if token is not None and not self._tok.is_special(token):
+                run.append(token)
+                continue
+            text.append(str(self._tok.decode(run)) if run else "")
+            run = []
+            if token is not None:
+                text.append(str(self._tok.id_to_piece(token)))
+        return "".join(text)
 
 
 def in_vocabulary(token_ids: list[int], vocab_size: int) -> list[int]:

@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from avmp.engine.engine import RequestOptions
 from avmp.engine.sampling import TokenLogprobs
-from avmp.serve.chat import ChatEncoder, system_prompt_end
+from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
 from avmp.serve.errors import APIError, Rejected, add_error_handlers, engine_error
 from avmp.serve.metrics import ServerMetrics
 from avmp.serve.protocol import (
@@ -47,6 +47,7 @@ from avmp.serve.protocol import (
     ModelCard,
     ModelList,
     logit_bias,
+    new_id,
     now_s,
     top_logprobs,
     unsupported_fields,
@@ -58,11 +59,13 @@ from avmp.serve.responses import (
     collect,
     completion_response,
     merge,
+    read_tool_calls,
     sse_chat,
     sse_completions,
     unless_disconnected,
 )
-from avmp.serve.text import IncrementalDetokenizer, StopStrings
+from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
+from avmp.serve.tools import ToolSyntax, tool_syntax
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,15 @@ class ServeConfig:
             context's room; completions keep OpenAI's 16).
         shutdown_timeout_s: how long requests in flight may take to finish once a
             shutdown begins; then they are aborted.
+        tool_call_parser: how replies to requests with tools are read for tool calls
+            (`avmp.serve.tools.tool_syntax`: ``auto`` guesses from the chat template).
     """
 
     model_name: str
     api_key: str | None = None
     default_max_tokens: int = 256
     shutdown_timeout_s: float = 30.0
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -92,6 +98,22 @@ class ServeConfig:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if not math.isfinite(self.shutdown_timeout_s) or self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown timeout must be >= 0 s, got {self.shutdown_timeout_s}")
+        tool_syntax(self.tool_call_parser, "")  # a known name
+
+
+BAN = -100.0  # OpenAI's logit bias that bans a token
+
+
+@dataclass(frozen=True)
+class _TextOptions:
+    """How a request's tokens become text: its stop strings, and vLLM's
+    ``include_stop_str_in_output``, ``skip_special_tokens``,
+    ``spaces_between_special_tokens``."""
+
+    stops: tuple[str, ...]
+    include_stop: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass
@@ -151,6 +173,7 @@ class _Server:
         self.tokenizer = tokenizer
         self.config = config
         self.chat = chat
+        self.tool_syntax = tool_syntax(config.tool_call_parser, chat.template if chat else "")
         # a chat's system-prompt end is worth two more encodings only to the avmp cache
         engine = getattr(loop, "engine", None)
         self.boundaries = bool(getattr(engine, "uses_prefix_boundaries", False))
@@ -178,6 +201,10 @@ class _Server:
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if body.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens
+            k = body.truncate_prompt_tokens
+            prompts = [(self.tokenizer.encode(p) if isinstance(p, str) else p)[-k:]
+                       for p in prompts]  # fmt: skip
         max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
         return await self._respond(body, request, prompts, max_tokens, chat=False)
 
@@ -189,16 +216,50 @@ class _Server:
                 "this model's tokenizer has no chat template: use /v1/completions with a prompt",
                 param="messages",
             )
-        # OpenAI's "developer" role is what the system role was; templates know the latter
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]  # fmt: skip
+        for i, message in enumerate(body.messages):
+            part = message.non_text_part()
+            if part is not None:
+                why = f"messages[{i}] has a content part of type {part!r}, but this model takes"
+                raise APIError(400, why + " text only", param=f"messages.{i}.content")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice 'required' or a named function needs guided "
+                           "decoding to guarantee a call, which avmp serve does not have: "
+                           "use 'auto'", param="tool_choice")  # fmt: skip
+        messages = [message.rendered(i) for i, message in enumerate(body.messages)]
+        rendering = self._rendering(body)
         try:
-            prompt = self.chat.encode(messages)
+            prompt = self.chat.encode(messages, rendering)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
-        boundary = system_prompt_end(self.chat, messages, prompt) if self.boundaries else 0
+        boundary = 0
+        if self.boundaries:
+            boundary = system_prompt_end(self.chat, messages, prompt, rendering)
+        if body.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens
+            dropped = max(0, len(prompt) - body.truncate_prompt_tokens)
+            prompt, boundary = prompt[dropped:], max(0, boundary - dropped)
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary)
+        syntax = self.tool_syntax if body.reads_tool_calls() else None
+        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
+                                   tools=syntax)  # fmt: skip
+
+    @staticmethod
+    def _rendering(body: ChatCompletionRequest) -> Rendering:
+        """The request's chat-template fields (400 for a contradiction)."""
+        try:
+            kwargs = body.template_kwargs()
+        except ValueError as error:
+            raise APIError(400, str(error), param="chat_template_kwargs") from None
+        try:
+            return Rendering(
+                tools=body.template_tools(),
+                documents=body.documents,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                add_special_tokens=body.add_special_tokens,
+                kwargs=kwargs,
+            )
+        except ValueError as error:
+            raise APIError(400, str(error), param="continue_final_message") from None
 
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
@@ -260,6 +321,7 @@ class _Server:
             bias = logit_bias(body)
         except ValueError as error:
             raise APIError(400, str(error), param="logit_bias") from None
+        bias += self._bans(body.bad_words or ())
         try:
             return RequestOptions(
                 max_tokens=max_tokens,
@@ -281,6 +343,20 @@ class _Server:
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
+    def _bans(self, words: Any) -> tuple[tuple[int, float], ...]:
+        """vLLM's ``bad_words`` as logit biases of -100 (OpenAI's ban): each word as written
+        and after a space, as vLLM encodes them. A word of several tokens would need a ban
+        that depends on the tokens before it, which the logit-bias path has not: 400."""
+        bans = []
+        for word in words:
+            for spelling in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(spelling, add_special_tokens=False)
+                if len(ids) != 1:
+                    why = f"bad_words: {spelling!r} is {len(ids)} tokens; only words of one"
+                    raise APIError(400, why + " token can be banned", param="bad_words")
+                bans.append((ids[0], BAN))
+        return tuple(dict.fromkeys(bans))
+
     # -- generation -----------------------------------------------------------------
 
     async def _respond(
@@ -291,53 +367,71 @@ class _Server:
         max_tokens: int,
         chat: bool,
         boundary: int = 0,
+        tools: ToolSyntax | None = None,
     ) -> Response:
+        """``tools``: the syntax the choices' text is read for tool calls in, if any."""
         arrival_s = time.perf_counter()
+        rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
+        text = _TextOptions(
+            tuple(body.stop_strings()),
+            body.include_stop_str_in_output,
+            # a family's tool tags may be special tokens (vLLM's Hermes and Jamba parsers
+            # keep them for the same reason)
+            body.skip_special_tokens and tools is None,
+            body.spaces_between_special_tokens,
+        )
         streams = [
             self._choice(
                 i * body.n + j,
                 prompt,
                 self._options(body, max_tokens, j, boundary),
-                body.stop_strings(),
+                text,
                 arrival_s,
             )
             for i, prompt in enumerate(prompts)
             for j in range(body.n)
         ]
+        if tools is not None:
+            single = body.parallel_tool_calls is False
+            streams = [read_tool_calls(stream, tools, single) for stream in streams]
         if body.stream:
             firsts = await self._first_pieces(streams)
             options = body.stream_options
             include_usage = options is not None and options.include_usage
             continuous = options is not None and options.continuous_usage_stats
             events = sse_chat if chat else sse_completions
-            sse = events(body.model, merge(firsts, streams), include_usage, continuous)
+            sse = events(rid, body.model, merge(firsts, streams), include_usage, continuous)
             return StreamingResponse(sse, media_type="text/event-stream")
         pieces = await unless_disconnected(request, self._collect_all(streams))
         if pieces is None:
             return Response(status_code=499)  # nobody reads it
-        return JSONResponse(
-            (chat_response if chat else completion_response)(body.model, pieces).model_dump()
-        )
+        answer = (chat_response if chat else completion_response)(rid, body.model, pieces)
+        return JSONResponse(answer.model_dump())
 
     async def _choice(
         self,
         index: int,
         prompt: Any,
         options: RequestOptions,
-        stops: list[str],
+        settings: _TextOptions,
         arrival_s: float,
     ) -> AsyncIterator[Piece]:
         """One engine request as pieces of text; the last has a finish reason. Leaving
         early (a stop string, a closed stream) closes the engine's generator, which
         aborts the request."""
-        text = IncrementalDetokenizer(self.tokenizer)
-        cut = StopStrings(stops)
+        decoder = self.tokenizer
+        if not settings.skip_special_tokens or not settings.spaces_between_special_tokens:
+            decoder = DecodeWith(decoder, settings.skip_special_tokens,
+                                 settings.spaces_between_special_tokens)  # fmt: skip
+        text = IncrementalDetokenizer(decoder)
+        cut = StopStrings(settings.stops, include=settings.include_stop)
         timing = _Timing(arrival_s)
         offset = 0  # where the next token's text starts among this choice's token texts
         async with aclosing(self.loop.generate(prompt, options)) as updates:
             async for update in updates:
                 self._observe_tokens(timing, len(update.new_token_ids))
-                new = text.add(update.new_token_ids) + (text.flush() if update.finished else "")
+                new = text.add(self._written(update, settings))
+                new += text.flush() if update.finished else ""
                 # before min_tokens no stop string ends the request (as vLLM)
                 piece = cut.add(new, match=update.num_output_tokens >= options.min_tokens)
                 reason = "stop" if piece.stopped else update.finish_reason
@@ -362,6 +456,20 @@ class _Server:
                     self._observe_end(timing, str(reason))
                     return
         raise RuntimeError("the engine ended a request without finishing it")
+
+    def _written(self, update: Any, settings: _TextOptions) -> list[int]:
+        """The new tokens whose text is written: an end-of-sequence token that ends the
+        request is not, where special tokens are (vLLM leaves it out, as a stop string)."""
+        ids = update.new_token_ids
+        if (
+            not settings.skip_special_tokens
+            and not settings.include_stop
+            and update.finish_reason == "stop"
+            and ids
+            and ids[-1] == self.tokenizer.eos_token_id
+        ):
+            return list(ids[:-1])
+        return list(ids)
 
     def _logprobs(
         self, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int

@@ -4,17 +4,49 @@ instruct encoding (``[INST] ... [/INST]``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from avmp.engine.tokenizer import MISTRAL_TOKENIZER_FILE, TOKENIZER_FILES, MistralTokenizer
 
-Message = dict[str, str]  # {"role": ..., "content": ...}
+# {"role", "content"} and, where given, "name", "tool_calls", "tool_call_id",
+# "reasoning_content" (`avmp.serve.protocol.ChatMessage.rendered`)
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a chat is rendered besides its messages: the request's ``tools`` and vLLM's
+    chat-template fields (``documents``, ``add_generation_prompt``,
+    ``continue_final_message``, ``add_special_tokens``, and ``kwargs``, the template's
+    own variables: ``chat_template_kwargs`` with ``reasoning_effort``)."""
+
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "add_generation_prompt and continue_final_message cannot both be true: set "
+                "add_generation_prompt false to continue the last message"
+            )
 
 
 class ChatEncoder(Protocol):
-    def encode(self, messages: list[Message]) -> list[int]:
-        """The prompt's token ids, ending where the assistant's reply begins.
+    @property
+    def template(self) -> str:
+        """The chat template's text ("" where there is none), which says how the model
+        writes tool calls (`avmp.serve.tools.tool_syntax`)."""
+        ...
+
+    def encode(self, messages: list[Message], rendering: Rendering = Rendering()) -> list[int]:
+        """The prompt's token ids, ending where the assistant's reply begins (or, with
+        ``continue_final_message``, where the last message's text ends).
 
         Raises:
             ValueError: messages the template cannot render (one line).
@@ -30,14 +62,32 @@ class TemplateChat:
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
 
-    def encode(self, messages: list[Message]) -> list[int]:
+    def encode(self, messages: list[Message], rendering: Rendering = Rendering()) -> list[int]:
         try:
             text = self._tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages,
+                tools=rendering.tools,
+                documents=rendering.documents,
+                add_generation_prompt=rendering.add_generation_prompt,
+                continue_final_message=rendering.continue_final_message,
+                tokenize=False,
+                **rendering.kwargs,
             )
         except Exception as error:  # jinja2 raises its own errors (raise_exception)
             raise ValueError(f"the chat template cannot render these messages: {error}") from None
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return list(self._tok.encode(text, add_special_tokens=rendering.add_special_tokens))
+
+    @property
+    def template(self) -> str:
+        """The template's text (several named templates joined)."""
+        template = self._tok.chat_template
+        return "\n".join(template.values()) if isinstance(template, dict) else str(template)
+
+
+NO_MISTRAL_TOOLS = (
+    "the demo tokenizer's chat encoding (mistral-common's v1 instruct format) has no tools "
+    "or tool messages: serve a checkpoint whose chat template renders them"
+)
 
 
 class MistralChat:
@@ -49,19 +99,45 @@ class MistralChat:
 
         path = Path(mistral_common.__file__).parent / "data" / MISTRAL_TOKENIZER_FILE
         self._tok: Any = _Mistral.from_file(str(path))
+        self.template = ""  # its format is code, and has no tools
 
-    def encode(self, messages: list[Message]) -> list[int]:
+    def encode(self, messages: list[Message], rendering: Rendering = Rendering()) -> list[int]:
+        """As `ChatEncoder.encode`; the template variables (``rendering.kwargs``) are
+        ignored, as a template ignores those it does not use.
+
+        Raises:
+            ValueError: as `ChatEncoder.encode`, and tools, documents or a rendering other
+                than a generation prompt, which the v1 format does not write.
+        """
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        if rendering.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            raise ValueError(NO_MISTRAL_TOOLS)
+        other = [name for name, given in [
+            ("documents", bool(rendering.documents)),
+            ("continue_final_message", rendering.continue_final_message),
+            ("add_generation_prompt", not rendering.add_generation_prompt),
+            ("add_special_tokens", rendering.add_special_tokens),
+        ] if given]  # fmt: skip
+        if other:
+            raise ValueError(f"the demo tokenizer's chat encoding (mistral-common's v1 "
+                             f"instruct format) cannot take {other[0]}")  # fmt: skip
+        # its messages take no names; the v1 format would not write them anyway
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
-            request = ChatCompletionRequest(messages=messages)  # type: ignore[type-var]
+            request = ChatCompletionRequest(messages=plain)  # type: ignore[type-var]
             return list(self._tok.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValueError) as error:
             raise ValueError(f"mistral-common cannot encode these messages: {error}") from None
 
 
-def system_prompt_end(encoder: ChatEncoder, messages: list[Message], prompt: list[int]) -> int:
+def system_prompt_end(
+    encoder: ChatEncoder,
+    messages: list[Message],
+    prompt: list[int],
+    rendering: Rendering = Rendering(),
+) -> int:
     """Prompt tokens that the chat's leading system messages fill, as requests with the
     same system prompt share them (`RequestOptions.prefix_boundary`): where the prompt
     stops agreeing with the encoding of the system messages and a stand-in first message,
@@ -74,9 +150,12 @@ def system_prompt_end(encoder: ChatEncoder, messages: list[Message], prompt: lis
     if lead == 0 or lead == len(messages):
         return 0
     end = len(prompt)
+    # the stand-in chat ends where the first message after the system's does
+    rendering = replace(rendering, add_generation_prompt=True, continue_final_message=False)
     for stand_in in ("A", "B"):
+        chat = [*messages[:lead], {**messages[lead], "content": stand_in}]
         try:
-            other = encoder.encode([*messages[:lead], {**messages[lead], "content": stand_in}])
+            other = encoder.encode(chat, rendering)
         except ValueError:
             return 0
         same = 0

@@ -67,8 +67,14 @@ _UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+\[.
 
 
 def validation_error(error: RequestValidationError) -> APIError:
-    """The first thing wrong with a request body, as one 400 naming the field."""
-    first = error.errors()[0] if error.errors() else {}
+    """The first thing wrong with a request body, as one 400 naming the field. Where a
+    field's union failed, the branch that got deepest says why (a content part's error,
+    not "Input should be a valid string")."""
+    errors = error.errors()
+    first = errors[0] if errors else {}
+    field = tuple(first.get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    first = max(same, key=lambda e: len(e.get("loc", ())), default=first)
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -76,7 +82,8 @@ def validation_error(error: RequestValidationError) -> APIError:
     param = ".".join(p for p in loc if not _UNION_BRANCH.match(p)) or None
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unknown field {param!r}", param=param)
-    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return APIError(400, f"{param or 'body'}: {message}", param=param)
 
 
 def engine_error(error: Exception) -> APIError:

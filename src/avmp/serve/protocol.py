@@ -3,20 +3,25 @@
 Requests reject fields OpenAI does not define (``extra="forbid"``: a misspelt
 ``max_token`` is a 400, not a silently ignored limit). Fields OpenAI defines that the
 engine cannot honour are accepted at their neutral value and refused otherwise, naming
-the field (`unsupported_fields`). vLLM's extensions that the engine does honour are
-accepted too: ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
-``min_tokens`` (no
+the field (`unsupported_fields`); metadata (``user``, ``metadata``, ``store``,
+``prompt_cache_key``, ``safety_identifier``) is accepted and has no effect. vLLM's
+extensions are accepted on the same terms: honoured are ``top_k``, ``min_p``,
+``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``, ``min_tokens`` (no
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
-genai-perf send it with ``ignore_eos``).
-"""
+genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
+``spaces_between_special_tokens``, ``include_stop_str_in_output``,
+``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, and the chat
+template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
+``continue_final_message``, ``add_special_tokens``, ``documents``)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from avmp.engine.sampling import MAX_LOGPROBS
 
@@ -57,6 +62,17 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    request_id: str | None = Field(None, min_length=1)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    priority: int = 0
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -84,22 +100,120 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-class ContentPart(_Request):
-    type: Literal["text"]
-    text: str
+TEXT_PARTS = ("text", "refusal")  # content part types whose text a template renders
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: ``text``, or an assistant's ``refusal``. Parts of
+    the other types OpenAI defines (``image_url``, ``input_audio``, ``file``) are read far
+    enough to name them in the 400 that refuses them (`ChatMessage.non_text_part`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _text_parts_are_exact(self) -> ContentPart:
+        if self.type in TEXT_PARTS:
+            if getattr(self, self.type) is None:
+                raise ValueError(f"a {self.type!r} content part needs its {self.type!r} field")
+            if self.model_extra:
+                raise ValueError(f"unknown field {next(iter(self.model_extra))!r} in a "
+                                 f"{self.type!r} content part")  # fmt: skip
+        return self
+
+    def rendered(self) -> str:
+        return (self.text if self.type == "text" else self.refusal) or ""
+
+
+class FunctionCall(_Request):
+    """A call the assistant made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None  # left in by clients that rebuild a call from stream deltas
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """A message as OpenAI clients send them, agents' tool turns included: an assistant
+    message with ``tool_calls`` (its content may be null), a ``tool`` message answering
+    one by ``tool_call_id``, and the deprecated ``function`` role and ``function_call``
+    (read as a tool answer and a tool call)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None  # vLLM's: a reasoning model's thinking, sent back
+    annotations: list[dict[str, Any]] | None = None  # OpenAI's URL citations: no effect
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.rendered() for part in self.content)
+
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text, or None."""
+        parts = self.content if isinstance(self.content, list) else []
+        return next((part.type for part in parts if part.type not in TEXT_PARTS), None)
+
+    def rendered(self, index: int) -> dict[str, Any]:
+        """This message as a chat template reads it (``index``: its place, which names a
+        deprecated ``function_call``'s id): OpenAI's ``developer`` role as ``system`` and
+        ``function`` as ``tool``, tool calls with their arguments parsed into objects
+        (most templates write them with ``tojson``, as vLLM passes them), absent fields
+        left out."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        calls = list(self.tool_calls or ())
+        if self.function_call is not None:
+            calls.append(ToolCall(id=f"call_{index}", function=self.function_call))
+        if calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {
+                    "name": call.function.name, "arguments": _arguments(call.function.arguments)
+                }}
+                for call in calls
+            ]  # fmt: skip
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as an object when they are a JSON object, else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    """A tool the model may call: a function, described for the chat template."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_Sampling):
@@ -110,12 +224,60 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # vLLM's chat-template extensions
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, Any]] | None = None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template reads them (OpenAI's shape), or None."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def reads_tool_calls(self) -> bool:
+        """Whether the reply is read for tool calls: tools given and the model left to
+        choose (``tool_choice`` absent or ``auto``)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The variables the chat template gets besides the messages, tools and
+        documents: ``chat_template_kwargs`` (Qwen's ``enable_thinking``) and
+        ``reasoning_effort`` (as vLLM passes it; templates ignore variables they do not
+        use).
+
+        Raises:
+            ValueError: a kwarg that would override what the server renders.
+        """
+        kwargs = dict(self.chat_template_kwargs or {})
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if taken:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(taken)}")
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
+
+
+# what apply_chat_template takes itself, or the request's own fields set
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+     "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+     "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"}
+)  # fmt: skip
 
 
 def logit_bias(request: _Sampling) -> tuple[tuple[int, float], ...]:
@@ -154,11 +316,19 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, an empty ``tools``
-    list, a ``text`` response format, ``tool_choice`` ``none``), since clients send them
-    by default.
+    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, a ``text`` response
+    format, vLLM's ``priority`` 0,
+    ``use_beam_search`` false, ``length_penalty`` 1, ``modalities`` ``["text"]``,
+    ``verbosity`` ``medium``), since clients send them by default. ``prediction`` passes
+    whatever it holds: a predicted output only speeds decoding up, it never changes it.
     """
-    checks: list[tuple[str, bool]] = []
+    checks: list[tuple[str, bool]] = [
+        ("priority", request.priority != 0),  # the scheduler serves first come first
+        ("use_beam_search", request.use_beam_search),
+        ("length_penalty", request.length_penalty != 1.0),  # beam search's alone
+        # a mask of all the other tokens per step: the logit-bias path is per token
+        ("allowed_token_ids", request.allowed_token_ids is not None),
+    ]
     if isinstance(request, CompletionRequest):
         checks += [
             ("echo", request.echo),
@@ -168,8 +338,10 @@ def unsupported_fields(request: _Sampling) -> str | None:
     elif isinstance(request, ChatCompletionRequest):
         checks += [
             ("response_format", (request.response_format or {}).get("type", "text") != "text"),
-            ("tools", bool(request.tools)),
-            ("tool_choice", request.tool_choice not in (None, "none")),
+            ("modalities", request.modalities not in (None, ["text"])),
+            ("verbosity", request.verbosity not in (None, "medium")),
+            ("audio", request.audio is not None),
+            ("web_search_options", request.web_search_options is not None),
         ]
     return next((name for name, bad in checks if bad), None)
 
@@ -210,9 +382,24 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallOut(BaseModel):
+    """A call the model made, as a response gives it (`avmp.serve.tools`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCallOut):
+    """A call in a streamed chunk, whole: ``index`` counts the choice's calls."""
+
+    index: int
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatTopLogprob(BaseModel):
@@ -248,6 +435,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -289,9 +477,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def new_id(prefix: str) -> str:
-    """A response id as OpenAI shapes them (``cmpl-...``, ``chatcmpl-...``)."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None) -> str:
+    """A response id as OpenAI shapes them (``cmpl-...``, ``chatcmpl-...``): after the
+    prefix the client's ``request_id`` where it gave one (as vLLM), else a random one."""
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
 
 
 def now_s() -> int:

@@ -9,7 +9,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -28,10 +28,13 @@ from avmp.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCall,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
-    new_id,
     now_s,
 )
+from avmp.serve.tools import ParsedCall, ToolCallReader, ToolSyntax
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -55,7 +58,9 @@ class TokenLogprob:
 @dataclass
 class Piece:
     """What one choice produced since its last piece; ``logprobs``: one per token of the
-    piece when the request asked for them."""
+    piece when the request asked for them; ``tool_calls``: the calls read from the text
+    (`read_tool_calls`; the text is then what lies outside them), None where the request
+    is not read for calls."""
 
     index: int
     text: str
@@ -63,16 +68,20 @@ class Piece:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ParsedCall] | None = None
 
 
 async def collect(stream: AsyncIterator[Piece]) -> Piece:
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
+    calls: list[ParsedCall] | None = None
     async with aclosing(stream) as pieces:  # type: ignore[type-var]
         async for piece in pieces:
             parts.append(piece.text)
             if piece.logprobs is not None:
                 logprobs = (logprobs or []) + piece.logprobs
+            if piece.tool_calls is not None:
+                calls = (calls or []) + piece.tool_calls
             last = piece
     return Piece(
         last.index,
@@ -81,7 +90,32 @@ async def collect(stream: AsyncIterator[Piece]) -> Piece:
         last.num_prompt_tokens,
         last.num_output_tokens,
         logprobs,
+        calls,
     )
+
+
+async def read_tool_calls(
+    stream: AsyncIterator[Piece], syntax: ToolSyntax, single: bool = False
+) -> AsyncIterator[Piece]:
+    """A choice's pieces with the tool calls in its text read out (`ToolCallReader`): each
+    piece's text is the content that can be given out by then, its ``tool_calls`` the
+    calls completed; a choice that called a tool and stopped finishes with
+    ``tool_calls``. ``single`` (``parallel_tool_calls: false``): calls after the first
+    are dropped."""
+    reader = ToolCallReader(syntax)
+    async with aclosing(stream) as pieces:  # type: ignore[type-var]
+        async for piece in pieces:
+            out = reader.add(piece.text)
+            if piece.finish_reason is not None:
+                out += reader.finish()
+            reason = piece.finish_reason
+            if reason == "stop" and reader.num_calls:
+                reason = "tool_calls"
+            calls = [x for x in out if isinstance(x, ParsedCall)]
+            if single:
+                calls = calls[: max(0, 1 - (reader.num_calls - len(calls)))]
+            text = "".join(x for x in out if isinstance(x, str))
+            yield replace(piece, text=text, finish_reason=reason, tool_calls=calls)
 
 
 def finite(logprob: float) -> float:
@@ -191,9 +225,9 @@ def _usage(pieces: list[Piece]) -> Usage:
     )
 
 
-def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
+def completion_response(rid: str, model: str, pieces: list[Piece]) -> CompletionResponse:
     return CompletionResponse(
-        id=new_id("cmpl"),
+        id=rid,
         created=now_s(),
         model=model,
         choices=[
@@ -209,15 +243,25 @@ def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
     )
 
 
-def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
+def _message(piece: Piece) -> ChatResponseMessage:
+    """A choice's message: its text, or, where it called tools, the calls and the text
+    around them (stripped; null if nothing is left)."""
+    if not piece.tool_calls:
+        return ChatResponseMessage(content=piece.text)
+    calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+             for c in piece.tool_calls]  # fmt: skip
+    return ChatResponseMessage(content=piece.text.strip() or None, tool_calls=calls)
+
+
+def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionResponse:
     return ChatCompletionResponse(
-        id=new_id("chatcmpl"),
+        id=rid,
         created=now_s(),
         model=model,
         choices=[
             ChatChoice(
                 index=p.index,
-                message=ChatResponseMessage(content=p.text),
+                message=_message(p),
                 logprobs=chat_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
             )
@@ -252,15 +296,16 @@ class _StreamUsage:
 
 
 async def sse_completions(
+    rid: str,
     model: str,
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """Completion chunks; ``include_usage``: a last chunk with the usage and no choices;
-    ``continuous_usage`` (vLLM's ``continuous_usage_stats``): the usage so far in every
-    chunk too."""
-    rid, created, counts = new_id("cmpl"), now_s(), _StreamUsage()
+    """Completion chunks of the response ``rid``; ``include_usage``: a last chunk with the
+    usage and no choices; ``continuous_usage`` (vLLM's ``continuous_usage_stats``): the
+    usage so far in every chunk too."""
+    created, counts = now_s(), _StreamUsage()
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         if continuous_usage and usage is None:
@@ -291,14 +336,16 @@ async def sse_completions(
 
 
 async def sse_chat(
+    rid: str,
     model: str,
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """Chat chunks, the usage as `sse_completions` gives it."""
-    rid, created, counts = new_id("chatcmpl"), now_s(), _StreamUsage()
+    created, counts = now_s(), _StreamUsage()
     started: set[int] = set()
+    num_calls: dict[int, int] = {}  # per choice: the index its next tool call gets
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         if continuous_usage and usage is None:
@@ -316,8 +363,8 @@ async def sse_chat(
             started.add(piece.index)
             delta = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=piece.index, delta=delta)])
-        if piece.text or piece.finish_reason or piece.logprobs:
-            delta = ChatDelta(content=piece.text or None)
+        if piece.text or piece.finish_reason or piece.logprobs or piece.tool_calls:
+            delta = ChatDelta(content=piece.text or None, tool_calls=_deltas(piece, num_calls))
             logprobs = chat_logprobs(piece.logprobs)
             yield chunk(
                 [
@@ -332,6 +379,20 @@ async def sse_chat(
     if include_usage:
         yield chunk([], counts.usage())
     yield SSE_DONE
+
+
+def _deltas(piece: Piece, num_calls: dict[int, int]) -> list[ToolCallDelta] | None:
+    """A piece's tool calls as stream deltas, each whole (id, name and arguments at once),
+    indexed from the choice's calls so far."""
+    if not piece.tool_calls:
+        return None
+    first = num_calls.get(piece.index, 0)
+    num_calls[piece.index] = first + len(piece.tool_calls)
+    return [
+        ToolCallDelta(index=first + k, id=c.id,
+                      function=FunctionCall(name=c.name, arguments=c.arguments))
+        for k, c in enumerate(piece.tool_calls)
+    ]  # fmt: skip
 
 
 async def _until_error(

@@ -16,13 +16,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 
 
 class Decoder(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
+
+
+class DecodeWith:
+    """A tokenizer's decode with one request's vLLM options (``skip_special_tokens``,
+    ``spaces_between_special_tokens``; `avmp.engine.tokenizer.Tokenizer.decode`)."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool, spaces: bool) -> None:
+        self._tokenizer = tokenizer
+        self._options = {"skip_special_tokens": skip_special_tokens,
+                         "spaces_between_special_tokens": spaces}  # fmt: skip
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._tokenizer.decode(token_ids, **self._options))
 
 
 class IncrementalDetokenizer:
@@ -76,11 +89,13 @@ class StopStrings:
     """Cuts one request's text at the first stop string.
 
     Holds back the tail that could still be the beginning of a stop string; `finish`
-    releases it once the request has ended without a match.
+    releases it once the request has ended without a match. ``include``: the text ends
+    after the stop string rather than before it (vLLM's ``include_stop_str_in_output``).
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
+        self._include = include
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._text = ""
         self._sent = 0
@@ -96,10 +111,10 @@ class StopStrings:
         self._text += text
         if not match:
             return self._send(len(self._text), stopped=False)
-        cut = self._first_match(self._sent)  # what was sent held no match, nor began one
-        if cut is not None:
+        found = self._first_match(self._sent)  # what was sent held no match, nor began one
+        if found is not None:
             self.stopped = True
-            return self._send(cut, stopped=True)
+            return self._send(found[1] if self._include else found[0], stopped=True)
         return self._send(len(self._text) - self._held(), stopped=False)
 
     def finish(self) -> str:
@@ -119,9 +134,14 @@ class StopStrings:
                 return size
         return 0
 
-    def _first_match(self, start: int) -> int | None:
-        found = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
-        return min(found) if found else None
+    def _first_match(self, start: int) -> tuple[int, int] | None:
+        """Where the first stop string from ``start`` on begins and ends (the longest of
+        those that begin there)."""
+        found = [(i, -len(s)) for s in self._stops if (i := self._text.find(s, start)) >= 0]
+        if not found:
+            return None
+        begin, minus_size = min(found)
+        return begin, begin - minus_size
 
     def _send(self, end: int, stopped: bool) -> TextPiece:
         piece = self._text[self._sent : end]

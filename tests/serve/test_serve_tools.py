@@ -1,0 +1,200 @@
+"""Tools through the openai client: the tools reach the chat template, and a reply with
+tool calls in the template's tags comes back as OpenAI's ``tool_calls``, streamed or not.
+
+The reading is tested on scripted replies: a stand-in engine loop whose every request
+"generates" the characters of a script, under a tokenizer with one token per character.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from serve_helpers import (
+    AGENT_TEMPLATE,
+    MODEL_NAME,
+    make_app,
+    make_engine,
+    serving,
+    word_tokenizer,
+    write_checkpoint,
+)
+
+from avmp.engine.engine import RequestUpdate
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "w42",
+        "description": "the weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+USER = [{"role": "user", "content": "w3 w4"}]
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Zürich"}}'
+TIME = '{"name": "get_time", "arguments": {}}'
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    path = write_checkpoint(tmp_path_factory.mktemp("tools") / "ckpt", AGENT_TEMPLATE)
+    with serving(make_app(make_engine(path), model_path=path)) as running:
+        yield running
+
+
+def test_tools_reach_the_chat_template(agent):
+    client = agent.openai()
+    rendered = "<|system|> w42 <|user|> w3 w4 <|assistant|>"
+    expected = len(word_tokenizer(AGENT_TEMPLATE).encode(rendered, add_special_tokens=False))
+    for choice in (None, "auto", "none"):
+        extra = {} if choice is None else {"tool_choice": choice}
+        answer = client.chat.completions.create(
+            model=MODEL_NAME, messages=USER, tools=[TOOL], max_tokens=2, temperature=0, **extra
+        )
+        assert answer.usage.prompt_tokens == expected
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "w42"}}},
+         "tool_choice"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, None),
+    ],
+)  # fmt: skip
+def test_what_tools_cannot_do_is_a_400(agent, body, param):
+    with agent.client() as http:
+        answer = http.post("/v1/chat/completions",
+                           json={"model": MODEL_NAME, "messages": USER, **body})  # fmt: skip
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    if param is not None:
+        assert error["param"] == param
+    if param == "tool_choice":
+        assert "guided decoding" in error["message"]
+
+
+class _Chars:
+    """A tokenizer of one token per character (its code point); no special tokens."""
+
+    vocab_size = 0x110000
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:  # fmt: skip
+        return "".join(chr(i) for i in ids)
+
+
+class _Scripted:
+    """An engine loop whose every request generates ``script``, three characters per
+    update, and stops."""
+
+    def __init__(self) -> None:
+        self.script = ""
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self, abort_running: bool, timeout_s: float = 0.0) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        return SimpleNamespace(healthy=True, accepting=True, error=None)
+
+    async def generate(self, prompt: list[int], options: Any) -> Any:
+        ids = [ord(c) for c in self.script]
+        for start in range(0, len(ids), 3):
+            end = min(start + 3, len(ids))
+            last = end == len(ids)
+            yield RequestUpdate(0, ids[start:end], last, "stop" if last else None, None,
+                                len(prompt), end)  # fmt: skip
+
+
+class _Template:
+    """A chat encoding whose template writes Hermes' tags."""
+
+    template = "{{ '<tool_call>' }}"
+
+    def encode(self, messages: list[dict], rendering: Any = None) -> list[int]:
+        return [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    from avmp.serve.app import ServeConfig, create_app
+
+    apps = {}
+    for parser in ("auto", "none"):
+        config = ServeConfig(model_name=MODEL_NAME, tool_call_parser=parser)
+        apps[parser] = create_app(_Scripted(), _Chars(), config, _Template())
+    with serving(apps["auto"]) as auto, serving(apps["none"]) as plain:
+        yield SimpleNamespace(auto=auto, none=plain)
+
+
+def _ask(server, script: str, stream: bool = False, **fields) -> Any:
+    server.loop.script = script
+    fields.setdefault("tools", [TOOL])
+    return server.openai().chat.completions.create(
+        model=MODEL_NAME, messages=USER, stream=stream, **fields
+    )
+
+
+def _calls(calls) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls or ()]
+
+
+def test_a_reply_with_calls_comes_back_as_tool_calls(scripted):
+    script = f"Let me look. <tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>{TIME}</tool_call>"
+    (choice,) = _ask(scripted.auto, script).choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look."
+    assert _calls(choice.message.tool_calls) == [("get_weather", {"city": "Zürich"}),
+                                                  ("get_time", {})]  # fmt: skip
+    assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+    only = _ask(scripted.auto, f"<tool_call>{TIME}</tool_call>").choices[0].message
+    assert only.content is None and _calls(only.tool_calls) == [("get_time", {})]
+    first = _ask(scripted.auto, script, parallel_tool_calls=False).choices[0].message
+    assert _calls(first.tool_calls) == [("get_weather", {"city": "Zürich"})]
+
+
+@pytest.mark.parametrize(
+    "server, script, fields",
+    [
+        ("auto", "<tool_call>{not json}</tool_call> so", {}),  # malformed: the text
+        ("auto", f"<tool_call>{TIME}</tool_call>", {"tool_choice": "none"}),
+        ("auto", f"<tool_call>{TIME}</tool_call>", {"tools": None}),
+        ("none", f"<tool_call>{TIME}</tool_call>", {}),  # --tool-call-parser none
+    ],
+)
+def test_text_comes_back_as_it_is_where_no_calls_are_read(scripted, server, script, fields):
+    (choice,) = _ask(getattr(scripted, server), script, **fields).choices
+    assert choice.message.content == script and not choice.message.tool_calls
+    assert choice.finish_reason == "stop"
+
+
+def test_a_streamed_reply_gives_the_same_calls(scripted):
+    script = f"Sure. <tool_call>{WEATHER}</tool_call> then <tool_call>{TIME}</tool_call>"
+    whole = _ask(scripted.auto, script).choices[0]
+    chunks = list(_ask(scripted.auto, script, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert [d.index for d in deltas] == [0, 1]
+    assert _calls(deltas) == _calls(whole.message.tool_calls)
+    assert all(d.id.startswith("call_") and d.type == "function" for d in deltas)
+    assert content.split() == ["Sure.", "then"] and whole.message.content == "Sure.  then"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the text before the tag streamed before the call did
+    first_call = next(i for i, c in enumerate(chunks) if c.choices[0].delta.tool_calls)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:first_call]).startswith(
+        "Sure."
+    )
