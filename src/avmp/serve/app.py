@@ -35,9 +35,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from avmp.engine.engine import RequestOptions
+from avmp.engine.engine import RequestOptions, RequestUpdate
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, system_prompt_end
+from avmp.serve.echo import PromptSide, prompt_side
 from avmp.serve.errors import APIError, Rejected, add_error_handlers, engine_error
 from avmp.serve.metrics import ServerMetrics
 from avmp.serve.protocol import (
@@ -178,7 +179,12 @@ class _Server:
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
-        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true)",
+                           param="max_tokens")  # fmt: skip
         return await self._respond(body, request, prompts, max_tokens, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -232,6 +238,9 @@ class _Server:
             raise APIError(400, f"{name} is not supported by avmp serve", param=name)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options needs stream=true", param="stream_options")
+        if body.prompt_logprobs is not None and body.stream:  # as vLLM
+            raise APIError(400, "prompt_logprobs are not available with stream=true",
+                           param="prompt_logprobs")  # fmt: skip
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -248,10 +257,11 @@ class _Server:
                 code="invalid_api_key",
             )
 
-    def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0
-                 ) -> RequestOptions:  # fmt: skip
+    def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0,
+                 side: PromptSide | None = None) -> RequestOptions:  # fmt: skip
         """The engine options of one choice: choice j of ``n`` gets ``seed + j``;
-        ``boundary``: where a chat's system prompt ends (`system_prompt_end`)."""
+        ``boundary``: where a chat's system prompt ends (`system_prompt_end`); ``side``:
+        what it shows of its prompt (max_tokens 0: the engine computes one token)."""
         try:
             logprobs = top_logprobs(body)
         except ValueError as error:
@@ -262,7 +272,7 @@ class _Server:
             raise APIError(400, str(error), param="logit_bias") from None
         try:
             return RequestOptions(
-                max_tokens=max_tokens,
+                max_tokens=max(max_tokens, 1),
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=max(0, body.top_k or 0),
@@ -277,6 +287,7 @@ class _Server:
                 presence_penalty=body.presence_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0,
                 prefix_boundary=boundary,
+                prompt_logprobs=None if side is None else side.engine_k,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -293,15 +304,18 @@ class _Server:
         boundary: int = 0,
     ) -> Response:
         arrival_s = time.perf_counter()
+        sides = [self._prompt_side(body, prompt, max_tokens) for prompt in prompts]
         streams = [
             self._choice(
                 i * body.n + j,
-                prompt,
-                self._options(body, max_tokens, j, boundary),
+                prompt if side is None else side.token_ids,
+                self._options(body, max_tokens, j, boundary, side),
                 body.stop_strings(),
                 arrival_s,
+                side,
+                prompt_index=i,
             )
-            for i, prompt in enumerate(prompts)
+            for i, (prompt, side) in enumerate(zip(prompts, sides, strict=True))
             for j in range(body.n)
         ]
         if body.stream:
@@ -319,6 +333,12 @@ class _Server:
             (chat_response if chat else completion_response)(body.model, pieces).model_dump()
         )
 
+    def _prompt_side(self, body: Any, prompt: Any, max_tokens: int) -> PromptSide | None:
+        try:
+            return prompt_side(body, self.tokenizer, prompt, max_tokens)
+        except ValueError as error:  # text the tokenizer cannot encode
+            raise APIError(400, str(error), param="prompt") from None
+
     async def _choice(
         self,
         index: int,
@@ -326,16 +346,29 @@ class _Server:
         options: RequestOptions,
         stops: list[str],
         arrival_s: float,
+        side: PromptSide | None = None,
+        prompt_index: int | None = None,
     ) -> AsyncIterator[Piece]:
         """One engine request as pieces of text; the last has a finish reason. Leaving
         early (a stop string, a closed stream) closes the engine's generator, which
-        aborts the request."""
+        aborts the request. ``side``: what the first piece shows of the prompt first;
+        ``prompt_index``: the request's prompt it answers (usage counts each once)."""
         text = IncrementalDetokenizer(self.tokenizer)
         cut = StopStrings(stops)
         timing = _Timing(arrival_s)
         offset = 0  # where the next token's text starts among this choice's token texts
         async with aclosing(self.loop.generate(prompt, options)) as updates:
             async for update in updates:
+                if side is not None and update.finish_reason != "rejected":
+                    head = self._prompt_piece(index, side, update, prompt_index)
+                    offset = sum(len(e.token) for e in head.logprobs or ())
+                    if side.only or update.finish_reason == "abort":
+                        self._observe_end(timing, str(head.finish_reason))
+                        yield head
+                        return
+                    side = None  # shown once, before the first output
+                else:
+                    head = None
                 self._observe_tokens(timing, len(update.new_token_ids))
                 new = text.add(update.new_token_ids) + (text.flush() if update.finished else "")
                 # before min_tokens no stop string ends the request (as vLLM)
@@ -350,18 +383,39 @@ class _Server:
                     logprobs, offset = self._logprobs(
                         update.new_token_ids, update.new_logprobs, offset
                     )
-                yield Piece(
+                out = Piece(
                     index,
                     piece.text + tail,
                     reason if done else None,
                     update.num_prompt_tokens,
                     update.num_output_tokens,
                     logprobs,
+                    prompt_index=prompt_index,
                 )
+                yield out if head is None else _after(head, out)
                 if done:
                     self._observe_end(timing, str(reason))
                     return
         raise RuntimeError("the engine ended a request without finishing it")
+
+    def _prompt_piece(
+        self, index: int, side: PromptSide, update: RequestUpdate, prompt_index: int | None
+    ) -> Piece:
+        """What a choice shows of its prompt, as the piece before its first output: the
+        echoed text, the prompt's legacy log-probabilities, vLLM's ``prompt_logprobs``;
+        finished (reason ``length``, no output) for ``max_tokens: 0`` or an abort."""
+        finished = side.only or update.finish_reason == "abort"
+        reason = ("length" if update.finish_reason != "abort" else "abort") if finished else None
+        return Piece(
+            index,
+            side.text or "",
+            reason,
+            update.num_prompt_tokens,
+            0,
+            side.legacy(self.tokenizer, update.prompt_logprobs),
+            side.vllm(self.tokenizer, update.prompt_logprobs),
+            prompt_index,
+        )
 
     def _logprobs(
         self, token_ids: list[int], logprobs: list[TokenLogprobs], offset: int
@@ -412,3 +466,13 @@ class _Server:
             first = errors.exceptions[0]
             raise engine_error(first) if isinstance(first, Exception) else first from None
         return [task.result() for task in tasks]
+
+
+def _after(head: Piece, piece: Piece) -> Piece:
+    """``piece`` with ``head`` (a prompt's side) before it."""
+    logprobs = piece.logprobs
+    if head.logprobs is not None:
+        logprobs = head.logprobs + (logprobs or [])
+    return Piece(piece.index, head.text + piece.text, piece.finish_reason,
+                 piece.num_prompt_tokens, piece.num_output_tokens, logprobs,
+                 head.prompt_logprobs, piece.prompt_index)  # fmt: skip

@@ -7,7 +7,8 @@ the field (`unsupported_fields`). vLLM's extensions that the engine does honour 
 accepted too: ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
 ``min_tokens`` (no
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
-genai-perf send it with ``ignore_eos``).
+genai-perf send it with ``ignore_eos``), ``prompt_logprobs`` (per prompt token its
+log-probability, rank and the top k there: `avmp.serve.echo`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -69,6 +71,7 @@ class CompletionRequest(_Sampling):
     (a batch: one choice per prompt and per ``n``)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, with echo only
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -154,14 +157,13 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, an empty ``tools``
+    Neutral values pass (``best_of`` equal to ``n``, an empty ``tools``
     list, a ``text`` response format, ``tool_choice`` ``none``), since clients send them
     by default.
     """
     checks: list[tuple[str, bool]] = []
     if isinstance(request, CompletionRequest):
         checks += [
-            ("echo", request.echo),
             ("best_of", request.best_of not in (None, request.n)),
             ("suffix", bool(request.suffix)),
         ]
@@ -186,12 +188,26 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     """OpenAI's legacy completions shape: per token its text, log-probability, the most
     likely tokens there (text -> log-probability) and where its text starts in the
-    choice's text."""
+    choice's text. With ``echo`` the prompt's tokens come first, the first of them with
+    None for both (nothing precedes it)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """One token's entry in vLLM's ``prompt_logprobs`` (keyed by its id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then per token
+# a dict token id (as a string) -> its entry, the prompt token's first, then the top k
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -199,6 +215,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -234,6 +251,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

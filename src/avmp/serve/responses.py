@@ -28,6 +28,7 @@ from avmp.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    PromptLogprobs,
     Usage,
     new_id,
     now_s,
@@ -42,20 +43,22 @@ LOWEST_LOGPROB = -9999.0
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One output token's log-probability as a response shows it: the token's text,
-    where that text starts in the choice's token texts (``offset``), and the most likely
-    tokens there (text, log-probability)."""
+    """One token's log-probability as a response shows it: the token's text, where that
+    text starts in the choice's token texts (``offset``), and the most likely tokens
+    there (text, log-probability). An echoed prompt's first token has None for both."""
 
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None
     offset: int
 
 
 @dataclass
 class Piece:
     """What one choice produced since its last piece; ``logprobs``: one per token of the
-    piece when the request asked for them."""
+    piece when the request asked for them (an echoed prompt's first); ``prompt_logprobs``:
+    vLLM's, in the choice's first piece when asked for (`avmp.serve.echo`);
+    ``prompt_index``: which prompt of the request the choice answers (None: its own)."""
 
     index: int
     text: str
@@ -63,16 +66,20 @@ class Piece:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_index: int | None = None
 
 
 async def collect(stream: AsyncIterator[Piece]) -> Piece:
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     async with aclosing(stream) as pieces:  # type: ignore[type-var]
         async for piece in pieces:
             parts.append(piece.text)
             if piece.logprobs is not None:
                 logprobs = (logprobs or []) + piece.logprobs
+            prompt_logprobs = piece.prompt_logprobs or prompt_logprobs
             last = piece
     return Piece(
         last.index,
@@ -81,6 +88,8 @@ async def collect(stream: AsyncIterator[Piece]) -> Piece:
         last.num_prompt_tokens,
         last.num_output_tokens,
         logprobs,
+        prompt_logprobs,
+        last.prompt_index,
     )
 
 
@@ -93,8 +102,10 @@ def completion_logprobs(entries: list[TokenLogprob] | None) -> CompletionLogprob
         return None
     return CompletionLogprobs(
         tokens=[e.token for e in entries],
-        token_logprobs=[finite(e.logprob) for e in entries],
-        top_logprobs=[{text: finite(v) for text, v in e.top} for e in entries],
+        token_logprobs=[None if e.logprob is None else finite(e.logprob) for e in entries],
+        top_logprobs=[
+            None if e.top is None else {text: finite(v) for text, v in e.top} for e in entries
+        ],
         text_offset=[e.offset for e in entries],
     )
 
@@ -109,8 +120,8 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
-                **one(e.token, e.logprob).model_dump(),
-                top_logprobs=[one(text, v) for text, v in e.top],
+                **one(e.token, e.logprob or 0.0).model_dump(),  # chat echoes no prompt
+                top_logprobs=[one(text, v) for text, v in e.top or ()],
             )
             for e in entries
         ]
@@ -181,7 +192,8 @@ async def merge(
 def _usage(pieces: list[Piece]) -> Usage:
     """Prompt tokens counted once per prompt (the ``n`` choices of one prompt share
     it, as OpenAI counts), completion tokens of every choice."""
-    prompts = {p.index: p.num_prompt_tokens for p in pieces}
+    prompts = {p.index if p.prompt_index is None else p.prompt_index: p.num_prompt_tokens
+               for p in pieces}  # fmt: skip
     prompt_tokens = sum(prompts.values())
     completion = sum(p.num_output_tokens for p in pieces)
     return Usage(
@@ -202,6 +214,7 @@ def completion_response(model: str, pieces: list[Piece]) -> CompletionResponse:
                 text=p.text,
                 logprobs=completion_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
+                prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
         ],
@@ -220,6 +233,7 @@ def chat_response(model: str, pieces: list[Piece]) -> ChatCompletionResponse:
                 message=ChatResponseMessage(content=p.text),
                 logprobs=chat_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
+                prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
         ],
