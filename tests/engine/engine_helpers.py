@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 
+from avmp.engine.engine import Engine, RequestOptions, RequestUpdate
+from avmp.engine.sampling import TokenLogprobs
 from avmp.memory.backing.views import TORCH_DTYPES
 from avmp.models.geometry import ModelGeometry
 
@@ -344,6 +346,56 @@ def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     """Prompts of the given lengths, avoiding the special ids 0-2 (pad, bos, eos)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+PromptReference = list[tuple[float, int, list[int], list[float]]]  # logprob, rank, top k
+
+
+def prompt_logprobs_reference(hf: Any, prompt: list[int], k: int) -> PromptReference:
+    """transformers' log-probability (log-softmax of its logits), rank and top ``k`` (ids,
+    values) of every prompt token p >= 1 under ``hf``'s forward pass over ``prompt``."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)  # [P - 1, V]
+    chosen = logprobs.gather(1, torch.tensor(prompt[1:])[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top, ids = logprobs.topk(k, dim=-1)
+    return [
+        (float(c), int(r), i.tolist(), t.tolist())
+        for c, r, i, t in zip(chosen[:, 0], ranks, ids, top, strict=True)
+    ]
+
+
+def assert_prompt_logprobs(
+    checkpoint: TinyCheckpoint, prompt: list[int], k: int, got: list[TokenLogprobs | None] | None
+) -> None:
+    """``got`` (`RequestUpdate.prompt_logprobs`) is transformers' for ``prompt``: None
+    first, then every position's log-probability, rank and top ``k``."""
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+    reference = prompt_logprobs_reference(checkpoint.hf, prompt, k)
+    for position, (entry, (logprob, rank, ids, values)) in enumerate(
+        zip(got[1:], reference, strict=True), 1
+    ):
+        assert entry is not None, position
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4), position
+        assert entry.rank == rank, position
+        assert [token for token, _ in entry.top] == ids, position
+        assert [value for _, value in entry.top] == pytest.approx(values, abs=1e-4)
+
+
+def run_requests(
+    engine: Engine, requests: list[tuple[list[int], RequestOptions]]
+) -> list[list[RequestUpdate]]:
+    """Add every request, step until all have finished (bounded); each one's updates."""
+    ids = [engine.add_request(prompt, options) for prompt, options in requests]
+    updates: dict[int, list[RequestUpdate]] = {request_id: [] for request_id in ids}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests:
+            break
+        for update in engine.step():
+            updates[update.request_id].append(update)
+    assert not engine.has_unfinished_requests
+    return [updates[request_id] for request_id in ids]
 
 
 class DenseLayerCaches:

@@ -47,7 +47,19 @@ BAD_BODIES = [
     pytest.param({**GOOD, "n": 0}, 400, "n", None, id="n"),
     pytest.param({**GOOD, "stream": "often"}, 400, "stream", None, id="stream-type"),
     pytest.param({**GOOD, "logprobs": 21}, 400, "logprobs", None, id="logprobs"),
-    pytest.param({**GOOD, "echo": True}, 400, "echo", None, id="echo"),
+    pytest.param(
+        {**GOOD, "max_tokens": -1, "echo": True}, 400, "max_tokens", None, id="max-tokens-negative"
+    ),
+    pytest.param(
+        {**GOOD, "prompt_logprobs": 21}, 400, "prompt_logprobs", None, id="prompt-logprobs"
+    ),
+    pytest.param(
+        {**GOOD, "prompt_logprobs": 1, "stream": True},
+        400,
+        "prompt_logprobs",
+        None,
+        id="prompt-logprobs-streamed",
+    ),
     pytest.param({**GOOD, "best_of": 3}, 400, "best_of", None, id="best-of"),
     pytest.param({**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty", None, id="penalty"),
     pytest.param({**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty", None,

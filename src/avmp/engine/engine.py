@@ -61,6 +61,7 @@ from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork
 from avmp.engine.sampling import (
     MAX_LOGPROBS,
     PenaltyCounts,
+    PromptLogprobs,
     SampledLogprobs,
     SampledTokens,
     SamplingParams,
@@ -380,6 +381,8 @@ class GenerationOutput:
             engine adds arrivals between steps (None: never added, not yet arrived).
         first_token_s: when the host read its first generated token (None: none).
         finish_s: when the host read its last generated token (None: none).
+        prompt_logprobs: with `Engine.generate`'s ``prompt_logprobs``, as
+            `RequestUpdate.prompt_logprobs` gives them; else None.
     """
 
     index: int
@@ -393,6 +396,7 @@ class GenerationOutput:
     joined_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -479,6 +483,11 @@ class RequestOptions:
             token's logit per time it occurs in the output, and once if it does.
         repetition_penalty: vLLM's, > 0 (1: off): a logit of a token seen in the prompt
             or the output is divided by it when positive, multiplied when negative.
+        prompt_logprobs: None, or report for every prompt position p >= 1 the
+            log-probability of prompt token p given the tokens before it, its rank and
+            the ``prompt_logprobs`` most likely tokens there (0 to `MAX_LOGPROBS`;
+            `RequestUpdate.prompt_logprobs`). Computed per prefill chunk; such a request
+            computes its whole prompt (it takes no prefix-cache hit).
         prefix_boundary: prompt tokens that other requests are likely to share (a chat's
             leading system messages: `avmp.serve.chat.system_prompt_end`); the ``avmp``
             prefix cache keeps a checkpoint there when memory is idle
@@ -503,6 +512,7 @@ class RequestOptions:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     prefix_boundary: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -523,11 +533,11 @@ class RequestOptions:
         if not _is_whole(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be a whole number in [0, max_tokens = "
                              f"{self.max_tokens}], got {self.min_tokens!r}")  # fmt: skip
-        if self.logprobs is not None and (
-            not _is_whole(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(f"logprobs must be None or a whole number in [0, {MAX_LOGPROBS}], "
-                             f"got {self.logprobs!r}")  # fmt: skip
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_whole(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or a whole number in [0, {MAX_LOGPROBS}], "
+                                 f"got {value!r}")  # fmt: skip
         bias = self.logit_bias
         if not isinstance(bias, (tuple, list)) or not all(
             isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_whole(pair[0])
@@ -574,6 +584,12 @@ class RequestUpdate:
         num_preemptions: how often the request was preempted so far.
         new_logprobs: one per new token when the request asked for them
             (`RequestOptions.logprobs`), else None.
+        prompt_logprobs: when the request asked for them
+            (`RequestOptions.prompt_logprobs`), in its first update that carries tokens
+            or its final one, whichever comes first: one entry per prompt position,
+            None for the first (nothing precedes it), then each prompt token's (with its
+            rank); shorter only when the request ended before its prompt was computed.
+            None in every other update.
     """
 
     request_id: int
@@ -585,6 +601,7 @@ class RequestUpdate:
     num_output_tokens: int
     num_preemptions: int = 0
     new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class RequestTooLarge(ValueError):
@@ -611,11 +628,23 @@ class EngineTotals:
     prefix: PrefixCounts = field(default_factory=PrefixCounts)  # zero without a prefix cache
 
 
+@dataclass(frozen=True)
+class _PromptSpan:
+    """Prompt positions ``first .. first + count - 1`` of one request whose
+    log-probabilities a step computes (`RequestOptions.prompt_logprobs`)."""
+
+    request_id: int
+    first: int
+    count: int
+
+
 class _Pending:
     """A launched step whose sampled tokens the host has not read yet: the requests that
-    sampled, in row order, and their tokens."""
+    sampled, in row order, and their tokens; and the prompt log-probabilities it
+    computed, span after span."""
 
-    __slots__ = ("request_ids", "tokens", "index", "logprobs", "logprob_ids")
+    __slots__ = ("request_ids", "tokens", "index", "logprobs", "logprob_ids", "prompt",
+                 "prompt_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -629,6 +658,8 @@ class _Pending:
         self.index = {request_id: i for i, request_id in enumerate(request_ids)}
         self.logprobs = logprobs  # of the requests in ``logprob_ids``, in that order
         self.logprob_ids = logprob_ids or []
+        self.prompt: PromptLogprobs | None = None
+        self.prompt_spans: list[_PromptSpan] = []
 
 
 class _Live:
@@ -641,7 +672,8 @@ class _Live:
     __slots__ = (
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
         "min_tokens", "logprobs_k", "logprobs", "logit_bias", "penalties", "finish_reason",
-        "error", "num_reported", "prefix_boundary",
+        "error", "num_reported", "prefix_boundary", "prompt_logprobs_k", "prompt_logprobs",
+        "prompt_reported",
         "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
@@ -671,6 +703,10 @@ class _Live:
         self.logit_bias = logit_bias
         self.penalties = penalties  # frequency, presence, repetition; None: all off
         self.prefix_boundary = 0  # `RequestOptions.prefix_boundary`
+        self.prompt_logprobs_k: int | None = None  # `RequestOptions.prompt_logprobs`
+        # per prompt position computed so far, when asked for (position 0 has none)
+        self.prompt_logprobs: list[TokenLogprobs | None] = [None]
+        self.prompt_reported = False  # went out in an update
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -1015,6 +1051,7 @@ class Engine:
         seed: int = 0,
         ignore_eos: bool = False,
         arrival_s: list[float] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[GenerationOutput]:
         """Generate up to ``max_tokens`` tokens for every prompt (one limit for all, or
         one per prompt), batched continuously: `add_request` and `step` until done.
@@ -1025,6 +1062,8 @@ class Engine:
                 which it arrives (in any order). A prompt joins the scheduler only once
                 the wall clock reaches its arrival; while none is unfinished the engine
                 sleeps until the next one. None: every prompt is there from the start.
+            prompt_logprobs: every prompt's log-probabilities, with the ``k`` most
+                likely tokens per position (`RequestOptions.prompt_logprobs`).
         Returns:
             One output per prompt, in prompt order, with its arrival, first-token and
             finish times. A prompt that can never fit is ``rejected``, not raised.
@@ -1044,7 +1083,14 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {min(limits)}")
         arrivals = _checked_arrivals(arrival_s, len(prompts))
         options = [
-            RequestOptions(limit, temperature, top_p, seed=seed + index, ignore_eos=ignore_eos)
+            RequestOptions(
+                limit,
+                temperature,
+                top_p,
+                seed=seed + index,
+                ignore_eos=ignore_eos,
+                prompt_logprobs=prompt_logprobs,
+            )
             for index, limit in enumerate(limits)
         ]
         token_prompts = [self._encode(prompt) for prompt in prompts]
@@ -1137,6 +1183,7 @@ class Engine:
             if options.penalized else None,
         )
         self._requests[request_id].prefix_boundary = options.prefix_boundary
+        self._requests[request_id].prompt_logprobs_k = options.prompt_logprobs
         if options.penalized:
             self._penalties.add(request_id, prompt)
         return request_id
@@ -1162,8 +1209,9 @@ class Engine:
                 segments = ((("head", request_id), boundary),
                             (("rest", request_id), num_prompt - boundary))  # fmt: skip
             spec = RequestSpec(
-                request_id, request.arrival_s, num_prompt, request.max_tokens, segments
-            )
+                request_id, request.arrival_s, num_prompt, request.max_tokens, segments,
+                reads_prefix_cache=request.prompt_logprobs_k is None,
+            )  # fmt: skip
             rejection = self.scheduler.add_request(spec)
             reason = None if rejection is None else rejection.reason
         if reason is not None:
@@ -1236,12 +1284,15 @@ class Engine:
     def _launch(self, plan: StepPlan) -> _Pending:
         """Run the model on the plan and sample, without waiting for the device. A token
         the previous step sampled and the host has not read is passed as a carried id
-        (`SequenceWork.token_ids`) and read on the device."""
+        (`SequenceWork.token_ids`) and read on the device. Prompt rows whose
+        log-probabilities a request asked for get their logits too, after the sampled
+        rows' (`SequenceWork.logit_rows`)."""
         carry = {} if self._pending is None else self._pending.index
         work: list[SequenceWork] = []
         sampling: list[int] = []
         steer: list[tuple[int, list[tuple[int, float]]]] = []  # logit_bias, min_tokens masks
         penalized: list[tuple[int, int, tuple[float, float, float]]] = []
+        spans: list[_PromptSpan] = []
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
             blocks = self.allocator.units(chunk.request_id)
@@ -1251,6 +1302,12 @@ class Engine:
             if end > len(request.tokens):  # its last token is still on the device
                 tokens.append(-1 - carry[chunk.request_id])
             samples = end == known
+            rows = range(0)
+            if request.prompt_logprobs_k is not None:
+                rows = _prompt_rows(request, chunk.start, end)
+                if rows:
+                    spans.append(_PromptSpan(chunk.request_id, chunk.start + rows.start + 1,
+                                             len(rows)))  # fmt: skip
             work.append(
                 SequenceWork(
                     tokens,
@@ -1258,6 +1315,7 @@ class Engine:
                     self.views.slot_row(blocks.slot) if blocks.slot >= 0 else 0,
                     self.views.page_rows(blocks.pages),
                     samples,
+                    rows,
                 )
             )
             if samples:
@@ -1276,6 +1334,23 @@ class Engine:
             logits = self.runner.execute(work, carried)
         else:  # every rank runs the step: the plan goes out first
             logits = self._leader.execute(self.runner, work, carried, bool(sampling))
+        if not spans:
+            return self._sample(logits, sampling, steer, penalized)
+        pending = self._sample(logits[: len(sampling)], sampling, steer, penalized)
+        pending.prompt = self._prompt_logprobs(logits[len(sampling) :], spans)
+        pending.prompt_spans = spans
+        return pending
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        sampling: list[int],
+        steer: list[tuple[int, list[tuple[int, float]]]],
+        penalized: list[tuple[int, int, tuple[float, float, float]]],
+    ) -> _Pending:
+        """Sample the next token of each request in ``sampling`` from its row of
+        ``logits`` (penalties and ``steer``'s masks applied first), with the
+        log-probabilities of those that asked, all left on the device."""
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
@@ -1296,6 +1371,18 @@ class Engine:
         ids = [sampling[i] for i, _ in asked]
         return _Pending(sampling, SampledTokens(sampled), logprobs, ids)
 
+    def _prompt_logprobs(self, logits: torch.Tensor, spans: list[_PromptSpan]) -> PromptLogprobs:
+        """The log-probabilities of the prompt tokens that ``spans`` name, from the
+        logits of the rows before them (``logits``: one row per position, span after
+        span)."""
+        targets: list[int] = []
+        ks: list[int] = []
+        for span in spans:
+            request = self._requests[span.request_id]
+            targets += request.prompt[span.first : span.first + span.count]
+            ks += [request.prompt_logprobs_k or 0] * span.count
+        return PromptLogprobs(logits, targets, ks)
+
     def _settle(self) -> list[int]:
         """Read the last launched step's tokens (waiting for that step alone) and append
         them. Returns the requests that sampled a stop token (end-of-sequence or a stop
@@ -1304,6 +1391,8 @@ class Engine:
         pending, self._pending = self._pending, None
         if pending is None:
             return []
+        if pending.prompt is not None:
+            self._add_prompt_logprobs(pending.prompt, pending.prompt_spans)
         late = []
         tokens = pending.tokens.tolist()
         logprobs = {} if pending.logprobs is None else dict(
@@ -1328,6 +1417,25 @@ class Engine:
                     late.append(request_id)
         return late
 
+    def _add_prompt_logprobs(self, prompt: PromptLogprobs, spans: list[_PromptSpan]) -> None:
+        """Append a step's prompt log-probabilities to their requests' lists, each
+        position once: a request recomputed after a preemption may have asked for
+        positions again (a step launched before the earlier one was read)."""
+        values = prompt.tolist()
+        at = 0
+        for span in spans:
+            part, at = values[at : at + span.count], at + span.count
+            request = self._requests.get(span.request_id)
+            if request is None:
+                continue  # its final update is out
+            have = len(request.prompt_logprobs)
+            if span.first > have:
+                raise RuntimeError(
+                    f"request {span.request_id}: prompt log-probabilities from position "
+                    f"{span.first} arrived before position {have}"
+                )
+            request.prompt_logprobs.extend(part[have - span.first :])
+
     def _updates(self) -> list[RequestUpdate]:
         """The updates of the requests touched since the last call. A finished request's
         final update waits while a token of it is still on the device, unless that
@@ -1345,6 +1453,10 @@ class Engine:
             reported = request.num_reported
             request.num_reported += len(new)
             scheduled = self.scheduler.requests.get(request_id)
+            prompt_logprobs = None
+            if request.prompt_logprobs_k is not None and not request.prompt_reported:
+                prompt_logprobs = list(request.prompt_logprobs)
+                request.prompt_reported = True
             updates.append(
                 RequestUpdate(
                     request_id,
@@ -1357,6 +1469,7 @@ class Engine:
                     0 if scheduled is None else scheduled.num_preemptions,
                     None if request.logprobs_k is None
                     else request.logprobs[reported : reported + len(new)],
+                    prompt_logprobs,
                 )
             )
             if done:
@@ -1506,7 +1619,18 @@ class Engine:
             request.joined_s,
             request.first_token_s,
             request.last_token_s,
+            None if request.prompt_logprobs_k is None else request.prompt_logprobs,
         )
+
+
+def _prompt_rows(request: _Live, start: int, end: int) -> range:
+    """The rows of a chunk of positions ``start .. end - 1`` whose logits give prompt
+    log-probabilities the request has not read yet: row ``i`` (position ``start + i``)
+    predicts prompt token ``start + i + 1``; the last prompt position predicts the first
+    output token, not a prompt token."""
+    first = max(start + 1, len(request.prompt_logprobs))  # the first position to compute
+    last = min(end, len(request.prompt) - 1)
+    return range(first - 1 - start, max(last - start, first - 1 - start))
 
 
 def model_geometry(model: HybridModel, config: EngineConfig) -> ModelGeometry:

@@ -27,7 +27,9 @@ them none; the layers read no host value that differs within a bucket (tile tabl
 scan plans are built on the device) and start their outputs as zeros, so padding rows
 stay finite. At most ``max_mixed_graphs`` such graphs are captured (they share the
 decode graphs' memory pool); other buckets, and steps larger than every bucket, run
-eagerly.
+eagerly. So does a step that returns logits of prompt rows too (a request that asked
+for its prompt's log-probabilities: `SequenceWork.logit_rows`), unpadded: a graph's LM
+head runs over the sampled rows alone.
 
 Models whose layers fall back to per-sequence torch code (mixtures of experts that
 route with data-dependent shapes, layers without a Triton path) say so
@@ -54,7 +56,13 @@ from avmp.engine.device_batch import (
 from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import Rotary
 from avmp.engine.profile import RunnerProfile
-from avmp.engine.runner import ModelRunner, PoolViews, SequenceWork, fill_carried
+from avmp.engine.runner import (
+    ModelRunner,
+    PoolViews,
+    SequenceWork,
+    fill_carried,
+    logit_row_index,
+)
 from avmp.sched.graph_buckets import DECODE_GRAPH_SIZES as DEFAULT_GRAPH_SIZES
 from avmp.sched.graph_buckets import MAX_MIXED_GRAPHS as DEFAULT_MAX_MIXED_GRAPHS
 from avmp.sched.graph_buckets import bucket, graph_width, token_buckets
@@ -191,13 +199,16 @@ class FastModelRunner(ModelRunner):
         self.own_ops()
         mark = self.profile.begin(self.device) if self.profile.enabled else None
         is_decode = all(len(w.token_ids) == 1 and w.num_context > 0 for w in work)
-        shape = self.padded_shape(work, is_decode)
+        # a step that returns prompt rows' logits runs eagerly: a graph's LM head runs
+        # over the sampled rows alone
+        prompt_rows = logit_row_index(work) if any(w.logit_rows for w in work) else None
+        shape = None if prompt_rows else self.padded_shape(work, is_decode)
         self._captured = False
         graph = False
         if shape is not None:
             logits, graph = self._run_padded(work, shape, is_decode, carried)
         else:
-            logits = self._eager(work, is_decode, carried)
+            logits = self._eager(work, is_decode, carried, prompt_rows)
         if mark is not None:
             padded = 0 if shape is None else shape.num_tokens
             self.profile.end(mark, work, self.device, graph, self._captured, padded)
@@ -260,17 +271,26 @@ class FastModelRunner(ModelRunner):
         return graph_width(max((len(w.page_rows) for w in work), default=1))
 
     def _eager(
-        self, work: list[SequenceWork], is_decode: bool, carried: torch.Tensor | None
+        self,
+        work: list[SequenceWork],
+        is_decode: bool,
+        carried: torch.Tensor | None,
+        prompt_rows: list[int] | None = None,
     ) -> torch.Tensor:
+        """The step unpadded; ``prompt_rows``: the step's rows of the sequences'
+        ``logit_rows`` (`logit_row_index`), whose logits follow the sampled rows'."""
         num_tokens = sum(len(w.token_ids) for w in work)
         width = max((len(w.page_rows) for w in work), default=1) or 1
         shape = StepShape(num_tokens, len(work), width, sum(w.samples for w in work))
         fields = self._copy_to(self._stage(work, shape), shape, carried)
         batch = device_batch(fields, work, self.block_size, is_decode)
         hidden = self.model(fields.input_ids, batch, self.cache)
-        if shape.num_samples == 0:
+        rows = fields.sample_rows
+        if prompt_rows:  # a second small copy, in the steps that report prompt rows only
+            rows = torch.cat([rows, torch.tensor(prompt_rows).to(self.device)])
+        if rows.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        return self.model.logits(hidden.index_select(0, fields.sample_rows))
+        return self.model.logits(hidden.index_select(0, rows))
 
     def _run_padded(
         self,

@@ -73,6 +73,9 @@ class SequenceWork:
         slot_row: the row of its state slot.
         page_rows: the rows of its pages, in token order.
         samples: whether the step ends at its last known token (so it samples one).
+        logit_rows: rows of ``token_ids`` (indices into them) whose logits the step
+            returns too, after the sampled rows: the prompt positions whose next
+            token's log-probability a request asked for.
     """
 
     token_ids: list[int]
@@ -80,6 +83,18 @@ class SequenceWork:
     slot_row: int
     page_rows: list[int]
     samples: bool
+    logit_rows: range = range(0)
+
+
+def logit_row_index(work: list[SequenceWork]) -> list[int]:
+    """The step's rows (in its flattened tokens) of every sequence's ``logit_rows``, in
+    ``work`` order."""
+    rows: list[int] = []
+    start = 0
+    for w in work:
+        rows += [start + row for row in w.logit_rows]
+        start += len(w.token_ids)
+    return rows
 
 
 class ModelRunner:
@@ -104,8 +119,9 @@ class ModelRunner:
     def execute(
         self, work: list[SequenceWork], carried: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run one step. Returns ``[num_sampling, vocab]`` float32 logits, one row per
-        sequence with ``samples`` set, in ``work`` order.
+        """Run one step. Returns ``[num_sampling + num_logit_rows, vocab]`` float32
+        logits: one row per sequence with ``samples`` set, in ``work`` order, then the
+        rows of every sequence's ``logit_rows`` (`logit_row_index`).
 
         A token id ``-1 - i`` in ``work`` stands for ``carried[i]``: a token the previous
         step sampled that the host has not read yet (see `fill_carried`).
@@ -121,7 +137,7 @@ class ModelRunner:
             seq.start + seq.num_tokens - 1
             for seq, w in zip(batch.sequences, work, strict=True)
             if w.samples
-        ]
+        ] + logit_row_index(work)
         if not last:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         index = torch.tensor(last, dtype=torch.long, device=self.device)

@@ -287,17 +287,22 @@ class SampledTokens:
 
 
 MAX_LOGPROBS = 20  # most likely tokens a request may ask for per position (vLLM's default)
+# Prompt rows whose log-softmax is taken at once: a prefill chunk's rows at a time would
+# add another [chunk, vocab] float32 tensor beside its logits.
+PROMPT_LOGPROB_ROWS = 256
 
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """A sampled token's log-probability and the ``k`` most likely tokens' (id,
-    log-probability), most likely first, under the model's own distribution (the raw
-    logits' log-softmax, before temperature, top-k/top-p and ``min_tokens``' mask: what
-    vLLM reports by default)."""
+    """A token's log-probability and the ``k`` most likely tokens' (id, log-probability),
+    most likely first, under the model's own distribution (the raw logits' log-softmax,
+    before temperature, top-k/top-p and ``min_tokens``' mask: what vLLM reports by
+    default). ``rank``: the token's place in that distribution (1: the most likely; the
+    tokens strictly more likely, plus one, as vLLM counts), given for prompt tokens."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 class SampledLogprobs:
@@ -326,4 +331,40 @@ class SampledLogprobs:
         for logprob, values, tokens, k in zip(chosen, top, ids, self._ks, strict=True):
             pairs = zip((int(t) for t in tokens[:k]), (float(v) for v in values[:k]), strict=True)
             out.append(TokenLogprobs(float(logprob), tuple(pairs)))
+        return out
+
+
+class PromptLogprobs:
+    """The log-probabilities of prompt tokens under the logits of the rows before them,
+    their ranks and the ``k`` most likely tokens there, on their way to the host like
+    `SampledLogprobs`. The log-softmax is taken `PROMPT_LOGPROB_ROWS` rows at a time.
+
+    Args:
+        logits: raw logits ``[R, V]``, row ``i`` predicting ``targets[i]``.
+        targets: the prompt token each row predicts.
+        ks: per row, how many most likely tokens to keep (0: the target's alone).
+    """
+
+    def __init__(self, logits: torch.Tensor, targets: Sequence[int], ks: Sequence[int]) -> None:
+        self._ks = list(ks)
+        device = logits.device
+        index = torch.tensor(list(targets), dtype=torch.long).to(device)[:, None]
+        k = min(max(self._ks, default=0), logits.shape[-1])
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for at in range(0, logits.shape[0], PROMPT_LOGPROB_ROWS):
+            rows = slice(at, at + PROMPT_LOGPROB_ROWS)
+            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [r, V]
+            chosen = logprobs.gather(1, index[rows])  # [r, 1]
+            rank = (logprobs > chosen).sum(dim=-1) + 1
+            top, ids = logprobs.topk(k, dim=-1)  # k = 0: empty
+            parts.append((chosen[:, 0], rank, top, ids))
+        self._copy = _HostCopy(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+    def tolist(self) -> list[TokenLogprobs]:
+        """One per row, in row order."""
+        chosen, rank, top, ids = (t.tolist() for t in self._copy.read())
+        out = []
+        for logprob, place, values, tokens, k in zip(chosen, rank, top, ids, self._ks, strict=True):
+            pairs = zip((int(t) for t in tokens[:k]), (float(v) for v in values[:k]), strict=True)
+            out.append(TokenLogprobs(float(logprob), tuple(pairs), int(place)))
         return out

@@ -227,7 +227,7 @@ class StepMessage:
 
 
 HEADER = 5  # kind, carried, samples, number of op words, number of sequences
-SEQUENCE_FIELDS = 5  # tokens, context, slot row, pages, samples
+SEQUENCE_FIELDS = 7  # tokens, context, slot row, pages, samples, logit rows' start and stop
 
 
 def pack_message(message: StepMessage) -> list[int]:
@@ -236,7 +236,8 @@ def pack_message(message: StepMessage) -> list[int]:
     words = [Kind.STEP, int(message.carried), int(message.samples), len(message.ops),
              len(message.work), *message.ops]  # fmt: skip
     for w in message.work:
-        words += [len(w.token_ids), w.num_context, w.slot_row, len(w.page_rows), int(w.samples)]
+        words += [len(w.token_ids), w.num_context, w.slot_row, len(w.page_rows), int(w.samples),
+                  w.logit_rows.start, w.logit_rows.stop]  # fmt: skip
     for w in message.work:
         words += w.token_ids
         words += w.page_rows
@@ -260,11 +261,14 @@ def unpack_message(words: list[int]) -> StepMessage | None:
              for i in range(num_work)]  # fmt: skip
     at += num_work * SEQUENCE_FIELDS
     work = []
-    for num_tokens, num_context, slot_row, num_pages, sequence_samples in heads:
+    for num_tokens, num_context, slot_row, num_pages, sequence_samples, first, stop in heads:
         tokens = words[at : at + num_tokens]
         pages = words[at + num_tokens : at + num_tokens + num_pages]
         at += num_tokens + num_pages
-        work.append(SequenceWork(tokens, num_context, slot_row, pages, bool(sequence_samples)))
+        rows = range(first, stop)
+        work.append(
+            SequenceWork(tokens, num_context, slot_row, pages, bool(sequence_samples), rows)
+        )
     if at != len(words):
         raise ValueError(f"a step message of {len(words)} words ends at word {at}")
     return StepMessage(ops, work, bool(carried), bool(samples))

@@ -1247,9 +1247,14 @@ class PrefixCache:
     # ---- admission ----------------------------------------------------------------------
 
     def match(self, request_id: int, prompt_tokens: int, content: list[tuple[Hashable, int]],
-              total_tokens: int) -> tuple[int, list[int]]:  # fmt: skip
+              total_tokens: int, reads_cache: bool = True) -> tuple[int, list[int]]:  # fmt: skip
         """Match a request being admitted from scratch; it holds its hit locked.
 
+        Args:
+            reads_cache: False: the request computes its whole prompt (`RequestSpec.
+                reads_prefix_cache`): no hit, as if every checkpoint along it were gone,
+                while the pages the tree holds are still known (the request computes
+                past them as one whose checkpoint was evicted does).
         Returns:
             The tokens it takes from the cache, and the cached page keys to adopt.
         """
@@ -1261,6 +1266,8 @@ class PrefixCache:
             contents = unit_contents(content, total_tokens // unit, unit)
         reusable = contents[: (prompt_tokens - 1) // unit]  # the last prompt token is computed
         found = tree.match(reusable)
+        if not reads_cache:
+            found = PrefixMatch(tree.root, found.num_matched)
         hit = found.node
         tree.lock(hit)
         if hit.depth:

@@ -24,6 +24,9 @@ class RequestSpec:
     agree share those tokens (a system prompt, a conversation's history). Empty: the
     prompt shares nothing. ``output_segment``: the content id of the output, so that a
     later prompt can name it (a conversation's next turn); None: unique to this request.
+    ``reads_prefix_cache``: False for a request that must compute its whole prompt (the
+    engine's prompt log-probabilities): it takes no hit from a prefix cache, as vLLM v1
+    skips the cache for such requests, though what it computes may be cached for others.
     """
 
     request_id: int
@@ -32,6 +35,7 @@ class RequestSpec:
     output_tokens: int
     segments: tuple[Segment, ...] = ()
     output_segment: Hashable | None = None
+    reads_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "output_tokens"):

@@ -479,8 +479,9 @@ class Scheduler:
             return None
         spec = request.spec
         hit_tokens, keys = self.prefix.match(
-            request.request_id, request.prompt_tokens, spec.content(), spec.total_tokens
-        )
+            request.request_id, request.prompt_tokens, spec.content(), spec.total_tokens,
+            reads_cache=spec.reads_prefix_cache,
+        )  # fmt: skip
         request.num_computed = hit_tokens
         request.num_computed_peak = max(request.num_computed_peak, hit_tokens)
         return keys

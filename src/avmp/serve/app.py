@@ -28,16 +28,17 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from avmp.engine.engine import RequestOptions
+from avmp.engine.engine import RequestOptions, RequestUpdate
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
+from avmp.serve.echo import PromptSide, prompt_side
 from avmp.serve.errors import APIError, Rejected, add_error_handlers, engine_error
 from avmp.serve.metrics import ServerMetrics
 from avmp.serve.protocol import (
@@ -205,7 +206,12 @@ class _Server:
             k = body.truncate_prompt_tokens
             prompts = [(self.tokenizer.encode(p) if isinstance(p, str) else p)[-k:]
                        for p in prompts]  # fmt: skip
-        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true)",
+                           param="max_tokens")  # fmt: skip
         return await self._respond(body, request, prompts, max_tokens, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -293,6 +299,9 @@ class _Server:
             raise APIError(400, f"{name} is not supported by avmp serve", param=name)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options needs stream=true", param="stream_options")
+        if body.prompt_logprobs is not None and body.stream:  # as vLLM
+            raise APIError(400, "prompt_logprobs are not available with stream=true",
+                           param="prompt_logprobs")  # fmt: skip
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -309,10 +318,11 @@ class _Server:
                 code="invalid_api_key",
             )
 
-    def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0
-                 ) -> RequestOptions:  # fmt: skip
+    def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0,
+                 side: PromptSide | None = None) -> RequestOptions:  # fmt: skip
         """The engine options of one choice: choice j of ``n`` gets ``seed + j``;
-        ``boundary``: where a chat's system prompt ends (`system_prompt_end`)."""
+        ``boundary``: where a chat's system prompt ends (`system_prompt_end`); ``side``:
+        what it shows of its prompt (max_tokens 0: the engine computes one token)."""
         try:
             logprobs = top_logprobs(body)
         except ValueError as error:
@@ -324,7 +334,7 @@ class _Server:
         bias += self._bans(body.bad_words or ())
         try:
             return RequestOptions(
-                max_tokens=max_tokens,
+                max_tokens=max(max_tokens, 1),
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=max(0, body.top_k or 0),
@@ -339,6 +349,7 @@ class _Server:
                 presence_penalty=body.presence_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0,
                 prefix_boundary=boundary,
+                prompt_logprobs=None if side is None else side.engine_k,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -380,15 +391,18 @@ class _Server:
             body.skip_special_tokens and tools is None,
             body.spaces_between_special_tokens,
         )
+        sides = [self._prompt_side(body, prompt, max_tokens) for prompt in prompts]
         streams = [
             self._choice(
                 i * body.n + j,
-                prompt,
-                self._options(body, max_tokens, j, boundary),
+                prompt if side is None else side.token_ids,
+                self._options(body, max_tokens, j, boundary, side),
                 text,
                 arrival_s,
+                side,
+                prompt_index=i,
             )
-            for i, prompt in enumerate(prompts)
+            for i, (prompt, side) in enumerate(zip(prompts, sides, strict=True))
             for j in range(body.n)
         ]
         if tools is not None:
@@ -408,6 +422,12 @@ class _Server:
         answer = (chat_response if chat else completion_response)(rid, body.model, pieces)
         return JSONResponse(answer.model_dump())
 
+    def _prompt_side(self, body: Any, prompt: Any, max_tokens: int) -> PromptSide | None:
+        try:
+            return prompt_side(body, self.tokenizer, prompt, max_tokens)
+        except ValueError as error:  # text the tokenizer cannot encode
+            raise APIError(400, str(error), param="prompt") from None
+
     async def _choice(
         self,
         index: int,
@@ -415,10 +435,13 @@ class _Server:
         options: RequestOptions,
         settings: _TextOptions,
         arrival_s: float,
+        side: PromptSide | None = None,
+        prompt_index: int | None = None,
     ) -> AsyncIterator[Piece]:
         """One engine request as pieces of text; the last has a finish reason. Leaving
         early (a stop string, a closed stream) closes the engine's generator, which
-        aborts the request."""
+        aborts the request. ``side``: what the first piece shows of the prompt first;
+        ``prompt_index``: the request's prompt it answers (usage counts each once)."""
         decoder = self.tokenizer
         if not settings.skip_special_tokens or not settings.spaces_between_special_tokens:
             decoder = DecodeWith(decoder, settings.skip_special_tokens,
@@ -430,6 +453,16 @@ class _Server:
         async with aclosing(self.loop.generate(prompt, options)) as updates:
             async for update in updates:
                 self._observe_tokens(timing, len(update.new_token_ids))
+                if side is not None and update.finish_reason != "rejected":
+                    head = self._prompt_piece(index, side, update, prompt_index)
+                    offset = sum(len(e.token) for e in head.logprobs or ())
+                    if side.only or update.finish_reason == "abort":
+                        self._observe_end(timing, str(head.finish_reason))
+                        yield head
+                        return
+                    side = None  # shown once, before the first output
+                else:
+                    head = None
                 new = text.add(self._written(update, settings))
                 new += text.flush() if update.finished else ""
                 # before min_tokens no stop string ends the request (as vLLM)
@@ -444,18 +477,39 @@ class _Server:
                     logprobs, offset = self._logprobs(
                         update.new_token_ids, update.new_logprobs, offset
                     )
-                yield Piece(
+                out = Piece(
                     index,
                     piece.text + tail,
                     reason if done else None,
                     update.num_prompt_tokens,
                     update.num_output_tokens,
                     logprobs,
+                    prompt_index=prompt_index,
                 )
+                yield out if head is None else _after(head, out)
                 if done:
                     self._observe_end(timing, str(reason))
                     return
         raise RuntimeError("the engine ended a request without finishing it")
+
+    def _prompt_piece(
+        self, index: int, side: PromptSide, update: RequestUpdate, prompt_index: int | None
+    ) -> Piece:
+        """What a choice shows of its prompt, as the piece before its first output: the
+        echoed text, the prompt's legacy log-probabilities, vLLM's ``prompt_logprobs``;
+        finished (reason ``length``, no output) for ``max_tokens: 0`` or an abort."""
+        finished = side.only or update.finish_reason == "abort"
+        reason = ("length" if update.finish_reason != "abort" else "abort") if finished else None
+        return Piece(
+            index,
+            side.text or "",
+            reason,
+            update.num_prompt_tokens,
+            0,
+            side.legacy(self.tokenizer, update.prompt_logprobs),
+            prompt_logprobs=side.vllm(self.tokenizer, update.prompt_logprobs),
+            prompt_index=prompt_index,
+        )
 
     def _written(self, update: Any, settings: _TextOptions) -> list[int]:
         """The new tokens whose text is written: an end-of-sequence token that ends the
@@ -520,3 +574,12 @@ class _Server:
             first = errors.exceptions[0]
             raise engine_error(first) if isinstance(first, Exception) else first from None
         return [task.result() for task in tasks]
+
+
+def _after(head: Piece, piece: Piece) -> Piece:
+    """``piece`` with ``head`` (a prompt's side) before it."""
+    logprobs = piece.logprobs
+    if head.logprobs is not None:
+        logprobs = head.logprobs + (logprobs or [])
+    return replace(piece, text=head.text + piece.text, logprobs=logprobs,
+                   prompt_logprobs=head.prompt_logprobs)  # fmt: skip

@@ -10,8 +10,9 @@ extensions are accepted on the same terms: honoured are ``top_k``, ``min_p``,
 end-of-sequence, stop id or stop string before that many tokens; load generators such as
 genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
 ``spaces_between_special_tokens``, ``include_stop_str_in_output``,
-``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, and the chat
-template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
+``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, ``prompt_logprobs``
+(per prompt token its log-probability, rank and the top k there: `avmp.serve.echo`), and
+the chat template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
 ``continue_final_message``, ``add_special_tokens``, ``documents``)."""
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class _Sampling(_Request):
     priority: int = 0
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -85,6 +87,7 @@ class CompletionRequest(_Sampling):
     (a batch: one choice per prompt and per ``n``)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, with echo only
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -316,7 +319,7 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``echo=false``, ``best_of`` equal to ``n``, a ``text`` response
+    Neutral values pass (``best_of`` equal to ``n``, a ``text`` response
     format, vLLM's ``priority`` 0,
     ``use_beam_search`` false, ``length_penalty`` 1, ``modalities`` ``["text"]``,
     ``verbosity`` ``medium``), since clients send them by default. ``prediction`` passes
@@ -331,7 +334,6 @@ def unsupported_fields(request: _Sampling) -> str | None:
     ]
     if isinstance(request, CompletionRequest):
         checks += [
-            ("echo", request.echo),
             ("best_of", request.best_of not in (None, request.n)),
             ("suffix", bool(request.suffix)),
         ]
@@ -358,12 +360,26 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     """OpenAI's legacy completions shape: per token its text, log-probability, the most
     likely tokens there (text -> log-probability) and where its text starts in the
-    choice's text."""
+    choice's text. With ``echo`` the prompt's tokens come first, the first of them with
+    None for both (nothing precedes it)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """One token's entry in vLLM's ``prompt_logprobs`` (keyed by its id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then per token
+# a dict token id (as a string) -> its entry, the prompt token's first, then the top k
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -371,6 +387,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -421,6 +438,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -29,6 +29,7 @@ from avmp.serve.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     FunctionCall,
+    PromptLogprobs,
     ToolCallDelta,
     ToolCallOut,
     Usage,
@@ -45,22 +46,24 @@ LOWEST_LOGPROB = -9999.0
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One output token's log-probability as a response shows it: the token's text,
-    where that text starts in the choice's token texts (``offset``), and the most likely
-    tokens there (text, log-probability)."""
+    """One token's log-probability as a response shows it: the token's text, where that
+    text starts in the choice's token texts (``offset``), and the most likely tokens
+    there (text, log-probability). An echoed prompt's first token has None for both."""
 
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None
     offset: int
 
 
 @dataclass
 class Piece:
     """What one choice produced since its last piece; ``logprobs``: one per token of the
-    piece when the request asked for them; ``tool_calls``: the calls read from the text
-    (`read_tool_calls`; the text is then what lies outside them), None where the request
-    is not read for calls."""
+    piece when the request asked for them (an echoed prompt's first); ``tool_calls``: the
+    calls read from the text (`read_tool_calls`; the text is then what lies outside them),
+    None where the request is not read for calls; ``prompt_logprobs``: vLLM's, in the
+    choice's first piece when asked for (`avmp.serve.echo`); ``prompt_index``: which
+    prompt of the request the choice answers (None: its own)."""
 
     index: int
     text: str
@@ -69,12 +72,15 @@ class Piece:
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ParsedCall] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_index: int | None = None
 
 
 async def collect(stream: AsyncIterator[Piece]) -> Piece:
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
     calls: list[ParsedCall] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     async with aclosing(stream) as pieces:  # type: ignore[type-var]
         async for piece in pieces:
             parts.append(piece.text)
@@ -82,6 +88,7 @@ async def collect(stream: AsyncIterator[Piece]) -> Piece:
                 logprobs = (logprobs or []) + piece.logprobs
             if piece.tool_calls is not None:
                 calls = (calls or []) + piece.tool_calls
+            prompt_logprobs = piece.prompt_logprobs or prompt_logprobs
             last = piece
     return Piece(
         last.index,
@@ -91,6 +98,8 @@ async def collect(stream: AsyncIterator[Piece]) -> Piece:
         last.num_output_tokens,
         logprobs,
         calls,
+        prompt_logprobs,
+        last.prompt_index,
     )
 
 
@@ -127,8 +136,10 @@ def completion_logprobs(entries: list[TokenLogprob] | None) -> CompletionLogprob
         return None
     return CompletionLogprobs(
         tokens=[e.token for e in entries],
-        token_logprobs=[finite(e.logprob) for e in entries],
-        top_logprobs=[{text: finite(v) for text, v in e.top} for e in entries],
+        token_logprobs=[None if e.logprob is None else finite(e.logprob) for e in entries],
+        top_logprobs=[
+            None if e.top is None else {text: finite(v) for text, v in e.top} for e in entries
+        ],
         text_offset=[e.offset for e in entries],
     )
 
@@ -143,8 +154,8 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
-                **one(e.token, e.logprob).model_dump(),
-                top_logprobs=[one(text, v) for text, v in e.top],
+                **one(e.token, e.logprob or 0.0).model_dump(),  # chat echoes no prompt
+                top_logprobs=[one(text, v) for text, v in e.top or ()],
             )
             for e in entries
         ]
@@ -215,7 +226,8 @@ async def merge(
 def _usage(pieces: list[Piece]) -> Usage:
     """Prompt tokens counted once per prompt (the ``n`` choices of one prompt share
     it, as OpenAI counts), completion tokens of every choice."""
-    prompts = {p.index: p.num_prompt_tokens for p in pieces}
+    prompts = {p.index if p.prompt_index is None else p.prompt_index: p.num_prompt_tokens
+               for p in pieces}  # fmt: skip
     prompt_tokens = sum(prompts.values())
     completion = sum(p.num_output_tokens for p in pieces)
     return Usage(
@@ -236,6 +248,7 @@ def completion_response(rid: str, model: str, pieces: list[Piece]) -> Completion
                 text=p.text,
                 logprobs=completion_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
+                prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
         ],
@@ -264,6 +277,7 @@ def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionRe
                 message=_message(p),
                 logprobs=chat_logprobs(p.logprobs),
                 finish_reason=p.finish_reason,
+                prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
         ],
