@@ -50,9 +50,10 @@ def add_parser(subparsers: Any) -> None:
         "replay",
         help="replay a trace file with every allocator",
         description="Replay one trace (JSONL, Azure LLM inference CSV, BurstGPT CSV or "
-        "Mooncake JSONL) through the simulator with each allocator, on the same requests.",
+        "Mooncake JSONL; any of them may be .gz, .bz2 or .xz) through the simulator with "
+        "each allocator, on the same requests.",
     )
-    parser.add_argument("trace", metavar="TRACE", help="trace file")
+    parser.add_argument("trace", metavar="TRACE", help="trace file (.gz, .bz2, .xz read as is)")
     parser.add_argument("--model", required=True, help="zoo model name")
     parser.add_argument("--memory", required=True, help="cache memory budget, e.g. 12GiB")
     parser.add_argument("--format", choices=FORMATS, help="trace format (default: guessed)")
@@ -285,8 +286,10 @@ def _replay_one(
     allocator = make_allocator(task.layout, geometry, inputs.budget, task.options)
     on_progress = None
     if progress is not None:
+
         def on_progress(done: int, total: int) -> None:
             progress(task.layout, done, total)
+
     result = simulate(inputs.requests, allocator, geometry, task.config, on_progress=on_progress)
     return result.to_dict() | {"allocator": task.layout}
 
@@ -466,7 +469,8 @@ def prefix_summary(results: list[dict[str, Any]]) -> str:
             f"{prefix['num_checkpoints_taken']} checkpoints taken, peak "
             f"{format_bytes(prefix['peak_checkpoint_bytes'])}, evicted "
             f"{prefix['num_evicted_checkpoints']} checkpoints and "
-            f"{prefix['num_evicted_pages']} pages" + _host_level_summary(prefix)
+            f"{prefix['num_evicted_pages']} pages"
+            + _host_level_summary(prefix)
             + _rules_summary(prefix)
         )
     return "\n".join(lines)
