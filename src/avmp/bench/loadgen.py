@@ -4,7 +4,9 @@ It speaks only the HTTP API (``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions``, streamed as server-sent events), so the same run measures
 avmp, vLLM or SGLang. Conventions follow vLLM's ``bench serve``, which users compare
 against: requests leave on a Poisson or gamma schedule (``burstiness`` k is the gamma
-shape, k = 1 is Poisson) or all at once, optionally under a concurrency cap; TTFT is
+shape, k = 1 is Poisson) or all at once, or, from a trace file, each at its trace arrival
+times a time scale (`LoadConfig.time_scale`: SGLang's bench_serving replays Mooncake
+traces so, under ``--mooncake-slowdown-factor``), optionally under a concurrency cap; TTFT is
 the time to the first streamed chunk that carries text, ITL every later gap between
 such chunks, TPOT ``(e2e - ttft) / (output tokens - 1)``, and goodput the requests per
 second that meet every latency objective.
@@ -61,11 +63,14 @@ class BenchRequest:
 
     ``prompt_tokens`` is the prompt's length as built (exact for token ids, counted with
     the dataset's tokenizer for text); the server's own count replaces it when reported.
+    ``arrival_s``: when a trace says the request arrives, in seconds from its first
+    (None: the request comes from no trace).
     """
 
     prompt: str | list[int]
     prompt_tokens: int
     max_tokens: int
+    arrival_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class LoadConfig:
         model: the model name sent in every request.
         endpoint: ``completions`` or ``chat``.
         request_rate: requests/s of the arrival schedule; ``inf`` sends all at once.
+            Not read under ``time_scale``.
+        time_scale: None, or send each request at its trace arrival (`BenchRequest.
+            arrival_s`) times this (0.5: twice as fast), the first at once: the trace's
+            own timing instead of a rate.
         burstiness: gamma shape k of the gaps (1: Poisson; < 1 burstier).
         max_concurrency: requests in flight at most (None: no cap).
         ignore_eos: send ``ignore_eos: true`` so outputs run to ``max_tokens``.
@@ -91,6 +100,7 @@ class LoadConfig:
     model: str
     endpoint: str = "completions"
     request_rate: float = math.inf
+    time_scale: float | None = None
     burstiness: float = 1.0
     max_concurrency: int | None = None
     ignore_eos: bool = True
@@ -107,6 +117,8 @@ class LoadConfig:
             raise ValueError(
                 f"request rate must be > 0 requests/s (or inf), got {self.request_rate}"
             )
+        if self.time_scale is not None and not 0 < self.time_scale < math.inf:
+            raise ValueError(f"time scale must be a positive number, got {self.time_scale}")
         if not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness must be a positive number, got {self.burstiness}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -197,13 +209,15 @@ def trace_requests(
     fmt: str | None = None,
     tokenizer: Any | None = None,
 ) -> list[BenchRequest]:
-    """The first ``num_prompts`` requests of a trace file (all by default), by length;
-    the trace's arrival times are not used (the schedule comes from the rate)."""
+    """The first ``num_prompts`` requests of a trace file (all by default), by length,
+    each with its arrival time (sent at it under `LoadConfig.time_scale`, else the rate
+    decides)."""
     from avmp.bench.traces import read_trace
 
     specs = read_trace(path, fmt)[:num_prompts]
     prompts, outputs = [s.prompt_tokens for s in specs], [s.output_tokens for s in specs]
-    return length_requests(prompts, outputs, seed, tokenizer)
+    built = length_requests(prompts, outputs, seed, tokenizer)
+    return [replace(b, arrival_s=s.arrival_s) for b, s in zip(built, specs, strict=True)]
 
 
 def preset_requests(
@@ -246,6 +260,21 @@ def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> 
 
 
 # -- arrivals -----------------------------------------------------------------------
+
+
+def send_times(requests: Sequence[BenchRequest], config: LoadConfig) -> np.ndarray:
+    """When each request leaves, in seconds from the run's start: its trace arrival times
+    ``config.time_scale`` (as the trace's first request arrives at 0, so does the first
+    sent), else `arrival_times` of the rate.
+
+    Raises:
+        ValueError: a time scale, and a request that has no trace arrival.
+    """
+    if config.time_scale is None:
+        return arrival_times(len(requests), config.request_rate, config.burstiness, config.seed)
+    if any(r.arrival_s is None for r in requests):
+        raise ValueError("the trace's own timing needs requests read from a trace file")
+    return np.array([r.arrival_s for r in requests], dtype=float) * config.time_scale
 
 
 def arrival_times(num_requests: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
@@ -456,7 +485,7 @@ async def _run_async(
 ) -> tuple[list[RequestRecord], float]:
     """Send ``requests`` on the schedule; returns their records and the run's duration
     (first send to last completion, or to the ``max_duration_s`` bound)."""
-    times = arrival_times(len(requests), config.request_rate, config.burstiness, config.seed)
+    times = send_times(requests, config)
     records = [RequestRecord(i, r.prompt_tokens, r.max_tokens) for i, r in enumerate(requests)]
     limit = asyncio.Semaphore(config.max_concurrency or len(requests))
     async with _client(config) as client:
@@ -490,10 +519,11 @@ def run_load(
     request ends (a progress bar). Returns every request's record and the duration.
 
     Raises:
-        ValueError: no requests.
+        ValueError: no requests, or the trace's timing asked of requests without it.
     """
     if not requests:
         raise ValueError("no requests to send")
+    send_times(requests, config)  # a schedule that cannot exist fails before any send
     return asyncio.run(_run_async(requests, config, on_done))
 
 
@@ -506,7 +536,8 @@ def warm_up(requests: Sequence[BenchRequest], config: LoadConfig) -> None:
     """
     if not requests:
         return
-    records, _ = run_load(requests, replace(config, request_rate=math.inf, max_duration_s=None))
+    at_once = replace(config, request_rate=math.inf, time_scale=None, max_duration_s=None)
+    records, _ = run_load(requests, at_once)
     if not any(r.success for r in records):
         raise BenchError(f"every warm-up request failed; the first: {records[0].error}")
 
@@ -612,8 +643,17 @@ def summarize(
 # -- results ---------------------------------------------------------------------------
 
 
+TRACE_RATE = "trace"
+"""The request rate that sends each request at its trace arrival (`LoadConfig.time_scale`)."""
+
+
 def rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def load_label(config: LoadConfig) -> str:
+    """The schedule of a run as its result names it: a rate (`rate_label`) or `TRACE_RATE`."""
+    return TRACE_RATE if config.time_scale is not None else rate_label(config.request_rate)
 
 
 def rate_result(
@@ -623,9 +663,11 @@ def rate_result(
     percentiles: Sequence[float],
     goodput: Goodput | None,
 ) -> dict[str, Any]:
-    """One rate's entry of a saved result: its load, summary and raw records."""
+    """One rate's entry of a saved result: its load, summary and raw records
+    (``request_rate`` `TRACE_RATE` with its ``time_scale`` for the trace's own timing)."""
     return {
-        "request_rate": rate_label(config.request_rate),
+        "request_rate": load_label(config),
+        "time_scale": config.time_scale,
         "burstiness": config.burstiness,
         "max_concurrency": config.max_concurrency,
         "summary": summarize(records, duration_s, percentiles, goodput),
