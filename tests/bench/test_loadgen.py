@@ -77,6 +77,31 @@ def test_trace_and_preset_requests(tmp_path: Path) -> None:
     assert all(len(r.prompt) == r.prompt_tokens for r in preset)
 
 
+def test_content_prompts_send_the_same_ids_for_the_same_content() -> None:
+    from avmp.sched.request import RequestSpec
+
+    specs = [
+        RequestSpec(0, 0.0, 30, 4, (("system", 20), ("q0", 10)), output_segment="a0"),
+        RequestSpec(1, 1.0, 12, 2),
+        RequestSpec(2, 2.0, 38, 4, (("system", 20), ("q0", 10), ("a0", 4), ("q1", 4))),
+        RequestSpec(3, 3.0, 33, 1, (("system", 25), ("q2", 8))),  # a longer system prompt
+        RequestSpec(4, 4.0, 12, 3, (("system", 12),)),
+    ]
+    first, plain, turn, longer, shorter = loadgen.content_prompts(specs, seed=5)
+    assert [len(p) for p in (first, plain, turn, longer, shorter)] == [30, 12, 38, 33, 12]
+    assert turn[:30] == first  # the conversation so far, then the answer's ids and q1
+    assert longer[:20] == first[:20] and longer[20:25] != first[20:25]
+    assert shorter == first[:12]
+    low, high = loadgen.PROMPT_TOKEN_IDS
+    assert all(low <= t < high for p in (first, plain, turn) for t in p)
+    assert loadgen.content_prompts(specs, seed=5) == [first, plain, turn, longer, shorter]
+    assert loadgen.content_prompts(specs, seed=6)[0] != first
+    # a trace that names no content gets length_requests' prompts, as before
+    unnamed = [RequestSpec(i, float(i), 5 + i, 2) for i in range(4)]
+    by_length = loadgen.length_requests([5, 6, 7, 8], [2] * 4, seed=5)
+    assert loadgen.content_prompts(unnamed, seed=5) == [r.prompt for r in by_length]
+
+
 def test_sharegpt_requests_are_the_conversations_of_the_sampled_lengths() -> None:
     from avmp.bench import sharegpt
 

@@ -222,6 +222,58 @@ def test_the_trace_timing_from_a_compressed_trace_saves_and_reports(
     assert out.with_name("r.latency.png").stat().st_size > 0
 
 
+def test_a_mooncake_traces_sharing_and_timing_reach_the_server(
+    server, tmp_path: Path, capsys
+) -> None:
+    """Requests whose hash ids agree send the same leading token ids (a 512-token block
+    each), the rest differ; each leaves at its timestamp x --time-scale."""
+    url, state = server
+    rows = [  # timestamps in ms
+        {"timestamp": 0, "input_length": 600, "output_length": 2, "hash_ids": [7, 8]},
+        {"timestamp": 4000, "input_length": 700, "output_length": 2, "hash_ids": [7, 9]},
+        {"timestamp": 6000, "input_length": 300, "output_length": 2, "hash_ids": [7]},
+        {"timestamp": 9000, "input_length": 520, "output_length": 2},
+    ]
+    trace = tmp_path / "mooncake_trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--request-rate", "trace",
+            "--time-scale", "0.02", "--warmup", "0", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    by_length = {len(b["prompt"]): b["prompt"] for b in state.bodies[before:]}
+    first, second, partial, plain = by_length[600], by_length[700], by_length[300], by_length[520]
+    assert first[:512] == second[:512] and first[512:] != second[512:600]
+    # a partial block is its own content: it shares with no whole block
+    assert partial != first[:300] and plain[:512] != first[:512]
+    (entry,) = json.loads(out.read_text())["results"]
+    starts = [r["start_s"] for r in entry["requests"]]
+    for start, row in zip(starts, rows, strict=True):
+        due = row["timestamp"] / 1000 * 0.02
+        assert due - 1e-3 <= start < due + 0.15
+
+
+def test_a_jsonl_conversation_sends_its_history_as_the_same_ids(server, tmp_path: Path) -> None:
+    url, state = server
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"arrival_s": 0, "prompt_tokens": 30, "output_tokens": 4, '
+        '"segments": [["system", 20], ["q0", 10]], "output_segment": "a0"}\n'
+        '{"arrival_s": 1, "prompt_tokens": 25, "output_tokens": 2, '
+        '"segments": [["system", 20], ["q9", 5]]}\n'
+        '{"arrival_s": 2, "prompt_tokens": 38, "output_tokens": 2, '
+        '"segments": [["system", 20], ["q0", 10], ["a0", 4], ["q1", 4]]}\n'
+    )
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--warmup", "0",
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    by_length = {len(b["prompt"]): b["prompt"] for b in state.bodies[before:]}
+    first, other, turn = by_length[30], by_length[25], by_length[38]
+    assert turn[:30] == first and other[:20] == first[:20] and other[20:] != first[20:25]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -19,7 +19,10 @@ under vLLM's rules, `avmp.bench.sharegpt`), or prompt/output lengths from a trac
 or a workload preset, sent as token-id lists of exactly that length (ids drawn with the
 seed from ``PROMPT_TOKEN_IDS``, a range every real vocabulary has and that skips the
 low ids where tokenizers keep their special tokens), or, given the server's tokenizer,
-as text of that many tokens under it (`text_prompt`). ``ignore_eos`` (a vLLM and SGLang
+as text of that many tokens under it (`text_prompt`). Where a trace names what its
+prompts are made of (`avmp.sched.request.RequestSpec.segments`), the token-id prompts
+share what it shares (`content_prompts`); text prompts do not, as decoding and encoding
+again can shift tokens across a segment's edge. ``ignore_eos`` (a vLLM and SGLang
 extension) is sent by default so that every output is as long as the trace says.
 """
 
@@ -31,15 +34,18 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from avmp.bench.files import write_atomic
+
+if TYPE_CHECKING:
+    from avmp.sched.request import RequestSpec
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PROMPT_TOKEN_IDS = (100, 1000)
@@ -202,6 +208,35 @@ def length_requests(
     return built
 
 
+def content_prompts(specs: Sequence[RequestSpec], seed: int) -> list[list[int]]:
+    """Token-id prompts of the requests' lengths in which the same content id is the same
+    ids, so that a server's prefix cache sees what the trace shares.
+
+    Ids come from one generator seeded with ``seed``, drawn as `token_prompt` draws them:
+    a content id's ids when a segment first needs them (a later, longer segment of the
+    same id draws the rest; a shorter one takes their start), a prompt without segments
+    its own ids, so a trace that names no content gets `length_requests`' prompts. An
+    ``output_segment`` a later prompt names is drawn like any content: the server's real
+    answer to the earlier request is other tokens, so its cache can hold the earlier
+    prompt but not the answer as the later prompt sends it.
+    """
+    rng = np.random.default_rng(seed)
+    ids_of: dict[Hashable, list[int]] = {}
+    prompts = []
+    for spec in specs:
+        if not spec.segments:
+            prompts.append(token_prompt(spec.prompt_tokens, rng))
+            continue
+        prompt: list[int] = []
+        for content_id, num_tokens in spec.segments:
+            ids = ids_of.setdefault(content_id, [])
+            if len(ids) < num_tokens:
+                ids.extend(token_prompt(num_tokens - len(ids), rng))
+            prompt.extend(ids[:num_tokens])
+        prompts.append(prompt)
+    return prompts
+
+
 def trace_requests(
     path: str | Path,
     num_prompts: int | None,
@@ -209,14 +244,19 @@ def trace_requests(
     fmt: str | None = None,
     tokenizer: Any | None = None,
 ) -> list[BenchRequest]:
-    """The first ``num_prompts`` requests of a trace file (all by default), by length,
-    each with its arrival time (sent at it under `LoadConfig.time_scale`, else the rate
-    decides)."""
+    """The first ``num_prompts`` requests of a trace file (all by default), each with its
+    arrival time (sent at it under `LoadConfig.time_scale`, else the rate decides): token-id
+    prompts that share what the trace says they share (`content_prompts`), or text of each
+    length under ``tokenizer`` (`length_requests`; sharing nothing)."""
     from avmp.bench.traces import read_trace
 
     specs = read_trace(path, fmt)[:num_prompts]
-    prompts, outputs = [s.prompt_tokens for s in specs], [s.output_tokens for s in specs]
-    built = length_requests(prompts, outputs, seed, tokenizer)
+    outputs = [s.output_tokens for s in specs]
+    if tokenizer is None:
+        prompts = content_prompts(specs, seed)
+        built = [BenchRequest(p, len(p), o) for p, o in zip(prompts, outputs, strict=True)]
+    else:
+        built = length_requests([s.prompt_tokens for s in specs], outputs, seed, tokenizer)
     return [replace(b, arrival_s=s.arrival_s) for b, s in zip(built, specs, strict=True)]
 
 

@@ -374,7 +374,8 @@ def add_serve_parser(subcommands: Any) -> None:
         "--tokenizer",
         metavar="NAME_OR_DIR",
         help="with --trace or --workload: send text of each length under this tokenizer "
-        "(a transformers tokenizer directory or model id) instead of token ids",
+        "(a transformers tokenizer directory or model id) instead of token ids; a trace's "
+        "prefix sharing is sent with token ids only",
     )
     parser.add_argument(
         "--num-prompts",
