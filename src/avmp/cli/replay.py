@@ -45,6 +45,7 @@ COLUMNS = (
 def add_parser(subparsers: Any) -> None:
     from avmp.bench.sweep import LAYOUTS, PROFILES
     from avmp.bench.traces import FORMATS
+    from avmp.sim.simulator import SimConfig
 
     parser = subparsers.add_parser(
         "replay",
@@ -54,7 +55,12 @@ def add_parser(subparsers: Any) -> None:
         "each allocator, on the same requests.",
     )
     parser.add_argument("trace", metavar="TRACE", help="trace file (.gz, .bz2, .xz read as is)")
-    parser.add_argument("--model", required=True, help="zoo model name")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="zoo name (e.g. jamba-1.5-mini), a config.json path or a checkpoint directory "
+        "holding one, as avmp plan takes",
+    )
     parser.add_argument("--memory", required=True, help="cache memory budget, e.g. 12GiB")
     parser.add_argument("--format", choices=FORMATS, help="trace format (default: guessed)")
     parser.add_argument("--profile", choices=PROFILES, default="h100", help="GPU time model")
@@ -65,6 +71,21 @@ def add_parser(subparsers: Any) -> None:
         "and SGLang's own preemption and admission (default: all)",
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=SimConfig.max_num_seqs,
+        metavar="N",
+        help=f"running requests at most, as vLLM's (default {SimConfig.max_num_seqs})",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SimConfig.max_num_batched_tokens,
+        metavar="N",
+        help="tokens per step at most, the chunked-prefill budget, as vLLM's "
+        f"(default {SimConfig.max_num_batched_tokens})",
+    )
     parser.add_argument(
         "--tensor-parallel",
         default=None,
@@ -185,6 +206,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         profile=args.profile,
         calibration=args.calibration,
         prefix_cache=args.prefix_cache,
+        **_batch_limits(args),
         **policy,
     )
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
@@ -246,6 +268,18 @@ class ReplayInputs:
     requests: list[Any]
     geometry: Any
     budget: int
+
+
+def _batch_limits(args: argparse.Namespace) -> dict[str, int]:
+    """``--max-num-seqs`` and ``--max-num-batched-tokens`` as `SimConfig` fields, each a
+    one-line error below 1 (the scheduler's own error would not name the option)."""
+    limits = {}
+    for field in ("max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, field)
+        if value < 1:
+            raise UserError(f"--{field.replace('_', '-')} must be >= 1, got {value}")
+        limits[field] = value
+    return limits
 
 
 def _workers(text: str | None, num_tasks: int) -> int | None:
@@ -429,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
         f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
-        f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}; "
+        f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}, "
+        f"at most {args.max_num_seqs} requests and {args.max_num_batched_tokens} tokens a step; "
         f"all completed: the {num_common} requests every allocator completed; "
         f"goodput: {slo_targets(args).describe()}"
     )
