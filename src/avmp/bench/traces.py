@@ -51,7 +51,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from avmp.sched.request import RequestSpec, Segment
 
@@ -65,7 +65,11 @@ class TraceError(ValueError):
     """A trace file that cannot be read: the message names the file and line."""
 
 
-COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+COMPRESSED: dict[str, Callable[..., IO[Any]]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+}
 """The decompressor of each compressed suffix (the standard library's)."""
 
 _ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -79,7 +83,8 @@ def _open_text(path: Path, newline: str | None = None) -> IO[str]:
     opener = COMPRESSED.get(path.suffix)
     if opener is None:
         return path.open(encoding="utf-8", newline=newline)
-    return opener(path, "rt", encoding="utf-8", newline=newline)  # type: ignore[operator]
+    text: IO[str] = opener(path, "rt", encoding="utf-8", newline=newline)
+    return text
 
 
 def _inner_name(path: Path) -> Path:

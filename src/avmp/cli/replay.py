@@ -206,7 +206,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         profile=args.profile,
         calibration=args.calibration,
         prefix_cache=args.prefix_cache,
-        **_batch_limits(args),
+        max_num_seqs=_at_least_one(args, "max_num_seqs"),
+        max_num_batched_tokens=_at_least_one(args, "max_num_batched_tokens"),
         **policy,
     )
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
@@ -270,16 +271,13 @@ class ReplayInputs:
     budget: int
 
 
-def _batch_limits(args: argparse.Namespace) -> dict[str, int]:
-    """``--max-num-seqs`` and ``--max-num-batched-tokens`` as `SimConfig` fields, each a
-    one-line error below 1 (the scheduler's own error would not name the option)."""
-    limits = {}
-    for field in ("max_num_seqs", "max_num_batched_tokens"):
-        value = getattr(args, field)
-        if value < 1:
-            raise UserError(f"--{field.replace('_', '-')} must be >= 1, got {value}")
-        limits[field] = value
-    return limits
+def _at_least_one(args: argparse.Namespace, field: str) -> int:
+    """A batch limit (``--max-num-seqs``, ``--max-num-batched-tokens``), a one-line error
+    below 1 (the scheduler's own error would not name the option)."""
+    value: int = getattr(args, field)
+    if value < 1:
+        raise UserError(f"--{field.replace('_', '-')} must be >= 1, got {value}")
+    return value
 
 
 def _workers(text: str | None, num_tasks: int) -> int | None:
