@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,35 @@ def test_trace_and_preset_requests(tmp_path: Path) -> None:
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     built = loadgen.trace_requests(trace, num_prompts=3, seed=0)
     assert [len(r.prompt) for r in built] == [10, 11, 12]
+    assert [r.arrival_s for r in built] == [0, 1, 2]
     preset = loadgen.preset_requests("uniform_short", num_prompts=5, seed=0)
     assert len(preset) == 5 and all(128 <= r.prompt_tokens <= 1024 for r in preset)
     assert all(len(r.prompt) == r.prompt_tokens for r in preset)
+
+
+def test_content_prompts_send_the_same_ids_for_the_same_content() -> None:
+    from avmp.sched.request import RequestSpec
+
+    specs = [
+        RequestSpec(0, 0.0, 30, 4, (("system", 20), ("q0", 10)), output_segment="a0"),
+        RequestSpec(1, 1.0, 12, 2),
+        RequestSpec(2, 2.0, 38, 4, (("system", 20), ("q0", 10), ("a0", 4), ("q1", 4))),
+        RequestSpec(3, 3.0, 33, 1, (("system", 25), ("q2", 8))),  # a longer system prompt
+        RequestSpec(4, 4.0, 12, 3, (("system", 12),)),
+    ]
+    first, plain, turn, longer, shorter = loadgen.content_prompts(specs, seed=5)
+    assert [len(p) for p in (first, plain, turn, longer, shorter)] == [30, 12, 38, 33, 12]
+    assert turn[:30] == first  # the conversation so far, then the answer's ids and q1
+    assert longer[:20] == first[:20] and longer[20:25] != first[20:25]
+    assert shorter == first[:12]
+    low, high = loadgen.PROMPT_TOKEN_IDS
+    assert all(low <= t < high for p in (first, plain, turn) for t in p)
+    assert loadgen.content_prompts(specs, seed=5) == [first, plain, turn, longer, shorter]
+    assert loadgen.content_prompts(specs, seed=6)[0] != first
+    # a trace that names no content gets length_requests' prompts, as before
+    unnamed = [RequestSpec(i, float(i), 5 + i, 2) for i in range(4)]
+    by_length = loadgen.length_requests([5, 6, 7, 8], [2] * 4, seed=5)
+    assert loadgen.content_prompts(unnamed, seed=5) == [r.prompt for r in by_length]
 
 
 def test_sharegpt_requests_are_the_conversations_of_the_sampled_lengths() -> None:
@@ -123,6 +150,22 @@ def test_rate_spreads_requests_and_chat_endpoint_reads_deltas() -> None:
     assert np.all(np.array(starts) < expected + 0.15)
     assert all(r.success and r.output_tokens == 3 for r in records)
     assert "messages" in state.bodies[0] and "ignore_eos" not in state.bodies[0]
+
+
+def test_the_trace_timing_sends_each_request_at_its_scaled_arrival() -> None:
+    arrivals = [0.0, 2.0, 2.0, 5.0, 9.0]
+    requests = [replace(r, arrival_s=a) for r, a in zip(_requests(5, 2), arrivals, strict=True)]
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.0)) as (url, _):
+        # a rate and burstiness are not read under a time scale
+        config = LoadConfig(url, MODEL, request_rate=1.0, burstiness=0.1, time_scale=0.04)
+        records, duration = run_load(requests, config)
+    starts = np.array([r.start_s for r in records])
+    expected = np.array(arrivals) * 0.04
+    assert np.array_equal(loadgen.send_times(requests, config), expected)
+    assert np.all(starts >= expected - 1e-3) and np.all(starts < expected + 0.15)
+    assert all(r.success for r in records) and 0.36 <= duration < 1.0
+    with pytest.raises(ValueError, match="the trace's own timing needs requests read from"):
+        run_load(_requests(2), config)
 
 
 def test_without_usage_tokens_are_counted_from_chunks() -> None:
@@ -250,6 +293,8 @@ def test_saved_result_round_trips(tmp_path: Path) -> None:
         ({"endpoint": "embeddings"}, "unknown endpoint"),
         ({"request_rate": 0.0}, "request rate"),
         ({"burstiness": -1.0}, "burstiness"),
+        ({"time_scale": 0.0}, "time scale must be a positive number"),
+        ({"time_scale": math.inf}, "time scale must be a positive number"),
         ({"max_concurrency": 0}, "concurrency"),
     ],
 )

@@ -139,6 +139,18 @@ def test_every_request_failing_is_reported_and_exits_1(capsys) -> None:
         (["--percentiles", "0,50"], "--percentiles"),
         (["--burstiness", "0"], "--burstiness must be a positive number"),
         (["--trace", "/no/such.jsonl"], "no such trace file"),
+        (["--request-rate", "trace"], "--request-rate trace needs --trace FILE"),
+        (["--request-rate", "trace", "--workload", "shift"], "needs --trace FILE"),
+        (["--request-rate", "4,trace"], "it cannot be mixed with rates"),
+        (["--time-scale", "0.5"], "--time-scale goes with --request-rate trace"),
+        (
+            ["--request-rate", "trace", "--trace", "{trace}", "--time-scale", "0"],
+            "--time-scale must be a positive number, got 0.0",
+        ),
+        (
+            ["--request-rate", "trace", "--trace", "{trace}", "--burstiness", "2"],
+            "--burstiness shapes a rate's gaps",
+        ),
         (["--endpoint", "chat", "--workload", "shift"], "--endpoint chat needs text prompts"),
         (
             ["--url", "{url}/nowhere", "--model", "m", "--workload", "shift"],
@@ -147,9 +159,13 @@ def test_every_request_failing_is_reported_and_exits_1(capsys) -> None:
         (["--url", "{url}/nowhere"], "/nowhere/v1/models: HTTP 404"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(server, capsys, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2(
+    server, tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
     url, _ = server
-    args = [a.format(url=url) for a in args]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_tokens": 4, "output_tokens": 2}\n')
+    args = [a.format(url=url, trace=trace) for a in args]
     full = ["bench", "serve", "--url", url, "--num-prompts", "2", "--no-progress", *args]
     assert main(full) == 2
     err = capsys.readouterr().err
@@ -171,6 +187,91 @@ def test_trace_as_text_over_chat_with_a_tokenizer(server, tmp_path: Path, capsys
     assert main(args) == 0
     contents = [b["messages"][0]["content"] for b in state.bodies[-3:]]
     assert sorted(len(c.split()) for c in contents) == [4, 5, 6]  # sent all at once
+
+
+def test_the_trace_timing_from_a_compressed_trace_saves_and_reports(
+    server, tmp_path: Path, capsys
+) -> None:
+    """--request-rate trace sends each request at its arrival x --time-scale; the result
+    names the schedule and `avmp report` draws it."""
+    import gzip
+
+    url, state = server
+    arrivals = [0.0, 3.0, 3.0, 8.0]
+    trace = tmp_path / "t.jsonl.gz"
+    with gzip.open(trace, "wt") as handle:
+        for i, arrival in enumerate(arrivals):
+            row = {"arrival_s": 100 + arrival, "prompt_tokens": 4 + i, "output_tokens": 2}
+            handle.write(json.dumps(row) + "\n")
+    out = tmp_path / "r.json"
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--request-rate", "trace",
+            "--time-scale", "0.05", "--warmup", "0", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    assert "trace x0.05" in capsys.readouterr().out
+    assert sorted(len(b["prompt"]) for b in state.bodies[before:]) == [4, 5, 6, 7]
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["request_rate"] == "trace" and entry["time_scale"] == 0.05
+    starts = [r["start_s"] for r in entry["requests"]]
+    for start, arrival in zip(starts, arrivals, strict=True):
+        assert arrival * 0.05 - 1e-3 <= start < arrival * 0.05 + 0.15
+    assert entry["summary"]["completed"] == 4 and 0.4 <= entry["summary"]["duration_s"] < 1.5
+    assert main(["report", str(out)]) == 0
+    assert "trace x0.05" in capsys.readouterr().out
+    assert out.with_name("r.latency.png").stat().st_size > 0
+
+
+def test_a_mooncake_traces_sharing_and_timing_reach_the_server(
+    server, tmp_path: Path, capsys
+) -> None:
+    """Requests whose hash ids agree send the same leading token ids (a 512-token block
+    each), the rest differ; each leaves at its timestamp x --time-scale."""
+    url, state = server
+    rows = [  # timestamps in ms
+        {"timestamp": 0, "input_length": 600, "output_length": 2, "hash_ids": [7, 8]},
+        {"timestamp": 4000, "input_length": 700, "output_length": 2, "hash_ids": [7, 9]},
+        {"timestamp": 6000, "input_length": 300, "output_length": 2, "hash_ids": [7]},
+        {"timestamp": 9000, "input_length": 520, "output_length": 2},
+    ]
+    trace = tmp_path / "mooncake_trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--request-rate", "trace",
+            "--time-scale", "0.02", "--warmup", "0", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    by_length = {len(b["prompt"]): b["prompt"] for b in state.bodies[before:]}
+    first, second, partial, plain = by_length[600], by_length[700], by_length[300], by_length[520]
+    assert first[:512] == second[:512] and first[512:] != second[512:600]
+    # a partial block is its own content: it shares with no whole block
+    assert partial != first[:300] and plain[:512] != first[:512]
+    (entry,) = json.loads(out.read_text())["results"]
+    starts = [r["start_s"] for r in entry["requests"]]
+    for start, row in zip(starts, rows, strict=True):
+        due = row["timestamp"] / 1000 * 0.02
+        assert due - 1e-3 <= start < due + 0.15
+
+
+def test_a_jsonl_conversation_sends_its_history_as_the_same_ids(server, tmp_path: Path) -> None:
+    url, state = server
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"arrival_s": 0, "prompt_tokens": 30, "output_tokens": 4, '
+        '"segments": [["system", 20], ["q0", 10]], "output_segment": "a0"}\n'
+        '{"arrival_s": 1, "prompt_tokens": 25, "output_tokens": 2, '
+        '"segments": [["system", 20], ["q9", 5]]}\n'
+        '{"arrival_s": 2, "prompt_tokens": 38, "output_tokens": 2, '
+        '"segments": [["system", 20], ["q0", 10], ["a0", 4], ["q1", 4]]}\n'
+    )
+    args = ["bench", "serve", "--url", url, "--trace", str(trace), "--warmup", "0",
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    by_length = {len(b["prompt"]): b["prompt"] for b in state.bodies[before:]}
+    first, other, turn = by_length[30], by_length[25], by_length[38]
+    assert turn[:30] == first and other[:20] == first[:20] and other[20:] != first[20:25]
 
 
 @pytest.mark.parametrize(

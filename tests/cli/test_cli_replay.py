@@ -62,27 +62,54 @@ def test_the_progress_bar_shows_on_a_terminal_only(
 
 
 def test_replay_json_is_the_raw_results(trace: Path, capsys) -> None:
-    argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB", "--json",
-            "--allocators", "avmp,static", "--profile", "rtx3060"]
+    argv = [
+        "replay",
+        str(trace),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "1GiB",
+        "--json",
+        "--allocators",
+        "avmp,static",
+        "--profile",
+        "rtx3060",
+    ]
     assert main(argv) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["allocator"] for r in results] == ["avmp", "static"]
     assert all(r["num_completed"] == 12 for r in results)
 
 
-@pytest.mark.parametrize(("text", "args", "message"), [
-    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n{"arrival_s": 1}\n', [],
-     "trace.jsonl:2: missing field"),
-    ("", [], "empty trace"),
-    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--memory", "lots"],
-     "bad size"),
-    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--model", "nope"],
-     "unknown model"),
-    ('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n', ["--allocators", "lru"],
-     "unknown allocator"),
-])
-def test_replay_user_mistakes(tmp_path: Path, capsys, text: str, args: list[str],
-                              message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "args", "message"),
+    [
+        (
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n{"arrival_s": 1}\n',
+            [],
+            "trace.jsonl:2: missing field",
+        ),
+        ("", [], "empty trace"),
+        (
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ["--memory", "lots"],
+            "bad size",
+        ),
+        (
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ["--model", "nope"],
+            "unknown model",
+        ),
+        (
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ["--allocators", "lru"],
+            "unknown allocator",
+        ),
+    ],
+)
+def test_replay_user_mistakes(
+    tmp_path: Path, capsys, text: str, args: list[str], message: str
+) -> None:
     path = tmp_path / "trace.jsonl"
     path.write_text(text)
     argv = ["replay", str(path), "--model", "granite-4.0-h-micro", "--memory", "1GiB", *args]
@@ -92,20 +119,41 @@ def test_replay_user_mistakes(tmp_path: Path, capsys, text: str, args: list[str]
 
 
 def test_replay_missing_trace(tmp_path: Path, capsys) -> None:
-    argv = ["replay", str(tmp_path / "no.jsonl"), "--model", "granite-4.0-h-micro",
-            "--memory", "1GiB"]
+    argv = [
+        "replay",
+        str(tmp_path / "no.jsonl"),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "1GiB",
+    ]
     assert main(argv) == 2
     assert "no such trace file" in capsys.readouterr().err
 
 
 def test_replay_with_a_calibration_file(trace: Path, tmp_path: Path, capsys) -> None:
-    points = [{"num_prefill_tokens": p, "num_decode_requests": d, "num_context_tokens": c,
-               "step_s": 0.01 + 1e-5 * p + 1e-4 * d + 1e-7 * c}
-              for p, d, c in ((0, 1, 100), (512, 0, 0), (0, 8, 4000), (256, 4, 2000), (64, 2, 50))]
+    points = [
+        {
+            "num_prefill_tokens": p,
+            "num_decode_requests": d,
+            "num_context_tokens": c,
+            "step_s": 0.01 + 1e-5 * p + 1e-4 * d + 1e-7 * c,
+        }
+        for p, d, c in ((0, 1, 100), (512, 0, 0), (0, 8, 4000), (256, 4, 2000), (64, 2, 50))
+    ]
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"gpu": "h100", "points": points}))
-    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB", "--json",
-            "--allocators", "avmp"]
+    base = [
+        "replay",
+        str(trace),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "1GiB",
+        "--json",
+        "--allocators",
+        "avmp",
+    ]
     assert main(base) == 0
     roofline = json.loads(capsys.readouterr().out)[0]
     assert main([*base, "--calibration", str(calibration)]) == 0
@@ -122,8 +170,16 @@ def test_replay_refuses_a_run_the_gpu_profile_cannot_hold(trace: Path, capsys) -
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "jamba-1.5-mini cannot run on NVIDIA H100 80 GB SXM (h100): weights 96.1 GiB" in err
-    cache = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "12GiB",
-             "--profile", "rtx3060"]
+    cache = [
+        "replay",
+        str(trace),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "12GiB",
+        "--profile",
+        "rtx3060",
+    ]
     assert main(cache) == 2  # a 12 GiB cache on a 12 GB card
     assert "cache 12.0 GiB" in capsys.readouterr().err
     assert main([*argv, "--ignore-feasibility", "--json"]) == 0
@@ -131,8 +187,17 @@ def test_replay_refuses_a_run_the_gpu_profile_cannot_hold(trace: Path, capsys) -
 
 
 def test_replay_ssm_dtype_doubles_the_state(trace: Path, capsys) -> None:
-    base = ["replay", str(trace), "--model", "nemotron-h-8b", "--memory", "1GiB", "--json",
-            "--allocators", "avmp"]
+    base = [
+        "replay",
+        str(trace),
+        "--model",
+        "nemotron-h-8b",
+        "--memory",
+        "1GiB",
+        "--json",
+        "--allocators",
+        "avmp",
+    ]
     runs = {}
     for dtype in ("bf16", "fp32", "auto"):
         assert main([*base, "--ssm-dtype", dtype]) == 0
@@ -145,30 +210,59 @@ def test_replay_ssm_dtype_doubles_the_state(trace: Path, capsys) -> None:
 
 
 def test_replay_static_options_change_only_the_static_row(trace: Path, capsys) -> None:
-    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "256MiB",
-            "--json", "--allocators", "avmp,static"]
+    base = [
+        "replay",
+        str(trace),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "256MiB",
+        "--json",
+        "--allocators",
+        "avmp,static",
+    ]
     runs = []
     for extra in ([], ["--static-options", "radix_cache_cap"]):
         assert main([*base, *extra]) == 0
         results = json.loads(capsys.readouterr().out)
-        runs.append({r["allocator"]: {k: v for k, v in r.items() if not k.startswith("measured")}
-                     for r in results})
+        runs.append(
+            {
+                r["allocator"]: {k: v for k, v in r.items() if not k.startswith("measured")}
+                for r in results
+            }
+        )
     assert runs[0]["avmp"] == runs[1]["avmp"]
     assert runs[0]["static"] != runs[1]["static"]
 
 
 def test_replay_policy_options(trace: Path, capsys) -> None:
-    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
-            "--json", "--allocators", "avmp"]
-    assert main([*base, "--preemption", "recompute", "--admission", "greedy",
-                 "--host-tier", "0"]) == 0
+    base = [
+        "replay",
+        str(trace),
+        "--model",
+        "granite-4.0-h-micro",
+        "--memory",
+        "1GiB",
+        "--json",
+        "--allocators",
+        "avmp",
+    ]
+    assert (
+        main([*base, "--preemption", "recompute", "--admission", "greedy", "--host-tier", "0"]) == 0
+    )
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["policy"] == {"preemption": "recompute", "admission": "greedy",
-                                "host_tier_bytes": 0}
+    assert result["policy"] == {
+        "preemption": "recompute",
+        "admission": "greedy",
+        "host_tier_bytes": 0,
+    }
     assert main([*base, "--host-tier", "8GiB"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["policy"] == {"preemption": "auto", "admission": "reserve",
-                                "host_tier_bytes": 8 << 30}
+    assert result["policy"] == {
+        "preemption": "auto",
+        "admission": "reserve",
+        "host_tier_bytes": 8 << 30,
+    }
     assert main([*base, "--preemption", "swap", "--host-tier", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs a host tier" in err
@@ -186,6 +280,7 @@ def test_workers_replay_the_allocators_at_once_with_the_same_results(
 
     argv = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
             "--allocators", "avmp,static,unified", "--json"]  # fmt: skip
+
     def results() -> list[dict]:  # less the measured CPU time, which no two runs share
         return [{k: v for k, v in r.items() if not k.startswith("measured_")}
                 for r in json.loads(capsys.readouterr().out)]  # fmt: skip
@@ -213,3 +308,51 @@ def test_workers_replay_the_allocators_at_once_with_the_same_results(
         assert main([*argv, "--workers", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--workers must be a whole number >= 1" in err[0]
+
+
+def _without_measured(results: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("measured_")} for r in results]
+
+
+def test_replay_takes_a_config_json_or_a_checkpoint_directory(
+    trace: Path, tmp_path: Path, capsys
+) -> None:
+    from avmp.models.zoo import zoo_config
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(zoo_config("granite-4.0-h-micro")))
+    runs = []
+    for model in ("granite-4.0-h-micro", str(checkpoint / "config.json"), str(checkpoint)):
+        argv = ["replay", str(trace), "--model", model, "--memory", "1GiB", "--json",
+                "--allocators", "avmp,static"]  # fmt: skip
+        assert main(argv) == 0
+        runs.append(_without_measured(json.loads(capsys.readouterr().out)))
+    assert runs[0] == runs[1] == runs[2]
+    argv = ["replay", str(trace), "--model", str(tmp_path), "--memory", "1GiB"]
+    assert main(argv) == 2  # a directory without config.json
+    assert (
+        capsys.readouterr().err == f"avmp replay: error: no config file at {tmp_path}/config.json\n"
+    )
+
+
+def test_replay_batch_limits(trace: Path, capsys) -> None:
+    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
+            "--json", "--allocators", "avmp"]  # fmt: skip
+
+    def replayed(*extra: str) -> dict:
+        assert main([*base, *extra]) == 0
+        return _without_measured(json.loads(capsys.readouterr().out))[0]
+
+    default = replayed()
+    assert replayed("--max-num-seqs", "256", "--max-num-batched-tokens", "8192") == default
+    one_at_a_time = replayed("--max-num-seqs", "1")
+    assert one_at_a_time["num_completed"] == 12
+    assert one_at_a_time["makespan_s"] > default["makespan_s"]
+    small_steps = replayed("--max-num-batched-tokens", "64")
+    assert small_steps["num_steps"] > default["num_steps"]
+    assert main([*base[:-3], "--max-num-seqs", "4"]) == 0
+    assert "at most 4 requests and 8192 tokens a step" in capsys.readouterr().out
+    for flag in ("--max-num-seqs", "--max-num-batched-tokens"):
+        assert main([*base, flag, "0"]) == 2
+        assert capsys.readouterr().err == f"avmp replay: error: {flag} must be >= 1, got 0\n"

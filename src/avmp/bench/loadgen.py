@@ -4,7 +4,9 @@ It speaks only the HTTP API (``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions``, streamed as server-sent events), so the same run measures
 avmp, vLLM or SGLang. Conventions follow vLLM's ``bench serve``, which users compare
 against: requests leave on a Poisson or gamma schedule (``burstiness`` k is the gamma
-shape, k = 1 is Poisson) or all at once, optionally under a concurrency cap; TTFT is
+shape, k = 1 is Poisson) or all at once, or, from a trace file, each at its trace arrival
+times a time scale (`LoadConfig.time_scale`: SGLang's bench_serving replays Mooncake
+traces so, under ``--mooncake-slowdown-factor``), optionally under a concurrency cap; TTFT is
 the time to the first streamed chunk that carries text, ITL every later gap between
 such chunks, TPOT ``(e2e - ttft) / (output tokens - 1)``, and goodput the requests per
 second that meet every latency objective.
@@ -17,7 +19,10 @@ under vLLM's rules, `avmp.bench.sharegpt`), or prompt/output lengths from a trac
 or a workload preset, sent as token-id lists of exactly that length (ids drawn with the
 seed from ``PROMPT_TOKEN_IDS``, a range every real vocabulary has and that skips the
 low ids where tokenizers keep their special tokens), or, given the server's tokenizer,
-as text of that many tokens under it (`text_prompt`). ``ignore_eos`` (a vLLM and SGLang
+as text of that many tokens under it (`text_prompt`). Where a trace names what its
+prompts are made of (`avmp.sched.request.RequestSpec.segments`), the token-id prompts
+share what it shares (`content_prompts`); text prompts do not, as decoding and encoding
+again can shift tokens across a segment's edge. ``ignore_eos`` (a vLLM and SGLang
 extension) is sent by default so that every output is as long as the trace says.
 """
 
@@ -29,15 +34,18 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from avmp.bench.files import write_atomic
+
+if TYPE_CHECKING:
+    from avmp.sched.request import RequestSpec
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PROMPT_TOKEN_IDS = (100, 1000)
@@ -61,11 +69,14 @@ class BenchRequest:
 
     ``prompt_tokens`` is the prompt's length as built (exact for token ids, counted with
     the dataset's tokenizer for text); the server's own count replaces it when reported.
+    ``arrival_s``: when a trace says the request arrives, in seconds from its first
+    (None: the request comes from no trace).
     """
 
     prompt: str | list[int]
     prompt_tokens: int
     max_tokens: int
+    arrival_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class LoadConfig:
         model: the model name sent in every request.
         endpoint: ``completions`` or ``chat``.
         request_rate: requests/s of the arrival schedule; ``inf`` sends all at once.
+            Not read under ``time_scale``.
+        time_scale: None, or send each request at its trace arrival (`BenchRequest.
+            arrival_s`) times this (0.5: twice as fast), the first at once: the trace's
+            own timing instead of a rate.
         burstiness: gamma shape k of the gaps (1: Poisson; < 1 burstier).
         max_concurrency: requests in flight at most (None: no cap).
         ignore_eos: send ``ignore_eos: true`` so outputs run to ``max_tokens``.
@@ -91,6 +106,7 @@ class LoadConfig:
     model: str
     endpoint: str = "completions"
     request_rate: float = math.inf
+    time_scale: float | None = None
     burstiness: float = 1.0
     max_concurrency: int | None = None
     ignore_eos: bool = True
@@ -107,6 +123,8 @@ class LoadConfig:
             raise ValueError(
                 f"request rate must be > 0 requests/s (or inf), got {self.request_rate}"
             )
+        if self.time_scale is not None and not 0 < self.time_scale < math.inf:
+            raise ValueError(f"time scale must be a positive number, got {self.time_scale}")
         if not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness must be a positive number, got {self.burstiness}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -190,6 +208,35 @@ def length_requests(
     return built
 
 
+def content_prompts(specs: Sequence[RequestSpec], seed: int) -> list[list[int]]:
+    """Token-id prompts of the requests' lengths in which the same content id is the same
+    ids, so that a server's prefix cache sees what the trace shares.
+
+    Ids come from one generator seeded with ``seed``, drawn as `token_prompt` draws them:
+    a content id's ids when a segment first needs them (a later, longer segment of the
+    same id draws the rest; a shorter one takes their start), a prompt without segments
+    its own ids, so a trace that names no content gets `length_requests`' prompts. An
+    ``output_segment`` a later prompt names is drawn like any content: the server's real
+    answer to the earlier request is other tokens, so its cache can hold the earlier
+    prompt but not the answer as the later prompt sends it.
+    """
+    rng = np.random.default_rng(seed)
+    ids_of: dict[Hashable, list[int]] = {}
+    prompts = []
+    for spec in specs:
+        if not spec.segments:
+            prompts.append(token_prompt(spec.prompt_tokens, rng))
+            continue
+        prompt: list[int] = []
+        for content_id, num_tokens in spec.segments:
+            ids = ids_of.setdefault(content_id, [])
+            if len(ids) < num_tokens:
+                ids.extend(token_prompt(num_tokens - len(ids), rng))
+            prompt.extend(ids[:num_tokens])
+        prompts.append(prompt)
+    return prompts
+
+
 def trace_requests(
     path: str | Path,
     num_prompts: int | None,
@@ -197,13 +244,20 @@ def trace_requests(
     fmt: str | None = None,
     tokenizer: Any | None = None,
 ) -> list[BenchRequest]:
-    """The first ``num_prompts`` requests of a trace file (all by default), by length;
-    the trace's arrival times are not used (the schedule comes from the rate)."""
+    """The first ``num_prompts`` requests of a trace file (all by default), each with its
+    arrival time (sent at it under `LoadConfig.time_scale`, else the rate decides): token-id
+    prompts that share what the trace says they share (`content_prompts`), or text of each
+    length under ``tokenizer`` (`length_requests`; sharing nothing)."""
     from avmp.bench.traces import read_trace
 
     specs = read_trace(path, fmt)[:num_prompts]
-    prompts, outputs = [s.prompt_tokens for s in specs], [s.output_tokens for s in specs]
-    return length_requests(prompts, outputs, seed, tokenizer)
+    outputs = [s.output_tokens for s in specs]
+    if tokenizer is None:
+        prompts = content_prompts(specs, seed)
+        built = [BenchRequest(p, len(p), o) for p, o in zip(prompts, outputs, strict=True)]
+    else:
+        built = length_requests([s.prompt_tokens for s in specs], outputs, seed, tokenizer)
+    return [replace(b, arrival_s=s.arrival_s) for b, s in zip(built, specs, strict=True)]
 
 
 def preset_requests(
@@ -246,6 +300,21 @@ def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> 
 
 
 # -- arrivals -----------------------------------------------------------------------
+
+
+def send_times(requests: Sequence[BenchRequest], config: LoadConfig) -> np.ndarray:
+    """When each request leaves, in seconds from the run's start: its trace arrival times
+    ``config.time_scale`` (as the trace's first request arrives at 0, so does the first
+    sent), else `arrival_times` of the rate.
+
+    Raises:
+        ValueError: a time scale, and a request that has no trace arrival.
+    """
+    if config.time_scale is None:
+        return arrival_times(len(requests), config.request_rate, config.burstiness, config.seed)
+    if any(r.arrival_s is None for r in requests):
+        raise ValueError("the trace's own timing needs requests read from a trace file")
+    return np.array([r.arrival_s for r in requests], dtype=float) * config.time_scale
 
 
 def arrival_times(num_requests: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
@@ -456,7 +525,7 @@ async def _run_async(
 ) -> tuple[list[RequestRecord], float]:
     """Send ``requests`` on the schedule; returns their records and the run's duration
     (first send to last completion, or to the ``max_duration_s`` bound)."""
-    times = arrival_times(len(requests), config.request_rate, config.burstiness, config.seed)
+    times = send_times(requests, config)
     records = [RequestRecord(i, r.prompt_tokens, r.max_tokens) for i, r in enumerate(requests)]
     limit = asyncio.Semaphore(config.max_concurrency or len(requests))
     async with _client(config) as client:
@@ -490,10 +559,11 @@ def run_load(
     request ends (a progress bar). Returns every request's record and the duration.
 
     Raises:
-        ValueError: no requests.
+        ValueError: no requests, or the trace's timing asked of requests without it.
     """
     if not requests:
         raise ValueError("no requests to send")
+    send_times(requests, config)  # a schedule that cannot exist fails before any send
     return asyncio.run(_run_async(requests, config, on_done))
 
 
@@ -506,7 +576,8 @@ def warm_up(requests: Sequence[BenchRequest], config: LoadConfig) -> None:
     """
     if not requests:
         return
-    records, _ = run_load(requests, replace(config, request_rate=math.inf, max_duration_s=None))
+    at_once = replace(config, request_rate=math.inf, time_scale=None, max_duration_s=None)
+    records, _ = run_load(requests, at_once)
     if not any(r.success for r in records):
         raise BenchError(f"every warm-up request failed; the first: {records[0].error}")
 
@@ -612,8 +683,17 @@ def summarize(
 # -- results ---------------------------------------------------------------------------
 
 
+TRACE_RATE = "trace"
+"""The request rate that sends each request at its trace arrival (`LoadConfig.time_scale`)."""
+
+
 def rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def load_label(config: LoadConfig) -> str:
+    """The schedule of a run as its result names it: a rate (`rate_label`) or `TRACE_RATE`."""
+    return TRACE_RATE if config.time_scale is not None else rate_label(config.request_rate)
 
 
 def rate_result(
@@ -623,9 +703,11 @@ def rate_result(
     percentiles: Sequence[float],
     goodput: Goodput | None,
 ) -> dict[str, Any]:
-    """One rate's entry of a saved result: its load, summary and raw records."""
+    """One rate's entry of a saved result: its load, summary and raw records
+    (``request_rate`` `TRACE_RATE` with its ``time_scale`` for the trace's own timing)."""
     return {
-        "request_rate": rate_label(config.request_rate),
+        "request_rate": load_label(config),
+        "time_scale": config.time_scale,
         "burstiness": config.burstiness,
         "max_concurrency": config.max_concurrency,
         "summary": summarize(records, duration_s, percentiles, goodput),

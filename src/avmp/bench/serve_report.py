@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from avmp.bench.files import naming
-from avmp.bench.loadgen import METRICS, load_result, metric_values_ms, records_of
+from avmp.bench.loadgen import METRICS, TRACE_RATE, load_result, metric_values_ms, records_of
 
 METRIC_TITLES = {
     "ttft": "time to first token",
@@ -34,11 +34,15 @@ def _number(value: Any, digits: int = 1) -> str:
 
 
 def _load_label(entry: dict[str, Any]) -> str:
-    """``4/s``, ``inf`` (all at once), with the burstiness and the concurrency cap when
-    set: ``4/s k=0.5 cap 8``."""
+    """``4/s``, ``inf`` (all at once), ``trace`` (its own timing, ``trace x0.5`` at another
+    time scale), with the burstiness and the concurrency cap when set: ``4/s k=0.5 cap 8``."""
     rate = entry["request_rate"]
-    label = "inf" if rate == "inf" else f"{rate}/s"
-    if entry.get("burstiness", 1.0) != 1.0 and rate != "inf":
+    if rate == TRACE_RATE:
+        scale = entry.get("time_scale") or 1.0
+        label = TRACE_RATE if scale == 1.0 else f"{TRACE_RATE} x{scale:g}"
+    else:
+        label = "inf" if rate == "inf" else f"{rate}/s"
+    if entry.get("burstiness", 1.0) != 1.0 and rate not in ("inf", TRACE_RATE):
         label += f" k={entry['burstiness']:g}"
     if entry.get("max_concurrency"):
         label += f" cap {entry['max_concurrency']}"
@@ -187,7 +191,7 @@ def _html(result: dict[str, Any], png: bytes) -> str:
         "table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
     )
-    command = " ".join(result.get("argv", []))
+    command = " ".join(result.get("argv") or [])  # None: not run from the command line
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style>",
         "<title>avmp bench serve</title></head><body><h1>avmp bench serve</h1>",

@@ -4,6 +4,11 @@ Every reader returns requests in arrival order with times in seconds from the fi
 arrival. A malformed line, a missing column or an empty trace raises `TraceError`
 naming the file and the line, so a user can fix the file.
 
+A file named ``.gz``, ``.bz2`` or ``.xz`` is read through its decompressor (`COMPRESSED`),
+its format guessed from the name inside (``trace.jsonl.gz`` is JSONL) and its content as
+for a plain file; errors name the compressed file and the line within it, and an
+archive that is corrupt or cut short is one `TraceError`.
+
 Formats:
 - ``jsonl``: one object per line with ``arrival_s``, ``prompt_tokens``, ``output_tokens``
   (blank lines skipped), and optionally what the prompt is made of, for prefix caching:
@@ -34,13 +39,19 @@ Formats:
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 import math
 import re
+import zlib
 from collections.abc import Callable, Hashable, Iterator
-from datetime import UTC, datetime
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import IO, Any
 
 from avmp.sched.request import RequestSpec, Segment
 
@@ -52,6 +63,53 @@ MOONCAKE_BLOCK_TOKENS = 512
 
 class TraceError(ValueError):
     """A trace file that cannot be read: the message names the file and line."""
+
+
+COMPRESSED: dict[str, Callable[..., IO[Any]]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+}
+"""The decompressor of each compressed suffix (the standard library's)."""
+
+_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+"""What the decompressors raise on a corrupt or truncated archive (gzip's BadGzipFile
+and bz2's "Invalid data stream" are OSErrors without an errno; a cut-off stream is an
+EOFError)."""
+
+
+def _open_text(path: Path, newline: str | None = None) -> IO[str]:
+    """``path`` as UTF-8 text, decompressed on the fly when its suffix is in `COMPRESSED`."""
+    opener = COMPRESSED.get(path.suffix)
+    if opener is None:
+        return path.open(encoding="utf-8", newline=newline)
+    text: IO[str] = opener(path, "rt", encoding="utf-8", newline=newline)
+    return text
+
+
+def _inner_name(path: Path) -> Path:
+    """The name of what a compressed file holds (``trace.jsonl`` of ``trace.jsonl.gz``)."""
+    return path.with_suffix("") if path.suffix in COMPRESSED else path
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what reading a file can raise besides its lines' own errors into one
+    `TraceError` naming the file: not UTF-8, unreadable CSV, a broken archive."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise TraceError(
+            f"{path}: not a UTF-8 text file ({error.reason}); expected {', '.join(FORMATS)}"
+        ) from None
+    except csv.Error as error:
+        raise TraceError(f"{path}: unreadable CSV: {error}") from None
+    except _ARCHIVE_ERRORS as error:
+        if path.suffix not in COMPRESSED or getattr(error, "errno", None) is not None:
+            raise  # a plain file's, or the system's (permissions): not the archive's
+        raise TraceError(
+            f"{path}: corrupt or truncated {path.suffix[1:]} archive: {error}"
+        ) from None
 
 
 def _tokens(value: object, what: str) -> int:
@@ -115,7 +173,7 @@ def _mooncake_time(value: object) -> float:
 def _jsonl_rows(
     path: Path, fields: tuple[str, str, str], parse_time: Callable[[object], float]
 ) -> Iterator[tuple[int, float, int, int]]:
-    with path.open(encoding="utf-8") as handle:
+    with _open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -136,47 +194,69 @@ def _jsonl_rows(
 
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
+_EPOCH = datetime(1970, 1, 1)
 
 
 def _parse_datetime(text: str) -> float:
     """Seconds since the epoch of an Azure TIMESTAMP (nanosecond digits truncated)."""
-    moment = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # naive: read as UTC, no DST jumps
+    text = text.strip()
+    digits = _FRACTION.search(text)
+    if digits is not None:
+        text = text[: digits.end(1)] + text[digits.end() :]
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:  # naive: read as UTC, no DST jumps
+        return (moment - _EPOCH).total_seconds()  # what .timestamp() of it in UTC does
     return moment.timestamp()
 
 
 def _csv_rows(
     path: Path, columns: tuple[str, str, str], parse_time: Callable[[str], float]
 ) -> Iterator[tuple[int, float, int, int]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in reader.fieldnames or []]
+    """Each row's (line, time, prompt, output). Rows are read as lists, cells by their
+    column's index (a repeated header name: its last column, as a dict of the row
+    would hold), for a million-row trace reads in seconds."""
+    with _open_text(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
         missing = [c for c in columns if c not in header]
         if missing:
             raise TraceError(
                 f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})"
             )
-        reader.fieldnames = header
+        where = [len(header) - 1 - header[::-1].index(c) for c in columns]
+        time_at, prompt_at, output_at = where
+        prompt_name, output_name = columns[1:]
         for row in reader:
-            line_no = reader.line_num
+            if not row:
+                continue  # a blank line
             try:
-                time_text, prompt_text, output_text = (_cell(row, c) for c in columns)
-                yield (
-                    line_no,
-                    parse_time(time_text),
-                    _tokens(prompt_text, columns[1]),
-                    _tokens(output_text, columns[2]),
+                parsed = (
+                    reader.line_num,
+                    parse_time(row[time_at]),
+                    _cell_tokens(row[prompt_at], prompt_name),
+                    _cell_tokens(row[output_at], output_name),
                 )
-            except ValueError as error:
-                raise TraceError(f"{path}:{line_no}: {error}") from None
+            except (ValueError, IndexError) as error:
+                problem = _empty_cell(row, where, columns) or error
+                raise TraceError(f"{path}:{reader.line_num}: {problem}") from None
+            yield parsed
 
 
-def _cell(row: dict[str, str | None], column: str) -> str:
-    value = row.get(column)
-    if value is None or not value.strip():
-        raise ValueError(f"no value in column {column}")
-    return value
+def _cell_tokens(text: str, what: str) -> int:
+    """`_tokens` of a CSV cell, its common case (plain digits) first."""
+    try:
+        number = int(text)
+    except ValueError:
+        return _tokens(text, what)
+    return number if number >= 0 else _tokens(text, what)
+
+
+def _empty_cell(row: list[str], where: list[int], columns: tuple[str, ...]) -> str | None:
+    """What is wrong with a row that lacks a cell or leaves one blank (None: nothing)."""
+    for index, column in zip(where, columns, strict=True):
+        if index >= len(row) or not row[index].strip():
+            return f"no value in column {column}"
+    return None
 
 
 def _burstgpt_time(text: str) -> float:
@@ -195,14 +275,20 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[int, float, int, int]]:
 
 def guess_format(path: Path) -> str:
     """``mooncake`` when the first non-blank line is a JSON object with ``input_length``
-    and ``output_length`` (and no ``prompt_tokens``), else ``jsonl`` for .jsonl/.json,
-    else the CSV flavour named by the header."""
-    if _is_mooncake_line(_first_non_blank_line(path)):
-        return "mooncake"
-    if path.suffix in (".jsonl", ".json"):
-        return "jsonl"
-    with path.open(encoding="utf-8") as handle:
-        header = handle.readline()
+    and ``output_length`` (and no ``prompt_tokens``), else ``jsonl`` for .jsonl/.json
+    (inside a compressed file: ``.jsonl.gz``), else the CSV flavour named by the header.
+
+    Raises:
+        TraceError: none of these, or a file that is not UTF-8 text or a broken archive.
+    """
+    with _reading(path):
+        first = _first_non_blank_line(path)
+        if _is_mooncake_line(first):
+            return "mooncake"
+        if _inner_name(path).suffix in (".jsonl", ".json"):
+            return "jsonl"
+        with _open_text(path) as handle:
+            header = handle.readline()
     if "ContextTokens" in header:
         return "azure"
     if "Request tokens" in header:
@@ -211,7 +297,7 @@ def guess_format(path: Path) -> str:
 
 
 def _first_non_blank_line(path: Path) -> str:
-    with path.open(encoding="utf-8") as handle:
+    with _open_text(path) as handle:
         return next((line for line in handle if line.strip()), "")
 
 
@@ -232,8 +318,8 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     """Read a trace file into requests sorted by arrival, times from the first arrival.
 
     Raises:
-        TraceError: unknown format, not a UTF-8 text file, malformed line, missing
-            column, a non-finite time, or no requests.
+        TraceError: unknown format, not a UTF-8 text file, a corrupt or truncated
+            archive, malformed line, missing column, a non-finite time, or no requests.
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -241,20 +327,14 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
         raise TraceError(f"{path}: is a directory, not a trace file")
     if not path.is_file():
         raise FileNotFoundError(f"no such trace file: {path}")
-    try:
+    with _reading(path):
         fmt = fmt or guess_format(path)
         rows = _read_rows(path, fmt)
-    except UnicodeDecodeError as error:
-        raise TraceError(
-            f"{path}: not a UTF-8 text file ({error.reason}); expected {', '.join(FORMATS)}"
-        ) from None
-    except csv.Error as error:
-        raise TraceError(f"{path}: unreadable CSV: {error}") from None
-    rows.sort()
-    start = rows[0][0]
-    if not math.isfinite(rows[-1][0] - start):
-        raise TraceError(f"{path}: arrival times span more seconds than a float holds")
-    content = _content(path, fmt)
+        rows.sort()
+        start = rows[0][0]
+        if not math.isfinite(rows[-1][0] - start):
+            raise TraceError(f"{path}: arrival times span more seconds than a float holds")
+        content = _content(path, fmt)
     requests = []
     for i, (arrival, line_no, prompt, output) in enumerate(rows):
         segments, output_segment = content.get(line_no, ((), None))
@@ -290,7 +370,7 @@ def _content_id(value: object, field: str) -> str | int:
 
 def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     """Each non-blank line of a file `_jsonl_rows` has read, as its object."""
-    with path.open(encoding="utf-8") as handle:
+    with _open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if line.strip():
                 yield line_no, json.loads(line)
@@ -382,8 +462,11 @@ def _read_rows(path: Path, fmt: str) -> list[tuple[float, int, int, int]]:
 
 
 def write_jsonl(requests: list[RequestSpec], path: str | Path) -> None:
-    """Write requests as a JSONL trace (the format `read_trace` reads back)."""
-    with Path(path).open("w") as handle:
+    """Write requests as a JSONL trace (the format `read_trace` reads back), compressed
+    when the name ends in a `COMPRESSED` suffix."""
+    path = Path(path)
+    opener = COMPRESSED.get(path.suffix)
+    with path.open("w") if opener is None else opener(path, "wt") as handle:
         for r in requests:
             handle.write(json.dumps(_jsonl_row(r)) + "\n")
 

@@ -348,7 +348,8 @@ def add_serve_parser(subcommands: Any) -> None:
         "SGLang) at one or more request rates and report TTFT, TPOT, ITL and end-to-end "
         "latency percentiles, throughput and goodput per rate. Prompts: ShareGPT first turns "
         "as text with the reply's length as max_tokens (default), or the lengths of a trace "
-        "file or a workload preset as token-id prompts of exactly that length.",
+        "file or a workload preset as token-id prompts of exactly that length. A trace can "
+        "also set the timing (--request-rate trace).",
     )
     parser.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     parser.add_argument(
@@ -364,7 +365,12 @@ def add_serve_parser(subcommands: Any) -> None:
         help="bearer token (default: $OPENAI_API_KEY)",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trace", metavar="FILE", help="prompt/output lengths of a trace file")
+    source.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="prompt/output lengths (and with --request-rate trace, arrival times) of a "
+        "trace file: JSONL, Azure, BurstGPT or Mooncake, also .gz, .bz2 or .xz",
+    )
     source.add_argument(
         "--workload", choices=tuple(PRESETS), help="prompt/output lengths of a workload preset"
     )
@@ -373,7 +379,8 @@ def add_serve_parser(subcommands: Any) -> None:
         "--tokenizer",
         metavar="NAME_OR_DIR",
         help="with --trace or --workload: send text of each length under this tokenizer "
-        "(a transformers tokenizer directory or model id) instead of token ids",
+        "(a transformers tokenizer directory or model id) instead of token ids; a trace's "
+        "prefix sharing is sent with token ids only",
     )
     parser.add_argument(
         "--num-prompts",
@@ -386,7 +393,15 @@ def add_serve_parser(subcommands: Any) -> None:
         "--request-rate",
         default="inf",
         metavar="RATES",
-        help="comma-separated requests/s, one run each; inf sends all at once (default: inf)",
+        help="comma-separated requests/s, one run each; inf sends all at once; trace sends "
+        "each request at its --trace arrival time (default: inf)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        metavar="F",
+        help="with --request-rate trace: arrival times multiplied by F (0.5: twice as fast, "
+        "2: half as fast; default 1)",
     )
     parser.add_argument(
         "--burstiness",
@@ -504,12 +519,40 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
     return built, source
 
 
+def trace_time_scale(args: argparse.Namespace) -> float | None:
+    """The time scale of ``--request-rate trace`` (the trace's own timing), or None when
+    the rates are numbers; one-line errors for what cannot go with it."""
+    import math
+
+    from avmp.bench.loadgen import TRACE_RATE
+
+    items = [t.strip() for t in args.request_rate.split(",")]
+    if TRACE_RATE not in items:
+        if args.time_scale is not None:
+            raise UserError("--time-scale goes with --request-rate trace")
+        return None
+    if len(items) > 1:
+        raise UserError(
+            "--request-rate trace replays the trace's own timing: it cannot be mixed with rates"
+        )
+    if not args.trace:
+        raise UserError("--request-rate trace needs --trace FILE (its arrival times are sent)")
+    if args.burstiness != 1.0:
+        raise UserError("--burstiness shapes a rate's gaps: --request-rate trace has none")
+    scale = 1.0 if args.time_scale is None else args.time_scale
+    if not 0 < scale < math.inf:
+        raise UserError(f"--time-scale must be a positive number, got {scale}")
+    return scale
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    import math
     import sys
 
     from avmp.bench import loadgen
 
-    rates = parse_rates(args.request_rate)
+    time_scale = trace_time_scale(args)
+    rates = parse_rates(args.request_rate) if time_scale is None else [math.inf]
     percentiles = parse_percentiles(args.percentiles)
     goodput = loadgen.parse_goodput(args.goodput) if args.goodput else None
     _check_serve_numbers(args)
@@ -520,7 +563,7 @@ def run_serve(args: argparse.Namespace) -> int:
     base_url = loadgen.normalize_url(args.url)
     model = args.model or loadgen.fetch_model(base_url, args.api_key)
     requests, source = serve_requests(args)
-    configs = [_load_config(args, base_url, model, rate) for rate in rates]
+    configs = [_load_config(args, base_url, model, rate, time_scale) for rate in rates]
     warmup = [requests[i % len(requests)] for i in range(args.warmup)]
     loadgen.warm_up(warmup, configs[0])
     entries = [_run_rate(requests, config, percentiles, goodput, args) for config in configs]
@@ -538,7 +581,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(args: argparse.Namespace, base_url: str, model: str, rate: float) -> Any:
+def _load_config(
+    args: argparse.Namespace, base_url: str, model: str, rate: float, time_scale: float | None
+) -> Any:
     from avmp.bench.loadgen import LoadConfig
 
     return LoadConfig(
@@ -546,6 +591,7 @@ def _load_config(args: argparse.Namespace, base_url: str, model: str, rate: floa
         model=model,
         endpoint=args.endpoint,
         request_rate=rate,
+        time_scale=time_scale,
         burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
         ignore_eos=not args.no_ignore_eos,
@@ -566,10 +612,10 @@ def _run_rate(
     """Load the server at one rate with a progress bar; that rate's result entry."""
     from rich.progress import Progress
 
-    from avmp.bench.loadgen import rate_label, rate_result, run_load
+    from avmp.bench.loadgen import load_label, rate_result, run_load
 
     with Progress(transient=True, disable=args.no_progress) as bar:
-        task = bar.add_task(f"rate {rate_label(config.request_rate)}", total=len(requests))
+        task = bar.add_task(f"rate {load_label(config)}", total=len(requests))
         records, duration = run_load(requests, config, lambda: bar.advance(task))
     return rate_result(config, records, duration, percentiles, goodput)
 

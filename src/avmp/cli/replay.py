@@ -45,15 +45,22 @@ COLUMNS = (
 def add_parser(subparsers: Any) -> None:
     from avmp.bench.sweep import LAYOUTS, PROFILES
     from avmp.bench.traces import FORMATS
+    from avmp.sim.simulator import SimConfig
 
     parser = subparsers.add_parser(
         "replay",
         help="replay a trace file with every allocator",
         description="Replay one trace (JSONL, Azure LLM inference CSV, BurstGPT CSV or "
-        "Mooncake JSONL) through the simulator with each allocator, on the same requests.",
+        "Mooncake JSONL; any of them may be .gz, .bz2 or .xz) through the simulator with "
+        "each allocator, on the same requests.",
     )
-    parser.add_argument("trace", metavar="TRACE", help="trace file")
-    parser.add_argument("--model", required=True, help="zoo model name")
+    parser.add_argument("trace", metavar="TRACE", help="trace file (.gz, .bz2, .xz read as is)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="zoo name (e.g. jamba-1.5-mini), a config.json path or a checkpoint directory "
+        "holding one, as avmp plan takes",
+    )
     parser.add_argument("--memory", required=True, help="cache memory budget, e.g. 12GiB")
     parser.add_argument("--format", choices=FORMATS, help="trace format (default: guessed)")
     parser.add_argument("--profile", choices=PROFILES, default="h100", help="GPU time model")
@@ -64,6 +71,21 @@ def add_parser(subparsers: Any) -> None:
         "and SGLang's own preemption and admission (default: all)",
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=SimConfig.max_num_seqs,
+        metavar="N",
+        help=f"running requests at most, as vLLM's (default {SimConfig.max_num_seqs})",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SimConfig.max_num_batched_tokens,
+        metavar="N",
+        help="tokens per step at most, the chunked-prefill budget, as vLLM's "
+        f"(default {SimConfig.max_num_batched_tokens})",
+    )
     parser.add_argument(
         "--tensor-parallel",
         default=None,
@@ -184,6 +206,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         profile=args.profile,
         calibration=args.calibration,
         prefix_cache=args.prefix_cache,
+        max_num_seqs=_at_least_one(args, "max_num_seqs"),
+        max_num_batched_tokens=_at_least_one(args, "max_num_batched_tokens"),
         **policy,
     )
     if not args.ignore_feasibility:  # before reading the trace: the run could not exist
@@ -247,6 +271,15 @@ class ReplayInputs:
     budget: int
 
 
+def _at_least_one(args: argparse.Namespace, field: str) -> int:
+    """A batch limit (``--max-num-seqs``, ``--max-num-batched-tokens``), a one-line error
+    below 1 (the scheduler's own error would not name the option)."""
+    value: int = getattr(args, field)
+    if value < 1:
+        raise UserError(f"--{field.replace('_', '-')} must be >= 1, got {value}")
+    return value
+
+
 def _workers(text: str | None, num_tasks: int) -> int | None:
     if text is None:
         return None
@@ -285,8 +318,10 @@ def _replay_one(
     allocator = make_allocator(task.layout, geometry, inputs.budget, task.options)
     on_progress = None
     if progress is not None:
+
         def on_progress(done: int, total: int) -> None:
             progress(task.layout, done, total)
+
     result = simulate(inputs.requests, allocator, geometry, task.config, on_progress=on_progress)
     return result.to_dict() | {"allocator": task.layout}
 
@@ -426,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
         f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
-        f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}; "
+        f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}, "
+        f"at most {args.max_num_seqs} requests and {args.max_num_batched_tokens} tokens a step; "
         f"all completed: the {num_common} requests every allocator completed; "
         f"goodput: {slo_targets(args).describe()}"
     )
@@ -466,7 +502,8 @@ def prefix_summary(results: list[dict[str, Any]]) -> str:
             f"{prefix['num_checkpoints_taken']} checkpoints taken, peak "
             f"{format_bytes(prefix['peak_checkpoint_bytes'])}, evicted "
             f"{prefix['num_evicted_checkpoints']} checkpoints and "
-            f"{prefix['num_evicted_pages']} pages" + _host_level_summary(prefix)
+            f"{prefix['num_evicted_pages']} pages"
+            + _host_level_summary(prefix)
             + _rules_summary(prefix)
         )
     return "\n".join(lines)

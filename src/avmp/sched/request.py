@@ -38,16 +38,21 @@ class RequestSpec:
     reads_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
+        # the exact types first: the ABC checks are slow, and a trace builds a million specs
         for name in ("prompt_tokens", "output_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral):
+            if type(value) is not int and (
+                isinstance(value, bool) or not isinstance(value, Integral)
+            ):
                 raise ValueError(
                     f"request {self.request_id}: {name} must be a whole number, got {value!r}"
                 )
             if value < 1:
                 raise ValueError(f"request {self.request_id}: {name} must be >= 1")
         arrival = self.arrival_s
-        if isinstance(arrival, bool) or not isinstance(arrival, Real):
+        if type(arrival) is not float and (
+            isinstance(arrival, bool) or not isinstance(arrival, Real)
+        ):
             raise ValueError(
                 f"request {self.request_id}: arrival_s must be a number, got {arrival!r}"
             )
