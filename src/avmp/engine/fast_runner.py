@@ -287,7 +287,8 @@ class FastModelRunner(ModelRunner):
         hidden = self.model(fields.input_ids, batch, self.cache)
         rows = fields.sample_rows
         if prompt_rows:  # a second small copy, in the steps that report prompt rows only
-            rows = torch.cat([rows, torch.tensor(prompt_rows).to(self.device)])
+            extra = torch.tensor(prompt_rows, dtype=rows.dtype).to(self.device)
+            rows = torch.cat([rows, extra])
         if rows.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.logits(hidden.index_select(0, rows))
