@@ -65,6 +65,12 @@ from avmp.serve.responses import (
     sse_completions,
     unless_disconnected,
 )
+from avmp.serve.responses_api import (
+    ResponseBuilder,
+    ResponsesRequest,
+    new_response_id,
+    sse_responses,
+)
 from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
 from avmp.serve.tools import ToolSyntax, tool_syntax
 
@@ -160,6 +166,7 @@ def create_app(
     add_error_handlers(app, server.metrics)
     app.post("/v1/completions", response_model=None)(server.completions)
     app.post("/v1/chat/completions", response_model=None)(server.chat_completions)
+    app.post("/v1/responses", response_model=None)(server.responses)
     app.get("/v1/models")(server.models)
     app.get("/health")(server.health)
     app.get("/metrics")(server.prometheus)
@@ -216,10 +223,44 @@ class _Server:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
+        prompt, boundary = self._chat_prompt(body)
+        limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
+        syntax = self.tool_syntax if body.reads_tool_calls() else None
+        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
+                                   tools=syntax)  # fmt: skip
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, answered as the chat completion it maps onto
+        (`avmp.serve.responses_api`)."""
+        self._authorize(request)
+        self._check_model(body.model)
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            name, why = unsupported
+            raise APIError(400, f"{name} is not supported by avmp serve: {why}", param=name)
+        chat = body.chat_request()
+        self._check(chat, request)
+        prompt, boundary = self._chat_prompt(chat)
+        limit = chat.max_completion_tokens or self.config.default_max_tokens
+        syntax = self.tool_syntax if chat.reads_tool_calls() else None
+        builder = ResponseBuilder(new_response_id(), body)
+        streams = self._choices(chat, [prompt], limit, boundary, syntax, time.perf_counter())
+        if body.stream:
+            firsts = await self._first_pieces(streams)
+            events = sse_responses(builder, merge(firsts, streams))
+            return StreamingResponse(events, media_type="text/event-stream")
+        pieces = await unless_disconnected(request, self._collect_all(streams))
+        if pieces is None:
+            return Response(status_code=499)  # nobody reads it
+        return JSONResponse(builder.whole(pieces[0]).model_dump(mode="json"))
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], int]:
+        """A chat's prompt token ids and where its system prompt ends in them."""
         if self.chat is None:
             raise APIError(
                 400,
-                "this model's tokenizer has no chat template: use /v1/completions with a prompt",
+                "this model's tokenizer has no chat template: use /v1/completions with a "
+                "prompt, or start avmp serve with --chat-template",
                 param="messages",
             )
         for i, message in enumerate(body.messages):
@@ -243,10 +284,7 @@ class _Server:
         if body.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens
             dropped = max(0, len(prompt) - body.truncate_prompt_tokens)
             prompt, boundary = prompt[dropped:], max(0, boundary - dropped)
-        limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        syntax = self.tool_syntax if body.reads_tool_calls() else None
-        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
-                                   tools=syntax)  # fmt: skip
+        return prompt, boundary
 
     @staticmethod
     def _rendering(body: ChatCompletionRequest) -> Rendering:
@@ -286,14 +324,7 @@ class _Server:
 
     def _check(self, body: Any, request: Request) -> None:
         self._authorize(request)
-        if body.model != self.config.model_name:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server "
-                f"serves {self.config.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        self._check_model(body.model)
         name = unsupported_fields(body)
         if name is not None:
             raise APIError(400, f"{name} is not supported by avmp serve", param=name)
@@ -302,6 +333,15 @@ class _Server:
         if body.prompt_logprobs is not None and body.stream:  # as vLLM
             raise APIError(400, "prompt_logprobs are not available with stream=true",
                            param="prompt_logprobs")  # fmt: skip
+
+    def _check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -383,6 +423,32 @@ class _Server:
         """``tools``: the syntax the choices' text is read for tool calls in, if any."""
         arrival_s = time.perf_counter()
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
+        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s)
+        if body.stream:
+            firsts = await self._first_pieces(streams)
+            options = body.stream_options
+            include_usage = options is not None and options.include_usage
+            continuous = options is not None and options.continuous_usage_stats
+            events = sse_chat if chat else sse_completions
+            sse = events(rid, body.model, merge(firsts, streams), include_usage, continuous)
+            return StreamingResponse(sse, media_type="text/event-stream")
+        pieces = await unless_disconnected(request, self._collect_all(streams))
+        if pieces is None:
+            return Response(status_code=499)  # nobody reads it
+        answer = (chat_response if chat else completion_response)(rid, body.model, pieces)
+        return JSONResponse(answer.model_dump())
+
+    def _choices(
+        self,
+        body: Any,
+        prompts: list[Any],
+        max_tokens: int,
+        boundary: int,
+        tools: ToolSyntax | None,
+        arrival_s: float,
+    ) -> list[AsyncIterator[Piece]]:
+        """The pieces of each choice: each prompt of ``body`` times its ``n``, read for
+        tool calls in ``tools``' syntax where given."""
         text = _TextOptions(
             tuple(body.stop_strings()),
             body.include_stop_str_in_output,
@@ -408,19 +474,7 @@ class _Server:
         if tools is not None:
             single = body.parallel_tool_calls is False
             streams = [read_tool_calls(stream, tools, single) for stream in streams]
-        if body.stream:
-            firsts = await self._first_pieces(streams)
-            options = body.stream_options
-            include_usage = options is not None and options.include_usage
-            continuous = options is not None and options.continuous_usage_stats
-            events = sse_chat if chat else sse_completions
-            sse = events(rid, body.model, merge(firsts, streams), include_usage, continuous)
-            return StreamingResponse(sse, media_type="text/event-stream")
-        pieces = await unless_disconnected(request, self._collect_all(streams))
-        if pieces is None:
-            return Response(status_code=499)  # nobody reads it
-        answer = (chat_response if chat else completion_response)(rid, body.model, pieces)
-        return JSONResponse(answer.model_dump())
+        return streams
 
     def _prompt_side(self, body: Any, prompt: Any, max_tokens: int) -> PromptSide | None:
         try:

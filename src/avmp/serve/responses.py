@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -286,14 +286,20 @@ def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionRe
 
 
 def _sse(data: Any) -> str:
-    """One server-sent event as OpenAI writes them: ``data: <json>`` and a blank line.
+    return sse_event(data.model_dump(mode="json"))
+
+
+def sse_event(data: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event as OpenAI writes them: ``data: <json>`` (after ``event:
+    <name>`` where given, as the Responses API's) and a blank line.
 
     The JSON is ASCII (non-ASCII text as ``\\u2028``-style escapes): a client that splits the
     stream with ``str.splitlines`` (httpx's ``aiter_lines`` does) also breaks lines at
     U+2028, U+2029 and U+0085, which generated text may hold, and would read half an
     event."""
-    body = json.dumps(data.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":"))
-    return f"data: {body}\n\n"
+    body = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {body}\n\n"
 
 
 class _StreamUsage:
@@ -328,7 +334,7 @@ async def sse_completions(
             CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
 
-    async for piece in _until_error(pieces):
+    async for piece in until_error(pieces):
         if isinstance(piece, str):
             yield piece
             continue
@@ -368,7 +374,7 @@ async def sse_chat(
             ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
 
-    async for piece in _until_error(pieces):
+    async for piece in until_error(pieces):
         if isinstance(piece, str):
             yield piece
             continue
@@ -409,11 +415,17 @@ def _deltas(piece: Piece, num_calls: dict[int, int]) -> list[ToolCallDelta] | No
     ]  # fmt: skip
 
 
-async def _until_error(
+def _error_event(error: APIError) -> str:
+    return sse_event(error.body())
+
+
+async def until_error(
     pieces: AsyncIterator[Piece | Exception],
+    error_event: Callable[[APIError], str] = _error_event,
 ) -> AsyncIterator[Piece | str]:
     """The pieces; an error stops the stream with one error event (its headers are
-    sent already, so the status cannot say it), as vLLM streams errors."""
+    sent already, so the status cannot say it), as vLLM streams errors: by default
+    ``data: {"error": {...}}``, else what ``error_event`` writes."""
     async with aclosing(pieces) as items:  # type: ignore[type-var]
         async for item in items:
             if isinstance(item, Exception):
@@ -421,6 +433,6 @@ async def _until_error(
                     error = engine_error(item)
                 except Exception:
                     error = APIError(500, f"internal error: {item}", "server_error")
-                yield f"data: {json.dumps(error.body())}\n\n"
+                yield error_event(error)
                 return
             yield item
