@@ -118,7 +118,8 @@ def make_app(engine: Any, max_waiting: int = 256, **config: Any) -> Any:
     from avmp.serve.app import ServeConfig, create_app
     from avmp.serve.chat import load_chat_encoder
 
-    chat = load_chat_encoder(config.pop("model_path", None), engine.tokenizer)
+    path, template = config.pop("model_path", None), config.pop("chat_template", None)
+    chat = load_chat_encoder(path, engine.tokenizer, template)
     serve_config = ServeConfig(model_name=MODEL_NAME, **config)
     return create_app(EngineLoop(engine, max_waiting), engine.tokenizer, serve_config, chat)
 

@@ -256,17 +256,31 @@ def completion_response(rid: str, model: str, pieces: list[Piece]) -> Completion
     )
 
 
-def _message(piece: Piece) -> ChatResponseMessage:
+def _message(piece: Piece, functions: bool) -> ChatResponseMessage:
     """A choice's message: its text, or, where it called tools, the calls and the text
-    around them (stripped; null if nothing is left)."""
+    around them (stripped; null if nothing is left); with ``functions`` (the deprecated
+    API) its one call as ``function_call``."""
     if not piece.tool_calls:
         return ChatResponseMessage(content=piece.text)
+    content = piece.text.strip() or None
+    if functions:
+        (call,) = piece.tool_calls  # read with one call at most
+        function = FunctionCall(name=call.name, arguments=call.arguments)
+        return ChatResponseMessage(content=content, function_call=function)
     calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
              for c in piece.tool_calls]  # fmt: skip
-    return ChatResponseMessage(content=piece.text.strip() or None, tool_calls=calls)
+    return ChatResponseMessage(content=content, tool_calls=calls)
 
 
-def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionResponse:
+def _chat_reason(reason: str | None, functions: bool) -> str | None:
+    """The deprecated functions API's finish reason for a call is ``function_call``."""
+    return "function_call" if functions and reason == "tool_calls" else reason
+
+
+def chat_response(
+    rid: str, model: str, pieces: list[Piece], functions: bool = False
+) -> ChatCompletionResponse:
+    """``functions``: answer in the deprecated functions API's shape (`_message`)."""
     return ChatCompletionResponse(
         id=rid,
         created=now_s(),
@@ -274,9 +288,9 @@ def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionRe
         choices=[
             ChatChoice(
                 index=p.index,
-                message=_message(p),
+                message=_message(p, functions),
                 logprobs=chat_logprobs(p.logprobs),
-                finish_reason=p.finish_reason,
+                finish_reason=_chat_reason(p.finish_reason, functions),
                 prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
@@ -361,8 +375,10 @@ async def sse_chat(
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
+    functions: bool = False,
 ) -> AsyncIterator[str]:
-    """Chat chunks, the usage as `sse_completions` gives it."""
+    """Chat chunks, the usage as `sse_completions` gives it; ``functions``: a call as the
+    deprecated functions API's ``function_call`` delta (`chat_response`)."""
     created, counts = now_s(), _StreamUsage()
     started: set[int] = set()
     num_calls: dict[int, int] = {}  # per choice: the index its next tool call gets
@@ -384,7 +400,12 @@ async def sse_chat(
             delta = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=piece.index, delta=delta)])
         if piece.text or piece.finish_reason or piece.logprobs or piece.tool_calls:
-            delta = ChatDelta(content=piece.text or None, tool_calls=_deltas(piece, num_calls))
+            delta = ChatDelta(content=piece.text or None)
+            if functions and piece.tool_calls:
+                call = piece.tool_calls[0]  # read with one call at most
+                delta.function_call = FunctionCall(name=call.name, arguments=call.arguments)
+            else:
+                delta.tool_calls = _deltas(piece, num_calls)
             logprobs = chat_logprobs(piece.logprobs)
             yield chunk(
                 [
@@ -392,7 +413,7 @@ async def sse_chat(
                         index=piece.index,
                         delta=delta,
                         logprobs=logprobs,
-                        finish_reason=piece.finish_reason,
+                        finish_reason=_chat_reason(piece.finish_reason, functions),
                     )
                 ]
             )
