@@ -1,6 +1,9 @@
 """Helpers for the server tests: a tiny checkpoint whose tokenizer has a chat template,
 an engine on it, and the app served by uvicorn on 127.0.0.1 in a thread.
 
+Replies that must be exact (tool calls) come from `ScriptedLoop`, a stand-in engine
+loop that "generates" a script under a tokenizer of one token per character.
+
 The tokenizer is word-level (one word per token, decoded with spaces between), so a
 text answer spells its token ids exactly and can be compared with `Engine.generate`.
 """
@@ -12,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -114,7 +118,8 @@ def make_app(engine: Any, max_waiting: int = 256, **config: Any) -> Any:
     from avmp.serve.app import ServeConfig, create_app
     from avmp.serve.chat import load_chat_encoder
 
-    chat = load_chat_encoder(config.pop("model_path", None), engine.tokenizer)
+    path, template = config.pop("model_path", None), config.pop("chat_template", None)
+    chat = load_chat_encoder(path, engine.tokenizer, template)
     serve_config = ServeConfig(model_name=MODEL_NAME, **config)
     return create_app(EngineLoop(engine, max_waiting), engine.tokenizer, serve_config, chat)
 
@@ -189,6 +194,68 @@ def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(condition())
+
+
+class CharTokenizer:
+    """A tokenizer of one token per character (its code point); no special tokens."""
+
+    vocab_size = 0x110000
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:  # fmt: skip
+        return "".join(chr(i) for i in ids)
+
+
+class ScriptedLoop:
+    """A stand-in engine loop whose every request "generates" the characters of
+    ``script`` (under `CharTokenizer`), three per update, and stops (``length`` at
+    ``max_tokens``); ``last_prompt``, ``last_options``: what the last request asked."""
+
+    def __init__(self) -> None:
+        self.script = ""
+        self.last_prompt: list[int] = []
+        self.last_options: Any = None
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self, abort_running: bool, timeout_s: float = 0.0) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        return SimpleNamespace(healthy=True, accepting=True, error=None)
+
+    async def generate(self, prompt: list[int], options: Any) -> Any:
+        from avmp.engine.engine import RequestUpdate
+
+        self.last_prompt, self.last_options = list(prompt), options
+        ids = [ord(c) for c in self.script][: options.max_tokens]
+        reason = "stop" if len(ids) == len(self.script) else "length"
+        for start in range(0, len(ids), 3):
+            end = min(start + 3, len(ids))
+            last = end == len(ids)
+            yield RequestUpdate(0, ids[start:end], last, reason if last else None, None,
+                                len(prompt), end)  # fmt: skip
+
+
+class HermesChat:
+    """A chat encoding whose template writes Hermes' tags."""
+
+    template = "{{ '<tool_call>' }}"
+
+    def __init__(self) -> None:
+        self.last_messages: list[dict] = []
+        self.last_rendering: Any = None
+
+    def encode(self, messages: list[dict], rendering: Any = None) -> list[int]:
+        """Three tokens whatever the chat, which is kept (``last_messages``,
+        ``last_rendering``)."""
+        self.last_messages, self.last_rendering = messages, rendering
+        return [1, 2, 3]
 
 
 def words(ids: list[int]) -> str:

@@ -62,8 +62,9 @@ BAD_BODIES = [
     ),
     pytest.param({**GOOD, "best_of": 3}, 400, "best_of", None, id="best-of"),
     pytest.param({**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty", None, id="penalty"),
-    pytest.param({**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty", None,
-                 id="repetition-penalty"),  # fmt: skip
+    pytest.param(
+        {**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty", None, id="repetition-penalty"
+    ),  # fmt: skip
     pytest.param(
         {**GOOD, "stream_options": {"include_usage": True}},
         400,
@@ -143,7 +144,12 @@ def test_api_key(guarded):
         wrong = {"Authorization": "Bearer sesame2"}
         _assert_error(http.post("/v1/completions", json=GOOD, headers=wrong), 401)
         _assert_error(http.get("/v1/models"), 401)
-        assert http.get("/health").status_code == 200  # probes need no key
+        _assert_error(http.get(f"/v1/models/{MODEL_NAME}"), 401)
+        _assert_error(http.post("/tokenize", json={"prompt": "w1"}), 401)
+        _assert_error(http.post("/detokenize", json={"tokens": [7]}), 401)
+        _assert_error(http.post("/v1/responses", json={"model": MODEL_NAME, "input": "w1"}), 401)
+        for probe in ("/health", "/ping", "/version"):  # probes need no key
+            assert http.get(probe).status_code == 200
     with guarded.client(headers={"Authorization": "Bearer sesame"}) as http:
         _assert_serving(http)
 

@@ -1,8 +1,7 @@
 """Tools through the openai client: the tools reach the chat template, and a reply with
 tool calls in the template's tags comes back as OpenAI's ``tool_calls``, streamed or not.
 
-The reading is tested on scripted replies: a stand-in engine loop whose every request
-"generates" the characters of a script, under a tokenizer with one token per character.
+The reading is tested on scripted replies (`serve_helpers.ScriptedLoop`).
 """
 
 from __future__ import annotations
@@ -15,14 +14,15 @@ import pytest
 from serve_helpers import (
     AGENT_TEMPLATE,
     MODEL_NAME,
+    CharTokenizer,
+    HermesChat,
+    ScriptedLoop,
     make_app,
     make_engine,
     serving,
     word_tokenizer,
     write_checkpoint,
 )
-
-from avmp.engine.engine import RequestUpdate
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -81,54 +81,6 @@ def test_what_tools_cannot_do_is_a_400(agent, body, param):
         assert "guided decoding" in error["message"]
 
 
-class _Chars:
-    """A tokenizer of one token per character (its code point); no special tokens."""
-
-    vocab_size = 0x110000
-    eos_token_id = 0
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True,
-               spaces_between_special_tokens: bool = True) -> str:  # fmt: skip
-        return "".join(chr(i) for i in ids)
-
-
-class _Scripted:
-    """An engine loop whose every request generates ``script``, three characters per
-    update, and stops."""
-
-    def __init__(self) -> None:
-        self.script = ""
-
-    def start(self) -> None:
-        pass
-
-    def shutdown(self, abort_running: bool, timeout_s: float = 0.0) -> None:
-        pass
-
-    def snapshot(self) -> Any:
-        return SimpleNamespace(healthy=True, accepting=True, error=None)
-
-    async def generate(self, prompt: list[int], options: Any) -> Any:
-        ids = [ord(c) for c in self.script]
-        for start in range(0, len(ids), 3):
-            end = min(start + 3, len(ids))
-            last = end == len(ids)
-            yield RequestUpdate(0, ids[start:end], last, "stop" if last else None, None,
-                                len(prompt), end)  # fmt: skip
-
-
-class _Template:
-    """A chat encoding whose template writes Hermes' tags."""
-
-    template = "{{ '<tool_call>' }}"
-
-    def encode(self, messages: list[dict], rendering: Any = None) -> list[int]:
-        return [1, 2, 3]
-
-
 @pytest.fixture(scope="module")
 def scripted():
     from avmp.serve.app import ServeConfig, create_app
@@ -136,7 +88,7 @@ def scripted():
     apps = {}
     for parser in ("auto", "none"):
         config = ServeConfig(model_name=MODEL_NAME, tool_call_parser=parser)
-        apps[parser] = create_app(_Scripted(), _Chars(), config, _Template())
+        apps[parser] = create_app(ScriptedLoop(), CharTokenizer(), config, HermesChat())
     with serving(apps["auto"]) as auto, serving(apps["none"]) as plain:
         yield SimpleNamespace(auto=auto, none=plain)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -33,8 +34,9 @@ def add_parser(subparsers: Any) -> None:
         help="serve a hybrid model over the OpenAI API (completions, chat, streaming, metrics)",
         description=(
             "Serve MODEL, a Hugging Face checkpoint directory or a zoo name with "
-            "--random-weights --scale tiny, over HTTP: POST /v1/completions and "
-            "/v1/chat/completions (streamed or not), GET /v1/models, /health and /metrics "
+            "--random-weights --scale tiny, over HTTP: POST /v1/completions, "
+            "/v1/chat/completions and /v1/responses (streamed or not), /tokenize and "
+            "/detokenize, GET /v1/models, /health, /version and /metrics "
             "(Prometheus: requests, both pools' bytes, migrations, preemptions, prefix-cache "
             "hits and checkpoints, latencies). "
             "SIGTERM or Ctrl-C lets requests in flight finish for --shutdown-timeout "
@@ -87,6 +89,20 @@ def add_parser(subparsers: Any) -> None:
         "(<TOOLCALL>[...]</TOOLCALL>: Nemotron-H), jamba (<tool_calls>[...]</tool_calls>), "
         "none (the text as it is); auto: the one whose tag the chat template writes (auto)",
     )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE_OR_TEXT",
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) in place of the "
+        "checkpoint's, e.g. for a checkpoint without one (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        default=None,
+        help="origins a browser may call the API from (CORS): a JSON list as vLLM takes "
+        "it, or comma-separated; '*' for any (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random weights' seed (0)")
     parser.add_argument(
         "--log-level",
@@ -110,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from avmp.serve.server import run as run_server
 
     serve_config = _check(args)
+    template = _chat_template(args.chat_template)
     config = dataclasses.replace(prefixed_engine_config(args), max_model_len=args.max_model_len)
     check_device_holds(config.torch_device(), config.memory_bytes)  # before any loading
     resolve_host_tier_bytes(config)
@@ -118,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sock = bind(args.host, args.port)  # a port in use: one line, before the model loads
     model, tokenizer = model_and_tokenizer(args, weights_seed=args.seed)
+    try:  # a template that cannot render is found before the weights load
+        chat = load_chat_encoder(model if isinstance(model, Path) else None, tokenizer, template)
+    except ValueError as error:
+        raise UserError(f"--chat-template: {error}") from None
     engine = Engine(model, config, tokenizer)
     if engine.tokenizer is None:
         raise UserError(
@@ -125,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint's tokenizer, or use a zoo name with --random-weights --scale tiny"
         )
     engine.warmup()
-    chat = load_chat_encoder(model if isinstance(model, Path) else None, engine.tokenizer)
     app = create_app(EngineLoop(engine, args.max_waiting), engine.tokenizer, serve_config, chat)
     host, port = sock.getsockname()[:2]
     print(
@@ -162,9 +182,36 @@ def _check(args: argparse.Namespace) -> Any:
             default_max_tokens=args.default_max_tokens,
             shutdown_timeout_s=args.shutdown_timeout,
             tool_call_parser=args.tool_call_parser,
+            allowed_origins=_origins(args.allowed_origins),
         )
     except ValueError as error:
         raise UserError(f"{error}") from None
+
+
+def _chat_template(value: str | None) -> str | None:
+    from avmp.serve.chat import read_chat_template
+
+    if value is None:
+        return None
+    try:
+        return read_chat_template(value)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--chat-template: {error}") from None
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    """``--allowed-origins``: a JSON list of strings (vLLM's form) or comma-separated."""
+    if value is None:
+        return ()
+    if value.lstrip().startswith("["):
+        try:
+            origins = json.loads(value)
+        except ValueError as error:
+            raise UserError(f"--allowed-origins: not a JSON list: {error}") from None
+        if not all(isinstance(o, str) for o in origins):
+            raise UserError("--allowed-origins: a JSON list of strings, e.g. '[\"*\"]'")
+        return tuple(origins)
+    return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
 def _url_host(host: str) -> str:

@@ -957,6 +957,23 @@ class Engine:
         if reason is not None:
             raise RequestTooLarge(reason)
 
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) a request may have: ``max_model_len``
+        where set, else what an empty memory holds (`check_request_fits`' rules), found
+        by doubling and halving over `CacheAllocator.fits_alone`."""
+        if self.config.max_model_len is not None:
+            return self.config.max_model_len
+        fits, too_many = 0, 1
+        while self.allocator.fits_alone(too_many):
+            fits, too_many = too_many, too_many * 2
+            if too_many > 1 << 40:  # memory no request can run out of
+                return fits
+        while too_many - fits > 1:
+            middle = (fits + too_many) // 2
+            fits, too_many = (middle, too_many) if self.allocator.fits_alone(middle) \
+                else (fits, middle)  # fmt: skip
+        return fits
+
     def _length_limit_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         limit = self.config.max_model_len
         total = num_prompt_tokens + max_tokens
@@ -1180,7 +1197,8 @@ class Engine:
             options.logprobs,
             options.logit_bias,
             (options.frequency_penalty, options.presence_penalty, options.repetition_penalty)
-            if options.penalized else None,
+            if options.penalized
+            else None,
         )
         self._requests[request_id].prefix_boundary = options.prefix_boundary
         self._requests[request_id].prompt_logprobs_k = options.prompt_logprobs
@@ -1467,7 +1485,8 @@ class Engine:
                     num_prompt,
                     len(request.tokens) - num_prompt,
                     0 if scheduled is None else scheduled.num_preemptions,
-                    None if request.logprobs_k is None
+                    None
+                    if request.logprobs_k is None
                     else request.logprobs[reported : reported + len(new)],
                     prompt_logprobs,
                 )

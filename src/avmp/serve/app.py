@@ -32,9 +32,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import avmp
 from avmp.engine.engine import RequestOptions, RequestUpdate
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
@@ -45,8 +47,12 @@ from avmp.serve.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     logit_bias,
     new_id,
     now_s,
@@ -65,6 +71,12 @@ from avmp.serve.responses import (
     sse_completions,
     unless_disconnected,
 )
+from avmp.serve.responses_api import (
+    ResponseBuilder,
+    ResponsesRequest,
+    new_response_id,
+    sse_responses,
+)
 from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
 from avmp.serve.tools import ToolSyntax, tool_syntax
 
@@ -82,6 +94,8 @@ class ServeConfig:
             shutdown begins; then they are aborted.
         tool_call_parser: how replies to requests with tools are read for tool calls
             (`avmp.serve.tools.tool_syntax`: ``auto`` guesses from the chat template).
+        allowed_origins: the origins a browser may call the API from (CORS; ``*``:
+            any); none by default.
     """
 
     model_name: str
@@ -89,6 +103,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     shutdown_timeout_s: float = 30.0
     tool_call_parser: str = "auto"
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -158,10 +173,20 @@ def create_app(
     app.state.server = server
     app.state.drain_engine = server.drain_engine
     add_error_handlers(app, server.metrics)
+    if config.allowed_origins:  # browsers' preflight requests are answered before routing
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])  # fmt: skip
     app.post("/v1/completions", response_model=None)(server.completions)
     app.post("/v1/chat/completions", response_model=None)(server.chat_completions)
+    app.post("/v1/responses", response_model=None)(server.responses)
     app.get("/v1/models")(server.models)
+    app.get("/v1/models/{model:path}")(server.model)  # served names may hold a slash
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
     app.get("/health")(server.health)
+    app.get("/ping")(server.health)  # vLLM's (SageMaker's) name for it
+    app.post("/ping")(server.health)
+    app.get("/version")(server.version)
     app.get("/metrics")(server.prometheus)
     return app
 
@@ -179,6 +204,8 @@ class _Server:
         engine = getattr(loop, "engine", None)
         self.boundaries = bool(getattr(engine, "uses_prefix_boundaries", False))
         self.metrics = ServerMetrics(loop.snapshot)
+        # read before the loop's thread starts: /tokenize reports it
+        self.max_model_len = engine.max_request_tokens() if engine is not None else None
         self.created = now_s()
         self._drained = threading.Lock()
         self._is_drained = False
@@ -216,10 +243,44 @@ class _Server:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
+        prompt, boundary = self._chat_prompt(body)
+        limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
+        syntax = self.tool_syntax if body.reads_tool_calls() else None
+        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
+                                   tools=syntax)  # fmt: skip
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, answered as the chat completion it maps onto
+        (`avmp.serve.responses_api`)."""
+        self._authorize(request)
+        self._check_model(body.model)
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            name, why = unsupported
+            raise APIError(400, f"{name} is not supported by avmp serve: {why}", param=name)
+        chat = body.chat_request()
+        self._check(chat, request)
+        prompt, boundary = self._chat_prompt(chat)
+        limit = chat.max_completion_tokens or self.config.default_max_tokens
+        syntax = self.tool_syntax if chat.reads_tool_calls() else None
+        builder = ResponseBuilder(new_response_id(), body)
+        streams = self._choices(chat, [prompt], limit, boundary, syntax, time.perf_counter())
+        if body.stream:
+            firsts = await self._first_pieces(streams)
+            events = sse_responses(builder, merge(firsts, streams))
+            return StreamingResponse(events, media_type="text/event-stream")
+        pieces = await unless_disconnected(request, self._collect_all(streams))
+        if pieces is None:
+            return Response(status_code=499)  # nobody reads it
+        return JSONResponse(builder.whole(pieces[0]).model_dump(mode="json"))
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], int]:
+        """A chat's prompt token ids and where its system prompt ends in them."""
         if self.chat is None:
             raise APIError(
                 400,
-                "this model's tokenizer has no chat template: use /v1/completions with a prompt",
+                "this model's tokenizer has no chat template: use /v1/completions with a "
+                "prompt, or start avmp serve with --chat-template",
                 param="messages",
             )
         for i, message in enumerate(body.messages):
@@ -243,10 +304,7 @@ class _Server:
         if body.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens
             dropped = max(0, len(prompt) - body.truncate_prompt_tokens)
             prompt, boundary = prompt[dropped:], max(0, boundary - dropped)
-        limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        syntax = self.tool_syntax if body.reads_tool_calls() else None
-        return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
-                                   tools=syntax)  # fmt: skip
+        return prompt, boundary
 
     @staticmethod
     def _rendering(body: ChatCompletionRequest) -> Rendering:
@@ -269,7 +327,47 @@ class _Server:
 
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        return ModelList(data=[ModelCard(id=self.config.model_name, created=self.created)])
+        return ModelList(data=[self._card()])
+
+    async def model(self, model: str, request: Request) -> ModelCard:
+        self._authorize(request)
+        self._check_model(model)
+        return self._card()
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.config.model_name, created=self.created)
+
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        """vLLM's: a prompt's or a chat's token ids, as a request would have them."""
+        self._authorize(request)
+        if body.model is not None:
+            self._check_model(body.model)
+        if body.prompt is not None:
+            add = body.add_special_tokens is not False
+            try:
+                tokens = list(self.tokenizer.encode(body.prompt, add_special_tokens=add))
+            except ValueError as error:  # text the tokenizer cannot encode
+                raise APIError(400, str(error), param="prompt") from None
+        else:
+            tokens, _ = self._chat_prompt(body.chat_request(self.config.model_name))
+        strs = [self.tokenizer.decode([t]) for t in tokens] if body.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len,
+                                tokens=tokens, token_strs=strs)  # fmt: skip
+
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        """vLLM's: the text of token ids (special tokens skipped)."""
+        self._authorize(request)
+        if body.model is not None:
+            self._check_model(body.model)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is not in the vocabulary [0, {vocab})",
+                           param="tokens")  # fmt: skip
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    async def version(self) -> dict[str, str]:
+        return {"version": avmp.__version__}
 
     async def health(self) -> Response:
         snap = self.loop.snapshot()
@@ -286,14 +384,7 @@ class _Server:
 
     def _check(self, body: Any, request: Request) -> None:
         self._authorize(request)
-        if body.model != self.config.model_name:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server "
-                f"serves {self.config.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        self._check_model(body.model)
         name = unsupported_fields(body)
         if name is not None:
             raise APIError(400, f"{name} is not supported by avmp serve", param=name)
@@ -302,6 +393,15 @@ class _Server:
         if body.prompt_logprobs is not None and body.stream:  # as vLLM
             raise APIError(400, "prompt_logprobs are not available with stream=true",
                            param="prompt_logprobs")  # fmt: skip
+
+    def _check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -383,6 +483,39 @@ class _Server:
         """``tools``: the syntax the choices' text is read for tool calls in, if any."""
         arrival_s = time.perf_counter()
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
+        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s)
+        if body.stream:
+            firsts = await self._first_pieces(streams)
+            options = body.stream_options
+            include_usage = options is not None and options.include_usage
+            continuous = options is not None and options.continuous_usage_stats
+            functions = _uses_functions(body)
+            sse = merge(firsts, streams)
+            if chat:
+                events = sse_chat(rid, body.model, sse, include_usage, continuous, functions)
+            else:
+                events = sse_completions(rid, body.model, sse, include_usage, continuous)
+            return StreamingResponse(events, media_type="text/event-stream")
+        pieces = await unless_disconnected(request, self._collect_all(streams))
+        if pieces is None:
+            return Response(status_code=499)  # nobody reads it
+        if chat:
+            answer: Any = chat_response(rid, body.model, pieces, _uses_functions(body))
+        else:
+            answer = completion_response(rid, body.model, pieces)
+        return JSONResponse(answer.model_dump())
+
+    def _choices(
+        self,
+        body: Any,
+        prompts: list[Any],
+        max_tokens: int,
+        boundary: int,
+        tools: ToolSyntax | None,
+        arrival_s: float,
+    ) -> list[AsyncIterator[Piece]]:
+        """The pieces of each choice: each prompt of ``body`` times its ``n``, read for
+        tool calls in ``tools``' syntax where given."""
         text = _TextOptions(
             tuple(body.stop_strings()),
             body.include_stop_str_in_output,
@@ -406,21 +539,9 @@ class _Server:
             for j in range(body.n)
         ]
         if tools is not None:
-            single = body.parallel_tool_calls is False
+            single = body.parallel_tool_calls is False or _uses_functions(body)
             streams = [read_tool_calls(stream, tools, single) for stream in streams]
-        if body.stream:
-            firsts = await self._first_pieces(streams)
-            options = body.stream_options
-            include_usage = options is not None and options.include_usage
-            continuous = options is not None and options.continuous_usage_stats
-            events = sse_chat if chat else sse_completions
-            sse = events(rid, body.model, merge(firsts, streams), include_usage, continuous)
-            return StreamingResponse(sse, media_type="text/event-stream")
-        pieces = await unless_disconnected(request, self._collect_all(streams))
-        if pieces is None:
-            return Response(status_code=499)  # nobody reads it
-        answer = (chat_response if chat else completion_response)(rid, body.model, pieces)
-        return JSONResponse(answer.model_dump())
+        return streams
 
     def _prompt_side(self, body: Any, prompt: Any, max_tokens: int) -> PromptSide | None:
         try:
@@ -574,6 +695,10 @@ class _Server:
             first = errors.exceptions[0]
             raise engine_error(first) if isinstance(first, Exception) else first from None
         return [task.result() for task in tasks]
+
+
+def _uses_functions(body: Any) -> bool:
+    return isinstance(body, ChatCompletionRequest) and body.uses_functions
 
 
 def _after(head: Piece, piece: Piece) -> Piece:

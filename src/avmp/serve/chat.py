@@ -167,17 +167,66 @@ def system_prompt_end(
     return end
 
 
-def load_chat_encoder(model: str | Path | None, tokenizer: Any) -> ChatEncoder | None:
+def load_chat_encoder(
+    model: str | Path | None, tokenizer: Any, chat_template: str | None = None
+) -> ChatEncoder | None:
     """The chat encoding for a model: its checkpoint tokenizer's chat template (None when
-    it has none), mistral-common's for the bundled demo tokenizer, else None."""
+    it has none), mistral-common's for the bundled demo tokenizer, else None.
+    ``chat_template`` (vLLM's ``--chat-template``) replaces the checkpoint's.
+
+    Raises:
+        ValueError: a ``chat_template`` without a checkpoint tokenizer to take it, or
+            one that cannot render a one-message chat (one line).
+    """
+    has_files = model is not None and Path(model).is_dir() and any(
+        (Path(model) / name).is_file() for name in TOKENIZER_FILES
+    )  # fmt: skip
+    if chat_template is not None and (isinstance(tokenizer, MistralTokenizer) or not has_files):
+        raise ValueError("a chat template needs the checkpoint's own tokenizer files; the "
+                         "demo tokenizer has mistral-common's chat encoding")  # fmt: skip
     if isinstance(tokenizer, MistralTokenizer):
         return MistralChat()
-    if model is None:
-        return None
-    path = Path(model)
-    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_files:
         return None
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(path))
+    hf = AutoTokenizer.from_pretrained(str(model))
+    if chat_template is not None:
+        hf.chat_template = chat_template
+        check_template(TemplateChat(hf))
     return TemplateChat(hf) if hf.chat_template else None
+
+
+def check_template(chat: ChatEncoder) -> None:
+    """Renders a one-message chat, so that a template that cannot is found at start-up.
+
+    Raises:
+        ValueError: the template's error, in one line.
+    """
+    try:
+        chat.encode([{"role": "user", "content": "Hello"}])
+    except ValueError as error:
+        raise ValueError(" ".join(str(error).split())) from None
+
+
+def read_chat_template(value: str) -> str:
+    """vLLM's ``--chat-template``: a file's text, or the template itself when no file has
+    that name and it holds Jinja (``{{`` or ``{%``); its syntax checked.
+
+    Raises:
+        ValueError: neither a file nor a template, or a template Jinja cannot parse.
+    """
+    import jinja2
+
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"{value}: no such file, and not a Jinja template either")
+    try:  # transformers renders templates with the loop-controls extension
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"line {error.lineno}: {error.message}") from None
+    return text

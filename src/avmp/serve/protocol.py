@@ -13,7 +13,9 @@ genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, ``prompt_logprobs``
 (per prompt token its log-probability, rank and the top k there: `avmp.serve.echo`), and
 the chat template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
-``continue_final_message``, ``add_special_tokens``, ``documents``)."""
+``continue_final_message``, ``add_special_tokens``, ``documents``). Chat's deprecated
+``functions`` and ``function_call`` are read as ``tools`` and ``tool_choice`` and
+answered in their own shape (``message.function_call``)."""
 
 from __future__ import annotations
 
@@ -241,12 +243,37 @@ class ChatCompletionRequest(_Sampling):
     prediction: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    # OpenAI's deprecated forms of tools and tool_choice (`uses_functions`)
+    functions: list[FunctionDefinition] | None = Field(None, min_length=1)
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     # vLLM's chat-template extensions
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _functions_as_tools(self) -> ChatCompletionRequest:
+        """``functions`` and ``function_call`` as the ``tools`` and ``tool_choice`` they
+        were replaced by (a named function as a named tool choice)."""
+        if self.functions is not None:
+            if self.tools is not None:
+                raise ValueError("give tools or the deprecated functions, not both")
+            self.tools = [Tool(type="function", function=f) for f in self.functions]
+        if self.function_call is not None:
+            if self.tool_choice is not None:
+                raise ValueError("give tool_choice or the deprecated function_call, not both")
+            call = self.function_call
+            self.tool_choice = call if isinstance(call, str) else {"type": "function",
+                                                                   "function": call}  # fmt: skip
+        return self
+
+    @property
+    def uses_functions(self) -> bool:
+        """Whether the request speaks the deprecated functions API, and so is answered in
+        it: one call at most, as ``message.function_call``, reason ``function_call``."""
+        return self.functions is not None
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template reads them (OpenAI's shape), or None."""
@@ -348,6 +375,61 @@ def unsupported_fields(request: _Sampling) -> str | None:
     return next((name for name, bad in checks if bad), None)
 
 
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``: a ``prompt`` (special tokens added unless
+    ``add_special_tokens`` is false), or chat ``messages`` rendered as
+    ``/v1/chat/completions`` renders them (with its template fields; special tokens not
+    added again unless asked)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a prompt or messages (one of them)")
+        return self
+
+    def chat_request(self, model: str) -> ChatCompletionRequest:
+        """The chat completion whose prompt these messages are."""
+        return ChatCompletionRequest.model_validate(
+            {
+                "model": model,
+                "messages": self.messages or [],
+                "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "add_special_tokens": bool(self.add_special_tokens),
+                "chat_template_kwargs": self.chat_template_kwargs,
+                "tools": self.tools,
+            }
+        )
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None  # None: no limit set and no engine to ask
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # -- responses -----------------------------------------------------------------------
 
 
@@ -417,6 +499,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCall | None = None  # the deprecated functions API's one call
 
 
 class ChatTopLogprob(BaseModel):
@@ -454,6 +537,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCall | None = None
 
 
 class ChatChunkChoice(BaseModel):

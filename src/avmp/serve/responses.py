@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -256,17 +256,31 @@ def completion_response(rid: str, model: str, pieces: list[Piece]) -> Completion
     )
 
 
-def _message(piece: Piece) -> ChatResponseMessage:
+def _message(piece: Piece, functions: bool) -> ChatResponseMessage:
     """A choice's message: its text, or, where it called tools, the calls and the text
-    around them (stripped; null if nothing is left)."""
+    around them (stripped; null if nothing is left); with ``functions`` (the deprecated
+    API) its one call as ``function_call``."""
     if not piece.tool_calls:
         return ChatResponseMessage(content=piece.text)
+    content = piece.text.strip() or None
+    if functions:
+        (call,) = piece.tool_calls  # read with one call at most
+        function = FunctionCall(name=call.name, arguments=call.arguments)
+        return ChatResponseMessage(content=content, function_call=function)
     calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
              for c in piece.tool_calls]  # fmt: skip
-    return ChatResponseMessage(content=piece.text.strip() or None, tool_calls=calls)
+    return ChatResponseMessage(content=content, tool_calls=calls)
 
 
-def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionResponse:
+def _chat_reason(reason: str | None, functions: bool) -> str | None:
+    """The deprecated functions API's finish reason for a call is ``function_call``."""
+    return "function_call" if functions and reason == "tool_calls" else reason
+
+
+def chat_response(
+    rid: str, model: str, pieces: list[Piece], functions: bool = False
+) -> ChatCompletionResponse:
+    """``functions``: answer in the deprecated functions API's shape (`_message`)."""
     return ChatCompletionResponse(
         id=rid,
         created=now_s(),
@@ -274,9 +288,9 @@ def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionRe
         choices=[
             ChatChoice(
                 index=p.index,
-                message=_message(p),
+                message=_message(p, functions),
                 logprobs=chat_logprobs(p.logprobs),
-                finish_reason=p.finish_reason,
+                finish_reason=_chat_reason(p.finish_reason, functions),
                 prompt_logprobs=p.prompt_logprobs,
             )
             for p in pieces
@@ -286,14 +300,20 @@ def chat_response(rid: str, model: str, pieces: list[Piece]) -> ChatCompletionRe
 
 
 def _sse(data: Any) -> str:
-    """One server-sent event as OpenAI writes them: ``data: <json>`` and a blank line.
+    return sse_event(data.model_dump(mode="json"))
+
+
+def sse_event(data: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event as OpenAI writes them: ``data: <json>`` (after ``event:
+    <name>`` where given, as the Responses API's) and a blank line.
 
     The JSON is ASCII (non-ASCII text as ``\\u2028``-style escapes): a client that splits the
     stream with ``str.splitlines`` (httpx's ``aiter_lines`` does) also breaks lines at
     U+2028, U+2029 and U+0085, which generated text may hold, and would read half an
     event."""
-    body = json.dumps(data.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":"))
-    return f"data: {body}\n\n"
+    body = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {body}\n\n"
 
 
 class _StreamUsage:
@@ -328,7 +348,7 @@ async def sse_completions(
             CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
 
-    async for piece in _until_error(pieces):
+    async for piece in until_error(pieces):
         if isinstance(piece, str):
             yield piece
             continue
@@ -355,8 +375,10 @@ async def sse_chat(
     pieces: AsyncIterator[Piece | Exception],
     include_usage: bool,
     continuous_usage: bool = False,
+    functions: bool = False,
 ) -> AsyncIterator[str]:
-    """Chat chunks, the usage as `sse_completions` gives it."""
+    """Chat chunks, the usage as `sse_completions` gives it; ``functions``: a call as the
+    deprecated functions API's ``function_call`` delta (`chat_response`)."""
     created, counts = now_s(), _StreamUsage()
     started: set[int] = set()
     num_calls: dict[int, int] = {}  # per choice: the index its next tool call gets
@@ -368,7 +390,7 @@ async def sse_chat(
             ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
 
-    async for piece in _until_error(pieces):
+    async for piece in until_error(pieces):
         if isinstance(piece, str):
             yield piece
             continue
@@ -378,7 +400,12 @@ async def sse_chat(
             delta = ChatDelta(role="assistant", content="")
             yield chunk([ChatChunkChoice(index=piece.index, delta=delta)])
         if piece.text or piece.finish_reason or piece.logprobs or piece.tool_calls:
-            delta = ChatDelta(content=piece.text or None, tool_calls=_deltas(piece, num_calls))
+            delta = ChatDelta(content=piece.text or None)
+            if functions and piece.tool_calls:
+                call = piece.tool_calls[0]  # read with one call at most
+                delta.function_call = FunctionCall(name=call.name, arguments=call.arguments)
+            else:
+                delta.tool_calls = _deltas(piece, num_calls)
             logprobs = chat_logprobs(piece.logprobs)
             yield chunk(
                 [
@@ -386,7 +413,7 @@ async def sse_chat(
                         index=piece.index,
                         delta=delta,
                         logprobs=logprobs,
-                        finish_reason=piece.finish_reason,
+                        finish_reason=_chat_reason(piece.finish_reason, functions),
                     )
                 ]
             )
@@ -409,11 +436,17 @@ def _deltas(piece: Piece, num_calls: dict[int, int]) -> list[ToolCallDelta] | No
     ]  # fmt: skip
 
 
-async def _until_error(
+def _error_event(error: APIError) -> str:
+    return sse_event(error.body())
+
+
+async def until_error(
     pieces: AsyncIterator[Piece | Exception],
+    error_event: Callable[[APIError], str] = _error_event,
 ) -> AsyncIterator[Piece | str]:
     """The pieces; an error stops the stream with one error event (its headers are
-    sent already, so the status cannot say it), as vLLM streams errors."""
+    sent already, so the status cannot say it), as vLLM streams errors: by default
+    ``data: {"error": {...}}``, else what ``error_event`` writes."""
     async with aclosing(pieces) as items:  # type: ignore[type-var]
         async for item in items:
             if isinstance(item, Exception):
@@ -421,6 +454,6 @@ async def _until_error(
                     error = engine_error(item)
                 except Exception:
                     error = APIError(500, f"internal error: {item}", "server_error")
-                yield f"data: {json.dumps(error.body())}\n\n"
+                yield error_event(error)
                 return
             yield item
