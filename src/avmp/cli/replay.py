@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from avmp.cli.options import (
 from avmp.units import format_bytes
 
 if TYPE_CHECKING:
+    from avmp.bench.traces import TracePart, TraceWindow
     from avmp.models.geometry import ModelGeometry
 
 COLUMNS = (
@@ -93,6 +95,23 @@ def add_parser(subparsers: Any) -> None:
         help="split the model over N GPUs of one host (1-8): every allocator holds one "
         "rank's units in --memory (each GPU's cache), the roofline adds the all-reduces "
         "over the profile's NVLink",
+    )
+    parser.add_argument(
+        "--start",
+        metavar="S",
+        help="replay only the requests arriving S seconds or more after the trace's first, "
+        "their arrivals re-based to start at 0 (default 0)",
+    )
+    parser.add_argument(
+        "--duration",
+        metavar="D",
+        help="... and less than S + D seconds after it (default: to the trace's end)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        metavar="N",
+        help="replay only the first N requests by arrival (of the --start/--duration window "
+        "when given); default: all",
     )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     parser.add_argument(
@@ -172,17 +191,18 @@ def slo_targets(args: argparse.Namespace) -> Any:
     return SloTargets(ttft_s=args.slo_ttft_s, tpot_ms=args.slo_tpot_ms)
 
 
-def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the trace once per allocator; returns each allocator's result dict, with
-    ``goodput`` under the options' objectives and ``common_request_throughput`` (req/s
-    over the requests every allocator completed) added.
+def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
+    """Run the trace (the part its options take) once per allocator; returns each
+    allocator's result dict, with ``goodput`` under the options' objectives and
+    ``common_request_throughput`` (req/s over the requests every allocator completed)
+    added, and the part of the trace replayed.
 
     Raises:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
     from avmp.bench.sweep import has_host_tier, layout_policy
-    from avmp.bench.traces import read_trace
+    from avmp.bench.traces import read_trace_part
     from avmp.cli.generate import check_prefix_host_level
     from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
@@ -191,6 +211,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     budget = parse_budget("--memory", args.memory)
     slo = slo_targets(args)
+    window = trace_window(args)
     allocators = _allocators(args.allocators)
     if args.calibration is not None:
         with open(args.calibration):
@@ -219,7 +240,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             config.max_num_seqs,
         )
     workers = _workers(getattr(args, "workers", None), len(allocators))
-    requests = read_trace(args.trace, args.format)
+    part = read_trace_part(args.trace, args.format, window)
+    requests = part.requests
     tasks = []
     for layout in allocators:
         layout_fields, layout_options = layout_policy(layout, policy)
@@ -247,7 +269,42 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     for result in results:
         result["goodput"] = goodput(result, slo)
         result["common_request_throughput"] = common_throughput(result, common)
-    return results
+    return results, part
+
+
+def trace_window(args: argparse.Namespace) -> TraceWindow:
+    """The part of the trace that ``--start``, ``--duration`` and ``--max-requests``
+    take (a one-line error naming the option for a bad value)."""
+    from avmp.bench.traces import TraceWindow
+
+    start = _seconds_option("--start", args.start, allow_zero=True) or 0.0
+    duration = _seconds_option("--duration", args.duration, allow_zero=False)
+    max_requests = None
+    if args.max_requests is not None:
+        try:
+            max_requests = int(args.max_requests)
+        except ValueError:
+            max_requests = 0
+        if max_requests < 1:
+            raise UserError(
+                f"--max-requests must be a whole number >= 1, got {args.max_requests!r}"
+            )
+    return TraceWindow(start, duration, max_requests)
+
+
+def _seconds_option(flag: str, text: str | None, allow_zero: bool) -> float | None:
+    """A number of seconds given as ``flag`` (None: not given): finite, and >= 0
+    (``allow_zero``) or > 0."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and (seconds >= 0 if allow_zero else seconds > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{flag} must be a number of seconds {bound}, got {text!r}")
+    return seconds
 
 
 PARALLEL_FROM = 2000  # requests from which the allocators run at once by default
@@ -451,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import markdown_table
     from avmp.sim.metrics import common_request_ids
 
-    results = replay(args)
+    results, part = replay(args)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
         return 0
@@ -459,7 +516,8 @@ def run(args: argparse.Namespace) -> int:
     reference = avmp[0] if avmp else None
     num_common = len(common_request_ids(results) or ())
     print(
-        f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
+        f"{args.trace}: {results[0]['num_requests']} requests{_taken(part, trace_window(args))}, "
+        f"{args.model}, "
         f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
         f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}, "
         f"at most {args.max_num_seqs} requests and {args.max_num_batched_tokens} tokens a step; "
@@ -473,6 +531,18 @@ def run(args: argparse.Namespace) -> int:
     if held:
         print(held)
     return 0
+
+
+def _taken(part: TracePart, window: TraceWindow) -> str:
+    """What part of the trace was replayed, for the header (empty: all of it)."""
+    if len(part.requests) == part.num_trace_requests:
+        return ""
+    taken = []
+    if window.start_s or window.duration_s is not None:
+        taken.append(f"arriving {window.describe_span()}, re-based to 0")
+    if window.max_requests is not None:
+        taken.append(f"the first {window.max_requests}" + (" of those" if taken else ""))
+    return f" of its {part.num_trace_requests} ({'; '.join(taken)})"
 
 
 def held_summary(results: list[dict[str, Any]]) -> str:
