@@ -35,6 +35,8 @@ COLUMNS = (
     "vs avmp",
     "req/s, all completed",
     "vs avmp, all completed",
+    "req/s, same requests",
+    "vs avmp, same requests",
     "goodput req/s",
     "OOM events",
     "preempted (swapped)",
@@ -193,25 +195,48 @@ def slo_targets(args: argparse.Namespace) -> Any:
 
 def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
     """Run the trace (the part its options take) once per allocator; returns each
-    allocator's result dict, with ``goodput`` under the options' objectives and
+    allocator's result dict, with ``goodput`` under the options' objectives,
     ``common_request_throughput`` (req/s over the requests every allocator completed)
-    added, and the part of the trace replayed.
+    and ``same_work_request_throughput`` (req/s replayed on only those requests, where
+    the allocators completed different ones: `rerun_on_common`) added, and the part of
+    the trace replayed.
 
     Raises:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
-    from avmp.bench.sweep import has_host_tier, layout_policy
     from avmp.bench.traces import read_trace_part
-    from avmp.cli.generate import check_prefix_host_level
-    from avmp.models.zoo import resolve_model
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
-    from avmp.sim.simulator import SimConfig
-    from avmp.sim.timing import check_feasible, get_profile
 
     budget = parse_budget("--memory", args.memory)
     slo = slo_targets(args)
     window = trace_window(args)
+    geometry, tasks = _replay_tasks(args, budget)
+    workers = _workers(getattr(args, "workers", None), len(tasks))
+    part = read_trace_part(args.trace, args.format, window)
+    inputs = ReplayInputs(part.requests, geometry, budget)
+    with replay_progress(getattr(args, "no_progress", False)) as bar:
+        results = _run_with_bars(bar, tasks, inputs, workers, "")
+        _check_some_completed(args.trace, results, inputs)
+        same_work = rerun_on_common(tasks, inputs, results, workers, bar)
+    common = common_request_ids(results) or set()
+    for result, same in zip(results, same_work, strict=True):
+        result["goodput"] = goodput(result, slo)
+        result["common_request_throughput"] = common_throughput(result, common)
+        result["same_work_request_throughput"] = same
+    return results, part
+
+
+def _replay_tasks(args: argparse.Namespace, budget: int) -> tuple[ModelGeometry, list[ReplayTask]]:
+    """The model's geometry and one task per allocator, from the options (one-line
+    errors for bad ones, and for a run the GPU profile cannot hold, before the trace is
+    read)."""
+    from avmp.bench.sweep import has_host_tier, layout_policy
+    from avmp.cli.generate import check_prefix_host_level
+    from avmp.models.zoo import resolve_model
+    from avmp.sim.simulator import SimConfig
+    from avmp.sim.timing import check_feasible, get_profile
+
     allocators = _allocators(args.allocators)
     if args.calibration is not None:
         with open(args.calibration):
@@ -239,9 +264,6 @@ def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
-    workers = _workers(getattr(args, "workers", None), len(allocators))
-    part = read_trace_part(args.trace, args.format, window)
-    requests = part.requests
     tasks = []
     for layout in allocators:
         layout_fields, layout_options = layout_policy(layout, policy)
@@ -249,27 +271,58 @@ def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
         host_level = args.prefix_host_level and has_host_tier(layout_fields)
         layout_config = dataclasses.replace(config, **layout_fields, prefix_host_level=host_level)
         tasks.append(ReplayTask(layout, options, layout_config))
+    return geometry, tasks
+
+
+def _check_some_completed(trace: str, results: list[dict[str, Any]], inputs: ReplayInputs) -> None:
+    """A one-line error where no allocator completed a request: none fits the budget."""
+    if any(r["num_completed"] for r in results):
+        return
+    smallest = min(inputs.geometry.request_bytes(r.total_tokens) for r in inputs.requests)
+    raise UserError(
+        f"{trace}: no request fits in {format_bytes(inputs.budget)} with any allocator "
+        f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
+        "token counts"
+    )
+
+
+def rerun_on_common(
+    tasks: list[ReplayTask],
+    inputs: ReplayInputs,
+    results: list[dict[str, Any]],
+    workers: int | None,
+    bar: Any,
+) -> list[float | None]:
+    """Each allocator's req/s on the same work (`avmp.sim.metrics.same_work_throughputs`,
+    as ``avmp bench`` reruns its cells): where the allocators completed different
+    requests (one rejected long prompts another served), each replays again on only the
+    requests all of them completed, from the same arrivals; else its own req/s."""
+    from avmp.sim.metrics import same_work_ids, same_work_throughputs
+
+    ids = same_work_ids([r["completed_requests"]["request_id"] for r in results])
+    if ids is None:
+        return same_work_throughputs(results, None)
+    common = dataclasses.replace(
+        inputs, requests=[r for r in inputs.requests if r.request_id in ids]
+    )
+    reruns = _run_with_bars(bar, tasks, common, workers, ", same requests")
+    return same_work_throughputs(results, reruns)
+
+
+def _run_with_bars(
+    bar: Any, tasks: list[ReplayTask], inputs: ReplayInputs, workers: int | None, label: str
+) -> list[dict[str, Any]]:
+    """`run_replays` with a progress bar per task (``label`` after its allocator's name);
+    ``workers`` None: one per task up to the CPUs for `PARALLEL_FROM` requests or more."""
+    total = len(inputs.requests)
     if workers is None:
-        workers = min(len(tasks), os.cpu_count() or 1) if len(requests) >= PARALLEL_FROM else 1
-    with replay_progress(getattr(args, "no_progress", False)) as bar:
-        bars = {t.layout: bar.add_task(t.layout, total=len(requests)) for t in tasks}
+        workers = min(len(tasks), os.cpu_count() or 1) if total >= PARALLEL_FROM else 1
+    bars = {t.layout: bar.add_task(t.layout + label, total=total) for t in tasks}
 
-        def progress(layout: str, done: int, total: int) -> None:
-            bar.update(bars[layout], completed=done, total=total)
+    def progress(layout: str, done: int, total: int) -> None:
+        bar.update(bars[layout], completed=done, total=total)
 
-        results = run_replays(tasks, ReplayInputs(requests, geometry, budget), workers, progress)
-    if all(r["num_completed"] == 0 for r in results):
-        smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
-        raise UserError(
-            f"{args.trace}: no request fits in {format_bytes(budget)} with any allocator "
-            f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
-            "token counts"
-        )
-    common = common_request_ids(results) or set()
-    for result in results:
-        result["goodput"] = goodput(result, slo)
-        result["common_request_throughput"] = common_throughput(result, common)
-    return results, part
+    return run_replays(tasks, inputs, workers, progress)
 
 
 def trace_window(args: argparse.Namespace) -> TraceWindow:
@@ -478,8 +531,14 @@ def _allocators(text: str) -> list[str]:
     return allocators
 
 
-def _ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}x" if reference > 0 else "n/a"
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or not reference > 0:
+        return "n/a"
+    return f"{value / reference:.2f}x"
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
@@ -495,6 +554,8 @@ def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
         vs_avmp("request_throughput"),
         f"{result['common_request_throughput']:.3f}",
         vs_avmp("common_request_throughput"),
+        _rate(result["same_work_request_throughput"]),
+        vs_avmp("same_work_request_throughput"),
         f"{result['goodput']:.3f}",
         str(result["num_oom_events"]),
         f"{result['num_preemptions']} ({result.get('num_swapped_out', 0)})",
@@ -506,7 +567,7 @@ def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import markdown_table
-    from avmp.sim.metrics import common_request_ids
+    from avmp.sim.metrics import common_request_ids, same_work_ids
 
     results, part = replay(args)
     if args.json:
@@ -515,6 +576,12 @@ def run(args: argparse.Namespace) -> int:
     avmp = [r for r in results if r["allocator"] == "avmp"]
     reference = avmp[0] if avmp else None
     num_common = len(common_request_ids(results) or ())
+    rerun = same_work_ids([r["completed_requests"]["request_id"] for r in results])
+    same = (
+        "the allocators completed the same requests (their own req/s)"
+        if rerun is None
+        else f"each allocator replayed again on only those {len(rerun)}, from the same arrivals"
+    )
     print(
         f"{args.trace}: {results[0]['num_requests']} requests{_taken(part, trace_window(args))}, "
         f"{args.model}, "
@@ -522,6 +589,7 @@ def run(args: argparse.Namespace) -> int:
         f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}, "
         f"at most {args.max_num_seqs} requests and {args.max_num_batched_tokens} tokens a step; "
         f"all completed: the {num_common} requests every allocator completed; "
+        f"same requests: {same}; "
         f"goodput: {slo_targets(args).describe()}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
