@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,21 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
 
 def test_jsonl_sorted_and_rebased(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
-    path.write_text('{"arrival_s": 5, "prompt_tokens": 3, "output_tokens": 2}\n\n'
-                    '{"arrival_s": 2.5, "prompt_tokens": 7, "output_tokens": 1}\n')
+    path.write_text(
+        '{"arrival_s": 5, "prompt_tokens": 3, "output_tokens": 2}\n\n'
+        '{"arrival_s": 2.5, "prompt_tokens": 7, "output_tokens": 1}\n'
+    )
     reqs = read_trace(path)
     assert [(r.arrival_s, r.prompt_tokens) for r in reqs] == [(0.0, 7), (2.5, 3)]
 
 
 def test_azure_csv(tmp_path: Path) -> None:
     path = tmp_path / "azure.csv"
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                    "2023-11-16 18:15:46.6805900,4808,10\n"
-                    "2023-11-16 18:15:50.9951690,3180,8\n")
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,4808,10\n"
+        "2023-11-16 18:15:50.9951690,3180,8\n"
+    )
     reqs = read_trace(path)
     assert reqs[1].arrival_s == pytest.approx(4.314579, abs=1e-6)
     assert (reqs[0].prompt_tokens, reqs[0].output_tokens) == (4808, 10)
@@ -35,27 +40,43 @@ def test_azure_csv(tmp_path: Path) -> None:
 
 def test_burstgpt_csv_skips_failed_requests(tmp_path: Path) -> None:
     path = tmp_path / "burst.csv"
-    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-                    "5,ChatGPT,472,18,490,Conversation log\n"
-                    "45,ChatGPT,1087,0,1087,Conversation log\n"
-                    "118,GPT-4,417,276,693,Conversation log\n")
+    path.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "45,ChatGPT,1087,0,1087,Conversation log\n"
+        "118,GPT-4,417,276,693,Conversation log\n"
+    )
     reqs = read_trace(path, "burstgpt")
     assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs] == [
-        (0.0, 472, 18), (113.0, 417, 276)]
+        (0.0, 472, 18),
+        (113.0, 417, 276),
+    ]
 
 
-@pytest.mark.parametrize(("name", "text", "where"), [
-    ("bad.jsonl", '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\nnot json\n', ":2:"),
-    ("miss.jsonl", '{"arrival_s": 0, "prompt_tokens": 3}\n', ":1: missing field 'output_tokens'"),
-    ("neg.jsonl", '{"arrival_s": 0, "prompt_tokens": -3, "output_tokens": 2}\n', ":1:"),
-    ("zero.jsonl", '{"arrival_s": 0, "prompt_tokens": 0, "output_tokens": 2}\n', ":1:"),
-    ("empty.jsonl", "\n\n", "empty trace"),
-    ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,12,x\n", ":2:"),
-    ("date.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,12,3\n", ":2:"),
-    ("cols.csv", "Timestamp,Model,Request tokens\n1,a,2\n", "missing column"),
-])
-def test_malformed_traces_name_file_and_line(tmp_path: Path, name: str, text: str,
-                                             where: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        (
+            "bad.jsonl",
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\nnot json\n',
+            ":2:",
+        ),
+        (
+            "miss.jsonl",
+            '{"arrival_s": 0, "prompt_tokens": 3}\n',
+            ":1: missing field 'output_tokens'",
+        ),
+        ("neg.jsonl", '{"arrival_s": 0, "prompt_tokens": -3, "output_tokens": 2}\n', ":1:"),
+        ("zero.jsonl", '{"arrival_s": 0, "prompt_tokens": 0, "output_tokens": 2}\n', ":1:"),
+        ("empty.jsonl", "\n\n", "empty trace"),
+        ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,12,x\n", ":2:"),
+        ("date.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,12,3\n", ":2:"),
+        ("cols.csv", "Timestamp,Model,Request tokens\n1,a,2\n", "missing column"),
+    ],
+)
+def test_malformed_traces_name_file_and_line(
+    tmp_path: Path, name: str, text: str, where: str
+) -> None:
     path = tmp_path / name
     path.write_text(text)
     fmt = "burstgpt" if name == "cols.csv" else None
@@ -77,29 +98,55 @@ OK = '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n'
 BURST = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
 
 
-@pytest.mark.parametrize(("name", "text", "where"), [
-    ("nan.jsonl", OK + '{"arrival_s": NaN, "prompt_tokens": 3, "output_tokens": 2}\n',
-     ":2: arrival_s must be finite"),
-    ("inf.jsonl", OK + '{"arrival_s": Infinity, "prompt_tokens": 3, "output_tokens": 2}\n',
-     ":2: arrival_s must be finite"),
-    ("inftok.jsonl", '{"arrival_s": 0, "prompt_tokens": Infinity, "output_tokens": 2}\n',
-     ":1: prompt_tokens must be a whole number"),
-    ("bool.jsonl", '{"arrival_s": 0, "prompt_tokens": true, "output_tokens": 2}\n',
-     ":1: prompt_tokens must be a whole number >= 0, got True"),
-    ("frac.jsonl", '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2.5}\n',
-     ":1: output_tokens must be a whole number"),
-    ("booltime.jsonl", '{"arrival_s": false, "prompt_tokens": 3, "output_tokens": 2}\n',
-     ":1: arrival_s must be a number of seconds"),
-    ("list.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
-    ("null.jsonl", "null\n", ":1: expected a JSON object"),
-    ("span.jsonl", '{"arrival_s": 1e308, "prompt_tokens": 3, "output_tokens": 2}\n'
-     '{"arrival_s": -1e308, "prompt_tokens": 3, "output_tokens": 2}\n', "span more seconds"),
-    ("nan.csv", BURST + "nan,a,4,2,6,x\n", ":2: Timestamp must be finite"),
-    ("hole.csv", BURST + "5,a\n", ":2: no value in column Request tokens"),
-    ("nul.csv", BURST + "5,a,4\x00,2,6,x\n", ":2: Request tokens must be a whole number"),
-])
-def test_non_finite_and_mistyped_values_name_file_and_line(tmp_path: Path, name: str,
-                                                         text: str, where: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        (
+            "nan.jsonl",
+            OK + '{"arrival_s": NaN, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ":2: arrival_s must be finite",
+        ),
+        (
+            "inf.jsonl",
+            OK + '{"arrival_s": Infinity, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ":2: arrival_s must be finite",
+        ),
+        (
+            "inftok.jsonl",
+            '{"arrival_s": 0, "prompt_tokens": Infinity, "output_tokens": 2}\n',
+            ":1: prompt_tokens must be a whole number",
+        ),
+        (
+            "bool.jsonl",
+            '{"arrival_s": 0, "prompt_tokens": true, "output_tokens": 2}\n',
+            ":1: prompt_tokens must be a whole number >= 0, got True",
+        ),
+        (
+            "frac.jsonl",
+            '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2.5}\n',
+            ":1: output_tokens must be a whole number",
+        ),
+        (
+            "booltime.jsonl",
+            '{"arrival_s": false, "prompt_tokens": 3, "output_tokens": 2}\n',
+            ":1: arrival_s must be a number of seconds",
+        ),
+        ("list.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
+        ("null.jsonl", "null\n", ":1: expected a JSON object"),
+        (
+            "span.jsonl",
+            '{"arrival_s": 1e308, "prompt_tokens": 3, "output_tokens": 2}\n'
+            '{"arrival_s": -1e308, "prompt_tokens": 3, "output_tokens": 2}\n',
+            "span more seconds",
+        ),
+        ("nan.csv", BURST + "nan,a,4,2,6,x\n", ":2: Timestamp must be finite"),
+        ("hole.csv", BURST + "5,a\n", ":2: no value in column Request tokens"),
+        ("nul.csv", BURST + "5,a,4\x00,2,6,x\n", ":2: Request tokens must be a whole number"),
+    ],
+)
+def test_non_finite_and_mistyped_values_name_file_and_line(
+    tmp_path: Path, name: str, text: str, where: str
+) -> None:
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(TraceError) as info:
@@ -123,12 +170,16 @@ def test_a_directory_is_not_a_trace(tmp_path: Path) -> None:
 
 def test_whole_numbers_written_as_digits_or_floats_are_read(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
-    path.write_text('{"arrival_s": "1.5", "prompt_tokens": "12", "output_tokens": 3.0}\n'
-                    '{"arrival_s": 0, "prompt_tokens": 12345678901234567890, '
-                    '"output_tokens": 1}\n')
+    path.write_text(
+        '{"arrival_s": "1.5", "prompt_tokens": "12", "output_tokens": 3.0}\n'
+        '{"arrival_s": 0, "prompt_tokens": 12345678901234567890, '
+        '"output_tokens": 1}\n'
+    )
     reqs = read_trace(path)
     assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs] == [
-        (0.0, 12345678901234567890, 1), (1.5, 12, 3)]
+        (0.0, 12345678901234567890, 1),
+        (1.5, 12, 3),
+    ]
 
 
 def test_jsonl_segments_round_trip_and_are_optional(tmp_path: Path) -> None:
@@ -181,9 +232,7 @@ def test_a_prefix_workload_keeps_what_it_shares_through_a_file(tmp_path: Path) -
 
     def sharing(specs: list) -> list:
         names: dict = {}
-        return [
-            [(names.setdefault(i, len(names)), n) for i, n in spec.content()] for spec in specs
-        ]
+        return [[(names.setdefault(i, len(names)), n) for i, n in spec.content()] for spec in specs]
 
     assert any(r.segments for r in requests)
     assert sharing(back) == sharing(requests)
@@ -195,3 +244,37 @@ def test_azure_rows_without_output_are_skipped(tmp_path: Path) -> None:
                     "2023-11-16 18:15:46.0,12,0\n2023-11-16 18:15:47.5,20,4\n")  # fmt: skip
     (request,) = read_trace(path)
     assert (request.arrival_s, request.prompt_tokens, request.output_tokens) == (0.0, 20, 4)
+
+
+def test_a_window_takes_part_of_a_trace_and_only_its_content(tmp_path: Path) -> None:
+    """The requests arriving in the window, re-based to 0, ids kept, their segments read;
+    a line outside it is not read for its content (its own prompt is never replayed)."""
+    from avmp.bench.traces import TraceWindow, read_trace_part
+
+    path = tmp_path / "t.jsonl"
+    lines = [{"arrival_s": 10 + t, "prompt_tokens": 4, "output_tokens": 1,
+              "segments": [["system", 4]]} for t in range(6)]  # fmt: skip
+    lines[0]["segments"] = "not a list"  # before the window: never parsed
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    part = read_trace_part(path, window=TraceWindow(start_s=2, duration_s=3, max_requests=2))
+    assert [(r.request_id, r.arrival_s, r.segments) for r in part.requests] == [
+        (2, 0.0, (("system", 4),)), (3, 1.0, (("system", 4),))]  # fmt: skip
+    assert (part.num_trace_requests, part.trace_span_s) == (6, 5.0)
+    assert read_trace_part(path, window=TraceWindow(start_s=4.5)).requests[0].request_id == 5
+    with pytest.raises(TraceError, match="t.jsonl: no request arrives from 7 s to 8 s"):
+        read_trace_part(path, window=TraceWindow(start_s=7, duration_s=1))
+    with pytest.raises(TraceError, match="segments"):
+        read_trace(path)  # the whole trace reads every line's content
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"start_s": -1.0}, "start must be >= 0"),
+    ({"duration_s": 0.0}, "duration must be > 0"),
+    ({"max_requests": 0}, "max_requests must be a whole number >= 1"),
+    ({"max_requests": True}, "max_requests must be a whole number >= 1"),
+])  # fmt: skip
+def test_a_bad_window_is_refused(fields: dict, message: str) -> None:
+    from avmp.bench.traces import TraceWindow
+
+    with pytest.raises(ValueError, match=message):
+        TraceWindow(**fields)

@@ -49,6 +49,7 @@ from avmp.sim.metrics import (
     common_request_ids,
     common_throughput,
     goodput,
+    same_work_throughputs,
 )
 
 AVMP = "avmp"
@@ -271,44 +272,20 @@ def _common_throughputs(cells: Sequence[Cell]) -> list[float | None]:
 
 def _same_work_throughputs(cells: Sequence[Cell]) -> list[float | None]:
     """req/s on the requests every allocator of a cell's pair key completed, from the
-    same arrivals: the cell's own where they all completed the same requests, its rerun
-    where not (over the requests every rerun completed, should they differ again); None
-    where the pair key's cells lack per-request columns or some of its reruns."""
+    same arrivals (`avmp.sim.metrics.same_work_throughputs`): the cell's own where they
+    all completed the same requests, its rerun's where not; None where the pair key's
+    cells lack per-request columns or some of its reruns."""
     by_key: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
     for cell in cells:
         by_key[tuple(coord(cell, k) for k in PAIR_KEYS)].append(cell)
     values: dict[int, float | None] = {}
     for group in by_key.values():
-        results = [c["result"] for c in group]
-        if not _same_completed(results) and all("same_work" in c for c in group):
-            results = [c["same_work"]["result"] for c in group]
-        if _same_completed(results):
-            values.update(
-                (id(c), float(r["request_throughput"]))
-                for c, r in zip(group, results, strict=True)
-            )
-        elif results[0] is group[0]["result"]:
-            values.update((id(c), None) for c in group)  # unlike work, not rerun
-        else:
-            common = common_request_ids(results)
-            values.update(
-                (id(c), None if common is None else common_throughput(r, common))
-                for c, r in zip(group, results, strict=True)
-            )
+        reruns = None
+        if all("same_work" in c for c in group):
+            reruns = [c["same_work"]["result"] for c in group]
+        found = same_work_throughputs([c["result"] for c in group], reruns)
+        values.update((id(c), v) for c, v in zip(group, found, strict=True))
     return [values[id(c)] for c in cells]
-
-
-def _same_completed(results: Sequence[dict[str, Any]]) -> bool:
-    """Whether every result has per-request columns and completed the same requests."""
-    completed = [_completed(r) for r in results]
-    return completed[0] is not None and all(ids == completed[0] for ids in completed)
-
-
-def _completed(result: dict[str, Any]) -> frozenset[int] | None:
-    columns = result.get("completed_requests")
-    if not isinstance(columns, dict) or "request_id" not in columns:
-        return None
-    return frozenset(columns["request_id"])
 
 
 def _pairs(

@@ -51,6 +51,7 @@ from avmp.memory.registry import STATIC_SHIPPED_OPTIONS
 from avmp.models.dtypes import ssm_dtype_name
 from avmp.sched.prefix import PREFIX_CACHE_CHOICES
 from avmp.sched.request import RequestSpec
+from avmp.sim.metrics import same_work_ids
 from avmp.sim.timing import GPU_PROFILES, device_memory, infeasible_message
 from avmp.units import format_bytes
 
@@ -134,7 +135,12 @@ class CellSpec:
         without prefix cache keeps the id it had before the axis existed)."""
         budget = format_bytes(self.budget_bytes).replace(" ", "").replace(".", "p")
         parts: tuple[str, ...] = (
-            self.workload, self.model, budget, self.profile, f"s{self.seed}", self.allocator
+            self.workload,
+            self.model,
+            budget,
+            self.profile,
+            f"s{self.seed}",
+            self.allocator,
         )
         if self.prefix_cache != PREFIX_OFF:
             parts += (f"prefix-{self.prefix_cache}",)
@@ -336,8 +342,9 @@ class SweepGrid:
             geometry = _geometry(m, self.ssm_dtype)
             for b in self.budgets_bytes:
                 for p in self.profiles:
-                    memory = device_memory(geometry, b, GPU_PROFILES[p],
-                                           self.max_num_batched_tokens, self.max_num_seqs)
+                    memory = device_memory(
+                        geometry, b, GPU_PROFILES[p], self.max_num_batched_tokens, self.max_num_seqs
+                    )
                     if not memory.fits:
                         reason = infeasible_message(m, GPU_PROFILES[p], memory)
                         skipped.append((m, b, p, reason))
@@ -601,11 +608,10 @@ def same_work_tasks(grid: SweepGrid, store: ResultStore) -> tuple[list[CellTask]
     wanted: list[tuple[CellSpec, frozenset[int]]] = []
     for members in groups.values():
         completed = [_completed_ids(store, cell) for cell in members]
-        if len(members) < 2 or any(ids is None for ids in completed):
+        if any(ids is None for ids in completed):
             continue
-        sets = [ids for ids in completed if ids is not None]
-        common = frozenset.intersection(*sets)
-        if common and any(ids != common for ids in sets):
+        common = same_work_ids([ids for ids in completed if ids is not None])
+        if common is not None:
             wanted += [(replace(cell, same_work=True), common) for cell in members]
     todo = [(c, ids) for c, ids in wanted if not store.is_done(c, settings[c.workload])]
     traces = build_traces(grid, ((c.workload, c.seed) for c, _ in todo))

@@ -4,6 +4,10 @@ Every reader returns requests in arrival order with times in seconds from the fi
 arrival. A malformed line, a missing column or an empty trace raises `TraceError`
 naming the file and the line, so a user can fix the file.
 
+Part of a trace (`TraceWindow`: a window of arrival seconds, the first N requests) is
+taken while reading: only the requests taken become `RequestSpec`s, so a huge trace's part
+costs no more memory than the trace's own rows.
+
 A file named ``.gz``, ``.bz2`` or ``.xz`` is read through its decompressor (`COMPRESSED`),
 its format guessed from the name inside (``trace.jsonl.gz`` is JSONL) and its content as
 for a plain file; errors name the compressed file and the line within it, and an
@@ -39,6 +43,7 @@ Formats:
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import csv
 import gzip
@@ -49,6 +54,7 @@ import re
 import zlib
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -314,12 +320,89 @@ def _is_mooncake_line(line: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class TraceWindow:
+    """Which part of a trace to take: the requests arriving in ``[start_s, start_s +
+    duration_s)`` seconds from its first arrival (``duration_s`` None: to its end), then
+    the first ``max_requests`` of them by arrival (None: all). The requests taken arrive
+    from 0, as a whole trace's do, and keep their ids (their places in the whole trace
+    by arrival).
+
+    Raises:
+        ValueError: a negative or non-finite start, a duration not above 0, or fewer
+            than 1 request.
+    """
+
+    start_s: float = 0.0
+    duration_s: float | None = None
+    max_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start_s) and self.start_s >= 0):
+            raise ValueError(f"the window's start must be >= 0 seconds, got {self.start_s}")
+        if self.duration_s is not None and not (
+            math.isfinite(self.duration_s) and self.duration_s > 0
+        ):
+            raise ValueError(f"the window's duration must be > 0 seconds, got {self.duration_s}")
+        if self.max_requests is not None and (
+            isinstance(self.max_requests, bool)
+            or not isinstance(self.max_requests, int)
+            or self.max_requests < 1
+        ):
+            raise ValueError(f"max_requests must be a whole number >= 1, got {self.max_requests!r}")
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether it takes every request of any trace."""
+        return self.start_s == 0 and self.duration_s is None and self.max_requests is None
+
+    def bounds(self, arrivals: list[float]) -> tuple[int, int]:
+        """The range ``[first, end)`` of ``arrivals`` (seconds from the first arrival,
+        sorted) that it takes."""
+        first = bisect.bisect_left(arrivals, self.start_s) if self.start_s else 0
+        end = len(arrivals)
+        if self.duration_s is not None:
+            end = bisect.bisect_left(arrivals, self.start_s + self.duration_s, lo=first)
+        if self.max_requests is not None:
+            end = min(end, first + self.max_requests)
+        return first, end
+
+    def describe_span(self) -> str:
+        """The window's arrival seconds in words: ``from 60 s to 120 s``."""
+        end = "the end" if self.duration_s is None else f"{self.start_s + self.duration_s:g} s"
+        return f"from {self.start_s:g} s to {end}"
+
+
+@dataclass(frozen=True)
+class TracePart:
+    """The requests a `TraceWindow` took of a trace, and how many the trace holds and
+    over how many seconds their arrivals spread (to say what was taken)."""
+
+    requests: list[RequestSpec]
+    num_trace_requests: int
+    trace_span_s: float
+
+
 def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
     """Read a trace file into requests sorted by arrival, times from the first arrival.
 
     Raises:
         TraceError: unknown format, not a UTF-8 text file, a corrupt or truncated
             archive, malformed line, missing column, a non-finite time, or no requests.
+        FileNotFoundError: no such file.
+    """
+    return read_trace_part(path, fmt).requests
+
+
+def read_trace_part(
+    path: str | Path, fmt: str | None = None, window: TraceWindow | None = None
+) -> TracePart:
+    """Read the part of a trace file that ``window`` takes (None: all of it), as
+    `read_trace` reads a whole one; the content of prompts (segments) is read for the
+    requests taken only.
+
+    Raises:
+        TraceError: as `read_trace`, or a window that takes no request.
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -332,11 +415,29 @@ def read_trace(path: str | Path, fmt: str | None = None) -> list[RequestSpec]:
         rows = _read_rows(path, fmt)
         rows.sort()
         start = rows[0][0]
-        if not math.isfinite(rows[-1][0] - start):
+        span_s = rows[-1][0] - start
+        if not math.isfinite(span_s):
             raise TraceError(f"{path}: arrival times span more seconds than a float holds")
-        content = _content(path, fmt)
+        first, end = 0, len(rows)
+        if window is not None and not window.is_whole:
+            first, end = window.bounds([row[0] - start for row in rows])
+            if first == end:
+                raise TraceError(
+                    f"{path}: no request arrives {window.describe_span()} (its "
+                    f"{len(rows)} requests arrive from 0 s to {span_s:g} s)"
+                )
+        taken = rows[first:end]
+        content = _content(path, fmt, {row[1] for row in taken} if len(taken) < len(rows) else None)
+    return TracePart(_requests(path, taken, first, content), len(rows), span_s)
+
+
+def _requests(
+    path: Path, rows: list[tuple[float, int, int, int]], first_id: int, content: dict[int, _Content]
+) -> list[RequestSpec]:
+    """``rows`` (sorted) as requests, ids from ``first_id``, times from the first row's."""
+    start = rows[0][0]
     requests = []
-    for i, (arrival, line_no, prompt, output) in enumerate(rows):
+    for i, (arrival, line_no, prompt, output) in enumerate(rows, start=first_id):
         segments, output_segment = content.get(line_no, ((), None))
         try:
             requests.append(
@@ -353,12 +454,13 @@ _Content = tuple[tuple[Segment, ...], Hashable | None]
 """A line's ``segments`` and ``output_segment``."""
 
 
-def _content(path: Path, fmt: str) -> dict[int, _Content]:
-    """By line: what the prompts of a file that names them are made of (none for CSV)."""
+def _content(path: Path, fmt: str, lines: set[int] | None = None) -> dict[int, _Content]:
+    """By line: what the prompts of a file that names them are made of (none for CSV),
+    of the ``lines`` given (None: every line)."""
     if fmt == "jsonl":
-        return _jsonl_content(path)
+        return _jsonl_content(path, lines)
     if fmt == "mooncake":
-        return _mooncake_content(path)
+        return _mooncake_content(path, lines)
     return {}
 
 
@@ -368,18 +470,19 @@ def _content_id(value: object, field: str) -> str | int:
     return value
 
 
-def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    """Each non-blank line of a file `_jsonl_rows` has read, as its object."""
+def _json_objects(path: Path, lines: set[int] | None) -> Iterator[tuple[int, dict[str, object]]]:
+    """Each non-blank line of a file `_jsonl_rows` has read, as its object (of the
+    ``lines`` given; None: all)."""
     with _open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
-            if line.strip():
+            if (lines is None or line_no in lines) and line.strip():
                 yield line_no, json.loads(line)
 
 
-def _jsonl_content(path: Path) -> dict[int, _Content]:
+def _jsonl_content(path: Path, lines: set[int] | None) -> dict[int, _Content]:
     """By line: the ``segments`` and ``output_segment`` of the lines that give them."""
     content: dict[int, _Content] = {}
-    for line_no, row in _json_objects(path):
+    for line_no, row in _json_objects(path, lines):
         if "segments" not in row and "output_segment" not in row:
             continue
         try:
@@ -389,10 +492,10 @@ def _jsonl_content(path: Path) -> dict[int, _Content]:
     return content
 
 
-def _mooncake_content(path: Path) -> dict[int, _Content]:
+def _mooncake_content(path: Path, lines: set[int] | None) -> dict[int, _Content]:
     """By line: the segments of the lines with hash ids."""
     content: dict[int, _Content] = {}
-    for line_no, row in _json_objects(path):
+    for line_no, row in _json_objects(path, lines):
         try:
             prompt = _tokens(row["input_length"], "input_length")
             segments = _block_segments(row.get("hash_ids"), prompt, line_no)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from avmp.cli.options import (
 from avmp.units import format_bytes
 
 if TYPE_CHECKING:
+    from avmp.bench.traces import TracePart, TraceWindow
     from avmp.models.geometry import ModelGeometry
 
 COLUMNS = (
@@ -33,6 +35,8 @@ COLUMNS = (
     "vs avmp",
     "req/s, all completed",
     "vs avmp, all completed",
+    "req/s, same requests",
+    "vs avmp, same requests",
     "goodput req/s",
     "OOM events",
     "preempted (swapped)",
@@ -93,6 +97,23 @@ def add_parser(subparsers: Any) -> None:
         help="split the model over N GPUs of one host (1-8): every allocator holds one "
         "rank's units in --memory (each GPU's cache), the roofline adds the all-reduces "
         "over the profile's NVLink",
+    )
+    parser.add_argument(
+        "--start",
+        metavar="S",
+        help="replay only the requests arriving S seconds or more after the trace's first, "
+        "their arrivals re-based to start at 0 (default 0)",
+    )
+    parser.add_argument(
+        "--duration",
+        metavar="D",
+        help="... and less than S + D seconds after it (default: to the trace's end)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        metavar="N",
+        help="replay only the first N requests by arrival (of the --start/--duration window "
+        "when given); default: all",
     )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     parser.add_argument(
@@ -172,25 +193,50 @@ def slo_targets(args: argparse.Namespace) -> Any:
     return SloTargets(ttft_s=args.slo_ttft_s, tpot_ms=args.slo_tpot_ms)
 
 
-def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the trace once per allocator; returns each allocator's result dict, with
-    ``goodput`` under the options' objectives and ``common_request_throughput`` (req/s
-    over the requests every allocator completed) added.
+def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
+    """Run the trace (the part its options take) once per allocator; returns each
+    allocator's result dict, with ``goodput`` under the options' objectives,
+    ``common_request_throughput`` (req/s over the requests every allocator completed)
+    and ``same_work_request_throughput`` (req/s replayed on only those requests, where
+    the allocators completed different ones: `rerun_on_common`) added, and the part of
+    the trace replayed.
 
     Raises:
         UserError: a bad argument, or a trace none of whose requests fits in the
             budget with any allocator (every row would say 0 completed).
     """
-    from avmp.bench.sweep import has_host_tier, layout_policy
-    from avmp.bench.traces import read_trace
-    from avmp.cli.generate import check_prefix_host_level
-    from avmp.models.zoo import resolve_model
+    from avmp.bench.traces import read_trace_part
     from avmp.sim.metrics import common_request_ids, common_throughput, goodput
-    from avmp.sim.simulator import SimConfig
-    from avmp.sim.timing import check_feasible, get_profile
 
     budget = parse_budget("--memory", args.memory)
     slo = slo_targets(args)
+    window = trace_window(args)
+    geometry, tasks = _replay_tasks(args, budget)
+    workers = _workers(getattr(args, "workers", None), len(tasks))
+    part = read_trace_part(args.trace, args.format, window)
+    inputs = ReplayInputs(part.requests, geometry, budget)
+    with replay_progress(getattr(args, "no_progress", False)) as bar:
+        results = _run_with_bars(bar, tasks, inputs, workers, "")
+        _check_some_completed(args.trace, results, inputs)
+        same_work = rerun_on_common(tasks, inputs, results, workers, bar)
+    common = common_request_ids(results) or set()
+    for result, same in zip(results, same_work, strict=True):
+        result["goodput"] = goodput(result, slo)
+        result["common_request_throughput"] = common_throughput(result, common)
+        result["same_work_request_throughput"] = same
+    return results, part
+
+
+def _replay_tasks(args: argparse.Namespace, budget: int) -> tuple[ModelGeometry, list[ReplayTask]]:
+    """The model's geometry and one task per allocator, from the options (one-line
+    errors for bad ones, and for a run the GPU profile cannot hold, before the trace is
+    read)."""
+    from avmp.bench.sweep import has_host_tier, layout_policy
+    from avmp.cli.generate import check_prefix_host_level
+    from avmp.models.zoo import resolve_model
+    from avmp.sim.simulator import SimConfig
+    from avmp.sim.timing import check_feasible, get_profile
+
     allocators = _allocators(args.allocators)
     if args.calibration is not None:
         with open(args.calibration):
@@ -218,8 +264,6 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
-    workers = _workers(getattr(args, "workers", None), len(allocators))
-    requests = read_trace(args.trace, args.format)
     tasks = []
     for layout in allocators:
         layout_fields, layout_options = layout_policy(layout, policy)
@@ -227,27 +271,93 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         host_level = args.prefix_host_level and has_host_tier(layout_fields)
         layout_config = dataclasses.replace(config, **layout_fields, prefix_host_level=host_level)
         tasks.append(ReplayTask(layout, options, layout_config))
+    return geometry, tasks
+
+
+def _check_some_completed(trace: str, results: list[dict[str, Any]], inputs: ReplayInputs) -> None:
+    """A one-line error where no allocator completed a request: none fits the budget."""
+    if any(r["num_completed"] for r in results):
+        return
+    smallest = min(inputs.geometry.request_bytes(r.total_tokens) for r in inputs.requests)
+    raise UserError(
+        f"{trace}: no request fits in {format_bytes(inputs.budget)} with any allocator "
+        f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
+        "token counts"
+    )
+
+
+def rerun_on_common(
+    tasks: list[ReplayTask],
+    inputs: ReplayInputs,
+    results: list[dict[str, Any]],
+    workers: int | None,
+    bar: Any,
+) -> list[float | None]:
+    """Each allocator's req/s on the same work (`avmp.sim.metrics.same_work_throughputs`,
+    as ``avmp bench`` reruns its cells): where the allocators completed different
+    requests (one rejected long prompts another served), each replays again on only the
+    requests all of them completed, from the same arrivals; else its own req/s."""
+    from avmp.sim.metrics import same_work_ids, same_work_throughputs
+
+    ids = same_work_ids([r["completed_requests"]["request_id"] for r in results])
+    if ids is None:
+        return same_work_throughputs(results, None)
+    common = dataclasses.replace(
+        inputs, requests=[r for r in inputs.requests if r.request_id in ids]
+    )
+    reruns = _run_with_bars(bar, tasks, common, workers, ", same requests")
+    return same_work_throughputs(results, reruns)
+
+
+def _run_with_bars(
+    bar: Any, tasks: list[ReplayTask], inputs: ReplayInputs, workers: int | None, label: str
+) -> list[dict[str, Any]]:
+    """`run_replays` with a progress bar per task (``label`` after its allocator's name);
+    ``workers`` None: one per task up to the CPUs for `PARALLEL_FROM` requests or more."""
+    total = len(inputs.requests)
     if workers is None:
-        workers = min(len(tasks), os.cpu_count() or 1) if len(requests) >= PARALLEL_FROM else 1
-    with replay_progress(getattr(args, "no_progress", False)) as bar:
-        bars = {t.layout: bar.add_task(t.layout, total=len(requests)) for t in tasks}
+        workers = min(len(tasks), os.cpu_count() or 1) if total >= PARALLEL_FROM else 1
+    bars = {t.layout: bar.add_task(t.layout + label, total=total) for t in tasks}
 
-        def progress(layout: str, done: int, total: int) -> None:
-            bar.update(bars[layout], completed=done, total=total)
+    def progress(layout: str, done: int, total: int) -> None:
+        bar.update(bars[layout], completed=done, total=total)
 
-        results = run_replays(tasks, ReplayInputs(requests, geometry, budget), workers, progress)
-    if all(r["num_completed"] == 0 for r in results):
-        smallest = min(geometry.request_bytes(r.total_tokens) for r in requests)
-        raise UserError(
-            f"{args.trace}: no request fits in {format_bytes(budget)} with any allocator "
-            f"(the smallest needs {format_bytes(smallest)}); check --memory and the trace's "
-            "token counts"
-        )
-    common = common_request_ids(results) or set()
-    for result in results:
-        result["goodput"] = goodput(result, slo)
-        result["common_request_throughput"] = common_throughput(result, common)
-    return results
+    return run_replays(tasks, inputs, workers, progress)
+
+
+def trace_window(args: argparse.Namespace) -> TraceWindow:
+    """The part of the trace that ``--start``, ``--duration`` and ``--max-requests``
+    take (a one-line error naming the option for a bad value)."""
+    from avmp.bench.traces import TraceWindow
+
+    start = _seconds_option("--start", args.start, allow_zero=True) or 0.0
+    duration = _seconds_option("--duration", args.duration, allow_zero=False)
+    max_requests = None
+    if args.max_requests is not None:
+        try:
+            max_requests = int(args.max_requests)
+        except ValueError:
+            max_requests = 0
+        if max_requests < 1:
+            raise UserError(
+                f"--max-requests must be a whole number >= 1, got {args.max_requests!r}"
+            )
+    return TraceWindow(start, duration, max_requests)
+
+
+def _seconds_option(flag: str, text: str | None, allow_zero: bool) -> float | None:
+    """A number of seconds given as ``flag`` (None: not given): finite, and >= 0
+    (``allow_zero``) or > 0."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and (seconds >= 0 if allow_zero else seconds > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{flag} must be a number of seconds {bound}, got {text!r}")
+    return seconds
 
 
 PARALLEL_FROM = 2000  # requests from which the allocators run at once by default
@@ -421,8 +531,14 @@ def _allocators(text: str) -> list[str]:
     return allocators
 
 
-def _ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}x" if reference > 0 else "n/a"
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or not reference > 0:
+        return "n/a"
+    return f"{value / reference:.2f}x"
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
@@ -438,6 +554,8 @@ def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
         vs_avmp("request_throughput"),
         f"{result['common_request_throughput']:.3f}",
         vs_avmp("common_request_throughput"),
+        _rate(result["same_work_request_throughput"]),
+        vs_avmp("same_work_request_throughput"),
         f"{result['goodput']:.3f}",
         str(result["num_oom_events"]),
         f"{result['num_preemptions']} ({result.get('num_swapped_out', 0)})",
@@ -449,21 +567,29 @@ def _row(result: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from avmp.bench.report import markdown_table
-    from avmp.sim.metrics import common_request_ids
+    from avmp.sim.metrics import common_request_ids, same_work_ids
 
-    results = replay(args)
+    results, part = replay(args)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
         return 0
     avmp = [r for r in results if r["allocator"] == "avmp"]
     reference = avmp[0] if avmp else None
     num_common = len(common_request_ids(results) or ())
+    rerun = same_work_ids([r["completed_requests"]["request_id"] for r in results])
+    same = (
+        "the allocators completed the same requests (their own req/s)"
+        if rerun is None
+        else f"each allocator replayed again on only those {len(rerun)}, from the same arrivals"
+    )
     print(
-        f"{args.trace}: {results[0]['num_requests']} requests, {args.model}, "
+        f"{args.trace}: {results[0]['num_requests']} requests{_taken(part, trace_window(args))}, "
+        f"{args.model}, "
         f"{format_bytes(parse_budget('--memory', args.memory))}, profile {args.profile}"
         f"{'' if args.tensor_parallel is None else f' x {args.tensor_parallel} GPUs'}, "
         f"at most {args.max_num_seqs} requests and {args.max_num_batched_tokens} tokens a step; "
         f"all completed: the {num_common} requests every allocator completed; "
+        f"same requests: {same}; "
         f"goodput: {slo_targets(args).describe()}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
@@ -473,6 +599,18 @@ def run(args: argparse.Namespace) -> int:
     if held:
         print(held)
     return 0
+
+
+def _taken(part: TracePart, window: TraceWindow) -> str:
+    """What part of the trace was replayed, for the header (empty: all of it)."""
+    if len(part.requests) == part.num_trace_requests:
+        return ""
+    taken = []
+    if window.start_s or window.duration_s is not None:
+        taken.append(f"arriving {window.describe_span()}, re-based to 0")
+    if window.max_requests is not None:
+        taken.append(f"the first {window.max_requests}" + (" of those" if taken else ""))
+    return f" of its {part.num_trace_requests} ({'; '.join(taken)})"
 
 
 def held_summary(results: list[dict[str, Any]]) -> str:

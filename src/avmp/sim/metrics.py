@@ -4,18 +4,21 @@ Every field of `SimResult.deterministic_dict()` comes from the simulated clock a
 allocator's decisions, so the same inputs give byte-identical dictionaries; only the
 ``measured_*`` fields depend on the machine.
 
-Besides req/s, two metrics compare layouts on the same work: goodput (requests per
-second that met every latency objective, as ``vllm bench serve --goodput`` counts them)
-and throughput over the requests every layout completed. Both read a result's
-per-request columns (`SimResult.completed_requests`), so they can be computed again
-from a saved result for any objectives.
+Besides req/s, three metrics compare layouts on the same work: goodput (requests per
+second that met every latency objective, as ``vllm bench serve --goodput`` counts them),
+throughput over the requests every layout completed, and throughput on the same work
+(where the layouts completed different requests, each is replayed on only the requests
+all of them completed: `same_work_ids`, `same_work_throughputs`; ``avmp bench`` and
+``avmp replay`` both do). They read a result's per-request columns
+(`SimResult.completed_requests`), so they can be computed again from a saved result for
+any objectives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,3 +238,47 @@ def common_throughput(result: Mapping[str, Any], common: set[int]) -> float | No
         raise ValueError("common_throughput: the result did not complete every common request")
     span = max(finishes, default=0.0)
     return len(finishes) / span if span > 0 else 0.0
+
+
+def same_work_ids(completed: Sequence[Collection[int]]) -> frozenset[int] | None:
+    """The requests on which runs of one trace are replayed again to compare the same
+    work, given the ids each run completed: those every run completed, where the runs
+    completed different requests (one rejected prompts another served). None where
+    there are fewer than two runs, all completed the same requests, or none in common."""
+    if len(completed) < 2:
+        return None
+    sets = [frozenset(ids) for ids in completed]
+    common = frozenset.intersection(*sets)
+    return common if common and any(ids != common for ids in sets) else None
+
+
+def same_work_throughputs(
+    results: Sequence[Mapping[str, Any]], reruns: Sequence[Mapping[str, Any]] | None
+) -> list[float | None]:
+    """Each run's req/s on the same work: its own where every run of ``results`` (runs
+    of one trace) completed the same requests, else its rerun's (``reruns``, in the same
+    order: each run replayed on `same_work_ids` from the same arrivals), over the
+    requests every rerun completed should they differ again. None for every run where
+    reruns are needed and not given, or where per-request columns are missing."""
+    runs = results
+    if not _same_completed(results) and reruns is not None:
+        runs = reruns
+    if _same_completed(runs):
+        return [float(r["request_throughput"]) for r in runs]
+    if runs is results:
+        return [None] * len(results)  # unlike work, not rerun
+    common = common_request_ids(runs)
+    return [None if common is None else common_throughput(r, common) for r in runs]
+
+
+def _same_completed(results: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every result has per-request ids and all completed the same requests."""
+    completed = [_completed(r) for r in results]
+    return completed[0] is not None and all(ids == completed[0] for ids in completed)
+
+
+def _completed(result: Mapping[str, Any]) -> frozenset[int] | None:
+    columns = result.get("completed_requests")
+    if not isinstance(columns, Mapping) or "request_id" not in columns:
+        return None
+    return frozenset(columns["request_id"])
