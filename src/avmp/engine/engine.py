@@ -1417,7 +1417,7 @@ class Engine:
             logits = steered_logits(logits, steer)
         if guided:
             if self._masks is None:
-                self._masks = GrammarMasks(self._grammars.vocab_size)
+                self._masks = GrammarMasks(self._grammars.vocab_size, self._eos)
             logits = self._masks.apply(logits, list(guided))
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if penalized:  # counted on the device: the next step's penalties see this token

@@ -100,6 +100,7 @@ class GrammarCompiler:
         self._eos = eos_token_id
         self._model_vocab = model_vocab
         self._table: Any = None
+        self._table_error: str | None = None
         self._compiled: OrderedDict[GrammarSpec, Any] = OrderedDict()
 
     @property
@@ -152,13 +153,22 @@ class GrammarCompiler:
         return matcher
 
     def _token_table(self) -> Any:
+        """The llguidance token table, built once; a tokenizer it cannot be built for
+        is refused once and then at once (the same ValueError)."""
+        if self._table_error is not None:
+            raise ValueError(self._table_error)
         if self._table is None:
-            self._table = build_token_table(self._tokenizer, self._eos)
-            if self._table.vocab_size > self._model_vocab:
-                raise ValueError(
-                    f"structured outputs need a tokenizer no larger than the model's "
-                    f"vocabulary ({self._table.vocab_size} tokens > {self._model_vocab})"
-                )
+            try:
+                table = build_token_table(self._tokenizer, self._eos)
+                if table.vocab_size > self._model_vocab:
+                    raise ValueError(
+                        f"structured outputs need a tokenizer no larger than the model's "
+                        f"vocabulary ({table.vocab_size} tokens > {self._model_vocab})"
+                    )
+            except ValueError as error:
+                self._table_error = str(error)
+                raise
+            self._table = table
         return self._table
 
 
@@ -182,6 +192,10 @@ def build_token_table(tokenizer: Tokenizer | None, eos_token_id: int | None) -> 
             return llguidance.hf.from_tokenizer(inner, eos_token=eos_token_id)
     except ImportError:
         pass
+    except ValueError as error:  # e.g. a word-level tokenizer without a decoder
+        raise ValueError(
+            f"structured outputs: llguidance cannot read this tokenizer ({_one_line(str(error))})"
+        ) from None
     pieces = getattr(inner, "_model", None)  # mistral-common's sentencepiece processor
     if pieces is not None and hasattr(pieces, "id_to_piece"):
         return llguidance.LLTokenizer(
@@ -227,8 +241,9 @@ class GrammarMasks:
             to 32); logits beyond it are disallowed.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, eos_token_id: int | None) -> None:
         self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
         self._words = (vocab_size + 31) // 32
         self._bits = torch.arange(32, dtype=torch.int32)
 
@@ -247,6 +262,11 @@ class GrammarMasks:
         width = min(vocab, self.vocab_size)
         full = torch.zeros(len(rows), vocab, dtype=torch.bool)  # [R, V]
         full[:, :width] = allowed[:, :width]
+        eos = self.eos_token_id
+        if eos is not None and eos < vocab:
+            # a grammar the tokenizer cannot spell on allows nothing: the end of sequence
+            # ends such a request rather than a sample from no tokens at all
+            full[~full.any(dim=1), eos] = True
         index = torch.tensor([row for row, _ in rows], dtype=torch.long)
         index, full = index.to(logits.device), full.to(logits.device)
         masked = logits.clone()

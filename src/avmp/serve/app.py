@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import avmp
 from avmp.engine.engine import RequestOptions, RequestUpdate
+from avmp.engine.grammar import GrammarSpec
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
 from avmp.serve.echo import PromptSide, prompt_side
@@ -77,6 +78,7 @@ from avmp.serve.responses_api import (
     new_response_id,
     sse_responses,
 )
+from avmp.serve.structured import forced_tools, requested_grammar, tool_call_spec
 from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
 from avmp.serve.tools import ToolSyntax, tool_syntax
 
@@ -288,10 +290,6 @@ class _Server:
             if part is not None:
                 why = f"messages[{i}] has a content part of type {part!r}, but this model takes"
                 raise APIError(400, why + " text only", param=f"messages.{i}.content")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice 'required' or a named function needs guided "
-                           "decoding to guarantee a call, which avmp serve does not have: "
-                           "use 'auto'", param="tool_choice")  # fmt: skip
         messages = [message.rendered(i) for i, message in enumerate(body.messages)]
         rendering = self._rendering(body)
         try:
@@ -419,10 +417,12 @@ class _Server:
             )
 
     def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0,
-                 side: PromptSide | None = None) -> RequestOptions:  # fmt: skip
+                 side: PromptSide | None = None,
+                 grammar: GrammarSpec | None = None) -> RequestOptions:  # fmt: skip
         """The engine options of one choice: choice j of ``n`` gets ``seed + j``;
         ``boundary``: where a chat's system prompt ends (`system_prompt_end`); ``side``:
-        what it shows of its prompt (max_tokens 0: the engine computes one token)."""
+        what it shows of its prompt (max_tokens 0: the engine computes one token);
+        ``grammar``: what its output must match (each choice gets its own matcher)."""
         try:
             logprobs = top_logprobs(body)
         except ValueError as error:
@@ -450,9 +450,37 @@ class _Server:
                 repetition_penalty=body.repetition_penalty or 1.0,
                 prefix_boundary=boundary,
                 prompt_logprobs=None if side is None else side.engine_k,
+                grammar=grammar,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
+
+    def _grammar(self, body: Any) -> GrammarSpec | None:
+        """The grammar a request's output must match (`avmp.serve.structured`): its
+        structured-output fields, or a call that ``tool_choice`` forces, written in this
+        model's tool syntax (one call for a named function or ``parallel_tool_calls``
+        false).
+
+        Raises:
+            APIError: 400 for two constraints at once, a forced call without tools or
+                without a known tool syntax, or a malformed field.
+        """
+        tool_spec = None
+        forced = getattr(body, "tool_choice", None) not in (None, "none", "auto")
+        if forced and not body.tools:
+            raise APIError(400, "tool_choice 'required' or a named function needs tools",
+                           param="tool_choice")  # fmt: skip
+        if forced:
+            functions = forced_tools(body.template_tools(), body.tool_choice)
+            if self.tool_syntax is None:
+                raise APIError(400, "tool_choice 'required' or a named function needs the "
+                               "model's tool-call syntax: start avmp serve with "
+                               "--tool-call-parser hermes, nemotron or jamba",
+                               param="tool_choice")  # fmt: skip
+            single = (body.tool_choice != "required" or body.parallel_tool_calls is False
+                      or _uses_functions(body))  # fmt: skip
+            tool_spec = tool_call_spec(self.tool_syntax, functions or [], single)
+        return requested_grammar(body, tool_spec)
 
     def _bans(self, words: Any) -> tuple[tuple[int, float], ...]:
         """vLLM's ``bad_words`` as logit biases of -100 (OpenAI's ban): each word as written
@@ -524,12 +552,13 @@ class _Server:
             body.skip_special_tokens and tools is None,
             body.spaces_between_special_tokens,
         )
+        grammar = self._grammar(body)
         sides = [self._prompt_side(body, prompt, max_tokens) for prompt in prompts]
         streams = [
             self._choice(
                 i * body.n + j,
                 prompt if side is None else side.token_ids,
-                self._options(body, max_tokens, j, boundary, side),
+                self._options(body, max_tokens, j, boundary, side, grammar),
                 text,
                 arrival_s,
                 side,
