@@ -5,6 +5,7 @@ through preemption, and leave the requests beside them untouched."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from test_engine_stream import ON_DEVICES, drain, pressure_engine, tokens_of
 from test_memory_pressure import HEAVY
 
 from avmp.engine.engine import Engine, EngineConfig, RequestOptions
-from avmp.engine.grammar import GrammarCompiler, GrammarSpec
+from avmp.engine.grammar import GrammarCompiler, GrammarMasks, GrammarSpec
 from grammar_helpers import EOS, MODEL_VOCAB, byte_tokenizer, satisfies
 
 FAMILY = "granitemoehybrid"
@@ -224,3 +225,36 @@ def test_guided_requests_on_two_ranks(tiny_checkpoint: Callable[..., TinyCheckpo
         engine.close()
     assert two == one
     assert all(matches(s, engine.tokenizer.decode(t)) for s, t in zip(SPECS, two, strict=True))
+
+
+def test_the_demo_tokenizer_gets_a_token_table(
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+) -> None:
+    """mistral-common's SentencePiece tokenizer (no Hugging Face files): its pieces'
+    bytes make llguidance's table, and a guided answer decodes to one of the choices."""
+    tokenizer_module = pytest.importorskip("avmp.engine.tokenizer")
+    pytest.importorskip("mistral_common")
+    tokenizer = tokenizer_module.MistralTokenizer()
+    checkpoint = tiny_checkpoint(FAMILY, vocab_size=tokenizer.vocab_size,
+                                 eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = EngineConfig(memory_bytes=8 * MiB, block_size=4, device="cpu")
+    engine = Engine(checkpoint.path, config, tokenizer=tokenizer)
+    requests = [([1, 5, 9], options(SPECS[0], seed)) for seed in range(3)]
+    for seen in run(engine, requests):
+        assert seen[-1].finish_reason == "stop"
+        assert tokenizer.decode(tokens_of(seen)) in CHOICES
+
+
+class _NothingAllowed:
+    """A matcher whose mask allows no token (a grammar its tokenizer cannot spell)."""
+
+    def unsafe_compute_mask_ptr(self, pointer: int, num_bytes: int) -> None:
+        ctypes.memset(pointer, 0, num_bytes)
+
+
+def test_a_row_with_nothing_allowed_may_only_end() -> None:
+    masks = GrammarMasks(vocab_size=40, eos_token_id=EOS)
+    logits = torch.randn(3, 48)
+    masked = masks.apply(logits, [(1, _NothingAllowed())])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    assert masked[1].isfinite().nonzero().flatten().tolist() == [EOS]

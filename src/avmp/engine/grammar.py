@@ -199,7 +199,7 @@ def build_token_table(tokenizer: Tokenizer | None, eos_token_id: int | None) -> 
     pieces = getattr(inner, "_model", None)  # mistral-common's sentencepiece processor
     if pieces is not None and hasattr(pieces, "id_to_piece"):
         return llguidance.LLTokenizer(
-            llguidance.TokenizerWrapper(_SentencePieceTable(pieces, tokenizer, eos_token_id))
+            llguidance.TokenizerWrapper(_SentencePieceTable(pieces, eos_token_id))
         )
     raise ValueError(
         f"structured outputs need a Hugging Face fast tokenizer or the demo SentencePiece "
@@ -210,10 +210,11 @@ def build_token_table(tokenizer: Tokenizer | None, eos_token_id: int | None) -> 
 class _SentencePieceTable:
     """What `llguidance.TokenizerWrapper` reads from a SentencePiece model: each token's
     bytes (``▁`` as a space, ``<0xNN>`` pieces as that byte, control tokens empty), the
-    end-of-sequence id and an encoder."""
+    end-of-sequence id and an encoder (`__call__`)."""
 
-    def __init__(self, pieces: Any, tokenizer: Tokenizer, eos_token_id: int | None) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, pieces: Any, eos_token_id: int | None) -> None:
+        self._pieces = pieces
+        self._newline = int(pieces.piece_to_id("<0x0A>"))
         size = int(pieces.get_piece_size())
         self.tokens: list[bytes] = []
         self.special_token_ids: list[int] = []
@@ -230,7 +231,11 @@ class _SentencePieceTable:
         self.bos_token_id = int(pieces.bos_id())
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        """``text``'s tokens as they continue an output: SentencePiece writes a space
+        before a text's first piece, so a newline (a byte token of its own) goes first
+        and is cut off with what precedes it."""
+        ids = list(self._pieces.encode("\n" + text))
+        return ids[ids.index(self._newline) + 1 :]
 
 
 class GrammarMasks:
