@@ -787,6 +787,7 @@ class Engine:
         # grammars compile against the tokenizer on first use (`RequestOptions.grammar`)
         self._grammars = GrammarCompiler(self.tokenizer, self._eos, self.geometry.vocab_size)
         self._masks: GrammarMasks | None = None
+        self._guided: set[int] = set()  # ids of the requests with a grammar, until forgotten
         self.overlap = config.overlap  # may be switched between `generate` calls
         self._pending: _Pending | None = None
 
@@ -1220,6 +1221,8 @@ class Engine:
         self._requests[request_id].prefix_boundary = options.prefix_boundary
         self._requests[request_id].prompt_logprobs_k = options.prompt_logprobs
         self._requests[request_id].matcher = matcher
+        if matcher is not None:
+            self._guided.add(request_id)
         if options.penalized:
             self._penalties.add(request_id, prompt)
         return request_id
@@ -1317,10 +1320,14 @@ class Engine:
         not overlap; steps without grammar requests are untouched. Returns what
         `_settle` returns (nothing when it need not read)."""
         pending = self._pending
-        if pending is None or not any(
-            chunk.request_id in pending.index and self._requests[chunk.request_id].matcher
-            is not None for chunk in plan.chunks
-        ):  # fmt: skip
+        if (
+            pending is None
+            or not self._guided
+            or not any(
+                chunk.request_id in pending.index and chunk.request_id in self._guided
+                for chunk in plan.chunks
+            )
+        ):
             return []
         return self._settle()
 
@@ -1536,6 +1543,7 @@ class Engine:
             )
             if done:
                 del self._requests[request_id]
+                self._guided.discard(request_id)
                 self._penalties.remove(request_id)
                 self._forget(request_id)
         self._touched = {}
