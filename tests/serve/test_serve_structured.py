@@ -236,3 +236,40 @@ def test_what_cannot_be_done_is_a_one_line_400(server: Any, fields: dict, param:
         assert error["param"] == param and "\n" not in error["message"], error
         assert error["type"] == "invalid_request_error"
     assert chat(server, max_tokens=2).choices[0].message.content is not None  # still serving
+
+
+def test_a_forced_call_through_the_responses_api(server: Any) -> None:
+    flat = {"type": "function", **WEATHER["function"]}
+    answer = server.openai().responses.create(
+        model=MODEL_NAME, input="Weather?", max_output_tokens=MAX_TOKENS, tools=[flat],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )  # fmt: skip
+    calls = [item for item in answer.output if item.type == "function_call"]
+    assert [call.name for call in calls] == ["get_weather"]
+    assert satisfies(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+
+
+@pytest.mark.parametrize("syntax_name", ["hermes", "nemotron", "jamba"])
+def test_each_tool_syntax_grammar_takes_what_its_reader_reads(syntax_name: str) -> None:
+    """The grammar of a forced call accepts a call written in the family's syntax (one
+    call; a list for the listed ones), which the family's reader reads back, and refuses
+    a call of another tool or with arguments outside the schema."""
+    from types import SimpleNamespace
+
+    from avmp.engine.grammar import GrammarCompiler
+    from avmp.serve.structured import tool_call_spec
+    from avmp.serve.tools import SYNTAXES, read_all
+
+    syntax = SYNTAXES[syntax_name]
+    tokenizer = byte_tokenizer()
+    compiler = GrammarCompiler(SimpleNamespace(_tok=tokenizer), 2, MODEL_VOCAB)
+    spec = tool_call_spec(syntax, [WEATHER["function"], TIME["function"]], single=True)
+    body = '{"name": "get_time", "arguments": {"zone": "CET"}}'
+    inside = f"[{body}]" if syntax.listed else f"\n{body}\n"
+    good = f"{syntax.open}{inside}{syntax.close}"
+    matcher = compiler.matcher(spec)
+    assert matcher.consume_tokens(tokenizer.encode(good)) and matcher.is_stopped()
+    _, calls = read_all(syntax, good)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "CET"})]
+    for bad in (good.replace("CET", "PST"), good.replace("get_time", "get_date")):
+        assert not compiler.matcher(spec).consume_tokens(tokenizer.encode(bad))

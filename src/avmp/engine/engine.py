@@ -1425,7 +1425,7 @@ class Engine:
         if guided:
             if self._masks is None:
                 self._masks = GrammarMasks(self._grammars.vocab_size, self._eos)
-            logits = self._masks.apply(logits, list(guided))
+            logits = self._masks.apply(logits, guided)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if penalized:  # counted on the device: the next step's penalties see this token
             self._penalties.count([(row, request_id) for row, request_id, _ in penalized], sampled)
