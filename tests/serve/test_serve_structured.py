@@ -221,11 +221,11 @@ def test_a_forced_tool_call_follows_the_tools_schema(
          "structured_outputs.structural_tag"),
         ({"extra_body": {"guided_choice": []}}, "guided_choice"),
         ({"extra_body": {"guided_json": "{not json"}}, "guided_json"),
-        # compiled by the engine: llguidance's message, on one line
-        ({"extra_body": {"guided_regex": "[a-"}}, None),
+        # compiled before the request is queued: llguidance's message, on one line
+        ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
         ({"response_format": {"type": "json_schema",
                               "json_schema": {"name": "x", "schema": {"type": "nothing"}}}},
-         None),
+         "response_format"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_done_is_a_one_line_400(server: Any, fields: dict, param: Any) -> None:

@@ -956,6 +956,17 @@ class Engine:
         self._join(request_id, self._now())
         return request_id
 
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` into the cache `add_request` takes grammars from; safe to call
+        from any thread (a server compiles off the engine thread, which then only copies
+        the compiled grammar).
+
+        Raises:
+            ValueError: one line: the grammar does not compile, or the tokenizer cannot
+                take grammars (`avmp.engine.grammar.GrammarCompiler.matcher`).
+        """
+        self._grammars.matcher(spec)
+
     def check_request_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request that could never run: more tokens than ``max_model_len``
         (where set), or than an empty memory holds (the scheduler's rejection rule).

@@ -17,6 +17,7 @@ imported only when a grammar is compiled.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,9 @@ class GrammarCompiler:
     """Compiles specs against one tokenizer. Its llguidance token table is built on the
     first grammar (about a second for a large vocabulary); compiled matchers of the
     `CACHED_GRAMMARS` most recent specs are kept, and every request gets a fresh copy.
+    Thread-safe, so that a server compiles a request's grammar in a worker thread and
+    the engine thread finds it compiled; a grammar is compiled outside the lock (two
+    threads may compile one spec at once; one result is kept).
 
     Args:
         tokenizer: the engine's tokenizer (None: grammars are refused).
@@ -101,6 +105,8 @@ class GrammarCompiler:
         self._model_vocab = model_vocab
         self._table: Any = None
         self._table_error: str | None = None
+        self._lock = threading.Lock()  # the cache
+        self._table_lock = threading.Lock()  # the token table, built once
         self._compiled: OrderedDict[GrammarSpec, Any] = OrderedDict()
 
     @property
@@ -115,15 +121,17 @@ class GrammarCompiler:
             ValueError: one line: llguidance is missing, the engine has no tokenizer
                 llguidance can read, or the grammar does not compile.
         """
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            compiled = self._compile(spec)
+        with self._lock:
+            compiled = self._compiled.get(spec)
+            if compiled is not None:
+                self._compiled.move_to_end(spec)
+                return compiled.deep_copy()
+        compiled = self._compile(spec)
+        with self._lock:
             self._compiled[spec] = compiled
             if len(self._compiled) > CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(spec)
-        return compiled.deep_copy()
+            return compiled.deep_copy()
 
     def _compile(self, spec: GrammarSpec) -> Any:
         llguidance = _llguidance()
@@ -155,6 +163,10 @@ class GrammarCompiler:
     def _token_table(self) -> Any:
         """The llguidance token table, built once; a tokenizer it cannot be built for
         is refused once and then at once (the same ValueError)."""
+        with self._table_lock:
+            return self._built_table()
+
+    def _built_table(self) -> Any:
         if self._table_error is not None:
             raise ValueError(self._table_error)
         if self._table is None:

@@ -241,15 +241,18 @@ class _Server:
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true)",
                            param="max_tokens")  # fmt: skip
-        return await self._respond(body, request, prompts, max_tokens, chat=False)
+        grammar = await self._grammar(body)
+        return await self._respond(body, request, prompts, max_tokens, chat=False,
+                                   grammar=grammar)  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
         prompt, boundary = self._chat_prompt(body)
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
         syntax = self.tool_syntax if body.reads_tool_calls() else None
+        grammar = await self._grammar(body)
         return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
-                                   tools=syntax)  # fmt: skip
+                                   tools=syntax, grammar=grammar)  # fmt: skip
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API, answered as the chat completion it maps onto
@@ -266,7 +269,9 @@ class _Server:
         limit = chat.max_completion_tokens or self.config.default_max_tokens
         syntax = self.tool_syntax if chat.reads_tool_calls() else None
         builder = ResponseBuilder(new_response_id(), body)
-        streams = self._choices(chat, [prompt], limit, boundary, syntax, time.perf_counter())
+        grammar = await self._grammar(chat)
+        arrival_s = time.perf_counter()
+        streams = self._choices(chat, [prompt], limit, boundary, syntax, arrival_s, grammar)
         if body.stream:
             firsts = await self._first_pieces(streams)
             events = sse_responses(builder, merge(firsts, streams))
@@ -455,16 +460,33 @@ class _Server:
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
-    def _grammar(self, body: Any) -> GrammarSpec | None:
+    async def _grammar(self, body: Any) -> GrammarSpec | None:
         """The grammar a request's output must match (`avmp.serve.structured`): its
         structured-output fields, or a call that ``tool_choice`` forces, written in this
         model's tool syntax (one call for a named function or ``parallel_tool_calls``
-        false).
+        false). Compiled here, in a worker thread, into the engine's cache of compiled
+        grammars (`Engine.compile_grammar`), so that the engine thread only copies it
+        and an error names the field.
 
         Raises:
             APIError: 400 for two constraints at once, a forced call without tools or
-                without a known tool syntax, or a malformed field.
+                without a known tool syntax, a malformed field, or a grammar that does
+                not compile.
         """
+        found = self._requested_grammar(body)
+        if found is None:
+            return None
+        param, spec = found
+        compile_grammar = getattr(getattr(self.loop, "engine", None), "compile_grammar", None)
+        if compile_grammar is not None:
+            try:
+                await asyncio.to_thread(compile_grammar, spec)
+            except ValueError as error:
+                raise APIError(400, str(error), param=param) from None
+        return spec
+
+    def _requested_grammar(self, body: Any) -> tuple[str, GrammarSpec] | None:
+        """`_grammar`'s spec and the field it came from, not compiled yet."""
         tool_spec = None
         forced = getattr(body, "tool_choice", None) not in (None, "none", "auto")
         if forced and not body.tools:
@@ -507,11 +529,13 @@ class _Server:
         chat: bool,
         boundary: int = 0,
         tools: ToolSyntax | None = None,
+        grammar: GrammarSpec | None = None,
     ) -> Response:
-        """``tools``: the syntax the choices' text is read for tool calls in, if any."""
+        """``tools``: the syntax the choices' text is read for tool calls in, if any;
+        ``grammar``: what every choice's output must match."""
         arrival_s = time.perf_counter()
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
-        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s)
+        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s, grammar)
         if body.stream:
             firsts = await self._first_pieces(streams)
             options = body.stream_options
@@ -541,9 +565,10 @@ class _Server:
         boundary: int,
         tools: ToolSyntax | None,
         arrival_s: float,
+        grammar: GrammarSpec | None = None,
     ) -> list[AsyncIterator[Piece]]:
         """The pieces of each choice: each prompt of ``body`` times its ``n``, read for
-        tool calls in ``tools``' syntax where given."""
+        tool calls in ``tools``' syntax where given, held to ``grammar`` if any."""
         text = _TextOptions(
             tuple(body.stop_strings()),
             body.include_stop_str_in_output,
@@ -552,7 +577,6 @@ class _Server:
             body.skip_special_tokens and tools is None,
             body.spaces_between_special_tokens,
         )
-        grammar = self._grammar(body)
         sides = [self._prompt_side(body, prompt, max_tokens) for prompt in prompts]
         streams = [
             self._choice(

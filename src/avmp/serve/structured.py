@@ -100,9 +100,11 @@ def structured_outputs_specs(outputs: dict[str, Any]) -> list[tuple[str, Grammar
     return found
 
 
-def requested_grammar(body: Any, tool_spec: GrammarSpec | None = None) -> GrammarSpec | None:
-    """The one grammar a request asks for, or None; ``tool_spec``: a forced tool call's
-    (`tool_call_spec`).
+def requested_grammar(
+    body: Any, tool_spec: GrammarSpec | None = None
+) -> tuple[str, GrammarSpec] | None:
+    """The one grammar a request asks for and the field that asks, or None;
+    ``tool_spec``: a forced tool call's (`tool_call_spec`).
 
     Raises:
         APIError: 400 for two at once (naming both), or a malformed one.
@@ -128,7 +130,7 @@ def requested_grammar(body: Any, tool_spec: GrammarSpec | None = None) -> Gramma
         first, second = found[0][0], found[1][0]
         raise APIError(400, f"{first} and {second} both constrain the output: give one",
                        param=second)  # fmt: skip
-    return found[0][1] if found else None
+    return found[0] if found else None
 
 
 def forced_tools(tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]] | None:
