@@ -256,36 +256,43 @@ class GrammarMasks:
     Args:
         vocab_size: the tokenizer's vocabulary (the bitmask's width in bits, rounded up
             to 32); logits beyond it are disallowed.
+        eos_token_id: the token a row that allows nothing gets (None: none).
     """
 
     def __init__(self, vocab_size: int, eos_token_id: int | None) -> None:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self._words = (vocab_size + 31) // 32
-        self._bits = torch.arange(32, dtype=torch.int32)
+        self._bits: dict[torch.device, torch.Tensor] = {}  # 0..31 per device
 
     def apply(self, logits: torch.Tensor, rows: list[tuple[int, Any]]) -> torch.Tensor:
-        """``logits [N, V]`` with every (row, matcher) in ``rows`` masked: -inf where the
-        matcher allows no token. A copy (the runner's logits may be a CUDA graph's
-        output buffer); the masks are computed on the host, in one call into llguidance
-        per row, and copied to the device once."""
-        mask = torch.empty(len(rows), self._words, dtype=torch.int32)  # [R, W]
+        """``logits [N, V]`` with every (row, matcher) in ``rows`` masked: -inf at the
+        tokens the matcher does not allow. A copy (the runner's logits may be a CUDA
+        graph's output buffer). The bitmasks are written on the host, one call into
+        llguidance per row, into pinned memory on CUDA, copied without a host wait and
+        expanded on the device, so the host never waits for the step here."""
+        device = logits.device
+        pin = device.type == "cuda"
+        mask = torch.empty(len(rows), self._words, dtype=torch.int32, pin_memory=pin)  # [R, W]
         for i, (_, matcher) in enumerate(rows):
             row = mask[i]
             matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-        allowed = (mask.unsqueeze(-1) >> self._bits) & 1  # [R, W, 32], bit b of word w
-        allowed = allowed.reshape(len(rows), -1).bool()  # [R, 32 W]
+        index = torch.tensor([row for row, _ in rows], dtype=torch.long, pin_memory=pin)
+        mask = mask.to(device, non_blocking=True)
+        index = index.to(device, non_blocking=True)
+        bits = self._bits.get(device)
+        if bits is None:
+            bits = self._bits[device] = torch.arange(32, dtype=torch.int32, device=device)
+        allowed = ((mask.unsqueeze(-1) >> bits) & 1).bool().reshape(len(rows), -1)  # [R, 32 W]
         vocab = logits.shape[-1]
         width = min(vocab, self.vocab_size)
-        full = torch.zeros(len(rows), vocab, dtype=torch.bool)  # [R, V]
+        full = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # [R, V]
         full[:, :width] = allowed[:, :width]
         eos = self.eos_token_id
         if eos is not None and eos < vocab:
             # a grammar the tokenizer cannot spell on allows nothing: the end of sequence
             # ends such a request rather than a sample from no tokens at all
-            full[~full.any(dim=1), eos] = True
-        index = torch.tensor([row for row, _ in rows], dtype=torch.long)
-        index, full = index.to(logits.device), full.to(logits.device)
+            full[:, eos] |= ~full.any(dim=1)
         masked = logits.clone()
         masked[index] = logits[index].masked_fill(~full, float("-inf"))
         return masked
