@@ -13,7 +13,9 @@ genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, ``prompt_logprobs``
 (per prompt token its log-probability, rank and the top k there: `avmp.serve.echo`), and
 the chat template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
-``continue_final_message``, ``add_special_tokens``, ``documents``). Chat's deprecated
+``continue_final_message``, ``add_special_tokens``, ``documents``), and structured
+outputs (``response_format``, ``structured_outputs``, ``guided_*``: read by
+`avmp.serve.structured`). Chat's deprecated
 ``functions`` and ``function_call`` are read as ``tools`` and ``tool_choice`` and
 answered in their own shape (``message.function_call``)."""
 
