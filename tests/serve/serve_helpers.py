@@ -50,14 +50,22 @@ MAX_MODEL_LEN = 256
 TIMEOUT_S = 60.0  # no request of these tests comes near it
 
 
-def write_checkpoint(path: Path, chat_template: bool | str = True, seed: int = 0) -> Path:
+def write_checkpoint(
+    path: Path,
+    chat_template: bool | str = True,
+    seed: int = 0,
+    tokenizer: Any = None,
+    vocab_size: int = VOCAB,
+) -> Path:
     """A tiny Granite-4.0-H-style hybrid (3 Mamba2 layers, 1 attention layer) with a
     word-level tokenizer of its 128 tokens, saved to ``path``; ``chat_template``: True for
-    `CHAT_TEMPLATE`, False for none, or the template itself."""
+    `CHAT_TEMPLATE`, False for none, or the template itself; ``tokenizer``: another
+    tokenizer to save (its template set as ``chat_template`` says) beside a model of
+    ``vocab_size`` tokens."""
     import torch
 
     config = transformers.GraniteMoeHybridConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=32,
         shared_intermediate_size=48,
@@ -78,7 +86,11 @@ def write_checkpoint(path: Path, chat_template: bool | str = True, seed: int = 0
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(str(path))
-    word_tokenizer(chat_template).save_pretrained(str(path))
+    if tokenizer is None:
+        tokenizer = word_tokenizer(chat_template)
+    elif chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE if chat_template is True else chat_template
+    tokenizer.save_pretrained(str(path))
     return path
 
 

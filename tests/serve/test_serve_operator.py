@@ -232,12 +232,17 @@ def test_functions_are_read_as_tools_and_answered_as_a_function_call(scripted):
     assert deltas[-1]["finish_reason"] == "function_call"
 
 
-def test_function_call_none_reads_no_call_and_a_name_is_refused(scripted):
+def test_function_call_none_reads_no_call_and_a_name_forces_one(scripted):
     scripted.loop.script = f"<tool_call>{TIME}</tool_call>"
     plain = _functions(scripted, function_call="none").json()["choices"][0]
     assert plain["message"]["content"] == scripted.loop.script
     assert plain["finish_reason"] == "stop"
-    named = _functions(scripted, function_call={"name": "get_time"})
-    assert named.status_code == 400 and named.json()["error"]["param"] == "tool_choice"
+    assert scripted.loop.last_options.grammar is None
+    named = _functions(scripted, function_call={"name": "get_time"}).json()["choices"][0]
+    assert named["message"]["function_call"]["name"] == "get_time"
+    grammar = scripted.loop.last_options.grammar  # the call, in Hermes' tags
+    assert grammar.kind == "lark" and "<tool_call>" in grammar.text and "get_time" in grammar.text
+    unknown = _functions(scripted, function_call={"name": "nothing"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
     both = _functions(scripted, tools=[TOOL])
     assert both.status_code == 400 and "not both" in both.json()["error"]["message"]

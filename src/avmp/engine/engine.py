@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from avmp.engine.fast_runner import DEFAULT_MAX_MIXED_GRAPHS, FastModelRunner
+from avmp.engine.grammar import GrammarCompiler, GrammarMasks, GrammarSpec, advance
 from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_prefill_s_per_token
 from avmp.engine.loader import load_model
 from avmp.engine.models.base import HybridModel
@@ -493,6 +495,11 @@ class RequestOptions:
             prefix cache keeps a checkpoint there when memory is idle
             (`avmp.sched.prefix.segment_boundaries`). 0: none; a boundary at or past the
             prompt's end is ignored. Outputs do not depend on it.
+        grammar: None, or what the output must match (`GrammarSpec`: a JSON schema, a
+            regular expression, choices, a Lark grammar): each token is sampled from
+            those the grammar allows next, and the request finishes (reason ``stop``)
+            once the grammar is complete. The reported log-probabilities stay the
+            model's. `Engine.add_request` compiles it (ValueError if it does not).
     Raises:
         ValueError: a bad value (one line naming it).
     """
@@ -513,6 +520,7 @@ class RequestOptions:
     min_p: float = 0.0
     prefix_boundary: int = 0
     prompt_logprobs: int | None = None
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if not _is_whole(self.max_tokens) or self.max_tokens < 1:
@@ -558,6 +566,8 @@ class RequestOptions:
             raise ValueError(
                 f"prefix_boundary must be a whole number >= 0, got {self.prefix_boundary!r}"
             )
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar must be None or a GrammarSpec, got {self.grammar!r}")
 
     @property
     def penalized(self) -> bool:
@@ -673,7 +683,7 @@ class _Live:
         "index", "prompt", "tokens", "max_tokens", "sampling", "generator", "stop_ids",
         "min_tokens", "logprobs_k", "logprobs", "logit_bias", "penalties", "finish_reason",
         "error", "num_reported", "prefix_boundary", "prompt_logprobs_k", "prompt_logprobs",
-        "prompt_reported",
+        "prompt_reported", "matcher",
         "arrival_s", "joined_s", "first_token_s", "last_token_s",
     )  # fmt: skip
 
@@ -707,6 +717,7 @@ class _Live:
         # per prompt position computed so far, when asked for (position 0 has none)
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.prompt_reported = False  # went out in an update
+        self.matcher: Any = None  # `RequestOptions.grammar`'s llguidance matcher, if any
         self.generator = generator
         self.finish_reason = ""
         self.error: str | None = None
@@ -773,6 +784,10 @@ class Engine:
         self._generating: dict[int, int] | None = None
         self._closed = False
         self._eos = self._eos_token_id()  # depends on the config and tokenizer only
+        # grammars compile against the tokenizer on first use (`RequestOptions.grammar`)
+        self._grammars = GrammarCompiler(self.tokenizer, self._eos, self.geometry.vocab_size)
+        self._masks: GrammarMasks | None = None
+        self._guided: set[int] = set()  # ids of the requests with a grammar, until forgotten
         self.overlap = config.overlap  # may be switched between `generate` calls
         self._pending: _Pending | None = None
 
@@ -884,8 +899,10 @@ class Engine:
 
     def _may_stop(self, request_id: int) -> bool:
         """Whether a request can finish before its max_tokens (a stop token it may
-        sample): the prefix cache takes stop checkpoints only for those."""
-        return bool(self._requests[request_id].stop_ids)
+        sample, or a grammar it may complete): the prefix cache takes stop checkpoints
+        only for those."""
+        request = self._requests[request_id]
+        return bool(request.stop_ids) or request.matcher is not None
 
     def _token_ids(self, request_id: int) -> list[int]:
         """A request's tokens read so far (the prefix cache keys its units by them)."""
@@ -938,6 +955,17 @@ class Engine:
         request_id = self._register(ids, options, None, self._now())
         self._join(request_id, self._now())
         return request_id
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` into the cache `add_request` takes grammars from; safe to call
+        from any thread (a server compiles off the engine thread, which then only copies
+        the compiled grammar).
+
+        Raises:
+            ValueError: one line: the grammar does not compile, or the tokenizer cannot
+                take grammars (`avmp.engine.grammar.GrammarCompiler.matcher`).
+        """
+        self._grammars.matcher(spec)
 
     def check_request_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request that could never run: more tokens than ``max_model_len``
@@ -1175,6 +1203,7 @@ class Engine:
     ) -> int:
         """Record a request (not yet in the scheduler) under the next id; ``index``: its
         place among `generate`'s prompts (None: its id)."""
+        matcher = None if options.grammar is None else self._grammars.matcher(options.grammar)
         request_id = self._next_request_id
         self._next_request_id += 1
         seed = request_id if options.seed is None else options.seed
@@ -1202,6 +1231,9 @@ class Engine:
         )
         self._requests[request_id].prefix_boundary = options.prefix_boundary
         self._requests[request_id].prompt_logprobs_k = options.prompt_logprobs
+        self._requests[request_id].matcher = matcher
+        if matcher is not None:
+            self._guided.add(request_id)
         if options.penalized:
             self._penalties.add(request_id, prompt)
         return request_id
@@ -1275,11 +1307,12 @@ class Engine:
             if self.scheduler.has_unfinished and not (plan.rejected or plan.preempted or stopped):
                 raise RuntimeError("the scheduler planned nothing while requests are waiting")
             return
+        early = self._settle_for_grammars(plan)
         launched = self._launch(plan)
         pending = launched if self.overlap else None
         if not self.overlap:  # read this step's tokens now
             self._pending = launched
-        late = self._settle()
+        late = early + self._settle()
         outcome = self.scheduler.finish_step(plan, late)  # finishes those that sampled now
         sampled = set(launched.request_ids)
         for request_id in late:
@@ -1290,6 +1323,24 @@ class Engine:
             self._finish(request_id, request.finish_reason or "length", request.error)
         self._pending = pending
         self._track(plan)
+
+    def _settle_for_grammars(self, plan: StepPlan) -> list[int]:
+        """Under ``overlap``, read the previous step's tokens before launching this one
+        when a request of this plan with a grammar has its token among them: its mask
+        depends on that token, which the matcher must consume first. Such a step does
+        not overlap; steps without grammar requests are untouched. Returns what
+        `_settle` returns (nothing when it need not read)."""
+        pending = self._pending
+        if (
+            pending is None
+            or not self._guided
+            or not any(
+                chunk.request_id in pending.index and chunk.request_id in self._guided
+                for chunk in plan.chunks
+            )
+        ):
+            return []
+        return self._settle()
 
     def _count(self, plan: StepPlan) -> None:
         """Add a plan's preemptions and swaps to this call's stats and the totals."""
@@ -1310,6 +1361,7 @@ class Engine:
         sampling: list[int] = []
         steer: list[tuple[int, list[tuple[int, float]]]] = []  # logit_bias, min_tokens masks
         penalized: list[tuple[int, int, tuple[float, float, float]]] = []
+        guided: list[tuple[int, Any]] = []  # (row, matcher) of the requests with grammars
         spans: list[_PromptSpan] = []
         for chunk in plan.chunks:
             request = self._requests[chunk.request_id]
@@ -1347,14 +1399,16 @@ class Engine:
                     steer.append((len(sampling) - 1, pairs))
                 if request.penalties is not None:
                     penalized.append((len(sampling) - 1, chunk.request_id, request.penalties))
+                if request.matcher is not None and not request.finish_reason:
+                    guided.append((len(sampling) - 1, request.matcher))
         carried = None if self._pending is None else self._pending.tokens.device
         if self._leader is None:
             logits = self.runner.execute(work, carried)
         else:  # every rank runs the step: the plan goes out first
             logits = self._leader.execute(self.runner, work, carried, bool(sampling))
         if not spans:
-            return self._sample(logits, sampling, steer, penalized)
-        pending = self._sample(logits[: len(sampling)], sampling, steer, penalized)
+            return self._sample(logits, sampling, steer, penalized, guided)
+        pending = self._sample(logits[: len(sampling)], sampling, steer, penalized, guided)
         pending.prompt = self._prompt_logprobs(logits[len(sampling) :], spans)
         pending.prompt_spans = spans
         return pending
@@ -1365,10 +1419,12 @@ class Engine:
         sampling: list[int],
         steer: list[tuple[int, list[tuple[int, float]]]],
         penalized: list[tuple[int, int, tuple[float, float, float]]],
+        guided: list[tuple[int, Any]],
     ) -> _Pending:
         """Sample the next token of each request in ``sampling`` from its row of
-        ``logits`` (penalties and ``steer``'s masks applied first), with the
-        log-probabilities of those that asked, all left on the device."""
+        ``logits`` (penalties, ``steer``'s masks and the grammar masks of ``guided``'s
+        rows applied first), with the log-probabilities of those that asked (the raw
+        logits'), all left on the device."""
         if not sampling:
             return _Pending([], SampledTokens(logits.new_empty(0, dtype=torch.long)))
         rows = [self._requests[request_id] for request_id in sampling]
@@ -1377,6 +1433,10 @@ class Engine:
             logits = self._penalties.apply(logits, penalized)
         if steer:
             logits = steered_logits(logits, steer)
+        if guided:
+            if self._masks is None:
+                self._masks = GrammarMasks(self._grammars.vocab_size, self._eos)
+            logits = self._masks.apply(logits, guided)
         sampled = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         if penalized:  # counted on the device: the next step's penalties see this token
             self._penalties.count([(row, request_id) for row, request_id, _ in penalized], sampled)
@@ -1429,7 +1489,8 @@ class Engine:
             if request.first_token_s is None:
                 request.first_token_s = now
             request.last_token_s = now
-            if token in request.stop_ids:
+            complete = request.matcher is not None and advance(request.matcher, token)
+            if token in request.stop_ids or complete:
                 request.finish_reason = "stop"
                 if self.scheduler.requests[request_id].status in _UNFINISHED:
                     late.append(request_id)
@@ -1493,6 +1554,7 @@ class Engine:
             )
             if done:
                 del self._requests[request_id]
+                self._guided.discard(request_id)
                 self._penalties.remove(request_id)
                 self._forget(request_id)
         self._touched = {}

@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import avmp
 from avmp.engine.engine import RequestOptions, RequestUpdate
+from avmp.engine.grammar import GrammarSpec
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
 from avmp.serve.echo import PromptSide, prompt_side
@@ -77,6 +78,7 @@ from avmp.serve.responses_api import (
     new_response_id,
     sse_responses,
 )
+from avmp.serve.structured import forced_tools, requested_grammar, tool_call_spec
 from avmp.serve.text import DecodeWith, IncrementalDetokenizer, StopStrings
 from avmp.serve.tools import ToolSyntax, tool_syntax
 
@@ -239,15 +241,18 @@ class _Server:
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo: true)",
                            param="max_tokens")  # fmt: skip
-        return await self._respond(body, request, prompts, max_tokens, chat=False)
+        grammar = await self._grammar(body)
+        return await self._respond(body, request, prompts, max_tokens, chat=False,
+                                   grammar=grammar)  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
         prompt, boundary = self._chat_prompt(body)
         limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
         syntax = self.tool_syntax if body.reads_tool_calls() else None
+        grammar = await self._grammar(body)
         return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
-                                   tools=syntax)  # fmt: skip
+                                   tools=syntax, grammar=grammar)  # fmt: skip
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API, answered as the chat completion it maps onto
@@ -264,7 +269,9 @@ class _Server:
         limit = chat.max_completion_tokens or self.config.default_max_tokens
         syntax = self.tool_syntax if chat.reads_tool_calls() else None
         builder = ResponseBuilder(new_response_id(), body)
-        streams = self._choices(chat, [prompt], limit, boundary, syntax, time.perf_counter())
+        grammar = await self._grammar(chat)
+        arrival_s = time.perf_counter()
+        streams = self._choices(chat, [prompt], limit, boundary, syntax, arrival_s, grammar)
         if body.stream:
             firsts = await self._first_pieces(streams)
             events = sse_responses(builder, merge(firsts, streams))
@@ -288,10 +295,6 @@ class _Server:
             if part is not None:
                 why = f"messages[{i}] has a content part of type {part!r}, but this model takes"
                 raise APIError(400, why + " text only", param=f"messages.{i}.content")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice 'required' or a named function needs guided "
-                           "decoding to guarantee a call, which avmp serve does not have: "
-                           "use 'auto'", param="tool_choice")  # fmt: skip
         messages = [message.rendered(i) for i, message in enumerate(body.messages)]
         rendering = self._rendering(body)
         try:
@@ -419,10 +422,12 @@ class _Server:
             )
 
     def _options(self, body: Any, max_tokens: int, choice: int, boundary: int = 0,
-                 side: PromptSide | None = None) -> RequestOptions:  # fmt: skip
+                 side: PromptSide | None = None,
+                 grammar: GrammarSpec | None = None) -> RequestOptions:  # fmt: skip
         """The engine options of one choice: choice j of ``n`` gets ``seed + j``;
         ``boundary``: where a chat's system prompt ends (`system_prompt_end`); ``side``:
-        what it shows of its prompt (max_tokens 0: the engine computes one token)."""
+        what it shows of its prompt (max_tokens 0: the engine computes one token);
+        ``grammar``: what its output must match (each choice gets its own matcher)."""
         try:
             logprobs = top_logprobs(body)
         except ValueError as error:
@@ -450,9 +455,54 @@ class _Server:
                 repetition_penalty=body.repetition_penalty or 1.0,
                 prefix_boundary=boundary,
                 prompt_logprobs=None if side is None else side.engine_k,
+                grammar=grammar,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None
+
+    async def _grammar(self, body: Any) -> GrammarSpec | None:
+        """The grammar a request's output must match (`avmp.serve.structured`): its
+        structured-output fields, or a call that ``tool_choice`` forces, written in this
+        model's tool syntax (one call for a named function or ``parallel_tool_calls``
+        false). Compiled here, in a worker thread, into the engine's cache of compiled
+        grammars (`Engine.compile_grammar`), so that the engine thread only copies it
+        and an error names the field.
+
+        Raises:
+            APIError: 400 for two constraints at once, a forced call without tools or
+                without a known tool syntax, a malformed field, or a grammar that does
+                not compile.
+        """
+        found = self._requested_grammar(body)
+        if found is None:
+            return None
+        param, spec = found
+        compile_grammar = getattr(getattr(self.loop, "engine", None), "compile_grammar", None)
+        if compile_grammar is not None:
+            try:
+                await asyncio.to_thread(compile_grammar, spec)
+            except ValueError as error:
+                raise APIError(400, str(error), param=param) from None
+        return spec
+
+    def _requested_grammar(self, body: Any) -> tuple[str, GrammarSpec] | None:
+        """`_grammar`'s spec and the field it came from, not compiled yet."""
+        tool_spec = None
+        forced = getattr(body, "tool_choice", None) not in (None, "none", "auto")
+        if forced and not body.tools:
+            raise APIError(400, "tool_choice 'required' or a named function needs tools",
+                           param="tool_choice")  # fmt: skip
+        if forced:
+            functions = forced_tools(body.template_tools(), body.tool_choice)
+            if self.tool_syntax is None:
+                raise APIError(400, "tool_choice 'required' or a named function needs the "
+                               "model's tool-call syntax: start avmp serve with "
+                               "--tool-call-parser hermes, nemotron or jamba",
+                               param="tool_choice")  # fmt: skip
+            single = (body.tool_choice != "required" or body.parallel_tool_calls is False
+                      or _uses_functions(body))  # fmt: skip
+            tool_spec = tool_call_spec(self.tool_syntax, functions or [], single)
+        return requested_grammar(body, tool_spec)
 
     def _bans(self, words: Any) -> tuple[tuple[int, float], ...]:
         """vLLM's ``bad_words`` as logit biases of -100 (OpenAI's ban): each word as written
@@ -479,11 +529,13 @@ class _Server:
         chat: bool,
         boundary: int = 0,
         tools: ToolSyntax | None = None,
+        grammar: GrammarSpec | None = None,
     ) -> Response:
-        """``tools``: the syntax the choices' text is read for tool calls in, if any."""
+        """``tools``: the syntax the choices' text is read for tool calls in, if any;
+        ``grammar``: what every choice's output must match."""
         arrival_s = time.perf_counter()
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
-        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s)
+        streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s, grammar)
         if body.stream:
             firsts = await self._first_pieces(streams)
             options = body.stream_options
@@ -513,9 +565,10 @@ class _Server:
         boundary: int,
         tools: ToolSyntax | None,
         arrival_s: float,
+        grammar: GrammarSpec | None = None,
     ) -> list[AsyncIterator[Piece]]:
         """The pieces of each choice: each prompt of ``body`` times its ``n``, read for
-        tool calls in ``tools``' syntax where given."""
+        tool calls in ``tools``' syntax where given, held to ``grammar`` if any."""
         text = _TextOptions(
             tuple(body.stop_strings()),
             body.include_stop_str_in_output,
@@ -529,7 +582,7 @@ class _Server:
             self._choice(
                 i * body.n + j,
                 prompt if side is None else side.token_ids,
-                self._options(body, max_tokens, j, boundary, side),
+                self._options(body, max_tokens, j, boundary, side, grammar),
                 text,
                 arrival_s,
                 side,

@@ -13,7 +13,9 @@ genai-perf send it with ``ignore_eos``), ``skip_special_tokens``,
 ``truncate_prompt_tokens``, ``request_id``, ``bad_words`` of one token, ``prompt_logprobs``
 (per prompt token its log-probability, rank and the top k there: `avmp.serve.echo`), and
 the chat template's fields (``chat_template_kwargs``, ``add_generation_prompt``,
-``continue_final_message``, ``add_special_tokens``, ``documents``). Chat's deprecated
+``continue_final_message``, ``add_special_tokens``, ``documents``), and structured
+outputs (``response_format``, ``structured_outputs``, ``guided_*``: read by
+`avmp.serve.structured`). Chat's deprecated
 ``functions`` and ``function_call`` are read as ``tools`` and ``tool_choice`` and
 answered in their own shape (``message.function_call``)."""
 
@@ -77,6 +79,13 @@ class _Sampling(_Request):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # structured outputs (`avmp.serve.structured`): OpenAI's, vLLM's and vLLM's older
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -228,7 +237,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -280,9 +288,9 @@ class ChatCompletionRequest(_Sampling):
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
 
     def reads_tool_calls(self) -> bool:
-        """Whether the reply is read for tool calls: tools given and the model left to
-        choose (``tool_choice`` absent or ``auto``)."""
-        return bool(self.tools) and self.tool_choice in (None, "auto")
+        """Whether the reply is read for tool calls: tools given and not ``tool_choice``
+        ``none`` (``required`` and a named function force a call: `forced_tools`)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def template_kwargs(self) -> dict[str, Any]:
         """The variables the chat template gets besides the messages, tools and
@@ -346,8 +354,7 @@ def top_logprobs(request: _Sampling) -> int | None:
 def unsupported_fields(request: _Sampling) -> str | None:
     """The first field set to something the engine cannot do, or None.
 
-    Neutral values pass (``best_of`` equal to ``n``, a ``text`` response
-    format, vLLM's ``priority`` 0,
+    Neutral values pass (``best_of`` equal to ``n``, vLLM's ``priority`` 0,
     ``use_beam_search`` false, ``length_penalty`` 1, ``modalities`` ``["text"]``,
     ``verbosity`` ``medium``), since clients send them by default. ``prediction`` passes
     whatever it holds: a predicted output only speeds decoding up, it never changes it.
@@ -366,7 +373,6 @@ def unsupported_fields(request: _Sampling) -> str | None:
         ]
     elif isinstance(request, ChatCompletionRequest):
         checks += [
-            ("response_format", (request.response_format or {}).get("type", "text") != "text"),
             ("modalities", request.modalities not in (None, ["text"])),
             ("verbosity", request.verbosity not in (None, "medium")),
             ("audio", request.audio is not None),

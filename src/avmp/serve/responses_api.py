@@ -208,8 +208,8 @@ class ResponsesRequest(_Request):
              "400)"),
             ("include", bool(self.include), "nothing can be included: no reasoning items, "
              "tool results or log-probabilities are produced"),
-            ("text", text_format != "text", "only the 'text' format: there is no guided "
-             "decoding for a schema"),
+            ("text", text_format not in ("text", "json_object", "json_schema"),
+             "formats are text, json_object and json_schema"),
             ("text", self.text is not None and self.text.verbosity not in (None, "medium"),
              "only verbosity 'medium'"),
             ("reasoning", self.reasoning is not None and (self.reasoning.summary is not None
@@ -252,6 +252,15 @@ class ResponsesRequest(_Request):
                                  "content": content})  # fmt: skip
         return messages
 
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as chat's ``response_format``: a ``json_schema`` format holds
+        its ``name``, ``schema`` and ``strict`` itself, chat's one level down."""
+        fmt = (self.text and self.text.format) or None
+        if fmt is None or fmt.get("type") != "json_schema":
+            return fmt
+        inner = {key: value for key, value in fmt.items() if key != "type"}
+        return {"type": "json_schema", "json_schema": inner}
+
     def chat_request(self) -> ChatCompletionRequest:
         """This request as the chat completion it is answered by.
 
@@ -270,6 +279,7 @@ class ResponsesRequest(_Request):
             parallel_tool_calls=self.parallel_tool_calls,
             user=self.user,
             reasoning_effort=self.reasoning.effort if self.reasoning else None,
+            response_format=self.response_format(),
         )
         try:
             return ChatCompletionRequest(**fields)
@@ -433,6 +443,7 @@ class ResponseBuilder:
             metadata=request.metadata or {},
             reasoning=request.reasoning.model_dump() if request.reasoning else None,
             user=request.user,
+            text={"format": (request.text and request.text.format) or {"type": "text"}},
             usage=usage,
         )
 
