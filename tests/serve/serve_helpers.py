@@ -273,3 +273,27 @@ class HermesChat:
 def words(ids: list[int]) -> str:
     """The text the word-level tokenizer decodes ``ids`` to (special tokens skipped)."""
     return " ".join(WORDS[i] for i in ids if i >= len(SPECIALS))
+
+
+WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Zürich"}}'
+TIME_CALL = '{"name": "get_time", "arguments": {}}'
+"""Two tool calls as a model writes them inside Hermes' tags (scripted replies)."""
+
+
+@contextlib.contextmanager
+def agent_server(directory: Path, **config: Any) -> Iterator[ServerThread]:
+    """A server over a tiny checkpoint written to ``directory`` whose chat template renders
+    tools, documents and template variables (`AGENT_TEMPLATE`)."""
+    path = write_checkpoint(directory / "ckpt", AGENT_TEMPLATE)
+    with serving(make_app(make_engine(path), model_path=path, **config)) as running:
+        yield running
+
+
+def scripted_app(**config: Any) -> tuple[Any, ScriptedLoop, HermesChat]:
+    """An app whose engine loop plays back scripted replies one character per token, and
+    its loop and chat encoding."""
+    from avmp.serve.app import ServeConfig, create_app
+
+    loop, chat = ScriptedLoop(), HermesChat()
+    app = create_app(loop, CharTokenizer(), ServeConfig(model_name=MODEL_NAME, **config), chat)
+    return app, loop, chat

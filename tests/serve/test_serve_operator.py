@@ -12,14 +12,15 @@ from serve_helpers import (
     CHAT_TEMPLATE,
     MAX_MODEL_LEN,
     MODEL_NAME,
+    TIME_CALL,
     CharTokenizer,
-    HermesChat,
     ScriptedLoop,
+    agent_server,
     make_app,
     make_engine,
+    scripted_app,
     serving,
     word_tokenizer,
-    write_checkpoint,
 )
 
 import avmp
@@ -31,14 +32,13 @@ pytest.importorskip("fastapi")
 USER = [{"role": "user", "content": "w3 w4"}]
 TOOL = {"type": "function", "function": {"name": "w42", "parameters": {"type": "object"}}}
 FUNCTION = {"name": "get_time", "description": "the time", "parameters": {"type": "object"}}
-TIME = '{"name": "get_time", "arguments": {}}'
+TIME = TIME_CALL
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("operator") / "ckpt", AGENT_TEMPLATE)
-    app = make_app(make_engine(path), model_path=path, allowed_origins=("http://ui.example",))
-    with serving(app) as running:
+    directory = tmp_path_factory.mktemp("operator")
+    with agent_server(directory, allowed_origins=("http://ui.example",)) as running:
         yield running
 
 
@@ -198,10 +198,7 @@ def test_allowed_origins_take_vllms_json_or_commas():
 
 @pytest.fixture(scope="module")
 def scripted():
-    from avmp.serve.app import ServeConfig, create_app
-
-    loop, chat = ScriptedLoop(), HermesChat()
-    app = create_app(loop, CharTokenizer(), ServeConfig(model_name=MODEL_NAME), chat)
+    app, _, chat = scripted_app()
     with serving(app) as running:
         running.chat = chat
         yield running

@@ -14,15 +14,12 @@ from typing import Any
 
 import pytest
 from serve_helpers import (
-    AGENT_TEMPLATE,
     MODEL_NAME,
-    CharTokenizer,
-    HermesChat,
-    ScriptedLoop,
-    make_app,
-    make_engine,
+    TIME_CALL,
+    WEATHER_CALL,
+    agent_server,
+    scripted_app,
     serving,
-    write_checkpoint,
 )
 
 openai = pytest.importorskip("openai")
@@ -33,23 +30,18 @@ from pydantic import TypeAdapter  # noqa: E402
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 TOOL = {"type": "function", "name": "w42", "description": "the weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
-WEATHER = '{"name": "get_weather", "arguments": {"city": "Zürich"}}'
-TIME = '{"name": "get_time", "arguments": {}}'
+WEATHER, TIME = WEATHER_CALL, TIME_CALL
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("responses") / "ckpt", AGENT_TEMPLATE)
-    with serving(make_app(make_engine(path), model_path=path)) as running:
+    with agent_server(tmp_path_factory.mktemp("responses")) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def scripted():
-    from avmp.serve.app import ServeConfig, create_app
-
-    loop, chat = ScriptedLoop(), HermesChat()
-    app = create_app(loop, CharTokenizer(), ServeConfig(model_name=MODEL_NAME), chat)
+    app, loop, chat = scripted_app()
     with serving(app) as running:
         yield SimpleNamespace(server=running, loop=loop, chat=chat)
 

@@ -14,14 +14,14 @@ import pytest
 from serve_helpers import (
     AGENT_TEMPLATE,
     MODEL_NAME,
+    TIME_CALL,
+    WEATHER_CALL,
     CharTokenizer,
     HermesChat,
     ScriptedLoop,
-    make_app,
-    make_engine,
+    agent_server,
     serving,
     word_tokenizer,
-    write_checkpoint,
 )
 
 pytest.importorskip("openai")
@@ -36,14 +36,12 @@ TOOL = {
     },
 }
 USER = [{"role": "user", "content": "w3 w4"}]
-WEATHER = '{"name": "get_weather", "arguments": {"city": "Zürich"}}'
-TIME = '{"name": "get_time", "arguments": {}}'
+WEATHER, TIME = WEATHER_CALL, TIME_CALL
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("tools") / "ckpt", AGENT_TEMPLATE)
-    with serving(make_app(make_engine(path), model_path=path)) as running:
+    with agent_server(tmp_path_factory.mktemp("tools")) as running:
         yield running
 
 
