@@ -97,11 +97,19 @@ def test_an_old_or_broken_cache_file_is_rebuilt(
 ) -> None:
     monkeypatch.setenv("AVMP_CACHE_DIR", str(tmp_path))
     path = tmp_path / f"sharegpt-lengths-{sharegpt._cache_key(LIMIT)}.json"
-    old = {"schema": 1, "key": sharegpt._cache_key(LIMIT), "words": [1] * LIMIT,
-           "num_turns": [2] * LIMIT, "first_is_human": [True] * LIMIT, "tokens": {"0": [5, 6]}}
-    texts = {"schema 1": json.dumps(old), "not json": "{\"schema\": 2, ",
-             "schema 2 without turn tokens": json.dumps(
-                 old | {"schema": 2, "num_pairs": [1] * LIMIT})}  # fmt: skip
+    old = {
+        "schema": 1,
+        "key": sharegpt._cache_key(LIMIT),
+        "words": [1] * LIMIT,
+        "num_turns": [2] * LIMIT,
+        "first_is_human": [True] * LIMIT,
+        "tokens": {"0": [5, 6]},
+    }
+    texts = {
+        "schema 1": json.dumps(old),
+        "not json": '{"schema": 2, ',
+        "schema 2 without turn tokens": json.dumps(old | {"schema": 2, "num_pairs": [1] * LIMIT}),
+    }
     path.write_text(texts[content])
     cache = sharegpt.load_length_cache(LIMIT)
     convs = sharegpt.read_conversations(LIMIT).turns

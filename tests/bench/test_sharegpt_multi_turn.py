@@ -44,7 +44,8 @@ def test_each_turn_is_the_previous_turn_its_answer_and_a_message() -> None:
         ]  # the conversation's first turns, none skipped
         for previous, request in zip(turns, turns[1:], strict=False):
             assert request.segments[:-1] == (
-                *previous.segments, (previous.output_segment, previous.output_tokens)
+                *previous.segments,
+                (previous.output_segment, previous.output_tokens),
             )
             assert request.arrival_s > previous.arrival_s
         for request in turns:
