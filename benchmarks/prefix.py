@@ -60,7 +60,7 @@ NUM_REQUESTS = 256
 def trace(workload: str, seed: int, num_requests: int) -> list[RequestSpec]:
     if workload == "sharegpt":
         return make_workload("sharegpt_replay", seed, num_requests)
-    return make_prefix_workload(workload, seed, num_requests)
+    return make_prefix_workload(workload, seed, num_requests, progress=sys.stderr.isatty())
 
 
 def run_cell(workload: str, model: str, budget: str, requests: list[RequestSpec],

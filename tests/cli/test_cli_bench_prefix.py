@@ -41,8 +41,13 @@ def test_default_workloads_add_the_prefix_ones_only_with_a_cache(
     off = build_grid(parser.parse_args([*TINY, "--out", "x"]))
     on = build_grid(parser.parse_args([*TINY, "--out", "x", "--prefix-cache", "avmp"]))
     assert "few_shot" not in off.workloads and off.prefix_caches == ("off",)
-    assert set(on.workloads) == set(off.workloads) | {"multi_turn_prefix", "agent_loop",
-                                                      "few_shot", "shared_shift"}
+    assert set(on.workloads) == set(off.workloads) | {
+        "multi_turn_prefix",
+        "sharegpt_multi_turn",
+        "agent_loop",
+        "few_shot",
+        "shared_shift",
+    }
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -18,11 +18,17 @@ Rules:
   1.3 x words of that turn, clipped to [16, 4096]; output = lognormal(4.5, 1.0) clipped
   to [32, 2048], drawn with the same seed.
 
-Cache: per-conversation lengths (words of turn 0, turn count, and tokens of the turns
-tokenized so far) go to ``$AVMP_CACHE_DIR`` or ``~/.cache/avmp`` (``$XDG_CACHE_HOME``
-respected), one JSON file keyed by the dataset's hash and the tokenizer file, written
-atomically. Only the conversations a sample needs are tokenized (in shuffled order,
-until enough pass the filters), so a 1,000-prompt sample tokenizes a few thousand.
+Conversations (`sample_conversations`, for the `sharegpt_multi_turn` prefix workload):
+the leading alternating human/gpt turns of conversations shuffled by a generator, as
+(message, answer) token counts.
+
+Cache: per-conversation lengths (words of turn 0, turn count, leading human/gpt pairs;
+token counts of turns 0 and 1, or of every turn, of the conversations tokenized so far)
+go to ``$AVMP_CACHE_DIR`` or ``~/.cache/avmp`` (``$XDG_CACHE_HOME`` respected), one
+JSON file keyed by the schema, the dataset's hash and the tokenizer file, written
+atomically; a file of another schema is rebuilt. Only the conversations a sample needs
+are tokenized (in shuffled order, until enough pass the filters), so a 1,000-prompt
+sample tokenizes a few thousand.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from avmp.bench.files import write_atomic
 
 TOKENIZER_FILE = "tekken_240911.json"
 RULES = ("vllm", "paper")
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 2  # 2: num_pairs and turn_tokens
 _WS = re.compile(r"[\s,]*")
 
 
@@ -135,19 +141,34 @@ def count_tokens(text: str) -> int:
     return len(_tokenizer().encode(text, bos=False, eos=False))
 
 
+def leading_pairs(turns: list[tuple[str, str]]) -> int:
+    """How many (human, gpt) pairs a conversation opens with: turns alternate human, gpt,
+    human, ... up to the first other speaker, repeated speaker or empty turn."""
+    num = 0
+    for turn, (speaker, text) in enumerate(turns):
+        if speaker != ("human", "gpt")[turn % 2] or not text.strip():
+            break
+        num = (turn + 1) // 2
+    return num
+
+
 @dataclass
 class LengthCache:
     """Per-conversation lengths, saved between runs.
 
-    ``words[i]`` and ``num_turns[i]`` cover every conversation (cheap); ``tokens`` holds
-    ``[prompt, output]`` token counts of the conversations tokenized so far (by index).
+    ``words[i]``, ``num_turns[i]``, ``first_is_human[i]`` and ``num_pairs[i]``
+    (`leading_pairs`) cover every conversation (cheap); ``tokens`` holds the ``[prompt,
+    output]`` token counts (turns 0 and 1) and ``turn_tokens`` the token counts of every
+    turn, of the conversations tokenized so far (by index).
     """
 
     key: str
     words: list[int]
     num_turns: list[int]
     first_is_human: list[bool]
+    num_pairs: list[int]
     tokens: dict[int, list[int]] = field(default_factory=dict)
+    turn_tokens: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -162,7 +183,9 @@ class LengthCache:
             "words": self.words,
             "num_turns": self.num_turns,
             "first_is_human": self.first_is_human,
+            "num_pairs": self.num_pairs,
             "tokens": {str(k): v for k, v in self.tokens.items()},
+            "turn_tokens": {str(k): v for k, v in self.turn_tokens.items()},
         }
         write_atomic(self.path, payload)
 
@@ -180,18 +203,20 @@ def load_length_cache(limit: int | None = None) -> LengthCache:
         try:
             data = json.loads(path.read_text())
             if data.get("schema") == _CACHE_SCHEMA and data.get("key") == key:
-                tokens = {int(k): v for k, v in data["tokens"].items()}
                 return LengthCache(
-                    key, data["words"], data["num_turns"], data["first_is_human"], tokens
-                )
+                    key, data["words"], data["num_turns"], data["first_is_human"],
+                    data["num_pairs"], *({int(k): v for k, v in data[name].items()}
+                                         for name in ("tokens", "turn_tokens")),
+                )  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # unreadable or foreign cache: rebuild it below
+            pass  # unreadable, foreign or older cache: rebuild it below
     convs = read_conversations(limit).turns
     cache = LengthCache(
         key=key,
         words=[len(c[0][1].split()) if c else 0 for c in convs],
         num_turns=[len(c) for c in convs],
         first_is_human=[bool(c) and c[0][0] == "human" for c in convs],
+        num_pairs=[leading_pairs(c) for c in convs],
     )
     cache.save()
     return cache
@@ -257,3 +282,50 @@ def sample_lengths(
     prompts_arr = np.array([p for p, _ in pairs], dtype=np.int64)
     outputs_arr = np.array([o for _, o in pairs], dtype=np.int64)
     return prompts_arr, outputs_arr
+
+
+def sample_conversations(
+    n: int, rng: np.random.Generator, limit: int | None = None, progress: bool = False
+) -> list[list[tuple[int, int]]]:
+    """``n`` conversations, shuffled by ``rng``, as their (message, answer) token counts.
+
+    A conversation is kept from its first turn to its last complete (human, gpt) pair
+    before the first break (`leading_pairs`): another speaker (``system``, ``bing``,
+    ``chatgpt``, ...), the same speaker twice in a row (the dataset's split cuts long
+    conversations, so some pieces open with ``gpt``) or an empty turn, since a replay
+    needs each message answered before the next. Conversations with no such pair (first
+    turn not human, or no answer) are skipped. Only the chosen conversations are
+    tokenized, every turn of each (cached in `LengthCache.turn_tokens`).
+
+    Args:
+        limit: use only the first ``limit`` conversations of the file (tests).
+    Raises:
+        ValueError: fewer than ``n`` conversations have a pair.
+    """
+    from rich.progress import Progress
+
+    cache = load_length_cache(limit)
+    chosen: list[list[tuple[int, int]]] = []
+    added = 0
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("tokenizing ShareGPT conversations", total=n)
+        for index in rng.permutation(len(cache.words)):
+            i = int(index)
+            if len(chosen) == n:
+                break
+            if cache.num_pairs[i] == 0:
+                continue
+            if i not in cache.turn_tokens:
+                turns = read_conversations(limit).turns[i]
+                cache.turn_tokens[i] = [count_tokens(text) for _, text in turns]
+                added += 1
+            counts = cache.turn_tokens[i]
+            chosen.append([(counts[2 * k], counts[2 * k + 1]) for k in range(cache.num_pairs[i])])
+            bar.update(task, advance=1)
+    if added:
+        cache.save()
+    if len(chosen) < n:
+        raise ValueError(
+            f"only {len(chosen)} ShareGPT conversations open with a human/gpt pair, {n} requested"
+        )
+    return chosen

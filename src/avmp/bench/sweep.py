@@ -572,7 +572,7 @@ def build_traces(
             # Tokenizes what the cache lacks, with a progress bar, before the sweep starts.
             sample_lengths(num_requests, seed, grid.sharegpt_rules, progress=progress)
         if workload in PREFIX_PRESETS:
-            requests = make_prefix_workload(workload, seed, num_requests)
+            requests = make_prefix_workload(workload, seed, num_requests, progress=progress)
         else:
             requests = make_workload(
                 workload, seed, num_requests, arrival, sharegpt_rules=grid.sharegpt_rules

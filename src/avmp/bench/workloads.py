@@ -501,6 +501,10 @@ FEW_SHOT_TEMPLATES = 4
 """Few-shot templates of `few_shot`, each a shared prefix of examples."""
 FEW_SHOT_RATE = 20.0
 """Requests/s of `few_shot` and `shared_shift`."""
+SHAREGPT_OUTPUT_TOKENS = (1, 2048)
+"""Fewest and most output tokens of a `sharegpt_multi_turn` turn (its answer's tokens,
+clipped): at most 2,048, as the ShareGPT paper rules clip outputs (few answers are
+longer), and at least one, as every request generates."""
 SHARED_SHIFT_TOKENS = (1500, 700, 100)
 """vllm-project/vllm#45238's shape: 1,500 shared + 700 unique tokens, and the same
 requests with the shared part 100 tokens longer (the unique part as much shorter)."""
@@ -527,6 +531,50 @@ def multi_turn_prefix_requests(rng: np.random.Generator, n: int) -> list[Request
                                     tuple(segments), output_id))  # fmt: skip
         past[:] = [*segments, (output_id, output)] if message >= 1 else []
     return sorted(requests, key=lambda r: r.request_id)
+
+
+def sharegpt_multi_turn_requests(
+    rng: np.random.Generator, n: int, limit: int | None = None, progress: bool = False
+) -> list[RequestSpec]:
+    """ShareGPT conversations replayed turn by turn: ``n`` conversations shuffled by
+    ``rng`` (`sharegpt.sample_conversations`: their human/gpt pairs in Tekken token
+    counts), each turn's prompt the whole history as segments, earlier messages and
+    answers, then its own message; output = the answer's tokens clipped to
+    `SHAREGPT_OUTPUT_TOKENS`.
+
+    Timed as `multi_turn`: conversations start as a Poisson process at
+    `MULTI_TURN_SESSION_RATE`, a later turn arrives the previous turn's
+    `service_estimate_s` plus an exponential think time (mean `THINK_TIME_S`) after it.
+    A turn whose history exceeds `MAX_PROMPT_TOKENS` is capped to it and shares nothing
+    (the front end dropped its oldest turns), as are the conversation's later turns. The
+    first n turns by arrival are kept (ids in arrival order).
+
+    Args:
+        limit: use only the first ``limit`` conversations of the dataset (tests).
+        progress: show a progress bar while tokenizing what the length cache lacks.
+    """
+    from avmp.bench.sharegpt import sample_conversations
+
+    conversations = sample_conversations(n, rng, limit=limit, progress=progress)
+    starts = ArrivalProcess("poisson", rate=MULTI_TURN_SESSION_RATE).times(n, rng)
+    think_s = iter(rng.exponential(THINK_TIME_S, size=sum(map(len, conversations))).tolist())
+    records = []
+    for session, pairs in enumerate(conversations):
+        past: list[tuple[object, int]] = []
+        history, now = 0, float(starts[session])  # history: every earlier token, uncapped
+        for turn, (message, answer) in enumerate(pairs):
+            output = int(np.clip(answer, *SHAREGPT_OUTPUT_TOKENS))
+            history += message
+            if history > MAX_PROMPT_TOKENS:
+                past = [(("capped", session, turn), MAX_PROMPT_TOKENS)]
+            else:
+                past.append((("message", session, turn), message))
+            prompt, output_id = sum(length for _, length in past), ("output", session, turn)
+            records.append((now, prompt, output, tuple(past), output_id))
+            past.append((output_id, output))
+            history += output
+            now += float(service_estimate_s(np.array(prompt), np.array(output))) + next(think_s)
+    return _first_by_arrival(records, n)
 
 
 def agent_loop_requests(rng: np.random.Generator, n: int) -> list[RequestSpec]:
@@ -599,6 +647,9 @@ PrefixTraceFn = Callable[[np.random.Generator, int], list[RequestSpec]]
 PREFIX_PRESETS: dict[str, tuple[int, PrefixTraceFn, str]] = {
     "multi_turn_prefix": (1024, multi_turn_prefix_requests,
                           "multi_turn's conversations, each prompt the whole history"),
+    "sharegpt_multi_turn": (1024, sharegpt_multi_turn_requests,
+                            "ShareGPT conversations turn by turn, each prompt the whole "
+                            "history"),
     "agent_loop": (512, agent_loop_requests,
                    f"agent sessions: {AGENT_SYSTEM_TOKENS}-token shared system prompt + "
                    "tools, 8-24 short turns each"),
@@ -610,15 +661,17 @@ PREFIX_PRESETS: dict[str, tuple[int, PrefixTraceFn, str]] = {
 """Workloads with shared content, by name: default size, generator, description."""
 
 
-def make_prefix_workload(name: str, seed: int, num_requests: int | None = None
-                         ) -> list[RequestSpec]:  # fmt: skip
-    """Generate a `PREFIX_PRESETS` trace (ValueError for an unknown name or a size < 1)."""
+def make_prefix_workload(name: str, seed: int, num_requests: int | None = None,
+                         progress: bool = False) -> list[RequestSpec]:  # fmt: skip
+    """Generate a `PREFIX_PRESETS` trace (ValueError for an unknown name or a size < 1);
+    ``progress``: a progress bar while `sharegpt_multi_turn` tokenizes conversations."""
     if name not in PREFIX_PRESETS:
-        raise ValueError(
-            f"unknown prefix workload {name!r}; known: {', '.join(PREFIX_PRESETS)}"
-        )
+        raise ValueError(f"unknown prefix workload {name!r}; known: {', '.join(PREFIX_PRESETS)}")
     default, generate, _ = PREFIX_PRESETS[name]
     n = default if num_requests is None else num_requests
     if n < 1:
         raise ValueError(f"num_requests must be >= 1, got {n}")
-    return generate(np.random.default_rng(seed), n)
+    rng = np.random.default_rng(seed)
+    if generate is sharegpt_multi_turn_requests:
+        return sharegpt_multi_turn_requests(rng, n, progress=progress)
+    return generate(rng, n)

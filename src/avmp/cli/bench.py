@@ -16,7 +16,8 @@ check did (the published figures' command says so).
 ``--prefix-cache`` adds prefix caching as one more axis of the grid (``off`` and/or the
 placement policies ``avmp``, ``vllm-align``, ``sglang``, comma-separated); with it on,
 the default workloads include the prefix workloads (`PREFIX_PRESETS`: multi-turn
-conversations, agent loops, few-shot prompts, vllm#45238's shape), whose prompts name
+conversations, synthetic and ShareGPT's, agent loops, few-shot prompts, vllm#45238's
+shape), whose prompts name
 what they share, and the report adds a table of hits against the ideal.
 ``--prefix-host-level`` keeps the checkpoints the caches evict in the host tier, in
 every layout with one (recorded in the cells' settings).
