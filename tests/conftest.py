@@ -1,4 +1,4 @@
-"""Bench tests run with an isolated cache dir."""
+"""Every test runs with an isolated avmp cache dir (ShareGPT length caches), never ~/.cache."""
 
 from __future__ import annotations
 
