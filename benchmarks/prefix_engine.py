@@ -2,6 +2,10 @@
 with and without the cache, on each layout (AVMP, SGLang's static split, vLLM's unified
 pool; same model, same kernels).
 
+`sharegpt` (ShareGPT first turns, the `sharegpt_replay` preset) shares nothing: there the
+cache can only cost (lookups, checkpoints, evictions), which its req/s and TTFT with and
+without the cache show.
+
 A workload names what its prompts share (content segments: a system prompt, a
 conversation's earlier messages and answers). Here each segment becomes token ids: a
 message or system prompt gets random ids of its own (seeded by the segment, so the same
@@ -78,15 +82,18 @@ from benchmarks.common import read_result, write_result
 
 DEFAULT_MODEL = "granite-4.0-h-micro"
 ALLOCATORS = ("avmp", "static", "unified")
-WORKLOADS = ("multi_turn_prefix", "agent_loop", "sharegpt_multi_turn")
+WORKLOADS = ("multi_turn_prefix", "agent_loop", "sharegpt_multi_turn", "sharegpt")
+NO_REUSE = "sharegpt"  # ShareGPT first turns (`sharegpt_replay`): nothing to reuse, so the
+# cache's cost alone (its lookups, checkpoints and evictions) shows
 # multi_turn_prefix and agent_loop bounded so that they x 3 layouts x 2 runs might finish
 # in < 240 s on one H200 (an estimate made before the benchmark ran on a GPU);
 # sharegpt_multi_turn (not timed on a GPU yet) takes twice multi_turn_prefix's count, as
 # its conversations are shorter, so more of its requests are first turns (at seed 0, 76
 # of 192 are later turns; 27 of 96)
-DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40, "sharegpt_multi_turn": 192}
+DEFAULT_REQUESTS = {"multi_turn_prefix": 96, "agent_loop": 40, "sharegpt_multi_turn": 192,
+                    "sharegpt": 192}  # fmt: skip
 IDENTITY_REQUESTS = {"multi_turn_prefix": 48, "agent_loop": 20,  # --identity: a short run
-                     "sharegpt_multi_turn": 48}  # fmt: skip
+                     "sharegpt_multi_turn": 48, "sharegpt": 20}  # fmt: skip
 DTYPES = ("bfloat16", "float32")
 IDENTITY_DTYPE = "float32"  # the dtype the CPU tests show token identity in
 CPU_LAYERS = 6  # Granite-4.0-H's first six: five Mamba2 layers and one attention layer
@@ -181,10 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def workload_specs(args: argparse.Namespace, name: str) -> list[RequestSpec]:
     """The preset's requests, arrivals scaled and lengths divided as asked."""
-    from avmp.bench.workloads import make_prefix_workload
+    from avmp.bench.workloads import make_prefix_workload, make_workload
 
     n = args.num_requests or default_requests(args)[name]
-    specs = make_prefix_workload(name, args.seed, n)
+    if name == NO_REUSE:
+        specs = make_workload("sharegpt_replay", args.seed, n)
+    else:
+        specs = make_prefix_workload(name, args.seed, n)
     divisor = args.length_divisor
     if divisor == 1 and args.arrival_scale == 1:
         return specs
