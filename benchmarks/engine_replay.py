@@ -456,7 +456,13 @@ def simulate(
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
     layout = make_allocator(base, geometry, memory)
-    on_step = None if shapes is None else (lambda shape, _seconds: shapes.append(shape))
+    kinds = StepKinds()
+
+    def on_step(shape: Any, seconds: float) -> None:
+        kinds.add(shape, seconds)
+        if shapes is not None:
+            shapes.append(shape)
+
     result = run_sim(trace, layout, geometry, config, on_step=on_step).to_dict()
     keys = ("makespan_s", "request_throughput", "output_token_throughput", "num_preemptions",
             "num_completed", "num_rejected", "num_steps", "allocator_stats", "timeline",
@@ -467,9 +473,36 @@ def simulate(
     return (
         {key: result[key] for key in keys}
         | captures
+        | {"step_kinds": kinds.figures(), "mean_running": _mean_running(result["timeline"])}
         | _rates_less_captures(result)
         | {"goodput": goodput(_less_captures(result), slo_targets(args))}
     )
+
+
+class StepKinds:
+    """Where a simulated run's step time goes: per kind of step (``decode``: decode rows
+    only; ``mixed``: prefill tokens, with or without decode rows beside them) the steps,
+    their seconds, the decode rows and the prefill tokens they held."""
+
+    def __init__(self) -> None:
+        self.kinds = {kind: {"steps": 0, "seconds": 0.0, "decode_rows": 0, "prefill_tokens": 0}
+                      for kind in ("decode", "mixed")}  # fmt: skip
+
+    def add(self, shape: Any, seconds: float) -> None:
+        kind = self.kinds["mixed" if shape.num_prefill_tokens else "decode"]
+        kind["steps"] += 1
+        kind["seconds"] += seconds
+        kind["decode_rows"] += shape.num_decode_requests
+        kind["prefill_tokens"] += shape.num_prefill_tokens
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        return {name: dict(kind) for name, kind in self.kinds.items()}
+
+
+def _mean_running(timeline: list[dict[str, Any]]) -> float | None:
+    """Requests running, averaged over the timeline's points (evenly spaced in steps)."""
+    points = [point["num_running"] for point in timeline if "num_running" in point]
+    return sum(points) / len(points) if points else None
 
 
 def _less_captures(result: dict[str, Any]) -> dict[str, Any]:
@@ -937,7 +970,40 @@ def budget_markdown(results: dict[str, Any]) -> str:
             f"{unbounded['sim']['request_throughput']:.2f} req/s simulated, "
             f"{unbounded['sim']['num_preemptions']} preemptions."
         )
+    lines += step_kinds_table(results)
     return "\n".join(lines)
+
+
+def step_kinds_table(results: dict[str, Any]) -> list[str]:
+    """Where each simulated run's step time went (`StepKinds`): decode-only steps and
+    their mean decode batch, steps with prefill and their mean prefill tokens, and the
+    requests running on average; empty for results saved before these figures."""
+    runs = [(row["memory"], name, sim) for row in results["budgets"]
+            for name, sim in row["sim"].items()]  # fmt: skip
+    if results.get("unbounded"):
+        runs.append(("unbounded", results["unbounded"]["allocator"], results["unbounded"]["sim"]))
+    runs = [run for run in runs if "step_kinds" in run[2]]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "Where the simulated step time goes: steps with decode rows only, steps with "
+        "prefill tokens (and decode rows beside them), requests running on average.",
+        "",
+        "| budget | layout | decode steps | s | mean decode rows | prefill steps | s "
+        "| mean prefill tokens | mean running |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for budget, name, sim in runs:
+        decode, mixed = sim["step_kinds"]["decode"], sim["step_kinds"]["mixed"]
+        running = sim.get("mean_running")
+        lines.append(
+            f"| {budget} | {name} | {decode['steps']} | {decode['seconds']:.1f} "
+            f"| {decode['decode_rows'] / max(decode['steps'], 1):.1f} | {mixed['steps']} "
+            f"| {mixed['seconds']:.1f} | {mixed['prefill_tokens'] / max(mixed['steps'], 1):,.0f} "
+            f"| {'-' if running is None else f'{running:.1f}'} |"
+        )
+    return lines
 
 
 def _budget_line(layouts: list[str], row: dict[str, Any]) -> str:

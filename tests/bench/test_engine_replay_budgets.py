@@ -92,7 +92,7 @@ def test_ratios_and_criteria_come_from_the_simulated_figures(
     sweep: tuple[dict[str, Any], str],
 ) -> None:
     results, printed = sweep
-    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    table = first_table(printed)
     assert len(table) == 2 + len(BUDGETS)  # header, rule, one row per budget
     for row, line in zip(results["budgets"], table[2:], strict=True):
         rate = {name: sim["request_throughput"] for name, sim in row["sim"].items()}
@@ -109,6 +109,30 @@ def test_ratios_and_criteria_come_from_the_simulated_figures(
         assert cells[1:5] == [f"{rate[name]:.2f}" for name in LAYOUTS]
         assert cells[6] == f"{ratios['static']:.3f}x"
         assert cells[10:] == [{True: "yes", False: "no"}[held] for held in criteria.values()]
+
+
+def first_table(printed: str) -> list[str]:
+    """The lines of the first markdown table in ``printed``."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    return lines[start:end]
+
+
+def test_step_kinds_add_up_to_each_run(sweep: tuple[dict[str, Any], str]) -> None:
+    """Every simulated step is counted once, as decode-only or with prefill tokens, and
+    the prefill tokens counted are the ones each run computed; the table shows each run."""
+    results, printed = sweep
+    runs = [sim for row in results["budgets"] for sim in row["sim"].values()]
+    runs.append(results["unbounded"]["sim"])
+    for sim in runs:
+        decode, mixed = sim["step_kinds"]["decode"], sim["step_kinds"]["mixed"]
+        assert decode["steps"] + mixed["steps"] == sim["num_steps"]
+        assert decode["prefill_tokens"] == 0 and mixed["prefill_tokens"] > 0
+        assert decode["seconds"] > 0 and mixed["seconds"] > 0
+        assert 0 < sim["mean_running"] <= results["max_num_seqs"]
+    kinds_table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(kinds_table) == len(first_table(printed)) + 2 + len(runs)
 
 
 def hand_row(avmp: float, unified: float | None, static: float, plan: tuple[int, int]) -> dict:
