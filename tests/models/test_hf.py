@@ -332,7 +332,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("[1, 2]")
     _raises(str(bad), f"malformed config {bad}: expected a JSON object")
     _raises(tmp_path / "absent", "no config file at")
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'absent'}: no such file or directory"):
         resolve_model(str(tmp_path / "absent"))
 
 

@@ -241,9 +241,12 @@ def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[An
 
     path = Path(args.model)
     if args.random_weights:
-        if args.model.lower() not in zoo_names():
-            raise UserError(f"--random-weights needs a zoo name; known: {', '.join(zoo_names())}")
-        model = tiny_model(zoo_config(args.model), seed=weights_seed)
+        if path.exists() and args.model.lower() not in zoo_names():
+            raise UserError(
+                f"--random-weights builds a zoo model; to load {args.model}, leave out "
+                "--random-weights --scale tiny"
+            )
+        model = tiny_model(zoo_config(args.model), seed=weights_seed)  # one line if unknown
         return model, MistralTokenizer()
     if not path.is_dir():
         hint = " (add --random-weights --scale tiny)" if args.model.lower() in zoo_names() else ""

@@ -10,7 +10,9 @@ false where a figure rests on recall alone. `avmp plan` says so for the latter.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -41,7 +43,24 @@ def zoo_names() -> list[str]:
 
 
 def _unknown(name: str) -> ConfigError:
-    return ConfigError(f"unknown model {name!r}; known: {', '.join(zoo_names())}")
+    """Neither a zoo name nor an existing path: for a name written as a path
+    (``./ckpt``, ``config.json``), that no such file exists; else the zoo names it may
+    mean (a typo, or the start of a family's names) and all of them."""
+    if _looks_like_path(name):
+        return ConfigError(
+            f"{name}: no such file or directory (expected a zoo name, a config.json path "
+            "or a checkpoint directory)"
+        )
+    names = zoo_names()
+    close = [n for n in names if name and n.startswith(name.lower())]
+    close = close or difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.8)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown model {name!r}{hint}; known: {', '.join(names)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Written as a path: zoo names hold no separator and do not end in ``.json``."""
+    return name.startswith((".", "~")) or name.endswith(".json") or "/" in name or os.sep in name
 
 
 def zoo_config(name: str) -> dict[str, Any]:
@@ -96,6 +115,7 @@ def _read(name_or_path: str, options: dict[str, Any]) -> ModelGeometry:
     if name_or_path.lower() in _zoo_files():
         short = name_or_path.lower()
         return geometry_from_config(zoo_config(short), name=short, **options)
-    if Path(name_or_path).exists():
-        return geometry_from_config(name_or_path, **options)
+    path = Path(name_or_path).expanduser()
+    if name_or_path.strip() and path.exists():  # Path("") is the working directory
+        return geometry_from_config(path, **options)
     raise _unknown(name_or_path)
