@@ -73,6 +73,10 @@ def test_random_weights_of_a_typo_or_a_checkpoint(
 ) -> None:
     tiny = ["--random-weights", "--scale", "tiny", "--prompt", "hi"]
     assert main(["generate", "granite-4.0-h-tny", *tiny]) == 2
-    assert "(did you mean granite-4.0-h-tiny?)" in one_line_error(capsys, "generate")
+    line = one_line_error(capsys, "generate")
+    assert (
+        "needs a zoo name: unknown model 'granite-4.0-h-tny' (did you mean granite-4.0-h-tiny?)"
+        in line
+    )
     assert main(["generate", str(tmp_path), *tiny]) == 2
     assert f"to load {tmp_path}, leave out --random-weights" in one_line_error(capsys, "generate")

@@ -241,12 +241,9 @@ def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[An
 
     path = Path(args.model)
     if args.random_weights:
-        if path.exists() and args.model.lower() not in zoo_names():
-            raise UserError(
-                f"--random-weights builds a zoo model; to load {args.model}, leave out "
-                "--random-weights --scale tiny"
-            )
-        model = tiny_model(zoo_config(args.model), seed=weights_seed)  # one line if unknown
+        if args.model.lower() not in zoo_names():
+            raise UserError(f"--random-weights needs a zoo name{_not_zoo(args.model)}")
+        model = tiny_model(zoo_config(args.model), seed=weights_seed)
         return model, MistralTokenizer()
     if not path.is_dir():
         hint = " (add --random-weights --scale tiny)" if args.model.lower() in zoo_names() else ""
@@ -255,6 +252,20 @@ def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[An
     if tokenizer is None and _vocab_size(path) >= TINY_VOCAB:
         tokenizer = MistralTokenizer()
     return path, tokenizer
+
+
+def _not_zoo(model: str) -> str:
+    """Why ``model`` is no zoo name: a path to load without ``--random-weights``, or an
+    unknown name (with the names it may mean)."""
+    from avmp.models.zoo import resolve_model
+
+    if Path(model).exists():
+        return f"; to load {model}, leave out --random-weights --scale tiny"
+    try:
+        resolve_model(model)
+    except ValueError as error:
+        return f": {error}"
+    return ""
 
 
 def _vocab_size(path: Path) -> int:
