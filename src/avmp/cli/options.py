@@ -167,6 +167,12 @@ def add_engine_options(parser: Any) -> None:
              "are fastest on one thread, most of all on a busy machine)",
     )  # fmt: skip
     parser.add_argument(
+        "--generation-config", default="auto", metavar="auto|vllm|PATH",
+        help="the generation_config.json that sets the end-of-sequence ids and, for the "
+             "server, the sampling defaults: auto (the checkpoint's; default), vllm (its "
+             "ids only, neutral sampling defaults) or another directory or file",
+    )  # fmt: skip
+    parser.add_argument(
         "--random-weights", action="store_true", help="build a random model from a zoo config"
     )
     parser.add_argument("--scale", choices=("tiny",), default=None, help="with --random-weights")
@@ -195,6 +201,20 @@ def check_engine_options(args: argparse.Namespace) -> None:
         raise UserError("--random-weights and --scale tiny go together")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    _check_generation_config(args.generation_config)
+
+
+def _check_generation_config(choice: str) -> None:
+    """One line for a ``--generation-config`` path that holds no readable file, before
+    the weights load (``auto`` and ``vllm`` read the checkpoint's own when it is built)."""
+    from avmp.engine.generation_config import AUTO, NEUTRAL, resolve_generation_config
+
+    if choice in (AUTO, NEUTRAL):
+        return
+    try:
+        resolve_generation_config(choice, None)
+    except ValueError as error:
+        raise UserError(f"--generation-config: {error}") from None
 
 
 def engine_config(args: argparse.Namespace) -> Any:
@@ -216,6 +236,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         preemption=args.preemption,
         admission=args.admission,
         host_tier_bytes=host_tier_bytes(args.host_tier),
+        generation_config=args.generation_config,
     )
 
 

@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint's tokenizer, or use a zoo name with --random-weights --scale tiny"
         )
     engine.warmup()
+    generation = engine.generation_defaults
+    if generation.sampling():  # vLLM says so too: the checkpoint's defaults are in force
+        print(f"avmp serve: generation config {generation.describe()}", flush=True)
+    serve_config = dataclasses.replace(serve_config, generation=generation)
     app = create_app(EngineLoop(engine, args.max_waiting), engine.tokenizer, serve_config, chat)
     host, port = sock.getsockname()[:2]
     print(

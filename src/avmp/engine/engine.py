@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from avmp.engine.fast_runner import DEFAULT_MAX_MIXED_GRAPHS, FastModelRunner
+from avmp.engine.generation_config import resolve_generation_config
 from avmp.engine.grammar import GrammarCompiler, GrammarMasks, GrammarSpec, advance
 from avmp.engine.host_tier import HostSwapper, measure_copy_bandwidth, measure_prefill_s_per_token
 from avmp.engine.loader import load_model
@@ -195,6 +196,12 @@ class EngineConfig:
             ``cuda:0`` .. ``cuda:N-1``). Above 1 the engine starts ranks 1..N-1 itself
             (or joins torchrun's group) and plans every step on rank 0
             (`avmp.engine.tp_step`); the budget and the host tier are each rank's.
+        generation_config: whose ``generation_config.json`` to read
+            (`avmp.engine.generation_config`): ``auto`` or ``vllm``, the checkpoint
+            directory's (a built model has none); a path, that directory's or that file.
+            Its end-of-sequence ids stop requests in every case; the sampling defaults
+            it sets (`Engine.generation_defaults`, empty under ``vllm``) are for the
+            callers that fill requests in, such as the server.
     """
 
     memory_bytes: int = 12 << 30
@@ -227,6 +234,7 @@ class EngineConfig:
     prefix_cache: PrefixCacheConfig | str | None = None
     prefix_host_level: bool = False
     tensor_parallel: int = 1
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("dtype", "ssm_dtype"):
@@ -249,6 +257,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_mixed_graphs < 0:
             raise ValueError(f"max_mixed_graphs must be >= 0, got {self.max_mixed_graphs}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError("generation_config must be 'auto', 'vllm' or a path")
         self._check_preemption()
         self._check_prefix_cache()
         self._check_tensor_parallel()
@@ -783,7 +793,10 @@ class Engine:
         # forgets a request once its final update is out)
         self._generating: dict[int, int] | None = None
         self._closed = False
-        self._eos = self._eos_token_id()  # depends on the config and tokenizer only
+        # every id that ends a request (config.json's, generation_config.json's, else
+        # the tokenizer's); the first is the one a grammar's finished output gets
+        self.eos_token_ids = self._eos_token_ids()
+        self._eos = self.eos_token_ids[0] if self.eos_token_ids else None
         # grammars compile against the tokenizer on first use (`RequestOptions.grammar`)
         self._grammars = GrammarCompiler(self.tokenizer, self._eos, self.geometry.vocab_size)
         self._masks: GrammarMasks | None = None
@@ -800,6 +813,7 @@ class Engine:
         On rank 0 of several: the byte operations are logged for the followers from the
         allocator's first call on, and the followers are waited for before any run."""
         config, leader = self.config, self._leader
+        self.generation_defaults = resolve_generation_config(config.generation_config, model)
         self.model = self._load(model)
         self.tokenizer = tokenizer
         if tokenizer is None and isinstance(model, (str, Path)):
@@ -1212,8 +1226,8 @@ class Engine:
         if not sampling.is_greedy:
             generator = torch.Generator(self.device).manual_seed(seed)
         stop_ids = set(options.stop_token_ids)
-        if not options.ignore_eos and self._eos is not None:
-            stop_ids.add(self._eos)
+        if not options.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
         self._requests[request_id] = _Live(
             request_id if index is None else index,
             prompt,
@@ -1570,13 +1584,15 @@ class Engine:
             self._generating[request_id] = scheduled.num_preemptions
         self.scheduler.forget(request_id)
 
-    def _eos_token_id(self) -> int | None:
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        """The model config's end-of-sequence id (or ids: a list), then the generation
+        config's, each once; the tokenizer's when neither names one."""
         eos = getattr(self.model.config, "eos_token_id", None)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        return eos
+        ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        ids += self.generation_defaults.eos_token_ids
+        if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(int(i) for i in ids))
 
     def _track(self, plan: StepPlan) -> None:
         self.stats.num_steps += 1

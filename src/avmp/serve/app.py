@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import avmp
 from avmp.engine.engine import RequestOptions, RequestUpdate
+from avmp.engine.generation_config import GenerationDefaults
 from avmp.engine.grammar import GrammarSpec
 from avmp.engine.sampling import TokenLogprobs
 from avmp.serve.chat import ChatEncoder, Rendering, system_prompt_end
@@ -98,6 +99,10 @@ class ServeConfig:
             (`avmp.serve.tools.tool_syntax`: ``auto`` guesses from the chat template).
         allowed_origins: the origins a browser may call the API from (CORS; ``*``:
             any); none by default.
+        generation: the checkpoint's generation config
+            (`avmp.engine.generation_config`): the defaults of the sampling values a
+            request leaves out, a cap on every request's output length, and the
+            end-of-sequence ids whose text a reply leaves out.
     """
 
     model_name: str
@@ -106,6 +111,7 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0
     tool_call_parser: str = "auto"
     allowed_origins: tuple[str, ...] = ()
+    generation: GenerationDefaults = GenerationDefaults()
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -208,6 +214,9 @@ class _Server:
         self.metrics = ServerMetrics(loop.snapshot)
         # read before the loop's thread starts: /tokenize reports it
         self.max_model_len = engine.max_request_tokens() if engine is not None else None
+        # the ids that end a request, whose text a reply leaves out (`_written`)
+        eos = {*getattr(engine, "eos_token_ids", ()), tokenizer.eos_token_id}
+        self._eos_ids = frozenset(i for i in eos if i is not None)
         self.created = now_s()
         self._drained = threading.Lock()
         self._is_drained = False
@@ -437,13 +446,14 @@ class _Server:
         except ValueError as error:
             raise APIError(400, str(error), param="logit_bias") from None
         bias += self._bans(body.bad_words or ())
+        default = self.config.generation  # what the request leaves out
         try:
             return RequestOptions(
                 max_tokens=max(max_tokens, 1),
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=max(0, body.top_k or 0),
-                min_p=body.min_p or 0.0,
+                temperature=_given(body.temperature, default.temperature, 1.0),
+                top_p=_given(body.top_p, default.top_p, 1.0),
+                top_k=max(0, int(_given(body.top_k, default.top_k, 0))),
+                min_p=_given(body.min_p, default.min_p, 0.0),
                 seed=None if body.seed is None else body.seed + choice,
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
@@ -452,7 +462,8 @@ class _Server:
                 logit_bias=bias,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 presence_penalty=body.presence_penalty or 0.0,
-                repetition_penalty=body.repetition_penalty or 1.0,
+                repetition_penalty=_given(body.repetition_penalty, default.repetition_penalty,
+                                          1.0),  # fmt: skip
                 prefix_boundary=boundary,
                 prompt_logprobs=None if side is None else side.engine_k,
                 grammar=grammar,
@@ -577,6 +588,8 @@ class _Server:
             body.skip_special_tokens and tools is None,
             body.spaces_between_special_tokens,
         )
+        cap = self.config.generation.max_tokens  # max_new_tokens caps all, as in vLLM
+        max_tokens = max_tokens if cap is None else min(max_tokens, cap)
         sides = [self._prompt_side(body, prompt, max_tokens) for prompt in prompts]
         streams = [
             self._choice(
@@ -687,14 +700,15 @@ class _Server:
 
     def _written(self, update: Any, settings: _TextOptions) -> list[int]:
         """The new tokens whose text is written: an end-of-sequence token that ends the
-        request is not, where special tokens are (vLLM leaves it out, as a stop string)."""
+        request (the tokenizer's or one the generation config names) is not, where
+        special tokens are (vLLM leaves it out, as a stop string)."""
         ids = update.new_token_ids
         if (
             not settings.skip_special_tokens
             and not settings.include_stop
             and update.finish_reason == "stop"
             and ids
-            and ids[-1] == self.tokenizer.eos_token_id
+            and ids[-1] in self._eos_ids
         ):
             return list(ids[:-1])
         return list(ids)
@@ -748,6 +762,11 @@ class _Server:
             first = errors.exceptions[0]
             raise engine_error(first) if isinstance(first, Exception) else first from None
         return [task.result() for task in tasks]
+
+
+def _given(value: float | None, default: float | None, neutral: float) -> float:
+    """A request's sampling value, else the generation config's, else the API's own."""
+    return value if value is not None else default if default is not None else neutral
 
 
 def _uses_functions(body: Any) -> bool:
