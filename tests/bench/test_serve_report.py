@@ -113,7 +113,7 @@ def _multi_turn_result(tmp_path: Path) -> Path:
         "url": "http://127.0.0.1:1",
         "model": "m",
         "settings": {"endpoint": "chat", "dataset": "ShareGPT conversations", "num_prompts": 3,
-                     "multi_turn": {"turns": 6, "max_turns": 2, "think_time_s": 0.5}},
+                     "multi_turn": {"turns": [6], "num_turns": 2, "think_time_s": 0.5}},
         "results": [entry],
     }  # fmt: skip
     path = tmp_path / "mt.json"

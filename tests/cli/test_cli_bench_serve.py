@@ -347,7 +347,9 @@ def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
     turns = entry["summary"]["turns"]
     assert turns["conversations"] == turns["conversations_completed"] == 4
     assert (
-        entry["summary"]["completed"] == len(measured) == result["settings"]["multi_turn"]["turns"]
+        [entry["summary"]["completed"]]
+        == [len(measured)]
+        == result["settings"]["multi_turn"]["turns"]
     )
     first = [r for r in entry["requests"] if r["conversation"] == 0]
     assert [r["turn"] for r in first] == list(range(first[0]["conversation_turns"]))
@@ -365,6 +367,29 @@ def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
             assert body["messages"][-1]["role"] == "user"
     assert main(["report", str(out)]) == 0
     assert "2+" in capsys.readouterr().out
+
+
+def test_each_rate_sends_conversations_of_its_own(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix cache cannot hold a rate's first turns from an earlier rate or the warm-up."""
+    url, state = server
+    monkeypatch.setattr(
+        loadgen,
+        "sharegpt_conversations",
+        functools.partial(loadgen.sharegpt_conversations, limit=400),
+    )
+    out = tmp_path / "mt.json"
+    args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "2", "--num-turns",
+            "1", "--sharegpt-output-len", "2", "--request-rate", "50,inf", "--warmup", "1",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    firsts = [b["messages"][0]["content"] for b in state.bodies[before:]]
+    assert len(firsts) == len(set(firsts)) == 1 + 2 * 2
+    result = json.loads(out.read_text())
+    assert result["settings"]["multi_turn"]["turns"] == [2, 2]
+    assert [e["summary"]["turns"]["conversations_completed"] for e in result["results"]] == [2, 2]
 
 
 def test_synthetic_multi_turn_with_a_tokenizer(server, tmp_path: Path) -> None:

@@ -157,9 +157,10 @@ def conditions(result: dict[str, Any]) -> str:
     load = f"{settings.get('num_prompts', '?')} requests per rate"
     multi_turn = settings.get("multi_turn")
     if multi_turn:
+        turns = ", ".join(str(n) for n in multi_turn["turns"])
         load = (
-            f"{settings.get('num_prompts', '?')} conversations ({multi_turn['turns']} turns) "
-            f"per rate, think time {multi_turn['think_time_s']:g} s"
+            f"{settings.get('num_prompts', '?')} conversations ({turns} turns) per rate, "
+            f"think time {multi_turn['think_time_s']:g} s"
         )
     return (
         f"{result.get('url', '?')} model {result.get('model', '?')}, "

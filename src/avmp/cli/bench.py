@@ -659,12 +659,27 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
     return built, source
 
 
-def serve_conversations(args: argparse.Namespace, extra: int = 0) -> tuple[list[Any], str]:
-    """The conversations of one rate (--multi-turn) and ``extra`` more after them, and a
-    name for where they come from."""
+def serve_work(args: argparse.Namespace, num_rates: int) -> tuple[list[list[Any]], list[Any], str]:
+    """What each rate sends (requests, or conversations under --multi-turn), the warm-up
+    requests, and a name for where they come from.
+
+    Every rate sends the same requests, and the warm-up repeats the first. Conversations
+    are each rate's own and the warm-up sends the first turns of others: a server's
+    prefix cache would otherwise hold first turns that a rate measures as unseen.
+    """
+    if not args.multi_turn:
+        work, source = serve_requests(args)
+        return [work] * num_rates, [work[i % len(work)] for i in range(args.warmup)], source
+    num = args.num_prompts or SERVE_DEFAULT_CONVERSATIONS
+    built, source = serve_conversations(args, num * num_rates + args.warmup)
+    per_rate = [built[i * num : (i + 1) * num] for i in range(num_rates)]
+    return per_rate, [c.first_turn() for c in built[num * num_rates :]], source
+
+
+def serve_conversations(args: argparse.Namespace, num: int) -> tuple[list[Any], str]:
+    """``num`` conversations (--multi-turn) and a name for where they come from."""
     from avmp.bench import loadgen
 
-    num = (args.num_prompts or SERVE_DEFAULT_CONVERSATIONS) + extra
     if _is_random(args):
         lengths = random_lengths(args)
         tokenizer = loadgen.load_tokenizer(args.tokenizer)
@@ -721,19 +736,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError("avmp bench serve needs httpx: pip install 'avmp[serve]'") from None
     base_url = loadgen.normalize_url(args.url)
     model = args.model or loadgen.fetch_model(base_url, args.api_key)
-    if args.multi_turn:
-        # warmed up on conversations of their own: a prefix cache would otherwise hold
-        # the first turns that the run measures as uncached
-        work, source = serve_conversations(args, args.warmup)
-        work, warmup = work[: len(work) - args.warmup], work[len(work) - args.warmup :]
-        warmup = [conversation.first_turn() for conversation in warmup]
-    else:
-        work, source = serve_requests(args)
-        warmup = [work[i % len(work)] for i in range(args.warmup)]
+    per_rate, warmup, source = serve_work(args, len(rates))
     configs = [_load_config(args, base_url, model, rate, time_scale) for rate in rates]
     loadgen.warm_up(warmup, configs[0])
-    entries = [_run_rate(work, config, percentiles, goodput, args) for config in configs]
-    result = _serve_result(args, base_url, model, source, work, percentiles, entries)
+    entries = [
+        _run_rate(work, config, percentiles, goodput, args)
+        for work, config in zip(per_rate, configs, strict=True)
+    ]
+    result = _serve_result(args, base_url, model, source, per_rate, percentiles, entries)
     if args.out:
         loadgen.save_result(args.out, result)
     from avmp.bench.serve_report import print_tables
@@ -795,12 +805,13 @@ def _serve_result(
     base_url: str,
     model: str,
     source: str,
-    work: list[Any],
+    per_rate: list[list[Any]],
     percentiles: tuple[float, ...],
     entries: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The saved result: how it was run (command, server, model, date) and each rate;
-    ``num_prompts`` counts requests, or conversations under ``multi_turn``."""
+    ``num_prompts`` counts requests, or conversations under ``multi_turn`` (which gives
+    each rate's turns)."""
     import sys
     from datetime import UTC, datetime
 
@@ -816,10 +827,10 @@ def _serve_result(
         "settings": {
             "endpoint": args.endpoint,
             "dataset": source,
-            "num_prompts": len(work),
+            "num_prompts": len(per_rate[0]),
             "multi_turn": {
-                "turns": sum(c.num_turns for c in work),
-                "max_turns": args.num_turns,
+                "turns": [sum(c.num_turns for c in work) for work in per_rate],
+                "num_turns": args.num_turns,
                 "think_time_s": args.think_time,
             }
             if args.multi_turn
