@@ -335,7 +335,7 @@ def _skipped_note(grid: Any, skipped: list[tuple[str, int, str, str]]) -> str:
 # -- avmp bench serve ------------------------------------------------------------------
 
 SERVE_DEFAULT_PROMPTS = 1000  # vLLM's bench serve default for ShareGPT
-SERVE_DEFAULT_CONVERSATIONS = 100
+SERVE_DEFAULT_CONVERSATIONS = 100  # under --multi-turn: conversations, of several turns each
 
 
 def add_serve_parser(subcommands: Any) -> None:
