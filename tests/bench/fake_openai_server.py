@@ -1,9 +1,11 @@
 """A fake OpenAI-compatible server with known timing, for the load generator's tests.
 
-It streams ``max_tokens`` chunks of one word each: the first after ``first_token_s``,
-the rest ``token_gap_s`` apart, then a usage chunk (when asked for and ``send_usage``)
-and ``data: [DONE]``. It records every request body and the most requests it had in
-flight at once. Runs uvicorn on 127.0.0.1 on a free port in a thread.
+It streams ``max_tokens`` chunks of one word each (`` r<n>w<i>``: request n's i-th
+word, so every answer is its own text): the first after ``first_token_s``, the rest
+``token_gap_s`` apart, then a usage chunk (when asked for and ``send_usage``) and
+``data: [DONE]``. It records every request body, the text it answered to each (by the
+body's index), and the most requests it had in flight at once. Runs uvicorn on
+127.0.0.1 on a free port in a thread.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class FakeBehaviour:
 class FakeState:
     behaviour: FakeBehaviour
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    answers: dict[int, str] = field(default_factory=dict)  # body index -> text streamed
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -51,9 +54,12 @@ def _choice(chat: bool, text: str, finish: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text, "finish_reason": finish}
 
 
-async def _stream(state: FakeState, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+async def _stream(
+    state: FakeState, number: int, body: dict[str, Any], chat: bool
+) -> AsyncIterator[str]:
     behaviour = state.behaviour
     num_tokens = int(body.get("max_tokens", 16))
+    words = [f" r{number}w{i}" for i in range(num_tokens)]
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
@@ -62,7 +68,7 @@ async def _stream(state: FakeState, body: dict[str, Any], chat: bool) -> AsyncIt
             if i:
                 await asyncio.sleep(behaviour.token_gap_s)
             finish = "length" if i == num_tokens - 1 else None
-            yield _event({"id": "x", "choices": [_choice(chat, f" w{i}", finish)]})
+            yield _event({"id": "x", "choices": [_choice(chat, words[i], finish)]})
         wants_usage = (body.get("stream_options") or {}).get("include_usage")
         if wants_usage and behaviour.send_usage:
             prompt = body.get("prompt", "")
@@ -72,6 +78,7 @@ async def _stream(state: FakeState, body: dict[str, Any], chat: bool) -> AsyncIt
                 "total_tokens": 0,
             }
             yield _event({"id": "x", "choices": [], "usage": usage})
+        state.answers[number] = "".join(words)
         yield "data: [DONE]\n\n"
     finally:
         state.in_flight -= 1
@@ -87,11 +94,13 @@ def make_app(state: FakeState) -> FastAPI:
     async def answer(request: Request, chat: bool) -> Any:
         body = await request.json()
         state.bodies.append(body)
+        number = len(state.bodies) - 1
         every = state.behaviour.fail_every
         if every and len(state.bodies) % every == 0:
             error = {"message": "fake failure", "type": "server_error", "code": 500}
             return JSONResponse({"error": error}, status_code=500)
-        return StreamingResponse(_stream(state, body, chat), media_type="text/event-stream")
+        stream = _stream(state, number, body, chat)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

@@ -348,3 +348,210 @@ def test_sse_lines_split_at_the_specs_line_ends_only() -> None:
     for cut in range(1, len(stream)):
         assert asyncio.run(collect([stream[:cut], stream[cut:]])) == expected
     assert asyncio.run(collect([b"a\rb\r", b"\nc"])) == ["a", "b", "c"]
+
+
+# -- vLLM's random dataset --------------------------------------------------------------
+
+
+def test_random_lengths_are_uniform_on_vllms_bounds() -> None:
+    lengths = loadgen.RandomLengths(input_len=100, output_len=10, range_ratio=0.25)
+    assert lengths.input_bounds() == (75, 125) and lengths.output_bounds() == (7, 13)
+    inputs, outputs = lengths.sample(4000, np.random.default_rng(0))
+    assert (min(inputs), max(inputs)) == (75, 125) and (min(outputs), max(outputs)) == (7, 13)
+    assert np.mean(inputs) == pytest.approx(100, abs=1.0)
+    exact = loadgen.RandomLengths(input_len=33, output_len=5)
+    assert exact.sample(3, np.random.default_rng(0)) == ([33, 33, 33], [5, 5, 5])
+    # an output is never shorter than one token; ceil and floor as vLLM rounds
+    assert loadgen.RandomLengths(10, 1, 0.5).output_bounds() == (1, 2)
+    assert loadgen.RandomLengths(7, 3, 0.5).input_bounds() == (3, 11)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"range_ratio": 1.0}, r"range ratio must be in \[0, 1\)"),
+        ({"range_ratio": -0.1}, "range ratio"),
+        ({"output_len": 0}, "output length must be >= 1"),
+        ({"input_len": -1}, "must be >= 0"),
+        ({"input_len": 1, "range_ratio": 0.5}, "the shortest prompt would have no token"),
+    ],
+)
+def test_random_lengths_refuse_what_vllm_refuses(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        loadgen.RandomLengths(**{"input_len": 8, "output_len": 4, **kwargs})
+
+
+def test_random_requests_share_the_prefix_and_have_the_drawn_lengths() -> None:
+    lengths = loadgen.RandomLengths(input_len=20, output_len=6, range_ratio=0.5, prefix_len=7)
+    built = loadgen.random_requests(lengths, 50, seed=3)
+    prefix = built[0].prompt[:7]
+    assert all(r.prompt[:7] == prefix for r in built)
+    assert all(len(r.prompt) == r.prompt_tokens for r in built)
+    assert {r.prompt_tokens - 7 for r in built} <= set(range(10, 31))
+    outputs = {r.max_tokens for r in built}
+    assert outputs <= set(range(3, 10)) and len(outputs) > 3
+    assert built[0].prompt[7:] != built[1].prompt[7:]
+    low, high = loadgen.PROMPT_TOKEN_IDS
+    assert all(low <= t < high for r in built for t in r.prompt)  # type: ignore[union-attr]
+    assert loadgen.random_requests(lengths, 50, seed=3) == built
+    assert loadgen.random_requests(lengths, 50, seed=4) != built
+    # no prefix, no spread: exactly the length asked
+    plain = loadgen.random_requests(loadgen.RandomLengths(12, 3), 4, seed=0)
+    assert [(len(r.prompt), r.max_tokens) for r in plain] == [(12, 3)] * 4
+
+
+def test_random_requests_as_text_under_a_tokenizer(tmp_path: Path) -> None:
+    tokenizer = loadgen.load_tokenizer(str(word_tokenizer(tmp_path / "tok")))
+    lengths = loadgen.RandomLengths(input_len=10, output_len=2, range_ratio=0.3, prefix_len=5)
+    built = loadgen.random_requests(lengths, 6, seed=0, tokenizer=tokenizer)
+    assert all(isinstance(r.prompt, str) for r in built)
+    counts = [len(tokenizer.encode(r.prompt, add_special_tokens=False)) for r in built]
+    assert counts == [r.prompt_tokens for r in built] and all(12 <= n <= 18 for n in counts)
+    assert len({" ".join(r.prompt.split()[:5]) for r in built}) == 1  # type: ignore[union-attr]
+
+
+# -- conversations ----------------------------------------------------------------------
+
+
+def _conversations(num: int, num_turns: int, max_tokens: int = 3) -> list[loadgen.Conversation]:
+    return [
+        loadgen.Conversation(
+            tuple(f"c{c} message {t}" for t in range(num_turns)),
+            (3,) * num_turns,
+            (max_tokens,) * num_turns,
+        )
+        for c in range(num)
+    ]
+
+
+def _bodies_by_conversation(bodies: list[dict]) -> dict[str, list[int]]:
+    """Body indices of each conversation (named by its first message), in arrival order."""
+    by_first: dict[str, list[int]] = {}
+    for i, body in enumerate(bodies):
+        by_first.setdefault(body["messages"][0]["content"], []).append(i)
+    return by_first
+
+
+def test_each_turn_carries_the_servers_own_earlier_answers() -> None:
+    conversations = _conversations(num=3, num_turns=3)
+    behaviour = FakeBehaviour(first_token_s=0.02, token_gap_s=0.005)
+    with fake_server(behaviour) as (url, state):
+        config = LoadConfig(url, MODEL, endpoint="chat", max_concurrency=2, think_time_s=0.05)
+        records, duration = loadgen.run_conversations(conversations, config)
+    assert len(records) == len(state.bodies) == 9 and all(r.success for r in records)
+    assert state.max_in_flight <= 2
+    by_first = _bodies_by_conversation(state.bodies)
+    assert len(by_first) == 3
+    for indices in by_first.values():
+        for turn, i in enumerate(indices):
+            messages = state.bodies[i]["messages"]
+            assert [m["role"] for m in messages] == ["user", "assistant"] * turn + ["user"]
+            name = messages[0]["content"].split()[0]
+            sent = [m["content"] for m in messages if m["role"] == "user"]
+            assert sent == [f"{name} message {t}" for t in range(turn + 1)]
+            answers = [m["content"] for m in messages if m["role"] == "assistant"]
+            assert answers == [state.answers[j] for j in indices[:turn]]  # not placeholders
+    # a turn leaves only after the previous answer ended and the think time passed
+    for c in range(3):
+        sent = sorted((r for r in records if r.conversation == c), key=lambda r: r.turn)
+        assert [(r.turn, r.conversation_turns) for r in sent] == [(0, 3), (1, 3), (2, 3)]
+        for before, after in zip(sent, sent[1:], strict=False):
+            assert after.start_s >= before.start_s + before.latency_s + 0.05 - 1e-3
+    turns = summarize(records, duration)["turns"]
+    assert turns["conversations"] == turns["conversations_completed"] == 3
+    assert [(t["turn"], t["completed"], t["failed"]) for t in turns["by_turn"]] == [
+        (0, 3, 0), (1, 3, 0), (2, 3, 0)
+    ]  # fmt: skip
+    assert turns["ttft_first_turn_ms"]["median"] >= 20
+    assert turns["ttft_later_turns_ms"]["mean"] >= 20
+
+
+def test_conversations_start_at_the_rate_and_single_turn_summaries_have_no_turns() -> None:
+    with fake_server(FakeBehaviour(first_token_s=0.0, token_gap_s=0.0)) as (url, _):
+        config = LoadConfig(url, MODEL, endpoint="chat", request_rate=20.0)
+        records, _ = loadgen.run_conversations(_conversations(6, 2, max_tokens=1), config)
+        single, duration = run_load(_requests(2), LoadConfig(url, MODEL))
+    starts = np.array(sorted(r.start_s for r in records if r.turn == 0))
+    expected = arrival_times(6, 20.0, 1.0, seed=0)
+    assert np.all(starts >= expected - 1e-3) and np.all(starts < expected + 0.15)
+    assert summarize(single, duration)["turns"] is None
+
+
+def test_a_failed_turn_ends_its_conversation_and_is_counted() -> None:
+    behaviour = FakeBehaviour(first_token_s=0.0, token_gap_s=0.0, fail_every=5)
+    with fake_server(behaviour) as (url, state):
+        config = LoadConfig(url, MODEL, endpoint="chat", max_concurrency=1)
+        records, duration = loadgen.run_conversations(_conversations(3, 3), config)
+    # one conversation at a time: the fifth body, the second conversation's second turn,
+    # fails, and that conversation sends no third
+    assert len(records) == len(state.bodies) == 3 + 2 + 3
+    assert [(r.conversation, r.turn) for r in records if not r.success] == [(1, 1)]
+    assert [r.conversation for r in records] == [0, 0, 0, 1, 1, 2, 2, 2]
+    summary = summarize(records, duration)
+    assert summary["failed"] == 1 and summary["errors"][0]["message"] == "HTTP 500: fake failure"
+    assert summary["turns"]["conversations"] == 3
+    assert summary["turns"]["conversations_completed"] == 2
+    assert [t["failed"] for t in summary["turns"]["by_turn"]] == [0, 1, 0]
+
+
+def test_the_run_bound_cuts_conversations_without_crashing() -> None:
+    with fake_server(FakeBehaviour(first_token_s=0.15, token_gap_s=0.0)) as (url, state):
+        config = LoadConfig(url, MODEL, endpoint="chat", max_duration_s=0.4)
+        records, duration = loadgen.run_conversations(_conversations(2, 10, 1), config)
+    assert duration < 1.0 and 2 <= len(records) < 20
+    cut = [r for r in records if not r.success]
+    assert len(cut) == 2 and all("unfinished at the 0.4 s bound" in r.error for r in cut)
+    assert len(state.bodies) == len(records)  # no turn sent after the bound
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"endpoint": "completions"}, "endpoint chat"),
+        ({"time_scale": 1.0}, "a trace's timing does not apply"),
+    ],
+)
+def test_conversations_refuse_what_they_cannot_send(kwargs: dict, message: str) -> None:
+    config = LoadConfig("http://127.0.0.1:1", MODEL, **{"endpoint": "chat", **kwargs})
+    with pytest.raises(ValueError, match=message):
+        loadgen.run_conversations(_conversations(1, 1), config)
+
+
+def test_sharegpt_conversations_are_the_human_turns_within_the_context_bound() -> None:
+    from avmp.bench import sharegpt
+
+    built = loadgen.sharegpt_conversations(8, seed=1, limit=400)
+    texts = sharegpt.read_conversations(400).turns
+    for conversation in built:
+        (index,) = [i for i, t in enumerate(texts) if t and t[0][1] == conversation.messages[0]]
+        humans = [text for speaker, text in texts[index][::2]]
+        assert list(conversation.messages) == humans[: conversation.num_turns]
+        assert [sharegpt.count_tokens(m) for m in conversation.messages] == list(
+            conversation.message_tokens
+        )
+        context = sum(conversation.message_tokens) + sum(conversation.max_tokens)
+        assert context <= loadgen.SHAREGPT_MAX_CONTEXT_TOKENS
+    assert any(c.num_turns > 1 for c in built)
+    assert loadgen.sharegpt_conversations(8, seed=1, limit=400) == built
+    cut = loadgen.sharegpt_conversations(8, seed=1, max_turns=1, output_len=5, limit=400)
+    assert all(c.num_turns == 1 and c.max_tokens == (5,) for c in cut)
+    assert [c.messages[0] for c in cut][:3] == [c.messages[0] for c in built][:3]
+
+
+def test_synthetic_conversations_have_the_lengths_and_open_with_the_prefix(
+    tmp_path: Path,
+) -> None:
+    tokenizer = loadgen.load_tokenizer(str(word_tokenizer(tmp_path / "tok")))
+    lengths = loadgen.RandomLengths(input_len=6, output_len=4, prefix_len=5)
+    built = loadgen.synthetic_conversations(lengths, 3, num_turns=4, seed=0, tokenizer=tokenizer)
+    assert [c.num_turns for c in built] == [4, 4, 4]
+    for conversation in built:
+        counts = [len(tokenizer.encode(m, add_special_tokens=False)) for m in conversation.messages]
+        assert counts == list(conversation.message_tokens) == [11, 6, 6, 6]
+        assert conversation.max_tokens == (4, 4, 4, 4)
+    assert all(c.messages[0].split()[:5] == built[0].messages[0].split()[:5] for c in built)
+    assert built[0].messages[0].split()[5:] != built[1].messages[0].split()[5:]
+    assert built[0].messages[1] != built[1].messages[1]
+    with pytest.raises(ValueError, match="a later turn's message could have no token"):
+        empty_later = loadgen.RandomLengths(0, 4, prefix_len=3)
+        loadgen.synthetic_conversations(empty_later, 1, 2, 0, tokenizer)

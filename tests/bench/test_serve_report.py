@@ -91,3 +91,65 @@ def test_unreadable_result_files(tmp_path: Path, content: str) -> None:
     path.write_bytes(content.encode("utf-8", errors="surrogateescape"))
     with pytest.raises(ValueError, match="bad.json: not"):
         loadgen.load_result(path)
+
+
+def _turn(conversation: int, turn: int, ttft: float, success: bool = True) -> RequestRecord:
+    record = _record(2 * conversation + turn, ttft, 0.01, 4)
+    record.prompt_tokens = 20 + 30 * turn
+    record.conversation, record.turn, record.conversation_turns = conversation, turn, 2
+    if not success:
+        record.success, record.error, record.chunk_s = False, "HTTP 500: x", []
+    return record
+
+
+def _multi_turn_result(tmp_path: Path) -> Path:
+    """Three conversations of two turns, later turns faster; the last one's second failed."""
+    records = [_turn(c, 0, 0.2) for c in range(3)]
+    records += [_turn(0, 1, 0.04), _turn(1, 1, 0.06), _turn(2, 1, 0.05, success=False)]
+    config = LoadConfig("http://127.0.0.1:1", "m", endpoint="chat", max_concurrency=2)
+    entry = loadgen.rate_result(config, records, 2.0, (50, 99), None)
+    result = {
+        "schema": loadgen.RESULT_SCHEMA,
+        "url": "http://127.0.0.1:1",
+        "model": "m",
+        "settings": {"endpoint": "chat", "dataset": "ShareGPT conversations", "num_prompts": 3,
+                     "multi_turn": {"turns": [6], "num_turns": 2, "think_time_s": 0.5}},
+        "results": [entry],
+    }  # fmt: skip
+    path = tmp_path / "mt.json"
+    loadgen.save_result(path, result)
+    return path
+
+
+def test_conversations_add_ttft_by_turn(tmp_path: Path, capsys) -> None:
+    path = _multi_turn_result(tmp_path)
+    result = loadgen.load_result(path)
+    turns = result["results"][0]["summary"]["turns"]
+    assert turns["conversations"] == 3 and turns["conversations_completed"] == 2
+    headers, rows = serve_report.turn_table(result)
+    assert headers == ["load", "turn", "done", "failed", "prompt tok", "TTFT mean ms",
+                       "median ms", "p99 ms"]  # fmt: skip
+    assert [row[:5] for row in rows] == [
+        ["inf cap 2", "1", "3", "0", "20.0"],
+        ["inf cap 2", "2", "2", "1", "50.0"],
+        ["inf cap 2", "2+", "2", "1", ""],
+    ]
+    assert rows[0][6] == "200.00" and rows[1][6] == "50.00" and rows[2][5] == "50.00"
+    assert "3 conversations (6 turns) per rate, think time 0.5 s" in serve_report.conditions(result)
+    png_path, html_path = serve_report.write_latency_report(path)
+    page = html_path.read_text()
+    assert page.count("<table>") == 3 and "TTFT by turn" in page
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(path)]) == 0
+    assert "TTFT by turn" in capsys.readouterr().out
+
+
+def test_single_turn_results_have_no_turn_table(tmp_path: Path) -> None:
+    result = loadgen.load_result(_result(tmp_path))
+    assert not serve_report.is_multi_turn(result)
+    assert serve_report.turn_table(result)[1] == []
+    # a result saved before conversations existed reads the same
+    del result["results"][0]["summary"]["turns"]
+    assert not serve_report.is_multi_turn(result) and "requests per rate" in (
+        serve_report.conditions(result)
+    )

@@ -98,10 +98,13 @@ def test_serve_bench_sharegpt_over_chat(server, capsys, monkeypatch: pytest.Monk
         "--no-progress",
         "--api-key",
         "k",
+        "--sharegpt-output-len",
+        "3",
     ]
     assert main(args) == 0
     body = state.bodies[-1]
     assert isinstance(body["messages"][0]["content"], str) and "ignore_eos" not in body
+    assert body["max_tokens"] == 3  # --sharegpt-output-len, not the dataset answer's length
 
 
 def test_every_request_failing_is_reported_and_exits_1(capsys) -> None:
@@ -157,6 +160,25 @@ def test_every_request_failing_is_reported_and_exits_1(capsys) -> None:
             "every warm-up request failed",
         ),
         (["--url", "{url}/nowhere"], "/nowhere/v1/models: HTTP 404"),
+        (["--random-input-len", "8", "--trace", "{trace}"], "cannot go with --trace"),
+        (["--random-output-len", "8", "--workload", "shift"], "cannot go with --workload"),
+        (["--random-range-ratio", "0.5"], "--random-range-ratio goes with --random-input-len"),
+        (["--random-prefix-len", "4"], "--random-prefix-len goes with --random-input-len"),
+        (["--random-input-len", "8", "--random-range-ratio", "1"], "--random-range-ratio must"),
+        (["--random-output-len", "0"], "--random-output-len must be >= 1, got 0"),
+        (["--random-input-len", "-1"], "--random-input-len must be >= 0"),
+        (["--random-input-len", "0"], "the shortest prompt would have no token"),
+        (["--random-input-len", "8", "--endpoint", "chat"], "--endpoint chat needs text prompts"),
+        (["--sharegpt-output-len", "4", "--workload", "shift"], "--sharegpt-output-len goes"),
+        (["--sharegpt-output-len", "0"], "--sharegpt-output-len must be >= 1"),
+        (["--num-turns", "3"], "--num-turns goes with --multi-turn"),
+        (["--think-time", "1"], "--think-time goes with --multi-turn"),
+        (["--multi-turn", "--think-time", "-1"], "--think-time must be >= 0 seconds"),
+        (["--multi-turn", "--workload", "shift"], "--multi-turn sends ShareGPT's conversations"),
+        (["--multi-turn", "--trace", "{trace}"], "it cannot go with --trace"),
+        (["--multi-turn", "--endpoint", "completions"], "it needs --endpoint chat"),
+        (["--multi-turn", "--random-input-len", "8"], "it needs --num-turns and --tokenizer"),
+        (["--multi-turn", "--request-rate", "trace"], "--request-rate trace needs --trace"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(
@@ -170,6 +192,25 @@ def test_bad_input_is_one_line_exit_2(
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_random_dataset_prompts_reach_the_server(server, tmp_path: Path) -> None:
+    """vLLM's flags: token-id prompts of the shared prefix and a length in the range."""
+    url, state = server
+    out = tmp_path / "r.json"
+    args = ["bench", "serve", "--url", url, "--random-input-len", "20", "--random-output-len",
+            "4", "--random-range-ratio", "0.5", "--random-prefix-len", "6", "--num-prompts",
+            "8", "--warmup", "0", "--out", str(out), "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    prompts = [b["prompt"] for b in state.bodies[before:]]
+    assert len(prompts) == 8 and all(p[:6] == prompts[0][:6] for p in prompts)
+    assert all(10 <= len(p) - 6 <= 30 for p in prompts)
+    assert {b["max_tokens"] for b in state.bodies[before:]} <= {2, 3, 4, 5, 6}
+    result = json.loads(out.read_text())
+    assert result["settings"]["dataset"] == "random (input 20 +-50%, output 4 +-50%, prefix 6)"
+    assert result["settings"]["multi_turn"] is None
+    assert result["results"][0]["summary"]["input_tokens"] == sum(len(p) for p in prompts)
 
 
 def test_trace_as_text_over_chat_with_a_tokenizer(server, tmp_path: Path, capsys) -> None:
@@ -274,10 +315,107 @@ def test_a_jsonl_conversation_sends_its_history_as_the_same_ids(server, tmp_path
     assert turn[:30] == first and other[:20] == first[:20] and other[20:] != first[20:25]
 
 
+def _by_conversation(bodies: list[dict]) -> dict[str, list[dict]]:
+    """The bodies of each conversation (named by its first message), in arrival order."""
+    by_first: dict[str, list[dict]] = {}
+    for body in bodies:
+        by_first.setdefault(body["messages"][0]["content"], []).append(body)
+    return by_first
+
+
+def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
+    server, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, state = server
+    monkeypatch.setattr(
+        loadgen,
+        "sharegpt_conversations",
+        functools.partial(loadgen.sharegpt_conversations, limit=400),
+    )
+    out = tmp_path / "mt.json"
+    args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "4", "--num-turns",
+            "3", "--sharegpt-output-len", "5", "--max-concurrency", "2", "--think-time", "0.01",
+            "--warmup", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "TTFT by turn" in printed and "conversations" in printed
+    bodies = state.bodies[before:]
+    warmup, measured = bodies[0], bodies[1:]
+    result = json.loads(out.read_text())
+    (entry,) = result["results"]
+    turns = entry["summary"]["turns"]
+    assert turns["conversations"] == turns["conversations_completed"] == 4
+    assert (
+        [entry["summary"]["completed"]]
+        == [len(measured)]
+        == result["settings"]["multi_turn"]["turns"]
+    )
+    first = [r for r in entry["requests"] if r["conversation"] == 0]
+    assert [r["turn"] for r in first] == list(range(first[0]["conversation_turns"]))
+    conversations = _by_conversation(measured)
+    assert len(conversations) == 4 and warmup["messages"][0]["content"] not in conversations
+    assert any(len(sent) > 1 for sent in conversations.values())
+    for sent in conversations.values():
+        assert len(sent) <= 3 and all(b["max_tokens"] == 5 for b in sent)
+        for before_turn, body in zip(sent, sent[1:], strict=False):
+            # the previous turn's messages, the server's own answer to it word for word,
+            # and the next message
+            answer = state.answers[state.bodies.index(before_turn)]
+            assert body["messages"][:-2] == before_turn["messages"]
+            assert body["messages"][-2] == {"role": "assistant", "content": answer}
+            assert body["messages"][-1]["role"] == "user"
+    assert main(["report", str(out)]) == 0
+    assert "2+" in capsys.readouterr().out
+
+
+def test_each_rate_sends_conversations_of_its_own(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix cache cannot hold a rate's first turns from an earlier rate or the warm-up."""
+    url, state = server
+    monkeypatch.setattr(
+        loadgen,
+        "sharegpt_conversations",
+        functools.partial(loadgen.sharegpt_conversations, limit=400),
+    )
+    out = tmp_path / "mt.json"
+    args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "2", "--num-turns",
+            "1", "--sharegpt-output-len", "2", "--request-rate", "50,inf", "--warmup", "1",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    firsts = [b["messages"][0]["content"] for b in state.bodies[before:]]
+    assert len(firsts) == len(set(firsts)) == 1 + 2 * 2
+    result = json.loads(out.read_text())
+    assert result["settings"]["multi_turn"]["turns"] == [2, 2]
+    assert [e["summary"]["turns"]["conversations_completed"] for e in result["results"]] == [2, 2]
+
+
+def test_synthetic_multi_turn_with_a_tokenizer(server, tmp_path: Path) -> None:
+    from test_loadgen import word_tokenizer
+
+    url, state = server
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    args = ["bench", "serve", "--url", url, "--multi-turn", "--random-input-len", "6",
+            "--random-output-len", "3", "--random-prefix-len", "4", "--num-turns", "3",
+            "--tokenizer", str(tokenizer), "--num-prompts", "2", "--warmup", "0",
+            "--no-progress"]  # fmt: skip
+    before = len(state.bodies)
+    assert main(args) == 0
+    conversations = _by_conversation(state.bodies[before:])
+    assert sorted(len(sent) for sent in conversations.values()) == [3, 3]
+    for sent in conversations.values():
+        users = [m["content"] for m in sent[-1]["messages"] if m["role"] == "user"]
+        assert [len(u.split()) for u in users] == [10, 6, 6]
+    first = [sent[0]["messages"][0]["content"].split()[:4] for sent in conversations.values()]
+    assert first[0] == first[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tokenizer", "x"], "--tokenizer goes with --trace or --workload"),
+        (["--tokenizer", "x"], "--tokenizer goes with --trace, --workload or --random-input-len"),
         (["--workload", "shift", "--tokenizer", "/no/such/dir"], "/no/such/dir"),
     ],
 )
@@ -320,3 +458,63 @@ def test_against_avmp_serve_with_a_tiny_model(tmp_path: Path, capsys) -> None:
     assert summary["completed"] == 12 and summary["failed"] == 0
     assert summary["output_tokens"] == 96 and summary["usage_reported"]
     assert summary["input_tokens"] == sum(16 + i for i in range(12))
+
+
+@pytest.mark.slow
+def test_multi_turn_against_avmp_serve_and_its_prefix_cache(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ShareGPT conversations through the real server's chat endpoint (the demo
+    tokenizer's mistral-common encoding): every turn is answered, the server counts each
+    later prompt longer than the one before and its answer together, and its prefix cache
+    serves part of them (the histories it received open with what it had computed)."""
+    import subprocess
+
+    import httpx
+
+    pytest.importorskip("avmp.engine.loop")
+    from benchmarks.serve import stop, wait_healthy
+
+    monkeypatch.setattr(
+        loadgen,
+        "sharegpt_conversations",
+        functools.partial(loadgen.sharegpt_conversations, limit=400),
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
+               "serve", "granite-4.0-h-micro", "--random-weights", "--scale", "tiny",
+               "--memory", "256MiB", "--prefix-cache", "avmp", "--port", str(port),
+               "--log-level", "warning"]  # fmt: skip
+    out = tmp_path / "mt.json"
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as server:
+        try:
+            wait_healthy(url, server, timeout_s=120)
+            args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "3",
+                    "--num-turns", "3", "--sharegpt-output-len", "6", "--max-concurrency", "2",
+                    "--request-timeout", "60", "--max-duration", "120", "--out", str(out),
+                    "--no-progress"]  # fmt: skip
+            assert main(args) == 0
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            assert stop(server) == 0
+    (entry,) = json.loads(out.read_text())["results"]
+    summary = entry["summary"]
+    assert summary["failed"] == 0 and summary["usage_reported"]
+    assert summary["turns"]["conversations_completed"] == 3
+    assert summary["completed"] == sum(t["completed"] for t in summary["turns"]["by_turn"])
+    records = entry["requests"]
+    assert any(r["turn"] for r in records)
+    for conversation in range(3):
+        sent = sorted((r for r in records if r["conversation"] == conversation),
+                      key=lambda r: r["turn"])  # fmt: skip
+        assert [r["turn"] for r in sent] == list(range(sent[0]["conversation_turns"]))
+        assert all(r["output_tokens"] == 6 for r in sent)
+        for before, after in zip(sent, sent[1:], strict=False):
+            # the previous prompt, then (mistral-common's v1 format) the answer, </s>,
+            # [INST], the next message and [/INST]
+            assert after["prompt_tokens"] > before["prompt_tokens"] + 3
+    hits = [
+        line for line in metrics.splitlines() if line.startswith("avmp_prefix_cache_hit_tokens")
+    ]
+    assert hits and float(hits[0].split()[-1]) > 0

@@ -22,8 +22,13 @@ low ids where tokenizers keep their special tokens), or, given the server's toke
 as text of that many tokens under it (`text_prompt`). Where a trace names what its
 prompts are made of (`avmp.sched.request.RequestSpec.segments`), the token-id prompts
 share what it shares (`content_prompts`); text prompts do not, as decoding and encoding
-again can shift tokens across a segment's edge. ``ignore_eos`` (a vLLM and SGLang
-extension) is sent by default so that every output is as long as the trace says.
+again can shift tokens across a segment's edge. vLLM's ``random`` dataset
+(`RandomLengths`) is sent the same way. ``ignore_eos`` (a vLLM and SGLang extension) is
+sent by default so that every output is as long as the trace says.
+
+Conversations (`run_conversations`): closed-loop, each turn sent over the chat endpoint
+with the whole history, the server's own earlier answers included, once the previous
+answer has ended; the summary splits TTFT by turn, where a prefix cache shows.
 """
 
 from __future__ import annotations
@@ -70,13 +75,15 @@ class BenchRequest:
     ``prompt_tokens`` is the prompt's length as built (exact for token ids, counted with
     the dataset's tokenizer for text); the server's own count replaces it when reported.
     ``arrival_s``: when a trace says the request arrives, in seconds from its first
-    (None: the request comes from no trace).
+    (None: the request comes from no trace). ``history``: the (role, content) chat
+    messages sent before ``prompt``, a conversation's earlier turns (chat only).
     """
 
     prompt: str | list[int]
     prompt_tokens: int
     max_tokens: int
     arrival_s: float | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ class LoadConfig:
             is cancelled and counted failed.
         seed: seeds the arrival schedule.
         api_key: sent as ``Authorization: Bearer``.
+        think_time_s: in a conversation (`run_conversations`), the wait between an
+            answer's end and the next turn.
     """
 
     base_url: str
@@ -114,6 +123,7 @@ class LoadConfig:
     max_duration_s: float | None = None
     seed: int = 0
     api_key: str | None = None
+    think_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base_url", normalize_url(self.base_url))
@@ -133,6 +143,8 @@ class LoadConfig:
             raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
         if self.max_duration_s is not None and not 0 < self.max_duration_s < math.inf:
             raise ValueError(f"max duration must be positive, got {self.max_duration_s}")
+        if not 0 <= self.think_time_s < math.inf:
+            raise ValueError(f"think time must be >= 0 seconds, got {self.think_time_s}")
 
 
 def normalize_url(url: str) -> str:
@@ -171,10 +183,15 @@ def text_prompt(num_tokens: int, rng: np.random.Generator, tokenizer: Any) -> tu
     tokenizer), and its exact length: random ids decoded, re-encoded, cut to
     ``num_tokens`` and decoded again (as vLLM's random dataset does), since decoding
     and encoding again need not give the same ids back."""
-    ids = token_prompt(num_tokens, rng, len(tokenizer))
+    return text_of_ids(token_prompt(num_tokens, rng, len(tokenizer)), tokenizer)
+
+
+def text_of_ids(ids: list[int], tokenizer: Any) -> tuple[str, int]:
+    """``ids`` as text under ``tokenizer`` and its exact length: decoded, re-encoded, cut
+    to ``len(ids)`` and decoded again (`text_prompt`)."""
     text = tokenizer.decode(ids)
-    ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
-    text = tokenizer.decode(ids)
+    cut = tokenizer.encode(text, add_special_tokens=False)[: len(ids)]
+    text = tokenizer.decode(cut)
     return text, len(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -271,9 +288,92 @@ def preset_requests(
     return length_requests(prompts, outputs, seed, tokenizer)
 
 
-def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> list[BenchRequest]:
+DEFAULT_RANDOM_INPUT_LEN = 1024  # vLLM's --random-input-len
+DEFAULT_RANDOM_OUTPUT_LEN = 128  # vLLM's --random-output-len
+
+
+@dataclass(frozen=True)
+class RandomLengths:
+    """The lengths of vLLM's ``random`` dataset, as its ``RandomDataset`` draws them
+    (``get_sampling_params`` in vllm/benchmarks/datasets.py): each prompt a prefix of
+    ``prefix_len`` tokens that every prompt shares, then a length uniform on the integers
+    of [floor(input_len * (1 - r)), ceil(input_len * (1 + r))]; each output uniform on
+    the same range around ``output_len``, at least 1 (r = ``range_ratio``).
+
+    vLLM counts ``input_len`` less the special tokens its tokenizer adds; we do not, as
+    token-id prompts get none (text under a tokenizer is as `text_prompt` makes it).
+    """
+
+    input_len: int = DEFAULT_RANDOM_INPUT_LEN
+    output_len: int = DEFAULT_RANDOM_OUTPUT_LEN
+    range_ratio: float = 0.0
+    prefix_len: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.range_ratio < 1:
+            raise ValueError(f"the range ratio must be in [0, 1), got {self.range_ratio}")
+        if self.input_len < 0 or self.prefix_len < 0:
+            raise ValueError("input and prefix lengths must be >= 0 tokens")
+        if self.output_len < 1:
+            raise ValueError(f"the output length must be >= 1 token, got {self.output_len}")
+        if self.prefix_len + self.input_bounds()[0] < 1:
+            raise ValueError(
+                "the shortest prompt would have no token: the prefix length plus "
+                "floor(input length x (1 - range ratio)) must be >= 1"
+            )
+
+    def input_bounds(self) -> tuple[int, int]:
+        """The least and most tokens after the prefix, both included."""
+        low = math.floor(self.input_len * (1 - self.range_ratio))
+        return low, math.ceil(self.input_len * (1 + self.range_ratio))
+
+    def output_bounds(self) -> tuple[int, int]:
+        low = max(1, math.floor(self.output_len * (1 - self.range_ratio)))
+        return low, max(1, math.ceil(self.output_len * (1 + self.range_ratio)))
+
+    def sample(self, num: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """``num`` lengths after the prefix, and ``num`` output lengths."""
+        (in_low, in_high), (out_low, out_high) = self.input_bounds(), self.output_bounds()
+        inputs = rng.integers(in_low, in_high + 1, size=num)
+        outputs = rng.integers(out_low, out_high + 1, size=num)
+        return [int(n) for n in inputs], [int(n) for n in outputs]
+
+    def describe(self) -> str:
+        """``input 128 +-50%, output 64 +-50%, prefix 16`` (what a result names)."""
+        spread = f" +-{self.range_ratio:.0%}" if self.range_ratio else ""
+        prefix = f", prefix {self.prefix_len}" if self.prefix_len else ""
+        return f"input {self.input_len}{spread}, output {self.output_len}{spread}{prefix}"
+
+
+def random_requests(
+    lengths: RandomLengths, num_prompts: int, seed: int, tokenizer: Any | None = None
+) -> list[BenchRequest]:
+    """vLLM's ``random`` dataset (`RandomLengths`): token-id prompts of exactly the drawn
+    length (the shared prefix, then ids drawn as `token_prompt` draws them), or, under
+    ``tokenizer``, the same ids as text (`text_of_ids`: the prefix's text is shared as far
+    as decoding and encoding again leave it)."""
+    rng = np.random.default_rng(seed)
+    vocab_size = len(tokenizer) if tokenizer is not None else None
+    prefix = token_prompt(lengths.prefix_len, rng, vocab_size)
+    inputs, outputs = lengths.sample(num_prompts, rng)
+    built = []
+    for num_tokens, max_tokens in zip(inputs, outputs, strict=True):
+        ids = prefix + token_prompt(num_tokens, rng, vocab_size)
+        if tokenizer is None:
+            built.append(BenchRequest(ids, len(ids), max_tokens))
+        else:
+            text, length = text_of_ids(ids, tokenizer)
+            built.append(BenchRequest(text, length, max_tokens))
+    return built
+
+
+def sharegpt_requests(
+    num_prompts: int, seed: int, limit: int | None = None, output_len: int | None = None
+) -> list[BenchRequest]:
     """ShareGPT under vLLM's rules: prompt = turn 0 as text, ``max_tokens`` = the tokens
-    of turn 1, the same conversations `sharegpt.sample_lengths` picks for this seed.
+    of turn 1 (or ``output_len``), the same conversations `sharegpt.sample_lengths` picks
+    for this seed. vLLM's ``--sharegpt-output-len`` also filters by the length it asks
+    for; ``output_len`` changes what is asked, not which conversations are sent.
 
     Args:
         limit: read only the first ``limit`` conversations of the dataset (tests).
@@ -294,9 +394,115 @@ def sharegpt_requests(num_prompts: int, seed: int, limit: int | None = None) -> 
         if len(chosen) == len(wanted):
             break
         if cache.num_turns[i] >= 2 and tuple(cache.tokens.get(i, ())) == wanted[len(chosen)]:
-            prompt_len, output_len = wanted[len(chosen)]
-            chosen.append(BenchRequest(turns[i][0][1], prompt_len, output_len))
+            prompt_len, answer_len = wanted[len(chosen)]
+            chosen.append(BenchRequest(turns[i][0][1], prompt_len, output_len or answer_len))
     return chosen
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One conversation to send turn by turn (`run_conversations`): its user messages in
+    order, each message's tokens as built (counted with the dataset's tokenizer), and the
+    tokens asked for each answer. The answers it is sent with are the server's own."""
+
+    messages: tuple[str, ...]
+    message_tokens: tuple[int, ...]
+    max_tokens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise ValueError("a conversation needs at least one message")
+        if not len(self.messages) == len(self.message_tokens) == len(self.max_tokens):
+            raise ValueError("a conversation needs a token count and a max_tokens per message")
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.messages)
+
+    def first_turn(self) -> BenchRequest:
+        """The first message alone, as a single-turn request (warm-up)."""
+        return BenchRequest(self.messages[0], self.message_tokens[0], self.max_tokens[0])
+
+
+SHAREGPT_MAX_CONTEXT_TOKENS = 2048
+"""The most tokens of a replayed ShareGPT conversation: vLLM's bound on one request's
+prompt + output, applied to each turn's whole context (messages and answers)."""
+
+
+def sharegpt_conversations(
+    num_conversations: int,
+    seed: int,
+    max_turns: int | None = None,
+    output_len: int | None = None,
+    limit: int | None = None,
+) -> list[Conversation]:
+    """ShareGPT conversations shuffled with the seed, each its leading (human, gpt) pairs
+    (`avmp.bench.sharegpt.pick_conversations`): the human turns as text, ``max_tokens``
+    the tokens of the dataset's answer (or ``output_len``), cut after ``max_turns`` turns
+    and before the first turn whose context passes `SHAREGPT_MAX_CONTEXT_TOKENS`; a
+    conversation whose first turn passes it is skipped.
+
+    Raises:
+        ValueError: fewer than ``num_conversations`` conversations qualify.
+    """
+    from avmp.bench import sharegpt
+
+    def turns_kept(pairs: list[tuple[int, int]]) -> int:
+        context, kept = 0, 0
+        for message, answer in pairs[:max_turns]:
+            context += message + (output_len or answer)
+            if context > SHAREGPT_MAX_CONTEXT_TOKENS:
+                break
+            kept += 1
+        return kept
+
+    rng = np.random.default_rng(seed)
+    cache = sharegpt.load_length_cache(limit)
+    chosen = sharegpt.pick_conversations(
+        cache, num_conversations, rng, limit, accept=lambda pairs: turns_kept(pairs) > 0
+    )
+    texts = sharegpt.read_conversations(limit).turns
+    built = []
+    for i in chosen:
+        every = sharegpt.pair_tokens(cache, i)
+        pairs = every[: turns_kept(every)]
+        built.append(
+            Conversation(
+                messages=tuple(texts[i][2 * k][1] for k in range(len(pairs))),
+                message_tokens=tuple(m for m, _ in pairs),
+                max_tokens=tuple(output_len or a for _, a in pairs),
+            )
+        )
+    return built
+
+
+def synthetic_conversations(
+    lengths: RandomLengths, num_conversations: int, num_turns: int, seed: int, tokenizer: Any
+) -> list[Conversation]:
+    """Conversations of ``num_turns`` turns whose messages and answers have
+    `RandomLengths`' lengths, each message text under ``tokenizer`` (`text_of_ids`); the
+    shared prefix opens every conversation's first message."""
+    if num_turns < 1:
+        raise ValueError(f"a conversation needs at least one turn, got {num_turns}")
+    if num_turns > 1 and lengths.input_bounds()[0] < 1:
+        raise ValueError(
+            "a later turn's message could have no token: floor(input length x "
+            "(1 - range ratio)) must be >= 1"
+        )
+    rng = np.random.default_rng(seed)
+    prefix = token_prompt(lengths.prefix_len, rng, len(tokenizer))
+    built = []
+    for _ in range(num_conversations):
+        inputs, outputs = lengths.sample(num_turns, rng)
+        texts = [
+            text_of_ids((prefix if turn == 0 else []) + token_prompt(n, rng, len(tokenizer)),
+                        tokenizer)
+            for turn, n in enumerate(inputs)
+        ]  # fmt: skip
+        built.append(
+            Conversation(tuple(t for t, _ in texts), tuple(n for _, n in texts), tuple(outputs))
+        )
+    return built
 
 
 # -- arrivals -----------------------------------------------------------------------
@@ -338,7 +544,9 @@ class RequestRecord:
 
     ``chunk_s`` holds the arrival of every text chunk after the request was sent (so
     TTFT is its first entry and ITL its gaps); ``usage_reported`` says whether the token
-    counts are the server's or counted from chunks.
+    counts are the server's or counted from chunks. A turn of a conversation
+    (`run_conversations`) names its ``conversation``, its ``turn`` (0: the first) and
+    the ``conversation_turns`` that conversation has; other requests leave them None.
     """
 
     index: int
@@ -351,6 +559,9 @@ class RequestRecord:
     chunk_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     usage_reported: bool = False
+    conversation: int | None = None
+    turn: int | None = None
+    conversation_turns: int | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -379,7 +590,8 @@ def request_payload(request: BenchRequest, config: LoadConfig) -> dict[str, Any]
         "stream_options": {"include_usage": True},
     }
     if config.endpoint == "chat":
-        payload["messages"] = [{"role": "user", "content": request.prompt}]
+        history = [{"role": role, "content": content} for role, content in request.history]
+        payload["messages"] = [*history, {"role": "user", "content": request.prompt}]
     else:
         payload["prompt"] = request.prompt
     if config.ignore_eos:
@@ -396,8 +608,12 @@ def _chunk_text(choice: dict[str, Any]) -> str:
     ``content`` or a reasoning model's ``reasoning_content``)."""
     if "text" in choice:
         return choice.get("text") or ""
-    delta = choice.get("delta") or {}
+    delta = _delta(choice)
     return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+
+
+def _delta(choice: dict[str, Any]) -> dict[str, Any]:
+    return choice.get("delta") or {}
 
 
 def _error_text(status: int, body: bytes) -> str:
@@ -410,9 +626,14 @@ def _error_text(status: int, body: bytes) -> str:
 
 
 async def send_request(
-    client: Any, request: BenchRequest, record: RequestRecord, config: LoadConfig
+    client: Any,
+    request: BenchRequest,
+    record: RequestRecord,
+    config: LoadConfig,
+    answer: list[str] | None = None,
 ) -> None:
-    """Send one streamed request and fill ``record`` as its chunks arrive."""
+    """Send one streamed request and fill ``record`` as its chunks arrive (and
+    ``answer``, when given, with the text of each)."""
     import httpx
 
     started = time.perf_counter()
@@ -428,7 +649,7 @@ async def send_request(
                 if response.status_code != 200:
                     record.error = _error_text(response.status_code, await response.aread())
                     return
-                await _read_stream(response, record, started)
+                await _read_stream(response, record, started, answer)
     except (TimeoutError, httpx.TimeoutException):
         record.error = f"timed out after {config.request_timeout_s:g} s"
     except ValueError as error:  # an event that is not JSON
@@ -454,9 +675,12 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         yield pending.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
-async def _read_stream(response: Any, record: RequestRecord, started: float) -> None:
-    """Read SSE lines up to ``data: [DONE]``: note each text chunk's time, take the
-    usage when the server sends it, stop at an error event."""
+async def _read_stream(
+    response: Any, record: RequestRecord, started: float, answer: list[str] | None
+) -> None:
+    """Read SSE lines up to ``data: [DONE]``: note each text chunk's time (and keep its
+    text in ``answer``), take the usage when the server sends it, stop at an error
+    event."""
     chunks = 0
     async for line in sse_lines(response.aiter_bytes()):
         if not line.startswith("data:"):
@@ -470,9 +694,12 @@ async def _read_stream(response: Any, record: RequestRecord, started: float) -> 
             return
         now = time.perf_counter() - started
         choices = event.get("choices") or []
-        if choices and _chunk_text(choices[0]):
+        text = _chunk_text(choices[0]) if choices else ""
+        if text:
             record.chunk_s.append(now)
             chunks += 1
+            if answer is not None:  # what a chat client sends back: no reasoning
+                answer.append(choices[0].get("text") or _delta(choices[0]).get("content") or "")
         if event.get("usage"):
             record.output_tokens = int(event["usage"].get("completion_tokens", 0))
             record.prompt_tokens = int(event["usage"].get("prompt_tokens", record.prompt_tokens))
@@ -582,6 +809,100 @@ def warm_up(requests: Sequence[BenchRequest], config: LoadConfig) -> None:
         raise BenchError(f"every warm-up request failed; the first: {records[0].error}")
 
 
+def run_conversations(
+    conversations: Sequence[Conversation],
+    config: LoadConfig,
+    on_done: Callable[[], None] = lambda: None,
+) -> tuple[list[RequestRecord], float]:
+    """Load the server with closed-loop conversations: each starts on the arrival
+    schedule of ``config.request_rate`` (all at once at inf), holds one of
+    ``config.max_concurrency`` slots until its last turn ends, and sends its turns one
+    after another (`_send_turns`), each after the previous answer has ended and
+    ``config.think_time_s`` more. ``on_done`` is called as each turn ends. Returns one
+    record per turn sent, in the order sent, and the duration (first send to last
+    answer, or to the ``max_duration_s`` bound, where the turn in flight is counted
+    failed and later turns are not sent).
+
+    Raises:
+        ValueError: no conversations, a trace's timing, or the completions endpoint
+            (the history is sent as chat messages).
+    """
+    if not conversations:
+        raise ValueError("no conversations to send")
+    if config.time_scale is not None:
+        raise ValueError("conversations start at a rate: a trace's timing does not apply")
+    if config.endpoint != "chat":
+        raise ValueError("a conversation's history is sent as chat messages: endpoint chat")
+    return asyncio.run(_run_conversations_async(conversations, config, on_done))
+
+
+async def _run_conversations_async(
+    conversations: Sequence[Conversation], config: LoadConfig, on_done: Callable[[], None]
+) -> tuple[list[RequestRecord], float]:
+    times = arrival_times(len(conversations), config.request_rate, config.burstiness, config.seed)
+    records: list[RequestRecord] = []
+    limit = asyncio.Semaphore(config.max_concurrency or len(conversations))
+    async with _client(config) as client:
+        start = time.perf_counter()
+
+        async def converse(index: int) -> None:
+            await asyncio.sleep(max(0.0, start + float(times[index]) - time.perf_counter()))
+            async with limit:
+                await _send_turns(client, index, conversations[index], config, start, records,
+                                  on_done)  # fmt: skip
+
+        tasks = [asyncio.create_task(converse(i)) for i in range(len(conversations))]
+        _, pending = await asyncio.wait(tasks, timeout=config.max_duration_s)
+        duration = time.perf_counter() - start
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for record in records:
+        if not record.success and record.error is None:
+            record.error = f"unfinished at the {config.max_duration_s:g} s bound of the run"
+    return records, duration
+
+
+async def _send_turns(
+    client: Any,
+    index: int,
+    conversation: Conversation,
+    config: LoadConfig,
+    start: float,
+    records: list[RequestRecord],
+    on_done: Callable[[], None],
+) -> None:
+    """Send one conversation's turns in order, each with the whole history before it:
+    every earlier message and the server's answer to it. A turn's record joins
+    ``records`` as it is sent (so a run cut at its bound counts it); the first turn that
+    fails ends the conversation, as there is no answer to go on with."""
+    history: tuple[tuple[str, str], ...] = ()
+    context_tokens = 0  # the history's tokens: the server's count of the last prompt, if given
+    for turn in range(conversation.num_turns):
+        if turn and config.think_time_s:
+            await asyncio.sleep(config.think_time_s)
+        message = conversation.messages[turn]
+        request = BenchRequest(
+            message,
+            context_tokens + conversation.message_tokens[turn],
+            conversation.max_tokens[turn],
+            history=history,
+        )
+        record = RequestRecord(
+            len(records), request.prompt_tokens, request.max_tokens, conversation=index,
+            turn=turn, conversation_turns=conversation.num_turns,
+        )  # fmt: skip
+        records.append(record)
+        record.start_s = time.perf_counter() - start
+        answer: list[str] = []
+        await send_request(client, request, record, config, answer)
+        on_done()
+        if not record.success:
+            return
+        history = (*history, ("user", message), ("assistant", "".join(answer)))
+        context_tokens = record.prompt_tokens + record.output_tokens
+
+
 # -- metrics ---------------------------------------------------------------------------
 
 
@@ -677,7 +998,41 @@ def summarize(
     }
     for metric in METRICS:
         summary[f"{metric}_ms"] = distribution(metric_values_ms(records, metric), percentiles)
+    is_conversation = any(r.turn is not None for r in records)
+    summary["turns"] = turn_summary(records, percentiles) if is_conversation else None
     return summary
+
+
+def turn_summary(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict[str, Any]:
+    """What conversations add to a summary: how many started and how many had every
+    turn answered; the TTFT of first turns and of later ones, whose prompts open with a
+    history the server has seen (its prefix cache shows in the difference); and per turn
+    index (0: the first) its counts, mean prompt tokens and TTFT, in ms."""
+    turns = [r for r in records if r.turn is not None]
+    answered: Counter[int | None] = Counter(r.conversation for r in turns if r.success)
+    started = {r.conversation: r.conversation_turns for r in turns}
+    by_turn = []
+    for turn in sorted({r.turn for r in turns if r.turn is not None}):
+        these = [r for r in turns if r.turn == turn]
+        ok = [r for r in these if r.success]
+        by_turn.append({
+            "turn": turn,
+            "completed": len(ok),
+            "failed": len(these) - len(ok),
+            "prompt_tokens_mean": float(np.mean([r.prompt_tokens for r in ok])) if ok else math.nan,
+            "ttft_ms": distribution(metric_values_ms(these, "ttft"), percentiles),
+        })  # fmt: skip
+    return {
+        "conversations": len(started),
+        "conversations_completed": sum(answered[c] == n for c, n in started.items()),
+        "ttft_first_turn_ms": distribution(
+            metric_values_ms([r for r in turns if r.turn == 0], "ttft"), percentiles
+        ),
+        "ttft_later_turns_ms": distribution(
+            metric_values_ms([r for r in turns if r.turn], "ttft"), percentiles
+        ),
+        "by_turn": by_turn,
+    }
 
 
 # -- results ---------------------------------------------------------------------------

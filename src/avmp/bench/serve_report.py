@@ -2,8 +2,10 @@
 
 Two tables per result: throughput per rate (counts, request and token throughputs,
 goodput) and the latency distributions per rate (mean, median and the run's
-percentiles of TTFT, TPOT, ITL and E2E in ms). The plot draws each distribution as a
-CDF, one line per rate, from the raw request records kept in the JSON.
+percentiles of TTFT, TPOT, ITL and E2E in ms); a run of conversations (``--multi-turn``)
+adds TTFT by turn index, where a server's prefix cache shows. The plot draws each
+distribution as a CDF, one line per rate, from the raw request records kept in the
+JSON, and for conversations the median TTFT of each turn.
 """
 
 from __future__ import annotations
@@ -86,6 +88,33 @@ def latency_table(result: dict[str, Any]) -> Table:
     return headers, rows
 
 
+def is_multi_turn(result: dict[str, Any]) -> bool:
+    return any(entry["summary"].get("turns") for entry in result["results"])
+
+
+def turn_table(result: dict[str, Any]) -> Table:
+    """One row per rate and turn (1: the first), then one of every later turn together:
+    requests answered and failed, mean prompt tokens (the history grows) and TTFT."""
+    entries = [e for e in result["results"] if e["summary"].get("turns")]
+    keys = list(entries[0]["summary"]["ttft_ms"]) if entries else ["mean", "median"]
+    keys = keys[:2] + [k for k in keys[2:] if k != "p50"][-1:]  # mean, median, the highest
+    headers = ["load", "turn", "done", "failed", "prompt tok", "TTFT mean ms",
+               *[f"{k} ms" for k in keys[1:]]]  # fmt: skip
+    rows = []
+    for entry in entries:
+        turns = entry["summary"]["turns"]
+        for row in turns["by_turn"]:
+            counts = [str(row["completed"]), str(row["failed"]), _number(row["prompt_tokens_mean"])]
+            stats = [_number(row["ttft_ms"].get(k), 2) for k in keys]
+            rows.append([_load_label(entry), str(row["turn"] + 1), *counts, *stats])
+        later = [row for row in turns["by_turn"] if row["turn"]]
+        if later:
+            done, failed = (sum(row[k] for row in later) for k in ("completed", "failed"))
+            stats = [_number(turns["ttft_later_turns_ms"].get(k), 2) for k in keys]
+            rows.append([_load_label(entry), "2+", str(done), str(failed), "", *stats])
+    return headers, rows
+
+
 def markdown_table(table: Table) -> str:
     headers, rows = table
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -100,10 +129,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
     console = Console()
     console.print(conditions(result))
-    for title, (headers, rows) in (
-        ("throughput", throughput_table(result)),
-        ("latency", latency_table(result)),
-    ):
+    for title, (headers, rows) in _tables(result):
         table = RichTable(title=title)
         for i, header in enumerate(headers):
             table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i == 0)
@@ -117,13 +143,29 @@ def print_tables(result: dict[str, Any]) -> None:
             )
 
 
+def _tables(result: dict[str, Any]) -> list[tuple[str, Table]]:
+    """The tables of a result with their titles, TTFT by turn for conversations."""
+    tables = [("throughput", throughput_table(result)), ("latency", latency_table(result))]
+    if is_multi_turn(result):
+        tables.append(("TTFT by turn", turn_table(result)))
+    return tables
+
+
 def conditions(result: dict[str, Any]) -> str:
-    """Server, model, endpoint, requests and date in one line."""
+    """Server, model, endpoint, requests (or conversations) and date in one line."""
     settings = result.get("settings", {})
+    load = f"{settings.get('num_prompts', '?')} requests per rate"
+    multi_turn = settings.get("multi_turn")
+    if multi_turn:
+        turns = ", ".join(str(n) for n in multi_turn["turns"])
+        load = (
+            f"{settings.get('num_prompts', '?')} conversations ({turns} turns) per rate, "
+            f"think time {multi_turn['think_time_s']:g} s"
+        )
     return (
         f"{result.get('url', '?')} model {result.get('model', '?')}, "
         f"{settings.get('endpoint', '?')} endpoint, {settings.get('dataset', '?')}, "
-        f"{settings.get('num_prompts', '?')} requests per rate, {result.get('date', '?')}"
+        f"{load}, {result.get('date', '?')}"
     )
 
 
@@ -135,8 +177,9 @@ def latency_png(result: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], METRICS, strict=True):
+    num_panels = len(METRICS) + is_multi_turn(result)
+    fig, axes = plt.subplots(1, num_panels, figsize=(4.2 * num_panels, 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], METRICS, strict=False):
         for entry in result["results"]:
             values = np.sort(metric_values_ms(records_of(entry), metric))
             if values.size and values[-1] > 0:
@@ -147,11 +190,30 @@ def latency_png(result: dict[str, Any]) -> bytes:
         ax.set_xlabel("ms")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share of requests (ITL: of gaps)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][len(METRICS) - 1].legend(fontsize=8, loc="lower right")
+    if is_multi_turn(result):
+        _draw_ttft_by_turn(axes[0][-1], result)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _draw_ttft_by_turn(ax: Any, result: dict[str, Any]) -> None:
+    """Median TTFT of each turn (1: the first), one line per rate."""
+    for entry in result["results"]:
+        turns = entry["summary"].get("turns") or {"by_turn": []}
+        points = [(row["turn"] + 1, row["ttft_ms"]["median"]) for row in turns["by_turn"]]
+        points = [(turn, ms) for turn, ms in points if ms is not None and not math.isnan(ms)]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=_load_label(entry))
+    ax.set_title("TTFT by turn (median)", fontsize=10)
+    ax.set_xlabel("turn (1: the first)")
+    ax.set_ylabel("ms")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def write_latency_report(path: str | Path) -> tuple[Path, Path]:
@@ -196,10 +258,10 @@ def _html(result: dict[str, Any], png: bytes) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style>",
         "<title>avmp bench serve</title></head><body><h1>avmp bench serve</h1>",
         f"<p>{html.escape(conditions(result))}</p><pre>{html.escape(command)}</pre>",
-        "<h2>Throughput</h2>",
-        _html_table(throughput_table(result)),
-        "<h2>Latency</h2>",
-        _html_table(latency_table(result)),
+        *(
+            f"<h2>{title[0].upper() + title[1:]}</h2>\n{_html_table(table)}"
+            for title, table in _tables(result)
+        ),
         "<h2>Latency distributions</h2>",
         f"<img alt='latency CDFs' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
         "</body></html>",

@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -302,10 +303,35 @@ def sample_conversations(
     Raises:
         ValueError: fewer than ``n`` conversations have a pair.
     """
+    cache = load_length_cache(limit)
+    return [pair_tokens(cache, i) for i in pick_conversations(cache, n, rng, limit, progress)]
+
+
+def pair_tokens(cache: LengthCache, index: int) -> list[tuple[int, int]]:
+    """The (message, answer) token counts of a conversation's leading pairs (tokenized)."""
+    counts = cache.turn_tokens[index]
+    return [(counts[2 * k], counts[2 * k + 1]) for k in range(cache.num_pairs[index])]
+
+
+def pick_conversations(
+    cache: LengthCache,
+    n: int,
+    rng: np.random.Generator,
+    limit: int | None = None,
+    progress: bool = False,
+    accept: Callable[[list[tuple[int, int]]], bool] | None = None,
+) -> list[int]:
+    """The indices of ``n`` conversations in the order ``rng`` shuffles them, each with a
+    leading (human, gpt) pair (`sample_conversations`) and, given ``accept``, whose
+    pairs' token counts it accepts; every turn of each is tokenized into ``cache``
+    (`LengthCache.turn_tokens`, saved).
+
+    Raises:
+        ValueError: fewer than ``n`` conversations qualify.
+    """
     from rich.progress import Progress
 
-    cache = load_length_cache(limit)
-    chosen: list[list[tuple[int, int]]] = []
+    chosen: list[int] = []
     added = 0
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("tokenizing ShareGPT conversations", total=n)
@@ -319,13 +345,13 @@ def sample_conversations(
                 turns = read_conversations(limit).turns[i]
                 cache.turn_tokens[i] = [count_tokens(text) for _, text in turns]
                 added += 1
-            counts = cache.turn_tokens[i]
-            chosen.append([(counts[2 * k], counts[2 * k + 1]) for k in range(cache.num_pairs[i])])
+            if accept is not None and not accept(pair_tokens(cache, i)):
+                continue
+            chosen.append(i)
             bar.update(task, advance=1)
     if added:
         cache.save()
     if len(chosen) < n:
-        raise ValueError(
-            f"only {len(chosen)} ShareGPT conversations open with a human/gpt pair, {n} requested"
-        )
+        which = "qualify" if accept else "open with a human/gpt pair"
+        raise ValueError(f"only {len(chosen)} ShareGPT conversations {which}, {n} requested")
     return chosen
