@@ -323,15 +323,21 @@ def _by_conversation(bodies: list[dict]) -> dict[str, list[dict]]:
     return by_first
 
 
-def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
-    server, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url, state = server
+@pytest.fixture
+def few_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ShareGPT's conversations picked from its first 400 (quick to read)."""
     monkeypatch.setattr(
         loadgen,
         "sharegpt_conversations",
         functools.partial(loadgen.sharegpt_conversations, limit=400),
     )
+
+
+@pytest.mark.usefixtures("few_conversations")
+def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
+    server, tmp_path: Path, capsys
+) -> None:
+    url, state = server
     out = tmp_path / "mt.json"
     args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "4", "--num-turns",
             "3", "--sharegpt-output-len", "5", "--max-concurrency", "2", "--think-time", "0.01",
@@ -369,16 +375,10 @@ def test_multi_turn_sharegpt_sends_each_history_and_reports_ttft_by_turn(
     assert "2+" in capsys.readouterr().out
 
 
-def test_each_rate_sends_conversations_of_its_own(
-    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("few_conversations")
+def test_each_rate_sends_conversations_of_its_own(server, tmp_path: Path) -> None:
     """A prefix cache cannot hold a rate's first turns from an earlier rate or the warm-up."""
     url, state = server
-    monkeypatch.setattr(
-        loadgen,
-        "sharegpt_conversations",
-        functools.partial(loadgen.sharegpt_conversations, limit=400),
-    )
     out = tmp_path / "mt.json"
     args = ["bench", "serve", "--url", url, "--multi-turn", "--num-prompts", "2", "--num-turns",
             "1", "--sharegpt-output-len", "2", "--request-rate", "50,inf", "--warmup", "1",

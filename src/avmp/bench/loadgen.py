@@ -766,15 +766,27 @@ async def _run_async(
             on_done()
 
         tasks = [asyncio.create_task(one(i)) for i in range(len(requests))]
-        _, pending = await asyncio.wait(tasks, timeout=config.max_duration_s)
-        duration = time.perf_counter() - start
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        duration = await _until_bound(tasks, start, config)
+    _mark_unfinished(records, config)
+    return records, duration
+
+
+async def _until_bound(tasks: list[asyncio.Task[None]], start: float, config: LoadConfig) -> float:
+    """Wait for ``tasks`` until the run's ``max_duration_s``, cancel those still going,
+    and return the run's duration from ``start``."""
+    _, pending = await asyncio.wait(tasks, timeout=config.max_duration_s)
+    duration = time.perf_counter() - start
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return duration
+
+
+def _mark_unfinished(records: list[RequestRecord], config: LoadConfig) -> None:
+    """A request the bound cut short failed for that reason (unless it failed first)."""
     for record in records:
         if not record.success and record.error is None:
             record.error = f"unfinished at the {config.max_duration_s:g} s bound of the run"
-    return records, duration
 
 
 def run_load(
@@ -852,14 +864,8 @@ async def _run_conversations_async(
                                   on_done)  # fmt: skip
 
         tasks = [asyncio.create_task(converse(i)) for i in range(len(conversations))]
-        _, pending = await asyncio.wait(tasks, timeout=config.max_duration_s)
-        duration = time.perf_counter() - start
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for record in records:
-        if not record.success and record.error is None:
-            record.error = f"unfinished at the {config.max_duration_s:g} s bound of the run"
+        duration = await _until_bound(tasks, start, config)
+    _mark_unfinished(records, config)
     return records, duration
 
 
