@@ -28,12 +28,12 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 def test_bench_alone_still_runs_the_evaluation_and_serve_is_a_subcommand() -> None:
-    from avmp.cli import bench
+    from avmp.cli import bench, bench_serve
 
     alone = build_parser().parse_args(["bench", "--quick", "--out", "x", "--seeds", "2"])
     assert alone.run is bench.run and alone.bench_command is None and alone.seeds == 2
     serve = build_parser().parse_args(["bench", "serve", "--url", "http://h:1"])
-    assert serve.run is bench.run_serve and serve.request_rate == "inf"
+    assert serve.run is bench_serve.run_serve and serve.request_rate == "inf"
 
 
 def test_serve_bench_against_a_server_saves_every_rate(server, tmp_path: Path, capsys) -> None:
