@@ -6,6 +6,7 @@ Everything downstream (allocators, planner, simulator, engine) sizes its units f
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -194,8 +195,10 @@ class ModelGeometry:
     def num_recurrent_layers(self) -> int:
         return len(self.recurrent_layers)
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> int:
+        # cached: the simulator's scheduler asks for it per request and step (a frozen
+        # geometry never changes; `dataclasses.replace` makes a new one)
         return sum(layer.kv_bytes_per_token for layer in self.attention_layers)
 
     @property
