@@ -339,8 +339,8 @@ SERVE_DEFAULT_PROMPTS = 1000  # vLLM's bench serve default for ShareGPT
 
 def add_serve_parser(subcommands: Any) -> None:
     from avmp.bench.loadgen import DEFAULT_PERCENTILES, ENDPOINTS
-    from avmp.bench.traces import FORMATS
     from avmp.bench.workloads import PRESETS
+    from avmp.cli.replay import add_trace_format_options
 
     parser = subcommands.add_parser(
         "serve",
@@ -370,12 +370,13 @@ def add_serve_parser(subcommands: Any) -> None:
         "--trace",
         metavar="FILE",
         help="prompt/output lengths (and with --request-rate trace, arrival times) of a "
-        "trace file: JSONL, Azure, BurstGPT or Mooncake, also .gz, .bz2 or .xz",
+        "trace file: JSONL or a JSON array, a CSV or TSV whose header names them, Azure, "
+        "BurstGPT or Mooncake, also .gz, .bz2 or .xz",
     )
     source.add_argument(
         "--workload", choices=tuple(PRESETS), help="prompt/output lengths of a workload preset"
     )
-    parser.add_argument("--trace-format", choices=FORMATS, help="trace format (default: guessed)")
+    add_trace_format_options(parser, "--trace-format")
     parser.add_argument(
         "--tokenizer",
         metavar="NAME_OR_DIR",
@@ -502,10 +503,7 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
         raise UserError("--tokenizer goes with --trace or --workload (ShareGPT is text already)")
     tokenizer = loadgen.load_tokenizer(args.tokenizer) if args.tokenizer else None
     if args.trace:
-        built = loadgen.trace_requests(
-            args.trace, args.num_prompts, args.seed, args.trace_format, tokenizer
-        )
-        source = f"trace {args.trace}"
+        built, source = _trace_requests(args, tokenizer)
     elif args.workload:
         built = loadgen.preset_requests(args.workload, args.num_prompts, args.seed, tokenizer)
         source = f"workload {args.workload}"
@@ -518,6 +516,24 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
             "--endpoint chat needs text prompts: ShareGPT (no --trace/--workload) or --tokenizer"
         )
     return built, source
+
+
+def _trace_requests(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], str]:
+    """The ``--trace`` file's requests, and what to call them: the file, and how it was
+    read where its columns were found by name (`avmp.cli.replay.trace_read_as`)."""
+    from avmp.bench import loadgen
+    from avmp.bench.traces import read_trace_part
+    from avmp.cli.replay import trace_read_as
+
+    part = read_trace_part(args.trace, args.trace_format, time_unit=args.time_unit)
+    if part.columns is not None and part.columns.arrival is None and trace_time_scale(args):
+        raise UserError(
+            f"{args.trace}: --request-rate trace sends each request at its arrival time, and "
+            "this trace has none; give a rate, or add a column of times (arrival_s, timestamp)"
+        )
+    built = loadgen.spec_requests(part.requests[: args.num_prompts], args.seed, tokenizer)
+    read_as = trace_read_as(part)
+    return built, f"trace {args.trace}" + (f" ({read_as})" if read_as else "")
 
 
 def trace_time_scale(args: argparse.Namespace) -> float | None:
