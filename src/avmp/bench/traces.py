@@ -46,8 +46,8 @@ Formats (`guess_format` tells them apart; ``--format`` names one):
   block shares only with the same partial block. A list longer than the prompt needs is
   cut to the blocks the prompt has (each id names its prefix, so the first ones still
   hold); one too short to cover the prompt is followed by a segment of this line's own,
-  ``("unhashed", line)``, that shares nothing. No ``hash_ids`` (or an empty list): no
-  segments. Lines with 0 output tokens are skipped, as BurstGPT's.
+  ``("unhashed", line)`` (in an array: its index), that shares nothing. No ``hash_ids``
+  (or an empty list): no segments. Lines with 0 output tokens are skipped, as BurstGPT's.
 
 Names and units, where a file's columns (or its first object's fields) are found by name:
 - A name matches in any case, spaces, hyphens and underscores alike (``Input Tokens``,
@@ -313,6 +313,13 @@ def _time_in(unit: str, what: str) -> Callable[[object], float]:
     per_second, word = TIME_UNITS[unit], _UNIT_WORDS[unit]
 
     def seconds(value: object) -> float:
+        if type(value) is str:  # a CSV cell, every row of one: its common case first
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number / per_second
         return _seconds(value, what, word) / per_second
 
     return seconds
