@@ -260,14 +260,22 @@ def trace_requests(
     seed: int,
     fmt: str | None = None,
     tokenizer: Any | None = None,
+    time_unit: str | None = None,
 ) -> list[BenchRequest]:
-    """The first ``num_prompts`` requests of a trace file (all by default), each with its
-    arrival time (sent at it under `LoadConfig.time_scale`, else the rate decides): token-id
-    prompts that share what the trace says they share (`content_prompts`), or text of each
-    length under ``tokenizer`` (`length_requests`; sharing nothing)."""
+    """The first ``num_prompts`` requests of a trace file (all by default), as
+    `spec_requests` builds them (``time_unit``: of its numeric times, `read_trace`)."""
     from avmp.bench.traces import read_trace
 
-    specs = read_trace(path, fmt)[:num_prompts]
+    return spec_requests(read_trace(path, fmt, time_unit)[:num_prompts], seed, tokenizer)
+
+
+def spec_requests(
+    specs: list[RequestSpec], seed: int, tokenizer: Any | None = None
+) -> list[BenchRequest]:
+    """A trace's requests, each with its arrival time (sent at it under
+    `LoadConfig.time_scale`, else the rate decides): token-id prompts that share what the
+    trace says they share (`content_prompts`), or text of each length under ``tokenizer``
+    (`length_requests`; sharing nothing)."""
     outputs = [s.output_tokens for s in specs]
     if tokenizer is None:
         prompts = content_prompts(specs, seed)

@@ -16,8 +16,8 @@ SERVE_DEFAULT_CONVERSATIONS = 100  # under --multi-turn: conversations, of sever
 
 def add_serve_parser(subcommands: Any) -> None:
     from avmp.bench.loadgen import DEFAULT_PERCENTILES, ENDPOINTS
-    from avmp.bench.traces import FORMATS
     from avmp.bench.workloads import PRESETS
+    from avmp.cli.replay import add_trace_format_options
 
     parser = subcommands.add_parser(
         "serve",
@@ -49,12 +49,13 @@ def add_serve_parser(subcommands: Any) -> None:
         "--trace",
         metavar="FILE",
         help="prompt/output lengths (and with --request-rate trace, arrival times) of a "
-        "trace file: JSONL, Azure, BurstGPT or Mooncake, also .gz, .bz2 or .xz",
+        "trace file: JSONL or a JSON array, a CSV or TSV whose header names them, Azure, "
+        "BurstGPT or Mooncake, also .gz, .bz2 or .xz",
     )
     source.add_argument(
         "--workload", choices=tuple(PRESETS), help="prompt/output lengths of a workload preset"
     )
-    parser.add_argument("--trace-format", choices=FORMATS, help="trace format (default: guessed)")
+    add_trace_format_options(parser, "--trace-format")
     add_random_arguments(parser)
     parser.add_argument(
         "--sharegpt-output-len",
@@ -315,10 +316,7 @@ def serve_requests(args: argparse.Namespace) -> tuple[list[Any], str]:
     tokenizer = loadgen.load_tokenizer(args.tokenizer) if args.tokenizer else None
     num = args.num_prompts or SERVE_DEFAULT_PROMPTS
     if args.trace:
-        built = loadgen.trace_requests(
-            args.trace, args.num_prompts, args.seed, args.trace_format, tokenizer
-        )
-        source = f"trace {args.trace}"
+        built, source = _trace_requests(args, tokenizer)
     elif args.workload:
         built = loadgen.preset_requests(args.workload, args.num_prompts, args.seed, tokenizer)
         source = f"workload {args.workload}"
@@ -365,6 +363,24 @@ def serve_conversations(args: argparse.Namespace, num: int) -> tuple[list[Any], 
         num, args.seed, max_turns=args.num_turns, output_len=args.sharegpt_output_len
     )
     return built, "ShareGPT conversations"
+
+
+def _trace_requests(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], str]:
+    """The ``--trace`` file's requests, and what to call them: the file, and how it was
+    read where its columns were found by name (`avmp.cli.replay.trace_read_as`)."""
+    from avmp.bench import loadgen
+    from avmp.bench.traces import read_trace_part
+    from avmp.cli.replay import trace_read_as
+
+    part = read_trace_part(args.trace, args.trace_format, time_unit=args.time_unit)
+    if part.columns is not None and part.columns.arrival is None and trace_time_scale(args):
+        raise UserError(
+            f"{args.trace}: --request-rate trace sends each request at its arrival time, and "
+            "this trace has none; give a rate, or add a column of times (arrival_s, timestamp)"
+        )
+    built = loadgen.spec_requests(part.requests[: args.num_prompts], args.seed, tokenizer)
+    read_as = trace_read_as(part)
+    return built, f"trace {args.trace}" + (f" ({read_as})" if read_as else "")
 
 
 def trace_time_scale(args: argparse.Namespace) -> float | None:

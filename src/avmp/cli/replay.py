@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +49,13 @@ COLUMNS = (
 
 def add_parser(subparsers: Any) -> None:
     from avmp.bench.sweep import LAYOUTS, PROFILES
-    from avmp.bench.traces import FORMATS
     from avmp.sim.simulator import SimConfig
 
     parser = subparsers.add_parser(
         "replay",
         help="replay a trace file with every allocator",
-        description="Replay one trace (JSONL, Azure LLM inference CSV, BurstGPT CSV or "
+        description="Replay one trace (JSONL or a JSON array, a CSV or TSV whose header names "
+        "the arrival time, prompt and output tokens, Azure LLM inference CSV, BurstGPT CSV or "
         "Mooncake JSONL; any of them may be .gz, .bz2 or .xz) through the simulator with "
         "each allocator, on the same requests.",
     )
@@ -66,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
         "holding one, as avmp plan takes",
     )
     parser.add_argument("--memory", required=True, help="cache memory budget, e.g. 12GiB")
-    parser.add_argument("--format", choices=FORMATS, help="trace format (default: guessed)")
+    add_trace_format_options(parser, "--format")
     parser.add_argument("--profile", choices=PROFILES, default="h100", help="GPU time model")
     parser.add_argument(
         "--allocators",
@@ -136,6 +137,21 @@ def add_parser(subparsers: Any) -> None:
     add_slo_arguments(parser)
     add_prefix_cache_option(parser)
     parser.set_defaults(run=run)
+
+
+def add_trace_format_options(parser: Any, format_flag: str) -> None:
+    """``format_flag`` (the trace's format) and ``--time-unit`` (of its numeric times),
+    shared with ``avmp bench serve``."""
+    from avmp.bench.traces import FORMATS, TIME_UNITS
+
+    parser.add_argument(format_flag, choices=FORMATS, help="trace format (default: guessed)")
+    parser.add_argument(
+        "--time-unit",
+        choices=tuple(TIME_UNITS),
+        help="unit of the trace's numeric arrival times where the column's name gives none "
+        "(timestamp, time, ts; not arrival_s or timestamp_ms): default seconds, Mooncake's "
+        "milliseconds; dates and times (ISO 8601) are read as such",
+    )
 
 
 def add_prefix_cache_option(parser: Any) -> None:
@@ -213,7 +229,7 @@ def replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TracePart]:
     window = trace_window(args)
     geometry, tasks = _replay_tasks(args, budget)
     workers = _workers(getattr(args, "workers", None), len(tasks))
-    part = read_trace_part(args.trace, args.format, window)
+    part = read_trace_part(args.trace, args.format, window, getattr(args, "time_unit", None))
     inputs = ReplayInputs(part.requests, geometry, budget)
     with replay_progress(getattr(args, "no_progress", False)) as bar:
         results = _run_with_bars(bar, tasks, inputs, workers, "")
@@ -570,7 +586,10 @@ def run(args: argparse.Namespace) -> int:
     from avmp.sim.metrics import common_request_ids, same_work_ids
 
     results, part = replay(args)
+    read_as = trace_read_as(part)
     if args.json:
+        if read_as:  # what was assumed, beside the results that stdout keeps to JSON
+            print(f"{args.trace}: {read_as}", file=sys.stderr)
         print(json.dumps(results, indent=1, sort_keys=True))
         return 0
     avmp = [r for r in results if r["allocator"] == "avmp"]
@@ -591,6 +610,7 @@ def run(args: argparse.Namespace) -> int:
         f"all completed: the {num_common} requests every allocator completed; "
         f"same requests: {same}; "
         f"goodput: {slo_targets(args).describe()}"
+        f"{f'; {read_as}' if read_as else ''}"
     )
     print(markdown_table((list(COLUMNS), [_row(r, reference) for r in results])))
     if args.prefix_cache != "off":
@@ -599,6 +619,14 @@ def run(args: argparse.Namespace) -> int:
     if held:
         print(held)
     return 0
+
+
+def trace_read_as(part: TracePart) -> str:
+    """How the trace's file was read where its columns were found by name, its time unit
+    set by --time-unit or it has no times (`avmp.bench.traces.TraceColumns`); empty for a
+    known format read as it defines itself."""
+    columns = part.columns
+    return columns.describe() if columns is not None and columns.is_generic else ""
 
 
 def _taken(part: TracePart, window: TraceWindow) -> str:
