@@ -16,20 +16,12 @@ import pytest
 from avmp.bench.traces import write_jsonl
 from avmp.bench.workloads import make_workload
 from avmp.cli import MAX_BUDGET_BYTES, main
+from cli_helpers import one_line_error
 
 REPLAY = ["--model", "jamba-1.5-mini", "--memory", "1GiB", "--profile", "h200"]  # fits on 141 GB
 BENCH = ["--quick", "--models", "jamba-1.5-mini", "--budgets", "1GiB", "--seeds", "1",
          "--workloads", "shift", "--workers", "1", "--no-progress"]
 OK = '{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 2}\n'
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
-    """The single stderr line of a failed command (asserted to be one line)."""
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"avmp {command}: error: ") and "Traceback" not in captured.err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- traces
