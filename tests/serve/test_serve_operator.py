@@ -97,6 +97,9 @@ def test_another_models_name_is_a_404_everywhere(agent):
     client = agent.openai()
     card = client.models.retrieve(MODEL_NAME)
     assert card.id == MODEL_NAME and card.object == "model"
+    with agent.client() as http:  # vLLM's fields that clients size their requests by
+        tokenized = http.post("/tokenize", json={"prompt": "w1"}).json()
+    assert card.max_model_len == tokenized["max_model_len"] > 0 and card.root == MODEL_NAME
     with pytest.raises(openai.NotFoundError) as raised:
         client.models.retrieve("org/other-model")
     assert raised.value.body["code"] == "model_not_found"

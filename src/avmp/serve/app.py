@@ -347,7 +347,8 @@ class _Server:
         return self._card()
 
     def _card(self) -> ModelCard:
-        return ModelCard(id=self.config.model_name, created=self.created)
+        return ModelCard(id=self.config.model_name, created=self.created,
+                         root=self.config.model_name, max_model_len=self.max_model_len)
 
     async def tokenize(self, body: TokenizeRequest, request: Request) -> TokenizeResponse:
         """vLLM's: a prompt's or a chat's token ids, as a request would have them."""

@@ -563,10 +563,17 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, with vLLM's additions that clients read to size their
+    requests: ``root`` (the served model) and ``max_model_len`` (prompt + output tokens one
+    request may hold: ``--max-model-len``, or what the memory holds)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "avmp"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
