@@ -176,3 +176,18 @@ def test_bench_serve_keeps_its_own_trace_option(tmp_path: Path) -> None:
     assert serve.trace == str(lens)
     bench = build_parser().parse_args(["bench", "--trace", str(lens), "--trace", "b.csv"])
     assert bench.trace == [str(lens), "b.csv"] and bench.bench_command is None
+
+
+def test_skipped_infeasible_cells_count_a_trace_once(
+    tmp_path: Path, traces: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("avmp.cli.bench.QUICK_REQUESTS", 4)
+    _, lens = traces
+    # Granite-4.0-H-Tiny's weights do not fit in the RTX 3060's 12 GB
+    assert main(["bench", "--out", str(tmp_path / "out"), *GRID, "--profiles", "rtx3060,h200",
+                 "--workloads", "shift", "--trace", str(lens)]) == 0
+    printed = capsys.readouterr().out
+    assert "18 cells (18 simulated now" in printed  # (2 seeds of shift + 1 trace) x 6 layouts
+    assert "skipped 18 infeasible cells (1 model/budget/profile combinations: " \
+           "granite-4.0-h-tiny 1.0 GiB rtx3060)" in printed

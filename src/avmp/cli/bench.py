@@ -78,7 +78,8 @@ def add_parser(subparsers: Any) -> None:
         description="Run the whole evaluation: allocators avmp, unified, static and oracle under "
         "one preemption policy (--preemption, --admission, --host-tier), and unified and "
         "static as vLLM and SGLang ship them (unified-shipped, static-shipped), on the "
-        "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn), three "
+        "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn) or "
+        "your own trace files (--trace), three "
         "hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
         "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
         "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes. "
@@ -106,7 +107,8 @@ def add_parser(subparsers: Any) -> None:
         "--workloads",
         type=_csv,
         help=f"comma-separated workload presets (default: all of {', '.join(PRESETS)}; "
-        f"with --prefix-cache on, also the prefix workloads {', '.join(PREFIX_PRESETS)})",
+        f"with --prefix-cache on, also the prefix workloads {', '.join(PREFIX_PRESETS)}; "
+        "none with --trace)",
     )
     parser.add_argument(
         "--prefix-cache",
