@@ -99,3 +99,34 @@ def test_report_states_the_objectives_and_old_cells(tmp_path: Path) -> None:
     assert "goodput: requests/s that met TTFT <= 3 s and TPOT <= 80 ms" in markdown
     assert "18 cells saved without per-request data" in markdown
     assert "| shift | static | 3 | 2.10x [" in markdown and "| n/a | n/a |" in markdown
+
+
+def _trace_cell(allocator: str, seed: int = 0, arrival: str | None = None,
+                source: dict | None = None) -> dict:
+    cell = make_cell(allocator, workload="chat", seed=seed)
+    cell["settings"].update(trace_sha256="ab" * 32, arrival=arrival, num_requests=40)
+    if source is not None:
+        cell["trace"]["source"] = source
+    return cell
+
+
+def test_trace_lines_say_where_each_trace_came_from_and_how_it_was_timed() -> None:
+    from avmp.bench.report import conditions, trace_lines
+
+    here = {"file": "data/chat.jsonl", "format": "jsonl", "num_file_requests": 300}
+    moved = {**here, "file": "elsewhere/chat.jsonl"}
+    cells = [_trace_cell("avmp", source=here), _trace_cell("static", source=moved),
+             _trace_cell("unified"), make_cell("avmp"), make_cell("static")]
+    assert trace_lines(cells) == [
+        "trace chat: 40 requests (the first 40 of 300) from data/chat.jsonl (jsonl); "
+        "(the first 40 of 300) from elsewhere/chat.jsonl (jsonl), digest abababababab, "
+        "replayed as recorded (seed 0)"]
+    lines = conditions(cells)
+    assert lines[lines.index("requests per trace: chat 40, uniform_short 10") + 1] \
+        == trace_lines(cells)[0]
+    assert not any("trace_sha256" in line for line in lines)
+    timed = [_trace_cell(a, seed=s, arrival="poisson:2") for a in ("avmp", "static")
+             for s in (0, 1)]
+    assert trace_lines(timed) == ["trace chat: 40 requests, digest abababababab, replayed "
+                                  "re-timed by poisson:2 per seed"]
+    assert trace_lines([make_cell("avmp")]) == []

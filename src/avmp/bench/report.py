@@ -3,10 +3,11 @@
 `write_report(DIR)` reads ``DIR/cells/*.json`` and writes ``DIR/report.md`` (figures as
 PNG files beside it) and a self-contained ``DIR/report.html`` (the same figures embedded
 as base64 PNG). Nothing is recomputed by simulation: a report of the same cells is the
-same report. Cells with a prefix cache are compared only with cells of the same prefix
-cache (the tables gain a ``prefix cache`` column then), and get a table of their own:
-hits against the ideal, TTFT beside the same cells without the cache, checkpoint bytes
-and evictions.
+same report. Trace files replayed as workloads are named like presets, and the
+conditions say where each came from (`trace_lines`). Cells with a prefix cache are
+compared only with cells of the same prefix cache (the tables gain a ``prefix cache``
+column then), and get a table of their own: hits against the ideal, TTFT beside the same
+cells without the cache, checkpoint bytes and evictions.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str
             (k, str(v))
             for c in cells
             for k, v in c["settings"].items()
-            if k != "num_requests" and v is not None
+            if k not in ("num_requests", "trace_sha256") and v is not None
         }
     )
     return [
@@ -316,6 +317,7 @@ def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str
             else []
         ),
         "requests per trace: " + ", ".join(f"{w} {n}" for w, n in sizes),
+        *trace_lines(cells),
         "settings: " + ", ".join(f"{k} {v}" for k, v in shared),
         "statistic: geometric mean of per-pair ratios AVMP / baseline (pair = same workload, "
         "model, budget, profile, seed, prefix cache); 95% CI: paired bootstrap (scipy, "
@@ -332,6 +334,45 @@ def conditions(cells: Sequence[Cell], slo: SloTargets | None = None) -> list[str
             else ""
         ),
     ]
+
+
+def trace_lines(cells: Sequence[Cell]) -> list[str]:
+    """One line per trace file replayed as a workload (its cells' settings hold the
+    digest of its requests): its name, requests, file and format, and how it was timed."""
+    traces: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if "trace_sha256" in cell["settings"]:
+            traces.setdefault(coord(cell, "workload"), []).append(cell)
+    return [_trace_line(name, traces[name]) for name in sorted(traces)]
+
+
+def _trace_line(name: str, cells: Sequence[Cell]) -> str:
+    settings = cells[0]["settings"]
+    sources = sorted(
+        {tuple(sorted(source.items())) for c in cells if (source := _source(c))}, key=str
+    )
+    where = "; ".join(trace_source_text(dict(s), settings["num_requests"]) for s in sources)
+    arrival = settings.get("arrival")
+    timing = "as recorded (seed 0)" if arrival is None else f"re-timed by {arrival} per seed"
+    return (
+        f"trace {name}: {settings['num_requests']} requests"
+        f"{f' {where}' if where else ''}, digest {settings['trace_sha256'][:12]}, "
+        f"replayed {timing}"
+    )
+
+
+def _source(cell: Cell) -> dict[str, Any] | None:
+    trace = cell.get("trace")
+    source = trace.get("source") if isinstance(trace, dict) else None
+    return source if isinstance(source, dict) else None
+
+
+def trace_source_text(source: dict[str, Any], num_requests: int) -> str:
+    """Where a trace workload's ``num_requests`` came from, in words: ``(the first 40
+    of 300) from data/chat.jsonl (jsonl)``."""
+    total = source.get("num_file_requests")
+    part = f"(the first {num_requests} of {total}) " if total and total != num_requests else ""
+    return f"{part}from {source.get('file')} ({source.get('format')})"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ Traces are built once per (workload, seed) in the parent and handed to the worke
 every allocator, model, budget and profile of that pair replays the exact same requests
 (the cell records the trace's SHA-256 to prove it).
 
+Trace files (``traces``, `avmp.bench.trace_workloads`) are workloads beside the presets,
+read once by the caller: a trace replayed as recorded is one cell per model, budget,
+profile, layout and prefix cache (seed 0); re-timed by ``arrival``, one per seed. Their
+cells' settings hold the digest of the requests read (``trace_sha256``), so a rerun over
+a file whose requests changed is refused, and their ``trace`` record names the file.
+
 Prefix caching (``prefix_caches``) is one more axis: ``off`` (the default) or a checkpoint
 placement policy of `avmp.sched.prefix`. A cell with the cache off has the id, the saved
 coordinates and the settings it had before the axis existed, so earlier results stay
@@ -39,6 +45,7 @@ from typing import Any
 
 from avmp.bench.files import write_atomic
 from avmp.bench.stats import PREFIX_OFF, read_cell
+from avmp.bench.trace_workloads import AS_RECORDED_SEED, TraceWorkload, check_trace_names
 from avmp.bench.workloads import (
     PREFIX_PRESETS,
     PRESETS,
@@ -185,6 +192,9 @@ class SweepGrid:
             tier (`SimConfig.prefix_host_level`), in every layout that has one (not the
             peers as shipped); recorded in the cells' settings only when on, so earlier
             results stay valid.
+        traces: trace files as workloads after the presets of ``workloads``, each under
+            its own name (`avmp.bench.trace_workloads`); ``num_requests`` does not apply
+            to them (they are read as taken).
     """
 
     allocators: tuple[str, ...] = LAYOUTS
@@ -207,6 +217,7 @@ class SweepGrid:
     host_tier_bytes: int | None = None
     prefix_caches: tuple[str, ...] = (PREFIX_OFF,)
     prefix_host_level: bool = False
+    traces: tuple[TraceWorkload, ...] = ()
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -219,7 +230,9 @@ class SweepGrid:
             unknown = [v for v in values if v not in known]
             if unknown:
                 raise ValueError(f"unknown {label} {unknown[0]!r}; known: {', '.join(known)}")
+        check_trace_names([(t.name, t.path) for t in self.traces])
         sizes = {
+            "workloads or traces": len(self.workload_names),
             "models": len(self.models),
             "budgets": len(self.budgets_bytes),
             "seeds": len(self.seeds),
@@ -231,17 +244,14 @@ class SweepGrid:
                 raise ValueError(f"a sweep needs at least one of {label}")
         if any(b <= 0 for b in self.budgets_bytes):
             raise ValueError("memory budgets must be positive")
-        num_cells = math.prod([*sizes.values(), len(self.workloads), len(self.profiles)])
+        num_traces = sum(len(self.seeds_for(w)) for w in self.workload_names)  # (workload, seed)
+        num_cells = math.prod([num_traces, len(self.models), len(self.budgets_bytes),
+                               len(self.profiles), len(self.allocators),
+                               len(self.prefix_caches)])  # fmt: skip
         if num_cells > MAX_CELLS:
             raise ValueError(f"a sweep of {num_cells:,} cells is more than {MAX_CELLS:,}")
         if self.arrival is not None:
-            parse_arrival(self.arrival)  # fails here, before any work
-            timed = [w for w in self.workloads if w in PREFIX_PRESETS]
-            if timed:
-                raise ValueError(
-                    f"--arrival cannot re-time {timed[0]}: a prefix workload times its "
-                    "turns after the turns before them"
-                )
+            self.check_arrival()
         if "avmp" not in self.allocators:
             raise ValueError("a sweep compares AVMP with baselines: include the avmp allocator")
         if self.ssm_dtype != "auto":
@@ -260,6 +270,44 @@ class SweepGrid:
         if self.prefix_host_level:
             self.check_prefix_host_level()
 
+    def check_arrival(self) -> None:
+        """Refuse an arrival process that does not parse, or a workload it cannot
+        re-time: one whose turns are timed after the turns before them.
+
+        Raises:
+            ValueError: one line naming the workload.
+        """
+        assert self.arrival is not None
+        parse_arrival(self.arrival)  # fails here, before any work
+        timed = [w for w in self.workloads if w in PREFIX_PRESETS]
+        if timed:
+            raise ValueError(
+                f"--arrival cannot re-time {timed[0]}: a prefix workload times its "
+                "turns after the turns before them"
+            )
+        turns = [t for t in self.traces if t.names_earlier_outputs()]
+        if turns:
+            raise ValueError(
+                f"--arrival cannot re-time the trace {turns[0].path}: its prompts hold "
+                "earlier requests' outputs (output_segment), each timed after the one it follows"
+            )
+
+    @property
+    def workload_names(self) -> tuple[str, ...]:
+        """Every workload of the grid: the presets, then the traces."""
+        return (*self.workloads, *(t.name for t in self.traces))
+
+    def trace(self, workload: str) -> TraceWorkload | None:
+        """The trace workload of that name (None: a preset)."""
+        return next((t for t in self.traces if t.name == workload), None)
+
+    def seeds_for(self, workload: str) -> tuple[int, ...]:
+        """The seeds of a workload's cells: the grid's, except for a trace replayed as
+        recorded (no ``arrival``), which has one cell, seed 0."""
+        if self.arrival is None and self.trace(workload) is not None:
+            return (AS_RECORDED_SEED,)
+        return self.seeds
+
     def policy(self) -> dict[str, Any]:
         """The preemption policy every layout runs, except the peers as shipped."""
         return {
@@ -269,6 +317,9 @@ class SweepGrid:
         }
 
     def requests_for(self, workload: str) -> int:
+        trace = self.trace(workload)
+        if trace is not None:
+            return len(trace.requests)
         default = (PREFIX_PRESETS[workload][0] if workload in PREFIX_PRESETS
                    else PRESETS[workload].num_requests)  # fmt: skip
         return dict(self.num_requests).get(workload, default)
@@ -280,8 +331,8 @@ class SweepGrid:
         skipped = {(m, b, p) for m, b, p, _ in self.skipped_cells()}
         return [
             CellSpec(w, m, b, p, s, a, c)
-            for w in self.workloads
-            for s in self.seeds
+            for w in self.workload_names
+            for s in self.seeds_for(w)
             for m in self.models
             for b in self.budgets_bytes
             for p in self.profiles
@@ -351,7 +402,9 @@ class SweepGrid:
         return skipped
 
     def settings_for(self, workload: str) -> dict[str, Any]:
-        """What, besides the coordinates, a cell's result depends on (checked on resume)."""
+        """What, besides the coordinates, a cell's result depends on (checked on resume):
+        for a trace, the digest of its requests as read, not the file's name or place."""
+        trace = self.trace(workload)
         return {
             "num_requests": self.requests_for(workload),
             "arrival": self.arrival,
@@ -364,6 +417,7 @@ class SweepGrid:
             "policy": self.policy(),
             "simulator": simulator_digest(),
             **({"prefix_host_level": True} if self.prefix_host_level else {}),
+            **({"trace_sha256": trace_digest(trace.requests)} if trace is not None else {}),
         }
 
 
@@ -427,12 +481,14 @@ def _request_line(request: RequestSpec) -> str:
 
 @dataclass(frozen=True)
 class CellTask:
-    """Everything a worker needs to run one cell (picklable)."""
+    """Everything a worker needs to run one cell (picklable); ``source``: where a trace
+    workload's requests came from (`TraceWorkload.source`), None for a preset."""
 
     cell: CellSpec
     requests: tuple[RequestSpec, ...]
     settings: dict[str, Any] = field(hash=False)
     calibration: str | None = None
+    source: dict[str, Any] | None = field(default=None, hash=False)
 
 
 def make_allocator(
@@ -480,7 +536,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     return {
         "cell": cell.to_dict(),
         "settings": settings,
-        "trace": {"sha256": trace_digest(requests), "num_requests": len(requests)},
+        "trace": {
+            "sha256": trace_digest(requests),
+            "num_requests": len(requests),
+            **({"source": task.source} if task.source is not None else {}),
+        },
         "result": {**result.to_dict(), "allocator": cell.allocator},
         # How long the simulation itself took here (not deterministic; not a result).
         "cost": {
@@ -537,10 +597,15 @@ class ResultStore:
                 for k in set(saved_settings) | set(settings)
                 if saved_settings.get(k) != settings.get(k)
             )
+            changed = (
+                f"; the requests of the trace {cell.workload} changed since"
+                if "trace_sha256" in differ
+                else ""
+            )
             raise ValueError(
                 f"{self.cells_dir.parent} holds cell {cell.cell_id} made with other "
-                f"{', '.join(differ)} (simulator = the code of avmp.sim/memory/models); "
-                "use another output directory"
+                f"{', '.join(differ)} (simulator = the code of avmp.sim/memory/models)"
+                f"{changed}; use another output directory"
             )
         return True
 
@@ -565,6 +630,10 @@ def build_traces(
     arrival = parse_arrival(grid.arrival) if grid.arrival is not None else None
     traces = {}
     for workload, seed in sorted(set(pairs)):
+        trace = grid.trace(workload)
+        if trace is not None:
+            traces[(workload, seed)] = trace.timed(arrival, seed)
+            continue
         num_requests = grid.requests_for(workload)
         if workload == "sharegpt_replay":
             from avmp.bench.sharegpt import sample_lengths
@@ -583,13 +652,24 @@ def build_traces(
 
 def pending_tasks(grid: SweepGrid, store: ResultStore, progress: bool = False) -> list[CellTask]:
     """Tasks of the cells not finished yet, in grid order."""
-    settings = {w: grid.settings_for(w) for w in grid.workloads}
+    settings = {w: grid.settings_for(w) for w in grid.workload_names}
     todo = [c for c in grid.cells() if not store.is_done(c, settings[c.workload])]
     traces = build_traces(grid, ((c.workload, c.seed) for c in todo), progress)
     return [
-        CellTask(c, traces[(c.workload, c.seed)], settings[c.workload], grid.calibration)
+        CellTask(
+            c,
+            traces[(c.workload, c.seed)],
+            settings[c.workload],
+            grid.calibration,
+            _source(grid, c.workload),
+        )
         for c in todo
     ]
+
+
+def _source(grid: SweepGrid, workload: str) -> dict[str, Any] | None:
+    trace = grid.trace(workload)
+    return None if trace is None else trace.source()
 
 
 def same_work_tasks(grid: SweepGrid, store: ResultStore) -> tuple[list[CellTask], int]:
@@ -599,7 +679,7 @@ def same_work_tasks(grid: SweepGrid, store: ResultStore) -> tuple[list[CellTask]
     requests/s compare the same work done from the same arrivals. Returns the tasks not
     saved yet and how many such cells the grid has in all. Keys whose cells are not all
     saved, or lack per-request columns, get none."""
-    settings = {w: grid.settings_for(w) for w in grid.workloads}
+    settings = {w: grid.settings_for(w) for w in grid.workload_names}
     groups: dict[tuple[Any, ...], list[CellSpec]] = {}
     for cell in grid.cells():
         key = (cell.workload, cell.model, cell.budget_bytes, cell.profile, cell.seed,
@@ -621,6 +701,7 @@ def same_work_tasks(grid: SweepGrid, store: ResultStore) -> tuple[list[CellTask]
             tuple(r for r in traces[(c.workload, c.seed)] if r.request_id in ids),
             settings[c.workload],
             grid.calibration,
+            _source(grid, c.workload),
         )
         for c, ids in todo
     ]

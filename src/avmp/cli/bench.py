@@ -22,6 +22,12 @@ what they share, and the report adds a table of hits against the ideal.
 ``--prefix-host-level`` keeps the checkpoints the caches evict in the host tier, in
 every layout with one (recorded in the cells' settings).
 
+``--trace FILE`` (repeatable) adds a trace file as one more workload, named after the
+file, beside the ``--workloads`` presets or alone (`avmp.bench.trace_workloads`; read as
+``avmp replay`` reads one: ``--trace-format``, ``--time-unit``, ``--max-requests N``, the
+first N, and 48 under ``--quick``). Replayed as recorded, a trace is one cell per model,
+budget, profile and layout (seed 0); ``--arrival`` re-times it per seed.
+
 ``avmp bench serve --url URL`` instead loads a running OpenAI-compatible server (avmp,
 vLLM, SGLang) and reports its latencies and throughput per request rate
 (`avmp.bench.loadgen`).
@@ -72,7 +78,8 @@ def add_parser(subparsers: Any) -> None:
         description="Run the whole evaluation: allocators avmp, unified, static and oracle under "
         "one preemption policy (--preemption, --admission, --host-tier), and unified and "
         "static as vLLM and SGLang ship them (unified-shipped, static-shipped), on the "
-        "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn), three "
+        "four paper workloads and ours (shift, longdoc_mix, longdoc_burst, multi_turn) or "
+        "your own trace files (--trace), three "
         "hybrid models, 1/4/8/12 GiB, RTX 3060 and H100 "
         "time models, 3 seeds; print AVMP's throughput ratios with 95% CIs and write "
         "OUT/report.md and OUT/report.html. Finished cells are kept: a rerun resumes. "
@@ -100,7 +107,8 @@ def add_parser(subparsers: Any) -> None:
         "--workloads",
         type=_csv,
         help=f"comma-separated workload presets (default: all of {', '.join(PRESETS)}; "
-        f"with --prefix-cache on, also the prefix workloads {', '.join(PREFIX_PRESETS)})",
+        f"with --prefix-cache on, also the prefix workloads {', '.join(PREFIX_PRESETS)}; "
+        "none with --trace)",
     )
     parser.add_argument(
         "--prefix-cache",
@@ -129,6 +137,7 @@ def add_parser(subparsers: Any) -> None:
         help=f"arrivals for every workload instead of the presets' own: {ARRIVAL_FORMS} "
         "(RATE in requests/s; a workload keeps its lengths)",
     )
+    add_trace_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ssm_dtype_option(parser)
     add_static_options_option(parser)
@@ -141,6 +150,30 @@ def add_parser(subparsers: Any) -> None:
     from avmp.cli.bench_serve import add_serve_parser
 
     add_serve_parser(subcommands)
+
+
+def add_trace_options(parser: Any) -> None:
+    """``--trace FILE`` (repeatable) and how to read the files: ``--trace-format``,
+    ``--time-unit`` (as ``avmp replay`` takes them) and ``--max-requests``."""
+    from avmp.cli.replay import add_trace_format_options
+
+    parser.add_argument(
+        "--trace",
+        action="append",
+        metavar="FILE",
+        help="a trace file (any that avmp replay reads) as one more workload, named after the "
+        "file (chat.jsonl.gz: chat), beside --workloads or alone; repeat for more. Replayed "
+        "as recorded: one cell per model, budget, profile and layout, seed 0; with --arrival, "
+        "re-timed per seed. Prefix sharing the file names (JSONL segments, Mooncake hash_ids) "
+        "reaches --prefix-cache",
+    )
+    add_trace_format_options(parser, "--trace-format")
+    parser.add_argument(
+        "--max-requests",
+        metavar="N",
+        help=f"replay the first N requests of each --trace by arrival (default: all; "
+        f"{QUICK_REQUESTS} under --quick)",
+    )
 
 
 def build_grid(args: argparse.Namespace) -> Any:
@@ -158,12 +191,13 @@ def build_grid(args: argparse.Namespace) -> Any:
     prefix_caches = _prefix_caches(args.prefix_cache)
     if args.prefix_host_level:
         _check_prefix_host_level(prefix_caches, args)
-    workloads = args.workloads or _default_workloads(prefix_caches)
+    workloads = args.workloads or (() if args.trace else _default_workloads(prefix_caches))
     num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
     if args.calibration is not None and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration file: {args.calibration}")
     for model in models:
         _check_model(model)
+    traces = _trace_workloads(args)  # last: a trace file may take a while to read
     return SweepGrid(
         workloads=tuple(workloads),
         models=tuple(models),
@@ -179,8 +213,63 @@ def build_grid(args: argparse.Namespace) -> Any:
         ignore_feasibility=bool(args.ignore_feasibility),
         prefix_caches=prefix_caches,
         prefix_host_level=bool(args.prefix_host_level),
+        traces=traces,
         **policy_options(args),
     )
+
+
+def _trace_workloads(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The ``--trace`` files as workloads: every file checked to exist and open, and
+    their names checked, before any is read (each error one line)."""
+    from avmp.bench.trace_workloads import (
+        check_trace_names,
+        read_trace_workload,
+        trace_workload_name,
+    )
+
+    paths = args.trace or []
+    max_requests = _max_requests(args.max_requests)
+    if not paths:
+        options = {"--trace-format": args.trace_format, "--time-unit": args.time_unit,
+                   "--max-requests": args.max_requests}  # fmt: skip
+        given = [flag for flag, value in options.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} says how to read --trace files; give --trace FILE")
+        return ()
+    for path in paths:
+        _check_readable(path)
+    check_trace_names([(trace_workload_name(p), p) for p in paths])
+    if max_requests is None and args.quick:
+        max_requests = QUICK_REQUESTS
+    return tuple(
+        read_trace_workload(p, args.trace_format, args.time_unit, max_requests) for p in paths
+    )
+
+
+def _max_requests(text: str | None) -> int | None:
+    """``--max-requests``: a whole number >= 1 (None: not given)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"--max-requests must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _check_readable(path: str) -> None:
+    """A one-line error for a trace file that is missing, a directory or unreadable."""
+    if os.path.isdir(path):
+        raise UserError(f"--trace {path}: is a directory, not a trace file")
+    if not os.path.isfile(path):
+        raise UserError(f"--trace {path}: no such file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise UserError(f"--trace {path}: {error.strerror or error}") from None
 
 
 def _prefix_caches(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -254,6 +343,9 @@ def record_run(
         "skipped_infeasible": [
             {"model": m, "budget_bytes": b, "profile": p} for m, b, p, _ in grid.skipped_cells()
         ],
+        "traces": [
+            {"name": t.name, "num_requests": len(t.requests), **t.source()} for t in grid.traces
+        ],
         "elapsed_s": round(elapsed_s, 1),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
@@ -298,6 +390,8 @@ def run(args: argparse.Namespace) -> int:
             f"every cell is infeasible: {skipped[0][3]}; use a larger GPU profile, "
             "a smaller budget, or --ignore-feasibility"
         )
+    for trace in grid.traces:
+        print(_trace_header(trace, grid))
     started = time.monotonic()
     num_simulated = run_sweep(
         grid, args.out, workers=args.workers, ray_address=args.ray, progress=not args.no_progress
@@ -320,12 +414,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_header(trace: Any, grid: Any) -> str:
+    """What was read of a ``--trace`` file, as ``avmp replay``'s header says it."""
+    from avmp.bench.report import trace_source_text
+
+    text = f"trace {trace.name}: {len(trace.requests)} requests "
+    text += trace_source_text(trace.source(), len(trace.requests))
+    if trace.read_as:
+        text += f"; {trace.read_as}"
+    if any(c != "off" for c in grid.prefix_caches) and not trace.shares_prefixes():
+        text += "; its prompts name no shared content, so a prefix cache finds none in it"
+    return text
+
+
 def _skipped_note(grid: Any, skipped: list[tuple[str, int, str, str]]) -> str:
     """Which (model, budget, profile) cells were left out as infeasible, and why."""
     from avmp.units import format_bytes
 
-    per_combination = (len(grid.workloads) * len(grid.seeds) * len(grid.allocators)
-                       * len(grid.prefix_caches))  # fmt: skip
+    num_traces = sum(len(grid.seeds_for(w)) for w in grid.workload_names)  # (workload, seed)
+    per_combination = num_traces * len(grid.allocators) * len(grid.prefix_caches)
     names = ", ".join(f"{m} {format_bytes(b)} {p}" for m, b, p, _ in skipped)
     return (
         f"skipped {len(skipped) * per_combination} infeasible cells "

@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avmp.bench.report import headline_table, markdown_table, write_report
+    from avmp.bench.report import headline_table, markdown_table, trace_lines, write_report
     from avmp.bench.stats import load_cells
     from avmp.cli.replay import slo_targets
 
@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         return _serve_report(path)
     slo = slo_targets(args)  # a bad objective fails before any work
     md_path, html_path = write_report(args.directory, slo)
-    print(markdown_table(headline_table(load_cells(args.directory), slo)))
+    cells = load_cells(args.directory)
+    print(markdown_table(headline_table(cells, slo)))
+    traces = trace_lines(cells)
+    if traces:
+        print("\n" + "\n".join(traces))
     print(f"\nreport: {md_path}, {html_path}")
     return 0
 
