@@ -46,6 +46,7 @@ from avmp.cli.options import (
     add_policy_options,
     add_ssm_dtype_option,
     add_static_options_option,
+    count_option,
     policy_options,
     ssm_dtype_choice,
     static_options,
@@ -248,15 +249,7 @@ def _trace_workloads(args: argparse.Namespace) -> tuple[Any, ...]:
 
 def _max_requests(text: str | None) -> int | None:
     """``--max-requests``: a whole number >= 1 (None: not given)."""
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"--max-requests must be a whole number >= 1, got {text!r}")
-    return value
+    return count_option("--max-requests", text)
 
 
 def _check_readable(path: str) -> None:

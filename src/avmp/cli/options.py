@@ -124,6 +124,20 @@ def host_tier_bytes(text: str | None) -> int | None:
 # -- the engine's options (avmp generate, avmp serve) ---------------------------------
 
 
+def count_option(flag: str, text: str | None) -> int | None:
+    """A count given as text on the command line (``--workers``, ``--max-requests``): a
+    whole number >= 1, None when not given, else one line naming the flag."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{flag} must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_engine_options(parser: Any) -> None:
     """What the engine is built from: memory, device, layout, batch limits, policies,
     and ``--random-weights --scale tiny`` for a zoo name."""

@@ -17,6 +17,7 @@ from avmp.cli.options import (
     add_policy_options,
     add_ssm_dtype_option,
     add_static_options_option,
+    count_option,
     policy_options,
     ssm_dtype_choice,
     static_options,
@@ -348,17 +349,7 @@ def trace_window(args: argparse.Namespace) -> TraceWindow:
 
     start = _seconds_option("--start", args.start, allow_zero=True) or 0.0
     duration = _seconds_option("--duration", args.duration, allow_zero=False)
-    max_requests = None
-    if args.max_requests is not None:
-        try:
-            max_requests = int(args.max_requests)
-        except ValueError:
-            max_requests = 0
-        if max_requests < 1:
-            raise UserError(
-                f"--max-requests must be a whole number >= 1, got {args.max_requests!r}"
-            )
-    return TraceWindow(start, duration, max_requests)
+    return TraceWindow(start, duration, count_option("--max-requests", args.max_requests))
 
 
 def _seconds_option(flag: str, text: str | None, allow_zero: bool) -> float | None:
@@ -407,15 +398,8 @@ def _at_least_one(args: argparse.Namespace, field: str) -> int:
 
 
 def _workers(text: str | None, num_tasks: int) -> int | None:
-    if text is None:
-        return None
-    try:
-        workers = int(text)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise UserError(f"--workers must be a whole number >= 1, got {text!r}")
-    return min(workers, num_tasks)
+    workers = count_option("--workers", text)
+    return None if workers is None else min(workers, num_tasks)
 
 
 def run_replays(
