@@ -63,7 +63,9 @@ from benchmarks.common import gpu_profile, read_result, repo_path, write_result
 PREFILL, DECODE, CONTEXT, REQUESTS, PERIOD, DEVICE, GRAPH, CAPTURED = range(8)
 LONGEST_PREFILL, LONGEST_CONTEXT, ATTENTION_PAIRS, PADDED_TOKENS = 8, 9, 10, 11
 
-DEFAULT_FORM = LINEAR_FORM
+# the form whose fit on one H200 replay priced the other's best (docs/BENCHMARKS.md, "A
+# time model from the model's work")
+DEFAULT_FORM = PHYSICAL_FORM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,8 +198,8 @@ def calibration(
 ) -> dict[str, Any]:
     """A calibration file's contents from the replays' steps (and the points of the
     ``cells`` calibration file) in ``form``, checked to fit, with what the replays' graph
-    captures cost (`capture_costs`, priced by that fit). The physical form records its
-    GPU ``profile``, by default the replays' device's.
+    captures cost (`capture_costs`, priced by that fit). The physical form records
+    itself and its GPU ``profile``, by default the replays' device's.
 
     Raises:
         ValueError: replays of different models or GPUs, a cells file of another model,
@@ -215,12 +217,14 @@ def calibration(
         points += _cell_points(cells, models)
         sources.append(repo_path(cells))
     (model,), (gpu,) = models, gpus
-    physical = {"profile": profile or gpu_profile(gpu)} if form == PHYSICAL_FORM else {}
+    # a linear file says no form, as those from before the forms: the same command
+    # writes the same file
+    physical = {"form": form, "profile": profile or gpu_profile(gpu)} if form != LINEAR_FORM else {}
     # a set that cannot fit is one line here
     fitted = fit_calibration(points, gpu, model, form, physical.get("profile"))
     captures = [p for _, results in replays for p in replay_points(results, captured=True)]
     graph_captures = capture_costs(captures, fitted)
-    return {"gpu": gpu, "model": model, "form": form, **physical, "sources": sources,
+    return {"gpu": gpu, "model": model, **physical, "sources": sources,
             **({"graph_captures": graph_captures} if graph_captures else {}),
             "points": points}  # fmt: skip
 
@@ -415,28 +419,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_FITS = ("in-sample", "held-out", "joint")
+
+
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
-    """Per replay, fit and form: each layout's simulated req/s against the engine's, and
-    the error of the replay's own steps priced by the calibration (every run's steps
-    summed: all, the pure decode ones, the prefill and mixed ones)."""
+    """Per replay and fit, the forms side by side: each layout's simulated req/s against
+    the engine's, and the error of the replay's own steps priced by the calibration
+    (every run's steps summed: all, the pure decode ones, the prefill and mixed ones)."""
     layouts = list(dict.fromkeys(row["layout"] for row in rows))
-    groups: dict[tuple[str, str, str, str], dict[str, dict[str, Any]]] = {}
+    replays = list(dict.fromkeys(row["replay"] for row in rows))
+    forms = list(dict.fromkeys(row.get("form", LINEAR_FORM) for row in rows))
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
-        key = (row["replay"], row["fit"], row["fitted_on"], row.get("form", LINEAR_FORM))
+        key = (row["replay"], row["fit"], row.get("form", LINEAR_FORM))
         groups.setdefault(key, {})[row["layout"]] = row
     lines = [
-        f"| replay | fit (on) | form | {' | '.join(layouts)} "
+        f"| replay | fit | form | {' | '.join(layouts)} "
         "| steps priced: all / decode / prefill and mixed |",
         f"| --- | --- | --- | {'---: | ' * len(layouts)}---: |",
     ]
-    for (replay, fit, fitted_on, form), by_layout in groups.items():
+    order = sorted(
+        groups, key=lambda k: (replays.index(k[0]), _FITS.index(k[1]), forms.index(k[2]))
+    )
+    for replay, fit, form in order:
+        by_layout = groups[(replay, fit, form)]
         errors = [
             f"{r['sim_request_throughput'] / r['engine_request_throughput'] - 1:+.1%}"
             if (r := by_layout.get(layout)) else "-"
             for layout in layouts
         ]  # fmt: skip
         lines.append(
-            f"| {replay} | {fit} ({fitted_on}) | {form} | {' | '.join(errors)} "
+            f"| {replay} | {fit} | {form} | {' | '.join(errors)} "
             f"| {_priced_errors(list(by_layout.values()))} |"
         )
     return lines

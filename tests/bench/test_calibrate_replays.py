@@ -124,7 +124,7 @@ def test_a_calibration_from_replays_loads_and_fits_graph_rows(
     replays: list[Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "cal.json"
-    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     data = json.loads(out.read_text())
     assert data["model"] == "tiny" and len(data["points"]) == 2 * 24  # two runs
     model = load_calibration(out)
@@ -183,7 +183,9 @@ def test_a_physical_calibration_records_its_form_and_profile(
                            "--profile", "h200"]) == 0  # fmt: skip
     assert load_calibration(out).profile == "h200"
     assert calibrate.main([str(zoo_replays[0]), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["form"] == calibrate.DEFAULT_FORM
+    assert json.loads(out.read_text())["form"] == calibrate.DEFAULT_FORM == "physical"
+    assert calibrate.main([str(zoo_replays[0]), "--out", str(out), "--form", "linear"]) == 0
+    assert "form" not in json.loads(out.read_text())  # as the files from before the forms
 
 
 def test_agreement_sets_the_forms_side_by_side(
@@ -200,14 +202,31 @@ def test_agreement_sets_the_forms_side_by_side(
     assert result["forms"] == ["linear", "physical"]
     keys = {(r["replay"], r["layout"], r["fit"], r["form"]) for r in result["rows"]}
     assert len(keys) == len(result["rows"]) == 2 * 2 * 3 * 2
-    assert "| replay | fit (on) | form | avmp | static | steps priced: all / decode / " in text
-    assert "| slow | held-out (fast) | physical | " in text
+    assert "| replay | fit | form | avmp | static | steps priced: all / decode / " in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| slow | ")]
+    assert [row[1:3] for row in cells if row[1] in ("in-sample", "held-out", "joint")] == [
+        [fit, form] for fit in ("in-sample", "held-out", "joint") for form in ("linear", "physical")
+    ]  # the forms side by side
     assert "| slow | avmp | joint (fast+slow) | physical | 5.00 |" in text
     physical = json.loads((cal_dir / "calibration_fast_physical.json").read_text())
     assert (physical["form"], physical["profile"]) == ("physical", "h100")
     slow = [r for r in result["rows"] if (r["replay"], r["fit"]) == ("slow", "in-sample")]
     for row in slow:  # every step is decode or mixed, graph or eager: the sums agree
         assert row["decode_s"] + row["mixed_s"] == pytest.approx(row["graph_s"] + row["eager_s"])
+
+
+@pytest.mark.parametrize("session", ["s11", "s7", "s6"])
+def test_docs_show_the_forms_side_by_side_as_the_committed_results_give(session: str) -> None:
+    """docs/BENCHMARKS.md's tables of the two forms are the summaries the committed
+    agreements print, and those agreements are of the committed replays."""
+    from benchmarks.common import REPO_ROOT, RESULTS_DIR
+
+    result = read_result(RESULTS_DIR / f"calibration_forms_h200_{session}.json.gz")
+    assert result["forms"] == ["linear", "physical"]
+    assert all((REPO_ROOT / path).is_file() for path in result["replays"])
+    docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
+    missing = [line for line in calibrate._summary(result["rows"]) if line not in docs]
+    assert not missing, missing[:3]
 
 
 def test_an_agreement_from_before_the_forms_prints_as_it_did() -> None:
@@ -323,7 +342,7 @@ def test_a_compressed_calibration_is_written_and_read_back(
     which `load_calibration` reads as it reads plain JSON: same fit."""
     plain, packed = tmp_path / "cal.json", tmp_path / "cal.json.gz"
     for out in (plain, packed):
-        assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+        assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     assert packed.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
     assert load_calibration(packed).coefficients == load_calibration(plain).coefficients
 
@@ -361,7 +380,7 @@ def test_a_calibration_records_what_the_replays_captures_cost(
         steps.insert(steps.index(twin), captured)
     write_result(replays[0], results)
     out = tmp_path / "cal.json"
-    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     data = json.loads(out.read_text())
     assert len(data["points"]) == 2 * 24  # the captured rows are not points
     costs = data["graph_captures"]
@@ -373,7 +392,7 @@ def test_a_calibration_records_what_the_replays_captures_cost(
         costs["decode"]["median_s"], costs["mixed"]["median_s"]
     )  # fmt: skip
     plain = tmp_path / "plain.json"
-    assert calibrate.main([str(replays[1]), "--out", str(plain)]) == 0
+    assert calibrate.main([str(replays[1]), "--out", str(plain), "--form", "linear"]) == 0
     assert "graph_captures" not in json.loads(plain.read_text())
     assert load_calibration(plain).decode_capture_s == 0.0
 
