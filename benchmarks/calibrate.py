@@ -24,10 +24,17 @@ neighbouring step. A row records whether its step replayed a decode graph, which
 (`avmp.sim.timing`: eager decode requests, graph rows); rows from before a field was
 recorded (attention pairs) load without it.
 
+A calibration is fitted in one form (``--form``, `avmp.sim.timing.CALIBRATION_FORMS`):
+``linear`` on the shape's counts, or ``physical`` on the work they mean for the model
+on the GPU profile (``--profile``, by default the replays' device's), which the file
+records beside the points (``form``, ``profile``). `DEFAULT_FORM` is the one whose fit
+on one workload priced the other best (docs/BENCHMARKS.md).
+
 Agreement: with two or more replays, each is resimulated (``engine_replay --resimulate``)
-with a calibration fitted on its own steps (in-sample) and with one fitted on the other
-replays' steps alone (held-out), and a table gives per run the measured and simulated
-req/s, preemptions and steps::
+with a calibration fitted on its own steps (in-sample), with one fitted on the other
+replays' steps alone (held-out) and with one fitted on every replay (joint), in each of
+``--forms`` (both by default), and tables give per run the measured and simulated req/s,
+preemptions and steps::
 
     python -m benchmarks.calibrate --agreement A.json.gz B.json.gz --out agreement.json
     python -m benchmarks.calibrate --markdown agreement.json
@@ -48,12 +55,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import read_result, repo_path, write_result
+from avmp.sim.timing import CALIBRATION_FORMS, LINEAR_FORM, PHYSICAL_FORM
+from benchmarks.common import gpu_profile, read_result, repo_path, write_result
 
 # Fields of an engine replay's step row, in order (benchmarks/engine_replay.py `replay`);
 # older rows stop earlier (after the graph flags, or after the longest context).
 PREFILL, DECODE, CONTEXT, REQUESTS, PERIOD, DEVICE, GRAPH, CAPTURED = range(8)
 LONGEST_PREFILL, LONGEST_CONTEXT, ATTENTION_PAIRS, PADDED_TOKENS = 8, 9, 10, 11
+
+# the form whose fit on one H200 replay priced the other's best (docs/BENCHMARKS.md, "A
+# time model from the model's work")
+DEFAULT_FORM = PHYSICAL_FORM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calibration-dir", type=Path, help="with --agreement: keep the fitted calibrations here"
     )
     parser.add_argument("--markdown", type=Path, help="print the table of agreement results")
+    parser.add_argument(
+        "--form", choices=CALIBRATION_FORMS, default=DEFAULT_FORM,
+        help=f"the calibration's form (default {DEFAULT_FORM})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--forms", nargs="+", choices=CALIBRATION_FORMS, default=list(CALIBRATION_FORMS),
+        help="with --agreement: the forms to fit and compare (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        help="the GPU profile of the physical form (default: the replays' device's, "
+        "benchmarks.common.gpu_profile)",
+    )
     return parser.parse_args(argv)
 
 
@@ -166,11 +191,15 @@ def read_replay(path: Path) -> dict[str, Any]:
 
 
 def calibration(
-    replays: list[tuple[Path, dict[str, Any]]], cells: Path | None = None
+    replays: list[tuple[Path, dict[str, Any]]],
+    cells: Path | None = None,
+    form: str = DEFAULT_FORM,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """A calibration file's contents from the replays' steps (and the points of the
-    ``cells`` calibration file), checked to fit, with what the replays' graph captures
-    cost (`capture_costs`, priced by that fit).
+    ``cells`` calibration file) in ``form``, checked to fit, with what the replays' graph
+    captures cost (`capture_costs`, priced by that fit). The physical form records
+    itself and its GPU ``profile``, by default the replays' device's.
 
     Raises:
         ValueError: replays of different models or GPUs, a cells file of another model,
@@ -188,10 +217,14 @@ def calibration(
         points += _cell_points(cells, models)
         sources.append(repo_path(cells))
     (model,), (gpu,) = models, gpus
-    fitted = fit_calibration(points, gpu, model)  # a set that cannot fit is one line here
+    # a linear file says no form, as those from before the forms: the same command
+    # writes the same file
+    physical = {"form": form, "profile": profile or gpu_profile(gpu)} if form != LINEAR_FORM else {}
+    # a set that cannot fit is one line here
+    fitted = fit_calibration(points, gpu, model, form, physical.get("profile"))
     captures = [p for _, results in replays for p in replay_points(results, captured=True)]
     graph_captures = capture_costs(captures, fitted)
-    return {"gpu": gpu, "model": model, "sources": sources,
+    return {"gpu": gpu, "model": model, **physical, "sources": sources,
             **({"graph_captures": graph_captures} if graph_captures else {}),
             "points": points}  # fmt: skip
 
@@ -226,10 +259,15 @@ def _with_graph(point: dict[str, float]) -> dict[str, float]:
 
 
 def agreement(
-    replays: list[tuple[Path, dict[str, Any]]], calibration_dir: Path, cells: Path | None = None
+    replays: list[tuple[Path, dict[str, Any]]],
+    calibration_dir: Path,
+    cells: Path | None = None,
+    forms: tuple[str, ...] | list[str] = CALIBRATION_FORMS,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """Each replay resimulated with a calibration of its own steps (in-sample) and with
-    one of the others' steps (held-out); per run the measured and simulated figures.
+    """Each replay resimulated, in each of ``forms``, with a calibration of its own steps
+    (in-sample), one of the others' steps (held-out) and one of every replay's (joint);
+    per run the measured and simulated figures.
 
     Raises:
         ValueError: fewer than two replays, or what `calibration` and
@@ -238,16 +276,23 @@ def agreement(
     if len(replays) < 2:
         raise ValueError("--agreement needs two or more replays (one to fit, one to check)")
     calibration_dir.mkdir(parents=True, exist_ok=True)
+    fitted: dict[tuple[str, str], Path] = {}  # a fit serves several rows: fit it once
     rows = []
-    for index, (path, results) in enumerate(replays):
-        others = replays[:index] + replays[index + 1 :]
-        for fit, fitted_on in (("in-sample", [(path, results)]), ("held-out", others)):
-            name = "+".join(_label(p) for p, _ in fitted_on)
-            cal_path = calibration_dir / f"calibration_{name}.json"
-            cal_path.write_text(json.dumps(calibration(fitted_on, cells)))
-            rows += _agreement_rows(path, results, cal_path, fit, name)
+    for form in forms:
+        for index, (path, results) in enumerate(replays):
+            others = replays[:index] + replays[index + 1 :]
+            fits = (("in-sample", [(path, results)]), ("held-out", others), ("joint", replays))
+            for fit, fitted_on in fits:
+                name = "+".join(_label(p) for p, _ in fitted_on)
+                if (name, form) not in fitted:
+                    suffix = "" if form == LINEAR_FORM else f"_{form}"
+                    cal_path = calibration_dir / f"calibration_{name}{suffix}.json"
+                    cal_path.write_text(json.dumps(calibration(fitted_on, cells, form, profile)))
+                    fitted[(name, form)] = cal_path
+                rows += _agreement_rows(path, results, fitted[(name, form)], fit, name, form)
     return {"replays": [repo_path(p) for p, _ in replays],
-            "cells": repo_path(cells) if cells else None, "rows": rows}  # fmt: skip
+            "cells": repo_path(cells) if cells else None, "forms": list(forms),
+            "rows": rows}  # fmt: skip
 
 
 def _label(path: Path) -> str:
@@ -255,7 +300,7 @@ def _label(path: Path) -> str:
 
 
 def _agreement_rows(
-    path: Path, results: dict[str, Any], cal_path: Path, fit: str, fitted_on: str
+    path: Path, results: dict[str, Any], cal_path: Path, fit: str, fitted_on: str, form: str
 ) -> list[dict[str, Any]]:
     from benchmarks.engine_replay import resimulate
 
@@ -272,6 +317,7 @@ def _agreement_rows(
             "layout": layout,
             "fit": fit,
             "fitted_on": fitted_on,
+            "form": form,
             **{f"engine_{k}": run["engine"][k] for k in _FIGURES},
             **{f"sim_{k}": run["sim"][k] for k in _FIGURES},
             "num_alike_steps": alike_steps(steps, shapes[layout]),
@@ -300,54 +346,60 @@ _FIGURES = ("request_throughput", "num_preemptions", "num_steps")
 
 def point_shape(point: dict[str, float]) -> Any:
     """The `BatchShape` of a calibration point from a replay (what the simulator would
-    price for that step): a graph step runs its recorded rows (padding included), or a
-    decode graph's rows where a row from before them does not record them."""
-    from avmp.sim.timing import BatchShape, decode_graph_rows
+    price for that step): `avmp.sim.timing.calibration_shape`."""
+    from avmp.sim.timing import calibration_shape
 
-    decode = int(point["num_decode_requests"])
-    rows = 0
-    if point.get("graph"):
-        rows = int(point.get("num_padded_tokens") or 0) or decode_graph_rows(decode)
-    return BatchShape(
-        int(point["num_prefill_tokens"]), decode, int(point["num_context_tokens"]),
-        int(point.get("num_attention_pairs", 0)), int(point["num_requests"]),
-        int(point.get("longest_prefill_tokens", 0)), int(point.get("longest_context_tokens", 0)),
-        rows,
-    )  # fmt: skip
+    return calibration_shape(point)
+
+
+_PRICED_KINDS = ("graph", "eager", "decode", "mixed")
 
 
 def priced_steps(points: list[dict[str, float]], cal_path: Path) -> dict[str, float]:
     """The replay's own steps priced by a calibration against their measured time, for
-    the graph steps and the eager ones: the time model's error with the schedule held
-    fixed (seconds, summed)."""
+    the graph steps and the eager ones, and for the pure decode steps and the prefill
+    or mixed ones: the time model's error with the schedule held fixed (seconds, summed).
+    """
     from avmp.sim.timing import load_calibration
 
     model = load_calibration(cal_path)
-    sums = dict.fromkeys(("graph_s", "graph_predicted_s", "eager_s", "eager_predicted_s"), 0.0)
+    sums = {f"{kind}{end}": 0.0 for kind in _PRICED_KINDS for end in ("_s", "_predicted_s")}
     for point in points:
-        kind = "graph" if point.get("graph") else "eager"
-        sums[f"{kind}_s"] += point["step_s"]
-        sums[f"{kind}_predicted_s"] += model.step_seconds(point_shape(point))
+        predicted = model.step_seconds(point_shape(point))
+        for kind in ("graph" if point.get("graph") else "eager",
+                     "mixed" if point["num_prefill_tokens"] else "decode"):  # fmt: skip
+            sums[f"{kind}_s"] += point["step_s"]
+            sums[f"{kind}_predicted_s"] += predicted
     return sums
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The agreement table: per replay, layout and fit, req/s, preemptions and steps,
-    measured and simulated."""
+    """The agreement tables: with forms (results since they were compared), per replay,
+    fit and form the simulated req/s error of each layout and the priced steps' error;
+    then per replay, layout and fit (and form), req/s, preemptions and steps, measured
+    and simulated."""
     cells = f" and the cells of `{result['cells']}`" if result.get("cells") else ""
+    with_forms = any("form" in row for row in result["rows"])
     lines = [
         f"Simulator against engine, calibrations fitted on replays' own steps{cells}: "
-        "in-sample on the replay itself, held-out on the other replays alone.",
+        "in-sample on the replay itself, held-out on the other replays alone"
+        + (", joint on every replay." if with_forms else "."),
         "",
-        "| replay | layout | fit (on) | engine req/s | sim req/s (error) | engine preemptions "
-        "| sim preemptions | engine steps | sim steps (alike) "
+    ]
+    if with_forms:
+        lines += [*_summary(result["rows"]), ""]
+    form_head, form_rule = ("form | ", "--- | ") if with_forms else ("", "")
+    lines += [
+        f"| replay | layout | fit (on) | {form_head}engine req/s | sim req/s (error) "
+        "| engine preemptions | sim preemptions | engine steps | sim steps (alike) "
         "| engine's steps priced: graph / eager |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| --- | --- | --- | {form_rule}---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         measured, simulated = row["engine_request_throughput"], row["sim_request_throughput"]
+        form = f"{row.get('form', LINEAR_FORM)} | " if with_forms else ""
         lines.append(
-            f"| {row['replay']} | {row['layout']} | {row['fit']} ({row['fitted_on']}) | "
+            f"| {row['replay']} | {row['layout']} | {row['fit']} ({row['fitted_on']}) | {form}"
             f"{measured:.2f} | {simulated:.2f} ({simulated / measured - 1:+.1%}) | "
             f"{row['engine_num_preemptions']} | {row['sim_num_preemptions']} | "
             f"{row['engine_num_steps']} | {row['sim_num_steps']} ({_alike(row)}) | "
@@ -365,6 +417,55 @@ def markdown(result: dict[str, Any]) -> str:
         "schedule held fixed.",
     ]
     return "\n".join(lines)
+
+
+_FITS = ("in-sample", "held-out", "joint")
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per replay and fit, the forms side by side: each layout's simulated req/s against
+    the engine's, and the error of the replay's own steps priced by the calibration
+    (every run's steps summed: all, the pure decode ones, the prefill and mixed ones)."""
+    layouts = list(dict.fromkeys(row["layout"] for row in rows))
+    replays = list(dict.fromkeys(row["replay"] for row in rows))
+    forms = list(dict.fromkeys(row.get("form", LINEAR_FORM) for row in rows))
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["replay"], row["fit"], row.get("form", LINEAR_FORM))
+        groups.setdefault(key, {})[row["layout"]] = row
+    lines = [
+        f"| replay | fit | form | {' | '.join(layouts)} "
+        "| steps priced: all / decode / prefill and mixed |",
+        f"| --- | --- | --- | {'---: | ' * len(layouts)}---: |",
+    ]
+    order = sorted(
+        groups, key=lambda k: (replays.index(k[0]), _FITS.index(k[1]), forms.index(k[2]))
+    )
+    for replay, fit, form in order:
+        by_layout = groups[(replay, fit, form)]
+        errors = [
+            f"{r['sim_request_throughput'] / r['engine_request_throughput'] - 1:+.1%}"
+            if (r := by_layout.get(layout)) else "-"
+            for layout in layouts
+        ]  # fmt: skip
+        lines.append(
+            f"| {replay} | {fit} | {form} | {' | '.join(errors)} "
+            f"| {_priced_errors(list(by_layout.values()))} |"
+        )
+    return lines
+
+
+def _priced_errors(rows: list[dict[str, Any]]) -> str:
+    """The priced steps' errors over ``rows``: all steps, decode, prefill and mixed."""
+
+    def total(kinds: tuple[str, ...], end: str) -> float:
+        return sum(float(row.get(f"{kind}{end}", 0.0)) for row in rows for kind in kinds)
+
+    errors = []
+    for kinds in (("graph", "eager"), ("decode",), ("mixed",)):
+        measured = total(kinds, "_s")
+        errors.append(f"{total(kinds, '_predicted_s') / measured - 1:+.1%}" if measured else "-")
+    return " / ".join(errors)
 
 
 def _alike(row: dict[str, Any]) -> str:
@@ -394,18 +495,20 @@ def main(argv: list[str] | None = None) -> int:
         replays = [(path, read_replay(path)) for path in args.replays]
         if args.agreement:
             with tempfile.TemporaryDirectory() as scratch:
-                result = agreement(replays, args.calibration_dir or Path(scratch), args.cells)
+                result = agreement(replays, args.calibration_dir or Path(scratch), args.cells,
+                                   tuple(dict.fromkeys(args.forms)), args.profile)  # fmt: skip
             if args.out is not None:
                 write_result(args.out, result)
             print(markdown(result))
             return 0
         if args.out is None:
             raise ValueError("give --out CAL.json (the calibration to write)")
-        payload = calibration(replays, args.cells)
+        payload = calibration(replays, args.cells, args.form, args.profile)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(payload).encode()
         args.out.write_bytes(gzip.compress(text, mtime=0) if args.out.suffix == ".gz" else text)
-        print(f"{args.out}: {len(payload['points'])} points from {', '.join(payload['sources'])}")
+        print(f"{args.out}: {len(payload['points'])} points from {', '.join(payload['sources'])}"
+              f", {args.form} form")  # fmt: skip
         for kind, cost in payload.get("graph_captures", {}).items():
             median_ms = cost["median_s"] * 1e3
             print(f"  {kind} graph captures: {cost['count']}, median {median_ms:.1f} ms")

@@ -18,7 +18,12 @@ from avmp.bench.traces import write_jsonl  # noqa: E402
 from avmp.engine.tiny import tiny_model  # noqa: E402
 from avmp.models.zoo import zoo_config  # noqa: E402
 from avmp.sched.request import RequestSpec  # noqa: E402
-from avmp.sim.timing import GRAPH_ROWS_FEATURE, decode_graph_rows, load_calibration  # noqa: E402
+from avmp.sim.timing import (  # noqa: E402
+    GRAPH_ROWS_FEATURE,
+    PHYSICAL_FEATURES,
+    decode_graph_rows,
+    load_calibration,
+)
 from benchmarks import calibrate  # noqa: E402
 from benchmarks.common import read_result, write_result  # noqa: E402
 
@@ -87,9 +92,9 @@ def results(model: str, trace: Path, scale: float, engine_rps: float) -> dict[st
     }  # fmt: skip
 
 
-@pytest.fixture
-def replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Two replays of one trace on the tiny model, the second timed twice as slow."""
+def write_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str) -> list[Path]:
+    """Two replays of one trace on the tiny model named ``model``, the second timed
+    twice as slow."""
     import benchmarks.engine
 
     tiny = tiny_model(zoo_config("granite-4.0-h-tiny"), seed=0)
@@ -100,15 +105,26 @@ def replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     paths = []
     for name, scale in (("fast", 1.0), ("slow", 2.0)):
         paths.append(tmp_path / f"{name}.json.gz")
-        write_result(paths[-1], results("tiny", trace, scale, 5.0))
+        write_result(paths[-1], results(model, trace, scale, 5.0))
     return paths
+
+
+@pytest.fixture
+def replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    return write_replays(tmp_path, monkeypatch, "tiny")
+
+
+@pytest.fixture
+def zoo_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The replays under a zoo model's name, whose geometry the physical form prices."""
+    return write_replays(tmp_path, monkeypatch, "granite-4.0-h-tiny")
 
 
 def test_a_calibration_from_replays_loads_and_fits_graph_rows(
     replays: list[Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "cal.json"
-    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     data = json.loads(out.read_text())
     assert data["model"] == "tiny" and len(data["points"]) == 2 * 24  # two runs
     model = load_calibration(out)
@@ -120,17 +136,18 @@ def test_a_calibration_from_replays_loads_and_fits_graph_rows(
 def test_agreement_fits_in_sample_and_held_out(
     replays: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Each replay against a fit of its own steps and one of the other's alone: the
-    slow replay's own fit prices its steps exactly, the fast one's at half; the
-    simulated figures come from the simulator, the engine's from the results."""
+    """Each replay against a fit of its own steps, one of the other's alone and one of
+    both: the slow replay's own fit prices its steps exactly, the fast one's at half;
+    the simulated figures come from the simulator, the engine's from the results."""
     cal_dir, out = tmp_path / "cals", tmp_path / "agreement.json"
     argv = ["--agreement", *map(str, replays), "--calibration-dir", str(cal_dir)]
-    assert calibrate.main([*argv, "--out", str(out)]) == 0
+    assert calibrate.main([*argv, "--forms", "linear", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     result = read_result(out)
     assert text == calibrate.markdown(result) + "\n"
     rows = {(r["replay"], r["layout"], r["fit"]): r for r in result["rows"]}
-    assert len(rows) == 2 * 2 * 2
+    assert len(rows) == 2 * 2 * 3 and {r["form"] for r in rows.values()} == {"linear"}
+    assert rows[("fast", "avmp", "joint")]["fitted_on"] == "fast+slow"
     own = rows[("slow", "avmp", "in-sample")]
     other = rows[("slow", "avmp", "held-out")]
     assert (own["fitted_on"], other["fitted_on"]) == ("slow", "fast")
@@ -144,7 +161,83 @@ def test_agreement_fits_in_sample_and_held_out(
     assert own["sim_request_throughput"] < other["sim_request_throughput"]  # a slower clock
     sources = json.loads((cal_dir / "calibration_fast.json").read_text())["sources"]
     assert sources == [replays[0].name]  # repo_path of a file outside the repository
-    assert "| slow | avmp | held-out (fast) | 5.00 |" in text
+    assert "| slow | avmp | held-out (fast) | linear | 5.00 |" in text
+    assert sorted(path.name for path in cal_dir.iterdir()) == [
+        "calibration_fast+slow.json", "calibration_fast.json", "calibration_slow.json"
+    ]  # fmt: skip
+
+
+def test_a_physical_calibration_records_its_form_and_profile(
+    zoo_replays: list[Path], tmp_path: Path
+) -> None:
+    """``--form physical`` writes the form and the GPU profile (the device's by default,
+    h100 for a name that is none of the profiles'; ``--profile`` replaces it), and the
+    file loads as that form."""
+    out = tmp_path / "cal.json"
+    assert calibrate.main([str(zoo_replays[0]), "--out", str(out), "--form", "physical"]) == 0
+    data = json.loads(out.read_text())
+    assert (data["form"], data["profile"]) == ("physical", "h100")
+    model = load_calibration(out)
+    assert (model.form, model.profile, model.features) == ("physical", "h100", PHYSICAL_FEATURES)
+    assert calibrate.main([str(zoo_replays[0]), "--out", str(out), "--form", "physical",
+                           "--profile", "h200"]) == 0  # fmt: skip
+    assert load_calibration(out).profile == "h200"
+    assert calibrate.main([str(zoo_replays[0]), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["form"] == calibrate.DEFAULT_FORM == "physical"
+    assert calibrate.main([str(zoo_replays[0]), "--out", str(out), "--form", "linear"]) == 0
+    assert "form" not in json.loads(out.read_text())  # as the files from before the forms
+
+
+def test_agreement_sets_the_forms_side_by_side(
+    zoo_replays: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both forms by default, each fitted in-sample, held-out and jointly, in one run:
+    the summary table gives a row per replay, fit and form, a column per layout and the
+    priced steps; the rows table says the form."""
+    cal_dir, out = tmp_path / "cals", tmp_path / "agreement.json"
+    argv = ["--agreement", *map(str, zoo_replays), "--calibration-dir", str(cal_dir)]
+    assert calibrate.main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = read_result(out)
+    assert result["forms"] == ["linear", "physical"]
+    keys = {(r["replay"], r["layout"], r["fit"], r["form"]) for r in result["rows"]}
+    assert len(keys) == len(result["rows"]) == 2 * 2 * 3 * 2
+    assert "| replay | fit | form | avmp | static | steps priced: all / decode / " in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| slow | ")]
+    assert [row[1:3] for row in cells if row[1] in ("in-sample", "held-out", "joint")] == [
+        [fit, form] for fit in ("in-sample", "held-out", "joint") for form in ("linear", "physical")
+    ]  # the forms side by side
+    assert "| slow | avmp | joint (fast+slow) | physical | 5.00 |" in text
+    physical = json.loads((cal_dir / "calibration_fast_physical.json").read_text())
+    assert (physical["form"], physical["profile"]) == ("physical", "h100")
+    slow = [r for r in result["rows"] if (r["replay"], r["fit"]) == ("slow", "in-sample")]
+    for row in slow:  # every step is decode or mixed, graph or eager: the sums agree
+        assert row["decode_s"] + row["mixed_s"] == pytest.approx(row["graph_s"] + row["eager_s"])
+
+
+@pytest.mark.parametrize("session", ["s11", "s7", "s6"])
+def test_docs_show_the_forms_side_by_side_as_the_committed_results_give(session: str) -> None:
+    """docs/BENCHMARKS.md's tables of the two forms are the summaries the committed
+    agreements print, and those agreements are of the committed replays."""
+    from benchmarks.common import REPO_ROOT, RESULTS_DIR
+
+    result = read_result(RESULTS_DIR / f"calibration_forms_h200_{session}.json.gz")
+    assert result["forms"] == ["linear", "physical"]
+    assert all((REPO_ROOT / path).is_file() for path in result["replays"])
+    docs = (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
+    missing = [line for line in calibrate._summary(result["rows"]) if line not in docs]
+    assert not missing, missing[:3]
+
+
+def test_an_agreement_from_before_the_forms_prints_as_it_did() -> None:
+    """Results without forms (session 6's) keep their table: no form column, no summary."""
+    from benchmarks.common import RESULTS_DIR
+
+    result = read_result(RESULTS_DIR / "calibration_agreement_h200_s6.json.gz")
+    text = calibrate.markdown(result)
+    assert "| form |" not in text and "steps priced: all" not in text
+    sharegpt = "engine_replay_sharegpt_h200_s6"
+    assert f"| {sharegpt} | avmp | in-sample ({sharegpt}) | 15.94 |" in text
 
 
 @pytest.mark.parametrize(
@@ -157,6 +250,8 @@ def test_agreement_fits_in_sample_and_held_out(
         (["REPLAY", "OTHER_MODEL", "--out", "c.json"], "replays of one model"),
         (["REPLAY", "--cells", "missing.json", "--out", "c.json"], "no such calibration"),
         (["NOT_A_REPLAY", "--out", "c.json"], "not an engine_replay results file"),
+        (["REPLAY", "--out", "c.json", "--form", "physical"], "unknown model 'tiny'"),
+        (["REPLAY", "--out", "c.json", "--form", "physical", "--profile", "x"], "profile 'x'"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(
@@ -247,7 +342,7 @@ def test_a_compressed_calibration_is_written_and_read_back(
     which `load_calibration` reads as it reads plain JSON: same fit."""
     plain, packed = tmp_path / "cal.json", tmp_path / "cal.json.gz"
     for out in (plain, packed):
-        assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+        assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     assert packed.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
     assert load_calibration(packed).coefficients == load_calibration(plain).coefficients
 
@@ -285,7 +380,7 @@ def test_a_calibration_records_what_the_replays_captures_cost(
         steps.insert(steps.index(twin), captured)
     write_result(replays[0], results)
     out = tmp_path / "cal.json"
-    assert calibrate.main([str(replays[0]), "--out", str(out)]) == 0
+    assert calibrate.main([str(replays[0]), "--out", str(out), "--form", "linear"]) == 0
     data = json.loads(out.read_text())
     assert len(data["points"]) == 2 * 24  # the captured rows are not points
     costs = data["graph_captures"]
@@ -297,7 +392,7 @@ def test_a_calibration_records_what_the_replays_captures_cost(
         costs["decode"]["median_s"], costs["mixed"]["median_s"]
     )  # fmt: skip
     plain = tmp_path / "plain.json"
-    assert calibrate.main([str(replays[1]), "--out", str(plain)]) == 0
+    assert calibrate.main([str(replays[1]), "--out", str(plain), "--form", "linear"]) == 0
     assert "graph_captures" not in json.loads(plain.read_text())
     assert load_calibration(plain).decode_capture_s == 0.0
 

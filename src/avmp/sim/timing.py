@@ -129,6 +129,16 @@ the graph width, the graph rows, the eager decode requests, the longest context,
 ``has_prefill``, the mean context, the prefill attention pairs, and the longest chunk
 last. At least 4 points of full rank are needed; a step is never predicted below the
 fastest measured step.
+
+That is the linear form, of every file without a ``form`` field. A file may instead say
+``"form": "physical"`` and name a GPU profile (``"profile": "h200"``) beside its model:
+the same points then fit `PhysicalFeatures`, each kind of work a step does in seconds at
+the profile's peak (weights read, linear-layer FLOPs over the rows run, prefill
+attention FLOPs, KV bytes, the longest attention program's scan, a decode graph's block
+table, the recurrent scan, state bytes, and the host's cost of eager steps), with
+non-negative coefficients held to the profile's efficiencies where the points do not
+determine them (`_anchored_fit`), so that a fit on one kind of workload prices the
+steps of another (docs/BENCHMARKS.md). The committed linear files keep their fits.
 """
 
 from __future__ import annotations
@@ -144,6 +154,7 @@ from typing import Protocol
 
 import numpy as np
 
+from avmp.models import resolve_model
 from avmp.models.geometry import LayerKind, ModelGeometry, dtype_bytes
 from avmp.sched.graph_buckets import (
     DECODE_GRAPH_SIZES,
@@ -153,6 +164,7 @@ from avmp.sched.graph_buckets import (
     token_buckets,
 )
 from avmp.sched.scheduler import ScheduledChunk
+from avmp.sim.nnls import nonnegative_least_squares
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,10 @@ class GpuProfile:
             sampling), an assumption of 1 ms with CUDA graphs.
         interconnect: the link between the GPUs of one host, which tensor parallelism
             needs (None where no figures are given: such a profile runs one GPU).
+        num_sms: streaming multiprocessors (datasheet), among which one kernel's
+            programs share the bandwidth: the physical form of a calibration prices the
+            longest decode-attention program at one SM's share (`PhysicalFeatures`); 1
+            where unknown, which prices it at the whole GPU's bandwidth.
     """
 
     name: str
@@ -236,10 +252,13 @@ class GpuProfile:
     compute_efficiency: float = 0.6
     step_overhead_s: float = 1e-3
     interconnect: Interconnect | None = None
+    num_sms: int = 1
 
     def __post_init__(self) -> None:
         if min(self.hbm_bytes_per_s, self.bf16_flops_per_s, self.host_link_bytes_per_s) <= 0:
             raise ValueError(f"{self.name}: bandwidths and FLOP/s must be positive")
+        if self.num_sms < 1:
+            raise ValueError(f"{self.name}: num_sms must be >= 1, got {self.num_sms}")
         for value in (self.bandwidth_efficiency, self.compute_efficiency):
             if not 0 < value <= 1:
                 raise ValueError(f"{self.name}: efficiencies must be in (0, 1], got {value}")
@@ -295,6 +314,9 @@ def _host_link(generation: int) -> float:
 # - H100 80 GB SXM: NVIDIA H100 datasheet, 3.35 TB/s HBM3, 989 TFLOP/s bf16 dense
 #   (the datasheet's 1,979 counts 2:4 sparsity).
 # - H200 SXM 141 GB: NVIDIA H200 datasheet, 4.8 TB/s HBM3e, 989 TFLOP/s bf16 dense.
+# Streaming multiprocessors (num_sms): RTX 3060 28 (GA106, 3,584 CUDA cores at 128 per
+# SM), A100 108, H100 SXM 132 and H200 SXM 132 (NVIDIA A100 and H100 whitepapers; the H200
+# is the H100 SXM's GH100 with HBM3e).
 # Host link, the interface each datasheet or spec page names: RTX 3060 "PCI Express 4.0"
 # (x16 on the desktop card), A100 SXM "PCIe Gen4: 64 GB/s", H100 SXM and H200 SXM "PCIe
 # Gen5: 128 GB/s" (both directions together: x16); per direction times
@@ -303,9 +325,23 @@ GPU_PROFILES: dict[str, GpuProfile] = {
     p.name: p
     for p in (
         GpuProfile(
-            "rtx3060", "NVIDIA GeForce RTX 3060 12 GB", 12 * _GIB, 360e9, 25.6e12, _host_link(4)
+            "rtx3060",
+            "NVIDIA GeForce RTX 3060 12 GB",
+            12 * _GIB,
+            360e9,
+            25.6e12,
+            _host_link(4),
+            num_sms=28,
         ),
-        GpuProfile("a100", "NVIDIA A100 80 GB SXM", 80 * _GIB, 2.039e12, 312e12, _host_link(4)),
+        GpuProfile(
+            "a100",
+            "NVIDIA A100 80 GB SXM",
+            80 * _GIB,
+            2.039e12,
+            312e12,
+            _host_link(4),
+            num_sms=108,
+        ),
         GpuProfile(
             "h100",
             "NVIDIA H100 80 GB SXM",
@@ -314,6 +350,7 @@ GPU_PROFILES: dict[str, GpuProfile] = {
             989e12,
             _host_link(5),
             interconnect=NVLINK4,
+            num_sms=132,
         ),
         GpuProfile(
             "h200",
@@ -323,6 +360,7 @@ GPU_PROFILES: dict[str, GpuProfile] = {
             989e12,
             _host_link(5),
             interconnect=NVLINK4,
+            num_sms=132,
         ),
     )
 }
@@ -831,13 +869,208 @@ def _columns(features: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(_FULL_FEATURES.index(name) for name in features)
 
 
+# ---- the physical form ----------------------------------------------------------------------
+
+LINEAR_FORM = "linear"
+PHYSICAL_FORM = "physical"
+# A calibration file's ``form``; files without the field (all from before it) are linear.
+CALIBRATION_FORMS = (LINEAR_FORM, PHYSICAL_FORM)
+
+# The physical form's features, each a kind of work one step does, in seconds at the
+# profile's peak (`PhysicalFeatures`): the weights read once; the linear layers' FLOPs
+# over the rows the step runs (graph padding included) and the LM head's over its
+# requests; a prefill chunk's attention FLOPs (its pairs beyond one per context token);
+# the KV bytes read and written; the longest attention program's KV bytes at one SM's
+# share of the bandwidth (it scans serially); the KV bytes a decode graph's block table
+# spans (rows, padding included, times its width: what a graph runs, not what it
+# needs); the recurrent scan's FLOPs over the prefill tokens; the state bytes each
+# scheduled request reads and writes; and the host's two, in steps and requests: a
+# prefill or mixed step run eagerly, and the decode requests of an eager step.
+PHYSICAL_FEATURES = (
+    "weight_s",
+    "linear_s",
+    "attention_s",
+    "kv_s",
+    "kv_program_s",
+    "graph_kv_s",
+    "scan_s",
+    "state_s",
+    "eager_steps",
+    "eager_decode_requests",
+)
+# Which peak each feature is priced at, and so which of the profile's efficiencies its
+# coefficient is anchored to (`physical_priors`); the host's terms have no peak.
+_BYTES_FEATURES = ("weight_s", "kv_s", "kv_program_s", "graph_kv_s", "state_s")
+_FLOPS_FEATURES = ("linear_s", "attention_s", "scan_s")
+
+# How strongly a physical fit holds each coefficient to its prior: a coefficient at
+# twice its prior costs the fit as much as this many steps each priced 100% off. A
+# strong prior, chosen on the H200 replays of sessions 7 and 11 (docs/BENCHMARKS.md, "A
+# time model from the model's work"), where weaker ones let a fit on one workload price
+# the other's steps worse; a replay's thousands of steps still move the coefficients
+# they exercise most (the intercept, the linear layers, the state, the graph width).
+PHYSICAL_PRIOR_WEIGHT = 100.0
+
+# The engine's decode attention kernel (avmp.kernels.triton.decode_attention), which the
+# simulator cannot import (it needs triton): tokens one program scans at most per
+# (request, KV head) split, the most splits, the key block, and programs per SM wanted.
+DECODE_SPLIT_MIN_TOKENS = 256
+DECODE_MAX_SPLITS = 32
+DECODE_BLOCK_TOKENS = 32
+DECODE_PROGRAMS_PER_SM = 2
+
+
+def decode_attention_splits(
+    num_rows: int, num_kv_heads: int, max_context_tokens: int, num_sms: int
+) -> int:
+    """Programs per (request, KV head) of a decode attention launch, as
+    ``choose_num_splits`` in avmp.kernels.triton.decode_attention picks them: enough for
+    about two programs per SM, never a split shorter than `DECODE_SPLIT_MIN_TOKENS`."""
+    wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // max(num_rows * num_kv_heads, 1))
+    by_length = -(-max(max_context_tokens, 1) // DECODE_SPLIT_MIN_TOKENS)
+    return max(1, min(wanted, by_length, DECODE_MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class PhysicalFeatures:
+    """What one step of a model does on one GPU, each kind of work apart, in seconds at
+    the GPU profile's peak (`PHYSICAL_FEATURES`): the physical form of a calibration
+    multiplies them by fitted coefficients, each an inverse efficiency (2.0: that work
+    ran at half the peak), so one fit prices any step shape of that model on that GPU.
+
+    Built by `of`; each attribute is what one unit of a kind of work takes at the peak:
+    the weights read once (``weight_s``; of a mixture of experts the share its tokens
+    route to, ``active_fraction``), a row of the linear layers (2 FLOPs per active
+    parameter outside the vocabulary's matrix) and the LM head per scheduled request, a
+    causal attention pair (QK^T and PV: ``4 x hidden size`` FLOPs per attention layer),
+    a token of KV, a token of one KV head's KV (all attention layers) at one SM's share
+    of the bandwidth, a prefill token's recurrent scan (4 FLOPs per state element:
+    update and readout) and a scheduled request's state read and written.
+    """
+
+    weight_s: float
+    active_fraction: float
+    linear_s_per_row: float
+    lm_head_s_per_request: float
+    attention_s_per_pair: float
+    kv_s_per_token: float
+    kv_program_s_per_token: float
+    num_kv_heads: int
+    num_sms: int
+    scan_s_per_token: float
+    state_s_per_request: float
+
+    @classmethod
+    def of(cls, geometry: ModelGeometry, profile: GpuProfile) -> PhysicalFeatures:
+        """The work of one step of ``geometry`` at ``profile``'s peak.
+
+        Raises:
+            ValueError: a model split over ranks (a calibration is of one GPU).
+        """
+        if geometry.num_ranks != 1:
+            raise ValueError("the physical form prices one GPU's steps, not a rank's")
+        bandwidth, flops = profile.hbm_bytes_per_s, profile.bf16_flops_per_s
+        lm_head = geometry.vocab_size * geometry.hidden_size
+        heads = geometry.attention_layers[0].num_kv_heads if geometry.attention_layers else 0
+        per_head = sum(layer.kv_bytes_per_token / layer.num_kv_heads
+                       for layer in geometry.attention_layers)  # fmt: skip
+        scan_flops = 4 * sum(layer.ssm.num_elements for layer in geometry.recurrent_layers
+                             if layer.ssm is not None)  # fmt: skip
+        return cls(
+            weight_s=geometry.weight_bytes / bandwidth,
+            active_fraction=min(1.0, geometry.num_active_params / geometry.num_params),
+            linear_s_per_row=2.0 * max(0, geometry.num_active_params - lm_head) / flops,
+            lm_head_s_per_request=2.0 * lm_head / flops,
+            attention_s_per_pair=4.0 * geometry.hidden_size * geometry.num_attention_layers / flops,
+            kv_s_per_token=geometry.kv_bytes_per_token / bandwidth,
+            kv_program_s_per_token=per_head * profile.num_sms / bandwidth,
+            num_kv_heads=heads,
+            num_sms=profile.num_sms,
+            scan_s_per_token=scan_flops / flops,
+            state_s_per_request=2.0 * geometry.state_bytes_per_request / bandwidth,
+        )
+
+    def values(self, shape: BatchShape) -> tuple[float, ...]:
+        """``shape``'s features in `PHYSICAL_FEATURES` order. Counts a shape leaves at 0
+        are taken as `calibration_features` takes them (requests: its decode requests and
+        one prefilling request; longest context: the mean)."""
+        prefill, decode = shape.num_prefill_tokens, shape.num_decode_requests
+        tokens = prefill + decode
+        requests = shape.num_requests or decode + (prefill > 0)
+        longest = shape.longest_context_tokens or -(-shape.num_context_tokens // max(requests, 1))
+        decode_rows = shape.num_graph_rows if prefill == 0 else 0
+        untouched = (1.0 - self.active_fraction) ** tokens
+        return (
+            self.weight_s * (1.0 - untouched),
+            self.linear_s_per_row * (shape.num_graph_rows or tokens)
+            + self.lm_head_s_per_request * requests,
+            self.attention_s_per_pair * max(0, shape.num_prefill_attention_pairs),
+            self.kv_s_per_token * (shape.num_context_tokens + tokens),
+            self.kv_program_s_per_token * self._program_tokens(shape, longest),
+            self.kv_s_per_token * decode_rows * graph_width_tokens(shape.longest_context_tokens),
+            self.scan_s_per_token * prefill,
+            self.state_s_per_request * requests,
+            float(prefill > 0 and shape.num_graph_rows == 0),
+            float(decode if shape.num_graph_rows == 0 else 0),
+        )
+
+    def _program_tokens(self, shape: BatchShape, longest: int) -> int:
+        """The most tokens one attention program scans: in a decode step the longest
+        request's share of its splits (`decode_attention_splits`, over the rows the step
+        runs and its block table's width), in a prefill or mixed step its longest context
+        (the prefill kernel scans a query tile's whole context in one program)."""
+        if shape.num_prefill_tokens:
+            return longest
+        rows = shape.num_graph_rows or shape.num_decode_requests
+        pages = -(-longest // GRAPH_PAGE_TOKENS)
+        width = graph_width_tokens(longest) if shape.num_graph_rows else pages * GRAPH_PAGE_TOKENS
+        splits = decode_attention_splits(rows, self.num_kv_heads, width, self.num_sms)
+        if splits == 1:
+            return longest
+        per_split = -(-width // splits)  # rounded up to whole key blocks, as the kernel does
+        return min(longest, -(-per_split // DECODE_BLOCK_TOKENS) * DECODE_BLOCK_TOKENS)
+
+
+def physical_priors(profile: GpuProfile) -> tuple[float | None, ...]:
+    """The coefficient each of `PHYSICAL_FEATURES` takes where the measured steps do not
+    determine it: the inverse of ``profile``'s bandwidth efficiency for bytes, of its
+    compute efficiency for FLOPs (the roofline's figures); None for the host's terms."""
+    return tuple(
+        1 / profile.bandwidth_efficiency if name in _BYTES_FEATURES
+        else 1 / profile.compute_efficiency if name in _FLOPS_FEATURES
+        else None
+        for name in PHYSICAL_FEATURES
+    )  # fmt: skip
+
+
+def calibration_shape(point: dict[str, float]) -> BatchShape:
+    """The `BatchShape` of a calibration point, what the simulator prices for that step:
+    a graph step runs its recorded rows (padding included), or a decode graph's rows
+    where a row from before them does not record them; a field the point lacks is 0."""
+    decode = int(point["num_decode_requests"])
+    rows = 0
+    if point.get("graph"):
+        rows = int(point.get("num_padded_tokens") or 0) or decode_graph_rows(decode)
+    return BatchShape(
+        int(point["num_prefill_tokens"]), decode, int(point["num_context_tokens"]),
+        int(point.get("num_attention_pairs") or 0), int(point.get("num_requests") or 0),
+        int(point.get("longest_prefill_tokens") or 0),
+        int(point.get("longest_context_tokens") or 0), rows,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CalibratedModel:
     """Step time fitted to measured engine steps (see module doc for the file format).
 
-    ``coefficients`` are the intercept then one per name of ``features``, in seconds per
-    unit; ``features`` are the base three and the optional ones the fit could determine,
-    in `_FULL_FEATURES` order. ``mixed_graphs``: some measured prefill or mixed step
+    ``form`` is how a step's time is built from its shape (`CALIBRATION_FORMS`). The
+    linear form: ``coefficients`` are the intercept then one per name of ``features``,
+    in seconds per unit; ``features`` are the base three and the optional ones the fit
+    could determine, in `_FULL_FEATURES` order. The physical form: ``features`` are
+    `PHYSICAL_FEATURES`, priced by ``physical`` (the work of the calibration's ``model``
+    at the peak of GPU ``profile``), and ``coefficients`` are the intercept in seconds
+    then one inverse efficiency per feature (seconds per step and per eager decode
+    request for the host's two). ``mixed_graphs``: some measured prefill or mixed step
     replayed a graph, so the engine measured captures them (the simulator then marks
     such steps with a `GraphRule`). ``decode_capture_s`` and ``mixed_capture_s``: what
     capturing a new decode graph, and a new prefill or mixed graph, costs a run on top
@@ -854,11 +1087,37 @@ class CalibratedModel:
     mixed_graphs: bool = False
     decode_capture_s: float = 0.0
     mixed_capture_s: float = 0.0
+    form: str = LINEAR_FORM
+    profile: str | None = None
+    physical: PhysicalFeatures | None = None
 
     def __post_init__(self) -> None:
         for cost in (self.decode_capture_s, self.mixed_capture_s):
             if not (math.isfinite(cost) and cost >= 0):
                 raise ValueError(f"a graph capture's cost must be finite and >= 0, got {cost}")
+        if self.form not in CALIBRATION_FORMS:
+            raise ValueError(
+                f"unknown calibration form {self.form!r}; known: {', '.join(CALIBRATION_FORMS)}"
+            )
+        if self.form == PHYSICAL_FORM:
+            self._check_physical()
+        else:
+            self._check_linear()
+        if len(self.coefficients) != 1 + len(self.features):
+            raise ValueError(
+                f"a calibration on {len(self.features)} features has "
+                f"{1 + len(self.features)} coefficients, got {len(self.coefficients)}"
+            )
+
+    def _check_physical(self) -> None:
+        if self.features != PHYSICAL_FEATURES:
+            raise ValueError(f"the physical form's features are {', '.join(PHYSICAL_FEATURES)}")
+        if self.physical is None or self.model is None or self.profile is None:
+            raise ValueError("the physical form needs the model, the GPU profile and their work")
+
+    def _check_linear(self) -> None:
+        if self.physical is not None:
+            raise ValueError("the linear form prices no physical features")
         if self.features[: len(_BASE_FEATURES)] != _BASE_FEATURES or any(
             name not in _OPTIONAL_FEATURES for name in self.features[len(_BASE_FEATURES) :]
         ):
@@ -868,19 +1127,20 @@ class CalibratedModel:
             )
         if list(_columns(self.features)) != sorted(set(_columns(self.features))):
             raise ValueError(f"calibration features must be in the order {_FULL_FEATURES}")
-        if len(self.coefficients) != 1 + len(self.features):
-            raise ValueError(
-                f"a calibration on {len(self.features)} features has "
-                f"{1 + len(self.features)} coefficients, got {len(self.coefficients)}"
-            )
 
     def step_seconds(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
             return 0.0
-        values = calibration_features(shape)
         intercept, *slopes = self.coefficients
-        columns = _columns(self.features)
-        predicted = intercept + sum(c * values[i] for c, i in zip(slopes, columns, strict=True))
+        if self.physical is not None:
+            values = self.physical.values(shape)
+            predicted = intercept + sum(c * v for c, v in zip(slopes, values, strict=True))
+        else:
+            features = calibration_features(shape)
+            columns = _columns(self.features)
+            predicted = intercept + sum(
+                c * features[i] for c, i in zip(slopes, columns, strict=True)
+            )
         return max(predicted, self.min_step_s)
 
     def capture_seconds(self, kind: str) -> float:
@@ -908,24 +1168,39 @@ def prefill_s_per_token(model: StepTimeModel, chunk_tokens: int) -> float:
     return model.step_seconds(BatchShape.from_chunks([chunk])) / chunk_tokens
 
 
-def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None) -> CalibratedModel:
+def fit_calibration(
+    points: list[dict[str, float]],
+    gpu: str,
+    model: str | None,
+    form: str = LINEAR_FORM,
+    profile: str | None = None,
+) -> CalibratedModel:
     """Relative-error least-squares fit of measured steps (each a dict of the base
     features, optionally ``num_requests``, ``num_attention_pairs``,
-    ``longest_prefill_tokens`` and ``longest_context_tokens``, and ``step_s``); see the
-    module doc for the features and which of them a fit keeps.
+    ``longest_prefill_tokens`` and ``longest_context_tokens``, and ``step_s``) in
+    ``form`` (`CALIBRATION_FORMS`); see the module doc for the features and which of
+    them a linear fit keeps. The physical form needs ``model`` (a zoo name or a config
+    path, `avmp.models.resolve_model`) and ``profile`` (a GPU profile name).
 
     Raises:
         ValueError: fewer than 4 points, a missing or negative field, a ``step_s`` of 0,
             a ``num_requests`` below 1 or below the point's decode requests, a
             ``num_attention_pairs`` below its context tokens, a
             ``longest_prefill_tokens`` above the prefill tokens or 0 beside some, a
-            ``longest_context_tokens`` above the context tokens or below their mean, or
-            features that do not vary enough to determine every coefficient.
+            ``longest_context_tokens`` above the context tokens or below their mean,
+            features that do not vary enough to determine every coefficient (linear),
+            an unknown form, or a physical form without a known model and profile.
     """
+    if form not in CALIBRATION_FORMS:
+        forms = ", ".join(CALIBRATION_FORMS)
+        raise ValueError(f"unknown calibration form {form!r}; known: {forms}")
     if len(points) < 4:
         raise ValueError(f"a calibration needs at least 4 points, got {len(points)}")
     parsed = [_calibration_point(index, point) for index, point in enumerate(points)]
     targets = np.array([step_s for _, step_s in parsed])
+    mixed = any(_is_mixed_graph(features) for features, _ in parsed)
+    if form == PHYSICAL_FORM:
+        return _fit_physical(points, targets, gpu, model, profile, mixed)
     known = [all(f[i] is not None for f, _ in parsed) for i in range(len(_FULL_FEATURES))]
     available = [name for name in _OPTIONAL_FEATURES if known[_FULL_FEATURES.index(name)]]
     for names in _feature_sets(available):
@@ -935,10 +1210,67 @@ def fit_calibration(points: list[dict[str, float]], gpu: str, model: str | None)
         if fitted is not None:
             fitted = _reweighted_fit(matrix, targets, fitted)
             return CalibratedModel(
-                gpu, model, fitted, float(targets.min()), len(points), names,
-                any(_is_mixed_graph(features) for features, _ in parsed),
-            )  # fmt: skip
+                gpu, model, fitted, float(targets.min()), len(points), names, mixed
+            )
     raise ValueError("calibration points do not vary enough to fit every coefficient")
+
+
+def _fit_physical(
+    points: list[dict[str, float]],
+    targets: np.ndarray,
+    gpu: str,
+    model: str | None,
+    profile: str | None,
+    mixed: bool,
+) -> CalibratedModel:
+    """The physical form fitted to checked ``points`` (see `fit_calibration`)."""
+    if not isinstance(model, str) or not isinstance(profile, str):
+        known = ", ".join(GPU_PROFILES)
+        raise ValueError(
+            f"the physical form needs the calibration's model and GPU profile (one of {known})"
+        )
+    gpu_profile = get_profile(profile)
+    try:
+        geometry = resolve_model(model)
+    except ValueError as error:
+        raise ValueError(f"the physical form prices the model's geometry: {error}") from None
+    physical = PhysicalFeatures.of(geometry, gpu_profile)
+    matrix = np.array([[1.0, *physical.values(calibration_shape(p))] for p in points])
+    priors = np.array([np.nan, *(np.nan if p is None else p for p in physical_priors(gpu_profile))])
+    coefficients = _anchored_fit(matrix, targets, priors)
+    return CalibratedModel(
+        gpu, model, coefficients, float(targets.min()), len(points), PHYSICAL_FEATURES, mixed,
+        form=PHYSICAL_FORM, profile=profile, physical=physical,
+    )  # fmt: skip
+
+
+def _anchored_fit(matrix: np.ndarray, targets: np.ndarray, priors: np.ndarray) -> tuple[float, ...]:
+    """Non-negative coefficients minimising the summed squared relative error of
+    ``matrix`` [N, K] against ``targets``, plus `PHYSICAL_PRIOR_WEIGHT` times each
+    coefficient's squared relative distance from its prior (``priors`` [K], NaN for
+    none): weighted by the measured time first, then reweighted by the predicted time
+    (`REWEIGHTING_ROUNDS` rounds, as `_reweighted_fit` and for the same reason).
+
+    Non-negative, so that no kind of work lowers a step's time however far a shape lies
+    from the measured ones; anchored, so that a kind the measured steps barely exercise
+    (long-context attention in a fit on short chats) is priced at the profile's
+    efficiency rather than at whatever the noise makes of it.
+    """
+    floor = float(targets.min())
+    anchored = np.flatnonzero(~np.isnan(priors))
+    strength = math.sqrt(PHYSICAL_PRIOR_WEIGHT)
+    predicted = targets
+    for _ in range(1 + REWEIGHTING_ROUNDS):
+        weighted = matrix / predicted[:, None]
+        scale = np.abs(weighted).max(axis=0)  # equilibrate columns, as `_weighted_fit`
+        scale[scale == 0] = 1.0
+        prior_rows = np.zeros((len(anchored), matrix.shape[1]))
+        prior_rows[np.arange(len(anchored)), anchored] = strength / priors[anchored]
+        system = np.vstack([weighted, prior_rows]) / scale
+        wanted = np.concatenate([targets / predicted, np.full(len(anchored), strength)])
+        solution = nonnegative_least_squares(system, wanted) / scale
+        predicted = np.maximum(matrix @ solution, floor)
+    return tuple(float(x) for x in solution)
 
 
 REWEIGHTING_ROUNDS = 10
@@ -1099,7 +1431,10 @@ def load_calibration(path: str | Path) -> CalibratedModel:
     try:
         raw = path.read_bytes()
         data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
-        model = fit_calibration(list(data["points"]), str(data.get("gpu", "")), data.get("model"))
+        model = fit_calibration(
+            list(data["points"]), str(data.get("gpu", "")), data.get("model"),
+            data.get("form", LINEAR_FORM), data.get("profile"),
+        )  # fmt: skip
         decode_s, mixed_s = capture_costs(data.get("graph_captures"))
         return replace(model, decode_capture_s=decode_s, mixed_capture_s=mixed_s)
     except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
