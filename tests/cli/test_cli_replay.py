@@ -164,6 +164,24 @@ def test_replay_with_a_calibration_file(trace: Path, tmp_path: Path, capsys) -> 
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_replay_charges_graph_captures_only_when_asked(trace: Path, capsys) -> None:
+    """A calibration with capture costs: a warmed-up server by default, an engine that
+    captures mid-run with --charge-captures (slower by what it charged)."""
+    results = Path(__file__).parents[2] / "benchmarks" / "results"
+    calibration = results / "calibration_h200_s11_granite-4.0-h-micro.json.gz"
+    base = ["replay", str(trace), "--model", "granite-4.0-h-micro", "--memory", "1GiB",
+            "--profile", "h200", "--json", "--allocators", "avmp",
+            "--calibration", str(calibration)]  # fmt: skip
+    assert main(base) == 0
+    steady = json.loads(capsys.readouterr().out)[0]
+    assert main([*base, "--charge-captures"]) == 0
+    charged = json.loads(capsys.readouterr().out)[0]
+    assert "num_graph_captures" not in steady and charged["num_graph_captures"] > 0
+    assert charged["makespan_s"] > steady["makespan_s"]
+    assert main(base[:-2] + ["--charge-captures"]) == 2
+    assert "--charge-captures goes with --calibration" in capsys.readouterr().err
+
+
 def test_replay_refuses_a_run_the_gpu_profile_cannot_hold(trace: Path, capsys) -> None:
     argv = ["replay", str(trace), "--model", "jamba-1.5-mini", "--memory", "1GiB"]
     assert main(argv) == 2  # 96 GiB of bf16 weights on an 80 GB H100

@@ -64,7 +64,8 @@ def run(
 ) -> tuple[SimResult, list[BatchShape]]:
     allocator = make_allocator("avmp", geometry, MemoryConfig(64 * MIB))
     config = SimConfig(allocator_calls_path=None, max_num_batched_tokens=256,
-                       calibration=None if calibration is None else str(calibration))  # fmt: skip
+                       calibration=None if calibration is None else str(calibration),
+                       charge_graph_captures=True)  # fmt: skip
     shapes: list[BatchShape] = []
     result = simulate(specs, allocator, geometry, config,
                       on_step=lambda shape, _seconds: shapes.append(shape))  # fmt: skip
@@ -141,7 +142,7 @@ def test_the_steps_that_capture_are_timed_apart_as_the_engine_times_them(
     calibration = write_calibration(tmp_path / "cal.json", CAPTURES)
     allocator = make_allocator("avmp", geometry, MemoryConfig(64 * MIB))
     config = SimConfig(allocator_calls_path=None, max_num_batched_tokens=256,
-                       calibration=str(calibration))  # fmt: skip
+                       calibration=str(calibration), charge_graph_captures=True)  # fmt: skip
     priced: list[tuple[BatchShape, float]] = []
     result = simulate(specs, allocator, geometry, config,
                       on_step=lambda shape, seconds: priced.append((shape, seconds)))  # fmt: skip
@@ -231,10 +232,11 @@ BEFORE = {
 }
 
 
-def simulate_small(calibration: Path) -> SimResult:
+def simulate_small(calibration: Path, charge_graph_captures: bool = True) -> SimResult:
     geometry = resolve_model("granite-4.0-h-micro")
     config = SimConfig(profile="h200", calibration=str(calibration), max_num_seqs=64,
-                       max_num_batched_tokens=2048, allocator_calls_path=None)  # fmt: skip
+                       max_num_batched_tokens=2048, allocator_calls_path=None,
+                       charge_graph_captures=charge_graph_captures)  # fmt: skip
     allocator = make_allocator("avmp", geometry, MemoryConfig(256 * MIB))
     return simulate(small_trace(), allocator, geometry, config)
 
@@ -263,3 +265,20 @@ def test_committed_calibrations_without_capture_costs_give_the_figures_of_before
         charged = simulate_small(path)
         assert charged.graph_capture_s > 0
         assert charged.makespan_s > result.makespan_s
+
+
+def test_by_default_a_run_is_a_warmed_up_servers(tmp_path: Path) -> None:
+    """Without ``charge_graph_captures`` every bucket counts as captured before the run:
+    nothing is charged or counted, and the run is the one whose file has no capture
+    costs at all (a layout that meets more shapes is not charged for them)."""
+    path = RESULTS / "calibration_h200_s11_granite-4.0-h-micro.json.gz"
+    data = json.loads(gzip.decompress(path.read_bytes()))
+    assert data.pop("graph_captures", None) is not None
+    stripped = tmp_path / "stripped.json"
+    stripped.write_text(json.dumps(data))
+    steady = simulate_small(path, charge_graph_captures=False)
+    assert (steady.num_graph_captures, steady.graph_capture_s, steady.captured_steps_s) == (
+        0, 0.0, 0.0)  # fmt: skip
+    uncharged = simulate_small(stripped)
+    assert (steady.makespan_s, steady.num_steps) == (uncharged.makespan_s, uncharged.num_steps)
+    assert simulate_small(path).makespan_s > steady.makespan_s

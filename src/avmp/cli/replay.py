@@ -78,6 +78,11 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--calibration", metavar="FILE", help="step-time calibration JSON")
     parser.add_argument(
+        "--charge-captures", action="store_true",
+        help="with --calibration: charge a CUDA graph capture whenever a step meets a new "
+             "bucket (an engine that did not warm up); default: a warmed-up server's steps",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=SimConfig.max_num_seqs,
@@ -265,9 +270,12 @@ def _replay_tasks(args: argparse.Namespace, budget: int) -> tuple[ModelGeometry,
     policy = policy_options(args)
     if args.prefix_host_level:
         check_prefix_host_level(args.prefix_cache, policy["preemption"], policy["host_tier_bytes"])
+    if args.charge_captures and args.calibration is None:
+        raise UserError("--charge-captures goes with --calibration (the roofline knows no graphs)")
     config = SimConfig(
         profile=args.profile,
         calibration=args.calibration,
+        charge_graph_captures=args.charge_captures,
         prefix_cache=args.prefix_cache,
         max_num_seqs=_at_least_one(args, "max_num_seqs"),
         max_num_batched_tokens=_at_least_one(args, "max_num_batched_tokens"),

@@ -103,6 +103,12 @@ class SimConfig:
         captured_mixed_graphs: the engine's prefill and mixed graph buckets captured
             before the run, (tokens, sequences, block-table width in tokens) each
             (`avmp.sim.timing.GraphRule`; with a calibration that shows mixed graphs).
+        charge_graph_captures: with a calibration, charge a CUDA graph capture (the
+            file's cost) whenever a step meets a bucket the run has not captured yet:
+            an engine that did not warm up, as an engine replay measures one. Off (the
+            default), every bucket counts as captured before the run: a server's steady
+            state, since it captures each bucket once in its life, so that layouts
+            whose steps meet more distinct shapes are not charged for it.
     """
 
     profile: str = "h100"
@@ -122,6 +128,7 @@ class SimConfig:
     prefix_eviction: str | None = None
     prefix_host_level: bool = False
     captured_mixed_graphs: tuple[tuple[int, int, int], ...] = ()
+    charge_graph_captures: bool = False
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -585,6 +592,8 @@ class _Simulation:
         captured = None
         if isinstance(self.model, CalibratedModel):  # the roofline knows no graphs
             shape, captured = self.graphs.take(shape)
+            if not self.config.charge_graph_captures:
+                captured = None  # captured before the run (a warmed-up server)
             if captured is not None:
                 self._charge_capture(self.model.capture_seconds(captured))
         total_s = self.model.step_seconds(shape)

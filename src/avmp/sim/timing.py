@@ -1255,7 +1255,13 @@ def _anchored_fit(matrix: np.ndarray, targets: np.ndarray, priors: np.ndarray) -
     (long-context attention in a fit on short chats) is priced at the profile's
     efficiency rather than at whatever the noise makes of it.
     """
-    from scipy.optimize import nnls  # the bench extra's: fitting is a benchmark's work
+    try:
+        from scipy.optimize import nnls
+    except ImportError:
+        raise ValueError(
+            "a calibration in the physical form is fitted with scipy (the bench extra): "
+            "pip install 'avmp[bench]'"
+        ) from None
 
     floor = float(targets.min())
     anchored = np.flatnonzero(~np.isnan(priors))
