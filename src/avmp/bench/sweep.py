@@ -92,7 +92,7 @@ SHIPPED_POLICIES = {
     "unified": ShippedPolicy("recompute", "greedy"),
     # SGLang: retraction by recompute, admission under its decaying new-token ratio, one
     # padding slot held back and the unused state budget given to the KV pool (its radix
-    # cache's running cap is left out: the simulator models no prefix cache)
+    # cache's running cap is left out, with --prefix-cache too)
     "static": ShippedPolicy("recompute", "sglang", ("padding_slot", "give_back")),
 }
 # every layout a sweep or a replay may name: the allocators, and the peers as shipped
