@@ -450,7 +450,7 @@ def test_each_turn_carries_the_servers_own_earlier_answers() -> None:
             sent = [m["content"] for m in messages if m["role"] == "user"]
             assert sent == [f"{name} message {t}" for t in range(turn + 1)]
             answers = [m["content"] for m in messages if m["role"] == "assistant"]
-            assert answers == [state.answers[j] for j in indices[:turn]]  # not placeholders
+            assert answers == [state.answers[j] for j in indices[:turn]]  # the server's own words
     # a turn leaves only after the previous answer ended and the think time passed
     for c in range(3):
         sent = sorted((r for r in records if r.conversation == c), key=lambda r: r.turn)
