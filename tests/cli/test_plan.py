@@ -177,3 +177,12 @@ def test_plan_static_options_are_sglangs_shipped_split(
     assert capped["num_requests"] < plain["num_requests"]  # a third of the slots
     assert main([*jamba_8, "--static-options", "padding"]) == 2
     assert "unknown static option 'padding'; known: padding_slot" in capsys.readouterr().err
+
+
+def test_python_dash_m_avmp_is_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "avmp", *JAMBA, "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["vllm_block_size"] == 80
