@@ -3,7 +3,7 @@ predicts runs it was not fitted on.
 
 Calibrate: every profiled step of the given engine replays (``benchmarks/engine_replay.py``
 results: every layout and the unbounded run) becomes a calibration point
-(`avmp.sim.timing.fit_calibration`), optionally beside the points of an existing
+(`avmp.sim.calibration.fit_calibration`), optionally beside the points of an existing
 calibration file (``--cells``: the cells of ``benchmarks/engine.py``)::
 
     python -m benchmarks.calibrate REPLAY.json.gz [REPLAY ...] --out CAL.json
@@ -13,7 +13,7 @@ device time (CUDA events) plus the time the device then sat idle until the next 
 began (waiting for the host), reconstructed from the host's start times as
 benchmarks/engine.py does (`device_idle_after`); over a replay they add up to its
 timeline. Steps that captured a CUDA graph are not points (one-off work, reported apart
-by the replay): they give the calibration's ``graph_captures`` (`avmp.sim.timing`), the
+by the replay): they give the calibration's ``graph_captures`` (`avmp.sim.calibration`), the
 median cost of capturing a decode graph and a prefill or mixed graph, with their counts.
 A capture's cost is its step's time as above (the device time, whose events span the
 capture's own passes, plus the wait after it) less the fitted model's price of the same
@@ -21,10 +21,10 @@ step replayed (`capture_costs`), clamped at 0: the step ran its batch as well as
 capture, and the simulator prices that batch itself. The row's period (host start to the
 next start) is not used: the host runs a step ahead, so a period also holds part of a
 neighbouring step. A row records whether its step replayed a decode graph, which the fit uses
-(`avmp.sim.timing`: eager decode requests, graph rows); rows from before a field was
+(`avmp.sim.calibration`: eager decode requests, graph rows); rows from before a field was
 recorded (attention pairs) load without it.
 
-A calibration is fitted in one form (``--form``, `avmp.sim.timing.CALIBRATION_FORMS`):
+A calibration is fitted in one form (``--form``, `avmp.sim.calibration.CALIBRATION_FORMS`):
 ``linear`` on the shape's counts, or ``physical`` on the work they mean for the model
 on the GPU profile (``--profile``, by default the replays' device's), which the file
 records beside the points (``form``, ``profile``). `DEFAULT_FORM` is the one whose fit
@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from avmp.sim.timing import CALIBRATION_FORMS, LINEAR_FORM, PHYSICAL_FORM
+from avmp.sim.calibration import CALIBRATION_FORMS, LINEAR_FORM, PHYSICAL_FORM
 from benchmarks.common import gpu_profile, read_result, repo_path, write_result
 
 # Fields of an engine replay's step row, in order (benchmarks/engine_replay.py `replay`);
@@ -203,9 +203,9 @@ def calibration(
 
     Raises:
         ValueError: replays of different models or GPUs, a cells file of another model,
-            or points that do not fit (`avmp.sim.timing.fit_calibration`).
+            or points that do not fit (`avmp.sim.calibration.fit_calibration`).
     """
-    from avmp.sim.timing import fit_calibration
+    from avmp.sim.calibration import fit_calibration
 
     models = {results["model"] for _, results in replays}
     gpus = {results["device"] for _, results in replays}
@@ -346,8 +346,8 @@ _FIGURES = ("request_throughput", "num_preemptions", "num_steps")
 
 def point_shape(point: dict[str, float]) -> Any:
     """The `BatchShape` of a calibration point from a replay (what the simulator would
-    price for that step): `avmp.sim.timing.calibration_shape`."""
-    from avmp.sim.timing import calibration_shape
+    price for that step): `avmp.sim.calibration.calibration_shape`."""
+    from avmp.sim.calibration import calibration_shape
 
     return calibration_shape(point)
 
@@ -360,7 +360,7 @@ def priced_steps(points: list[dict[str, float]], cal_path: Path) -> dict[str, fl
     the graph steps and the eager ones, and for the pure decode steps and the prefill
     or mixed ones: the time model's error with the schedule held fixed (seconds, summed).
     """
-    from avmp.sim.timing import load_calibration
+    from avmp.sim.calibration import load_calibration
 
     model = load_calibration(cal_path)
     sums = {f"{kind}{end}": 0.0 for kind in _PRICED_KINDS for end in ("_s", "_predicted_s")}

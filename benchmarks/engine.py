@@ -59,13 +59,8 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.profile import StepRecord
 from avmp.engine.tiny import init_random_weights
 from avmp.models.zoo import zoo_config
-from avmp.sim.timing import (
-    BatchShape,
-    CalibratedModel,
-    RooflineModel,
-    fit_calibration,
-    get_profile,
-)
+from avmp.sim.calibration import CalibratedModel, fit_calibration
+from avmp.sim.timing import BatchShape, RooflineModel, get_profile
 from avmp.units import parse_bytes
 from benchmarks.common import copy_bytes_per_s, gpu_profile, read_result, write_result
 
@@ -551,7 +546,7 @@ def _hf_row(
 
 
 def calibration_points(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Every profiled step of the cells as a calibration point (avmp.sim.timing).
+    """Every profiled step of the cells as a calibration point (avmp.sim.calibration).
 
     A step's time is its device time (CUDA events: from the device reaching the step to
     its last kernel, which covers the launches of an eager step that the device waits

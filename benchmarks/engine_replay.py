@@ -653,7 +653,7 @@ def resimulate(
             run's (the results do not record enough to rebuild them), or a budget sweep.
         FileNotFoundError: the calibration or the trace file is missing.
     """
-    from avmp.sim.timing import load_calibration
+    from avmp.sim.calibration import load_calibration
 
     if results.get("kind") == SWEEP_KIND:
         raise ValueError("a budget sweep has no engine runs to resimulate: rerun it with "
@@ -797,7 +797,7 @@ def calibration_profile(calibration: Path) -> str:
     Raises:
         ValueError: not a step-time calibration, or no such file.
     """
-    from avmp.sim.timing import load_calibration
+    from avmp.sim.calibration import load_calibration
 
     return gpu_profile(load_calibration(calibration).gpu)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from avmp.sim.timing import load_calibration
+from avmp.sim.calibration import load_calibration
 from benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,

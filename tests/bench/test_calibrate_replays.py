@@ -18,12 +18,12 @@ from avmp.bench.traces import write_jsonl  # noqa: E402
 from avmp.engine.tiny import tiny_model  # noqa: E402
 from avmp.models.zoo import zoo_config  # noqa: E402
 from avmp.sched.request import RequestSpec  # noqa: E402
-from avmp.sim.timing import (  # noqa: E402
+from avmp.sim.calibration import (  # noqa: E402
     GRAPH_ROWS_FEATURE,
     PHYSICAL_FEATURES,
-    decode_graph_rows,
     load_calibration,
 )
+from avmp.sim.timing import decode_graph_rows  # noqa: E402
 from benchmarks import calibrate  # noqa: E402
 from benchmarks.common import read_result, write_result  # noqa: E402
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from avmp.engine.profile import StepRecord
-from avmp.sim.timing import load_calibration
+from avmp.sim.calibration import load_calibration
 from benchmarks.common import write_result
 from benchmarks.engine import (
     _long_lines,

@@ -18,14 +18,10 @@ from avmp.memory.spec import MemoryConfig
 from avmp.models.geometry import ModelGeometry
 from avmp.models.zoo import resolve_model
 from avmp.sched.request import RequestSpec
+from avmp.sim.calibration import load_calibration
 from avmp.sim.metrics import SimResult
 from avmp.sim.simulator import SimConfig, simulate
-from avmp.sim.timing import (
-    BatchShape,
-    decode_graph_rows,
-    graph_width_tokens,
-    load_calibration,
-)
+from avmp.sim.timing import BatchShape, decode_graph_rows, graph_width_tokens
 from sched_helpers import MIB
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"

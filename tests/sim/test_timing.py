@@ -10,19 +10,17 @@ import pytest
 
 from avmp.models.geometry import AttentionLayer, ModelGeometry
 from avmp.sched.scheduler import ScheduledChunk
+from avmp.sim.calibration import CalibratedModel, fit_calibration, load_calibration
 from avmp.sim.timing import (
     GPU_PROFILES,
     PCIE_COPY_EFFICIENCY,
     AllocatorCallCosts,
     BatchShape,
-    CalibratedModel,
     GpuProfile,
     MemoryMoveCosts,
     RooflineModel,
-    fit_calibration,
     get_profile,
     load_allocator_call_costs,
-    load_calibration,
     pcie_x16_bytes_per_s,
     without_recompute,
 )

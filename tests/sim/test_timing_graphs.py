@@ -12,16 +12,14 @@ import pytest
 
 from avmp.sched.graph_buckets import DECODE_GRAPH_SIZES, bucket
 from avmp.sched.scheduler import ScheduledChunk
-from avmp.sim import timing
-from avmp.sim.timing import (
+from avmp.sim import calibration, timing
+from avmp.sim.calibration import (
     EAGER_DECODE_FEATURE,
     GRAPH_ROWS_FEATURE,
     GRAPH_WIDTH_FEATURE,
-    BatchShape,
-    decode_graph_rows,
     fit_calibration,
-    graph_width_tokens,
 )
+from avmp.sim.timing import BatchShape, decode_graph_rows, graph_width_tokens
 
 GRAPH_FEATURES = (EAGER_DECODE_FEATURE, GRAPH_ROWS_FEATURE, GRAPH_WIDTH_FEATURE)
 
@@ -154,7 +152,7 @@ def test_a_fit_of_noisy_steps_is_not_biased_low(monkeypatch: pytest.MonkeyPatch)
         return sum(model.step_seconds(s) for s in steps)
 
     assert fitted_total() == pytest.approx(measured, rel=0.03)
-    monkeypatch.setattr(timing, "REWEIGHTING_ROUNDS", 0)
+    monkeypatch.setattr(calibration, "REWEIGHTING_ROUNDS", 0)
     assert fitted_total() < 0.93 * measured
 
 
@@ -207,7 +205,8 @@ def test_a_fit_learns_whether_the_engine_captured_mixed_steps() -> None:
 
 
 def calibration_has_prefill(shape: BatchShape) -> float:
-    return timing.calibration_features(shape)[timing._FULL_FEATURES.index(timing.EAGER_FEATURE)]
+    column = calibration._FULL_FEATURES.index(calibration.EAGER_FEATURE)
+    return calibration.calibration_features(shape)[column]
 
 
 def test_the_graph_rule_starts_from_the_graphs_captured_before_the_run() -> None:
@@ -241,7 +240,7 @@ def test_a_fit_prices_mixed_graphs_by_their_padded_tokens() -> None:
     points = [point(s, graphed_truth(s)) | {"num_padded_tokens": s.num_graph_rows}
               for s in steps]  # fmt: skip
     model = fit_calibration(points, "test", None)
-    assert timing.MIXED_GRAPH_FEATURE in model.features and model.mixed_graphs
+    assert calibration.MIXED_GRAPH_FEATURE in model.features and model.mixed_graphs
     for shape in steps:
         assert model.step_seconds(shape) == pytest.approx(graphed_truth(shape), rel=1e-6)
 

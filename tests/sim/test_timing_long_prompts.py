@@ -12,15 +12,8 @@ from timing_cases import chunk, decodes
 
 from avmp.models import resolve_model
 from avmp.sched.scheduler import ScheduledChunk
-from avmp.sim.timing import (
-    BatchShape,
-    CalibratedModel,
-    RooflineModel,
-    fit_calibration,
-    get_profile,
-    load_calibration,
-    prefill_s_per_token,
-)
+from avmp.sim.calibration import CalibratedModel, fit_calibration, load_calibration
+from avmp.sim.timing import BatchShape, RooflineModel, get_profile, prefill_s_per_token
 
 BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 ALL = (*BASE, "mean_context_tokens", "has_prefill", "num_prefill_attention_pairs")

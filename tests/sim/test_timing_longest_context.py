@@ -12,7 +12,8 @@ import timing_cases
 from timing_cases import chunk, decodes
 
 from avmp.sched.scheduler import ScheduledChunk
-from avmp.sim.timing import BatchShape, fit_calibration, load_calibration
+from avmp.sim.calibration import fit_calibration, load_calibration
+from avmp.sim.timing import BatchShape
 
 BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 WITH_LONGEST_CONTEXT = (

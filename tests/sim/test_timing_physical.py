@@ -16,21 +16,19 @@ import pytest
 from timing_cases import chunk, decodes
 
 from avmp.models import resolve_model
-from avmp.sim import timing
-from avmp.sim.timing import (
+from avmp.sim import calibration, timing
+from avmp.sim.calibration import (
     LINEAR_FORM,
     PHYSICAL_FEATURES,
     PHYSICAL_FORM,
-    BatchShape,
     CalibratedModel,
     PhysicalFeatures,
     decode_attention_splits,
     fit_calibration,
-    get_profile,
     load_calibration,
-    mixed_graph_tokens,
     physical_priors,
 )
+from avmp.sim.timing import BatchShape, get_profile, mixed_graph_tokens
 
 MODEL, PROFILE = "granite-4.0-h-micro", "h200"
 GEOMETRY = resolve_model(MODEL)
@@ -163,7 +161,7 @@ def test_without_the_prior_the_fit_recovers_every_coefficient(
     """Points spanning short and long steps, timed by `TRUTH`: with the prior weighing
     nothing the non-negative fit is plain least squares and finds `TRUTH` (the weights'
     term, constant for a dense model, cannot be told from the intercept: their sum)."""
-    monkeypatch.setattr(timing, "PHYSICAL_PRIOR_WEIGHT", 0.0)
+    monkeypatch.setattr(calibration, "PHYSICAL_PRIOR_WEIGHT", 0.0)
     steps = short_steps() + long_steps() + [BatchShape.from_chunks([chunk(0, 0, 300)])]
     model = fit_calibration([point(s, truth_step_s(s)) for s in steps], "h200", MODEL,
                             PHYSICAL_FORM, PROFILE)  # fmt: skip

@@ -35,7 +35,7 @@ def points_of(
 
 def written_out(shape: BatchShape) -> dict[str, float]:
     """Every calibration feature of ``shape``, computed here from its fields (not through
-    `avmp.sim.timing`), so a test checks the module against an independent formula."""
+    `avmp.sim.calibration`), so a test checks the module against an independent formula."""
     return {
         "num_prefill_tokens": shape.num_prefill_tokens,
         "num_decode_requests": shape.num_decode_requests,

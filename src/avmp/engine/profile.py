@@ -22,7 +22,7 @@ class StepRecord:
     the runner's wall time. ``graph`` marks a replayed CUDA graph, ``captured`` a step
     that captured one. ``longest_prefill_tokens`` is the most tokens one sequence
     computes in the step's prefill work (0 for a pure decode step): a sequence's chunk
-    runs serially, so a prefill step's time follows it (see avmp.sim.timing).
+    runs serially, so a prefill step's time follows it (see avmp.sim.calibration).
     ``longest_context_tokens`` is the most context tokens of one sequence once the step
     is done (decode or prefill): decode attention scans one sequence's KV serially, so a
     decode step's time follows it beside the mean context. ``num_padded_tokens`` is the

@@ -42,20 +42,19 @@ from avmp.sched.swap import (
     parse_choice,
 )
 from avmp.sched.timeline import TimelineRecorder
+from avmp.sim.calibration import CalibratedModel, load_calibration
 from avmp.sim.metrics import PHASES, RequestClock, SimResult, percentile
 from avmp.sim.timing import (
     DEFAULT_ALLOCATOR_CALLS_PATH,
     VMM_MIGRATION_S_PER_CHUNK,
     AllocatorCallCosts,
     BatchShape,
-    CalibratedModel,
     GraphRule,
     MemoryMoveCosts,
     RooflineModel,
     StepTimeModel,
     get_profile,
     load_allocator_call_costs,
-    load_calibration,
     prefill_s_per_token,
     without_recompute,
 )
