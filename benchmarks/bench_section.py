@@ -452,6 +452,12 @@ def _cell_ratios(avmp: list[Cell], baseline: list[Cell]) -> tuple[list[float], b
     return ratios, unlike
 
 
+def _named(time_model: str) -> str:
+    """A time model's class with the module that defines it."""
+    module = "avmp.sim.calibration" if time_model.startswith("Calibrated") else "avmp.sim.timing"
+    return f"{time_model} of `{module}`"
+
+
 def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
     cells = load_cells(directory)
     extra = "" if vllm_sharegpt is None else f" --sharegpt-vllm {vllm_sharegpt}"
@@ -467,7 +473,7 @@ def section(directory: Path, vllm_sharegpt: Path | None = None) -> str:
         "### Conditions",
         "",
         *[f"- {line}" for line in conditions(cells)],
-        f"- step time: {', '.join(time_models)} of `avmp.sim.timing` for each GPU profile "
+        f"- step time: {', '.join(_named(m) for m in time_models)} for each GPU profile "
         "(simulated seconds; allocator calls, migration and compaction charged by the "
         "simulator's cost model, never by this machine's clock)",
         *model_lines(cells),
