@@ -4,7 +4,8 @@ table they write (the package's entries merged with a run's), and their command 
 ``main()`` flow.
 
 What differs between them (kernels, geometries, candidates, result columns) stays in
-each script; this module knows nothing of any kernel.
+each script; this module knows nothing of any kernel. Triton is imported only inside the
+functions a sweep calls, so that a tuner's ``--markdown`` runs without it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-import triton
 
-from avmp.kernels.triton._common import gpu_key
 from benchmarks.common import (
     Timer,
     event_ms,
@@ -95,6 +94,8 @@ def smoke_rig() -> Rig:
     Raises:
         ValueError: not under Triton's interpreter.
     """
+    import triton
+
     if not triton.knobs.runtime.interpret:
         raise ValueError("--smoke runs under Triton's interpreter: set TRITON_INTERPRET=1")
     timer = wall_timer(0, 1)
@@ -193,6 +194,8 @@ def sweep_result(script: str, setup: SweepSetup, argv: Sequence[str], match_tole
                  start: float, geometries: list[Result], extra: Result | None = None) -> Result:
     """A tuner's result: where, with what, run how, timed how, the script's ``extra``
     fields, the budget and the time taken since ``start``, then the geometries'."""
+    import triton
+
     rig = setup.rig
     return {"device": device_name(rig.device), "torch": torch.__version__,
             "triton": triton.__version__, "command": command(script, argv),
@@ -219,6 +222,8 @@ class TunedTableFile:
     parse: Callable[[Any, str], object]
 
     def key(self, entry: dict[str, Any]) -> tuple[Any, ...]:
+        from avmp.kernels.triton._common import gpu_key
+
         return (gpu_key(entry["gpu"]), *(entry[f] for f in self.shape_fields))
 
     def packaged_entries(self) -> list[dict[str, Any]]:
@@ -279,17 +284,25 @@ def tuner_parser(description: str, *, models: Sequence[str], budget_s: float,
 
 
 @dataclass(frozen=True)
+class SweepSteps:
+    """A tuner's sweep, as `tuner_main` runs it: what to sweep and how (``plan``: its
+    targets and a setup with a `Rig`; raises ValueError on a user mistake or without a
+    GPU), the sweep itself (``run``), and the tuned table's writer."""
+
+    plan: Callable[[], tuple[Any, Any]]
+    run: Callable[[Any, Any], Result]
+    write_table: Callable[[Path, Result], None]
+
+
+@dataclass(frozen=True)
 class TunerSteps:
     """The script's parts of `tuner_main`: the tables of a saved result (``saved``) and
-    of a fresh one (``report``), what to sweep and how (``plan``: its targets and a setup
-    with a `Rig`; raises ValueError on a user mistake or without a GPU), the sweep
-    itself, and the tuned table's writer."""
+    of a fresh one (``report``), and its `SweepSteps`, loaded only to sweep (``sweep``:
+    they import Triton, which the tables do without)."""
 
     saved: Callable[[Result], str]
     report: Callable[[Result], str]
-    plan: Callable[[], tuple[Any, Any]]
-    sweep: Callable[[Any, Any], Result]
-    write_table: Callable[[Path, Result], None]
+    sweep: Callable[[], SweepSteps]
 
 
 def tuner_main(script: str, args: argparse.Namespace, steps: TunerSteps) -> int:
@@ -302,13 +315,14 @@ def tuner_main(script: str, args: argparse.Namespace, steps: TunerSteps) -> int:
             return 0
         if args.out is None:
             raise ValueError("--out is required to run the sweep")
-        targets, setup = steps.plan()
+        sweep = steps.sweep()
+        targets, setup = sweep.plan()
         if setup.rig.device.type == "cuda":
             warm_up_gpu()  # clocks up before the first timing
-        result = steps.sweep(targets, setup)
+        result = sweep.run(targets, setup)
         write_result(args.out, result)
         if args.write_table is not None:
-            steps.write_table(args.write_table, result)
+            sweep.write_table(args.write_table, result)
     except (ValueError, OSError) as error:  # a user mistake or a missing GPU: one line
         print(f"{script}: {error}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
-"""benchmarks/attn_tune.py off the GPU: the geometries it reads from the zoo, the
-causal pairs and FLOPs it reports, its candidate grid, pruning, checking and picking
-(with fake steps and a fake timer), the tuned table it writes and the kernel reads, its
-refusal without CUDA; and its --smoke sweep of the real code path under Triton's
-interpreter (wall-clock times, tiny shapes)."""
+"""benchmarks/attn_tune.py and its sweep (attn_tune_measure.py) off the GPU: the geometries
+it reads from the zoo, the causal pairs and FLOPs it reports, its candidate grid, pruning,
+checking and picking (with fake steps and a fake timer), the tuned table it writes and the
+kernel reads, its refusal without CUDA; and its --smoke sweep of the real code path under
+Triton's interpreter (wall-clock times, tiny shapes)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ from avmp.kernels.triton.prefill_attention import (  # noqa: E402
     parse_tuned_table,
     tuned_attention_tiles,
 )
-from benchmarks import attn_tune  # noqa: E402
-from benchmarks.attn_tune import Geometry, Grid, Trial  # noqa: E402
+from benchmarks import attn_tune, attn_tune_measure  # noqa: E402
+from benchmarks.attn_tune_measure import Geometry, Grid, Trial  # noqa: E402
 from benchmarks.common import read_result  # noqa: E402
 
 NEMOTRON = Geometry(32, 8, 128)
 
 
 def test_geometries_come_from_the_zoo() -> None:
-    assert attn_tune.attention_geometry("granite-4.0-h-micro") == Geometry(32, 8, 64)
-    assert attn_tune.attention_geometry("nemotron-h-8b") == NEMOTRON
+    assert attn_tune_measure.attention_geometry("granite-4.0-h-micro") == Geometry(32, 8, 64)
+    assert attn_tune_measure.attention_geometry("nemotron-h-8b") == NEMOTRON
     assert NEMOTRON.group == 4
 
 
@@ -39,28 +39,29 @@ def test_geometries_come_from_the_zoo() -> None:
 def test_causal_pairs_count_every_visible_key(batch: int, new: int, cached: int) -> None:
     query_pos = torch.arange(cached, cached + new)
     visible = torch.arange(cached + new)[None, :] <= query_pos[:, None]
-    assert attn_tune.causal_pairs(batch, new, cached) == batch * int(visible.sum())
+    assert attn_tune_measure.causal_pairs(batch, new, cached) == batch * int(visible.sum())
     geo = Geometry(4, 2, 16)
-    assert attn_tune.causal_flops(geo, batch, new, cached) == (
-        4 * 4 * 16 * attn_tune.causal_pairs(batch, new, cached))
+    assert attn_tune_measure.causal_flops(geo, batch, new, cached) == (
+        4 * 4 * 16 * attn_tune_measure.causal_pairs(batch, new, cached))
 
 
 def test_the_grid_starts_with_the_defaults_and_phase_two_varies_warps_and_stages() -> None:
     grid = Grid()
-    first = attn_tune.phase_one(grid)
+    first = attn_tune_measure.phase_one(grid)
     assert first[0] == AttentionTiles()
     assert len(first) == 1 + 2 * 3 * 2 and len(set(first)) == len(first)
     best = AttentionTiles(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    second = attn_tune.phase_two(best, grid)
+    second = attn_tune_measure.phase_two(best, grid)
     assert best not in second and len(second) == 2 * 4 - 1
     assert {(t.block_m, t.block_n) for t in second} == {(128, 64)}
 
 
 def test_tiles_that_cannot_fit_in_shared_memory_are_pruned() -> None:
     fits = AttentionTiles(block_m=128, block_n=128, num_warps=8, num_stages=4)
-    assert attn_tune.smem_lower_bound(fits, NEMOTRON) == 128 * 128 * 2 + 3 * 2 * 128 * 128 * 2
+    assert (attn_tune_measure.smem_lower_bound(fits, NEMOTRON)
+            == 128 * 128 * 2 + 3 * 2 * 128 * 128 * 2)
     big = AttentionTiles(block_m=128, block_n=128, num_warps=8, num_stages=5)
-    trial = attn_tune.try_candidate(big, [], lambda fn: 1.0, [], NEMOTRON, 227 * 1024)
+    trial = attn_tune_measure.try_candidate(big, [], lambda fn: 1.0, [], NEMOTRON, 227 * 1024)
     assert trial.error is not None and trial.error.startswith("pruned") and not trial.ok
 
 
@@ -85,34 +86,35 @@ def timer(fn: object) -> float:
 
 def test_candidates_are_checked_then_scored_against_the_defaults() -> None:
     tiles = AttentionTiles(block_m=128)
-    ok = attn_tune.try_candidate(tiles, [FakeCase("a", 1e-3), FakeCase("b", 0.0)], timer,
-                                 [64.0, 256.0], NEMOTRON, 1 << 30)  # fmt: skip
+    ok = attn_tune_measure.try_candidate(tiles, [FakeCase("a", 1e-3), FakeCase("b", 0.0)], timer,
+                                         [64.0, 256.0], NEMOTRON, 1 << 30)  # fmt: skip
     assert ok.ok and ok.ms == (128.0, 128.0) and ok.score == pytest.approx((2 + 0.5) / 2)
-    bad = attn_tune.try_candidate(tiles, [FakeCase("a", 0.5)], timer, [1.0], NEMOTRON, 1 << 30)
+    bad = attn_tune_measure.try_candidate(tiles, [FakeCase("a", 0.5)], timer, [1.0], NEMOTRON,
+                                          1 << 30)
     assert not bad.ok and bad.error == "mismatch on a: rel error 5.00e-01"
-    nan = attn_tune.try_candidate(tiles, [FakeCase("a", float("nan"))], timer, [1.0],
-                                  NEMOTRON, 1 << 30)  # fmt: skip
+    nan = attn_tune_measure.try_candidate(tiles, [FakeCase("a", float("nan"))], timer, [1.0],
+                                          NEMOTRON, 1 << 30)  # fmt: skip
     assert not nan.ok
-    failed = attn_tune.try_candidate(tiles, [FakeCase("a", 0.0, fails=True)], timer, [1.0],
-                                     NEMOTRON, 1 << 30)  # fmt: skip
+    failed = attn_tune_measure.try_candidate(tiles, [FakeCase("a", 0.0, fails=True)], timer, [1.0],
+                                             NEMOTRON, 1 << 30)  # fmt: skip
     assert failed.error == "RuntimeError: shared memory: 300000 > 232448"
 
 
 def test_the_lowest_score_wins_and_the_budget_skips_what_is_left() -> None:
     trials = [Trial(AttentionTiles(), score=1.0), Trial(AttentionTiles(block_n=64), score=0.7),
               Trial(AttentionTiles(block_n=128), error="pruned")]
-    best = attn_tune.pick_fastest(trials)
+    best = attn_tune_measure.pick_fastest(trials)
     assert best is not None and best.tiles.block_n == 64
-    assert attn_tune.pick_fastest(trials[2:]) is None
+    assert attn_tune_measure.pick_fastest(trials[2:]) is None
     tried: list[AttentionTiles] = []
 
     def attempt(tiles: AttentionTiles) -> Trial:
         tried.append(tiles)
         return Trial(tiles, score=1.0)
 
-    done, skipped = attn_tune.sweep(Grid(), attempt, lambda: True)
+    done, skipped = attn_tune_measure.sweep(Grid(), attempt, lambda: True)
     assert tried == [AttentionTiles()] and len(done) == 1  # the baseline always runs
-    assert skipped == len(attn_tune.phase_one(Grid())) - 1 + 2 * 4 - 1
+    assert skipped == len(attn_tune_measure.phase_one(Grid())) - 1 + 2 * 4 - 1
 
 
 def fake_result(device: str, tiles: AttentionTiles, head_dim: int = 128) -> dict[str, object]:
@@ -124,10 +126,11 @@ def fake_result(device: str, tiles: AttentionTiles, head_dim: int = 128) -> dict
 
 def test_the_written_table_is_what_the_kernel_reads() -> None:
     tuned = AttentionTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    old = attn_tune.TABLE.entries(fake_result("NVIDIA H100 80GB HBM3", AttentionTiles()))
-    keep = attn_tune.TABLE.entries(fake_result("NVIDIA H200", AttentionTiles(), head_dim=64))
-    new = attn_tune.TABLE.entries(fake_result("NVIDIA  H100 80GB HBM3", tuned))
-    table = attn_tune.TABLE.merged(old + keep, new)
+    old = attn_tune_measure.TABLE.entries(fake_result("NVIDIA H100 80GB HBM3", AttentionTiles()))
+    keep = attn_tune_measure.TABLE.entries(fake_result("NVIDIA H200", AttentionTiles(),
+                                                       head_dim=64))
+    new = attn_tune_measure.TABLE.entries(fake_result("NVIDIA  H100 80GB HBM3", tuned))
+    table = attn_tune_measure.TABLE.merged(old + keep, new)
     assert len(table["entries"]) == 2 and table["entries"][-1]["tiles"] == tuned.to_dict()
     parsed = parse_tuned_table(json.loads(json.dumps(table)), "t")
     assert tuned_attention_tiles(128, 4, torch.bfloat16, "nvidia h100 80gb hbm3", parsed) == tuned
@@ -135,7 +138,7 @@ def test_the_written_table_is_what_the_kernel_reads() -> None:
         AttentionTiles())
     assert tuned_attention_tiles(128, 4, torch.bfloat16, None, parsed) == AttentionTiles()
     with pytest.raises(ValueError, match="a second entry"):
-        attn_tune.TABLE.merged([], new + new)
+        attn_tune_measure.TABLE.merged([], new + new)
 
 
 def test_the_packaged_table_is_valid() -> None:
@@ -176,7 +179,7 @@ def test_the_smoke_sweep_runs_the_real_code_path(capsys: pytest.CaptureFixture[s
     (geometry,) = result["geometries"]
     assert [s["step"] for s in geometry["steps"]] == ["1 x 24", "1 x 20 after 40", "2 x 12"]
     assert all(t["error"] is None for t in geometry["trials"])  # every candidate matched
-    assert all(s["rel_error"] <= attn_tune.MATCH_TOLERANCE for s in geometry["steps"])
+    assert all(s["rel_error"] <= attn_tune_measure.MATCH_TOLERANCE for s in geometry["steps"])
     assert geometry["steps"][1]["flops"] == 4 * 4 * 32 * (20 * 40 + 20 * 21 // 2)
     parsed = parse_tuned_table(json.loads(table.read_text()), "written")
     tuned = AttentionTiles.from_dict(geometry["tuned"])
