@@ -331,10 +331,15 @@ class PrefixNode:
     """One KV unit of cached content: its key in the allocator, the checkpoint taken at
     its end (if any) on the device or (``host_key``) in the host tier, and how many live
     requests use it or a descendant (``num_locks``). ``depth`` counts units from the root
-    (the root is depth 0 and holds nothing)."""
+    (the root is depth 0 and holds nothing).
+
+    ``dominated`` and ``edge_run`` summarise the unbranched paths through the node for
+    the eviction rule (`PrefixTree._dominated`, `PrefixTree._edge_run`); None until
+    asked for, and again whenever a change in the tree may alter them."""
 
     __slots__ = ("content", "parent", "children", "depth", "page_key", "checkpoint_key",
-                 "last_use", "num_locks", "host_key", "speculative", "kind")  # fmt: skip
+                 "last_use", "num_locks", "host_key", "speculative", "kind", "dominated",
+                 "edge_run")  # fmt: skip
 
     def __init__(self, content: Hashable, parent: PrefixNode | None, depth: int) -> None:
         self.content = content
@@ -352,6 +357,8 @@ class PrefixNode:
         # which rule placed its checkpoint (`CHECKPOINT_KINDS`), until a request resumes
         # from it (then None): what `PrefixTree.demoted` learns each rule's reuse from
         self.kind: str | None = None
+        self.dominated: bool | None = None
+        self.edge_run: int | None = None
 
     def path(self) -> list[PrefixNode]:
         """The nodes from the root's child down to this one."""
@@ -552,6 +559,8 @@ class PrefixTree:
         """A live request uses ``node``'s path: nothing on it may be evicted."""
         for step in node.path():
             step.num_locks += 1
+            if step.num_locks == 1 and len(step.children) == 1:  # else passes no edge anyway
+                self._forget_edge_run(step)
             self._refresh(step)
         self._changed()
 
@@ -559,6 +568,8 @@ class PrefixTree:
         for step in node.path():
             assert step.num_locks > 0, "unlocked more often than locked"
             step.num_locks -= 1
+            if not step.num_locks and len(step.children) == 1:  # else passes no edge anyway
+                self._forget_edge_run(step)
             self._refresh(step)
         self._changed()
 
@@ -593,6 +604,7 @@ class PrefixTree:
                 if self.has_pages:
                     child.page_key = self.allocator.cache_kv_unit(request_id, index)
                 node.children[content] = child
+                self._children_changed(node)
                 self.num_nodes += 1
             node = child
         self.lock(node)
@@ -607,6 +619,7 @@ class PrefixTree:
         if node.checkpoint_key is not None:
             return False
         node.checkpoint_key = key
+        self._checkpoint_changed(node)
         if kind is not None:
             node.kind = kind
             self.kinds_taken[kind] += 1
@@ -773,29 +786,112 @@ class PrefixTree:
         """``leaf`` and its single-child, checkpoint-free, unlocked ancestors."""
         nodes = [leaf]
         parent = leaf.parent
-        while (parent is not None and parent.parent is not None and len(parent.children) == 1
-               and parent.checkpoint_key is None and parent.host_key is None
-               and not parent.num_locks):  # fmt: skip
+        while parent is not None and _edge_passes(parent):
             nodes.append(parent)
             parent = parent.parent
         return nodes
+
+    # ---- unbranched paths, remembered -----------------------------------------------
+    # A ranking values every candidate, and on a long trace's tree the walks along
+    # unbranched paths (`_is_dominated` down, `_edge` up) cost most of a replay: each
+    # node remembers their outcome until a change on its path, which forgets it.
+
+    def _dominated(self, node: PrefixNode) -> bool:
+        """`_is_dominated(node)`: the path below ``node`` runs without a branch to a
+        deeper checkpoint. Remembered along that path."""
+        chain: list[PrefixNode] = []
+        while node.dominated is None:
+            if len(node.children) != 1:
+                node.dominated = False
+                break
+            (child,) = node.children.values()
+            if child.checkpoint_key is not None:
+                node.dominated = True
+                break
+            chain.append(node)
+            node = child
+        dominated = node.dominated
+        for step in chain:
+            step.dominated = dominated
+        return dominated
+
+    def _edge_run(self, node: PrefixNode) -> int:
+        """How many nodes in a row from ``node`` up an edge passes through: unlocked,
+        single-child, without a checkpoint on either level, not the root (`_edge` of a
+        leaf below ``node`` is one longer). Remembered along that run."""
+        chain: list[PrefixNode] = []
+        while node.edge_run is None:
+            parent = node.parent
+            if parent is None or not _edge_passes(node):
+                node.edge_run = 0
+                break
+            chain.append(node)
+            node = parent
+        run = node.edge_run
+        for step in reversed(chain):
+            run += 1
+            step.edge_run = run
+        return run
+
+    def _children_changed(self, node: PrefixNode) -> None:
+        self._forget_dominated(node)
+        self._forget_edge_run(node)
+
+    def _checkpoint_changed(self, node: PrefixNode) -> None:
+        """``node``'s device checkpoint came or went."""
+        if node.parent is not None:
+            self._forget_dominated(node.parent)
+        self._forget_edge_run(node)
+
+    def _host_key_changed(self, node: PrefixNode) -> None:
+        self._forget_edge_run(node)
+
+    def _forget_dominated(self, node: PrefixNode) -> None:
+        """``node``'s children or its child's checkpoint changed: forget its `_dominated`,
+        and that of the ancestors whose answer reads it. An answer that reads its child's
+        has the child's remembered (`_dominated` fills the path), so the climb stops at a
+        node already forgotten."""
+        if node.dominated is False and len(node.children) != 1:
+            return  # still False: nothing above changes
+        while node.dominated is not None:
+            node.dominated = None
+            parent = node.parent
+            if parent is None or len(parent.children) != 1 or node.checkpoint_key is not None:
+                return  # the parent's answer does not read this node's
+            node = parent
+
+    def _forget_edge_run(self, node: PrefixNode) -> None:
+        """Something `_edge_passes` reads of ``node`` changed: forget its `_edge_run` and
+        the runs below that count it, unless it still passes (or still does not), which
+        leaves every run as it was. A positive run has its parent's remembered
+        (`_edge_run` fills the run), so a node already forgotten has no remembered run
+        below it that counts it."""
+        run = node.edge_run
+        if run is None or (run > 0) == _edge_passes(node):
+            return
+        node.edge_run = None
+        for child in node.children.values():
+            while child.edge_run:  # positive: it counts its parent's, and has one child
+                child.edge_run = None
+                (child,) = child.children.values()
 
     def _value_per_byte(self, node: PrefixNode, whole_edge: bool) -> float:
         """FLOPs a hit on this candidate saves per byte that evicting it frees."""
         tokens = node.depth * self.unit_tokens
         if not whole_edge:
-            if _is_dominated(node):
+            if self._dominated(node):
                 return 0.0  # no branch below it yet: a hit would take the deeper one
             return self.flops_of(tokens) / max(1, self.checkpoint_bytes)
         if self.has_state and node.checkpoint_key is None and node.host_key is None:
             return 0.0  # pages without a checkpoint below them resume nothing
-        edge = self._edge(node)
-        num_bytes = len(edge) * self.page_bytes
+        assert node.parent is not None
+        edge_length = 1 + self._edge_run(node.parent)  # len(self._edge(node))
+        num_bytes = edge_length * self.page_bytes
         if node.checkpoint_key is not None or node.host_key is not None:
             # a host checkpoint's pages count its bytes too, as on the device: on their
             # kilobytes alone they would outrank every device checkpoint
             num_bytes += self.checkpoint_bytes
-        start = (node.depth - len(edge)) * self.unit_tokens
+        start = (node.depth - edge_length) * self.unit_tokens
         saved = self.flops_of(tokens)
         if not self.has_state:  # the edge's own pages save only their tokens
             saved -= self.flops_of(start)
@@ -845,6 +941,7 @@ class PrefixTree:
                 self.num_evicted_pages += 1
             assert node.parent is not None
             del node.parent.children[node.content]
+            self._children_changed(node.parent)
             self._candidate_set.pop(id(node), None)
             self.num_nodes -= 1
         top = edge[-1].parent
@@ -858,6 +955,7 @@ class PrefixTree:
         assert node.checkpoint_key is not None
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
+        self._checkpoint_changed(node)
         self.num_checkpoints -= 1
         self._refresh(node)
         self._changed()
@@ -870,6 +968,7 @@ class PrefixTree:
             self.host.keep(node)
         self.allocator.release_cached(node.checkpoint_key)
         node.checkpoint_key = None
+        self._checkpoint_changed(node)
         node.speculative = False
         node.kind = None
         self.num_checkpoints -= 1
@@ -877,6 +976,36 @@ class PrefixTree:
         self._refresh(node)
 
     # ---- invariants ---------------------------------------------------------------------
+
+    def _check_remembered_paths(self) -> None:
+        """Every remembered `_dominated` and `_edge_run` is what the tree gives now, and
+        the answers it reads are remembered too (which lets `_forget_dominated` and
+        `_forget_edge_run` stop at a node already forgotten)."""
+        order = [self.root]
+        for node in order:  # parents before children
+            order.extend(node.children.values())
+        runs: dict[int, int] = {}
+        for node in order:
+            passes = _edge_passes(node)
+            runs[id(node)] = 1 + runs[id(node.parent)] if passes else 0
+            if node.edge_run is not None:
+                assert node.edge_run == runs[id(node)], "a remembered edge run out of date"
+                assert not passes or (
+                    node.parent is not None and node.parent.edge_run is not None
+                ), "an edge run remembered above a forgotten one"
+        dominated: dict[int, bool] = {}
+        for node in reversed(order):
+            dominated[id(node)] = False
+            if len(node.children) == 1:
+                (child,) = node.children.values()
+                reads_child = child.checkpoint_key is None
+                dominated[id(node)] = not reads_child or dominated[id(child)]
+                if node.dominated is not None:
+                    assert not reads_child or child.dominated is not None, (
+                        "domination remembered above a forgotten one"
+                    )
+            if node.dominated is not None:
+                assert node.dominated == dominated[id(node)], "a remembered domination out of date"
 
     def check_integrity(self, num_live_locks: int | None = None) -> None:
         """Raise AssertionError unless the tree and the allocator's keys agree.
@@ -911,6 +1040,7 @@ class PrefixTree:
         assert nodes == self.num_nodes and checkpoints == self.num_checkpoints, "counts"
         walked = {id(n): (n, whole) for n, whole in self._walked_candidates()}
         assert walked == self._candidate_set, "eviction candidates out of date"
+        self._check_remembered_paths()
         if self.host is not None:
             self.host.check_integrity()
 
@@ -1016,6 +1146,7 @@ class HostLevel:
         if self.copier is not None:
             self.copier.to_host(tree.allocator.cached_unit(node.checkpoint_key), extent)
         node.host_key = key
+        tree._host_key_changed(node)
         self.nodes[key] = node
         self.spent_s += self._copy_s
         stats = self.stats
@@ -1041,6 +1172,7 @@ class HostLevel:
         self.tier.release_cached(node.host_key)
         del self.nodes[node.host_key]
         node.host_key = None
+        self.tree._host_key_changed(node)
         self.stats.num_dropped += 1
 
     def reclaim(self) -> bool:
@@ -1106,6 +1238,12 @@ _NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees th
 _UNPROVEN = -math.inf
 """The eviction score of a speculative checkpoint no request has resumed from, or one of
 a demoted rule (`PrefixTree.demoted`): first."""
+
+
+def _edge_passes(node: PrefixNode) -> bool:
+    """Whether a leaf's edge (`PrefixTree._edge`) may run on through ``node``."""
+    return (node.parent is not None and len(node.children) == 1 and not node.num_locks
+            and node.checkpoint_key is None and node.host_key is None)  # fmt: skip
 
 
 def _is_dominated(node: PrefixNode, on_host: bool = False) -> bool:
@@ -1523,7 +1661,7 @@ class PrefixCache:
         tracked.stop_node = None
         if previous.checkpoint_key is None:
             return  # evicted meanwhile
-        if id(previous) in self.tree.pinned or not _is_dominated(previous):
+        if id(previous) in self.tree.pinned or not self.tree._dominated(previous):
             return
         self.tree.release_checkpoint(previous)
         self.stats.num_stop_checkpoints_released += 1
