@@ -19,9 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from benchmarks.common import (
     Timer,
@@ -33,6 +31,9 @@ from benchmarks.common import (
     warm_up_gpu,
     write_result,
 )
+
+if TYPE_CHECKING:
+    import torch  # imported where a sweep runs: redrawing tables needs no torch
 
 Result = dict[str, Any]
 Tiles = TypeVar("Tiles")
@@ -94,6 +95,7 @@ def smoke_rig() -> Rig:
     Raises:
         ValueError: not under Triton's interpreter.
     """
+    import torch
     import triton
 
     if not triton.knobs.runtime.interpret:
@@ -169,6 +171,8 @@ def out_of_time(deadline: float) -> Callable[[], bool]:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
@@ -194,6 +198,7 @@ def sweep_result(script: str, setup: SweepSetup, argv: Sequence[str], match_tole
                  start: float, geometries: list[Result], extra: Result | None = None) -> Result:
     """A tuner's result: where, with what, run how, timed how, the script's ``extra``
     fields, the budget and the time taken since ``start``, then the geometries'."""
+    import torch
     import triton
 
     rig = setup.rig

@@ -1,7 +1,7 @@
-"""The Triton benchmarks redraw their committed results without Triton: `--markdown FILE`
-(and `--help`) of `kernels`, `scan_tune`, `attn_tune` and `skinny_gemm`, as
-docs/BENCHMARKS.md gives them, each in a subprocess in which importing triton fails,
-whether or not it is installed here."""
+"""The Triton benchmarks redraw their committed results without Triton or torch:
+`--markdown FILE` (and `--help`) of `kernels`, `scan_tune`, `attn_tune` and `skinny_gemm`,
+as docs/BENCHMARKS.md gives them, each in a subprocess in which importing triton or torch
+fails, whether or not they are installed here."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from benchmarks.common import REPO_ROOT
 
-# As where Triton is not installed: with None in sys.modules, `import triton` raises
-# ModuleNotFoundError and `importlib.util.find_spec("triton")` returns None.
-NO_TRITON = "import sys; sys.modules['triton'] = None"
+# As where neither is installed: with None in sys.modules, `import triton` raises
+# ModuleNotFoundError and `importlib.util.find_spec("triton")` returns None (torch alike).
+NO_TRITON = "import sys; sys.modules['triton'] = None; sys.modules['torch'] = None"
 # `python -m MODULE ARGS` after NO_TRITON
 RUN_MODULE = (NO_TRITON + "; import runpy; sys.argv = sys.argv[1:]; "
               "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
