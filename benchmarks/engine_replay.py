@@ -454,6 +454,7 @@ def simulate(
         max_num_batched_tokens=args.max_batched_tokens, **policy,
         captured_mixed_graphs=tuple(tuple(key) for key in captured_mixed_graphs or ()),
         charge_graph_captures=True,  # as the engine's run met them, mid-run
+        overlap=True,  # the engine's steps overlap (EngineConfig's default)
     )  # fmt: skip
     memory = MemoryConfig(memory_bytes or parse_bytes(args.memory))
     layout = make_allocator(base, geometry, memory)

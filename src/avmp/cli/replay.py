@@ -83,6 +83,12 @@ def add_parser(subparsers: Any) -> None:
              "bucket (an engine that did not warm up); default: a warmed-up server's steps",
     )  # fmt: skip
     parser.add_argument(
+        "--overlap", action="store_true",
+        help="plan each step while the previous one runs, as avmp's engine, SGLang's "
+             "overlap scheduler and vLLM's async scheduling do: a request arriving mid-step "
+             "waits one step more for its first token (default: plans between steps)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=SimConfig.max_num_seqs,
@@ -276,6 +282,7 @@ def _replay_tasks(args: argparse.Namespace, budget: int) -> tuple[ModelGeometry,
         profile=args.profile,
         calibration=args.calibration,
         charge_graph_captures=args.charge_captures,
+        overlap=args.overlap,
         prefix_cache=args.prefix_cache,
         max_num_seqs=_at_least_one(args, "max_num_seqs"),
         max_num_batched_tokens=_at_least_one(args, "max_num_batched_tokens"),

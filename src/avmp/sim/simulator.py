@@ -108,6 +108,13 @@ class SimConfig:
             default), every bucket counts as captured before the run: a server's steady
             state, since it captures each bucket once in its life, so that layouts
             whose steps meet more distinct shapes are not charged for it.
+        overlap: plan each step while the previous one runs, as the engine does by
+            default (`avmp.engine.EngineConfig.overlap`; vLLM's async scheduling and
+            SGLang's overlap scheduler alike): a step's plan sees only the requests that
+            arrived (or were released by their parents' end) before the previous step
+            began, so one arriving mid-step waits for the step after the next, and its
+            time to first token includes that step. Off: each plan sees every request
+            that arrived before it (an engine that plans between steps).
     """
 
     profile: str = "h100"
@@ -128,6 +135,7 @@ class SimConfig:
     prefix_host_level: bool = False
     captured_mixed_graphs: tuple[tuple[int, int, int], ...] = ()
     charge_graph_captures: bool = False
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -463,7 +471,8 @@ class _Simulation:
         self.arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self.parents = _output_parents(self.arrivals)
         self.held: dict[int, list[RequestSpec]] = {}  # unfinished parent -> requests held
-        self.ready: list[RequestSpec] = []  # held requests whose parents have all ended
+        # held requests whose parents have all ended, with the time each was released
+        self.ready: list[tuple[float, RequestSpec]] = []
         self.ended: set[int] = set()  # rejected requests (finished ones: `clock.finish_s`)
         self.num_held_s = 0.0
         self.num_held = 0
@@ -496,6 +505,9 @@ class _Simulation:
         self.timeline = TimelineRecorder(config.timeline_samples)
         self.phase_s = dict.fromkeys(PHASES, 0.0)
         self.now_s = self.arrivals[0].arrival_s if self.arrivals else 0.0
+        # under ``overlap``, when the step now ending began (its successor was planned
+        # then); None when no step runs back to back with the next plan
+        self.planned_s: float | None = None
         self.next_arrival = 0
         self.num_steps = 0
         self.num_done = 0
@@ -504,24 +516,38 @@ class _Simulation:
     def run(self) -> SimResult:
         while (self.next_arrival < len(self.arrivals) or self.ready
                or self.scheduler.has_unfinished):  # fmt: skip
-            self._add_arrivals()
+            self._add_arrivals(self._plan_sees_until())
             if self.scheduler.has_unfinished:
                 self._step()
-            elif self.next_arrival < len(self.arrivals):  # idle: jump to the next arrival
+                continue
+            # idle: the next plan is made when work comes, and sees what came
+            self.planned_s = None
+            if not self.ready and self.next_arrival < len(self.arrivals):
                 self.now_s = max(self.now_s, self.arrivals[self.next_arrival].arrival_s)
         assert not self.held, "a held request outlived its parents"
         self._report_progress(force=True)
         return self._result()
 
-    def _add_arrivals(self) -> None:
-        """Queue the requests that arrived by now, and those released by their parents'
-        end; hold an arrival whose parent's output is not finished yet."""
+    def _plan_sees_until(self) -> float:
+        """The latest arrival the next plan sees: now, or under ``overlap`` while steps
+        run back to back, the start of the step now ending (when the engine planned
+        the next one)."""
+        if self.config.overlap and self.planned_s is not None:
+            return self.planned_s
+        return self.now_s
+
+    def _add_arrivals(self, until_s: float) -> None:
+        """Queue the requests that arrived by ``until_s``, and those released by their
+        parents' end by then; hold an arrival whose parent's output is not finished yet."""
         ready, self.ready = self.ready, []
-        for spec in ready:
-            self._queue(spec, self.now_s)
+        for released_s, spec in ready:
+            if released_s <= until_s:
+                self._queue(spec, released_s)
+            else:
+                self.ready.append((released_s, spec))
         while (
             self.next_arrival < len(self.arrivals)
-            and self.arrivals[self.next_arrival].arrival_s <= self.now_s
+            and self.arrivals[self.next_arrival].arrival_s <= until_s
         ):
             spec = self.arrivals[self.next_arrival]
             self.next_arrival += 1
@@ -555,9 +581,10 @@ class _Simulation:
             self.ended.add(request_id)
             for spec in self.held.pop(request_id, ()):
                 if not self._hold(spec):
-                    self.ready.append(spec)
+                    self.ready.append((self.now_s, spec))
 
     def _step(self) -> None:
+        self.planned_s = self.now_s  # the next step is planned as this one begins
         before = _read_counters(self.allocator)
         host_before = _host_level_bytes(self.scheduler.prefix)
         plan = self.scheduler.schedule()
