@@ -13,7 +13,7 @@ and steps planned while the previous one runs, as the engine plans them
 (`SimConfig.overlap`). Reported per load: offered req/s, TTFT p50 and p99 off / on and
 their ratio, req/s off / on, and the token hit rate against the ideal.
 
-    python -m benchmarks.prefix_load                      # ~1 min on one CPU core
+    python -m benchmarks.prefix_load                      # ~40 s on one CPU core
     python -m benchmarks.prefix_load --engine R1.json.gz R2.json.gz --plot load.png
     python -m benchmarks.prefix_load --markdown benchmarks/results/prefix_load.json.gz
 
@@ -34,7 +34,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, read_result, repo_path, wr
 
 DEFAULT_OUT = RESULTS_DIR / "prefix_load.json.gz"
 CALIBRATION = RESULTS_DIR / "calibration_h200_s11_physical_granite-4.0-h-micro.json.gz"
-WORKLOADS = ("multi_turn_prefix",)
+WORKLOADS = ("multi_turn_prefix", "sharegpt_multi_turn")
 NUM_REQUESTS = 384  # 243 later turns of multi_turn_prefix at seed 0 (session 14's engine run)
 ARRIVAL_SCALES = (1.0, 0.5, 0.35, 0.25, 0.2, 0.15, 0.1)
 MODEL = "granite-4.0-h-micro"  # the engine benchmark's defaults

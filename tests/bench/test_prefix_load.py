@@ -10,7 +10,7 @@ import pytest
 from benchmarks import prefix_load
 from benchmarks.common import read_result, write_result
 
-SMALL = ["--num-requests", "24", "--arrival-scales", "1", "0.2"]
+SMALL = ["--workloads", "multi_turn_prefix", "--num-requests", "24", "--arrival-scales", "1", "0.2"]
 
 
 def _engine_file(path: Path, scale: float) -> Path:
