@@ -91,6 +91,13 @@ def repo_path(path: Path | str) -> str:
     return resolved.name
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure and write it to ``path`` (its folder made if absent)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 # -- GPU measurement -----------------------------------------------------------------------
 
 

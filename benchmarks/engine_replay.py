@@ -95,6 +95,7 @@ from benchmarks.common import (
     gpu_profile,
     read_result,
     repo_path,
+    save_figure,
     write_result,
 )
 
@@ -1244,9 +1245,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[1][0].legend(fontsize=7)
     fig.suptitle(f"{results['model']}, {results['memory']} cache, {results['device']}: "
                  "engine (solid) vs simulator (dashed)", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from avmp.sched.request import RequestSpec
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, read_result, repo_path, write_result
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    read_result,
+    repo_path,
+    save_figure,
+    write_result,
+)
 
 DEFAULT_OUT = RESULTS_DIR / "prefix_load.json.gz"
 CALIBRATION = RESULTS_DIR / "calibration_h200_s11_physical_granite-4.0-h-micro.json.gz"
@@ -277,9 +284,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=7)
     fig.suptitle(f"{results['model']}, {results['memory']}:\nTTFT with and without the "
                  "prefix cache as the load rises", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
