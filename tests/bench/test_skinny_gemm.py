@@ -47,7 +47,8 @@ def test_quick_run_sweeps_checks_and_saves_the_best_configs(tmp_path: Path) -> N
     assert [(c["n"], c["k"], c["m"]) for c in cells] == [
         (40, 96, 1), (40, 96, 5), (24, 40, 1), (24, 40, 5)]
     for cell in cells:
-        assert cell["swept"] and cell["num_failed"] == 0 and cell["num_configs"] >= 4
+        errors = [(t["config"], t["error"]) for t in cell["trials"] if "error" in t]
+        assert cell["swept"] and not errors and cell["num_configs"] >= 4, errors[:3]
         assert {t["config"]["split_k"] for t in cell["trials"]} == {1, 2}  # both phases ran
         fastest = min(cell["trials"], key=lambda t: t["ms"])
         assert cell["best"] == fastest["config"]
