@@ -134,3 +134,25 @@ def test_replay_takes_overlap(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_overlap_is_off_by_default() -> None:
     assert not SimConfig().overlap
     assert dataclasses.replace(SimConfig(), overlap=True).overlap
+
+
+BENCH = ["bench", "--quick", "--models", "granite-4.0-h-tiny", "--budgets", "4GiB", "--seeds",
+         "1", "--workers", "1", "--no-progress", "--workloads", "sharegpt_replay"]  # fmt: skip
+
+
+def test_bench_takes_overlap_and_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("avmp.cli.bench.QUICK_REQUESTS", 32)
+    ttft = {}
+    for name, extra in (("plain", []), ("overlap", ["--overlap"])):
+        assert main([*BENCH, "--out", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+        cells = {p.name: json.loads(p.read_text()) for p in (tmp_path / name / "cells").iterdir()}
+        assert all(c["settings"].get("overlap", False) is bool(extra) for c in cells.values())
+        (avmp,) = [c for path, c in cells.items() if "__avmp" in path]
+        ttft[name] = avmp["result"]["ttft_p50_s"]
+    assert ttft["overlap"] > ttft["plain"]
+    # the plain directory with --overlap is other settings: refused, not mixed
+    assert main([*BENCH, "--out", str(tmp_path / "plain"), "--overlap"]) == 2
+    assert "made with other overlap" in capsys.readouterr().err

@@ -195,6 +195,9 @@ class SweepGrid:
         traces: trace files as workloads after the presets of ``workloads``, each under
             its own name (`avmp.bench.trace_workloads`); ``num_requests`` does not apply
             to them (they are read as taken).
+        overlap: every cell plans each step while the previous one runs
+            (`SimConfig.overlap`, as the engine does); recorded in the cells' settings
+            only when on, so earlier results stay valid.
     """
 
     allocators: tuple[str, ...] = LAYOUTS
@@ -218,6 +221,7 @@ class SweepGrid:
     prefix_caches: tuple[str, ...] = (PREFIX_OFF,)
     prefix_host_level: bool = False
     traces: tuple[TraceWorkload, ...] = ()
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         named: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -417,6 +421,7 @@ class SweepGrid:
             "policy": self.policy(),
             "simulator": simulator_digest(),
             **({"prefix_host_level": True} if self.prefix_host_level else {}),
+            **({"overlap": True} if self.overlap else {}),
             **({"trace_sha256": trace_digest(trace.requests)} if trace is not None else {}),
         }
 
@@ -529,6 +534,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         max_num_batched_tokens=settings["max_num_batched_tokens"],
         prefix_cache=cell.prefix_cache,
         prefix_host_level=settings.get("prefix_host_level", False) and has_host_tier(policy),
+        overlap=settings.get("overlap", False),
         **policy,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()

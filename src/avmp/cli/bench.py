@@ -20,7 +20,8 @@ conversations, synthetic and ShareGPT's, agent loops, few-shot prompts, vllm#452
 shape), whose prompts name
 what they share, and the report adds a table of hits against the ideal.
 ``--prefix-host-level`` keeps the checkpoints the caches evict in the host tier, in
-every layout with one (recorded in the cells' settings).
+every layout with one (recorded in the cells' settings). ``--overlap`` plans each step
+while the previous one runs, as avmp's engine does (`SimConfig.overlap`; recorded too).
 
 ``--trace FILE`` (repeatable) adds a trace file as one more workload, named after the
 file, beside the ``--workloads`` presets or alone (`avmp.bench.trace_workloads`; read as
@@ -129,6 +130,13 @@ def add_parser(subparsers: Any) -> None:
         "shipped have none); needs --prefix-cache and the host tier (not --preemption "
         "recompute, not --host-tier 0); recorded in the cells' settings",
     )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="plan each step while the previous one runs, as avmp's engine, SGLang's "
+        "overlap scheduler and vLLM's async scheduling do: a request arriving mid-step "
+        "waits one step more for its first token; recorded in the cells' settings",
+    )
     parser.add_argument("--profiles", type=_csv, help="comma-separated GPU profiles")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--sharegpt-rules", choices=("paper", "vllm"), default="paper")
@@ -215,6 +223,7 @@ def build_grid(args: argparse.Namespace) -> Any:
         prefix_caches=prefix_caches,
         prefix_host_level=bool(args.prefix_host_level),
         traces=traces,
+        overlap=bool(args.overlap),
         **policy_options(args),
     )
 
