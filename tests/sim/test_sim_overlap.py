@@ -129,6 +129,10 @@ def test_replay_takes_overlap(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     plain, overlapped = rows
     assert overlapped["num_completed"] == plain["num_completed"] == 48
     assert overlapped["ttft_p50_s"] > plain["ttft_p50_s"]
+    for extra, said in (([], False), (["--overlap"], True)):  # the report says which
+        assert main([*argv[:-1], "--no-progress", *extra]) == 0
+        header = capsys.readouterr().out.splitlines()[0]
+        assert ("each planned while the previous one runs" in header) is said
 
 
 def test_overlap_is_off_by_default() -> None:
