@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import timing_cases
-from timing_cases import chunk, decodes
+from timing_cases import BASE, chunk, decodes
 
 from avmp.sched.scheduler import ScheduledChunk
 from avmp.sim.calibration import fit_calibration, load_calibration
 from avmp.sim.timing import BatchShape
 
-BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 WITH_LONGEST = (
     *BASE,
     "mean_context_tokens",
@@ -67,9 +66,7 @@ def test_the_longest_chunk_of_a_step() -> None:
 
 
 def test_fit_recovers_a_formula_with_a_longest_chunk_term(tmp_path: Path) -> None:
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"gpu": "h200", "points": points_of(served_shapes())}))
-    model = load_calibration(path)
+    model = timing_cases.load_points(tmp_path, points_of(served_shapes()))
     assert model.features == WITH_LONGEST
     assert model.coefficients == pytest.approx(TRUTH, rel=1e-6)
     one = BatchShape.from_chunks([chunk(0, 0, 8192)])

@@ -3,19 +3,17 @@ the roofline, and the prefill cost per token that the swap-or-recompute rule rea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import timing_cases
-from timing_cases import chunk, decodes
+from timing_cases import BASE, chunk, decodes
 
 from avmp.models import resolve_model
 from avmp.sched.scheduler import ScheduledChunk
-from avmp.sim.calibration import CalibratedModel, fit_calibration, load_calibration
+from avmp.sim.calibration import CalibratedModel, fit_calibration
 from avmp.sim.timing import BatchShape, RooflineModel, get_profile, prefill_s_per_token
 
-BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 ALL = (*BASE, "mean_context_tokens", "has_prefill", "num_prefill_attention_pairs")
 # intercept, prefill token, decode request, context token, mean context token, eager
 # step, prefill attention pair (of the order of an 8B hybrid's on an H100)
@@ -60,9 +58,7 @@ def test_prefill_attention_pairs_of_a_chunk() -> None:
 
 
 def test_fit_recovers_a_formula_with_prefill_attention(tmp_path: Path) -> None:
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"gpu": "h200", "points": points_of(long_context_shapes())}))
-    model = load_calibration(path)
+    model = timing_cases.load_points(tmp_path, points_of(long_context_shapes()))
     assert model.features == ALL
     assert model.coefficients == pytest.approx(TRUTH, rel=1e-6)
     late = BatchShape.from_chunks([chunk(0, 24576, 8192), *decodes(16, 20000)])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from avmp.sched.scheduler import ScheduledChunk
+from avmp.sim.calibration import CalibratedModel, load_calibration
 from avmp.sim.timing import BatchShape
 
+# the features every calibration fit starts from
+BASE = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens")
 # what every calibration point records; the optional fields are added per test
-POINT_FIELDS = ("num_prefill_tokens", "num_decode_requests", "num_context_tokens", "num_requests")
+POINT_FIELDS = (*BASE, "num_requests")
 
 
 def chunk(request_id: int, start: int, num_tokens: int) -> ScheduledChunk:
@@ -56,3 +61,12 @@ def formula_step_s(
     return coefficients[0] + sum(
         c * values[f] for c, f in zip(coefficients[1:], features, strict=True)
     )
+
+
+def load_points(directory: Path, points: list[dict[str, float]], gpu: str = "h200"
+                ) -> CalibratedModel:  # fmt: skip
+    """The calibration fitted to ``points``, written as a file in ``directory`` and read
+    back as `avmp bench --calibration` reads one."""
+    path = directory / "cal.json"
+    path.write_text(json.dumps({"gpu": gpu, "points": points}))
+    return load_calibration(path)
