@@ -4,12 +4,14 @@ vLLM's align mode and SGLang's rule, on the same tree, allocator and budget.
 Each cell (workload x model x budget) replays one seeded trace through the simulator
 with the AVMP allocator, once without a prefix cache and once per policy: ``avmp``
 (checkpoints at output ends and branch points, evicted by recency plus FLOPs saved per
-byte), ``avmp-lru`` (the same placement, LRU eviction), ``vllm-align`` (states at
-block-aligned step ends, vLLM's block of the model from the unified layout, LRU) and
-``sglang`` (every max(64, page) prompt tokens and 256 decode tokens, LRU). Reported: the
-token hit rate against the ideal (every token of a prompt that an earlier request's
-prompt or output holds, in whole pages, reused), AVMP's hits over vLLM's and SGLang's,
-TTFT p50/p99 and req/s with and without the cache, and the peak bytes of checkpoints.
+byte), ``avmp+host`` (the same with the host tier as a second level for the checkpoints
+the device evicts, `SimConfig.prefix_host_level`), ``avmp-lru`` (the same placement, LRU
+eviction), ``vllm-align`` (states at block-aligned step ends, vLLM's block of the model
+from the unified layout, LRU) and ``sglang`` (every max(64, page) prompt tokens and 256
+decode tokens, LRU). Reported: the token hit rate against the ideal (every token of a
+prompt that an earlier request's prompt or output holds, in whole pages, reused), AVMP's
+hits over vLLM's and SGLang's, TTFT p50/p99 and req/s with and without the cache, and
+the peak bytes of checkpoints; the bars count ``avmp`` alone and with its host level.
 ``sharegpt`` (ShareGPT first turns: no reuse) checks that caching costs nothing there.
 
     python -m benchmarks.prefix                 # ~3-5 min on one CPU core
@@ -52,7 +54,9 @@ HOST_POLICIES = ("avmp", "avmp+host")
 MODELS = ("nemotron-h-8b", "granite-4.0-h-tiny", "jamba-1.5-mini")
 WORKLOADS = (*PREFIX_PRESETS, "sharegpt")
 BUDGETS = ("8GiB", "32GiB")
-POLICIES = ("off", "avmp", "avmp-lru", "vllm-align", "sglang")
+POLICIES = ("off", "avmp", "avmp+host", "avmp-lru", "vllm-align", "sglang")
+HIT_POLICIES = ("avmp", "avmp-lru", "vllm-align", "sglang")  # the table's hit columns
+OURS = ("avmp", "avmp+host")  # the policies the bars count
 PROFILE = "h200"  # Jamba-1.5-Mini's 96 GiB of weights fit in its 141 GB
 NUM_REQUESTS = 256
 
@@ -119,16 +123,17 @@ def _times(value: float, reference: float) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    header = ["workload", "model", "budget", "hit/ideal avmp", "avmp-lru", "vllm-align",
-              "sglang", "avmp / vllm", "avmp / sglang", "TTFT p50 off / avmp s",
+    header = ["workload", "model", "budget", "hit/ideal avmp", "avmp+host", "avmp-lru",
+              "vllm-align", "sglang", "avmp / vllm", "avmp / sglang", "TTFT p50 off / avmp s",
               "TTFT p99 off / avmp s", "req/s off / avmp", "ckpt GiB avmp / sglang"]  # fmt: skip
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell in result["cells"]:
         off, avmp, sglang = cell["off"], cell["avmp"], cell["sglang"]
-        hits = {p: cell[p]["prefix"]["num_hit_tokens"] for p in POLICIES[1:]}
+        hits = {p: cell[p]["prefix"]["num_hit_tokens"] for p in HIT_POLICIES}
         gib = 1 << 30
         ideal = avmp["prefix"]["num_ideal_tokens"]
-        rates = [f"{_rate(cell, p):.0%}" if ideal else "-" for p in POLICIES[1:]]
+        rates = [f"{_rate(cell, p):.0%}" if ideal and p in cell else "-"
+                 for p in (HIT_POLICIES[0], "avmp+host", *HIT_POLICIES[1:])]  # fmt: skip
         rows.append("| " + " | ".join([
             cell["workload"], cell["model"], cell["budget"], *rates,
             _times(hits["avmp"], hits["vllm-align"]), _times(hits["avmp"], hits["sglang"]),
@@ -168,25 +173,31 @@ def host_table(result: dict[str, Any]) -> str:
 
 
 def bars(result: dict[str, Any]) -> str:
-    """The issue's simulator bars, counted over the cells: hits >= 90% of the ideal,
-    >= 2x vLLM align's and >= SGLang's rule's (cells with reuse), and req/s with the
-    cache never below req/s without it (cells without reuse)."""
-    reuse = [c for c in result["cells"] if c["avmp"]["prefix"]["num_ideal_tokens"]]
-    hits = [{p: c[p]["prefix"]["num_hit_tokens"] for p in POLICIES[1:]} for c in reuse]
-    counts = {
-        ">= 90% of the ideal": sum(_rate(c, "avmp") >= 0.9 for c in reuse),
-        ">= 2x vllm-align's hits": sum(h["avmp"] >= 2 * h["vllm-align"] for h in hits),
-        ">= sglang's hits": sum(h["avmp"] >= h["sglang"] for h in hits),
-    }
-    lines = [f"{name}: {n} of {len(reuse)} cells with reuse" for name, n in counts.items()]
-    plain = [c for c in result["cells"] if not c["avmp"]["prefix"]["num_ideal_tokens"]]
-    slower = [c for c in plain
-              if c["avmp"]["request_throughput"] < c["off"]["request_throughput"]]  # fmt: skip
-    lines.append(f"req/s with the cache below without it: {len(slower)} of {len(plain)} cells "
-                 "without reuse" + "".join(
-                     f"; {c['workload']} {c['model']} {c['budget']} "
-                     f"{c['off']['request_throughput']:.4f} -> "
-                     f"{c['avmp']['request_throughput']:.4f}" for c in slower))  # fmt: skip
+    """The issue's simulator bars, counted over the cells for ``avmp`` and (where the
+    result has it) ``avmp+host``: hits >= 90% of the ideal, >= 2x vLLM align's and >=
+    SGLang's rule's (cells with reuse), and req/s with the cache never below req/s
+    without it (cells without reuse)."""
+    cells = result["cells"]
+    lines = []
+    for ours in (p for p in OURS if all(p in c for c in cells)):
+        reuse = [c for c in cells if c["avmp"]["prefix"]["num_ideal_tokens"]]
+        hits = [{p: c[p]["prefix"]["num_hit_tokens"] for p in (ours, *HIT_POLICIES[2:])}
+                for c in reuse]  # fmt: skip
+        counts = {
+            ">= 90% of the ideal": sum(_rate(c, ours) >= 0.9 for c in reuse),
+            ">= 2x vllm-align's hits": sum(h[ours] >= 2 * h["vllm-align"] for h in hits),
+            ">= sglang's hits": sum(h[ours] >= h["sglang"] for h in hits),
+        }
+        lines += [f"{ours}: {name}: {n} of {len(reuse)} cells with reuse"
+                  for name, n in counts.items()]  # fmt: skip
+        plain = [c for c in cells if not c["avmp"]["prefix"]["num_ideal_tokens"]]
+        slower = [c for c in plain
+                  if c[ours]["request_throughput"] < c["off"]["request_throughput"]]  # fmt: skip
+        lines.append(f"{ours}: req/s with the cache below without it: {len(slower)} of "
+                     f"{len(plain)} cells without reuse" + "".join(
+                         f"; {c['workload']} {c['model']} {c['budget']} "
+                         f"{c['off']['request_throughput']:.4f} -> "
+                         f"{c[ours]['request_throughput']:.4f}" for c in slower))  # fmt: skip
     return "\n".join(lines)
 
 

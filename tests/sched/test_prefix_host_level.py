@@ -141,10 +141,11 @@ def _serve(scheduler: Scheduler, rounds: list[list[RequestSpec]],
 
 @pytest.mark.parametrize("layout", ["avmp", "static"])
 def test_evicted_checkpoints_are_restored_from_the_host_tier(layout: str) -> None:
-    """Twelve conversations whose checkpoints do not all fit on the device: with the
-    second level, the turns whose checkpoint was evicted resume from its host copy
-    (exactly the state of the tokens they skip) and hit more than without it."""
-    rounds = _rounds(12, 5)
+    """Eight conversations whose checkpoints do not all fit on the device: with the
+    second level, once a turn has missed a checkpoint the level declined (its ghost),
+    the turns whose checkpoint was evicted resume from its host copy (exactly the state
+    of the tokens they skip) and hit more than without it."""
+    rounds = _rounds(8, 5)
     without = _scheduler(host_level=False, layout=layout)
     assert _serve(without, rounds) == 0
     memory = _Memory()
@@ -212,3 +213,40 @@ def test_off_by_default_and_without_state() -> None:
     config = SchedulerConfig(host_tier_bytes=MIB, prefix_cache=PrefixCacheConfig(host_level=True))
     plain = Scheduler(allocator, config)
     assert plain.prefix is not None and not plain.prefix.use_host_tier(plain.host_tier)
+
+
+def test_without_reuse_the_level_copies_nothing() -> None:
+    """Single turns that share nothing: the checkpoints the device evicts are declined
+    (the level starts with no credit and no request ever misses one), so nothing is
+    copied out and the run is the run without the second level."""
+    rounds = [[spec for specs in _rounds(24, 1) for spec in specs]]
+    with_host = _scheduler(host_level=True)
+    _serve(with_host, rounds)
+    host = _cache(with_host).tree.host
+    assert host is not None
+    assert host.stats.num_declined > 0  # the device did evict checkpoints worth a copy
+    assert host.stats.num_kept == host.stats.num_missed == host.stats.num_bytes_out == 0
+    without = _scheduler(host_level=False)
+    _serve(without, rounds)
+    assert _cache(with_host).stats == _cache(without).stats
+
+
+def test_a_missed_ghost_lets_the_level_copy() -> None:
+    """The level declines the device's first evictions (no credit); a later turn that
+    would have resumed from one of them (its ghost) credits it, and only then does it
+    keep checkpoints: no copy precedes the first miss."""
+    scheduler = _scheduler(host_level=True)
+    host = _cache(scheduler).tree.host
+    assert host is not None
+    kept_before_a_miss = 0
+    for specs in _rounds(8, 4):
+        for spec in specs:
+            scheduler.add_request(spec)
+        while scheduler.has_unfinished:
+            plan = scheduler.schedule()
+            scheduler.finish_step(plan)
+            if not host.stats.num_missed:
+                kept_before_a_miss = host.stats.num_kept
+    assert kept_before_a_miss == 0
+    assert host.stats.num_declined > 0 and host.stats.num_missed > 0
+    assert host.stats.num_kept > 0 and host.stats.num_restored > 0

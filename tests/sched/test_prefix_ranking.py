@@ -54,9 +54,9 @@ class _WalkingTree(PrefixTree):
 def _trees(eviction: str, budget: int, host_checkpoints: int, hybrid: bool = True
            ) -> tuple[PrefixTree, PrefixTree]:  # fmt: skip
     """A tree and its walking twin, each over its own allocator of ``budget`` bytes, with
-    a host level of ``host_checkpoints`` checkpoints (0: none). The tiny hybrid's caches
-    (``hybrid`` False: its attention layer alone) with an 8B model's FLOPs, so that
-    copying a checkpoint to the host pays."""
+    a host level of ``host_checkpoints`` checkpoints (0: none) in credit. The tiny
+    hybrid's caches (``hybrid`` False: its attention layer alone) with an 8B model's
+    FLOPs, so that copying a checkpoint to the host pays."""
     geometry = dataclasses.replace(tiny_geometry(), num_params=8_000_000_000,
                                    num_active_params=8_000_000_000)  # fmt: skip
     if not hybrid:
@@ -70,6 +70,9 @@ def _trees(eviction: str, budget: int, host_checkpoints: int, hybrid: bool = Tru
                    built.page_bytes, built.checkpoint_bytes)  # fmt: skip
         if host_checkpoints and hybrid:
             tree.host = HostLevel(tree, HostTier(host_checkpoints * tree.checkpoint_bytes))
+            # a level whose copies have paid so far: it keeps every checkpoint worth a
+            # copy (how it earns that is tests/sched/test_prefix_host_level.py's)
+            tree.host.saved_s = 1e9
         trees.append(tree)
     return trees[0], trees[1]
 

@@ -48,14 +48,20 @@ the device goes to the host tier when restoring it later would cost less than
 recomputing its prefix and the tier has room (lower-valued host checkpoints give way,
 ranked as the device level ranks); its pages stay in the tree, so a later hit copies the
 state back over the host link instead of recomputing the prefix. Swapped-out requests
-come first: the tier drops cached checkpoints to make room for them.
+come first: the tier drops cached checkpoints to make room for them. The level copies
+only while its copies pay (the prefill time its hits saved against the time its copies
+took), and it starts with no credit: a checkpoint it declines leaves a ghost (its path's
+key), and a later request that would have resumed from a ghost credits the level with
+what that hit would have saved. A workload whose evicted checkpoints nobody resumes
+(single-turn prompts) never copies one.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
@@ -1069,6 +1075,7 @@ class HostLevelStats:
     num_kept: int = 0
     num_refused: int = 0
     num_declined: int = 0  # worth a copy, but the level's copies have not paid lately
+    num_missed: int = 0  # declined ones a later request would have resumed from
     num_dropped: int = 0
     num_restored: int = 0
     num_hit_tokens: int = 0
@@ -1089,11 +1096,13 @@ class HostLevel:
     when the tier is full, host checkpoints worth less give way, ranked as the device
     level ranks (`PrefixCacheConfig.eviction`). And only while the level pays for its
     copies: the prefill time its hits saved (less their copies in) against the time its
-    copies out took, both halving every ``reuse_half_life`` evictions it sees, after a
-    first fill of the tier on credit (a workload whose evicted checkpoints nobody
-    resumes, such as few-shot prompts' output ends, stops paying for copies and for the
-    pages those checkpoints keep on the device). ``nodes`` maps host keys (minted here,
-    never reused) to their nodes.
+    copies out took, both halving every ``reuse_half_life`` evictions it sees. It starts
+    with no credit: a declined checkpoint is remembered as a ghost (the key of its path,
+    `path_key`), and a request that would have resumed from one (`missed`) credits what
+    that hit would have saved. So a workload whose evicted checkpoints nobody resumes
+    (single-turn prompts, few-shot prompts' output ends) copies none out, and pays for
+    no copy and for no page kept on the device for one. ``nodes`` maps host keys (minted
+    here, never reused) to their nodes.
     """
 
     def __init__(self, tree: PrefixTree, tier: HostTier,
@@ -1108,9 +1117,13 @@ class HostLevel:
         self._s_per_flop = 1.0 / rates.flops_per_s
         self._next_key = 0
         self._decay = 0.5 ** (1.0 / tree.config.reuse_half_life)
-        # the credit: copies that fill the tier once, before any hit has paid for them
-        self.saved_s = tier.capacity_bytes // max(1, tree.checkpoint_bytes) * self._copy_s
+        self.saved_s = 0.0
         self.spent_s = 0.0
+        # the credit the first miss grants: copies that fill the tier once
+        self._credit_s = tier.capacity_bytes // max(1, tree.checkpoint_bytes) * self._copy_s
+        # declined checkpoints: path key -> depth, oldest first, as many as the tier holds
+        self._ghosts: OrderedDict[int, int] = OrderedDict()
+        self._max_ghosts = max(1, tier.capacity_bytes // max(1, tree.checkpoint_bytes))
         tier.reclaim_cached = self.reclaim  # a swapped-out request comes first
 
     def pays(self, node: PrefixNode, from_depth: int) -> bool:
@@ -1133,6 +1146,11 @@ class HostLevel:
         self.spent_s *= self._decay
         if self.spent_s + self._copy_s > self.saved_s:
             self.stats.num_declined += 1
+            ghost = path_key(n.content for n in node.path())
+            self._ghosts[ghost] = node.depth
+            self._ghosts.move_to_end(ghost)
+            while len(self._ghosts) > self._max_ghosts:
+                self._ghosts.popitem(last=False)
             return False
         while not self.tier.could_reserve_cached(num_bytes):
             victim = self._least_valuable(node)
@@ -1154,6 +1172,27 @@ class HostLevel:
         stats.num_bytes_out += num_bytes
         stats.peak_checkpoints = max(stats.peak_checkpoints, len(self.nodes))
         return True
+
+    def missed(self, contents: Sequence[Hashable], from_depth: int) -> None:
+        """A request admitted along ``contents`` starts at unit ``from_depth``: if a
+        deeper prefix of it is a ghost (a checkpoint the level declined), credit what
+        restoring it would have saved, once."""
+        if not self._ghosts:
+            return
+        key, deepest = 0, None
+        for depth, content in enumerate(contents, start=1):
+            key = _extend_key(key, content)
+            if depth > from_depth and key in self._ghosts:
+                deepest = key
+        if deepest is None:
+            return
+        depth = self._ghosts.pop(deepest)
+        unit, flops_of = self.tree.unit_tokens, self.tree.flops_of
+        saved = (flops_of(depth * unit) - flops_of(from_depth * unit)) * self._s_per_flop
+        if saved > self._copy_s:
+            self.saved_s += saved - self._copy_s + self._credit_s
+            self._credit_s = 0.0
+            self.stats.num_missed += 1
 
     def restore(self, node: PrefixNode, slot: int) -> None:
         """Copy ``node``'s host checkpoint into the state pool's unit ``slot`` (a hit)."""
@@ -1238,6 +1277,19 @@ _NONE_FREES = object()  # `PrefixTree._pick`: candidates are left, none frees th
 _UNPROVEN = -math.inf
 """The eviction score of a speculative checkpoint no request has resumed from, or one of
 a demoted rule (`PrefixTree.demoted`): first."""
+
+
+def _extend_key(key: int, content: Hashable) -> int:
+    return hash((key, content))
+
+
+def path_key(contents: Iterable[Hashable]) -> int:
+    """A key of a path of unit contents from the root (`HostLevel`'s ghosts): equal
+    paths give equal keys; `HostLevel.missed` extends it one unit at a time."""
+    key = 0
+    for content in contents:
+        key = _extend_key(key, content)
+    return key
 
 
 def _edge_passes(node: PrefixNode) -> bool:
@@ -1406,6 +1458,8 @@ class PrefixCache:
         found = tree.match(reusable)
         if not reads_cache:
             found = PrefixMatch(tree.root, found.num_matched)
+        elif tree.host is not None:
+            tree.host.missed(reusable, found.node.depth)
         hit = found.node
         tree.lock(hit)
         if hit.depth:
