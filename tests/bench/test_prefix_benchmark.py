@@ -24,6 +24,8 @@ def test_tiny_prefix_benchmark_saves_and_reads_back(tmp_path: Path) -> None:
     assert "| shared_shift | granite-4.0-h-tiny | 8GiB |" in text
     assert ">= 90% of the ideal: " in text and "of 1 cells with reuse" in text
     assert "0 of 0 cells without reuse" in text
+    assert "2x vllm-align's hits within the ideal (reachable by any policy): " in text
+    assert "avmp+host: >= sglang's hits: " in text
 
 
 def test_host_level_benchmark_saves_and_reads_back(tmp_path: Path) -> None:
