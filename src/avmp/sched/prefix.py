@@ -1099,10 +1099,11 @@ class HostLevel:
     copies out took, both halving every ``reuse_half_life`` evictions it sees. It starts
     with no credit: a declined checkpoint is remembered as a ghost (the key of its path,
     `path_key`), and a request that would have resumed from one (`missed`) credits what
-    that hit would have saved. So a workload whose evicted checkpoints nobody resumes
-    (single-turn prompts, few-shot prompts' output ends) copies none out, and pays for
-    no copy and for no page kept on the device for one. ``nodes`` maps host keys (minted
-    here, never reused) to their nodes.
+    that hit would have saved, the first such miss one fill of the tier besides (the
+    evidence that evicted checkpoints are asked for again). So a workload whose evicted
+    checkpoints nobody resumes (single-turn prompts, few-shot prompts' output ends)
+    copies none out, and pays for no copy and for no page kept on the device for one.
+    ``nodes`` maps host keys (minted here, never reused) to their nodes.
     """
 
     def __init__(self, tree: PrefixTree, tier: HostTier,
@@ -1119,11 +1120,11 @@ class HostLevel:
         self._decay = 0.5 ** (1.0 / tree.config.reuse_half_life)
         self.saved_s = 0.0
         self.spent_s = 0.0
-        # the credit the first miss grants: copies that fill the tier once
-        self._credit_s = tier.capacity_bytes // max(1, tree.checkpoint_bytes) * self._copy_s
+        holds = tier.capacity_bytes // max(1, tree.checkpoint_bytes)  # checkpoints
+        self._credit_s = holds * self._copy_s  # the first miss's grant: one fill of the tier
         # declined checkpoints: path key -> depth, oldest first, as many as the tier holds
         self._ghosts: OrderedDict[int, int] = OrderedDict()
-        self._max_ghosts = max(1, tier.capacity_bytes // max(1, tree.checkpoint_bytes))
+        self._max_ghosts = max(1, holds)
         tier.reclaim_cached = self.reclaim  # a swapped-out request comes first
 
     def pays(self, node: PrefixNode, from_depth: int) -> bool:
