@@ -1130,9 +1130,12 @@ class HostLevel:
     def pays(self, node: PrefixNode, from_depth: int) -> bool:
         """Whether copying ``node``'s state in beats computing its tokens past
         ``from_depth`` units (where the request would start otherwise)."""
+        return self._prefill_s(node.depth, from_depth) > self._copy_s
+
+    def _prefill_s(self, depth: int, from_depth: int) -> float:
+        """Seconds of computing units ``from_depth`` to ``depth`` at the device's rate."""
         unit, flops_of = self.tree.unit_tokens, self.tree.flops_of
-        saved = flops_of(node.depth * unit) - flops_of(from_depth * unit)
-        return saved * self._s_per_flop > self._copy_s
+        return (flops_of(depth * unit) - flops_of(from_depth * unit)) * self._s_per_flop
 
     def keep(self, node: PrefixNode) -> bool:
         """Copy ``node``'s device checkpoint into the tier if it is worth its copy and
@@ -1187,9 +1190,7 @@ class HostLevel:
                 deepest = key
         if deepest is None:
             return
-        depth = self._ghosts.pop(deepest)
-        unit, flops_of = self.tree.unit_tokens, self.tree.flops_of
-        saved = (flops_of(depth * unit) - flops_of(from_depth * unit)) * self._s_per_flop
+        saved = self._prefill_s(self._ghosts.pop(deepest), from_depth)
         if saved > self._copy_s:
             self.saved_s += saved - self._copy_s + self._credit_s
             self._credit_s = 0.0
@@ -1201,7 +1202,7 @@ class HostLevel:
         if self.copier is not None:
             self.copier.from_host(self.tier.cached_extent(node.host_key), slot)
         tokens = node.depth * self.tree.unit_tokens
-        self.saved_s += self.tree.flops_of(tokens) * self._s_per_flop - self._copy_s
+        self.saved_s += self._prefill_s(node.depth, 0) - self._copy_s
         self.stats.num_restored += 1
         self.stats.num_hit_tokens += tokens
         self.stats.num_bytes_in += self.tree.checkpoint_bytes
