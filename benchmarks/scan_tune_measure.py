@@ -191,7 +191,7 @@ def _shrunk(tile: int, size: int) -> int:
 
 def smem_lower_bound(kernel: str, tiles: KernelTiles, geo: ScanGeometry) -> int:
     """The fewest bytes of shared memory the kernel's staged dot operands take (bf16
-    activations, fp32 CB and chunk states), at least ``num_stages - 1`` copies of its
+    activations and chunk entries, fp32 CB), at least ``num_stages - 1`` copies of its
     largest loop's: above the GPU's limit it cannot run. 0 for the kernels without
     matrix products."""
     t = dataclasses.asdict(tiles)
@@ -204,7 +204,7 @@ def smem_lower_bound(kernel: str, tiles: KernelTiles, geo: ScanGeometry) -> int:
     elif kernel == "chunk_state":
         per_stage = (p * tok + tok * n) * 2
     elif kernel == "chunk_scan":
-        per_stage = max(tok * n * 2 + n * p * 4, tok * j * 4 + j * p * 2)
+        per_stage = max(tok * n * 2 + n * p * 2, tok * j * 4 + j * p * 2)
     else:
         return 0
     return max(1, tiles.num_stages - 1) * per_stage

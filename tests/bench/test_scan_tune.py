@@ -97,13 +97,13 @@ def test_phase_two_varies_warps_and_stages_around_the_best() -> None:
 
 def test_shared_memory_bound() -> None:
     tiles = ChunkScanTiles(block_tokens=128, block_p=64, block_state=128, block_j=128)
-    per_stage = max(128 * 128 * 2 + 128 * 64 * 4, 128 * 128 * 4 + 128 * 64 * 2)
+    per_stage = max(128 * 128 * 2 + 128 * 64 * 2, 128 * 128 * 4 + 128 * 64 * 2)
     assert scan_tune_measure.smem_lower_bound("chunk_scan", tiles, GRANITE) == 2 * per_stage
     one = dataclasses.replace(tiles, num_stages=1)
     assert scan_tune_measure.smem_lower_bound("chunk_scan", one, GRANITE) == per_stage
     # the sources' loop stages a [rows, j] CB tile and a [j, p] x tile
     wide = dataclasses.replace(tiles, block_tokens=32, block_state=32, block_j=256)
-    per_stage = max(32 * 32 * 2 + 32 * 64 * 4, 32 * 256 * 4 + 256 * 64 * 2)
+    per_stage = max(32 * 32 * 2 + 32 * 64 * 2, 32 * 256 * 4 + 256 * 64 * 2)
     assert scan_tune_measure.smem_lower_bound("chunk_scan", wide, GRANITE) == 2 * per_stage
     # tiles shrink to the shape: a 16-token chunk takes 16-row tiles whatever the cap
     small = ScanGeometry(heads=2, head_dim=16, d_state=16, groups=1, chunk_size=16)

@@ -25,8 +25,8 @@ and the Mamba2 core then run the reference code.
 
 Prefill and mixed steps read no host value that differs between steps of one padded
 bucket (tile tables and scan plans are built on the device, sized by the step's rows and
-sequences), so a CUDA graph can capture them; in a padded step every mixer's output
-starts as zeros, so rows that no kernel writes (padding) hold no uninitialised memory.
+sequences), so a CUDA graph can capture them; in a padded step the rows of a mixer's
+output that no kernel writes (padding) are zeros, never uninitialised memory.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ class TritonOps(Ops):
             plan = self._mamba2_scan_plan(batch, inputs[0].shape[0], mixer.chunk_size)
             batch.mamba2_scan_plans[mixer.chunk_size] = plan
         qsl, init = batch.query_start_loc, batch.has_initial_state
-        out = _output_like(inputs[0], batch)
+        out = _slot_output_like(inputs[0], batch)
         self._k.mamba2_chunk_scan(
             ssm_states, plan.prompt_slots, qsl, *inputs, mixer.chunk_size,
             has_initial_state=init, out=out, layout=plan.layout, **dt_args,
@@ -332,7 +332,7 @@ class TritonOps(Ops):
             )
         return mamba1.mamba1_varlen_scan(
             ssm_states, batch.slot_idx, batch.query_start_loc, xs, dt, A, B, C, D, dt_bias,
-            gate, has_initial_state=batch.has_initial_state, out=_output_like(xs, batch),
+            gate, has_initial_state=batch.has_initial_state, out=_slot_output_like(xs, batch),
         )  # fmt: skip
 
     def lightning_mix(
@@ -428,7 +428,7 @@ class TritonOps(Ops):
             weight,
             bias,
             None,
-            out=_output_like(bx, batch),
+            out=_slot_output_like(bx, batch),
             tiles=_conv_tiles(batch, bx.shape[0]),
         )
 
@@ -452,3 +452,16 @@ def _output_like(x: torch.Tensor, batch: DeviceStepBatch) -> torch.Tensor:
     writes (uninitialised, they could hold NaN or Inf that a later layer shared across
     rows, such as expert routing, would spread), else left uninitialised."""
     return torch.zeros_like(x) if batch.padded else torch.empty_like(x)
+
+
+def _slot_output_like(x: torch.Tensor, batch: DeviceStepBatch) -> torch.Tensor:
+    """`_output_like` for a kernel that writes exactly the rows of the sequences with a
+    state slot (the recurrent kernels): uninitialised, and in a padded step the other
+    rows zeroed alone, not the whole buffer (`zero_slotless_rows`; before the kernel
+    runs, which writes none of them)."""
+    out = torch.empty_like(x)
+    if batch.padded:
+        from avmp.kernels.triton.slotless_rows import zero_slotless_rows
+
+        zero_slotless_rows(out, batch.query_start_loc, batch.slot_idx)
+    return out

@@ -13,10 +13,13 @@ along. Five launches:
 3. each chunk's own end state ``sum_l decay(l -> end) * dt[l] * x[l] (x) B[l]``
    (``[chunks, heads, head_dim, d_state]`` fp32);
 4. the state passing, sequential over a sequence's chunks and parallel over sequences,
-   heads and state elements: from the slot's state (zeros for a fresh request), each
-   chunk's entry is overwritten with the state the chunk starts from, and the sequence's
-   final state is written to its slot. Its loads depend on no earlier load (the decays
-   are launch 1's), so each is issued a chunk or two before it is needed;
+   heads and state elements: from the slot's state (zeros for a fresh request), the
+   state each chunk starts from is written to its entry (``[chunks, heads, head_dim,
+   d_state]`` in x's dtype: launch 5's matrix unit reads it in that dtype anyway, so the
+   rounding happens here, once, and launch 5 reads half the bytes of a bf16 model's fp32
+   state), and the sequence's final state (fp32 throughout) to its slot. Its loads
+   depend on no earlier load (the decays are launch 1's), so each is issued a chunk or
+   two before it is needed;
 5. the outputs: ``y[l] = exp(dA_cs[l]) C[l] . S_start + sum_{j<=l} CB[l, j]
    exp(dA_cs[l] - dA_cs[j]) dt[j] x[j] + D x[l]``, gated by ``silu(z)``.
 
@@ -505,16 +508,14 @@ def _chunk_own_state(states_row, decay_row, chunk, end, offs, mask, stride_cc):
 
 
 @triton.jit
-def _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs, mask, stride_cc,
-                AHEAD: tl.constexpr):
+def _pass_chunk(s, own, decay, states_row, entries_row, decay_row, chunk, end, offs, mask,
+                stride_cc, stride_ec, AHEAD: tl.constexpr):
     """Store the state ``chunk`` starts from (``s``) in its entry, pass ``s`` through the
     chunk, then read the chunk ``AHEAD`` on into the registers ``own`` and ``decay`` held.
     At or past ``end`` it stores nothing and leaves ``s`` as it is (times 1, plus 0)."""
-    # Every thread's read of the entry (issued before, `own`) comes before any thread's
-    # store to it: an element replicated over threads is read by each of them.
-    tl.debug_barrier()
     if chunk < end:  # a branch, not a mask mixing the scalar in: see `_chunk_own_state`
-        tl.store(states_row + chunk * stride_cc + offs, s, mask=mask)
+        tl.store(entries_row + chunk * stride_ec + offs,
+                 s.to(entries_row.dtype.element_ty), mask=mask)
     s = s * decay + own
     # Read after `own` is consumed, so the load can reuse its registers: a load into other
     # registers would be copied back at the loop's end, a copy that waits for the load.
@@ -525,9 +526,9 @@ def _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs, mask, st
 
 @triton.jit
 def _state_passing_kernel(
-    state_ptr, slot_ptr, init_ptr, cu_ptr, decay_ptr, states_ptr,
+    state_ptr, slot_ptr, init_ptr, cu_ptr, decay_ptr, states_ptr, entries_ptr,
     stride_ss, stride_sh, stride_sp, stride_sn, stride_slot, stride_init, stride_dh,
-    stride_cc, stride_ch,
+    stride_cc, stride_ch, stride_ec, stride_eh,
     HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr, BLOCK_F: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
 ):
@@ -544,6 +545,7 @@ def _state_passing_kernel(
     first = tl.load(cu_ptr + b).to(tl.int64)
     end = tl.load(cu_ptr + b + 1).to(tl.int64)
     states_row = states_ptr + head * stride_ch
+    entries_row = entries_ptr + head * stride_eh
     decay_row = decay_ptr + head * stride_dh
     # No load in the loop depends on another: each chunk's reads are issued PREFETCH
     # chunks before they are used (the loop unrolled PREFETCH times), so that many are in
@@ -556,11 +558,12 @@ def _state_passing_kernel(
     if HAS_INIT_FLAGS:
         s = tl.where(tl.load(init_ptr + b * stride_init) != 0, s, 0.0)
     for chunk in range(first, end, PREFETCH):
-        s, own, decay = _pass_chunk(s, own, decay, states_row, decay_row, chunk, end, offs,
-                                    mask, stride_cc, PREFETCH)
+        s, own, decay = _pass_chunk(s, own, decay, states_row, entries_row, decay_row, chunk,
+                                    end, offs, mask, stride_cc, stride_ec, PREFETCH)
         if PREFETCH == 2:
-            s, own_odd, decay_odd = _pass_chunk(s, own_odd, decay_odd, states_row, decay_row,
-                                                chunk + 1, end, offs, mask, stride_cc, 2)
+            s, own_odd, decay_odd = _pass_chunk(s, own_odd, decay_odd, states_row, entries_row,
+                                                decay_row, chunk + 1, end, offs, mask,
+                                                stride_cc, stride_ec, 2)
     tl.debug_barrier()
     tl.store(slot_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
 
@@ -660,6 +663,7 @@ def _chunk_scan_kernel(
             s = tl.load(s_ptrs, mask=(kk < D_STATE)[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
             c = c.to(tl.float32)
+            s = s.to(tl.float32)
         else:
             s = s.to(c.dtype)
         acc += tl.dot(c, s, input_precision=PRECISION)
@@ -835,10 +839,11 @@ def chunk_scan_launches(
 def _scan_buffers(
     x: torch.Tensor, num_chunks: int, groups: int, d_state: int, chunk_size: int
 ) -> dict[str, torch.Tensor]:
-    """The fp32 intermediates: discretised dt and its chunk cumsum ``[heads, T]``, each
+    """The intermediates: discretised dt and its chunk cumsum ``[heads, T]``, each
     chunk's decay ``exp(sum dA)`` ``[heads, chunks]``, CB ``[T, groups, chunk_size]`` and
-    the chunk states ``[chunks, heads, head_dim, d_state]`` (all bounded by the step's
-    tokens and sequences, not by the prompts' lengths)."""
+    each chunk's own end state ``[chunks, heads, head_dim, d_state]``, all fp32, and the
+    state each chunk starts from (same shape, x's dtype); all bounded by the step's
+    tokens and sequences, not by the prompts' lengths."""
     tokens, heads, head_dim = x.shape
     f32 = {"dtype": torch.float32, "device": x.device}
     return {
@@ -847,6 +852,8 @@ def _scan_buffers(
         "chunk_decay": per_token_rows(heads, num_chunks, **f32),
         "cb": torch.empty(tokens, groups, chunk_size, **f32),
         "states": torch.empty(num_chunks, heads, head_dim, d_state, **f32),
+        "entries": torch.empty(num_chunks, heads, head_dim, d_state, dtype=x.dtype,
+                               device=x.device),
     }
 
 
@@ -915,13 +922,14 @@ def _launch_state_passing(
 ) -> None:
     heads, head_dim, d_state = state.shape[1:]
     block = min(next_power_of_2(head_dim * d_state), tiles.block_flat)
-    states, decay = work["states"], work["chunk_decay"]
+    states, entries, decay = work["states"], work["entries"], work["chunk_decay"]
     grid = (slot_idx.shape[0], heads, triton.cdiv(head_dim * d_state, block))
     _state_passing_kernel[grid](
         state, slot_idx, slot_idx if has_initial_state is None else has_initial_state,
-        layout.cu_chunks, decay, states,
+        layout.cu_chunks, decay, states, entries,
         *state.stride(), slot_idx.stride(0), *strides(has_initial_state, 1),
-        decay.stride(0), states.stride(0), states.stride(1),
+        decay.stride(0), states.stride(0), states.stride(1), entries.stride(0),
+        entries.stride(1),
         HEAD_DIM=head_dim, D_STATE=d_state, BLOCK_F=block, PREFETCH=tiles.prefetch,
         HAS_INIT_FLAGS=has_initial_state is not None, **_options(tiles),
     )
@@ -935,14 +943,14 @@ def _launch_chunk_scan(
     heads, head_dim = x.shape[1], x.shape[2]
     groups, d_state = C.shape[1], C.shape[2]
     block_m, block_p = _tile(chunk_size, tiles.block_tokens), _tile(head_dim, tiles.block_p)
-    states, cb = work["states"], work["cb"]
+    entries, cb = work["entries"], work["cb"]
     grid = (layout.chunk_seq.shape[0] * triton.cdiv(chunk_size, block_m), heads,
             triton.cdiv(head_dim, block_p))
     _chunk_scan_kernel[grid](
         layout.chunk_seq, layout.chunk_start, qsl, x, x if z is None else z, C, cb,
-        work["dt"], work["dacs"], states, x if D is None else D, out,
+        work["dt"], work["dacs"], entries, x if D is None else D, out,
         *x.stride(), *strides(z, 3), *C.stride(), cb.stride(0), cb.stride(1),
-        work["dt"].stride(0), *states.stride()[:3], *strides(D, 1), *out.stride(),
+        work["dt"].stride(0), *entries.stride()[:3], *strides(D, 1), *out.stride(),
         HEAD_DIM=head_dim, D_STATE=d_state, HEADS_PER_GROUP=heads // groups, CHUNK=chunk_size,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=_tile(d_state, tiles.block_state),
         BLOCK_J=_tile(chunk_size, tiles.block_j), HAS_D=D is not None, HAS_Z=z is not None,
