@@ -572,14 +572,15 @@ def _state_passing_kernel(
 def _scan_sources(
     acc, dacs_m, offs_m, rows_ld, lo, hi, start, head, group, cb_ptr, dacs_row, dt_row, x_ptr,
     stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp, offs_p, mask_p,
-    BLOCK_J: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
+    EVEN_J: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """``acc += (CB masked by the decay segments) @ (dt x)`` over the chunk's tokens
     ``[lo, hi)`` in steps of ``BLOCK_J``. ``MASKED``: the diagonal blocks, with the causal
     mask and the ``hi`` bound; otherwise every row follows every token of every block
     (``hi - lo`` a multiple of ``BLOCK_J``, all before the block's first row), and
-    nothing is masked but a ragged head_dim."""
+    nothing is masked but a ragged head_dim. ``EVEN_J``: the chunk size is a multiple of
+    ``BLOCK_J``, so every tile of CB columns lies inside the rows' chunk."""
     offs_j = tl.arange(0, BLOCK_J)
     cb_rows = cb_ptr + rows_ld[:, None] * stride_cbt + group * stride_cbg
     for j0 in range(lo, hi, BLOCK_J):
@@ -589,12 +590,23 @@ def _scan_sources(
         if MASKED:
             mask_j = cols < hi
             causal = (cols[None, :] <= offs_m[:, None]) & mask_j[None, :]
-            cb = tl.load(cb_rows + cols[None, :], mask=causal, other=0.0)  # [M, J]
+            # The causal mask is not the load's: a mask that varies along a row makes
+            # every element its own load (about half this kernel's time went to the
+            # diagonal tiles so). The tile lies inside the rows' CB, so it is read whole;
+            # what the mask hides (entries above the diagonal and past the chunk's end,
+            # never written: any bits) is dropped by the `where`, never multiplied in.
+            if EVEN_J:
+                cb = tl.load(cb_rows + cols[None, :])  # [M, J]
+            else:
+                cb = tl.load(cb_rows + cols[None, :], mask=(cols < CHUNK)[None, :], other=0.0)
             dacs_j = tl.load(dacs_row + start + cols, mask=mask_j, other=0.0)
             dt_j = tl.load(dt_row + start + cols, mask=mask_j, other=0.0)
             decay = tl.exp(tl.where(causal, dacs_m[:, None] - dacs_j[None, :], 0.0))
             weight = tl.where(causal, cb * decay * dt_j[None, :], 0.0)
-            xj = tl.load(x_ptrs, mask=mask_j[:, None] & mask_p[None, :], other=0.0)  # [J, P]
+            if EVEN_P:  # noqa: SIM108 (constexpr branches: one of them is compiled)
+                xj = tl.load(x_ptrs, mask=mask_j[:, None], other=0.0)  # [J, P]
+            else:
+                xj = tl.load(x_ptrs, mask=mask_j[:, None] & mask_p[None, :], other=0.0)
         else:
             cb = tl.load(cb_rows + cols[None, :])
             dacs_j = tl.load(dacs_row + start + cols)
@@ -627,6 +639,7 @@ def _chunk_scan_kernel(
     m_blocks: tl.constexpr = (CHUNK + BLOCK_M - 1) // BLOCK_M
     EVEN_P: tl.constexpr = HEAD_DIM % BLOCK_P == 0
     EVEN_K: tl.constexpr = D_STATE % BLOCK_K == 0
+    EVEN_J: tl.constexpr = CHUNK % BLOCK_J == 0
     chunk = (tl.program_id(0) // m_blocks).to(tl.int64)
     block_m = tl.program_id(0) % m_blocks
     seq, start, length = _chunk_bounds(chunk_seq_ptr, chunk_start_ptr, qsl_ptr, chunk, CHUNK)
@@ -677,12 +690,12 @@ def _chunk_scan_kernel(
     acc = _scan_sources(
         acc, dacs_m, offs_m, rows_ld, 0, full_end, start, head, group, cb_ptr, dacs_row, dt_row,
         x_ptr, stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp, offs_p,
-        mask_p, BLOCK_J, False, EVEN_P, PRECISION, UPCAST,
+        mask_p, CHUNK, BLOCK_J, False, EVEN_P, EVEN_J, PRECISION, UPCAST,
     )
     acc = _scan_sources(
         acc, dacs_m, offs_m, rows_ld, full_end, m_end, start, head, group, cb_ptr, dacs_row,
         dt_row, x_ptr, stride_cbt, stride_cbg, stride_wh, stride_xt, stride_xh, stride_xp,
-        offs_p, mask_p, BLOCK_J, True, EVEN_P, PRECISION, UPCAST,
+        offs_p, mask_p, CHUNK, BLOCK_J, True, EVEN_P, EVEN_J, PRECISION, UPCAST,
     )
 
     mask_mp = mask_m[:, None] & mask_p[None, :]
