@@ -591,8 +591,8 @@ def _scan_sources(
             mask_j = cols < hi
             causal = (cols[None, :] <= offs_m[:, None]) & mask_j[None, :]
             # The causal mask is not the load's: a mask that varies along a row makes
-            # every element its own load (about half this kernel's time went to the
-            # diagonal tiles so). The tile lies inside the rows' CB, so it is read whole;
+            # every element its own load (the diagonal tiles then cost more than all the
+            # tiles below them). The tile lies inside the rows' CB, so it is read whole;
             # what the mask hides (entries above the diagonal and past the chunk's end,
             # never written: any bits) is dropped by the `where`, never multiplied in.
             if EVEN_J:
