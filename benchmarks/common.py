@@ -71,6 +71,26 @@ def read_result(path: Path) -> Any:
         raise ValueError(f"{path}: not a benchmark result ({error})") from None
 
 
+def measure_or_redraw(
+    args: Any, script: str, measure: Callable[[], Any], draw: Callable[[Any], str]
+) -> int:
+    """A GPU benchmark's main: with ``args.markdown`` (a saved result) print ``draw`` of it,
+    no GPU needed; otherwise ``measure()`` on the GPU (without one: one line naming
+    ``script``, exit 1), saved to ``args.out`` when given, then drawn."""
+    if args.markdown:
+        print(draw(read_result(Path(args.markdown))))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    result = measure()
+    if args.out:
+        print(f"wrote {write_result(Path(args.out), result)}")
+    print(draw(result))
+    return 0
+
+
 def gpu_profile(device_name: str) -> str:
     """The simulator's GPU profile (`avmp.sim.timing.GPU_PROFILES`) of a CUDA device
     name, e.g. ``NVIDIA H200`` -> ``h200``; ``h100`` when the name is not one of them."""

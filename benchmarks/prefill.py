@@ -42,7 +42,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +55,7 @@ from avmp.engine.models.layers import Mamba2Mixer, PagedAttention
 from avmp.engine.profile import StepRecord
 from avmp.sim.timing import get_profile
 from avmp.units import format_bytes
-from benchmarks.common import gpu_profile, read_result, write_result
+from benchmarks.common import gpu_profile, measure_or_redraw
 from benchmarks.engine import build_model, random_prompts, transformers_config
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
@@ -383,25 +382,20 @@ def run_model(args: argparse.Namespace, name: str, peak_flops: float) -> dict[st
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.markdown:
-        print(markdown(read_result(args.markdown)))
-        return 0
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.prefill needs a CUDA GPU")
+def run(args: argparse.Namespace) -> dict[str, Any]:
     name = torch.cuda.get_device_name()
     profile = get_profile(gpu_profile(name))
-    result = {
+    return {
         "gpu": name,
         "torch": torch.__version__,
         "peak_bf16_flops_per_s": profile.bf16_flops_per_s,
         "models": [run_model(args, m, profile.bf16_flops_per_s) for m in args.models],
     }
-    if args.out:
-        print(f"wrote {write_result(Path(args.out), result)}")
-    print(markdown(result))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return measure_or_redraw(args, "benchmarks.prefill", lambda: run(args), markdown)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -269,21 +269,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from benchmarks.common import read_result, write_result
+    from benchmarks.common import measure_or_redraw
 
     args = parse_args(argv)
-    if args.markdown:
-        print(markdown(read_result(args.markdown)))
-        return 0
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.prefill_timeline needs a CUDA GPU")
-    result = run(args)
-    if args.out:
-        print(f"wrote {write_result(args.out, result)}")
-    print(markdown(result))
-    return 0
+    return measure_or_redraw(args, "benchmarks.prefill_timeline", lambda: run(args), markdown)
 
 
 if __name__ == "__main__":
