@@ -25,6 +25,7 @@ from triton_device import kernel_device
 DEVICE = kernel_device()
 
 from avmp.kernels.triton.mamba2_chunk_scan import (  # noqa: E402
+    ChunkScanTiles,
     ScanTiles,
     StatePassingTiles,
     chunk_layout,
@@ -80,6 +81,28 @@ def test_chunk_scan_matches_sequential_reference(
     assert_close("final state", case["state"][slots], h_ref, coarser)
     kept = [s for s in range(NUM_SLOTS) if s not in slots.tolist()]
     assert torch.equal(case["state"][kept], before[kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [12, 24])
+def test_chunk_size_not_a_multiple_of_the_source_tile(chunk: int, dtype: torch.dtype) -> None:
+    """A chunk size that 16-token source tiles do not divide (12: one ragged tile; 24: a
+    whole tile below the diagonal, then a ragged one): the readout's diagonal tiles mask
+    the columns past the chunk in the load, where a divisible size reads them whole."""
+    lens = [5, chunk, chunk + 1, 3 * chunk + 7]
+    case = make_case(9, torch.float32, dtype, lens, 2, 16, 16, 1, NUM_SLOTS)
+    y_ref, h_ref = reference_scan(case, lens, [False, True, False, True], "D,dt_bias,z",
+                                  (0.0, math.inf))
+    tiles = ScanTiles().with_kernel("chunk_scan", ChunkScanTiles(
+        block_tokens=16, block_p=16, block_state=16, block_j=16))
+    out = torch.full(tuple(case["x"].shape), POISON, dtype=dtype, device=DEVICE)
+    flags = torch.tensor([True, False, True, False], device=DEVICE)
+    mamba2_chunk_scan(case["state"], case["slot_idx"], offsets(lens), case["x"], case["dt"],
+                      case["A"], case["B"], case["C"], chunk, **inputs(case, "D,dt_bias,z"),
+                      has_initial_state=flags, out=out, tiles=tiles)
+    assert_close("y", out, y_ref, dtype)
+    slots = case["slot_idx"].long()
+    assert_close("final state", case["state"][slots], h_ref, dtype)
 
 
 @pytest.mark.parametrize("prefetch", StatePassingTiles.PREFETCH)
