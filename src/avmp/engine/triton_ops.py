@@ -459,7 +459,7 @@ def _slot_output_like(x: torch.Tensor, batch: DeviceStepBatch) -> torch.Tensor:
     state slot (the recurrent kernels): uninitialised, and in a padded step the other
     rows zeroed alone, not the whole buffer (`zero_slotless_rows`; before the kernel
     runs, which writes none of them)."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # rows whole: one stride
+    out = torch.empty_like(x)
     if batch.padded:
         from avmp.kernels.triton.slotless_rows import zero_slotless_rows
 
