@@ -5,8 +5,8 @@ the sequences that have a state slot and touch nothing else: a padding sequence 
 and the rows past the last sequence (a bucket wider than the step's tokens) keep what the
 buffer held. In a CUDA graph that buffer is reused memory, so those rows must be set;
 zero-filling the whole output before the kernel writes every row twice (on Granite-4.0-H's
-geometry, 64 MiB per Mamba layer of an 8k-token step, about 0.8% of the step), where the
-unwritten rows are a handful. This zeroes those alone, with nothing read back by the host,
+geometry, 8,192 rows of 4,096 bf16 channels: 64 MiB per Mamba layer of an 8k-token step),
+where the unwritten rows are a handful. This zeroes those alone, with nothing read back by the host,
 so a captured step replays it.
 """
 
