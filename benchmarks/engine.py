@@ -58,6 +58,7 @@ from avmp.engine.models import model_class
 from avmp.engine.models.base import HybridModel
 from avmp.engine.profile import StepRecord
 from avmp.engine.tiny import init_random_weights
+from avmp.engine.triton_ops import TritonOps
 from avmp.models.zoo import zoo_config
 from avmp.sim.calibration import CalibratedModel, fit_calibration
 from avmp.sim.timing import BatchShape, RooflineModel, get_profile
@@ -780,6 +781,8 @@ def run_engine_cells(
         result["long_cells"] = long_cells(engine, args, deadline, result)
     if time.perf_counter() < deadline:
         result["overlap"] = overlap_comparison(engine, args)
+    if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
+        result["prologue"] = prologue_comparison(engine, args, bandwidth)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     profile = gpu_profile(torch.cuda.get_device_name())  # the simulator's figures for it
@@ -836,6 +839,45 @@ def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, An
     off, on = rows["off"]["decode_step_s"], rows["on"]["decode_step_s"]
     print(f"overlap at B={batch}: {off * 1e3:.2f} -> {on * 1e3:.2f} ms/step", flush=True)
     return {"batch": batch, **rows, "speedup": off / on}
+
+
+# the settings `prologue_comparison` times: (label, prologue rows, dependent launches)
+PROLOGUE_SETTINGS = (("unfused", 0, False), ("fused", None, False), ("fused_pdl", None, True))
+
+
+def prologue_comparison(
+    engine: Engine, args: argparse.Namespace, bandwidth: float, rounds: int = 2
+) -> dict[str, Any]:
+    """The batch-1 decode cell with each linear's norm or activation as its own kernel,
+    fused into the linear's prologue, and fused with dependent launches
+    (`avmp.kernels.triton.prologue_linear`), in turn ``rounds`` times; the decode graphs
+    are captured again for every setting."""
+    ops = engine.runner.ops
+    assert isinstance(ops, TritonOps) and isinstance(engine.runner, FastModelRunner)
+    default_rows, default_pdl = ops.prologue_rows, ops.pdl
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in PROLOGUE_SETTINGS}
+    try:
+        for _ in range(rounds):
+            for label, prologue_rows, pdl in PROLOGUE_SETTINGS:
+                ops.prologue_rows = default_rows if prologue_rows is None else prologue_rows
+                ops.pdl = pdl
+                engine.runner.graphs.clear()
+                cell = engine_cell(engine, 1, args.prompt_len, args.decode_tokens, seed=1)
+                roof = decode_roofline(engine, 1, cell["median_decode_context_tokens"], bandwidth)
+                rows[label].append({
+                    "decode_step_s": cell["decode_step_s"],
+                    "decode_device_s": cell["decode_device_s"],
+                    "roofline_fraction": cell["decode_tokens_per_s"] / roof["tokens_per_s"],
+                })  # fmt: skip
+    finally:
+        ops.prologue_rows, ops.pdl = default_rows, default_pdl
+        engine.runner.graphs.clear()
+    line = ", ".join(
+        f"{label} {statistics.median(r['decode_step_s'] for r in runs) * 1e3:.2f} ms"
+        for label, runs in rows.items()
+    )
+    print(f"prologue linears at B=1: {line}", flush=True)
+    return {"batch": 1, "rounds": rows}
 
 
 def run_transformers_cells(
@@ -920,6 +962,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _throughput_table(model)
         if model.get("overlap"):
             lines += _overlap_line(model["overlap"])
+        if model.get("prologue"):
+            lines += _prologue_lines(model["prologue"])
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):
@@ -994,6 +1038,27 @@ def _overlap_line(row: dict[str, Any]) -> list[str]:
         f"({row['speedup']:.2f}x); the device's own time per step "
         f"{on['decode_device_s'] * 1e3:.2f} ms.",
     ]
+
+
+def _prologue_lines(row: dict[str, Any]) -> list[str]:
+    """The batch-1 decode step per prologue setting: median over the rounds."""
+    lines = [
+        "",
+        f"Batch-1 decode with the norms and activations before the linears as their own "
+        f"kernels, fused into the linears, and fused with dependent launches "
+        f"({len(next(iter(row['rounds'].values())))} rounds, settings in turn):",
+        "",
+        "| setting | ms/step (each round) | device ms/step | % of roofline | vs unfused |",
+        "|---|---|---:|---:|---:|",
+    ]
+    base = statistics.median(r["decode_step_s"] for r in row["rounds"]["unfused"])
+    for label, runs in row["rounds"].items():
+        step = statistics.median(r["decode_step_s"] for r in runs)
+        each = " / ".join(f"{r['decode_step_s'] * 1e3:.2f}" for r in runs)
+        device = statistics.median(r["decode_device_s"] for r in runs)
+        roof = statistics.median(r["roofline_fraction"] for r in runs)
+        lines.append(f"| {label} | {each} | {device * 1e3:.2f} | {roof:.0%} | {base / step:.2f}x |")
+    return lines
 
 
 def _model_header(model: dict[str, Any], results: dict[str, Any]) -> list[str]:

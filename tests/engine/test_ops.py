@@ -5,6 +5,7 @@ decode step can be captured, and the kernels package knows nothing of the engine
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,65 @@ def test_mamba2_decay_lives_on_the_layer_and_updates_in_place() -> None:
     assert again is first and torch.equal(again, -torch.exp(mixer.A_log.detach().float()))
     mixer.A_log = torch.nn.Parameter(torch.zeros(mixer.A_log.shape[0] + 1))  # new shape
     assert torch.equal(TritonOps().decay(mixer), -torch.ones(mixer.A_log.shape[0]))
+
+
+class _FusingOps(Ops):
+    """The reference kernels, taking every one-row linear as fused with its prologue
+    (computed by the reference compositions) and counting those calls."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def fuses_prologue(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        return x.shape[0] == 1
+
+    def norm_linear(self, x, delta, *args):  # type: ignore[no-untyped-def]
+        self.calls["add_norm_linear" if delta is not None else "norm_linear"] += 1
+        return super().norm_linear(x, delta, *args)
+
+    def gated_norm_linear(self, *args):  # type: ignore[no-untyped-def]
+        self.calls["gated_norm_linear"] += 1
+        return super().gated_norm_linear(*args)
+
+    def glu_linear(self, *args):  # type: ignore[no-untyped-def]
+        self.calls["glu_linear"] += 1
+        return super().glu_linear(*args)
+
+    def act_linear(self, *args):  # type: ignore[no-untyped-def]
+        self.calls["act_linear"] += 1
+        return super().act_linear(*args)
+
+
+# family -> the fused linears a decode step of its test config runs
+FUSED = {
+    "granitemoehybrid": {"add_norm_linear", "norm_linear", "gated_norm_linear", "glu_linear"},
+    "bamba": {"add_norm_linear", "norm_linear", "gated_norm_linear", "glu_linear"},
+    "nemotron_h": {"add_norm_linear", "norm_linear", "gated_norm_linear", "act_linear"},
+    "jamba": {"add_norm_linear", "norm_linear", "glu_linear"},
+    "zamba2": {"gated_norm_linear", "glu_linear"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FUSED))
+def test_decode_rows_read_their_norms_through_the_fused_linears(family: str) -> None:
+    """A one-row decode step routes its norms and activations into the linears after
+    them (the residual sum made by the first reader, later readers norming the updated
+    stream); with the reference compositions behind them the tokens are the reference's.
+    Prefill rows (many) are never fused."""
+    prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [9, 7]]
+    outs = []
+    fusing = _FusingOps()
+    for ops in (None, fusing):
+        model = _model(family)
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        engine = Engine(model, EngineConfig(16 * MiB, block_size=4, kernels="reference"))
+        if ops is not None:
+            engine.runner.ops = ops
+            engine.model.use_ops(ops)
+        outs.append([[o.token_ids for o in engine.generate([p], max_tokens=6)] for p in prompts])
+    assert outs[0] == outs[1]
+    assert set(fusing.calls) == FUSED[family], fusing.calls

@@ -89,6 +89,67 @@ class Ops:
         """``act(gate) * up``."""
         return self.activation(act, gate) * up
 
+    # -- a linear layer with the norm or activation before it (decode rows) -------------
+    #
+    # A layer asks `fuses_prologue` first; where it says no, the layer runs its norm or
+    # activation and then its linear module. The methods below compute what that
+    # composition computes; `TritonOps` computes it in one kernel per linear.
+
+    def fuses_prologue(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        """Whether ``linear(f(x))`` runs as one kernel here (f: a norm or activation)."""
+        return False
+
+    def norm_linear(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        scale: float | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = x + delta * scale`` (``x`` without a delta) and ``linear(rms_norm(s))``."""
+        if delta is None:
+            total, h = x, self.rms_norm(x, norm_weight, eps, fp32_weight)
+        else:
+            total, h = self.add_rms_norm(x, delta, scale, norm_weight, eps, fp32_weight)
+        return total, F.linear(h, weight, bias)
+
+    def gated_norm_linear(
+        self,
+        y: torch.Tensor,
+        gate: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        group_size: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``linear(gated_rms_norm(y, gate))``, the norm's output in the weight's dtype."""
+        h = self.gated_rms_norm(y, gate, norm_weight, eps, group_size)
+        return F.linear(h.to(weight.dtype), weight, bias)
+
+    def glu_linear(
+        self,
+        act: Activation,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``linear(act(gate) * up)``."""
+        return F.linear(self.glu(act, gate, up), weight, bias)
+
+    def act_linear(
+        self, act: Activation, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``linear(act(x))``."""
+        return F.linear(self.activation(act, x), weight, bias)
+
     def attention(
         self,
         q: torch.Tensor,

@@ -73,12 +73,16 @@ class TritonOps(Ops):
 
     def __init__(self) -> None:
         from avmp.kernels import triton as kernels
-        from avmp.kernels.triton import activations, rms_norm
+        from avmp.kernels.triton import activations, prologue_linear, rms_norm
         from avmp.kernels.triton.kv_write import kv_write
 
         self._k = kernels
         self._norm = rms_norm
         self._act = activations
+        self._pl = prologue_linear
+        self.prologue_rows = prologue_linear.MAX_ROWS  # 0: norms and activations apart
+        self.pdl = True  # dependent launches where the GPU has them
+        self._pdl_devices: dict[torch.device, bool] = {}
         self._kv_write = kv_write
 
     def rms_norm(
@@ -116,6 +120,83 @@ class TritonOps(Ops):
         if act is F.silu:
             return self._act.silu_mul(gate, up)
         return self.activation(act, gate) * up
+
+    def fuses_prologue(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        """Decode rows (up to ``prologue_rows``) of a float linear with unit-stride weight
+        rows: `avmp.kernels.triton.prologue_linear` computes the norm or activation
+        before it in its own prologue (about 150 launches fewer per Granite decode step)."""
+        return (
+            x.dim() == 2
+            and 0 < x.shape[0] <= self.prologue_rows
+            and x.dtype in self._pl.FLOAT_DTYPES
+            and weight.dim() == 2
+            and weight.dtype == x.dtype
+            and weight.stride(1) == 1
+            and weight.device == x.device
+            and (bias is None or bias.dtype == x.dtype)
+        )
+
+    def _pdl(self, device: torch.device) -> bool:
+        """Programmatic dependent launch: on Hopper and later, a prologue linear reads its
+        first weight tile while the kernel before it finishes (`prologue_linear`)."""
+        if not self.pdl or device.type != "cuda":
+            return False
+        if device not in self._pdl_devices:
+            self._pdl_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
+        return self._pdl_devices[device]
+
+    def norm_linear(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        scale: float | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total, out = self._pl.norm_linear(
+            x, norm_weight, eps, weight, bias, delta, scale, fp32_weight, pdl=self._pdl(x.device)
+        )
+        return (x if total is None else total), out
+
+    def gated_norm_linear(
+        self,
+        y: torch.Tensor,
+        gate: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        group_size: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if not self._pl.tile_fits_groups(y.shape[-1], group_size):
+            return super().gated_norm_linear(y, gate, norm_weight, eps, group_size, weight, bias)
+        return self._pl.gated_norm_linear(
+            y, gate, norm_weight, eps, group_size, weight, bias, pdl=self._pdl(y.device)
+        )
+
+    def glu_linear(
+        self,
+        act: Activation,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if act is not F.silu:
+            return super().glu_linear(act, gate, up, weight, bias)
+        return self._pl.act_linear(gate, weight, up, bias, pdl=self._pdl(gate.device))
+
+    def act_linear(
+        self, act: Activation, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if act is not relu_squared:
+            return super().act_linear(act, x, weight, bias)
+        return self._pl.act_linear(x, weight, None, bias, pdl=self._pdl(x.device))
 
     def decay(self, mixer: Mamba2Mixer) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32, computed once per weight version (three

@@ -14,6 +14,7 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
+    Normed,
     OpsLayer,
     PagedAttention,
     Residual,
@@ -21,7 +22,9 @@ from avmp.engine.models.layers import (
     Rope,
     Rotary,
     activation,
+    glu_linear,
     head_dim_of,
+    linear_of,
     mix_or_attend,
     rope_theta,
     shard_param,
@@ -70,9 +73,9 @@ class GraniteSharedMLP(OpsLayer):
         self.output_linear = row_linear(rows, config.hidden_size, False, tp, reduce)
         self.act = activation(config.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.input_linear(x).chunk(2, dim=-1)
-        return self.output_linear(self.glu(a, b))
+    def forward(self, x: Normed) -> torch.Tensor:
+        a, b = linear_of(self.input_linear, x).chunk(2, dim=-1)
+        return glu_linear(self, self.act, a, b, self.output_linear)
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up`` (one launch when fused)."""
@@ -168,15 +171,15 @@ class GraniteBlock(nn.Module):
             self.mamba = mamba2_from_granite_style(config, layer_index, tp)
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
-        h = x.norm(self.input_layernorm)
+        h = x.normed(self.input_layernorm)
         x.add(
             mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope),
             self.residual_multiplier,
         )
-        h = x.norm(self.post_attention_layernorm)
+        h = x.normed(self.post_attention_layernorm)
         ffn = self.shared_mlp(h)
         if self.block_sparse_moe is not None:
-            ffn = self.block_sparse_moe(h) + ffn
+            ffn = self.block_sparse_moe(h.value()) + ffn
         x.add(self.tp.all_reduce(ffn), self.residual_multiplier)
 
 

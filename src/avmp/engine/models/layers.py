@@ -134,6 +134,92 @@ class Residual:
         self.delta = None
         return out
 
+    def normed(self, norm: RMSNorm) -> NormedStream:
+        """``norm`` of the stream for readers that are linear layers (`NormedStream`);
+        they read it before the stream's next addition."""
+        return NormedStream(self, norm)
+
+
+class NormedStream:
+    """``norm`` of a `Residual` stream, computed by whoever reads it first.
+
+    A linear layer reading it (`linear`) computes the norm in its own prologue where
+    the ops fuse one (`Ops.fuses_prologue`: a decode row on the Triton path), the
+    stream's deferred addition made on the way; each further linear does the same
+    from the updated stream. Any other reader, and a linear the ops do not fuse, takes
+    the tensor (`value`), computed once. Every reader runs before the stream's next
+    addition (the block's readers of one norm do).
+    """
+
+    __slots__ = ("stream", "norm", "_value")
+
+    def __init__(self, stream: Residual, norm: RMSNorm) -> None:
+        self.stream, self.norm = stream, norm
+        self._value: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stream.x.dtype
+
+    def value(self) -> torch.Tensor:
+        """The normalised stream as a tensor."""
+        if self._value is None:
+            self._value = self.stream.norm(self.norm)
+        return self._value
+
+    def linear(self, linear: nn.Module) -> torch.Tensor:
+        """``linear(norm(stream))``."""
+        s, norm = self.stream, self.norm
+        if (
+            self._value is not None
+            or type(linear) is not nn.Linear
+            or not norm.ops.fuses_prologue(s.x, linear.weight, linear.bias)
+        ):
+            out: torch.Tensor = linear(self.value())
+            return out
+        s.x, out = norm.ops.norm_linear(
+            s.x, s.delta, s.scale, norm.weight, norm.variance_epsilon, norm.fp32_weight,
+            linear.weight, linear.bias,
+        )  # fmt: skip
+        s.delta = None
+        return out
+
+
+Normed = torch.Tensor | NormedStream
+
+
+def linear_of(linear: nn.Module, x: Normed) -> torch.Tensor:
+    """``linear(x)`` of a tensor or of a `NormedStream` (its norm fused where it can be)."""
+    if isinstance(x, NormedStream):
+        return x.linear(linear)
+    out: torch.Tensor = linear(x)
+    return out
+
+
+def value_of(x: Normed) -> torch.Tensor:
+    """``x`` as a tensor."""
+    return x.value() if isinstance(x, NormedStream) else x
+
+
+def glu_linear(
+    layer: OpsLayer, act: Activation, gate: torch.Tensor, up: torch.Tensor, linear: nn.Module
+) -> torch.Tensor:
+    """``linear(act(gate) * up)``, in one kernel where ``layer``'s ops fuse it."""
+    if type(linear) is nn.Linear and layer.ops.fuses_prologue(gate, linear.weight, linear.bias):
+        return layer.ops.glu_linear(act, gate, up, linear.weight, linear.bias)
+    out: torch.Tensor = linear(layer.ops.glu(act, gate, up))
+    return out
+
+
+def act_linear(
+    layer: OpsLayer, act: Activation, x: torch.Tensor, linear: nn.Module
+) -> torch.Tensor:
+    """``linear(act(x))``, in one kernel where ``layer``'s ops fuse it."""
+    if type(linear) is nn.Linear and layer.ops.fuses_prologue(x, linear.weight, linear.bias):
+        return layer.ops.act_linear(act, x, linear.weight, linear.bias)
+    out: torch.Tensor = linear(layer.ops.activation(act, x))
+    return out
+
 
 class RMSNormGated(OpsLayer):
     """Grouped RMS norm of ``x * silu(gate)``: the Mamba2 output norm. With a ``span``
@@ -155,6 +241,23 @@ class RMSNormGated(OpsLayer):
             )
         h = x.float() if gate is None else x.float() * F.silu(gate.float())
         return self.weight * self.span.rms_norm(h, self.variance_epsilon).to(x.dtype)
+
+    def linear(
+        self, x: torch.Tensor, gate: torch.Tensor, linear: nn.Module, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``linear(norm(x, gate).to(dtype))``, in one kernel where the ops fuse it."""
+        if (
+            self.span is None
+            and type(linear) is nn.Linear
+            and linear.weight.dtype == dtype
+            and self.ops.fuses_prologue(x, linear.weight, linear.bias)
+        ):
+            return self.ops.gated_norm_linear(
+                x, gate, self.weight, self.variance_epsilon, self.group_size,
+                linear.weight, linear.bias,
+            )  # fmt: skip
+        out: torch.Tensor = linear(self(x, gate).to(dtype))
+        return out
 
 
 class Rotary:
@@ -227,17 +330,17 @@ class PagedAttention(OpsLayer):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: Normed,
         batch: StepBatch,
         cache: LayerCaches,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q = linear_of(self.q_proj, x).view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = linear_of(self.k_proj, x).view(-1, self.num_kv_heads, self.head_dim)
+        v = linear_of(self.v_proj, x).view(-1, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attend(q, k, v, batch, cache).reshape(x.shape[0], -1))
+        return self.o_proj(self.attend(q, k, v, batch, cache).reshape(q.shape[0], -1))
 
     def attend(
         self,
@@ -310,11 +413,11 @@ class Mamba2Mixer(OpsLayer):
     def ssm_shape(self) -> tuple[int, int, int]:
         return (self.num_heads, self.head_dim, self.d_state)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
-        proj = self.in_proj(x)
+    def forward(self, x: Normed, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
+        proj = linear_of(self.in_proj, x)
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache)
-        return self.out_proj(self.norm(y, gate).to(x.dtype))
+        return self.norm.linear(y, gate, self.out_proj, x.dtype)
 
     def mix(
         self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: LayerCaches
@@ -389,8 +492,9 @@ class GatedMLP(OpsLayer):
         self.down_proj = row_linear(rows, hidden_size, bias, tp, reduce)
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: Normed) -> torch.Tensor:
+        return glu_linear(self, self.act, linear_of(self.gate_proj, x),
+                          linear_of(self.up_proj, x), self.down_proj)  # fmt: skip
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up`` (one launch when fused)."""
@@ -457,8 +561,8 @@ class Mamba1Mixer(OpsLayer):
     def ssm_shape(self) -> tuple[int, int]:
         return (self.intermediate_size, self.d_state)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
-        xs, gate = self.in_proj(x).chunk(2, dim=-1)
+    def forward(self, x: Normed, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
+        xs, gate = linear_of(self.in_proj, x).chunk(2, dim=-1)
         conv_states, ssm_states = cache.state(self.layer_index)
         out = self.ops.mamba1_mix(self, xs, gate, conv_states, ssm_states, batch)
         return self.out_proj(out.to(x.dtype))
@@ -508,7 +612,7 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 def mix_or_attend(
     mamba: nn.Module | None,
     self_attn: nn.Module | None,
-    h: torch.Tensor,
+    h: Normed,
     batch: StepBatch,
     cache: LayerCaches,
     rope: Rope,
@@ -537,9 +641,10 @@ class MixerOrAttentionBlock(nn.Module):
     self_attn: PagedAttention | None
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
-        h = x.norm(self.input_layernorm)
+        h = x.normed(self.input_layernorm)
         x.add(mix_or_attend(self.mamba, self.self_attn, h, batch, cache, rope))
-        x.add(self.feed_forward(x.norm(self.pre_ff_layernorm)))
+        h = x.normed(self.pre_ff_layernorm)
+        x.add(self.feed_forward(h if isinstance(self.feed_forward, GatedMLP) else h.value()))
 
 
 class HybridBody(nn.Module):

@@ -15,13 +15,16 @@ from avmp.engine.models.base import HybridModel
 from avmp.engine.models.layers import (
     HybridBody,
     Mamba2Mixer,
+    Normed,
     OpsLayer,
     PagedAttention,
     Residual,
     RMSNorm,
     Rope,
+    act_linear,
     activation,
     head_dim_of,
+    linear_of,
     local_experts,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -46,8 +49,8 @@ class NemotronMLP(OpsLayer):
         self.down_proj = row_linear(rows, config.hidden_size, config.mlp_bias, tp, reduce)
         self.act = activation(config.mlp_hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.activation(self.act, self.up_proj(x)))
+    def forward(self, x: Normed) -> torch.Tensor:
+        return act_linear(self, self.act, linear_of(self.up_proj, x), self.down_proj)
 
 
 class NemotronRouter(nn.Module):
@@ -155,14 +158,14 @@ class NemotronBlock(nn.Module):
         self.mixer = build_mixer(config, layer_index, tp)
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
-        h = x.norm(self.norm)
+        h = x.normed(self.norm)
         if isinstance(self.mixer, Mamba2Mixer):
-            h = self.mixer(h, batch, cache)
+            out = self.mixer(h, batch, cache)
         elif isinstance(self.mixer, PagedAttention):
-            h = self.mixer(h, batch, cache, rope)
+            out = self.mixer(h, batch, cache, rope)
         else:
-            h = self.mixer(h)
-        x.add(h)
+            out = self.mixer(h if isinstance(self.mixer, NemotronMLP) else h.value())
+        x.add(out)
 
 
 class NemotronHModel(HybridModel):

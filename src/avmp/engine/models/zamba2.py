@@ -30,6 +30,7 @@ from avmp.engine.models.layers import (
     Rotary,
     activation,
     apply_rotary,
+    glu_linear,
     rope_theta,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -127,7 +128,7 @@ class Zamba2SharedMLP(OpsLayer):
     def forward(self, x: torch.Tensor, use: int) -> torch.Tensor:
         gate_up = self.gate_up_proj(x) + self.gate_up_proj_adapter_list[use](x)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.ops.glu(self.act, gate, up))
+        return glu_linear(self, self.act, gate, up, self.down_proj)
 
 
 class Zamba2SharedBlock(nn.Module):

@@ -1,0 +1,26 @@
+"""The engine benchmark's batch-1 prologue comparison: medians over rounds, each
+setting against the unfused steps."""
+
+from __future__ import annotations
+
+from benchmarks.engine import PROLOGUE_SETTINGS, _prologue_lines
+
+
+def _round(step_ms: float, device_ms: float, roof: float) -> dict[str, float]:
+    return {"decode_step_s": step_ms / 1e3, "decode_device_s": device_ms / 1e3,
+            "roofline_fraction": roof}  # fmt: skip
+
+
+def test_prologue_table_reports_medians_and_ratios_to_unfused() -> None:
+    row = {"batch": 1, "rounds": {
+        "unfused": [_round(3.5, 3.4, 0.61), _round(3.4, 3.3, 0.63), _round(3.6, 3.5, 0.60)],
+        "fused": [_round(3.1, 3.0, 0.69), _round(3.0, 2.9, 0.71), _round(3.2, 3.1, 0.67)],
+        "fused_pdl": [_round(2.8, 2.7, 0.76), _round(2.9, 2.8, 0.74), _round(2.7, 2.6, 0.79)],
+    }}  # fmt: skip
+    lines = _prologue_lines(row)
+    table = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "3 rounds" in lines[1]
+    assert table["unfused"] == "| unfused | 3.50 / 3.40 / 3.60 | 3.40 | 61% | 1.00x |"
+    assert table["fused"].endswith("| 3.00 | 69% | 1.13x |")  # 3.5 / 3.1
+    assert table["fused_pdl"].endswith("| 2.70 | 76% | 1.25x |")  # 3.5 / 2.8
+    assert [label for label, _, _ in PROLOGUE_SETTINGS] == ["unfused", "fused", "fused_pdl"]
