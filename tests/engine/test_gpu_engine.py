@@ -11,6 +11,7 @@ context 0) a replayed graph computes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -92,6 +93,46 @@ def test_padded_decode_steps_match_transformers(
     if DEVICE.type == "cuda":
         assert runner.use_graphs and runner.graphs
         assert any(s.graph for s in runner.profile.steps)
+
+
+# family -> (config overrides that let its decode step be captured, prologue kinds run)
+ONE_ROW = {
+    "granitemoehybrid": ({"num_local_experts": 0}, {"NORM", "GATED_NORM", "SILU_MUL"}),
+    "nemotron_h": (
+        {"layers_block_type": ["linear_attention", "mlp", "full_attention", "linear_attention"]},
+        {"NORM", "GATED_NORM", "RELU_SQUARED"},
+    ),
+    "bamba": ({}, {"NORM", "GATED_NORM", "SILU_MUL"}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ONE_ROW))
+def test_one_row_decode_reads_its_norms_in_the_linears_and_matches_transformers(
+    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone request decodes one row a step (in CUDA graphs on CUDA): its norms and
+    activations run in the prologues of the linears after them
+    (`avmp.kernels.triton.prologue_linear`), and the tokens are transformers'."""
+    from avmp.kernels.triton import prologue_linear
+
+    overrides, kinds = ONE_ROW[family]
+    names = {prologue_linear.NORM: "NORM", prologue_linear.GATED_NORM: "GATED_NORM",
+             prologue_linear.SILU_MUL: "SILU_MUL", prologue_linear.RELU_SQUARED: "RELU_SQUARED"}
+    seen: set[str] = set()
+    launch = prologue_linear._launch
+
+    def spy(mode: int, *args: Any, **kwargs: Any) -> Any:
+        seen.add(names[mode])
+        return launch(mode, *args, **kwargs)
+
+    monkeypatch.setattr(prologue_linear, "_launch", spy)
+    checkpoint = tiny_checkpoint(family, **overrides)
+    engine = _engine(checkpoint)
+    engine.runner.profile.start()
+    _assert_identical(engine, checkpoint, [13])
+    assert seen == kinds
+    if DEVICE.type == "cuda":
+        assert all(s.graph for s in engine.runner.profile.steps if not s.num_prefill_tokens)
 
 
 @pytest.mark.parametrize("padded", [False, True])
