@@ -167,3 +167,58 @@ def test_bad_shapes_raise() -> None:
         pl.gated_norm_linear(t["x"], t["aux"], t["norm_weight"], 1e-5, 24, t["weight"])
     assert not pl.tile_fits_groups(96, 24) and pl.tile_fits_groups(96, 96)
     assert pl.tile_fits_groups(96, 32) and not pl.tile_fits_groups(96, 36)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a chain of launches, on a GPU")
+def test_a_mamba2_decode_chain_with_dependent_launches_matches_one_without() -> None:
+    """in_proj (norm in its prologue) -> conv step -> state step -> out_proj (gated norm
+    in its prologue), layer after layer, every launch dependent: each kernel waits for
+    the one before it, so outputs and the states it leaves are the plain chain's, eager
+    and replayed from a CUDA graph."""
+    from avmp.kernels.triton.conv1d_update import conv1d_update
+    from avmp.kernels.triton.mamba2_state_update import mamba2_state_update
+
+    torch.manual_seed(6)
+    hidden, heads, head_dim, d_state, layers = 256, 8, 16, 16, 6
+    inner = heads * head_dim
+    conv_dim = inner + 2 * d_state
+    bf = torch.bfloat16
+
+    def rand(*shape: int, scale: float = 1.0, dtype: torch.dtype = bf) -> torch.Tensor:
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+    w_in = [rand(inner + conv_dim + heads, hidden, scale=hidden**-0.5) for _ in range(layers)]
+    w_out = [rand(hidden, inner, scale=inner**-0.5) for _ in range(layers)]
+    conv_w, a = rand(conv_dim, 4, scale=0.5), -torch.rand(heads, device=DEVICE) - 0.5
+    nw, gw = torch.ones(hidden, device=DEVICE, dtype=bf), torch.ones(inner, device=DEVICE, dtype=bf)
+    x0, slot = rand(1, hidden), torch.tensor([2], device=DEVICE, dtype=torch.int32)
+    conv0, ssm0 = rand(layers, 4, conv_dim, 3), rand(layers, 4, heads, head_dim, d_state,
+                                                     dtype=torch.float32)  # fmt: skip
+
+    def chain(pdl: bool, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        x, d = x0, torch.zeros_like(x0)
+        for i in range(layers):
+            x, proj = pl.norm_linear(x, nw, 1e-5, w_in[i], None, d, 0.5, pdl=pdl)
+            z, xbc, dt = proj.split([inner, conv_dim, heads], dim=-1)
+            xbc = conv1d_update(conv[i], slot, xbc, conv_w, None, "silu", pdl=pdl)
+            xs, b, c = xbc.split([inner, d_state, d_state], dim=-1)
+            y = mamba2_state_update(ssm[i], slot, xs.reshape(1, heads, head_dim), dt, a,
+                                    b.reshape(1, 1, d_state), c.reshape(1, 1, d_state),
+                                    pdl=pdl)  # fmt: skip
+            d = pl.gated_norm_linear(y.reshape(1, inner), z, gw, 1e-5, inner, w_out[i], pdl=pdl)
+        return x + d
+
+    conv_a, ssm_a = conv0.clone(), ssm0.clone()
+    want = chain(False, conv_a, ssm_a)
+    conv_b, ssm_b = conv0.clone(), ssm0.clone()
+    assert torch.equal(chain(True, conv_b, ssm_b), want)
+    assert torch.equal(conv_b, conv_a) and torch.equal(ssm_b, ssm_a)
+    conv_c, ssm_c = conv0.clone(), ssm0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True, conv_c, ssm_c)
+    conv_c.copy_(conv0)
+    ssm_c.copy_(ssm0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want) and torch.equal(conv_c, conv_a) and torch.equal(ssm_c, ssm_a)

@@ -139,8 +139,10 @@ class TritonOps(Ops):
         )
 
     def _pdl(self, device: torch.device) -> bool:
-        """Programmatic dependent launch: on Hopper and later, a prologue linear reads its
-        first weight tile while the kernel before it finishes (`prologue_linear`)."""
+        """Programmatic dependent launch, on Hopper and later: a decode step's prologue
+        linears, conv and state update start while the kernel before them finishes
+        (a linear reading its first weight tile, `prologue_linear`) and wait for it
+        before reading what it wrote."""
         if not self.pdl or device.type != "cuda":
             return False
         if device not in self._pdl_devices:
@@ -278,9 +280,10 @@ class TritonOps(Ops):
         if not isinstance(batch, DeviceStepBatch):
             return super().mamba2_mix(mixer, xbc, dt, conv_states, ssm_states, batch)
         weight = mixer.conv1d.weight.squeeze(1)
+        pdl = batch.is_decode and self._pdl(xbc.device)
         if batch.is_decode:
             xbc = self._k.conv1d_update(
-                conv_states, batch.slot_idx, xbc, weight, mixer.conv1d.bias, "silu"
+                conv_states, batch.slot_idx, xbc, weight, mixer.conv1d.bias, "silu", pdl=pdl
             )
         else:
             xbc = self._prefill_conv(mixer, xbc, weight, conv_states, batch)
@@ -297,7 +300,9 @@ class TritonOps(Ops):
             dt_limit=mixer.time_step_limit, dt_round=True,
         )  # fmt: skip
         if batch.is_decode:
-            y = self._k.mamba2_state_update(ssm_states, batch.slot_idx, xs, dt, A, B, C, **dt_args)
+            y = self._k.mamba2_state_update(
+                ssm_states, batch.slot_idx, xs, dt, A, B, C, **dt_args, pdl=pdl
+            )
         else:
             y = self._mamba2_prefill_scan(mixer, ssm_states, batch, (xs, dt, A, B, C), dt_args)
         return y.reshape(n, mixer.intermediate_size)

@@ -39,8 +39,11 @@ def _conv1d_update_kernel(
     stride_ob, stride_oc,
     CHANNELS: tl.constexpr, COLUMNS: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (programmatic dependent launch): the inputs come after
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     c_block = tl.program_id(1)
     slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
@@ -100,6 +103,7 @@ def conv1d_update(
     bias: torch.Tensor | None = None,
     activation: str | None = "silu",
     out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One causal conv1d decode step for ``batch`` requests, shifting their slots' conv
     states in place.
@@ -113,6 +117,8 @@ def conv1d_update(
         bias: optional ``[channels]``.
         activation: ``"silu"`` or None.
         out: optional ``[batch, channels]`` output, written in place.
+        pdl: launch as a programmatic dependent launch (Hopper and later): the kernel
+            lets the next one start early and waits for the one before it first.
 
     Returns:
         ``out``, or a new tensor in x's dtype. fp32 accumulation.
@@ -134,6 +140,6 @@ def conv1d_update(
         *strides(bias, 1), *out.stride(),
         CHANNELS=channels, COLUMNS=columns, WIDTH=weight.shape[1], BLOCK_C=BLOCK_C,
         BLOCK_W=next_power_of_2(columns + 1), HAS_BIAS=bias is not None,
-        SILU=activation == "silu",
+        SILU=activation == "silu", USE_PDL=pdl, launch_pdl=pdl,
     )
     return out

@@ -51,8 +51,11 @@ def _mamba2_state_update_kernel(
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, DT_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (programmatic dependent launch): the inputs come after
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     head = tl.program_id(1)
     p_block = tl.program_id(2)
@@ -141,6 +144,7 @@ def mamba2_state_update(
     dt_limit: tuple[float, float] = (-math.inf, math.inf),
     dt_round: bool = False,
     out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One Mamba2 decode step for ``batch`` requests, updating their slots in place.
 
@@ -158,6 +162,9 @@ def mamba2_state_update(
         dt_round: discretise dt as torch does in dt's dtype (each step rounded to it)
             rather than in fp32 throughout.
         out: optional ``[batch, heads, head_dim]`` output, written in place.
+        pdl: launch as a programmatic dependent launch (Hopper and later): the kernel
+            lets the next one (the output projection) start early and waits for the
+            one before it first.
 
     Returns:
         ``out``, or a new tensor in x's dtype.
@@ -181,6 +188,6 @@ def mamba2_state_update(
         HEADS_PER_GROUP=heads // groups, HEAD_DIM=head_dim, D_STATE=d_state,
         BLOCK_P=BLOCK_P, BLOCK_N=next_power_of_2(d_state),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, HAS_Z=z is not None,
-        DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round,
+        DT_SOFTPLUS=dt_softplus, DT_ROUND=dt_round, USE_PDL=pdl, launch_pdl=pdl,
     )
     return out
