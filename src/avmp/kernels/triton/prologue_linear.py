@@ -32,9 +32,11 @@ from avmp.kernels.triton._common import FLOAT_DTYPES, check_dtype, next_power_of
 # Prologue kinds (the kernel's MODE).
 NORM, GATED_NORM, SILU_MUL, RELU_SQUARED = 0, 1, 2, 3
 
-# Rows up to which the engine takes these kernels over norm/activation + cuBLAS: one
-# program a row streams the weights again (from L2 when the rows run together), which
-# loses to cuBLAS from two rows on (H100, `benchmarks/prologue_linear.py`).
+# Rows up to which the engine takes these kernels over norm/activation + cuBLAS. One
+# program a row streams the weights once per row (the rows share them only through L2),
+# so the kernel is for the lone decode row, where launches cost the most; a tensor-core
+# variant for up to 16 rows lost to the unfused pair (every program recomputes the
+# prologue of every row), and was not kept.
 MAX_ROWS = 1
 
 
@@ -139,11 +141,11 @@ def _prologue_linear_kernel(
 
 
 def tiles(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps)``: eight weight rows a program (the best row tile
-    of every decode linear of Granite-4.0-H-Micro on an H100, `.gpu`-free sweep in
-    ``benchmarks/prologue_linear.py``); short K steps when there are programs enough
-    to keep every SM streaming, long ones (more bytes in flight a program) when the
-    matrix has few rows and a long K."""
+    """``(BLOCK_N, BLOCK_K, num_warps)``: eight weight rows a program; short K steps when
+    there are programs enough to keep every SM streaming, long ones (more bytes in
+    flight a program) when the matrix has few rows and a long K. Chosen from a sweep on
+    an H100 over Granite-4.0-H-Micro's decode linears; ``benchmarks/prologue_linear.py``
+    times the default against its sweep per linear."""
     if triton.cdiv(n, 8) >= 4 * num_sms:
         return 8, 256, 4
     if k >= 8192:
