@@ -79,6 +79,9 @@ def test_plain_norm_linear_any_width(pdl: bool, k: int) -> None:
 @pytest.mark.parametrize("pdl", PDL)
 @pytest.mark.parametrize(("k", "group"), [(256, 256), (256, 64), (384, 128), (240, 48)])
 def test_gated_norm_linear_per_group(pdl: bool, k: int, group: int) -> None:
+    """One group; four loaded at once (`_whole_row`); three, and groups of 48, a group
+    at a time."""
+    assert pl._whole_row(k, group) == ((k, group) == (256, 64))
     t = tensors(2, k, 40, torch.bfloat16, 2)
     out = pl.gated_norm_linear(t["x"], t["aux"], t["norm_weight"], 1e-5, group, t["weight"],
                                t["bias"], block=(8, 128, 4), pdl=pdl)  # fmt: skip

@@ -38,6 +38,8 @@ NORM, GATED_NORM, SILU_MUL, RELU_SQUARED = 0, 1, 2, 3
 # variant for up to 16 rows lost to the unfused pair (every program recomputes the
 # prologue of every row), and was not kept.
 MAX_ROWS = 1
+# Widest row whose gated-norm statistics are computed from one load of the whole row.
+WHOLE_ROW_LIMIT = 16384
 
 
 @triton.jit
@@ -62,6 +64,7 @@ def _prologue_linear_kernel(
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,
     GROUPS_P2: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
     HAS_AUX: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     FP32_WEIGHT: tl.constexpr,
@@ -87,7 +90,14 @@ def _prologue_linear_kernel(
         tl.extra.cuda.gdc_wait()
     groups = tl.arange(0, GROUPS_P2)
     invs = tl.full([GROUPS_P2], 1.0, tl.float32)
-    if MODE == 0 or MODE == 1:  # each group's statistics, from the whole group
+    if MODE == 1 and WHOLE_ROW:  # every group's statistics from one round of loads
+        whole = tl.arange(0, GROUPS_P2 * GROUP)  # the row is whole groups, a power of two
+        hs = tl.load(x_row + whole).to(tl.float32)
+        gs = tl.load(a_row + whole).to(tl.float32)
+        hs = hs * (gs / (1.0 + tl.exp(-gs)))
+        squares = tl.sum(tl.reshape(hs * hs, (GROUPS_P2, GROUP)), axis=1)
+        invs = 1.0 / tl.sqrt(squares / GROUP + eps)
+    elif MODE == 0 or MODE == 1:  # each group's statistics, from the whole group
         for g in range(0, K // GROUP):
             whole = g * GROUP + tl.arange(0, GROUP_P2)
             m = tl.arange(0, GROUP_P2) < GROUP
@@ -151,6 +161,19 @@ def tiles(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
     if k >= 8192:
         return 8, 2048, 8
     return 8, 1024, 8 if k >= 4096 else 4
+
+
+def _whole_row(k: int, group: int) -> bool:
+    """Whether the gated norm's statistics load the row at once (several groups, both
+    their size and number powers of two, the row small enough for registers): one
+    round of loads, where a loop over the groups waits on each in turn."""
+    groups = k // group
+    return (
+        groups > 1
+        and group == next_power_of_2(group)
+        and groups == next_power_of_2(groups)
+        and k <= WHOLE_ROW_LIMIT
+    )
 
 
 def tile_fits_groups(k: int, group: int) -> bool:
@@ -218,7 +241,7 @@ def _launch(
             n, k, x2.stride(0), a2.stride(0), 0 if total is None else total.stride(0),
             weight.stride(0), out.stride(0), float(eps), 1.0 if scale is None else float(scale),
             MODE=mode, GROUP=group, GROUP_P2=next_power_of_2(group),
-            GROUPS_P2=next_power_of_2(k // group),
+            GROUPS_P2=next_power_of_2(k // group), WHOLE_ROW=_whole_row(k, group),
             HAS_AUX=aux is not None, HAS_SCALE=scale is not None, FP32_WEIGHT=fp32_weight,
             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
             USE_PDL=pdl, num_warps=warps, launch_pdl=pdl,
