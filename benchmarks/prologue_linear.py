@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from avmp.models.zoo import zoo_config
-from benchmarks.common import read_result, write_result
+from benchmarks.common import measure_or_redraw, write_result
 from benchmarks.skinny_gemm import model_linears
 
 MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
@@ -248,12 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.markdown is not None:
-        print(markdown(read_result(args.markdown)))
-        return 0
-    result = measure(args)
-    print(markdown(result))
-    return 0
+    return measure_or_redraw(args, "benchmarks.prologue_linear", lambda: measure(args), markdown)
 
 
 if __name__ == "__main__":
