@@ -33,7 +33,12 @@ class _CountingOps(Ops):
         self.num_norms = 0
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool = False,
+        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.num_norms += 1
         return super().rms_norm(x, weight, eps, fp32_weight)

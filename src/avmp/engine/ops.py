@@ -39,10 +39,17 @@ class Ops:
     name = "reference"
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        fp32_weight: bool = False,
+        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RMS norm in float32; ``fp32_weight`` multiplies before the cast back
-        (Nemotron-H), else after it (Llama style)."""
+        (Nemotron-H), else after it (Llama style). ``prefetch``: the weight of the linear
+        that reads the result, which a kernel may ask the cache for meanwhile (a hint:
+        the reference ignores it, as do the other norms and `glu`)."""
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -58,6 +65,7 @@ class Ops:
         weight: torch.Tensor,
         eps: float,
         fp32_weight: bool = False,
+        prefetch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = x + delta * scale`` and the RMS norm of ``s``."""
         total = x + (delta if scale is None else delta * scale)
@@ -70,6 +78,7 @@ class Ops:
         weight: torch.Tensor,
         eps: float,
         group_size: int,
+        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Grouped RMS norm of ``x * silu(gate)`` (of ``x`` without a gate)."""
         dtype = x.dtype
@@ -85,7 +94,13 @@ class Ops:
         """``act(x)``."""
         return act(x)
 
-    def glu(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def glu(
+        self,
+        act: Activation,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        prefetch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``act(gate) * up``."""
         return self.activation(act, gate) * up
 
