@@ -783,8 +783,6 @@ def run_engine_cells(
         result["overlap"] = overlap_comparison(engine, args)
     if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
         result["prologue"] = prologue_comparison(engine, args, bandwidth)
-    if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
-        result["prefetch"] = prefetch_comparison(engine, args, bandwidth)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     profile = gpu_profile(torch.cuda.get_device_name())  # the simulator's figures for it
@@ -843,75 +841,43 @@ def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, An
     return {"batch": batch, **rows, "speedup": off / on}
 
 
-# the settings `prologue_comparison` times: label -> TritonOps attributes (None: default)
-PROLOGUE_SETTINGS = {
-    "unfused": {"prologue_rows": 0, "pdl": False},
-    "fused": {"prologue_rows": None, "pdl": False},
-    "fused_pdl": {"prologue_rows": None, "pdl": True},
-}
-# and `prefetch_comparison`'s
-PREFETCH_SETTINGS = {"no_prefetch": {"prefetch_bytes": 0}, "prefetch": {"prefetch_bytes": None}}
+# the settings `prologue_comparison` times: (label, prologue rows, dependent launches)
+PROLOGUE_SETTINGS = (("unfused", 0, False), ("fused", None, False), ("fused_pdl", None, True))
 
 
-def ops_comparison(
-    engine: Engine,
-    args: argparse.Namespace,
-    bandwidth: float,
-    batch: int,
-    settings: dict[str, dict[str, Any]],
-    rounds: int = 2,
+def prologue_comparison(
+    engine: Engine, args: argparse.Namespace, bandwidth: float, rounds: int = 2
 ) -> dict[str, Any]:
-    """The decode cell of ``batch`` under each setting of the Triton ops' attributes
-    (None: the default), in turn ``rounds`` times; the decode graphs are captured again
-    for every setting, and the defaults restored after."""
+    """The batch-1 decode cell with each linear's norm or activation as its own kernel,
+    fused into the linear's prologue, and fused with dependent launches
+    (`avmp.kernels.triton.prologue_linear`), in turn ``rounds`` times; the decode graphs
+    are captured again for every setting."""
     ops = engine.runner.ops
     assert isinstance(ops, TritonOps) and isinstance(engine.runner, FastModelRunner)
-    names = {name for setting in settings.values() for name in setting}
-    defaults = {name: getattr(ops, name) for name in names}
-    rows: dict[str, list[dict[str, float]]] = {label: [] for label in settings}
+    default_rows, default_pdl = ops.prologue_rows, ops.pdl
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in PROLOGUE_SETTINGS}
     try:
         for _ in range(rounds):
-            for label, setting in settings.items():
-                for name, value in setting.items():
-                    setattr(ops, name, defaults[name] if value is None else value)
+            for label, prologue_rows, pdl in PROLOGUE_SETTINGS:
+                ops.prologue_rows = default_rows if prologue_rows is None else prologue_rows
+                ops.pdl = pdl
                 engine.runner.graphs.clear()
-                cell = engine_cell(engine, batch, args.prompt_len, args.decode_tokens, seed=batch)
-                roof = decode_roofline(engine, batch, cell["median_decode_context_tokens"],
-                                       bandwidth)  # fmt: skip
+                cell = engine_cell(engine, 1, args.prompt_len, args.decode_tokens, seed=1)
+                roof = decode_roofline(engine, 1, cell["median_decode_context_tokens"], bandwidth)
                 rows[label].append({
                     "decode_step_s": cell["decode_step_s"],
                     "decode_device_s": cell["decode_device_s"],
                     "roofline_fraction": cell["decode_tokens_per_s"] / roof["tokens_per_s"],
                 })  # fmt: skip
     finally:
-        for name, value in defaults.items():
-            setattr(ops, name, value)
+        ops.prologue_rows, ops.pdl = default_rows, default_pdl
         engine.runner.graphs.clear()
     line = ", ".join(
         f"{label} {statistics.median(r['decode_step_s'] for r in runs) * 1e3:.2f} ms"
         for label, runs in rows.items()
     )
-    print(f"B={batch}: {line}", flush=True)
-    return {"batch": batch, "rounds": rows}
-
-
-def prologue_comparison(
-    engine: Engine, args: argparse.Namespace, bandwidth: float
-) -> dict[str, Any]:
-    """The batch-1 decode cell with each linear's norm or activation as its own kernel,
-    fused into the linear's prologue, and fused with dependent launches
-    (`avmp.kernels.triton.prologue_linear`)."""
-    return ops_comparison(engine, args, bandwidth, 1, PROLOGUE_SETTINGS)
-
-
-def prefetch_comparison(
-    engine: Engine, args: argparse.Namespace, bandwidth: float
-) -> dict[str, Any]:
-    """The batch-64 decode cell (or the largest batch below) without and with the norm
-    and activation kernels asking L2 for the next linear's first weight bytes
-    (`avmp.kernels.triton.l2_prefetch`)."""
-    batch = max((b for b in args.batches if b <= 64), default=min(args.batches))
-    return ops_comparison(engine, args, bandwidth, batch, PREFETCH_SETTINGS)
+    print(f"prologue linears at B=1: {line}", flush=True)
+    return {"batch": 1, "rounds": rows}
 
 
 def run_transformers_cells(
@@ -998,8 +964,6 @@ def markdown(results: dict[str, Any]) -> str:
             lines += _overlap_line(model["overlap"])
         if model.get("prologue"):
             lines += _prologue_lines(model["prologue"])
-        if model.get("prefetch"):
-            lines += _prefetch_lines(model["prefetch"])
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):
@@ -1078,31 +1042,16 @@ def _overlap_line(row: dict[str, Any]) -> list[str]:
 
 def _prologue_lines(row: dict[str, Any]) -> list[str]:
     """The batch-1 decode step per prologue setting: median over the rounds."""
-    title = (
-        "Batch-1 decode with the norms and activations before the linears as their own "
-        "kernels, fused into the linears, and fused with dependent launches"
-    )
-    return _setting_lines(title, row, "unfused")
-
-
-def _prefetch_lines(row: dict[str, Any]) -> list[str]:
-    title = (
-        f"Batch-{row['batch']} decode without and with the norm and activation kernels "
-        "asking L2 for the next linear's first weight bytes"
-    )
-    return _setting_lines(title, row, "no_prefetch")
-
-
-def _setting_lines(title: str, row: dict[str, Any], baseline: str) -> list[str]:
-    """One decode cell per setting of an `ops_comparison`: medians over the rounds."""
     lines = [
         "",
-        f"{title} ({len(next(iter(row['rounds'].values())))} rounds, settings in turn):",
+        f"Batch-1 decode with the norms and activations before the linears as their own "
+        f"kernels, fused into the linears, and fused with dependent launches "
+        f"({len(next(iter(row['rounds'].values())))} rounds, settings in turn):",
         "",
-        f"| setting | ms/step (each round) | device ms/step | % of roofline | vs {baseline} |",
+        "| setting | ms/step (each round) | device ms/step | % of roofline | vs unfused |",
         "|---|---|---:|---:|---:|",
     ]
-    base = statistics.median(r["decode_step_s"] for r in row["rounds"][baseline])
+    base = statistics.median(r["decode_step_s"] for r in row["rounds"]["unfused"])
     for label, runs in row["rounds"].items():
         step = statistics.median(r["decode_step_s"] for r in runs)
         each = " / ".join(f"{r['decode_step_s'] * 1e3:.2f}" for r in runs)

@@ -3,7 +3,7 @@ setting against the unfused steps."""
 
 from __future__ import annotations
 
-from benchmarks.engine import PROLOGUE_SETTINGS, _prefetch_lines, _prologue_lines
+from benchmarks.engine import PROLOGUE_SETTINGS, _prologue_lines
 
 
 def _round(step_ms: float, device_ms: float, roof: float) -> dict[str, float]:
@@ -23,16 +23,4 @@ def test_prologue_table_reports_medians_and_ratios_to_unfused() -> None:
     assert table["unfused"] == "| unfused | 3.50 / 3.40 / 3.60 | 3.40 | 61% | 1.00x |"
     assert table["fused"].endswith("| 3.00 | 69% | 1.13x |")  # 3.5 / 3.1
     assert table["fused_pdl"].endswith("| 2.70 | 76% | 1.25x |")  # 3.5 / 2.8
-    assert list(PROLOGUE_SETTINGS) == ["unfused", "fused", "fused_pdl"]
-
-
-def test_prefetch_table_compares_with_no_prefetch() -> None:
-    row = {"batch": 64, "rounds": {
-        "no_prefetch": [_round(5.6, 5.5, 0.69), _round(5.7, 5.6, 0.68)],
-        "prefetch": [_round(5.2, 5.1, 0.74), _round(5.4, 5.3, 0.72)],
-    }}  # fmt: skip
-    lines = _prefetch_lines(row)
-    assert lines[1].startswith("Batch-64 decode without and with") and "2 rounds" in lines[1]
-    assert lines[3].endswith("| vs no_prefetch |")
-    prefetch = next(line for line in lines if line.startswith("| prefetch |"))
-    assert prefetch == "| prefetch | 5.20 / 5.40 | 5.20 | 73% | 1.07x |"  # 5.65 / 5.3
+    assert [label for label, _, _ in PROLOGUE_SETTINGS] == ["unfused", "fused", "fused_pdl"]

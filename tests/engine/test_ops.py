@@ -33,12 +33,7 @@ class _CountingOps(Ops):
         self.num_norms = 0
 
     def rms_norm(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        fp32_weight: bool = False,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
     ) -> torch.Tensor:
         self.num_norms += 1
         return super().rms_norm(x, weight, eps, fp32_weight)

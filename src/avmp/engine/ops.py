@@ -39,17 +39,10 @@ class Ops:
     name = "reference"
 
     def rms_norm(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        fp32_weight: bool = False,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
     ) -> torch.Tensor:
         """RMS norm in float32; ``fp32_weight`` multiplies before the cast back
-        (Nemotron-H), else after it (Llama style). ``prefetch``: the weight of the linear
-        that reads the result, which a kernel may ask the cache for meanwhile (a hint:
-        the reference ignores it, as do the other norms and `glu`)."""
+        (Nemotron-H), else after it (Llama style)."""
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -65,7 +58,6 @@ class Ops:
         weight: torch.Tensor,
         eps: float,
         fp32_weight: bool = False,
-        prefetch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = x + delta * scale`` and the RMS norm of ``s``."""
         total = x + (delta if scale is None else delta * scale)
@@ -78,7 +70,6 @@ class Ops:
         weight: torch.Tensor,
         eps: float,
         group_size: int,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Grouped RMS norm of ``x * silu(gate)`` (of ``x`` without a gate)."""
         dtype = x.dtype
@@ -94,13 +85,7 @@ class Ops:
         """``act(x)``."""
         return act(x)
 
-    def glu(
-        self,
-        act: Activation,
-        gate: torch.Tensor,
-        up: torch.Tensor,
-        prefetch: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def glu(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up``."""
         return self.activation(act, gate) * up
 

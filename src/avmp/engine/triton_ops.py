@@ -73,7 +73,7 @@ class TritonOps(Ops):
 
     def __init__(self) -> None:
         from avmp.kernels import triton as kernels
-        from avmp.kernels.triton import activations, l2_prefetch, prologue_linear, rms_norm
+        from avmp.kernels.triton import activations, prologue_linear, rms_norm
         from avmp.kernels.triton.kv_write import kv_write
 
         self._k = kernels
@@ -82,22 +82,13 @@ class TritonOps(Ops):
         self._pl = prologue_linear
         self.prologue_rows = prologue_linear.MAX_ROWS  # 0: norms and activations apart
         self.pdl = True  # dependent launches where the GPU has them
-        self.prefetch_bytes = l2_prefetch.PREFETCH_BYTES  # 0: no L2 prefetch of weights
-        self._l2 = l2_prefetch
         self._pdl_devices: dict[torch.device, bool] = {}
         self._kv_write = kv_write
 
     def rms_norm(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        fp32_weight: bool = False,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False
     ) -> torch.Tensor:
-        return self._norm.rms_norm(
-            x, weight, eps, fp32_weight=fp32_weight, prefetch=self._prefetch(prefetch)
-        )
+        return self._norm.rms_norm(x, weight, eps, fp32_weight=fp32_weight)
 
     def add_rms_norm(
         self,
@@ -107,10 +98,8 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         eps: float,
         fp32_weight: bool = False,
-        prefetch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._norm.add_rms_norm(x, delta, weight, eps, scale, fp32_weight=fp32_weight,
-                                       prefetch=self._prefetch(prefetch))  # fmt: skip
+        return self._norm.add_rms_norm(x, delta, weight, eps, scale, fp32_weight=fp32_weight)
 
     def gated_rms_norm(
         self,
@@ -119,32 +108,18 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         eps: float,
         group_size: int,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._norm.rms_norm(x, weight, eps, gate, group_size,
-                                   prefetch=self._prefetch(prefetch))  # fmt: skip
+        return self._norm.rms_norm(x, weight, eps, gate, group_size)
 
     def activation(self, act: Activation, x: torch.Tensor) -> torch.Tensor:
         if act is relu_squared:
             return self._act.relu_squared(x)
         return act(x)
 
-    def glu(
-        self,
-        act: Activation,
-        gate: torch.Tensor,
-        up: torch.Tensor,
-        prefetch: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def glu(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if act is F.silu:
-            return self._act.silu_mul(gate, up, prefetch=self._prefetch(prefetch))
+            return self._act.silu_mul(gate, up)
         return self.activation(act, gate) * up
-
-    def _prefetch(self, weight: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
-        """What a norm or activation kernel asks L2 for of the next linear's weight
-        (`avmp.kernels.triton.l2_prefetch`; nothing off Hopper, or with
-        ``prefetch_bytes`` 0)."""
-        return self._l2.prefetch_args(weight, self.prefetch_bytes)
 
     def fuses_prologue(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

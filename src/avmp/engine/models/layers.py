@@ -84,24 +84,16 @@ class RMSNorm(OpsLayer):
         self.variance_epsilon = eps
         self.fp32_weight = fp32_weight
 
-    def forward(self, x: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """The norm of ``x`` (``prefetch``: the reading linear's weight, `Ops.rms_norm`)."""
-        return self.ops.rms_norm(
-            x, self.weight, self.variance_epsilon, self.fp32_weight, prefetch=prefetch
-        )
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.variance_epsilon, self.fp32_weight)
 
     def add_norm(
-        self,
-        x: torch.Tensor,
-        delta: torch.Tensor,
-        scale: float | None,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, delta: torch.Tensor, scale: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = x + delta * scale`` and the norm of ``s`` (one launch when fused)."""
         return self.ops.add_rms_norm(
-            x, delta, scale, self.weight, self.variance_epsilon, self.fp32_weight,
-            prefetch=prefetch,
-        )  # fmt: skip
+            x, delta, scale, self.weight, self.variance_epsilon, self.fp32_weight
+        )
 
 
 class Residual:
@@ -133,13 +125,12 @@ class Residual:
             self.x, self.delta = self.x + delta, None
         return self.x
 
-    def norm(self, norm: RMSNorm, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """``norm`` of the stream, the deferred addition made on the way (``prefetch``:
-        the weight of the linear that reads it, `Ops.rms_norm`)."""
+    def norm(self, norm: RMSNorm) -> torch.Tensor:
+        """``norm`` of the stream, the deferred addition made on the way."""
         if self.delta is None:
-            out: torch.Tensor = norm(self.x, prefetch)
+            out: torch.Tensor = norm(self.x)
             return out
-        self.x, out = norm.add_norm(self.x, self.delta, self.scale, prefetch)
+        self.x, out = norm.add_norm(self.x, self.delta, self.scale)
         self.delta = None
         return out
 
@@ -170,11 +161,10 @@ class NormedStream:
     def dtype(self) -> torch.dtype:
         return self.stream.x.dtype
 
-    def value(self, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised stream as a tensor (``prefetch``: the weight of the linear
-        that reads it first, asked for while the norm runs)."""
+    def value(self) -> torch.Tensor:
+        """The normalised stream as a tensor."""
         if self._value is None:
-            self._value = self.stream.norm(self.norm, prefetch)
+            self._value = self.stream.norm(self.norm)
         return self._value
 
     def linear(self, linear: nn.Module) -> torch.Tensor:
@@ -185,7 +175,7 @@ class NormedStream:
             or type(linear) is not nn.Linear
             or not norm.ops.fuses_prologue(s.x, linear.weight, linear.bias)
         ):
-            out: torch.Tensor = linear(self.value(getattr(linear, "weight", None)))
+            out: torch.Tensor = linear(self.value())
             return out
         s.x, out = norm.ops.norm_linear(
             s.x, s.delta, s.scale, norm.weight, norm.variance_epsilon, norm.fp32_weight,
@@ -217,7 +207,7 @@ def glu_linear(
     """``linear(act(gate) * up)``, in one kernel where ``layer``'s ops fuse it."""
     if type(linear) is nn.Linear and layer.ops.fuses_prologue(gate, linear.weight, linear.bias):
         return layer.ops.glu_linear(act, gate, up, linear.weight, linear.bias)
-    out: torch.Tensor = linear(layer.ops.glu(act, gate, up, getattr(linear, "weight", None)))
+    out: torch.Tensor = linear(layer.ops.glu(act, gate, up))
     return out
 
 
@@ -244,12 +234,10 @@ class RMSNormGated(OpsLayer):
         self.group_size = group_size
         self.span = span
 
-    def forward(
-        self, x: torch.Tensor, gate: torch.Tensor | None, prefetch: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if self.span is None:
             return self.ops.gated_rms_norm(
-                x, gate, self.weight, self.variance_epsilon, self.group_size, prefetch=prefetch
+                x, gate, self.weight, self.variance_epsilon, self.group_size
             )
         h = x.float() if gate is None else x.float() * F.silu(gate.float())
         return self.weight * self.span.rms_norm(h, self.variance_epsilon).to(x.dtype)
@@ -268,7 +256,7 @@ class RMSNormGated(OpsLayer):
                 x, gate, self.weight, self.variance_epsilon, self.group_size,
                 linear.weight, linear.bias,
             )  # fmt: skip
-        out: torch.Tensor = linear(self(x, gate, getattr(linear, "weight", None)).to(dtype))
+        out: torch.Tensor = linear(self(x, gate).to(dtype))
         return out
 
 

@@ -82,18 +82,13 @@ class OffsetRMSNorm(RMSNorm):
     def scale(self) -> torch.Tensor:
         return 1.0 + self.weight.float()
 
-    def forward(self, x: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.scale(), self.variance_epsilon, True, prefetch=prefetch)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.scale(), self.variance_epsilon, True)
 
     def add_norm(
-        self,
-        x: torch.Tensor,
-        delta: torch.Tensor,
-        scale: float | None,
-        prefetch: torch.Tensor | None = None,
+        self, x: torch.Tensor, delta: torch.Tensor, scale: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.add_rms_norm(x, delta, scale, self.scale(), self.variance_epsilon, True,
-                                     prefetch=prefetch)  # fmt: skip
+        return self.ops.add_rms_norm(x, delta, scale, self.scale(), self.variance_epsilon, True)
 
 
 class GatedHeadNorm(nn.Module):

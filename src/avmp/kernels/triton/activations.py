@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from avmp.kernels.triton._common import FLOAT_DTYPES, check_dtype, round_to
-from avmp.kernels.triton.l2_prefetch import num_threads, prefetch_l2
 
 BLOCK = 1024
 
@@ -23,11 +22,7 @@ BLOCK = 1024
 def _activation_kernel(
     x_ptr, up_ptr, out_ptr, cols, stride_x, stride_u, stride_o,
     GATED: tl.constexpr, BLOCK: tl.constexpr,
-    pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
 ):
-    if PREFETCH:  # the next linear's first weight bytes, into L2 (`l2_prefetch`)
-        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                    tl.num_programs(0) * tl.num_programs(1), PF_THREADS)  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
@@ -47,10 +42,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(
-    x: torch.Tensor, up: torch.Tensor | None,
-    prefetch: tuple[torch.Tensor | None, int] = (None, 0),
-) -> torch.Tensor:
+def _launch(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     check_dtype("x", x, FLOAT_DTYPES)
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
         raise ValueError(f"up must match gate: {tuple(x.shape)} {x.dtype}, "
@@ -63,18 +55,13 @@ def _launch(
         _activation_kernel[(rows, triton.cdiv(cols, BLOCK))](
             x2, u2, out, cols, x2.stride(0), u2.stride(0), out.stride(0),
             GATED=up is not None, BLOCK=BLOCK,
-            pf_ptr=x2 if prefetch[0] is None else prefetch[0], pf_bytes=prefetch[1],
-            PREFETCH=prefetch[0] is not None, PF_THREADS=num_threads(4),
         )
     return out.reshape(x.shape)
 
 
-def silu_mul(
-    gate: torch.Tensor, up: torch.Tensor, prefetch: tuple[torch.Tensor | None, int] = (None, 0)
-) -> torch.Tensor:
-    """``silu(gate) * up`` as torch computes it in the inputs' dtype (one launch;
-    ``prefetch`` as `avmp.kernels.triton.rms_norm.rms_norm` takes it)."""
-    return _launch(gate, up, prefetch)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as torch computes it in the inputs' dtype (one launch)."""
+    return _launch(gate, up)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from avmp.kernels.triton._common import next_power_of_2, round_to
-from avmp.kernels.triton.l2_prefetch import num_threads, prefetch_l2
 
 
 @triton.jit
@@ -40,15 +39,7 @@ def _rms_norm_kernel(
     FP32_WEIGHT: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    pf_ptr=None,
-    pf_bytes=0,
-    PREFETCH: tl.constexpr = False,
-    PF_THREADS: tl.constexpr = 128,
 ):
-    if PREFETCH:  # the next linear's first weight bytes, into L2 (`l2_prefetch`)
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                    programs, PF_THREADS)  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, BLOCK)
@@ -81,17 +72,14 @@ def rms_norm(
     gate: torch.Tensor | None = None,
     group_size: int | None = None,
     fp32_weight: bool = False,
-    prefetch: tuple[torch.Tensor | None, int] = (None, 0),
 ) -> torch.Tensor:
     """RMS norm of ``x``'s last dimension (per group of ``group_size`` channels), of
     ``x * silu(gate)`` when a gate is given; output in the dtype torch's module gives.
 
     ``fp32_weight``: multiply by the weight in fp32 before the downcast (else after it,
     in the weight's and activations' product as torch computes ``weight * h.to(dtype)``).
-    ``prefetch``: ``(tensor, bytes)`` from `l2_prefetch.prefetch_args`, the next
-    linear's weight to ask L2 for while the norm runs.
     """
-    return _launch(x, weight, eps, gate, group_size, fp32_weight, None, None, prefetch)[0]
+    return _launch(x, weight, eps, gate, group_size, fp32_weight, None, None)[0]
 
 
 def add_rms_norm(
@@ -101,10 +89,8 @@ def add_rms_norm(
     eps: float,
     scale: float | None = None,
     fp32_weight: bool = False,
-    prefetch: tuple[torch.Tensor | None, int] = (None, 0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + delta * scale`` (scale optional) and the RMS norm of ``s``, in one launch
-    (``prefetch`` as `rms_norm` takes it).
+    """``s = x + delta * scale`` (scale optional) and the RMS norm of ``s``, in one launch.
 
     ``s`` is rounded to x's dtype as torch's ``x + delta * scale`` rounds it (the product,
     then the sum), so the norm sees the very values the unfused modules see.
@@ -114,7 +100,7 @@ def add_rms_norm(
     """
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
-    out, total = _launch(x, weight, eps, None, None, fp32_weight, delta, scale, prefetch)
+    out, total = _launch(x, weight, eps, None, None, fp32_weight, delta, scale)
     assert total is not None
     return total, out
 
@@ -134,7 +120,6 @@ def _launch(
     fp32_weight: bool,
     delta: torch.Tensor | None,
     scale: float | None,
-    prefetch: tuple[torch.Tensor | None, int] = (None, 0),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     size = x.shape[-1]
     group = group_size or size
@@ -146,8 +131,6 @@ def _launch(
     out_dtype = x.dtype if fp32_weight else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty((x2.shape[0], size), dtype=out_dtype, device=x.device)
     total = None if d2 is None else torch.empty_like(x2)
-    warps = 8 if group >= 2048 else 4
-    pf_tensor, pf_bytes = prefetch
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0], size // group)](
             x2,
@@ -169,11 +152,7 @@ def _launch(
             FP32_WEIGHT=fp32_weight,
             HAS_DELTA=d2 is not None,
             HAS_SCALE=scale is not None,
-            pf_ptr=x2 if pf_tensor is None else pf_tensor,
-            pf_bytes=pf_bytes,
-            PREFETCH=pf_tensor is not None,
-            PF_THREADS=num_threads(warps),
-            num_warps=warps,
+            num_warps=8 if group >= 2048 else 4,
         )
     shape = (*x.shape[:-1], size)
     return out.reshape(shape), None if total is None else total.reshape(shape)
