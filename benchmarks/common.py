@@ -75,10 +75,17 @@ def measure_or_redraw(
     args: Any, script: str, measure: Callable[[], Any], draw: Callable[[Any], str]
 ) -> int:
     """A GPU benchmark's main: with ``args.markdown`` (a saved result) print ``draw`` of it,
-    no GPU needed; otherwise ``measure()`` on the GPU (without one: one line naming
-    ``script``, exit 1), saved to ``args.out`` when given, then drawn."""
+    no GPU needed (a missing or unreadable file: one line naming it, exit 1); otherwise
+    ``measure()`` on the GPU (without one: one line naming ``script``, exit 1), saved to
+    ``args.out`` when given, then drawn."""
     if args.markdown:
-        print(draw(read_result(Path(args.markdown))))
+        try:
+            result = read_result(Path(args.markdown))
+        except FileNotFoundError:
+            raise SystemExit(f"{script}: no such results file: {args.markdown}") from None
+        except ValueError as error:  # names the file
+            raise SystemExit(f"{script}: {error}") from None
+        print(draw(result))
         return 0
     import torch
 

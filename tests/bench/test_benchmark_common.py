@@ -4,6 +4,7 @@ results read back through it and name no machine's directories."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
     copy_bytes_per_s,
+    measure_or_redraw,
     read_result,
     rel_error,
     repo_path,
@@ -130,3 +132,18 @@ def test_copy_bandwidth_counts_bytes_read_and_written() -> None:
 
     assert copy_bytes_per_s("cpu", 1 << 20, two_ms) == 2 * (1 << 20) / 2e-3
     assert len(calls) == 1
+
+
+def test_redrawing_a_missing_or_broken_result_is_one_line(tmp_path: Path) -> None:
+    """`measure_or_redraw` with ``--markdown`` of a file that is not there, or not a
+    result: one line naming the script and the file, exit status 1, no traceback."""
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(b"{not json")
+    for path, message in ((tmp_path / "absent.json.gz", "no such results file"),
+                          (broken, "not a benchmark result")):  # fmt: skip
+        args = argparse.Namespace(markdown=str(path), out=None)
+        with pytest.raises(SystemExit) as exit_info:
+            measure_or_redraw(args, "benchmarks.x", lambda: {}, str)
+        text = str(exit_info.value.code)
+        assert text.startswith("benchmarks.x: ") and message in text and "\n" not in text
+        assert path.name in text
