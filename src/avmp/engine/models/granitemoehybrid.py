@@ -77,10 +77,6 @@ class GraniteSharedMLP(OpsLayer):
         a, b = linear_of(self.input_linear, x).chunk(2, dim=-1)
         return glu_linear(self, self.act, a, b, self.output_linear)
 
-    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` (one launch when fused)."""
-        return self.ops.glu(self.act, gate, up)
-
 
 class ExpertWeights(nn.Module):
     """Stacked expert matrices ``[num_experts, out, in]`` under one ``weight``."""

@@ -196,11 +196,6 @@ def linear_of(linear: nn.Module, x: Normed) -> torch.Tensor:
     return out
 
 
-def value_of(x: Normed) -> torch.Tensor:
-    """``x`` as a tensor."""
-    return x.value() if isinstance(x, NormedStream) else x
-
-
 def glu_linear(
     layer: OpsLayer, act: Activation, gate: torch.Tensor, up: torch.Tensor, linear: nn.Module
 ) -> torch.Tensor:
