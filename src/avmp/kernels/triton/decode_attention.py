@@ -12,8 +12,6 @@ synchronises with the device.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +24,7 @@ from avmp.kernels.triton._common import (
     check_shape,
     dot_precision,
     next_power_of_2,
+    num_sms,
     upcast_dot,
 )
 
@@ -156,19 +155,10 @@ def _merge_splits_kernel(
     )
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (1 elsewhere); cached: it is asked every step."""
-    if device.type != "cuda":
-        return 1
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """How many programs share one (request, KV head): enough to give every SM about
     two programs, never a split shorter than MIN_TOKENS_PER_SPLIT tokens."""
-    num_sms = _num_sms(device)
-    wanted = triton.cdiv(2 * num_sms, max(batch * num_kv_heads, 1))
+    wanted = triton.cdiv(2 * num_sms(device), max(batch * num_kv_heads, 1))
     by_length = triton.cdiv(max(max_context, 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, by_length, MAX_SPLITS))
 

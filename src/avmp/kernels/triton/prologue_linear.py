@@ -27,7 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from avmp.kernels.triton._common import FLOAT_DTYPES, check_dtype, next_power_of_2, round_to
+from avmp.kernels.triton._common import (
+    FLOAT_DTYPES,
+    check_dtype,
+    next_power_of_2,
+    num_sms,
+    round_to,
+)
 
 # Prologue kinds (the kernel's MODE).
 NORM, GATED_NORM, SILU_MUL, RELU_SQUARED = 0, 1, 2, 3
@@ -186,16 +192,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-_SMS: dict[torch.device, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
 
 def _launch(
     mode: int,
@@ -230,7 +226,7 @@ def _launch(
     total = torch.empty_like(x2) if mode == NORM and aux is not None else None
     if not tile_fits_groups(k, group):
         raise ValueError(f"groups of {group} channels do not split into tiles of 16")
-    block_n, block_k, warps = block or tiles(n, k, _num_sms(x.device))
+    block_n, block_k, warps = block or tiles(n, k, num_sms(x.device))
     # a K tile lies in one group
     block_k = min(block_k, next_power_of_2(k) if k == group else group & -group)
     if rows and n:

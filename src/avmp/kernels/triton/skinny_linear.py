@@ -23,7 +23,6 @@ No host sync and no data-dependent allocation, so a call can be captured in a CU
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ from avmp.kernels.triton._common import (
     check_shape,
     dot_precision,
     next_power_of_2,
+    num_sms,
     upcast_dot,
 )
 
@@ -153,15 +153,6 @@ def default_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) 
     num_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = default_split_k(num_tiles, triton.cdiv(k, block_k), num_sms)
     return SkinnyConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 for the CPU, where Triton's
-    interpreter runs one program at a time (so the rules pick no split there)."""
-    if device.type != "cuda":
-        return 1
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 # M, split_k and blocks_per_split stay runtime values: Triton would otherwise compile a
