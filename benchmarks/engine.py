@@ -783,6 +783,8 @@ def run_engine_cells(
         result["overlap"] = overlap_comparison(engine, args)
     if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
         result["prologue"] = prologue_comparison(engine, args, bandwidth)
+    if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
+        result["skinny"] = skinny_comparison(engine, args, bandwidth)
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     profile = gpu_profile(torch.cuda.get_device_name())  # the simulator's figures for it
@@ -841,43 +843,80 @@ def overlap_comparison(engine: Engine, args: argparse.Namespace) -> dict[str, An
     return {"batch": batch, **rows, "speedup": off / on}
 
 
-# the settings `prologue_comparison` times: (label, prologue rows, dependent launches)
-PROLOGUE_SETTINGS = (("unfused", 0, False), ("fused", None, False), ("fused_pdl", None, True))
+# the settings `prologue_comparison` times: label -> TritonOps attributes (None: default)
+PROLOGUE_SETTINGS = {
+    "unfused": {"prologue_rows": 0, "pdl": False},
+    "fused": {"prologue_rows": None, "pdl": False},
+    "fused_pdl": {"prologue_rows": None, "pdl": True},
+}
+# and `skinny_comparison`'s (`TritonOps.skinny_rows`, `pdl`, `skinny_prefetch`)
+SKINNY_SETTINGS = {
+    "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None},
+    "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None},
+    "skinny_pdl": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 0},
+    "skinny_pdl_prefetch": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None},
+}
 
 
-def prologue_comparison(
-    engine: Engine, args: argparse.Namespace, bandwidth: float, rounds: int = 2
+def ops_comparison(
+    engine: Engine,
+    args: argparse.Namespace,
+    bandwidth: float,
+    batch: int,
+    settings: dict[str, dict[str, Any]],
+    rounds: int = 2,
 ) -> dict[str, Any]:
-    """The batch-1 decode cell with each linear's norm or activation as its own kernel,
-    fused into the linear's prologue, and fused with dependent launches
-    (`avmp.kernels.triton.prologue_linear`), in turn ``rounds`` times; the decode graphs
-    are captured again for every setting."""
+    """The decode cell of ``batch`` under each setting of the Triton ops' attributes
+    (None: the default), in turn ``rounds`` times; the decode graphs are captured again
+    for every setting, and the defaults restored after."""
     ops = engine.runner.ops
     assert isinstance(ops, TritonOps) and isinstance(engine.runner, FastModelRunner)
-    default_rows, default_pdl = ops.prologue_rows, ops.pdl
-    rows: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in PROLOGUE_SETTINGS}
+    names = {name for setting in settings.values() for name in setting}
+    defaults = {name: getattr(ops, name) for name in names}
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in settings}
     try:
         for _ in range(rounds):
-            for label, prologue_rows, pdl in PROLOGUE_SETTINGS:
-                ops.prologue_rows = default_rows if prologue_rows is None else prologue_rows
-                ops.pdl = pdl
+            for label, setting in settings.items():
+                for name, value in setting.items():
+                    setattr(ops, name, defaults[name] if value is None else value)
                 engine.runner.graphs.clear()
-                cell = engine_cell(engine, 1, args.prompt_len, args.decode_tokens, seed=1)
-                roof = decode_roofline(engine, 1, cell["median_decode_context_tokens"], bandwidth)
+                cell = engine_cell(engine, batch, args.prompt_len, args.decode_tokens, seed=batch)
+                roof = decode_roofline(engine, batch, cell["median_decode_context_tokens"],
+                                       bandwidth)  # fmt: skip
                 rows[label].append({
                     "decode_step_s": cell["decode_step_s"],
                     "decode_device_s": cell["decode_device_s"],
                     "roofline_fraction": cell["decode_tokens_per_s"] / roof["tokens_per_s"],
                 })  # fmt: skip
     finally:
-        ops.prologue_rows, ops.pdl = default_rows, default_pdl
+        for name, value in defaults.items():
+            setattr(ops, name, value)
         engine.runner.graphs.clear()
     line = ", ".join(
         f"{label} {statistics.median(r['decode_step_s'] for r in runs) * 1e3:.2f} ms"
         for label, runs in rows.items()
     )
-    print(f"prologue linears at B=1: {line}", flush=True)
-    return {"batch": 1, "rounds": rows}
+    print(f"B={batch}: {line}", flush=True)
+    return {"batch": batch, "rounds": rows}
+
+
+def prologue_comparison(
+    engine: Engine, args: argparse.Namespace, bandwidth: float
+) -> dict[str, Any]:
+    """The batch-1 decode cell with each linear's norm or activation as its own kernel,
+    fused into the linear's prologue, and fused with dependent launches
+    (`avmp.kernels.triton.prologue_linear`)."""
+    return ops_comparison(engine, args, bandwidth, 1, PROLOGUE_SETTINGS)
+
+
+def skinny_comparison(
+    engine: Engine, args: argparse.Namespace, bandwidth: float
+) -> dict[str, Any]:
+    """The batch-64 decode cell (or the largest batch below) with the decode linears on
+    cuBLAS, on `avmp.kernels.triton.skinny_linear`, with dependent launches, and with
+    its weights asked of L2 before the wait (`TritonOps.skinny_rows`)."""
+    batch = max((b for b in args.batches if b <= 64), default=min(args.batches))
+    return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 
 
 def run_transformers_cells(
@@ -964,6 +1003,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += _overlap_line(model["overlap"])
         if model.get("prologue"):
             lines += _prologue_lines(model["prologue"])
+        if model.get("skinny"):
+            lines += _skinny_lines(model["skinny"])
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):
@@ -1042,16 +1083,31 @@ def _overlap_line(row: dict[str, Any]) -> list[str]:
 
 def _prologue_lines(row: dict[str, Any]) -> list[str]:
     """The batch-1 decode step per prologue setting: median over the rounds."""
+    title = (
+        "Batch-1 decode with the norms and activations before the linears as their own "
+        "kernels, fused into the linears, and fused with dependent launches"
+    )
+    return _setting_lines(title, row, "unfused")
+
+
+def _skinny_lines(row: dict[str, Any]) -> list[str]:
+    title = (
+        f"Batch-{row['batch']} decode with the linears on cuBLAS, on the skinny Triton GEMM, "
+        "with dependent launches, and with its first weight bytes asked of L2 early"
+    )
+    return _setting_lines(title, row, "cublas")
+
+
+def _setting_lines(title: str, row: dict[str, Any], baseline: str) -> list[str]:
+    """One decode cell per setting of an `ops_comparison`: medians over the rounds."""
     lines = [
         "",
-        f"Batch-1 decode with the norms and activations before the linears as their own "
-        f"kernels, fused into the linears, and fused with dependent launches "
-        f"({len(next(iter(row['rounds'].values())))} rounds, settings in turn):",
+        f"{title} ({len(next(iter(row['rounds'].values())))} rounds, settings in turn):",
         "",
-        "| setting | ms/step (each round) | device ms/step | % of roofline | vs unfused |",
+        f"| setting | ms/step (each round) | device ms/step | % of roofline | vs {baseline} |",
         "|---|---|---:|---:|---:|",
     ]
-    base = statistics.median(r["decode_step_s"] for r in row["rounds"]["unfused"])
+    base = statistics.median(r["decode_step_s"] for r in row["rounds"][baseline])
     for label, runs in row["rounds"].items():
         step = statistics.median(r["decode_step_s"] for r in runs)
         each = " / ".join(f"{r['decode_step_s'] * 1e3:.2f}" for r in runs)

@@ -23,4 +23,4 @@ def test_prologue_table_reports_medians_and_ratios_to_unfused() -> None:
     assert table["unfused"] == "| unfused | 3.50 / 3.40 / 3.60 | 3.40 | 61% | 1.00x |"
     assert table["fused"].endswith("| 3.00 | 69% | 1.13x |")  # 3.5 / 3.1
     assert table["fused_pdl"].endswith("| 2.70 | 76% | 1.25x |")  # 3.5 / 2.8
-    assert [label for label, _, _ in PROLOGUE_SETTINGS] == ["unfused", "fused", "fused_pdl"]
+    assert list(PROLOGUE_SETTINGS) == ["unfused", "fused", "fused_pdl"]

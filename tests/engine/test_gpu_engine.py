@@ -135,6 +135,37 @@ def test_one_row_decode_reads_its_norms_in_the_linears_and_matches_transformers(
         assert all(s.graph for s in engine.runner.profile.steps if not s.num_prefill_tokens)
 
 
+@pytest.mark.parametrize("family", sorted(ONE_ROW))
+def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
+    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps of 2-64 rows run each fused linear as its norm or activation kernel, then
+    `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper); the tokens stay
+    transformers'. Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
+    from avmp.kernels.triton import skinny_linear
+
+    rows: list[int] = []
+    launch = skinny_linear.skinny_linear
+
+    def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return launch(x, *args, **kwargs)
+
+    monkeypatch.setattr(skinny_linear, "skinny_linear", spy)
+    overrides, _ = ONE_ROW[family]
+    checkpoint = tiny_checkpoint(family, **overrides)
+    engine = _engine(checkpoint)
+    ops = engine.model.ops
+    assert isinstance(ops, TritonOps)
+    _assert_identical(engine, checkpoint, [6, 9, 4])
+    assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
+    rows.clear()
+    ops.skinny_rows = 0
+    engine.runner.graphs.clear()
+    _assert_identical(engine, checkpoint, [6, 9, 4])
+    assert not rows
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_logits_match_transformers_through_the_fast_runner(

@@ -1,6 +1,7 @@
 """skinny_linear against torch.nn.functional.linear: decode batch sizes, shapes that are
 not multiples of the blocks, split-K (deterministic), bias, strided views, the default
-config rules and input validation."""
+and decode config rules, input validation; on Hopper GPUs TMA loads, dependent launches
+and L2 prefetches, chained in CUDA graphs."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ DEVICE = kernel_device()
 from avmp.kernels.triton.skinny_linear import (  # noqa: E402
     PIPELINE_BUDGET_BYTES,
     SkinnyConfig,
+    decode_config,
     default_config,
     num_sms,
     skinny_linear,
+    tma_fits,
 )
 
 SMALL = SkinnyConfig(block_m=16, block_n=16, block_k=32, split_k=1)
@@ -173,3 +176,100 @@ def test_default_config_splits_narrow_outputs_only() -> None:
     assert default_config(64, 131072, 4096, 132).split_k == 1  # 2048 tiles
     assert default_config(64, 4096, 21504, 1).split_k == 1  # one SM: nothing to fill
     assert num_sms(torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize(("m", "n", "k", "split"), [
+    (64, 2048, 4096, 4),  # 32 tiles: 4 parts keep 128 programs on 132 SMs
+    (64, 2048, 8192, 4),
+    (64, 8512, 2048, 1),  # 133 tiles fill the SMs alone
+    (64, 16384, 2048, 1),
+    (8, 4096, 8192, 2),
+    (64, 2048, 256, 1),  # 2 K steps: too few to split
+    (1, 16, 16, 1),
+])  # fmt: skip
+def test_decode_config_splits_within_one_program_per_sm(m: int, n: int, k: int, split: int) -> None:
+    config = decode_config(m, n, k, 132)
+    assert config.split_k == split
+    assert (config.block_n, config.block_k, config.tma) == (64, 128, True)
+    assert config.num_stages == (3 if split == 1 else 4)
+    assert config.block_m == max(16, 1 << (m - 1).bit_length())
+    assert decode_config(m, n, k, 1).split_k == 1
+    with pytest.raises(ValueError, match="must be >= 1"):
+        decode_config(m, n, 0, 132)
+
+
+def test_config_round_trips_tma_and_rejects_a_non_bool() -> None:
+    config = SkinnyConfig(64, 64, 128, 4, 4, 4, tma=True)
+    assert SkinnyConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="tma"):
+        SkinnyConfig(tma=1)  # type: ignore[arg-type]
+
+
+def test_tma_config_computes_the_same_where_tma_is_not_available() -> None:
+    """Off Hopper (and on the CPU) a TMA config runs the pointer kernel, same tiling."""
+    x, w, b = make_inputs(24, 80, 256, torch.bfloat16)
+    config = SkinnyConfig(32, 32, 64, 2, 4, 3, tma=True)
+    if DEVICE.type == "cpu":
+        assert not tma_fits(x, w, config)
+    out = skinny_linear(x, w, b, config, pdl=False, prefetch_bytes=4096)
+    assert_close("tma config", out, F.linear(x, w, b), torch.bfloat16)
+
+
+@pytest.mark.parametrize("bad", [-16, 1 << 21, 1.5])
+def test_rejects_a_bad_prefetch(bad: object) -> None:
+    x, w, _ = make_inputs(4, 8, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        skinny_linear(x, w, prefetch_bytes=bad)  # type: ignore[arg-type]
+
+
+HOPPER = DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="TMA and dependent launches need a Hopper GPU")
+@pytest.mark.parametrize(("m", "n", "k"), [(64, 2048, 4096), (64, 333, 2048), (5, 1000, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tma_matches_the_pointer_kernel(m: int, n: int, k: int, with_bias: bool) -> None:
+    x, w, b = make_inputs(m, n, k, torch.bfloat16, seed=m + n)
+    bias = b if with_bias else None
+    config = decode_config(m, n, k, num_sms(DEVICE))
+    assert tma_fits(x, w, config)
+    tma = skinny_linear(x, w, bias, config)
+    pointers = skinny_linear(x, w, bias, dataclasses.replace(config, tma=False))
+    assert_close("tma", tma, pointers, torch.bfloat16)
+    assert_close("tma", tma, F.linear(x, w, bias), torch.bfloat16)
+    assert not tma_fits(x[:, 1:], w[:, 1:], config)  # rows off 16-byte boundaries
+
+
+@pytest.mark.skipif(not HOPPER, reason="TMA and dependent launches need a Hopper GPU")
+@pytest.mark.parametrize("tma", [False, True])
+def test_dependent_launch_chain_in_a_cuda_graph(tma: bool) -> None:
+    """Norm -> GEMM -> norm -> GEMM ..., every kernel a dependent launch that asks L2 for
+    its weights before it waits: each GEMM reads the norm written just before it."""
+    from avmp.kernels.triton.rms_norm import rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    ws = [(torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
+          for n, k in ((2048, 1024), (1024, 2048), (3000, 1024))]  # fmt: skip
+    x0 = torch.randn(64, 1024, generator=gen).to(DEVICE, torch.bfloat16)
+    nw = torch.ones(1024, device=DEVICE, dtype=torch.bfloat16)
+
+    def chain(pdl: bool) -> torch.Tensor:
+        h = x0
+        for w in ws:
+            if h.shape[1] == 1024:
+                h = rms_norm(h, nw, 1e-5, pdl=pdl)
+            config = decode_config(64, w.shape[0], h.shape[1], num_sms(DEVICE))
+            config = dataclasses.replace(config, tma=tma)
+            h = skinny_linear(h, w, None, config, pdl=pdl, prefetch_bytes=512 if pdl else 0)
+        return h
+
+    expected = chain(False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(True)
+    for _ in range(3):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected)

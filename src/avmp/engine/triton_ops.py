@@ -60,6 +60,10 @@ class Mamba2ScanPlan(NamedTuple):
     decode_slots: torch.Tensor | None
 
 
+# `TritonOps.skinny_rows` and `skinny_prefetch` by default (see `fuses_prologue`).
+SKINNY_ROWS = 64
+SKINNY_PREFETCH_BYTES = 512
+
 # The attribute of a Mamba2 mixer holding its ``A = -exp(A_log)`` (`TritonOps.decay`):
 # (A_log parameter, its version, A).
 DECAY_ATTRIBUTE = "_triton_decay"
@@ -73,16 +77,21 @@ class TritonOps(Ops):
 
     def __init__(self) -> None:
         from avmp.kernels import triton as kernels
-        from avmp.kernels.triton import activations, prologue_linear, rms_norm
+        from avmp.kernels.triton import activations, prologue_linear, rms_norm, skinny_linear
         from avmp.kernels.triton.kv_write import kv_write
 
         self._k = kernels
         self._norm = rms_norm
         self._act = activations
         self._pl = prologue_linear
+        self._skinny = skinny_linear
         self.prologue_rows = prologue_linear.MAX_ROWS  # 0: norms and activations apart
+        # Decode rows above prologue_rows and up to skinny_rows: the norm or activation
+        # kernel, then `skinny_linear`, both dependent launches (0: cuBLAS's linear).
+        self.skinny_rows = SKINNY_ROWS
+        self.skinny_prefetch = SKINNY_PREFETCH_BYTES
         self.pdl = True  # dependent launches where the GPU has them
-        self._pdl_devices: dict[torch.device, bool] = {}
+        self._hopper_devices: dict[torch.device, bool] = {}
         self._kv_write = kv_write
 
     def rms_norm(
@@ -124,12 +133,16 @@ class TritonOps(Ops):
     def fuses_prologue(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> bool:
-        """Decode rows (up to ``prologue_rows``) of a float linear with unit-stride weight
-        rows: `avmp.kernels.triton.prologue_linear` computes the norm or activation
-        before it in its own prologue (about 150 launches fewer per Granite decode step)."""
+        """Decode rows of a float linear with unit-stride weight rows. Up to
+        ``prologue_rows``, `avmp.kernels.triton.prologue_linear` computes the norm or
+        activation before it in its own prologue (about 150 launches fewer per Granite
+        decode step); above, up to ``skinny_rows``, the norm or activation kernel runs,
+        then `avmp.kernels.triton.skinny_linear`, both as dependent launches where the
+        GPU has them, the GEMM asking L2 for its first weight bytes before it waits."""
         return (
             x.dim() == 2
-            and 0 < x.shape[0] <= self.prologue_rows
+            and x.shape[0] > 0
+            and (x.shape[0] <= self.prologue_rows or self._skinny_rows(x))
             and x.dtype in self._pl.FLOAT_DTYPES
             and weight.dim() == 2
             and weight.dtype == x.dtype
@@ -138,16 +151,42 @@ class TritonOps(Ops):
             and (bias is None or bias.dtype == x.dtype)
         )
 
+    def _hopper(self, device: torch.device) -> bool:
+        """Whether ``device`` is a CUDA GPU of compute capability 9.0 or later."""
+        if device.type != "cuda":
+            return False
+        if device not in self._hopper_devices:
+            self._hopper_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
+        return self._hopper_devices[device]
+
     def _pdl(self, device: torch.device) -> bool:
         """Programmatic dependent launch, on Hopper and later: a decode step's prologue
         linears, conv and state update start while the kernel before them finishes
         (a linear reading its first weight tile, `prologue_linear`) and wait for it
         before reading what it wrote."""
-        if not self.pdl or device.type != "cuda":
-            return False
-        if device not in self._pdl_devices:
-            self._pdl_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
-        return self._pdl_devices[device]
+        return self.pdl and self._hopper(device)
+
+    def _skinny_rows(self, x: torch.Tensor) -> bool:
+        """Rows the skinny GEMM takes: up to ``skinny_rows``, on Hopper or later (where
+        it is a dependent launch with TMA loads; elsewhere cuBLAS is as fast) or on the
+        CPU under Triton's interpreter (tests)."""
+        return x.shape[0] <= self.skinny_rows and (x.device.type == "cpu" or self._hopper(x.device))
+
+    def _prologue(self, x: torch.Tensor) -> bool:
+        """Whether rows ``x`` (that `fuses_prologue` took) run as one prologue kernel."""
+        return x.shape[0] <= self.prologue_rows
+
+    def _linear(
+        self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool
+    ) -> torch.Tensor:
+        """``linear(h)`` over decode rows by `skinny_linear` (`decode_config`'s tiling)."""
+        sk = self._skinny
+        config = sk.decode_config(
+            h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device), h.element_size()
+        )
+        return sk.skinny_linear(
+            h, weight, bias, config, pdl=pdl, prefetch_bytes=self.skinny_prefetch if pdl else 0
+        )
 
     def norm_linear(
         self,
@@ -160,8 +199,18 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        pdl = self._pdl(x.device)
+        if not self._prologue(x):
+            if delta is None:
+                total, h = x, self._norm.rms_norm(x, norm_weight, eps, fp32_weight=fp32_weight,
+                                                  pdl=pdl)  # fmt: skip
+            else:
+                total, h = self._norm.add_rms_norm(
+                    x, delta, norm_weight, eps, scale, fp32_weight=fp32_weight, pdl=pdl
+                )
+            return total, self._linear(h, weight, bias, pdl)
         total, out = self._pl.norm_linear(
-            x, norm_weight, eps, weight, bias, delta, scale, fp32_weight, pdl=self._pdl(x.device)
+            x, norm_weight, eps, weight, bias, delta, scale, fp32_weight, pdl=pdl
         )
         return (x if total is None else total), out
 
@@ -175,10 +224,14 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
+        pdl = self._pdl(y.device)
+        if not self._prologue(y):
+            h = self._norm.rms_norm(y, norm_weight, eps, gate, group_size, pdl=pdl)
+            return self._linear(h.to(weight.dtype), weight, bias, pdl)
         if not self._pl.tile_fits_groups(y.shape[-1], group_size):
             return super().gated_norm_linear(y, gate, norm_weight, eps, group_size, weight, bias)
         return self._pl.gated_norm_linear(
-            y, gate, norm_weight, eps, group_size, weight, bias, pdl=self._pdl(y.device)
+            y, gate, norm_weight, eps, group_size, weight, bias, pdl=pdl
         )
 
     def glu_linear(
@@ -189,16 +242,24 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
+        pdl = self._pdl(gate.device)
+        if not self._prologue(gate):
+            h = self._act.silu_mul(gate, up, pdl=pdl) if act is F.silu else self.glu(act, gate, up)
+            return self._linear(h, weight, bias, pdl and act is F.silu)
         if act is not F.silu:
             return super().glu_linear(act, gate, up, weight, bias)
-        return self._pl.act_linear(gate, weight, up, bias, pdl=self._pdl(gate.device))
+        return self._pl.act_linear(gate, weight, up, bias, pdl=pdl)
 
     def act_linear(
         self, act: Activation, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        pdl = self._pdl(x.device)
+        if not self._prologue(x):
+            h = self._act.relu_squared(x, pdl=pdl) if act is relu_squared else act(x)
+            return self._linear(h, weight, bias, pdl and act is relu_squared)
         if act is not relu_squared:
             return super().act_linear(act, x, weight, bias)
-        return self._pl.act_linear(x, weight, None, bias, pdl=self._pdl(x.device))
+        return self._pl.act_linear(x, weight, None, bias, pdl=pdl)
 
     def decay(self, mixer: Mamba2Mixer) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32, computed once per weight version (three

@@ -32,6 +32,15 @@ def num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` of a CUDA device (torch caches its properties); (0, 0) off
+    CUDA."""
+    if device.type != "cuda":
+        return (0, 0)
+    props = torch.cuda.get_device_properties(device)
+    return (int(props.major), int(props.minor))
+
+
 def next_power_of_2(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum): Triton block shapes must be powers of 2."""
     return max(int(triton.next_power_of_2(max(n, 1))), minimum)

@@ -21,8 +21,11 @@ BLOCK = 1024
 @triton.jit
 def _activation_kernel(
     x_ptr, up_ptr, out_ptr, cols, stride_x, stride_u, stride_o,
-    GATED: tl.constexpr, BLOCK: tl.constexpr,
+    GATED: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # a dependent launch: the next kernel may start; wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
@@ -42,7 +45,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+def _launch(x: torch.Tensor, up: torch.Tensor | None, pdl: bool) -> torch.Tensor:
     check_dtype("x", x, FLOAT_DTYPES)
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
         raise ValueError(f"up must match gate: {tuple(x.shape)} {x.dtype}, "
@@ -54,16 +57,18 @@ def _launch(x: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     if rows and cols:
         _activation_kernel[(rows, triton.cdiv(cols, BLOCK))](
             x2, u2, out, cols, x2.stride(0), u2.stride(0), out.stride(0),
-            GATED=up is not None, BLOCK=BLOCK,
+            GATED=up is not None, BLOCK=BLOCK, USE_PDL=pdl, launch_pdl=pdl,
         )
     return out.reshape(x.shape)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` as torch computes it in the inputs' dtype (one launch)."""
-    return _launch(gate, up)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` as torch computes it in the inputs' dtype (one launch; ``pdl``:
+    as a programmatic dependent launch, Hopper and later)."""
+    return _launch(gate, up, pdl)
 
 
-def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    """``relu(x)²`` as torch computes it in x's dtype (one launch)."""
-    return _launch(x, None)
+def relu_squared(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """``relu(x)²`` as torch computes it in x's dtype (one launch; ``pdl`` as in
+    `silu_mul`)."""
+    return _launch(x, None, pdl)

@@ -39,7 +39,11 @@ def _rms_norm_kernel(
     FP32_WEIGHT: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # a dependent launch: the next kernel may start; wait for the one before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, BLOCK)
@@ -72,14 +76,17 @@ def rms_norm(
     gate: torch.Tensor | None = None,
     group_size: int | None = None,
     fp32_weight: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """RMS norm of ``x``'s last dimension (per group of ``group_size`` channels), of
     ``x * silu(gate)`` when a gate is given; output in the dtype torch's module gives.
 
     ``fp32_weight``: multiply by the weight in fp32 before the downcast (else after it,
     in the weight's and activations' product as torch computes ``weight * h.to(dtype)``).
+    ``pdl``: launch as a programmatic dependent launch (Hopper and later), which lets
+    the next kernel start at once and waits for the one before it.
     """
-    return _launch(x, weight, eps, gate, group_size, fp32_weight, None, None)[0]
+    return _launch(x, weight, eps, gate, group_size, fp32_weight, None, None, pdl)[0]
 
 
 def add_rms_norm(
@@ -89,6 +96,7 @@ def add_rms_norm(
     eps: float,
     scale: float | None = None,
     fp32_weight: bool = False,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + delta * scale`` (scale optional) and the RMS norm of ``s``, in one launch.
 
@@ -100,7 +108,7 @@ def add_rms_norm(
     """
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
-    out, total = _launch(x, weight, eps, None, None, fp32_weight, delta, scale)
+    out, total = _launch(x, weight, eps, None, None, fp32_weight, delta, scale, pdl)
     assert total is not None
     return total, out
 
@@ -120,6 +128,7 @@ def _launch(
     fp32_weight: bool,
     delta: torch.Tensor | None,
     scale: float | None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     size = x.shape[-1]
     group = group_size or size
@@ -152,7 +161,9 @@ def _launch(
             FP32_WEIGHT=fp32_weight,
             HAS_DELTA=d2 is not None,
             HAS_SCALE=scale is not None,
+            USE_PDL=pdl,
             num_warps=8 if group >= 2048 else 4,
+            launch_pdl=pdl,
         )
     shape = (*x.shape[:-1], size)
     return out.reshape(shape), None if total is None else total.reshape(shape)

@@ -19,6 +19,14 @@ bias and casts: no atomics, so the same inputs always give the same bits.
 
 No host sync and no data-dependent allocation, so a call can be captured in a CUDA graph
 (the workspace is a plain ``torch.empty`` per call, served from the graph's pool).
+
+Dependent launches (``pdl=True``, Hopper and later): the GEMMs of a decode step are each
+tens of microseconds, and each starts from an idle memory pipeline after the kernel
+before it has drained. As a programmatic dependent launch a program lets the next kernel
+start at once, and, before it waits for the kernel before it, asks the L2 cache for the
+first ``prefetch_bytes`` of each of its weight rows (``cp.async.bulk.prefetch.L2``): its
+weights depend on no earlier kernel, so their loading overlaps the previous kernel's tail
+and the launch. The prefetch is a hint; it changes no result.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from avmp.kernels.triton._common import (
     check_dtype,
     check_same_device,
     check_shape,
+    compute_capability,
     dot_precision,
     next_power_of_2,
     num_sms,
@@ -66,7 +75,9 @@ class SkinnyConfig:
     ``block_m`` x ``block_n`` is one program's output tile (tokens x weight rows),
     ``block_k`` the K step of its loop, ``split_k`` how many parts K is split into
     (1: no workspace, no second kernel). ``num_warps`` and ``num_stages`` go to Triton
-    (``num_stages``: tiles in flight in the software pipeline).
+    (``num_stages``: tiles in flight in the software pipeline). ``tma``: load the tiles
+    with the Tensor Memory Accelerator (Hopper and later) where the call allows it
+    (`tma_fits`), else the same tiling with pointer loads.
     """
 
     block_m: int = 16
@@ -75,6 +86,7 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name, limit in (("block_m", MAX_BLOCK_M), ("block_n", MAX_BLOCK_N),
@@ -86,6 +98,8 @@ class SkinnyConfig:
             raise ValueError(f"num_warps must be one of {NUM_WARPS}, got {self.num_warps}")
         if not _is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"tma must be a bool, got {self.tma!r}")
 
     def to_dict(self) -> dict[str, int]:
         """The fields as JSON-ready ints (the benchmark saves its best configs so)."""
@@ -93,7 +107,8 @@ class SkinnyConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SkinnyConfig:
-        """Inverse of ``to_dict``; unknown or missing keys raise TypeError."""
+        """Inverse of ``to_dict``; unknown keys raise TypeError (``tma`` may be absent:
+        results saved before it existed)."""
         return cls(**fields)
 
     def pipeline_bytes(self, element_size: int) -> int:
@@ -155,6 +170,47 @@ def default_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) 
     return SkinnyConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
+def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyConfig:
+    """The engine's tiling for a decode step's linears, from Granite-4.0-H-Micro's four
+    projections at 64 rows, each after a norm kernel, 36 times in a CUDA graph, as
+    dependent launches on an H100 (docs/BENCHMARKS.md, "Decode GEMMs as dependent
+    launches"): 64 weight rows by 128 of K per tile, TMA loads; K split only while the
+    programs stay within one per SM (a 2,048-row output on 132 SMs: 4 parts, 128
+    programs), since every part re-reads the batch's activations and a second kernel
+    sums the parts; three stages in flight for an unsplit K, four for a split one.
+    """
+    if min(m, n, k, num_sms, element_size) < 1:
+        raise ValueError(f"m, n, k, num_sms and element_size must be >= 1, got "
+                         f"{(m, n, k, num_sms, element_size)}")
+    block_m, block_n = default_block_m(m), 64
+    block_k = 128 * 2 // max(2, element_size)
+    num_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    most = min(DEFAULT_MAX_SPLIT_K, max(1, triton.cdiv(k, block_k) // MIN_K_BLOCKS_PER_SPLIT))
+    split = 1
+    while num_tiles * split * 2 <= num_sms and split * 2 <= most:
+        split *= 2
+    return SkinnyConfig(block_m, block_n, block_k, split, 4, 3 if split == 1 else 4, tma=True)
+
+
+# Largest prefetch one weight row asks for before the wait (bytes; a bulk prefetch's size
+# is a 32-bit count of whole 16-byte units).
+MAX_PREFETCH_BYTES = 1 << 20
+
+
+@triton.jit
+def _prefetch_rows_l2(row_ptrs, nbytes):
+    """One bulk L2 prefetch of ``nbytes`` (> 0, a multiple of 16) from each pointer
+    (16-byte aligned) of ``row_ptrs``; a hint that reads nothing into registers."""
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+        "=r,l,r",
+        [row_ptrs.to(tl.pointer_type(tl.uint8)), nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
 # M, split_k and blocks_per_split stay runtime values: Triton would otherwise compile a
 # kernel for each value equal to 1, and the benchmark sweeps them without recompiling.
 @triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
@@ -164,7 +220,10 @@ def _skinny_kernel(
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    if USE_PDL:  # the next kernel may start; it waits for this one before reading our output
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -181,6 +240,15 @@ def _skinny_kernel(
     k_base = kb_start.to(tl.int64) * BLOCK_K
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_base + offs_k)[None, :]  # [BN, BK]
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + (k_base + offs_k)[None, :] * stride_xk
+    if PREFETCH > 0:  # this part's first weight bytes of each row, asked of L2 early
+        k_stop = tl.minimum(kb_end.to(tl.int64) * BLOCK_K, K)
+        left = (k_stop - k_base) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        size = tl.minimum(left // 16 * 16, PREFETCH).to(tl.int32)
+        if size > 0:
+            sizes = size + tl.zeros([BLOCK_N], dtype=tl.int32)
+            _prefetch_rows_l2(w_ptr + rows_w * stride_wn + k_base, sizes)
+    if USE_PDL:  # x is the previous kernel's output
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
     for kb in range(kb_start, kb_end):
         if EVEN_K:
@@ -207,11 +275,61 @@ def _skinny_kernel(
         tl.store(ws_ptr + ws_rows[None, :] + offs_n[:, None], acc, mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
+def _skinny_tma_kernel(
+    x_desc, w_desc, w_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N, K, split_k, blocks_per_split, stride_wn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """`_skinny_kernel` with both tiles loaded by the Tensor Memory Accelerator (the
+    batch is one M tile; rows and columns past the tensors read as zeros)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    num_k_blocks = tl.cdiv(K, BLOCK_K)
+    kb_start = pid_k * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, num_k_blocks)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    if PREFETCH > 0:  # as in _skinny_kernel: this part's first weight bytes, early
+        k_base = kb_start.to(tl.int64) * BLOCK_K
+        k_stop = tl.minimum(kb_end.to(tl.int64) * BLOCK_K, K)
+        left = (k_stop - k_base) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        size = tl.minimum(left // 16 * 16, PREFETCH).to(tl.int32)
+        if size > 0:
+            rows = (offs_n % N).to(tl.int64)
+            _prefetch_rows_l2(w_ptr + rows * stride_wn + k_base,
+                              size + tl.zeros([BLOCK_N], dtype=tl.int32))  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
+    for kb in tl.range(kb_start, kb_end, num_stages=NUM_STAGES):
+        w = w_desc.load([n0, kb * BLOCK_K])  # [BN, BK]
+        x = x_desc.load([0, kb * BLOCK_K])  # [BM, BK]
+        acc = tl.dot(w, tl.trans(x), acc)
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if split_k == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_rows = (pid_k * M + offs_m).to(tl.int64) * N
+        tl.store(ws_ptr + ws_rows[None, :] + offs_n[:, None], acc, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _split_k_reduce_kernel(
     ws_ptr, b_ptr, out_ptr, M, N, split_k, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_n < N
@@ -256,6 +374,8 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
     out: torch.Tensor | None = None,
+    pdl: bool = False,
+    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     """``x @ weight.T (+ bias)``, what ``torch.nn.functional.linear`` computes.
 
@@ -265,6 +385,12 @@ def skinny_linear(
         bias: optional ``[N]`` in x's dtype.
         config: the tiling; ``default_config`` for this shape and device when None.
         out: optional ``[M, N]`` output in x's dtype (any strides), written in place.
+        pdl: launch as a programmatic dependent launch (Hopper and later; see the
+            module doc): the next kernel may start at once, and this one waits for the
+            kernel before it only before reading ``x``.
+        prefetch_bytes: with ``pdl``, bytes of each weight row (of each K part) asked of
+            the L2 cache before that wait (rounded down to 16; 0: none). Needs a GPU
+            with bulk prefetches and 16-byte aligned weight rows, else ignored.
 
     Returns:
         ``out``, or a new ``[M, N]`` tensor in x's dtype; fp32 accumulation, and the
@@ -283,12 +409,43 @@ def skinny_linear(
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     if config is None:
         config = default_config(m, n, k, num_sms(x.device), x.element_size())
-    _launch(x, weight, bias, out, config)
+    if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
+        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
+                         f"got {prefetch_bytes}")
+    prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
+    _launch(x, weight, bias, out, config, pdl, prefetch)
     return out
 
 
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig) -> bool:
+    """Whether a call can load its tiles by TMA: a Hopper or later GPU, 16-bit floats,
+    the batch in one M tile, unit-stride rows starting on 16-byte boundaries."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.shape[0] > config.block_m or compute_capability(x.device)[0] < 9:
+        return False
+    size = x.element_size()
+    return all(
+        t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in (x, weight)
+    )
+
+
+def _can_prefetch(weight: torch.Tensor) -> bool:
+    """Bulk L2 prefetches of ``weight``'s rows: a Hopper or later GPU (not the Triton
+    interpreter), rows starting on 16-byte boundaries."""
+    row_bytes = weight.stride(0) * weight.element_size()
+    return (
+        weight.device.type == "cuda"
+        and weight.data_ptr() % 16 == 0
+        and row_bytes % 16 == 0
+        and compute_capability(weight.device)[0] >= 9
+    )
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor, config: SkinnyConfig) -> None:
+            out: torch.Tensor, config: SkinnyConfig, pdl: bool = False,
+            prefetch: int = 0) -> None:
     (m, k), n = x.shape, weight.shape[0]
     num_k_blocks = triton.cdiv(k, config.block_k)
     blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
@@ -297,17 +454,42 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ws_shape = (split_k, m, n) if split_k > 1 else (1,)
     workspace = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    if config.tma and tma_fits(x, weight, config):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _skinny_tma_kernel[(triton.cdiv(n, config.block_n), split_k)](
+            TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]),
+            TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+            weight, bias_arg, out, workspace, m, n, k, split_k, blocks_per_split,
+            weight.stride(0), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, USE_PDL=pdl,
+            PREFETCH=prefetch, num_warps=config.num_warps, launch_pdl=pdl,
+        )  # fmt: skip
+    else:
+        _launch_pointers(x, weight, bias_arg, out, workspace, config, blocks_per_split,
+                         split_k, bias is not None, pdl, prefetch)  # fmt: skip
+    if split_k > 1:
+        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, USE_PDL=pdl, num_warps=4,
+            launch_pdl=pdl,
+        )
+
+
+def _launch_pointers(
+    x: torch.Tensor, weight: torch.Tensor, bias_arg: torch.Tensor, out: torch.Tensor,
+    workspace: torch.Tensor, config: SkinnyConfig, blocks_per_split: int, split_k: int,
+    has_bias: bool, pdl: bool, prefetch: int,
+) -> None:
+    (m, k), n = x.shape, weight.shape[0]
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
     _skinny_kernel[grid](
         x, weight, bias_arg, out, workspace, m, n, k, split_k, blocks_per_split,
         x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        USE_PDL=pdl, PREFETCH=prefetch,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
-    if split_k > 1:
-        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
-        )
