@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cache budget of the long-context calibration cells")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop adding cells after")
+    parser.add_argument("--skinny-batches", nargs="+", type=int,
+                        help="decode batches of the cuBLAS / skinny GEMM comparison (default: "
+                             "the largest of --batches up to 64)")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     return parser.parse_args(argv)
 
@@ -784,7 +787,9 @@ def run_engine_cells(
     if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
         result["prologue"] = prologue_comparison(engine, args, bandwidth)
     if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
-        result["skinny"] = skinny_comparison(engine, args, bandwidth)
+        result["skinny"] = [
+            skinny_comparison(engine, args, bandwidth, batch) for batch in skinny_batches(args)
+        ]
     cells = result["engine"] + result["calibration_cells"]
     name = result["model"]
     profile = gpu_profile(torch.cuda.get_device_name())  # the simulator's figures for it
@@ -909,13 +914,20 @@ def prologue_comparison(
     return ops_comparison(engine, args, bandwidth, 1, PROLOGUE_SETTINGS)
 
 
+def skinny_batches(args: argparse.Namespace) -> list[int]:
+    """``--skinny-batches``, else the largest of ``--batches`` up to 64 (the smallest
+    when every one is larger)."""
+    if args.skinny_batches:
+        return list(args.skinny_batches)
+    return [max((b for b in args.batches if b <= 64), default=min(args.batches))]
+
+
 def skinny_comparison(
-    engine: Engine, args: argparse.Namespace, bandwidth: float
+    engine: Engine, args: argparse.Namespace, bandwidth: float, batch: int
 ) -> dict[str, Any]:
-    """The batch-64 decode cell (or the largest batch below) with the decode linears on
-    cuBLAS, on `avmp.kernels.triton.skinny_linear`, with dependent launches, and with
+    """The decode cell of ``batch`` with the decode linears on cuBLAS, on
+    `avmp.kernels.triton.skinny_linear` without and with dependent launches, and with
     its weights asked of L2 before the wait (`TritonOps.skinny_rows`)."""
-    batch = max((b for b in args.batches if b <= 64), default=min(args.batches))
     return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 
 
@@ -1003,8 +1015,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += _overlap_line(model["overlap"])
         if model.get("prologue"):
             lines += _prologue_lines(model["prologue"])
-        if model.get("skinny"):
-            lines += _skinny_lines(model["skinny"])
+        for row in model.get("skinny") or ():
+            lines += _skinny_lines(row)
         if model.get("sim_vs_measured"):
             lines += _sim_table(model)
         if model.get("mixed_vs_predicted"):

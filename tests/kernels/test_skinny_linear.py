@@ -23,6 +23,7 @@ from avmp.kernels.triton.skinny_linear import (  # noqa: E402
     default_config,
     num_sms,
     skinny_linear,
+    tiles,
     tma_fits,
 )
 
@@ -215,6 +216,37 @@ def test_tma_config_computes_the_same_where_tma_is_not_available() -> None:
     assert_close("tma config", out, F.linear(x, w, b), torch.bfloat16)
 
 
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split"), [(7, 40, 96, 2), (64, 130, 512, 4), (3, 16, 64, 3)]
+)
+def test_folded_parts_equal_the_reduce_kernel_and_leave_counters_zero(
+    m: int, n: int, k: int, split: int, tma: bool
+) -> None:
+    """With counters, the last part of each tile sums the parts in the GEMM's own launch:
+    the bits the second kernel gives, and every counter back at zero."""
+    x, w, b = make_inputs(m, n, k, torch.bfloat16, seed=split)
+    config = SkinnyConfig(max(16, 1 << (m - 1).bit_length()), 16, 32, split, 4, 2, tma=tma)
+    counters = torch.zeros(tiles(m, n, config) + 3, dtype=torch.int32, device=DEVICE)
+    for bias in (None, b):
+        folded = skinny_linear(x, w, bias, config, counters=counters)
+        assert torch.equal(folded, skinny_linear(x, w, bias, config))
+        assert not counters.any()
+    assert_close("folded", folded, F.linear(x, w, b), torch.bfloat16)
+
+
+def test_rejects_bad_counters() -> None:
+    x, w, _ = make_inputs(4, 64, 64, torch.bfloat16)
+    config = SkinnyConfig(16, 16, 16, 2)
+    for counters, match in [
+        (torch.zeros(4, dtype=torch.int64, device=DEVICE), "int32"),
+        (torch.zeros(2, 4, dtype=torch.int32, device=DEVICE), "1-D"),
+        (torch.zeros(3, dtype=torch.int32, device=DEVICE), r"one per output tile \(4\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            skinny_linear(x, w, None, config, counters=counters)
+
+
 @pytest.mark.parametrize("bad", [-16, 1 << 21, 1.5])
 def test_rejects_a_bad_prefetch(bad: object) -> None:
     x, w, _ = make_inputs(4, 8, 16, torch.bfloat16)
@@ -253,6 +285,8 @@ def test_dependent_launch_chain_in_a_cuda_graph(tma: bool) -> None:
     x0 = torch.randn(64, 1024, generator=gen).to(DEVICE, torch.bfloat16)
     nw = torch.ones(1024, device=DEVICE, dtype=torch.bfloat16)
 
+    counters = torch.zeros(1024, dtype=torch.int32, device=DEVICE)
+
     def chain(pdl: bool) -> torch.Tensor:
         h = x0
         for w in ws:
@@ -260,7 +294,8 @@ def test_dependent_launch_chain_in_a_cuda_graph(tma: bool) -> None:
                 h = rms_norm(h, nw, 1e-5, pdl=pdl)
             config = decode_config(64, w.shape[0], h.shape[1], num_sms(DEVICE))
             config = dataclasses.replace(config, tma=tma)
-            h = skinny_linear(h, w, None, config, pdl=pdl, prefetch_bytes=512 if pdl else 0)
+            h = skinny_linear(h, w, None, config, pdl=pdl, prefetch_bytes=512 if pdl else 0,
+                              counters=counters if pdl else None)  # fmt: skip
         return h
 
     expected = chain(False)
@@ -273,3 +308,4 @@ def test_dependent_launch_chain_in_a_cuda_graph(tma: bool) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, expected)
+        assert not counters.any()

@@ -63,10 +63,18 @@ class Mamba2ScanPlan(NamedTuple):
 # `TritonOps.skinny_rows` and `skinny_prefetch` by default (see `fuses_prologue`).
 SKINNY_ROWS = 64
 SKINNY_PREFETCH_BYTES = 512
+# Tile counters of the skinny GEMMs' split-K folding (`skinny_linear`'s ``counters``):
+# one per 64 output columns of a linear up to a million wide.
+COUNTERS = 1 << 14
 
 # The attribute of a Mamba2 mixer holding its ``A = -exp(A_log)`` (`TritonOps.decay`):
 # (A_log parameter, its version, A).
 DECAY_ATTRIBUTE = "_triton_decay"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class TritonOps(Ops):
@@ -90,6 +98,9 @@ class TritonOps(Ops):
         # kernel, then `skinny_linear`, both dependent launches (0: cuBLAS's linear).
         self.skinny_rows = SKINNY_ROWS
         self.skinny_prefetch = SKINNY_PREFETCH_BYTES
+        # A split K's parts summed by the last program of each tile (no second kernel).
+        self.fold_parts = True
+        self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
         self._hopper_devices: dict[torch.device, bool] = {}
         self._kv_write = kv_write
@@ -184,9 +195,20 @@ class TritonOps(Ops):
         config = sk.decode_config(
             h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device), h.element_size()
         )
+        counters = None
+        if self.fold_parts and config.split_k > 1:
+            counters = self._counters.get(h.device)
+            if counters is None and not _capturing(h.device):  # made by a warm-up step
+                counters = torch.zeros(COUNTERS, dtype=torch.int32, device=h.device)
+                self._counters[h.device] = counters
+            if counters is not None and counters.numel() < sk.tiles(
+                h.shape[0], weight.shape[0], config
+            ):
+                counters = None
         return sk.skinny_linear(
-            h, weight, bias, config, pdl=pdl, prefetch_bytes=self.skinny_prefetch if pdl else 0
-        )
+            h, weight, bias, config, pdl=pdl,
+            prefetch_bytes=self.skinny_prefetch if pdl else 0, counters=counters,
+        )  # fmt: skip
 
     def norm_linear(
         self,

@@ -211,16 +211,55 @@ def _prefetch_rows_l2(row_ptrs, nbytes):
     )
 
 
+@triton.jit
+def _finish_tile(
+    acc, offs_n, offs_m, tile, pid_k, M, N, split_k,
+    b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, FOLD_PARTS: tl.constexpr,
+):
+    """Store a program's ``out.T`` tile ``acc`` ([BN, BM], fp32): with the bias into
+    ``out`` when K is whole, else as part ``pid_k`` of the workspace ``[split_k, M, N]``.
+    ``FOLD_PARTS``: the last part of a tile to arrive (a counter per tile in ``cnt_ptr``,
+    zero between calls) sums every part in order, adds the bias and stores ``out``, the
+    values `_split_k_reduce_kernel` would store, in this launch; it sets the counter back
+    to zero."""
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    if split_k == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_tile = ws_ptr + (offs_m.to(tl.int64) * N)[None, :] + offs_n[:, None]
+        part_size = M.to(tl.int64) * N
+        tl.store(ws_tile + pid_k * part_size, acc, mask=mask)
+        if FOLD_PARTS:
+            # every thread's part is stored before the count says so (release), and
+            # the last program reads the others' parts from L2 after it (acquire)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                total = tl.zeros_like(acc)
+                for part in range(0, split_k):  # the reduce kernel's order
+                    total += tl.load(ws_tile + part * part_size, mask=mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + offs_n, mask=offs_n < N,
+                                     other=0.0).to(tl.float32)[:, None]  # fmt: skip
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 # M, split_k and blocks_per_split stay runtime values: Triton would otherwise compile a
 # kernel for each value equal to 1, and the benchmark sweeps them without recompiling.
 @triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
 def _skinny_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, split_k, blocks_per_split,
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr,
 ):
     if USE_PDL:  # the next kernel may start; it waits for this one before reading our output
         tl.extra.cuda.gdc_launch_dependents()
@@ -264,24 +303,18 @@ def _skinny_kernel(
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BN, BM]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_xk
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    if split_k == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows_w).to(tl.float32)[:, None]
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:  # this part's fp32 partial sums, workspace [split_k, M, N]
-        ws_rows = (pid_k * M + offs_m).to(tl.int64) * N
-        tl.store(ws_ptr + ws_rows[None, :] + offs_n[:, None], acc, mask=mask)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _finish_tile(acc, offs_n, offs_m, tile, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
+                 cnt_ptr, stride_om, stride_on, HAS_BIAS, FOLD_PARTS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
 def _skinny_tma_kernel(
-    x_desc, w_desc, w_ptr, b_ptr, out_ptr, ws_ptr,
+    x_desc, w_desc, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, split_k, blocks_per_split, stride_wn, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr,
 ):
     """`_skinny_kernel` with both tiles loaded by the Tensor Memory Accelerator (the
     batch is one M tile; rows and columns past the tensors read as zeros)."""
@@ -311,15 +344,8 @@ def _skinny_tma_kernel(
         w = w_desc.load([n0, kb * BLOCK_K])  # [BN, BK]
         x = x_desc.load([0, kb * BLOCK_K])  # [BM, BK]
         acc = tl.dot(w, tl.trans(x), acc)
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    if split_k == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws_rows = (pid_k * M + offs_m).to(tl.int64) * N
-        tl.store(ws_ptr + ws_rows[None, :] + offs_n[:, None], acc, mask=mask)
+    _finish_tile(acc, offs_n, offs_m, pid_n, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
+                 cnt_ptr, stride_om, stride_on, HAS_BIAS, FOLD_PARTS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -376,6 +402,7 @@ def skinny_linear(
     out: torch.Tensor | None = None,
     pdl: bool = False,
     prefetch_bytes: int = 0,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T (+ bias)``, what ``torch.nn.functional.linear`` computes.
 
@@ -391,6 +418,10 @@ def skinny_linear(
         prefetch_bytes: with ``pdl``, bytes of each weight row (of each K part) asked of
             the L2 cache before that wait (rounded down to 16; 0: none). Needs a GPU
             with bulk prefetches and 16-byte aligned weight rows, else ignored.
+        counters: optional int32 zeros (at least one per output tile, `tiles`): with a
+            split K, the last part of each tile to finish sums the parts in this launch
+            (no second kernel; the same bits) and sets its counter back to zero. Calls
+            sharing one counters tensor must not run at the same time (one stream).
 
     Returns:
         ``out``, or a new ``[M, N]`` tensor in x's dtype; fp32 accumulation, and the
@@ -413,8 +444,25 @@ def skinny_linear(
         raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
                          f"got {prefetch_bytes}")
     prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
-    _launch(x, weight, bias, out, config, pdl, prefetch)
+    if counters is not None:
+        _check_counters(counters, tiles(m, n, config), x)
+    _launch(x, weight, bias, out, config, pdl, prefetch, counters)
     return out
+
+
+def tiles(m: int, n: int, config: SkinnyConfig) -> int:
+    """Output tiles of a ``[m, n]`` result under ``config`` (counters a call needs)."""
+    return triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m)
+
+
+def _check_counters(counters: torch.Tensor, needed: int, x: torch.Tensor) -> None:
+    if counters.dtype != torch.int32 or counters.dim() != 1 or not counters.is_contiguous():
+        raise ValueError(f"counters must be a contiguous 1-D int32 tensor, got "
+                         f"{counters.dtype} {tuple(counters.shape)}")
+    if counters.numel() < needed:
+        raise ValueError(f"counters must hold one per output tile ({needed}), got "
+                         f"{counters.numel()}")
+    check_same_device(x=x, counters=counters)
 
 
 def tma_fits(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig) -> bool:
@@ -445,7 +493,7 @@ def _can_prefetch(weight: torch.Tensor) -> bool:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: SkinnyConfig, pdl: bool = False,
-            prefetch: int = 0) -> None:
+            prefetch: int = 0, counters: torch.Tensor | None = None) -> None:
     (m, k), n = x.shape, weight.shape[0]
     num_k_blocks = triton.cdiv(k, config.block_k)
     blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
@@ -454,22 +502,24 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ws_shape = (split_k, m, n) if split_k > 1 else (1,)
     workspace = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    fold = split_k > 1 and counters is not None
+    cnt = counters if fold else workspace  # never touched without FOLD_PARTS
     if config.tma and tma_fits(x, weight, config):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         _skinny_tma_kernel[(triton.cdiv(n, config.block_n), split_k)](
             TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]),
             TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
-            weight, bias_arg, out, workspace, m, n, k, split_k, blocks_per_split,
+            weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
             weight.stride(0), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, USE_PDL=pdl,
-            PREFETCH=prefetch, num_warps=config.num_warps, launch_pdl=pdl,
+            PREFETCH=prefetch, FOLD_PARTS=fold, num_warps=config.num_warps, launch_pdl=pdl,
         )  # fmt: skip
     else:
-        _launch_pointers(x, weight, bias_arg, out, workspace, config, blocks_per_split,
-                         split_k, bias is not None, pdl, prefetch)  # fmt: skip
-    if split_k > 1:
+        _launch_pointers(x, weight, bias_arg, out, workspace, cnt, config, blocks_per_split,
+                         split_k, bias is not None, pdl, prefetch, fold)  # fmt: skip
+    if split_k > 1 and not fold:
         _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, USE_PDL=pdl, num_warps=4,
@@ -479,17 +529,17 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _launch_pointers(
     x: torch.Tensor, weight: torch.Tensor, bias_arg: torch.Tensor, out: torch.Tensor,
-    workspace: torch.Tensor, config: SkinnyConfig, blocks_per_split: int, split_k: int,
-    has_bias: bool, pdl: bool, prefetch: int,
+    workspace: torch.Tensor, cnt: torch.Tensor, config: SkinnyConfig, blocks_per_split: int,
+    split_k: int, has_bias: bool, pdl: bool, prefetch: int, fold: bool,
 ) -> None:
     (m, k), n = x.shape, weight.shape[0]
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
     _skinny_kernel[grid](
-        x, weight, bias_arg, out, workspace, m, n, k, split_k, blocks_per_split,
+        x, weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
         x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_PDL=pdl, PREFETCH=prefetch,
+        USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
