@@ -854,12 +854,16 @@ PROLOGUE_SETTINGS = {
     "fused": {"prologue_rows": None, "pdl": False},
     "fused_pdl": {"prologue_rows": None, "pdl": True},
 }
-# and `skinny_comparison`'s (`TritonOps.skinny_rows`, `pdl`, `skinny_prefetch`)
+# and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
+_UNFOLDED = {"fold_parts": False, "fold_conv": False}
 SKINNY_SETTINGS = {
-    "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None},
-    "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None},
-    "skinny_pdl": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 0},
-    "skinny_pdl_prefetch": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None},
+    "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
+    "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
+    "skinny_pdl": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 0, **_UNFOLDED},
+    "skinny_pdl_prefetch": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                            **_UNFOLDED},
+    "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+               "fold_parts": None, "fold_conv": None},
 }
 
 
@@ -926,8 +930,9 @@ def skinny_comparison(
     engine: Engine, args: argparse.Namespace, bandwidth: float, batch: int
 ) -> dict[str, Any]:
     """The decode cell of ``batch`` with the decode linears on cuBLAS, on
-    `avmp.kernels.triton.skinny_linear` without and with dependent launches, and with
-    its weights asked of L2 before the wait (`TritonOps.skinny_rows`)."""
+    `avmp.kernels.triton.skinny_linear` without and with dependent launches, with its
+    weights asked of L2 before the wait, and with a split K's parts and the Mamba2 conv
+    step folded into the GEMMs (the defaults; `TritonOps.skinny_rows`)."""
     return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 
 
@@ -1105,7 +1110,8 @@ def _prologue_lines(row: dict[str, Any]) -> list[str]:
 def _skinny_lines(row: dict[str, Any]) -> list[str]:
     title = (
         f"Batch-{row['batch']} decode with the linears on cuBLAS, on the skinny Triton GEMM, "
-        "with dependent launches, and with its first weight bytes asked of L2 early"
+        "with dependent launches, with its first weight bytes asked of L2 early, and with "
+        "split-K parts and the conv step folded into the GEMMs"
     )
     return _setting_lines(title, row, "cublas")
 

@@ -24,3 +24,28 @@ def test_prologue_table_reports_medians_and_ratios_to_unfused() -> None:
     assert table["fused"].endswith("| 3.00 | 69% | 1.13x |")  # 3.5 / 3.1
     assert table["fused_pdl"].endswith("| 2.70 | 76% | 1.25x |")  # 3.5 / 2.8
     assert list(PROLOGUE_SETTINGS) == ["unfused", "fused", "fused_pdl"]
+
+
+def test_skinny_table_reports_each_setting_against_cublas() -> None:
+    from benchmarks.engine import SKINNY_SETTINGS, _skinny_lines
+
+    row = {"batch": 64, "rounds": {
+        "cublas": [_round(5.6, 5.5, 0.69), _round(5.7, 5.6, 0.68)],
+        "folded": [_round(5.0, 4.9, 0.77), _round(5.2, 5.1, 0.75)],
+    }}  # fmt: skip
+    lines = _skinny_lines(row)
+    table = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "Batch-64 decode" in lines[1] and "2 rounds" in lines[1]
+    assert table["cublas"] == "| cublas | 5.60 / 5.70 | 5.55 | 68% | 1.00x |"
+    assert table["folded"].endswith("| 5.00 | 76% | 1.11x |")  # 5.65 / 5.1
+    assert list(SKINNY_SETTINGS)[0] == "cublas" and SKINNY_SETTINGS["cublas"]["skinny_rows"] == 0
+    assert all(v is None for v in SKINNY_SETTINGS["folded"].values())  # the defaults
+
+
+def test_skinny_batches_default_to_the_largest_up_to_64() -> None:
+    from benchmarks.engine import parse_args, skinny_batches
+
+    assert skinny_batches(parse_args(["--batches", "1", "8", "64", "256"])) == [64]
+    assert skinny_batches(parse_args(["--batches", "128", "256"])) == [128]
+    args = parse_args(["--batches", "1", "64", "--skinny-batches", "8", "32"])
+    assert skinny_batches(args) == [8, 32]

@@ -140,15 +140,19 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     family: str, tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Steps of 2-64 rows run each fused linear as its norm or activation kernel, then
-    `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper); the tokens stay
-    transformers'. Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
+    `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper), decode steps'
+    in_proj applying the conv step as it stores xBC; the tokens stay transformers'.
+    Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
     from avmp.kernels.triton import skinny_linear
 
     rows: list[int] = []
+    convs: list[int] = []
     launch = skinny_linear.skinny_linear
 
     def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows.append(x.shape[0])
+        if kwargs.get("conv") is not None:
+            convs.append(x.shape[0])
         return launch(x, *args, **kwargs)
 
     monkeypatch.setattr(skinny_linear, "skinny_linear", spy)
@@ -159,6 +163,7 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     assert isinstance(ops, TritonOps)
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
+    assert convs  # every Mamba2 layer of a multi-row decode step
     rows.clear()
     ops.skinny_rows = 0
     engine.runner.graphs.clear()

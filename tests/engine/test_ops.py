@@ -186,3 +186,15 @@ def test_decode_rows_read_their_norms_through_the_fused_linears(family: str) -> 
         outs.append([[o.token_ids for o in engine.generate([p], max_tokens=6)] for p in prompts])
     assert outs[0] == outs[1]
     assert set(fusing.calls) == FUSED[family], fusing.calls
+
+
+def test_reference_ops_offer_no_conv_step_and_refuse_a_done_one() -> None:
+    """The reference applies no decode conv step in a linear: it offers none, and a core
+    told the step was done raises rather than skipping it."""
+    from avmp.engine.ops import Ops
+
+    ops = Ops()
+    assert ops.decode_conv(None, None, torch.zeros(1)) is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="apply no conv step"):
+        ops.mamba2_mix(None, torch.zeros(1), torch.zeros(1), torch.zeros(1),  # type: ignore[arg-type]
+                       torch.zeros(1), None, conv_done=True)  # type: ignore[arg-type]

@@ -16,8 +16,10 @@ from triton_device import kernel_device
 
 DEVICE = kernel_device()
 
+from avmp.kernels.triton.conv1d_update import conv1d_update  # noqa: E402
 from avmp.kernels.triton.skinny_linear import (  # noqa: E402
     PIPELINE_BUDGET_BYTES,
+    ConvEpilogue,
     SkinnyConfig,
     decode_config,
     default_config,
@@ -245,6 +247,62 @@ def test_rejects_bad_counters() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             skinny_linear(x, w, None, config, counters=counters)
+
+
+CONV_CASES = [  # (m, n, k, split, start, channels, columns, width, state dtype, bias)
+    (5, 96, 64, 1, 20, 40, 3, 4, torch.bfloat16, True),
+    (9, 80, 128, 4, 0, 80, 4, 4, torch.float32, False),
+    (3, 50, 64, 2, 17, 33, 2, 3, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_epilogue_is_the_conv_step_of_those_columns(case: tuple, tma: bool) -> None:
+    """The linear then `conv1d_update` on columns [start, start + channels): the same
+    outputs (fp32 accumulation in another order: within bf16 rounding) and conv states,
+    rows with a negative slot (padding) untouched."""
+    m, n, k, split, start, channels, columns, width, state_dtype, with_bias = case
+    x, w, b = make_inputs(m, n, k, torch.bfloat16, seed=n)
+    gen = torch.Generator().manual_seed(m)
+    pool = torch.randn(m + 4, channels, columns + 2, generator=gen).to(DEVICE, state_dtype)
+    state = pool[:, :, 1:-1]  # a strided view, as a pool's slice is
+    cw = torch.randn(channels, width, generator=gen).to(DEVICE, torch.bfloat16)
+    cb = torch.randn(channels, generator=gen).to(DEVICE, torch.bfloat16) if with_bias else None
+    slots = torch.randperm(m + 4, generator=gen)[:m].to(DEVICE)
+    slots[m // 2] = -1
+    expected_state, before = state.clone(), pool.clone()
+    expected = F.linear(x, w, b)
+    mid = expected[:, start:start + channels].contiguous()
+    expected[:, start:start + channels] = conv1d_update(expected_state, slots, mid, cw, cb)
+    expected[m // 2] = F.linear(x, w, b)[m // 2]  # a padding row keeps the linear's values
+    config = SkinnyConfig(16, 16, 32, split, 4, 2, tma=tma)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    out = skinny_linear(x, w, b, config, counters=counters,
+                        conv=ConvEpilogue(state, slots, cw, cb, start))  # fmt: skip
+    assert_close("conv epilogue", out, expected, torch.bfloat16)
+    # the newest column is the linear's output: as close as two bf16 linears are
+    assert_close("conv state", state.float(), expected_state.float(), torch.bfloat16)
+    assert torch.equal(pool[:, :, 0], before[:, :, 0]) and not counters.any()
+    assert torch.equal(pool[:, :, -1], before[:, :, -1])  # beyond the view: untouched
+
+
+def test_conv_epilogue_rejects_bad_geometry() -> None:
+    x, w, _ = make_inputs(4, 64, 64, torch.bfloat16)
+    state = torch.zeros(6, 16, 3, device=DEVICE)
+    cw = torch.zeros(16, 4, device=DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+    config = SkinnyConfig(16, 16, 16, 2)
+    for conv, match, counters in [
+        (ConvEpilogue(state, slots, cw, None, 50), r"must lie in the output's 64", True),
+        (ConvEpilogue(state, slots[:3], cw, None, 0), "slot_idx must have shape", True),
+        (ConvEpilogue(state, slots.float(), cw, None, 0), "slot_idx must be one of", True),
+        (ConvEpilogue(state, slots, cw[:8], None, 0), "conv_state must have shape", True),
+        (ConvEpilogue(state, slots, cw, None, 0), "needs counters", False),
+    ]:
+        cnt = torch.zeros(16, dtype=torch.int32, device=DEVICE) if counters else None
+        with pytest.raises(ValueError, match=match):
+            skinny_linear(x, w, None, config, counters=cnt, conv=conv)
 
 
 @pytest.mark.parametrize("bad", [-16, 1 << 21, 1.5])

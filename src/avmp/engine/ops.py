@@ -11,6 +11,7 @@ weights and, on the reference path, its own prefill and decode steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,25 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(x))
+
+
+@dataclass
+class DecodeConv:
+    """A Mamba2 decode step's conv step (SiLU), offered to the linear before it (the
+    mixer's in_proj): ops that compute that linear's output columns ``[start, start +
+    channels)`` may apply the step there as they store them and set ``applied``; the
+    mixer's core then does not run it again (`Ops.decode_conv`).
+
+    ``state``: the layer's conv states ``[slots, channels, columns]``; ``slot_idx``: each
+    row's slot (negative: padding); ``weight``: ``[channels, d_conv]``.
+    """
+
+    state: torch.Tensor
+    slot_idx: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    start: int
+    applied: bool = False
 
 
 class Ops:
@@ -111,8 +131,11 @@ class Ops:
         fp32_weight: bool,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
+        conv: DecodeConv | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s = x + delta * scale`` (``x`` without a delta) and ``linear(rms_norm(s))``."""
+        """``s = x + delta * scale`` (``x`` without a delta) and ``linear(rms_norm(s))``
+        (``conv``: a conv step these ops may apply to the output, `DecodeConv`; the
+        reference never does)."""
         if delta is None:
             total, h = x, self.rms_norm(x, norm_weight, eps, fp32_weight)
         else:
@@ -181,6 +204,13 @@ class Ops:
             )
         return out
 
+    def decode_conv(
+        self, mixer: Mamba2Mixer, batch: StepBatch, conv_states: torch.Tensor
+    ) -> DecodeConv | None:
+        """The conv step of ``mixer``'s decode step, for its in_proj to apply where these
+        ops can (`DecodeConv`); None: the core runs it (the reference always)."""
+        return None
+
     def mamba2_mix(
         self,
         mixer: Mamba2Mixer,
@@ -189,9 +219,14 @@ class Ops:
         conv_states: torch.Tensor,
         ssm_states: torch.Tensor,
         batch: StepBatch,
+        conv_done: bool = False,
     ) -> torch.Tensor:
         """The Mamba2 core: conv then chunked scan per prefill chunk, one batched conv
-        step and state step for all decode tokens. Returns ``[T, intermediate]``."""
+        step and state step for all decode tokens. Returns ``[T, intermediate]``.
+        ``conv_done``: the decode conv step was applied already (only where these ops'
+        `decode_conv` offered it and their linear applied it)."""
+        if conv_done:
+            raise ValueError("the reference ops apply no conv step in a linear")
         width = mixer.intermediate_size
         return run_recurrent(mixer, xbc, dt, width, batch, conv_states, ssm_states)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from avmp.engine.batch import StepBatch
 from avmp.engine.device_batch import DeviceStepBatch
-from avmp.engine.ops import Activation, Ops, relu_squared
+from avmp.engine.ops import Activation, DecodeConv, Ops, relu_squared
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer
@@ -100,6 +100,9 @@ class TritonOps(Ops):
         self.skinny_prefetch = SKINNY_PREFETCH_BYTES
         # A split K's parts summed by the last program of each tile (no second kernel).
         self.fold_parts = True
+        # The Mamba2 decode conv step applied by the in_proj's skinny GEMM as it stores
+        # its output (`decode_conv`), not by a kernel of its own.
+        self.fold_conv = True
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
         self._hopper_devices: dict[torch.device, bool] = {}
@@ -188,15 +191,21 @@ class TritonOps(Ops):
         return x.shape[0] <= self.prologue_rows
 
     def _linear(
-        self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool
+        self,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pdl: bool,
+        conv: DecodeConv | None = None,
     ) -> torch.Tensor:
-        """``linear(h)`` over decode rows by `skinny_linear` (`decode_config`'s tiling)."""
+        """``linear(h)`` over decode rows by `skinny_linear` (`decode_config`'s tiling),
+        applying ``conv`` to its output where it can (a split K needs the counters)."""
         sk = self._skinny
         config = sk.decode_config(
             h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device), h.element_size()
         )
         counters = None
-        if self.fold_parts and config.split_k > 1:
+        if (self.fold_parts or conv is not None) and config.split_k > 1:
             counters = self._counters.get(h.device)
             if counters is None and not _capturing(h.device):  # made by a warm-up step
                 counters = torch.zeros(COUNTERS, dtype=torch.int32, device=h.device)
@@ -205,9 +214,14 @@ class TritonOps(Ops):
                 h.shape[0], weight.shape[0], config
             ):
                 counters = None
+        epilogue = None
+        if conv is not None and (config.split_k == 1 or counters is not None):
+            epilogue = sk.ConvEpilogue(conv.state, conv.slot_idx, conv.weight, conv.bias,
+                                       conv.start)  # fmt: skip
+            conv.applied = True
         return sk.skinny_linear(
-            h, weight, bias, config, pdl=pdl,
-            prefetch_bytes=self.skinny_prefetch if pdl else 0, counters=counters,
+            h, weight, bias, config, pdl=pdl, prefetch_bytes=self.skinny_prefetch if pdl else 0,
+            counters=counters, conv=epilogue,
         )  # fmt: skip
 
     def norm_linear(
@@ -220,6 +234,7 @@ class TritonOps(Ops):
         fp32_weight: bool,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
+        conv: DecodeConv | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pdl = self._pdl(x.device)
         if not self._prologue(x):
@@ -230,7 +245,7 @@ class TritonOps(Ops):
                 total, h = self._norm.add_rms_norm(
                     x, delta, norm_weight, eps, scale, fp32_weight=fp32_weight, pdl=pdl
                 )
-            return total, self._linear(h, weight, bias, pdl)
+            return total, self._linear(h, weight, bias, pdl, conv)
         total, out = self._pl.norm_linear(
             x, norm_weight, eps, weight, bias, delta, scale, fp32_weight, pdl=pdl
         )
@@ -351,6 +366,19 @@ class TritonOps(Ops):
             config=config,
         )
 
+    def decode_conv(
+        self, mixer: Mamba2Mixer, batch: StepBatch, conv_states: torch.Tensor
+    ) -> DecodeConv | None:
+        """A decode step's conv step for the in_proj's skinny GEMM to apply as it stores
+        xBC (`avmp.kernels.triton.skinny_linear.ConvEpilogue`): one launch fewer per
+        Mamba2 layer. Offered on decode steps of a `DeviceStepBatch` (``fold_conv``);
+        applied only where the in_proj runs as a skinny GEMM."""
+        if not (self.fold_conv and isinstance(batch, DeviceStepBatch) and batch.is_decode):
+            return None
+        weight = mixer.conv1d.weight.squeeze(1)
+        return DecodeConv(conv_states, batch.slot_idx, weight, mixer.conv1d.bias,
+                          mixer.intermediate_size)  # fmt: skip
+
     def mamba2_mix(
         self,
         mixer: Mamba2Mixer,
@@ -359,17 +387,18 @@ class TritonOps(Ops):
         conv_states: torch.Tensor,
         ssm_states: torch.Tensor,
         batch: StepBatch,
+        conv_done: bool = False,
     ) -> torch.Tensor:
         if not isinstance(batch, DeviceStepBatch):
-            return super().mamba2_mix(mixer, xbc, dt, conv_states, ssm_states, batch)
+            return super().mamba2_mix(mixer, xbc, dt, conv_states, ssm_states, batch, conv_done)
         weight = mixer.conv1d.weight.squeeze(1)
         pdl = batch.is_decode and self._pdl(xbc.device)
-        if batch.is_decode:
+        if not batch.is_decode:
+            xbc = self._prefill_conv(mixer, xbc, weight, conv_states, batch)
+        elif not conv_done:  # else the in_proj's epilogue ran it (`decode_conv`)
             xbc = self._k.conv1d_update(
                 conv_states, batch.slot_idx, xbc, weight, mixer.conv1d.bias, "silu", pdl=pdl
             )
-        else:
-            xbc = self._prefill_conv(mixer, xbc, weight, conv_states, batch)
         n = xbc.shape[0]
         gn = mixer.n_groups * mixer.d_state
         xs, B, C = xbc.split([mixer.intermediate_size, gn, gn], dim=-1)

@@ -18,7 +18,7 @@ from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.experts import GATED_MLP, ExpertLayout, ExpertSlice
-from avmp.engine.ops import REFERENCE_OPS, Activation, Ops, relu_squared
+from avmp.engine.ops import REFERENCE_OPS, Activation, DecodeConv, Ops, relu_squared
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, row_linear
 from avmp.engine.parallel.shards import Rows, set_shard
@@ -167,8 +167,9 @@ class NormedStream:
             self._value = self.stream.norm(self.norm)
         return self._value
 
-    def linear(self, linear: nn.Module) -> torch.Tensor:
-        """``linear(norm(stream))``."""
+    def linear(self, linear: nn.Module, conv: DecodeConv | None = None) -> torch.Tensor:
+        """``linear(norm(stream))`` (``conv``: a decode conv step the fused ops may apply
+        to the output, `DecodeConv`)."""
         s, norm = self.stream, self.norm
         if (
             self._value is not None
@@ -179,7 +180,7 @@ class NormedStream:
             return out
         s.x, out = norm.ops.norm_linear(
             s.x, s.delta, s.scale, norm.weight, norm.variance_epsilon, norm.fp32_weight,
-            linear.weight, linear.bias,
+            linear.weight, linear.bias, conv,
         )  # fmt: skip
         s.delta = None
         return out
@@ -188,10 +189,11 @@ class NormedStream:
 Normed = torch.Tensor | NormedStream
 
 
-def linear_of(linear: nn.Module, x: Normed) -> torch.Tensor:
-    """``linear(x)`` of a tensor or of a `NormedStream` (its norm fused where it can be)."""
+def linear_of(linear: nn.Module, x: Normed, conv: DecodeConv | None = None) -> torch.Tensor:
+    """``linear(x)`` of a tensor or of a `NormedStream` (its norm fused where it can be;
+    ``conv``: a decode conv step the fused ops may apply to the output)."""
     if isinstance(x, NormedStream):
-        return x.linear(linear)
+        return x.linear(linear, conv)
     out: torch.Tensor = linear(x)
     return out
 
@@ -409,18 +411,25 @@ class Mamba2Mixer(OpsLayer):
         return (self.num_heads, self.head_dim, self.d_state)
 
     def forward(self, x: Normed, batch: StepBatch, cache: LayerCaches) -> torch.Tensor:
-        proj = linear_of(self.in_proj, x)
+        conv = self.ops.decode_conv(self, batch, cache.state(self.layer_index)[0])
+        proj = linear_of(self.in_proj, x, conv)
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        y = self.mix(xbc, dt, batch, cache)
+        y = self.mix(xbc, dt, batch, cache, conv_done=conv is not None and conv.applied)
         return self.norm.linear(y, gate, self.out_proj, x.dtype)
 
     def mix(
-        self, xbc: torch.Tensor, dt: torch.Tensor, batch: StepBatch, cache: LayerCaches
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        batch: StepBatch,
+        cache: LayerCaches,
+        conv_done: bool = False,
     ) -> torch.Tensor:
         """The recurrent core: conv then chunked scan per prefill chunk, and one batched
-        conv step and state step for all decode tokens (`Ops.mamba2_mix`)."""
+        conv step and state step for all decode tokens (`Ops.mamba2_mix`; ``conv_done``:
+        the in_proj applied the decode conv step, `Ops.decode_conv`)."""
         conv_states, ssm_states = cache.state(self.layer_index)
-        return self.ops.mamba2_mix(self, xbc, dt, conv_states, ssm_states, batch)
+        return self.ops.mamba2_mix(self, xbc, dt, conv_states, ssm_states, batch, conv_done)
 
     def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split the conv output into x, B, C per head and group; discretise dt."""

@@ -32,7 +32,7 @@ and the launch. The prefetch is a hint; it changes no result.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -40,6 +40,8 @@ import triton.language as tl
 
 from avmp.kernels.triton._common import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_conv_geometry,
     check_dtype,
     check_same_device,
     check_shape,
@@ -66,6 +68,24 @@ MIN_K_BLOCKS_PER_SPLIT = 4
 DEFAULT_MAX_SPLIT_K = 16
 PIPELINE_BUDGET_BYTES = 128 << 10  # one program's staged tiles; H100 has 227 KiB per SM
 MAX_DEFAULT_STAGES = 4
+
+
+class ConvEpilogue(NamedTuple):
+    """A Mamba decode conv step (`avmp.kernels.triton.conv1d_update` with SiLU) that
+    `skinny_linear` applies to output columns ``[start, start + channels)`` before it
+    stores them: row ``i``'s history is read from conv state slot ``slot_idx[i]``,
+    shifted one column in place with the new value, and the columns hold the conv's
+    output (rows with a negative slot keep the linear's values and their states).
+
+    ``state``: ``[slots, channels, columns]`` (any strides, ``columns >= d_conv - 1``);
+    ``weight``: ``[channels, d_conv]``; ``bias``: optional ``[channels]``.
+    """
+
+    state: torch.Tensor
+    slot_idx: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    start: int
 
 
 @dataclass(frozen=True)
@@ -212,23 +232,69 @@ def _prefetch_rows_l2(row_ptrs, nbytes):
 
 
 @triton.jit
+def _conv_step(
+    val, offs_n, offs_m, M, N, out_dtype: tl.constexpr,
+    cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
+    stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
+    COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
+):
+    """The decode conv step (`conv1d_update`, SiLU) of output columns ``[conv_start,
+    conv_start + conv_channels)`` of a ``[BN, BM]`` tile ``val`` (fp32, before the
+    store's rounding): each row's history read from its slot, shifted by one column with
+    the new value appended, and the conv's output returned in those columns (padding rows,
+    slot < 0, keep ``val`` and their states)."""
+    ch = offs_n - conv_start
+    in_conv = (ch >= 0) & (ch < conv_channels) & (offs_n < N)
+    slot = tl.load(slot_ptr + offs_m * stride_slot, mask=offs_m < M, other=-1).to(tl.int64)
+    live = in_conv[:, None] & (slot >= 0)[None, :]
+    chc = tl.where(in_conv, ch, 0).to(tl.int64)
+    rows = cs_ptr + tl.where(slot >= 0, slot, 0)[None, :] * stride_css + chc[:, None] * stride_csc
+    new = val.to(out_dtype).to(cs_ptr.dtype.element_ty)  # the stored output, in the state's dtype
+    conv = tl.zeros_like(val)
+    for j in tl.static_range(COLUMNS + 1):  # column COLUMNS is the new input
+        if j == COLUMNS:  # noqa: SIM108 (a compile-time branch: one load or none)
+            e = new
+        else:
+            e = tl.load(rows + j * stride_csw, mask=live, other=0.0)
+        if j >= COLUMNS + 1 - WIDTH:  # filter tap j - (COLUMNS + 1 - WIDTH)
+            w = tl.load(cw_ptr + chc * stride_cwc + (j - (COLUMNS + 1 - WIDTH)) * stride_cwk,
+                        mask=in_conv, other=0.0).to(tl.float32)  # fmt: skip
+            conv += e.to(tl.float32) * w[:, None]
+        if j >= 1:  # the history shifted one column to the left
+            tl.debug_barrier()
+            tl.store(rows + (j - 1) * stride_csw, e, mask=live)
+    if CONV_BIAS:
+        conv += tl.load(cb_ptr + chc, mask=in_conv, other=0.0).to(tl.float32)[:, None]
+    return tl.where(live, conv * tl.sigmoid(conv), val)
+
+
+@triton.jit
 def _finish_tile(
     acc, offs_n, offs_m, tile, pid_k, M, N, split_k,
     b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, FOLD_PARTS: tl.constexpr,
+    cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
+    stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
+    HAS_BIAS: tl.constexpr, FOLD_PARTS: tl.constexpr, CONV: tl.constexpr,
+    COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
 ):
     """Store a program's ``out.T`` tile ``acc`` ([BN, BM], fp32): with the bias into
     ``out`` when K is whole, else as part ``pid_k`` of the workspace ``[split_k, M, N]``.
     ``FOLD_PARTS``: the last part of a tile to arrive (a counter per tile in ``cnt_ptr``,
     zero between calls) sums every part in order, adds the bias and stores ``out``, the
     values `_split_k_reduce_kernel` would store, in this launch; it sets the counter back
-    to zero."""
+    to zero. ``CONV``: `_conv_step` on the whole tile before it is stored."""
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    dtype = out_ptr.dtype.element_ty
     if split_k == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if CONV:
+            acc = _conv_step(acc, offs_n, offs_m, M, N, dtype, cs_ptr, slot_ptr, cw_ptr,
+                             cb_ptr, conv_start, conv_channels, stride_css, stride_csc,
+                             stride_csw, stride_slot, stride_cwc, stride_cwk, COLUMNS, WIDTH,
+                             CONV_BIAS)  # fmt: skip
+        tl.store(out_ptrs, acc.to(dtype), mask=mask)
     else:
         ws_tile = ws_ptr + (offs_m.to(tl.int64) * N)[None, :] + offs_n[:, None]
         part_size = M.to(tl.int64) * N
@@ -246,7 +312,12 @@ def _finish_tile(
                 if HAS_BIAS:
                     total += tl.load(b_ptr + offs_n, mask=offs_n < N,
                                      other=0.0).to(tl.float32)[:, None]  # fmt: skip
-                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                if CONV:
+                    total = _conv_step(total, offs_n, offs_m, M, N, dtype, cs_ptr, slot_ptr,
+                                       cw_ptr, cb_ptr, conv_start, conv_channels, stride_css,
+                                       stride_csc, stride_csw, stride_slot, stride_cwc,
+                                       stride_cwk, COLUMNS, WIDTH, CONV_BIAS)  # fmt: skip
+                tl.store(out_ptrs, total.to(dtype), mask=mask)
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
@@ -257,9 +328,12 @@ def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, split_k, blocks_per_split,
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
+    stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr,
+    CONV: tl.constexpr, COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
 ):
     if USE_PDL:  # the next kernel may start; it waits for this one before reading our output
         tl.extra.cuda.gdc_launch_dependents()
@@ -305,16 +379,22 @@ def _skinny_kernel(
         x_ptrs += BLOCK_K * stride_xk
     tile = pid_m * tl.num_programs(0) + pid_n
     _finish_tile(acc, offs_n, offs_m, tile, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
-                 cnt_ptr, stride_om, stride_on, HAS_BIAS, FOLD_PARTS)  # fmt: skip
+                 cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start,
+                 conv_channels, stride_css, stride_csc, stride_csw, stride_slot, stride_cwc,
+                 stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS, WIDTH,
+                 CONV_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
 def _skinny_tma_kernel(
     x_desc, w_desc, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, split_k, blocks_per_split, stride_wn, stride_om, stride_on,
+    cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
+    stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr,
+    PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr, CONV: tl.constexpr,
+    COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
 ):
     """`_skinny_kernel` with both tiles loaded by the Tensor Memory Accelerator (the
     batch is one M tile; rows and columns past the tensors read as zeros)."""
@@ -345,7 +425,10 @@ def _skinny_tma_kernel(
         x = x_desc.load([0, kb * BLOCK_K])  # [BM, BK]
         acc = tl.dot(w, tl.trans(x), acc)
     _finish_tile(acc, offs_n, offs_m, pid_n, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
-                 cnt_ptr, stride_om, stride_on, HAS_BIAS, FOLD_PARTS)  # fmt: skip
+                 cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start,
+                 conv_channels, stride_css, stride_csc, stride_csw, stride_slot, stride_cwc,
+                 stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS, WIDTH,
+                 CONV_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -403,6 +486,7 @@ def skinny_linear(
     pdl: bool = False,
     prefetch_bytes: int = 0,
     counters: torch.Tensor | None = None,
+    conv: ConvEpilogue | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T (+ bias)``, what ``torch.nn.functional.linear`` computes.
 
@@ -422,6 +506,8 @@ def skinny_linear(
             split K, the last part of each tile to finish sums the parts in this launch
             (no second kernel; the same bits) and sets its counter back to zero. Calls
             sharing one counters tensor must not run at the same time (one stream).
+        conv: optional decode conv step on some output columns (`ConvEpilogue`); with a
+            split K it needs ``counters`` (the last part of a tile applies it).
 
     Returns:
         ``out``, or a new ``[M, N]`` tensor in x's dtype; fp32 accumulation, and the
@@ -446,8 +532,27 @@ def skinny_linear(
     prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
     if counters is not None:
         _check_counters(counters, tiles(m, n, config), x)
-    _launch(x, weight, bias, out, config, pdl, prefetch, counters)
+    if conv is not None:
+        _check_conv(conv, m, n, x)
+        if counters is None and config.split_k > 1 and triton.cdiv(k, config.block_k) > 1:
+            raise ValueError("a conv epilogue over a split K needs counters")
+    _launch(x, weight, bias, out, config, pdl, prefetch, counters, conv)
     return out
+
+
+def _check_conv(conv: ConvEpilogue, m: int, n: int, x: torch.Tensor) -> None:
+    channels = conv.weight.shape[0] if conv.weight.dim() == 2 else -1
+    if conv.state.dim() != 3 or channels < 0:
+        raise ValueError("conv state must be [slots, channels, columns] and its weight "
+                         "[channels, d_conv]")
+    check_conv_geometry(conv.state, channels, conv.weight, conv.bias)
+    check_shape("conv slot_idx", conv.slot_idx, (m,))
+    check_dtype("conv slot_idx", conv.slot_idx, INDEX_DTYPES)
+    if not 0 <= conv.start <= n - channels:
+        raise ValueError(f"conv columns [{conv.start}, {conv.start + channels}) must lie in "
+                         f"the output's {n}")
+    check_same_device(x=x, conv_state=conv.state, slot_idx=conv.slot_idx,
+                      conv_weight=conv.weight, conv_bias=conv.bias)  # fmt: skip
 
 
 def tiles(m: int, n: int, config: SkinnyConfig) -> int:
@@ -493,7 +598,8 @@ def _can_prefetch(weight: torch.Tensor) -> bool:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: SkinnyConfig, pdl: bool = False,
-            prefetch: int = 0, counters: torch.Tensor | None = None) -> None:
+            prefetch: int = 0, counters: torch.Tensor | None = None,
+            conv: ConvEpilogue | None = None) -> None:
     (m, k), n = x.shape, weight.shape[0]
     num_k_blocks = triton.cdiv(k, config.block_k)
     blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
@@ -504,6 +610,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     fold = split_k > 1 and counters is not None
     cnt = counters if fold else workspace  # never touched without FOLD_PARTS
+    conv_args, conv_meta = _conv_args(conv, out)
     if config.tma and tma_fits(x, weight, config):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -511,14 +618,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]),
             TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
             weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
-            weight.stride(0), out.stride(0), out.stride(1),
+            weight.stride(0), out.stride(0), out.stride(1), *conv_args,
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, USE_PDL=pdl,
-            PREFETCH=prefetch, FOLD_PARTS=fold, num_warps=config.num_warps, launch_pdl=pdl,
+            PREFETCH=prefetch, FOLD_PARTS=fold, **conv_meta, num_warps=config.num_warps,
+            launch_pdl=pdl,
         )  # fmt: skip
     else:
         _launch_pointers(x, weight, bias_arg, out, workspace, cnt, config, blocks_per_split,
-                         split_k, bias is not None, pdl, prefetch, fold)  # fmt: skip
+                         split_k, bias is not None, pdl, prefetch, fold, conv_args,
+                         conv_meta)  # fmt: skip
     if split_k > 1 and not fold:
         _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
@@ -531,15 +640,34 @@ def _launch_pointers(
     x: torch.Tensor, weight: torch.Tensor, bias_arg: torch.Tensor, out: torch.Tensor,
     workspace: torch.Tensor, cnt: torch.Tensor, config: SkinnyConfig, blocks_per_split: int,
     split_k: int, has_bias: bool, pdl: bool, prefetch: int, fold: bool,
+    conv_args: tuple[Any, ...], conv_meta: dict[str, Any],
 ) -> None:
     (m, k), n = x.shape, weight.shape[0]
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
     _skinny_kernel[grid](
         x, weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
-        x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1), *conv_args,
         HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold,
+        USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold, **conv_meta,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
+
+
+def _conv_args(
+    conv: ConvEpilogue | None, out: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The kernels' conv epilogue arguments: pointers, start, channels and strides, and
+    the compile-time ``CONV``, ``COLUMNS``, ``WIDTH``, ``CONV_BIAS`` (placeholders that are
+    never read without a conv)."""
+    if conv is None:
+        return (out, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0), {
+            "CONV": False, "COLUMNS": 1, "WIDTH": 1, "CONV_BIAS": False}
+    state, weight = conv.state, conv.weight
+    args = (state, conv.slot_idx, weight, weight if conv.bias is None else conv.bias,
+            conv.start, weight.shape[0], *state.stride(), conv.slot_idx.stride(0),
+            *weight.stride())  # fmt: skip
+    meta = {"CONV": True, "COLUMNS": state.shape[2], "WIDTH": weight.shape[1],
+            "CONV_BIAS": conv.bias is not None}  # fmt: skip
+    return args, meta
