@@ -84,6 +84,10 @@ HF_MAMBA_CHUNK_SIZE = 32
 MIN_HF_PREFILL_PIECE = 32
 
 
+# the side-by-side comparisons `run_engine_cells` can run after the cells (``--compare``)
+COMPARISONS = ("overlap", "prologue", "skinny")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
@@ -104,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cache budget of the long-context calibration cells")
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop adding cells after")
+    parser.add_argument("--compare", nargs="*", choices=COMPARISONS, default=list(COMPARISONS),
+                        help="side-by-side comparisons to run after the cells (default: all)")
     parser.add_argument("--skinny-batches", nargs="+", type=int,
                         help="decode batches of the cuBLAS / skinny GEMM comparison (default: "
                              "the largest of --batches up to 64)")
@@ -782,11 +788,12 @@ def run_engine_cells(
               f"{result['mixed_cell']['mixed_step_s_median']}", flush=True)  # fmt: skip
     if not args.skip_calibration:
         result["long_cells"] = long_cells(engine, args, deadline, result)
-    if time.perf_counter() < deadline:
+    triton_ops = isinstance(engine.runner.ops, TritonOps)
+    if "overlap" in args.compare and time.perf_counter() < deadline:
         result["overlap"] = overlap_comparison(engine, args)
-    if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
+    if "prologue" in args.compare and time.perf_counter() < deadline and triton_ops:
         result["prologue"] = prologue_comparison(engine, args, bandwidth)
-    if time.perf_counter() < deadline and isinstance(engine.runner.ops, TritonOps):
+    if "skinny" in args.compare and time.perf_counter() < deadline and triton_ops:
         result["skinny"] = [
             skinny_comparison(engine, args, bandwidth, batch) for batch in skinny_batches(args)
         ]

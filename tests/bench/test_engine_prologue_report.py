@@ -49,3 +49,11 @@ def test_skinny_batches_default_to_the_largest_up_to_64() -> None:
     assert skinny_batches(parse_args(["--batches", "128", "256"])) == [128]
     args = parse_args(["--batches", "1", "64", "--skinny-batches", "8", "32"])
     assert skinny_batches(args) == [8, 32]
+
+
+def test_compare_selects_the_comparisons() -> None:
+    from benchmarks.engine import COMPARISONS, parse_args
+
+    assert parse_args([]).compare == list(COMPARISONS)
+    assert parse_args(["--compare", "skinny"]).compare == ["skinny"]
+    assert parse_args(["--compare"]).compare == []
