@@ -870,7 +870,7 @@ SKINNY_SETTINGS = {
     "skinny_pdl_prefetch": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                             **_UNFOLDED},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
-               "fold_parts": None, "fold_conv": None},
+               "fold_parts": True, "fold_conv": True},
 }
 
 
@@ -938,8 +938,8 @@ def skinny_comparison(
 ) -> dict[str, Any]:
     """The decode cell of ``batch`` with the decode linears on cuBLAS, on
     `avmp.kernels.triton.skinny_linear` without and with dependent launches, with its
-    weights asked of L2 before the wait, and with a split K's parts and the Mamba2 conv
-    step folded into the GEMMs (the defaults; `TritonOps.skinny_rows`)."""
+    weights asked of L2 before the wait (the default), and with a split K's parts and the
+    Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
     return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 
 

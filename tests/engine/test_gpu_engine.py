@@ -135,14 +135,19 @@ def test_one_row_decode_reads_its_norms_in_the_linears_and_matches_transformers(
         assert all(s.graph for s in engine.runner.profile.steps if not s.num_prefill_tokens)
 
 
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("family", sorted(ONE_ROW))
 def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
-    family: str, tiny_checkpoint: Callable[..., TinyCheckpoint], monkeypatch: pytest.MonkeyPatch
+    family: str,
+    folded: bool,
+    tiny_checkpoint: Callable[..., TinyCheckpoint],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Steps of 2-64 rows run each fused linear as its norm or activation kernel, then
-    `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper), decode steps'
-    in_proj applying the conv step as it stores xBC; the tokens stay transformers'.
-    Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
+    `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper); ``folded``: split
+    K's parts summed in the GEMM and decode steps' in_proj applying the conv step as it
+    stores xBC. The tokens stay transformers'. Without it (``skinny_rows = 0``) those
+    linears are cuBLAS's."""
     from avmp.kernels.triton import skinny_linear
 
     rows: list[int] = []
@@ -161,9 +166,10 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     engine = _engine(checkpoint)
     ops = engine.model.ops
     assert isinstance(ops, TritonOps)
+    ops.fold_parts = ops.fold_conv = folded
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
-    assert convs  # every Mamba2 layer of a multi-row decode step
+    assert bool(convs) == folded  # every Mamba2 layer of a multi-row decode step
     rows.clear()
     ops.skinny_rows = 0
     engine.runner.graphs.clear()

@@ -98,11 +98,12 @@ class TritonOps(Ops):
         # kernel, then `skinny_linear`, both dependent launches (0: cuBLAS's linear).
         self.skinny_rows = SKINNY_ROWS
         self.skinny_prefetch = SKINNY_PREFETCH_BYTES
-        # A split K's parts summed by the last program of each tile (no second kernel).
-        self.fold_parts = True
-        # The Mamba2 decode conv step applied by the in_proj's skinny GEMM as it stores
-        # its output (`decode_conv`), not by a kernel of its own.
-        self.fold_conv = True
+        # A split K's parts summed by the last program of each tile (no second kernel),
+        # and the Mamba2 decode conv step applied by the in_proj's skinny GEMM as it
+        # stores its output (`decode_conv`). Both off until measured on a GPU (tested
+        # under Triton's interpreter only); the engine benchmark's "folded" setting.
+        self.fold_parts = False
+        self.fold_conv = False
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
         self._hopper_devices: dict[torch.device, bool] = {}
