@@ -12,10 +12,18 @@ the matrix unit's wide side (Hopper's wgmma takes 64 rows per warp group) and th
 tokens its narrow side (16 and up). One ``block_m`` tile normally holds the whole batch
 (``block_m`` = next power of two >= M), so every weight byte is read once.
 
+TMA (``SkinnyConfig.tma``, Hopper and later, `tma_fits`): both tiles loaded by the Tensor
+Memory Accelerator, the batch one M tile; the same tiling with pointer loads otherwise.
+
 Split-K: when ``N / block_n`` programs cannot fill the GPU, the K range is split into
 ``split_k`` parts. Each part writes its fp32 partial tile to a workspace
 ``[split_k, M, N]`` and a second small kernel sums the parts in a fixed order, adds the
-bias and casts: no atomics, so the same inputs always give the same bits.
+bias and casts, so the same inputs always give the same bits. Given ``counters``, the
+last part of each tile to finish does that sum in the GEMM's own launch instead (same
+order, same bits; an atomic counter per tile, set back to zero).
+
+A conv epilogue (`ConvEpilogue`): the Mamba decode conv step on some output columns,
+applied as they are stored (the in_proj's xBC), its state shifted in place.
 
 No host sync and no data-dependent allocation, so a call can be captured in a CUDA graph
 (the workspace is a plain ``torch.empty`` per call, served from the graph's pool).
@@ -193,11 +201,12 @@ def default_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) 
 def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyConfig:
     """The engine's tiling for a decode step's linears, from Granite-4.0-H-Micro's four
     projections at 64 rows, each after a norm kernel, 36 times in a CUDA graph, as
-    dependent launches on an H100 (docs/BENCHMARKS.md, "Decode GEMMs as dependent
-    launches"): 64 weight rows by 128 of K per tile, TMA loads; K split only while the
-    programs stay within one per SM (a 2,048-row output on 132 SMs: 4 parts, 128
-    programs), since every part re-reads the batch's activations and a second kernel
-    sums the parts; three stages in flight for an unsplit K, four for a split one.
+    dependent launches on an H100 (a session experiment; the engine's result in
+    docs/BENCHMARKS.md, "Decode GEMMs of 2-64 rows as dependent launches"): 64 weight
+    rows by 128 of K per tile, TMA loads; K split only while the programs stay within
+    one per SM (a 2,048-row output on 132 SMs: 4 parts, 128 programs), since every part
+    re-reads the batch's activations and the parts are summed after; three stages in
+    flight for an unsplit K, four for a split one.
     """
     if min(m, n, k, num_sms, element_size) < 1:
         raise ValueError(f"m, n, k, num_sms and element_size must be >= 1, got "
