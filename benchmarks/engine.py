@@ -1116,9 +1116,10 @@ def _prologue_lines(row: dict[str, Any]) -> list[str]:
 
 def _skinny_lines(row: dict[str, Any]) -> list[str]:
     title = (
-        f"Batch-{row['batch']} decode with the linears on cuBLAS, on the skinny Triton GEMM, "
-        "with dependent launches, with its first weight bytes asked of L2 early, and with "
-        "split-K parts and the conv step folded into the GEMMs"
+        f"Batch-{row['batch']} decode with the linears on cuBLAS and on the skinny Triton "
+        "GEMM, per setting run (skinny: ordinary launches; _pdl: dependent launches; "
+        "_prefetch: its first weight bytes asked of L2 early; folded: split-K parts and "
+        "the conv step summed and applied in the GEMMs)"
     )
     return _setting_lines(title, row, "cublas")
 

@@ -85,10 +85,17 @@ class TritonOps(Ops):
 
     def __init__(self) -> None:
         from avmp.kernels import triton as kernels
-        from avmp.kernels.triton import activations, prologue_linear, rms_norm, skinny_linear
+        from avmp.kernels.triton import (
+            _common,
+            activations,
+            prologue_linear,
+            rms_norm,
+            skinny_linear,
+        )
         from avmp.kernels.triton.kv_write import kv_write
 
         self._k = kernels
+        self._common = _common
         self._norm = rms_norm
         self._act = activations
         self._pl = prologue_linear
@@ -106,7 +113,6 @@ class TritonOps(Ops):
         self.fold_conv = False
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
-        self._hopper_devices: dict[torch.device, bool] = {}
         self._kv_write = kv_write
 
     def rms_norm(
@@ -168,11 +174,7 @@ class TritonOps(Ops):
 
     def _hopper(self, device: torch.device) -> bool:
         """Whether ``device`` is a CUDA GPU of compute capability 9.0 or later."""
-        if device.type != "cuda":
-            return False
-        if device not in self._hopper_devices:
-            self._hopper_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
-        return self._hopper_devices[device]
+        return self._common.compute_capability(device)[0] >= 9
 
     def _pdl(self, device: torch.device) -> bool:
         """Programmatic dependent launch, on Hopper and later: a decode step's prologue

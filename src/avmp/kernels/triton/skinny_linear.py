@@ -668,8 +668,8 @@ def _conv_args(
     conv: ConvEpilogue | None, out: torch.Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The kernels' conv epilogue arguments: pointers, start, channels and strides, and
-    the compile-time ``CONV``, ``COLUMNS``, ``WIDTH``, ``CONV_BIAS`` (placeholders that are
-    never read without a conv)."""
+    the compile-time ``CONV``, ``COLUMNS``, ``WIDTH``, ``CONV_BIAS``. Without a conv the
+    kernels never read them: ``out`` stands in for each pointer, zeros for the rest."""
     if conv is None:
         return (out, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0), {
             "CONV": False, "COLUMNS": 1, "WIDTH": 1, "CONV_BIAS": False}
