@@ -862,15 +862,17 @@ PROLOGUE_SETTINGS = {
     "fused_pdl": {"prologue_rows": None, "pdl": True},
 }
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
-_UNFOLDED = {"fold_parts": False, "fold_conv": False}
+_UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
     "skinny_pdl": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 0, **_UNFOLDED},
     "skinny_pdl_prefetch": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                             **_UNFOLDED},
+    "act_epilogue": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                     **_UNFOLDED, "act_epilogue": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
-               "fold_parts": True, "fold_conv": True},
+               **_UNFOLDED, "fold_parts": True, "fold_conv": True},
 }
 
 
@@ -938,7 +940,8 @@ def skinny_comparison(
 ) -> dict[str, Any]:
     """The decode cell of ``batch`` with the decode linears on cuBLAS, on
     `avmp.kernels.triton.skinny_linear` without and with dependent launches, with its
-    weights asked of L2 before the wait (the default), and with a split K's parts and the
+    weights asked of L2 before the wait, with the MLP activation applied by the GEMM
+    before it (the default, `TritonOps.act_epilogue`), and with a split K's parts and the
     Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
     return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 

@@ -146,18 +146,23 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     """Steps of 2-64 rows run each fused linear as its norm or activation kernel, then
     `avmp.kernels.triton.skinny_linear` (dependent launches on Hopper); ``folded``: split
     K's parts summed in the GEMM and decode steps' in_proj applying the conv step as it
-    stores xBC. The tokens stay transformers'. Without it (``skinny_rows = 0``) those
-    linears are cuBLAS's."""
+    stores xBC, the MLP activation apart; else the activation applied by the GEMM that
+    computes its input (Granite's stacked gate and up, Nemotron-H's relu²; Bamba's gate
+    and up are two linears). The tokens stay transformers'. Without it (``skinny_rows =
+    0``) those linears are cuBLAS's."""
     from avmp.kernels.triton import skinny_linear
 
     rows: list[int] = []
     convs: list[int] = []
+    acts: list[int] = []
     launch = skinny_linear.skinny_linear
 
     def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows.append(x.shape[0])
         if kwargs.get("conv") is not None:
             convs.append(x.shape[0])
+        if kwargs.get("act") is not None:
+            acts.append(x.shape[0])
         return launch(x, *args, **kwargs)
 
     monkeypatch.setattr(skinny_linear, "skinny_linear", spy)
@@ -167,9 +172,13 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     ops = engine.model.ops
     assert isinstance(ops, TritonOps)
     ops.fold_parts = ops.fold_conv = folded
+    ops.act_epilogue = not folded
+    acts.clear()  # the engine's warm-up steps ran with the defaults
+    engine.runner.graphs.clear()
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
     assert bool(convs) == folded  # every Mamba2 layer of a multi-row decode step
+    assert bool(acts) == (not folded and family != "bamba")
     rows.clear()
     ops.skinny_rows = 0
     engine.runner.graphs.clear()

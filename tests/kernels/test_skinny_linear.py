@@ -16,9 +16,11 @@ from triton_device import kernel_device
 
 DEVICE = kernel_device()
 
+from avmp.kernels.triton.activations import relu_squared, silu_mul  # noqa: E402
 from avmp.kernels.triton.conv1d_update import conv1d_update  # noqa: E402
 from avmp.kernels.triton.skinny_linear import (  # noqa: E402
     PIPELINE_BUDGET_BYTES,
+    ActEpilogue,
     ConvEpilogue,
     SkinnyConfig,
     decode_config,
@@ -303,6 +305,62 @@ def test_conv_epilogue_rejects_bad_geometry() -> None:
         cnt = torch.zeros(16, dtype=torch.int32, device=DEVICE) if counters else None
         with pytest.raises(ValueError, match=match):
             skinny_linear(x, w, None, config, counters=cnt, conv=conv)
+
+
+ACT_CASES = [  # (m, n, k, gated, with_bias): N and K off the block multiples
+    (5, 40, 96, True, True),
+    (16, 48, 64, True, False),
+    (3, 50, 80, False, True),
+]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("case", ACT_CASES, ids=str)
+def test_act_epilogue_has_the_bits_of_the_linears_then_the_activation(
+    case: tuple, tma: bool
+) -> None:
+    """``silu(x @ gate.T + b) * (x @ up.T + ub)`` with gate and up the two halves of one
+    stacked weight (Granite's input_linear), or ``relu(x @ w.T + b)²``: the bits of the
+    same GEMM(s) stored, then the activation kernel."""
+    m, n, k, gated, with_bias = case
+    x, w, b = make_inputs(m, 2 * n, k, torch.bfloat16, seed=n)
+    gate, up = w[:n], w[n:]
+    bias, up_bias = (b[:n], b[n:]) if with_bias else (None, None)
+    config = SkinnyConfig(max(16, 1 << (m - 1).bit_length()), 16, 32, 1, 4, 2, tma=tma)
+    if gated:
+        act = ActEpilogue(up, up_bias)
+        expected = silu_mul(skinny_linear(x, gate, bias, config),
+                            skinny_linear(x, up, up_bias, config))  # fmt: skip
+        reference = F.silu(F.linear(x, gate, bias)) * F.linear(x, up, up_bias)
+    else:
+        act = ActEpilogue()
+        expected = relu_squared(skinny_linear(x, gate, bias, config))
+        reference = F.relu(F.linear(x, gate, bias)) ** 2
+    out = skinny_linear(x, gate, bias, config, act=act, pdl=tma and HOPPER, prefetch_bytes=256)
+    assert out.shape == (m, n)
+    assert torch.equal(out, expected)
+    assert_close("act epilogue", out, reference, torch.bfloat16)
+
+
+def test_act_epilogue_rejects_what_it_cannot_do() -> None:
+    x, w, b = make_inputs(4, 64, 64, torch.bfloat16)
+    state = torch.zeros(6, 16, 3, device=DEVICE)
+    conv = ConvEpilogue(state, torch.arange(4, device=DEVICE), torch.zeros(16, 4, device=DEVICE),
+                        None, 0)  # fmt: skip
+    whole, split = SkinnyConfig(16, 16, 16, 1), SkinnyConfig(16, 16, 16, 2)
+    for config, act, extra, match in [
+        (split, ActEpilogue(w), {}, "unsplit K"),
+        (whole, ActEpilogue(w, None), {"conv": conv}, "cannot share a call"),
+        (whole, ActEpilogue(w[:32]), {}, "act up must have shape"),
+        (whole, ActEpilogue(w.float()), {}, "x's dtype"),
+        (whole, ActEpilogue(w, b[:8]), {}, "act up_bias must have shape"),
+        (whole, ActEpilogue(None, b), {}, "up_bias without up"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            skinny_linear(x, w, None, config, act=act, **extra)  # type: ignore[arg-type]
+    # one K block: a split config cuts nothing, so the epilogue runs
+    out = skinny_linear(x[:, :16], w[:, :16], None, split, act=ActEpilogue())
+    assert torch.equal(out, relu_squared(skinny_linear(x[:, :16], w[:, :16], None, split)))
 
 
 @pytest.mark.parametrize("bad", [-16, 1 << 21, 1.5])

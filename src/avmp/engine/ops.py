@@ -52,6 +52,19 @@ class DecodeConv:
     applied: bool = False
 
 
+@dataclass
+class OutputAct:
+    """An MLP activation offered to the linear that feeds it (Granite-4.0-H's
+    input_linear, Nemotron-H's up_proj): ops that can apply it to that linear's output as
+    they store it do so and set ``applied``; the output is then ``act(a) * b`` of its two
+    halves of features (``gated``) or ``act(out)``, the values the activation would give
+    on the stored output, and the layer runs the next linear on it (`Ops.linear`)."""
+
+    act: Activation
+    gated: bool
+    applied: bool = False
+
+
 class Ops:
     """The torch reference kernels of the engine's layers: what the CPU runs, and what
     every other implementation must compute."""
@@ -132,15 +145,22 @@ class Ops:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         conv: DecodeConv | None = None,
+        act: OutputAct | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = x + delta * scale`` (``x`` without a delta) and ``linear(rms_norm(s))``
-        (``conv``: a conv step these ops may apply to the output, `DecodeConv`; the
-        reference never does)."""
+        (``conv``, ``act``: a conv step or an activation these ops may apply to the
+        output, `DecodeConv`, `OutputAct`; the reference never does)."""
         if delta is None:
             total, h = x, self.rms_norm(x, norm_weight, eps, fp32_weight)
         else:
             total, h = self.add_rms_norm(x, delta, scale, norm_weight, eps, fp32_weight)
         return total, F.linear(h, weight, bias)
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``linear(x)`` (after an `OutputAct` applied: the next linear)."""
+        return F.linear(x, weight, bias)
 
     def gated_norm_linear(
         self,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from avmp.engine.batch import StepBatch
 from avmp.engine.device_batch import DeviceStepBatch
-from avmp.engine.ops import Activation, DecodeConv, Ops, relu_squared
+from avmp.engine.ops import Activation, DecodeConv, Ops, OutputAct, relu_squared
 
 if TYPE_CHECKING:
     from avmp.engine.models.layers import Mamba1Mixer, Mamba2Mixer
@@ -111,6 +111,9 @@ class TritonOps(Ops):
         # under Triton's interpreter only); the engine benchmark's "folded" setting.
         self.fold_parts = False
         self.fold_conv = False
+        # The MLP activation (SiLU-gated, relu²) applied by the skinny GEMM that computes
+        # its input, as it stores it (`OutputAct`): one activation launch fewer per layer.
+        self.act_epilogue = True
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
         self._kv_write = kv_write
@@ -200,10 +203,16 @@ class TritonOps(Ops):
         bias: torch.Tensor | None,
         pdl: bool,
         conv: DecodeConv | None = None,
+        act: OutputAct | None = None,
     ) -> torch.Tensor:
         """``linear(h)`` over decode rows by `skinny_linear` (`decode_config`'s tiling),
-        applying ``conv`` to its output where it can (a split K needs the counters)."""
+        applying ``conv`` to its output where it can (a split K needs the counters), or
+        ``act`` (`_act_epilogue`)."""
         sk = self._skinny
+        if act is not None and self.act_epilogue:
+            out = self._act_epilogue(h, weight, bias, pdl, act)
+            if out is not None:
+                return out
         config = sk.decode_config(
             h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device), h.element_size()
         )
@@ -238,6 +247,7 @@ class TritonOps(Ops):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         conv: DecodeConv | None = None,
+        act: OutputAct | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pdl = self._pdl(x.device)
         if not self._prologue(x):
@@ -248,11 +258,51 @@ class TritonOps(Ops):
                 total, h = self._norm.add_rms_norm(
                     x, delta, norm_weight, eps, scale, fp32_weight=fp32_weight, pdl=pdl
                 )
-            return total, self._linear(h, weight, bias, pdl, conv)
+            return total, self._linear(h, weight, bias, pdl, conv, act)
         total, out = self._pl.norm_linear(
             x, norm_weight, eps, weight, bias, delta, scale, fp32_weight, pdl=pdl
         )
         return (x if total is None else total), out
+
+    def _act_epilogue(
+        self,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pdl: bool,
+        act: OutputAct,
+    ) -> torch.Tensor | None:
+        """``act`` of ``linear(h)`` by the skinny GEMM's epilogue (`ActEpilogue`: gated,
+        each program streams a tile of gate rows and the matching up rows of the second
+        half), or None where it cannot: another activation than SiLU (gated) or relu²,
+        or a K the decode tiling splits (the activation needs whole sums)."""
+        sk = self._skinny
+        if act.gated and act.act is F.silu and weight.shape[0] % 2 == 0:
+            rows = weight.shape[0] // 2
+            gate, bias_gate = weight[:rows], None if bias is None else bias[:rows]
+            epilogue = sk.ActEpilogue(weight[rows:], None if bias is None else bias[rows:])
+        elif not act.gated and act.act is relu_squared:
+            rows, gate, bias_gate, epilogue = weight.shape[0], weight, bias, sk.ActEpilogue()
+        else:
+            return None
+        m, k = h.shape
+        config = sk.decode_config(m, rows, k, sk.num_sms(h.device), h.element_size())
+        if sk.splits_k(k, config):
+            return None
+        act.applied = True
+        return sk.skinny_linear(
+            h, gate, bias_gate, config, pdl=pdl,
+            prefetch_bytes=self.skinny_prefetch if pdl else 0, act=epilogue,
+        )  # fmt: skip
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decode rows the skinny GEMM takes (`fuses_prologue`, above ``prologue_rows``)
+        by it, as a dependent launch; others by cuBLAS."""
+        if self.fuses_prologue(x, weight, bias) and not self._prologue(x):
+            return self._linear(x, weight, bias, self._pdl(x.device))
+        return F.linear(x, weight, bias)
 
     def gated_norm_linear(
         self,

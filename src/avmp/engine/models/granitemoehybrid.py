@@ -21,10 +21,9 @@ from avmp.engine.models.layers import (
     RMSNorm,
     Rope,
     Rotary,
+    act_mlp,
     activation,
-    glu_linear,
     head_dim_of,
-    linear_of,
     mix_or_attend,
     rope_theta,
     shard_param,
@@ -74,8 +73,7 @@ class GraniteSharedMLP(OpsLayer):
         self.act = activation(config.hidden_act)
 
     def forward(self, x: Normed) -> torch.Tensor:
-        a, b = linear_of(self.input_linear, x).chunk(2, dim=-1)
-        return glu_linear(self, self.act, a, b, self.output_linear)
+        return act_mlp(self, self.act, x, self.input_linear, self.output_linear, gated=True)
 
 
 class ExpertWeights(nn.Module):

@@ -18,7 +18,14 @@ from torch import nn
 
 from avmp.engine.batch import LayerCaches, StepBatch
 from avmp.engine.experts import GATED_MLP, ExpertLayout, ExpertSlice
-from avmp.engine.ops import REFERENCE_OPS, Activation, DecodeConv, Ops, relu_squared
+from avmp.engine.ops import (
+    REFERENCE_OPS,
+    Activation,
+    DecodeConv,
+    Ops,
+    OutputAct,
+    relu_squared,
+)
 from avmp.engine.parallel.group import SINGLE, TensorParallel
 from avmp.engine.parallel.layers import NormSpan, column_linear, embedding, row_linear
 from avmp.engine.parallel.shards import Rows, set_shard
@@ -167,9 +174,11 @@ class NormedStream:
             self._value = self.stream.norm(self.norm)
         return self._value
 
-    def linear(self, linear: nn.Module, conv: DecodeConv | None = None) -> torch.Tensor:
-        """``linear(norm(stream))`` (``conv``: a decode conv step the fused ops may apply
-        to the output, `DecodeConv`)."""
+    def linear(
+        self, linear: nn.Module, conv: DecodeConv | None = None, act: OutputAct | None = None
+    ) -> torch.Tensor:
+        """``linear(norm(stream))`` (``conv``, ``act``: a decode conv step or an activation
+        the fused ops may apply to the output, `DecodeConv`, `OutputAct`)."""
         s, norm = self.stream, self.norm
         if (
             self._value is not None
@@ -180,7 +189,7 @@ class NormedStream:
             return out
         s.x, out = norm.ops.norm_linear(
             s.x, s.delta, s.scale, norm.weight, norm.variance_epsilon, norm.fp32_weight,
-            linear.weight, linear.bias, conv,
+            linear.weight, linear.bias, conv, act,
         )  # fmt: skip
         s.delta = None
         return out
@@ -189,13 +198,37 @@ class NormedStream:
 Normed = torch.Tensor | NormedStream
 
 
-def linear_of(linear: nn.Module, x: Normed, conv: DecodeConv | None = None) -> torch.Tensor:
+def linear_of(
+    linear: nn.Module, x: Normed, conv: DecodeConv | None = None, act: OutputAct | None = None
+) -> torch.Tensor:
     """``linear(x)`` of a tensor or of a `NormedStream` (its norm fused where it can be;
-    ``conv``: a decode conv step the fused ops may apply to the output)."""
+    ``conv``, ``act``: a decode conv step or an activation the fused ops may apply to
+    the output)."""
     if isinstance(x, NormedStream):
-        return x.linear(linear, conv)
+        return x.linear(linear, conv, act)
     out: torch.Tensor = linear(x)
     return out
+
+
+def act_mlp(
+    layer: OpsLayer, act: Activation, x: Normed, up: nn.Module, down: nn.Module, gated: bool
+) -> torch.Tensor:
+    """``down(act(a) * b)`` with ``a, b`` the two halves of ``up(x)``'s features
+    (``gated``: Granite-4.0-H's input_linear), else ``down(act(up(x)))`` (Nemotron-H's
+    relu²). The activation runs as ``up`` stores its output where the ops can
+    (`OutputAct`), else in ``down``'s prologue where they fuse it (`glu_linear`,
+    `act_linear`), else on its own."""
+    offer = OutputAct(act, gated)
+    h = linear_of(up, x, act=offer)
+    if offer.applied:
+        if type(down) is nn.Linear:
+            return layer.ops.linear(h, down.weight, down.bias)
+        out: torch.Tensor = down(h)
+        return out
+    if gated:
+        a, b = h.chunk(2, dim=-1)
+        return glu_linear(layer, act, a, b, down)
+    return act_linear(layer, act, h, down)
 
 
 def glu_linear(

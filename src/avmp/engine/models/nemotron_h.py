@@ -21,10 +21,9 @@ from avmp.engine.models.layers import (
     Residual,
     RMSNorm,
     Rope,
-    act_linear,
+    act_mlp,
     activation,
     head_dim_of,
-    linear_of,
     local_experts,
 )
 from avmp.engine.parallel.group import SINGLE, TensorParallel
@@ -50,7 +49,7 @@ class NemotronMLP(OpsLayer):
         self.act = activation(config.mlp_hidden_act)
 
     def forward(self, x: Normed) -> torch.Tensor:
-        return act_linear(self, self.act, linear_of(self.up_proj, x), self.down_proj)
+        return act_mlp(self, self.act, x, self.up_proj, self.down_proj, gated=False)
 
 
 class NemotronRouter(nn.Module):

@@ -31,13 +31,24 @@ def _activation_kernel(
     mask = offs < cols
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    if GATED:  # silu(x) rounded, times up, rounded
+    up = x
+    if GATED:
         up = tl.load(up_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, activate(x, up, dtype, GATED).to(dtype),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def activate(x, up, dtype: tl.constexpr, GATED: tl.constexpr):
+    """``silu(x) * up`` (``GATED``) or ``relu(x)²`` of fp32 values that hold ``dtype``
+    numbers, rounded to ``dtype`` where torch rounds (the activation, then the product;
+    relu is exact); returned in fp32. `skinny_linear`'s activation epilogue uses it too."""
+    if GATED:
         y = round_to(round_to(x / (1.0 + tl.exp(-x)), dtype) * up, dtype)
-    else:  # relu(x)² (relu is exact)
+    else:
         r = tl.maximum(x, 0.0)
         y = round_to(r * r, dtype)
-    tl.store(out_ptr + row * stride_o + offs, y.to(dtype), mask=mask)
+    return y
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

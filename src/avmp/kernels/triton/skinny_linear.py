@@ -59,6 +59,7 @@ from avmp.kernels.triton._common import (
     num_sms,
     upcast_dot,
 )
+from avmp.kernels.triton.activations import activate
 
 # Block sizes are tl.dot tile sides: powers of two, 16 at least (its smallest operand).
 MIN_BLOCK = 16
@@ -94,6 +95,20 @@ class ConvEpilogue(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     start: int
+
+
+class ActEpilogue(NamedTuple):
+    """An MLP activation that `skinny_linear` applies to its output tile before it
+    stores it, where `avmp.kernels.triton.activations` would run after the linear:
+    ``relu(out)²`` when ``up`` is None, else ``silu(out) * (x @ up.T + up_bias)`` with
+    ``up`` (``[N, K]``, x's dtype, unit stride along K) a second weight whose rows the
+    same program streams (a gated MLP's up projection beside its gate). Both products are
+    rounded to x's dtype first, as two linears' outputs are, so the result has the bits
+    of the linear(s) followed by the activation kernel. Needs an unsplit K.
+    """
+
+    up: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -279,25 +294,37 @@ def _conv_step(
 
 @triton.jit
 def _finish_tile(
-    acc, offs_n, offs_m, tile, pid_k, M, N, split_k,
-    b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on,
+    acc, acc_up, offs_n, offs_m, tile, pid_k, M, N, split_k,
+    b_ptr, ub_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on,
     cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
     stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
     HAS_BIAS: tl.constexpr, FOLD_PARTS: tl.constexpr, CONV: tl.constexpr,
     COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
+    ACT: tl.constexpr, UP_BIAS: tl.constexpr,
 ):
     """Store a program's ``out.T`` tile ``acc`` ([BN, BM], fp32): with the bias into
     ``out`` when K is whole, else as part ``pid_k`` of the workspace ``[split_k, M, N]``.
     ``FOLD_PARTS``: the last part of a tile to arrive (a counter per tile in ``cnt_ptr``,
     zero between calls) sums every part in order, adds the bias and stores ``out``, the
     values `_split_k_reduce_kernel` would store, in this launch; it sets the counter back
-    to zero. ``CONV``: `_conv_step` on the whole tile before it is stored."""
+    to zero. ``CONV``: `_conv_step` on the whole tile before it is stored. ``ACT``
+    (K whole): 1 ``silu(acc) * acc_up``, 2 ``relu(acc)²`` (`ActEpilogue`), each product
+    first rounded as its store would round it."""
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     dtype = out_ptr.dtype.element_ty
     if split_k == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        if ACT != 0:
+            gate = acc.to(dtype).to(tl.float32)  # the bits a store, then a load, would give
+            up = gate
+            if ACT == 1:
+                if UP_BIAS:
+                    acc_up += tl.load(ub_ptr + offs_n, mask=offs_n < N,
+                                      other=0.0).to(tl.float32)[:, None]  # fmt: skip
+                up = acc_up.to(dtype).to(tl.float32)
+            acc = activate(gate, up, dtype, ACT == 1)
         if CONV:
             acc = _conv_step(acc, offs_n, offs_m, M, N, dtype, cs_ptr, slot_ptr, cw_ptr,
                              cb_ptr, conv_start, conv_channels, stride_css, stride_csc,
@@ -339,10 +366,12 @@ def _skinny_kernel(
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
     stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
+    u_ptr, ub_ptr, stride_un,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr,
     CONV: tl.constexpr, COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
+    ACT: tl.constexpr, UP_BIAS: tl.constexpr,
 ):
     if USE_PDL:  # the next kernel may start; it waits for this one before reading our output
         tl.extra.cuda.gdc_launch_dependents()
@@ -361,6 +390,7 @@ def _skinny_kernel(
     kb_end = tl.minimum(kb_start + blocks_per_split, num_k_blocks)
     k_base = kb_start.to(tl.int64) * BLOCK_K
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + (k_base + offs_k)[None, :]  # [BN, BK]
+    u_ptrs = u_ptr + rows_w[:, None] * stride_un + (k_base + offs_k)[None, :]  # ACT == 1
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + (k_base + offs_k)[None, :] * stride_xk
     if PREFETCH > 0:  # this part's first weight bytes of each row, asked of L2 early
         k_stop = tl.minimum(kb_end.to(tl.int64) * BLOCK_K, K)
@@ -369,9 +399,12 @@ def _skinny_kernel(
         if size > 0:
             sizes = size + tl.zeros([BLOCK_N], dtype=tl.int32)
             _prefetch_rows_l2(w_ptr + rows_w * stride_wn + k_base, sizes)
+            if ACT == 1:
+                _prefetch_rows_l2(u_ptr + rows_w * stride_un + k_base, sizes)
     if USE_PDL:  # x is the previous kernel's output
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # and up's (ACT == 1)
     for kb in range(kb_start, kb_end):
         if EVEN_K:
             w = tl.load(w_ptrs)  # [BN, BK]
@@ -384,14 +417,23 @@ def _skinny_kernel(
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BN, BM]
+        if ACT == 1:
+            if EVEN_K:
+                u = tl.load(u_ptrs)
+            else:
+                u = tl.load(u_ptrs, mask=offs_k[None, :] < K - kb * BLOCK_K, other=0.0)
+            if UPCAST:
+                u = u.to(tl.float32)
+            acc_up = tl.dot(u, tl.trans(x), acc_up, input_precision=PRECISION)
+            u_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_xk
     tile = pid_m * tl.num_programs(0) + pid_n
-    _finish_tile(acc, offs_n, offs_m, tile, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
-                 cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start,
-                 conv_channels, stride_css, stride_csc, stride_csw, stride_slot, stride_cwc,
-                 stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS, WIDTH,
-                 CONV_BIAS)  # fmt: skip
+    _finish_tile(acc, acc_up, offs_n, offs_m, tile, pid_k, M, N, split_k, b_ptr, ub_ptr,
+                 out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr,
+                 cb_ptr, conv_start, conv_channels, stride_css, stride_csc, stride_csw,
+                 stride_slot, stride_cwc, stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS,
+                 WIDTH, CONV_BIAS, ACT, UP_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k", "blocks_per_split"])
@@ -400,10 +442,12 @@ def _skinny_tma_kernel(
     M, N, K, split_k, blocks_per_split, stride_wn, stride_om, stride_on,
     cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start, conv_channels,
     stride_css, stride_csc, stride_csw, stride_slot, stride_cwc, stride_cwk,
+    u_desc, u_ptr, ub_ptr, stride_un,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr, FOLD_PARTS: tl.constexpr, CONV: tl.constexpr,
     COLUMNS: tl.constexpr, WIDTH: tl.constexpr, CONV_BIAS: tl.constexpr,
+    ACT: tl.constexpr, UP_BIAS: tl.constexpr,
 ):
     """`_skinny_kernel` with both tiles loaded by the Tensor Memory Accelerator (the
     batch is one M tile; rows and columns past the tensors read as zeros)."""
@@ -424,20 +468,25 @@ def _skinny_tma_kernel(
         size = tl.minimum(left // 16 * 16, PREFETCH).to(tl.int32)
         if size > 0:
             rows = (offs_n % N).to(tl.int64)
-            _prefetch_rows_l2(w_ptr + rows * stride_wn + k_base,
-                              size + tl.zeros([BLOCK_N], dtype=tl.int32))  # fmt: skip
+            sizes = size + tl.zeros([BLOCK_N], dtype=tl.int32)
+            _prefetch_rows_l2(w_ptr + rows * stride_wn + k_base, sizes)
+            if ACT == 1:
+                _prefetch_rows_l2(u_ptr + rows * stride_un + k_base, sizes)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # and up's (ACT == 1)
     for kb in tl.range(kb_start, kb_end, num_stages=NUM_STAGES):
         w = w_desc.load([n0, kb * BLOCK_K])  # [BN, BK]
         x = x_desc.load([0, kb * BLOCK_K])  # [BM, BK]
         acc = tl.dot(w, tl.trans(x), acc)
-    _finish_tile(acc, offs_n, offs_m, pid_n, pid_k, M, N, split_k, b_ptr, out_ptr, ws_ptr,
-                 cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr, cb_ptr, conv_start,
-                 conv_channels, stride_css, stride_csc, stride_csw, stride_slot, stride_cwc,
-                 stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS, WIDTH,
-                 CONV_BIAS)  # fmt: skip
+        if ACT == 1:
+            acc_up = tl.dot(u_desc.load([n0, kb * BLOCK_K]), tl.trans(x), acc_up)
+    _finish_tile(acc, acc_up, offs_n, offs_m, pid_n, pid_k, M, N, split_k, b_ptr, ub_ptr,
+                 out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on, cs_ptr, slot_ptr, cw_ptr,
+                 cb_ptr, conv_start, conv_channels, stride_css, stride_csc, stride_csw,
+                 stride_slot, stride_cwc, stride_cwk, HAS_BIAS, FOLD_PARTS, CONV, COLUMNS,
+                 WIDTH, CONV_BIAS, ACT, UP_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -496,6 +545,7 @@ def skinny_linear(
     prefetch_bytes: int = 0,
     counters: torch.Tensor | None = None,
     conv: ConvEpilogue | None = None,
+    act: ActEpilogue | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T (+ bias)``, what ``torch.nn.functional.linear`` computes.
 
@@ -517,6 +567,9 @@ def skinny_linear(
             sharing one counters tensor must not run at the same time (one stream).
         conv: optional decode conv step on some output columns (`ConvEpilogue`); with a
             split K it needs ``counters`` (the last part of a tile applies it).
+        act: optional MLP activation of the output (`ActEpilogue`): ``relu(out)²``, or
+            ``silu(out)`` times a second weight's product; needs an unsplit K (one
+            part: ``config.split_k`` 1, or K within one ``block_k``) and no ``conv``.
 
     Returns:
         ``out``, or a new ``[M, N]`` tensor in x's dtype; fp32 accumulation, and the
@@ -538,15 +591,45 @@ def skinny_linear(
     if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
         raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
                          f"got {prefetch_bytes}")
-    prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
+    prefetchable = _can_prefetch(weight) and (act is None or act.up is None
+                                              or _can_prefetch(act.up))  # fmt: skip
+    prefetch = prefetch_bytes // 16 * 16 if pdl and prefetchable else 0
     if counters is not None:
         _check_counters(counters, tiles(m, n, config), x)
     if conv is not None:
         _check_conv(conv, m, n, x)
-        if counters is None and config.split_k > 1 and triton.cdiv(k, config.block_k) > 1:
+        if counters is None and splits_k(k, config):
             raise ValueError("a conv epilogue over a split K needs counters")
-    _launch(x, weight, bias, out, config, pdl, prefetch, counters, conv)
+    if act is not None:
+        _check_act(act, x, weight, bias, conv, config)
+    _launch(x, weight, bias, out, config, pdl, prefetch, counters, conv, act)
     return out
+
+
+def splits_k(k: int, config: SkinnyConfig) -> bool:
+    """Whether ``config`` cuts a K of ``k`` into more than one part."""
+    return config.split_k > 1 and triton.cdiv(k, config.block_k) > 1
+
+
+def _check_act(act: ActEpilogue, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, conv: ConvEpilogue | None,
+               config: SkinnyConfig) -> None:  # fmt: skip
+    if conv is not None:
+        raise ValueError("an activation epilogue and a conv epilogue cannot share a call")
+    if splits_k(x.shape[1], config):
+        raise ValueError("an activation epilogue needs an unsplit K (config.split_k 1)")
+    if act.up is None:
+        if act.up_bias is not None:
+            raise ValueError("up_bias without up: relu(out)² takes no second bias")
+        return
+    check_shape("act up", act.up, tuple(weight.shape))
+    if act.up.dtype != x.dtype or (x.shape[1] > 1 and act.up.stride(1) != 1):
+        raise ValueError(f"act up must be in x's dtype {x.dtype}, contiguous along K")
+    if act.up_bias is not None:
+        check_shape("act up_bias", act.up_bias, (weight.shape[0],))
+        if act.up_bias.dtype != x.dtype:
+            raise ValueError(f"act up_bias must have x's dtype {x.dtype}")
+    check_same_device(x=x, up=act.up, up_bias=act.up_bias, bias=bias)
 
 
 def _check_conv(conv: ConvEpilogue, m: int, n: int, x: torch.Tensor) -> None:
@@ -608,7 +691,7 @@ def _can_prefetch(weight: torch.Tensor) -> bool:
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: SkinnyConfig, pdl: bool = False,
             prefetch: int = 0, counters: torch.Tensor | None = None,
-            conv: ConvEpilogue | None = None) -> None:
+            conv: ConvEpilogue | None = None, act: ActEpilogue | None = None) -> None:
     (m, k), n = x.shape, weight.shape[0]
     num_k_blocks = triton.cdiv(k, config.block_k)
     blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
@@ -620,23 +703,30 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     fold = split_k > 1 and counters is not None
     cnt = counters if fold else workspace  # never touched without FOLD_PARTS
     conv_args, conv_meta = _conv_args(conv, out)
-    if config.tma and tma_fits(x, weight, config):
+    up = act.up if act is not None and act.up is not None else weight  # read if gated
+    up_bias = act.up_bias if act is not None and act.up_bias is not None else bias_arg
+    act_meta = {"ACT": 0 if act is None else 2 if act.up is None else 1,
+                "UP_BIAS": act is not None and act.up_bias is not None}  # fmt: skip
+    if config.tma and tma_fits(x, weight, config) and tma_fits(x, up, config):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        w_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
+        u_desc = w_desc if up is weight else TensorDescriptor.from_tensor(
+            up, [config.block_n, config.block_k])  # fmt: skip
         _skinny_tma_kernel[(triton.cdiv(n, config.block_n), split_k)](
-            TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]),
-            TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+            TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]), w_desc,
             weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
             weight.stride(0), out.stride(0), out.stride(1), *conv_args,
+            u_desc, up, up_bias, up.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, USE_PDL=pdl,
-            PREFETCH=prefetch, FOLD_PARTS=fold, **conv_meta, num_warps=config.num_warps,
-            launch_pdl=pdl,
+            PREFETCH=prefetch, FOLD_PARTS=fold, **conv_meta,
+            **act_meta, num_warps=config.num_warps, launch_pdl=pdl,
         )  # fmt: skip
     else:
         _launch_pointers(x, weight, bias_arg, out, workspace, cnt, config, blocks_per_split,
                          split_k, bias is not None, pdl, prefetch, fold, conv_args,
-                         conv_meta)  # fmt: skip
+                         {**conv_meta, **act_meta}, (up, up_bias, up.stride(0)))  # fmt: skip
     if split_k > 1 and not fold:
         _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
@@ -649,17 +739,17 @@ def _launch_pointers(
     x: torch.Tensor, weight: torch.Tensor, bias_arg: torch.Tensor, out: torch.Tensor,
     workspace: torch.Tensor, cnt: torch.Tensor, config: SkinnyConfig, blocks_per_split: int,
     split_k: int, has_bias: bool, pdl: bool, prefetch: int, fold: bool,
-    conv_args: tuple[Any, ...], conv_meta: dict[str, Any],
+    conv_args: tuple[Any, ...], meta: dict[str, Any], act_args: tuple[Any, ...],
 ) -> None:
     (m, k), n = x.shape, weight.shape[0]
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split_k)
     _skinny_kernel[grid](
         x, weight, bias_arg, out, workspace, cnt, m, n, k, split_k, blocks_per_split,
         x.stride(0), x.stride(1), weight.stride(0), out.stride(0), out.stride(1), *conv_args,
-        HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
+        *act_args, HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold, **conv_meta,
+        USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold, **meta,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
 
