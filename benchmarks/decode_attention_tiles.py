@@ -1,0 +1,142 @@
+"""Decode attention's launch tiles on a CUDA GPU: tokens per loop step (``BLOCK_N``),
+warps, pipeline stages and context splits, timed in CUDA graphs against the bytes of K
+and V a decode step must read.
+
+The step: 64 requests of one query token each, a page-major pool of 16-token pages in
+shuffled order holding four layers' K and V (the engine's views: a page's stride is the
+whole page), 32 query heads over 8 KV heads, head dim 64 (Granite-4.0-H-Micro) or 128
+(Nemotron-H-8B, ``--head-dims 128``), at each of ``--contexts`` cached tokens. Each
+candidate launches `avmp.kernels.triton.decode_attention`'s kernels directly (and the
+merge kernel when it splits); its output is compared with the package default's.
+
+    PYTHONPATH=src python3 -m benchmarks.decode_attention_tiles --out $OUT/tiles.json.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import sys
+from pathlib import Path
+
+from benchmarks.common import write_result
+
+BATCH, QUERY_HEADS, KV_HEADS, PAGE_TOKENS, LAYERS = 64, 32, 8, 16, 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--out", type=Path, help="results file (.json.gz: compressed)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("decode_attention_tiles: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for head_dim, context in itertools.product(args.head_dims, args.contexts):
+        rows += sweep(args, head_dim, context)
+    if args.out:
+        write_result(args.out, {"device": torch.cuda.get_device_name(), "rows": rows})
+    return 0
+
+
+def sweep(args: argparse.Namespace, head_dim: int, context: int) -> list[dict[str, float]]:
+    import torch
+    import triton
+
+    da = importlib.import_module("avmp.kernels.triton.decode_attention")
+    dev = torch.device("cuda")
+    pages = triton.cdiv(context, PAGE_TOKENS)
+    pool = torch.randn(BATCH * pages + 8, PAGE_TOKENS, LAYERS, 2, KV_HEADS, head_dim,
+                       device=dev, dtype=torch.bfloat16)  # fmt: skip
+    k, v = pool[:, :, 2, 0], pool[:, :, 2, 1]  # one layer's K and V, strided as the engine's
+    tables = torch.randperm(BATCH * pages, device=dev).to(torch.int32).view(BATCH, pages)
+    lens = torch.full((BATCH,), context, device=dev, dtype=torch.int32)
+    q = torch.randn(BATCH, QUERY_HEADS, head_dim, device=dev, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+    default = da.decode_attention(q, k, v, tables, lens, scale)
+    kv_bytes = 2 * BATCH * context * KV_HEADS * head_dim * 2
+    out = torch.empty_like(q)
+    base_us = timed(lambda: da.decode_attention(q, k, v, tables, lens, scale, out=out))
+    print(f"head dim {head_dim}, {context} cached tokens: package default {base_us:.1f} us "
+          f"({kv_bytes / base_us / 1e3:.0f} GB/s of K and V)", flush=True)  # fmt: skip
+    rows = [{"head_dim": head_dim, "context": context, "config": "default", "us": base_us,
+             "gb_per_s": kv_bytes / base_us / 1e3, "max_diff": 0.0}]  # fmt: skip
+    candidates = itertools.product(args.block_n, args.warps, args.stages, args.splits)
+    for block_n, warps, stages, splits in candidates:
+        part = torch.empty(BATCH, QUERY_HEADS, splits, head_dim, device=dev, dtype=torch.float32)
+        lse = torch.empty(BATCH, QUERY_HEADS, splits, device=dev, dtype=torch.float32)
+        launch = (q, k, v, tables, lens, out, scale, block_n, warps, stages, splits, part, lse)
+        try:
+            us = timed(lambda launch=launch: _launch(da, *launch))
+        except Exception as exc:  # a candidate that cannot compile or launch is skipped
+            print(f"  BLOCK_N {block_n} w{warps} s{stages} split {splits}: {exc}"[:160])
+            continue
+        rows.append({"head_dim": head_dim, "context": context,
+                     "config": f"BLOCK_N {block_n} w{warps} s{stages} split {splits}",
+                     "us": us, "gb_per_s": kv_bytes / us / 1e3,
+                     "max_diff": (out.float() - default.float()).abs().max().item()})  # fmt: skip
+    for row in sorted(rows, key=lambda r: r["us"])[:8]:
+        print(f"  {row['config']}: {row['us']:.1f} us, {row['gb_per_s']:.0f} GB/s, "
+              f"max diff {row['max_diff']:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+def _launch(da, q, k, v, tables, lens, out, scale, block_n, warps, stages, splits, part, lse):  # type: ignore[no-untyped-def]
+    import triton
+
+    batch, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    span = triton.cdiv(triton.cdiv(tables.shape[1] * k.shape[1], splits), block_n) * block_n
+    meta = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_G=max(16, heads // kv_heads),
+                BLOCK_D=head_dim, BLOCK_N=block_n, PRECISION=da.dot_precision(q.dtype),
+                UPCAST=da.upcast_dot(q.dtype), num_warps=warps, num_stages=stages)  # fmt: skip
+    common = (q, k, v, tables, lens)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *tables.stride())
+    scalars = (scale * da.LOG2E, k.shape[1], span)
+    if splits == 1:
+        da._decode_attention_kernel[(batch, kv_heads, 1)](
+            *common, out, out, *strides, out.stride(0), out.stride(1), 0, out.stride(2),
+            0, 0, 0, *scalars, SPLIT=False, **meta)  # fmt: skip
+        return
+    da._decode_attention_kernel[(batch, kv_heads, splits)](
+        *common, part, lse, *strides, *part.stride(), *lse.stride(), *scalars, SPLIT=True,
+        **meta)  # fmt: skip
+    da._merge_splits_kernel[(batch, heads)](
+        part, lse, out, *part.stride(), *lse.stride(), *out.stride(), splits,
+        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=head_dim)
+
+
+def timed(fn, reps: int = 20, rounds: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """Median µs per call of ``fn`` replayed ``reps`` times in one CUDA graph."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
