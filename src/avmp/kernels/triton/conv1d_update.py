@@ -25,23 +25,10 @@ from avmp.kernels.triton._common import (
     check_same_device,
     check_shape,
     next_power_of_2,
-    num_sms,
     strides,
 )
 
-MIN_BLOCK_C, MAX_BLOCK_C = 64, 512
-# Programs per SM a launch aims at: one wave that the SMs hold at once (each program is a
-# short chain of dependent loads; waves of them cost that chain's latency each time).
-PROGRAMS_PER_SM = 16
-
-
-def block_channels(batch: int, channels: int, sms: int) -> int:
-    """Channels per program: about ``PROGRAMS_PER_SM`` programs per SM over the batch's
-    rows, a power of two in [64, 512] and no wider than the channels need. A batch-64
-    Granite-4.0-H-Micro step (4,352 channels, 132 SMs) takes 256: 1,088 programs where
-    64 channels made 4,352, several waves of a few hundred bytes each."""
-    wanted = next_power_of_2(max(1, batch * channels // (PROGRAMS_PER_SM * max(sms, 1))))
-    return max(MIN_BLOCK_C, min(MAX_BLOCK_C, wanted, next_power_of_2(channels)))
+BLOCK_C = 64
 
 
 @triton.jit
@@ -146,13 +133,12 @@ def conv1d_update(
     if batch == 0:
         return out
     columns = conv_state.shape[2]
-    block_c = block_channels(batch, channels, num_sms(x.device))
-    grid = (batch, triton.cdiv(channels, block_c))
+    grid = (batch, triton.cdiv(channels, BLOCK_C))
     _conv1d_update_kernel[grid](
         conv_state, slot_idx, x, weight, x if bias is None else bias, out,
         *conv_state.stride(), slot_idx.stride(0), *x.stride(), *weight.stride(),
         *strides(bias, 1), *out.stride(),
-        CHANNELS=channels, COLUMNS=columns, WIDTH=weight.shape[1], BLOCK_C=block_c,
+        CHANNELS=channels, COLUMNS=columns, WIDTH=weight.shape[1], BLOCK_C=BLOCK_C,
         BLOCK_W=next_power_of_2(columns + 1), HAS_BIAS=bias is not None,
         SILU=activation == "silu", USE_PDL=pdl, launch_pdl=pdl,
     )
