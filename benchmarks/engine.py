@@ -862,7 +862,8 @@ PROLOGUE_SETTINGS = {
     "fused_pdl": {"prologue_rows": None, "pdl": True},
 }
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
-_UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False}
+_UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
+             "wide_conv": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -871,6 +872,8 @@ SKINNY_SETTINGS = {
                             **_UNFOLDED},
     "act_epilogue": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                      **_UNFOLDED, "act_epilogue": True},
+    "wide_conv": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                  **_UNFOLDED, "act_epilogue": True, "wide_conv": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
 }
@@ -941,8 +944,9 @@ def skinny_comparison(
     """The decode cell of ``batch`` with the decode linears on cuBLAS, on
     `avmp.kernels.triton.skinny_linear` without and with dependent launches, with its
     weights asked of L2 before the wait, with the MLP activation applied by the GEMM
-    before it (the default, `TritonOps.act_epilogue`), and with a split K's parts and the
-    Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
+    before it (the default, `TritonOps.act_epilogue`), with the decode conv step's
+    programs sized by the batch (`TritonOps.wide_conv`), and with a split K's parts and
+    the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
     return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
 
 

@@ -148,8 +148,10 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     K's parts summed in the GEMM and decode steps' in_proj applying the conv step as it
     stores xBC, the MLP activation apart; else the activation applied by the GEMM that
     computes its input (Granite's stacked gate and up, Nemotron-H's relu²; Bamba's gate
-    and up are two linears). The tokens stay transformers'. Without it (``skinny_rows =
-    0``) those linears are cuBLAS's."""
+    and up are two linears) and the conv steps' programs sized by the batch
+    (``wide_conv``). The tokens stay transformers'. Without it (``skinny_rows = 0``)
+    those linears are cuBLAS's."""
+    from avmp.kernels import triton as kernels
     from avmp.kernels.triton import skinny_linear
 
     rows: list[int] = []
@@ -166,19 +168,30 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
         return launch(x, *args, **kwargs)
 
     monkeypatch.setattr(skinny_linear, "skinny_linear", spy)
+    conv_blocks: list[int | None] = []
+    conv_step = kernels.conv1d_update
+
+    def conv_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        conv_blocks.append(kwargs.get("block_c"))
+        return conv_step(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "conv1d_update", conv_spy)
     overrides, _ = ONE_ROW[family]
     checkpoint = tiny_checkpoint(family, **overrides)
     engine = _engine(checkpoint)
     ops = engine.model.ops
     assert isinstance(ops, TritonOps)
     ops.fold_parts = ops.fold_conv = folded
-    ops.act_epilogue = not folded
+    ops.act_epilogue = ops.wide_conv = not folded
     acts.clear()  # the engine's warm-up steps ran with the defaults
+    conv_blocks.clear()
     engine.runner.graphs.clear()
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
     assert bool(convs) == folded  # every Mamba2 layer of a multi-row decode step
     assert bool(acts) == (not folded and family != "bamba")
+    # decode steps' conv steps: in the in_proj when folded, else sized by the batch
+    assert all(block is not None for block in conv_blocks) and bool(conv_blocks) != folded
     rows.clear()
     ops.skinny_rows = 0
     engine.runner.graphs.clear()

@@ -13,7 +13,12 @@ from triton_device import kernel_device
 
 DEVICE = kernel_device()
 
-from avmp.kernels.triton.conv1d_update import conv1d_update  # noqa: E402
+from avmp.kernels.triton.conv1d_update import (  # noqa: E402
+    BLOCK_C,
+    MAX_BLOCK_C,
+    block_channels,
+    conv1d_update,
+)
 
 
 def reference_conv_step(
@@ -98,3 +103,39 @@ def test_rejects_too_few_columns() -> None:
     case = make_case(1, torch.float32, 1, 8, 4, 2, 2)
     with pytest.raises(ValueError, match="columns"):
         conv1d_update(case["conv_state"], case["slot_idx"], case["x"], case["weight"])
+
+
+@pytest.mark.parametrize("block_c", [16, 128, 512])
+def test_channels_per_program_change_no_bit(block_c: int) -> None:
+    """Each channel's sum is its own: any ``block_c`` gives the default launch's bits,
+    outputs and states (channels off the block multiples, a padding row)."""
+    case = make_case(5, torch.bfloat16, 4, 300, 4, 3, 9)
+    case["slot_idx"][2] = -1
+    states = {}
+    outs = {}
+    for chosen in (None, block_c):
+        state = case["conv_state"].clone()
+        outs[chosen] = conv1d_update(state, case["slot_idx"], case["x"], case["weight"],
+                                     case["bias"], block_c=chosen)  # fmt: skip
+        states[chosen] = state
+    assert torch.equal(outs[None][[0, 1, 3]], outs[block_c][[0, 1, 3]])
+    assert torch.equal(states[None], states[block_c])
+
+
+def test_block_channels_aims_at_one_wave() -> None:
+    # batch-64 Granite-4.0-H-Micro on an H100: 4,352 channels, 132 SMs
+    assert block_channels(64, 4352, 132) == 256
+    assert block_channels(1, 4352, 132) == BLOCK_C  # never below the default
+    assert block_channels(256, 16384, 132) == MAX_BLOCK_C  # nor above the cap
+    assert block_channels(64, 100, 1) == 128  # no wider than the channels need
+    for batch, channels, sms in [(3, 40, 1), (64, 4352, 132), (8, 18560, 132)]:
+        width = block_channels(batch, channels, sms)
+        assert width & (width - 1) == 0 and BLOCK_C <= width <= MAX_BLOCK_C
+
+
+@pytest.mark.parametrize("bad", [8, 48, 1024])
+def test_rejects_a_bad_block_c(bad: int) -> None:
+    case = make_case(1, torch.float32, 1, 8, 4, 3, 2)
+    with pytest.raises(ValueError, match="block_c"):
+        conv1d_update(case["conv_state"], case["slot_idx"], case["x"], case["weight"],
+                      block_c=bad)  # fmt: skip

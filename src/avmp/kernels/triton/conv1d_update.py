@@ -29,6 +29,19 @@ from avmp.kernels.triton._common import (
 )
 
 BLOCK_C = 64
+MAX_BLOCK_C = 512
+# `block_channels`' aim: programs per SM, one wave the SMs hold at once (each program is
+# a short chain of dependent loads, and every further wave pays that chain again).
+PROGRAMS_PER_SM = 16
+
+
+def block_channels(batch: int, channels: int, sms: int) -> int:
+    """Channels per program for about ``PROGRAMS_PER_SM`` programs per SM over the
+    batch's rows: a power of two in [``BLOCK_C``, ``MAX_BLOCK_C``], no wider than the
+    channels need. A batch-64 Granite-4.0-H-Micro step (4,352 channels, 132 SMs) gets
+    256 channels, 1,088 programs where ``BLOCK_C`` makes 4,352; batch 1 keeps 64."""
+    wanted = next_power_of_2(max(1, batch * channels // (PROGRAMS_PER_SM * max(sms, 1))))
+    return max(BLOCK_C, min(MAX_BLOCK_C, wanted, next_power_of_2(channels)))
 
 
 @triton.jit
@@ -104,6 +117,7 @@ def conv1d_update(
     activation: str | None = "silu",
     out: torch.Tensor | None = None,
     pdl: bool = False,
+    block_c: int | None = None,
 ) -> torch.Tensor:
     """One causal conv1d decode step for ``batch`` requests, shifting their slots' conv
     states in place.
@@ -119,6 +133,9 @@ def conv1d_update(
         out: optional ``[batch, channels]`` output, written in place.
         pdl: launch as a programmatic dependent launch (Hopper and later): the kernel
             lets the next one start early and waits for the one before it first.
+        block_c: channels per program, a power of two in [16, ``MAX_BLOCK_C``]
+            (``BLOCK_C`` when None; `block_channels` sizes it by the batch). Every
+            channel's sum is its own, so the bits do not depend on it.
 
     Returns:
         ``out``, or a new tensor in x's dtype. fp32 accumulation.
@@ -133,12 +150,15 @@ def conv1d_update(
     if batch == 0:
         return out
     columns = conv_state.shape[2]
-    grid = (batch, triton.cdiv(channels, BLOCK_C))
+    block_c = BLOCK_C if block_c is None else block_c
+    if not isinstance(block_c, int) or block_c & (block_c - 1) or not 16 <= block_c <= MAX_BLOCK_C:
+        raise ValueError(f"block_c must be a power of two in [16, {MAX_BLOCK_C}], got {block_c}")
+    grid = (batch, triton.cdiv(channels, block_c))
     _conv1d_update_kernel[grid](
         conv_state, slot_idx, x, weight, x if bias is None else bias, out,
         *conv_state.stride(), slot_idx.stride(0), *x.stride(), *weight.stride(),
         *strides(bias, 1), *out.stride(),
-        CHANNELS=channels, COLUMNS=columns, WIDTH=weight.shape[1], BLOCK_C=BLOCK_C,
+        CHANNELS=channels, COLUMNS=columns, WIDTH=weight.shape[1], BLOCK_C=block_c,
         BLOCK_W=next_power_of_2(columns + 1), HAS_BIAS=bias is not None,
         SILU=activation == "silu", USE_PDL=pdl, launch_pdl=pdl,
     )
