@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skinny-batches", nargs="+", type=int,
                         help="decode batches of the cuBLAS / skinny GEMM comparison (default: "
                              "the largest of --batches up to 64)")
+    parser.add_argument("--skinny-settings", nargs="+", choices=list(SKINNY_SETTINGS),
+                        help="settings of the skinny comparison, in this order (default: all; "
+                             "the first is the baseline of its ratios)")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     return parser.parse_args(argv)
 
@@ -876,6 +879,11 @@ SKINNY_SETTINGS = {
                   **_UNFOLDED, "act_epilogue": True, "wide_conv": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
+    # each fold alone, over the default (activation epilogue on)
+    "fold_parts": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                   **_UNFOLDED, "act_epilogue": True, "fold_parts": True},
+    "fold_conv": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                  **_UNFOLDED, "act_epilogue": True, "fold_conv": True},
 }
 
 
@@ -947,7 +955,9 @@ def skinny_comparison(
     before it (the default, `TritonOps.act_epilogue`), with the decode conv step's
     programs sized by the batch (`TritonOps.wide_conv`), and with a split K's parts and
     the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
-    return ops_comparison(engine, args, bandwidth, batch, SKINNY_SETTINGS)
+    names = args.skinny_settings or list(SKINNY_SETTINGS)
+    return ops_comparison(engine, args, bandwidth, batch,
+                          {name: SKINNY_SETTINGS[name] for name in names})  # fmt: skip
 
 
 def run_transformers_cells(
@@ -1125,10 +1135,12 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
     title = (
         f"Batch-{row['batch']} decode with the linears on cuBLAS and on the skinny Triton "
         "GEMM, per setting run (skinny: ordinary launches; _pdl: dependent launches; "
-        "_prefetch: its first weight bytes asked of L2 early; folded: split-K parts and "
-        "the conv step summed and applied in the GEMMs)"
+        "_prefetch: its first weight bytes asked of L2 early; act_epilogue: the MLP "
+        "activation applied by the GEMM before it; wide_conv: conv steps sized by the "
+        "batch; folded, fold_parts, fold_conv: split-K parts and the conv step summed and "
+        "applied in the GEMMs)"
     )
-    return _setting_lines(title, row, "cublas")
+    return _setting_lines(title, row, next(iter(row["rounds"])))
 
 
 def _setting_lines(title: str, row: dict[str, Any], baseline: str) -> list[str]:

@@ -41,11 +41,25 @@ def test_skinny_table_reports_each_setting_against_cublas() -> None:
     assert list(SKINNY_SETTINGS)[0] == "cublas" and SKINNY_SETTINGS["cublas"]["skinny_rows"] == 0
     assert SKINNY_SETTINGS["skinny_pdl_prefetch"]["skinny_prefetch"] is None  # the default
     assert SKINNY_SETTINGS["folded"]["fold_parts"] and SKINNY_SETTINGS["folded"]["fold_conv"]
-    # the activation epilogue from its setting on (the wide conv adds to it); the folds
-    # are measured without either
+    # the activation epilogue from its setting on (the wide conv and each fold alone add
+    # to it); "folded" (both folds) is measured without it, as in session 22
     with_act = [label for label, s in SKINNY_SETTINGS.items() if s["act_epilogue"]]
-    assert with_act == ["act_epilogue", "wide_conv"]
+    assert with_act == ["act_epilogue", "wide_conv", "fold_parts", "fold_conv"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == ["wide_conv"]
+
+
+def test_skinny_settings_pick_the_comparison_and_its_baseline() -> None:
+    from benchmarks.engine import _skinny_lines, parse_args
+
+    args = parse_args(["--skinny-settings", "act_epilogue", "fold_parts"])
+    assert args.skinny_settings == ["act_epilogue", "fold_parts"]
+    assert parse_args([]).skinny_settings is None  # all of them
+    row = {"batch": 64, "rounds": {
+        "act_epilogue": [_round(5.3, 5.2, 0.73)], "fold_parts": [_round(5.5, 5.4, 0.70)],
+    }}  # fmt: skip
+    table = [line for line in _skinny_lines(row) if line.startswith("| fold_parts")]
+    assert "vs act_epilogue" in "\n".join(_skinny_lines(row))
+    assert table == ["| fold_parts | 5.50 | 5.40 | 70% | 0.96x |"]
 
 
 def test_skinny_batches_default_to_the_largest_up_to_64() -> None:

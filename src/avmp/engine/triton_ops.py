@@ -108,8 +108,8 @@ class TritonOps(Ops):
         self.skinny_prefetch = SKINNY_PREFETCH_BYTES
         # A split K's parts summed by the last program of each tile (no second kernel),
         # and the Mamba2 decode conv step applied by the in_proj's skinny GEMM as it
-        # stores its output (`decode_conv`). Both off until measured on a GPU (tested
-        # under Triton's interpreter only); the engine benchmark's "folded" setting.
+        # stores its output (`decode_conv`). Both off: measured slower on an H100
+        # (session 23, docs/BENCHMARKS.md); the engine benchmark's "folded" settings.
         self.fold_parts = False
         self.fold_conv = False
         # The MLP activation (SiLU-gated, relu²) applied by the skinny GEMM that computes

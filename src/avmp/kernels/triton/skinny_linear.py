@@ -25,6 +25,11 @@ order, same bits; an atomic counter per tile, set back to zero).
 A conv epilogue (`ConvEpilogue`): the Mamba decode conv step on some output columns,
 applied as they are stored (the in_proj's xBC), its state shifted in place.
 
+An activation epilogue (`ActEpilogue`): the MLP activation applied to the output tile
+before it is stored, ``relu(out)²`` or ``silu(out)`` times the product of a second
+weight whose rows the same program streams (a gated MLP's up beside its gate), with the
+roundings of the GEMM's store followed by `avmp.kernels.triton.activations`.
+
 No host sync and no data-dependent allocation, so a call can be captured in a CUDA graph
 (the workspace is a plain ``torch.empty`` per call, served from the graph's pool).
 
