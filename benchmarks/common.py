@@ -170,6 +170,35 @@ def event_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> f
     return statistics.median(times)
 
 
+def graph_us(fn: Callable[[int], object], calls: int, reps: int = 20) -> float:
+    """Median microseconds per call of ``fn(i)``, ``calls`` calls (i = 0, 1, ...)
+    captured in one CUDA graph (after two warm-up calls on a side stream) and the graph
+    replayed ``reps`` times, CUDA events around each replay."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def wall_ms(run: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of ``run`` in milliseconds (the CPU's timer)."""
     for _ in range(warmup):

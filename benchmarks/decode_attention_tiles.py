@@ -19,8 +19,9 @@ import importlib
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import write_result
+from benchmarks.common import graph_us, write_result
 
 BATCH, QUERY_HEADS, KV_HEADS, PAGE_TOKENS, LAYERS = 64, 32, 8, 16, 4
 
@@ -115,27 +116,9 @@ def _launch(da, q, k, v, tables, lens, out, scale, block_n, warps, stages, split
         HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=head_dim)
 
 
-def timed(fn, reps: int = 20, rounds: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """Median µs per call of ``fn`` replayed ``reps`` times in one CUDA graph."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps * 1e3)
-    return sorted(times)[len(times) // 2]
+def timed(fn: Any) -> float:
+    """Median µs per call of ``fn``, 20 calls replayed in one CUDA graph."""
+    return graph_us(lambda i: fn(), 20, 5)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,13 @@ TB/s = weight bytes / time.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from avmp.models.zoo import zoo_config
-from benchmarks.common import measure_or_redraw, write_result
+from benchmarks.common import graph_us, measure_or_redraw, write_result
 from benchmarks.skinny_gemm import model_linears
 
 MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
@@ -96,29 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _graph_us(fn: Any, reps: int = 20) -> float:
     """Median microseconds per call of ``fn(i)``, CALLS calls replayed from one graph."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(2):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+    return graph_us(fn, CALLS, reps)
 
 
 def measure_pair(pair: Pair, sweep: bool) -> dict[str, Any]:
