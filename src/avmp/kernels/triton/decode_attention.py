@@ -30,7 +30,7 @@ from avmp.kernels.triton._common import (
 
 LOG2E = 1.4426950408889634
 # Tokens per loop step. On an H100, 64 rather than 32 read Granite-4.0-H-Micro's K and V
-# (64 requests, 8 KV heads of 64) 1.15x faster at 512 cached tokens and 1.2x at 2,048
+# (64 requests, 8 KV heads of 64) 1.14x faster at 512 cached tokens and 1.2x at 2,048
 # (benchmarks/decode_attention_tiles.py, docs/BENCHMARKS.md); wider heads keep 32 so the
 # pipeline's stages of K and V stay within shared memory.
 BLOCK_N = 64
