@@ -358,6 +358,8 @@ def test_act_epilogue_rejects_what_it_cannot_do() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             skinny_linear(x, w, None, config, act=act, **extra)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="K >= 1"):
+        skinny_linear(x[:, :0], w[:, :0], None, whole, act=ActEpilogue())
     # one K block: a split config cuts nothing, so the epilogue runs
     out = skinny_linear(x[:, :16], w[:, :16], None, split, act=ActEpilogue())
     assert torch.equal(out, relu_squared(skinny_linear(x[:, :16], w[:, :16], None, split)))

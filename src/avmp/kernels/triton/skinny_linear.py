@@ -590,6 +590,8 @@ def skinny_linear(
     if m == 0 or n == 0:
         return out
     if k == 0:  # an empty sum: the bias alone
+        if act is not None:
+            raise ValueError("an activation epilogue needs K >= 1")
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     if config is None:
         config = default_config(m, n, k, num_sms(x.device), x.element_size())
