@@ -6,8 +6,9 @@ The step: 64 requests of one query token each, a page-major pool of 16-token pag
 shuffled order holding four layers' K and V (the engine's views: a page's stride is the
 whole page), 32 query heads over 8 KV heads, head dim 64 (Granite-4.0-H-Micro) or 128
 (Nemotron-H-8B, ``--head-dims 128``), at each of ``--contexts`` cached tokens. Each
-candidate launches `avmp.kernels.triton.decode_attention`'s kernels directly (and the
-merge kernel when it splits); its output is compared with the package default's.
+candidate is a call of `avmp.kernels.triton.decode_attention` with its tiles given
+(``block_n``, ``num_warps``, ``num_stages``, ``num_splits``); its output is compared with
+the package default's.
 
     PYTHONPATH=src python3 -m benchmarks.decode_attention_tiles --out $OUT/tiles.json.gz
 """
@@ -15,7 +16,6 @@ merge kernel when it splits); its output is compared with the package default's.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -53,7 +53,7 @@ def sweep(args: argparse.Namespace, head_dim: int, context: int) -> list[dict[st
     import torch
     import triton
 
-    da = importlib.import_module("avmp.kernels.triton.decode_attention")
+    from avmp.kernels.triton.decode_attention import decode_attention
     dev = torch.device("cuda")
     pages = triton.cdiv(context, PAGE_TOKENS)
     pool = torch.randn(BATCH * pages + 8, PAGE_TOKENS, LAYERS, 2, KV_HEADS, head_dim,
@@ -63,21 +63,20 @@ def sweep(args: argparse.Namespace, head_dim: int, context: int) -> list[dict[st
     lens = torch.full((BATCH,), context, device=dev, dtype=torch.int32)
     q = torch.randn(BATCH, QUERY_HEADS, head_dim, device=dev, dtype=torch.bfloat16)
     scale = head_dim**-0.5
-    default = da.decode_attention(q, k, v, tables, lens, scale)
+    default = decode_attention(q, k, v, tables, lens, scale)
     kv_bytes = 2 * BATCH * context * KV_HEADS * head_dim * 2
     out = torch.empty_like(q)
-    base_us = timed(lambda: da.decode_attention(q, k, v, tables, lens, scale, out=out))
+    base_us = timed(lambda: decode_attention(q, k, v, tables, lens, scale, out=out))
     print(f"head dim {head_dim}, {context} cached tokens: package default {base_us:.1f} us "
           f"({kv_bytes / base_us / 1e3:.0f} GB/s of K and V)", flush=True)  # fmt: skip
     rows = [{"head_dim": head_dim, "context": context, "config": "default", "us": base_us,
              "gb_per_s": kv_bytes / base_us / 1e3, "max_diff": 0.0}]  # fmt: skip
     candidates = itertools.product(args.block_n, args.warps, args.stages, args.splits)
     for block_n, warps, stages, splits in candidates:
-        part = torch.empty(BATCH, QUERY_HEADS, splits, head_dim, device=dev, dtype=torch.float32)
-        lse = torch.empty(BATCH, QUERY_HEADS, splits, device=dev, dtype=torch.float32)
-        launch = (q, k, v, tables, lens, out, scale, block_n, warps, stages, splits, part, lse)
+        tiles = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
         try:
-            us = timed(lambda launch=launch: _launch(da, *launch))
+            us = timed(lambda tiles=tiles: decode_attention(q, k, v, tables, lens, scale,
+                                                               out=out, **tiles))  # fmt: skip
         except Exception as exc:  # a candidate that cannot compile or launch is skipped
             print(f"  BLOCK_N {block_n} w{warps} s{stages} split {splits}: {exc}"[:160])
             continue
@@ -89,31 +88,6 @@ def sweep(args: argparse.Namespace, head_dim: int, context: int) -> list[dict[st
         print(f"  {row['config']}: {row['us']:.1f} us, {row['gb_per_s']:.0f} GB/s, "
               f"max diff {row['max_diff']:.1e}", flush=True)  # fmt: skip
     return rows
-
-
-def _launch(da, q, k, v, tables, lens, out, scale, block_n, warps, stages, splits, part, lse):  # type: ignore[no-untyped-def]
-    import triton
-
-    batch, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    span = triton.cdiv(triton.cdiv(tables.shape[1] * k.shape[1], splits), block_n) * block_n
-    meta = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_G=max(16, heads // kv_heads),
-                BLOCK_D=head_dim, BLOCK_N=block_n, PRECISION=da.dot_precision(q.dtype),
-                UPCAST=da.upcast_dot(q.dtype), num_warps=warps, num_stages=stages)  # fmt: skip
-    common = (q, k, v, tables, lens)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *tables.stride())
-    scalars = (scale * da.LOG2E, k.shape[1], span)
-    if splits == 1:
-        da._decode_attention_kernel[(batch, kv_heads, 1)](
-            *common, out, out, *strides, out.stride(0), out.stride(1), 0, out.stride(2),
-            0, 0, 0, *scalars, SPLIT=False, **meta)  # fmt: skip
-        return
-    da._decode_attention_kernel[(batch, kv_heads, splits)](
-        *common, part, lse, *strides, *part.stride(), *lse.stride(), *scalars, SPLIT=True,
-        **meta)  # fmt: skip
-    da._merge_splits_kernel[(batch, heads)](
-        part, lse, out, *part.stride(), *lse.stride(), *out.stride(), splits,
-        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=head_dim)
 
 
 def timed(fn: Any) -> float:

@@ -101,3 +101,27 @@ def test_rejects_mismatched_heads() -> None:
     q, k_cache, v_cache, bt, ctx = make_case(1, torch.float32, 1, 3, 2, 16, 4, 8, False)
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(q, k_cache, v_cache, bt, ctx, 1.0)
+
+
+@pytest.mark.parametrize(("block_n", "num_warps", "num_stages"), [(16, 2, 2), (128, 8, 3)])
+def test_tiles_given_compute_the_same_attention(
+    block_n: int, num_warps: int, num_stages: int
+) -> None:
+    """The tiles `benchmarks/decode_attention_tiles.py` sweeps: another loop step, warps
+    and stages, split and not, against the reference."""
+    q, k_cache, v_cache, bt, ctx = make_case(
+        11, torch.bfloat16, 3, 8, 2, 64, 16, 150, permute_inner=True
+    )
+    ref = reference_decode(q, k_cache, v_cache, bt, ctx, 0.125)
+    for splits in (1, 3):
+        out = decode_attention(q, k_cache, v_cache, bt, ctx, 0.125, num_splits=splits,
+                               block_n=block_n, num_warps=num_warps,
+                               num_stages=num_stages)  # fmt: skip
+        assert_close("decode", out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bad", [8, 48])
+def test_rejects_a_bad_block_n(bad: int) -> None:
+    q, k_cache, v_cache, bt, ctx = make_case(1, torch.float32, 1, 2, 1, 16, 4, 8, False)
+    with pytest.raises(ValueError, match="block_n"):
+        decode_attention(q, k_cache, v_cache, bt, ctx, 1.0, block_n=bad)

@@ -200,6 +200,9 @@ def decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its cached keys and values.
 
@@ -215,6 +218,10 @@ def decode_attention(
         scale: softmax scale (usually ``D ** -0.5``).
         out: optional ``[B, Hq, D]`` output (any strides), written in place.
         num_splits: programs per (request, KV head); chosen from the shapes if None.
+        block_n, num_warps, num_stages: tokens per loop step (a power of two >= 16;
+            ``BLOCK_N``, or ``WIDE_HEAD_BLOCK_N`` past 128 of head dim, if None) and
+            Triton's launch settings (its defaults if None): what
+            benchmarks/decode_attention_tiles.py sweeps.
 
     Returns:
         ``out``, or a new ``[B, Hq, D]`` tensor in q's dtype. fp32 accumulation.
@@ -230,7 +237,10 @@ def decode_attention(
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    block_n = BLOCK_N if head_dim <= 128 else WIDE_HEAD_BLOCK_N
+    if block_n is None:
+        block_n = BLOCK_N if head_dim <= 128 else WIDE_HEAD_BLOCK_N
+    if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     if batch == 0:
         return out
@@ -240,6 +250,10 @@ def decode_attention(
         BLOCK_D=next_power_of_2(head_dim, 16), BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
     )
+    if num_warps is not None:
+        meta["num_warps"] = num_warps
+    if num_stages is not None:
+        meta["num_stages"] = num_stages
     grid = (batch, num_kv_heads, num_splits)
     common = (
         q, k_cache, v_cache, block_tables, context_lens,

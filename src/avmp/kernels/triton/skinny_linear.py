@@ -710,10 +710,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     fold = split_k > 1 and counters is not None
     cnt = counters if fold else workspace  # never touched without FOLD_PARTS
     conv_args, conv_meta = _conv_args(conv, out)
-    up = act.up if act is not None and act.up is not None else weight  # read if gated
-    up_bias = act.up_bias if act is not None and act.up_bias is not None else bias_arg
-    act_meta = {"ACT": 0 if act is None else 2 if act.up is None else 1,
-                "UP_BIAS": act is not None and act.up_bias is not None}  # fmt: skip
+    (up, up_bias), act_meta = _act_args(act, weight, bias_arg)
     if config.tma and tma_fits(x, weight, config) and tma_fits(x, up, config):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -759,6 +756,18 @@ def _launch_pointers(
         USE_PDL=pdl, PREFETCH=prefetch, FOLD_PARTS=fold, **meta,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
+
+
+def _act_args(
+    act: ActEpilogue | None, weight: torch.Tensor, bias_arg: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """The kernels' activation epilogue arguments: the up weight and its bias, and the
+    compile-time ``ACT`` (0 none, 1 gated SiLU, 2 relu²) and ``UP_BIAS``. What the
+    kernels never read (no gate, no up bias) is ``weight`` or ``bias_arg`` standing in."""
+    up = weight if act is None or act.up is None else act.up
+    up_bias = bias_arg if act is None or act.up_bias is None else act.up_bias
+    kind = 0 if act is None else 2 if act.up is None else 1
+    return (up, up_bias), {"ACT": kind, "UP_BIAS": act is not None and act.up_bias is not None}
 
 
 def _conv_args(
