@@ -866,7 +866,7 @@ PROLOGUE_SETTINGS = {
 }
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
-             "wide_conv": False}
+             "wide_conv": False, "balanced": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -877,6 +877,8 @@ SKINNY_SETTINGS = {
                      **_UNFOLDED, "act_epilogue": True},
     "wide_conv": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                   **_UNFOLDED, "act_epilogue": True, "wide_conv": True},
+    "balanced": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                 **_UNFOLDED, "act_epilogue": True, "wide_conv": True, "balanced": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
     # each fold alone, over the default (activation epilogue on)
@@ -953,8 +955,10 @@ def skinny_comparison(
     `avmp.kernels.triton.skinny_linear` without and with dependent launches, with its
     weights asked of L2 before the wait, with the MLP activation applied by the GEMM
     before it (the default, `TritonOps.act_epilogue`), with the decode conv step's
-    programs sized by the batch (`TritonOps.wide_conv`), and with a split K's parts and
-    the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`, `fold_conv`)."""
+    programs sized by the batch (`TritonOps.wide_conv`), with the tiles of linears that
+    overrun a wave shared by one program per SM (`TritonOps.balanced`), and with a split
+    K's parts and the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`,
+    `fold_conv`)."""
     names = args.skinny_settings or list(SKINNY_SETTINGS)
     return ops_comparison(engine, args, bandwidth, batch,
                           {name: SKINNY_SETTINGS[name] for name in names})  # fmt: skip
@@ -1137,7 +1141,8 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
         "GEMM, per setting run (skinny: ordinary launches; _pdl: dependent launches; "
         "_prefetch: its first weight bytes asked of L2 early; act_epilogue: the MLP "
         "activation applied by the GEMM before it; wide_conv: conv steps sized by the "
-        "batch; folded, fold_parts, fold_conv: split-K parts and the conv step summed and "
+        "batch; balanced: tiles past a whole wave shared by one program per SM; folded, "
+        "fold_parts, fold_conv: split-K parts and the conv step summed and "
         "applied in the GEMMs)"
     )
     return _setting_lines(title, row, next(iter(row["rounds"])))

@@ -44,8 +44,10 @@ def test_skinny_table_reports_each_setting_against_cublas() -> None:
     # the activation epilogue from its setting on (the wide conv and each fold alone add
     # to it); "folded" (both folds) is measured without it, as in session 22
     with_act = [label for label, s in SKINNY_SETTINGS.items() if s["act_epilogue"]]
-    assert with_act == ["act_epilogue", "wide_conv", "fold_parts", "fold_conv"]
-    assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == ["wide_conv"]
+    assert with_act == ["act_epilogue", "wide_conv", "balanced", "fold_parts", "fold_conv"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == [
+        "wide_conv", "balanced"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["balanced"]] == ["balanced"]
 
 
 def test_skinny_settings_pick_the_comparison_and_its_baseline() -> None:

@@ -148,19 +148,23 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     K's parts summed in the GEMM and decode steps' in_proj applying the conv step as it
     stores xBC, the MLP activation apart; else the activation applied by the GEMM that
     computes its input (Granite's stacked gate and up, Nemotron-H's relu²; Bamba's gate
-    and up are two linears) and the conv steps' programs sized by the batch
-    (``wide_conv``). The tokens stay transformers'. Without it (``skinny_rows = 0``)
-    those linears are cuBLAS's."""
+    and up are two linears), the conv steps' programs sized by the batch
+    (``wide_conv``) and, on a GPU made to count 4 SMs, the linears whose tiles overrun a
+    wave run by 4 programs sharing their K steps (``balanced``). The tokens stay
+    transformers'. Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
     from avmp.kernels import triton as kernels
     from avmp.kernels.triton import skinny_linear
 
     rows: list[int] = []
     convs: list[int] = []
     acts: list[int] = []
+    programs: list[int] = []
     launch = skinny_linear.skinny_linear
 
     def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows.append(x.shape[0])
+        config = kwargs.get("config", args[2] if len(args) > 2 else None)
+        programs.append(config.programs if config is not None else 0)
         if kwargs.get("conv") is not None:
             convs.append(x.shape[0])
         if kwargs.get("act") is not None:
@@ -182,12 +186,16 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     ops = engine.model.ops
     assert isinstance(ops, TritonOps)
     ops.fold_parts = ops.fold_conv = folded
-    ops.act_epilogue = ops.wide_conv = not folded
+    ops.act_epilogue = ops.wide_conv = ops.balanced = not folded
+    if not folded:  # few SMs: the tiny model's larger linears overrun a wave
+        monkeypatch.setattr(skinny_linear, "num_sms", lambda device: 4)
     acts.clear()  # the engine's warm-up steps ran with the defaults
     conv_blocks.clear()
+    programs.clear()
     engine.runner.graphs.clear()
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
+    assert (4 in programs) == (not folded) and set(programs) <= {0, 4}
     assert bool(convs) == folded  # every Mamba2 layer of a multi-row decode step
     assert bool(acts) == (not folded and family != "bamba")
     # decode steps' conv steps: in the in_proj when folded, else sized by the batch

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _triton_cases import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from triton_device import kernel_device
 
@@ -23,10 +25,12 @@ from avmp.kernels.triton.skinny_linear import (  # noqa: E402
     ActEpilogue,
     ConvEpilogue,
     SkinnyConfig,
+    balanced_config,
     decode_config,
     default_config,
     num_sms,
     skinny_linear,
+    stream_parts,
     tiles,
     tma_fits,
 )
@@ -249,6 +253,96 @@ def test_rejects_bad_counters() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             skinny_linear(x, w, None, config, counters=counters)
+
+
+BALANCED_CASES = [  # (m, n, k, block_m, block_n, block_k, programs, dtype)
+    (5, 200, 300, 16, 32, 64, 7, torch.bfloat16),  # 7 tiles x 5 K steps over 7 programs
+    (17, 96, 160, 32, 32, 32, 13, torch.float32),  # runs of 1-2 K steps: 3 parts a tile
+    (64, 256, 512, 64, 64, 128, 3, torch.bfloat16),
+    (3, 100, 64, 16, 16, 32, 40, torch.float16),  # more programs than K steps (14)
+    (130, 48, 96, 64, 16, 32, 5, torch.float32),  # three M tiles
+]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("case", BALANCED_CASES, ids=str)
+def test_programs_sharing_the_tiles_compute_the_linear(case: tuple, tma: bool) -> None:
+    """``config.programs``: a fixed number of programs each streaming an equal run of
+    the tiles' K steps; a tile several share is summed by the last, the counters left at
+    zero; the same bits every call."""
+    m, n, k, block_m, block_n, block_k, programs, dtype = case
+    x, w, b = make_inputs(m, n, k, dtype, seed=programs)
+    config = SkinnyConfig(block_m, block_n, block_k, 1, 4, 3, tma=tma, programs=programs)
+    counters = torch.zeros(tiles(m, n, config) + 2, dtype=torch.int32, device=DEVICE)
+    for bias in (None, b):
+        out = skinny_linear(x, w, bias, config, counters=counters)
+        assert not counters.any()
+        assert_close("programs", out, F.linear(x, w, bias), dtype)
+        assert torch.equal(out, skinny_linear(x, w, bias, config, counters=counters))
+    # the unbalanced launch of the same tiles: the same sums but for the shared tiles'
+    # order of adding, so equal within rounding
+    assert_close("programs", out, skinny_linear(x, w, b, dataclasses.replace(
+        config, programs=0)), dtype)  # fmt: skip
+
+
+def _parts_by_walk(units: int, programs: int, k_steps: int) -> int:
+    """The most programs sharing one tile, by listing each program's run."""
+    owners: dict[int, set[int]] = {}
+    for p in range(programs):
+        for unit in range(p * units // programs, (p + 1) * units // programs):
+            owners.setdefault(unit // k_steps, set()).add(p)
+    return max(len(o) for o in owners.values())
+
+
+@given(tiles_=st.integers(1, 300), k_steps=st.integers(1, 40), programs=st.integers(1, 200))
+@settings(max_examples=150, deadline=None)
+def test_stream_parts_bounds_the_programs_a_tile_has(tiles_: int, k_steps: int,
+                                                     programs: int) -> None:  # fmt: skip
+    units = tiles_ * k_steps
+    programs = min(programs, units)  # as the launch caps them
+    bound = stream_parts(units, programs, k_steps)
+    walked = _parts_by_walk(units, programs, k_steps)
+    assert walked <= bound <= min(k_steps, programs)
+    if units % programs == 0 and (units // programs) % k_steps == 0:
+        assert walked == 1  # runs of whole tiles share none
+
+
+def test_programs_need_counters_and_no_epilogue_and_split_k_one() -> None:
+    x, w, b = make_inputs(4, 64, 64, torch.bfloat16)
+    config = SkinnyConfig(16, 16, 16, 1, programs=5)
+    counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="needs counters"):
+        skinny_linear(x, w, b, config)
+    with pytest.raises(ValueError, match="no conv or activation"):
+        skinny_linear(x, w, b, config, counters=counters, act=ActEpilogue())
+    with pytest.raises(ValueError, match="split_k 1"):
+        SkinnyConfig(16, 16, 16, 2, programs=5)
+    for bad in (-1, 1.5, 1 << 17):
+        with pytest.raises(ValueError, match="programs"):
+            SkinnyConfig(programs=bad)  # type: ignore[arg-type]
+    assert SkinnyConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("m", "n", "k", "balanced"), [
+    (64, 8512, 2048, True),  # 133 tiles on 132 SMs: a second wave of one tile
+    (64, 18560, 4096, True),  # 290 tiles: 2.2 waves
+    (64, 8448, 2048, False),  # 132 tiles: one whole wave
+    (64, 16896, 2048, False),  # 264: two
+    (64, 2048, 4096, False),  # 32 tiles, K split in 4
+    (64, 4096, 1024, False),  # 64 tiles, 8 K steps: too few to split, one wave
+    (1, 8512, 2048, True),
+])  # fmt: skip
+def test_balanced_config_takes_the_tiles_that_overrun_a_wave(
+    m: int, n: int, k: int, balanced: bool
+) -> None:
+    config = balanced_config(m, n, k, 132)
+    assert (config is not None) == balanced
+    if config is not None:
+        base = decode_config(m, n, k, 132)
+        assert config.programs == 132 and config.split_k == 1
+        assert dataclasses.replace(config, programs=0, num_stages=base.num_stages) == base
+        assert config.pipeline_bytes(2) <= 160 << 10 and config.num_stages >= 5
+    assert balanced_config(m, n, k, 1) is None  # one SM: every tile a whole wave
 
 
 CONV_CASES = [  # (m, n, k, split, start, channels, columns, width, state dtype, bias)

@@ -116,10 +116,14 @@ class TritonOps(Ops):
         # its input, as it stores it (`OutputAct`): one activation launch fewer per layer.
         self.act_epilogue = True
         # Decode conv steps sized by the batch (`block_channels`: about one wave of
-        # programs) rather than 64 channels per program. Off until measured on a GPU
-        # (the step profile of session 23: 6.2 µs per conv step at batch 64, 4,352
-        # programs); the engine benchmark's "wide_conv" setting.
-        self.wide_conv = False
+        # programs) rather than 64 channels per program (batch 64 on an H100: Granite
+        # 5.20 -> 5.15 ms a step, Nemotron-H 8.84 -> 8.70; session 24, the engine
+        # benchmark's "wide_conv" setting).
+        self.wide_conv = True
+        # Linears whose tiles overrun a whole wave of programs (Granite-4.0-H's in_proj:
+        # 133 tiles on 132 SMs) by one program per SM sharing the tiles' K steps
+        # equally (`balanced_config`) rather than one program per tile.
+        self.balanced = True
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
@@ -220,19 +224,19 @@ class TritonOps(Ops):
             out = self._act_epilogue(h, weight, bias, pdl, act)
             if out is not None:
                 return out
-        config = sk.decode_config(
-            h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device), h.element_size()
-        )
+        shape = (h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device),
+                 h.element_size())  # fmt: skip
+        config = sk.decode_config(*shape)
         counters = None
-        if (self.fold_parts or conv is not None) and config.split_k > 1:
-            counters = self._counters.get(h.device)
-            if counters is None and not _capturing(h.device):  # made by a warm-up step
-                counters = torch.zeros(COUNTERS, dtype=torch.int32, device=h.device)
-                self._counters[h.device] = counters
-            if counters is not None and counters.numel() < sk.tiles(
-                h.shape[0], weight.shape[0], config
-            ):
-                counters = None
+        balanced = sk.balanced_config(*shape) if self.balanced and conv is None else None
+        if balanced is not None:
+            counters = self._tile_counters(h.device, sk.tiles(h.shape[0], weight.shape[0],
+                                                              balanced))  # fmt: skip
+            if counters is not None:
+                config = balanced
+        elif (self.fold_parts or conv is not None) and config.split_k > 1:
+            counters = self._tile_counters(h.device, sk.tiles(h.shape[0], weight.shape[0],
+                                                              config))  # fmt: skip
         epilogue = None
         if conv is not None and (config.split_k == 1 or counters is not None):
             epilogue = sk.ConvEpilogue(conv.state, conv.slot_idx, conv.weight, conv.bias,
@@ -242,6 +246,16 @@ class TritonOps(Ops):
             h, weight, bias, config, pdl=pdl, prefetch_bytes=self.skinny_prefetch if pdl else 0,
             counters=counters, conv=epilogue,
         )  # fmt: skip
+
+    def _tile_counters(self, device: torch.device, tiles: int) -> torch.Tensor | None:
+        """The skinny GEMMs' tile counters on ``device`` (zeros between calls), made by
+        the first call outside a graph capture (a warm-up step); None while there are
+        none yet or fewer than ``tiles``."""
+        counters = self._counters.get(device)
+        if counters is None and not _capturing(device):
+            counters = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+            self._counters[device] = counters
+        return counters if counters is not None and counters.numel() >= tiles else None
 
     def norm_linear(
         self,

@@ -44,7 +44,7 @@ and the launch. The prefetch is a hint; it changes no result.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -72,6 +72,7 @@ MAX_BLOCK_M = 256  # a decode batch; larger M takes several M tiles (weights re-
 MAX_BLOCK_N = 256
 MAX_BLOCK_K = 512
 MAX_SPLIT_K = 64
+MAX_PROGRAMS = 1 << 16
 NUM_WARPS = (1, 2, 4, 8, 16)
 # Columns of out one program of the split-K reduction sums.
 REDUCE_BLOCK = 512
@@ -82,6 +83,10 @@ MIN_K_BLOCKS_PER_SPLIT = 4
 DEFAULT_MAX_SPLIT_K = 16
 PIPELINE_BUDGET_BYTES = 128 << 10  # one program's staged tiles; H100 has 227 KiB per SM
 MAX_DEFAULT_STAGES = 4
+# `balanced_config`: one program per SM, so its pipeline may take most of the SM's
+# shared memory (5 stages of a 64-row batch's 64 x 128 bf16 tiles)
+BALANCED_STAGE_BYTES = 160 << 10
+MAX_BALANCED_STAGES = 8
 
 
 class ConvEpilogue(NamedTuple):
@@ -125,7 +130,10 @@ class SkinnyConfig:
     (1: no workspace, no second kernel). ``num_warps`` and ``num_stages`` go to Triton
     (``num_stages``: tiles in flight in the software pipeline). ``tma``: load the tiles
     with the Tensor Memory Accelerator (Hopper and later) where the call allows it
-    (`tma_fits`), else the same tiling with pointer loads.
+    (`tma_fits`), else the same tiling with pointer loads. ``programs`` > 0: that many
+    programs share every tile's K steps in equal runs (`_skinny_stream_kernel`; needs
+    ``split_k`` 1 and a call's ``counters``), so 133 tiles on 132 SMs take no second
+    wave; 0: one program per tile and K part.
     """
 
     block_m: int = 16
@@ -135,6 +143,7 @@ class SkinnyConfig:
     num_warps: int = 4
     num_stages: int = 4
     tma: bool = False
+    programs: int = 0
 
     def __post_init__(self) -> None:
         for name, limit in (("block_m", MAX_BLOCK_M), ("block_n", MAX_BLOCK_N),
@@ -148,6 +157,11 @@ class SkinnyConfig:
             raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages}")
         if not isinstance(self.tma, bool):
             raise ValueError(f"tma must be a bool, got {self.tma!r}")
+        if not _is_int(self.programs) or not 0 <= self.programs <= MAX_PROGRAMS:
+            raise ValueError(f"programs must be an int in [0, {MAX_PROGRAMS}], got "
+                             f"{self.programs}")
+        if self.programs and self.split_k != 1:
+            raise ValueError("programs (runs of K steps over the tiles) needs split_k 1")
 
     def to_dict(self) -> dict[str, int]:
         """The fields as JSON-ready ints (the benchmark saves its best configs so)."""
@@ -155,8 +169,8 @@ class SkinnyConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SkinnyConfig:
-        """Inverse of ``to_dict``; unknown keys raise TypeError (``tma`` may be absent:
-        results saved before it existed)."""
+        """Inverse of ``to_dict``; unknown keys raise TypeError (``tma`` and ``programs``
+        may be absent: results saved before they existed)."""
         return cls(**fields)
 
     def pipeline_bytes(self, element_size: int) -> int:
@@ -239,6 +253,22 @@ def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -
     while num_tiles * split * 2 <= num_sms and split * 2 <= most:
         split *= 2
     return SkinnyConfig(block_m, block_n, block_k, split, 4, 3 if split == 1 else 4, tma=True)
+
+
+def balanced_config(m: int, n: int, k: int, num_sms: int,
+                    element_size: int = 2) -> SkinnyConfig | None:  # fmt: skip
+    """`decode_config`'s tiles over one program per SM (``programs``), each streaming an
+    equal run of all tiles' K steps with ``BALANCED_STAGE_BYTES`` of tiles in flight,
+    where one program per tile would leave a last partial wave: more tiles than SMs and
+    not a whole number of waves (133 tiles of Granite-4.0-H's in_proj on 132 SMs). None
+    where the decode tiling fills its waves or splits K."""
+    config = decode_config(m, n, k, num_sms, element_size)
+    num_tiles = tiles(m, n, config)
+    if config.split_k > 1 or num_tiles <= num_sms or num_tiles % num_sms == 0:
+        return None
+    stage_bytes = (config.block_n + config.block_m) * config.block_k * element_size
+    stages = max(2, min(MAX_BALANCED_STAGES, BALANCED_STAGE_BYTES // stage_bytes))
+    return replace(config, num_stages=stages, programs=num_sms)
 
 
 # Largest prefetch one weight row asks for before the wait (bytes; a bulk prefetch's size
@@ -494,6 +524,83 @@ def _skinny_tma_kernel(
                  WIDTH, CONV_BIAS, ACT, UP_BIAS)  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["M", "units"])
+def _skinny_stream_kernel(
+    x_desc, w_desc, x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, units, stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """The skinny GEMM over a fixed number of programs (`SkinnyConfig.programs`): the
+    ``units`` K steps of all output tiles, tile after tile, cut into equal runs, one per
+    program, so no program waits for a last partial wave. A tile whose K steps one
+    program holds is stored whole; a tile two or more share is summed in the K order of
+    its parts by the last of them to finish (`_finish_tile`'s counters), as a split K's
+    fold does. Tiles load by TMA (``TMA``) or by pointers."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    start = pid * units // programs
+    end = (pid + 1) * units // programs
+    if PREFETCH > 0:  # the first tile's weight bytes of this run, asked of L2 early
+        tile = start // k_steps
+        k_base = (start - tile * k_steps).to(tl.int64) * BLOCK_K
+        k_stop = tl.minimum(tl.minimum(end - tile * k_steps, k_steps).to(tl.int64) * BLOCK_K, K)
+        left = (k_stop - k_base) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        size = tl.minimum(left // 16 * 16, PREFETCH).to(tl.int32)
+        if size > 0:
+            rows = ((tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+            _prefetch_rows_l2(w_ptr + rows.to(tl.int64) * stride_wn + k_base,
+                              size + tl.zeros([BLOCK_N], dtype=tl.int32))  # fmt: skip
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    unit = start
+    while unit < end:
+        tile = unit // k_steps
+        kb_start = unit - tile * k_steps
+        kb_end = tl.minimum(k_steps, end - tile * k_steps)
+        n0 = (tile % tiles_n) * BLOCK_N
+        m0 = (tile // tiles_n) * BLOCK_M
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T tile
+        if TMA:
+            for kb in tl.range(kb_start, kb_end, num_stages=NUM_STAGES):
+                w = w_desc.load([n0, kb * BLOCK_K])  # [BN, BK]
+                x = x_desc.load([m0, kb * BLOCK_K])  # [BM, BK]
+                acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            rows_w = (offs_n % N).to(tl.int64)  # wrapped, as in _skinny_kernel
+            rows_x = (offs_m % M).to(tl.int64)
+            for kb in tl.range(kb_start, kb_end, num_stages=NUM_STAGES):
+                offs_k = (kb * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+                w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :]
+                x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk
+                if EVEN_K:
+                    w = tl.load(w_ptrs)
+                    x = tl.load(x_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                    x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                    x = x.to(tl.float32)
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        # the programs sharing this tile: those owning its first and its last K step
+        first = ((tile * k_steps + 1) * programs - 1) // units
+        last = ((tile + 1) * k_steps * programs - 1) // units
+        _finish_tile(acc, acc, offs_n, offs_m, tile, pid - first, M, N, last - first + 1,
+                     b_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om, stride_on,
+                     out_ptr, out_ptr, out_ptr, out_ptr, 0, 0, 0, 0, 0, 0, 0, 0,
+                     HAS_BIAS, True, False, 1, 1, False, 0, False)  # fmt: skip
+        unit = (tile + 1) * k_steps
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _split_k_reduce_kernel(
     ws_ptr, b_ptr, out_ptr, M, N, split_k, stride_om, stride_on,
@@ -609,8 +716,23 @@ def skinny_linear(
             raise ValueError("a conv epilogue over a split K needs counters")
     if act is not None:
         _check_act(act, x, weight, bias, conv, config)
+    if config.programs:
+        if counters is None:
+            raise ValueError("config.programs needs counters (a tile two programs share "
+                             "is summed by the last)")
+        if conv is not None or act is not None:
+            raise ValueError("config.programs takes no conv or activation epilogue")
+        _launch_stream(x, weight, bias, out, config, pdl, prefetch, counters)
+        return out
     _launch(x, weight, bias, out, config, pdl, prefetch, counters, conv, act)
     return out
+
+
+def stream_parts(units: int, programs: int, k_steps: int) -> int:
+    """The most programs one tile of ``k_steps`` K steps is shared by when ``units`` K
+    steps are cut into ``programs`` equal runs (the workspace's parts)."""
+    shortest = units // programs
+    return min(k_steps, programs, (k_steps - 2) // shortest + 2)
 
 
 def splits_k(k: int, config: SkinnyConfig) -> bool:
@@ -737,6 +859,39 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, USE_PDL=pdl, num_warps=4,
             launch_pdl=pdl,
         )
+
+
+def _launch_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   out: torch.Tensor, config: SkinnyConfig, pdl: bool, prefetch: int,
+                   counters: torch.Tensor) -> None:  # fmt: skip
+    """`_skinny_stream_kernel` over ``config.programs`` programs (fewer when the call has
+    fewer K steps than that)."""
+    (m, k), n = x.shape, weight.shape[0]
+    k_steps = triton.cdiv(k, config.block_k)
+    units = tiles(m, n, config) * k_steps
+    programs = min(config.programs, units)
+    if (units + 1) * programs >= 1 << 31:  # the kernel's run bounds are int32 products
+        raise ValueError(f"{units} K steps over {programs} programs overflow the kernel's "
+                         f"int32 run bounds")
+    parts = stream_parts(units, programs, k_steps)
+    workspace = torch.empty((parts, m, n) if parts > 1 else (1,), dtype=torch.float32,
+                            device=x.device)  # fmt: skip
+    x_arg, w_arg = x, weight
+    tma = config.tma and tma_fits(x, weight, config)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_arg = TensorDescriptor.from_tensor(x, [config.block_m, config.block_k])
+        w_arg = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
+    _skinny_stream_kernel[(programs,)](
+        x_arg, w_arg, x, weight, bias if bias is not None else out, out, workspace, counters,
+        m, n, k, units, x.stride(0), x.stride(1), weight.stride(0), out.stride(0),
+        out.stride(1), HAS_BIAS=bias is not None, TMA=tma, EVEN_K=k % config.block_k == 0,
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        NUM_STAGES=config.num_stages, USE_PDL=pdl, PREFETCH=prefetch,
+        num_warps=config.num_warps, launch_pdl=pdl,
+    )
 
 
 def _launch_pointers(
