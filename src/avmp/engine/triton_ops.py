@@ -122,8 +122,9 @@ class TritonOps(Ops):
         self.wide_conv = True
         # Linears whose tiles overrun a whole wave of programs (Granite-4.0-H's in_proj:
         # 133 tiles on 132 SMs) by one program per SM sharing the tiles' K steps
-        # equally (`balanced_config`) rather than one program per tile.
-        self.balanced = True
+        # equally (`balanced_config`) rather than one program per tile. Off until a GPU
+        # run measures it in the engine (the engine benchmark's "balanced" setting).
+        self.balanced = False
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
