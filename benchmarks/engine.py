@@ -866,7 +866,7 @@ PROLOGUE_SETTINGS = {
 }
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
-             "wide_conv": False, "balanced": False}
+             "wide_conv": False, "balanced": False, "defer_sums": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -879,6 +879,8 @@ SKINNY_SETTINGS = {
                   **_UNFOLDED, "act_epilogue": True, "wide_conv": True},
     "balanced": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                  **_UNFOLDED, "act_epilogue": True, "wide_conv": True, "balanced": True},
+    "defer_sums": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
+                   **_UNFOLDED, "act_epilogue": True, "wide_conv": True, "defer_sums": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
     # each fold alone, over the default (activation epilogue on)
@@ -956,7 +958,9 @@ def skinny_comparison(
     weights asked of L2 before the wait, with the MLP activation applied by the GEMM
     before it (the default, `TritonOps.act_epilogue`), with the decode conv step's
     programs sized by the batch (`TritonOps.wide_conv`), with the tiles of linears that
-    overrun a wave shared by one program per SM (`TritonOps.balanced`), and with a split
+    overrun a wave shared by one program per SM (`TritonOps.balanced`), with split-K
+    outputs that only join the residual stream summed by its next norm
+    (`TritonOps.defer_sums`), and with a split
     K's parts and the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`,
     `fold_conv`)."""
     names = args.skinny_settings or list(SKINNY_SETTINGS)
@@ -1141,7 +1145,8 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
         "GEMM, per setting run (skinny: ordinary launches; _pdl: dependent launches; "
         "_prefetch: its first weight bytes asked of L2 early; act_epilogue: the MLP "
         "activation applied by the GEMM before it; wide_conv: conv steps sized by the "
-        "batch; balanced: tiles past a whole wave shared by one program per SM; folded, "
+        "batch; balanced: tiles past a whole wave shared by one program per SM; defer_sums: "
+        "split-K parts summed by the next norm; folded, "
         "fold_parts, fold_conv: split-K parts and the conv step summed and "
         "applied in the GEMMs)"
     )

@@ -10,6 +10,7 @@ context 0) a replayed graph computes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -150,7 +151,8 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     computes its input (Granite's stacked gate and up, Nemotron-H's relu²; Bamba's gate
     and up are two linears), the conv steps' programs sized by the batch
     (``wide_conv``) and, on a GPU made to count 4 SMs, the linears whose tiles overrun a
-    wave run by 4 programs sharing their K steps (``balanced``). The tokens stay
+    wave run by 4 programs sharing their K steps (``balanced``), and split-K outputs that
+    only join the residual stream summed by its next norm (``defer_sums``). The tokens stay
     transformers'. Without it (``skinny_rows = 0``) those linears are cuBLAS's."""
     from avmp.kernels import triton as kernels
     from avmp.kernels.triton import skinny_linear
@@ -172,6 +174,14 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
         return launch(x, *args, **kwargs)
 
     monkeypatch.setattr(skinny_linear, "skinny_linear", spy)
+    deferred: list[int] = []
+    parts_launch = skinny_linear.skinny_parts
+
+    def parts_spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        deferred.append(x.shape[0])
+        return parts_launch(x, *args, **kwargs)
+
+    monkeypatch.setattr(skinny_linear, "skinny_parts", parts_spy)
     conv_blocks: list[int | None] = []
     conv_step = kernels.conv1d_update
 
@@ -186,16 +196,31 @@ def test_decode_rows_run_the_skinny_gemm_and_match_transformers(
     ops = engine.model.ops
     assert isinstance(ops, TritonOps)
     ops.fold_parts = ops.fold_conv = folded
-    ops.act_epilogue = ops.wide_conv = ops.balanced = not folded
-    if not folded:  # few SMs: the tiny model's larger linears overrun a wave
+    ops.act_epilogue = ops.wide_conv = ops.balanced = ops.defer_sums = not folded
+    if not folded:  # few SMs: the tiny model's larger linears overrun a wave, and its
+        # one-tile linears reading more than the hidden size (64) split K in two (the
+        # MLPs' first linears, K 64, keep their activation epilogue)
         monkeypatch.setattr(skinny_linear, "num_sms", lambda device: 4)
+        decode_config = skinny_linear.decode_config
+
+        def split_config(m: int, n: int, k: int, *args: Any) -> Any:
+            config = decode_config(m, n, k, *args)
+            if n > config.block_n or k <= 64:
+                return config
+            return dataclasses.replace(config, block_k=32, split_k=2, num_stages=2)
+
+        monkeypatch.setattr(skinny_linear, "decode_config", split_config)
     acts.clear()  # the engine's warm-up steps ran with the defaults
     conv_blocks.clear()
     programs.clear()
+    deferred.clear()
     engine.runner.graphs.clear()
     _assert_identical(engine, checkpoint, [6, 9, 4])
     assert rows and min(rows) >= 2 and max(rows) <= ops.skinny_rows
     assert (4 in programs) == (not folded) and set(programs) <= {0, 4}
+    # split-K outputs joining the residual stream summed by its next norm (Granite's
+    # and Nemotron-H's blocks mark them; Bamba's do not)
+    assert bool(deferred) == (not folded and family != "bamba")
     assert bool(convs) == folded  # every Mamba2 layer of a multi-row decode step
     assert bool(acts) == (not folded and family != "bamba")
     # decode steps' conv steps: in the in_proj when folded, else sized by the batch

@@ -64,3 +64,31 @@ def test_rejects_a_size_that_is_no_multiple_of_the_group() -> None:
     x = torch.randn(2, 10, device=DEVICE)
     with pytest.raises(ValueError, match="multiple"):
         rms_norm(x, torch.ones(10, device=DEVICE), 1e-6, group_size=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("scale", "with_bias"), [(None, False), (0.37, True)])
+def test_add_norm_sums_split_parts_as_their_total_does(
+    dtype: torch.dtype, scale: float | None, with_bias: bool
+) -> None:
+    """A split-K GEMM's unsummed parts as the delta: the very bits of the parts summed
+    by the reduce kernel first (`SplitParts.total`), then the norm, one launch fewer."""
+    from avmp.kernels.triton.skinny_linear import SkinnyConfig, skinny_linear, skinny_parts
+
+    gen = torch.Generator().manual_seed(5)
+    h, w, b, x = (torch.randn(shape, generator=gen).to(DEVICE, dtype)
+                  for shape in ((6, 256), (96, 256), (96,), (6, 96)))  # fmt: skip
+    bias = b if with_bias else None
+    config = SkinnyConfig(16, 32, 32, 4)  # 8 K steps in 4 parts
+    parts = skinny_parts(h, w, bias, config)
+    assert parts.parts.shape == (4, 6, 96) and parts.shape == (6, 96) and parts.dtype == dtype
+    total = parts.total()
+    assert torch.equal(total, skinny_linear(h, w, bias, config))
+    weight = (1 + 0.3 * torch.randn(96, generator=gen)).to(DEVICE, dtype)
+    s_parts, out_parts = add_rms_norm(x, parts, weight, 1e-5, scale)
+    s_total, out_total = add_rms_norm(x, total, weight, 1e-5, scale)
+    assert torch.equal(s_parts, s_total) and torch.equal(out_parts, out_total)
+    with pytest.raises(ValueError, match="dtype"):
+        add_rms_norm(x.to(torch.float16), parts, weight.to(torch.float16), 1e-5)
+    with pytest.raises(ValueError, match="splitting K"):
+        skinny_parts(h, w, bias, SkinnyConfig(16, 32, 32, 1))

@@ -157,9 +157,13 @@ class Ops:
         return total, F.linear(h, weight, bias)
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``linear(x)`` (after an `OutputAct` applied: the next linear)."""
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        residual: bool = False,
+    ) -> Any:
+        """``linear(x)`` (after an `OutputAct` applied: the next linear). ``residual``:
+        the output only joins the residual stream (`Residual.add`), so the ops may
+        return it as a value the stream's next norm finishes (the Triton ops' split-K
+        parts); here a tensor."""
         return F.linear(x, weight, bias)
 
     def gated_norm_linear(
@@ -171,8 +175,10 @@ class Ops:
         group_size: int,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``linear(gated_rms_norm(y, gate))``, the norm's output in the weight's dtype."""
+        residual: bool = False,
+    ) -> Any:
+        """``linear(gated_rms_norm(y, gate))``, the norm's output in the weight's dtype
+        (``residual``: as in `linear`)."""
         h = self.gated_rms_norm(y, gate, norm_weight, eps, group_size)
         return F.linear(h.to(weight.dtype), weight, bias)
 

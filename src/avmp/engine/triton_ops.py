@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from avmp.engine.models.qwen3_next import GatedDeltaNet
     from avmp.kernels.triton.causal_conv1d_varlen import ConvTileTable
     from avmp.kernels.triton.mamba2_chunk_scan import ChunkLayout
+    from avmp.kernels.triton.skinny_linear import SplitParts
 
 
 class Mamba2ScanPlan(NamedTuple):
@@ -125,6 +126,11 @@ class TritonOps(Ops):
         # equally (`balanced_config`) rather than one program per tile. Off until a GPU
         # run measures it in the engine (the engine benchmark's "balanced" setting).
         self.balanced = False
+        # A split K's parts of a linear whose output only joins the residual stream
+        # summed by the next norm kernel (`SplitParts`, `add_rms_norm`) rather than by a
+        # reduce kernel of their own: one launch fewer per such linear. Off until a GPU
+        # run measures it (the engine benchmark's "defer_sums" setting).
+        self.defer_sums = False
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
@@ -216,10 +222,14 @@ class TritonOps(Ops):
         pdl: bool,
         conv: DecodeConv | None = None,
         act: OutputAct | None = None,
-    ) -> torch.Tensor:
+        residual: bool = False,
+    ) -> torch.Tensor | SplitParts:
         """``linear(h)`` over decode rows by `skinny_linear` (`decode_config`'s tiling),
         applying ``conv`` to its output where it can (a split K needs the counters), or
-        ``act`` (`_act_epilogue`)."""
+        ``act`` (`_act_epilogue`). ``residual``: the output is only added to the
+        residual stream, whose next norm sums a split K's parts (`SplitParts`) when
+        ``defer_sums`` is on and that norm runs on its own (rows above
+        ``prologue_rows``)."""
         sk = self._skinny
         if act is not None and self.act_epilogue:
             out = self._act_epilogue(h, weight, bias, pdl, act)
@@ -238,6 +248,10 @@ class TritonOps(Ops):
         elif (self.fold_parts or conv is not None) and config.split_k > 1:
             counters = self._tile_counters(h.device, sk.tiles(h.shape[0], weight.shape[0],
                                                               config))  # fmt: skip
+        if (residual and self.defer_sums and counters is None and conv is None
+                and not self._prologue(h) and sk.splits_k(h.shape[1], config)):  # fmt: skip
+            return sk.skinny_parts(h, weight, bias, config, pdl=pdl,
+                                   prefetch_bytes=self.skinny_prefetch if pdl else 0)  # fmt: skip
         epilogue = None
         if conv is not None and (config.split_k == 1 or counters is not None):
             epilogue = sk.ConvEpilogue(conv.state, conv.slot_idx, conv.weight, conv.bias,
@@ -272,6 +286,8 @@ class TritonOps(Ops):
         act: OutputAct | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pdl = self._pdl(x.device)
+        if isinstance(delta, self._skinny.SplitParts) and self._prologue(x):
+            delta = delta.total(pdl)
         if not self._prologue(x):
             if delta is None:
                 total, h = x, self._norm.rms_norm(x, norm_weight, eps, fp32_weight=fp32_weight,
@@ -318,12 +334,13 @@ class TritonOps(Ops):
         )  # fmt: skip
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        residual: bool = False,
+    ) -> torch.Tensor | SplitParts:
         """Decode rows the skinny GEMM takes (`fuses_prologue`, above ``prologue_rows``)
-        by it, as a dependent launch; others by cuBLAS."""
+        by it, as a dependent launch (``residual``: see `_linear`); others by cuBLAS."""
         if self.fuses_prologue(x, weight, bias) and not self._prologue(x):
-            return self._linear(x, weight, bias, self._pdl(x.device))
+            return self._linear(x, weight, bias, self._pdl(x.device), residual=residual)
         return F.linear(x, weight, bias)
 
     def gated_norm_linear(
@@ -335,11 +352,12 @@ class TritonOps(Ops):
         group_size: int,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-    ) -> torch.Tensor:
+        residual: bool = False,
+    ) -> torch.Tensor | SplitParts:
         pdl = self._pdl(y.device)
         if not self._prologue(y):
             h = self._norm.rms_norm(y, norm_weight, eps, gate, group_size, pdl=pdl)
-            return self._linear(h.to(weight.dtype), weight, bias, pdl)
+            return self._linear(h.to(weight.dtype), weight, bias, pdl, residual=residual)
         if not self._pl.tile_fits_groups(y.shape[-1], group_size):
             return super().gated_norm_linear(y, gate, norm_weight, eps, group_size, weight, bias)
         return self._pl.gated_norm_linear(

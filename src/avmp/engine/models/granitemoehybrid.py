@@ -71,9 +71,11 @@ class GraniteSharedMLP(OpsLayer):
         )
         self.output_linear = row_linear(rows, config.hidden_size, False, tp, reduce)
         self.act = activation(config.hidden_act)
+        self.residual_out = False  # see `Mamba2Mixer.residual_out`
 
-    def forward(self, x: Normed) -> torch.Tensor:
-        return act_mlp(self, self.act, x, self.input_linear, self.output_linear, gated=True)
+    def forward(self, x: Normed) -> Any:
+        return act_mlp(self, self.act, x, self.input_linear, self.output_linear, gated=True,
+                       residual=self.residual_out)  # fmt: skip
 
 
 class ExpertWeights(nn.Module):
@@ -163,6 +165,10 @@ class GraniteBlock(nn.Module):
             )
         else:
             self.mamba = mamba2_from_granite_style(config, layer_index, tp)
+            self.mamba.residual_out = True  # added to the stream as it is
+        # the MLP's output joins the stream as it is unless the experts' or the other
+        # ranks' sums are added to it first
+        self.shared_mlp.residual_out = self.block_sparse_moe is None and tp.is_single
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.normed(self.input_layernorm)

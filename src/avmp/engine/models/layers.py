@@ -119,8 +119,10 @@ class Residual:
         self.delta: torch.Tensor | None = None
         self.scale: float | None = None
 
-    def add(self, delta: torch.Tensor, scale: float | None = None) -> None:
-        """Add ``delta * scale`` to the stream (when it is next read)."""
+    def add(self, delta: Any, scale: float | None = None) -> None:
+        """Add ``delta * scale`` to the stream (when it is next read). ``delta``: a
+        tensor, or what an ops' ``residual`` linear returned (a split K's parts, which
+        the stream's next fused norm sums; anything else reading it sums them first)."""
         if self.delta is not None:
             self.value()
         self.delta, self.scale = delta, scale
@@ -128,7 +130,8 @@ class Residual:
     def value(self) -> torch.Tensor:
         """The stream with every addition made."""
         if self.delta is not None:
-            delta = self.delta if self.scale is None else self.delta * self.scale
+            delta = _tensor(self.delta)
+            delta = delta if self.scale is None else delta * self.scale
             self.x, self.delta = self.x + delta, None
         return self.x
 
@@ -145,6 +148,14 @@ class Residual:
         """``norm`` of the stream for readers that are linear layers (`NormedStream`);
         they read it before the stream's next addition."""
         return NormedStream(self, norm)
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """``value`` as a tensor: split-K parts (`SplitParts`) summed."""
+    if isinstance(value, torch.Tensor):
+        return value
+    out: torch.Tensor = value.total()
+    return out
 
 
 class NormedStream:
@@ -211,18 +222,20 @@ def linear_of(
 
 
 def act_mlp(
-    layer: OpsLayer, act: Activation, x: Normed, up: nn.Module, down: nn.Module, gated: bool
-) -> torch.Tensor:
+    layer: OpsLayer, act: Activation, x: Normed, up: nn.Module, down: nn.Module, gated: bool,
+    residual: bool = False,
+) -> Any:
     """``down(act(a) * b)`` with ``a, b`` the two halves of ``up(x)``'s features
     (``gated``: Granite-4.0-H's input_linear), else ``down(act(up(x)))`` (Nemotron-H's
     relu²). The activation runs as ``up`` stores its output where the ops can
     (`OutputAct`), else in ``down``'s prologue where they fuse it (`glu_linear`,
-    `act_linear`), else on its own."""
+    `act_linear`), else on its own. ``residual``: the output only joins the residual
+    stream (`Ops.linear`)."""
     offer = OutputAct(act, gated)
     h = linear_of(up, x, act=offer)
     if offer.applied:
         if type(down) is nn.Linear:
-            return layer.ops.linear(h, down.weight, down.bias)
+            return layer.ops.linear(h, down.weight, down.bias, residual)
         out: torch.Tensor = down(h)
         return out
     if gated:
@@ -273,9 +286,11 @@ class RMSNormGated(OpsLayer):
         return self.weight * self.span.rms_norm(h, self.variance_epsilon).to(x.dtype)
 
     def linear(
-        self, x: torch.Tensor, gate: torch.Tensor, linear: nn.Module, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """``linear(norm(x, gate).to(dtype))``, in one kernel where the ops fuse it."""
+        self, x: torch.Tensor, gate: torch.Tensor, linear: nn.Module, dtype: torch.dtype,
+        residual: bool = False,
+    ) -> Any:
+        """``linear(norm(x, gate).to(dtype))``, in one kernel where the ops fuse it
+        (``residual``: the output only joins the residual stream, `Ops.linear`)."""
         if (
             self.span is None
             and type(linear) is nn.Linear
@@ -284,7 +299,7 @@ class RMSNormGated(OpsLayer):
         ):
             return self.ops.gated_norm_linear(
                 x, gate, self.weight, self.variance_epsilon, self.group_size,
-                linear.weight, linear.bias,
+                linear.weight, linear.bias, residual,
             )  # fmt: skip
         out: torch.Tensor = linear(self(x, gate).to(dtype))
         return out
@@ -438,6 +453,10 @@ class Mamba2Mixer(OpsLayer):
         self.norm: nn.Module = RMSNormGated(self.intermediate_size, group, eps, span)
         shard_param(self.norm.weight, inner, tp)
         self.out_proj = row_linear(inner, hidden_size, proj_bias, tp, reduce)
+        # Set by blocks whose residual stream takes the output as it is (no scaling or
+        # reduction between): the ops may then leave a split K's sum to the stream's
+        # next norm (`Ops.linear`'s ``residual``).
+        self.residual_out = False
 
     @property
     def ssm_shape(self) -> tuple[int, int, int]:
@@ -448,6 +467,8 @@ class Mamba2Mixer(OpsLayer):
         proj = linear_of(self.in_proj, x, conv)
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache, conv_done=conv is not None and conv.applied)
+        if isinstance(self.norm, RMSNormGated):
+            return self.norm.linear(y, gate, self.out_proj, x.dtype, self.residual_out)
         return self.norm.linear(y, gate, self.out_proj, x.dtype)
 
     def mix(

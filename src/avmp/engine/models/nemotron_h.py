@@ -47,9 +47,11 @@ class NemotronMLP(OpsLayer):
         self.up_proj = column_linear(config.hidden_size, rows, config.mlp_bias, tp)
         self.down_proj = row_linear(rows, config.hidden_size, config.mlp_bias, tp, reduce)
         self.act = activation(config.mlp_hidden_act)
+        self.residual_out = False  # see `Mamba2Mixer.residual_out`
 
-    def forward(self, x: Normed) -> torch.Tensor:
-        return act_mlp(self, self.act, x, self.up_proj, self.down_proj, gated=False)
+    def forward(self, x: Normed) -> Any:
+        return act_mlp(self, self.act, x, self.up_proj, self.down_proj, gated=False,
+                       residual=self.residual_out)  # fmt: skip
 
 
 class NemotronRouter(nn.Module):
@@ -155,6 +157,8 @@ class NemotronBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
         self.mixer = build_mixer(config, layer_index, tp)
+        if isinstance(self.mixer, Mamba2Mixer | NemotronMLP):  # added to the stream as is
+            self.mixer.residual_out = True
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
         h = x.normed(self.norm)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from avmp.kernels.triton._common import next_power_of_2, round_to
+from avmp.kernels.triton.skinny_linear import SplitParts
 
 
 @triton.jit
@@ -33,12 +34,17 @@ def _rms_norm_kernel(
     stride_s,
     eps,
     scale,
+    pb_ptr,
+    num_parts,
+    stride_p,
     GROUP: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_GATE: tl.constexpr,
     FP32_WEIGHT: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    PARTS: tl.constexpr,
+    PARTS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # a dependent launch: the next kernel may start; wait for the one before
@@ -50,7 +56,16 @@ def _rms_norm_kernel(
     mask = tl.arange(0, BLOCK) < GROUP
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:  # x + delta * scale, each rounded to x's dtype as torch rounds them
-        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+        if PARTS:  # delta as a split K's fp32 parts: summed and cast as the reduce does
+            d = tl.zeros([BLOCK], dtype=tl.float32)
+            for part in range(0, num_parts):
+                d += tl.load(delta_ptr + part * stride_p + row * stride_d + cols, mask=mask,
+                             other=0.0)  # fmt: skip
+            if PARTS_BIAS:
+                d += tl.load(pb_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            d = d.to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             d = round_to(d * scale, x_ptr.dtype.element_ty)
         h = round_to(h + d, x_ptr.dtype.element_ty)
@@ -91,7 +106,7 @@ def rms_norm(
 
 def add_rms_norm(
     x: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | SplitParts,
     weight: torch.Tensor,
     eps: float,
     scale: float | None = None,
@@ -101,13 +116,18 @@ def add_rms_norm(
     """``s = x + delta * scale`` (scale optional) and the RMS norm of ``s``, in one launch.
 
     ``s`` is rounded to x's dtype as torch's ``x + delta * scale`` rounds it (the product,
-    then the sum), so the norm sees the very values the unfused modules see.
+    then the sum), so the norm sees the very values the unfused modules see. ``delta``
+    may be a split-K GEMM's unsummed parts (`SplitParts`, x's dtype): summed here
+    exactly as `SplitParts.total` sums them, one launch fewer.
 
     Returns:
         ``(s, norm(s))``.
     """
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+    if isinstance(delta, SplitParts) and (delta.dtype != x.dtype or x.dim() != 2):
+        raise ValueError(f"split parts must sum to x's dtype {x.dtype} over [rows, "
+                         f"channels], got {delta.dtype} over {x.dim()} dimensions")
     out, total = _launch(x, weight, eps, None, None, fp32_weight, delta, scale, pdl)
     assert total is not None
     return total, out
@@ -126,7 +146,7 @@ def _launch(
     gate: torch.Tensor | None,
     group_size: int | None,
     fp32_weight: bool,
-    delta: torch.Tensor | None,
+    delta: torch.Tensor | SplitParts | None,
     scale: float | None,
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,7 +156,8 @@ def _launch(
         raise ValueError(f"weight must be [{size}] and {size} a multiple of {group}")
     x2 = _rows(x, size)
     g2 = None if gate is None else _rows(gate, size)
-    d2 = None if delta is None else _rows(delta, size)
+    parts = delta if isinstance(delta, SplitParts) else None
+    d2 = None if delta is None else parts.parts[0] if parts is not None else _rows(delta, size)
     out_dtype = x.dtype if fp32_weight else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty((x2.shape[0], size), dtype=out_dtype, device=x.device)
     total = None if d2 is None else torch.empty_like(x2)
@@ -155,12 +176,17 @@ def _launch(
             0 if total is None else total.stride(0),
             float(eps),
             1.0 if scale is None else float(scale),
+            out if parts is None or parts.bias is None else parts.bias,
+            0 if parts is None else parts.parts.shape[0],
+            0 if parts is None else parts.parts.stride(0),
             GROUP=group,
             BLOCK=next_power_of_2(group),
             HAS_GATE=g2 is not None,
             FP32_WEIGHT=fp32_weight,
             HAS_DELTA=d2 is not None,
             HAS_SCALE=scale is not None,
+            PARTS=parts is not None,
+            PARTS_BIAS=parts is not None and parts.bias is not None,
             USE_PDL=pdl,
             num_warps=8 if group >= 2048 else 4,
             launch_pdl=pdl,

@@ -121,6 +121,28 @@ class ActEpilogue(NamedTuple):
     up_bias: torch.Tensor | None = None
 
 
+class SplitParts(NamedTuple):
+    """A split-K call's output before its parts are summed (`skinny_parts`): ``parts``
+    ``[split, M, N]`` fp32, the ``bias`` to add, and the output's ``dtype``. `total`
+    sums them as the call would have; `avmp.kernels.triton.rms_norm.add_rms_norm` takes
+    them as its ``delta`` and sums them itself."""
+
+    parts: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts.shape[1:]
+
+    def total(self, pdl: bool = False) -> torch.Tensor:
+        """The ``[M, N]`` output: the parts summed in order, the bias added, cast."""
+        _, m, n = self.parts.shape
+        out = torch.empty((m, n), dtype=self.dtype, device=self.parts.device)
+        _reduce(self.parts, self.bias, out, pdl)
+        return out
+
+
 @dataclass(frozen=True)
 class SkinnyConfig:
     """Tiling of one skinny_linear launch.
@@ -728,6 +750,35 @@ def skinny_linear(
     return out
 
 
+def skinny_parts(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: SkinnyConfig,
+    pdl: bool = False,
+    prefetch_bytes: int = 0,
+) -> SplitParts:
+    """`skinny_linear` with a split K (``config.split_k`` > 1 over at least two K
+    steps), its parts left unsummed: no second kernel here, the consumer sums them
+    (`SplitParts`). The same bits as `skinny_linear` once summed.
+
+    Raises:
+        ValueError: what `skinny_linear` rejects, or a config that does not split K.
+    """
+    _check_inputs(x, weight, bias, None)
+    (m, k), n = x.shape, weight.shape[0]
+    if not splits_k(k, config) or config.programs or m == 0 or n == 0:
+        raise ValueError(f"skinny_parts needs a config splitting K ({k}) over a non-empty "
+                         f"output, got {config}")
+    if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
+        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
+                         f"got {prefetch_bytes}")
+    prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # never written
+    parts = _launch(x, weight, bias, out, config, pdl, prefetch, reduce=False)
+    return SplitParts(parts, bias, x.dtype)
+
+
 def stream_parts(units: int, programs: int, k_steps: int) -> int:
     """The most programs one tile of ``k_steps`` K steps is shared by when ``units`` K
     steps are cut into ``programs`` equal runs (the workspace's parts)."""
@@ -820,7 +871,10 @@ def _can_prefetch(weight: torch.Tensor) -> bool:
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: SkinnyConfig, pdl: bool = False,
             prefetch: int = 0, counters: torch.Tensor | None = None,
-            conv: ConvEpilogue | None = None, act: ActEpilogue | None = None) -> None:
+            conv: ConvEpilogue | None = None, act: ActEpilogue | None = None,
+            reduce: bool = True) -> torch.Tensor:
+    """Launch the GEMM (and the split-K reduce unless folded or not ``reduce``); returns
+    the workspace (a split K's parts, or one unused element)."""
     (m, k), n = x.shape, weight.shape[0]
     num_k_blocks = triton.cdiv(k, config.block_k)
     blocks_per_split = triton.cdiv(num_k_blocks, config.split_k)
@@ -853,12 +907,20 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         _launch_pointers(x, weight, bias_arg, out, workspace, cnt, config, blocks_per_split,
                          split_k, bias is not None, pdl, prefetch, fold, conv_args,
                          {**conv_meta, **act_meta}, (up, up_bias, up.stride(0)))  # fmt: skip
-    if split_k > 1 and not fold:
-        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            workspace, bias_arg, out, m, n, split_k, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, USE_PDL=pdl, num_warps=4,
-            launch_pdl=pdl,
-        )
+    if split_k > 1 and not fold and reduce:
+        _reduce(workspace, bias, out, pdl)
+    return workspace
+
+
+def _reduce(parts: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            pdl: bool) -> None:  # fmt: skip
+    """`_split_k_reduce_kernel`: ``out = sum(parts) (+ bias)``, the parts in order."""
+    split_k, m, n = parts.shape
+    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+        parts, bias if bias is not None else out, out, m, n, split_k, out.stride(0),
+        out.stride(1), HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
+    )
 
 
 def _launch_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
