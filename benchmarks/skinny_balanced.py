@@ -1,7 +1,8 @@
 """Decode GEMMs whose tiles overrun a wave, on a CUDA GPU: `decode_config`'s launch (one
-program per 64-row tile), the same tiles with `balanced_config`'s deeper pipeline (one
-program per SM fits), and `balanced_config`'s launch (one program per SM, each streaming
-an equal run of all tiles' K steps, the tiles it shares summed by the last).
+program per 64-row tile), the same tiles with a deeper pipeline where K is whole
+(`deep_stages`: one program per SM fits), and `balanced_config`'s launch where it takes
+the shape (one program per SM, each streaming an equal run of all tiles' K steps, the
+tiles it shares summed by the last).
 
 Shapes: every decode linear of Granite-4.0-H-Micro and Nemotron-H-8B at 64 tokens
 (``benchmarks.skinny_gemm.model_linears``; Granite's in_proj is 133 tiles on an H100's
@@ -71,8 +72,9 @@ def measure(n: int, k: int, m: int, label: str) -> dict[str, Any]:
     decode = sk.decode_config(m, n, k, sms)
     balanced = sk.balanced_config(m, n, k, sms)
     launches = {"decode": decode}
+    if decode.split_k == 1:
+        launches["deeper"] = dataclasses.replace(decode, num_stages=sk.deep_stages(decode))
     if balanced is not None:
-        launches["deeper"] = dataclasses.replace(balanced, programs=0)
         launches["balanced"] = balanced
     row: dict[str, Any] = {"layer": label, "n": n, "k": k, "tiles": sk.tiles(m, n, decode),
                            "sms": sms}  # fmt: skip

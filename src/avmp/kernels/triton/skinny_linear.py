@@ -288,9 +288,14 @@ def balanced_config(m: int, n: int, k: int, num_sms: int,
     num_tiles = tiles(m, n, config)
     if config.split_k > 1 or num_tiles <= num_sms or num_tiles % num_sms == 0:
         return None
+    return replace(config, num_stages=deep_stages(config, element_size), programs=num_sms)
+
+
+def deep_stages(config: SkinnyConfig, element_size: int = 2) -> int:
+    """Pipeline stages for one program per SM: as many of ``config``'s tiles as
+    ``BALANCED_STAGE_BYTES`` of shared memory hold (2 to ``MAX_BALANCED_STAGES``)."""
     stage_bytes = (config.block_n + config.block_m) * config.block_k * element_size
-    stages = max(2, min(MAX_BALANCED_STAGES, BALANCED_STAGE_BYTES // stage_bytes))
-    return replace(config, num_stages=stages, programs=num_sms)
+    return max(2, min(MAX_BALANCED_STAGES, BALANCED_STAGE_BYTES // stage_bytes))
 
 
 # Largest prefetch one weight row asks for before the wait (bytes; a bulk prefetch's size
