@@ -123,8 +123,9 @@ class TritonOps(Ops):
         self.wide_conv = True
         # Linears whose tiles overrun a whole wave of programs (Granite-4.0-H's in_proj:
         # 133 tiles on 132 SMs) by one program per SM sharing the tiles' K steps
-        # equally (`balanced_config`) rather than one program per tile. Off until a GPU
-        # run measures it in the engine (the engine benchmark's "balanced" setting).
+        # equally (`balanced_config`) rather than one program per tile. Off: measured
+        # slower on an H100 (session 24: Granite's batch-64 step 5.24 -> 5.34 ms; the
+        # engine benchmark's "balanced" setting, `benchmarks/skinny_balanced.py`).
         self.balanced = False
         # A split K's parts of a linear whose output only joins the residual stream
         # summed by the next norm kernel (`SplitParts`, `add_rms_norm`) rather than by a

@@ -22,6 +22,15 @@ bias and casts, so the same inputs always give the same bits. Given ``counters``
 last part of each tile to finish does that sum in the GEMM's own launch instead (same
 order, same bits; an atomic counter per tile, set back to zero).
 
+Without the second kernel at all (`skinny_parts`): the parts are returned unsummed
+(`SplitParts`) for the kernel that reads the output next to sum them, as the fused
+add-and-norm does (`avmp.kernels.triton.rms_norm.add_rms_norm`), with the same bits.
+
+Equal runs (``SkinnyConfig.programs``, `balanced_config`): a fixed number of programs,
+each streaming an equal run of all tiles' K steps, so 133 tiles on 132 SMs take no
+second wave; tiles two programs share are summed as the fold sums a split K's parts.
+Measured slower than one program per tile on an H100 (docs/design-kernels.md).
+
 A conv epilogue (`ConvEpilogue`): the Mamba decode conv step on some output columns,
 applied as they are stored (the in_proj's xBC), its state shifted in place.
 
