@@ -467,9 +467,7 @@ class Mamba2Mixer(OpsLayer):
         proj = linear_of(self.in_proj, x, conv)
         gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         y = self.mix(xbc, dt, batch, cache, conv_done=conv is not None and conv.applied)
-        if isinstance(self.norm, RMSNormGated):
-            return self.norm.linear(y, gate, self.out_proj, x.dtype, self.residual_out)
-        return self.norm.linear(y, gate, self.out_proj, x.dtype)
+        return self.norm.linear(y, gate, self.out_proj, x.dtype, self.residual_out)
 
     def mix(
         self,

@@ -738,12 +738,8 @@ def skinny_linear(
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     if config is None:
         config = default_config(m, n, k, num_sms(x.device), x.element_size())
-    if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
-        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
-                         f"got {prefetch_bytes}")
-    prefetchable = _can_prefetch(weight) and (act is None or act.up is None
-                                              or _can_prefetch(act.up))  # fmt: skip
-    prefetch = prefetch_bytes // 16 * 16 if pdl and prefetchable else 0
+    up = None if act is None else act.up
+    prefetch = _prefetch(prefetch_bytes, pdl, weight, up)
     if counters is not None:
         _check_counters(counters, tiles(m, n, config), x)
     if conv is not None:
@@ -784,12 +780,10 @@ def skinny_parts(
     if not splits_k(k, config) or config.programs or m == 0 or n == 0:
         raise ValueError(f"skinny_parts needs a config splitting K ({k}) over a non-empty "
                          f"output, got {config}")
-    if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
-        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
-                         f"got {prefetch_bytes}")
-    prefetch = prefetch_bytes // 16 * 16 if pdl and _can_prefetch(weight) else 0
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # never written
-    parts = _launch(x, weight, bias, out, config, pdl, prefetch, reduce=False)
+    prefetch = _prefetch(prefetch_bytes, pdl, weight)
+    # x stands in for the output, which a split K's programs never write (only the
+    # workspace); x has its dtype, so no [M, N] tensor is allocated for nothing
+    parts = _launch(x, weight, bias, x, config, pdl, prefetch, reduce=False)
     return SplitParts(parts, bias, x.dtype)
 
 
@@ -868,6 +862,18 @@ def tma_fits(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig) -> boo
         t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
         for t in (x, weight)
     )
+
+
+def _prefetch(prefetch_bytes: int, pdl: bool, weight: torch.Tensor,
+              up: torch.Tensor | None = None) -> int:  # fmt: skip
+    """The bytes of each weight row a launch asks of L2 early: ``prefetch_bytes``
+    (checked) rounded down to 16, or 0 without ``pdl`` or where ``weight`` (and ``up``,
+    a second weight the programs stream) cannot be prefetched."""
+    if not _is_int(prefetch_bytes) or not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
+        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], "
+                         f"got {prefetch_bytes}")
+    prefetchable = _can_prefetch(weight) and (up is None or _can_prefetch(up))
+    return prefetch_bytes // 16 * 16 if pdl and prefetchable else 0
 
 
 def _can_prefetch(weight: torch.Tensor) -> bool:
