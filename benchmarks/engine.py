@@ -866,7 +866,8 @@ PROLOGUE_SETTINGS = {
 }
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
-             "wide_conv": False, "balanced": False, "defer_sums": False}
+             "wide_conv": False, "balanced": False, "defer_sums": False,
+             "stack_linears": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -881,6 +882,9 @@ SKINNY_SETTINGS = {
                  **_UNFOLDED, "act_epilogue": True, "wide_conv": True, "balanced": True},
     "defer_sums": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                    **_UNFOLDED, "act_epilogue": True, "wide_conv": True, "defer_sums": True},
+    "stacked": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
+                "act_epilogue": True, "wide_conv": True, "defer_sums": True,
+                "stack_linears": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
     # each fold alone, over the default (activation epilogue on)

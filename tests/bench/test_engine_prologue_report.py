@@ -44,11 +44,13 @@ def test_skinny_table_reports_each_setting_against_cublas() -> None:
     # the activation epilogue from its setting on (the wide conv and each fold alone add
     # to it); "folded" (both folds) is measured without it, as in session 22
     with_act = [label for label, s in SKINNY_SETTINGS.items() if s["act_epilogue"]]
-    assert with_act == ["act_epilogue", "wide_conv", "balanced", "defer_sums", "fold_parts",
-                        "fold_conv"]  # fmt: skip
+    assert with_act == ["act_epilogue", "wide_conv", "balanced", "defer_sums", "stacked",
+                        "fold_parts", "fold_conv"]  # fmt: skip
     assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == [
-        "wide_conv", "balanced", "defer_sums"]
-    assert [label for label, s in SKINNY_SETTINGS.items() if s["defer_sums"]] == ["defer_sums"]
+        "wide_conv", "balanced", "defer_sums", "stacked"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["defer_sums"]] == [
+        "defer_sums", "stacked"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["stack_linears"]] == ["stacked"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["balanced"]] == ["balanced"]
 
 

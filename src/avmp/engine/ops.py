@@ -70,6 +70,9 @@ class Ops:
     every other implementation must compute."""
 
     name = "reference"
+    # Whether layers run linears over one input as one linear where their weights are
+    # stacked (`avmp.engine.models.layers.StackedLinears`).
+    stack_linears = False
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False

@@ -132,6 +132,10 @@ class TritonOps(Ops):
         # reduce kernel of their own: one launch fewer per such linear. Off until a GPU
         # run measures it (the engine benchmark's "defer_sums" setting).
         self.defer_sums = False
+        # An attention layer's q, k and v projections as one linear over their stacked
+        # weights (`StackedLinears`): one norm and one GEMM (and split-K reduce) a layer
+        # instead of three (the engine benchmark's "stacked" setting).
+        self.stack_linears = True
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them

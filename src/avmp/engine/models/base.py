@@ -95,10 +95,14 @@ class HybridModel(nn.Module):
 
     def use_ops(self, ops: Ops) -> None:
         """Run every layer's kernels through ``ops`` from now on (the engine calls this
-        once, at construction; a new model runs the reference)."""
+        once, at construction; a new model runs the reference), and lay each attention
+        layer's q, k and v weights out as one tensor (`StackedLinears.stack`; values
+        unchanged) for ops that run them as one linear."""
         for module in self.modules():
             if isinstance(module, OpsLayer):
                 module.ops = ops
+            if isinstance(module, PagedAttention):
+                module.qkv.stack()
 
     @property
     def ops(self) -> Ops:

@@ -10,6 +10,7 @@ they run their norms, activations, attention and Mamba1/Mamba2 cores through ``s
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -221,6 +222,115 @@ def linear_of(
     return out
 
 
+class StackedLinears:
+    """Linear layers reading the same input, run as one linear where the ops stack
+    them (`Ops.stack_linears`) and their weights are consecutive rows of one tensor
+    (`stack`): one GEMM, and one norm before it, instead of one per layer (an attention
+    layer's q, k and v projections).
+
+    Not a module: the layers stay their owner's submodules under their checkpoint
+    names. The stacked view is checked against the layers' parameters on every call, so
+    parameters replaced since (moved, reloaded) fall back to one linear per layer.
+    """
+
+    __slots__ = ("linears", "_key", "_stacked")
+
+    def __init__(self, *linears: nn.Module) -> None:
+        self.linears = linears
+        self._key: tuple[int, ...] = ()
+        self._stacked: nn.Linear | None = None
+
+    @torch.no_grad()
+    def stack(self) -> None:
+        """Move the layers' weights (and biases) into one tensor, in order, each
+        layer's parameters views of it; values unchanged. Does nothing when they are
+        stacked already, are not all ``nn.Linear`` of one input width, dtype and
+        device, or only some have a bias."""
+        linears = self.linears
+        if self.linear() is not None or not _stackable(linears):
+            return
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        start = 0
+        for linear in linears:
+            rows = linear.out_features
+            linear.weight = _view_parameter(linear.weight, weight[start : start + rows])
+            if bias is not None:
+                linear.bias = _view_parameter(linear.bias, bias[start : start + rows])
+            start += rows
+
+    def linear(self) -> nn.Linear | None:
+        """One ``nn.Linear`` over the layers' stacked parameters, or None where they
+        are not consecutive rows of one tensor."""
+        params = [p for linear in self.linears for p in linear.parameters(recurse=False)]
+        key = tuple(p.data_ptr() for p in params)
+        if key != self._key:
+            self._key, self._stacked = key, _stacked_linear(self.linears)
+        return self._stacked
+
+    def __call__(self, ops: Ops, x: Normed) -> list[torch.Tensor]:
+        """``[linear(x) for linear in linears]`` (views of one output where stacked)."""
+        stacked = self.linear() if ops.stack_linears else None
+        if stacked is None:
+            return [linear_of(linear, x) for linear in self.linears]
+        sizes = [linear.out_features for linear in self.linears]
+        return list(linear_of(stacked, x).split(sizes, dim=-1))
+
+
+def _stackable(linears: tuple[nn.Module, ...]) -> bool:
+    """Whether ``linears`` can share one weight tensor (`StackedLinears.stack`)."""
+    first = linears[0]
+    return all(
+        type(linear) is nn.Linear
+        and linear.in_features == first.in_features
+        and linear.weight.dtype == first.weight.dtype
+        and linear.weight.device == first.weight.device
+        and (linear.bias is None) == (first.bias is None)
+        for linear in linears
+    )
+
+
+def _view_parameter(old: nn.Parameter, view: torch.Tensor) -> nn.Parameter:
+    """A parameter over ``view`` with ``old``'s gradient flag and attributes (e.g. its
+    tensor-parallel shard)."""
+    param = nn.Parameter(view, requires_grad=old.requires_grad)
+    param.__dict__.update(old.__dict__)
+    return param
+
+
+def _consecutive(tensors: list[torch.Tensor]) -> bool:
+    """Whether contiguous ``tensors`` follow each other in one storage."""
+    for a, b in pairwise(tensors):
+        if not (
+            a.is_contiguous()
+            and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
+        ):
+            return False
+    return True
+
+
+def _stacked_linear(linears: tuple[nn.Module, ...]) -> nn.Linear | None:
+    """One ``nn.Linear`` whose parameters span ``linears``' consecutive ones, or None."""
+    if not _stackable(linears):
+        return None
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears if linear.bias is not None]
+    if not (_consecutive(weights) and _consecutive(biases)):
+        return None
+    first, rows = linears[0], sum(linear.out_features for linear in linears)
+    stacked = nn.Linear(first.in_features, rows, bias=bool(biases), device="meta")
+    stacked.weight = nn.Parameter(
+        first.weight.detach().as_strided((rows, first.in_features), (first.in_features, 1)),
+        requires_grad=False,
+    )
+    if biases:
+        bias = biases[0].detach().as_strided((rows,), (1,))
+        stacked.bias = nn.Parameter(bias, requires_grad=False)
+    return stacked
+
+
 def act_mlp(
     layer: OpsLayer, act: Activation, x: Normed, up: nn.Module, down: nn.Module, gated: bool,
     residual: bool = False,
@@ -372,6 +482,7 @@ class PagedAttention(OpsLayer):
         self.v_proj = column_linear(hidden_size, kv_rows, bias, tp)
         out_bias = bias if out_bias is None else out_bias
         self.o_proj = row_linear(q_rows, hidden_size, out_bias, tp, reduce)
+        self.qkv = StackedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -380,9 +491,10 @@ class PagedAttention(OpsLayer):
         cache: LayerCaches,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        q = linear_of(self.q_proj, x).view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = linear_of(self.k_proj, x).view(-1, self.num_kv_heads, self.head_dim)
-        v = linear_of(self.v_proj, x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(self.ops, x)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.o_proj(self.attend(q, k, v, batch, cache).reshape(q.shape[0], -1))
