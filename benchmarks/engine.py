@@ -867,7 +867,7 @@ PROLOGUE_SETTINGS = {
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
              "wide_conv": False, "balanced": False, "defer_sums": False,
-             "stack_linears": False}
+             "stack_linears": False, "attention_out": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -885,6 +885,9 @@ SKINNY_SETTINGS = {
     "stacked": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
                 "act_epilogue": True, "wide_conv": True, "defer_sums": True,
                 "stack_linears": True},
+    "attention_out": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
+                      "act_epilogue": True, "wide_conv": True, "defer_sums": True,
+                      "stack_linears": True, "attention_out": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
     # each fold alone, over the default (activation epilogue on)

@@ -45,12 +45,15 @@ def test_skinny_table_reports_each_setting_against_cublas() -> None:
     # to it); "folded" (both folds) is measured without it, as in session 22
     with_act = [label for label, s in SKINNY_SETTINGS.items() if s["act_epilogue"]]
     assert with_act == ["act_epilogue", "wide_conv", "balanced", "defer_sums", "stacked",
-                        "fold_parts", "fold_conv"]  # fmt: skip
+                        "attention_out", "fold_parts", "fold_conv"]  # fmt: skip
     assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == [
-        "wide_conv", "balanced", "defer_sums", "stacked"]
+        "wide_conv", "balanced", "defer_sums", "stacked", "attention_out"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["defer_sums"]] == [
-        "defer_sums", "stacked"]
-    assert [label for label, s in SKINNY_SETTINGS.items() if s["stack_linears"]] == ["stacked"]
+        "defer_sums", "stacked", "attention_out"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["stack_linears"]] == [
+        "stacked", "attention_out"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["attention_out"]] == [
+        "attention_out"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["balanced"]] == ["balanced"]
 
 

@@ -23,9 +23,15 @@ class _StackingOps(Ops):
     output widths."""
 
     stack_linears = True
+    attention_out = True
 
     def __init__(self) -> None:
         self.widths: Counter[int] = Counter()
+        self.shapes: Counter[tuple[int, ...]] = Counter()
+
+    def linear(self, x, weight, bias, residual=False):  # type: ignore[no-untyped-def]
+        self.shapes[tuple(weight.shape)] += 1
+        return super().linear(x, weight, bias, residual)
 
     def norm_linear(self, x, delta, scale, norm_weight, eps, fp32, weight, *args):  # type: ignore[no-untyped-def]
         self.widths[weight.shape[0]] += 1
@@ -128,7 +134,8 @@ def test_stacked_outputs_are_the_separate_ones() -> None:
 def test_attention_reads_one_stacked_linear_and_keeps_the_tokens(family: str) -> None:
     """`use_ops` stacks every attention layer's q, k and v; a decode row then reads the
     normed stream through one linear of their summed widths (no per-projection linear
-    left), and the tokens are those of the projections run apart."""
+    left), the output projection runs through the ops' `linear`, and the tokens are
+    those of the projections run apart."""
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [9, 7]]
     outs = []
     stacking = _StackingOps()
@@ -150,3 +157,4 @@ def test_attention_reads_one_stacked_linear_and_keeps_the_tokens(family: str) ->
     q, k = first.q_proj.out_features, first.k_proj.out_features
     assert stacking.widths[q + 2 * k] > 0
     assert stacking.widths[k] == 0, stacking.widths  # no k or v projection alone
+    assert stacking.shapes[tuple(first.o_proj.weight.shape)] > 0

@@ -73,6 +73,9 @@ class Ops:
     # Whether layers run linears over one input as one linear where their weights are
     # stacked (`avmp.engine.models.layers.StackedLinears`).
     stack_linears = False
+    # Whether attention layers run their output projection through `linear` (else the
+    # module, cuBLAS).
+    attention_out = False
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_weight: bool = False

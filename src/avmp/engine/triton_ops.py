@@ -136,6 +136,10 @@ class TritonOps(Ops):
         # weights (`StackedLinears`): one norm and one GEMM (and split-K reduce) a layer
         # instead of three (the engine benchmark's "stacked" setting).
         self.stack_linears = True
+        # An attention layer's o_proj through `linear` (a skinny GEMM as a dependent
+        # launch, its split K left to the next norm where the block allows) rather than
+        # cuBLAS (the engine benchmark's "attention_out" setting).
+        self.attention_out = True
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them

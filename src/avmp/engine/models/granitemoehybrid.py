@@ -163,6 +163,7 @@ class GraniteBlock(nn.Module):
                 bias=config.attention_bias,
                 tp=tp,
             )
+            self.self_attn.residual_out = True  # added to the stream as it is
         else:
             self.mamba = mamba2_from_granite_style(config, layer_index, tp)
             self.mamba.residual_out = True  # added to the stream as it is

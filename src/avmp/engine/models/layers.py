@@ -483,6 +483,7 @@ class PagedAttention(OpsLayer):
         out_bias = bias if out_bias is None else out_bias
         self.o_proj = row_linear(q_rows, hidden_size, out_bias, tp, reduce)
         self.qkv = StackedLinears(self.q_proj, self.k_proj, self.v_proj)
+        self.residual_out = False  # see `Mamba2Mixer.residual_out`
 
     def forward(
         self,
@@ -497,7 +498,10 @@ class PagedAttention(OpsLayer):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attend(q, k, v, batch, cache).reshape(q.shape[0], -1))
+        out = self.attend(q, k, v, batch, cache).reshape(q.shape[0], -1)
+        if self.ops.attention_out and type(self.o_proj) is nn.Linear:
+            return self.ops.linear(out, self.o_proj.weight, self.o_proj.bias, self.residual_out)
+        return self.o_proj(out)
 
     def attend(
         self,

@@ -157,7 +157,7 @@ class NemotronBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fp32_weight=True)
         self.mixer = build_mixer(config, layer_index, tp)
-        if isinstance(self.mixer, Mamba2Mixer | NemotronMLP):  # added to the stream as is
+        if isinstance(self.mixer, Mamba2Mixer | NemotronMLP | PagedAttention):  # added as is
             self.mixer.residual_out = True
 
     def forward(self, x: Residual, batch: StepBatch, cache: LayerCaches, rope: Rope) -> None:
