@@ -888,6 +888,14 @@ SKINNY_SETTINGS = {
     "attention_out": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
                       "act_epilogue": True, "wide_conv": True, "defer_sums": True,
                       "stack_linears": True, "attention_out": True},
+    # the first weight bytes each GEMM program asks of L2 before its wait (default 512
+    # bytes of each weight row), over the attention_out setting
+    "prefetch_2k": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 2048, **_UNFOLDED,
+                    "act_epilogue": True, "wide_conv": True, "defer_sums": True,
+                    "stack_linears": True, "attention_out": True},
+    "prefetch_8k": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 8192, **_UNFOLDED,
+                    "act_epilogue": True, "wide_conv": True, "defer_sums": True,
+                    "stack_linears": True, "attention_out": True},
     "folded": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None,
                **_UNFOLDED, "fold_parts": True, "fold_conv": True},
     # each fold alone, over the default (activation epilogue on)

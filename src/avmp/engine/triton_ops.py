@@ -129,16 +129,20 @@ class TritonOps(Ops):
         self.balanced = False
         # A split K's parts of a linear whose output only joins the residual stream
         # summed by the next norm kernel (`SplitParts`, `add_rms_norm`) rather than by a
-        # reduce kernel of their own: one launch fewer per such linear. Off until a GPU
-        # run measures it (the engine benchmark's "defer_sums" setting).
-        self.defer_sums = False
+        # reduce kernel of their own: one launch fewer per such linear (batch 64 on an
+        # H100, session 25: Granite 5.16 -> 5.14 and 5.23 -> 5.20 ms a step on two
+        # machines, Nemotron-H 8.70 -> 8.70 and 8.92 -> 8.93; the engine benchmark's
+        # "defer_sums" setting).
+        self.defer_sums = True
         # An attention layer's q, k and v projections as one linear over their stacked
         # weights (`StackedLinears`): one norm and one GEMM (and split-K reduce) a layer
-        # instead of three (the engine benchmark's "stacked" setting).
+        # instead of three (batch 64 on an H100, session 25: Granite 5.20 -> 5.17 ms a
+        # step, Nemotron-H 8.93 -> 8.90; the engine benchmark's "stacked" setting).
         self.stack_linears = True
         # An attention layer's o_proj through `linear` (a skinny GEMM as a dependent
         # launch, its split K left to the next norm where the block allows) rather than
-        # cuBLAS (the engine benchmark's "attention_out" setting).
+        # cuBLAS: the same step time (5.17 and 8.90 ms, session 25; "attention_out"),
+        # one path for every decode linear.
         self.attention_out = True
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
