@@ -436,3 +436,25 @@ class DenseLayerCaches:
 
     def state(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._state[layer_index]
+
+
+def reference_tokens_with_ops(
+    family: str, ops: Any, prompts: list[list[int]], max_tokens: int = 6
+) -> tuple[list[list[list[int]]], Any]:
+    """Greedy tokens of each prompt, alone, from the reference runner of a tiny
+    ``family`` model (weights ~N(0, 0.3) from seed 0) whose layers run ``ops`` (None:
+    the reference ops); and the model."""
+    from avmp.engine.engine import EngineConfig
+    from avmp.engine.models import model_class
+
+    config = CONFIGS[family]()
+    model = model_class(config.model_type)(config)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    engine = Engine(model, EngineConfig(16 * MiB, block_size=4, kernels="reference"))
+    if ops is not None:
+        engine.runner.ops = ops
+        engine.model.use_ops(ops)
+    tokens = [[o.token_ids for o in engine.generate([p], max_tokens=max_tokens)] for p in prompts]
+    return tokens, model

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import CONFIGS, MiB
+from engine_helpers import CONFIGS, MiB, reference_tokens_with_ops
 
 import avmp.kernels
 from avmp.engine.engine import Engine, EngineConfig
@@ -172,19 +172,9 @@ def test_decode_rows_read_their_norms_through_the_fused_linears(family: str) -> 
     stream); with the reference compositions behind them the tokens are the reference's.
     Prefill rows (many) are never fused."""
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [9, 7]]
-    outs = []
     fusing = _FusingOps()
-    for ops in (None, fusing):
-        model = _model(family)
-        torch.manual_seed(0)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.3)
-        engine = Engine(model, EngineConfig(16 * MiB, block_size=4, kernels="reference"))
-        if ops is not None:
-            engine.runner.ops = ops
-            engine.model.use_ops(ops)
-        outs.append([[o.token_ids for o in engine.generate([p], max_tokens=6)] for p in prompts])
-    assert outs[0] == outs[1]
+    expected, _ = reference_tokens_with_ops(family, None, prompts)
+    assert reference_tokens_with_ops(family, fusing, prompts)[0] == expected
     assert set(fusing.calls) == FUSED[family], fusing.calls
 
 

@@ -8,11 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
-from engine_helpers import CONFIGS, MiB
+from engine_helpers import reference_tokens_with_ops
 from torch import nn
 
-from avmp.engine.engine import Engine, EngineConfig
-from avmp.engine.models import model_class
 from avmp.engine.models.layers import PagedAttention, StackedLinears
 from avmp.engine.ops import Ops
 from avmp.engine.parallel.shards import Rows, set_shard, shard_of
@@ -137,20 +135,10 @@ def test_attention_reads_one_stacked_linear_and_keeps_the_tokens(family: str) ->
     left), the output projection runs through the ops' `linear`, and the tokens are
     those of the projections run apart."""
     prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [9, 7]]
-    outs = []
     stacking = _StackingOps()
-    for ops in (None, stacking):
-        config = CONFIGS[family]()
-        model = model_class(config.model_type)(config)
-        torch.manual_seed(0)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.3)
-        engine = Engine(model, EngineConfig(16 * MiB, block_size=4, kernels="reference"))
-        if ops is not None:
-            engine.runner.ops = ops
-            engine.model.use_ops(ops)
-        outs.append([[o.token_ids for o in engine.generate([p], max_tokens=6)] for p in prompts])
-    assert outs[0] == outs[1]
+    expected, _ = reference_tokens_with_ops(family, None, prompts)
+    tokens, model = reference_tokens_with_ops(family, stacking, prompts)
+    assert tokens == expected
     attention = [m for m in model.modules() if isinstance(m, PagedAttention)]
     assert attention and all(m.qkv.linear() is not None for m in attention)
     first = attention[0]
