@@ -1,0 +1,79 @@
+"""benchmarks.skinny_split off a GPU: the shapes and candidates it would time, its table,
+and one line with exit status 2 where there is no GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from avmp.kernels.triton import skinny_linear as sk
+from benchmarks.common import write_result
+from benchmarks.skinny_split import (
+    SHARED_BYTES,
+    candidates,
+    engine_linears,
+    main,
+    split_linears,
+)
+
+
+def test_the_engine_runs_q_k_and_v_as_one_linear() -> None:
+    layers = {(lin.model, lin.layer): lin for lin in engine_linears(["granite-4.0-h-micro"])}
+    model = "granite-4.0-h-micro"
+    assert (model, "attention q") not in layers and (model, "attention k, v") not in layers
+    qkv = layers[(model, "attention q, k, v")]
+    assert (qkv.n, qkv.k) == (2048 + 2 * 512, 2048)
+
+
+def test_split_shapes_are_those_decode_config_splits() -> None:
+    shapes = split_linears(["granite-4.0-h-micro"], 64, 132)
+    assert (2048, 4096) in shapes and (2048, 8192) in shapes  # out_proj, down
+    assert all(sk.decode_config(64, n, k, 132).split_k > 1 for n, k in shapes)
+    assert (8512, 2048) not in shapes  # the in_proj: 133 tiles, K whole
+
+
+@pytest.mark.parametrize(("n", "k"), [(2048, 4096), (4096, 21504), (3072, 2048)])
+def test_candidates_start_with_decode_config_and_keep_the_rules(n: int, k: int) -> None:
+    found = candidates(64, n, k, 132)
+    assert found[0] == sk.decode_config(64, n, k, 132)
+    assert len(found) == len(set(found)) > 20
+    for config in found[1:]:
+        assert (config.block_m + config.block_n) * config.block_k * 2 * config.num_stages <= (
+            SHARED_BYTES
+        )
+        assert -(-k // config.block_k) >= 2 * config.split_k  # two K steps a part at least
+        assert sk.tiles(64, n, config) * config.split_k <= 4 * 132
+        assert config.tma and config.block_m == 64
+
+
+def test_the_table_puts_decode_config_beside_the_fastest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    decode = sk.decode_config(64, 2048, 4096, 132).to_dict()
+    best = {**decode, "split_k": 8, "block_n": 128}
+    path = write_result(tmp_path / "split.json.gz", {"device": "test GPU", "batch": 64, "rows": [
+        {"n": 2048, "k": 4096, "layers": ["g out_proj"], "decode": {"config": decode, "us": 12.0,
+         "tb_s": 1.4}, "best": {"config": best, "us": 8.0, "tb_s": 2.1}},
+        {"n": 512, "k": 2048, "layers": ["g kv"], "decode": {"config": decode,
+         "skipped": "wrong"}, "best": None},
+    ]})  # fmt: skip
+    assert main(["--markdown", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| g out_proj | 2048 x 4096 | n64 k128 s4 st4 | 12.00 (1.40) | n128 k128 s8 st4 |" in out
+    assert out.rstrip().splitlines()[-2].endswith("| 1.50x |")
+    assert "| g kv | 512 x 2048 | not timed |" in out
+
+
+def test_an_unreadable_result_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--markdown", str(tmp_path / "missing.json.gz")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message off a GPU")
+def test_without_a_gpu_it_says_so_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models", "granite-4.0-h-micro"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["skinny_split: needs a CUDA GPU"]
