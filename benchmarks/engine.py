@@ -1161,7 +1161,9 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
         "_prefetch: its first weight bytes asked of L2 early; act_epilogue: the MLP "
         "activation applied by the GEMM before it; wide_conv: conv steps sized by the "
         "batch; balanced: tiles past a whole wave shared by one program per SM; defer_sums: "
-        "split-K parts summed by the next norm; folded, "
+        "split-K parts summed by the next norm; stacked: an attention layer's q, k and v "
+        "as one linear; attention_out: its o_proj on the skinny GEMM; prefetch_2k, "
+        "prefetch_8k: 2 or 8 KiB of each weight row asked of L2 early; folded, "
         "fold_parts, fold_conv: split-K parts and the conv step summed and "
         "applied in the GEMMs)"
     )

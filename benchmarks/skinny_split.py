@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import read_result, write_result
+from benchmarks.skinny_balanced import MODELS, WEIGHT_BYTES
 from benchmarks.skinny_gemm import Linear, model_linears, unique_shapes
 
-MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
-WEIGHT_BYTES = 1500 << 20  # weights cycled through per graph, beyond any L2
-PREFETCH_BYTES = 512  # `TritonOps.skinny_prefetch`
 SHARED_BYTES = 200 << 10  # one program's staged tiles (H100: 227 KiB per SM)
 SPLITS = (2, 4, 8, 16)
 BLOCK_N = (32, 64, 128)
@@ -102,6 +100,7 @@ def measure(n: int, k: int, m: int, layers: list[str]) -> dict[str, Any]:
     """Every candidate's pair time for one ``[n, k]`` weight at ``m`` rows."""
     import torch
 
+    from avmp.engine.triton_ops import SKINNY_PREFETCH_BYTES
     from avmp.kernels.triton import rms_norm
     from avmp.kernels.triton import skinny_linear as sk
     from benchmarks.common import graph_us, rel_error
@@ -119,7 +118,7 @@ def measure(n: int, k: int, m: int, layers: list[str]) -> dict[str, Any]:
 
         def pair(i: int, config: sk.SkinnyConfig = config) -> torch.Tensor:
             parts = sk.skinny_parts(x, weights[i % copies], None, config, pdl=True,
-                                    prefetch_bytes=PREFETCH_BYTES)  # fmt: skip
+                                    prefetch_bytes=SKINNY_PREFETCH_BYTES)  # fmt: skip
             return rms_norm.add_rms_norm(stream, parts, norm_weight, EPS, pdl=True)[1]
 
         entry: dict[str, Any] = {"config": config.to_dict()}
