@@ -64,6 +64,7 @@ from avmp.sim.calibration import CalibratedModel, fit_calibration
 from avmp.sim.timing import BatchShape, RooflineModel, get_profile
 from avmp.units import parse_bytes
 from benchmarks.common import copy_bytes_per_s, gpu_profile, read_result, write_result
+from benchmarks.skinny_split import tuned_configs
 
 DEFAULT_MODELS = ("granite-4.0-h-micro", "nemotron-h-8b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
@@ -116,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skinny-settings", nargs="+", choices=list(SKINNY_SETTINGS),
                         help="settings of the skinny comparison, in this order (default: all; "
                              "the first is the baseline of its ratios)")
+    parser.add_argument("--skinny-tuned", type=Path,
+                        help="a benchmarks.skinny_split result: adds the skinny comparison's "
+                             "'tuned' setting, attention_out with each split shape's "
+                             "fastest tiling")
     parser.add_argument("--markdown", type=Path, help="print the docs table of a results file")
     return parser.parse_args(argv)
 
@@ -867,7 +872,7 @@ PROLOGUE_SETTINGS = {
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
              "wide_conv": False, "balanced": False, "defer_sums": False,
-             "stack_linears": False, "attention_out": False}
+             "stack_linears": False, "attention_out": False, "decode_configs": {}}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -979,8 +984,11 @@ def skinny_comparison(
     K's parts and the Mamba2 conv step folded into the GEMMs (`TritonOps.fold_parts`,
     `fold_conv`)."""
     names = args.skinny_settings or list(SKINNY_SETTINGS)
-    return ops_comparison(engine, args, bandwidth, batch,
-                          {name: SKINNY_SETTINGS[name] for name in names})  # fmt: skip
+    settings = {name: SKINNY_SETTINGS[name] for name in names}
+    if args.skinny_tuned is not None:
+        settings["tuned"] = {**SKINNY_SETTINGS["attention_out"],
+                             "decode_configs": tuned_configs(read_result(args.skinny_tuned))}
+    return ops_comparison(engine, args, bandwidth, batch, settings)
 
 
 def run_transformers_cells(
@@ -1163,7 +1171,8 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
         "batch; balanced: tiles past a whole wave shared by one program per SM; defer_sums: "
         "split-K parts summed by the next norm; stacked: an attention layer's q, k and v "
         "as one linear; attention_out: its o_proj on the skinny GEMM; prefetch_2k, "
-        "prefetch_8k: 2 or 8 KiB of each weight row asked of L2 early; folded, "
+        "prefetch_8k: 2 or 8 KiB of each weight row asked of L2 early; tuned: each split "
+        "shape's fastest tiling in a skinny_split result (--skinny-tuned); folded, "
         "fold_parts, fold_conv: split-K parts and the conv step summed and "
         "applied in the GEMMs)"
     )

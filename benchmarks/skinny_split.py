@@ -147,6 +147,20 @@ def measure(n: int, k: int, m: int, layers: list[str]) -> dict[str, Any]:
     return result
 
 
+def tuned_configs(result: dict[str, Any]) -> dict[tuple[int, int, int], Any]:
+    """(rows, N, K) -> the fastest tiling of each shape of a saved result where it beats
+    `decode_config`'s (`TritonOps.decode_configs`, the engine benchmark's
+    ``--skinny-tuned``)."""
+    from avmp.kernels.triton.skinny_linear import SkinnyConfig
+
+    tuned = {}
+    for row in result["rows"]:
+        best, decode = row["best"], row["decode"]
+        if best is not None and "us" in decode and best["us"] < decode["us"]:
+            tuned[(result["batch"], row["n"], row["k"])] = SkinnyConfig(**best["config"])
+    return tuned
+
+
 def _label(config: dict[str, Any]) -> str:
     return (f"n{config['block_n']} k{config['block_k']} s{config['split_k']} "
             f"st{config['num_stages']}")  # fmt: skip

@@ -4,6 +4,7 @@ Triton: CI runs them in its interpreter step), its table, and one line with exit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from benchmarks.skinny_split import (
     engine_linears,
     main,
     split_linears,
+    tuned_configs,
 )
 
 
@@ -72,6 +74,48 @@ def test_the_table_puts_decode_config_beside_the_fastest(
     assert "| g out_proj | 2048 x 4096 | n64 k128 s4 st4 | 12.00 (1.40) | n128 k128 s8 st4 |" in out
     assert out.rstrip().splitlines()[-2].endswith("| 1.50x |")
     assert "| g kv | 512 x 2048 | not timed |" in out
+
+
+def test_tuned_configs_keep_each_shape_s_fastest_where_it_beats_decode_config() -> None:
+    sk = _skinny()
+    decode = sk.decode_config(64, 2048, 4096, 132).to_dict()
+    faster = {**decode, "split_k": 8, "block_n": 32}
+    result = {"device": "test GPU", "batch": 64, "rows": [
+        {"n": 2048, "k": 4096, "decode": {"config": decode, "us": 9.0},
+         "best": {"config": faster, "us": 8.0}},
+        {"n": 2048, "k": 8192, "decode": {"config": decode, "us": 9.0},
+         "best": {"config": decode, "us": 9.0}},  # decode_config is the fastest: no entry
+        {"n": 512, "k": 2048, "decode": {"config": decode, "skipped": "wrong"}, "best": None},
+    ]}  # fmt: skip
+    assert tuned_configs(result) == {(64, 2048, 4096): sk.SkinnyConfig(**faster)}
+
+
+@pytest.mark.skipif(os.environ.get("AVMP_TRITON_INTERPRET") != "1",
+                    reason="runs the GEMM on the CPU under Triton's interpreter")
+def test_the_engine_ops_run_a_tuned_tiling_for_its_shape_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sk = _skinny()
+    from avmp.engine.triton_ops import TritonOps
+
+    ops = TritonOps()
+    ops.prologue_rows = 0  # every decode row through the skinny GEMM
+    tuned = sk.SkinnyConfig(16, 32, 64, split_k=2, num_stages=2)
+    ops.decode_configs = {(4, 64, 256): tuned}
+    seen = []
+    run = sk.skinny_linear
+
+    def spy(x, weight, bias, config, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return run(x, weight, bias, config, **kwargs)
+
+    monkeypatch.setattr(sk, "skinny_linear", spy)
+    x = torch.randn(4, 256)
+    for n in (64, 96):
+        weight = torch.randn(n, 256)
+        torch.testing.assert_close(ops.linear(x, weight, None), x @ weight.T, rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+    assert seen == [tuned, sk.decode_config(4, 96, 256, sk.num_sms(x.device), x.element_size())]
 
 
 def test_an_unreadable_result_is_one_line(

@@ -144,6 +144,10 @@ class TritonOps(Ops):
         # cuBLAS: the same step time (5.17 and 8.90 ms, session 25; "attention_out"),
         # one path for every decode linear.
         self.attention_out = True
+        # Tilings that replace `decode_config`'s for a decode linear of (rows, N, K): a
+        # tuning table (`benchmarks/skinny_split.py`'s fastest per shape; the engine
+        # benchmark's ``--skinny-tuned``). Empty: `decode_config` everywhere.
+        self.decode_configs: dict[tuple[int, int, int], Any] = {}
         self._block_channels = block_channels
         self._counters: dict[torch.device, torch.Tensor] = {}
         self.pdl = True  # dependent launches where the GPU has them
@@ -250,7 +254,7 @@ class TritonOps(Ops):
                 return out
         shape = (h.shape[0], weight.shape[0], h.shape[1], sk.num_sms(h.device),
                  h.element_size())  # fmt: skip
-        config = sk.decode_config(*shape)
+        config = self._decode_config(*shape)
         counters = None
         balanced = sk.balanced_config(*shape) if self.balanced and conv is None else None
         if balanced is not None:
@@ -274,6 +278,12 @@ class TritonOps(Ops):
             h, weight, bias, config, pdl=pdl, prefetch_bytes=self.skinny_prefetch if pdl else 0,
             counters=counters, conv=epilogue,
         )  # fmt: skip
+
+    def _decode_config(self, m: int, n: int, k: int, num_sms: int, element_size: int) -> Any:
+        """The tiling of a decode linear of ``m`` rows and an ``[n, k]`` weight:
+        ``decode_configs``' where it names the shape, else `decode_config`'s."""
+        tuned = self.decode_configs.get((m, n, k))
+        return tuned or self._skinny.decode_config(m, n, k, num_sms, element_size)
 
     def _tile_counters(self, device: torch.device, tiles: int) -> torch.Tensor | None:
         """The skinny GEMMs' tile counters on ``device`` (zeros between calls), made by
@@ -337,7 +347,7 @@ class TritonOps(Ops):
         else:
             return None
         m, k = h.shape
-        config = sk.decode_config(m, rows, k, sk.num_sms(h.device), h.element_size())
+        config = self._decode_config(m, rows, k, sk.num_sms(h.device), h.element_size())
         if sk.splits_k(k, config):
             return None
         act.applied = True
