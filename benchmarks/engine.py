@@ -987,7 +987,7 @@ def skinny_comparison(
     settings = {name: SKINNY_SETTINGS[name] for name in names}
     if args.skinny_tuned is not None:
         settings["tuned"] = {**SKINNY_SETTINGS["attention_out"],
-                             "decode_configs": tuned_configs(read_result(args.skinny_tuned))}
+                             "decode_configs": tuned_configs(args.tuned)}
     return ops_comparison(engine, args, bandwidth, batch, settings)
 
 
@@ -1024,6 +1024,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown is not None:
         print(markdown(read_result(args.markdown)))
         return 0
+    if args.skinny_tuned is not None:  # read before any GPU work: a bad file is one line
+        try:
+            args.tuned = read_result(args.skinny_tuned)
+            if not isinstance(args.tuned, dict) or not {"batch", "rows"} <= args.tuned.keys():
+                raise ValueError("not a benchmarks.skinny_split result")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"cannot read --skinny-tuned {args.skinny_tuned}: {error!r}", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2

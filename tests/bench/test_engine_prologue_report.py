@@ -3,6 +3,11 @@ setting against the unfused steps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from benchmarks.engine import PROLOGUE_SETTINGS, _prologue_lines
 
 
@@ -90,3 +95,18 @@ def test_compare_selects_the_comparisons() -> None:
     assert parse_args([]).compare == list(COMPARISONS)
     assert parse_args(["--compare", "skinny"]).compare == ["skinny"]
     assert parse_args(["--compare"]).compare == []
+
+
+@pytest.mark.parametrize("content", [None, {"device": "x", "models": []}])
+def test_an_unreadable_tuning_file_is_one_line_before_any_gpu_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: dict[str, Any] | None
+) -> None:
+    from benchmarks.common import write_result
+    from benchmarks.engine import main
+
+    path = tmp_path / "split.json.gz"
+    if content is not None:  # an engine result, not a skinny_split one
+        write_result(path, content)
+    assert main(["--skinny-tuned", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cannot read --skinny-tuned {path}")
