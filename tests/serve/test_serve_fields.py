@@ -143,3 +143,21 @@ def test_what_the_engine_cannot_do_is_a_400_naming_the_field(server, fields, par
         answer = http.post("/v1/chat/completions", json=body)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
+
+
+def test_fields_openai_lets_be_null_take_their_defaults(server):
+    # OpenAI's schema makes n, stream and echo nullable; raw-JSON clients send them so
+    nulls = {"model": MODEL_NAME, "max_tokens": 2, "n": None, "stream": None}
+    with server.client() as http:
+        chat = http.post("/v1/chat/completions", json={**nulls, "messages": USER})
+        text = http.post("/v1/completions", json={**nulls, "prompt": PROMPT, "echo": None})
+        response = http.post(
+            "/v1/responses",
+            json={"model": MODEL_NAME, "input": "w3", "max_output_tokens": 2, "stream": None},
+        )
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 1
+    assert text.status_code == 200, text.text
+    assert not text.json()["choices"][0]["text"].startswith(PROMPT)  # no echo
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "response"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +37,15 @@ MAX_N = 64  # choices per request at most (each is an engine request)
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # fields OpenAI's schema lets be null, which means their default (vLLM reads them so)
+    null_is_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_as_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.null_is_default:
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.null_is_default}
 
 
 class StreamOptions(_Request):
@@ -48,6 +57,7 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """The fields both endpoints share."""
 
+    null_is_default: ClassVar[frozenset[str]] = frozenset({"n", "stream"})
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -97,6 +107,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: a prompt is text, token ids, or a list of either
     (a batch: one choice per prompt and per ``n``)."""
 
+    null_is_default: ClassVar[frozenset[str]] = frozenset({"n", "stream", "echo"})
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, with echo only
     echo: bool = False

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -167,6 +167,7 @@ class ReasoningConfig(_Request):
 class ResponsesRequest(_Request):
     """``POST /v1/responses``."""
 
+    null_is_default: ClassVar[frozenset[str]] = frozenset({"stream"})
     model: str
     input: str | list[InputItem]
     instructions: str | None = None
