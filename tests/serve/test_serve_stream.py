@@ -3,11 +3,23 @@ hangs up is aborted, and its memory is back in the allocator at the next step.""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from typing import Any
 
 import httpx
 import pytest
-from serve_helpers import MODEL_NAME, make_app, make_engine, serving, wait_until
+from serve_helpers import (
+    MODEL_NAME,
+    CharTokenizer,
+    HermesChat,
+    ScriptedLoop,
+    make_app,
+    make_engine,
+    serving,
+    wait_until,
+)
 
 pytest.importorskip("fastapi")
 
@@ -65,3 +77,34 @@ def test_the_finish_chunk_and_done_end_every_stream(server):
     last = json.loads(lines[-2][6:])
     assert last["choices"][0]["finish_reason"] == "length"
     assert response.headers["content-type"].startswith("text/event-stream")
+
+
+class _QueuedLoop(ScriptedLoop):
+    """A stand-in loop whose requests wait for their first update forever (a long queue);
+    ``closed`` is set once one's generator is closed, which aborts an engine request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = threading.Event()
+
+    async def generate(self, prompt: list[int], options: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+            yield
+        finally:
+            self.closed.set()
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/responses"])
+def test_a_stream_whose_client_leaves_while_it_waits_is_aborted(route):
+    from avmp.serve.app import ServeConfig, create_app
+
+    loop = _QueuedLoop()
+    app = create_app(loop, CharTokenizer(), ServeConfig(model_name=MODEL_NAME), HermesChat())
+    body = {"model": MODEL_NAME, "prompt": "w1", "input": "w1", "stream": True}
+    body.pop("input" if route == "/v1/completions" else "prompt")
+    with serving(app) as server, server.client() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(route, json=body, timeout=0.5)
+        # no first token yet: leaving before it aborts the request all the same
+        assert loop.closed.wait(10)

@@ -282,7 +282,9 @@ class _Server:
         arrival_s = time.perf_counter()
         streams = self._choices(chat, [prompt], limit, boundary, syntax, arrival_s, grammar)
         if body.stream:
-            firsts = await self._first_pieces(streams)
+            firsts = await unless_disconnected(request, self._first_pieces(streams))
+            if firsts is None:
+                return Response(status_code=499)  # nobody reads it
             events = sse_responses(builder, merge(firsts, streams))
             return StreamingResponse(events, media_type="text/event-stream")
         pieces = await unless_disconnected(request, self._collect_all(streams))
@@ -549,7 +551,11 @@ class _Server:
         rid = new_id("chatcmpl" if chat else "cmpl", body.request_id)
         streams = self._choices(body, prompts, max_tokens, boundary, tools, arrival_s, grammar)
         if body.stream:
-            firsts = await self._first_pieces(streams)
+            # a client may leave while its requests wait for their first token (a long
+            # queue): the stream has not started, so nothing else would notice
+            firsts = await unless_disconnected(request, self._first_pieces(streams))
+            if firsts is None:
+                return Response(status_code=499)  # nobody reads it
             options = body.stream_options
             include_usage = options is not None and options.include_usage
             continuous = options is not None and options.continuous_usage_stats
