@@ -7,7 +7,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from serve_helpers import MODEL_NAME, make_app, make_engine, serving, wait_until, words
+from serve_helpers import (
+    MAX_MODEL_LEN,
+    MODEL_NAME,
+    make_app,
+    make_engine,
+    serving,
+    wait_until,
+    words,
+)
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -94,6 +102,20 @@ def test_chat_streamed_and_not_uses_the_chat_template(served):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference[-1].text
     assert chunks[-1].choices[0].finish_reason == reference[-1].finish_reason
+
+
+def test_a_chat_without_a_limit_gets_the_room_its_prompt_leaves(served):
+    # the default (256) is more than max_model_len (256) leaves beside any prompt: a
+    # client that set no limit is answered, as OpenAI and vLLM answer it, not refused
+    server, _ = served
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    answers = [
+        server.openai().chat.completions.create(model=MODEL_NAME, messages=messages),
+        server.openai().responses.create(model=MODEL_NAME, input="w5 w6 w7"),
+    ]
+    assert all(0 < answer.usage.total_tokens <= MAX_MODEL_LEN for answer in answers)
+    if answers[0].choices[0].finish_reason == "length":
+        assert answers[0].usage.total_tokens == MAX_MODEL_LEN
 
 
 def test_n_choices_follow_their_seeds(served):

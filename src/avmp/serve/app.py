@@ -91,8 +91,8 @@ class ServeConfig:
     Attributes:
         model_name: the name clients give as ``model`` (and ``/v1/models`` lists).
         api_key: when set, every ``/v1`` call needs ``Authorization: Bearer <key>``.
-        default_max_tokens: a chat request's limit when it gives none (OpenAI's is the
-            context's room; completions keep OpenAI's 16).
+        default_max_tokens: a chat request's limit when it gives none, at most the room
+            its prompt leaves (OpenAI's default is that room; completions keep OpenAI's 16).
         shutdown_timeout_s: how long requests in flight may take to finish once a
             shutdown begins; then they are aborted.
         tool_call_parser: how replies to requests with tools are read for tool calls
@@ -257,7 +257,7 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
         prompt, boundary = self._chat_prompt(body)
-        limit = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
+        limit = body.max_completion_tokens or body.max_tokens or self._default_limit(prompt)
         syntax = self.tool_syntax if body.reads_tool_calls() else None
         grammar = await self._grammar(body)
         return await self._respond(body, request, [prompt], limit, chat=True, boundary=boundary,
@@ -275,7 +275,7 @@ class _Server:
         chat = body.chat_request()
         self._check(chat, request)
         prompt, boundary = self._chat_prompt(chat)
-        limit = chat.max_completion_tokens or self.config.default_max_tokens
+        limit = chat.max_completion_tokens or self._default_limit(prompt)
         syntax = self.tool_syntax if chat.reads_tool_calls() else None
         builder = ResponseBuilder(new_response_id(), body)
         grammar = await self._grammar(chat)
@@ -319,6 +319,15 @@ class _Server:
             dropped = max(0, len(prompt) - body.truncate_prompt_tokens)
             prompt, boundary = prompt[dropped:], max(0, boundary - dropped)
         return prompt, boundary
+
+    def _default_limit(self, prompt: list[int]) -> int:
+        """A chat's output limit when it gives none: ``default_max_tokens``, but no more
+        than the room its prompt leaves (OpenAI's default is that room), so that a prompt
+        that fits is not refused for a limit the client never set."""
+        limit = self.config.default_max_tokens
+        if self.max_model_len is None:
+            return limit
+        return max(1, min(limit, self.max_model_len - len(prompt)))
 
     @staticmethod
     def _rendering(body: ChatCompletionRequest) -> Rendering:
