@@ -65,7 +65,8 @@ def add_parser(subparsers: Any) -> None:
         "--default-max-tokens",
         type=int,
         default=256,
-        help="a chat request's max_tokens when it gives none (256; completions: 16, as OpenAI)",
+        help="a chat request's max_tokens when it gives none, at most the room its prompt leaves "
+        "in the context (256; completions: 16, as OpenAI)",
     )
     parser.add_argument(
         "--shutdown-timeout",
