@@ -124,6 +124,7 @@ def test_plan_into_a_closed_pipe_exits_quietly(monkeypatch: pytest.MonkeyPatch,
     ({"num_attention_heads": 12, "num_key_value_heads": 5, "hidden_size": 3072},
      "num_attention_heads 12 is not a multiple of num_key_value_heads 5"),
     ({"hidden_size": None, "num_attention_heads": 12}, "missing key 'hidden_size'"),
+    ({"model_type": ["jamba"]}, "unsupported model_type ['jamba']"),  # TypeError: unhashable
 ])
 def test_plan_of_a_bad_config_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              config: dict[str, object], message: str) -> None:
@@ -134,6 +135,19 @@ def test_plan_of_a_bad_config_names_the_file(tmp_path: Path, capsys: pytest.Capt
     path.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
     assert main(["plan", str(path), "--memory", "12GiB"]) == 2
     assert f"{path}: {message}" in one_line_error(capsys, "plan")
+
+
+def test_plan_of_a_config_with_bad_layer_indices_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was a TypeError traceback (unhashable type: 'list')."""
+    from avmp.models import zoo_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**zoo_config("bamba-9b"), "attn_layer_indices": [[9], 18]}))
+    assert main(["plan", str(path), "--memory", "12GiB"]) == 2
+    assert (f"{path}: 'attn_layer_indices' must be a list of layer indices, got [9] in it"
+            in one_line_error(capsys, "plan"))
 
 
 # ---------------------------------------------------------------- bench

@@ -100,6 +100,16 @@ class _Config:
             raise ConfigError(f"{self.label}: {key!r} must be a list, got {found!r}")
         return found
 
+    def indices(self, key: str, default: Any = _REQUIRED) -> set[int]:
+        """A list of layer indices, as a set."""
+        found = self.sequence(key, default)
+        for item in found:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ConfigError(
+                    f"{self.label}: {key!r} must be a list of layer indices, got {item!r} in it"
+                )
+        return set(found)
+
     def fail(self, message: str) -> ConfigError:
         return ConfigError(f"{self.label}: {message}")
 
@@ -374,7 +384,7 @@ def _jamba(cfg: _Config, opt: _Options) -> _Build:
 def _bamba(cfg: _Config, opt: _Options) -> _Build:
     """Bamba: Mamba2 everywhere except ``attn_layer_indices``; dense gated MLP."""
     b = _base(cfg, "bamba")
-    attn_indices = set(cfg.sequence("attn_layer_indices", []))
+    attn_indices = cfg.indices("attn_layer_indices", [])
     types = [
         "full_attention" if i in attn_indices else "linear_attention" for i in range(b.num_layers)
     ]
@@ -667,7 +677,7 @@ def _qwen3_next_mlp(b: _Build, cfg: _Config, index: int, experts: int, top_k: in
     h = b.hidden_size
     experts = cfg.count("num_experts", experts)
     step = cfg.dim("decoder_sparse_step", 1)
-    dense_layers = set(cfg.sequence("mlp_only_layers", []))
+    dense_layers = cfg.indices("mlp_only_layers", [])
     if experts == 0 or index in dense_layers or (index + 1) % step:
         b.params.add(_mlp_params(h, b.dense_width(cfg.dim("intermediate_size"))))
         return
@@ -715,7 +725,7 @@ def _minimax(cfg: _Config, opt: _Options) -> _Build:
 def _lfm2_types(cfg: _Config, num_layers: int) -> list[str]:
     if cfg.has("layer_types"):
         return _layer_types(cfg, "layer_types")
-    attention = set(cfg.sequence("full_attn_idxs", list(range(num_layers))))
+    attention = cfg.indices("full_attn_idxs", list(range(num_layers)))
     return ["full_attention" if i in attention else "conv" for i in range(num_layers)]
 
 
@@ -797,7 +807,7 @@ def _mamba_ssm(cfg: _Config, opt: _Options) -> _Build:
         ssm.dim("d_state", 128),
         ssm.dim("d_conv", 4),
     )
-    attn_layers = set(cfg.sequence("attn_layer_idx", []))
+    attn_layers = cfg.indices("attn_layer_idx", [])
     for i in range(b.num_layers):
         if i in attn_layers:
             _mamba_ssm_attention(b, cfg, i, opt)
@@ -885,7 +895,7 @@ def _model_type(cfg: _Config) -> str:
     if not cfg.has("model_type") and cfg.has("ssm_cfg") and cfg.has("d_model"):
         return "mamba_ssm"
     model_type = cfg.value("model_type")
-    if model_type not in _READERS:
+    if not isinstance(model_type, str) or model_type not in _READERS:
         raise ConfigError(
             f"{cfg.label}: unsupported model_type {model_type!r}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
