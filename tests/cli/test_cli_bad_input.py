@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,6 +70,18 @@ def test_replay_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str], args
     assert main(["replay", str(path), "--model", "jamba-1.5-mini", "--profile", "h200", *args]) == 2
     assert time.monotonic() - started < 30
     assert message in one_line_error(capsys, "replay")
+
+
+def test_a_trace_that_is_a_pipe_is_refused_as_such(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``avmp replay <(zcat trace.jsonl.gz)``: a trace is read more than once, so a pipe
+    is refused, but not as "no such trace file" (it exists)."""
+    pipe = tmp_path / "trace.jsonl"
+    os.mkfifo(pipe)
+    assert main(["replay", str(pipe), *REPLAY]) == 2
+    assert f"{pipe}: not a regular file" in one_line_error(capsys, "replay")
+    assert main(["bench", "--out", str(tmp_path / "out"), *BENCH, "--trace", str(pipe)]) == 2
+    assert f"--trace {pipe}: not a regular file" in one_line_error(capsys, "bench")
 
 
 def test_replay_with_a_directory_for_calibration(tmp_path: Path,

@@ -976,7 +976,8 @@ def read_trace(
     unit (None: seconds, or the format's own).
 
     Raises:
-        TraceError: unknown format or time unit, not a UTF-8 text file, a corrupt or
+        TraceError: not a regular file (a pipe, a device), unknown format or time unit,
+            not a UTF-8 text file, a corrupt or
             truncated archive, malformed line, missing column, a non-finite time, a
             ``time_unit`` that contradicts a column, or no requests.
         FileNotFoundError: no such file.
@@ -1001,8 +1002,10 @@ def read_trace_part(
     path = Path(path)
     if path.is_dir():
         raise TraceError(f"{path}: is a directory, not a trace file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no such trace file: {path}")
+    if not path.is_file():  # a pipe (<(zcat ...)) or a device: read once, it cannot be re-read
+        raise TraceError(f"{path}: not a regular file; save the trace to a file and pass that")
     if time_unit is not None and time_unit not in TIME_UNITS:
         raise TraceError(f"unknown time unit {time_unit!r}; known: {', '.join(TIME_UNITS)}")
     with _reading(path):

@@ -265,8 +265,10 @@ def _check_readable(path: str) -> None:
     """A one-line error for a trace file that is missing, a directory or unreadable."""
     if os.path.isdir(path):
         raise UserError(f"--trace {path}: is a directory, not a trace file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"--trace {path}: no such file")
+    if not os.path.isfile(path):  # a pipe or a device: a trace file is read more than once
+        raise UserError(f"--trace {path}: not a regular file; save the trace to a file")
     try:
         with open(path, "rb"):
             pass
