@@ -190,6 +190,16 @@ def test_bench_out_naming_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert f"{target / 'below' / 'cells'}: Not a directory" in one_line_error(capsys, "bench")
 
 
+def test_bench_out_empty_is_not_the_working_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out "$DIR"`` with DIR unset wrote cells/ and report.md into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--out", "", *BENCH]) == 2
+    assert "--out is empty" in one_line_error(capsys, "bench")
+    assert not any(tmp_path.iterdir())
+
+
 def test_bench_out_read_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a read-only folder (the tests may run as root, who may write anywhere)."""

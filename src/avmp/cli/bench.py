@@ -387,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
     from avmp.cli.replay import slo_targets
 
     slo = slo_targets(args)  # a bad objective fails before any work
+    if not args.out.strip():  # --out "$UNSET": not the working directory, unasked
+        raise UserError("--out is empty; give a results directory, e.g. --out avmp-results")
     grid = build_grid(args)
     skipped = grid.skipped_cells()
     if not grid.cells():
