@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,11 @@ def check_engine_options(args: argparse.Namespace) -> None:
         raise UserError("--random-weights and --scale tiny go together")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    most_threads = 4 * (os.cpu_count() or 1)  # libgomp segfaults starting 10,000 threads
+    if args.threads is not None and args.threads > most_threads:
+        raise UserError(
+            f"--threads must be at most {most_threads} (4 per CPU), got {args.threads}"
+        )
     _check_generation_config(args.generation_config)
 
 
