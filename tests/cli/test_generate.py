@@ -117,6 +117,7 @@ TINY = ["granite-4.0-h-tiny", "--random-weights", "--scale", "tiny", "--prompt",
         ([*TINY, "--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
         ([*TINY, "--memory", "500TiB"], "is more than this host has"),
         ([*TINY, "--threads", "0"], "--threads must be >= 1"),
+        ([*TINY, "--seed", str(1 << 64)], "--seed must be between"),  # "Overflow when unpacking"
         # a segfault from 10,000 threads up; the bound is 4 per CPU
         ([*TINY, "--threads", str(4 * (os.cpu_count() or 1) + 1)], "--threads must be at most"),
         ([*TINY, "--host-tier", "500TiB"], "host tier 500.00 TiB is more than this host has"),

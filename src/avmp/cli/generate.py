@@ -184,6 +184,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not -(1 << 63) <= args.seed < 1 << 64:  # what torch.manual_seed takes
+        raise UserError(f"--seed must be between {-(1 << 63)} and {(1 << 64) - 1}, got {args.seed}")
     check_engine_options(args)
 
 
