@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -198,6 +199,25 @@ def test_bench_out_empty_is_not_the_working_directory(
     assert main(["bench", "--out", "", *BENCH]) == 2
     assert "--out is empty" in one_line_error(capsys, "bench")
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_on_a_ray_address_where_nothing_listens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ray.init retried such an address for minutes (a hang, Ray's log lines every 5 s)."""
+    ray = pytest.importorskip("ray")
+
+    def hang(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", hang)
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    assert main(["bench", "--out", str(tmp_path), *BENCH, "--ray", address]) == 2
+    assert (f"--ray {address}: no Ray head node answers there (Connection refused)"
+            in one_line_error(capsys, "bench"))
 
 
 def test_bench_out_read_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],

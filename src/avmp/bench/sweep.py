@@ -34,6 +34,7 @@ import errno
 import hashlib
 import math
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,6 +68,8 @@ WORKLOADS = (*PRESETS, *PREFIX_PRESETS)  # every workload a sweep may name
 # More cells than any evaluation needs (the paper grid has 1,440); a larger grid is a
 # typo in a list or a seed count, and would take days.
 MAX_CELLS = 100_000
+# How long `--ray HOST:PORT` waits for the head node's port before giving up.
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
 SHIPPED_SUFFIX = "-shipped"
@@ -824,6 +827,8 @@ def _run_on_ray(
     except ImportError:
         raise ValueError("--ray needs Ray: pip install 'avmp[ray]'") from None
     connected_here = not ray.is_initialized()
+    if connected_here:
+        _check_ray_head(address)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     try:
         remote_cell = ray.remote(run_cell)
@@ -836,6 +841,23 @@ def _run_on_ray(
     finally:
         if connected_here:
             ray.shutdown()
+
+
+def _check_ray_head(address: str) -> None:
+    """Fail in seconds where nothing listens at a ``HOST:PORT`` (or ``ray://HOST:PORT``)
+    address: `ray.init` retries one for minutes, logging every 5 s (a typo'd port hangs).
+
+    Raises:
+        ValueError: no connection within `RAY_CONNECT_TIMEOUT_S`, naming the address.
+    """
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto" and the like: ray.init finds the cluster its own way
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ValueError(f"--ray {address}: no Ray head node answers there ({reason})") from None
 
 
 @contextmanager
