@@ -33,6 +33,8 @@ class FakeBehaviour:
     token_gap_s: float = 0.01
     fail_every: int = 0  # every k-th request is answered HTTP 500 (0: none)
     send_usage: bool = True
+    raw_stream: tuple[str, ...] | None = None  # sent verbatim instead (another server's stream)
+    error_body: dict[str, Any] | None = None  # the failures' JSON instead of OpenAI's shape
 
 
 @dataclass
@@ -84,6 +86,11 @@ async def _stream(
         state.in_flight -= 1
 
 
+async def _verbatim(parts: tuple[str, ...]) -> AsyncIterator[str]:
+    for part in parts:
+        yield part
+
+
 def make_app(state: FakeState) -> FastAPI:
     app = FastAPI()
 
@@ -98,8 +105,9 @@ def make_app(state: FakeState) -> FastAPI:
         every = state.behaviour.fail_every
         if every and len(state.bodies) % every == 0:
             error = {"message": "fake failure", "type": "server_error", "code": 500}
-            return JSONResponse({"error": error}, status_code=500)
-        stream = _stream(state, number, body, chat)
+            return JSONResponse(state.behaviour.error_body or {"error": error}, status_code=500)
+        raw = state.behaviour.raw_stream
+        stream = _stream(state, number, body, chat) if raw is None else _verbatim(raw)
         return StreamingResponse(stream, media_type="text/event-stream")
 
     @app.post("/v1/completions")

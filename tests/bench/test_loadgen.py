@@ -189,6 +189,32 @@ def test_failed_requests_are_counted_with_their_errors() -> None:
     assert summary["errors"] == [{"message": "HTTP 500: fake failure", "count": 3}]
 
 
+@pytest.mark.parametrize(
+    "error_body",
+    [
+        {"error": "Input validation error: max_new_tokens", "error_type": "validation"},  # TGI
+        {"object": "error", "message": "Input validation error: max_new_tokens", "code": 400},
+    ],
+)
+def test_error_bodies_of_tgi_and_sglang_give_their_message(error_body: dict) -> None:
+    behaviour = FakeBehaviour(fail_every=1, error_body=error_body)
+    with fake_server(behaviour) as (url, _):
+        records, _ = run_load(_requests(1), LoadConfig(url, MODEL))
+    assert records[0].error == "HTTP 500: Input validation error: max_new_tokens"
+
+
+def test_an_error_event_in_tgis_shape_fails_the_request_without_crashing() -> None:
+    # TGI streams its error as a string, not OpenAI's object with a message
+    stream = (
+        'data:{"choices":[{"index":0,"text":" a","finish_reason":null}]}\n\n',
+        'data:{"error":"Request failed during generation: OOM","error_type":"generation"}\n\n',
+    )
+    with fake_server(FakeBehaviour(raw_stream=stream)) as (url, _):
+        records, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=5.0))
+    errors = [r.error for r in records if not r.success]
+    assert errors == ["stream error: Request failed during generation: OOM"] * 2
+
+
 def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
     with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))

@@ -624,11 +624,24 @@ def _delta(choice: dict[str, Any]) -> dict[str, Any]:
     return choice.get("delta") or {}
 
 
+def _error_message(payload: Any) -> str | None:
+    """The message of an error body or event in the shapes servers send: OpenAI's
+    ``{"error": {"message": ...}}``, TGI's ``{"error": "...", "error_type": ...}``, and
+    SGLang's ``{"object": "error", "message": ...}``; None for any other shape."""
+    error = payload.get("error", payload) if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else None
+
+
 def _error_text(status: int, body: bytes) -> str:
-    """``HTTP 400: <OpenAI error message>``, or the body's start when it is not JSON."""
+    """``HTTP 400: <the error's message>`` (`_error_message`), or the body's start when
+    it is not JSON of a known shape."""
     try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+        message = _error_message(json.loads(body))
+    except ValueError:
+        message = None
+    if message is None:
         message = body.decode("utf-8", errors="replace").strip()[:200]
     return f"HTTP {status}: {message}" if message else f"HTTP {status}"
 
@@ -698,7 +711,7 @@ async def _read_stream(
             break
         event = json.loads(data)
         if "error" in event:
-            record.error = f"stream error: {event['error'].get('message', event['error'])}"
+            record.error = f"stream error: {_error_message(event) or event['error']}"
             return
         now = time.perf_counter() - started
         choices = event.get("choices") or []
