@@ -215,6 +215,20 @@ def test_an_error_event_in_tgis_shape_fails_the_request_without_crashing() -> No
     assert errors == ["stream error: Request failed during generation: OOM"] * 2
 
 
+def test_an_error_line_of_llama_cpp_fails_the_request() -> None:
+    # llama.cpp's server sends an error as an `error:` line, not as `data:`, then ends
+    stream = (
+        'data: {"choices":[{"index":0,"text":" a","finish_reason":null}]}\n\n',
+        'error: {"code":500,"message":"the request exceeds the context size","type":"server_error"}'
+        "\n\n",
+    )
+    with fake_server(FakeBehaviour(raw_stream=stream)) as (url, _):
+        records, duration = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=5.0))
+    assert summarize(records, duration)["errors"] == [
+        {"message": "stream error: the request exceeds the context size", "count": 2}
+    ]
+
+
 def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
     with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))

@@ -701,17 +701,18 @@ async def _read_stream(
 ) -> None:
     """Read SSE lines up to ``data: [DONE]``: note each text chunk's time (and keep its
     text in ``answer``), take the usage when the server sends it, stop at an error
-    event."""
+    event (``data: {"error": ...}``, or llama.cpp's ``error: {...}`` line)."""
     chunks = 0
     async for line in sse_lines(response.aiter_bytes()):
-        if not line.startswith("data:"):
+        is_error = line.startswith("error:")  # llama.cpp's server writes its errors so
+        if not (line.startswith("data:") or is_error):
             continue  # blank separators, comments, event names
-        data = line[len("data:") :].strip()
+        data = line.partition(":")[2].strip()
         if data == "[DONE]":
             break
         event = json.loads(data)
-        if "error" in event:
-            record.error = f"stream error: {_error_message(event) or event['error']}"
+        if is_error or "error" in event:
+            record.error = f"stream error: {_error_message(event) or event.get('error', data)}"
             return
         now = time.perf_counter() - started
         choices = event.get("choices") or []
