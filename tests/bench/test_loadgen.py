@@ -229,6 +229,28 @@ def test_an_error_line_of_llama_cpp_fails_the_request() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "stream",
+    [
+        ("data: [DONE]\n\n",),
+        (  # a role chunk and an answer that ends at once
+            'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+            'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+            "data: [DONE]\n\n",
+        ),
+    ],
+)
+def test_a_stream_without_text_is_a_failure_not_a_zero_latency_success(
+    stream: tuple[str, ...],
+) -> None:
+    with fake_server(FakeBehaviour(raw_stream=stream)) as (url, _):
+        config = LoadConfig(url, MODEL, endpoint="chat", request_timeout_s=5.0)
+        records, duration = run_load([BenchRequest("hi", 1, 4)] * 2, config)
+    summary = summarize(records, duration, goodput=Goodput(ttft_ms=1000.0))
+    assert summary["completed"] == 0 and summary["goodput"] == 0.0
+    assert summary["errors"] == [{"message": "the stream carried no text", "count": 2}]
+
+
 def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
     with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))

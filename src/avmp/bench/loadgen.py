@@ -726,6 +726,11 @@ async def _read_stream(
             record.output_tokens = int(event["usage"].get("completion_tokens", 0))
             record.prompt_tokens = int(event["usage"].get("prompt_tokens", record.prompt_tokens))
             record.usage_reported = True
+    if not record.chunk_s:
+        # no TTFT to measure, and goodput would take it for one that met every objective
+        # (vLLM's bench serve fails such a request too)
+        record.error = "the stream carried no text"
+        return
     record.latency_s = time.perf_counter() - started
     if not record.usage_reported:
         record.output_tokens = chunks
