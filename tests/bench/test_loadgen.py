@@ -251,6 +251,29 @@ def test_a_stream_without_text_is_a_failure_not_a_zero_latency_success(
     assert summary["errors"] == [{"message": "the stream carried no text", "count": 2}]
 
 
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ("[1, 2]", "not a JSON object: [1, 2]"),
+        ('{"choices": [null]}', "not a chunk"),
+        ('{"choices": [], "usage": {"completion_tokens": null}}', "not a chunk"),
+    ],
+)
+def test_an_event_that_is_not_a_chunk_fails_the_request_without_crashing(
+    event: str, message: str
+) -> None:
+    stream = (
+        'data: {"choices":[{"index":0,"text":" a","finish_reason":null}]}\n\n',
+        f"data: {event}\n\n",
+        "data: [DONE]\n\n",
+    )
+    with fake_server(FakeBehaviour(raw_stream=stream)) as (url, _):
+        records, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=5.0))
+    for record in records:
+        assert not record.success and record.error.startswith("malformed stream event: ")
+        assert message in record.error
+
+
 def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
     with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))

@@ -673,7 +673,7 @@ async def send_request(
                 await _read_stream(response, record, started, answer)
     except (TimeoutError, httpx.TimeoutException):
         record.error = f"timed out after {config.request_timeout_s:g} s"
-    except ValueError as error:  # an event that is not JSON
+    except ValueError as error:  # an event that is not JSON, or not a chunk's
         record.error = f"malformed stream event: {error}"
     except httpx.HTTPError as error:
         record.error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -701,8 +701,11 @@ async def _read_stream(
 ) -> None:
     """Read SSE lines up to ``data: [DONE]``: note each text chunk's time (and keep its
     text in ``answer``), take the usage when the server sends it, stop at an error
-    event (``data: {"error": ...}``, or llama.cpp's ``error: {...}`` line)."""
-    chunks = 0
+    event (``data: {"error": ...}``, or llama.cpp's ``error: {...}`` line).
+
+    Raises:
+        ValueError: an event that is not JSON, or not the JSON object of a chunk.
+    """
     async for line in sse_lines(response.aiter_bytes()):
         is_error = line.startswith("error:")  # llama.cpp's server writes its errors so
         if not (line.startswith("data:") or is_error):
@@ -711,21 +714,15 @@ async def _read_stream(
         if data == "[DONE]":
             break
         event = json.loads(data)
+        if not isinstance(event, dict):
+            raise ValueError(f"not a JSON object: {data[:80]}")
         if is_error or "error" in event:
             record.error = f"stream error: {_error_message(event) or event.get('error', data)}"
             return
-        now = time.perf_counter() - started
-        choices = event.get("choices") or []
-        text = _chunk_text(choices[0]) if choices else ""
-        if text:
-            record.chunk_s.append(now)
-            chunks += 1
-            if answer is not None:  # what a chat client sends back: no reasoning
-                answer.append(choices[0].get("text") or _delta(choices[0]).get("content") or "")
-        if event.get("usage"):
-            record.output_tokens = int(event["usage"].get("completion_tokens", 0))
-            record.prompt_tokens = int(event["usage"].get("prompt_tokens", record.prompt_tokens))
-            record.usage_reported = True
+        try:
+            _take_chunk(event, record, time.perf_counter() - started, answer)
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"not a chunk ({error}): {data[:80]}") from None
     if not record.chunk_s:
         # no TTFT to measure, and goodput would take it for one that met every objective
         # (vLLM's bench serve fails such a request too)
@@ -733,8 +730,25 @@ async def _read_stream(
         return
     record.latency_s = time.perf_counter() - started
     if not record.usage_reported:
-        record.output_tokens = chunks
+        record.output_tokens = len(record.chunk_s)
     record.success = True
+
+
+def _take_chunk(
+    event: dict[str, Any], record: RequestRecord, now: float, answer: list[str] | None
+) -> None:
+    """Note one chunk in ``record``: its time ``now`` when it carries text (and the text
+    in ``answer``), and the usage when it has one."""
+    choices = event.get("choices") or []
+    text = _chunk_text(choices[0]) if choices else ""
+    if text:
+        record.chunk_s.append(now)
+        if answer is not None:  # what a chat client sends back: no reasoning
+            answer.append(choices[0].get("text") or _delta(choices[0]).get("content") or "")
+    if event.get("usage"):
+        record.output_tokens = int(event["usage"].get("completion_tokens", 0))
+        record.prompt_tokens = int(event["usage"].get("prompt_tokens", record.prompt_tokens))
+        record.usage_reported = True
 
 
 def fetch_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
