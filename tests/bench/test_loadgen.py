@@ -274,6 +274,30 @@ def test_an_event_that_is_not_a_chunk_fails_the_request_without_crashing(
         assert message in record.error
 
 
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_a_reasoning_models_thinking_is_its_first_tokens(field: str) -> None:
+    # vLLM streams thinking as `reasoning` (it dropped `reasoning_content`), SGLang as
+    # `reasoning_content`: the first token is the thinking's, not the answer's
+    def chunk(delta: dict) -> str:
+        return f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+
+    stream = (
+        chunk({"role": "assistant", "content": ""}),
+        chunk({field: "Let me"}),
+        chunk({field: " think."}),
+        chunk({"content": "Yes."}),
+        "data: [DONE]\n\n",
+    )
+    with fake_server(FakeBehaviour(raw_stream=stream)) as (url, state):
+        config = LoadConfig(url, MODEL, endpoint="chat", request_timeout_s=5.0)
+        records, _ = loadgen.run_conversations(
+            [loadgen.Conversation(("hi", "more"), (1, 1), (4, 4))], config
+        )
+    assert all(r.success and len(r.chunk_s) == 3 and r.output_tokens == 3 for r in records)
+    # the history sent back holds the answer, not the thinking
+    assert state.bodies[1]["messages"][1] == {"role": "assistant", "content": "Yes."}
+
+
 def test_request_timeout_and_run_bound_fail_requests_without_crashing() -> None:
     with fake_server(FakeBehaviour(first_token_s=2.0)) as (url, _):
         timed_out, _ = run_load(_requests(2), LoadConfig(url, MODEL, request_timeout_s=0.2))

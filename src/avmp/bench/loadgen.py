@@ -613,11 +613,14 @@ def _headers(config: LoadConfig) -> dict[str, str]:
 
 def _chunk_text(choice: dict[str, Any]) -> str:
     """The text a streamed choice carries (completions: ``text``; chat: the delta's
-    ``content`` or a reasoning model's ``reasoning_content``)."""
+    ``content`` or a reasoning model's thinking: ``reasoning_content`` as DeepSeek and
+    SGLang name it, ``reasoning`` as vLLM has since it dropped that name, and OpenRouter;
+    a server that sends both sends the same text twice)."""
     if "text" in choice:
         return choice.get("text") or ""
     delta = _delta(choice)
-    return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    return (delta.get("content") or "") + reasoning
 
 
 def _delta(choice: dict[str, Any]) -> dict[str, Any]:
