@@ -164,6 +164,22 @@ def test_plan_of_a_config_with_bad_layer_indices_names_the_file(
             in one_line_error(capsys, "plan"))
 
 
+@pytest.mark.parametrize("model", ["bamba-9b", "jamba-1.5-mini"])
+def test_plan_of_a_config_with_a_mistyped_layer_count_answers_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    """A billion layers kept plan building layer lists for minutes."""
+    from avmp.models import zoo_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**zoo_config(model), "num_hidden_layers": 1_000_000_000}))
+    started = time.monotonic()
+    assert main(["plan", str(path), "--memory", "12GiB"]) == 2
+    assert time.monotonic() - started < 10
+    assert (f"{path}: num_hidden_layers 1000000000 is more than 10,000 layers"
+            in one_line_error(capsys, "plan"))
+
+
 # ---------------------------------------------------------------- bench
 
 

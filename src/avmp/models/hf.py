@@ -327,11 +327,19 @@ def _checked_attn(
     return dims
 
 
+# Most decoder layers a config may declare: far beyond any published model (Nemotron-H-56B
+# has 118), low enough that reading the layers of a mistyped count stays instant.
+MAX_LAYERS = 10_000
+
+
 def _base(cfg: _Config, family: str) -> _Build:
     """The required sizes every family reader starts from."""
+    num_layers = cfg.dim("num_hidden_layers")
+    if num_layers > MAX_LAYERS:
+        raise cfg.fail(f"num_hidden_layers {num_layers} is more than {MAX_LAYERS:,} layers")
     return _Build(
         family=family,
-        num_layers=cfg.dim("num_hidden_layers"),
+        num_layers=num_layers,
         hidden_size=cfg.dim("hidden_size"),
         vocab_size=cfg.dim("vocab_size"),
     )
