@@ -51,6 +51,14 @@ def test_missing_weight_file_named(sharded: Path) -> None:
         load_model(sharded)
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '{"metadata": {}}', '{"weight_map": "x"}',
+                                  '{"weight_map": {"lm_head.weight": 3}}'])  # fmt: skip
+def test_malformed_index_is_named(sharded: Path, text: str) -> None:
+    (sharded / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match="index.json: malformed index"):
+        load_model(sharded)
+
+
 def test_no_weights_at_all(sharded: Path) -> None:
     for file in sharded.glob("*.safetensors*"):
         file.unlink()

@@ -72,9 +72,16 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
+            loaded = json.loads(index.read_text())
+        except ValueError as error:
             raise CheckpointError(f"{index}: malformed index ({error})") from None
+        weight_map = loaded.get("weight_map") if isinstance(loaded, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) for name in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: malformed index (no weight_map from tensor names to file names)"
+            )
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (path / name).is_file()]
         if missing:
