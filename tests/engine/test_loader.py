@@ -112,3 +112,20 @@ def test_malformed_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_float8_tensor_loads_as_transformers_reads_it(
+    tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    source = tiny_checkpoint("granitemoehybrid").path
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = load_model(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert torch.equal(model.model.norm.weight, hf.model.norm.weight)
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.norm.weight holds NaN"):
+        load_model(tmp_path)

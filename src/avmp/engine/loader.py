@@ -232,8 +232,17 @@ def check_tensor(name: str, value: torch.Tensor, expected: torch.Tensor, where: 
             f"{where}: {name} holds {str(value.dtype).removeprefix('torch.')} values; "
             "the model needs floating-point weights"
         )
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not _all_finite(value):
         raise CheckpointError(f"{where}: {name} holds NaN or infinite values")
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or infinity (torch has no
+    ``isfinite`` for the 8-bit float types: those are widened to float16 first, which
+    holds every value they can)."""
+    if value.element_size() == 1:
+        value = value.to(torch.float16)
+    return bool(torch.isfinite(value).all())
 
 
 def load_model(
