@@ -129,3 +129,15 @@ def test_float8_tensor_loads_as_transformers_reads_it(
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="model.norm.weight holds NaN"):
         load_model(tmp_path)
+
+
+def test_config_dtype_the_engine_does_not_run_is_named(
+    tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> None:
+    source = tiny_checkpoint("granitemoehybrid").path
+    shutil.copy(source / "model.safetensors", tmp_path / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "float8_e4m3fn"}))
+    with pytest.raises(CheckpointError, match="config.json: dtype float8_e4m3fn is not one"):
+        load_model(tmp_path)
+    assert load_model(tmp_path, torch.bfloat16).lm_head.weight.dtype == torch.bfloat16

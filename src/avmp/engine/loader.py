@@ -257,14 +257,23 @@ def load_model(
         dtype: compute dtype; defaults to the checkpoint's ``dtype`` / ``torch_dtype``.
         tp: the rank to load for: its shard of every layer, read shard by shard.
     Raises:
-        CheckpointError: missing config, weight files or tensors, a shape mismatch, or
-            integer, NaN or infinite weights.
+        CheckpointError: missing config, weight files or tensors, a shape mismatch,
+            integer, NaN or infinite weights, or (``dtype`` left out) a config dtype
+            other than float32, bfloat16 or float16.
         ValueError: the model does not split over ``tp.size`` ranks (the message names
             the figure that does not divide).
     """
     path = Path(path)
     config = read_config(path)
     cls = model_class(config.model_type)
+    if dtype is None:
+        dtype = config_dtype(config)
+        if dtype not in TORCH_DTYPES.values():  # float8, float64: no cache format for them
+            raise CheckpointError(
+                f"{path / 'config.json'}: dtype {str(dtype).removeprefix('torch.')} is not "
+                f"one the engine runs ({', '.join(TORCH_DTYPES)}); give one "
+                "(--dtype, EngineConfig.dtype)"
+            )
     files = weight_files(path)
     model = cls(config, tp)
     if tp.is_single:
@@ -272,7 +281,7 @@ def load_model(
     else:
         tensors = read_tensor_shards(model, files)
     load_weights(model, tensors, path)
-    return model.to(device=device, dtype=dtype or config_dtype(config)).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def config_dtype(config: Any) -> torch.dtype:
