@@ -254,3 +254,22 @@ def test_preemption_options_reach_the_engine_and_the_summary(
     out = capsys.readouterr().out
     assert "preemption swap, admission greedy: 0 swapped out, 0 swapped in" in out
     assert "host tier 8.0 MiB" in out
+
+
+def test_checkpoint_path_with_tilde_is_under_home(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A quoted ``~/...`` (the shell leaves it) is the home directory, as the zoo reads it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    _copy(checkpoint, tmp_path / "ckpt")
+    ((tmp_path / "ckpt") / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')
+    argv = ["generate", "~/ckpt/", "--prompt", "5 9 13", "--max-tokens", "3", "--memory", "4MiB"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "[0] 5 9 13" in capsys.readouterr().out
+    from avmp.engine.engine import Engine, EngineConfig
+
+    engine = Engine("~/ckpt", EngineConfig(memory_bytes=4 << 20))
+    assert engine.eos_token_ids[-2:] == (7, 9)  # its generation_config.json was read
+    engine.close()

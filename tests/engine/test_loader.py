@@ -141,3 +141,9 @@ def test_config_dtype_the_engine_does_not_run_is_named(
     with pytest.raises(CheckpointError, match="config.json: dtype float8_e4m3fn is not one"):
         load_model(tmp_path)
     assert load_model(tmp_path, torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_path_with_tilde_is_under_home(sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(sharded.parent))
+    model = load_model(f"~/{sharded.name}/")
+    assert torch.equal(model.lm_head.weight, load_model(sharded).lm_head.weight)

@@ -280,7 +280,7 @@ def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[An
     from avmp.engine.tokenizer import MistralTokenizer, load_tokenizer
     from avmp.models.zoo import zoo_config, zoo_names
 
-    path = Path(args.model)
+    path = Path(args.model).expanduser()  # as the zoo reads a model path
     if args.random_weights:
         if args.model.lower() not in zoo_names():
             raise UserError(f"--random-weights needs a zoo name{_not_zoo(args.model)}")

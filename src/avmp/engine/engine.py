@@ -761,6 +761,8 @@ class Engine:
         tokenizer: Tokenizer | None = None,
     ) -> None:
         config = config or EngineConfig()
+        if isinstance(model, (str, Path)):  # its config, weights, tokenizer, generation config
+            model = Path(model).expanduser()
         if os.environ.get("AVMP_DEBUG") == "1":
             config = dataclasses.replace(config, check_integrity=True)
         self.config = config

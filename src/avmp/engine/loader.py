@@ -263,7 +263,7 @@ def load_model(
         ValueError: the model does not split over ``tp.size`` ranks (the message names
             the figure that does not divide).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     config = read_config(path)
     cls = model_class(config.model_type)
     if dtype is None:
