@@ -872,7 +872,8 @@ PROLOGUE_SETTINGS = {
 # and `skinny_comparison`'s (`TritonOps` attributes; None: the default)
 _UNFOLDED = {"fold_parts": False, "fold_conv": False, "act_epilogue": False,
              "wide_conv": False, "balanced": False, "defer_sums": False,
-             "stack_linears": False, "attention_out": False, "decode_configs": {}}
+             "stack_linears": False, "attention_out": False, "decode_configs": {},
+             "long_parts": False}
 SKINNY_SETTINGS = {
     "cublas": {"skinny_rows": 0, "pdl": None, "skinny_prefetch": None, **_UNFOLDED},
     "skinny": {"skinny_rows": None, "pdl": False, "skinny_prefetch": None, **_UNFOLDED},
@@ -893,6 +894,11 @@ SKINNY_SETTINGS = {
     "attention_out": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
                       "act_epilogue": True, "wide_conv": True, "defer_sums": True,
                       "stack_linears": True, "attention_out": True},
+    # split K's parts of 16 K steps or more through six stages (`decode_config`'s
+    # long_parts), over the attention_out setting
+    "long_parts": {"skinny_rows": None, "pdl": None, "skinny_prefetch": None, **_UNFOLDED,
+                   "act_epilogue": True, "wide_conv": True, "defer_sums": True,
+                   "stack_linears": True, "attention_out": True, "long_parts": True},
     # the first weight bytes each GEMM program asks of L2 before its wait (default 512
     # bytes of each weight row), over the attention_out setting
     "prefetch_2k": {"skinny_rows": None, "pdl": None, "skinny_prefetch": 2048, **_UNFOLDED,
@@ -1178,7 +1184,8 @@ def _skinny_lines(row: dict[str, Any]) -> list[str]:
         "activation applied by the GEMM before it; wide_conv: conv steps sized by the "
         "batch; balanced: tiles past a whole wave shared by one program per SM; defer_sums: "
         "split-K parts summed by the next norm; stacked: an attention layer's q, k and v "
-        "as one linear; attention_out: its o_proj on the skinny GEMM; prefetch_2k, "
+        "as one linear; attention_out: its o_proj on the skinny GEMM; long_parts: split-K "
+        "parts of 16 K steps or more through six stages; prefetch_2k, "
         "prefetch_8k: 2 or 8 KiB of each weight row asked of L2 early; tuned: each split "
         "shape's fastest tiling in a skinny_split result (--skinny-tuned); folded, "
         "fold_parts, fold_conv: split-K parts and the conv step summed and "

@@ -50,17 +50,18 @@ def test_skinny_table_reports_each_setting_against_cublas() -> None:
     # to it); "folded" (both folds) is measured without it, as in session 22
     with_act = [label for label, s in SKINNY_SETTINGS.items() if s["act_epilogue"]]
     assert with_act == ["act_epilogue", "wide_conv", "balanced", "defer_sums", "stacked",
-                        "attention_out", "prefetch_2k", "prefetch_8k", "fold_parts",
-                        "fold_conv"]  # fmt: skip
+                        "attention_out", "long_parts", "prefetch_2k", "prefetch_8k",
+                        "fold_parts", "fold_conv"]  # fmt: skip
     assert [label for label, s in SKINNY_SETTINGS.items() if s["wide_conv"]] == [
-        "wide_conv", "balanced", "defer_sums", "stacked", "attention_out", "prefetch_2k",
-        "prefetch_8k"]
+        "wide_conv", "balanced", "defer_sums", "stacked", "attention_out", "long_parts",
+        "prefetch_2k", "prefetch_8k"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["defer_sums"]] == [
-        "defer_sums", "stacked", "attention_out", "prefetch_2k", "prefetch_8k"]
+        "defer_sums", "stacked", "attention_out", "long_parts", "prefetch_2k", "prefetch_8k"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["stack_linears"]] == [
-        "stacked", "attention_out", "prefetch_2k", "prefetch_8k"]
+        "stacked", "attention_out", "long_parts", "prefetch_2k", "prefetch_8k"]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["attention_out"]] == [
-        "attention_out", "prefetch_2k", "prefetch_8k"]
+        "attention_out", "long_parts", "prefetch_2k", "prefetch_8k"]
+    assert [label for label, s in SKINNY_SETTINGS.items() if s["long_parts"]] == ["long_parts"]
     assert [s["skinny_prefetch"] for s in SKINNY_SETTINGS.values() if s["skinny_prefetch"]] == [
         2048, 8192]
     assert [label for label, s in SKINNY_SETTINGS.items() if s["balanced"]] == ["balanced"]

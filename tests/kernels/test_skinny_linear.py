@@ -187,24 +187,39 @@ def test_default_config_splits_narrow_outputs_only() -> None:
     assert num_sms(torch.device("cpu")) == 1
 
 
-@pytest.mark.parametrize(("m", "n", "k", "split"), [
-    (64, 2048, 4096, 4),  # 32 tiles: 4 parts keep 128 programs on 132 SMs
-    (64, 2048, 8192, 4),
-    (64, 8512, 2048, 1),  # 133 tiles fill the SMs alone
-    (64, 16384, 2048, 1),
-    (8, 4096, 8192, 2),
-    (64, 2048, 256, 1),  # 2 K steps: too few to split
-    (1, 16, 16, 1),
+@pytest.mark.parametrize(("m", "n", "k", "split", "long_split", "long_stages"), [
+    # 32 tiles: 4 parts keep 128 programs on 132 SMs; long parts: 2 of 16 K steps
+    (64, 2048, 4096, 4, 2, 6),
+    (64, 2048, 8192, 4, 4, 6),  # 4 parts of 16 steps either way
+    (64, 2048, 2048, 4, 2, 4),  # in two at least: 2 parts of 8 steps, short ones
+    (64, 3072, 2048, 2, 2, 4),
+    (64, 8512, 2048, 1, 1, 3),  # 133 tiles fill the SMs alone
+    (64, 16384, 2048, 1, 1, 3),
+    (8, 4096, 8192, 2, 2, 6),
+    (64, 2048, 256, 1, 1, 3),  # 2 K steps: too few to split
+    (1, 16, 16, 1, 1, 3),
 ])  # fmt: skip
-def test_decode_config_splits_within_one_program_per_sm(m: int, n: int, k: int, split: int) -> None:
-    config = decode_config(m, n, k, 132)
+def test_decode_config_splits_within_one_program_per_sm(
+    m: int, n: int, k: int, split: int, long_split: int, long_stages: int
+) -> None:
+    config = decode_config(m, n, k, 132, long_parts=False)
     assert config.split_k == split
     assert (config.block_n, config.block_k, config.tma) == (64, 128, True)
     assert config.num_stages == (3 if split == 1 else 4)
     assert config.block_m == max(16, 1 << (m - 1).bit_length())
+    long = decode_config(m, n, k, 132)
+    assert (long.split_k, long.num_stages) == (long_split, long_stages)
+    assert dataclasses.replace(long, split_k=split, num_stages=config.num_stages) == config
+    assert long.pipeline_bytes(2) <= 192 << 10
     assert decode_config(m, n, k, 1).split_k == 1
     with pytest.raises(ValueError, match="must be >= 1"):
         decode_config(m, n, 0, 132)
+
+
+def test_long_parts_stay_within_the_shared_memory_budget_in_fp32() -> None:
+    config = decode_config(64, 2048, 8192, 132, element_size=4)
+    assert (config.split_k, config.block_k) == (4, 64)
+    assert config.num_stages == 6 and config.pipeline_bytes(4) <= 192 << 10
 
 
 def test_config_round_trips_tma_and_rejects_a_non_bool() -> None:

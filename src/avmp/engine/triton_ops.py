@@ -144,6 +144,10 @@ class TritonOps(Ops):
         # cuBLAS: the same step time (5.17 and 8.90 ms, session 25; "attention_out"),
         # one path for every decode linear.
         self.attention_out = True
+        # `decode_config`'s long parts: a split K's parts of 16 K steps or more, through
+        # six stages (the engine benchmark's "long_parts" setting; off: split while the
+        # programs stay within one per SM, four stages).
+        self.long_parts = True
         # Tilings that replace `decode_config`'s for a decode linear of (rows, N, K): a
         # tuning table (`benchmarks/skinny_split.py`'s fastest per shape; the engine
         # benchmark's ``--skinny-tuned``). Empty: `decode_config` everywhere.
@@ -283,7 +287,8 @@ class TritonOps(Ops):
         """The tiling of a decode linear of ``m`` rows and an ``[n, k]`` weight:
         ``decode_configs``' where it names the shape, else `decode_config`'s."""
         tuned = self.decode_configs.get((m, n, k))
-        return tuned or self._skinny.decode_config(m, n, k, num_sms, element_size)
+        return tuned or self._skinny.decode_config(m, n, k, num_sms, element_size,
+                                                   self.long_parts)  # fmt: skip
 
     def _tile_counters(self, device: torch.device, tiles: int) -> torch.Tensor | None:
         """The skinny GEMMs' tile counters on ``device`` (zeros between calls), made by

@@ -95,6 +95,13 @@ MAX_DEFAULT_STAGES = 4
 # `balanced_config`: one program per SM, so its pipeline may take most of the SM's
 # shared memory (5 stages of a 64-row batch's 64 x 128 bf16 tiles)
 BALANCED_STAGE_BYTES = 160 << 10
+# `decode_config`'s long parts: past a split in two, K is split further only while each
+# part keeps DECODE_PART_STEPS K steps, and such parts stream through DEEP_SPLIT_STAGES
+# stages (at most DEEP_SPLIT_BYTES of staged tiles: 192 KiB for 64 rows, within an H100's
+# 227 KiB per SM)
+DECODE_PART_STEPS = 16
+DEEP_SPLIT_STAGES = 6
+DEEP_SPLIT_BYTES = 192 << 10
 MAX_BALANCED_STAGES = 8
 
 
@@ -263,15 +270,24 @@ def default_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) 
     return SkinnyConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
-def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyConfig:
+def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2,
+                  long_parts: bool = True) -> SkinnyConfig:  # fmt: skip
     """The engine's tiling for a decode step's linears, from Granite-4.0-H-Micro's four
     projections at 64 rows, each after a norm kernel, 36 times in a CUDA graph, as
-    dependent launches on an H100 (a session experiment; the engine's result in
-    docs/BENCHMARKS.md, "Decode GEMMs of 2-64 rows as dependent launches"): 64 weight
-    rows by 128 of K per tile, TMA loads; K split only while the programs stay within
-    one per SM (a 2,048-row output on 132 SMs: 4 parts, 128 programs), since every part
-    re-reads the batch's activations and the parts are summed after; three stages in
-    flight for an unsplit K, four for a split one.
+    dependent launches on an H100 (session experiments; the engine's results in
+    docs/BENCHMARKS.md, "Decode GEMMs of 2-64 rows as dependent launches" and "Split-K
+    parts of 16 K steps"): 64 weight rows by 128 of K per tile, TMA loads; K split only
+    while the programs stay within one per SM (every part re-reads the batch's
+    activations and the parts are summed after); three stages in flight for an unsplit K.
+
+    ``long_parts`` (the default): K is split in two where that stays within one program
+    per SM, and further only while each part keeps ``DECODE_PART_STEPS`` K steps; such
+    parts stream through ``DEEP_SPLIT_STAGES`` stages, shorter ones through four. With
+    fewer programs than SMs each must draw more than its share of the bandwidth, which
+    takes more loads in flight, and a long part keeps them in flight longer than its
+    pipeline takes to fill (a 2,048-row output of K 4,096 on 132 SMs: 2 parts of 16 steps,
+    64 programs, 6 stages; of K 8,192: 4 parts, 128 programs). Without: K split while the
+    programs stay within one per SM (that output: 4 parts, 128 programs), four stages.
     """
     if min(m, n, k, num_sms, element_size) < 1:
         raise ValueError(f"m, n, k, num_sms and element_size must be >= 1, got "
@@ -279,11 +295,18 @@ def decode_config(m: int, n: int, k: int, num_sms: int, element_size: int = 2) -
     block_m, block_n = default_block_m(m), 64
     block_k = 128 * 2 // max(2, element_size)
     num_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    most = min(DEFAULT_MAX_SPLIT_K, max(1, triton.cdiv(k, block_k) // MIN_K_BLOCKS_PER_SPLIT))
+    steps = triton.cdiv(k, block_k)
+    most = min(DEFAULT_MAX_SPLIT_K, max(1, steps // MIN_K_BLOCKS_PER_SPLIT))
     split = 1
     while num_tiles * split * 2 <= num_sms and split * 2 <= most:
+        if long_parts and split > 1 and steps // (split * 2) < DECODE_PART_STEPS:
+            break
         split *= 2
-    return SkinnyConfig(block_m, block_n, block_k, split, 4, 3 if split == 1 else 4, tma=True)
+    stages = 3 if split == 1 else 4
+    if long_parts and split > 1 and steps // split >= DECODE_PART_STEPS:
+        stage_bytes = (block_n + block_m) * block_k * element_size
+        stages = max(stages, min(DEEP_SPLIT_STAGES, DEEP_SPLIT_BYTES // stage_bytes))
+    return SkinnyConfig(block_m, block_n, block_k, split, 4, stages, tma=True)
 
 
 def balanced_config(m: int, n: int, k: int, num_sms: int,
