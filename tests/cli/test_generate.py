@@ -53,6 +53,29 @@ def test_checkpoint_without_tokenizer_takes_token_ids(
     assert "[0] 5 9 13" in out
 
 
+def test_checkpoint_without_tokenizer_files_says_it_takes_the_demo_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vocabulary the demo tokenizer covers: text works, and stderr says whose it is
+    (a real checkpoint copied without its tokenizer would otherwise read wrong text)."""
+    from avmp.engine.tiny import TINY_VOCAB
+
+    config = transformers.BambaConfig(
+        vocab_size=TINY_VOCAB + 768, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        attn_layer_indices=[1], mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=1, mamba_chunk_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path))
+    argv = ["generate", str(tmp_path), "--prompt", "Hello", "--max-tokens", "2"]
+    assert main([*argv, "--memory", "16MiB"]) == 0
+    captured = capsys.readouterr()
+    assert "[0] Hello" in captured.out
+    assert (f"avmp generate: note: {tmp_path} has no tokenizer files; text goes through "
+            "mistral-common's demo tokenizer, not the model's own") in captured.err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,11 @@ def model_and_tokenizer(args: argparse.Namespace, weights_seed: int) -> tuple[An
         raise UserError(f"{args.model}: not a checkpoint directory{hint}")
     tokenizer = load_tokenizer(path)
     if tokenizer is None and _vocab_size(path) >= TINY_VOCAB:
+        # a checkpoint without its tokenizer (one our tests write, or files left behind):
+        # the demo tokenizer, said aloud, since a real model's text would not match it
+        print(f"avmp {getattr(args, 'command', 'generate')}: note: {args.model} has no "
+              "tokenizer files; text goes through mistral-common's demo tokenizer, not "
+              "the model's own", file=sys.stderr)  # fmt: skip
         tokenizer = MistralTokenizer()
     return path, tokenizer
 
