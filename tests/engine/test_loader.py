@@ -25,6 +25,16 @@ def sharded(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _config_and_tensors(
+    tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
+) -> dict[str, torch.Tensor]:
+    """A tiny GraniteMoeHybrid checkpoint's config.json copied into ``tmp_path`` and its
+    tensors, for a test to edit and save beside it."""
+    source = tiny_checkpoint("granitemoehybrid").path
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    return load_file(str(source / "model.safetensors"))
+
+
 def test_sharded_checkpoint_loads_every_tensor(sharded: Path) -> None:
     model = load_model(sharded)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -69,9 +79,7 @@ def test_no_weights_at_all(sharded: Path) -> None:
 def test_missing_tensors_listed(
     tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
-    source = tiny_checkpoint("granitemoehybrid").path
-    shutil.copy(source / "config.json", tmp_path / "config.json")
-    tensors = load_file(str(source / "model.safetensors"))
+    tensors = _config_and_tensors(tmp_path, tiny_checkpoint)
     del tensors["model.norm.weight"], tensors["model.layers.2.self_attn.q_proj.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing tensors: .*q_proj.*model.norm.weight"):
@@ -81,9 +89,7 @@ def test_missing_tensors_listed(
 def test_shape_mismatch_named(
     tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
-    source = tiny_checkpoint("granitemoehybrid").path
-    shutil.copy(source / "config.json", tmp_path / "config.json")
-    tensors = load_file(str(source / "model.safetensors"))
+    tensors = _config_and_tensors(tmp_path, tiny_checkpoint)
     tensors["model.norm.weight"] = torch.ones(7)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"shape mismatch for model.norm.weight.*\(7,\)"):
@@ -117,9 +123,7 @@ def test_malformed_config(tmp_path: Path) -> None:
 def test_float8_tensor_loads_as_transformers_reads_it(
     tmp_path: Path, tiny_checkpoint: Callable[..., TinyCheckpoint]
 ) -> None:
-    source = tiny_checkpoint("granitemoehybrid").path
-    shutil.copy(source / "config.json", tmp_path / "config.json")
-    tensors = load_file(str(source / "model.safetensors"))
+    tensors = _config_and_tensors(tmp_path, tiny_checkpoint)
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = load_model(tmp_path)
