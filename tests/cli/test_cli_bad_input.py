@@ -183,6 +183,27 @@ def test_plan_of_a_config_with_a_mistyped_layer_count_answers_at_once(
 # ---------------------------------------------------------------- bench
 
 
+@pytest.mark.parametrize(("step_s", "message"), [
+    (1e308, "step_s 1e+308 is more than 3600 s"),  # was a whole sweep, then an arange error
+    (10**400, "bad or missing field (int too large to convert to float)"),  # was a traceback
+    (None, "Is a directory"),
+])
+def test_bench_refuses_a_bad_calibration_before_any_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], step_s: float | None, message: str
+) -> None:
+    path = tmp_path / "calibration.json"
+    if step_s is None:
+        path.mkdir()
+    else:
+        points = [{"num_prefill_tokens": 64 * i, "num_decode_requests": i,
+                   "num_context_tokens": 512 * i, "step_s": step_s} for i in range(1, 9)]
+        path.write_text(json.dumps({"gpu": "H100", "points": points}))
+    assert main(["bench", "--out", str(tmp_path / "out"), *BENCH,
+                 "--calibration", str(path)]) == 2  # fmt: skip
+    assert message in one_line_error(capsys, "bench")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--budgets", "100TiB"], "is more than the 1.00 TiB"),
     (["--seeds", "1000000000"], "--seeds must be between 1 and 1000"),

@@ -202,8 +202,12 @@ def build_grid(args: argparse.Namespace) -> Any:
         _check_prefix_host_level(prefix_caches, args)
     workloads = args.workloads or (() if args.trace else _default_workloads(prefix_caches))
     num_requests = tuple((w, QUICK_REQUESTS) for w in workloads) if quick else ()
-    if args.calibration is not None and not os.path.isfile(args.calibration):
-        raise FileNotFoundError(f"no such calibration file: {args.calibration}")
+    if args.calibration is not None:
+        if not os.path.exists(args.calibration):
+            raise FileNotFoundError(f"no such calibration file: {args.calibration}")
+        from avmp.sim.calibration import load_calibration
+
+        load_calibration(args.calibration)  # a bad file: one line before any cell is made
     for model in models:
         _check_model(model)
     traces = _trace_workloads(args)  # last: a trace file may take a while to read

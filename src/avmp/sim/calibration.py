@@ -686,6 +686,11 @@ def _feature_sets(optional: list[str]) -> list[tuple[str, ...]]:
     return sets
 
 
+# Longest step a calibration point may record: an hour, far past any engine step, so that
+# a file in the wrong unit (or corrupt) is refused rather than fitted to absurd costs.
+MAX_STEP_S = 3600.0
+
+
 def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float | None], float]:
     """One point's features in `_FULL_FEATURES` order (mean context None without
     ``num_requests``, prefill attention pairs None without ``num_attention_pairs``, the
@@ -697,13 +702,16 @@ def _calibration_point(index: int, point: dict[str, float]) -> tuple[list[float 
         requests, pairs, longest, longest_context = (
             None if point.get(name) is None else float(point[name]) for name in optional
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"calibration point {index}: bad or missing field ({error})") from None
     if any(v < 0 or not math.isfinite(v) for v in values):
         raise ValueError(f"calibration point {index}: values must be finite and >= 0")
     prefill, decode, context, step_s = values
     if step_s == 0:
         raise ValueError(f"calibration point {index}: step_s must be > 0 (the fit is relative)")
+    if step_s > MAX_STEP_S:
+        raise ValueError(f"calibration point {index}: step_s {step_s:g} is more than "
+                         f"{MAX_STEP_S:g} s (a step is measured in seconds)")  # fmt: skip
     if requests is not None and (not math.isfinite(requests) or requests < max(1.0, decode)):
         raise ValueError(
             f"calibration point {index}: num_requests must be >= 1 and >= num_decode_requests"
