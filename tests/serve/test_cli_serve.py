@@ -1,8 +1,10 @@
 """``avmp serve`` on the command line: bad options are one line and exit 2; SIGTERM
-lets a short request finish, ends a long one as ``abort``, and exits 0."""
+lets a short request finish, ends a long one as ``abort``, and exits 0; a second Ctrl-C
+aborts at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,18 +67,25 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
     out["events"] = events
 
 
-def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0(checkpoints):
+def _start(checkpoints: dict, shutdown_timeout_s: float) -> tuple[subprocess.Popen, str]:
+    """``avmp serve`` on the chat checkpoint in a process, and its API's URL."""
     command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
                "serve", str(checkpoints["chat"]), "--memory", "64MiB", "--port", "0",
-               "--served-model-name", "tiny", "--shutdown-timeout", "4",
+               "--served-model-name", "tiny", "--shutdown-timeout", str(shutdown_timeout_s),
                "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)  # fmt: skip
+    banner = server.stdout.readline()  # printed once the server is about to listen
+    if "avmp serve: tiny on http://127.0.0.1:" not in banner:
+        server.kill()
+        raise AssertionError(server.communicate()[1])
+    return server, banner.split(" on ")[1].split()[0]
+
+
+def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0(checkpoints):
+    server, url = _start(checkpoints, 4)
     try:
-        banner = server.stdout.readline()  # printed once the server is about to listen
-        assert "avmp serve: tiny on http://127.0.0.1:" in banner, server.stderr.read()
-        url = banner.split(" on ")[1].split()[0]
         short, long = {}, {}
         threads = [threading.Thread(target=_stream, args=(url, n, out))
                    for n, out in ((4, short), (100000, long))]  # fmt: skip
@@ -95,3 +104,30 @@ def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_0(checkpoints):
     for out, reason in ((short, "length"), (long, "abort")):
         assert out["events"][-1] == "[DONE]"
         assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == reason
+
+
+def test_a_second_ctrl_c_aborts_in_flight_requests_at_once(checkpoints):
+    server, url = _start(checkpoints, 60)  # a grace period the test never waits for
+    try:
+        out: dict = {}
+        thread = threading.Thread(target=_stream, args=(url, 100000, out))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while "first" not in out and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.send_signal(signal.SIGINT)  # drains: the stream could go on for 60 s
+        time.sleep(0.5)
+        server.send_signal(signal.SIGINT)  # uvicorn's "CTRL+C to force quit"
+        start = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # asserted below
+            server.wait(20)
+        took = time.monotonic() - start
+        thread.join(30)
+    finally:
+        server.kill()
+        _, err = server.communicate()
+    assert took < 10, err
+    assert "Traceback" not in err, err
+    assert server.returncode == 130 and err.strip().endswith("avmp serve: interrupted"), err
+    assert out["events"][-1] == "[DONE]"
+    assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == "abort"

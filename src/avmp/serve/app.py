@@ -180,6 +180,7 @@ def create_app(
     app = FastAPI(title="avmp", lifespan=lifespan)
     app.state.server = server
     app.state.drain_engine = server.drain_engine
+    app.state.abort_engine = server.abort_engine
     add_error_handlers(app, server.metrics)
     if config.allowed_origins:  # browsers' preflight requests are answered before routing
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
@@ -232,6 +233,12 @@ class _Server:
             dead = not self.loop.snapshot().healthy  # nothing left would ever finish
             timeout_s = self.config.shutdown_timeout_s
             self.loop.shutdown(abort_running=abort_running or dead, timeout_s=timeout_s)
+
+    def abort_engine(self) -> None:
+        """Abort every request now (a drain under way ends at once: each client gets
+        reason ``abort``); the loop then stops as `drain_engine` stops it. Blocks until
+        then; safe beside a drain."""
+        self.loop.shutdown(abort_running=True, timeout_s=0.0)
 
     # -- endpoints ------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ the same moment the app drains its engine (`avmp.serve.app`): requests in flight
 finish for ``shutdown_timeout_s``, then the engine aborts them, so each client still
 gets a whole answer (finish reason ``abort``) and its connection closes. uvicorn's own
 grace period, a little longer, only backs that up: past it, uvicorn cancels what is
-left. The app's lifespan shutdown then frees the engine's memory.
+left. The app's lifespan shutdown then frees the engine's memory. A second Ctrl-C
+aborts what is left at once, and the shutdown goes on as before; a third is uvicorn's
+force quit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import contextlib
 import math
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -48,11 +52,28 @@ BACKSTOP_S = 5.0
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, draining the engine while uvicorn waits for the connections."""
+    """uvicorn's server, draining the engine while uvicorn waits for the connections;
+    ``abort`` ends every request at once."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[], None], abort: Callable[[], None]
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._abort = abort
+        self._aborted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn's force quit (a second Ctrl-C) would stop waiting for the answers and
+        # skip the lifespan's end while the drain still ran to its deadline: the process
+        # lingered, then cancelled the handlers mid-answer (tracebacks). Aborting the
+        # requests instead ends every answer at once, and the shutdown goes on cleanly; a
+        # third is uvicorn's force quit, for a client that does not read its answer.
+        if self.should_exit and sig == signal.SIGINT and not self._aborted:
+            self._aborted = True
+            threading.Thread(target=self._abort, name="avmp-abort", daemon=True).start()
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         draining = asyncio.create_task(asyncio.to_thread(self._drain))
@@ -71,7 +92,8 @@ def make_server(app: Any, shutdown_timeout_s: float, log_level: str = "info") ->
         timeout_graceful_shutdown=math.ceil(shutdown_timeout_s + BACKSTOP_S),
         access_log=log_level == "debug",
     )
-    return _DrainingServer(config, lambda: app.state.drain_engine(False))
+    state = app.state
+    return _DrainingServer(config, lambda: state.drain_engine(False), state.abort_engine)
 
 
 def run(app: Any, sock: socket.socket, shutdown_timeout_s: float, log_level: str) -> None:
