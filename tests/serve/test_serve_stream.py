@@ -1,5 +1,6 @@
 """Clients that leave: a stream closed mid-way or a non-streamed request whose client
-hangs up is aborted, and its memory is back in the allocator at the next step."""
+hangs up is aborted, and its memory is back in the allocator at the next step; a stream
+one of whose choices is refused is answered at once."""
 
 from __future__ import annotations
 
@@ -108,3 +109,36 @@ def test_a_stream_whose_client_leaves_while_it_waits_is_aborted(route):
             http.post(route, json=body, timeout=0.5)
         # no first token yet: leaving before it aborts the request all the same
         assert loop.closed.wait(10)
+
+
+class _FullAfterOneLoop(_QueuedLoop):
+    """A stand-in loop whose first request waits in the queue forever and whose later
+    ones find it full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_requests = 0
+
+    async def generate(self, prompt: list[int], options: Any) -> Any:
+        from avmp.engine.loop import QueueFull
+
+        self.num_requests += 1
+        if self.num_requests > 1:
+            raise QueueFull("1 request is waiting (at most 1)", 2.0)
+        async for update in super().generate(prompt, options):
+            yield update
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_choice_refused_answers_at_once_and_aborts_the_others(stream):
+    from avmp.serve.app import ServeConfig, create_app
+
+    loop = _FullAfterOneLoop()
+    app = create_app(loop, CharTokenizer(), ServeConfig(model_name=MODEL_NAME), HermesChat())
+    body = {"model": MODEL_NAME, "prompt": "w1", "n": 2, "stream": stream}
+    with serving(app) as server, server.client() as http:
+        # the first choice would wait for its first token forever: the 429 does not
+        answer = http.post("/v1/completions", json=body, timeout=10)
+        assert answer.status_code == 429, answer.text
+        assert answer.json()["error"]["code"] == "rate_limit_exceeded"
+        assert loop.closed.wait(10)  # and the waiting choice is aborted

@@ -765,16 +765,21 @@ class _Server:
 
     async def _first_pieces(self, streams: list[AsyncIterator[Piece]]) -> list[Piece]:
         """Every choice's first piece, or (closing all of them) the first error as its
-        HTTP answer."""
-        results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if not failed:
-            return [r for r in results if isinstance(r, Piece)]
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
-        if not isinstance(failed[0], Exception):
-            raise failed[0]
-        raise engine_error(failed[0])
+        HTTP answer, at once: a choice refused (a full queue) does not wait for the others'
+        first tokens, which could wait in that queue for minutes."""
+
+        async def first(stream: AsyncIterator[Piece]) -> Piece:
+            return await anext(stream)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(first(s)) for s in streams]
+        except BaseExceptionGroup as errors:
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+            error = errors.exceptions[0]
+            raise engine_error(error) if isinstance(error, Exception) else error from None
+        return [task.result() for task in tasks]
 
     async def _collect_all(self, streams: list[AsyncIterator[Piece]]) -> list[Piece]:
         """Each choice's whole text, in one piece per choice."""
