@@ -40,7 +40,8 @@ def add_parser(subparsers: Any) -> None:
             "(Prometheus: requests, both pools' bytes, migrations, preemptions, prefix-cache "
             "hits and checkpoints, latencies). "
             "SIGTERM or Ctrl-C lets requests in flight finish for --shutdown-timeout "
-            "seconds, then aborts them and frees the memory."
+            "seconds, then aborts them and frees the memory; a second Ctrl-C aborts "
+            "them at once."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or zoo name")
@@ -72,7 +73,7 @@ def add_parser(subparsers: Any) -> None:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="seconds requests in flight may take to finish after SIGTERM (30)",
+        help="seconds requests in flight may take to finish after SIGTERM or Ctrl-C (30)",
     )
     parser.add_argument(
         "--max-model-len",
