@@ -42,8 +42,22 @@ def _idle(server) -> bool:
     )  # fmt: skip
 
 
+def _finished(http: httpx.Client, reason: str) -> float:
+    """The finished-requests counter of ``reason``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return sum(
+        sample.value for family in families for sample in family.samples
+        if sample.name == "avmp_requests_finished_total"
+        and sample.labels["finish_reason"] == reason
+    )  # fmt: skip
+
+
 def test_a_stream_closed_mid_way_is_aborted_and_frees_its_memory(server):
     streamed = {**LONG, "stream": True}
+    with server.client() as http:
+        aborted, ended = _finished(http, "abort"), _finished(http, "length")
     with server.client() as http, http.stream("POST", "/v1/completions", json=streamed) as response:
         assert response.status_code == 200
         events = []
@@ -58,6 +72,9 @@ def test_a_stream_closed_mid_way_is_aborted_and_frees_its_memory(server):
     assert all(e["choices"][0]["finish_reason"] is None for e in events)
     with server.client() as http:  # and the server goes on
         assert http.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+        # counted as ended: the stream its client left as abort, the next by its length
+        assert wait_until(lambda: _finished(http, "abort") == aborted + 1)
+        assert _finished(http, "length") == ended + 1
 
 
 def test_a_client_that_hangs_up_before_its_answer_is_aborted(server):
@@ -109,6 +126,10 @@ def test_a_stream_whose_client_leaves_while_it_waits_is_aborted(route):
             http.post(route, json=body, timeout=0.5)
         # no first token yet: leaving before it aborts the request all the same
         assert loop.closed.wait(10)
+    counter = app.state.server.metrics.finished  # the stand-in loop has no /metrics
+    aborted = [s.value for f in counter.collect() for s in f.samples
+               if s.name.endswith("_total") and s.labels["finish_reason"] == "abort"]  # fmt: skip
+    assert aborted == [1]
 
 
 class _FullAfterOneLoop(_QueuedLoop):

@@ -26,7 +26,7 @@ import hmac
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -147,6 +147,7 @@ class _Timing:
     arrival_s: float
     last_token_s: float | None = None
     ttft_s: float | None = None
+    ended: bool = False  # counted among the finished requests
     gaps_s: list[float] = field(default_factory=list)
 
 
@@ -651,14 +652,36 @@ class _Server:
         """One engine request as pieces of text; the last has a finish reason. Leaving
         early (a stop string, a closed stream) closes the engine's generator, which
         aborts the request. ``side``: what the first piece shows of the prompt first;
-        ``prompt_index``: the request's prompt it answers (usage counts each once)."""
+        ``prompt_index``: the request's prompt it answers (usage counts each once). A
+        client that leaves ends it as ``abort`` in the finished-requests counter."""
+        timing = _Timing(arrival_s)
+        pieces = self._pieces(index, prompt, options, settings, timing, side, prompt_index)
+        try:
+            async with aclosing(pieces):  # closed at once, aborting the engine's request
+                async for piece in pieces:
+                    yield piece
+        except (GeneratorExit, asyncio.CancelledError):
+            if not timing.ended:  # the client left: the engine aborts the request
+                self._observe_end(timing, "abort")
+            raise
+
+    async def _pieces(
+        self,
+        index: int,
+        prompt: Any,
+        options: RequestOptions,
+        settings: _TextOptions,
+        timing: _Timing,
+        side: PromptSide | None,
+        prompt_index: int | None,
+    ) -> AsyncGenerator[Piece, None]:
+        """`_choice`'s pieces, timed on ``timing``."""
         decoder = self.tokenizer
         if not settings.skip_special_tokens or not settings.spaces_between_special_tokens:
             decoder = DecodeWith(decoder, settings.skip_special_tokens,
                                  settings.spaces_between_special_tokens)  # fmt: skip
         text = IncrementalDetokenizer(decoder)
         cut = StopStrings(settings.stops, include=settings.include_stop)
-        timing = _Timing(arrival_s)
         offset = 0  # where the next token's text starts among this choice's token texts
         async with aclosing(self.loop.generate(prompt, options)) as updates:
             async for update in updates:
@@ -696,9 +719,10 @@ class _Server:
                     logprobs,
                     prompt_index=prompt_index,
                 )
+                if done:  # counted before it is handed on: a reader may stop at it
+                    self._observe_end(timing, str(reason))
                 yield out if head is None else _after(head, out)
                 if done:
-                    self._observe_end(timing, str(reason))
                     return
         raise RuntimeError("the engine ended a request without finishing it")
 
@@ -760,6 +784,7 @@ class _Server:
         timing.last_token_s = now
 
     def _observe_end(self, timing: _Timing, reason: str) -> None:
+        timing.ended = True
         self.metrics.e2e_s.observe(time.perf_counter() - timing.arrival_s)
         self.metrics.finished.labels(reason).inc()
 
