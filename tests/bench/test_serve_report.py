@@ -153,3 +153,25 @@ def test_single_turn_results_have_no_turn_table(tmp_path: Path) -> None:
     assert not serve_report.is_multi_turn(result) and "requests per rate" in (
         serve_report.conditions(result)
     )
+
+
+def _labelled_ticks(ax) -> list[str]:
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_xlim()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    return [t.label1.get_text() for t in ticks if t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+def test_latency_cdfs_within_two_decades_have_numbered_axes(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [_record(i, 1.5 + 0.2 * i, 0.05, 8) for i in range(6)]  # TTFT 1.5-2.5 s
+    config = LoadConfig("http://127.0.0.1:1", "m", request_rate=math.inf)
+    result = {"results": [loadgen.rate_result(config, records, 3.0, (50,), Goodput())]}
+    fig, ax = plt.subplots()
+    serve_report._draw_cdf(ax, result, "ttft")
+    assert len(_labelled_ticks(ax)) >= 2, "a reader needs two numbers to read the axis"
+    plt.close(fig)

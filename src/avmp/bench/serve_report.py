@@ -170,25 +170,16 @@ def conditions(result: dict[str, Any]) -> str:
 
 
 def latency_png(result: dict[str, Any]) -> bytes:
-    """CDFs of TTFT, TPOT, ITL and E2E (ms, log scale), one line per rate."""
+    """CDFs of TTFT, TPOT, ITL and E2E (ms), one line per rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     num_panels = len(METRICS) + is_multi_turn(result)
     fig, axes = plt.subplots(1, num_panels, figsize=(4.2 * num_panels, 3.6), squeeze=False)
     for ax, metric in zip(axes[0], METRICS, strict=False):
-        for entry in result["results"]:
-            values = np.sort(metric_values_ms(records_of(entry), metric))
-            if values.size and values[-1] > 0:
-                share = np.arange(1, values.size + 1) / values.size
-                ax.step(values, share, where="post", label=_load_label(entry))
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_title(f"{metric.upper()}: {METRIC_TITLES[metric]}", fontsize=10)
-        ax.set_xlabel("ms")
-        ax.grid(alpha=0.3)
+        _draw_cdf(ax, result, metric)
     axes[0][0].set_ylabel("share of requests (ITL: of gaps)")
     axes[0][len(METRICS) - 1].legend(fontsize=8, loc="lower right")
     if is_multi_turn(result):
@@ -197,6 +188,25 @@ def latency_png(result: dict[str, Any]) -> bytes:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _draw_cdf(ax: Any, result: dict[str, Any], metric: str) -> None:
+    """One metric's CDF per rate, on a log scale only where its values span more than
+    two decades: a log axis over less has at most one labelled tick (a power of ten)."""
+    import numpy as np
+
+    lowest, highest = math.inf, 0.0
+    for entry in result["results"]:
+        values = np.sort(metric_values_ms(records_of(entry), metric))
+        if values.size and values[-1] > 0:
+            share = np.arange(1, values.size + 1) / values.size
+            ax.step(values, share, where="post", label=_load_label(entry))
+            lowest, highest = min(lowest, float(values[0])), max(highest, float(values[-1]))
+    if highest > 100 * lowest:  # a zero (a gap of 0 ms) counts as wide: symlog shows it
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_title(f"{metric.upper()}: {METRIC_TITLES[metric]}", fontsize=10)
+    ax.set_xlabel("ms")
+    ax.grid(alpha=0.3)
 
 
 def _draw_ttft_by_turn(ax: Any, result: dict[str, Any]) -> None:
