@@ -417,10 +417,19 @@ def test_synthetic_multi_turn_with_a_tokenizer(server, tmp_path: Path) -> None:
     [
         (["--tokenizer", "x"], "--tokenizer goes with --trace, --workload or --random-input-len"),
         (["--workload", "shift", "--tokenizer", "/no/such/dir"], "/no/such/dir"),
+        (["--workload", "shift", "--tokenizer", "{empty}"], "{empty}: no tokenizer files in"),
     ],
 )
-def test_bad_tokenizer_is_one_line(server, capsys, args: list[str], message: str) -> None:
+def test_bad_tokenizer_is_one_line(
+    server, tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    """A directory without tokenizer files is named as such (transformers blamed a
+    missing sentencepiece or tiktoken)."""
     url, _ = server
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    args = [a.replace("{empty}", str(tmp_path / "checkpoint")) for a in args]
+    message = message.replace("{empty}", str(tmp_path / "checkpoint"))
     assert main(["bench", "serve", "--url", url, "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

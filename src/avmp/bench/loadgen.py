@@ -195,14 +195,28 @@ def text_of_ids(ids: list[int], tokenizer: Any) -> tuple[str, int]:
     return text, len(tokenizer.encode(text, add_special_tokens=False))
 
 
+# One of these is in every directory transformers reads a tokenizer from
+# (save_pretrained writes tokenizer_config.json; older repositories have a vocabulary).
+TOKENIZER_DIRECTORY_FILES = (
+    "tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+)  # fmt: skip
+
+
 def load_tokenizer(name: str) -> Any:
     """A transformers tokenizer from a local directory or a Hugging Face model id.
 
     Raises:
-        OSError: transformers cannot find or read it.
+        OSError: transformers cannot find or read it, or the directory holds no tokenizer
+            files (transformers' own message then blames a missing sentencepiece).
     """
     from transformers import AutoTokenizer
 
+    path = Path(name)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_DIRECTORY_FILES):
+        raise OSError(
+            f"{name}: no tokenizer files in this directory (none of "
+            f"{', '.join(TOKENIZER_DIRECTORY_FILES)})"
+        )
     return AutoTokenizer.from_pretrained(name)
 
 
