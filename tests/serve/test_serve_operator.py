@@ -165,9 +165,16 @@ def test_a_chat_template_serves_a_checkpoint_without_one(checkpoints, tmp_path):
         ("{% for m in messages %}", "line 1"),  # a syntax error
         ("missing-template.jinja", "no such file"),
         ("{{ messages[0].content | no_such_filter }}", "no_such_filter"),  # fails to render
+        ("<dir>", "a directory, not a template file"),
+        ("<latin-1>", "not UTF-8 text"),
     ],
 )
-def test_a_bad_chat_template_is_one_line(capsys, checkpoints, value, message):
+def test_a_bad_chat_template_is_one_line(capsys, checkpoints, tmp_path, value, message):
+    if value == "<dir>":
+        value = str(tmp_path)
+    elif value == "<latin-1>":
+        value = str(tmp_path / "chat.jinja")
+        (tmp_path / "chat.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
     args = ["serve", str(checkpoints["plain"]), "--port", "0", "--chat-template", value]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -219,8 +219,14 @@ def read_chat_template(value: str) -> str:
     import jinja2
 
     path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{value}: a directory, not a template file")
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            where = f"{error.reason} at byte {error.start}"
+            raise ValueError(f"{value}: not UTF-8 text ({where})") from None
     elif "{{" in value or "{%" in value:
         text = value
     else:
