@@ -333,6 +333,8 @@ def test_report_of_a_file_or_an_empty_folder(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("x")
     assert main(["report", str(tmp_path / "file")]) == 2
+    assert "neither a sweep directory nor a bench serve result" in one_line_error(capsys, "report")
+    assert main(["report", str(tmp_path)]) == 2  # a folder without cells/
     assert "no sweep results" in one_line_error(capsys, "report")
     (tmp_path / "empty" / "cells").mkdir(parents=True)
     assert main(["report", str(tmp_path / "empty")]) == 2

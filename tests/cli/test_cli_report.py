@@ -19,7 +19,7 @@ def test_report_command_from_a_sweep(tmp_path: Path, capsys) -> None:
 
 def test_report_of_a_missing_directory(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert "no sweep results" in capsys.readouterr().err
+    assert "nothing: no such directory or file" in capsys.readouterr().err
 
 
 def test_report_applies_the_goodput_objectives_it_is_given(tmp_path: Path, capsys) -> None:

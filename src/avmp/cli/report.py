@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.directory)
     if path.is_file() and path.suffix == ".json":  # other paths: a sweep, as before
         return _serve_report(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory or file")
+    if not path.is_dir():
+        raise ValueError(f"{path}: neither a sweep directory nor a bench serve result (.json)")
     slo = slo_targets(args)  # a bad objective fails before any work
     md_path, html_path = write_report(args.directory, slo)
     cells = load_cells(args.directory)
