@@ -192,6 +192,7 @@ def test_bad_input_is_one_line_exit_2(
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("avmp bench serve: error: ")  # as argparse's own errors name it
 
 
 def test_random_dataset_prompts_reach_the_server(server, tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except (UserError, ValueError, OSError) as error:
-        print(f"avmp {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        name = getattr(args, "command_name", args.command)  # a subcommand's own name
+        print(f"avmp {name}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"avmp {args.command}: interrupted", file=sys.stderr)

@@ -140,7 +140,7 @@ def add_serve_parser(subcommands: Any) -> None:
     )
     parser.add_argument("--out", metavar="FILE.json", help="save every request's timings here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run_serve)
+    parser.set_defaults(run=run_serve, command_name="bench serve")  # errors: as argparse's
 
 
 def add_random_arguments(parser: argparse.ArgumentParser) -> None:
