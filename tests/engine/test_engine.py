@@ -97,6 +97,26 @@ def test_bad_settings_raise_value_error(tiny_checkpoint: Callable[..., TinyCheck
             Engine(path, EngineConfig(8 * MiB, device="cuda"))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_bytes", float("nan")),
+        ("memory_bytes", 8 * MiB + 0.5),
+        ("block_size", 1.5),
+        ("block_size", True),
+        ("max_num_seqs", float("inf")),
+        ("max_num_batched_tokens", "4"),
+        ("max_mixed_graphs", float("nan")),
+        ("cpu_threads", 1.5),
+        ("host_tier_bytes", float("nan")),
+        ("max_model_len", float("nan")),
+    ],
+)
+def test_config_numbers_must_be_whole(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be a whole number"):
+        EngineConfig(**{"memory_bytes": 8 * MiB, field: value})  # type: ignore[arg-type]
+
+
 def test_config_derives_the_memory_and_scheduler_configs_once() -> None:
     config = EngineConfig(8 * MiB, block_size=4, max_num_seqs=3, migration_batch_chunks=1)
     memory = config.memory_config

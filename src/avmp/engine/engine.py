@@ -237,6 +237,7 @@ class EngineConfig:
     generation_config: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_whole_numbers()
         for name in ("dtype", "ssm_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
@@ -264,6 +265,14 @@ class EngineConfig:
         self._check_tensor_parallel()
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
         object.__setattr__(self, "admission", self.scheduler_config.admission)
+
+    def _check_whole_numbers(self) -> None:
+        # before the range checks: NaN passes every comparison, and a float or a bool
+        # reaches torch (or slices a buffer) far from here
+        for name in _WHOLE_FIELDS + _OPTIONAL_WHOLE_FIELDS:
+            value = getattr(self, name)
+            if not _is_whole(value) and not (value is None and name in _OPTIONAL_WHOLE_FIELDS):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
 
     def _check_preemption(self) -> None:
         object.__setattr__(
@@ -354,6 +363,13 @@ class EngineConfig:
             host_tier_bytes=host_tier_bytes,
             costs=costs,
         )
+
+
+_WHOLE_FIELDS = (
+    "memory_bytes", "block_size", "chunk_bytes", "max_num_seqs", "max_num_batched_tokens",
+    "migration_batch_chunks", "max_mixed_graphs",
+)  # fmt: skip
+_OPTIONAL_WHOLE_FIELDS = ("cpu_threads", "host_tier_bytes", "max_model_len")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
