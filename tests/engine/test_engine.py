@@ -61,6 +61,10 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
         ([[1, 500]], 4, r"token ids must lie in \[0, 128\)"),
         (["text"], 4, "need a tokenizer"),
         ([[1, 2]], 0, "max_tokens"),
+        ([[1.5, 2]], 4, r"list of token ids \(whole numbers\), got \[1.5, 2\]"),
+        ([["1", "2"]], 4, "list of token ids"),
+        ([[True, 2]], 4, "list of token ids"),
+        ([b"ab"], 4, "list of token ids"),
     ],
 )
 def test_mistakes_raise_value_error(

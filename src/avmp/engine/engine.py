@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import operator
 import os
 import time
 from collections import deque
@@ -1222,7 +1223,7 @@ class Engine:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(map(int, prompt))
+            ids = _token_ids(prompt)
         vocab = self.geometry.vocab_size
         if not ids:
             raise ValueError("a prompt must have at least one token")
@@ -1736,6 +1737,26 @@ class Engine:
             request.last_token_s,
             None if request.prompt_logprobs_k is None else request.prompt_logprobs,
         )
+
+
+def _token_ids(prompt: object) -> list[int]:
+    """A prompt given as token ids, as a list of ints.
+
+    Raises:
+        ValueError: not a sequence of whole numbers (int() would make 1.5 token 1,
+            '7' token 7 and bytes their byte values).
+    """
+    try:
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError
+        items = list(prompt)  # type: ignore[call-overload]
+        if bool in map(type, items):
+            raise TypeError
+        return list(map(operator.index, items))  # ints, numpy's and torch's integers
+    except TypeError:
+        raise ValueError(
+            f"a prompt is text or a list of token ids (whole numbers), got {prompt!r:.80}"
+        ) from None
 
 
 def _prompt_rows(request: _Live, start: int, end: int) -> range:
