@@ -541,6 +541,14 @@ def test_bad_prompts_raise_value_error(
     assert not engine.has_unfinished_requests
 
 
+@pytest.mark.parametrize("options", [None, {"max_tokens": 2}, SamplingParams()])
+def test_options_of_another_type_raise_type_error(checkpoint: TinyCheckpoint, options: Any) -> None:
+    engine = light_engine(checkpoint)
+    with pytest.raises(TypeError, match="options must be a RequestOptions"):
+        engine.add_request([1, 2], options)
+    assert not engine.has_unfinished_requests
+
+
 def test_generate_waits_for_no_one_and_close_ends_the_engine(checkpoint: TinyCheckpoint) -> None:
     engine = light_engine(checkpoint)
     engine.add_request([4, 5, 6], RequestOptions(max_tokens=3))

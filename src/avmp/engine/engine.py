@@ -977,9 +977,12 @@ class Engine:
                 or in ``logit_bias``), or text without a tokenizer.
             RequestTooLarge: a request this engine can never hold
                 (`check_request_fits`); nothing is queued.
+            TypeError: ``options`` is not a `RequestOptions`.
             RuntimeError: the engine is closed.
         """
         self._check_open()
+        if not isinstance(options, RequestOptions):
+            raise TypeError(f"options must be a RequestOptions, got {options!r:.80}")
         ids = self._encode(prompt)
         vocab = self.geometry.vocab_size
         if any(token >= vocab for token, _ in options.logit_bias):
