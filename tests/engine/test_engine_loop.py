@@ -6,6 +6,7 @@ an engine error each end streams as the contract says."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -202,6 +203,14 @@ def test_queue_full_when_too_many_are_waiting(checkpoint: TinyCheckpoint) -> Non
     finally:
         engine.gate.set()
         loop.shutdown(abort_running=True)
+
+
+@pytest.mark.parametrize("max_waiting", [0, math.nan, 1.5, "3", True])
+def test_max_waiting_must_be_a_whole_number(checkpoint: TinyCheckpoint, max_waiting: Any) -> None:
+    engine = Engine(checkpoint.path, config())
+    with pytest.raises(ValueError, match="max_waiting must be a whole number >= 1"):
+        EngineLoop(engine, max_waiting)
+    engine.close()
 
 
 def test_shutdown_aborting_ends_every_stream_and_closes_the_engine(

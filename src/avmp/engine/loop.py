@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 from avmp.engine.engine import Engine, EngineTotals, RequestOptions, RequestUpdate
@@ -102,12 +103,14 @@ class EngineLoop:
         max_waiting: requests waiting at most (queued in the engine or on their way to
             it); one more is refused with `QueueFull`.
     Raises:
-        ValueError: ``max_waiting`` below 1.
+        ValueError: ``max_waiting`` not a whole number >= 1.
     """
 
     def __init__(self, engine: Engine, max_waiting: int = DEFAULT_MAX_WAITING) -> None:
-        if max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+        # a whole number: NaN passes the comparison and then refuses no request
+        whole = isinstance(max_waiting, Integral) and not isinstance(max_waiting, bool)
+        if not whole or max_waiting < 1:
+            raise ValueError(f"max_waiting must be a whole number >= 1, got {max_waiting!r}")
         self.engine = engine
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
