@@ -121,6 +121,12 @@ def test_config_numbers_must_be_whole(field: str, value: object) -> None:
         EngineConfig(**{"memory_bytes": 8 * MiB, field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("field", ["overlap", "cuda_graphs", "check_integrity"])
+def test_config_flags_must_be_booleans(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be true or false, got 'no'"):
+        EngineConfig(**{"memory_bytes": 8 * MiB, field: "no"})  # type: ignore[arg-type]
+
+
 def test_config_derives_the_memory_and_scheduler_configs_once() -> None:
     config = EngineConfig(8 * MiB, block_size=4, max_num_seqs=3, migration_batch_chunks=1)
     memory = config.memory_config

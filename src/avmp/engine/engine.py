@@ -238,7 +238,7 @@ class EngineConfig:
     generation_config: str = "auto"
 
     def __post_init__(self) -> None:
-        self._check_whole_numbers()
+        self._check_types()
         for name in ("dtype", "ssm_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
@@ -267,13 +267,16 @@ class EngineConfig:
         _ = self.memory_config, self.scheduler_config  # derived once: a bad value fails here
         object.__setattr__(self, "admission", self.scheduler_config.admission)
 
-    def _check_whole_numbers(self) -> None:
+    def _check_types(self) -> None:
         # before the range checks: NaN passes every comparison, and a float or a bool
         # reaches torch (or slices a buffer) far from here
         for name in _WHOLE_FIELDS + _OPTIONAL_WHOLE_FIELDS:
             value = getattr(self, name)
             if not _is_whole(value) and not (value is None and name in _OPTIONAL_WHOLE_FIELDS):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in _FLAG_FIELDS:  # 'no' would be true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def _check_preemption(self) -> None:
         object.__setattr__(
@@ -371,6 +374,10 @@ _WHOLE_FIELDS = (
     "migration_batch_chunks", "max_mixed_graphs",
 )  # fmt: skip
 _OPTIONAL_WHOLE_FIELDS = ("cpu_threads", "host_tier_bytes", "max_model_len")
+_FLAG_FIELDS = (
+    "cuda_graphs", "pad_decode", "mixed_graphs", "pad_mixed", "overlap", "check_integrity",
+    "prefix_host_level",
+)  # fmt: skip
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
