@@ -71,3 +71,16 @@ def test_random_weights_of_a_typo_or_a_checkpoint(
     )
     assert main(["generate", str(tmp_path), *tiny]) == 2
     assert f"to load {tmp_path}, leave out --random-weights" in one_line_error(capsys, "generate")
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_memory_below_one_chunk_names_the_flags(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "granite-4.0-h-tiny", "--random-weights", "--scale", "tiny",
+            "--memory", "1MiB", "--port", "0"] if command == "serve" else [
+            command, "granite-4.0-h-tiny", "--random-weights", "--scale", "tiny",
+            "--memory", "1MiB", "--prompt", "1 2"]  # fmt: skip
+    assert main(argv) == 2
+    line = one_line_error(capsys, command)
+    assert "--memory 1MiB must hold at least one --chunk (2MiB)" in line

@@ -121,6 +121,12 @@ def test_config_numbers_must_be_whole(field: str, value: object) -> None:
         EngineConfig(**{"memory_bytes": 8 * MiB, field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("memory_bytes", [0, -1, MiB])
+def test_config_memory_below_one_chunk_names_memory_bytes(memory_bytes: int) -> None:
+    with pytest.raises(ValueError, match=r"memory_bytes \(-?\d+\) must hold at least one chunk"):
+        EngineConfig(memory_bytes, chunk_bytes=2 * MiB)
+
+
 @pytest.mark.parametrize("field", ["overlap", "cuda_graphs", "check_integrity"])
 def test_config_flags_must_be_booleans(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be true or false, got 'no'"):

@@ -242,15 +242,18 @@ def engine_config(args: argparse.Namespace) -> Any:
     """The `EngineConfig` the options describe (validated: a bad value is a ValueError)."""
     from avmp.engine.engine import DEFAULT_CPU_THREADS, EngineConfig
 
+    memory, chunk = parse_bytes(args.memory), parse_bytes(args.chunk)
+    if memory < chunk:
+        raise UserError(f"--memory {args.memory} must hold at least one --chunk ({args.chunk})")
     return EngineConfig(
-        memory_bytes=parse_bytes(args.memory),
+        memory_bytes=memory,
         device=args.device,
         dtype=args.dtype,
         allocator=args.allocator,
         state_fraction=args.state_fraction,
         cpu_threads=DEFAULT_CPU_THREADS if args.threads is None else args.threads,
         block_size=args.block_size,
-        chunk_bytes=parse_bytes(args.chunk),
+        chunk_bytes=chunk,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         ssm_dtype=_ssm_dtype(args.model, args.ssm_dtype),

@@ -259,6 +259,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_mixed_graphs < 0:
             raise ValueError(f"max_mixed_graphs must be >= 0, got {self.max_mixed_graphs}")
+        if self.chunk_bytes > 0 and self.memory_bytes < self.chunk_bytes:  # named as here
+            raise ValueError(f"memory_bytes ({self.memory_bytes}) must hold at least one "
+                             f"chunk (chunk_bytes {self.chunk_bytes})")  # fmt: skip
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ValueError("generation_config must be 'auto', 'vllm' or a path")
         self._check_preemption()
