@@ -69,7 +69,11 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
 
 def _start(checkpoints: dict, shutdown_timeout_s: float) -> tuple[subprocess.Popen, str]:
     """``avmp serve`` on the chat checkpoint in a process, and its API's URL."""
-    command = [sys.executable, "-c", "import sys; from avmp.cli import main; sys.exit(main())",
+    # Ctrl-C as in a terminal: a job started in the background by a script (CI) inherits
+    # SIGINT ignored, and uvicorn hands it back to that after its shutdown
+    main = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from avmp.cli import main; sys.exit(main())")  # fmt: skip
+    command = [sys.executable, "-c", main,
                "serve", str(checkpoints["chat"]), "--memory", "64MiB", "--port", "0",
                "--served-model-name", "tiny", "--shutdown-timeout", str(shutdown_timeout_s),
                "--log-level", "warning"]  # fmt: skip
