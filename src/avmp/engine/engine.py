@@ -275,7 +275,7 @@ class EngineConfig:
         # reaches torch (or slices a buffer) far from here
         for name in _WHOLE_FIELDS + _OPTIONAL_WHOLE_FIELDS:
             value = getattr(self, name)
-            if not _is_whole(value) and not (value is None and name in _OPTIONAL_WHOLE_FIELDS):
+            if not is_whole(value) and not (value is None and name in _OPTIONAL_WHOLE_FIELDS):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
         for name in _FLAG_FIELDS:  # 'no' would be true
             if not isinstance(getattr(self, name), bool):
@@ -315,7 +315,7 @@ class EngineConfig:
 
     def _check_tensor_parallel(self) -> None:
         size = self.tensor_parallel
-        if not _is_whole(size):
+        if not is_whole(size):
             raise ValueError(f"tensor_parallel must be a whole number, got {size!r}")
         if size == 1:
             return
@@ -486,7 +486,8 @@ _DROPS_LATE_TOKENS = ("stop", "abort")
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
-def _is_whole(value: object) -> bool:
+def is_whole(value: object) -> bool:
+    """An int (numpy's and torch's integers too), not a bool: NaN, 1.5 and '4' are not."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -560,32 +561,32 @@ class RequestOptions:
     grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
-        if not _is_whole(self.max_tokens) or self.max_tokens < 1:
+        if not is_whole(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a whole number >= 1, got {self.max_tokens!r}")
         for name in ("temperature", "top_p", "min_p"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         self.sampling(0)  # temperature, top_p and top_k are checked there
         low, high = SEED_RANGE
-        if self.seed is not None and (not _is_whole(self.seed) or not low <= self.seed < high):
+        if self.seed is not None and (not is_whole(self.seed) or not low <= self.seed < high):
             raise ValueError(f"seed must be a whole number in [-2**63, 2**64), got {self.seed!r}")
         stop = self.stop_token_ids
-        if not isinstance(stop, (tuple, list)) or not all(_is_whole(t) and t >= 0 for t in stop):
+        if not isinstance(stop, (tuple, list)) or not all(is_whole(t) and t >= 0 for t in stop):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        if not _is_whole(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_whole(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be a whole number in [0, max_tokens = "
                              f"{self.max_tokens}], got {self.min_tokens!r}")  # fmt: skip
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_whole(value) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (not is_whole(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or a whole number in [0, {MAX_LOGPROBS}], "
                                  f"got {value!r}")  # fmt: skip
         bias = self.logit_bias
         if not isinstance(bias, (tuple, list)) or not all(
-            isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_whole(pair[0])
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and is_whole(pair[0])
             and pair[0] >= 0 and _is_number(pair[1]) and -100 <= pair[1] <= 100
             for pair in bias
         ):  # fmt: skip
@@ -599,7 +600,7 @@ class RequestOptions:
         value = self.repetition_penalty
         if not _is_number(value) or not 0.0 < value < math.inf:
             raise ValueError(f"repetition_penalty must be a number > 0, got {value!r}")
-        if not _is_whole(self.prefix_boundary) or self.prefix_boundary < 0:
+        if not is_whole(self.prefix_boundary) or self.prefix_boundary < 0:
             raise ValueError(
                 f"prefix_boundary must be a whole number >= 0, got {self.prefix_boundary!r}"
             )

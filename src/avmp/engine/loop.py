@@ -20,10 +20,9 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any
 
-from avmp.engine.engine import Engine, EngineTotals, RequestOptions, RequestUpdate
+from avmp.engine.engine import Engine, EngineTotals, RequestOptions, RequestUpdate, is_whole
 from avmp.memory.spec import AllocatorStats, MemoryUsage
 
 DEFAULT_MAX_WAITING = 256
@@ -108,8 +107,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, max_waiting: int = DEFAULT_MAX_WAITING) -> None:
         # a whole number: NaN passes the comparison and then refuses no request
-        whole = isinstance(max_waiting, Integral) and not isinstance(max_waiting, bool)
-        if not whole or max_waiting < 1:
+        if not is_whole(max_waiting) or max_waiting < 1:
             raise ValueError(f"max_waiting must be a whole number >= 1, got {max_waiting!r}")
         self.engine = engine
         self.max_waiting = max_waiting
